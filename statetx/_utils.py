@@ -1,0 +1,54 @@
+"""Small helpers shared across modules (no statetx imports here)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def did_you_mean(name: str, options: Iterable[str], n: int = 3) -> str:
+    """Return ' Did you mean: a, b?' for close matches of ``name`` in ``options`` (or '')."""
+    matches = difflib.get_close_matches(str(name), [str(o) for o in options], n=n, cutoff=0.6)
+    return f" Did you mean: {', '.join(repr(m) for m in matches)}?" if matches else ""
+
+
+def preview(values: Iterable[object], limit: int = 20) -> str:
+    """Comma-joined preview of at most ``limit`` values, with a count of the rest."""
+    vals = [str(v) for v in values]
+    head = ", ".join(vals[:limit])
+    return head + (f", … ({len(vals) - limit} more)" if len(vals) > limit else "")
+
+
+def to_dense_f32(x: np.ndarray | sp.spmatrix) -> np.ndarray:
+    """Dense, C-contiguous float32 copy-if-needed of a dense or sparse matrix."""
+    if sp.issparse(x):
+        x = x.toarray()
+    return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
+
+
+def sample_rows(x: np.ndarray | sp.spmatrix, max_rows: int = 1000, seed: int = 0) -> np.ndarray:
+    """A dense float64 sample of at most ``max_rows`` rows (evenly spread, deterministic)."""
+    n = x.shape[0]
+    if n > max_rows:
+        idx = np.linspace(0, n - 1, max_rows).astype(np.int64)
+        x = x[idx]
+    return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+
+
+def looks_log1p(x: np.ndarray | sp.spmatrix, max_rows: int = 1000) -> bool:
+    """True when ``x`` looks log1p-normalised: non-negative, some non-integer value, max < 15.
+
+    Raw counts (all integers) or values >= 15 are reported as not log1p. Only ``max_rows`` rows
+    are inspected, so this is cheap on large matrices.
+    """
+    s = sample_rows(x, max_rows)
+    if s.size == 0:
+        return False
+    finite = s[np.isfinite(s)]
+    if finite.size == 0:
+        return False
+    non_integer = bool(np.any(np.abs(finite - np.round(finite)) > 1e-6))
+    return non_integer and float(finite.max()) < 15.0 and float(finite.min()) >= 0.0
