@@ -1,0 +1,220 @@
+"""Set-level losses (model.md §10). Every loss maps pred [B,S,D], target [B,S',D] to one value per
+set ([B]); the training loss is the NaN-ignoring mean over sets (``nanmean``).
+
+Optional key-padding masks ([B,S] bool, True = real cell) give padded cells weight 0 and spread
+uniform weights over the real ones (a statetx extension).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from statetx._utils import did_you_mean
+from statetx.errors import ConfigError, DataError
+
+LOSS_NAMES = ("energy", "sinkhorn", "mse", "se")
+
+
+def _as_batched(x: Tensor) -> Tensor:
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    if x.dim() != 3:
+        raise DataError(f"set losses need [B, S, D] (or [S, D]) tensors, got {tuple(x.shape)}.")
+    return x
+
+
+def _weights(mask: Tensor | None, b: int, n: int, like: Tensor) -> Tensor:
+    """Uniform probability weights [B, n], zero at masked positions."""
+    if mask is None:
+        return like.new_full((b, n), 1.0 / n)
+    m = mask.reshape(b, n).to(like.dtype)
+    return m / m.sum(dim=1, keepdim=True)
+
+
+def _zero_masked(x: Tensor, mask: Tensor | None) -> Tensor:
+    return x if mask is None else x.masked_fill(~mask.reshape(x.shape[:2])[..., None], 0.0)
+
+
+def _sq_dists(x: Tensor, y: Tensor) -> Tensor:
+    """‖x‖² − 2 x·y + ‖y‖² through expanded norms (not the difference vector), [B, n, m]."""
+    return ((x * x).sum(-1)[:, :, None] - 2.0 * (x @ y.transpose(1, 2))
+            + (y * y).sum(-1)[:, None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Energy distance
+# --------------------------------------------------------------------------------------------
+
+
+def energy_distance(x: Tensor, y: Tensor, mask_x: Tensor | None = None,
+                    mask_y: Tensor | None = None) -> Tensor:
+    """Half energy distance per set (V-statistic), as geomloss ``SamplesLoss("energy")``.
+
+    E = Σᵢⱼ aᵢbⱼ d(xᵢ,yⱼ) − ½ Σᵢᵢ' aᵢaᵢ' d(xᵢ,xᵢ') − ½ Σⱼⱼ' bⱼbⱼ' d(yⱼ,yⱼ') with
+    d(u,v) = sqrt(max(‖u‖² − 2u·v + ‖v‖², 1e-8)) and uniform weights a, b. All three distance
+    matrices come from one Gram matrix of the stacked points, and E = −½ wᵀ D w, w = (a, −b).
+    """
+    x, y = _as_batched(x), _as_batched(y)
+    if x.shape[0] != y.shape[0] or x.shape[-1] != y.shape[-1]:
+        raise DataError(f"energy_distance: shapes {tuple(x.shape)} and {tuple(y.shape)} differ "
+                        "in batch size or feature width.")
+    b, n, _ = x.shape
+    m = y.shape[1]
+    a_w, b_w = _weights(mask_x, b, n, x), _weights(mask_y, b, m, y)
+    z = torch.cat([_zero_masked(x, mask_x), _zero_masked(y, mask_y)], dim=1)
+    d = _sq_dists(z, z).clamp_min(1e-8).sqrt()
+    w = torch.cat([a_w, -b_w], dim=1)
+    return -0.5 * torch.einsum("bi,bij,bj->b", w, d, w)
+
+
+# --------------------------------------------------------------------------------------------
+# Debiased Sinkhorn divergence (log domain, epsilon annealing)
+# --------------------------------------------------------------------------------------------
+
+
+def _softmin(eps: float, cost: Tensor, h: Tensor) -> Tensor:
+    """−ε log Σⱼ exp(hⱼ − Cᵢⱼ/ε), [B, n]."""
+    return -eps * torch.logsumexp(h[:, None, :] - cost / eps, dim=2)
+
+
+def epsilon_schedule(diameter: float, blur: float, scaling: float, p: int = 2) -> list[float]:
+    """ε values from diameter^p down to blur^p, geometric with ratio scaling^p."""
+    eps = [diameter**p]
+    if diameter > 0 and blur > 0:
+        e, stop, step = p * math.log(diameter), p * math.log(blur), p * math.log(scaling)
+        while e > stop:
+            eps.append(math.exp(e))
+            e += step
+    eps.append(blur**p)
+    return eps
+
+
+def sinkhorn_divergence(x: Tensor, y: Tensor, mask_x: Tensor | None = None,
+                        mask_y: Tensor | None = None, *, blur: float = 0.05,
+                        scaling: float = 0.5) -> Tensor:
+    """Debiased Sinkhorn divergence S = OT(α,β) − ½OT(α,α) − ½OT(β,β), per set.
+
+    p = 2, cost ½‖x−y‖², ε = blur², ε annealed from the squared diameter of all points by the
+    factor scaling² per step; symmetric (averaged) log-domain updates without gradient, then one
+    final extrapolation step with gradient (envelope theorem); cost matrices are built with the
+    second point cloud detached, so the gradient is the transport-plan gradient of geomloss.
+    """
+    x, y = _as_batched(x), _as_batched(y)
+    b, n, _ = x.shape
+    m = y.shape[1]
+    a_w, b_w = _weights(mask_x, b, n, x), _weights(mask_y, b, m, y)
+    a_log, b_log = a_w.log(), b_w.log()
+    x0, y0 = _zero_masked(x, mask_x), _zero_masked(y, mask_y)
+    # the second argument is detached: each potential carries the gradient of its own points
+    c_xy, c_yx = _sq_dists(x0, y0.detach()) / 2, _sq_dists(y0, x0.detach()) / 2
+    c_xx, c_yy = _sq_dists(x0, x0.detach()) / 2, _sq_dists(y0, y0.detach()) / 2
+
+    with torch.no_grad():
+        pts = torch.cat([x0[a_w > 0], y0[b_w > 0]], dim=0)
+        diameter = float((pts.max(0).values - pts.min(0).values).norm()) if len(pts) else 1.0
+        eps_list = epsilon_schedule(max(diameter, 1e-12), blur, scaling)
+        e = eps_list[0]
+        f_ba, g_ab = _softmin(e, c_xy, b_log), _softmin(e, c_yx, a_log)
+        f_aa, g_bb = _softmin(e, c_xx, a_log), _softmin(e, c_yy, b_log)
+        for e in eps_list:
+            ft_ba = _softmin(e, c_xy, b_log + g_ab / e)
+            gt_ab = _softmin(e, c_yx, a_log + f_ba / e)
+            ft_aa = _softmin(e, c_xx, a_log + f_aa / e)
+            gt_bb = _softmin(e, c_yy, b_log + g_bb / e)
+            f_ba, g_ab = (f_ba + ft_ba) / 2, (g_ab + gt_ab) / 2
+            f_aa, g_bb = (f_aa + ft_aa) / 2, (g_bb + gt_bb) / 2
+    e = eps_list[-1]
+    f_ba, g_ab = (_softmin(e, c_xy, b_log + g_ab.detach() / e),
+                  _softmin(e, c_yx, a_log + f_ba.detach() / e))
+    f_aa = _softmin(e, c_xx, a_log + f_aa.detach() / e)
+    g_bb = _softmin(e, c_yy, b_log + g_bb.detach() / e)
+    return (a_w * (f_ba - f_aa)).sum(1) + (b_w * (g_ab - g_bb)).sum(1)
+
+
+# --------------------------------------------------------------------------------------------
+# MSE, combination, chunking
+# --------------------------------------------------------------------------------------------
+
+
+def mse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-set mean squared error, cell i against cell i (order-dependent; an ablation)."""
+    pred, target = _as_batched(pred), _as_batched(target)
+    if pred.shape != target.shape:
+        raise DataError(f"mse needs equal shapes, got {tuple(pred.shape)} and "
+                        f"{tuple(target.shape)}.")
+    sq = (pred - target).pow(2)
+    if mask is None:
+        return sq.mean(dim=(1, 2))
+    m = mask.reshape(sq.shape[:2]).to(sq.dtype)
+    return (sq * m[..., None]).sum(dim=(1, 2)) / (m.sum(1) * sq.shape[-1])
+
+
+def nanmean(values: Tensor) -> Tensor:
+    """Mean over sets ignoring NaN entries (NaN only if every entry is NaN)."""
+    return torch.nanmean(values)
+
+
+@dataclass
+class SetLoss:
+    """A configured set loss: ``loss(pred, target, mask=None, training=False) -> [B]``.
+
+    ``mmd_num_chunks = k > 1`` splits the feature dimension into k near-equal chunks and averages
+    the per-chunk losses; with ``randomize_mmd_chunks`` the features are randomly permuted first
+    (only when called with ``training=True``).
+    """
+
+    name: str = "energy"
+    blur: float = 0.05
+    sinkhorn_weight: float = 0.01
+    energy_weight: float = 1.0
+    mmd_num_chunks: int = 1
+    randomize_mmd_chunks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in LOSS_NAMES:
+            raise ConfigError(f"unknown loss {self.name!r}.{did_you_mean(self.name, LOSS_NAMES)}"
+                              f" Valid losses: {', '.join(LOSS_NAMES)}.")
+        k = self.mmd_num_chunks
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"mmd_num_chunks must be an integer >= 1, got {k!r}.")
+        if not self.blur > 0:
+            raise ConfigError(f"blur must be positive, got {self.blur!r}.")
+
+    def _one(self, pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
+        if self.name == "energy":
+            return energy_distance(pred, target, mask, mask)
+        if self.name == "sinkhorn":
+            return sinkhorn_divergence(pred, target, mask, mask, blur=self.blur)
+        if self.name == "mse":
+            return mse(pred, target, mask)
+        return (self.sinkhorn_weight * sinkhorn_divergence(pred, target, mask, mask, blur=self.blur)
+                + self.energy_weight * energy_distance(pred, target, mask, mask))
+
+    def __call__(self, pred: Tensor, target: Tensor, mask: Tensor | None = None,
+                 training: bool = False) -> Tensor:
+        k = self.mmd_num_chunks
+        if k == 1:
+            return self._one(pred, target, mask)
+        if self.randomize_mmd_chunks and training:
+            perm = torch.randperm(pred.shape[-1], device=pred.device)
+            pred, target = pred[..., perm], target[..., perm]
+        chunks = zip(torch.tensor_split(pred, k, dim=-1), torch.tensor_split(target, k, dim=-1))
+        return torch.stack([self._one(p, t, mask) for p, t in chunks]).mean(0)
+
+
+def get_loss(name: str, **options: object) -> Callable[..., Tensor]:
+    """A set loss by name: ``energy`` (default), ``sinkhorn``, ``mse``, ``se``.
+
+    Options: blur, sinkhorn_weight, energy_weight, mmd_num_chunks, randomize_mmd_chunks.
+    """
+    valid = ("blur", "sinkhorn_weight", "energy_weight", "mmd_num_chunks", "randomize_mmd_chunks")
+    for k in options:
+        if k not in valid:
+            raise ConfigError(f"unknown loss option {k!r}.{did_you_mean(k, valid)} "
+                              f"Valid options: {', '.join(valid)}.")
+    return SetLoss(name=name, **options)  # type: ignore[arg-type]

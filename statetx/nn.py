@@ -1,0 +1,648 @@
+"""The State Transition (ST) network in plain PyTorch (spec: model.md §2–§8).
+
+One cell set = S cells sharing a (context, perturbation) group. For every position the network adds
+an encoded perturbation vector, an encoded basal (control) cell and, optionally, a batch embedding;
+runs the [B, S, h] tensor through a transformer without token or position tables; and maps each
+position to a predicted perturbed cell with a residual output head.
+
+Parameter names are a stable interface (checkpoints and the arc-state importer rely on them). They
+mirror arc-state's state_dict keys 1:1, except that GPT-2 projections are stored as PyTorch Linear
+weights ``[out, in]`` (arc-state stores HF "Conv1D" ``[in, out]``; the importer transposes them)::
+
+    pert_encoder.{3k}.weight/.bias                       MLP P -> h (k = 0..n_encoder_layers-1)
+    basal_encoder.{3k}.weight/.bias                      MLP D_in -> h  (use_basal_projection=True)
+    basal_encoder.weight/.bias                           bare Linear D_in -> h (False)
+    batch_encoder.weight                                 [batch_dim, h] embedding table
+    transformer_backbone.layers.{i}.self_attn.{q,k,v,o}_proj.weight          Llama, no biases
+    transformer_backbone.layers.{i}.mlp.{gate,up,down}_proj.weight
+    transformer_backbone.layers.{i}.{input_layernorm,post_attention_layernorm}.weight
+    transformer_backbone.norm.weight                                          final RMSNorm
+    transformer_backbone.h.{i}.{ln_1,ln_2}.weight/.bias                       GPT-2
+    transformer_backbone.h.{i}.attn.{c_attn,c_proj}.weight/.bias        c_attn [3h, h] = q|k|v
+    transformer_backbone.h.{i}.mlp.{c_fc,c_proj}.weight/.bias
+    transformer_backbone.ln_f.weight/.bias                                    final LayerNorm
+    project_out.{3k}.weight/.bias                        MLP h -> D_out (k = 0..n_decoder_layers-1)
+    final_down_then_up.{0,2}.weight/.bias                output_space "all" with residual
+    gene_decoder.decoder.{4j,4j+1,4n}.weight/.bias       Linear/LayerNorm pairs, final Linear
+    gene_decoder.blocks.{j}.{0,1}.*, gene_decoder.final_layer.0.*   residual decoder variant
+    confidence_token.confidence_token                    [1, 1, h] learned token
+    confidence_token.confidence_projection.{0,1,4,5,8}.* Linear,LayerNorm,(GELU,Dropout) x2, Linear
+
+Confidence projection layout (statetx's choice; arc-state's is unverified): Linear(h, h),
+LayerNorm(h), GELU, Dropout, Linear(h, h//2), LayerNorm(h//2), GELU, Dropout, Linear(h//2, 1), no
+final activation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from statetx._utils import did_you_mean
+from statetx.errors import ConfigError, DataError
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+BACKBONES = ("llama", "gpt2")
+ATTENTION_MODES = ("bidirectional", "causal")
+OUTPUT_SPACES = ("gene", "all", "embedding")
+OUTPUT_ACTIVATIONS = ("relu", "none")
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NetworkConfig:
+    """Every architecture option of the network, all explicit (no defaults)."""
+
+    input_dim: int  # D_in: width of a basal cell vector
+    output_dim: int  # D_out: width of a predicted cell vector
+    pert_dim: int  # P: width of the perturbation vector
+    hidden_dim: int  # h: model width
+    n_encoder_layers: int  # Linear layers in pert (and MLP basal) encoder
+    n_decoder_layers: int  # Linear layers in project_out
+    dropout: float  # dropout inside encoder/decoder MLPs
+    activation: str  # "gelu" | "relu" | "silu"
+    use_basal_projection: bool  # True: MLP basal encoder; False: bare Linear
+    backbone: str  # "llama" | "gpt2"
+    n_layers: int  # transformer blocks
+    n_heads: int  # H
+    head_dim: int  # d
+    n_kv_heads: int  # K (grouped-query attention when K < H; Llama only)
+    intermediate_size: int  # I: FFN width
+    attention: str  # "bidirectional" | "causal"
+    rope: float | None  # None: no positions; float: rotary embedding base theta
+    norm_eps: float  # RMSNorm (Llama, 1e-6) / LayerNorm (GPT-2, 1e-5) epsilon
+    predict_residual: bool  # residual output head
+    output_space: str  # "gene" | "all" | "embedding"
+    output_activation: str  # "relu" | "none"
+    batch_encoder: bool  # learned batch embedding added to the input
+    batch_dim: int  # number of batch labels (0 without batch encoder)
+    gene_dim: int  # G: gene decoder output width (0 = no gene decoder)
+    decoder_hidden_dims: list[int]  # gene decoder widths
+    decoder_dropout: float  # gene decoder dropout
+    residual_decoder: bool  # residual gene decoder variant
+    confidence_token: bool  # append a learned confidence token to each set
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """JSON-able dict of every field."""
+        d = asdict(self)
+        d["decoder_hidden_dims"] = list(d["decoder_hidden_dims"])
+        return d
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NetworkConfig:
+        """Build from a dict holding exactly the fields; unknown or missing keys are errors."""
+        names = cls.field_names()
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            k = unknown[0]
+            raise ConfigError(
+                f"unknown network option {k!r}.{did_you_mean(k, names)} "
+                f"Valid options: {', '.join(names)}."
+            )
+        missing = [k for k in names if k not in d]
+        if missing:
+            raise ConfigError(
+                f"network configuration is missing {', '.join(repr(m) for m in missing)}; "
+                "every option must be given explicitly (use statetx.presets.build_network_config)."
+            )
+        return cls(**d)
+
+    # -- validation --------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check types and consistency; raise ConfigError naming the offending field."""
+        for name in ("input_dim", "output_dim", "pert_dim", "hidden_dim", "n_encoder_layers",
+                     "n_decoder_layers", "n_layers", "n_heads", "head_dim", "n_kv_heads",
+                     "intermediate_size"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("batch_dim", "gene_dim"):
+            _check_int(name, getattr(self, name), minimum=0)
+        for name in ("use_basal_projection", "predict_residual", "batch_encoder",
+                     "residual_decoder", "confidence_token"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        _check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        _check_choice("backbone", self.backbone, BACKBONES)
+        _check_choice("attention", self.attention, ATTENTION_MODES)
+        _check_choice("output_space", self.output_space, OUTPUT_SPACES)
+        _check_choice("output_activation", self.output_activation, OUTPUT_ACTIVATIONS)
+        for name in ("dropout", "decoder_dropout"):
+            p = getattr(self, name)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+                raise ConfigError(f"{name} must be a number in [0, 1), got {p!r}.")
+            setattr(self, name, float(p))
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ConfigError(f"norm_eps must be a positive number, got {eps!r}.")
+        self.norm_eps = float(eps)
+        if self.rope is not None:
+            r = self.rope
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0:
+                raise ConfigError(
+                    f"rope must be null (no positions) or a positive rotary base such as 10000.0, "
+                    f"got {self.rope!r}."
+                )
+            self.rope = float(self.rope)
+            if self.head_dim % 2:
+                raise ConfigError(f"rope needs an even head_dim, got head_dim={self.head_dim}.")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})."
+            )
+        if self.backbone == "gpt2":
+            if self.n_heads * self.head_dim != self.hidden_dim:
+                raise ConfigError(
+                    f"the gpt2 backbone needs n_heads * head_dim == hidden_dim, got "
+                    f"{self.n_heads} * {self.head_dim} != {self.hidden_dim}; set head_dim to "
+                    f"hidden_dim / n_heads."
+                )
+            if self.n_kv_heads != self.n_heads:
+                raise ConfigError(
+                    f"the gpt2 backbone has no grouped-query attention: n_kv_heads "
+                    f"({self.n_kv_heads}) must equal n_heads ({self.n_heads})."
+                )
+        if self.batch_encoder and self.batch_dim < 1:
+            raise ConfigError(
+                "batch_encoder=true needs batch_dim >= 1 (the number of batch labels), "
+                f"got batch_dim={self.batch_dim}."
+            )
+        if self.output_space == "all" and self.predict_residual:
+            if self.input_dim != self.output_dim:
+                raise ConfigError(
+                    f"output_space 'all' with predict_residual adds the basal cell to the output, "
+                    f"so input_dim ({self.input_dim}) must equal output_dim ({self.output_dim})."
+                )
+            if self.output_dim < 8:
+                raise ConfigError(
+                    f"output_space 'all' needs output_dim >= 8 for its D/8 bottleneck, "
+                    f"got {self.output_dim}."
+                )
+        dims = self.decoder_hidden_dims
+        if isinstance(dims, tuple):
+            dims = self.decoder_hidden_dims = list(dims)
+        if not isinstance(dims, list):
+            raise ConfigError(f"decoder_hidden_dims must be a list of widths, got {dims!r}.")
+        for w in dims:
+            _check_int("decoder_hidden_dims", w, minimum=1)
+        if self.residual_decoder and self.gene_dim > 0:
+            for j in range(1, len(dims), 2):
+                if dims[j - 1] != dims[j]:
+                    raise ConfigError(
+                        f"residual_decoder adds the input of every odd-numbered block to its "
+                        f"output, so decoder_hidden_dims[{j - 1}] and [{j}] must be equal, got "
+                        f"{dims}."
+                    )
+        if self.confidence_token and self.hidden_dim < 2:
+            raise ConfigError("confidence_token needs hidden_dim >= 2.")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}."
+            + did_you_mean(str(value), choices)
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Sequential):
+    """``n_layers`` Linear layers; Linear k at index 3k, its activation at 3k+1, dropout at 3k+2.
+
+    n = 1 is a single Linear (still at index 0); nothing follows the last Linear.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, width: int, n_layers: int, dropout: float,
+                 activation: str) -> None:
+        layers: list[nn.Module] = []
+        dims = [in_dim] + [width] * (n_layers - 1) + [out_dim]
+        for k in range(n_layers):
+            layers.append(nn.Linear(dims[k], dims[k + 1]))
+            if k < n_layers - 1:
+                layers += [ACTIVATIONS[activation](), nn.Dropout(dropout)]
+        super().__init__(*layers)
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: normalise in fp32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype
+                   ) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [..., 1, S, d] for integer ``positions`` [S] or [B, S] (half-split layout)."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    )
+    freqs = positions.float()[..., None] * inv_freq  # [..., S, d/2]
+    emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(-3)  # [..., 1, S, d]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` [B, H, S, d]: x*cos + rotate_half(x)*sin with rotate_half = (-x2, x1)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool,
+           rope: tuple[Tensor, Tensor] | None) -> Tensor:
+    """Scaled dot-product attention on [B, heads, S, d] tensors (k/v heads repeated for GQA)."""
+    if rope is not None:
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def _split_heads(x: Tensor, n: int, d: int) -> Tensor:
+    b, s, _ = x.shape
+    return x.view(b, s, n, d).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    b, n, s, d = x.shape
+    return x.transpose(1, 2).reshape(b, s, n * d)
+
+
+# ---- Llama-style backbone ------------------------------------------------------------------
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, c: NetworkConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        h = c.hidden_dim
+        self.q_proj = nn.Linear(h, c.n_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, c.n_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, c.n_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, h, bias=False)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        q = _split_heads(self.q_proj(x), self.n_heads, self.head_dim)
+        k = _split_heads(self.k_proj(x), self.n_kv_heads, self.head_dim)
+        v = _split_heads(self.v_proj(x), self.n_kv_heads, self.head_dim)
+        return self.o_proj(_merge_heads(attend(q, k, v, attn_mask, is_causal, rope)))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), bias-free."""
+
+    def __init__(self, c: NetworkConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_dim, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_dim, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, c: NetworkConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_dim, c.norm_eps)
+        self.self_attn = LlamaAttention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_dim, c.norm_eps)
+        self.mlp = LlamaMLP(c)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), attn_mask, is_causal, rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBackbone(nn.Module):
+    def __init__(self, c: NetworkConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(LlamaBlock(c) for _ in range(c.n_layers))
+        self.norm = RMSNorm(c.hidden_dim, c.norm_eps)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, attn_mask, is_causal, rope)
+        return self.norm(x)
+
+
+# ---- GPT-2-style backbone ------------------------------------------------------------------
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, c: NetworkConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = c.n_heads, c.head_dim
+        self.c_attn = nn.Linear(c.hidden_dim, 3 * c.hidden_dim)  # fused q | k | v
+        self.c_proj = nn.Linear(c.hidden_dim, c.hidden_dim)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        q, k, v = (_split_heads(t, self.n_heads, self.head_dim)
+                   for t in self.c_attn(x).chunk(3, dim=-1))
+        return self.c_proj(_merge_heads(attend(q, k, v, attn_mask, is_causal, rope)))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, c: NetworkConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(c.hidden_dim, c.intermediate_size)
+        self.c_proj = nn.Linear(c.intermediate_size, c.hidden_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, c: NetworkConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(c.hidden_dim, eps=c.norm_eps)
+        self.attn = GPT2Attention(c)
+        self.ln_2 = nn.LayerNorm(c.hidden_dim, eps=c.norm_eps)
+        self.mlp = GPT2MLP(c)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, is_causal, rope)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Backbone(nn.Module):
+    def __init__(self, c: NetworkConfig) -> None:
+        super().__init__()
+        self.h = nn.ModuleList(GPT2Block(c) for _ in range(c.n_layers))
+        self.ln_f = nn.LayerNorm(c.hidden_dim, eps=c.norm_eps)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
+                rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        for block in self.h:
+            x = block(x, attn_mask, is_causal, rope)
+        return self.ln_f(x)
+
+
+def init_backbone(backbone: nn.Module, n_layers: int) -> None:
+    """Linear weights ~ N(0, 0.02), biases 0; GPT-2 output projections scaled by 1/sqrt(2L)."""
+    for name, m in backbone.named_modules():
+        if isinstance(m, nn.Linear):
+            std = 0.02
+            if isinstance(backbone, GPT2Backbone) and name.endswith("c_proj"):
+                std = 0.02 / math.sqrt(2 * n_layers)
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# ---- heads ---------------------------------------------------------------------------------
+
+
+class GeneDecoder(nn.Module):
+    """Latent (D_out) -> gene space (G): [Linear, LayerNorm, GELU, Dropout] blocks, Linear, ReLU.
+
+    Residual variant: the blocks are held separately and every odd-numbered block (0-based)
+    adds its input to its output.
+    """
+
+    def __init__(self, latent_dim: int, gene_dim: int, hidden_dims: list[int], dropout: float,
+                 residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        dims = [latent_dim, *hidden_dims]
+        blocks = [[nn.Linear(dims[j], dims[j + 1]), nn.LayerNorm(dims[j + 1]), nn.GELU(),
+                   nn.Dropout(dropout)] for j in range(len(hidden_dims))]
+        if residual:
+            self.blocks = nn.ModuleList(nn.Sequential(*b) for b in blocks)
+            self.final_layer = nn.Sequential(nn.Linear(dims[-1], gene_dim), nn.ReLU())
+        else:
+            flat = [m for b in blocks for m in b]
+            self.decoder = nn.Sequential(*flat, nn.Linear(dims[-1], gene_dim), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.residual:
+            return self.decoder(x)
+        for j, block in enumerate(self.blocks):
+            x = x + block(x) if j % 2 == 1 else block(x)
+        return self.final_layer(x)
+
+
+class ConfidenceToken(nn.Module):
+    """A learned token appended at the end of each set, and the projection of its output."""
+
+    def __init__(self, hidden_dim: int, dropout: float) -> None:
+        super().__init__()
+        h2 = hidden_dim // 2
+        self.confidence_token = nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02)
+        self.confidence_projection = nn.Sequential(
+            nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, h2), nn.LayerNorm(h2), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(h2, 1),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class STOutput:
+    """Network output: predictions [B,S,D_out], gene-decoder output [B,S,G], confidence [B]."""
+
+    pred: Tensor
+    counts: Tensor | None = None
+    confidence: Tensor | None = None
+
+
+class StateTransitionNetwork(nn.Module):
+    """Encoders -> transformer backbone (no token/position tables) -> residual output head."""
+
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = c = config
+        h = c.hidden_dim
+        self.pert_encoder = MLP(c.pert_dim, h, h, c.n_encoder_layers, c.dropout, c.activation)
+        if c.use_basal_projection:
+            self.basal_encoder: nn.Module = MLP(c.input_dim, h, h, c.n_encoder_layers, c.dropout,
+                                                c.activation)
+        else:
+            self.basal_encoder = nn.Linear(c.input_dim, h)
+        self.batch_encoder = nn.Embedding(c.batch_dim, h) if c.batch_encoder else None
+        if c.backbone == "llama":
+            self.transformer_backbone: nn.Module = LlamaBackbone(c)
+        else:
+            self.transformer_backbone = GPT2Backbone(c)
+        init_backbone(self.transformer_backbone, c.n_layers)
+        self.project_out = MLP(h, c.output_dim, h, c.n_decoder_layers, c.dropout, c.activation)
+        self.final_down_then_up = None
+        if c.output_space == "all" and c.predict_residual:
+            d = c.output_dim
+            self.final_down_then_up = nn.Sequential(
+                nn.Linear(d, d // 8), nn.GELU(), nn.Linear(d // 8, d)
+            )
+        self.gene_decoder = None
+        if c.gene_dim > 0:
+            self.gene_decoder = GeneDecoder(c.output_dim, c.gene_dim, c.decoder_hidden_dims,
+                                            c.decoder_dropout, c.residual_decoder)
+        self.confidence_token = ConfidenceToken(h, c.dropout) if c.confidence_token else None
+
+    # ----------------------------------------------------------------------------------------
+    def forward(self, basal: Tensor, pert: Tensor, batch_index: Tensor | None = None,
+                valid_mask: Tensor | None = None) -> STOutput:
+        """Predict perturbed cells for B sets of S cells.
+
+        basal [B,S,D_in] float, pert [B,S,P] float, batch_index [B,S] int64 (needed with a batch
+        encoder, ignored otherwise), valid_mask [B,S] bool (True = real cell; masked positions are
+        not attended to and their outputs are zero).
+        """
+        c = self.config
+        self._check_inputs(basal, pert, batch_index, valid_mask)
+        b, s, _ = basal.shape
+        if valid_mask is not None and bool(valid_mask.all()):
+            valid_mask = None
+
+        e_b = self.basal_encoder(basal)
+        x = self.pert_encoder(pert) + e_b
+        if self.batch_encoder is not None:
+            x = x + self.batch_encoder(batch_index)
+        if self.confidence_token is not None:
+            x = torch.cat([x, self.confidence_token.confidence_token.expand(b, 1, -1)], dim=1)
+        attn_mask, is_causal, rope = self._attention_inputs(x, valid_mask)
+        r = self.transformer_backbone(x, attn_mask, is_causal, rope)
+
+        confidence = None
+        if self.confidence_token is not None:
+            confidence = self.confidence_token.confidence_projection(r[:, -1]).squeeze(-1)
+            r = r[:, :s]
+
+        if not c.predict_residual:
+            pred = self.project_out(r)
+        elif self.final_down_then_up is not None:  # output_space "all"
+            pred = self.final_down_then_up(self.project_out(r) + basal)
+        else:
+            pred = self.project_out(r + e_b)
+        if c.output_activation == "relu":
+            pred = F.relu(pred)
+        if valid_mask is not None:
+            pred = pred.masked_fill(~valid_mask[..., None], 0.0)
+        counts = self.gene_decoder(pred) if self.gene_decoder is not None else None
+        return STOutput(pred=pred, counts=counts, confidence=confidence)
+
+    def _attention_inputs(self, x: Tensor, valid_mask: Tensor | None
+                          ) -> tuple[Tensor | None, bool, tuple[Tensor, Tensor] | None]:
+        """Boolean attention mask (True = may attend), causal flag and rotary tables."""
+        c = self.config
+        b, length, _ = x.shape
+        causal = c.attention == "causal"
+        if valid_mask is not None and self.confidence_token is not None:
+            valid_mask = torch.cat([valid_mask, valid_mask.new_ones(b, 1)], dim=1)
+        rope = None
+        if valid_mask is None:
+            attn_mask, is_causal = None, causal
+            if c.rope is not None:
+                pos = torch.arange(length, device=x.device)
+                rope = rotary_cos_sin(pos, c.head_dim, c.rope, x.dtype)
+        else:
+            keys = valid_mask[:, None, None, :]  # [B,1,1,L]
+            if causal:
+                tril = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+                keys = keys & tril
+            eye = torch.eye(length, dtype=torch.bool, device=x.device)
+            attn_mask, is_causal = keys | eye, False  # a row always sees itself: no NaN rows
+            if c.rope is not None:  # positions = rank among the real cells of the set
+                pos = valid_mask.long().cumsum(dim=1) - 1
+                rope = rotary_cos_sin(pos.clamp(min=0), c.head_dim, c.rope, x.dtype)
+        return attn_mask, is_causal, rope
+
+    def _check_inputs(self, basal: Tensor, pert: Tensor, batch_index: Tensor | None,
+                      valid_mask: Tensor | None) -> None:
+        c = self.config
+        if basal.dim() != 3 or pert.dim() != 3 or basal.shape[:2] != pert.shape[:2]:
+            raise DataError(
+                f"basal and pert must be [B, S, ·] tensors with the same B and S, got "
+                f"{tuple(basal.shape)} and {tuple(pert.shape)} (use forward_flat for [N, ·])."
+            )
+        if basal.shape[-1] != c.input_dim:
+            raise DataError(f"basal has width {basal.shape[-1]}, the network expects "
+                            f"input_dim={c.input_dim}.")
+        if pert.shape[-1] != c.pert_dim:
+            raise DataError(f"pert has width {pert.shape[-1]}, the network expects "
+                            f"pert_dim={c.pert_dim}.")
+        if self.batch_encoder is not None:
+            if batch_index is None:
+                raise DataError("this network has a batch encoder: pass batch_index [B, S].")
+            if tuple(batch_index.shape) != tuple(basal.shape[:2]):
+                raise DataError(f"batch_index must have shape {tuple(basal.shape[:2])}, got "
+                                f"{tuple(batch_index.shape)}.")
+        if valid_mask is not None and (valid_mask.dtype != torch.bool
+                                       or tuple(valid_mask.shape) != tuple(basal.shape[:2])):
+            raise DataError(f"valid_mask must be a bool tensor of shape {tuple(basal.shape[:2])},"
+                            f" got {valid_mask.dtype} {tuple(valid_mask.shape)}.")
+
+    # ----------------------------------------------------------------------------------------
+    def forward_flat(self, basal: Tensor, pert: Tensor, batch: Tensor | None = None, *,
+                     set_len: int | None = None, padded: bool = True) -> STOutput:
+        """Reference flat layout: basal [N,D_in], pert [N,P], batch one-hot [N,n] or ints [N].
+
+        padded=True reshapes to [N/set_len, set_len, ·]; padded=False runs one set of N cells.
+        Returns pred [N,D_out], counts [N,G] and confidence [B].
+        """
+        n = basal.shape[0]
+        if padded:
+            if set_len is None or set_len < 1 or n % set_len:
+                raise DataError(f"padded mode needs set_len dividing the number of cells {n}, "
+                                f"got set_len={set_len!r}.")
+            shape = (n // set_len, set_len)
+        else:
+            shape = (1, n)
+        batch_index = None
+        if batch is not None:
+            batch_index = batch.argmax(-1) if batch.dim() == 2 else batch
+            batch_index = batch_index.long().reshape(shape)
+        out = self(basal.reshape(*shape, -1), pert.reshape(*shape, -1), batch_index)
+        return STOutput(
+            pred=out.pred.reshape(n, -1),
+            counts=None if out.counts is None else out.counts.reshape(n, -1),
+            confidence=out.confidence,
+        )
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        """Number of (trainable) parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def backbone_parameters(self) -> int:
+        """Number of parameters of the transformer backbone."""
+        return sum(p.numel() for p in self.transformer_backbone.parameters())

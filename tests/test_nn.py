@@ -1,0 +1,363 @@
+"""Tests of the ST network (statetx.nn): shapes, attention semantics, masking, naming, config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from statetx.errors import ConfigError, DataError
+from statetx.losses import energy_distance
+from statetx.nn import MLP, NetworkConfig, StateTransitionNetwork
+
+
+def small_config(**kw: object) -> NetworkConfig:
+    d = dict(
+        input_dim=12, output_dim=12, pert_dim=5, hidden_dim=32, n_encoder_layers=2,
+        n_decoder_layers=2, dropout=0.1, activation="gelu", use_basal_projection=True,
+        backbone="llama", n_layers=2, n_heads=4, head_dim=8, n_kv_heads=4, intermediate_size=64,
+        attention="bidirectional", rope=None, norm_eps=1e-6, predict_residual=True,
+        output_space="gene", output_activation="relu", batch_encoder=False, batch_dim=0,
+        gene_dim=0, decoder_hidden_dims=[16, 16], decoder_dropout=0.1, residual_decoder=False,
+        confidence_token=False,
+    )
+    if kw.get("backbone") == "gpt2":
+        d.update(norm_eps=1e-5, intermediate_size=128)
+    d.update(kw)
+    return NetworkConfig(**d)
+
+
+def make(seed: int = 0, **kw: object) -> StateTransitionNetwork:
+    torch.manual_seed(seed)
+    return StateTransitionNetwork(small_config(**kw)).eval()
+
+
+def inputs(b: int = 2, s: int = 7, d_in: int = 12, p: int = 5, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    basal = torch.rand(b, s, d_in, generator=g) * 3
+    pert = torch.zeros(b, s, p)
+    pert[:, :, 1] = 1.0
+    return basal, pert
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes and variants
+
+
+@pytest.mark.parametrize("space", ["gene", "all", "embedding"])
+def test_forward_shapes_per_output_space(space):
+    act = "none" if space == "embedding" else "relu"
+    net = make(output_space=space, output_activation=act, output_dim=12)
+    basal, pert = inputs()
+    out = net(basal, pert)
+    assert out.pred.shape == (2, 7, 12)
+    assert out.counts is None and out.confidence is None
+    assert (net.final_down_then_up is not None) == (space == "all")
+    if act == "relu":
+        assert out.pred.min() >= 0
+    else:
+        assert (out.pred < 0).any()
+
+
+def test_output_space_all_head_math():
+    net = make(output_space="all")
+    basal, pert = inputs()
+    with torch.no_grad():
+        e_b = net.basal_encoder(basal)
+        r = net.transformer_backbone(net.pert_encoder(pert) + e_b, None, False, None)
+        expect = torch.relu(net.final_down_then_up(net.project_out(r) + basal))
+        assert torch.allclose(net(basal, pert).pred, expect, atol=1e-6)
+
+
+def test_embedding_output_dim_differs_from_input():
+    net = make(output_space="embedding", output_dim=9, output_activation="none")
+    assert net(*inputs()).pred.shape == (2, 7, 9)
+
+
+def test_no_residual_head():
+    net = make(predict_residual=False, output_activation="none")
+    basal, pert = inputs()
+    with torch.no_grad():
+        r = net.transformer_backbone(net.pert_encoder(pert) + net.basal_encoder(basal), None,
+                                     False, None)
+        assert torch.allclose(net(basal, pert).pred, net.project_out(r), atol=1e-6)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_gene_decoder(residual):
+    net = make(gene_dim=20, residual_decoder=residual)
+    out = net(*inputs())
+    assert out.counts.shape == (2, 7, 20)
+    assert out.counts.min() >= 0  # final ReLU
+    names = [k for k in net.state_dict() if k.startswith("gene_decoder")]
+    if residual:
+        assert "gene_decoder.blocks.1.1.weight" in names
+        assert "gene_decoder.final_layer.0.weight" in names
+    else:
+        assert {"gene_decoder.decoder.0.weight", "gene_decoder.decoder.1.weight",
+                "gene_decoder.decoder.4.weight", "gene_decoder.decoder.5.bias",
+                "gene_decoder.decoder.8.weight"} <= set(names)
+
+
+def test_confidence_token():
+    net = make(confidence_token=True)
+    out = net(*inputs(b=3))
+    assert out.confidence.shape == (3,)
+    keys = set(net.state_dict())
+    assert "confidence_token.confidence_token" in keys
+    for i in (0, 1, 4, 5, 8):
+        assert f"confidence_token.confidence_projection.{i}.weight" in keys
+
+
+def test_batch_encoder():
+    net = make(batch_encoder=True, batch_dim=3)
+    basal, pert = inputs()
+    idx = torch.tensor([[0, 1, 2, 0, 1, 2, 0], [2, 2, 2, 1, 1, 1, 0]])
+    out = net(basal, pert, batch_index=idx)
+    assert out.pred.shape == (2, 7, 12)
+    assert not torch.allclose(out.pred, net(basal, pert, batch_index=torch.zeros_like(idx)).pred)
+    assert net.state_dict()["batch_encoder.weight"].shape == (3, 32)
+    with pytest.raises(DataError, match="batch_index"):
+        net(basal, pert)
+
+
+def test_bad_input_widths():
+    net = make()
+    basal, pert = inputs()
+    with pytest.raises(DataError, match="input_dim"):
+        net(basal[..., :5], pert)
+    with pytest.raises(DataError, match="forward_flat"):
+        net(basal[0], pert[0])
+
+
+def test_gpt2_forward_and_names():
+    net = make(backbone="gpt2")
+    assert net(*inputs()).pred.shape == (2, 7, 12)
+    sd = net.state_dict()
+    assert sd["transformer_backbone.h.0.attn.c_attn.weight"].shape == (96, 32)
+    assert sd["transformer_backbone.h.1.mlp.c_fc.weight"].shape == (128, 32)
+    assert "transformer_backbone.ln_f.bias" in sd
+    assert not any("wte" in k or "wpe" in k for k in sd)
+
+
+def test_llama_names_and_no_tables():
+    sd = make().state_dict()
+    for k in ("pert_encoder.0.weight", "pert_encoder.3.bias", "basal_encoder.3.weight",
+              "transformer_backbone.layers.1.self_attn.o_proj.weight",
+              "transformer_backbone.layers.0.mlp.gate_proj.weight",
+              "transformer_backbone.layers.0.input_layernorm.weight",
+              "transformer_backbone.layers.0.post_attention_layernorm.weight",
+              "transformer_backbone.norm.weight", "project_out.3.weight"):
+        assert k in sd, k
+    assert not any("embed_tokens" in k or k.endswith("q_proj.bias") for k in sd)
+    sd_lin = make(use_basal_projection=False).state_dict()
+    assert "basal_encoder.weight" in sd_lin and "basal_encoder.0.weight" not in sd_lin
+
+
+def test_mlp_layout():
+    m = MLP(3, 5, 7, 4, 0.1, "gelu")
+    assert [type(x).__name__ for x in m][:3] == ["Linear", "GELU", "Dropout"]
+    assert [i for i, x in enumerate(m) if isinstance(x, torch.nn.Linear)] == [0, 3, 6, 9]
+    assert len(m) == 10
+    one = MLP(3, 5, 7, 1, 0.1, "relu")
+    assert list(one.state_dict()) == ["0.weight", "0.bias"]
+    assert isinstance(MLP(3, 5, 7, 2, 0.0, "silu")[1], torch.nn.SiLU)
+    n = 4
+    assert sum(p.numel() for p in m.parameters()) == (3 * 7 + 7) + (n - 2) * (49 + 7) + (7 * 5 + 5)
+
+
+def test_backbone_init():
+    net = make(seed=3, n_layers=4)
+    w = net.transformer_backbone.layers[0].self_attn.q_proj.weight
+    assert abs(w.std().item() - 0.02) < 0.004
+    assert torch.all(net.transformer_backbone.norm.weight == 1)
+    g = make(seed=3, backbone="gpt2", n_layers=4).transformer_backbone
+    std_proj = g.h[0].mlp.c_proj.weight.std().item()
+    assert abs(std_proj - 0.02 / (2 * 4) ** 0.5) < 0.002
+    assert torch.all(g.h[0].attn.c_attn.bias == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention semantics
+
+
+@pytest.mark.parametrize("backbone", ["llama", "gpt2"])
+def test_permutation_equivariance_bidirectional(backbone):
+    net = make(backbone=backbone, confidence_token=False)
+    basal, pert = inputs(b=2, s=9)
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = net(basal, pert).pred
+        out_p = net(basal[:, perm], pert[:, perm]).pred
+    inv = torch.argsort(perm)
+    assert (out_p[:, inv] - out).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("backbone", ["llama", "gpt2"])
+def test_causal_first_position_ignores_last(backbone):
+    basal, pert = inputs(b=1, s=8)
+    basal2 = basal.clone()
+    basal2[:, -1] += 2.0
+    with torch.no_grad():
+        causal = make(backbone=backbone, attention="causal")
+        d = (causal(basal, pert).pred - causal(basal2, pert).pred).abs()
+        assert d[:, 0].max() == 0 and d[:, -1].max() > 0
+        bidir = make(backbone=backbone, attention="bidirectional")
+        d = (bidir(basal, pert).pred - bidir(basal2, pert).pred).abs()
+        assert d[:, 0].max() > 1e-6
+
+
+def test_rope_breaks_permutation_equivariance():
+    net = make(rope=10000.0)
+    basal, pert = inputs(b=1, s=9)
+    perm = torch.arange(8, -1, -1)
+    with torch.no_grad():
+        d = (net(basal[:, perm], pert[:, perm]).pred[:, perm] - net(basal, pert).pred).abs()
+    assert d.max() > 1e-5
+
+
+def test_grouped_query_attention_equals_repeated_heads():
+    gqa = make(n_kv_heads=2)
+    full = make(n_kv_heads=4)
+    sd = gqa.state_dict()
+    for i in range(2):
+        for name in ("k_proj", "v_proj"):
+            key = f"transformer_backbone.layers.{i}.self_attn.{name}.weight"
+            sd[key] = sd[key].view(2, 8, 32).repeat_interleave(2, dim=0).reshape(32, 32)
+    full.load_state_dict(sd)
+    basal, pert = inputs()
+    with torch.no_grad():
+        assert torch.allclose(gqa(basal, pert).pred, full(basal, pert).pred, atol=1e-6)
+
+
+VARIANTS = [
+    dict(),
+    dict(attention="causal"),
+    dict(attention="causal", rope=10000.0),
+    dict(rope=500.0),
+    dict(confidence_token=True),
+    dict(confidence_token=True, attention="causal", rope=10000.0),
+    dict(backbone="gpt2"),
+    dict(backbone="gpt2", attention="causal"),
+    dict(batch_encoder=True, batch_dim=2, output_space="all"),
+]
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=[str(v) for v in VARIANTS])
+def test_valid_mask_equals_running_each_set_alone(kw):
+    net = make(**kw)
+    b, s = 3, 10
+    basal, pert = inputs(b=b, s=s)
+    batch = torch.randint(0, 2, (b, s), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[1, 6:] = False
+    mask[2, [0, 3, 4, 8, 9]] = False  # non-prefix holes
+    with torch.no_grad():
+        out = net(basal, pert, batch, valid_mask=mask)
+        assert torch.isfinite(out.pred).all()
+        assert out.pred[~mask].abs().max() == 0
+        for i in range(b):
+            m = mask[i]
+            alone = net(basal[i:i + 1, m], pert[i:i + 1, m], batch[i:i + 1, m])
+            assert (out.pred[i, m] - alone.pred[0]).abs().max().item() <= 1e-5
+            if out.confidence is not None:
+                assert abs(out.confidence[i] - alone.confidence[0]).item() <= 1e-5
+
+
+def test_fully_masked_set_is_finite():
+    net = make(attention="causal")
+    basal, pert = inputs(b=2, s=4)
+    mask = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    with torch.no_grad():
+        out = net(basal, pert, valid_mask=mask)
+    assert torch.isfinite(out.pred).all()
+
+
+def test_forward_flat_matches_forward():
+    net = make(batch_encoder=True, batch_dim=3, gene_dim=6)
+    basal, pert = inputs(b=3, s=4)
+    idx = torch.randint(0, 3, (3, 4), generator=torch.Generator().manual_seed(0))
+    onehot = torch.nn.functional.one_hot(idx, 3).float()
+    with torch.no_grad():
+        ref = net(basal, pert, idx)
+        flat = net.forward_flat(basal.reshape(12, -1), pert.reshape(12, -1),
+                                onehot.reshape(12, 3), set_len=4)
+        assert torch.equal(flat.pred, ref.pred.reshape(12, -1))
+        assert flat.counts.shape == (12, 6)
+        one = net.forward_flat(basal[0], pert[0], idx[0], padded=False)
+        assert torch.allclose(one.pred, ref.pred[0], atol=1e-6)
+    with pytest.raises(DataError, match="set_len"):
+        net.forward_flat(basal.reshape(12, -1), pert.reshape(12, -1), idx.reshape(12), set_len=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+def test_config_roundtrip_json():
+    c = small_config(rope=10000, gene_dim=3)
+    d = json.loads(json.dumps(c.to_dict()))
+    assert NetworkConfig.from_dict(d) == c
+    assert isinstance(c.rope, float)
+
+
+def test_config_errors_name_the_field():
+    d = small_config().to_dict()
+    with pytest.raises(ConfigError, match="hiden_dim.*hidden_dim"):
+        NetworkConfig.from_dict({**d, "hiden_dim": 3})
+    d2 = dict(d)
+    del d2["rope"]
+    with pytest.raises(ConfigError, match="'rope'"):
+        NetworkConfig.from_dict(d2)
+    bad = [("activation", "gelu2"), ("attention", "full"), ("backbone", "bert"),
+           ("hidden_dim", 0), ("n_layers", True), ("dropout", 1.5), ("rope", -1.0),
+           ("output_activation", "softplus"), ("output_space", "genes")]
+    for key, value in bad:
+        with pytest.raises(ConfigError, match=key):
+            small_config(**{key: value})
+    with pytest.raises(ConfigError, match="n_kv_heads"):
+        small_config(n_kv_heads=3)
+    with pytest.raises(ConfigError, match="batch_dim"):
+        small_config(batch_encoder=True, batch_dim=0)
+    with pytest.raises(ConfigError, match="input_dim"):
+        small_config(output_space="all", output_dim=10)
+    with pytest.raises(ConfigError, match="head_dim"):
+        small_config(backbone="gpt2", head_dim=5)
+    with pytest.raises(ConfigError, match="decoder_hidden_dims"):
+        small_config(gene_dim=4, residual_decoder=True, decoder_hidden_dims=[16, 8])
+
+
+def test_num_parameters():
+    net = make(gene_dim=4)
+    total = sum(p.numel() for p in net.parameters())
+    assert net.num_parameters() == total
+    net.pert_encoder.requires_grad_(False)
+    frozen = sum(p.numel() for p in net.pert_encoder.parameters())
+    assert net.num_parameters() == total - frozen
+    assert net.num_parameters(trainable_only=False) == total
+
+
+# ---------------------------------------------------------------------------------------------
+# learning
+
+
+def test_tiny_network_overfits_a_few_sets():
+    torch.manual_seed(0)
+    net = StateTransitionNetwork(small_config(dropout=0.0, n_layers=1))
+    g = torch.Generator().manual_seed(0)
+    basal = torch.rand(4, 16, 12, generator=g)
+    pert = torch.zeros(4, 16, 5)
+    for i in range(4):
+        pert[i, :, i] = 1.0
+    shift = torch.rand(4, 1, 12, generator=g) * 2
+    target = basal * 1.5 + shift
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        loss = energy_distance(net(basal, pert).pred, target).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
