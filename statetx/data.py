@@ -1,0 +1,269 @@
+"""From inputs and a split spec to per-split, in-memory training matrices.
+
+``prepare`` runs every check that needs the data (before any model is built), builds the
+vocabularies, and stores each split's expression as **one contiguous matrix** (float32, or float16
+to halve memory) together with integer label codes. The sampler (:mod:`statetx.sets`) only indexes
+these arrays: nothing is read from disk in the training hot path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from statetx._utils import looks_log1p
+from statetx.config import SPLITS, ColumnMap, SplitConfig
+from statetx.errors import ConfigError, DataError
+from statetx.io import (
+    DataFile,
+    check_source,
+    feature_names,
+    from_anndata,
+    open_file,
+    resolve_control,
+)
+from statetx.splits import Assignment, assign_files, default_dataset_name, summarize
+from statetx.vocab import Vocab, load_pert_features
+
+DataInput = ad.AnnData | Mapping[str, ad.AnnData] | None
+
+
+@dataclass
+class SplitData:
+    """All rows one split needs (its cells and its control pools), as arrays."""
+
+    name: str
+    X: torch.Tensor                 # [n, D] model input/target representation
+    pert: np.ndarray                # [n] int64 vocabulary index
+    cell_type: np.ndarray           # [n] int64
+    batch: np.ndarray               # [n] int64
+    is_control: np.ndarray          # [n] bool
+    is_target: np.ndarray           # [n] bool: rows that form cell sets
+    context: np.ndarray             # [n] int64: (file, cell type) id — pools never cross it
+    file_index: np.ndarray          # [n] int64 into PreparedData.files
+    barcodes: np.ndarray            # [n] str
+    counts: torch.Tensor | None = None  # [n, G] gene-space target for a gene decoder
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.pert)
+
+
+@dataclass
+class PreparedData:
+    """Everything the trainer needs, plus bookkeeping for prediction and reports."""
+
+    vocab: Vocab
+    splits: dict[str, SplitData]
+    columns: ColumnMap
+    files: list[DataFile]
+    assignments: list[Assignment]
+    summary: pd.DataFrame
+    feature_names: list[str]       # names of the X columns (input = output space)
+    gene_names: list[str] | None   # names of the gene-space target (decoder), if any
+    is_log1p: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def input_dim(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def gene_dim(self) -> int:
+        return 0 if self.gene_names is None else len(self.gene_names)
+
+
+def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
+               dataset_name: str | None = None) -> list[DataFile]:
+    """Open every file (or in-memory AnnData) of the datasets the spec refers to, sorted."""
+    memory: dict[str, ad.AnnData] = {}
+    if isinstance(data, ad.AnnData):
+        memory[dataset_name or default_dataset_name(config)] = data
+    elif isinstance(data, Mapping):
+        memory = dict(data)
+    elif data is not None:
+        raise ConfigError(f"data must be an AnnData, a dict of AnnData or None, got "
+                          f"{type(data).__name__}.")
+    names = config.referenced_datasets()
+    if not names:  # nothing referenced: every in-memory dataset trains
+        if not memory:
+            raise DataError("the split spec references no dataset and no AnnData was given.")
+        config.training.update({n: "train" for n in memory})
+        names = sorted(memory)
+    unused = sorted(set(config.datasets) - set(names))
+    if unused:
+        print(f"statetx: datasets listed only in [datasets] are not used: {', '.join(unused)}")
+    files: list[DataFile] = []
+    c = columns
+    for name in names:
+        if name in memory:
+            files.append(from_anndata(memory[name], name, c.pert_col, c.cell_type_key,
+                                      c.batch_col))
+            continue
+        if name not in config.datasets:
+            section = next(s for s in ("training", "zeroshot", "fewshot")
+                           if any(k.split(".")[0] == name for k in getattr(config, s)))
+            raise DataError(
+                f"dataset '{name}' is used in [{section}] but has no entry in [datasets] and was "
+                f"not passed in memory. Add a line such as: {name} = \"/path/to/{name}/\""
+            )
+        for path in config.resolve_paths(name):
+            files.append(open_file(path, name, c.pert_col, c.cell_type_key, c.batch_col))
+    return files
+
+
+def prepare(
+    data: DataInput,
+    split_config: SplitConfig | dict | str | Path | None,
+    columns: ColumnMap,
+    *,
+    dataset_name: str | None = None,
+    vocab: Vocab | None = None,
+    pert_features: str | Path | Mapping[str, np.ndarray] | None = None,
+    on_missing_features: str = "zeros",
+    heldout_controls_in_train: bool = True,
+    yield_controls: bool = True,
+    on_missing_perturbation: str = "error",
+    counts_key: str | None = None,
+    allow_counts: bool = False,
+    dtype: str = "float32",
+    splits: tuple[str, ...] = SPLITS,
+) -> PreparedData:
+    """Validate inputs against the split spec and build the per-split matrices."""
+    config = SplitConfig.from_toml(split_config if split_config is not None else {})
+    files = load_files(data, config, columns, dataset_name)
+    control = resolve_control(files, columns.control_pert, columns.pert_col)
+    columns = columns.model_copy(update={"control_pert": control})
+    assignments = assign_files(
+        files, config, control, pert_col=columns.pert_col, cell_type_key=columns.cell_type_key,
+        heldout_controls_in_train=heldout_controls_in_train,
+        on_missing_perturbation=on_missing_perturbation,
+    )
+    src, counts_src, names, gene_names = _sources(files, columns, counts_key)
+    is_log1p = looks_log1p(_sample_matrix(files[0], src))
+    if columns.output_space == "all" and not (is_log1p or allow_counts):
+        raise DataError(
+            f"output_space='all' expects log1p-normalised X, but X of {files[0].label} looks like "
+            "raw counts. Run statetx.pp.preprocess_train first, or pass allow_counts=True."
+        )
+    if vocab is None:
+        feats = pert_features
+        if isinstance(feats, (str, Path)):
+            feats = load_pert_features(feats)
+        vocab = Vocab.build(
+            np.concatenate([f.pert for f in files]),
+            np.concatenate([f.cell_type for f in files]),
+            np.concatenate([f.batch for f in files]),
+            control, features=feats, on_missing_features=on_missing_features,
+        )
+    np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
+    if np_dtype is None:
+        raise ConfigError(f"dtype={dtype!r} is invalid; expected 'float32' or 'float16'.")
+    built = {}
+    for split in splits:
+        sd = _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_dtype)
+        if sd is not None:
+            built[split] = sd
+    if "train" in splits and "train" not in built:
+        raise DataError(
+            "the training split is empty (every cell type is held out"
+            + ("" if yield_controls else " and yield_controls is false")
+            + "). Add a [training] entry or hold out fewer cell types."
+        )
+    return PreparedData(vocab, built, columns, files, assignments, summarize(assignments),
+                        names, gene_names, is_log1p)
+
+
+def _sources(files: list[DataFile], c: ColumnMap, counts_key: str | None):
+    """Input source, gene-space target source, and their column names (checked across files)."""
+    src = c.embed_key
+    if c.output_space == "embedding" and src is None:
+        raise ConfigError("output_space='embedding' requires embed_key (an obsm key holding the "
+                          "cell embedding).")
+    counts_src: str | None | bool = False  # False = no gene-space target
+    if src is not None and c.output_space == "all":
+        counts_src = None if counts_key in (None, "X") else counts_key
+    elif src is not None and src != "X_hvg" and c.output_space == "gene":
+        counts_src = counts_key or "X_hvg"
+    for f in files:
+        check_source(f, src)
+        if counts_src not in (False, None):
+            check_source(f, counts_src)
+    names = _agree(files, src, "input")
+    gene_names = None if counts_src is False else _agree(files, counts_src, "gene-space target")
+    return src, counts_src, names, gene_names
+
+
+def _agree(files: list[DataFile], source: str | None, what: str) -> list[str]:
+    ref = feature_names(files[0], source)
+    where = "X" if source is None else f"obsm['{source}']"
+    for f in files[1:]:
+        other = feature_names(f, source)
+        if len(other) != len(ref):
+            raise DataError(f"files disagree on the {what}: {files[0].label} has {where} of width "
+                            f"{len(ref)}, {f.label} of width {len(other)}.")
+        if other != ref:
+            diff = next(i for i, (a, b) in enumerate(zip(ref, other)) if a != b)
+            raise DataError(f"files disagree on the {what} gene names: {files[0].label} has "
+                            f"'{ref[diff]}' at column {diff}, {f.label} has '{other[diff]}'.")
+    return ref
+
+
+def _sample_matrix(f: DataFile, source: str | None) -> np.ndarray:
+    rows = np.linspace(0, f.n_obs - 1, min(f.n_obs, 500)).astype(np.int64)
+    return f.read_rows(np.unique(rows), source)
+
+
+def _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_dtype):
+    parts, ctx_offset = [], 0
+    for fi, a in enumerate(assignments):
+        m = a.mask(split)
+        if not m.any():
+            continue
+        rows = np.flatnonzero(m)
+        f = a.file
+        ct_codes = vocab.encode("cell_type", f.cell_type[rows])
+        ctx_local = np.unique(ct_codes, return_inverse=True)[1].reshape(-1)
+        parts.append(dict(
+            X=f.read_rows(rows, src, np_dtype),
+            counts=None if counts_src is False else f.read_rows(rows, counts_src, np_dtype),
+            pert=vocab.encode("pert", f.pert[rows]),
+            cell_type=ct_codes,
+            batch=vocab.encode("batch", f.batch[rows]),
+            is_control=a.is_control[rows],
+            context=ctx_local + ctx_offset,
+            file_index=np.full(len(rows), fi, dtype=np.int64),
+            barcodes=f.barcodes[rows],
+        ))
+        ctx_offset += int(ctx_local.max()) + 1
+    if not parts:
+        return None
+    cat = {k: (None if parts[0][k] is None else np.concatenate([p[k] for p in parts]))
+           for k in parts[0]}
+    _check_finite(cat["X"], split)
+    is_target = ~cat["is_control"] | bool(yield_controls)
+    if not is_target.any():
+        return None
+    return SplitData(
+        name=split, X=torch.from_numpy(cat["X"]), pert=cat["pert"], cell_type=cat["cell_type"],
+        batch=cat["batch"], is_control=cat["is_control"], is_target=is_target,
+        context=cat["context"], file_index=cat["file_index"], barcodes=cat["barcodes"],
+        counts=None if cat["counts"] is None else torch.from_numpy(cat["counts"]),
+    )
+
+
+def _check_finite(x: np.ndarray, split: str) -> None:
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise DataError(f"{int(bad.sum())} cells of the {split} split have NaN or Inf expression "
+                        "values. Remove or repair them before training.")
+    if (x < 0).any():
+        warnings.warn(f"the {split} split has negative expression values; ST expects "
+                      "non-negative log1p expression unless an embedding is used.", stacklevel=3)

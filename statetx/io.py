@@ -1,0 +1,284 @@
+"""Reading AnnData inputs: obs labels, gene names, and rows of X / obsm / layers.
+
+Two back ends share one interface (:class:`DataFile`): an in-memory ``AnnData`` (dense or CSR) and a
+lazily read ``.h5ad`` / ``.h5`` file, whose rows are read in contiguous blocks with h5py (never
+row by row, never with an unbounded cache), so only the rows a split needs are held in memory.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from statetx._utils import did_you_mean, preview
+from statetx.errors import ConfigError, DataError
+
+CONTROL_DEFAULTS = ("non-targeting", "DMSO_TF")
+_CONTROL_HINT = re.compile(
+    r"non.?targeting|control|ctrl|dmso|pbs|vehicle|(^|[^a-z])nt([^a-z]|$)", re.I
+)
+READ_BLOCK_ROWS = 4096
+
+
+@dataclass
+class DataFile:
+    """One input file (or in-memory AnnData) with its labels as plain string arrays."""
+
+    dataset: str
+    label: str
+    pert: np.ndarray
+    cell_type: np.ndarray
+    batch: np.ndarray
+    barcodes: np.ndarray
+    var_names: np.ndarray
+    adata: ad.AnnData | None = None
+    path: Path | None = None
+    obsm_keys: list[str] = field(default_factory=list)
+    uns_log1p: bool = False
+
+    @property
+    def n_obs(self) -> int:
+        return len(self.pert)
+
+    def width(self, source: str | None) -> int:
+        """Number of columns of ``X`` (source None) or ``obsm[source]``."""
+        return _matrix(self, source).shape[1] if self.adata is not None else self._h5_width(source)
+
+    def _h5_width(self, source: str | None) -> int:
+        with h5py.File(self.path, "r") as f:
+            node = f["X"] if source is None else f["obsm"][source]
+            if isinstance(node, h5py.Dataset):
+                return int(node.shape[1])
+            return int(node.attrs["shape"][1])
+
+    def read_rows(self, rows: np.ndarray, source: str | None, dtype=np.float32) -> np.ndarray:
+        """Dense ``[len(rows), width]`` array of the given rows of X (None) or ``obsm[source]``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.adata is not None:
+            return _dense(_matrix(self, source), rows, dtype)
+        return read_h5_rows(self.path, "X" if source is None else f"obsm/{source}", rows, dtype)
+
+
+def _matrix(f: DataFile, source: str | None):
+    return f.adata.X if source is None else f.adata.obsm[source]
+
+
+def _dense(m, rows: np.ndarray, dtype) -> np.ndarray:
+    if isinstance(m, pd.DataFrame):
+        m = m.to_numpy()
+    if sp.issparse(m):
+        if not sp.isspmatrix_csr(m) and not isinstance(m, sp.csr_array):
+            raise DataError(
+                f"the expression matrix is stored as {type(m).__name__}; statetx reads dense or "
+                "CSR matrices. Convert it first, e.g. adata.X = adata.X.tocsr()."
+            )
+        out = np.empty((len(rows), m.shape[1]), dtype=dtype)
+        for start in range(0, len(rows), READ_BLOCK_ROWS):
+            block = rows[start : start + READ_BLOCK_ROWS]
+            out[start : start + len(block)] = m[block].toarray()
+        return out
+    if hasattr(m, "to_memory"):  # anndata backed dataset
+        m = m.to_memory()
+    return np.asarray(m[rows], dtype=dtype)
+
+
+# ---------------------------------------------------------------------- h5 reading
+def read_h5_rows(path: Path, key: str, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Read ``rows`` of a dense dataset or a CSR group in an h5ad file, in contiguous blocks.
+
+    Rows are visited in sorted order in windows of :data:`READ_BLOCK_ROWS` consecutive file rows;
+    each window costs one slice read. The result is in the order of ``rows``.
+    """
+    order = np.argsort(rows, kind="stable")
+    srows = rows[order]
+    with h5py.File(path, "r") as f:
+        if key not in f:
+            raise DataError(f"'{key}' not found in {path}.")
+        node = f[key]
+        if isinstance(node, h5py.Dataset):
+            width = node.shape[1]
+            reader = _dense_block_reader(node)
+        else:
+            enc = node.attrs.get("encoding-type", "")
+            enc = enc.decode() if isinstance(enc, bytes) else enc
+            if enc != "csr_matrix":
+                raise DataError(
+                    f"'{key}' in {path} is stored as '{enc or 'unknown'}'; statetx reads dense or "
+                    "CSR matrices (CSC is not supported). Rewrite the file with a CSR matrix, e.g. "
+                    "adata.X = adata.X.tocsr(); adata.write_h5ad(...)."
+                )
+            width = int(node.attrs["shape"][1])
+            reader = _csr_block_reader(node, width)
+        out = np.empty((len(rows), width), dtype=dtype)
+        i = 0
+        while i < len(srows):
+            lo = srows[i]
+            j = int(np.searchsorted(srows, lo + READ_BLOCK_ROWS, side="left"))
+            block = reader(lo, int(srows[j - 1]) + 1)
+            out[order[i:j]] = block[srows[i:j] - lo]
+            i = j
+    return out
+
+
+def _dense_block_reader(ds: h5py.Dataset):
+    def read(lo: int, hi: int) -> np.ndarray:
+        return np.asarray(ds[lo:hi])
+
+    return read
+
+
+def _csr_block_reader(group: h5py.Group, width: int):
+    indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+    data, indices = group["data"], group["indices"]
+
+    def read(lo: int, hi: int) -> np.ndarray:
+        a, b = indptr[lo], indptr[hi]
+        block = sp.csr_matrix(
+            (np.asarray(data[a:b]), np.asarray(indices[a:b]), indptr[lo : hi + 1] - a),
+            shape=(hi - lo, width),
+        )
+        return block.toarray()
+
+    return read
+
+
+# ---------------------------------------------------------------------- opening inputs
+def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: str,
+                 batch_col: str | None, label: str | None = None) -> DataFile:
+    """Wrap an in-memory AnnData (labels are copied, the matrix is not)."""
+    label = label or f"<AnnData '{dataset}'>"
+    if adata.n_obs == 0:
+        raise DataError(f"{label} has no cells (n_obs = 0).")
+    obs = adata.obs
+    return DataFile(
+        dataset=dataset,
+        label=label,
+        pert=obs_labels(obs, pert_col, label, "pert_col"),
+        cell_type=obs_labels(obs, cell_type_key, label, "cell_type_key"),
+        batch=(obs_labels(obs, batch_col, label, "batch_col") if batch_col
+               else np.full(adata.n_obs, "0", dtype=object)),
+        barcodes=np.asarray(adata.obs_names, dtype=object),
+        var_names=np.asarray(adata.var_names, dtype=object),
+        adata=adata,
+        obsm_keys=list(adata.obsm.keys()),
+        uns_log1p="log1p" in adata.uns,
+    )
+
+
+def open_file(path: Path, dataset: str, pert_col: str, cell_type_key: str,
+              batch_col: str | None) -> DataFile:
+    """Open an .h5ad/.h5 file lazily: obs and var are read, matrices stay on disk."""
+    try:
+        backed = ad.read_h5ad(path, backed="r")
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a data problem
+        raise DataError(f"could not read {path} as an AnnData file: {exc}") from exc
+    try:
+        f = from_anndata(backed, dataset, pert_col, cell_type_key, batch_col, label=Path(path).name)
+        f.adata, f.path = None, Path(path)
+    finally:
+        backed.file.close()
+    return f
+
+
+def obs_labels(obs: pd.DataFrame, col: str, where: str, option: str) -> np.ndarray:
+    """A column of obs as an object array of strings; errors for a missing column or NaNs."""
+    if col not in obs.columns:
+        raise DataError(
+            f"obs column '{col}' not found in {where} (available: {preview(obs.columns, 12)})."
+            f"{did_you_mean(col, obs.columns)} Set {option}."
+        )
+    s = obs[col]
+    missing = int(s.isna().sum())
+    if missing:
+        raise DataError(
+            f"obs['{col}'] has {missing} missing values in {where}. Remove those cells (e.g. "
+            f"adata = adata[adata.obs['{col}'].notna()].copy()) before training."
+        )
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        cats = np.asarray([_label_str(c) for c in s.cat.categories], dtype=object)
+        return cats[s.cat.codes.to_numpy()]
+    return np.asarray([_label_str(v) for v in s.to_numpy()], dtype=object)
+
+
+def _label_str(v: object) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    return str(v)
+
+
+def resolve_control(files: Sequence[DataFile], control_pert: str | None, pert_col: str) -> str:
+    """Return the control label, auto-detecting ``non-targeting``/``DMSO_TF`` when not given."""
+    labels = set().union(*(set(np.unique(f.pert)) for f in files))
+    if control_pert is None:
+        found = [c for c in CONTROL_DEFAULTS if c in labels]
+        if len(found) == 1:
+            print(f"statetx: using control_pert={found[0]!r} (found in obs['{pert_col}']).")
+            return found[0]
+        hint = sorted(x for x in labels if _CONTROL_HINT.search(x))
+        raise ConfigError(
+            f"control_pert was not given and could not be detected in obs['{pert_col}']. "
+            + (f"Values that look like controls: {preview(hint)}. " if hint else "")
+            + "Pass control_pert=<label>."
+        )
+    for f in files:
+        if control_pert not in set(f.pert):
+            hint = sorted(x for x in set(f.pert) if _CONTROL_HINT.search(x))
+            raise DataError(
+                f"control_pert '{control_pert}' is not a value of obs['{pert_col}'] in {f.label}."
+                + (f" Values that look like controls: {preview(hint)}." if hint else "")
+                + did_you_mean(control_pert, set(f.pert))
+            )
+    return control_pert
+
+
+def check_source(f: DataFile, embed_key: str | None) -> None:
+    """Error when ``obsm[embed_key]`` is absent."""
+    if embed_key is not None and embed_key not in f.obsm_keys:
+        raise DataError(
+            f"obsm['{embed_key}'] not found in {f.label} (available: "
+            f"{preview(f.obsm_keys) or 'none'}).{did_you_mean(embed_key, f.obsm_keys)}"
+        )
+
+
+def feature_names(f: DataFile, source: str | None) -> list[str]:
+    """Names of the columns of X (var names) or of an obsm source.
+
+    ``X_hvg`` columns are named from ``uns['X_hvg_var_names']`` (written by statetx preprocessing)
+    or from ``var['highly_variable']``; other obsm matrices get ``<key>_<i>``.
+    """
+    if source is None:
+        return [str(v) for v in f.var_names]
+    width = f.width(source)
+    names: list[str] | None = None
+    if source == "X_hvg":
+        names = _hvg_names(f)
+        if names is not None and len(names) != width:
+            raise DataError(
+                f"{f.label}: obsm['X_hvg'] has {width} columns but {len(names)} HVG names were "
+                "found (uns['X_hvg_var_names'] or var['highly_variable']). Re-run preprocess_train."
+            )
+    return names if names is not None else [f"{source}_{i}" for i in range(width)]
+
+
+def _hvg_names(f: DataFile) -> list[str] | None:
+    if f.adata is not None:
+        a = f.adata
+    else:
+        a = ad.read_h5ad(f.path, backed="r")
+    try:
+        if "X_hvg_var_names" in a.uns:
+            return [str(x) for x in np.asarray(a.uns["X_hvg_var_names"])]
+        if "highly_variable" in a.var.columns:
+            return [str(x) for x in a.var_names[a.var["highly_variable"].to_numpy(bool)]]
+        return None
+    finally:
+        if f.adata is None:
+            a.file.close()

@@ -1,0 +1,669 @@
+"""``StateTransitionModel``: the scikit-learn-style estimator around the ST network.
+
+``__init__`` only stores parameters; ``fit`` validates the data against the split spec, builds the
+network from a preset, trains it with :class:`statetx.train.Trainer` and returns ``self``; learned
+state ends in ``_``. Fitted models pickle (weights travel as CPU tensors, so a CUDA-trained model
+unpickles on a CPU-only machine) and save to a directory that loads without executing code.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
+
+from statetx.config import ColumnMap, SplitConfig
+from statetx.data import PreparedData, prepare
+from statetx.errors import ConfigError, DataError
+from statetx.io import obs_labels
+from statetx.nn import NetworkConfig, StateTransitionNetwork
+from statetx.predict import (
+    Group,
+    align_genes,
+    check_scale,
+    clip_range,
+    encode_batches,
+    encode_perturbations,
+    run_groups,
+)
+from statetx.presets import build_network_config, describe, resolve_architecture
+from statetx.sets import CellSetSampler
+from statetx.train import TrainConfig, Trainer, resolve_device
+from statetx.vocab import Vocab
+
+FORMAT_VERSION = 1
+
+
+class StateTransitionModel(BaseEstimator):
+    """State Transition model: predicts perturbed cell sets from control cell sets.
+
+    Parameters
+    ----------
+    preset
+        Architecture preset (``tiny``, ``state_sm``, ``state``, ``state@0.11.1``, ``state_lg``,
+        ``tahoe_best``, ``pertsets``); ``model_kwargs`` overrides any of its fields (e.g.
+        ``{"hidden_dim": 256, "dropout": 0.0, "attention": "causal"}``).
+    pert_col, cell_type_key, batch_col, control_pert
+        obs columns holding the perturbation, the context and (optionally) the batch; the control
+        label (auto-detected among ``non-targeting`` / ``DMSO_TF`` when None).
+    embed_key, output_space
+        Cell representation (None = ``X``; else an obsm key such as ``X_hvg``) and output space
+        (``gene``, ``all``, ``embedding``).
+    cell_set_len
+        Cells per set (default: the preset's).
+    batch_size, max_steps, lr, optimizer, weight_decay, lr_schedule, warmup_steps,
+    gradient_clip_val, gradient_accumulation_steps, loss, val_freq, ckpt_every_n_steps,
+    keep_last_n, early_stopping_patience, precision, matmul_precision
+        Training settings (see :class:`statetx.train.TrainConfig`).
+    basal_mapping_strategy
+        Control pairing: ``random`` (same cell type) or ``batch`` (same cell type and batch).
+    pert_features
+        Optional perturbation feature file (``.pt``/``.npz``/``.csv``/``.safetensors``) or dict.
+    dtype
+        Storage of the training matrices (``float32`` or ``float16``).
+    device
+        ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    seed
+        Seeds every random choice: splits into sets, control pairing, initialisation, dropout.
+    """
+
+    def __init__(
+        self,
+        preset: str = "state_sm",
+        *,
+        pert_col: str = "gene",
+        cell_type_key: str = "cell_type",
+        batch_col: str | None = None,
+        control_pert: str | None = None,
+        embed_key: str | None = None,
+        output_space: str = "gene",
+        model_kwargs: dict | None = None,
+        cell_set_len: int | None = None,
+        batch_size: int = 16,
+        max_steps: int = 40_000,
+        lr: float = 1e-4,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+        gradient_clip_val: float | None = 10.0,
+        gradient_accumulation_steps: int = 1,
+        loss: str = "energy",
+        val_freq: int = 2000,
+        ckpt_every_n_steps: int = 2000,
+        keep_last_n: int | None = None,
+        early_stopping_patience: int | None = None,
+        precision: str = "auto",
+        matmul_precision: str = "medium",
+        basal_mapping_strategy: str = "random",
+        pert_features: Any = None,
+        heldout_controls_in_train: bool = True,
+        yield_controls: bool = True,
+        dtype: str = "float32",
+        device: str = "auto",
+        seed: int = 42,
+        progress: bool = True,
+    ) -> None:
+        self.preset = preset
+        self.pert_col = pert_col
+        self.cell_type_key = cell_type_key
+        self.batch_col = batch_col
+        self.control_pert = control_pert
+        self.embed_key = embed_key
+        self.output_space = output_space
+        self.model_kwargs = model_kwargs
+        self.cell_set_len = cell_set_len
+        self.batch_size = batch_size
+        self.max_steps = max_steps
+        self.lr = lr
+        self.optimizer = optimizer
+        self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
+        self.warmup_steps = warmup_steps
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.loss = loss
+        self.val_freq = val_freq
+        self.ckpt_every_n_steps = ckpt_every_n_steps
+        self.keep_last_n = keep_last_n
+        self.early_stopping_patience = early_stopping_patience
+        self.precision = precision
+        self.matmul_precision = matmul_precision
+        self.basal_mapping_strategy = basal_mapping_strategy
+        self.pert_features = pert_features
+        self.heldout_controls_in_train = heldout_controls_in_train
+        self.yield_controls = yield_controls
+        self.dtype = dtype
+        self.device = device
+        self.seed = seed
+        self.progress = progress
+
+    # ------------------------------------------------------------------ configuration
+    def _columns(self) -> ColumnMap:
+        return ColumnMap.build(pert_col=self.pert_col, cell_type_key=self.cell_type_key,
+                               batch_col=self.batch_col, control_pert=self.control_pert,
+                               embed_key=self.embed_key, output_space=self.output_space)
+
+    def _train_config(self) -> TrainConfig:
+        return TrainConfig(
+            max_steps=int(self.max_steps), lr=float(self.lr), optimizer=self.optimizer,
+            weight_decay=float(self.weight_decay), lr_schedule=self.lr_schedule,
+            warmup_steps=int(self.warmup_steps), gradient_clip_val=self.gradient_clip_val,
+            gradient_accumulation_steps=int(self.gradient_accumulation_steps), loss=self.loss,
+            val_freq=int(self.val_freq), ckpt_every_n_steps=int(self.ckpt_every_n_steps),
+            keep_last_n=self.keep_last_n, early_stopping_patience=self.early_stopping_patience,
+            precision=self.precision, matmul_precision=self.matmul_precision, seed=int(self.seed),
+            progress=bool(self.progress),
+        )
+
+    def _architecture(self) -> dict:
+        arch = resolve_architecture(self.preset, self.model_kwargs)
+        if self.cell_set_len is not None:
+            arch["cell_set_len"] = int(self.cell_set_len)
+        if arch["batch_encoder"] and self.batch_col is None:
+            raise ConfigError("model_kwargs batch_encoder=True needs batch_col (the obs column "
+                              "holding the batch).")
+        if self.basal_mapping_strategy == "batch" and self.batch_col is None:
+            raise ConfigError("basal_mapping_strategy='batch' needs batch_col.")
+        return arch
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, adata: ad.AnnData | dict[str, ad.AnnData] | None = None,
+            split_config: SplitConfig | dict | str | Path | None = None, *,
+            dataset_name: str | None = None, output_dir: str | Path | None = None,
+            resume_from: str | Path | None = None) -> StateTransitionModel:
+        """Train on ``adata`` (or the split spec's files when None) and return ``self``.
+
+        ``split_config`` assigns cells to train/val/test (a :class:`SplitConfig`, a dict, a TOML
+        path or string); without it every cell trains. A single AnnData is the dataset the spec
+        refers to (or ``dataset_name``). ``output_dir`` receives checkpoints, metrics and the
+        vocabularies; ``resume_from`` continues a run from one of its checkpoints exactly.
+        """
+        train_cfg = self._train_config()
+        arch = self._architecture()
+        columns = self._columns()
+        prepared = prepare(
+            adata, split_config, columns, dataset_name=dataset_name,
+            pert_features=self.pert_features,
+            heldout_controls_in_train=self.heldout_controls_in_train,
+            yield_controls=self.yield_controls, dtype=self.dtype,
+        )
+        vocab = prepared.vocab
+        net_cfg = build_network_config(
+            {k: v for k, v in arch.items()}, input_dim=prepared.input_dim,
+            output_dim=prepared.input_dim, pert_dim=vocab.pert_dim,
+            batch_dim=len(vocab.batches) if arch["batch_encoder"] else 0,
+            gene_dim=prepared.gene_dim, output_space=columns.output_space,
+            embed_key=columns.embed_key,
+        )
+        if self.progress:
+            print(describe(net_cfg))
+        torch.manual_seed(int(self.seed))
+        network = StateTransitionNetwork(net_cfg)
+        set_len = int(arch["cell_set_len"])
+        samplers = {
+            name: CellSetSampler(split, vocab, set_len, int(self.batch_size),
+                                 seed=int(self.seed) + i, pairing=self.basal_mapping_strategy)
+            for i, (name, split) in enumerate(prepared.splits.items()) if name in ("train", "val")
+        }
+        if "val" not in samplers and self.progress:
+            print("statetx: no validation split: validation is skipped and no best checkpoint is "
+                  "written (the test split is never used for validation).")
+        out = Path(output_dir) if output_dir is not None else None
+        self._set_fitted(network, net_cfg, vocab, prepared, set_len)
+        if out is not None:
+            self._write_run_files(out, prepared, split_config)
+        trainer = Trainer(network, samplers["train"], samplers.get("val"), train_cfg,
+                          device=resolve_device(self.device), output_dir=out,
+                          checkpoint_extra={"statetx_model": self._metadata()})
+        t0 = time.perf_counter()
+        history = trainer.fit(resume_from=resume_from)
+        self.training_time_ = time.perf_counter() - t0
+        self.history_ = _history_frame(history)
+        self.device_ = trainer.device
+        self.best_step_ = trainer.state.best_step
+        return self
+
+    def _set_fitted(self, network, net_cfg, vocab, prepared: PreparedData, set_len: int) -> None:
+        self.network_ = network
+        self.network_config_ = net_cfg
+        self.vocab_ = vocab
+        self.columns_ = prepared.columns
+        self.var_names_ = list(prepared.feature_names)
+        self.gene_names_ = None if prepared.gene_names is None else list(prepared.gene_names)
+        self.cell_set_len_ = set_len
+        self.is_log1p_ = bool(prepared.is_log1p)
+        self.split_summary_ = prepared.summary
+        self.n_features_in_ = prepared.input_dim
+        self._prepared = prepared
+
+    # ------------------------------------------------------------------ fitted checks
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "network_"):
+            raise NotFittedError("This StateTransitionModel is not fitted yet. Call fit(...) or "
+                                 "load a saved model first.")
+
+    @property
+    def _expression_output(self) -> bool:
+        return self.columns_.output_space != "embedding" and (
+            self.columns_.embed_key in (None, "X_hvg") or self.gene_names_ is not None)
+
+    # ------------------------------------------------------------------ predict
+    def predict_sets(self, basal, perturbation, batch=None) -> np.ndarray:
+        """Apply the network (eval mode, no sampling) to given sets.
+
+        ``basal``: ``[B, S, D_in]`` or ``[S, D_in]`` (one set of any length). ``perturbation``:
+        names (one per set or ``[B, S]`` per cell), or vectors ``[B, P]`` / ``[B, S, P]``.
+        ``batch``: names or indices (per set or per cell; models with a batch encoder).
+        Returns ``[B, S, D_out]`` (``[S, D_out]`` for a single set).
+        """
+        self._check_fitted()
+        x = torch.as_tensor(np.asarray(basal, dtype=np.float32))
+        single = x.ndim == 2
+        if single:
+            x = x[None]
+        if x.ndim != 3 or x.shape[-1] != self.n_features_in_:
+            raise DataError(f"basal must have shape [B, S, {self.n_features_in_}] or "
+                            f"[S, {self.n_features_in_}], got {tuple(np.shape(basal))}.")
+        b, s, _ = x.shape
+        pert = self._pert_tensor(perturbation, b, s, single)
+        bidx = self._batch_tensor(batch, b, s, single)
+        net = self.network_
+        dev = next(net.parameters()).device
+        net.eval()
+        with torch.no_grad():
+            out = net(x.to(dev), pert.to(dev), batch_index=bidx.to(dev))
+        pred = out.pred.float().cpu().numpy()
+        return pred[0] if single else pred
+
+    def _pert_tensor(self, perturbation, b: int, s: int, single: bool) -> torch.Tensor:
+        arr = np.asarray(perturbation)
+        if arr.dtype.kind in "USO":
+            names = np.atleast_1d(arr).astype(str)
+            if single and names.ndim == 1 and names.size == 1:
+                names = names.reshape(1)
+            codes = self.vocab_.encode("pert", names.reshape(-1)).reshape(names.shape)
+            mat = torch.from_numpy(self.vocab_.pert_matrix())
+            vec = mat[torch.from_numpy(codes)]
+            if vec.ndim == 2:  # one per set
+                vec = vec[:, None, :].expand(b, s, -1) if vec.shape[0] == b else vec[None]
+            return vec.reshape(b, s, -1).float()
+        vec = torch.as_tensor(arr, dtype=torch.float32)
+        if single and vec.ndim == 1:
+            vec = vec[None]
+        if vec.ndim == 2:
+            vec = vec[:, None, :].expand(b, s, -1)
+        return vec
+
+    def _batch_tensor(self, batch, b: int, s: int, single: bool) -> torch.Tensor:
+        if batch is None:
+            if self.network_config_.batch_encoder:
+                raise DataError("this model has a batch encoder: pass batch= (names or indices).")
+            return torch.zeros(b, s, dtype=torch.long)
+        arr = np.atleast_1d(np.asarray(batch))
+        if arr.dtype.kind in "USO":
+            arr = self.vocab_.encode("batch", arr.reshape(-1).astype(str)).reshape(arr.shape)
+        t = torch.as_tensor(arr.astype(np.int64))
+        if t.ndim == 1 and not (single and t.numel() == s and s != 1):
+            t = t[:, None].expand(b, s)
+        return t.reshape(b, s)
+
+    def predict(self, adata: ad.AnnData, *, pert_col: str | None = None,
+                cell_type_col: str | None = None, batch_col: str | None = None,
+                control_pert: str | None = None, seed: int = 42, set_len: int | None = None,
+                windows: str = "balanced", basal_pool: str | None = None,
+                basal_fallback: str = "error", unknown_perturbation: str = "error",
+                unknown_batch: str = "error", predict_controls: bool = True,
+                all_perts: bool = False, n_cells_per_pert: int | None = None,
+                clip: Any = "auto", missing_genes: str = "error") -> ad.AnnData:
+        """Predict the perturbed state of the cells of ``adata``.
+
+        Each cell carries a perturbation label and a context (cell type); its basal state is a
+        control cell of the same context drawn with ``seed`` (and of the same batch when the
+        model was trained with batch pairing). Returns a **new** AnnData with the input's obs
+        (plus ``statetx_ctrl_barcode`` and ``statetx_set``), predictions in X (decoded genes
+        when the model has a gene decoder; the latent output then in
+        ``obsm['<embed_key>_pred']``), and the model's gene names as var. ``all_perts=True``
+        also simulates every known perturbation in every context from ``n_cells_per_pert``
+        control clones (default: as many as the context has controls).
+        """
+        self._check_fitted()
+        c = self.columns_
+        pert_col, batch_col = pert_col or c.pert_col, batch_col or c.batch_col
+        control = control_pert or c.control_pert
+        ct_col = cell_type_col or c.cell_type_key
+        if adata.n_obs == 0:
+            raise DataError("the input AnnData has no cells (n_obs = 0).")
+        x_in = align_genes(adata, self.var_names_, c.embed_key, missing_genes)
+        if c.embed_key in (None, "X_hvg"):
+            check_scale(x_in, self.is_log1p_)
+        pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
+        if ct_col in adata.obs:
+            ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
+        else:
+            print(f"statetx: no obs column '{ct_col}': all cells form one context.")
+            ctx = np.full(adata.n_obs, "all", dtype=object)
+        needs_batch = self.network_config_.batch_encoder or basal_pool == "batch" or (
+            basal_pool is None and self.basal_mapping_strategy == "batch")
+        batch = (obs_labels(adata.obs, batch_col, "the input", "batch_col")
+                 if needs_batch and batch_col else np.full(adata.n_obs, "0", dtype=object))
+        pool_mode = basal_pool or ("batch" if self.basal_mapping_strategy == "batch"
+                                   else "cell_type")
+        if pool_mode not in ("cell_type", "batch", "all"):
+            raise ConfigError(f"basal_pool={pool_mode!r} is invalid; expected 'cell_type', "
+                              "'batch' or 'all'.")
+        is_ctrl = pert == control
+        if not is_ctrl.any():
+            raise DataError(f"the input has no control cells (obs['{pert_col}'] == '{control}'); "
+                            "basal states are drawn from controls. Include control cells.")
+
+        obs = adata.obs.copy()
+        src_rows = np.arange(adata.n_obs)
+        if all_perts:
+            obs, src_rows, pert, ctx, batch = self._virtual_cells(
+                adata, pert, ctx, batch, is_ctrl, control, n_cells_per_pert, seed, pert_col)
+        keep = np.ones(len(pert), dtype=bool) if predict_controls else pert != control
+        obs, src_rows, pert, ctx, batch = (obs[keep], src_rows[keep], pert[keep], ctx[keep],
+                                           batch[keep])
+        pcode = encode_perturbations(pert, self.vocab_, unknown_perturbation)
+        bcode = (encode_batches(batch, self.vocab_, unknown_batch)
+                 if self.network_config_.batch_encoder else np.zeros(len(pert), dtype=np.int64))
+        ctrl_rows = np.flatnonzero(is_ctrl)
+        ctx_all = np.asarray(obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
+                             if ct_col in adata.obs else np.full(adata.n_obs, "all", dtype=object))
+        batch_all = (obs_labels(adata.obs, batch_col, "the input", "batch_col")
+                     if needs_batch and batch_col else np.full(adata.n_obs, "0", dtype=object))
+        groups = []
+        frame = pd.DataFrame({"ctx": ctx, "pert": pert, "batch": batch})
+        keys = ["ctx", "pert"] + (["batch"] if pool_mode == "batch" else [])
+        for key, idx in sorted(frame.groupby(keys, sort=True).indices.items()):
+            k = key if isinstance(key, tuple) else (key,)
+            if pool_mode == "all":
+                pool = ctrl_rows
+            else:
+                pool = ctrl_rows[ctx_all[ctrl_rows] == k[0]]
+                if pool_mode == "batch":
+                    same = pool[batch_all[pool] == k[2]]
+                    pool = same if len(same) else pool
+            if len(pool) == 0:
+                if basal_fallback != "all_controls":
+                    raise DataError(f"context '{k[0]}' has no control cells in the input, so "
+                                    "basal states cannot be drawn. Add controls for it or pass "
+                                    "basal_fallback='all_controls'.")
+                pool = ctrl_rows
+            groups.append(Group(idx, pool, int(pcode[idx[0]]), bcode[idx], "\x00".join(k)))
+        res = run_groups(self.network_, x_in, groups, self.vocab_.pert_matrix(), len(pert),
+                         set_len=int(set_len or self.cell_set_len_), seed=seed,
+                         window_mode=windows, device=next(self.network_.parameters()).device)
+        obs["statetx_ctrl_barcode"] = np.asarray(adata.obs_names)[res["basal_row"]]
+        obs["statetx_set"] = res["set_id"]
+        out = self._output(res, obs, clip)
+        out.uns["statetx"] = {"seed": int(seed), "windows": windows, "basal_pool": pool_mode,
+                              "attention": self.network_config_.attention,
+                              "control_pert": control, "pert_col": pert_col}
+        return out
+
+    def _virtual_cells(self, adata, pert, ctx, batch, is_ctrl, control, n_cells, seed, pert_col):
+        rng = np.random.default_rng([int(seed), 7])
+        perts = [p for p in self.vocab_.perturbations if p != control]
+        obs_parts, rows, p_parts, c_parts, b_parts = [adata.obs], [np.arange(adata.n_obs)], \
+            [pert], [ctx], [batch]
+        for context in sorted(np.unique(ctx[is_ctrl])):
+            pool = np.flatnonzero(is_ctrl & (ctx == context))
+            n = int(n_cells or len(pool))
+            for p in perts:
+                pick = pool[rng.integers(len(pool), size=n)]
+                o = adata.obs.iloc[pick].copy()
+                o[pert_col] = p
+                o.index = [f"{context}_{p}_{i}" for i in range(n)]
+                obs_parts.append(o)
+                rows.append(pick)
+                p_parts.append(np.full(n, p, dtype=object))
+                c_parts.append(ctx[pick])
+                b_parts.append(batch[pick])
+        obs = pd.concat(obs_parts)
+        obs[pert_col] = np.concatenate(p_parts)
+        return (obs, np.concatenate(rows), np.concatenate(p_parts), np.concatenate(c_parts),
+                np.concatenate(b_parts))
+
+    def _output(self, res: dict, obs: pd.DataFrame, clip) -> ad.AnnData:
+        c = self.columns_
+        rng = clip_range(clip, self._expression_output)
+        if res["counts"] is not None:
+            x, names = res["counts"], self.gene_names_
+        else:
+            x = res["pred"]
+            names = self.var_names_ if self._expression_output else [
+                f"emb_{i}" for i in range(x.shape[1])]
+        if rng is not None:
+            x = np.clip(x, *rng)
+        out = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(names, dtype=str)))
+        if res["counts"] is not None:
+            out.obsm[f"{c.embed_key}_pred"] = res["pred"]
+        return out
+
+    def predict_split(self, split: str = "test", *, seed: int = 42, clip: Any = "auto",
+                      windows: str = "balanced") -> tuple[ad.AnnData, ad.AnnData]:
+        """Predict the held-out cells of a split of the fitted spec: ``(adata_pred, adata_real)``.
+
+        Same cells in the same order in both (controls included as control sets); obs has the
+        perturbation, cell type and batch columns plus ``pert_cell_barcode`` /
+        ``ctrl_cell_barcode``; both are clipped to [0, 14] for expression outputs.
+        """
+        self._check_fitted()
+        prepared = getattr(self, "_prepared", None)
+        if prepared is None:
+            raise NotFittedError("predict_split needs the training data, which is not kept when a "
+                                 "model is pickled or saved; refit, or use predict(adata).")
+        if split not in prepared.splits:
+            raise DataError(f"the fitted split spec has no '{split}' split (available: "
+                            f"{', '.join(prepared.splits)}).")
+        d = prepared.splits[split]
+        rows = np.flatnonzero(d.is_target)
+        frame = pd.DataFrame({"ctx": d.context[rows], "pert": d.pert[rows]})
+        ctrl = np.flatnonzero(d.is_control)
+        groups, order = [], []
+        for (cx, p), idx in sorted(frame.groupby(["ctx", "pert"]).indices.items()):
+            out_rows = np.arange(len(order), len(order) + len(idx))
+            order.extend(rows[idx])
+            groups.append(Group(out_rows, ctrl[d.context[ctrl] == cx], int(p),
+                                d.batch[rows[idx]], f"{split}\x00{cx}\x00{p}"))
+        order = np.asarray(order)
+        res = run_groups(self.network_, d.X, groups, self.vocab_.pert_matrix(), len(order),
+                         set_len=self.cell_set_len_, seed=seed, window_mode=windows,
+                         device=next(self.network_.parameters()).device)
+        v, c = self.vocab_, self.columns_
+        obs = pd.DataFrame({
+            c.pert_col: pd.Categorical(np.asarray(v.perturbations, dtype=object)[d.pert[order]]),
+            c.cell_type_key: pd.Categorical(
+                np.asarray(v.cell_types, dtype=object)[d.cell_type[order]]),
+            (c.batch_col or "batch"): pd.Categorical(
+                np.asarray(v.batches, dtype=object)[d.batch[order]]),
+            "pert_cell_barcode": d.barcodes[order],
+            "ctrl_cell_barcode": d.barcodes[res["basal_row"]],
+        }, index=pd.Index([f"cell{i}" for i in range(len(order))]))
+        pred = self._output(res, obs.copy(), clip)
+        real_x = (d.counts if d.counts is not None else d.X)[torch.from_numpy(order)].float()
+        real_x = real_x.numpy()
+        rng = clip_range(clip, self._expression_output)
+        if rng is not None:
+            real_x = np.clip(real_x, *rng)
+        real = ad.AnnData(X=real_x, obs=obs.copy(), var=pred.var.copy())
+        return pred, real
+
+    def score(self, adata: ad.AnnData, **predict_options: Any) -> float:
+        """Mean Pearson correlation of predicted vs real mean shift (perturbed − control).
+
+        For each (cell type, perturbation) of ``adata``, the shift is the mean over its cells
+        minus the mean of that cell type's real controls, computed on the predicted and on the
+        real cells; higher is better (1 = perfect direction of every shift).
+        """
+        pred = self.predict(adata, predict_controls=False, **predict_options)
+        x_real = align_genes(adata, self.var_names_, self.columns_.embed_key)
+        c = self.columns_
+        if pred.n_vars != x_real.shape[1]:
+            raise DataError("score() needs the prediction and the input in the same space.")
+        pert = obs_labels(adata.obs, c.pert_col, "the input", "pert_col")
+        ctx = obs_labels(adata.obs, c.cell_type_key, "the input", "cell_type_key")
+        pred_pert = pred.obs[c.pert_col].astype(str).to_numpy()
+        pred_ctx = pred.obs[c.cell_type_key].astype(str).to_numpy()
+        scores = []
+        for cx in np.unique(ctx):
+            ctrl_mean = x_real[(ctx == cx) & (pert == c.control_pert)].mean(0)
+            for p in np.unique(pert[(ctx == cx) & (pert != c.control_pert)]):
+                real = x_real[(ctx == cx) & (pert == p)].mean(0) - ctrl_mean
+                pr = np.asarray(pred.X[(pred_ctx == cx) & (pred_pert == p)]).mean(0) - ctrl_mean
+                scores.append(float(np.corrcoef(real, pr)[0, 1]))
+        if not scores:
+            raise DataError("score() found no perturbed cells with controls in the same cell type.")
+        return float(np.nanmean(scores))
+
+    # ------------------------------------------------------------------ persistence
+    def _metadata(self) -> dict:
+        """Everything but the weights, JSON-able (also stored inside checkpoints)."""
+        params = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.get_params().items()
+                  if not isinstance(v, dict) or k == "model_kwargs"}
+        if not isinstance(params.get("pert_features"), (str, type(None))):
+            params["pert_features"] = None  # vectors are stored in the vocabulary
+        return {
+            "format_version": FORMAT_VERSION,
+            "params": params,
+            "network_config": self.network_config_.to_dict(),
+            "vocab": self.vocab_.to_dict(),
+            "columns": self.columns_.model_dump(),
+            "var_names": list(self.var_names_),
+            "gene_names": self.gene_names_,
+            "cell_set_len": self.cell_set_len_,
+            "is_log1p": self.is_log1p_,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``model.json`` and ``model.safetensors`` into the directory ``path``."""
+        from safetensors.torch import save_file
+
+        self._check_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = self._metadata()
+        if hasattr(self, "history_"):
+            meta["history"] = self.history_.to_dict(orient="list")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.network_.state_dict().items()}
+        tmp_w, tmp_j = path / ".model.safetensors.tmp", path / ".model.json.tmp"
+        save_file(state, str(tmp_w))
+        tmp_j.write_text(json.dumps(meta, indent=1, default=_json_default))
+        tmp_w.replace(path / "model.safetensors")
+        tmp_j.replace(path / "model.json")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> StateTransitionModel:
+        """Load a model written by :meth:`save` (no pickled code is executed)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        for name in ("model.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise DataError(f"{path / name} not found: {path} is not a saved statetx model "
+                                "(expected model.json and model.safetensors).")
+        try:
+            meta = json.loads((path / "model.json").read_text())
+            state = load_file(str(path / "model.safetensors"), device=device)
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"could not read the saved model in {path}: {exc}") from exc
+        model = cls._from_metadata(meta, state)
+        if "history" in meta:
+            model.history_ = pd.DataFrame(meta["history"])
+        return model
+
+    @classmethod
+    def _from_metadata(cls, meta: dict, state: dict[str, torch.Tensor]) -> StateTransitionModel:
+        params = dict(meta["params"])
+        model = cls(**params)
+        cfg = NetworkConfig.from_dict(meta["network_config"])
+        net = StateTransitionNetwork(cfg)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise DataError(f"saved weights do not fit the saved network configuration: {exc}") \
+                from None
+        net.eval()
+        model.network_ = net
+        model.network_config_ = cfg
+        model.vocab_ = Vocab.from_dict(meta["vocab"])
+        model.columns_ = ColumnMap(**meta["columns"])
+        model.var_names_ = list(meta["var_names"])
+        model.gene_names_ = meta["gene_names"]
+        model.cell_set_len_ = int(meta["cell_set_len"])
+        model.is_log1p_ = bool(meta["is_log1p"])
+        model.n_features_in_ = len(model.var_names_)
+        return model
+
+    def _write_run_files(self, out: Path, prepared: PreparedData, split_config) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "vocab.json").write_text(json.dumps(self.vocab_.to_dict(), indent=1))
+        var_dims = {
+            "input_dim": prepared.input_dim, "output_dim": prepared.input_dim,
+            "gene_dim": prepared.gene_dim or prepared.input_dim, "hvg_dim": prepared.input_dim
+            if self.columns_.embed_key == "X_hvg" else 0,
+            "pert_dim": self.vocab_.pert_dim, "batch_dim": len(self.vocab_.batches),
+            "gene_names": prepared.gene_names or prepared.feature_names,
+            "pert_names": self.vocab_.perturbations,
+        }
+        (out / "var_dims.json").write_text(json.dumps(var_dims, indent=1))
+        if split_config is not None:
+            (out / "split.toml").write_text(SplitConfig.from_toml(split_config).to_toml())
+        prepared.summary.to_csv(out / "split_summary.csv", index=False)
+        (out / "model.json").write_text(json.dumps(self._metadata(), indent=1,
+                                                   default=_json_default))
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_prepared", None)
+        if "network_" in state:
+            net = state.pop("network_")
+            state["_network_state"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        state.pop("device_", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        weights = state.pop("_network_state", None)
+        self.__dict__.update(state)
+        if weights is not None:
+            net = StateTransitionNetwork(self.network_config_)
+            net.load_state_dict(weights)
+            net.eval()
+            self.network_ = net
+
+    def to(self, device: str | torch.device) -> StateTransitionModel:
+        """Move the fitted network to ``device`` (for prediction)."""
+        self._check_fitted()
+        self.network_.to(resolve_device(device))
+        return self
+
+
+def _history_frame(history: list[dict]) -> pd.DataFrame:
+    if not history:
+        return pd.DataFrame(columns=["step"])
+    return pd.DataFrame(history).groupby("step", as_index=False).first()
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+

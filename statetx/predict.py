@@ -1,0 +1,221 @@
+"""Applying a fitted network to cells: windows, basal draws, batched forward passes.
+
+Both prediction paths — new data (:func:`predict_anndata`) and the held-out split
+(:func:`predict_split_data`) — reduce to a list of :class:`Group` objects (cells that share a
+context and a perturbation, plus the control pool they draw basal cells from) and call
+:func:`run_groups`. Sets never mix contexts or perturbations, windows are balanced (sizes differ
+by at most one), nothing is zero-padded: windows of different lengths share a forward pass through
+the network's ``valid_mask``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from statetx._utils import did_you_mean, looks_log1p, preview, sample_rows
+from statetx.errors import ConfigError, DataError
+from statetx.vocab import Vocab
+
+EXPRESSION_CLIP = (0.0, 14.0)
+
+
+@dataclass
+class Group:
+    """Output rows of one (context, perturbation) group and the pool its basal cells come from."""
+
+    out_rows: np.ndarray    # positions in the output
+    pool: np.ndarray        # row indices into the basal source matrix
+    pert_index: int         # vocabulary index (-1 = zero vector)
+    batch_index: np.ndarray  # per out row (int64), 0 when the model has no batch encoder
+    key: str                # seeds the group's basal draws
+
+
+def windows(n: int, set_len: int, mode: str = "balanced") -> list[np.ndarray]:
+    """Split ``range(n)`` into ⌈n/S⌉ windows: balanced sizes, or reference-style chunks of S."""
+    if mode == "balanced":
+        return np.array_split(np.arange(n), max(1, -(-n // set_len)))
+    if mode == "reference":
+        return [np.arange(i, min(i + set_len, n)) for i in range(0, n, set_len)]
+    raise ConfigError(f"windows={mode!r} is invalid; expected 'balanced' or 'reference'.")
+
+
+def group_rng(seed: int, key: str) -> np.random.Generator:
+    """Generator for one group: depends on the seed and the group's labels only."""
+    return np.random.default_rng([int(seed), zlib.crc32(key.encode())])
+
+
+@torch.no_grad()
+def run_groups(network: torch.nn.Module, basal_source: np.ndarray | torch.Tensor,
+               groups: Sequence[Group], pert_matrix: np.ndarray, n_out: int, *, set_len: int,
+               seed: int = 42, window_mode: str = "balanced", sets_per_pass: int = 64,
+               device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
+    """Predict every group; returns ``pred`` [n_out, D_out], optional ``counts`` [n_out, G],
+    ``basal_row`` [n_out] (row of basal_source used) and ``set_id`` [n_out]."""
+    network.eval()
+    src = basal_source if isinstance(basal_source, torch.Tensor) else torch.from_numpy(
+        np.ascontiguousarray(basal_source, dtype=np.float32))
+    pmat = torch.from_numpy(np.vstack([pert_matrix, np.zeros((1, pert_matrix.shape[1]),
+                                                              dtype=np.float32)]))
+    basal_row = np.full(n_out, -1, dtype=np.int64)
+    set_id = np.full(n_out, -1, dtype=np.int64)
+    sets = []  # (out rows, basal rows, pert index, batch indices)
+    for g in groups:
+        rng = group_rng(seed, g.key)
+        draws = g.pool[rng.integers(len(g.pool), size=len(g.out_rows))]
+        for w in windows(len(g.out_rows), set_len, window_mode):
+            rows = g.out_rows[w]
+            basal_row[rows] = draws[w]
+            set_id[rows] = len(sets)
+            sets.append((rows, draws[w], g.pert_index, g.batch_index[w]))
+    preds: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    order = sorted(range(len(sets)), key=lambda i: -len(sets[i][0]))  # similar lengths together
+    for lo in range(0, len(order), sets_per_pass):
+        chunk = [sets[i] for i in order[lo:lo + sets_per_pass]]
+        s = max(len(c[0]) for c in chunk)
+        b = len(chunk)
+        idx = np.zeros((b, s), dtype=np.int64)
+        bidx = np.zeros((b, s), dtype=np.int64)
+        mask = np.zeros((b, s), dtype=bool)
+        pidx = np.array([c[2] for c in chunk], dtype=np.int64)
+        for j, (rows, brows, _, bi) in enumerate(chunk):
+            idx[j, :len(rows)] = brows
+            bidx[j, :len(rows)] = bi
+            mask[j, :len(rows)] = True
+        basal = src.index_select(0, torch.from_numpy(idx.reshape(-1))).view(b, s, -1).float()
+        pert = pmat[torch.from_numpy(pidx)][:, None, :].expand(b, s, -1)
+        out = network(basal.to(device), pert.to(device),
+                      batch_index=torch.from_numpy(bidx).to(device),
+                      valid_mask=None if mask.all() else torch.from_numpy(mask).to(device))
+        p = out.pred.float().cpu().numpy()
+        c = None if out.counts is None else out.counts.float().cpu().numpy()
+        if preds is None:
+            preds = np.zeros((n_out, p.shape[-1]), dtype=np.float32)
+            if c is not None:
+                counts = np.zeros((n_out, c.shape[-1]), dtype=np.float32)
+        for j, (rows, *_rest) in enumerate(chunk):
+            preds[rows] = p[j, :len(rows)]
+            if counts is not None:
+                counts[rows] = c[j, :len(rows)]
+    if preds is None:
+        raise DataError("nothing to predict: no cells were given.")
+    return {"pred": preds, "counts": counts, "basal_row": basal_row, "set_id": set_id}
+
+
+def clip_range(clip, expression: bool) -> tuple[float, float] | None:
+    """Resolve ``clip``: "auto" = [0, 14] for expression outputs, none for embeddings."""
+    if isinstance(clip, str):
+        if clip != "auto":
+            raise ConfigError(f"clip={clip!r} is invalid; use 'auto', None or a (low, high) tuple.")
+        return EXPRESSION_CLIP if expression else None
+    return None if clip is None else (float(clip[0]), float(clip[1]))
+
+
+# ---------------------------------------------------------------------- new data
+def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
+                missing_genes: str = "error") -> np.ndarray:
+    """The model-input matrix of ``adata``, columns in the model's order.
+
+    ``embed_key`` other than ``X_hvg``: ``obsm[embed_key]`` (width checked). Otherwise genes are
+    matched by name: ``obsm['X_hvg']`` when it carries names (``uns['X_hvg_var_names']`` or
+    ``var['highly_variable']``), else ``X`` and ``var_names``. Extra genes are dropped; missing
+    ones are an error listing them, or zeros with ``missing_genes="zero"``.
+    """
+    if missing_genes not in ("error", "zero"):
+        raise ConfigError(f"missing_genes={missing_genes!r} is invalid; expected 'error' or "
+                          "'zero'.")
+    if embed_key not in (None, "X_hvg"):
+        if embed_key not in adata.obsm:
+            raise DataError(f"obsm['{embed_key}'] not found in the input (available: "
+                            f"{preview(adata.obsm.keys()) or 'none'}).")
+        m = np.asarray(adata.obsm[embed_key], dtype=np.float32)
+        if m.shape[1] != len(genes):
+            raise DataError(f"obsm['{embed_key}'] has {m.shape[1]} columns but the model expects "
+                            f"{len(genes)}.")
+        return m
+    names, matrix, where = list(map(str, adata.var_names)), adata.X, "X"
+    if embed_key == "X_hvg" and "X_hvg" in adata.obsm:
+        if "X_hvg_var_names" in adata.uns:
+            names = list(map(str, adata.uns["X_hvg_var_names"]))
+        elif "highly_variable" in adata.var:
+            names = list(map(str, adata.var_names[adata.var["highly_variable"].to_numpy(bool)]))
+        matrix, where = adata.obsm["X_hvg"], "obsm['X_hvg']"
+    index = pd.Index(names)
+    if index.has_duplicates:
+        raise DataError(f"the input has duplicate gene names in {where}: "
+                        f"{preview(index[index.duplicated()].unique())}. Make them unique "
+                        "(adata.var_names_make_unique()).")
+    pos = index.get_indexer(list(genes))
+    missing = [g for g, p in zip(genes, pos) if p < 0]
+    if missing and missing_genes == "error":
+        raise DataError(
+            f"{len(missing)} of the model's {len(genes)} genes are missing from the input's "
+            f"{where}: {preview(missing)}. Provide them, or pass missing_genes='zero' to fill "
+            "them with 0."
+        )
+    if missing:
+        print(f"statetx: {len(missing)} of {len(genes)} model genes are missing from the input "
+              "and are filled with 0.")
+    import scipy.sparse as sp
+
+    sub = matrix[:, np.where(pos >= 0, pos, 0)]
+    out = np.asarray(sub.toarray() if sp.issparse(sub) else sub, dtype=np.float32)
+    out[:, pos < 0] = 0.0
+    return out
+
+
+def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input") -> None:
+    """Error when the input scale (counts vs log1p) differs from the training data's."""
+    s = sample_rows(x, 1000)
+    is_log = looks_log1p(s)
+    integer_like = bool(np.all(np.abs(s - np.round(s)) < 1e-6)) and float(s.max(initial=0)) > 15
+    if trained_log1p and integer_like:
+        raise DataError(f"the {where} looks like raw counts (integers, max {s.max():.0f}); the "
+                        "model was trained on log1p-normalised values. Normalise it first (e.g. "
+                        "statetx.pp.preprocess_train or scanpy normalize_total + log1p).")
+    if not trained_log1p and is_log and not integer_like and float(s.max(initial=0)) < 15:
+        raise DataError(f"the {where} looks log1p-normalised but the model was trained on raw "
+                        "counts; pass data on the training scale.")
+
+
+def encode_perturbations(labels: np.ndarray, vocab: Vocab, unknown: str) -> np.ndarray:
+    """Vocabulary indices; unknown labels → error (default), the control, or a zero vector (-1)."""
+    codes = vocab.encode("pert", labels, on_unknown="ignore")
+    bad = codes < 0
+    if bad.any():
+        counts = pd.Series(labels[bad]).value_counts()
+        listing = preview(f"{k} ({v} cells)" for k, v in counts.items())
+        if unknown == "error":
+            raise DataError(
+                f"{len(counts)} perturbation label(s) are not in the model's vocabulary: {listing}."
+                f"{did_you_mean(counts.index[0], vocab.perturbations)} Pass "
+                "unknown_perturbation='control' or 'zeros' to predict them anyway."
+            )
+        if unknown == "control":
+            codes[bad] = vocab.perturbations.index(vocab.control_pert)
+        elif unknown != "zeros":
+            raise ConfigError(f"unknown_perturbation={unknown!r} is invalid; expected 'error', "
+                              "'control' or 'zeros'.")
+    return codes
+
+
+def encode_batches(labels: np.ndarray, vocab: Vocab, unknown: str) -> np.ndarray:
+    """Batch indices for a batch-encoder model; unknown labels → error or index 0 ("first")."""
+    codes = vocab.encode("batch", labels, on_unknown="ignore")
+    bad = codes < 0
+    if bad.any():
+        if unknown == "error":
+            raise DataError("batch label(s) not seen in training: "
+                            f"{preview(np.unique(labels[bad]))}. Known: {preview(vocab.batches)}. "
+                            "Pass unknown_batch='first' to map them to the first batch.")
+        if unknown != "first":
+            raise ConfigError(f"unknown_batch={unknown!r} is invalid; expected 'error' or 'first'.")
+        codes[bad] = 0
+    return codes

@@ -1,0 +1,243 @@
+"""Cell sets ("cell sentences"), control pairing and batches.
+
+A cell set is ``S`` cells of one (context, perturbation) group — context = (file, cell type), plus
+batch with ``pairing="batch"`` — each paired with a *basal* control cell drawn from the control
+pool of its context. Every epoch ``e`` re-shuffles cells within groups, re-chunks them into sets,
+pads short sets by drawing from the whole group, shuffles the set order and draws basal cells, all
+from one generator seeded with ``(seed, e)``. A batch therefore depends only on
+``(seed, epoch, position)``: not on worker count, process, or rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from statetx.data import SplitData
+from statetx.errors import ConfigError, DataError
+from statetx.vocab import Vocab
+
+PAIRINGS = ("random", "batch")
+
+
+@dataclass
+class CellSetBatch:
+    """One training batch of ``B`` sets of ``S`` cells; tensors are ``[B, S, ·]``."""
+
+    basal: torch.Tensor            # [B,S,D] paired control cells (model input)
+    target: torch.Tensor           # [B,S,D] real cells of the group (loss target)
+    pert: torch.Tensor             # [B,S,P] perturbation vectors
+    pert_index: torch.Tensor       # [B,S] int64
+    batch_index: torch.Tensor      # [B,S] int64
+    cell_type_index: torch.Tensor  # [B,S] int64
+    counts: torch.Tensor | None    # [B,S,G] gene-space target (gene decoder), optional
+    target_rows: np.ndarray        # [B,S] row indices into the split's arrays
+    basal_rows: np.ndarray         # [B,S]
+    pert_name: list[str]           # per set
+    cell_type: list[str]           # per set
+    valid_mask: torch.Tensor | None = None  # [B,S] bool, None = every position real
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.target.shape[0] * self.target.shape[1])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CellSetBatch:
+        """Move every tensor to ``device``."""
+        moved = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            moved[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(
+                v, torch.Tensor) else v
+        return CellSetBatch(**moved)
+
+    def to_reference_dict(self, vocab: Vocab) -> dict:
+        """The reference's flat layout ([N, ·] rows, one-hot ``batch``), for parity tests."""
+        b, s = self.target.shape[:2]
+        flat = {
+            "pert_cell_emb": self.target.reshape(b * s, -1),
+            "ctrl_cell_emb": self.basal.reshape(b * s, -1),
+            "pert_emb": self.pert.reshape(b * s, -1),
+            "pert_name": [vocab.perturbations[i] for i in self.pert_index.reshape(-1).tolist()],
+            "cell_type": [vocab.cell_types[i] for i in self.cell_type_index.reshape(-1).tolist()],
+            "batch": torch.nn.functional.one_hot(self.batch_index.reshape(-1),
+                                                 max(1, len(vocab.batches))).float(),
+            "batch_name": [vocab.batches[i] for i in self.batch_index.reshape(-1).tolist()],
+        }
+        if self.counts is not None:
+            flat["pert_cell_counts"] = self.counts.reshape(b * s, -1)
+        return flat
+
+
+class CellSetSampler:
+    """Deterministic, epoch-reshuffled cell-set batches over one split.
+
+    Parameters
+    ----------
+    data
+        The split's arrays (:class:`statetx.data.SplitData`).
+    vocab
+        Vocabulary whose perturbation matrix gives the ``pert`` vectors.
+    cell_set_len, batch_size
+        ``S`` cells per set and ``B`` sets per batch.
+    seed
+        Seeds every random choice together with the epoch number.
+    pairing
+        ``"random"``: basal controls from the same (file, cell type); ``"batch"``: also the same
+        batch, falling back to the cell type when that batch has no controls (sets are then
+        grouped by batch too).
+    drop_last
+        Drop sets shorter than ``S`` (instead of padding) and an incomplete last batch.
+    exclude_self
+        Never pair a control target with itself (when its pool has another cell).
+    rank, world_size
+        Shard the sets of each epoch across distributed ranks without overlap.
+    """
+
+    def __init__(self, data: SplitData, vocab: Vocab, cell_set_len: int, batch_size: int, *,
+                 seed: int = 42, pairing: str = "random", drop_last: bool = False,
+                 exclude_self: bool = False, rank: int = 0, world_size: int = 1) -> None:
+        if pairing not in PAIRINGS:
+            raise ConfigError(f"basal_mapping_strategy={pairing!r} is invalid; expected 'random' "
+                              "or 'batch'.")
+        if cell_set_len < 1 or batch_size < 1:
+            raise ConfigError(f"cell_set_len ({cell_set_len}) and batch_size ({batch_size}) must "
+                              "be positive integers.")
+        self.data, self.vocab = data, vocab
+        self.S, self.B, self.seed = int(cell_set_len), int(batch_size), int(seed)
+        self.pairing, self.drop_last, self.exclude_self = pairing, drop_last, exclude_self
+        self.rank, self.world_size = rank, world_size
+        self.pert_matrix = torch.from_numpy(vocab.pert_matrix())
+        self.groups, self.group_pool = self._groups()
+        self.pools = self._pools()
+
+    # ------------------------------------------------------------------ structure
+    def _groups(self) -> tuple[list[np.ndarray], np.ndarray]:
+        d = self.data
+        rows = np.flatnonzero(d.is_target)
+        keys = [d.context[rows], d.pert[rows]]
+        if self.pairing == "batch":
+            keys.insert(1, d.batch[rows])
+        order = np.lexsort(keys[::-1])
+        stacked = np.stack([k[order] for k in keys], axis=1)
+        cut = np.flatnonzero((np.diff(stacked, axis=0) != 0).any(axis=1)) + 1
+        groups = np.split(rows[order], cut)
+        first = np.array([g[0] for g in groups], dtype=np.int64)
+        pool_key = d.context[first] if self.pairing == "random" else (
+            d.context[first] * (len(self.vocab.batches) + 1) + d.batch[first])
+        return groups, pool_key
+
+    def _pools(self) -> dict[int, np.ndarray]:
+        d = self.data
+        ctrl = np.flatnonzero(d.is_control)
+        by_ctx = {int(c): ctrl[d.context[ctrl] == c] for c in np.unique(d.context[ctrl])}
+        pools: dict[int, np.ndarray] = {}
+        for g, key in zip(self.groups, self.group_pool):
+            key = int(key)
+            if key in pools:
+                continue
+            ctx = int(d.context[g[0]])
+            pool = by_ctx.get(ctx, np.empty(0, dtype=np.int64))
+            if self.pairing == "batch":
+                same = pool[d.batch[pool] == d.batch[g[0]]]
+                pool = same if len(same) else pool
+            if len(pool) == 0:
+                ct = self.vocab.cell_types[int(d.cell_type[g[0]])]
+                raise DataError(f"cell type '{ct}' (split {d.name}) has perturbed cells but no "
+                                "control cells, so basal cells cannot be drawn.")
+            pools[key] = pool
+        return pools
+
+    def _n_sets(self) -> int:
+        sizes = np.array([len(g) for g in self.groups])
+        n = (sizes // self.S) if self.drop_last else -(-sizes // self.S)
+        total = int(n.sum())
+        return -(-total // self.world_size) if self.world_size > 1 else total
+
+    def __len__(self) -> int:
+        """Batches per epoch (per rank)."""
+        n = self._n_sets()
+        return n // self.B if self.drop_last else -(-n // self.B)
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.groups)
+
+    # ------------------------------------------------------------------ sampling
+    def epoch_sets(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(target_rows, basal_rows)``, each ``[n_sets, S]``, for this rank in epoch order."""
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        S = self.S
+        sets, pool_keys = [], []
+        for g, key in zip(self.groups, self.group_pool):
+            perm = rng.permutation(g)
+            n_full = len(perm) // S
+            if n_full:
+                sets.append(perm[: n_full * S].reshape(n_full, S))
+                pool_keys += [key] * n_full
+            rest = perm[n_full * S:]
+            if len(rest) and not self.drop_last:
+                pad = rng.choice(g, size=S - len(rest), replace=True)
+                sets.append(np.concatenate([rest, pad])[None])
+                pool_keys.append(key)
+        if not sets:
+            raise DataError(f"the {self.data.name} split yields no cell set of {S} cells "
+                            "(drop_last=True and every group is smaller).")
+        targets = np.concatenate(sets)
+        pool_keys = np.asarray(pool_keys)
+        basal = np.empty_like(targets)
+        for key in np.unique(pool_keys):
+            sel = np.flatnonzero(pool_keys == key)
+            pool = self.pools[int(key)]
+            basal[sel] = pool[rng.integers(len(pool), size=(len(sel), S))]
+            if self.exclude_self and len(pool) > 1:
+                self._redraw_self(rng, targets, basal, sel, pool)
+        order = rng.permutation(len(targets))
+        targets, basal = targets[order], basal[order]
+        if self.world_size > 1:
+            n = self._n_sets() * self.world_size
+            idx = np.resize(np.arange(len(targets)), n)[self.rank::self.world_size]
+            targets, basal = targets[idx], basal[idx]
+        return targets, basal
+
+    @staticmethod
+    def _redraw_self(rng, targets, basal, sel, pool) -> None:
+        for _ in range(100):
+            same = basal[sel] == targets[sel]
+            if not same.any():
+                return
+            sub = basal[sel]
+            sub[same] = pool[rng.integers(len(pool), size=int(same.sum()))]
+            basal[sel] = sub
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[CellSetBatch]:
+        """Yield the batches of ``epoch`` from batch number ``start`` on (for exact resume)."""
+        targets, basal = self.epoch_sets(epoch)
+        n = len(self) * self.B if self.drop_last else len(targets)
+        for lo in range(start * self.B, n, self.B):
+            yield self.make_batch(targets[lo:lo + self.B], basal[lo:lo + self.B])
+
+    def make_batch(self, target_rows: np.ndarray, basal_rows: np.ndarray) -> CellSetBatch:
+        """Gather the arrays of the given ``[B, S]`` row indices into a batch."""
+        d = self.data
+        b, s = target_rows.shape
+        t_idx = torch.from_numpy(np.ascontiguousarray(target_rows).reshape(-1))
+        c_idx = torch.from_numpy(np.ascontiguousarray(basal_rows).reshape(-1))
+        pert_index = torch.from_numpy(d.pert[target_rows])
+        first = target_rows[:, 0]
+        return CellSetBatch(
+            basal=d.X.index_select(0, c_idx).view(b, s, -1).float(),
+            target=d.X.index_select(0, t_idx).view(b, s, -1).float(),
+            pert=self.pert_matrix[pert_index],
+            pert_index=pert_index,
+            batch_index=torch.from_numpy(d.batch[target_rows]),
+            cell_type_index=torch.from_numpy(d.cell_type[target_rows]),
+            counts=None if d.counts is None else d.counts.index_select(0, t_idx).view(
+                b, s, -1).float(),
+            target_rows=target_rows,
+            basal_rows=basal_rows,
+            pert_name=[self.vocab.perturbations[i] for i in d.pert[first]],
+            cell_type=[self.vocab.cell_types[i] for i in d.cell_type[first]],
+        )

@@ -1,0 +1,213 @@
+"""Assigning cells to train / val / test from a :class:`~statetx.config.SplitConfig`.
+
+Rules, per (dataset, file, cell type); the first matching rule wins (zeroshot, then fewshot, then
+training):
+
+=====================  =====================================  ===============================
+rule                   perturbed cells                        control cells
+=====================  =====================================  ===============================
+zeroshot ``= train``   train                                  train
+zeroshot ``= val``     that split                             that split **and** train
+/ ``test``                                                    (``heldout_controls_in_train``)
+fewshot                val / test if listed there, else train every split that is created
+training ``= train``   train                                  train
+none of the above      ignored                                ignored
+=====================  =====================================  ===============================
+
+A fewshot val (test) part exists only if it has a perturbed cell; a cell type without perturbed
+cells creates nothing. Controls are shared between splits, so membership is one boolean per split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from statetx._utils import preview
+from statetx.config import SPLITS, ColumnMap, SplitConfig
+from statetx.errors import DataError
+from statetx.io import DataFile, from_anndata, resolve_control
+
+
+@dataclass
+class Assignment:
+    """Split membership of every cell of one file (controls may belong to several splits)."""
+
+    file: DataFile
+    is_control: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def mask(self, split: str) -> np.ndarray:
+        return getattr(self, split)
+
+
+def assign_files(
+    files: Sequence[DataFile],
+    config: SplitConfig,
+    control_pert: str,
+    *,
+    pert_col: str = "gene",
+    cell_type_key: str = "cell_type",
+    heldout_controls_in_train: bool = True,
+    on_missing_perturbation: str = "error",
+) -> list[Assignment]:
+    """Assign every cell of ``files`` (all files of the referenced datasets) to splits."""
+    _check_heldout_names(files, config, control_pert, pert_col, cell_type_key,
+                         on_missing_perturbation)
+    out = []
+    for f in files:
+        zs, fs = config.heldout(f.dataset)
+        training = f.dataset in config.training
+        is_ctrl = f.pert == control_pert
+        masks = {s: np.zeros(f.n_obs, dtype=bool) for s in SPLITS}
+        for ct in np.unique(f.cell_type):
+            in_ct = f.cell_type == ct
+            ctrl, pert = in_ct & is_ctrl, in_ct & ~is_ctrl
+            if ct in zs:
+                split = zs[ct]
+                masks[split] |= in_ct
+                if split != "train" and heldout_controls_in_train:
+                    masks["train"] |= ctrl
+            elif ct in fs:
+                if not pert.any():
+                    continue
+                entry = fs[ct]
+                to_val = pert & np.isin(f.pert, entry.val)
+                to_test = pert & np.isin(f.pert, entry.test)
+                masks["train"] |= (pert & ~to_val & ~to_test) | ctrl
+                for split, part in (("val", to_val), ("test", to_test)):
+                    if part.any():
+                        masks[split] |= part | ctrl
+            elif training:
+                masks["train"] |= in_ct
+        _check_control_pools(f, is_ctrl, masks, cell_type_key)
+        out.append(Assignment(f, is_ctrl, masks["train"], masks["val"], masks["test"]))
+    return out
+
+
+def assign(
+    adata: ad.AnnData,
+    config: SplitConfig | dict | str,
+    columns: ColumnMap | dict | None = None,
+    dataset: str | None = None,
+    **options,
+) -> pd.DataFrame:
+    """Split membership of each cell of an in-memory AnnData, as a DataFrame indexed like obs.
+
+    Columns: ``train``, ``val``, ``test`` (bool), ``split`` (e.g. ``"train"``, ``"train+test"`` for
+    controls shared by two splits, ``""`` for ignored cells), ``is_control``. ``dataset`` names the
+    AnnData in the split spec; by default the single dataset the spec refers to.
+    """
+    config = SplitConfig.from_toml(config)
+    cols = columns if isinstance(columns, ColumnMap) else ColumnMap.build(**(columns or {}))
+    dataset = dataset or default_dataset_name(config)
+    f = from_anndata(adata, dataset, cols.pert_col, cols.cell_type_key, cols.batch_col)
+    control = resolve_control([f], cols.control_pert, cols.pert_col)
+    (a,) = assign_files([f], config, control, pert_col=cols.pert_col,
+                        cell_type_key=cols.cell_type_key, **options)
+    return membership_frame(a, index=adata.obs_names)
+
+
+def default_dataset_name(config: SplitConfig) -> str:
+    """The dataset name an in-memory AnnData takes: the only one the spec uses, else ``"data"``."""
+    names = config.referenced_datasets()
+    return names[0] if len(names) == 1 else "data"
+
+
+def membership_frame(a: Assignment, index=None) -> pd.DataFrame:
+    """One row per cell: bool membership columns and a readable ``split`` label."""
+    labels = np.full(a.file.n_obs, "", dtype=object)
+    for split in SPLITS:
+        m = a.mask(split)
+        labels[m] = np.where(labels[m] == "", split, labels[m] + "+" + split)
+    return pd.DataFrame(
+        {"train": a.train, "val": a.val, "test": a.test, "split": labels,
+         "is_control": a.is_control},
+        index=index if index is not None else a.file.barcodes,
+    )
+
+
+def summarize(assignments: Sequence[Assignment]) -> pd.DataFrame:
+    """Cells per (dataset, file, cell type, split): #perturbations, #perturbed cells, #controls."""
+    rows = []
+    for a in assignments:
+        f = a.file
+        for split in SPLITS:
+            m = a.mask(split)
+            if not m.any():
+                continue
+            for ct in np.unique(f.cell_type[m]):
+                sel = m & (f.cell_type == ct)
+                pert = sel & ~a.is_control
+                rows.append({
+                    "dataset": f.dataset, "file": f.label, "cell_type": ct, "split": split,
+                    "n_perturbations": len(np.unique(f.pert[pert])),
+                    "n_perturbed_cells": int(pert.sum()),
+                    "n_controls": int((sel & a.is_control).sum()),
+                })
+    cols = ["dataset", "file", "cell_type", "split", "n_perturbations", "n_perturbed_cells",
+            "n_controls"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# ---------------------------------------------------------------------- checks
+def _check_heldout_names(files, config, control_pert, pert_col, cell_type_key, on_missing):
+    by_ds: dict[str, list[DataFile]] = {}
+    for f in files:
+        by_ds.setdefault(f.dataset, []).append(f)
+    for ds in config.referenced_datasets():
+        if ds not in by_ds:
+            raise DataError(f"dataset '{ds}' is referenced by the split spec but no data was "
+                            "given for it.")
+        ds_files = by_ds[ds]
+        cts = sorted(set().union(*(set(f.cell_type) for f in ds_files)))
+        zs, fs = config.heldout(ds)
+        for section, table in (("zeroshot", zs), ("fewshot", fs)):
+            for ct in table:
+                if ct not in cts:
+                    raise DataError(
+                        f"cell type '{ct}' ({config.where(section, f'{ds}.{ct}')}) does not occur "
+                        f"in obs['{cell_type_key}'] of any file of dataset '{ds}'. Available: "
+                        f"{preview(cts)} (matching is case-sensitive)."
+                    )
+        for ct, entry in fs.items():
+            present = set().union(*(set(f.pert[f.cell_type == ct]) for f in ds_files))
+            for part in ("val", "test"):
+                absent = [p for p in getattr(entry, part) if p not in present]
+                if not absent:
+                    continue
+                msg = (f"{config.where('fewshot', f'{ds}.{ct}')}.{part} lists {len(absent)} "
+                       f"perturbation(s) that no {ct} cell carries in obs['{pert_col}']: "
+                       f"{preview(absent)}.")
+                if on_missing == "error":
+                    raise DataError(msg + " Fix the names or pass on_missing_perturbation='warn'.")
+                import warnings
+
+                warnings.warn(msg, stacklevel=3)
+            listed = [p for part in ("val", "test") for p in getattr(entry, part)]
+            if control_pert in listed:
+                raise DataError(
+                    f"{config.where('fewshot', f'{ds}.{ct}')} lists the control label "
+                    f"'{control_pert}'; controls cannot be held out as a perturbation."
+                )
+
+
+def _check_control_pools(f: DataFile, is_ctrl, masks, cell_type_key) -> None:
+    for split, m in masks.items():
+        if not m.any():
+            continue
+        for ct in np.unique(f.cell_type[m]):
+            sel = m & (f.cell_type == ct)
+            n_pert = int((sel & ~is_ctrl).sum())
+            if n_pert and not (sel & is_ctrl).any():
+                raise DataError(
+                    f"cell type '{ct}' of dataset '{f.dataset}' ({f.label}, split {split}) has "
+                    f"{n_pert:,} perturbed cells and no control cells, so basal cells cannot be "
+                    f"drawn. Add controls for it or hold it out (obs['{cell_type_key}'])."
+                )

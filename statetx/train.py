@@ -1,0 +1,389 @@
+"""The training loop: plain PyTorch, readable top to bottom.
+
+One optimiser step = ``gradient_accumulation_steps`` batches of ``B`` cell sets. The loop validates
+every ``val_freq`` steps (evaluation mode, fixed validation sets), writes ``step=N.ckpt`` every
+``ckpt_every_n_steps``, ``last.ckpt`` (always the latest state), ``best.ckpt`` (lowest validation
+loss) and ``final.ckpt``, and can resume from any checkpoint exactly: weights, optimiser moments,
+step, epoch, position in the epoch and random-number state are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from statetx.errors import ConfigError, StatetxError
+from statetx.losses import get_loss, nanmean
+from statetx.sets import CellSetBatch, CellSetSampler
+
+
+class TrainingError(StatetxError, RuntimeError):
+    """Training cannot continue (e.g. a non-finite loss)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings (defaults follow the reference, see model.md §11)."""
+
+    max_steps: int = 40_000
+    lr: float = 1e-4
+    optimizer: str = "adam"              # "adam" | "adamw"
+    weight_decay: float = 0.0            # applied when non-zero (the reference ignored it)
+    lr_schedule: str = "constant"        # "constant" | "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0            # cosine floor as a fraction of lr
+    gradient_clip_val: float | None = 10.0
+    gradient_accumulation_steps: int = 1
+    loss: str = "energy"
+    decoder_weight: float = 1.0
+    val_freq: int = 2000
+    ckpt_every_n_steps: int = 2000
+    keep_last_n: int | None = None       # periodic checkpoints kept (None = all)
+    early_stopping_patience: int | None = None  # validations without improvement
+    log_every_n_steps: int = 50
+    precision: str = "auto"              # "auto" (CUDA: bf16-mixed, CPU: 32) | "32" | "bf16-mixed"
+    matmul_precision: str = "medium"     # set during training only, then restored
+    seed: int = 42
+    progress: bool = True
+    n_train_eval_batches: int = 2        # batches for the eval-mode train loss at validation
+
+    def __post_init__(self) -> None:
+        checks = {
+            "optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "cosine"),
+            "precision": ("auto", "32", "bf16-mixed"),
+            "matmul_precision": ("highest", "high", "medium"),
+        }
+        for key, allowed in checks.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is invalid; expected one of "
+                                  f"{', '.join(map(repr, allowed))}.")
+        self.lr = float(self.lr)
+        self.weight_decay = float(self.weight_decay)
+        for key in ("max_steps", "val_freq", "ckpt_every_n_steps", "gradient_accumulation_steps",
+                    "log_every_n_steps"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be a positive integer.")
+
+
+@dataclass
+class TrainState:
+    """Where training is: restored exactly on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_val: float = math.inf
+    best_step: int = -1
+    bad_validations: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' was requested but CUDA is not available; use "
+                          "device='cpu' or 'auto'.")
+    return dev
+
+
+class Trainer:
+    """Trains a network on cell-set batches from a :class:`CellSetSampler`."""
+
+    def __init__(self, network: torch.nn.Module, train: CellSetSampler,
+                 val: CellSetSampler | None, config: TrainConfig, *,
+                 device: torch.device | str = "cpu", output_dir: str | Path | None = None,
+                 checkpoint_extra: dict | None = None) -> None:
+        self.net, self.train_sampler, self.val_sampler, self.cfg = network, train, val, config
+        self.device = resolve_device(device)
+        self.out = Path(output_dir) if output_dir is not None else None
+        self.extra = checkpoint_extra or {}
+        self.loss_fn = get_loss(config.loss)
+        self.net.to(self.device)
+        self.opt = self._optimizer()
+        self.state = TrainState()
+        self.amp = (config.precision == "bf16-mixed"
+                    or (config.precision == "auto" and self.device.type == "cuda"))
+
+    # ------------------------------------------------------------------ setup
+    def _optimizer(self) -> torch.optim.Optimizer:
+        c = self.cfg
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        kw: dict[str, Any] = {"lr": c.lr, "betas": (0.9, 0.999), "eps": 1e-8,
+                              "weight_decay": c.weight_decay}
+        if self.device.type == "cuda":
+            kw["fused"] = True
+        cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+        return cls(params, **kw)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimiser step ``step`` (0-based): warm-up, then constant or cosine."""
+        c = self.cfg
+        if c.warmup_steps and step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        if c.lr_schedule == "constant":
+            return c.lr
+        span = max(1, c.max_steps - c.warmup_steps)
+        t = min(1.0, (step - c.warmup_steps) / span)
+        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def losses(self, batch: CellSetBatch) -> dict[str, torch.Tensor]:
+        """Per-set main loss and the decoder loss (when the network decodes to genes)."""
+        with self._autocast():
+            out = self.net(batch.basal, batch.pert, batch_index=batch.batch_index,
+                           valid_mask=batch.valid_mask)
+        pred = out.pred.float()
+        main = self.loss_fn(pred, batch.target)
+        result = {"main_loss": main}
+        if out.counts is not None and batch.counts is not None:
+            result["decoder_loss"] = self.loss_fn(out.counts.float(), batch.counts)
+        if getattr(out, "confidence", None) is not None:
+            target = 10.0 * main.detach()
+            result["confidence_loss"] = (out.confidence.float() - target) ** 2
+        return result
+
+    def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = nanmean(parts["main_loss"])
+        if "decoder_loss" in parts:
+            loss = loss + self.cfg.decoder_weight * nanmean(parts["decoder_loss"])
+        if "confidence_loss" in parts:
+            loss = loss + 0.01 * nanmean(parts["confidence_loss"])
+        return loss
+
+    def _train_step(self, batches: list[CellSetBatch]) -> dict[str, float]:
+        self.net.train()
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.state.step)
+        self.opt.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        for batch in batches:
+            parts = self.losses(batch.to(self.device, non_blocking=True))
+            loss = self.total(parts) / len(batches)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"non-finite training loss ({loss.item()}) at step {self.state.step + 1}; "
+                    "training stopped. The last complete checkpoint is kept. Lower the learning "
+                    "rate or check the input for extreme values."
+                )
+            loss.backward()
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0.0) + float(nanmean(v.detach())) / len(batches)
+            logs["loss"] = logs.get("loss", 0.0) + float(loss.detach())
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        clip = self.cfg.gradient_clip_val
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        logs["grad_norm"] = float(norm)
+        self.opt.step()
+        return logs
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def evaluate(self, sampler: CellSetSampler, epoch: int = 0,
+                 max_batches: int | None = None) -> float:
+        """Mean per-set main loss in evaluation mode over fixed sets (``epoch`` seeds them)."""
+        self.net.eval()
+        per_set = []
+        for i, batch in enumerate(sampler.batches(epoch)):
+            if max_batches is not None and i >= max_batches:
+                break
+            per_set.append(self.losses(batch.to(self.device))["main_loss"].float().cpu())
+        return float(nanmean(torch.cat(per_set))) if per_set else math.nan
+
+    def _validate(self) -> dict[str, float]:
+        logs = {"train_loss_eval": self.evaluate(self.train_sampler, epoch=10**6,
+                                                 max_batches=self.cfg.n_train_eval_batches)}
+        if self.val_sampler is not None:
+            logs["val_loss"] = self.evaluate(self.val_sampler)
+        return logs
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume_from: str | Path | None = None) -> list[dict[str, Any]]:
+        """Train until ``max_steps`` (or early stopping); returns the logged history."""
+        c, st = self.cfg, self.state
+        prev_precision = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(c.matmul_precision)
+        try:
+            if resume_from is not None:
+                self.load_checkpoint(resume_from)
+            else:
+                torch.manual_seed(c.seed)
+                if self.val_sampler is not None:  # fail fast on a broken validation set
+                    self.evaluate(self.val_sampler, max_batches=1)
+            self._loop()
+        finally:
+            torch.set_float32_matmul_precision(prev_precision)
+        return st.history
+
+    def _loop(self) -> None:
+        c, st = self.cfg, self.state
+        bar = _progress(c.progress and _is_main(), st.step, c.max_steps)
+        accum, window_cells, t0 = c.gradient_accumulation_steps, 0, time.perf_counter()
+        pending: list[CellSetBatch] = []
+        try:
+            while st.step < c.max_steps:
+                for batch in self.train_sampler.batches(st.epoch, start=st.batch_in_epoch):
+                    st.batch_in_epoch += 1
+                    pending.append(batch)
+                    if len(pending) < accum:
+                        continue
+                    logs = self._train_step(pending)
+                    window_cells += sum(b.n_cells for b in pending)
+                    pending = []
+                    st.step += 1
+                    if st.step % c.log_every_n_steps == 0 or st.step == c.max_steps:
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize()
+                        dt = max(time.perf_counter() - t0, 1e-9)
+                        logs.update(cells_per_s=window_cells / dt, lr=self.lr_at(st.step - 1))
+                        self._log(logs)
+                        window_cells, t0 = 0, time.perf_counter()
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                    stop = self._after_step()
+                    if stop or st.step >= c.max_steps:
+                        break
+                else:
+                    st.epoch += 1
+                    st.batch_in_epoch = 0
+                    continue
+                break
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.out is not None and _is_main():
+            self.save_checkpoint("final.ckpt")
+            self.save_checkpoint("last.ckpt")
+
+    def _after_step(self) -> bool:
+        """Validation, checkpoints and early stopping after a completed step; True = stop."""
+        c, st = self.cfg, self.state
+        stop = False
+        if st.step % c.val_freq == 0 or st.step == c.max_steps:
+            logs = self._validate()
+            self._log(logs)
+            val = logs.get("val_loss", math.nan)
+            if math.isfinite(val) and val < st.best_val:
+                st.best_val, st.best_step, st.bad_validations = val, st.step, 0
+                if self.out is not None and _is_main():
+                    self.save_checkpoint("best.ckpt")
+            elif math.isfinite(val):
+                st.bad_validations += 1
+                p = c.early_stopping_patience
+                stop = p is not None and st.bad_validations >= p
+        if self.out is not None and _is_main():
+            if st.step % c.ckpt_every_n_steps == 0:
+                self.save_checkpoint(f"step={st.step}.ckpt")
+                self._prune()
+            if st.step % min(c.val_freq, c.ckpt_every_n_steps) == 0:
+                self.save_checkpoint("last.ckpt")
+        return stop
+
+    def _log(self, logs: dict[str, float]) -> None:
+        row = {"step": self.state.step, "epoch": self.state.epoch, **logs}
+        self.state.history.append(row)
+        if self.out is not None and _is_main():
+            path = self.out / "metrics.csv"
+            new = not path.exists()
+            with path.open("a", newline="") as fh:
+                w = csv.writer(fh)
+                if new:
+                    w.writerow(["step", "epoch", "key", "value"])
+                for k, v in logs.items():
+                    w.writerow([row["step"], row["epoch"], k, v])
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict[str, Any]:
+        st = self.state
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "train_state": {k: v for k, v in asdict(st).items() if k != "history"},
+            "history": [{k: float(v) if isinstance(v, (int, float, np.floating)) else v
+                         for k, v in h.items()} for h in st.history],
+            "rng": rng,
+            "train_config": asdict(self.cfg),
+            **self.extra,
+        }
+
+    def save_checkpoint(self, name: str) -> Path:
+        """Write ``checkpoints/<name>`` atomically (temp file, then rename)."""
+        path = self.out / "checkpoints" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(self.checkpoint_state(), path)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore weights, optimiser, loop position and RNG state from a checkpoint."""
+        ckpt = load_checkpoint_file(path)
+        self.net.load_state_dict(ckpt["state_dict"])
+        self.net.to(self.device)
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.state = TrainState(**ckpt["train_state"], history=list(ckpt.get("history", [])))
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+    def _prune(self) -> None:
+        n = self.cfg.keep_last_n
+        if not n:
+            return
+        ckpts = sorted((self.out / "checkpoints").glob("step=*.ckpt"),
+                       key=lambda p: int(p.stem.split("=")[1]))
+        for p in ckpts[:-n]:
+            p.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """Load a statetx checkpoint with ``weights_only=True`` (no code is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise TrainingError(f"could not load checkpoint {path}: it is truncated, corrupted or "
+                            f"not a statetx checkpoint ({type(exc).__name__}: {exc}).") from exc
+
+
+def _is_main() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_rank() != 0)
+
+
+def _progress(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
