@@ -63,3 +63,33 @@ def zhao_raw():
     import anndata as ad
 
     return ad.read_h5ad(need(ZHAO))
+
+
+def make_synthetic(n_cell_types: int = 3, n_perts: int = 3, n_cells: int = 24, n_genes: int = 32,
+                   n_controls: int = 30, seed: int = 0, batches: int = 2):
+    """A small log1p-like perturbation AnnData: each perturbation shifts a few genes."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(2.0, 0.5, size=n_genes)
+    effects = {f"P{i}": np.where(rng.random(n_genes) < 0.2, rng.normal(0, 1.5, n_genes), 0.0)
+               for i in range(n_perts)}
+    rows, obs = [], []
+    for c in range(n_cell_types):
+        ct_shift = rng.normal(0, 0.3, n_genes)
+        for pert, n in [("ctrl", n_controls)] + [(p, n_cells) for p in effects]:
+            eff = 0.0 if pert == "ctrl" else effects[pert] * (1 + 0.3 * c)
+            mu = np.clip(base + ct_shift + eff, 0.05, None)
+            rows.append(np.log1p(rng.poisson(np.expm1(mu) * 3, size=(n, n_genes)) / 3.0))
+            obs += [{"gene": pert, "cell_type": f"CT{c}", "batch": f"b{rng.integers(batches)}"}
+                    for _ in range(n)]
+    x = np.vstack(rows).astype(np.float32)
+    obs = pd.DataFrame(obs, index=[f"cell{i}" for i in range(len(obs))])
+    return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]))
+
+
+@pytest.fixture
+def synth():
+    return make_synthetic()
