@@ -1,0 +1,190 @@
+"""The estimator: fit / predict / persistence / sklearn protocol, on synthetic and real data."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+from statetx import StateTransitionModel
+from statetx.errors import DataError
+
+SMALL = {"hidden_dim": 32, "n_heads": 2, "head_dim": 16, "n_kv_heads": 2,
+         "intermediate_size": 128, "n_layers": 2}
+SPEC = '[training]\ndata = "train"\n[zeroshot]\n"data.CT2" = "test"\n'
+
+
+def small_model(**kw) -> StateTransitionModel:
+    opts = dict(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl",
+                model_kwargs=SMALL, cell_set_len=8, batch_size=4, max_steps=6, val_freq=3,
+                progress=False, seed=0)
+    opts.update(kw)
+    return StateTransitionModel("tiny", **opts)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    from conftest import make_synthetic
+
+    adata = make_synthetic()
+    return small_model().fit(adata, SPEC), adata
+
+
+def test_init_only_stores_params_and_clone():
+    m = small_model(lr=3e-4)
+    assert m.get_params()["lr"] == 3e-4
+    c = clone(m).set_params(lr=1e-3, max_steps=2)
+    assert c.lr == 1e-3 and m.lr == 3e-4
+    assert not hasattr(m, "network_")
+    with pytest.raises(NotFittedError):
+        m.predict_sets(np.zeros((2, 4)), "P0")
+
+
+def test_fit_returns_self_and_fitted_attributes(fitted):
+    model, adata = fitted
+    assert model.network_ is not None and model.vocab_.control_pert == "ctrl"
+    assert model.var_names_ == list(adata.var_names)
+    assert model.vocab_.perturbations == ["P0", "P1", "P2", "ctrl"]
+    assert list(model.history_["step"])[-1] == 6
+    assert {"train", "test"} <= set(model.split_summary_["split"])
+
+
+def test_predict_preserves_obs_and_pairs_within_cell_type(fitted):
+    model, adata = fitted
+    sub = adata[adata.obs["cell_type"] == "CT2"].copy()
+    pred = model.predict(sub)
+    assert pred.shape == sub.shape
+    assert (pred.obs_names == sub.obs_names).all()
+    assert (pred.obs["gene"] == sub.obs["gene"]).all()
+    ctrl = pred.obs["statetx_ctrl_barcode"]
+    assert set(ctrl) <= set(sub.obs_names[sub.obs["gene"] == "ctrl"])
+    assert list(pred.var_names) == list(adata.var_names)
+    assert pred.X.min() >= 0  # expression output, clipped at 0
+    again = model.predict(sub)
+    np.testing.assert_array_equal(pred.X, again.X)  # seeded
+    other = model.predict(sub, seed=1)
+    assert not np.array_equal(pred.X, other.X)
+
+
+def test_predict_sets_shapes_and_consistency(fitted):
+    model, adata = fitted
+    x = np.asarray(adata.X[:24]).reshape(3, 8, -1)
+    out = model.predict_sets(x, ["P0", "P1", "P2"])
+    assert out.shape == (3, 8, adata.n_vars)
+    one = model.predict_sets(x[1, :5], "P1")  # a single set of any length
+    assert one.shape == (5, adata.n_vars)
+    alone = model.predict_sets(x[1], "P1")
+    np.testing.assert_allclose(alone, out[1], atol=1e-5)
+    vec = model.vocab_.pert_matrix()[[0, 1, 2]]
+    np.testing.assert_allclose(model.predict_sets(x, vec), out, atol=1e-6)
+
+
+def test_predict_split_same_cells_in_pred_and_real(fitted):
+    model, _ = fitted
+    pred, real = model.predict_split("test")
+    assert pred.shape == real.shape
+    assert (pred.obs["pert_cell_barcode"] == real.obs["pert_cell_barcode"]).all()
+    assert set(pred.obs["cell_type"]) == {"CT2"}
+    with pytest.raises(DataError, match="no 'val' split"):
+        model.predict_split("val")
+
+
+def test_pickle_roundtrip_identical_predictions(fitted):
+    model, adata = fitted
+    clone_ = pickle.loads(pickle.dumps(model))
+    a = model.predict(adata).X
+    b = clone_.predict(adata).X
+    np.testing.assert_array_equal(a, b)
+
+
+def test_save_load_roundtrip(fitted, tmp_path):
+    model, adata = fitted
+    model.save(tmp_path / "m")
+    loaded = StateTransitionModel.load(tmp_path / "m")
+    np.testing.assert_array_equal(model.predict(adata).X, loaded.predict(adata).X)
+    assert loaded.get_params() == model.get_params()
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="could not read"):
+        StateTransitionModel.load(tmp_path / "m")
+
+
+def test_score_is_a_correlation(fitted):
+    model, adata = fitted
+    s = model.score(adata[adata.obs["cell_type"] == "CT2"].copy())
+    assert -1.0 <= s <= 1.0
+
+
+def test_gene_mismatch_lists_missing_genes(fitted):
+    model, adata = fitted
+    sub = adata[:, 3:].copy()
+    with pytest.raises(DataError, match="3 of the model's 32 genes are missing.*G0, G1, G2"):
+        model.predict(sub)
+    filled = model.predict(sub, missing_genes="zero")
+    assert filled.n_vars == 32
+    reordered = adata[:, ::-1].copy()  # order fixed by name
+    np.testing.assert_allclose(model.predict(reordered).X, model.predict(adata).X, atol=1e-6)
+
+
+def test_counts_input_is_detected(fitted):
+    model, adata = fitted
+    counts = adata.copy()
+    counts.X = np.round(np.expm1(counts.X) * 40)
+    with pytest.raises(DataError, match="raw counts"):
+        model.predict(counts)
+
+
+def test_unknown_perturbation_is_an_error(fitted):
+    model, adata = fitted
+    sub = adata.copy()
+    sub.obs["gene"] = sub.obs["gene"].astype(str)
+    sub.obs.iloc[-1, sub.obs.columns.get_loc("gene")] = "NOVEL"
+    with pytest.raises(DataError, match="NOVEL"):
+        model.predict(sub)
+    assert model.predict(sub, unknown_perturbation="control").n_obs == sub.n_obs
+
+
+def test_all_perts_simulates_every_perturbation(fitted):
+    model, adata = fitted
+    ctrl = adata[adata.obs["gene"] == "ctrl"].copy()
+    out = model.predict(ctrl, all_perts=True, n_cells_per_pert=5)
+    n_ct = ctrl.obs["cell_type"].nunique()
+    assert out.n_obs == ctrl.n_obs + n_ct * 3 * 5
+    assert set(out.obs["gene"]) == {"ctrl", "P0", "P1", "P2"}
+
+
+def test_training_reduces_loss_on_synthetic():
+    from conftest import make_synthetic
+
+    adata = make_synthetic(seed=3)
+    m = small_model(max_steps=80, val_freq=1, lr=2e-3,
+                    model_kwargs={**SMALL, "dropout": 0.0}).fit(adata, SPEC)
+    h = m.history_.dropna(subset=["train_loss_eval"])
+    assert h["train_loss_eval"].iloc[-1] < 0.6 * h["train_loss_eval"].iloc[0]
+
+
+def test_weight_decay_is_applied(synth):
+    a = small_model(max_steps=3, weight_decay=0.0, optimizer="adamw", lr=0.0).fit(synth)
+    b = small_model(max_steps=3, weight_decay=0.5, optimizer="adamw", lr=0.0).fit(synth)
+    wa = a.network_.basal_encoder.weight
+    wb = b.network_.basal_encoder.weight
+    assert torch.equal(wa, wb)  # lr 0: weight decay of AdamW scales with lr, nothing moves
+    c = small_model(max_steps=3, weight_decay=0.5, optimizer="adamw", lr=1e-2).fit(synth)
+    d = small_model(max_steps=3, weight_decay=0.0, optimizer="adamw", lr=1e-2).fit(synth)
+    assert c.network_.basal_encoder.weight.norm() < d.network_.basal_encoder.weight.norm()
+
+
+@pytest.mark.slow
+def test_kang_heldout_b_cells_end_to_end(kang_log):
+    spec = '[training]\nkang = "train"\n[zeroshot]\n"kang.B cells" = "test"\n'
+    m = StateTransitionModel("tiny", pert_col="target_gene", cell_type_key="cell_type",
+                             batch_col="batch", control_pert="control", max_steps=30,
+                             batch_size=4, val_freq=30, progress=False)
+    m.fit(kang_log, spec)
+    b = kang_log[kang_log.obs["cell_type"] == "B cells"].copy()
+    pred = m.predict(b)
+    assert pred.n_obs == b.n_obs and (pred.obs_names == b.obs_names).all()
+    assert list(pred.obs.columns[: b.obs.shape[1]]) == list(b.obs.columns)
