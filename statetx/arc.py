@@ -1,0 +1,726 @@
+"""Import arc-state 0.9.12 / 0.11.1 run directories and Lightning checkpoints (arc-checkpoints.md).
+
+``load_arc_run`` reads a run directory safely (no pickled code is executed unless
+``trust_pickle=True``), infers the architecture from tensor shapes, cross-checks it with the saved
+hyper-parameters, resolves the attention mode without guessing, maps the state_dict onto
+:class:`statetx.nn.StateTransitionNetwork` (skipping frozen token/position tables, transposing GPT-2
+Conv1D weights) and returns the network with vocabularies, gene names and data settings.
+
+Imported weights keep their original licence (Arc's released weights: Arc Research Institute State
+Model Non-Commercial License); statetx never downloads or bundles them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import EllipsisType
+from typing import Any
+
+import numpy as np
+import torch
+
+from statetx._utils import preview
+from statetx.errors import ConfigError, DataError
+from statetx.nn import NetworkConfig, StateTransitionNetwork
+
+LICENSE_NOTICE = (
+    "imported weights keep their original licence (arc-state code: CC BY-NC-SA 4.0; Arc's released "
+    "weights: Arc Research Institute State Model Non-Commercial License)"
+)
+_NP_CORE = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+
+
+class AmbiguousAttentionError(ConfigError):
+    """The checkpoint does not record whether it was trained with causal or bidirectional attention.
+    """
+
+
+class UnsupportedCheckpointError(DataError):
+    """The checkpoint holds modules statetx cannot rebuild (batch/confidence token, LoRA, ...)."""
+
+
+@dataclass
+class ArcImport:
+    """Everything ``load_arc_run`` recovers from an arc-state run directory."""
+
+    network: StateTransitionNetwork  # weights loaded, eval mode
+    config: NetworkConfig
+    perturbations: list[str]  # pert map order
+    cell_types: list[str]
+    batches: list[str]
+    pert_vectors: np.ndarray  # [n_pert, P] rows of the pert map (one-hot or features)
+    var_dims: dict
+    gene_names: list[str]  # genes of the model's gene-space output
+    data_kwargs: dict  # pert_col, cell_type_key, batch_col, control_pert, embed_key, ...
+    notes: list[str] = field(default_factory=list)  # human-readable resolution notes
+    unused: list[str] = field(default_factory=list)  # modules present but never trained
+    hyper_parameters: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Safe reading
+# --------------------------------------------------------------------------------------------
+
+
+def _safe_load_from_bytes(b: bytes) -> Any:
+    """Replacement for torch.storage._load_from_bytes that never unpickles code."""
+    return torch.load(io.BytesIO(b), weights_only=True, map_location="cpu")
+
+
+def _np_dtype_classes() -> list[type]:
+    mod = getattr(np, "dtypes", None)
+    return [getattr(mod, n) for n in dir(mod) if n.endswith("DType")] if mod else []
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only plain containers, NumPy scalar/array reconstruction and torch
+    tensor reconstruction (storages re-read with ``weights_only=True``)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in (
+                "scalar", "_reconstruct"):
+            return getattr(_NP_CORE.multiarray, name)
+        if (module, name) in (("numpy", "dtype"), ("numpy", "ndarray")):
+            return getattr(np, name)
+        if module == "numpy.dtypes" and name.endswith("DType") and hasattr(np.dtypes, name):
+            return getattr(np.dtypes, name)
+        if (module, name) in (("builtins", "set"), ("builtins", "frozenset"),
+                              ("builtins", "complex"), ("builtins", "bytearray"),
+                              ("collections", "OrderedDict")):
+            return super().find_class(module, name)
+        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"),
+                              ("torch._utils", "_rebuild_tensor")):
+            return super().find_class(module, name)
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _safe_load_from_bytes
+        raise pickle.UnpicklingError(f"refusing to load the global {module}.{name}")
+
+
+def _needs_trust(path: Path, err: Exception) -> DataError:
+    return DataError(
+        f"{path} cannot be read with the restricted loader ({type(err).__name__}: "
+        f"{str(err).splitlines()[0][:300]}). Reading it needs full unpickling, which executes code "
+        "stored in the file; do this only if you trust its source, by passing trust_pickle=True."
+    )
+
+
+def load_pickle(path: str | Path, trust_pickle: bool = False) -> Any:
+    """Read a plain pickle (.pkl) with :class:`RestrictedUnpickler` (full pickle if trusted)."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return RestrictedUnpickler(io.BytesIO(data)).load()
+    except Exception as err:  # noqa: BLE001 - any failure of the restricted path
+        if not trust_pickle:
+            raise _needs_trust(path, err) from err
+        warnings.warn(f"fully unpickling {path} (trust_pickle=True)", UserWarning, stacklevel=2)
+        return pickle.loads(data)  # noqa: S301 - explicitly trusted by the caller
+
+
+def load_torch(path: str | Path, trust_pickle: bool = False) -> Any:
+    """``torch.load(weights_only=True)``, NumPy scalars/strings allow-listed (full if trusted)."""
+    path = Path(path)
+    if path.suffix == ".pkl":
+        return load_pickle(path, trust_pickle)
+    mc = _NP_CORE.multiarray
+    allowed: list[Any] = [mc.scalar, np.dtype, mc._reconstruct, np.ndarray,
+                          (mc.scalar, "numpy.core.multiarray.scalar"),
+                          (mc._reconstruct, "numpy.core.multiarray._reconstruct"),
+                          *_np_dtype_classes()]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        if not trust_pickle:
+            raise _needs_trust(path, err) from err
+        warnings.warn(f"fully unpickling {path} (trust_pickle=True)", UserWarning, stacklevel=2)
+        return torch.load(path, weights_only=False, map_location="cpu")
+
+
+def _plain(obj: Any) -> Any:
+    """NumPy scalars/strings/arrays and tensors inside containers -> plain Python values."""
+    if isinstance(obj, dict):
+        return {str(k) if isinstance(k, np.str_) else k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def _read_map(path: Path, trust_pickle: bool) -> tuple[list[str], np.ndarray]:
+    """A label -> vector map in file order: (labels, float32 matrix)."""
+    m = load_torch(path, trust_pickle)
+    if not isinstance(m, dict) or not m:
+        raise DataError(f"{path} should hold a non-empty dict label -> vector, got "
+                        f"{type(m).__name__}.")
+    labels = [str(k) for k in m]
+    rows = [np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v,
+                       dtype=np.float32).reshape(-1) for v in m.values()]
+    if len({r.shape for r in rows}) != 1:
+        raise DataError(f"{path}: vectors have different lengths.")
+    return labels, np.stack(rows)
+
+
+_NUMERIC_KEYS = {"lr", "weight_decay", "blur", "dropout", "decoder_dropout", "rms_norm_eps",
+                 "layer_norm_eps", "layer_norm_epsilon", "regularization", "sinkhorn_weight",
+                 "energy_weight", "val_subsample_fraction", "rope_theta", "decoder_weight",
+                 "decoder_loss_weight"}
+_NUM_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce(obj: Any) -> Any:
+    """Parse numeric strings (YAML 1.1 reads ``1e-4`` as a string) under known numeric keys."""
+    if isinstance(obj, dict):
+        return {k: (float(v) if k in _NUMERIC_KEYS and isinstance(v, str) and _NUM_RE.match(v)
+                    else _coerce(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_coerce(v) for v in obj]
+    return obj
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise DataError(f"{path} does not hold a YAML mapping.")
+    return _coerce(data)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture inference
+# --------------------------------------------------------------------------------------------
+
+_SKIP_RE = re.compile(
+    r"transformer_backbone\.(embed_tokens\.weight|wte\.weight|wpe\.weight"
+    r"|h\.\d+\.attn\.(bias|masked_bias))$|.*rotary_emb\.inv_freq$"
+)
+_CONV1D_RE = re.compile(r"transformer_backbone\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc"
+                        r"|mlp\.c_proj)\.weight$")
+_UNSUPPORTED = (
+    (re.compile(r"^confidence_token\."), "confidence-token checkpoints are not yet supported "
+     "(the projection layout is unverified; dropping the token would change the predictions)"),
+    (re.compile(r"^(batch_token|batch_classifier\.)"), "the arc-state 0.11.1 batch token is not "
+     "supported"),
+    (re.compile(r"lora_[AB]|lora_embedding|\.base_layer\."), "LoRA-wrapped weights are not "
+     "supported; merge the adapters first"),
+)
+
+
+def _indexed(sd: dict, prefix: str, suffix: str = ".weight") -> list[tuple[int, torch.Tensor]]:
+    pat = re.compile(re.escape(prefix) + r"\.(\d+)" + re.escape(suffix) + "$")
+    out = [(int(m.group(1)), v) for k, v in sd.items() if (m := pat.match(k))]
+    return sorted(out, key=lambda t: t[0])
+
+
+def _mlp_layers(sd: dict, prefix: str) -> list[torch.Tensor]:
+    """Linear weights of an arc MLP container (indices 0, 3, 6, ...)."""
+    layers = [(i, w) for i, w in _indexed(sd, prefix) if w.dim() == 2]
+    idx = [i for i, _ in layers]
+    if idx != [3 * k for k in range(len(idx))]:
+        raise DataError(f"unexpected layout of {prefix}: Linear layers at indices {idx} "
+                        "(expected 0, 3, 6, ...).")
+    return [w for _, w in layers]
+
+
+def _matching_presets(h: int, attn_width: int, inter: int, backbone: str) -> list[str]:
+    from statetx.presets import PRESETS
+
+    return [f"{n} ({p['n_heads']} heads x {p['head_dim']})" for n, p in PRESETS.items()
+            if p["hidden_dim"] == h and p["n_heads"] * p["head_dim"] == attn_width
+            and p["intermediate_size"] == inter and p["backbone"] == backbone]
+
+
+class _Checker:
+    """Collects hyper-parameter / shape disagreements (errors when strict, else notes)."""
+
+    def __init__(self, strict: bool, notes: list[str]) -> None:
+        self.strict, self.notes = strict, notes
+
+    def same(self, what: str, from_shapes: Any, declared: Any, source: str) -> None:
+        if declared is None or declared == from_shapes:
+            return
+        msg = (f"{what}: the weights say {from_shapes!r} but {source} says {declared!r}")
+        if self.strict:
+            raise DataError(msg + "; the files do not belong together (pass strict=False to "
+                            "trust the weights).")
+        self.notes.append(msg + " (weights trusted, strict=False)")
+
+
+def load_arc_run(
+    run_dir: str | Path,
+    checkpoint: str | Path = "final.ckpt",
+    attention: str | None = None,
+    rope: float | None | EllipsisType = ...,
+    *,
+    n_heads: int | None = None,
+    n_kv_heads: int | None = None,
+    head_dim: int | None = None,
+    trust_pickle: bool = False,
+    strict: bool = True,
+    keep_unused_decoder: bool = False,
+    verbose: bool = False,
+) -> ArcImport:
+    """Load an arc-state run directory (or a checkpoint file inside one) into statetx.
+
+    ``attention`` ("bidirectional" | "causal") and ``rope`` (None or a rotary base; ``...`` = not
+    given) override what the checkpoint records. A 0.9.x Llama checkpoint records no attention mode:
+    ``attention`` is then required (AmbiguousAttentionError otherwise). GPT-2 checkpoints default to
+    causal without positions (as they were trained), with a warning. ``n_heads``/``n_kv_heads``/
+    ``head_dim`` are needed only when the hyper-parameters lack them. A gene decoder that the
+    reference never trained is dropped unless ``keep_unused_decoder`` (then listed in ``unused``).
+    ``verbose`` prints the resolution notes (real checkpoint file, attention, licence, ...).
+    """
+    notes: list[str] = []
+    run, ckpt_path = _resolve_paths(Path(run_dir), checkpoint, notes)
+    ckpt = load_torch(ckpt_path, trust_pickle)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise DataError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict' entry).")
+    hp = _plain(dict(ckpt.get("hyper_parameters") or {}))
+    sd = {k: v for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+    if sd and all(k.startswith("model.") for k in sd):
+        sd = {k[len("model."):]: v for k, v in sd.items()}
+    _reject_unsupported(sd, hp, ckpt_path)
+
+    cfg_yaml = _read_yaml(run / "config.yaml") if (run / "config.yaml").exists() else {}
+    data_yaml = dict((cfg_yaml.get("data") or {}).get("kwargs") or {})
+    model_yaml = dict((cfg_yaml.get("model") or {}).get("kwargs") or {})
+    if not cfg_yaml:
+        notes.append("config.yaml not found: settings taken from the checkpoint's hyper-parameters")
+    check = _Checker(strict, notes)
+
+    var_dims_path = run / "var_dims.pkl"
+    var_dims = _plain(load_pickle(var_dims_path, trust_pickle)) if var_dims_path.exists() else {}
+    if not var_dims:
+        notes.append("var_dims.pkl not found: dimensions and gene names from the checkpoint")
+
+    # ---- shapes -> architecture (arc-checkpoints.md §6) ------------------------------------
+    pert_w = _mlp_layers(sd, "pert_encoder")
+    if not pert_w:
+        raise DataError(f"{ckpt_path}: no pert_encoder weights; not an arc-state ST checkpoint.")
+    h, p_dim = pert_w[0].shape
+    n_enc = len(pert_w)
+    if "basal_encoder.weight" in sd:
+        use_basal_projection, d_in = False, sd["basal_encoder.weight"].shape[1]
+    else:
+        basal_w = _mlp_layers(sd, "basal_encoder")
+        if not basal_w:
+            raise DataError(f"{ckpt_path}: no basal_encoder weights found.")
+        if len(basal_w) != n_enc:
+            raise DataError(f"basal_encoder has {len(basal_w)} Linear layers but pert_encoder has "
+                            f"{n_enc}; statetx builds both with n_encoder_layers.")
+        use_basal_projection, d_in = True, basal_w[0].shape[1]
+    proj_w = _mlp_layers(sd, "project_out")
+    if not proj_w:
+        raise DataError(f"{ckpt_path}: no project_out weights found.")
+    n_dec, d_out = len(proj_w), proj_w[-1].shape[0]
+    has_all_block = "final_down_then_up.0.weight" in sd
+    kw = dict(hp.get("transformer_backbone_kwargs") or model_yaml.get(
+        "transformer_backbone_kwargs") or {})
+    backbone, n_layers, heads, kv_heads, hd, inter, eps = _infer_backbone(
+        sd, kw, h, n_heads, n_kv_heads, head_dim, ckpt_path)
+    check.same("backbone", backbone,
+               {"llama": "llama", "gpt2": "gpt2"}.get(str(hp.get("transformer_backbone_key",
+                                                                 "")).lower()),
+               "hyper_parameters['transformer_backbone_key']")
+    batch_n = sd["batch_encoder.weight"].shape[0] if "batch_encoder.weight" in sd else 0
+
+    dec = _infer_gene_decoder(sd)
+
+    # ---- cross-checks with hyper-parameters / var_dims -------------------------------------
+    for name, value in (("hidden_dim", h), ("pert_dim", p_dim), ("input_dim", d_in),
+                        ("output_dim", d_out), ("n_encoder_layers", n_enc),
+                        ("n_decoder_layers", n_dec)):
+        check.same(name, value, hp.get(name), f"hyper_parameters['{name}']")
+    for name, value in (("pert_dim", p_dim), ("input_dim", d_in), ("output_dim", d_out)):
+        check.same(name, value, var_dims.get(name), f"var_dims.pkl['{name}']")
+    check.same("use_basal_projection", use_basal_projection, hp.get("use_basal_projection"),
+               "hyper_parameters['use_basal_projection']")
+    if "batch_encoder" in hp:
+        check.same("batch_encoder", batch_n > 0, bool(hp["batch_encoder"]),
+                   "hyper_parameters['batch_encoder']")
+    if batch_n:
+        check.same("batch_dim", batch_n, hp.get("batch_dim"), "hyper_parameters['batch_dim']")
+
+    # ---- settings shapes cannot tell ----------------------------------------------------------
+    def setting(key: str, default: Any) -> Any:
+        for src in (hp, model_yaml, data_yaml):
+            if key in src:
+                return src[key]
+        return default
+
+    embed_key = hp["embed_key"] if "embed_key" in hp else data_yaml.get("embed_key")
+    if "embed_key" in hp and "embed_key" in data_yaml:
+        check.same("embed_key", hp["embed_key"], data_yaml["embed_key"], "config.yaml")
+    output_space = hp.get("output_space", data_yaml.get("output_space"))
+    predict_residual = bool(setting("predict_residual", True))
+    if output_space is None:
+        raise DataError(f"{ckpt_path}: the output space is recorded neither in the checkpoint nor "
+                        "in config.yaml (data.kwargs.output_space); put config.yaml next to it.")
+    if output_space not in ("gene", "all", "embedding"):
+        raise DataError(f"unknown output_space {output_space!r} in the checkpoint.")
+    check.same("final_down_then_up present", has_all_block,
+               output_space == "all" and predict_residual, "output_space/predict_residual")
+    activation = str(setting("activation", "gelu")).lower()
+    cell_set_len = hp.get("cell_set_len") or model_yaml.get("cell_set_len") or kw.get(
+        "max_position_embeddings") or kw.get("n_positions")
+
+    # gene decoder: trained only with gene-space targets (model.md §7)
+    gene_dim, dec_dims, dec_residual, dec_dropout = 0, [], False, 0.1
+    unused: list[str] = []
+    if dec is not None:
+        latent, dims, g_dim, dec_residual = dec
+        check.same("gene decoder input width", latent, d_out, "project_out")
+        dec_cfg = hp.get("decoder_cfg") or {}
+        dec_dropout = float(dec_cfg.get("dropout", setting("decoder_dropout", 0.1)) or 0.1)
+        trained = embed_key is not None and (
+            (embed_key != "X_hvg" and output_space == "gene") or output_space == "all")
+        if trained or keep_unused_decoder:
+            gene_dim, dec_dims = g_dim, dims
+        if not trained:
+            unused.append("gene_decoder")
+            notes.append(
+                f"gene_decoder ({d_out}->{dims}->{g_dim}) is in the checkpoint but was never "
+                f"trained (embed_key={embed_key!r}, output_space={output_space!r}): "
+                + ("loaded, marked unused" if keep_unused_decoder else "not loaded")
+            )
+    # reference ReLU rule for imported models
+    out_act = "relu" if (embed_key in (None, "X_hvg") or dec is None) else "none"
+    notes.append(f"output activation {out_act} (arc-state rule: ReLU iff embed_key is None/X_hvg "
+                 "or there is no gene decoder)")
+
+    att, rp = _resolve_attention(backbone, kw, attention, rope, notes)
+
+    config = NetworkConfig(
+        input_dim=d_in, output_dim=d_out, pert_dim=p_dim, hidden_dim=h, n_encoder_layers=n_enc,
+        n_decoder_layers=n_dec, dropout=float(setting("dropout", 0.1)), activation=activation,
+        use_basal_projection=use_basal_projection, backbone=backbone, n_layers=n_layers,
+        n_heads=heads, head_dim=hd, n_kv_heads=kv_heads, intermediate_size=inter,
+        attention=att, rope=rp, norm_eps=eps, predict_residual=predict_residual,
+        output_space=output_space, output_activation=out_act, batch_encoder=batch_n > 0,
+        batch_dim=batch_n, gene_dim=gene_dim, decoder_hidden_dims=dec_dims,
+        decoder_dropout=dec_dropout, residual_decoder=dec_residual, confidence_token=False,
+    )
+    network = StateTransitionNetwork(config)
+    _load_weights(network, sd, drop_decoder=dec is not None and gene_dim == 0)
+    network.eval()
+
+    # ---- vocabularies, genes, data settings --------------------------------------------------
+    pert_map = run / "pert_onehot_map.pt"
+    if not pert_map.exists():
+        raise DataError(f"{pert_map} not found: the perturbation vocabulary is needed to use the "
+                        "model (copy pert_onehot_map.pt next to the checkpoint).")
+    perturbations, pert_vectors = _read_map(pert_map, trust_pickle)
+    check.same("pert_dim", p_dim, pert_vectors.shape[1], "pert_onehot_map.pt (vector length)")
+    cell_types = _optional_map(run, "cell_type_onehot_map", trust_pickle, notes)
+    batches = _optional_map(run, "batch_onehot_map", trust_pickle, notes)
+    if batch_n:
+        if not batches:
+            raise DataError("the checkpoint has a batch encoder but batch_onehot_map.{torch,pkl} "
+                            f"is missing from {run}; it is needed to map batch labels.")
+        check.same("number of batches", batch_n, len(batches), "batch_onehot_map")
+
+    gene_names = [str(g) for g in (var_dims.get("gene_names") or hp.get("gene_names") or [])]
+    gene_width = gene_dim if (gene_dim and "gene_decoder" not in unused) else d_out
+    if gene_names and output_space != "embedding" and len(gene_names) != gene_width:
+        check.same("number of gene names", gene_width, len(gene_names), "var_dims.pkl")
+
+    data_kwargs = {
+        "pert_col": data_yaml.get("pert_col"),
+        "cell_type_key": data_yaml.get("cell_type_key"),
+        "batch_col": data_yaml.get("batch_col"),
+        "control_pert": hp.get("control_pert", data_yaml.get("control_pert")),
+        "embed_key": embed_key,
+        "output_space": output_space,
+        "cell_set_len": int(cell_set_len) if cell_set_len else None,
+        "basal_mapping_strategy": setting("basal_mapping_strategy", "random"),
+        "perturbation_features_file": data_yaml.get("perturbation_features_file"),
+    }
+    for key, default in (("pert_col", "gene"), ("cell_type_key", "cell_type"),
+                         ("batch_col", "gem_group")):
+        if data_kwargs[key] is None:
+            data_kwargs[key] = default
+            notes.append(f"{key} not recorded (no config.yaml): using the arc-state default "
+                         f"{default!r}")
+    if data_kwargs["cell_set_len"] is None:
+        notes.append("cell_set_len not recorded; set it explicitly before predicting")
+
+    provenance = {
+        "source": str(ckpt_path),
+        "run_dir": str(run),
+        "checkpoint_file": ckpt_path.name,
+        "sha256": _sha256(ckpt_path),
+        "global_step": _plain(ckpt.get("global_step")),
+        "epoch": _plain(ckpt.get("epoch")),
+        "lightning_version": ckpt.get("pytorch-lightning_version"),
+        "arc_state_version": _guess_version(hp, kw, run),
+        "attention": att,
+        "rope": rp,
+        "license": _license(run),
+        "license_notice": LICENSE_NOTICE,
+    }
+    notes.append(LICENSE_NOTICE)
+    if verbose:
+        for note in notes:
+            print(f"[arc import] {note}")
+    return ArcImport(
+        network=network, config=config, perturbations=perturbations, cell_types=cell_types,
+        batches=batches, pert_vectors=pert_vectors, var_dims=var_dims, gene_names=gene_names,
+        data_kwargs=data_kwargs, notes=notes, unused=unused, hyper_parameters=hp,
+        provenance=provenance,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# helpers of load_arc_run
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_paths(run_dir: Path, checkpoint: str | Path, notes: list[str]) -> tuple[Path, Path]:
+    """(run directory, real checkpoint file); a checkpoint file may be given as run_dir."""
+    if run_dir.is_file():
+        ckpt = run_dir
+        run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    else:
+        if not run_dir.is_dir():
+            raise DataError(f"run directory {run_dir} does not exist.")
+        run = run_dir
+        c = Path(checkpoint)
+        candidates = [c] if c.is_absolute() else [run / "checkpoints" / c, run / c, c]
+        found = [p for p in candidates if p.is_file()]
+        if not found and str(checkpoint) == "final.ckpt":
+            found = [p for p in (run / "checkpoints" / "last.ckpt",) if p.is_file()]
+            if found:
+                notes.append("final.ckpt not found: using last.ckpt")
+        if not found:
+            avail = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) if (
+                run / "checkpoints").is_dir() else []
+            raise DataError(f"checkpoint {str(checkpoint)!r} not found in {run}/checkpoints "
+                            f"(available: {preview(avail) or 'none'}).")
+        ckpt = found[0]
+    if ckpt.is_symlink():
+        real = ckpt.resolve()
+        notes.append(f"{ckpt.name} is a symlink to {real.name}"
+                     + (" (arc-state 0.9.x: the best checkpoint, not the latest)"
+                        if ckpt.name == "last.ckpt" else ""))
+        ckpt = real
+    notes.append(f"checkpoint: {ckpt}")
+    return run, ckpt
+
+
+def _reject_unsupported(sd: dict, hp: dict, path: Path) -> None:
+    for pat, why in _UNSUPPORTED:
+        keys = [k for k in sd if pat.search(k)]
+        if keys:
+            raise UnsupportedCheckpointError(f"{path}: {why} (keys: {preview(keys, 8)}).")
+    for key, why in (("finetune_vci_decoder", "it embeds an external embedding model"),
+                     ("nb_decoder", "the negative-binomial decoder is not implemented")):
+        if hp.get(key):
+            raise UnsupportedCheckpointError(f"{path}: {key}=true is not supported ({why}).")
+    lora = hp.get("lora")
+    if isinstance(lora, dict) and lora.get("enable"):
+        raise UnsupportedCheckpointError(f"{path}: LoRA (lora.enable=true) is not supported.")
+
+
+def _infer_backbone(sd: dict, kw: dict, h: int, n_heads: int | None, n_kv_heads: int | None,
+                    head_dim: int | None, path: Path
+                    ) -> tuple[str, int, int, int, int, int, float]:
+    """(backbone, n_layers, H, K, d, I, norm eps) from shapes + backbone kwargs + user values."""
+    tb = "transformer_backbone."
+    if tb + "layers.0.self_attn.q_proj.weight" in sd:
+        backbone = "llama"
+        blocks = {int(m.group(1)) for k in sd if (m := re.match(r"transformer_backbone\.layers\."
+                                                               r"(\d+)\.", k))}
+        q_rows = sd[tb + "layers.0.self_attn.q_proj.weight"].shape[0]
+        k_rows = sd[tb + "layers.0.self_attn.k_proj.weight"].shape[0]
+        inter = sd[tb + "layers.0.mlp.gate_proj.weight"].shape[0]
+        act = kw.get("hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedCheckpointError(f"{path}: Llama hidden_act={act!r} is not supported "
+                                             "(only SwiGLU with silu).")
+        if kw.get("rope_scaling"):
+            raise UnsupportedCheckpointError(f"{path}: rope_scaling is not supported.")
+        eps = float(kw.get("rms_norm_eps", 1e-6))
+        heads = n_heads or kw.get("num_attention_heads")
+        if heads is None:
+            cands = [n for n in range(1, q_rows + 1) if q_rows % n == 0]
+            match = _matching_presets(h, q_rows, inter, "llama")
+            raise ConfigError(
+                f"{path}: the number of attention heads is not recorded and cannot be read from "
+                f"the shapes (q_proj has {q_rows} rows = heads x head_dim). Pass n_heads= (and "
+                f"head_dim= if heads x head_dim differs from hidden_dim). Candidates: "
+                f"{preview(cands, 30)}."
+                + (f" Presets with these dimensions: {', '.join(match)}." if match else "")
+            )
+        heads = int(heads)
+        hd = int(head_dim or kw.get("head_dim") or q_rows // heads)
+        kv = int(n_kv_heads or kw.get("num_key_value_heads") or heads)
+        if heads * hd != q_rows or kv * hd != k_rows:
+            raise ConfigError(
+                f"{path}: n_heads={heads}, n_kv_heads={kv}, head_dim={hd} do not fit the weights "
+                f"(q_proj rows {q_rows} = n_heads*head_dim, k_proj rows {k_rows} = "
+                "n_kv_heads*head_dim); pass matching n_heads/n_kv_heads/head_dim."
+            )
+        return backbone, max(blocks) + 1, heads, kv, hd, inter, eps
+    if tb + "h.0.attn.c_attn.weight" in sd:
+        blocks = {int(m.group(1)) for k in sd if (m := re.match(r"transformer_backbone\.h\.(\d+)"
+                                                               r"\.", k))}
+        c_attn = sd[tb + "h.0.attn.c_attn.weight"]  # Conv1D [in, out] = [h, 3h]
+        if tuple(c_attn.shape) != (h, 3 * h):
+            raise DataError(f"{path}: GPT-2 c_attn weight has shape {tuple(c_attn.shape)}, "
+                            f"expected [{h}, {3 * h}] for hidden width {h}.")
+        inter = sd[tb + "h.0.mlp.c_fc.weight"].shape[1]
+        act = kw.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UnsupportedCheckpointError(f"{path}: GPT-2 activation_function={act!r} is not "
+                                             "supported (only the tanh GELU).")
+        heads = n_heads or kw.get("n_head") or kw.get("num_attention_heads")
+        if heads is None:
+            cands = [n for n in range(1, h + 1) if h % n == 0]
+            match = _matching_presets(h, h, inter, "gpt2")
+            raise ConfigError(
+                f"{path}: the number of attention heads (n_head) is not recorded; pass n_heads=. "
+                f"Candidates dividing {h}: {preview(cands, 30)}."
+                + (f" Presets with these dimensions: {', '.join(match)}." if match else ""))
+        heads = int(heads)
+        if h % heads or (head_dim is not None and head_dim * heads != h):
+            raise ConfigError(f"{path}: n_heads={heads} does not divide the GPT-2 width {h}.")
+        eps = float(kw.get("layer_norm_epsilon", 1e-5))
+        return "gpt2", max(blocks) + 1, heads, heads, h // heads, inter, eps
+    raise DataError(f"{path}: no transformer backbone found (neither Llama "
+                    "'transformer_backbone.layers.0...' nor GPT-2 'transformer_backbone.h.0...' "
+                    "keys).")
+
+
+def _infer_gene_decoder(sd: dict) -> tuple[int, list[int], int, bool] | None:
+    """(latent width, hidden widths, G, residual) of the gene decoder, or None."""
+    if any(k.startswith("gene_decoder.decoder.") for k in sd):
+        lin = [(i, w) for i, w in _indexed(sd, "gene_decoder.decoder") if w.dim() == 2]
+        ws = [w for _, w in lin]
+        if [i for i, _ in lin] != [4 * j for j in range(len(lin))]:
+            raise DataError("unexpected gene_decoder layout: Linear layers at "
+                            f"{[i for i, _ in lin]} (expected 0, 4, 8, ...).")
+        return ws[0].shape[1], [w.shape[0] for w in ws[:-1]], ws[-1].shape[0], False
+    if any(k.startswith("gene_decoder.blocks.") for k in sd):
+        blocks = _indexed(sd, "gene_decoder.blocks", ".0.weight")
+        final = sd.get("gene_decoder.final_layer.0.weight")
+        if final is None or not blocks:
+            raise DataError("residual gene_decoder without final_layer.0 / blocks weights.")
+        return blocks[0][1].shape[1], [w.shape[0] for _, w in blocks], final.shape[0], True
+    return None
+
+
+def _resolve_attention(backbone: str, kw: dict, attention: str | None,
+                       rope: float | None | EllipsisType, notes: list[str]
+                       ) -> tuple[str, float | None]:
+    """Attention mode and rotary base per arc-checkpoints.md §7 (never a silent guess)."""
+    if attention is not None and attention not in ("bidirectional", "causal"):
+        raise ConfigError(f"attention must be 'bidirectional' or 'causal', got {attention!r}.")
+    flag = kw.get("bidirectional_attention") if backbone == "llama" else None
+    theta = float(kw.get("rope_theta", 10000.0))
+    if flag is not None:
+        flag_att, flag_rope = ("bidirectional", None) if flag else ("causal", theta)
+        att = attention or flag_att
+        rp = flag_rope if rope is ... else rope
+        notes.append(f"attention {att}, rope {rp}: "
+                     + ("given explicitly" if attention or rope is not ... else
+                        f"from bidirectional_attention={flag} in the checkpoint"))
+        if (att, rp) != (flag_att, flag_rope):
+            notes.append(f"note: the checkpoint records bidirectional_attention={flag} "
+                         f"(= {flag_att}, rope {flag_rope}); the explicit values differ")
+        return att, rp
+    if backbone == "gpt2":
+        att = attention or "causal"
+        rp = None if rope is ... else rope
+        if attention is None:
+            msg = ("GPT-2 (pertsets) checkpoint: using attention='causal', rope=None, the way "
+                   "arc-state trained such models (its default attention kernel is causal); pass "
+                   "attention='bidirectional' if it was trained with the eager kernel")
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            notes.append(msg)
+        else:
+            notes.append(f"attention {att}, rope {rp}: given explicitly")
+        return att, rp
+    if attention is None:
+        raise AmbiguousAttentionError(
+            "this checkpoint was written by an arc-state version that did not record the attention "
+            "mode; depending on the transformers version used for training it is either "
+            "bidirectional or causal (both without positions). Pass attention=\"bidirectional\" "
+            "or attention=\"causal\", or run statetx.probe_attention(...). (To reproduce what "
+            "arc-state 0.11.1 computes for it, pass attention=\"causal\", rope=10000.0.)"
+        )
+    rp = None if rope is ... else rope
+    notes.append(f"attention {attention}, rope {rp}: given explicitly (the checkpoint does not "
+                 "record the attention mode)")
+    return attention, rp
+
+
+def _load_weights(net: StateTransitionNetwork, sd: dict, drop_decoder: bool) -> None:
+    """Map arc keys onto the network and load strictly; any key problem is an error naming it."""
+    mapped: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if _SKIP_RE.match(k) or (drop_decoder and k.startswith("gene_decoder.")):
+            continue
+        mapped[k] = (v.t() if _CONV1D_RE.match(k) else v).float().contiguous()
+    own = net.state_dict()
+    missing = [k for k in own if k not in mapped]
+    extra = [k for k in mapped if k not in own]
+    shaped = [f"{k} {tuple(mapped[k].shape)} (expected {tuple(own[k].shape)})"
+              for k in own if k in mapped and mapped[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {preview(missing, 10)}")
+    if extra:
+        problems.append(f"unexpected keys: {preview(extra, 10)}")
+    if shaped:
+        problems.append(f"misshaped keys: {preview(shaped, 10)}")
+    if problems:
+        raise DataError("the checkpoint's weights do not match the inferred architecture — "
+                        + "; ".join(problems) + ".")
+    net.load_state_dict(mapped, strict=True)
+
+
+def _optional_map(run: Path, stem: str, trust_pickle: bool, notes: list[str]) -> list[str]:
+    for ext in (".torch", ".pkl", ".pt"):
+        p = run / f"{stem}{ext}"
+        if p.exists():
+            return _read_map(p, trust_pickle)[0]
+    notes.append(f"{stem} not found: vocabulary unknown")
+    return []
+
+
+def _guess_version(hp: dict, kw: dict, run: Path) -> str:
+    if "bidirectional_attention" in kw or "basal_mapping_strategy" in hp or any(
+            run.glob("*_onehot_map.torch")):
+        return "0.11.x (inferred from the run layout)"
+    if "confidence_head" in hp or "freeze_pert" in hp or any(run.glob("*_onehot_map.pkl")):
+        return "0.9.x (inferred from the run layout)"
+    return "unknown"
+
+
+def _license(run: Path) -> str | None:
+    for name in ("LICENSE", "LICENSE.txt", "LICENSE.md", "license.txt"):
+        p = run / name
+        if p.is_file():
+            first = p.read_text(errors="replace").strip().splitlines()
+            return first[0][:200] if first else None
+    return None
