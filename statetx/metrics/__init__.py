@@ -1,0 +1,9 @@
+"""cell-eval-compatible evaluation: metrics, differential expression and VCC scoring."""
+
+from __future__ import annotations
+
+from statetx.metrics.de import wilcoxon_de
+from statetx.metrics.evaluate import PROFILES, evaluate
+from statetx.metrics.vcc import cell_mean_baseline, score_agg, vcc_score
+
+__all__ = ["PROFILES", "cell_mean_baseline", "evaluate", "score_agg", "vcc_score", "wilcoxon_de"]

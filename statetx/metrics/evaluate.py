@@ -1,0 +1,282 @@
+"""``evaluate``: cell-eval 0.8.2-compatible evaluation of a prediction against real data."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from statetx._utils import did_you_mean
+from statetx.errors import ConfigError, DataError
+from statetx.metrics import expression as ex
+from statetx.metrics._inputs import align_pair, check_scale, load
+from statetx.metrics._table import MetricTable, atomic_write_text, write_agg, write_de_csv
+from statetx.metrics.de import group_means, wilcoxon_de
+from statetx.metrics.de_metrics import check_de_table, de_metrics
+
+DE_METRICS = [
+    "overlap_at_N", "overlap_at_50", "overlap_at_100", "overlap_at_200", "overlap_at_500",
+    "precision_at_N", "precision_at_50", "precision_at_100", "precision_at_200",
+    "precision_at_500", "de_spearman_sig", "de_direction_match", "de_spearman_lfc_sig",
+    "de_sig_genes_recall", "de_nsig_counts", "pr_auc", "roc_auc",
+]
+ANNDATA_METRICS = [
+    "pearson_delta", "mse", "mae", "mse_delta", "mae_delta", "discrimination_score_l1",
+    "discrimination_score_l2", "discrimination_score_cosine", "pearson_edistance",
+    "clustering_agreement",
+]
+PROFILES: dict[str, list[str]] = {
+    "full": DE_METRICS + ANNDATA_METRICS,
+    "minimal": ["overlap_at_N", "precision_at_N", "de_nsig_counts", "pearson_delta", "mse", "mae",
+                "discrimination_score_l1"],
+    "vcc": ["overlap_at_N", "mae", "discrimination_score_l1"],
+    "pds": ["discrimination_score_l1"],
+    "de": list(DE_METRICS),
+    "anndata": list(ANNDATA_METRICS),
+}
+DE_MODES = ("pdex-0.3",)
+
+
+@dataclass
+class EvalOutput:
+    """Everything one (cell-type) evaluation produced."""
+
+    table: MetricTable
+    real_de: pd.DataFrame | None
+    pred_de: pd.DataFrame | None
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _metric_list(profile: str, skip: Iterable[str]) -> list[str]:
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}."
+                          f"{did_you_mean(profile, PROFILES)}")
+    skip = list(skip)
+    known = set(PROFILES["full"]) | {"de_nsig_counts_real", "de_nsig_counts_pred"}
+    for s in skip:
+        if s not in known:
+            raise ConfigError(f"skip_metrics: unknown metric {s!r}.{did_you_mean(s, known)}")
+    return [m for m in PROFILES[profile] if m not in skip]
+
+
+def _codes(labels: np.ndarray, order: list[str]) -> np.ndarray:
+    return pd.Categorical(labels, categories=order).codes.astype(np.int64)
+
+
+def _evaluate_one(
+    pred: ad.AnnData,
+    real: ad.AnnData,
+    *,
+    pert_col: str,
+    control_pert: str,
+    metrics: list[str],
+    embed_key: str | None,
+    de_pred: pd.DataFrame | None,
+    de_real: pd.DataFrame | None,
+    num_threads: int | None,
+    epsilon: float,
+) -> EvalOutput:
+    pl = pred.obs[pert_col].astype(str).to_numpy()
+    rl = real.obs[pert_col].astype(str).to_numpy()
+    perts = sorted(set(rl) - {control_pert})
+    if not perts:
+        raise DataError(f"no perturbation other than the control {control_pert!r} in "
+                        f"obs[{pert_col!r}]; nothing to evaluate")
+    order = [control_pert, *perts]
+    genes = real.var_names.astype(str).to_numpy()
+    pc, rc = _codes(pl, order), _codes(rl, order)
+    Xp, Xr = pred.X, real.X
+    mp = group_means(Xp, pc, len(order))
+    mr = group_means(Xr, rc, len(order))
+    table = MetricTable(perts)
+    skipped: dict[str, str] = {}
+    needs_de = any(m in DE_METRICS for m in metrics)
+    real_de, pred_de = de_real, de_pred
+    if needs_de:
+        if real_de is None:
+            real_de = wilcoxon_de(Xr, rl, control_pert, genes, epsilon=epsilon,
+                                  num_threads=num_threads, means=mr)
+        if pred_de is None:
+            pred_de = wilcoxon_de(Xp, pl, control_pert, genes, epsilon=epsilon,
+                                  num_threads=num_threads, means=mp)
+        de_vals = de_metrics(real_de, pred_de, perts)
+        for m in metrics:
+            if m == "de_nsig_counts":
+                table.add("de_nsig_counts_real", de_vals["de_nsig_counts_real"])
+                table.add("de_nsig_counts_pred", de_vals["de_nsig_counts_pred"])
+            elif m in de_vals:
+                table.add(m, de_vals[m])
+    # pseudobulks in float32, deltas against each file's own control (metrics.md §3)
+    bp = group_means(Xp, pc, len(order), float64=True).astype(np.float32)
+    br = group_means(Xr, rc, len(order), float64=True).astype(np.float32)
+    dp, dr = bp[1:] - bp[0], br[1:] - br[0]
+    emb = None
+    if embed_key is not None and any(m in metrics for m in ("discrimination_score_l2",
+                                                            "discrimination_score_cosine")):
+        ep = group_means(np.asarray(pred.obsm[embed_key]), pc, len(order), float64=True)
+        er = group_means(np.asarray(real.obsm[embed_key]), rc, len(order), float64=True)
+        emb = (er[1:] - er[0], ep[1:] - ep[0])
+    for m in metrics:
+        if m in DE_METRICS:
+            continue
+        try:
+            if m == "pearson_delta":
+                v = ex.pearson_delta(dp, dr)
+            elif m == "mse":
+                v = ex.mean_sq(bp[1:], br[1:])
+            elif m == "mae":
+                v = ex.mean_abs(bp[1:], br[1:])
+            elif m == "mse_delta":
+                v = ex.mean_sq(dp, dr)
+            elif m == "mae_delta":
+                v = ex.mean_abs(dp, dr)
+            elif m.startswith("discrimination_score_"):
+                kind = m.rsplit("_", 1)[1]
+                if emb is not None and kind != "l1":
+                    v = ex.discrimination_score(emb[0], emb[1], perts, None, kind)
+                else:
+                    v = ex.discrimination_score(dr, dp, perts, genes, kind)
+            elif m == "pearson_edistance":
+                er_ = ex.energy_distances(Xr, rc, len(order))
+                ep_ = ex.energy_distances(Xp, pc, len(order))
+                v = ex._pearson(er_, ep_)
+            elif m == "clustering_agreement":
+                from statetx.metrics.clustering import clustering_agreement
+
+                v = clustering_agreement(mr[1:], mp[1:])
+            else:  # pragma: no cover - guarded by _metric_list
+                raise ConfigError(f"unknown metric {m!r}")
+            table.add(m, v if np.ndim(v) else float(v))
+        except (ConfigError, DataError):
+            raise
+        except Exception as err:  # noqa: BLE001 - a failing metric is reported and omitted
+            skipped[m] = f"{type(err).__name__}: {err}"
+            warnings.warn(f"metric {m} could not be computed and is omitted: {err}",
+                          RuntimeWarning, stacklevel=2)
+    return EvalOutput(table, real_de, pred_de, skipped)
+
+
+def _read_de(obj: pd.DataFrame | str | Path | None, which: str) -> pd.DataFrame | None:
+    if obj is None:
+        return None
+    if not isinstance(obj, pd.DataFrame):
+        if not Path(obj).exists():
+            raise DataError(f"{which} DE table {str(obj)!r} does not exist")
+        obj = pd.read_csv(obj)
+    return check_de_table(obj, which)
+
+
+def _prefix(ct: str | None) -> str:
+    return "" if ct is None else str(ct).replace("/", "-") + "_"
+
+
+def evaluate(
+    adata_pred: ad.AnnData | str | Path | None = None,
+    adata_real: ad.AnnData | str | Path | None = None,
+    pert_col: str = "target_gene",
+    control_pert: str = "non-targeting",
+    celltype_col: str | None = None,
+    *,
+    profile: str = "full",
+    outdir: str | Path | None = None,
+    embed_key: str | None = None,
+    skip_metrics: Sequence[str] = (),
+    de_pred: pd.DataFrame | str | Path | None = None,
+    de_real: pd.DataFrame | str | Path | None = None,
+    num_threads: int | None = None,
+    allow_discrete: bool = False,
+    epsilon: float = 0.0,
+    de_mode: str = "pdex-0.3",
+    align_genes: bool = False,
+    shared_only: bool = False,
+    batch_size: int | None = None,
+    pred: ad.AnnData | str | Path | None = None,
+    real: ad.AnnData | str | Path | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Evaluate a prediction against real data like ``cell-eval run`` (metrics.md).
+
+    Returns ``(results, agg)``: one row per non-control perturbation (first column
+    ``perturbation``) and the ``describe()`` table (first column ``statistic``); with
+    ``celltype_col`` both get a leading ``celltype`` column. Nulls (undefined values) and NaN are
+    both NaN in the frames; the CSVs written to ``outdir`` keep them apart (empty field vs ``NaN``).
+    ``num_threads=None`` uses every CPU for DE. ``batch_size`` is accepted for compatibility and
+    does not change results. ``pred``/``real`` are aliases of ``adata_pred``/``adata_real``.
+    """
+    adata_pred = adata_pred if adata_pred is not None else pred
+    adata_real = adata_real if adata_real is not None else real
+    if adata_pred is None or adata_real is None:
+        raise ConfigError("evaluate needs a prediction (adata_pred) and real data (adata_real)")
+    if de_mode not in DE_MODES:
+        raise ConfigError(f"de_mode {de_mode!r} is not supported; use one of {list(DE_MODES)}")
+    metrics = _metric_list(profile, skip_metrics)
+    if num_threads is None:
+        num_threads = os.cpu_count() or 1
+    p = check_scale(load(adata_pred, "pred"), "pred", allow_discrete)
+    r = check_scale(load(adata_real, "real"), "real", allow_discrete)
+    p, r = align_pair(p, r, pert_col=pert_col, control_pert=control_pert,
+                      celltype_col=celltype_col, embed_key=embed_key,
+                      align_genes=align_genes, shared_only=shared_only)
+    dp, dr = _read_de(de_pred, "pred"), _read_de(de_real, "real")
+    if dp is not None and dr is not None:
+        tp, tr = set(dp["target"].astype(str)), set(dr["target"].astype(str))
+        if tp != tr:
+            raise DataError(f"supplied DE tables have different targets: only in pred "
+                            f"{sorted(tp - tr)[:10]}, only in real {sorted(tr - tp)[:10]}")
+    kw = dict(pert_col=pert_col, control_pert=control_pert, metrics=metrics, embed_key=embed_key,
+              de_pred=dp, de_real=dr, num_threads=num_threads, epsilon=epsilon)
+    outputs: list[tuple[str | None, EvalOutput]] = []
+    if celltype_col is None:
+        outputs.append((None, _evaluate_one(p, r, **kw)))
+    else:
+        pct = p.obs[celltype_col].astype(str).to_numpy()
+        rct = r.obs[celltype_col].astype(str).to_numpy()
+        for ct in sorted(set(rct)):
+            sub_p, sub_r = p[pct == ct], r[rct == ct]
+            try:
+                _ = align_pair(sub_p, sub_r, pert_col=pert_col, control_pert=control_pert)
+            except DataError as err:
+                raise DataError(f"cell type {ct!r}: {err}") from None
+            outputs.append((ct, _evaluate_one(sub_p, sub_r, **kw)))
+    if outdir is not None:
+        _write(Path(outdir), outputs)
+    res_parts, agg_parts = [], []
+    for ct, out in outputs:
+        res = out.table.to_frame()
+        agg, _ = out.table.describe()
+        if ct is not None:
+            res.insert(0, "celltype", ct)
+            agg.insert(0, "celltype", ct)
+        res_parts.append(res)
+        agg_parts.append(agg)
+    skipped = {m: why for _, o in outputs for m, why in o.skipped.items()}
+    if skipped:
+        print("statetx.evaluate: metrics omitted: "
+              + "; ".join(f"{m} ({why})" for m, why in skipped.items()))
+    results = pd.concat(res_parts, ignore_index=True)
+    agg = pd.concat(agg_parts, ignore_index=True)
+    results.attrs["skipped_metrics"] = skipped
+    return results, agg
+
+
+def _write(outdir: Path, outputs: list[tuple[str | None, EvalOutput]]) -> None:
+    """Write every file of every cell type; each file is replaced atomically."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    for ct, out in outputs:
+        pre = _prefix(ct)
+        out.table.write(outdir / f"{pre}results.csv")
+        agg, nulls = out.table.describe()
+        write_agg(agg, nulls, outdir / f"{pre}agg_results.csv")
+        if out.real_de is not None:
+            write_de_csv(out.real_de, outdir / f"{pre}real_de.csv")
+        if out.pred_de is not None:
+            write_de_csv(out.pred_de, outdir / f"{pre}pred_de.csv")
+        if out.skipped:
+            atomic_write_text(outdir / f"{pre}skipped_metrics.txt",
+                              "".join(f"{m}\t{why}\n" for m, why in out.skipped.items()))
+

@@ -1,0 +1,180 @@
+"""statetx.metrics.evaluate: properties, input checks, outputs and profiles (synthetic data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from statetx.errors import ConfigError, DataError
+from statetx.metrics import PROFILES, evaluate
+from statetx.metrics._synthetic import synthetic_log1p
+from statetx.metrics._table import MetricTable
+
+MINIMAL_COLS = ["perturbation", "overlap_at_N", "precision_at_N", "de_nsig_counts_real",
+                "de_nsig_counts_pred", "pearson_delta", "mse", "mae", "discrimination_score_l1"]
+
+
+@pytest.fixture(scope="module")
+def real():
+    return synthetic_log1p(6, 40, 80, 60, seed=1)
+
+
+@pytest.fixture(scope="module")
+def pred(real):
+    return synthetic_log1p(6, 30, 70, 60, seed=2, effects=real[1])[0]
+
+
+def test_perfect_prediction(real):
+    res, agg = evaluate(real[0], real[0].copy(), profile="full",
+                        skip_metrics=["clustering_agreement"], num_threads=1)
+    assert np.allclose(res["pearson_delta"], 1.0)
+    for m in ("discrimination_score_l1", "discrimination_score_l2",
+              "discrimination_score_cosine"):
+        assert (res[m] == 1.0).all(), m
+    assert (res["mae"] == 0).all() and (res["mse_delta"] == 0).all()
+    assert (res["overlap_at_N"][res["de_nsig_counts_real"] > 0] == 1.0).all()
+    assert np.isclose(res["pearson_edistance"].iloc[0], 1.0)
+    assert list(agg["statistic"]) == ["count", "null_count", "mean", "std", "min", "25%", "50%",
+                                      "75%", "max"]
+
+
+def test_good_prediction_beats_shuffled_labels(real, pred):
+    good, _ = evaluate(pred, real[0], profile="minimal", num_threads=1)
+    assert list(good.columns) == MINIMAL_COLS
+    shuf = pred.copy()
+    lab = shuf.obs["target_gene"].astype(str).to_numpy()
+    rng = np.random.default_rng(0)
+    pert = lab != "non-targeting"
+    lab[pert] = rng.permutation(lab[pert])
+    perts = sorted(set(lab[pert]))
+    ren = dict(zip(perts, perts[1:] + perts[:1]))  # also rotate names so groups are wrong
+    shuf.obs["target_gene"] = [ren.get(x, x) for x in lab]
+    bad, _ = evaluate(shuf, real[0], profile="minimal", num_threads=1)
+    assert good["pearson_delta"].mean() > 0.5
+    assert bad["pearson_delta"].mean() < good["pearson_delta"].mean()
+    assert bad["discrimination_score_l1"].mean() < good["discrimination_score_l1"].mean()
+    assert good["discrimination_score_l1"].mean() == 1.0
+
+
+def test_profiles_and_skip(real, pred):
+    for prof in ("vcc", "pds", "de", "anndata"):
+        res, _ = evaluate(pred, real[0], profile=prof, num_threads=1,
+                          skip_metrics=["clustering_agreement"] if prof == "anndata" else ())
+        want = [c for m in PROFILES[prof] if m != "clustering_agreement"
+                for c in (["de_nsig_counts_real", "de_nsig_counts_pred"]
+                          if m == "de_nsig_counts" else [m])]
+        assert list(res.columns) == ["perturbation", *want], prof
+    res, _ = evaluate(pred, real[0], profile="minimal", skip_metrics=["mse"], num_threads=1)
+    assert "mse" not in res.columns
+    with pytest.raises(ConfigError, match="msee"):
+        evaluate(pred, real[0], skip_metrics=["msee"])
+    with pytest.raises(ConfigError, match="profile"):
+        evaluate(pred, real[0], profile="fulll")
+
+
+def test_gene_order_mismatch(real, pred):
+    p = pred[:, list(reversed(pred.var_names))].copy()
+    with pytest.raises(DataError, match="different order.*position 0"):
+        evaluate(p, real[0], profile="pds")
+    res, _ = evaluate(p, real[0], profile="pds", align_genes=True)
+    ref, _ = evaluate(pred, real[0], profile="pds")
+    pd.testing.assert_frame_equal(res, ref)
+    q = pred[:, :-1].copy()
+    with pytest.raises(DataError, match="only in real: \\[G059\\]"):
+        evaluate(q, real[0], profile="pds")
+
+
+def test_missing_control_and_column(real, pred):
+    p = pred[pred.obs["target_gene"] != "non-targeting"].copy()
+    with pytest.raises(DataError, match="control label 'non-targeting' not found in pred"):
+        evaluate(p, real[0], profile="pds")
+    with pytest.raises(DataError, match="'gene' not found in pred.*target_gene"):
+        evaluate(pred, real[0], pert_col="gene", profile="pds")
+
+
+def test_label_sets_must_match(real, pred):
+    p = pred[pred.obs["target_gene"] != "G001"].copy()
+    with pytest.raises(DataError, match=r"only in real: \[G001\]"):
+        evaluate(p, real[0], profile="pds")
+    res, _ = evaluate(p, real[0], profile="pds", shared_only=True)
+    assert "G001" not in set(res["perturbation"])
+
+
+def test_scale_checks(real, pred):
+    p = pred.copy()
+    p.X = np.expm1(p.X) * 3.3  # normalised counts without log1p
+    with pytest.raises(DataError, match="pred X has a maximum.*log1p"):
+        evaluate(p, real[0], profile="pds")
+    p.X = pred.X - 1.0
+    with pytest.raises(DataError, match="pred X has negative values"):
+        evaluate(p, real[0], profile="pds")
+    p.X = np.round(np.expm1(pred.X))  # integer counts: converted, with a notice
+    with pytest.warns(UserWarning, match="raw counts"):
+        res, _ = evaluate(p, real[0], profile="pds")
+    assert res["discrimination_score_l1"].mean() > 0.5
+    p.X = pred.X.copy()
+    p.X[0, 0] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        evaluate(p, real[0], profile="pds")
+
+
+def test_outdir_files_and_celltypes(tmp_path, real, pred):
+    r, p = real[0].copy(), pred.copy()
+    r.obs["ct"] = np.where(np.arange(r.n_obs) % 2, "a/b", "c")
+    p.obs["ct"] = np.where(np.arange(p.n_obs) % 2, "a/b", "c")
+    res, agg = evaluate(p, r, celltype_col="ct", profile="minimal", outdir=tmp_path,
+                        num_threads=1)
+    assert list(res.columns[:2]) == ["celltype", "perturbation"]
+    assert set(res["celltype"]) == {"a/b", "c"}
+    names = sorted(f.name for f in tmp_path.iterdir())
+    assert names == sorted(f"{c}_{f}.csv" for c in ("a-b", "c")
+                           for f in ("results", "agg_results", "real_de", "pred_de"))
+    back = pd.read_csv(tmp_path / "c_results.csv")
+    assert list(back.columns) == MINIMAL_COLS
+    de = pd.read_csv(tmp_path / "c_real_de.csv")
+    assert list(de.columns[:2]) == ["target", "feature"]
+    r.obs.loc[r.obs_names[0], "ct"] = "zzz"
+    with pytest.raises(DataError, match="zzz"):
+        evaluate(p, r, celltype_col="ct", profile="pds")
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, real, pred, monkeypatch):
+    import statetx.metrics._table as tb
+
+    def boom(self, path, **kw):
+        with open(path, "w") as fh:
+            fh.write("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", boom)
+    with pytest.raises(OSError):
+        evaluate(pred, real[0], profile="minimal", outdir=tmp_path, num_threads=1)
+    assert not any(f.name.endswith("_de.csv") or f.name.endswith(".tmp")
+                   for f in tmp_path.iterdir())
+    assert tb  # module used
+
+
+def test_supplied_de_tables(tmp_path, real, pred):
+    res, _ = evaluate(pred, real[0], profile="minimal", outdir=tmp_path, num_threads=1)
+    res2, _ = evaluate(pred, real[0], profile="minimal", de_pred=tmp_path / "pred_de.csv",
+                       de_real=tmp_path / "real_de.csv", num_threads=1)
+    pd.testing.assert_frame_equal(res, res2)
+    bad = pd.read_csv(tmp_path / "real_de.csv").drop(columns=["fdr"])
+    with pytest.raises(DataError, match="fdr"):
+        evaluate(pred, real[0], de_real=bad)
+
+
+def test_describe_null_and_nan_rules():
+    t = MetricTable(["a", "b", "c", "d", "e"])
+    t.add("x", [0.975, float("nan"), 0.85, 0.4856, 0.1724])
+    t.add("y", [1.0, None, 0.5, 0.25, 0.0])
+    agg, nulls = t.describe()
+    x = dict(zip(agg["statistic"], agg["x"]))
+    y = dict(zip(agg["statistic"], agg["y"]))
+    assert x["count"] == 5 and x["null_count"] == 0 and np.isnan(x["mean"]) and np.isnan(x["std"])
+    assert x["min"] == 0.1724 and x["max"] == 0.975
+    assert (x["25%"], x["50%"], x["75%"]) == (0.4856, 0.85, 0.975)
+    assert y["count"] == 4 and y["null_count"] == 1 and y["mean"] == 0.4375
+    assert (y["25%"], y["50%"], y["75%"]) == (0.25, 0.5, 0.5)  # index floor(q(n-1) + 0.5)
+    assert not nulls["y"].any()
