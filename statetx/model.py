@@ -606,6 +606,58 @@ class StateTransitionModel(BaseEstimator):
         model.n_features_in_ = len(model.var_names_)
         return model
 
+    @classmethod
+    def from_arc_state(cls, run_dir: str | Path, checkpoint: str | Path = "final.ckpt", *,
+                       attention: str | None = None, rope: Any = ...,
+                       verbose: bool = True, **options: Any) -> StateTransitionModel:
+        """A fitted model from an arc-state (0.9.x / 0.11.x) run directory and checkpoint.
+
+        The checkpoint is read without executing pickled code. ``attention`` / ``rope`` override
+        what the checkpoint records (required for 0.9.x Llama checkpoints, which do not record
+        whether they ran bidirectional or causal). Other ``options`` go to
+        :func:`statetx.arc.load_arc_run`. The resolution notes (attention mode, positions, output
+        activation, dropped modules, licence) are printed and kept in ``arc_import_``.
+        """
+        from statetx.arc import load_arc_run
+
+        imp = load_arc_run(run_dir, checkpoint, attention=attention, rope=rope, **options)
+        if verbose:
+            for note in imp.notes:
+                print(f"statetx: {note}")
+        dk = imp.data_kwargs
+        cfg = imp.config
+        model = cls(pert_col=dk.get("pert_col", "gene"),
+                    cell_type_key=dk.get("cell_type_key", "cell_type"),
+                    batch_col=dk.get("batch_col"), control_pert=dk.get("control_pert"),
+                    embed_key=dk.get("embed_key"), output_space=cfg.output_space,
+                    cell_set_len=dk.get("cell_set_len"), device="cpu")
+        vectors = np.asarray(imp.pert_vectors, dtype=np.float32)
+        one_hot = vectors.shape[0] == vectors.shape[1] and np.array_equal(
+            vectors, np.eye(len(vectors), dtype=np.float32))
+        control = dk.get("control_pert") or "non-targeting"
+        model.vocab_ = Vocab(list(imp.perturbations), list(imp.cell_types), list(imp.batches),
+                             control, None if one_hot else vectors)
+        model.network_ = imp.network.eval()
+        model.network_config_ = cfg
+        model.columns_ = ColumnMap(
+            pert_col=model.pert_col, cell_type_key=model.cell_type_key,
+            batch_col=model.batch_col, control_pert=control, embed_key=model.embed_key,
+            output_space=cfg.output_space)
+        genes = [str(g) for g in imp.gene_names]
+        if cfg.gene_dim:
+            model.gene_names_ = genes if len(genes) == cfg.gene_dim else None
+            model.var_names_ = [f"{model.embed_key}_{i}" for i in range(cfg.input_dim)]
+        else:
+            model.gene_names_ = None
+            model.var_names_ = (genes if len(genes) == cfg.input_dim else
+                                [f"{model.embed_key or 'X'}_{i}" for i in range(cfg.input_dim)])
+        model.cell_set_len_ = int(dk.get("cell_set_len") or 512)
+        model.is_log1p_ = True
+        model.n_features_in_ = cfg.input_dim
+        model.arc_import_ = {"notes": list(imp.notes), "unused": list(imp.unused),
+                             "provenance": dict(imp.provenance)}
+        return model
+
     def _write_run_files(self, out: Path, prepared: PreparedData, split_config) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "vocab.json").write_text(json.dumps(self.vocab_.to_dict(), indent=1))

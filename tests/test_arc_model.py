@@ -1,0 +1,62 @@
+"""``StateTransitionModel.from_arc_state`` on the arc-state fixture runs (end-to-end infer)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+from conftest import FIXTURES, need
+
+from statetx import StateTransitionModel
+
+ARC = FIXTURES / "arc_state"
+RUNS = ["model_a_llama_bidir", "model_b_gpt2", "model_c_llama_all", "model_d_llama_causal_rope"]
+
+
+@pytest.fixture(scope="module")
+def model_a():
+    return StateTransitionModel.from_arc_state(need(ARC / "runs" / RUNS[0]), verbose=False)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_every_fixture_run_imports_as_a_fitted_estimator(run):
+    m = StateTransitionModel.from_arc_state(need(ARC / "runs" / run), verbose=False)
+    assert m.vocab_.perturbations[-1] == "non-targeting"
+    assert m.cell_set_len_ == 16
+    assert m.arc_import_["notes"]
+    x = np.random.default_rng(0).random((2, 5, m.n_features_in_), dtype=np.float32)
+    out = m.predict_sets(x, ["GENE005", "GENE016"], batch=["batch1", "batch2"]
+                         if m.network_config_.batch_encoder else None)
+    assert out.shape[:2] == (2, 5) and np.isfinite(out).all()
+
+
+def test_infer_windows_reproduced_exactly(model_a):
+    """Every forward window arc-state ran during `tx infer` gives the same raw output."""
+    w = np.load(need(ARC / "infer" / "infer_windows_model_a.npz"))
+    inp = ad.read_h5ad(ARC / "infer" / "infer_input.h5ad")
+    x = np.asarray(inp.obsm["X_hvg"])
+    pos = 0
+    for n, pert in zip(w["window_len"], w["window_pert_name"]):
+        rows = w["ctrl_row_index"][pos:pos + n]
+        out = model_a.predict_sets(x[rows], str(pert), batch=w["batch_idx"][pos:pos + n])
+        np.testing.assert_allclose(out, w["preds_raw"][pos:pos + n], atol=1e-5)
+        pos += n
+    assert pos == 100
+
+
+def test_infer_end_to_end_matches_in_distribution(model_a):
+    """statetx.predict draws its own controls, so only group means are compared.
+
+    Tolerance: 0.15 (max over genes of |mean difference|) for log1p values around 1; the two
+    runs differ only in which control cells are drawn as basal states.
+    """
+    inp = ad.read_h5ad(need(ARC / "infer" / "infer_input.h5ad"))
+    ref = ad.read_h5ad(ARC / "infer" / "infer_output_model_a.h5ad")
+    pred = model_a.predict(inp, windows="reference")
+    assert list(pred.obs_names) == list(inp.obs_names)
+    key = (inp.obs["cell_type"].astype(str) + "|" + inp.obs["gene"].astype(str)).to_numpy()
+    for k in np.unique(key):
+        sel = key == k
+        diff = np.abs(pred.X[sel].mean(0) - ref.obsm["X_hvg"][sel].mean(0)).max()
+        assert diff < 0.15, (k, diff)
+    assert pred.X.min() >= 0 and pred.X.max() <= 14
