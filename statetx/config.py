@@ -18,6 +18,7 @@ need the data (cell types, perturbation names, controls) run in :mod:`statetx.sp
 from __future__ import annotations
 
 import glob
+import json
 import re
 import sys
 from pathlib import Path
@@ -279,7 +280,14 @@ def _read_toml_text(obj: str | Path) -> tuple[str, str, Path | None]:
 
 
 def _looks_like_path(s: str) -> bool:
-    return "\n" not in s and "=" not in s and "[" not in s
+    if "\n" in s:
+        return False
+    try:  # an existing file wins, even if its name contains '[' or '='
+        if Path(s).expanduser().is_file():
+            return True
+    except OSError:  # e.g. a one-line TOML string too long to be a file name
+        pass
+    return "=" not in s and "[" not in s
 
 
 # ---------------------------------------------------------------------- path patterns
@@ -322,10 +330,11 @@ def _resolve_one(pattern: str, base: Path) -> list[Path]:
 
 
 def _q(key: str) -> str:
-    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else '"' + key.replace('"', '\\"') + '"'
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _tv(key)
 
 
 def _tv(value: str | list[str]) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_tv(v) for v in value) + "]"
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # a JSON string literal is a valid TOML basic string (escapes quotes, backslashes, controls)
+    return json.dumps(value, ensure_ascii=False)

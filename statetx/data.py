@@ -20,7 +20,7 @@ import torch
 
 from statetx._utils import looks_log1p
 from statetx.config import SPLITS, ColumnMap, SplitConfig
-from statetx.errors import ConfigError, DataError
+from statetx.errors import ConfigError, DataError, SplitConfigError
 from statetx.io import (
     DataFile,
     check_source,
@@ -108,11 +108,11 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
                                       c.batch_col))
             continue
         if name not in config.datasets:
-            section = next(s for s in ("training", "zeroshot", "fewshot")
-                           if any(k.split(".")[0] == name for k in getattr(config, s)))
-            raise DataError(
-                f"dataset '{name}' is used in [{section}] but has no entry in [datasets] and was "
-                f"not passed in memory. Add a line such as: {name} = \"/path/to/{name}/\""
+            section, key = next((s, k) for s in ("training", "zeroshot", "fewshot")
+                                for k in getattr(config, s) if k.split(".")[0] == name)
+            raise SplitConfigError(
+                f'dataset \'{name}\' is used in [{section}] "{key}" but has no entry in [datasets] '
+                f"and was not passed in memory. Add a line such as: {name} = \"/path/to/{name}/\""
             )
         for path in config.resolve_paths(name):
             files.append(open_file(path, name, c.pert_col, c.cell_type_key, c.batch_col))
@@ -138,6 +138,7 @@ def prepare(
 ) -> PreparedData:
     """Validate inputs against the split spec and build the per-split matrices."""
     config = SplitConfig.from_toml(split_config if split_config is not None else {})
+    config = config.model_copy(deep=True)  # load_files may fill [training]; keep the caller's
     files = load_files(data, config, columns, dataset_name)
     control = resolve_control(files, columns.control_pert, columns.pert_col)
     columns = columns.model_copy(update={"control_pert": control})

@@ -88,9 +88,17 @@ def feature_table(features: dict[str, np.ndarray], observed: Sequence[str], cont
         raise ConfigError(f"on_missing_features={on_missing!r} is invalid; expected 'zeros' or "
                           "'error'.")
     names = list(features)
-    width = {np.asarray(v).reshape(-1).shape[0] for v in features.values()}
+    if not names:
+        raise DataError("the perturbation feature table is empty (no name -> vector entries).")
+    width: dict[int, str] = {}  # length -> first perturbation with that length
+    for n, v in features.items():
+        width.setdefault(np.asarray(v).reshape(-1).shape[0], n)
     if len(width) != 1:
-        raise DataError(f"perturbation feature vectors have different lengths: {sorted(width)}.")
+        raise DataError(
+            "perturbation feature vectors have different lengths: "
+            + ", ".join(f"'{n}' has {w}" for w, n in sorted(width.items()))
+            + ". All vectors must have the same length."
+        )
     (p,) = width
     missing = [n for n in observed if n not in features]
     missing_pert = [n for n in missing if n != control]

@@ -1,0 +1,336 @@
+"""Bad inputs (data.md §2.10): each raises the documented error class with a message that names the
+offending key, file or value. Everything here is synthetic; nothing needs ../shared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from statetx.config import ColumnMap, SplitConfig
+from statetx.data import prepare
+from statetx.errors import ConfigError, DataError, SplitConfigError
+from statetx.io import from_anndata, resolve_control
+from statetx.sets import CellSetSampler
+from statetx.splits import assign
+from statetx.vocab import load_pert_features
+
+COLS = ColumnMap.build(pert_col="gene", cell_type_key="cell_type", batch_col="gem_group",
+                       control_pert="ctrl")
+TRAIN = {"training": {"d": "train"}}
+
+
+def make_adata(cell_types=("A", "B"), perts=("P1", "P2", "ctrl"), n: int = 3, genes: int = 5,
+               seed: int = 0, var_prefix: str = "g") -> ad.AnnData:
+    rows = [(ct, p, f"gg{i % 2}") for ct in cell_types for p in perts for i in range(n)]
+    obs = pd.DataFrame(rows, columns=["cell_type", "gene", "gem_group"],
+                       index=[f"c{i}" for i in range(len(rows))])
+    X = np.random.default_rng(seed).random((len(rows), genes), dtype=np.float32)
+    a = ad.AnnData(X, obs=obs)
+    a.var_names = [f"{var_prefix}{i}" for i in range(genes)]
+    return a
+
+
+def write(a: ad.AnnData, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a.write_h5ad(path)
+    return path
+
+
+def toml(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "split.toml"
+    p.write_text(text)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# the split file itself (SplitConfigError)
+
+
+def test_missing_dataset_path(tmp_path):
+    path = toml(tmp_path, '[datasets]\nreplogle = "no/such/dir"\n[training]\nreplogle = "train"\n')
+    with pytest.raises(SplitConfigError,
+                       match=r'\[datasets\]\.replogle = "no/such/dir" matched no \.h5 or \.h5ad') \
+            as exc:
+        prepare(None, path, COLS)
+    assert str(tmp_path.resolve()) in str(exc.value)  # says where it searched
+
+
+def test_empty_glob(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "notes.txt").write_text("not data")
+    path = toml(tmp_path, '[datasets]\nreplogle = "raw/*.h5ad"\n[training]\nreplogle = "train"\n')
+    with pytest.raises(SplitConfigError, match=r'"raw/\*\.h5ad" matched no .*not searched '
+                                               "recursively"):
+        SplitConfig.from_toml(path).resolve_paths("replogle")
+
+
+@pytest.mark.parametrize("section,body", [
+    ("zeroshot", '[zeroshot]\n"replogle.hepg2" = "test"\n'),
+    ("fewshot", '[fewshot."replogle.hepg2"]\ntest = ["MYC"]\n'),
+])
+def test_dataset_referenced_but_not_declared(tmp_path, section, body):
+    path = toml(tmp_path, '[datasets]\nother = "x.h5ad"\n' + body)
+    with pytest.raises(SplitConfigError,
+                       match=rf"dataset 'replogle' is used in \[{section}\] \"replogle.hepg2\" "
+                             r"but has no entry in \[datasets\].*replogle = "):
+        prepare(None, path, COLS)
+
+
+def test_training_value_other_than_train():
+    with pytest.raises(SplitConfigError,
+                       match=r'\[training\]\.replogle = "val" is not allowed.*only accepted value '
+                             'is "train"'):
+        SplitConfig.from_toml('[training]\nreplogle = "val"\n')
+
+
+@pytest.mark.parametrize("text,key", [
+    ('[zeroshot]\nreplogle_hepg2 = "test"\n', "replogle_hepg2"),
+    ('[zeroshot]\n"replogle." = "test"\n', "replogle."),
+    ('[fewshot.K562]\nval = ["MYC"]\n', "K562"),
+])
+def test_heldout_key_without_a_dot(text, key):
+    with pytest.raises(SplitConfigError,
+                       match=rf'key "{key}" must have the form "<dataset>.<cell type>"'):
+        SplitConfig.from_toml(text)
+
+
+def test_zeroshot_value_not_a_split():
+    with pytest.raises(SplitConfigError,
+                       match=r'\[zeroshot\]\."replogle.hepg2" = "testing": the split must be'):
+        SplitConfig.from_toml('[zeroshot]\n"replogle.hepg2" = "testing"\n')
+
+
+def test_unknown_fewshot_key():
+    with pytest.raises(SplitConfigError,
+                       match=r"\[fewshot\]\.\"replogle.K562\" has an unknown key 'train'; only "
+                             "'val' and 'test'"):
+        SplitConfig.from_toml('[fewshot."replogle.K562"]\ntrain = ["A"]\ntest = ["B"]\n')
+
+
+def test_unknown_section_with_did_you_mean():
+    with pytest.raises(SplitConfigError,
+                       match=r"unknown section \[zeroshoot\].*Did you mean: 'zeroshot'"):
+        SplitConfig.from_toml('[zeroshoot]\n"a.b" = "test"\n')
+
+
+def test_toml_syntax_error_reports_line_and_column(tmp_path):
+    text = '[datasets]\nkang = "k.h5ad"\n[training]\nkang = train\n'
+    with pytest.raises(SplitConfigError, match=r"invalid TOML: .*line 4, column 8"):
+        SplitConfig.from_toml(text)
+    path = toml(tmp_path, text)
+    with pytest.raises(SplitConfigError, match=rf"{path.name}: invalid TOML: .*line 4"):
+        SplitConfig.from_toml(path)
+
+
+def test_perturbation_in_both_val_and_test():
+    with pytest.raises(SplitConfigError,
+                       match=r"perturbation 'MYC' is listed in both val and test of "
+                             r"\[fewshot\]\.\"replogle.K562\""):
+        SplitConfig.from_toml('[fewshot."replogle.K562"]\nval = ["MYC", "A"]\ntest = ["MYC"]\n')
+
+
+def test_same_cell_type_in_zeroshot_and_fewshot():
+    text = '[zeroshot]\n"replogle.K562" = "test"\n[fewshot."replogle.K562"]\nval = ["MYC"]\n'
+    with pytest.raises(SplitConfigError,
+                       match=r'"replogle.K562" appears in both \[zeroshot\] and \[fewshot\]'):
+        SplitConfig.from_toml(text)
+
+
+def test_dataset_name_with_a_dot_and_bad_path_value():
+    with pytest.raises(SplitConfigError, match=r"\[datasets\] name 'rep.logle' contains a dot"):
+        SplitConfig.from_toml({"datasets": {"rep.logle": "x"}})
+    with pytest.raises(SplitConfigError, match=r"\[datasets\]\.d = 3 must be a path"):
+        SplitConfig.from_toml({"datasets": {"d": 3}})
+
+
+# ---------------------------------------------------------------------------------------------
+# data contradicting the file (DataError)
+
+
+def test_cell_type_absent_lists_available():
+    spec = {**TRAIN, "zeroshot": {"d.hepg2": "test"}}
+    with pytest.raises(DataError,
+                       match=r"cell type 'hepg2' \(\[zeroshot\]\.\"d.hepg2\"\) does not occur in "
+                             r"obs\['cell_type'\] of any file of dataset 'd'\. Available: A, B"):
+        prepare(make_adata(), spec, COLS)
+
+
+def test_fewshot_perturbation_absent():
+    spec = {**TRAIN, "fewshot": {"d.A": {"test": ["P1", "FOO", "BAR"]}}}
+    with pytest.raises(DataError, match=r"\[fewshot\]\.\"d.A\"\.test lists 2 perturbation\(s\) "
+                                        r"that no A cell carries in obs\['gene'\]: FOO, BAR"):
+        prepare(make_adata(), spec, COLS)
+    # the documented escape hatch turns it into a warning naming them
+    with pytest.warns(UserWarning, match="FOO, BAR"):
+        df = assign(make_adata(), spec, COLS, on_missing_perturbation="warn")
+    assert df["test"].any()
+
+
+def test_fewshot_listing_the_control_label():
+    spec = {**TRAIN, "fewshot": {"d.A": {"val": ["ctrl"]}}}
+    with pytest.raises(DataError, match=r"\[fewshot\]\.\"d.A\" lists the control label 'ctrl'"):
+        assign(make_adata(), spec, COLS)
+
+
+def test_obs_column_absent_suggests_close_match():
+    cols = COLS.model_copy(update={"pert_col": "gen"})
+    with pytest.raises(DataError, match=r"obs column 'gen' not found in <AnnData 'd'> "
+                                        r"\(available: .*gene.*Did you mean: 'gene'.*pert_col"):
+        prepare(make_adata(), TRAIN, cols)
+    cols = COLS.model_copy(update={"cell_type_key": "celltype"})
+    with pytest.raises(DataError, match=r"'celltype' not found.*Did you mean: 'cell_type'"):
+        prepare(make_adata(), TRAIN, cols)
+
+
+def test_control_label_absent_in_a_file(tmp_path):
+    good = write(make_adata(), tmp_path / "data" / "a.h5ad")
+    bad = make_adata(perts=("P1", "NT", "ctrl_like"))
+    write(bad, tmp_path / "data" / "k562.h5ad")
+    path = toml(tmp_path, '[datasets]\nd = "data"\n[training]\nd = "train"\n')
+    with pytest.raises(DataError, match=r"control_pert 'ctrl' is not a value of obs\['gene'\] in "
+                                        r"k562\.h5ad\. Values that look like controls: NT, "
+                                        "ctrl_like"):
+        prepare(None, path, COLS)
+    assert good.exists()
+
+
+def test_control_label_not_given_and_not_detectable():
+    a = make_adata(perts=("P1", "NT", "vehicle"))
+    cols = COLS.model_copy(update={"control_pert": None})
+    with pytest.raises(ConfigError, match=r"control_pert was not given.*obs\['gene'\].*"
+                                          "look like controls: NT, vehicle"):
+        prepare(a, TRAIN, cols)
+    # exactly one reference default present -> detected
+    b = make_adata(perts=("P1", "non-targeting"))
+    prep = prepare(b, TRAIN, cols)
+    assert prep.columns.control_pert == "non-targeting"
+    # both reference defaults present -> ambiguous, named in the error
+    with pytest.raises(ConfigError, match=r"look like controls: .*DMSO_TF.*non-targeting"):
+        resolve_control([from_anndata(make_adata(perts=("P1", "non-targeting", "DMSO_TF")), "d",
+                                      "gene", "cell_type", None)], None, "gene")
+
+
+def test_cell_type_with_perturbed_cells_but_no_controls():
+    a = make_adata()
+    a = a[~((a.obs["cell_type"] == "B") & (a.obs["gene"] == "ctrl"))].copy()
+    with pytest.raises(DataError, match=r"cell type 'B' of dataset 'd' .*split train\) has 6 "
+                                        "perturbed cells and no control cells"):
+        prepare(a, TRAIN, COLS)
+    # held out to test: the error names that split
+    with pytest.raises(DataError, match=r"cell type 'B' .*split test\)"):
+        prepare(a, {**TRAIN, "zeroshot": {"d.B": "test"}}, COLS)
+
+
+def test_empty_train_split():
+    spec = {"zeroshot": {"d.A": "test", "d.B": "val"}}
+    with pytest.raises(DataError, match="the training split is empty"):
+        prepare(make_adata(), spec, COLS, heldout_controls_in_train=False)
+    with pytest.raises(DataError, match="training split is empty.*yield_controls is false"):
+        prepare(make_adata(), spec, COLS, yield_controls=False)
+    # default: the held-out cell types' controls train, so this is valid
+    prep = prepare(make_adata(), spec, COLS)
+    assert prep.splits["train"].is_control.all()
+
+
+@pytest.mark.parametrize("col", ["gene", "cell_type", "gem_group"])
+def test_nan_labels(col):
+    a = make_adata()
+    values = a.obs[col].astype(object).to_numpy()
+    values[[1, 4]] = np.nan
+    a.obs[col] = pd.Categorical(values)
+    with pytest.raises(DataError, match=rf"obs\['{col}'\] has 2 missing values in <AnnData 'd'>"):
+        prepare(a, TRAIN, COLS)
+
+
+def test_obsm_key_absent():
+    a = make_adata()
+    a.obsm["X_pca"] = np.zeros((a.n_obs, 2), dtype=np.float32)
+    cols = COLS.model_copy(update={"embed_key": "X_state"})
+    with pytest.raises(DataError, match=r"obsm\['X_state'\] not found in <AnnData 'd'> "
+                                        r"\(available: X_pca\)"):
+        prepare(a, TRAIN, cols)
+
+
+def test_files_disagree_on_width(tmp_path):
+    write(make_adata(genes=5), tmp_path / "d" / "k562.h5ad")
+    write(make_adata(genes=4), tmp_path / "d" / "rpe1.h5ad")
+    path = toml(tmp_path, '[datasets]\nd = "d"\n[training]\nd = "train"\n')
+    with pytest.raises(DataError, match=r"k562\.h5ad has X of width 5, rpe1\.h5ad of width 4"):
+        prepare(None, path, COLS)
+
+
+def test_files_disagree_on_gene_names():
+    data = {"a": make_adata(), "b": make_adata(var_prefix="h")}
+    spec = {"training": {"a": "train", "b": "train"}}
+    with pytest.raises(DataError, match=r"gene names: <AnnData 'a'> has 'g0' at column 0, "
+                                        r"<AnnData 'b'> has 'h0'"):
+        prepare(data, spec, COLS)
+
+
+def test_csc_matrix_rejected_in_memory_and_on_disk(tmp_path):
+    a = make_adata()
+    a.X = sp.csc_matrix(a.X)
+    with pytest.raises(DataError, match="csc_matrix.*dense or CSR.*tocsr"):
+        prepare(a, TRAIN, COLS)
+    write(a, tmp_path / "d" / "x.h5ad")
+    path = toml(tmp_path, '[datasets]\nd = "d"\n[training]\nd = "train"\n')
+    with pytest.raises(DataError, match=r"'X' in .*x\.h5ad is stored as 'csc_matrix'"):
+        prepare(None, path, COLS)
+    # CSR is fine and reads the same values
+    a.X = sp.csr_matrix(a.X)
+    prep = prepare(a, TRAIN, COLS)
+    np.testing.assert_allclose(prep.splits["train"].X.numpy(), a.X.toarray())
+
+
+def test_pert_feature_lengths_differ():
+    feats = {"P1": np.ones(3), "P2": np.ones(4), "ctrl": np.zeros(3)}
+    with pytest.raises(DataError, match=r"different lengths: 'P1' has 3, 'P2' has 4"):
+        prepare(make_adata(), TRAIN, COLS, pert_features=feats)
+
+
+def test_pert_feature_table_empty():
+    with pytest.raises(DataError, match="perturbation feature table is empty"):
+        prepare(make_adata(), TRAIN, COLS, pert_features={})
+
+
+def test_pert_feature_non_finite_and_missing_file(tmp_path):
+    feats = {"P1": np.ones(3), "P2": np.array([1.0, np.nan, 0.0])}
+    with pytest.raises(DataError, match=r"NaN/Inf for: P2"):
+        prepare(make_adata(), TRAIN, COLS, pert_features=feats)
+    with pytest.raises(DataError, match=r"feature file .*esm2\.pt does not exist"):
+        load_pert_features(tmp_path / "esm2.pt")
+    with pytest.raises(DataError, match=r"1 perturbation\(s\) have no feature vector: P2"):
+        prepare(make_adata(), TRAIN, COLS, pert_features={"P1": np.ones(3)},
+                on_missing_features="error")
+
+
+def test_counts_for_output_space_all():
+    a = make_adata()
+    a.X = np.round(a.X * 10)
+    a.obsm["X_hvg"] = a.X.copy()
+    cols = COLS.model_copy(update={"embed_key": "X_hvg", "output_space": "all"})
+    with pytest.raises(DataError, match=r"output_space='all' expects log1p.*<AnnData 'd'>"):
+        prepare(a, TRAIN, cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# invalid options (ConfigError)
+
+
+def test_invalid_option_values():
+    with pytest.raises(ConfigError, match=r"output_space='genes' is invalid"):
+        ColumnMap.build(output_space="genes")
+    prep = prepare(make_adata(), TRAIN, COLS)
+    with pytest.raises(ConfigError, match=r"basal_mapping_strategy='batches' is invalid"):
+        CellSetSampler(prep.splits["train"], prep.vocab, 4, 2, pairing="batches")
+    with pytest.raises(ConfigError, match=r"on_missing_features='skip'"):
+        prepare(make_adata(), TRAIN, COLS, pert_features={"P1": np.ones(2)},
+                on_missing_features="skip")
+    with pytest.raises(ConfigError, match=r"output_space='embedding' requires embed_key"):
+        prepare(make_adata(), TRAIN, COLS.model_copy(update={"output_space": "embedding"}))

@@ -1,0 +1,384 @@
+"""Tests of the cell-set sampler (statetx.sets): shapes, grouping, pairing, determinism, epochs,
+padding, drop_last, sharding, the reference flat dict and float16 storage.
+
+Most tests use a small synthetic AnnData (no ../shared needed); the pairing tests also run on
+Kang 2018 (5 cell types, 2 donors).
+"""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from statetx.config import ColumnMap
+from statetx.data import PreparedData, prepare
+from statetx.errors import ConfigError
+from statetx.sets import CellSetBatch, CellSetSampler
+
+SYN_COLS = ColumnMap.build(pert_col="gene", cell_type_key="cell_type", batch_col="batch",
+                           control_pert="ctrl")
+KANG_COLS = ColumnMap.build(pert_col="target_gene", cell_type_key="cell_type", batch_col="batch",
+                            control_pert="control")
+
+# (cell type, batch, perturbation) -> number of cells. B/b1 has no controls (batch fallback).
+SIZES = {
+    ("A", "b1", "P1"): 9, ("A", "b1", "P2"): 5, ("A", "b1", "ctrl"): 6,
+    ("A", "b2", "P1"): 4, ("A", "b2", "P3"): 8, ("A", "b2", "ctrl"): 5,
+    ("B", "b1", "P1"): 7, ("B", "b1", "P2"): 16,
+    ("B", "b2", "P2"): 3, ("B", "b2", "ctrl"): 4,
+}
+# groups of the random strategy, (cell type, perturbation) -> size (controls form groups too)
+RANDOM_GROUPS = {("A", "P1"): 13, ("A", "P2"): 5, ("A", "P3"): 8, ("A", "ctrl"): 11,
+                 ("B", "P1"): 7, ("B", "P2"): 19, ("B", "ctrl"): 4}
+D = 6
+
+
+def synth_adata(seed: int = 0) -> ad.AnnData:
+    rows = [k for k, n in SIZES.items() for _ in range(n)]
+    rng = np.random.default_rng(seed)
+    rng.shuffle(rows)  # groups are not contiguous in the input
+    obs = pd.DataFrame(rows, columns=["cell_type", "batch", "gene"],
+                       index=[f"cell{i}" for i in range(len(rows))])
+    X = rng.random((len(rows), D), dtype=np.float32) * 3
+    return ad.AnnData(X, obs=obs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Row gathers are tiny; on a shared, oversubscribed CPU intra-op threads only add waiting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def syn() -> PreparedData:
+    return prepare(synth_adata(), {"training": {"syn": "train"}}, SYN_COLS)
+
+
+@pytest.fixture(scope="module")
+def kang_prep(kang_log) -> PreparedData:
+    return prepare(kang_log, {"training": {"kang": "train"}}, KANG_COLS)
+
+
+def sampler(prep: PreparedData, S: int = 4, B: int = 3, **kw) -> CellSetSampler:
+    return CellSetSampler(prep.splits["train"], prep.vocab, S, B, **kw)
+
+
+def all_sets(s: CellSetSampler, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Target and basal rows of every set actually yielded in an epoch."""
+    bs = list(s.batches(epoch))
+    return (np.concatenate([b.target_rows for b in bs]),
+            np.concatenate([b.basal_rows for b in bs]))
+
+
+def n_sets(sizes, S: int, drop_last: bool = False) -> int:
+    return sum(n // S if drop_last else -(-n // S) for n in sizes)
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes and contents
+
+
+def test_batch_shapes_and_contents(syn):
+    s = sampler(syn, S=4, B=3, seed=1)
+    d = syn.splits["train"]
+    P = len(syn.vocab.perturbations)
+    b = next(iter(s.batches(0)))
+    assert isinstance(b, CellSetBatch)
+    assert b.basal.shape == b.target.shape == (3, 4, D)
+    assert b.pert.shape == (3, 4, P)
+    for t in (b.pert_index, b.batch_index, b.cell_type_index):
+        assert t.shape == (3, 4) and t.dtype == torch.int64
+    assert b.target_rows.shape == b.basal_rows.shape == (3, 4)
+    assert b.basal.dtype == b.target.dtype == b.pert.dtype == torch.float32
+    assert b.n_cells == 12 and b.counts is None
+    # tensors are the rows the indices name
+    torch.testing.assert_close(b.target, d.X[torch.from_numpy(b.target_rows)])
+    torch.testing.assert_close(b.basal, d.X[torch.from_numpy(b.basal_rows)])
+    np.testing.assert_array_equal(b.pert_index.numpy(), d.pert[b.target_rows])
+    np.testing.assert_array_equal(b.batch_index.numpy(), d.batch[b.target_rows])
+    # one-hot perturbation vectors
+    assert (b.pert.sum(-1) == 1).all()
+    np.testing.assert_array_equal(b.pert.argmax(-1).numpy(), b.pert_index.numpy())
+    assert b.pert_name == [syn.vocab.perturbations[i] for i in b.pert_index[:, 0].tolist()]
+    assert b.cell_type == [syn.vocab.cell_types[i] for i in b.cell_type_index[:, 0].tolist()]
+
+
+@pytest.mark.parametrize("S,B,drop_last", [(4, 3, False), (4, 3, True), (8, 2, False),
+                                           (8, 2, True), (1, 5, False), (32, 1, False)])
+def test_len_equals_batches_yielded(syn, S, B, drop_last):
+    s = sampler(syn, S=S, B=B, drop_last=drop_last)
+    for epoch in (0, 1):
+        bs = list(s.batches(epoch))
+        assert len(s) == len(bs)
+    n = n_sets(RANDOM_GROUPS.values(), S, drop_last)
+    assert sum(b.target.shape[0] for b in bs) == (n // B * B if drop_last else n)
+    assert s.n_groups == len(RANDOM_GROUPS)
+
+
+@pytest.mark.parametrize("data", ["syn", "kang_prep"])
+@pytest.mark.parametrize("pairing", ["random", "batch"])
+def test_every_set_is_one_group(request, data, pairing):
+    prep = request.getfixturevalue(data)
+    d = prep.splits["train"]
+    targets, _ = all_sets(sampler(prep, S=16, B=4, pairing=pairing, seed=3))
+    for key in (d.context, d.pert, d.cell_type) + ((d.batch,) if pairing == "batch" else ()):
+        v = key[targets]
+        assert (v == v[:, :1]).all()
+    # and every target cell is visited in the epoch
+    assert set(np.flatnonzero(d.is_target)) <= set(targets.ravel())
+
+
+@pytest.mark.parametrize("data", ["syn", "kang_prep"])
+def test_random_pairing_within_cell_type(request, data):
+    prep = request.getfixturevalue(data)
+    d = prep.splits["train"]
+    targets, basal = all_sets(sampler(prep, S=16, B=4, seed=0))
+    assert d.is_control[basal].all()
+    np.testing.assert_array_equal(d.context[basal], d.context[targets])
+    np.testing.assert_array_equal(d.cell_type[basal], d.cell_type[targets])
+    # random pairing ignores the batch: some pairs cross batches (donors on Kang)
+    assert (d.batch[basal] != d.batch[targets]).any()
+
+
+def test_batch_pairing_within_cell_type_and_batch_on_kang(kang_prep):
+    d = kang_prep.splits["train"]
+    # every (cell type, donor) of Kang has controls: all pairs share both
+    targets, basal = all_sets(sampler(kang_prep, S=16, B=4, pairing="batch", seed=0))
+    assert d.is_control[basal].all()
+    np.testing.assert_array_equal(d.cell_type[basal], d.cell_type[targets])
+    np.testing.assert_array_equal(d.batch[basal], d.batch[targets])
+    assert len(np.unique(d.batch[targets])) == 2
+
+
+def test_batch_pairing_falls_back_to_cell_type(syn):
+    d = syn.splits["train"]
+    targets, basal = all_sets(sampler(syn, S=4, B=3, pairing="batch", seed=0))
+    b1 = syn.vocab.batches.index("b1")
+    ct_b = syn.vocab.cell_types.index("B")
+    np.testing.assert_array_equal(d.cell_type[basal], d.cell_type[targets])
+    no_pool = (d.cell_type[targets] == ct_b) & (d.batch[targets] == b1)
+    assert no_pool.any()
+    # B/b1 has no controls: fall back to B's controls (all in b2)
+    assert (d.batch[basal[no_pool]] != b1).all()
+    # everywhere else the batch matches
+    np.testing.assert_array_equal(d.batch[basal[~no_pool]], d.batch[targets[~no_pool]])
+
+
+def test_exclude_self(syn):
+    d = syn.splits["train"]
+    hits = 0
+    for seed in range(5):
+        t0, b0 = all_sets(sampler(syn, S=4, B=3, seed=seed))
+        hits += int((t0 == b0).sum())
+        t1, b1 = all_sets(sampler(syn, S=4, B=3, seed=seed, exclude_self=True))
+        assert not (t1 == b1).any()
+        assert d.is_control[b1].all()
+    assert hits > 0  # without the option a control is sometimes its own basal cell
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism and epochs
+
+
+def batch_key(bs: list[CellSetBatch]) -> list[tuple]:
+    return [(b.target_rows.tobytes(), b.basal_rows.tobytes()) for b in bs]
+
+
+def test_same_seed_same_batches(syn):
+    s1, s2 = sampler(syn, seed=7), sampler(syn, seed=7)
+    for epoch in (0, 3):
+        b1, b2 = list(s1.batches(epoch)), list(s2.batches(epoch))
+        assert batch_key(b1) == batch_key(b2)
+        for x, y in zip(b1, b2):
+            assert torch.equal(x.basal, y.basal) and torch.equal(x.target, y.target)
+            assert torch.equal(x.pert, y.pert)
+
+
+def test_different_seeds_differ(syn):
+    a, b = list(sampler(syn, seed=1).batches(0)), list(sampler(syn, seed=2).batches(0))
+    assert batch_key(a) != batch_key(b)
+
+
+def test_epochs_reshuffle_set_membership(syn):
+    s = sampler(syn, S=4, B=3, seed=0)
+    members = [{frozenset(r) for r in s.epoch_sets(e)[0].tolist()} for e in range(3)]
+    assert members[0] != members[1] and members[1] != members[2]
+    # the set order changes too
+    t0, t1 = s.epoch_sets(0)[0], s.epoch_sets(1)[0]
+    assert not np.array_equal(t0, t1)
+    # but the epoch itself is a pure function of (seed, epoch)
+    np.testing.assert_array_equal(s.epoch_sets(1)[0], t1)
+
+
+def test_resume_from_start(syn):
+    s = sampler(syn, S=4, B=3, seed=5)
+    full = list(s.batches(2))
+    assert batch_key(list(s.batches(2, start=3))) == batch_key(full[3:])
+
+
+# ---------------------------------------------------------------------------------------------
+# padding and drop_last
+
+
+def test_short_sets_padded_from_the_whole_group(syn):
+    d = syn.splits["train"]
+    S = 12
+    a_p1 = np.flatnonzero(d.is_target & (d.pert == syn.vocab.perturbations.index("P1"))
+                          & (d.cell_type == syn.vocab.cell_types.index("A")))
+    assert len(a_p1) == 13  # one full set of 12 and a remainder of 1
+    distinct = []
+    for seed in range(4):
+        targets, _ = sampler(syn, S=S, B=2, seed=seed).epoch_sets(0)
+        group_sets = [r for r in targets if set(r) <= set(a_p1)]
+        assert len(group_sets) == 2
+        full, short = sorted(group_sets, key=lambda r: len(set(r)), reverse=True)
+        assert len(set(full)) == S  # a full chunk has distinct cells
+        assert set(full) | set(short) == set(a_p1)  # the remainder cell is in the padded set
+        distinct.append(len(set(short)))
+    # padding draws from the whole group (13 cells), not from the 1-cell remainder
+    assert min(distinct) > 3
+
+
+def test_drop_last(syn):
+    S, B = 4, 3
+    s = sampler(syn, S=S, B=B, drop_last=True, seed=0)
+    bs = list(s.batches(0))
+    n = n_sets(RANDOM_GROUPS.values(), S, drop_last=True)  # sets shorter than S are dropped
+    assert len(bs) == n // B == len(s)
+    for b in bs:
+        assert b.target_rows.shape == (B, S)  # only full batches
+        for r in b.target_rows:
+            assert len(set(r)) == S  # no padding, no duplicates
+    # B/ctrl has 4 cells -> one set; A/P2 has 5 -> one set (remainder dropped)
+    # without drop_last the last batch is partial and short sets are padded
+    s2 = sampler(syn, S=S, B=B, drop_last=False, seed=0)
+    bs2 = list(s2.batches(0))
+    n2 = n_sets(RANDOM_GROUPS.values(), S)
+    assert n2 % B != 0
+    assert bs2[-1].target_rows.shape[0] == n2 % B
+    assert all(b.target_rows.shape == (B, S) for b in bs2[:-1])
+
+
+def test_drop_last_keeps_a_full_last_batch(syn):
+    S = 4
+    n = n_sets(RANDOM_GROUPS.values(), S, drop_last=True)
+    B = next(b for b in range(2, n) if n % b == 0)  # a batch size that divides the set count
+    s = sampler(syn, S=S, B=B, drop_last=True)
+    bs = list(s.batches(0))
+    assert len(bs) == len(s) == n // B
+    assert sum(b.target_rows.shape[0] for b in bs) == n  # the last (full) batch is kept
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed sharding
+
+
+def sets_of(rows: np.ndarray) -> list[tuple]:
+    return [tuple(r) for r in rows.tolist()]
+
+
+@pytest.mark.parametrize("S", [4, 3])
+def test_distributed_shards(syn, S):
+    single = sampler(syn, S=S, B=2, seed=11)
+    r0 = sampler(syn, S=S, B=2, seed=11, rank=0, world_size=2)
+    r1 = sampler(syn, S=S, B=2, seed=11, rank=1, world_size=2)
+    assert len(r0) == len(r1)  # equal step counts avoid a collective hang
+    for epoch in (0, 1):
+        every = sets_of(single.epoch_sets(epoch)[0])
+        s0 = sets_of(np.concatenate([b.target_rows for b in r0.batches(epoch)]))
+        s1 = sets_of(np.concatenate([b.target_rows for b in r1.batches(epoch)]))
+        assert len(s0) == len(s1) == -(-len(every) // 2)
+        assert set(s0) | set(s1) == set(every)  # together they cover the epoch
+        overlap = set(s0) & set(s1)
+        if len(every) % 2 == 0:
+            assert not overlap  # disjoint
+        else:  # one set repeated to even the ranks out
+            assert len(overlap) == 1
+            assert len(s0) + len(s1) == len(every) + 1
+    # the partition depends on the epoch
+    e0 = sets_of(r0.epoch_sets(0)[0])
+    e1 = sets_of(r0.epoch_sets(1)[0])
+    assert e0 != e1
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_distributed_len_matches_yield(syn, drop_last):
+    for rank in (0, 1, 2):
+        s = sampler(syn, S=3, B=2, seed=4, rank=rank, world_size=3, drop_last=drop_last)
+        bs = list(s.batches(0))
+        assert len(bs) == len(s) > 0
+        if drop_last:
+            assert all(b.target_rows.shape == (2, 3) for b in bs)
+
+
+def test_distributed_sets_are_disjoint_with_even_count(syn):
+    # pick S so that the total number of sets is even, then require exact disjointness
+    S = next(s for s in range(2, 10) if n_sets(RANDOM_GROUPS.values(), s) % 2 == 0)
+    sh = [sampler(syn, S=S, B=3, seed=0, rank=r, world_size=2) for r in (0, 1)]
+    rows = [np.concatenate([b.target_rows for b in s.batches(0)]) for s in sh]
+    assert not set(sets_of(rows[0])) & set(sets_of(rows[1]))
+    assert len(rows[0]) + len(rows[1]) == n_sets(RANDOM_GROUPS.values(), S)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference flat dict
+
+
+def test_reference_dict(kang_prep):
+    v = kang_prep.vocab
+    s = sampler(kang_prep, S=8, B=2, pairing="batch", seed=0)
+    b = next(iter(s.batches(0)))
+    flat = b.to_reference_dict(v)
+    n = 16
+    assert flat["pert_cell_emb"].shape == flat["ctrl_cell_emb"].shape == (n, 1267)
+    torch.testing.assert_close(flat["pert_cell_emb"], b.target.reshape(n, -1))
+    torch.testing.assert_close(flat["ctrl_cell_emb"], b.basal.reshape(n, -1))
+    assert flat["pert_emb"].shape == (n, len(v.perturbations))
+    assert flat["batch"].shape == (n, len(v.batches)) and flat["batch"].dtype == torch.float32
+    assert (flat["batch"].sum(1) == 1).all()  # one-hot, not an integer
+    np.testing.assert_array_equal(flat["batch"].argmax(1).numpy(), b.batch_index.reshape(-1))
+    d = kang_prep.splits["train"]
+    rows = b.target_rows.reshape(-1)
+    assert flat["pert_name"] == [v.perturbations[i] for i in d.pert[rows]]
+    assert flat["cell_type"] == [v.cell_types[i] for i in d.cell_type[rows]]
+    assert flat["batch_name"] == [v.batches[i] for i in d.batch[rows]]
+    assert set(flat["pert_name"]) <= {"IFNB", "control"}
+    assert all(isinstance(x, str) for x in flat["pert_name"] + flat["batch_name"])
+
+
+# ---------------------------------------------------------------------------------------------
+# float16 storage
+
+
+def test_float16_storage(kang_log):
+    spec = {"training": {"kang": "train"}}
+    p32 = prepare(kang_log, spec, KANG_COLS)
+    p16 = prepare(kang_log, spec, KANG_COLS, dtype="float16")
+    assert p16.splits["train"].X.dtype == torch.float16
+    assert p32.splits["train"].X.dtype == torch.float32
+    assert p16.splits["train"].X.element_size() * 2 == p32.splits["train"].X.element_size()
+    b32 = next(iter(sampler(p32, S=8, B=4, seed=2).batches(0)))
+    b16 = next(iter(sampler(p16, S=8, B=4, seed=2).batches(0)))
+    np.testing.assert_array_equal(b16.target_rows, b32.target_rows)  # same sampling
+    assert b16.target.dtype == b16.basal.dtype == torch.float32  # upcast in the batch
+    torch.testing.assert_close(b16.target, b32.target, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(b16.basal, b32.basal, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ConfigError, match="dtype='float64'"):
+        prepare(kang_log, spec, KANG_COLS, dtype="float64")
+
+
+# ---------------------------------------------------------------------------------------------
+# option validation
+
+
+def test_invalid_options(syn):
+    with pytest.raises(ConfigError, match="basal_mapping_strategy='batches'"):
+        sampler(syn, pairing="batches")
+    with pytest.raises(ConfigError, match="cell_set_len \\(0\\)"):
+        sampler(syn, S=0)
