@@ -1,0 +1,683 @@
+"""Baselines (metrics.md §13) as estimators with :class:`~statetx.StateTransitionModel`'s API.
+
+``fit(adata, split_config)`` validates the data with :func:`statetx.data.prepare` (same split
+spec, same checks, same vocabularies) and computes pseudobulk statistics of the **training split**;
+``predict(adata)`` returns a new AnnData laid out like ST's (the input obs plus
+``statetx_ctrl_barcode`` / ``statetx_set``, predictions in X, the feature names as var);
+``predict_split(split)`` returns aligned ``(adata_pred, adata_real)`` for a split's cells.
+
+Conventions shared by every baseline:
+
+* Context = cell type label. Means are over the representation's values (log1p expression,
+  ``X_hvg`` or an embedding), computed in float64 with cells weighted equally.
+* Basal cells are drawn like ST: per (cell type, perturbation) group, seeded by ``seed`` and the
+  group's labels, with replacement, from the control cells of the same cell type in the input.
+  A baseline and an ST model predicted with the same seed therefore start from the same cells.
+* Control cells are returned unchanged (their own values; ``statetx_ctrl_barcode`` is the cell
+  itself), as in the VCC baseline, so predicted and real controls coincide.
+* ``clip="auto"``: [0, 14] for log1p expression (like ST), [0, ∞) for raw counts, none for
+  embeddings.
+* A **zero-shot** cell type is one without perturbed training cells (held out in ``[zeroshot]``,
+  or a cell type first seen at prediction). Each baseline's docstring says what it predicts there;
+  the fallback is printed and recorded in ``uns['statetx']['notes']``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
+
+from statetx._utils import preview
+from statetx.config import ColumnMap, SplitConfig
+from statetx.data import DataInput, PreparedData, prepare
+from statetx.errors import ConfigError, DataError
+from statetx.io import obs_labels
+from statetx.model import StateTransitionModel
+from statetx.predict import (
+    align_genes,
+    check_scale,
+    clip_range,
+    encode_perturbations,
+    group_rng,
+)
+from statetx.vocab import feature_table, load_pert_features
+
+__all__ = [
+    "BASELINES",
+    "CellMeanBaseline",
+    "ContextMeanBaseline",
+    "ControlMeanBaseline",
+    "LinearBaseline",
+    "PerturbMeanBaseline",
+    "fit_all_baselines",
+]
+
+
+@dataclass
+class _Group:
+    """Output rows of one (cell type, perturbation) group and the control pool of its context."""
+
+    out_rows: np.ndarray  # positions in the output
+    src_rows: np.ndarray  # rows of the source matrix holding these cells
+    pool: np.ndarray      # source rows of the context's control cells
+    cell_type: str
+    pert: str             # the label the baseline predicts for (may be unseen in training)
+    key: str              # seeds the basal draws (same keys as ST)
+    control: bool         # control cells are returned unchanged
+
+
+class _Baseline(BaseEstimator):
+    """Shared fit / predict / predict_split machinery; subclasses define ``_predict_group``."""
+
+    name: ClassVar[str] = "baseline"
+    #: whether the zero-shot rule is a fallback worth printing (it is always recorded in uns)
+    _zeroshot_is_fallback: ClassVar[bool] = False
+
+    def __init__(self, *, pert_col: str = "gene", cell_type_key: str = "cell_type",
+                 batch_col: str | None = None, control_pert: str | None = None,
+                 embed_key: str | None = None, seed: int = 42) -> None:
+        self.pert_col = pert_col
+        self.cell_type_key = cell_type_key
+        self.batch_col = batch_col
+        self.control_pert = control_pert
+        self.embed_key = embed_key
+        self.seed = seed
+
+    # ------------------------------------------------------------------ fit
+    def _columns(self) -> ColumnMap:
+        space = "gene" if self.embed_key in (None, "X_hvg") else "embedding"
+        return ColumnMap.build(pert_col=self.pert_col, cell_type_key=self.cell_type_key,
+                               batch_col=self.batch_col, control_pert=self.control_pert,
+                               embed_key=self.embed_key, output_space=space)
+
+    def fit(self, adata: DataInput = None,
+            split_config: SplitConfig | dict | str | Path | None = None, *,
+            dataset_name: str | None = None) -> _Baseline:
+        """Compute the baseline's statistics on the training split and return ``self``.
+
+        Arguments as in :meth:`StateTransitionModel.fit`: ``split_config`` assigns cells to
+        train/val/test (without it every cell trains); a single AnnData is the dataset the spec
+        refers to (or ``dataset_name``).
+        """
+        self._validate_params()
+        return self._fit_prepared(prepare(adata, split_config, self._columns(),
+                                          dataset_name=dataset_name))
+
+    def _validate_params(self) -> None:
+        """Check option values (before any data are read)."""
+
+    def _fit_prepared(self, prepared: PreparedData) -> _Baseline:
+        self._validate_params()
+        v, d = prepared.vocab, prepared.splits["train"]
+        control = v.control_pert
+        x = d.X.numpy()
+        frame = pd.DataFrame({
+            "cell_type": np.asarray(v.cell_types, dtype=object)[d.cell_type],
+            "perturbation": np.asarray(v.perturbations, dtype=object)[d.pert],
+        })
+        means: dict[tuple[str, str], np.ndarray] = {}
+        rows = []
+        for (ct, p), idx in sorted(frame.groupby(["cell_type", "perturbation"]).indices.items()):
+            means[(ct, p)] = x[idx].mean(0, dtype=np.float64)
+            rows.append((ct, p, len(idx), p == control))
+        self.vocab_ = v
+        self.columns_ = prepared.columns
+        self.var_names_ = list(prepared.feature_names)
+        self.n_features_in_ = prepared.input_dim
+        self.is_log1p_ = bool(prepared.is_log1p)
+        self.split_summary_ = prepared.summary
+        self.means_ = means
+        self.groups_ = pd.DataFrame(rows, columns=["cell_type", "perturbation", "n_cells",
+                                                   "is_control"])
+        self.control_means_ = {ct: m for (ct, p), m in means.items() if p == control}
+        self.deltas_ = {(ct, p): m - self.control_means_[ct] for (ct, p), m in means.items()
+                        if p != control and ct in self.control_means_}
+        self.perturbed_cell_types_ = sorted({ct for ct, p in means if p != control})
+        self._prepared = prepared
+        self._fit_baseline()
+        return self
+
+    def _fit_baseline(self) -> None:
+        """Subclass hook: derive the baseline's parameters from ``means_`` / ``deltas_``."""
+
+    # ------------------------------------------------------------------ predict hooks
+    def _predict_group(self, cell_type: str, pert: str, basal: np.ndarray,
+                       ctrl_mean: np.ndarray) -> np.ndarray:
+        """Prediction ``[n, D]`` (or ``[D]``, broadcast) for the perturbed cells of one group."""
+        raise NotImplementedError
+
+    def _check_perturbations(self, perts: set[str]) -> list[str]:
+        """Validate the perturbations to predict; return notes (e.g. fallbacks) to report."""
+        return []
+
+    def _zeroshot_rule(self) -> str:
+        """What the baseline predicts for a cell type without perturbed training cells."""
+        return "predicted as for any other cell type"
+
+    def _context_mean(self, cell_type: str) -> np.ndarray | None:
+        """Mean of all perturbed training cells of ``cell_type`` (None when it has none)."""
+        keys = [(ct, p) for (ct, p) in self.means_ if ct == cell_type
+                and p != self.vocab_.control_pert]
+        if not keys:
+            return None
+        n = self._counts()
+        w = np.array([n[k] for k in keys], dtype=np.float64)
+        return np.einsum("i,ij->j", w / w.sum(), np.stack([self.means_[k] for k in keys]))
+
+    def _counts(self) -> dict[tuple[str, str], int]:
+        g = self.groups_
+        return dict(zip(zip(g["cell_type"], g["perturbation"]), g["n_cells"].astype(int)))
+
+    # ------------------------------------------------------------------ fitted state
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "means_"):
+            raise NotFittedError(f"This {type(self).__name__} is not fitted yet. Call fit(...) "
+                                 "first.")
+
+    @property
+    def _expression_output(self) -> bool:
+        return self.columns_.embed_key in (None, "X_hvg")
+
+    def _clip(self, clip: Any) -> tuple[float, float] | None:
+        if isinstance(clip, str) and clip == "auto" and self._expression_output \
+                and not self.is_log1p_:
+            return (0.0, float("inf"))  # raw counts: only negative values are impossible
+        return clip_range(clip, self._expression_output)
+
+    def _output(self, pred: np.ndarray, obs: pd.DataFrame, clip: Any) -> ad.AnnData:
+        rng = self._clip(clip)
+        if rng is not None:
+            pred = np.clip(pred, *rng)
+        names = self.var_names_ if self._expression_output else [
+            f"emb_{i}" for i in range(pred.shape[1])]
+        return ad.AnnData(X=pred, obs=obs, var=pd.DataFrame(index=pd.Index(names, dtype=str)))
+
+    def _run(self, x: np.ndarray, groups: Sequence[_Group], n_out: int,
+             seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        """Predictions, basal rows and set ids of every output row, plus notes."""
+        notes = self._check_perturbations({g.pert for g in groups if not g.control})
+        pred = np.zeros((n_out, x.shape[1]), dtype=np.float32)
+        basal_row = np.full(n_out, -1, dtype=np.int64)
+        set_id = np.full(n_out, -1, dtype=np.int64)
+        ctrl_means: dict[tuple[int, int, int], np.ndarray] = {}
+        zeroshot = set()
+        for i, g in enumerate(groups):
+            set_id[g.out_rows] = i
+            if g.control:
+                pred[g.out_rows] = x[g.src_rows]
+                basal_row[g.out_rows] = g.src_rows
+                continue
+            draws = g.pool[group_rng(seed, g.key).integers(len(g.pool), size=len(g.out_rows))]
+            key = (len(g.pool), int(g.pool[0]), int(g.pool[-1]))
+            if key not in ctrl_means:
+                ctrl_means[key] = x[g.pool].mean(0, dtype=np.float64)
+            basal = x[draws].astype(np.float64)
+            pred[g.out_rows] = self._predict_group(g.cell_type, g.pert, basal, ctrl_means[key])
+            basal_row[g.out_rows] = draws
+            if g.cell_type not in self.perturbed_cell_types_:
+                zeroshot.add(g.cell_type)
+        for n in notes:
+            print(f"statetx: {n}")
+        if zeroshot:
+            notes.append(f"{self.name}: cell type(s) without perturbed training cells "
+                         f"(zero-shot): {preview(sorted(zeroshot))}; {self._zeroshot_rule()}.")
+            if self._zeroshot_is_fallback:
+                print(f"statetx: {notes[-1]}")
+        return pred, basal_row, set_id, notes
+
+    # ------------------------------------------------------------------ predict
+    def predict(self, adata: ad.AnnData, *, pert_col: str | None = None,
+                cell_type_col: str | None = None, control_pert: str | None = None,
+                seed: int | None = None, basal_fallback: str = "error",
+                unknown_perturbation: str = "error", predict_controls: bool = True,
+                clip: Any = "auto", missing_genes: str = "error") -> ad.AnnData:
+        """Predict the perturbed state of the cells of ``adata`` (options as ST's ``predict``).
+
+        Every cell needs a perturbation label and a cell type; basal cells are drawn (``seed``,
+        default the estimator's) from the input's controls of the same cell type
+        (``basal_fallback='all_controls'`` uses every control when a cell type has none).
+        Labels not in the fitted vocabulary raise, or are predicted as the control
+        (``unknown_perturbation='control'``: the basal cell itself) or as a perturbation without
+        training cells (``'zeros'``).
+        """
+        self._check_fitted()
+        c = self.columns_
+        pert_col = pert_col or c.pert_col
+        control = control_pert or c.control_pert
+        ct_col = cell_type_col or c.cell_type_key
+        seed = int(self.seed if seed is None else seed)
+        if basal_fallback not in ("error", "all_controls"):
+            raise ConfigError(f"basal_fallback={basal_fallback!r} is invalid; expected 'error' "
+                              "or 'all_controls'.")
+        if adata.n_obs == 0:
+            raise DataError("the input AnnData has no cells (n_obs = 0).")
+        x = align_genes(adata, self.var_names_, c.embed_key, missing_genes)
+        if self._expression_output:
+            check_scale(x, self.is_log1p_)
+        pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
+        ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
+        is_ctrl = pert == control
+        if not is_ctrl.any():
+            raise DataError(f"the input has no control cells (obs['{pert_col}'] == '{control}'); "
+                            "basal states are drawn from controls. Include control cells.")
+        model_pert = pert.copy()  # the label each cell is predicted as
+        encode_perturbations(pert[~is_ctrl], self.vocab_, unknown_perturbation)  # checks labels
+        if unknown_perturbation == "control":
+            model_pert[~is_ctrl & ~np.isin(pert, self.vocab_.perturbations)] = c.control_pert
+        rows = np.flatnonzero(np.ones(adata.n_obs, bool) if predict_controls else ~is_ctrl)
+        ctrl_rows = np.flatnonzero(is_ctrl)
+        frame = pd.DataFrame({"ctx": ctx[rows], "pert": pert[rows]})
+        groups = []
+        for (cx, p), idx in sorted(frame.groupby(["ctx", "pert"]).indices.items()):
+            src = rows[idx]
+            pool = ctrl_rows[ctx[ctrl_rows] == cx]
+            if len(pool) == 0 and p != control:
+                if basal_fallback == "error":
+                    raise DataError(f"cell type '{cx}' has no control cells in the input, so "
+                                    "basal states cannot be drawn. Add controls for it or pass "
+                                    "basal_fallback='all_controls'.")
+                pool = ctrl_rows
+            groups.append(_Group(idx, src, pool, cx, str(model_pert[src[0]]),
+                                 "\x00".join((cx, p)), p == control))
+        pred, basal_row, set_id, notes = self._run(x, groups, len(rows), seed)
+        obs = adata.obs.iloc[rows].copy()
+        obs["statetx_ctrl_barcode"] = np.asarray(adata.obs_names)[basal_row]
+        obs["statetx_set"] = set_id
+        out = self._output(pred, obs, clip)
+        out.uns["statetx"] = {"baseline": self.name, "seed": seed, "control_pert": control,
+                              "pert_col": pert_col, "notes": "\n".join(notes)}
+        return out
+
+    def predict_split(self, split: str = "test", *, seed: int | None = None,
+                      clip: Any = "auto") -> tuple[ad.AnnData, ad.AnnData]:
+        """Predict the cells of a split of the fitted spec: ``(adata_pred, adata_real)``.
+
+        Same cells in the same order in both, obs as in ST's ``predict_split`` (perturbation,
+        cell type and batch columns, ``pert_cell_barcode`` / ``ctrl_cell_barcode``); basal cells
+        are drawn from the split's controls of the same context with ST's keys; both matrices are
+        clipped alike.
+        """
+        self._check_fitted()
+        prepared = getattr(self, "_prepared", None)
+        if prepared is None:
+            raise NotFittedError("predict_split needs the training data, which is not kept when a "
+                                 "baseline is pickled; refit, or use predict(adata).")
+        if split not in prepared.splits:
+            raise DataError(f"the fitted split spec has no '{split}' split (available: "
+                            f"{', '.join(prepared.splits)}).")
+        seed = int(self.seed if seed is None else seed)
+        d, v, c = prepared.splits[split], self.vocab_, self.columns_
+        perts = np.asarray(v.perturbations, dtype=object)
+        cts = np.asarray(v.cell_types, dtype=object)
+        rows = np.flatnonzero(d.is_target)
+        frame = pd.DataFrame({"ctx": d.context[rows], "pert": d.pert[rows]})
+        ctrl = np.flatnonzero(d.is_control)
+        groups, order = [], []
+        for (cx, p), idx in sorted(frame.groupby(["ctx", "pert"]).indices.items()):
+            src = rows[idx]
+            out_rows = np.arange(len(order), len(order) + len(idx))
+            order.extend(src)
+            groups.append(_Group(out_rows, src, ctrl[d.context[ctrl] == cx],
+                                 str(cts[d.cell_type[src[0]]]), str(perts[p]),
+                                 f"{split}\x00{cx}\x00{p}", bool(d.is_control[src[0]])))
+        order = np.asarray(order, dtype=np.int64)
+        x = d.X.numpy()
+        pred, basal_row, set_id, notes = self._run(x, groups, len(order), seed)
+        obs = pd.DataFrame({
+            c.pert_col: pd.Categorical(perts[d.pert[order]]),
+            c.cell_type_key: pd.Categorical(cts[d.cell_type[order]]),
+            (c.batch_col or "batch"): pd.Categorical(
+                np.asarray(v.batches, dtype=object)[d.batch[order]]),
+            "pert_cell_barcode": d.barcodes[order],
+            "ctrl_cell_barcode": d.barcodes[basal_row],
+        }, index=pd.Index([f"cell{i}" for i in range(len(order))]))
+        out = self._output(pred, obs.copy(), clip)
+        out.uns["statetx"] = {"baseline": self.name, "seed": seed, "split": split,
+                              "notes": "\n".join(notes)}
+        rng = self._clip(clip)
+        real_x = np.asarray(x[order], dtype=np.float32)
+        if rng is not None:
+            real_x = np.clip(real_x, *rng)
+        return out, ad.AnnData(X=real_x, obs=obs.copy(), var=out.var.copy())
+
+    # ST's score works unchanged on a baseline (it only uses predict and the fitted columns).
+    score = StateTransitionModel.score
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_prepared", None)
+        return state
+
+
+class ControlMeanBaseline(_Baseline):
+    """The "no effect" floor: a perturbed cell is predicted as its control state.
+
+    ``mode="copy"`` (default, the identity model): its own sampled basal control cell;
+    ``mode="mean"``: the mean of the input's control cells of its cell type (one constant per
+    group). Uses no perturbed cells, so a zero-shot cell type is predicted exactly the same way.
+    """
+
+    name = "control_mean"
+
+    def __init__(self, mode: str = "copy", *, pert_col: str = "gene",
+                 cell_type_key: str = "cell_type", batch_col: str | None = None,
+                 control_pert: str | None = None, embed_key: str | None = None,
+                 seed: int = 42) -> None:
+        super().__init__(pert_col=pert_col, cell_type_key=cell_type_key, batch_col=batch_col,
+                         control_pert=control_pert, embed_key=embed_key, seed=seed)
+        self.mode = mode
+
+    def _validate_params(self) -> None:
+        if self.mode not in ("copy", "mean"):
+            raise ConfigError(f"mode={self.mode!r} is invalid; expected 'copy' or 'mean'.")
+
+    def _predict_group(self, cell_type, pert, basal, ctrl_mean):
+        return basal if self.mode == "copy" else ctrl_mean
+
+    def _zeroshot_rule(self) -> str:
+        return "predicted like every cell type (controls only)"
+
+
+class ContextMeanBaseline(_Baseline):
+    """Every perturbed cell of cell type c = the mean of all perturbed training cells of c.
+
+    Cells are weighted equally (perturbations pooled); controls are returned unchanged.
+    Zero-shot cell type (no perturbed training cells): ``zeroshot_fallback="control_mean"``
+    (default, as arc-state 0.11.1 and metrics.md §13) predicts the mean of the input's control
+    cells of c; ``"train_mean"`` predicts the unweighted mean over the training cell types of
+    their perturbed-cell means (Systema's "train mean").
+    """
+
+    name = "context_mean"
+    _zeroshot_is_fallback = True
+
+    def __init__(self, zeroshot_fallback: str = "control_mean", *, pert_col: str = "gene",
+                 cell_type_key: str = "cell_type", batch_col: str | None = None,
+                 control_pert: str | None = None, embed_key: str | None = None,
+                 seed: int = 42) -> None:
+        super().__init__(pert_col=pert_col, cell_type_key=cell_type_key, batch_col=batch_col,
+                         control_pert=control_pert, embed_key=embed_key, seed=seed)
+        self.zeroshot_fallback = zeroshot_fallback
+
+    def _validate_params(self) -> None:
+        if self.zeroshot_fallback not in ("control_mean", "train_mean"):
+            raise ConfigError(f"zeroshot_fallback={self.zeroshot_fallback!r} is invalid; "
+                              "expected 'control_mean' or 'train_mean'.")
+
+    def _fit_baseline(self) -> None:
+        self.context_means_ = {ct: self._context_mean(ct) for ct in self.perturbed_cell_types_}
+        self.train_mean_ = (np.mean(np.stack(list(self.context_means_.values())), 0)
+                            if self.context_means_ else None)
+
+    def _fallback(self, ctrl_mean: np.ndarray) -> np.ndarray:
+        if self.zeroshot_fallback == "train_mean" and self.train_mean_ is not None:
+            return self.train_mean_
+        return ctrl_mean
+
+    def _predict_group(self, cell_type, pert, basal, ctrl_mean):
+        if pert == self.vocab_.control_pert:
+            return basal
+        m = self.context_means_.get(cell_type)
+        return self._fallback(ctrl_mean) if m is None else m
+
+    def _zeroshot_rule(self) -> str:
+        if self.zeroshot_fallback == "train_mean" and self.train_mean_ is not None:
+            return "predicting the mean over training cell types of their perturbed-cell means"
+        return "predicting the cell type's control mean"
+
+
+class PerturbMeanBaseline(_Baseline):
+    """Basal control cell + the perturbation's mean shift across training cell types.
+
+    δ_p = average over the training cell types c where p occurs of (mean(c, p) − mean(c, control)).
+    The shift does not depend on the cell type, so a zero-shot cell type gets its basal cells
+    shifted by the same δ_p. A perturbation without perturbed training cells (in the vocabulary
+    but only in held-out data, or mapped by ``unknown_perturbation='zeros'``) gets δ = 0, i.e. its
+    basal cell (reported in the notes).
+    """
+
+    name = "perturb_mean"
+
+    def _fit_baseline(self) -> None:
+        by_pert: dict[str, list[np.ndarray]] = {}
+        for (_, p), dlt in self.deltas_.items():
+            by_pert.setdefault(p, []).append(dlt)
+        self.shifts_ = {p: np.mean(np.stack(v), 0) for p, v in sorted(by_pert.items())}
+
+    def _check_perturbations(self, perts: set[str]) -> list[str]:
+        unseen = sorted(p for p in perts if p not in self.shifts_
+                        and p != self.vocab_.control_pert)
+        return [f"{self.name}: perturbation(s) without perturbed training cells get a zero shift "
+                f"(basal control cells): {preview(unseen)}."] if unseen else []
+
+    def _predict_group(self, cell_type, pert, basal, ctrl_mean):
+        shift = self.shifts_.get(pert)
+        return basal if shift is None else basal + shift
+
+    def _zeroshot_rule(self) -> str:
+        return "basal cells shifted by the perturbation's mean shift over training cell types"
+
+
+class CellMeanBaseline(_Baseline):
+    """The VCC cell-mean baseline: every perturbed cell = one constant vector b.
+
+    b = unweighted mean of the pseudobulks of all (cell type, perturbation) groups of the training
+    split, **control groups included** (as ``cell-eval baseline``; with one cell type this is the
+    VCC definition). Control cells are returned unchanged. b ignores the cell type, so a
+    zero-shot cell type also gets b.
+    """
+
+    name = "cell_mean"
+
+    def _fit_baseline(self) -> None:
+        self.cell_mean_ = np.mean(np.stack(list(self.means_.values())), 0)
+
+    def _predict_group(self, cell_type, pert, basal, ctrl_mean):
+        return basal if pert == self.vocab_.control_pert else self.cell_mean_
+
+    def _zeroshot_rule(self) -> str:
+        return "predicting the global cell mean, as everywhere"
+
+
+class LinearBaseline(_Baseline):
+    """Linear model of Ahlmann-Eltze, Huber & Anders (2025), on pseudobulk deltas.
+
+    Y (features × N) holds one column per training (cell type, perturbation): its mean minus the
+    cell type's control mean; b = row mean of Y. G = top-``n_components`` principal components
+    (gene scores U·S) of Y − b1ᵀ; P (N × d) = the perturbation embedding of each column's
+    perturbation; W = (GᵀG + λI)⁻¹ Gᵀ (Y − b1ᵀ) P (PᵀP + λI)⁻¹ with λ = ``ridge``. The predicted
+    delta of perturbation p is ŷ_p = G W p⃗ + b.
+
+    ``pert_embedding``: ``"genes"`` (self-trained: p⃗ = the row of G of the gene p targets, for
+    perturbations named after a measured feature), ``"onehot"`` (training perturbations; fitting a
+    ridge-shrunk rank-K version of each perturbation's mean delta), a name → vector mapping or a
+    feature file (``.pt``/``.npz``/``.csv``/``.safetensors``), or ``"auto"`` (``"genes"`` when
+    every training perturbation names a feature, else ``"onehot"``). With a single perturbation
+    (or one-hot vectors identical across cell types) the fit degrades to b, the perturb-mean
+    shift. ``on_missing`` for perturbations without a vector: ``"error"`` (listing them),
+    ``"mean"`` (zero vector: ŷ = b, the average training delta) or ``"context_mean"`` (the
+    :class:`ContextMeanBaseline` prediction).
+
+    ``cell_mode="basal_shift"`` (default): each basal cell + ŷ_p; ``"constant"``: every cell equals
+    the cell type's control mean (input controls) + ŷ_p. Zero-shot cell type: the model is fitted
+    on the training cell types' deltas only and ŷ_p does not depend on the cell type, so the
+    held-out cell type gets its basal cells (or its control mean) + ŷ_p.
+    """
+
+    name = "linear"
+
+    def __init__(self, n_components: int = 10, ridge: float = 0.1,
+                 pert_embedding: str | Mapping[str, Any] | Path = "auto",
+                 cell_mode: str = "basal_shift", on_missing: str = "error", *,
+                 pert_col: str = "gene", cell_type_key: str = "cell_type",
+                 batch_col: str | None = None, control_pert: str | None = None,
+                 embed_key: str | None = None, seed: int = 42) -> None:
+        super().__init__(pert_col=pert_col, cell_type_key=cell_type_key, batch_col=batch_col,
+                         control_pert=control_pert, embed_key=embed_key, seed=seed)
+        self.n_components = n_components
+        self.ridge = ridge
+        self.pert_embedding = pert_embedding
+        self.cell_mode = cell_mode
+        self.on_missing = on_missing
+
+    def _validate_params(self) -> None:
+        if self.cell_mode not in ("basal_shift", "constant"):
+            raise ConfigError(f"cell_mode={self.cell_mode!r} is invalid; expected 'basal_shift' "
+                              "or 'constant'.")
+        if self.on_missing not in ("error", "mean", "context_mean"):
+            raise ConfigError(f"on_missing={self.on_missing!r} is invalid; expected 'error', "
+                              "'mean' or 'context_mean'.")
+        if int(self.n_components) < 1 or float(self.ridge) < 0:
+            raise ConfigError(f"n_components={self.n_components!r} must be >= 1 and "
+                              f"ridge={self.ridge!r} >= 0.")
+        e = self.pert_embedding
+        if isinstance(e, str) and e in ("auto", "genes", "onehot"):
+            return
+        if not isinstance(e, (str, Path, Mapping)):
+            raise ConfigError("pert_embedding must be 'auto', 'genes', 'onehot', a name -> vector "
+                              f"mapping or a feature file path, got {type(e).__name__}.")
+
+    def _fit_baseline(self) -> None:
+        trained = sorted({p for _, p in self.deltas_})
+        if not trained:
+            raise DataError("LinearBaseline needs perturbed training cells (with controls of the "
+                            "same cell type); the training split has none.")
+        e = self.pert_embedding
+        if isinstance(e, str) and e in ("auto", "genes", "onehot"):
+            genes = set(self.var_names_) if self._expression_output else set()
+            source = e if e != "auto" else ("genes" if set(trained) <= genes else "onehot")
+            table = None
+        else:
+            raw = load_pert_features(e) if isinstance(e, (str, Path)) else dict(e)
+            names, vectors = feature_table(raw, [], self.vocab_.control_pert)
+            source, table = "external", dict(zip(names, vectors.astype(np.float64)))
+        if source == "genes":
+            absent = [p for p in trained if p not in self.var_names_]
+            if absent:
+                raise DataError(f"pert_embedding='genes' needs perturbations named after measured "
+                                f"features; not among the features: {preview(absent)}. Use "
+                                "'onehot' or give an embedding.")
+        self.embedding_source_ = source
+        self.pert_vectors_ = table if source == "external" else (
+            {p: np.eye(len(trained))[i] for i, p in enumerate(trained)} if source == "onehot"
+            else None)
+        cols = sorted(k for k in self.deltas_ if source == "genes" or k[1] in self.pert_vectors_)
+        dropped = sorted({p for _, p in self.deltas_} - {p for _, p in cols})
+        if dropped and (self.on_missing == "error" or not cols):
+            raise DataError(f"{len(dropped)} training perturbation(s) have no embedding vector: "
+                            f"{preview(dropped)}. Add them, or pass on_missing='mean' / "
+                            "'context_mean' to fit without them.")
+        if dropped:
+            print(f"statetx: linear: fitting without {len(dropped)} training perturbation(s) "
+                  f"that have no embedding: {preview(dropped)}.")
+        y = np.stack([self.deltas_[k] for k in cols], 1)  # [D, N]
+        self.bias_ = y.mean(1)
+        u, s, _ = np.linalg.svd(y - self.bias_[:, None], full_matrices=False)
+        k = int(min(int(self.n_components), int((s > max(s[0], 1e-300) * 1e-9).sum())))
+        self.gene_embedding_ = u[:, :k] * s[:k]  # G [D, k]
+        p_mat = np.stack([self._vector(p) for _, p in cols])  # [N, d]
+        lam = float(self.ridge)
+        g = self.gene_embedding_
+        if k == 0:
+            self.coef_ = np.zeros((0, p_mat.shape[1]))
+        else:
+            a = np.linalg.solve(g.T @ g + lam * np.eye(k), g.T @ (y - self.bias_[:, None]))
+            pp = p_mat.T @ p_mat + lam * np.eye(p_mat.shape[1])
+            self.coef_ = np.linalg.lstsq(pp, (a @ p_mat).T, rcond=None)[0].T  # W [k, d]
+        self.fitted_columns_ = cols
+
+    def _vector(self, pert: str) -> np.ndarray | None:
+        if self.embedding_source_ == "genes":
+            try:
+                return self.gene_embedding_[self.var_names_.index(pert)]
+            except ValueError:
+                return None
+        return self.pert_vectors_.get(pert)
+
+    def _check_perturbations(self, perts: set[str]) -> list[str]:
+        missing = sorted(p for p in perts if p != self.vocab_.control_pert
+                         and self._vector(p) is None)
+        if not missing:
+            return []
+        if self.on_missing == "error":
+            raise DataError(
+                f"LinearBaseline ({self.embedding_source_} embedding) has no vector for "
+                f"{len(missing)} perturbation(s): {preview(missing)}. Give an embedding that "
+                "covers them, or pass on_missing='mean' or 'context_mean'."
+            )
+        rule = ("the average training delta" if self.on_missing == "mean"
+                else "the context-mean prediction")
+        return [f"linear: no embedding vector for {preview(missing)}; predicting {rule}."]
+
+    def delta(self, pert: str) -> np.ndarray:
+        """Predicted mean shift ŷ_p (G W p⃗ + b) of a perturbation; zero vector → b."""
+        self._check_fitted()
+        vec = self._vector(pert)
+        if vec is None:
+            return self.bias_.copy()
+        return self.gene_embedding_ @ (self.coef_ @ vec) + self.bias_
+
+    def _predict_group(self, cell_type, pert, basal, ctrl_mean):
+        if pert == self.vocab_.control_pert:
+            return basal
+        if self._vector(pert) is None and self.on_missing == "context_mean":
+            m = self._context_mean(cell_type)
+            return ctrl_mean if m is None else m
+        shift = self.delta(pert)
+        return basal + shift if self.cell_mode == "basal_shift" else ctrl_mean + shift
+
+    def _zeroshot_rule(self) -> str:
+        base = "basal cells" if self.cell_mode == "basal_shift" else "the control mean"
+        return f"{base} + the delta fitted on the training cell types"
+
+
+BASELINES: dict[str, type[_Baseline]] = {
+    "control_mean": ControlMeanBaseline,
+    "context_mean": ContextMeanBaseline,
+    "perturb_mean": PerturbMeanBaseline,
+    "cell_mean": CellMeanBaseline,
+    "linear": LinearBaseline,
+}
+
+
+def fit_all_baselines(adata: DataInput = None,
+                      split_config: SplitConfig | dict | str | Path | None = None, *,
+                      dataset_name: str | None = None,
+                      baselines: Sequence[str] | Mapping[str, dict] | None = None,
+                      **columns: Any) -> dict[str, _Baseline]:
+    """Fit several baselines on one prepared copy of the data; ``{name: fitted estimator}``.
+
+    ``columns`` are the shared constructor parameters (``pert_col``, ``cell_type_key``,
+    ``batch_col``, ``control_pert``, ``embed_key``, ``seed``); ``baselines`` selects names of
+    :data:`BASELINES` (default all), or maps names to extra parameters, e.g.
+    ``{"linear": {"ridge": 1.0}, "context_mean": {}}``.
+    """
+    allowed = {"pert_col", "cell_type_key", "batch_col", "control_pert", "embed_key", "seed"}
+    bad = sorted(set(columns) - allowed)
+    if bad:
+        raise ConfigError(f"fit_all_baselines got unknown parameter(s) {', '.join(bad)}; shared "
+                          f"parameters are {', '.join(sorted(allowed))} (per-baseline options go "
+                          "in baselines={name: {...}}).")
+    spec = dict(baselines) if isinstance(baselines, Mapping) else {
+        n: {} for n in (baselines if baselines is not None else BASELINES)}
+    unknown = [n for n in spec if n not in BASELINES]
+    if unknown:
+        raise ConfigError(f"unknown baseline(s) {', '.join(map(repr, unknown))}; available: "
+                          f"{', '.join(BASELINES)}.")
+    models = {n: BASELINES[n](**columns, **(opts or {})) for n, opts in spec.items()}
+    if not models:
+        return {}
+    for m in models.values():
+        m._validate_params()
+    prepared = prepare(adata, split_config, next(iter(models.values()))._columns(),
+                       dataset_name=dataset_name)
+    return {n: m._fit_prepared(prepared) for n, m in models.items()}

@@ -1,0 +1,313 @@
+"""Baselines (metrics.md §13): API, zero-shot rules and numbers on synthetic and real data."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_synthetic
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+from statetx.baselines import (
+    BASELINES,
+    CellMeanBaseline,
+    ContextMeanBaseline,
+    ControlMeanBaseline,
+    LinearBaseline,
+    PerturbMeanBaseline,
+    fit_all_baselines,
+)
+from statetx.errors import ConfigError, DataError
+
+SPEC = '[training]\ndata = "train"\n[zeroshot]\n"data.CT2" = "test"\n'
+SYN = dict(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl", seed=0)
+KANG_SPEC = '[training]\nkang = "train"\n[zeroshot]\n"kang.B cells" = "test"\n'
+KANG = dict(pert_col="target_gene", cell_type_key="cell_type", batch_col="batch",
+            control_pert="control")
+
+
+def constant_shift_data(seed: int = 0):
+    """Perturbed cells = the cell type's control cells + δ_p, the same δ_p in every cell type."""
+    a = make_synthetic(n_cells=30, n_controls=30, seed=seed)
+    rng = np.random.default_rng(seed)
+    x = np.asarray(a.X).copy()
+    deltas = {p: rng.uniform(0, 2, a.n_vars).astype(np.float32) for p in ("P0", "P1", "P2")}
+    for ct in ("CT0", "CT1", "CT2"):
+        ctrl = np.flatnonzero((a.obs["cell_type"] == ct) & (a.obs["gene"] == "ctrl"))
+        for p, d in deltas.items():
+            rows = np.flatnonzero((a.obs["cell_type"] == ct) & (a.obs["gene"] == p))
+            x[rows] = x[ctrl] + d
+    a.X = x
+    return a, deltas
+
+
+def mean_shift_r(pred, real, pert_col: str, control: str, pert: str) -> tuple[float, float]:
+    """(pearson, |pred shift| / |real shift|) of the mean shift vs the same split's controls."""
+    g = real.obs[pert_col].astype(str).to_numpy()
+    pred, real = pred.copy(), real.copy()
+    pred.X, real.X = pred.X.astype(np.float64), real.X.astype(np.float64)
+    real_shift = real.X[g == pert].mean(0) - real.X[g == control].mean(0)
+    pred_shift = pred.X[g == pert].mean(0) - pred.X[g == control].mean(0)
+    ratio = float(np.linalg.norm(pred_shift) / np.linalg.norm(real_shift))
+    r = np.nan if pred_shift.std() < 1e-5 else float(np.corrcoef(real_shift, pred_shift)[0, 1])
+    return r, ratio
+
+
+# ---------------------------------------------------------------------- sklearn protocol
+@pytest.mark.parametrize("cls", list(BASELINES.values()))
+def test_init_stores_params_clone_and_not_fitted(cls):
+    m = cls(pert_col="target_gene", control_pert="control", seed=3)
+    params = m.get_params()
+    assert {"pert_col", "cell_type_key", "batch_col", "control_pert", "embed_key", "seed"} <= \
+        set(params)
+    c = clone(m).set_params(seed=7)
+    assert c.seed == 7 and m.seed == 3 and c.pert_col == "target_gene"
+    with pytest.raises(NotFittedError):
+        m.predict(make_synthetic())
+    with pytest.raises(NotFittedError):
+        m.predict_split()
+
+
+def test_bad_options_are_config_errors(synth):
+    for m, word in [(ControlMeanBaseline("median", **SYN), "mode"),
+                    (ContextMeanBaseline("zero", **SYN), "zeroshot_fallback"),
+                    (LinearBaseline(cell_mode="x", **SYN), "cell_mode"),
+                    (LinearBaseline(on_missing="x", **SYN), "on_missing"),
+                    (LinearBaseline(pert_embedding=3, **SYN), "pert_embedding")]:
+        with pytest.raises(ConfigError, match=word):
+            m.fit(synth, SPEC)
+
+
+# ---------------------------------------------------------------------- synthetic behaviour
+def test_perfect_recovery_of_a_shift_shared_by_all_cell_types():
+    a, deltas = constant_shift_data()
+    x_by_barcode = pd.DataFrame(np.asarray(a.X), index=a.obs_names)
+    for m in (PerturbMeanBaseline(**SYN), LinearBaseline(ridge=0.0, **SYN),
+              LinearBaseline(ridge=0.0, cell_mode="constant", **SYN)):
+        m.fit(a, SPEC)
+        pred, real = m.predict_split("test")
+        g = pred.obs["gene"].astype(str).to_numpy()
+        for p, d in deltas.items():
+            rows = g == p
+            if m.get_params().get("cell_mode") == "constant":
+                ctrl = real.X[g == "ctrl"].mean(0)
+                np.testing.assert_allclose(pred.X[rows], np.tile(ctrl + d, (rows.sum(), 1)),
+                                           atol=1e-4)
+            else:
+                basal = x_by_barcode.loc[pred.obs["ctrl_cell_barcode"][rows]].to_numpy()
+                np.testing.assert_allclose(pred.X[rows] - basal, np.tile(d, (rows.sum(), 1)),
+                                           atol=1e-4)
+
+
+def test_predict_layout_seeding_and_controls_unchanged(synth):
+    m = PerturbMeanBaseline(**SYN).fit(synth, SPEC)
+    sub = synth[synth.obs["cell_type"] == "CT2"].copy()
+    pred = m.predict(sub)
+    assert pred.shape == sub.shape and (pred.obs_names == sub.obs_names).all()
+    assert list(pred.obs.columns) == list(sub.obs.columns) + ["statetx_ctrl_barcode",
+                                                             "statetx_set"]
+    assert list(pred.var_names) == list(synth.var_names) and pred.X.dtype == np.float32
+    is_ctrl = (sub.obs["gene"] == "ctrl").to_numpy()
+    np.testing.assert_array_equal(pred.X[is_ctrl], np.asarray(sub.X)[is_ctrl])
+    assert set(pred.obs["statetx_ctrl_barcode"]) <= set(sub.obs_names[is_ctrl])
+    assert pred.X.min() >= 0 and pred.X.max() <= 14
+    np.testing.assert_array_equal(pred.X, m.predict(sub).X)
+    assert not np.array_equal(pred.X, m.predict(sub, seed=1).X)
+    no_ctrl = m.predict(sub, predict_controls=False)
+    assert no_ctrl.n_obs == (~is_ctrl).sum()
+    assert 0.5 < m.score(sub) <= 1.0
+
+
+def test_basal_draws_match_the_st_model(synth):
+    from statetx import StateTransitionModel
+
+    st = StateTransitionModel("tiny", **SYN, max_steps=1, batch_size=2, cell_set_len=8,
+                              progress=False,
+                              model_kwargs={"hidden_dim": 32, "n_heads": 2, "head_dim": 16,
+                                            "n_kv_heads": 2, "intermediate_size": 128,
+                                            "n_layers": 1})
+    st.fit(synth, SPEC)
+    bl = ControlMeanBaseline(**SYN).fit(synth, SPEC)
+    pert = (synth.obs["gene"] != "ctrl").to_numpy()
+    a = st.predict(synth, seed=5).obs["statetx_ctrl_barcode"][pert]
+    b = bl.predict(synth, seed=5).obs["statetx_ctrl_barcode"][pert]
+    assert (a == b).all()
+    st_pred, _ = st.predict_split("test", seed=5)
+    bl_pred, _ = bl.predict_split("test", seed=5)
+    assert (st_pred.obs["pert_cell_barcode"] == bl_pred.obs["pert_cell_barcode"]).all()
+    p = (bl_pred.obs["gene"] != "ctrl").to_numpy()
+    assert (st_pred.obs["ctrl_cell_barcode"][p] == bl_pred.obs["ctrl_cell_barcode"][p]).all()
+
+
+def test_context_mean_and_cell_mean_constants(synth):
+    ctx = ContextMeanBaseline(**SYN).fit(synth, SPEC)
+    x, obs = np.asarray(synth.X, dtype=np.float64), synth.obs
+    ct0 = ((obs["cell_type"] == "CT0") & (obs["gene"] != "ctrl")).to_numpy()
+    sub = synth[obs["cell_type"].isin(["CT0", "CT2"]).to_numpy()].copy()
+    pred = ctx.predict(sub)
+    rows = ((pred.obs["cell_type"] == "CT0") & (pred.obs["gene"] != "ctrl")).to_numpy()
+    np.testing.assert_allclose(pred.X[rows], np.tile(x[ct0].mean(0), (rows.sum(), 1)), atol=1e-5)
+    zs = ((pred.obs["cell_type"] == "CT2") & (pred.obs["gene"] != "ctrl")).to_numpy()
+    ct2_ctrl = ((obs["cell_type"] == "CT2") & (obs["gene"] == "ctrl")).to_numpy()
+    np.testing.assert_allclose(pred.X[zs], np.tile(x[ct2_ctrl].mean(0), (zs.sum(), 1)),
+                               atol=1e-5)  # zero-shot fallback: the control mean
+    assert "zero-shot" in pred.uns["statetx"]["notes"]
+    cm = CellMeanBaseline(**SYN).fit(synth, SPEC)
+    train = ~((obs["cell_type"] == "CT2") & (obs["gene"] != "ctrl")).to_numpy()
+    groups = pd.DataFrame(x[train]).groupby(
+        [obs["cell_type"].to_numpy()[train], obs["gene"].to_numpy()[train]]).mean()
+    assert len(groups) == 3 * 4 - 3  # CT2's controls are training groups too
+    np.testing.assert_allclose(cm.cell_mean_, groups.mean().to_numpy(), atol=1e-6)
+
+
+def test_linear_gene_embedding_predicts_unseen_gene_perturbations():
+    a = make_synthetic(seed=1)
+    names = {"P0": "G3", "P1": "G10", "P2": "G20", "ctrl": "ctrl"}
+    a.obs["gene"] = a.obs["gene"].map(names)
+    m = LinearBaseline(**SYN).fit(a, SPEC)
+    assert m.embedding_source_ == "genes" and m.gene_embedding_.shape[0] == a.n_vars
+    sub = a[a.obs["cell_type"] == "CT2"].copy()
+    sub.obs["gene"] = sub.obs["gene"].replace({"G3": "G5"})  # G5 was never perturbed
+    pred = m.predict(sub, unknown_perturbation="zeros")
+    rows = (sub.obs["gene"] == "G5").to_numpy()
+    assert np.isfinite(pred.X[rows]).all()
+    onehot = LinearBaseline(pert_embedding="onehot", **SYN).fit(a, SPEC)
+    with pytest.raises(DataError, match="G5"):
+        onehot.predict(sub, unknown_perturbation="zeros")
+    fallback = LinearBaseline(pert_embedding="onehot", on_missing="mean", **SYN).fit(a, SPEC)
+    out = fallback.predict(sub, unknown_perturbation="zeros")
+    basal = np.asarray(sub[out.obs["statetx_ctrl_barcode"][rows]].X)
+    np.testing.assert_allclose(out.X[rows], np.clip(basal + fallback.bias_, 0, 14), atol=1e-5)
+
+
+def test_linear_external_embedding_and_missing_vectors(synth):
+    rng = np.random.default_rng(0)
+    emb = {p: rng.normal(size=4) for p in ("P0", "P1", "P2")}
+    m = LinearBaseline(pert_embedding=emb, **SYN).fit(synth, SPEC)
+    assert m.embedding_source_ == "external" and m.coef_.shape[1] == 4
+    assert np.isfinite(m.predict_split("test")[0].X).all()
+    partial = {p: emb[p] for p in ("P0", "P1")}
+    with pytest.raises(DataError, match="P2"):
+        LinearBaseline(pert_embedding=partial, **SYN).fit(synth, SPEC)
+    cm = LinearBaseline(pert_embedding=partial, on_missing="context_mean", **SYN).fit(synth, SPEC)
+    sub = synth[synth.obs["cell_type"] == "CT0"].copy()
+    pred = cm.predict(sub)
+    rows = (sub.obs["gene"] == "P2").to_numpy()
+    ctx = ContextMeanBaseline(**SYN).fit(synth, SPEC).predict(sub)
+    np.testing.assert_allclose(pred.X[rows], ctx.X[rows], atol=1e-5)
+
+
+def test_bad_input_errors_name_the_problem(synth):
+    m = PerturbMeanBaseline(**SYN).fit(synth, SPEC)
+    bad = synth.copy()
+    bad.obs = bad.obs.rename(columns={"gene": "guide"})
+    with pytest.raises(DataError, match="'gene'"):
+        m.predict(bad)
+    with pytest.raises(DataError, match="'gene'"):
+        PerturbMeanBaseline(pert_col="gene", control_pert="ctrl").fit(bad, SPEC)
+    with pytest.raises(DataError, match="cell_type"):
+        m.predict(synth, cell_type_col="celltype")
+    odd = synth.copy()
+    odd.obs["gene"] = odd.obs["gene"].replace({"P1": "P9"})
+    with pytest.raises(DataError, match="P9"):
+        m.predict(odd)
+    zero = m.predict(odd, unknown_perturbation="zeros")
+    rows = (odd.obs["gene"] == "P9").to_numpy()
+    basal = np.asarray(synth[zero.obs["statetx_ctrl_barcode"][rows]].X)
+    np.testing.assert_allclose(zero.X[rows], basal)  # unseen perturbation: zero shift
+    assert "zero shift" in zero.uns["statetx"]["notes"]
+    with pytest.raises(DataError, match="no control cells"):
+        m.predict(synth[synth.obs["gene"] != "ctrl"].copy())
+    with pytest.raises(DataError, match="no 'val' split"):
+        m.predict_split("val")
+
+
+@pytest.mark.filterwarnings("ignore:the .* split has negative expression values")
+def test_pickle_embedding_space_and_fit_all(synth):
+    m = ContextMeanBaseline(**SYN).fit(synth, SPEC)
+    back = pickle.loads(pickle.dumps(m))
+    np.testing.assert_array_equal(back.predict(synth).X, m.predict(synth).X)
+    with pytest.raises(NotFittedError, match="refit"):
+        back.predict_split("test")
+    a = synth.copy()
+    a.obsm["X_emb"] = np.asarray(a.X)[:, :5] - 1.0  # negative values: never clipped
+    e = PerturbMeanBaseline(**SYN, embed_key="X_emb").fit(a, SPEC)
+    pred = e.predict(a)
+    assert list(pred.var_names) == [f"emb_{i}" for i in range(5)] and pred.X.min() < 0
+    models = fit_all_baselines(synth, SPEC, baselines={"linear": {"ridge": 1.0},
+                                                       "cell_mean": {}}, **SYN)
+    assert set(models) == {"linear", "cell_mean"} and models["linear"].ridge == 1.0
+    with pytest.raises(ConfigError, match="ridge"):
+        fit_all_baselines(synth, SPEC, ridge=1.0, **SYN)
+    with pytest.raises(ConfigError, match="'median'"):
+        fit_all_baselines(synth, SPEC, baselines=["median"], **SYN)
+
+
+# ---------------------------------------------------------------------- real data
+@pytest.fixture(scope="module")
+def kang_fitted(kang_log):
+    models = fit_all_baselines(kang_log, KANG_SPEC, **KANG)
+    models["control_mean@mean"] = ControlMeanBaseline("mean", **KANG).fit(kang_log, KANG_SPEC)
+    models["context_mean@train_mean"] = ContextMeanBaseline("train_mean", **KANG).fit(
+        kang_log, KANG_SPEC)
+    return models, {n: m.predict_split("test") for n, m in models.items()}
+
+
+def test_kang_heldout_b_cells_mean_shift(kang_fitted, kang_log):
+    _, preds = kang_fitted
+    res = {n: mean_shift_r(*preds[n], "target_gene", "control", "IFNB") for n in preds}
+    assert res["perturb_mean"][0] > 0.7  # ≈ 0.82
+    np.testing.assert_allclose(preds["linear"][0].X, preds["perturb_mean"][0].X, atol=1e-4)
+    assert res["control_mean"][1] < 0.3  # the identity model predicts (almost) no shift
+    assert abs(res["control_mean"][0]) < 0.3
+    for name in ("control_mean@mean", "context_mean"):  # exactly no shift: r is undefined
+        assert np.isnan(res[name][0]) and res[name][1] < 1e-3
+    assert 0.3 < res["context_mean@train_mean"][0] < res["perturb_mean"][0]
+    assert 0.2 < res["cell_mean"][0] < res["perturb_mean"][0]
+
+
+def test_kang_context_mean_zero_shot_fallbacks(kang_fitted, kang_log):
+    models, preds = kang_fitted
+    obs, x = kang_log.obs, np.asarray(kang_log.X, dtype=np.float64)
+    pred, _ = preds["context_mean"]
+    ifnb = (pred.obs["target_gene"] == "IFNB").to_numpy()
+    b_ctrl = ((obs["cell_type"] == "B cells") & (obs["target_gene"] == "control")).to_numpy()
+    np.testing.assert_allclose(pred.X[ifnb], np.tile(x[b_ctrl].mean(0), (ifnb.sum(), 1)),
+                               atol=1e-5)
+    assert "B cells" in pred.uns["statetx"]["notes"]
+    train_means = [x[((obs["cell_type"] == ct) & (obs["target_gene"] == "IFNB")).to_numpy()]
+                   .mean(0) for ct in sorted(set(obs["cell_type"]) - {"B cells"})]
+    tm, _ = preds["context_mean@train_mean"]
+    np.testing.assert_allclose(tm.X[ifnb][0], np.mean(train_means, 0), atol=1e-5)
+    trained = sorted(set(obs["cell_type"]) - {"B cells"})
+    assert models["context_mean"].perturbed_cell_types_ == trained
+
+
+def test_kang_predict_split_aligned(kang_fitted, kang_log):
+    _, preds = kang_fitted
+    pred, real = preds["perturb_mean"]
+    b = kang_log.obs["cell_type"] == "B cells"
+    assert pred.n_obs == real.n_obs == b.sum()
+    pd.testing.assert_frame_equal(pred.obs, real.obs)
+    assert list(pred.var_names) == list(kang_log.var_names)
+    np.testing.assert_array_equal(real.X, np.asarray(kang_log[pred.obs["pert_cell_barcode"]].X))
+    ctrl_barcodes = set(kang_log.obs_names[b & (kang_log.obs["target_gene"] == "control")])
+    assert set(pred.obs["ctrl_cell_barcode"]) <= ctrl_barcodes
+    assert {"target_gene", "cell_type", "batch"} <= set(pred.obs.columns)
+
+
+def test_zhao_raw_counts_are_not_clipped_and_scale_is_checked(zhao_raw):
+    spec = '[training]\nzhao = "train"\n[zeroshot]\n"zhao.glioblastoma_PW034" = "test"\n'
+    m = PerturbMeanBaseline(pert_col="target_gene", control_pert="DMSO").fit(zhao_raw, spec)
+    assert not m.is_log1p_
+    pred, real = m.predict_split("test")
+    assert pred.X.min() >= 0 and pred.X.max() > 14 and real.X.max() > 14
+    r, _ = mean_shift_r(pred, real, "target_gene", "DMSO", "panobinostat")
+    assert r > 0.4
+    logged = zhao_raw[:400].copy()
+    logged.X = np.log1p(logged.X.toarray() / 7.0)
+    with pytest.raises(DataError, match="log1p"):
+        m.predict(logged)
