@@ -416,6 +416,7 @@ def load_arc_run(
         use_basal_projection=use_basal_projection, backbone=backbone, n_layers=n_layers,
         n_heads=heads, head_dim=hd, n_kv_heads=kv_heads, intermediate_size=inter,
         attention=att, rope=rp, norm_eps=eps, predict_residual=predict_residual,
+        residual_space="hidden",
         output_space=output_space, output_activation=out_act, batch_encoder=batch_n > 0,
         batch_dim=batch_n, gene_dim=gene_dim, decoder_hidden_dims=dec_dims,
         decoder_dropout=dec_dropout, residual_decoder=dec_residual, confidence_token=False,

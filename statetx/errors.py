@@ -1,4 +1,4 @@
-"""Exception classes. Every message names the offending key, value or file and says how to fix it."""
+"""Exception classes. Every message names the offending key, value or file, and what to do."""
 
 from __future__ import annotations
 

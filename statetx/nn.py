@@ -50,6 +50,7 @@ BACKBONES = ("llama", "gpt2")
 ATTENTION_MODES = ("bidirectional", "causal")
 OUTPUT_SPACES = ("gene", "all", "embedding")
 OUTPUT_ACTIVATIONS = ("relu", "none")
+RESIDUAL_SPACES = ("hidden", "input")
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,6 +81,7 @@ class NetworkConfig:
     rope: float | None  # None: no positions; float: rotary embedding base theta
     norm_eps: float  # RMSNorm (Llama, 1e-6) / LayerNorm (GPT-2, 1e-5) epsilon
     predict_residual: bool  # residual output head
+    residual_space: str  # "hidden": project_out(r + e_b) (reference); "input": basal + delta
     output_space: str  # "gene" | "all" | "embedding"
     output_activation: str  # "relu" | "none"
     batch_encoder: bool  # learned batch embedding added to the input
@@ -141,6 +143,13 @@ class NetworkConfig:
         _check_choice("attention", self.attention, ATTENTION_MODES)
         _check_choice("output_space", self.output_space, OUTPUT_SPACES)
         _check_choice("output_activation", self.output_activation, OUTPUT_ACTIVATIONS)
+        _check_choice("residual_space", self.residual_space, RESIDUAL_SPACES)
+        if (self.residual_space == "input" and self.predict_residual
+                and self.input_dim != self.output_dim):
+            raise ConfigError(
+                f"residual_space 'input' adds the basal cell to the output, so input_dim "
+                f"({self.input_dim}) must equal output_dim ({self.output_dim})."
+            )
         for name in ("dropout", "decoder_dropout"):
             p = getattr(self, name)
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
@@ -507,6 +516,10 @@ class StateTransitionNetwork(nn.Module):
             self.transformer_backbone = GPT2Backbone(c)
         init_backbone(self.transformer_backbone, c.n_layers)
         self.project_out = MLP(h, c.output_dim, h, c.n_decoder_layers, c.dropout, c.activation)
+        if c.residual_space == "input" and c.predict_residual:  # start as the identity map
+            last = self.project_out[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
         self.final_down_then_up = None
         if c.output_space == "all" and c.predict_residual:
             d = c.output_dim
@@ -552,6 +565,8 @@ class StateTransitionNetwork(nn.Module):
             pred = self.project_out(r)
         elif self.final_down_then_up is not None:  # output_space "all"
             pred = self.final_down_then_up(self.project_out(r) + basal)
+        elif c.residual_space == "input":  # statetx option: the head predicts the change
+            pred = basal + self.project_out(r)
         else:
             pred = self.project_out(r + e_b)
         if c.output_activation == "relu":

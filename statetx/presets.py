@@ -27,7 +27,7 @@ from statetx.nn import NetworkConfig, StateTransitionNetwork
 ARCH_KEYS = (
     "cell_set_len", "hidden_dim", "n_encoder_layers", "n_decoder_layers", "dropout", "activation",
     "use_basal_projection", "backbone", "n_layers", "n_heads", "head_dim", "n_kv_heads",
-    "intermediate_size", "attention", "rope", "norm_eps", "predict_residual",
+    "intermediate_size", "attention", "rope", "norm_eps", "predict_residual", "residual_space",
     "output_activation", "batch_encoder", "gene_decoder_bool", "decoder_hidden_dims",
     "decoder_dropout", "residual_decoder", "confidence_token",
 )
@@ -50,7 +50,8 @@ ALIASES = {
 def _llama(**kw: object) -> dict:
     base = {
         "dropout": 0.1, "activation": "gelu", "backbone": "llama", "attention": "bidirectional",
-        "rope": None, "norm_eps": 1e-6, "predict_residual": True, "output_activation": "auto",
+        "rope": None, "norm_eps": 1e-6, "predict_residual": True, "residual_space": "hidden",
+        "output_activation": "auto",
         "batch_encoder": False, "gene_decoder_bool": True,
         "decoder_hidden_dims": [1024, 1024, 512], "decoder_dropout": 0.1,
         "residual_decoder": False, "confidence_token": False,
@@ -242,6 +243,7 @@ def build_network_config(arch: dict, *, input_dim: int, output_dim: int, pert_di
         head_dim=arch["head_dim"], n_kv_heads=arch["n_kv_heads"],
         intermediate_size=arch["intermediate_size"], attention=arch["attention"],
         rope=arch["rope"], norm_eps=arch["norm_eps"], predict_residual=arch["predict_residual"],
+        residual_space=arch["residual_space"],
         output_space=output_space, output_activation=out_act,
         batch_encoder=arch["batch_encoder"], batch_dim=batch_dim,
         gene_dim=gene_dim if arch["gene_decoder_bool"] else 0,

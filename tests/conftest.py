@@ -1,4 +1,4 @@
-"""Shared test fixtures. Tests that need ``../shared`` skip with a clear reason when it is absent."""
+"""Shared test fixtures. Tests that need ``../shared`` skip with a clear reason without it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ ZHAO = DATA / "zhao2021_glioblastoma_panobinostat_lemur_counts.h5ad"
 def need(path: Path) -> Path:
     """Skip the calling test unless ``path`` (a file in ../shared) exists."""
     if not path.exists():
-        pytest.skip(f"{path} not found: the shared data folder (../shared next to the repo) is absent")
+        pytest.skip(f"{path} not found: the shared data folder (../shared next to the repo) "
+                    "is absent")
     return path
 
 

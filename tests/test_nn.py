@@ -18,6 +18,7 @@ def small_config(**kw: object) -> NetworkConfig:
         n_decoder_layers=2, dropout=0.1, activation="gelu", use_basal_projection=True,
         backbone="llama", n_layers=2, n_heads=4, head_dim=8, n_kv_heads=4, intermediate_size=64,
         attention="bidirectional", rope=None, norm_eps=1e-6, predict_residual=True,
+        residual_space="hidden",
         output_space="gene", output_activation="relu", batch_encoder=False, batch_dim=0,
         gene_dim=0, decoder_hidden_dims=[16, 16], decoder_dropout=0.1, residual_decoder=False,
         confidence_token=False,
@@ -361,3 +362,11 @@ def test_tiny_network_overfits_a_few_sets():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_input_space_residual_starts_as_identity_and_learns_a_change():
+    net = make(residual_space="input", output_activation="none", dropout=0.0)
+    basal, pert = torch.rand(2, 5, net.config.input_dim), torch.rand(2, 5, net.config.pert_dim)
+    torch.testing.assert_close(net(basal, pert).pred, basal)
+    with pytest.raises(ConfigError, match="residual_space 'input'"):
+        make(residual_space="input", output_dim=net.config.input_dim + 1)
