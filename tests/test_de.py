@@ -24,9 +24,13 @@ def _data(seed: int, negative: bool = False, zeros: float = 0.6):
     return x[perm], lab[perm]
 
 
+@pytest.mark.parametrize("use_numba", [True, False])
 @pytest.mark.parametrize("negative", [False, True])
 @pytest.mark.parametrize("sparse", [False, True])
-def test_matches_scipy(negative, sparse):
+def test_matches_scipy(negative, sparse, use_numba, monkeypatch):
+    import statetx.metrics.de as de_mod
+
+    monkeypatch.setattr(de_mod, "USE_NUMBA", use_numba)
     x, lab = _data(1, negative)
     de = wilcoxon_de(sp.csr_matrix(x) if sparse else x, lab, "ctrl", num_threads=2)
     assert list(de.columns) == DE_COLUMNS

@@ -160,6 +160,12 @@ def test_supplied_de_tables(tmp_path, real, pred):
     res2, _ = evaluate(pred, real[0], profile="minimal", de_pred=tmp_path / "pred_de.csv",
                        de_real=tmp_path / "real_de.csv", num_threads=1)
     pd.testing.assert_frame_equal(res, res2)
+    shuffled = pd.read_csv(tmp_path / "pred_de.csv").sample(frac=1.0, random_state=0)
+    res3, _ = evaluate(pred, real[0], profile="full", de_pred=shuffled, num_threads=1,
+                       de_real=tmp_path / "real_de.csv", skip_metrics=["clustering_agreement"])
+    full, _ = evaluate(pred, real[0], profile="full", num_threads=1,
+                       skip_metrics=["clustering_agreement"])
+    pd.testing.assert_frame_equal(res3, full)
     bad = pd.read_csv(tmp_path / "real_de.csv").drop(columns=["fdr"])
     with pytest.raises(DataError, match="fdr"):
         evaluate(pred, real[0], de_real=bad)

@@ -24,12 +24,13 @@ class _DE:
     lfc: np.ndarray
     fdr: np.ndarray
     sig: np.ndarray  # significant features sorted by |lfc| descending (table order for ties)
+    is_sig: np.ndarray  # significance mask in table order
 
     @classmethod
     def build(cls, df: pd.DataFrame | None) -> _DE:
         if df is None or len(df) == 0:
             e = np.array([], dtype=object)
-            return cls(e, np.array([]), np.array([]), e)
+            return cls(e, np.array([]), np.array([]), e, np.array([], dtype=bool))
         feats = df["feature"].astype(str).to_numpy()
         lfc = df["log2_fold_change"].to_numpy(np.float64)
         fdr = df["fdr"].to_numpy(np.float64)
@@ -37,7 +38,7 @@ class _DE:
         idx = np.flatnonzero(is_sig)
         mag = np.abs(lfc.astype(np.float32)[idx])
         order = idx[np.argsort(-mag, kind="stable")]
-        return cls(feats, lfc, fdr, feats[order])
+        return cls(feats, lfc, fdr, feats[order], is_sig)
 
 
 def check_de_table(df: pd.DataFrame, which: str) -> pd.DataFrame:
@@ -95,6 +96,13 @@ def roc_auc(y: np.ndarray, s: np.ndarray) -> float:
     return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def _take(values: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    out = np.full(pos.size, np.nan)
+    ok = pos >= 0
+    out[ok] = values[pos[ok]]
+    return out
+
+
 def de_metrics(
     real_de: pd.DataFrame, pred_de: pd.DataFrame, perturbations: Sequence[str]
 ) -> dict[str, list[float | None]]:
@@ -119,12 +127,14 @@ def de_metrics(
         put("precision_at_N", _overlap(r.sig, q.sig, npred) if ok else 0.0)
         for k in TOP_K:
             put(f"precision_at_{k}", _overlap(r.sig, q.sig, min(k, npred)) if ok else 0.0)
-        pred_lfc = dict(zip(q.features, q.lfc))
-        pred_fdr = dict(zip(q.features, q.fdr))
+        if np.array_equal(q.features, r.features):  # usual case: same genes, same order
+            q_lfc, q_fdr = q.lfc, q.fdr
+        else:
+            pos = pd.Index(q.features).get_indexer(r.features)
+            q_lfc, q_fdr = _take(q.lfc, pos), _take(q.fdr, pos)
         if nr:
-            lr = np.array([r.lfc[i] for i in np.flatnonzero(np.isin(r.features, r.sig))])
-            sig_feats = r.features[np.isin(r.features, r.sig)]
-            lp = np.array([pred_lfc.get(f, np.nan) for f in sig_feats])
+            lr = r.lfc[r.is_sig]
+            lp = q_lfc[r.is_sig]
             put("de_direction_match", float(np.mean(np.sign(lr) == np.sign(lp))))
             put("de_spearman_lfc_sig", _spearman(lr, np.nan_to_num(lp, nan=0.0, posinf=np.inf,
                                                                     neginf=-np.inf)))
@@ -136,7 +146,7 @@ def de_metrics(
         put("de_nsig_counts_real", float(nr))
         put("de_nsig_counts_pred", float(npred))
         labels = r.fdr.astype(np.float32) < np.float32(FDR_THRESHOLD)
-        fp = np.array([pred_fdr.get(f, np.nan) for f in r.features])
+        fp = q_fdr
         scores = np.where(np.isnan(fp), 0.0, -np.log10(np.clip(fp, 1e-10, 1.0)))
         put("pr_auc", average_precision(labels, scores))
         put("roc_auc", roc_auc(labels, scores))
