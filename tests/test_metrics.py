@@ -184,3 +184,14 @@ def test_describe_null_and_nan_rules():
     assert y["count"] == 4 and y["null_count"] == 1 and y["mean"] == 0.4375
     assert (y["25%"], y["50%"], y["75%"]) == (0.25, 0.5, 0.5)  # index floor(q(n-1) + 0.5)
     assert not nulls["y"].any()
+
+
+def test_sparse_input_gives_the_same_results(real, pred):
+    import scipy.sparse as sp
+
+    r, p = real[0].copy(), pred.copy()
+    dense, _ = evaluate(p, r, profile="full", skip_metrics=["clustering_agreement"], num_threads=1)
+    r.X, p.X = sp.csr_matrix(r.X), sp.csr_matrix(p.X)
+    sparse, _ = evaluate(p, r, profile="full", skip_metrics=["clustering_agreement"],
+                         num_threads=1)
+    pd.testing.assert_frame_equal(dense, sparse, atol=1e-6, rtol=0)

@@ -255,6 +255,8 @@ def rank_sums(
         X = np.asarray(X)
         skip_zeros = bool(X.size == 0 or X.min() >= 0)
     bounds = [(g, min(g + block_genes, n_genes)) for g in range(0, n_genes, block_genes)]
+    if USE_NUMBA:
+        _numba_kernels()  # compile (or load) once, before any worker thread needs the kernels
 
     def work(b: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         sub = X[:, b[0]:b[1]]
