@@ -391,16 +391,16 @@ class ContextMeanBaseline(_Baseline):
     """Every perturbed cell of cell type c = the mean of all perturbed training cells of c.
 
     Cells are weighted equally (perturbations pooled); controls are returned unchanged.
-    Zero-shot cell type (no perturbed training cells): ``zeroshot_fallback="control_mean"``
-    (default, as arc-state 0.11.1 and metrics.md §13) predicts the mean of the input's control
-    cells of c; ``"train_mean"`` predicts the unweighted mean over the training cell types of
-    their perturbed-cell means (Systema's "train mean").
+    Zero-shot cell type (no perturbed training cells): ``zeroshot_fallback="train_mean"``
+    (default) predicts the unweighted mean over the training cell types of their perturbed-cell
+    means (Systema's "train mean"); ``"control_mean"`` (arc-state 0.11.1, metrics.md §13)
+    predicts the mean of the input's control cells of c, i.e. no change at all.
     """
 
     name = "context_mean"
     _zeroshot_is_fallback = True
 
-    def __init__(self, zeroshot_fallback: str = "control_mean", *, pert_col: str = "gene",
+    def __init__(self, zeroshot_fallback: str = "train_mean", *, pert_col: str = "gene",
                  cell_type_key: str = "cell_type", batch_col: str | None = None,
                  control_pert: str | None = None, embed_key: str | None = None,
                  seed: int = 42) -> None:
