@@ -79,11 +79,18 @@ class SplitConfig(BaseModel):
         return cls._from_raw(raw, source=source, base_dir=base_dir)
 
     @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> SplitConfig:
+        """Validate a dict with the same checks and messages as :meth:`from_toml`."""
+        if isinstance(obj, dict):
+            return cls.from_toml(obj)
+        return super().model_validate(obj, *args, **kwargs)
+
+    @classmethod
     def _from_raw(cls, raw: dict, source: str, base_dir: str | Path | None) -> SplitConfig:
         raw = {k: v for k, v in raw.items() if k not in ("base_dir", "source")}
         _check_raw(raw, source)
         try:
-            cfg = cls.model_validate(
+            cfg = super().model_validate(
                 {**raw, "base_dir": Path(base_dir) if base_dir else None, "source": source}
             )
         except ValidationError as exc:  # anything _check_raw did not phrase itself

@@ -62,6 +62,8 @@ class CellSetBatch:
             "pert_emb": self.pert.reshape(b * s, -1),
             "pert_name": [vocab.perturbations[i] for i in self.pert_index.reshape(-1).tolist()],
             "cell_type": [vocab.cell_types[i] for i in self.cell_type_index.reshape(-1).tolist()],
+            "cell_type_onehot": torch.nn.functional.one_hot(
+                self.cell_type_index.reshape(-1), len(vocab.cell_types)).float(),
             "batch": torch.nn.functional.one_hot(self.batch_index.reshape(-1),
                                                  max(1, len(vocab.batches))).float(),
             "batch_name": [vocab.batches[i] for i in self.batch_index.reshape(-1).tolist()],

@@ -29,7 +29,7 @@ import pandas as pd
 
 from statetx._utils import preview
 from statetx.config import SPLITS, ColumnMap, SplitConfig
-from statetx.errors import DataError
+from statetx.errors import ConfigError, DataError
 from statetx.io import DataFile, from_anndata, resolve_control
 
 
@@ -58,6 +58,9 @@ def assign_files(
     on_missing_perturbation: str = "error",
 ) -> list[Assignment]:
     """Assign every cell of ``files`` (all files of the referenced datasets) to splits."""
+    if on_missing_perturbation not in ("error", "warn"):
+        raise ConfigError(f"on_missing_perturbation={on_missing_perturbation!r} is invalid; "
+                          "expected 'error' or 'warn'.")
     _check_heldout_names(files, config, control_pert, pert_col, cell_type_key,
                          on_missing_perturbation)
     out = []
