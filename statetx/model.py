@@ -659,22 +659,23 @@ class StateTransitionModel(BaseEstimator):
         return model
 
     def _write_run_files(self, out: Path, prepared: PreparedData, split_config) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "vocab.json").write_text(json.dumps(self.vocab_.to_dict(), indent=1))
-        var_dims = {
-            "input_dim": prepared.input_dim, "output_dim": prepared.input_dim,
-            "gene_dim": prepared.gene_dim or prepared.input_dim, "hvg_dim": prepared.input_dim
-            if self.columns_.embed_key == "X_hvg" else 0,
-            "pert_dim": self.vocab_.pert_dim, "batch_dim": len(self.vocab_.batches),
-            "gene_names": prepared.gene_names or prepared.feature_names,
-            "pert_names": self.vocab_.perturbations,
-        }
-        (out / "var_dims.json").write_text(json.dumps(var_dims, indent=1))
-        if split_config is not None:
-            (out / "split.toml").write_text(SplitConfig.from_toml(split_config).to_toml())
-        prepared.summary.to_csv(out / "split_summary.csv", index=False)
-        (out / "model.json").write_text(json.dumps(self._metadata(), indent=1,
-                                                   default=_json_default))
+        """Write the run directory's files (config.yaml, statetx_run.json, split.toml with
+        absolute dataset paths, split_summary.csv, vocab.json, var_dims.json, model.json)."""
+        from statetx.run import write_run_files
+
+        write_run_files(self, out, prepared, split_config)
+
+    @classmethod
+    def load_run(cls, run_dir: str | Path, checkpoint: str | Path | None = None, *,
+                 device: str = "cpu", verbose: bool = True) -> StateTransitionModel:
+        """Load a fitted model from a training run directory (``output_dir/name``).
+
+        ``checkpoint``: a file name in ``checkpoints/`` or a path; default ``final.ckpt``, else
+        ``last.ckpt`` (printed). Weights-only loading. See :func:`statetx.run.load_run`.
+        """
+        from statetx.run import load_run
+
+        return load_run(run_dir, checkpoint, device=device, verbose=verbose)
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict:

@@ -1,0 +1,1197 @@
+"""The ``statetx`` command line (cli.md): arc-state / cell-load / cell-eval commands, statetx-style.
+
+``statetx tx train KEY=VALUE ...`` trains (Hydra-style overrides, see :mod:`statetx.run`);
+``tx predict`` evaluates a run's test split; ``tx infer`` predicts on any AnnData;
+``tx preprocess_train`` / ``tx preprocess_infer`` / ``tx split``; ``filter_on_target_knockdown``;
+``evaluate run|baseline|score|prep`` (cell-eval compatible); ``import-arc``; ``info``; ``demo``.
+``train``, ``predict``, ``infer``, ``preprocess_train``, ``preprocess_infer`` and ``split`` also
+work without the ``tx`` prefix. Every multi-word flag accepts ``--dash-case`` and
+``--underscore_case``. Exit status: 0 success, 2 usage or configuration error, 1 other failures;
+errors print one line (``--debug`` shows the traceback).
+
+Only the standard library is imported at module import time: torch, anndata and scanpy are
+imported inside the commands, so ``--help`` and argument errors return at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from statetx.errors import ConfigError, DataError, SplitConfigError, StatetxError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+CELLTYPE_COLS = ("cell_type", "celltype", "cellType", "ctype", "celltype_col")
+BATCH_COLS = ("gem_group", "gemgroup", "batch", "donor", "plate", "experiment", "lane",
+              "batch_id")
+
+
+class UsageError(StatetxError):
+    """A command-line usage problem (exit status 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse helpers
+# ---------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line + usage, exit 2
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _flag(p: argparse.ArgumentParser, *names: str, **kw: Any) -> argparse.Action:
+    """Add an option under every given name plus the other spelling of multi-word long names."""
+    spellings: list[str] = []
+    for n in names:
+        spellings.append(n)
+        if n.startswith("--") and ("-" in n[2:] or "_" in n[2:]):
+            alt = "--" + (n[2:].replace("-", "_") if "-" in n[2:] else n[2:].replace("_", "-"))
+            if alt not in spellings and alt not in names:
+                spellings.append(alt)
+    return p.add_argument(*spellings, **kw)
+
+
+def _sub(sp: Any, name: str, help: str, aliases: Sequence[str] = (), **kw: Any) -> _Parser:
+    alts = list(aliases)
+    for n in [name, *aliases]:
+        other = n.replace("_", "-") if "_" in n else n.replace("-", "_")
+        if other != n and other not in alts and other != name:
+            alts.append(other)
+    return sp.add_parser(name, help=help, aliases=alts, description=kw.pop("description", help),
+                         formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_EPILOG = """\
+overrides (key=value, any order; `+key=value` accepted; the preset is applied first):
+  data.kwargs.toml_config_path=FILE   split file (required)
+  data.kwargs.{pert_col,cell_type_key,batch_col,control_pert,embed_key,output_space,
+               basal_mapping_strategy,perturbation_features_file,should_yield_control_cells,...}
+  training.{max_steps,batch_size,lr,weight_decay,val_freq,ckpt_every_n_steps,gradient_clip_val,
+            gradient_accumulation_steps,train_seed,optimizer,lr_schedule,warmup_steps,
+            precision,matmul_precision,keep_step_checkpoints,early_stopping_patience,device,...}
+  model=PRESET                        state, state_sm, state_lg, tahoe_best, pertsets, tiny, ...
+  model.kwargs.{cell_set_len,hidden_dim,n_encoder_layers,n_decoder_layers,dropout,attention,
+                rope,batch_encoder,loss,init_from,freeze_pert_backbone,...}
+  model.kwargs.transformer_backbone_kwargs.{hidden_size,intermediate_size,num_hidden_layers,
+                num_attention_heads,num_key_value_heads,head_dim,bidirectional_attention,...}
+  wandb.{project,entity,tags,group,notes,dir}  use_wandb  output_dir  name  overwrite
+  resume=auto|force  dry_run=true
+values: true/false, null, 12, 1e-4, [a,b], "quoted text"; run directory = output_dir/name.
+
+example:
+  statetx tx train data.kwargs.toml_config_path=config.toml data.kwargs.pert_col=gene \\
+      data.kwargs.control_pert=non-targeting training.max_steps=40000 model=state_sm \\
+      output_dir=output name=my_experiment
+"""
+
+
+def build_parser() -> _Parser:
+    """The complete argument parser (cheap: no heavy imports)."""
+    p = _Parser(prog="statetx", description="State Transition perturbation models (statetx).",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="`statetx COMMAND --help` describes a command. --debug (anywhere) "
+                       "prints tracebacks.")
+    p.add_argument("--version", action="store_true", help="print the statetx version and exit")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sp = p.add_subparsers(dest="command", metavar="COMMAND")
+    tx = _sub(sp, "tx", "State Transition commands (train, predict, infer, ...)")
+    txs = tx.add_subparsers(dest="tx_command", metavar="TX_COMMAND")
+    tx.set_defaults(func=lambda a: _missing_subcommand(tx))
+    for target in (txs, sp):
+        _add_tx_commands(target, shortcut=target is sp)
+    _add_filter(sp)
+    _add_evaluate(sp)
+    _add_import_arc(sp)
+    _add_info(sp)
+    _add_demo(sp)
+    return p
+
+
+def _missing_subcommand(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def _add_tx_commands(sp: Any, shortcut: bool) -> None:
+    tag = " (shortcut of `statetx tx ...`)" if shortcut else ""
+    # train
+    t = _sub(sp, "train", "train an ST model from key=value overrides" + tag,
+             epilog=TRAIN_EPILOG)
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="configuration overrides")
+    t.add_argument("--config", metavar="FILE.yaml", help="base configuration (e.g. a run's "
+                   "config.yaml); overrides still apply")
+    _flag(t, "--print-config", action="store_true",
+          help="print the resolved configuration and exit")
+    _flag(t, "--list-keys", action="store_true", help="list every configuration key and exit")
+    t.set_defaults(func=cmd_train)
+    # predict
+    pr = _sub(sp, "predict", "predict and evaluate the test split of a training run" + tag)
+    _flag(pr, "--output-dir", required=True, metavar="RUN_DIR", help="the run directory")
+    pr.add_argument("--checkpoint", help="file name in checkpoints/ or a path (default "
+                    "final.ckpt, else last.ckpt)")
+    pr.add_argument("--profile", default="full",
+                    choices=["full", "minimal", "vcc", "de", "anndata", "pds"])
+    _flag(pr, "--predict-only", action="store_true", help="write AnnData outputs, skip metrics")
+    _flag(pr, "--test-time-finetune", type=int, default=0, metavar="STEPS",
+          help="control-only fine-tuning steps (not supported yet; must be 0)")
+    pr.add_argument("--toml", help="re-split with another split file")
+    _flag(pr, "--skip-adatas", action="store_true", help="do not write adata_pred/real.h5ad")
+    _flag(pr, "--shared-only", action="store_true",
+          help="only perturbations present in both the training split and the evaluated split")
+    _flag(pr, "--eval-train-data", action="store_true", help="evaluate the training split")
+    pr.add_argument("--pseudobulk", action="store_true", help="(not supported yet)")
+    pr.add_argument("--split", default="test", choices=["test", "val", "train"])
+    _flag(pr, "--num-threads", type=int, default=None, help="DE threads (default: all CPUs)")
+    _flag(pr, "--data-root", metavar="DIR", help="directory that now holds the run's data files")
+    pr.add_argument("--seed", type=int, default=42, help="seed of the control draws")
+    pr.set_defaults(func=cmd_predict)
+    # infer
+    inf = _sub(sp, "infer", "predict perturbation responses for the cells of an AnnData" + tag)
+    _flag(inf, "--model-dir", required=True, help="statetx run / model directory or an "
+          "arc-state run directory")
+    inf.add_argument("--checkpoint", help="file name in checkpoints/ or a path")
+    inf.add_argument("--adata", required=True, help="input .h5ad")
+    inf.add_argument("--output", help="output .h5ad or .npy (default <adata stem>_simulated.h5ad)")
+    _flag(inf, "--output-dir", help="write <dir>/<adata stem>_simulated.h5ad")
+    _flag(inf, "--embed-key", help="obsm key of the input (default: the model's)")
+    _flag(inf, "--pert-col", help="perturbation column (default: the model's)")
+    _flag(inf, "--celltype-col", "--cell-type-col", help="cell-type column (default: the "
+          "model's, then auto-detect)")
+    inf.add_argument("--celltypes", action="append", help="only these cell types (comma list "
+                     "or repeated)")
+    _flag(inf, "--batch-col", help="batch column (default: the model's, then auto-detect)")
+    _flag(inf, "--control-pert", help="control label (default: the model's)")
+    inf.add_argument("--seed", type=int, default=42)
+    _flag(inf, "--max-set-len", type=int, help="cells per set (default: the model's)")
+    _flag(inf, "--batch-size", type=int, help="sets per forward pass (memory only)")
+    inf.add_argument("--tsv", help="table (perturbation, num_cells): add that many virtual cells")
+    _flag(inf, "--all-perts", action="store_true",
+          help="simulate every perturbation of the model from control cells")
+    _flag(inf, "--virtual-cells-per-pert", type=int, help="virtual cells per perturbation and "
+          "context with --all-perts (default: the context's number of controls)")
+    _flag(inf, "--min-cells", type=int, help="clone cells up to this many per group")
+    _flag(inf, "--max-cells", type=int, help="subsample groups down to this many cells")
+    inf.add_argument("--quiet", action="store_true")
+    inf.add_argument("--windows", default="balanced", choices=["balanced", "reference"])
+    _flag(inf, "--basal-pool", choices=["cell_type", "batch", "all"])
+    _flag(inf, "--basal-fallback", default="error", choices=["error", "all_controls"])
+    _flag(inf, "--unknown-perturbation", default="error", choices=["error", "control", "zeros"])
+    _flag(inf, "--unknown-batch", default="error", choices=["error", "first", "mean"])
+    _flag(inf, "--missing-genes", default="error", choices=["error", "zero"])
+    _flag(inf, "--no-predict-controls", action="store_true", help="leave control cells out")
+    inf.add_argument("--clip", default="auto", help="auto | none | LO,HI")
+    inf.add_argument("--layout", default="statetx", choices=["statetx", "arc"])
+    inf.add_argument("--attention", choices=["bidirectional", "causal"],
+                     help="attention mode of an ambiguous arc-state checkpoint")
+    inf.set_defaults(func=cmd_infer)
+    # preprocess_train
+    pt = _sub(sp, "preprocess_train", "normalise, log1p and select HVGs (writes X_hvg)" + tag)
+    pt.add_argument("--adata", required=True)
+    pt.add_argument("--output", required=True)
+    _flag(pt, "--num-hvgs", type=int, required=True)
+    _flag(pt, "--target-sum", type=float, help="default: median of the cell totals")
+    pt.add_argument("--flavor", default="seurat", choices=["seurat", "cell_ranger", "seurat_v3"])
+    pt.add_argument("--layer", help="take counts from this layer")
+    _flag(pt, "--already-normalized", action="store_true", help="X is log1p already: HVGs only")
+    pt.set_defaults(func=cmd_preprocess_train)
+    # preprocess_infer
+    pi = _sub(sp, "preprocess_infer", "build a control template (perturbed labels on control "
+              "expression)" + tag)
+    pi.add_argument("--adata", required=True)
+    pi.add_argument("--output", required=True)
+    _flag(pi, "--control-condition", required=True)
+    _flag(pi, "--pert-col", required=True)
+    pi.add_argument("--seed", type=int, default=42)
+    _flag(pi, "--embed-key", help="replace only this representation (X, obsm key or layer)")
+    _flag(pi, "--celltype-col", help="draw controls within this column's groups (default: "
+          "auto-detect; 'none' = global pool)")
+    _flag(pi, "--match-batch", action="store_true", help="also match the batch (--batch-col)")
+    _flag(pi, "--batch-col", help="batch column for --match-batch (default: auto-detect)")
+    pi.set_defaults(func=cmd_preprocess_infer)
+    # split
+    s = _sub(sp, "split", "validate a split file against its data and print the summary" + tag)
+    s.add_argument("--toml", required=True)
+    _flag(s, "--pert-col", default="gene")
+    _flag(s, "--cell-type-key", default="cell_type")
+    _flag(s, "--batch-col", default=None)
+    _flag(s, "--control-pert", default=None, help="default: auto-detect")
+    _flag(s, "--embed-key", default=None)
+    _flag(s, "--output-space", default="all", choices=["gene", "all", "embedding"])
+    s.set_defaults(func=cmd_split)
+
+
+def _add_filter(sp: Any) -> None:
+    f = _sub(sp, "filter_on_target_knockdown", "keep CRISPRi perturbations/cells whose target "
+             "is knocked down (cell-load compatible)", aliases=["filter-knockdown"])
+    f.add_argument("input", metavar="INPUT", help="input .h5ad")
+    f.add_argument("-o", "--output", required=True)
+    _flag(f, "--perturbation-column", default="gene")
+    _flag(f, "--control-label", default="non-targeting")
+    _flag(f, "--residual-expression", type=float, default=0.30)
+    _flag(f, "--cell-residual-expression", type=float, default=0.50)
+    _flag(f, "--min-cells", type=int, default=30)
+    f.add_argument("--layer")
+    _flag(f, "--var-gene-name", default="gene_name",
+          help="var column with gene names (var_names when the column is absent)")
+    f.add_argument("--verbose", action="store_true")
+    f.add_argument("--preprocess", action="store_true",
+                   help="normalize_total(1e4) + log1p after filtering")
+    _flag(f, "--on-unmatched", default="drop", choices=["drop", "keep", "error"])
+    f.add_argument("--report", help="write the per-perturbation report (CSV)")
+    f.set_defaults(func=cmd_filter)
+
+
+def _add_evaluate(sp: Any) -> None:
+    ev = _sub(sp, "evaluate", "cell-eval compatible evaluation (run, baseline, score, prep)")
+    evs = ev.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
+    ev.set_defaults(func=lambda a: _missing_subcommand(ev))
+    r = _sub(evs, "run", "evaluate a prediction against real data")
+    _flag(r, "-ap", "--adata-pred", required=True)
+    _flag(r, "-ar", "--adata-real", required=True)
+    _flag(r, "-dp", "--de-pred")
+    _flag(r, "-dr", "--de-real")
+    _flag(r, "--control-pert", default="non-targeting")
+    _flag(r, "--pert-col", default="target_gene")
+    _flag(r, "--celltype-col")
+    _flag(r, "--embed-key")
+    _flag(r, "-o", "--outdir", default="./cell-eval-outdir")
+    _flag(r, "--num-threads", type=int, default=None)
+    _flag(r, "--allow-discrete", action="store_true")
+    r.add_argument("--profile", default="full",
+                   choices=["full", "minimal", "vcc", "de", "anndata", "pds"])
+    _flag(r, "--skip-metrics", help="comma-separated metric names")
+    r.add_argument("--ceiling", action="store_true", help="(not supported yet)")
+    _flag(r, "--ceiling-seed", type=int, default=None, help="(not supported yet)")
+    _flag(r, "--cpm-filter", type=float, default=None, help="(not supported yet)")
+    r.add_argument("--epsilon", type=float, default=0.0)
+    _flag(r, "--batch-size", type=int, default=None, help="accepted; memory only")
+    _flag(r, "--align-genes", action="store_true")
+    _flag(r, "--shared-only", action="store_true")
+    _flag(r, "--de-mode", default="pdex-0.3")
+    r.set_defaults(func=cmd_evaluate_run)
+    b = _sub(evs, "baseline", "the cell-mean baseline (VCC)")
+    b.add_argument("-a", "--adata", required=True)
+    b.add_argument("-c", "--counts", help="CSV of perturbation,n_cells")
+    b.add_argument("-o", "--output", default="baseline.h5ad")
+    b.add_argument("-O", "--output-de", "--output_de", dest="output_de", help="baseline DE CSV")
+    _flag(b, "--pert-col", default="target_gene")
+    _flag(b, "--control-pert", default="non-targeting")
+    _flag(b, "--num-threads", type=int, default=None)
+    b.set_defaults(func=cmd_evaluate_baseline)
+    sc = _sub(evs, "score", "normalise metrics by the baseline's (VCC score)")
+    sc.add_argument("-i", "--user-input", "--user_input", dest="user_input", required=True)
+    sc.add_argument("-I", "--base-input", "--base_input", dest="base_input", required=True)
+    sc.add_argument("-o", "--output", default="score.csv")
+    sc.set_defaults(func=cmd_evaluate_score)
+    pp = _sub(evs, "prep", "package a prediction for the VCC (not supported yet)")
+    pp.add_argument("-i", "--input", required=True)
+    pp.add_argument("-g", "--genes", required=True)
+    pp.add_argument("-o", "--output")
+    _flag(pp, "--pert-col", default="target_gene")
+    _flag(pp, "--ntc-name", default="non-targeting")
+    pp.add_argument("-e", "--encoding", type=int, default=32)
+    _flag(pp, "--expected-gene-dim", type=int, default=18080)
+    _flag(pp, "--max-cell-dim", type=int, default=200000)
+    pp.set_defaults(func=cmd_evaluate_prep)
+
+
+def _add_import_arc(sp: Any) -> None:
+    ia = _sub(sp, "import-arc", "convert an arc-state run/checkpoint into a statetx model "
+              "directory")
+    ia.add_argument("run_dir", metavar="RUN_DIR")
+    ia.add_argument("--checkpoint", default=None, help="default final.ckpt, else last.ckpt")
+    ia.add_argument("--attention", choices=["bidirectional", "causal"])
+    ia.add_argument("--rope", help="none or a rotary base (e.g. 10000)")
+    _flag(ia, "--trust-pickle", action="store_true",
+          help="allow arbitrary pickled objects (only for files you trust)")
+    ia.add_argument("--out", required=True, metavar="MODEL_DIR")
+    ia.set_defaults(func=cmd_import_arc)
+
+
+def _add_info(sp: Any) -> None:
+    i = _sub(sp, "info", "describe a run, model directory or checkpoint")
+    i.add_argument("path", metavar="PATH")
+    i.set_defaults(func=cmd_info)
+
+
+def _add_demo(sp: Any) -> None:
+    d = _sub(sp, "demo", "offline demo on the bundled Zhao 2021 data: train a small ST with one "
+             "patient held out, predict its drug response, compare with baselines")
+    d.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    d.add_argument("--out", default="statetx_demo", help="output folder")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="cpu")
+    d.set_defaults(func=cmd_demo)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 usage/config error, 1 failure)."""
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args_in
+    args_in = [a for a in args_in if a != "--debug"]
+    parser = build_parser()
+    try:
+        ns, extra = parser.parse_known_args(args_in)
+    except SystemExit as exc:  # --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    if ns.version:
+        from statetx import __version__
+
+        print(f"statetx {__version__}")
+        return EXIT_OK
+    if getattr(ns, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if extra:
+        if ns.func is cmd_train and not any(e.startswith("-") for e in extra):
+            ns.overrides = list(ns.overrides) + extra
+        else:
+            bad = " ".join(extra)
+            print(f"statetx: error: unrecognized arguments: {bad}", file=sys.stderr)
+            return EXIT_USAGE
+    ns.argv = ["statetx", *args_in]
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        text = str(message)
+        if text in seen:
+            return
+        seen.add(text)
+        kind = "warning" if issubclass(category, UserWarning) else category.__name__
+        print(f"statetx: {kind}: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        try:
+            return int(ns.func(ns) or 0)
+        except KeyboardInterrupt:
+            print("statetx: interrupted", file=sys.stderr)
+            return 130
+        except (UsageError, ConfigError, SplitConfigError, DataError) as exc:
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            print(f"statetx: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except Exception as exc:  # noqa: BLE001 - one clear message, traceback with --debug
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            name = "" if isinstance(exc, StatetxError) else f"{type(exc).__name__}: "
+            print(f"statetx: error: {name}{exc}" + ("" if debug else
+                  " (run with --debug for the traceback)"), file=sys.stderr)
+            return EXIT_FAILURE
+
+
+def _say(msg: str) -> None:
+    print(f"statetx: {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# tx train
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from statetx import run as R
+
+    if a.list_keys:
+        _list_keys()
+        return EXIT_OK
+    res = R.resolve(a.overrides, a.config)
+    plan = R.plan_training(res, check_data=not a.print_config)
+    if a.print_config:
+        sys.stdout.write(R.dump_config(plan.config))
+        return EXIT_OK
+    for note in plan.notices:
+        _say(note)
+    cfg, p = plan.config, plan.params
+    m = cfg["model"]["kwargs"]
+    _say(f"run directory {plan.run_dir}")
+    _say(f"split file {plan.toml}")
+    _say(f"columns: pert_col={p['pert_col']!r}, cell_type_key={p['cell_type_key']!r}, "
+         f"batch_col={p['batch_col']!r}, control_pert="
+         + (repr(p["control_pert"]) if p["control_pert"] else "auto-detect")
+         + f"; input {p['embed_key'] or 'X'}, output_space={p['output_space']!r}")
+    _say(f"model {cfg['model']['name']} (cell_set_len {m['cell_set_len']}, hidden_dim "
+         f"{m['hidden_dim']}, attention {m['attention']}, rope {m['rope']}); "
+         f"max_steps {p['max_steps']}, batch_size {p['batch_size']} sets, lr {p['lr']:g}; "
+         f"precision {p['precision']}, matmul_precision {p['matmul_precision']}, "
+         f"device {p['device']}")
+    if cfg["dry_run"]:
+        return _dry_run(plan)
+    resume = R.start_run(plan, a.argv)
+    cls = R.estimator_class(None if resume else plan.init_from, plan.freeze_backbone,
+                            attention=m["attention"])
+    model = cls(**p)
+    model._run_config = cfg
+    t0 = time.perf_counter()
+    model.fit(None, plan.toml, output_dir=plan.run_dir, resume_from=resume)
+    seconds = time.perf_counter() - t0
+    R.finish_run(plan.run_dir, model, seconds)
+    hist = model.history_
+    last = hist.iloc[-1].to_dict() if len(hist) else {}
+    loss = {k: f"{v:.4g}" for k, v in last.items()
+            if k in ("loss", "val_loss", "train_loss_eval") and v == v}
+    step = R.read_run_info(plan.run_dir).get("final_step")
+    _say(f"training done in {seconds:.1f} s at step {step}"
+         + (f" ({', '.join(f'{k} {v}' for k, v in loss.items())})" if loss else "")
+         + f"; checkpoints in {plan.run_dir / 'checkpoints'}")
+    return EXIT_OK
+
+
+def _list_keys() -> None:
+    from statetx.run import ALIASES, KEYS, PRESET
+
+    for path, k in KEYS.items():
+        default = "from the preset" if k.default == PRESET else repr(k.default)
+        extra = {"noeffect": "  [accepted, no effect]", "default_only": "  [only the default "
+                 "is supported]", "reject_true": "  [true is not supported]"}.get(k.status, "")
+        choices = f" {{{', '.join(k.choices)}}}" if k.choices else ""
+        print(f"{path} ({k.kind}{choices}) = {default}{extra}")
+    print("\naliases:")
+    for alias, target in ALIASES.items():
+        print(f"{alias} -> {target}")
+
+
+def _dry_run(plan: Any) -> int:
+    from statetx.model import StateTransitionModel
+    from statetx.presets import build_network_config, describe
+
+    model = StateTransitionModel(**plan.params)
+    arch = model._architecture()
+    prepared = _prepare_split(plan.toml, model._columns(), model)
+    net = build_network_config(
+        arch, input_dim=prepared.input_dim, output_dim=prepared.input_dim,
+        pert_dim=prepared.vocab.pert_dim,
+        batch_dim=len(prepared.vocab.batches) if arch["batch_encoder"] else 0,
+        gene_dim=prepared.gene_dim, output_space=prepared.columns.output_space,
+        embed_key=prepared.columns.embed_key)
+    print(describe(net))
+    _say("dry run: the split file and the data are valid; nothing was trained.")
+    return EXIT_OK
+
+
+def _prepare_split(toml: Path, columns: Any, model: Any = None) -> Any:
+    from statetx.data import prepare
+
+    kw: dict[str, Any] = {}
+    if model is not None:
+        kw = dict(pert_features=model.pert_features,
+                  heldout_controls_in_train=model.heldout_controls_in_train,
+                  yield_controls=model.yield_controls, dtype=model.dtype)
+    prepared = prepare(None, Path(toml), columns, **kw)
+    _print_summary(prepared)
+    return prepared
+
+
+def _print_summary(prepared: Any) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.width", 160, "display.max_columns", 20,
+                           "display.max_rows", 200):
+        print(prepared.summary.to_string(index=False))
+    v = prepared.vocab
+    _say(f"control {v.control_pert!r}; {len(v.perturbations)} perturbations, "
+         f"{len(v.cell_types)} cell types, {len(v.batches)} batches; "
+         f"{prepared.input_dim} input features"
+         + (f", {prepared.gene_dim} gene-space targets" if prepared.gene_dim else ""))
+
+
+def cmd_split(a: argparse.Namespace) -> int:
+    from statetx.config import ColumnMap
+
+    toml = Path(a.toml)
+    if not toml.is_file():
+        raise UsageError(f"--toml {toml}: file not found.")
+    cols = ColumnMap.build(pert_col=a.pert_col, cell_type_key=a.cell_type_key,
+                           batch_col=a.batch_col, control_pert=a.control_pert,
+                           embed_key=a.embed_key, output_space=a.output_space)
+    _prepare_split(toml, cols)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# tx predict
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from statetx.run import attach_data, load_run
+
+    run = Path(a.output_dir)
+    if not run.is_dir():
+        raise UsageError(f"--output-dir {run}: run directory not found.")
+    if a.test_time_finetune:
+        raise ConfigError("--test-time-finetune is not supported by statetx yet; use 0.")
+    if a.pseudobulk:
+        raise ConfigError("--pseudobulk is not supported by statetx yet; leave it out.")
+    if a.predict_only and a.skip_adatas:
+        raise UsageError("--predict-only with --skip-adatas would write nothing.")
+    model = load_run(run, a.checkpoint)
+    c = model.columns_
+    _say(f"run {run}; pert_col={c.pert_col!r}, cell_type_key={c.cell_type_key!r}, "
+         f"control_pert={c.control_pert!r}; attention {model.network_config_.attention}; "
+         "prediction in fp32")
+    prepared = attach_data(model, run, toml=a.toml, data_root=a.data_root)
+    split = "train" if a.eval_train_data else a.split
+    pred, real = model.predict_split(split, seed=a.seed)
+    if a.shared_only:
+        pred, real = _shared_only(model, prepared, split, pred, real)
+    ck = getattr(model, "checkpoint_path_", None)
+    out = run / (f"eval_{'' if split == 'test' else split + '_'}"
+                 f"{ck.name if ck is not None else 'model'}")
+    out.mkdir(parents=True, exist_ok=True)
+    _say(f"{split} split: {pred.n_obs} cells, {pred.obs[c.pert_col].nunique()} perturbations; "
+         f"writing to {out}")
+    if not a.skip_adatas:
+        _write_h5ad(pred, out / "adata_pred.h5ad")
+        _write_h5ad(real, out / "adata_real.h5ad")
+    if a.predict_only:
+        return EXIT_OK
+    evaluate = _evaluate_fn()
+    if evaluate is None:
+        _say("statetx.metrics is not available: metrics skipped (predictions written).")
+        return EXIT_OK
+    skip = ["pearson_edistance", "clustering_agreement"]
+    _, agg = evaluate(pred, real, pert_col=c.pert_col, control_pert=c.control_pert,
+                      celltype_col=c.cell_type_key, profile=a.profile, outdir=out,
+                      skip_metrics=skip, num_threads=a.num_threads)
+    _print_agg(agg)
+    _say(f"metrics written to {out} (<cell type>_results.csv, <cell type>_agg_results.csv)")
+    return EXIT_OK
+
+
+def _shared_only(model: Any, prepared: Any, split: str, pred: Any, real: Any) -> tuple:
+    import numpy as np
+
+    c = model.columns_
+    train = prepared.splits.get("train")
+    names = np.asarray(model.vocab_.perturbations, dtype=object)
+    shared = set(names[np.unique(train.pert)]) if train is not None else set()
+    labels = pred.obs[c.pert_col].astype(str).to_numpy()
+    keep = np.isin(labels, list(shared)) | (labels == c.control_pert)
+    dropped = sorted(set(labels[~keep]))
+    _say(f"--shared-only: {len(dropped)} perturbations of the {split} split are not in the "
+         f"training split and are left out" + (f": {', '.join(dropped[:10])}" if dropped else ""))
+    return pred[keep].copy(), real[keep].copy()
+
+
+def _evaluate_fn() -> Any:
+    try:
+        from statetx.metrics import evaluate
+    except ImportError:
+        return None
+    return evaluate
+
+
+def _print_agg(agg: Any) -> None:
+    import pandas as pd
+
+    if agg is None or not len(agg):
+        return
+    rows = agg[agg["statistic"] == "mean"] if "statistic" in agg else agg
+    with pd.option_context("display.width", 160, "display.max_columns", 12,
+                           "display.float_format", "{:.4g}".format):
+        print(rows.to_string(index=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# tx infer
+# ---------------------------------------------------------------------------------------------
+
+
+def load_any_model(model_dir: str | Path, checkpoint: str | None = None,
+                   attention: str | None = None, verbose: bool = True) -> Any:
+    """A statetx run / model directory / checkpoint, or an arc-state run directory."""
+    from statetx.run import CHECKPOINT_DIR, is_arc_run, load_run, model_from_arc
+
+    path = Path(model_dir)
+    if not path.exists():
+        raise UsageError(f"--model-dir {path}: not found.")
+    if is_arc_run(path):
+        if checkpoint is None and path.is_dir():
+            ck = path / CHECKPOINT_DIR
+            checkpoint = "final.ckpt" if (ck / "final.ckpt").exists() else (
+                "last.ckpt" if (ck / "last.ckpt").exists() else None)
+        return model_from_arc(path, checkpoint, attention=attention, verbose=verbose)
+    return load_run(path, checkpoint, verbose=verbose)
+
+
+def cmd_infer(a: argparse.Namespace) -> int:
+    import anndata as ad
+    import numpy as np
+
+    src = Path(a.adata)
+    if not src.is_file():
+        raise UsageError(f"--adata {src}: file not found.")
+    if a.layout != "statetx":
+        raise ConfigError("--layout arc is not supported by statetx yet; use the default "
+                          "statetx layout (predictions in X, latents in obsm['<key>_pred']).")
+    if a.output and a.output_dir:
+        raise UsageError("give --output or --output-dir, not both.")
+    out = (Path(a.output) if a.output else
+           Path(a.output_dir or src.parent) / f"{src.stem}_simulated.h5ad")
+    if out.suffix not in (".h5ad", ".npy"):
+        raise UsageError(f"--output {out}: use a .h5ad or .npy file name.")
+    clip = _parse_clip(a.clip)
+    quiet = contextlib.redirect_stdout(open(os.devnull, "w")) if a.quiet else (  # noqa: SIM115
+        contextlib.nullcontext())
+    with quiet:
+        model = load_any_model(a.model_dir, a.checkpoint, attention=a.attention)
+        c = model.columns_
+        adata = ad.read_h5ad(src)
+        pert_col = a.pert_col or c.pert_col
+        if pert_col not in adata.obs:
+            raise DataError(f"perturbation column '{pert_col}' is not in {src} (obs columns: "
+                            f"{', '.join(map(str, adata.obs.columns))}); pass --pert-col.")
+        ct_col = _pick_column(adata, a.celltype_col, c.cell_type_key, CELLTYPE_COLS,
+                              "cell-type", "--celltype-col")
+        needs_batch = bool(model.network_config_.batch_encoder) or (
+            a.basal_pool or ("batch" if model.basal_mapping_strategy == "batch" else "")) == "batch"
+        batch_col = (_pick_column(adata, a.batch_col, c.batch_col, BATCH_COLS, "batch",
+                                  "--batch-col") if needs_batch else None)
+        control = a.control_pert or c.control_pert
+        if a.celltypes:
+            wanted = [t.strip() for item in a.celltypes for t in item.split(",") if t.strip()]
+            if ct_col is None:
+                raise UsageError("--celltypes needs a cell-type column (--celltype-col).")
+            labels = adata.obs[ct_col].astype(str)
+            unknown = sorted(set(wanted) - set(labels))
+            if unknown:
+                raise DataError(f"--celltypes: {', '.join(unknown)} not found in obs['{ct_col}'].")
+            adata = adata[labels.isin(wanted).to_numpy()].copy()
+        if a.embed_key and a.embed_key not in ("X",) and a.embed_key != c.embed_key:
+            adata = _remap_embedding(adata, a.embed_key, c.embed_key)
+        adata = _expand_cells(adata, pert_col, ct_col, control, a.tsv, a.min_cells, a.max_cells,
+                              a.seed)
+        _say(f"model {a.model_dir}: input {c.embed_key or 'X'}, {model.n_features_in_} features; "
+             f"pert_col={pert_col!r}, cell type column={ct_col!r}, batch column={batch_col!r}, "
+             f"control={control!r}; attention {model.network_config_.attention}; fp32")
+        pred = model.predict(
+            adata, pert_col=pert_col, cell_type_col=ct_col or c.cell_type_key,
+            batch_col=batch_col, control_pert=control, seed=a.seed, set_len=a.max_set_len,
+            windows=a.windows, basal_pool=a.basal_pool, basal_fallback=a.basal_fallback,
+            unknown_perturbation=a.unknown_perturbation, unknown_batch=a.unknown_batch,
+            predict_controls=not a.no_predict_controls, all_perts=a.all_perts,
+            n_cells_per_pert=a.virtual_cells_per_pert, clip=clip,
+            missing_genes=a.missing_genes)
+        if out.suffix == ".npy":
+            x = pred.X.toarray() if hasattr(pred.X, "toarray") else np.asarray(pred.X)
+            arr = np.ascontiguousarray(x, dtype=np.float32)
+            _atomic(out, lambda tmp: np.save(tmp, arr))
+        else:
+            _write_h5ad(pred, out)
+        _say(f"wrote {pred.n_obs} predicted cells x {pred.n_vars} to {out}")
+    return EXIT_OK
+
+
+def _parse_clip(text: str) -> Any:
+    t = str(text).strip().lower()
+    if t == "auto":
+        return "auto"
+    if t == "none":
+        return None
+    try:
+        lo, hi = (float(x) for x in t.split(","))
+    except ValueError:
+        raise UsageError(f"--clip {text}: use auto, none or LO,HI (e.g. 0,14).") from None
+    return (lo, hi)
+
+
+def _pick_column(adata: Any, given: str | None, model_col: str | None, auto: Sequence[str],
+                 what: str, flag: str) -> str | None:
+    cols = list(map(str, adata.obs.columns))
+    if given:
+        if given.lower() == "none":
+            return None
+        if given not in cols:
+            raise DataError(f"{flag} {given}: no such obs column (available: {', '.join(cols)}).")
+        return given
+    if model_col and model_col in cols:
+        return model_col
+    for c in auto:
+        if c in cols:
+            _say(f"{what} column '{model_col}' not in the input: using '{c}' (auto-detected).")
+            return c
+    return None
+
+
+def _remap_embedding(adata: Any, key: str, model_key: str | None) -> Any:
+    if key not in adata.obsm:
+        raise DataError(f"--embed-key {key}: not in obsm (available: "
+                        f"{', '.join(adata.obsm.keys()) or 'none'}).")
+    adata = adata.copy()
+    if model_key is None:
+        import anndata as ad
+
+        adata = ad.AnnData(X=adata.obsm[key], obs=adata.obs)
+    else:
+        adata.obsm[model_key] = adata.obsm[key]
+    _say(f"using obsm['{key}'] as the model input ({model_key or 'X'}).")
+    return adata
+
+
+def _expand_cells(adata: Any, pert_col: str, ct_col: str | None, control: str,
+                  tsv: str | None, min_cells: int | None, max_cells: int | None,
+                  seed: int) -> Any:
+    """Apply --tsv (virtual cells cloned from controls), --min-cells and --max-cells."""
+    if tsv is None and min_cells is None and max_cells is None:
+        return adata
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng([int(seed), 11])
+    labels = adata.obs[pert_col].astype(str).to_numpy()
+    ctx = (adata.obs[ct_col].astype(str).to_numpy() if ct_col
+           else np.full(adata.n_obs, "all", dtype=object))
+    rows: list[np.ndarray] = [np.arange(adata.n_obs)]
+    new_labels: list[np.ndarray] = [labels]
+    if tsv is not None:
+        table = pd.read_csv(tsv, sep="\t")
+        if not {"perturbation", "num_cells"} <= set(table.columns):
+            raise DataError(f"--tsv {tsv}: needs columns 'perturbation' and 'num_cells' (tab "
+                            f"separated); found {', '.join(map(str, table.columns))}.")
+        ctrl = np.flatnonzero(labels == control)
+        if not len(ctrl):
+            raise DataError(f"--tsv needs control cells (obs['{pert_col}'] == '{control}').")
+        for p, n in zip(table["perturbation"].astype(str), table["num_cells"].astype(int)):
+            rows.append(ctrl[rng.integers(len(ctrl), size=n)])
+            new_labels.append(np.full(n, p, dtype=object))
+    idx = np.concatenate(rows)
+    lab = np.concatenate(new_labels)
+    if min_cells is not None or max_cells is not None:
+        keep: list[np.ndarray] = []
+        frame = pd.DataFrame({"c": ctx[idx], "p": lab})
+        for (_, p), pos in sorted(frame.groupby(["c", "p"]).indices.items()):
+            if p == control:
+                keep.append(pos)
+                continue
+            if max_cells is not None and len(pos) > max_cells:
+                pos = np.sort(rng.choice(pos, size=max_cells, replace=False))
+            if min_cells is not None and len(pos) < min_cells:
+                pos = np.concatenate([pos, rng.choice(pos, size=min_cells - len(pos))])
+            keep.append(pos)
+        sel = np.concatenate(keep)
+        idx, lab = idx[sel], lab[sel]
+    out = adata[idx].copy() if len(idx) != adata.n_obs or (idx != np.arange(adata.n_obs)).any() \
+        else adata
+    if out is not adata:
+        out.obs[pert_col] = pd.Categorical(lab)
+        names = np.asarray(adata.obs_names)[idx].astype(object)
+        out.obs_names = ad.utils.make_index_unique(pd.Index(names.astype(str)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocessing and the knock-down filter
+# ---------------------------------------------------------------------------------------------
+
+
+def _read(path: str) -> Any:
+    import anndata as ad
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{p}: file not found.")
+    return ad.read_h5ad(p)
+
+
+def cmd_preprocess_train(a: argparse.Namespace) -> int:
+    from statetx.pp import preprocess_train
+
+    adata = _read(a.adata)
+    _say(f"preprocess_train {a.adata}: {adata.n_obs} cells x {adata.n_vars} genes, "
+         f"{a.num_hvgs} HVGs, flavor {a.flavor}, target_sum "
+         f"{a.target_sum if a.target_sum else 'median'}")
+    preprocess_train(adata, a.num_hvgs, target_sum=a.target_sum, flavor=a.flavor,
+                     layer=a.layer, already_normalized=a.already_normalized)
+    _write_h5ad(adata, Path(a.output))
+    _say(f"wrote {a.output} (X log1p-normalised, obsm['X_hvg'] {adata.obsm['X_hvg'].shape[1]} "
+         "HVGs)")
+    return EXIT_OK
+
+
+def cmd_preprocess_infer(a: argparse.Namespace) -> int:
+    from statetx.pp import make_control_template
+
+    adata = _read(a.adata)
+    cols = list(map(str, adata.obs.columns))
+    ct = a.celltype_col
+    if ct is None:
+        ct = next((c for c in CELLTYPE_COLS if c in cols), None)
+    elif ct.lower() == "none":
+        ct = None
+    batch = None
+    if a.match_batch:
+        batch = a.batch_col or next((c for c in BATCH_COLS if c in cols), None)
+        if batch is None:
+            raise UsageError("--match-batch: no batch column found; pass --batch-col.")
+    _say(f"control template: pert_col={a.pert_col!r}, control={a.control_condition!r}, "
+         f"cell types {ct!r}, batch {batch!r}, seed {a.seed}")
+    make_control_template(adata, a.pert_col, a.control_condition, ct, seed=a.seed,
+                          batch_col=batch, embed_key=a.embed_key)
+    _write_h5ad(adata, Path(a.output))
+    _say(f"wrote {a.output}")
+    return EXIT_OK
+
+
+def cmd_filter(a: argparse.Namespace) -> int:
+    from statetx.pp import filter_on_target_knockdown
+
+    adata = _read(a.input)
+    var_col = a.var_gene_name
+    if var_col and var_col not in adata.var.columns:
+        _say(f"var has no column '{var_col}': matching perturbation labels against var_names.")
+        var_col = None
+    out, report = filter_on_target_knockdown(
+        adata, a.perturbation_column, a.control_label, a.residual_expression,
+        a.cell_residual_expression, a.min_cells, a.layer, var_col,
+        on_unmatched=a.on_unmatched, preprocess=a.preprocess, verbose=a.verbose,
+        return_report=True)
+    _say(f"kept {out.n_obs} of {adata.n_obs} cells")
+    if a.report:
+        _atomic(Path(a.report), lambda tmp: report.to_csv(tmp))
+    _write_h5ad(out, Path(a.output))
+    _say(f"wrote {a.output}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_evaluate_run(a: argparse.Namespace) -> int:
+    evaluate = _evaluate_fn()
+    if evaluate is None:
+        raise StatetxError("statetx.metrics is not available in this installation.")
+    for flag, val in (("--ceiling", a.ceiling), ("--ceiling-seed", a.ceiling_seed),
+                      ("--cpm-filter", a.cpm_filter)):
+        if val:
+            raise ConfigError(f"{flag} is not supported by statetx yet; leave it out.")
+    for f in (a.adata_pred, a.adata_real):
+        if not Path(f).is_file():
+            raise UsageError(f"{f}: file not found.")
+    skip = [s.strip() for s in (a.skip_metrics or "").split(",") if s.strip()]
+    _say(f"evaluate {a.adata_pred} against {a.adata_real}: pert_col={a.pert_col!r}, "
+         f"control={a.control_pert!r}, cell types {a.celltype_col!r}, profile {a.profile}")
+    _, agg = evaluate(a.adata_pred, a.adata_real, pert_col=a.pert_col,
+                      control_pert=a.control_pert, celltype_col=a.celltype_col,
+                      profile=a.profile, outdir=a.outdir, embed_key=a.embed_key,
+                      skip_metrics=skip, de_pred=a.de_pred, de_real=a.de_real,
+                      num_threads=a.num_threads, allow_discrete=a.allow_discrete,
+                      epsilon=a.epsilon, de_mode=a.de_mode, align_genes=a.align_genes,
+                      shared_only=a.shared_only, batch_size=a.batch_size)
+    _print_agg(agg)
+    _say(f"results written to {a.outdir}")
+    return EXIT_OK
+
+
+def cmd_evaluate_baseline(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from statetx.metrics import cell_mean_baseline, wilcoxon_de
+
+    adata = _read(a.adata)
+    n_cells = None
+    if a.counts:
+        t = pd.read_csv(a.counts)
+        if t.shape[1] < 2:
+            raise DataError(f"{a.counts}: expected two columns (perturbation, n_cells).")
+        n_cells = dict(zip(t.iloc[:, 0].astype(str), t.iloc[:, 1].astype(int)))
+    base = cell_mean_baseline(adata, a.pert_col, a.control_pert, n_cells=n_cells)
+    _write_h5ad(base, Path(a.output))
+    _say(f"wrote the cell-mean baseline ({base.n_obs} cells) to {a.output}")
+    if a.output_de:
+        de = wilcoxon_de(base.X, base.obs[a.pert_col].astype(str).to_numpy(), a.control_pert,
+                         list(map(str, base.var_names)), num_threads=a.num_threads)
+        _atomic(Path(a.output_de), lambda tmp: de.to_csv(tmp, index=False))
+        _say(f"wrote the baseline DE table to {a.output_de}")
+    return EXIT_OK
+
+
+def cmd_evaluate_score(a: argparse.Namespace) -> int:
+    from statetx.metrics import score_agg
+
+    for f in (a.user_input, a.base_input):
+        if not Path(f).is_file():
+            raise UsageError(f"{f}: file not found.")
+    score = score_agg(a.user_input, a.base_input)
+    _atomic(Path(a.output), lambda tmp: score.to_csv(tmp, index=False))
+    print(score.to_string(index=False))
+    return EXIT_OK
+
+
+def cmd_evaluate_prep(a: argparse.Namespace) -> int:
+    raise ConfigError("evaluate prep (VCC submission packaging) is not supported by statetx yet.")
+
+
+# ---------------------------------------------------------------------------------------------
+# import-arc, info
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_import_arc(a: argparse.Namespace) -> int:
+    from statetx.model import StateTransitionModel
+
+    rope: Any = ...
+    if a.rope is not None:
+        try:
+            rope = None if a.rope.lower() == "none" else float(a.rope)
+        except ValueError:
+            raise UsageError(f"--rope {a.rope}: use none or a number such as 10000.") from None
+    run = Path(a.run_dir)
+    if not run.exists():
+        raise UsageError(f"{run}: not found.")
+    ck = a.checkpoint
+    if ck is None and run.is_dir():
+        ck = "final.ckpt" if (run / "checkpoints" / "final.ckpt").exists() else "last.ckpt"
+    model = StateTransitionModel.from_arc_state(run, ck or "final.ckpt", attention=a.attention,
+                                                rope=rope, trust_pickle=a.trust_pickle)
+    model.save(a.out)
+    _say(f"saved the imported model to {a.out} (load with StateTransitionModel.load or use it "
+         "as tx infer --model-dir)")
+    return EXIT_OK
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from statetx.run import CONFIG_FILE, is_arc_run, load_run, read_run_info
+
+    path = Path(a.path)
+    if not path.exists():
+        raise UsageError(f"{path}: not found.")
+    if is_arc_run(path):
+        model = load_any_model(path, None, verbose=False)
+        kind = "arc-state run (imported)"
+    else:
+        model = load_run(path, verbose=False)
+        kind = "statetx run" if (path / CONFIG_FILE).exists() else (
+            "statetx checkpoint" if path.is_file() else "statetx model directory")
+    _describe_model(model, kind)
+    if path.is_dir():
+        info = read_run_info(path)
+        if info.get("final_step") is not None:
+            print(f"final step: {info['final_step']} (best step {info.get('best_step')}); "
+                  f"training time {info.get('train_seconds', 0):.1f} s")
+        ck = path / "checkpoints"
+        if ck.is_dir():
+            print("checkpoints: " + ", ".join(sorted(p.name for p in ck.glob("*.ckpt"))))
+    return EXIT_OK
+
+
+def _describe_model(model: Any, kind: str) -> None:
+    from statetx.presets import describe
+
+    c, v, cols = model.network_config_, model.vocab_, model.columns_
+    print(f"{kind}: preset {model.preset}")
+    print(describe(c))
+    print(f"attention {c.attention}, positions "
+          f"{'none' if c.rope is None else f'rotary theta={c.rope:g}'}; output space "
+          f"{c.output_space}, output activation {c.output_activation}; cell_set_len "
+          f"{model.cell_set_len_}")
+    print(f"columns: pert_col={cols.pert_col!r}, cell_type_key={cols.cell_type_key!r}, "
+          f"batch_col={cols.batch_col!r}, control={cols.control_pert!r}, input "
+          f"{cols.embed_key or 'X'}")
+    print(f"vocabulary: {len(v.perturbations)} perturbations, {len(v.cell_types)} cell types, "
+          f"{len(v.batches)} batches; {len(model.var_names_)} input features"
+          + (f", {len(model.gene_names_)} genes decoded" if model.gene_names_ else ""))
+    step = getattr(model, "step_", None)
+    if step is not None:
+        print(f"training step: {step}")
+    arc = getattr(model, "arc_import_", None)
+    if arc:
+        prov = arc.get("provenance", {})
+        print(f"licence: {prov.get('license_notice') or prov.get('license') or 'see the run'}")
+    else:
+        print("licence: trained with statetx (MIT code); the weights follow the licence of the "
+              "training data.")
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+
+def _perturb_mean(train: Any, real: Any, pert_col: str, control: str) -> Any:
+    """Reference: every perturbed cell = the training mean of its perturbation."""
+    import numpy as np
+
+    x = _dense(train.X)
+    labels = train.obs[pert_col].astype(str).to_numpy()
+    out = real.copy()
+    rl = out.obs[pert_col].astype(str).to_numpy()
+    px = _dense(out.X).copy()
+    for p in np.unique(rl[rl != control]):
+        if (labels == p).any():
+            px[rl == p] = x[labels == p].mean(0)
+    out.X = px
+    return out
+
+
+def _control_shift(train: Any, real: Any, pert_col: str, control: str) -> Any:
+    """Reference: a random held-out control cell + the perturbation's mean training shift."""
+    import numpy as np
+
+    x = _dense(train.X)
+    labels = train.obs[pert_col].astype(str).to_numpy()
+    out = real.copy()
+    rl = out.obs[pert_col].astype(str).to_numpy()
+    px = _dense(out.X).copy()
+    ctrl = px[rl == control]
+    rng = np.random.default_rng(0)
+    base = x[labels == control].mean(0)
+    for p in np.unique(rl[rl != control]):
+        rows = np.flatnonzero(rl == p)
+        shift = x[labels == p].mean(0) - base if (labels == p).any() else 0.0
+        px[rows] = np.clip(ctrl[rng.integers(len(ctrl), size=len(rows))] + shift, 0, None)
+    out.X = px
+    return out
+
+
+# Baselines compared in `statetx demo`: (name, fn(train, real, pert_col, control) -> prediction).
+# Adding a baseline is one entry here.
+DEMO_BASELINES: list[tuple[str, Any]] = [
+    ("perturb-mean", _perturb_mean),
+    ("control+shift", _control_shift),
+]
+
+
+def _dense(x: Any) -> Any:
+    import numpy as np
+
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from statetx.config import SplitConfig
+    from statetx.datasets import example_toml, load_zhao2021
+    from statetx.model import StateTransitionModel
+    from statetx.pp import preprocess_train
+
+    if a.steps < 1:
+        raise UsageError("--steps must be at least 1.")
+    evaluate = _evaluate_fn()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    adata = load_zhao2021()
+    preprocess_train(adata, n_top_genes=min(2000, adata.n_vars))
+    toml = example_toml("zhao2021")
+    split = SplitConfig.from_toml(toml)
+    held = {k.split(".", 1)[1]: v for k, v in split.zeroshot.items()}
+    test_ct = next(k for k, v in held.items() if v == "test")
+    pert_col, control, ct_col = "target_gene", "DMSO", "cell_type"
+    _say(f"demo: Zhao 2021 glioblastoma slices, {adata.n_obs} cells x {adata.n_vars} genes "
+         f"(log1p); held out: {', '.join(f'{k} ({v})' for k, v in held.items())}; "
+         f"{a.steps} training steps; output {out}")
+    model = StateTransitionModel(
+        "tiny", pert_col=pert_col, cell_type_key=ct_col, control_pert=control,
+        output_space="all", cell_set_len=32, batch_size=8, max_steps=a.steps,
+        model_kwargs={"hidden_dim": 64, "n_heads": 2, "head_dim": 32, "n_kv_heads": 2,
+                      "intermediate_size": 256, "n_layers": 2, "n_encoder_layers": 2,
+                      "n_decoder_layers": 2},
+        lr=1e-3, val_freq=max(a.steps // 3, 1), ckpt_every_n_steps=max(a.steps, 1),
+        seed=a.seed, device=a.device, progress=True)
+    model.fit(adata, toml, dataset_name=split.referenced_datasets()[0], output_dir=out / "run")
+    pred, real = model.predict_split("test")
+    heldout = set(held)
+    train = adata[~adata.obs[ct_col].astype(str).isin(heldout).to_numpy()]
+    preds = {"ST (statetx)": pred}
+    for name, fn in DEMO_BASELINES:
+        preds[name] = fn(train, real, pert_col, control)
+    try:
+        import statetx.baselines  # noqa: F401
+    except ImportError:
+        _say("statetx.baselines is not available yet: ST is compared with simple inline "
+             "references (" + ", ".join(n for n, _ in DEMO_BASELINES) + ").")
+    if evaluate is None:
+        _say("statetx.metrics is not available: no evaluation table.")
+        return EXIT_OK
+    rows = {}
+    for name, p in preds.items():
+        res, _ = evaluate(p, real, pert_col=pert_col, control_pert=control, profile="minimal",
+                          outdir=out / f"eval_{name.split()[0].lower()}")
+        num = res.select_dtypes("number")
+        rows[name] = num.mean(axis=0)
+    table = pd.DataFrame(rows).T
+    table.index.name = "model"
+    with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
+        print(f"\nheld-out patient {test_ct}: {real.n_obs} cells; metrics (per perturbation, "
+              "mean):")
+        print(table.to_string())
+    table.to_csv(out / "demo_results.csv")
+    _demo_plot(table, out / "demo_metrics.png", test_ct)
+    _say(f"table {out / 'demo_results.csv'}, plot {out / 'demo_metrics.png'}; "
+         f"{time.perf_counter() - t0:.0f} s in total")
+    return EXIT_OK
+
+
+def _demo_plot(table: Any, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lower = {"mse", "mae", "mse_delta", "mae_delta"}
+    wanted = ["pearson_delta", "mse", "mae", "overlap_at_N", "precision_at_N"]
+    cols = [c for c in wanted if c in table.columns] or list(table.columns)
+    ncol = min(3, len(cols))
+    nrow = -(-len(cols) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 3.0 * nrow), squeeze=False)
+    colors = ["#1f77b4"] + ["#bbbbbb"] * (len(table) - 1)
+    for ax, col in zip(axes.flat, cols):
+        ax.bar(range(len(table)), table[col].to_numpy(), color=colors)
+        ax.set_xticks(range(len(table)))
+        ax.set_xticklabels(table.index, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{col} ({'lower' if col in lower else 'higher'} is better)", fontsize=9)
+    for ax in list(axes.flat)[len(cols):]:
+        ax.axis("off")
+    fig.suptitle(f"held-out patient {title}: ST vs references")
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic outputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _atomic(path: Path, writer: Any) -> Path:
+    from statetx.run import atomic_write
+
+    return atomic_write(path, writer)
+
+
+def _write_h5ad(adata: Any, path: Path) -> Path:
+    """Write an AnnData atomically (temporary file in the same folder, then rename)."""
+    return _atomic(Path(path), lambda tmp: adata.write_h5ad(tmp))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

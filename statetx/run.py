@@ -1,0 +1,1220 @@
+"""Run configuration and run directories (cli.md §2–§3).
+
+A *run configuration* is the nested dict that ``statetx tx train`` resolves from ``key=value``
+overrides (Hydra-style, as arc-state's ``state tx train``) on top of an optional base file and the
+defaults: sections ``data.kwargs``, ``training``, ``model`` (``name`` = preset, ``kwargs``),
+``wandb`` and the top-level keys ``use_wandb``, ``output_dir``, ``name``, ``overwrite``,
+``resume``, ``dry_run``. Every key is honoured, rejected, or warned about as having no effect
+(D7); an unknown key is an error with the closest valid keys.
+
+A *run directory* (``output_dir/name``) holds ``config.yaml`` (the whole resolved configuration;
+YAML via PyYAML when installed, else JSON text, which YAML parsers read too), ``statetx_run.json``,
+``split.toml`` (dataset paths made absolute), ``split_summary.csv``, ``vocab.json``,
+``var_dims.json``, ``model.json``, ``metrics.csv`` and ``checkpoints/``. :func:`load_run` turns it
+back into a fitted :class:`~statetx.model.StateTransitionModel` (weights-only loading).
+
+This module imports only the standard library at import time (the CLI's ``--help`` and argument
+errors must be fast); torch, anndata and the model are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from statetx.errors import ConfigError, DataError, SplitConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from statetx.data import PreparedData
+    from statetx.model import StateTransitionModel
+
+CONFIG_FILE = "config.yaml"
+RUN_INFO_FILE = "statetx_run.json"
+CHECKPOINT_DIR = "checkpoints"
+
+# ---------------------------------------------------------------------------------------------
+# Value parsing
+# ---------------------------------------------------------------------------------------------
+
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.IGNORECASE)
+
+
+def parse_value(text: str) -> Any:
+    """Parse an override value: bool, None, int, float (incl. ``1e-4``), ``[a,b]`` list, string.
+
+    ``true``/``false`` (any case) → bool; ``null``/``none`` → None; quoted text → the string
+    inside the quotes (unparsed); ``[a, b]`` → list with items parsed recursively.
+    """
+    s = text.strip()
+    if len(s) >= 2 and s[0] == s[-1] and s[0] in "'\"":
+        return s[1:-1]
+    low = s.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("null", "none", "~"):
+        return None
+    if s.startswith("[") and s.endswith("]"):
+        inner = s[1:-1].strip()
+        return [] if not inner else [parse_value(item) for item in _split_items(inner)]
+    if _INT.fullmatch(s):
+        return int(s)
+    if _FLOAT.fullmatch(s):
+        return float(s)
+    return s
+
+
+def _split_items(text: str) -> list[str]:
+    """Split at top-level commas (brackets and quotes respected)."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [i.strip() for i in items]
+
+
+# ---------------------------------------------------------------------------------------------
+# Key schema
+# ---------------------------------------------------------------------------------------------
+
+PRESET = "<preset>"  # default of architecture keys: taken from the preset
+PRESET_NAMES = ("state", "state_sm", "state_lg", "tahoe_best", "pertsets", "tahoe_llama_62089464",
+                "tahoe_llama_212693232", "tiny")
+PRESET_VERSIONS = ("0.9.12", "0.11.1")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its type, default and how statetx treats it.
+
+    ``status``: ``ok`` (honoured), ``noeffect`` (accepted, warned about when set), ``default_only``
+    (only the default value is supported; anything else is an error), ``reject_true`` (enabling
+    it is an error).
+    """
+
+    path: str
+    default: Any
+    kind: str  # int | float | bool | str | list | intlist | any
+    choices: tuple = ()
+    optional: bool = False
+    status: str = "ok"
+    note: str = ""
+
+
+ARCH_TYPES: dict[str, tuple[str, tuple, bool]] = {
+    "cell_set_len": ("int", (), False), "hidden_dim": ("int", (), False),
+    "n_encoder_layers": ("int", (), False), "n_decoder_layers": ("int", (), False),
+    "dropout": ("float", (), False), "activation": ("str", ("gelu", "relu", "silu"), False),
+    "use_basal_projection": ("bool", (), False), "backbone": ("str", ("llama", "gpt2"), False),
+    "n_layers": ("int", (), False), "n_heads": ("int", (), False),
+    "head_dim": ("int", (), False), "n_kv_heads": ("int", (), False),
+    "intermediate_size": ("int", (), False),
+    "attention": ("str", ("bidirectional", "causal"), False), "rope": ("float", (), True),
+    "norm_eps": ("float", (), False), "predict_residual": ("bool", (), False),
+    "residual_space": ("str", ("hidden", "input"), False),
+    "output_activation": ("str", ("auto", "relu", "none"), True),
+    "batch_encoder": ("bool", (), False), "gene_decoder_bool": ("bool", (), False),
+    "decoder_hidden_dims": ("intlist", (), False), "decoder_dropout": ("float", (), False),
+    "residual_decoder": ("bool", (), False), "confidence_token": ("bool", (), False),
+}
+ARCH_KEYS = tuple(ARCH_TYPES)
+
+_NO_EFFECT = "has no effect in statetx"
+_NOT_YET = "is not supported by statetx yet"
+
+
+def _keys() -> dict[str, Key]:
+    d = "data.kwargs."
+    t = "training."
+    m = "model.kwargs."
+    b = "model.kwargs.transformer_backbone_kwargs."
+    ks = [
+        # data.kwargs
+        Key(d + "toml_config_path", None, "str", optional=True),
+        Key(d + "embed_key", None, "str", optional=True),
+        Key(d + "output_space", "all", "str", ("gene", "all", "embedding")),
+        Key(d + "pert_col", "gene", "str"),
+        Key(d + "cell_type_key", "cell_type", "str"),
+        Key(d + "batch_col", "gem_group", "str", optional=True),
+        Key(d + "control_pert", None, "str", optional=True),
+        Key(d + "num_workers", "auto", "any", status="noeffect",
+            note="statetx keeps the training data in memory and uses no loader workers"),
+        Key(d + "pin_memory", "auto", "any", status="noeffect",
+            note="batches are moved to the device directly"),
+        Key(d + "basal_mapping_strategy", "random", "str", ("random", "batch")),
+        Key(d + "should_yield_control_cells", True, "bool"),
+        Key(d + "barcode", True, "bool", status="noeffect",
+            note="barcodes are always kept"),
+        Key(d + "perturbation_features_file", None, "str", optional=True),
+        Key(d + "downsample", None, "float", optional=True, status="default_only"),
+        Key(d + "downsample_cells", None, "int", optional=True, status="default_only"),
+        Key(d + "val_subsample_fraction", 1.0, "float", status="default_only"),
+        Key(d + "additional_obs", [], "list", status="default_only"),
+        Key(d + "use_consecutive_loading", False, "bool", status="noeffect",
+            note="the data are read into memory once"),
+        Key(d + "cache_perturbation_control_pairs", False, "bool", status="noeffect",
+            note="controls are drawn per epoch from a seeded generator"),
+        Key(d + "store_raw_basal", False, "bool", status="default_only"),
+        Key(d + "exp_counts", False, "bool", status="default_only"),
+        Key(d + "drop_last", False, "bool", status="default_only"),
+        Key(d + "random_seed", 42, "int"),
+        Key(d + "n_basal_samples", 1, "int", status="noeffect",
+            note="every cell gets exactly one control"),
+        Key(d + "map_controls", True, "bool", status="noeffect",
+            note="every cell gets exactly one control"),
+        Key(d + "normalize_counts", False, "bool", status="noeffect"),
+        Key(d + "int_counts", None, "any", optional=True, status="noeffect"),
+        Key(d + "pert_rep", "onehot", "str", ("onehot",)),
+        Key(d + "basal_rep", "sample", "str", ("sample",)),
+        Key(d + "counts_key", None, "str", optional=True, status="default_only"),
+        Key(d + "gene_name_col", None, "str", optional=True, status="default_only"),
+        Key(d + "on_missing_perturbation", "error", "str", ("error", "warn"),
+            status="default_only"),
+        Key(d + "drop_missing_labels", False, "bool", status="default_only"),
+        Key(d + "pad_from", "group", "str", ("group", "chunk"), status="default_only"),
+        Key(d + "heldout_controls_in_train", True, "bool"),
+        Key(d + "val_from_test", False, "bool", status="default_only"),
+        Key(d + "exclude_self", False, "bool", status="default_only"),
+        Key(d + "dtype", "float32", "str", ("float32", "float16")),
+        # training
+        Key(t + "max_steps", 40_000, "int"),
+        Key(t + "batch_size", 16, "int"),
+        Key(t + "lr", 1e-4, "float"),
+        Key(t + "weight_decay", 0.0, "float"),
+        Key(t + "val_freq", 2000, "int"),
+        Key(t + "ckpt_every_n_steps", 2000, "int"),
+        Key(t + "gradient_clip_val", 10.0, "float", optional=True),
+        Key(t + "gradient_accumulation_steps", 1, "int"),
+        Key(t + "train_seed", 42, "int"),
+        Key(t + "devices", 1, "any"),
+        Key(t + "strategy", "auto", "str", optional=True),
+        Key(t + "loss_fn", None, "any", optional=True, status="noeffect",
+            note="the loss is model.kwargs.loss"),
+        Key(t + "use_mfu", False, "any", status="noeffect"),
+        Key(t + "mfu_kwargs", None, "any", optional=True, status="noeffect"),
+        Key(t + "cumulative_flops_use_backward", None, "any", optional=True,
+            status="noeffect"),
+        Key(t + "optimizer", "adam", "str", ("adam", "adamw")),
+        Key(t + "lr_schedule", "constant", "str", ("constant", "cosine")),
+        Key(t + "warmup_steps", 0, "int"),
+        Key(t + "matmul_precision", "medium", "str", ("highest", "high", "medium")),
+        Key(t + "precision", "auto", "str", ("auto", "32", "bf16-mixed")),
+        Key(t + "log_every_n_steps", 50, "int", status="noeffect",
+            note="the estimator logs every 50 steps"),
+        Key(t + "keep_step_checkpoints", "all", "any"),
+        Key(t + "early_stopping_patience", None, "int", optional=True),
+        Key(t + "device", "auto", "str"),
+        # model
+        Key("model.name", "state", "str"),
+        Key("model.device", None, "any", optional=True, status="noeffect",
+            note="use training.device"),
+        Key(m + "loss", "energy", "str", ("energy", "sinkhorn", "mse", "se")),
+        Key(m + "blur", 0.05, "float", status="default_only"),
+        Key(m + "sinkhorn_weight", 0.01, "float", status="default_only"),
+        Key(m + "energy_weight", 1.0, "float", status="default_only"),
+        Key(m + "mmd_num_chunks", 1, "int", status="default_only"),
+        Key(m + "randomize_mmd_chunks", False, "bool", status="default_only"),
+        Key(m + "decoder_weight", 1.0, "float", status="default_only"),
+        Key(m + "detach_decoder", False, "bool", status="default_only"),
+        Key(m + "regularization", 0.0, "float", status="default_only"),
+        Key(m + "init_from", None, "str", optional=True),
+        Key(m + "freeze_pert_backbone", False, "bool"),
+        Key(m + "softplus", None, "any", optional=True, status="noeffect",
+            note="the reference never applied it either"),
+        Key(m + "transformer_decoder", None, "any", optional=True, status="noeffect"),
+        Key(m + "use_effect_gating_token", None, "any", optional=True, status="noeffect"),
+        Key(m + "extra_tokens", None, "any", optional=True, status="noeffect"),
+        Key(m + "llm_name", None, "any", optional=True, status="noeffect"),
+        Key(m + "nb_decoder", False, "bool", status="reject_true"),
+        Key(m + "mask_attn", False, "bool", status="reject_true"),
+        Key(m + "finetune_vci_decoder", False, "bool", status="reject_true"),
+        Key(m + "use_batch_token", False, "bool", status="reject_true"),
+        Key(m + "lora.enable", False, "bool", status="reject_true"),
+        Key(b + "bidirectional_attention", None, "bool", optional=True),
+        Key(b + "max_position_embeddings", None, "int", optional=True),
+        Key(b + "n_positions", None, "int", optional=True),
+        Key(b + "attention_dropout", 0.0, "float", status="default_only"),
+        Key(b + "resid_pdrop", 0.0, "float", status="default_only"),
+        Key(b + "embd_pdrop", 0.0, "float", status="default_only"),
+        Key(b + "attn_pdrop", 0.0, "float", status="default_only"),
+        # wandb and top level
+        Key("wandb.project", None, "str", optional=True),
+        Key("wandb.entity", None, "str", optional=True),
+        Key("wandb.tags", [], "list"),
+        Key("wandb.group", None, "str", optional=True),
+        Key("wandb.notes", None, "str", optional=True),
+        Key("wandb.dir", None, "str", optional=True),
+        Key("use_wandb", False, "bool"),
+        Key("output_dir", "./debugging", "str"),
+        Key("name", "debug", "str"),
+        Key("overwrite", False, "bool"),
+        Key("resume", "auto", "str", ("auto", "force")),
+        Key("dry_run", False, "bool"),
+    ]
+    for k in ("layer_norm_eps", "hidden_dropout", "rotary_dim", "use_rotary_embeddings",
+              "use_cache", "pad_token_id", "bos_token_id", "eos_token_id",
+              "tie_word_embeddings", "vocab_size", "hidden_act"):
+        ks.append(Key(b + k, None, "any", optional=True, status="noeffect"))
+    for k in ("r", "alpha", "dropout", "bias", "target", "adapt_mlp", "task_type",
+              "merge_on_eval"):
+        ks.append(Key(m + "lora." + k, None, "any", optional=True, status="noeffect",
+                      note="LoRA is not supported (lora.enable must stay false)"))
+    for name, (kind, choices, optional) in ARCH_TYPES.items():
+        ks.append(Key(m + name, PRESET, kind, choices, optional))
+    return {k.path: k for k in ks}
+
+
+KEYS: dict[str, Key] = _keys()
+
+_BACKBONE_MAP = {  # transformer_backbone_kwargs.<k> -> model.kwargs.<arch key>
+    "hidden_size": "hidden_dim", "n_embd": "hidden_dim",
+    "intermediate_size": "intermediate_size", "n_inner": "intermediate_size",
+    "num_hidden_layers": "n_layers", "n_layer": "n_layers",
+    "num_attention_heads": "n_heads", "n_head": "n_heads",
+    "num_key_value_heads": "n_kv_heads", "head_dim": "head_dim",
+    "rms_norm_eps": "norm_eps", "layer_norm_epsilon": "norm_eps", "rope_theta": "rope",
+}
+ALIASES: dict[str, str] = {
+    "model": "model.name",
+    "model.kwargs.transformer_backbone_key": "model.kwargs.backbone",
+    "model.kwargs.confidence_head": "model.kwargs.confidence_token",
+    "model.kwargs.distributional_loss": "model.kwargs.loss",
+    "model.kwargs.decoder_loss_weight": "model.kwargs.decoder_weight",
+    "model.kwargs.freeze_pert": "model.kwargs.freeze_pert_backbone",
+    "model.kwargs.num_hidden_layers": "model.kwargs.n_layers",
+    "model.kwargs.n_layer": "model.kwargs.n_layers",
+    "model.kwargs.num_attention_heads": "model.kwargs.n_heads",
+    "model.kwargs.n_head": "model.kwargs.n_heads",
+    "model.kwargs.num_key_value_heads": "model.kwargs.n_kv_heads",
+    "model.kwargs.n_inner": "model.kwargs.intermediate_size",
+    "model.kwargs.rms_norm_eps": "model.kwargs.norm_eps",
+    "model.kwargs.layer_norm_epsilon": "model.kwargs.norm_eps",
+    "data.kwargs.cell_sentence_len": "model.kwargs.cell_set_len",
+    "training.wandb_track": "use_wandb",
+    "wandb.local_wandb_dir": "wandb.dir",
+    **{"model.kwargs.transformer_backbone_kwargs." + k: "model.kwargs." + v
+       for k, v in _BACKBONE_MAP.items()},
+}
+
+# estimator parameter <- configuration key
+PARAM_PATHS: dict[str, str] = {
+    "preset": "model.name",
+    "pert_col": "data.kwargs.pert_col",
+    "cell_type_key": "data.kwargs.cell_type_key",
+    "batch_col": "data.kwargs.batch_col",
+    "control_pert": "data.kwargs.control_pert",
+    "embed_key": "data.kwargs.embed_key",
+    "output_space": "data.kwargs.output_space",
+    "basal_mapping_strategy": "data.kwargs.basal_mapping_strategy",
+    "pert_features": "data.kwargs.perturbation_features_file",
+    "heldout_controls_in_train": "data.kwargs.heldout_controls_in_train",
+    "yield_controls": "data.kwargs.should_yield_control_cells",
+    "dtype": "data.kwargs.dtype",
+    "batch_size": "training.batch_size",
+    "max_steps": "training.max_steps",
+    "lr": "training.lr",
+    "optimizer": "training.optimizer",
+    "weight_decay": "training.weight_decay",
+    "lr_schedule": "training.lr_schedule",
+    "warmup_steps": "training.warmup_steps",
+    "gradient_clip_val": "training.gradient_clip_val",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+    "val_freq": "training.val_freq",
+    "ckpt_every_n_steps": "training.ckpt_every_n_steps",
+    "early_stopping_patience": "training.early_stopping_patience",
+    "precision": "training.precision",
+    "matmul_precision": "training.matmul_precision",
+    "device": "training.device",
+    "seed": "training.train_seed",
+    "loss": "model.kwargs.loss",
+}
+
+# keys that may differ when a run is resumed
+RESUME_FREE = ("training.max_steps", "training.log_every_n_steps", "training.device",
+               "use_wandb", "overwrite", "resume", "dry_run", "output_dir", "name",
+               "data.kwargs.num_workers", "data.kwargs.pin_memory")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Resolved:
+    """A validated flat configuration (dotted path → value) and what the user set explicitly."""
+
+    values: dict[str, Any]
+    given: set[str] = field(default_factory=set)
+    sources: dict[str, str] = field(default_factory=dict)  # canonical path -> token as typed
+    notices: list[str] = field(default_factory=list)
+
+    def get(self, path: str) -> Any:
+        return self.values[path]
+
+    def nested(self) -> dict:
+        """The configuration as nested sections (what ``config.yaml`` holds)."""
+        return unflatten({k: v for k, v in self.values.items() if v != PRESET})
+
+
+def default_values() -> dict[str, Any]:
+    return {p: copy.deepcopy(k.default) for p, k in KEYS.items()}
+
+
+def canonical(path: str) -> str:
+    """The canonical dotted path of a (possibly aliased) key; raises on unknown keys."""
+    p = path.strip()
+    if p in KEYS:
+        return p
+    if p in ALIASES:
+        return ALIASES[p]
+    raise ConfigError(f"unknown configuration key '{p}'.{_suggest(p)}")
+
+
+def _suggest(path: str) -> str:
+    names = list(KEYS) + list(ALIASES)
+    close = difflib.get_close_matches(path, names, n=3, cutoff=0.6)
+    if not close:  # compare the last component, within the same section when possible
+        leaf = path.rsplit(".", 1)[-1]
+        by_leaf = {n.rsplit(".", 1)[-1]: n for n in names}
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3,
+                                                               cutoff=0.7)]
+    section = path.split(".")[0]
+    valid = sorted({n.split(".")[0] for n in KEYS})
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    if section not in valid and "." in path:
+        hint += f" Known sections: {', '.join(valid)}."
+    return hint + " (`statetx tx train --list-keys` lists every key.)"
+
+
+def coerce(path: str, value: Any, raw: str | None = None) -> Any:
+    """Check/convert ``value`` to the type of key ``path``; explain what is expected if it fails."""
+    key = KEYS[path]
+    shown = raw if raw is not None else repr(value)
+    if isinstance(value, str) and key.kind not in ("str", "any", "list") and raw is None:
+        value = parse_value(value)  # values read from a file (YAML keeps "1e-4" a string)
+    if value is None:
+        if key.optional or key.kind == "any":
+            return None
+        raise ConfigError(f"{path}={shown}: a value is required here (null is not allowed); "
+                          f"default {key.default!r}.")
+    if key.kind == "any":
+        return value
+    if key.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}={shown} is not a boolean; use true or false.")
+    if key.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+            raise ConfigError(f"{path}={shown} is not an integer (e.g. {path}="
+                              f"{key.default if isinstance(key.default, int) else 8}).")
+        return int(value)
+    if key.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}={shown} is not a number (e.g. {path}=1e-4).")
+        return float(value)
+    if key.kind in ("list", "intlist"):
+        items = value if isinstance(value, list) else [value]
+        if key.kind == "intlist":
+            bad = [v for v in items if isinstance(v, bool) or not isinstance(v, int)]
+            if bad:
+                raise ConfigError(f"{path}={shown} must be a list of integers, e.g. "
+                                  f"{path}=[1024,1024,512].")
+        return list(items)
+    # str
+    if isinstance(value, (list, dict)):
+        raise ConfigError(f"{path}={shown} must be a single value, not a list.")
+    if isinstance(value, bool):
+        value = str(raw if raw is not None else value).strip("'\"")
+    elif isinstance(value, (int, float)):
+        value = raw.strip().strip("'\"") if raw is not None else str(value)
+    value = str(value)
+    if key.choices:
+        low = value.lower()
+        if low not in key.choices:
+            raise ConfigError(f"{path}={shown} is invalid; expected one of "
+                              f"{', '.join(key.choices)}.{_close(value, key.choices)}")
+        value = low
+    return value
+
+
+def _close(value: str, options: Iterable[str]) -> str:
+    m = difflib.get_close_matches(value, list(options), n=3, cutoff=0.6)
+    return f" Did you mean: {', '.join(m)}?" if m else ""
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested sections → dotted paths (lists are values; ``model: name`` → ``model.name``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        if path == "model" and not isinstance(v, Mapping):
+            out["model.name"] = v
+        elif isinstance(v, Mapping):
+            out.update(flatten(v, path + "."))
+        else:
+            out[path] = v
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    """Dotted paths → nested sections (keys in schema order)."""
+    root: dict = {}
+    for path, value in flat.items():
+        node = root
+        parts = path.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return root
+
+
+def parse_token(token: str) -> tuple[str, str]:
+    """``key=value`` / ``+key=value`` → (key, raw value); ``~key`` and bare words are errors."""
+    tok = token.strip()
+    if tok.startswith("~"):
+        raise ConfigError(f"'{token}': deleting keys (~key) is not supported; set the key to "
+                          "the value you want instead.")
+    if tok.startswith("++"):
+        tok = tok[2:]
+    elif tok.startswith("+"):
+        tok = tok[1:]
+    key, eq, raw = tok.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"'{token}' is not a key=value override (e.g. training.max_steps=1000)."
+                          + (_suggest(tok) if tok and "=" not in tok else ""))
+    return key.strip(), raw
+
+
+def resolve(tokens: Iterable[str], config_file: str | Path | None = None,
+            base: Mapping | None = None) -> Resolved:
+    """Defaults ← ``base`` / ``config_file`` ← ``key=value`` tokens, validated (no heavy imports).
+
+    Unknown keys, type errors, unsupported values and contradictions between aliases raise
+    :class:`ConfigError`; keys without effect produce a warning. The preset is resolved later
+    (:func:`plan_training`), so token order never matters.
+    """
+    res = Resolved(default_values())
+    if config_file is not None:
+        base = read_config(config_file)
+    if base is not None:
+        where = f" (in {config_file})" if config_file else ""
+        for path, value in flatten(base).items():
+            if value == PRESET:
+                continue
+            try:
+                canon = canonical(path)
+                value = coerce(canon, value)
+            except ConfigError as exc:
+                raise ConfigError(f"{exc}{where}") from None
+            res.values[canon] = value
+            if value != KEYS[canon].default:
+                res.given.add(canon)
+                res.sources[canon] = f"{path}: {value!r}{where}"
+    seen: dict[str, tuple[str, Any]] = {}
+    for token in tokens:
+        key, raw = parse_token(token)
+        canon = canonical(key)
+        value = coerce(canon, parse_value(raw), raw)
+        if canon in seen and seen[canon][0] != key and seen[canon][1] != value:
+            raise ConfigError(f"{key}={raw} contradicts {seen[canon][0]}={seen[canon][1]!r} "
+                              f"(both set {canon}); give one.")
+        seen[canon] = (key, value)
+        res.values[canon] = value
+        res.given.add(canon)
+        res.sources[canon] = f"{key}={raw}"
+    _check_values(res)
+    return res
+
+
+def _check_values(res: Resolved) -> None:
+    v = res.values
+    for path in sorted(res.given):
+        key = KEYS[path]
+        val = v[path]
+        shown = res.sources.get(path, path)
+        if key.status == "noeffect":
+            warnings.warn(f"{shown}: {path} {_NO_EFFECT}"
+                          + (f" ({key.note})." if key.note else ".") + " It is ignored.",
+                          UserWarning, stacklevel=3)
+        elif key.status == "default_only" and val != key.default:
+            raise ConfigError(f"{shown}: {path} {_NOT_YET} with a value other than "
+                              f"{key.default!r}; remove the key or set it to that value.")
+        elif key.status == "reject_true" and val:
+            raise ConfigError(f"{shown}: enabling {path} {_NOT_YET}; remove it or set it to "
+                              "false.")
+    devices = v["training.devices"]
+    if devices not in (1, "1", "auto", None) or str(v["training.strategy"]).lower() in (
+            "ddp", "ddp_spawn", "fsdp", "deepspeed"):
+        raise ConfigError(f"training.devices={devices!r} / training.strategy="
+                          f"{v['training.strategy']!r}: multi-device training is not supported "
+                          "yet; use training.devices=1 (the default).")
+    if "training.weight_decay" in res.given and v["training.weight_decay"]:
+        res.notices.append(f"training.weight_decay={v['training.weight_decay']:g} is applied "
+                           "(the reference accepted this key but never applied it).")
+    kept = v["training.keep_step_checkpoints"]
+    if not (kept == "all" or (isinstance(kept, int) and not isinstance(kept, bool) and kept >= 0)):
+        raise ConfigError(f"training.keep_step_checkpoints={kept!r} is invalid; use 'all' or a "
+                          "number of periodic checkpoints to keep.")
+    name = str(v["model.name"])
+    base_name, _, ver = name.partition("@")
+    if base_name not in PRESET_NAMES or (ver and ver not in PRESET_VERSIONS):
+        raise ConfigError(f"model={name} is not a known preset; available: "
+                          f"{', '.join(PRESET_NAMES)} (optionally with @0.11.1)."
+                          f"{_close(name, PRESET_NAMES)}")
+    if v["use_wandb"]:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("use_wandb=true but wandb is not installed; install it "
+                              "(pip install wandb) or leave use_wandb=false (the default).")\
+                from None
+        raise ConfigError("use_wandb=true: Weights & Biases logging is not implemented in "
+                          "statetx yet; metrics are written to <run>/metrics.csv. Leave "
+                          "use_wandb=false.")
+    if "data.kwargs.random_seed" in res.given and "training.train_seed" not in res.given:
+        v["training.train_seed"] = v["data.kwargs.random_seed"]
+    elif ("data.kwargs.random_seed" in res.given
+          and v["data.kwargs.random_seed"] != v["training.train_seed"]):
+        warnings.warn(f"data.kwargs.random_seed={v['data.kwargs.random_seed']} and "
+                      f"training.train_seed={v['training.train_seed']} differ; statetx uses one "
+                      "seed for sets, control pairing and initialisation: training.train_seed.",
+                      UserWarning, stacklevel=3)
+    for path in ("data.kwargs.toml_config_path", "data.kwargs.perturbation_features_file",
+                 "model.kwargs.init_from"):
+        if isinstance(v[path], str) and v[path]:
+            v[path] = str(Path(v[path]).expanduser().resolve())
+
+
+# ---------------------------------------------------------------------------------------------
+# From a resolved configuration to a training plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainPlan:
+    """Everything ``tx train`` needs: estimator parameters, the run directory, the split file."""
+
+    config: dict  # nested, fully resolved (architecture included)
+    params: dict  # StateTransitionModel(**params)
+    run_dir: Path
+    toml: Path | None
+    init_from: str | None
+    freeze_backbone: bool
+    notices: list[str]
+
+
+def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
+    """Resolve the preset and the data-dependent defaults; build the estimator parameters."""
+    from statetx.presets import resolve_architecture
+
+    v = dict(res.values)
+    notices = list(res.notices)
+    given_arch = {k.split(".", 2)[2]: v[k] for k in res.given
+                  if k.startswith("model.kwargs.") and k.split(".", 2)[2] in ARCH_TYPES}
+    if v.get("model.kwargs.intermediate_size") is None:
+        given_arch.pop("intermediate_size", None)  # GPT-2's n_inner: null = 4h
+    overrides = dict(given_arch)
+    bidir = v["model.kwargs.transformer_backbone_kwargs.bidirectional_attention"]
+    if bidir is not None:
+        overrides["bidirectional_attention"] = bidir
+    arch = resolve_architecture(str(v["model.name"]), overrides)
+    for key in ("max_position_embeddings", "n_positions"):
+        n = v[f"model.kwargs.transformer_backbone_kwargs.{key}"]
+        if n is not None and n != arch["cell_set_len"]:
+            raise ConfigError(
+                f"model.kwargs.transformer_backbone_kwargs.{key}={n} differs from cell_set_len="
+                f"{arch['cell_set_len']}; statetx takes the set length from "
+                "model.kwargs.cell_set_len only: set that instead (or drop this key).")
+    for name in ARCH_KEYS:
+        v[f"model.kwargs.{name}"] = arch[name]
+    toml = v["data.kwargs.toml_config_path"]
+    if not toml and not check_data:
+        return TrainPlan(config=unflatten(v), params={}, run_dir=Path(v["output_dir"]) /
+                         str(v["name"]), toml=None, init_from=v["model.kwargs.init_from"],
+                         freeze_backbone=bool(v["model.kwargs.freeze_pert_backbone"]),
+                         notices=notices)
+    if not toml:
+        raise ConfigError("data.kwargs.toml_config_path is required: the TOML split file that "
+                          "lists the datasets and held-out cell types (e.g. "
+                          "data.kwargs.toml_config_path=config.toml).")
+    toml_path = Path(toml)
+    if check_data and not toml_path.is_file():
+        raise ConfigError(f"data.kwargs.toml_config_path={toml}: file not found.")
+    if check_data and "data.kwargs.batch_col" not in res.given and v["data.kwargs.batch_col"]:
+        col = v["data.kwargs.batch_col"]
+        missing = _files_without_column(toml_path, col)
+        if missing:
+            notices.append(f"data.kwargs.batch_col: the default column '{col}' is not in "
+                           f"{missing}; the data are treated as one batch (set "
+                           "data.kwargs.batch_col=<column> to use batches).")
+            v["data.kwargs.batch_col"] = None
+    params = {p: v[path] for p, path in PARAM_PATHS.items()}
+    params["model_kwargs"] = dict(overrides) or None
+    kept = v["training.keep_step_checkpoints"]
+    params["keep_last_n"] = None if kept == "all" else int(kept)
+    if params["pert_features"] is None:
+        params.pop("pert_features")
+    run_dir = Path(v["output_dir"]) / str(v["name"])
+    return TrainPlan(config=unflatten(v), params=params, run_dir=run_dir, toml=toml_path,
+                     init_from=v["model.kwargs.init_from"],
+                     freeze_backbone=bool(v["model.kwargs.freeze_pert_backbone"]),
+                     notices=notices)
+
+
+def config_from_params(params: Mapping[str, Any], arch: Mapping[str, Any] | None = None,
+                       split_path: str | Path | None = None) -> dict:
+    """The run configuration equivalent to estimator parameters (for Python-API runs)."""
+    v = default_values()
+    for p, path in PARAM_PATHS.items():
+        if p in params and not (p == "pert_features" and not isinstance(params[p], (str, Path))):
+            v[path] = str(params[p]) if isinstance(params[p], Path) else params[p]
+    n = params.get("keep_last_n")
+    v["training.keep_step_checkpoints"] = "all" if n is None else int(n)
+    if arch is not None:
+        for name in ARCH_KEYS:
+            if name in arch:
+                v[f"model.kwargs.{name}"] = arch[name]
+    if split_path is not None:
+        v["data.kwargs.toml_config_path"] = str(split_path)
+    return unflatten(v)
+
+
+def _files_without_column(toml: Path, col: str) -> str:
+    """Data files of the split file whose obs lacks ``col`` (comma-joined; '' when none)."""
+    from statetx.config import SplitConfig
+
+    try:
+        cfg = SplitConfig.from_toml(toml)
+        files = [f for name in cfg.referenced_datasets() if name in cfg.datasets
+                 for f in cfg.resolve_paths(name)]
+    except (SplitConfigError, ConfigError):
+        return ""  # the data layer reports the real problem
+    missing = [f.name for f in files if col not in _obs_columns(f)]
+    return ", ".join(missing)
+
+
+def _obs_columns(path: Path) -> set[str]:
+    """obs column names of an .h5ad file, read from its HDF5 header only."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            obs = f.get("obs")
+            if obs is None:
+                return set()
+            if isinstance(obs, h5py.Group):
+                return set(obs.keys()) | {str(c) for c in obs.attrs.get("column-order", [])}
+            return set(obs.dtype.names or ())
+    except OSError:
+        return set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Files of a run directory
+# ---------------------------------------------------------------------------------------------
+
+
+def dump_config(cfg: Mapping) -> str:
+    """YAML text of a configuration (JSON text when PyYAML is not installed)."""
+    plain = json.loads(json.dumps(cfg, default=_json_default))
+    try:
+        import yaml
+    except ImportError:  # pragma: no cover - PyYAML comes with scanpy's dependencies
+        return json.dumps(plain, indent=2) + "\n"
+    return yaml.safe_dump(plain, sort_keys=False, default_flow_style=False)
+
+
+def read_config(path: str | Path) -> dict:
+    """Read a YAML (or JSON) configuration file into nested dicts."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"configuration file {p} not found.")
+    text = p.read_text()
+    try:
+        import yaml
+
+        data = yaml.safe_load(text)
+    except ImportError:  # pragma: no cover
+        data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of sections (data, training, model, ...).")
+    return data
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write(path: str | Path, writer, suffix: str = "") -> Path:
+    """Call ``writer(tmp_path)`` then rename the temporary file over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{suffix or path.suffix}")
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def absolute_split(split_config: Any) -> Any:
+    """The split spec with every dataset path made absolute (so the copy in the run directory
+    still finds the data); None when there is no spec."""
+    from statetx.config import SplitConfig
+
+    if split_config is None:
+        return None
+    cfg = SplitConfig.from_toml(split_config)
+    base = Path(cfg.base_dir) if cfg.base_dir else Path.cwd()
+
+    def fix(p: str) -> str:
+        q = Path(p).expanduser()
+        return str(q) if q.is_absolute() else os.path.join(str(base.resolve()), p)
+
+    ds = {k: fix(v) if isinstance(v, str) else [fix(x) for x in v]
+          for k, v in cfg.datasets.items()}
+    return cfg.model_copy(update={"datasets": ds, "base_dir": None})
+
+
+def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedData,
+                    split_config: Any) -> None:
+    """Write the run directory's description files (called by ``fit`` before training)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    v = model.vocab_
+    atomic_write_text(out / "vocab.json", json.dumps(v.to_dict(), indent=1))
+    var_dims = {
+        "input_dim": prepared.input_dim, "output_dim": prepared.input_dim,
+        "gene_dim": prepared.gene_dim or prepared.input_dim,
+        "hvg_dim": prepared.input_dim if model.columns_.embed_key == "X_hvg" else 0,
+        "pert_dim": v.pert_dim, "batch_dim": len(v.batches),
+        "gene_names": prepared.gene_names or prepared.feature_names,
+        "pert_names": v.perturbations,
+    }
+    atomic_write_text(out / "var_dims.json", json.dumps(var_dims, indent=1))
+    split = absolute_split(split_config)
+    if split is not None:
+        atomic_write_text(out / "split.toml", split.to_toml())
+    atomic_write_text(out / "split_summary.csv", prepared.summary.to_csv(index=False))
+    atomic_write_text(out / "model.json",
+                      json.dumps(model._metadata(), indent=1, default=_json_default))
+    cfg = getattr(model, "_run_config", None)
+    if cfg is None:
+        from statetx.presets import resolve_architecture
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arch = resolve_architecture(model.preset, model.model_kwargs)
+        arch["cell_set_len"] = model.cell_set_len_
+        cfg = config_from_params(model.get_params(), arch,
+                                 out / "split.toml" if split is not None else None)
+    atomic_write_text(out / CONFIG_FILE, dump_config(cfg))
+    info = read_run_info(out)
+    info.setdefault("statetx_version", _version())
+    info.setdefault("command", None)
+    info["config"] = json.loads(json.dumps(cfg, default=_json_default))
+    info["seed"] = model.seed
+    info["data"] = [_fingerprint(f.path) for f in prepared.files
+                    if getattr(f, "path", None) is not None]
+    info["columns"] = model.columns_.model_dump()
+    write_run_info(out, info)
+
+
+def read_run_info(run_dir: Path) -> dict:
+    p = Path(run_dir) / RUN_INFO_FILE
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def write_run_info(run_dir: Path, info: Mapping) -> None:
+    atomic_write_text(Path(run_dir) / RUN_INFO_FILE,
+                      json.dumps(info, indent=1, default=_json_default))
+
+
+def _fingerprint(path: Any) -> dict:
+    p = Path(path)
+    try:
+        st = p.stat()
+        return {"path": str(p.resolve()), "bytes": st.st_size, "mtime": st.st_mtime}
+    except OSError:
+        return {"path": str(p)}
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("statetx")
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
+    """Prepare ``plan.run_dir`` (cli.md §2.3) and return the checkpoint to resume from, if any.
+
+    An existing directory is deleted with ``overwrite=true`` (only if it looks like a statetx run),
+    resumed from ``checkpoints/last.ckpt`` when its configuration matches (except max_steps and
+    logging keys; ``resume=force`` skips the check), else used in place with a notice.
+    """
+    run = plan.run_dir
+    cfg = plan.config
+    resume_from = None
+    if run.exists():
+        if not run.is_dir():
+            raise ConfigError(f"run directory {run} exists and is not a directory.")
+        if cfg["overwrite"]:
+            if any(run.iterdir()) and not _looks_like_run(run):
+                raise ConfigError(f"overwrite=true would delete {run}, which does not look like a "
+                                  "statetx run directory (no config.yaml, statetx_run.json or "
+                                  "checkpoints/); choose another output_dir/name.")
+            print(f"statetx: overwrite=true: deleting the existing run {run}")
+            shutil.rmtree(run)
+        elif (run / CHECKPOINT_DIR / "last.ckpt").is_file():
+            last = run / CHECKPOINT_DIR / "last.ckpt"
+            if cfg["resume"] != "force" and (run / CONFIG_FILE).is_file():
+                diffs = config_differences(read_config(run / CONFIG_FILE), cfg)
+                if diffs:
+                    raise ConfigError(
+                        f"{run} already holds a run with a different configuration: "
+                        + "; ".join(diffs) + ". Use another name=, overwrite=true to start "
+                        "again, or resume=force to continue anyway.")
+            resume_from = last
+            print(f"statetx: resuming {run} from {last} (step {_checkpoint_step(last)}); "
+                  "pass overwrite=true to start again.")
+        else:
+            print(f"statetx: {run} exists but has no checkpoints/last.ckpt: training starts in "
+                  "place (its files are replaced).")
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / CONFIG_FILE, dump_config(cfg))
+    info = read_run_info(run) if resume_from is not None else {}
+    info.update({"statetx_version": _version(),
+                 "command": list(argv) if argv is not None else sys.argv,
+                 "config": cfg, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 "resumed_from": str(resume_from) if resume_from else None})
+    write_run_info(run, info)
+    return resume_from
+
+
+def finish_run(run_dir: Path, model: StateTransitionModel, seconds: float) -> None:
+    """Record timings and the final step in ``statetx_run.json``."""
+    info = read_run_info(run_dir)
+    hist = getattr(model, "history_", None)
+    step = int(hist["step"].max()) if hist is not None and len(hist) else None
+    final = Path(run_dir) / CHECKPOINT_DIR / "final.ckpt"
+    if step is None and final.is_file():
+        step = _checkpoint_step(final)
+    info.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_seconds": seconds,
+                 "final_step": step, "best_step": getattr(model, "best_step_", None)})
+    write_run_info(run_dir, info)
+
+
+def _looks_like_run(run: Path) -> bool:
+    return any((run / n).exists() for n in (CONFIG_FILE, RUN_INFO_FILE, CHECKPOINT_DIR))
+
+
+def config_differences(saved: Mapping, current: Mapping) -> list[str]:
+    """``key: saved -> current`` for every setting that differs (resume-free keys excluded)."""
+    a, b = flatten(saved), flatten(current)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k in RESUME_FREE or k.startswith("wandb."):
+            continue
+        if _norm(a.get(k)) != _norm(b.get(k)):
+            out.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return out
+
+
+def _norm(x: Any) -> Any:
+    if isinstance(x, float) and x.is_integer():
+        return int(x)
+    if isinstance(x, tuple):
+        return list(x)
+    return x
+
+
+def _checkpoint_step(path: Path) -> Any:
+    try:
+        from statetx.train import load_checkpoint_file
+
+        return load_checkpoint_file(path).get("train_state", {}).get("step", "?")
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a run
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None,
+                       verbose: bool = True) -> Path:
+    """The checkpoint file of a run: ``final.ckpt``, else ``last.ckpt`` (printed).
+
+    ``checkpoint`` may be a file name inside ``checkpoints/`` (``best.ckpt``, ``step=2000.ckpt``),
+    a name without ``.ckpt``, or a path.
+    """
+    run = Path(run_dir)
+    ckdir = run / CHECKPOINT_DIR
+    if checkpoint is None:
+        for name in ("final.ckpt", "last.ckpt"):
+            if (ckdir / name).is_file():
+                if verbose:
+                    print(f"statetx: using checkpoint {ckdir / name}")
+                return ckdir / name
+        raise DataError(f"{run} has no checkpoints/final.ckpt or checkpoints/last.ckpt"
+                        + _available(ckdir) + "; pass --checkpoint or check the run directory.")
+    p = Path(checkpoint)
+    candidates = [p] if p.is_absolute() else [ckdir / p, ckdir / f"{p}.ckpt", run / p, p]
+    for c in candidates:
+        if c.is_file():
+            if verbose:
+                print(f"statetx: using checkpoint {c}")
+            return c
+    raise DataError(f"checkpoint '{checkpoint}' not found in {ckdir}" + _available(ckdir) + ".")
+
+
+def _available(ckdir: Path) -> str:
+    names = sorted(p.name for p in ckdir.glob("*.ckpt")) if ckdir.is_dir() else []
+    return f" (available: {', '.join(names)})" if names else " (no checkpoints there)"
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *,
+             device: str = "cpu", verbose: bool = True) -> StateTransitionModel:
+    """A fitted :class:`~statetx.model.StateTransitionModel` from a statetx run directory.
+
+    ``checkpoint``: file name in ``checkpoints/`` or a path; default ``final.ckpt``, else
+    ``last.ckpt`` (the choice is printed when ``verbose``). A checkpoint file path may be given as
+    ``run_dir``; a directory written by ``model.save`` also loads. Checkpoints are read with
+    PyTorch's weights-only loader. The model can ``predict`` at once; call :func:`attach_data`
+    (or ``tx predict``) for ``predict_split``.
+    """
+    from statetx.model import StateTransitionModel, _history_frame
+    from statetx.train import load_checkpoint_file
+
+    run = Path(run_dir)
+    if run.is_file():
+        checkpoint, run = run, (run.parent.parent if run.parent.name == CHECKPOINT_DIR
+                                else run.parent)
+    elif not run.is_dir():
+        raise DataError(f"run directory {run} does not exist.")
+    elif (checkpoint is None and not (run / CHECKPOINT_DIR).is_dir()
+          and (run / "model.safetensors").is_file()):
+        model = StateTransitionModel.load(run, device=device)
+        model.run_dir_ = run
+        return model
+    path = resolve_checkpoint(run, checkpoint, verbose=verbose)
+    ckpt = load_checkpoint_file(path)
+    meta = ckpt.get("statetx_model") if isinstance(ckpt, dict) else None
+    if meta is None or "state_dict" not in ckpt:
+        raise DataError(f"{path} is not a statetx checkpoint (no 'statetx_model' metadata). For "
+                        "an arc-state run use `statetx import-arc` or tx infer --model-dir.")
+    model = StateTransitionModel._from_metadata(meta, ckpt["state_dict"])
+    if ckpt.get("history"):
+        model.history_ = _history_frame(list(ckpt["history"]))
+    model.run_dir_ = run
+    model.checkpoint_path_ = path
+    model.step_ = (ckpt.get("train_state") or {}).get("step")
+    if str(device) != "cpu":
+        model.to(device)
+    return model
+
+
+def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, *,
+                toml: str | Path | None = None, data_root: str | Path | None = None,
+                adata: Any = None) -> PreparedData:
+    """Rebuild the split data of a loaded model (needed by ``predict_split``).
+
+    The split file is ``toml`` or the run's ``split.toml``; ``data_root`` replaces the directory
+    part of every dataset path (for a run whose data moved); ``adata`` supplies in-memory data.
+    The model's vocabulary is reused, so label codes match training.
+    """
+    from statetx.config import SplitConfig
+    from statetx.data import prepare
+
+    run = Path(run_dir) if run_dir is not None else getattr(model, "run_dir_", None)
+    src = Path(toml) if toml is not None else (run / "split.toml" if run is not None else None)
+    if src is None or not src.is_file():
+        raise DataError(f"split file {src} not found; pass --toml FILE (the split file used for "
+                        "training).")
+    cfg = SplitConfig.from_toml(src)
+    if data_root is not None:
+        root = Path(data_root).expanduser().resolve()
+
+        def move(p: str) -> str:
+            return str(root / Path(p).name)
+
+        cfg = cfg.model_copy(update={"datasets": {
+            k: move(v) if isinstance(v, str) else [move(x) for x in v]
+            for k, v in cfg.datasets.items()}})
+    if adata is None:
+        for name in cfg.referenced_datasets():
+            try:
+                cfg.resolve_paths(name)
+            except SplitConfigError as exc:
+                raise DataError(f"{exc} The run's data cannot be found (from {src}); pass "
+                                "--data-root DIR if the files moved, or --toml FILE.") from None
+    prepared = prepare(adata, cfg, model.columns_, vocab=model.vocab_,
+                       heldout_controls_in_train=model.heldout_controls_in_train,
+                       yield_controls=model.yield_controls, dtype=model.dtype)
+    if list(prepared.feature_names) != list(model.var_names_):
+        raise DataError(f"the data of {src} have different features than the model was trained "
+                        f"on ({prepared.input_dim} vs {len(model.var_names_)} columns).")
+    model._prepared = prepared
+    model.split_summary_ = prepared.summary
+    return prepared
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning from a checkpoint (model.kwargs.init_from)
+# ---------------------------------------------------------------------------------------------
+
+
+def estimator_class(init_from: str | None = None, freeze_backbone: bool = False,
+                    attention: str | None = None) -> type:
+    """``StateTransitionModel``, or a subclass that initialises from ``init_from`` (partial load:
+    tensors of matching name and shape; the rest keep their fresh initialisation) and optionally
+    freezes the transformer backbone."""
+    from statetx.model import StateTransitionModel
+
+    if init_from is None and not freeze_backbone:
+        return StateTransitionModel
+
+    class FineTunedModel(StateTransitionModel):
+        def _set_fitted(self, network, *args, **kwargs):  # type: ignore[override]
+            if init_from is not None:
+                partial_load(network, init_from, attention=attention)
+            if freeze_backbone:
+                for p in network.transformer_backbone.parameters():
+                    p.requires_grad_(False)
+                print("statetx: freeze_pert_backbone=true: the transformer backbone is frozen.")
+            return super()._set_fitted(network, *args, **kwargs)
+
+    return FineTunedModel
+
+
+def partial_load(network: Any, source: str | Path, attention: str | None = None
+                 ) -> tuple[list[str], list[str], list[str]]:
+    """Load the tensors of ``source`` that fit ``network``; print what was re-initialised/dropped.
+
+    ``source``: a statetx checkpoint, a statetx model directory, or an arc-state ``.ckpt`` /
+    run directory (via :func:`statetx.arc.load_arc_run`; ``attention`` resolves its mode).
+    Returns (loaded, re-initialised, dropped) tensor names.
+    """
+    state = _state_dict_of(Path(source), attention)
+    own = network.state_dict()
+    use = {k: t for k, t in state.items() if k in own and tuple(t.shape) == tuple(own[k].shape)}
+    reinit = sorted(set(own) - set(use))
+    dropped = sorted(set(state) - set(use))
+    network.load_state_dict(use, strict=False)
+    print(f"statetx: init_from {source}: loaded {len(use)} tensors"
+          + (f"; re-initialised {len(reinit)}: {', '.join(reinit[:12])}"
+             + (" ..." if len(reinit) > 12 else "") if reinit else "")
+          + (f"; dropped {len(dropped)}: {', '.join(dropped[:12])}"
+             + (" ..." if len(dropped) > 12 else "") if dropped else ""))
+    if not use:
+        raise ConfigError(f"model.kwargs.init_from={source}: no tensor of the checkpoint fits the "
+                          "new network (different architecture?).")
+    return sorted(use), reinit, dropped
+
+
+def _state_dict_of(path: Path, attention: str | None) -> dict:
+    if not path.exists():
+        raise ConfigError(f"model.kwargs.init_from={path}: file not found.")
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "model.safetensors"))
+    if path.is_file():
+        import torch
+
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - arc-state checkpoints hold pickled objects
+            ckpt = None
+        if isinstance(ckpt, dict) and "statetx_model" in ckpt:
+            return dict(ckpt["state_dict"])
+    from statetx.arc import load_arc_run
+
+    imp = load_arc_run(path, attention=attention)
+    return imp.network.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------
+# arc-state runs as statetx models
+# ---------------------------------------------------------------------------------------------
+
+
+def is_arc_run(path: str | Path) -> bool:
+    """True for an arc-state run directory (or a Lightning checkpoint outside a statetx run)."""
+    p = Path(path)
+    if p.is_file():
+        return not (p.parent.parent / RUN_INFO_FILE).exists() and not (
+            p.parent.parent / "vocab.json").exists()
+    return (p / "var_dims.pkl").exists() or (p / "pert_onehot_map.pt").exists()
+
+
+def model_from_arc(run_dir: str | Path, checkpoint: str | Path | None = None, *,
+                   attention: str | None = None, trust_pickle: bool = False,
+                   verbose: bool = True) -> StateTransitionModel:
+    """A fitted ``StateTransitionModel`` from an arc-state run directory (via the importer)."""
+    from statetx.model import StateTransitionModel
+
+    model = StateTransitionModel.from_arc_state(run_dir, checkpoint or "final.ckpt",
+                                                attention=attention, trust_pickle=trust_pickle,
+                                                verbose=verbose)
+    model.run_dir_ = Path(run_dir)
+    return model

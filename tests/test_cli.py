@@ -1,0 +1,334 @@
+"""The command line end to end on tiny settings: train -> predict -> infer -> evaluate, the seed
+tutorial's commands, both flag spellings, exit codes, run-directory reload."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from statetx.cli import main
+
+# a tiny network through the reference's override keys
+TINY = [
+    "model.kwargs.hidden_dim=32",
+    "model.kwargs.transformer_backbone_kwargs.num_attention_heads=2",
+    "model.kwargs.transformer_backbone_kwargs.head_dim=16",
+    "model.kwargs.transformer_backbone_kwargs.intermediate_size=64",
+    "model.kwargs.transformer_backbone_kwargs.num_hidden_layers=1",
+    "model.kwargs.n_encoder_layers=1", "model.kwargs.n_decoder_layers=1",
+    "model.kwargs.cell_set_len=8", "training.batch_size=4", "training.val_freq=2",
+    "training.device=cpu",
+]
+SPLIT = ('[datasets]\ndata = "data.h5ad"\n[training]\ndata = "train"\n[zeroshot]\n'
+         '"data.CT2" = "test"\n"data.CT1" = "val"\n')
+
+
+def _synthetic(**kw):
+    from conftest import make_synthetic
+
+    a = make_synthetic(**kw)
+    a.obsm["X_hvg"] = np.asarray(a.X, dtype=np.float32)
+    a.uns["X_hvg_var_names"] = np.asarray(a.var_names, dtype=str)
+    return a
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_data")
+    adata = _synthetic()
+    adata.write_h5ad(d / "data.h5ad")
+    (d / "split.toml").write_text(SPLIT)
+    return d
+
+
+def train_args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
+    """The seed tutorial's example-1 command (section 5.3), with tiny settings."""
+    return ["tx", "train", f'data.kwargs.toml_config_path="{data / "split.toml"}"',
+            "data.kwargs.embed_key=X_hvg", "data.kwargs.output_space=gene",
+            'data.kwargs.pert_col="gene"', 'data.kwargs.cell_type_key="cell_type"',
+            'data.kwargs.batch_col="batch"', 'data.kwargs.control_pert="ctrl"',
+            "training.max_steps=4", "model=state_sm", f'output_dir="{out}"', f'name="{name}"',
+            *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_out")
+    assert main(train_args(data, out, "my_experiment")) == 0
+    return out / "my_experiment"
+
+
+# ------------------------------------------------------------------------------ train
+def test_train_writes_run_directory(run):
+    import torch
+
+    from statetx.run import read_config, read_run_info
+
+    for name in ("config.yaml", "statetx_run.json", "split.toml", "split_summary.csv",
+                 "vocab.json", "var_dims.json", "metrics.csv", "model.json"):
+        assert (run / name).is_file(), name
+    for name in ("final.ckpt", "last.ckpt", "best.ckpt"):
+        ckpt = torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
+        assert "statetx_model" in ckpt
+    cfg = read_config(run / "config.yaml")
+    assert cfg["model"]["name"] == "state_sm" and cfg["data"]["kwargs"]["embed_key"] == "X_hvg"
+    assert cfg["model"]["kwargs"]["hidden_dim"] == 32 and cfg["training"]["max_steps"] == 4
+    info = read_run_info(run)
+    assert info["final_step"] == 4 and info["command"][:3] == ["statetx", "tx", "train"]
+    assert not list(run.rglob(".*tmp*"))  # no temporary files left behind
+
+
+def test_config_yaml_reloads(run, capsys):
+    import yaml
+
+    capsys.readouterr()
+    assert main(["tx", "train", "--config", str(run / "config.yaml"), "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == yaml.safe_load((run / "config.yaml").read_text())
+
+
+def test_load_run_matches_in_memory_model(data, tmp_path, capsys):
+    import anndata as ad
+
+    from statetx import StateTransitionModel
+    from statetx.run import load_run
+
+    adata = ad.read_h5ad(data / "data.h5ad")
+    model = StateTransitionModel(
+        "tiny", pert_col="gene", control_pert="ctrl", cell_set_len=8, batch_size=4,
+        max_steps=3, val_freq=2, progress=False, seed=0, device="cpu",
+        model_kwargs={"hidden_dim": 32, "n_heads": 2, "head_dim": 16, "intermediate_size": 128,
+                      "n_layers": 1})
+    model.fit(adata, data / "split.toml", output_dir=tmp_path / "run")
+    for f in ("config.yaml", "split.toml", "vocab.json"):
+        assert (tmp_path / "run" / f).is_file()
+    loaded = load_run(tmp_path / "run")
+    assert "final.ckpt" in capsys.readouterr().out
+    np.testing.assert_array_equal(model.predict(adata).X, loaded.predict(adata).X)
+    again = StateTransitionModel.load_run(tmp_path / "run", checkpoint="last.ckpt")
+    np.testing.assert_array_equal(model.predict(adata).X, again.predict(adata).X)
+    assert loaded.get_params() == model.get_params()
+    # a Python-API run gets a config.yaml that the CLI can train from
+    assert main(["tx", "train", "--config", str(tmp_path / "run" / "config.yaml"),
+                 "--print-config"]) == 0
+
+
+# ------------------------------------------------------------------------------ predict
+def test_predict_both_spellings(run, capsys):
+    import anndata as ad
+
+    assert main(["tx", "predict", "--output_dir", str(run), "--profile", "minimal"]) == 0
+    out = run / "eval_final.ckpt"
+    pred, real = ad.read_h5ad(out / "adata_pred.h5ad"), ad.read_h5ad(out / "adata_real.h5ad")
+    assert pred.shape == real.shape and set(pred.obs["cell_type"]) == {"CT2"}
+    assert list(pred.var_names) == list(real.var_names)
+    assert (out / "CT2_results.csv").is_file() and (out / "CT2_agg_results.csv").is_file()
+    assert main(["predict", "--output-dir", str(run), "--checkpoint", "last.ckpt",
+                 "--predict-only", "--split", "val"]) == 0
+    out2 = run / "eval_val_last.ckpt"
+    assert (out2 / "adata_pred.h5ad").is_file() and not list(out2.glob("*results.csv"))
+    assert "using checkpoint" in capsys.readouterr().out
+
+
+def test_predict_moved_data_needs_data_root(run, data, tmp_path):
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    (moved / "split.toml").write_text((moved / "split.toml").read_text().replace(
+        str(data.resolve()), str(tmp_path / "gone")))
+    assert main(["tx", "predict", "--output-dir", str(moved), "--predict-only"]) == 2
+    assert main(["tx", "predict", "--output-dir", str(moved), "--predict-only",
+                 "--data-root", str(data)]) == 0
+
+
+# ------------------------------------------------------------------------------ infer
+def test_infer_both_spellings_and_npy(run, data, tmp_path):
+    import anndata as ad
+
+    src = data / "data.h5ad"
+    h5 = tmp_path / "pred.h5ad"
+    assert main(["tx", "infer", "--model_dir", str(run), "--adata", str(src), "--output",
+                 str(h5), "--pert_col", "gene", "--control_pert", "ctrl"]) == 0
+    assert main(["infer", "--model-dir", str(run), "--adata", str(src), "--output",
+                 str(tmp_path / "pred.npy"), "--pert-col", "gene", "--batch-size", "2"]) == 0
+    pred = ad.read_h5ad(h5)
+    arr = np.load(tmp_path / "pred.npy")
+    assert arr.dtype == np.float32 and arr.shape == pred.shape == (306, 32)
+    np.testing.assert_array_equal(arr, np.asarray(pred.X))  # same seed, same cells
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output-dir",
+                 str(tmp_path / "o"), "--all-perts", "--virtual-cells-per-pert", "4",
+                 "--celltypes", "CT0,CT1"]) == 0
+    sim = ad.read_h5ad(tmp_path / "o" / "data_simulated.h5ad")
+    assert sim.n_obs == 2 * 102 + 2 * 3 * 4
+
+
+# ------------------------------------------------------------------------------ evaluate
+def test_evaluate_commands(run, tmp_path):
+    ev = run / "eval_final.ckpt"
+    if not (ev / "adata_pred.h5ad").exists():
+        assert main(["tx", "predict", "--output-dir", str(run), "--predict-only"]) == 0
+    out = tmp_path / "ev"
+    assert main(["evaluate", "run", "-ap", str(ev / "adata_pred.h5ad"), "-ar",
+                 str(ev / "adata_real.h5ad"), "--control-pert", "ctrl", "--pert_col", "gene",
+                 "-o", str(out), "--profile", "minimal", "--batch-size", "100"]) == 0
+    assert (out / "results.csv").is_file() and (out / "agg_results.csv").is_file()
+    assert main(["evaluate", "score", "-i", str(out / "agg_results.csv"), "-I",
+                 str(out / "agg_results.csv"), "-o", str(tmp_path / "score.csv")]) == 0
+    assert main(["evaluate", "baseline", "-a", str(ev / "adata_real.h5ad"), "--pert-col",
+                 "gene", "--control-pert", "ctrl", "-o", str(tmp_path / "b.h5ad")]) == 0
+    assert (tmp_path / "b.h5ad").is_file()
+    assert main(["evaluate", "run", "-ap", "x.h5ad", "-ar", "y.h5ad", "--ceiling"]) == 2
+
+
+# ------------------------------------------------------------------------------ errors
+def test_exit_codes_and_messages(run, data, tmp_path, capsys):
+    assert main(["--help"]) == 0
+    assert main(["tx", "train", "--help"]) == 0
+    capsys.readouterr()
+    assert main(["tx", "train", "training.max_step=5"]) == 2
+    err = capsys.readouterr().err
+    assert "Did you mean: training.max_steps" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["tx", "predict", "--bogus"]) == 2
+    assert main(["tx", "predict"]) == 2  # missing --output-dir
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", "nope.h5ad"]) == 2
+    assert main(["tx", "train", "training.lr=abc"]) == 2
+    assert main([]) == 2
+    # a runtime failure (corrupt checkpoint) -> 1, one line; --debug adds the traceback
+    (run / "checkpoints" / "corrupt.ckpt").write_bytes(b"not a checkpoint")
+    args = ["tx", "infer", "--model-dir", str(run), "--checkpoint", "corrupt.ckpt",
+            "--adata", str(data / "data.h5ad"), "--output", str(tmp_path / "x.h5ad")]
+    capsys.readouterr()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "corrupt.ckpt" in err and "Traceback" not in err
+    assert main(["--debug", *args]) == 1
+    assert "Traceback" in capsys.readouterr().err
+    assert not (tmp_path / "x.h5ad").exists()
+    (run / "checkpoints" / "corrupt.ckpt").unlink()
+
+
+def test_python_m_statetx_exit_status():
+    r = subprocess.run([sys.executable, "-m", "statetx", "tx", "train", "model=stat"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a known preset" in r.stderr
+
+
+# ------------------------------------------------------------------------------ run dirs
+def test_resume_overwrite_and_config_check(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(train_args(data, out, "r", "training.max_steps=2")) == 0
+    capsys.readouterr()
+    assert main(train_args(data, out, "r", "training.max_steps=4")) == 0
+    o = capsys.readouterr().out
+    assert "resuming" in o and "(step 2)" in o and "at step 4" in o
+    assert main(train_args(data, out, "r", "training.max_steps=4", "training.lr=1e-3")) == 2
+    assert "training.lr" in capsys.readouterr().err
+    assert main(train_args(data, out, "r", "training.max_steps=2", "overwrite=true")) == 0
+    assert "deleting" in capsys.readouterr().out
+
+
+def test_dry_run_and_split(data, tmp_path, capsys):
+    assert main(train_args(data, tmp_path, "dry", "dry_run=true")) == 0
+    o = capsys.readouterr().out
+    assert "Parameters:" in o and "CT2" in o and "dry run" in o
+    assert not (tmp_path / "dry").exists()
+    assert main(["tx", "split", "--toml", str(data / "split.toml"), "--control-pert", "ctrl"]) == 0
+    assert "test" in capsys.readouterr().out
+    assert main(["split", "--toml", str(data / "nope.toml")]) == 2
+
+
+# ------------------------------------------------------------------------------ tutorial
+def test_tutorial_commands(run, data, tmp_path, capsys):
+    import torch
+
+    toml = f"data.kwargs.toml_config_path={data / 'split.toml'}"
+    # Replogle example (validated with dry_run: model=state is large)
+    replogle = ["tx", "train", toml, "data.kwargs.num_workers=4", 'data.kwargs.output_space="gene"',
+                "data.kwargs.batch_col=batch", "data.kwargs.control_pert=ctrl",
+                "training.batch_size=64", "training.lr=1e-3", "model.kwargs.cell_set_len=64",
+                "model.kwargs.hidden_dim=128", "model.kwargs.batch_encoder=True", "model=state",
+                'wandb.tags="[replogle_baseline]"', f"output_dir={tmp_path}", "name=rep",
+                "dry_run=true"]
+    assert main(replogle) == 0
+    err = capsys.readouterr().err
+    assert "num_workers has no effect" in err and "keeps n_heads=12" in err
+    # fine-tuning from the run's checkpoint
+    ft = train_args(data, tmp_path, "ft", f'model.kwargs.init_from="{run}/checkpoints/final.ckpt"',
+                    "training.max_steps=2", "training.lr=5e-5")
+    assert main(ft) == 0
+    assert "init_from" in capsys.readouterr().out
+    # perturbation feature file + control auto-detection (non-targeting), pert_col target_gene
+    ad2 = _synthetic(n_cell_types=2, n_perts=2, n_cells=8, n_genes=8, n_controls=8)
+    ad2.obs["target_gene"] = ad2.obs["gene"].replace({"ctrl": "non-targeting"})
+    d2 = tmp_path / "featdata"
+    d2.mkdir()
+    ad2.write_h5ad(d2 / "data.h5ad")
+    (d2 / "split.toml").write_text(
+        SPLIT.replace('"data.CT1" = "val"\n', "").replace("CT2", "CT1"))
+    torch.save({p: torch.randn(6) for p in ["P0", "P1", "non-targeting"]},
+               d2 / "ESM2_pert_features.pt")
+    feat = ["tx", "train", f"data.kwargs.toml_config_path={d2 / 'split.toml'}",
+            f'data.kwargs.perturbation_features_file="{d2 / "ESM2_pert_features.pt"}"',
+            'data.kwargs.pert_col="target_gene"', "model=state_sm", f"output_dir={tmp_path}",
+            "name=feat", "training.max_steps=2", *TINY]
+    assert main(feat) == 0
+    assert "control_pert='non-targeting'" in capsys.readouterr().out
+    # multi-device keys -> explicit error
+    assert main(["tx", "train", toml, "training.devices=4", 'training.strategy="ddp"']) == 2
+    assert "not supported yet" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ preprocessing
+def test_preprocess_and_knockdown_filter(tmp_path, capsys):
+    import anndata as ad
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    genes = [f"G{i}" for i in range(20)]
+    labels = ["non-targeting"] * 40 + ["G1"] * 12 + ["G2"] * 12
+    x = rng.poisson(5.0, size=(len(labels), len(genes))).astype(np.float32)
+    x[40:52, 1] = 0  # G1 knocked down, G2 not
+    obs = pd.DataFrame({"gene": labels, "cell_type": "A"},
+                       index=[f"c{i}" for i in range(len(labels))])
+    a = ad.AnnData(X=x, obs=obs, var=pd.DataFrame({"gene_name": genes}, index=genes))
+    raw = tmp_path / "raw.h5ad"
+    a.write_h5ad(raw)
+    filt = tmp_path / "filtered.h5ad"
+    # the tutorial's form: options first, input last
+    assert main(["filter_on_target_knockdown", "--perturbation-column", "gene",
+                 "--control-label", "non-targeting", "--min_cells", "5", "--output", str(filt),
+                 str(raw)]) == 0
+    kept = ad.read_h5ad(filt)
+    assert set(kept.obs["gene"]) == {"non-targeting", "G1"}
+    pp = tmp_path / "pp.h5ad"
+    assert main(["tx", "preprocess_train", "--adata", str(raw), "--output", str(pp),
+                 "--num_hvgs", "8"]) == 0
+    assert main(["preprocess-train", "--adata", str(raw), "--output", str(pp),
+                 "--num-hvgs", "8"]) == 0
+    assert ad.read_h5ad(pp).obsm["X_hvg"].shape == (64, 8)
+    tpl = tmp_path / "tpl.h5ad"
+    assert main(["tx", "preprocess_infer", "--adata", str(pp), "--output", str(tpl),
+                 "--control_condition", "non-targeting", "--pert_col", "gene"]) == 0
+    assert "template_ctrl_barcode" in ad.read_h5ad(tpl).obs
+    assert main(["tx", "preprocess_train", "--adata", str(pp), "--output", str(tmp_path / "x"),
+                 "--num-hvgs", "8"]) == 2  # already normalised -> refused
+
+
+def test_info(run, capsys):
+    assert main(["info", str(run)]) == 0
+    o = capsys.readouterr().out
+    assert "state_sm" in o and "attention bidirectional" in o and "checkpoints:" in o
+    assert main(["info", str(run / "checkpoints" / "final.ckpt")]) == 0
+
+
+@pytest.mark.slow
+def test_demo(tmp_path):
+    assert main(["demo", "--steps", "3", "--out", str(tmp_path / "demo")]) == 0
+    assert (tmp_path / "demo" / "demo_results.csv").is_file()
+    assert (tmp_path / "demo" / "demo_metrics.png").is_file()

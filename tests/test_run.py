@@ -1,0 +1,257 @@
+"""Run configuration (override parsing, key schema, resolution) and run-directory helpers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from statetx import run as R
+from statetx.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ value parsing
+@pytest.mark.parametrize("text,expected", [
+    ("true", True), ("False", False), ("TRUE", True), ("null", None), ("None", None),
+    ("12", 12), ("-3", -3), ("1e-4", 1e-4), ("5e-5", 5e-5), ("1.5", 1.5), (".5", 0.5),
+    ("1E3", 1000.0), ("[a,b,c]", ["a", "b", "c"]), ("[replogle_baseline]", ["replogle_baseline"]),
+    ("[1, 2.5, true]", [1, 2.5, True]), ("[]", []), ("[[1,2],[3]]", [[1, 2], [3]]),
+    ('"gene"', "gene"), ("'true'", "true"), ('"1e-4"', "1e-4"), ("non-targeting", "non-targeting"),
+    ("path/to/config.toml", "path/to/config.toml"), ("", ""),
+])
+def test_parse_value(text, expected):
+    got = R.parse_value(text)
+    assert got == expected and type(got) is type(expected)
+
+
+def test_parse_token_forms():
+    assert R.parse_token("training.lr=1e-4") == ("training.lr", "1e-4")
+    assert R.parse_token("+wandb.tags=[a]") == ("wandb.tags", "[a]")
+    assert R.parse_token("name=a=b") == ("name", "a=b")
+    with pytest.raises(ConfigError, match="deleting keys"):
+        R.parse_token("~training.lr")
+    with pytest.raises(ConfigError, match="not a key=value"):
+        R.parse_token("training.lr")
+
+
+# ------------------------------------------------------------------------------ resolution
+def test_types_and_coercion():
+    res = R.resolve(["training.lr=1e-4", "training.max_steps=4e4", "name=1",
+                     "training.precision=32", "model.kwargs.batch_encoder=True",
+                     "wandb.tags=[replogle_baseline]", "model.kwargs.decoder_hidden_dims=[64,32]",
+                     "data.kwargs.control_pert='non-targeting'", "+training.val_freq=10",
+                     "model.kwargs.backbone=GPT2"])
+    v = res.values
+    assert v["training.lr"] == 1e-4 and isinstance(v["training.lr"], float)
+    assert v["training.max_steps"] == 40000 and isinstance(v["training.max_steps"], int)
+    assert v["name"] == "1" and v["training.precision"] == "32"
+    assert v["model.kwargs.batch_encoder"] is True
+    assert v["wandb.tags"] == ["replogle_baseline"]
+    assert v["model.kwargs.decoder_hidden_dims"] == [64, 32]
+    assert v["data.kwargs.control_pert"] == "non-targeting"
+    assert v["training.val_freq"] == 10 and v["model.kwargs.backbone"] == "gpt2"
+    assert "training.lr" in res.given and "training.batch_size" not in res.given
+
+
+@pytest.mark.parametrize("token,match", [
+    ("training.max_steps=abc", "not an integer"),
+    ("training.max_steps=1.5", "not an integer"),
+    ("training.max_steps=true", "not an integer"),
+    ("training.lr=1e-4x", "not a number"),
+    ("overwrite=yes", "not a boolean"),
+    ("data.kwargs.output_space=genes", "Did you mean: gene"),
+    ("training.batch_size=null", "null is not allowed"),
+    ("model.kwargs.decoder_hidden_dims=[a]", "list of integers"),
+    ("data.kwargs.pert_col=[a,b]", "not a list"),
+])
+def test_type_errors_explain(token, match):
+    with pytest.raises(ConfigError, match=match) as err:
+        R.resolve([token])
+    assert token.split("=")[0] in str(err.value)
+
+
+def test_unknown_key_suggests_close_match():
+    with pytest.raises(ConfigError, match=r"Did you mean: training\.max_steps") as err:
+        R.resolve(["training.max_step=5"])
+    assert "--list-keys" in str(err.value)
+    with pytest.raises(ConfigError, match=r"model\.kwargs\.hidden_dim"):
+        R.resolve(["model.kwargs.hiden_dim=3"])
+    with pytest.raises(ConfigError, match="Known sections"):
+        R.resolve(["trainer.max_steps=3"])
+
+
+def test_no_effect_keys_warn_and_unsupported_values_fail():
+    with pytest.warns(UserWarning, match="num_workers has no effect"):
+        R.resolve(["data.kwargs.num_workers=4"])
+    with pytest.warns(UserWarning, match="softplus has no effect"):
+        R.resolve(["model.kwargs.softplus=true"])
+    R.resolve(["model.kwargs.blur=0.05"])  # the default is accepted
+    with pytest.raises(ConfigError, match="blur is not supported"):
+        R.resolve(["model.kwargs.blur=0.1"])
+    with pytest.raises(ConfigError, match="enabling model.kwargs.lora.enable"):
+        R.resolve(["model.kwargs.lora.enable=true"])
+    with pytest.raises(ConfigError, match="multi-device training is not supported"):
+        R.resolve(["training.devices=4", 'training.strategy="ddp"'])
+    with pytest.raises(ConfigError, match="pert_rep"):
+        R.resolve(["data.kwargs.pert_rep=esm"])
+    with pytest.raises(ConfigError, match="not a known preset"):
+        R.resolve(["model=stat"])
+    R.resolve(["model=state@0.11.1"])
+
+
+def test_weight_decay_notice_and_seed_alias():
+    res = R.resolve(["training.weight_decay=5e-4", "data.kwargs.random_seed=7"])
+    assert any("never applied" in n for n in res.notices)
+    assert res.values["training.train_seed"] == 7
+
+
+def test_aliases_and_contradictions():
+    res = R.resolve(["model.kwargs.transformer_backbone_kwargs.num_attention_heads=2",
+                     "model.kwargs.confidence_head=false", "training.wandb_track=false"])
+    assert res.values["model.kwargs.n_heads"] == 2
+    assert "model.kwargs.n_heads" in res.given
+    with pytest.raises(ConfigError, match="contradicts"):
+        R.resolve(["model.kwargs.hidden_dim=32",
+                   "model.kwargs.transformer_backbone_kwargs.hidden_size=64"])
+
+
+def test_schema_matches_presets():
+    from statetx.presets import ALIASES, ARCH_KEYS, list_presets
+
+    assert R.ARCH_KEYS == ARCH_KEYS
+    assert sorted(R.PRESET_NAMES) == sorted(p for p in list_presets() if "@" not in p)
+    for alias in ALIASES:  # every reference spelling the presets accept is a config key too
+        R.canonical(f"model.kwargs.{alias}")
+
+
+# ------------------------------------------------------------------------------ planning
+def _toml(tmp_path: Path) -> Path:
+    from conftest import make_synthetic
+
+    make_synthetic(n_cell_types=2, n_perts=2, n_cells=8, n_genes=8, n_controls=8).write_h5ad(
+        tmp_path / "d.h5ad")
+    p = tmp_path / "split.toml"
+    p.write_text('[datasets]\nd = "d.h5ad"\n[training]\nd = "train"\n[zeroshot]\n'
+                 '"d.CT1" = "test"\n')
+    return p
+
+
+def test_plan_preset_first_regardless_of_order(tmp_path):
+    toml = f"data.kwargs.toml_config_path={_toml(tmp_path)}"
+    a = R.plan_training(R.resolve([toml, "model.kwargs.n_layers=2", "model=tiny"]))
+    b = R.plan_training(R.resolve(["model=tiny", toml, "model.kwargs.n_layers=2"]))
+    assert a.params == b.params and a.config == b.config
+    assert a.params["preset"] == "tiny" and a.params["model_kwargs"] == {"n_layers": 2}
+    assert a.config["model"]["kwargs"]["n_layers"] == 2
+    assert a.config["model"]["kwargs"]["hidden_dim"] == 128  # from the preset
+    assert a.run_dir == Path("./debugging") / "debug"
+
+
+def test_plan_batch_col_default_and_required_toml(tmp_path):
+    toml = _toml(tmp_path)
+    plan = R.plan_training(R.resolve([f"data.kwargs.toml_config_path={toml}", "model=tiny"]))
+    assert plan.params["batch_col"] is None  # default gem_group absent -> one batch
+    assert any("gem_group" in n for n in plan.notices)
+    plan = R.plan_training(R.resolve([f"data.kwargs.toml_config_path={toml}",
+                                      "data.kwargs.batch_col=batch"]))
+    assert plan.params["batch_col"] == "batch"
+    with pytest.raises(ConfigError, match="toml_config_path is required"):
+        R.plan_training(R.resolve(["model=tiny"]))
+    with pytest.raises(ConfigError, match="file not found"):
+        R.plan_training(R.resolve([f"data.kwargs.toml_config_path={tmp_path / 'no.toml'}"]))
+
+
+def test_plan_backbone_kwargs(tmp_path):
+    toml = f"data.kwargs.toml_config_path={_toml(tmp_path)}"
+    plan = R.plan_training(R.resolve([
+        toml, "model=tiny",
+        "model.kwargs.transformer_backbone_kwargs.bidirectional_attention=false"]))
+    k = plan.config["model"]["kwargs"]
+    assert k["attention"] == "causal" and k["rope"] == 10000.0
+    with pytest.raises(ConfigError, match="max_position_embeddings=99 differs"):
+        R.plan_training(R.resolve([
+            toml, "model=tiny",
+            "model.kwargs.transformer_backbone_kwargs.max_position_embeddings=99"]))
+    ok = R.plan_training(R.resolve([
+        toml, "model=tiny", "model.kwargs.cell_set_len=16",
+        "model.kwargs.transformer_backbone_kwargs.max_position_embeddings=16"]))
+    assert ok.config["model"]["kwargs"]["cell_set_len"] == 16
+
+
+def test_config_dump_read_roundtrip(tmp_path):
+    res = R.resolve(["training.lr=1e-4", "wandb.tags=[a,b]", "model=tiny"])
+    cfg = res.nested()
+    path = R.atomic_write_text(tmp_path / "config.yaml", R.dump_config(cfg))
+    back = R.read_config(path)
+    assert back == cfg
+    again = R.resolve([], config_file=path)
+    assert again.values == res.values
+    assert R.config_differences(cfg, again.nested()) == []
+    changed = R.resolve(["training.lr=1e-3", "training.max_steps=5", "model=tiny"]).nested()
+    diffs = R.config_differences(cfg, changed)
+    assert diffs == ["training.lr: 0.0001 -> 0.001"]  # max_steps may change on resume
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("training:\n  max_stepz: 3\n")
+    with pytest.raises(ConfigError, match="max_stepz.*c.yaml"):
+        R.resolve([], config_file=p)
+    p.write_text("training:\n  lr: 1e-4\n")  # YAML 1.1 reads 1e-4 as a string
+    assert R.resolve([], config_file=p).values["training.lr"] == 1e-4
+
+
+# ------------------------------------------------------------------------------ run files
+def test_resolve_checkpoint(tmp_path, capsys):
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    with pytest.raises(DataError, match="no checkpoints"):
+        R.resolve_checkpoint(tmp_path)
+    (ck / "last.ckpt").write_bytes(b"x")
+    assert R.resolve_checkpoint(tmp_path).name == "last.ckpt"
+    (ck / "final.ckpt").write_bytes(b"x")
+    assert R.resolve_checkpoint(tmp_path).name == "final.ckpt"
+    assert "using checkpoint" in capsys.readouterr().out
+    assert R.resolve_checkpoint(tmp_path, "last").name == "last.ckpt"
+    with pytest.raises(DataError, match=r"available: final.ckpt, last.ckpt"):
+        R.resolve_checkpoint(tmp_path, "best.ckpt")
+
+
+def test_absolute_split(tmp_path):
+    toml = _toml(tmp_path)
+    cfg = R.absolute_split(toml)
+    assert cfg.datasets["d"] == str(tmp_path.resolve() / "d.h5ad")
+    assert R.absolute_split(None) is None
+
+
+def test_start_run_refuses_to_delete_foreign_directory(tmp_path):
+    toml = _toml(tmp_path)
+    other = tmp_path / "out" / "r"
+    other.mkdir(parents=True)
+    (other / "precious.txt").write_text("x")
+    plan = R.plan_training(R.resolve([f"data.kwargs.toml_config_path={toml}", "model=tiny",
+                                      f"output_dir={tmp_path / 'out'}", "name=r",
+                                      "overwrite=true"]))
+    with pytest.raises(ConfigError, match="does not look like a statetx run"):
+        R.start_run(plan)
+    assert (other / "precious.txt").exists()
+
+
+def test_cli_modules_do_not_import_heavy_packages():
+    code = textwrap.dedent(f"""
+        import sys, types, io, contextlib
+        pkg = types.ModuleType("statetx"); pkg.__path__ = [{str(REPO / 'statetx')!r}]
+        sys.modules["statetx"] = pkg
+        import statetx.cli, statetx.run
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert statetx.cli.main(["tx", "train", "--help"]) == 0
+            assert statetx.cli.main(["tx", "infer", "--help"]) == 0
+        heavy = [m for m in ("torch", "anndata", "scanpy", "numpy", "pandas") if m in sys.modules]
+        assert not heavy, heavy
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
