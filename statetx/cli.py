@@ -379,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"statetx: {kind}: {text}", file=sys.stderr)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("default")
+        warnings.filterwarnings("default", category=UserWarning)
         warnings.showwarning = show
         try:
             return int(ns.func(ns) or 0)
@@ -443,7 +443,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         return _dry_run(plan)
     resume = R.start_run(plan, a.argv)
     cls = R.estimator_class(None if resume else plan.init_from, plan.freeze_backbone,
-                            attention=m["attention"])
+                            attention=plan.init_attention)
     model = cls(**p)
     model._run_config = cfg
     t0 = time.perf_counter()
@@ -972,6 +972,14 @@ def cmd_import_arc(a: argparse.Namespace) -> int:
     model = StateTransitionModel.from_arc_state(run, ck or "final.ckpt", attention=a.attention,
                                                 rope=rope, trust_pickle=a.trust_pickle)
     model.save(a.out)
+    prov = getattr(model, "arc_import_", None)
+    if prov:
+        import json
+
+        from statetx.run import atomic_write_text
+
+        atomic_write_text(Path(a.out) / "arc_import.json",
+                          json.dumps(prov, indent=1, default=str))
     _say(f"saved the imported model to {a.out} (load with StateTransitionModel.load or use it "
          "as tx infer --model-dir)")
     return EXIT_OK
@@ -990,6 +998,11 @@ def cmd_info(a: argparse.Namespace) -> int:
         model = load_run(path, verbose=False)
         kind = "statetx run" if (path / CONFIG_FILE).exists() else (
             "statetx checkpoint" if path.is_file() else "statetx model directory")
+    if path.is_dir() and (path / "arc_import.json").is_file():
+        import json
+
+        model.arc_import_ = json.loads((path / "arc_import.json").read_text())
+        kind = "statetx model directory (imported from arc-state)"
     _describe_model(model, kind)
     if path.is_dir():
         info = read_run_info(path)
@@ -1036,7 +1049,8 @@ def _describe_model(model: Any, kind: str) -> None:
 
 
 def _perturb_mean(train: Any, real: Any, pert_col: str, control: str) -> Any:
-    """Reference: every perturbed cell = the training mean of its perturbation."""
+    """Inline reference (used when statetx.baselines is missing): every perturbed cell = the
+    training mean of its perturbation."""
     import numpy as np
 
     x = _dense(train.X)
@@ -1051,38 +1065,42 @@ def _perturb_mean(train: Any, real: Any, pert_col: str, control: str) -> Any:
     return out
 
 
-def _control_shift(train: Any, real: Any, pert_col: str, control: str) -> Any:
-    """Reference: a random held-out control cell + the perturbation's mean training shift."""
-    import numpy as np
-
-    x = _dense(train.X)
-    labels = train.obs[pert_col].astype(str).to_numpy()
-    out = real.copy()
-    rl = out.obs[pert_col].astype(str).to_numpy()
-    px = _dense(out.X).copy()
-    ctrl = px[rl == control]
-    rng = np.random.default_rng(0)
-    base = x[labels == control].mean(0)
-    for p in np.unique(rl[rl != control]):
-        rows = np.flatnonzero(rl == p)
-        shift = x[labels == p].mean(0) - base if (labels == p).any() else 0.0
-        px[rows] = np.clip(ctrl[rng.integers(len(ctrl), size=len(rows))] + shift, 0, None)
-    out.X = px
-    return out
-
-
-# Baselines compared in `statetx demo`: (name, fn(train, real, pert_col, control) -> prediction).
-# Adding a baseline is one entry here.
-DEMO_BASELINES: list[tuple[str, Any]] = [
-    ("perturb-mean", _perturb_mean),
-    ("control+shift", _control_shift),
-]
+# Baselines compared with ST in `statetx demo`: names of statetx.baselines.BASELINES, with their
+# options. Adding a baseline is one entry here.
+DEMO_BASELINES: dict[str, dict] = {
+    "perturb_mean": {},
+    "context_mean": {},
+    "cell_mean": {},
+    "linear": {"n_components": 2},
+    "control_mean": {},
+}
 
 
 def _dense(x: Any) -> Any:
     import numpy as np
 
     return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
+
+
+def _demo_baselines(adata: Any, toml: Path, dataset: str, cols: dict) -> dict[str, tuple]:
+    """{name: (adata_pred, adata_real)} of the test split for every demo baseline."""
+    try:
+        from statetx.baselines import fit_all_baselines
+    except ImportError:
+        _say("statetx.baselines is not available: ST is compared with an inline perturb-mean "
+             "reference only.")
+        train = adata[~adata.obs["cell_type"].astype(str).isin(cols.pop("heldout")).to_numpy()]
+        return {"perturb-mean (inline)": None, "_train": train}
+    cols.pop("heldout")
+    out: dict[str, tuple] = {}
+    for name, opts in DEMO_BASELINES.items():
+        try:
+            fitted = fit_all_baselines(adata, toml, dataset_name=dataset,
+                                       baselines={name: opts}, **cols)
+            out[name] = fitted[name].predict_split("test")
+        except Exception as exc:  # noqa: BLE001 - one failing baseline must not stop the demo
+            _say(f"baseline {name} skipped: {exc}")
+    return out
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -1103,6 +1121,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     preprocess_train(adata, n_top_genes=min(2000, adata.n_vars))
     toml = example_toml("zhao2021")
     split = SplitConfig.from_toml(toml)
+    dataset = split.referenced_datasets()[0]
     held = {k.split(".", 1)[1]: v for k, v in split.zeroshot.items()}
     test_ct = next(k for k, v in held.items() if v == "test")
     pert_col, control, ct_col = "target_gene", "DMSO", "cell_type"
@@ -1117,34 +1136,31 @@ def cmd_demo(a: argparse.Namespace) -> int:
                       "n_decoder_layers": 2},
         lr=1e-3, val_freq=max(a.steps // 3, 1), ckpt_every_n_steps=max(a.steps, 1),
         seed=a.seed, device=a.device, progress=True)
-    model.fit(adata, toml, dataset_name=split.referenced_datasets()[0], output_dir=out / "run")
+    model.fit(adata, toml, dataset_name=dataset, output_dir=out / "run")
     pred, real = model.predict_split("test")
-    heldout = set(held)
-    train = adata[~adata.obs[ct_col].astype(str).isin(heldout).to_numpy()]
-    preds = {"ST (statetx)": pred}
-    for name, fn in DEMO_BASELINES:
-        preds[name] = fn(train, real, pert_col, control)
-    try:
-        import statetx.baselines  # noqa: F401
-    except ImportError:
-        _say("statetx.baselines is not available yet: ST is compared with simple inline "
-             "references (" + ", ".join(n for n, _ in DEMO_BASELINES) + ").")
+    pairs: dict[str, tuple] = {"ST (statetx)": (pred, real)}
+    base = _demo_baselines(adata, toml, dataset, dict(
+        pert_col=pert_col, cell_type_key=ct_col, control_pert=control, seed=a.seed,
+        heldout=set(held)))
+    train = base.pop("_train", None)
+    for name, pr in base.items():
+        pairs[name] = pr if pr is not None else (
+            _perturb_mean(train, real, pert_col, control), real)
     if evaluate is None:
         _say("statetx.metrics is not available: no evaluation table.")
         return EXIT_OK
     rows = {}
-    for name, p in preds.items():
-        res, _ = evaluate(p, real, pert_col=pert_col, control_pert=control, profile="minimal",
+    for name, (p, r) in pairs.items():
+        res, _ = evaluate(p, r, pert_col=pert_col, control_pert=control, profile="minimal",
                           outdir=out / f"eval_{name.split()[0].lower()}")
-        num = res.select_dtypes("number")
-        rows[name] = num.mean(axis=0)
+        rows[name] = res.select_dtypes("number").mean(axis=0)
     table = pd.DataFrame(rows).T
     table.index.name = "model"
     with pd.option_context("display.width", 160, "display.float_format", "{:.4g}".format):
         print(f"\nheld-out patient {test_ct}: {real.n_obs} cells; metrics (per perturbation, "
-              "mean):")
+              "mean over perturbations):")
         print(table.to_string())
-    table.to_csv(out / "demo_results.csv")
+    _atomic(out / "demo_results.csv", lambda tmp: table.to_csv(tmp))
     _demo_plot(table, out / "demo_metrics.png", test_ct)
     _say(f"table {out / 'demo_results.csv'}, plot {out / 'demo_metrics.png'}; "
          f"{time.perf_counter() - t0:.0f} s in total")

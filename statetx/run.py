@@ -625,6 +625,7 @@ class TrainPlan:
     init_from: str | None
     freeze_backbone: bool
     notices: list[str]
+    init_attention: str | None = None  # model.kwargs.attention when given (for arc-state init)
 
 
 def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
@@ -682,7 +683,9 @@ def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
     return TrainPlan(config=unflatten(v), params=params, run_dir=run_dir, toml=toml_path,
                      init_from=v["model.kwargs.init_from"],
                      freeze_backbone=bool(v["model.kwargs.freeze_pert_backbone"]),
-                     notices=notices)
+                     notices=notices,
+                     init_attention=v["model.kwargs.attention"]
+                     if "model.kwargs.attention" in res.given else None)
 
 
 def config_from_params(params: Mapping[str, Any], arch: Mapping[str, Any] | None = None,

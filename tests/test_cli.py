@@ -165,6 +165,16 @@ def test_infer_both_spellings_and_npy(run, data, tmp_path):
                  "--celltypes", "CT0,CT1"]) == 0
     sim = ad.read_h5ad(tmp_path / "o" / "data_simulated.h5ad")
     assert sim.n_obs == 2 * 102 + 2 * 3 * 4
+    (tmp_path / "t.tsv").write_text("perturbation\tnum_cells\nP0\t5\n")
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output",
+                 str(tmp_path / "t.h5ad"), "--tsv", str(tmp_path / "t.tsv")]) == 0
+    assert ad.read_h5ad(tmp_path / "t.h5ad").n_obs == 306 + 5
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output",
+                 str(tmp_path / "m.h5ad"), "--max_cells", "10", "--no-predict-controls"]) == 0
+    m = ad.read_h5ad(tmp_path / "m.h5ad")
+    assert m.n_obs == 3 * 3 * 10 and m.obs_names.is_unique
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output",
+                 str(tmp_path / "bad.csv")]) == 2
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -325,6 +335,25 @@ def test_info(run, capsys):
     o = capsys.readouterr().out
     assert "state_sm" in o and "attention bidirectional" in o and "checkpoints:" in o
     assert main(["info", str(run / "checkpoints" / "final.ckpt")]) == 0
+
+
+def test_arc_state_run_infer_import_info(tmp_path, capsys):
+    from conftest import FIXTURES, need
+
+    arc = FIXTURES / "arc_state"
+    run = need(arc / "runs" / "model_a_llama_bidir")
+    inp = need(arc / "infer" / "infer_input.h5ad")
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(inp), "--output",
+                 str(tmp_path / "o.npy")]) == 0
+    assert np.load(tmp_path / "o.npy").shape == (100, 128)
+    assert main(["import-arc", str(run), "--out", str(tmp_path / "m")]) == 0
+    assert main(["tx", "infer", "--model_dir", str(tmp_path / "m"), "--adata", str(inp),
+                 "--output", str(tmp_path / "o2.npy")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "o2.npy"), np.load(tmp_path / "o.npy"),
+                               atol=1e-6)
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "m")]) == 0
+    assert "CC BY-NC-SA" in capsys.readouterr().out
 
 
 @pytest.mark.slow
