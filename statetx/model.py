@@ -209,21 +209,28 @@ class StateTransitionModel(BaseEstimator):
         torch.manual_seed(int(self.seed))
         network = StateTransitionNetwork(net_cfg)
         set_len = int(arch["cell_set_len"])
+        # torchrun: join/create the process group (None = one process, nothing distributed);
+        # train sets are sharded across ranks, validation batches are dealt by the Trainer
+        from statetx.distributed import init_distributed
+
+        ddp = init_distributed(self.device)
+        rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
         samplers = {
             name: CellSetSampler(split, vocab, set_len, int(self.batch_size),
-                                 seed=int(self.seed) + i, pairing=self.basal_mapping_strategy)
+                                 seed=int(self.seed) + i, pairing=self.basal_mapping_strategy,
+                                 **({"rank": rank, "world_size": world} if name == "train" else {}))
             for i, (name, split) in enumerate(prepared.splits.items()) if name in ("train", "val")
         }
-        if "val" not in samplers and self.progress:
+        if "val" not in samplers and self.progress and rank == 0:
             print("statetx: no validation split: validation is skipped and no best checkpoint is "
                   "written (the test split is never used for validation).")
         out = Path(output_dir) if output_dir is not None else None
         self._set_fitted(network, net_cfg, vocab, prepared, set_len)
-        if out is not None:
+        if out is not None and rank == 0:
             self._write_run_files(out, prepared, split_config)
         trainer = Trainer(network, samplers["train"], samplers.get("val"), train_cfg,
-                          device=resolve_device(self.device), output_dir=out,
-                          checkpoint_extra={"statetx_model": self._metadata()})
+                          device=ddp.device if ddp is not None else resolve_device(self.device),
+                          output_dir=out, checkpoint_extra={"statetx_model": self._metadata()})
         t0 = time.perf_counter()
         history = trainer.fit(resume_from=resume_from)
         self.training_time_ = time.perf_counter() - t0

@@ -5,6 +5,10 @@ every ``val_freq`` steps (evaluation mode, fixed validation sets), writes ``step
 ``ckpt_every_n_steps``, ``last.ckpt`` (always the latest state), ``best.ckpt`` (lowest validation
 loss) and ``final.ckpt``, and can resume from any checkpoint exactly: weights, optimiser moments,
 step, epoch, position in the epoch and random-number state are restored.
+
+When a process group with more than one rank is initialised (torchrun), the same loop runs data
+parallel: the network is wrapped in DDP for the duration of :meth:`Trainer.fit`, validation losses
+and logged values are all-reduced, and only rank 0 writes; see :mod:`statetx.distributed`.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ import csv
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from statetx.distributed import all_gather_objects, all_reduce_sum, barrier, rank_seed, world
 from statetx.errors import ConfigError, StatetxError
 from statetx.losses import get_loss, nanmean
 from statetx.sets import CellSetBatch, CellSetSampler
@@ -115,6 +120,9 @@ class Trainer:
         self.state = TrainState()
         self.amp = (config.precision == "bf16-mixed"
                     or (config.precision == "auto" and self.device.type == "cuda"))
+        self.rank, self.world_size = world()
+        self._ddp: torch.nn.Module | None = None  # the DDP wrapper, only while fit() runs
+        self._frozen: list[torch.nn.Parameter] = []
 
     # ------------------------------------------------------------------ setup
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -144,11 +152,15 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def losses(self, batch: CellSetBatch) -> dict[str, torch.Tensor]:
-        """Per-set main loss and the decoder loss (when the network decodes to genes)."""
+    def losses(self, batch: CellSetBatch,
+               module: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """Per-set main loss and the decoder loss (when the network decodes to genes).
+
+        ``module`` runs the forward pass instead of the network (the DDP wrapper when training).
+        """
         with self._autocast():
-            out = self.net(batch.basal, batch.pert, batch_index=batch.batch_index,
-                           valid_mask=batch.valid_mask)
+            out = (module or self.net)(batch.basal, batch.pert, batch_index=batch.batch_index,
+                                       valid_mask=batch.valid_mask)
         pred = out.pred.float()
         main = self.loss_fn(pred, batch.target)
         result = {"main_loss": main}
@@ -168,6 +180,8 @@ class Trainer:
         return loss
 
     def _train_step(self, batches: list[CellSetBatch]) -> dict[str, float]:
+        if self._ddp is not None:
+            return self._train_step_ddp(batches)
         self.net.train()
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.state.step)
@@ -193,18 +207,111 @@ class Trainer:
         self.opt.step()
         return logs
 
+    def _train_step_ddp(self, batches: list[CellSetBatch]) -> dict[str, float]:
+        """One data-parallel step: DDP averages gradients (synchronised on the last micro-batch
+        only); the logged losses are the mean over ranks, checked for finiteness on every rank."""
+        self.net.train()
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.state.step)
+        self.opt.zero_grad(set_to_none=True)
+        n = len(batches)
+        keys: list[str] = []
+        sums: list[torch.Tensor] = []
+        for i, batch in enumerate(batches):
+            sync = contextlib.nullcontext() if i == n - 1 else self._ddp.no_sync()
+            with sync:
+                parts = self.losses(batch.to(self.device, non_blocking=True), module=self._ddp)
+                loss = self.total(parts) / n
+                loss.backward()
+            vals = [loss.detach().float()] + [nanmean(v.detach()).float() / n
+                                              for v in parts.values()]
+            keys = keys or ["loss", *parts]
+            sums = [a + b for a, b in zip(sums, vals)] if sums else vals
+        stats = (all_reduce_sum(torch.stack(sums)) / self.world_size).tolist()
+        if not math.isfinite(stats[0]):
+            raise TrainingError(
+                f"non-finite training loss ({stats[0]}, mean over ranks) at step "
+                f"{self.state.step + 1}; training stopped. The last complete checkpoint is kept. "
+                "Lower the learning rate or check the input for extreme values."
+            )
+        logs = dict(zip(keys, stats))
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        clip = self.cfg.gradient_clip_val
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        logs["grad_norm"] = float(norm)
+        self.opt.step()
+        return logs
+
+    # ------------------------------------------------------------------ data parallel
+    def _unused_parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable parameters the training loss does not reach (one set, evaluation mode)."""
+        batch = next(iter(self.train_sampler.batches(self.state.epoch)))
+        one = CellSetBatch(**{f.name: getattr(batch, f.name)[:1]
+                              if getattr(batch, f.name) is not None else None
+                              for f in fields(batch)})
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        devices = [self.device] if self.device.type == "cuda" else []
+        self.net.eval()
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            loss = self.total(self.losses(one.to(self.device)))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return [p for p, g in zip(params, grads) if g is None]
+
+    def _wrap(self) -> None:
+        """Wrap the network in DDP; unused parameters are frozen meanwhile (no unused-parameter
+        search on every step; as in one process they get no gradient and no update)."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        self._frozen = self._unused_parameters()
+        for p in self._frozen:
+            p.requires_grad_(False)
+        cuda = self.device.type == "cuda"
+        self._ddp = DistributedDataParallel(
+            self.net, device_ids=[self.device.index] if cuda else None,
+            output_device=self.device.index if cuda else None,
+            broadcast_buffers=any(True for _ in self.net.buffers()),
+            gradient_as_bucket_view=True,
+        )
+
+    def _unwrap(self) -> None:
+        self._ddp = None
+        for p in self._frozen:
+            p.requires_grad_(True)
+        self._frozen = []
+
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def evaluate(self, sampler: CellSetSampler, epoch: int = 0,
                  max_batches: int | None = None) -> float:
         """Mean per-set main loss in evaluation mode over fixed sets (``epoch`` seeds them)."""
         self.net.eval()
+        if self.world_size > 1:
+            return self._evaluate_ddp(sampler, epoch, max_batches)
         per_set = []
         for i, batch in enumerate(sampler.batches(epoch)):
             if max_batches is not None and i >= max_batches:
                 break
             per_set.append(self.losses(batch.to(self.device))["main_loss"].float().cpu())
         return float(nanmean(torch.cat(per_set))) if per_set else math.nan
+
+    def _evaluate_ddp(self, sampler: CellSetSampler, epoch: int,
+                      max_batches: int | None) -> float:
+        """:meth:`evaluate` over ranks: an unsharded sampler's batches are dealt round-robin,
+        a sharded one's are each rank's own; per-set sums and counts are all-reduced."""
+        stride = self.world_size if getattr(sampler, "world_size", 1) == 1 else 1
+        offset = self.rank if stride > 1 else 0
+        acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(sampler.batches(epoch)):
+            if max_batches is not None and i >= max_batches:
+                break
+            if i % stride != offset:
+                continue
+            v = self.losses(batch.to(self.device))["main_loss"].double()
+            ok = ~torch.isnan(v)
+            acc[0] += v[ok].sum()
+            acc[1] += ok.sum()
+        total, count = all_reduce_sum(acc).tolist()
+        return total / count if count else math.nan
 
     def _validate(self) -> dict[str, float]:
         logs = {"train_loss_eval": self.evaluate(self.train_sampler, epoch=10**6,
@@ -224,10 +331,15 @@ class Trainer:
                 self.load_checkpoint(resume_from)
             else:
                 torch.manual_seed(c.seed)
+                if self.rank > 0:  # dropout: a stream of its own on each rank
+                    torch.manual_seed(rank_seed(c.seed, self.rank))
                 if self.val_sampler is not None:  # fail fast on a broken validation set
                     self.evaluate(self.val_sampler, max_batches=1)
+            if self.world_size > 1:
+                self._wrap()
             self._loop()
         finally:
+            self._unwrap()
             torch.set_float32_matmul_precision(prev_precision)
         return st.history
 
@@ -251,7 +363,8 @@ class Trainer:
                         if self.device.type == "cuda":
                             torch.cuda.synchronize()
                         dt = max(time.perf_counter() - t0, 1e-9)
-                        logs.update(cells_per_s=window_cells / dt, lr=self.lr_at(st.step - 1))
+                        logs.update(cells_per_s=window_cells * self.world_size / dt,
+                                    lr=self.lr_at(st.step - 1))
                         self._log(logs)
                         window_cells, t0 = 0, time.perf_counter()
                     if bar is not None:
@@ -268,9 +381,11 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        if self.out is not None and _is_main():
-            self.save_checkpoint("final.ckpt")
-            self.save_checkpoint("last.ckpt")
+        if self.out is not None:
+            self._checkpoint("final.ckpt")
+            self._checkpoint("last.ckpt")
+        if self.world_size > 1:
+            barrier()  # every rank returns once rank 0 has written its checkpoints
 
     def _after_step(self) -> bool:
         """Validation, checkpoints and early stopping after a completed step; True = stop."""
@@ -282,18 +397,19 @@ class Trainer:
             val = logs.get("val_loss", math.nan)
             if math.isfinite(val) and val < st.best_val:
                 st.best_val, st.best_step, st.bad_validations = val, st.step, 0
-                if self.out is not None and _is_main():
-                    self.save_checkpoint("best.ckpt")
+                if self.out is not None:
+                    self._checkpoint("best.ckpt")
             elif math.isfinite(val):
                 st.bad_validations += 1
                 p = c.early_stopping_patience
                 stop = p is not None and st.bad_validations >= p
-        if self.out is not None and _is_main():
+        if self.out is not None:
             if st.step % c.ckpt_every_n_steps == 0:
-                self.save_checkpoint(f"step={st.step}.ckpt")
-                self._prune()
+                self._checkpoint(f"step={st.step}.ckpt")
+                if _is_main():
+                    self._prune()
             if st.step % min(c.val_freq, c.ckpt_every_n_steps) == 0:
-                self.save_checkpoint("last.ckpt")
+                self._checkpoint("last.ckpt")
         return stop
 
     def _log(self, logs: dict[str, float]) -> None:
@@ -310,11 +426,14 @@ class Trainer:
                     w.writerow([row["step"], row["epoch"], k, v])
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self) -> dict[str, Any]:
+    def checkpoint_state(self, rank_rng: list[dict] | None = None) -> dict[str, Any]:
+        """Everything a checkpoint holds; ``rank_rng``: every rank's RNG state (data parallel)."""
         st = self.state
-        rng = {"torch": torch.get_rng_state()}
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        if rank_rng is not None:
+            rng["ranks"] = rank_rng
         return {
             "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
             "optimizer": self.opt.state_dict(),
@@ -326,12 +445,27 @@ class Trainer:
             **self.extra,
         }
 
-    def save_checkpoint(self, name: str) -> Path:
+    def save_checkpoint(self, name: str, rank_rng: list[dict] | None = None) -> Path:
         """Write ``checkpoints/<name>`` atomically (temp file, then rename)."""
         path = self.out / "checkpoints" / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(self.checkpoint_state(), path)
+        atomic_torch_save(self.checkpoint_state(rank_rng), path)
         return path
+
+    def _rank_rng(self) -> dict[str, torch.Tensor]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def _checkpoint(self, name: str) -> None:
+        """Save on rank 0; data parallel, every rank calls this (its RNG state is gathered)."""
+        if self.world_size > 1:
+            rank_rng = all_gather_objects(self._rank_rng())
+            if self.rank == 0:
+                self.save_checkpoint(name, rank_rng)
+        else:
+            self.save_checkpoint(name)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimiser, loop position and RNG state from a checkpoint."""
@@ -343,6 +477,15 @@ class Trainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        if self.world_size > 1:
+            ranks = ckpt["rng"].get("ranks")
+            if ranks is not None and len(ranks) == self.world_size:
+                mine = ranks[self.rank]
+                torch.set_rng_state(mine["torch"])
+                if "cuda" in mine and self.device.type == "cuda":
+                    torch.cuda.set_rng_state(mine["cuda"], self.device)
+            elif self.rank > 0:  # saved by another world size: a fresh stream per rank
+                torch.manual_seed(rank_seed(self.cfg.seed, self.rank, self.state.step))
 
     def _prune(self) -> None:
         n = self.cfg.keep_last_n
