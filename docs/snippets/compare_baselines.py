@@ -1,0 +1,32 @@
+import pandas as pd
+
+import statetx
+from statetx import StateTransitionModel
+from statetx.baselines import fit_all_baselines
+from statetx.datasets import example_toml, load_zhao2021
+from statetx.pp import preprocess_train
+
+MAX_STEPS = 1000  # a few minutes on a laptop CPU; the docs test runs it with a handful of steps
+
+adata = load_zhao2021()                   # raw counts: 5,000 cells x 300 genes, 5 patients
+preprocess_train(adata, n_top_genes=300)  # normalise (median total) + log1p, in place
+spec = example_toml("zhao2021")           # patient PW034 = test, PW040 = validation
+cols = dict(pert_col="target_gene", cell_type_key="cell_type", control_pert="DMSO")
+
+st = StateTransitionModel(
+    "tiny", **cols, output_space="all", cell_set_len=32, batch_size=8, lr=1e-3,
+    max_steps=MAX_STEPS, val_freq=max(MAX_STEPS // 4, 1), progress=False,
+)
+st.fit(adata, spec)
+
+predictions = {"ST": st.predict_split("test")}  # (adata_pred, adata_real) of the held-out patient
+for name, baseline in fit_all_baselines(adata, spec, **cols).items():
+    predictions[name] = baseline.predict_split("test")
+
+rows = {}
+for name, (pred, real) in predictions.items():
+    _, agg = statetx.evaluate(pred, real, pert_col="target_gene", control_pert="DMSO",
+                              profile="minimal")
+    rows[name] = agg.set_index("statistic").loc["mean"]
+table = pd.DataFrame(rows).T  # one row per model, one column per metric (mean over perturbations)
+print(table.round(3).to_string())
