@@ -130,9 +130,14 @@ class Trainer:
         params = [p for p in self.net.parameters() if p.requires_grad]
         kw: dict[str, Any] = {"lr": c.lr, "betas": (0.9, 0.999), "eps": 1e-8,
                               "weight_decay": c.weight_decay}
-        if self.device.type == "cuda":
-            kw["fused"] = True
         cls = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.Adam
+        # fused: one kernel per tensor (CUDA; CPU since torch 2.4), ~10x faster than the
+        # default per-op loop on CPU, where the optimiser otherwise dominates a step
+        if self.device.type in ("cuda", "cpu"):
+            try:
+                return cls(params, fused=True, **kw)
+            except (RuntimeError, TypeError, ValueError):
+                pass
         return cls(params, **kw)
 
     def lr_at(self, step: int) -> float:
@@ -201,8 +206,7 @@ class Trainer:
                 logs[k] = logs.get(k, 0.0) + float(nanmean(v.detach())) / len(batches)
             logs["loss"] = logs.get("loss", 0.0) + float(loss.detach())
         params = [p for p in self.net.parameters() if p.grad is not None]
-        clip = self.cfg.gradient_clip_val
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        norm = clip_gradients(params, self.cfg.gradient_clip_val)
         logs["grad_norm"] = float(norm)
         self.opt.step()
         return logs
@@ -236,8 +240,7 @@ class Trainer:
             )
         logs = dict(zip(keys, stats))
         params = [p for p in self.net.parameters() if p.grad is not None]
-        clip = self.cfg.gradient_clip_val
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        norm = clip_gradients(params, self.cfg.gradient_clip_val)
         logs["grad_norm"] = float(norm)
         self.opt.step()
         return logs
@@ -323,7 +326,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self, resume_from: str | Path | None = None) -> list[dict[str, Any]]:
         """Train until ``max_steps`` (or early stopping); returns the logged history."""
-        c, st = self.cfg, self.state
+        c = self.cfg
         prev_precision = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(c.matmul_precision)
         try:
@@ -341,7 +344,7 @@ class Trainer:
         finally:
             self._unwrap()
             torch.set_float32_matmul_precision(prev_precision)
-        return st.history
+        return self.state.history  # not `st`: a resume replaced self.state
 
     def _loop(self) -> None:
         c, st = self.cfg, self.state
@@ -495,6 +498,17 @@ class Trainer:
                        key=lambda p: int(p.stem.split("=")[1]))
         for p in ckpts[:-n]:
             p.unlink(missing_ok=True)
+
+
+def clip_gradients(params: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
+    """``clip_grad_norm_`` that skips the (identity) rescaling pass when nothing is clipped."""
+    utils = torch.nn.utils
+    if not hasattr(utils, "get_total_norm"):  # torch < 2.6
+        return utils.clip_grad_norm_(params, clip if clip else float("inf"))
+    norm = utils.get_total_norm([p.grad for p in params])
+    if clip and float(norm) + 1e-6 > clip:  # clip_grad_norm_'s coefficient clip/(norm+1e-6) < 1
+        utils.clip_grads_with_norm_(params, clip, norm)
+    return norm
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
