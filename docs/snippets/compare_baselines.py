@@ -6,11 +6,11 @@ from statetx.baselines import fit_all_baselines
 from statetx.datasets import example_toml, load_zhao2021
 from statetx.pp import preprocess_train
 
-MAX_STEPS = 1000  # a few minutes on a laptop CPU; the docs test runs it with a handful of steps
+MAX_STEPS = 1000  # a few minutes on a laptop CPU
 
-adata = load_zhao2021()                   # raw counts: 5,000 cells x 300 genes, 5 patients
-preprocess_train(adata, n_top_genes=300)  # normalise (median total) + log1p, in place
-spec = example_toml("zhao2021")           # patient PW034 = test, PW040 = validation
+adata = load_zhao2021()                   # raw counts: 5,000 cells x 300 genes
+preprocess_train(adata, n_top_genes=300)  # normalise + log1p, in place
+spec = example_toml("zhao2021")           # PW034 = test, PW040 = validation
 cols = dict(pert_col="target_gene", cell_type_key="cell_type", control_pert="DMSO")
 
 st = StateTransitionModel(
@@ -19,14 +19,15 @@ st = StateTransitionModel(
 )
 st.fit(adata, spec)
 
-predictions = {"ST": st.predict_split("test")}  # (adata_pred, adata_real) of the held-out patient
+# (adata_pred, adata_real) of the held-out patient, for ST and each baseline
+predictions = {"ST": st.predict_split("test")}
 for name, baseline in fit_all_baselines(adata, spec, **cols).items():
     predictions[name] = baseline.predict_split("test")
 
 rows = {}
 for name, (pred, real) in predictions.items():
-    _, agg = statetx.evaluate(pred, real, pert_col="target_gene", control_pert="DMSO",
-                              profile="minimal")
+    _, agg = statetx.evaluate(pred, real, pert_col="target_gene",
+                              control_pert="DMSO", profile="minimal")
     rows[name] = agg.set_index("statistic").loc["mean"]
-table = pd.DataFrame(rows).T  # one row per model, one column per metric (mean over perturbations)
+table = pd.DataFrame(rows).T  # one row per model, one column per metric
 print(table.round(3).to_string())
