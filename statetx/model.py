@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
+from statetx._utils import preview
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import PreparedData, prepare
 from statetx.errors import ConfigError, DataError
@@ -41,6 +43,20 @@ from statetx.vocab import Vocab
 
 FORMAT_VERSION = 1
 
+#: ``preset="auto"`` picks ``small`` below this many training cells, else ``state_sm``.
+AUTO_SMALL_MAX_CELLS = 100_000
+
+#: Training settings used when ``batch_size`` / ``max_steps`` / ``lr`` are left as None.
+#: Named reference presets keep the reference's values (batch 16, 40,000 steps, lr 1e-4); the
+#: ``small`` preset (chosen by ``preset="auto"`` for data of up to ~100k cells) trains for a fixed
+#: number of passes over the training cells, tuned on held-out validation folds
+#: (benchmarks/quality/README.md).
+TRAINING_DEFAULTS: dict[str, dict] = {
+    "*": {"batch_size": 16, "max_steps": 40_000, "lr": 1e-4},
+    "small": {"batch_size": 8, "max_steps": "epochs", "passes": 100, "min_steps": 300,
+              "max_steps_cap": 3000, "lr": 1e-3},
+}
+
 
 class StateTransitionModel(BaseEstimator):
     """State Transition model: predicts perturbed cell sets from control cell sets.
@@ -48,9 +64,10 @@ class StateTransitionModel(BaseEstimator):
     Parameters
     ----------
     preset
-        Architecture preset (``tiny``, ``state_sm``, ``state``, ``state@0.11.1``, ``state_lg``,
-        ``tahoe_best``, ``pertsets``); ``model_kwargs`` overrides any of its fields (e.g.
-        ``{"hidden_dim": 256, "dropout": 0.0, "attention": "causal"}``).
+        Architecture preset: ``auto`` (default: ``small`` for up to ~100k training cells, else
+        ``state_sm``), ``small``, ``tiny``, ``state_sm``, ``state``, ``state@0.11.1``,
+        ``state_lg``, ``tahoe_best``, ``pertsets``; ``model_kwargs`` overrides any of its fields
+        (e.g. ``{"hidden_dim": 256, "dropout": 0.0, "attention": "causal"}``).
     pert_col, cell_type_key, batch_col, control_pert
         obs columns holding the perturbation, the context and (optionally) the batch; the control
         label (auto-detected among ``non-targeting`` / ``DMSO_TF`` when None).
@@ -59,9 +76,14 @@ class StateTransitionModel(BaseEstimator):
         (``gene``, ``all``, ``embedding``).
     cell_set_len
         Cells per set (default: the preset's).
-    batch_size, max_steps, lr, optimizer, weight_decay, lr_schedule, warmup_steps,
-    gradient_clip_val, gradient_accumulation_steps, loss, val_freq, ckpt_every_n_steps,
-    keep_last_n, early_stopping_patience, precision, matmul_precision
+    batch_size, max_steps, lr
+        Sets per step, optimiser steps and learning rate; None = the preset's defaults
+        (:data:`TRAINING_DEFAULTS`: reference presets 16 / 40,000 / 1e-4; ``small`` 8 / 100
+        passes over the training cells (300–3,000 steps) / 1e-3). The resolved values are in
+        ``train_settings_``.
+    optimizer, weight_decay, lr_schedule, warmup_steps, gradient_clip_val,
+    gradient_accumulation_steps, loss, val_freq, ckpt_every_n_steps, keep_last_n,
+    early_stopping_patience, precision, matmul_precision
         Training settings (see :class:`statetx.train.TrainConfig`).
     basal_mapping_strategy
         Control pairing: ``random`` (same cell type) or ``batch`` (same cell type and batch).
@@ -77,7 +99,7 @@ class StateTransitionModel(BaseEstimator):
 
     def __init__(
         self,
-        preset: str = "state_sm",
+        preset: str = "auto",
         *,
         pert_col: str = "gene",
         cell_type_key: str = "cell_type",
@@ -87,9 +109,9 @@ class StateTransitionModel(BaseEstimator):
         output_space: str = "gene",
         model_kwargs: dict | None = None,
         cell_set_len: int | None = None,
-        batch_size: int = 16,
-        max_steps: int = 40_000,
-        lr: float = 1e-4,
+        batch_size: int | None = None,
+        max_steps: int | None = None,
+        lr: float | None = None,
         optimizer: str = "adam",
         weight_decay: float = 0.0,
         lr_schedule: str = "constant",
@@ -152,9 +174,28 @@ class StateTransitionModel(BaseEstimator):
                                batch_col=self.batch_col, control_pert=self.control_pert,
                                embed_key=self.embed_key, output_space=self.output_space)
 
-    def _train_config(self) -> TrainConfig:
+    def _resolve_preset(self, n_train_cells: int) -> str:
+        """``preset="auto"``: ``small`` below :data:`AUTO_SMALL_MAX_CELLS` training cells, else
+        ``state_sm``."""
+        if self.preset != "auto":
+            return self.preset
+        return "small" if n_train_cells < AUTO_SMALL_MAX_CELLS else "state_sm"
+
+    def _training_defaults(self, preset: str, n_train_cells: int, set_len: int) -> dict:
+        """Values for the training settings left as None (see :data:`TRAINING_DEFAULTS`)."""
+        d = dict(TRAINING_DEFAULTS.get(preset.split("@")[0], TRAINING_DEFAULTS["*"]))
+        batch = int(self.batch_size or d["batch_size"])
+        steps = d["max_steps"]
+        if steps == "epochs":  # a fixed number of passes over the training cells
+            passes = d["passes"] * n_train_cells / (batch * set_len)
+            steps = int(min(d["max_steps_cap"], max(d["min_steps"], round(passes))))
+        return {"batch_size": batch,
+                "max_steps": int(self.max_steps if self.max_steps is not None else steps),
+                "lr": float(self.lr if self.lr is not None else d["lr"])}
+
+    def _train_config(self, settings: dict) -> TrainConfig:
         return TrainConfig(
-            max_steps=int(self.max_steps), lr=float(self.lr), optimizer=self.optimizer,
+            max_steps=settings["max_steps"], lr=settings["lr"], optimizer=self.optimizer,
             weight_decay=float(self.weight_decay), lr_schedule=self.lr_schedule,
             warmup_steps=int(self.warmup_steps), gradient_clip_val=self.gradient_clip_val,
             gradient_accumulation_steps=int(self.gradient_accumulation_steps), loss=self.loss,
@@ -164,8 +205,8 @@ class StateTransitionModel(BaseEstimator):
             progress=bool(self.progress),
         )
 
-    def _architecture(self) -> dict:
-        arch = resolve_architecture(self.preset, self.model_kwargs)
+    def _architecture(self, preset: str) -> dict:
+        arch = resolve_architecture(preset, self.model_kwargs)
         if self.cell_set_len is not None:
             arch["cell_set_len"] = int(self.cell_set_len)
         if arch["batch_encoder"] and self.batch_col is None:
@@ -187,8 +228,7 @@ class StateTransitionModel(BaseEstimator):
         refers to (or ``dataset_name``). ``output_dir`` receives checkpoints, metrics and the
         vocabularies; ``resume_from`` continues a run from one of its checkpoints exactly.
         """
-        train_cfg = self._train_config()
-        arch = self._architecture()
+        self._train_config({"max_steps": 1, "lr": 0.0})  # option errors before loading data
         columns = self._columns()
         prepared = prepare(
             adata, split_config, columns, dataset_name=dataset_name,
@@ -196,6 +236,17 @@ class StateTransitionModel(BaseEstimator):
             heldout_controls_in_train=self.heldout_controls_in_train,
             yield_controls=self.yield_controls, dtype=self.dtype,
         )
+        n_train = int(prepared.splits["train"].is_target.sum())
+        preset = self._resolve_preset(n_train)
+        arch = self._architecture(preset)
+        set_len = int(arch["cell_set_len"])
+        settings = self._training_defaults(preset, n_train, set_len)
+        train_cfg = self._train_config(settings)
+        self.preset_ = preset
+        self.train_settings_ = settings
+        if self.progress:
+            print(f"statetx: preset {preset!r}, batch_size {settings['batch_size']}, max_steps "
+                  f"{settings['max_steps']}, lr {settings['lr']:g} ({n_train:,} training cells)")
         vocab = prepared.vocab
         net_cfg = build_network_config(
             {k: v for k, v in arch.items()}, input_dim=prepared.input_dim,
@@ -208,7 +259,6 @@ class StateTransitionModel(BaseEstimator):
             print(describe(net_cfg))
         torch.manual_seed(int(self.seed))
         network = StateTransitionNetwork(net_cfg)
-        set_len = int(arch["cell_set_len"])
         # torchrun: join/create the process group (None = one process, nothing distributed);
         # train sets are sharded across ranks, validation batches are dealt by the Trainer
         from statetx.distributed import init_distributed
@@ -216,7 +266,7 @@ class StateTransitionModel(BaseEstimator):
         ddp = init_distributed(self.device)
         rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
         samplers = {
-            name: CellSetSampler(split, vocab, set_len, int(self.batch_size),
+            name: CellSetSampler(split, vocab, set_len, settings["batch_size"],
                                  seed=int(self.seed) + i, pairing=self.basal_mapping_strategy,
                                  **({"rank": rank, "world_size": world} if name == "train" else {}))
             for i, (name, split) in enumerate(prepared.splits.items()) if name in ("train", "val")
@@ -349,9 +399,28 @@ class StateTransitionModel(BaseEstimator):
         ct_col = cell_type_col or c.cell_type_key
         if adata.n_obs == 0:
             raise DataError("the input AnnData has no cells (n_obs = 0).")
+        cell_names = pd.Index(adata.obs_names)
+        if cell_names.has_duplicates:
+            dups = preview(cell_names[cell_names.duplicated()].unique(), 5)
+            raise DataError(
+                f"the input has duplicate cell names (obs_names): {dups}; the output refers to "
+                "control cells by name (statetx_ctrl_barcode). Make them unique first "
+                "(adata.obs_names_make_unique())."
+            )
         x_in = align_genes(adata, self.var_names_, c.embed_key, missing_genes)
+        bad = ~np.isfinite(x_in).all(axis=1)
+        if bad.any():
+            raise DataError(
+                f"{int(bad.sum())} input cells have NaN or Inf values in the model's input "
+                f"features ({c.embed_key or 'X'}), e.g. {preview(cell_names[bad], 5)}. Remove or "
+                "repair them before predicting."
+            )
         if c.embed_key in (None, "X_hvg"):
             check_scale(x_in, self.is_log1p_)
+            if (x_in < 0).any():
+                warnings.warn(
+                    f"the input has negative expression values in {c.embed_key or 'X'}; the "
+                    "model expects non-negative (log1p) expression.", UserWarning, stacklevel=2)
         pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
         if ct_col in adata.obs:
             ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
@@ -558,16 +627,28 @@ class StateTransitionModel(BaseEstimator):
 
         self._check_fitted()
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"cannot save the model to {path}: it exists and is not a "
+                              "directory. Pass a directory path.")
         meta = self._metadata()
         if hasattr(self, "history_"):
             meta["history"] = self.history_.to_dict(orient="list")
+        text = json.dumps(meta, indent=1, default=_json_default)  # fails before any write
         state = {k: v.detach().cpu().contiguous() for k, v in self.network_.state_dict().items()}
+        created = not path.exists()
+        path.mkdir(parents=True, exist_ok=True)
         tmp_w, tmp_j = path / ".model.safetensors.tmp", path / ".model.json.tmp"
-        save_file(state, str(tmp_w))
-        tmp_j.write_text(json.dumps(meta, indent=1, default=_json_default))
-        tmp_w.replace(path / "model.safetensors")
-        tmp_j.replace(path / "model.json")
+        try:  # both files complete in temporaries first; a failure leaves no partial model
+            save_file(state, str(tmp_w))
+            tmp_j.write_text(text)
+            tmp_w.replace(path / "model.safetensors")
+            tmp_j.replace(path / "model.json")
+        except BaseException:
+            tmp_w.unlink(missing_ok=True)
+            tmp_j.unlink(missing_ok=True)
+            if created and not any(path.iterdir()):
+                path.rmdir()
+            raise
         return path
 
     @classmethod
@@ -585,13 +666,27 @@ class StateTransitionModel(BaseEstimator):
             state = load_file(str(path / "model.safetensors"), device=device)
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"could not read the saved model in {path}: {exc}") from exc
-        model = cls._from_metadata(meta, state)
+        model = cls._from_metadata(meta, state, source=path / "model.json")
         if "history" in meta:
             model.history_ = pd.DataFrame(meta["history"])
         return model
 
     @classmethod
-    def _from_metadata(cls, meta: dict, state: dict[str, torch.Tensor]) -> StateTransitionModel:
+    def _from_metadata(cls, meta: dict, state: dict[str, torch.Tensor],
+                       source: str | Path | None = None) -> StateTransitionModel:
+        try:
+            return cls._build_from_metadata(meta, state)
+        except DataError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            where = f" in {source}" if source is not None else ""
+            raise DataError(f"the saved model metadata{where} is incomplete or invalid "
+                            f"({type(exc).__name__}: {exc}); it was edited, damaged or written "
+                            "by an incompatible statetx version.") from None
+
+    @classmethod
+    def _build_from_metadata(cls, meta: dict,
+                             state: dict[str, torch.Tensor]) -> StateTransitionModel:
         params = dict(meta["params"])
         model = cls(**params)
         cfg = NetworkConfig.from_dict(meta["network_config"])

@@ -96,6 +96,13 @@ PRESETS: dict[str, dict] = {
         use_basal_projection=False, n_layers=4, n_heads=4, head_dim=32, n_kv_heads=4,
         intermediate_size=512, gene_decoder_bool=False,
     ),
+    # statetx's default for data of up to ~100k cells (preset="auto"): tiny's dimensions, the head
+    # predicts the change of the basal cell in input space, no dropout (tuned on validation folds)
+    "small": _llama(
+        cell_set_len=64, hidden_dim=128, n_encoder_layers=4, n_decoder_layers=4,
+        use_basal_projection=False, n_layers=4, n_heads=4, head_dim=32, n_kv_heads=4,
+        intermediate_size=512, gene_decoder_bool=False, residual_space="input", dropout=0.0,
+    ),
 }
 PRESETS["tahoe_llama_62089464"] = copy.deepcopy(PRESETS["state"])
 PRESETS["tahoe_llama_212693232"] = copy.deepcopy(PRESETS["state_lg"])

@@ -188,3 +188,20 @@ def test_kang_heldout_b_cells_end_to_end(kang_log):
     pred = m.predict(b)
     assert pred.n_obs == b.n_obs and (pred.obs_names == b.obs_names).all()
     assert list(pred.obs.columns[: b.obs.shape[1]]) == list(b.obs.columns)
+
+
+def test_auto_preset_and_training_defaults(synth):
+    m = StateTransitionModel(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl",
+                             max_steps=2, progress=False, model_kwargs=SMALL)
+    assert m.get_params()["preset"] == "auto"
+    m.fit(synth)
+    assert m.preset_ == "small"
+    assert m.train_settings_ == {"batch_size": 8, "max_steps": 2, "lr": 1e-3}
+    assert m.network_config_.residual_space == "input" and m.network_config_.dropout == 0.0
+    auto = StateTransitionModel()
+    assert auto._resolve_preset(50_000) == "small" and auto._resolve_preset(10**6) == "state_sm"
+    steps = auto._training_defaults("small", 10_000, 64)["max_steps"]
+    assert steps == round(100 * 10_000 / (8 * 64))
+    assert auto._training_defaults("small", 100, 64)["max_steps"] == 300
+    assert auto._training_defaults("state_sm", 10**6, 128) == {
+        "batch_size": 16, "max_steps": 40_000, "lr": 1e-4}

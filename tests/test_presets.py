@@ -68,7 +68,9 @@ def test_presets_fully_explicit_and_defaults():
     for name, p in PRESETS.items():
         assert tuple(p) == ARCH_KEYS, name
         assert p["attention"] == "bidirectional" and p["rope"] is None, name
-        assert p["dropout"] == 0.1 and p["activation"] == "gelu" and p["predict_residual"]
+        assert p["dropout"] == (0.0 if name == "small" else 0.1), name
+        assert p["activation"] == "gelu" and p["predict_residual"]
+        assert p["residual_space"] == ("input" if name == "small" else "hidden"), name
         assert p["batch_encoder"] is False and p["confidence_token"] is False
         assert isinstance(p["use_basal_projection"], bool)
     assert PRESETS["pertsets"]["backbone"] == "gpt2" and PRESETS["pertsets"]["norm_eps"] == 1e-5
