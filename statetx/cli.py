@@ -441,13 +441,23 @@ def cmd_train(a: argparse.Namespace) -> int:
          f"device {p['device']}")
     if cfg["dry_run"]:
         return _dry_run(plan)
+    created = not plan.run_dir.exists()
     resume = R.start_run(plan, a.argv)
     cls = R.estimator_class(None if resume else plan.init_from, plan.freeze_backbone,
                             attention=plan.init_attention)
     model = cls(**p)
     model._run_config = cfg
     t0 = time.perf_counter()
-    model.fit(None, plan.toml, output_dir=plan.run_dir, resume_from=resume)
+    try:
+        model.fit(None, plan.toml, output_dir=plan.run_dir, resume_from=resume)
+    except (ConfigError, SplitConfigError, DataError):
+        # the split file or the data failed validation before training started: do not leave
+        # a run directory without checkpoints behind (one that existed before is kept)
+        if created and not (plan.run_dir / R.CHECKPOINT_DIR).exists():
+            import shutil
+
+            shutil.rmtree(plan.run_dir, ignore_errors=True)
+        raise
     seconds = time.perf_counter() - t0
     R.finish_run(plan.run_dir, model, seconds)
     hist = model.history_
@@ -640,7 +650,6 @@ def load_any_model(model_dir: str | Path, checkpoint: str | None = None,
 
 
 def cmd_infer(a: argparse.Namespace) -> int:
-    import anndata as ad
     import numpy as np
 
     src = Path(a.adata)
@@ -661,7 +670,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
     with quiet:
         model = load_any_model(a.model_dir, a.checkpoint, attention=a.attention)
         c = model.columns_
-        adata = ad.read_h5ad(src)
+        adata = _read(src)
         pert_col = a.pert_col or c.pert_col
         if pert_col not in adata.obs:
             raise DataError(f"perturbation column '{pert_col}' is not in {src} (obs columns: "
@@ -810,13 +819,17 @@ def _expand_cells(adata: Any, pert_col: str, ct_col: str | None, control: str,
 # ---------------------------------------------------------------------------------------------
 
 
-def _read(path: str) -> Any:
+def _read(path: str | Path) -> Any:
     import anndata as ad
 
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{p}: file not found.")
-    return ad.read_h5ad(p)
+    try:
+        return ad.read_h5ad(p)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means a bad input file
+        raise DataError(f"could not read {p} as an AnnData (.h5ad) file: "
+                        f"{type(exc).__name__}: {exc}") from None
 
 
 def cmd_preprocess_train(a: argparse.Namespace) -> int:

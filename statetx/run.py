@@ -1065,7 +1065,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *,
     if meta is None or "state_dict" not in ckpt:
         raise DataError(f"{path} is not a statetx checkpoint (no 'statetx_model' metadata). For "
                         "an arc-state run use `statetx import-arc` or tx infer --model-dir.")
-    model = StateTransitionModel._from_metadata(meta, ckpt["state_dict"])
+    model = StateTransitionModel._from_metadata(meta, ckpt["state_dict"], source=path)
     if ckpt.get("history"):
         model.history_ = _history_frame(list(ckpt["history"]))
     model.run_dir_ = run

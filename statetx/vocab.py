@@ -127,7 +127,13 @@ def load_pert_features(path: str | Path) -> dict[str, np.ndarray]:
     if suffix in (".pt", ".pth", ".torch"):
         import torch
 
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - refused pickled code, truncated file, ...
+            raise DataError(f"could not read the perturbation feature file {path} with the "
+                            "weights-only loader (it must hold a dict name -> tensor and no "
+                            f"pickled code): {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]}") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path} must hold a dict name → 1-D tensor, got {type(obj).__name__}.")
         return {str(k): np.asarray(v, dtype=np.float32).reshape(-1) for k, v in obj.items()}

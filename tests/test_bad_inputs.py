@@ -1,0 +1,584 @@
+"""Bad inputs through the public surface (tracker issue 9, item 1): ``predict``, ``fit``,
+``save``/``load``/``load_run``, the CLI commands (in-process and as ``python -m statetx``), the
+``statetx.pp`` functions and ``statetx.metrics.evaluate``.
+
+Every case asserts a clear message that names the offending column, value or file, and that no
+partial output is left behind: no output file and no temporary file in the output folder, no
+half-written saved model, no run directory from a ``tx train`` whose validation failed.
+(The split-file / ``prepare`` checks themselves are in ``test_data_errors.py``.)
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from conftest import make_synthetic
+from sklearn.exceptions import NotFittedError
+
+from statetx import StateTransitionModel
+from statetx.cli import main
+from statetx.errors import ConfigError, DataError
+from statetx.train import TrainingError
+
+SMALL = {"hidden_dim": 32, "n_heads": 2, "head_dim": 16, "n_kv_heads": 2,
+         "intermediate_size": 128, "n_layers": 2}
+# `tx train` overrides for the same tiny network
+TINY = ["model=tiny", "model.kwargs.hidden_dim=32", "model.kwargs.n_heads=2",
+        "model.kwargs.head_dim=16", "model.kwargs.n_kv_heads=2",
+        "model.kwargs.intermediate_size=128", "model.kwargs.n_layers=2",
+        "model.kwargs.cell_set_len=8", "training.batch_size=4", "training.max_steps=2",
+        "training.device=cpu", "data.kwargs.control_pert=ctrl", "data.kwargs.batch_col=batch"]
+
+
+def small_model(**kw) -> StateTransitionModel:
+    opts = dict(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl",
+                model_kwargs=SMALL, cell_set_len=8, batch_size=4, max_steps=2, val_freq=2,
+                ckpt_every_n_steps=2, progress=False, seed=0, device="cpu")
+    opts.update(kw)
+    return StateTransitionModel("tiny", **opts)
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Everything in ``folder`` (an output folder that must stay empty after a failure)."""
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def last_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("statetx: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A fitted tiny model, its training data, and its run directory (checkpoints)."""
+    d = tmp_path_factory.mktemp("bad_inputs")
+    adata = make_synthetic()
+    model = small_model().fit(adata, output_dir=d / "run")
+    adata.write_h5ad(d / "data.h5ad")
+    return model, adata, d / "run", d
+
+
+@pytest.fixture
+def model(base):
+    return base[0]
+
+
+@pytest.fixture
+def adata(base):
+    return base[1].copy()
+
+
+@pytest.fixture
+def run(base):
+    return base[2]
+
+
+@pytest.fixture
+def truncated_ckpt(run, tmp_path):
+    """A copy of the run's final checkpoint cut in half (a crash or a copy that stopped)."""
+    data = (run / "checkpoints" / "final.ckpt").read_bytes()
+    path = run / "checkpoints" / "truncated.ckpt"
+    path.write_bytes(data[: len(data) // 2])
+    yield path
+    path.unlink(missing_ok=True)
+
+
+# =============================================================================================
+# predict (Python API)
+
+
+@pytest.mark.parametrize("edit,opts,match", [
+    (lambda a: a.obs.rename(columns={"gene": "perturbation"}, inplace=True), {},
+     r"obs column 'gene' not found in the input.*Set pert_col"),
+    (lambda a: None, {"pert_col": "target_gene"},
+     r"obs column 'target_gene' not found in the input \(available: gene, cell_type, batch\)"),
+    (lambda a: None, {"cell_type_col": "celltype"}, None),
+], ids=["pert-column-renamed", "pert-col-option-wrong", "cell-type-column-absent"])
+def test_predict_obs_columns(model, adata, edit, opts, match, capsys):
+    edit(adata)
+    if match is None:  # no cell-type column: one context, said so (not an error)
+        out = model.predict(adata, **opts)
+        assert "no obs column 'celltype': all cells form one context" in capsys.readouterr().out
+        assert out.n_obs == adata.n_obs
+        return
+    with pytest.raises(DataError, match=match):
+        model.predict(adata, **opts)
+
+
+def test_predict_control_label_absent_everywhere(model, adata):
+    adata.obs["gene"] = adata.obs["gene"].astype(str).replace({"ctrl": "non-targeting"})
+    with pytest.raises(DataError, match=r"no control cells \(obs\['gene'\] == 'ctrl'\)"):
+        model.predict(adata)
+    # the input's own label as an option works
+    out = model.predict(adata, control_pert="non-targeting", predict_controls=False)
+    assert out.n_obs == (adata.obs["gene"] != "non-targeting").sum()
+
+
+def test_predict_control_label_absent_in_one_cell_type(model, adata):
+    keep = ~((adata.obs["cell_type"] == "CT1") & (adata.obs["gene"] == "ctrl")).to_numpy()
+    adata = adata[keep].copy()
+    with pytest.raises(DataError, match=r"context 'CT1' has no control cells.*"
+                                        "basal_fallback='all_controls'"):
+        model.predict(adata)
+    out = model.predict(adata, basal_fallback="all_controls")
+    assert np.isfinite(out.X).all()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_predict_non_finite_expression(model, adata, value):
+    adata.X[7, 3] = value
+    name = adata.obs_names[7]
+    with pytest.raises(DataError, match=rf"1 input cells have NaN or Inf values .*e\.g\. {name}"):
+        model.predict(adata)
+
+
+def test_predict_negative_expression_warns(model, adata):
+    adata.X[2, 1] = -1.5
+    with pytest.warns(UserWarning, match="negative expression values in X"):
+        model.predict(adata)
+
+
+def test_predict_scale_mismatch_both_ways(model, adata):
+    counts = adata.copy()
+    counts.X = np.round(np.expm1(counts.X) * 20).astype(np.float32)
+    with pytest.raises(DataError, match=r"looks like raw counts .*trained on log1p"):
+        model.predict(counts)
+    counts_model = pickle.loads(pickle.dumps(model))
+    counts_model.is_log1p_ = False  # what a model trained on raw counts records
+    with pytest.raises(DataError, match="looks log1p-normalised but the model was trained on raw"):
+        counts_model.predict(adata)
+
+
+def test_predict_duplicate_gene_names(model, adata):
+    adata.var_names = ["G0"] + list(adata.var_names[1:-1]) + ["G0"]
+    with pytest.raises(DataError, match=r"duplicate gene names in X: G0.*var_names_make_unique"):
+        model.predict(adata)
+
+
+def test_predict_duplicate_cell_names(model, adata):
+    adata.obs_names = ["cell0", "cell0"] + list(adata.obs_names[2:])
+    with pytest.raises(DataError, match=r"duplicate cell names \(obs_names\): cell0.*"
+                                        r"obs_names_make_unique"):
+        model.predict(adata)
+
+
+def test_predict_genes_do_not_match_training(base, adata, tmp_path):
+    loaded = StateTransitionModel.load(base[0].save(tmp_path / "m"))
+    adata.var_names = [f"g{i}" if i % 2 else n for i, n in enumerate(adata.var_names)]
+    with pytest.raises(DataError, match=r"16 of the model's 32 genes are missing from the "
+                                        r"input's X: G1, G3, G5.*missing_genes='zero'"):
+        loaded.predict(adata)
+    with pytest.raises(DataError, match=r"32 of the model's 32 genes are missing"):
+        loaded.predict(adata[:, :0].copy())  # zero genes
+
+
+def test_predict_zero_cells_and_unfitted(model, adata):
+    with pytest.raises(DataError, match=r"no cells \(n_obs = 0\)"):
+        model.predict(adata[:0].copy())
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        small_model().predict(adata)
+
+
+def test_predict_missing_label_in_cell_type_column(model, adata):
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype("category")
+    adata.obs.loc[adata.obs_names[40], "cell_type"] = np.nan
+    with pytest.raises(DataError, match=r"obs\['cell_type'\] has 1 missing values"):
+        model.predict(adata)
+
+
+def test_predict_csc_matrix_is_accepted(model, adata):
+    """Prediction only slices gene columns, so CSC input works (training rejects CSC files,
+    see test_train_rejects_csc_file) and gives the same values as dense input."""
+    dense = model.predict(adata)
+    adata.X = sp.csc_matrix(adata.X)
+    np.testing.assert_array_equal(model.predict(adata).X, dense.X)
+
+
+def test_predict_split_unknown_split(model):
+    with pytest.raises(DataError, match=r"has no 'val' split \(available: train\)"):
+        model.predict_split("val")
+
+
+# =============================================================================================
+# fit (Python API)
+
+
+def test_cell_set_len_larger_than_every_group_trains():
+    """Groups have 24-30 cells; sets of 64 are padded from their group (D2), not an error."""
+    adata = make_synthetic(n_cell_types=2, n_perts=2)
+    m = small_model(cell_set_len=64, max_steps=2).fit(adata)
+    assert m.cell_set_len_ == 64
+    assert np.isfinite(m.history_.drop(columns=["step"]).to_numpy(float)).all()
+    pred = m.predict(adata)
+    assert np.isfinite(pred.X).all() and pred.n_obs == adata.n_obs
+    # at inference a group is one set, never padded: every set is a single group
+    sets = pred.obs.groupby("statetx_set", observed=True)[["gene", "cell_type"]].nunique()
+    assert (sets == 1).all().all()
+
+
+def test_fit_validation_failure_writes_nothing(tmp_path):
+    adata = make_synthetic()
+    keep = ~((adata.obs["cell_type"] == "CT1") & (adata.obs["gene"] == "ctrl")).to_numpy()
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"cell type 'CT1'.*no control cells"):
+        small_model().fit(adata[keep].copy(), output_dir=out)
+    assert not out.exists()
+
+
+def test_fit_resume_from_truncated_checkpoint(truncated_ckpt, tmp_path):
+    adata = make_synthetic()
+    with pytest.raises(TrainingError, match=rf"could not load checkpoint {truncated_ckpt}: it is "
+                                            "truncated, corrupted"):
+        small_model(max_steps=4).fit(adata, output_dir=tmp_path / "r",
+                                     resume_from=truncated_ckpt)
+    with pytest.raises(ConfigError, match=r"checkpoint .*nope\.ckpt does not exist"):
+        small_model(max_steps=4).fit(adata, resume_from=tmp_path / "nope.ckpt")
+
+
+# =============================================================================================
+# save / load / load_run
+
+
+def test_save_onto_a_file_is_refused(model, tmp_path):
+    target = tmp_path / "model"
+    target.write_text("not a directory")
+    with pytest.raises(ConfigError, match=rf"cannot save the model to {target}: it exists and is "
+                                          "not a directory"):
+        model.save(target)
+    assert target.read_text() == "not a directory"
+
+
+def test_failed_save_leaves_no_half_written_model(model, adata, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def disk_full(state, filename, *a, **k):
+        Path(filename).write_bytes(b"\x00" * 64)  # a partial file, then the device is full
+        raise OSError(28, "No space left on device")
+
+    # into a new folder: nothing is left, not even the folder
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        model.save(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    # over an existing model: the old one is untouched and still loads
+    monkeypatch.undo()
+    old = model.save(tmp_path / "old")
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        model.save(old)
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    monkeypatch.undo()
+    np.testing.assert_array_equal(StateTransitionModel.load(old).predict(adata).X,
+                                  model.predict(adata).X)
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda d: (d / "model.json").unlink(), r"model\.json not found: .* is not a saved statetx"),
+    (lambda d: (d / "model.safetensors").write_bytes(
+        (d / "model.safetensors").read_bytes()[:500]),
+     r"could not read the saved model in .*: .*(incomplete|header|deserializ)"),
+    (lambda d: (d / "model.json").write_text("{\"params\": {"),
+     r"could not read the saved model in .*Expecting"),
+    (lambda d: _edit_json(d, lambda m: m.pop("vocab")),
+     r"metadata in .*model\.json is incomplete or invalid \(KeyError: 'vocab'\)"),
+    (lambda d: _edit_json(d, lambda m: m["params"].__setitem__("bogus", 1)),
+     r"metadata in .*model\.json is incomplete or invalid \(TypeError: .*bogus"),
+    (lambda d: (d / "model.json").write_text("[1, 2]"),
+     r"metadata in .*model\.json is incomplete or invalid"),
+    (lambda d: _edit_json(d, lambda m: m["network_config"].__setitem__("hidden_dim", 64)),
+     r"(?s)saved weights do not fit the saved network configuration.*pert_encoder"),
+], ids=["no-json", "truncated-weights", "bad-json", "json-without-vocab", "unknown-param",
+        "json-not-a-mapping", "weights-of-another-shape"])
+def test_load_damaged_model_directory(model, tmp_path, damage, match):
+    d = model.save(tmp_path / "m")
+    damage(d)
+    with pytest.raises(DataError, match=match):
+        StateTransitionModel.load(d)
+
+
+def _edit_json(d: Path, edit) -> None:
+    meta = json.loads((d / "model.json").read_text())
+    edit(meta)
+    (d / "model.json").write_text(json.dumps(meta))
+
+
+def test_load_run_bad_checkpoints(run, truncated_ckpt, tmp_path):
+    with pytest.raises(TrainingError, match=r"truncated\.ckpt: it is truncated, corrupted"):
+        StateTransitionModel.load_run(run, "truncated.ckpt")
+    with pytest.raises(TrainingError, match=r"truncated\.ckpt: it is truncated"):
+        StateTransitionModel.load_run(truncated_ckpt)  # a checkpoint path as run_dir
+    foreign = run / "checkpoints" / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    try:
+        with pytest.raises(DataError, match=r"foreign\.ckpt is not a statetx checkpoint"):
+            StateTransitionModel.load_run(run, "foreign.ckpt")
+    finally:
+        foreign.unlink()
+    with pytest.raises(DataError, match=r"checkpoint 'best\.ckpt' not found .*available: "
+                                        r"final\.ckpt, last\.ckpt, step=2\.ckpt"):
+        StateTransitionModel.load_run(run, "best.ckpt")
+    with pytest.raises(DataError, match=r"has no checkpoints/final\.ckpt or checkpoints/last"):
+        StateTransitionModel.load_run(tmp_path)
+
+
+# =============================================================================================
+# CLI: tx infer / predict / info
+
+
+def infer_args(run: Path, src: Path, out: Path, *extra: str) -> list[str]:
+    return ["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output", str(out),
+            *extra]
+
+
+def _relabel(a, old: str, new: str) -> None:
+    a.obs["gene"] = a.obs["gene"].astype(str).replace({old: new})
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda a: a.obs.drop(columns=["gene"], inplace=True),
+     r"perturbation column 'gene' is not in .*bad\.h5ad.*pass --pert-col"),
+    (lambda a: a.X.__setitem__((5, 0), np.nan), r"1 input cells have NaN or Inf values"),
+    (lambda a: a.X.__setitem__(slice(None), np.round(np.expm1(a.X) * 20)),
+     r"looks like raw counts"),
+    (lambda a: setattr(a, "var_names", [f"X{i}" for i in range(a.n_vars)]),
+     r"32 of the model's 32 genes are missing from the input's X: G0, G1"),
+    (lambda a: _relabel(a, "ctrl", "NT"), r"no control cells \(obs\['gene'\] == 'ctrl'\)"),
+], ids=["pert-column-missing", "nan", "counts", "genes-mismatch", "no-controls"])
+def test_infer_bad_input_leaves_no_output(run, adata, tmp_path, capsys, edit, match):
+    edit(adata)
+    src = tmp_path / "bad.h5ad"
+    adata.write_h5ad(src)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    assert main(infer_args(run, src, outdir / "out.h5ad")) == 2
+    assert re.search(match, last_error(capsys))
+    assert leftovers(outdir) == []
+
+
+def test_infer_unreadable_or_misnamed_files(run, base, tmp_path, capsys):
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    garbage = tmp_path / "garbage.h5ad"
+    garbage.write_bytes(b"this is not an HDF5 file" * 20)
+    assert main(infer_args(run, garbage, outdir / "out.h5ad")) == 2
+    assert f"could not read {garbage} as an AnnData (.h5ad) file" in last_error(capsys)
+    assert main(infer_args(run, base[3] / "data.h5ad", outdir / "out.csv")) == 2
+    assert "use a .h5ad or .npy file name" in last_error(capsys)
+    assert main(infer_args(run, base[3] / "data.h5ad", outdir / "o.h5ad", "--output-dir",
+                           str(outdir))) == 2
+    assert "not both" in last_error(capsys)
+    assert leftovers(outdir) == []
+
+
+def test_predict_and_info_with_truncated_checkpoint(run, truncated_ckpt, capsys):
+    """A damaged file is a runtime failure (exit 1, cli.md §1), named in one line."""
+    assert main(["tx", "predict", "--output-dir", str(run), "--checkpoint",
+                 "truncated.ckpt"]) == 1
+    err = last_error(capsys)
+    assert f"could not load checkpoint {truncated_ckpt}: it is truncated, corrupted" in err
+    assert not list(run.glob("eval_*"))
+    assert main(["info", str(truncated_ckpt)]) == 1
+    assert "truncated.ckpt: it is truncated" in last_error(capsys)
+    assert main(["tx", "predict", "--output-dir", str(run), "--checkpoint", "nope.ckpt"]) == 2
+    assert "checkpoint 'nope.ckpt' not found" in last_error(capsys)
+
+
+# =============================================================================================
+# CLI: tx train validation failures leave no run directory
+
+
+def _write_data(d: Path, name: str, adata) -> Path:
+    path = d / f"{name}.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def train_inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train_inputs")
+    a = make_synthetic(n_cell_types=2, n_perts=2)
+    ok = _write_data(d, "ok", a)
+    b = a.copy()
+    b.X = sp.csc_matrix(b.X)
+    csc = _write_data(d, "csc", b)
+    b = a.copy()
+    b.X[3, 3] = np.inf
+    inf = _write_data(d, "inf", b)
+    return {"ok": ok, "csc": csc, "inf": inf, "dir": d}
+
+
+def _toml(d: Path, name: str, text: str) -> Path:
+    p = d / f"{name}.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("case,extra,match", [
+    ("malformed", [], r"malformed\.toml: invalid TOML: .*line 3, column"),
+    ("csc", [], r"'X' in .*csc\.h5ad is stored as 'csc_matrix'.*CSC is not supported"),
+    ("inf", [], r"1 cells of the train split have NaN or Inf expression values"),
+    ("empty", ["data.kwargs.should_yield_control_cells=false"],
+     r"the training split is empty"),
+    ("absent-pert", [], r"\[fewshot\]\.\"data\.CT1\".*P9"),
+    ("no-control", ["data.kwargs.control_pert=DMSO"],
+     r"control_pert 'DMSO' is not a value of obs\['gene'\] in ok\.h5ad"),
+    ("wrong-column", ["data.kwargs.cell_type_key=celltype"],
+     r"obs column 'celltype' not found in ok\.h5ad.*Did you mean: 'cell_type'"),
+])
+def test_train_validation_failure_leaves_no_run_directory(train_inputs, tmp_path, capsys, case,
+                                                          extra, match):
+    d = train_inputs["dir"]
+    data = train_inputs["csc" if case == "csc" else "inf" if case == "inf" else "ok"]
+    body = {
+        "malformed": f'[datasets]\ndata = "{data}"\n[training\ndata = "train"\n',
+        "empty": f'[datasets]\ndata = "{data}"\n[zeroshot]\n"data.CT0" = "test"\n'
+                 '"data.CT1" = "val"\n',
+        "absent-pert": f'[datasets]\ndata = "{data}"\n[training]\ndata = "train"\n'
+                       '[fewshot."data.CT1"]\ntest = ["P9"]\n',
+    }.get(case, f'[datasets]\ndata = "{data}"\n[training]\ndata = "train"\n')
+    toml = _toml(d, case, body)
+    out = tmp_path / "out"
+    rc = main(["tx", "train", f"data.kwargs.toml_config_path={toml}", f"output_dir={out}",
+               f"name={case}", *TINY, *extra])
+    assert rc == 2
+    assert re.search(match, last_error(capsys))
+    assert not (out / case).exists()
+
+
+@pytest.mark.parametrize("token,match", [
+    ("data.kwargs.pertcol=gene", r"unknown configuration key 'data\.kwargs\.pertcol'.*"
+                                 r"Did you mean: data\.kwargs\.pert_col"),
+    ("model.kwargs.hiden_dim=32", r"'model\.kwargs\.hiden_dim'.*model\.kwargs\.hidden_dim"),
+    ("trainin.max_steps=5", r"'trainin\.max_steps'.*Known sections: .*training"),
+    ("~training.lr", r"deleting keys \(~key\) is not supported"),
+])
+def test_train_unknown_override_keys(train_inputs, tmp_path, capsys, token, match):
+    toml = _toml(train_inputs["dir"], "plain",
+                 f'[datasets]\ndata = "{train_inputs["ok"]}"\n[training]\ndata = "train"\n')
+    rc = main(["tx", "train", f"data.kwargs.toml_config_path={toml}", f"output_dir={tmp_path}",
+               "name=r", *TINY, token])
+    assert rc == 2
+    assert re.search(match, last_error(capsys))
+    assert leftovers(tmp_path) == []
+
+
+def test_train_config_file_with_unknown_key(tmp_path, capsys):
+    cfg = tmp_path / "base.yaml"
+    cfg.write_text("training:\n  max_steps: 2\n  learning_rate: 0.1\n")
+    assert main(["tx", "train", "--config", str(cfg), f"output_dir={tmp_path}", "name=r"]) == 2
+    err = last_error(capsys)
+    assert "unknown configuration key 'training.learning_rate'" in err and str(cfg) in err
+    cfg.write_text("training: [1, 2\n")
+    assert main(["tx", "train", "--config", str(cfg)]) == 2
+    assert f"{cfg} is not valid YAML" in last_error(capsys)
+    assert leftovers(tmp_path) == ["base.yaml"]
+
+
+def test_train_resume_with_truncated_last_checkpoint_keeps_the_run(train_inputs, tmp_path,
+                                                                   capsys):
+    toml = _toml(train_inputs["dir"], "resume",
+                 f'[datasets]\ndata = "{train_inputs["ok"]}"\n[training]\ndata = "train"\n')
+    args = ["tx", "train", f"data.kwargs.toml_config_path={toml}", f"output_dir={tmp_path}",
+            "name=r", *TINY, "training.ckpt_every_n_steps=1"]
+    assert main(args) == 0
+    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main([*args, "training.max_steps=3"]) == 1
+    assert f"could not load checkpoint {last}: it is truncated" in last_error(capsys)
+    # the run and its intact checkpoints are kept: nothing is deleted on a failed resume
+    ck = tmp_path / "r" / "checkpoints"
+    assert {"final.ckpt", "step=2.ckpt", "last.ckpt"} <= {p.name for p in ck.iterdir()}
+
+
+# =============================================================================================
+# CLI: preprocessing, knock-down filter, evaluate; and ``python -m statetx``
+
+
+def test_preprocess_commands_bad_inputs(base, tmp_path, capsys):
+    src = base[3] / "data.h5ad"  # log1p data
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    assert main(["tx", "preprocess_train", "--adata", str(src), "--output",
+                 str(outdir / "pp.h5ad"), "--num-hvgs", "10"]) == 2
+    assert "preprocess_train expects raw counts in X, but it looks log1p" in last_error(capsys)
+    assert main(["tx", "preprocess_infer", "--adata", str(src), "--output",
+                 str(outdir / "pi.h5ad"), "--control-condition", "DMSO", "--pert-col",
+                 "gene"]) == 2
+    assert "control label 'DMSO' is not a value of obs['gene']" in last_error(capsys)
+    assert main(["tx", "preprocess_infer", "--adata", str(src), "--output",
+                 str(outdir / "pi.h5ad"), "--control-condition", "ctrl", "--pert-col",
+                 "drug"]) == 2
+    assert "obs column 'drug'" in last_error(capsys)
+    assert main(["filter_on_target_knockdown", str(src), "-o", str(outdir / "ko.h5ad"),
+                 "--perturbation-column", "target_gene", "--control-label", "ctrl"]) == 2
+    assert "obs column 'target_gene'" in last_error(capsys)
+    assert leftovers(outdir) == []
+
+
+@pytest.mark.filterwarnings("ignore:X looks log-transformed")
+def test_pp_functions_bad_inputs(adata):
+    from statetx.pp import filter_on_target_knockdown, make_control_template, preprocess_train
+
+    with pytest.raises(DataError, match=r"expects raw counts in X, but it looks log1p"):
+        preprocess_train(adata, 10)
+    counts = adata.copy()
+    counts.X = np.round(np.expm1(counts.X) * 20)
+    counts.X[0, 0] = -3
+    with pytest.raises(DataError, match="negative values"):
+        preprocess_train(counts, 10)
+    with pytest.raises(DataError, match=r"layer 'counts' not found"):
+        preprocess_train(adata, 10, layer="counts")
+    with pytest.raises(DataError, match=r"control label 'DMSO' is not a value of obs\['gene'\].*"
+                                        "'ctrl'"):
+        make_control_template(adata, "gene", "DMSO", "cell_type")
+    with pytest.raises(DataError, match=r"obs column 'target'"):
+        filter_on_target_knockdown(adata, "target", "ctrl")
+
+
+def test_evaluate_bad_inputs(model, adata, tmp_path, capsys):
+    from statetx.metrics import evaluate
+
+    real = adata[adata.obs["cell_type"] == "CT0"].copy()
+    pred = model.predict(real)
+    bad = pred.copy()
+    bad.X[3, 2] = np.nan
+    with pytest.raises(DataError, match="pred X contains NaN or infinite values"):
+        evaluate(bad, real, pert_col="gene", control_pert="ctrl", outdir=tmp_path / "ev")
+    with pytest.raises(DataError, match=r"column 'target_gene' not found in pred obs"):
+        evaluate(pred, real, control_pert="ctrl", outdir=tmp_path / "ev")
+    assert not (tmp_path / "ev").exists()
+    bad.write_h5ad(tmp_path / "bad.h5ad")
+    real.write_h5ad(tmp_path / "real.h5ad")
+    assert main(["evaluate", "run", "-ap", str(tmp_path / "bad.h5ad"), "-ar",
+                 str(tmp_path / "real.h5ad"), "--pert-col", "gene", "--control-pert", "ctrl",
+                 "-o", str(tmp_path / "ev")]) == 2
+    assert "pred X contains NaN" in last_error(capsys)
+    assert not (tmp_path / "ev").exists()
+
+
+def test_python_m_statetx_bad_split_file(tmp_path):
+    """Through the real entry point: one line on stderr, exit 2, no run directory."""
+    toml = _toml(tmp_path, "bad", '[datasets]\nd = "x.h5ad"\n[training]\nd = "tr"\n')
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "statetx", "tx", "train",
+                        f"data.kwargs.toml_config_path={toml}", f"output_dir={out}", "name=r",
+                        "training.device=cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("statetx: error:")]
+    assert len(errors) == 1 and '[training].d = "tr" is not allowed' in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert leftovers(out) == []
