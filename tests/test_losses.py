@@ -153,3 +153,24 @@ def test_nanmean():
     v = torch.tensor([1.0, float("nan"), 3.0])
     assert nanmean(v).item() == 2.0
     assert math.isnan(nanmean(torch.tensor([float("nan")])).item())
+
+
+def test_energy_exact_under_reduced_matmul_precision():
+    """Training lowers fp32 matmul precision; the loss and its gradient must not change."""
+    torch.manual_seed(0)
+    x = torch.log1p(torch.poisson(torch.rand(4, 32, 600) * 3)).requires_grad_()
+    y = torch.log1p(torch.poisson(torch.rand(4, 32, 600) * 3))
+    results = []
+    prev = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            x.grad = None
+            e = energy_distance(x, y)
+            e.sum().backward()
+            results.append((e.detach().clone(), x.grad.clone()))
+            assert torch.get_float32_matmul_precision() == precision  # restored
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-9)
