@@ -86,7 +86,9 @@ class StateTransitionModel(BaseEstimator):
     early_stopping_patience, precision, matmul_precision
         Training settings (see :class:`statetx.train.TrainConfig`).
     basal_mapping_strategy
-        Control pairing: ``random`` (same cell type) or ``batch`` (same cell type and batch).
+        Control pairing: ``random`` (same cell type), ``batch`` (same cell type and batch,
+        falling back to the cell type) or ``auto`` (default: ``batch`` when ``batch_col`` is
+        given, else ``random``). Prediction draws basal cells the same way.
     pert_features
         Optional perturbation feature file (``.pt``/``.npz``/``.csv``/``.safetensors``) or dict.
     dtype
@@ -125,7 +127,7 @@ class StateTransitionModel(BaseEstimator):
         early_stopping_patience: int | None = None,
         precision: str = "auto",
         matmul_precision: str = "medium",
-        basal_mapping_strategy: str = "random",
+        basal_mapping_strategy: str = "auto",
         pert_features: Any = None,
         heldout_controls_in_train: bool = True,
         yield_controls: bool = True,
@@ -193,6 +195,12 @@ class StateTransitionModel(BaseEstimator):
                 "max_steps": int(self.max_steps if self.max_steps is not None else steps),
                 "lr": float(self.lr if self.lr is not None else d["lr"])}
 
+    def _pairing(self) -> str:
+        """Control pairing: ``auto`` = ``batch`` when ``batch_col`` is set, else ``random``."""
+        if self.basal_mapping_strategy == "auto":
+            return "batch" if self.batch_col else "random"
+        return self.basal_mapping_strategy
+
     def _train_config(self, settings: dict) -> TrainConfig:
         return TrainConfig(
             max_steps=settings["max_steps"], lr=settings["lr"], optimizer=self.optimizer,
@@ -214,6 +222,9 @@ class StateTransitionModel(BaseEstimator):
                               "holding the batch).")
         if self.basal_mapping_strategy == "batch" and self.batch_col is None:
             raise ConfigError("basal_mapping_strategy='batch' needs batch_col.")
+        if self.basal_mapping_strategy not in ("auto", "random", "batch"):
+            raise ConfigError(f"basal_mapping_strategy={self.basal_mapping_strategy!r} is invalid; "
+                              "expected 'auto', 'random' or 'batch'.")
         return arch
 
     # ------------------------------------------------------------------ fit
@@ -267,7 +278,7 @@ class StateTransitionModel(BaseEstimator):
         rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
         samplers = {
             name: CellSetSampler(split, vocab, set_len, settings["batch_size"],
-                                 seed=int(self.seed) + i, pairing=self.basal_mapping_strategy,
+                                 seed=int(self.seed) + i, pairing=self._pairing(),
                                  **({"rank": rank, "world_size": world} if name == "train" else {}))
             for i, (name, split) in enumerate(prepared.splits.items()) if name in ("train", "val")
         }
@@ -428,10 +439,10 @@ class StateTransitionModel(BaseEstimator):
             print(f"statetx: no obs column '{ct_col}': all cells form one context.")
             ctx = np.full(adata.n_obs, "all", dtype=object)
         needs_batch = self.network_config_.batch_encoder or basal_pool == "batch" or (
-            basal_pool is None and self.basal_mapping_strategy == "batch")
+            basal_pool is None and self._pairing() == "batch")
         batch = (obs_labels(adata.obs, batch_col, "the input", "batch_col")
                  if needs_batch and batch_col else np.full(adata.n_obs, "0", dtype=object))
-        pool_mode = basal_pool or ("batch" if self.basal_mapping_strategy == "batch"
+        pool_mode = basal_pool or ("batch" if self._pairing() == "batch"
                                    else "cell_type")
         if pool_mode not in ("cell_type", "batch", "all"):
             raise ConfigError(f"basal_pool={pool_mode!r} is invalid; expected 'cell_type', "
@@ -544,14 +555,19 @@ class StateTransitionModel(BaseEstimator):
                             f"{', '.join(prepared.splits)}).")
         d = prepared.splits[split]
         rows = np.flatnonzero(d.is_target)
-        frame = pd.DataFrame({"ctx": d.context[rows], "pert": d.pert[rows]})
+        by_batch = self._pairing() == "batch"
+        frame = pd.DataFrame({"ctx": d.context[rows], "pert": d.pert[rows],
+                              "batch": d.batch[rows] if by_batch else 0})
         ctrl = np.flatnonzero(d.is_control)
         groups, order = [], []
-        for (cx, p), idx in sorted(frame.groupby(["ctx", "pert"]).indices.items()):
+        for (cx, p, bt), idx in sorted(frame.groupby(["ctx", "pert", "batch"]).indices.items()):
             out_rows = np.arange(len(order), len(order) + len(idx))
             order.extend(rows[idx])
-            groups.append(Group(out_rows, ctrl[d.context[ctrl] == cx], int(p),
-                                d.batch[rows[idx]], f"{split}\x00{cx}\x00{p}"))
+            pool = ctrl[d.context[ctrl] == cx]
+            if by_batch and (d.batch[pool] == bt).any():  # same batch, else the cell type
+                pool = pool[d.batch[pool] == bt]
+            groups.append(Group(out_rows, pool, int(p), d.batch[rows[idx]],
+                                f"{split}\x00{cx}\x00{p}\x00{bt}"))
         order = np.asarray(order)
         res = run_groups(self.network_, d.X, groups, self.vocab_.pert_matrix(), len(order),
                          set_len=self.cell_set_len_, seed=seed, window_mode=windows,
