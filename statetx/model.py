@@ -538,13 +538,19 @@ class StateTransitionModel(BaseEstimator):
         return out
 
     def predict_split(self, split: str = "test", *, seed: int = 42, clip: Any = "auto",
-                      windows: str = "balanced") -> tuple[ad.AnnData, ad.AnnData]:
+                      windows: str = "balanced", controls: str = "predicted",
+                      ) -> tuple[ad.AnnData, ad.AnnData]:
         """Predict the held-out cells of a split of the fitted spec: ``(adata_pred, adata_real)``.
 
-        Same cells in the same order in both (controls included as control sets); obs has the
-        perturbation, cell type and batch columns plus ``pert_cell_barcode`` /
-        ``ctrl_cell_barcode``; both are clipped to [0, 14] for expression outputs.
+        Same cells in the same order in both; obs has the perturbation, cell type and batch
+        columns plus ``pert_cell_barcode`` / ``ctrl_cell_barcode``; both are clipped to [0, 14]
+        for expression outputs. ``controls="predicted"`` (reference ``tx predict``) runs the
+        control cells as control sets too; ``controls="real"`` copies the real control cells into
+        the prediction (the VCC convention, and what the baselines do), so that every model's
+        deltas are measured from the same real controls.
         """
+        if controls not in ("predicted", "real"):
+            raise ConfigError(f"controls={controls!r} is invalid; expected 'predicted' or 'real'.")
         self._check_fitted()
         prepared = getattr(self, "_prepared", None)
         if prepared is None:
@@ -589,6 +595,10 @@ class StateTransitionModel(BaseEstimator):
         if rng is not None:
             real_x = np.clip(real_x, *rng)
         real = ad.AnnData(X=real_x, obs=obs.copy(), var=pred.var.copy())
+        if controls == "real" and res["counts"] is None:
+            is_ctrl = d.is_control[order]
+            pred.X[is_ctrl] = real_x[is_ctrl]
+            pred.obs.loc[is_ctrl, "ctrl_cell_barcode"] = pred.obs.loc[is_ctrl, "pert_cell_barcode"]
         return pred, real
 
     def score(self, adata: ad.AnnData, **predict_options: Any) -> float:

@@ -9,9 +9,11 @@ Folds (each a zero-shot hold-out of one context; its controls stay visible, as i
 * perturbench — leave one of the three glioblastoma lines out, on the nine perturbations shared by
   all lines (a noise-floor check: their effects are barely above noise).
 
-For every fold and model: ``predict_split("test")`` → :func:`statetx.metrics.evaluate` (pearson_delta,
-mse, mae, discrimination_score_l1 where there are several perturbations, overlap_at_N) and the VCC
-score against the cell-mean baseline. Writes ``results.csv`` (one row per fold × model),
+For every fold and model: ``predict_split("test")`` → :func:`statetx.metrics.evaluate`
+(pearson_delta, mse, mae, discrimination_score_l1 where there are several perturbations,
+overlap_at_N) and the VCC score against the cell-mean baseline. Every model's prediction holds the
+real control cells (ST: ``controls="real"``; the baselines return controls unchanged), so all
+deltas are measured from the same controls. Writes ``results.csv`` (one row per fold × model),
 ``summary.md`` (mean ± sd over folds) and ``summary.png`` into ``--out``. Everything is seeded.
 """
 
@@ -108,7 +110,8 @@ def run(datasets: list[str], folds: list[str] | None, seed: int, out: Path) -> p
             for model_name, model in models(cols["control_pert"], seed).items():
                 t0 = time.perf_counter()
                 model.fit(adata, spec)
-                pred, real = model.predict_split("test")
+                pred, real = (model.predict_split("test", controls="real") if model_name == "ST"
+                              else model.predict_split("test"))
                 metrics = score(pred, real, cols["control_pert"])
                 rows.append({"dataset": name, "fold": held, "model": model_name,
                              "seconds": time.perf_counter() - t0, **metrics})
