@@ -15,8 +15,8 @@ Tests skip with a clear reason when the optional tools (``pip install -e ".[docs
 
 from __future__ import annotations
 
+import os
 import re
-import runpy
 import shlex
 import subprocess
 import sys
@@ -132,15 +132,23 @@ def test_cli_examples_parse():
     assert seen >= 10
 
 
-def test_compare_baselines_snippet_runs(tmp_path, monkeypatch, capsys):
+# The examples are tiny: one thread each. On a busy 2-core machine several torch threads per
+# process make them many times slower (oversubscription), not faster. numba (used by scanpy)
+# resets OpenMP's thread count when it starts, so NUMBA_NUM_THREADS is set as well.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def test_compare_baselines_snippet_runs(tmp_path):
     source = SNIPPET.read_text()
     fast, n = re.subn(r"^MAX_STEPS = \d+", "MAX_STEPS = 4", source, count=1, flags=re.M)
     assert n == 1, "the snippet must define MAX_STEPS at the start of a line"
     script = tmp_path / "compare_baselines.py"
     script.write_text(fast)
-    monkeypatch.chdir(tmp_path)
-    runpy.run_path(str(script), run_name="__main__")
-    out = capsys.readouterr().out
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, **ONE_THREAD})
+    assert proc.returncode == 0, (
+        f"the snippet failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    out = proc.stdout
     for model in ("ST", "control_mean", "context_mean", "perturb_mean", "cell_mean", "linear"):
         assert re.search(rf"^{model}\s", out, re.M), f"no row for {model} in:\n{out}"
     assert "pearson_delta" in out
@@ -163,7 +171,7 @@ def test_notebook_is_committed_without_outputs():
     assert tagged and "MAX_STEPS" in tagged[0].source
 
 
-def test_quickstart_notebook_executes(tmp_path):
+def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed: "
                                    "pip install -e '.[docs]'")
     nbclient = pytest.importorskip("nbclient", reason="nbclient is not installed: "
@@ -172,6 +180,8 @@ def test_quickstart_notebook_executes(tmp_path):
                         "pip install -e '.[docs]'")
     from jupyter_client.kernelspec import NoSuchKernel
 
+    for key, value in ONE_THREAD.items():  # inherited by the kernel; see ONE_THREAD
+        monkeypatch.setenv(key, value)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
