@@ -140,7 +140,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "MKL_NUM_THREADS
 
 def test_compare_baselines_snippet_runs(tmp_path):
     source = SNIPPET.read_text()
-    fast, n = re.subn(r"^MAX_STEPS = \d+", "MAX_STEPS = 4", source, count=1, flags=re.M)
+    fast, n = re.subn(r"^MAX_STEPS = .*$", "MAX_STEPS = 4", source, count=1, flags=re.M)
     assert n == 1, "the snippet must define MAX_STEPS at the start of a line"
     script = tmp_path / "compare_baselines.py"
     script.write_text(fast)

@@ -129,7 +129,7 @@ def presets() -> str:
 
     cols = ["cell_set_len", "hidden_dim", "n_encoder_layers", "n_decoder_layers", "backbone",
             "n_layers", "n_heads", "head_dim", "intermediate_size", "use_basal_projection",
-            "gene_decoder_bool", "attention", "rope"]
+            "gene_decoder_bool", "residual_space", "dropout", "attention", "rope"]
     out = ["| preset | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name, arch in PRESETS.items():
         cells = ["null" if arch[c] is None else str(arch[c]).lower() if isinstance(arch[c], bool)
