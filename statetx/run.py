@@ -101,7 +101,7 @@ def _split_items(text: str) -> list[str]:
 
 PRESET = "<preset>"  # default of architecture keys: taken from the preset
 PRESET_NAMES = ("state", "state_sm", "state_lg", "tahoe_best", "pertsets", "tahoe_llama_62089464",
-                "tahoe_llama_212693232", "tiny")
+                "tahoe_llama_212693232", "tiny", "small")
 PRESET_VERSIONS = ("0.9.12", "0.11.1")
 
 
@@ -855,12 +855,15 @@ def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedDa
     if cfg is None:
         from statetx.presets import resolve_architecture
 
+        # the resolved values of "auto"/None settings, so that the CLI can rerun the config
+        params = {**model.get_params(), "preset": getattr(model, "preset_", model.preset),
+                  **getattr(model, "train_settings_", {}),
+                  "basal_mapping_strategy": model._pairing()}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            arch = resolve_architecture(model.preset, model.model_kwargs)
+            arch = resolve_architecture(params["preset"], model.model_kwargs)
         arch["cell_set_len"] = model.cell_set_len_
-        cfg = config_from_params(model.get_params(), arch,
-                                 out / "split.toml" if split is not None else None)
+        cfg = config_from_params(params, arch, out / "split.toml" if split is not None else None)
     atomic_write_text(out / CONFIG_FILE, dump_config(cfg))
     info = read_run_info(out)
     info.setdefault("statetx_version", _version())

@@ -361,3 +361,21 @@ def test_demo(tmp_path):
     assert main(["demo", "--steps", "3", "--out", str(tmp_path / "demo")]) == 0
     assert (tmp_path / "demo" / "demo_results.csv").is_file()
     assert (tmp_path / "demo" / "demo_metrics.png").is_file()
+
+
+def test_auto_preset_run_config_is_rerunnable(tmp_path, capsys):
+    from conftest import make_synthetic
+
+    from statetx import StateTransitionModel
+
+    m = StateTransitionModel(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl",
+                             max_steps=2, progress=False,
+                             model_kwargs={"hidden_dim": 32, "n_heads": 2, "head_dim": 16,
+                                           "n_kv_heads": 2, "intermediate_size": 128,
+                                           "n_layers": 2})
+    m.fit(make_synthetic(), output_dir=tmp_path / "run")
+    capsys.readouterr()
+    assert main(["tx", "train", "--config", str(tmp_path / "run" / "config.yaml"),
+                 "--print-config"]) == 0
+    assert "name: small" in capsys.readouterr().out  # preset="auto" resolved and recorded
+    assert main(["tx", "train", "model=small", "--print-config"]) == 0
