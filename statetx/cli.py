@@ -490,7 +490,7 @@ def _dry_run(plan: Any) -> int:
     from statetx.presets import build_network_config, describe
 
     model = StateTransitionModel(**plan.params)
-    arch = model._architecture()
+    arch = model._architecture(model.preset)
     prepared = _prepare_split(plan.toml, model._columns(), model)
     net = build_network_config(
         arch, input_dim=prepared.input_dim, output_dim=prepared.input_dim,

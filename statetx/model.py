@@ -572,8 +572,8 @@ class StateTransitionModel(BaseEstimator):
             pool = ctrl[d.context[ctrl] == cx]
             if by_batch and (d.batch[pool] == bt).any():  # same batch, else the cell type
                 pool = pool[d.batch[pool] == bt]
-            groups.append(Group(out_rows, pool, int(p), d.batch[rows[idx]],
-                                f"{split}\x00{cx}\x00{p}\x00{bt}"))
+            key = f"{split}\x00{cx}\x00{p}" + (f"\x00{bt}" if by_batch else "")
+            groups.append(Group(out_rows, pool, int(p), d.batch[rows[idx]], key))
         order = np.asarray(order)
         res = run_groups(self.network_, d.X, groups, self.vocab_.pert_matrix(), len(order),
                          set_len=self.cell_set_len_, seed=seed, window_mode=windows,
