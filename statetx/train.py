@@ -427,6 +427,22 @@ class Trainer:
                     w.writerow(["step", "epoch", "key", "value"])
                 for k, v in logs.items():
                     w.writerow([row["step"], row["epoch"], k, v])
+            writer = self._tensorboard()
+            if writer is not None:
+                for k, v in logs.items():
+                    writer.add_scalar(k, v, row["step"])
+                writer.flush()
+
+    def _tensorboard(self):
+        """A TensorBoard writer on ``<output_dir>/tensorboard`` when tensorboard is installed."""
+        if not hasattr(self, "_tb"):
+            self._tb = None
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional: metrics.csv is always written
+                return None
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+        return self._tb
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self, rank_rng: list[dict] | None = None) -> dict[str, Any]:

@@ -109,3 +109,9 @@ def test_gradient_accumulation_matches_bigger_batch(synth):
     wb = weights(b)
     for k, v in weights(a).items():
         torch.testing.assert_close(v, wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_tensorboard_log_when_installed(synth, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is optional")
+    small_model(max_steps=2, val_freq=1).fit(synth, output_dir=tmp_path)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
