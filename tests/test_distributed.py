@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -122,8 +123,15 @@ def test_torchrun_two_ranks_match_one_process_with_double_batch(synth, tmp_path)
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
            str(tmp_path / "worker.py"), str(data), str(tmp_path),
            str(Path(__file__).parent), FEWSHOT]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:  # a hang: end torchrun and both workers (its session)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail("torchrun timed out after 240 s:\n" + out[-2000:] + err[-2000:])
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
 
     results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(W)]
     w = [torch.load(tmp_path / f"weights{r}.pt") for r in range(W)]
