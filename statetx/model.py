@@ -255,7 +255,14 @@ class StateTransitionModel(BaseEstimator):
         train_cfg = self._train_config(settings)
         self.preset_ = preset
         self.train_settings_ = settings
-        if self.progress:
+        # torchrun: join/create the process group (None = one process, nothing distributed);
+        # train sets are sharded across ranks, validation batches are dealt by the Trainer
+        from statetx.distributed import init_distributed
+
+        ddp = init_distributed(self.device)
+        rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
+        verbose = self.progress and rank == 0
+        if verbose:
             print(f"statetx: preset {preset!r}, batch_size {settings['batch_size']}, max_steps "
                   f"{settings['max_steps']}, lr {settings['lr']:g} ({n_train:,} training cells)")
         vocab = prepared.vocab
@@ -266,23 +273,17 @@ class StateTransitionModel(BaseEstimator):
             gene_dim=prepared.gene_dim, output_space=columns.output_space,
             embed_key=columns.embed_key,
         )
-        if self.progress:
+        if verbose:
             print(describe(net_cfg))
         torch.manual_seed(int(self.seed))
         network = StateTransitionNetwork(net_cfg)
-        # torchrun: join/create the process group (None = one process, nothing distributed);
-        # train sets are sharded across ranks, validation batches are dealt by the Trainer
-        from statetx.distributed import init_distributed
-
-        ddp = init_distributed(self.device)
-        rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
         samplers = {
             name: CellSetSampler(split, vocab, set_len, settings["batch_size"],
                                  seed=int(self.seed) + i, pairing=self._pairing(),
                                  **({"rank": rank, "world_size": world} if name == "train" else {}))
             for i, (name, split) in enumerate(prepared.splits.items()) if name in ("train", "val")
         }
-        if "val" not in samplers and self.progress and rank == 0:
+        if "val" not in samplers and verbose:
             print("statetx: no validation split: validation is skipped and no best checkpoint is "
                   "written (the test split is never used for validation).")
         out = Path(output_dir) if output_dir is not None else None
