@@ -1141,16 +1141,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     _say(f"demo: Zhao 2021 glioblastoma slices, {adata.n_obs} cells x {adata.n_vars} genes "
          f"(log1p); held out: {', '.join(f'{k} ({v})' for k, v in held.items())}; "
          f"{a.steps} training steps; output {out}")
+    # the estimator's defaults (preset "auto" → small, batch pairing); only the length is set
     model = StateTransitionModel(
-        "tiny", pert_col=pert_col, cell_type_key=ct_col, control_pert=control,
-        output_space="all", cell_set_len=32, batch_size=8, max_steps=a.steps,
-        model_kwargs={"hidden_dim": 64, "n_heads": 2, "head_dim": 32, "n_kv_heads": 2,
-                      "intermediate_size": 256, "n_layers": 2, "n_encoder_layers": 2,
-                      "n_decoder_layers": 2},
-        lr=1e-3, val_freq=max(a.steps // 3, 1), ckpt_every_n_steps=max(a.steps, 1),
+        pert_col=pert_col, cell_type_key=ct_col, batch_col="batch", control_pert=control,
+        max_steps=a.steps, val_freq=max(a.steps // 3, 1), ckpt_every_n_steps=max(a.steps, 1),
         seed=a.seed, device=a.device, progress=True)
     model.fit(adata, toml, dataset_name=dataset, output_dir=out / "run")
-    pred, real = model.predict_split("test")
+    pred, real = model.predict_split("test", controls="real")  # same controls as the baselines
     pairs: dict[str, tuple] = {"ST (statetx)": (pred, real)}
     base = _demo_baselines(adata, toml, dataset, dict(
         pert_col=pert_col, cell_type_key=ct_col, control_pert=control, seed=a.seed,
