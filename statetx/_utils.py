@@ -15,6 +15,14 @@ def did_you_mean(name: str, options: Iterable[str], n: int = 3) -> str:
     return f" Did you mean: {', '.join(repr(m) for m in matches)}?" if matches else ""
 
 
+def unknown_option_message(what: str, key: str, valid: Iterable[str],
+                           suggest_from: Iterable[str] | None = None) -> str:
+    """``unknown <what> 'key'. Did you mean …? Valid options: …`` for option-dict errors."""
+    valid = list(valid)
+    hints = did_you_mean(key, list(suggest_from) if suggest_from is not None else valid)
+    return f"unknown {what} {key!r}.{hints} Valid options: {', '.join(valid)}."
+
+
 def preview(values: Iterable[object], limit: int = 20) -> str:
     """Comma-joined preview of at most ``limit`` values, with a count of the rest."""
     vals = [str(v) for v in values]

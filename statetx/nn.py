@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statetx._utils import did_you_mean
+from statetx._utils import did_you_mean, unknown_option_message
 from statetx.errors import ConfigError, DataError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
@@ -112,11 +112,7 @@ class NetworkConfig:
         names = cls.field_names()
         unknown = [k for k in d if k not in names]
         if unknown:
-            k = unknown[0]
-            raise ConfigError(
-                f"unknown network option {k!r}.{did_you_mean(k, names)} "
-                f"Valid options: {', '.join(names)}."
-            )
+            raise ConfigError(unknown_option_message("network option", unknown[0], names))
         missing = [k for k in names if k not in d]
         if missing:
             raise ConfigError(

@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from statetx._utils import did_you_mean
+from statetx._utils import did_you_mean, unknown_option_message
 from statetx.errors import ConfigError
 from statetx.nn import NetworkConfig, StateTransitionNetwork
 
@@ -161,11 +161,8 @@ def resolve_architecture(preset: str, overrides: dict | None = None) -> dict:
             ov[canon] = ov.pop(k)
     unknown = [k for k in ov if k not in ARCH_KEYS]
     if unknown:
-        k = unknown[0]
-        raise ConfigError(
-            f"unknown architecture option {k!r}.{did_you_mean(k, list(ARCH_KEYS) + list(ALIASES))}"
-            f" Valid options: {', '.join(ARCH_KEYS)}."
-        )
+        raise ConfigError(unknown_option_message("architecture option", unknown[0], ARCH_KEYS,
+                                                 [*ARCH_KEYS, *ALIASES]))
     if isinstance(ov.get("backbone"), str):
         ov["backbone"] = ov["backbone"].lower()
     if bidir is not None:

@@ -255,3 +255,11 @@ def test_cli_help_does_not_import_heavy_packages():
         assert not heavy, heavy
     """)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=REPO)
+
+
+def test_cli_architecture_keys_match_the_presets():
+    """run.py types every architecture key; a key added to the presets must be added there too."""
+    from statetx.presets import ARCH_KEYS
+    from statetx.run import ARCH_TYPES
+
+    assert set(ARCH_TYPES) == set(ARCH_KEYS)
