@@ -55,6 +55,23 @@ class SplitData:
     def n_obs(self) -> int:
         return len(self.pert)
 
+    def context_means(self) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
+        """Per perturbation (vocabulary index): ``(control mean, perturbed mean)`` of every
+        context where it has cells and the context has controls (float64 ``[D]`` vectors)."""
+        x = self.X
+        out: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        perturbed = self.is_target & ~self.is_control
+        for c in np.unique(self.context[perturbed]):
+            ctrl = np.flatnonzero(self.is_control & (self.context == c))
+            if not len(ctrl):
+                continue
+            base = x[torch.from_numpy(ctrl)].double().mean(0).numpy()
+            rows = np.flatnonzero(perturbed & (self.context == c))
+            for p in np.unique(self.pert[rows]):
+                sel = torch.from_numpy(rows[self.pert[rows] == p])
+                out.setdefault(int(p), []).append((base, x[sel].double().mean(0).numpy()))
+        return out
+
 
 @dataclass
 class PreparedData:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from statetx.predict import (
     run_groups,
 )
 from statetx.presets import build_network_config, describe, resolve_architecture
-from statetx.sets import CellSetSampler
+from statetx.stream import make_sampler, prepare_stream, stream_settings
 from statetx.train import TrainConfig, Trainer, resolve_device
 from statetx.vocab import Vocab
 
@@ -85,6 +86,16 @@ class StateTransitionModel(BaseEstimator):
     gradient_accumulation_steps, loss, val_freq, ckpt_every_n_steps, keep_last_n,
     early_stopping_patience, precision, matmul_precision
         Training settings (see :class:`statetx.train.TrainConfig`).
+    compile
+        ``torch.compile`` the network for training (GPU throughput; the first steps compile).
+    data_on_device
+        ``auto`` (default): on CUDA, keep the training cells on the GPU when they take at most
+        half of its free memory and gather each batch there; ``always`` / ``never``.
+    train_pert_skip
+        Whether the ``pert_skip`` parameters (the per-perturbation mean-response skip of the
+        ``small`` preset, see :class:`statetx.nn.NetworkConfig`) keep training after being
+        started at the training contexts' mean response (default True); False fixes them and
+        trains only the transformer's corrections.
     basal_mapping_strategy
         Control pairing: ``random`` (same cell type), ``batch`` (same cell type and batch,
         falling back to the cell type) or ``auto`` (default: ``batch`` when ``batch_col`` is
@@ -93,6 +104,21 @@ class StateTransitionModel(BaseEstimator):
         Optional perturbation feature file (``.pt``/``.npz``/``.csv``/``.safetensors``) or dict.
     dtype
         Storage of the training matrices (``float32`` or ``float16``).
+    data_loading
+        ``memory`` (default): the training cells are read into memory once. ``stream``
+        (out-of-core, for data larger than memory): the training split stays on disk and each
+        epoch reads it in contiguous chunks of ``stream_chunk_size`` file rows, visited in a
+        seeded random order ``stream_buffer_chunks`` at a time (the next buffer is read while
+        the current one trains); cell sets are drawn within the cells of the buffer, not from a
+        whole group (a group with fewer than ``cell_set_len`` cells in the buffer gives one
+        padded set, so raise the buffer for files in random cell order), and basal cells from an
+        in-memory reservoir of the control cells. Validation and test splits are still read
+        into memory; ``predict_split("train")`` is unavailable. Peak memory ≈ reservoir + two
+        buffers (``2 · chunk · buffer · n_features · 4`` bytes). See :mod:`statetx.stream`.
+    stream_chunk_size, stream_buffer_chunks, stream_max_controls
+        Streaming options (see ``data_loading``): file rows per contiguous read (default
+        4,096), chunks per buffer (default 16), control cells kept in the reservoir per file
+        and cell type (a seeded subset fixed for the run; default None = all).
     device
         ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     seed
@@ -127,11 +153,18 @@ class StateTransitionModel(BaseEstimator):
         early_stopping_patience: int | None = None,
         precision: str = "auto",
         matmul_precision: str = "medium",
+        compile: bool = False,
+        data_on_device: str = "auto",
         basal_mapping_strategy: str = "auto",
+        train_pert_skip: bool = True,
         pert_features: Any = None,
         heldout_controls_in_train: bool = True,
         yield_controls: bool = True,
         dtype: str = "float32",
+        data_loading: str = "memory",
+        stream_chunk_size: int = 4096,
+        stream_buffer_chunks: int = 16,
+        stream_max_controls: int | None = None,
         device: str = "auto",
         seed: int = 42,
         progress: bool = True,
@@ -161,11 +194,18 @@ class StateTransitionModel(BaseEstimator):
         self.early_stopping_patience = early_stopping_patience
         self.precision = precision
         self.matmul_precision = matmul_precision
+        self.compile = compile
+        self.data_on_device = data_on_device
         self.basal_mapping_strategy = basal_mapping_strategy
+        self.train_pert_skip = train_pert_skip
         self.pert_features = pert_features
         self.heldout_controls_in_train = heldout_controls_in_train
         self.yield_controls = yield_controls
         self.dtype = dtype
+        self.data_loading = data_loading
+        self.stream_chunk_size = stream_chunk_size
+        self.stream_buffer_chunks = stream_buffer_chunks
+        self.stream_max_controls = stream_max_controls
         self.device = device
         self.seed = seed
         self.progress = progress
@@ -209,7 +249,8 @@ class StateTransitionModel(BaseEstimator):
             gradient_accumulation_steps=int(self.gradient_accumulation_steps), loss=self.loss,
             val_freq=int(self.val_freq), ckpt_every_n_steps=int(self.ckpt_every_n_steps),
             keep_last_n=self.keep_last_n, early_stopping_patience=self.early_stopping_patience,
-            precision=self.precision, matmul_precision=self.matmul_precision, seed=int(self.seed),
+            precision=self.precision, matmul_precision=self.matmul_precision,
+            compile=bool(self.compile), data_on_device=self.data_on_device, seed=int(self.seed),
             progress=bool(self.progress),
         )
 
@@ -241,7 +282,10 @@ class StateTransitionModel(BaseEstimator):
         """
         self._train_config({"max_steps": 1, "lr": 0.0})  # option errors before loading data
         columns = self._columns()
-        prepared = prepare(
+        stream = stream_settings(self.data_loading, self.stream_chunk_size,
+                                 self.stream_buffer_chunks, self.stream_max_controls)
+        prepared = (prepare if stream is None else partial(
+            prepare_stream, chunk_size=stream.chunk_size))(
             adata, split_config, columns, dataset_name=dataset_name,
             pert_features=self.pert_features,
             heldout_controls_in_train=self.heldout_controls_in_train,
@@ -277,15 +321,23 @@ class StateTransitionModel(BaseEstimator):
             print(describe(net_cfg))
         torch.manual_seed(int(self.seed))
         network = StateTransitionNetwork(net_cfg)
+        if network.pert_bias is not None:
+            _start_at_mean_response(network, prepared.splits["train"], vocab)
+            if not self.train_pert_skip:  # keep the mean-response skip fixed during training
+                for layer in (network.pert_bias, network.pert_mean_scale):
+                    if layer is not None:
+                        layer.weight.requires_grad_(False)
         samplers = {
-            name: CellSetSampler(split, vocab, set_len, settings["batch_size"],
-                                 seed=int(self.seed) + i, pairing=self._pairing(),
-                                 **({"rank": rank, "world_size": world} if name == "train" else {}))
+            name: make_sampler(split, vocab, set_len, settings["batch_size"], stream=stream,
+                               seed=int(self.seed) + i, pairing=self._pairing(),
+                               **({"rank": rank, "world_size": world} if name == "train" else {}))
             for i, (name, split) in enumerate(prepared.splits.items()) if name in ("train", "val")
         }
         if "val" not in samplers and verbose:
             print("statetx: no validation split: validation is skipped and no best checkpoint is "
                   "written (the test split is never used for validation).")
+        if stream is not None and verbose:
+            print(f"statetx: {samplers['train'].describe()}")
         out = Path(output_dir) if output_dir is not None else None
         self._set_fitted(network, net_cfg, vocab, prepared, set_len)
         if out is not None and rank == 0:
@@ -830,6 +882,42 @@ class StateTransitionModel(BaseEstimator):
         self._check_fitted()
         self.network_.to(resolve_device(device))
         return self
+
+
+def _start_at_mean_response(network: StateTransitionNetwork, train, vocab: Vocab) -> None:
+    """Start the ``pert_skip`` parameters at the training contexts' mean response.
+
+    ``shift``: b_p = the mean over contexts of (perturbed mean − control mean), the perturb-mean
+    baseline. ``mean_affine``: one scalar k_p per perturbation from the least-squares fit, pooled
+    over genes, of the contexts' perturbed means on their control means (both centred over the
+    contexts); a_p = k_p − 1 (clipped to [−1, 0.5]; 0 with fewer than 2 contexts) and b_p = the
+    mean shift − a_p · the mean control, so a context whose controls sit at the mean gets the
+    mean shift and one off the mean keeps the fraction k_p of its deviation. Both go through the
+    perturbation vectors by least squares (exact for one-hot features).
+    """
+    n = len(vocab.perturbations)
+    dim = network.config.output_dim
+    shift, scale = np.zeros((n, dim)), np.zeros((n, 1))
+    observed = np.zeros(n, dtype=bool)
+    observed[np.unique(train.pert[train.is_control])] = True  # controls: no change
+    for p, pairs in train.context_means().items():
+        ctrl = np.stack([c for c, _ in pairs])
+        pert = np.stack([t for _, t in pairs])
+        a = 0.0
+        if network.pert_mean_scale is not None and len(pairs) >= 2:
+            dx, dy = ctrl - ctrl.mean(0), pert - pert.mean(0)
+            denom = float((dx * dx).sum())
+            a = float(np.clip((dx * dy).sum() / denom - 1.0, -1.0, 0.5)) if denom > 0 else 0.0
+        shift[p] = (pert - ctrl).mean(0) - a * ctrl.mean(0)
+        scale[p] = a
+        observed[p] = True
+    feats = vocab.pert_matrix().astype(np.float64)[observed]
+    with torch.no_grad():
+        w = np.linalg.lstsq(feats, shift[observed], rcond=None)[0]  # [P, D]
+        network.pert_bias.weight.copy_(torch.from_numpy(w.T))
+        if network.pert_mean_scale is not None:
+            w = np.linalg.lstsq(feats, scale[observed], rcond=None)[0]  # [P, 1]
+            network.pert_mean_scale.weight.copy_(torch.from_numpy(w.T))
 
 
 def _history_frame(history: list[dict]) -> pd.DataFrame:

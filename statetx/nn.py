@@ -27,6 +27,7 @@ weights ``[out, in]`` (arc-state stores HF "Conv1D" ``[in, out]``; the importer 
     gene_decoder.blocks.{j}.{0,1}.*, gene_decoder.final_layer.0.*   residual decoder variant
     confidence_token.confidence_token                    [1, 1, h] learned token
     confidence_token.confidence_projection.{0,1,4,5,8}.* Linear,LayerNorm,(GELU,Dropout) x2, Linear
+    pert_bias.weight, pert_mean_scale.weight             [D_out, P], [1, P] pert_skip (option)
 
 Confidence projection layout (statetx's choice; arc-state's is unverified): Linear(h, h),
 LayerNorm(h), GELU, Dropout, Linear(h, h//2), LayerNorm(h//2), GELU, Dropout, Linear(h//2, 1), no
@@ -36,7 +37,7 @@ final activation.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,7 @@ ATTENTION_MODES = ("bidirectional", "causal")
 OUTPUT_SPACES = ("gene", "all", "embedding")
 OUTPUT_ACTIVATIONS = ("relu", "none")
 RESIDUAL_SPACES = ("hidden", "input")
+PERT_SKIPS = ("none", "shift", "mean_affine")
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +93,11 @@ class NetworkConfig:
     decoder_dropout: float  # gene decoder dropout
     residual_decoder: bool  # residual gene decoder variant
     confidence_token: bool  # append a learned confidence token to each set
+    # input-space skip per perturbation (residual_space "input"): "shift" adds a learned shift
+    # b_p to every cell; "mean_affine" adds b_p + a_p * mean(basal set), a learned scalar a_p per
+    # perturbation (how much of a context's deviation survives the perturbation); saved models
+    # from before the option load with "none"
+    pert_skip: str = "none"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,7 +120,8 @@ class NetworkConfig:
         unknown = [k for k in d if k not in names]
         if unknown:
             raise ConfigError(unknown_option_message("network option", unknown[0], names))
-        missing = [k for k in names if k not in d]
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}
+        missing = [k for k in names if k not in d and k not in optional]
         if missing:
             raise ConfigError(
                 f"network configuration is missing {', '.join(repr(m) for m in missing)}; "
@@ -146,6 +154,12 @@ class NetworkConfig:
                 f"residual_space 'input' adds the basal cell to the output, so input_dim "
                 f"({self.input_dim}) must equal output_dim ({self.output_dim})."
             )
+        _check_choice("pert_skip", self.pert_skip, PERT_SKIPS)
+        if self.pert_skip != "none" and not (self.residual_space == "input"
+                                             and self.predict_residual):
+            raise ConfigError(f"pert_skip {self.pert_skip!r} acts on the basal cell in input "
+                              "space, so it needs residual_space 'input' and predict_residual "
+                              "true.")
         for name in ("dropout", "decoder_dropout"):
             p = getattr(self, name)
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
@@ -482,6 +496,14 @@ class ConfidenceToken(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+def _set_mean(x: Tensor, valid_mask: Tensor | None) -> Tensor:
+    """Mean over each set's (real) cells, [B, 1, D]."""
+    if valid_mask is None:
+        return x.mean(dim=1, keepdim=True)
+    w = valid_mask[..., None].to(x.dtype)
+    return (x * w).sum(dim=1, keepdim=True) / w.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
 @dataclass
 class STOutput:
     """Network output: predictions [B,S,D_out], gene-decoder output [B,S,G], confidence [B]."""
@@ -516,6 +538,15 @@ class StateTransitionNetwork(nn.Module):
             last = self.project_out[-1]
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
+        # input-space skip per perturbation, zero here (the estimator starts it at the training
+        # contexts' mean response, see StateTransitionModel)
+        self.pert_bias = self.pert_mean_scale = None
+        if c.pert_skip != "none":
+            self.pert_bias = nn.Linear(c.pert_dim, c.output_dim, bias=False)
+            nn.init.zeros_(self.pert_bias.weight)
+        if c.pert_skip == "mean_affine":
+            self.pert_mean_scale = nn.Linear(c.pert_dim, 1, bias=False)
+            nn.init.zeros_(self.pert_mean_scale.weight)
         self.final_down_then_up = None
         if c.output_space == "all" and c.predict_residual:
             d = c.output_dim
@@ -563,6 +594,10 @@ class StateTransitionNetwork(nn.Module):
             pred = self.final_down_then_up(self.project_out(r) + basal)
         elif c.residual_space == "input":  # statetx option: the head predicts the change
             pred = basal + self.project_out(r)
+            if self.pert_bias is not None:
+                pred = pred + self.pert_bias(pert)
+            if self.pert_mean_scale is not None:
+                pred = pred + self.pert_mean_scale(pert) * _set_mean(basal, valid_mask)
         else:
             pred = self.project_out(r + e_b)
         if c.output_activation == "relu":

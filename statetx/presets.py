@@ -29,7 +29,7 @@ ARCH_KEYS = (
     "use_basal_projection", "backbone", "n_layers", "n_heads", "head_dim", "n_kv_heads",
     "intermediate_size", "attention", "rope", "norm_eps", "predict_residual", "residual_space",
     "output_activation", "batch_encoder", "gene_decoder_bool", "decoder_hidden_dims",
-    "decoder_dropout", "residual_decoder", "confidence_token",
+    "decoder_dropout", "residual_decoder", "confidence_token", "pert_skip",
 )
 
 # reference spellings accepted as overrides (arc-state model.kwargs / backbone kwargs)
@@ -54,7 +54,7 @@ def _llama(**kw: object) -> dict:
         "output_activation": "auto",
         "batch_encoder": False, "gene_decoder_bool": True,
         "decoder_hidden_dims": [1024, 1024, 512], "decoder_dropout": 0.1,
-        "residual_decoder": False, "confidence_token": False,
+        "residual_decoder": False, "confidence_token": False, "pert_skip": "none",
     }
     base.update(kw)
     return {k: base[k] for k in ARCH_KEYS}
@@ -97,11 +97,14 @@ PRESETS: dict[str, dict] = {
         intermediate_size=512, gene_decoder_bool=False,
     ),
     # statetx's default for data of up to ~100k cells (preset="auto"): tiny's dimensions, the head
-    # predicts the change of the basal cell in input space, no dropout (tuned on validation folds)
+    # predicts the change of the basal cell in input space on top of a per-perturbation skip that
+    # starts at the training contexts' mean response, no dropout (chosen on validation folds,
+    # benchmarks/quality/README.md)
     "small": _llama(
         cell_set_len=64, hidden_dim=128, n_encoder_layers=4, n_decoder_layers=4,
         use_basal_projection=False, n_layers=4, n_heads=4, head_dim=32, n_kv_heads=4,
         intermediate_size=512, gene_decoder_bool=False, residual_space="input", dropout=0.0,
+        pert_skip="mean_affine",
     ),
 }
 PRESETS["tahoe_llama_62089464"] = copy.deepcopy(PRESETS["state"])
@@ -253,7 +256,7 @@ def build_network_config(arch: dict, *, input_dim: int, output_dim: int, pert_di
         gene_dim=gene_dim if arch["gene_decoder_bool"] else 0,
         decoder_hidden_dims=list(arch["decoder_hidden_dims"]),
         decoder_dropout=arch["decoder_dropout"], residual_decoder=arch["residual_decoder"],
-        confidence_token=arch["confidence_token"],
+        confidence_token=arch["confidence_token"], pert_skip=arch["pert_skip"],
     )
 
 
@@ -276,6 +279,10 @@ def describe(config: NetworkConfig) -> str:
         head = "no residual"
     elif c.output_space == "all":
         head = "residual on the basal cell + D/8 bottleneck"
+    elif c.residual_space == "input":
+        head = "change of the basal cell in input space" + {
+            "none": "", "shift": " + per-perturbation shift",
+            "mean_affine": " + per-perturbation shift and set-mean scale"}[c.pert_skip]
     else:
         head = "residual in hidden space"
     dec = (f"gene decoder {c.output_dim}->{c.decoder_hidden_dims}->{c.gene_dim}"

@@ -138,6 +138,7 @@ ARCH_TYPES: dict[str, tuple[str, tuple, bool]] = {
     "batch_encoder": ("bool", (), False), "gene_decoder_bool": ("bool", (), False),
     "decoder_hidden_dims": ("intlist", (), False), "decoder_dropout": ("float", (), False),
     "residual_decoder": ("bool", (), False), "confidence_token": ("bool", (), False),
+    "pert_skip": ("str", ("none", "shift", "mean_affine"), False),
 }
 ARCH_KEYS = tuple(ARCH_TYPES)
 
@@ -221,6 +222,8 @@ def _keys() -> dict[str, Key]:
         Key(t + "warmup_steps", 0, "int"),
         Key(t + "matmul_precision", "medium", "str", ("highest", "high", "medium")),
         Key(t + "precision", "auto", "str", ("auto", "32", "bf16-mixed")),
+        Key(t + "compile", False, "bool"),
+        Key(t + "data_on_device", "auto", "str", ("auto", "always", "never")),
         Key(t + "log_every_n_steps", 50, "int", status="noeffect",
             note="the estimator logs every 50 steps"),
         Key(t + "keep_step_checkpoints", "all", "any"),
@@ -346,6 +349,8 @@ PARAM_PATHS: dict[str, str] = {
     "early_stopping_patience": "training.early_stopping_patience",
     "precision": "training.precision",
     "matmul_precision": "training.matmul_precision",
+    "compile": "training.compile",
+    "data_on_device": "training.data_on_device",
     "device": "training.device",
     "seed": "training.train_seed",
     "loss": "model.kwargs.loss",
@@ -353,6 +358,7 @@ PARAM_PATHS: dict[str, str] = {
 
 # keys that may differ when a run is resumed
 RESUME_FREE = ("training.max_steps", "training.log_every_n_steps", "training.device",
+               "training.compile", "training.data_on_device",
                "use_wandb", "overwrite", "resume", "dry_run", "output_dir", "name",
                "data.kwargs.num_workers", "data.kwargs.pin_memory")
 

@@ -23,6 +23,16 @@ from statetx.vocab import Vocab
 PAIRINGS = ("random", "batch")
 
 
+def check_sampler_options(pairing: str, cell_set_len: int, batch_size: int) -> None:
+    """ConfigError for an unknown pairing or a non-positive set length or batch size."""
+    if pairing not in PAIRINGS:
+        raise ConfigError(f"basal_mapping_strategy={pairing!r} is invalid; expected 'random' "
+                          "or 'batch'.")
+    if cell_set_len < 1 or batch_size < 1:
+        raise ConfigError(f"cell_set_len ({cell_set_len}) and batch_size ({batch_size}) must "
+                          "be positive integers.")
+
+
 @dataclass
 class CellSetBatch:
     """One training batch of ``B`` sets of ``S`` cells; tensors are ``[B, S, ·]``."""
@@ -101,12 +111,7 @@ class CellSetSampler:
     def __init__(self, data: SplitData, vocab: Vocab, cell_set_len: int, batch_size: int, *,
                  seed: int = 42, pairing: str = "random", drop_last: bool = False,
                  exclude_self: bool = False, rank: int = 0, world_size: int = 1) -> None:
-        if pairing not in PAIRINGS:
-            raise ConfigError(f"basal_mapping_strategy={pairing!r} is invalid; expected 'random' "
-                              "or 'batch'.")
-        if cell_set_len < 1 or batch_size < 1:
-            raise ConfigError(f"cell_set_len ({cell_set_len}) and batch_size ({batch_size}) must "
-                              "be positive integers.")
+        check_sampler_options(pairing, cell_set_len, batch_size)
         self.data, self.vocab = data, vocab
         self.S, self.B, self.seed = int(cell_set_len), int(batch_size), int(seed)
         self.pairing, self.drop_last, self.exclude_self = pairing, drop_last, exclude_self
@@ -114,6 +119,24 @@ class CellSetSampler:
         self.pert_matrix = torch.from_numpy(vocab.pert_matrix())
         self.groups, self.group_pool = self._groups()
         self.pools = self._pools()
+        self.device = torch.device("cpu")
+        self._X, self._counts = data.X, data.counts
+
+    def to(self, device: torch.device | str) -> CellSetSampler:
+        """Keep the split's matrices on ``device`` and gather batches there (no per-step host
+        copy of the cells; only the ``[B, S]`` row indices travel). Returns ``self``."""
+        self.device = torch.device(device)
+        d = self.data
+        self._X = d.X.to(self.device)
+        self._counts = None if d.counts is None else d.counts.to(self.device)
+        self.pert_matrix = self.pert_matrix.to(self.device)
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the split's cell matrices (what :meth:`to` moves)."""
+        d = self.data
+        return sum(t.numel() * t.element_size() for t in (d.X, d.counts) if t is not None)
 
     # ------------------------------------------------------------------ structure
     def _groups(self) -> tuple[list[np.ndarray], np.ndarray]:
@@ -218,25 +241,41 @@ class CellSetSampler:
         """Yield the batches of ``epoch`` from batch number ``start`` on (for exact resume)."""
         targets, basal = self.epoch_sets(epoch)
         n = len(self) * self.B if self.drop_last else len(targets)
+        dev = None
+        if self.device.type != "cpu":  # the epoch's indices travel once, not once per step
+            d = self.data
+            rows = np.stack([targets, basal, d.pert[targets], d.batch[targets],
+                             d.cell_type[targets]], axis=1)  # [n_sets, 5, S]
+            dev = torch.from_numpy(rows).to(self.device)
         for lo in range(start * self.B, n, self.B):
-            yield self.make_batch(targets[lo:lo + self.B], basal[lo:lo + self.B])
+            yield self.make_batch(targets[lo:lo + self.B], basal[lo:lo + self.B],
+                                  None if dev is None else dev[lo:lo + self.B])
 
-    def make_batch(self, target_rows: np.ndarray, basal_rows: np.ndarray) -> CellSetBatch:
-        """Gather the arrays of the given ``[B, S]`` row indices into a batch."""
+    def make_batch(self, target_rows: np.ndarray, basal_rows: np.ndarray,
+                   device_rows: torch.Tensor | None = None) -> CellSetBatch:
+        """Gather the arrays of the given ``[B, S]`` row indices into a batch.
+
+        ``device_rows`` ``[B, 5, S]``: the same indices (targets, basal, perturbation, batch, cell
+        type) already on the sampler's device (see :meth:`batches`)."""
         d = self.data
         b, s = target_rows.shape
-        t_idx = torch.from_numpy(np.ascontiguousarray(target_rows).reshape(-1))
-        c_idx = torch.from_numpy(np.ascontiguousarray(basal_rows).reshape(-1))
-        pert_index = torch.from_numpy(d.pert[target_rows])
+        if device_rows is None:
+            ints = torch.from_numpy(np.stack([target_rows, basal_rows, d.pert[target_rows],
+                                              d.batch[target_rows], d.cell_type[target_rows]]))
+            ints = ints.to(self.device)
+        else:
+            ints = device_rows.transpose(0, 1)
+        t_idx, c_idx = ints[0].reshape(-1), ints[1].reshape(-1)
+        pert_index = ints[2]
         first = target_rows[:, 0]
         return CellSetBatch(
-            basal=d.X.index_select(0, c_idx).view(b, s, -1).float(),
-            target=d.X.index_select(0, t_idx).view(b, s, -1).float(),
+            basal=self._X.index_select(0, c_idx).view(b, s, -1).float(),
+            target=self._X.index_select(0, t_idx).view(b, s, -1).float(),
             pert=self.pert_matrix[pert_index],
             pert_index=pert_index,
-            batch_index=torch.from_numpy(d.batch[target_rows]),
-            cell_type_index=torch.from_numpy(d.cell_type[target_rows]),
-            counts=None if d.counts is None else d.counts.index_select(0, t_idx).view(
+            batch_index=ints[3],
+            cell_type_index=ints[4],
+            counts=None if self._counts is None else self._counts.index_select(0, t_idx).view(
                 b, s, -1).float(),
             target_rows=target_rows,
             basal_rows=basal_rows,

@@ -60,12 +60,15 @@ class TrainConfig:
     seed: int = 42
     progress: bool = True
     n_train_eval_batches: int = 2        # batches for the eval-mode train loss at validation
+    compile: bool = False                # torch.compile the network (the loss stays eager)
+    data_on_device: str = "auto"         # "auto" (CUDA, when the cells fit) | "always" | "never"
 
     def __post_init__(self) -> None:
         checks = {
             "optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "cosine"),
             "precision": ("auto", "32", "bf16-mixed"),
             "matmul_precision": ("highest", "high", "medium"),
+            "data_on_device": ("auto", "always", "never"),
         }
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
@@ -122,7 +125,29 @@ class Trainer:
                     or (config.precision == "auto" and self.device.type == "cuda"))
         self.rank, self.world_size = world()
         self._ddp: torch.nn.Module | None = None  # the DDP wrapper, only while fit() runs
+        self._ddp_forward: torch.nn.Module | None = None  # the same, compiled when asked
         self._frozen: list[torch.nn.Parameter] = []
+        # the forward pass that training runs (compiled, or wrapped in DDP during fit)
+        self._forward: torch.nn.Module = torch.compile(self.net) if config.compile else self.net
+        # CUDA: checked lazily (no host sync per step), see _check_finite
+        self._first_bad_step: torch.Tensor | None = None
+        self._place_data()
+
+    def _place_data(self) -> None:
+        """Keep the training/validation cells on the accelerator when they fit (``auto``: at
+        most half of the free device memory), so a step gathers its sets on the device."""
+        mode = self.cfg.data_on_device
+        samplers = [s for s in (self.train_sampler, self.val_sampler) if s is not None]
+        if mode == "never" or self.device.type == "cpu" or not samplers:
+            return
+        if mode == "auto":
+            if self.device.type != "cuda":
+                return
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if sum(s.nbytes for s in samplers) > free // 2:
+                return
+        for s in samplers:
+            s.to(self.device)
 
     # ------------------------------------------------------------------ setup
     def _optimizer(self) -> torch.optim.Optimizer:
@@ -164,8 +189,9 @@ class Trainer:
         ``module`` runs the forward pass instead of the network (the DDP wrapper when training).
         """
         with self._autocast():
-            out = (module or self.net)(batch.basal, batch.pert, batch_index=batch.batch_index,
-                                       valid_mask=batch.valid_mask)
+            net = self.net if module is None else module
+            out = net(batch.basal, batch.pert, batch_index=batch.batch_index,
+                      valid_mask=batch.valid_mask)
         pred = out.pred.float()
         main = self.loss_fn(pred, batch.target)
         result = {"main_loss": main}
@@ -184,32 +210,53 @@ class Trainer:
             loss = loss + 0.01 * nanmean(parts["confidence_loss"])
         return loss
 
-    def _train_step(self, batches: list[CellSetBatch]) -> dict[str, float]:
+    def _train_step(self, batches: list[CellSetBatch]) -> dict[str, torch.Tensor]:
+        """One optimiser step; the logged values stay tensors (no host sync on CUDA)."""
         if self._ddp is not None:
             return self._train_step_ddp(batches)
         self.net.train()
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.state.step)
         self.opt.zero_grad(set_to_none=True)
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}
         for batch in batches:
-            parts = self.losses(batch.to(self.device, non_blocking=True))
+            parts = self.losses(batch.to(self.device, non_blocking=True), module=self._forward)
             loss = self.total(parts) / len(batches)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"non-finite training loss ({loss.item()}) at step {self.state.step + 1}; "
-                    "training stopped. The last complete checkpoint is kept. Lower the learning "
-                    "rate or check the input for extreme values."
-                )
+            self._note_finite(loss)
             loss.backward()
             for k, v in parts.items():
-                logs[k] = logs.get(k, 0.0) + float(nanmean(v.detach())) / len(batches)
-            logs["loss"] = logs.get("loss", 0.0) + float(loss.detach())
+                logs[k] = logs.get(k, 0.0) + nanmean(v.detach()) / len(batches)
+            logs["loss"] = logs.get("loss", 0.0) + loss.detach()
         params = [p for p in self.net.parameters() if p.grad is not None]
-        norm = clip_gradients(params, self.cfg.gradient_clip_val)
-        logs["grad_norm"] = float(norm)
+        logs["grad_norm"] = clip_gradients(params, self.cfg.gradient_clip_val)
         self.opt.step()
         return logs
+
+    def _note_finite(self, loss: torch.Tensor) -> None:
+        """Stop on a non-finite loss, naming the step. On the CPU at once; on an accelerator the
+        first bad step is recorded on the device and raised by :meth:`_check_finite` at the next
+        log, validation or checkpoint (before anything is written), avoiding a sync per step."""
+        if loss.device.type == "cpu":
+            if not torch.isfinite(loss):
+                self._raise_nonfinite(float(loss.detach()), self.state.step + 1)
+            return
+        step = torch.full((), self.state.step + 1, device=loss.device, dtype=torch.int64)
+        if self._first_bad_step is None:
+            self._first_bad_step = torch.zeros((), device=loss.device, dtype=torch.int64)
+        bad = ~torch.isfinite(loss) & (self._first_bad_step == 0)
+        self._first_bad_step = torch.where(bad, step, self._first_bad_step)
+
+    def _check_finite(self) -> None:
+        if self._first_bad_step is not None and int(self._first_bad_step):
+            self._raise_nonfinite(math.nan, int(self._first_bad_step))
+
+    @staticmethod
+    def _raise_nonfinite(value: float, step: int) -> None:
+        raise TrainingError(
+            f"non-finite training loss ({value}) at step {step}; training stopped. The last "
+            "complete checkpoint is kept. Lower the learning rate or check the input for extreme "
+            "values."
+        )
 
     def _train_step_ddp(self, batches: list[CellSetBatch]) -> dict[str, float]:
         """One data-parallel step: DDP averages gradients (synchronised on the last micro-batch
@@ -224,7 +271,8 @@ class Trainer:
         for i, batch in enumerate(batches):
             sync = contextlib.nullcontext() if i == n - 1 else self._ddp.no_sync()
             with sync:
-                parts = self.losses(batch.to(self.device, non_blocking=True), module=self._ddp)
+                parts = self.losses(batch.to(self.device, non_blocking=True),
+                                    module=self._ddp_forward)
                 loss = self.total(parts) / n
                 loss.backward()
             vals = [loss.detach().float()] + [nanmean(v.detach()).float() / n
@@ -275,9 +323,10 @@ class Trainer:
             broadcast_buffers=any(True for _ in self.net.buffers()),
             gradient_as_bucket_view=True,
         )
+        self._ddp_forward = torch.compile(self._ddp) if self.cfg.compile else self._ddp
 
     def _unwrap(self) -> None:
-        self._ddp = None
+        self._ddp = self._ddp_forward = None
         for p in self._frozen:
             p.requires_grad_(True)
         self._frozen = []
@@ -358,21 +407,22 @@ class Trainer:
                     pending.append(batch)
                     if len(pending) < accum:
                         continue
-                    logs = self._train_step(pending)
+                    step_logs = self._train_step(pending)
                     window_cells += sum(b.n_cells for b in pending)
                     pending = []
                     st.step += 1
                     if st.step % c.log_every_n_steps == 0 or st.step == c.max_steps:
-                        if self.device.type == "cuda":
-                            torch.cuda.synchronize()
+                        self._check_finite()  # the one host sync of the window
+                        logs = {k: float(v) for k, v in step_logs.items()}
                         dt = max(time.perf_counter() - t0, 1e-9)
                         logs.update(cells_per_s=window_cells * self.world_size / dt,
                                     lr=self.lr_at(st.step - 1))
                         self._log(logs)
                         window_cells, t0 = 0, time.perf_counter()
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{logs['loss']:.4f}")
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{logs['loss']:.4f}")
                     stop = self._after_step()
                     if stop or st.step >= c.max_steps:
                         break
@@ -384,6 +434,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        self._check_finite()
         if self.out is not None:
             self._checkpoint("final.ckpt")
             self._checkpoint("last.ckpt")
@@ -394,6 +445,10 @@ class Trainer:
         """Validation, checkpoints and early stopping after a completed step; True = stop."""
         c, st = self.cfg, self.state
         stop = False
+        due_ckpt = self.out is not None and (st.step % c.ckpt_every_n_steps == 0 or st.step % min(
+            c.val_freq, c.ckpt_every_n_steps) == 0)
+        if due_ckpt or st.step % c.val_freq == 0 or st.step == c.max_steps:
+            self._check_finite()  # nothing is validated or written after a non-finite step
         if st.step % c.val_freq == 0 or st.step == c.max_steps:
             logs = self._validate()
             self._log(logs)
@@ -522,7 +577,11 @@ def clip_gradients(params: list[torch.nn.Parameter], clip: float | None) -> torc
     if not hasattr(utils, "get_total_norm"):  # torch < 2.6
         return utils.clip_grad_norm_(params, clip if clip else float("inf"))
     norm = utils.get_total_norm([p.grad for p in params])
-    if clip and float(norm) + 1e-6 > clip:  # clip_grad_norm_'s coefficient clip/(norm+1e-6) < 1
+    if not clip:
+        return norm
+    # off the CPU always rescale (the coefficient is clamped to 1 on the device: no host sync);
+    # on the CPU only when clip_grad_norm_'s coefficient clip / (norm + 1e-6) is below 1
+    if norm.device.type != "cpu" or float(norm) + 1e-6 > clip:
         utils.clip_grads_with_norm_(params, clip, norm)
     return norm
 

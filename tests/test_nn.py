@@ -370,3 +370,35 @@ def test_input_space_residual_starts_as_identity_and_learns_a_change():
     torch.testing.assert_close(net(basal, pert).pred, basal)
     with pytest.raises(ConfigError, match="residual_space 'input'"):
         make(residual_space="input", output_dim=net.config.input_dim + 1)
+
+
+def test_pert_skip_shift_and_mean_affine_math():
+    net = make(residual_space="input", output_activation="none", dropout=0.0,
+               pert_skip="mean_affine")
+    basal, pert = inputs(s=6)
+    b = torch.randn(12)
+    with torch.no_grad():
+        net.pert_bias.weight.zero_()
+        net.pert_bias.weight[:, 1] = b  # perturbation 1 (the one-hot in inputs())
+        net.pert_mean_scale.weight.zero_()
+        net.pert_mean_scale.weight[0, 1] = -0.4
+    expect = basal + b - 0.4 * basal.mean(dim=1, keepdim=True)
+    torch.testing.assert_close(net(basal, pert).pred, expect)
+    # padded positions do not enter the set mean
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    out = net(basal, pert, valid_mask=mask).pred
+    first = basal[0, :4] + b - 0.4 * basal[0, :4].mean(0)
+    torch.testing.assert_close(out[0, :4], first)
+    assert (out[0, 4:] == 0).all()
+    # a permutation of the set permutes the output (the skip is a set function)
+    perm = torch.randperm(6)
+    torch.testing.assert_close(net(basal[:, perm], pert[:, perm]).pred, expect[:, perm])
+
+
+def test_pert_skip_needs_input_residual_and_a_known_value():
+    with pytest.raises(ConfigError, match="pert_skip 'shift'.*residual_space 'input'"):
+        make(pert_skip="shift")
+    with pytest.raises(ConfigError, match="pert_skip"):
+        make(residual_space="input", pert_skip="affine")
+    assert make(residual_space="input", pert_skip="shift").pert_mean_scale is None

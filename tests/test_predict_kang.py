@@ -51,3 +51,53 @@ def test_gene_mismatch_on_real_data_lists_genes(kang_model, kang_log):
 def test_raw_counts_rejected_for_a_log1p_model(kang_model, kang_raw):
     with pytest.raises(DataError, match="raw counts"):
         kang_model.predict(kang_raw)
+
+
+def _delta_corr(pred, real, cell_type="B cells") -> float:
+    """Correlation of the predicted and real mean shift (IFNB − control) of one cell type."""
+    def shift(a):
+        a = a[(a.obs["cell_type"] == cell_type).to_numpy()]
+        stim = (a.obs["target_gene"] == "IFNB").to_numpy()
+        return np.asarray(a.X[stim]).mean(0) - np.asarray(a.X[~stim]).mean(0)
+    return float(np.corrcoef(shift(pred), shift(real))[0, 1])
+
+
+@pytest.mark.parametrize("skip", ["shift", "mean_affine"])
+def test_pert_skip_starts_at_the_training_mean_response(kang_log, skip):
+    """Before training, the skip alone predicts the held-out type: ``shift`` exactly the perturb-
+    mean baseline, ``mean_affine`` the contexts' regression of perturbed on control means."""
+    from statetx.baselines import PerturbMeanBaseline
+
+    cols = dict(pert_col="target_gene", cell_type_key="cell_type", control_pert="control")
+    m = StateTransitionModel(max_steps=1, lr=1e-12, progress=False, seed=0,
+                             model_kwargs={"pert_skip": skip}, **cols).fit(kang_log, SPEC)
+    pred, real = m.predict_split("test", controls="real")
+    x, obs = kang_log.X, kang_log.obs
+    train_types = sorted(set(obs["cell_type"]) - {"B cells"})
+
+    def mean(ct, stim):
+        return np.asarray(x[((obs["cell_type"] == ct) & ((obs["target_gene"] == "IFNB") == stim))
+                            .to_numpy()]).mean(0, dtype=np.float64)
+
+    ctrl = np.stack([mean(ct, False) for ct in train_types])
+    stim = np.stack([mean(ct, True) for ct in train_types])
+    held = mean("B cells", False)
+    a = 0.0
+    if skip == "shift":
+        bp, br = PerturbMeanBaseline(**cols).fit(kang_log, SPEC).predict_split("test")
+        expect = _delta_corr(bp, br)
+    else:
+        dx, dy = ctrl - ctrl.mean(0), stim - stim.mean(0)
+        a = (dx * dy).sum() / (dx * dx).sum() - 1
+        assert float(m.network_.pert_mean_scale.weight.max()) == pytest.approx(0.0, abs=1e-9)
+        assert a == pytest.approx(float(m.network_.pert_mean_scale.weight.min()), abs=1e-4)
+        closed = stim.mean(0) + (1 + a) * (held - ctrl.mean(0)) - held
+        expect = float(np.corrcoef(closed, mean("B cells", True) - held)[0, 1])
+    # the skip alone, through the output ReLU, on the control cells each prediction was paired with
+    b = (stim - ctrl).mean(0) - a * ctrl.mean(0)
+    stim_rows = (pred.obs["target_gene"] == "IFNB").to_numpy()
+    cells = np.asarray(kang_log[pred.obs["ctrl_cell_barcode"][stim_rows].to_numpy()].X,
+                       dtype=np.float64)
+    ref = np.maximum(cells + b + a * cells.mean(0), 0).mean(0)
+    assert np.corrcoef(pred[stim_rows].X.mean(0), ref)[0, 1] > 0.999
+    assert _delta_corr(pred, real) == pytest.approx(expect, abs=0.02)
