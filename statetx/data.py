@@ -239,8 +239,15 @@ def _sample_matrix(f: DataFile, source: str | None) -> np.ndarray:
     return f.read_rows(np.unique(rows), source)
 
 
-def _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_dtype):
-    parts, ctx_offset = [], 0
+def split_labels(split: str, assignments: list[Assignment], vocab: Vocab
+                 ) -> tuple[list[tuple[Assignment, np.ndarray]], dict[str, np.ndarray]] | None:
+    """The encoded labels of one split's rows over all files (None when it has no rows).
+
+    Returns the ``(assignment, file rows)`` of each file in order and the concatenated arrays
+    ``pert``, ``cell_type``, ``batch``, ``is_control``, ``context`` (per file and cell type),
+    ``file_index``, ``file_row`` and ``barcodes``.
+    """
+    parts, files, ctx_offset = [], [], 0
     for fi, a in enumerate(assignments):
         m = a.mask(split)
         if not m.any():
@@ -250,30 +257,35 @@ def _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_
         ct_codes = vocab.encode("cell_type", f.cell_type[rows])
         ctx_local = np.unique(ct_codes, return_inverse=True)[1].reshape(-1)
         parts.append(dict(
-            X=f.read_rows(rows, src, np_dtype),
-            counts=None if counts_src is False else f.read_rows(rows, counts_src, np_dtype),
-            pert=vocab.encode("pert", f.pert[rows]),
-            cell_type=ct_codes,
-            batch=vocab.encode("batch", f.batch[rows]),
-            is_control=a.is_control[rows],
-            context=ctx_local + ctx_offset,
-            file_index=np.full(len(rows), fi, dtype=np.int64),
-            barcodes=f.barcodes[rows],
+            pert=vocab.encode("pert", f.pert[rows]), cell_type=ct_codes,
+            batch=vocab.encode("batch", f.batch[rows]), is_control=a.is_control[rows],
+            context=ctx_local + ctx_offset, file_index=np.full(len(rows), fi, dtype=np.int64),
+            file_row=rows.astype(np.int64), barcodes=f.barcodes[rows],
         ))
+        files.append((a, rows))
         ctx_offset += int(ctx_local.max()) + 1
     if not parts:
         return None
-    cat = {k: (None if parts[0][k] is None else np.concatenate([p[k] for p in parts]))
-           for k in parts[0]}
-    _check_finite(cat["X"], split)
+    return files, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_dtype):
+    labels = split_labels(split, assignments, vocab)
+    if labels is None:
+        return None
+    files, cat = labels
+    x = np.concatenate([a.file.read_rows(rows, src, np_dtype) for a, rows in files])
+    counts = None if counts_src is False else np.concatenate(
+        [a.file.read_rows(rows, counts_src, np_dtype) for a, rows in files])
+    _check_finite(x, split)
     is_target = ~cat["is_control"] | bool(yield_controls)
     if not is_target.any():
         return None
     return SplitData(
-        name=split, X=torch.from_numpy(cat["X"]), pert=cat["pert"], cell_type=cat["cell_type"],
+        name=split, X=torch.from_numpy(x), pert=cat["pert"], cell_type=cat["cell_type"],
         batch=cat["batch"], is_control=cat["is_control"], is_target=is_target,
         context=cat["context"], file_index=cat["file_index"], barcodes=cat["barcodes"],
-        counts=None if cat["counts"] is None else torch.from_numpy(cat["counts"]),
+        counts=None if counts is None else torch.from_numpy(counts),
     )
 
 

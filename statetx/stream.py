@@ -48,7 +48,7 @@ import scipy.sparse as sp
 import torch
 
 from statetx.config import SPLITS, ColumnMap, SplitConfig
-from statetx.data import DataInput, PreparedData, SplitData, _sources, prepare
+from statetx.data import DataInput, PreparedData, SplitData, _sources, prepare, split_labels
 from statetx.errors import ConfigError, DataError
 from statetx.io import DataFile
 from statetx.sets import CellSetBatch, CellSetSampler, check_sampler_options
@@ -354,26 +354,10 @@ def prepare_stream(
 def _stream_split(split: str, prepared: PreparedData, src, counts_src, yield_controls: bool,
                   np_dtype, chunk_size: int) -> StreamSplit | None:
     """The labels of one split, built as :func:`statetx.data.prepare` builds them."""
-    vocab = prepared.vocab
-    parts, ctx_offset = [], 0
-    for fi, a in enumerate(prepared.assignments):
-        m = a.mask(split)
-        if not m.any():
-            continue
-        rows = np.flatnonzero(m)
-        f = a.file
-        ct = vocab.encode("cell_type", f.cell_type[rows])
-        ctx_local = np.unique(ct, return_inverse=True)[1].reshape(-1)
-        parts.append(dict(
-            pert=vocab.encode("pert", f.pert[rows]), cell_type=ct,
-            batch=vocab.encode("batch", f.batch[rows]), is_control=a.is_control[rows],
-            context=ctx_local + ctx_offset, file_index=np.full(len(rows), fi, dtype=np.int64),
-            file_row=rows.astype(np.int64), barcodes=f.barcodes[rows],
-        ))
-        ctx_offset += int(ctx_local.max()) + 1
-    if not parts:
+    labels = split_labels(split, prepared.assignments, prepared.vocab)
+    if labels is None:
         return None
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    cat = labels[1]
     is_target = ~cat["is_control"] | bool(yield_controls)
     if not is_target.any():
         return None
