@@ -23,20 +23,14 @@ import scipy.sparse as sp
 import torch
 from conftest import make_synthetic
 from sklearn.exceptions import NotFittedError
+from test_model import SMALL, TINY_CLI
 
 from statetx import StateTransitionModel
 from statetx.cli import main
 from statetx.errors import ConfigError, DataError
 from statetx.train import TrainingError
 
-SMALL = {"hidden_dim": 32, "n_heads": 2, "head_dim": 16, "n_kv_heads": 2,
-         "intermediate_size": 128, "n_layers": 2}
-# `tx train` overrides for the same tiny network
-TINY = ["model=tiny", "model.kwargs.hidden_dim=32", "model.kwargs.n_heads=2",
-        "model.kwargs.head_dim=16", "model.kwargs.n_kv_heads=2",
-        "model.kwargs.intermediate_size=128", "model.kwargs.n_layers=2",
-        "model.kwargs.cell_set_len=8", "training.batch_size=4", "training.max_steps=2",
-        "training.device=cpu", "data.kwargs.control_pert=ctrl", "data.kwargs.batch_col=batch"]
+TINY = [*TINY_CLI, "training.max_steps=2"]
 
 
 def small_model(**kw) -> StateTransitionModel:

@@ -22,19 +22,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_synthetic
+from test_model import SMALL, TINY_CLI
 
 from statetx import StateTransitionModel
 from statetx.cli import main
 from statetx.run import atomic_write, atomic_write_text, load_run
 from statetx.train import Trainer, TrainingError, atomic_torch_save, load_checkpoint_file
 
-SMALL = {"hidden_dim": 32, "n_heads": 2, "head_dim": 16, "n_kv_heads": 2,
-         "intermediate_size": 128, "n_layers": 2}
-TINY = ["model=tiny", "model.kwargs.hidden_dim=32", "model.kwargs.n_heads=2",
-        "model.kwargs.head_dim=16", "model.kwargs.n_kv_heads=2",
-        "model.kwargs.intermediate_size=128", "model.kwargs.n_layers=2",
-        "model.kwargs.cell_set_len=8", "training.batch_size=4", "training.device=cpu",
-        "data.kwargs.control_pert=ctrl", "data.kwargs.batch_col=batch"]
+TINY = TINY_CLI
 
 # Runs `statetx` with torch.save wrapped: the KILL_NTH-th write of a checkpoint named KILL_ON
 # writes half of the serialised bytes to its temporary file, syncs it, and SIGKILLs the process.

@@ -15,6 +15,10 @@ from statetx.errors import DataError
 
 SMALL = {"hidden_dim": 32, "n_heads": 2, "head_dim": 16, "n_kv_heads": 2,
          "intermediate_size": 128, "n_layers": 2}
+# `tx train` overrides for the same tiny network
+TINY_CLI = ["model=tiny", *(f"model.kwargs.{k}={v}" for k, v in SMALL.items()),
+            "model.kwargs.cell_set_len=8", "training.batch_size=4", "training.device=cpu",
+            "data.kwargs.control_pert=ctrl", "data.kwargs.batch_col=batch"]
 SPEC = '[training]\ndata = "train"\n[zeroshot]\n"data.CT2" = "test"\n'
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FIXTURES, make_synthetic, need
+from test_model import SMALL
 
 from statetx import StateTransitionModel
 from statetx.arc import load_pickle, load_torch
@@ -27,8 +28,6 @@ from statetx.run import load_run, partial_load
 from statetx.train import TrainingError
 
 ARC_RUN = FIXTURES / "arc_state" / "runs" / "model_a_llama_bidir"
-SMALL = {"hidden_dim": 32, "n_heads": 2, "head_dim": 16, "n_kv_heads": 2,
-         "intermediate_size": 128, "n_layers": 2}
 
 
 class Payload:
