@@ -47,15 +47,16 @@ FORMAT_VERSION = 1
 #: ``preset="auto"`` picks ``small`` below this many training cells, else ``state_sm``.
 AUTO_SMALL_MAX_CELLS = 100_000
 
-#: Training settings used when ``batch_size`` / ``max_steps`` / ``lr`` are left as None.
-#: Named reference presets keep the reference's values (batch 16, 40,000 steps, lr 1e-4); the
-#: ``small`` preset (chosen by ``preset="auto"`` for data of up to ~100k cells) trains for a fixed
-#: number of passes over the training cells, tuned on held-out validation folds
+#: Training settings used when ``batch_size`` / ``max_steps`` / ``lr`` are left as None and
+#: ``weight_averaging`` as ``"auto"``. Named reference presets keep the reference's values (batch
+#: 16, 40,000 steps, lr 1e-4, no averaging); the ``small`` preset (chosen by ``preset="auto"`` for
+#: data of up to ~100k cells) trains for a fixed number of passes over the training cells and
+#: returns the running mean of its weights, both tuned on held-out validation folds
 #: (benchmarks/quality/README.md).
 TRAINING_DEFAULTS: dict[str, dict] = {
-    "*": {"batch_size": 16, "max_steps": 40_000, "lr": 1e-4},
+    "*": {"batch_size": 16, "max_steps": 40_000, "lr": 1e-4, "weight_averaging": "none"},
     "small": {"batch_size": 8, "max_steps": "epochs", "passes": 100, "min_steps": 300,
-              "max_steps_cap": 3000, "lr": 1e-3},
+              "max_steps_cap": 3000, "lr": 1e-3, "weight_averaging": "uniform"},
 }
 
 
@@ -82,6 +83,12 @@ class StateTransitionModel(BaseEstimator):
         (:data:`TRAINING_DEFAULTS`: reference presets 16 / 40,000 / 1e-4; ``small`` 8 / 100
         passes over the training cells (300–3,000 steps) / 1e-3). The resolved values are in
         ``train_settings_``.
+    weight_averaging, averaging_start
+        ``uniform``: training returns (and validates) the running mean of the weights over the
+        optimiser steps after the fraction ``averaging_start`` of ``max_steps`` (Polyak /
+        stochastic weight averaging; it removes the step-to-step noise of a constant learning
+        rate); ``none``: the last weights; ``auto`` (default): ``uniform`` for the ``small``
+        preset, ``none`` for the reference presets.
     optimizer, weight_decay, lr_schedule, warmup_steps, gradient_clip_val,
     gradient_accumulation_steps, loss, val_freq, ckpt_every_n_steps, keep_last_n,
     early_stopping_patience, precision, matmul_precision
@@ -140,6 +147,8 @@ class StateTransitionModel(BaseEstimator):
         batch_size: int | None = None,
         max_steps: int | None = None,
         lr: float | None = None,
+        weight_averaging: str = "auto",
+        averaging_start: float = 0.0,
         optimizer: str = "adam",
         weight_decay: float = 0.0,
         lr_schedule: str = "constant",
@@ -184,6 +193,8 @@ class StateTransitionModel(BaseEstimator):
         self.optimizer = optimizer
         self.weight_decay = weight_decay
         self.lr_schedule = lr_schedule
+        self.weight_averaging = weight_averaging
+        self.averaging_start = averaging_start
         self.warmup_steps = warmup_steps
         self.gradient_clip_val = gradient_clip_val
         self.gradient_accumulation_steps = gradient_accumulation_steps
@@ -233,7 +244,9 @@ class StateTransitionModel(BaseEstimator):
             steps = int(min(d["max_steps_cap"], max(d["min_steps"], round(passes))))
         return {"batch_size": batch,
                 "max_steps": int(self.max_steps if self.max_steps is not None else steps),
-                "lr": float(self.lr if self.lr is not None else d["lr"])}
+                "lr": float(self.lr if self.lr is not None else d["lr"]),
+                "weight_averaging": (d["weight_averaging"] if self.weight_averaging == "auto"
+                                     else self.weight_averaging)}
 
     def _pairing(self) -> str:
         """Control pairing: ``auto`` = ``batch`` when ``batch_col`` is set, else ``random``."""
@@ -245,6 +258,8 @@ class StateTransitionModel(BaseEstimator):
         return TrainConfig(
             max_steps=settings["max_steps"], lr=settings["lr"], optimizer=self.optimizer,
             weight_decay=float(self.weight_decay), lr_schedule=self.lr_schedule,
+            weight_averaging=settings.get("weight_averaging", "none"),
+            averaging_start=self.averaging_start,
             warmup_steps=int(self.warmup_steps), gradient_clip_val=self.gradient_clip_val,
             gradient_accumulation_steps=int(self.gradient_accumulation_steps), loss=self.loss,
             val_freq=int(self.val_freq), ckpt_every_n_steps=int(self.ckpt_every_n_steps),
@@ -280,7 +295,8 @@ class StateTransitionModel(BaseEstimator):
         refers to (or ``dataset_name``). ``output_dir`` receives checkpoints, metrics and the
         vocabularies; ``resume_from`` continues a run from one of its checkpoints exactly.
         """
-        self._train_config({"max_steps": 1, "lr": 0.0})  # option errors before loading data
+        self._train_config({"max_steps": 1, "lr": 0.0,  # option errors before loading data
+                            "weight_averaging": self.weight_averaging.replace("auto", "none")})
         columns = self._columns()
         stream = stream_settings(self.data_loading, self.stream_chunk_size,
                                  self.stream_buffer_chunks, self.stream_max_controls)

@@ -6,6 +6,11 @@ every ``val_freq`` steps (evaluation mode, fixed validation sets), writes ``step
 loss) and ``final.ckpt``, and can resume from any checkpoint exactly: weights, optimiser moments,
 step, epoch, position in the epoch and random-number state are restored.
 
+``weight_averaging="uniform"`` keeps the running mean of the weights over the optimiser steps from
+``averaging_start`` on (Polyak / stochastic weight averaging): validation, ``best.ckpt``,
+``final.ckpt`` and the trained network use the averaged weights, while training goes on from the
+raw ones (checkpoints hold both, so a resume is still exact).
+
 When a process group with more than one rank is initialised (torchrun), the same loop runs data
 parallel: the network is wrapped in DDP for the duration of :meth:`Trainer.fit`, validation losses
 and logged values are all-reduced, and only rank 0 writes; see :mod:`statetx.distributed`.
@@ -62,6 +67,8 @@ class TrainConfig:
     n_train_eval_batches: int = 2        # batches for the eval-mode train loss at validation
     compile: bool = False                # torch.compile the network (the loss stays eager)
     data_on_device: str = "auto"         # "auto" (CUDA, when the cells fit) | "always" | "never"
+    weight_averaging: str = "none"       # "none" | "uniform" (running mean of the weights)
+    averaging_start: float = 0.0         # fraction of max_steps after which averaging starts
 
     def __post_init__(self) -> None:
         checks = {
@@ -69,12 +76,17 @@ class TrainConfig:
             "precision": ("auto", "32", "bf16-mixed"),
             "matmul_precision": ("highest", "high", "medium"),
             "data_on_device": ("auto", "always", "never"),
+            "weight_averaging": ("none", "uniform"),
         }
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is invalid; expected one of "
                                   f"{', '.join(map(repr, allowed))}.")
         self.lr = float(self.lr)
+        self.averaging_start = float(self.averaging_start)
+        if not 0.0 <= self.averaging_start < 1.0:
+            raise ConfigError(f"averaging_start={self.averaging_start!r} must be a fraction of "
+                              "max_steps in [0, 1).")
         self.weight_decay = float(self.weight_decay)
         for key in ("max_steps", "val_freq", "ckpt_every_n_steps", "gradient_accumulation_steps",
                     "log_every_n_steps"):
@@ -92,6 +104,7 @@ class TrainState:
     best_val: float = math.inf
     best_step: int = -1
     bad_validations: int = 0
+    n_averaged: int = 0  # optimiser steps in the weight average
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -131,6 +144,10 @@ class Trainer:
         self._forward: torch.nn.Module = torch.compile(self.net) if config.compile else self.net
         # CUDA: checked lazily (no host sync per step), see _check_finite
         self._first_bad_step: torch.Tensor | None = None
+        # weight averaging: the running mean of every parameter (None = off)
+        self._avg: list[torch.Tensor] | None = (
+            [p.detach().clone() for p in self.net.parameters()]
+            if config.weight_averaging != "none" else None)
         self._place_data()
 
     def _place_data(self) -> None:
@@ -230,6 +247,7 @@ class Trainer:
         params = [p for p in self.net.parameters() if p.grad is not None]
         logs["grad_norm"] = clip_gradients(params, self.cfg.gradient_clip_val)
         self.opt.step()
+        self._update_average()
         return logs
 
     def _note_finite(self, loss: torch.Tensor) -> None:
@@ -291,7 +309,45 @@ class Trainer:
         norm = clip_gradients(params, self.cfg.gradient_clip_val)
         logs["grad_norm"] = float(norm)
         self.opt.step()
+        self._update_average()
         return logs
+
+    # ------------------------------------------------------------------ weight averaging
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        """Fold the weights after optimiser step ``state.step + 1`` into the running mean."""
+        c = self.cfg
+        if self._avg is None or self.state.step + 1 <= c.averaging_start * c.max_steps:
+            return
+        self.state.n_averaged += 1
+        weight = 1.0 / self.state.n_averaged  # a Python float: no host sync on an accelerator
+        for avg, p in zip(self._avg, self.net.parameters()):
+            avg.lerp_(p.detach(), weight)
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Within the block the network holds the averaged weights (when there are any)."""
+        if self._avg is None or self.state.n_averaged == 0:
+            yield
+            return
+        params = list(self.net.parameters())
+        raw = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, a in zip(params, self._avg):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(params, raw):
+                    p.copy_(r)
+
+    @torch.no_grad()
+    def _use_average(self) -> None:
+        """End of training: the network keeps the averaged weights."""
+        if self._avg is not None and self.state.n_averaged > 0:
+            for p, a in zip(self.net.parameters(), self._avg):
+                p.copy_(a)
 
     # ------------------------------------------------------------------ data parallel
     def _unused_parameters(self) -> list[torch.nn.Parameter]:
@@ -366,10 +422,11 @@ class Trainer:
         return total / count if count else math.nan
 
     def _validate(self) -> dict[str, float]:
-        logs = {"train_loss_eval": self.evaluate(self.train_sampler, epoch=10**6,
-                                                 max_batches=self.cfg.n_train_eval_batches)}
-        if self.val_sampler is not None:
-            logs["val_loss"] = self.evaluate(self.val_sampler)
+        with self.averaged_weights():  # what training would return if it stopped now
+            logs = {"train_loss_eval": self.evaluate(self.train_sampler, epoch=10**6,
+                                                     max_batches=self.cfg.n_train_eval_batches)}
+            if self.val_sampler is not None:
+                logs["val_loss"] = self.evaluate(self.val_sampler)
         return logs
 
     # ------------------------------------------------------------------ loop
@@ -390,6 +447,7 @@ class Trainer:
             if self.world_size > 1:
                 self._wrap()
             self._loop()
+            self._use_average()
         finally:
             self._unwrap()
             torch.set_float32_matmul_precision(prev_precision)
@@ -508,8 +566,16 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         if rank_rng is not None:
             rng["ranks"] = rank_rng
+        weights = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        averaging: dict[str, Any] = {}
+        if self._avg is not None:  # state_dict: the weights to predict with; the raw ones resume
+            with self.averaged_weights():
+                used = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
+            averaging = {"train_weights": weights}
+            weights = used
         return {
-            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "state_dict": weights,
+            **averaging,
             "optimizer": self.opt.state_dict(),
             "train_state": {k: v for k, v in asdict(st).items() if k != "history"},
             "history": [{k: float(v) if isinstance(v, (int, float, np.floating)) else v
@@ -544,8 +610,12 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimiser, loop position and RNG state from a checkpoint."""
         ckpt = load_checkpoint_file(path)
-        self.net.load_state_dict(ckpt["state_dict"])
+        self.net.load_state_dict(ckpt.get("train_weights", ckpt["state_dict"]))
         self.net.to(self.device)
+        if self._avg is not None:  # the average so far (the weights themselves if none)
+            with torch.no_grad():
+                for (name, _), avg in zip(self.net.named_parameters(), self._avg):
+                    avg.copy_(ckpt["state_dict"][name])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["train_state"], history=list(ckpt.get("history", [])))
         torch.set_rng_state(ckpt["rng"]["torch"])

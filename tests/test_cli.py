@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from statetx.cli import main
+from statetx.train import load_checkpoint_file
 
 # a tiny network through the reference's override keys
 TINY = [
@@ -391,3 +392,14 @@ def test_gpu_and_skip_options_reach_the_estimator(data, tmp_path, capsys):
     assert "pert_skip: mean_affine" in out
     assert main(train_args(data, tmp_path, "bad", "training.data_on_device=gpu")) != 0
     assert "data_on_device" in capsys.readouterr().err
+
+
+def test_weight_averaging_from_the_command_line(data, tmp_path, capsys):
+    """training.weight_averaging / averaging_start reach the trainer; bad values are refused."""
+    assert main(train_args(data, tmp_path, "avg", "training.weight_averaging=uniform",
+                           "training.averaging_start=0.5")) == 0
+    final = load_checkpoint_file(tmp_path / "avg" / "checkpoints" / "final.ckpt")
+    assert final["train_state"]["n_averaged"] == 2 and "train_weights" in final  # steps 3, 4
+    assert "weight_averaging: uniform" in (tmp_path / "avg" / "config.yaml").read_text()
+    assert main(train_args(data, tmp_path, "bad", "training.weight_averaging=ema")) != 0
+    assert "weight_averaging" in capsys.readouterr().err

@@ -200,7 +200,8 @@ def test_auto_preset_and_training_defaults(synth):
     assert m.get_params()["preset"] == "auto"
     m.fit(synth)
     assert m.preset_ == "small"
-    assert m.train_settings_ == {"batch_size": 8, "max_steps": 2, "lr": 1e-3}
+    assert m.train_settings_ == {"batch_size": 8, "max_steps": 2, "lr": 1e-3,
+                                 "weight_averaging": "uniform"}
     assert m.network_config_.residual_space == "input" and m.network_config_.dropout == 0.0
     auto = StateTransitionModel()
     assert auto._resolve_preset(50_000) == "small" and auto._resolve_preset(10**6) == "state_sm"
@@ -208,4 +209,4 @@ def test_auto_preset_and_training_defaults(synth):
     assert steps == round(100 * 10_000 / (8 * 64))
     assert auto._training_defaults("small", 100, 64)["max_steps"] == 300
     assert auto._training_defaults("state_sm", 10**6, 128) == {
-        "batch_size": 16, "max_steps": 40_000, "lr": 1e-4}
+        "batch_size": 16, "max_steps": 40_000, "lr": 1e-4, "weight_averaging": "none"}

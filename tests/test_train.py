@@ -58,6 +58,40 @@ def test_same_seed_same_weights(synth):
     assert all(torch.equal(v, weights(b)[k]) for k, v in weights(a).items())
 
 
+def test_weight_averaging_returns_the_mean_of_the_steps(synth, tmp_path):
+    """``uniform``: the network, final.ckpt and best.ckpt hold the mean of the weights after
+    the steps past ``averaging_start``; training follows the same path as without averaging."""
+    raw = small_model(max_steps=4, ckpt_every_n_steps=1, val_freq=4)
+    raw.fit(synth, FEWSHOT, output_dir=tmp_path / "raw")
+    steps = [load_checkpoint_file(tmp_path / "raw" / "checkpoints" / f"step={i}.ckpt")
+             for i in range(1, 5)]
+    avg = small_model(max_steps=4, val_freq=4, weight_averaging="uniform", averaging_start=0.25)
+    avg.fit(synth, FEWSHOT, output_dir=tmp_path / "avg")
+    got = weights(avg)
+    final = load_checkpoint_file(tmp_path / "avg" / "checkpoints" / "final.ckpt")
+    best = load_checkpoint_file(tmp_path / "avg" / "checkpoints" / "best.ckpt")
+    assert final["train_state"]["n_averaged"] == 3  # steps 2, 3, 4 (after 0.25 * 4)
+    moved = False
+    for k, v in got.items():
+        mean = torch.stack([s["state_dict"][k] for s in steps[1:]]).mean(0)
+        torch.testing.assert_close(v, mean)
+        assert torch.equal(final["state_dict"][k], v) and torch.equal(best["state_dict"][k], v)
+        assert torch.equal(final["train_weights"][k], steps[-1]["state_dict"][k])
+        moved |= not torch.allclose(v, steps[-1]["state_dict"][k])
+    assert moved  # the average is not the last step
+    # validation scored the averaged weights: the same loss as the raw run's is not expected
+    assert avg.history_["val_loss"].dropna().iloc[-1] != raw.history_["val_loss"].dropna().iloc[-1]
+
+
+def test_weight_averaging_resume_is_bit_identical(synth, tmp_path):
+    kw = dict(max_steps=10, val_freq=5, ckpt_every_n_steps=5, weight_averaging="uniform")
+    full = small_model(**kw).fit(synth, FEWSHOT, output_dir=tmp_path / "a")
+    part = small_model(**kw).fit(synth, FEWSHOT, output_dir=tmp_path / "b",
+                                 resume_from=tmp_path / "a" / "checkpoints" / "step=5.ckpt")
+    wa, wb = weights(full), weights(part)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_early_stopping(synth):
     m = small_model(max_steps=200, val_freq=1, early_stopping_patience=2, lr=0.5)
     m.fit(synth, FEWSHOT)
@@ -92,7 +126,8 @@ def test_lr_schedule_warmup_cosine():
 
 
 @pytest.mark.parametrize("bad", [{"optimizer": "sgd"}, {"lr_schedule": "linear"},
-                                 {"precision": "16"}, {"max_steps": 0}])
+                                 {"precision": "16"}, {"max_steps": 0},
+                                 {"weight_averaging": "ema"}, {"averaging_start": 1.0}])
 def test_train_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         TrainConfig(**bad)
