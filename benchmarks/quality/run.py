@@ -128,14 +128,15 @@ def run(datasets: list[str], folds: list[str] | None, seed: int, out: Path) -> p
 def summarize(table: pd.DataFrame, out: Path) -> str:
     lines = []
     for name, df in table.groupby("dataset", sort=False):
-        agg = df.groupby("model", sort=False)[METRICS].agg(["mean", "std"])
+        metrics = [m for m in METRICS if m in df]  # a run without perturbench has no l1 score
+        agg = df.groupby("model", sort=False)[metrics].agg(["mean", "std"])
         lines.append(f"\n### {name} ({df['fold'].nunique()} folds)\n")
-        lines.append("| model | " + " | ".join(METRICS) + " | fit+predict s |")
-        lines.append("|---" * (len(METRICS) + 2) + "|")
+        lines.append("| model | " + " | ".join(metrics) + " | fit+predict s |")
+        lines.append("|---" * (len(metrics) + 2) + "|")
         secs = df.groupby("model", sort=False)["seconds"].mean()
         for model in agg.index:
             cells = [f"{agg.loc[model, (m, 'mean')]:.3f} ± {agg.loc[model, (m, 'std')]:.3f}"
-                     for m in METRICS]
+                     for m in metrics]
             lines.append(f"| {model} | " + " | ".join(cells) + f" | {secs[model]:.0f} |")
     text = "\n".join(lines)
     (out / "summary.md").write_text(text + "\n")
