@@ -436,6 +436,7 @@ class Trainer:
         prev_precision = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(c.matmul_precision)
         try:
+            self._remove_stale_temporaries()
             if resume_from is not None:
                 self.load_checkpoint(resume_from)
             else:
@@ -630,6 +631,14 @@ class Trainer:
                     torch.cuda.set_rng_state(mine["cuda"], self.device)
             elif self.rank > 0:  # saved by another world size: a fresh stream per rank
                 torch.manual_seed(rank_seed(self.cfg.seed, self.rank, self.state.step))
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete half-written checkpoints (``.<name>.tmp<pid>``) left by a killed process."""
+        folder = None if self.out is None else self.out / "checkpoints"
+        if folder is None or not folder.is_dir() or not _is_main():
+            return
+        for tmp in folder.glob(".*.ckpt.tmp*"):
+            tmp.unlink(missing_ok=True)
 
     def _prune(self) -> None:
         n = self.cfg.keep_last_n

@@ -52,6 +52,17 @@ def test_resume_is_bit_identical(synth, tmp_path):
     assert not all(torch.equal(wa[k], v) for k, v in weights(other_seed).items())
 
 
+def test_stale_temporary_checkpoints_are_removed(synth, tmp_path):
+    """A process killed in torch.save leaves ``.last.ckpt.tmp<pid>``; the next run deletes it."""
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    stale = ck / ".last.ckpt.tmp12345"
+    stale.write_bytes(b"half a checkpoint")
+    small_model(max_steps=2).fit(synth, output_dir=tmp_path)
+    assert not stale.exists() and (ck / "final.ckpt").is_file()
+    assert not list(ck.glob(".*"))
+
+
 def test_same_seed_same_weights(synth):
     a = small_model(max_steps=4).fit(synth)
     b = small_model(max_steps=4).fit(synth)
