@@ -146,13 +146,17 @@ def summarize(table: pd.DataFrame, out: Path) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, table["dataset"].nunique(), squeeze=False,
-                                 figsize=(5 * table["dataset"].nunique(), 4))
-        for ax, (name, df) in zip(axes[0], table.groupby("dataset", sort=False)):
-            means = df.groupby("model", sort=False)["pearson_delta"].agg(["mean", "std"])
-            ax.bar(means.index, means["mean"], yerr=means["std"], color="tab:blue")
-            ax.set_title(f"{name}: pearson_delta (mean ± sd over folds)")
-            ax.tick_params(axis="x", rotation=45)
+        shown = ["pearson_delta", "mse"]
+        fig, axes = plt.subplots(len(shown), table["dataset"].nunique(), squeeze=False,
+                                 figsize=(5 * table["dataset"].nunique(), 3.6 * len(shown)))
+        for col, (name, df) in enumerate(table.groupby("dataset", sort=False)):
+            for row, metric in enumerate(shown):
+                ax = axes[row, col]
+                means = df.groupby("model", sort=False)[metric].agg(["mean", "std"])
+                ax.bar(means.index, means["mean"], yerr=means["std"],
+                       color=["tab:orange" if m == "ST" else "tab:blue" for m in means.index])
+                ax.set_title(f"{name}: {metric} (mean ± sd over folds)")
+                ax.tick_params(axis="x", rotation=45)
         fig.tight_layout()
         fig.savefig(out / "summary.png", dpi=120)
     except Exception as exc:  # noqa: BLE001 - the plot is a convenience
