@@ -403,3 +403,16 @@ def test_weight_averaging_from_the_command_line(data, tmp_path, capsys):
     assert "weight_averaging: uniform" in (tmp_path / "avg" / "config.yaml").read_text()
     assert main(train_args(data, tmp_path, "bad", "training.weight_averaging=ema")) != 0
     assert "weight_averaging" in capsys.readouterr().err
+
+
+def test_streaming_from_the_command_line(data, tmp_path, capsys):
+    """data.kwargs.data_loading=stream trains out of core from the tutorial command; the
+    stream settings are recorded in config.yaml and typed."""
+    assert main(train_args(data, tmp_path, "stream", "data.kwargs.data_loading=stream",
+                           "data.kwargs.stream_chunk_size=64",
+                           "data.kwargs.stream_buffer_chunks=2")) == 0
+    assert "chunks of <= 64 rows, 2 chunks per window" in capsys.readouterr().out
+    config = (tmp_path / "stream" / "config.yaml").read_text()
+    assert "data_loading: stream" in config and "stream_chunk_size: 64" in config
+    assert (tmp_path / "stream" / "checkpoints" / "final.ckpt").is_file()
+    assert main(train_args(data, tmp_path, "bad", "data.kwargs.data_loading=disk")) != 0
