@@ -295,6 +295,9 @@ class StateTransitionModel(BaseEstimator):
         refers to (or ``dataset_name``). ``output_dir`` receives checkpoints, metrics and the
         vocabularies; ``resume_from`` continues a run from one of its checkpoints exactly.
         """
+        if self.weight_averaging not in ("auto", "none", "uniform"):
+            raise ConfigError(f"weight_averaging={self.weight_averaging!r} is invalid; expected "
+                              "'auto', 'none' or 'uniform'.")
         self._train_config({"max_steps": 1, "lr": 0.0,  # option errors before loading data
                             "weight_averaging": self.weight_averaging.replace("auto", "none")})
         columns = self._columns()

@@ -94,6 +94,11 @@ def test_weight_averaging_returns_the_mean_of_the_steps(synth, tmp_path):
     assert avg.history_["val_loss"].dropna().iloc[-1] != raw.history_["val_loss"].dropna().iloc[-1]
 
 
+def test_estimator_names_the_weight_averaging_choices(synth):
+    with pytest.raises(ConfigError, match="weight_averaging='ema' is invalid; expected 'auto'"):
+        small_model(weight_averaging="ema").fit(synth)
+
+
 def test_weight_averaging_resume_is_bit_identical(synth, tmp_path):
     kw = dict(max_steps=10, val_freq=5, ckpt_every_n_steps=5, weight_averaging="uniform")
     full = small_model(**kw).fit(synth, FEWSHOT, output_dir=tmp_path / "a")
