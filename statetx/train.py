@@ -320,9 +320,9 @@ class Trainer:
         if self._avg is None or self.state.step + 1 <= c.averaging_start * c.max_steps:
             return
         self.state.n_averaged += 1
-        weight = 1.0 / self.state.n_averaged  # a Python float: no host sync on an accelerator
-        for avg, p in zip(self._avg, self.net.parameters()):
-            avg.lerp_(p.detach(), weight)
+        # one fused update; the weight is a Python float: no host sync on an accelerator
+        torch._foreach_lerp_(self._avg, [p.detach() for p in self.net.parameters()],
+                             1.0 / self.state.n_averaged)
 
     @contextlib.contextmanager
     def averaged_weights(self):
@@ -332,22 +332,16 @@ class Trainer:
             return
         params = list(self.net.parameters())
         raw = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, a in zip(params, self._avg):
-                p.copy_(a)
+        _copy_into(params, self._avg)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, r in zip(params, raw):
-                    p.copy_(r)
+            _copy_into(params, raw)
 
-    @torch.no_grad()
     def _use_average(self) -> None:
         """End of training: the network keeps the averaged weights."""
         if self._avg is not None and self.state.n_averaged > 0:
-            for p, a in zip(self.net.parameters(), self._avg):
-                p.copy_(a)
+            _copy_into(list(self.net.parameters()), self._avg)
 
     # ------------------------------------------------------------------ data parallel
     def _unused_parameters(self) -> list[torch.nn.Parameter]:
@@ -614,9 +608,8 @@ class Trainer:
         self.net.load_state_dict(ckpt.get("train_weights", ckpt["state_dict"]))
         self.net.to(self.device)
         if self._avg is not None:  # the average so far (the weights themselves if none)
-            with torch.no_grad():
-                for (name, _), avg in zip(self.net.named_parameters(), self._avg):
-                    avg.copy_(ckpt["state_dict"][name])
+            _copy_into(self._avg, [ckpt["state_dict"][name]
+                                   for name, _ in self.net.named_parameters()])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.state = TrainState(**ckpt["train_state"], history=list(ckpt.get("history", [])))
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -648,6 +641,13 @@ class Trainer:
                        key=lambda p: int(p.stem.split("=")[1]))
         for p in ckpts[:-n]:
             p.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """Copy each tensor of ``src`` into the matching one of ``dst`` in place."""
+    for d, s in zip(dst, src):
+        d.copy_(s)
 
 
 def clip_gradients(params: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor:

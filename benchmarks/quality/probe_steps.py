@@ -29,23 +29,12 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tune import load  # noqa: E402  (also puts the repository on sys.path)
+from tune import load, pseudobulks  # noqa: E402  (also puts the repository on sys.path)
 
 CONTEXTS = {"kang": ["B cells", "CD14+ Monocytes", "CD4 T cells", "CD8 T cells",
                      "FCGR3A+ Monocytes"],
             "zhao": [f"glioblastoma_PW0{p}" for p in (30, 32, 34, 36, 40)]}
 _CACHE: dict = {}
-
-
-def _pseudobulks(pred, real, control: str) -> dict[str, tuple[np.ndarray, ...]]:
-    """Per context: (real control mean, real perturbed mean, predicted perturbed mean)."""
-    out = {}
-    is_c = (real.obs["target_gene"] == control).to_numpy()
-    for ctx in sorted(set(real.obs["cell_type"])):
-        m = (real.obs["cell_type"] == ctx).to_numpy()
-        out[ctx] = tuple(np.asarray(x[sel]).mean(0, dtype=np.float64) for x, sel in
-                         ((real.X, m & is_c), (real.X, m & ~is_c), (pred.X, m & ~is_c)))
-    return out
 
 
 def run_fit(job: tuple) -> dict:
@@ -105,7 +94,7 @@ def run_fit(job: tuple) -> dict:
         model.network_.load_state_dict(state)
         for split in ["test"] + (["val"] if val is not None else []):
             pred, real = model.predict_split(split, controls="real")
-            for ctx, (c, r, p) in _pseudobulks(pred, real, control).items():
+            for ctx, (c, r, p) in pseudobulks(pred, real, control).items():
                 bulks[f"ctrl|{ctx}"], bulks[f"real|{ctx}"] = c, r
                 bulks.setdefault(f"pred|{ctx}", []).append(p)
                 rows.append({"dataset": name, "test": test, "val": val or "", "step": step,

@@ -82,18 +82,22 @@ def load(name: str):
     return a, control
 
 
+def pseudobulks(pred, real, control: str) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per held-out context: (real control mean, real perturbed mean, predicted perturbed mean)."""
+    out = {}
+    is_c = (real.obs["target_gene"] == control).to_numpy()
+    for ctx in sorted(set(real.obs["cell_type"])):
+        m = (real.obs["cell_type"] == ctx).to_numpy()
+        out[ctx] = tuple(np.asarray(x[sel]).mean(0, dtype=np.float64) for x, sel in
+                         ((real.X, m & is_c), (real.X, m & ~is_c), (pred.X, m & ~is_c)))
+    return out
+
+
 def _scores(pred, real, control: str) -> dict[str, dict[str, float]]:
     """Per held-out context: pearson of mean shifts (real controls) and mse of pseudobulks."""
-    out = {}
-    for ctx in sorted(set(real.obs["cell_type"])):
-        in_ctx = (real.obs["cell_type"] == ctx).to_numpy()
-        is_c = (real.obs["target_gene"] == control).to_numpy()
-        ctrl = np.asarray(real.X[in_ctx & is_c]).mean(0, dtype=np.float64)
-        pr = np.asarray(pred.X[in_ctx & ~is_c]).mean(0, dtype=np.float64)
-        rl = np.asarray(real.X[in_ctx & ~is_c]).mean(0, dtype=np.float64)
-        out[ctx] = {"pearson_delta": float(np.corrcoef(pr - ctrl, rl - ctrl)[0, 1]),
-                    "mse": float(((pr - rl) ** 2).mean())}
-    return out
+    return {ctx: {"pearson_delta": float(np.corrcoef(pr - ctrl, rl - ctrl)[0, 1]),
+                  "mse": float(((pr - rl) ** 2).mean())}
+            for ctx, (ctrl, rl, pr) in pseudobulks(pred, real, control).items()}
 
 
 def run_job(job: tuple) -> list[dict]:
