@@ -42,7 +42,7 @@ def matmul_peak(n: int = 8192, reps: int = 20) -> float:
 
 
 def fit_rate(adata, args, *, compile: bool, data_on_device: str, steps: int,
-             device: str = "cuda") -> dict:
+             mode: str = "default", device: str = "cuda") -> dict:
     """Steady-state cells/s of the full loop (median of the 50-step log windows after the
     first, which holds start-up and compilation)."""
     from statetx import StateTransitionModel
@@ -51,7 +51,7 @@ def fit_rate(adata, args, *, compile: bool, data_on_device: str, steps: int,
         args.preset, pert_col="gene", cell_type_key="cell_type", control_pert="non-targeting",
         cell_set_len=args.set_len, batch_size=args.batch_size, max_steps=steps,
         val_freq=10**9, ckpt_every_n_steps=10**9, progress=False, device=device,
-        compile=compile, data_on_device=data_on_device,
+        compile=compile, compile_mode=mode, data_on_device=data_on_device,
     )
     t0 = time.perf_counter()
     model.fit(adata)
@@ -87,43 +87,70 @@ def step_flops(model, batch) -> float:
     return float(fc.get_total_flops())
 
 
-def bare_step_ms(model, batch, *, compile: bool, reps: int = 30, profile: bool = False) -> float:
-    """Median ms of network + loss + backward + fused Adam on one fixed batch (no sampling)."""
+def bare_step_ms(model, batch, *, mode: str | None, reps: int = 30, profile: bool = False
+                 ) -> float:
+    """Median ms of network + loss + backward + fused Adam on one fixed batch (no sampling).
+    ``mode``: None = eager, else the torch.compile mode of forward + loss (as the trainer does
+    under bf16 autocast, at full fp32 matmul precision outside autocast)."""
     from statetx.losses import get_loss
 
     net = model.network_.cuda().train()
-    fwd = torch.compile(net) if compile else net
     loss_fn = get_loss("energy")
     opt = torch.optim.Adam(net.parameters(), lr=1e-5, fused=True)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def fwd_loss(b):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = fwd(batch.basal, batch.pert, batch_index=batch.batch_index)
-        loss_fn(out.pred.float(), batch.target).mean().backward()
+            out = net(b.basal, b.pert, batch_index=b.batch_index)
+        return loss_fn(out.pred.float(), b.target).mean()
+
+    if mode is not None:
+        fwd_loss = torch.compile(fwd_loss, mode=None if mode == "default" else mode)
+
+    def step():
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        opt.zero_grad(set_to_none=True)
+        fwd_loss(batch).backward()
         opt.step()
 
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        for _ in range(5):
+            step()
         torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as prof
-
-        with prof(activities=[ProfilerActivity.CUDA]) as p:
-            for _ in range(5):
-                step()
+        times = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
             torch.cuda.synchronize()
-        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+            times.append(a.elapsed_time(b))
+        if profile:
+            _profile(step, f"bare step, {mode or 'eager'}")
+    finally:
+        torch.set_float32_matmul_precision(prev)
     return statistics.median(times)
+
+
+def _profile(step, label: str, n: int = 5) -> None:
+    """Top CUDA kernels of ``n`` steps and the GPU-busy time per step (kernels summed)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / n * 1e3
+    events = p.key_averages()
+    busy = sum(e.self_device_time_total for e in events) / n / 1e3
+    print(f"\n--- profile: {label}: {wall:.2f} ms/step under the profiler, kernels "
+          f"{busy:.2f} ms/step ({busy / wall:.0%} busy)")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=70))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,42 +161,45 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--cells", type=int, default=60000)
     p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--profile", action="store_true")
+    p.add_argument("--modes", default="default,reduce-overhead",
+                   help="torch.compile modes to measure (comma-separated; 'none' for none)")
+    p.add_argument("--profile", action="store_true",
+                   help="CUDA kernel tables of the eager and compiled bare steps")
     p.add_argument("--quick", action="store_true", help="only the eager loop and bare step")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU.")
+    modes = [] if args.quick or args.modes == "none" else args.modes.split(",")
     name = torch.cuda.get_device_name()
     peak = matmul_peak()
     adata = synthetic(args.cells, args.genes, 50, 4)
-    print(f"\n{name}; bf16 matmul peak measured {peak:.0f} TFLOP/s; preset {args.preset}, "
-          f"{args.batch_size} sets x {args.set_len} cells, {args.genes} genes", flush=True)
-    variants = [("loop eager, cells on GPU", False, "always")]
+    print(f"\n{name}; torch {torch.__version__}; bf16 matmul peak measured {peak:.0f} TFLOP/s; "
+          f"preset {args.preset}, {args.batch_size} sets x {args.set_len} cells, "
+          f"{args.genes} genes", flush=True)
+    variants = [("loop eager, cells on GPU", False, "always", "default")]
     if not args.quick:
-        variants.append(("loop eager, cells on host", False, "never"))
-    if not (args.no_compile or args.quick):
-        variants.append(("loop compiled, cells on GPU", True, "always"))
+        variants.append(("loop eager, cells on host", False, "never", "default"))
+    variants += [(f"loop compiled ({m}), cells on GPU", True, "always", m) for m in modes]
     model, flops = None, None
-    for label, comp, place in variants:
-        r = fit_rate(adata, args, compile=comp, data_on_device=place, steps=args.steps)
+    for label, comp, place, mode in variants:
+        r = fit_rate(adata, args, compile=comp, data_on_device=place, steps=args.steps, mode=mode)
         if model is None:
             model = r["model"]
             batch = one_batch(model)
             flops = step_flops(model, batch)
             print(f"{flops / 1e12:.2f} TFLOP per step (fwd + bwd, network + energy loss)")
-            print(f"{'variant':40s} {'ms/step':>8s} {'cells/s':>10s} {'TFLOP/s':>8s} "
+            print(f"{'variant':44s} {'ms/step':>8s} {'cells/s':>10s} {'TFLOP/s':>8s} "
                   f"{'MFU':>6s} {'wall s':>7s}")
         _row(label, r["ms_per_step"], r["cells_per_s"], r["wall_s"], flops, peak)
-    for comp in ([False] if args.no_compile or args.quick else [False, True]):
-        ms = bare_step_ms(model, batch, compile=comp, profile=args.profile and not comp)
-        _row(f"bare step {'compiled' if comp else 'eager'} (no sampling)", ms,
+    for mode in [None, *modes]:
+        ms = bare_step_ms(model, batch, mode=mode, profile=args.profile)
+        _row(f"bare step {mode or 'eager'} (no sampling)", ms,
              args.set_len * args.batch_size / ms * 1e3, float("nan"), flops, peak)
 
 
 def _row(label: str, ms: float, rate: float, wall: float, flops: float, peak: float) -> None:
     tf = flops / (ms / 1e3) / 1e12
-    print(f"{label:40s} {ms:8.2f} {rate:10.0f} {tf:8.0f} {tf / peak:6.1%} {wall:7.1f}",
+    print(f"{label:44s} {ms:8.2f} {rate:10.0f} {tf:8.0f} {tf / peak:6.1%} {wall:7.1f}",
           flush=True)
 
 

@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--short", type=int, default=20, help="steps of the short run")
     p.add_argument("--long", type=int, default=120, help="steps of the long run")
     p.add_argument("--only", choices=["arc", "statetx"], default=None)
+    p.add_argument("--rounds", type=int, default=2,
+                   help="repeat the interleaved schedule; rates are medians over rounds")
     args = p.parse_args(argv)
     if args.long <= args.short:
         p.error("--long must exceed --short")
@@ -226,40 +228,48 @@ def main(argv: list[str] | None = None) -> None:
         tools["statetx"] = [sys.executable, "-m", "statetx", "tx", "train"]
 
     cells_per_step = args.set_len * args.batch_size
-    runs: dict[str, dict[int, dict[str, float]]] = {tool: {} for tool in tools}
-    for steps in (args.short, args.long):  # interleaved: both tools see similar machine load
-        for tool, cmd in tools.items():
-            out = args.workdir / "runs" / tool
-            name = f"steps{steps}"
-            shutil.rmtree(out / name, ignore_errors=True)
-            log = args.workdir / f"{tool}_{name}.log"
-            print(f"[{tool}] {steps} steps ...", flush=True)
-            r = runs[tool][steps] = run_measured(
-                cmd + overrides(toml, out, name, steps, args.set_len, args.batch_size), log, env)
-            print(f"    wall {r['wall_s']:.1f} s, max RSS {r['max_rss_mb']:.0f} MB, peak tree "
-                  f"PSS {r['peak_pss_mb']:.0f} MB, 1-min load average at the end "
-                  f"{r['load']:.1f}  (log: {log})", flush=True)
+    rates: dict[str, list[float]] = {tool: [] for tool in tools}
     results: dict[str, dict[str, float]] = {}
+    for rnd in range(1, args.rounds + 1):
+        runs: dict[str, dict[int, dict[str, float]]] = {tool: {} for tool in tools}
+        for steps in (args.short, args.long):  # interleaved: both tools see similar machine load
+            for tool, cmd in tools.items():
+                out = args.workdir / "runs" / tool
+                name = f"steps{steps}"
+                shutil.rmtree(out / name, ignore_errors=True)
+                log = args.workdir / f"{tool}_{name}.log"
+                print(f"[round {rnd}, {tool}] {steps} steps ...", flush=True)
+                r = runs[tool][steps] = run_measured(
+                    cmd + overrides(toml, out, name, steps, args.set_len, args.batch_size), log,
+                    env)
+                print(f"    wall {r['wall_s']:.1f} s, max RSS {r['max_rss_mb']:.0f} MB, peak "
+                      f"tree PSS {r['peak_pss_mb']:.0f} MB, 1-min load average at the end "
+                      f"{r['load']:.1f}  (log: {log})", flush=True)
+        for tool in tools:
+            short, long = runs[tool][args.short], runs[tool][args.long]
+            dt = long["wall_s"] - short["wall_s"]
+            rates[tool].append((args.long - args.short) * cells_per_step / dt if dt > 0
+                               else np.nan)
+            long_dir = args.workdir / "runs" / tool / f"steps{args.long}"
+            if tool == "arc-state":
+                bps = arc_logged_speed(long_dir)
+                own = None if bps is None else bps * cells_per_step
+            else:
+                own = statetx_logged_speed(long_dir)
+            results[tool] = {  # memory and start-up: the last round
+                "startup_s": short["wall_s"] - args.short * dt / (args.long - args.short),
+                "max_rss_mb": long["max_rss_mb"],
+                "peak_pss_mb": long["peak_pss_mb"],
+                "own_log_cells_per_s": np.nan if own is None else own,
+            }
+        print("    cells/s this round: " + ", ".join(f"{t} {v[-1]:.0f}" for t, v in rates.items()),
+              flush=True)
     for tool in tools:
-        short, long = runs[tool][args.short], runs[tool][args.long]
-        dt = long["wall_s"] - short["wall_s"]
-        long_dir = args.workdir / "runs" / tool / f"steps{args.long}"
-        if tool == "arc-state":
-            bps = arc_logged_speed(long_dir)
-            own = None if bps is None else bps * cells_per_step
-        else:
-            own = statetx_logged_speed(long_dir)
-        results[tool] = {
-            "cells_per_s": (args.long - args.short) * cells_per_step / dt if dt > 0 else np.nan,
-            "startup_s": short["wall_s"] - args.short * dt / (args.long - args.short),
-            "max_rss_mb": long["max_rss_mb"],
-            "peak_pss_mb": long["peak_pss_mb"],
-            "own_log_cells_per_s": np.nan if own is None else own,
-        }
+        results[tool]["cells_per_s"] = float(np.median(rates[tool]))
 
     print(f"\nstate_sm, S={args.set_len}, B={args.batch_size}, {args.genes} genes, "
-          f"{args.cells} cells; steady state = steps {args.short}..{args.long} "
-          f"({os.cpu_count()} CPUs)")
+          f"{args.cells} cells; steady state = steps {args.short}..{args.long}, median of "
+          f"{args.rounds} round(s) ({os.cpu_count()} CPUs)")
     print(f"{'':10s} {'cells/s':>9s} {'start-up s':>10s} {'max RSS MB':>10s} "
           f"{'tree PSS MB':>11s} {'own log cells/s':>15s}")
     for tool, r in results.items():
@@ -267,7 +277,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['peak_pss_mb']:11.0f} {r['own_log_cells_per_s']:15.0f}")
     if len(results) == 2:
         a, s = results["arc-state"], results["statetx"]
-        print(f"statetx / arc-state: {s['cells_per_s'] / a['cells_per_s']:.2f}x cells/s, "
+        ratios = np.array(rates["statetx"]) / np.array(rates["arc-state"])
+        print("statetx / arc-state cells/s per round: "
+              + ", ".join(f"{r:.2f}x" for r in ratios) + f" (median {np.median(ratios):.2f}x)")
+        print(f"statetx / arc-state: {s['cells_per_s'] / a['cells_per_s']:.2f}x cells/s (medians), "
               f"{s['max_rss_mb'] / a['max_rss_mb']:.2f}x max RSS, "
               f"{s['peak_pss_mb'] / a['peak_pss_mb']:.2f}x tree PSS")
 

@@ -8,6 +8,9 @@ from collections.abc import Iterable
 import numpy as np
 import scipy.sparse as sp
 
+# ``torch.compile`` modes accepted by training (here: the CLI's key table must not import torch)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 def did_you_mean(name: str, options: Iterable[str], n: int = 3) -> str:
     """Return ' Did you mean: a, b?' for close matches of ``name`` in ``options`` (or '')."""

@@ -93,8 +93,12 @@ class StateTransitionModel(BaseEstimator):
     gradient_accumulation_steps, loss, val_freq, ckpt_every_n_steps, keep_last_n,
     early_stopping_patience, precision, matmul_precision
         Training settings (see :class:`statetx.train.TrainConfig`).
-    compile
-        ``torch.compile`` the network for training (GPU throughput; the first steps compile).
+    compile, compile_mode
+        ``torch.compile`` for training (GPU throughput; the first steps compile). Under bf16
+        autocast (CUDA's default) the network and the loss are compiled as one graph and run at
+        full fp32 matmul precision outside autocast; in fp32 only the network. ``compile_mode``:
+        ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune``,
+        ``max-autotune-no-cudagraphs``.
     data_on_device
         ``auto`` (default): on CUDA, keep the training cells on the GPU when they take at most
         half of its free memory and gather each batch there; ``always`` / ``never``.
@@ -163,6 +167,7 @@ class StateTransitionModel(BaseEstimator):
         precision: str = "auto",
         matmul_precision: str = "medium",
         compile: bool = False,
+        compile_mode: str = "default",
         data_on_device: str = "auto",
         basal_mapping_strategy: str = "auto",
         train_pert_skip: bool = True,
@@ -206,6 +211,7 @@ class StateTransitionModel(BaseEstimator):
         self.precision = precision
         self.matmul_precision = matmul_precision
         self.compile = compile
+        self.compile_mode = compile_mode
         self.data_on_device = data_on_device
         self.basal_mapping_strategy = basal_mapping_strategy
         self.train_pert_skip = train_pert_skip
@@ -265,7 +271,8 @@ class StateTransitionModel(BaseEstimator):
             val_freq=int(self.val_freq), ckpt_every_n_steps=int(self.ckpt_every_n_steps),
             keep_last_n=self.keep_last_n, early_stopping_patience=self.early_stopping_patience,
             precision=self.precision, matmul_precision=self.matmul_precision,
-            compile=bool(self.compile), data_on_device=self.data_on_device, seed=int(self.seed),
+            compile=bool(self.compile), compile_mode=self.compile_mode,
+            data_on_device=self.data_on_device, seed=int(self.seed),
             progress=bool(self.progress),
         )
 

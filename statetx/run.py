@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from statetx._utils import COMPILE_MODES
 from statetx.errors import ConfigError, DataError, SplitConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -227,6 +228,7 @@ def _keys() -> dict[str, Key]:
         Key(t + "matmul_precision", "medium", "str", ("highest", "high", "medium")),
         Key(t + "precision", "auto", "str", ("auto", "32", "bf16-mixed")),
         Key(t + "compile", False, "bool"),
+        Key(t + "compile_mode", "default", "str", COMPILE_MODES),
         Key(t + "data_on_device", "auto", "str", ("auto", "always", "never")),
         Key(t + "weight_averaging", "auto", "str", ("auto", "none", "uniform")),
         Key(t + "averaging_start", 0.0, "float"),
@@ -360,6 +362,7 @@ PARAM_PATHS: dict[str, str] = {
     "precision": "training.precision",
     "matmul_precision": "training.matmul_precision",
     "compile": "training.compile",
+    "compile_mode": "training.compile_mode",
     "data_on_device": "training.data_on_device",
     "weight_averaging": "training.weight_averaging",
     "averaging_start": "training.averaging_start",
@@ -370,7 +373,7 @@ PARAM_PATHS: dict[str, str] = {
 
 # keys that may differ when a run is resumed
 RESUME_FREE = ("training.max_steps", "training.log_every_n_steps", "training.device",
-               "training.compile", "training.data_on_device",
+               "training.compile", "training.compile_mode", "training.data_on_device",
                "use_wandb", "overwrite", "resume", "dry_run", "output_dir", "name",
                "data.kwargs.num_workers", "data.kwargs.pin_memory")
 

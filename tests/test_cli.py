@@ -383,15 +383,18 @@ def test_auto_preset_run_config_is_rerunnable(tmp_path, capsys):
 
 
 def test_gpu_and_skip_options_reach_the_estimator(data, tmp_path, capsys):
-    """training.compile / training.data_on_device and model.kwargs.pert_skip are typed keys."""
+    """training.compile(_mode) / data_on_device and model.kwargs.pert_skip are typed keys."""
     assert main(train_args(data, tmp_path, "opts", "training.compile=true",
+                           "training.compile_mode=reduce-overhead",
                            "training.data_on_device=never", "model.kwargs.residual_space=input",
                            "model.kwargs.pert_skip=mean_affine", "--print-config")) == 0
     out = capsys.readouterr().out
     assert "compile: true" in out and "data_on_device: never" in out
-    assert "pert_skip: mean_affine" in out
+    assert "compile_mode: reduce-overhead" in out and "pert_skip: mean_affine" in out
     assert main(train_args(data, tmp_path, "bad", "training.data_on_device=gpu")) != 0
     assert "data_on_device" in capsys.readouterr().err
+    assert main(train_args(data, tmp_path, "bad2", "training.compile_mode=fast")) != 0
+    assert "compile_mode" in capsys.readouterr().err
 
 
 def test_weight_averaging_from_the_command_line(data, tmp_path, capsys):

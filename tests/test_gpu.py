@@ -76,3 +76,14 @@ def test_bf16_cuda_model_pickles_to_cpu(synth):
     cpu = pickle.loads(pickle.dumps(m))  # weights travel as CPU tensors
     assert next(cpu.network_.parameters()).device.type == "cpu"
     assert np.allclose(cpu.predict_sets(x, ["P0", "P1"]), on_gpu, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_bf16_training_matches_eager(synth, mode):
+    """CUDA's default precision (bf16 autocast): forward + loss compiled as one graph (CUDA
+    graphs with reduce-overhead) train like eager."""
+    prev = torch.get_float32_matmul_precision()
+    a = small_model(max_steps=8, device="cuda", compile=True, compile_mode=mode).fit(synth, SPEC)
+    assert torch.get_float32_matmul_precision() == prev  # restored after training at "highest"
+    b = small_model(max_steps=8, device="cuda").fit(synth, SPEC)
+    assert np.allclose(a.history_["loss"].dropna(), b.history_["loss"].dropna(), rtol=2e-2)

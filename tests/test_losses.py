@@ -174,3 +174,15 @@ def test_energy_exact_under_reduced_matmul_precision():
         torch.set_float32_matmul_precision(prev)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-9)
+
+
+def test_energy_fp32_accurate_for_small_shifts_of_large_profiles():
+    """A 0.05 log-unit shift of 2,000-gene profiles: fp32 within 5e-4 of float64 (centring the
+    sets first; the plain expanded-norm formula is ~1e-3 off here)."""
+    torch.manual_seed(0)
+    mean = torch.poisson(torch.rand(1, 1, 2000) * 20)
+    base = torch.log1p(mean + torch.poisson(torch.rand(4, 64, 2000) * 2))
+    x, y = base, base.roll(1, dims=1) + 0.05
+    exact = energy_distance(x.double(), y.double())
+    rel = ((energy_distance(x, y).double() - exact).abs() / exact).max().item()
+    assert rel < 5e-4

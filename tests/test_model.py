@@ -23,9 +23,11 @@ SPEC = '[training]\ndata = "train"\n[zeroshot]\n"data.CT2" = "test"\n'
 
 
 def small_model(**kw) -> StateTransitionModel:
+    """A tiny estimator on the CPU (exact comparisons hold on any machine; GPU tests pass
+    ``device="cuda"``)."""
     opts = dict(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl",
                 model_kwargs=SMALL, cell_set_len=8, batch_size=4, max_steps=6, val_freq=3,
-                progress=False, seed=0)
+                progress=False, seed=0, device="cpu")
     opts.update(kw)
     return StateTransitionModel("tiny", **opts)
 

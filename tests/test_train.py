@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from test_model import SMALL, small_model
+from test_model import SMALL, SPEC, small_model
 
 from statetx.errors import ConfigError
-from statetx.train import TrainConfig, Trainer, TrainingError, load_checkpoint_file
+from statetx.train import (
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    clip_gradients,
+    load_checkpoint_file,
+)
 
 FEWSHOT = ('[training]\ndata = "train"\n[fewshot."data.CT1"]\nval = ["P0"]\n'
            '[zeroshot]\n"data.CT2" = "test"\n')
 
 
 def weights(model) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.network_.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in model.network_.state_dict().items()}
 
 
 def test_checkpoints_written_and_last_is_latest(synth, tmp_path):
@@ -166,3 +173,41 @@ def test_tensorboard_log_when_installed(synth, tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is optional")
     small_model(max_steps=2, val_freq=1).fit(synth, output_dir=tmp_path)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("clip", [None, 1e9, 0.5])
+def test_clip_gradients_matches_torch(clip):
+    """The CPU fast path (one dot product per gradient) gives clip_grad_norm_'s norm and grads."""
+    torch.manual_seed(0)
+    shapes = [(300, 40), (40,), (7, 3, 5)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, ref):
+        a.grad = torch.randn(a.shape)
+        b.grad = a.grad.clone()
+    norm = clip_gradients(ours, clip)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref, clip if clip else float("inf"))
+    assert torch.allclose(norm, ref_norm, rtol=1e-6)
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+    after = torch.cat([p.grad.flatten() for p in ours]).norm()
+    assert after == pytest.approx(min(float(norm), clip or math.inf), rel=1e-4)
+
+
+def test_compile_mode_is_validated():
+    with pytest.raises(ConfigError, match="compile_mode='fast'.*reduce-overhead"):
+        TrainConfig(compile=True, compile_mode="fast")
+
+
+def test_compiled_bf16_training_compiles_network_and_loss_together(synth):
+    """compile=True under bf16 autocast traces forward + loss as one graph (CPU here, the same
+    path as CUDA's default precision), trains like eager and restores the matmul precision."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    prev = torch.get_float32_matmul_precision()
+    a = small_model(max_steps=6, compile=True, precision="bf16-mixed").fit(synth, SPEC)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert torch.get_float32_matmul_precision() == prev
+    b = small_model(max_steps=6, precision="bf16-mixed").fit(synth, SPEC)
+    assert np.allclose(a.history_["loss"].dropna(), b.history_["loss"].dropna(), rtol=1e-2)
