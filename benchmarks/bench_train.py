@@ -1,17 +1,23 @@
-"""Training throughput and peak memory of the full statetx loop (data, loss, optimiser, logging).
+"""Training and prediction throughput, peak memory, per preset and set size (statetx's full loop).
 
-    python benchmarks/bench_train.py                      # state_sm, S=64, B=8, 2,000 genes
-    python benchmarks/bench_train.py --preset tiny --steps 50 --precision medium
+    python benchmarks/bench_train.py                                  # state_sm, S=64, B=8
+    python benchmarks/bench_train.py --presets tiny,small,state_sm --set-lens 64,128
 
-Runs ``StateTransitionModel.fit`` on a seeded synthetic log1p dataset and prints cells/s (steady
-state, from the loop's own log) and the peak resident memory of the process. Absolute numbers
-depend on the machine; compare ratios measured side by side.
+Each (preset, set length) runs in its own process (so its peak RSS is its own): it fits
+``StateTransitionModel`` on a seeded synthetic log1p dataset (sampling, loss, optimiser, logging:
+the whole loop) and predicts ``--predict-cells`` cells with ``model.predict``. The table shows the
+steady-state training rate (the loop's own last 10-step log window), the overall rate (first steps
+and start-up included), prediction cells/s, the parameter count and the process's peak RSS.
+Absolute numbers depend on the machine; compare rows measured in one invocation.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import resource
+import subprocess
 import sys
 import time
 
@@ -34,39 +40,75 @@ def synthetic(n_cells: int, n_genes: int, n_perts: int, n_cell_types: int,
     return ad.AnnData(X=x, obs=obs)
 
 
-def main(argv: list[str] | None = None) -> None:
+def measure(preset: str, set_len: int, args: argparse.Namespace) -> dict:
+    """Fit and predict once in this process; the numbers of one table row."""
     from statetx import StateTransitionModel
 
+    # log every 10 steps so that short runs still have a steady-state window
+    orig = StateTransitionModel._train_config
+    StateTransitionModel._train_config = (  # type: ignore[method-assign]
+        lambda self, s: dataclasses.replace(orig(self, s), log_every_n_steps=10))
+    adata = synthetic(args.cells, args.genes, 50, 4)
+    model = StateTransitionModel(
+        preset, pert_col="gene", cell_type_key="cell_type", control_pert="non-targeting",
+        cell_set_len=set_len, batch_size=args.batch_size, max_steps=args.steps,
+        val_freq=10**9, progress=False, matmul_precision=args.precision, device=args.device,
+    )
+    t0 = time.perf_counter()
+    model.fit(adata)
+    wall = time.perf_counter() - t0
+    steady = model.history_["cells_per_s"].dropna()
+    query = adata[: args.predict_cells].copy()
+    model.predict(query[:64].copy())  # warm-up
+    t0 = time.perf_counter()
+    model.predict(query)
+    pred_s = time.perf_counter() - t0
+    return {
+        "preset": preset, "S": set_len, "B": args.batch_size, "device": str(model.device_),
+        "params_M": sum(p.numel() for p in model.network_.parameters()) / 1e6,
+        "train_cells_s": float(steady.iloc[-1]) if len(steady) else float("nan"),
+        "overall_cells_s": args.steps * set_len * args.batch_size / wall,
+        "predict_cells_s": args.predict_cells / pred_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="state_sm")
-    p.add_argument("--set-len", type=int, default=64)
+    p.add_argument("--presets", default="state_sm", help="comma-separated presets")
+    p.add_argument("--set-lens", default="64", help="comma-separated cell_set_len values")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--cells", type=int, default=20000)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--predict-cells", type=int, default=4000)
     p.add_argument("--precision", default="medium", choices=["highest", "high", "medium"])
     p.add_argument("--device", default="auto")
+    p.add_argument("--child", nargs=2, metavar=("PRESET", "SET_LEN"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(measure(args.child[0], int(args.child[1]), args)))
+        return
 
-    adata = synthetic(args.cells, args.genes, 50, 4)
-    model = StateTransitionModel(
-        args.preset, pert_col="gene", cell_type_key="cell_type", control_pert="non-targeting",
-        cell_set_len=args.set_len, batch_size=args.batch_size, max_steps=args.steps,
-        val_freq=10**9, progress=False, matmul_precision=args.precision, device=args.device,
-    )
-    model.set_params(max_steps=args.steps)
-    t0 = time.perf_counter()
-    model.fit(adata)
-    wall = time.perf_counter() - t0
-    cells = args.steps * args.set_len * args.batch_size
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"preset={args.preset} S={args.set_len} B={args.batch_size} genes={args.genes} "
-          f"steps={args.steps} matmul_precision={args.precision} device={model.device_}")
-    print(f"  wall (incl. first steps) {wall:.1f} s, {cells / wall:.0f} cells/s overall")
-    steady = model.history_.get("cells_per_s")
-    if steady is not None and steady.notna().any():
-        print(f"  steady-state (last log window) {steady.dropna().iloc[-1]:.0f} cells/s")
-    print(f"  peak RSS {peak_mb:.0f} MB")
+    passthrough = list(argv or [])
+    print(f"{args.genes} genes, {args.cells} cells, batch {args.batch_size} sets, "
+          f"{args.steps} steps, matmul_precision {args.precision}; one process per row",
+          flush=True)
+    header = (f"{'preset':10s} {'S':>5s} {'params M':>9s} {'train cells/s':>14s} "
+              f"{'overall':>8s} {'predict cells/s':>16s} {'peak RSS MB':>12s} device")
+    print(header, flush=True)
+    for preset in args.presets.split(","):
+        for set_len in (int(s) for s in args.set_lens.split(",")):
+            out = subprocess.run([sys.executable, __file__, *passthrough, "--child", preset,
+                                  str(set_len)], capture_output=True, text=True)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{preset:10s} {set_len:5d} failed:\n{out.stderr[-2000:]}", flush=True)
+                continue
+            r = json.loads(line[len("RESULT "):])
+            print(f"{preset:10s} {set_len:5d} {r['params_M']:9.1f} {r['train_cells_s']:14.0f} "
+                  f"{r['overall_cells_s']:8.0f} {r['predict_cells_s']:16.0f} "
+                  f"{r['peak_rss_mb']:12.0f} {r['device']}", flush=True)
 
 
 if __name__ == "__main__":
