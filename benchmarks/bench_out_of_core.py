@@ -66,10 +66,13 @@ def write_h5ad(path: Path, n_cells: int, n_genes: int, n_perts: int, n_cell_type
     names = np.array([CONTROL] + [f"P{i}" for i in range(n_perts)], dtype=object)
     obs = pd.DataFrame({
         "gene": pd.Categorical.from_codes(pert, names),
-        "cell_type": pd.Categorical.from_codes(ct, [f"CT{i}" for i in range(n_cell_types)]),
-        "gem_group": pd.Categorical.from_codes(gem, [f"g{i}" for i in range(8)]),
-    }, index=pd.Index([f"c{i}" for i in range(n_cells)]))
-    var = pd.DataFrame(index=pd.Index([f"G{i}" for i in range(n_genes)]))
+        "cell_type": pd.Categorical.from_codes(
+            ct, np.array([f"CT{i}" for i in range(n_cell_types)], dtype=object)),
+        "gem_group": pd.Categorical.from_codes(
+            gem, np.array([f"g{i}" for i in range(8)], dtype=object)),
+    }, index=pd.Index([f"c{i}" for i in range(n_cells)], dtype=object))
+    var = pd.DataFrame(index=pd.Index([f"G{i}" for i in range(n_genes)], dtype=object))
+    # (object dtype: pandas >= 3 makes str arrays nullable strings, which anndata refuses to write)
     # mean counts: gene base level x cell-type factor x perturbation effect (10% of genes)
     base = rng.gamma(0.6, 1.0, n_genes)
     ct_fac = np.exp(rng.normal(0, 0.3, (n_cell_types, n_genes)))
@@ -147,7 +150,7 @@ def _model(args: argparse.Namespace, mode: str):
     return StateTransitionModel(
         "state_sm", pert_col="gene", cell_type_key="cell_type", control_pert=CONTROL,
         cell_set_len=args.set_len, batch_size=args.batch_size, max_steps=args.steps,
-        val_freq=10**9, ckpt_every_n_steps=10**9, progress=True, device="cpu", seed=0,
+        val_freq=10**9, ckpt_every_n_steps=10**9, progress=True, device=args.device, seed=0,
         dtype=args.dtype, data_loading=mode, stream_chunk_size=args.chunk_size,
         stream_buffer_chunks=args.buffer_chunks, stream_max_controls=args.max_controls,
     )
@@ -287,6 +290,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-controls", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="training device (cpu, cuda)")
     p.add_argument("--cap-gb", type=float, default=4.0)
     p.add_argument("--sampler-batches", type=int, default=0,
                    help="also time the data path alone for this many batches")

@@ -1216,7 +1216,9 @@ def _atomic(path: Path, writer: Any) -> Path:
 
 def _write_h5ad(adata: Any, path: Path) -> Path:
     """Write an AnnData atomically (temporary file in the same folder, then rename)."""
-    return _atomic(Path(path), lambda tmp: adata.write_h5ad(tmp))
+    from statetx.io import write_h5ad
+
+    return _atomic(Path(path), lambda tmp: write_h5ad(adata, tmp))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""Reading AnnData inputs: obs labels, gene names, and rows of X / obsm / layers.
+"""Reading AnnData inputs (obs labels, gene names, rows of X / obsm / layers) and writing outputs.
 
 Two back ends share one interface (:class:`DataFile`): an in-memory ``AnnData`` (dense or CSR) and a
 lazily read ``.h5ad`` / ``.h5`` file, whose rows are read in contiguous blocks with h5py (never
@@ -26,6 +26,40 @@ _CONTROL_HINT = re.compile(
     r"non.?targeting|control|ctrl|dmso|pbs|vehicle|(^|[^a-z])nt([^a-z]|$)", re.I
 )
 READ_BLOCK_ROWS = 4096
+
+
+def _plain_strings(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with pandas string-dtype columns, categories and index as object (a new frame)."""
+    def plain(index: pd.Index) -> pd.Index:
+        return index.astype(object) if pd.api.types.is_string_dtype(index.dtype) else index
+
+    out = df.copy(deep=False)
+    out.index = plain(out.index)
+    for name, col in out.items():
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            cats = col.cat.categories
+            if cats.dtype != object and pd.api.types.is_string_dtype(cats.dtype):
+                out[name] = col.cat.rename_categories(plain(cats))
+        elif col.dtype != object and pd.api.types.is_string_dtype(col.dtype):
+            out[name] = col.astype(object)
+    return out
+
+
+def write_h5ad(adata: ad.AnnData, path: str | Path) -> None:
+    """``adata.write_h5ad(path)`` with obs / var strings stored the classic way.
+
+    pandas >= 3 gives string columns a nullable string dtype, which anndata writes only on
+    opt-in and anndata < 0.11 cannot read; they are written as plain (object) strings instead.
+    ``adata`` itself is not modified.
+    """
+    raw = None
+    if adata.raw is not None:
+        raw = adata.raw.to_adata()
+        raw.var = _plain_strings(raw.var)
+    out = ad.AnnData(X=adata.X, obs=_plain_strings(adata.obs), var=_plain_strings(adata.var),
+                     obsm=dict(adata.obsm), varm=dict(adata.varm), layers=dict(adata.layers),
+                     uns=dict(adata.uns), obsp=dict(adata.obsp), varp=dict(adata.varp), raw=raw)
+    out.write_h5ad(path)
 
 
 @dataclass

@@ -27,7 +27,8 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
 
 
 def _deltas(a: ad.AnnData, pert_col: str, control: str, perts: list[str]) -> np.ndarray:
-    codes = pd.Categorical(a.obs[pert_col].astype(str), categories=[control, *perts]).codes
+    # -1 for cells of other perturbations (ignored)
+    codes = pd.Index([control, *perts]).get_indexer(a.obs[pert_col].astype(str))
     m = group_means(a.X, codes, len(perts) + 1, float64=True).astype(np.float32)
     return (m[1:] - m[0]).astype(np.float64)
 

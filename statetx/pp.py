@@ -732,7 +732,7 @@ def _stage_summary(report: pd.DataFrame) -> pd.DataFrame:
     n = report["n_cells"].to_numpy()
     kd = report["n_cells_knocked_down"].to_numpy()
     passed2 = (report["ctrl_mean"].notna() & (report["status"] != "kept_unfiltered")).to_numpy()
-    passed2 &= (st == -1) | (st == 4)
+    passed2 = passed2 & ((st == -1) | (st == 4))  # not in place: pandas >= 3 arrays are read-only
     rows = []
     for s, name, why in _STAGES:
         if s == 3:

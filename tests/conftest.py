@@ -94,3 +94,12 @@ def make_synthetic(n_cell_types: int = 3, n_perts: int = 3, n_cells: int = 24, n
 @pytest.fixture
 def synth():
     return make_synthetic()
+
+
+def pytest_configure(config):
+    """Test data are written by the tests themselves: under pandas >= 3 their string columns are
+    nullable strings, which anndata writes only on opt-in (statetx's own writers convert them)."""
+    import anndata as ad
+
+    if hasattr(ad.settings, "allow_write_nullable_strings"):
+        ad.settings.allow_write_nullable_strings = True

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -186,8 +187,9 @@ def test_predict_zero_cells_and_unfitted(model, adata):
 
 
 def test_predict_missing_label_in_cell_type_column(model, adata):
-    adata.obs["cell_type"] = adata.obs["cell_type"].astype("category")
-    adata.obs.loc[adata.obs_names[40], "cell_type"] = np.nan
+    values = adata.obs["cell_type"].astype(object).to_numpy().copy()  # pandas >= 3: read-only
+    values[40] = np.nan
+    adata.obs["cell_type"] = pd.Categorical(values)
     with pytest.raises(DataError, match=r"obs\['cell_type'\] has 1 missing values"):
         model.predict(adata)
 

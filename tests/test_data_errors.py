@@ -241,7 +241,7 @@ def test_empty_train_split():
 @pytest.mark.parametrize("col", ["gene", "cell_type", "gem_group"])
 def test_nan_labels(col):
     a = make_adata()
-    values = a.obs[col].astype(object).to_numpy()
+    values = a.obs[col].astype(object).to_numpy().copy()  # pandas >= 3: a read-only view
     values[[1, 4]] = np.nan
     a.obs[col] = pd.Categorical(values)
     with pytest.raises(DataError, match=rf"obs\['{col}'\] has 2 missing values in <AnnData 'd'>"):

@@ -66,7 +66,8 @@ def _metric_list(profile: str, skip: Iterable[str]) -> list[str]:
 
 
 def _codes(labels: np.ndarray, order: list[str]) -> np.ndarray:
-    return pd.Categorical(labels, categories=order).codes.astype(np.int64)
+    """Position of each label in ``order`` (-1 for labels not in it)."""
+    return pd.Index(order).get_indexer(labels).astype(np.int64)
 
 
 def _evaluate_one(

@@ -1,0 +1,33 @@
+"""statetx's h5ad writer: pandas string dtypes are written as plain strings, the input untouched."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from statetx.io import write_h5ad
+
+
+def test_nullable_strings_written_as_plain_strings(tmp_path, monkeypatch):
+    if hasattr(ad.settings, "allow_write_nullable_strings"):
+        monkeypatch.setattr(ad.settings, "allow_write_nullable_strings", False)
+    obs = pd.DataFrame(
+        {"gene": pd.array(["a", "b", "a"], dtype="string"),
+         "cell_type": pd.Categorical(pd.array(["x", "y", "x"], dtype="string")),
+         "n": [1, 2, 3]},
+        index=pd.Index(["c0", "c1", "c2"], dtype="string"))
+    var = pd.DataFrame(index=pd.Index(["g0", "g1"], dtype="string"))
+    adata = ad.AnnData(X=np.arange(6, dtype=np.float32).reshape(3, 2), obs=obs, var=var)
+    adata.raw = adata
+    write_h5ad(adata, tmp_path / "ours.h5ad")
+    assert adata.obs["gene"].dtype == "string"  # the input is not modified
+    back = ad.read_h5ad(tmp_path / "ours.h5ad")
+    assert list(back.obs["gene"]) == ["a", "b", "a"] and list(back.obs_names) == ["c0", "c1", "c2"]
+    assert list(back.obs["cell_type"].cat.categories) == ["x", "y"]
+    assert list(back.var_names) == ["g0", "g1"] and back.raw is not None
+    np.testing.assert_array_equal(back.X, adata.X)
+    if hasattr(ad.settings, "allow_write_nullable_strings"):
+        with pytest.raises(RuntimeError, match="nullable"):  # anndata alone refuses
+            adata.write_h5ad(tmp_path / "plain.h5ad")
