@@ -31,14 +31,15 @@ READ_BLOCK_ROWS = 4096
 def _plain_strings(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with pandas string-dtype columns, categories and index as object (a new frame)."""
     def plain(index: pd.Index) -> pd.Index:
-        return index.astype(object) if pd.api.types.is_string_dtype(index.dtype) else index
+        is_new_str = index.dtype != object and pd.api.types.is_string_dtype(index.dtype)
+        return index.astype(object) if is_new_str else index
 
     out = df.copy(deep=False)
     out.index = plain(out.index)
     for name, col in out.items():
         if isinstance(col.dtype, pd.CategoricalDtype):
             cats = col.cat.categories
-            if cats.dtype != object and pd.api.types.is_string_dtype(cats.dtype):
+            if plain(cats) is not cats:
                 out[name] = col.cat.rename_categories(plain(cats))
         elif col.dtype != object and pd.api.types.is_string_dtype(col.dtype):
             out[name] = col.astype(object)

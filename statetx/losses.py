@@ -100,13 +100,16 @@ class _ExactGram(torch.autograd.Function):
             return (grad + grad.transpose(1, 2)) @ x
 
 
-def _sq_dists(x: Tensor, y: Tensor) -> Tensor:
-    """‖x‖² − 2 x·y + ‖y‖² through expanded norms (not the difference vector), [B, n, m].
+def _sq_dists(x: Tensor, y: Tensor | None = None) -> Tensor:
+    """‖x‖² − 2 x·y + ‖y‖² through expanded norms (not the difference vector), [B, n, m];
+    ``y=None``: x to itself (a Gram matrix with a one-product backward).
 
     The product runs at full precision even when training lowered the fp32 matmul precision
     (see :func:`full_fp32_matmul`)."""
-    return ((x * x).sum(-1)[:, :, None] - 2.0 * _ExactBmm.apply(x, y)
-            + (y * y).sum(-1)[:, None, :])
+    nx = (x * x).sum(-1)
+    if y is None:
+        return nx[:, :, None] - 2.0 * _ExactGram.apply(x) + nx[:, None, :]
+    return nx[:, :, None] - 2.0 * _ExactBmm.apply(x, y) + (y * y).sum(-1)[:, None, :]
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,12 +119,7 @@ def _sq_dists(x: Tensor, y: Tensor) -> Tensor:
 
 def _dists(x: Tensor, y: Tensor | None = None) -> Tensor:
     """Euclidean distances sqrt(max(‖x‖² − 2 x·y + ‖y‖², 1e-8)), [B, n, m]; ``y=None``: x to x."""
-    if y is None:
-        nx = (x * x).sum(-1)
-        sq = nx[:, :, None] - 2.0 * _ExactGram.apply(x) + nx[:, None, :]
-    else:
-        sq = _sq_dists(x, y)
-    return sq.clamp_min(1e-8).sqrt()
+    return _sq_dists(x, y).clamp_min(1e-8).sqrt()
 
 
 def energy_distance(x: Tensor, y: Tensor, mask_x: Tensor | None = None,

@@ -305,8 +305,9 @@ class StateTransitionModel(BaseEstimator):
         if self.weight_averaging not in ("auto", "none", "uniform"):
             raise ConfigError(f"weight_averaging={self.weight_averaging!r} is invalid; expected "
                               "'auto', 'none' or 'uniform'.")
+        averaging = "none" if self.weight_averaging == "auto" else self.weight_averaging
         self._train_config({"max_steps": 1, "lr": 0.0,  # option errors before loading data
-                            "weight_averaging": self.weight_averaging.replace("auto", "none")})
+                            "weight_averaging": averaging})
         columns = self._columns()
         stream = stream_settings(self.data_loading, self.stream_chunk_size,
                                  self.stream_buffer_chunks, self.stream_max_controls)
