@@ -23,6 +23,9 @@ Not part of CI. What it does:
    resident set size") and the peak of the summed PSS of the whole process tree (polled every
    second from ``/proc``; counts DataLoader workers without double-counting shared pages).
 
+``--statetx-bf16`` adds a third, interleaved run: statetx with ``training.precision=bf16-mixed``
+(bf16 autocast, an option; both tools' default is fp32 with ``matmul_precision="medium"``).
+
 Both sides run back to back in one invocation; on a shared machine compare the ratio, not the
 absolute numbers. Each tool's own speed log is printed too (arc-state's ``batches_per_second``
 times the step only, not data loading; statetx's ``cells_per_s`` is the last log window).
@@ -212,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", choices=["arc", "statetx"], default=None)
     p.add_argument("--rounds", type=int, default=2,
                    help="repeat the interleaved schedule; rates are medians over rounds")
+    p.add_argument("--statetx-bf16", action="store_true",
+                   help="also run statetx with training.precision=bf16-mixed (bf16 autocast)")
     args = p.parse_args(argv)
     if args.long <= args.short:
         p.error("--long must exceed --short")
@@ -226,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
                               "tx", "train"]
     if args.only in (None, "statetx"):
         tools["statetx"] = [sys.executable, "-m", "statetx", "tx", "train"]
+        if args.statetx_bf16:
+            tools["statetx-bf16"] = tools["statetx"]
+    extra = {"statetx-bf16": ["training.precision=bf16-mixed"]}
 
     cells_per_step = args.set_len * args.batch_size
     rates: dict[str, list[float]] = {tool: [] for tool in tools}
@@ -240,8 +248,8 @@ def main(argv: list[str] | None = None) -> None:
                 log = args.workdir / f"{tool}_{name}.log"
                 print(f"[round {rnd}, {tool}] {steps} steps ...", flush=True)
                 r = runs[tool][steps] = run_measured(
-                    cmd + overrides(toml, out, name, steps, args.set_len, args.batch_size), log,
-                    env)
+                    cmd + overrides(toml, out, name, steps, args.set_len, args.batch_size)
+                    + extra.get(tool, []), log, env)
                 print(f"    wall {r['wall_s']:.1f} s, max RSS {r['max_rss_mb']:.0f} MB, peak "
                       f"tree PSS {r['peak_pss_mb']:.0f} MB, 1-min load average at the end "
                       f"{r['load']:.1f}  (log: {log})", flush=True)
@@ -270,20 +278,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nstate_sm, S={args.set_len}, B={args.batch_size}, {args.genes} genes, "
           f"{args.cells} cells; steady state = steps {args.short}..{args.long}, median of "
           f"{args.rounds} round(s) ({os.cpu_count()} CPUs)")
-    print(f"{'':10s} {'cells/s':>9s} {'start-up s':>10s} {'max RSS MB':>10s} "
+    print(f"{'':12s} {'cells/s':>9s} {'start-up s':>10s} {'max RSS MB':>10s} "
           f"{'tree PSS MB':>11s} {'own log cells/s':>15s}")
     for tool, r in results.items():
-        print(f"{tool:10s} {r['cells_per_s']:9.0f} {r['startup_s']:10.1f} {r['max_rss_mb']:10.0f} "
+        print(f"{tool:12s} {r['cells_per_s']:9.0f} {r['startup_s']:10.1f} {r['max_rss_mb']:10.0f} "
               f"{r['peak_pss_mb']:11.0f} {r['own_log_cells_per_s']:15.0f}")
-    if len(results) == 2:
-        a, s = results["arc-state"], results["statetx"]
-        ratios = np.array(rates["statetx"]) / np.array(rates["arc-state"])
-        print("statetx / arc-state cells/s per round: "
-              + ", ".join(f"{r:.2f}x" for r in ratios) + f" (median {np.median(ratios):.2f}x)")
-        print(f"statetx / arc-state: {s['cells_per_s'] / a['cells_per_s']:.2f}x cells/s (medians), "
-              f"{s['max_rss_mb'] / a['max_rss_mb']:.2f}x max RSS, "
-              f"{s['peak_pss_mb'] / a['peak_pss_mb']:.2f}x tree PSS")
-
+    if "arc-state" in results:
+        a = results["arc-state"]
+        for tool in (t for t in results if t != "arc-state"):
+            s = results[tool]
+            ratios = np.array(rates[tool]) / np.array(rates["arc-state"])
+            print(f"{tool} / arc-state cells/s per round: "
+                  + ", ".join(f"{r:.2f}x" for r in ratios) + f" (median {np.median(ratios):.2f}x)")
+            print(f"{tool} / arc-state: {s['cells_per_s'] / a['cells_per_s']:.2f}x cells/s "
+                  f"(medians), {s['max_rss_mb'] / a['max_rss_mb']:.2f}x max RSS, "
+                  f"{s['peak_pss_mb'] / a['peak_pss_mb']:.2f}x tree PSS")
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -9,7 +9,14 @@ import torch
 
 from statetx.errors import ConfigError, DataError
 from statetx.losses import energy_distance
-from statetx.nn import MLP, NetworkConfig, StateTransitionNetwork
+from statetx.nn import (
+    MLP,
+    Dropout,
+    NetworkConfig,
+    RMSNorm,
+    StateTransitionNetwork,
+    math_attention,
+)
 
 
 def small_config(**kw: object) -> NetworkConfig:
@@ -402,3 +409,68 @@ def test_pert_skip_needs_input_residual_and_a_known_value():
     with pytest.raises(ConfigError, match="pert_skip"):
         make(residual_space="input", pert_skip="affine")
     assert make(residual_space="input", pert_skip="shift").pert_mean_scale is None
+
+
+def test_cpu_dropout_rate_scale_gradient_and_seed():
+    drop = Dropout(0.1)
+    x = torch.randn(64, 1000, requires_grad=True)
+    torch.manual_seed(3)
+    y = drop(x)
+    keep = y != 0
+    assert abs(keep.float().mean().item() - 0.9) < 0.005  # 64k draws: sd 0.0012
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    torch.testing.assert_close(y[keep], x.detach()[keep] * scale)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, keep.float() * scale)
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y)  # the global seed decides the mask
+    assert not torch.equal(drop(x), y)  # and it moves on
+    # the mask is uniform over positions (no lane of the packed random words is biased)
+    lanes = keep.reshape(-1, 4).float().mean(0)
+    assert (lanes - 0.9).abs().max() < 0.01
+    drop.eval()
+    assert torch.equal(drop(x), x)
+
+
+def test_cpu_dropout_bf16_and_edge_rates():
+    x = torch.randn(32, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = Dropout(0.5)(x)
+    assert y.dtype == torch.bfloat16
+    y.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    assert set(x.grad.unique().tolist()) <= {0.0, 2.0}
+    z = torch.randn(8, 8)
+    assert torch.equal(Dropout(0.0)(z), z)
+    assert not Dropout(1.0)(z).any()
+
+
+def test_rmsnorm_keeps_input_dtype():
+    norm = RMSNorm(16, 1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 16)
+    ref = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * norm.weight
+    torch.testing.assert_close(norm(x), ref)
+    xb = x.bfloat16()
+    out = norm(xb)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("masked,causal", [(False, False), (True, False), (False, True)])
+def test_math_attention_matches_sdpa(masked, causal):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, 7, 7) > 0.4
+        mask |= torch.eye(7, dtype=torch.bool)  # every row keeps itself, as the network's masks
+    out = math_attention(q, k, v, mask, causal)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                           is_causal=causal)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
