@@ -27,8 +27,9 @@ Not part of CI. What it does:
 (bf16 autocast, an option; both tools' default is fp32 with ``matmul_precision="medium"``).
 
 Both sides run back to back in one invocation; on a shared machine compare the ratio, not the
-absolute numbers. Each tool's own speed log is printed too (arc-state's ``batches_per_second``
-times the step only, not data loading; statetx's ``cells_per_s`` is the last log window).
+absolute numbers. Each tool's own speed log is printed too where it has one (arc-state's
+``batches_per_second`` times the step only, not data loading, and 0.11.1 does not write it to its
+CSV log in this configuration: "n/a"; statetx's ``cells_per_s`` is the last log window).
 """
 
 from __future__ import annotations
@@ -197,6 +198,10 @@ def statetx_logged_speed(run_dir: Path) -> float | None:
 
 
 # ------------------------------------------------------------------ main
+def _fmt(value: float) -> str:
+    return "n/a" if np.isnan(value) else f"{value:.0f}"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--venv", type=Path, default=Path(os.environ.get("ARCBENCH_VENV",
@@ -282,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{'tree PSS MB':>11s} {'own log cells/s':>15s}")
     for tool, r in results.items():
         print(f"{tool:12s} {r['cells_per_s']:9.0f} {r['startup_s']:10.1f} {r['max_rss_mb']:10.0f} "
-              f"{r['peak_pss_mb']:11.0f} {r['own_log_cells_per_s']:15.0f}")
+              f"{r['peak_pss_mb']:11.0f} {_fmt(r['own_log_cells_per_s']):>15s}")
     if "arc-state" in results:
         a = results["arc-state"]
         for tool in (t for t in results if t != "arc-state"):
