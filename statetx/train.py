@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from statetx._heap import retained_heap
 from statetx._utils import COMPILE_MODES
 from statetx.distributed import all_gather_objects, all_reduce_sum, barrier, rank_seed, world
 from statetx.errors import ConfigError, StatetxError
@@ -457,6 +458,9 @@ class Trainer:
         prev_precision = torch.get_float32_matmul_precision()
         # a compiled loss cannot switch precision inside its graph: run it all at full fp32
         torch.set_float32_matmul_precision("highest" if self._compile_loss else c.matmul_precision)
+        heap = contextlib.ExitStack()
+        if self.device.type == "cpu" and isinstance(self.train_sampler, CellSetSampler):
+            heap.enter_context(retained_heap())  # in-memory data: no page faults per step
         try:
             self._remove_stale_temporaries()
             if resume_from is not None:
@@ -474,6 +478,7 @@ class Trainer:
         finally:
             self._unwrap()
             torch.set_float32_matmul_precision(prev_precision)
+            heap.close()
         return self.state.history  # not `st`: a resume replaced self.state
 
     def _loop(self) -> None:

@@ -211,3 +211,28 @@ def test_compiled_bf16_training_compiles_network_and_loss_together(synth):
     assert torch.get_float32_matmul_precision() == prev
     b = small_model(max_steps=6, precision="bf16-mixed").fit(synth, SPEC)
     assert np.allclose(a.history_["loss"].dropna(), b.history_["loss"].dropna(), rtol=1e-2)
+
+
+def test_retained_heap_reuses_freed_memory(monkeypatch):
+    import resource
+
+    from statetx._heap import retained_heap
+
+    def faults_of_big_allocations() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(4):
+            torch.empty(48 << 20, dtype=torch.uint8).fill_(1)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    with retained_heap() as active:
+        if not active:
+            pytest.skip("malloc tuning needs Linux with glibc")
+        for _ in range(4):  # the heap grows (glibc settles after a few rounds)
+            faults_of_big_allocations()
+        inside = faults_of_big_allocations()
+    after = faults_of_big_allocations()  # thresholds back to 32 / 64 MiB: handed back each time
+    assert inside < 2000  # 4 x 12,288 pages when each block is handed back
+    assert after > 4 * inside + 10_000
+    monkeypatch.setenv("STATETX_MALLOC_TUNING", "0")
+    with retained_heap() as active:
+        assert not active
