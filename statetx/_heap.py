@@ -1,13 +1,14 @@
-"""Keep freed memory in the process heap while training on the CPU (Linux with glibc).
+"""Keep freed memory in the process heap while training or predicting on the CPU (Linux, glibc).
 
 A CPU training step frees and re-allocates the same few hundred MB of activations and gradients.
 glibc hands large blocks back to the kernel (``mmap`` above its mmap threshold, heap trimming
-above its trim threshold), so the next step faults them in again: ~25,000 minor page faults and
-~45 ms of kernel time per ``state_sm`` step (8 x 64 cells) on a 2-core machine. With both
-thresholds raised the memory is reused in place: no faults, +6-10 % steps/s (in-process A/B
-against thresholds that reproduce the default's ~21,000 faults per step).
+above its trim threshold), so the next step faults them in again: 20,000-25,000 minor page
+faults and ~45 ms of kernel time per ``state_sm`` step (8 x 64 cells) on a 2-core machine.
+With both thresholds raised the memory is reused in place: no faults, +6-10 % steps/s
+(in-process A/B against thresholds that reproduce the default's ~21,000 faults per step).
 
-:func:`retained_heap` raises them for the duration of a CPU ``fit`` and afterwards returns the
+:func:`retained_heap` raises them for the duration of a CPU ``fit`` (in-memory data) and of the
+network passes of a CPU ``predict`` (+13 % cells/s there), and afterwards returns the
 freed memory to the kernel (``malloc_trim``) and sets the thresholds to the values glibc's own
 adaptive rule reaches in a long-running process (mmap 32 MiB, trim 64 MiB): glibc has no way to
 read or re-enable its adaptive defaults. ``STATETX_MALLOC_TUNING=0`` leaves malloc alone. Other

@@ -10,6 +10,7 @@ the network's ``valid_mask``.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from statetx._heap import retained_heap
 from statetx._utils import did_you_mean, looks_log1p, preview, sample_rows
 from statetx.errors import ConfigError, DataError
+from statetx.nn import STOutput
 from statetx.vocab import Vocab
 
 EXPRESSION_CLIP = (0.0, 14.0)
@@ -74,39 +77,46 @@ def run_groups(network: torch.nn.Module, basal_source: np.ndarray | torch.Tensor
             basal_row[rows] = draws[w]
             set_id[rows] = len(sets)
             sets.append((rows, draws[w], g.pert_index, g.batch_index[w]))
-    preds: np.ndarray | None = None
-    counts: np.ndarray | None = None
-    order = sorted(range(len(sets)), key=lambda i: -len(sets[i][0]))  # similar lengths together
-    for lo in range(0, len(order), sets_per_pass):
-        chunk = [sets[i] for i in order[lo:lo + sets_per_pass]]
-        s = max(len(c[0]) for c in chunk)
-        b = len(chunk)
-        idx = np.zeros((b, s), dtype=np.int64)
-        bidx = np.zeros((b, s), dtype=np.int64)
-        mask = np.zeros((b, s), dtype=bool)
-        pidx = np.array([c[2] for c in chunk], dtype=np.int64)
-        for j, (rows, brows, _, bi) in enumerate(chunk):
-            idx[j, :len(rows)] = brows
-            bidx[j, :len(rows)] = bi
-            mask[j, :len(rows)] = True
-        basal = src.index_select(0, torch.from_numpy(idx.reshape(-1))).view(b, s, -1).float()
-        pert = pmat[torch.from_numpy(pidx)][:, None, :].expand(b, s, -1)
-        out = network(basal.to(device), pert.to(device),
-                      batch_index=torch.from_numpy(bidx).to(device),
-                      valid_mask=None if mask.all() else torch.from_numpy(mask).to(device))
-        p = out.pred.float().cpu().numpy()
-        c = None if out.counts is None else out.counts.float().cpu().numpy()
-        if preds is None:
-            preds = np.zeros((n_out, p.shape[-1]), dtype=np.float32)
-            if c is not None:
-                counts = np.zeros((n_out, c.shape[-1]), dtype=np.float32)
-        for j, (rows, *_rest) in enumerate(chunk):
-            preds[rows] = p[j, :len(rows)]
-            if counts is not None:
-                counts[rows] = c[j, :len(rows)]
-    if preds is None:
+    if not sets:
         raise DataError("nothing to predict: no cells were given.")
+    # outputs allocated before the heap is retained: freed later, they go back to the kernel
+    c_net = network.config
+    preds = np.zeros((n_out, c_net.output_dim), dtype=np.float32)
+    counts = (np.zeros((n_out, c_net.gene_dim), dtype=np.float32)
+              if getattr(network, "gene_decoder", None) is not None else None)
+    order = sorted(range(len(sets)), key=lambda i: -len(sets[i][0]))  # similar lengths together
+    heap = retained_heap() if torch.device(device).type == "cpu" else contextlib.nullcontext()
+    with heap:
+        for lo in range(0, len(order), sets_per_pass):
+            chunk = [sets[i] for i in order[lo:lo + sets_per_pass]]
+            out = _forward_chunk(network, src, pmat, chunk, device)
+            p = out.pred.float().cpu().numpy()
+            c = None if counts is None else out.counts.float().cpu().numpy()
+            for j, (rows, *_rest) in enumerate(chunk):
+                preds[rows] = p[j, :len(rows)]
+                if c is not None:
+                    counts[rows] = c[j, :len(rows)]
     return {"pred": preds, "counts": counts, "basal_row": basal_row, "set_id": set_id}
+
+
+def _forward_chunk(network: torch.nn.Module, src: torch.Tensor, pmat: torch.Tensor,
+                   chunk: list[tuple], device: torch.device | str) -> STOutput:
+    """One padded [B, S] pass over a chunk of sets (rows, basal rows, pert index, batches)."""
+    s = max(len(c[0]) for c in chunk)
+    b = len(chunk)
+    idx = np.zeros((b, s), dtype=np.int64)
+    bidx = np.zeros((b, s), dtype=np.int64)
+    mask = np.zeros((b, s), dtype=bool)
+    pidx = np.array([c[2] for c in chunk], dtype=np.int64)
+    for j, (rows, brows, _, bi) in enumerate(chunk):
+        idx[j, :len(rows)] = brows
+        bidx[j, :len(rows)] = bi
+        mask[j, :len(rows)] = True
+    basal = src.index_select(0, torch.from_numpy(idx.reshape(-1))).view(b, s, -1).float()
+    pert = pmat[torch.from_numpy(pidx)][:, None, :].expand(b, s, -1)
+    return network(basal.to(device), pert.to(device),
+                   batch_index=torch.from_numpy(bidx).to(device),
+                   valid_mask=None if mask.all() else torch.from_numpy(mask).to(device))
 
 
 def clip_range(clip, expression: bool) -> tuple[float, float] | None:
