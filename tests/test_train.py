@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,7 +233,9 @@ def test_retained_heap_reuses_freed_memory(monkeypatch):
         inside = faults_of_big_allocations()
     after = faults_of_big_allocations()  # thresholds back to 32 / 64 MiB: handed back each time
     assert inside < 2000  # 4 x 12,288 pages when each block is handed back
-    assert after > 4 * inside + 10_000
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not (thp.exists() and "[always]" in thp.read_text()):  # 2 MiB pages: few faults anyway
+        assert after > 4 * inside + 10_000
     monkeypatch.setenv("STATETX_MALLOC_TUNING", "0")
     with retained_heap() as active:
         assert not active
