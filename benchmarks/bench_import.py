@@ -54,5 +54,6 @@ def main(argv: list[str] | None = None) -> None:
     for sec, name in sorted(rows, reverse=True)[:10]:
         print(f"  {name:40s} {sec:6.2f}")
 
+
 if __name__ == "__main__":
     main(sys.argv[1:])
