@@ -33,13 +33,20 @@ def full_fp32_matmul() -> Iterator[None]:
     if torch.compiler.is_compiling():  # traced once: the caller sets "highest" (see Trainer)
         yield
         return
+    with matmul_precision("highest"):
+        yield
+
+
+@contextmanager
+def matmul_precision(value: str) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(value)`` inside the block, the previous value after."""
     prev = torch.get_float32_matmul_precision()
-    if prev != "highest":
-        torch.set_float32_matmul_precision("highest")
+    if prev != value:
+        torch.set_float32_matmul_precision(value)
     try:
         yield
     finally:
-        if prev != "highest":
+        if prev != value:
             torch.set_float32_matmul_precision(prev)
 
 

@@ -34,7 +34,7 @@ from statetx._heap import retained_heap
 from statetx._utils import COMPILE_MODES
 from statetx.distributed import all_gather_objects, all_reduce_sum, barrier, rank_seed, world
 from statetx.errors import ConfigError, StatetxError
-from statetx.losses import full_fp32_matmul, get_loss, nanmean
+from statetx.losses import full_fp32_matmul, get_loss, matmul_precision, nanmean
 from statetx.sets import CellSetBatch, CellSetSampler
 
 
@@ -455,12 +455,12 @@ class Trainer:
     def fit(self, resume_from: str | Path | None = None) -> list[dict[str, Any]]:
         """Train until ``max_steps`` (or early stopping); returns the logged history."""
         c = self.cfg
-        prev_precision = torch.get_float32_matmul_precision()
+        scope = contextlib.ExitStack()
         # a compiled loss cannot switch precision inside its graph: run it all at full fp32
-        torch.set_float32_matmul_precision("highest" if self._compile_loss else c.matmul_precision)
-        heap = contextlib.ExitStack()
+        scope.enter_context(matmul_precision("highest" if self._compile_loss
+                                             else c.matmul_precision))
         if self.device.type == "cpu" and isinstance(self.train_sampler, CellSetSampler):
-            heap.enter_context(retained_heap())  # in-memory data: no page faults per step
+            scope.enter_context(retained_heap())  # in-memory data: no page faults per step
         try:
             self._remove_stale_temporaries()
             if resume_from is not None:
@@ -477,8 +477,7 @@ class Trainer:
             self._use_average()
         finally:
             self._unwrap()
-            torch.set_float32_matmul_precision(prev_precision)
-            heap.close()
+            scope.close()
         return self.state.history  # not `st`: a resume replaced self.state
 
     def _loop(self) -> None:
