@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import scipy.sparse as sp
 
 # ``torch.compile`` modes accepted by training (here: the CLI's key table must not import torch)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# ``torch.set_float32_matmul_precision`` values ("medium": bf16 products on CPUs with AMX, TF32
+# on GPUs; "high": TF32 on GPUs)
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+@contextmanager
+def matmul_precision_scope(value: str) -> Iterator[None]:
+    """``torch.set_float32_matmul_precision(value)`` inside the block, the previous value after."""
+    import torch
+
+    prev = torch.get_float32_matmul_precision()
+    if prev != value:
+        torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        if prev != value:
+            torch.set_float32_matmul_precision(prev)
 
 
 def did_you_mean(name: str, options: Iterable[str], n: int = 3) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from statetx._utils import did_you_mean
+from statetx._utils import did_you_mean, matmul_precision_scope
 from statetx.errors import ConfigError, DataError
 
 LOSS_NAMES = ("energy", "sinkhorn", "mse", "se")
@@ -33,21 +33,8 @@ def full_fp32_matmul() -> Iterator[None]:
     if torch.compiler.is_compiling():  # traced once: the caller sets "highest" (see Trainer)
         yield
         return
-    with matmul_precision("highest"):
+    with matmul_precision_scope("highest"):
         yield
-
-
-@contextmanager
-def matmul_precision(value: str) -> Iterator[None]:
-    """``torch.set_float32_matmul_precision(value)`` inside the block, the previous value after."""
-    prev = torch.get_float32_matmul_precision()
-    if prev != value:
-        torch.set_float32_matmul_precision(value)
-    try:
-        yield
-    finally:
-        if prev != value:
-            torch.set_float32_matmul_precision(prev)
 
 
 def _as_batched(x: Tensor) -> Tensor:

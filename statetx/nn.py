@@ -367,15 +367,18 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None,
 
 
 def _math_attention_is_faster(q: Tensor) -> bool:
-    """Whether :func:`math_attention` beats SDPA's fused CPU kernel (fwd + bwd when training,
-    measured with torch 2.13 on ST's shapes). The fused kernel wins at full fp32 precision and
-    in inference; it is 2-4x slower when training under the bf16 matmuls of
-    ``matmul_precision="medium"`` (up to 256 cells) or under bf16 autocast (up to 512)."""
-    if q.device.type != "cpu" or torch.compiler.is_compiling() or not q.requires_grad:
+    """Whether :func:`math_attention` beats SDPA's fused CPU kernel (measured with torch 2.13 on
+    ST's shapes). The fused kernel wins at full fp32 precision; under the bf16 products of
+    ``matmul_precision="medium"`` it is 2-5x slower up to 256 cells per set when training
+    (fwd + bwd) and up to 128 in inference (5x at 64, 1.75x at 128, 0.7x at 256), and under bf16
+    autocast up to 512 cells when training."""
+    if q.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     if q.dtype == torch.bfloat16:
-        return q.shape[-2] <= 512
-    return q.shape[-2] <= 256 and torch.get_float32_matmul_precision() != "highest"
+        return q.requires_grad and q.shape[-2] <= 512
+    if torch.get_float32_matmul_precision() == "highest":
+        return False
+    return q.shape[-2] <= (256 if q.requires_grad else 128)
 
 
 def _split_heads(x: Tensor, n: int, d: int) -> Tensor:

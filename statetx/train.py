@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from statetx._heap import retained_heap
-from statetx._utils import COMPILE_MODES
+from statetx._utils import COMPILE_MODES, MATMUL_PRECISIONS, matmul_precision_scope
 from statetx.distributed import all_gather_objects, all_reduce_sum, barrier, rank_seed, world
 from statetx.errors import ConfigError, StatetxError
-from statetx.losses import full_fp32_matmul, get_loss, matmul_precision, nanmean
+from statetx.losses import full_fp32_matmul, get_loss, nanmean
 from statetx.sets import CellSetBatch, CellSetSampler
 
 
@@ -77,7 +77,7 @@ class TrainConfig:
         checks = {
             "optimizer": ("adam", "adamw"), "lr_schedule": ("constant", "cosine"),
             "precision": ("auto", "32", "bf16-mixed"),
-            "matmul_precision": ("highest", "high", "medium"),
+            "matmul_precision": MATMUL_PRECISIONS,
             "data_on_device": ("auto", "always", "never"),
             "weight_averaging": ("none", "uniform"),
             "compile_mode": COMPILE_MODES,
@@ -457,8 +457,8 @@ class Trainer:
         c = self.cfg
         scope = contextlib.ExitStack()
         # a compiled loss cannot switch precision inside its graph: run it all at full fp32
-        scope.enter_context(matmul_precision("highest" if self._compile_loss
-                                             else c.matmul_precision))
+        scope.enter_context(matmul_precision_scope(
+            "highest" if self._compile_loss else c.matmul_precision))
         if self.device.type == "cpu" and isinstance(self.train_sampler, CellSetSampler):
             scope.enter_context(retained_heap())  # in-memory data: no page faults per step
         try:

@@ -178,6 +178,23 @@ def test_infer_both_spellings_and_npy(run, data, tmp_path):
                  str(tmp_path / "bad.csv")]) == 2
 
 
+def test_infer_matmul_precision(run, data, tmp_path, capsys):
+    import anndata as ad
+
+    src = data / "data.h5ad"
+    base = ["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--pert-col", "gene"]
+    assert main([*base, "--output", str(tmp_path / "a.h5ad")]) == 0
+    assert main([*base, "--output", str(tmp_path / "b.h5ad"), "--matmul_precision",
+                 "medium"]) == 0
+    assert "matmul precision medium" in capsys.readouterr().out
+    a, b = ad.read_h5ad(tmp_path / "a.h5ad"), ad.read_h5ad(tmp_path / "b.h5ad")
+    np.testing.assert_allclose(np.asarray(b.X), np.asarray(a.X), rtol=0.05, atol=0.05)
+    assert main([*base, "--output", str(tmp_path / "c.h5ad"), "--matmul-precision",
+                 "bf16"]) == 2
+    assert "matmul_precision='bf16' is invalid" in capsys.readouterr().err
+    assert not (tmp_path / "c.h5ad").exists()
+
+
 # ------------------------------------------------------------------------------ evaluate
 def test_evaluate_commands(run, tmp_path):
     ev = run / "eval_final.ckpt"

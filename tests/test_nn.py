@@ -474,3 +474,25 @@ def test_math_attention_matches_sdpa(masked, causal):
     ref_grads = torch.autograd.grad(ref, (q, k, v), g)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_cpu_attention_kernel_choice():
+    """Written-out attention on the CPU only where it beats SDPA's fused kernel: under bf16
+    products ("medium") up to 256 cells when training, up to 128 in inference; never at full
+    fp32 precision."""
+    from statetx._utils import matmul_precision_scope
+    from statetx.nn import _math_attention_is_faster
+
+    def q(s, grad):
+        return torch.zeros(1, 1, s, 4, requires_grad=grad)
+
+    with matmul_precision_scope("highest"):
+        assert not _math_attention_is_faster(q(64, True))
+        assert not _math_attention_is_faster(q(64, False))
+    with matmul_precision_scope("medium"):
+        assert _math_attention_is_faster(q(256, True))
+        assert not _math_attention_is_faster(q(512, True))
+        assert _math_attention_is_faster(q(128, False))
+        assert not _math_attention_is_faster(q(256, False))
+    bf16 = torch.zeros(1, 1, 512, 4, dtype=torch.bfloat16, requires_grad=True)
+    assert _math_attention_is_faster(bf16)
