@@ -602,6 +602,11 @@ def _check_values(res: Resolved) -> None:
                           "number of periodic checkpoints to keep.")
     name = str(v["model.name"])
     base_name, _, ver = name.partition("@")
+    if base_name == "auto":
+        raise ConfigError("model=auto is the Python estimator's default (preset='auto'); the "
+                          "command line names its preset as arc-state does: model=small (what "
+                          "'auto' picks for up to ~100k training cells) or model=state_sm "
+                          "(beyond), or leave model= out for arc-state's default (state).")
     if base_name not in PRESET_NAMES or (ver and ver not in PRESET_VERSIONS):
         raise ConfigError(f"model={name} is not a known preset; available: "
                           f"{', '.join(PRESET_NAMES)} (optionally with @0.11.1)."

@@ -101,6 +101,9 @@ def test_no_effect_keys_warn_and_unsupported_values_fail():
         R.resolve(["data.kwargs.pert_rep=esm"])
     with pytest.raises(ConfigError, match="not a known preset"):
         R.resolve(["model=stat"])
+    with pytest.raises(ConfigError, match="model=auto is the Python estimator's default.*"
+                       "model=small.*model=state_sm"):
+        R.resolve(["model=auto"])
     R.resolve(["model=state@0.11.1"])
 
 
