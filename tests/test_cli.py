@@ -129,10 +129,11 @@ def test_predict_both_spellings(run, capsys):
     assert list(pred.var_names) == list(real.var_names)
     assert (out / "CT2_results.csv").is_file() and (out / "CT2_agg_results.csv").is_file()
     assert main(["predict", "--output-dir", str(run), "--checkpoint", "last.ckpt",
-                 "--predict-only", "--split", "val"]) == 0
+                 "--predict-only", "--split", "val", "--matmul-precision", "medium"]) == 0
     out2 = run / "eval_val_last.ckpt"
     assert (out2 / "adata_pred.h5ad").is_file() and not list(out2.glob("*results.csv"))
-    assert "using checkpoint" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "using checkpoint" in printed and "matmul precision medium" in printed
 
 
 def test_predict_moved_data_needs_data_root(run, data, tmp_path):
