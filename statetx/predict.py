@@ -69,8 +69,7 @@ def run_groups(network: torch.nn.Module, basal_source: np.ndarray | torch.Tensor
                ) -> dict[str, np.ndarray]:
     """Predict every group; returns ``pred`` [n_out, D_out], optional ``counts`` [n_out, G],
     ``basal_row`` [n_out] (row of basal_source used) and ``set_id`` [n_out]. The network runs
-    at ``matmul_precision`` (see :func:`check_matmul_precision`)."""
-    check_matmul_precision(matmul_precision)
+    at ``matmul_precision`` (validated by the caller, see :func:`check_matmul_precision`)."""
     network.eval()
     src = basal_source if isinstance(basal_source, torch.Tensor) else torch.from_numpy(
         np.ascontiguousarray(basal_source, dtype=np.float32))
