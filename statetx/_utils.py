@@ -9,6 +9,12 @@ from contextlib import contextmanager
 import numpy as np
 import scipy.sparse as sp
 
+# loss options (spec model.md §10): the set loss's own, and those of the whole training loss
+SET_LOSS_OPTIONS = ("blur", "sinkhorn_weight", "energy_weight", "mmd_num_chunks",
+                    "randomize_mmd_chunks")
+TRAINING_LOSS_OPTIONS = ("decoder_weight", "detach_decoder", "regularization")
+LOSS_OPTION_ALIASES = {"decoder_loss_weight": "decoder_weight"}
+
 # ``torch.compile`` modes accepted by training (here: the CLI's key table must not import torch)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # ``torch.set_float32_matmul_precision`` values ("medium": bf16 products on CPUs with AMX, TF32

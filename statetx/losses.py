@@ -8,14 +8,21 @@ uniform weights over the real ones (a statetx extension).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from statetx._utils import did_you_mean, matmul_precision_scope
+from statetx._utils import (
+    LOSS_OPTION_ALIASES,
+    SET_LOSS_OPTIONS,
+    TRAINING_LOSS_OPTIONS,
+    did_you_mean,
+    matmul_precision_scope,
+)
 from statetx.errors import ConfigError, DataError
 
 LOSS_NAMES = ("energy", "sinkhorn", "mse", "se")
@@ -282,9 +289,29 @@ def get_loss(name: str, **options: object) -> Callable[..., Tensor]:
 
     Options: blur, sinkhorn_weight, energy_weight, mmd_num_chunks, randomize_mmd_chunks.
     """
-    valid = ("blur", "sinkhorn_weight", "energy_weight", "mmd_num_chunks", "randomize_mmd_chunks")
     for k in options:
-        if k not in valid:
-            raise ConfigError(f"unknown loss option {k!r}.{did_you_mean(k, valid)} "
-                              f"Valid options: {', '.join(valid)}.")
+        if k not in SET_LOSS_OPTIONS:
+            raise ConfigError(f"unknown loss option {k!r}.{did_you_mean(k, SET_LOSS_OPTIONS)} "
+                              f"Valid options: {', '.join(SET_LOSS_OPTIONS)}.")
     return SetLoss(name=name, **options)  # type: ignore[arg-type]
+
+
+def split_loss_kwargs(loss_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``loss_kwargs`` as :class:`~statetx.train.TrainConfig` fields: the set loss's options under
+    ``loss_options``, the training-loss options as themselves; unknown keys are errors."""
+    options: dict[str, Any] = {}
+    out: dict[str, Any] = {"loss_options": options}
+    valid = SET_LOSS_OPTIONS + TRAINING_LOSS_OPTIONS + tuple(LOSS_OPTION_ALIASES)
+    for key, value in (loss_kwargs or {}).items():
+        name = LOSS_OPTION_ALIASES.get(key, key)
+        if name in SET_LOSS_OPTIONS:
+            options[name] = value
+        elif name in TRAINING_LOSS_OPTIONS:
+            out[name] = value
+        else:
+            raise ConfigError(f"loss_kwargs: unknown option {key!r}.{did_you_mean(key, valid)} "
+                              f"Valid options: {', '.join(valid)}.")
+    for key in ("blur", "sinkhorn_weight", "energy_weight"):
+        if key in options:
+            options[key] = float(options[key])
+    return out

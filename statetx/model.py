@@ -27,6 +27,7 @@ from statetx.config import ColumnMap, SplitConfig
 from statetx.data import PreparedData, prepare
 from statetx.errors import ConfigError, DataError
 from statetx.io import obs_labels
+from statetx.losses import split_loss_kwargs
 from statetx.nn import NetworkConfig, StateTransitionNetwork
 from statetx.predict import (
     Group,
@@ -94,6 +95,13 @@ class StateTransitionModel(BaseEstimator):
     gradient_accumulation_steps, loss, val_freq, ckpt_every_n_steps, keep_last_n,
     early_stopping_patience, precision, matmul_precision
         Training settings (see :class:`statetx.train.TrainConfig`).
+    loss_kwargs
+        Loss options (spec model.md §10): ``blur`` (Sinkhorn, 0.05), ``sinkhorn_weight`` /
+        ``energy_weight`` (``loss="se"``, 0.01 / 1.0), ``mmd_num_chunks`` (1: the set loss on k
+        feature chunks, averaged), ``randomize_mmd_chunks`` (False), ``decoder_weight`` (alias
+        ``decoder_loss_weight``, 1.0), ``detach_decoder`` (False: the gene decoder's loss does
+        not train the network, and 10 % of its batches decode the true targets) and
+        ``regularization`` (0: weight of mean |pred − basal|).
     compile, compile_mode
         ``torch.compile`` for training (GPU throughput; the first steps compile). Under bf16
         autocast (CUDA's default) the network and the loss are compiled as one graph and run at
@@ -161,6 +169,7 @@ class StateTransitionModel(BaseEstimator):
         gradient_clip_val: float | None = 10.0,
         gradient_accumulation_steps: int = 1,
         loss: str = "energy",
+        loss_kwargs: dict | None = None,
         val_freq: int = 2000,
         ckpt_every_n_steps: int = 2000,
         keep_last_n: int | None = None,
@@ -205,6 +214,7 @@ class StateTransitionModel(BaseEstimator):
         self.gradient_clip_val = gradient_clip_val
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.loss = loss
+        self.loss_kwargs = loss_kwargs
         self.val_freq = val_freq
         self.ckpt_every_n_steps = ckpt_every_n_steps
         self.keep_last_n = keep_last_n
@@ -269,6 +279,7 @@ class StateTransitionModel(BaseEstimator):
             averaging_start=self.averaging_start,
             warmup_steps=int(self.warmup_steps), gradient_clip_val=self.gradient_clip_val,
             gradient_accumulation_steps=int(self.gradient_accumulation_steps), loss=self.loss,
+            **split_loss_kwargs(self.loss_kwargs),
             val_freq=int(self.val_freq), ckpt_every_n_steps=int(self.ckpt_every_n_steps),
             keep_last_n=self.keep_last_n, early_stopping_patience=self.early_stopping_patience,
             precision=self.precision, matmul_precision=self.matmul_precision,
@@ -727,7 +738,7 @@ class StateTransitionModel(BaseEstimator):
     def _metadata(self) -> dict:
         """Everything but the weights, JSON-able (also stored inside checkpoints)."""
         params = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.get_params().items()
-                  if not isinstance(v, dict) or k == "model_kwargs"}
+                  if not isinstance(v, dict) or k in ("model_kwargs", "loss_kwargs")}
         if not isinstance(params.get("pert_features"), (str, type(None))):
             params["pert_features"] = None  # vectors are stored in the vocabulary
         return {

@@ -635,12 +635,15 @@ class StateTransitionNetwork(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     def forward(self, basal: Tensor, pert: Tensor, batch_index: Tensor | None = None,
-                valid_mask: Tensor | None = None) -> STOutput:
+                valid_mask: Tensor | None = None, *, detach_decoder: bool = False,
+                decoder_input: Tensor | None = None) -> STOutput:
         """Predict perturbed cells for B sets of S cells.
 
         basal [B,S,D_in] float, pert [B,S,P] float, batch_index [B,S] int64 (needed with a batch
         encoder, ignored otherwise), valid_mask [B,S] bool (True = real cell; masked positions are
-        not attended to and their outputs are zero).
+        not attended to and their outputs are zero). With a gene decoder: ``detach_decoder``
+        decodes the prediction without passing gradients back into the network;
+        ``decoder_input`` [B,S,D_out] is decoded instead of the prediction.
         """
         c = self.config
         self._check_inputs(basal, pert, batch_index, valid_mask)
@@ -678,7 +681,11 @@ class StateTransitionNetwork(nn.Module):
             pred = F.relu(pred)
         if valid_mask is not None:
             pred = pred.masked_fill(~valid_mask[..., None], 0.0)
-        counts = self.gene_decoder(pred) if self.gene_decoder is not None else None
+        counts = None
+        if self.gene_decoder is not None:
+            if decoder_input is None:
+                decoder_input = pred.detach() if detach_decoder else pred
+            counts = self.gene_decoder(decoder_input)
         return STOutput(pred=pred, counts=counts, confidence=confidence)
 
     def _attention_inputs(self, x: Tensor, valid_mask: Tensor | None

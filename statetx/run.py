@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from statetx._utils import COMPILE_MODES
+from statetx._utils import COMPILE_MODES, SET_LOSS_OPTIONS, TRAINING_LOSS_OPTIONS
 from statetx.errors import ConfigError, DataError, SplitConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -242,14 +242,14 @@ def _keys() -> dict[str, Key]:
         Key("model.device", None, "any", optional=True, status="noeffect",
             note="use training.device"),
         Key(m + "loss", "energy", "str", ("energy", "sinkhorn", "mse", "se")),
-        Key(m + "blur", 0.05, "float", status="default_only"),
-        Key(m + "sinkhorn_weight", 0.01, "float", status="default_only"),
-        Key(m + "energy_weight", 1.0, "float", status="default_only"),
-        Key(m + "mmd_num_chunks", 1, "int", status="default_only"),
-        Key(m + "randomize_mmd_chunks", False, "bool", status="default_only"),
-        Key(m + "decoder_weight", 1.0, "float", status="default_only"),
-        Key(m + "detach_decoder", False, "bool", status="default_only"),
-        Key(m + "regularization", 0.0, "float", status="default_only"),
+        Key(m + "blur", 0.05, "float"),
+        Key(m + "sinkhorn_weight", 0.01, "float"),
+        Key(m + "energy_weight", 1.0, "float"),
+        Key(m + "mmd_num_chunks", 1, "int"),
+        Key(m + "randomize_mmd_chunks", False, "bool"),
+        Key(m + "decoder_weight", 1.0, "float"),
+        Key(m + "detach_decoder", False, "bool"),
+        Key(m + "regularization", 0.0, "float"),
         Key(m + "init_from", None, "str", optional=True),
         Key(m + "freeze_pert_backbone", False, "bool"),
         Key(m + "softplus", None, "any", optional=True, status="noeffect",
@@ -370,6 +370,9 @@ PARAM_PATHS: dict[str, str] = {
     "seed": "training.train_seed",
     "loss": "model.kwargs.loss",
 }
+
+# model.kwargs keys that are loss options (StateTransitionModel(loss_kwargs=...))
+LOSS_KEYS = SET_LOSS_OPTIONS + TRAINING_LOSS_OPTIONS
 
 # keys that may differ when a run is resumed
 RESUME_FREE = ("training.max_steps", "training.log_every_n_steps", "training.device",
@@ -701,6 +704,8 @@ def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
             v["data.kwargs.batch_col"] = None
     params = {p: v[path] for p, path in PARAM_PATHS.items()}
     params["model_kwargs"] = dict(overrides) or None
+    params["loss_kwargs"] = {k: v[f"model.kwargs.{k}"] for k in LOSS_KEYS
+                             if f"model.kwargs.{k}" in res.given} or None
     kept = v["training.keep_step_checkpoints"]
     params["keep_last_n"] = None if kept == "all" else int(kept)
     if params["pert_features"] is None:
@@ -721,6 +726,11 @@ def config_from_params(params: Mapping[str, Any], arch: Mapping[str, Any] | None
     for p, path in PARAM_PATHS.items():
         if p in params and not (p == "pert_features" and not isinstance(params[p], (str, Path))):
             v[path] = str(params[p]) if isinstance(params[p], Path) else params[p]
+    from statetx.losses import split_loss_kwargs
+
+    for key, value in split_loss_kwargs(params.get("loss_kwargs")).items():
+        for k, x in (value.items() if key == "loss_options" else [(key, value)]):
+            v[f"model.kwargs.{k}"] = x
     n = params.get("keep_last_n")
     v["training.keep_step_checkpoints"] = "all" if n is None else int(n)
     if arch is not None:

@@ -56,7 +56,10 @@ class TrainConfig:
     gradient_clip_val: float | None = 10.0
     gradient_accumulation_steps: int = 1
     loss: str = "energy"
+    loss_options: dict = field(default_factory=dict)  # blur, sinkhorn/energy weights, chunks
     decoder_weight: float = 1.0
+    detach_decoder: bool = False         # the decoder loss trains the decoder only
+    regularization: float = 0.0          # weight of mean |pred - basal| (D_in = D_out)
     val_freq: int = 2000
     ckpt_every_n_steps: int = 2000
     keep_last_n: int | None = None       # periodic checkpoints kept (None = all)
@@ -92,6 +95,11 @@ class TrainConfig:
             raise ConfigError(f"averaging_start={self.averaging_start!r} must be a fraction of "
                               "max_steps in [0, 1).")
         self.weight_decay = float(self.weight_decay)
+        self.decoder_weight = float(self.decoder_weight)
+        self.regularization = float(self.regularization)
+        if self.regularization < 0 or self.decoder_weight < 0:
+            raise ConfigError("decoder_weight and regularization must be >= 0, got "
+                              f"{self.decoder_weight!r} and {self.regularization!r}.")
         for key in ("max_steps", "val_freq", "ckpt_every_n_steps", "gradient_accumulation_steps",
                     "log_every_n_steps"):
             if int(getattr(self, key)) < 1:
@@ -140,7 +148,13 @@ class Trainer:
         self.device = resolve_device(device)
         self.out = Path(output_dir) if output_dir is not None else None
         self.extra = checkpoint_extra or {}
-        self.loss_fn = get_loss(config.loss)
+        self.loss_fn = get_loss(config.loss, **config.loss_options)
+        c = getattr(network, "config", None)
+        if config.regularization > 0 and c is not None and c.input_dim != c.output_dim:
+            raise ConfigError(f"regularization={config.regularization} adds mean |pred - basal| "
+                              f"and needs the input and output widths to match (here "
+                              f"{c.input_dim} and {c.output_dim}); set it to 0 or train in the "
+                              "input's space.")
         self.net.to(self.device)
         self.opt = self._optimizer()
         self.state = TrainState()
@@ -225,24 +239,36 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def losses(self, batch: CellSetBatch,
-               module: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """Per-set main loss and the decoder loss (when the network decodes to genes).
+    def losses(self, batch: CellSetBatch, module: torch.nn.Module | None = None, *,
+               training: bool = False) -> dict[str, torch.Tensor]:
+        """Per-set loss terms: the main loss, the decoder loss (when the network decodes to genes),
+        the confidence and regularisation terms (when configured).
 
         ``module`` runs the forward pass instead of the network (the DDP wrapper when training).
+        ``training``: randomised feature chunks, and with ``detach_decoder`` the decoder is fed
+        the true target latents for 10 % of the batches.
         """
+        cfg = self.cfg
+        options: dict[str, Any] = {}
+        if cfg.detach_decoder and getattr(self.net, "gene_decoder", None) is not None:
+            options["detach_decoder"] = True
+            if training and float(torch.rand(())) < 0.1:
+                options["decoder_input"] = batch.target
         with self._autocast():
             net = self.net if module is None else module
             out = net(batch.basal, batch.pert, batch_index=batch.batch_index,
-                      valid_mask=batch.valid_mask)
+                      valid_mask=batch.valid_mask, **options)
         pred = out.pred.float()
-        main = self.loss_fn(pred, batch.target)
+        main = self.loss_fn(pred, batch.target, training=training)
         result = {"main_loss": main}
         if out.counts is not None and batch.counts is not None:
-            result["decoder_loss"] = self.loss_fn(out.counts.float(), batch.counts)
+            result["decoder_loss"] = self.loss_fn(out.counts.float(), batch.counts,
+                                                  training=training)
         if getattr(out, "confidence", None) is not None:
             target = 10.0 * main.detach()
             result["confidence_loss"] = (out.confidence.float() - target) ** 2
+        if cfg.regularization > 0:
+            result["regularization"] = (pred - batch.basal.float()).abs().mean(dim=(1, 2))
         return result
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -251,6 +277,8 @@ class Trainer:
             loss = loss + self.cfg.decoder_weight * nanmean(parts["decoder_loss"])
         if "confidence_loss" in parts:
             loss = loss + 0.01 * nanmean(parts["confidence_loss"])
+        if "regularization" in parts:
+            loss = loss + self.cfg.regularization * nanmean(parts["regularization"])
         return loss
 
     def _train_step(self, batches: list[CellSetBatch]) -> dict[str, torch.Tensor]:
@@ -264,7 +292,8 @@ class Trainer:
         logs: dict[str, torch.Tensor] = {}
         for batch in batches:
             self._mark_graph_step()
-            parts = self._losses(batch.to(self.device, non_blocking=True), module=self._forward)
+            parts = self._losses(batch.to(self.device, non_blocking=True), module=self._forward,
+                                 training=True)
             loss = self.total(parts) / len(batches)
             self._note_finite(loss)
             loss.backward()
@@ -318,7 +347,7 @@ class Trainer:
             self._mark_graph_step()
             with sync:
                 parts = self._losses(batch.to(self.device, non_blocking=True),
-                                     module=self._ddp_forward)
+                                     module=self._ddp_forward, training=True)
                 loss = self.total(parts) / n
                 loss.backward()
             vals = [loss.detach().float()] + [nanmean(v.detach()).float() / n

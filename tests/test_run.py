@@ -90,9 +90,9 @@ def test_no_effect_keys_warn_and_unsupported_values_fail():
         R.resolve(["data.kwargs.num_workers=4"])
     with pytest.warns(UserWarning, match="softplus has no effect"):
         R.resolve(["model.kwargs.softplus=true"])
-    R.resolve(["model.kwargs.blur=0.05"])  # the default is accepted
-    with pytest.raises(ConfigError, match="blur is not supported"):
-        R.resolve(["model.kwargs.blur=0.1"])
+    R.resolve(["data.kwargs.pad_from=group"])  # the default is accepted
+    with pytest.raises(ConfigError, match="pad_from is not supported"):
+        R.resolve(["data.kwargs.pad_from=chunk"])
     with pytest.raises(ConfigError, match="enabling model.kwargs.lora.enable"):
         R.resolve(["model.kwargs.lora.enable=true"])
     with pytest.raises(ConfigError, match="multi-device training is not supported"):
@@ -153,6 +153,25 @@ def test_plan_preset_first_regardless_of_order(tmp_path):
     assert a.config["model"]["kwargs"]["n_layers"] == 2
     assert a.config["model"]["kwargs"]["hidden_dim"] == 128  # from the preset
     assert a.run_dir == Path("./debugging") / "debug"
+
+
+def test_plan_loss_options_reach_the_estimator(tmp_path):
+    toml = tmp_path / "s.toml"
+    toml.write_text('[datasets]\nd = "x.h5ad"\n[training]\nd = "train"\n')
+    given = [f"data.kwargs.toml_config_path={toml}", "model=tiny", "model.kwargs.loss=se",
+             "model.kwargs.blur=0.1", "model.kwargs.sinkhorn_weight=0.5",
+             "model.kwargs.mmd_num_chunks=2", "model.kwargs.decoder_loss_weight=0.3",
+             "model.kwargs.detach_decoder=true", "model.kwargs.regularization=0.01"]
+    plan = R.plan_training(R.resolve(given), check_data=False)
+    assert plan.params["loss"] == "se"
+    assert plan.params["loss_kwargs"] == {"blur": 0.1, "sinkhorn_weight": 0.5,
+                                          "mmd_num_chunks": 2, "decoder_weight": 0.3,
+                                          "detach_decoder": True, "regularization": 0.01}
+    # and back: the run configuration of the same estimator parameters
+    cfg = R.config_from_params(plan.params)["model"]["kwargs"]
+    assert (cfg["blur"], cfg["decoder_weight"], cfg["mmd_num_chunks"]) == (0.1, 0.3, 2)
+    plain = R.plan_training(R.resolve(given[:2]), check_data=False)
+    assert plain.params["loss_kwargs"] is None
 
 
 def test_plan_batch_col_default_and_required_toml(tmp_path):

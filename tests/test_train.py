@@ -239,3 +239,89 @@ def test_retained_heap_reuses_freed_memory(monkeypatch):
     monkeypatch.setenv("STATETX_MALLOC_TUNING", "0")
     with retained_heap() as active:
         assert not active
+
+
+# ---- loss options (spec model.md §10.3-10.5) -------------------------------------------------
+def test_loss_kwargs_configure_the_set_loss(synth):
+    a = small_model(loss="se", loss_kwargs={"sinkhorn_weight": 0.0}, max_steps=3).fit(synth)
+    b = small_model(loss="energy", max_steps=3).fit(synth)
+    c = small_model(loss="se", loss_kwargs={"sinkhorn_weight": 0.5, "blur": 0.1},
+                    max_steps=3).fit(synth)
+    # se with a zero Sinkhorn weight is the energy loss: same training
+    np.testing.assert_allclose(a.history_["main_loss"], b.history_["main_loss"], rtol=1e-5)
+    assert not np.allclose(c.history_["main_loss"], b.history_["main_loss"])
+    assert c.get_params()["loss_kwargs"] == {"sinkhorn_weight": 0.5, "blur": 0.1}
+
+
+def test_loss_kwargs_unknown_option_is_named(synth):
+    with pytest.raises(ConfigError, match="'blurr'.*Did you mean: 'blur'"):
+        small_model(loss_kwargs={"blurr": 0.1}).fit(synth)
+
+
+def test_randomized_chunks_only_while_training(synth):
+    model = small_model(loss_kwargs={"mmd_num_chunks": 4, "randomize_mmd_chunks": True},
+                        max_steps=2, val_freq=1)
+    model.fit(synth)
+    assert np.isfinite(model.history_["main_loss"].dropna()).all()
+    # validation (fixed sets, fixed chunks) is repeatable; training draws feature permutations
+    cfg = TrainConfig(max_steps=1, loss_options={"mmd_num_chunks": 4,
+                                                 "randomize_mmd_chunks": True})
+    pred, target = torch.randn(2, 8, 32), torch.randn(2, 8, 32)
+    loss = Trainer(model.network_, None, None, cfg).loss_fn
+    assert torch.equal(loss(pred, target), loss(pred, target))
+    torch.manual_seed(0)
+    assert not torch.equal(loss(pred, target, training=True), loss(pred, target, training=True))
+
+
+def test_regularization_adds_mean_abs_change(synth):
+    model = small_model(loss_kwargs={"regularization": 0.5}, max_steps=2).fit(synth)
+    reg = model.history_["regularization"]
+    assert (reg > 0).all()
+    np.testing.assert_allclose(model.history_["loss"],
+                               model.history_["main_loss"] + 0.5 * reg, rtol=1e-5)
+
+
+def test_regularization_needs_equal_widths(synth):
+    from dataclasses import replace
+
+    from statetx.nn import StateTransitionNetwork
+
+    cfg = small_model(max_steps=1).fit(synth).network_config_
+    net = StateTransitionNetwork(replace(cfg, output_dim=cfg.input_dim + 1))
+    with pytest.raises(ConfigError, match="regularization=0.5.*input and output widths"):
+        Trainer(net, None, None, TrainConfig(regularization=0.5))
+
+
+def _decoder_data(synth):
+    emb = synth.copy()
+    emb.obsm["X_emb"] = np.random.default_rng(0).normal(size=(emb.n_obs, 6)).astype(np.float32)
+    emb.obsm["X_hvg"] = np.asarray(emb.X, dtype=np.float32)  # the decoder's gene-space target
+    kw = {**SMALL, "gene_decoder_bool": True, "decoder_hidden_dims": [16]}
+    return emb, dict(embed_key="X_emb", output_space="gene", model_kwargs=kw)
+
+
+@pytest.mark.parametrize("alias", ["decoder_weight", "decoder_loss_weight"])
+def test_decoder_weight_and_alias(synth, alias):
+    emb, kw = _decoder_data(synth)
+    model = small_model(**kw, loss_kwargs={alias: 0.25}, max_steps=2).fit(emb)
+    h = model.history_
+    assert (h["decoder_loss"] > 0).all()
+    np.testing.assert_allclose(h["loss"], h["main_loss"] + 0.25 * h["decoder_loss"], rtol=1e-5)
+
+
+def test_detach_decoder_keeps_decoder_gradients_out_of_the_network(synth):
+    emb, kw = _decoder_data(synth)
+    model = small_model(**kw, loss_kwargs={"detach_decoder": True}, max_steps=2).fit(emb)
+    net = model.network_
+    basal, pert = torch.randn(2, 8, 6), torch.zeros(2, 8, net.config.pert_dim)
+    for detach in (False, True):
+        net.zero_grad()
+        net(basal, pert, detach_decoder=detach).counts.sum().backward()
+        encoder = net.basal_encoder.weight.grad
+        assert (encoder is None or not encoder.any()) == detach
+        assert net.gene_decoder.decoder[0].weight.grad.abs().sum() > 0
+    # decoder_input replaces the prediction as the decoder's input
+    z = torch.randn(2, 8, net.config.output_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(net(basal, pert, decoder_input=z).counts,
+                                   net.gene_decoder(z))
