@@ -187,10 +187,7 @@ class _Baseline(BaseEstimator):
         return self.columns_.embed_key in (None, "X_hvg")
 
     def _clip(self, clip: Any) -> tuple[float, float] | None:
-        if isinstance(clip, str) and clip == "auto" and self._expression_output \
-                and not self.is_log1p_:
-            return (0.0, float("inf"))  # raw counts: only negative values are impossible
-        return clip_range(clip, self._expression_output)
+        return clip_range(clip, self._expression_output, self.is_log1p_)
 
     def _output(self, pred: np.ndarray, obs: pd.DataFrame, clip: Any) -> ad.AnnData:
         rng = self._clip(clip)

@@ -165,11 +165,15 @@ def prepare(
         on_missing_perturbation=on_missing_perturbation,
     )
     src, counts_src, names, gene_names = _sources(files, columns, counts_key)
-    is_log1p = looks_log1p(_sample_matrix(files[0], src))
+    # the scale (log1p or counts) of the expression the model reads or predicts
+    expr = src if src in (None, "X_hvg") else counts_src
+    is_log1p = True if expr is False else looks_log1p(_sample_matrix(files[0], expr))
     if columns.output_space == "all" and not (is_log1p or allow_counts):
+        where = "X" if expr is None else f"obsm['{expr}']"
         raise DataError(
-            f"output_space='all' expects log1p-normalised X, but X of {files[0].label} looks like "
-            "raw counts. Run statetx.pp.preprocess_train first, or pass allow_counts=True."
+            f"output_space='all' expects log1p-normalised {where}, but {where} of "
+            f"{files[0].label} does not look like it (integers, or values of 15 and more). Run "
+            "statetx.pp.preprocess_train (or scanpy normalize_total + log1p) first."
         )
     if vocab is None:
         feats = pert_features
@@ -194,6 +198,12 @@ def prepare(
             "the training split is empty (every cell type is held out"
             + ("" if yield_controls else " and yield_controls is false")
             + "). Add a [training] entry or hold out fewer cell types."
+        )
+    if "train" in splits and built["train"].is_control.all():
+        raise DataError(
+            "the training split has control cells only: every perturbed cell is held out (in "
+            "[zeroshot] or [fewshot]), so no perturbation could be learned. Hold out fewer "
+            "cell types or perturbations."
         )
     return PreparedData(vocab, built, columns, files, assignments, summarize(assignments),
                         names, gene_names, is_log1p)
@@ -277,7 +287,7 @@ def _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_
     x = np.concatenate([a.file.read_rows(rows, src, np_dtype) for a, rows in files])
     counts = None if counts_src is False else np.concatenate(
         [a.file.read_rows(rows, counts_src, np_dtype) for a, rows in files])
-    _check_finite(x, split)
+    _check_finite(x, split, expression=src in (None, "X_hvg"))
     is_target = ~cat["is_control"] | bool(yield_controls)
     if not is_target.any():
         return None
@@ -289,11 +299,11 @@ def _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_
     )
 
 
-def _check_finite(x: np.ndarray, split: str) -> None:
+def _check_finite(x: np.ndarray, split: str, expression: bool) -> None:
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         raise DataError(f"{int(bad.sum())} cells of the {split} split have NaN or Inf expression "
                         "values. Remove or repair them before training.")
-    if (x < 0).any():
+    if expression and (x < 0).any():  # embeddings (PCA, scVI, ...) may well be negative
         warnings.warn(f"the {split} split has negative expression values; ST expects "
                       "non-negative log1p expression unless an embedding is used.", stacklevel=3)

@@ -22,7 +22,7 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
-from statetx._utils import matmul_precision_scope, preview
+from statetx._utils import did_you_mean, matmul_precision_scope, preview
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import PreparedData, prepare
 from statetx.errors import ConfigError, DataError
@@ -60,6 +60,10 @@ TRAINING_DEFAULTS: dict[str, dict] = {
     "small": {"batch_size": 8, "max_steps": "epochs", "passes": 100, "min_steps": 300,
               "max_steps_cap": 3000, "lr": 1e-3, "weight_averaging": "uniform"},
 }
+
+
+# fitted attributes (without their trailing "_") that save/load keep besides the network
+_FIT_RECORD = ("preset", "train_settings", "best_step", "training_time")
 
 
 class StateTransitionModel(BaseEstimator):
@@ -320,6 +324,9 @@ class StateTransitionModel(BaseEstimator):
         averaging = "none" if self.weight_averaging == "auto" else self.weight_averaging
         self._train_config({"max_steps": 1, "lr": 0.0,  # option errors before loading data
                             "weight_averaging": averaging})
+        if self.lr is not None:
+            self._train_config({"max_steps": 1, "lr": self.lr, "weight_averaging": averaging})
+        resolve_device(self.device)
         columns = self._columns()
         stream = stream_settings(self.data_loading, self.stream_chunk_size,
                                  self.stream_buffer_chunks, self.stream_max_controls)
@@ -336,8 +343,6 @@ class StateTransitionModel(BaseEstimator):
         set_len = int(arch["cell_set_len"])
         settings = self._training_defaults(preset, n_train, set_len)
         train_cfg = self._train_config(settings)
-        self.preset_ = preset
-        self.train_settings_ = settings
         # torchrun: join/create the process group (None = one process, nothing distributed);
         # train sets are sharded across ranks, validation batches are dealt by the Trainer
         from statetx.distributed import init_distributed
@@ -378,14 +383,23 @@ class StateTransitionModel(BaseEstimator):
         if stream is not None and verbose:
             print(f"statetx: {samplers['train'].describe()}")
         out = Path(output_dir) if output_dir is not None else None
-        self._set_fitted(network, net_cfg, vocab, prepared, set_len)
-        if out is not None and rank == 0:
-            self._write_run_files(out, prepared, split_config)
-        trainer = Trainer(network, samplers["train"], samplers.get("val"), train_cfg,
-                          device=ddp.device if ddp is not None else resolve_device(self.device),
-                          output_dir=out, checkpoint_extra={"statetx_model": self._metadata()})
-        t0 = time.perf_counter()
-        history = trainer.fit(resume_from=resume_from)
+        previous = {k: v for k, v in vars(self).items() if k.endswith("_") or k == "_prepared"}
+        try:  # a failed fit leaves the estimator as it was (fitted or not)
+            self._set_fitted(network, net_cfg, vocab, prepared, set_len)
+            self.preset_, self.train_settings_ = preset, settings
+            trainer = Trainer(network, samplers["train"], samplers.get("val"), train_cfg,
+                              device=ddp.device if ddp is not None
+                              else resolve_device(self.device), output_dir=out,
+                              checkpoint_extra={"statetx_model": self._metadata()})
+            if out is not None and rank == 0:
+                self._write_run_files(out, prepared, split_config)
+            t0 = time.perf_counter()
+            history = trainer.fit(resume_from=resume_from)
+        except BaseException:
+            for k in [k for k in vars(self) if k.endswith("_") or k == "_prepared"]:
+                delattr(self, k)
+            vars(self).update(previous)
+            raise
         self.training_time_ = time.perf_counter() - t0
         self.history_ = _history_frame(history)
         self.device_ = trainer.device
@@ -537,9 +551,17 @@ class StateTransitionModel(BaseEstimator):
         pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
         if ct_col in adata.obs:
             ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
-        else:
-            print(f"statetx: no obs column '{ct_col}': all cells form one context.")
+        elif cell_type_col is None and len(self.vocab_.cell_types) == 1:
+            print(f"statetx: no obs column '{ct_col}': all cells form one context (the model "
+                  "was trained on one).")
             ctx = np.full(adata.n_obs, "all", dtype=object)
+        else:
+            raise DataError(
+                f"the input has no obs column '{ct_col}' (the context in which each cell is "
+                f"paired with control cells).{did_you_mean(ct_col, map(str, adata.obs.columns))}"
+                " Pass cell_type_col=<column>; to treat all cells as one context, add a constant"
+                f" column (adata.obs['{ct_col}'] = 'all')."
+            )
         needs_batch = self.network_config_.batch_encoder or basal_pool == "batch" or (
             basal_pool is None and self._pairing() == "batch")
         batch = (obs_labels(adata.obs, batch_col, "the input", "batch_col")
@@ -626,7 +648,7 @@ class StateTransitionModel(BaseEstimator):
 
     def _output(self, res: dict, obs: pd.DataFrame, clip) -> ad.AnnData:
         c = self.columns_
-        rng = clip_range(clip, self._expression_output)
+        rng = clip_range(clip, self._expression_output, self.is_log1p_)
         if res["counts"] is not None:
             x, names = res["counts"], self.gene_names_
         else:
@@ -647,11 +669,11 @@ class StateTransitionModel(BaseEstimator):
 
         Same cells in the same order in both; obs has the perturbation, cell type and batch
         columns plus ``pert_cell_barcode`` / ``ctrl_cell_barcode``; both are clipped to [0, 14]
-        for expression outputs. ``controls="predicted"`` (reference ``tx predict``) runs the
-        control cells as control sets too; ``controls="real"`` copies the real control cells into
-        the prediction (the VCC convention, and what the baselines do), so that every model's
-        deltas are measured from the same real controls. ``matmul_precision``: as in
-        :meth:`predict`.
+        for log1p expression outputs (at 0 for count-scale ones). ``controls="predicted"``
+        (reference ``tx predict``) runs the control cells as control sets too;
+        ``controls="real"`` copies the real control cells into the prediction (the VCC
+        convention, and what the baselines do), so that every model's deltas are measured from
+        the same real controls. ``matmul_precision``: as in :meth:`predict`.
         """
         check_matmul_precision(matmul_precision)
         if controls not in ("predicted", "real"):
@@ -697,7 +719,7 @@ class StateTransitionModel(BaseEstimator):
         pred = self._output(res, obs.copy(), clip)
         real_x = (d.counts if d.counts is not None else d.X)[torch.from_numpy(order)].float()
         real_x = real_x.numpy()
-        rng = clip_range(clip, self._expression_output)
+        rng = clip_range(clip, self._expression_output, self.is_log1p_)
         if rng is not None:
             real_x = np.clip(real_x, *rng)
         real = ad.AnnData(X=real_x, obs=obs.copy(), var=pred.var.copy())
@@ -765,6 +787,9 @@ class StateTransitionModel(BaseEstimator):
         meta = self._metadata()
         if hasattr(self, "history_"):
             meta["history"] = self.history_.to_dict(orient="list")
+        meta["fit"] = {k: getattr(self, k + "_") for k in _FIT_RECORD if hasattr(self, k + "_")}
+        if hasattr(self, "split_summary_"):
+            meta["split_summary"] = self.split_summary_.to_dict(orient="split")
         text = json.dumps(meta, indent=1, default=_json_default)  # fails before any write
         state = {k: v.detach().cpu().contiguous() for k, v in self.network_.state_dict().items()}
         created = not path.exists()
@@ -801,6 +826,11 @@ class StateTransitionModel(BaseEstimator):
         model = cls._from_metadata(meta, state, source=path / "model.json")
         if "history" in meta:
             model.history_ = pd.DataFrame(meta["history"])
+        for k, v in meta.get("fit", {}).items():
+            if k in _FIT_RECORD:
+                setattr(model, k + "_", v)
+        if "split_summary" in meta:
+            model.split_summary_ = pd.DataFrame(**meta["split_summary"])
         return model
 
     @classmethod

@@ -138,13 +138,23 @@ def _forward_chunk(network: torch.nn.Module, src: torch.Tensor, pmat: torch.Tens
                    valid_mask=None if mask.all() else torch.from_numpy(mask).to(device))
 
 
-def clip_range(clip, expression: bool) -> tuple[float, float] | None:
-    """Resolve ``clip``: "auto" = [0, 14] for expression outputs, none for embeddings."""
+def clip_range(clip, expression: bool, log1p: bool = True) -> tuple[float, float] | None:
+    """Resolve ``clip``: "auto" = [0, 14] for log1p expression outputs, [0, inf) for
+    count-scale ones (only negative values are impossible), none for embeddings."""
     if isinstance(clip, str):
         if clip != "auto":
             raise ConfigError(f"clip={clip!r} is invalid; use 'auto', None or a (low, high) tuple.")
-        return EXPRESSION_CLIP if expression else None
-    return None if clip is None else (float(clip[0]), float(clip[1]))
+        if not expression:
+            return None
+        return EXPRESSION_CLIP if log1p else (0.0, float("inf"))
+    if clip is None:
+        return None
+    try:
+        low, high = (float(v) for v in clip)
+    except (TypeError, ValueError):
+        raise ConfigError(f"clip={clip!r} is invalid; use 'auto', None or a (low, high) tuple "
+                          "of numbers.") from None
+    return low, high
 
 
 # ---------------------------------------------------------------------- new data
@@ -209,6 +219,11 @@ def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input") -> Non
         raise DataError(f"the {where} looks like raw counts (integers, max {s.max():.0f}); the "
                         "model was trained on log1p-normalised values. Normalise it first (e.g. "
                         "statetx.pp.preprocess_train or scanpy normalize_total + log1p).")
+    if trained_log1p and float(s.max(initial=0)) > 15:
+        raise DataError(f"the {where} has values up to {s.max():.4g}, far above log1p scale; "
+                        "the model was trained on log1p-normalised values. If it is normalised "
+                        "but not log-transformed, apply scanpy.pp.log1p (or "
+                        "statetx.pp.preprocess_train) first.")
     if not trained_log1p and is_log and not integer_like and float(s.max(initial=0)) < 15:
         raise DataError(f"the {where} looks log1p-normalised but the model was trained on raw "
                         "counts; pass data on the training scale.")

@@ -90,6 +90,8 @@ class TrainConfig:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is invalid; expected one of "
                                   f"{', '.join(map(repr, allowed))}.")
         self.lr = float(self.lr)
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ConfigError(f"lr={self.lr!r} must be a non-negative finite number (e.g. 1e-4).")
         self.averaging_start = float(self.averaging_start)
         if not 0.0 <= self.averaging_start < 1.0:
             raise ConfigError(f"averaging_start={self.averaging_start!r} must be a fraction of "
@@ -124,7 +126,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` → CUDA when available, else CPU."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or "
+                          "'cuda:N'.") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' was requested but CUDA is not available; use "
                           "device='cpu' or 'auto'.")

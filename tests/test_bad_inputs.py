@@ -99,15 +99,15 @@ def truncated_ckpt(run, tmp_path):
      r"obs column 'gene' not found in the input.*Set pert_col"),
     (lambda a: None, {"pert_col": "target_gene"},
      r"obs column 'target_gene' not found in the input \(available: gene, cell_type, batch\)"),
-    (lambda a: None, {"cell_type_col": "celltype"}, None),
-], ids=["pert-column-renamed", "pert-col-option-wrong", "cell-type-column-absent"])
-def test_predict_obs_columns(model, adata, edit, opts, match, capsys):
+    # pooling every context's controls silently would pair cells across cell types
+    (lambda a: None, {"cell_type_col": "celltype"},
+     r"no obs column 'celltype'.*Did you mean: 'cell_type'.*Pass cell_type_col"),
+    (lambda a: a.obs.rename(columns={"cell_type": "ct"}, inplace=True), {},
+     r"no obs column 'cell_type'.*adata.obs\['cell_type'\] = 'all'"),
+], ids=["pert-column-renamed", "pert-col-option-wrong", "cell-type-col-option-wrong",
+        "cell-type-column-absent"])
+def test_predict_obs_columns(model, adata, edit, opts, match):
     edit(adata)
-    if match is None:  # no cell-type column: one context, said so (not an error)
-        out = model.predict(adata, **opts)
-        assert "no obs column 'celltype': all cells form one context" in capsys.readouterr().out
-        assert out.n_obs == adata.n_obs
-        return
     with pytest.raises(DataError, match=match):
         model.predict(adata, **opts)
 
@@ -578,3 +578,68 @@ def test_python_m_statetx_bad_split_file(tmp_path):
     assert len(errors) == 1 and '[training].d = "tr" is not allowed' in errors[0], r.stderr
     assert "Traceback" not in r.stderr
     assert leftovers(out) == []
+
+
+# =============================================================================================
+# fit: a failure leaves the estimator and the output folder as they were
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"lr": -1.0}, r"lr=-1.0 must be a non-negative"),
+    ({"device": "tpu"}, r"device='tpu' is not a device"),
+    ({"loss_kwargs": {"blurr": 0.1}}, r"unknown option 'blurr'"),
+])
+def test_failed_refit_keeps_the_fitted_model_and_writes_nothing(model, adata, tmp_path, bad,
+                                                                match):
+    m = pickle.loads(pickle.dumps(model))
+    before = m.predict(adata, seed=1).X
+    history = m.history_.copy()
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=match):
+        m.set_params(**bad).fit(adata, output_dir=out)
+    assert leftovers(out) == []
+    np.testing.assert_array_equal(m.predict(adata, seed=1).X, before)
+    pd.testing.assert_frame_equal(m.history_, history)
+
+
+def test_failure_during_training_restores_the_previous_state(model, adata, monkeypatch):
+    from statetx.train import Trainer
+
+    m = pickle.loads(pickle.dumps(model))
+    net = m.network_
+
+    def boom(self, resume_from=None):
+        raise TrainingError("interrupted")
+
+    monkeypatch.setattr(Trainer, "fit", boom)
+    with pytest.raises(TrainingError, match="interrupted"):
+        m.fit(adata)
+    assert m.network_ is net  # not the new, untrained network
+    fresh = small_model()
+    with pytest.raises(TrainingError, match="interrupted"):
+        fresh.fit(adata)
+    with pytest.raises(NotFittedError):
+        fresh.predict(adata)
+
+
+def test_count_scale_model_is_not_clipped_at_log1p_range(adata):
+    counts = adata.copy()
+    counts.X = np.round(np.expm1(counts.X) * 40).astype(np.float32)
+    # the head predicts the change from the control cell: outputs start on the input's scale
+    m = small_model(model_kwargs={**SMALL, "residual_space": "input"}).fit(counts)
+    assert not m.is_log1p_
+    pred = m.predict(counts)
+    assert pred.X.max() > 14 and pred.X.min() >= 0
+    assert m.predict(counts, clip=(0, 14)).X.max() <= 14
+
+
+def test_normalised_but_not_log_transformed_input_is_refused(model, adata):
+    scaled = adata.copy()
+    scaled.X = np.expm1(scaled.X) * 40 + 0.5  # normalised-like, not integers, not log1p
+    with pytest.raises(DataError, match=r"far above log1p scale.*scanpy.pp.log1p"):
+        model.predict(scaled)
+
+
+def test_clip_must_be_a_pair_of_numbers(model, adata):
+    with pytest.raises(ConfigError, match=r"clip=\(0,\) is invalid"):
+        model.predict(adata, clip=(0,))

@@ -233,9 +233,9 @@ def test_empty_train_split():
         prepare(make_adata(), spec, COLS, heldout_controls_in_train=False)
     with pytest.raises(DataError, match="training split is empty.*yield_controls is false"):
         prepare(make_adata(), spec, COLS, yield_controls=False)
-    # default: the held-out cell types' controls train, so this is valid
-    prep = prepare(make_adata(), spec, COLS)
-    assert prep.splits["train"].is_control.all()
+    # default: the held-out cell types' controls would train, but no perturbation could
+    with pytest.raises(DataError, match="control cells only: every perturbed cell is held out"):
+        prepare(make_adata(), spec, COLS)
 
 
 @pytest.mark.parametrize("col", ["gene", "cell_type", "gem_group"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.base import clone
@@ -113,9 +114,35 @@ def test_save_load_roundtrip(fitted, tmp_path):
     loaded = StateTransitionModel.load(tmp_path / "m")
     np.testing.assert_array_equal(model.predict(adata).X, loaded.predict(adata).X)
     assert loaded.get_params() == model.get_params()
+    # what fit resolved and measured is kept too
+    assert (loaded.preset_, loaded.train_settings_, loaded.best_step_) == (
+        model.preset_, model.train_settings_, model.best_step_)
+    pd.testing.assert_frame_equal(loaded.split_summary_, model.split_summary_, check_dtype=False)
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(DataError, match="could not read"):
         StateTransitionModel.load(tmp_path / "m")
+
+
+@pytest.fixture
+def synth_embedding():
+    from conftest import make_synthetic
+
+    adata = make_synthetic()
+    x = np.asarray(adata.X, dtype=np.float64)
+    u, sv, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    adata.obsm["X_pca"] = (u[:, :8] * sv[:8]).astype(np.float32)  # negative values, as PCA
+    return adata
+
+
+def test_embedding_input_with_log1p_gene_output(synth_embedding):
+    """output_space='all' checks the scale of X (its target), not of the embedding input."""
+    model = small_model(embed_key="X_pca", output_space="all", max_steps=2)
+    model.fit(synth_embedding, SPEC)
+    assert model.is_log1p_
+    raw = synth_embedding.copy()
+    raw.X = np.round(np.expm1(raw.X) * 40)
+    with pytest.raises(DataError, match=r"expects log1p-normalised X, but X of"):
+        small_model(embed_key="X_pca", output_space="all", max_steps=2).fit(raw, SPEC)
 
 
 def test_score_is_a_correlation(fitted):
