@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from statetx._utils import looks_log1p
+from statetx._utils import did_you_mean, looks_log1p
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.errors import ConfigError, DataError, SplitConfigError
 from statetx.io import (
@@ -127,9 +127,16 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
         if name not in config.datasets:
             section, key = next((s, k) for s in ("training", "zeroshot", "fewshot")
                                 for k in getattr(config, s) if k.split(".")[0] == name)
+            hint = f'Add a line such as: {name} = "/path/to/{name}/"'
+            if isinstance(data, ad.AnnData) and dataset_name is None:
+                others = [n for n in names if n != name and n not in config.datasets]
+                hint = (f"One AnnData was given, and the spec uses {len(others) + 1} dataset "
+                        f"names without a [datasets] path ({', '.join(sorted([name, *others]))})"
+                        f": a typo?{did_you_mean(name, others)} Use one name, or pass "
+                        "dataset_name= (or a dict of AnnData).")
             raise SplitConfigError(
                 f'dataset \'{name}\' is used in [{section}] "{key}" but has no entry in [datasets] '
-                f"and was not passed in memory. Add a line such as: {name} = \"/path/to/{name}/\""
+                f"and was not passed in memory. {hint}"
             )
         for path in config.resolve_paths(name):
             files.append(open_file(path, name, c.pert_col, c.cell_type_key, c.batch_col))

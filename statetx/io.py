@@ -97,8 +97,10 @@ class DataFile:
     def read_rows(self, rows: np.ndarray, source: str | None, dtype=np.float32) -> np.ndarray:
         """Dense ``[len(rows), width]`` array of the given rows of X (None) or ``obsm[source]``."""
         rows = np.asarray(rows, dtype=np.int64)
-        if self.adata is not None:
+        if self.adata is not None and not (source is None and self.adata.isbacked):
             return _dense(_matrix(self, source), rows, dtype)
+        if self.adata is not None:  # backed AnnData: read its X from the file, in blocks
+            return read_h5_rows(Path(self.adata.filename), "X", rows, dtype)
         return read_h5_rows(self.path, "X" if source is None else f"obsm/{source}", rows, dtype)
 
 
@@ -110,11 +112,7 @@ def _dense(m, rows: np.ndarray, dtype) -> np.ndarray:
     if isinstance(m, pd.DataFrame):
         m = m.to_numpy()
     if sp.issparse(m):
-        if not sp.isspmatrix_csr(m) and not isinstance(m, sp.csr_array):
-            raise DataError(
-                f"the expression matrix is stored as {type(m).__name__}; statetx reads dense or "
-                "CSR matrices. Convert it first, e.g. adata.X = adata.X.tocsr()."
-            )
+        m = m.tocsr()  # row reads (CSC, COO, ... converted; a CSR matrix is not copied)
         out = np.empty((len(rows), m.shape[1]), dtype=dtype)
         for start in range(0, len(rows), READ_BLOCK_ROWS):
             block = rows[start : start + READ_BLOCK_ROWS]

@@ -118,9 +118,11 @@ def assign(
 
 
 def default_dataset_name(config: SplitConfig) -> str:
-    """The dataset name an in-memory AnnData takes: the only one the spec uses, else ``"data"``."""
+    """The dataset name an in-memory AnnData takes: the only one the spec uses, else the only
+    one it uses without a [datasets] path, else ``"data"``."""
     names = config.referenced_datasets()
-    return names[0] if len(names) == 1 else "data"
+    unlisted = [n for n in names if n not in config.datasets]
+    return names[0] if len(names) == 1 else unlisted[0] if len(unlisted) == 1 else "data"
 
 
 def membership_frame(a: Assignment, index=None) -> pd.DataFrame:

@@ -22,6 +22,7 @@ import contextlib
 import csv
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -506,6 +507,7 @@ class Trainer:
                     torch.manual_seed(rank_seed(c.seed, self.rank))
                 if self.val_sampler is not None:  # fail fast on a broken validation set
                     self.evaluate(self.val_sampler, max_batches=1)
+                self._clear_previous_run()
             if self.world_size > 1:
                 self._wrap()
             self._loop()
@@ -514,6 +516,20 @@ class Trainer:
             self._unwrap()
             scope.close()
         return self.state.history  # not `st`: a resume replaced self.state
+
+    def _clear_previous_run(self) -> None:
+        """A fresh run in a folder that holds an earlier one: the earlier checkpoints, metrics
+        and TensorBoard log are removed, not mixed with this run's."""
+        if self.out is None or not _is_main():
+            return
+        old = [*sorted((self.out / "checkpoints").glob("*.ckpt")), self.out / "metrics.csv",
+               self.out / "tensorboard"]
+        old = [p for p in old if p.exists()]
+        for p in old:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if old and self.cfg.progress:
+            print(f"statetx: {self.out} held an earlier run: its checkpoints and metrics were "
+                  "removed (this run starts afresh; pass resume_from to continue one).")
 
     def _loop(self) -> None:
         c, st = self.cfg, self.state

@@ -82,6 +82,13 @@ def test_dataset_referenced_but_not_declared(tmp_path, section, body):
         prepare(None, path, COLS)
 
 
+def test_one_anndata_and_a_misspelt_dataset_name():
+    spec = {"training": {"d": "train"}, "zeroshot": {"dd.A": "test"}}
+    with pytest.raises(SplitConfigError, match=r"One AnnData was given, and the spec uses 2 "
+                       r"dataset names.*\(d, dd\): a typo\?.*dataset_name="):
+        prepare(make_adata(), spec, COLS)
+
+
 def test_training_value_other_than_train():
     with pytest.raises(SplitConfigError,
                        match=r'\[training\]\.replogle = "val" is not allowed.*only accepted value '
@@ -273,19 +280,29 @@ def test_files_disagree_on_gene_names():
         prepare(data, spec, COLS)
 
 
-def test_csc_matrix_rejected_in_memory_and_on_disk(tmp_path):
+def test_csc_matrix_in_memory_is_read_on_disk_rejected(tmp_path):
     a = make_adata()
-    a.X = sp.csc_matrix(a.X)
-    with pytest.raises(DataError, match="csc_matrix.*dense or CSR.*tocsr"):
-        prepare(a, TRAIN, COLS)
-    write(a, tmp_path / "d" / "x.h5ad")
+    dense = np.asarray(a.X).copy()
+    a.X = sp.csc_matrix(a.X)  # in memory: converted for row reads, same values
+    prep = prepare(a, TRAIN, COLS)
+    np.testing.assert_allclose(prep.splits["train"].X.numpy(), dense)
+    write(a, tmp_path / "d" / "x.h5ad")  # on disk: row reads of CSC would read every column
     path = toml(tmp_path, '[datasets]\nd = "d"\n[training]\nd = "train"\n')
     with pytest.raises(DataError, match=r"'X' in .*x\.h5ad is stored as 'csc_matrix'"):
         prepare(None, path, COLS)
-    # CSR is fine and reads the same values
+
+
+def test_backed_anndata_reads_x_from_its_file(tmp_path):
+    a = make_adata()
     a.X = sp.csr_matrix(a.X)
-    prep = prepare(a, TRAIN, COLS)
-    np.testing.assert_allclose(prep.splits["train"].X.numpy(), a.X.toarray())
+    write(a, tmp_path / "x.h5ad")
+    backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")
+    try:
+        prep = prepare(backed, TRAIN, COLS)
+    finally:
+        backed.file.close()
+    np.testing.assert_allclose(prep.splits["train"].X.numpy(),
+                               prepare(a, TRAIN, COLS).splits["train"].X.numpy())
 
 
 def test_pert_feature_lengths_differ():

@@ -325,3 +325,18 @@ def test_detach_decoder_keeps_decoder_gradients_out_of_the_network(synth):
     with torch.no_grad():
         torch.testing.assert_close(net(basal, pert, decoder_input=z).counts,
                                    net.gene_decoder(z))
+
+
+def test_fresh_fit_into_a_used_folder_replaces_the_earlier_run(synth, tmp_path, capsys):
+    spec_val = ('[training]\ndata = "train"\n[zeroshot]\n"data.CT2" = "test"\n'
+                '"data.CT1" = "val"\n')
+    small_model(max_steps=4, val_freq=2, ckpt_every_n_steps=2).fit(synth, spec_val,
+                                                                   output_dir=tmp_path)
+    assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
+    capsys.readouterr()
+    small_model(max_steps=3, seed=1, progress=True).fit(synth, SPEC, output_dir=tmp_path)
+    assert "held an earlier run" in capsys.readouterr().out
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "best.ckpt" not in names and "step=4.ckpt" not in names
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(steps) and max(steps) == 3
