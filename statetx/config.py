@@ -287,7 +287,7 @@ def _read_toml_text(obj: str | Path) -> tuple[str, str, Path | None]:
 
 
 def _looks_like_path(s: str) -> bool:
-    if "\n" in s:
+    if "\n" in s or not s.strip():  # an empty string is an empty spec, not the path "."
         return False
     try:  # an existing file wins, even if its name contains '[' or '='
         if Path(s).expanduser().is_file():

@@ -32,6 +32,7 @@ from statetx.nn import NetworkConfig, StateTransitionNetwork
 from statetx.predict import (
     Group,
     align_genes,
+    check_count,
     check_matmul_precision,
     check_scale,
     clip_range,
@@ -258,7 +259,7 @@ class StateTransitionModel(BaseEstimator):
     def _training_defaults(self, preset: str, n_train_cells: int, set_len: int) -> dict:
         """Values for the training settings left as None (see :data:`TRAINING_DEFAULTS`)."""
         d = dict(TRAINING_DEFAULTS.get(preset.split("@")[0], TRAINING_DEFAULTS["*"]))
-        batch = int(self.batch_size or d["batch_size"])
+        batch = int(self.batch_size if self.batch_size is not None else d["batch_size"])
         steps = d["max_steps"]
         if steps == "epochs":  # a fixed number of passes over the training cells
             passes = d["passes"] * n_train_cells / (batch * set_len)
@@ -322,6 +323,9 @@ class StateTransitionModel(BaseEstimator):
             raise ConfigError(f"weight_averaging={self.weight_averaging!r} is invalid; expected "
                               "'auto', 'none' or 'uniform'.")
         averaging = "none" if self.weight_averaging == "auto" else self.weight_averaging
+        check_count("seed", self.seed, 0, optional=False)
+        for name in ("batch_size", "cell_set_len", "max_steps"):
+            check_count(name, getattr(self, name))
         self._train_config({"max_steps": 1, "lr": 0.0,  # option errors before loading data
                             "weight_averaging": averaging})
         if self.lr is not None:
@@ -520,6 +524,16 @@ class StateTransitionModel(BaseEstimator):
         """
         self._check_fitted()
         check_matmul_precision(matmul_precision)
+        check_count("seed", seed, 0, optional=False)
+        check_count("set_len", set_len)
+        check_count("n_cells_per_pert", n_cells_per_pert)
+        for name, value, choices in (
+                ("basal_fallback", basal_fallback, ("error", "all_controls")),
+                ("unknown_perturbation", unknown_perturbation, ("error", "control", "zeros")),
+                ("unknown_batch", unknown_batch, ("error", "first", "mean"))):
+            if value not in choices:
+                raise ConfigError(f"{name}={value!r} is invalid; expected one of "
+                                  f"{', '.join(map(repr, choices))}.")
         c = self.columns_
         pert_col, batch_col = pert_col or c.pert_col, batch_col or c.batch_col
         control = control_pert or c.control_pert
@@ -574,7 +588,9 @@ class StateTransitionModel(BaseEstimator):
         is_ctrl = pert == control
         if not is_ctrl.any():
             raise DataError(f"the input has no control cells (obs['{pert_col}'] == '{control}'); "
-                            "basal states are drawn from controls. Include control cells.")
+                            "basal states are drawn from controls. Include control cells, or "
+                            "name the control label with control_pert="
+                            f".{did_you_mean(str(control), map(str, np.unique(pert)))}")
 
         obs = adata.obs.copy()
         src_rows = np.arange(adata.n_obs)
@@ -642,6 +658,8 @@ class StateTransitionModel(BaseEstimator):
                 c_parts.append(ctx[pick])
                 b_parts.append(batch[pick])
         obs = pd.concat(obs_parts)
+        if obs.index.has_duplicates:  # a virtual name equal to an input name (or another's)
+            obs.index = ad.utils.make_index_unique(obs.index.astype(str))
         obs[pert_col] = np.concatenate(p_parts)
         return (obs, np.concatenate(rows), np.concatenate(p_parts), np.concatenate(c_parts),
                 np.concatenate(b_parts))

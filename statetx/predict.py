@@ -11,6 +11,7 @@ the network's ``valid_mask``.
 from __future__ import annotations
 
 import contextlib
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,6 +119,15 @@ def check_matmul_precision(value: object) -> str:
     return str(value)
 
 
+def check_count(name: str, value: object, minimum: int = 1, optional: bool = True) -> None:
+    """An integer option (a seed, a set length, a cell count) of at least ``minimum``."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name}={value!r} is invalid; expected an integer >= {minimum}"
+                          + (" or None." if optional else "."))
+
+
 def _forward_chunk(network: torch.nn.Module, src: torch.Tensor, pmat: torch.Tensor,
                    chunk: list[tuple], device: torch.device | str) -> STOutput:
     """One padded [B, S] pass over a chunk of sets (rows, basal rows, pert index, batches)."""
@@ -200,8 +210,8 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
             "them with 0."
         )
     if missing:
-        print(f"statetx: {len(missing)} of {len(genes)} model genes are missing from the input "
-              "and are filled with 0.")
+        warnings.warn(f"{len(missing)} of {len(genes)} model genes are missing from the input "
+                      f"and are filled with 0: {preview(missing)}.", UserWarning, stacklevel=3)
     import scipy.sparse as sp
 
     sub = matrix[:, np.where(pos >= 0, pos, 0)]
@@ -231,6 +241,9 @@ def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input") -> Non
 
 def encode_perturbations(labels: np.ndarray, vocab: Vocab, unknown: str) -> np.ndarray:
     """Vocabulary indices; unknown labels → error (default), the control, or a zero vector (-1)."""
+    if unknown not in ("error", "control", "zeros"):
+        raise ConfigError(f"unknown_perturbation={unknown!r} is invalid; expected 'error', "
+                          "'control' or 'zeros'.")
     codes = vocab.encode("pert", labels, on_unknown="ignore")
     bad = codes < 0
     if bad.any():
@@ -244,22 +257,22 @@ def encode_perturbations(labels: np.ndarray, vocab: Vocab, unknown: str) -> np.n
             )
         if unknown == "control":
             codes[bad] = vocab.perturbations.index(vocab.control_pert)
-        elif unknown != "zeros":
-            raise ConfigError(f"unknown_perturbation={unknown!r} is invalid; expected 'error', "
-                              "'control' or 'zeros'.")
     return codes
 
 
 def encode_batches(labels: np.ndarray, vocab: Vocab, unknown: str) -> np.ndarray:
-    """Batch indices for a batch-encoder model; unknown labels → error or index 0 ("first")."""
+    """Batch indices for a batch-encoder model; unknown labels → error, index 0 ("first") or -1
+    ("mean": the network uses the mean of its batch embeddings)."""
+    if unknown not in ("error", "first", "mean"):
+        raise ConfigError(f"unknown_batch={unknown!r} is invalid; expected 'error', 'first' or "
+                          "'mean'.")
     codes = vocab.encode("batch", labels, on_unknown="ignore")
     bad = codes < 0
     if bad.any():
         if unknown == "error":
             raise DataError("batch label(s) not seen in training: "
                             f"{preview(np.unique(labels[bad]))}. Known: {preview(vocab.batches)}. "
-                            "Pass unknown_batch='first' to map them to the first batch.")
-        if unknown != "first":
-            raise ConfigError(f"unknown_batch={unknown!r} is invalid; expected 'error' or 'first'.")
-        codes[bad] = 0
+                            "Pass unknown_batch='mean' (the mean batch embedding) or 'first' to "
+                            "predict them anyway.")
+        codes[bad] = 0 if unknown == "first" else -1
     return codes

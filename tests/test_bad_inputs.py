@@ -643,3 +643,65 @@ def test_normalised_but_not_log_transformed_input_is_refused(model, adata):
 def test_clip_must_be_a_pair_of_numbers(model, adata):
     with pytest.raises(ConfigError, match=r"clip=\(0,\) is invalid"):
         model.predict(adata, clip=(0,))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"batch_size": 0}, r"batch_size=0 is invalid; expected an integer >= 1"),
+    ({"cell_set_len": 0}, r"cell_set_len=0 is invalid"),
+    ({"seed": None}, r"seed=None is invalid; expected an integer >= 0\."),
+    ({"max_steps": 2.5}, r"max_steps=2.5 is invalid"),
+])
+def test_fit_integer_options_are_checked_before_loading(adata, tmp_path, bad, match):
+    with pytest.raises(ConfigError, match=match):
+        small_model(**bad).fit(adata, output_dir=tmp_path / "run")
+    assert leftovers(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("opts,match", [
+    ({"seed": -1}, r"seed=-1 is invalid"),
+    ({"set_len": 0}, r"set_len=0 is invalid"),
+    ({"all_perts": True, "n_cells_per_pert": 0}, r"n_cells_per_pert=0 is invalid"),
+    ({"basal_fallback": "nearest"}, r"basal_fallback='nearest' is invalid"),
+    ({"unknown_batch": "last"}, r"unknown_batch='last' is invalid.*'mean'"),
+    ({"unknown_perturbation": "drop"}, r"unknown_perturbation='drop' is invalid"),
+])
+def test_predict_options_are_checked_up_front(model, adata, opts, match):
+    with pytest.raises(ConfigError, match=match):
+        model.predict(adata, **opts)
+
+
+def test_unknown_batch_mean_uses_the_mean_batch_embedding(adata):
+    m = small_model(batch_col="batch", model_kwargs={**SMALL, "batch_encoder": True}).fit(adata)
+    new = adata.copy()
+    new.obs["batch"] = "unseen"
+    with pytest.raises(DataError, match="batch label.*not seen in training: unseen.*'mean'"):
+        m.predict(new)
+    pred = m.predict(new, unknown_batch="mean", seed=3)
+    # the same as a network whose first batch embedding is replaced by the mean one
+    import copy
+
+    net = copy.deepcopy(m.network_)
+    with torch.no_grad():
+        net.batch_encoder.weight[0] = m.network_.batch_encoder.weight.mean(0)
+    ref = copy.copy(m)
+    ref.network_ = net
+    np.testing.assert_allclose(pred.X, ref.predict(new, unknown_batch="first", seed=3).X,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_virtual_cell_names_never_collide_with_input_names(model, adata):
+    ctx, pert = adata.obs["cell_type"].iloc[0], "P1"
+    adata.obs_names = [f"{ctx}_{pert}_{i}" for i in range(adata.n_obs)]  # the virtual scheme
+    out = model.predict(adata, all_perts=True, n_cells_per_pert=2)
+    assert out.obs_names.is_unique
+    assert list(out.obs_names[:adata.n_obs]) == list(adata.obs_names)  # inputs keep theirs
+
+
+def test_empty_spec_string_is_an_empty_spec(adata):
+    m = small_model().fit(adata, "")
+    assert set(m.split_summary_["split"]) == {"train"}
+
+
+def test_wrong_control_label_in_predict_suggests_the_right_one(model, adata):
+    with pytest.raises(DataError, match=r"no control cells.*Did you mean: 'ctrl'"):
+        model.predict(adata, control_pert="ctr")

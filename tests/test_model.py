@@ -156,7 +156,8 @@ def test_gene_mismatch_lists_missing_genes(fitted):
     sub = adata[:, 3:].copy()
     with pytest.raises(DataError, match="3 of the model's 32 genes are missing.*G0, G1, G2"):
         model.predict(sub)
-    filled = model.predict(sub, missing_genes="zero")
+    with pytest.warns(UserWarning, match="3 of 32 model genes are missing.*filled with 0: G0"):
+        filled = model.predict(sub, missing_genes="zero")
     assert filled.n_vars == 32
     reordered = adata[:, ::-1].copy()  # order fixed by name
     np.testing.assert_allclose(model.predict(reordered).X, model.predict(adata).X, atol=1e-6)
