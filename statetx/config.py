@@ -117,9 +117,9 @@ class SplitConfig(BaseModel):
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ queries
-    def where(self, section: str, key: str | None = None) -> str:
-        """Human-readable location of a key, for error messages."""
-        loc = f"[{section}]" + (f'."{key}"' if key else "")
+    def where(self, section: str, key: str | None = None, field: str | None = None) -> str:
+        """Human-readable location of a key (and a field of its table), for error messages."""
+        loc = f"[{section}]" + (f'."{key}"' if key else "") + (f".{field}" if field else "")
         return f"{loc} in {self.source}" if self.source and self.source != "<dict>" else loc
 
     def referenced_datasets(self) -> list[str]:

@@ -64,7 +64,7 @@ TRAINING_DEFAULTS: dict[str, dict] = {
 
 
 # fitted attributes (without their trailing "_") that save/load keep besides the network
-_FIT_RECORD = ("preset", "train_settings", "best_step", "training_time")
+_FIT_RECORD = ("preset", "train_settings", "best_step", "training_time", "arc_import")
 
 
 class StateTransitionModel(BaseEstimator):
@@ -127,6 +127,13 @@ class StateTransitionModel(BaseEstimator):
         given, else ``random``). Prediction draws basal cells the same way.
     pert_features
         Optional perturbation feature file (``.pt``/``.npz``/``.csv``/``.safetensors``) or dict.
+    heldout_controls_in_train, yield_controls
+        Whether the control cells of held-out (zero-shot) cell types train (default True, as
+        the reference), and whether control cells are also targets, control sets mapping to
+        control sets (default True).
+    on_missing_perturbation
+        A ``[fewshot]`` entry naming a perturbation no cell of that cell type carries:
+        ``error`` (default) or ``warn`` (and ignore it).
     dtype
         Storage of the training matrices (``float32`` or ``float16``).
     data_loading
@@ -148,6 +155,8 @@ class StateTransitionModel(BaseEstimator):
         ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     seed
         Seeds every random choice: splits into sets, control pairing, initialisation, dropout.
+    progress
+        Print the start-up summary (preset, network, device) and a progress bar (default True).
     """
 
     def __init__(
@@ -188,6 +197,7 @@ class StateTransitionModel(BaseEstimator):
         train_pert_skip: bool = True,
         pert_features: Any = None,
         heldout_controls_in_train: bool = True,
+        on_missing_perturbation: str = "error",
         yield_controls: bool = True,
         dtype: str = "float32",
         data_loading: str = "memory",
@@ -233,6 +243,7 @@ class StateTransitionModel(BaseEstimator):
         self.train_pert_skip = train_pert_skip
         self.pert_features = pert_features
         self.heldout_controls_in_train = heldout_controls_in_train
+        self.on_missing_perturbation = on_missing_perturbation
         self.yield_controls = yield_controls
         self.dtype = dtype
         self.data_loading = data_loading
@@ -339,6 +350,7 @@ class StateTransitionModel(BaseEstimator):
             adata, split_config, columns, dataset_name=dataset_name,
             pert_features=self.pert_features,
             heldout_controls_in_train=self.heldout_controls_in_train,
+            on_missing_perturbation=self.on_missing_perturbation,
             yield_controls=self.yield_controls, dtype=self.dtype,
         )
         n_train = int(prepared.splits["train"].is_target.sum())
@@ -397,6 +409,10 @@ class StateTransitionModel(BaseEstimator):
                               checkpoint_extra={"statetx_model": self._metadata()})
             if out is not None and rank == 0:
                 self._write_run_files(out, prepared, split_config)
+            if verbose:
+                print(f"statetx: training on {trainer.device}, " + (
+                    "bf16 autocast (precision bf16-mixed)" if trainer.amp else
+                    f"fp32 (matmul_precision {train_cfg.matmul_precision})"))
             t0 = time.perf_counter()
             history = trainer.fit(resume_from=resume_from)
         except BaseException:
@@ -832,13 +848,14 @@ class StateTransitionModel(BaseEstimator):
         from safetensors.torch import load_file
 
         path = Path(path)
+        target = resolve_device(device)  # a device that is not there: say so before reading
         for name in ("model.json", "model.safetensors"):
             if not (path / name).is_file():
                 raise DataError(f"{path / name} not found: {path} is not a saved statetx model "
                                 "(expected model.json and model.safetensors).")
         try:
             meta = json.loads((path / "model.json").read_text())
-            state = load_file(str(path / "model.safetensors"), device=device)
+            state = load_file(str(path / "model.safetensors"), device="cpu")
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"could not read the saved model in {path}: {exc}") from exc
         model = cls._from_metadata(meta, state, source=path / "model.json")
@@ -849,7 +866,7 @@ class StateTransitionModel(BaseEstimator):
                 setattr(model, k + "_", v)
         if "split_summary" in meta:
             model.split_summary_ = pd.DataFrame(**meta["split_summary"])
-        return model
+        return model.to(target) if target.type != "cpu" else model
 
     @classmethod
     def _from_metadata(cls, meta: dict, state: dict[str, torch.Tensor],

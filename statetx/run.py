@@ -192,8 +192,7 @@ def _keys() -> dict[str, Key]:
         Key(d + "basal_rep", "sample", "str", ("sample",)),
         Key(d + "counts_key", None, "str", optional=True, status="default_only"),
         Key(d + "gene_name_col", None, "str", optional=True, status="default_only"),
-        Key(d + "on_missing_perturbation", "error", "str", ("error", "warn"),
-            status="default_only"),
+        Key(d + "on_missing_perturbation", "error", "str", ("error", "warn")),
         Key(d + "drop_missing_labels", False, "bool", status="default_only"),
         Key(d + "pad_from", "group", "str", ("group", "chunk"), status="default_only"),
         Key(d + "heldout_controls_in_train", True, "bool"),
@@ -341,6 +340,7 @@ PARAM_PATHS: dict[str, str] = {
     "basal_mapping_strategy": "data.kwargs.basal_mapping_strategy",
     "pert_features": "data.kwargs.perturbation_features_file",
     "heldout_controls_in_train": "data.kwargs.heldout_controls_in_train",
+    "on_missing_perturbation": "data.kwargs.on_missing_perturbation",
     "yield_controls": "data.kwargs.should_yield_control_cells",
     "dtype": "data.kwargs.dtype",
     "data_loading": "data.kwargs.data_loading",
@@ -615,14 +615,9 @@ def _check_values(res: Resolved) -> None:
                           f"{', '.join(PRESET_NAMES)} (optionally with @0.11.1)."
                           f"{_close(name, PRESET_NAMES)}")
     if v["use_wandb"]:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ConfigError("use_wandb=true but wandb is not installed; install it "
-                              "(pip install wandb) or leave use_wandb=false (the default).")\
-                from None
         raise ConfigError("use_wandb=true: Weights & Biases logging is not implemented in "
-                          "statetx yet; metrics are written to <run>/metrics.csv. Leave "
+                          "statetx; metrics are written to <run>/metrics.csv (and to "
+                          "<run>/tensorboard/ when tensorboard is installed). Leave "
                           "use_wandb=false.")
     if "data.kwargs.random_seed" in res.given and "training.train_seed" not in res.given:
         v["training.train_seed"] = v["data.kwargs.random_seed"]

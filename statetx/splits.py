@@ -187,11 +187,12 @@ def _check_heldout_names(files, config, control_pert, pert_col, cell_type_key, o
                 absent = [p for p in getattr(entry, part) if p not in present]
                 if not absent:
                     continue
-                msg = (f"{config.where('fewshot', f'{ds}.{ct}')}.{part} lists {len(absent)} "
+                msg = (f"{config.where('fewshot', f'{ds}.{ct}', part)} lists {len(absent)} "
                        f"perturbation(s) that no {ct} cell carries in obs['{pert_col}']: "
                        f"{preview(absent)}.")
                 if on_missing == "error":
-                    raise DataError(msg + " Fix the names or pass on_missing_perturbation='warn'.")
+                    raise DataError(msg + " Fix the names or pass on_missing_perturbation='warn' "
+                                    "(tx train: data.kwargs.on_missing_perturbation=warn).")
                 import warnings
 
                 warnings.warn(msg, stacklevel=3)

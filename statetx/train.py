@@ -133,7 +133,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise ConfigError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or "
                           "'cuda:N'.") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' was requested but CUDA is not available; use "
+        raise ConfigError(f"device={str(device)!r} was requested but CUDA is not available; use "
                           "device='cpu' or 'auto'.")
     return dev
 

@@ -60,3 +60,15 @@ def test_infer_end_to_end_matches_in_distribution(model_a):
         diff = np.abs(pred.X[sel].mean(0) - ref.obsm["X_hvg"][sel].mean(0)).max()
         assert diff < 0.15, (k, diff)
     assert pred.X.min() >= 0 and pred.X.max() <= 14
+
+
+def test_saved_import_keeps_its_licence_notice(model_a, tmp_path, capsys):
+    from statetx.cli import main
+
+    model_a.save(tmp_path / "m")
+    loaded = StateTransitionModel.load(tmp_path / "m")
+    assert loaded.arc_import_ == model_a.arc_import_
+    notice = model_a.arc_import_["provenance"]["license_notice"]
+    assert main(["info", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert f"licence: {notice}" in out and "MIT code" not in out

@@ -705,3 +705,11 @@ def test_empty_spec_string_is_an_empty_spec(adata):
 def test_wrong_control_label_in_predict_suggests_the_right_one(model, adata):
     with pytest.raises(DataError, match=r"no control cells.*Did you mean: 'ctrl'"):
         model.predict(adata, control_pert="ctr")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message on a machine without CUDA")
+def test_load_onto_a_missing_gpu_names_the_device(model, tmp_path):
+    model.save(tmp_path / "m")
+    with pytest.raises(ConfigError, match=r"device='cuda:1' was requested but CUDA is not "
+                                          "available"):
+        StateTransitionModel.load(tmp_path / "m", device="cuda:1")

@@ -131,8 +131,9 @@ def align_pair(
         if control_pert not in labels:
             raise DataError(
                 f"control label {control_pert!r} not found in {which} obs[{pert_col!r}]."
-                f"{did_you_mean(control_pert, labels)} Pass control_pert= the label of the control "
-                "cells (the prediction must contain control cells too)"
+                f"{did_you_mean(control_pert, labels)} Name the label of the control cells "
+                "(control_pert= in Python, --control-pert on the command line); the prediction "
+                "must contain control cells too."
             )
     if pl != rl:
         if shared_only:

@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from statetx._utils import did_you_mean
 from statetx.errors import DataError
 from statetx.metrics._inputs import check_obs_col, check_scale, load
 from statetx.metrics._table import atomic_write_text
@@ -33,7 +34,9 @@ def cell_mean_baseline(
     groups = sorted(set(labels))
     if control_pert not in groups:
         raise DataError(f"control label {control_pert!r} not found in obs[{pert_col!r}] of the "
-                        "baseline input; pass control_pert= the control label")
+                        "baseline input; name the control label (control_pert= in Python, "
+                        "--control-pert on the command line)."
+                        f"{did_you_mean(str(control_pert), groups)}")
     codes = pd.Categorical(labels, categories=groups).codes.astype(np.int64)
     b = group_means(adata.X, codes, len(groups), float64=True).mean(axis=0).astype(np.float32)
     if n_cells is None:
