@@ -636,8 +636,14 @@ class Trainer:
         return self._tb
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self, rank_rng: list[dict] | None = None) -> dict[str, Any]:
-        """Everything a checkpoint holds; ``rank_rng``: every rank's RNG state (data parallel)."""
+    def checkpoint_state(self, rank_rng: list[dict] | None = None,
+                         full: bool = True) -> dict[str, Any]:
+        """What a checkpoint holds; ``rank_rng``: every rank's RNG state (data parallel).
+
+        ``full=False`` (``step=N``, ``best`` and ``final``): the weights to predict with, the
+        configuration, the step and the history, without optimiser and random states (a third
+        of the size with Adam); only ``last.ckpt`` is full and resumes.
+        """
         st = self.state
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -651,23 +657,24 @@ class Trainer:
                 used = {k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()}
             averaging = {"train_weights": weights}
             weights = used
-        return {
+        state = {
             "state_dict": weights,
-            **averaging,
-            "optimizer": self.opt.state_dict(),
             "train_state": {k: v for k, v in asdict(st).items() if k != "history"},
             "history": [{k: float(v) if isinstance(v, (int, float, np.floating)) else v
                          for k, v in h.items()} for h in st.history],
-            "rng": rng,
             "train_config": asdict(self.cfg),
             **self.extra,
         }
+        if full:
+            state.update(averaging, optimizer=self.opt.state_dict(), rng=rng)
+        return state
 
     def save_checkpoint(self, name: str, rank_rng: list[dict] | None = None) -> Path:
-        """Write ``checkpoints/<name>`` atomically (temp file, then rename)."""
+        """Write ``checkpoints/<name>`` atomically (temp file, then rename); only ``last.ckpt``
+        holds the full training state."""
         path = self.out / "checkpoints" / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(self.checkpoint_state(rank_rng), path)
+        atomic_torch_save(self.checkpoint_state(rank_rng, full=name == "last.ckpt"), path)
         return path
 
     def _rank_rng(self) -> dict[str, torch.Tensor]:
@@ -688,6 +695,11 @@ class Trainer:
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimiser, loop position and RNG state from a checkpoint."""
         ckpt = load_checkpoint_file(path)
+        if "optimizer" not in ckpt:
+            raise TrainingError(
+                f"cannot resume from {path}: it holds weights only (step=N, best and final "
+                "checkpoints do); resume from the run's checkpoints/last.ckpt, or start a new "
+                "run from these weights (tx train model.kwargs.init_from=<checkpoint>).")
         self.net.load_state_dict(ckpt.get("train_weights", ckpt["state_dict"]))
         self.net.to(self.device)
         if self._avg is not None:  # the average so far (the weights themselves if none)

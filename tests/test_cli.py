@@ -419,8 +419,8 @@ def test_weight_averaging_from_the_command_line(data, tmp_path, capsys):
     """training.weight_averaging / averaging_start reach the trainer; bad values are refused."""
     assert main(train_args(data, tmp_path, "avg", "training.weight_averaging=uniform",
                            "training.averaging_start=0.5")) == 0
-    final = load_checkpoint_file(tmp_path / "avg" / "checkpoints" / "final.ckpt")
-    assert final["train_state"]["n_averaged"] == 2 and "train_weights" in final  # steps 3, 4
+    last = load_checkpoint_file(tmp_path / "avg" / "checkpoints" / "last.ckpt")
+    assert last["train_state"]["n_averaged"] == 2 and "train_weights" in last  # steps 3, 4
     assert "weight_averaging: uniform" in (tmp_path / "avg" / "config.yaml").read_text()
     assert main(train_args(data, tmp_path, "bad", "training.weight_averaging=ema")) != 0
     assert "weight_averaging" in capsys.readouterr().err

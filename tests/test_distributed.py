@@ -60,8 +60,9 @@ WORKER = textwrap.dedent('''
     kw = dict(batch_size=%(B)d, max_steps=4, val_freq=2, ckpt_every_n_steps=2, device="cpu",
               model_kwargs={**SMALL, "dropout": 0.3})
     full = small_model(**kw).fit(adata, spec, output_dir=out / "full")
+    small_model(**{**kw, "max_steps": 2}).fit(adata, spec, output_dir=out / "part")
     part = small_model(**kw).fit(adata, spec, output_dir=out / "part",
-                                 resume_from=out / "full" / "checkpoints" / "step=2.ckpt")
+                                 resume_from=out / "part" / "checkpoints" / "last.ckpt")
     wf, wp = full.network_.state_dict(), part.network_.state_dict()
     res = {
         "history": m.history_.to_dict("list"),
@@ -175,5 +176,5 @@ def test_torchrun_two_ranks_match_one_process_with_double_batch(synth, tmp_path)
     assert (run / "checkpoints" / "final.ckpt").is_file() and (run / "vocab.json").is_file()
     rows = (run / "metrics.csv").read_text().splitlines()
     assert sum(",val_loss," in r for r in rows) == 1
-    ckpt = torch.load(run / "checkpoints" / "final.ckpt", weights_only=True)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert len(ckpt["rng"]["ranks"]) == W

@@ -183,7 +183,7 @@ def killed(tmp_path_factory):
 def reference(killed):
     """The same training, uninterrupted."""
     assert main(killed["args"]("ref")) == 0
-    return load_checkpoint_file(killed["dir"] / "out" / "ref" / "checkpoints" / "final.ckpt")
+    return load_checkpoint_file(killed["dir"] / "out" / "ref" / "checkpoints" / "last.ckpt")
 
 
 def test_killed_write_leaves_every_checkpoint_loadable(killed):
@@ -211,7 +211,7 @@ def test_cli_resume_after_kill_is_bit_identical(killed, reference, capsys):
     assert main(killed["args"]("run")) == 0
     out = capsys.readouterr().out
     assert "resuming" in out and "(step 2)" in out and "at step 4" in out
-    final = load_checkpoint_file(killed["run"] / "checkpoints" / "final.ckpt")
+    final = load_checkpoint_file(killed["run"] / "checkpoints" / "last.ckpt")  # full state
     assert final["train_state"] == reference["train_state"]
     assert state_equal(final["state_dict"], reference["state_dict"])
     assert state_equal(final["optimizer"], reference["optimizer"])
@@ -219,7 +219,7 @@ def test_cli_resume_after_kill_is_bit_identical(killed, reference, capsys):
 
 
 def test_api_resume_from_last_complete_checkpoint_is_bit_identical(killed, reference):
-    """fit(resume_from=step=3.ckpt) — the newest complete checkpoint — finishes identically, and
+    """fit(resume_from=last.ckpt) — the newest complete training state — finishes identically, and
     history_ holds the steps before the resume too (Trainer.fit used to return the history of
     the state that the resume had replaced, i.e. nothing)."""
     from statetx import run as R
@@ -228,8 +228,8 @@ def test_api_resume_from_last_complete_checkpoint_is_bit_identical(killed, refer
     plan = R.plan_training(R.resolve(tokens))
     api = killed["api"]
     model = StateTransitionModel(**{**plan.params, "progress": False})
-    model.fit(None, plan.toml, output_dir=api, resume_from=api / "checkpoints" / "step=3.ckpt")
-    final = load_checkpoint_file(api / "checkpoints" / "final.ckpt")
+    model.fit(None, plan.toml, output_dir=api, resume_from=api / "checkpoints" / "last.ckpt")
+    final = load_checkpoint_file(api / "checkpoints" / "last.ckpt")
     assert state_equal(final["state_dict"], reference["state_dict"])
     assert state_equal(final["optimizer"], reference["optimizer"])
     assert final["train_state"] == reference["train_state"]

@@ -81,9 +81,10 @@ def test_same_seed_same_weights_and_resume_is_exact(h5, tmp_path):
     again = model(max_steps=10, val_freq=5, ckpt_every_n_steps=5).fit(None, spec)
     wa = weights(full)
     assert all(torch.equal(wa[k], v) for k, v in weights(again).items())
+    model(max_steps=5, val_freq=5, ckpt_every_n_steps=5).fit(None, spec, output_dir=tmp_path / "b")
     part = model(max_steps=10, val_freq=5, ckpt_every_n_steps=5)
     part.fit(None, spec, output_dir=tmp_path / "b",
-             resume_from=tmp_path / "a" / "checkpoints" / "step=5.ckpt")
+             resume_from=tmp_path / "b" / "checkpoints" / "last.ckpt")
     assert all(torch.equal(wa[k], v) for k, v in weights(part).items())
     other = model(max_steps=10, val_freq=5, seed=1).fit(None, spec)
     assert not all(torch.equal(wa[k], v) for k, v in weights(other).items())

@@ -48,16 +48,38 @@ def test_no_validation_split_means_no_best_checkpoint(synth, tmp_path):
     assert (tmp_path / "checkpoints" / "final.ckpt").exists()
 
 
+def _resumed(synth, tmp_path, **kw) -> tuple:
+    """A 10-step run, and the same run stopped at step 5 and resumed from its last.ckpt."""
+    full = small_model(max_steps=10, **kw).fit(synth, FEWSHOT, output_dir=tmp_path / "a")
+    small_model(max_steps=5, **kw).fit(synth, FEWSHOT, output_dir=tmp_path / "b")
+    part = small_model(max_steps=10, **kw).fit(
+        synth, FEWSHOT, output_dir=tmp_path / "b",
+        resume_from=tmp_path / "b" / "checkpoints" / "last.ckpt")
+    return full, part
+
+
 def test_resume_is_bit_identical(synth, tmp_path):
-    full = small_model(max_steps=10, val_freq=5, ckpt_every_n_steps=5)
-    full.fit(synth, FEWSHOT, output_dir=tmp_path / "a")
-    part = small_model(max_steps=10, val_freq=5, ckpt_every_n_steps=5)
-    part.fit(synth, FEWSHOT, output_dir=tmp_path / "b",
-             resume_from=tmp_path / "a" / "checkpoints" / "step=5.ckpt")
+    full, part = _resumed(synth, tmp_path, val_freq=5, ckpt_every_n_steps=5)
     wa, wb = weights(full), weights(part)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     other_seed = small_model(max_steps=10, val_freq=5, seed=1).fit(synth, FEWSHOT)
     assert not all(torch.equal(wa[k], v) for k, v in weights(other_seed).items())
+
+
+def test_only_last_checkpoint_holds_the_training_state(synth, tmp_path):
+    small_model(max_steps=4, val_freq=2, ckpt_every_n_steps=2).fit(synth, FEWSHOT,
+                                                                   output_dir=tmp_path)
+    ck = tmp_path / "checkpoints"
+    last = load_checkpoint_file(ck / "last.ckpt")
+    assert {"optimizer", "rng"} <= set(last)
+    for name in ("step=2.ckpt", "best.ckpt", "final.ckpt"):
+        c = load_checkpoint_file(ck / name)
+        assert "optimizer" not in c and "rng" not in c and c["state_dict"]
+        assert (ck / name).stat().st_size < 0.6 * (ck / "last.ckpt").stat().st_size
+    with pytest.raises(TrainingError, match=r"cannot resume from .*step=2.ckpt: it holds "
+                                            r"weights only.*last.ckpt"):
+        small_model(max_steps=6).fit(synth, FEWSHOT, output_dir=tmp_path / "r",
+                                     resume_from=ck / "step=2.ckpt")
 
 
 def test_stale_temporary_checkpoints_are_removed(synth, tmp_path):
@@ -89,13 +111,14 @@ def test_weight_averaging_returns_the_mean_of_the_steps(synth, tmp_path):
     got = weights(avg)
     final = load_checkpoint_file(tmp_path / "avg" / "checkpoints" / "final.ckpt")
     best = load_checkpoint_file(tmp_path / "avg" / "checkpoints" / "best.ckpt")
+    last = load_checkpoint_file(tmp_path / "avg" / "checkpoints" / "last.ckpt")
     assert final["train_state"]["n_averaged"] == 3  # steps 2, 3, 4 (after 0.25 * 4)
     moved = False
     for k, v in got.items():
         mean = torch.stack([s["state_dict"][k] for s in steps[1:]]).mean(0)
         torch.testing.assert_close(v, mean)
         assert torch.equal(final["state_dict"][k], v) and torch.equal(best["state_dict"][k], v)
-        assert torch.equal(final["train_weights"][k], steps[-1]["state_dict"][k])
+        assert torch.equal(last["train_weights"][k], steps[-1]["state_dict"][k])  # resumes
         moved |= not torch.allclose(v, steps[-1]["state_dict"][k])
     assert moved  # the average is not the last step
     # validation scored the averaged weights: the same loss as the raw run's is not expected
@@ -108,10 +131,8 @@ def test_estimator_names_the_weight_averaging_choices(synth):
 
 
 def test_weight_averaging_resume_is_bit_identical(synth, tmp_path):
-    kw = dict(max_steps=10, val_freq=5, ckpt_every_n_steps=5, weight_averaging="uniform")
-    full = small_model(**kw).fit(synth, FEWSHOT, output_dir=tmp_path / "a")
-    part = small_model(**kw).fit(synth, FEWSHOT, output_dir=tmp_path / "b",
-                                 resume_from=tmp_path / "a" / "checkpoints" / "step=5.ckpt")
+    full, part = _resumed(synth, tmp_path, val_freq=5, ckpt_every_n_steps=5,
+                          weight_averaging="uniform")
     wa, wb = weights(full), weights(part)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
