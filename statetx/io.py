@@ -22,6 +22,8 @@ from statetx._utils import did_you_mean, preview
 from statetx.errors import ConfigError, DataError
 
 CONTROL_DEFAULTS = ("non-targeting", "DMSO_TF")
+# Tahoe-100M convention: drug-dose labels in obs['drugname_drugconc'], DMSO as this tuple string
+TAHOE_PERT_COL, TAHOE_CONTROL = "drugname_drugconc", "[('DMSO_TF', 0.0, 'uM')]"
 _CONTROL_HINT = re.compile(
     r"non.?targeting|control|ctrl|dmso|pbs|vehicle|(^|[^a-z])nt([^a-z]|$)", re.I
 )
@@ -252,6 +254,8 @@ def resolve_control(files: Sequence[DataFile], control_pert: str | None, pert_co
     labels = set().union(*(set(np.unique(f.pert)) for f in files))
     if control_pert is None:
         found = [c for c in CONTROL_DEFAULTS if c in labels]
+        if pert_col == TAHOE_PERT_COL and TAHOE_CONTROL in labels:
+            found = [TAHOE_CONTROL]  # the Tahoe rule (as arc-state's training command)
         if len(found) == 1:
             print(f"statetx: using control_pert={found[0]!r} (found in obs['{pert_col}']).")
             return found[0]

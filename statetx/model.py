@@ -97,8 +97,8 @@ class StateTransitionModel(BaseEstimator):
         rate); ``none``: the last weights; ``auto`` (default): ``uniform`` for the ``small``
         preset, ``none`` for the reference presets.
     optimizer, weight_decay, lr_schedule, warmup_steps, gradient_clip_val,
-    gradient_accumulation_steps, loss, val_freq, ckpt_every_n_steps, keep_last_n,
-    early_stopping_patience, precision, matmul_precision
+    gradient_accumulation_steps, loss, val_freq, ckpt_every_n_steps, log_every_n_steps,
+    keep_last_n, early_stopping_patience, precision, matmul_precision
         Training settings (see :class:`statetx.train.TrainConfig`).
     loss_kwargs
         Loss options (spec model.md §10): ``blur`` (Sinkhorn, 0.05), ``sinkhorn_weight`` /
@@ -186,6 +186,7 @@ class StateTransitionModel(BaseEstimator):
         loss_kwargs: dict | None = None,
         val_freq: int = 2000,
         ckpt_every_n_steps: int = 2000,
+        log_every_n_steps: int = 50,
         keep_last_n: int | None = None,
         early_stopping_patience: int | None = None,
         precision: str = "auto",
@@ -232,6 +233,7 @@ class StateTransitionModel(BaseEstimator):
         self.loss_kwargs = loss_kwargs
         self.val_freq = val_freq
         self.ckpt_every_n_steps = ckpt_every_n_steps
+        self.log_every_n_steps = log_every_n_steps
         self.keep_last_n = keep_last_n
         self.early_stopping_patience = early_stopping_patience
         self.precision = precision
@@ -297,6 +299,7 @@ class StateTransitionModel(BaseEstimator):
             gradient_accumulation_steps=int(self.gradient_accumulation_steps), loss=self.loss,
             **split_loss_kwargs(self.loss_kwargs),
             val_freq=int(self.val_freq), ckpt_every_n_steps=int(self.ckpt_every_n_steps),
+            log_every_n_steps=int(self.log_every_n_steps),
             keep_last_n=self.keep_last_n, early_stopping_patience=self.early_stopping_patience,
             precision=self.precision, matmul_precision=self.matmul_precision,
             compile=bool(self.compile), compile_mode=self.compile_mode,

@@ -531,10 +531,23 @@ class Trainer:
             print(f"statetx: {self.out} held an earlier run: its checkpoints and metrics were "
                   "removed (this run starts afresh; pass resume_from to continue one).")
 
+    def _progress_fields(self, logs: dict[str, float]) -> dict[str, str]:
+        """The progress line: train loss, last validation loss, gradient norm, cells/s."""
+        val = next((h["val_loss"] for h in reversed(self.state.history)
+                    if not math.isnan(h.get("val_loss", math.nan))), None)
+        fields = {"loss": f"{logs['loss']:.4f}"}
+        if val is not None:
+            fields["val"] = f"{val:.4f}"
+        if "grad_norm" in logs:
+            fields["gnorm"] = f"{logs['grad_norm']:.3g}"
+        fields["cells/s"] = f"{logs['cells_per_s']:,.0f}"
+        return fields
+
     def _loop(self) -> None:
         c, st = self.cfg, self.state
         bar = _progress(c.progress and _is_main(), st.step, c.max_steps)
         accum, window_cells, t0 = c.gradient_accumulation_steps, 0, time.perf_counter()
+        window_steps = 0
         pending: list[CellSetBatch] = []
         try:
             while st.step < c.max_steps:
@@ -545,6 +558,7 @@ class Trainer:
                         continue
                     step_logs = self._train_step(pending)
                     window_cells += sum(b.n_cells for b in pending)
+                    window_steps += 1
                     pending = []
                     st.step += 1
                     if st.step % c.log_every_n_steps == 0 or st.step == c.max_steps:
@@ -552,11 +566,11 @@ class Trainer:
                         logs = {k: float(v) for k, v in step_logs.items()}
                         dt = max(time.perf_counter() - t0, 1e-9)
                         logs.update(cells_per_s=window_cells * self.world_size / dt,
-                                    lr=self.lr_at(st.step - 1))
+                                    steps_per_s=window_steps / dt, lr=self.lr_at(st.step - 1))
                         self._log(logs)
-                        window_cells, t0 = 0, time.perf_counter()
+                        window_cells, window_steps, t0 = 0, 0, time.perf_counter()
                         if bar is not None:
-                            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+                            bar.set_postfix(self._progress_fields(logs), refresh=False)
                     if bar is not None:
                         bar.update(1)
                     stop = self._after_step()

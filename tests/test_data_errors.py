@@ -223,6 +223,19 @@ def test_control_label_not_given_and_not_detectable():
                                       "gene", "cell_type", None)], None, "gene")
 
 
+def test_tahoe_control_rule(capsys):
+    """pert_col drugname_drugconc: the DMSO tuple string is the control when it is present."""
+    tahoe = "[('DMSO_TF', 0.0, 'uM')]"
+    a = make_adata(perts=("[('Drug', 1.0, 'uM')]", tahoe))
+    a.obs = a.obs.rename(columns={"gene": "drugname_drugconc"})
+    f = from_anndata(a, "d", "drugname_drugconc", "cell_type", None)
+    assert resolve_control([f], None, "drugname_drugconc") == tahoe
+    assert f"using control_pert={tahoe!r}" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="control_pert was not given"):  # only for that column
+        resolve_control([from_anndata(make_adata(perts=("P1", tahoe)), "d", "gene", "cell_type",
+                                      None)], None, "gene")
+
+
 def test_cell_type_with_perturbed_cells_but_no_controls():
     a = make_adata()
     a = a[~((a.obs["cell_type"] == "B") & (a.obs["gene"] == "ctrl"))].copy()

@@ -85,7 +85,7 @@ def state_equal(a: dict, b: dict) -> bool:
 def logged(ckpt: dict) -> dict:
     """The logged values of a checkpoint's history, without the timing-dependent ones."""
     return {(h["step"], k): v for h in ckpt["history"] for k, v in h.items()
-            if k not in ("step", "cells_per_s")}
+            if k not in ("step", "cells_per_s", "steps_per_s")}
 
 
 def temporaries(folder: Path) -> list[str]:

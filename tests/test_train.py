@@ -361,3 +361,12 @@ def test_fresh_fit_into_a_used_folder_replaces_the_earlier_run(synth, tmp_path, 
     assert "best.ckpt" not in names and "step=4.ckpt" not in names
     steps = [int(r.split(",")[0]) for r in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == sorted(steps) and max(steps) == 3
+
+
+def test_logging_interval_and_throughput_columns(synth):
+    m = small_model(max_steps=6, log_every_n_steps=2, val_freq=100).fit(synth)
+    logged = m.history_.dropna(subset=["loss"])
+    assert list(logged["step"]) == [2, 4, 6]
+    assert (logged["steps_per_s"] > 0).all() and (logged["cells_per_s"] > 0).all()
+    # cells per step = batch_size * cell_set_len
+    np.testing.assert_allclose(logged["cells_per_s"] / logged["steps_per_s"], 4 * 8, rtol=1e-6)
