@@ -449,23 +449,31 @@ def cmd_train(a: argparse.Namespace) -> int:
          f"device {p['device']}")
     if cfg["dry_run"]:
         return _dry_run(plan)
+    from statetx.model import StateTransitionModel
+
+    StateTransitionModel(**p)._check_params()  # option errors before the run folder is touched
     created = not plan.run_dir.exists()
     resume = R.start_run(plan, a.argv)
-    cls = R.estimator_class(None if resume else plan.init_from, plan.freeze_backbone,
-                            attention=plan.init_attention)
-    model = cls(**p)
-    model._run_config = cfg
-    t0 = time.perf_counter()
+    started = False
     try:
-        model.fit(None, plan.toml, output_dir=plan.run_dir, resume_from=resume)
-    except (ConfigError, SplitConfigError, DataError):
-        # the split file or the data failed validation before training started: do not leave
-        # a run directory without checkpoints behind (one that existed before is kept)
-        if created and not (plan.run_dir / R.CHECKPOINT_DIR).exists():
-            import shutil
+        cls = R.estimator_class(None if resume else plan.init_from, plan.freeze_backbone,
+                                attention=plan.init_attention)
+        model = cls(**p)
+        model._run_config = cfg
+        t0 = time.perf_counter()
+        try:
+            model.fit(None, plan.toml, output_dir=plan.run_dir, resume_from=resume)
+        except (ConfigError, SplitConfigError, DataError):
+            # the split file or the data failed validation before training started: do not
+            # leave a run directory without checkpoints behind (one that existed before is kept)
+            if created and not (plan.run_dir / R.CHECKPOINT_DIR).exists():
+                import shutil
 
-            shutil.rmtree(plan.run_dir, ignore_errors=True)
-        raise
+                shutil.rmtree(plan.run_dir, ignore_errors=True)
+            raise
+        started = True
+    finally:
+        R.finish_replacement(plan, started or (plan.run_dir / R.CHECKPOINT_DIR).exists())
     seconds = time.perf_counter() - t0
     R.finish_run(plan.run_dir, model, seconds)
     hist = model.history_

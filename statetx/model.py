@@ -321,6 +321,20 @@ class StateTransitionModel(BaseEstimator):
                               "expected 'auto', 'random' or 'batch'.")
         return arch
 
+    def _check_params(self) -> None:
+        """Every option error that needs no data (fit calls it before reading anything)."""
+        if self.weight_averaging not in ("auto", "none", "uniform"):
+            raise ConfigError(f"weight_averaging={self.weight_averaging!r} is invalid; expected "
+                              "'auto', 'none' or 'uniform'.")
+        averaging = "none" if self.weight_averaging == "auto" else self.weight_averaging
+        check_count("seed", self.seed, 0, optional=False)
+        for name in ("batch_size", "cell_set_len", "max_steps"):
+            check_count(name, getattr(self, name))
+        self._train_config({"max_steps": 1, "lr": 0.0, "weight_averaging": averaging})
+        if self.lr is not None:
+            self._train_config({"max_steps": 1, "lr": self.lr, "weight_averaging": averaging})
+        resolve_device(self.device)
+
     # ------------------------------------------------------------------ fit
     def fit(self, adata: ad.AnnData | dict[str, ad.AnnData] | None = None,
             split_config: SplitConfig | dict | str | Path | None = None, *,
@@ -333,18 +347,14 @@ class StateTransitionModel(BaseEstimator):
         refers to (or ``dataset_name``). ``output_dir`` receives checkpoints, metrics and the
         vocabularies; ``resume_from`` continues a run from one of its checkpoints exactly.
         """
-        if self.weight_averaging not in ("auto", "none", "uniform"):
-            raise ConfigError(f"weight_averaging={self.weight_averaging!r} is invalid; expected "
-                              "'auto', 'none' or 'uniform'.")
-        averaging = "none" if self.weight_averaging == "auto" else self.weight_averaging
-        check_count("seed", self.seed, 0, optional=False)
-        for name in ("batch_size", "cell_set_len", "max_steps"):
-            check_count(name, getattr(self, name))
-        self._train_config({"max_steps": 1, "lr": 0.0,  # option errors before loading data
-                            "weight_averaging": averaging})
-        if self.lr is not None:
-            self._train_config({"max_steps": 1, "lr": self.lr, "weight_averaging": averaging})
-        resolve_device(self.device)
+        self._check_params()
+        out = Path(output_dir) if output_dir is not None else None
+        if out is not None and resume_from is None:
+            from statetx.run import looks_like_run
+
+            if out.is_dir() and any(out.iterdir()) and not looks_like_run(out):
+                raise ConfigError(f"output_dir {out} holds files that are not a statetx run; "
+                                  "choose an empty or new folder (nothing was written).")
         columns = self._columns()
         stream = stream_settings(self.data_loading, self.stream_chunk_size,
                                  self.stream_buffer_chunks, self.stream_max_controls)
@@ -401,7 +411,6 @@ class StateTransitionModel(BaseEstimator):
                   "written (the test split is never used for validation).")
         if stream is not None and verbose:
             print(f"statetx: {samplers['train'].describe()}")
-        out = Path(output_dir) if output_dir is not None else None
         previous = {k: v for k, v in vars(self).items() if k.endswith("_") or k == "_prepared"}
         try:  # a failed fit leaves the estimator as it was (fitted or not)
             self._set_fitted(network, net_cfg, vocab, prepared, set_len)

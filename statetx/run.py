@@ -650,6 +650,22 @@ class TrainPlan:
     freeze_backbone: bool
     notices: list[str]
     init_attention: str | None = None  # model.kwargs.attention when given (for arc-state init)
+    replaced: Path | None = None  # overwrite=true: the earlier run, set aside by start_run
+
+
+def finish_replacement(plan: TrainPlan, started: bool) -> None:
+    """After ``overwrite=true``: delete the earlier run once the new one has started training
+    (it has checkpoints), else remove the new folder and put the earlier run back."""
+    old = plan.replaced
+    if old is None or not old.exists():
+        return
+    if started:
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        shutil.rmtree(plan.run_dir, ignore_errors=True)
+        old.rename(plan.run_dir)
+        print(f"statetx: the new run failed before training; {plan.run_dir} is as it was.")
+    plan.replaced = None
 
 
 def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
@@ -954,12 +970,16 @@ def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
         if not run.is_dir():
             raise ConfigError(f"run directory {run} exists and is not a directory.")
         if cfg["overwrite"]:
-            if any(run.iterdir()) and not _looks_like_run(run):
+            if any(run.iterdir()) and not looks_like_run(run):
                 raise ConfigError(f"overwrite=true would delete {run}, which does not look like a "
                                   "statetx run directory (no config.yaml, statetx_run.json or "
                                   "checkpoints/); choose another output_dir/name.")
-            print(f"statetx: overwrite=true: deleting the existing run {run}")
-            shutil.rmtree(run)
+            # set aside, deleted once the new run has passed its checks (see finish_replacement)
+            plan.replaced = run.with_name(f".{run.name}.replaced-{os.getpid()}")
+            shutil.rmtree(plan.replaced, ignore_errors=True)
+            run.rename(plan.replaced)
+            print(f"statetx: overwrite=true: the existing run {run} is replaced (kept aside "
+                  "until the new run's checks pass)")
         elif (run / CHECKPOINT_DIR / "last.ckpt").is_file():
             last = run / CHECKPOINT_DIR / "last.ckpt"
             if cfg["resume"] != "force" and (run / CONFIG_FILE).is_file():
@@ -972,6 +992,9 @@ def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
             resume_from = last
             print(f"statetx: resuming {run} from {last} (step {_checkpoint_step(last)}); "
                   "pass overwrite=true to start again.")
+        elif any(run.iterdir()) and not looks_like_run(run):
+            raise ConfigError(f"{run} exists and holds files that are not a statetx run; choose "
+                              "another output_dir/name (nothing was written).")
         else:
             print(f"statetx: {run} exists but has no checkpoints/last.ckpt: training starts in "
                   "place (its files are replaced).")
@@ -999,7 +1022,8 @@ def finish_run(run_dir: Path, model: StateTransitionModel, seconds: float) -> No
     write_run_info(run_dir, info)
 
 
-def _looks_like_run(run: Path) -> bool:
+def looks_like_run(run: Path) -> bool:
+    """Whether a folder holds a statetx run (its configuration, run record or checkpoints)."""
     return any((run / n).exists() for n in (CONFIG_FILE, RUN_INFO_FILE, CHECKPOINT_DIR))
 
 

@@ -713,3 +713,11 @@ def test_load_onto_a_missing_gpu_names_the_device(model, tmp_path):
     with pytest.raises(ConfigError, match=r"device='cuda:1' was requested but CUDA is not "
                                           "available"):
         StateTransitionModel.load(tmp_path / "m", device="cuda:1")
+
+
+def test_fit_refuses_an_output_folder_that_is_not_a_run(adata, tmp_path):
+    (tmp_path / "metrics.csv").write_text("my numbers\n")
+    with pytest.raises(ConfigError, match="holds files that are not a statetx run"):
+        small_model().fit(adata, output_dir=tmp_path)
+    assert leftovers(tmp_path) == ["metrics.csv"]
+    assert (tmp_path / "metrics.csv").read_text() == "my numbers\n"

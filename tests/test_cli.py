@@ -258,8 +258,26 @@ def test_resume_overwrite_and_config_check(data, tmp_path, capsys):
     assert "resuming" in o and "(step 2)" in o and "at step 4" in o
     assert main(train_args(data, out, "r", "training.max_steps=4", "training.lr=1e-3")) == 2
     assert "training.lr" in capsys.readouterr().err
+    # overwrite=true with a mistake: the earlier run survives (nothing is lost to a typo)
+    ckpts = sorted(p.name for p in (out / "r" / "checkpoints").iterdir())
+    config = (out / "r" / "config.yaml").read_text()
+    assert main(train_args(data, out, "r", "overwrite=true", 'data.kwargs.pert_col="gen"')) == 2
+    assert "'gen'" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "r" / "checkpoints").iterdir()) == ckpts
+    assert (out / "r" / "config.yaml").read_text() == config
+    assert [p.name for p in out.iterdir()] == ["r"]  # nothing set aside is left behind
+    # an option error on resume leaves the run's record alone
+    assert main(train_args(data, out, "r", "training.max_steps=0")) == 2
+    assert (out / "r" / "config.yaml").read_text() == config
     assert main(train_args(data, out, "r", "training.max_steps=2", "overwrite=true")) == 0
-    assert "deleting" in capsys.readouterr().out
+    assert "is replaced" in capsys.readouterr().out
+    assert [p.name for p in out.iterdir()] == ["r"]
+    # a folder that is not a run is never trained into
+    (out / "mine").mkdir()
+    (out / "mine" / "metrics.csv").write_text("my numbers\n")
+    assert main(train_args(data, out, "mine")) == 2
+    assert "not a statetx run" in capsys.readouterr().err
+    assert (out / "mine" / "metrics.csv").read_text() == "my numbers\n"
 
 
 def test_dry_run_and_split(data, tmp_path, capsys):
