@@ -714,6 +714,10 @@ def cmd_infer(a: argparse.Namespace) -> int:
             adata = adata[labels.isin(wanted).to_numpy()].copy()
         if a.embed_key and a.embed_key not in ("X",) and a.embed_key != c.embed_key:
             adata = _remap_embedding(adata, a.embed_key, c.embed_key)
+        if a.min_cells is not None and a.max_cells is not None and a.min_cells > a.max_cells:
+            raise UsageError(f"--min-cells {a.min_cells} is above --max-cells {a.max_cells}.")
+        if a.tsv is not None and not Path(a.tsv).is_file():
+            raise UsageError(f"--tsv {a.tsv}: file not found.")
         adata = _expand_cells(adata, pert_col, ct_col, control, a.tsv, a.min_cells, a.max_cells,
                               a.seed)
         _say(f"model {a.model_dir}: input {c.embed_key or 'X'}, {model.n_features_in_} features; "
@@ -727,7 +731,8 @@ def cmd_infer(a: argparse.Namespace) -> int:
             unknown_perturbation=a.unknown_perturbation, unknown_batch=a.unknown_batch,
             predict_controls=not a.no_predict_controls, all_perts=a.all_perts,
             n_cells_per_pert=a.virtual_cells_per_pert, clip=clip,
-            missing_genes=a.missing_genes, matmul_precision=a.matmul_precision)
+            missing_genes=a.missing_genes, matmul_precision=a.matmul_precision,
+            sets_per_pass=a.batch_size or 64)
         if out.suffix == ".npy":
             x = pred.X.toarray() if hasattr(pred.X, "toarray") else np.asarray(pred.X)
             arr = np.ascontiguousarray(x, dtype=np.float32)
@@ -1001,6 +1006,11 @@ def cmd_import_arc(a: argparse.Namespace) -> int:
     run = Path(a.run_dir)
     if not run.exists():
         raise UsageError(f"{run}: not found.")
+    out = Path(a.out)
+    ours = {"model.json", "model.safetensors", "arc_import.json"}  # an earlier import: replaced
+    if out.exists() and (not out.is_dir() or set(p.name for p in out.iterdir()) - ours):
+        raise UsageError(f"--out {out} exists and holds other files (a run or data?); choose a "
+                         "new or empty folder.")
     ck = a.checkpoint
     if ck is None and run.is_dir():
         ck = "final.ckpt" if (run / "checkpoints" / "final.ckpt").exists() else "last.ckpt"

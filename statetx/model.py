@@ -533,7 +533,7 @@ class StateTransitionModel(BaseEstimator):
                 unknown_batch: str = "error", predict_controls: bool = True,
                 all_perts: bool = False, n_cells_per_pert: int | None = None,
                 clip: Any = "auto", missing_genes: str = "error",
-                matmul_precision: str = "highest") -> ad.AnnData:
+                matmul_precision: str = "highest", sets_per_pass: int = 64) -> ad.AnnData:
         """Predict the perturbed state of the cells of ``adata``.
 
         Each cell carries a perturbation label and a context (cell type); its basal state is a
@@ -548,10 +548,11 @@ class StateTransitionModel(BaseEstimator):
         The network runs in full fp32 (``matmul_precision="highest"``, as the reference
         predicts) whatever the global setting; ``"medium"`` lets CPUs with AMX run its products in
         bf16 (``state_sm``: ~1.6x the cells/s on 2 cores, outputs within ~0.5 % RMS) and GPUs in
-        TF32 (``"high"`` too).
+        TF32 (``"high"`` too). ``sets_per_pass``: sets per forward pass (memory only).
         """
         self._check_fitted()
         check_matmul_precision(matmul_precision)
+        check_count("sets_per_pass", sets_per_pass, optional=False)
         check_count("seed", seed, 0, optional=False)
         check_count("set_len", set_len)
         check_count("n_cells_per_pert", n_cells_per_pert)
@@ -658,7 +659,7 @@ class StateTransitionModel(BaseEstimator):
         res = run_groups(self.network_, x_in, groups, self.vocab_.pert_matrix(), len(pert),
                          set_len=int(set_len or self.cell_set_len_), seed=seed,
                          window_mode=windows, device=next(self.network_.parameters()).device,
-                         matmul_precision=matmul_precision)
+                         matmul_precision=matmul_precision, sets_per_pass=sets_per_pass)
         obs["statetx_ctrl_barcode"] = np.asarray(adata.obs_names)[res["basal_row"]]
         obs["statetx_set"] = res["set_id"]
         out = self._output(res, obs, clip)

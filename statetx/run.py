@@ -705,6 +705,10 @@ def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
     toml_path = Path(toml)
     if check_data and not toml_path.is_file():
         raise ConfigError(f"data.kwargs.toml_config_path={toml}: file not found.")
+    init_from = v["model.kwargs.init_from"]
+    if check_data and init_from and not Path(init_from).exists():
+        raise ConfigError(f"model.kwargs.init_from={init_from}: not found (give a statetx "
+                          "checkpoint, run or model folder, or an arc-state run).")
     if check_data and "data.kwargs.batch_col" not in res.given and v["data.kwargs.batch_col"]:
         col = v["data.kwargs.batch_col"]
         missing = _files_without_column(toml_path, col)
@@ -1123,6 +1127,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *,
     if meta is None or "state_dict" not in ckpt:
         raise DataError(f"{path} is not a statetx checkpoint (no 'statetx_model' metadata). For "
                         "an arc-state run use `statetx import-arc` or tx infer --model-dir.")
+    _check_same_run(run, path, meta)
     model = StateTransitionModel._from_metadata(meta, ckpt["state_dict"], source=path)
     if ckpt.get("history"):
         model.history_ = _history_frame(list(ckpt["history"]))
@@ -1132,6 +1137,22 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *,
     if str(device) != "cpu":
         model.to(device)
     return model
+
+
+def _check_same_run(run: Path, path: Path, meta: Mapping) -> None:
+    """A checkpoint given by path must belong to ``run`` (same vocabulary and input features):
+    results are written into ``run``, so another run's model would overwrite them."""
+    vocab = run / "vocab.json"
+    if path.resolve().parent == (run / CHECKPOINT_DIR).resolve() or not vocab.is_file():
+        return
+    try:
+        same = json.loads(vocab.read_text()) == json.loads(json.dumps(meta.get("vocab")))
+    except (OSError, ValueError):
+        return
+    if not same:
+        raise DataError(f"checkpoint {path} does not belong to the run {run} (its vocabulary "
+                        f"differs from {vocab}); results would be written into the wrong run. "
+                        "Name the checkpoint's own run folder instead.")
 
 
 def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, *,
@@ -1239,6 +1260,8 @@ def _state_dict_of(path: Path, attention: str | None) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path / "model.safetensors"))
+    if path.is_dir() and looks_like_run(path):  # a statetx run folder: its default checkpoint
+        path = resolve_checkpoint(path, verbose=True)
     if path.is_file():
         import torch
 

@@ -103,6 +103,9 @@ class TrainConfig:
         if self.regularization < 0 or self.decoder_weight < 0:
             raise ConfigError("decoder_weight and regularization must be >= 0, got "
                               f"{self.decoder_weight!r} and {self.regularization!r}.")
+        if self.gradient_clip_val is not None and not float(self.gradient_clip_val) > 0:
+            raise ConfigError(f"gradient_clip_val={self.gradient_clip_val!r} must be positive (or "
+                              "None for no clipping).")
         for key in ("max_steps", "val_freq", "ckpt_every_n_steps", "gradient_accumulation_steps",
                     "log_every_n_steps"):
             if int(getattr(self, key)) < 1:

@@ -721,3 +721,18 @@ def test_fit_refuses_an_output_folder_that_is_not_a_run(adata, tmp_path):
         small_model().fit(adata, output_dir=tmp_path)
     assert leftovers(tmp_path) == ["metrics.csv"]
     assert (tmp_path / "metrics.csv").read_text() == "my numbers\n"
+
+
+def test_checkpoint_of_another_run_is_refused(run, tmp_path, capsys):
+    from statetx.run import load_run
+
+    other = tmp_path / "other"
+    small_model().fit(make_synthetic(n_perts=2), output_dir=other)
+    foreign = other / "checkpoints" / "final.ckpt"
+    with pytest.raises(DataError, match=r"does not belong to the run .*vocabulary differs"):
+        load_run(run, foreign, verbose=False)
+    assert main(["tx", "predict", "--output-dir", str(run), "--checkpoint", str(foreign)]) == 2
+    assert "does not belong to the run" in last_error(capsys)
+    assert not list(run.glob("eval_*"))
+    # its own checkpoint by path is fine
+    assert load_run(run, run / "checkpoints" / "final.ckpt", verbose=False).step_ == 2

@@ -310,6 +310,12 @@ def test_tutorial_commands(run, data, tmp_path, capsys):
                     "training.max_steps=2", "training.lr=5e-5")
     assert main(ft) == 0
     assert "init_from" in capsys.readouterr().out
+    # ... or from the run folder (its final checkpoint); a missing one fails before loading
+    assert main(train_args(data, tmp_path, "ft2", f'model.kwargs.init_from="{run}"',
+                           "training.max_steps=2")) == 0
+    assert "init_from" in capsys.readouterr().out
+    assert main(train_args(data, tmp_path, "ft3", f'model.kwargs.init_from="{run}/nope"')) == 2
+    assert "init_from=" in capsys.readouterr().err and not (tmp_path / "ft3").exists()
     # perturbation feature file + control auto-detection (non-targeting), pert_col target_gene
     ad2 = _synthetic(n_cell_types=2, n_perts=2, n_cells=8, n_genes=8, n_controls=8)
     ad2.obs["target_gene"] = ad2.obs["gene"].replace({"ctrl": "non-targeting"})
@@ -391,6 +397,13 @@ def test_arc_state_run_infer_import_info(tmp_path, capsys):
     capsys.readouterr()
     assert main(["info", str(tmp_path / "m")]) == 0
     assert "CC BY-NC-SA" in capsys.readouterr().out
+    # an earlier import is replaced; a folder holding anything else is not written into
+    assert main(["import-arc", str(run), "--out", str(tmp_path / "m")]) == 0
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text("mine")
+    assert main(["import-arc", str(run), "--out", str(tmp_path / "r")]) == 2
+    assert "holds other files" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["config.yaml"]
 
 
 @pytest.mark.slow

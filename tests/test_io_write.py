@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -31,3 +33,17 @@ def test_nullable_strings_written_as_plain_strings(tmp_path, monkeypatch):
     if hasattr(ad.settings, "allow_write_nullable_strings"):
         with pytest.raises(RuntimeError, match="nullable"):  # anndata alone refuses
             adata.write_h5ad(tmp_path / "plain.h5ad")
+
+
+def test_result_tables_are_readable_like_any_new_file(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the final file gets the umask's mode."""
+    import os
+    import stat
+
+    from statetx.metrics._table import atomic_write
+
+    atomic_write(tmp_path / "agg_results.csv", lambda p: Path(p).write_text("a,b\n"))
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    mode = stat.S_IMODE(os.stat(tmp_path / "agg_results.csv").st_mode)
+    assert mode == stat.S_IMODE(os.stat(plain).st_mode)

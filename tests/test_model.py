@@ -240,3 +240,9 @@ def test_auto_preset_and_training_defaults(synth):
     assert auto._training_defaults("small", 100, 64)["max_steps"] == 300
     assert auto._training_defaults("state_sm", 10**6, 128) == {
         "batch_size": 16, "max_steps": 40_000, "lr": 1e-4, "weight_averaging": "none"}
+
+
+def test_sets_per_pass_changes_memory_not_results(fitted):
+    model, adata = fitted
+    np.testing.assert_allclose(model.predict(adata, sets_per_pass=1).X, model.predict(adata).X,
+                               rtol=1e-5, atol=1e-6)

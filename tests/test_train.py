@@ -172,7 +172,9 @@ def test_lr_schedule_warmup_cosine():
 
 @pytest.mark.parametrize("bad", [{"optimizer": "sgd"}, {"lr_schedule": "linear"},
                                  {"precision": "16"}, {"max_steps": 0},
-                                 {"weight_averaging": "ema"}, {"averaging_start": 1.0}])
+                                 {"weight_averaging": "ema"}, {"averaging_start": 1.0},
+                                 {"gradient_clip_val": -3.0}, {"gradient_clip_val": 0},
+                                 {"lr": -1.0}, {"regularization": -0.1}])
 def test_train_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         TrainConfig(**bad)

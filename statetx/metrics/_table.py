@@ -115,6 +115,9 @@ def atomic_write(path: str | Path, writer: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         writer(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results on shared systems
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
