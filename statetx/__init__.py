@@ -28,6 +28,7 @@ _LAZY = {
     "PerturbMeanBaseline": "statetx.baselines",
     "CellMeanBaseline": "statetx.baselines",
     "LinearBaseline": "statetx.baselines",
+    "probe_attention": "statetx.probe",
 }
 _SUBMODULES = ("pp", "tl", "pl", "datasets", "metrics", "baselines", "presets", "splits")
 

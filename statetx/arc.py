@@ -666,8 +666,8 @@ def _resolve_attention(backbone: str, kw: dict, attention: str | None,
             "this checkpoint was written by an arc-state version that did not record the attention "
             "mode; depending on the transformers version used for training it is either "
             "bidirectional or causal (both without positions). Pass attention=\"bidirectional\" "
-            "or attention=\"causal\"; if unsure, import it both ways and keep the one whose "
-            "predictions match the run's recorded ones (or score better on held-out cells). "
+            "or attention=\"causal\" (--attention on the command line), or run "
+            "statetx.probe_attention(run_dir, adata) to compare both on real cells. "
             "(To reproduce what "
             "arc-state 0.11.1 computes for it, pass attention=\"causal\", rope=10000.0.)"
         )

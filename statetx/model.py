@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -531,7 +532,9 @@ class StateTransitionModel(BaseEstimator):
                 windows: str = "balanced", basal_pool: str | None = None,
                 basal_fallback: str = "error", unknown_perturbation: str = "error",
                 unknown_batch: str = "error", predict_controls: bool = True,
-                all_perts: bool = False, n_cells_per_pert: int | None = None,
+                all_perts: bool = False,
+                n_cells_per_pert: int | Mapping[str, int] | None = None,
+                perturbations: Sequence[str] | None = None,
                 clip: Any = "auto", missing_genes: str = "error",
                 matmul_precision: str = "highest", sets_per_pass: int = 64) -> ad.AnnData:
         """Predict the perturbed state of the cells of ``adata``.
@@ -542,8 +545,9 @@ class StateTransitionModel(BaseEstimator):
         (plus ``statetx_ctrl_barcode`` and ``statetx_set``), predictions in X (decoded genes
         when the model has a gene decoder; the latent output then in
         ``obsm['<embed_key>_pred']``), and the model's gene names as var. ``all_perts=True``
-        also simulates every known perturbation in every context from ``n_cells_per_pert``
-        control clones (default: as many as the context has controls).
+        also simulates every known perturbation (or those of ``perturbations``) in every context
+        from ``n_cells_per_pert`` control clones (a number, or one per perturbation; default: as
+        many as the context has controls); see also :meth:`simulate`.
 
         The network runs in full fp32 (``matmul_precision="highest"``, as the reference
         predicts) whatever the global setting; ``"medium"`` lets CPUs with AMX run its products in
@@ -555,7 +559,13 @@ class StateTransitionModel(BaseEstimator):
         check_count("sets_per_pass", sets_per_pass, optional=False)
         check_count("seed", seed, 0, optional=False)
         check_count("set_len", set_len)
-        check_count("n_cells_per_pert", n_cells_per_pert)
+        counts = n_cells_per_pert if isinstance(n_cells_per_pert, Mapping) else {}
+        for name, value in [("n_cells_per_pert", None if counts else n_cells_per_pert),
+                            *((f"n_cells_per_pert[{k!r}]", v) for k, v in counts.items())]:
+            check_count(name, value)
+        if perturbations is not None and not all_perts:
+            raise ConfigError("perturbations= chooses what all_perts=True simulates; pass "
+                              "all_perts=True (or use simulate()).")
         for name, value, choices in (
                 ("basal_fallback", basal_fallback, ("error", "all_controls")),
                 ("unknown_perturbation", unknown_perturbation, ("error", "control", "zeros")),
@@ -625,7 +635,8 @@ class StateTransitionModel(BaseEstimator):
         src_rows = np.arange(adata.n_obs)
         if all_perts:
             obs, src_rows, pert, ctx, batch = self._virtual_cells(
-                adata, pert, ctx, batch, is_ctrl, control, n_cells_per_pert, seed, pert_col)
+                adata, pert, ctx, batch, is_ctrl, control, n_cells_per_pert, seed, pert_col,
+                perturbations)
         keep = np.ones(len(pert), dtype=bool) if predict_controls else pert != control
         obs, src_rows, pert, ctx, batch = (obs[keep], src_rows[keep], pert[keep], ctx[keep],
                                            batch[keep])
@@ -668,15 +679,59 @@ class StateTransitionModel(BaseEstimator):
                               "control_pert": control, "pert_col": pert_col}
         return out
 
-    def _virtual_cells(self, adata, pert, ctx, batch, is_ctrl, control, n_cells, seed, pert_col):
+    def simulate(self, controls: ad.AnnData,
+                 perturbations: Sequence[str] | Mapping[str, int] | None = None,
+                 n_cells: int | None = None, *, tsv: str | Path | pd.DataFrame | None = None,
+                 seed: int = 42, **predict_options: Any) -> ad.AnnData:
+        """A virtual experiment: every perturbation applied to clones of control cells.
+
+        ``perturbations``: None = every perturbation the model knows (reference
+        ``--all-perts``), a list of names, or a mapping name → cells. ``n_cells``: clones per
+        perturbation and context (default: the context's number of controls). ``tsv``: a table
+        (tab-separated file or DataFrame) with columns ``perturbation`` and ``num_cells``
+        instead (counts per context; ``tx infer --tsv``, as the reference, clones from all
+        controls). Clones are drawn with replacement from the context's control cells and
+        predicted as in :meth:`predict` (which takes ``predict_options``); the output holds
+        the input's cells followed by the virtual ones (named ``<context>_<perturbation>_<i>``).
+        """
+        if tsv is not None:
+            if perturbations is not None:
+                raise ConfigError("pass perturbations or tsv, not both.")
+            table = tsv if isinstance(tsv, pd.DataFrame) else pd.read_csv(tsv, sep="\t")
+            if not {"perturbation", "num_cells"} <= set(map(str, table.columns)):
+                raise DataError(f"tsv {'table' if isinstance(tsv, pd.DataFrame) else tsv}: needs"
+                                " columns 'perturbation' and 'num_cells'; found "
+                                f"{', '.join(map(str, table.columns))}.")
+            perturbations = dict(zip(table["perturbation"].astype(str),
+                                     table["num_cells"].astype(int)))
+        if isinstance(perturbations, Mapping):
+            n_cells, perturbations = dict(perturbations), list(perturbations)
+        elif isinstance(perturbations, str):
+            perturbations = [perturbations]
+        return self.predict(controls, all_perts=True, perturbations=perturbations,
+                            n_cells_per_pert=n_cells, seed=seed, **predict_options)
+
+    def _virtual_cells(self, adata, pert, ctx, batch, is_ctrl, control, n_cells, seed, pert_col,
+                       chosen=None):
         rng = np.random.default_rng([int(seed), 7])
         perts = [p for p in self.vocab_.perturbations if p != control]
+        per_pert = n_cells if isinstance(n_cells, Mapping) else {}
+        if chosen is None and per_pert:
+            chosen = list(per_pert)
+        if chosen is not None:
+            unknown = [p for p in chosen if p not in perts]
+            if unknown:
+                raise DataError(
+                    f"{len(unknown)} perturbation(s) to simulate are not in the model's "
+                    f"vocabulary (or are the control): {preview(unknown)}."
+                    f"{did_you_mean(str(unknown[0]), perts)}")
+            perts = list(dict.fromkeys(chosen))
         obs_parts, rows, p_parts, c_parts, b_parts = [adata.obs], [np.arange(adata.n_obs)], \
             [pert], [ctx], [batch]
         for context in sorted(np.unique(ctx[is_ctrl])):
             pool = np.flatnonzero(is_ctrl & (ctx == context))
-            n = int(n_cells or len(pool))
             for p in perts:
+                n = int(per_pert.get(p, 0) if per_pert else (n_cells or len(pool)))
                 pick = pool[rng.integers(len(pool), size=n)]
                 o = adata.obs.iloc[pick].copy()
                 o[pert_col] = p
@@ -969,6 +1024,8 @@ class StateTransitionModel(BaseEstimator):
         model.arc_import_ = {"notes": list(imp.notes), "unused": list(imp.unused),
                              "provenance": dict(imp.provenance)}
         return model
+
+    from_arc_run = from_arc_state  # the name in the spec (arc-checkpoints.md)
 
     def _write_run_files(self, out: Path, prepared: PreparedData, split_config) -> None:
         """Write the run directory's files (config.yaml, statetx_run.json, split.toml with

@@ -72,3 +72,25 @@ def test_saved_import_keeps_its_licence_notice(model_a, tmp_path, capsys):
     assert main(["info", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
     assert f"licence: {notice}" in out and "MIT code" not in out
+
+
+def test_from_arc_run_is_the_spec_name(model_a):
+    m = StateTransitionModel.from_arc_run(need(ARC / "runs" / RUNS[0]), verbose=False)
+    assert m.network_config_.to_dict() == model_a.network_config_.to_dict()
+
+
+def test_probe_attention_reports_both_modes_on_real_cells(capsys):
+    import statetx
+
+    data = ad.read_h5ad(need(ARC / "data" / "synth" / "synth.h5ad"))
+    legacy = need(ARC / "legacy_v0912" / "model_e_v0912_llama")  # trained bidirectional
+    table = statetx.probe_attention(legacy, data, n_groups=6)
+    assert list(table["mode"]) == ["bidirectional", "causal"]  # lowest energy first
+    assert (table["n_groups"] == 6).all() and (table["energy"] > 0).all()
+    assert "a report, not a choice" in capsys.readouterr().out
+    # a fitted model works too: its attention is switched on a copy
+    model = StateTransitionModel.from_arc_state(legacy, attention="causal", verbose=False)
+    again = statetx.probe_attention(model, data, n_groups=6)
+    np.testing.assert_allclose(again.set_index("mode").loc[table["mode"], "energy"],
+                               table["energy"], rtol=1e-5)
+    assert model.network_config_.attention == "causal"

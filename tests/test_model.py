@@ -246,3 +246,28 @@ def test_sets_per_pass_changes_memory_not_results(fitted):
     model, adata = fitted
     np.testing.assert_allclose(model.predict(adata, sets_per_pass=1).X, model.predict(adata).X,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_simulate_virtual_experiments(fitted):
+    model, adata = fitted
+    controls = adata[adata.obs["gene"] == "ctrl"].copy()
+    n_ctx = controls.obs["cell_type"].nunique()
+    every = model.simulate(controls)  # every known perturbation, as many as the controls
+    counts = every.obs["gene"].value_counts()
+    perts = [p for p in model.vocab_.perturbations if p != "ctrl"]
+    assert set(counts.index) == {"ctrl", *perts}
+    assert all(counts[p] == controls.n_obs for p in perts)
+    assert every.obs_names.is_unique and list(every.obs_names[:controls.n_obs]) == list(
+        controls.obs_names)
+    some = model.simulate(controls, ["P1"], n_cells=5, seed=3)
+    assert some.obs["gene"].value_counts().to_dict() == {"ctrl": controls.n_obs, "P1": 5 * n_ctx}
+    # the same cells as predict(all_perts=True) with the same options
+    same = model.predict(controls, all_perts=True, perturbations=["P1"], n_cells_per_pert=5,
+                         seed=3)
+    np.testing.assert_array_equal(some.X, same.X)
+    table = pd.DataFrame({"perturbation": ["P0", "P2"], "num_cells": [2, 1]})
+    by_table = model.simulate(controls, tsv=table)
+    assert by_table.obs["gene"].value_counts().to_dict() == {
+        "ctrl": controls.n_obs, "P0": 2 * n_ctx, "P2": n_ctx}
+    with pytest.raises(DataError, match="not in the model's vocabulary.*P9"):
+        model.simulate(controls, ["P9"])
