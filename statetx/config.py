@@ -122,6 +122,27 @@ class SplitConfig(BaseModel):
         loc = f"[{section}]" + (f'."{key}"' if key else "") + (f".{field}" if field else "")
         return f"{loc} in {self.source}" if self.source and self.source != "<dict>" else loc
 
+    def summarize(self, data: Any = None, columns: ColumnMap | dict | None = None, *,
+                  dataset_name: str | None = None, **options: Any) -> Any:
+        """The split summary without training: cells per (dataset, file, cell type, split) with
+        #perturbations, #perturbed cells and #controls (a DataFrame; ``tx split`` prints it).
+
+        ``data``: an AnnData (or a dict name → AnnData) for in-memory datasets, None for the
+        [datasets] files (only their labels are read); ``columns``: a :class:`ColumnMap` or
+        its fields (``pert_col``, ``cell_type_key``, ``control_pert``, ...); ``options`` as
+        :func:`statetx.splits.assign_files` (``heldout_controls_in_train``, ...).
+        """
+        from statetx.data import load_files
+        from statetx.io import resolve_control
+        from statetx.splits import assign_files, summarize
+
+        cols = columns if isinstance(columns, ColumnMap) else ColumnMap.build(**(columns or {}))
+        config = self.model_copy(deep=True)  # load_files may fill [training]
+        files = load_files(data, config, cols, dataset_name)
+        control = resolve_control(files, cols.control_pert, cols.pert_col)
+        return summarize(assign_files(files, config, control, pert_col=cols.pert_col,
+                                      cell_type_key=cols.cell_type_key, **options))
+
     def referenced_datasets(self) -> list[str]:
         """Datasets that are loaded: [training] keys and the datasets of held-out keys, sorted."""
         names = set(self.training)

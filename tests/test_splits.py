@@ -370,3 +370,17 @@ def test_in_memory_without_references_trains_everything_and_keeps_config():
     # the same object can be reused with differently named data
     prep2 = prepare({"other": synth()}, cfg, cols)
     assert prep2.splits["train"].n_obs == 54 and prep2.files[0].dataset == "other"
+
+
+def test_split_config_summarize_matches_the_training_summary():
+    """SplitConfig.summarize prints without training what fit writes to split_summary.csv."""
+    from statetx.datasets import example_toml
+
+    cols = {"pert_col": "target_gene", "cell_type_key": "cell_type", "control_pert": "DMSO"}
+    spec = SplitConfig.from_toml(example_toml("zhao2021"))
+    table = spec.summarize(columns=cols)
+    ref = prepare(None, example_toml("zhao2021"), ColumnMap.build(**cols), allow_counts=True,
+                  splits=("train",)).summary
+    pd.testing.assert_frame_equal(table, ref)
+    assert set(table["split"]) == {"train", "val", "test"}
+    assert table.loc[table["split"] == "test", "n_perturbed_cells"].sum() == 500
