@@ -676,15 +676,15 @@ def cmd_infer(a: argparse.Namespace) -> int:
     src = Path(a.adata)
     if not src.is_file():
         raise UsageError(f"--adata {src}: file not found.")
-    if a.layout != "statetx":
-        raise ConfigError("--layout arc is not supported by statetx yet; use the default "
-                          "statetx layout (predictions in X, latents in obsm['<key>_pred']).")
     if a.output and a.output_dir:
         raise UsageError("give --output or --output-dir, not both.")
     out = (Path(a.output) if a.output else
            Path(a.output_dir or src.parent) / f"{src.stem}_simulated.h5ad")
     if out.suffix not in (".h5ad", ".npy"):
         raise UsageError(f"--output {out}: use a .h5ad or .npy file name.")
+    if out.suffix == ".npy" and a.layout == "arc":
+        raise UsageError("--layout arc places predictions inside a copy of the input: write an "
+                         ".h5ad (--output x.h5ad), or drop --layout for a .npy.")
     clip = _parse_clip(a.clip)
     quiet = contextlib.redirect_stdout(open(os.devnull, "w")) if a.quiet else (  # noqa: SIM115
         contextlib.nullcontext())
@@ -732,7 +732,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
             predict_controls=not a.no_predict_controls, all_perts=a.all_perts,
             n_cells_per_pert=a.virtual_cells_per_pert, clip=clip,
             missing_genes=a.missing_genes, matmul_precision=a.matmul_precision,
-            sets_per_pass=a.batch_size or 64)
+            sets_per_pass=a.batch_size or 64, layout=a.layout)
         if out.suffix == ".npy":
             x = pred.X.toarray() if hasattr(pred.X, "toarray") else np.asarray(pred.X)
             arr = np.ascontiguousarray(x, dtype=np.float32)

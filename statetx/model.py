@@ -536,7 +536,8 @@ class StateTransitionModel(BaseEstimator):
                 n_cells_per_pert: int | Mapping[str, int] | None = None,
                 perturbations: Sequence[str] | None = None,
                 clip: Any = "auto", missing_genes: str = "error",
-                matmul_precision: str = "highest", sets_per_pass: int = 64) -> ad.AnnData:
+                matmul_precision: str = "highest", sets_per_pass: int = 64,
+                layout: str = "statetx", keep_input: bool = False) -> ad.AnnData:
         """Predict the perturbed state of the cells of ``adata``.
 
         Each cell carries a perturbation label and a context (cell type); its basal state is a
@@ -553,10 +554,19 @@ class StateTransitionModel(BaseEstimator):
         predicts) whatever the global setting; ``"medium"`` lets CPUs with AMX run its products in
         bf16 (``state_sm``: ~1.6x the cells/s on 2 cores, outputs within ~0.5 % RMS) and GPUs in
         TF32 (``"high"`` too). ``sets_per_pass``: sets per forward pass (memory only).
+
+        ``layout="arc"`` returns a copy of the input (its var, layers, obsm, uns) with the
+        predictions where arc-state 0.11.1's ``tx infer`` writes them: the direct output in X
+        (``embed_key`` None) or ``obsm[embed_key]``, or in ``obsm['X_state_pred']`` /
+        ``obsm['<embed_key>_pred']`` when the width differs; decoded genes in
+        ``obsm['X_hvg']`` (output space gene) or X (all). ``keep_input=True`` (default layout)
+        carries the input's obsm and layers over when the output has the input's genes.
         """
         self._check_fitted()
         check_matmul_precision(matmul_precision)
         check_count("sets_per_pass", sets_per_pass, optional=False)
+        if layout not in ("statetx", "arc"):
+            raise ConfigError(f"layout={layout!r} is invalid; expected 'statetx' or 'arc'.")
         check_count("seed", seed, 0, optional=False)
         check_count("set_len", set_len)
         counts = n_cells_per_pert if isinstance(n_cells_per_pert, Mapping) else {}
@@ -673,7 +683,12 @@ class StateTransitionModel(BaseEstimator):
                          matmul_precision=matmul_precision, sets_per_pass=sets_per_pass)
         obs["statetx_ctrl_barcode"] = np.asarray(adata.obs_names)[res["basal_row"]]
         obs["statetx_set"] = res["set_id"]
-        out = self._output(res, obs, clip)
+        if layout == "arc":
+            out = self._arc_layout(adata, src_rows, obs, res, clip)
+        else:
+            out = self._output(res, obs, clip)
+            if keep_input:
+                _carry_input(adata, src_rows, out)
         out.uns["statetx"] = {"seed": int(seed), "windows": windows, "basal_pool": pool_mode,
                               "attention": self.network_config_.attention,
                               "control_pert": control, "pert_col": pert_col}
@@ -762,6 +777,35 @@ class StateTransitionModel(BaseEstimator):
         out = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(names, dtype=str)))
         if res["counts"] is not None:
             out.obsm[f"{c.embed_key}_pred"] = res["pred"]
+        return out
+
+    def _arc_layout(self, adata: ad.AnnData, src_rows: np.ndarray, obs: pd.DataFrame,
+                    res: dict, clip) -> ad.AnnData:
+        """A copy of the input rows with the predictions placed as arc-state's tx infer does."""
+        c = self.columns_
+        rng = clip_range(clip, self._expression_output, self.is_log1p_)
+        out = adata[src_rows].copy() if len(src_rows) != adata.n_obs or (
+            src_rows != np.arange(adata.n_obs)).any() else adata.copy()
+        out.obs = obs
+
+        def place(x: np.ndarray, key: str | None, fallback: str) -> None:
+            if key is None and x.shape[1] == out.n_vars:
+                out.X = x
+            elif key is not None and key in out.obsm and np.shape(out.obsm[key])[1] == x.shape[1]:
+                out.obsm[key] = x
+            else:
+                out.obsm[fallback] = x
+
+        pred = res["pred"]
+        if res["counts"] is None and rng is not None:
+            pred = np.clip(pred, *rng)
+        place(pred, c.embed_key, f"{c.embed_key}_pred" if c.embed_key else "X_state_pred")
+        if res["counts"] is not None:
+            counts = res["counts"] if rng is None else np.clip(res["counts"], *rng)
+            if c.output_space == "all":
+                place(counts, None, "X_pred")
+            else:
+                out.obsm["X_hvg"] = counts
         return out
 
     def predict_split(self, split: str = "test", *, seed: int = 42, clip: Any = "auto",
@@ -1070,6 +1114,16 @@ class StateTransitionModel(BaseEstimator):
         self._check_fitted()
         self.network_.to(resolve_device(device))
         return self
+
+
+def _carry_input(adata: ad.AnnData, src_rows: np.ndarray, out: ad.AnnData) -> None:
+    """``keep_input``: the input rows' obsm and (same genes only) layers, next to the output."""
+    for key, value in adata.obsm.items():
+        if key not in out.obsm:
+            out.obsm[key] = value[src_rows]
+    if list(map(str, adata.var_names)) == list(map(str, out.var_names)):
+        for key, value in adata.layers.items():
+            out.layers[key] = value[src_rows]
 
 
 def _start_at_mean_response(network: StateTransitionNetwork, train, vocab: Vocab) -> None:

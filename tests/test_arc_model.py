@@ -94,3 +94,22 @@ def test_probe_attention_reports_both_modes_on_real_cells(capsys):
     np.testing.assert_allclose(again.set_index("mode").loc[table["mode"], "energy"],
                                table["energy"], rtol=1e-5)
     assert model.network_config_.attention == "causal"
+
+
+def test_arc_layout_places_predictions_where_arc_state_does(model_a):
+    """layout="arc": a copy of the input, X untouched, predictions in obsm['X_hvg'] as in
+    arc-state's own tx infer output for this model (same keys, shapes, values in distribution)."""
+    inp = ad.read_h5ad(need(ARC / "infer" / "infer_input.h5ad"))
+    ref = ad.read_h5ad(ARC / "infer" / "infer_output_model_a.h5ad")
+    out = model_a.predict(inp, layout="arc", windows="reference")
+    assert set(out.obsm) == set(ref.obsm) and list(out.var_names) == list(ref.var_names)
+    np.testing.assert_array_equal(np.asarray(out.X.todense() if hasattr(out.X, "todense")
+                                             else out.X),
+                                  np.asarray(ref.X.todense() if hasattr(ref.X, "todense")
+                                             else ref.X))
+    default = model_a.predict(inp, windows="reference")
+    np.testing.assert_array_equal(out.obsm["X_hvg"], default.X)  # the same prediction
+    assert set(inp.uns) <= set(out.uns) and "statetx" in out.uns
+    kept = model_a.predict(inp, keep_input=True)  # the input's obsm next to the prediction
+    np.testing.assert_array_equal(kept.obsm["X_hvg"], inp.obsm["X_hvg"])
+    assert "X_hvg" not in default.obsm

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 
@@ -389,6 +390,13 @@ def test_arc_state_run_infer_import_info(tmp_path, capsys):
     assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(inp), "--output",
                  str(tmp_path / "o.npy")]) == 0
     assert np.load(tmp_path / "o.npy").shape == (100, 128)
+    # --layout arc: the input with the predictions where arc-state writes them
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(inp), "--output",
+                 str(tmp_path / "arc.h5ad"), "--layout", "arc"]) == 0
+    arc_out = ad.read_h5ad(tmp_path / "arc.h5ad")
+    assert arc_out.obsm["X_hvg"].shape == (100, 128) and arc_out.n_vars == ad.read_h5ad(inp).n_vars
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(inp), "--output",
+                 str(tmp_path / "arc.npy"), "--layout", "arc"]) == 2
     assert main(["import-arc", str(run), "--out", str(tmp_path / "m")]) == 0
     assert main(["tx", "infer", "--model_dir", str(tmp_path / "m"), "--adata", str(inp),
                  "--output", str(tmp_path / "o2.npy")]) == 0
