@@ -29,7 +29,13 @@ from statetx.io import (
     open_file,
     resolve_control,
 )
-from statetx.splits import Assignment, assign_files, default_dataset_name, summarize
+from statetx.splits import (
+    Assignment,
+    assign_files,
+    default_dataset_name,
+    subsample_validation,
+    summarize,
+)
 from statetx.vocab import Vocab, load_pert_features
 
 DataInput = ad.AnnData | Mapping[str, ad.AnnData] | None
@@ -155,6 +161,7 @@ def prepare(
     heldout_controls_in_train: bool = True,
     yield_controls: bool = True,
     on_missing_perturbation: str = "error",
+    val_subsample_fraction: float = 1.0,
     counts_key: str | None = None,
     allow_counts: bool = False,
     dtype: str = "float32",
@@ -171,6 +178,8 @@ def prepare(
         heldout_controls_in_train=heldout_controls_in_train,
         on_missing_perturbation=on_missing_perturbation,
     )
+    if val_subsample_fraction != 1.0:
+        subsample_validation(assignments, val_subsample_fraction)
     src, counts_src, names, gene_names = _sources(files, columns, counts_key)
     # the scale (log1p or counts) of the expression the model reads or predicts
     expr = src if src in (None, "X_hvg") else counts_src

@@ -135,6 +135,9 @@ class StateTransitionModel(BaseEstimator):
     on_missing_perturbation
         A ``[fewshot]`` entry naming a perturbation no cell of that cell type carries:
         ``error`` (default) or ``warn`` (and ignore it).
+    val_subsample_fraction
+        Validate on the first ⌈n · fraction⌉ of the n validation parts (dataset, file, cell
+        type), sorted (reference semantics; default 1.0 = all).
     dtype
         Storage of the training matrices (``float32`` or ``float16``).
     data_loading
@@ -200,6 +203,7 @@ class StateTransitionModel(BaseEstimator):
         pert_features: Any = None,
         heldout_controls_in_train: bool = True,
         on_missing_perturbation: str = "error",
+        val_subsample_fraction: float = 1.0,
         yield_controls: bool = True,
         dtype: str = "float32",
         data_loading: str = "memory",
@@ -247,6 +251,7 @@ class StateTransitionModel(BaseEstimator):
         self.pert_features = pert_features
         self.heldout_controls_in_train = heldout_controls_in_train
         self.on_missing_perturbation = on_missing_perturbation
+        self.val_subsample_fraction = val_subsample_fraction
         self.yield_controls = yield_controls
         self.dtype = dtype
         self.data_loading = data_loading
@@ -329,6 +334,9 @@ class StateTransitionModel(BaseEstimator):
                               "'auto', 'none' or 'uniform'.")
         averaging = "none" if self.weight_averaging == "auto" else self.weight_averaging
         check_count("seed", self.seed, 0, optional=False)
+        if not 0.0 < float(self.val_subsample_fraction) <= 1.0:
+            raise ConfigError(f"val_subsample_fraction={self.val_subsample_fraction!r} must be "
+                              "in (0, 1].")
         for name in ("batch_size", "cell_set_len", "max_steps"):
             check_count(name, getattr(self, name))
         self._train_config({"max_steps": 1, "lr": 0.0, "weight_averaging": averaging})
@@ -365,6 +373,7 @@ class StateTransitionModel(BaseEstimator):
             pert_features=self.pert_features,
             heldout_controls_in_train=self.heldout_controls_in_train,
             on_missing_perturbation=self.on_missing_perturbation,
+            val_subsample_fraction=self.val_subsample_fraction,
             yield_controls=self.yield_controls, dtype=self.dtype,
         )
         n_train = int(prepared.splits["train"].is_target.sum())

@@ -20,6 +20,7 @@ cells creates nothing. Controls are shared between splits, so membership is one 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -115,6 +116,22 @@ def assign(
     (a,) = assign_files([f], config, control, pert_col=cols.pert_col,
                         cell_type_key=cols.cell_type_key, **options)
     return membership_frame(a, index=adata.obs_names)
+
+
+def subsample_validation(assignments: Sequence[Assignment], fraction: float) -> None:
+    """``val_subsample_fraction`` (reference semantics): the validation parts — (dataset, file,
+    cell type) — sorted by dataset and file, and only the first max(1, ⌈n · fraction⌉) kept."""
+    fraction = float(fraction)
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"val_subsample_fraction={fraction!r} must be in (0, 1].")
+    parts = sorted(
+        ((a.file.dataset, str(a.file.path or a.file.label), str(ct)), i)
+        for i, a in enumerate(assignments) for ct in np.unique(a.file.cell_type[a.val]))
+    keep = {key for key, _ in parts[:max(1, math.ceil(len(parts) * fraction))]} if parts else set()
+    for key, i in parts:
+        if key not in keep:
+            a = assignments[i]
+            a.val &= a.file.cell_type != key[2]
 
 
 def default_dataset_name(config: SplitConfig) -> str:

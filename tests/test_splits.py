@@ -18,7 +18,7 @@ from conftest import PERTURBENCH, need
 
 from statetx.config import ColumnMap, FewshotEntry, SplitConfig
 from statetx.data import load_files, prepare
-from statetx.errors import DataError
+from statetx.errors import ConfigError, DataError
 from statetx.io import from_anndata, resolve_control
 from statetx.splits import Assignment, assign, assign_files, membership_frame, summarize
 
@@ -384,3 +384,28 @@ def test_split_config_summarize_matches_the_training_summary():
     pd.testing.assert_frame_equal(table, ref)
     assert set(table["split"]) == {"train", "val", "test"}
     assert table.loc[table["split"] == "test", "n_perturbed_cells"].sum() == 500
+
+
+def test_val_subsample_fraction_keeps_the_first_parts():
+    """Reference semantics: validation parts (dataset, file, cell type) sorted, the first
+    max(1, ceil(n * fraction)) kept, deterministically."""
+    from statetx.datasets import example_toml, load_zhao2021
+
+    cols = ColumnMap.build(pert_col="target_gene", cell_type_key="cell_type", control_pert="DMSO")
+    spec = SplitConfig.from_toml(example_toml("zhao2021")).model_dump()
+    spec["datasets"] = {}
+    zs = spec["zeroshot"]
+    for ct in ("zhao.glioblastoma_PW030", "zhao.glioblastoma_PW032"):
+        zs[ct] = "val"
+    adata = load_zhao2021()
+    full = prepare(adata, spec, cols, allow_counts=True)
+    half = prepare(adata, spec, cols, allow_counts=True, val_subsample_fraction=0.5)
+    val_cts = lambda p: sorted(p.summary.loc[p.summary["split"] == "val", "cell_type"])  # noqa: E731
+    assert len(val_cts(full)) == 3
+    assert val_cts(half) == val_cts(full)[:2]  # ceil(3 * 0.5) = 2, in sorted order
+    assert val_cts(prepare(adata, spec, cols, allow_counts=True,
+                           val_subsample_fraction=0.01)) == val_cts(full)[:1]
+    # the training split is untouched
+    np.testing.assert_array_equal(half.splits["train"].X.numpy(), full.splits["train"].X.numpy())
+    with pytest.raises(ConfigError, match="val_subsample_fraction=1.5"):
+        prepare(adata, spec, cols, allow_counts=True, val_subsample_fraction=1.5)
