@@ -72,8 +72,30 @@ def _sub(sp: Any, name: str, help: str, aliases: Sequence[str] = (), **kw: Any) 
         other = n.replace("_", "-") if "_" in n else n.replace("-", "_")
         if other != n and other not in alts and other != name:
             alts.append(other)
-    return sp.add_parser(name, help=help, aliases=alts, description=kw.pop("description", help),
-                         formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+    p = sp.add_parser(name, help=help, aliases=alts, description=kw.pop("description", help),
+                      formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+    p.set_defaults(parser_=p)  # error messages name this command's flags (see _cli_names)
+    return p
+
+
+def _cli_names(message: str, ns: argparse.Namespace) -> str:
+    """The library's errors name Python arguments (``unknown_batch='mean'``); on the command
+    line, add the flag or configuration key that sets each of them."""
+    import re
+
+    names = dict.fromkeys(re.findall(r"\b([a-z][a-z0-9_]*)=", message))
+    hints: list[str] = []
+    parser = getattr(ns, "parser_", None)
+    flags = {a.dest: max(a.option_strings, key=lambda o: ("-" in o[2:], len(o)))
+             for a in (parser._actions if parser is not None else []) if a.option_strings}
+    if getattr(ns, "func", None) is cmd_train:
+        from statetx.run import PARAM_PATHS
+
+        flags = {k: f"{v}=" for k, v in PARAM_PATHS.items()}
+    for name in names:
+        if name in flags and flags[name] not in message:
+            hints.append(flags[name])
+    return f"{message} [command line: {', '.join(hints)}]" if hints else message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 import traceback
 
                 traceback.print_exc()
-            print(f"statetx: error: {exc}", file=sys.stderr)
+            print(f"statetx: error: {_cli_names(str(exc), ns)}", file=sys.stderr)
             return EXIT_USAGE
         except Exception as exc:  # noqa: BLE001 - one clear message, traceback with --debug
             if debug:

@@ -397,6 +397,18 @@ def test_arc_state_run_infer_import_info(tmp_path, capsys):
     assert arc_out.obsm["X_hvg"].shape == (100, 128) and arc_out.n_vars == ad.read_h5ad(inp).n_vars
     assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(inp), "--output",
                  str(tmp_path / "arc.npy"), "--layout", "arc"]) == 2
+    # library errors name the command-line flag next to the Python argument
+    unk = ad.read_h5ad(inp)
+    unk.obs["gene"] = unk.obs["gene"].astype(str)
+    unk.obs.iloc[:3, unk.obs.columns.get_loc("gene")] = "ZZZ"
+    unk.write_h5ad(tmp_path / "unk.h5ad")
+    capsys.readouterr()
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(tmp_path / "unk.h5ad"),
+                 "--output", str(tmp_path / "u.h5ad")]) == 2
+    assert "unknown_perturbation='control'" in capsys.readouterr().err
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(tmp_path / "unk.h5ad"),
+                 "--output", str(tmp_path / "u.h5ad")]) == 2
+    assert "[command line: --unknown-perturbation]" in capsys.readouterr().err
     assert main(["import-arc", str(run), "--out", str(tmp_path / "m")]) == 0
     assert main(["tx", "infer", "--model_dir", str(tmp_path / "m"), "--adata", str(inp),
                  "--output", str(tmp_path / "o2.npy")]) == 0
