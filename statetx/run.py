@@ -372,6 +372,9 @@ PARAM_PATHS: dict[str, str] = {
     "loss": "model.kwargs.loss",
 }
 
+# arc-state's configs say weight_decay 5e-4 but never apply it (spec model.md §11)
+REFERENCE_WEIGHT_DECAY = 5e-4
+
 # model.kwargs keys that are loss options (StateTransitionModel(loss_kwargs=...))
 LOSS_KEYS = SET_LOSS_OPTIONS + TRAINING_LOSS_OPTIONS
 
@@ -555,6 +558,12 @@ def resolve(tokens: Iterable[str], config_file: str | Path | None = None,
                 value = coerce(canon, value)
             except ConfigError as exc:
                 raise ConfigError(f"{exc}{where}") from None
+            if canon == "training.weight_decay" and value == REFERENCE_WEIGHT_DECAY:
+                res.notices.append(
+                    f"{path}: {value:g}{where} is arc-state's configured value, which it never "
+                    "applied: kept at 0 for the same training (set training.weight_decay on the "
+                    "command line to apply a weight decay).")
+                continue
             res.values[canon] = value
             if value != KEYS[canon].default:
                 res.given.add(canon)

@@ -113,6 +113,16 @@ def test_weight_decay_notice_and_seed_alias():
     assert res.values["training.train_seed"] == 7
 
 
+def test_reference_config_weight_decay_is_kept_at_zero():
+    """An arc-state config.yaml says weight_decay 5e-4, which arc-state never applied."""
+    res = R.resolve([], base={"training": {"weight_decay": 5e-4, "lr": 1e-4}})
+    assert res.values["training.weight_decay"] == 0.0
+    assert any("never applied: kept at 0" in n for n in res.notices)
+    given = R.resolve(["training.weight_decay=5e-4"],
+                      base={"training": {"weight_decay": 5e-4}})  # typed: applied
+    assert given.values["training.weight_decay"] == 5e-4
+
+
 def test_aliases_and_contradictions():
     res = R.resolve(["model.kwargs.transformer_backbone_kwargs.num_attention_heads=2",
                      "model.kwargs.confidence_head=false", "training.wandb_track=false"])
