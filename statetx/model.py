@@ -698,9 +698,17 @@ class StateTransitionModel(BaseEstimator):
             out = self._output(res, obs, clip)
             if keep_input:
                 _carry_input(adata, src_rows, out)
-        out.uns["statetx"] = {"seed": int(seed), "windows": windows, "basal_pool": pool_mode,
+        from statetx import __version__
+
+        source = getattr(self, "checkpoint_path_", None) or getattr(self, "run_dir_", None)
+        out.uns["statetx"] = {"version": __version__, "seed": int(seed), "windows": windows,
+                              "basal_pool": pool_mode,
                               "attention": self.network_config_.attention,
-                              "control_pert": control, "pert_col": pert_col}
+                              "rope": "none" if self.network_config_.rope is None
+                              else float(self.network_config_.rope),
+                              "matmul_precision": matmul_precision,
+                              "control_pert": control, "pert_col": pert_col,
+                              **({"model": str(source)} if source is not None else {})}
         return out
 
     def simulate(self, controls: ad.AnnData,

@@ -271,3 +271,15 @@ def test_simulate_virtual_experiments(fitted):
         "ctrl": controls.n_obs, "P0": 2 * n_ctx, "P2": n_ctx}
     with pytest.raises(DataError, match="not in the model's vocabulary.*P9"):
         model.simulate(controls, ["P9"])
+
+
+def test_prediction_provenance_is_written_with_the_output(fitted, tmp_path):
+    import statetx
+
+    model, adata = fitted
+    pred = model.predict(adata, seed=5)
+    info = pred.uns["statetx"]
+    assert info["version"] == statetx.__version__ and info["seed"] == 5
+    assert info["attention"] == model.network_config_.attention
+    assert info["matmul_precision"] == "highest"
+    pred.write_h5ad(tmp_path / "p.h5ad")  # every value is h5ad-writable
