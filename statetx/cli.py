@@ -174,7 +174,8 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
                     choices=["full", "minimal", "vcc", "de", "anndata", "pds"])
     _flag(pr, "--predict-only", action="store_true", help="write AnnData outputs, skip metrics")
     _flag(pr, "--test-time-finetune", type=int, default=0, metavar="STEPS",
-          help="control-only fine-tuning steps (not supported yet; must be 0)")
+          help="before predicting, fine-tune this many steps (Adam, lr 1e-5) on sets of the "
+          "split's control cells only, as arc-state (default 0: off)")
     pr.add_argument("--toml", help="re-split with another split file")
     _flag(pr, "--skip-adatas", action="store_true", help="do not write adata_pred/real.h5ad")
     _flag(pr, "--shared-only", action="store_true",
@@ -595,8 +596,6 @@ def cmd_predict(a: argparse.Namespace) -> int:
     run = Path(a.output_dir)
     if not run.is_dir():
         raise UsageError(f"--output-dir {run}: run directory not found.")
-    if a.test_time_finetune:
-        raise ConfigError("--test-time-finetune is not supported by statetx yet; use 0.")
     if a.pseudobulk:
         raise ConfigError("--pseudobulk is not supported by statetx yet; leave it out.")
     if a.predict_only and a.skip_adatas:
@@ -608,6 +607,10 @@ def cmd_predict(a: argparse.Namespace) -> int:
          f"prediction in fp32, matmul precision {a.matmul_precision}")
     prepared = attach_data(model, run, toml=a.toml, data_root=a.data_root)
     split = "train" if a.eval_train_data else a.split
+    if a.test_time_finetune:
+        _say(f"test-time fine-tuning: {a.test_time_finetune} steps on the {split} split's "
+             "control cells (Adam, lr 1e-5)")
+        model.finetune_on_controls(a.test_time_finetune, split, seed=a.seed)
     pred, real = model.predict_split(split, seed=a.seed, matmul_precision=a.matmul_precision)
     if a.shared_only:
         pred, real = _shared_only(model, prepared, split, pred, real)

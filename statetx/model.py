@@ -354,7 +354,9 @@ class StateTransitionModel(BaseEstimator):
         ``split_config`` assigns cells to train/val/test (a :class:`SplitConfig`, a dict, a TOML
         path or string); without it every cell trains. A single AnnData is the dataset the spec
         refers to (or ``dataset_name``). ``output_dir`` receives checkpoints, metrics and the
-        vocabularies; ``resume_from`` continues a run from one of its checkpoints exactly.
+        vocabularies; ``resume_from`` continues a run from its ``last.ckpt`` exactly. A fit that
+        fails or is interrupted leaves the estimator as it was (the checkpoints written so far
+        stay in ``output_dir``).
         """
         self._check_params()
         out = Path(output_dir) if output_dir is not None else None
@@ -710,6 +712,38 @@ class StateTransitionModel(BaseEstimator):
                               "control_pert": control, "pert_col": pert_col,
                               **({"model": str(source)} if source is not None else {})}
         return out
+
+    def finetune_on_controls(self, steps: int, split: str = "test", *, lr: float = 1e-5,
+                             seed: int = 42) -> StateTransitionModel:
+        """Test-time fine-tuning (reference ``tx predict --test-time-finetune``): ``steps`` Adam
+        steps at ``lr`` on sets of the split's control cells only (control → control), one set
+        per step, before predicting that split. Changes the network in place; returns ``self``.
+        """
+        from dataclasses import replace
+
+        from statetx.sets import CellSetSampler
+
+        self._check_fitted()
+        check_count("steps", steps, optional=False)
+        data = getattr(self, "_prepared", None)
+        if data is None or split not in data.splits:
+            raise ConfigError(f"finetune_on_controls needs the {split!r} split of the fitted "
+                              "spec (fit, or load_run + attach_data, first).")
+        split_data = data.splits[split]
+        if not split_data.is_control.any():
+            raise DataError(f"the {split!r} split has no control cells to fine-tune on.")
+        controls = replace(split_data, is_target=split_data.is_control.copy())
+        sampler = CellSetSampler(controls, self.vocab_, self.cell_set_len_, 1, seed=seed,
+                                 pairing=self._pairing())
+        device = next(self.network_.parameters()).device
+        cfg = TrainConfig(max_steps=int(steps), lr=float(lr), loss=self.loss,
+                          **split_loss_kwargs(self.loss_kwargs),
+                          gradient_clip_val=self.gradient_clip_val, precision=self.precision,
+                          matmul_precision=self.matmul_precision, val_freq=10**9,
+                          ckpt_every_n_steps=10**9, seed=int(seed), progress=False)
+        Trainer(self.network_, sampler, None, cfg, device=device).fit()
+        self.network_.eval()
+        return self
 
     def simulate(self, controls: ad.AnnData,
                  perturbations: Sequence[str] | Mapping[str, int] | None = None,

@@ -532,7 +532,7 @@ class Trainer:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         if old and self.cfg.progress:
             print(f"statetx: {self.out} held an earlier run: its checkpoints and metrics were "
-                  "removed (this run starts afresh; pass resume_from to continue one).")
+                  "removed (this run starts afresh; resume from its last.ckpt to continue one).")
 
     def _progress_fields(self, logs: dict[str, float]) -> dict[str, str]:
         """The progress line: train loss, last validation loss, gradient norm, cells/s."""

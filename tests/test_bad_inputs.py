@@ -736,3 +736,12 @@ def test_checkpoint_of_another_run_is_refused(run, tmp_path, capsys):
     assert not list(run.glob("eval_*"))
     # its own checkpoint by path is fine
     assert load_run(run, run / "checkpoints" / "final.ckpt", verbose=False).step_ == 2
+
+
+def test_finetune_on_controls_needs_the_split(model, tmp_path):
+    model.save(tmp_path / "m")
+    loaded = StateTransitionModel.load(tmp_path / "m")
+    with pytest.raises(ConfigError, match="needs the 'test' split of the fitted spec"):
+        loaded.finetune_on_controls(2)
+    with pytest.raises(ConfigError, match="steps=0 is invalid"):
+        loaded.finetune_on_controls(0)

@@ -137,6 +137,26 @@ def test_predict_both_spellings(run, capsys):
     assert "using checkpoint" in printed and "matmul precision medium" in printed
 
 
+def test_predict_with_test_time_finetuning(run, capsys):
+    import anndata as ad
+
+    from statetx.run import attach_data, load_run
+
+    before = (run / "checkpoints" / "final.ckpt").read_bytes()
+    args = ["tx", "predict", "--output-dir", str(run), "--predict-only"]
+    assert main([*args, "--test-time-finetune", "3"]) == 0
+    assert "test-time fine-tuning: 3 steps" in capsys.readouterr().out
+    tuned = ad.read_h5ad(run / "eval_final.ckpt" / "adata_pred.h5ad").X
+    assert (run / "checkpoints" / "final.ckpt").read_bytes() == before  # run left as it was
+    model = load_run(run, verbose=False)
+    attach_data(model, run)
+    plain = model.predict_split("test")[0].X
+    assert not np.allclose(tuned, plain)
+    # the same steps in Python give the same predictions
+    np.testing.assert_allclose(model.finetune_on_controls(3, seed=42).predict_split("test")[0].X,
+                               tuned, rtol=1e-5, atol=1e-6)
+
+
 def test_predict_moved_data_needs_data_root(run, data, tmp_path):
     import shutil
 
