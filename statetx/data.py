@@ -104,7 +104,7 @@ class PreparedData:
 
 
 def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
-               dataset_name: str | None = None) -> list[DataFile]:
+               dataset_name: str | None = None, drop_missing: bool = False) -> list[DataFile]:
     """Open every file (or in-memory AnnData) of the datasets the spec refers to, sorted."""
     memory: dict[str, ad.AnnData] = {}
     if isinstance(data, ad.AnnData):
@@ -128,7 +128,7 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
     for name in names:
         if name in memory:
             files.append(from_anndata(memory[name], name, c.pert_col, c.cell_type_key,
-                                      c.batch_col))
+                                      c.batch_col, drop_missing=drop_missing))
             continue
         if name not in config.datasets:
             section, key = next((s, k) for s in ("training", "zeroshot", "fewshot")
@@ -145,7 +145,8 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
                 f"and was not passed in memory. {hint}"
             )
         for path in config.resolve_paths(name):
-            files.append(open_file(path, name, c.pert_col, c.cell_type_key, c.batch_col))
+            files.append(open_file(path, name, c.pert_col, c.cell_type_key, c.batch_col,
+                                   drop_missing))
     return files
 
 
@@ -162,6 +163,7 @@ def prepare(
     yield_controls: bool = True,
     on_missing_perturbation: str = "error",
     val_subsample_fraction: float = 1.0,
+    drop_missing_labels: bool = False,
     counts_key: str | None = None,
     allow_counts: bool = False,
     dtype: str = "float32",
@@ -170,7 +172,7 @@ def prepare(
     """Validate inputs against the split spec and build the per-split matrices."""
     config = SplitConfig.from_toml(split_config if split_config is not None else {})
     config = config.model_copy(deep=True)  # load_files may fill [training]; keep the caller's
-    files = load_files(data, config, columns, dataset_name)
+    files = load_files(data, config, columns, dataset_name, drop_missing_labels)
     control = resolve_control(files, columns.control_pert, columns.pert_col)
     columns = columns.model_copy(update={"control_pert": control})
     assignments = assign_files(
@@ -195,10 +197,11 @@ def prepare(
         feats = pert_features
         if isinstance(feats, (str, Path)):
             feats = load_pert_features(feats)
+        kept = [slice(None) if f.dropped is None else ~f.dropped for f in files]
         vocab = Vocab.build(
-            np.concatenate([f.pert for f in files]),
-            np.concatenate([f.cell_type for f in files]),
-            np.concatenate([f.batch for f in files]),
+            np.concatenate([f.pert[k] for f, k in zip(files, kept)]),
+            np.concatenate([f.cell_type[k] for f, k in zip(files, kept)]),
+            np.concatenate([f.batch[k] for f, k in zip(files, kept)]),
             control, features=feats, on_missing_features=on_missing_features,
         )
     np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)

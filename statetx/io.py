@@ -80,6 +80,7 @@ class DataFile:
     path: Path | None = None
     obsm_keys: list[str] = field(default_factory=list)
     uns_log1p: bool = False
+    dropped: np.ndarray | None = None  # rows left out for a missing label (drop_missing_labels)
 
     @property
     def n_obs(self) -> int:
@@ -186,20 +187,36 @@ def _csr_block_reader(group: h5py.Group, width: int):
 
 
 # ---------------------------------------------------------------------- opening inputs
+MISSING_LABEL = "\x00missing"  # the label of a dropped cell (never a real label)
+
+
 def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: str,
-                 batch_col: str | None, label: str | None = None) -> DataFile:
-    """Wrap an in-memory AnnData (labels are copied, the matrix is not)."""
+                 batch_col: str | None, label: str | None = None,
+                 drop_missing: bool = False) -> DataFile:
+    """Wrap an in-memory AnnData (labels are copied, the matrix is not). ``drop_missing``:
+    cells with a missing (NaN) label are left out (said once) instead of being an error."""
     label = label or f"<AnnData '{dataset}'>"
     if adata.n_obs == 0:
         raise DataError(f"{label} has no cells (n_obs = 0).")
     obs = adata.obs
+    cols = [(pert_col, "pert_col"), (cell_type_key, "cell_type_key")] + (
+        [(batch_col, "batch_col")] if batch_col else [])
+    dropped = None
+    if drop_missing:
+        missing = {c: obs[c].isna().to_numpy() for c, _ in cols if c in obs.columns}
+        dropped = np.logical_or.reduce([*missing.values(), np.zeros(adata.n_obs, bool)])
+        if dropped.any():
+            parts = ", ".join(f"obs['{c}']: {int(m.sum())}" for c, m in missing.items() if m.any())
+            print(f"statetx: {label}: {int(dropped.sum())} cells with a missing label are left "
+                  f"out ({parts}).")
+    labels = [obs_labels(obs, c, label, opt, keep=dropped) for c, opt in cols]
     return DataFile(
         dataset=dataset,
         label=label,
-        pert=obs_labels(obs, pert_col, label, "pert_col"),
-        cell_type=obs_labels(obs, cell_type_key, label, "cell_type_key"),
-        batch=(obs_labels(obs, batch_col, label, "batch_col") if batch_col
-               else np.full(adata.n_obs, "0", dtype=object)),
+        pert=labels[0],
+        cell_type=labels[1],
+        batch=labels[2] if batch_col else np.full(adata.n_obs, "0", dtype=object),
+        dropped=dropped if dropped is not None and dropped.any() else None,
         barcodes=np.asarray(adata.obs_names, dtype=object),
         var_names=np.asarray(adata.var_names, dtype=object),
         adata=adata,
@@ -209,38 +226,51 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
 
 
 def open_file(path: Path, dataset: str, pert_col: str, cell_type_key: str,
-              batch_col: str | None) -> DataFile:
+              batch_col: str | None, drop_missing: bool = False) -> DataFile:
     """Open an .h5ad/.h5 file lazily: obs and var are read, matrices stay on disk."""
     try:
         backed = ad.read_h5ad(path, backed="r")
     except Exception as exc:  # noqa: BLE001 - any reader failure is a data problem
         raise DataError(f"could not read {path} as an AnnData file: {exc}") from exc
     try:
-        f = from_anndata(backed, dataset, pert_col, cell_type_key, batch_col, label=Path(path).name)
+        f = from_anndata(backed, dataset, pert_col, cell_type_key, batch_col,
+                         label=Path(path).name, drop_missing=drop_missing)
         f.adata, f.path = None, Path(path)
     finally:
         backed.file.close()
     return f
 
 
-def obs_labels(obs: pd.DataFrame, col: str, where: str, option: str) -> np.ndarray:
-    """A column of obs as an object array of strings; errors for a missing column or NaNs."""
+def obs_labels(obs: pd.DataFrame, col: str, where: str, option: str,
+               keep: np.ndarray | None = None) -> np.ndarray:
+    """A column of obs as an object array of strings; errors for a missing column or NaNs.
+
+    ``keep`` (drop_missing_labels): rows flagged there may be NaN; they get
+    :data:`MISSING_LABEL`.
+    """
     if col not in obs.columns:
         raise DataError(
             f"obs column '{col}' not found in {where} (available: {preview(obs.columns, 12)})."
             f"{did_you_mean(col, obs.columns)} Set {option}."
         )
     s = obs[col]
-    missing = int(s.isna().sum())
-    if missing:
+    isna = s.isna().to_numpy()
+    missing = int(isna.sum())
+    if missing and keep is None:
         raise DataError(
             f"obs['{col}'] has {missing} missing values in {where}. Remove those cells (e.g. "
-            f"adata = adata[adata.obs['{col}'].notna()].copy()) before training."
+            f"adata = adata[adata.obs['{col}'].notna()].copy()) or pass "
+            "drop_missing_labels=True (tx train: data.kwargs.drop_missing_labels=true)."
         )
     if isinstance(s.dtype, pd.CategoricalDtype):
         cats = np.asarray([_label_str(c) for c in s.cat.categories], dtype=object)
-        return cats[s.cat.codes.to_numpy()]
-    return np.asarray([_label_str(v) for v in s.to_numpy()], dtype=object)
+        out = cats[np.maximum(s.cat.codes.to_numpy(), 0)]
+    else:
+        out = np.asarray([MISSING_LABEL if m else _label_str(v)
+                          for v, m in zip(s.to_numpy(), isna)], dtype=object)
+    if missing:
+        out[isna] = MISSING_LABEL
+    return out
 
 
 def _label_str(v: object) -> str:

@@ -135,6 +135,9 @@ class StateTransitionModel(BaseEstimator):
     on_missing_perturbation
         A ``[fewshot]`` entry naming a perturbation no cell of that cell type carries:
         ``error`` (default) or ``warn`` (and ignore it).
+    drop_missing_labels
+        Leave out cells whose perturbation, cell type or batch label is missing (NaN), with a
+        notice (default False: an error naming the column).
     val_subsample_fraction
         Validate on the first ⌈n · fraction⌉ of the n validation parts (dataset, file, cell
         type), sorted (reference semantics; default 1.0 = all).
@@ -204,6 +207,7 @@ class StateTransitionModel(BaseEstimator):
         heldout_controls_in_train: bool = True,
         on_missing_perturbation: str = "error",
         val_subsample_fraction: float = 1.0,
+        drop_missing_labels: bool = False,
         yield_controls: bool = True,
         dtype: str = "float32",
         data_loading: str = "memory",
@@ -252,6 +256,7 @@ class StateTransitionModel(BaseEstimator):
         self.heldout_controls_in_train = heldout_controls_in_train
         self.on_missing_perturbation = on_missing_perturbation
         self.val_subsample_fraction = val_subsample_fraction
+        self.drop_missing_labels = drop_missing_labels
         self.yield_controls = yield_controls
         self.dtype = dtype
         self.data_loading = data_loading
@@ -376,6 +381,7 @@ class StateTransitionModel(BaseEstimator):
             heldout_controls_in_train=self.heldout_controls_in_train,
             on_missing_perturbation=self.on_missing_perturbation,
             val_subsample_fraction=self.val_subsample_fraction,
+            drop_missing_labels=bool(self.drop_missing_labels),
             yield_controls=self.yield_controls, dtype=self.dtype,
         )
         n_train = int(prepared.splits["train"].is_target.sum())

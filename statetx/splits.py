@@ -31,7 +31,7 @@ import pandas as pd
 from statetx._utils import preview
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.errors import ConfigError, DataError
-from statetx.io import DataFile, from_anndata, resolve_control
+from statetx.io import MISSING_LABEL, DataFile, from_anndata, resolve_control
 
 
 @dataclass
@@ -90,6 +90,9 @@ def assign_files(
                         masks[split] |= part | ctrl
             elif training:
                 masks["train"] |= in_ct
+        if f.dropped is not None:  # cells left out for a missing label belong to no split
+            for m in masks.values():
+                m &= ~f.dropped
         _check_control_pools(f, is_ctrl, masks, cell_type_key)
         out.append(Assignment(f, is_ctrl, masks["train"], masks["val"], masks["test"]))
     return out
@@ -188,7 +191,7 @@ def _check_heldout_names(files, config, control_pert, pert_col, cell_type_key, o
             raise DataError(f"dataset '{ds}' is referenced by the split spec but no data was "
                             "given for it.")
         ds_files = by_ds[ds]
-        cts = sorted(set().union(*(set(f.cell_type) for f in ds_files)))
+        cts = sorted(set().union(*(set(f.cell_type) for f in ds_files)) - {MISSING_LABEL})
         zs, fs = config.heldout(ds)
         for section, table in (("zeroshot", zs), ("fewshot", fs)):
             for ct in table:

@@ -264,8 +264,28 @@ def test_nan_labels(col):
     values = a.obs[col].astype(object).to_numpy().copy()  # pandas >= 3: a read-only view
     values[[1, 4]] = np.nan
     a.obs[col] = pd.Categorical(values)
-    with pytest.raises(DataError, match=rf"obs\['{col}'\] has 2 missing values in <AnnData 'd'>"):
+    with pytest.raises(DataError, match=rf"obs\['{col}'\] has 2 missing values in <AnnData 'd'>"
+                                        r".*drop_missing_labels=True"):
         prepare(a, TRAIN, COLS)
+    # drop_missing_labels: those cells are left out (said once), the rest trains unchanged
+    kept = prepare(a, TRAIN, COLS, drop_missing_labels=True)
+    ref = prepare(a[a.obs[col].notna().to_numpy()].copy(), TRAIN, COLS)
+    np.testing.assert_array_equal(kept.splits["train"].X.numpy(), ref.splits["train"].X.numpy())
+    assert kept.vocab.to_dict() == ref.vocab.to_dict()
+    pd.testing.assert_frame_equal(kept.summary, ref.summary)
+
+
+def test_nan_labels_dropped_from_a_file(tmp_path, capsys):
+    a = make_adata()
+    values = a.obs["gene"].astype(object).to_numpy().copy()
+    values[[0, 5, 7]] = np.nan
+    a.obs["gene"] = pd.Categorical(values)
+    write(a, tmp_path / "d" / "x.h5ad")
+    path = toml(tmp_path, '[datasets]\nd = "d"\n[training]\nd = "train"\n')
+    prep = prepare(None, path, COLS, drop_missing_labels=True)
+    assert "3 cells with a missing label are left out (obs['gene']: 3)" in capsys.readouterr().out
+    assert prep.splits["train"].n_obs == a.n_obs - 3
+    assert prep.summary["n_perturbed_cells"].sum() + prep.summary["n_controls"].sum() == a.n_obs - 3
 
 
 def test_obsm_key_absent():

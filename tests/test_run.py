@@ -182,6 +182,12 @@ def test_plan_loss_options_reach_the_estimator(tmp_path):
     assert (cfg["blur"], cfg["decoder_weight"], cfg["mmd_num_chunks"]) == (0.1, 0.3, 2)
     plain = R.plan_training(R.resolve(given[:2]), check_data=False)
     assert plain.params["loss_kwargs"] is None
+    data_keys = R.plan_training(R.resolve([*given[:2], "data.kwargs.drop_missing_labels=true",
+                                           "data.kwargs.val_subsample_fraction=0.5",
+                                           "data.kwargs.on_missing_perturbation=warn"]),
+                                check_data=False).params
+    assert (data_keys["drop_missing_labels"], data_keys["val_subsample_fraction"],
+            data_keys["on_missing_perturbation"]) == (True, 0.5, "warn")
 
 
 def test_plan_batch_col_default_and_required_toml(tmp_path):
