@@ -304,8 +304,10 @@ def _add_evaluate(sp: Any) -> None:
     r.add_argument("--profile", default="full",
                    choices=["full", "minimal", "vcc", "de", "anndata", "pds"])
     _flag(r, "--skip-metrics", help="comma-separated metric names")
-    r.add_argument("--ceiling", action="store_true", help="(not supported yet)")
-    _flag(r, "--ceiling-seed", type=int, default=None, help="(not supported yet)")
+    r.add_argument("--ceiling", action="store_true",
+                   help="also score real against real (random halves of each perturbation): "
+                   "ceiling_results.csv, agg_ceiling_results.csv and the model's fraction of it")
+    _flag(r, "--ceiling-seed", type=int, default=None, help="seed of the halves (default 0)")
     _flag(r, "--cpm-filter", type=float, default=None, help="(not supported yet)")
     r.add_argument("--epsilon", type=float, default=0.0)
     _flag(r, "--batch-size", type=int, default=None, help="accepted; memory only")
@@ -956,10 +958,10 @@ def cmd_evaluate_run(a: argparse.Namespace) -> int:
     evaluate = _evaluate_fn()
     if evaluate is None:
         raise StatetxError("statetx.metrics is not available in this installation.")
-    for flag, val in (("--ceiling", a.ceiling), ("--ceiling-seed", a.ceiling_seed),
-                      ("--cpm-filter", a.cpm_filter)):
-        if val:
-            raise ConfigError(f"{flag} is not supported by statetx yet; leave it out.")
+    if a.cpm_filter:
+        raise ConfigError("--cpm-filter is not supported by statetx yet; leave it out.")
+    if a.ceiling_seed is not None and not a.ceiling:
+        raise UsageError("--ceiling-seed needs --ceiling.")
     for f in (a.adata_pred, a.adata_real):
         if not Path(f).is_file():
             raise UsageError(f"{f}: file not found.")
@@ -974,6 +976,18 @@ def cmd_evaluate_run(a: argparse.Namespace) -> int:
                       epsilon=a.epsilon, de_mode=a.de_mode, align_genes=a.align_genes,
                       shared_only=a.shared_only, batch_size=a.batch_size)
     _print_agg(agg)
+    if a.ceiling:
+        from statetx.metrics import ceiling, fraction_of_ceiling
+
+        _, ceil = ceiling(a.adata_real, pert_col=a.pert_col, control_pert=a.control_pert,
+                          celltype_col=a.celltype_col, seed=a.ceiling_seed or 0, outdir=a.outdir,
+                          profile=a.profile, embed_key=a.embed_key, skip_metrics=skip,
+                          num_threads=a.num_threads, allow_discrete=a.allow_discrete,
+                          epsilon=a.epsilon, de_mode=a.de_mode, shared_only=a.shared_only)
+        frac = fraction_of_ceiling(agg, ceil)
+        if len(frac.columns):
+            _say("fraction of the data ceiling (correlation metrics):\n"
+                 + frac.to_string(index=False))
     _say(f"results written to {a.outdir}")
     return EXIT_OK
 

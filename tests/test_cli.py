@@ -225,14 +225,17 @@ def test_evaluate_commands(run, tmp_path):
     out = tmp_path / "ev"
     assert main(["evaluate", "run", "-ap", str(ev / "adata_pred.h5ad"), "-ar",
                  str(ev / "adata_real.h5ad"), "--control-pert", "ctrl", "--pert_col", "gene",
-                 "-o", str(out), "--profile", "minimal", "--batch-size", "100"]) == 0
+                 "-o", str(out), "--profile", "minimal", "--batch-size", "100",
+                 "--ceiling"]) == 0
     assert (out / "results.csv").is_file() and (out / "agg_results.csv").is_file()
+    assert (out / "ceiling_results.csv").is_file()
+    assert (out / "agg_ceiling_results.csv").is_file()
     assert main(["evaluate", "score", "-i", str(out / "agg_results.csv"), "-I",
                  str(out / "agg_results.csv"), "-o", str(tmp_path / "score.csv")]) == 0
     assert main(["evaluate", "baseline", "-a", str(ev / "adata_real.h5ad"), "--pert-col",
                  "gene", "--control-pert", "ctrl", "-o", str(tmp_path / "b.h5ad")]) == 0
     assert (tmp_path / "b.h5ad").is_file()
-    assert main(["evaluate", "run", "-ap", "x.h5ad", "-ar", "y.h5ad", "--ceiling"]) == 2
+    assert main(["evaluate", "run", "-ap", "x.h5ad", "-ar", "y.h5ad", "--ceiling-seed", "1"]) == 2
 
 
 # ------------------------------------------------------------------------------ errors

@@ -1,0 +1,100 @@
+"""The data ceiling (cell-eval 0.8.2 ``--ceiling``, spec metrics.md §9).
+
+Each perturbation's (and the control's) real cells are split at random into two disjoint halves
+of ⌊n/2⌋ cells and the metrics are computed half against half: how well a perfect model could
+score given the data's own noise. ``ceiling_results.csv`` holds the per-perturbation values;
+``agg_ceiling_results.csv`` one row (per cell type): for the correlation-type (reliability)
+metrics, the mean over perturbations r mapped by Spearman–Brown 2r / (1 + r) (r > 0; NaN
+otherwise), since each half has half the cells; NaN for the other metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from statetx.metrics._inputs import check_obs_col, load
+from statetx.metrics._table import atomic_write
+
+# metrics whose value is a correlation, to which Spearman–Brown applies
+RELIABILITY_METRICS = ("pearson_delta", "de_spearman_sig", "de_spearman_lfc_sig",
+                       "pearson_edistance")
+
+
+def split_halves(real: ad.AnnData, pert_col: str, celltype_col: str | None = None,
+                 seed: int = 0) -> tuple[ad.AnnData, ad.AnnData]:
+    """Two disjoint random halves (⌊n/2⌋ cells each) of every (cell type,) perturbation group."""
+    check_obs_col(real, pert_col, "real data", "perturbation")
+    keys = real.obs[pert_col].astype(str)
+    if celltype_col is not None:
+        check_obs_col(real, celltype_col, "real data", "cell type")
+        keys = real.obs[celltype_col].astype(str) + "\x00" + keys
+    rng = np.random.default_rng(int(seed))
+    first, second = [], []
+    for _, rows in sorted(pd.Series(np.arange(real.n_obs)).groupby(keys.to_numpy()).groups.items()):
+        rows = rng.permutation(np.asarray(rows))
+        half = len(rows) // 2
+        first.append(rows[:half])
+        second.append(rows[half:2 * half])
+    a, b = np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
+    return real[a].copy(), real[b].copy()
+
+
+def ceiling(adata_real: ad.AnnData | str | Path, pert_col: str = "target_gene",
+            control_pert: str = "non-targeting", celltype_col: str | None = None, *,
+            seed: int = 0, outdir: str | Path | None = None,
+            **evaluate_options: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The metrics of real cells against real cells: ``(results, agg)``.
+
+    ``results``: per perturbation, as :func:`statetx.metrics.evaluate` (half against half);
+    ``agg``: one row (per cell type) with the Spearman–Brown-corrected mean of each
+    correlation-type metric and NaN for the others. ``outdir`` receives
+    ``ceiling_results.csv`` and ``agg_ceiling_results.csv``; ``evaluate_options`` go to
+    :func:`~statetx.metrics.evaluate` (profile, skip_metrics, ...).
+    """
+    from statetx.metrics.evaluate import evaluate
+
+    real = load(adata_real, "real data")
+    a, b = split_halves(real, pert_col, celltype_col, seed)
+    results, _ = evaluate(a, b, pert_col=pert_col, control_pert=control_pert,
+                          celltype_col=celltype_col, **evaluate_options)
+    agg = _spearman_brown(results, celltype_col is not None)
+    if outdir is not None:
+        out = Path(outdir)
+        atomic_write(out / "ceiling_results.csv", lambda p: results.to_csv(p, index=False))
+        atomic_write(out / "agg_ceiling_results.csv", lambda p: agg.to_csv(p, index=False))
+    return results, agg
+
+
+def _spearman_brown(results: pd.DataFrame, by_celltype: bool) -> pd.DataFrame:
+    metrics = [c for c in results.columns if c not in ("celltype", "perturbation")]
+    groups = results.groupby("celltype", sort=True) if by_celltype else [(None, results)]
+    rows = []
+    for ct, part in groups:
+        row: dict[str, Any] = {} if ct is None else {"celltype": ct}
+        for m in metrics:
+            r = float(pd.to_numeric(part[m], errors="coerce").mean())
+            row[m] = 2 * r / (1 + r) if m in RELIABILITY_METRICS and r > 0 else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fraction_of_ceiling(agg: pd.DataFrame, ceiling_agg: pd.DataFrame) -> pd.DataFrame:
+    """A model's mean scores (its ``agg`` table from :func:`~statetx.metrics.evaluate`) as a
+    fraction of the ceiling, for the correlation-type metrics (per cell type when both have one)."""
+    means = agg[agg["statistic"] == "mean"].drop(columns="statistic")
+    key = ["celltype"] if "celltype" in means.columns and "celltype" in ceiling_agg else []
+    cols = [m for m in RELIABILITY_METRICS if m in means.columns and m in ceiling_agg.columns]
+    if key:
+        merged = means[key + cols].merge(ceiling_agg[key + cols], on=key, suffixes=("", "_c"))
+    else:
+        merged = pd.concat([means[cols].reset_index(drop=True),
+                            ceiling_agg[cols].add_suffix("_c").reset_index(drop=True)], axis=1)
+    out = merged[key].copy() if key else pd.DataFrame(index=merged.index)
+    for m in cols:
+        out[m] = merged[m].astype(float) / merged[f"{m}_c"].astype(float)
+    return out
