@@ -313,7 +313,9 @@ def _add_evaluate(sp: Any) -> None:
     _flag(r, "--batch-size", type=int, default=None, help="accepted; memory only")
     _flag(r, "--align-genes", action="store_true")
     _flag(r, "--shared-only", action="store_true")
-    _flag(r, "--de-mode", default="pdex-0.3")
+    _flag(r, "--de-mode", default="pdex-0.3", choices=["pdex-0.3", "vcc-2025"],
+          help="DE semantics: cell-eval 0.8.2 (default) or 2025's (global BH, clipped fold "
+          "change), to reproduce Virtual Cell Challenge numbers")
     r.set_defaults(func=cmd_evaluate_run)
     b = _sub(evs, "baseline", "the cell-mean baseline (VCC)")
     b.add_argument("-a", "--adata", required=True)

@@ -84,3 +84,33 @@ def test_epsilon():
     x, lab = _data(5)
     de = wilcoxon_de(x, lab, "ctrl", epsilon=1e-9)
     assert np.isfinite(de["log2_fold_change"]).all()
+
+
+def test_vcc_2025_mode_matches_scipy_auto_and_global_bh():
+    """de_mode "vcc-2025" (cell-eval <= 0.6.7): SciPy's method="auto" p-values (exact for a
+    group of <= 8 cells without ties), BH over every row at once, clipped fold changes."""
+    x, lab = _data(2, zeros=0.3)
+    x[lab == "C", 10] = np.arange(7) + 100.0  # gene 10: no ties with the 7-cell group C ...
+    x[lab == "ctrl", 10] = np.arange(60) * 0.5 + 0.01
+    de = wilcoxon_de(x, lab, "ctrl", num_threads=2, mode="vcc-2025")
+    p = []
+    for t in ("A", "B", "C"):
+        sub = de[de["target"] == t]
+        xt, xc = x[lab == t].astype(np.float64), x[lab == "ctrl"].astype(np.float64)
+        r = np.array([mannwhitneyu(xt[:, g], xc[:, g], method="auto").pvalue  # gene by gene
+                      for g in range(x.shape[1])])
+        np.testing.assert_allclose(sub["p_value"], r, rtol=1e-6, atol=1e-300)
+        p.append(r)
+    exact = de[(de["target"] == "C")]["p_value"].to_numpy()[10]
+    asymptotic = wilcoxon_de(x, lab, "ctrl", num_threads=2)
+    assert exact != asymptotic[asymptotic["target"] == "C"]["p_value"].to_numpy()[10]
+    np.testing.assert_allclose(de["fdr"], false_discovery_control(np.concatenate(p)),
+                               rtol=1e-6)
+    # fold changes: ratio of expm1 means, with 0 clipped to 20 / 1/20 and 0/0 = 1
+    zero = np.zeros((4, 3), dtype=np.float32)
+    zero[2:, 0] = 1.0  # gene 0: target > 0, control 0 -> log2(20)
+    zero[:2, 1] = 1.0  # gene 1: target 0, control > 0 -> log2(1/20); gene 2: both 0 -> 0
+    clipped = wilcoxon_de(zero, np.array(["c", "c", "t", "t"]), "c", mode="vcc-2025")
+    np.testing.assert_allclose(clipped["log2_fold_change"], [np.log2(20), -np.log2(20), 0.0])
+    with pytest.raises(Exception, match="de_mode 'vcc-2024' is not supported"):
+        wilcoxon_de(zero, np.array(["c", "c", "t", "t"]), "c", mode="vcc-2024")

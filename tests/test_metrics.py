@@ -195,3 +195,15 @@ def test_sparse_input_gives_the_same_results(real, pred):
     sparse, _ = evaluate(p, r, profile="full", skip_metrics=["clustering_agreement"],
                          num_threads=1)
     pd.testing.assert_frame_equal(dense, sparse, atol=1e-6, rtol=0)
+
+
+def test_de_mode_vcc_2025_is_recorded_and_changes_fdr(real, pred, tmp_path):
+    res, agg = evaluate(pred, real[0], profile="minimal", num_threads=1)
+    res25, _ = evaluate(pred, real[0], profile="minimal", num_threads=1, de_mode="vcc-2025",
+                        outdir=tmp_path)
+    assert res.attrs["de_mode"] == "pdex-0.3" and res25.attrs["de_mode"] == "vcc-2025"
+    assert (tmp_path / "de_mode.txt").read_text().strip() == "vcc-2025"
+    # global BH over all perturbations is stricter: no more significant genes than per target
+    assert (res25["de_nsig_counts_real"] <= res["de_nsig_counts_real"]).all()
+    with pytest.raises(ConfigError, match="de_mode 'x' is not supported"):
+        evaluate(pred, real[0], profile="minimal", de_mode="x")

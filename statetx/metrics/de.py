@@ -24,6 +24,7 @@ from scipy.special import ndtr
 
 from statetx.errors import ConfigError, DataError
 
+DE_MODES = ("pdex-0.3", "vcc-2025")
 DE_COLUMNS = [
     "target", "feature", "target_mean", "ref_mean", "target_membership", "ref_membership",
     "log2_fold_change", "percent_change", "p_value", "statistic", "fdr",
@@ -292,6 +293,23 @@ def mwu_pvalues(rs: RankSums) -> np.ndarray:
     return np.clip(np.nan_to_num(p, nan=1.0), 0.0, 1.0)
 
 
+def _exact_small_groups(pvals: np.ndarray, X, codes: np.ndarray, rs: RankSums) -> None:
+    """SciPy's ``method="auto"``: exact two-sided p-values when a group has at most 8 cells and
+    the gene has no ties (in place; rare in single-cell data, where zeros tie)."""
+    small = np.flatnonzero((rs.n1 <= 8) | (rs.n2 <= 8))
+    if not len(small):
+        return
+    from scipy.stats import mannwhitneyu
+
+    ctrl = np.asarray(X[codes == 0].todense() if sp.issparse(X) else X[codes == 0])
+    for t in small:
+        cells = np.asarray(X[codes == t + 1].todense() if sp.issparse(X) else X[codes == t + 1])
+        for g in range(pvals.shape[1]):
+            x, y = cells[:, g], ctrl[:, g]
+            if len(np.unique(np.concatenate([x, y]))) == len(x) + len(y):
+                pvals[t, g] = mannwhitneyu(x, y, alternative="two-sided", method="exact").pvalue
+
+
 def bh_fdr(p: np.ndarray) -> np.ndarray:
     """Benjamini–Hochberg adjusted p-values along the last axis (each row separately)."""
     p = np.atleast_2d(np.asarray(p, dtype=np.float64))
@@ -340,13 +358,20 @@ def wilcoxon_de(
     epsilon: float = 0.0,
     num_threads: int | None = None,
     means: np.ndarray | None = None,
+    mode: str = "pdex-0.3",
 ) -> pd.DataFrame:
     """DE table of every non-control label against ``control`` (pdex 0.3.0 semantics).
 
     ``X`` is log1p expression (cells × genes); ``labels`` the perturbation of every cell. Targets
     are sorted, rows within a target follow the gene order. ``means`` may pass precomputed group
     means in the order ``[control] + sorted(targets)``. Columns: :data:`DE_COLUMNS`.
+    ``mode="vcc-2025"`` reproduces cell-eval ≤ 0.6.7 (the Virtual Cell Challenge 2025, spec
+    metrics.md §11): SciPy's ``method="auto"`` (exact p-values when a group has at most 8
+    cells and the gene no ties), Benjamini–Hochberg over all (perturbation, gene) rows at
+    once, and fold changes clipped (reference mean 0 → 20, target mean 0 → 1/20, both 0 → 1).
     """
+    if mode not in DE_MODES:
+        raise ConfigError(f"de_mode {mode!r} is not supported; use one of {list(DE_MODES)}")
     labels = np.asarray(labels).astype(str)
     if labels.shape[0] != X.shape[0]:
         raise DataError(f"labels has {labels.shape[0]} entries but X has {X.shape[0]} rows")
@@ -363,7 +388,11 @@ def wilcoxon_de(
         return pd.DataFrame({c: [] for c in DE_COLUMNS})
     rs = rank_sums(X, codes, len(order), num_threads=num_threads)
     pvals = mwu_pvalues(rs)
-    fdr = bh_fdr(pvals)
+    if mode == "vcc-2025":
+        _exact_small_groups(pvals, X, codes, rs)
+        fdr = bh_fdr(pvals.reshape(1, -1)).reshape(pvals.shape)  # one family: every row
+    else:
+        fdr = bh_fdr(pvals)
     if means is None:
         means = group_means(X, codes, len(order))
     expm = np.expm1(np.asarray(means, dtype=np.float64)).astype(np.float32)
@@ -376,6 +405,11 @@ def wilcoxon_de(
         pc = (t64 - r64) / (r64 + epsilon)
     lfc = np.where((t64 + epsilon == 0) & (r64 + epsilon == 0), 0.0, lfc)
     pc = np.where((t64 - r64 == 0) & (r64 + epsilon == 0), 0.0, pc)
+    if mode == "vcc-2025":  # the clipped fold change of cell-eval <= 0.6.7
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fc = np.where(r64 == 0, np.where(t64 == 0, 1.0, 20.0),
+                          np.where(t64 == 0, 1.0 / 20.0, t64 / r64))
+            lfc = np.nan_to_num(np.log2(fc), nan=0.0)
     n_t = len(targets)
     return pd.DataFrame({
         "target": np.repeat(np.asarray(targets, dtype=object), n_genes),

@@ -17,7 +17,7 @@ from statetx.errors import ConfigError, DataError
 from statetx.metrics import expression as ex
 from statetx.metrics._inputs import align_pair, check_scale, load
 from statetx.metrics._table import MetricTable, atomic_write_text, write_agg, write_de_csv
-from statetx.metrics.de import group_means, wilcoxon_de
+from statetx.metrics.de import DE_MODES, group_means, wilcoxon_de
 from statetx.metrics.de_metrics import check_de_table, de_metrics
 
 DE_METRICS = [
@@ -40,7 +40,6 @@ PROFILES: dict[str, list[str]] = {
     "de": list(DE_METRICS),
     "anndata": list(ANNDATA_METRICS),
 }
-DE_MODES = ("pdex-0.3",)
 
 
 @dataclass
@@ -82,6 +81,7 @@ def _evaluate_one(
     de_real: pd.DataFrame | None,
     num_threads: int | None,
     epsilon: float,
+    de_mode: str = "pdex-0.3",
 ) -> EvalOutput:
     pl = pred.obs[pert_col].astype(str).to_numpy()
     rl = real.obs[pert_col].astype(str).to_numpy()
@@ -102,10 +102,10 @@ def _evaluate_one(
     if needs_de:
         if real_de is None:
             real_de = wilcoxon_de(Xr, rl, control_pert, genes, epsilon=epsilon,
-                                  num_threads=num_threads, means=mr)
+                                  num_threads=num_threads, means=mr, mode=de_mode)
         if pred_de is None:
             pred_de = wilcoxon_de(Xp, pl, control_pert, genes, epsilon=epsilon,
-                                  num_threads=num_threads, means=mp)
+                                  num_threads=num_threads, means=mp, mode=de_mode)
         de_vals = de_metrics(real_de, pred_de, perts)
         for m in metrics:
             if m == "de_nsig_counts":
@@ -230,7 +230,8 @@ def evaluate(
             raise DataError(f"supplied DE tables have different targets: only in pred "
                             f"{sorted(tp - tr)[:10]}, only in real {sorted(tr - tp)[:10]}")
     kw = dict(pert_col=pert_col, control_pert=control_pert, metrics=metrics, embed_key=embed_key,
-              de_pred=dp, de_real=dr, num_threads=num_threads, epsilon=epsilon)
+              de_pred=dp, de_real=dr, num_threads=num_threads, epsilon=epsilon,
+              de_mode=de_mode)
     outputs: list[tuple[str | None, EvalOutput]] = []
     if celltype_col is None:
         outputs.append((None, _evaluate_one(p, r, **kw)))
@@ -246,6 +247,8 @@ def evaluate(
             outputs.append((ct, _evaluate_one(sub_p, sub_r, **kw)))
     if outdir is not None:
         _write(Path(outdir), outputs)
+        if de_mode != "pdex-0.3":  # numbers of another era: say so next to them
+            atomic_write_text(Path(outdir) / "de_mode.txt", f"{de_mode}\n")
     res_parts, agg_parts = [], []
     for ct, out in outputs:
         res = out.table.to_frame()
@@ -262,6 +265,7 @@ def evaluate(
     results = pd.concat(res_parts, ignore_index=True)
     agg = pd.concat(agg_parts, ignore_index=True)
     results.attrs["skipped_metrics"] = skipped
+    results.attrs["de_mode"] = agg.attrs["de_mode"] = de_mode
     return results, agg
 
 
