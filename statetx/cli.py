@@ -171,7 +171,7 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     pr.add_argument("--checkpoint", help="file name in checkpoints/ or a path (default "
                     "final.ckpt, else last.ckpt)")
     pr.add_argument("--profile", default="full",
-                    choices=["full", "minimal", "vcc", "de", "anndata", "pds"])
+                    choices=["full", "minimal", "vcc", "de", "anndata", "pds", "extended"])
     _flag(pr, "--predict-only", action="store_true", help="write AnnData outputs, skip metrics")
     _flag(pr, "--test-time-finetune", type=int, default=0, metavar="STEPS",
           help="before predicting, fine-tune this many steps (Adam, lr 1e-5) on sets of the "
@@ -302,7 +302,7 @@ def _add_evaluate(sp: Any) -> None:
     _flag(r, "--num-threads", type=int, default=None)
     _flag(r, "--allow-discrete", action="store_true")
     r.add_argument("--profile", default="full",
-                   choices=["full", "minimal", "vcc", "de", "anndata", "pds"])
+                   choices=["full", "minimal", "vcc", "de", "anndata", "pds", "extended"])
     _flag(r, "--skip-metrics", help="comma-separated metric names")
     r.add_argument("--ceiling", action="store_true",
                    help="also score real against real (random halves of each perturbation): "

@@ -207,3 +207,24 @@ def test_de_mode_vcc_2025_is_recorded_and_changes_fdr(real, pred, tmp_path):
     assert (res25["de_nsig_counts_real"] <= res["de_nsig_counts_real"]).all()
     with pytest.raises(ConfigError, match="de_mode 'x' is not supported"):
         evaluate(pred, real[0], profile="minimal", de_mode="x")
+
+
+def test_extended_profile_extras(real, pred):
+    """pearson_delta_centroid and centroid_accuracy (statetx extras, metrics.md §12)."""
+    res, _ = evaluate(real[0], real[0].copy(), profile="extended", num_threads=1,
+                      skip_metrics=["clustering_agreement", "pearson_edistance"])
+    assert np.allclose(res["pearson_delta_centroid"], 1.0)
+    assert (res["centroid_accuracy"] == 1.0).all()
+    # a prediction that only gets the shared perturbed-vs-control shift right
+    x = real[0].copy()
+    labels = x.obs["target_gene"].astype(str).to_numpy()
+    ctrl = labels == "non-targeting"
+    shared = np.asarray(x.X[~ctrl]).mean(0)
+    x.X = np.asarray(x.X, dtype=np.float32)
+    x.X[~ctrl] = shared
+    shift, _ = evaluate(x, real[0], profile="extended", num_threads=1,
+                        skip_metrics=["clustering_agreement", "pearson_edistance"])
+    assert shift["pearson_delta"].mean() > 0.3  # against the control, the shift scores
+    assert shift["pearson_delta_centroid"].isna().all()  # against the centroids: nothing
+    assert "pearson_delta_centroid" not in evaluate(pred, real[0], profile="full",
+                                                    num_threads=1)[0].columns

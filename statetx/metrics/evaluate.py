@@ -31,8 +31,11 @@ ANNDATA_METRICS = [
     "discrimination_score_l2", "discrimination_score_cosine", "pearson_edistance",
     "clustering_agreement",
 ]
+# statetx extras (not in cell-eval, metrics.md §12): only in the "extended" profile
+EXTRA_METRICS = ["pearson_delta_centroid", "centroid_accuracy"]
 PROFILES: dict[str, list[str]] = {
     "full": DE_METRICS + ANNDATA_METRICS,
+    "extended": DE_METRICS + ANNDATA_METRICS + EXTRA_METRICS,
     "minimal": ["overlap_at_N", "precision_at_N", "de_nsig_counts", "pearson_delta", "mse", "mae",
                 "discrimination_score_l1"],
     "vcc": ["overlap_at_N", "mae", "discrimination_score_l1"],
@@ -129,6 +132,10 @@ def _evaluate_one(
         try:
             if m == "pearson_delta":
                 v = ex.pearson_delta(dp, dr)
+            elif m == "pearson_delta_centroid":
+                v = ex.pearson_delta_centroid(bp[1:], br[1:])
+            elif m == "centroid_accuracy":
+                v = ex.centroid_accuracy(bp[1:], br[1:])
             elif m == "mse":
                 v = ex.mean_sq(bp[1:], br[1:])
             elif m == "mae":

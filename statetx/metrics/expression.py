@@ -24,6 +24,24 @@ def pearson_delta(d_pred: np.ndarray, d_real: np.ndarray) -> np.ndarray:
     return np.array([_pearson(p, r) for p, r in zip(d_pred, d_real)])
 
 
+def pearson_delta_centroid(pred: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """Per-perturbation Pearson r of the deviations from the mean of all perturbation
+    centroids (each side its own), instead of from the control: a shift shared by every
+    perturbation (perturbed vs control) earns nothing (statetx extra, metrics.md §12)."""
+    p = np.asarray(pred, dtype=np.float64)
+    r = np.asarray(real, dtype=np.float64)
+    return pearson_delta(p - p.mean(axis=0), r - r.mean(axis=0))
+
+
+def centroid_accuracy(pred: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """1.0 where a perturbation's predicted pseudobulk is closer (Euclidean) to its own real
+    centroid than to any other perturbation's, else 0.0 (statetx extra, metrics.md §12)."""
+    p = np.asarray(pred, dtype=np.float64)
+    r = np.asarray(real, dtype=np.float64)
+    d = ((p * p).sum(1)[:, None] - 2.0 * p @ r.T + (r * r).sum(1)[None, :])
+    return (np.argmin(d, axis=1) == np.arange(len(p))).astype(np.float64)
+
+
 def mean_sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-row mean squared difference."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
