@@ -898,10 +898,13 @@ def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedDa
     out.mkdir(parents=True, exist_ok=True)
     v = model.vocab_
     atomic_write_text(out / "vocab.json", json.dumps(v.to_dict(), indent=1))
+    from statetx.io import feature_names
+
+    first = prepared.files[0]  # the reference's meaning (data.md §8): genes in X, X_hvg's width
     var_dims = {
         "input_dim": prepared.input_dim, "output_dim": prepared.input_dim,
-        "gene_dim": prepared.gene_dim or prepared.input_dim,
-        "hvg_dim": prepared.input_dim if model.columns_.embed_key == "X_hvg" else 0,
+        "gene_dim": len(first.var_names),
+        "hvg_dim": len(feature_names(first, "X_hvg")) if "X_hvg" in first.obsm_keys else 0,
         "pert_dim": v.pert_dim, "batch_dim": len(v.batches),
         "gene_names": prepared.gene_names or prepared.feature_names,
         "pert_names": v.perturbations,

@@ -65,7 +65,7 @@ def run(data, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ train
-def test_train_writes_run_directory(run):
+def test_train_writes_run_directory(run, data):
     import torch
 
     from statetx.run import read_config, read_run_info
@@ -78,6 +78,13 @@ def test_train_writes_run_directory(run):
         assert "statetx_model" in ckpt
     cfg = read_config(run / "config.yaml")
     assert cfg["model"]["name"] == "state_sm" and cfg["data"]["kwargs"]["embed_key"] == "X_hvg"
+    import json
+
+    import anndata as ad
+
+    dims = json.loads((run / "var_dims.json").read_text())
+    src = ad.read_h5ad(data / "data.h5ad")  # the reference's meaning: genes in X, X_hvg's width
+    assert (dims["gene_dim"], dims["hvg_dim"]) == (src.n_vars, src.obsm["X_hvg"].shape[1])
     assert cfg["model"]["kwargs"]["hidden_dim"] == 32 and cfg["training"]["max_steps"] == 4
     info = read_run_info(run)
     assert info["final_step"] == 4 and info["command"][:3] == ["statetx", "tx", "train"]
