@@ -39,6 +39,7 @@ from statetx.predict import (
     clip_range,
     encode_batches,
     encode_perturbations,
+    hvg_names,
     run_groups,
 )
 from statetx.presets import build_network_config, describe, resolve_architecture
@@ -365,9 +366,11 @@ class StateTransitionModel(BaseEstimator):
         """
         self._check_params()
         out = Path(output_dir) if output_dir is not None else None
-        if out is not None and resume_from is None:
+        if out is not None:
             from statetx.run import looks_like_run
 
+            if out.exists() and not out.is_dir():
+                raise ConfigError(f"output_dir {out} is a file; give a folder.")
             if out.is_dir() and any(out.iterdir()) and not looks_like_run(out):
                 raise ConfigError(f"output_dir {out} holds files that are not a statetx run; "
                                   "choose an empty or new folder (nothing was written).")
@@ -430,6 +433,14 @@ class StateTransitionModel(BaseEstimator):
         if stream is not None and verbose:
             print(f"statetx: {samplers['train'].describe()}")
         previous = {k: v for k, v in vars(self).items() if k.endswith("_") or k == "_prepared"}
+        # a fresh run (not resumed; the CLI prepares its own folder) starts in an empty folder;
+        # an earlier run there is set aside until this one has written a checkpoint
+        fresh = (out is not None and resume_from is None and rank == 0
+                 and getattr(self, "_run_config", None) is None)
+        if fresh:
+            from statetx.run import has_checkpoints, set_aside, settle_aside
+
+            existed, aside = out.is_dir(), set_aside(out)
         try:  # a failed fit leaves the estimator as it was (fitted or not)
             self._set_fitted(network, net_cfg, vocab, prepared, set_len)
             self.preset_, self.train_settings_ = preset, settings
@@ -449,7 +460,11 @@ class StateTransitionModel(BaseEstimator):
             for k in [k for k in vars(self) if k.endswith("_") or k == "_prepared"]:
                 delattr(self, k)
             vars(self).update(previous)
+            if fresh:
+                settle_aside(out, aside, has_checkpoints(out), existed)
             raise
+        if fresh:
+            settle_aside(out, aside, True, existed)
         self.training_time_ = time.perf_counter() - t0
         self.history_ = _history_frame(history)
         self.device_ = trainer.device
@@ -845,24 +860,39 @@ class StateTransitionModel(BaseEstimator):
             src_rows != np.arange(adata.n_obs)).any() else adata.copy()
         out.obs = obs
 
-        def place(x: np.ndarray, key: str | None, fallback: str) -> None:
-            if key is None and x.shape[1] == out.n_vars:
-                out.X = x
-            elif key is not None and key in out.obsm and np.shape(out.obsm[key])[1] == x.shape[1]:
-                out.obsm[key] = x
-            else:
+        def place(x: np.ndarray, names: list[str] | None, key: str | None,
+                  fallback: str) -> None:
+            """Into X (key None) or obsm[key] when it has x's width, columns matched by gene
+            name where both sides have names (else by position); otherwise obsm[fallback]."""
+            if key is None:
+                width, dest = out.n_vars, list(map(str, out.var_names))
+            elif key in out.obsm:
+                width = np.shape(out.obsm[key])[1]
+                dest = hvg_names(out) if key == "X_hvg" else None
+            else:  # a new obsm entry
+                width, dest = x.shape[1], None
+            if width == x.shape[1] and names is not None and dest is not None:
+                pos = pd.Index(dest).get_indexer(names)
+                if (pos >= 0).all() and len(set(pos)) == len(pos):
+                    x = x[:, np.argsort(pos)]  # the destination's column order
+                else:
+                    width = -1  # other genes: never write them under the wrong names
+            if width != x.shape[1]:
                 out.obsm[fallback] = x
+            elif key is None:
+                out.X = x
+            else:
+                out.obsm[key] = x
 
         pred = res["pred"]
         if res["counts"] is None and rng is not None:
             pred = np.clip(pred, *rng)
-        place(pred, c.embed_key, f"{c.embed_key}_pred" if c.embed_key else "X_state_pred")
+        place(pred, list(self.var_names_) if self._expression_output else None, c.embed_key,
+              f"{c.embed_key}_pred" if c.embed_key else "X_state_pred")
         if res["counts"] is not None:
             counts = res["counts"] if rng is None else np.clip(res["counts"], *rng)
-            if c.output_space == "all":
-                place(counts, None, "X_pred")
-            else:
-                out.obsm["X_hvg"] = counts
+            place(counts, self.gene_names_, None if c.output_space == "all" else "X_hvg",
+                  "X_pred" if c.output_space == "all" else "X_hvg_pred")
         return out
 
     def predict_split(self, split: str = "test", *, seed: int = 42, clip: Any = "auto",

@@ -191,10 +191,7 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
         return m
     names, matrix, where = list(map(str, adata.var_names)), adata.X, "X"
     if embed_key == "X_hvg" and "X_hvg" in adata.obsm:
-        if "X_hvg_var_names" in adata.uns:
-            names = list(map(str, adata.uns["X_hvg_var_names"]))
-        elif "highly_variable" in adata.var:
-            names = list(map(str, adata.var_names[adata.var["highly_variable"].to_numpy(bool)]))
+        names = hvg_names(adata) or names
         matrix, where = adata.obsm["X_hvg"], "obsm['X_hvg']"
     index = pd.Index(names)
     if index.has_duplicates:
@@ -218,6 +215,16 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
     out = np.asarray(sub.toarray() if sp.issparse(sub) else sub, dtype=np.float32)
     out[:, pos < 0] = 0.0
     return out
+
+
+def hvg_names(adata: ad.AnnData) -> list[str] | None:
+    """Gene names of the columns of ``obsm['X_hvg']``: ``uns['X_hvg_var_names']`` or the genes
+    flagged in ``var['highly_variable']`` (None when neither is there)."""
+    if "X_hvg_var_names" in adata.uns:
+        return list(map(str, adata.uns["X_hvg_var_names"]))
+    if "highly_variable" in adata.var:
+        return list(map(str, adata.var_names[adata.var["highly_variable"].to_numpy(bool)]))
+    return None
 
 
 def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input") -> None:

@@ -667,16 +667,40 @@ class TrainPlan:
 def finish_replacement(plan: TrainPlan, started: bool) -> None:
     """After ``overwrite=true``: delete the earlier run once the new one has started training
     (it has checkpoints), else remove the new folder and put the earlier run back."""
-    old = plan.replaced
-    if old is None or not old.exists():
-        return
-    if started:
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        shutil.rmtree(plan.run_dir, ignore_errors=True)
-        old.rename(plan.run_dir)
-        print(f"statetx: the new run failed before training; {plan.run_dir} is as it was.")
+    if plan.replaced is not None and plan.replaced.exists():
+        settle_aside(plan.run_dir, plan.replaced, started, existed=True)
     plan.replaced = None
+
+
+def set_aside(folder: Path) -> Path | None:
+    """Move a non-empty ``folder`` to a hidden sibling (see :func:`settle_aside`)."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    aside = folder.with_name(f".{folder.name}.replaced-{os.getpid()}")
+    shutil.rmtree(aside, ignore_errors=True)
+    folder.rename(aside)
+    return aside
+
+
+def settle_aside(folder: Path, aside: Path | None, started: bool, existed: bool) -> None:
+    """After a new run in ``folder``: when it started training (wrote checkpoints), delete the
+    earlier run set aside; otherwise remove what the new run wrote and put the earlier run
+    (or the empty folder that was there) back."""
+    if started:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    if aside is not None and aside.exists():
+        aside.rename(folder)
+        print(f"statetx: the new run failed before training; {folder} is as it was.")
+    elif existed:
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def has_checkpoints(folder: Path) -> bool:
+    """Whether a run folder holds a checkpoint (training has started)."""
+    return any((Path(folder) / CHECKPOINT_DIR).glob("*.ckpt"))
 
 
 def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
@@ -990,12 +1014,10 @@ def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
         if cfg["overwrite"]:
             if any(run.iterdir()) and not looks_like_run(run):
                 raise ConfigError(f"overwrite=true would delete {run}, which does not look like a "
-                                  "statetx run directory (no config.yaml, statetx_run.json or "
-                                  "checkpoints/); choose another output_dir/name.")
+                                  "statetx run directory (no statetx_run.json or vocab.json); "
+                                  "choose another output_dir/name.")
             # set aside, deleted once the new run has passed its checks (see finish_replacement)
-            plan.replaced = run.with_name(f".{run.name}.replaced-{os.getpid()}")
-            shutil.rmtree(plan.replaced, ignore_errors=True)
-            run.rename(plan.replaced)
+            plan.replaced = set_aside(run)
             print(f"statetx: overwrite=true: the existing run {run} is replaced (kept aside "
                   "until the new run's checks pass)")
         elif (run / CHECKPOINT_DIR / "last.ckpt").is_file():
@@ -1041,8 +1063,9 @@ def finish_run(run_dir: Path, model: StateTransitionModel, seconds: float) -> No
 
 
 def looks_like_run(run: Path) -> bool:
-    """Whether a folder holds a statetx run (its configuration, run record or checkpoints)."""
-    return any((run / n).exists() for n in (CONFIG_FILE, RUN_INFO_FILE, CHECKPOINT_DIR))
+    """Whether a folder holds a statetx run: its run record or vocabulary (a ``config.yaml``
+    or ``checkpoints/`` alone may be an arc-state run or anything else)."""
+    return any((run / n).exists() for n in (RUN_INFO_FILE, "vocab.json"))
 
 
 def config_differences(saved: Mapping, current: Mapping) -> list[str]:

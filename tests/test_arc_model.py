@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import FIXTURES, need
 
@@ -113,3 +114,16 @@ def test_arc_layout_places_predictions_where_arc_state_does(model_a):
     kept = model_a.predict(inp, keep_input=True)  # the input's obsm next to the prediction
     np.testing.assert_array_equal(kept.obsm["X_hvg"], inp.obsm["X_hvg"])
     assert "X_hvg" not in default.obsm
+
+
+def test_arc_layout_matches_genes_by_name(model_a):
+    """Input genes in another order: predictions land under the right gene names."""
+    inp = ad.read_h5ad(need(ARC / "infer" / "infer_input.h5ad"))
+    ref = model_a.predict(inp, layout="arc", seed=1)
+    names = list(inp.var_names)
+    rev = inp[:, names[::-1]].copy()
+    rev.obsm["X_hvg"] = np.ascontiguousarray(inp.obsm["X_hvg"][:, ::-1])  # hvg names follow var
+    out = model_a.predict(rev, layout="arc", seed=1)
+    got = pd.DataFrame(out.obsm["X_hvg"], columns=rev.var_names[rev.var["highly_variable"]])
+    want = pd.DataFrame(ref.obsm["X_hvg"], columns=inp.var_names[inp.var["highly_variable"]])
+    pd.testing.assert_frame_equal(got[want.columns], want, check_exact=False, rtol=1e-5)

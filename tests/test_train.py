@@ -83,12 +83,12 @@ def test_only_last_checkpoint_holds_the_training_state(synth, tmp_path):
 
 
 def test_stale_temporary_checkpoints_are_removed(synth, tmp_path):
-    """A process killed in torch.save leaves ``.last.ckpt.tmp<pid>``; the next run deletes it."""
+    """A process killed in torch.save leaves ``.last.ckpt.tmp<pid>``; resuming deletes it."""
+    small_model(max_steps=2).fit(synth, output_dir=tmp_path)
     ck = tmp_path / "checkpoints"
-    ck.mkdir()
     stale = ck / ".last.ckpt.tmp12345"
     stale.write_bytes(b"half a checkpoint")
-    small_model(max_steps=2).fit(synth, output_dir=tmp_path)
+    small_model(max_steps=3).fit(synth, output_dir=tmp_path, resume_from=ck / "last.ckpt")
     assert not stale.exists() and (ck / "final.ckpt").is_file()
     assert not list(ck.glob(".*"))
 
@@ -350,19 +350,36 @@ def test_detach_decoder_keeps_decoder_gradients_out_of_the_network(synth):
                                    net.gene_decoder(z))
 
 
-def test_fresh_fit_into_a_used_folder_replaces_the_earlier_run(synth, tmp_path, capsys):
+def test_fresh_fit_into_a_used_folder_replaces_the_earlier_run(synth, tmp_path):
     spec_val = ('[training]\ndata = "train"\n[zeroshot]\n"data.CT2" = "test"\n'
                 '"data.CT1" = "val"\n')
     small_model(max_steps=4, val_freq=2, ckpt_every_n_steps=2).fit(synth, spec_val,
                                                                    output_dir=tmp_path)
     assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
-    capsys.readouterr()
-    small_model(max_steps=3, seed=1, progress=True).fit(synth, SPEC, output_dir=tmp_path)
-    assert "held an earlier run" in capsys.readouterr().out
+    (tmp_path / "eval_final.ckpt").mkdir()  # e.g. an evaluation of the earlier model
+    small_model(max_steps=3, seed=1).fit(synth, output_dir=tmp_path)  # no spec: all train
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert "best.ckpt" not in names and "step=4.ckpt" not in names
     steps = [int(r.split(",")[0]) for r in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == sorted(steps) and max(steps) == 3
+    # nothing of the earlier run survives to be mistaken for this one's
+    assert not (tmp_path / "split.toml").exists() and not (tmp_path / "eval_final.ckpt").exists()
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}.replaced-*"))
+
+
+def test_failed_fit_leaves_the_earlier_run_in_its_folder(synth, tmp_path):
+    small_model(max_steps=4, ckpt_every_n_steps=2).fit(synth, SPEC, output_dir=tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(TrainingError, match="non-finite"):  # fails before its first checkpoint
+        small_model(max_steps=4, ckpt_every_n_steps=2, lr=1e38).fit(
+            synth, output_dir=tmp_path / "run")
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert after == before
+    with pytest.raises(TrainingError, match="non-finite"):  # a new folder is not left behind
+        small_model(max_steps=4, ckpt_every_n_steps=2, lr=1e38).fit(
+            synth, output_dir=tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_logging_interval_and_throughput_columns(synth):
