@@ -551,12 +551,7 @@ def _prepare_split(toml: Path, columns: Any, model: Any = None) -> Any:
 
     kw: dict[str, Any] = {}
     if model is not None:
-        kw = dict(pert_features=model.pert_features,
-                  heldout_controls_in_train=model.heldout_controls_in_train,
-                  on_missing_perturbation=model.on_missing_perturbation,
-                  val_subsample_fraction=model.val_subsample_fraction,
-                  drop_missing_labels=model.drop_missing_labels,
-                  yield_controls=model.yield_controls, dtype=model.dtype)
+        kw = dict(pert_features=model.pert_features, **model._data_options())
     prepared = prepare(None, Path(toml), columns, **kw)
     _print_summary(prepared)
     return prepared

@@ -123,25 +123,31 @@ class SplitConfig(BaseModel):
         return f"{loc} in {self.source}" if self.source and self.source != "<dict>" else loc
 
     def summarize(self, data: Any = None, columns: ColumnMap | dict | None = None, *,
-                  dataset_name: str | None = None, **options: Any) -> Any:
+                  dataset_name: str | None = None, drop_missing_labels: bool = False,
+                  val_subsample_fraction: float = 1.0, **options: Any) -> Any:
         """The split summary without training: cells per (dataset, file, cell type, split) with
         #perturbations, #perturbed cells and #controls (a DataFrame; ``tx split`` prints it).
 
         ``data``: an AnnData (or a dict name → AnnData) for in-memory datasets, None for the
         [datasets] files (only their labels are read); ``columns``: a :class:`ColumnMap` or
         its fields (``pert_col``, ``cell_type_key``, ``control_pert``, ...); ``options`` as
-        :func:`statetx.splits.assign_files` (``heldout_controls_in_train``, ...).
+        :func:`statetx.splits.assign_files` (``heldout_controls_in_train``,
+        ``on_missing_perturbation``); ``drop_missing_labels`` and ``val_subsample_fraction`` as
+        in the estimator.
         """
         from statetx.data import load_files
         from statetx.io import resolve_control
-        from statetx.splits import assign_files, summarize
+        from statetx.splits import assign_files, subsample_validation, summarize
 
         cols = columns if isinstance(columns, ColumnMap) else ColumnMap.build(**(columns or {}))
         config = self.model_copy(deep=True)  # load_files may fill [training]
-        files = load_files(data, config, cols, dataset_name)
+        files = load_files(data, config, cols, dataset_name, drop_missing_labels)
         control = resolve_control(files, cols.control_pert, cols.pert_col)
-        return summarize(assign_files(files, config, control, pert_col=cols.pert_col,
-                                      cell_type_key=cols.cell_type_key, **options))
+        assignments = assign_files(files, config, control, pert_col=cols.pert_col,
+                                   cell_type_key=cols.cell_type_key, **options)
+        if val_subsample_fraction != 1.0:
+            subsample_validation(assignments, val_subsample_fraction)
+        return summarize(assignments)
 
     def referenced_datasets(self) -> list[str]:
         """Datasets that are loaded: [training] keys and the datasets of held-out keys, sorted."""

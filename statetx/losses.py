@@ -8,6 +8,7 @@ uniform weights over the real ones (a statetx extension).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -257,6 +258,8 @@ class SetLoss:
             raise ConfigError(f"unknown loss {self.name!r}.{did_you_mean(self.name, LOSS_NAMES)}"
                               f" Valid losses: {', '.join(LOSS_NAMES)}.")
         k = self.mmd_num_chunks
+        if not isinstance(k, bool) and isinstance(k, numbers.Real) and float(k).is_integer():
+            self.mmd_num_chunks = k = int(k)  # 2, 2.0, numpy integers
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"mmd_num_chunks must be an integer >= 1, got {k!r}.")
         if not self.blur > 0:
@@ -313,5 +316,9 @@ def split_loss_kwargs(loss_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
                               f"Valid options: {', '.join(valid)}.")
     for key in ("blur", "sinkhorn_weight", "energy_weight"):
         if key in options:
-            options[key] = float(options[key])
+            try:
+                options[key] = float(options[key])
+            except (TypeError, ValueError):
+                raise ConfigError(f"loss_kwargs: {key}={options[key]!r} is not a number.") \
+                    from None
     return out

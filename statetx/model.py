@@ -28,7 +28,7 @@ from statetx.config import ColumnMap, SplitConfig
 from statetx.data import PreparedData, prepare
 from statetx.errors import ConfigError, DataError
 from statetx.io import obs_labels
-from statetx.losses import split_loss_kwargs
+from statetx.losses import get_loss, split_loss_kwargs
 from statetx.nn import NetworkConfig, StateTransitionNetwork
 from statetx.predict import (
     Group,
@@ -333,6 +333,14 @@ class StateTransitionModel(BaseEstimator):
                               "expected 'auto', 'random' or 'batch'.")
         return arch
 
+    def _data_options(self) -> dict[str, Any]:
+        """How the split data are built (the same for fit, attach_data and tx split)."""
+        return dict(heldout_controls_in_train=self.heldout_controls_in_train,
+                    on_missing_perturbation=self.on_missing_perturbation,
+                    val_subsample_fraction=self.val_subsample_fraction,
+                    drop_missing_labels=bool(self.drop_missing_labels),
+                    yield_controls=self.yield_controls, dtype=self.dtype)
+
     def _check_params(self) -> None:
         """Every option error that needs no data (fit calls it before reading anything)."""
         if self.weight_averaging not in ("auto", "none", "uniform"):
@@ -345,7 +353,8 @@ class StateTransitionModel(BaseEstimator):
                               "in (0, 1].")
         for name in ("batch_size", "cell_set_len", "max_steps"):
             check_count(name, getattr(self, name))
-        self._train_config({"max_steps": 1, "lr": 0.0, "weight_averaging": averaging})
+        cfg = self._train_config({"max_steps": 1, "lr": 0.0, "weight_averaging": averaging})
+        get_loss(cfg.loss, **cfg.loss_options)  # loss option errors before reading data
         if self.lr is not None:
             self._train_config({"max_steps": 1, "lr": self.lr, "weight_averaging": averaging})
         resolve_device(self.device)
@@ -381,11 +390,7 @@ class StateTransitionModel(BaseEstimator):
             prepare_stream, chunk_size=stream.chunk_size))(
             adata, split_config, columns, dataset_name=dataset_name,
             pert_features=self.pert_features,
-            heldout_controls_in_train=self.heldout_controls_in_train,
-            on_missing_perturbation=self.on_missing_perturbation,
-            val_subsample_fraction=self.val_subsample_fraction,
-            drop_missing_labels=bool(self.drop_missing_labels),
-            yield_controls=self.yield_controls, dtype=self.dtype,
+            **self._data_options(),
         )
         n_train = int(prepared.splits["train"].is_target.sum())
         preset = self._resolve_preset(n_train)
@@ -601,13 +606,18 @@ class StateTransitionModel(BaseEstimator):
             raise ConfigError(f"layout={layout!r} is invalid; expected 'statetx' or 'arc'.")
         check_count("seed", seed, 0, optional=False)
         check_count("set_len", set_len)
-        counts = n_cells_per_pert if isinstance(n_cells_per_pert, Mapping) else {}
-        for name, value in [("n_cells_per_pert", None if counts else n_cells_per_pert),
-                            *((f"n_cells_per_pert[{k!r}]", v) for k, v in counts.items())]:
-            check_count(name, value)
-        if perturbations is not None and not all_perts:
-            raise ConfigError("perturbations= chooses what all_perts=True simulates; pass "
-                              "all_perts=True (or use simulate()).")
+        counts = n_cells_per_pert if isinstance(n_cells_per_pert, Mapping) else None
+        if counts is None:
+            check_count("n_cells_per_pert", n_cells_per_pert)
+        for k, v in (counts or {}).items():
+            check_count(f"n_cells_per_pert[{k!r}]", v, 0, optional=False)
+        if counts is not None and perturbations is not None and set(counts) != set(
+                map(str, perturbations)):
+            raise ConfigError("n_cells_per_pert (a mapping) must give a count for each of the "
+                              "perturbations, and for no other; or leave perturbations out.")
+        if (perturbations is not None or n_cells_per_pert is not None) and not all_perts:
+            raise ConfigError("perturbations= and n_cells_per_pert= choose what all_perts=True "
+                              "simulates; pass all_perts=True (or use simulate()).")
         for name, value, choices in (
                 ("basal_fallback", basal_fallback, ("error", "all_controls")),
                 ("unknown_perturbation", unknown_perturbation, ("error", "control", "zeros")),
@@ -762,7 +772,8 @@ class StateTransitionModel(BaseEstimator):
                           gradient_clip_val=self.gradient_clip_val, precision=self.precision,
                           matmul_precision=self.matmul_precision, val_freq=10**9,
                           ckpt_every_n_steps=10**9, seed=int(seed), progress=False)
-        Trainer(self.network_, sampler, None, cfg, device=device).fit()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            Trainer(self.network_, sampler, None, cfg, device=device).fit()  # own RNG stream
         self.network_.eval()
         return self
 
@@ -779,24 +790,35 @@ class StateTransitionModel(BaseEstimator):
         instead (counts per context; ``tx infer --tsv``, as the reference, clones from all
         controls). Clones are drawn with replacement from the context's control cells and
         predicted as in :meth:`predict` (which takes ``predict_options``); the output holds
-        the input's cells followed by the virtual ones (named ``<context>_<perturbation>_<i>``).
+        the input's cells followed by the virtual ones (named ``<context>_<perturbation>_<i>``),
+        with the input's ``var`` columns and ``uns``.
         """
         if tsv is not None:
             if perturbations is not None:
                 raise ConfigError("pass perturbations or tsv, not both.")
+            where = "tsv table" if isinstance(tsv, pd.DataFrame) else f"tsv {tsv}"
+            if not isinstance(tsv, pd.DataFrame) and not Path(tsv).is_file():
+                raise DataError(f"{where}: file not found.")
             table = tsv if isinstance(tsv, pd.DataFrame) else pd.read_csv(tsv, sep="\t")
             if not {"perturbation", "num_cells"} <= set(map(str, table.columns)):
-                raise DataError(f"tsv {'table' if isinstance(tsv, pd.DataFrame) else tsv}: needs"
-                                " columns 'perturbation' and 'num_cells'; found "
+                raise DataError(f"{where}: needs columns 'perturbation' and 'num_cells'; found "
                                 f"{', '.join(map(str, table.columns))}.")
-            perturbations = dict(zip(table["perturbation"].astype(str),
-                                     table["num_cells"].astype(int)))
+            n = pd.to_numeric(table["num_cells"], errors="coerce")
+            if n.isna().any() or (n < 0).any() or (n % 1 != 0).any():
+                raise DataError(f"{where}: num_cells must be whole numbers >= 0.")
+            # rows for the same perturbation add up (as tx infer --tsv)
+            perturbations = {str(k): int(v) for k, v in
+                             n.groupby(table["perturbation"].astype(str), sort=False).sum().items()}
         if isinstance(perturbations, Mapping):
             n_cells, perturbations = dict(perturbations), list(perturbations)
         elif isinstance(perturbations, str):
             perturbations = [perturbations]
-        return self.predict(controls, all_perts=True, perturbations=perturbations,
-                            n_cells_per_pert=n_cells, seed=seed, **predict_options)
+        out = self.predict(controls, all_perts=True, perturbations=perturbations,
+                           n_cells_per_pert=n_cells, seed=seed, **predict_options)
+        if out.var_names.isin(controls.var_names).all():  # var and uns kept (spec §3.4)
+            out.var = controls.var.loc[out.var_names].copy()
+        out.uns = {**controls.uns, "statetx": out.uns["statetx"]}
+        return out
 
     def _virtual_cells(self, adata, pert, ctx, batch, is_ctrl, control, n_cells, seed, pert_col,
                        chosen=None):

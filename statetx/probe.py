@@ -42,6 +42,8 @@ def probe_attention(model_or_run: StateTransitionModel | str | Path, adata: ad.A
     Returns one row per mode (``mode``, ``energy`` = mean over groups, ``n_groups``), lowest
     energy first, and prints it.
     """
+    if n_groups is not None and (isinstance(n_groups, bool) or int(n_groups) < 1):
+        raise ConfigError(f"n_groups={n_groups!r} must be a positive number of groups or None.")
     for mode in modes:
         if mode not in MODES:
             raise ConfigError(f"attention mode {mode!r} is invalid; expected one of {MODES}.")
@@ -79,6 +81,9 @@ def _group_energies(model: StateTransitionModel, adata: ad.AnnData, n_groups: in
     pert_col = predict_options.get("pert_col") or c.pert_col
     ct_col = predict_options.get("cell_type_col") or c.cell_type_key
     control = predict_options.get("control_pert") or c.control_pert
+    if pert_col in adata.obs and (adata.obs[pert_col].astype(str) == str(control)).all():
+        raise DataError("probe_attention needs perturbed cells (two or more per cell type and "
+                        "perturbation) with their controls in the input; it has controls only.")
     pred = model.predict(adata, seed=seed, predict_controls=False, **predict_options)
     key = f"{c.embed_key}_pred"
     latent = np.asarray(pred.obsm.get(key, pred.X), dtype=np.float32)

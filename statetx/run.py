@@ -1227,8 +1227,7 @@ def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, 
                 raise DataError(f"{exc} The run's data cannot be found (from {src}); pass "
                                 "--data-root DIR if the files moved, or --toml FILE.") from None
     prepared = prepare(adata, cfg, model.columns_, vocab=model.vocab_,
-                       heldout_controls_in_train=model.heldout_controls_in_train,
-                       yield_controls=model.yield_controls, dtype=model.dtype)
+                       **model._data_options())
     if list(prepared.feature_names) != list(model.var_names_):
         raise DataError(f"the data of {src} have different features than the model was trained "
                         f"on ({prepared.input_dim} vs {len(model.var_names_)} columns).")

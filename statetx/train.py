@@ -717,7 +717,18 @@ class Trainer:
                 f"cannot resume from {path}: it holds weights only (step=N, best and final "
                 "checkpoints do); resume from the run's checkpoints/last.ckpt, or start a new "
                 "run from these weights (tx train model.kwargs.init_from=<checkpoint>).")
-        self.net.load_state_dict(ckpt.get("train_weights", ckpt["state_dict"]))
+        mine, theirs = self.extra.get("statetx_model"), ckpt.get("statetx_model")
+        if mine is not None and theirs is not None and any(
+                mine.get(k) != theirs.get(k) for k in ("network_config", "vocab", "var_names")):
+            raise TrainingError(
+                f"cannot resume from {path}: it was trained with another network, vocabulary or "
+                "genes than this run's (a checkpoint of another run?). Resume from this run's own "
+                "checkpoints/last.ckpt, or start afresh.")
+        try:
+            self.net.load_state_dict(ckpt.get("train_weights", ckpt["state_dict"]))
+        except RuntimeError as err:
+            raise TrainingError(f"cannot resume from {path}: its weights do not fit this network "
+                                f"({str(err).splitlines()[0]}).") from None
         self.net.to(self.device)
         if self._avg is not None:  # the average so far (the weights themselves if none)
             _copy_into(self._avg, [ckpt["state_dict"][name]

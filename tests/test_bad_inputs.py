@@ -745,3 +745,20 @@ def test_finetune_on_controls_needs_the_split(model, tmp_path):
         loaded.finetune_on_controls(2)
     with pytest.raises(ConfigError, match="steps=0 is invalid"):
         loaded.finetune_on_controls(0)
+
+
+def test_reloaded_run_rebuilds_its_splits_with_the_data_options(tmp_path):
+    """load_run + attach_data (tx predict) use the options the run trained with."""
+    from statetx.run import attach_data, load_run
+
+    a = make_synthetic()
+    values = a.obs["gene"].astype(object).to_numpy().copy()
+    values[[3, 40]] = np.nan
+    a.obs["gene"] = pd.Categorical(values)
+    spec = '[training]\ndata = "train"\n[zeroshot]\n"data.CT2" = "test"\n'
+    m = small_model(drop_missing_labels=True).fit(a, spec, output_dir=tmp_path / "run")
+    loaded = load_run(tmp_path / "run", verbose=False)
+    attach_data(loaded, adata=a)
+    pred, real = loaded.predict_split("test")
+    want, _ = m.predict_split("test")
+    np.testing.assert_array_equal(pred.X, want.X)

@@ -259,6 +259,11 @@ def test_simulate_virtual_experiments(fitted):
     assert all(counts[p] == controls.n_obs for p in perts)
     assert every.obs_names.is_unique and list(every.obs_names[:controls.n_obs]) == list(
         controls.obs_names)
+    controls.var["note"] = [f"g{i}" for i in range(controls.n_vars)]
+    controls.uns["study"] = "synthetic"
+    kept = model.simulate(controls, ["P1"], n_cells=1)
+    assert list(kept.var["note"]) == list(controls.var.loc[kept.var_names, "note"])
+    assert kept.uns["study"] == "synthetic" and "statetx" in kept.uns
     some = model.simulate(controls, ["P1"], n_cells=5, seed=3)
     assert some.obs["gene"].value_counts().to_dict() == {"ctrl": controls.n_obs, "P1": 5 * n_ctx}
     # the same cells as predict(all_perts=True) with the same options
@@ -271,6 +276,13 @@ def test_simulate_virtual_experiments(fitted):
         "ctrl": controls.n_obs, "P0": 2 * n_ctx, "P2": n_ctx}
     with pytest.raises(DataError, match="not in the model's vocabulary.*P9"):
         model.simulate(controls, ["P9"])
+    # table rows of one perturbation add up; a count of 0 is allowed
+    dup = pd.DataFrame({"perturbation": ["P0", "P0", "P2"], "num_cells": [1, 2, 0]})
+    assert model.simulate(controls, tsv=dup).obs["gene"].value_counts().to_dict() == {
+        "ctrl": controls.n_obs, "P0": 3 * n_ctx}
+    with pytest.raises(Exception, match="count for each of the perturbations"):
+        model.predict(controls, all_perts=True, perturbations=["P0", "P1"],
+                      n_cells_per_pert={"P0": 2})
 
 
 def test_prediction_provenance_is_written_with_the_output(fitted, tmp_path):

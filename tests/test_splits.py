@@ -403,6 +403,8 @@ def test_val_subsample_fraction_keeps_the_first_parts():
     val_cts = lambda p: sorted(p.summary.loc[p.summary["split"] == "val", "cell_type"])  # noqa: E731
     assert len(val_cts(full)) == 3
     assert val_cts(half) == val_cts(full)[:2]  # ceil(3 * 0.5) = 2, in sorted order
+    summary = SplitConfig.from_toml(spec).summarize(adata, cols, val_subsample_fraction=0.5)
+    pd.testing.assert_frame_equal(summary, half.summary)  # tx split shows what fit will use
     assert val_cts(prepare(adata, spec, cols, allow_counts=True,
                            val_subsample_fraction=0.01)) == val_cts(full)[:1]
     # the training split is untouched

@@ -279,6 +279,13 @@ def test_loss_kwargs_configure_the_set_loss(synth):
 def test_loss_kwargs_unknown_option_is_named(synth):
     with pytest.raises(ConfigError, match="'blurr'.*Did you mean: 'blur'"):
         small_model(loss_kwargs={"blurr": 0.1}).fit(synth)
+    # values are checked before any data are read (here: no data at all)
+    for bad, match in (({"blur": -1}, "blur must be positive"),
+                       ({"mmd_num_chunks": 0}, "mmd_num_chunks must be an integer"),
+                       ({"blur": "abc"}, "blur='abc' is not a number")):
+        with pytest.raises(ConfigError, match=match):
+            small_model(loss_kwargs=bad).fit(None, "[datasets]\nx = 'nowhere.h5ad'\n")
+    small_model(loss_kwargs={"mmd_num_chunks": np.int64(2)}, max_steps=1).fit(synth)
 
 
 def test_randomized_chunks_only_while_training(synth):
@@ -389,3 +396,12 @@ def test_logging_interval_and_throughput_columns(synth):
     assert (logged["steps_per_s"] > 0).all() and (logged["cells_per_s"] > 0).all()
     # cells per step = batch_size * cell_set_len
     np.testing.assert_allclose(logged["cells_per_s"] / logged["steps_per_s"], 4 * 8, rtol=1e-6)
+
+
+def test_resume_from_another_runs_checkpoint_is_refused(synth, tmp_path):
+    from conftest import make_synthetic
+
+    small_model(max_steps=2).fit(make_synthetic(n_perts=2), output_dir=tmp_path / "other")
+    with pytest.raises(TrainingError, match="cannot resume from .*another network, vocabulary"):
+        small_model(max_steps=3).fit(synth, output_dir=tmp_path / "mine",
+                                     resume_from=tmp_path / "other" / "checkpoints" / "last.ckpt")

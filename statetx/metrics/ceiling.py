@@ -17,6 +17,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from statetx.errors import ConfigError
 from statetx.metrics._inputs import check_obs_col, load
 from statetx.metrics._table import atomic_write
 
@@ -87,7 +88,10 @@ def fraction_of_ceiling(agg: pd.DataFrame, ceiling_agg: pd.DataFrame) -> pd.Data
     """A model's mean scores (its ``agg`` table from :func:`~statetx.metrics.evaluate`) as a
     fraction of the ceiling, for the correlation-type metrics (per cell type when both have one)."""
     means = agg[agg["statistic"] == "mean"].drop(columns="statistic")
-    key = ["celltype"] if "celltype" in means.columns and "celltype" in ceiling_agg else []
+    if ("celltype" in means.columns) != ("celltype" in ceiling_agg.columns):
+        raise ConfigError("fraction_of_ceiling: the model's results and the ceiling must both be "
+                          "per cell type (celltype_col=...) or both pooled.")
+    key = ["celltype"] if "celltype" in means.columns else []
     cols = [m for m in RELIABILITY_METRICS if m in means.columns and m in ceiling_agg.columns]
     if key:
         merged = means[key + cols].merge(ceiling_agg[key + cols], on=key, suffixes=("", "_c"))
