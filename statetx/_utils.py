@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -88,3 +89,10 @@ def looks_log1p(x: np.ndarray | sp.spmatrix, max_rows: int = 1000) -> bool:
         return False
     non_integer = bool(np.any(np.abs(finite - np.round(finite)) > 1e-6))
     return non_integer and float(finite.max()) < 15.0 and float(finite.min()) >= 0.0
+
+
+def umask_mode(path: str | os.PathLike) -> None:
+    """Give a file written through a private temporary (mode 0600) the mode of any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

@@ -78,12 +78,18 @@ def _sub(sp: Any, name: str, help: str, aliases: Sequence[str] = (), **kw: Any) 
     return p
 
 
+# Python argument names whose command-line flag is spelled differently (its argparse dest)
+_PYTHON_TO_FLAG = {"sets_per_pass": "batch_size", "set_len": "max_set_len",
+                   "n_cells_per_pert": "virtual_cells_per_pert", "steps": "test_time_finetune"}
+
+
 def _cli_names(message: str, ns: argparse.Namespace) -> str:
     """The library's errors name Python arguments (``unknown_batch='mean'``); on the command
     line, add the flag or configuration key that sets each of them."""
     import re
 
     names = dict.fromkeys(re.findall(r"\b([a-z][a-z0-9_]*)=", message))
+    names = dict.fromkeys(_PYTHON_TO_FLAG.get(n, n) for n in names)
     hints: list[str] = []
     parser = getattr(ns, "parser_", None)
     flags = {a.dest: max(a.option_strings, key=lambda o: ("-" in o[2:], len(o)))
@@ -480,7 +486,14 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     StateTransitionModel(**p)._check_params()  # option errors before the run folder is touched
     created = not plan.run_dir.exists()
+    # the run's record as it was: put back if this attempt fails its checks (e.g. on resume)
+    saved = {n: (plan.run_dir / n).read_bytes() for n in (R.CONFIG_FILE, R.RUN_INFO_FILE)
+             if (plan.run_dir / n).is_file()}
     resume = R.start_run(plan, a.argv)
+    if plan.replaced is not None and plan.init_from:  # init_from inside the run set aside
+        src = Path(plan.init_from).resolve()
+        if src.is_relative_to(plan.run_dir.resolve()):
+            plan.init_from = str(plan.replaced / src.relative_to(plan.run_dir.resolve()))
     started = False
     try:
         cls = R.estimator_class(None if resume else plan.init_from, plan.freeze_backbone,
@@ -497,6 +510,9 @@ def cmd_train(a: argparse.Namespace) -> int:
                 import shutil
 
                 shutil.rmtree(plan.run_dir, ignore_errors=True)
+            elif plan.replaced is None:
+                for name, data in saved.items():
+                    R.atomic_write(plan.run_dir / name, lambda p, d=data: Path(p).write_bytes(d))
             raise
         started = True
     finally:
@@ -741,6 +757,9 @@ def cmd_infer(a: argparse.Namespace) -> int:
             adata = adata[labels.isin(wanted).to_numpy()].copy()
         if a.embed_key and a.embed_key not in ("X",) and a.embed_key != c.embed_key:
             adata = _remap_embedding(adata, a.embed_key, c.embed_key)
+        for flag, value in (("--min-cells", a.min_cells), ("--max-cells", a.max_cells)):
+            if value is not None and value < 1:
+                raise UsageError(f"{flag} {value}: give a number of cells >= 1.")
         if a.min_cells is not None and a.max_cells is not None and a.min_cells > a.max_cells:
             raise UsageError(f"--min-cells {a.min_cells} is above --max-cells {a.max_cells}.")
         if a.tsv is not None and not Path(a.tsv).is_file():
@@ -759,7 +778,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
             predict_controls=not a.no_predict_controls, all_perts=a.all_perts,
             n_cells_per_pert=a.virtual_cells_per_pert, clip=clip,
             missing_genes=a.missing_genes, matmul_precision=a.matmul_precision,
-            sets_per_pass=a.batch_size or 64, layout=a.layout)
+            sets_per_pass=64 if a.batch_size is None else a.batch_size, layout=a.layout)
         if out.suffix == ".npy":
             x = pred.X.toarray() if hasattr(pred.X, "toarray") else np.asarray(pred.X)
             arr = np.ascontiguousarray(x, dtype=np.float32)
@@ -959,6 +978,8 @@ def cmd_evaluate_run(a: argparse.Namespace) -> int:
         raise ConfigError("--cpm-filter is not supported by statetx yet; leave it out.")
     if a.ceiling_seed is not None and not a.ceiling:
         raise UsageError("--ceiling-seed needs --ceiling.")
+    if a.ceiling_seed is not None and a.ceiling_seed < 0:
+        raise UsageError(f"--ceiling-seed {a.ceiling_seed}: give a seed >= 0.")
     for f in (a.adata_pred, a.adata_real):
         if not Path(f).is_file():
             raise UsageError(f"{f}: file not found.")
@@ -1047,7 +1068,9 @@ def cmd_import_arc(a: argparse.Namespace) -> int:
         raise UsageError(f"{run}: not found.")
     out = Path(a.out)
     ours = {"model.json", "model.safetensors", "arc_import.json"}  # an earlier import: replaced
-    if out.exists() and (not out.is_dir() or set(p.name for p in out.iterdir()) - ours):
+    names = set(p.name for p in out.iterdir()) if out.is_dir() else set()
+    if out.exists() and (not out.is_dir() or names - ours
+                         or (names and "arc_import.json" not in names)):
         raise UsageError(f"--out {out} exists and holds other files (a run or data?); choose a "
                          "new or empty folder.")
     ck = a.checkpoint
@@ -1075,6 +1098,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     path = Path(a.path)
     if not path.exists():
         raise UsageError(f"{path}: not found.")
+    if path.is_dir() and path.name == "checkpoints" and not is_arc_run(path.parent):
+        path = path.parent  # a run's checkpoints folder: describe the run
     if is_arc_run(path):
         model = load_any_model(path, None, verbose=False)
         kind = "arc-state run (imported)"

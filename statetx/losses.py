@@ -262,8 +262,12 @@ class SetLoss:
             self.mmd_num_chunks = k = int(k)  # 2, 2.0, numpy integers
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"mmd_num_chunks must be an integer >= 1, got {k!r}.")
-        if not self.blur > 0:
+        if not (self.blur > 0 and math.isfinite(self.blur)):
             raise ConfigError(f"blur must be positive, got {self.blur!r}.")
+        for key in ("sinkhorn_weight", "energy_weight"):
+            w = getattr(self, key)
+            if not (math.isfinite(w) and w >= 0):
+                raise ConfigError(f"{key} must be a finite number >= 0, got {w!r}.")
 
     def _one(self, pred: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
         if self.name == "energy":

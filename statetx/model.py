@@ -23,7 +23,7 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
-from statetx._utils import did_you_mean, matmul_precision_scope, preview
+from statetx._utils import did_you_mean, matmul_precision_scope, preview, umask_mode
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import PreparedData, prepare
 from statetx.errors import ConfigError, DataError
@@ -420,6 +420,7 @@ class StateTransitionModel(BaseEstimator):
             print(describe(net_cfg))
         torch.manual_seed(int(self.seed))
         network = StateTransitionNetwork(net_cfg)
+        _warn_unused_loss_options(self.loss, self.loss_kwargs, network.gene_decoder is not None)
         if network.pert_bias is not None:
             _start_at_mean_response(network, prepared.splits["train"], vocab)
             if not self.train_pert_skip:  # keep the mean-response skip fixed during training
@@ -972,7 +973,9 @@ class StateTransitionModel(BaseEstimator):
             "ctrl_cell_barcode": d.barcodes[res["basal_row"]],
         }, index=pd.Index([f"cell{i}" for i in range(len(order))]))
         pred = self._output(res, obs.copy(), clip)
-        real_x = (d.counts if d.counts is not None else d.X)[torch.from_numpy(order)].float()
+        # the real cells in the prediction's space: decoded genes only when the model decodes
+        real_src = d.counts if d.counts is not None and res["counts"] is not None else d.X
+        real_x = real_src[torch.from_numpy(order)].float()
         real_x = real_x.numpy()
         rng = clip_range(clip, self._expression_output, self.is_log1p_)
         if rng is not None:
@@ -1052,6 +1055,7 @@ class StateTransitionModel(BaseEstimator):
         tmp_w, tmp_j = path / ".model.safetensors.tmp", path / ".model.json.tmp"
         try:  # both files complete in temporaries first; a failure leaves no partial model
             save_file(state, str(tmp_w))
+            umask_mode(tmp_w)  # safetensors writes 0600
             tmp_j.write_text(text)
             tmp_w.replace(path / "model.safetensors")
             tmp_j.replace(path / "model.json")
@@ -1223,6 +1227,19 @@ class StateTransitionModel(BaseEstimator):
         self._check_fitted()
         self.network_.to(resolve_device(device))
         return self
+
+
+def _warn_unused_loss_options(loss: str, options: Mapping | None, decoder: bool) -> None:
+    """Loss options that cannot act for this loss or network are said, not silently ignored."""
+    acts = {"blur": loss in ("sinkhorn", "se"), "sinkhorn_weight": loss == "se",
+            "energy_weight": loss == "se", "decoder_weight": decoder,
+            "decoder_loss_weight": decoder, "detach_decoder": decoder}
+    idle = [k for k in (options or {}) if not acts.get(k, True)]
+    if idle:
+        warnings.warn(f"loss option(s) {', '.join(idle)} have no effect here (loss {loss!r}, "
+                      f"{'a' if decoder else 'no'} gene decoder): blur acts with the sinkhorn "
+                      "and se losses, the weights with se, the decoder options with a gene "
+                      "decoder.", UserWarning, stacklevel=3)
 
 
 def _carry_input(adata: ad.AnnData, src_rows: np.ndarray, out: ad.AnnData) -> None:

@@ -239,6 +239,15 @@ def _keys() -> dict[str, Key]:
         Key("model.name", "state", "str"),
         Key("model.device", None, "any", optional=True, status="noeffect",
             note="use training.device"),
+        Key("model.checkpoint", None, "any", optional=True, status="noeffect",
+            note="use model.kwargs.init_from to start from a checkpoint"),
+        # keys arc-state writes into its config.yaml (accepted so that --config reads one)
+        Key("data.name", "PerturbationDataModule", "any", status="noeffect"),
+        Key("data.output_dir", None, "any", optional=True, status="noeffect"),
+        Key("data.debug", None, "any", optional=True, status="noeffect"),
+        Key("return_adatas", None, "any", optional=True, status="noeffect"),
+        Key("pred_adata_path", None, "any", optional=True, status="noeffect"),
+        Key("true_adata_path", None, "any", optional=True, status="noeffect"),
         Key(m + "loss", "energy", "str", ("energy", "sinkhorn", "mse", "se")),
         Key(m + "blur", 0.05, "float"),
         Key(m + "sinkhorn_weight", 0.01, "float"),
@@ -502,7 +511,7 @@ def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
         path = f"{prefix}{k}"
         if path == "model" and not isinstance(v, Mapping):
             out["model.name"] = v
-        elif isinstance(v, Mapping):
+        elif isinstance(v, Mapping) and not (path in KEYS and KEYS[path].kind == "any"):
             out.update(flatten(v, path + "."))
         else:
             out[path] = v
@@ -551,7 +560,9 @@ def resolve(tokens: Iterable[str], config_file: str | Path | None = None,
         base = read_config(config_file)
     if base is not None:
         where = f" (in {config_file})" if config_file else ""
-        for path, value in flatten(base).items():
+        flat = flatten(base)
+        from_arc_state = not {"resume", "training.matmul_precision"} & set(flat)  # statetx's own
+        for path, value in flat.items():
             if value == PRESET:
                 continue
             try:
@@ -559,7 +570,8 @@ def resolve(tokens: Iterable[str], config_file: str | Path | None = None,
                 value = coerce(canon, value)
             except ConfigError as exc:
                 raise ConfigError(f"{exc}{where}") from None
-            if canon == "training.weight_decay" and value == REFERENCE_WEIGHT_DECAY:
+            if (canon == "training.weight_decay" and value == REFERENCE_WEIGHT_DECAY
+                    and from_arc_state):
                 res.notices.append(
                     f"{path}: {value:g}{where} is arc-state's configured value, which it never "
                     "applied: kept at 0 for the same training (set training.weight_decay on the "
@@ -1176,20 +1188,31 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *,
     return model
 
 
+# estimator parameters a resumed run may change (a checkpoint from before still belongs to it)
+_RESUMABLE_PARAMS = ("max_steps", "device", "compile", "compile_mode", "data_on_device",
+                     "progress", "log_every_n_steps")
+
+
 def _check_same_run(run: Path, path: Path, meta: Mapping) -> None:
-    """A checkpoint given by path must belong to ``run`` (same vocabulary and input features):
-    results are written into ``run``, so another run's model would overwrite them."""
-    vocab = run / "vocab.json"
-    if path.resolve().parent == (run / CHECKPOINT_DIR).resolve() or not vocab.is_file():
+    """A checkpoint given by path must belong to ``run`` (same settings, vocabulary and
+    genes as the run's model.json): results are written into ``run``, so another run's model
+    would overwrite them."""
+    if path.resolve().parent == (run / CHECKPOINT_DIR).resolve():
         return
     try:
-        same = json.loads(vocab.read_text()) == json.loads(json.dumps(meta.get("vocab")))
+        mine = json.loads((run / "model.json").read_text())
+        theirs = json.loads(json.dumps(meta, default=_json_default))
     except (OSError, ValueError):
         return
-    if not same:
-        raise DataError(f"checkpoint {path} does not belong to the run {run} (its vocabulary "
-                        f"differs from {vocab}); results would be written into the wrong run. "
-                        "Name the checkpoint's own run folder instead.")
+
+    def key(m: Mapping) -> list:
+        params = {k: v for k, v in m.get("params", {}).items() if k not in _RESUMABLE_PARAMS}
+        return [params, m.get("network_config"), m.get("vocab"), m.get("var_names")]
+
+    if key(mine) != key(theirs):
+        raise DataError(f"checkpoint {path} does not belong to the run {run} (its settings, "
+                        "vocabulary or genes differ from the run's model.json); results would "
+                        "be written into the wrong run. Name the checkpoint's own run folder.")
 
 
 def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, *,
@@ -1296,6 +1319,8 @@ def _state_dict_of(path: Path, attention: str | None) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path / "model.safetensors"))
+    if path.is_dir() and path.name == CHECKPOINT_DIR and looks_like_run(path.parent):
+        path = path.parent  # a run's checkpoints folder: the run
     if path.is_dir() and looks_like_run(path):  # a statetx run folder: its default checkpoint
         path = resolve_checkpoint(path, verbose=True)
     if path.is_file():

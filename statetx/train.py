@@ -100,9 +100,10 @@ class TrainConfig:
         self.weight_decay = float(self.weight_decay)
         self.decoder_weight = float(self.decoder_weight)
         self.regularization = float(self.regularization)
-        if self.regularization < 0 or self.decoder_weight < 0:
-            raise ConfigError("decoder_weight and regularization must be >= 0, got "
-                              f"{self.decoder_weight!r} and {self.regularization!r}.")
+        if not all(math.isfinite(w) and w >= 0 for w in (self.regularization,
+                                                           self.decoder_weight)):
+            raise ConfigError("decoder_weight and regularization must be finite numbers >= 0, "
+                              f"got {self.decoder_weight!r} and {self.regularization!r}.")
         if self.gradient_clip_val is not None and not float(self.gradient_clip_val) > 0:
             raise ConfigError(f"gradient_clip_val={self.gradient_clip_val!r} must be positive (or "
                               "None for no clipping).")
@@ -160,6 +161,10 @@ class Trainer:
         self.extra = checkpoint_extra or {}
         self.loss_fn = get_loss(config.loss, **config.loss_options)
         c = getattr(network, "config", None)
+        chunks = config.loss_options.get("mmd_num_chunks", 1)
+        if c is not None and chunks > c.output_dim:
+            raise ConfigError(f"mmd_num_chunks={chunks} is more than the {c.output_dim} output "
+                              "features; use at most that many chunks.")
         if config.regularization > 0 and c is not None and c.input_dim != c.output_dim:
             raise ConfigError(f"regularization={config.regularization} adds mean |pred - basal| "
                               f"and needs the input and output widths to match (here "

@@ -729,8 +729,13 @@ def test_checkpoint_of_another_run_is_refused(run, tmp_path, capsys):
     other = tmp_path / "other"
     small_model().fit(make_synthetic(n_perts=2), output_dir=other)
     foreign = other / "checkpoints" / "final.ckpt"
-    with pytest.raises(DataError, match=r"does not belong to the run .*vocabulary differs"):
+    with pytest.raises(DataError, match=r"does not belong to the run .*vocabulary or genes"):
         load_run(run, foreign, verbose=False)
+    # the same data and settings but another learning rate: another run all the same
+    twin = tmp_path / "twin"
+    small_model(lr=1e-3).fit(make_synthetic(), output_dir=twin)
+    with pytest.raises(DataError, match="does not belong to the run"):
+        load_run(run, twin / "checkpoints" / "final.ckpt", verbose=False)
     assert main(["tx", "predict", "--output-dir", str(run), "--checkpoint", str(foreign)]) == 2
     assert "does not belong to the run" in last_error(capsys)
     assert not list(run.glob("eval_*"))

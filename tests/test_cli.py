@@ -297,11 +297,19 @@ def test_resume_overwrite_and_config_check(data, tmp_path, capsys):
     assert sorted(p.name for p in (out / "r" / "checkpoints").iterdir()) == ckpts
     assert (out / "r" / "config.yaml").read_text() == config
     assert [p.name for p in out.iterdir()] == ["r"]  # nothing set aside is left behind
-    # an option error on resume leaves the run's record alone
+    # an option error on resume leaves the run's record alone, and so does a data error
     assert main(train_args(data, out, "r", "training.max_steps=0")) == 2
     assert (out / "r" / "config.yaml").read_text() == config
+    info = (out / "r" / "statetx_run.json").read_text()
+    assert main(train_args(data, out, "r", "resume=force", 'data.kwargs.pert_col="gen"')) == 2
+    assert (out / "r" / "config.yaml").read_text() == config
+    assert (out / "r" / "statetx_run.json").read_text() == info
     assert main(train_args(data, out, "r", "training.max_steps=2", "overwrite=true")) == 0
     assert "is replaced" in capsys.readouterr().out
+    # starting the replacement from the replaced run's own weights
+    assert main(train_args(data, out, "r", "training.max_steps=2", "overwrite=true",
+                           f'model.kwargs.init_from="{out}/r/checkpoints/final.ckpt"')) == 0
+    assert "init_from" in capsys.readouterr().out
     assert [p.name for p in out.iterdir()] == ["r"]
     # a folder that is not a run is never trained into
     (out / "mine").mkdir()
@@ -453,6 +461,11 @@ def test_arc_state_run_infer_import_info(tmp_path, capsys):
     (tmp_path / "r" / "config.yaml").write_text("mine")
     assert main(["import-arc", str(run), "--out", str(tmp_path / "r")]) == 2
     assert "holds other files" in capsys.readouterr().err
+    saved = tmp_path / "saved"  # a model written by model.save is not an earlier import
+    saved.mkdir()
+    (saved / "model.json").write_text("{}")
+    assert main(["import-arc", str(run), "--out", str(saved)]) == 2
+    assert (saved / "model.json").read_text() == "{}"
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["config.yaml"]
 
 

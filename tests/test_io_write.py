@@ -47,3 +47,15 @@ def test_result_tables_are_readable_like_any_new_file(tmp_path):
     plain.write_text("x")
     mode = stat.S_IMODE(os.stat(tmp_path / "agg_results.csv").st_mode)
     assert mode == stat.S_IMODE(os.stat(plain).st_mode)
+
+
+def test_saved_model_weights_get_the_umask_mode(tmp_path):
+    import os
+    import stat
+
+    from conftest import make_synthetic
+    from test_model import small_model
+
+    small_model(max_steps=1).fit(make_synthetic()).save(tmp_path / "m")
+    modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in (tmp_path / "m").iterdir()}
+    assert modes["model.safetensors"] == modes["model.json"]

@@ -295,3 +295,17 @@ def test_prediction_provenance_is_written_with_the_output(fitted, tmp_path):
     assert info["attention"] == model.network_config_.attention
     assert info["matmul_precision"] == "highest"
     pred.write_h5ad(tmp_path / "p.h5ad")  # every value is h5ad-writable
+
+
+def test_predict_split_without_a_decoder_compares_in_the_prediction_space():
+    """output_space="all" with X_hvg input and a preset without gene decoder (tiny): the real
+    cells are given in the space of the prediction (X_hvg), not all of X's genes."""
+    from conftest import make_synthetic
+
+    adata = make_synthetic()
+    adata.obsm["X_hvg"] = np.asarray(adata.X[:, :10], dtype=np.float32)
+    model = small_model(embed_key="X_hvg", output_space="all", max_steps=2).fit(adata, SPEC)
+    assert model.network_.gene_decoder is None
+    pred, real = model.predict_split("test")
+    assert pred.shape == real.shape == (pred.n_obs, 10)
+    assert list(pred.var_names) == list(real.var_names)

@@ -121,6 +121,19 @@ def test_reference_config_weight_decay_is_kept_at_zero():
     given = R.resolve(["training.weight_decay=5e-4"],
                       base={"training": {"weight_decay": 5e-4}})  # typed: applied
     assert given.values["training.weight_decay"] == 5e-4
+    own = R.resolve([], base={"training": {"weight_decay": 5e-4, "matmul_precision": "medium"}})
+    assert own.values["training.weight_decay"] == 5e-4  # a statetx run's config: applied
+
+
+def test_config_reads_an_arc_state_config_file(tmp_path):
+    from conftest import FIXTURES, need
+
+    path = need(FIXTURES / "arc_state" / "runs" / "model_a_llama_bidir" / "config.yaml")
+    with pytest.warns(UserWarning, match="no effect"):
+        res = R.resolve([], path)
+    assert res.values["training.weight_decay"] == 0.0
+    assert res.values["model.kwargs.hidden_dim"] == 32 and res.values["training.lr"] == 0.01
+    assert any("never applied: kept at 0" in n for n in res.notices)
 
 
 def test_aliases_and_contradictions():

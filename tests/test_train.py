@@ -282,10 +282,21 @@ def test_loss_kwargs_unknown_option_is_named(synth):
     # values are checked before any data are read (here: no data at all)
     for bad, match in (({"blur": -1}, "blur must be positive"),
                        ({"mmd_num_chunks": 0}, "mmd_num_chunks must be an integer"),
-                       ({"blur": "abc"}, "blur='abc' is not a number")):
+                       ({"blur": "abc"}, "blur='abc' is not a number"),
+                       ({"sinkhorn_weight": -1}, "sinkhorn_weight must be a finite number"),
+                       ({"energy_weight": float("nan")}, "energy_weight must be a finite"),
+                       ({"regularization": float("inf")}, "must be finite numbers")):
         with pytest.raises(ConfigError, match=match):
             small_model(loss_kwargs=bad).fit(None, "[datasets]\nx = 'nowhere.h5ad'\n")
     small_model(loss_kwargs={"mmd_num_chunks": np.int64(2)}, max_steps=1).fit(synth)
+    with pytest.raises(ConfigError, match="mmd_num_chunks=1000 is more than the 32 output"):
+        small_model(loss_kwargs={"mmd_num_chunks": 1000}, max_steps=1).fit(synth)
+
+
+def test_loss_options_without_effect_are_said(synth):
+    with pytest.warns(UserWarning, match="blur, energy_weight, decoder_weight have no effect"):
+        small_model(loss_kwargs={"blur": 0.1, "energy_weight": 2.0, "decoder_weight": 0.5},
+                    max_steps=1).fit(synth)
 
 
 def test_randomized_chunks_only_while_training(synth):

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from statetx._utils import umask_mode
+
 AGG_STATS = ["count", "null_count", "mean", "std", "min", "25%", "50%", "75%", "max"]
 
 
@@ -115,9 +117,7 @@ def atomic_write(path: str | Path, writer: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         writer(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results on shared systems
+        umask_mode(tmp)  # mkstemp's 0600 would hide results on shared systems
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
