@@ -189,7 +189,8 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _flag(pr, "--eval-train-data", action="store_true", help="evaluate the training split")
     pr.add_argument("--pseudobulk", action="store_true", help="(not supported yet)")
     pr.add_argument("--split", default="test", choices=["test", "val", "train"])
-    _flag(pr, "--num-threads", type=int, default=None, help="DE threads (default: all CPUs)")
+    _flag(pr, "--num-threads", type=int, default=None,
+          help="DE threads (default: the CPUs available to the process)")
     _flag(pr, "--data-root", metavar="DIR", help="directory that now holds the run's data files")
     pr.add_argument("--seed", type=int, default=42, help="seed of the control draws")
     _matmul_flag(pr)

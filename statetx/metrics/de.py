@@ -12,7 +12,6 @@ numba kernels when numba is importable (it comes with scanpy), else in NumPy; ge
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.special import ndtr
 
+from statetx._utils import available_cpus
 from statetx.errors import ConfigError, DataError
 
 DE_MODES = ("pdex-0.3", "vcc-2025")
@@ -266,7 +266,7 @@ def rank_sums(
 
     threads = num_threads or 1
     if threads < 0:
-        threads = os.cpu_count() or 1
+        threads = available_cpus()
     if threads > 1 and len(bounds) > 1:
         with ThreadPoolExecutor(threads) as ex:
             parts = list(ex.map(work, bounds))

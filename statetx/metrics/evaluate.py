@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from statetx._utils import did_you_mean
+from statetx._utils import available_cpus, did_you_mean
 from statetx.errors import ConfigError, DataError
 from statetx.metrics import expression as ex
 from statetx.metrics._inputs import align_pair, check_scale, load
@@ -213,8 +212,9 @@ def evaluate(
     ``perturbation``) and the ``describe()`` table (first column ``statistic``); with
     ``celltype_col`` both get a leading ``celltype`` column. Nulls (undefined values) and NaN are
     both NaN in the frames; the CSVs written to ``outdir`` keep them apart (empty field vs ``NaN``).
-    ``num_threads=None`` uses every CPU for DE. ``batch_size`` is accepted for compatibility and
-    does not change results. ``pred``/``real`` are aliases of ``adata_pred``/``adata_real``.
+    ``num_threads=None`` uses every CPU available to the process (its affinity) for DE.
+    ``batch_size`` is accepted for compatibility and does not change results.
+    ``pred``/``real`` are aliases of ``adata_pred``/``adata_real``.
     """
     adata_pred = adata_pred if adata_pred is not None else pred
     adata_real = adata_real if adata_real is not None else real
@@ -224,7 +224,7 @@ def evaluate(
         raise ConfigError(f"de_mode {de_mode!r} is not supported; use one of {list(DE_MODES)}")
     metrics = _metric_list(profile, skip_metrics)
     if num_threads is None:
-        num_threads = os.cpu_count() or 1
+        num_threads = available_cpus()
     p = check_scale(load(adata_pred, "pred"), "pred", allow_discrete)
     r = check_scale(load(adata_real, "real"), "real", allow_discrete)
     p, r = align_pair(p, r, pert_col=pert_col, control_pert=control_pert,
