@@ -688,6 +688,12 @@ def set_aside(folder: Path) -> Path | None:
     """Move a non-empty ``folder`` to a hidden sibling (see :func:`settle_aside`)."""
     if not folder.is_dir() or not any(folder.iterdir()):
         return None
+    folder = folder.resolve()
+    cwd = Path.cwd().resolve()
+    if cwd == folder or folder in cwd.parents:
+        raise ConfigError(f"{folder} holds an earlier run and is (or contains) the current "
+                          "folder, so it cannot be replaced; give a run folder below it, or "
+                          "resume it.")
     aside = folder.with_name(f".{folder.name}.replaced-{os.getpid()}")
     shutil.rmtree(aside, ignore_errors=True)
     folder.rename(aside)

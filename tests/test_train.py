@@ -416,3 +416,11 @@ def test_resume_from_another_runs_checkpoint_is_refused(synth, tmp_path):
     with pytest.raises(TrainingError, match="cannot resume from .*another network, vocabulary"):
         small_model(max_steps=3).fit(synth, output_dir=tmp_path / "mine",
                                      resume_from=tmp_path / "other" / "checkpoints" / "last.ckpt")
+
+
+def test_refitting_into_the_current_folder_is_refused(synth, tmp_path, monkeypatch):
+    small_model(max_steps=1).fit(synth, output_dir=tmp_path / "run")
+    monkeypatch.chdir(tmp_path / "run")
+    with pytest.raises(ConfigError, match="is \\(or contains\\) the current folder"):
+        small_model(max_steps=1).fit(synth, output_dir=".")
+    assert (tmp_path / "run" / "checkpoints" / "final.ckpt").is_file()
