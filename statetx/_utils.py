@@ -105,3 +105,19 @@ def available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+# estimator parameters a resumed run may change (a checkpoint from before still belongs to it)
+RESUMABLE_PARAMS = ("max_steps", "device", "compile", "compile_mode", "data_on_device",
+                    "progress", "log_every_n_steps")
+
+
+def same_run(mine: dict, theirs: dict) -> bool:
+    """Whether two model metadata records (``model.json`` / a checkpoint's ``statetx_model``)
+    describe the same run: settings (those a resume may change aside), network, vocabulary
+    and genes."""
+    def key(m: dict) -> list:
+        params = {k: v for k, v in (m.get("params") or {}).items() if k not in RESUMABLE_PARAMS}
+        return [params, m.get("network_config"), m.get("vocab"), m.get("var_names")]
+
+    return key(mine) == key(theirs)

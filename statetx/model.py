@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -447,6 +447,8 @@ class StateTransitionModel(BaseEstimator):
             from statetx.run import has_checkpoints, set_aside, settle_aside
 
             existed, aside = out.is_dir(), set_aside(out)
+        # a job scheduler's SIGTERM unwinds like Ctrl-C, so that the earlier run comes back
+        restore_sigterm = _sigterm_unwinds() if fresh and aside is not None else None
         try:  # a failed fit leaves the estimator as it was (fitted or not)
             self._set_fitted(network, net_cfg, vocab, prepared, set_len)
             self.preset_, self.train_settings_ = preset, settings
@@ -454,6 +456,10 @@ class StateTransitionModel(BaseEstimator):
                               device=ddp.device if ddp is not None
                               else resolve_device(self.device), output_dir=out,
                               checkpoint_extra={"statetx_model": self._metadata()})
+            if resume_from is not None:  # a refused resume writes nothing into the run
+                trainer.check_resume(resume_from)
+            if fresh and aside is not None:  # the earlier run goes once this one has a checkpoint
+                trainer.on_first_checkpoint = lambda: settle_aside(out, aside, True, existed)
             if out is not None and rank == 0:
                 self._write_run_files(out, prepared, split_config)
             if verbose:
@@ -469,6 +475,9 @@ class StateTransitionModel(BaseEstimator):
             if fresh:
                 settle_aside(out, aside, has_checkpoints(out), existed)
             raise
+        finally:
+            if restore_sigterm is not None:
+                restore_sigterm()
         if fresh:
             settle_aside(out, aside, True, existed)
         self.training_time_ = time.perf_counter() - t0
@@ -1042,6 +1051,9 @@ class StateTransitionModel(BaseEstimator):
         if path.exists() and not path.is_dir():
             raise ConfigError(f"cannot save the model to {path}: it exists and is not a "
                               "directory. Pass a directory path.")
+        if (path / "statetx_run.json").exists() or (path / "checkpoints").exists():
+            raise ConfigError(f"cannot save the model to {path}: it is a training run's folder "
+                              "(its model.json describes the run). Save into another folder.")
         meta = self._metadata()
         if hasattr(self, "history_"):
             meta["history"] = self.history_.to_dict(orient="list")
@@ -1227,6 +1239,22 @@ class StateTransitionModel(BaseEstimator):
         self._check_fitted()
         self.network_.to(resolve_device(device))
         return self
+
+
+def _sigterm_unwinds() -> Callable[[], None] | None:
+    """Turn SIGTERM into ``SystemExit(143)`` (so ``finally``/``except`` blocks run) until the
+    returned function restores the previous handler; None outside the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):  # noqa: ANN001
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _warn_unused_loss_options(loss: str, options: Mapping | None, decoder: bool) -> None:

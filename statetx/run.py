@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from statetx._utils import COMPILE_MODES, SET_LOSS_OPTIONS, TRAINING_LOSS_OPTIONS
+from statetx._utils import COMPILE_MODES, SET_LOSS_OPTIONS, TRAINING_LOSS_OPTIONS, same_run
 from statetx.errors import ConfigError, DataError, SplitConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -685,19 +686,40 @@ def finish_replacement(plan: TrainPlan, started: bool) -> None:
 
 
 def set_aside(folder: Path) -> Path | None:
-    """Move a non-empty ``folder`` to a hidden sibling (see :func:`settle_aside`)."""
+    """Move a non-empty run ``folder`` to a new hidden sibling ``.<name>.replaced-<id>`` (see
+    :func:`settle_aside`); refused for the current folder, a symbolic link, a folder holding
+    other runs, and where the rename is impossible (a mount point)."""
     if not folder.is_dir() or not any(folder.iterdir()):
         return None
-    folder = folder.resolve()
+    if folder.is_symlink():
+        raise ConfigError(f"{folder} holds an earlier run and is a symbolic link; give the folder "
+                          "it points to (or resume the run).")
+    real = folder.resolve()
     cwd = Path.cwd().resolve()
-    if cwd == folder or folder in cwd.parents:
+    if cwd == real or real in cwd.parents:
         raise ConfigError(f"{folder} holds an earlier run and is (or contains) the current "
                           "folder, so it cannot be replaced; give a run folder below it, or "
                           "resume it.")
-    aside = folder.with_name(f".{folder.name}.replaced-{os.getpid()}")
-    shutil.rmtree(aside, ignore_errors=True)
-    folder.rename(aside)
+    nested = [p.name for p in real.iterdir() if p.is_dir() and looks_like_run(p)]
+    if nested:
+        raise ConfigError(f"{folder} holds other runs ({', '.join(sorted(nested))}); it is not "
+                          "replaced. Choose another folder.")
+    aside = Path(tempfile.mkdtemp(prefix=f".{real.name}.replaced-", dir=real.parent))
+    try:
+        real.rename(aside)  # onto the new empty folder: atomic, never onto an earlier aside
+    except OSError as err:
+        aside.rmdir()
+        raise ConfigError(f"{folder} holds an earlier run that cannot be set aside ({err}); "
+                          "give a subfolder (e.g. of a mounted volume) or resume it.") from None
+    print(f"statetx: the earlier run in {folder} is kept at {aside} until this run writes its "
+          "first checkpoint (it comes back if this run fails before).")
     return aside
+
+
+def leftover_asides(folder: Path) -> list[Path]:
+    """Earlier runs of ``folder`` left set aside by a process that was killed."""
+    folder = Path(folder)
+    return sorted(folder.parent.glob(f".{folder.name}.replaced-*"))
 
 
 def settle_aside(folder: Path, aside: Path | None, started: bool, existed: bool) -> None:
@@ -1032,8 +1054,8 @@ def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
         if cfg["overwrite"]:
             if any(run.iterdir()) and not looks_like_run(run):
                 raise ConfigError(f"overwrite=true would delete {run}, which does not look like a "
-                                  "statetx run directory (no statetx_run.json or vocab.json); "
-                                  "choose another output_dir/name.")
+                                  "statetx run directory (no statetx_run.json); choose another "
+                                  "output_dir/name.")
             # set aside, deleted once the new run has passed its checks (see finish_replacement)
             plan.replaced = set_aside(run)
             print(f"statetx: overwrite=true: the existing run {run} is replaced (kept aside "
@@ -1053,6 +1075,10 @@ def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
         elif any(run.iterdir()) and not looks_like_run(run):
             raise ConfigError(f"{run} exists and holds files that are not a statetx run; choose "
                               "another output_dir/name (nothing was written).")
+        elif has_checkpoints(run):
+            raise ConfigError(f"{run} holds checkpoints of an earlier run but no "
+                              "checkpoints/last.ckpt to resume from; pass overwrite=true to "
+                              "replace that run, or choose another name.")
         else:
             print(f"statetx: {run} exists but has no checkpoints/last.ckpt: training starts in "
                   "place (its files are replaced).")
@@ -1081,9 +1107,9 @@ def finish_run(run_dir: Path, model: StateTransitionModel, seconds: float) -> No
 
 
 def looks_like_run(run: Path) -> bool:
-    """Whether a folder holds a statetx run: its run record or vocabulary (a ``config.yaml``
-    or ``checkpoints/`` alone may be an arc-state run or anything else)."""
-    return any((run / n).exists() for n in (RUN_INFO_FILE, "vocab.json"))
+    """Whether a folder holds a statetx run: its run record ``statetx_run.json`` (a
+    ``config.yaml``, ``vocab.json`` or ``checkpoints/`` alone may be anything else)."""
+    return (Path(run) / RUN_INFO_FILE).is_file()
 
 
 def config_differences(saved: Mapping, current: Mapping) -> list[str]:
@@ -1135,8 +1161,12 @@ def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None
                 if verbose:
                     print(f"statetx: using checkpoint {ckdir / name}")
                 return ckdir / name
+        left = leftover_asides(run)
         raise DataError(f"{run} has no checkpoints/final.ckpt or checkpoints/last.ckpt"
-                        + _available(ckdir) + "; pass --checkpoint or check the run directory.")
+                        + _available(ckdir) + "; pass --checkpoint or check the run directory."
+                        + (f" An earlier run of this folder was set aside by a process that "
+                           f"stopped before its first checkpoint: {left[-1]} (move it back "
+                           f"to restore it)." if left else ""))
     p = Path(checkpoint)
     candidates = [p] if p.is_absolute() else [ckdir / p, ckdir / f"{p}.ckpt", run / p, p]
     for c in candidates:
@@ -1194,11 +1224,6 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *,
     return model
 
 
-# estimator parameters a resumed run may change (a checkpoint from before still belongs to it)
-_RESUMABLE_PARAMS = ("max_steps", "device", "compile", "compile_mode", "data_on_device",
-                     "progress", "log_every_n_steps")
-
-
 def _check_same_run(run: Path, path: Path, meta: Mapping) -> None:
     """A checkpoint given by path must belong to ``run`` (same settings, vocabulary and
     genes as the run's model.json): results are written into ``run``, so another run's model
@@ -1210,12 +1235,7 @@ def _check_same_run(run: Path, path: Path, meta: Mapping) -> None:
         theirs = json.loads(json.dumps(meta, default=_json_default))
     except (OSError, ValueError):
         return
-
-    def key(m: Mapping) -> list:
-        params = {k: v for k, v in m.get("params", {}).items() if k not in _RESUMABLE_PARAMS}
-        return [params, m.get("network_config"), m.get("vocab"), m.get("var_names")]
-
-    if key(mine) != key(theirs):
+    if not same_run(mine, theirs):
         raise DataError(f"checkpoint {path} does not belong to the run {run} (its settings, "
                         "vocabulary or genes differ from the run's model.json); results would "
                         "be written into the wrong run. Name the checkpoint's own run folder.")

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from statetx._heap import retained_heap
-from statetx._utils import COMPILE_MODES, MATMUL_PRECISIONS, matmul_precision_scope
+from statetx._utils import COMPILE_MODES, MATMUL_PRECISIONS, matmul_precision_scope, same_run
 from statetx.distributed import all_gather_objects, all_reduce_sum, barrier, rank_seed, world
 from statetx.errors import ConfigError, StatetxError
 from statetx.losses import full_fp32_matmul, get_loss, nanmean
@@ -176,6 +178,8 @@ class Trainer:
         self.amp = (config.precision == "bf16-mixed"
                     or (config.precision == "auto" and self.device.type == "cuda"))
         self.rank, self.world_size = world()
+        self.on_first_checkpoint: Callable[[], None] | None = None  # e.g. drop a replaced run
+        self._resume: tuple[str, dict] | None = None  # a checked checkpoint (check_resume)
         self._ddp: torch.nn.Module | None = None  # the DDP wrapper, only while fit() runs
         self._ddp_forward: torch.nn.Module | None = None  # the same, compiled when asked
         self._frozen: list[torch.nn.Parameter] = []
@@ -339,12 +343,12 @@ class Trainer:
         if self._first_bad_step is not None and int(self._first_bad_step):
             self._raise_nonfinite(math.nan, int(self._first_bad_step))
 
-    @staticmethod
-    def _raise_nonfinite(value: float, step: int) -> None:
+    def _raise_nonfinite(self, value: float, step: int) -> None:
+        kept = self.out is not None and any((self.out / "checkpoints").glob("*.ckpt"))
         raise TrainingError(
-            f"non-finite training loss ({value}) at step {step}; training stopped. The last "
-            "complete checkpoint is kept. Lower the learning rate or check the input for extreme "
-            "values."
+            f"non-finite training loss ({value}) at step {step}; training stopped."
+            + (" The last complete checkpoint is kept." if kept else "")
+            + " Lower the learning rate or check the input for extreme values."
         )
 
     def _train_step_ddp(self, batches: list[CellSetBatch]) -> dict[str, float]:
@@ -371,11 +375,7 @@ class Trainer:
             sums = [a + b for a, b in zip(sums, vals)] if sums else vals
         stats = (all_reduce_sum(torch.stack(sums)) / self.world_size).tolist()
         if not math.isfinite(stats[0]):
-            raise TrainingError(
-                f"non-finite training loss ({stats[0]}, mean over ranks) at step "
-                f"{self.state.step + 1}; training stopped. The last complete checkpoint is kept. "
-                "Lower the learning rate or check the input for extreme values."
-            )
+            self._raise_nonfinite(stats[0], self.state.step + 1)
         logs = dict(zip(keys, stats))
         params = [p for p in self.net.parameters() if p.grad is not None]
         norm = clip_gradients(params, self.cfg.gradient_clip_val)
@@ -713,9 +713,16 @@ class Trainer:
                 self.save_checkpoint(name, rank_rng)
         else:
             self.save_checkpoint(name)
+        if self.on_first_checkpoint is not None and _is_main():
+            callback, self.on_first_checkpoint = self.on_first_checkpoint, None
+            callback()
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        """Restore weights, optimiser, loop position and RNG state from a checkpoint."""
+    def check_resume(self, path: str | Path) -> dict[str, Any]:
+        """Load a checkpoint to resume from and check that it can continue this run (full
+        training state; the same settings, network, vocabulary and genes). Kept for
+        :meth:`load_checkpoint`, so that a refused resume is known before anything is written."""
+        if self._resume is not None and self._resume[0] == str(path):
+            return self._resume[1]
         ckpt = load_checkpoint_file(path)
         if "optimizer" not in ckpt:
             raise TrainingError(
@@ -723,12 +730,28 @@ class Trainer:
                 "checkpoints do); resume from the run's checkpoints/last.ckpt, or start a new "
                 "run from these weights (tx train model.kwargs.init_from=<checkpoint>).")
         mine, theirs = self.extra.get("statetx_model"), ckpt.get("statetx_model")
-        if mine is not None and theirs is not None and any(
-                mine.get(k) != theirs.get(k) for k in ("network_config", "vocab", "var_names")):
-            raise TrainingError(
-                f"cannot resume from {path}: it was trained with another network, vocabulary or "
-                "genes than this run's (a checkpoint of another run?). Resume from this run's own "
-                "checkpoints/last.ckpt, or start afresh.")
+        if mine is not None and theirs is not None:
+            mine = json.loads(json.dumps(mine, default=str))
+            # a run's own last.ckpt may continue with changed settings (e.g. a lower lr; the
+            # CLI asks for resume=force); a checkpoint from elsewhere must be of the same run
+            own = self.out is None or Path(path).resolve().parent == (
+                self.out / "checkpoints").resolve()
+            network = ("network_config", "vocab", "var_names")
+            if any(mine.get(k) != theirs.get(k) for k in network) or not (
+                    own or same_run(mine, theirs)):
+                raise TrainingError(
+                    f"cannot resume from {path}: it was trained with "
+                    + ("another network, vocabulary or genes" if own else "other settings, "
+                       "another network, vocabulary or genes (a checkpoint of another run?)")
+                    + " than this run asks for. Resume with the run's own settings and "
+                    "checkpoints/last.ckpt, or start afresh.")
+        self._resume = (str(path), ckpt)
+        return ckpt
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore weights, optimiser, loop position and RNG state from a checkpoint."""
+        ckpt = self.check_resume(path)
+        self._resume = None
         try:
             self.net.load_state_dict(ckpt.get("train_weights", ckpt["state_dict"]))
         except RuntimeError as err:

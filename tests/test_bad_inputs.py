@@ -767,3 +767,10 @@ def test_reloaded_run_rebuilds_its_splits_with_the_data_options(tmp_path):
     pred, real = loaded.predict_split("test")
     want, _ = m.predict_split("test")
     np.testing.assert_array_equal(pred.X, want.X)
+
+
+def test_save_into_a_run_folder_is_refused(model, run):
+    before = (run / "model.json").read_bytes()
+    with pytest.raises(ConfigError, match="is a training run's folder"):
+        model.save(run)
+    assert (run / "model.json").read_bytes() == before

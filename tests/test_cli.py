@@ -311,6 +311,13 @@ def test_resume_overwrite_and_config_check(data, tmp_path, capsys):
                            f'model.kwargs.init_from="{out}/r/checkpoints/final.ckpt"')) == 0
     assert "init_from" in capsys.readouterr().out
     assert [p.name for p in out.iterdir()] == ["r"]
+    # checkpoints without last.ckpt: nothing to resume, and they are not silently replaced
+    (out / "r" / "checkpoints" / "last.ckpt").unlink()
+    kept = sorted(p.name for p in (out / "r" / "checkpoints").iterdir())
+    assert main(train_args(data, out, "r")) == 2
+    assert "no checkpoints/last.ckpt to resume from; pass overwrite=true" in (
+        capsys.readouterr().err)
+    assert sorted(p.name for p in (out / "r" / "checkpoints").iterdir()) == kept
     # a folder that is not a run is never trained into
     (out / "mine").mkdir()
     (out / "mine" / "metrics.csv").write_text("my numbers\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -424,3 +425,48 @@ def test_refitting_into_the_current_folder_is_refused(synth, tmp_path, monkeypat
     with pytest.raises(ConfigError, match="is \\(or contains\\) the current folder"):
         small_model(max_steps=1).fit(synth, output_dir=".")
     assert (tmp_path / "run" / "checkpoints" / "final.ckpt").is_file()
+
+
+def test_setting_aside_never_touches_other_folders(synth, tmp_path):
+    """Earlier asides (a killed process) survive; symbolic links and folders holding other
+    runs are refused; a refused resume writes nothing into the run."""
+    run = tmp_path / "run"
+    small_model(max_steps=2, ckpt_every_n_steps=1).fit(synth, SPEC, output_dir=run)
+    leftover = tmp_path / ".run.replaced-3"  # what a killed process of PID 3 left
+    leftover.mkdir()
+    (leftover / "statetx_run.json").write_text("{}")
+    with pytest.raises(TrainingError):
+        small_model(max_steps=2, lr=1e38).fit(synth, output_dir=run)
+    assert (leftover / "statetx_run.json").is_file() and (run / "checkpoints").is_dir()
+    link = tmp_path / "link"
+    link.symlink_to(run, target_is_directory=True)
+    with pytest.raises(ConfigError, match="is a symbolic link"):
+        small_model(max_steps=1).fit(synth, output_dir=link)
+    small_model(max_steps=1).fit(synth, output_dir=run / "nested")  # a run inside the run
+    with pytest.raises(ConfigError, match="holds other runs \\(nested\\)"):
+        small_model(max_steps=1).fit(synth, output_dir=run)
+    shutil.rmtree(run / "nested")
+    before = {p: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(TrainingError, match="cannot resume"):
+        small_model(max_steps=4, model_kwargs={**SMALL, "hidden_dim": 48}).fit(
+            synth, SPEC, output_dir=run, resume_from=run / "checkpoints" / "last.ckpt")
+    assert {p: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_sigterm_unwinds_while_an_earlier_run_is_aside():
+    import os
+    import signal
+
+    from statetx.model import _sigterm_unwinds
+
+    restore = _sigterm_unwinds()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            import time
+
+            time.sleep(1)
+        assert stop.value.code == 128 + signal.SIGTERM
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGTERM) is not None
