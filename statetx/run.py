@@ -992,7 +992,8 @@ def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedDa
             warnings.simplefilter("ignore")
             arch = resolve_architecture(params["preset"], model.model_kwargs)
         arch["cell_set_len"] = model.cell_set_len_
-        cfg = config_from_params(params, arch, out / "split.toml" if split is not None else None)
+        cfg = config_from_params(params, arch, (out / "split.toml").resolve()
+                                 if split is not None else None)
     atomic_write_text(out / CONFIG_FILE, dump_config(cfg))
     info = read_run_info(out)
     info.setdefault("statetx_version", _version())
