@@ -501,6 +501,8 @@ def cmd_train(a: argparse.Namespace) -> int:
                                 attention=plan.init_attention)
         model = cls(**p)
         model._run_config = cfg
+        if plan.replaced is not None:
+            model._on_first_checkpoint = lambda: R.finish_replacement(plan, True)
         t0 = time.perf_counter()
         try:
             model.fit(None, plan.toml, output_dir=plan.run_dir, resume_from=resume)
@@ -517,7 +519,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             raise
         started = True
     finally:
-        R.finish_replacement(plan, started or (plan.run_dir / R.CHECKPOINT_DIR).exists())
+        R.finish_replacement(plan, started or R.has_checkpoints(plan.run_dir))
     seconds = time.perf_counter() - t0
     R.finish_run(plan.run_dir, model, seconds)
     hist = model.history_

@@ -460,6 +460,8 @@ class StateTransitionModel(BaseEstimator):
                 trainer.check_resume(resume_from)
             if fresh and aside is not None:  # the earlier run goes once this one has a checkpoint
                 trainer.on_first_checkpoint = lambda: settle_aside(out, aside, True, existed)
+            else:  # the CLI's overwrite=true does the same with the run it set aside
+                trainer.on_first_checkpoint = getattr(self, "_on_first_checkpoint", None)
             if out is not None and rank == 0:
                 self._write_run_files(out, prepared, split_config)
             if verbose:

@@ -1059,8 +1059,6 @@ def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
                                   "output_dir/name.")
             # set aside, deleted once the new run has passed its checks (see finish_replacement)
             plan.replaced = set_aside(run)
-            print(f"statetx: overwrite=true: the existing run {run} is replaced (kept aside "
-                  "until the new run's checks pass)")
         elif (run / CHECKPOINT_DIR / "last.ckpt").is_file():
             last = run / CHECKPOINT_DIR / "last.ckpt"
             if cfg["resume"] != "force" and (run / CONFIG_FILE).is_file():

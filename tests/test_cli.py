@@ -305,7 +305,7 @@ def test_resume_overwrite_and_config_check(data, tmp_path, capsys):
     assert (out / "r" / "config.yaml").read_text() == config
     assert (out / "r" / "statetx_run.json").read_text() == info
     assert main(train_args(data, out, "r", "training.max_steps=2", "overwrite=true")) == 0
-    assert "is replaced" in capsys.readouterr().out
+    assert "the earlier run in" in capsys.readouterr().out
     # starting the replacement from the replaced run's own weights
     assert main(train_args(data, out, "r", "training.max_steps=2", "overwrite=true",
                            f'model.kwargs.init_from="{out}/r/checkpoints/final.ckpt"')) == 0
