@@ -9,6 +9,7 @@ unpickles on a CPU-only machine) and save to a directory that loads without exec
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -380,7 +381,9 @@ class StateTransitionModel(BaseEstimator):
 
             if out.exists() and not out.is_dir():
                 raise ConfigError(f"output_dir {out} is a file; give a folder.")
-            if out.is_dir() and any(out.iterdir()) and not looks_like_run(out):
+            # (rank 0 only under torchrun: it alone writes, and may already be writing there)
+            if (os.environ.get("RANK", "0") == "0" and out.is_dir() and any(out.iterdir())
+                    and not looks_like_run(out)):
                 raise ConfigError(f"output_dir {out} holds files that are not a statetx run; "
                                   "choose an empty or new folder (nothing was written).")
         columns = self._columns()
