@@ -767,8 +767,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
             raise UsageError(f"--min-cells {a.min_cells} is above --max-cells {a.max_cells}.")
         if a.tsv is not None and not Path(a.tsv).is_file():
             raise UsageError(f"--tsv {a.tsv}: file not found.")
-        adata = _expand_cells(adata, pert_col, ct_col, control, a.tsv, a.min_cells, a.max_cells,
-                              a.seed)
+        adata = _expand_cells(adata, pert_col, control, a.tsv, a.seed)
         _say(f"model {a.model_dir}: input {c.embed_key or 'X'}, {model.n_features_in_} features; "
              f"pert_col={pert_col!r}, cell type column={ct_col!r}, batch column={batch_col!r}, "
              f"control={control!r}; attention {model.network_config_.attention}; fp32, "
@@ -779,7 +778,8 @@ def cmd_infer(a: argparse.Namespace) -> int:
             windows=a.windows, basal_pool=a.basal_pool, basal_fallback=a.basal_fallback,
             unknown_perturbation=a.unknown_perturbation, unknown_batch=a.unknown_batch,
             predict_controls=not a.no_predict_controls, all_perts=a.all_perts,
-            n_cells_per_pert=a.virtual_cells_per_pert, clip=clip,
+            n_cells_per_pert=a.virtual_cells_per_pert, min_cells=a.min_cells,
+            max_cells=a.max_cells, clip=clip,
             missing_genes=a.missing_genes, matmul_precision=a.matmul_precision,
             sets_per_pass=64 if a.batch_size is None else a.batch_size, layout=a.layout)
         if out.suffix == ".npy":
@@ -838,11 +838,10 @@ def _remap_embedding(adata: Any, key: str, model_key: str | None) -> Any:
     return adata
 
 
-def _expand_cells(adata: Any, pert_col: str, ct_col: str | None, control: str,
-                  tsv: str | None, min_cells: int | None, max_cells: int | None,
-                  seed: int) -> Any:
-    """Apply --tsv (virtual cells cloned from controls), --min-cells and --max-cells."""
-    if tsv is None and min_cells is None and max_cells is None:
+def _expand_cells(adata: Any, pert_col: str, control: str, tsv: str | None, seed: int) -> Any:
+    """Apply --tsv: that many virtual cells per listed perturbation, cloned from random control
+    cells (of any context, as the reference)."""
+    if tsv is None:
         return adata
     import anndata as ad
     import numpy as np
@@ -850,43 +849,23 @@ def _expand_cells(adata: Any, pert_col: str, ct_col: str | None, control: str,
 
     rng = np.random.default_rng([int(seed), 11])
     labels = adata.obs[pert_col].astype(str).to_numpy()
-    ctx = (adata.obs[ct_col].astype(str).to_numpy() if ct_col
-           else np.full(adata.n_obs, "all", dtype=object))
     rows: list[np.ndarray] = [np.arange(adata.n_obs)]
     new_labels: list[np.ndarray] = [labels]
-    if tsv is not None:
-        table = pd.read_csv(tsv, sep="\t")
-        if not {"perturbation", "num_cells"} <= set(table.columns):
-            raise DataError(f"--tsv {tsv}: needs columns 'perturbation' and 'num_cells' (tab "
-                            f"separated); found {', '.join(map(str, table.columns))}.")
-        ctrl = np.flatnonzero(labels == control)
-        if not len(ctrl):
-            raise DataError(f"--tsv needs control cells (obs['{pert_col}'] == '{control}').")
-        for p, n in zip(table["perturbation"].astype(str), table["num_cells"].astype(int)):
-            rows.append(ctrl[rng.integers(len(ctrl), size=n)])
-            new_labels.append(np.full(n, p, dtype=object))
+    table = pd.read_csv(tsv, sep="\t")
+    if not {"perturbation", "num_cells"} <= set(table.columns):
+        raise DataError(f"--tsv {tsv}: needs columns 'perturbation' and 'num_cells' (tab "
+                        f"separated); found {', '.join(map(str, table.columns))}.")
+    ctrl = np.flatnonzero(labels == control)
+    if not len(ctrl):
+        raise DataError(f"--tsv needs control cells (obs['{pert_col}'] == '{control}').")
+    for p, n in zip(table["perturbation"].astype(str), table["num_cells"].astype(int)):
+        rows.append(ctrl[rng.integers(len(ctrl), size=n)])
+        new_labels.append(np.full(n, p, dtype=object))
     idx = np.concatenate(rows)
-    lab = np.concatenate(new_labels)
-    if min_cells is not None or max_cells is not None:
-        keep: list[np.ndarray] = []
-        frame = pd.DataFrame({"c": ctx[idx], "p": lab})
-        for (_, p), pos in sorted(frame.groupby(["c", "p"]).indices.items()):
-            if p == control:
-                keep.append(pos)
-                continue
-            if max_cells is not None and len(pos) > max_cells:
-                pos = np.sort(rng.choice(pos, size=max_cells, replace=False))
-            if min_cells is not None and len(pos) < min_cells:
-                pos = np.concatenate([pos, rng.choice(pos, size=min_cells - len(pos))])
-            keep.append(pos)
-        sel = np.concatenate(keep)
-        idx, lab = idx[sel], lab[sel]
-    out = adata[idx].copy() if len(idx) != adata.n_obs or (idx != np.arange(adata.n_obs)).any() \
-        else adata
-    if out is not adata:
-        out.obs[pert_col] = pd.Categorical(lab)
-        names = np.asarray(adata.obs_names)[idx].astype(object)
-        out.obs_names = ad.utils.make_index_unique(pd.Index(names.astype(str)))
+    out = adata[idx].copy()
+    out.obs[pert_col] = pd.Categorical(np.concatenate(new_labels))
+    names = np.asarray(adata.obs_names)[idx].astype(object)
+    out.obs_names = ad.utils.make_index_unique(pd.Index(names.astype(str)))
     return out
 
 

@@ -41,6 +41,7 @@ from statetx.predict import (
     encode_batches,
     encode_perturbations,
     hvg_names,
+    resize_groups,
     run_groups,
 )
 from statetx.presets import build_network_config, describe, resolve_architecture
@@ -587,6 +588,7 @@ class StateTransitionModel(BaseEstimator):
                 all_perts: bool = False,
                 n_cells_per_pert: int | Mapping[str, int] | None = None,
                 perturbations: Sequence[str] | None = None,
+                min_cells: int | None = None, max_cells: int | None = None,
                 clip: Any = "auto", missing_genes: str = "error",
                 matmul_precision: str = "highest", sets_per_pass: int = 64,
                 layout: str = "statetx", keep_input: bool = False) -> ad.AnnData:
@@ -600,7 +602,9 @@ class StateTransitionModel(BaseEstimator):
         ``obsm['<embed_key>_pred']``), and the model's gene names as var. ``all_perts=True``
         also simulates every known perturbation (or those of ``perturbations``) in every context
         from ``n_cells_per_pert`` control clones (a number, or one per perturbation; default: as
-        many as the context has controls); see also :meth:`simulate`.
+        many as the context has controls); see also :meth:`simulate`. ``min_cells`` /
+        ``max_cells``: every (context, perturbation) group but the control's is cloned up to /
+        subsampled down to that many cells (seeded; clones follow the input's cells).
 
         The network runs in full fp32 (``matmul_precision="highest"``, as the reference
         predicts) whatever the global setting; ``"medium"`` lets CPUs with AMX run its products in
@@ -624,6 +628,10 @@ class StateTransitionModel(BaseEstimator):
         counts = n_cells_per_pert if isinstance(n_cells_per_pert, Mapping) else None
         if counts is None:
             check_count("n_cells_per_pert", n_cells_per_pert)
+        check_count("min_cells", min_cells)
+        check_count("max_cells", max_cells)
+        if min_cells is not None and max_cells is not None and min_cells > max_cells:
+            raise ConfigError(f"min_cells={min_cells} is above max_cells={max_cells}.")
         for k, v in (counts or {}).items():
             check_count(f"n_cells_per_pert[{k!r}]", v, 0, optional=False)
         if counts is not None and perturbations is not None and set(counts) != set(
@@ -704,6 +712,12 @@ class StateTransitionModel(BaseEstimator):
             obs, src_rows, pert, ctx, batch = self._virtual_cells(
                 adata, pert, ctx, batch, is_ctrl, control, n_cells_per_pert, seed, pert_col,
                 perturbations)
+        if min_cells is not None or max_cells is not None:
+            rows = resize_groups(ctx, pert, control, min_cells, max_cells, seed)
+            obs, src_rows, pert, ctx, batch = (obs.iloc[rows], src_rows[rows], pert[rows],
+                                               ctx[rows], batch[rows])
+            if obs.index.has_duplicates:  # clones: the cell's name with a suffix
+                obs.index = ad.utils.make_index_unique(obs.index.astype(str))
         keep = np.ones(len(pert), dtype=bool) if predict_controls else pert != control
         obs, src_rows, pert, ctx, batch = (obs[keep], src_rows[keep], pert[keep], ctx[keep],
                                            batch[keep])

@@ -217,6 +217,26 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
     return out
 
 
+def resize_groups(ctx: np.ndarray, pert: np.ndarray, control: str, min_cells: int | None,
+                  max_cells: int | None, seed: int) -> np.ndarray:
+    """Rows to predict when every (context, perturbation) group other than the control has at
+    least ``min_cells`` (clones drawn with replacement) and at most ``max_cells`` (a seeded
+    subsample): the kept rows in their order, then the clones."""
+    rng = np.random.default_rng([int(seed), 11])
+    kept, clones = [], []
+    frame = pd.DataFrame({"c": np.asarray(ctx, dtype=str), "p": np.asarray(pert, dtype=str)})
+    for (_, p), pos in sorted(frame.groupby(["c", "p"]).indices.items()):
+        if p == str(control):
+            kept.append(pos)
+            continue
+        if max_cells is not None and len(pos) > max_cells:
+            pos = rng.choice(pos, size=max_cells, replace=False)
+        if min_cells is not None and len(pos) < min_cells:
+            clones.append(rng.choice(pos, size=min_cells - len(pos)))
+        kept.append(pos)
+    return np.concatenate([np.sort(np.concatenate(kept)), *clones]).astype(np.int64)
+
+
 def hvg_names(adata: ad.AnnData) -> list[str] | None:
     """Gene names of the columns of ``obsm['X_hvg']``: ``uns['X_hvg_var_names']`` or the genes
     flagged in ``var['highly_variable']`` (None when neither is there)."""

@@ -309,3 +309,24 @@ def test_predict_split_without_a_decoder_compares_in_the_prediction_space():
     pred, real = model.predict_split("test")
     assert pred.shape == real.shape == (pred.n_obs, 10)
     assert list(pred.var_names) == list(real.var_names)
+
+
+def test_min_and_max_cells_per_group(fitted):
+    model, adata = fitted
+    sizes = lambda out: out.obs.groupby(["cell_type", "gene"], observed=True).size()  # noqa: E731
+    n_in = sizes(adata)
+    out = model.predict(adata, min_cells=40, max_cells=50, seed=3)
+    got = sizes(out)
+    for (ct, g), n in n_in.items():
+        want = n if g == "ctrl" else min(max(n, 40), 50)
+        assert got[(ct, g)] == want
+    assert out.obs_names.is_unique
+    kept = out.obs_names[out.obs_names.isin(adata.obs_names)]
+    assert list(kept) == [c for c in adata.obs_names if c in set(kept)]  # input order kept
+    again = model.predict(adata, min_cells=40, max_cells=50, seed=3)
+    np.testing.assert_array_equal(out.X, again.X)
+    controls = adata[adata.obs["gene"] == "ctrl"].copy()
+    sim = model.simulate(controls, ["P1"], n_cells=3, min_cells=5)
+    assert (sizes(sim).xs("P1", level="gene") == 5).all()
+    with pytest.raises(Exception, match="min_cells=9 is above max_cells=2"):
+        model.predict(adata, min_cells=9, max_cells=2)
