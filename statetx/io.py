@@ -266,8 +266,7 @@ def obs_labels(obs: pd.DataFrame, col: str, where: str, option: str,
         cats = np.asarray([_label_str(c) for c in s.cat.categories], dtype=object)
         out = cats[np.maximum(s.cat.codes.to_numpy(), 0)]
     else:
-        out = np.asarray([MISSING_LABEL if m else _label_str(v)
-                          for v, m in zip(s.to_numpy(), isna)], dtype=object)
+        out = np.asarray([_label_str(v) for v in s.to_numpy()], dtype=object)
     if missing:
         out[isna] = MISSING_LABEL
     return out

@@ -907,8 +907,7 @@ class StateTransitionModel(BaseEstimator):
         """A copy of the input rows with the predictions placed as arc-state's tx infer does."""
         c = self.columns_
         rng = clip_range(clip, self._expression_output, self.is_log1p_)
-        out = adata[src_rows].copy() if len(src_rows) != adata.n_obs or (
-            src_rows != np.arange(adata.n_obs)).any() else adata.copy()
+        out = adata[src_rows].copy()
         out.obs = obs
 
         def place(x: np.ndarray, names: list[str] | None, key: str | None,
@@ -1122,7 +1121,7 @@ class StateTransitionModel(BaseEstimator):
                 setattr(model, k + "_", v)
         if "split_summary" in meta:
             model.split_summary_ = pd.DataFrame(**meta["split_summary"])
-        return model.to(target) if target.type != "cpu" else model
+        return model.to(target)
 
     @classmethod
     def _from_metadata(cls, meta: dict, state: dict[str, torch.Tensor],

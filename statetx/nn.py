@@ -640,11 +640,11 @@ class StateTransitionNetwork(nn.Module):
         """Predict perturbed cells for B sets of S cells.
 
         basal [B,S,D_in] float, pert [B,S,P] float, batch_index [B,S] int64 (needed with a batch
-        encoder, ignored otherwise; -1 = the mean of the batch embeddings), valid_mask [B,S] bool
-        (True = real cell; masked positions are not attended to and their outputs are zero).
-        With a gene decoder: ``detach_decoder`` decodes the prediction without passing gradients
-        back into the network; ``decoder_input`` [B,S,D_out] is decoded instead of the
-        prediction.
+        encoder, ignored otherwise; -1 in evaluation mode = the mean of the batch embeddings),
+        valid_mask [B,S] bool (True = real cell; masked positions are not attended to and their
+        outputs are zero). With a gene decoder: ``detach_decoder`` decodes the prediction
+        without passing gradients back into the network; ``decoder_input`` [B,S,D_out] is
+        decoded instead of the prediction.
         """
         c = self.config
         self._check_inputs(basal, pert, batch_index, valid_mask)
@@ -654,7 +654,9 @@ class StateTransitionNetwork(nn.Module):
 
         e_b = self.basal_encoder(basal)
         x = self.pert_encoder(pert) + e_b
-        if self.batch_encoder is not None:  # index -1: the mean embedding (an unseen batch)
+        if self.batch_encoder is not None and self.training:
+            x = x + self.batch_encoder(batch_index)
+        elif self.batch_encoder is not None:  # index -1: the mean embedding (an unseen batch)
             table = self.batch_encoder.weight
             table = torch.cat([table, table.mean(0, keepdim=True)])
             x = x + F.embedding(batch_index.where(batch_index >= 0, len(table) - 1), table)

@@ -289,10 +289,8 @@ def encode_perturbations(labels: np.ndarray, vocab: Vocab, unknown: str) -> np.n
 
 def encode_batches(labels: np.ndarray, vocab: Vocab, unknown: str) -> np.ndarray:
     """Batch indices for a batch-encoder model; unknown labels → error, index 0 ("first") or -1
-    ("mean": the network uses the mean of its batch embeddings)."""
-    if unknown not in ("error", "first", "mean"):
-        raise ConfigError(f"unknown_batch={unknown!r} is invalid; expected 'error', 'first' or "
-                          "'mean'.")
+    ("mean": the network uses the mean of its batch embeddings); ``unknown`` is checked by
+    :meth:`StateTransitionModel.predict`."""
     codes = vocab.encode("batch", labels, on_unknown="ignore")
     bad = codes < 0
     if bad.any():
