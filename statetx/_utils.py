@@ -112,12 +112,19 @@ RESUMABLE_PARAMS = ("max_steps", "device", "compile", "compile_mode", "data_on_d
                     "progress", "log_every_n_steps")
 
 
+# estimator parameters added after runs were first written, with their defaults (a record
+# without one was written with the default)
+LATER_PARAMS = {"drop_last": False, "exclude_self": False, "downsample_cells": None,
+                "gene_name_col": None}
+
+
 def same_run(mine: dict, theirs: dict) -> bool:
     """Whether two model metadata records (``model.json`` / a checkpoint's ``statetx_model``)
     describe the same run: settings (those a resume may change aside), network, vocabulary
     and genes."""
     def key(m: dict) -> list:
-        params = {k: v for k, v in (m.get("params") or {}).items() if k not in RESUMABLE_PARAMS}
+        params = {**LATER_PARAMS, **(m.get("params") or {})}
+        params = {k: v for k, v in params.items() if k not in RESUMABLE_PARAMS}
         return [params, m.get("network_config"), m.get("vocab"), m.get("var_names")]
 
     return key(mine) == key(theirs)

@@ -256,7 +256,7 @@ class _Baseline(BaseEstimator):
                               "or 'all_controls'.")
         if adata.n_obs == 0:
             raise DataError("the input AnnData has no cells (n_obs = 0).")
-        x = align_genes(adata, self.var_names_, c.embed_key, missing_genes)
+        x = align_genes(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
         if self._expression_output:
             check_scale(x, self.is_log1p_)
         pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")

@@ -187,7 +187,10 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _flag(pr, "--shared-only", action="store_true",
           help="only perturbations present in both the training split and the evaluated split")
     _flag(pr, "--eval-train-data", action="store_true", help="evaluate the training split")
-    pr.add_argument("--pseudobulk", action="store_true", help="(not supported yet)")
+    pr.add_argument("--pseudobulk", action="store_true",
+                    help="keep running means per (cell type, perturbation) instead of cells: "
+                    "memory independent of the number of cells; the AnnData outputs hold one row "
+                    "per group and only metrics defined on pseudobulks are computed (no DE)")
     pr.add_argument("--split", default="test", choices=["test", "val", "train"])
     _flag(pr, "--num-threads", type=int, default=None,
           help="DE threads (default: the CPUs available to the process)")
@@ -338,7 +341,8 @@ def _add_evaluate(sp: Any) -> None:
     sc.add_argument("-I", "--base-input", "--base_input", dest="base_input", required=True)
     sc.add_argument("-o", "--output", default="score.csv")
     sc.set_defaults(func=cmd_evaluate_score)
-    pp = _sub(evs, "prep", "package a prediction for the VCC (not supported yet)")
+    pp = _sub(evs, "prep", "package a prediction for the Virtual Cell Challenge (a .vcc "
+              "archive: zstd-compressed h5ad and a watermark)")
     pp.add_argument("-i", "--input", required=True)
     pp.add_argument("-g", "--genes", required=True)
     pp.add_argument("-o", "--output")
@@ -615,10 +619,16 @@ def cmd_predict(a: argparse.Namespace) -> int:
     run = Path(a.output_dir)
     if not run.is_dir():
         raise UsageError(f"--output-dir {run}: run directory not found.")
-    if a.pseudobulk:
-        raise ConfigError("--pseudobulk is not supported by statetx yet; leave it out.")
     if a.predict_only and a.skip_adatas:
         raise UsageError("--predict-only with --skip-adatas would write nothing.")
+    skip = ["pearson_edistance", "clustering_agreement"]
+    if a.pseudobulk and not a.predict_only:
+        from statetx.metrics.evaluate import CELL_LEVEL_METRICS, PROFILES
+
+        skip = CELL_LEVEL_METRICS
+        if not set(PROFILES[a.profile]) - set(skip):
+            raise UsageError(f"--profile {a.profile} has only metrics that need the cells (DE); "
+                             "with --pseudobulk use --profile anndata, pds or full.")
     model = load_run(run, a.checkpoint)
     c = model.columns_
     _say(f"run {run}; pert_col={c.pert_col!r}, cell_type_key={c.cell_type_key!r}, "
@@ -630,15 +640,17 @@ def cmd_predict(a: argparse.Namespace) -> int:
         _say(f"test-time fine-tuning: {a.test_time_finetune} steps on the {split} split's "
              "control cells (Adam, lr 1e-5)")
         model.finetune_on_controls(a.test_time_finetune, split, seed=a.seed)
-    pred, real = model.predict_split(split, seed=a.seed, matmul_precision=a.matmul_precision)
+    pred, real = model.predict_split(split, seed=a.seed, matmul_precision=a.matmul_precision,
+                                     pseudobulk=a.pseudobulk)
     if a.shared_only:
         pred, real = _shared_only(model, prepared, split, pred, real)
     ck = getattr(model, "checkpoint_path_", None)
     out = run / (f"eval_{'' if split == 'test' else split + '_'}"
                  f"{ck.name if ck is not None else 'model'}")
     out.mkdir(parents=True, exist_ok=True)
-    _say(f"{split} split: {pred.n_obs} cells, {pred.obs[c.pert_col].nunique()} perturbations; "
-         f"writing to {out}")
+    cells = int(pred.obs["n_cells"].sum()) if a.pseudobulk else pred.n_obs
+    _say(f"{split} split: {cells} cells, {pred.obs[c.pert_col].nunique()} perturbations"
+         + (f" ({pred.n_obs} pseudobulks)" if a.pseudobulk else "") + f"; writing to {out}")
     if not a.skip_adatas:
         _write_h5ad(pred, out / "adata_pred.h5ad")
         _write_h5ad(real, out / "adata_real.h5ad")
@@ -648,7 +660,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if evaluate is None:
         _say("statetx.metrics is not available: metrics skipped (predictions written).")
         return EXIT_OK
-    skip = ["pearson_edistance", "clustering_agreement"]
+    if a.pseudobulk:
+        _say("--pseudobulk: metrics that need the cells (DE, pearson_edistance, "
+             "clustering_agreement) are skipped")
     _, agg = evaluate(pred, real, pert_col=c.pert_col, control_pert=c.control_pert,
                       celltype_col=c.cell_type_key, profile=a.profile, outdir=out,
                       skip_metrics=skip, num_threads=a.num_threads)
@@ -1028,7 +1042,19 @@ def cmd_evaluate_score(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_prep(a: argparse.Namespace) -> int:
-    raise ConfigError("evaluate prep (VCC submission packaging) is not supported by statetx yet.")
+    from statetx.metrics.vcc import prep_output_path, prep_vcc
+
+    if not Path(a.genes).is_file():
+        raise UsageError(f"{a.genes}: file not found.")
+    adata = _read(a.input)
+    _say(f"prep {a.input}: {adata.n_obs} cells x {adata.n_vars} genes, pert_col={a.pert_col!r}, "
+         f"control={a.ntc_name!r}, gene list {a.genes}, encoding {a.encoding}")
+    out = prep_vcc(adata, a.genes, a.output or prep_output_path(a.input),
+                   pert_col=a.pert_col, control_pert=a.ntc_name, encoding=a.encoding,
+                   expected_gene_dim=a.expected_gene_dim, max_cell_dim=a.max_cell_dim)
+    _say(f"wrote {out} ({adata.n_obs} cells x {adata.n_vars} genes, "
+         f"{out.stat().st_size / 1e6:.1f} MB)")
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------

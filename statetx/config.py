@@ -229,6 +229,7 @@ class ColumnMap(BaseModel):
     control_pert: str | None = None
     embed_key: str | None = None
     output_space: Literal["gene", "all", "embedding"] = "gene"
+    gene_name_col: str | None = None  # var column naming the genes (None: var_names)
 
     @classmethod
     def build(cls, **kwargs: Any) -> ColumnMap:

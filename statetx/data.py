@@ -128,7 +128,8 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
     for name in names:
         if name in memory:
             files.append(from_anndata(memory[name], name, c.pert_col, c.cell_type_key,
-                                      c.batch_col, drop_missing=drop_missing))
+                                      c.batch_col, drop_missing=drop_missing,
+                                      gene_name_col=c.gene_name_col))
             continue
         if name not in config.datasets:
             section, key = next((s, k) for s in ("training", "zeroshot", "fewshot")
@@ -146,7 +147,7 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
             )
         for path in config.resolve_paths(name):
             files.append(open_file(path, name, c.pert_col, c.cell_type_key, c.batch_col,
-                                   drop_missing))
+                                   drop_missing, c.gene_name_col))
     return files
 
 

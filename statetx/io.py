@@ -80,6 +80,7 @@ class DataFile:
     path: Path | None = None
     obsm_keys: list[str] = field(default_factory=list)
     uns_log1p: bool = False
+    gene_name_col: str | None = None  # var column the gene names (var_names above) came from
     dropped: np.ndarray | None = None  # rows left out for a missing label (drop_missing_labels)
 
     @property
@@ -192,9 +193,10 @@ MISSING_LABEL = "\x00missing"  # the label of a dropped cell (never a real label
 
 def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: str,
                  batch_col: str | None, label: str | None = None,
-                 drop_missing: bool = False) -> DataFile:
+                 drop_missing: bool = False, gene_name_col: str | None = None) -> DataFile:
     """Wrap an in-memory AnnData (labels are copied, the matrix is not). ``drop_missing``:
-    cells with a missing (NaN) label are left out (said once) instead of being an error."""
+    cells with a missing (NaN) label are left out (said once) instead of being an error.
+    ``gene_name_col``: the var column naming the genes (default: var_names)."""
     label = label or f"<AnnData '{dataset}'>"
     if adata.n_obs == 0:
         raise DataError(f"{label} has no cells (n_obs = 0).")
@@ -218,15 +220,17 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
         batch=labels[2] if batch_col else np.full(adata.n_obs, "0", dtype=object),
         dropped=dropped if dropped is not None and dropped.any() else None,
         barcodes=np.asarray(adata.obs_names, dtype=object),
-        var_names=np.asarray(adata.var_names, dtype=object),
+        var_names=gene_names(adata, gene_name_col, label),
         adata=adata,
         obsm_keys=list(adata.obsm.keys()),
         uns_log1p="log1p" in adata.uns,
+        gene_name_col=gene_name_col,
     )
 
 
 def open_file(path: Path, dataset: str, pert_col: str, cell_type_key: str,
-              batch_col: str | None, drop_missing: bool = False) -> DataFile:
+              batch_col: str | None, drop_missing: bool = False,
+              gene_name_col: str | None = None) -> DataFile:
     """Open an .h5ad/.h5 file lazily: obs and var are read, matrices stay on disk."""
     try:
         backed = ad.read_h5ad(path, backed="r")
@@ -234,7 +238,8 @@ def open_file(path: Path, dataset: str, pert_col: str, cell_type_key: str,
         raise DataError(f"could not read {path} as an AnnData file: {exc}") from exc
     try:
         f = from_anndata(backed, dataset, pert_col, cell_type_key, batch_col,
-                         label=Path(path).name, drop_missing=drop_missing)
+                         label=Path(path).name, drop_missing=drop_missing,
+                         gene_name_col=gene_name_col)
         f.adata, f.path = None, Path(path)
     finally:
         backed.file.close()
@@ -318,7 +323,8 @@ def feature_names(f: DataFile, source: str | None) -> list[str]:
     """Names of the columns of X (var names) or of an obsm source.
 
     ``X_hvg`` columns are named from ``uns['X_hvg_var_names']`` (written by statetx preprocessing)
-    or from ``var['highly_variable']``; other obsm matrices get ``<key>_<i>``.
+    or from ``var['highly_variable']`` (see :func:`hvg_names`); other obsm matrices get
+    ``<key>_<i>``.
     """
     if source is None:
         return [str(v) for v in f.var_names]
@@ -335,16 +341,54 @@ def feature_names(f: DataFile, source: str | None) -> list[str]:
 
 
 def _hvg_names(f: DataFile) -> list[str] | None:
-    if f.adata is not None:
-        a = f.adata
-    else:
-        a = ad.read_h5ad(f.path, backed="r")
+    a = f.adata if f.adata is not None else ad.read_h5ad(f.path, backed="r")
     try:
-        if "X_hvg_var_names" in a.uns:
-            return [str(x) for x in np.asarray(a.uns["X_hvg_var_names"])]
-        if "highly_variable" in a.var.columns:
-            return [str(x) for x in a.var_names[a.var["highly_variable"].to_numpy(bool)]]
-        return None
+        return hvg_names(a, f.gene_name_col, f.label)
     finally:
         if f.adata is None:
             a.file.close()
+
+
+def gene_names(adata: ad.AnnData, gene_name_col: str | None = None,
+               where: str = "the input") -> np.ndarray:
+    """Names of the genes of X: ``var_names``, or the var column ``gene_name_col`` (which must
+    exist, be complete and be unique)."""
+    if gene_name_col is None:
+        return np.asarray(adata.var_names, dtype=object)
+    var = adata.var
+    if gene_name_col not in var.columns:
+        raise DataError(f"var column '{gene_name_col}' (gene_name_col) not found in {where} "
+                        f"(available: {preview(var.columns, 12) or 'none'})."
+                        f"{did_you_mean(gene_name_col, var.columns)}")
+    col = var[gene_name_col]
+    if col.isna().any():
+        raise DataError(f"var['{gene_name_col}'] of {where} has {int(col.isna().sum())} missing "
+                        f"gene names (genes {preview(var.index[col.isna().to_numpy()])}); fill "
+                        "them, or leave gene_name_col unset to use var_names.")
+    names = pd.Index(col.astype(str))
+    if names.has_duplicates:
+        raise DataError(f"var['{gene_name_col}'] of {where} names several genes alike: "
+                        f"{preview(names[names.duplicated()].unique())}. Make them unique, or "
+                        "leave gene_name_col unset to use var_names.")
+    return np.asarray(names, dtype=object)
+
+
+def hvg_names(adata: ad.AnnData, gene_name_col: str | None = None,
+              where: str = "the input") -> list[str] | None:
+    """Gene names of the columns of ``obsm['X_hvg']``: ``uns['X_hvg_var_names']`` or the genes
+    flagged in ``var['highly_variable']`` (None when neither is there), named by
+    ``gene_name_col`` when given."""
+    if "X_hvg_var_names" in adata.uns:
+        names = [str(x) for x in np.asarray(adata.uns["X_hvg_var_names"])]
+        if gene_name_col is None:
+            return names
+        pos = adata.var_names.get_indexer(names)
+        if (pos < 0).any():
+            raise DataError(f"uns['X_hvg_var_names'] of {where} names genes that are not var "
+                            f"names ({preview(np.asarray(names)[pos < 0])}), so they cannot be "
+                            f"renamed by var['{gene_name_col}'].")
+        return [str(x) for x in gene_names(adata, gene_name_col, where)[pos]]
+    if "highly_variable" in adata.var.columns:
+        flags = adata.var["highly_variable"].to_numpy(bool)
+        return [str(x) for x in gene_names(adata, gene_name_col, where)[flags]]
+    return None

@@ -28,11 +28,12 @@ from statetx._utils import did_you_mean, matmul_precision_scope, preview, umask_
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import PreparedData, prepare
 from statetx.errors import ConfigError, DataError
-from statetx.io import obs_labels
+from statetx.io import gene_names, obs_labels
 from statetx.losses import get_loss, split_loss_kwargs
 from statetx.nn import NetworkConfig, StateTransitionNetwork
 from statetx.predict import (
     Group,
+    GroupMeans,
     align_genes,
     check_count,
     check_matmul_precision,
@@ -87,6 +88,10 @@ class StateTransitionModel(BaseEstimator):
     embed_key, output_space
         Cell representation (None = ``X``; else an obsm key such as ``X_hvg``) and output space
         (``gene``, ``all``, ``embedding``).
+    gene_name_col
+        var column holding the gene names (e.g. symbols when ``var_names`` are Ensembl IDs);
+        genes are matched and outputs named by it, in training and prediction alike (every
+        input then needs the column). None (default) = ``var_names``.
     cell_set_len
         Cells per set (default: the preset's).
     batch_size, max_steps, lr
@@ -144,6 +149,18 @@ class StateTransitionModel(BaseEstimator):
     val_subsample_fraction
         Validate on the first ⌈n · fraction⌉ of the n validation parts (dataset, file, cell
         type), sorted (reference semantics; default 1.0 = all).
+    drop_last
+        Drop the sets of a group's remainder (fewer than ``cell_set_len`` cells) instead of
+        padding them with cells drawn from the group, and an incomplete last batch (default
+        False).
+    exclude_self
+        Never pair a control target cell with itself as its basal cell (default False: the
+        reference may).
+    downsample_cells
+        Train and validate on at most this many cells of each (context, perturbation) group: a
+        random subset drawn once from ``seed``, the same in every epoch (for data-scaling
+        experiments or to balance groups); basal cells are still drawn from all control cells,
+        and predictions use every cell. None (default) = all cells.
     dtype
         Storage of the training matrices (``float32`` or ``float16``).
     data_loading
@@ -179,6 +196,7 @@ class StateTransitionModel(BaseEstimator):
         control_pert: str | None = None,
         embed_key: str | None = None,
         output_space: str = "gene",
+        gene_name_col: str | None = None,
         model_kwargs: dict | None = None,
         cell_set_len: int | None = None,
         batch_size: int | None = None,
@@ -212,6 +230,9 @@ class StateTransitionModel(BaseEstimator):
         val_subsample_fraction: float = 1.0,
         drop_missing_labels: bool = False,
         yield_controls: bool = True,
+        drop_last: bool = False,
+        exclude_self: bool = False,
+        downsample_cells: int | None = None,
         dtype: str = "float32",
         data_loading: str = "memory",
         stream_chunk_size: int = 4096,
@@ -228,6 +249,7 @@ class StateTransitionModel(BaseEstimator):
         self.control_pert = control_pert
         self.embed_key = embed_key
         self.output_space = output_space
+        self.gene_name_col = gene_name_col
         self.model_kwargs = model_kwargs
         self.cell_set_len = cell_set_len
         self.batch_size = batch_size
@@ -261,6 +283,9 @@ class StateTransitionModel(BaseEstimator):
         self.val_subsample_fraction = val_subsample_fraction
         self.drop_missing_labels = drop_missing_labels
         self.yield_controls = yield_controls
+        self.drop_last = drop_last
+        self.exclude_self = exclude_self
+        self.downsample_cells = downsample_cells
         self.dtype = dtype
         self.data_loading = data_loading
         self.stream_chunk_size = stream_chunk_size
@@ -274,7 +299,8 @@ class StateTransitionModel(BaseEstimator):
     def _columns(self) -> ColumnMap:
         return ColumnMap.build(pert_col=self.pert_col, cell_type_key=self.cell_type_key,
                                batch_col=self.batch_col, control_pert=self.control_pert,
-                               embed_key=self.embed_key, output_space=self.output_space)
+                               embed_key=self.embed_key, output_space=self.output_space,
+                               gene_name_col=self.gene_name_col)
 
     def _resolve_preset(self, n_train_cells: int) -> str:
         """``preset="auto"``: ``small`` below :data:`AUTO_SMALL_MAX_CELLS` training cells, else
@@ -355,6 +381,7 @@ class StateTransitionModel(BaseEstimator):
                               "in (0, 1].")
         for name in ("batch_size", "cell_set_len", "max_steps"):
             check_count(name, getattr(self, name))
+        check_count("downsample_cells", self.downsample_cells)
         cfg = self._train_config({"max_steps": 1, "lr": 0.0, "weight_averaging": averaging})
         get_loss(cfg.loss, **cfg.loss_options)  # loss option errors before reading data
         if self.lr is not None:
@@ -434,6 +461,9 @@ class StateTransitionModel(BaseEstimator):
         samplers = {
             name: make_sampler(split, vocab, set_len, settings["batch_size"], stream=stream,
                                seed=int(self.seed) + i, pairing=self._pairing(),
+                               drop_last=bool(self.drop_last),
+                               exclude_self=bool(self.exclude_self),
+                               downsample_cells=self.downsample_cells,
                                **({"rank": rank, "world_size": world} if name == "train" else {}))
             for i, (name, split) in enumerate(prepared.splits.items()) if name in ("train", "val")
         }
@@ -662,7 +692,7 @@ class StateTransitionModel(BaseEstimator):
                 "control cells by name (statetx_ctrl_barcode). Make them unique first "
                 "(adata.obs_names_make_unique())."
             )
-        x_in = align_genes(adata, self.var_names_, c.embed_key, missing_genes)
+        x_in = align_genes(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
         bad = ~np.isfinite(x_in).all(axis=1)
         if bad.any():
             raise DataError(
@@ -915,10 +945,10 @@ class StateTransitionModel(BaseEstimator):
             """Into X (key None) or obsm[key] when it has x's width, columns matched by gene
             name where both sides have names (else by position); otherwise obsm[fallback]."""
             if key is None:
-                width, dest = out.n_vars, list(map(str, out.var_names))
+                width, dest = out.n_vars, list(map(str, gene_names(out, c.gene_name_col)))
             elif key in out.obsm:
                 width = np.shape(out.obsm[key])[1]
-                dest = hvg_names(out) if key == "X_hvg" else None
+                dest = hvg_names(out, c.gene_name_col) if key == "X_hvg" else None
             else:  # a new obsm entry
                 width, dest = x.shape[1], None
             if width == x.shape[1] and names is not None and dest is not None:
@@ -947,7 +977,8 @@ class StateTransitionModel(BaseEstimator):
 
     def predict_split(self, split: str = "test", *, seed: int = 42, clip: Any = "auto",
                       windows: str = "balanced", controls: str = "predicted",
-                      matmul_precision: str = "highest") -> tuple[ad.AnnData, ad.AnnData]:
+                      matmul_precision: str = "highest",
+                      pseudobulk: bool = False) -> tuple[ad.AnnData, ad.AnnData]:
         """Predict the held-out cells of a split of the fitted spec: ``(adata_pred, adata_real)``.
 
         Same cells in the same order in both; obs has the perturbation, cell type and batch
@@ -957,6 +988,13 @@ class StateTransitionModel(BaseEstimator):
         ``controls="real"`` copies the real control cells into the prediction (the VCC
         convention, and what the baselines do), so that every model's deltas are measured from
         the same real controls. ``matmul_precision``: as in :meth:`predict`.
+
+        ``pseudobulk=True`` (``tx predict --pseudobulk``) returns one row per (cell type,
+        perturbation) instead: the mean of the same cells' (clipped) predictions and real
+        values, accumulated while predicting, so memory does not grow with the number of cells;
+        obs has the perturbation and cell type columns and ``n_cells``. Metrics computed from
+        pseudobulks (``pearson_delta``, ``mse``, ``mae``, the discrimination scores, …) are the
+        same on these rows as on the cells; DE needs the cells.
         """
         check_matmul_precision(matmul_precision)
         if controls not in ("predicted", "real"):
@@ -985,10 +1023,13 @@ class StateTransitionModel(BaseEstimator):
             key = f"{split}\x00{cx}\x00{p}" + (f"\x00{bt}" if by_batch else "")
             groups.append(Group(out_rows, pool, int(p), d.batch[rows[idx]], key))
         order = np.asarray(order)
-        res = run_groups(self.network_, d.X, groups, self.vocab_.pert_matrix(), len(order),
-                         set_len=self.cell_set_len_, seed=seed, window_mode=windows,
-                         device=next(self.network_.parameters()).device,
-                         matmul_precision=matmul_precision)
+        run = partial(run_groups, self.network_, d.X, groups, self.vocab_.pert_matrix(),
+                      len(order), set_len=self.cell_set_len_, seed=seed, window_mode=windows,
+                      device=next(self.network_.parameters()).device,
+                      matmul_precision=matmul_precision)
+        if pseudobulk:
+            return self._split_pseudobulks(d, order, run, clip, controls)
+        res = run()
         v, c = self.vocab_, self.columns_
         obs = pd.DataFrame({
             c.pert_col: pd.Categorical(np.asarray(v.perturbations, dtype=object)[d.pert[order]]),
@@ -1014,6 +1055,42 @@ class StateTransitionModel(BaseEstimator):
             pred.obs.loc[is_ctrl, "ctrl_cell_barcode"] = pred.obs.loc[is_ctrl, "pert_cell_barcode"]
         return pred, real
 
+    def _split_pseudobulks(self, d: Any, order: np.ndarray, run: Callable, clip: Any,
+                           controls: str) -> tuple[ad.AnnData, ad.AnnData]:
+        """``predict_split(pseudobulk=True)``: per (cell type, perturbation) means of the
+        predictions (accumulated by ``run``) and of the real cells (read a block at a time)."""
+        v, c = self.vocab_, self.columns_
+        n_p = len(v.perturbations)
+        uniq, row_group = np.unique(d.cell_type[order] * n_p + d.pert[order], return_inverse=True)
+        row_group = row_group.reshape(-1)
+        rng = clip_range(clip, self._expression_output, self.is_log1p_)
+        means = GroupMeans(row_group, len(uniq), rng)
+        run(means=means)
+        decodes = "counts" in means.sums
+        real_src = d.counts if d.counts is not None and decodes else d.X
+        real = np.zeros((len(uniq), real_src.shape[1]), dtype=np.float64)
+        src_rows = torch.from_numpy(order)
+        for lo in range(0, len(order), 4096):
+            x = real_src[src_rows[lo:lo + 4096]].float().numpy()
+            x = np.clip(x, *rng) if rng is not None else x
+            g = row_group[lo:lo + 4096]
+            runs = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])  # groups are runs of rows
+            np.add.at(real, g[runs], np.add.reduceat(x, runs, axis=0, dtype=np.float64))
+        real = (real / means.n_cells[:, None]).astype(np.float32)
+        cts, perts = np.divmod(uniq, n_p)
+        names = np.asarray(v.perturbations, dtype=object)[perts]
+        obs = pd.DataFrame({
+            c.pert_col: pd.Categorical(names),
+            c.cell_type_key: pd.Categorical(np.asarray(v.cell_types, dtype=object)[cts]),
+            "n_cells": means.n_cells,
+        }, index=pd.Index([f"pseudobulk{i}" for i in range(len(uniq))]))
+        pred = self._output({"pred": means.means("pred"), "counts": means.means("counts")},
+                            obs.copy(), None)
+        if controls == "real" and not decodes:
+            is_ctrl = names == v.control_pert
+            pred.X[is_ctrl] = real[is_ctrl]
+        return pred, ad.AnnData(X=real, obs=obs, var=pred.var.copy())
+
     def score(self, adata: ad.AnnData, **predict_options: Any) -> float:
         """Mean Pearson correlation of predicted vs real mean shift (perturbed − control).
 
@@ -1022,7 +1099,8 @@ class StateTransitionModel(BaseEstimator):
         real cells; higher is better (1 = perfect direction of every shift).
         """
         pred = self.predict(adata, predict_controls=False, **predict_options)
-        x_real = align_genes(adata, self.var_names_, self.columns_.embed_key)
+        x_real = align_genes(adata, self.var_names_, self.columns_.embed_key,
+                             gene_name_col=self.columns_.gene_name_col)
         c = self.columns_
         if pred.n_vars != x_real.shape[1]:
             raise DataError("score() needs the prediction and the input in the same space.")

@@ -31,6 +31,7 @@ from statetx._utils import (
     sample_rows,
 )
 from statetx.errors import ConfigError, DataError
+from statetx.io import gene_names, hvg_names
 from statetx.nn import STOutput
 from statetx.vocab import Vocab
 
@@ -62,15 +63,41 @@ def group_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(key.encode())])
 
 
+class GroupMeans:
+    """Running per-group means of the network outputs (``pseudobulk`` prediction): no
+    per-cell output matrix is held. ``row_group`` [n_out] maps output rows to ``n_groups``
+    groups (every set lies in one group); ``clip`` bounds each cell's expression output
+    (``counts`` when the network decodes genes, else ``pred``) before it is averaged."""
+
+    def __init__(self, row_group: np.ndarray, n_groups: int,
+                 clip: tuple[float, float] | None) -> None:
+        self.row_group, self.clip = row_group, clip
+        self.n_cells = np.bincount(row_group, minlength=n_groups)
+        self.sums: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, rows: np.ndarray, x: np.ndarray, clipped: bool) -> None:
+        if clipped and self.clip is not None:
+            x = np.clip(x, *self.clip)
+        total = self.sums.setdefault(name, np.zeros((len(self.n_cells), x.shape[1])))
+        total[self.row_group[rows[0]]] += x.sum(0, dtype=np.float64)
+
+    def means(self, name: str) -> np.ndarray | None:
+        """[n_groups, D] float32 means (None when nothing was added under ``name``)."""
+        if name not in self.sums:
+            return None
+        return (self.sums[name] / np.maximum(self.n_cells, 1)[:, None]).astype(np.float32)
+
+
 @torch.no_grad()
 def run_groups(network: torch.nn.Module, basal_source: np.ndarray | torch.Tensor,
                groups: Sequence[Group], pert_matrix: np.ndarray, n_out: int, *, set_len: int,
                seed: int = 42, window_mode: str = "balanced", sets_per_pass: int = 64,
                device: torch.device | str = "cpu", matmul_precision: str = "highest",
-               ) -> dict[str, np.ndarray]:
+               means: GroupMeans | None = None) -> dict[str, np.ndarray | None]:
     """Predict every group; returns ``pred`` [n_out, D_out], optional ``counts`` [n_out, G],
     ``basal_row`` [n_out] (row of basal_source used) and ``set_id`` [n_out]. The network runs
-    at ``matmul_precision`` (validated by the caller, see :func:`check_matmul_precision`)."""
+    at ``matmul_precision`` (validated by the caller, see :func:`check_matmul_precision`).
+    With ``means`` the outputs go into it instead (``pred`` and ``counts`` are None)."""
     network.eval()
     src = basal_source if isinstance(basal_source, torch.Tensor) else torch.from_numpy(
         np.ascontiguousarray(basal_source, dtype=np.float32))
@@ -91,9 +118,11 @@ def run_groups(network: torch.nn.Module, basal_source: np.ndarray | torch.Tensor
         raise DataError("nothing to predict: no cells were given.")
     # outputs allocated before the heap is retained: freed later, they go back to the kernel
     c_net = network.config
-    preds = np.zeros((n_out, c_net.output_dim), dtype=np.float32)
-    counts = (np.zeros((n_out, c_net.gene_dim), dtype=np.float32)
-              if getattr(network, "gene_decoder", None) is not None else None)
+    decodes = getattr(network, "gene_decoder", None) is not None
+    preds = counts = None
+    if means is None:
+        preds = np.zeros((n_out, c_net.output_dim), dtype=np.float32)
+        counts = np.zeros((n_out, c_net.gene_dim), dtype=np.float32) if decodes else None
     order = sorted(range(len(sets)), key=lambda i: -len(sets[i][0]))  # similar lengths together
     heap = retained_heap() if torch.device(device).type == "cpu" else contextlib.nullcontext()
     with heap, matmul_precision_scope(matmul_precision):
@@ -101,8 +130,13 @@ def run_groups(network: torch.nn.Module, basal_source: np.ndarray | torch.Tensor
             chunk = [sets[i] for i in order[lo:lo + sets_per_pass]]
             out = _forward_chunk(network, src, pmat, chunk, device)
             p = out.pred.float().cpu().numpy()
-            c = None if counts is None else out.counts.float().cpu().numpy()
+            c = out.counts.float().cpu().numpy() if decodes else None
             for j, (rows, *_rest) in enumerate(chunk):
+                if means is not None:
+                    means.add("pred", rows, p[j, :len(rows)], clipped=not decodes)
+                    if c is not None:
+                        means.add("counts", rows, c[j, :len(rows)], clipped=True)
+                    continue
                 preds[rows] = p[j, :len(rows)]
                 if c is not None:
                     counts[rows] = c[j, :len(rows)]
@@ -169,13 +203,14 @@ def clip_range(clip, expression: bool, log1p: bool = True) -> tuple[float, float
 
 # ---------------------------------------------------------------------- new data
 def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
-                missing_genes: str = "error") -> np.ndarray:
+                missing_genes: str = "error", gene_name_col: str | None = None) -> np.ndarray:
     """The model-input matrix of ``adata``, columns in the model's order.
 
     ``embed_key`` other than ``X_hvg``: ``obsm[embed_key]`` (width checked). Otherwise genes are
     matched by name: ``obsm['X_hvg']`` when it carries names (``uns['X_hvg_var_names']`` or
-    ``var['highly_variable']``), else ``X`` and ``var_names``. Extra genes are dropped; missing
-    ones are an error listing them, or zeros with ``missing_genes="zero"``.
+    ``var['highly_variable']``), else ``X`` and ``var_names`` (or the var column
+    ``gene_name_col``). Extra genes are dropped; missing ones are an error listing them, or
+    zeros with ``missing_genes="zero"``.
     """
     if missing_genes not in ("error", "zero"):
         raise ConfigError(f"missing_genes={missing_genes!r} is invalid; expected 'error' or "
@@ -189,9 +224,9 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
             raise DataError(f"obsm['{embed_key}'] has {m.shape[1]} columns but the model expects "
                             f"{len(genes)}.")
         return m
-    names, matrix, where = list(map(str, adata.var_names)), adata.X, "X"
+    names, matrix, where = list(map(str, gene_names(adata, gene_name_col))), adata.X, "X"
     if embed_key == "X_hvg" and "X_hvg" in adata.obsm:
-        names = hvg_names(adata) or names
+        names = hvg_names(adata, gene_name_col) or names
         matrix, where = adata.obsm["X_hvg"], "obsm['X_hvg']"
     index = pd.Index(names)
     if index.has_duplicates:
@@ -235,16 +270,6 @@ def resize_groups(ctx: np.ndarray, pert: np.ndarray, control: str, min_cells: in
             clones.append(rng.choice(pos, size=min_cells - len(pos)))
         kept.append(pos)
     return np.concatenate([np.sort(np.concatenate(kept)), *clones]).astype(np.int64)
-
-
-def hvg_names(adata: ad.AnnData) -> list[str] | None:
-    """Gene names of the columns of ``obsm['X_hvg']``: ``uns['X_hvg_var_names']`` or the genes
-    flagged in ``var['highly_variable']`` (None when neither is there)."""
-    if "X_hvg_var_names" in adata.uns:
-        return list(map(str, adata.uns["X_hvg_var_names"]))
-    if "highly_variable" in adata.var:
-        return list(map(str, adata.var_names[adata.var["highly_variable"].to_numpy(bool)]))
-    return None
 
 
 def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input") -> None:

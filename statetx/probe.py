@@ -87,7 +87,8 @@ def _group_energies(model: StateTransitionModel, adata: ad.AnnData, n_groups: in
     pred = model.predict(adata, seed=seed, predict_controls=False, **predict_options)
     key = f"{c.embed_key}_pred"
     latent = np.asarray(pred.obsm.get(key, pred.X), dtype=np.float32)
-    real_all = align_genes(adata, model.var_names_, c.embed_key)
+    real_all = align_genes(adata, model.var_names_, c.embed_key,
+                           gene_name_col=c.gene_name_col)
     if latent.shape[1] != real_all.shape[1]:
         raise DataError("probe_attention compares predictions with the input cells, but this "
                         f"model predicts {latent.shape[1]} values per cell from "

@@ -23,14 +23,36 @@ from statetx.vocab import Vocab
 PAIRINGS = ("random", "batch")
 
 
-def check_sampler_options(pairing: str, cell_set_len: int, batch_size: int) -> None:
-    """ConfigError for an unknown pairing or a non-positive set length or batch size."""
+def check_sampler_options(pairing: str, cell_set_len: int, batch_size: int,
+                          downsample_cells: int | None = None) -> None:
+    """ConfigError for an unknown pairing, a non-positive set length or batch size, or a
+    ``downsample_cells`` below 1."""
     if pairing not in PAIRINGS:
         raise ConfigError(f"basal_mapping_strategy={pairing!r} is invalid; expected 'random' "
                           "or 'batch'.")
     if cell_set_len < 1 or batch_size < 1:
         raise ConfigError(f"cell_set_len ({cell_set_len}) and batch_size ({batch_size}) must "
                           "be positive integers.")
+    if downsample_cells is not None and (isinstance(downsample_cells, bool)
+                                         or int(downsample_cells) != downsample_cells
+                                         or downsample_cells < 1):
+        raise ConfigError(f"downsample_cells={downsample_cells!r} must be a positive integer "
+                          "(cells kept per group) or None (all cells).")
+
+
+def cap_group_cells(group: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
+    """Boolean mask keeping at most ``cap`` entries of each distinct value of ``group``: a
+    random subset drawn once from ``seed`` (option ``downsample_cells``; None keeps all)."""
+    keep = np.ones(len(group), dtype=bool)
+    if cap is None or len(group) == 0:
+        return keep
+    priority = np.random.default_rng([int(seed), 0, 11]).random(len(group))
+    order = np.lexsort((priority, group))
+    sorted_group = group[order]
+    starts = np.flatnonzero(np.r_[True, sorted_group[1:] != sorted_group[:-1]])
+    rank = np.arange(len(group)) - np.repeat(starts, np.diff(np.r_[starts, len(group)]))
+    keep[order[rank >= int(cap)]] = False
+    return keep
 
 
 @dataclass
@@ -104,17 +126,22 @@ class CellSetSampler:
         Drop sets shorter than ``S`` (instead of padding) and an incomplete last batch.
     exclude_self
         Never pair a control target with itself (when its pool has another cell).
+    downsample_cells
+        Use at most this many cells of each group (a seeded random subset, the same in every
+        epoch; the control pools keep all their cells). None = all.
     rank, world_size
         Shard the sets of each epoch across distributed ranks without overlap.
     """
 
     def __init__(self, data: SplitData, vocab: Vocab, cell_set_len: int, batch_size: int, *,
                  seed: int = 42, pairing: str = "random", drop_last: bool = False,
-                 exclude_self: bool = False, rank: int = 0, world_size: int = 1) -> None:
-        check_sampler_options(pairing, cell_set_len, batch_size)
+                 exclude_self: bool = False, downsample_cells: int | None = None,
+                 rank: int = 0, world_size: int = 1) -> None:
+        check_sampler_options(pairing, cell_set_len, batch_size, downsample_cells)
         self.data, self.vocab = data, vocab
         self.S, self.B, self.seed = int(cell_set_len), int(batch_size), int(seed)
         self.pairing, self.drop_last, self.exclude_self = pairing, drop_last, exclude_self
+        self.downsample_cells = downsample_cells
         self.rank, self.world_size = rank, world_size
         self.pert_matrix = torch.from_numpy(vocab.pert_matrix())
         self.groups, self.group_pool = self._groups()
@@ -149,6 +176,13 @@ class CellSetSampler:
         stacked = np.stack([k[order] for k in keys], axis=1)
         cut = np.flatnonzero((np.diff(stacked, axis=0) != 0).any(axis=1)) + 1
         groups = np.split(rows[order], cut)
+        if self.downsample_cells is not None:  # drawn in row order, as the streaming sampler
+            gid = np.empty(len(d.is_target), dtype=np.int64)
+            gid[np.concatenate(groups)] = np.repeat(np.arange(len(groups)), np.diff(
+                np.r_[0, cut, len(rows)]))
+            keep = np.zeros(len(gid), dtype=bool)
+            keep[rows] = cap_group_cells(gid[rows], self.downsample_cells, self.seed)
+            groups = [g[keep[g]] for g in groups]
         first = np.array([g[0] for g in groups], dtype=np.int64)
         pool_key = d.context[first] if self.pairing == "random" else (
             d.context[first] * (len(self.vocab.batches) + 1) + d.batch[first])

@@ -51,7 +51,7 @@ from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.data import DataInput, PreparedData, SplitData, _sources, prepare, split_labels
 from statetx.errors import ConfigError, DataError
 from statetx.io import DataFile
-from statetx.sets import CellSetBatch, CellSetSampler, check_sampler_options
+from statetx.sets import CellSetBatch, CellSetSampler, cap_group_cells, check_sampler_options
 from statetx.vocab import Vocab
 
 DATA_LOADINGS = ("memory", "stream")
@@ -393,7 +393,8 @@ class StreamingCellSetSampler:
     ----------
     data
         The training split (:class:`StreamSplit`).
-    vocab, cell_set_len, batch_size, seed, pairing, drop_last, exclude_self, rank, world_size
+    vocab, cell_set_len, batch_size, seed, pairing, drop_last, exclude_self, downsample_cells,
+    rank, world_size
         As for :class:`~statetx.sets.CellSetSampler`. With ``world_size > 1`` every rank trains
         on its own windows (window ``w`` goes to rank ``w % world_size``); ranks with fewer sets
         repeat their first ones so that every rank yields the same number of batches.
@@ -409,16 +410,18 @@ class StreamingCellSetSampler:
 
     def __init__(self, data: StreamSplit, vocab: Vocab, cell_set_len: int, batch_size: int, *,
                  seed: int = 42, pairing: str = "random", drop_last: bool = False,
-                 exclude_self: bool = False, rank: int = 0, world_size: int = 1,
+                 exclude_self: bool = False, downsample_cells: int | None = None,
+                 rank: int = 0, world_size: int = 1,
                  buffer_chunks: int = DEFAULT_BUFFER_CHUNKS,
                  max_controls: int | None = None, prefetch: bool = True) -> None:
-        check_sampler_options(pairing, cell_set_len, batch_size)
+        check_sampler_options(pairing, cell_set_len, batch_size, downsample_cells)
         stream_settings("stream", data.chunk_size, buffer_chunks, max_controls)
         if not (0 <= rank < world_size):
             raise ConfigError(f"rank={rank} must lie in [0, world_size={world_size}).")
         self.data, self.vocab = data, vocab
         self.S, self.B, self.seed = int(cell_set_len), int(batch_size), int(seed)
         self.pairing, self.drop_last, self.exclude_self = pairing, drop_last, exclude_self
+        self.downsample_cells = downsample_cells
         self.rank, self.world_size = int(rank), int(world_size)
         self.buffer_chunks, self.max_controls = int(buffer_chunks), max_controls
         self.pert_matrix = torch.from_numpy(vocab.pert_matrix())
@@ -448,6 +451,9 @@ class StreamingCellSetSampler:
         n_p = len(self.vocab.perturbations)
         batch = d.batch[rows] if self.pairing == "batch" else 0
         key = (d.context[rows] * n_b + batch) * n_p + d.pert[rows]
+        if self.downsample_cells is not None:
+            keep = cap_group_cells(key, self.downsample_cells, self.seed)
+            rows, key = rows[keep], key[keep]
         uniq, inv = np.unique(key, return_inverse=True)
         self.target_rows = rows                          # sorted split rows that form sets
         self.target_group = inv.reshape(-1).astype(np.int64)

@@ -144,6 +144,32 @@ def test_predict_both_spellings(run, capsys):
     assert "using checkpoint" in printed and "matmul precision medium" in printed
 
 
+def test_predict_pseudobulk_gives_the_cell_level_metrics(run, capsys):
+    import anndata as ad
+    import pandas as pd
+
+    args = ["tx", "predict", "--output-dir", str(run), "--profile", "full"]
+    assert main(args) == 0
+    out = run / "eval_final.ckpt"
+    cells = pd.read_csv(out / "CT2_results.csv").set_index("perturbation")
+    n_cells = ad.read_h5ad(out / "adata_pred.h5ad").n_obs
+    assert main([*args, "--pseudobulk"]) == 0
+    printed = capsys.readouterr().out
+    assert "pseudobulks" in printed and "DE, pearson_edistance" in printed
+    pb = pd.read_csv(out / "CT2_results.csv").set_index("perturbation")
+    pred = ad.read_h5ad(out / "adata_pred.h5ad")
+    assert pred.n_obs == pred.obs["gene"].nunique() and pred.obs["n_cells"].sum() == n_cells
+    shared = ["pearson_delta", "mse", "mae", "mse_delta", "mae_delta",
+              "discrimination_score_l1", "discrimination_score_l2",
+              "discrimination_score_cosine"]
+    assert set(shared) <= set(pb.columns) and not {"overlap_at_N", "pr_auc"} & set(pb.columns)
+    pd.testing.assert_frame_equal(pb[shared], cells.loc[pb.index, shared], rtol=1e-4,
+                                  atol=1e-6)
+    # a profile of DE metrics only cannot be computed from pseudobulks: refused before predicting
+    assert main([*args[:4], "--profile", "de", "--pseudobulk"]) == 2
+    assert "--profile de has only metrics that need the cells" in capsys.readouterr().err
+
+
 def test_predict_with_test_time_finetuning(run, capsys):
     import anndata as ad
 

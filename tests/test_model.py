@@ -330,3 +330,73 @@ def test_min_and_max_cells_per_group(fitted):
     assert (sizes(sim).xs("P1", level="gene") == 5).all()
     with pytest.raises(Exception, match="min_cells=9 is above max_cells=2"):
         model.predict(adata, min_cells=9, max_cells=2)
+
+
+def test_sampler_options_reach_training(synth, tmp_path):
+    """downsample_cells / drop_last / exclude_self: estimator parameters and `tx train` keys."""
+    from statetx.cli import main
+    from statetx.errors import ConfigError
+
+    def epochs(**kw) -> int:
+        m = small_model(max_steps=12, val_freq=100, **kw).fit(synth)
+        return int(m.history_["epoch"].max())
+
+    full, capped = epochs(), epochs(downsample_cells=8)
+    assert capped > full  # one set per group: epochs are shorter
+    assert epochs(drop_last=True, exclude_self=True) >= full
+    with pytest.raises(ConfigError, match="downsample_cells=0"):
+        small_model(downsample_cells=0).fit(synth)
+    data = tmp_path / "data"
+    data.mkdir()
+    synth.write_h5ad(data / "data.h5ad")
+    (data / "split.toml").write_text(f'[datasets]\ndata = "{data}"\n{SPEC}')
+    args = ["tx", "train", f"data.kwargs.toml_config_path={data / 'split.toml'}",
+            "data.kwargs.pert_col=gene", *TINY_CLI, "training.max_steps=2",
+            f"output_dir={tmp_path}", "name=run", "data.kwargs.downsample_cells=8",
+            "data.kwargs.drop_last=true", "data.kwargs.exclude_self=true"]
+    assert main(args) == 0
+    from statetx.run import load_run
+
+    params = load_run(tmp_path / "run").get_params()
+    assert (params["downsample_cells"], params["drop_last"], params["exclude_self"]) == (
+        8, True, True)
+
+
+def _cell_means(adata, c, key=None):
+    """(pert, cell type) -> mean row of X (or obsm[key]) and cell count."""
+    groups = adata.obs.groupby([c.pert_col, c.cell_type_key], observed=True).indices
+    x = adata.X if key is None else adata.obsm[key]
+    return {k: (np.asarray(x[i]).mean(0), len(i)) for k, i in groups.items()}
+
+
+@pytest.mark.parametrize("decoder", [False, True])
+def test_predict_split_pseudobulk_equals_cell_means(fitted, synth_embedding, decoder):
+    if decoder:  # embedding in, genes out: X = decoded genes, obsm = latent predictions
+        model = small_model(embed_key="X_pca", output_space="all", max_steps=2,
+                            model_kwargs={**SMALL, "gene_decoder_bool": True})
+        model.fit(synth_embedding, SPEC)
+        assert model.network_.gene_decoder is not None
+    else:
+        model = fitted[0]
+    c = model.columns_
+    pred, real = model.predict_split("test", seed=3)
+    pb_pred, pb_real = model.predict_split("test", seed=3, pseudobulk=True)
+    assert pb_pred.n_obs == pb_real.n_obs == len(_cell_means(pred, c))
+    assert list(pb_pred.var_names) == list(pred.var_names)
+    for cells, pb in ((pred, pb_pred), (real, pb_real)):
+        means = _cell_means(cells, c)
+        for i, (p, ct, n) in enumerate(pb.obs[[c.pert_col, c.cell_type_key, "n_cells"]].values):
+            mean, count = means[(p, ct)]
+            assert n == count
+            np.testing.assert_allclose(pb.X[i], mean, rtol=1e-5, atol=1e-5)
+    if decoder:
+        key = f"{c.embed_key}_pred"
+        latent = _cell_means(pred, c, key)
+        for i, (p, ct) in enumerate(pb_pred.obs[[c.pert_col, c.cell_type_key]].values):
+            np.testing.assert_allclose(pb_pred.obsm[key][i], latent[(p, ct)][0], rtol=1e-5,
+                                       atol=1e-5)
+    # controls="real": the control pseudobulk is the real one
+    pb_pred, pb_real = model.predict_split("test", pseudobulk=True, controls="real")
+    ctrl = (pb_pred.obs[c.pert_col] == c.control_pert).to_numpy()
+    if not decoder:
+        np.testing.assert_array_equal(pb_pred.X[ctrl], pb_real.X[ctrl])

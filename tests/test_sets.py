@@ -374,10 +374,55 @@ def test_float16_storage(kang_log):
 
 
 # ---------------------------------------------------------------------------------------------
+# downsample_cells
+
+
+def group_of(prep: PreparedData, rows: np.ndarray) -> list[tuple[int, int]]:
+    d = prep.splits["train"]
+    return list(zip(d.context[rows].tolist(), d.pert[rows].tolist()))
+
+
+@pytest.mark.parametrize("cap", [1, 3, 6])
+def test_downsample_cells_fixed_subset_per_group(syn, cap):
+    s = sampler(syn, S=4, B=3, seed=5, downsample_cells=cap)
+    kept = {}
+    for epoch in range(4):
+        targets, basal = all_sets(s, epoch)
+        cells = np.unique(targets)
+        counts = pd.Series(group_of(syn, cells)).value_counts()
+        # at most `cap` distinct cells of each group, every group still present
+        assert len(counts) == len(RANDOM_GROUPS)
+        assert (counts <= cap).all()
+        assert sorted(counts.tolist()) == sorted(min(cap, n) for n in RANDOM_GROUPS.values())
+        kept.setdefault("first", set(cells))
+        assert set(cells) == kept["first"]  # the same subset in every epoch
+        assert len(list(s.batches(epoch))) == len(s)
+    # the number of batches follows the capped groups; basal cells come from all controls
+    assert len(s) == -(-n_sets([min(cap, n) for n in RANDOM_GROUPS.values()], 4) // 3)
+    d = syn.splits["train"]
+    basal_seen = np.unique(np.concatenate([all_sets(s, e)[1].ravel() for e in range(6)]))
+    assert len(basal_seen) > len(np.intersect1d(basal_seen, list(kept["first"])))
+    assert d.is_control[basal_seen].all()
+
+
+def test_downsample_cells_seeded_and_above_group_size_is_a_no_op(syn):
+    a = np.unique(all_sets(sampler(syn, seed=1, downsample_cells=2))[0])
+    b = np.unique(all_sets(sampler(syn, seed=1, downsample_cells=2))[0])
+    c = np.unique(all_sets(sampler(syn, seed=2, downsample_cells=2))[0])
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    full, capped = sampler(syn, seed=1), sampler(syn, seed=1, downsample_cells=10_000)
+    for e in range(2):
+        assert np.array_equal(all_sets(full, e)[0], all_sets(capped, e)[0])
+
+
+# ---------------------------------------------------------------------------------------------
 # option validation
 
 
 def test_invalid_options(syn):
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ConfigError, match="downsample_cells="):
+            sampler(syn, downsample_cells=bad)
     with pytest.raises(ConfigError, match="basal_mapping_strategy='batches'"):
         sampler(syn, pairing="batches")
     with pytest.raises(ConfigError, match="cell_set_len \\(0\\)"):

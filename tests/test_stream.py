@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -128,6 +129,19 @@ def test_every_training_cell_once_per_epoch_without_padding(h5):
     assert s.padding_fraction(0) > sampler(h5, buffer_chunks=1000).padding_fraction(0)
     other = [b.target_rows for b in s.batches(1)]
     assert not np.array_equal(other[0], next(iter(s.batches(0))).target_rows)
+
+
+@pytest.mark.filterwarnings("ignore:.*are padding")  # 3 cells per group, sets of 8
+def test_downsample_cells_keeps_the_in_memory_subset(h5):
+    s = sampler(h5, downsample_cells=3, buffer_chunks=1000)
+    seen = np.unique(np.concatenate([b.target_rows.reshape(-1) for b in s.batches(0)]))
+    mem = prepare(None, _spec(h5), COLUMNS)
+    ref = CellSetSampler(mem.splits["train"], mem.vocab, 8, 4, seed=1, downsample_cells=3)
+    ref_seen = np.unique(np.concatenate([b.target_rows.reshape(-1) for b in ref.batches(0)]))
+    assert np.array_equal(seen, ref_seen)
+    d = s.data
+    groups = pd.Series(list(zip(d.context[seen], d.pert[seen]))).value_counts()
+    assert (groups <= 3).all() and len(seen) < d.is_target.sum()
 
 
 def test_the_whole_matrix_is_never_loaded(tmp_path, monkeypatch):

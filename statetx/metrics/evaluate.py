@@ -30,6 +30,8 @@ ANNDATA_METRICS = [
     "discrimination_score_l2", "discrimination_score_cosine", "pearson_edistance",
     "clustering_agreement",
 ]
+# metrics that need the cells, not only the (cell type, perturbation) pseudobulks
+CELL_LEVEL_METRICS = [*DE_METRICS, "pearson_edistance", "clustering_agreement"]
 # statetx extras (not in cell-eval, metrics.md §12): only in the "extended" profile
 EXTRA_METRICS = ["pearson_delta_centroid", "centroid_accuracy"]
 PROFILES: dict[str, list[str]] = {
