@@ -191,7 +191,7 @@ def statetx_logged_speed(run_dir: Path) -> float | None:
     """statetx's own ``cells_per_s`` (last log window) from its metrics.csv."""
     for path in sorted(run_dir.rglob("metrics.csv")):
         with path.open() as fh:
-            vals = [r["value"] for r in csv.DictReader(fh) if r.get("key") == "cells_per_s"]
+            vals = [r["cells_per_s"] for r in csv.DictReader(fh) if r.get("cells_per_s")]
         if vals:
             return float(vals[-1])
     return None

@@ -1415,7 +1415,9 @@ def _start_at_mean_response(network: StateTransitionNetwork, train, vocab: Vocab
 def _history_frame(history: list[dict]) -> pd.DataFrame:
     if not history:
         return pd.DataFrame(columns=["step"])
-    return pd.DataFrame(history).groupby("step", as_index=False).first()
+    # runs written before the CSV became wide logged the training loss as "loss"
+    frame = pd.DataFrame(history).rename(columns={"loss": "train_loss"})
+    return frame.groupby("step", as_index=False).first()
 
 
 def _json_default(o: Any) -> Any:

@@ -318,7 +318,7 @@ class Trainer:
             loss.backward()
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + nanmean(v.detach()) / len(batches)
-            logs["loss"] = logs.get("loss", 0.0) + loss.detach()
+            logs["train_loss"] = logs.get("train_loss", 0.0) + loss.detach()
         params = [p for p in self.net.parameters() if p.grad is not None]
         logs["grad_norm"] = clip_gradients(params, self.cfg.gradient_clip_val)
         self.opt.step()
@@ -371,7 +371,7 @@ class Trainer:
                 loss.backward()
             vals = [loss.detach().float()] + [nanmean(v.detach()).float() / n
                                               for v in parts.values()]
-            keys = keys or ["loss", *parts]
+            keys = keys or ["train_loss", *parts]
             sums = [a + b for a, b in zip(sums, vals)] if sums else vals
         stats = (all_reduce_sum(torch.stack(sums)) / self.world_size).tolist()
         if not math.isfinite(stats[0]):
@@ -543,7 +543,7 @@ class Trainer:
         """The progress line: train loss, last validation loss, gradient norm, cells/s."""
         val = next((h["val_loss"] for h in reversed(self.state.history)
                     if not math.isnan(h.get("val_loss", math.nan))), None)
-        fields = {"loss": f"{logs['loss']:.4f}"}
+        fields = {"loss": f"{logs['train_loss']:.4f}"}
         if val is not None:
             fields["val"] = f"{val:.4f}"
         if "grad_norm" in logs:
@@ -632,19 +632,34 @@ class Trainer:
         row = {"step": self.state.step, "epoch": self.state.epoch, **logs}
         self.state.history.append(row)
         if self.out is not None and _is_main():
-            path = self.out / "metrics.csv"
-            new = not path.exists()
-            with path.open("a", newline="") as fh:
-                w = csv.writer(fh)
-                if new:
-                    w.writerow(["step", "epoch", "key", "value"])
-                for k, v in logs.items():
-                    w.writerow([row["step"], row["epoch"], k, v])
+            self._write_metrics(row)
             writer = self._tensorboard()
             if writer is not None:
                 for k, v in logs.items():
                     writer.add_scalar(k, v, row["step"])
                 writer.flush()
+
+    def _write_metrics(self, row: dict[str, float]) -> None:
+        """``metrics.csv``, one column per logged value (blank where a row has none): the row is
+        appended, or the file is rewritten from the history when a new column appears (and
+        once per fit, so that a resumed run's file holds exactly its history)."""
+        path = self.out / "metrics.csv"
+        columns = getattr(self, "_csv_columns", None)
+        if columns is not None and set(row) <= set(columns):
+            with path.open("a", newline="") as fh:
+                csv.DictWriter(fh, columns).writerow(row)
+            return
+        columns = list(dict.fromkeys(k for r in self.state.history for k in r))
+        self._csv_columns = columns
+
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as fh:
+                w = csv.DictWriter(fh, columns)
+                w.writeheader()
+                w.writerows({**r, "step": int(r["step"]), "epoch": int(r["epoch"])}
+                            for r in self.state.history)
+
+        atomic_write(path, write)
 
     def _tensorboard(self):
         """A TensorBoard writer on ``<output_dir>/tensorboard`` when tensorboard is installed."""
@@ -824,14 +839,19 @@ def clip_gradients(params: list[torch.nn.Parameter], clip: float | None) -> torc
     return norm
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file in the same folder, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:

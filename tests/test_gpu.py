@@ -30,7 +30,8 @@ def test_cells_on_device_train_like_cells_on_host(synth):
     b = small_model(max_steps=6, data_on_device="never", **EXACT).fit(synth, SPEC)
     wa, wb = _weights(a), _weights(b)
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
-    assert a.history_["loss"].iloc[-1] == pytest.approx(b.history_["loss"].iloc[-1], rel=1e-5)
+    la, lb = a.history_["train_loss"], b.history_["train_loss"]
+    assert la.iloc[-1] == pytest.approx(lb.iloc[-1], rel=1e-5)
 
 
 def test_non_finite_on_cuda_names_the_step_and_writes_nothing_after(synth, tmp_path):
@@ -64,12 +65,13 @@ def test_non_finite_on_cuda_names_the_step_and_writes_nothing_after(synth, tmp_p
 def test_compiled_training_matches_eager(synth):
     a = small_model(max_steps=6, compile=True, **EXACT).fit(synth, SPEC)
     b = small_model(max_steps=6, **EXACT).fit(synth, SPEC)
-    assert np.allclose(a.history_["loss"].dropna(), b.history_["loss"].dropna(), rtol=1e-3)
+    la, lb = (m.history_["train_loss"].dropna() for m in (a, b))
+    assert np.allclose(la, lb, rtol=1e-3)
 
 
 def test_bf16_cuda_model_pickles_to_cpu(synth):
     m = small_model(max_steps=20, device="cuda").fit(synth, SPEC)
-    losses = m.history_["loss"].dropna()  # rows of validation-only steps carry no loss
+    losses = m.history_["train_loss"].dropna()  # rows of validation-only steps carry no loss
     assert len(losses) and np.isfinite(losses).all()
     x = np.random.default_rng(0).random((2, 8, m.n_features_in_), dtype=np.float32)
     on_gpu = m.predict_sets(x, ["P0", "P1"])
@@ -86,4 +88,5 @@ def test_compiled_bf16_training_matches_eager(synth, mode):
     a = small_model(max_steps=8, device="cuda", compile=True, compile_mode=mode).fit(synth, SPEC)
     assert torch.get_float32_matmul_precision() == prev  # restored after training at "highest"
     b = small_model(max_steps=8, device="cuda").fit(synth, SPEC)
-    assert np.allclose(a.history_["loss"].dropna(), b.history_["loss"].dropna(), rtol=2e-2)
+    la, lb = (m.history_["train_loss"].dropna() for m in (a, b))
+    assert np.allclose(la, lb, rtol=2e-2)

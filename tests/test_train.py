@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from test_model import SMALL, SPEC, small_model
@@ -38,7 +39,8 @@ def test_checkpoints_written_and_last_is_latest(synth, tmp_path):
     best = load_checkpoint_file(ck / "best.ckpt")
     assert last["train_state"]["step"] == 8
     assert best["train_state"]["step"] == best["train_state"]["best_step"] in (4, 8)
-    assert (tmp_path / "metrics.csv").read_text().count("val_loss") == 2
+    logged = pd.read_csv(tmp_path / "metrics.csv")
+    assert logged["val_loss"].notna().sum() == 2 and logged["step"].max() == 8
     for name in ("vocab.json", "var_dims.json", "split.toml", "split_summary.csv"):
         assert (tmp_path / name).is_file()
 
@@ -60,9 +62,18 @@ def _resumed(synth, tmp_path, **kw) -> tuple:
 
 
 def test_resume_is_bit_identical(synth, tmp_path):
-    full, part = _resumed(synth, tmp_path, val_freq=5, ckpt_every_n_steps=5)
+    full, part = _resumed(synth, tmp_path, val_freq=5, ckpt_every_n_steps=5,
+                          log_every_n_steps=2)
     wa, wb = weights(full), weights(part)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # metrics.csv: one column per value, and the resumed run's file is the full run's
+    a, b = (pd.read_csv(tmp_path / r / "metrics.csv") for r in ("a", "b"))
+    assert {"step", "epoch", "train_loss", "val_loss", "grad_norm", "lr"} <= set(a.columns)
+    same = [c for c in a.columns if "per_s" not in c]
+    # (the stopped run also logged its last step, 5: its own history, kept)
+    after = [r[r["step"] != 5].reset_index(drop=True)[same] for r in (a, b)]
+    pd.testing.assert_frame_equal(*after)
+    assert list(a["step"]) == [2, 4, 5, 6, 8, 10, 10] and a["step"].dtype == b["step"].dtype
     other_seed = small_model(max_steps=10, val_freq=5, seed=1).fit(synth, FEWSHOT)
     assert not all(torch.equal(wa[k], v) for k, v in weights(other_seed).items())
 
@@ -235,7 +246,8 @@ def test_compiled_bf16_training_compiles_network_and_loss_together(synth):
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     assert torch.get_float32_matmul_precision() == prev
     b = small_model(max_steps=6, precision="bf16-mixed").fit(synth, SPEC)
-    assert np.allclose(a.history_["loss"].dropna(), b.history_["loss"].dropna(), rtol=1e-2)
+    la, lb = (m.history_["train_loss"].dropna() for m in (a, b))
+    assert np.allclose(la, lb, rtol=1e-2)
 
 
 def test_retained_heap_reuses_freed_memory(monkeypatch):
@@ -319,7 +331,7 @@ def test_regularization_adds_mean_abs_change(synth):
     model = small_model(loss_kwargs={"regularization": 0.5}, max_steps=2).fit(synth)
     reg = model.history_["regularization"]
     assert (reg > 0).all()
-    np.testing.assert_allclose(model.history_["loss"],
+    np.testing.assert_allclose(model.history_["train_loss"],
                                model.history_["main_loss"] + 0.5 * reg, rtol=1e-5)
 
 
@@ -348,7 +360,8 @@ def test_decoder_weight_and_alias(synth, alias):
     model = small_model(**kw, loss_kwargs={alias: 0.25}, max_steps=2).fit(emb)
     h = model.history_
     assert (h["decoder_loss"] > 0).all()
-    np.testing.assert_allclose(h["loss"], h["main_loss"] + 0.25 * h["decoder_loss"], rtol=1e-5)
+    np.testing.assert_allclose(h["train_loss"], h["main_loss"] + 0.25 * h["decoder_loss"],
+                               rtol=1e-5)
 
 
 def test_detach_decoder_keeps_decoder_gradients_out_of_the_network(synth):
@@ -379,8 +392,8 @@ def test_fresh_fit_into_a_used_folder_replaces_the_earlier_run(synth, tmp_path):
     small_model(max_steps=3, seed=1).fit(synth, output_dir=tmp_path)  # no spec: all train
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert "best.ckpt" not in names and "step=4.ckpt" not in names
-    steps = [int(r.split(",")[0]) for r in (tmp_path / "metrics.csv").read_text().splitlines()[1:]]
-    assert steps == sorted(steps) and max(steps) == 3
+    steps = pd.read_csv(tmp_path / "metrics.csv")["step"]
+    assert steps.is_monotonic_increasing and steps.max() == 3
     # nothing of the earlier run survives to be mistaken for this one's
     assert not (tmp_path / "split.toml").exists() and not (tmp_path / "eval_final.ckpt").exists()
     assert not list(tmp_path.parent.glob(f".{tmp_path.name}.replaced-*"))
@@ -403,7 +416,7 @@ def test_failed_fit_leaves_the_earlier_run_in_its_folder(synth, tmp_path):
 
 def test_logging_interval_and_throughput_columns(synth):
     m = small_model(max_steps=6, log_every_n_steps=2, val_freq=100).fit(synth)
-    logged = m.history_.dropna(subset=["loss"])
+    logged = m.history_.dropna(subset=["train_loss"])
     assert list(logged["step"]) == [2, 4, 6]
     assert (logged["steps_per_s"] > 0).all() and (logged["cells_per_s"] > 0).all()
     # cells per step = batch_size * cell_set_len
