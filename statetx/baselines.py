@@ -243,7 +243,8 @@ class _Baseline(BaseEstimator):
         (``basal_fallback='all_controls'`` uses every control when a cell type has none).
         Labels not in the fitted vocabulary raise, or are predicted as the control
         (``unknown_perturbation='control'``: the basal cell itself) or as a perturbation without
-        training cells (``'zeros'``).
+        training cells (``'zeros'``). Control cells are copied into the output as they are,
+        whatever ``predict_controls``.
         """
         self._check_fitted()
         c = self.columns_
@@ -269,7 +270,7 @@ class _Baseline(BaseEstimator):
         encode_perturbations(pert[~is_ctrl], self.vocab_, unknown_perturbation)  # checks labels
         if unknown_perturbation == "control":
             model_pert[~is_ctrl & ~np.isin(pert, self.vocab_.perturbations)] = c.control_pert
-        rows = np.flatnonzero(np.ones(adata.n_obs, bool) if predict_controls else ~is_ctrl)
+        rows = np.arange(adata.n_obs)  # controls are copied either way (predict_controls)
         ctrl_rows = np.flatnonzero(is_ctrl)
         frame = pd.DataFrame({"ctx": ctx[rows], "pert": pert[rows]})
         groups = []

@@ -231,7 +231,8 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _flag(inf, "--unknown-perturbation", default="error", choices=["error", "control", "zeros"])
     _flag(inf, "--unknown-batch", default="error", choices=["error", "first", "mean"])
     _flag(inf, "--missing-genes", default="error", choices=["error", "zero"])
-    _flag(inf, "--no-predict-controls", action="store_true", help="leave control cells out")
+    _flag(inf, "--no-predict-controls", action="store_true",
+          help="copy the control cells into the output instead of predicting them")
     inf.add_argument("--clip", default="auto", help="auto | none | LO,HI")
     inf.add_argument("--layout", default="statetx", choices=["statetx", "arc"])
     inf.add_argument("--attention", choices=["bidirectional", "causal"],

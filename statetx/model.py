@@ -635,6 +635,8 @@ class StateTransitionModel(BaseEstimator):
         many as the context has controls); see also :meth:`simulate`. ``min_cells`` /
         ``max_cells``: every (context, perturbation) group but the control's is cloned up to /
         subsampled down to that many cells (seeded; clones follow the input's cells).
+        ``predict_controls=False`` copies the control cells into the output instead of
+        predicting them (left out, with a warning, when the model decodes genes).
 
         The network runs in full fp32 (``matmul_precision="highest"``, as the reference
         predicts) whatever the global setting; ``"medium"`` lets CPUs with AMX run its products in
@@ -748,21 +750,35 @@ class StateTransitionModel(BaseEstimator):
                                                ctx[rows], batch[rows])
             if obs.index.has_duplicates:  # clones: the cell's name with a suffix
                 obs.index = ad.utils.make_index_unique(obs.index.astype(str))
-        keep = np.ones(len(pert), dtype=bool) if predict_controls else pert != control
-        obs, src_rows, pert, ctx, batch = (obs[keep], src_rows[keep], pert[keep], ctx[keep],
-                                           batch[keep])
-        pcode = encode_perturbations(pert, self.vocab_, unknown_perturbation)
-        bcode = (encode_batches(batch, self.vocab_, unknown_batch)
-                 if self.network_config_.batch_encoder else np.zeros(len(pert), dtype=np.int64))
+        # predict_controls=False: control cells are copied, not predicted (dropped when the
+        # output is decoded genes, a space the input does not provide)
+        as_is = np.zeros(len(pert), dtype=bool) if predict_controls else pert == control
+        if as_is.any() and self.network_.gene_decoder is not None:
+            warnings.warn("predict_controls=False: the control cells are left out of the output "
+                          "(this model decodes genes, so they cannot be copied into it).",
+                          UserWarning, stacklevel=2)
+            obs, src_rows, pert, ctx, batch = (v[~as_is] for v in (obs, src_rows, pert, ctx,
+                                                                   batch))
+            as_is = as_is[~as_is]
+        pcode = np.full(len(pert), -1, dtype=np.int64)  # (copied controls need no codes)
+        bcode = np.zeros(len(pert), dtype=np.int64)
+        pcode[~as_is] = encode_perturbations(pert[~as_is], self.vocab_, unknown_perturbation)
+        if self.network_config_.batch_encoder:
+            bcode[~as_is] = encode_batches(batch[~as_is], self.vocab_, unknown_batch)
         ctrl_rows = np.flatnonzero(is_ctrl)
         ctx_all = np.asarray(obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
                              if ct_col in adata.obs else np.full(adata.n_obs, "all", dtype=object))
         batch_all = (obs_labels(adata.obs, batch_col, "the input", "batch_col")
                      if needs_batch and batch_col else np.full(adata.n_obs, "0", dtype=object))
         groups = []
-        frame = pd.DataFrame({"ctx": ctx, "pert": pert, "batch": batch})
+        run_rows = np.flatnonzero(~as_is)
+        if len(run_rows) == 0:
+            raise DataError("the input holds control cells only and predict_controls=False: "
+                            "nothing to predict.")
+        frame = pd.DataFrame({"ctx": ctx, "pert": pert, "batch": batch}).iloc[run_rows]
         keys = ["ctx", "pert"] + (["batch"] if pool_mode == "batch" else [])
         for key, idx in sorted(frame.groupby(keys, sort=True).indices.items()):
+            idx = run_rows[idx]
             k = key if isinstance(key, tuple) else (key,)
             if pool_mode == "all":
                 pool = ctrl_rows
@@ -782,6 +798,8 @@ class StateTransitionModel(BaseEstimator):
                          set_len=int(set_len or self.cell_set_len_), seed=seed,
                          window_mode=windows, device=next(self.network_.parameters()).device,
                          matmul_precision=matmul_precision, sets_per_pass=sets_per_pass)
+        res["pred"][as_is] = x_in[src_rows[as_is]]
+        res["basal_row"][as_is] = src_rows[as_is]
         obs["statetx_ctrl_barcode"] = np.asarray(adata.obs_names)[res["basal_row"]]
         obs["statetx_set"] = res["set_id"]
         if layout == "arc":

@@ -228,7 +228,7 @@ def test_infer_both_spellings_and_npy(run, data, tmp_path):
     assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output",
                  str(tmp_path / "m.h5ad"), "--max_cells", "10", "--no-predict-controls"]) == 0
     m = ad.read_h5ad(tmp_path / "m.h5ad")
-    assert m.n_obs == 3 * 3 * 10 and m.obs_names.is_unique
+    assert m.n_obs == 3 * 3 * 10 + 3 * 30 and m.obs_names.is_unique  # + the copied controls
     assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output",
                  str(tmp_path / "bad.csv")]) == 2
 

@@ -400,3 +400,23 @@ def test_predict_split_pseudobulk_equals_cell_means(fitted, synth_embedding, dec
     ctrl = (pb_pred.obs[c.pert_col] == c.control_pert).to_numpy()
     if not decoder:
         np.testing.assert_array_equal(pb_pred.X[ctrl], pb_real.X[ctrl])
+
+
+def test_predict_controls_false_copies_the_controls(fitted):
+    model, adata = fitted
+    ct2 = adata[adata.obs["cell_type"] == "CT2"].copy()
+    full = model.predict(ct2, seed=4)
+    kept = model.predict(ct2, seed=4, predict_controls=False)
+    assert list(kept.obs_names) == list(ct2.obs_names)
+    ctrl = (ct2.obs["gene"] == "ctrl").to_numpy()
+    np.testing.assert_array_equal(kept.X[ctrl], np.clip(ct2.X[ctrl], 0, 14))
+    assert (kept.obs["statetx_ctrl_barcode"][ctrl] == ct2.obs_names[ctrl]).all()
+    assert (kept.obs["statetx_set"][ctrl] == -1).all()
+    np.testing.assert_array_equal(kept.X[~ctrl], full.X[~ctrl])  # per-group seeding
+    assert not np.array_equal(full.X[ctrl], kept.X[ctrl])
+    # simulate: the original controls kept + the virtual cells
+    sim = model.simulate(ct2[ctrl].copy(), n_cells=5, predict_controls=False)
+    np.testing.assert_array_equal(sim.X[: ctrl.sum()], np.clip(ct2.X[ctrl], 0, 14))
+    assert sim.n_obs == ctrl.sum() + 5 * 3
+    with pytest.raises(DataError, match="control cells only and predict_controls=False"):
+        model.predict(ct2[ctrl].copy(), predict_controls=False)
