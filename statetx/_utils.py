@@ -115,7 +115,7 @@ RESUMABLE_PARAMS = ("max_steps", "device", "compile", "compile_mode", "data_on_d
 # estimator parameters added after runs were first written, with their defaults (a record
 # without one was written with the default)
 LATER_PARAMS = {"drop_last": False, "exclude_self": False, "downsample_cells": None,
-                "gene_name_col": None}
+                "gene_name_col": None, "counts_key": None}
 
 
 def same_run(mine: dict, theirs: dict) -> bool:

@@ -235,11 +235,11 @@ def _sources(files: list[DataFile], c: ColumnMap, counts_key: str | None):
     if c.output_space == "embedding" and src is None:
         raise ConfigError("output_space='embedding' requires embed_key (an obsm key holding the "
                           "cell embedding).")
-    counts_src: str | None | bool = False  # False = no gene-space target
+    counts_src: str | None | bool = False  # False = no gene-space target (None = X)
     if src is not None and c.output_space == "all":
         counts_src = None if counts_key in (None, "X") else counts_key
     elif src is not None and src != "X_hvg" and c.output_space == "gene":
-        counts_src = counts_key or "X_hvg"
+        counts_src = None if counts_key == "X" else (counts_key or "X_hvg")
     for f in files:
         check_source(f, src)
         if counts_src not in (False, None):

@@ -92,6 +92,10 @@ class StateTransitionModel(BaseEstimator):
         var column holding the gene names (e.g. symbols when ``var_names`` are Ensembl IDs);
         genes are matched and outputs named by it, in training and prediction alike (every
         input then needs the column). None (default) = ``var_names``.
+    counts_key
+        Where the gene-space target of a gene decoder comes from when the input is an
+        embedding: an obsm key, or ``"X"`` (default None: ``obsm['X_hvg']`` for output space
+        ``gene``, ``X`` for ``all``; arc-state hard-codes ``X_hvg``).
     cell_set_len
         Cells per set (default: the preset's).
     batch_size, max_steps, lr
@@ -197,6 +201,7 @@ class StateTransitionModel(BaseEstimator):
         embed_key: str | None = None,
         output_space: str = "gene",
         gene_name_col: str | None = None,
+        counts_key: str | None = None,
         model_kwargs: dict | None = None,
         cell_set_len: int | None = None,
         batch_size: int | None = None,
@@ -250,6 +255,7 @@ class StateTransitionModel(BaseEstimator):
         self.embed_key = embed_key
         self.output_space = output_space
         self.gene_name_col = gene_name_col
+        self.counts_key = counts_key
         self.model_kwargs = model_kwargs
         self.cell_set_len = cell_set_len
         self.batch_size = batch_size
@@ -364,6 +370,7 @@ class StateTransitionModel(BaseEstimator):
     def _data_options(self) -> dict[str, Any]:
         """How the split data are built (the same for fit, attach_data and tx split)."""
         return dict(heldout_controls_in_train=self.heldout_controls_in_train,
+                    counts_key=self.counts_key,
                     on_missing_perturbation=self.on_missing_perturbation,
                     val_subsample_fraction=self.val_subsample_fraction,
                     drop_missing_labels=bool(self.drop_missing_labels),

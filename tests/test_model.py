@@ -420,3 +420,19 @@ def test_predict_controls_false_copies_the_controls(fitted):
     assert sim.n_obs == ctrl.sum() + 5 * 3
     with pytest.raises(DataError, match="control cells only and predict_controls=False"):
         model.predict(ct2[ctrl].copy(), predict_controls=False)
+
+
+def test_counts_key_chooses_the_decoder_target(synth_embedding):
+    dec = {**SMALL, "gene_decoder_bool": True}
+    opts = dict(embed_key="X_pca", output_space="gene", max_steps=2, model_kwargs=dec)
+    with pytest.raises(DataError, match=r"obsm\['X_hvg'\] not found"):  # arc-state's key
+        small_model(**opts).fit(synth_embedding, SPEC)
+    genes = small_model(counts_key="X", **opts).fit(synth_embedding, SPEC)
+    assert genes.gene_names_ == list(synth_embedding.var_names)
+    a = synth_embedding.copy()
+    a.obsm["X_sub"] = np.asarray(a.X)[:, :10]
+    sub = small_model(counts_key="X_sub", **opts).fit(a, SPEC)
+    assert sub.gene_names_ == [f"X_sub_{i}" for i in range(10)]
+    assert sub.predict(a[:30].copy()).n_vars == 10
+    with pytest.raises(DataError, match=r"obsm\['X_sbu'\] not found.*X_sub"):
+        small_model(counts_key="X_sbu", **opts).fit(a, SPEC)
