@@ -6,6 +6,7 @@ import difflib
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -105,6 +106,22 @@ def available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def history_frame(history: Iterable[dict] | Any) -> Any:
+    """A training history (rows of ``step``, ``epoch`` and logged values, or a frame of them,
+    e.g. a read ``metrics.csv``) as a pandas frame with one row per step, sorted."""
+    import pandas as pd
+
+    frame = history if isinstance(history, pd.DataFrame) else pd.DataFrame(list(history))
+    if frame.empty:
+        return pd.DataFrame(columns=["step"])
+    # runs written before the CSV became wide logged the training loss as "loss"
+    if "loss" in frame.columns and "train_loss" not in frame.columns:
+        frame = frame.rename(columns={"loss": "train_loss"})
+    if "step" not in frame.columns:
+        return frame
+    return frame.groupby("step", as_index=False, sort=True).first()
 
 
 # estimator parameters a resumed run may change (a checkpoint from before still belongs to it)

@@ -24,7 +24,13 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
-from statetx._utils import did_you_mean, matmul_precision_scope, preview, umask_mode
+from statetx._utils import (
+    did_you_mean,
+    history_frame,
+    matmul_precision_scope,
+    preview,
+    umask_mode,
+)
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import PreparedData, prepare
 from statetx.errors import ConfigError, DataError
@@ -524,7 +530,7 @@ class StateTransitionModel(BaseEstimator):
         if fresh:
             settle_aside(out, aside, True, existed)
         self.training_time_ = time.perf_counter() - t0
-        self.history_ = _history_frame(history)
+        self.history_ = history_frame(history)
         self.device_ = trainer.device
         self.best_step_ = trainer.state.best_step
         return self
@@ -1435,14 +1441,6 @@ def _start_at_mean_response(network: StateTransitionNetwork, train, vocab: Vocab
         if network.pert_mean_scale is not None:
             w = np.linalg.lstsq(feats, scale[observed], rcond=None)[0]  # [P, 1]
             network.pert_mean_scale.weight.copy_(torch.from_numpy(w.T))
-
-
-def _history_frame(history: list[dict]) -> pd.DataFrame:
-    if not history:
-        return pd.DataFrame(columns=["step"])
-    # runs written before the CSV became wide logged the training loss as "loss"
-    frame = pd.DataFrame(history).rename(columns={"loss": "train_loss"})
-    return frame.groupby("step", as_index=False).first()
 
 
 def _json_default(o: Any) -> Any:

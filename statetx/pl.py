@@ -1,16 +1,20 @@
-"""Plots for evaluation results: predicted vs real pseudobulk deltas, and metric bars per model."""
+"""Plots for training and evaluation: loss curves, predicted vs real pseudobulk deltas (all genes or
+the top genes of one perturbation), metric bars per model, and predicted and real cells in one
+embedding."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
+from statetx._utils import did_you_mean, history_frame, preview, to_dense_f32
 from statetx.errors import ConfigError, DataError
-from statetx.metrics._inputs import align_pair
+from statetx.metrics._inputs import align_pair, check_obs_col
 from statetx.metrics.de import group_means
 
 if TYPE_CHECKING:
@@ -130,4 +134,253 @@ def metric_bars(
     ax.set_ylabel("mean over perturbations")
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(frameon=False, fontsize="small")
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------
+# training curves
+# ---------------------------------------------------------------------------------------------
+
+_DEFAULT_CURVES = ("train_loss", "train_loss_eval", "val_loss")
+
+
+def _history(obj: Any) -> pd.DataFrame:
+    """One row per step (the first value of each column at that step, as ``history_`` holds it)
+    from a fitted model, a history frame, a ``metrics.csv`` path or a run directory."""
+    if isinstance(obj, (str, Path)):
+        path = Path(obj)
+        if path.is_dir():
+            path = path / "metrics.csv"
+        if not path.is_file():
+            raise DataError(f"metrics file {str(path)!r} does not exist; pass a run's "
+                            "metrics.csv (or its run directory), a fitted model or its history_")
+        frame = pd.read_csv(path)
+    elif isinstance(obj, pd.DataFrame):
+        frame = obj
+    else:
+        frame = getattr(obj, "history_", None)
+        if not isinstance(frame, pd.DataFrame):
+            raise ConfigError(f"{type(obj).__name__} has no training history (history_); fit the "
+                              "model first, or pass a history DataFrame or a run's metrics.csv")
+    frame = history_frame(frame)  # metrics.csv: a step's training and validation rows merged
+    if "step" not in frame.columns:
+        raise DataError(f"the training history has no 'step' column (columns: "
+                        f"{preview(frame.columns)}); pass a statetx history or metrics.csv")
+    return frame
+
+
+def history(
+    model_or_history: Any,
+    keys: Sequence[str] | None = None,
+    ax: Axes | None = None,
+    *,
+    logy: bool = False,
+) -> Axes:
+    """Training curves against the step, one line per key, NaNs skipped per series (validation
+    rows are sparse); the lowest ``val_loss`` is marked with a star when it is plotted.
+
+    ``model_or_history``: a fitted ``StateTransitionModel`` (its ``history_``), a
+    history DataFrame, or a run's ``metrics.csv`` (or the run directory). ``keys`` defaults to
+    those of ``train_loss``, ``train_loss_eval``, ``val_loss`` present. Returns the Axes."""
+    frame = _history(model_or_history)
+    available = [c for c in frame.columns if c not in ("step", "epoch")]
+    if keys is None:
+        keys = [k for k in _DEFAULT_CURVES if k in frame.columns and frame[k].notna().any()]
+        if not keys:
+            raise DataError(f"the training history has none of {list(_DEFAULT_CURVES)}; pass keys= "
+                            f"from the available columns: {preview(available)}")
+    elif isinstance(keys, str):
+        keys = [keys]
+    keys = list(keys)
+    absent = [k for k in keys if k not in frame.columns]
+    if absent:
+        hint = did_you_mean(absent[0], available)
+        raise ConfigError(f"key(s) {absent} not found in the training history.{hint} Available "
+                          f"columns: {preview(available)}")
+    ax = _axes(ax, (6.0, 4.0))
+    for k in keys:
+        values = pd.to_numeric(frame[k], errors="coerce")
+        ok = values.notna().to_numpy()
+        if not ok.any():
+            raise DataError(f"history column {k!r} has no numeric values; choose keys from "
+                            f"{preview(c for c in available if frame[c].notna().any())}")
+        x, y = frame["step"].to_numpy()[ok], values.to_numpy(float)[ok]
+        ax.plot(x, y, label=k, marker="o" if ok.sum() <= 30 else None, ms=3)
+        if k == "val_loss":
+            i = int(np.argmin(y))
+            ax.scatter([x[i]], [y[i]], marker="*", s=120, color="black", zorder=3,
+                       label=f"best val_loss {y[i]:.4g} (step {int(x[i])})")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(keys[0] if len(keys) == 1 else "value")
+    ax.set_title("Training history")
+    ax.legend(frameon=False, fontsize="small")
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------
+# top genes of one perturbation
+# ---------------------------------------------------------------------------------------------
+
+
+def top_genes(
+    adata_pred: ad.AnnData,
+    adata_real: ad.AnnData,
+    perturbation: str,
+    pert_col: str = "target_gene",
+    control_pert: str = "non-targeting",
+    n_genes: int = 20,
+    ax: Axes | None = None,
+) -> Axes:
+    """Paired horizontal bars of the real and predicted pseudobulk delta (mean log1p − own control
+    mean) of one perturbation, for the ``n_genes`` genes with the largest |real delta| (largest
+    at the top); the title gives the Pearson r of the two deltas over all genes. Returns the Axes.
+    """
+    if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)) or n_genes < 1:
+        raise ConfigError(f"n_genes must be a positive integer, got {n_genes!r}")
+    pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
+                            shared_only=True)
+    avail = sorted(set(real.obs[pert_col].astype(str)) - {control_pert})
+    perturbation = str(perturbation)
+    if perturbation not in avail:
+        raise DataError(f"perturbation {perturbation!r} not found in obs[{pert_col!r}] of both "
+                        f"files.{did_you_mean(perturbation, avail)} Available: {preview(avail)}")
+    dp = _deltas(pred, pert_col, control_pert, [perturbation])[0]
+    dr = _deltas(real, pert_col, control_pert, [perturbation])[0]
+    r = np.corrcoef(dr, dp)[0, 1] if dr.std() > 0 and dp.std() > 0 else np.nan
+    top = np.argsort(-np.abs(dr), kind="stable")[:int(n_genes)]
+    genes = real.var_names.astype(str).to_numpy()[top]
+    y = np.arange(top.size)
+    h = 0.4
+    ax = _axes(ax, (5.0, max(2.5, 0.28 * top.size + 1.0)))
+    ax.barh(y - h / 2, dr[top], h, label="real", color="tab:blue")
+    ax.barh(y + h / 2, dp[top], h, label="predicted", color="tab:orange")
+    ax.set_yticks(y)
+    ax.set_yticklabels(genes, fontsize="small")
+    ax.set_ylim(top.size - 0.5, -0.5)  # the largest |real delta| at the top
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel("Δ (mean log1p − control)")
+    ax.set_title(f"{perturbation}: top {top.size} genes by |real Δ| (r={r:.2f}, all genes)")
+    ax.legend(frameon=False, fontsize="small")
+    return ax
+
+
+# ---------------------------------------------------------------------------------------------
+# predicted and real cells in one embedding
+# ---------------------------------------------------------------------------------------------
+
+
+def _subsample(n: int, max_cells: int, rng: np.random.Generator) -> np.ndarray:
+    if n <= max_cells:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size=max_cells, replace=False))
+
+
+def embedding(
+    adata_pred: ad.AnnData,
+    adata_real: ad.AnnData,
+    pert_col: str = "target_gene",
+    color: str = "source",
+    perts: Sequence[str] | None = None,
+    basis: str = "pca",
+    ax: Axes | None = None,
+    *,
+    control_pert: str = "non-targeting",
+    max_cells: int = 5000,
+    seed: int = 0,
+    s: float = 6.0,
+) -> Axes:
+    """Predicted and real cells in one PCA fitted on the real cells only (on the genes both share,
+    up to 50 components, the first two shown); predicted cells are projected into it.
+
+    ``color``: ``"source"`` (real / predicted) or an obs column of both objects (e.g. ``pert_col``;
+    real cells as dots, predicted as crosses). ``perts`` keeps those perturbations plus
+    ``control_pert``. Each source is subsampled to ``max_cells`` cells (seeded by ``seed``) before
+    the PCA is fitted. Returns the Axes."""
+    if basis != "pca":
+        raise ConfigError(f"basis {basis!r} is not supported; use basis='pca' (the real cells' "
+                          "PCA, into which the predicted cells are projected)")
+    if isinstance(max_cells, bool) or not isinstance(max_cells, (int, np.integer)) or max_cells < 2:
+        raise ConfigError(f"max_cells must be an integer >= 2, got {max_cells!r}")
+    for a, which in ((adata_pred, "pred"), (adata_real, "real")):
+        check_obs_col(a, pert_col, which, "perturbation")
+        if color != "source" and color not in a.obs.columns:
+            common = [c for c in adata_real.obs.columns if c in adata_pred.obs.columns]
+            raise DataError(f"color column {color!r} not found in {which} obs."
+                            f"{did_you_mean(color, common)} Use color='source' or a column of "
+                            f"both objects: {preview(common)}")
+    pred_genes = adata_pred.var_names.astype(str)
+    real_genes = adata_real.var_names.astype(str)
+    if not (pred_genes.is_unique and real_genes.is_unique):
+        raise DataError("gene names (var_names) must be unique in pred and real to pair them; "
+                        "call .var_names_make_unique() first")
+    genes = real_genes[real_genes.isin(pred_genes)]
+    if len(genes) < 2:
+        raise DataError(f"pred and real share {len(genes)} gene name(s); the embedding needs at "
+                        f"least 2 (real genes: {preview(real_genes, 5)}; pred genes: "
+                        f"{preview(pred_genes, 5)})")
+    labels = {w: a.obs[pert_col].astype(str).to_numpy()
+              for w, a in (("pred", adata_pred), ("real", adata_real))}
+    if perts is not None:
+        perts = [str(p) for p in ([perts] if isinstance(perts, str) else perts)]
+        avail = sorted(set(labels["real"]) | set(labels["pred"]))
+        missing = [p for p in perts if p not in avail]
+        if missing:
+            raise DataError(f"perturbation(s) {missing} not found in obs[{pert_col!r}] of pred or "
+                            f"real.{did_you_mean(missing[0], avail)} Available: {preview(avail)}")
+        keep = set(perts) | {control_pert}
+    rng = np.random.default_rng(seed)
+    cells = {}
+    for which, a in (("real", adata_real), ("pred", adata_pred)):
+        idx = np.flatnonzero(np.isin(labels[which], list(keep))) if perts is not None \
+            else np.arange(a.n_obs)
+        idx = idx[_subsample(idx.size, int(max_cells), rng)]
+        cells[which] = idx
+    if cells["real"].size < 2:
+        raise DataError(f"{cells['real'].size} real cell(s) left to fit the PCA; keep more "
+                        "perturbations (perts=) or cells")
+    from sklearn.decomposition import PCA
+
+    x_real = to_dense_f32(adata_real[cells["real"], genes].X)
+    pca = PCA(n_components=min(50, x_real.shape[0], len(genes)), random_state=seed).fit(x_real)
+    coords = {"real": pca.transform(x_real)[:, :2]}
+    coords["pred"] = (pca.transform(to_dense_f32(adata_pred[cells["pred"], genes].X))[:, :2]
+                      if cells["pred"].size else np.empty((0, 2)))
+    ax = _axes(ax, (5.5, 5.0))
+    names = {"real": "real", "pred": "predicted"}
+    if color == "source":
+        for which, c in (("real", "tab:blue"), ("pred", "tab:orange")):
+            ax.scatter(*coords[which].T, s=s, alpha=0.5, color=c, linewidths=0,
+                       label=f"{names[which]} ({coords[which].shape[0]})")
+        ax.legend(frameon=False, fontsize="small", markerscale=2)
+    else:
+        from matplotlib.lines import Line2D
+
+        values = {"real": adata_real.obs[color].astype(str).to_numpy()[cells["real"]],
+                  "pred": adata_pred.obs[color].astype(str).to_numpy()[cells["pred"]]}
+        cats = sorted(set(values["real"]) | set(values["pred"]))
+        import matplotlib.pyplot as plt
+
+        cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+        handles = []
+        for j, cat in enumerate(cats):
+            c = cmap(j % cmap.N)
+            for which, marker in (("real", "o"), ("pred", "x")):
+                m = values[which] == cat
+                if m.any():
+                    ax.scatter(*coords[which][m].T, s=s, alpha=0.6, color=c, marker=marker,
+                               linewidths=0 if marker == "o" else 0.8)
+            handles.append(Line2D([], [], ls="", marker="s", color=c, label=cat))
+        handles += [Line2D([], [], ls="", marker=mk, color="grey", label=names[w])
+                    for w, mk in (("real", "o"), ("pred", "x"))]
+        if len(cats) <= 20:
+            ax.legend(handles=handles, frameon=False, fontsize="small", title=color)
+        else:
+            ax.legend(handles=handles[-2:], frameon=False, fontsize="small",
+                      title=f"{color} ({len(cats)} values)")
+    evr = pca.explained_variance_ratio_
+    ax.set_xlabel(f"PC1 ({evr[0]:.1%})")
+    ax.set_ylabel(f"PC2 ({evr[1]:.1%})")
+    ax.set_title("Real cells' PCA; predicted cells projected")
     return ax

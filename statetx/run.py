@@ -35,7 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from statetx._utils import COMPILE_MODES, SET_LOSS_OPTIONS, TRAINING_LOSS_OPTIONS, same_run
+from statetx._utils import (
+    COMPILE_MODES,
+    SET_LOSS_OPTIONS,
+    TRAINING_LOSS_OPTIONS,
+    history_frame,
+    same_run,
+)
 from statetx.errors import ConfigError, DataError, SplitConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1196,7 +1202,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *,
     PyTorch's weights-only loader. The model can ``predict`` at once; call :func:`attach_data`
     (or ``tx predict``) for ``predict_split``.
     """
-    from statetx.model import StateTransitionModel, _history_frame
+    from statetx.model import StateTransitionModel
     from statetx.train import load_checkpoint_file
 
     run = Path(run_dir)
@@ -1219,7 +1225,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *,
     _check_same_run(run, path, meta)
     model = StateTransitionModel._from_metadata(meta, ckpt["state_dict"], source=path)
     if ckpt.get("history"):
-        model.history_ = _history_frame(list(ckpt["history"]))
+        model.history_ = history_frame(list(ckpt["history"]))
     model.run_dir_ = run
     model.checkpoint_path_ = path
     model.step_ = (ckpt.get("train_state") or {}).get("step")

@@ -1,4 +1,4 @@
-"""statetx.pl: delta scatter and metric bars render with the Agg backend."""
+"""statetx.pl: the plots render with the Agg backend and draw the values they claim."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
@@ -43,4 +44,181 @@ def test_metric_bars():
     assert len(pl.metric_bars(long, metrics=["mae"]).patches) == 2
     with pytest.raises(ConfigError, match="pds"):
         pl.metric_bars(long, metrics=["pds"])
+    plt.close("all")
+
+
+# ---------------------------------------------------------------------------------------------
+# history
+# ---------------------------------------------------------------------------------------------
+
+
+def _curves(ax):
+    return {ln.get_label(): (ln.get_xdata(), ln.get_ydata()) for ln in ax.lines}
+
+
+def test_history_from_frame_skips_nans_and_marks_best_val():
+    nan = np.nan
+    h = pd.DataFrame({"step": [1, 2, 3, 4, 5, 6], "epoch": [0] * 6,
+                      "train_loss": [5.0, 4.0, nan, 3.0, 2.5, nan],
+                      "val_loss": [nan, nan, 3.5, nan, nan, 3.7],
+                      "grad_norm": [1.0, 0.9, nan, 0.8, 0.7, nan]})
+    ax = pl.history(h)
+    curves = _curves(ax)
+    assert list(curves) == ["train_loss", "val_loss"]  # the defaults present, in order
+    np.testing.assert_array_equal(curves["train_loss"][0], [1, 2, 4, 5])
+    np.testing.assert_array_equal(curves["val_loss"][0], [3, 6])
+    np.testing.assert_array_equal(curves["val_loss"][1], [3.5, 3.7])
+    (best,) = ax.collections  # the star at the lowest val_loss
+    np.testing.assert_array_equal(best.get_offsets(), [[3, 3.5]])
+    assert "step 3" in best.get_label()
+    ax = pl.history(h, keys=["grad_norm"], logy=True)
+    assert list(_curves(ax)) == ["grad_norm"] and not ax.collections
+    assert ax.get_yscale() == "log"
+    fig, ax2 = plt.subplots()
+    assert pl.history(h, ax=ax2) is ax2
+    with pytest.raises(ConfigError, match=r"grad_nrom.*grad_norm.*Available columns.*val_loss"):
+        pl.history(h, keys=["grad_nrom"])
+    with pytest.raises(DataError, match="available columns: grad_norm"):
+        pl.history(h[["step", "grad_norm"]])
+    with pytest.raises(ConfigError, match="fit the model first"):
+        pl.history(object())
+    with pytest.raises(DataError, match="does not exist"):
+        pl.history("/nonexistent/metrics.csv")
+    plt.close("all")
+
+
+def test_history_of_a_fitted_model_and_its_metrics_csv(tmp_path, request):
+    import torch
+    from conftest import make_synthetic
+
+    from statetx import StateTransitionModel
+
+    adata = make_synthetic()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more threads on a busy machine only slow it down
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    model = StateTransitionModel(
+        "tiny", pert_col="gene", cell_type_key="cell_type", control_pert="ctrl",
+        model_kwargs={"hidden_dim": 32, "n_heads": 2, "head_dim": 16, "n_kv_heads": 2,
+                      "intermediate_size": 128, "n_layers": 1},
+        cell_set_len=8, batch_size=4, max_steps=6, val_freq=3, log_every_n_steps=2,
+        progress=False, device="cpu",
+    ).fit(adata, '[training]\ndata = "train"\n[zeroshot]\n"data.CT1" = "val"\n'
+          '"data.CT2" = "test"\n', output_dir=tmp_path)
+    # metrics.csv has two rows at a validation step that is also a logging step (6)
+    assert pd.read_csv(tmp_path / "metrics.csv")["step"].duplicated().any()
+    a = _curves(pl.history(model))
+    assert list(a) == ["train_loss", "train_loss_eval", "val_loss"]
+    np.testing.assert_array_equal(a["train_loss"][0], [2, 4, 6])  # log_every_n_steps=2
+    np.testing.assert_array_equal(a["val_loss"][0], [3, 6])  # val_freq=3
+    assert np.isfinite(a["val_loss"][1]).all()
+    for src in (tmp_path / "metrics.csv", str(tmp_path)):  # the file, or the run directory
+        b = _curves(pl.history(src))
+        assert list(b) == list(a)
+        for k in a:
+            np.testing.assert_array_equal(b[k][0], a[k][0])
+            np.testing.assert_allclose(b[k][1], a[k][1], rtol=1e-12)
+    hist = model.history_
+    ax = pl.history(model)
+    v = hist.dropna(subset=["val_loss"])
+    best = v.loc[v["val_loss"].idxmin()]
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), [[best["step"], best["val_loss"]]])
+    plt.close("all")
+
+
+# ---------------------------------------------------------------------------------------------
+# top genes
+# ---------------------------------------------------------------------------------------------
+
+
+def _delta(a, pert, pert_col="target_gene", control="non-targeting"):
+    x = np.asarray(a.X, dtype=np.float64)
+    lab = a.obs[pert_col].astype(str).to_numpy()
+    return x[lab == pert].mean(0) - x[lab == control].mean(0)
+
+
+def test_top_genes_bars_are_the_top_real_deltas(pair):
+    pred, real = pair
+    ax = pl.top_genes(pred, real, "G001", n_genes=8)
+    dr, dp = _delta(real, "G001"), _delta(pred, "G001")
+    top = np.argsort(-np.abs(dr), kind="stable")[:8]
+    real_bars, pred_bars = ax.containers
+    assert len(real_bars) == len(pred_bars) == 8 and len(ax.patches) == 16
+    w_real = np.array([p.get_width() for p in real_bars])
+    w_pred = np.array([p.get_width() for p in pred_bars])
+    np.testing.assert_allclose(w_real, dr[top], atol=1e-5)
+    np.testing.assert_allclose(w_pred, dp[top], atol=1e-5)
+    assert np.all(np.diff(np.abs(w_real)) <= 1e-6)  # ordered by |real delta|
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(real.var_names[top])
+    y = [p.get_y() + p.get_height() / 2 for p in real_bars]
+    assert ax.get_ylim()[0] > ax.get_ylim()[1] and y == sorted(y)  # first gene at the top
+    r = np.corrcoef(dr, dp)[0, 1]
+    assert f"r={r:.2f}" in ax.get_title()
+    assert len(pl.top_genes(pred, real, "G001", n_genes=500).containers[0]) == real.n_vars
+    with pytest.raises(DataError, match=r"G0001.*Did you mean.*Available: G000, G001"):
+        pl.top_genes(pred, real, "G0001")
+    with pytest.raises(ConfigError, match="n_genes"):
+        pl.top_genes(pred, real, "G001", n_genes=0)
+    plt.close("all")
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding
+# ---------------------------------------------------------------------------------------------
+
+
+def test_embedding_real_pca_and_projected_predictions(pair):
+    from sklearn.decomposition import PCA
+
+    pred, real = pair
+    ax = pl.embedding(pred, real)
+    real_pts, pred_pts = ax.collections
+    assert len(real_pts.get_offsets()) == real.n_obs and len(pred_pts.get_offsets()) == pred.n_obs
+    pca = PCA(n_components=30, random_state=0).fit(np.asarray(real.X))  # 30 genes < 50
+    np.testing.assert_allclose(real_pts.get_offsets(), pca.transform(real.X)[:, :2], atol=1e-4)
+    np.testing.assert_allclose(pred_pts.get_offsets(), pca.transform(pred.X)[:, :2], atol=1e-4)
+    assert ax.get_xlabel().startswith("PC1")
+    plt.close("all")
+
+
+def test_embedding_shared_genes_perts_and_colour(pair):
+    from sklearn.decomposition import PCA
+
+    pred, real = pair
+    pred = pred[:, ::-1][:, 2:].copy()  # other order, two genes fewer
+    ax = pl.embedding(pred, real, color="target_gene", perts=["G002"])
+    # one real (dots) and one predicted (crosses) collection per category: control and G002
+    assert len(ax.collections) == 4
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "G002", "non-targeting", "real", "predicted"]
+    keep = real.obs["target_gene"].isin(["G002", "non-targeting"]).to_numpy()
+    genes = [g for g in real.var_names if g in set(pred.var_names)]
+    xr = np.asarray(real[keep, genes].X)
+    pca = PCA(n_components=28, random_state=0).fit(xr)
+    lab = real.obs["target_gene"].to_numpy()[keep]
+    np.testing.assert_allclose(ax.collections[0].get_offsets(),
+                               pca.transform(xr[lab == "G002"])[:, :2], atol=1e-4)
+    with pytest.raises(DataError, match=r"color column 'cell_line'.*'source'.*target_gene"):
+        pl.embedding(pred, real, color="cell_line")
+    with pytest.raises(DataError, match=r"\['G999'\].*Available"):
+        pl.embedding(pred, real, perts=["G999"])
+    with pytest.raises(ConfigError, match="basis 'umap'"):
+        pl.embedding(pred, real, basis="umap")
+    plt.close("all")
+
+
+def test_embedding_subsampling_is_capped_and_seeded(pair):
+    pred, real = pair
+
+    def points(**kw):
+        ax = pl.embedding(pred, real, max_cells=40, **kw)
+        return [c.get_offsets().copy() for c in ax.collections]
+
+    a, b, c = points(seed=0), points(seed=0), points(seed=1)
+    assert [len(p) for p in a] == [40, 40] and [len(p) for p in c] == [40, 40]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.allclose(a[0], c[0], atol=1e-3)
+    with pytest.raises(ConfigError, match="max_cells"):
+        pl.embedding(pred, real, max_cells=1)
     plt.close("all")
