@@ -75,7 +75,12 @@ class _Group:
 
 
 class _Baseline(BaseEstimator):
-    """Shared fit / predict / predict_split machinery; subclasses define ``_predict_group``."""
+    """Shared fit / predict / predict_split machinery; subclasses define ``_predict_group``.
+
+    The column parameters (``pert_col``, ``cell_type_key``, ``batch_col``, ``control_pert``,
+    ``embed_key``, ``gene_name_col``) and ``seed`` mean what they mean for
+    :class:`~statetx.StateTransitionModel`.
+    """
 
     name: ClassVar[str] = "baseline"
     #: whether the zero-shot rule is a fallback worth printing (it is always recorded in uns)
@@ -83,12 +88,14 @@ class _Baseline(BaseEstimator):
 
     def __init__(self, *, pert_col: str = "gene", cell_type_key: str = "cell_type",
                  batch_col: str | None = None, control_pert: str | None = None,
-                 embed_key: str | None = None, seed: int = 42) -> None:
+                 embed_key: str | None = None, gene_name_col: str | None = None,
+                 seed: int = 42) -> None:
         self.pert_col = pert_col
         self.cell_type_key = cell_type_key
         self.batch_col = batch_col
         self.control_pert = control_pert
         self.embed_key = embed_key
+        self.gene_name_col = gene_name_col
         self.seed = seed
 
     # ------------------------------------------------------------------ fit
@@ -96,7 +103,8 @@ class _Baseline(BaseEstimator):
         space = "gene" if self.embed_key in (None, "X_hvg") else "embedding"
         return ColumnMap.build(pert_col=self.pert_col, cell_type_key=self.cell_type_key,
                                batch_col=self.batch_col, control_pert=self.control_pert,
-                               embed_key=self.embed_key, output_space=space)
+                               embed_key=self.embed_key, output_space=space,
+                               gene_name_col=self.gene_name_col)
 
     def fit(self, adata: DataInput = None,
             split_config: SplitConfig | dict | str | Path | None = None, *,
@@ -369,9 +377,10 @@ class ControlMeanBaseline(_Baseline):
     def __init__(self, mode: str = "copy", *, pert_col: str = "gene",
                  cell_type_key: str = "cell_type", batch_col: str | None = None,
                  control_pert: str | None = None, embed_key: str | None = None,
-                 seed: int = 42) -> None:
+                 gene_name_col: str | None = None, seed: int = 42) -> None:
         super().__init__(pert_col=pert_col, cell_type_key=cell_type_key, batch_col=batch_col,
-                         control_pert=control_pert, embed_key=embed_key, seed=seed)
+                         control_pert=control_pert, embed_key=embed_key,
+                         gene_name_col=gene_name_col, seed=seed)
         self.mode = mode
 
     def _validate_params(self) -> None:
@@ -401,9 +410,10 @@ class ContextMeanBaseline(_Baseline):
     def __init__(self, zeroshot_fallback: str = "train_mean", *, pert_col: str = "gene",
                  cell_type_key: str = "cell_type", batch_col: str | None = None,
                  control_pert: str | None = None, embed_key: str | None = None,
-                 seed: int = 42) -> None:
+                 gene_name_col: str | None = None, seed: int = 42) -> None:
         super().__init__(pert_col=pert_col, cell_type_key=cell_type_key, batch_col=batch_col,
-                         control_pert=control_pert, embed_key=embed_key, seed=seed)
+                         control_pert=control_pert, embed_key=embed_key,
+                         gene_name_col=gene_name_col, seed=seed)
         self.zeroshot_fallback = zeroshot_fallback
 
     def _validate_params(self) -> None:
@@ -518,9 +528,11 @@ class LinearBaseline(_Baseline):
                  cell_mode: str = "basal_shift", on_missing: str = "error", *,
                  pert_col: str = "gene", cell_type_key: str = "cell_type",
                  batch_col: str | None = None, control_pert: str | None = None,
-                 embed_key: str | None = None, seed: int = 42) -> None:
+                 embed_key: str | None = None, gene_name_col: str | None = None,
+                 seed: int = 42) -> None:
         super().__init__(pert_col=pert_col, cell_type_key=cell_type_key, batch_col=batch_col,
-                         control_pert=control_pert, embed_key=embed_key, seed=seed)
+                         control_pert=control_pert, embed_key=embed_key,
+                         gene_name_col=gene_name_col, seed=seed)
         self.n_components = n_components
         self.ridge = ridge
         self.pert_embedding = pert_embedding
@@ -659,7 +671,8 @@ def fit_all_baselines(adata: DataInput = None,
     :data:`BASELINES` (default all), or maps names to extra parameters, e.g.
     ``{"linear": {"ridge": 1.0}, "context_mean": {}}``.
     """
-    allowed = {"pert_col", "cell_type_key", "batch_col", "control_pert", "embed_key", "seed"}
+    allowed = {"pert_col", "cell_type_key", "batch_col", "control_pert", "embed_key",
+               "gene_name_col", "seed"}
     bad = sorted(set(columns) - allowed)
     if bad:
         raise ConfigError(f"fit_all_baselines got unknown parameter(s) {', '.join(bad)}; shared "

@@ -97,7 +97,7 @@ def _cli_names(message: str, ns: argparse.Namespace) -> str:
     if getattr(ns, "func", None) is cmd_train:
         from statetx.run import PARAM_PATHS
 
-        flags = {k: f"{v}=" for k, v in PARAM_PATHS.items()}
+        flags = {k: f"{v}=<value>" for k, v in PARAM_PATHS.items()}
     for name in names:
         if name in flags and flags[name] not in message:
             hints.append(flags[name])
@@ -613,6 +613,8 @@ def cmd_split(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
+    import numpy as np
+
     from statetx.predict import check_matmul_precision
     from statetx.run import attach_data, load_run
 
@@ -664,6 +666,15 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if a.pseudobulk:
         _say("--pseudobulk: metrics that need the cells (DE, pearson_edistance, "
              "clustering_agreement) are skipped")
+    # cell types with control cells only (e.g. held-out ones in the training split) have
+    # nothing to evaluate
+    cts = real.obs[c.cell_type_key].astype(str).to_numpy()
+    perturbed = set(cts[real.obs[c.pert_col].astype(str).to_numpy() != c.control_pert])
+    if set(cts) - perturbed:
+        _say(f"cell types with control cells only are not evaluated: "
+             f"{', '.join(sorted(set(cts) - perturbed))}")
+        keep = np.isin(cts, sorted(perturbed))
+        pred, real = pred[keep].copy(), real[keep].copy()
     _, agg = evaluate(pred, real, pert_col=c.pert_col, control_pert=c.control_pert,
                       celltype_col=c.cell_type_key, profile=a.profile, outdir=out,
                       skip_metrics=skip, num_threads=a.num_threads)
@@ -803,7 +814,10 @@ def cmd_infer(a: argparse.Namespace) -> int:
             _atomic(out, lambda tmp: np.save(tmp, arr))
         else:
             _write_h5ad(pred, out)
-        _say(f"wrote {pred.n_obs} predicted cells x {pred.n_vars} to {out}")
+        copied = int((pred.obs["statetx_set"] < 0).sum()) if "statetx_set" in pred.obs else 0
+        _say(f"wrote {pred.n_obs - copied} predicted cells"
+             + (f" and {copied} control cells copied as they are" if copied else "")
+             + f" x {pred.n_vars} to {out}")
     return EXIT_OK
 
 
@@ -889,14 +903,14 @@ def _expand_cells(adata: Any, pert_col: str, control: str, tsv: str | None, seed
 # ---------------------------------------------------------------------------------------------
 
 
-def _read(path: str | Path) -> Any:
+def _read(path: str | Path, backed: bool = False) -> Any:
     import anndata as ad
 
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{p}: file not found.")
     try:
-        return ad.read_h5ad(p)
+        return ad.read_h5ad(p, backed="r" if backed else None)
     except Exception as exc:  # noqa: BLE001 - any reader failure means a bad input file
         raise DataError(f"could not read {p} as an AnnData (.h5ad) file: "
                         f"{type(exc).__name__}: {exc}") from None
@@ -1045,15 +1059,18 @@ def cmd_evaluate_score(a: argparse.Namespace) -> int:
 def cmd_evaluate_prep(a: argparse.Namespace) -> int:
     from statetx.metrics.vcc import prep_output_path, prep_vcc
 
-    if not Path(a.genes).is_file():
-        raise UsageError(f"{a.genes}: file not found.")
-    adata = _read(a.input)
-    _say(f"prep {a.input}: {adata.n_obs} cells x {adata.n_vars} genes, pert_col={a.pert_col!r}, "
-         f"control={a.ntc_name!r}, gene list {a.genes}, encoding {a.encoding}")
-    out = prep_vcc(adata, a.genes, a.output or prep_output_path(a.input),
+    for path in (a.input, a.genes):
+        if not Path(path).is_file():
+            raise UsageError(f"{path}: file not found.")
+    head = _read(a.input, backed=True)  # obs and var only: prep_vcc checks the options first
+    shape = head.shape
+    head.file.close()
+    _say(f"prep {a.input}: pert_col={a.pert_col!r}, control={a.ntc_name!r}, gene list "
+         f"{a.genes}, encoding {a.encoding}")
+    out = prep_vcc(a.input, a.genes, a.output or prep_output_path(a.input),
                    pert_col=a.pert_col, control_pert=a.ntc_name, encoding=a.encoding,
                    expected_gene_dim=a.expected_gene_dim, max_cell_dim=a.max_cell_dim)
-    _say(f"wrote {out} ({adata.n_obs} cells x {adata.n_vars} genes, "
+    _say(f"wrote {out} ({shape[0]} cells x {shape[1]} genes, "
          f"{out.stat().st_size / 1e6:.1f} MB)")
     return EXIT_OK
 

@@ -229,6 +229,14 @@ def prepare(
                         names, gene_names, is_log1p)
 
 
+def counts_source(output_space: str, counts_key: str | None) -> str | None:
+    """Where the gene-space targets of an embedding input live: None = X, else an obsm key
+    (``counts_key``; default X for output space ``all``, ``obsm['X_hvg']`` for ``gene``)."""
+    if output_space == "all":
+        return None if counts_key in (None, "X") else counts_key
+    return None if counts_key == "X" else (counts_key or "X_hvg")
+
+
 def _sources(files: list[DataFile], c: ColumnMap, counts_key: str | None):
     """Input source, gene-space target source, and their column names (checked across files)."""
     src = c.embed_key
@@ -236,14 +244,18 @@ def _sources(files: list[DataFile], c: ColumnMap, counts_key: str | None):
         raise ConfigError("output_space='embedding' requires embed_key (an obsm key holding the "
                           "cell embedding).")
     counts_src: str | None | bool = False  # False = no gene-space target (None = X)
-    if src is not None and c.output_space == "all":
-        counts_src = None if counts_key in (None, "X") else counts_key
-    elif src is not None and src != "X_hvg" and c.output_space == "gene":
-        counts_src = None if counts_key == "X" else (counts_key or "X_hvg")
+    if src is not None and (c.output_space == "all"
+                            or (c.output_space == "gene" and src != "X_hvg")):
+        counts_src = counts_source(c.output_space, counts_key)
     for f in files:
         check_source(f, src)
         if counts_src not in (False, None):
-            check_source(f, counts_src)
+            try:
+                check_source(f, counts_src)
+            except DataError as err:
+                raise DataError(f"{err} (counts_key names an obsm matrix or 'X'; copy a layer "
+                                f"first: adata.obsm['{counts_src}'] = "
+                                f"adata.layers['{counts_src}'].)") from None
     names = _agree(files, src, "input")
     gene_names = None if counts_src is False else _agree(files, counts_src, "gene-space target")
     return src, counts_src, names, gene_names

@@ -359,7 +359,9 @@ def gene_names(adata: ad.AnnData, gene_name_col: str | None = None,
     if gene_name_col not in var.columns:
         raise DataError(f"var column '{gene_name_col}' (gene_name_col) not found in {where} "
                         f"(available: {preview(var.columns, 12) or 'none'})."
-                        f"{did_you_mean(gene_name_col, var.columns)}")
+                        f"{did_you_mean(gene_name_col, var.columns)} Genes are matched by this "
+                        f"column; when var_names already hold these names, add it: "
+                        f"adata.var['{gene_name_col}'] = adata.var_names.")
     col = var[gene_name_col]
     if col.isna().any():
         raise DataError(f"var['{gene_name_col}'] of {where} has {int(col.isna().sum())} missing "

@@ -32,7 +32,7 @@ from statetx._utils import (
     umask_mode,
 )
 from statetx.config import ColumnMap, SplitConfig
-from statetx.data import PreparedData, prepare
+from statetx.data import PreparedData, counts_source, prepare
 from statetx.errors import ConfigError, DataError
 from statetx.io import gene_names, obs_labels
 from statetx.losses import get_loss, split_loss_kwargs
@@ -160,9 +160,9 @@ class StateTransitionModel(BaseEstimator):
         Validate on the first ⌈n · fraction⌉ of the n validation parts (dataset, file, cell
         type), sorted (reference semantics; default 1.0 = all).
     drop_last
-        Drop the sets of a group's remainder (fewer than ``cell_set_len`` cells) instead of
-        padding them with cells drawn from the group, and an incomplete last batch (default
-        False).
+        Training drops the sets of a group's remainder (fewer than ``cell_set_len`` cells)
+        instead of padding them with cells drawn from the group, and an incomplete last batch
+        (default False). Validation always uses every set.
     exclude_self
         Never pair a control target cell with itself as its basal cell (default False: the
         reference may).
@@ -395,6 +395,11 @@ class StateTransitionModel(BaseEstimator):
         for name in ("batch_size", "cell_set_len", "max_steps"):
             check_count(name, getattr(self, name))
         check_count("downsample_cells", self.downsample_cells)
+        if self.counts_key is not None and (self.embed_key in (None, "X_hvg")
+                                            or self.output_space == "embedding"):
+            warnings.warn(f"counts_key={self.counts_key!r} has no effect: it chooses the gene "
+                          "decoder's targets when the input is an embedding (embed_key) and the "
+                          "output space is 'gene' or 'all'.", UserWarning, stacklevel=3)
         cfg = self._train_config({"max_steps": 1, "lr": 0.0, "weight_averaging": averaging})
         get_loss(cfg.loss, **cfg.loss_options)  # loss option errors before reading data
         if self.lr is not None:
@@ -474,10 +479,11 @@ class StateTransitionModel(BaseEstimator):
         samplers = {
             name: make_sampler(split, vocab, set_len, settings["batch_size"], stream=stream,
                                seed=int(self.seed) + i, pairing=self._pairing(),
-                               drop_last=bool(self.drop_last),
                                exclude_self=bool(self.exclude_self),
                                downsample_cells=self.downsample_cells,
-                               **({"rank": rank, "world_size": world} if name == "train" else {}))
+                               # validation uses every set (drop_last shapes training batches)
+                               **({"rank": rank, "world_size": world,
+                                   "drop_last": bool(self.drop_last)} if name == "train" else {}))
             for i, (name, split) in enumerate(prepared.splits.items()) if name in ("train", "val")
         }
         if "val" not in samplers and verbose:
@@ -763,16 +769,21 @@ class StateTransitionModel(BaseEstimator):
                                                ctx[rows], batch[rows])
             if obs.index.has_duplicates:  # clones: the cell's name with a suffix
                 obs.index = ad.utils.make_index_unique(obs.index.astype(str))
-        # predict_controls=False: control cells are copied, not predicted (dropped when the
-        # output is decoded genes, a space the input does not provide)
+        # predict_controls=False: control cells are copied, not predicted (decoded outputs: from
+        # the input's matrix of the decoder's genes; left out when the input lacks it)
         as_is = np.zeros(len(pert), dtype=bool) if predict_controls else pert == control
+        real_counts = None
         if as_is.any() and self.network_.gene_decoder is not None:
-            warnings.warn("predict_controls=False: the control cells are left out of the output "
-                          "(this model decodes genes, so they cannot be copied into it).",
-                          UserWarning, stacklevel=2)
-            obs, src_rows, pert, ctx, batch = (v[~as_is] for v in (obs, src_rows, pert, ctx,
-                                                                   batch))
-            as_is = as_is[~as_is]
+            try:
+                real_counts = align_genes(adata[src_rows[as_is]], self.gene_names_,
+                                          self._counts_source(), "error", c.gene_name_col)
+            except DataError as err:
+                warnings.warn("predict_controls=False: the control cells are left out of the "
+                              f"output (they cannot be copied into the decoded genes: {err})",
+                              UserWarning, stacklevel=2)
+                obs, src_rows, pert, ctx, batch = (v[~as_is] for v in (obs, src_rows, pert,
+                                                                       ctx, batch))
+                as_is = as_is[~as_is]
         pcode = np.full(len(pert), -1, dtype=np.int64)  # (copied controls need no codes)
         bcode = np.zeros(len(pert), dtype=np.int64)
         pcode[~as_is] = encode_perturbations(pert[~as_is], self.vocab_, unknown_perturbation)
@@ -813,6 +824,8 @@ class StateTransitionModel(BaseEstimator):
                          matmul_precision=matmul_precision, sets_per_pass=sets_per_pass)
         res["pred"][as_is] = x_in[src_rows[as_is]]
         res["basal_row"][as_is] = src_rows[as_is]
+        if real_counts is not None:
+            res["counts"][as_is] = real_counts
         obs["statetx_ctrl_barcode"] = np.asarray(adata.obs_names)[res["basal_row"]]
         obs["statetx_set"] = res["set_id"]
         if layout == "arc":
@@ -963,6 +976,10 @@ class StateTransitionModel(BaseEstimator):
             out.obsm[f"{c.embed_key}_pred"] = res["pred"]
         return out
 
+    def _counts_source(self) -> str | None:
+        """Where a gene decoder's genes live in an input AnnData: None = X, else an obsm key."""
+        return counts_source(self.columns_.output_space, self.counts_key)
+
     def _arc_layout(self, adata: ad.AnnData, src_rows: np.ndarray, obs: pd.DataFrame,
                     res: dict, clip) -> ad.AnnData:
         """A copy of the input rows with the predictions placed as arc-state's tx infer does."""
@@ -1002,8 +1019,8 @@ class StateTransitionModel(BaseEstimator):
               f"{c.embed_key}_pred" if c.embed_key else "X_state_pred")
         if res["counts"] is not None:
             counts = res["counts"] if rng is None else np.clip(res["counts"], *rng)
-            place(counts, self.gene_names_, None if c.output_space == "all" else "X_hvg",
-                  "X_pred" if c.output_space == "all" else "X_hvg_pred")
+            key = self._counts_source()
+            place(counts, self.gene_names_, key, "X_pred" if key is None else f"{key}_pred")
         return out
 
     def predict_split(self, split: str = "test", *, seed: int = 42, clip: Any = "auto",
@@ -1153,10 +1170,13 @@ class StateTransitionModel(BaseEstimator):
     # ------------------------------------------------------------------ persistence
     def _metadata(self) -> dict:
         """Everything but the weights, JSON-able (also stored inside checkpoints)."""
-        params = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.get_params().items()
+        params = {k: v for k, v in self.get_params().items()
                   if not isinstance(v, dict) or k in ("model_kwargs", "loss_kwargs")}
-        if not isinstance(params.get("pert_features"), (str, type(None))):
+        # plain JSON values (paths as text, NumPy numbers as Python ones): checkpoints load with
+        # the weights-only unpickler, which refuses NumPy scalars
+        if not isinstance(params.get("pert_features"), (str, Path, type(None))):
             params["pert_features"] = None  # vectors are stored in the vocabulary
+        params = json.loads(json.dumps(params, default=_json_default))
         return {
             "format_version": FORMAT_VERSION,
             "params": params,
@@ -1448,6 +1468,8 @@ def _json_default(o: Any) -> Any:
         return int(o)
     if isinstance(o, (np.floating,)):
         return float(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
     if isinstance(o, np.ndarray):
         return o.tolist()
     if isinstance(o, Path):

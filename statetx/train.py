@@ -36,7 +36,7 @@ import torch
 from statetx._heap import retained_heap
 from statetx._utils import COMPILE_MODES, MATMUL_PRECISIONS, matmul_precision_scope, same_run
 from statetx.distributed import all_gather_objects, all_reduce_sum, barrier, rank_seed, world
-from statetx.errors import ConfigError, StatetxError
+from statetx.errors import ConfigError, DataError, StatetxError
 from statetx.losses import full_fp32_matmul, get_loss, nanmean
 from statetx.sets import CellSetBatch, CellSetSampler
 
@@ -158,6 +158,12 @@ class Trainer:
                  device: torch.device | str = "cpu", output_dir: str | Path | None = None,
                  checkpoint_extra: dict | None = None) -> None:
         self.net, self.train_sampler, self.val_sampler, self.cfg = network, train, val, config
+        if hasattr(train, "__len__") and len(train) == 0:  # training could never take a step
+            short = " (drop_last=True keeps full sets and full batches only)" if getattr(
+                train, "drop_last", False) else ""
+            raise DataError(f"the training split yields no batch of {train.B} sets of {train.S} "
+                            f"cells{short}; lower batch_size or cell_set_len"
+                            + (", or set drop_last=False." if short else "."))
         self.device = resolve_device(device)
         self.out = Path(output_dir) if output_dir is not None else None
         self.extra = checkpoint_extra or {}
@@ -559,6 +565,7 @@ class Trainer:
         pending: list[CellSetBatch] = []
         try:
             while st.step < c.max_steps:
+                first = st.batch_in_epoch
                 for batch in self.train_sampler.batches(st.epoch, start=st.batch_in_epoch):
                     st.batch_in_epoch += 1
                     pending.append(batch)
@@ -585,6 +592,9 @@ class Trainer:
                     if stop or st.step >= c.max_steps:
                         break
                 else:
+                    if first == 0 and st.batch_in_epoch == 0:  # never loop on empty epochs
+                        raise DataError(f"epoch {st.epoch} of the training split yielded no "
+                                        "batch; lower batch_size or cell_set_len.")
                     st.epoch += 1
                     st.batch_in_epoch = 0
                     continue
@@ -639,13 +649,13 @@ class Trainer:
                     writer.add_scalar(k, v, row["step"])
                 writer.flush()
 
-    def _write_metrics(self, row: dict[str, float]) -> None:
-        """``metrics.csv``, one column per logged value (blank where a row has none): the row is
-        appended, or the file is rewritten from the history when a new column appears (and
-        once per fit, so that a resumed run's file holds exactly its history)."""
+    def _write_metrics(self, row: dict[str, float] | None = None) -> None:
+        """``metrics.csv``, one column per logged value (blank where a row has none): ``row`` is
+        appended, or the file is rewritten from the history when a new column appears, once
+        per fit, and without ``row`` (a resumed run's file then holds exactly its history)."""
         path = self.out / "metrics.csv"
         columns = getattr(self, "_csv_columns", None)
-        if columns is not None and set(row) <= set(columns):
+        if row is not None and columns is not None and set(row) <= set(columns):
             with path.open("a", newline="") as fh:
                 csv.DictWriter(fh, columns).writerow(row)
             return
@@ -656,8 +666,7 @@ class Trainer:
             with tmp.open("w", newline="") as fh:
                 w = csv.DictWriter(fh, columns)
                 w.writeheader()
-                w.writerows({**r, "step": int(r["step"]), "epoch": int(r["epoch"])}
-                            for r in self.state.history)
+                w.writerows(self.state.history)
 
         atomic_write(path, write)
 
@@ -697,8 +706,8 @@ class Trainer:
         state = {
             "state_dict": weights,
             "train_state": {k: v for k, v in asdict(st).items() if k != "history"},
-            "history": [{k: float(v) if isinstance(v, (int, float, np.floating)) else v
-                         for k, v in h.items()} for h in st.history],
+            "history": [{k: int(v) if k in ("step", "epoch") else float(v) if isinstance(
+                v, (int, float, np.floating)) else v for k, v in h.items()} for h in st.history],
             "train_config": asdict(self.cfg),
             **self.extra,
         }
@@ -777,7 +786,12 @@ class Trainer:
             _copy_into(self._avg, [ckpt["state_dict"][name]
                                    for name, _ in self.net.named_parameters()])
         self.opt.load_state_dict(ckpt["optimizer"])
-        self.state = TrainState(**ckpt["train_state"], history=list(ckpt.get("history", [])))
+        # (histories written before the wide metrics.csv call the training loss "loss")
+        history = [{("train_loss" if k == "loss" else k): int(v) if k in ("step", "epoch")
+                    else v for k, v in h.items()} for h in ckpt.get("history", [])]
+        self.state = TrainState(**ckpt["train_state"], history=history)
+        if self.out is not None and _is_main():  # rows logged after the checkpoint go
+            self._write_metrics()
         torch.set_rng_state(ckpt["rng"]["torch"])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])

@@ -170,6 +170,17 @@ def test_predict_pseudobulk_gives_the_cell_level_metrics(run, capsys):
     assert "--profile de has only metrics that need the cells" in capsys.readouterr().err
 
 
+def test_predict_eval_train_data_skips_control_only_cell_types(run, capsys):
+    import pandas as pd
+
+    assert main(["tx", "predict", "--output-dir", str(run), "--eval-train-data",
+                 "--profile", "minimal", "--pseudobulk"]) == 0
+    assert "control cells only are not evaluated: CT1, CT2" in capsys.readouterr().out
+    out = run / "eval_train_final.ckpt"
+    assert (out / "CT0_results.csv").is_file() and not (out / "CT2_results.csv").exists()
+    assert pd.read_csv(out / "CT0_results.csv")["pearson_delta"].notna().all()
+
+
 def test_predict_with_test_time_finetuning(run, capsys):
     import anndata as ad
 

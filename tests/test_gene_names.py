@@ -94,3 +94,19 @@ def test_hvg_names_and_the_command_line_key(zhao_log, tmp_path):
     hvg = list(a.var.loc[a.var["highly_variable"], "symbol"])
     assert m.get_params()["gene_name_col"] == "symbol" and m.var_names_ == hvg
     assert list(m.predict(a[:40].copy()).var_names) == hvg
+
+
+def test_baselines_name_genes_like_the_model(zhao_log):
+    from statetx.baselines import PerturbMeanBaseline, fit_all_baselines
+
+    cols = dict(pert_col="target_gene", cell_type_key="cell_type", control_pert="DMSO")
+    test = zhao_log[zhao_log.obs["cell_type"] == "glioblastoma_PW040"].copy()
+    named = PerturbMeanBaseline(gene_name_col="symbol", **cols).fit(zhao_log, SPEC,
+                                                                    dataset_name="zhao")
+    plain = PerturbMeanBaseline(**cols).fit(by_symbol(zhao_log), SPEC, dataset_name="zhao")
+    pred = named.predict(test[:, ::-1].copy())
+    assert list(pred.var_names) == list(zhao_log.var["symbol"])
+    np.testing.assert_array_equal(pred.X, plain.predict(by_symbol(test)).X)
+    models = fit_all_baselines(zhao_log, SPEC, gene_name_col="symbol", dataset_name="zhao",
+                               **cols)
+    assert all(m.var_names_ == named.var_names_ for m in models.values())

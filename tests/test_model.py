@@ -434,5 +434,47 @@ def test_counts_key_chooses_the_decoder_target(synth_embedding):
     sub = small_model(counts_key="X_sub", **opts).fit(a, SPEC)
     assert sub.gene_names_ == [f"X_sub_{i}" for i in range(10)]
     assert sub.predict(a[:30].copy()).n_vars == 10
-    with pytest.raises(DataError, match=r"obsm\['X_sbu'\] not found.*X_sub"):
+    with pytest.raises(DataError, match=r"obsm\['X_sbu'\] not found.*X_sub.*layers"):
         small_model(counts_key="X_sbu", **opts).fit(a, SPEC)
+    with pytest.warns(UserWarning, match="counts_key='X' has no effect"):
+        small_model(counts_key="X", max_steps=1).fit(a, SPEC)
+
+
+def test_drop_last_never_hangs_and_validation_keeps_every_set(synth):
+    from statetx.errors import DataError as DE
+
+    with pytest.raises(DE, match=r"yields no batch of 64 sets of 8 cells \(drop_last=True"):
+        small_model(drop_last=True, downsample_cells=8, batch_size=64).fit(synth, SPEC)
+    spec_val = '[training]\ndata = "train"\n[zeroshot]\n"data.CT1" = "val"\n"data.CT2" = "test"\n'
+    m = small_model(drop_last=True, batch_size=16, max_steps=2, val_freq=2).fit(synth, spec_val)
+    val = m.history_["val_loss"]
+    assert np.isfinite(val.dropna()).all() and val.notna().any()
+
+
+def test_predict_controls_false_copies_controls_into_decoded_outputs(synth_embedding):
+    a = synth_embedding
+    model = small_model(embed_key="X_pca", output_space="all", max_steps=2,
+                        model_kwargs={**SMALL, "gene_decoder_bool": True}).fit(a, SPEC)
+    ct2 = a[a.obs["cell_type"] == "CT2"].copy()
+    ctrl = (ct2.obs["gene"] == "ctrl").to_numpy()
+    kept = model.predict(ct2, predict_controls=False)
+    assert kept.n_obs == ct2.n_obs
+    np.testing.assert_array_equal(kept.X[ctrl], np.clip(ct2.X[ctrl], 0, 14))  # decoded genes
+    np.testing.assert_array_equal(kept.obsm["X_pca_pred"][ctrl], ct2.obsm["X_pca"][ctrl])
+    arc = model.predict(ct2, predict_controls=False, layout="arc")
+    np.testing.assert_array_equal(arc.X[ctrl], np.clip(ct2.X[ctrl], 0, 14))
+    no_genes = ct2[:, :5].copy()  # the decoder's genes are not all there: left out, said so
+    with pytest.warns(UserWarning, match="control cells are left out"):
+        out = model.predict(no_genes, predict_controls=False)
+    assert out.n_obs == (~ctrl).sum()
+
+
+def test_numpy_numbers_as_parameters_keep_runs_loadable(synth, tmp_path):
+    from statetx.run import load_run
+
+    m = small_model(max_steps=np.int64(2), batch_size=np.int32(4), seed=np.int64(3),
+                    downsample_cells=np.int64(12), lr=np.float32(1e-3), drop_last=np.bool_(False))
+    m.fit(synth, SPEC, output_dir=tmp_path)
+    loaded = load_run(tmp_path, verbose=False)
+    assert loaded.get_params()["downsample_cells"] == 12 and loaded.get_params()["seed"] == 3
+    np.testing.assert_array_equal(loaded.predict(synth, seed=1).X, m.predict(synth, seed=1).X)

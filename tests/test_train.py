@@ -483,3 +483,21 @@ def test_sigterm_unwinds_while_an_earlier_run_is_aside():
     finally:
         restore()
     assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def test_resume_rewrites_metrics_from_the_checkpoint_history(synth, tmp_path):
+    small_model(max_steps=4, log_every_n_steps=2).fit(synth, output_dir=tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with (tmp_path / "metrics.csv").open("a") as fh:  # a row logged after the checkpoint
+        fh.write("5,0,9.9,9.9,1.0,1.0,1.0,0.0001\n")
+    # a checkpoint of an older statetx: the training loss logged as "loss"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["history"] = [{("loss" if k == "train_loss" else k): v for k, v in h.items()}
+                       for h in ckpt["history"]]
+    torch.save(ckpt, last)
+    m = small_model(max_steps=4, log_every_n_steps=2).fit(synth, output_dir=tmp_path,
+                                                          resume_from=last)
+    logged = pd.read_csv(tmp_path / "metrics.csv")
+    assert 5 not in set(logged["step"]) and logged["step"].max() == 4
+    assert "loss" not in logged.columns and logged["train_loss"].notna().sum() == 2
+    assert "loss" not in m.history_.columns and m.history_["train_loss"].notna().sum() == 2

@@ -344,3 +344,20 @@ def test_cli_prep(small, tmp_path, capsys):
                  str(tmp_path / "bad.vcc"), "-e", "8"]) == 2
     assert "encoding=8" in capsys.readouterr().err
     assert not (tmp_path / "bad.vcc").exists()
+
+
+@needs_zstd
+def test_backed_sparse_input_and_a_folder_as_output(small, tmp_path):
+    small.X = sp.csr_matrix(small.X, dtype=np.float32)
+    path = tmp_path / "pred.h5ad"
+    small.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    genes = _shuffled(small)
+    out = prep_vcc(backed, genes, tmp_path / "b.vcc", control_pert="control",
+                   expected_gene_dim=-1)
+    backed.file.close()
+    packed = _unpack(out, tmp_path)[1]
+    assert list(packed.var_names) == genes
+    np.testing.assert_array_equal(packed.X.toarray(), small[:, genes].X.toarray())
+    with pytest.raises(ConfigError, match="is a folder"):
+        prep_vcc(path, genes, tmp_path, control_pert="control", expected_gene_dim=-1)

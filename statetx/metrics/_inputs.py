@@ -24,6 +24,8 @@ def load(obj: ad.AnnData | str | Path, which: str) -> ad.AnnData:
         obj = ad.read_h5ad(path)
     elif not isinstance(obj, ad.AnnData):
         raise DataError(f"{which} must be an AnnData or a path to an .h5ad file, got {type(obj)!r}")
+    elif obj.isbacked:  # a backed (on-disk) X is read once, whole
+        obj = obj.to_memory()
     if obj.X is None:
         raise DataError(f"{which} AnnData has no X matrix; store the log1p expression in .X")
     if obj.X.dtype == np.float16:

@@ -194,6 +194,9 @@ def prep_vcc(
                               "name the .vcc file to write")
         output = prep_output_path(src)
     output = Path(output)
+    if output.is_dir():
+        raise ConfigError(f"output {str(output)!r} is a folder; give the .vcc file to write "
+                          f"(e.g. {str(output / 'prediction.prep.vcc')!r})")
     compressor, compress = _zstd_compressor()  # fail before reading the data
     adata = load(adata_or_path, "prediction")
     labels = _pert_labels(adata, pert_col, control_pert)
