@@ -293,14 +293,16 @@ def embedding(
 ) -> Axes:
     """Predicted and real cells in one PCA fitted on the real cells only (on the genes both share,
     up to 50 components, the first two shown); predicted cells are projected into it.
+    ``basis="umap"``: a UMAP (umap-learn, installed with scanpy) fitted on the real cells' PCA
+    scores, the predicted cells placed with its ``transform``.
 
     ``color``: ``"source"`` (real / predicted) or an obs column of both objects (e.g. ``pert_col``;
     real cells as dots, predicted as crosses). ``perts`` keeps those perturbations plus
     ``control_pert``. Each source is subsampled to ``max_cells`` cells (seeded by ``seed``) before
     the PCA is fitted. Returns the Axes."""
-    if basis != "pca":
-        raise ConfigError(f"basis {basis!r} is not supported; use basis='pca' (the real cells' "
-                          "PCA, into which the predicted cells are projected)")
+    if basis not in ("pca", "umap"):
+        raise ConfigError(f"basis {basis!r} is not supported; use 'pca' (the real cells' PCA, "
+                          "into which the predicted cells are projected) or 'umap'")
     if isinstance(max_cells, bool) or not isinstance(max_cells, (int, np.integer)) or max_cells < 2:
         raise ConfigError(f"max_cells must be an integer >= 2, got {max_cells!r}")
     for a, which in ((adata_pred, "pred"), (adata_real, "real")):
@@ -344,9 +346,19 @@ def embedding(
 
     x_real = to_dense_f32(adata_real[cells["real"], genes].X)
     pca = PCA(n_components=min(50, x_real.shape[0], len(genes)), random_state=seed).fit(x_real)
-    coords = {"real": pca.transform(x_real)[:, :2]}
-    coords["pred"] = (pca.transform(to_dense_f32(adata_pred[cells["pred"], genes].X))[:, :2]
-                      if cells["pred"].size else np.empty((0, 2)))
+    scores = {"real": pca.transform(x_real),
+              "pred": (pca.transform(to_dense_f32(adata_pred[cells["pred"], genes].X))
+                       if cells["pred"].size else np.empty((0, pca.n_components_)))}
+    if basis == "umap":
+        import umap
+
+        fitted = umap.UMAP(random_state=seed, n_jobs=1,
+                           n_neighbors=min(15, cells["real"].size - 1))
+        coords = {"real": fitted.fit_transform(scores["real"]),
+                  "pred": (fitted.transform(scores["pred"]) if cells["pred"].size
+                           else np.empty((0, 2)))}
+    else:
+        coords = {k: v[:, :2] for k, v in scores.items()}
     ax = _axes(ax, (5.5, 5.0))
     names = {"real": "real", "pred": "predicted"}
     if color == "source":
@@ -379,8 +391,12 @@ def embedding(
         else:
             ax.legend(handles=handles[-2:], frameon=False, fontsize="small",
                       title=f"{color} ({len(cats)} values)")
-    evr = pca.explained_variance_ratio_
-    ax.set_xlabel(f"PC1 ({evr[0]:.1%})")
-    ax.set_ylabel(f"PC2 ({evr[1]:.1%})")
-    ax.set_title("Real cells' PCA; predicted cells projected")
+    if basis == "umap":
+        ax.set_xlabel("UMAP1")
+        ax.set_ylabel("UMAP2")
+    else:
+        evr = pca.explained_variance_ratio_
+        ax.set_xlabel(f"PC1 ({evr[0]:.1%})")
+        ax.set_ylabel(f"PC2 ({evr[1]:.1%})")
+    ax.set_title(f"Real cells' {basis.upper()}; predicted cells projected")
     return ax

@@ -202,8 +202,25 @@ def test_embedding_shared_genes_perts_and_colour(pair):
         pl.embedding(pred, real, color="cell_line")
     with pytest.raises(DataError, match=r"\['G999'\].*Available"):
         pl.embedding(pred, real, perts=["G999"])
-    with pytest.raises(ConfigError, match="basis 'umap'"):
-        pl.embedding(pred, real, basis="umap")
+    with pytest.raises(ConfigError, match="basis 'tsne'"):
+        pl.embedding(pred, real, basis="tsne")
+    plt.close("all")
+
+
+@pytest.mark.slow  # umap-learn compiles its kernels on first use (~30 s)
+def test_embedding_umap_places_predictions_with_the_real_cells_fit(pair):
+    import umap
+    from sklearn.decomposition import PCA
+
+    pred, real = pair
+    ax = pl.embedding(pred, real, basis="umap", seed=1)
+    real_pts, pred_pts = (c.get_offsets() for c in ax.collections)
+    scores = PCA(n_components=30, random_state=1).fit(np.asarray(real.X))
+    fitted = umap.UMAP(random_state=1, n_jobs=1, n_neighbors=15)
+    np.testing.assert_allclose(real_pts, fitted.fit_transform(scores.transform(real.X)),
+                               atol=1e-3)
+    np.testing.assert_allclose(pred_pts, fitted.transform(scores.transform(pred.X)), atol=1e-3)
+    assert ax.get_xlabel() == "UMAP1"
     plt.close("all")
 
 
