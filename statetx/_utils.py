@@ -108,6 +108,16 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)``: NumPy / torch numbers and arrays as Python values, sets as
+    lists, anything else (paths, devices) as text."""
+    if isinstance(o, (set, frozenset)):
+        return sorted(o, key=str)
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
 def history_frame(history: Iterable[dict] | Any) -> Any:
     """A training history (rows of ``step``, ``epoch`` and logged values, or a frame of them,
     e.g. a read ``metrics.csv``) as a pandas frame with one row per step, sorted."""

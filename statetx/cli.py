@@ -188,9 +188,10 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
           help="only perturbations present in both the training split and the evaluated split")
     _flag(pr, "--eval-train-data", action="store_true", help="evaluate the training split")
     pr.add_argument("--pseudobulk", action="store_true",
-                    help="keep running means per (cell type, perturbation) instead of cells: "
-                    "memory independent of the number of cells; the AnnData outputs hold one row "
-                    "per group and only metrics defined on pseudobulks are computed (no DE)")
+                    help="keep running means per (cell type, perturbation) instead of cells: no "
+                    "per-cell prediction or real matrix is built (the split's input cells are "
+                    "still read); the AnnData outputs hold one row per group and only metrics "
+                    "defined on pseudobulks are computed (no DE)")
     pr.add_argument("--split", default="test", choices=["test", "val", "train"])
     _flag(pr, "--num-threads", type=int, default=None,
           help="DE threads (default: the CPUs available to the process)")
@@ -344,14 +345,21 @@ def _add_evaluate(sp: Any) -> None:
     sc.set_defaults(func=cmd_evaluate_score)
     pp = _sub(evs, "prep", "package a prediction for the Virtual Cell Challenge (a .vcc "
               "archive: zstd-compressed h5ad and a watermark)")
-    pp.add_argument("-i", "--input", required=True)
-    pp.add_argument("-g", "--genes", required=True)
-    pp.add_argument("-o", "--output")
-    _flag(pp, "--pert-col", default="target_gene")
-    _flag(pp, "--ntc-name", default="non-targeting")
-    pp.add_argument("-e", "--encoding", type=int, default=32)
-    _flag(pp, "--expected-gene-dim", type=int, default=18080)
-    _flag(pp, "--max-cell-dim", type=int, default=200000)
+    pp.add_argument("-i", "--input", required=True, help="the prediction (.h5ad, log1p)")
+    pp.add_argument("-g", "--genes", required=True,
+                    help="gene list: one name per line (a header line is detected); the "
+                    "prediction's genes are put in this order and must be the same set")
+    pp.add_argument("-o", "--output", help="the .vcc archive (default: <input>.prep.vcc)")
+    _flag(pp, "--pert-col", default="target_gene",
+          help="obs column of the perturbation labels (default target_gene)")
+    _flag(pp, "--ntc-name", default="non-targeting",
+          help="control label, which must be present (default non-targeting)")
+    pp.add_argument("-e", "--encoding", type=int, default=32, choices=[32, 16],
+                    help="32: float32 values (default); 16: rounded to float16 precision")
+    _flag(pp, "--expected-gene-dim", type=int, default=18080,
+          help="required number of genes (default 18080, the VCC's; -1: no check)")
+    _flag(pp, "--max-cell-dim", type=int, default=200000,
+          help="most cells allowed (default 200000, the VCC's; -1: no check)")
     pp.set_defaults(func=cmd_evaluate_prep)
 
 
@@ -530,7 +538,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     hist = model.history_
     last = hist.iloc[-1].to_dict() if len(hist) else {}
     loss = {k: f"{v:.4g}" for k, v in last.items()
-            if k in ("loss", "val_loss", "train_loss_eval") and v == v}
+            if k in ("train_loss", "val_loss", "train_loss_eval") and v == v}
     step = R.read_run_info(plan.run_dir).get("final_step")
     _say(f"training done in {seconds:.1f} s at step {step}"
          + (f" ({', '.join(f'{k} {v}' for k, v in loss.items())})" if loss else "")
@@ -670,6 +678,11 @@ def cmd_predict(a: argparse.Namespace) -> int:
     # nothing to evaluate
     cts = real.obs[c.cell_type_key].astype(str).to_numpy()
     perturbed = set(cts[real.obs[c.pert_col].astype(str).to_numpy() != c.control_pert])
+    if not perturbed:
+        raise DataError(f"the {split} split has no perturbed cells to evaluate"
+                        + (" after --shared-only" if a.shared_only else "")
+                        + f" (predictions written to {out}); pass --predict-only to skip the "
+                        "metrics.")
     if set(cts) - perturbed:
         _say(f"cell types with control cells only are not evaluated: "
              f"{', '.join(sorted(set(cts) - perturbed))}")

@@ -253,9 +253,8 @@ def _sources(files: list[DataFile], c: ColumnMap, counts_key: str | None):
             try:
                 check_source(f, counts_src)
             except DataError as err:
-                raise DataError(f"{err} (counts_key names an obsm matrix or 'X'; copy a layer "
-                                f"first: adata.obsm['{counts_src}'] = "
-                                f"adata.layers['{counts_src}'].)") from None
+                raise DataError(f"{err} (counts_key names an obsm matrix or 'X'; a layer has "
+                                "to be copied into obsm first.)") from None
     names = _agree(files, src, "input")
     gene_names = None if counts_src is False else _agree(files, counts_src, "gene-space target")
     return src, counts_src, names, gene_names

@@ -27,6 +27,7 @@ from sklearn.exceptions import NotFittedError
 from statetx._utils import (
     did_you_mean,
     history_frame,
+    json_default,
     matmul_precision_scope,
     preview,
     umask_mode,
@@ -180,7 +181,8 @@ class StateTransitionModel(BaseEstimator):
         seeded random order ``stream_buffer_chunks`` at a time (the next buffer is read while
         the current one trains); cell sets are drawn within the cells of the buffer, not from a
         whole group (a group with fewer than ``cell_set_len`` cells in the buffer gives one
-        padded set, so raise the buffer for files in random cell order), and basal cells from an
+        padded set, none with ``drop_last``: raise the buffer for files in random cell
+        order), and basal cells from an
         in-memory reservoir of the control cells. Validation and test splits are still read
         into memory; ``predict_split("train")`` is unavailable. Peak memory ≈ reservoir + two
         buffers (``2 · chunk · buffer · n_features · 4`` bytes). See :mod:`statetx.stream`.
@@ -395,11 +397,13 @@ class StateTransitionModel(BaseEstimator):
         for name in ("batch_size", "cell_set_len", "max_steps"):
             check_count(name, getattr(self, name))
         check_count("downsample_cells", self.downsample_cells)
-        if self.counts_key is not None and (self.embed_key in (None, "X_hvg")
-                                            or self.output_space == "embedding"):
-            warnings.warn(f"counts_key={self.counts_key!r} has no effect: it chooses the gene "
-                          "decoder's targets when the input is an embedding (embed_key) and the "
-                          "output space is 'gene' or 'all'.", UserWarning, stacklevel=3)
+        idle = self.embed_key is None or self.output_space == "embedding" or (
+            self.embed_key == "X_hvg" and self.output_space == "gene")
+        if self.counts_key is not None and idle:
+            warnings.warn(f"counts_key={self.counts_key!r} has no effect: it chooses the "
+                          "gene-space targets when the input is an obsm matrix (embed_key) and "
+                          "the output space is 'all', or an embedding other than X_hvg with "
+                          "output 'gene'.", UserWarning, stacklevel=3)
         cfg = self._train_config({"max_steps": 1, "lr": 0.0, "weight_averaging": averaging})
         get_loss(cfg.loss, **cfg.loss_options)  # loss option errors before reading data
         if self.lr is not None:
@@ -655,7 +659,8 @@ class StateTransitionModel(BaseEstimator):
         ``max_cells``: every (context, perturbation) group but the control's is cloned up to /
         subsampled down to that many cells (seeded; clones follow the input's cells).
         ``predict_controls=False`` copies the control cells into the output instead of
-        predicting them (left out, with a warning, when the model decodes genes).
+        predicting them (with a gene decoder: from the input's matrix of the decoder's genes;
+        left out, with a warning, when the input lacks them); they get ``statetx_set`` -1.
 
         The network runs in full fp32 (``matmul_precision="highest"``, as the reference
         predicts) whatever the global setting; ``"medium"`` lets CPUs with AMX run its products in
@@ -1039,8 +1044,9 @@ class StateTransitionModel(BaseEstimator):
 
         ``pseudobulk=True`` (``tx predict --pseudobulk``) returns one row per (cell type,
         perturbation) instead: the mean of the same cells' (clipped) predictions and real
-        values, accumulated while predicting, so memory does not grow with the number of cells;
-        obs has the perturbation and cell type columns and ``n_cells``. Metrics computed from
+        values, accumulated while predicting: no per-cell prediction or real matrix is built
+        (the split's input cells are in memory already); obs has the perturbation and cell type
+        columns and ``n_cells``. Metrics computed from
         pseudobulks (``pearson_delta``, ``mse``, ``mae``, the discrimination scores, …) are the
         same on these rows as on the cells; DE needs the cells.
         """
@@ -1097,9 +1103,12 @@ class StateTransitionModel(BaseEstimator):
         if rng is not None:
             real_x = np.clip(real_x, *rng)
         real = ad.AnnData(X=real_x, obs=obs.copy(), var=pred.var.copy())
-        if controls == "real" and res["counts"] is None:
+        if controls == "real":
             is_ctrl = d.is_control[order]
             pred.X[is_ctrl] = real_x[is_ctrl]
+            if res["counts"] is not None:  # the latent output: the control cells' own
+                key = f"{c.embed_key}_pred"
+                pred.obsm[key][is_ctrl] = d.X[torch.from_numpy(order[is_ctrl])].float().numpy()
             pred.obs.loc[is_ctrl, "ctrl_cell_barcode"] = pred.obs.loc[is_ctrl, "pert_cell_barcode"]
         return pred, real
 
@@ -1116,15 +1125,7 @@ class StateTransitionModel(BaseEstimator):
         run(means=means)
         decodes = "counts" in means.sums
         real_src = d.counts if d.counts is not None and decodes else d.X
-        real = np.zeros((len(uniq), real_src.shape[1]), dtype=np.float64)
-        src_rows = torch.from_numpy(order)
-        for lo in range(0, len(order), 4096):
-            x = real_src[src_rows[lo:lo + 4096]].float().numpy()
-            x = np.clip(x, *rng) if rng is not None else x
-            g = row_group[lo:lo + 4096]
-            runs = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])  # groups are runs of rows
-            np.add.at(real, g[runs], np.add.reduceat(x, runs, axis=0, dtype=np.float64))
-        real = (real / means.n_cells[:, None]).astype(np.float32)
+        real = _group_means(real_src, order, row_group, means.n_cells, rng)
         cts, perts = np.divmod(uniq, n_p)
         names = np.asarray(v.perturbations, dtype=object)[perts]
         obs = pd.DataFrame({
@@ -1134,9 +1135,13 @@ class StateTransitionModel(BaseEstimator):
         }, index=pd.Index([f"pseudobulk{i}" for i in range(len(uniq))]))
         pred = self._output({"pred": means.means("pred"), "counts": means.means("counts")},
                             obs.copy(), None)
-        if controls == "real" and not decodes:
+        if controls == "real":
             is_ctrl = names == v.control_pert
             pred.X[is_ctrl] = real[is_ctrl]
+            if decodes:  # the latent output: the control cells' own, averaged
+                rows = np.isin(row_group, np.flatnonzero(is_ctrl))
+                latent = _group_means(d.X, order[rows], row_group[rows], means.n_cells, None)
+                pred.obsm[f"{c.embed_key}_pred"][is_ctrl] = latent[is_ctrl]
         return pred, ad.AnnData(X=real, obs=obs, var=pred.var.copy())
 
     def score(self, adata: ad.AnnData, **predict_options: Any) -> float:
@@ -1176,7 +1181,7 @@ class StateTransitionModel(BaseEstimator):
         # the weights-only unpickler, which refuses NumPy scalars
         if not isinstance(params.get("pert_features"), (str, Path, type(None))):
             params["pert_features"] = None  # vectors are stored in the vocabulary
-        params = json.loads(json.dumps(params, default=_json_default))
+        params = json.loads(json.dumps(params, default=json_default))
         return {
             "format_version": FORMAT_VERSION,
             "params": params,
@@ -1207,7 +1212,7 @@ class StateTransitionModel(BaseEstimator):
         meta["fit"] = {k: getattr(self, k + "_") for k in _FIT_RECORD if hasattr(self, k + "_")}
         if hasattr(self, "split_summary_"):
             meta["split_summary"] = self.split_summary_.to_dict(orient="split")
-        text = json.dumps(meta, indent=1, default=_json_default)  # fails before any write
+        text = json.dumps(meta, indent=1, default=json_default)  # fails before any write
         state = {k: v.detach().cpu().contiguous() for k, v in self.network_.state_dict().items()}
         created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
@@ -1244,7 +1249,7 @@ class StateTransitionModel(BaseEstimator):
             raise DataError(f"could not read the saved model in {path}: {exc}") from exc
         model = cls._from_metadata(meta, state, source=path / "model.json")
         if "history" in meta:
-            model.history_ = pd.DataFrame(meta["history"])
+            model.history_ = history_frame(meta["history"])
         for k, v in meta.get("fit", {}).items():
             if k in _FIT_RECORD:
                 setattr(model, k + "_", v)
@@ -1427,6 +1432,21 @@ def _carry_input(adata: ad.AnnData, src_rows: np.ndarray, out: ad.AnnData) -> No
             out.layers[key] = value[src_rows]
 
 
+def _group_means(src: torch.Tensor, rows: np.ndarray, group: np.ndarray, n_cells: np.ndarray,
+                 clip: tuple[float, float] | None) -> np.ndarray:
+    """[n_groups, D] float32 means of ``src[rows]`` (clipped) per ``group`` of each row, read
+    4,096 rows at a time; ``n_cells`` divides (groups without rows here stay 0)."""
+    sums = np.zeros((len(n_cells), src.shape[1]), dtype=np.float64)
+    index = torch.from_numpy(rows)
+    for lo in range(0, len(rows), 4096):
+        x = src[index[lo:lo + 4096]].float().numpy()
+        x = np.clip(x, *clip) if clip is not None else x
+        g = group[lo:lo + 4096]
+        runs = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])  # a group's rows come in runs
+        np.add.at(sums, g[runs], np.add.reduceat(x, runs, axis=0, dtype=np.float64))
+    return (sums / np.maximum(n_cells, 1)[:, None]).astype(np.float32)
+
+
 def _start_at_mean_response(network: StateTransitionNetwork, train, vocab: Vocab) -> None:
     """Start the ``pert_skip`` parameters at the training contexts' mean response.
 
@@ -1461,18 +1481,3 @@ def _start_at_mean_response(network: StateTransitionNetwork, train, vocab: Vocab
         if network.pert_mean_scale is not None:
             w = np.linalg.lstsq(feats, scale[observed], rcond=None)[0]  # [P, 1]
             network.pert_mean_scale.weight.copy_(torch.from_numpy(w.T))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-

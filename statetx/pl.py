@@ -155,6 +155,10 @@ def _history(obj: Any) -> pd.DataFrame:
             raise DataError(f"metrics file {str(path)!r} does not exist; pass a run's "
                             "metrics.csv (or its run directory), a fitted model or its history_")
         frame = pd.read_csv(path)
+        if {"key", "value"} <= set(frame.columns):  # the long format of earlier statetx runs
+            frame = frame.pivot_table(index=["step", "epoch"], columns="key", values="value",
+                                      aggfunc="first").reset_index()
+            frame.columns.name = None
     elif isinstance(obj, pd.DataFrame):
         frame = obj
     else:

@@ -226,8 +226,17 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
         return m
     names, matrix, where = list(map(str, gene_names(adata, gene_name_col))), adata.X, "X"
     if embed_key == "X_hvg" and "X_hvg" in adata.obsm:
-        names = hvg_names(adata, gene_name_col) or names
         matrix, where = adata.obsm["X_hvg"], "obsm['X_hvg']"
+        names = hvg_names(adata, gene_name_col)
+        width = np.shape(matrix)[1]
+        if names is None:  # unnamed columns: by position, named as training names them
+            names = [f"X_hvg_{i}" for i in range(width)]
+        elif len(names) != width:
+            raise DataError(f"the input's obsm['X_hvg'] has {width} columns but {len(names)} gene "
+                            "names (uns['X_hvg_var_names'] or var['highly_variable']), so its "
+                            "genes cannot be matched to the model's. Write it with "
+                            "statetx.pp.preprocess_train, or set uns['X_hvg_var_names'] to its "
+                            "column names.")
     index = pd.Index(names)
     if index.has_duplicates:
         raise DataError(f"the input has duplicate gene names in {where}: "

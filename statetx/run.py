@@ -40,6 +40,7 @@ from statetx._utils import (
     SET_LOSS_OPTIONS,
     TRAINING_LOSS_OPTIONS,
     history_frame,
+    json_default,
     same_run,
 )
 from statetx.errors import ConfigError, DataError, SplitConfigError
@@ -880,7 +881,7 @@ def _obs_columns(path: Path) -> set[str]:
 
 def dump_config(cfg: Mapping) -> str:
     """YAML text of a configuration (JSON text when PyYAML is not installed)."""
-    plain = json.loads(json.dumps(cfg, default=_json_default))
+    plain = json.loads(json.dumps(cfg, default=json_default))
     try:
         import yaml
     except ImportError:  # pragma: no cover - PyYAML comes with scanpy's dependencies
@@ -935,18 +936,6 @@ def atomic_write(path: str | Path, writer, suffix: str = "") -> Path:
     return path
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
 def absolute_split(split_config: Any) -> Any:
     """The split spec with every dataset path made absolute (so the copy in the run directory
     still finds the data); None when there is no spec."""
@@ -990,7 +979,7 @@ def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedDa
         atomic_write_text(out / "split.toml", split.to_toml())
     atomic_write_text(out / "split_summary.csv", prepared.summary.to_csv(index=False))
     atomic_write_text(out / "model.json",
-                      json.dumps(model._metadata(), indent=1, default=_json_default))
+                      json.dumps(model._metadata(), indent=1, default=json_default))
     cfg = getattr(model, "_run_config", None)
     if cfg is None:
         from statetx.presets import resolve_architecture
@@ -1009,7 +998,7 @@ def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedDa
     info = read_run_info(out)
     info.setdefault("statetx_version", _version())
     info.setdefault("command", None)
-    info["config"] = json.loads(json.dumps(cfg, default=_json_default))
+    info["config"] = json.loads(json.dumps(cfg, default=json_default))
     info["seed"] = model.seed
     info["data"] = [_fingerprint(f.path) for f in prepared.files
                     if getattr(f, "path", None) is not None]
@@ -1029,7 +1018,7 @@ def read_run_info(run_dir: Path) -> dict:
 
 def write_run_info(run_dir: Path, info: Mapping) -> None:
     atomic_write_text(Path(run_dir) / RUN_INFO_FILE,
-                      json.dumps(info, indent=1, default=_json_default))
+                      json.dumps(info, indent=1, default=json_default))
 
 
 def _fingerprint(path: Any) -> dict:
@@ -1242,7 +1231,7 @@ def _check_same_run(run: Path, path: Path, meta: Mapping) -> None:
         return
     try:
         mine = json.loads((run / "model.json").read_text())
-        theirs = json.loads(json.dumps(meta, default=_json_default))
+        theirs = json.loads(json.dumps(meta, default=json_default))
     except (OSError, ValueError):
         return
     if not same_run(mine, theirs):

@@ -40,6 +40,8 @@ from statetx.errors import ConfigError, DataError, StatetxError
 from statetx.losses import full_fp32_matmul, get_loss, nanmean
 from statetx.sets import CellSetBatch, CellSetSampler
 
+MAX_EMPTY_EPOCHS = 10  # a training split whose epochs stay empty this long is an error
+
 
 class TrainingError(StatetxError, RuntimeError):
     """Training cannot continue (e.g. a non-finite loss)."""
@@ -563,6 +565,7 @@ class Trainer:
         accum, window_cells, t0 = c.gradient_accumulation_steps, 0, time.perf_counter()
         window_steps = 0
         pending: list[CellSetBatch] = []
+        empty = 0  # epochs in a row without a batch
         try:
             while st.step < c.max_steps:
                 first = st.batch_in_epoch
@@ -592,9 +595,13 @@ class Trainer:
                     if stop or st.step >= c.max_steps:
                         break
                 else:
-                    if first == 0 and st.batch_in_epoch == 0:  # never loop on empty epochs
-                        raise DataError(f"epoch {st.epoch} of the training split yielded no "
-                                        "batch; lower batch_size or cell_set_len.")
+                    # (streamed epochs differ in size: an empty one is skipped, endless ones not)
+                    empty = empty + 1 if first == 0 and st.batch_in_epoch == 0 else 0
+                    if empty == MAX_EMPTY_EPOCHS:
+                        raise DataError(
+                            f"{empty} epochs in a row of the training split yielded no batch "
+                            f"(up to epoch {st.epoch}); lower batch_size or cell_set_len, set "
+                            "drop_last=False, or (streaming) raise stream_buffer_chunks.")
                     st.epoch += 1
                     st.batch_in_epoch = 0
                     continue

@@ -239,3 +239,16 @@ def test_embedding_subsampling_is_capped_and_seeded(pair):
     with pytest.raises(ConfigError, match="max_cells"):
         pl.embedding(pred, real, max_cells=1)
     plt.close("all")
+
+
+def test_history_reads_the_long_metrics_csv_of_earlier_runs(tmp_path):
+    rows = [(2, 0, "loss", 5.0), (2, 0, "grad_norm", 1.0), (4, 0, "loss", 4.0),
+            (4, 0, "val_loss", 4.5), (6, 1, "loss", 3.0), (6, 1, "val_loss", 4.2)]
+    pd.DataFrame(rows, columns=["step", "epoch", "key", "value"]).to_csv(
+        tmp_path / "metrics.csv", index=False)
+    ax = pl.history(tmp_path)
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert list(lines["train_loss"].get_xdata()) == [2, 4, 6]
+    assert list(lines["train_loss"].get_ydata()) == [5.0, 4.0, 3.0]
+    assert list(lines["val_loss"].get_xdata()) == [4, 6]
+    plt.close("all")

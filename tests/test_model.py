@@ -395,11 +395,19 @@ def test_predict_split_pseudobulk_equals_cell_means(fitted, synth_embedding, dec
         for i, (p, ct) in enumerate(pb_pred.obs[[c.pert_col, c.cell_type_key]].values):
             np.testing.assert_allclose(pb_pred.obsm[key][i], latent[(p, ct)][0], rtol=1e-5,
                                        atol=1e-5)
-    # controls="real": the control pseudobulk is the real one
+    # controls="real": the control cells (and pseudobulks) are the real ones, in every output
+    cells, real = model.predict_split("test", controls="real")
+    is_ctrl = (cells.obs[c.pert_col] == c.control_pert).to_numpy()
+    np.testing.assert_array_equal(cells.X[is_ctrl], real.X[is_ctrl])
     pb_pred, pb_real = model.predict_split("test", pseudobulk=True, controls="real")
     ctrl = (pb_pred.obs[c.pert_col] == c.control_pert).to_numpy()
-    if not decoder:
-        np.testing.assert_array_equal(pb_pred.X[ctrl], pb_real.X[ctrl])
+    np.testing.assert_array_equal(pb_pred.X[ctrl], pb_real.X[ctrl])
+    if decoder:
+        key = f"{c.embed_key}_pred"
+        test = synth_embedding[cells.obs["pert_cell_barcode"].to_numpy()[is_ctrl]]
+        np.testing.assert_allclose(cells.obsm[key][is_ctrl], test.obsm["X_pca"], atol=1e-6)
+        np.testing.assert_allclose(pb_pred.obsm[key][ctrl][0], test.obsm["X_pca"].mean(0),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_predict_controls_false_copies_the_controls(fitted):
@@ -434,7 +442,7 @@ def test_counts_key_chooses_the_decoder_target(synth_embedding):
     sub = small_model(counts_key="X_sub", **opts).fit(a, SPEC)
     assert sub.gene_names_ == [f"X_sub_{i}" for i in range(10)]
     assert sub.predict(a[:30].copy()).n_vars == 10
-    with pytest.raises(DataError, match=r"obsm\['X_sbu'\] not found.*X_sub.*layers"):
+    with pytest.raises(DataError, match=r"obsm\['X_sbu'\] not found.*X_sub.*a layer"):
         small_model(counts_key="X_sbu", **opts).fit(a, SPEC)
     with pytest.warns(UserWarning, match="counts_key='X' has no effect"):
         small_model(counts_key="X", max_steps=1).fit(a, SPEC)
@@ -473,8 +481,25 @@ def test_numpy_numbers_as_parameters_keep_runs_loadable(synth, tmp_path):
     from statetx.run import load_run
 
     m = small_model(max_steps=np.int64(2), batch_size=np.int32(4), seed=np.int64(3),
-                    downsample_cells=np.int64(12), lr=np.float32(1e-3), drop_last=np.bool_(False))
+                    downsample_cells=np.int64(12), lr=np.float32(1e-3), drop_last=np.bool_(False),
+                    device=torch.device("cpu"))
     m.fit(synth, SPEC, output_dir=tmp_path)
     loaded = load_run(tmp_path, verbose=False)
     assert loaded.get_params()["downsample_cells"] == 12 and loaded.get_params()["seed"] == 3
     np.testing.assert_array_equal(loaded.predict(synth, seed=1).X, m.predict(synth, seed=1).X)
+
+
+def test_x_hvg_inputs_without_matching_names_are_clear_errors(synth):
+    a = synth.copy()
+    a.obsm["X_hvg"] = np.asarray(a.X[:, :10], dtype=np.float32)
+    a.uns["X_hvg_var_names"] = np.asarray(a.var_names[:10])
+    model = small_model(embed_key="X_hvg", max_steps=1).fit(a, SPEC)
+    assert model.var_names_ == list(a.var_names[:10])
+    unnamed = a.copy()
+    del unnamed.uns["X_hvg_var_names"]
+    with pytest.raises(DataError, match=r"10 of the model's 10 genes are missing"):
+        model.predict(unnamed)
+    wrong = unnamed.copy()
+    wrong.var["highly_variable"] = np.arange(wrong.n_vars) < 12  # 12 flags for 10 columns
+    with pytest.raises(DataError, match=r"has 10 columns but 12 gene names"):
+        model.predict(wrong)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_model import SMALL, SPEC, small_model
 
-from statetx.errors import ConfigError
+from statetx.errors import ConfigError, DataError
 from statetx.train import (
     TrainConfig,
     Trainer,
@@ -501,3 +501,24 @@ def test_resume_rewrites_metrics_from_the_checkpoint_history(synth, tmp_path):
     assert 5 not in set(logged["step"]) and logged["step"].max() == 4
     assert "loss" not in logged.columns and logged["train_loss"].notna().sum() == 2
     assert "loss" not in m.history_.columns and m.history_["train_loss"].notna().sum() == 2
+
+
+def test_empty_epochs_are_skipped_but_never_loop_forever(synth, monkeypatch):
+    """Streamed epochs differ in size (with drop_last one may hold no batch): training goes on
+    over an empty epoch, and stops with an error when epochs stay empty."""
+    from statetx.sets import CellSetSampler
+
+    real = CellSetSampler.batches
+
+    def odd_epochs_empty(self, epoch, start=0):
+        return iter(()) if epoch % 2 else real(self, epoch, start)
+
+    monkeypatch.setattr(CellSetSampler, "batches", odd_epochs_empty)
+    m = small_model(max_steps=40, val_freq=1000).fit(synth)
+    assert m.history_["epoch"].max() >= 2 and m.history_["step"].max() == 40
+
+    monkeypatch.setattr(CellSetSampler, "batches",
+                        lambda self, epoch, start=0: real(self, epoch, start) if epoch == 0
+                        else iter(()))
+    with pytest.raises(DataError, match="10 epochs in a row of the training split yielded no"):
+        small_model(max_steps=1000, val_freq=10_000).fit(synth)

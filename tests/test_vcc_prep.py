@@ -342,7 +342,7 @@ def test_cli_prep(small, tmp_path, capsys):
     assert "max_cell_dim=10" in err and "--max-cell-dim" in err
     assert main(["evaluate", "prep", "-i", str(src), "-g", str(gfile), "-o",
                  str(tmp_path / "bad.vcc"), "-e", "8"]) == 2
-    assert "encoding=8" in capsys.readouterr().err
+    assert "--encoding: invalid choice: 8" in capsys.readouterr().err
     assert not (tmp_path / "bad.vcc").exists()
 
 
