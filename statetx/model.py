@@ -181,11 +181,11 @@ class StateTransitionModel(BaseEstimator):
         seeded random order ``stream_buffer_chunks`` at a time (the next buffer is read while
         the current one trains); cell sets are drawn within the cells of the buffer, not from a
         whole group (a group with fewer than ``cell_set_len`` cells in the buffer gives one
-        padded set, none with ``drop_last``: raise the buffer for files in random cell
-        order), and basal cells from an
-        in-memory reservoir of the control cells. Validation and test splits are still read
-        into memory; ``predict_split("train")`` is unavailable. Peak memory ≈ reservoir + two
-        buffers (``2 · chunk · buffer · n_features · 4`` bytes). See :mod:`statetx.stream`.
+        padded set, none with ``drop_last``: raise the buffer for files in random cell order),
+        and basal cells from an in-memory reservoir of the control cells. Validation and test
+        splits are still read into memory; ``predict_split("train")`` is unavailable. Peak
+        memory ≈ reservoir + two buffers (``2 · chunk · buffer · n_features · 4`` bytes). See
+        :mod:`statetx.stream`.
     stream_chunk_size, stream_buffer_chunks, stream_max_controls
         Streaming options (see ``data_loading``): file rows per contiguous read (default
         4,096), chunks per buffer (default 16), control cells kept in the reservoir per file
@@ -1046,9 +1046,9 @@ class StateTransitionModel(BaseEstimator):
         perturbation) instead: the mean of the same cells' (clipped) predictions and real
         values, accumulated while predicting: no per-cell prediction or real matrix is built
         (the split's input cells are in memory already); obs has the perturbation and cell type
-        columns and ``n_cells``. Metrics computed from
-        pseudobulks (``pearson_delta``, ``mse``, ``mae``, the discrimination scores, …) are the
-        same on these rows as on the cells; DE needs the cells.
+        columns and ``n_cells``. Metrics computed from pseudobulks (``pearson_delta``, ``mse``,
+        ``mae``, the discrimination scores, …) are the same on these rows as on the cells; DE
+        needs the cells.
         """
         check_matmul_precision(matmul_precision)
         if controls not in ("predicted", "real"):
