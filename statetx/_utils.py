@@ -123,7 +123,9 @@ def history_frame(history: Iterable[dict] | Any) -> Any:
     e.g. a read ``metrics.csv``) as a pandas frame with one row per step, sorted."""
     import pandas as pd
 
-    frame = history if isinstance(history, pd.DataFrame) else pd.DataFrame(list(history))
+    if not isinstance(history, pd.DataFrame):  # rows, or columns ({name: values}, as saved)
+        history = pd.DataFrame(history if isinstance(history, dict) else list(history))
+    frame = history
     if frame.empty:
         return pd.DataFrame(columns=["step"])
     # runs written before the CSV became wide logged the training loss as "loss"

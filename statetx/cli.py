@@ -657,8 +657,23 @@ def cmd_predict(a: argparse.Namespace) -> int:
         pred, real = _shared_only(model, prepared, split, pred, real)
     ck = getattr(model, "checkpoint_path_", None)
     out = run / (f"eval_{'' if split == 'test' else split + '_'}"
-                 f"{ck.name if ck is not None else 'model'}")
+                 f"{ck.name if ck is not None else 'model'}"
+                 + ("_pseudobulk" if a.pseudobulk else ""))
+    # cell types with control cells only (e.g. held-out ones in the training split) have
+    # nothing to evaluate; checked before anything is written
+    cts = real.obs[c.cell_type_key].astype(str).to_numpy()
+    perturbed = set(cts[real.obs[c.pert_col].astype(str).to_numpy() != c.control_pert])
+    if not perturbed and not a.predict_only:
+        raise DataError(f"the {split} split has no perturbed cells to evaluate"
+                        + (" after --shared-only" if a.shared_only else "")
+                        + "; nothing was written (pass --predict-only to write the predictions "
+                        "anyway).")
     out.mkdir(parents=True, exist_ok=True)
+    stale = sorted({f for pattern in EVAL_OUTPUTS for f in out.glob(pattern)})
+    for f in stale:  # an earlier tx predict's files: not mixed with this one's
+        f.unlink(missing_ok=True)
+    if stale:
+        _say(f"removed {len(stale)} files of an earlier evaluation in {out}")
     cells = int(pred.obs["n_cells"].sum()) if a.pseudobulk else pred.n_obs
     _say(f"{split} split: {cells} cells, {pred.obs[c.pert_col].nunique()} perturbations"
          + (f" ({pred.n_obs} pseudobulks)" if a.pseudobulk else "") + f"; writing to {out}")
@@ -674,15 +689,6 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if a.pseudobulk:
         _say("--pseudobulk: metrics that need the cells (DE, pearson_edistance, "
              "clustering_agreement) are skipped")
-    # cell types with control cells only (e.g. held-out ones in the training split) have
-    # nothing to evaluate
-    cts = real.obs[c.cell_type_key].astype(str).to_numpy()
-    perturbed = set(cts[real.obs[c.pert_col].astype(str).to_numpy() != c.control_pert])
-    if not perturbed:
-        raise DataError(f"the {split} split has no perturbed cells to evaluate"
-                        + (" after --shared-only" if a.shared_only else "")
-                        + f" (predictions written to {out}); pass --predict-only to skip the "
-                        "metrics.")
     if set(cts) - perturbed:
         _say(f"cell types with control cells only are not evaluated: "
              f"{', '.join(sorted(set(cts) - perturbed))}")
@@ -694,6 +700,11 @@ def cmd_predict(a: argparse.Namespace) -> int:
     _print_agg(agg)
     _say(f"metrics written to {out} (<cell type>_results.csv, <cell type>_agg_results.csv)")
     return EXIT_OK
+
+
+# the files tx predict writes into eval_<checkpoint>/ (removed there before a new evaluation)
+EVAL_OUTPUTS = ("adata_pred.h5ad", "adata_real.h5ad", "*_results.csv", "*_real_de.csv",
+                "*_pred_de.csv", "*skipped_metrics.txt", "de_mode.txt")
 
 
 def _shared_only(model: Any, prepared: Any, split: str, pred: Any, real: Any) -> tuple:

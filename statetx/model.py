@@ -460,7 +460,9 @@ class StateTransitionModel(BaseEstimator):
         verbose = self.progress and rank == 0
         if verbose:
             print(f"statetx: preset {preset!r}, batch_size {settings['batch_size']}, max_steps "
-                  f"{settings['max_steps']}, lr {settings['lr']:g} ({n_train:,} training cells)")
+                  f"{settings['max_steps']}, lr {settings['lr']:g} ({n_train:,} training cells"
+                  + (f", at most {self.downsample_cells:,} per group used"
+                     if self.downsample_cells is not None else "") + ")")
         vocab = prepared.vocab
         net_cfg = build_network_config(
             {k: v for k, v in arch.items()}, input_dim=prepared.input_dim,
@@ -1142,7 +1144,10 @@ class StateTransitionModel(BaseEstimator):
                 rows = np.isin(row_group, np.flatnonzero(is_ctrl))
                 latent = _group_means(d.X, order[rows], row_group[rows], means.n_cells, None)
                 pred.obsm[f"{c.embed_key}_pred"][is_ctrl] = latent[is_ctrl]
-        return pred, ad.AnnData(X=real, obs=obs, var=pred.var.copy())
+        real = ad.AnnData(X=real, obs=obs, var=pred.var.copy())
+        for a in (pred, real):  # statetx.evaluate then skips the metrics that need cells
+            a.uns["statetx_pseudobulk"] = True
+        return pred, real
 
     def score(self, adata: ad.AnnData, **predict_options: Any) -> float:
         """Mean Pearson correlation of predicted vs real mean shift (perturbed − control).
@@ -1208,7 +1213,9 @@ class StateTransitionModel(BaseEstimator):
                               "(its model.json describes the run). Save into another folder.")
         meta = self._metadata()
         if hasattr(self, "history_"):
-            meta["history"] = self.history_.to_dict(orient="list")
+            # (NaN as null: model.json stays strict JSON)
+            meta["history"] = {k: [None if isinstance(v, float) and v != v else v for v in vals]
+                               for k, vals in self.history_.to_dict(orient="list").items()}
         meta["fit"] = {k: getattr(self, k + "_") for k in _FIT_RECORD if hasattr(self, k + "_")}
         if hasattr(self, "split_summary_"):
             meta["split_summary"] = self.split_summary_.to_dict(orient="split")
@@ -1277,6 +1284,11 @@ class StateTransitionModel(BaseEstimator):
         model = cls(**params)
         cfg = NetworkConfig.from_dict(meta["network_config"])
         net = StateTransitionNetwork(cfg)
+        if "final_down_then_up.0.weight" in state and net.final_down_then_up is None:
+            raise DataError("this model was saved by an earlier statetx whose input-space "
+                            "residual (the 'small' preset) with output_space='all' went through "
+                            "a bottleneck and skipped the per-perturbation skip; that network is "
+                            "no longer built. Retrain the model.")
         try:
             net.load_state_dict(state)
         except RuntimeError as exc:

@@ -22,7 +22,7 @@ weights ``[out, in]`` (arc-state stores HF "Conv1D" ``[in, out]``; the importer 
     transformer_backbone.h.{i}.mlp.{c_fc,c_proj}.weight/.bias
     transformer_backbone.ln_f.weight/.bias                                    final LayerNorm
     project_out.{3k}.weight/.bias                        MLP h -> D_out (k = 0..n_decoder_layers-1)
-    final_down_then_up.{0,2}.weight/.bias                output_space "all" with residual
+    final_down_then_up.{0,2}.weight/.bias                output_space "all", hidden residual
     gene_decoder.decoder.{4j,4j+1,4n}.weight/.bias       Linear/LayerNorm pairs, final Linear
     gene_decoder.blocks.{j}.{0,1}.*, gene_decoder.final_layer.0.*   residual decoder variant
     confidence_token.confidence_token                    [1, 1, h] learned token
@@ -621,8 +621,8 @@ class StateTransitionNetwork(nn.Module):
         if c.pert_skip == "mean_affine":
             self.pert_mean_scale = nn.Linear(c.pert_dim, 1, bias=False)
             nn.init.zeros_(self.pert_mean_scale.weight)
-        self.final_down_then_up = None
-        if c.output_space == "all" and c.predict_residual:
+        self.final_down_then_up = None  # (a residual in input space has its own skip instead)
+        if c.output_space == "all" and c.predict_residual and c.residual_space != "input":
             d = c.output_dim
             self.final_down_then_up = nn.Sequential(
                 nn.Linear(d, d // 8), nn.GELU(), nn.Linear(d // 8, d)

@@ -587,7 +587,7 @@ def filter_on_target_knockdown(
         warnings.warn(
             f"{len(unmatched)} perturbation labels ({int(unmatched['n_cells'].sum())} cells) "
             f"match no gene in {gene_src} and are dropped: {preview(desc)}. Pass "
-            "on_unmatched='keep' to keep them unfiltered.",
+            "on_unmatched='keep' (command line: --on-unmatched keep) to keep them unfiltered.",
             UserWarning,
             stacklevel=2,
         )

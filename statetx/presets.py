@@ -192,7 +192,8 @@ def resolve_architecture(preset: str, overrides: dict | None = None) -> dict:
             attn_width = arch["n_heads"] * arch["head_dim"]
             ratio_old = base["intermediate_size"] / base["hidden_dim"]
             ratio_new = arch["intermediate_size"] / h if isinstance(h, int) and h > 0 else 0
-            if attn_width != h or abs(ratio_old - ratio_new) > 1e-9:
+            chosen = {"n_heads", "head_dim", "intermediate_size"} <= set(ov)
+            if not chosen and (attn_width != h or abs(ratio_old - ratio_new) > 1e-9):
                 warnings.warn(
                     f"hidden_dim={h} overrides preset {preset!r} (hidden_dim "
                     f"{base['hidden_dim']}) but keeps n_heads={arch['n_heads']}, "
@@ -277,12 +278,12 @@ def describe(config: NetworkConfig) -> str:
     basal = (f"{c.n_encoder_layers}-layer MLP" if c.use_basal_projection else "Linear")
     if not c.predict_residual:
         head = "no residual"
-    elif c.output_space == "all":
-        head = "residual on the basal cell + D/8 bottleneck"
     elif c.residual_space == "input":
         head = "change of the basal cell in input space" + {
             "none": "", "shift": " + per-perturbation shift",
             "mean_affine": " + per-perturbation shift and set-mean scale"}[c.pert_skip]
+    elif c.output_space == "all":
+        head = "residual on the basal cell + D/8 bottleneck"
     else:
         head = "residual in hidden space"
     dec = (f"gene decoder {c.output_dim}->{c.decoder_hidden_dims}->{c.gene_dim}"

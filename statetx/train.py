@@ -646,10 +646,17 @@ class Trainer:
         return stop
 
     def _log(self, logs: dict[str, float]) -> None:
-        row = {"step": self.state.step, "epoch": self.state.epoch, **logs}
-        self.state.history.append(row)
+        history = self.state.history
+        last = history[-1] if history else None
+        # values of a step logged twice (training, then validation) share one row
+        merge = (last is not None and last["step"] == self.state.step
+                 and not set(logs) & set(last))
+        row = last if merge else {"step": self.state.step, "epoch": self.state.epoch}
+        row.update(logs)
+        if not merge:
+            history.append(row)
         if self.out is not None and _is_main():
-            self._write_metrics(row)
+            self._write_metrics(None if merge else row)
             writer = self._tensorboard()
             if writer is not None:
                 for k, v in logs.items():

@@ -153,11 +153,18 @@ def test_predict_pseudobulk_gives_the_cell_level_metrics(run, capsys):
     out = run / "eval_final.ckpt"
     cells = pd.read_csv(out / "CT2_results.csv").set_index("perturbation")
     n_cells = ad.read_h5ad(out / "adata_pred.h5ad").n_obs
+    (out / "CT9_results.csv").write_text("an earlier evaluation's file\n")
+    (out / "notes.txt").write_text("the user's own file\n")
+    assert main(args) == 0  # a new evaluation replaces every file of the earlier one
+    assert not (out / "CT9_results.csv").exists() and (out / "notes.txt").is_file()
+    assert "removed 7 files of an earlier evaluation" in capsys.readouterr().out
     assert main([*args, "--pseudobulk"]) == 0
     printed = capsys.readouterr().out
     assert "pseudobulks" in printed and "DE, pearson_edistance" in printed
-    pb = pd.read_csv(out / "CT2_results.csv").set_index("perturbation")
-    pred = ad.read_h5ad(out / "adata_pred.h5ad")
+    pb_out = run / "eval_final.ckpt_pseudobulk"  # next to the cell-level evaluation
+    assert (out / "CT2_pred_de.csv").is_file() and not (pb_out / "CT2_pred_de.csv").exists()
+    pb = pd.read_csv(pb_out / "CT2_results.csv").set_index("perturbation")
+    pred = ad.read_h5ad(pb_out / "adata_pred.h5ad")
     assert pred.n_obs == pred.obs["gene"].nunique() and pred.obs["n_cells"].sum() == n_cells
     shared = ["pearson_delta", "mse", "mae", "mse_delta", "mae_delta",
               "discrimination_score_l1", "discrimination_score_l2",
@@ -176,7 +183,7 @@ def test_predict_eval_train_data_skips_control_only_cell_types(run, capsys):
     assert main(["tx", "predict", "--output-dir", str(run), "--eval-train-data",
                  "--profile", "minimal", "--pseudobulk"]) == 0
     assert "control cells only are not evaluated: CT1, CT2" in capsys.readouterr().out
-    out = run / "eval_train_final.ckpt"
+    out = run / "eval_train_final.ckpt_pseudobulk"
     assert (out / "CT0_results.csv").is_file() and not (out / "CT2_results.csv").exists()
     assert pd.read_csv(out / "CT0_results.csv")["pearson_delta"].notna().all()
 

@@ -503,3 +503,42 @@ def test_x_hvg_inputs_without_matching_names_are_clear_errors(synth):
     wrong.var["highly_variable"] = np.arange(wrong.n_vars) < 12  # 12 flags for 10 columns
     with pytest.raises(DataError, match=r"has 10 columns but 12 gene names"):
         model.predict(wrong)
+
+
+def test_small_preset_keeps_its_skip_with_output_space_all(synth):
+    """embed_key None: output_space 'all' and 'gene' are the same data; the 'small' network
+    (input-space residual + per-perturbation skip) must be the same too (no bottleneck)."""
+    opts = dict(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl", max_steps=3,
+                progress=False, seed=0, device="cpu")
+    a = StateTransitionModel(output_space="all", **opts).fit(synth, SPEC)
+    g = StateTransitionModel(output_space="gene", **opts).fit(synth, SPEC)
+    assert a.network_.final_down_then_up is None and a.network_.pert_bias is not None
+    test = synth[synth.obs["cell_type"] == "CT2"].copy()
+    np.testing.assert_allclose(a.predict(test).X, g.predict(test).X, rtol=1e-5, atol=1e-5)
+
+
+def test_history_survives_save_and_load_and_csv_has_one_row_per_step(synth, tmp_path):
+    import json
+
+    import pandas as pd
+
+    m = small_model(max_steps=6, val_freq=3, log_every_n_steps=2)
+    m.fit(synth, SPEC, output_dir=tmp_path / "run")
+    logged = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert logged["step"].is_unique  # step 6: training and validation values in one row
+    assert logged.loc[logged["step"] == 6, ["train_loss", "train_loss_eval"]].notna().all(1).all()
+    m.save(tmp_path / "model")
+    json.loads((tmp_path / "model" / "model.json").read_text(),  # strict JSON: no NaN literal
+               parse_constant=lambda c: pytest.fail(f"{c} in model.json"))
+    loaded = StateTransitionModel.load(tmp_path / "model")
+    pd.testing.assert_frame_equal(loaded.history_, m.history_)
+
+
+def test_evaluate_knows_pseudobulk_outputs(fitted, capsys):
+    from statetx.metrics import evaluate
+
+    model, _ = fitted
+    pb, rb = model.predict_split("test", pseudobulk=True)
+    res, _ = evaluate(pb, rb, pert_col="gene", control_pert="ctrl", profile="full")
+    assert "pearson_delta" in res.columns and "overlap_at_N" not in res.columns
+    assert "metrics that need the cells are skipped" in capsys.readouterr().out

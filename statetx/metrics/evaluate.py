@@ -32,6 +32,8 @@ ANNDATA_METRICS = [
 ]
 # metrics that need the cells, not only the (cell type, perturbation) pseudobulks
 CELL_LEVEL_METRICS = [*DE_METRICS, "pearson_edistance", "clustering_agreement"]
+# uns flag of the outputs of predict_split(pseudobulk=True): rows are group means, not cells
+PSEUDOBULK_FLAG = "statetx_pseudobulk"
 # statetx extras (not in cell-eval, metrics.md §12): only in the "extended" profile
 EXTRA_METRICS = ["pearson_delta_centroid", "centroid_accuracy"]
 PROFILES: dict[str, list[str]] = {
@@ -229,6 +231,15 @@ def evaluate(
         num_threads = available_cpus()
     p = check_scale(load(adata_pred, "pred"), "pred", allow_discrete)
     r = check_scale(load(adata_real, "real"), "real", allow_discrete)
+    if any(a.uns.get(PSEUDOBULK_FLAG, False) for a in (p, r)):  # one row per group
+        cell_level = [m for m in metrics if m in CELL_LEVEL_METRICS]
+        if cell_level:
+            print("statetx.evaluate: pseudobulk inputs (one row per group): metrics that need "
+                  f"the cells are skipped: {', '.join(cell_level)}")
+        metrics = [m for m in metrics if m not in CELL_LEVEL_METRICS]
+        if not metrics:
+            raise ConfigError(f"profile {profile!r} has only metrics that need the cells, and the "
+                              "inputs are pseudobulks; use profile 'anndata', 'pds' or 'full'.")
     p, r = align_pair(p, r, pert_col=pert_col, control_pert=control_pert,
                       celltype_col=celltype_col, embed_key=embed_key,
                       align_genes=align_genes, shared_only=shared_only)
