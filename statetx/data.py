@@ -253,8 +253,11 @@ def _sources(files: list[DataFile], c: ColumnMap, counts_key: str | None):
             try:
                 check_source(f, counts_src)
             except DataError as err:
-                raise DataError(f"{err} (counts_key names an obsm matrix or 'X'; a layer has "
-                                "to be copied into obsm first.)") from None
+                raise DataError(f"{err} It holds the gene-space targets of output_space "
+                                f"'{c.output_space}' for an embedding input (choose another "
+                                "source with counts_key: an obsm key or 'X'; a layer has to be "
+                                "copied into obsm first; a network without gene decoder does "
+                                "not use them: output_space='embedding').") from None
     names = _agree(files, src, "input")
     gene_names = None if counts_src is False else _agree(files, counts_src, "gene-space target")
     return src, counts_src, names, gene_names
