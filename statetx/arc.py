@@ -12,7 +12,6 @@ Model Non-Commercial License); statetx never downloads or bundles them.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import re
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from statetx._utils import preview
+from statetx._utils import file_sha256, preview
 from statetx.errors import ConfigError, DataError
 from statetx.nn import NetworkConfig, StateTransitionNetwork
 
@@ -196,14 +195,6 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise DataError(f"{path} does not hold a YAML mapping.")
     return _coerce(data)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,7 +460,7 @@ def load_arc_run(
         "source": str(ckpt_path),
         "run_dir": str(run),
         "checkpoint_file": ckpt_path.name,
-        "sha256": _sha256(ckpt_path),
+        "sha256": file_sha256(ckpt_path),
         "global_step": _plain(ckpt.get("global_step")),
         "epoch": _plain(ckpt.get("epoch")),
         "lightning_version": ckpt.get("pytorch-lightning_version"),

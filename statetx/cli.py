@@ -528,7 +528,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                 shutil.rmtree(plan.run_dir, ignore_errors=True)
             elif plan.replaced is None:
                 for name, data in saved.items():
-                    R.atomic_write(plan.run_dir / name, lambda p, d=data: Path(p).write_bytes(d))
+                    _atomic(plan.run_dir / name, lambda p, d=data: Path(p).write_bytes(d))
             raise
         started = True
     finally:
@@ -1355,9 +1355,9 @@ def _demo_plot(table: Any, path: Path, title: str) -> None:
 
 
 def _atomic(path: Path, writer: Any) -> Path:
-    from statetx.run import atomic_write
+    from statetx._utils import atomic_write
 
-    return atomic_write(path, writer)
+    return atomic_write(path, writer, suffix=Path(path).suffix)
 
 
 def _write_h5ad(adata: Any, path: Path) -> Path:

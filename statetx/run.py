@@ -39,6 +39,7 @@ from statetx._utils import (
     COMPILE_MODES,
     SET_LOSS_OPTIONS,
     TRAINING_LOSS_OPTIONS,
+    atomic_write,
     history_frame,
     json_default,
     same_run,
@@ -912,28 +913,7 @@ def read_config(path: str | Path) -> dict:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write(path: str | Path, writer, suffix: str = "") -> Path:
-    """Call ``writer(tmp_path)`` then rename the temporary file over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{suffix or path.suffix}")
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def absolute_split(split_config: Any) -> Any:

@@ -22,7 +22,6 @@ import contextlib
 import csv
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -34,7 +33,13 @@ import numpy as np
 import torch
 
 from statetx._heap import retained_heap
-from statetx._utils import COMPILE_MODES, MATMUL_PRECISIONS, matmul_precision_scope, same_run
+from statetx._utils import (
+    COMPILE_MODES,
+    MATMUL_PRECISIONS,
+    atomic_write,
+    matmul_precision_scope,
+    same_run,
+)
 from statetx.distributed import all_gather_objects, all_reduce_sum, barrier, rank_seed, world
 from statetx.errors import ConfigError, DataError, StatetxError
 from statetx.losses import full_fp32_matmul, get_loss, nanmean
@@ -865,16 +870,6 @@ def clip_gradients(params: list[torch.nn.Parameter], clip: float | None) -> torc
     if norm.device.type != "cpu" or float(norm) + 1e-6 > clip:
         utils.clip_grads_with_norm_(params, clip, norm)
     return norm
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file in the same folder, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -4,7 +4,6 @@ packaging of a prediction for submission."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
 import shutil
@@ -22,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from statetx._utils import did_you_mean, preview
+from statetx._utils import did_you_mean, file_sha256, preview
 from statetx.errors import ConfigError, DataError
 from statetx.metrics._inputs import check_obs_col, check_scale, load
 from statetx.metrics._table import atomic_write, atomic_write_text
@@ -375,14 +374,6 @@ def _zstd_compressor() -> tuple[str, Callable[[Path, Path], None]]:
                       "apt install zstd, brew install zstd, conda install zstd)")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_archive(adata: ad.AnnData, output: Path, stem: str, info: Mapping[str, object],
                    compress: Callable[[Path, Path], None]) -> None:
     """Write ``adata`` as ``<stem>.h5ad.zst`` plus the watermark into the tar ``output``; the
@@ -398,7 +389,7 @@ def _write_archive(adata: ad.AnnData, output: Path, stem: str, info: Mapping[str
         compress(h5ad, zst)
         h5ad.unlink()
         now = time.time()
-        fields = {"statetx_version": __version__, "file": zst.name, "sha256": _sha256(zst),
+        fields = {"statetx_version": __version__, "file": zst.name, "sha256": file_sha256(zst),
                   **info,
                   "created_utc": datetime.fromtimestamp(now, timezone.utc).strftime(
                       "%Y-%m-%dT%H:%M:%SZ")}
