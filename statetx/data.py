@@ -102,6 +102,10 @@ class PreparedData:
     def gene_dim(self) -> int:
         return 0 if self.gene_names is None else len(self.gene_names)
 
+    def x_is_log1p(self) -> bool:
+        """Whether X (of the first file; sampled rows) looks log1p-normalised."""
+        return looks_log1p(_sample_matrix(self.files[0], None))
+
 
 def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
                dataset_name: str | None = None, drop_missing: bool = False) -> list[DataFile]:

@@ -53,6 +53,7 @@ from statetx.predict import (
     run_groups,
 )
 from statetx.presets import build_network_config, describe, resolve_architecture
+from statetx.sets import ReadDepthThinning, check_read_depth, check_sampler_options
 from statetx.stream import make_sampler, prepare_stream, stream_settings
 from statetx.train import TrainConfig, Trainer, resolve_device
 from statetx.vocab import Vocab
@@ -172,6 +173,20 @@ class StateTransitionModel(BaseEstimator):
         random subset drawn once from ``seed``, the same in every epoch (for data-scaling
         experiments or to balance groups); basal cells are still drawn from all control cells,
         and predictions use every cell. None (default) = all cells.
+    downsample
+        Read-depth downsampling of the expression rows training and validation read from X
+        (the reference's ``downsample``): each time a cell is read its counts (``expm1`` and
+        rounded for log1p data) are thinned binomially — with probability ``downsample`` when
+        below 1, to about ``downsample`` counts per cell when above 1 — and log1p'd again.
+        Needs cells or gene-space targets read from X (not an embedding). None / 1.0 (default)
+        = off; prediction reads cells as given.
+    pad_from
+        How a group's short remainder set is padded to ``cell_set_len`` cells: ``group``
+        (default: cells drawn from the whole group) or ``chunk`` (from the short set's own
+        cells, as the reference: a 1-cell remainder becomes S copies of that cell).
+    val_from_test
+        With no validation part in the split spec, validate on the test parts (the reference's
+        silent fallback; default False: validation is skipped and no best checkpoint is kept).
     dtype
         Storage of the training matrices (``float32`` or ``float16``).
     data_loading
@@ -246,6 +261,9 @@ class StateTransitionModel(BaseEstimator):
         drop_last: bool = False,
         exclude_self: bool = False,
         downsample_cells: int | None = None,
+        downsample: float | None = None,
+        pad_from: str = "group",
+        val_from_test: bool = False,
         dtype: str = "float32",
         data_loading: str = "memory",
         stream_chunk_size: int = 4096,
@@ -300,6 +318,9 @@ class StateTransitionModel(BaseEstimator):
         self.drop_last = drop_last
         self.exclude_self = exclude_self
         self.downsample_cells = downsample_cells
+        self.downsample = downsample
+        self.pad_from = pad_from
+        self.val_from_test = val_from_test
         self.dtype = dtype
         self.data_loading = data_loading
         self.stream_chunk_size = stream_chunk_size
@@ -384,6 +405,21 @@ class StateTransitionModel(BaseEstimator):
                     drop_missing_labels=bool(self.drop_missing_labels),
                     yield_controls=self.yield_controls, dtype=self.dtype)
 
+    def _thinning(self, prepared: PreparedData) -> ReadDepthThinning | None:
+        """The read-depth downsampling of training batches (``downsample``), or None."""
+        rate = check_read_depth(self.downsample)
+        if rate is None:
+            return None
+        if self.embed_key is None:
+            return ReadDepthThinning(rate, bool(prepared.is_log1p), ("basal", "target"))
+        if prepared.gene_dim and counts_source(self.output_space, self.counts_key) is None:
+            return ReadDepthThinning(rate, prepared.x_is_log1p(), ("counts",))
+        source = counts_source(self.output_space, self.counts_key)
+        raise ConfigError(f"downsample={self.downsample!r} thins counts read from X, but the "
+                          f"gene-space targets come from obsm['{source}']: nothing is read from "
+                          "X. Use X as the input (embed_key=None) or as the gene-space target "
+                          "(counts_key='X').")
+
     def _check_params(self) -> None:
         """Every option error that needs no data (fit calls it before reading anything)."""
         if self.weight_averaging not in ("auto", "none", "uniform"):
@@ -397,6 +433,15 @@ class StateTransitionModel(BaseEstimator):
         for name in ("batch_size", "cell_set_len", "max_steps"):
             check_count(name, getattr(self, name))
         check_count("downsample_cells", self.downsample_cells)
+        check_sampler_options("random", 1, 1, pad_from=self.pad_from)
+        if check_read_depth(self.downsample) is not None and self.embed_key is not None and (
+                self.output_space == "embedding" or (
+                    self.output_space == "gene" and self.embed_key == "X_hvg")):
+            raise ConfigError(
+                f"downsample={self.downsample!r} thins counts read from X, but with "
+                f"embed_key={self.embed_key!r} and output_space={self.output_space!r} nothing "
+                "is read from X. Use it with X as the input (embed_key=None) or as the "
+                "gene-space target (output_space='all').")
         idle = self.embed_key is None or self.output_space == "embedding" or (
             self.embed_key == "X_hvg" and self.output_space == "gene")
         if self.counts_key is not None and idle:
@@ -482,19 +527,28 @@ class StateTransitionModel(BaseEstimator):
                 for layer in (network.pert_bias, network.pert_mean_scale):
                     if layer is not None:
                         layer.weight.requires_grad_(False)
+        val_name = "val" if "val" in prepared.splits else (
+            "test" if self.val_from_test and "test" in prepared.splits else None)
+        thinning = self._thinning(prepared)
         samplers = {
-            name: make_sampler(split, vocab, set_len, settings["batch_size"], stream=stream,
+            role: make_sampler(split, vocab, set_len, settings["batch_size"], stream=stream,
                                seed=int(self.seed) + i, pairing=self._pairing(),
                                exclude_self=bool(self.exclude_self),
-                               downsample_cells=self.downsample_cells,
+                               downsample_cells=self.downsample_cells, pad_from=self.pad_from,
+                               thinning=thinning,
                                # validation uses every set (drop_last shapes training batches)
                                **({"rank": rank, "world_size": world,
-                                   "drop_last": bool(self.drop_last)} if name == "train" else {}))
-            for i, (name, split) in enumerate(prepared.splits.items()) if name in ("train", "val")
+                                   "drop_last": bool(self.drop_last)} if role == "train" else {}))
+            for i, (name, split) in enumerate(prepared.splits.items())
+            for role in [{"train": "train", val_name: "val"}.get(name)] if role is not None
         }
-        if "val" not in samplers and verbose:
+        if verbose and val_name == "test":
+            print("statetx: no validation split: validating on the test split (val_from_test=True;"
+                  " the best checkpoint is then chosen on test data).")
+        elif verbose and val_name is None:
             print("statetx: no validation split: validation is skipped and no best checkpoint is "
-                  "written (the test split is never used for validation).")
+                  "written (the test split is never used for validation"
+                  + (", and there is none" if self.val_from_test else "") + ").")
         if stream is not None and verbose:
             print(f"statetx: {samplers['train'].describe()}")
         previous = {k: v for k, v in vars(self).items() if k.endswith("_") or k == "_prepared"}

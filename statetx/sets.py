@@ -11,7 +11,7 @@ from one generator seeded with ``(seed, e)``. A batch therefore depends only on
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -21,15 +21,20 @@ from statetx.errors import ConfigError, DataError
 from statetx.vocab import Vocab
 
 PAIRINGS = ("random", "batch")
+PAD_FROM = ("group", "chunk")
 
 
 def check_sampler_options(pairing: str, cell_set_len: int, batch_size: int,
-                          downsample_cells: int | None = None) -> None:
-    """ConfigError for an unknown pairing, a non-positive set length or batch size, or a
-    ``downsample_cells`` below 1."""
+                          downsample_cells: int | None = None, pad_from: str = "group") -> None:
+    """ConfigError for an unknown pairing or ``pad_from``, a non-positive set length or batch
+    size, or a ``downsample_cells`` below 1."""
     if pairing not in PAIRINGS:
         raise ConfigError(f"basal_mapping_strategy={pairing!r} is invalid; expected 'random' "
                           "or 'batch'.")
+    if pad_from not in PAD_FROM:
+        raise ConfigError(f"pad_from={pad_from!r} is invalid; expected 'group' (pad a short set "
+                          "with cells of its whole group) or 'chunk' (with its own cells, as "
+                          "the reference).")
     if cell_set_len < 1 or batch_size < 1:
         raise ConfigError(f"cell_set_len ({cell_set_len}) and batch_size ({batch_size}) must "
                           "be positive integers.")
@@ -53,6 +58,50 @@ def cap_group_cells(group: np.ndarray, cap: int | None, seed: int) -> np.ndarray
     rank = np.arange(len(group)) - np.repeat(starts, np.diff(np.r_[starts, len(group)]))
     keep[order[rank >= int(cap)]] = False
     return keep
+
+
+def check_read_depth(downsample: float | None) -> float | None:
+    """The read-depth option normalised: None (also for 1.0) = off, a rate in (0, 1) or a
+    target depth > 1; ConfigError otherwise."""
+    if downsample is None:
+        return None
+    if isinstance(downsample, bool) or not isinstance(downsample, (int, float)) or not (
+            np.isfinite(downsample) and downsample > 0):
+        raise ConfigError(f"downsample={downsample!r} must be a number > 0: a rate below 1 (keep "
+                          "each count with that probability), a target depth per cell above 1, "
+                          "or None / 1.0 (off).")
+    return None if float(downsample) == 1.0 else float(downsample)
+
+
+@dataclass(frozen=True)
+class ReadDepthThinning:
+    """Read-depth downsampling of the expression rows a batch reads from X (option
+    ``downsample``, the reference's arithmetic): counts (``expm1`` and rounded when ``log1p``)
+    are thinned binomially with probability ``rate`` (< 1), or ``min(1, rate / depth)`` per cell
+    (``rate`` > 1: a target depth), then ``log1p`` again. A fresh draw every time a cell is read,
+    from a generator seeded by (seed, epoch, batch number)."""
+
+    rate: float
+    log1p: bool
+    fields: tuple[str, ...]  # the CellSetBatch tensors read from X
+
+    def thin(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        counts = (torch.expm1(x) if self.log1p else x).round().clamp_min(0.0)
+        if self.rate < 1:
+            p = torch.full_like(counts, self.rate)
+        else:
+            depth = counts.sum(-1, keepdim=True).clamp_min(1.0)
+            p = (self.rate / depth).clamp(max=1.0).expand_as(counts).contiguous()
+        out = torch.binomial(counts, p, generator=generator)
+        return torch.log1p(out) if self.log1p else out
+
+    def apply(self, batch: CellSetBatch, seed: int, epoch: int, number: int) -> CellSetBatch:
+        """``batch`` with its X-read tensors thinned (batch ``number`` of ``epoch``)."""
+        key = np.random.SeedSequence([int(seed), int(epoch), int(number), 11]).generate_state(1)
+        g = torch.Generator(device=batch.target.device).manual_seed(int(key[0]))
+        new = {f: self.thin(getattr(batch, f), g) for f in self.fields
+               if getattr(batch, f) is not None}
+        return replace(batch, **new)
 
 
 @dataclass
@@ -129,6 +178,11 @@ class CellSetSampler:
     downsample_cells
         Use at most this many cells of each group (a seeded random subset, the same in every
         epoch; the control pools keep all their cells). None = all.
+    pad_from
+        Pad a short set with cells drawn from its whole group (``"group"``, default) or from
+        the short set's own cells (``"chunk"``, the reference's padding).
+    thinning
+        Read-depth downsampling of every batch (:class:`ReadDepthThinning`), or None.
     rank, world_size
         Shard the sets of each epoch across distributed ranks without overlap.
     """
@@ -136,12 +190,13 @@ class CellSetSampler:
     def __init__(self, data: SplitData, vocab: Vocab, cell_set_len: int, batch_size: int, *,
                  seed: int = 42, pairing: str = "random", drop_last: bool = False,
                  exclude_self: bool = False, downsample_cells: int | None = None,
+                 pad_from: str = "group", thinning: ReadDepthThinning | None = None,
                  rank: int = 0, world_size: int = 1) -> None:
-        check_sampler_options(pairing, cell_set_len, batch_size, downsample_cells)
+        check_sampler_options(pairing, cell_set_len, batch_size, downsample_cells, pad_from)
         self.data, self.vocab = data, vocab
         self.S, self.B, self.seed = int(cell_set_len), int(batch_size), int(seed)
         self.pairing, self.drop_last, self.exclude_self = pairing, drop_last, exclude_self
-        self.downsample_cells = downsample_cells
+        self.downsample_cells, self.pad_from, self.thinning = downsample_cells, pad_from, thinning
         self.rank, self.world_size = rank, world_size
         self.pert_matrix = torch.from_numpy(vocab.pert_matrix())
         self.groups, self.group_pool = self._groups()
@@ -238,7 +293,8 @@ class CellSetSampler:
                 pool_keys += [key] * n_full
             rest = perm[n_full * S:]
             if len(rest) and not self.drop_last:
-                pad = rng.choice(g, size=S - len(rest), replace=True)
+                pad = rng.choice(g if self.pad_from == "group" else rest, size=S - len(rest),
+                                 replace=True)
                 sets.append(np.concatenate([rest, pad])[None])
                 pool_keys.append(key)
         if not sets:
@@ -282,8 +338,11 @@ class CellSetSampler:
                              d.cell_type[targets]], axis=1)  # [n_sets, 5, S]
             dev = torch.from_numpy(rows).to(self.device)
         for lo in range(start * self.B, n, self.B):
-            yield self.make_batch(targets[lo:lo + self.B], basal[lo:lo + self.B],
-                                  None if dev is None else dev[lo:lo + self.B])
+            batch = self.make_batch(targets[lo:lo + self.B], basal[lo:lo + self.B],
+                                    None if dev is None else dev[lo:lo + self.B])
+            if self.thinning is not None:
+                batch = self.thinning.apply(batch, self.seed, epoch, lo // self.B)
+            yield batch
 
     def make_batch(self, target_rows: np.ndarray, basal_rows: np.ndarray,
                    device_rows: torch.Tensor | None = None) -> CellSetBatch:

@@ -51,7 +51,13 @@ from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.data import DataInput, PreparedData, SplitData, _sources, prepare, split_labels
 from statetx.errors import ConfigError, DataError
 from statetx.io import DataFile
-from statetx.sets import CellSetBatch, CellSetSampler, cap_group_cells, check_sampler_options
+from statetx.sets import (
+    CellSetBatch,
+    CellSetSampler,
+    ReadDepthThinning,
+    cap_group_cells,
+    check_sampler_options,
+)
 from statetx.vocab import Vocab
 
 DATA_LOADINGS = ("memory", "stream")
@@ -394,7 +400,7 @@ class StreamingCellSetSampler:
     data
         The training split (:class:`StreamSplit`).
     vocab, cell_set_len, batch_size, seed, pairing, drop_last, exclude_self, downsample_cells,
-    rank, world_size
+    pad_from, thinning, rank, world_size
         As for :class:`~statetx.sets.CellSetSampler`. With ``world_size > 1`` every rank trains
         on its own windows (window ``w`` goes to rank ``w % world_size``); ranks with fewer sets
         repeat their first ones so that every rank yields the same number of batches.
@@ -411,17 +417,18 @@ class StreamingCellSetSampler:
     def __init__(self, data: StreamSplit, vocab: Vocab, cell_set_len: int, batch_size: int, *,
                  seed: int = 42, pairing: str = "random", drop_last: bool = False,
                  exclude_self: bool = False, downsample_cells: int | None = None,
+                 pad_from: str = "group", thinning: ReadDepthThinning | None = None,
                  rank: int = 0, world_size: int = 1,
                  buffer_chunks: int = DEFAULT_BUFFER_CHUNKS,
                  max_controls: int | None = None, prefetch: bool = True) -> None:
-        check_sampler_options(pairing, cell_set_len, batch_size, downsample_cells)
+        check_sampler_options(pairing, cell_set_len, batch_size, downsample_cells, pad_from)
         stream_settings("stream", data.chunk_size, buffer_chunks, max_controls)
         if not (0 <= rank < world_size):
             raise ConfigError(f"rank={rank} must lie in [0, world_size={world_size}).")
         self.data, self.vocab = data, vocab
         self.S, self.B, self.seed = int(cell_set_len), int(batch_size), int(seed)
         self.pairing, self.drop_last, self.exclude_self = pairing, drop_last, exclude_self
-        self.downsample_cells = downsample_cells
+        self.downsample_cells, self.pad_from, self.thinning = downsample_cells, pad_from, thinning
         self.rank, self.world_size = int(rank), int(world_size)
         self.buffer_chunks, self.max_controls = int(buffer_chunks), max_controls
         self.pert_matrix = torch.from_numpy(vocab.pert_matrix())
@@ -600,7 +607,8 @@ class StreamingCellSetSampler:
                 mine = [perm[: n_full * S].reshape(n_full, S)]
                 rest = perm[n_full * S:]
                 if len(rest) and not self.drop_last:
-                    pad = rng.choice(rows, size=S - len(rest), replace=True)
+                    pad = rng.choice(rows if self.pad_from == "group" else rest,
+                                     size=S - len(rest), replace=True)
                     mine.append(np.concatenate([rest, pad])[None])
                     padded += S - len(rest)
                 g_sets = np.concatenate(mine)
@@ -680,7 +688,10 @@ class StreamingCellSetSampler:
                 self.peak_rows_held = max(self.peak_rows_held,
                                           sum(len(h.rows) for h in held.values())
                                           + sum(k for _, k in pending.values()))
-                yield self._make_batch(plan.targets[lo:hi], plan.basal[lo:hi], win[lo:hi], held)
+                batch = self._make_batch(plan.targets[lo:hi], plan.basal[lo:hi], win[lo:hi], held)
+                if self.thinning is not None:
+                    batch = self.thinning.apply(batch, self.seed, epoch, lo // self.B)
+                yield batch
         finally:
             for job, _ in pending.values():
                 job.cancel()

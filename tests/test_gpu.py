@@ -42,9 +42,9 @@ def test_non_finite_on_cuda_names_the_step_and_writes_nothing_after(synth, tmp_p
     orig = train_mod.Trainer.losses
     calls = {"n": 0}
 
-    def poisoned(self, batch, module=None):
-        parts = orig(self, batch, module)
-        if self.net.training:
+    def poisoned(self, batch, module=None, *, training=False):
+        parts = orig(self, batch, module, training=training)
+        if training:
             calls["n"] += 1
             if calls["n"] == 6:  # the 6th training step's loss is NaN
                 parts["main_loss"] = parts["main_loss"] * float("nan")
@@ -90,3 +90,28 @@ def test_compiled_bf16_training_matches_eager(synth, mode):
     b = small_model(max_steps=8, device="cuda").fit(synth, SPEC)
     la, lb = (m.history_["train_loss"].dropna() for m in (a, b))
     assert np.allclose(la, lb, rtol=2e-2)
+
+
+def test_read_depth_downsampling_and_options_on_cuda(synth):
+    """downsample thins batches on the GPU (cells kept there), seeded; drop_last, pad_from and
+    val_from_test work there too."""
+    kw = dict(max_steps=6, val_freq=3, downsample=0.5, drop_last=True, pad_from="chunk",
+              val_from_test=True, data_on_device="always", **EXACT)
+    spec = {"training": {"data": "train"}, "zeroshot": {"data.CT2": "test"}}
+    a, b = small_model(**kw).fit(synth, spec), small_model(**kw).fit(synth, spec)
+    np.testing.assert_array_equal(a.history_["train_loss"], b.history_["train_loss"])
+    assert a.history_["val_loss"].notna().sum() == 2
+    plain = small_model(**{**kw, "downsample": None}).fit(synth, spec)
+    assert not np.allclose(a.history_["train_loss"].dropna(),
+                           plain.history_["train_loss"].dropna())
+
+
+def test_pseudobulk_prediction_on_cuda_equals_cell_means(synth):
+    m = small_model(max_steps=6, **EXACT).fit(synth, SPEC)
+    pred, _ = m.predict_split("test")
+    bulk, _ = m.predict_split("test", pseudobulk=True)
+    cols = [m.pert_col, m.cell_type_key]
+    means = pred.to_df().groupby([pred.obs[c].astype(str) for c in cols]).mean()
+    for i, (p, ct) in enumerate(zip(bulk.obs[cols[0]].astype(str),
+                                    bulk.obs[cols[1]].astype(str))):
+        np.testing.assert_allclose(bulk.X[i], means.loc[(p, ct)].to_numpy(), atol=1e-4)

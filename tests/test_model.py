@@ -362,6 +362,42 @@ def test_sampler_options_reach_training(synth, tmp_path):
         8, True, True)
 
 
+def test_read_depth_pad_from_and_val_from_test(synth, tmp_path, capsys):
+    """downsample (read depth), pad_from and val_from_test: estimator parameters and keys."""
+    from statetx.cli import main
+    from statetx.errors import ConfigError
+    from statetx.run import load_run
+
+    spec = {"training": {"data": "train"}, "zeroshot": {"data.CT2": "test"}}
+    plain = small_model(max_steps=4, val_freq=2).fit(synth, spec)
+    assert "val_loss" not in plain.history_  # no validation part: skipped
+    thinned = small_model(max_steps=4, val_freq=2, downsample=0.5, pad_from="chunk",
+                          val_from_test=True, progress=True).fit(synth, spec)
+    assert "validating on the test split" in capsys.readouterr().out
+    assert thinned.history_["val_loss"].notna().sum() == 2  # validated on the test cells
+    assert not np.allclose(thinned.history_["train_loss"].dropna(),
+                           plain.history_["train_loss"].dropna())
+    again = small_model(max_steps=4, val_freq=2, downsample=0.5, pad_from="chunk",
+                        val_from_test=True).fit(synth, spec)
+    np.testing.assert_array_equal(again.history_["train_loss"], thinned.history_["train_loss"])
+    with pytest.raises(ConfigError, match="downsample=0.5 thins counts read from X.*embed_key"):
+        small_model(downsample=0.5, embed_key="X_pca", output_space="embedding").fit(synth)
+    with pytest.raises(ConfigError, match="pad_from='first'"):
+        small_model(pad_from="first").fit(synth)
+    data = tmp_path / "data"
+    data.mkdir()
+    synth.write_h5ad(data / "data.h5ad")
+    (data / "split.toml").write_text(f'[datasets]\ndata = "{data}"\n{SPEC}')
+    args = ["tx", "train", f"data.kwargs.toml_config_path={data / 'split.toml'}",
+            "data.kwargs.pert_col=gene", *TINY_CLI, "training.max_steps=2",
+            f"output_dir={tmp_path}", "name=run", "data.kwargs.downsample=0.5",
+            "data.kwargs.pad_from=chunk", "data.kwargs.val_from_test=true"]
+    assert main(args) == 0
+    params = load_run(tmp_path / "run").get_params()
+    assert (params["downsample"], params["pad_from"], params["val_from_test"]) == (
+        0.5, "chunk", True)
+
+
 def _cell_means(adata, c, key=None):
     """(pert, cell type) -> mean row of X (or obsm[key]) and cell count."""
     groups = adata.obs.groupby([c.pert_col, c.cell_type_key], observed=True).indices

@@ -90,9 +90,9 @@ def test_no_effect_keys_warn_and_unsupported_values_fail():
         R.resolve(["data.kwargs.num_workers=4"])
     with pytest.warns(UserWarning, match="softplus has no effect"):
         R.resolve(["model.kwargs.softplus=true"])
-    R.resolve(["data.kwargs.pad_from=group"])  # the default is accepted
-    with pytest.raises(ConfigError, match="pad_from is not supported"):
-        R.resolve(["data.kwargs.pad_from=chunk"])
+    R.resolve(["data.kwargs.exp_counts=false"])  # the default is accepted
+    with pytest.raises(ConfigError, match="exp_counts is not supported"):
+        R.resolve(["data.kwargs.exp_counts=true"])
     with pytest.raises(ConfigError, match="enabling model.kwargs.lora.enable"):
         R.resolve(["model.kwargs.lora.enable=true"])
     with pytest.raises(ConfigError, match="multi-device training is not supported"):

@@ -16,7 +16,7 @@ import torch
 from statetx.config import ColumnMap
 from statetx.data import PreparedData, prepare
 from statetx.errors import ConfigError
-from statetx.sets import CellSetBatch, CellSetSampler
+from statetx.sets import CellSetBatch, CellSetSampler, ReadDepthThinning, check_read_depth
 
 SYN_COLS = ColumnMap.build(pert_col="gene", cell_type_key="cell_type", batch_col="batch",
                            control_pert="ctrl")
@@ -243,6 +243,13 @@ def test_short_sets_padded_from_the_whole_group(syn):
         distinct.append(len(set(short)))
     # padding draws from the whole group (13 cells), not from the 1-cell remainder
     assert min(distinct) > 3
+    # pad_from="chunk" (the reference): the 1-cell remainder is repeated S times
+    for seed in range(3):
+        targets, _ = sampler(syn, S=S, B=2, seed=seed, pad_from="chunk").epoch_sets(0)
+        short = [r for r in targets if set(r) <= set(a_p1) and len(set(r)) < S]
+        assert len(short) == 1 and len(set(short[0])) == 1
+    with pytest.raises(ConfigError, match="pad_from='cell'.*'group'.*'chunk'"):
+        sampler(syn, pad_from="cell")
 
 
 def test_drop_last(syn):
@@ -427,3 +434,47 @@ def test_invalid_options(syn):
         sampler(syn, pairing="batches")
     with pytest.raises(ConfigError, match="cell_set_len \\(0\\)"):
         sampler(syn, S=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# read-depth downsampling (option downsample)
+
+
+def test_read_depth_thinning_on_kang(kang_raw, kang_prep):
+    """Kang 2018 (log1p of normalised counts, and raw UMI counts): a rate keeps that share of
+    each cell's counts, a target depth caps the depth, zeros stay zero, draws are seeded."""
+    s = sampler(kang_prep, S=16, B=8, seed=0)
+    plain = next(iter(s.batches(0)))
+    thin = ReadDepthThinning(0.5, True, ("basal", "target"))
+    half = thin.apply(plain, 0, 0, 0)
+    before = torch.expm1(plain.target).round().sum(-1)
+    after = torch.expm1(half.target).round().sum(-1)
+    assert torch.allclose(half.target, torch.log1p(torch.expm1(half.target).round()), atol=1e-5)
+    ratio = float(after.sum() / before.sum())
+    assert 0.47 < ratio < 0.53
+    assert ((plain.target == 0) <= (half.target == 0)).all()  # zeros stay zero
+    assert not torch.equal(half.basal, plain.basal)
+    assert torch.equal(half.pert, plain.pert) and half.target_rows is plain.target_rows
+    assert torch.equal(thin.apply(plain, 0, 0, 0).target, half.target)  # seeded
+    assert not torch.equal(thin.apply(plain, 0, 0, 1).target, half.target)  # per batch
+    # a target depth on raw counts: cells above it come down to about it, others are kept
+    raw = prepare(kang_raw, {"training": {"kang": "train"}}, KANG_COLS, allow_counts=True)
+    counts = next(iter(sampler(raw, S=16, B=8, seed=0).batches(0)))
+    depth = counts.target.sum(-1)
+    target = float(depth.median())
+    capped = ReadDepthThinning(target, False, ("target",)).apply(counts, 0, 0, 0)
+    new = capped.target.sum(-1)
+    assert torch.equal(capped.target, capped.target.round()) and torch.equal(
+        capped.basal, counts.basal)
+    low = depth <= target
+    assert torch.equal(new[low], depth[low])
+    assert (new[~low] - target).abs().max() < 5 * target**0.5
+    # through the sampler: every batch thinned, reproducibly
+    s2 = sampler(kang_prep, S=16, B=8, seed=0, thinning=thin)
+    a, b = list(s2.batches(1)), list(s2.batches(1))
+    assert all(torch.equal(x.target, y.target) for x, y in zip(a, b))
+    assert torch.equal(next(iter(s2.batches(1, start=2))).target, a[2].target)  # resume
+    assert check_read_depth(1.0) is None and check_read_depth(0.25) == 0.25
+    for bad in (0, -1.0, float("nan"), "half", True):
+        with pytest.raises(ConfigError, match="downsample=.*must be a number > 0"):
+            check_read_depth(bad)
