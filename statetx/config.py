@@ -239,6 +239,17 @@ class ColumnMap(BaseModel):
                 f"output_space={kwargs['output_space']!r} is invalid; expected 'gene', 'all' or "
                 "'embedding'."
             )
+        for key, what in (("pert_col", "the perturbation"),
+                          ("cell_type_key", "the context (cell type or line)")):
+            if key in kwargs and not isinstance(kwargs[key], str):
+                raise ConfigError(
+                    f"{key}={kwargs[key]!r}: give the name of the obs column holding {what} of "
+                    "each cell" + (" (for data from one context, add a constant column, e.g. "
+                                   "adata.obs['cell_type'] = 'K562')."
+                                   if key == "cell_type_key" else "."))
+        control = kwargs.get("control_pert")
+        if control is not None and not isinstance(control, str):  # e.g. an integer label
+            kwargs["control_pert"] = str(control)  # labels are compared as their str()
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("batch_col",)}
         return cls(**kwargs)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from statetx._utils import did_you_mean, looks_log1p
+from statetx._utils import did_you_mean, looks_log1p, preview
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.errors import ConfigError, DataError, SplitConfigError
 from statetx.io import (
@@ -217,17 +217,21 @@ def prepare(
         sd = _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_dtype)
         if sd is not None:
             built[split] = sd
+    no_training = "" if config.training else (
+        " The split spec has no [training] section, so only the held-out cell types' controls "
+        "train: list the datasets that train, e.g. [training] " + ", ".join(
+            f'{n} = "train"' for n in config.referenced_datasets()) + ".")
     if "train" in splits and "train" not in built:
         raise DataError(
             "the training split is empty (every cell type is held out"
             + ("" if yield_controls else " and yield_controls is false")
-            + "). Add a [training] entry or hold out fewer cell types."
+            + "). Add a [training] entry or hold out fewer cell types." + no_training
         )
     if "train" in splits and built["train"].is_control.all():
         raise DataError(
             "the training split has control cells only: every perturbed cell is held out (in "
             "[zeroshot] or [fewshot]), so no perturbation could be learned. Hold out fewer "
-            "cell types or perturbations."
+            "cell types or perturbations." + no_training
         )
     return PreparedData(vocab, built, columns, files, assignments, summarize(assignments),
                         names, gene_names, is_log1p)
@@ -270,6 +274,12 @@ def _sources(files: list[DataFile], c: ColumnMap, counts_key: str | None):
 def _agree(files: list[DataFile], source: str | None, what: str) -> list[str]:
     ref = feature_names(files[0], source)
     where = "X" if source is None else f"obsm['{source}']"
+    dup = pd.Index(ref)
+    if dup.has_duplicates:  # predictions could not be matched to genes by name later
+        raise DataError(f"{files[0].label} has duplicate gene names in {where}: "
+                        f"{preview(dup[dup.duplicated()].unique())}. Make them unique "
+                        "(adata.var_names_make_unique()) or choose unique names with "
+                        "gene_name_col.")
     for f in files[1:]:
         other = feature_names(f, source)
         if len(other) != len(ref):

@@ -82,6 +82,7 @@ class DataFile:
     uns_log1p: bool = False
     gene_name_col: str | None = None  # var column the gene names (var_names above) came from
     dropped: np.ndarray | None = None  # rows left out for a missing label (drop_missing_labels)
+    file_rows: np.ndarray | None = None  # a backed view's rows in its file (None = the same)
 
     @property
     def n_obs(self) -> int:
@@ -104,6 +105,8 @@ class DataFile:
         if self.adata is not None and not (source is None and self.adata.isbacked):
             return _dense(_matrix(self, source), rows, dtype)
         if self.adata is not None:  # backed AnnData: read its X from the file, in blocks
+            if self.file_rows is not None:
+                rows = self.file_rows[rows]
             return read_h5_rows(Path(self.adata.filename), "X", rows, dtype)
         return read_h5_rows(self.path, "X" if source is None else f"obsm/{source}", rows, dtype)
 
@@ -211,7 +214,7 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
             parts = ", ".join(f"obs['{c}']: {int(m.sum())}" for c, m in missing.items() if m.any())
             print(f"statetx: {label}: {int(dropped.sum())} cells with a missing label are left "
                   f"out ({parts}).")
-    labels = [obs_labels(obs, c, label, opt, keep=dropped) for c, opt in cols]
+    labels = [obs_labels(obs, c, label, opt, keep=dropped, droppable=True) for c, opt in cols]
     return DataFile(
         dataset=dataset,
         label=label,
@@ -225,7 +228,25 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
         obsm_keys=list(adata.obsm.keys()),
         uns_log1p="log1p" in adata.uns,
         gene_name_col=gene_name_col,
+        file_rows=backed_view_rows(adata, label),
     )
+
+
+def backed_view_rows(adata: ad.AnnData, label: str) -> np.ndarray | None:
+    """The file rows of a view of a backed AnnData (matched by obs name), None otherwise."""
+    if not (adata.isbacked and adata.is_view):
+        return None
+    whole = ad.read_h5ad(adata.filename, backed="r")
+    try:
+        names = pd.Index(whole.obs_names)
+    finally:
+        whole.file.close()
+    rows = names.get_indexer(adata.obs_names) if names.is_unique else None
+    if rows is None or (rows < 0).any():
+        raise DataError(f"{label} is a view of a backed AnnData ({adata.filename}) whose cells "
+                        "cannot be located in the file by obs name (duplicate names). Load the "
+                        "view into memory first (view.to_memory()).")
+    return rows.astype(np.int64)
 
 
 def open_file(path: Path, dataset: str, pert_col: str, cell_type_key: str,
@@ -247,11 +268,11 @@ def open_file(path: Path, dataset: str, pert_col: str, cell_type_key: str,
 
 
 def obs_labels(obs: pd.DataFrame, col: str, where: str, option: str,
-               keep: np.ndarray | None = None) -> np.ndarray:
+               keep: np.ndarray | None = None, droppable: bool = False) -> np.ndarray:
     """A column of obs as an object array of strings; errors for a missing column or NaNs.
 
     ``keep`` (drop_missing_labels): rows flagged there may be NaN; they get
-    :data:`MISSING_LABEL`.
+    :data:`MISSING_LABEL`. ``droppable``: the NaN error mentions ``drop_missing_labels``.
     """
     if col not in obs.columns:
         raise DataError(
@@ -264,8 +285,9 @@ def obs_labels(obs: pd.DataFrame, col: str, where: str, option: str,
     if missing and keep is None:
         raise DataError(
             f"obs['{col}'] has {missing} missing values in {where}. Remove those cells (e.g. "
-            f"adata = adata[adata.obs['{col}'].notna()].copy()) or pass "
-            "drop_missing_labels=True (tx train: data.kwargs.drop_missing_labels=true)."
+            f"adata = adata[adata.obs['{col}'].notna()].copy())"
+            + (" or pass drop_missing_labels=True (tx train: "
+               "data.kwargs.drop_missing_labels=true)." if droppable else ".")
         )
     if isinstance(s.dtype, pd.CategoricalDtype):
         cats = np.asarray([_label_str(c) for c in s.cat.categories], dtype=object)
@@ -316,6 +338,9 @@ def check_source(f: DataFile, embed_key: str | None) -> None:
         raise DataError(
             f"obsm['{embed_key}'] not found in {f.label} (available: "
             f"{preview(f.obsm_keys) or 'none'}).{did_you_mean(embed_key, f.obsm_keys)}"
+            + (" statetx.pp.preprocess_train writes it (log1p expression of the highly "
+               "variable genes); or leave embed_key unset to use X." if embed_key == "X_hvg"
+               else "")
         )
 
 

@@ -520,6 +520,14 @@ class StateTransitionModel(BaseEstimator):
             print(describe(net_cfg))
         torch.manual_seed(int(self.seed))
         network = StateTransitionNetwork(net_cfg)
+        if prepared.gene_dim and network.gene_decoder is None and rank == 0:
+            warnings.warn(
+                f"output_space={columns.output_space!r} asks for gene-space predictions, but "
+                f"the {preset!r} architecture has no gene decoder (gene_decoder_bool=False): "
+                f"predictions stay in the space of obsm['{columns.embed_key}']. For genes, use "
+                "model_kwargs={'gene_decoder_bool': True} (or a preset with a decoder, e.g. "
+                "'state'); for embeddings only, output_space='embedding'.", UserWarning,
+                stacklevel=2)
         _warn_unused_loss_options(self.loss, self.loss_kwargs, network.gene_decoder is not None)
         if network.pert_bias is not None:
             _start_at_mean_response(network, prepared.splits["train"], vocab)
@@ -622,8 +630,11 @@ class StateTransitionModel(BaseEstimator):
 
     @property
     def _expression_output(self) -> bool:
+        """Whether the main output (decoded genes, else the network's prediction) is expression
+        (clipped, named by genes) rather than an embedding."""
         return self.columns_.output_space != "embedding" and (
-            self.columns_.embed_key in (None, "X_hvg") or self.gene_names_ is not None)
+            self.columns_.embed_key in (None, "X_hvg")
+            or getattr(self.network_, "gene_decoder", None) is not None)
 
     # ------------------------------------------------------------------ predict
     def predict_sets(self, basal, perturbation, batch=None, *,
@@ -815,8 +826,11 @@ class StateTransitionModel(BaseEstimator):
         if not is_ctrl.any():
             raise DataError(f"the input has no control cells (obs['{pert_col}'] == '{control}'); "
                             "basal states are drawn from controls. Include control cells, or "
-                            "name the control label with control_pert="
-                            f".{did_you_mean(str(control), map(str, np.unique(pert)))}")
+                            "name the control label with control_pert=<label>."
+                            f"{did_you_mean(str(control), map(str, np.unique(pert)))}")
+        if control != c.control_pert:  # the input's own control label: the model's control
+            pert = np.where(is_ctrl, c.control_pert, pert).astype(object)
+            control = c.control_pert
 
         obs = adata.obs.copy()
         src_rows = np.arange(adata.n_obs)
@@ -1113,7 +1127,9 @@ class StateTransitionModel(BaseEstimator):
         prepared = getattr(self, "_prepared", None)
         if prepared is None:
             raise NotFittedError("predict_split needs the training data, which is not kept when a "
-                                 "model is pickled or saved; refit, or use predict(adata).")
+                                 "model is pickled or saved: attach it with "
+                                 "statetx.run.attach_data(model, adata=...) (a run folder's own "
+                                 "files are found from its split.toml), or use predict(adata).")
         if split not in prepared.splits:
             raise DataError(f"the fitted split spec has no '{split}' split (available: "
                             f"{', '.join(prepared.splits)}).")

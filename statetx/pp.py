@@ -105,6 +105,11 @@ def normalize_log1p(m: Matrix, target_sum: float | None = None) -> tuple[Matrix,
     Returns a new float32 matrix of the same kind (CSR for sparse input) and the target used.
     Rows with zero total stay zero. Dense and sparse input give identical values.
     """
+    if hasattr(m, "obs") and hasattr(m, "X"):  # an AnnData
+        raise TypeError("normalize_log1p takes a matrix (e.g. adata.X or adata.layers['counts'])"
+                        " and returns (matrix, target_sum); for an AnnData use "
+                        "statetx.pp.preprocess_train (normalise, log1p and HVGs) or "
+                        "scanpy.pp.normalize_total + scanpy.pp.log1p.")
     totals = _row_totals(m)
     if target_sum is None:
         pos = totals[totals > 0]

@@ -224,7 +224,8 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
             raise DataError(f"obsm['{embed_key}'] has {m.shape[1]} columns but the model expects "
                             f"{len(genes)}.")
         return m
-    names, matrix, where = list(map(str, gene_names(adata, gene_name_col))), adata.X, "X"
+    x_names = list(map(str, gene_names(adata, gene_name_col)))
+    names, matrix, where = x_names, adata.X, "X"
     if embed_key == "X_hvg" and "X_hvg" in adata.obsm:
         matrix, where = adata.obsm["X_hvg"], "obsm['X_hvg']"
         names = hvg_names(adata, gene_name_col)
@@ -237,7 +238,14 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
                             "genes cannot be matched to the model's. Write it with "
                             "statetx.pp.preprocess_train, or set uns['X_hvg_var_names'] to its "
                             "column names.")
-    index = pd.Index(names)
+    index, x_index = pd.Index(names), pd.Index(x_names)
+    if (where != "X" and not index.has_duplicates and not x_index.has_duplicates
+            and (index.get_indexer(list(genes)) < 0).any()
+            and (x_index.get_indexer(list(genes)) >= 0).all()):
+        warnings.warn("some of the model's genes are not among the input's obsm['X_hvg'] "
+                      "columns (its highly variable genes were chosen on other data); all of "
+                      "them are read from X by name instead.", UserWarning, stacklevel=3)
+        index, matrix, where = x_index, adata.X, "X"
     if index.has_duplicates:
         raise DataError(f"the input has duplicate gene names in {where}: "
                         f"{preview(index[index.duplicated()].unique())}. Make them unique "

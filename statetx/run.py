@@ -1238,8 +1238,8 @@ def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, 
     run = Path(run_dir) if run_dir is not None else getattr(model, "run_dir_", None)
     src = Path(toml) if toml is not None else (run / "split.toml" if run is not None else None)
     if src is None or not src.is_file():
-        raise DataError(f"split file {src} not found; pass --toml FILE (the split file used for "
-                        "training).")
+        raise DataError(f"split file {src} not found; pass the split file used for training "
+                        "(toml=..., --toml FILE).")
     cfg = SplitConfig.from_toml(src)
     if data_root is not None:
         root = Path(data_root).expanduser().resolve()
@@ -1255,8 +1255,10 @@ def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, 
             try:
                 cfg.resolve_paths(name)
             except SplitConfigError as exc:
-                raise DataError(f"{exc} The run's data cannot be found (from {src}); pass "
-                                "--data-root DIR if the files moved, or --toml FILE.") from None
+                raise DataError(f"{exc} The run's data cannot be found (from {src}): pass the "
+                                "training data in memory (adata=...), or the folder the files "
+                                "moved to (data_root=..., --data-root DIR), or another split "
+                                "file (toml=..., --toml FILE).") from None
     prepared = prepare(adata, cfg, model.columns_, vocab=model.vocab_,
                        **model._data_options())
     if list(prepared.feature_names) != list(model.var_names_):

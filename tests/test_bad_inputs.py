@@ -774,3 +774,70 @@ def test_save_into_a_run_folder_is_refused(model, run):
     with pytest.raises(ConfigError, match="is a training run's folder"):
         model.save(run)
     assert (run / "model.json").read_bytes() == before
+
+
+def test_predict_with_the_inputs_own_control_label(model, adata):
+    """control_pert names the input's control label; those cells are the model's control."""
+    want = model.predict(adata, seed=3)
+    relabelled = adata.copy()
+    relabelled.obs["gene"] = relabelled.obs["gene"].astype(str).replace({"ctrl": "NT"})
+    got = model.predict(relabelled, control_pert="NT", seed=3)
+    np.testing.assert_allclose(got.X, want.X, atol=1e-6)
+    assert (got.obs["gene"] == "NT").sum() == (adata.obs["gene"] == "ctrl").sum()
+    with pytest.raises(DataError, match=r"no control cells.*control_pert=<label>\.$"):
+        model.predict(relabelled, control_pert="zzz")
+
+
+def test_duplicate_gene_names_are_refused_by_fit(adata):
+    adata.var_names = ["G0", *adata.var_names[:-1]]  # G0 twice
+    with pytest.raises(DataError, match=r"duplicate gene names in X: G0.*var_names_make_unique"):
+        small_model().fit(adata)
+
+
+def test_label_options_of_the_wrong_type(adata):
+    with pytest.raises(ConfigError, match=r"cell_type_key=None: .*constant column"):
+        small_model(cell_type_key=None).fit(adata)
+    codes = adata.copy()  # an integer perturbation column whose control is 0
+    codes.obs["gene"] = codes.obs["gene"].map({"ctrl": 0, "P0": 1, "P1": 2, "P2": 3})
+    m = small_model(control_pert=0).fit(codes)
+    assert m.vocab_.control_pert == "0"
+
+
+def test_nan_label_in_predict_says_what_to_do(model, adata):
+    adata.obs["gene"] = adata.obs["gene"].astype(object)
+    adata.obs.iloc[0, adata.obs.columns.get_loc("gene")] = np.nan
+    with pytest.raises(DataError, match=r"obs\['gene'\] has 1 missing values.*notna\(\)\]\.copy"
+                       r"\(\)\)\.$"):
+        model.predict(adata)
+
+
+def test_normalize_log1p_on_an_anndata_points_to_the_anndata_functions(adata):
+    from statetx.pp import normalize_log1p
+
+    with pytest.raises(TypeError, match="takes a matrix.*preprocess_train"):
+        normalize_log1p(adata)
+
+
+def test_embedding_input_without_a_decoder_is_not_clipped(adata):
+    """An embedding input with output 'all' on an architecture without gene decoder predicts
+    the embedding (warned about), not clipped or named as expression."""
+    x = np.asarray(adata.X, dtype=np.float64)
+    u, s, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    adata.obsm["X_pca"] = (u[:, :10] * s[:10]).astype(np.float32)
+    with pytest.warns(UserWarning, match="no gene decoder.*gene_decoder_bool"):
+        m = small_model(embed_key="X_pca", output_space="all").fit(adata)
+    pred = m.predict(adata)
+    assert pred.n_vars == 10 and list(pred.var_names) == [f"emb_{i}" for i in range(10)]
+    assert (pred.X < 0).mean() > 0.2  # PCA coordinates keep their sign
+
+
+def test_predict_reads_x_when_the_inputs_hvgs_differ(model, adata):
+    """obsm['X_hvg'] chosen on other data: the model's genes are read from X by name."""
+    hvg = adata.copy()
+    hvg.obsm["X_hvg"] = np.asarray(hvg.X[:, :10])
+    hvg.uns["X_hvg_var_names"] = list(hvg.var_names[:10])
+    from statetx.predict import align_genes
+
+    with pytest.warns(UserWarning, match="read from X by name"):
+        got = align_genes(hvg, list(model.var_names_[::-1]), "X_hvg")
+    np.testing.assert_array_equal(got, np.asarray(adata.X)[:, ::-1])

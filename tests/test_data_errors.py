@@ -338,6 +338,40 @@ def test_backed_anndata_reads_x_from_its_file(tmp_path):
                                prepare(a, TRAIN, COLS).splits["train"].X.numpy())
 
 
+@pytest.mark.filterwarnings("ignore:Observation names are not unique")
+def test_backed_view_reads_its_own_rows(tmp_path):
+    """A view of a backed AnnData (a subset of a large file) reads the view's cells, in memory
+    and streamed; a file with duplicate cell names cannot be mapped and says so."""
+    from statetx.stream import prepare_stream
+
+    a = make_adata(n=5)
+    a.X = sp.csr_matrix(a.X)
+    write(a, tmp_path / "x.h5ad")
+    keep = (a.obs["cell_type"] == "B").to_numpy()
+    backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")
+    try:
+        view = backed[keep]
+        got = prepare(view, TRAIN, COLS).splits["train"]
+        streamed = prepare_stream(view, TRAIN, COLS, chunk_size=4).splits["train"]
+        rows = streamed.file_row[np.argsort(streamed.file_row)]
+        block = np.concatenate([streamed.readers()[0].read(0, int(r), int(r) + 1) for r in rows])
+    finally:
+        backed.file.close()
+    want = prepare(a[keep].copy(), TRAIN, COLS).splits["train"]
+    np.testing.assert_array_equal(got.barcodes, want.barcodes)
+    np.testing.assert_allclose(got.X.numpy(), want.X.numpy())
+    np.testing.assert_allclose(block, a[keep].X.toarray()[rows])
+    dup = make_adata(n=5)
+    dup.obs_names = ["same"] * dup.n_obs
+    write(dup, tmp_path / "dup.h5ad")
+    backed = ad.read_h5ad(tmp_path / "dup.h5ad", backed="r")
+    try:
+        with pytest.raises(DataError, match=r"view of a backed AnnData.*to_memory\(\)"):
+            prepare(backed[keep], TRAIN, COLS)
+    finally:
+        backed.file.close()
+
+
 def test_pert_feature_lengths_differ():
     feats = {"P1": np.ones(3), "P2": np.ones(4), "ctrl": np.zeros(3)}
     with pytest.raises(DataError, match=r"different lengths: 'P1' has 3, 'P2' has 4"):

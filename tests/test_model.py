@@ -533,6 +533,9 @@ def test_x_hvg_inputs_without_matching_names_are_clear_errors(synth):
     assert model.var_names_ == list(a.var_names[:10])
     unnamed = a.copy()
     del unnamed.uns["X_hvg_var_names"]
+    with pytest.warns(UserWarning, match="read from X by name"):  # the genes are in X
+        np.testing.assert_array_equal(model.predict(unnamed).X, model.predict(a).X)
+    unnamed.var_names = [f"other{i}" for i in range(unnamed.n_vars)]
     with pytest.raises(DataError, match=r"10 of the model's 10 genes are missing"):
         model.predict(unnamed)
     wrong = unnamed.copy()
