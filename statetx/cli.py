@@ -88,7 +88,8 @@ def _cli_names(message: str, ns: argparse.Namespace) -> str:
     line, add the flag or configuration key that sets each of them."""
     import re
 
-    names = dict.fromkeys(re.findall(r"\b([a-z][a-z0-9_]*)=", message))
+    # (a dotted name, training.max_steps=, is a configuration key already)
+    names = dict.fromkeys(re.findall(r"(?<![\w.])([a-z][a-z0-9_]*)=", message))
     names = dict.fromkeys(_PYTHON_TO_FLAG.get(n, n) for n in names)
     hints: list[str] = []
     parser = getattr(ns, "parser_", None)
@@ -134,7 +135,9 @@ example:
 
 def build_parser() -> _Parser:
     """The complete argument parser (cheap: no heavy imports)."""
-    p = _Parser(prog="statetx", description="State Transition perturbation models (statetx).",
+    called = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    p = _Parser(prog="state" if called == "state" else "statetx",
+                description="State Transition perturbation models (statetx).",
                 formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog="`statetx COMMAND --help` describes a command. --debug (anywhere) "
                        "prints tracebacks.")
@@ -270,7 +273,8 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _flag(s, "--pert-col", default="gene")
     _flag(s, "--cell-type-key", default="cell_type")
     _flag(s, "--batch-col", default=None)
-    _flag(s, "--control-pert", default=None, help="default: auto-detect")
+    _flag(s, "--control-pert", default=None, help="control label (default: 'non-targeting' "
+          "or 'DMSO_TF', when exactly one of them is present)")
     _flag(s, "--embed-key", default=None)
     _flag(s, "--output-space", default="all", choices=["gene", "all", "embedding"])
     s.set_defaults(func=cmd_split)
@@ -494,16 +498,21 @@ def cmd_train(a: argparse.Namespace) -> int:
          f"max_steps {p['max_steps']}, batch_size {p['batch_size']} sets, lr {p['lr']:g}; "
          f"precision {p['precision']}, matmul_precision {p['matmul_precision']}, "
          f"device {p['device']}")
-    if cfg["dry_run"]:
-        return _dry_run(plan)
     from statetx.model import StateTransitionModel
 
-    StateTransitionModel(**p)._check_params()  # option errors before the run folder is touched
+    # option errors before the run folder is touched (a dry run may check a GPU job elsewhere)
+    StateTransitionModel(**p)._check_params(check_device=not cfg["dry_run"])
+    if cfg["dry_run"]:
+        return _dry_run(plan)
     created = not plan.run_dir.exists()
     # the run's record as it was: put back if this attempt fails its checks (e.g. on resume)
     saved = {n: (plan.run_dir / n).read_bytes() for n in (R.CONFIG_FILE, R.RUN_INFO_FILE)
              if (plan.run_dir / n).is_file()}
-    resume = R.start_run(plan, a.argv)
+    try:
+        resume = R.start_run(plan, a.argv)
+    except R.RunComplete as done:
+        _say(str(done))
+        return EXIT_OK
     if plan.replaced is not None and plan.init_from:  # init_from inside the run set aside
         src = Path(plan.init_from).resolve()
         if src.is_relative_to(plan.run_dir.resolve()):
@@ -589,6 +598,16 @@ def _prepare_split(toml: Path, columns: Any, model: Any = None) -> Any:
     return prepared
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("h") else "s")
+
+
+def _vocab_counts(v: Any) -> str:
+    """'33 perturbations + the control, 4 cell types, 1 batch'."""
+    return (f"{_plural(len(v.perturbations) - 1, 'perturbation')} + the control, "
+            f"{_plural(len(v.cell_types), 'cell type')}, {_plural(len(v.batches), 'batch')}")
+
+
 def _print_summary(prepared: Any) -> None:
     import pandas as pd
 
@@ -596,8 +615,7 @@ def _print_summary(prepared: Any) -> None:
                            "display.max_rows", 200):
         print(prepared.summary.to_string(index=False))
     v = prepared.vocab
-    _say(f"control {v.control_pert!r}; {len(v.perturbations)} perturbations, "
-         f"{len(v.cell_types)} cell types, {len(v.batches)} batches; "
+    _say(f"control {v.control_pert!r}; {_vocab_counts(v)}; "
          f"{prepared.input_dim} input features"
          + (f", {prepared.gene_dim} gene-space targets" if prepared.gene_dim else ""))
 
@@ -658,7 +676,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
     ck = getattr(model, "checkpoint_path_", None)
     out = run / (f"eval_{'' if split == 'test' else split + '_'}"
                  f"{ck.name if ck is not None else 'model'}"
-                 + ("_pseudobulk" if a.pseudobulk else ""))
+                 + ("_pseudobulk" if a.pseudobulk else "")
+                 + ("_shared" if a.shared_only else "")
+                 + (f"_ttft{a.test_time_finetune}" if a.test_time_finetune else ""))
     # cell types with control cells only (e.g. held-out ones in the training split) have
     # nothing to evaluate; checked before anything is written
     cts = real.obs[c.cell_type_key].astype(str).to_numpy()
@@ -675,7 +695,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if stale:
         _say(f"removed {len(stale)} files of an earlier evaluation in {out}")
     cells = int(pred.obs["n_cells"].sum()) if a.pseudobulk else pred.n_obs
-    _say(f"{split} split: {cells} cells, {pred.obs[c.pert_col].nunique()} perturbations"
+    n_perts = len(set(pred.obs[c.pert_col].astype(str)) - {c.control_pert})
+    _say(f"{split} split: {cells} cells, {_plural(n_perts, 'perturbation')} and the control"
          + (f" ({pred.n_obs} pseudobulks)" if a.pseudobulk else "") + f"; writing to {out}")
     if not a.skip_adatas:
         _write_h5ad(pred, out / "adata_pred.h5ad")
@@ -694,12 +715,34 @@ def cmd_predict(a: argparse.Namespace) -> int:
              f"{', '.join(sorted(set(cts) - perturbed))}")
         keep = np.isin(cts, sorted(perturbed))
         pred, real = pred[keep].copy(), real[keep].copy()
+    if model._expression_output and not model.is_log1p_:  # a count-scale model
+        pred, real = _counts_to_log1p(pred, real)
     _, agg = evaluate(pred, real, pert_col=c.pert_col, control_pert=c.control_pert,
                       celltype_col=c.cell_type_key, profile=a.profile, outdir=out,
                       skip_metrics=skip, num_threads=a.num_threads)
     _print_agg(agg)
     _say(f"metrics written to {out} (<cell type>_results.csv, <cell type>_agg_results.csv)")
     return EXIT_OK
+
+
+def _counts_to_log1p(pred: Any, real: Any) -> tuple[Any, Any]:
+    """Count-scale predictions and real cells, both normalised to the real cells' median total
+    and log1p-transformed (the scale the metrics expect; the same transform on both sides)."""
+    import numpy as np
+    import scanpy as sc
+
+    totals = np.asarray(real.X.sum(axis=1)).ravel()
+    target = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
+    _say(f"count-scale model: predictions and real cells are normalised to {target:g} counts "
+         "per cell and log1p-transformed for the metrics (the written h5ad files keep counts)")
+    out = []
+    for x in (pred, real):
+        x = x.copy()
+        x.X = np.clip(np.asarray(x.X, dtype=np.float32), 0.0, None)
+        sc.pp.normalize_total(x, target_sum=target)
+        sc.pp.log1p(x)
+        out.append(x)
+    return out[0], out[1]
 
 
 # the files tx predict writes into eval_<checkpoint>/ (removed there before a new evaluation)
@@ -839,9 +882,12 @@ def cmd_infer(a: argparse.Namespace) -> int:
         else:
             _write_h5ad(pred, out)
         copied = int((pred.obs["statetx_set"] < 0).sum()) if "statetx_set" in pred.obs else 0
+        key = model.columns_.embed_key
+        where = (f"in obsm['{key}']" if a.layout == "arc" and key and key in pred.obsm
+                 else f"x {pred.n_vars}")
         _say(f"wrote {pred.n_obs - copied} predicted cells"
              + (f" and {copied} control cells copied as they are" if copied else "")
-             + f" x {pred.n_vars} to {out}")
+             + f" {where} to {out}")
     return EXIT_OK
 
 
@@ -1005,6 +1051,23 @@ def cmd_filter(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _pooling_notice(path: str) -> None:
+    """Without --celltype-col every cell is one group: say so when obs has a cell-type column
+    with several values (tx predict scores each cell type)."""
+    import anndata as ad
+
+    real = ad.read_h5ad(path, backed="r")
+    try:
+        for col in ("cell_type", "celltype", "cell_line", "cell_type_key"):
+            if col in real.obs.columns and real.obs[col].nunique() > 1:
+                _say(f"no --celltype-col: the {real.obs[col].nunique()} values of obs['{col}'] "
+                     f"are pooled into one group; pass --celltype-col {col} to score each (as "
+                     "tx predict does).")
+                return
+    finally:
+        real.file.close()
+
+
 def cmd_evaluate_run(a: argparse.Namespace) -> int:
     evaluate = _evaluate_fn()
     if evaluate is None:
@@ -1019,6 +1082,8 @@ def cmd_evaluate_run(a: argparse.Namespace) -> int:
         if not Path(f).is_file():
             raise UsageError(f"{f}: file not found.")
     skip = [s.strip() for s in (a.skip_metrics or "").split(",") if s.strip()]
+    if a.celltype_col is None:
+        _pooling_notice(a.adata_real)
     _say(f"evaluate {a.adata_pred} against {a.adata_real}: pert_col={a.pert_col!r}, "
          f"control={a.control_pert!r}, cell types {a.celltype_col!r}, profile {a.profile}")
     _, agg = evaluate(a.adata_pred, a.adata_real, pert_col=a.pert_col,
@@ -1187,8 +1252,7 @@ def _describe_model(model: Any, kind: str) -> None:
     print(f"columns: pert_col={cols.pert_col!r}, cell_type_key={cols.cell_type_key!r}, "
           f"batch_col={cols.batch_col!r}, control={cols.control_pert!r}, input "
           f"{cols.embed_key or 'X'}")
-    print(f"vocabulary: {len(v.perturbations)} perturbations, {len(v.cell_types)} cell types, "
-          f"{len(v.batches)} batches; {len(model.var_names_)} input features"
+    print(f"vocabulary: {_vocab_counts(v)}; {len(model.var_names_)} input features"
           + (f", {len(model.gene_names_)} genes decoded" if model.gene_names_ else ""))
     step = getattr(model, "step_", None)
     if step is not None:

@@ -287,9 +287,17 @@ def _check_raw(raw: dict, source: str) -> None:
         for key in raw.get(section, {}):
             dataset, dot, cell_type = key.partition(".")
             if not dot or not dataset or not cell_type:
+                value = raw[section][key]
+                nested = isinstance(value, dict) and value and not (
+                    section == "fewshot" and set(value) <= {"val", "test"})
+                hint = ""
+                if nested:  # kang.B = "test" unquoted: TOML reads a table kang with key B
+                    inner = next(iter(value))
+                    hint = (f' TOML reads an unquoted dotted key as a nested table: write the key '
+                            f'in quotes, e.g. "{key}.{inner}" = ...')
                 raise SplitConfigError(
                     f'{source}: [{section}] key "{key}" must have the form '
-                    '"<dataset>.<cell type>".'
+                    '"<dataset>.<cell type>".' + hint
                 )
     for key, value in raw.get("zeroshot", {}).items():
         if value not in SPLITS:

@@ -277,7 +277,7 @@ def obs_labels(obs: pd.DataFrame, col: str, where: str, option: str,
     if col not in obs.columns:
         raise DataError(
             f"obs column '{col}' not found in {where} (available: {preview(obs.columns, 12)})."
-            f"{did_you_mean(col, obs.columns)} Set {option}."
+            f"{did_you_mean(col, obs.columns)} Set {option}=<column>."
         )
     s = obs[col]
     isna = s.isna().to_numpy()
@@ -317,9 +317,12 @@ def resolve_control(files: Sequence[DataFile], control_pert: str | None, pert_co
             return found[0]
         hint = sorted(x for x in labels if _CONTROL_HINT.search(x))
         raise ConfigError(
-            f"control_pert was not given and could not be detected in obs['{pert_col}']. "
+            f"control_pert was not given, and obs['{pert_col}'] has "
+            + ("both" if len(found) > 1 else "neither") + " of the labels detected "
+            f"automatically ({' and '.join(map(repr, CONTROL_DEFAULTS))}). "
             + (f"Values that look like controls: {preview(hint)}. " if hint else "")
-            + "Pass control_pert=<label>."
+            + "Pass control_pert=<label>"
+            + (f" (e.g. control_pert={hint[0]!r})." if len(hint) == 1 else ".")
         )
     for f in files:
         if control_pert not in set(f.pert):

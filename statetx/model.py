@@ -420,8 +420,9 @@ class StateTransitionModel(BaseEstimator):
                           "X. Use X as the input (embed_key=None) or as the gene-space target "
                           "(counts_key='X').")
 
-    def _check_params(self) -> None:
-        """Every option error that needs no data (fit calls it before reading anything)."""
+    def _check_params(self, check_device: bool = True) -> None:
+        """Every option error that needs no data (fit calls it before reading anything);
+        ``check_device``: also that the requested device exists here."""
         if self.weight_averaging not in ("auto", "none", "uniform"):
             raise ConfigError(f"weight_averaging={self.weight_averaging!r} is invalid; expected "
                               "'auto', 'none' or 'uniform'.")
@@ -453,7 +454,8 @@ class StateTransitionModel(BaseEstimator):
         get_loss(cfg.loss, **cfg.loss_options)  # loss option errors before reading data
         if self.lr is not None:
             self._train_config({"max_steps": 1, "lr": self.lr, "weight_averaging": averaging})
-        resolve_device(self.device)
+        if check_device:
+            resolve_device(self.device)
 
     # ------------------------------------------------------------------ fit
     def fit(self, adata: ad.AnnData | dict[str, ad.AnnData] | None = None,

@@ -558,6 +558,8 @@ def parse_token(token: str) -> tuple[str, str]:
     elif tok.startswith("+"):
         tok = tok[1:]
     key, eq, raw = tok.partition("=")
+    if not eq and tok.strip() in KEYS:
+        raise ConfigError(f"'{token}' has no value: write {tok.strip()}=<value>.")
     if not eq or not key.strip():
         raise ConfigError(f"'{token}' is not a key=value override (e.g. training.max_steps=1000)."
                           + (_suggest(tok) if tok and "=" not in tok else ""))
@@ -931,7 +933,8 @@ def absolute_split(split_config: Any) -> Any:
 
     def fix(p: str) -> str:
         q = Path(p).expanduser()
-        return str(q) if q.is_absolute() else os.path.join(str(base.resolve()), p)
+        return os.path.normpath(str(q) if q.is_absolute() else os.path.join(str(base.resolve()),
+                                                                              p))
 
     ds = {k: fix(v) if isinstance(v, str) else [fix(x) for x in v]
           for k, v in cfg.datasets.items()}
@@ -1022,6 +1025,10 @@ def _version() -> str:
         return "unknown"
 
 
+class RunComplete(Exception):
+    """``tx train`` into a run that already reached its ``max_steps``: nothing to do."""
+
+
 def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
     """Prepare ``plan.run_dir`` (cli.md §2.3) and return the checkpoint to resume from, if any.
 
@@ -1046,13 +1053,20 @@ def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
             last = run / CHECKPOINT_DIR / "last.ckpt"
             if cfg["resume"] != "force" and (run / CONFIG_FILE).is_file():
                 diffs = config_differences(read_config(run / CONFIG_FILE), cfg)
+                diffs += input_differences(run, plan.toml)
                 if diffs:
                     raise ConfigError(
                         f"{run} already holds a run with a different configuration: "
                         + "; ".join(diffs) + ". Use another name=, overwrite=true to start "
                         "again, or resume=force to continue anyway.")
             resume_from = last
-            print(f"statetx: resuming {run} from {last} (step {_checkpoint_step(last)}); "
+            step, max_steps = _checkpoint_step(last), plan.params.get("max_steps")
+            if isinstance(step, int) and isinstance(max_steps, int) and step >= max_steps:
+                raise RunComplete(f"{run} is already trained to step {step} (max_steps "
+                                  f"{max_steps}): nothing to do, the run is left as it is. Raise "
+                                  "training.max_steps to continue it, or pass overwrite=true "
+                                  "to start again.")
+            print(f"statetx: resuming {run} from {last} (step {step}); "
                   "pass overwrite=true to start again.")
         elif any(run.iterdir()) and not looks_like_run(run):
             raise ConfigError(f"{run} exists and holds files that are not a statetx run; choose "
@@ -1086,6 +1100,49 @@ def finish_run(run_dir: Path, model: StateTransitionModel, seconds: float) -> No
     info.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_seconds": seconds,
                  "final_step": step, "best_step": getattr(model, "best_step_", None)})
     write_run_info(run_dir, info)
+
+
+def input_differences(run: Path, toml: Any) -> list[str]:
+    """What changed in the split spec (against the run's ``split.toml``) and in its data files
+    (size, modification time, files added or gone, against ``statetx_run.json``) since the run
+    was started: resuming across such a change would mix two splits or two datasets."""
+    from statetx.config import SplitConfig
+
+    out: list[str] = []
+    current = absolute_split(toml)
+    saved_file = Path(run) / "split.toml"
+    if current is not None and saved_file.is_file():
+        saved = SplitConfig.from_toml(saved_file)
+        for section in ("datasets", "training", "zeroshot", "fewshot"):
+            a, b = getattr(saved, section), getattr(current, section)
+            if section == "datasets":  # (runs written before paths were normalised)
+                a, b = ({k: os.path.normpath(v) if isinstance(v, str) else [
+                    os.path.normpath(x) for x in v] for k, v in d.items()} for d in (a, b))
+            if _norm_section(a) != _norm_section(b):
+                out.append(f"split [{section}]: {_norm_section(a)} -> {_norm_section(b)}")
+    recorded = {d["path"]: d for d in read_run_info(run).get("data") or [] if "path" in d}
+    if current is None or not recorded or out:
+        return out
+    now = {}
+    for name in current.referenced_datasets():
+        try:
+            now.update({str(p.resolve()): _fingerprint(p) for p in current.resolve_paths(name)})
+        except SplitConfigError:
+            return out  # (the data's own error comes when it is loaded)
+    for path in sorted(set(recorded) | set(now)):
+        old, new = recorded.get(path), now.get(path)
+        if old is None or new is None:
+            out.append(f"data file {path}: {'added' if old is None else 'gone'}")
+        elif (old.get("bytes"), old.get("mtime")) != (new.get("bytes"), new.get("mtime")):
+            out.append(f"data file {path}: modified since the run started ("
+                       + (f"{old.get('bytes')} -> {new.get('bytes')} bytes)"
+                          if old.get("bytes") != new.get("bytes") else "same size)"))
+    return out
+
+
+def _norm_section(section: Any) -> Any:
+    return json.loads(json.dumps(section, default=lambda o: o.model_dump()
+                                 if hasattr(o, "model_dump") else str(o), sort_keys=True))
 
 
 def looks_like_run(run: Path) -> bool:

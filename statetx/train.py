@@ -569,6 +569,7 @@ class Trainer:
         bar = _progress(c.progress and _is_main(), st.step, c.max_steps)
         accum, window_cells, t0 = c.gradient_accumulation_steps, 0, time.perf_counter()
         window_steps = 0
+        shown: dict[str, float] | None = None  # the last logged values (progress line)
         pending: list[CellSetBatch] = []
         empty = 0  # epochs in a row without a batch
         try:
@@ -592,11 +593,14 @@ class Trainer:
                                     steps_per_s=window_steps / dt, lr=self.lr_at(st.step - 1))
                         self._log(logs)
                         window_cells, window_steps, t0 = 0, 0, time.perf_counter()
-                        if bar is not None:
-                            bar.set_postfix(self._progress_fields(logs), refresh=False)
+                        shown = logs
+                    stop = self._after_step()  # (validation first: the line shows its loss)
                     if bar is not None:
+                        if shown is not None and (st.step % c.log_every_n_steps == 0
+                                                  or st.step % c.val_freq == 0
+                                                  or st.step == c.max_steps):
+                            bar.set_postfix(self._progress_fields(shown), refresh=False)
                         bar.update(1)
-                    stop = self._after_step()
                     if stop or st.step >= c.max_steps:
                         break
                 else:

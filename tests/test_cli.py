@@ -197,7 +197,7 @@ def test_predict_with_test_time_finetuning(run, capsys):
     args = ["tx", "predict", "--output-dir", str(run), "--predict-only"]
     assert main([*args, "--test-time-finetune", "3"]) == 0
     assert "test-time fine-tuning: 3 steps" in capsys.readouterr().out
-    tuned = ad.read_h5ad(run / "eval_final.ckpt" / "adata_pred.h5ad").X
+    tuned = ad.read_h5ad(run / "eval_final.ckpt_ttft3" / "adata_pred.h5ad").X
     assert (run / "checkpoints" / "final.ckpt").read_bytes() == before  # run left as it was
     model = load_run(run, verbose=False)
     attach_data(model, run)
@@ -289,6 +289,15 @@ def test_evaluate_commands(run, tmp_path):
     assert main(["evaluate", "run", "-ap", "x.h5ad", "-ar", "y.h5ad", "--ceiling-seed", "1"]) == 2
 
 
+def test_evaluate_without_celltype_col_says_cell_types_are_pooled(tmp_path, capsys):
+    from statetx.cli import _pooling_notice
+
+    _synthetic().write_h5ad(tmp_path / "real.h5ad")
+    _pooling_notice(str(tmp_path / "real.h5ad"))
+    assert ("the 3 values of obs['cell_type'] are pooled into one group; pass --celltype-col "
+            "cell_type") in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------ errors
 def test_exit_codes_and_messages(run, data, tmp_path, capsys):
     assert main(["--help"]) == 0
@@ -331,6 +340,13 @@ def test_resume_overwrite_and_config_check(data, tmp_path, capsys):
     assert main(train_args(data, out, "r", "training.max_steps=4")) == 0
     o = capsys.readouterr().out
     assert "resuming" in o and "(step 2)" in o and "at step 4" in o
+    # the same command again: the finished run is left as it is
+    record = {n: (out / "r" / n).read_bytes() for n in ("statetx_run.json", "config.yaml")}
+    last = (out / "r" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    assert main(train_args(data, out, "r", "training.max_steps=4")) == 0
+    assert "already trained to step 4 (max_steps 4): nothing to do" in capsys.readouterr().out
+    assert {n: (out / "r" / n).read_bytes() for n in record} == record
+    assert (out / "r" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == last
     assert main(train_args(data, out, "r", "training.max_steps=4", "training.lr=1e-3")) == 2
     assert "training.lr" in capsys.readouterr().err
     # overwrite=true with a mistake: the earlier run survives (nothing is lost to a typo)
@@ -345,7 +361,8 @@ def test_resume_overwrite_and_config_check(data, tmp_path, capsys):
     assert main(train_args(data, out, "r", "training.max_steps=0")) == 2
     assert (out / "r" / "config.yaml").read_text() == config
     info = (out / "r" / "statetx_run.json").read_text()
-    assert main(train_args(data, out, "r", "resume=force", 'data.kwargs.pert_col="gen"')) == 2
+    assert main(train_args(data, out, "r", "resume=force", "training.max_steps=6",
+                           'data.kwargs.pert_col="gen"')) == 2
     assert (out / "r" / "config.yaml").read_text() == config
     assert (out / "r" / "statetx_run.json").read_text() == info
     assert main(train_args(data, out, "r", "training.max_steps=2", "overwrite=true")) == 0
@@ -370,11 +387,41 @@ def test_resume_overwrite_and_config_check(data, tmp_path, capsys):
     assert (out / "mine" / "metrics.csv").read_text() == "my numbers\n"
 
 
+def test_resume_refuses_a_changed_split_or_data_file(data, tmp_path, capsys):
+    """Resuming after the split file or a data file changed would train on two splits (held-out
+    cells could leak into training): refused, naming the change; resume=force continues."""
+    import shutil
+
+    import anndata as ad
+
+    mine = tmp_path / "data"
+    shutil.copytree(data, mine)
+    out = tmp_path / "out"
+    assert main(train_args(mine, out, "r", "training.max_steps=2")) == 0
+    spec = (mine / "split.toml").read_text()
+    swapped = spec.replace("CT2", "CTx").replace("CT1", "CT2").replace("CTx", "CT1")
+    (mine / "split.toml").write_text(swapped)  # test and validation cell types swapped
+    capsys.readouterr()
+    assert main(train_args(mine, out, "r", "training.max_steps=4")) == 2
+    assert "split [zeroshot]" in capsys.readouterr().err
+    (mine / "split.toml").write_text(spec)
+    a = ad.read_h5ad(mine / "data.h5ad")
+    a[::2].copy().write_h5ad(mine / "data.h5ad")  # half the cells
+    assert main(train_args(mine, out, "r", "training.max_steps=4")) == 2
+    err = capsys.readouterr().err
+    assert "data.h5ad: modified since the run started" in err and "bytes" in err
+    rc = main(train_args(mine, out, "r", "training.max_steps=4", "resume=force"))
+    assert rc == 0, capsys.readouterr().err
+
+
 def test_dry_run_and_split(data, tmp_path, capsys):
     assert main(train_args(data, tmp_path, "dry", "dry_run=true")) == 0
     o = capsys.readouterr().out
     assert "Parameters:" in o and "CT2" in o and "dry run" in o
     assert not (tmp_path / "dry").exists()
+    # a dry run checks the options the real run would refuse
+    assert main(train_args(data, tmp_path, "dry", "dry_run=true", "training.batch_size=0")) == 2
+    assert "batch_size=0" in capsys.readouterr().err
     assert main(["tx", "split", "--toml", str(data / "split.toml"), "--control-pert", "ctrl"]) == 0
     assert "test" in capsys.readouterr().out
     assert main(["split", "--toml", str(data / "nope.toml")]) == 2
@@ -582,3 +629,33 @@ def test_streaming_from_the_command_line(data, tmp_path, capsys):
     assert "data_loading: stream" in config and "stream_chunk_size: 64" in config
     assert (tmp_path / "stream" / "checkpoints" / "final.ckpt").is_file()
     assert main(train_args(data, tmp_path, "bad", "data.kwargs.data_loading=disk")) != 0
+
+
+def test_count_scale_model_is_scored_on_one_scale(tmp_path, capsys):
+    """A model trained on raw counts predicts counts; tx predict scores predictions and real
+    cells after the same normalisation + log1p (not real cells alone)."""
+    from conftest import make_synthetic
+
+    from statetx.cli import _counts_to_log1p
+
+    a = make_synthetic()
+    a.X = np.round(np.expm1(a.X) * 3).astype(np.float32)  # integer counts
+    d = tmp_path / "d"
+    d.mkdir()
+    a.write_h5ad(d / "data.h5ad")
+    (d / "split.toml").write_text(SPLIT)
+    args = ["tx", "train", f'data.kwargs.toml_config_path="{d / "split.toml"}"',
+            "data.kwargs.output_space=gene", 'data.kwargs.pert_col="gene"',
+            'data.kwargs.control_pert="ctrl"', f'output_dir="{tmp_path}"', 'name="r"', *TINY,
+            "training.max_steps=2"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["tx", "predict", "--output-dir", str(tmp_path / "r"), "--profile",
+                 "minimal"]) == 0
+    assert "count-scale model: predictions and real cells are normalised" in (
+        capsys.readouterr().out)
+    real = ad.read_h5ad(tmp_path / "r" / "eval_final.ckpt" / "adata_real.h5ad")
+    assert np.array_equal(real.X, np.round(real.X)) and real.X.max() > 15  # counts kept
+    p, r = _counts_to_log1p(real.copy(), real)
+    np.testing.assert_array_equal(p.X, r.X)
+    assert 0 < r.X.max() < 15

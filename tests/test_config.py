@@ -266,3 +266,13 @@ def test_undeclared_dataset_resolution_names_it(tmp_path):
     cfg = cfg_with({"d": "x"}, tmp_path)
     with pytest.raises(SplitConfigError, match="'replogle' has no entry in \\[datasets\\]"):
         cfg.resolve_paths("replogle")
+
+
+def test_unquoted_dotted_heldout_key_says_to_quote_it():
+    """kang.B = "test" (unquoted) is a nested TOML table: the error says to quote the key."""
+    for text in ('[zeroshot]\nkang.B = "test"\n', '[fewshot]\nkang.B = {val = ["X"]}\n'):
+        with pytest.raises(SplitConfigError, match=r'key "kang" must have the form.*write the '
+                           r'key in quotes, e\.g\. "kang\.B" = '):
+            SplitConfig.from_toml(text)
+    with pytest.raises(SplitConfigError, match=r'form "<dataset>.<cell type>"\.$'):
+        SplitConfig.from_toml('[zeroshot]\nkang = "test"\n')

@@ -210,15 +210,21 @@ def test_control_label_absent_in_a_file(tmp_path):
 def test_control_label_not_given_and_not_detectable():
     a = make_adata(perts=("P1", "NT", "vehicle"))
     cols = COLS.model_copy(update={"control_pert": None})
-    with pytest.raises(ConfigError, match=r"control_pert was not given.*obs\['gene'\].*"
-                                          "look like controls: NT, vehicle"):
+    with pytest.raises(ConfigError, match=r"control_pert was not given, and obs\['gene'\] has "
+                       r"neither of the labels detected automatically \('non-targeting' and "
+                       r"'DMSO_TF'\).*look like controls: NT, vehicle\. Pass control_pert="
+                       r"<label>\.$"):
         prepare(a, TRAIN, cols)
+    with pytest.raises(ConfigError, match=r"look like controls: control\. Pass control_pert="
+                       r"<label> \(e\.g\. control_pert='control'\)\.$"):
+        prepare(make_adata(perts=("P1", "control")), TRAIN, cols)
     # exactly one reference default present -> detected
     b = make_adata(perts=("P1", "non-targeting"))
     prep = prepare(b, TRAIN, cols)
     assert prep.columns.control_pert == "non-targeting"
     # both reference defaults present -> ambiguous, named in the error
-    with pytest.raises(ConfigError, match=r"look like controls: .*DMSO_TF.*non-targeting"):
+    with pytest.raises(ConfigError, match=r"has both of the labels.*look like controls: "
+                       r".*DMSO_TF.*non-targeting"):
         resolve_control([from_anndata(make_adata(perts=("P1", "non-targeting", "DMSO_TF")), "d",
                                       "gene", "cell_type", None)], None, "gene")
 

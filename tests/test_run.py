@@ -35,8 +35,10 @@ def test_parse_token_forms():
     assert R.parse_token("name=a=b") == ("name", "a=b")
     with pytest.raises(ConfigError, match="deleting keys"):
         R.parse_token("~training.lr")
-    with pytest.raises(ConfigError, match="not a key=value"):
+    with pytest.raises(ConfigError, match=r"'training.lr' has no value: write training.lr="):
         R.parse_token("training.lr")
+    with pytest.raises(ConfigError, match="not a key=value.*Did you mean: training.lr"):
+        R.parse_token("training.lrr")
 
 
 # ------------------------------------------------------------------------------ resolution
