@@ -171,7 +171,7 @@ RESUMABLE_PARAMS = ("max_steps", "device", "compile", "compile_mode", "data_on_d
 # without one was written with the default)
 LATER_PARAMS = {"drop_last": False, "exclude_self": False, "downsample_cells": None,
                 "gene_name_col": None, "counts_key": None, "downsample": None,
-                "pad_from": "group", "val_from_test": False}
+                "pad_from": "group", "val_from_test": False, "additional_obs": None}
 
 
 def same_run(mine: dict, theirs: dict) -> bool:

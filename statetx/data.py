@@ -9,7 +9,7 @@ these arrays: nothing is read from disk in the training hot path.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,7 @@ class SplitData:
     file_index: np.ndarray          # [n] int64 into PreparedData.files
     barcodes: np.ndarray            # [n] str
     counts: torch.Tensor | None = None  # [n, G] gene-space target for a gene decoder
+    file_row: np.ndarray | None = None  # [n] int64: the row in its file
 
     @property
     def n_obs(self) -> int:
@@ -343,8 +344,22 @@ def _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_
         name=split, X=torch.from_numpy(x), pert=cat["pert"], cell_type=cat["cell_type"],
         batch=cat["batch"], is_control=cat["is_control"], is_target=is_target,
         context=cat["context"], file_index=cat["file_index"], barcodes=cat["barcodes"],
-        counts=None if counts is None else torch.from_numpy(counts),
+        counts=None if counts is None else torch.from_numpy(counts), file_row=cat["file_row"],
     )
+
+
+def split_obs(prepared: PreparedData, split: SplitData, rows: np.ndarray,
+              columns: Sequence[str]) -> pd.DataFrame:
+    """obs ``columns`` of the split's ``rows`` (read from their files; option
+    ``additional_obs``), in the order of ``rows``."""
+    out = None
+    fi = split.file_index[rows]
+    for i in np.unique(fi):
+        sel = np.flatnonzero(fi == i)
+        part = prepared.files[int(i)].obs_columns(columns).iloc[split.file_row[rows[sel]]]
+        part.index = sel
+        out = part if out is None else pd.concat([out, part])
+    return out.sort_index().reset_index(drop=True)
 
 
 def _check_finite(x: np.ndarray, split: str, expression: bool) -> None:

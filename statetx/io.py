@@ -99,6 +99,24 @@ class DataFile:
                 return int(node.shape[1])
             return int(node.attrs["shape"][1])
 
+    def obs_columns(self, columns: Sequence[str]) -> pd.DataFrame:
+        """The given obs columns of every cell (in file order); DataError naming the file and
+        the missing column(s)."""
+        if self.adata is not None:
+            obs = self.adata.obs
+        else:
+            backed = ad.read_h5ad(self.path, backed="r")
+            try:
+                obs = backed.obs
+            finally:
+                backed.file.close()
+        missing = [c for c in columns if c not in obs.columns]
+        if missing:
+            raise DataError(f"additional_obs: obs column(s) {', '.join(map(repr, missing))} not "
+                            f"found in {self.label} (available: {preview(obs.columns, 12)})."
+                            f"{did_you_mean(missing[0], obs.columns)}")
+        return obs[list(columns)].reset_index(drop=True)
+
     def read_rows(self, rows: np.ndarray, source: str | None, dtype=np.float32) -> np.ndarray:
         """Dense ``[len(rows), width]`` array of the given rows of X (None) or ``obsm[source]``."""
         rows = np.asarray(rows, dtype=np.int64)

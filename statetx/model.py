@@ -33,7 +33,7 @@ from statetx._utils import (
     umask_mode,
 )
 from statetx.config import ColumnMap, SplitConfig
-from statetx.data import PreparedData, counts_source, prepare
+from statetx.data import PreparedData, counts_source, prepare, split_obs
 from statetx.errors import ConfigError, DataError
 from statetx.io import gene_names, obs_labels
 from statetx.losses import get_loss, split_loss_kwargs
@@ -187,6 +187,11 @@ class StateTransitionModel(BaseEstimator):
     val_from_test
         With no validation part in the split spec, validate on the test parts (the reference's
         silent fallback; default False: validation is skipped and no best checkpoint is kept).
+    additional_obs
+        obs columns of the training files carried into :meth:`predict_split`'s outputs (and
+        ``tx predict``'s ``adata_pred`` / ``adata_real``) next to the label columns, e.g.
+        ``["dose", "plate"]`` (checked in every file when fitting). ``predict`` keeps every obs
+        column of its input anyway. None (default) = none.
     dtype
         Storage of the training matrices (``float32`` or ``float16``).
     data_loading
@@ -264,6 +269,7 @@ class StateTransitionModel(BaseEstimator):
         downsample: float | None = None,
         pad_from: str = "group",
         val_from_test: bool = False,
+        additional_obs: Sequence[str] | None = None,
         dtype: str = "float32",
         data_loading: str = "memory",
         stream_chunk_size: int = 4096,
@@ -321,6 +327,7 @@ class StateTransitionModel(BaseEstimator):
         self.downsample = downsample
         self.pad_from = pad_from
         self.val_from_test = val_from_test
+        self.additional_obs = additional_obs
         self.dtype = dtype
         self.data_loading = data_loading
         self.stream_chunk_size = stream_chunk_size
@@ -405,6 +412,25 @@ class StateTransitionModel(BaseEstimator):
                     drop_missing_labels=bool(self.drop_missing_labels),
                     yield_controls=self.yield_controls, dtype=self.dtype)
 
+    def _additional_obs(self) -> list[str]:
+        """The ``additional_obs`` column names, checked (a list of distinct, unreserved names)."""
+        cols = self.additional_obs
+        if cols is None:
+            return []
+        if isinstance(cols, str) or not all(isinstance(c, str) for c in cols):
+            raise ConfigError(f"additional_obs={cols!r} must be a list of obs column names"
+                              + (f" (write [{cols!r}])." if isinstance(cols, str) else "."))
+        cols = list(cols)
+        dup = sorted({c for c in cols if cols.count(c) > 1})
+        reserved = {self.pert_col, self.cell_type_key, self.batch_col or "batch",
+                    "pert_cell_barcode", "ctrl_cell_barcode", "n_cells"} & set(cols)
+        if dup or reserved:
+            raise ConfigError(f"additional_obs={cols!r}: "
+                              + (f"{', '.join(map(repr, dup))} listed twice" if dup else
+                                 f"{', '.join(map(repr, sorted(reserved)))} is written to the "
+                                 "outputs already (a label or barcode column)") + ".")
+        return cols
+
     def _thinning(self, prepared: PreparedData) -> ReadDepthThinning | None:
         """The read-depth downsampling of training batches (``downsample``), or None."""
         rate = check_read_depth(self.downsample)
@@ -435,6 +461,7 @@ class StateTransitionModel(BaseEstimator):
             check_count(name, getattr(self, name))
         check_count("downsample_cells", self.downsample_cells)
         check_sampler_options("random", 1, 1, pad_from=self.pad_from)
+        self._additional_obs()
         if check_read_depth(self.downsample) is not None and self.embed_key is not None and (
                 self.output_space == "embedding" or (
                     self.output_space == "gene" and self.embed_key == "X_hvg")):
@@ -492,6 +519,9 @@ class StateTransitionModel(BaseEstimator):
             pert_features=self.pert_features,
             **self._data_options(),
         )
+        if self._additional_obs():  # a missing column: an error now, not at prediction
+            for f in prepared.files:
+                f.obs_columns(self._additional_obs())
         n_train = int(prepared.splits["train"].is_target.sum())
         preset = self._resolve_preset(n_train)
         arch = self._architecture(preset)
@@ -1107,7 +1137,8 @@ class StateTransitionModel(BaseEstimator):
         """Predict the held-out cells of a split of the fitted spec: ``(adata_pred, adata_real)``.
 
         Same cells in the same order in both; obs has the perturbation, cell type and batch
-        columns plus ``pert_cell_barcode`` / ``ctrl_cell_barcode``; both are clipped to [0, 14]
+        columns plus ``pert_cell_barcode`` / ``ctrl_cell_barcode`` (and the ``additional_obs``
+        columns of the fitted model); both are clipped to [0, 14]
         for log1p expression outputs (at 0 for count-scale ones). ``controls="predicted"``
         (reference ``tx predict``) runs the control cells as control sets too;
         ``controls="real"`` copies the real control cells into the prediction (the VCC
@@ -1168,6 +1199,10 @@ class StateTransitionModel(BaseEstimator):
             "pert_cell_barcode": d.barcodes[order],
             "ctrl_cell_barcode": d.barcodes[res["basal_row"]],
         }, index=pd.Index([f"cell{i}" for i in range(len(order))]))
+        extra = self._additional_obs()
+        if extra and d.file_row is not None:
+            for col, values in split_obs(prepared, d, order, extra).items():
+                obs[col] = values.to_numpy()
         pred = self._output(res, obs.copy(), clip)
         # the real cells in the prediction's space: decoded genes only when the model decodes
         real_src = d.counts if d.counts is not None and res["counts"] is not None else d.X

@@ -182,7 +182,7 @@ def _keys() -> dict[str, Key]:
         Key(d + "downsample", None, "float", optional=True),
         Key(d + "downsample_cells", None, "int", optional=True),
         Key(d + "val_subsample_fraction", 1.0, "float"),
-        Key(d + "additional_obs", [], "list", status="default_only"),
+        Key(d + "additional_obs", [], "list"),
         Key(d + "use_consecutive_loading", False, "bool", status="noeffect",
             note="the data are read into memory once"),
         Key(d + "cache_perturbation_control_pairs", False, "bool", status="noeffect",
@@ -369,6 +369,7 @@ PARAM_PATHS: dict[str, str] = {
     "downsample": "data.kwargs.downsample",
     "pad_from": "data.kwargs.pad_from",
     "val_from_test": "data.kwargs.val_from_test",
+    "additional_obs": "data.kwargs.additional_obs",
     "dtype": "data.kwargs.dtype",
     "data_loading": "data.kwargs.data_loading",
     "stream_chunk_size": "data.kwargs.stream_chunk_size",
@@ -834,6 +835,8 @@ def config_from_params(params: Mapping[str, Any], arch: Mapping[str, Any] | None
     for p, path in PARAM_PATHS.items():
         if p in params and not (p == "pert_features" and not isinstance(params[p], (str, Path))):
             v[path] = str(params[p]) if isinstance(params[p], Path) else params[p]
+    if params.get("additional_obs") is None:
+        v["data.kwargs.additional_obs"] = []
     from statetx.losses import split_loss_kwargs
 
     for key, value in split_loss_kwargs(params.get("loss_kwargs")).items():

@@ -362,6 +362,42 @@ def test_sampler_options_reach_training(synth, tmp_path):
         8, True, True)
 
 
+def test_additional_obs_reach_predict_split(synth, tmp_path):
+    """additional_obs: obs columns of the training data in predict_split's outputs (and tx
+    predict's files), matched to each cell by barcode; checked at fit."""
+    from statetx.cli import main
+    from statetx.errors import ConfigError, DataError
+
+    synth.obs["dose"] = np.random.default_rng(0).integers(0, 5, synth.n_obs)
+    synth.obs["plate"] = [f"p{i % 3}" for i in range(synth.n_obs)]
+    m = small_model(max_steps=2, additional_obs=["dose", "plate"]).fit(synth, SPEC)
+    pred, real = m.predict_split("test")
+    src = synth.obs.loc[pred.obs["pert_cell_barcode"]]
+    np.testing.assert_array_equal(pred.obs["dose"].to_numpy(), src["dose"].to_numpy())
+    np.testing.assert_array_equal(real.obs["plate"].to_numpy(), src["plate"].to_numpy())
+    for bad, match in (("dose", r"must be a list of obs column names \(write \['dose'\]\)"),
+                       (["dose", "dose"], "'dose' listed twice"),
+                       (["cell_type"], "'cell_type' is written to the outputs already")):
+        with pytest.raises(ConfigError, match=match):
+            small_model(additional_obs=bad).fit(synth, SPEC)
+    with pytest.raises(DataError, match=r"additional_obs: obs column\(s\) 'dos' not found.*"
+                       "Did you mean: 'dose'"):
+        small_model(additional_obs=["dos"]).fit(synth, SPEC)
+    data = tmp_path / "data"
+    data.mkdir()
+    synth.write_h5ad(data / "data.h5ad")
+    (data / "split.toml").write_text(f'[datasets]\ndata = "{data}"\n{SPEC}')
+    assert main(["tx", "train", f"data.kwargs.toml_config_path={data / 'split.toml'}",
+                 "data.kwargs.pert_col=gene", *TINY_CLI, "training.max_steps=2",
+                 f"output_dir={tmp_path}", "name=run", "data.kwargs.additional_obs=[plate]"]) == 0
+    assert main(["tx", "predict", "--output-dir", str(tmp_path / "run"), "--predict-only"]) == 0
+    import anndata as ad
+
+    out = ad.read_h5ad(tmp_path / "run" / "eval_final.ckpt" / "adata_pred.h5ad")
+    np.testing.assert_array_equal(out.obs["plate"].astype(str).to_numpy(), synth.obs.loc[
+        out.obs["pert_cell_barcode"], "plate"].to_numpy())
+
+
 def test_read_depth_pad_from_and_val_from_test(synth, tmp_path, capsys):
     """downsample (read depth), pad_from and val_from_test: estimator parameters and keys."""
     from statetx.cli import main
