@@ -717,6 +717,10 @@ def cmd_predict(a: argparse.Namespace) -> int:
         pred, real = pred[keep].copy(), real[keep].copy()
     if model._expression_output and not model.is_log1p_:  # a count-scale model
         pred, real = _counts_to_log1p(pred, real)
+        if a.pseudobulk:
+            _say("--pseudobulk with a count-scale model: the metrics are computed on the log1p "
+                 "of mean counts, not on the mean of per-cell log1p values, and differ from the "
+                 "cell-level evaluation's")
     _, agg = evaluate(pred, real, pert_col=c.pert_col, control_pert=c.control_pert,
                       celltype_col=c.cell_type_key, profile=a.profile, outdir=out,
                       skip_metrics=skip, num_threads=a.num_threads)

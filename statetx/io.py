@@ -251,9 +251,15 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
 
 
 def backed_view_rows(adata: ad.AnnData, label: str) -> np.ndarray | None:
-    """The file rows of a view of a backed AnnData (matched by obs name), None otherwise."""
+    """The file rows of a view of a backed AnnData (its positions in the file; matched by obs
+    name where anndata does not expose them), None otherwise."""
     if not (adata.isbacked and adata.is_view):
         return None
+    base, oidx = getattr(adata, "_adata_ref", None), getattr(adata, "_oidx", None)
+    if base is not None and oidx is not None and not base.is_view:
+        rows = np.arange(base.n_obs)[oidx]
+        if len(rows) == adata.n_obs:
+            return rows.astype(np.int64)
     whole = ad.read_h5ad(adata.filename, backed="r")
     try:
         names = pd.Index(whole.obs_names)

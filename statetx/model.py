@@ -462,6 +462,9 @@ class StateTransitionModel(BaseEstimator):
         check_count("downsample_cells", self.downsample_cells)
         check_sampler_options("random", 1, 1, pad_from=self.pad_from)
         self._additional_obs()
+        for name in ("drop_last", "exclude_self", "val_from_test"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
         if check_read_depth(self.downsample) is not None and self.embed_key is not None and (
                 self.output_space == "embedding" or (
                     self.output_space == "gene" and self.embed_key == "X_hvg")):
@@ -860,6 +863,7 @@ class StateTransitionModel(BaseEstimator):
                             "basal states are drawn from controls. Include control cells, or "
                             "name the control label with control_pert=<label>."
                             f"{did_you_mean(str(control), map(str, np.unique(pert)))}")
+        input_control = control  # (named in the output's uns, as in its obs)
         if control != c.control_pert:  # the input's own control label: the model's control
             pert = np.where(is_ctrl, c.control_pert, pert).astype(object)
             control = c.control_pert
@@ -950,7 +954,7 @@ class StateTransitionModel(BaseEstimator):
                               "rope": "none" if self.network_config_.rope is None
                               else float(self.network_config_.rope),
                               "matmul_precision": matmul_precision,
-                              "control_pert": control, "pert_col": pert_col,
+                              "control_pert": input_control, "pert_col": pert_col,
                               **({"model": str(source)} if source is not None else {})}
         return out
 
@@ -1149,9 +1153,9 @@ class StateTransitionModel(BaseEstimator):
         perturbation) instead: the mean of the same cells' (clipped) predictions and real
         values, accumulated while predicting: no per-cell prediction or real matrix is built
         (the split's input cells are in memory already); obs has the perturbation and cell type
-        columns and ``n_cells``. Metrics computed from pseudobulks (``pearson_delta``, ``mse``,
-        ``mae``, the discrimination scores, …) are the same on these rows as on the cells; DE
-        needs the cells.
+        columns and ``n_cells`` (not the ``additional_obs`` columns). Metrics computed from
+        pseudobulks (``pearson_delta``, ``mse``, ``mae``, the discrimination scores, …) are the
+        same on these rows as on the cells of a log1p model; DE needs the cells.
         """
         check_matmul_precision(matmul_precision)
         if controls not in ("predicted", "real"):
@@ -1202,7 +1206,7 @@ class StateTransitionModel(BaseEstimator):
         extra = self._additional_obs()
         if extra and d.file_row is not None:
             for col, values in split_obs(prepared, d, order, extra).items():
-                obs[col] = values.to_numpy()
+                obs[col] = values.array  # (its dtype kept: categorical, nullable, ...)
         pred = self._output(res, obs.copy(), clip)
         # the real cells in the prediction's space: decoded genes only when the model decodes
         real_src = d.counts if d.counts is not None and res["counts"] is not None else d.X
@@ -1269,14 +1273,17 @@ class StateTransitionModel(BaseEstimator):
         c = self.columns_
         if pred.n_vars != x_real.shape[1]:
             raise DataError("score() needs the prediction and the input in the same space.")
-        pert = obs_labels(adata.obs, c.pert_col, "the input", "pert_col")
-        ctx = obs_labels(adata.obs, c.cell_type_key, "the input", "cell_type_key")
-        pred_pert = pred.obs[c.pert_col].astype(str).to_numpy()
-        pred_ctx = pred.obs[c.cell_type_key].astype(str).to_numpy()
+        pert_col = predict_options.get("pert_col") or c.pert_col
+        ct_col = predict_options.get("cell_type_col") or c.cell_type_key
+        control = predict_options.get("control_pert") or c.control_pert
+        pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
+        ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
+        pred_pert = pred.obs[pert_col].astype(str).to_numpy()
+        pred_ctx = pred.obs[ct_col].astype(str).to_numpy()
         scores = []
         for cx in np.unique(ctx):
-            ctrl_mean = x_real[(ctx == cx) & (pert == c.control_pert)].mean(0)
-            for p in np.unique(pert[(ctx == cx) & (pert != c.control_pert)]):
+            ctrl_mean = x_real[(ctx == cx) & (pert == control)].mean(0)
+            for p in np.unique(pert[(ctx == cx) & (pert != control)]):
                 real = x_real[(ctx == cx) & (pert == p)].mean(0) - ctrl_mean
                 pr = np.asarray(pred.X[(pred_ctx == cx) & (pred_pert == p)]).mean(0) - ctrl_mean
                 scores.append(float(np.corrcoef(real, pr)[0, 1]))

@@ -239,13 +239,18 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
                             "statetx.pp.preprocess_train, or set uns['X_hvg_var_names'] to its "
                             "column names.")
     index, x_index = pd.Index(names), pd.Index(x_names)
+    in_x = ""  # why the model's genes were not read from X although X has them all
     if (where != "X" and not index.has_duplicates and not x_index.has_duplicates
             and (index.get_indexer(list(genes)) < 0).any()
             and (x_index.get_indexer(list(genes)) >= 0).all()):
-        warnings.warn("some of the model's genes are not among the input's obsm['X_hvg'] "
-                      "columns (its highly variable genes were chosen on other data); all of "
-                      "them are read from X by name instead.", UserWarning, stacklevel=3)
-        index, matrix, where = x_index, adata.X, "X"
+        if looks_log1p(adata.X) == looks_log1p(matrix):
+            warnings.warn("some of the model's genes are not among the input's obsm['X_hvg'] "
+                          "columns (its highly variable genes were chosen on other data); all "
+                          "of them are read from X by name instead.", UserWarning, stacklevel=3)
+            index, matrix, where = x_index, adata.X, "X"
+        else:
+            in_x = (" X has them all, but not on the scale of obsm['X_hvg'] (raw counts next "
+                    "to log1p?): normalise and log1p X to read them from there.")
     if index.has_duplicates:
         raise DataError(f"the input has duplicate gene names in {where}: "
                         f"{preview(index[index.duplicated()].unique())}. Make them unique "
@@ -255,8 +260,8 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
     if missing and missing_genes == "error":
         raise DataError(
             f"{len(missing)} of the model's {len(genes)} genes are missing from the input's "
-            f"{where}: {preview(missing)}. Provide them, or pass missing_genes='zero' to fill "
-            "them with 0."
+            f"{where}: {preview(missing)}.{in_x} Provide them, or pass missing_genes='zero' to "
+            "fill them with 0."
         )
     if missing:
         warnings.warn(f"{len(missing)} of {len(genes)} model genes are missing from the input "

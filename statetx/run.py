@@ -1063,12 +1063,20 @@ def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
                         + "; ".join(diffs) + ". Use another name=, overwrite=true to start "
                         "again, or resume=force to continue anyway.")
             resume_from = last
-            step, max_steps = _checkpoint_step(last), plan.params.get("max_steps")
+            state = _checkpoint_state(last)
+            step, max_steps = state.get("step", "?"), plan.params.get("max_steps")
+            patience = plan.params.get("early_stopping_patience")
             if isinstance(step, int) and isinstance(max_steps, int) and step >= max_steps:
                 raise RunComplete(f"{run} is already trained to step {step} (max_steps "
                                   f"{max_steps}): nothing to do, the run is left as it is. Raise "
                                   "training.max_steps to continue it, or pass overwrite=true "
                                   "to start again.")
+            if patience is not None and state.get("bad_validations", 0) >= patience:
+                raise RunComplete(f"{run} stopped early at step {step} (no better validation "
+                                  f"loss in {patience} validations, "
+                                  "training.early_stopping_patience): nothing to do, the run is "
+                                  "left as it is. To continue it, raise the patience with "
+                                  "resume=force; overwrite=true starts again.")
             print(f"statetx: resuming {run} from {last} (step {step}); "
                   "pass overwrite=true to start again.")
         elif any(run.iterdir()) and not looks_like_run(run):
@@ -1174,13 +1182,18 @@ def _norm(x: Any) -> Any:
     return x
 
 
-def _checkpoint_step(path: Path) -> Any:
+def _checkpoint_state(path: Path) -> dict:
+    """The ``train_state`` of a checkpoint file ({} when it cannot be read)."""
     try:
         from statetx.train import load_checkpoint_file
 
-        return load_checkpoint_file(path).get("train_state", {}).get("step", "?")
+        return dict(load_checkpoint_file(path).get("train_state", {}))
     except Exception:  # noqa: BLE001
-        return "?"
+        return {}
+
+
+def _checkpoint_step(path: Path) -> Any:
+    return _checkpoint_state(path).get("step", "?")
 
 
 # ---------------------------------------------------------------------------------------------

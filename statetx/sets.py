@@ -10,6 +10,7 @@ from one generator seeded with ``(seed, e)``. A batch therefore depends only on
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
@@ -65,8 +66,8 @@ def check_read_depth(downsample: float | None) -> float | None:
     target depth > 1; ConfigError otherwise."""
     if downsample is None:
         return None
-    if isinstance(downsample, bool) or not isinstance(downsample, (int, float)) or not (
-            np.isfinite(downsample) and downsample > 0):
+    if isinstance(downsample, (bool, np.bool_)) or not isinstance(
+            downsample, numbers.Real) or not (np.isfinite(downsample) and downsample > 0):
         raise ConfigError(f"downsample={downsample!r} must be a number > 0: a rate below 1 (keep "
                           "each count with that probability), a target depth per cell above 1, "
                           "or None / 1.0 (off).")
@@ -95,9 +96,12 @@ class ReadDepthThinning:
         out = torch.binomial(counts, p, generator=generator)
         return torch.log1p(out) if self.log1p else out
 
-    def apply(self, batch: CellSetBatch, seed: int, epoch: int, number: int) -> CellSetBatch:
-        """``batch`` with its X-read tensors thinned (batch ``number`` of ``epoch``)."""
-        key = np.random.SeedSequence([int(seed), int(epoch), int(number), 11]).generate_state(1)
+    def apply(self, batch: CellSetBatch, seed: int, epoch: int, number: int,
+              rank: int = 0) -> CellSetBatch:
+        """``batch`` with its X-read tensors thinned (batch ``number`` of ``epoch`` on
+        distributed ``rank``)."""
+        key = np.random.SeedSequence([int(seed), int(epoch), int(number), int(rank),
+                                      11]).generate_state(1)
         g = torch.Generator(device=batch.target.device).manual_seed(int(key[0]))
         new = {f: self.thin(getattr(batch, f), g) for f in self.fields
                if getattr(batch, f) is not None}
@@ -341,7 +345,7 @@ class CellSetSampler:
             batch = self.make_batch(targets[lo:lo + self.B], basal[lo:lo + self.B],
                                     None if dev is None else dev[lo:lo + self.B])
             if self.thinning is not None:
-                batch = self.thinning.apply(batch, self.seed, epoch, lo // self.B)
+                batch = self.thinning.apply(batch, self.seed, epoch, lo // self.B, self.rank)
             yield batch
 
     def make_batch(self, target_rows: np.ndarray, basal_rows: np.ndarray,

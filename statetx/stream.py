@@ -690,7 +690,8 @@ class StreamingCellSetSampler:
                                           + sum(k for _, k in pending.values()))
                 batch = self._make_batch(plan.targets[lo:hi], plan.basal[lo:hi], win[lo:hi], held)
                 if self.thinning is not None:
-                    batch = self.thinning.apply(batch, self.seed, epoch, lo // self.B)
+                    batch = self.thinning.apply(batch, self.seed, epoch, lo // self.B,
+                                                self.rank)
                 yield batch
         finally:
             for job, _ in pending.values():

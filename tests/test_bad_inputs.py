@@ -786,6 +786,9 @@ def test_predict_with_the_inputs_own_control_label(model, adata):
     assert (got.obs["gene"] == "NT").sum() == (adata.obs["gene"] == "ctrl").sum()
     with pytest.raises(DataError, match=r"no control cells.*control_pert=<label>\.$"):
         model.predict(relabelled, control_pert="zzz")
+    assert got.uns["statetx"]["control_pert"] == "NT"  # the label of the output's obs
+    assert model.score(relabelled, control_pert="NT", seed=3) == pytest.approx(
+        model.score(adata, seed=3))
 
 
 def test_duplicate_gene_names_are_refused_by_fit(adata):
@@ -841,3 +844,6 @@ def test_predict_reads_x_when_the_inputs_hvgs_differ(model, adata):
     with pytest.warns(UserWarning, match="read from X by name"):
         got = align_genes(hvg, list(model.var_names_[::-1]), "X_hvg")
     np.testing.assert_array_equal(got, np.asarray(adata.X)[:, ::-1])
+    hvg.X = np.round(np.expm1(np.asarray(hvg.X)))  # X as counts, X_hvg log1p: not read from X
+    with pytest.raises(DataError, match=r"X has them all, but not on the scale of obsm"):
+        align_genes(hvg, list(model.var_names_), "X_hvg")

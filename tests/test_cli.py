@@ -414,6 +414,23 @@ def test_resume_refuses_a_changed_split_or_data_file(data, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
 
 
+def test_early_stopped_run_is_left_as_it_is(data, tmp_path, capsys):
+    args = train_args(data, tmp_path, "es", "training.max_steps=40", "training.val_freq=1",
+                      "training.early_stopping_patience=1", "training.lr=0.05",
+                      "training.ckpt_every_n_steps=1000")
+    assert main(args) == 0
+    final = tmp_path / "es" / "checkpoints" / "final.ckpt"
+    from statetx.train import load_checkpoint_file
+
+    step = load_checkpoint_file(final)["train_state"]["step"]
+    assert step < 40  # stopped early
+    before = final.read_bytes()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert f"stopped early at step {step}" in capsys.readouterr().out
+    assert final.read_bytes() == before
+
+
 def test_dry_run_and_split(data, tmp_path, capsys):
     assert main(train_args(data, tmp_path, "dry", "dry_run=true")) == 0
     o = capsys.readouterr().out

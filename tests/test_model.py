@@ -369,12 +369,18 @@ def test_additional_obs_reach_predict_split(synth, tmp_path):
     from statetx.errors import ConfigError, DataError
 
     synth.obs["dose"] = np.random.default_rng(0).integers(0, 5, synth.n_obs)
-    synth.obs["plate"] = [f"p{i % 3}" for i in range(synth.n_obs)]
-    m = small_model(max_steps=2, additional_obs=["dose", "plate"]).fit(synth, SPEC)
+    synth.obs["plate"] = pd.Categorical([f"p{i % 3}" for i in range(synth.n_obs)])
+    synth.obs["flag"] = pd.array([None if i % 7 == 0 else i % 2 == 0
+                                  for i in range(synth.n_obs)], dtype="boolean")
+    m = small_model(max_steps=2, additional_obs=["dose", "plate", "flag"]).fit(synth, SPEC)
     pred, real = m.predict_split("test")
     src = synth.obs.loc[pred.obs["pert_cell_barcode"]]
     np.testing.assert_array_equal(pred.obs["dose"].to_numpy(), src["dose"].to_numpy())
     np.testing.assert_array_equal(real.obs["plate"].to_numpy(), src["plate"].to_numpy())
+    assert isinstance(pred.obs["plate"].dtype, pd.CategoricalDtype)  # dtypes kept
+    assert pred.obs["flag"].dtype == "boolean" and pred.obs["flag"].isna().any()
+    pd.testing.assert_series_equal(pred.obs["flag"].reset_index(drop=True),
+                                   src["flag"].reset_index(drop=True))
     for bad, match in (("dose", r"must be a list of obs column names \(write \['dose'\]\)"),
                        (["dose", "dose"], "'dose' listed twice"),
                        (["cell_type"], "'cell_type' is written to the outputs already")):
@@ -389,7 +395,8 @@ def test_additional_obs_reach_predict_split(synth, tmp_path):
     (data / "split.toml").write_text(f'[datasets]\ndata = "{data}"\n{SPEC}')
     assert main(["tx", "train", f"data.kwargs.toml_config_path={data / 'split.toml'}",
                  "data.kwargs.pert_col=gene", *TINY_CLI, "training.max_steps=2",
-                 f"output_dir={tmp_path}", "name=run", "data.kwargs.additional_obs=[plate]"]) == 0
+                 f"output_dir={tmp_path}", "name=run",
+                 "data.kwargs.additional_obs=[plate,flag]"]) == 0
     assert main(["tx", "predict", "--output-dir", str(tmp_path / "run"), "--predict-only"]) == 0
     import anndata as ad
 

@@ -475,6 +475,7 @@ def test_read_depth_thinning_on_kang(kang_raw, kang_prep):
     assert all(torch.equal(x.target, y.target) for x, y in zip(a, b))
     assert torch.equal(next(iter(s2.batches(1, start=2))).target, a[2].target)  # resume
     assert check_read_depth(1.0) is None and check_read_depth(0.25) == 0.25
+    assert check_read_depth(np.float32(0.5)) == 0.5 and check_read_depth(np.int64(900)) == 900
     for bad in (0, -1.0, float("nan"), "half", True):
         with pytest.raises(ConfigError, match="downsample=.*must be a number > 0"):
             check_read_depth(bad)
