@@ -8,6 +8,7 @@ row by row, never with an unbounded cache), so only the rows a split needs are h
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +91,9 @@ class DataFile:
 
     def width(self, source: str | None) -> int:
         """Number of columns of ``X`` (source None) or ``obsm[source]``."""
-        return _matrix(self, source).shape[1] if self.adata is not None else self._h5_width(source)
+        if self.adata is not None:  # (n_vars: a backed view's X is not read for its shape)
+            return self.adata.n_vars if source is None else _matrix(self, source).shape[1]
+        return self._h5_width(source)
 
     def _h5_width(self, source: str | None) -> int:
         with h5py.File(self.path, "r") as f:
@@ -233,6 +236,12 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
             print(f"statetx: {label}: {int(dropped.sum())} cells with a missing label are left "
                   f"out ({parts}).")
     labels = [obs_labels(obs, c, label, opt, keep=dropped, droppable=True) for c, opt in cols]
+    if not adata.obs_names.is_unique:
+        dups = preview(adata.obs_names[adata.obs_names.duplicated()].unique(), 5)
+        warnings.warn(f"{label} has duplicate cell names (obs_names), e.g. {dups}: the barcodes "
+                      "in predict_split's outputs (pert_cell_barcode, ctrl_cell_barcode) cannot "
+                      "tell those cells apart. Make them unique first "
+                      "(adata.obs_names_make_unique()).", UserWarning, stacklevel=4)
     return DataFile(
         dataset=dataset,
         label=label,

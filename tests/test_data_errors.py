@@ -426,3 +426,11 @@ def test_invalid_option_values():
                 on_missing_features="skip")
     with pytest.raises(ConfigError, match=r"output_space='embedding' requires embed_key"):
         prepare(make_adata(), TRAIN, COLS.model_copy(update={"output_space": "embedding"}))
+
+
+def test_duplicate_cell_names_are_warned_about_at_fit():
+    a = make_adata()
+    a.obs_names = ["c0", "c0", *a.obs_names[2:]]
+    with pytest.warns(UserWarning, match=r"duplicate cell names \(obs_names\), e\.g\. c0.*"
+                      "obs_names_make_unique"):
+        prepare(a, TRAIN, COLS)
