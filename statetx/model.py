@@ -522,9 +522,9 @@ class StateTransitionModel(BaseEstimator):
             pert_features=self.pert_features,
             **self._data_options(),
         )
-        if self._additional_obs():  # a missing column: an error now, not at prediction
-            for f in prepared.files:
-                f.obs_columns(self._additional_obs())
+        extra_obs = self._additional_obs()
+        for f in prepared.files if extra_obs else ():  # a missing column: an error now
+            f.obs_columns(extra_obs)
         n_train = int(prepared.splits["train"].is_target.sum())
         preset = self._resolve_preset(n_train)
         arch = self._architecture(preset)
