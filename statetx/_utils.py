@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,15 @@ LATER_PARAMS = {"drop_last": False, "exclude_self": False, "downsample_cells": N
                 "pad_from": "group", "val_from_test": False, "additional_obs": None}
 
 
+def changed_params(before: dict, after: dict) -> list[str]:
+    """``name: old -> new`` for the estimator settings that differ between two model metadata
+    records (those a resume may change freely left out)."""
+    a = {**LATER_PARAMS, **(before.get("params") or {})}
+    b = {**LATER_PARAMS, **(after.get("params") or {})}
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in RESUMABLE_PARAMS and a.get(k) != b.get(k)]
+
+
 def same_run(mine: dict, theirs: dict) -> bool:
     """Whether two model metadata records (``model.json`` / a checkpoint's ``statetx_model``)
     describe the same run: settings (those a resume may change aside), network, vocabulary
@@ -184,3 +193,19 @@ def same_run(mine: dict, theirs: dict) -> bool:
         return [params, m.get("network_config"), m.get("vocab"), m.get("var_names")]
 
     return key(mine) == key(theirs)
+
+
+def sigterm_unwinds() -> Callable[[], None] | None:
+    """Turn SIGTERM into ``SystemExit(143)`` (so ``finally``/``except`` blocks run) until the
+    returned function restores the previous handler; None outside the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):  # noqa: ANN001
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, previous)

@@ -464,7 +464,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _say(msg: str) -> None:
-    print(f"statetx: {msg}", flush=True)
+    if _main_rank():  # (torchrun: one copy of each line)
+        print(f"statetx: {msg}", flush=True)
+
+
+def _main_rank() -> bool:
+    """Not a torchrun worker other than rank 0 (which alone writes the run folder)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,12 +510,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     StateTransitionModel(**p)._check_params(check_device=not cfg["dry_run"])
     if cfg["dry_run"]:
         return _dry_run(plan)
+    main_rank = _main_rank()  # torchrun: the other ranks only read the run folder
     created = not plan.run_dir.exists()
     # the run's record as it was: put back if this attempt fails its checks (e.g. on resume)
     saved = {n: (plan.run_dir / n).read_bytes() for n in (R.CONFIG_FILE, R.RUN_INFO_FILE)
              if (plan.run_dir / n).is_file()}
     try:
-        resume = R.start_run(plan, a.argv)
+        resume = R.start_run(plan, a.argv) if main_rank else R.resume_point(plan)
     except R.RunComplete as done:
         _say(str(done))
         return EXIT_OK
@@ -518,6 +525,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         if src.is_relative_to(plan.run_dir.resolve()):
             plan.init_from = str(plan.replaced / src.relative_to(plan.run_dir.resolve()))
     started = False
+    # (a job scheduler's or torchrun's SIGTERM unwinds, so that a replaced run comes back)
+    from statetx._utils import sigterm_unwinds
+
+    restore_sigterm = sigterm_unwinds() if plan.replaced is not None else None
     try:
         cls = R.estimator_class(None if resume else plan.init_from, plan.freeze_backbone,
                                 attention=plan.init_attention)
@@ -531,6 +542,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         except (ConfigError, SplitConfigError, DataError):
             # the split file or the data failed validation before training started: do not
             # leave a run directory without checkpoints behind (one that existed before is kept)
+            if not main_rank:
+                raise
             if created and not (plan.run_dir / R.CHECKPOINT_DIR).exists():
                 import shutil
 
@@ -542,7 +555,11 @@ def cmd_train(a: argparse.Namespace) -> int:
         started = True
     finally:
         R.finish_replacement(plan, started or R.has_checkpoints(plan.run_dir))
+        if restore_sigterm is not None:
+            restore_sigterm()
     seconds = time.perf_counter() - t0
+    if not main_rank:
+        return EXIT_OK
     R.finish_run(plan.run_dir, model, seconds)
     hist = model.history_
     last = hist.iloc[-1].to_dict() if len(hist) else {}

@@ -30,6 +30,7 @@ from statetx._utils import (
     json_default,
     matmul_precision_scope,
     preview,
+    sigterm_unwinds,
     umask_mode,
 )
 from statetx.config import ColumnMap, SplitConfig
@@ -169,7 +170,8 @@ class StateTransitionModel(BaseEstimator):
         Never pair a control target cell with itself as its basal cell (default False: the
         reference may).
     downsample_cells
-        Train and validate on at most this many cells of each (context, perturbation) group: a
+        Train and validate on at most this many cells of each (context, perturbation) group
+        (and batch, with the ``batch`` pairing, the default when ``batch_col`` is given): a
         random subset drawn once from ``seed``, the same in every epoch (for data-scaling
         experiments or to balance groups); basal cells are still drawn from all control cells,
         and predictions use every cell. None (default) = all cells.
@@ -604,7 +606,7 @@ class StateTransitionModel(BaseEstimator):
 
             existed, aside = out.is_dir(), set_aside(out)
         # a job scheduler's SIGTERM unwinds like Ctrl-C, so that the earlier run comes back
-        restore_sigterm = _sigterm_unwinds() if fresh and aside is not None else None
+        restore_sigterm = sigterm_unwinds() if fresh and aside is not None else None
         try:  # a failed fit leaves the estimator as it was (fitted or not)
             self._set_fitted(network, net_cfg, vocab, prepared, set_len)
             self.preset_, self.train_settings_ = preset, settings
@@ -1517,22 +1519,6 @@ class StateTransitionModel(BaseEstimator):
         self._check_fitted()
         self.network_.to(resolve_device(device))
         return self
-
-
-def _sigterm_unwinds() -> Callable[[], None] | None:
-    """Turn SIGTERM into ``SystemExit(143)`` (so ``finally``/``except`` blocks run) until the
-    returned function restores the previous handler; None outside the main thread."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def stop(signum, frame):  # noqa: ANN001
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _warn_unused_loss_options(loss: str, options: Mapping | None, decoder: bool) -> None:

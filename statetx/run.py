@@ -1032,6 +1032,16 @@ class RunComplete(Exception):
     """``tx train`` into a run that already reached its ``max_steps``: nothing to do."""
 
 
+def resume_point(plan: TrainPlan) -> Path | None:
+    """The checkpoint :func:`start_run` resumes from, decided without writing anything (the
+    ranks of a torchrun job other than rank 0, which alone prepares the run folder)."""
+    last = plan.run_dir / CHECKPOINT_DIR / "last.ckpt"
+    if plan.config["overwrite"] or not last.is_file():
+        return None
+    _check_complete(plan, last)
+    return last
+
+
 def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
     """Prepare ``plan.run_dir`` (cli.md §2.3) and return the checkpoint to resume from, if any.
 
@@ -1063,20 +1073,7 @@ def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
                         + "; ".join(diffs) + ". Use another name=, overwrite=true to start "
                         "again, or resume=force to continue anyway.")
             resume_from = last
-            state = _checkpoint_state(last)
-            step, max_steps = state.get("step", "?"), plan.params.get("max_steps")
-            patience = plan.params.get("early_stopping_patience")
-            if isinstance(step, int) and isinstance(max_steps, int) and step >= max_steps:
-                raise RunComplete(f"{run} is already trained to step {step} (max_steps "
-                                  f"{max_steps}): nothing to do, the run is left as it is. Raise "
-                                  "training.max_steps to continue it, or pass overwrite=true "
-                                  "to start again.")
-            if patience is not None and state.get("bad_validations", 0) >= patience:
-                raise RunComplete(f"{run} stopped early at step {step} (no better validation "
-                                  f"loss in {patience} validations, "
-                                  "training.early_stopping_patience): nothing to do, the run is "
-                                  "left as it is. To continue it, raise the patience with "
-                                  "resume=force; overwrite=true starts again.")
+            step = _check_complete(plan, last)
             print(f"statetx: resuming {run} from {last} (step {step}); "
                   "pass overwrite=true to start again.")
         elif any(run.iterdir()) and not looks_like_run(run):
@@ -1180,6 +1177,25 @@ def _norm(x: Any) -> Any:
     if isinstance(x, tuple):
         return list(x)
     return x
+
+
+def _check_complete(plan: TrainPlan, last: Path) -> Any:
+    """RunComplete when the run of ``last`` reached ``max_steps`` or stopped early; else its
+    step."""
+    state = _checkpoint_state(last)
+    step, max_steps = state.get("step", "?"), plan.params.get("max_steps")
+    patience = plan.params.get("early_stopping_patience")
+    if isinstance(step, int) and isinstance(max_steps, int) and step >= max_steps:
+        raise RunComplete(f"{plan.run_dir} is already trained to step {step} (max_steps "
+                          f"{max_steps}): nothing to do, the run is left as it is. Raise "
+                          "training.max_steps to continue it, or pass overwrite=true to start "
+                          "again.")
+    if patience is not None and state.get("bad_validations", 0) >= patience:
+        raise RunComplete(f"{plan.run_dir} stopped early at step {step} (no better validation "
+                          f"loss in {patience} validations, training.early_stopping_patience): "
+                          "nothing to do, the run is left as it is. To continue it, raise the "
+                          "patience with resume=force; overwrite=true starts again.")
+    return step
 
 
 def _checkpoint_state(path: Path) -> dict:

@@ -303,7 +303,9 @@ class CellSetSampler:
                 pool_keys.append(key)
         if not sets:
             raise DataError(f"the {self.data.name} split yields no cell set of {S} cells "
-                            "(drop_last=True and every group is smaller).")
+                            "(drop_last=True and every group is smaller)."
+                            + (f" Raise downsample_cells (now {self.downsample_cells} cells "
+                               "per group)." if self.downsample_cells is not None else ""))
         targets = np.concatenate(sets)
         pool_keys = np.asarray(pool_keys)
         basal = np.empty_like(targets)

@@ -93,6 +93,14 @@ def stream_settings(data_loading: str, chunk_size: int = DEFAULT_CHUNK_SIZE,
             raise ConfigError(f"{name}={value!r} is invalid; expected a positive integer"
                               + (" or None." if optional else "."))
     if data_loading == "memory":
+        idle = [f"{n}={v!r}" for n, v, d in (
+            ("stream_chunk_size", chunk_size, DEFAULT_CHUNK_SIZE),
+            ("stream_buffer_chunks", buffer_chunks, DEFAULT_BUFFER_CHUNKS),
+            ("stream_max_controls", max_controls, None)) if v != d]
+        if idle:
+            warnings.warn(f"{', '.join(idle)} has no effect with data_loading='memory' (the "
+                          "streaming options act with data_loading='stream').", UserWarning,
+                          stacklevel=3)
         return None
     return StreamSettings(int(chunk_size), int(buffer_chunks),
                           None if max_controls is None else int(max_controls))
@@ -630,7 +638,9 @@ class StreamingCellSetSampler:
             positions += sets_w.size
         if not t_parts:
             raise DataError(f"the {self.data.name} split yields no cell set of {S} cells "
-                            "(drop_last=True and every group is smaller in every window).")
+                            "(drop_last=True and every group is smaller in every window)."
+                            + (f" Raise downsample_cells (now {self.downsample_cells} cells "
+                               "per group)." if self.downsample_cells is not None else ""))
         targets, basal = np.concatenate(t_parts), np.concatenate(b_parts)
         window = np.concatenate(w_parts)
         if self.world_size > 1:

@@ -24,6 +24,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -37,6 +38,7 @@ from statetx._utils import (
     COMPILE_MODES,
     MATMUL_PRECISIONS,
     atomic_write,
+    changed_params,
     matmul_precision_scope,
     same_run,
 )
@@ -168,8 +170,11 @@ class Trainer:
         if hasattr(train, "__len__") and len(train) == 0:  # training could never take a step
             short = " (drop_last=True keeps full sets and full batches only)" if getattr(
                 train, "drop_last", False) else ""
+            cap = getattr(train, "downsample_cells", None)
             raise DataError(f"the training split yields no batch of {train.B} sets of {train.S} "
                             f"cells{short}; lower batch_size or cell_set_len"
+                            + (f", raise downsample_cells (now {cap} cells per group)"
+                               if cap is not None else "")
                             + (", or set drop_last=False." if short else "."))
         self.device = resolve_device(device)
         self.out = Path(output_dir) if output_dir is not None else None
@@ -792,6 +797,11 @@ class Trainer:
                        "another network, vocabulary or genes (a checkpoint of another run?)")
                     + " than this run asks for. Resume with the run's own settings and "
                     "checkpoints/last.ckpt, or start afresh.")
+            changed = changed_params(theirs, mine)
+            if changed and _is_main():
+                warnings.warn(f"resuming {path} with changed settings: {'; '.join(changed)}. "
+                              "The steps so far were trained with the earlier ones (the run's "
+                              "record now shows the new ones).", UserWarning, stacklevel=3)
         self._resume = (str(path), ckpt)
         return ckpt
 

@@ -179,3 +179,50 @@ def test_torchrun_two_ranks_match_one_process_with_double_batch(synth, tmp_path)
     assert rows["val_loss"].notna().sum() == 1 and rows["step"].is_monotonic_increasing
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert len(ckpt["rng"]["ranks"]) == W
+
+
+def _torchrun_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONWARNINGS": "ignore"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={W}",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "statetx", *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail("torchrun timed out after 240 s:\n" + out[-2000:] + err[-2000:])
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_torchrun_command_line_run_folder_is_rank_0s(synth, tmp_path):
+    """tx train under torchrun: rank 0 alone prepares, replaces and records the run folder; a
+    failed overwrite=true puts the earlier run back (no hidden copies left behind)."""
+    from test_model import TINY_CLI
+
+    from statetx.cli import main
+
+    synth.write_h5ad(tmp_path / "data.h5ad")
+    (tmp_path / "split.toml").write_text(f'[datasets]\ndata = "{tmp_path / "data.h5ad"}"\n'
+                                         + FEWSHOT)
+    args = ["tx", "train", f"data.kwargs.toml_config_path={tmp_path / 'split.toml'}",
+            "data.kwargs.pert_col=gene", *TINY_CLI, "training.max_steps=2",
+            f"output_dir={tmp_path / 'out'}", "name=r"]
+    assert main(args) == 0
+    run = tmp_path / "out" / "r"
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
+    failed = _torchrun_cli([*args, "overwrite=true", "model.kwargs.cell_set_len=1000",
+                            "data.kwargs.drop_last=true"], tmp_path)
+    assert failed.returncode != 0 and "yields no" in failed.stderr, failed.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["r"]  # nothing hidden left
+    done = _torchrun_cli([*args, "overwrite=true", "training.max_steps=3"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("training done") == 1 and done.stdout.count("run directory") == 1
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["r"]
+    info = json.loads((run / "statetx_run.json").read_text())
+    assert info["final_step"] == 3

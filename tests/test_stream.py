@@ -254,3 +254,11 @@ def test_dense_h5ad_and_in_memory_anndata_stream(adata, tmp_path):
     b = model(max_steps=3).fit(dense, '[training]\ndata = "train"\n[zeroshot]\n"data.CT2" = '
                                       '"test"\n', dataset_name="data")
     assert all(torch.equal(v, weights(b)[k]) for k, v in weights(a).items())
+
+
+def test_streaming_options_without_streaming_are_said_to_have_no_effect():
+    from statetx.stream import stream_settings
+
+    with pytest.warns(UserWarning, match=r"stream_buffer_chunks=3, stream_max_controls=10 has "
+                      "no effect with data_loading='memory'"):
+        assert stream_settings("memory", buffer_chunks=3, max_controls=10) is None

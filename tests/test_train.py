@@ -432,6 +432,15 @@ def test_resume_from_another_runs_checkpoint_is_refused(synth, tmp_path):
                                      resume_from=tmp_path / "other" / "checkpoints" / "last.ckpt")
 
 
+def test_resume_with_changed_settings_says_which(synth, tmp_path):
+    run = tmp_path / "run"
+    small_model(max_steps=2).fit(synth, output_dir=run)
+    with pytest.warns(UserWarning, match=r"changed settings: downsample_cells: None -> 30; "
+                      r"pad_from: 'group' -> 'chunk'\. The steps so far"):
+        small_model(max_steps=3, downsample_cells=30, pad_from="chunk").fit(
+            synth, output_dir=run, resume_from=run / "checkpoints" / "last.ckpt")
+
+
 def test_refitting_into_the_current_folder_is_refused(synth, tmp_path, monkeypatch):
     small_model(max_steps=1).fit(synth, output_dir=tmp_path / "run")
     monkeypatch.chdir(tmp_path / "run")
@@ -470,9 +479,9 @@ def test_sigterm_unwinds_while_an_earlier_run_is_aside():
     import os
     import signal
 
-    from statetx.model import _sigterm_unwinds
+    from statetx._utils import sigterm_unwinds
 
-    restore = _sigterm_unwinds()
+    restore = sigterm_unwinds()
     try:
         with pytest.raises(SystemExit) as stop:
             os.kill(os.getpid(), signal.SIGTERM)
