@@ -777,6 +777,34 @@ class StateTransitionModel(BaseEstimator):
         ``obsm['<embed_key>_pred']`` when the width differs; decoded genes in
         ``obsm['X_hvg']`` (output space gene) or X (all). ``keep_input=True`` (default layout)
         carries the input's obsm and layers over when the output has the input's genes.
+
+        Parameters
+        ----------
+        pert_col, cell_type_col, batch_col
+            The input's obs columns (default: the training ones). Without a cell-type column,
+            a model trained on one context treats all cells as that context.
+        control_pert
+            The input's control label (default: the model's); another label is read as the
+            model's control.
+        seed
+            Seeds the basal draws (and clones), per (context, perturbation) group.
+        set_len, windows
+            Cells per set (default: the model's ``cell_set_len``) and how a group is cut into
+            sets: ``"balanced"`` (⌈n/S⌉ sets of nearly equal size) or ``"reference"`` (chunks of
+            S and a remainder, as arc-state).
+        basal_pool, basal_fallback
+            Where basal cells come from: ``"cell_type"``, ``"batch"`` (same cell type and
+            batch, else the cell type) or ``"all"`` (default: as in training); and, for a context
+            without control cells, ``"error"`` (default) or ``"all_controls"``.
+        unknown_perturbation, unknown_batch
+            Labels outside the training vocabulary: ``"error"`` (default, listing them),
+            ``"control"`` / ``"zeros"`` for perturbations; ``"first"`` / ``"mean"`` (the mean
+            batch embedding) for batches of a model with a batch encoder.
+        clip
+            ``"auto"`` (default: [0, 14] for log1p expression, ≥ 0 for count-scale outputs,
+            nothing for embeddings), None, or a ``(low, high)`` pair.
+        missing_genes
+            Model genes absent from the input: ``"error"`` (default, listing them) or ``"zero"``.
         """
         self._check_fitted()
         check_matmul_precision(matmul_precision)
@@ -1158,6 +1186,8 @@ class StateTransitionModel(BaseEstimator):
         columns and ``n_cells`` (not the ``additional_obs`` columns). Metrics computed from
         pseudobulks (``pearson_delta``, ``mse``, ``mae``, the discrimination scores, …) are the
         same on these rows as on the cells of a log1p model; DE needs the cells.
+
+        ``seed``, ``clip`` and ``windows`` as in :meth:`predict`.
         """
         check_matmul_precision(matmul_precision)
         if controls not in ("predicted", "real"):
