@@ -882,7 +882,10 @@ def cmd_infer(a: argparse.Namespace) -> int:
         if a.tsv is not None and not Path(a.tsv).is_file():
             raise UsageError(f"--tsv {a.tsv}: file not found.")
         adata = _expand_cells(adata, pert_col, control, a.tsv, a.seed)
-        _say(f"model {a.model_dir}: input {c.embed_key or 'X'}, {model.n_features_in_} features; "
+        source = c.embed_key or "X"
+        if source == "X_hvg" and "X_hvg" not in adata.obsm:  # the genes are matched in X
+            source = "X_hvg (no obsm['X_hvg'] in the input: its genes are read from X by name)"
+        _say(f"model {a.model_dir}: input {source}, {model.n_features_in_} features; "
              f"pert_col={pert_col!r}, cell type column={ct_col!r}, batch column={batch_col!r}, "
              f"control={control!r}; attention {model.network_config_.attention}; fp32, "
              f"matmul precision {a.matmul_precision}")

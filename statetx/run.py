@@ -258,6 +258,7 @@ def _keys() -> dict[str, Key]:
         Key("pred_adata_path", None, "any", optional=True, status="noeffect"),
         Key("true_adata_path", None, "any", optional=True, status="noeffect"),
         Key(m + "loss", "energy", "str", ("energy", "sinkhorn", "mse", "se")),
+        Key(m + "train_pert_skip", True, "bool"),
         Key(m + "blur", 0.05, "float"),
         Key(m + "sinkhorn_weight", 0.01, "float"),
         Key(m + "energy_weight", 1.0, "float"),
@@ -398,6 +399,7 @@ PARAM_PATHS: dict[str, str] = {
     "device": "training.device",
     "seed": "training.train_seed",
     "loss": "model.kwargs.loss",
+    "train_pert_skip": "model.kwargs.train_pert_skip",
 }
 
 # arc-state's configs say weight_decay 5e-4 but never apply it (spec model.md §11)

@@ -203,6 +203,10 @@ def test_plan_loss_options_reach_the_estimator(tmp_path):
                                 check_data=False).params
     assert (data_keys["drop_missing_labels"], data_keys["val_subsample_fraction"],
             data_keys["on_missing_perturbation"]) == (True, 0.5, "warn")
+    skip = R.plan_training(R.resolve([*given[:2], "model.kwargs.train_pert_skip=false"]),
+                           check_data=False).params
+    assert skip["train_pert_skip"] is False
+    assert R.config_from_params(skip)["model"]["kwargs"]["train_pert_skip"] is False
 
 
 def test_plan_batch_col_default_and_required_toml(tmp_path):
