@@ -327,7 +327,7 @@ def make_control_template(
     control_pert: str,
     cell_type_key: str | None,
     *,
-    seed: int = 0,
+    seed: int = 42,
     batch_col: str | None = None,
     embed_key: str | None = None,
     copy: bool = False,
@@ -336,7 +336,8 @@ def make_control_template(
 
     The fixed ``state tx preprocess_infer`` (0.9.12): perturbation labels stay, expression comes
     from a control cell of the **same cell type** (and the same ``batch_col`` value when given),
-    drawn with replacement from a seeded ``numpy.random.Generator``. Control cells are unchanged.
+    drawn with replacement from a ``numpy.random.Generator`` seeded with ``seed`` (default 42, as
+    ``tx preprocess_infer``). Control cells are unchanged.
     The same control row replaces X, every layer and every per-cell ``obsm`` matrix, or only
     ``embed_key`` (``"X"``, an obsm key or a layer) when given. ``obs["template_ctrl_barcode"]``
     records the control used (a control's own barcode for control cells).

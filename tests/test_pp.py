@@ -298,3 +298,15 @@ def test_outputs_write_to_h5ad(tmp_path):
     assert isinstance(rep, pd.DataFrame) and len(rep) == 6
     assert list(back.uns["X_hvg_var_names"]) == list(out.uns["X_hvg_var_names"])
     assert "template_ctrl_barcode" in back.obs
+
+
+def test_template_seed_default_matches_the_command_line():
+    """make_control_template and tx preprocess_infer draw the same template by default."""
+    import inspect
+
+    from statetx.cli import build_parser
+
+    ns = build_parser().parse_args(["tx", "preprocess_infer", "--adata", "a.h5ad", "--output",
+                                    "b.h5ad", "--control-condition", "ctrl", "--pert-col", "g"])
+    default = inspect.signature(pp.make_control_template).parameters["seed"].default
+    assert ns.seed == default == 42
