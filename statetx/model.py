@@ -440,13 +440,7 @@ class StateTransitionModel(BaseEstimator):
             return None
         if self.embed_key is None:
             return ReadDepthThinning(rate, bool(prepared.is_log1p), ("basal", "target"))
-        if prepared.gene_dim and counts_source(self.output_space, self.counts_key) is None:
-            return ReadDepthThinning(rate, prepared.x_is_log1p(), ("counts",))
-        source = counts_source(self.output_space, self.counts_key)
-        raise ConfigError(f"downsample={self.downsample!r} thins counts read from X, but the "
-                          f"gene-space targets come from obsm['{source}']: nothing is read from "
-                          "X. Use X as the input (embed_key=None) or as the gene-space target "
-                          "(counts_key='X').")
+        return ReadDepthThinning(rate, prepared.x_is_log1p(), ("counts",))  # (see _check_params)
 
     def _check_params(self, check_device: bool = True) -> None:
         """Every option error that needs no data (fit calls it before reading anything);
@@ -467,14 +461,19 @@ class StateTransitionModel(BaseEstimator):
         for name in ("drop_last", "exclude_self", "val_from_test"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
-        if check_read_depth(self.downsample) is not None and self.embed_key is not None and (
-                self.output_space == "embedding" or (
-                    self.output_space == "gene" and self.embed_key == "X_hvg")):
+        # an embedding input reads X only as the gene-space targets of output 'all' (or of
+        # 'gene' with counts_key='X')
+        reads_x = self.embed_key is None or (
+            self.output_space != "embedding"
+            and not (self.output_space == "gene" and self.embed_key == "X_hvg")
+            and counts_source(self.output_space, self.counts_key) is None)
+        if check_read_depth(self.downsample) is not None and not reads_x:
             raise ConfigError(
                 f"downsample={self.downsample!r} thins counts read from X, but with "
-                f"embed_key={self.embed_key!r} and output_space={self.output_space!r} nothing "
-                "is read from X. Use it with X as the input (embed_key=None) or as the "
-                "gene-space target (output_space='all').")
+                f"embed_key={self.embed_key!r}, output_space={self.output_space!r} and "
+                f"counts_key={self.counts_key!r} nothing is read from X. Use it with X as the "
+                "input (embed_key=None) or as the gene-space target (output_space='all', "
+                "counts_key unset or 'X').")
         idle = self.embed_key is None or self.output_space == "embedding" or (
             self.embed_key == "X_hvg" and self.output_space == "gene")
         if self.counts_key is not None and idle:

@@ -332,9 +332,24 @@ def test_min_and_max_cells_per_group(fitted):
         model.predict(adata, min_cells=9, max_cells=2)
 
 
+def _train_cli(adata, tmp_path, *extra: str) -> dict:
+    """``tx train`` (tiny, 2 steps) on ``adata`` written with the SPEC split into
+    ``tmp_path/run``; returns the run's estimator parameters."""
+    from statetx.cli import main
+    from statetx.run import load_run
+
+    data = tmp_path / "data"
+    data.mkdir()
+    adata.write_h5ad(data / "data.h5ad")
+    (data / "split.toml").write_text(f'[datasets]\ndata = "{data}"\n{SPEC}')
+    assert main(["tx", "train", f"data.kwargs.toml_config_path={data / 'split.toml'}",
+                 "data.kwargs.pert_col=gene", *TINY_CLI, "training.max_steps=2",
+                 f"output_dir={tmp_path}", "name=run", *extra]) == 0
+    return load_run(tmp_path / "run").get_params()
+
+
 def test_sampler_options_reach_training(synth, tmp_path):
     """downsample_cells / drop_last / exclude_self: estimator parameters and `tx train` keys."""
-    from statetx.cli import main
     from statetx.errors import ConfigError
 
     def epochs(**kw) -> int:
@@ -346,18 +361,8 @@ def test_sampler_options_reach_training(synth, tmp_path):
     assert epochs(drop_last=True, exclude_self=True) >= full
     with pytest.raises(ConfigError, match="downsample_cells=0"):
         small_model(downsample_cells=0).fit(synth)
-    data = tmp_path / "data"
-    data.mkdir()
-    synth.write_h5ad(data / "data.h5ad")
-    (data / "split.toml").write_text(f'[datasets]\ndata = "{data}"\n{SPEC}')
-    args = ["tx", "train", f"data.kwargs.toml_config_path={data / 'split.toml'}",
-            "data.kwargs.pert_col=gene", *TINY_CLI, "training.max_steps=2",
-            f"output_dir={tmp_path}", "name=run", "data.kwargs.downsample_cells=8",
-            "data.kwargs.drop_last=true", "data.kwargs.exclude_self=true"]
-    assert main(args) == 0
-    from statetx.run import load_run
-
-    params = load_run(tmp_path / "run").get_params()
+    params = _train_cli(synth, tmp_path, "data.kwargs.downsample_cells=8",
+                        "data.kwargs.drop_last=true", "data.kwargs.exclude_self=true")
     assert (params["downsample_cells"], params["drop_last"], params["exclude_self"]) == (
         8, True, True)
 
@@ -389,14 +394,7 @@ def test_additional_obs_reach_predict_split(synth, tmp_path):
     with pytest.raises(DataError, match=r"additional_obs: obs column\(s\) 'dos' not found.*"
                        "Did you mean: 'dose'"):
         small_model(additional_obs=["dos"]).fit(synth, SPEC)
-    data = tmp_path / "data"
-    data.mkdir()
-    synth.write_h5ad(data / "data.h5ad")
-    (data / "split.toml").write_text(f'[datasets]\ndata = "{data}"\n{SPEC}')
-    assert main(["tx", "train", f"data.kwargs.toml_config_path={data / 'split.toml'}",
-                 "data.kwargs.pert_col=gene", *TINY_CLI, "training.max_steps=2",
-                 f"output_dir={tmp_path}", "name=run",
-                 "data.kwargs.additional_obs=[plate,flag]"]) == 0
+    _train_cli(synth, tmp_path, "data.kwargs.additional_obs=[plate,flag]")
     assert main(["tx", "predict", "--output-dir", str(tmp_path / "run"), "--predict-only"]) == 0
     import anndata as ad
 
@@ -407,9 +405,7 @@ def test_additional_obs_reach_predict_split(synth, tmp_path):
 
 def test_read_depth_pad_from_and_val_from_test(synth, tmp_path, capsys):
     """downsample (read depth), pad_from and val_from_test: estimator parameters and keys."""
-    from statetx.cli import main
     from statetx.errors import ConfigError
-    from statetx.run import load_run
 
     spec = {"training": {"data": "train"}, "zeroshot": {"data.CT2": "test"}}
     plain = small_model(max_steps=4, val_freq=2).fit(synth, spec)
@@ -427,16 +423,8 @@ def test_read_depth_pad_from_and_val_from_test(synth, tmp_path, capsys):
         small_model(downsample=0.5, embed_key="X_pca", output_space="embedding").fit(synth)
     with pytest.raises(ConfigError, match="pad_from='first'"):
         small_model(pad_from="first").fit(synth)
-    data = tmp_path / "data"
-    data.mkdir()
-    synth.write_h5ad(data / "data.h5ad")
-    (data / "split.toml").write_text(f'[datasets]\ndata = "{data}"\n{SPEC}')
-    args = ["tx", "train", f"data.kwargs.toml_config_path={data / 'split.toml'}",
-            "data.kwargs.pert_col=gene", *TINY_CLI, "training.max_steps=2",
-            f"output_dir={tmp_path}", "name=run", "data.kwargs.downsample=0.5",
-            "data.kwargs.pad_from=chunk", "data.kwargs.val_from_test=true"]
-    assert main(args) == 0
-    params = load_run(tmp_path / "run").get_params()
+    params = _train_cli(synth, tmp_path, "data.kwargs.downsample=0.5",
+                        "data.kwargs.pad_from=chunk", "data.kwargs.val_from_test=true")
     assert (params["downsample"], params["pad_from"], params["val_from_test"]) == (
         0.5, "chunk", True)
 
