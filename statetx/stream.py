@@ -410,8 +410,9 @@ class StreamingCellSetSampler:
     vocab, cell_set_len, batch_size, seed, pairing, drop_last, exclude_self, downsample_cells,
     pad_from, thinning, rank, world_size
         As for :class:`~statetx.sets.CellSetSampler`. With ``world_size > 1`` every rank trains
-        on its own windows (window ``w`` goes to rank ``w % world_size``); ranks with fewer sets
-        repeat their first ones so that every rank yields the same number of batches.
+        on its own contiguous share of the epoch's sets (window after window), with no set in
+        two ranks; at most ``world_size - 1`` sets wrap round so that every rank yields the same
+        number of batches.
     buffer_chunks
         Chunks per window: sets are formed within the cells of one window.
     max_controls
@@ -644,21 +645,19 @@ class StreamingCellSetSampler:
         targets, basal = np.concatenate(t_parts), np.concatenate(b_parts)
         window = np.concatenate(w_parts)
         if self.world_size > 1:
-            sel = self._shard(window, len(windows))
+            sel = self._shard(len(targets))
             targets, basal, window = targets[sel], basal[sel], window[sel]
         return _Plan(targets, basal, window, windows, padded, positions)
 
-    def _shard(self, window: np.ndarray, n_windows: int) -> np.ndarray:
-        """This rank's sets: those of windows ``w % world_size == rank`` (set-wise striding
-        when there are fewer windows than ranks), wrapped to the largest rank's count."""
+    def _shard(self, n_sets: int) -> np.ndarray:
+        """This rank's sets: a contiguous ``1/world_size`` slice of the epoch's sets in plan
+        order (window after window), so the ranks share no set and each reads only the windows
+        its slice touches (a window at a slice boundary is read in part by two ranks: the rows
+        of their own sets). The epoch's first sets wrap round to make the slices equal: at most
+        ``world_size - 1`` sets repeat, as in memory."""
         W = self.world_size
-        if n_windows >= W:
-            owner = window % W
-            counts = np.bincount(owner, minlength=W)
-            if counts.min() > 0:
-                return np.resize(np.flatnonzero(owner == self.rank), int(counts.max()))
-        n = -(-len(window) // W) * W
-        return np.resize(np.arange(len(window)), n)[self.rank::W]
+        k = -(-n_sets // W)
+        return np.resize(np.arange(n_sets), k * W)[self.rank * k:(self.rank + 1) * k]
 
     def _redraw_self(self, rng, targets: np.ndarray, basal: np.ndarray, pool: np.ndarray) -> None:
         for _ in range(100):

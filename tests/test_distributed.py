@@ -226,3 +226,10 @@ def test_torchrun_command_line_run_folder_is_rank_0s(synth, tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["r"]
     info = json.loads((run / "statetx_run.json").read_text())
     assert info["final_step"] == 3
+    # streaming under torchrun: the ranks split the streamed epoch and step together
+    stream = _torchrun_cli([*args, "name=s", "training.max_steps=4",
+                            "data.kwargs.data_loading=stream",
+                            "data.kwargs.stream_chunk_size=8"], tmp_path)
+    assert stream.returncode == 0, stream.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "s" / "statetx_run.json").read_text()
+                      )["final_step"] == 4

@@ -212,13 +212,27 @@ def test_reservoir_cap_batch_pairing_and_float16(h5):
             assert (d.batch[b] == d.batch[t[0]]).all()
 
 
-def test_sharding_gives_equal_lengths_and_own_windows(h5):
-    ranks = [sampler(h5, rank=r, world_size=2) for r in range(2)]
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharding_splits_one_process_epoch_without_overlap(h5, world_size):
+    one = sampler(h5)._plan(0)
+    ranks = [sampler(h5, rank=r, world_size=world_size) for r in range(world_size)]
     plans = [r._plan(0) for r in ranks]
-    assert ranks[0].n_batches(0) == ranks[1].n_batches(0)
-    assert set(plans[0].window % 2) == {0} and set(plans[1].window % 2) == {1}
+    assert len({r.n_batches(0) for r in ranks}) == 1
+    sets = [tuple(t) for p in plans for t in p.targets]
+    want = [tuple(t) for t in one.targets]
+    # the ranks' sets are the one-process epoch's sets, each in one rank, and at most
+    # world_size - 1 of the first ones wrapped round to fill the last rank
+    n = len(want)
+    assert sets[:n] == want and sets[n:] == want[:len(sets) - n]
+    assert len(sets) - n < world_size
+    # each rank trains its share in order, reading only the windows it touches
+    for r, p in zip(ranks, plans):
+        got = np.concatenate([b.target_rows for b in r.batches(0)])
+        np.testing.assert_array_equal(got, p.targets)
+        r.close()
+    assert sum(r.windows_read for r in ranks) <= len(one.windows) + 2 * (world_size - 1)
     with pytest.raises(ConfigError, match="rank"):
-        sampler(h5, rank=2, world_size=2)
+        sampler(h5, rank=world_size, world_size=world_size)
 
 
 @pytest.mark.parametrize("opts, match", [
