@@ -94,6 +94,7 @@ class PreparedData:
     gene_names: list[str] | None   # names of the gene-space target (decoder), if any
     is_log1p: bool
     notes: list[str] = field(default_factory=list)
+    config: SplitConfig | None = None  # the split spec as the caller gave it
 
     @property
     def input_dim(self) -> int:
@@ -176,8 +177,8 @@ def prepare(
     splits: tuple[str, ...] = SPLITS,
 ) -> PreparedData:
     """Validate inputs against the split spec and build the per-split matrices."""
-    config = SplitConfig.from_toml(split_config if split_config is not None else {})
-    config = config.model_copy(deep=True)  # load_files may fill [training]; keep the caller's
+    given = SplitConfig.from_toml(split_config if split_config is not None else {})
+    config = given.model_copy(deep=True)  # load_files may fill [training]; keep the caller's
     files = load_files(data, config, columns, dataset_name, drop_missing_labels)
     control = resolve_control(files, columns.control_pert, columns.pert_col)
     columns = columns.model_copy(update={"control_pert": control})
@@ -235,7 +236,7 @@ def prepare(
             "cell types or perturbations." + no_training
         )
     return PreparedData(vocab, built, columns, files, assignments, summarize(assignments),
-                        names, gene_names, is_log1p)
+                        names, gene_names, is_log1p, config=given)
 
 
 def counts_source(output_space: str, counts_key: str | None) -> str | None:

@@ -539,6 +539,14 @@ class StateTransitionModel(BaseEstimator):
         ddp = init_distributed(self.device)
         rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
         verbose = self.progress and rank == 0
+        if not prepared.is_log1p and columns.embed_key in (None, "X_hvg") and rank == 0:
+            where = "X" if columns.embed_key is None else "obsm['X_hvg']"
+            warnings.warn(
+                f"{where} of {prepared.files[0].label} does not look log1p-normalised "
+                "(integers, negative values, or values of 15 and more): the model trains on it "
+                "as given and predicts on that scale. ST is usually trained on log1p-normalised "
+                "expression (statetx.pp.preprocess_train, or scanpy normalize_total + log1p).",
+                UserWarning, stacklevel=2)
         if verbose:
             print(f"statetx: preset {preset!r}, batch_size {settings['batch_size']}, max_steps "
                   f"{settings['max_steps']}, lr {settings['lr']:g} ({n_train:,} training cells"
@@ -645,6 +653,22 @@ class StateTransitionModel(BaseEstimator):
         self.best_step_ = trainer.state.best_step
         return self
 
+    def _warn_untrained(self, codes: np.ndarray, where: str) -> None:
+        """Warn about perturbations (vocabulary codes) that had no training cells: with one-hot
+        perturbations their embedding was never trained."""
+        trained = getattr(self, "trained_perturbations_", None)
+        if trained is None or self.vocab_.pert_features is not None:
+            return
+        names = np.asarray(self.vocab_.perturbations, dtype=object)[np.unique(codes[codes >= 0])]
+        new = sorted(set(names) - set(trained) - {self.vocab_.control_pert})
+        if new:
+            warnings.warn(
+                f"{len(new)} perturbation(s) of the {where} had no training cells: "
+                f"{preview(new)}. Their one-hot embedding was never trained, so their predictions "
+                "carry no effect learned for them. Perturbation features (pert_features=..., "
+                "e.g. gene embeddings) let a model predict unseen perturbations.",
+                UserWarning, stacklevel=3)
+
     def _set_fitted(self, network, net_cfg, vocab, prepared: PreparedData, set_len: int) -> None:
         self.network_ = network
         self.network_config_ = net_cfg
@@ -655,6 +679,10 @@ class StateTransitionModel(BaseEstimator):
         self.cell_set_len_ = set_len
         self.is_log1p_ = bool(prepared.is_log1p)
         self.split_summary_ = prepared.summary
+        self.split_config_ = prepared.config
+        train = prepared.splits["train"]
+        codes = np.unique(train.pert[train.is_target & ~train.is_control])
+        self.trained_perturbations_ = [vocab.perturbations[i] for i in codes]
         self.n_features_in_ = prepared.input_dim
         self._prepared = prepared
 
@@ -786,7 +814,10 @@ class StateTransitionModel(BaseEstimator):
             The input's control label (default: the model's); another label is read as the
             model's control.
         seed
-            Seeds the basal draws (and clones), per (context, perturbation) group.
+            Seeds the basal draws (and clones), per (context, perturbation) group. The draws
+            follow the cells' order within a group: the same cells in another order get other
+            controls and sets (the same distribution; single cells differ, and group means by
+            the sampling noise of the controls).
         set_len, windows
             Cells per set (default: the model's ``cell_set_len``) and how a group is cut into
             sets: ``"balanced"`` (⌈n/S⌉ sets of nearly equal size) or ``"reference"`` (chunks of
@@ -858,11 +889,7 @@ class StateTransitionModel(BaseEstimator):
                 "repair them before predicting."
             )
         if c.embed_key in (None, "X_hvg"):
-            check_scale(x_in, self.is_log1p_)
-            if (x_in < 0).any():
-                warnings.warn(
-                    f"the input has negative expression values in {c.embed_key or 'X'}; the "
-                    "model expects non-negative (log1p) expression.", UserWarning, stacklevel=2)
+            check_scale(x_in, self.is_log1p_, f"input ({c.embed_key or 'X'})")
         pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
         if ct_col in adata.obs:
             ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
@@ -879,6 +906,12 @@ class StateTransitionModel(BaseEstimator):
             )
         needs_batch = self.network_config_.batch_encoder or basal_pool == "batch" or (
             basal_pool is None and self._pairing() == "batch")
+        if needs_batch and batch_col and batch_col not in adata.obs.columns \
+                and not self.network_config_.batch_encoder:
+            raise DataError(
+                f"the input has no obs column '{batch_col}': the model pairs cells with controls "
+                f"of the same batch.{did_you_mean(batch_col, map(str, adata.obs.columns))} Pass "
+                "batch_col=<column>, or basal_pool='cell_type' to pair within the cell type.")
         batch = (obs_labels(adata.obs, batch_col, "the input", "batch_col")
                  if needs_batch and batch_col else np.full(adata.n_obs, "0", dtype=object))
         pool_mode = basal_pool or ("batch" if self._pairing() == "batch"
@@ -927,6 +960,7 @@ class StateTransitionModel(BaseEstimator):
         pcode = np.full(len(pert), -1, dtype=np.int64)  # (copied controls need no codes)
         bcode = np.zeros(len(pert), dtype=np.int64)
         pcode[~as_is] = encode_perturbations(pert[~as_is], self.vocab_, unknown_perturbation)
+        self._warn_untrained(pcode, "input")
         if self.network_config_.batch_encoder:
             bcode[~as_is] = encode_batches(batch[~as_is], self.vocab_, unknown_batch)
         ctrl_rows = np.flatnonzero(is_ctrl)
@@ -972,6 +1006,7 @@ class StateTransitionModel(BaseEstimator):
             out = self._arc_layout(adata, src_rows, obs, res, clip)
         else:
             out = self._output(res, obs, clip)
+            _carry_var(adata, out, self.columns_.gene_name_col)
             if keep_input:
                 _carry_input(adata, src_rows, out)
         from statetx import __version__
@@ -1217,12 +1252,18 @@ class StateTransitionModel(BaseEstimator):
             key = f"{split}\x00{cx}\x00{p}" + (f"\x00{bt}" if by_batch else "")
             groups.append(Group(out_rows, pool, int(p), d.batch[rows[idx]], key))
         order = np.asarray(order)
+        self._warn_untrained(d.pert[order], f"{split} split")
         run = partial(run_groups, self.network_, d.X, groups, self.vocab_.pert_matrix(),
                       len(order), set_len=self.cell_set_len_, seed=seed, window_mode=windows,
                       device=next(self.network_.parameters()).device,
                       matmul_precision=matmul_precision)
+        info = {"split": split, "seed": int(seed), "pert_col": self.columns_.pert_col,
+                "control_pert": self.vocab_.control_pert}
         if pseudobulk:
-            return self._split_pseudobulks(d, order, run, clip, controls)
+            pair = self._split_pseudobulks(d, order, run, clip, controls)
+            for a in pair:
+                a.uns["statetx"] = dict(info)
+            return pair
         res = run()
         v, c = self.vocab_, self.columns_
         obs = pd.DataFrame({
@@ -1254,6 +1295,8 @@ class StateTransitionModel(BaseEstimator):
                 key = f"{c.embed_key}_pred"
                 pred.obsm[key][is_ctrl] = d.X[torch.from_numpy(order[is_ctrl])].float().numpy()
             pred.obs.loc[is_ctrl, "ctrl_cell_barcode"] = pred.obs.loc[is_ctrl, "pert_cell_barcode"]
+        for a in (pred, real):
+            a.uns["statetx"] = dict(info)
         return pred, real
 
     def _split_pseudobulks(self, d: Any, order: np.ndarray, run: Callable, clip: Any,
@@ -1297,7 +1340,12 @@ class StateTransitionModel(BaseEstimator):
         For each (cell type, perturbation) of ``adata``, the shift is the mean over its cells
         minus the mean of that cell type's real controls, computed on the predicted and on the
         real cells; higher is better (1 = perfect direction of every shift).
+        ``predict_options`` go to :meth:`predict` (the real controls are the reference, so
+        ``predict_controls`` is not one of them).
         """
+        if "predict_controls" in predict_options:
+            raise ConfigError("score() compares the predicted perturbed cells with the real "
+                              "controls, so predict_controls cannot be set; leave it out.")
         pred = self.predict(adata, predict_controls=False, **predict_options)
         x_real = align_genes(adata, self.var_names_, self.columns_.embed_key,
                              gene_name_col=self.columns_.gene_name_col)
@@ -1342,6 +1390,7 @@ class StateTransitionModel(BaseEstimator):
             "gene_names": self.gene_names_,
             "cell_set_len": self.cell_set_len_,
             "is_log1p": self.is_log1p_,
+            "trained_perturbations": getattr(self, "trained_perturbations_", None),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -1364,6 +1413,8 @@ class StateTransitionModel(BaseEstimator):
         meta["fit"] = {k: getattr(self, k + "_") for k in _FIT_RECORD if hasattr(self, k + "_")}
         if hasattr(self, "split_summary_"):
             meta["split_summary"] = self.split_summary_.to_dict(orient="split")
+        if getattr(self, "split_config_", None) is not None:
+            meta["split_config"] = self.split_config_.model_dump(mode="json", exclude={"source"})
         text = json.dumps(meta, indent=1, default=json_default)  # fails before any write
         state = {k: v.detach().cpu().contiguous() for k, v in self.network_.state_dict().items()}
         created = not path.exists()
@@ -1407,6 +1458,8 @@ class StateTransitionModel(BaseEstimator):
                 setattr(model, k + "_", v)
         if "split_summary" in meta:
             model.split_summary_ = pd.DataFrame(**meta["split_summary"])
+        if "split_config" in meta:
+            model.split_config_ = SplitConfig.from_toml(meta["split_config"])
         return model.to(target)
 
     @classmethod
@@ -1448,6 +1501,8 @@ class StateTransitionModel(BaseEstimator):
         model.gene_names_ = meta["gene_names"]
         model.cell_set_len_ = int(meta["cell_set_len"])
         model.is_log1p_ = bool(meta["is_log1p"])
+        if meta.get("trained_perturbations") is not None:
+            model.trained_perturbations_ = list(meta["trained_perturbations"])
         model.n_features_in_ = len(model.var_names_)
         return model
 
@@ -1561,6 +1616,20 @@ def _warn_unused_loss_options(loss: str, options: Mapping | None, decoder: bool)
                       f"{'a' if decoder else 'no'} gene decoder): blur acts with the sinkhorn "
                       "and se losses, the weights with se, the decoder options with a gene "
                       "decoder.", UserWarning, stacklevel=3)
+
+
+def _carry_var(adata: ad.AnnData, out: ad.AnnData, gene_name_col: str | None) -> None:
+    """The input's gene annotations (var columns: IDs, symbols, ...) on the output genes, when
+    every output gene is an input gene (matched by name)."""
+    if adata.var.shape[1] == 0:
+        return
+    names = pd.Index(list(map(str, gene_names(adata, gene_name_col))))
+    pos = names.get_indexer(out.var_names.astype(str)) if names.is_unique else None
+    if pos is None or (pos < 0).any():
+        return
+    var = adata.var.iloc[pos].copy()
+    var.index = out.var_names
+    out.var = var
 
 
 def _carry_input(adata: ad.AnnData, src_rows: np.ndarray, out: ad.AnnData) -> None:

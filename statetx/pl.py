@@ -30,6 +30,16 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
     return ax
 
 
+def _labels(pred: ad.AnnData, pert_col: str | None, control_pert: str | None
+            ) -> tuple[str, str]:
+    """The perturbation column and control label: as given, else those statetx recorded in
+    ``pred.uns["statetx"]`` (predict, predict_split), else cell-eval's defaults."""
+    info = pred.uns.get("statetx")
+    info = info if isinstance(info, Mapping) else {}
+    return (pert_col or str(info.get("pert_col") or "target_gene"),
+            control_pert or str(info.get("control_pert") or "non-targeting"))
+
+
 def _deltas(a: ad.AnnData, pert_col: str, control: str, perts: list[str]) -> np.ndarray:
     # -1 for cells of other perturbations (ignored)
     codes = pd.Index([control, *perts]).get_indexer(a.obs[pert_col].astype(str))
@@ -40,8 +50,8 @@ def _deltas(a: ad.AnnData, pert_col: str, control: str, perts: list[str]) -> np.
 def delta_scatter(
     adata_pred: ad.AnnData,
     adata_real: ad.AnnData,
-    pert_col: str = "target_gene",
-    control_pert: str = "non-targeting",
+    pert_col: str | None = None,
+    control_pert: str | None = None,
     perts: Sequence[str] | None = None,
     ax: Axes | None = None,
     *,
@@ -51,7 +61,10 @@ def delta_scatter(
     """Scatter predicted vs real pseudobulk deltas (mean log1p − own control mean), one colour per
     perturbation, with the identity line and each perturbation's Pearson r in the legend.
 
-    ``perts`` defaults to the first ``max_perts`` sorted perturbations. Returns the Axes."""
+    ``perts`` defaults to the first ``max_perts`` sorted perturbations; ``pert_col`` and
+    ``control_pert`` default to those recorded by statetx's prediction (``uns["statetx"]``), else
+    cell-eval's ``target_gene`` / ``non-targeting``. Returns the Axes."""
+    pert_col, control_pert = _labels(adata_pred, pert_col, control_pert)
     pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
                             shared_only=True)
     avail = sorted(set(real.obs[pert_col].astype(str)) - {control_pert})
@@ -232,15 +245,17 @@ def top_genes(
     adata_pred: ad.AnnData,
     adata_real: ad.AnnData,
     perturbation: str,
-    pert_col: str = "target_gene",
-    control_pert: str = "non-targeting",
+    pert_col: str | None = None,
+    control_pert: str | None = None,
     n_genes: int = 20,
     ax: Axes | None = None,
 ) -> Axes:
     """Paired horizontal bars of the real and predicted pseudobulk delta (mean log1p − own control
     mean) of one perturbation, for the ``n_genes`` genes with the largest |real delta| (largest
-    at the top); the title gives the Pearson r of the two deltas over all genes. Returns the Axes.
+    at the top); the title gives the Pearson r of the two deltas over all genes. ``pert_col`` and
+    ``control_pert`` as in :func:`delta_scatter`. Returns the Axes.
     """
+    pert_col, control_pert = _labels(adata_pred, pert_col, control_pert)
     if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)) or n_genes < 1:
         raise ConfigError(f"n_genes must be a positive integer, got {n_genes!r}")
     pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
@@ -284,13 +299,13 @@ def _subsample(n: int, max_cells: int, rng: np.random.Generator) -> np.ndarray:
 def embedding(
     adata_pred: ad.AnnData,
     adata_real: ad.AnnData,
-    pert_col: str = "target_gene",
+    pert_col: str | None = None,
     color: str = "source",
     perts: Sequence[str] | None = None,
     basis: str = "pca",
     ax: Axes | None = None,
     *,
-    control_pert: str = "non-targeting",
+    control_pert: str | None = None,
     max_cells: int = 5000,
     seed: int = 0,
     s: float = 6.0,
@@ -303,7 +318,9 @@ def embedding(
     ``color``: ``"source"`` (real / predicted) or an obs column of both objects (e.g. ``pert_col``;
     real cells as dots, predicted as crosses). ``perts`` keeps those perturbations plus
     ``control_pert``. Each source is subsampled to ``max_cells`` cells (seeded by ``seed``) before
-    the PCA is fitted. Returns the Axes."""
+    the PCA is fitted. ``pert_col`` and ``control_pert`` as in :func:`delta_scatter`. Returns the
+    Axes."""
+    pert_col, control_pert = _labels(adata_pred, pert_col, control_pert)
     if basis not in ("pca", "umap"):
         raise ConfigError(f"basis {basis!r} is not supported; use 'pca' (the real cells' PCA, "
                           "into which the predicted cells are projected) or 'umap'")
@@ -335,6 +352,10 @@ def embedding(
         if missing:
             raise DataError(f"perturbation(s) {missing} not found in obs[{pert_col!r}] of pred or "
                             f"real.{did_you_mean(missing[0], avail)} Available: {preview(avail)}")
+        if control_pert not in avail:
+            raise DataError(f"the control label {control_pert!r} is not in obs[{pert_col!r}] of "
+                            f"pred or real.{did_you_mean(control_pert, avail)} Pass control_pert="
+                            "(the controls are drawn with the perturbations in perts).")
         keep = set(perts) | {control_pert}
     rng = np.random.default_rng(seed)
     cells = {}

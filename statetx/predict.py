@@ -295,20 +295,29 @@ def resize_groups(ctx: np.ndarray, pert: np.ndarray, control: str, min_cells: in
 
 
 def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input") -> None:
-    """Error when the input scale (counts vs log1p) differs from the training data's."""
+    """Error when the input scale (counts, scaled or log1p) differs from the training data's."""
+    lowest = float(x.min(initial=0))
+    if lowest < 0 and trained_log1p:
+        raise DataError(f"the {where} has negative values (down to {lowest:.4g}): it looks scaled "
+                        "or centred (e.g. by scanpy.pp.scale), but the model was trained on "
+                        "log1p-normalised values. Pass the log1p values from before scaling "
+                        "(e.g. adata.raw, or a layer saved before sc.pp.scale).")
+    if lowest < 0:
+        warnings.warn(f"the {where} has negative expression values (down to {lowest:.4g}); the "
+                      "model was trained on non-negative values.", UserWarning, stacklevel=3)
     s = sample_rows(x, 1000)
-    is_log = looks_log1p(s)
-    integer_like = bool(np.all(np.abs(s - np.round(s)) < 1e-6)) and float(s.max(initial=0)) > 15
-    if trained_log1p and integer_like:
-        raise DataError(f"the {where} looks like raw counts (integers, max {s.max():.0f}); the "
+    top = float(s.max(initial=0))
+    integers = bool(np.all(np.abs(s - np.round(s)) < 1e-6))
+    if trained_log1p and integers and top > 0:
+        raise DataError(f"the {where} looks like raw counts (integers, max {top:.0f}); the "
                         "model was trained on log1p-normalised values. Normalise it first (e.g. "
                         "statetx.pp.preprocess_train or scanpy normalize_total + log1p).")
-    if trained_log1p and float(s.max(initial=0)) > 15:
-        raise DataError(f"the {where} has values up to {s.max():.4g}, far above log1p scale; "
+    if trained_log1p and top > 15:
+        raise DataError(f"the {where} has values up to {top:.4g}, far above log1p scale; "
                         "the model was trained on log1p-normalised values. If it is normalised "
                         "but not log-transformed, apply scanpy.pp.log1p (or "
                         "statetx.pp.preprocess_train) first.")
-    if not trained_log1p and is_log and not integer_like and float(s.max(initial=0)) < 15:
+    if not trained_log1p and looks_log1p(s) and not integers:
         raise DataError(f"the {where} looks log1p-normalised but the model was trained on raw "
                         "counts; pass data on the training scale.")
 

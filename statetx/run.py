@@ -47,6 +47,7 @@ from statetx._utils import (
 from statetx.errors import ConfigError, DataError, SplitConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from statetx.config import SplitConfig
     from statetx.data import PreparedData
     from statetx.model import StateTransitionModel
 
@@ -1315,23 +1316,31 @@ def _check_same_run(run: Path, path: Path, meta: Mapping) -> None:
 
 
 def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, *,
-                toml: str | Path | None = None, data_root: str | Path | None = None,
-                adata: Any = None) -> PreparedData:
+                toml: str | Path | dict | SplitConfig | None = None,
+                data_root: str | Path | None = None, adata: Any = None) -> PreparedData:
     """Rebuild the split data of a loaded model (needed by ``predict_split``).
 
-    The split file is ``toml`` or the run's ``split.toml``; ``data_root`` replaces the directory
-    part of every dataset path (for a run whose data moved); ``adata`` supplies in-memory data.
-    The model's vocabulary is reused, so label codes match training.
+    The split spec is ``toml`` (a path, TOML string, dict or :class:`SplitConfig`), else the
+    run's ``split.toml``, else the spec the model was fitted with (kept by pickling and
+    :meth:`~statetx.StateTransitionModel.save`); ``data_root`` replaces the directory part of
+    every dataset path (for a run whose data moved); ``adata`` supplies in-memory data. The
+    model's vocabulary is reused, so label codes match training.
     """
     from statetx.config import SplitConfig
     from statetx.data import prepare
 
     run = Path(run_dir) if run_dir is not None else getattr(model, "run_dir_", None)
-    src = Path(toml) if toml is not None else (run / "split.toml" if run is not None else None)
-    if src is None or not src.is_file():
-        raise DataError(f"split file {src} not found; pass the split file used for training "
-                        "(toml=..., --toml FILE).")
-    cfg = SplitConfig.from_toml(src)
+    if toml is not None:
+        cfg = SplitConfig.from_toml(toml)
+    elif run is not None and (run / "split.toml").is_file():
+        cfg = SplitConfig.from_toml(run / "split.toml")
+    elif getattr(model, "split_config_", None) is not None:
+        cfg = model.split_config_
+    else:
+        where = f" ({run / 'split.toml'} not found)" if run is not None else ""
+        raise DataError(f"the model does not know its split spec{where}: pass the split spec "
+                        "used for training (toml=..., --toml FILE).")
+    src = cfg.source if cfg.source not in (None, "<dict>") else "the split spec"
     if data_root is not None:
         root = Path(data_root).expanduser().resolve()
 

@@ -100,7 +100,7 @@ def assign_files(
 
 def assign(
     adata: ad.AnnData,
-    config: SplitConfig | dict | str,
+    config: SplitConfig | dict | str | None,
     columns: ColumnMap | dict | None = None,
     dataset: str | None = None,
     **options,
@@ -111,9 +111,11 @@ def assign(
     controls shared by two splits, ``""`` for ignored cells), ``is_control``. ``dataset`` names the
     AnnData in the split spec; by default the single dataset the spec refers to.
     """
-    config = SplitConfig.from_toml(config)
+    config = SplitConfig.from_toml(config if config is not None else {})
     cols = columns if isinstance(columns, ColumnMap) else ColumnMap.build(**(columns or {}))
     dataset = dataset or default_dataset_name(config)
+    if not config.referenced_datasets():  # an empty spec trains on every cell, as in fit
+        config = config.model_copy(update={"training": {dataset: "train"}})
     f = from_anndata(adata, dataset, cols.pert_col, cols.cell_type_key, cols.batch_col)
     control = resolve_control([f], cols.control_pert, cols.pert_col)
     (a,) = assign_files([f], config, control, pert_col=cols.pert_col,

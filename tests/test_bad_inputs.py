@@ -139,10 +139,23 @@ def test_predict_non_finite_expression(model, adata, value):
         model.predict(adata)
 
 
-def test_predict_negative_expression_warns(model, adata):
-    adata.X[2, 1] = -1.5
-    with pytest.warns(UserWarning, match="negative expression values in X"):
-        model.predict(adata)
+def test_predict_scaled_input_is_refused(model, adata):
+    """Scaled (centred) data on a log1p model is an error that says so, whatever its range;
+    a model trained on another scale only warns."""
+    import scanpy as sc
+
+    scaled = adata.copy()
+    sc.pp.scale(scaled, max_value=10)
+    with pytest.raises(DataError, match=r"input \(X\) has negative values .*scanpy.pp.scale"):
+        model.predict(scaled)
+    one = adata.copy()
+    one.X[2, 1] = -1.5
+    with pytest.raises(DataError, match="down to -1.5"):
+        model.predict(one)
+    counts_model = pickle.loads(pickle.dumps(model))
+    counts_model.is_log1p_ = False
+    with pytest.warns(UserWarning, match="negative expression values"):
+        counts_model.predict(one)
 
 
 def test_predict_scale_mismatch_both_ways(model, adata):
@@ -150,6 +163,10 @@ def test_predict_scale_mismatch_both_ways(model, adata):
     counts.X = np.round(np.expm1(counts.X) * 20).astype(np.float32)
     with pytest.raises(DataError, match=r"looks like raw counts .*trained on log1p"):
         model.predict(counts)
+    low = counts.copy()  # shallow data or a small panel: counts that never exceed 15
+    low.X = np.minimum(low.X, 10)
+    with pytest.raises(DataError, match=r"looks like raw counts \(integers, max 10\)"):
+        model.predict(low)
     counts_model = pickle.loads(pickle.dumps(model))
     counts_model.is_log1p_ = False  # what a model trained on raw counts records
     with pytest.raises(DataError, match="looks log1p-normalised but the model was trained on raw"):
@@ -626,7 +643,9 @@ def test_count_scale_model_is_not_clipped_at_log1p_range(adata):
     counts = adata.copy()
     counts.X = np.round(np.expm1(counts.X) * 40).astype(np.float32)
     # the head predicts the change from the control cell: outputs start on the input's scale
-    m = small_model(model_kwargs={**SMALL, "residual_space": "input"}).fit(counts)
+    with pytest.warns(UserWarning, match=r"X of .* does not look log1p-normalised .*"
+                                         "preprocess_train"):
+        m = small_model(model_kwargs={**SMALL, "residual_space": "input"}).fit(counts)
     assert not m.is_log1p_
     pred = m.predict(counts)
     assert pred.X.max() > 14 and pred.X.min() >= 0

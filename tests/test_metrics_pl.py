@@ -207,6 +207,27 @@ def test_embedding_shared_genes_perts_and_colour(pair):
     plt.close("all")
 
 
+def test_plots_take_the_labels_statetx_recorded(pair):
+    """Predictions record pert_col and the control (uns["statetx"]); the plots use them, and a
+    control label that is not in the data is an error, not a silent drop of the controls."""
+    def relabel(a):
+        a = a.copy()
+        a.obs["gene"] = a.obs.pop("target_gene").astype(str).replace("non-targeting", "ctrl")
+        return a
+
+    pred, real = relabel(pair[0]), relabel(pair[1])
+    pred.uns["statetx"] = {"pert_col": "gene", "control_pert": "ctrl"}
+    ax = pl.embedding(pred, real, color="gene", perts=["G002"])
+    assert [t.get_text() for t in ax.get_legend().get_texts()][:2] == ["G002", "ctrl"]
+    ref = pl.delta_scatter(pair[0], pair[1], perts=["G002"])
+    got = pl.delta_scatter(pred, real, perts=["G002"])
+    np.testing.assert_allclose(got.collections[0].get_offsets(), ref.collections[0].get_offsets())
+    pl.top_genes(pred, real, "G002")
+    with pytest.raises(DataError, match=r"control label 'non-targeting' is not in obs\['gene'\]"):
+        pl.embedding(pred, real, perts=["G002"], control_pert="non-targeting")
+    plt.close("all")
+
+
 @pytest.mark.slow  # umap-learn compiles its kernels on first use (~30 s)
 def test_embedding_umap_places_predictions_with_the_real_cells_fit(pair):
     import umap

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from statetx import StateTransitionModel
-from statetx.errors import DataError
+from statetx.errors import ConfigError, DataError
 
 SMALL = {"hidden_dim": 32, "n_heads": 2, "head_dim": 16, "n_kv_heads": 2,
          "intermediate_size": 128, "n_layers": 2}
@@ -96,6 +97,9 @@ def test_predict_split_same_cells_in_pred_and_real(fitted):
     assert pred.shape == real.shape
     assert (pred.obs["pert_cell_barcode"] == real.obs["pert_cell_barcode"]).all()
     assert set(pred.obs["cell_type"]) == {"CT2"}
+    for a in (pred, real):  # what the plots and metrics need to pair them
+        assert a.uns["statetx"] == {"split": "test", "seed": 42, "pert_col": "gene",
+                                    "control_pert": "ctrl"}
     with pytest.raises(DataError, match="no 'val' split"):
         model.predict_split("val")
 
@@ -106,6 +110,30 @@ def test_pickle_roundtrip_identical_predictions(fitted):
     a = model.predict(adata).X
     b = clone_.predict(adata).X
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("reload", ["pickle", "save"])
+def test_reloaded_model_reattaches_its_in_memory_data(fitted, tmp_path, reload):
+    """A model fitted on in-memory data with a TOML string keeps its split spec: after pickling
+    or save/load, attach_data(adata=...) alone restores predict_split."""
+    from statetx.run import attach_data
+
+    model, adata = fitted
+    if reload == "pickle":
+        other = pickle.loads(pickle.dumps(model))
+    else:
+        other = StateTransitionModel.load(model.save(tmp_path / "m"))
+    assert other.split_config_.to_toml() == model.split_config_.to_toml()
+    with pytest.raises(NotFittedError, match="attach_data"):
+        other.predict_split("test")
+    attach_data(other, adata=adata)
+    pred, real = model.predict_split("test", seed=3)
+    pred2, real2 = other.predict_split("test", seed=3)
+    np.testing.assert_array_equal(pred.X, pred2.X)
+    np.testing.assert_array_equal(np.asarray(real.X), np.asarray(real2.X))
+    # another spec can be given as a string too
+    attach_data(other, adata=adata, toml=SPEC.replace('"test"', '"val"'))
+    assert "val" in other._prepared.splits and "test" not in other._prepared.splits
 
 
 def test_save_load_roundtrip(fitted, tmp_path):
@@ -145,10 +173,54 @@ def test_embedding_input_with_log1p_gene_output(synth_embedding):
         small_model(embed_key="X_pca", output_space="all", max_steps=2).fit(raw, SPEC)
 
 
+def test_perturbations_without_training_cells_are_flagged(synth, tmp_path):
+    """A perturbation held out in every cell type was never trained: predict, predict_split and
+    a reloaded model say so; trained ones do not warn."""
+    held = {"test": ["P0"]}
+    spec = {"training": {"data": "train"},
+            "fewshot": {f"data.CT{i}": held for i in range(3)}}
+    model = small_model(max_steps=2).fit(synth, spec)
+    assert model.trained_perturbations_ == ["P1", "P2"]
+    with pytest.warns(UserWarning, match=r"1 perturbation\(s\) of the test split had no "
+                                         "training cells: P0"):
+        model.predict_split("test")
+    loaded = StateTransitionModel.load(model.save(tmp_path / "m"))
+    assert loaded.trained_perturbations_ == ["P1", "P2"]
+    with pytest.warns(UserWarning, match="of the input had no training cells: P0"):
+        loaded.predict(synth)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded.predict(synth[synth.obs["gene"] != "P0"].copy())
+
+
+def test_prediction_keeps_the_input_gene_annotations(fitted):
+    model, adata = fitted
+    a = adata[:, ::-1].copy()  # other gene order
+    a.var["gene_id"] = [f"ENSG{i:05d}" for i in range(a.n_vars)]
+    a.var["highly_variable"] = np.arange(a.n_vars) % 2 == 0
+    out = model.predict(a)
+    assert list(out.var_names) == list(model.var_names_)
+    pd.testing.assert_frame_equal(out.var, a.var.loc[model.var_names_], check_names=False)
+    b = a[:, 1:].copy()  # a gene filled with zeros: no annotation to take
+    assert out.var.shape[1] == 2 and model.predict(b, missing_genes="zero").var.shape[1] == 0
+
+
+def test_batch_paired_model_on_input_without_batches(synth):
+    model = small_model(batch_col="batch", max_steps=2).fit(synth, SPEC)
+    bare = synth.copy()
+    del bare.obs["batch"]
+    with pytest.raises(DataError, match=r"no obs column 'batch'.*basal_pool='cell_type'"):
+        model.predict(bare)
+    out = model.predict(bare, basal_pool="cell_type")
+    assert out.n_obs == bare.n_obs and out.uns["statetx"]["basal_pool"] == "cell_type"
+
+
 def test_score_is_a_correlation(fitted):
     model, adata = fitted
     s = model.score(adata[adata.obs["cell_type"] == "CT2"].copy())
     assert -1.0 <= s <= 1.0
+    with pytest.raises(ConfigError, match="predict_controls cannot be set"):
+        model.score(adata, predict_controls=True)
 
 
 def test_gene_mismatch_lists_missing_genes(fitted):

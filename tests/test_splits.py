@@ -222,6 +222,13 @@ def test_kang_dataset_name_is_configurable(kang_raw):
                KANG_COLS, dataset="pbmc")
 
 
+@pytest.mark.parametrize("spec", [{}, None, ""], ids=["dict", "none", "string"])
+def test_empty_spec_trains_on_every_cell_as_fit_does(kang_raw, spec):
+    df = assign(kang_raw, spec, KANG_COLS)
+    assert df["train"].all() and not (df["val"] | df["test"]).any()
+    assert (df["split"] == "train").all()
+
+
 # ---------------------------------------------------------------------------------------------
 # (d) leakage property for the three real specs
 
