@@ -228,3 +228,20 @@ def test_extended_profile_extras(real, pred):
     assert shift["pearson_delta_centroid"].isna().all()  # against the centroids: nothing
     assert "pearson_delta_centroid" not in evaluate(pred, real[0], profile="full",
                                                     num_threads=1)[0].columns
+
+
+def test_pred_and_real_of_different_cell_types_are_flagged(real, pred):
+    """Real cells of cell types the prediction does not cover would be pooled into the
+    comparison: a warning names them (the metrics themselves stay cell-eval's)."""
+    import warnings
+
+    r, p = real[0].copy(), pred.copy()
+    r.obs["cell_type"] = np.where(np.arange(r.n_obs) % 2, "B cells", "T cells")
+    p.obs["cell_type"] = "B cells"
+    with pytest.warns(UserWarning, match=r"real cells of T cells are pooled.*celltype_col="
+                                         "'cell_type'"):
+        evaluate(p, r, profile="minimal", num_threads=1)
+    r.obs["cell_type"] = "B cells"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(p, r, profile="minimal", num_threads=1)

@@ -75,6 +75,7 @@ def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False) -> 
         )
         adata = adata.copy()
         adata.X = adata.X.astype(np.float32)
+        adata.uns.pop("log1p", None)  # (a stale mark would make scanpy say X is logged already)
         sc.pp.normalize_total(adata)
         sc.pp.log1p(adata)
         return adata

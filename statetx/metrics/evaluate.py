@@ -11,7 +11,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from statetx._utils import available_cpus, did_you_mean
+from statetx._utils import available_cpus, did_you_mean, preview
 from statetx.errors import ConfigError, DataError
 from statetx.metrics import expression as ex
 from statetx.metrics._inputs import align_pair, check_scale, load
@@ -187,6 +187,25 @@ def _prefix(ct: str | None) -> str:
     return "" if ct is None else str(ct).replace("/", "-") + "_"
 
 
+def _warn_other_cell_types(p: ad.AnnData, r: ad.AnnData) -> None:
+    """Warn when a cell-type-like obs column of both inputs holds different values: the cells
+    of the other cell types would be pooled into the comparison."""
+    for col in p.obs.columns.intersection(r.obs.columns):
+        name = str(col).lower().replace("_", "").replace(" ", "")
+        if name not in ("celltype", "cellline", "celltypes"):
+            continue
+        vp, vr = set(p.obs[col].astype(str)), set(r.obs[col].astype(str))
+        if vp != vr:
+            extra = sorted(vr - vp) or sorted(vp - vr)
+            side = "real" if vr - vp else "pred"
+            warnings.warn(
+                f"obs['{col}'] holds other values in pred ({preview(sorted(vp), 4)}) than in real "
+                f"({preview(sorted(vr), 4)}): the {side} cells of {preview(extra, 4)} are pooled "
+                "into the comparison. Subset both to the same cell types, or pass "
+                f"celltype_col='{col}' to score each cell type separately.",
+                UserWarning, stacklevel=3)
+
+
 def evaluate(
     adata_pred: ad.AnnData | str | Path | None = None,
     adata_real: ad.AnnData | str | Path | None = None,
@@ -243,6 +262,8 @@ def evaluate(
     p, r = align_pair(p, r, pert_col=pert_col, control_pert=control_pert,
                       celltype_col=celltype_col, embed_key=embed_key,
                       align_genes=align_genes, shared_only=shared_only)
+    if celltype_col is None:
+        _warn_other_cell_types(p, r)
     dp, dr = _read_de(de_pred, "pred"), _read_de(de_real, "real")
     if dp is not None and dr is not None:
         tp, tr = set(dp["target"].astype(str)), set(dr["target"].astype(str))
