@@ -615,6 +615,8 @@ class StateTransitionModel(BaseEstimator):
         # a job scheduler's SIGTERM unwinds like Ctrl-C, so that the earlier run comes back
         restore_sigterm = sigterm_unwinds() if fresh and aside is not None else None
         try:  # a failed fit leaves the estimator as it was (fitted or not)
+            for k in previous:  # nothing of an earlier fit (or loaded run) survives a refit
+                delattr(self, k)
             self._set_fitted(network, net_cfg, vocab, prepared, set_len)
             self.preset_, self.train_settings_ = preset, settings
             trainer = Trainer(network, samplers["train"], samplers.get("val"), train_cfg,
@@ -651,6 +653,8 @@ class StateTransitionModel(BaseEstimator):
         self.history_ = history_frame(history)
         self.device_ = trainer.device
         self.best_step_ = trainer.state.best_step
+        if out is not None:
+            self.run_dir_ = out
         return self
 
     def _warn_untrained(self, codes: np.ndarray, where: str) -> None:

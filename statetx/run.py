@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import json
 import math
 import os
@@ -1374,11 +1375,19 @@ def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, 
 # ---------------------------------------------------------------------------------------------
 
 
-def estimator_class(init_from: str | None = None, freeze_backbone: bool = False,
+def estimator_class(init_from: str | Path | None = None, freeze_backbone: bool = False,
                     attention: str | None = None) -> type:
     """``StateTransitionModel``, or a subclass that initialises from ``init_from`` (partial load:
     tensors of matching name and shape; the rest keep their fresh initialisation) and optionally
-    freezes the transformer backbone."""
+    freezes the transformer backbone. The same settings give the same class; its models pickle
+    and clone like the plain estimator's."""
+    return _estimator_class(None if init_from is None else str(init_from),
+                            bool(freeze_backbone), attention)
+
+
+@functools.cache  # one class per setting (pickling, isinstance)
+def _estimator_class(init_from: str | None, freeze_backbone: bool,
+                     attention: str | None) -> type:
     from statetx.model import StateTransitionModel
 
     if init_from is None and not freeze_backbone:
@@ -1394,7 +1403,19 @@ def estimator_class(init_from: str | None = None, freeze_backbone: bool = False,
                 print("statetx: freeze_pert_backbone=true: the transformer backbone is frozen.")
             return super()._set_fitted(network, *args, **kwargs)
 
+        def __reduce__(self):  # a class made here: pickled as how to make it again
+            return (_fine_tuned, ((init_from, freeze_backbone, attention), self.__getstate__()))
+
+    FineTunedModel.__qualname__ = FineTunedModel.__name__ = "FineTunedModel"
     return FineTunedModel
+
+
+def _fine_tuned(settings: tuple, state: dict) -> StateTransitionModel:
+    """Unpickle an :func:`estimator_class` model."""
+    cls = _estimator_class(*settings)
+    model = cls.__new__(cls)
+    model.__setstate__(state)
+    return model
 
 
 def partial_load(network: Any, source: str | Path, attention: str | None = None

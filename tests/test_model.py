@@ -136,6 +136,25 @@ def test_reloaded_model_reattaches_its_in_memory_data(fitted, tmp_path, reload):
     assert "val" in other._prepared.splits and "test" not in other._prepared.splits
 
 
+def test_fine_tuning_estimator_starts_from_weights_and_pickles(fitted, tmp_path):
+    """estimator_class(init_from=...): the docs' fine-tuning recipe; it starts from the given
+    weights, can freeze the backbone, and pickles and clones like the plain estimator."""
+    from statetx.run import estimator_class
+
+    model, adata = fitted
+    FineTuned = estimator_class(init_from=str(model.save(tmp_path / "m")), freeze_backbone=True)
+    ft = FineTuned(**{**model.get_params(), "max_steps": 2})
+    unfitted = pickle.loads(pickle.dumps(ft))
+    assert type(unfitted) is type(ft) and unfitted.get_params() == ft.get_params()
+    ft.fit(adata, SPEC)
+    before = model.network_.transformer_backbone.state_dict()
+    after = ft.network_.transformer_backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # loaded and frozen
+    again = pickle.loads(pickle.dumps(ft))
+    np.testing.assert_array_equal(again.predict(adata).X, ft.predict(adata).X)
+    assert type(clone(again)) is type(ft)
+
+
 def test_save_load_roundtrip(fitted, tmp_path):
     model, adata = fitted
     model.save(tmp_path / "m")
