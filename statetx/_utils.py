@@ -183,6 +183,27 @@ def changed_params(before: dict, after: dict) -> list[str]:
             if k not in RESUMABLE_PARAMS and a.get(k) != b.get(k)]
 
 
+def data_differences(before: dict | None, after: dict | None) -> list[str]:
+    """What differs between two training-data fingerprints (``PreparedData.fingerprint``; a
+    checkpoint written before they were recorded has none: nothing to compare)."""
+    if not before or not after:
+        return []
+    out = []
+    old, new = ({tuple(r) for r in d.get("cells", [])} for d in (before, after))
+    if old != new:
+        def rows(s: set) -> str:
+            return preview(sorted(" ".join(r[:4]) + f" ({r[5]} perturbed cells)" for r in s), 3)
+
+        out.append("cells per dataset, file, cell type and split: "
+                   + (f"only before: {rows(old - new)}" if old - new else "")
+                   + ("; " if old - new and new - old else "")
+                   + (f"now: {rows(new - old)}" if new - old else ""))
+    a, b = before.get("values", {}), after.get("values", {})
+    out += [f"the expression values of the {k} split" for k in sorted(set(a) & set(b))
+            if a[k] != b[k]]
+    return out
+
+
 def same_run(mine: dict, theirs: dict) -> bool:
     """Whether two model metadata records (``model.json`` / a checkpoint's ``statetx_model``)
     describe the same run: settings (those a resume may change aside), network, vocabulary

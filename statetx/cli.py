@@ -534,6 +534,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                                 attention=plan.init_attention)
         model = cls(**p)
         model._run_config = cfg
+        model._force_resume = cfg["resume"] == "force"
         if plan.replaced is not None:
             model._on_first_checkpoint = lambda: R.finish_replacement(plan, True)
         t0 = time.perf_counter()

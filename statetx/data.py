@@ -104,6 +104,19 @@ class PreparedData:
     def gene_dim(self) -> int:
         return 0 if self.gene_names is None else len(self.gene_names)
 
+    def fingerprint(self) -> dict:
+        """What a resumed run must train on again: the cells of every split (per dataset, file
+        and cell type) and, for in-memory splits, checksums of evenly spaced expression rows."""
+        values = {}
+        for name, d in self.splits.items():
+            x = getattr(d, "X", None)
+            if isinstance(x, torch.Tensor) and len(x):
+                pick = np.linspace(0, len(x) - 1, min(len(x), 2048)).astype(np.int64)
+                rows = x.index_select(0, torch.from_numpy(pick).to(x.device)).cpu().double()
+                values[name] = [len(x), f"{float(rows.sum()):.10g}",
+                                f"{float(rows.square().sum()):.10g}"]
+        return {"cells": self.summary.astype(str).values.tolist(), "values": values}
+
     def x_is_log1p(self) -> bool:
         """Whether X (of the first file; sampled rows) looks log1p-normalised."""
         return looks_log1p(_sample_matrix(self.files[0], None))
@@ -147,6 +160,12 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
                         f"names without a [datasets] path ({', '.join(sorted([name, *others]))})"
                         f": a typo?{did_you_mean(name, others)} Use one name, or pass "
                         "dataset_name= (or a dict of AnnData).")
+            elif memory:
+                given = ", ".join(f"'{n}'" for n in sorted(memory) if n not in names)
+                if given:
+                    hint = (f"The AnnData given in memory is named {given} (dataset_name or the "
+                            f"dict's keys), which the spec does not use: name it '{name}'"
+                            + (" (dataset_name=...)." if isinstance(data, ad.AnnData) else "."))
             raise SplitConfigError(
                 f'dataset \'{name}\' is used in [{section}] "{key}" but has no entry in [datasets] '
                 f"and was not passed in memory. {hint}"

@@ -458,7 +458,8 @@ class StateTransitionModel(BaseEstimator):
         check_count("downsample_cells", self.downsample_cells)
         check_sampler_options("random", 1, 1, pad_from=self.pad_from)
         self._additional_obs()
-        for name in ("drop_last", "exclude_self", "val_from_test"):
+        for name in ("drop_last", "exclude_self", "val_from_test", "yield_controls",
+                     "heldout_controls_in_train", "train_pert_skip", "progress"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
         # an embedding input reads X only as the gene-space targets of output 'all' (or of
@@ -500,8 +501,18 @@ class StateTransitionModel(BaseEstimator):
         refers to (or ``dataset_name``). ``output_dir`` receives checkpoints, metrics and the
         vocabularies; ``resume_from`` continues a run from its ``last.ckpt`` exactly. A fit that
         fails or is interrupted leaves the estimator as it was (the checkpoints written so far
-        stay in ``output_dir``).
+        stay in ``output_dir``). Randomness comes from ``seed`` alone; torch's global random
+        state is left as it was.
         """
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            return self._fit(adata, split_config, dataset_name=dataset_name,
+                             output_dir=output_dir, resume_from=resume_from)
+
+    def _fit(self, adata: ad.AnnData | dict[str, ad.AnnData] | None,
+             split_config: SplitConfig | dict | str | Path | None, *, dataset_name: str | None,
+             output_dir: str | Path | None, resume_from: str | Path | None
+             ) -> StateTransitionModel:
         self._check_params()
         out = Path(output_dir) if output_dir is not None else None
         if out is not None:
@@ -514,6 +525,16 @@ class StateTransitionModel(BaseEstimator):
                     and not looks_like_run(out)):
                 raise ConfigError(f"output_dir {out} holds files that are not a statetx run; "
                                   "choose an empty or new folder (nothing was written).")
+            if resume_from is not None:
+                from statetx.run import has_checkpoints
+
+                ckpts = Path(resume_from).resolve().parent
+                if ckpts != (out / "checkpoints").resolve() and has_checkpoints(out):
+                    raise ConfigError(
+                        f"output_dir {out} holds the checkpoints of another run: resuming "
+                        f"{resume_from} there would mix two runs. Resume into the checkpoint's "
+                        f"own run folder ({ckpts.parent}) or into an empty or new output_dir "
+                        "(nothing was written).")
         columns = self._columns()
         stream = stream_settings(self.data_loading, self.stream_chunk_size,
                                  self.stream_buffer_chunks, self.stream_max_controls)
@@ -622,9 +643,11 @@ class StateTransitionModel(BaseEstimator):
             trainer = Trainer(network, samplers["train"], samplers.get("val"), train_cfg,
                               device=ddp.device if ddp is not None
                               else resolve_device(self.device), output_dir=out,
-                              checkpoint_extra={"statetx_model": self._metadata()})
+                              checkpoint_extra={"statetx_model": self._metadata(),
+                                                "training_data": prepared.fingerprint()})
             if resume_from is not None:  # a refused resume writes nothing into the run
-                trainer.check_resume(resume_from)
+                trainer.check_resume(resume_from,
+                                     force=bool(getattr(self, "_force_resume", False)))
             if fresh and aside is not None:  # the earlier run goes once this one has a checkpoint
                 trainer.on_first_checkpoint = lambda: settle_aside(out, aside, True, existed)
             else:  # the CLI's overwrite=true does the same with the run it set aside

@@ -39,6 +39,7 @@ from statetx._utils import (
     MATMUL_PRECISIONS,
     atomic_write,
     changed_params,
+    data_differences,
     matmul_precision_scope,
     same_run,
 )
@@ -74,7 +75,7 @@ class TrainConfig:
     regularization: float = 0.0          # weight of mean |pred - basal| (D_in = D_out)
     val_freq: int = 2000
     ckpt_every_n_steps: int = 2000
-    keep_last_n: int | None = None       # periodic checkpoints kept (None = all)
+    keep_last_n: int | None = None       # periodic step=N checkpoints kept (None = all)
     early_stopping_patience: int | None = None  # validations without improvement
     log_every_n_steps: int = 50
     precision: str = "auto"              # "auto" (CUDA: bf16-mixed, CPU: 32) | "32" | "bf16-mixed"
@@ -118,10 +119,21 @@ class TrainConfig:
         if self.gradient_clip_val is not None and not float(self.gradient_clip_val) > 0:
             raise ConfigError(f"gradient_clip_val={self.gradient_clip_val!r} must be positive (or "
                               "None for no clipping).")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay={self.weight_decay!r} must be a finite number >= 0.")
         for key in ("max_steps", "val_freq", "ckpt_every_n_steps", "gradient_accumulation_steps",
                     "log_every_n_steps"):
             if int(getattr(self, key)) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)!r} must be a positive integer.")
+        for key, low in (("keep_last_n", 0), ("early_stopping_patience", 1),
+                         ("warmup_steps", 0)):
+            value = getattr(self, key)
+            if value is not None and int(value) < low:
+                raise ConfigError(f"{key}={value!r} must be an integer >= {low}"
+                                  + (" (or None)." if key != "warmup_steps" else "."))
+        for key in ("progress", "compile", "detach_decoder"):
+            if not isinstance(getattr(self, key), (bool, np.bool_)):
+                raise ConfigError(f"{key}={getattr(self, key)!r} must be True or False.")
 
 
 @dataclass
@@ -142,9 +154,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` → CUDA when available, else CPU."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.dtype):
+        raise ConfigError(f"{device} is a dtype, not a device: statetx models keep float32 "
+                          "weights (predict(matmul_precision=...) lowers the product precision).")
     try:
         dev = torch.device(device)
-    except RuntimeError as err:
+    except (RuntimeError, TypeError) as err:
         raise ConfigError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or "
                           "'cuda:N'.") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -577,8 +592,10 @@ class Trainer:
         shown: dict[str, float] | None = None  # the last logged values (progress line)
         pending: list[CellSetBatch] = []
         empty = 0  # epochs in a row without a batch
+        p = c.early_stopping_patience  # (a resumed run that had stopped early stays stopped)
+        stopped = p is not None and st.bad_validations >= p
         try:
-            while st.step < c.max_steps:
+            while st.step < c.max_steps and not stopped:
                 first = st.batch_in_epoch
                 for batch in self.train_sampler.batches(st.epoch, start=st.batch_in_epoch):
                     st.batch_in_epoch += 1
@@ -769,10 +786,11 @@ class Trainer:
             callback, self.on_first_checkpoint = self.on_first_checkpoint, None
             callback()
 
-    def check_resume(self, path: str | Path) -> dict[str, Any]:
+    def check_resume(self, path: str | Path, force: bool = False) -> dict[str, Any]:
         """Load a checkpoint to resume from and check that it can continue this run (full
-        training state; the same settings, network, vocabulary and genes). Kept for
-        :meth:`load_checkpoint`, so that a refused resume is known before anything is written."""
+        training state; the same settings, network, vocabulary and genes; the same training
+        data unless ``force``). Kept for :meth:`load_checkpoint`, so that a refused resume is
+        known before anything is written."""
         if self._resume is not None and self._resume[0] == str(path):
             return self._resume[1]
         ckpt = load_checkpoint_file(path)
@@ -797,6 +815,12 @@ class Trainer:
                        "another network, vocabulary or genes (a checkpoint of another run?)")
                     + " than this run asks for. Resume with the run's own settings and "
                     "checkpoints/last.ckpt, or start afresh.")
+            data = data_differences(ckpt.get("training_data"), self.extra.get("training_data"))
+            if data and not force:
+                raise TrainingError(
+                    f"cannot resume from {path}: the training data differ from the run's ("
+                    + "; ".join(data) + "). Resume with the data and split spec the run started "
+                    "with, or start afresh (tx train: resume=force continues anyway).")
             changed = changed_params(theirs, mine)
             if changed and _is_main():
                 warnings.warn(f"resuming {path} with changed settings: {'; '.join(changed)}. "
@@ -848,11 +872,11 @@ class Trainer:
 
     def _prune(self) -> None:
         n = self.cfg.keep_last_n
-        if not n:
+        if n is None:
             return
         ckpts = sorted((self.out / "checkpoints").glob("step=*.ckpt"),
                        key=lambda p: int(p.stem.split("=")[1]))
-        for p in ckpts[:-n]:
+        for p in ckpts[:max(len(ckpts) - int(n), 0)]:
             p.unlink(missing_ok=True)
 
 

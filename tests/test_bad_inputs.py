@@ -605,6 +605,12 @@ def test_python_m_statetx_bad_split_file(tmp_path):
     ({"lr": -1.0}, r"lr=-1.0 must be a non-negative"),
     ({"device": "tpu"}, r"device='tpu' is not a device"),
     ({"loss_kwargs": {"blurr": 0.1}}, r"unknown option 'blurr'"),
+    ({"yield_controls": "no"}, r"yield_controls='no' must be True or False"),
+    ({"progress": "yes"}, r"progress='yes' must be True or False"),
+    ({"keep_last_n": -1}, r"keep_last_n=-1 must be an integer >= 0"),
+    ({"early_stopping_patience": 0}, r"early_stopping_patience=0 must be an integer >= 1"),
+    ({"warmup_steps": -3}, r"warmup_steps=-3 must be an integer >= 0"),
+    ({"weight_decay": -1}, r"weight_decay=-1.0 must be a finite number >= 0"),
 ])
 def test_failed_refit_keeps_the_fitted_model_and_writes_nothing(model, adata, tmp_path, bad,
                                                                 match):
@@ -732,6 +738,11 @@ def test_load_onto_a_missing_gpu_names_the_device(model, tmp_path):
     with pytest.raises(ConfigError, match=r"device='cuda:1' was requested but CUDA is not "
                                           "available"):
         StateTransitionModel.load(tmp_path / "m", device="cuda:1")
+
+
+def test_moving_a_model_to_a_dtype_is_explained(model):
+    with pytest.raises(ConfigError, match=r"torch.float64 is a dtype, not a device"):
+        pickle.loads(pickle.dumps(model)).to(torch.float64)
 
 
 def test_fit_refuses_an_output_folder_that_is_not_a_run(adata, tmp_path):

@@ -89,6 +89,15 @@ def test_one_anndata_and_a_misspelt_dataset_name():
         prepare(make_adata(), spec, COLS)
 
 
+def test_anndata_named_otherwise_than_the_spec():
+    spec = {"training": {"kang": "train"}}
+    with pytest.raises(SplitConfigError, match=r"given in memory is named 'kangg' .*name it "
+                                               r"'kang' \(dataset_name=...\)"):
+        prepare(make_adata(), spec, COLS, dataset_name="kangg")
+    with pytest.raises(SplitConfigError, match=r"named 'x' .*name it 'kang'\.$"):
+        prepare({"x": make_adata()}, spec, COLS)
+
+
 def test_training_value_other_than_train():
     with pytest.raises(SplitConfigError,
                        match=r'\[training\]\.replogle = "val" is not allowed.*only accepted value '

@@ -52,6 +52,13 @@ def test_init_only_stores_params_and_clone():
         m.predict_sets(np.zeros((2, 4)), "P0")
 
 
+def test_fit_leaves_torchs_global_random_state_alone(synth):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    small_model(max_steps=2).fit(synth, SPEC)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_fit_returns_self_and_fitted_attributes(fitted):
     model, adata = fitted
     assert model.network_ is not None and model.vocab_.control_pert == "ctrl"
@@ -153,6 +160,51 @@ def test_fine_tuning_estimator_starts_from_weights_and_pickles(fitted, tmp_path)
     again = pickle.loads(pickle.dumps(ft))
     np.testing.assert_array_equal(again.predict(adata).X, ft.predict(adata).X)
     assert type(clone(again)) is type(ft)
+
+
+def test_refit_forgets_the_earlier_run(synth, tmp_path):
+    """Refitting a loaded run keeps nothing of it: no stale provenance, and the split the model
+    re-attaches is the one it was refitted on."""
+    from statetx.run import attach_data
+
+    small_model(max_steps=2).fit(synth, SPEC, output_dir=tmp_path / "a")
+    loaded = StateTransitionModel.load_run(tmp_path / "a")
+    assert loaded.run_dir_ == tmp_path / "a" and loaded.checkpoint_path_ is not None
+    loaded.fit(synth, SPEC.replace("CT2", "CT1"))
+    assert not any(hasattr(loaded, k) for k in ("run_dir_", "checkpoint_path_", "step_"))
+    assert "model" not in loaded.predict(synth).uns["statetx"]
+    other = pickle.loads(pickle.dumps(loaded))
+    attach_data(other, adata=synth)
+    assert set(other.predict_split("test")[1].obs["cell_type"]) == {"CT1"}
+    loaded.fit(synth, SPEC, output_dir=tmp_path / "b")
+    assert loaded.run_dir_ == tmp_path / "b"
+
+
+def test_resume_refuses_other_data_or_another_runs_folder(synth, tmp_path):
+    """A resume continues the run it belongs to: changed data or split spec, or a folder that
+    holds another run, are refused before anything is written."""
+    from statetx.train import TrainingError
+
+    kw = dict(max_steps=4, ckpt_every_n_steps=2, val_freq=2)
+    small_model(**kw).fit(synth, SPEC, output_dir=tmp_path / "a")
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    scaled = synth.copy()
+    scaled.X = scaled.X * 1.5
+    cases = [(scaled, SPEC, "expression values of the test split"),
+             (synth, SPEC.replace("CT2", "CT1"), r"only before: .*CT2 test \(72 perturbed")]
+    for data, spec, match in cases:
+        with pytest.raises(TrainingError, match="training data differ from the run's.*" + match):
+            small_model(**{**kw, "max_steps": 6}).fit(data, spec, output_dir=tmp_path / "a",
+                                                      resume_from=last)
+        assert last.read_bytes() == before
+    small_model(**kw).fit(synth, SPEC, output_dir=tmp_path / "b")
+    with pytest.raises(ConfigError, match=r"holds the checkpoints of another run.*nothing"):
+        small_model(**{**kw, "max_steps": 6}).fit(synth, SPEC, output_dir=tmp_path / "b",
+                                                  resume_from=last)
+    m = small_model(**{**kw, "max_steps": 6}).fit(synth, SPEC, output_dir=tmp_path / "c",
+                                                  resume_from=last)  # a new folder: fine
+    assert m.history_["step"].max() == 6
 
 
 def test_save_load_roundtrip(fitted, tmp_path):

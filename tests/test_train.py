@@ -35,6 +35,9 @@ def test_checkpoints_written_and_last_is_latest(synth, tmp_path):
     ck = tmp_path / "checkpoints"
     names = sorted(p.name for p in ck.iterdir())
     assert names == ["best.ckpt", "final.ckpt", "last.ckpt", "step=6.ckpt", "step=8.ckpt"]
+    small_model(max_steps=4, val_freq=2, ckpt_every_n_steps=2, keep_last_n=0).fit(
+        synth, FEWSHOT, output_dir=tmp_path / "none")  # no periodic checkpoint kept
+    assert not list((tmp_path / "none" / "checkpoints").glob("step=*"))
     last = load_checkpoint_file(ck / "last.ckpt")
     best = load_checkpoint_file(ck / "best.ckpt")
     assert last["train_state"]["step"] == 8
@@ -149,10 +152,19 @@ def test_weight_averaging_resume_is_bit_identical(synth, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_early_stopping(synth):
-    m = small_model(max_steps=200, val_freq=1, early_stopping_patience=2, lr=0.5)
-    m.fit(synth, FEWSHOT)
-    assert m.history_["step"].max() < 200
+def test_early_stopping(synth, tmp_path):
+    kw = dict(max_steps=200, val_freq=1, early_stopping_patience=2, lr=0.5)
+    m = small_model(**kw).fit(synth, FEWSHOT, output_dir=tmp_path)
+    stop = m.history_["step"].max()
+    assert stop < 200
+    # resuming the stopped run stays stopped (a larger patience would continue it)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    again = small_model(**kw).fit(synth, FEWSHOT, output_dir=tmp_path, resume_from=last)
+    assert again.history_["step"].max() == stop
+    more = small_model(**{**kw, "early_stopping_patience": 50, "max_steps": stop + 2})
+    with pytest.warns(UserWarning, match="early_stopping_patience: 2 -> 50"):
+        more.fit(synth, FEWSHOT, output_dir=tmp_path, resume_from=last)
+    assert more.history_["step"].max() == stop + 2
 
 
 def test_non_finite_loss_stops_with_step(synth, tmp_path):
