@@ -733,38 +733,16 @@ def cmd_predict(a: argparse.Namespace) -> int:
              f"{', '.join(sorted(set(cts) - perturbed))}")
         keep = np.isin(cts, sorted(perturbed))
         pred, real = pred[keep].copy(), real[keep].copy()
-    if model._expression_output and not model.is_log1p_:  # a count-scale model
-        pred, real = _counts_to_log1p(pred, real)
-        if a.pseudobulk:
-            _say("--pseudobulk with a count-scale model: the metrics are computed on the log1p "
-                 "of mean counts, not on the mean of per-cell log1p values, and differ from the "
-                 "cell-level evaluation's")
+    if model._output_scale == "counts" and a.pseudobulk:  # (evaluate log1p's both sides)
+        _say("--pseudobulk with a count-scale model: the metrics are computed on the log1p "
+             "of mean counts, not on the mean of per-cell log1p values, and differ from the "
+             "cell-level evaluation's")
     _, agg = evaluate(pred, real, pert_col=c.pert_col, control_pert=c.control_pert,
                       celltype_col=c.cell_type_key, profile=a.profile, outdir=out,
                       skip_metrics=skip, num_threads=a.num_threads)
     _print_agg(agg)
     _say(f"metrics written to {out} (<cell type>_results.csv, <cell type>_agg_results.csv)")
     return EXIT_OK
-
-
-def _counts_to_log1p(pred: Any, real: Any) -> tuple[Any, Any]:
-    """Count-scale predictions and real cells, both normalised to the real cells' median total
-    and log1p-transformed (the scale the metrics expect; the same transform on both sides)."""
-    import numpy as np
-    import scanpy as sc
-
-    totals = np.asarray(real.X.sum(axis=1)).ravel()
-    target = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
-    _say(f"count-scale model: predictions and real cells are normalised to {target:g} counts "
-         "per cell and log1p-transformed for the metrics (the written h5ad files keep counts)")
-    out = []
-    for x in (pred, real):
-        x = x.copy()
-        x.X = np.clip(np.asarray(x.X, dtype=np.float32), 0.0, None)
-        sc.pp.normalize_total(x, target_sum=target)
-        sc.pp.log1p(x)
-        out.append(x)
-    return out[0], out[1]
 
 
 # the files tx predict writes into eval_<checkpoint>/ (removed there before a new evaluation)

@@ -109,7 +109,7 @@ class PreparedData:
         and cell type) and, for in-memory splits, checksums of evenly spaced expression rows."""
         values = {}
         for name, d in self.splits.items():
-            x = getattr(d, "X", None)
+            x = d.X if isinstance(d, SplitData) else None  # (streamed splits hold no values)
             if isinstance(x, torch.Tensor) and len(x):
                 pick = np.linspace(0, len(x) - 1, min(len(x), 2048)).astype(np.int64)
                 rows = x.index_select(0, torch.from_numpy(pick).to(x.device)).cpu().double()

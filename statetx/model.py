@@ -727,6 +727,14 @@ class StateTransitionModel(BaseEstimator):
             self.columns_.embed_key in (None, "X_hvg")
             or getattr(self.network_, "gene_decoder", None) is not None)
 
+    @property
+    def _output_scale(self) -> str:
+        """What the output's X holds (recorded in ``uns["statetx"]["scale"]``, read by
+        :func:`statetx.evaluate`): ``log1p`` or ``counts`` expression, or an ``embedding``."""
+        if not self._expression_output:
+            return "embedding"
+        return "log1p" if self.is_log1p_ else "counts"
+
     # ------------------------------------------------------------------ predict
     def predict_sets(self, basal, perturbation, batch=None, *,
                      matmul_precision: str = "highest") -> np.ndarray:
@@ -1046,6 +1054,7 @@ class StateTransitionModel(BaseEstimator):
                               else float(self.network_config_.rope),
                               "matmul_precision": matmul_precision,
                               "control_pert": input_control, "pert_col": pert_col,
+                              "scale": self._output_scale,
                               **({"model": str(source)} if source is not None else {})}
         return out
 
@@ -1285,7 +1294,7 @@ class StateTransitionModel(BaseEstimator):
                       device=next(self.network_.parameters()).device,
                       matmul_precision=matmul_precision)
         info = {"split": split, "seed": int(seed), "pert_col": self.columns_.pert_col,
-                "control_pert": self.vocab_.control_pert}
+                "control_pert": self.vocab_.control_pert, "scale": self._output_scale}
         if pseudobulk:
             pair = self._split_pseudobulks(d, order, run, clip, controls)
             for a in pair:

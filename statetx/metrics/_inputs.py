@@ -43,6 +43,11 @@ def _chunks(x: np.ndarray | sp.spmatrix):
         yield x[r:r + _ROW_CHUNK]
 
 
+def has_fraction(adata: ad.AnnData) -> bool:
+    """Whether some entry of X has a fractional part > 1e-3 (else X holds integer counts)."""
+    return any(bool(np.any(np.abs(c - np.round(c)) > 1e-3)) for c in _chunks(adata.X))
+
+
 def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False) -> ad.AnnData:
     """Apply the reference scale rule; return ``adata`` or a log1p-converted copy.
 
@@ -91,6 +96,36 @@ def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False) -> 
             "Apply sc.pp.log1p first, or pass allow_discrete=True to evaluate it as is"
         )
     return adata
+
+
+def is_count_scale(adata: ad.AnnData) -> bool:
+    """Whether statetx recorded ``adata`` as count-scale expression (``uns["statetx"]["scale"]``:
+    predictions of a model trained on counts, and their real cells)."""
+    info = adata.uns.get("statetx")
+    return isinstance(info, dict) and info.get("scale") == "counts"
+
+
+def counts_to_log1p(pred: ad.AnnData, real: ad.AnnData) -> tuple[ad.AnnData, ad.AnnData]:
+    """Count-scale predictions and real cells, both normalised to the real cells' median total
+    and log1p-transformed: the scale the metrics expect, by the same transform on both sides
+    (the reference rule would convert the integer real cells alone)."""
+    import scanpy as sc
+
+    totals = np.asarray(real.X.sum(axis=1)).ravel()
+    target = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
+    print(f"statetx.evaluate: count-scale prediction: predictions and real cells are normalised "
+          f"to {target:g} counts per cell and log1p-transformed for the metrics")
+    out = []
+    for a in (pred, real):
+        a = a.copy()
+        x = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
+        a.X = np.clip(x.astype(np.float32), 0.0, None)
+        a.uns.pop("log1p", None)
+        sc.pp.normalize_total(a, target_sum=target)
+        sc.pp.log1p(a)
+        a.uns["statetx"] = {**a.uns.get("statetx", {}), "scale": "log1p"}
+        out.append(a)
+    return out[0], out[1]
 
 
 def check_obs_col(adata: ad.AnnData, col: str, which: str, what: str) -> None:

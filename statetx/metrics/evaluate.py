@@ -14,7 +14,14 @@ import pandas as pd
 from statetx._utils import available_cpus, did_you_mean, preview
 from statetx.errors import ConfigError, DataError
 from statetx.metrics import expression as ex
-from statetx.metrics._inputs import align_pair, check_scale, load
+from statetx.metrics._inputs import (
+    align_pair,
+    check_scale,
+    counts_to_log1p,
+    has_fraction,
+    is_count_scale,
+    load,
+)
 from statetx.metrics._table import MetricTable, atomic_write_text, write_agg, write_de_csv
 from statetx.metrics.de import DE_MODES, group_means, wilcoxon_de
 from statetx.metrics.de_metrics import check_de_table, de_metrics
@@ -248,8 +255,16 @@ def evaluate(
     metrics = _metric_list(profile, skip_metrics)
     if num_threads is None:
         num_threads = available_cpus()
-    p = check_scale(load(adata_pred, "pred"), "pred", allow_discrete)
-    r = check_scale(load(adata_real, "real"), "real", allow_discrete)
+    p, r = load(adata_pred, "pred"), load(adata_real, "real")
+    if is_count_scale(p) and not allow_discrete:
+        if not (is_count_scale(r) or not has_fraction(r)):
+            raise DataError("pred holds count-scale predictions (uns['statetx']['scale'] is "
+                            "'counts': a model trained on counts), but real is not on the count "
+                            "scale: pass the real counts, or allow_discrete=True to compare the "
+                            "values as they are.")
+        p, r = counts_to_log1p(p, r)
+    p = check_scale(p, "pred", allow_discrete)
+    r = check_scale(r, "real", allow_discrete)
     if any(a.uns.get(PSEUDOBULK_FLAG, False) for a in (p, r)):  # one row per group
         cell_level = [m for m in metrics if m in CELL_LEVEL_METRICS]
         if cell_level:
