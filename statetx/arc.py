@@ -660,7 +660,9 @@ def _resolve_attention(backbone: str, kw: dict, attention: str | None,
             "or attention=\"causal\" (--attention on the command line), or run "
             "statetx.probe_attention(run_dir, adata) to compare both on real cells. "
             "(To reproduce what "
-            "arc-state 0.11.1 computes for it, pass attention=\"causal\", rope=10000.0.)"
+            "arc-state 0.11.1 computes for it, pass attention=\"causal\", rope=10000.0; on the "
+            "command line: statetx import-arc RUN --attention causal --rope 10000 --out DIR, "
+            "then use DIR.)"
         )
     rp = None if rope is ... else rope
     notes.append(f"attention {attention}, rope {rp}: given explicitly (the checkpoint does not "

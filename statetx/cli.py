@@ -1218,8 +1218,17 @@ def cmd_info(a: argparse.Namespace) -> int:
         raise UsageError(f"{path}: not found.")
     if path.is_dir() and path.name == "checkpoints" and not is_arc_run(path.parent):
         path = path.parent  # a run's checkpoints folder: describe the run
+    attention = None
     if is_arc_run(path):
-        model = load_any_model(path, None, verbose=False)
+        from statetx.arc import AmbiguousAttentionError
+
+        try:
+            model = load_any_model(path, None, verbose=False)
+        except AmbiguousAttentionError:  # described all the same, the mode said to be unknown
+            model = load_any_model(path, None, attention="bidirectional", verbose=False)
+            attention = ("not recorded by the checkpoint (bidirectional or causal: pass "
+                         "--attention to tx infer or import-arc, or compare both with "
+                         "statetx.probe_attention)")
         kind = "arc-state run (imported)"
     else:
         model = load_run(path, verbose=False)
@@ -1230,7 +1239,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
         model.arc_import_ = json.loads((path / "arc_import.json").read_text())
         kind = "statetx model directory (imported from arc-state)"
-    _describe_model(model, kind)
+    _describe_model(model, kind, attention)
     if path.is_dir():
         info = read_run_info(path)
         if info.get("final_step") is not None:
@@ -1242,13 +1251,14 @@ def cmd_info(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _describe_model(model: Any, kind: str) -> None:
+def _describe_model(model: Any, kind: str, attention: str | None = None) -> None:
     from statetx.presets import describe
 
     c, v, cols = model.network_config_, model.vocab_, model.columns_
     print(f"{kind}: preset {model.preset}")
-    print(describe(c))
-    print(f"attention {c.attention}, positions "
+    print(describe(c).replace(f"attention {c.attention}", "attention ?") if attention else
+          describe(c))
+    print(f"attention {attention or c.attention}, positions "
           f"{'none' if c.rope is None else f'rotary theta={c.rope:g}'}; output space "
           f"{c.output_space}, output activation {c.output_activation}; cell_set_len "
           f"{model.cell_set_len_}")

@@ -481,7 +481,7 @@ class StateTransitionModel(BaseEstimator):
             warnings.warn(f"counts_key={self.counts_key!r} has no effect: it chooses the "
                           "gene-space targets when the input is an obsm matrix (embed_key) and "
                           "the output space is 'all', or an embedding other than X_hvg with "
-                          "output 'gene'.", UserWarning, stacklevel=3)
+                          "output 'gene'.", UserWarning, stacklevel=4)
         cfg = self._train_config({"max_steps": 1, "lr": 0.0, "weight_averaging": averaging})
         get_loss(cfg.loss, **cfg.loss_options)  # loss option errors before reading data
         if self.lr is not None:
@@ -567,7 +567,7 @@ class StateTransitionModel(BaseEstimator):
                 "(integers, negative values, or values of 15 and more): the model trains on it "
                 "as given and predicts on that scale. ST is usually trained on log1p-normalised "
                 "expression (statetx.pp.preprocess_train, or scanpy normalize_total + log1p).",
-                UserWarning, stacklevel=2)
+                UserWarning, stacklevel=3)
         if verbose:
             print(f"statetx: preset {preset!r}, batch_size {settings['batch_size']}, max_steps "
                   f"{settings['max_steps']}, lr {settings['lr']:g} ({n_train:,} training cells"
@@ -592,7 +592,16 @@ class StateTransitionModel(BaseEstimator):
                 f"predictions stay in the space of obsm['{columns.embed_key}']. For genes, use "
                 "model_kwargs={'gene_decoder_bool': True} (or a preset with a decoder, e.g. "
                 "'state'); for embeddings only, output_space='embedding'.", UserWarning,
-                stacklevel=2)
+                stacklevel=3)
+        idle = [k for k in ("gene_decoder_bool", "decoder_hidden_dims", "decoder_dropout")
+                if k in (self.model_kwargs or {})]
+        if idle and not prepared.gene_dim and rank == 0:
+            warnings.warn(
+                f"model_kwargs {', '.join(idle)} have no effect here: a gene decoder is built only "
+                "when the data have gene-space targets besides the network's own output (an "
+                "input embedding other than X_hvg with output_space 'gene' or 'all', or "
+                f"X_hvg with 'all'; here embed_key={columns.embed_key!r}, output_space="
+                f"{columns.output_space!r}).", UserWarning, stacklevel=3)
         _warn_unused_loss_options(self.loss, self.loss_kwargs, network.gene_decoder is not None)
         if network.pert_bias is not None:
             _start_at_mean_response(network, prepared.splits["train"], vocab)
@@ -1651,7 +1660,7 @@ def _warn_unused_loss_options(loss: str, options: Mapping | None, decoder: bool)
         warnings.warn(f"loss option(s) {', '.join(idle)} have no effect here (loss {loss!r}, "
                       f"{'a' if decoder else 'no'} gene decoder): blur acts with the sinkhorn "
                       "and se losses, the weights with se, the decoder options with a gene "
-                      "decoder.", UserWarning, stacklevel=3)
+                      "decoder.", UserWarning, stacklevel=4)
 
 
 def _carry_var(adata: ad.AnnData, out: ad.AnnData, gene_name_col: str | None) -> None:

@@ -75,6 +75,16 @@ def test_saved_import_keeps_its_licence_notice(model_a, tmp_path, capsys):
     assert f"licence: {notice}" in out and "MIT code" not in out
 
 
+def test_info_describes_a_run_that_did_not_record_its_attention(capsys):
+    from statetx.cli import main
+
+    legacy = need(ARC / "legacy_v0912" / "model_e_v0912_llama")
+    assert main(["info", str(legacy)]) == 0
+    out = capsys.readouterr().out
+    assert "attention not recorded by the checkpoint" in out and "attention ?" in out
+    assert "vocabulary: 6 perturbations" in out
+
+
 def test_from_arc_run_is_the_spec_name(model_a):
     m = StateTransitionModel.from_arc_run(need(ARC / "runs" / RUNS[0]), verbose=False)
     assert m.network_config_.to_dict() == model_a.network_config_.to_dict()

@@ -233,6 +233,17 @@ def synth_embedding():
     return adata
 
 
+def test_decoder_options_without_gene_targets_are_said_to_do_nothing(synth):
+    a = synth.copy()
+    a.obsm["X_hvg"] = a.X.copy()
+    m = small_model(max_steps=1, embed_key="X_hvg", output_space="gene",
+                    model_kwargs={**SMALL, "gene_decoder_bool": True, "decoder_dropout": 0.3})
+    with pytest.warns(UserWarning, match=r"gene_decoder_bool, decoder_dropout have no effect "
+                                         r"here.*embed_key='X_hvg', output_space='gene'"):
+        m.fit(a, SPEC)
+    assert m.network_.gene_decoder is None
+
+
 def test_embedding_input_with_log1p_gene_output(synth_embedding):
     """output_space='all' checks the scale of X (its target), not of the embedding input."""
     model = small_model(embed_key="X_pca", output_space="all", max_steps=2)
