@@ -657,17 +657,17 @@ def cmd_split(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
+    run = Path(a.output_dir)  # (argument errors before the slow imports)
+    if not run.is_dir():
+        raise UsageError(f"--output-dir {run}: run directory not found.")
+    if a.predict_only and a.skip_adatas:
+        raise UsageError("--predict-only with --skip-adatas would write nothing.")
     import numpy as np
 
     from statetx.predict import check_matmul_precision
     from statetx.run import attach_data, load_run
 
     check_matmul_precision(a.matmul_precision)
-    run = Path(a.output_dir)
-    if not run.is_dir():
-        raise UsageError(f"--output-dir {run}: run directory not found.")
-    if a.predict_only and a.skip_adatas:
-        raise UsageError("--predict-only with --skip-adatas would write nothing.")
     skip = ["pearson_edistance", "clustering_agreement"]
     if a.pseudobulk and not a.predict_only:
         from statetx.metrics.evaluate import CELL_LEVEL_METRICS, PROFILES
@@ -696,7 +696,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
                  f"{ck.name if ck is not None else 'model'}"
                  + ("_pseudobulk" if a.pseudobulk else "")
                  + ("_shared" if a.shared_only else "")
-                 + (f"_ttft{a.test_time_finetune}" if a.test_time_finetune else ""))
+                 + (f"_ttft{a.test_time_finetune}" if a.test_time_finetune else "")
+                 + (f"_{Path(a.toml).stem}" if a.toml else ""))
     # cell types with control cells only (e.g. held-out ones in the training split) have
     # nothing to evaluate; checked before anything is written
     cts = real.obs[c.cell_type_key].astype(str).to_numpy()
@@ -807,14 +808,11 @@ def load_any_model(model_dir: str | Path, checkpoint: str | None = None,
 
 
 def cmd_infer(a: argparse.Namespace) -> int:
-    import numpy as np
-
-    from statetx.predict import check_matmul_precision
-
-    check_matmul_precision(a.matmul_precision)
-    src = Path(a.adata)
+    src = Path(a.adata)  # (argument errors before the slow imports)
     if not src.is_file():
         raise UsageError(f"--adata {src}: file not found.")
+    if not Path(a.model_dir).exists():
+        raise UsageError(f"--model-dir {a.model_dir}: not found.")
     if a.output and a.output_dir:
         raise UsageError("give --output or --output-dir, not both.")
     out = (Path(a.output) if a.output else
@@ -824,6 +822,11 @@ def cmd_infer(a: argparse.Namespace) -> int:
     if out.suffix == ".npy" and a.layout == "arc":
         raise UsageError("--layout arc places predictions inside a copy of the input: write an "
                          ".h5ad (--output x.h5ad), or drop --layout for a .npy.")
+    import numpy as np
+
+    from statetx.predict import check_matmul_precision
+
+    check_matmul_precision(a.matmul_precision)
     clip = _parse_clip(a.clip)
     quiet = contextlib.redirect_stdout(open(os.devnull, "w")) if a.quiet else (  # noqa: SIM115
         contextlib.nullcontext())
@@ -1173,8 +1176,6 @@ def cmd_evaluate_prep(a: argparse.Namespace) -> int:
 
 
 def cmd_import_arc(a: argparse.Namespace) -> int:
-    from statetx.model import StateTransitionModel
-
     rope: Any = ...
     if a.rope is not None:
         try:
@@ -1194,6 +1195,8 @@ def cmd_import_arc(a: argparse.Namespace) -> int:
     ck = a.checkpoint
     if ck is None and run.is_dir():
         ck = "final.ckpt" if (run / "checkpoints" / "final.ckpt").exists() else "last.ckpt"
+    from statetx.model import StateTransitionModel
+
     model = StateTransitionModel.from_arc_state(run, ck or "final.ckpt", attention=a.attention,
                                                 rope=rope, trust_pickle=a.trust_pickle)
     model.save(a.out)

@@ -178,6 +178,14 @@ def test_predict_pseudobulk_gives_the_cell_level_metrics(run, capsys):
     assert "--profile de has only metrics that need the cells" in capsys.readouterr().err
 
 
+def test_predict_with_another_split_file_keeps_the_runs_own_evaluation(run, tmp_path):
+    other = tmp_path / "other_split.toml"
+    other.write_text((run / "split.toml").read_text())
+    args = ["tx", "predict", "--output-dir", str(run), "--profile", "minimal", "--predict-only"]
+    assert main([*args, "--toml", str(other)]) == 0
+    assert (run / "eval_final.ckpt_other_split" / "adata_pred.h5ad").is_file()
+
+
 def test_predict_eval_train_data_skips_control_only_cell_types(run, capsys):
     import pandas as pd
 
