@@ -997,13 +997,14 @@ def cmd_preprocess_train(a: argparse.Namespace) -> int:
 
     adata = _read(a.adata)
     _say(f"preprocess_train {a.adata}: {adata.n_obs} cells x {adata.n_vars} genes, "
-         f"{a.num_hvgs} HVGs, flavor {a.flavor}, target_sum "
-         f"{a.target_sum if a.target_sum else 'median'}")
+         f"{a.num_hvgs} HVGs, flavor {a.flavor}, "
+         + ("X taken as already normalised" if a.already_normalized else
+            f"target_sum {a.target_sum if a.target_sum else 'median'}"))
     preprocess_train(adata, a.num_hvgs, target_sum=a.target_sum, flavor=a.flavor,
                      layer=a.layer, already_normalized=a.already_normalized)
     _write_h5ad(adata, Path(a.output))
-    _say(f"wrote {a.output} (X log1p-normalised, obsm['X_hvg'] {adata.obsm['X_hvg'].shape[1]} "
-         "HVGs)")
+    _say(f"wrote {a.output} (X {'as given' if a.already_normalized else 'log1p-normalised'}, "
+         f"obsm['X_hvg'] {adata.obsm['X_hvg'].shape[1]} HVGs)")
     return EXIT_OK
 
 
@@ -1091,7 +1092,9 @@ def cmd_evaluate_run(a: argparse.Namespace) -> int:
     if a.celltype_col is None:
         _pooling_notice(a.adata_real)
     _say(f"evaluate {a.adata_pred} against {a.adata_real}: pert_col={a.pert_col!r}, "
-         f"control={a.control_pert!r}, cell types {a.celltype_col!r}, profile {a.profile}")
+         f"control={a.control_pert!r}, "
+         + (f"per cell type of obs['{a.celltype_col}']" if a.celltype_col else
+            "cell types pooled") + f", profile {a.profile}")
     _, agg = evaluate(a.adata_pred, a.adata_real, pert_col=a.pert_col,
                       control_pert=a.control_pert, celltype_col=a.celltype_col,
                       profile=a.profile, outdir=a.outdir, embed_key=a.embed_key,

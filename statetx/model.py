@@ -933,7 +933,8 @@ class StateTransitionModel(BaseEstimator):
                 "repair them before predicting."
             )
         if c.embed_key in (None, "X_hvg"):
-            check_scale(x_in, self.is_log1p_, f"input ({c.embed_key or 'X'})")
+            src = c.embed_key if c.embed_key in adata.obsm else "X"  # (X_hvg falls back to X)
+            check_scale(x_in, self.is_log1p_, f"input ({src})")
         pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
         if ct_col in adata.obs:
             ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")

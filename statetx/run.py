@@ -756,7 +756,8 @@ def settle_aside(folder: Path, aside: Path | None, started: bool, existed: bool)
     shutil.rmtree(folder, ignore_errors=True)
     if aside is not None and aside.exists():
         aside.rename(folder)
-        print(f"statetx: the new run failed before training; {folder} is as it was.")
+        print(f"statetx: the new run stopped before writing a checkpoint; {folder} is as it "
+              "was.")
     elif existed:
         folder.mkdir(parents=True, exist_ok=True)
 
