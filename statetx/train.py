@@ -23,9 +23,10 @@ import csv
 import json
 import math
 import shutil
+import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -594,7 +595,9 @@ class Trainer:
         empty = 0  # epochs in a row without a batch
         p = c.early_stopping_patience  # (a resumed run that had stopped early stays stopped)
         stopped = p is not None and st.bad_validations >= p
+        signals = contextlib.ExitStack()
         try:
+            signals.enter_context(self._stop_signals())
             while st.step < c.max_steps and not stopped:
                 first = st.batch_in_epoch
                 for batch in self.train_sampler.batches(st.epoch, start=st.batch_in_epoch):
@@ -623,6 +626,8 @@ class Trainer:
                                                   or st.step == c.max_steps):
                             bar.set_postfix(self._progress_fields(shown), refresh=False)
                         bar.update(1)
+                    if self._stop_signal is not None:
+                        self._stop_after_signal()
                     if stop or st.step >= c.max_steps:
                         break
                 else:
@@ -638,6 +643,7 @@ class Trainer:
                     continue
                 break
         finally:
+            signals.close()
             if bar is not None:
                 bar.close()
         self._check_finite()
@@ -646,6 +652,58 @@ class Trainer:
             self._checkpoint("last.ckpt")
         if self.world_size > 1:
             barrier()  # every rank returns once rank 0 has written its checkpoints
+
+    @contextlib.contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        """Ctrl-C (SIGINT) or SIGTERM while training: the current step finishes, ``last.ckpt``
+        is written, then training stops (KeyboardInterrupt, or SystemExit(128 + signal)); a
+        second signal stops at once. One process in the main thread only (under torchrun the
+        ranks would stop at different steps), and not for a signal that was being ignored."""
+        import signal
+        import threading
+
+        self._stop_signal = None
+        if self.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:
+                self._raise_for(signum)
+            self._stop_signal = signum
+            if self.cfg.progress:
+                print("\nstatetx: interrupted: finishing this step"
+                      + (" and writing checkpoints/last.ckpt" if self.out is not None else "")
+                      + " (once more to stop at once)", file=sys.stderr, flush=True)
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s, h in previous.items():
+            if h is not signal.SIG_IGN:
+                signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    @staticmethod
+    def _raise_for(signum: int) -> None:
+        import signal
+
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    def _stop_after_signal(self) -> None:
+        """A stop was asked for (:meth:`_stop_signals`): checkpoint the completed step, stop."""
+        self._check_finite()
+        if self.out is not None:
+            self._checkpoint("last.ckpt")
+            if self.cfg.progress:
+                print(f"statetx: wrote checkpoints/last.ckpt at step {self.state.step}; resume "
+                      "to continue from it exactly (fit(..., resume_from=...), or the same tx "
+                      "train command).", file=sys.stderr, flush=True)
+        self._raise_for(self._stop_signal)
 
     def _after_step(self) -> bool:
         """Validation, checkpoints and early stopping after a completed step; True = stop."""

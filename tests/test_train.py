@@ -543,3 +543,35 @@ def test_empty_epochs_are_skipped_but_never_loop_forever(synth, monkeypatch):
                         else iter(()))
     with pytest.raises(DataError, match="10 epochs in a row of the training split yielded no"):
         small_model(max_steps=1000, val_freq=10_000).fit(synth)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_interrupt_finishes_the_step_writes_last_and_resumes_exactly(synth, tmp_path,
+                                                                     monkeypatch, signame):
+    """Ctrl-C (or a scheduler's SIGTERM) mid-training: the step completes, last.ckpt is
+    written, training stops; resuming gives the weights of an uninterrupted run."""
+    import os
+    import signal
+
+    kw = dict(max_steps=8, ckpt_every_n_steps=100, val_freq=100)
+    full = small_model(**kw).fit(synth, SPEC)
+    sig = getattr(signal, signame)
+    step = Trainer._train_step
+
+    def send_once(self, pending):
+        if self.state.step == 2 and not getattr(self, "_sent", False):
+            self._sent = True
+            os.kill(os.getpid(), sig)
+        return step(self, pending)
+
+    monkeypatch.setattr(Trainer, "_train_step", send_once)
+    stops = KeyboardInterrupt if sig == signal.SIGINT else SystemExit
+    with pytest.raises(stops):
+        small_model(**kw).fit(synth, SPEC, output_dir=tmp_path)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert load_checkpoint_file(last)["train_state"]["step"] == 3
+    resumed = small_model(**kw).fit(synth, SPEC, output_dir=tmp_path, resume_from=last)
+    a, b = weights(full), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
