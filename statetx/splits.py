@@ -198,10 +198,14 @@ def _check_heldout_names(files, config, control_pert, pert_col, cell_type_key, o
         for section, table in (("zeroshot", zs), ("fewshot", fs)):
             for ct in table:
                 if ct not in cts:
+                    head = ct.rsplit(".", 1)[0]
+                    extra = (f' Keys are "dataset.celltype": did you mean "{ds}.{head}"? (The '
+                             "perturbation column is set by pert_col, not in the key.)"
+                             if "." in ct and head in cts else "")
                     raise DataError(
                         f"cell type '{ct}' ({config.where(section, f'{ds}.{ct}')}) does not occur "
                         f"in obs['{cell_type_key}'] of any file of dataset '{ds}'. Available: "
-                        f"{preview(cts)} (matching is case-sensitive)."
+                        f"{preview(cts)} (matching is case-sensitive).{extra}"
                     )
         for ct, entry in fs.items():
             present = set().union(*(set(f.pert[f.cell_type == ct]) for f in ds_files))

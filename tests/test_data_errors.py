@@ -177,6 +177,13 @@ def test_cell_type_absent_lists_available():
         prepare(make_adata(), spec, COLS)
 
 
+def test_tutorial_three_part_fewshot_key_gets_a_hint():
+    spec = {**TRAIN, "fewshot": {"d.A.target_gene": {"test": ["P1"]}}}
+    with pytest.raises(DataError, match=r"cell type 'A.target_gene' .*did you mean \"d.A\"\? "
+                                        r"\(The perturbation column is set by pert_col"):
+        prepare(make_adata(), spec, COLS)
+
+
 def test_fewshot_perturbation_absent():
     spec = {**TRAIN, "fewshot": {"d.A": {"test": ["P1", "FOO", "BAR"]}}}
     with pytest.raises(DataError, match=r"\[fewshot\]\.\"d.A\"\.test lists 2 perturbation\(s\) "
