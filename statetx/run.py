@@ -1287,7 +1287,9 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *,
     meta = ckpt.get("statetx_model") if isinstance(ckpt, dict) else None
     if meta is None or "state_dict" not in ckpt:
         raise DataError(f"{path} is not a statetx checkpoint (no 'statetx_model' metadata). For "
-                        "an arc-state run use `statetx import-arc` or tx infer --model-dir.")
+                        "an arc-state run: tx infer --model-dir RUN predicts new cells; to "
+                        "evaluate its test split, statetx import-arc RUN --out DIR, then tx "
+                        "predict --output-dir DIR --toml <the run's split TOML>.")
     _check_same_run(run, path, meta)
     model = StateTransitionModel._from_metadata(meta, ckpt["state_dict"], source=path)
     if ckpt.get("history"):
