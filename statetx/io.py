@@ -84,6 +84,7 @@ class DataFile:
     gene_name_col: str | None = None  # var column the gene names (var_names above) came from
     dropped: np.ndarray | None = None  # rows left out for a missing label (drop_missing_labels)
     file_rows: np.ndarray | None = None  # a backed view's rows in its file (None = the same)
+    target_sum: float | None = None  # counts per cell X was normalised to (statetx.pp record)
 
     @property
     def n_obs(self) -> int:
@@ -256,7 +257,19 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
         uns_log1p="log1p" in adata.uns,
         gene_name_col=gene_name_col,
         file_rows=backed_view_rows(adata, label),
+        target_sum=recorded_target_sum(adata),
     )
+
+
+def recorded_target_sum(adata: ad.AnnData) -> float | None:
+    """The counts per cell ``statetx.pp.preprocess_train`` normalised X to (its record in
+    ``uns["statetx_preprocess"]``), or None when not recorded."""
+    record = adata.uns.get("statetx_preprocess")
+    try:
+        value = float(record["target_sum"])
+    except (TypeError, KeyError, ValueError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
 
 
 def backed_view_rows(adata: ad.AnnData, label: str) -> np.ndarray | None:

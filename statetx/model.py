@@ -36,7 +36,7 @@ from statetx._utils import (
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import PreparedData, counts_source, prepare, split_obs
 from statetx.errors import ConfigError, DataError
-from statetx.io import gene_names, obs_labels
+from statetx.io import gene_names, obs_labels, recorded_target_sum
 from statetx.losses import get_loss, split_loss_kwargs
 from statetx.nn import NetworkConfig, StateTransitionNetwork
 from statetx.predict import (
@@ -689,6 +689,20 @@ class StateTransitionModel(BaseEstimator):
             self.run_dir_ = out
         return self
 
+    def _check_target_sum(self, adata: ad.AnnData) -> None:
+        """Warn when the input was normalised (statetx.pp record) to other counts per cell than
+        the training data: its log1p values are then shifted against the model's."""
+        mine, theirs = getattr(self, "target_sum_", None), recorded_target_sum(adata)
+        if mine is None or theirs is None or abs(theirs / mine - 1) <= 0.01:
+            return
+        warnings.warn(
+            f"the input was normalised to {theirs:,.6g} counts per cell (uns['statetx_preprocess'])"
+            f" and the training data to {mine:,.6g}: its log1p values are on another scale "
+            f"(expressed genes shifted by about log({theirs / mine:.3g}) = "
+            f"{np.log(theirs / mine):+.2f}). Normalise it to the training data's total: "
+            f"statetx.pp.preprocess_train(adata, target_sum={mine:g}) (tx preprocess_train "
+            f"--target-sum {mine:g}).", UserWarning, stacklevel=3)
+
     def _warn_untrained(self, codes: np.ndarray, where: str) -> None:
         """Warn about perturbations (vocabulary codes) that had no training cells: with one-hot
         perturbations their embedding was never trained."""
@@ -716,6 +730,8 @@ class StateTransitionModel(BaseEstimator):
         self.is_log1p_ = bool(prepared.is_log1p)
         self.split_summary_ = prepared.summary
         self.split_config_ = prepared.config
+        sums = {f.target_sum for f in prepared.files}
+        self.target_sum_ = sums.pop() if len(sums) == 1 else None
         train = prepared.splits["train"]
         codes = np.unique(train.pert[train.is_target & ~train.is_control])
         self.trained_perturbations_ = [vocab.perturbations[i] for i in codes]
@@ -935,6 +951,7 @@ class StateTransitionModel(BaseEstimator):
         if c.embed_key in (None, "X_hvg"):
             src = c.embed_key if c.embed_key in adata.obsm else "X"  # (X_hvg falls back to X)
             check_scale(x_in, self.is_log1p_, f"input ({src})")
+            self._check_target_sum(adata)
         pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
         if ct_col in adata.obs:
             ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
@@ -1437,6 +1454,7 @@ class StateTransitionModel(BaseEstimator):
             "cell_set_len": self.cell_set_len_,
             "is_log1p": self.is_log1p_,
             "trained_perturbations": getattr(self, "trained_perturbations_", None),
+            "target_sum": getattr(self, "target_sum_", None),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -1549,6 +1567,7 @@ class StateTransitionModel(BaseEstimator):
         model.is_log1p_ = bool(meta["is_log1p"])
         if meta.get("trained_perturbations") is not None:
             model.trained_perturbations_ = list(meta["trained_perturbations"])
+        model.target_sum_ = meta.get("target_sum")
         model.n_features_in_ = len(model.var_names_)
         return model
 

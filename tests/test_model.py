@@ -287,6 +287,25 @@ def test_prediction_keeps_the_input_gene_annotations(fitted):
     assert out.var.shape[1] == 2 and model.predict(b, missing_genes="zero").var.shape[1] == 0
 
 
+def test_input_normalised_to_another_total_is_flagged(synth, tmp_path):
+    """preprocess_train records the counts per cell it normalised to; a model remembers the
+    training data's and warns when the input was normalised to another total."""
+    a = synth.copy()
+    a.uns["statetx_preprocess"] = {"target_sum": 1000.0}
+    model = small_model(max_steps=1).fit(a, SPEC)
+    assert model.target_sum_ == 1000.0
+    b = a.copy()
+    b.uns["statetx_preprocess"] = {"target_sum": 500.0}
+    loaded = StateTransitionModel.load(model.save(tmp_path / "m"))
+    with pytest.warns(UserWarning, match=r"normalised to 500 counts per cell .* training data to "
+                                         r"1,000.*log\(0.5\) = -0.69.*target_sum=1000"):
+        loaded.predict(b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded.predict(a)
+        model.predict(synth)  # nothing recorded: nothing to compare
+
+
 def test_batch_paired_model_on_input_without_batches(synth):
     model = small_model(batch_col="batch", max_steps=2).fit(synth, SPEC)
     bare = synth.copy()
