@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -189,15 +190,16 @@ def data_differences(before: dict | None, after: dict | None) -> list[str]:
     if not before or not after:
         return []
     out = []
-    old, new = ({tuple(r) for r in d.get("cells", [])} for d in (before, after))
+    old, new = (Counter(tuple(r) for r in d.get("cells", [])) for d in (before, after))
     if old != new:
-        def rows(s: set) -> str:
-            return preview(sorted(" ".join(r[:4]) + f" ({r[5]} perturbed cells)" for r in s), 3)
+        def rows(c: Counter) -> str:
+            return preview(sorted(" ".join(r[:3]) + f" ({r[4]} perturbed cells)" for r in c), 3)
 
-        out.append("cells per dataset, file, cell type and split: "
-                   + (f"only before: {rows(old - new)}" if old - new else "")
-                   + ("; " if old - new and new - old else "")
-                   + (f"now: {rows(new - old)}" if new - old else ""))
+        gone, added = old - new, new - old
+        out.append("cells per dataset, cell type and split: "
+                   + (f"only before: {rows(gone)}" if gone else "")
+                   + ("; " if gone and added else "")
+                   + (f"now: {rows(added)}" if added else ""))
     a, b = before.get("values", {}), after.get("values", {})
     out += [f"the expression values of the {k} split" for k in sorted(set(a) & set(b))
             if a[k] != b[k]]

@@ -534,12 +534,12 @@ def cmd_train(a: argparse.Namespace) -> int:
                                 attention=plan.init_attention)
         model = cls(**p)
         model._run_config = cfg
-        model._force_resume = cfg["resume"] == "force"
         if plan.replaced is not None:
             model._on_first_checkpoint = lambda: R.finish_replacement(plan, True)
         t0 = time.perf_counter()
         try:
-            model.fit(None, plan.toml, output_dir=plan.run_dir, resume_from=resume)
+            model.fit(None, plan.toml, output_dir=plan.run_dir, resume_from=resume,
+                      force_resume=cfg["resume"] == "force")
         except (ConfigError, SplitConfigError, DataError):
             # the split file or the data failed validation before training started: do not
             # leave a run directory without checkpoints behind (one that existed before is kept)

@@ -105,17 +105,21 @@ class PreparedData:
         return 0 if self.gene_names is None else len(self.gene_names)
 
     def fingerprint(self) -> dict:
-        """What a resumed run must train on again: the cells of every split (per dataset, file
-        and cell type) and, for in-memory splits, checksums of evenly spaced expression rows."""
+        """What a resumed run must train on again: the cells of every split (per dataset and
+        cell type, whichever files or in-memory objects hold them) and, for in-memory splits,
+        checksums of evenly spaced expression rows (rounded to float16, the coarsest storage
+        ``dtype``, so that a changed dtype alone is not a change of data)."""
         values = {}
         for name, d in self.splits.items():
             x = d.X if isinstance(d, SplitData) else None  # (streamed splits hold no values)
             if isinstance(x, torch.Tensor) and len(x):
                 pick = np.linspace(0, len(x) - 1, min(len(x), 2048)).astype(np.int64)
-                rows = x.index_select(0, torch.from_numpy(pick).to(x.device)).cpu().double()
+                rows = x.index_select(0, torch.from_numpy(pick).to(x.device)).cpu()
+                rows = rows.half().double()
                 values[name] = [len(x), f"{float(rows.sum()):.10g}",
                                 f"{float(rows.square().sum()):.10g}"]
-        return {"cells": self.summary.astype(str).values.tolist(), "values": values}
+        cells = self.summary.drop(columns="file").astype(str).values.tolist()
+        return {"cells": sorted(cells), "values": values}
 
     def x_is_log1p(self) -> bool:
         """Whether X (of the first file; sampled rows) looks log1p-normalised."""

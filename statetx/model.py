@@ -56,7 +56,7 @@ from statetx.predict import (
 from statetx.presets import build_network_config, describe, resolve_architecture
 from statetx.sets import ReadDepthThinning, check_read_depth, check_sampler_options
 from statetx.stream import make_sampler, prepare_stream, stream_settings
-from statetx.train import TrainConfig, Trainer, resolve_device
+from statetx.train import TrainConfig, Trainer, check_flag, resolve_device
 from statetx.vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -460,8 +460,7 @@ class StateTransitionModel(BaseEstimator):
         self._additional_obs()
         for name in ("drop_last", "exclude_self", "val_from_test", "yield_controls",
                      "heldout_controls_in_train", "train_pert_skip", "progress"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
+            check_flag(name, getattr(self, name))
         # an embedding input reads X only as the gene-space targets of output 'all' (or of
         # 'gene' with counts_key='X')
         reads_x = self.embed_key is None or (
@@ -493,26 +492,30 @@ class StateTransitionModel(BaseEstimator):
     def fit(self, adata: ad.AnnData | dict[str, ad.AnnData] | None = None,
             split_config: SplitConfig | dict | str | Path | None = None, *,
             dataset_name: str | None = None, output_dir: str | Path | None = None,
-            resume_from: str | Path | None = None) -> StateTransitionModel:
+            resume_from: str | Path | None = None,
+            force_resume: bool = False) -> StateTransitionModel:
         """Train on ``adata`` (or the split spec's files when None) and return ``self``.
 
         ``split_config`` assigns cells to train/val/test (a :class:`SplitConfig`, a dict, a TOML
         path or string); without it every cell trains. A single AnnData is the dataset the spec
         refers to (or ``dataset_name``). ``output_dir`` receives checkpoints, metrics and the
-        vocabularies; ``resume_from`` continues a run from its ``last.ckpt`` exactly. A fit that
+        vocabularies; ``resume_from`` continues a run from its ``last.ckpt`` exactly (with the
+        same data and split spec; ``force_resume=True`` continues across a change). A fit that
         fails or is interrupted leaves the estimator as it was (the checkpoints written so far
         stay in ``output_dir``). Randomness comes from ``seed`` alone; torch's global random
         state is left as it was.
         """
-        cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        on_gpu = torch.cuda.is_available() and str(self.device) != "cpu"
+        cuda = list(range(torch.cuda.device_count())) if on_gpu else []
         with torch.random.fork_rng(devices=cuda):
             return self._fit(adata, split_config, dataset_name=dataset_name,
-                             output_dir=output_dir, resume_from=resume_from)
+                             output_dir=output_dir, resume_from=resume_from,
+                             force_resume=force_resume)
 
     def _fit(self, adata: ad.AnnData | dict[str, ad.AnnData] | None,
              split_config: SplitConfig | dict | str | Path | None, *, dataset_name: str | None,
-             output_dir: str | Path | None, resume_from: str | Path | None
-             ) -> StateTransitionModel:
+             output_dir: str | Path | None, resume_from: str | Path | None,
+             force_resume: bool) -> StateTransitionModel:
         self._check_params()
         out = Path(output_dir) if output_dir is not None else None
         if out is not None:
@@ -655,8 +658,7 @@ class StateTransitionModel(BaseEstimator):
                               checkpoint_extra={"statetx_model": self._metadata(),
                                                 "training_data": prepared.fingerprint()})
             if resume_from is not None:  # a refused resume writes nothing into the run
-                trainer.check_resume(resume_from,
-                                     force=bool(getattr(self, "_force_resume", False)))
+                trainer.check_resume(resume_from, force=bool(force_resume))
             if fresh and aside is not None:  # the earlier run goes once this one has a checkpoint
                 trainer.on_first_checkpoint = lambda: settle_aside(out, aside, True, existed)
             else:  # the CLI's overwrite=true does the same with the run it set aside

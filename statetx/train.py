@@ -133,8 +133,7 @@ class TrainConfig:
                 raise ConfigError(f"{key}={value!r} must be an integer >= {low}"
                                   + (" (or None)." if key != "warmup_steps" else "."))
         for key in ("progress", "compile", "detach_decoder"):
-            if not isinstance(getattr(self, key), (bool, np.bool_)):
-                raise ConfigError(f"{key}={getattr(self, key)!r} must be True or False.")
+            check_flag(key, getattr(self, key))
 
 
 @dataclass
@@ -149,6 +148,13 @@ class TrainState:
     bad_validations: int = 0
     n_averaged: int = 0  # optimiser steps in the weight average
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def check_flag(name: str, value: object) -> None:
+    """A True/False option (0 and 1 accepted)."""
+    if not (isinstance(value, (bool, np.bool_))
+            or (isinstance(value, (int, np.integer)) and value in (0, 1))):
+        raise ConfigError(f"{name}={value!r} must be True or False.")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -626,10 +632,10 @@ class Trainer:
                                                   or st.step == c.max_steps):
                             bar.set_postfix(self._progress_fields(shown), refresh=False)
                         bar.update(1)
+                    if stop or st.step >= c.max_steps:
+                        break  # (a stop asked for now comes after the final checkpoints)
                     if self._stop_signal is not None:
                         self._stop_after_signal()
-                    if stop or st.step >= c.max_steps:
-                        break
                 else:
                     # (streamed epochs differ in size: an empty one is skipped, endless ones not)
                     empty = empty + 1 if first == 0 and st.batch_in_epoch == 0 else 0
@@ -642,14 +648,14 @@ class Trainer:
                     st.batch_in_epoch = 0
                     continue
                 break
+            self._check_finite()
+            if self.out is not None:
+                self._checkpoint("final.ckpt")
+                self._checkpoint("last.ckpt")
         finally:
             signals.close()
             if bar is not None:
                 bar.close()
-        self._check_finite()
-        if self.out is not None:
-            self._checkpoint("final.ckpt")
-            self._checkpoint("last.ckpt")
         if self.world_size > 1:
             barrier()  # every rank returns once rank 0 has written its checkpoints
 
@@ -676,13 +682,14 @@ class Trainer:
                       + (" and writing checkpoints/last.ckpt" if self.out is not None else "")
                       + " (once more to stop at once)", file=sys.stderr, flush=True)
 
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s, h in previous.items():
-            if h is not signal.SIG_IGN:
-                signal.signal(s, handler)
+        # (not for a signal being ignored, nor one whose handler was not set from Python)
+        previous = {s: h for s in (signal.SIGINT, signal.SIGTERM)
+                    if (h := signal.getsignal(s)) is not None and h is not signal.SIG_IGN}
+        for s in previous:
+            signal.signal(s, handler)
         try:
             yield
-        finally:
+        finally:  # (a stop asked for in the last step: training ends as it would have)
             for s, h in previous.items():
                 signal.signal(s, h)
 
@@ -695,9 +702,11 @@ class Trainer:
         raise SystemExit(128 + signum)
 
     def _stop_after_signal(self) -> None:
-        """A stop was asked for (:meth:`_stop_signals`): checkpoint the completed step, stop."""
+        """A stop was asked for (:meth:`_stop_signals`): checkpoint the completed step, stop.
+        Before the run's first checkpoint, while an earlier run in the folder waits to be
+        replaced (``on_first_checkpoint``), nothing is written: the earlier run comes back."""
         self._check_finite()
-        if self.out is not None:
+        if self.out is not None and self.on_first_checkpoint is None:
             self._checkpoint("last.ckpt")
             if self.cfg.progress:
                 print(f"statetx: wrote checkpoints/last.ckpt at step {self.state.step}; resume "
@@ -878,12 +887,13 @@ class Trainer:
                 raise TrainingError(
                     f"cannot resume from {path}: the training data differ from the run's ("
                     + "; ".join(data) + "). Resume with the data and split spec the run started "
-                    "with, or start afresh (tx train: resume=force continues anyway).")
+                    "with, or start afresh (fit(..., force_resume=True), or tx train "
+                    "resume=force, continues anyway).")
             changed = changed_params(theirs, mine)
             if changed and _is_main():
                 warnings.warn(f"resuming {path} with changed settings: {'; '.join(changed)}. "
                               "The steps so far were trained with the earlier ones (the run's "
-                              "record now shows the new ones).", UserWarning, stacklevel=3)
+                              "record now shows the new ones).", UserWarning, stacklevel=4)
         self._resume = (str(path), ckpt)
         return ckpt
 

@@ -245,3 +245,13 @@ def test_pred_and_real_of_different_cell_types_are_flagged(real, pred):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         evaluate(p, r, profile="minimal", num_threads=1)
+
+
+def test_a_count_mark_is_dropped_once_the_data_are_log_transformed(real):
+    from statetx.metrics._inputs import is_count_scale
+
+    a = real[0].copy()
+    a.uns["statetx"] = {"scale": "counts"}
+    assert is_count_scale(a)
+    a.uns["log1p"] = {"base": None}  # what scanpy.pp.log1p leaves
+    assert not is_count_scale(a)

@@ -52,6 +52,11 @@ def test_init_only_stores_params_and_clone():
         m.predict_sets(np.zeros((2, 4)), "P0")
 
 
+def test_flags_take_0_and_1(synth):
+    m = small_model(max_steps=1, progress=0, drop_last=1).fit(synth, SPEC)
+    assert m.history_["step"].max() == 1
+
+
 def test_fit_leaves_torchs_global_random_state_alone(synth):
     torch.manual_seed(123)
     state = torch.get_rng_state()
@@ -205,6 +210,28 @@ def test_resume_refuses_other_data_or_another_runs_folder(synth, tmp_path):
     m = small_model(**{**kw, "max_steps": 6}).fit(synth, SPEC, output_dir=tmp_path / "c",
                                                   resume_from=last)  # a new folder: fine
     assert m.history_["step"].max() == 6
+
+
+def test_resume_accepts_the_same_cells_from_a_file_or_in_memory_and_another_dtype(
+        synth, tmp_path):
+    path = tmp_path / "data.h5ad"
+    synth.write_h5ad(path)
+    kw = dict(max_steps=4, ckpt_every_n_steps=2, val_freq=2)
+    small_model(**kw).fit(None, f'[datasets]\ndata = "{path}"\n' + SPEC,
+                          output_dir=tmp_path / "a")
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    m = small_model(**{**kw, "max_steps": 6}).fit(synth, SPEC, output_dir=tmp_path / "a",
+                                                  resume_from=last)
+    assert m.history_["step"].max() == 6
+    with pytest.warns(UserWarning, match="changed settings: dtype: 'float32' -> 'float16'"):
+        m = small_model(**{**kw, "max_steps": 8, "dtype": "float16"}).fit(
+            synth, SPEC, output_dir=tmp_path / "a", resume_from=last)
+    assert m.history_["step"].max() == 8
+    # a changed split is refused unless forced
+    other = SPEC.replace("CT2", "CT1")
+    m = small_model(**{**kw, "max_steps": 10, "dtype": "float16"}).fit(
+        synth, other, output_dir=tmp_path / "a", resume_from=last, force_resume=True)
+    assert m.history_["step"].max() == 10
 
 
 def test_save_load_roundtrip(fitted, tmp_path):

@@ -575,3 +575,40 @@ def test_interrupt_finishes_the_step_writes_last_and_resumes_exactly(synth, tmp_
     resumed = small_model(**kw).fit(synth, SPEC, output_dir=tmp_path, resume_from=last)
     a, b = weights(full), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _signal_at(monkeypatch, at_step: int) -> None:
+    """Send SIGINT to this process once, while step ``at_step + 1`` runs."""
+    import os
+    import signal
+
+    step = Trainer._train_step
+
+    def send_once(self, pending):
+        if self.state.step == at_step and not getattr(self, "_sent", False):
+            self._sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, pending)
+
+    monkeypatch.setattr(Trainer, "_train_step", send_once)
+
+
+def test_interrupt_before_a_replacing_runs_first_checkpoint_keeps_the_earlier_run(
+        synth, tmp_path, monkeypatch):
+    small_model(max_steps=4, ckpt_every_n_steps=2, val_freq=2).fit(synth, SPEC,
+                                                                   output_dir=tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
+    _signal_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        small_model(max_steps=6, ckpt_every_n_steps=100, val_freq=100).fit(
+            synth, SPEC, output_dir=tmp_path)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()} == before
+
+
+def test_interrupt_in_the_last_step_lets_the_run_finish(synth, tmp_path, monkeypatch):
+    _signal_at(monkeypatch, 3)
+    m = small_model(max_steps=4, ckpt_every_n_steps=100, val_freq=100).fit(
+        synth, SPEC, output_dir=tmp_path)
+    assert m.history_["step"].max() == 4
+    assert load_checkpoint_file(tmp_path / "checkpoints" / "final.ckpt")["train_state"][
+        "step"] == 4

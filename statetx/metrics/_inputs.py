@@ -100,9 +100,10 @@ def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False) -> 
 
 def is_count_scale(adata: ad.AnnData) -> bool:
     """Whether statetx recorded ``adata`` as count-scale expression (``uns["statetx"]["scale"]``:
-    predictions of a model trained on counts, and their real cells)."""
+    predictions of a model trained on counts, and their real cells), and it has not been
+    log-transformed since (scanpy's ``uns["log1p"]`` mark)."""
     info = adata.uns.get("statetx")
-    return isinstance(info, dict) and info.get("scale") == "counts"
+    return isinstance(info, dict) and info.get("scale") == "counts" and "log1p" not in adata.uns
 
 
 def counts_to_log1p(pred: ad.AnnData, real: ad.AnnData) -> tuple[ad.AnnData, ad.AnnData]:
