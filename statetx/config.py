@@ -101,10 +101,18 @@ class SplitConfig(BaseModel):
         return cfg
 
     def to_toml(self) -> str:
-        """Serialise back to TOML text (round-trips through :meth:`from_toml`)."""
+        """Serialise back to TOML text (round-trips through :meth:`from_toml` from any folder:
+        dataset paths relative to the spec's folder, ``base_dir``, are written absolute)."""
+        def absolute(p: str) -> str:
+            q = Path(p).expanduser()
+            return str(q if q.is_absolute() or self.base_dir is None else self.base_dir / q)
+
         lines: list[str] = []
         for section in ("datasets", "training", "zeroshot"):
             table = getattr(self, section)
+            if section == "datasets":
+                table = {k: absolute(v) if isinstance(v, str) else [absolute(x) for x in v]
+                         for k, v in table.items()}
             if table:
                 lines.append(f"[{section}]")
                 lines += [f"{_q(k)} = {_tv(v)}" for k, v in table.items()]

@@ -224,8 +224,10 @@ def _keys() -> dict[str, Key]:
         Key(t + "gradient_clip_val", 10.0, "float", optional=True),
         Key(t + "gradient_accumulation_steps", 1, "int"),
         Key(t + "train_seed", 42, "int"),
-        Key(t + "devices", 1, "any"),
-        Key(t + "strategy", "auto", "str", optional=True),
+        Key(t + "devices", 1, "any",
+            note="1 (or auto): one process; several GPUs or nodes: start it with torchrun"),
+        Key(t + "strategy", "auto", "str", optional=True,
+            note="auto only; data parallel training: start it with torchrun (docs: gpu.md)"),
         Key(t + "loss_fn", None, "any", optional=True, status="noeffect",
             note="the loss is model.kwargs.loss"),
         Key(t + "use_mfu", False, "any", status="noeffect"),
@@ -641,8 +643,10 @@ def _check_values(res: Resolved) -> None:
     if devices not in (1, "1", "auto", None) or str(v["training.strategy"]).lower() in (
             "ddp", "ddp_spawn", "fsdp", "deepspeed"):
         raise ConfigError(f"training.devices={devices!r} / training.strategy="
-                          f"{v['training.strategy']!r}: multi-device training is not supported "
-                          "yet; use training.devices=1 (the default).")
+                          f"{v['training.strategy']!r}: these keys do not start processes; "
+                          "leave them at 1 / auto and start several with torchrun for data "
+                          "parallel training (torchrun --nproc_per_node=N -m statetx tx train "
+                          "...; see the GPU and multi-GPU docs).")
     if "training.weight_decay" in res.given and v["training.weight_decay"]:
         res.notices.append(f"training.weight_decay={v['training.weight_decay']:g} is applied "
                            "(the reference accepted this key but never applied it).")

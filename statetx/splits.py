@@ -190,8 +190,11 @@ def _check_heldout_names(files, config, control_pert, pert_col, cell_type_key, o
         by_ds.setdefault(f.dataset, []).append(f)
     for ds in config.referenced_datasets():
         if ds not in by_ds:
+            given = ", ".join(f"'{d}'" for d in sorted(by_ds)) or "none"
             raise DataError(f"dataset '{ds}' is referenced by the split spec but no data was "
-                            "given for it.")
+                            f"given for it (datasets given: {given}). Give it in memory under "
+                            f"that name (a dict of AnnData, or dataset_name='{ds}'), or a "
+                            "[datasets] path.")
         ds_files = by_ds[ds]
         cts = sorted(set().union(*(set(f.cell_type) for f in ds_files)) - {MISSING_LABEL})
         zs, fs = config.heldout(ds)

@@ -230,6 +230,9 @@ def test_relative_to_toml_folder_not_cwd(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # found next to the TOML: no fallback warning
         got = SplitConfig.from_toml(toml).resolve_paths("d")
+        # to_toml round-trips from another folder: the relative path is written absolute
+        again = SplitConfig.from_toml(SplitConfig.from_toml(toml).to_toml())
+        assert again.resolve_paths("d") == [mine.resolve()]
     assert got == [mine.resolve()]
 
 
