@@ -611,6 +611,11 @@ def _prepare_split(toml: Path, columns: Any, model: Any = None) -> Any:
     kw: dict[str, Any] = {}
     if model is not None:
         kw = dict(pert_features=model.pert_features, **model._data_options())
+        if model.data_loading == "stream":  # (the training split's labels only)
+            from statetx.stream import prepare_stream
+
+            kw["chunk_size"] = model.stream_chunk_size
+            prepare = prepare_stream
     prepared = prepare(None, Path(toml), columns, **kw)
     _print_summary(prepared)
     return prepared

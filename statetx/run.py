@@ -1367,6 +1367,10 @@ def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, 
                                 "training data in memory (adata=...), or the folder the files "
                                 "moved to (data_root=..., --data-root DIR), or another split "
                                 "file (toml=..., --toml FILE).") from None
+    if adata is None and getattr(model, "data_loading", "memory") == "stream":
+        from statetx.stream import prepare_stream  # the training split stays on disk
+
+        prepare = functools.partial(prepare_stream, chunk_size=model.stream_chunk_size)
     prepared = prepare(adata, cfg, model.columns_, vocab=model.vocab_,
                        **model._data_options())
     if list(prepared.feature_names) != list(model.var_names_):

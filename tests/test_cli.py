@@ -655,6 +655,16 @@ def test_streaming_from_the_command_line(data, tmp_path, capsys):
     assert "data_loading: stream" in config and "stream_chunk_size: 64" in config
     assert (tmp_path / "stream" / "checkpoints" / "final.ckpt").is_file()
     assert main(train_args(data, tmp_path, "bad", "data.kwargs.data_loading=disk")) != 0
+    # predicting the test split (and a dry run) keeps the training split on disk as well
+    from statetx.run import attach_data, load_run
+    from statetx.stream import StreamSplit
+
+    run = tmp_path / "stream"
+    assert isinstance(attach_data(load_run(run, verbose=False), run).splits["train"],
+                      StreamSplit)
+    assert main(["tx", "predict", "--output-dir", str(run), "--profile", "minimal"]) == 0
+    assert main(train_args(data, tmp_path, "dry", "data.kwargs.data_loading=stream",
+                           "dry_run=true")) == 0
 
 
 def test_count_scale_model_is_scored_on_one_scale(tmp_path, capsys):
