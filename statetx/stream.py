@@ -17,7 +17,8 @@ How an epoch is streamed
   group's cells *in the window*), the window's sets are shuffled and the window is trained on
   while the next one is read on a background thread. At most two windows are held (the current
   one and the next, or the two that a batch at a window boundary spans), plus one chunk while
-  reading: memory ≈ reservoir + 2 · ``buffer_chunks`` · ``chunk_size`` rows.
+  reading, and two more while validation evaluates a few training batches: memory ≈ reservoir
+  + 4 · ``buffer_chunks`` · ``chunk_size`` rows (input and gene-space target).
 * Basal cells are drawn from a **control reservoir** kept in memory for the whole run: every
   control cell of the split, or at most ``max_controls`` per context (a seeded subset fixed for
   the run), pooled exactly as in memory (same context; same batch with ``pairing="batch"``,
@@ -129,41 +130,48 @@ class BlockReader:
         f = self.files[fi]
         if f.adata is not None:
             block = f.read_rows(np.arange(lo, hi), self.source, self.dtype)
-            check = block
         else:
-            block, check = self._read_h5(fi, lo, hi, out)
+            block = self._read_h5(fi, lo, hi, out)
         if out is not None and block is not out:
             out[...] = block
             block = out
         self.rows_read += hi - lo
         self.max_block_rows = max(self.max_block_rows, hi - lo)
-        if not np.isfinite(check).all():
-            raise DataError(f"{f.label}: rows {lo}..{hi - 1} of {self.key} contain NaN or Inf "
-                            "values. Remove or repair those cells before training.")
-        if not self._warned_negative and check.size and check.min() < 0:
-            self._warned_negative = True
-            warnings.warn(f"{f.label} has negative values in {self.key}; ST expects non-negative "
-                          "log1p expression unless an embedding is used.", stacklevel=3)
         return block
 
-    def _read_h5(self, fi: int, lo: int, hi: int, out: np.ndarray | None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-        """The dense block (``out`` itself when it could be filled in place) and the values to
-        check for NaN/Inf."""
+    def _read_h5(self, fi: int, lo: int, hi: int, out: np.ndarray | None) -> np.ndarray:
+        """The dense block (``out`` itself when it could be filled in place)."""
         if fi not in self._h5:
             self._h5[fi] = self._open(self.files[fi].path)
         _, node = self._h5[fi]
         if isinstance(node, h5py.Dataset):
-            block = np.asarray(node[lo:hi])
-            return block.astype(self.dtype, copy=False), block
+            return np.asarray(node[lo:hi]).astype(self.dtype, copy=False)
         data, indices, indptr, width = node
         ptr = np.asarray(indptr[lo:hi + 1], dtype=np.int64)
         vals = np.asarray(data[ptr[0]:ptr[-1]])
         m = sp.csr_matrix((vals, np.asarray(indices[ptr[0]:ptr[-1]]), ptr - ptr[0]),
                           shape=(hi - lo, width))
         if out is not None and out.dtype == vals.dtype:
-            return m.toarray(out=out), vals  # no intermediate dense copy
-        return m.toarray().astype(self.dtype, copy=False), vals
+            return m.toarray(out=out)  # no intermediate dense copy
+        return m.toarray().astype(self.dtype, copy=False)
+
+    def check(self, values: np.ndarray, split: StreamSplit, rows: np.ndarray) -> None:
+        """NaN/Inf in the dense ``values`` of split ``rows``: an error naming the first such
+        cell; negative values: one warning per reader."""
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            i = rows[int(np.flatnonzero(bad)[0])]
+            f = split.files[int(split.file_index[i])]
+            raise DataError(f"{f.label}: cell {split.barcodes[i]} (row {split.file_row[i]}) has "
+                            f"NaN or Inf values in {self.key}"
+                            + (f" ({int(bad.sum())} such cells among {len(rows)} read together)"
+                               if bad.sum() > 1 else "")
+                            + ". Remove or repair those cells.")
+        if not self._warned_negative and values.size and values.min() < 0:
+            self._warned_negative = True
+            warnings.warn(f"{split.files[0].label} has negative values in {self.key}; ST expects "
+                          "non-negative log1p expression unless an embedding is used.",
+                          stacklevel=4)
 
     def _open(self, path: Path) -> tuple[h5py.File, object]:
         h = h5py.File(path, "r")
@@ -265,7 +273,15 @@ class StreamSplit:
         each chunk costs one contiguous read spanning its first to last requested row."""
         for a, b, fi, fr in self._segments(rows):
             block = reader.read(fi, int(fr[0]), int(fr[-1]) + 1)
-            yield slice(a, b), (block if len(block) == b - a else block[fr - fr[0]])
+            block = block if len(block) == b - a else block[fr - fr[0]]
+            reader.check(block, self, rows[a:b])  # (only the requested rows)
+            yield slice(a, b), block
+
+    def check_values(self, reader: BlockReader, rows: np.ndarray) -> None:
+        """One streamed pass over the sorted split ``rows``: NaN/Inf is an error naming the
+        first such cell (so that bad values stop a run before it trains, as in memory)."""
+        for _ in self.iter_blocks(reader, rows):
+            pass
 
     def read_rows(self, reader: BlockReader, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Fill ``out`` ``[len(rows), width]`` with the sorted split ``rows``, one contiguous
@@ -275,6 +291,7 @@ class StreamSplit:
                 reader.read(fi, int(fr[0]), int(fr[-1]) + 1, out=out[a:b])
             else:
                 out[a:b] = reader.read(fi, int(fr[0]), int(fr[-1]) + 1)[fr - fr[0]]
+            reader.check(out[a:b], self, rows[a:b])
         return out
 
     def _segments(self, rows: np.ndarray) -> Iterator[tuple[int, int, int, np.ndarray]]:
@@ -446,6 +463,10 @@ class StreamingCellSetSampler:
         self._width: dict[str | None, int] = {}
         self._groups()
         self._reservoir()
+        # bad values stop the run before it trains (as in memory): one pass over its cells
+        for reader in (self.reader, self.counts_reader):
+            if reader is not None:
+                data.check_values(reader, self.target_rows)
         self._plans: OrderedDict[int, _Plan] = OrderedDict()
         self.peak_rows_held = 0      # most window rows held at once (reservoir excluded)
         self.windows_read = 0
@@ -543,13 +564,19 @@ class StreamingCellSetSampler:
         return int(np.sort(sizes)[::-1][: self.buffer_chunks].sum())
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes one window holds per cell: the input row, plus the gene-space target row."""
+        size = np.dtype(self.reader.dtype).itemsize
+        return sum(self.data.files[0].width(r.source) * size
+                   for r in (self.reader, self.counts_reader) if r is not None)
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of device memory :meth:`to` implies: the reservoir plus two windows."""
-        per_row = self.reservoir_x.shape[1] * self.reservoir_x.element_size()
-        if self.counts_reader is not None:
-            per_row *= 2
+        """Bytes of device memory :meth:`to` implies: the reservoir plus four windows (the
+        current and the next one of training, and two of the evaluation pass over training
+        batches that validation makes while training holds its own)."""
         return int(self.reservoir_x.numel() * self.reservoir_x.element_size()
-                   + 2 * self.window_rows * per_row)
+                   + 4 * self.window_rows * self.row_bytes)
 
     @property
     def n_groups(self) -> int:
@@ -574,10 +601,10 @@ class StreamingCellSetSampler:
         """One line: what is streamed and what is held in memory."""
         d = self.data
         res_mb = self.reservoir_x.numel() * self.reservoir_x.element_size() / 2**20
-        per_row = self.reservoir_x.shape[1] * self.reservoir_x.element_size()
+        per_row = self.row_bytes
         return (f"streaming {len(self.target_rows):,} training cells in {len(self.chunks):,} "
                 f"chunks of <= {d.chunk_size:,} rows, {self.buffer_chunks} chunks per window "
-                f"(<= {self.window_rows * per_row / 2**20:,.0f} MB), control reservoir "
+                f"(<= {self.window_rows * per_row / 2**20:,.1f} MB), control reservoir "
                 f"{len(self.reservoir_rows):,} cells ({res_mb:,.0f} MB); "
                 f"{100 * self.padding_fraction(0):.1f}% of epoch 0's set positions are padding")
 
@@ -639,7 +666,10 @@ class StreamingCellSetSampler:
             positions += sets_w.size
         if not t_parts:
             raise DataError(f"the {self.data.name} split yields no cell set of {S} cells "
-                            "(drop_last=True and every group is smaller in every window)."
+                            "(drop_last=True and every group is smaller in every window): raise "
+                            "stream_buffer_chunks (a window then holds more cells of a group), "
+                            "store the file sorted by perturbation, lower cell_set_len, or set "
+                            "drop_last=False."
                             + (f" Raise downsample_cells (now {self.downsample_cells} cells "
                                "per group)." if self.downsample_cells is not None else ""))
         targets, basal = np.concatenate(t_parts), np.concatenate(b_parts)

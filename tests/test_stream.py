@@ -254,9 +254,19 @@ def test_non_finite_rows_are_reported_with_the_file(adata, tmp_path):
     bad.X = sp.csr_matrix(x)
     path = tmp_path / "bad.h5ad"
     bad.write_h5ad(path)
-    # the scale check ignores NaN; streaming finds it when it reads the chunk
-    with pytest.raises(DataError, match=r"bad.h5ad: rows \d+\.\.\d+ of X contain NaN"):
-        model(max_steps=30).fit(None, _spec(path))
+    # found by the pass over the training cells before training: nothing is written
+    name = bad.obs_names[row]
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=rf"bad.h5ad: cell {name} \(row {row}\) has NaN or Inf "
+                                        "values in X"):
+        model(max_steps=30).fit(None, _spec(path), output_dir=out)
+    assert not out.exists() or not any(out.iterdir())
+    # NaN in a cell of a cell type no split uses is no error (as in memory)
+    ct = bad.obs["cell_type"].iloc[row]
+    others = sorted(set(adata.obs["cell_type"]) - {ct, "CT2"})
+    spec = (f'[datasets]\ndata = "{path}"\n[zeroshot]\n"data.CT2" = "test"\n'
+            + "".join(f'"data.{c}" = "train"\n' for c in others))
+    model(max_steps=2).fit(None, spec)
 
 
 def test_dense_h5ad_and_in_memory_anndata_stream(adata, tmp_path):
@@ -268,6 +278,24 @@ def test_dense_h5ad_and_in_memory_anndata_stream(adata, tmp_path):
     b = model(max_steps=3).fit(dense, '[training]\ndata = "train"\n[zeroshot]\n"data.CT2" = '
                                       '"test"\n', dataset_name="data")
     assert all(torch.equal(v, weights(b)[k]) for k, v in weights(a).items())
+
+
+def test_window_memory_counts_a_wider_gene_space_target(adata, tmp_path):
+    """X_hvg input (4 columns) with output_space='all' (targets from X, 16 columns): a window
+    holds both, and the device estimate counts four windows."""
+    a = adata.copy()
+    a.obsm["X_hvg"] = np.asarray(a.X[:, :4].toarray())
+    path = tmp_path / "hvg.h5ad"
+    a.write_h5ad(path)
+    cols = ColumnMap.build(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl",
+                           embed_key="X_hvg", output_space="all")
+    prepared = prepare_stream(None, _spec(path), cols, chunk_size=CHUNK)
+    s = StreamingCellSetSampler(prepared.splits["train"], prepared.vocab, 8, 4, seed=1,
+                                buffer_chunks=BUFFER)
+    assert s.row_bytes == (4 + 16) * 4
+    res = s.reservoir_x.numel() * s.reservoir_x.element_size()
+    assert s.nbytes == res + 4 * s.window_rows * (4 + 16) * 4
+    s.close()
 
 
 def test_streaming_options_without_streaming_are_said_to_have_no_effect():
