@@ -205,8 +205,10 @@ class StateTransitionModel(BaseEstimator):
         whole group (a group with fewer than ``cell_set_len`` cells in the buffer gives one
         padded set, none with ``drop_last``: raise the buffer for files in random cell order),
         and basal cells from an in-memory reservoir of the control cells. Validation and test
-        splits are still read into memory; ``predict_split("train")`` is unavailable. Peak
-        memory ≈ reservoir + two buffers (``2 · chunk · buffer · n_features · 4`` bytes). See
+        splits are still read into memory; ``predict_split("train")`` is unavailable. Before
+        training, one pass over the training cells checks them for NaN/Inf (as loading them
+        does in memory). Peak memory ≈ reservoir + two buffers (``2 · chunk · buffer ·
+        n_features · 4`` bytes; two more while validation evaluates training batches). See
         :mod:`statetx.stream`.
     stream_chunk_size, stream_buffer_chunks, stream_max_controls
         Streaming options (see ``data_loading``): file rows per contiguous read (default

@@ -497,7 +497,7 @@ def test_tutorial_commands(run, data, tmp_path, capsys):
     assert "control_pert='non-targeting'" in capsys.readouterr().out
     # multi-device keys -> explicit error
     assert main(["tx", "train", toml, "training.devices=4", 'training.strategy="ddp"']) == 2
-    assert "not supported yet" in capsys.readouterr().err
+    assert "start several with torchrun" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ preprocessing
