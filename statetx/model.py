@@ -507,12 +507,25 @@ class StateTransitionModel(BaseEstimator):
         stay in ``output_dir``). Randomness comes from ``seed`` alone; torch's global random
         state is left as it was.
         """
-        on_gpu = torch.cuda.is_available() and str(self.device) != "cpu"
-        cuda = list(range(torch.cuda.device_count())) if on_gpu else []
-        with torch.random.fork_rng(devices=cuda):
+        with torch.random.fork_rng(devices=self._cuda_devices()):
             return self._fit(adata, split_config, dataset_name=dataset_name,
                              output_dir=output_dir, resume_from=resume_from,
                              force_resume=force_resume)
+
+    def _cuda_devices(self) -> list[int]:
+        """The CUDA device a fit trains on (its random state is restored afterwards): this
+        process's under torchrun (LOCAL_RANK), else the one ``device`` names; none on CPU."""
+        if not torch.cuda.is_available() or str(self.device) == "cpu":
+            return []
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
+            return [int(os.environ["LOCAL_RANK"])]
+        try:
+            dev = torch.device("cuda" if str(self.device) == "auto" else self.device)
+        except (RuntimeError, TypeError):
+            return []  # (the device error comes from the parameter checks)
+        if dev.type != "cuda":
+            return []
+        return [dev.index if dev.index is not None else torch.cuda.current_device()]
 
     def _fit(self, adata: ad.AnnData | dict[str, ad.AnnData] | None,
              split_config: SplitConfig | dict | str | Path | None, *, dataset_name: str | None,

@@ -52,6 +52,19 @@ def test_init_only_stores_params_and_clone():
         m.predict_sets(np.zeros((2, 4)), "P0")
 
 
+def test_fit_restores_the_random_state_of_its_own_gpu_only(monkeypatch):
+    """(Forking every visible GPU's state would open a CUDA context on each, in every rank.)"""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert small_model(device="cpu")._cuda_devices() == []
+    assert small_model(device="cuda:1")._cuda_devices() == [1]
+    assert small_model(device="auto")._cuda_devices() == [0]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert small_model(device="auto")._cuda_devices() == [3]
+
+
 def test_flags_take_0_and_1(synth):
     m = small_model(max_steps=1, progress=0, drop_last=1).fit(synth, SPEC)
     assert m.history_["step"].max() == 1
