@@ -187,13 +187,13 @@ def changed_params(before: dict, after: dict) -> list[str]:
 def data_differences(before: dict | None, after: dict | None) -> list[str]:
     """What differs between two training-data fingerprints (``PreparedData.fingerprint``; a
     checkpoint written before they were recorded has none: nothing to compare)."""
-    if not before or not after:
-        return []
+    if not before or not after or before.get("version") != after.get("version"):
+        return []  # (none recorded, or recorded another way: nothing to compare)
     out = []
     old, new = (Counter(tuple(r) for r in d.get("cells", [])) for d in (before, after))
     if old != new:
         def rows(c: Counter) -> str:
-            return preview(sorted(" ".join(r[:3]) + f" ({r[4]} perturbed cells)" for r in c), 3)
+            return preview(sorted(" ".join(r[:3]) + f" ({r[3]} perturbed cells)" for r in c), 3)
 
         gone, added = old - new, new - old
         out.append("cells per dataset, cell type and split: "

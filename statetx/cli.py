@@ -588,12 +588,21 @@ def _list_keys() -> None:
 
 
 def _dry_run(plan: Any) -> int:
+    import numpy as np
+
     from statetx.model import StateTransitionModel
     from statetx.presets import build_network_config, describe
 
     model = StateTransitionModel(**plan.params)
     arch = model._architecture(model.preset)
     prepared = _prepare_split(plan.toml, model._columns(), model)
+    train = prepared.splits.get("train")
+    if model.data_loading == "stream" and train is not None:  # its values: one streamed pass
+        rows = np.flatnonzero(train.is_target | train.is_control)
+        for reader in train.readers():
+            if reader is not None:
+                train.check_values(reader, rows)
+                reader.close()
     net = build_network_config(
         arch, input_dim=prepared.input_dim, output_dim=prepared.input_dim,
         pert_dim=prepared.vocab.pert_dim,
@@ -686,8 +695,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
     _say(f"run {run}; pert_col={c.pert_col!r}, cell_type_key={c.cell_type_key!r}, "
          f"control_pert={c.control_pert!r}; attention {model.network_config_.attention}; "
          f"prediction in fp32, matmul precision {a.matmul_precision}")
-    prepared = attach_data(model, run, toml=a.toml, data_root=a.data_root)
     split = "train" if a.eval_train_data else a.split
+    prepared = attach_data(model, run, toml=a.toml, data_root=a.data_root,
+                           stream=None if split != "train" else False)
     if a.test_time_finetune:
         _say(f"test-time fine-tuning: {a.test_time_finetune} steps on the {split} split's "
              "control cells (Adam, lr 1e-5)")

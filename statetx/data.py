@@ -80,6 +80,9 @@ class SplitData:
         return out
 
 
+FINGERPRINT_VERSION = 2  # (PreparedData.fingerprint: what a resume compares)
+
+
 @dataclass
 class PreparedData:
     """Everything the trainer needs, plus bookkeeping for prediction and reports."""
@@ -118,8 +121,10 @@ class PreparedData:
                 rows = rows.half().double()
                 values[name] = [len(x), f"{float(rows.sum()):.10g}",
                                 f"{float(rows.square().sum()):.10g}"]
-        cells = self.summary.drop(columns="file").astype(str).values.tolist()
-        return {"cells": sorted(cells), "values": values}
+        keys = ["dataset", "cell_type", "split"]
+        cells = self.summary.groupby(keys, sort=True)[["n_perturbed_cells", "n_controls"]].sum()
+        return {"version": FINGERPRINT_VERSION, "values": values,
+                "cells": cells.reset_index().astype(str).values.tolist()}
 
     def x_is_log1p(self) -> bool:
         """Whether X (of the first file; sampled rows) looks log1p-normalised."""

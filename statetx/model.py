@@ -505,7 +505,7 @@ class StateTransitionModel(BaseEstimator):
         same data and split spec; ``force_resume=True`` continues across a change). A fit that
         fails or is interrupted leaves the estimator as it was (the checkpoints written so far
         stay in ``output_dir``). Randomness comes from ``seed`` alone; torch's global random
-        state is left as it was.
+        state (the CPU's, and that of the GPU it trains on) is left as it was.
         """
         with torch.random.fork_rng(devices=self._cuda_devices()):
             return self._fit(adata, split_config, dataset_name=dataset_name,
@@ -601,7 +601,7 @@ class StateTransitionModel(BaseEstimator):
         )
         if verbose:
             print(describe(net_cfg))
-        torch.manual_seed(int(self.seed))
+        torch.default_generator.manual_seed(int(self.seed))  # (built on the CPU)
         network = StateTransitionNetwork(net_cfg)
         if prepared.gene_dim and network.gene_decoder is None and rank == 0:
             warnings.warn(

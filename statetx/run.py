@@ -1325,14 +1325,17 @@ def _check_same_run(run: Path, path: Path, meta: Mapping) -> None:
 
 def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, *,
                 toml: str | Path | dict | SplitConfig | None = None,
-                data_root: str | Path | None = None, adata: Any = None) -> PreparedData:
+                data_root: str | Path | None = None, adata: Any = None,
+                stream: bool | None = None) -> PreparedData:
     """Rebuild the split data of a loaded model (needed by ``predict_split``).
 
     The split spec is ``toml`` (a path, TOML string, dict or :class:`SplitConfig`), else the
     run's ``split.toml``, else the spec the model was fitted with (kept by pickling and
     :meth:`~statetx.StateTransitionModel.save`); ``data_root`` replaces the directory part of
     every dataset path (for a run whose data moved); ``adata`` supplies in-memory data. The
-    model's vocabulary is reused, so label codes match training.
+    model's vocabulary is reused, so label codes match training. ``stream``: keep the training
+    split on disk (labels only); default: as the model trained (``data_loading``); False reads
+    it into memory, for ``predict_split("train")``.
     """
     from statetx.config import SplitConfig
     from statetx.data import prepare
@@ -1367,7 +1370,9 @@ def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, 
                                 "training data in memory (adata=...), or the folder the files "
                                 "moved to (data_root=..., --data-root DIR), or another split "
                                 "file (toml=..., --toml FILE).") from None
-    if adata is None and getattr(model, "data_loading", "memory") == "stream":
+    if stream is None:
+        stream = getattr(model, "data_loading", "memory") == "stream"
+    if adata is None and stream:
         from statetx.stream import prepare_stream  # the training split stays on disk
 
         prepare = functools.partial(prepare_stream, chunk_size=model.stream_chunk_size)

@@ -169,9 +169,10 @@ class BlockReader:
                             + ". Remove or repair those cells.")
         if not self._warned_negative and values.size and values.min() < 0:
             self._warned_negative = True
-            warnings.warn(f"{split.files[0].label} has negative values in {self.key}; ST expects "
-                          "non-negative log1p expression unless an embedding is used.",
-                          stacklevel=4)
+            i = rows[int(np.flatnonzero((values < 0).any(axis=1))[0])]
+            warnings.warn(f"{split.files[int(split.file_index[i])].label} has negative values in "
+                          f"{self.key}; ST expects non-negative log1p expression unless an "
+                          "embedding is used.", stacklevel=4)
 
     def _open(self, path: Path) -> tuple[h5py.File, object]:
         h = h5py.File(path, "r")
@@ -250,8 +251,9 @@ class StreamSplit:
     def X(self) -> torch.Tensor:  # noqa: N802 - mirrors SplitData.X
         raise DataError(f"the {self.name} split was streamed from disk (data_loading='stream'), "
                         "so its expression matrix is not in memory. Predict it with "
-                        "predict(adata) on the cells you need, or fit with "
-                        "data_loading='memory'.")
+                        "predict(adata) on the cells you need, or read it into memory (if it "
+                        "fits) with statetx.run.attach_data(model, stream=False) (tx predict "
+                        "--eval_train_data does).")
 
     @property
     def counts(self) -> torch.Tensor | None:
@@ -463,7 +465,8 @@ class StreamingCellSetSampler:
         self._width: dict[str | None, int] = {}
         self._groups()
         self._reservoir()
-        # bad values stop the run before it trains (as in memory): one pass over its cells
+        # bad values stop the run before it trains (as in memory): one pass over its cells per
+        # matrix read (under torchrun, in every process)
         for reader in (self.reader, self.counts_reader):
             if reader is not None:
                 data.check_values(reader, self.target_rows)

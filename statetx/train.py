@@ -550,9 +550,9 @@ class Trainer:
             if resume_from is not None:
                 self.load_checkpoint(resume_from)
             else:
-                torch.manual_seed(c.seed)
+                self._seed(c.seed)
                 if self.rank > 0:  # dropout: a stream of its own on each rank
-                    torch.manual_seed(rank_seed(c.seed, self.rank))
+                    self._seed(rank_seed(c.seed, self.rank))
                 if self.val_sampler is not None:  # fail fast on a broken validation set
                     self.evaluate(self.val_sampler, max_batches=1)
                 self._clear_previous_run()
@@ -564,6 +564,14 @@ class Trainer:
             self._unwrap()
             scope.close()
         return self.state.history  # not `st`: a resume replaced self.state
+
+    def _seed(self, seed: int) -> None:
+        """Seed the generators training draws from: the CPU's, and on a GPU every CUDA
+        generator (as ``torch.manual_seed``); a CPU run leaves the CUDA generators alone."""
+        if self.device.type == "cpu":
+            torch.default_generator.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
 
     def _clear_previous_run(self) -> None:
         """A fresh run in a folder that holds an earlier one: the earlier checkpoints, metrics
@@ -633,7 +641,7 @@ class Trainer:
                             bar.set_postfix(self._progress_fields(shown), refresh=False)
                         bar.update(1)
                     if stop or st.step >= c.max_steps:
-                        break  # (a stop asked for now comes after the final checkpoints)
+                        break  # (a stop asked for in this step: the run ends as it would have)
                     if self._stop_signal is not None:
                         self._stop_after_signal()
                 else:
@@ -652,6 +660,9 @@ class Trainer:
             if self.out is not None:
                 self._checkpoint("final.ckpt")
                 self._checkpoint("last.ckpt")
+            if self._stop_signal is not None and self.cfg.progress:
+                print("statetx: the interrupted step was the run's last: training is complete.",
+                      file=sys.stderr, flush=True)
         finally:
             signals.close()
             if bar is not None:
@@ -678,9 +689,12 @@ class Trainer:
                 self._raise_for(signum)
             self._stop_signal = signum
             if self.cfg.progress:
-                print("\nstatetx: interrupted: finishing this step"
-                      + (" and writing checkpoints/last.ckpt" if self.out is not None else "")
-                      + " (once more to stop at once)", file=sys.stderr, flush=True)
+                then = ("" if self.out is None else
+                        " (nothing of this run is kept: the earlier run in its folder comes back)"
+                        if self.on_first_checkpoint is not None else
+                        " and writing checkpoints/last.ckpt")
+                print(f"\nstatetx: interrupted: finishing this step{then}; once more to stop "
+                      "at once", file=sys.stderr, flush=True)
 
         # (not for a signal being ignored, nor one whose handler was not set from Python)
         previous = {s: h for s in (signal.SIGINT, signal.SIGTERM)
@@ -928,7 +942,7 @@ class Trainer:
                 if "cuda" in mine and self.device.type == "cuda":
                     torch.cuda.set_rng_state(mine["cuda"], self.device)
             elif self.rank > 0:  # saved by another world size: a fresh stream per rank
-                torch.manual_seed(rank_seed(self.cfg.seed, self.rank, self.state.step))
+                self._seed(rank_seed(self.cfg.seed, self.rank, self.state.step))
 
     def _remove_stale_temporaries(self) -> None:
         """Delete half-written checkpoints (``.<name>.tmp<pid>``) left by a killed process."""

@@ -663,6 +663,10 @@ def test_streaming_from_the_command_line(data, tmp_path, capsys):
     assert isinstance(attach_data(load_run(run, verbose=False), run).splits["train"],
                       StreamSplit)
     assert main(["tx", "predict", "--output-dir", str(run), "--profile", "minimal"]) == 0
+    # --eval_train_data reads the training split into memory for it
+    assert main(["tx", "predict", "--output-dir", str(run), "--profile", "minimal",
+                 "--eval_train_data", "--predict-only"]) == 0
+    assert (run / "eval_train_final.ckpt" / "adata_pred.h5ad").is_file()
     assert main(train_args(data, tmp_path, "dry", "data.kwargs.data_loading=stream",
                            "dry_run=true")) == 0
 

@@ -71,8 +71,13 @@ def test_streamed_fit_trains_and_predicts(h5, adata):
     assert pred.shape == real.shape and pred.n_obs > 0 and np.isfinite(pred.X).all()
     out = m.predict(adata[:50].copy())
     assert out.shape == (50, adata.n_vars)
-    with pytest.raises(DataError, match="streamed from disk.*data_loading='memory'"):
+    with pytest.raises(DataError, match=r"streamed from disk.*attach_data\(model, stream=False"):
         m.predict_split("train")
+    from statetx.run import attach_data
+
+    attach_data(m, stream=False)  # the split spec the model was fitted with, in memory
+    pred, real = m.predict_split("train")
+    assert pred.n_obs == real.n_obs > 0
 
 
 def test_same_seed_same_weights_and_resume_is_exact(h5, tmp_path):
@@ -261,6 +266,15 @@ def test_non_finite_rows_are_reported_with_the_file(adata, tmp_path):
                                         "values in X"):
         model(max_steps=30).fit(None, _spec(path), output_dir=out)
     assert not out.exists() or not any(out.iterdir())
+    # a dry run of the command line finds it too
+    from statetx.cli import main
+
+    (tmp_path / "bad.toml").write_text(_spec(path))
+    assert main(["tx", "train", f"data.kwargs.toml_config_path={tmp_path / 'bad.toml'}",
+                 "data.kwargs.pert_col=gene", "data.kwargs.control_pert=ctrl",
+                 "data.kwargs.data_loading=stream", "data.kwargs.stream_chunk_size=16",
+                 "model=tiny", "model.kwargs.cell_set_len=8", f"output_dir={tmp_path}",
+                 "name=dry", "dry_run=true"]) == 2
     # NaN in a cell of a cell type no split uses is no error (as in memory)
     ct = bad.obs["cell_type"].iloc[row]
     others = sorted(set(adata.obs["cell_type"]) - {ct, "CT2"})
