@@ -110,6 +110,21 @@ def _needs_trust(path: Path, err: Exception) -> DataError:
     )
 
 
+def _refused_global(err: Exception) -> bool:
+    """Whether a restricted load failed on a global it may not resolve (rather than on a
+    damaged file)."""
+    text = str(err)
+    return isinstance(err, pickle.UnpicklingError) and (
+        "refusing to load the global" in text or "Unsupported global" in text
+        or "GLOBAL" in text)
+
+
+def _damaged(path: Path, err: Exception) -> DataError:
+    return DataError(f"could not read {path} ({type(err).__name__}: "
+                     f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}): the file "
+                     "looks damaged or truncated. Copy it again from the run that wrote it.")
+
+
 def load_pickle(path: str | Path, trust_pickle: bool = False) -> Any:
     """Read a plain pickle (.pkl) with :class:`RestrictedUnpickler` (full pickle if trusted)."""
     path = Path(path)
@@ -117,6 +132,8 @@ def load_pickle(path: str | Path, trust_pickle: bool = False) -> Any:
     try:
         return RestrictedUnpickler(io.BytesIO(data)).load()
     except Exception as err:  # noqa: BLE001 - any failure of the restricted path
+        if not _refused_global(err):
+            raise _damaged(path, err) from err
         if not trust_pickle:
             raise _needs_trust(path, err) from err
         warnings.warn(f"fully unpickling {path} (trust_pickle=True)", UserWarning, stacklevel=2)
@@ -136,7 +153,11 @@ def load_torch(path: str | Path, trust_pickle: bool = False) -> Any:
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as err:
+    except FileNotFoundError:
+        raise DataError(f"{path} not found.") from None
+    except Exception as err:  # noqa: BLE001 - a refused global, or a damaged file
+        if not _refused_global(err):
+            raise _damaged(path, err) from err
         if not trust_pickle:
             raise _needs_trust(path, err) from err
         warnings.warn(f"fully unpickling {path} (trust_pickle=True)", UserWarning, stacklevel=2)

@@ -340,7 +340,7 @@ def _add_evaluate(sp: Any) -> None:
     b.add_argument("-O", "--output-de", "--output_de", dest="output_de", help="baseline DE CSV")
     _flag(b, "--pert-col", default="target_gene")
     _flag(b, "--control-pert", default="non-targeting")
-    _flag(b, "--num-threads", type=int, default=None)
+    _flag(b, "-t", "--num-threads", type=int, default=None)  # (-t: cell-eval's baseline)
     b.set_defaults(func=cmd_evaluate_baseline)
     sc = _sub(evs, "score", "normalise metrics by the baseline's (VCC score)")
     sc.add_argument("-i", "--user-input", "--user_input", dest="user_input", required=True)
@@ -1286,12 +1286,17 @@ def _describe_model(model: Any, kind: str, attention: str | None = None) -> None
     print(f"columns: pert_col={cols.pert_col!r}, cell_type_key={cols.cell_type_key!r}, "
           f"batch_col={cols.batch_col!r}, control={cols.control_pert!r}, input "
           f"{cols.embed_key or 'X'}")
+    n_out = len(model.gene_names_) if model.gene_names_ else (
+        len(model.var_names_) if model._expression_output else None)
     print(f"vocabulary: {_vocab_counts(v)}; {len(model.var_names_)} input features"
-          + (f", {len(model.gene_names_)} genes decoded" if model.gene_names_ else ""))
+          + (f", {len(model.gene_names_)} genes decoded" if model.gene_names_ else "")
+          + (f"; {n_out} output genes" if n_out else "; output: an embedding"))
+    arc = getattr(model, "arc_import_", None)
     step = getattr(model, "step_", None)
+    if step is None and arc:
+        step = arc.get("provenance", {}).get("global_step")
     if step is not None:
         print(f"training step: {step}")
-    arc = getattr(model, "arc_import_", None)
     if arc:
         prov = arc.get("provenance", {})
         print(f"licence: {prov.get('license_notice') or prov.get('license') or 'see the run'}")

@@ -1612,7 +1612,10 @@ class StateTransitionModel(BaseEstimator):
                     cell_type_key=dk.get("cell_type_key", "cell_type"),
                     batch_col=dk.get("batch_col"), control_pert=dk.get("control_pert"),
                     embed_key=dk.get("embed_key"), output_space=cfg.output_space,
-                    cell_set_len=dk.get("cell_set_len"), device="cpu")
+                    cell_set_len=dk.get("cell_set_len"), device="cpu",
+                    # the run's control pairing (arc-state: "random" = within the cell type)
+                    basal_mapping_strategy="batch" if dk.get("basal_mapping_strategy") == "batch"
+                    else "random")
         vectors = np.asarray(imp.pert_vectors, dtype=np.float32)
         one_hot = vectors.shape[0] == vectors.shape[1] and np.array_equal(
             vectors, np.eye(len(vectors), dtype=np.float32))

@@ -45,6 +45,20 @@ def test_infer_windows_reproduced_exactly(model_a):
     assert pos == 100
 
 
+@pytest.mark.parametrize("run", RUNS[:4])
+def test_imported_runs_pair_controls_as_they_trained(run):
+    """The fixture runs trained with basal_mapping_strategy 'random' (controls of the same cell
+    type, any batch); predict cuts each cell type's cells into the reference's windows."""
+    m = StateTransitionModel.from_arc_state(need(ARC / "runs" / run), verbose=False)
+    assert m.basal_mapping_strategy == "random"
+    inp = ad.read_h5ad(ARC / "infer" / "infer_input.h5ad")
+    pred = m.predict(inp, windows="reference")
+    assert pred.uns["statetx"]["basal_pool"] == "cell_type"
+    sets = pred.obs.groupby(["cell_type", "statetx_set"], observed=True).size()
+    w = np.load(need(ARC / "infer" / "infer_windows_model_a.npz"))
+    assert sorted(sets.tolist()) == sorted(int(n) for n in w["window_len"])
+
+
 def test_infer_end_to_end_matches_in_distribution(model_a):
     """statetx.predict draws its own controls, so only group means are compared.
 
@@ -73,6 +87,8 @@ def test_saved_import_keeps_its_licence_notice(model_a, tmp_path, capsys):
     assert main(["info", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
     assert f"licence: {notice}" in out and "MIT code" not in out
+    step = model_a.arc_import_["provenance"]["global_step"]
+    assert f"training step: {step}" in out and "128 output genes" in out
 
 
 def test_info_describes_a_run_that_did_not_record_its_attention(capsys):

@@ -293,7 +293,8 @@ def test_evaluate_commands(run, tmp_path):
     assert main(["evaluate", "score", "-i", str(out / "agg_results.csv"), "-I",
                  str(out / "agg_results.csv"), "-o", str(tmp_path / "score.csv")]) == 0
     assert main(["evaluate", "baseline", "-a", str(ev / "adata_real.h5ad"), "--pert-col",
-                 "gene", "--control-pert", "ctrl", "-o", str(tmp_path / "b.h5ad")]) == 0
+                 "gene", "--control-pert", "ctrl", "-o", str(tmp_path / "b.h5ad"),
+                 "-t", "2"]) == 0  # (-t: the thread flag of cell-eval's baseline command)
     assert (tmp_path / "b.h5ad").is_file()
     assert main(["evaluate", "run", "-ap", "x.h5ad", "-ar", "y.h5ad", "--ceiling-seed", "1"]) == 2
 

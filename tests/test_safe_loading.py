@@ -252,6 +252,17 @@ def test_from_arc_state_refuses_pickled_code(arc_run, marker, file):
         StateTransitionModel.from_arc_state(arc_run, verbose=False)
 
 
+@pytest.mark.parametrize("file", ["checkpoints/final.ckpt", "pert_onehot_map.pt",
+                                  "var_dims.pkl"])
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_damaged_arc_files_are_named_not_taken_for_pickled_code(arc_run, file, damage):
+    path = arc_run / file
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    with pytest.raises(DataError, match=rf"could not read .*{path.name} .*damaged or truncated"):
+        StateTransitionModel.from_arc_state(arc_run, verbose=False)
+
+
 def test_files_the_importer_does_not_need_are_never_unpickled(arc_run, marker):
     torch_pickle(arc_run / "data_module.torch", marker)
     model = StateTransitionModel.from_arc_state(arc_run, verbose=False)
