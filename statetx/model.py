@@ -207,9 +207,9 @@ class StateTransitionModel(BaseEstimator):
         and basal cells from an in-memory reservoir of the control cells. Validation and test
         splits are still read into memory; ``predict_split("train")`` is unavailable. Before
         training, one pass over the training cells checks them for NaN/Inf (as loading them
-        does in memory). Peak memory ≈ reservoir + two buffers (``2 · chunk · buffer ·
-        n_features · 4`` bytes; two more while validation evaluates training batches). See
-        :mod:`statetx.stream`.
+        does in memory; shared out between the processes under torchrun). Peak memory ≈
+        reservoir + two buffers (``2 · chunk · buffer · n_features · 4`` bytes; two more while
+        validation evaluates training batches). See :mod:`statetx.stream`.
     stream_chunk_size, stream_buffer_chunks, stream_max_controls
         Streaming options (see ``data_loading``): file rows per contiguous read (default
         4,096), chunks per buffer (default 16), control cells kept in the reservoir per file

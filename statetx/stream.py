@@ -466,10 +466,12 @@ class StreamingCellSetSampler:
         self._groups()
         self._reservoir()
         # bad values stop the run before it trains (as in memory): one pass over its cells per
-        # matrix read (under torchrun, in every process)
+        # matrix read, shared out between the processes under torchrun (a process that finds
+        # one fails, and torchrun stops the others)
+        share = np.array_split(self.target_rows, self.world_size)[self.rank]
         for reader in (self.reader, self.counts_reader):
             if reader is not None:
-                data.check_values(reader, self.target_rows)
+                data.check_values(reader, share)
         self._plans: OrderedDict[int, _Plan] = OrderedDict()
         self.peak_rows_held = 0      # most window rows held at once (reservoir excluded)
         self.windows_read = 0

@@ -266,6 +266,17 @@ def test_non_finite_rows_are_reported_with_the_file(adata, tmp_path):
                                         "values in X"):
         model(max_steps=30).fit(None, _spec(path), output_dir=out)
     assert not out.exists() or not any(out.iterdir())
+    # under torchrun the check is shared out: the process whose share holds the cell fails
+    prepared = prepare_stream(None, _spec(path), COLUMNS, chunk_size=CHUNK)
+    split = prepared.splits["train"]
+    found = []
+    for r in range(2):
+        try:
+            StreamingCellSetSampler(split, prepared.vocab, 8, 4, rank=r, world_size=2,
+                                    buffer_chunks=BUFFER).close()
+        except DataError:
+            found.append(r)
+    assert len(found) == 1
     # a dry run of the command line finds it too
     from statetx.cli import main
 
