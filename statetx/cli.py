@@ -297,7 +297,8 @@ def _add_filter(sp: Any) -> None:
     f.add_argument("--preprocess", action="store_true",
                    help="normalize_total(1e4) + log1p after filtering")
     _flag(f, "--on-unmatched", default="drop", choices=["drop", "keep", "error"])
-    f.add_argument("--report", help="write the per-perturbation report (CSV)")
+    f.add_argument("--report", help="write the per-perturbation report (CSV; the per-stage "
+                   "summary goes next to it, <name>_stages.csv)")
     f.set_defaults(func=cmd_filter)
 
 
@@ -1048,6 +1049,8 @@ def cmd_preprocess_infer(a: argparse.Namespace) -> int:
 
 
 def cmd_filter(a: argparse.Namespace) -> int:
+    import pandas as pd
+
     from statetx.pp import filter_on_target_knockdown
 
     adata = _read(a.input)
@@ -1061,10 +1064,18 @@ def cmd_filter(a: argparse.Namespace) -> int:
         on_unmatched=a.on_unmatched, preprocess=a.preprocess, verbose=a.verbose,
         return_report=True)
     _say(f"kept {out.n_obs} of {adata.n_obs} cells")
-    if a.report:
-        _atomic(Path(a.report), lambda tmp: report.to_csv(tmp))
+    if a.report and Path(a.report).is_dir():  # (checked before anything is written)
+        raise UsageError(f"--report {a.report} is a folder; give a CSV file name.")
     _write_h5ad(out, Path(a.output))
     _say(f"wrote {a.output}")
+    if a.report:
+        report_path = Path(a.report)
+        stages_path = report_path.with_name(f"{report_path.stem}_stages.csv")
+        stages = out.uns["statetx_knockdown_filter"]["stages"]
+        _atomic(report_path, lambda tmp: report.to_csv(tmp, index=False))
+        _atomic(stages_path, lambda tmp: pd.DataFrame(stages).to_csv(tmp, index=False))
+        _say(f"wrote the per-perturbation report to {report_path} and the per-stage summary "
+             f"to {stages_path}")
     return EXIT_OK
 
 
@@ -1143,9 +1154,16 @@ def cmd_evaluate_baseline(a: argparse.Namespace) -> int:
     n_cells = None
     if a.counts:
         t = pd.read_csv(a.counts)
-        if t.shape[1] < 2:
-            raise DataError(f"{a.counts}: expected two columns (perturbation, n_cells).")
-        n_cells = dict(zip(t.iloc[:, 0].astype(str), t.iloc[:, 1].astype(int)))
+        label = a.pert_col if a.pert_col in t.columns else None
+        if label is None and "n_cells" in t.columns and t.shape[1] == 2:
+            label = next(c for c in t.columns if c != "n_cells")  # the other column
+        if label is None or "n_cells" not in t.columns:
+            raise DataError(f"{a.counts}: expected columns '{a.pert_col}' (or one other) and "
+                            f"'n_cells', found {list(map(str, t.columns))}.")
+        counts = pd.to_numeric(t["n_cells"], errors="coerce")
+        if counts.isna().any() or (counts < 0).any() or (counts % 1 != 0).any():
+            raise DataError(f"{a.counts}: column 'n_cells' must hold whole numbers >= 0.")
+        n_cells = dict(zip(t[label].astype(str), counts.astype(int)))
     base = cell_mean_baseline(adata, a.pert_col, a.control_pert, n_cells=n_cells)
     _write_h5ad(base, Path(a.output))
     _say(f"wrote the cell-mean baseline ({base.n_obs} cells) to {a.output}")
@@ -1460,6 +1478,8 @@ def _demo_plot(table: Any, path: Path, title: str) -> None:
 def _atomic(path: Path, writer: Any) -> Path:
     from statetx._utils import atomic_write
 
+    if Path(path).is_dir():
+        raise UsageError(f"{path} is a folder; give a file name to write.")
     return atomic_write(path, writer, suffix=Path(path).suffix)
 
 

@@ -523,6 +523,18 @@ def test_preprocess_and_knockdown_filter(tmp_path, capsys):
                  str(raw)]) == 0
     kept = ad.read_h5ad(filt)
     assert set(kept.obs["gene"]) == {"non-targeting", "G1"}
+    # the report: one row per perturbation, and the per-stage summary next to it
+    rep = tmp_path / "knockdown.csv"
+    args = ["filter_on_target_knockdown", "--perturbation-column", "gene", "--control-label",
+            "non-targeting", "--min_cells", "5", "--report", str(rep)]
+    assert main([*args, "--output", str(filt), str(raw)]) == 0
+    table = pd.read_csv(rep)
+    assert list(table["perturbation"]) == ["G1", "G2"] and "ratio" in table.columns
+    stages = pd.read_csv(tmp_path / "knockdown_stages.csv")
+    assert list(stages["stage"]) == [0, 1, 2, 3, 4]
+    rep.unlink()
+    assert main([*args, "--output", str(tmp_path), str(raw)]) == 2  # a folder: nothing written
+    assert not rep.exists()
     pp = tmp_path / "pp.h5ad"
     assert main(["tx", "preprocess_train", "--adata", str(raw), "--output", str(pp),
                  "--num_hvgs", "8"]) == 0

@@ -227,6 +227,41 @@ def test_vcc_baseline_and_score(tmp_path):
         np.testing.assert_allclose(s["from_baseline"], ref_score["from_baseline"], atol=1e-12)
 
 
+def test_vcc_baseline_from_raw_counts_and_a_counts_table(tmp_path):
+    """Raw counts are normalised and log1p-transformed first (cell-eval's rule), and the
+    command line's counts table is read by column name."""
+    import anndata as ad
+    import scanpy as sc
+
+    from statetx.cli import main
+
+    real = ad.read_h5ad(_case_dir("case_vcc") / "real.h5ad")
+    counts = real.copy()
+    counts.X = np.round(np.expm1(np.asarray(real.X.todense() if hasattr(real.X, "todense")
+                                            else real.X)) * 3).astype(np.float32)
+    logged = counts.copy()
+    sc.pp.normalize_total(logged)
+    sc.pp.log1p(logged)
+    with pytest.warns(UserWarning, match="integer values only"):
+        base = cell_mean_baseline(counts, "target_gene", "non-targeting")
+    np.testing.assert_allclose(np.asarray(base.X), np.asarray(
+        cell_mean_baseline(logged, "target_gene", "non-targeting").X), atol=1e-5)
+    counts.write_h5ad(tmp_path / "counts.h5ad")
+    perts = sorted(set(real.obs["target_gene"].astype(str)) - {"non-targeting"})
+    pd.DataFrame({"n_cells": [3] * len(perts), "target_gene": perts}).to_csv(
+        tmp_path / "n.csv", index=False)  # columns in the other order
+    out = tmp_path / "b.h5ad"
+    assert main(["evaluate", "baseline", "-a", str(tmp_path / "counts.h5ad"), "-c",
+                 str(tmp_path / "n.csv"), "-o", str(out)]) == 0
+    b = ad.read_h5ad(out)
+    assert (b.obs["target_gene"] != "non-targeting").sum() == 3 * len(perts)
+    assert float(np.max(b.X)) < 15
+    pd.DataFrame({"n_cells": ["x"], "target_gene": ["p"]}).to_csv(tmp_path / "bad.csv",
+                                                                index=False)
+    assert main(["evaluate", "baseline", "-a", str(tmp_path / "counts.h5ad"), "-c",
+                 str(tmp_path / "bad.csv"), "-o", str(tmp_path / "c.h5ad")]) == 2
+
+
 def test_vcc_score_end_to_end(tmp_path):
     from statetx.metrics import vcc_score
 

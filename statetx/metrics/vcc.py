@@ -40,8 +40,12 @@ def cell_mean_baseline(
 ) -> ad.AnnData:
     """The VCC cell-mean baseline: b = unweighted mean of all group pseudobulks of ``adata``
     (control group included); every perturbation gets ``n_cells[p]`` identical rows b (default: its
-    cell count in ``adata``), followed by the control cells of ``controls`` (default ``adata``)."""
+    cell count in ``adata``), followed by the control cells of ``controls`` (default ``adata``).
+    Integer (raw count) inputs are first normalised and log1p-transformed, as cell-eval does."""
     check_obs_col(adata, pert_col, "baseline input", "perturbation")
+    adata = check_scale(adata, "baseline input")  # raw counts -> log1p, as cell-eval does
+    if controls is not None:
+        controls = check_scale(controls, "baseline controls")
     labels = adata.obs[pert_col].astype(str).to_numpy()
     groups = sorted(set(labels))
     if control_pert not in groups:
