@@ -285,15 +285,18 @@ class StreamSplit:
         for _ in self.iter_blocks(reader, rows):
             pass
 
-    def read_rows(self, reader: BlockReader, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def read_rows(self, reader: BlockReader, rows: np.ndarray, out: np.ndarray,
+                  check: bool = True) -> np.ndarray:
         """Fill ``out`` ``[len(rows), width]`` with the sorted split ``rows``, one contiguous
-        read per chunk; a chunk whose requested rows are consecutive is decoded in place."""
+        read per chunk; a chunk whose requested rows are consecutive is decoded in place.
+        ``check``: refuse NaN/Inf (off for rows :meth:`check_values` has passed)."""
         for a, b, fi, fr in self._segments(rows):
             if int(fr[-1]) - int(fr[0]) + 1 == b - a:
                 reader.read(fi, int(fr[0]), int(fr[-1]) + 1, out=out[a:b])
             else:
                 out[a:b] = reader.read(fi, int(fr[0]), int(fr[-1]) + 1)[fr - fr[0]]
-            reader.check(out[a:b], self, rows[a:b])
+            if check:
+                reader.check(out[a:b], self, rows[a:b])
         return out
 
     def _segments(self, rows: np.ndarray) -> Iterator[tuple[int, int, int, np.ndarray]]:
@@ -540,7 +543,7 @@ class StreamingCellSetSampler:
                 cache[key] = pool
             self.group_pool.append(cache[key])
 
-    def _read(self, rows: np.ndarray, with_counts: bool = True
+    def _read(self, rows: np.ndarray, with_counts: bool = True, check: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The given sorted split rows, read chunk by chunk into ``[len(rows), ·]`` tensors."""
         def read(reader: BlockReader) -> torch.Tensor:
@@ -548,7 +551,7 @@ class StreamingCellSetSampler:
                 self._width[reader.source] = self.data.files[0].width(reader.source)
             x = torch.from_numpy(np.empty((len(rows), self._width[reader.source]),
                                           dtype=reader.dtype))
-            self.data.read_rows(reader, rows, x.numpy())
+            self.data.read_rows(reader, rows, x.numpy(), check=check)
             return x
 
         counts = self.counts_reader if with_counts else None
@@ -749,7 +752,7 @@ class StreamingCellSetSampler:
         return self._pool.submit(self._load_window, rows), len(rows)
 
     def _load_window(self, rows: np.ndarray) -> _Window:
-        x, counts = self._read(rows)
+        x, counts = self._read(rows, check=False)  # (checked before training)
         self.windows_read += 1
         if self.device.type != "cpu":
             x = x.to(self.device)
