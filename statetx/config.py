@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -100,19 +101,25 @@ class SplitConfig(BaseModel):
         cfg._check_consistency()
         return cfg
 
+    def absolute(self) -> SplitConfig:
+        """A copy whose dataset paths are absolute (relative ones taken from ``base_dir``, else
+        the current folder), with no ``base_dir``: it finds the same files from anywhere."""
+        base = Path(self.base_dir).resolve() if self.base_dir else Path.cwd()
+
+        def fix(p: str) -> str:
+            q = Path(p).expanduser()
+            return os.path.normpath(str(q) if q.is_absolute() else os.path.join(str(base), p))
+
+        ds = {k: fix(v) if isinstance(v, str) else [fix(x) for x in v]
+              for k, v in self.datasets.items()}
+        return self.model_copy(update={"datasets": ds, "base_dir": None})
+
     def to_toml(self) -> str:
         """Serialise back to TOML text (round-trips through :meth:`from_toml` from any folder:
         dataset paths relative to the spec's folder, ``base_dir``, are written absolute)."""
-        def absolute(p: str) -> str:
-            q = Path(p).expanduser()
-            return str(q if q.is_absolute() or self.base_dir is None else self.base_dir / q)
-
         lines: list[str] = []
         for section in ("datasets", "training", "zeroshot"):
-            table = getattr(self, section)
-            if section == "datasets":
-                table = {k: absolute(v) if isinstance(v, str) else [absolute(x) for x in v]
-                         for k, v in table.items()}
+            table = getattr(self.absolute() if self.base_dir else self, section)
             if table:
                 lines.append(f"[{section}]")
                 lines += [f"{_q(k)} = {_tv(v)}" for k, v in table.items()]

@@ -940,17 +940,7 @@ def absolute_split(split_config: Any) -> Any:
 
     if split_config is None:
         return None
-    cfg = SplitConfig.from_toml(split_config)
-    base = Path(cfg.base_dir) if cfg.base_dir else Path.cwd()
-
-    def fix(p: str) -> str:
-        q = Path(p).expanduser()
-        return os.path.normpath(str(q) if q.is_absolute() else os.path.join(str(base.resolve()),
-                                                                              p))
-
-    ds = {k: fix(v) if isinstance(v, str) else [fix(x) for x in v]
-          for k, v in cfg.datasets.items()}
-    return cfg.model_copy(update={"datasets": ds, "base_dir": None})
+    return SplitConfig.from_toml(split_config).absolute()
 
 
 def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedData,
