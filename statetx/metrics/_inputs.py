@@ -70,20 +70,13 @@ def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False) -> 
     if not has_frac:
         if allow_discrete:
             return adata
-        import scanpy as sc
-
         warnings.warn(
             f"{which} X holds integer values only (max {hi:g}): treating it as raw counts and "
             "converting it to log1p(normalize_total(median total)) as cell-eval does. Pass "
             "log1p-normalised data, or allow_discrete=True to use the values as they are.",
             UserWarning, stacklevel=3,
         )
-        adata = adata.copy()
-        adata.X = adata.X.astype(np.float32)
-        adata.uns.pop("log1p", None)  # (a stale mark would make scanpy say X is logged already)
-        sc.pp.normalize_total(adata)
-        sc.pp.log1p(adata)
-        return adata
+        return _normalised_log1p(adata, adata.X.astype(np.float32))
     if lo < 0:
         raise DataError(
             f"{which} X has negative values (min {lo:g}); expected log1p-normalised expression "
@@ -110,23 +103,31 @@ def counts_to_log1p(pred: ad.AnnData, real: ad.AnnData) -> tuple[ad.AnnData, ad.
     """Count-scale predictions and real cells, both normalised to the real cells' median total
     and log1p-transformed: the scale the metrics expect, by the same transform on both sides
     (the reference rule would convert the integer real cells alone)."""
-    import scanpy as sc
-
     totals = np.asarray(real.X.sum(axis=1)).ravel()
     target = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
     print(f"statetx.evaluate: count-scale prediction: predictions and real cells are normalised "
           f"to {target:g} counts per cell and log1p-transformed for the metrics")
     out = []
     for a in (pred, real):
-        a = a.copy()
         x = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
-        a.X = np.clip(x.astype(np.float32), 0.0, None)
-        a.uns.pop("log1p", None)
-        sc.pp.normalize_total(a, target_sum=target)
-        sc.pp.log1p(a)
+        a = _normalised_log1p(a, np.clip(x.astype(np.float32), 0.0, None), target)
         a.uns["statetx"] = {**a.uns.get("statetx", {}), "scale": "log1p"}
         out.append(a)
     return out[0], out[1]
+
+
+def _normalised_log1p(adata: ad.AnnData, x: np.ndarray | sp.spmatrix,
+                      target: float | None = None) -> ad.AnnData:
+    """A copy of ``adata`` with X = log1p(normalize_total(x, target)) (target None: the median
+    cell total)."""
+    import scanpy as sc
+
+    adata = adata.copy()
+    adata.X = x
+    adata.uns.pop("log1p", None)  # (a stale mark would make scanpy say X is logged already)
+    sc.pp.normalize_total(adata, target_sum=target)
+    sc.pp.log1p(adata)
+    return adata
 
 
 def check_obs_col(adata: ad.AnnData, col: str, which: str, what: str) -> None:
