@@ -11,8 +11,10 @@ Conventions shared by every baseline:
 * Context = cell type label. Means are over the representation's values (log1p expression,
   ``X_hvg`` or an embedding), computed in float64 with cells weighted equally.
 * Basal cells are drawn like ST: per (cell type, perturbation) group, seeded by ``seed`` and the
-  group's labels, with replacement, from the control cells of the same cell type in the input.
-  A baseline and an ST model predicted with the same seed therefore start from the same cells.
+  group's labels, with replacement, from the control cells of the same cell type in the input
+  (and, when ``batch_col`` is set, of the same batch where it has controls: ST's default
+  pairing). A baseline and an ST model predicted with the same seed and pairing therefore start
+  from the same cells.
 * Control cells are returned unchanged (their own values; ``statetx_ctrl_barcode`` is the cell
   itself), as in the VCC baseline, so predicted and real controls coincide.
 * ``clip="auto"``: [0, 14] for log1p expression (like ST), [0, ∞) for raw counts, none for
@@ -35,7 +37,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
-from statetx._utils import preview
+from statetx._utils import did_you_mean, preview
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import DataInput, PreparedData, prepare
 from statetx.errors import ConfigError, DataError
@@ -44,9 +46,12 @@ from statetx.model import StateTransitionModel
 from statetx.predict import (
     align_genes,
     check_scale,
+    check_unique_cells,
     clip_range,
+    control_pool,
     encode_perturbations,
     group_rng,
+    output_scale,
 )
 from statetx.vocab import feature_table, load_pert_features
 
@@ -67,7 +72,8 @@ class _Group:
 
     out_rows: np.ndarray  # positions in the output
     src_rows: np.ndarray  # rows of the source matrix holding these cells
-    pool: np.ndarray      # source rows of the context's control cells
+    pool: np.ndarray      # source rows of the controls its basal cells are drawn from
+    ctx_pool: np.ndarray  # source rows of the context's controls (its control mean)
     cell_type: str
     pert: str             # the label the baseline predicts for (may be unseen in training)
     key: str              # seeds the basal draws (same keys as ST)
@@ -194,6 +200,10 @@ class _Baseline(BaseEstimator):
     def _expression_output(self) -> bool:
         return self.columns_.embed_key in (None, "X_hvg")
 
+    @property
+    def _scale(self) -> str:
+        return output_scale(self._expression_output, self.is_log1p_)
+
     def _clip(self, clip: Any) -> tuple[float, float] | None:
         return clip_range(clip, self._expression_output, self.is_log1p_)
 
@@ -221,9 +231,9 @@ class _Baseline(BaseEstimator):
                 basal_row[g.out_rows] = g.src_rows
                 continue
             draws = g.pool[group_rng(seed, g.key).integers(len(g.pool), size=len(g.out_rows))]
-            key = (len(g.pool), int(g.pool[0]), int(g.pool[-1]))
+            key = (len(g.ctx_pool), int(g.ctx_pool[0]), int(g.ctx_pool[-1]))
             if key not in ctrl_means:
-                ctrl_means[key] = x[g.pool].mean(0, dtype=np.float64)
+                ctrl_means[key] = x[g.ctx_pool].mean(0, dtype=np.float64)
             basal = x[draws].astype(np.float64)
             pred[g.out_rows] = self._predict_group(g.cell_type, g.pert, basal, ctrl_means[key])
             basal_row[g.out_rows] = draws
@@ -241,14 +251,18 @@ class _Baseline(BaseEstimator):
     # ------------------------------------------------------------------ predict
     def predict(self, adata: ad.AnnData, *, pert_col: str | None = None,
                 cell_type_col: str | None = None, control_pert: str | None = None,
+                batch_col: str | None = None, basal_pool: str | None = None,
                 seed: int | None = None, basal_fallback: str = "error",
                 unknown_perturbation: str = "error", predict_controls: bool = True,
                 clip: Any = "auto", missing_genes: str = "error") -> ad.AnnData:
         """Predict the perturbed state of the cells of ``adata`` (options as ST's ``predict``).
 
         Every cell needs a perturbation label and a cell type; basal cells are drawn (``seed``,
-        default the estimator's) from the input's controls of the same cell type
-        (``basal_fallback='all_controls'`` uses every control when a cell type has none).
+        default the estimator's) from the input's controls of the same cell type, and of the
+        same batch (where it has controls) when the baseline has a ``batch_col``
+        (``basal_pool``: ``"cell_type"`` or ``"batch"`` to choose; ``batch_col`` names the
+        input's column if it differs; ``basal_fallback='all_controls'`` uses every control
+        when a cell type has none).
         Labels not in the fitted vocabulary raise, or are predicted as the control
         (``unknown_perturbation='control'``: the basal cell itself) or as a perturbation without
         training cells (``'zeros'``). Control cells are copied into the output as they are,
@@ -257,19 +271,35 @@ class _Baseline(BaseEstimator):
         self._check_fitted()
         c = self.columns_
         pert_col = pert_col or c.pert_col
-        control = control_pert or c.control_pert
+        control = c.control_pert if control_pert is None else str(control_pert)  # as in fit
         ct_col = cell_type_col or c.cell_type_key
         seed = int(self.seed if seed is None else seed)
         if basal_fallback not in ("error", "all_controls"):
             raise ConfigError(f"basal_fallback={basal_fallback!r} is invalid; expected 'error' "
                               "or 'all_controls'.")
+        pool_mode = basal_pool or ("batch" if c.batch_col else "cell_type")
+        if pool_mode not in ("cell_type", "batch"):
+            raise ConfigError(f"basal_pool={pool_mode!r} is invalid; expected 'cell_type' or "
+                              "'batch'.")
+        batch_col = batch_col or c.batch_col
+        if pool_mode == "batch" and batch_col is None:
+            raise ConfigError("basal_pool='batch' needs batch_col=<column>.")
         if adata.n_obs == 0:
             raise DataError("the input AnnData has no cells (n_obs = 0).")
+        check_unique_cells(adata)
         x = align_genes(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
         if self._expression_output:
             check_scale(x, self.is_log1p_)
         pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
         ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
+        by_batch = pool_mode == "batch"
+        if by_batch and batch_col not in adata.obs.columns:
+            raise DataError(
+                f"the input has no obs column '{batch_col}': basal cells are paired with controls"
+                f" of the same batch.{did_you_mean(batch_col, map(str, adata.obs.columns))} Pass "
+                "batch_col=<column>, or basal_pool='cell_type' to pair within the cell type.")
+        batch = (obs_labels(adata.obs, batch_col, "the input", "batch_col") if by_batch
+                 else np.full(adata.n_obs, "0", dtype=object))
         is_ctrl = pert == control
         if not is_ctrl.any():
             raise DataError(f"the input has no control cells (obs['{pert_col}'] == '{control}'); "
@@ -280,26 +310,30 @@ class _Baseline(BaseEstimator):
             model_pert[~is_ctrl & ~np.isin(pert, self.vocab_.perturbations)] = c.control_pert
         rows = np.arange(adata.n_obs)  # controls are copied either way (predict_controls)
         ctrl_rows = np.flatnonzero(is_ctrl)
-        frame = pd.DataFrame({"ctx": ctx[rows], "pert": pert[rows]})
+        frame = pd.DataFrame({"ctx": ctx[rows], "pert": pert[rows], "batch": batch[rows]})
         groups = []
-        for (cx, p), idx in sorted(frame.groupby(["ctx", "pert"]).indices.items()):
+        for key, idx in sorted(frame.groupby(["ctx", "pert", "batch"]).indices.items()):
+            cx, p, bt = key
             src = rows[idx]
-            pool = ctrl_rows[ctx[ctrl_rows] == cx]
-            if len(pool) == 0 and p != control:
+            ctx_pool = control_pool(ctrl_rows, ctx, cx)
+            pool = control_pool(ctrl_rows, ctx, cx, batch, bt) if by_batch else ctx_pool
+            if len(ctx_pool) == 0 and p != control:
                 if basal_fallback == "error":
                     raise DataError(f"cell type '{cx}' has no control cells in the input, so "
                                     "basal states cannot be drawn. Add controls for it or pass "
                                     "basal_fallback='all_controls'.")
-                pool = ctrl_rows
-            groups.append(_Group(idx, src, pool, cx, str(model_pert[src[0]]),
-                                 "\x00".join((cx, p)), p == control))
+                ctx_pool = pool = ctrl_rows
+            groups.append(_Group(idx, src, pool, ctx_pool, cx, str(model_pert[src[0]]),
+                                 "\x00".join(key if by_batch else (cx, p)), p == control))
         pred, basal_row, set_id, notes = self._run(x, groups, len(rows), seed)
         obs = adata.obs.iloc[rows].copy()
         obs["statetx_ctrl_barcode"] = np.asarray(adata.obs_names)[basal_row]
         obs["statetx_set"] = set_id
         out = self._output(pred, obs, clip)
-        out.uns["statetx"] = {"baseline": self.name, "seed": seed, "control_pert": control,
-                              "pert_col": pert_col, "notes": "\n".join(notes)}
+        out.uns["statetx"] = {"baseline": self.name, "seed": seed, "basal_pool": pool_mode,
+                              "control_pert": control, "pert_col": pert_col,
+                              "celltype_col": ct_col, "scale": self._scale,
+                              "notes": "\n".join(notes)}
         return out
 
     def predict_split(self, split: str = "test", *, seed: int | None = None,
@@ -324,16 +358,20 @@ class _Baseline(BaseEstimator):
         perts = np.asarray(v.perturbations, dtype=object)
         cts = np.asarray(v.cell_types, dtype=object)
         rows = np.flatnonzero(d.is_target)
-        frame = pd.DataFrame({"ctx": d.context[rows], "pert": d.pert[rows]})
+        by_batch = c.batch_col is not None  # ST's default pairing (same batch where possible)
+        frame = pd.DataFrame({"ctx": d.context[rows], "pert": d.pert[rows],
+                              "batch": d.batch[rows] if by_batch else 0})
         ctrl = np.flatnonzero(d.is_control)
         groups, order = [], []
-        for (cx, p), idx in sorted(frame.groupby(["ctx", "pert"]).indices.items()):
+        for (cx, p, bt), idx in sorted(frame.groupby(["ctx", "pert", "batch"]).indices.items()):
             src = rows[idx]
             out_rows = np.arange(len(order), len(order) + len(idx))
             order.extend(src)
-            groups.append(_Group(out_rows, src, ctrl[d.context[ctrl] == cx],
-                                 str(cts[d.cell_type[src[0]]]), str(perts[p]),
-                                 f"{split}\x00{cx}\x00{p}", bool(d.is_control[src[0]])))
+            ctx_pool = control_pool(ctrl, d.context, cx)
+            pool = control_pool(ctrl, d.context, cx, d.batch, bt) if by_batch else ctx_pool
+            key = f"{split}\x00{cx}\x00{p}" + (f"\x00{bt}" if by_batch else "")
+            groups.append(_Group(out_rows, src, pool, ctx_pool, str(cts[d.cell_type[src[0]]]),
+                                 str(perts[p]), key, bool(d.is_control[src[0]])))
         order = np.asarray(order, dtype=np.int64)
         x = d.X.numpy()
         pred, basal_row, set_id, notes = self._run(x, groups, len(order), seed)
@@ -346,13 +384,17 @@ class _Baseline(BaseEstimator):
             "ctrl_cell_barcode": d.barcodes[basal_row],
         }, index=pd.Index([f"cell{i}" for i in range(len(order))]))
         out = self._output(pred, obs.copy(), clip)
-        out.uns["statetx"] = {"baseline": self.name, "seed": seed, "split": split,
-                              "notes": "\n".join(notes)}
+        info = {"split": split, "seed": seed, "pert_col": c.pert_col,
+                "control_pert": v.control_pert, "celltype_col": c.cell_type_key,
+                "scale": self._scale}
+        out.uns["statetx"] = {"baseline": self.name, **info, "notes": "\n".join(notes)}
         rng = self._clip(clip)
         real_x = np.asarray(x[order], dtype=np.float32)
         if rng is not None:
             real_x = np.clip(real_x, *rng)
-        return out, ad.AnnData(X=real_x, obs=obs.copy(), var=out.var.copy())
+        real = ad.AnnData(X=real_x, obs=obs.copy(), var=out.var.copy())
+        real.uns["statetx"] = info
+        return out, real
 
     # ST's score works unchanged on a baseline (it only uses predict and the fitted columns).
     score = StateTransitionModel.score

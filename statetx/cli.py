@@ -208,7 +208,8 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
           "arc-state run directory")
     inf.add_argument("--checkpoint", help="file name in checkpoints/ or a path")
     inf.add_argument("--adata", required=True, help="input .h5ad")
-    inf.add_argument("--output", help="output .h5ad or .npy (default <adata stem>_simulated.h5ad)")
+    inf.add_argument("--output", help="output .h5ad or .npy (default: <adata stem>_simulated.h5ad "
+                     "next to the input file)")
     _flag(inf, "--output-dir", help="write <dir>/<adata stem>_simulated.h5ad")
     _flag(inf, "--embed-key", help="obsm key of the input (default: the model's)")
     _flag(inf, "--pert-col", help="perturbation column (default: the model's)")

@@ -279,12 +279,14 @@ def _check_raw(raw: dict, source: str) -> None:
             )
         if not isinstance(raw[section], dict):
             raise SplitConfigError(f"{source}: [{section}] must be a table, got {raw[section]!r}.")
+    for section in ("datasets", "training"):
+        for name in raw.get(section, {}):
+            if "." in name:
+                raise SplitConfigError(
+                    f"{source}: [{section}] name '{name}' contains a dot; dataset names cannot "
+                    "contain dots (held-out keys are split at the first dot). Rename the dataset."
+                )
     for name, value in raw.get("datasets", {}).items():
-        if "." in name:
-            raise SplitConfigError(
-                f"{source}: [datasets] name '{name}' contains a dot; dataset names cannot contain "
-                "dots (held-out keys are split at the first dot)."
-            )
         ok = isinstance(value, str) or (
             isinstance(value, list) and value and all(isinstance(v, str) for v in value)
         )

@@ -84,6 +84,7 @@ class DataFile:
     gene_name_col: str | None = None  # var column the gene names (var_names above) came from
     dropped: np.ndarray | None = None  # rows left out for a missing label (drop_missing_labels)
     file_rows: np.ndarray | None = None  # a backed view's rows in its file (None = the same)
+    file_cols: np.ndarray | None = None  # a backed view's genes in its file (None = all of X)
     target_sum: float | None = None  # counts per cell X was normalised to (statetx.pp record)
 
     @property
@@ -129,7 +130,8 @@ class DataFile:
         if self.adata is not None:  # backed AnnData: read its X from the file, in blocks
             if self.file_rows is not None:
                 rows = self.file_rows[rows]
-            return read_h5_rows(Path(self.adata.filename), "X", rows, dtype)
+            x = read_h5_rows(Path(self.adata.filename), "X", rows, dtype)
+            return x if self.file_cols is None else x[:, self.file_cols]
         return read_h5_rows(self.path, "X" if source is None else f"obsm/{source}", rows, dtype)
 
 
@@ -243,6 +245,7 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
                       "in predict_split's outputs (pert_cell_barcode, ctrl_cell_barcode) cannot "
                       "tell those cells apart. Make them unique first "
                       "(adata.obs_names_make_unique()).", UserWarning, stacklevel=4)
+    view_rows, view_cols = backed_view_index(adata, label)
     return DataFile(
         dataset=dataset,
         label=label,
@@ -256,7 +259,8 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
         obsm_keys=list(adata.obsm.keys()),
         uns_log1p="log1p" in adata.uns,
         gene_name_col=gene_name_col,
-        file_rows=backed_view_rows(adata, label),
+        file_rows=view_rows,
+        file_cols=view_cols,
         target_sum=recorded_target_sum(adata),
     )
 
@@ -272,27 +276,41 @@ def recorded_target_sum(adata: ad.AnnData) -> float | None:
     return value if np.isfinite(value) and value > 0 else None
 
 
-def backed_view_rows(adata: ad.AnnData, label: str) -> np.ndarray | None:
-    """The file rows of a view of a backed AnnData (its positions in the file; matched by obs
-    name where anndata does not expose them), None otherwise."""
+def backed_view_index(adata: ad.AnnData, label: str
+                      ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The file rows and the file columns of a view of a backed AnnData (its cells' and genes'
+    positions in the file, matched by name where anndata does not expose them); None for
+    anything but a backed view, and for columns when the view keeps every gene in file order."""
     if not (adata.isbacked and adata.is_view):
-        return None
-    base, oidx = getattr(adata, "_adata_ref", None), getattr(adata, "_oidx", None)
-    if base is not None and oidx is not None and not base.is_view:
-        rows = np.arange(base.n_obs)[oidx]
-        if len(rows) == adata.n_obs:
-            return rows.astype(np.int64)
+        return None, None
+    base = getattr(adata, "_adata_ref", None)
+    oidx, vidx = getattr(adata, "_oidx", None), getattr(adata, "_vidx", None)
+    if base is not None and not base.is_view and oidx is not None and vidx is not None:
+        rows, cols = np.arange(base.n_obs)[oidx], np.arange(base.n_vars)[vidx]
+        if len(rows) == adata.n_obs and len(cols) == adata.n_vars:
+            return rows.astype(np.int64), _unless_all(cols, base.n_vars)
     whole = ad.read_h5ad(adata.filename, backed="r")
     try:
-        names = pd.Index(whole.obs_names)
+        obs_names, var_names = pd.Index(whole.obs_names), pd.Index(whole.var_names)
     finally:
         whole.file.close()
-    rows = names.get_indexer(adata.obs_names) if names.is_unique else None
-    if rows is None or (rows < 0).any():
-        raise DataError(f"{label} is a view of a backed AnnData ({adata.filename}) whose cells "
-                        "cannot be located in the file by obs name (duplicate names). Load the "
-                        "view into memory first (view.to_memory()).")
-    return rows.astype(np.int64)
+    located = []
+    for names, wanted, what in ((obs_names, adata.obs_names, "cells"),
+                                (var_names, adata.var_names, "genes")):
+        pos = names.get_indexer(wanted) if names.is_unique else None
+        if pos is None or (pos < 0).any():
+            raise DataError(f"{label} is a view of a backed AnnData ({adata.filename}) whose "
+                            f"{what} cannot be located in the file by name (duplicate names). "
+                            "Load the view into memory first (view.to_memory()).")
+        located.append(pos.astype(np.int64))
+    return located[0], _unless_all(located[1], len(var_names))
+
+
+def _unless_all(cols: np.ndarray, n: int) -> np.ndarray | None:
+    """``cols`` as int64, or None when it is every column in order."""
+    if len(cols) == n and np.array_equal(cols, np.arange(n)):
+        return None
+    return np.asarray(cols, dtype=np.int64)
 
 
 def open_file(path: Path, dataset: str, pert_col: str, cell_type_key: str,
@@ -382,15 +400,28 @@ def resolve_control(files: Sequence[DataFile], control_pert: str | None, pert_co
 
 
 def check_source(f: DataFile, embed_key: str | None) -> None:
-    """Error when ``obsm[embed_key]`` is absent."""
+    """Error when ``obsm[embed_key]`` (or, without one, an in-memory AnnData's X) is absent."""
+    if embed_key is None and f.adata is not None and f.adata.X is None:
+        raise DataError(f"{f.label} has no X (adata.X is None). Put the expression matrix in X, "
+                        "e.g. adata.X = adata.layers['counts'], or name an obsm embedding with "
+                        "embed_key.")
     if embed_key is not None and embed_key not in f.obsm_keys:
+        layers = [] if f.adata is None else list(f.adata.layers.keys())
         raise DataError(
             f"obsm['{embed_key}'] not found in {f.label} (available: "
             f"{preview(f.obsm_keys) or 'none'}).{did_you_mean(embed_key, f.obsm_keys)}"
             + (" statetx.pp.preprocess_train writes it (log1p expression of the highly "
                "variable genes); or leave embed_key unset to use X." if embed_key == "X_hvg"
-               else "")
+               else "") + layer_hint(embed_key, layers)
         )
+
+
+def layer_hint(key: str, layers: Sequence[str]) -> str:
+    """When an embedding key names a layer: how to use that layer instead."""
+    if key not in layers:
+        return ""
+    return (f" '{key}' is a layer: embed_key names an obsm embedding. To use the layer's "
+            f"genes, set adata.X = adata.layers['{key}'] and leave embed_key unset.")
 
 
 def feature_names(f: DataFile, source: str | None) -> list[str]:
@@ -424,9 +455,9 @@ def _hvg_names(f: DataFile) -> list[str] | None:
 
 
 def gene_names(adata: ad.AnnData, gene_name_col: str | None = None,
-               where: str = "the input") -> np.ndarray:
+               where: str = "the input", unique: bool = True) -> np.ndarray:
     """Names of the genes of X: ``var_names``, or the var column ``gene_name_col`` (which must
-    exist, be complete and be unique)."""
+    exist, be complete and, with ``unique``, be unique)."""
     if gene_name_col is None:
         return np.asarray(adata.var_names, dtype=object)
     var = adata.var
@@ -442,7 +473,7 @@ def gene_names(adata: ad.AnnData, gene_name_col: str | None = None,
                         f"gene names (genes {preview(var.index[col.isna().to_numpy()])}); fill "
                         "them, or leave gene_name_col unset to use var_names.")
     names = pd.Index(col.astype(str))
-    if names.has_duplicates:
+    if unique and names.has_duplicates:
         raise DataError(f"var['{gene_name_col}'] of {where} names several genes alike: "
                         f"{preview(names[names.duplicated()].unique())}. Make them unique, or "
                         "leave gene_name_col unset to use var_names.")

@@ -46,10 +46,14 @@ from statetx.predict import (
     check_count,
     check_matmul_precision,
     check_scale,
+    check_unique_cells,
     clip_range,
+    control_pool,
     encode_batches,
     encode_perturbations,
+    first_positions,
     hvg_names,
+    output_scale,
     resize_groups,
     run_groups,
 )
@@ -773,9 +777,7 @@ class StateTransitionModel(BaseEstimator):
     def _output_scale(self) -> str:
         """What the output's X holds (recorded in ``uns["statetx"]["scale"]``, read by
         :func:`statetx.evaluate`): ``log1p`` or ``counts`` expression, or an ``embedding``."""
-        if not self._expression_output:
-            return "embedding"
-        return "log1p" if self.is_log1p_ else "counts"
+        return output_scale(self._expression_output, self.is_log1p_)
 
     # ------------------------------------------------------------------ predict
     def predict_sets(self, basal, perturbation, batch=None, *,
@@ -945,25 +947,18 @@ class StateTransitionModel(BaseEstimator):
                                   f"{', '.join(map(repr, choices))}.")
         c = self.columns_
         pert_col, batch_col = pert_col or c.pert_col, batch_col or c.batch_col
-        control = control_pert or c.control_pert
+        control = c.control_pert if control_pert is None else str(control_pert)  # as in fit
         ct_col = cell_type_col or c.cell_type_key
         if adata.n_obs == 0:
             raise DataError("the input AnnData has no cells (n_obs = 0).")
-        cell_names = pd.Index(adata.obs_names)
-        if cell_names.has_duplicates:
-            dups = preview(cell_names[cell_names.duplicated()].unique(), 5)
-            raise DataError(
-                f"the input has duplicate cell names (obs_names): {dups}; the output refers to "
-                "control cells by name (statetx_ctrl_barcode). Make them unique first "
-                "(adata.obs_names_make_unique())."
-            )
+        check_unique_cells(adata)
         x_in = align_genes(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
         bad = ~np.isfinite(x_in).all(axis=1)
         if bad.any():
             raise DataError(
                 f"{int(bad.sum())} input cells have NaN or Inf values in the model's input "
-                f"features ({c.embed_key or 'X'}), e.g. {preview(cell_names[bad], 5)}. Remove or "
-                "repair them before predicting."
+                f"features ({c.embed_key or 'X'}), e.g. {preview(adata.obs_names[bad], 5)}. "
+                "Remove or repair them before predicting."
             )
         if c.embed_key in (None, "X_hvg"):
             src = c.embed_key if c.embed_key in adata.obsm else "X"  # (X_hvg falls back to X)
@@ -1059,11 +1054,10 @@ class StateTransitionModel(BaseEstimator):
             k = key if isinstance(key, tuple) else (key,)
             if pool_mode == "all":
                 pool = ctrl_rows
+            elif pool_mode == "batch":
+                pool = control_pool(ctrl_rows, ctx_all, k[0], batch_all, k[2])
             else:
-                pool = ctrl_rows[ctx_all[ctrl_rows] == k[0]]
-                if pool_mode == "batch":
-                    same = pool[batch_all[pool] == k[2]]
-                    pool = same if len(same) else pool
+                pool = control_pool(ctrl_rows, ctx_all, k[0])
             if len(pool) == 0:
                 if basal_fallback != "all_controls":
                     raise DataError(f"context '{k[0]}' has no control cells in the input, so "
@@ -1098,6 +1092,7 @@ class StateTransitionModel(BaseEstimator):
                               else float(self.network_config_.rope),
                               "matmul_precision": matmul_precision,
                               "control_pert": input_control, "pert_col": pert_col,
+                              **({"celltype_col": ct_col} if ct_col in out.obs else {}),
                               "scale": self._output_scale,
                               **({"model": str(source)} if source is not None else {})}
         return out
@@ -1211,7 +1206,9 @@ class StateTransitionModel(BaseEstimator):
         obs = pd.concat(obs_parts)
         if obs.index.has_duplicates:  # a virtual name equal to an input name (or another's)
             obs.index = ad.utils.make_index_unique(obs.index.astype(str))
-        obs[pert_col] = np.concatenate(p_parts)
+        # the input's cells keep their own labels (its control label, if it differs)
+        own = obs_labels(adata.obs, pert_col, "the input", "pert_col")
+        obs[pert_col] = np.concatenate([own, *p_parts[1:]])
         return (obs, np.concatenate(rows), np.concatenate(p_parts), np.concatenate(c_parts),
                 np.concatenate(b_parts))
 
@@ -1326,9 +1323,8 @@ class StateTransitionModel(BaseEstimator):
         for (cx, p, bt), idx in sorted(frame.groupby(["ctx", "pert", "batch"]).indices.items()):
             out_rows = np.arange(len(order), len(order) + len(idx))
             order.extend(rows[idx])
-            pool = ctrl[d.context[ctrl] == cx]
-            if by_batch and (d.batch[pool] == bt).any():  # same batch, else the cell type
-                pool = pool[d.batch[pool] == bt]
+            # same batch (else the cell type) when pairing by batch
+            pool = control_pool(ctrl, d.context, cx, d.batch if by_batch else None, bt)
             key = f"{split}\x00{cx}\x00{p}" + (f"\x00{bt}" if by_batch else "")
             groups.append(Group(out_rows, pool, int(p), d.batch[rows[idx]], key))
         order = np.asarray(order)
@@ -1338,7 +1334,8 @@ class StateTransitionModel(BaseEstimator):
                       device=next(self.network_.parameters()).device,
                       matmul_precision=matmul_precision)
         info = {"split": split, "seed": int(seed), "pert_col": self.columns_.pert_col,
-                "control_pert": self.vocab_.control_pert, "scale": self._output_scale}
+                "control_pert": self.vocab_.control_pert,
+                "celltype_col": self.columns_.cell_type_key, "scale": self._output_scale}
         if pseudobulk:
             pair = self._split_pseudobulks(d, order, run, clip, controls)
             for a in pair:
@@ -1708,9 +1705,9 @@ def _carry_var(adata: ad.AnnData, out: ad.AnnData, gene_name_col: str | None) ->
     every output gene is an input gene (matched by name)."""
     if adata.var.shape[1] == 0:
         return
-    names = pd.Index(list(map(str, gene_names(adata, gene_name_col))))
-    pos = names.get_indexer(out.var_names.astype(str)) if names.is_unique else None
-    if pos is None or (pos < 0).any():
+    names = pd.Index(list(map(str, gene_names(adata, gene_name_col, unique=False))))
+    pos = first_positions(names, out.var_names.astype(str))  # (output genes: unique in input)
+    if (pos < 0).any():
         return
     var = adata.var.iloc[pos].copy()
     var.index = out.var_names

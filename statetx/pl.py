@@ -34,17 +34,55 @@ def _labels(pred: ad.AnnData, pert_col: str | None, control_pert: str | None
             ) -> tuple[str, str]:
     """The perturbation column and control label: as given, else those statetx recorded in
     ``pred.uns["statetx"]`` (predict, predict_split), else cell-eval's defaults."""
-    info = pred.uns.get("statetx")
-    info = info if isinstance(info, Mapping) else {}
+    info = _recorded(pred)
     return (pert_col or str(info.get("pert_col") or "target_gene"),
             control_pert or str(info.get("control_pert") or "non-targeting"))
 
 
-def _deltas(a: ad.AnnData, pert_col: str, control: str, perts: list[str]) -> np.ndarray:
-    # -1 for cells of other perturbations (ignored)
-    codes = pd.Index([control, *perts]).get_indexer(a.obs[pert_col].astype(str))
-    m = group_means(a.X, codes, len(perts) + 1, float64=True).astype(np.float32)
-    return (m[1:] - m[0]).astype(np.float64)
+def _recorded(a: ad.AnnData) -> Mapping:
+    info = a.uns.get("statetx")
+    return info if isinstance(info, Mapping) else {}
+
+
+def _celltype_col(pred: ad.AnnData, real: ad.AnnData, celltype_col: str | None) -> str | None:
+    """The cell-type column: as given (checked), else the one statetx recorded when both inputs
+    have it, else None (all cells pooled)."""
+    if celltype_col is not None:
+        for a, which in ((pred, "pred"), (real, "real")):
+            check_obs_col(a, celltype_col, which, "cell-type")
+        return celltype_col
+    col = _recorded(pred).get("celltype_col")
+    return str(col) if col and col in pred.obs and col in real.obs else None
+
+
+def _series(real: ad.AnnData, pert_col: str, celltype_col: str | None, perts: Sequence[str]
+            ) -> list[tuple[str, str]]:
+    """(cell type, perturbation) pairs of ``perts`` with real cells (cell type "" = pooled)."""
+    p = real.obs[pert_col].astype(str).to_numpy()
+    ct = (real.obs[celltype_col].astype(str).to_numpy() if celltype_col
+          else np.full(real.n_obs, "", dtype=object))
+    present = set(zip(ct[np.isin(p, list(perts))], p[np.isin(p, list(perts))]))
+    return [(c, q) for q in perts for c in sorted({c for c, x in present if x == q})]
+
+
+def _deltas(a: ad.AnnData, pert_col: str, control: str, series: list[tuple[str, str]],
+            celltype_col: str | None, which: str) -> np.ndarray:
+    """Pseudobulk Δ of each (cell type, perturbation) series: its mean minus the mean of the
+    same cell type's controls (all controls when there is no cell-type column)."""
+    p = a.obs[pert_col].astype(str).to_numpy()
+    ct = (a.obs[celltype_col].astype(str).to_numpy() if celltype_col
+          else np.full(a.n_obs, "", dtype=object))
+    cts = sorted({c for c, _ in series})
+    keys = pd.MultiIndex.from_tuples(series + [(c, control) for c in cts])
+    codes = keys.get_indexer(pd.MultiIndex.from_arrays([ct, p]))
+    missing = [c for i, c in enumerate(cts) if not (codes == len(series) + i).any()]
+    if missing:
+        raise DataError(f"cell type(s) {preview(missing)} have no control cells "
+                        f"('{control}') in {which} obs[{celltype_col!r}], so their deltas are "
+                        "undefined. Subset both inputs to cell types with controls.")
+    m = group_means(a.X, codes, len(keys), float64=True).astype(np.float32)
+    ctrl = dict(zip(cts, m[len(series):]))
+    return np.stack([m[i] - ctrl[c] for i, (c, _) in enumerate(series)]).astype(np.float64)
 
 
 def delta_scatter(
@@ -55,18 +93,22 @@ def delta_scatter(
     perts: Sequence[str] | None = None,
     ax: Axes | None = None,
     *,
+    celltype_col: str | None = None,
     max_perts: int = 10,
     s: float = 6.0,
 ) -> Axes:
     """Scatter predicted vs real pseudobulk deltas (mean log1p − own control mean), one colour per
-    perturbation, with the identity line and each perturbation's Pearson r in the legend.
+    perturbation (per cell type and perturbation when there are several cell types), with the
+    identity line and each series' Pearson r in the legend.
 
-    ``perts`` defaults to the first ``max_perts`` sorted perturbations; ``pert_col`` and
-    ``control_pert`` default to those recorded by statetx's prediction (``uns["statetx"]``), else
-    cell-eval's ``target_gene`` / ``non-targeting``. Returns the Axes."""
+    ``perts`` defaults to the first ``max_perts`` sorted perturbations; ``pert_col``,
+    ``control_pert`` and ``celltype_col`` default to those recorded by statetx's prediction
+    (``uns["statetx"]``), else cell-eval's ``target_gene`` / ``non-targeting`` and no cell-type
+    column (Δ against all controls pooled). Returns the Axes."""
     pert_col, control_pert = _labels(adata_pred, pert_col, control_pert)
+    ct_col = _celltype_col(adata_pred, adata_real, celltype_col)
     pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
-                            shared_only=True)
+                            celltype_col=ct_col, shared_only=True)
     avail = sorted(set(real.obs[pert_col].astype(str)) - {control_pert})
     if perts is None:
         perts = avail[:max_perts]
@@ -74,13 +116,15 @@ def delta_scatter(
     if missing:
         raise DataError(f"perturbation(s) {missing} not found in obs[{pert_col!r}] of both files; "
                         f"available: {avail[:20]}")
-    perts = list(perts)
-    dp = _deltas(pred, pert_col, control_pert, perts)
-    dr = _deltas(real, pert_col, control_pert, perts)
+    series = _series(real, pert_col, ct_col, list(perts))
+    dp = _deltas(pred, pert_col, control_pert, series, ct_col, "pred")
+    dr = _deltas(real, pert_col, control_pert, series, ct_col, "real")
+    several = len({c for c, _ in series}) > 1
     ax = _axes(ax, (5.0, 5.0))
-    for i, p in enumerate(perts):
+    for i, (c, p) in enumerate(series):
         r = np.corrcoef(dr[i], dp[i])[0, 1] if dr[i].std() > 0 and dp[i].std() > 0 else np.nan
-        ax.scatter(dr[i], dp[i], s=s, alpha=0.6, label=f"{p} (r={r:.2f})")
+        name = f"{p} · {c}" if several else p
+        ax.scatter(dr[i], dp[i], s=s, alpha=0.6, label=f"{name} (r={r:.2f})")
     lim = float(np.nanmax(np.abs(np.concatenate([dr.ravel(), dp.ravel()])))) if dr.size else 1.0
     lim = lim * 1.05 if lim > 0 else 1.0
     ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--")
@@ -249,24 +293,39 @@ def top_genes(
     control_pert: str | None = None,
     n_genes: int = 20,
     ax: Axes | None = None,
+    *,
+    celltype_col: str | None = None,
+    cell_type: str | None = None,
 ) -> Axes:
     """Paired horizontal bars of the real and predicted pseudobulk delta (mean log1p − own control
     mean) of one perturbation, for the ``n_genes`` genes with the largest |real delta| (largest
-    at the top); the title gives the Pearson r of the two deltas over all genes. ``pert_col`` and
-    ``control_pert`` as in :func:`delta_scatter`. Returns the Axes.
+    at the top); the title gives the Pearson r of the two deltas over all genes. ``pert_col``,
+    ``control_pert`` and ``celltype_col`` as in :func:`delta_scatter`; a perturbation in several
+    cell types shows the mean of its per-cell-type deltas, or those of ``cell_type``. Returns the
+    Axes.
     """
     pert_col, control_pert = _labels(adata_pred, pert_col, control_pert)
     if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)) or n_genes < 1:
         raise ConfigError(f"n_genes must be a positive integer, got {n_genes!r}")
+    ct_col = _celltype_col(adata_pred, adata_real, celltype_col)
+    if cell_type is not None and ct_col is None:
+        raise ConfigError("cell_type= needs a cell-type column: pass celltype_col=<column>.")
     pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
-                            shared_only=True)
+                            celltype_col=ct_col, shared_only=True)
     avail = sorted(set(real.obs[pert_col].astype(str)) - {control_pert})
     perturbation = str(perturbation)
     if perturbation not in avail:
         raise DataError(f"perturbation {perturbation!r} not found in obs[{pert_col!r}] of both "
                         f"files.{did_you_mean(perturbation, avail)} Available: {preview(avail)}")
-    dp = _deltas(pred, pert_col, control_pert, [perturbation])[0]
-    dr = _deltas(real, pert_col, control_pert, [perturbation])[0]
+    series = _series(real, pert_col, ct_col, [perturbation])
+    if cell_type is not None:
+        cts = [c for c, _ in series]
+        if str(cell_type) not in cts:
+            raise DataError(f"perturbation {perturbation!r} has no real cells of cell type "
+                            f"{cell_type!r} (it has: {preview(cts)}).")
+        series = [(str(cell_type), perturbation)]
+    dp = _deltas(pred, pert_col, control_pert, series, ct_col, "pred").mean(0)
+    dr = _deltas(real, pert_col, control_pert, series, ct_col, "real").mean(0)
     r = np.corrcoef(dr, dp)[0, 1] if dr.std() > 0 and dp.std() > 0 else np.nan
     top = np.argsort(-np.abs(dr), kind="stable")[:int(n_genes)]
     genes = real.var_names.astype(str).to_numpy()[top]
@@ -280,7 +339,10 @@ def top_genes(
     ax.set_ylim(top.size - 0.5, -0.5)  # the largest |real delta| at the top
     ax.axvline(0, color="grey", lw=0.5)
     ax.set_xlabel("Δ (mean log1p − control)")
-    ax.set_title(f"{perturbation}: top {top.size} genes by |real Δ| (r={r:.2f}, all genes)")
+    where = (f" in {series[0][0]}" if len(series) == 1 and series[0][0]
+             else f", mean of {len(series)} cell types" if len(series) > 1 else "")
+    ax.set_title(f"{perturbation}{where}: top {top.size} genes by |real Δ| "
+                 f"(r={r:.2f}, all genes)")
     ax.legend(frameon=False, fontsize="small")
     return ax
 

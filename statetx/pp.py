@@ -142,6 +142,19 @@ def _count_problem(m: Matrix) -> str | None:
     return None
 
 
+def _writable(adata: AnnData, copy: bool) -> AnnData:
+    """The AnnData to modify: a copy with ``copy=True``; else ``adata`` itself, a view first made
+    its own object (as scanpy does: anndata would write a view's new X into its parent)."""
+    if adata.isbacked:
+        raise DataError(f"{adata.filename} is opened in backed mode; preprocessing needs the data "
+                        "in memory: adata = adata.to_memory() (or read_h5ad without backed=).")
+    if copy:
+        return adata.copy()
+    if adata.is_view:
+        adata._init_as_actual(adata.copy())
+    return adata
+
+
 def _set_log1p(adata: AnnData) -> None:
     adata.uns["log1p"] = {"base": None}
 
@@ -204,8 +217,7 @@ def preprocess_train(
         raise ConfigError(
             f"flavor={flavor!r} is invalid; expected one of {', '.join(_HVG_FLAVORS)}."
         )
-    if copy:
-        adata = adata.copy()
+    adata = _writable(adata, copy)
 
     src, src_name = _source(adata, layer)
     counts: Matrix | None = None
@@ -346,8 +358,7 @@ def make_control_template(
     Raises :class:`DataError` naming every cell type (and batch) that has perturbed cells but no
     controls.
     """
-    if copy:
-        adata = adata.copy()
+    adata = _writable(adata, copy)
     labels = _obs_labels(adata, pert_col, "perturbation")
     is_ctrl = _check_control(labels, pert_col, control_pert)
     n = adata.n_obs

@@ -31,7 +31,7 @@ from statetx._utils import (
     sample_rows,
 )
 from statetx.errors import ConfigError, DataError
-from statetx.io import gene_names, hvg_names
+from statetx.io import gene_names, hvg_names, layer_hint
 from statetx.nn import STOutput
 from statetx.vocab import Vocab
 
@@ -61,6 +61,25 @@ def windows(n: int, set_len: int, mode: str = "balanced") -> list[np.ndarray]:
 def group_rng(seed: int, key: str) -> np.random.Generator:
     """Generator for one group: depends on the seed and the group's labels only."""
     return np.random.default_rng([int(seed), zlib.crc32(key.encode())])
+
+
+def control_pool(ctrl_rows: np.ndarray, context: np.ndarray, ctx: object,
+                 batch: np.ndarray | None = None, batch_value: object = None) -> np.ndarray:
+    """Rows a group of context ``ctx`` draws its basal cells from: the context's controls
+    (``context`` is indexed by row), narrowed to those of ``batch_value`` when ``batch`` is
+    given and that batch has controls in the context."""
+    pool = ctrl_rows[context[ctrl_rows] == ctx]
+    if batch is not None:
+        same = pool[batch[pool] == batch_value]
+        if len(same):
+            pool = same
+    return pool
+
+
+def output_scale(expression: bool, log1p: bool) -> str:
+    """What a prediction's X holds, as recorded in ``uns["statetx"]["scale"]`` (read by
+    :func:`statetx.evaluate`): ``log1p`` or ``counts`` expression, or an ``embedding``."""
+    return "embedding" if not expression else ("log1p" if log1p else "counts")
 
 
 class GroupMeans:
@@ -218,13 +237,14 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
     if embed_key not in (None, "X_hvg"):
         if embed_key not in adata.obsm:
             raise DataError(f"obsm['{embed_key}'] not found in the input (available: "
-                            f"{preview(adata.obsm.keys()) or 'none'}).")
+                            f"{preview(adata.obsm.keys()) or 'none'})."
+                            + layer_hint(embed_key, list(adata.layers.keys())))
         m = np.asarray(adata.obsm[embed_key], dtype=np.float32)
         if m.shape[1] != len(genes):
             raise DataError(f"obsm['{embed_key}'] has {m.shape[1]} columns but the model expects "
                             f"{len(genes)}.")
         return m
-    x_names = list(map(str, gene_names(adata, gene_name_col)))
+    x_names = list(map(str, gene_names(adata, gene_name_col, unique=False)))
     names, matrix, where = x_names, adata.X, "X"
     if embed_key == "X_hvg" and "X_hvg" in adata.obsm:
         matrix, where = adata.obsm["X_hvg"], "obsm['X_hvg']"
@@ -240,8 +260,8 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
                             "column names.")
     index, x_index = pd.Index(names), pd.Index(x_names)
     in_x = ""  # why the model's genes were not read from X although X has them all
-    if (where != "X" and not index.has_duplicates and not x_index.has_duplicates
-            and (index.get_indexer(list(genes)) < 0).any()
+    if (where != "X" and adata.X is not None and not index.has_duplicates
+            and not x_index.has_duplicates and (index.get_indexer(list(genes)) < 0).any()
             and (x_index.get_indexer(list(genes)) >= 0).all()):
         if looks_log1p(adata.X) == looks_log1p(matrix):
             warnings.warn("some of the model's genes are not among the input's obsm['X_hvg'] "
@@ -251,11 +271,15 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
         else:
             in_x = (" X has them all, but not on the scale of obsm['X_hvg'] (raw counts next "
                     "to log1p?): normalise and log1p X to read them from there.")
-    if index.has_duplicates:
-        raise DataError(f"the input has duplicate gene names in {where}: "
-                        f"{preview(index[index.duplicated()].unique())}. Make them unique "
-                        "(adata.var_names_make_unique()).")
-    pos = index.get_indexer(list(genes))
+    # names used twice matter only among the model's genes (others are dropped anyway)
+    ambiguous = sorted(set(index[index.duplicated()]) & set(genes))
+    if ambiguous:
+        named_by = f"var['{gene_name_col}']" if gene_name_col and where == "X" else where
+        raise DataError(f"the input names several genes alike in {named_by}, among them the "
+                        f"model's gene(s) {preview(ambiguous)}: which column to read is "
+                        "ambiguous. Make the names unique (adata.var_names_make_unique()) or "
+                        "drop the extra copies.")
+    pos = first_positions(index, genes)
     missing = [g for g, p in zip(genes, pos) if p < 0]
     if missing and missing_genes == "error":
         raise DataError(
@@ -266,12 +290,22 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
     if missing:
         warnings.warn(f"{len(missing)} of {len(genes)} model genes are missing from the input "
                       f"and are filled with 0: {preview(missing)}.", UserWarning, stacklevel=3)
+    if matrix is None:
+        raise DataError("the input has no X (adata.X is None). Put the expression matrix in X, "
+                        "e.g. adata.X = adata.layers['counts'].")
     import scipy.sparse as sp
 
     sub = matrix[:, np.where(pos >= 0, pos, 0)]
     out = np.asarray(sub.toarray() if sp.issparse(sub) else sub, dtype=np.float32)
     out[:, pos < 0] = 0.0
     return out
+
+
+def first_positions(index: pd.Index, names: Sequence[str]) -> np.ndarray:
+    """Position in ``index`` of each of ``names`` (its first occurrence; -1 if absent)."""
+    first = np.flatnonzero(~index.duplicated())
+    pos = index[first].get_indexer(list(names))
+    return np.array([first[p] if p >= 0 else -1 for p in pos], dtype=np.int64)
 
 
 def resize_groups(ctx: np.ndarray, pert: np.ndarray, control: str, min_cells: int | None,
@@ -292,6 +326,18 @@ def resize_groups(ctx: np.ndarray, pert: np.ndarray, control: str, min_cells: in
             clones.append(rng.choice(pos, size=min_cells - len(pos)))
         kept.append(pos)
     return np.concatenate([np.sort(np.concatenate(kept)), *clones]).astype(np.int64)
+
+
+def check_unique_cells(adata: ad.AnnData) -> None:
+    """Predictions name each cell's basal control by its obs name: they must be unique."""
+    names = pd.Index(adata.obs_names)
+    if names.has_duplicates:
+        raise DataError(
+            f"the input has duplicate cell names (obs_names): "
+            f"{preview(names[names.duplicated()].unique(), 5)}; the output refers to control "
+            "cells by name (statetx_ctrl_barcode). Make them unique first "
+            "(adata.obs_names_make_unique())."
+        )
 
 
 def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input") -> None:

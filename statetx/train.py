@@ -360,8 +360,7 @@ class Trainer:
                 logs[k] = logs.get(k, 0.0) + nanmean(v.detach()) / len(batches)
             logs["train_loss"] = logs.get("train_loss", 0.0) + loss.detach()
         params = [p for p in self.net.parameters() if p.grad is not None]
-        logs["grad_norm"] = clip_gradients(params, self.cfg.gradient_clip_val)
-        self.opt.step()
+        logs["grad_norm"] = clip_and_step(self.opt, params, self.cfg.gradient_clip_val)
         self._update_average()
         return logs
 
@@ -418,9 +417,7 @@ class Trainer:
             self._raise_nonfinite(stats[0], self.state.step + 1)
         logs = dict(zip(keys, stats))
         params = [p for p in self.net.parameters() if p.grad is not None]
-        norm = clip_gradients(params, self.cfg.gradient_clip_val)
-        logs["grad_norm"] = float(norm)
-        self.opt.step()
+        logs["grad_norm"] = float(clip_and_step(self.opt, params, self.cfg.gradient_clip_val))
         self._update_average()
         return logs
 
@@ -969,26 +966,52 @@ def _copy_into(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         d.copy_(s)
 
 
-def clip_gradients(params: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
-    """``clip_grad_norm_`` that skips the (identity) rescaling pass when nothing is clipped."""
+def gradient_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Total 2-norm of the parameters' gradients (as ``clip_grad_norm_`` computes it)."""
     utils = torch.nn.utils
-    if not hasattr(utils, "get_total_norm"):  # torch < 2.6
-        return utils.clip_grad_norm_(params, clip if clip else float("inf"))
     grads = [p.grad for p in params]
+    if not hasattr(utils, "get_total_norm"):  # torch < 2.6
+        return utils.clip_grad_norm_(params, float("inf"))
     if grads and all(g.device.type == "cpu" and g.is_contiguous() for g in grads):
         # 3x faster than get_total_norm's per-tensor vector norms on the CPU, and more accurate;
         # at full precision (a lowered fp32 matmul precision makes dot products bf16 and slow)
         with full_fp32_matmul():
             norm = torch.stack([torch.dot(g.view(-1), g.view(-1)).float() for g in grads])
-        norm = norm.sum().sqrt()
+        return norm.sum().sqrt()
+    return utils.get_total_norm(grads)
+
+
+def _clips(norm: torch.Tensor, clip: float | None) -> bool:
+    """Whether ``clip_grad_norm_`` would rescale: off the CPU always when clipping (its
+    coefficient is clamped to 1 on the device, no host sync); on the CPU only when
+    clip / (norm + 1e-6) is below 1."""
+    return bool(clip) and (norm.device.type != "cpu" or float(norm) + 1e-6 > clip)
+
+
+def clip_gradients(params: list[torch.nn.Parameter], clip: float | None) -> torch.Tensor:
+    """``clip_grad_norm_`` that skips the (identity) rescaling pass when nothing is clipped."""
+    norm = gradient_norm(params)
+    if _clips(norm, clip):
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return norm
+
+
+def clip_and_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                  clip: float | None) -> torch.Tensor:
+    """Clip the gradients' total norm to ``clip`` (``clip_grad_norm_``), take the optimiser step
+    and return the norm before clipping. A fused optimiser on the CPU divides the gradients by
+    (norm + 1e-6) / clip through its ``grad_scale`` input (there for loss scaling) inside its own
+    kernel, which saves the rescaling's pass over 34 M gradients (state_sm) in most steps."""
+    fused_cpu = bool(opt.defaults.get("fused")) and all(p.device.type == "cpu" for p in params)
+    norm = gradient_norm(params) if fused_cpu else clip_gradients(params, clip)
+    if fused_cpu and _clips(norm, clip):
+        opt.grad_scale = (norm + 1e-6) / clip  # type: ignore[attr-defined]
+        try:
+            opt.step()
+        finally:
+            del opt.grad_scale  # type: ignore[attr-defined]
     else:
-        norm = utils.get_total_norm(grads)
-    if not clip:
-        return norm
-    # off the CPU always rescale (the coefficient is clamped to 1 on the device: no host sync);
-    # on the CPU only when clip_grad_norm_'s coefficient clip / (norm + 1e-6) is below 1
-    if norm.device.type != "cpu" or float(norm) + 1e-6 > clip:
-        utils.clip_grads_with_norm_(params, clip, norm)
+        opt.step()
     return norm
 
 

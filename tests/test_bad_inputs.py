@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -174,9 +175,28 @@ def test_predict_scale_mismatch_both_ways(model, adata):
 
 
 def test_predict_duplicate_gene_names(model, adata):
+    """A name used twice is ambiguous only for the model's genes; extra genes may repeat."""
+    want = model.predict(adata, seed=2)
+    extra = ad.AnnData(np.hstack([adata.X, adata.X[:, :2]]), obs=adata.obs,
+                       var=pd.DataFrame(index=[*adata.var_names, "EXTRA", "EXTRA"]))
+    np.testing.assert_array_equal(model.predict(extra, seed=2).X, want.X)
     adata.var_names = ["G0"] + list(adata.var_names[1:-1]) + ["G0"]
-    with pytest.raises(DataError, match=r"duplicate gene names in X: G0.*var_names_make_unique"):
+    with pytest.raises(DataError, match=r"several genes alike in X.*model's gene\(s\) G0.*"
+                                        r"var_names_make_unique"):
         model.predict(adata)
+
+
+def test_no_x_and_a_layer_named_as_embedding_are_explained(model, adata):
+    """AnnData with its matrix in a layer only: fit and predict say so (not a TypeError), and
+    embed_key naming a layer says how to use it."""
+    bare = ad.AnnData(obs=adata.obs.copy(), var=adata.var.copy(),
+                      layers={"counts": np.asarray(adata.X)})
+    with pytest.raises(DataError, match=r"has no X \(adata.X is None\).*layers\['counts'\]"):
+        small_model().fit(bare)
+    with pytest.raises(DataError, match=r"has no X \(adata.X is None\)"):
+        model.predict(bare)
+    with pytest.raises(DataError, match=r"obsm\['counts'\] not found.*'counts' is a layer"):
+        small_model(embed_key="counts").fit(bare)
 
 
 def test_predict_duplicate_cell_names(model, adata):
@@ -819,6 +839,15 @@ def test_predict_with_the_inputs_own_control_label(model, adata):
     assert got.uns["statetx"]["control_pert"] == "NT"  # the label of the output's obs
     assert model.score(relabelled, control_pert="NT", seed=3) == pytest.approx(
         model.score(adata, seed=3))
+    sim = model.predict(relabelled, control_pert="NT", seed=3, all_perts=True,
+                        n_cells_per_pert=2)
+    assert "ctrl" not in set(sim.obs["gene"]) and (sim.obs["gene"] == "NT").sum() == \
+        (adata.obs["gene"] == "ctrl").sum()  # simulated too: the input's controls keep "NT"
+    numbered = adata.copy()  # an integer control label, as fit accepts it
+    numbered.obs["gene"] = [0 if g == "ctrl" else g for g in adata.obs["gene"].astype(str)]
+    got = model.predict(numbered, control_pert=0, seed=3)
+    np.testing.assert_allclose(got.X, want.X, atol=1e-6)
+    assert got.uns["statetx"]["control_pert"] == "0"
 
 
 def test_duplicate_gene_names_are_refused_by_fit(adata):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -120,25 +121,40 @@ def test_predict_layout_seeding_and_controls_unchanged(synth):
     assert 0.5 < m.score(sub) <= 1.0
 
 
-def test_basal_draws_match_the_st_model(synth):
+@pytest.mark.parametrize("batch_col", [None, "batch"])
+def test_basal_draws_match_the_st_model(synth, batch_col):
+    """Same seed, same cells: with a batch column both pair within the batch (ST's default)."""
     from statetx import StateTransitionModel
 
-    st = StateTransitionModel("tiny", **SYN, max_steps=1, batch_size=2, cell_set_len=8,
+    data = synth.copy()
+    data.obs["batch"] = np.random.default_rng(0).choice(["b1", "b2", "b3"], data.n_obs)
+    cols = {**SYN, "batch_col": batch_col}
+    st = StateTransitionModel("tiny", **cols, max_steps=1, batch_size=2, cell_set_len=8,
                               progress=False,
                               model_kwargs={"hidden_dim": 32, "n_heads": 2, "head_dim": 16,
                                             "n_kv_heads": 2, "intermediate_size": 128,
                                             "n_layers": 1})
-    st.fit(synth, SPEC)
-    bl = ControlMeanBaseline(**SYN).fit(synth, SPEC)
-    pert = (synth.obs["gene"] != "ctrl").to_numpy()
-    a = st.predict(synth, seed=5).obs["statetx_ctrl_barcode"][pert]
-    b = bl.predict(synth, seed=5).obs["statetx_ctrl_barcode"][pert]
+    st.fit(data, SPEC)
+    bl = ControlMeanBaseline(**cols).fit(data, SPEC)
+    pert = (data.obs["gene"] != "ctrl").to_numpy()
+    a = st.predict(data, seed=5).obs["statetx_ctrl_barcode"][pert]
+    bl_out = bl.predict(data, seed=5)
+    b = bl_out.obs["statetx_ctrl_barcode"][pert]
     assert (a == b).all()
+    same_batch = (data.obs["batch"][pert].to_numpy() == data.obs["batch"][b].to_numpy()).mean()
+    assert same_batch == 1.0 if batch_col else same_batch < 0.6
+    assert bl_out.uns["statetx"]["basal_pool"] == ("batch" if batch_col else "cell_type")
     st_pred, _ = st.predict_split("test", seed=5)
     bl_pred, _ = bl.predict_split("test", seed=5)
     assert (st_pred.obs["pert_cell_barcode"] == bl_pred.obs["pert_cell_barcode"]).all()
     p = (bl_pred.obs["gene"] != "ctrl").to_numpy()
     assert (st_pred.obs["ctrl_cell_barcode"][p] == bl_pred.obs["ctrl_cell_barcode"][p]).all()
+    if batch_col:  # choosing the pool at predict time
+        pooled = bl.predict(data, seed=5, basal_pool="cell_type").obs["statetx_ctrl_barcode"]
+        assert (pooled[pert] == st.predict(data, seed=5, basal_pool="cell_type")
+                .obs["statetx_ctrl_barcode"][pert]).all()
+        with pytest.raises(DataError, match="no obs column 'batch'.*basal_pool='cell_type'"):
+            bl.predict(ad.AnnData(data.X, obs=data.obs.drop(columns="batch"), var=data.var))
 
 
 def test_context_mean_and_cell_mean_constants(synth):
@@ -209,6 +225,10 @@ def test_bad_input_errors_name_the_problem(synth):
         PerturbMeanBaseline(pert_col="gene", control_pert="ctrl").fit(bad, SPEC)
     with pytest.raises(DataError, match="cell_type"):
         m.predict(synth, cell_type_col="celltype")
+    twins = synth.copy()
+    twins.obs_names = ["same"] * twins.n_obs  # statetx_ctrl_barcode would be ambiguous
+    with pytest.raises(DataError, match="duplicate cell names"):
+        m.predict(twins)
     odd = synth.copy()
     odd.obs["gene"] = odd.obs["gene"].replace({"P1": "P9"})
     with pytest.raises(DataError, match="P9"):

@@ -161,6 +161,9 @@ def test_same_cell_type_in_zeroshot_and_fewshot():
 def test_dataset_name_with_a_dot_and_bad_path_value():
     with pytest.raises(SplitConfigError, match=r"\[datasets\] name 'rep.logle' contains a dot"):
         SplitConfig.from_toml({"datasets": {"rep.logle": "x"}})
+    with pytest.raises(SplitConfigError, match=r"\[training\] name 'my.data' contains a dot"):
+        SplitConfig.from_toml({"training": {"my.data": "train"},
+                               "zeroshot": {"my.data.K562": "test"}})
     with pytest.raises(SplitConfigError, match=r"\[datasets\]\.d = 3 must be a path"):
         SplitConfig.from_toml({"datasets": {"d": 3}})
 
@@ -394,6 +397,32 @@ def test_backed_view_reads_its_own_rows(tmp_path):
     finally:
         backed.file.close()
     np.testing.assert_allclose(got.X.numpy(), want.X.numpy())
+
+
+def test_backed_view_reads_its_own_genes_in_its_order(tmp_path):
+    """A backed view that keeps some genes, reordered, trains on those genes' values (in memory
+    and streamed), not on the file's first columns under the view's gene names."""
+    from statetx.stream import prepare_stream
+
+    a = make_adata(n=5)
+    a.X = sp.csr_matrix(a.X)
+    write(a, tmp_path / "x.h5ad")
+    genes = np.random.default_rng(0).permutation(a.n_vars)[: a.n_vars - 2]
+    want = prepare(a[:, genes].copy(), TRAIN, COLS)
+    backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")
+    try:
+        for view in (backed[:, genes], backed[a.obs_names[::-1], a.var_names[genes]]):
+            got = prepare(view, TRAIN, COLS)
+            assert list(got.feature_names) == list(want.feature_names)
+            order = np.argsort(got.splits["train"].barcodes)
+            ref = np.argsort(want.splits["train"].barcodes)
+            np.testing.assert_allclose(got.splits["train"].X.numpy()[order],
+                                       want.splits["train"].X.numpy()[ref])
+        streamed = prepare_stream(backed[:, genes], TRAIN, COLS, chunk_size=4).splits["train"]
+        block = streamed.readers()[0].read(0, 0, 3)
+    finally:
+        backed.file.close()
+    np.testing.assert_allclose(block, a.X.toarray()[:3][:, genes])
 
 
 def test_pert_feature_lengths_differ():

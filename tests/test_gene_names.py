@@ -63,6 +63,17 @@ def test_bad_gene_name_columns_are_clear_errors(zhao_log):
     dup.var.iloc[1, dup.var.columns.get_loc("symbol")] = dup.var["symbol"].iloc[0]
     with pytest.raises(DataError, match="names several genes alike: MT-RNR2"):
         model(gene_name_col="symbol").fit(dup, SPEC, dataset_name="zhao")
+    # at prediction a repeated symbol matters only among the model's genes (10x-style var)
+    m = model(gene_name_col="symbol").fit(zhao_log[:, 2:].copy(), SPEC, dataset_name="zhao")
+    test = zhao_log[zhao_log.obs["cell_type"] == "glioblastoma_PW040"].copy()
+    want = m.predict(test, seed=1).X
+    rep = test.copy()
+    rep.var["symbol"] = rep.var["symbol"].astype(str).to_numpy()
+    rep.var.iloc[1, rep.var.columns.get_loc("symbol")] = rep.var["symbol"].iloc[0]
+    np.testing.assert_array_equal(m.predict(rep, seed=1).X, want)  # genes 0, 1 are unused
+    rep.var.iloc[5, rep.var.columns.get_loc("symbol")] = rep.var["symbol"].iloc[4]
+    with pytest.raises(DataError, match=r"several genes alike in var\['symbol'\]"):
+        m.predict(rep, seed=1)
     gap = zhao_log.copy()
     gap.var["symbol"] = gap.var["symbol"].astype(object)
     gap.var.iloc[3, gap.var.columns.get_loc("symbol")] = None

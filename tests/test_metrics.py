@@ -91,6 +91,12 @@ def test_missing_control_and_column(real, pred):
         evaluate(p, real[0], profile="pds")
     with pytest.raises(DataError, match="'gene' not found in pred.*target_gene"):
         evaluate(pred, real[0], pert_col="gene", profile="pds")
+    r = real[0].copy()
+    labels = r.obs["target_gene"].astype(object)
+    labels.iloc[:3] = np.nan  # a missing label is an error, not a perturbation called "nan"
+    r.obs["target_gene"] = labels
+    with pytest.raises(DataError, match=r"real obs\['target_gene'\] has 3 cell\(s\) without"):
+        evaluate(pred, r, profile="pds")
 
 
 def test_label_sets_must_match(real, pred):

@@ -228,6 +228,46 @@ def test_plots_take_the_labels_statetx_recorded(pair):
     plt.close("all")
 
 
+def test_deltas_are_taken_against_each_cell_types_own_controls():
+    """With several cell types, each (cell type, perturbation) is a series whose Δ subtracts the
+    controls of its own cell type (column given, or recorded by statetx), not all controls."""
+    from conftest import make_synthetic
+
+    real = make_synthetic(n_cell_types=2, seed=3)
+    x = real.X.copy()
+    x[(real.obs["cell_type"] == "CT1").to_numpy()] += 2.0  # a cell-type offset: pooled Δ ≠ own Δ
+    real.X = x
+    pred = real.copy()
+    obs, xr = real.obs, real.X.astype(np.float64)
+
+    def own_delta(ct, p):
+        sel = lambda g: ((obs["cell_type"] == ct) & (obs["gene"] == g)).to_numpy()  # noqa: E731
+        return xr[sel(p)].mean(0) - xr[sel("ctrl")].mean(0)
+
+    ax = pl.delta_scatter(pred, real, "gene", "ctrl", perts=["P1"], celltype_col="cell_type")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0].startswith("P1 · CT0") and labels[1].startswith("P1 · CT1")
+    for coll, ct in zip(ax.collections, ("CT0", "CT1")):
+        np.testing.assert_allclose(coll.get_offsets()[:, 0], own_delta(ct, "P1"), atol=1e-5)
+    pred.uns["statetx"] = {"pert_col": "gene", "control_pert": "ctrl", "celltype_col": "cell_type"}
+    recorded = pl.delta_scatter(pred, real, perts=["P1"])
+    np.testing.assert_allclose(recorded.collections[1].get_offsets(),
+                               ax.collections[1].get_offsets())
+    bars = pl.top_genes(pred, real, "P1", n_genes=5, cell_type="CT1")
+    top = np.argsort(-np.abs(own_delta("CT1", "P1")), kind="stable")[:5]
+    np.testing.assert_allclose([b.get_width() for b in bars.containers[0]],
+                               own_delta("CT1", "P1")[top], atol=1e-5)
+    assert "in CT1" in bars.get_title()
+    assert "mean of 2 cell types" in pl.top_genes(pred, real, "P1").get_title()
+    no_ctrl = real[~((obs["cell_type"] == "CT1") & (obs["gene"] == "ctrl")).to_numpy()].copy()
+    no_ctrl.uns = pred.uns
+    with pytest.raises(DataError, match="CT1.*no control cells"):
+        pl.delta_scatter(no_ctrl, no_ctrl, perts=["P1"])
+    with pytest.raises(DataError, match="no real cells of cell type 'CT9'"):
+        pl.top_genes(pred, real, "P1", cell_type="CT9")
+    plt.close("all")
+
+
 @pytest.mark.slow  # umap-learn compiles its kernels on first use (~30 s)
 def test_embedding_umap_places_predictions_with_the_real_cells_fit(pair):
     import umap

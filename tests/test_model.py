@@ -124,7 +124,8 @@ def test_predict_split_same_cells_in_pred_and_real(fitted):
     assert set(pred.obs["cell_type"]) == {"CT2"}
     for a in (pred, real):  # what the plots and metrics need to pair them
         assert a.uns["statetx"] == {"split": "test", "seed": 42, "pert_col": "gene",
-                                    "control_pert": "ctrl", "scale": "log1p"}
+                                    "control_pert": "ctrl", "celltype_col": "cell_type",
+                                    "scale": "log1p"}
     with pytest.raises(DataError, match="no 'val' split"):
         model.predict_split("val")
 

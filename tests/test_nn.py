@@ -457,6 +457,39 @@ def test_rmsnorm_keeps_input_dtype():
     torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rmsnorm_hand_written_backward_matches_autograd(dtype):
+    """The CPU RMSNorm (hand-written backward) gives the composite formula's output and
+    gradients for the input and the weight, in every input dtype and under bf16 autocast."""
+    torch.manual_seed(0)
+    norm = RMSNorm(24, 1e-6).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(3, 5, 24, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    g = torch.randn(3, 5, 24, dtype=torch.float64).to(dtype)
+
+    def reference(x, w):
+        x64, w64 = x.double(), w.double()
+        return x64 * x64.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt() * w64
+
+    ref_x = x.detach().double().requires_grad_()
+    ref_w = norm.weight.detach().double().requires_grad_()
+    reference(ref_x, ref_w).backward(g.double())
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5  # normalised in fp32 for every dtype
+    for autocast in (False, True):
+        x.grad = norm.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = norm(x)
+        assert out.dtype == dtype
+        out.backward(g)
+        torch.testing.assert_close(out.double(), reference(x, norm.weight).detach(),
+                                   rtol=tol, atol=tol)
+        assert x.grad.dtype == dtype and norm.weight.grad.dtype == norm.weight.dtype
+        torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=tol, atol=tol)
+        torch.testing.assert_close(norm.weight.grad.double(), ref_w.grad, rtol=tol,
+                                   atol=tol * 10)
+
+
 @pytest.mark.parametrize("masked,causal", [(False, False), (True, False), (False, True)])
 def test_math_attention_matches_sdpa(masked, causal):
     torch.manual_seed(0)

@@ -241,6 +241,36 @@ def test_preprocess_train_options():
 # control template
 
 
+def test_in_place_functions_on_a_view_leave_its_parent_alone(kang_raw):
+    """As in scanpy, in-place preprocessing of a view (adata[mask]) turns the view into its own
+    AnnData; the parent keeps its counts (anndata would write a view's new X into it)."""
+    parent = kang_raw.copy()
+    before = parent.X.copy()
+    keep = parent.obs["cell_type"].isin(["B cells", "CD4 T cells"]).to_numpy()
+    view = parent[keep]
+    pp.preprocess_train(view, n_top_genes=100)
+    assert not view.is_view and "log1p" in view.uns and view.n_obs == keep.sum()
+    tmpl = parent[keep]
+    pp.make_control_template(tmpl, "target_gene", "control", "cell_type", seed=0)
+    assert not tmpl.is_view and "template_ctrl_barcode" in tmpl.obs
+    assert (before != parent.X).nnz == 0  # the parent's counts are untouched
+    assert "log1p" not in parent.uns and "template_ctrl_barcode" not in parent.obs
+    ref = kang_raw[keep].copy()
+    pp.preprocess_train(ref, n_top_genes=100)
+    np.testing.assert_allclose(view.X.toarray(), ref.X.toarray())
+
+
+def test_backed_input_is_refused_with_the_way_out(tmp_path, kang_raw):
+    kang_raw[:200].copy().write_h5ad(tmp_path / "k.h5ad")
+    backed = ad.read_h5ad(tmp_path / "k.h5ad", backed="r")
+    try:
+        for copy in (False, True):
+            with pytest.raises(DataError, match=r"k\.h5ad is opened in backed mode.*to_memory"):
+                pp.preprocess_train(backed, n_top_genes=50, copy=copy)
+    finally:
+        backed.file.close()
+
+
 def test_control_template_keeps_cell_types(kang_raw):
     a = kang_raw.copy()
     a.obsm["X_pca"] = np.arange(a.n_obs * 3, dtype=np.float32).reshape(-1, 3)

@@ -17,6 +17,7 @@ from statetx.train import (
     TrainConfig,
     Trainer,
     TrainingError,
+    clip_and_step,
     clip_gradients,
     load_checkpoint_file,
 )
@@ -240,6 +241,33 @@ def test_clip_gradients_matches_torch(clip):
         assert torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-9)
     after = torch.cat([p.grad.flatten() for p in ours]).norm()
     assert after == pytest.approx(min(float(norm), clip or math.inf), rel=1e-4)
+
+
+@pytest.mark.parametrize("clip", [None, 1e9, 0.5])
+@pytest.mark.parametrize("fused", [False, True])
+def test_clip_and_step_matches_clip_grad_norm_then_adam(clip, fused):
+    """With fused Adam on the CPU the clipping rides on the kernel's grad_scale input: the step
+    equals clip_grad_norm_ followed by an ordinary Adam step."""
+    torch.manual_seed(0)
+    shapes = [(300, 40), (40,), (7, 3, 5)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = torch.optim.Adam(ours, lr=0.1, fused=fused)
+    ref_opt = torch.optim.Adam(ref, lr=0.1)
+    for _ in range(3):
+        for a, b in zip(ours, ref):
+            a.grad = torch.randn(a.shape) * 3
+            b.grad = a.grad.clone()
+        norm = clip_and_step(opt, ours, clip)
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref, clip if clip else float("inf"))
+        ref_opt.step()
+        assert torch.allclose(norm, ref_norm, rtol=1e-6)
+        for a, b in zip(ours, ref):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    assert not hasattr(opt, "grad_scale")
+    if clip == 0.5:  # the clip was binding: the update is not the unclipped one
+        assert float(norm) > 1.0
 
 
 def test_compile_mode_is_validated():

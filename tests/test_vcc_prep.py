@@ -243,7 +243,8 @@ def test_missing_perturbation_column(small, tmp_path):
     unlabeled = small.copy()
     unlabeled.obs["target_gene"] = unlabeled.obs["target_gene"].astype(object)
     unlabeled.obs.iloc[3, unlabeled.obs.columns.get_loc("target_gene")] = None
-    with pytest.raises(DataError, match="1 cells of the prediction have no label"):
+    with pytest.raises(DataError, match=r"prediction obs\['target_gene'\] has 1 cell\(s\) "
+                                        "without a perturbation label"):
         prep_vcc(unlabeled, list(small.var_names), tmp_path / "x.vcc",
                  control_pert="control", expected_gene_dim=-1)
 

@@ -131,12 +131,19 @@ def _normalised_log1p(adata: ad.AnnData, x: np.ndarray | sp.spmatrix,
 
 
 def check_obs_col(adata: ad.AnnData, col: str, which: str, what: str) -> None:
-    """Error unless ``col`` is an obs column of ``adata``."""
+    """Error unless ``col`` is an obs column of ``adata`` with a label for every cell."""
     if col not in adata.obs.columns:
         raise DataError(
             f"{what} column {col!r} not found in {which} obs "
             f"(columns: {preview(adata.obs.columns)})."
             f"{did_you_mean(col, adata.obs.columns)} Pass the right column name"
+        )
+    missing = adata.obs[col].isna().to_numpy()
+    if missing.any():
+        raise DataError(
+            f"{which} obs[{col!r}] has {int(missing.sum())} cell(s) without a {what} label (NaN), "
+            f"e.g. {preview(adata.obs_names[missing], 3)} (they are not a group called 'nan'). "
+            f"Label them, or drop them: adata[adata.obs[{col!r}].notna()].copy()."
         )
 
 

@@ -253,6 +253,7 @@ def evaluate(
     if de_mode not in DE_MODES:
         raise ConfigError(f"de_mode {de_mode!r} is not supported; use one of {list(DE_MODES)}")
     metrics = _metric_list(profile, skip_metrics)
+    control_pert = str(control_pert)  # labels are compared as text (an integer label: its str)
     if num_threads is None:
         num_threads = available_cpus()
     p, r = load(adata_pred, "pred"), load(adata_real, "real")

@@ -260,13 +260,8 @@ def _check_limit(name: str, value: int) -> None:
 
 def _pert_labels(adata: ad.AnnData, pert_col: str, control_pert: str) -> np.ndarray:
     """The perturbation labels as strings; errors for a missing column, label or control."""
-    check_obs_col(adata, pert_col, "prediction", "perturbation")
-    col = adata.obs[pert_col]
-    n_missing = int(col.isna().sum())
-    if n_missing:
-        raise DataError(f"{n_missing} cells of the prediction have no label in obs[{pert_col!r}]; "
-                        "label every cell (the control cells with the control label) or drop them")
-    labels = col.astype(str).to_numpy()
+    check_obs_col(adata, pert_col, "prediction", "perturbation")  # (labels complete, too)
+    labels = adata.obs[pert_col].astype(str).to_numpy()
     present = set(labels)
     if control_pert not in present:
         raise DataError(f"control label {control_pert!r} not found in the prediction's "
