@@ -45,11 +45,12 @@ from statetx.io import obs_labels
 from statetx.model import StateTransitionModel
 from statetx.predict import (
     align_genes,
+    basal_groups,
     check_scale,
     check_unique_cells,
     clip_range,
-    control_pool,
     encode_perturbations,
+    group_key,
     group_rng,
     output_scale,
 )
@@ -200,6 +201,16 @@ class _Baseline(BaseEstimator):
     def _expression_output(self) -> bool:
         return self.columns_.embed_key in (None, "X_hvg")
 
+    def _pool_mode(self, basal_pool: str | None, batch_col: str | None = None) -> str:
+        """``basal_pool`` checked; by default ``batch`` with a batch column (ST's default)."""
+        has_batch = bool(batch_col or self.columns_.batch_col)
+        mode = basal_pool or ("batch" if has_batch else "cell_type")
+        if mode not in ("cell_type", "batch"):
+            raise ConfigError(f"basal_pool={mode!r} is invalid; expected 'cell_type' or 'batch'.")
+        if mode == "batch" and not has_batch:
+            raise ConfigError("basal_pool='batch' needs a batch column (batch_col=<column>).")
+        return mode
+
     @property
     def _scale(self) -> str:
         return output_scale(self._expression_output, self.is_log1p_)
@@ -277,13 +288,8 @@ class _Baseline(BaseEstimator):
         if basal_fallback not in ("error", "all_controls"):
             raise ConfigError(f"basal_fallback={basal_fallback!r} is invalid; expected 'error' "
                               "or 'all_controls'.")
-        pool_mode = basal_pool or ("batch" if c.batch_col else "cell_type")
-        if pool_mode not in ("cell_type", "batch"):
-            raise ConfigError(f"basal_pool={pool_mode!r} is invalid; expected 'cell_type' or "
-                              "'batch'.")
+        pool_mode = self._pool_mode(basal_pool, batch_col)
         batch_col = batch_col or c.batch_col
-        if pool_mode == "batch" and batch_col is None:
-            raise ConfigError("basal_pool='batch' needs batch_col=<column>.")
         if adata.n_obs == 0:
             raise DataError("the input AnnData has no cells (n_obs = 0).")
         check_unique_cells(adata)
@@ -310,21 +316,10 @@ class _Baseline(BaseEstimator):
             model_pert[~is_ctrl & ~np.isin(pert, self.vocab_.perturbations)] = c.control_pert
         rows = np.arange(adata.n_obs)  # controls are copied either way (predict_controls)
         ctrl_rows = np.flatnonzero(is_ctrl)
-        frame = pd.DataFrame({"ctx": ctx[rows], "pert": pert[rows], "batch": batch[rows]})
-        groups = []
-        for key, idx in sorted(frame.groupby(["ctx", "pert", "batch"]).indices.items()):
-            cx, p, bt = key
-            src = rows[idx]
-            ctx_pool = control_pool(ctrl_rows, ctx, cx)
-            pool = control_pool(ctrl_rows, ctx, cx, batch, bt) if by_batch else ctx_pool
-            if len(ctx_pool) == 0 and p != control:
-                if basal_fallback == "error":
-                    raise DataError(f"cell type '{cx}' has no control cells in the input, so "
-                                    "basal states cannot be drawn. Add controls for it or pass "
-                                    "basal_fallback='all_controls'.")
-                ctx_pool = pool = ctrl_rows
-            groups.append(_Group(idx, src, pool, ctx_pool, cx, str(model_pert[src[0]]),
-                                 "\x00".join(key if by_batch else (cx, p)), p == control))
+        groups = [_Group(g.rows, g.rows, g.pool, g.ctx_pool, g.key[0],
+                         str(model_pert[g.rows[0]]), group_key(*g.key), g.key[1] == control)
+                  for g in basal_groups(ctx, pert, batch, rows, ctrl_rows, ctx, batch,
+                                        pool_mode, basal_fallback, copied=control)]
         pred, basal_row, set_id, notes = self._run(x, groups, len(rows), seed)
         obs = adata.obs.iloc[rows].copy()
         obs["statetx_ctrl_barcode"] = np.asarray(adata.obs_names)[basal_row]
@@ -337,13 +332,16 @@ class _Baseline(BaseEstimator):
         return out
 
     def predict_split(self, split: str = "test", *, seed: int | None = None,
+                      basal_pool: str | None = None,
                       clip: Any = "auto") -> tuple[ad.AnnData, ad.AnnData]:
         """Predict the cells of a split of the fitted spec: ``(adata_pred, adata_real)``.
 
         Same cells in the same order in both, obs as in ST's ``predict_split`` (perturbation,
         cell type and batch columns, ``pert_cell_barcode`` / ``ctrl_cell_barcode``); basal cells
-        are drawn from the split's controls of the same context with ST's keys; both matrices are
-        clipped alike.
+        are drawn from the split's controls of the same context with ST's keys, within the batch
+        when the baseline has a ``batch_col`` (``basal_pool``: ``"cell_type"`` or ``"batch"`` to
+        choose, e.g. ``"cell_type"`` to match an ST model with
+        ``basal_mapping_strategy="random"``); both matrices are clipped alike.
         """
         self._check_fitted()
         prepared = getattr(self, "_prepared", None)
@@ -357,21 +355,16 @@ class _Baseline(BaseEstimator):
         d, v, c = prepared.splits[split], self.vocab_, self.columns_
         perts = np.asarray(v.perturbations, dtype=object)
         cts = np.asarray(v.cell_types, dtype=object)
-        rows = np.flatnonzero(d.is_target)
-        by_batch = c.batch_col is not None  # ST's default pairing (same batch where possible)
-        frame = pd.DataFrame({"ctx": d.context[rows], "pert": d.pert[rows],
-                              "batch": d.batch[rows] if by_batch else 0})
+        mode = self._pool_mode(basal_pool)
         ctrl = np.flatnonzero(d.is_control)
         groups, order = [], []
-        for (cx, p, bt), idx in sorted(frame.groupby(["ctx", "pert", "batch"]).indices.items()):
-            src = rows[idx]
-            out_rows = np.arange(len(order), len(order) + len(idx))
-            order.extend(src)
-            ctx_pool = control_pool(ctrl, d.context, cx)
-            pool = control_pool(ctrl, d.context, cx, d.batch, bt) if by_batch else ctx_pool
-            key = f"{split}\x00{cx}\x00{p}" + (f"\x00{bt}" if by_batch else "")
-            groups.append(_Group(out_rows, src, pool, ctx_pool, str(cts[d.cell_type[src[0]]]),
-                                 str(perts[p]), key, bool(d.is_control[src[0]])))
+        for g in basal_groups(d.context, d.pert, d.batch, np.flatnonzero(d.is_target), ctrl,
+                              d.context, d.batch, mode):
+            out_rows = np.arange(len(order), len(order) + len(g.rows))
+            order.extend(g.rows)
+            groups.append(_Group(out_rows, g.rows, g.pool, g.ctx_pool,
+                                 str(cts[d.cell_type[g.rows[0]]]), str(perts[g.key[1]]),
+                                 group_key(split, *g.key), bool(d.is_control[g.rows[0]])))
         order = np.asarray(order, dtype=np.int64)
         x = d.X.numpy()
         pred, basal_row, set_id, notes = self._run(x, groups, len(order), seed)

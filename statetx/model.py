@@ -43,15 +43,16 @@ from statetx.predict import (
     Group,
     GroupMeans,
     align_genes,
+    basal_groups,
     check_count,
     check_matmul_precision,
     check_scale,
     check_unique_cells,
     clip_range,
-    control_pool,
     encode_batches,
     encode_perturbations,
     first_positions,
+    group_key,
     hvg_names,
     output_scale,
     resize_groups,
@@ -903,8 +904,9 @@ class StateTransitionModel(BaseEstimator):
             S and a remainder, as arc-state).
         basal_pool, basal_fallback
             Where basal cells come from: ``"cell_type"``, ``"batch"`` (same cell type and
-            batch, else the cell type) or ``"all"`` (default: as in training); and, for a context
-            without control cells, ``"error"`` (default) or ``"all_controls"``.
+            batch, else the cell type; every cell then needs a label in ``batch_col``) or
+            ``"all"`` (default: as in training); and, for a context without control cells,
+            ``"error"`` (default) or ``"all_controls"``.
         unknown_perturbation, unknown_batch
             Labels outside the training vocabulary: ``"error"`` (default, listing them),
             ``"control"`` / ``"zeros"`` for perturbations; ``"first"`` / ``"mean"`` (the mean
@@ -993,6 +995,8 @@ class StateTransitionModel(BaseEstimator):
         if pool_mode not in ("cell_type", "batch", "all"):
             raise ConfigError(f"basal_pool={pool_mode!r} is invalid; expected 'cell_type', "
                               "'batch' or 'all'.")
+        if pool_mode == "batch" and not batch_col:
+            raise ConfigError("basal_pool='batch' needs a batch column (batch_col=<column>).")
         is_ctrl = pert == control
         if not is_ctrl.any():
             raise DataError(f"the input has no control cells (obs['{pert_col}'] == '{control}'); "
@@ -1042,29 +1046,13 @@ class StateTransitionModel(BaseEstimator):
                              if ct_col in adata.obs else np.full(adata.n_obs, "all", dtype=object))
         batch_all = (obs_labels(adata.obs, batch_col, "the input", "batch_col")
                      if needs_batch and batch_col else np.full(adata.n_obs, "0", dtype=object))
-        groups = []
         run_rows = np.flatnonzero(~as_is)
         if len(run_rows) == 0:
             raise DataError("the input holds control cells only and predict_controls=False: "
                             "nothing to predict.")
-        frame = pd.DataFrame({"ctx": ctx, "pert": pert, "batch": batch}).iloc[run_rows]
-        keys = ["ctx", "pert"] + (["batch"] if pool_mode == "batch" else [])
-        for key, idx in sorted(frame.groupby(keys, sort=True).indices.items()):
-            idx = run_rows[idx]
-            k = key if isinstance(key, tuple) else (key,)
-            if pool_mode == "all":
-                pool = ctrl_rows
-            elif pool_mode == "batch":
-                pool = control_pool(ctrl_rows, ctx_all, k[0], batch_all, k[2])
-            else:
-                pool = control_pool(ctrl_rows, ctx_all, k[0])
-            if len(pool) == 0:
-                if basal_fallback != "all_controls":
-                    raise DataError(f"context '{k[0]}' has no control cells in the input, so "
-                                    "basal states cannot be drawn. Add controls for it or pass "
-                                    "basal_fallback='all_controls'.")
-                pool = ctrl_rows
-            groups.append(Group(idx, pool, int(pcode[idx[0]]), bcode[idx], "\x00".join(k)))
+        groups = [Group(g.rows, g.pool, int(pcode[g.rows[0]]), bcode[g.rows], group_key(*g.key))
+                  for g in basal_groups(ctx, pert, batch, run_rows, ctrl_rows, ctx_all,
+                                        batch_all, pool_mode, basal_fallback)]
         res = run_groups(self.network_, x_in, groups, self.vocab_.pert_matrix(), len(pert),
                          set_len=int(set_len or self.cell_set_len_), seed=seed,
                          window_mode=windows, device=next(self.network_.parameters()).device,
@@ -1314,19 +1302,15 @@ class StateTransitionModel(BaseEstimator):
             raise DataError(f"the fitted split spec has no '{split}' split (available: "
                             f"{', '.join(prepared.splits)}).")
         d = prepared.splits[split]
-        rows = np.flatnonzero(d.is_target)
-        by_batch = self._pairing() == "batch"
-        frame = pd.DataFrame({"ctx": d.context[rows], "pert": d.pert[rows],
-                              "batch": d.batch[rows] if by_batch else 0})
         ctrl = np.flatnonzero(d.is_control)
         groups, order = [], []
-        for (cx, p, bt), idx in sorted(frame.groupby(["ctx", "pert", "batch"]).indices.items()):
-            out_rows = np.arange(len(order), len(order) + len(idx))
-            order.extend(rows[idx])
-            # same batch (else the cell type) when pairing by batch
-            pool = control_pool(ctrl, d.context, cx, d.batch if by_batch else None, bt)
-            key = f"{split}\x00{cx}\x00{p}" + (f"\x00{bt}" if by_batch else "")
-            groups.append(Group(out_rows, pool, int(p), d.batch[rows[idx]], key))
+        mode = "batch" if self._pairing() == "batch" else "cell_type"
+        for g in basal_groups(d.context, d.pert, d.batch, np.flatnonzero(d.is_target), ctrl,
+                              d.context, d.batch, mode):
+            out_rows = np.arange(len(order), len(order) + len(g.rows))
+            order.extend(g.rows)
+            groups.append(Group(out_rows, g.pool, int(g.key[1]), d.batch[g.rows],
+                                group_key(split, *g.key)))
         order = np.asarray(order)
         self._warn_untrained(d.pert[order], f"{split} split")
         run = partial(run_groups, self.network_, d.X, groups, self.vocab_.pert_matrix(),

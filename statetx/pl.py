@@ -44,9 +44,12 @@ def _recorded(a: ad.AnnData) -> Mapping:
     return info if isinstance(info, Mapping) else {}
 
 
-def _celltype_col(pred: ad.AnnData, real: ad.AnnData, celltype_col: str | None) -> str | None:
-    """The cell-type column: as given (checked), else the one statetx recorded when both inputs
-    have it, else None (all cells pooled)."""
+def _celltype_col(pred: ad.AnnData, real: ad.AnnData, celltype_col: str | bool | None
+                  ) -> str | None:
+    """The cell-type column: as given (checked; False = none, all cells pooled), else the one
+    statetx recorded when both inputs have it, else None (pooled)."""
+    if celltype_col is False:
+        return None
     if celltype_col is not None:
         for a, which in ((pred, "pred"), (real, "real")):
             check_obs_col(a, celltype_col, which, "cell-type")
@@ -79,7 +82,13 @@ def _deltas(a: ad.AnnData, pert_col: str, control: str, series: list[tuple[str, 
     if missing:
         raise DataError(f"cell type(s) {preview(missing)} have no control cells "
                         f"('{control}') in {which} obs[{celltype_col!r}], so their deltas are "
-                        "undefined. Subset both inputs to cell types with controls.")
+                        "undefined. Subset both inputs to cell types with controls, or pass "
+                        "celltype_col=False to take deltas against all controls pooled.")
+    absent = [f"{q} ({c})" if c else q for i, (c, q) in enumerate(series)
+              if not (codes == i).any()]
+    if absent:
+        raise DataError(f"{which} has no cells of {preview(absent)}, which real has; subset both "
+                        "inputs to the same perturbations and cell types.")
     m = group_means(a.X, codes, len(keys), float64=True).astype(np.float32)
     ctrl = dict(zip(cts, m[len(series):]))
     return np.stack([m[i] - ctrl[c] for i, (c, _) in enumerate(series)]).astype(np.float64)
@@ -93,7 +102,7 @@ def delta_scatter(
     perts: Sequence[str] | None = None,
     ax: Axes | None = None,
     *,
-    celltype_col: str | None = None,
+    celltype_col: str | bool | None = None,
     max_perts: int = 10,
     s: float = 6.0,
 ) -> Axes:
@@ -104,7 +113,8 @@ def delta_scatter(
     ``perts`` defaults to the first ``max_perts`` sorted perturbations; ``pert_col``,
     ``control_pert`` and ``celltype_col`` default to those recorded by statetx's prediction
     (``uns["statetx"]``), else cell-eval's ``target_gene`` / ``non-targeting`` and no cell-type
-    column (Δ against all controls pooled). Returns the Axes."""
+    column (Δ against all controls pooled; ``celltype_col=False`` pools them whatever was
+    recorded). Returns the Axes."""
     pert_col, control_pert = _labels(adata_pred, pert_col, control_pert)
     ct_col = _celltype_col(adata_pred, adata_real, celltype_col)
     pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
@@ -294,7 +304,7 @@ def top_genes(
     n_genes: int = 20,
     ax: Axes | None = None,
     *,
-    celltype_col: str | None = None,
+    celltype_col: str | bool | None = None,
     cell_type: str | None = None,
 ) -> Axes:
     """Paired horizontal bars of the real and predicted pseudobulk delta (mean log1p − own control

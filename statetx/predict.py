@@ -76,6 +76,50 @@ def control_pool(ctrl_rows: np.ndarray, context: np.ndarray, ctx: object,
     return pool
 
 
+@dataclass
+class BasalGroup:
+    """Cells of one (context, perturbation[, batch]) group and the controls they start from."""
+
+    key: tuple              # its labels: (context, perturbation) or (context, perturbation, batch)
+    rows: np.ndarray        # its cells
+    pool: np.ndarray        # control rows its basal cells are drawn from
+    ctx_pool: np.ndarray    # control rows of its context (their mean: the context's control mean)
+
+
+def basal_groups(ctx: np.ndarray, pert: np.ndarray, batch: np.ndarray | None, rows: np.ndarray,
+                 ctrl_rows: np.ndarray, ctrl_ctx: np.ndarray, ctrl_batch: np.ndarray | None,
+                 mode: str, fallback: str = "error", copied: object = None) -> list[BasalGroup]:
+    """Group the cells ``rows`` by (context, perturbation), and by batch under ``mode="batch"``,
+    in sorted order, each with the control rows its basal cells are drawn from: the context's
+    (``"cell_type"``), those of its batch where the context has some there, else the context's
+    (``"batch"``), or every control (``"all"``). ``ctx`` / ``pert`` / ``batch`` are indexed by
+    cell, ``ctrl_ctx`` / ``ctrl_batch`` by control row. A context without controls is an error,
+    or draws from every control with ``fallback="all_controls"``; groups of the ``copied``
+    perturbation (controls returned as they are) need no controls. Every prediction path (ST and
+    the baselines, new data and splits) groups cells here, so equal seeds draw equal cells."""
+    by_batch = mode == "batch"
+    frame = pd.DataFrame({"ctx": ctx[rows], "pert": pert[rows],
+                          "batch": batch[rows] if by_batch else 0})
+    out = []
+    for (cx, p, bt), idx in sorted(frame.groupby(["ctx", "pert", "batch"]).indices.items()):
+        ctx_pool = control_pool(ctrl_rows, ctrl_ctx, cx)
+        pool = (ctrl_rows if mode == "all" else
+                control_pool(ctrl_rows, ctrl_ctx, cx, ctrl_batch, bt) if by_batch else ctx_pool)
+        if len(pool) == 0 and p != copied:
+            if fallback != "all_controls":
+                raise DataError(f"context '{cx}' has no control cells in the input, so basal "
+                                "states cannot be drawn. Add controls for it or pass "
+                                "basal_fallback='all_controls'.")
+            pool = ctx_pool = ctrl_rows
+        out.append(BasalGroup((cx, p, bt) if by_batch else (cx, p), rows[idx], pool, ctx_pool))
+    return out
+
+
+def group_key(*labels: object) -> str:
+    """The string that seeds a group's basal draws (:func:`group_rng`)."""
+    return "\x00".join(map(str, labels))
+
+
 def output_scale(expression: bool, log1p: bool) -> str:
     """What a prediction's X holds, as recorded in ``uns["statetx"]["scale"]`` (read by
     :func:`statetx.evaluate`): ``log1p`` or ``counts`` expression, or an ``embedding``."""
@@ -305,7 +349,7 @@ def first_positions(index: pd.Index, names: Sequence[str]) -> np.ndarray:
     """Position in ``index`` of each of ``names`` (its first occurrence; -1 if absent)."""
     first = np.flatnonzero(~index.duplicated())
     pos = index[first].get_indexer(list(names))
-    return np.array([first[p] if p >= 0 else -1 for p in pos], dtype=np.int64)
+    return np.where(pos >= 0, first[np.maximum(pos, 0)] if len(first) else -1, -1)
 
 
 def resize_groups(ctx: np.ndarray, pert: np.ndarray, control: str, min_cells: int | None,

@@ -128,6 +128,9 @@ def test_basal_draws_match_the_st_model(synth, batch_col):
 
     data = synth.copy()
     data.obs["batch"] = np.random.default_rng(0).choice(["b1", "b2", "b3"], data.n_obs)
+    ctrl = (data.obs["gene"] == "ctrl").to_numpy()
+    no_b3 = ctrl & (data.obs["cell_type"] == "CT0").to_numpy() & (data.obs["batch"] == "b3")
+    data.obs.loc[no_b3, "batch"] = "b1"  # CT0's b3 cells have no b3 controls: the cell type's
     cols = {**SYN, "batch_col": batch_col}
     st = StateTransitionModel("tiny", **cols, max_steps=1, batch_size=2, cell_set_len=8,
                               progress=False,
@@ -141,14 +144,23 @@ def test_basal_draws_match_the_st_model(synth, batch_col):
     bl_out = bl.predict(data, seed=5)
     b = bl_out.obs["statetx_ctrl_barcode"][pert]
     assert (a == b).all()
-    same_batch = (data.obs["batch"][pert].to_numpy() == data.obs["batch"][b].to_numpy()).mean()
-    assert same_batch == 1.0 if batch_col else same_batch < 0.6
+    same = data.obs["batch"][pert].to_numpy() == data.obs["batch"][b].to_numpy()
+    orphan = ((data.obs["cell_type"] == "CT0") & (data.obs["batch"] == "b3")).to_numpy()[pert]
+    assert orphan.any() and not same[orphan].any()  # no b3 controls in CT0: the cell type's
+    assert (data.obs["cell_type"][b].to_numpy() == data.obs["cell_type"][pert].to_numpy()).all()
+    assert same[~orphan].all() if batch_col else same.mean() < 0.6
     assert bl_out.uns["statetx"]["basal_pool"] == ("batch" if batch_col else "cell_type")
     st_pred, _ = st.predict_split("test", seed=5)
     bl_pred, _ = bl.predict_split("test", seed=5)
     assert (st_pred.obs["pert_cell_barcode"] == bl_pred.obs["pert_cell_barcode"]).all()
     p = (bl_pred.obs["gene"] != "ctrl").to_numpy()
     assert (st_pred.obs["ctrl_cell_barcode"][p] == bl_pred.obs["ctrl_cell_barcode"][p]).all()
+    # a cell type without controls draws from every control (basal_fallback), alike
+    lone = data[~(ctrl & (data.obs["cell_type"] == "CT1").to_numpy())].copy()
+    p1 = (lone.obs["gene"] != "ctrl").to_numpy()
+    a = st.predict(lone, seed=5, basal_fallback="all_controls").obs["statetx_ctrl_barcode"]
+    b = bl.predict(lone, seed=5, basal_fallback="all_controls").obs["statetx_ctrl_barcode"]
+    assert (a[p1] == b[p1]).all()
     if batch_col:  # choosing the pool at predict time
         pooled = bl.predict(data, seed=5, basal_pool="cell_type").obs["statetx_ctrl_barcode"]
         assert (pooled[pert] == st.predict(data, seed=5, basal_pool="cell_type")

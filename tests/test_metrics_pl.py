@@ -265,6 +265,11 @@ def test_deltas_are_taken_against_each_cell_types_own_controls():
         pl.delta_scatter(no_ctrl, no_ctrl, perts=["P1"])
     with pytest.raises(DataError, match="no real cells of cell type 'CT9'"):
         pl.top_genes(pred, real, "P1", cell_type="CT9")
+    pooled = pl.delta_scatter(no_ctrl, no_ctrl, perts=["P1"], celltype_col=False)  # opt out
+    assert len(pooled.collections) == 1
+    part = pred[~((obs["cell_type"] == "CT1") & (obs["gene"] == "P1")).to_numpy()].copy()
+    with pytest.raises(DataError, match=r"pred has no cells of P1 \(CT1\)"):
+        pl.delta_scatter(part, real, perts=["P1"])
     plt.close("all")
 
 

@@ -243,11 +243,22 @@ def test_clip_gradients_matches_torch(clip):
     assert after == pytest.approx(min(float(norm), clip or math.inf), rel=1e-4)
 
 
+@pytest.mark.parametrize("old_torch", [False, True])
 @pytest.mark.parametrize("clip", [None, 1e9, 0.5])
 @pytest.mark.parametrize("fused", [False, True])
-def test_clip_and_step_matches_clip_grad_norm_then_adam(clip, fused):
-    """With fused Adam on the CPU the clipping rides on the kernel's grad_scale input: the step
-    equals clip_grad_norm_ followed by an ordinary Adam step."""
+def test_clip_and_step_matches_clip_grad_norm_then_adam(clip, fused, old_torch, monkeypatch):
+    """With fused Adam on the CPU the clipping rides on the kernel's grad_scale input (its own
+    rescaling pass is never run): the step equals clip_grad_norm_ followed by an ordinary Adam
+    step; also without torch 2.6's get_total_norm / clip_grads_with_norm_ (torch 2.3 - 2.5)."""
+    utils = torch.nn.utils
+    ref_clip = utils.clip_grad_norm_
+    if old_torch:
+        monkeypatch.delattr(utils, "get_total_norm")
+        monkeypatch.delattr(utils, "clip_grads_with_norm_")
+    elif fused:
+        def no_pass(*args, **kwargs):
+            raise AssertionError("a separate rescaling pass ran")
+        monkeypatch.setattr(utils, "clip_grads_with_norm_", no_pass)
     torch.manual_seed(0)
     shapes = [(300, 40), (40,), (7, 3, 5)]
     ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
@@ -259,7 +270,7 @@ def test_clip_and_step_matches_clip_grad_norm_then_adam(clip, fused):
             a.grad = torch.randn(a.shape) * 3
             b.grad = a.grad.clone()
         norm = clip_and_step(opt, ours, clip)
-        ref_norm = torch.nn.utils.clip_grad_norm_(ref, clip if clip else float("inf"))
+        ref_norm = ref_clip(ref, clip if clip else float("inf"))
         ref_opt.step()
         assert torch.allclose(norm, ref_norm, rtol=1e-6)
         for a, b in zip(ours, ref):
