@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="repeat the interleaved schedule; rates are medians over rounds")
     p.add_argument("--statetx-bf16", action="store_true",
                    help="also run statetx with training.precision=bf16-mixed (bf16 autocast)")
+    p.add_argument("--pause", type=float, default=30.0,
+                   help="seconds of idle machine before every run (default 30): a run right "
+                   "after arc-state's 13 busy processes is measured slower on a shared VM")
     args = p.parse_args(argv)
     if args.long <= args.short:
         p.error("--long must exceed --short")
@@ -245,8 +248,13 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[str, float]] = {}
     for rnd in range(1, args.rounds + 1):
         runs: dict[str, dict[int, dict[str, float]]] = {tool: {} for tool in tools}
+        # the tools take turns at going first (round r starts with tool r - 1)
+        names = list(tools)
+        order = names[(rnd - 1) % len(names):] + names[:(rnd - 1) % len(names)]
         for steps in (args.short, args.long):  # interleaved: both tools see similar machine load
-            for tool, cmd in tools.items():
+            for tool in order:
+                cmd = tools[tool]
+                time.sleep(args.pause)
                 out = args.workdir / "runs" / tool
                 name = f"steps{steps}"
                 shutil.rmtree(out / name, ignore_errors=True)

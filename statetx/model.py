@@ -604,10 +604,10 @@ class StateTransitionModel(BaseEstimator):
             gene_dim=prepared.gene_dim, output_space=columns.output_space,
             embed_key=columns.embed_key,
         )
-        if verbose:
-            print(describe(net_cfg))
         torch.default_generator.manual_seed(int(self.seed))  # (built on the CPU)
         network = StateTransitionNetwork(net_cfg)
+        if verbose:
+            print(describe(net_cfg, network))
         if prepared.gene_dim and network.gene_decoder is None and rank == 0:
             warnings.warn(
                 f"output_space={columns.output_space!r} asks for gene-space predictions, but "

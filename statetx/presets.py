@@ -268,10 +268,13 @@ def count_parameters(config: NetworkConfig) -> tuple[int, int]:
     return net.num_parameters(), net.backbone_parameters()
 
 
-def describe(config: NetworkConfig) -> str:
-    """One-paragraph summary of a network configuration (printed at training start)."""
+def describe(config: NetworkConfig, network: StateTransitionNetwork | None = None) -> str:
+    """One-paragraph summary of a network configuration (printed at training start); its
+    parameter counts from ``network`` when built (else from a weightless copy: the first one
+    costs ~1 s of PyTorch's meta-device set-up)."""
     c = config
-    total, backbone = count_parameters(c)
+    total, backbone = (count_parameters(c) if network is None else
+                       (network.num_parameters(), network.backbone_parameters()))
     attn_width = c.n_heads * c.head_dim
     kv = f", {c.n_kv_heads} kv heads" if c.n_kv_heads != c.n_heads else ""
     ffn = "SwiGLU" if c.backbone == "llama" else "GELU-tanh"
