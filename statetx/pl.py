@@ -46,13 +46,11 @@ def _recorded(a: ad.AnnData) -> Mapping:
 
 def _celltype_col(pred: ad.AnnData, real: ad.AnnData, celltype_col: str | bool | None
                   ) -> str | None:
-    """The cell-type column: as given (checked; False = none, all cells pooled), else the one
-    statetx recorded when both inputs have it, else None (pooled)."""
+    """The cell-type column: as given (align_pair checks it; False = none, all cells pooled),
+    else the one statetx recorded when both inputs have it, else None (pooled)."""
     if celltype_col is False:
         return None
     if celltype_col is not None:
-        for a, which in ((pred, "pred"), (real, "real")):
-            check_obs_col(a, celltype_col, which, "cell-type")
         return celltype_col
     col = _recorded(pred).get("celltype_col")
     return str(col) if col and col in pred.obs and col in real.obs else None
