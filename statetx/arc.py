@@ -433,7 +433,7 @@ def load_arc_run(
         batch_dim=batch_n, gene_dim=gene_dim, decoder_hidden_dims=dec_dims,
         decoder_dropout=dec_dropout, residual_decoder=dec_residual, confidence_token=False,
     )
-    network = StateTransitionNetwork(config)
+    network = StateTransitionNetwork.for_loading(config)
     _load_weights(network, sd, drop_decoder=dec is not None and gene_dim == 0)
     network.eval()
 

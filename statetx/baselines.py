@@ -39,7 +39,7 @@ from sklearn.exceptions import NotFittedError
 
 from statetx._utils import did_you_mean, preview
 from statetx.config import ColumnMap, SplitConfig
-from statetx.data import DataInput, PreparedData, prepare
+from statetx.data import DataInput, PreparedData, prepare, split_datasets
 from statetx.errors import ConfigError, DataError
 from statetx.io import obs_labels
 from statetx.model import StateTransitionModel
@@ -376,6 +376,9 @@ class _Baseline(BaseEstimator):
             "pert_cell_barcode": d.barcodes[order],
             "ctrl_cell_barcode": d.barcodes[basal_row],
         }, index=pd.Index([f"cell{i}" for i in range(len(order))]))
+        datasets = split_datasets(prepared, d, order, cts[d.cell_type[order]])
+        if datasets is not None and "dataset" not in obs:
+            obs["dataset"] = pd.Categorical(datasets)
         out = self._output(pred, obs.copy(), clip)
         info = {"split": split, "seed": seed, "pert_col": c.pert_col,
                 "control_pert": v.control_pert, "celltype_col": c.cell_type_key,

@@ -127,8 +127,8 @@ class PreparedData:
                 "cells": cells.reset_index().astype(str).values.tolist()}
 
     def x_is_log1p(self) -> bool:
-        """Whether X (of the first file; sampled rows) looks log1p-normalised."""
-        return looks_log1p(_sample_matrix(self.files[0], None))
+        """Whether X (sampled rows of every file, which must agree) looks log1p-normalised."""
+        return _common_scale(self.files, None)
 
 
 def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
@@ -152,6 +152,7 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
     if unused:
         print(f"statetx: datasets listed only in [datasets] are not used: {', '.join(unused)}")
     files: list[DataFile] = []
+    owner: dict[Path, str] = {}  # resolved file -> its dataset
     c = columns
     for name in names:
         if name in memory:
@@ -180,6 +181,12 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
                 f"and was not passed in memory. {hint}"
             )
         for path in config.resolve_paths(name):
+            if path in owner:  # its cells would be in both datasets' splits (e.g. train and test)
+                raise SplitConfigError(
+                    f"{path} belongs to two datasets, '{owner[path]}' and '{name}' (their "
+                    "[datasets] patterns both match it), so its cells would be assigned twice "
+                    "and held-out cells could train. Make the patterns disjoint.")
+            owner[path] = name
             files.append(open_file(path, name, c.pert_col, c.cell_type_key, c.batch_col,
                                    drop_missing, c.gene_name_col))
     return files
@@ -220,7 +227,7 @@ def prepare(
     src, counts_src, names, gene_names = _sources(files, columns, counts_key)
     # the scale (log1p or counts) of the expression the model reads or predicts
     expr = src if src in (None, "X_hvg") else counts_src
-    is_log1p = True if expr is False else looks_log1p(_sample_matrix(files[0], expr))
+    is_log1p = True if expr is False else _common_scale(files, expr)
     if columns.output_space == "all" and not (is_log1p or allow_counts):
         where = "X" if expr is None else f"obsm['{expr}']"
         raise DataError(
@@ -312,14 +319,36 @@ def _agree(files: list[DataFile], source: str | None, what: str) -> list[str]:
                         "gene_name_col.")
     for f in files[1:]:
         other = feature_names(f, source)
-        if len(other) != len(ref):
-            raise DataError(f"files disagree on the {what}: {files[0].label} has {where} of width "
-                            f"{len(ref)}, {f.label} of width {len(other)}.")
-        if other != ref:
+        if other == ref:
+            continue
+        first = f"{files[0].label} (dataset '{files[0].dataset}')"
+        this = f"{f.label} (dataset '{f.dataset}')"
+        fix = ("Every file must have the same genes in the same order: subset and order them "
+               "alike, e.g. adata = adata[:, genes].copy() with one shared gene list.")
+        if set(other) == set(ref):
             diff = next(i for i, (a, b) in enumerate(zip(ref, other)) if a != b)
-            raise DataError(f"files disagree on the {what} gene names: {files[0].label} has "
-                            f"'{ref[diff]}' at column {diff}, {f.label} has '{other[diff]}'.")
+            raise DataError(f"files disagree on the order of the {what} genes in {where}: "
+                            f"{first} has '{ref[diff]}' at column {diff}, {this} has "
+                            f"'{other[diff]}' (same genes, other order). {fix}")
+        shared = len(set(ref) & set(other))
+        raise DataError(f"files disagree on the {what} genes in {where}: {first} has "
+                        f"{len(ref)}, {this} has {len(other)}, {shared} of them shared. {fix}")
     return ref
+
+
+def _common_scale(files: list[DataFile], source: str | None) -> bool:
+    """Whether the files' expression (X or ``obsm[source]``) is log1p; every file must agree
+    (raw counts next to log1p values would be one model's inputs on two scales)."""
+    scales = [looks_log1p(_sample_matrix(f, source)) for f in files]
+    if len(set(scales)) > 1:
+        where = "X" if source is None else f"obsm['{source}']"
+        kind = {True: "log1p values", False: "raw counts (integers or values of 15 and more)"}
+        listing = "; ".join(f"{f.label} (dataset '{f.dataset}'): {kind[s]}"
+                            for f, s in zip(files, scales))
+        raise DataError(f"the datasets' {where} are on different scales: {listing}. Bring them to "
+                        "one scale first (statetx.pp.preprocess_train, or scanpy normalize_total "
+                        "+ log1p, on the raw counts).")
+    return scales[0]
 
 
 def _sample_matrix(f: DataFile, source: str | None) -> np.ndarray:
@@ -389,6 +418,25 @@ def split_obs(prepared: PreparedData, split: SplitData, rows: np.ndarray,
         part.index = sel
         out = part if out is None else pd.concat([out, part])
     return out.sort_index().reset_index(drop=True)
+
+
+def split_datasets(prepared: PreparedData, split: SplitData, rows: np.ndarray,
+                   cell_types: np.ndarray) -> np.ndarray | None:
+    """The dataset of each of the split's ``rows`` when the spec has several datasets (None
+    otherwise); warns when datasets share a cell-type name there, since whatever groups these
+    cells by cell type alone (evaluation per cell type, pseudobulks) pools them."""
+    if len({f.dataset for f in prepared.files}) < 2:
+        return None
+    names = np.asarray([f.dataset for f in prepared.files], dtype=object)[split.file_index[rows]]
+    pairs = pd.DataFrame({"cell_type": cell_types, "dataset": names}).drop_duplicates()
+    shared = pairs.groupby("cell_type")["dataset"].agg(sorted)
+    shared = shared[shared.map(len) > 1]
+    if len(shared):
+        listing = "; ".join(f"'{ct}' in {', '.join(ds)}" for ct, ds in shared.items())
+        warnings.warn(f"datasets share cell-type names in these cells ({listing}): grouping by "
+                      "cell type alone (evaluate's celltype_col, pseudobulks) pools them; "
+                      "obs['dataset'] tells them apart.", UserWarning, stacklevel=3)
+    return names
 
 
 def _check_finite(x: np.ndarray, split: str, expression: bool) -> None:

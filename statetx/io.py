@@ -376,25 +376,31 @@ def resolve_control(files: Sequence[DataFile], control_pert: str | None, pert_co
         found = [c for c in CONTROL_DEFAULTS if c in labels]
         if pert_col == TAHOE_PERT_COL and TAHOE_CONTROL in labels:
             found = [TAHOE_CONTROL]  # the Tahoe rule (as arc-state's training command)
+        hint = sorted(x for x in labels if _CONTROL_HINT.search(x))
         if len(found) == 1:
             print(f"statetx: using control_pert={found[0]!r} (found in obs['{pert_col}']).")
-            return found[0]
-        hint = sorted(x for x in labels if _CONTROL_HINT.search(x))
-        raise ConfigError(
-            f"control_pert was not given, and obs['{pert_col}'] has "
-            + ("both" if len(found) > 1 else "neither") + " of the labels detected "
-            f"automatically ({' and '.join(map(repr, CONTROL_DEFAULTS))}). "
-            + (f"Values that look like controls: {preview(hint)}. " if hint else "")
-            + "Pass control_pert=<label>"
-            + (f" (e.g. control_pert={hint[0]!r})." if len(hint) == 1 else ".")
-        )
+            control_pert = found[0]  # (every file must have it: checked below)
+        else:
+            raise ConfigError(
+                f"control_pert was not given, and obs['{pert_col}'] has "
+                + ("both" if len(found) > 1 else "neither") + " of the labels detected "
+                f"automatically ({' and '.join(map(repr, CONTROL_DEFAULTS))}). "
+                + (f"Values that look like controls: {preview(hint)}. " if hint else "")
+                + "Pass control_pert=<label>"
+                + (f" (e.g. control_pert={hint[0]!r})." if len(hint) == 1 else ".")
+            )
+    datasets = {f.dataset for f in files}
     for f in files:
         if control_pert not in set(f.pert):
             hint = sorted(x for x in set(f.pert) if _CONTROL_HINT.search(x))
             raise DataError(
-                f"control_pert '{control_pert}' is not a value of obs['{pert_col}'] in {f.label}."
+                f"control_pert '{control_pert}' is not a value of obs['{pert_col}'] in {f.label}"
+                + (f" (dataset '{f.dataset}')." if len(datasets) > 1 else ".")
                 + (f" Values that look like controls: {preview(hint)}." if hint else "")
                 + did_you_mean(control_pert, set(f.pert))
+                + (" One control label applies to every dataset: relabel the controls of the "
+                   "others alike (e.g. adata.obs[col] = adata.obs[col].replace(...))."
+                   if len(datasets) > 1 else "")
             )
     return control_pert
 

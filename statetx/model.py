@@ -34,7 +34,7 @@ from statetx._utils import (
     umask_mode,
 )
 from statetx.config import ColumnMap, SplitConfig
-from statetx.data import PreparedData, counts_source, prepare, split_obs
+from statetx.data import PreparedData, counts_source, prepare, split_datasets, split_obs
 from statetx.errors import ConfigError, DataError
 from statetx.io import gene_names, obs_labels, recorded_target_sum
 from statetx.losses import get_loss, split_loss_kwargs
@@ -876,7 +876,8 @@ class StateTransitionModel(BaseEstimator):
         The network runs in full fp32 (``matmul_precision="highest"``, as the reference
         predicts) whatever the global setting; ``"medium"`` lets CPUs with AMX run its products in
         bf16 (``state_sm``: ~1.6x the cells/s on 2 cores, outputs within ~0.5 % RMS) and GPUs in
-        TF32 (``"high"`` too). ``sets_per_pass``: sets per forward pass (memory only).
+        TF32 (``"high"`` too). ``sets_per_pass``: sets per forward pass (memory and speed; the
+        outputs change only by float rounding, ~1e-7, as with other cells in the same input).
 
         ``layout="arc"`` returns a copy of the input (its var, layers, obsm, uns) with the
         predictions where arc-state 0.11.1's ``tx infer`` writes them: the direct output in X
@@ -1336,6 +1337,9 @@ class StateTransitionModel(BaseEstimator):
             "pert_cell_barcode": d.barcodes[order],
             "ctrl_cell_barcode": d.barcodes[res["basal_row"]],
         }, index=pd.Index([f"cell{i}" for i in range(len(order))]))
+        datasets = split_datasets(prepared, d, order, obs[c.cell_type_key].to_numpy())
+        if datasets is not None and "dataset" not in obs:
+            obs["dataset"] = pd.Categorical(datasets)
         extra = self._additional_obs()
         if extra and d.file_row is not None:
             for col, values in split_obs(prepared, d, order, extra).items():
@@ -1505,8 +1509,12 @@ class StateTransitionModel(BaseEstimator):
         target = resolve_device(device)  # a device that is not there: say so before reading
         for name in ("model.json", "model.safetensors"):
             if not (path / name).is_file():
+                run = (path / "checkpoints").is_dir() or (path / "statetx_run.json").is_file()
                 raise DataError(f"{path / name} not found: {path} is not a saved statetx model "
-                                "(expected model.json and model.safetensors).")
+                                "(expected model.json and model.safetensors)."
+                                + (" It is a training run's folder: load it with "
+                                   "StateTransitionModel.load_run(path) (from_arc_state "
+                                   "for an arc-state run)." if run else ""))
         try:
             meta = json.loads((path / "model.json").read_text())
             state = load_file(str(path / "model.safetensors"), device="cpu")
@@ -1543,7 +1551,7 @@ class StateTransitionModel(BaseEstimator):
         params = dict(meta["params"])
         model = cls(**params)
         cfg = NetworkConfig.from_dict(meta["network_config"])
-        net = StateTransitionNetwork(cfg)
+        net = StateTransitionNetwork.for_loading(cfg)
         if "final_down_then_up.0.weight" in state and net.final_down_then_up is None:
             raise DataError("this model was saved by an earlier statetx whose input-space "
                             "residual (the 'small' preset) with output_space='all' went through "
@@ -1567,6 +1575,11 @@ class StateTransitionModel(BaseEstimator):
             model.trained_perturbations_ = list(meta["trained_perturbations"])
         model.target_sum_ = meta.get("target_sum")
         model.n_features_in_ = len(model.var_names_)
+        v = model.vocab_
+        if model.pert_features is None and v.pert_features is not None:
+            # vectors given as a dict are stored in the vocabulary only: the parameter again,
+            # so that clone(model).fit(...) trains on the same features
+            model.pert_features = dict(zip(v.perturbations, v.pert_features))
         return model
 
     @classmethod
@@ -1659,7 +1672,7 @@ class StateTransitionModel(BaseEstimator):
         weights = state.pop("_network_state", None)
         self.__dict__.update(state)
         if weights is not None:
-            net = StateTransitionNetwork(self.network_config_)
+            net = StateTransitionNetwork.for_loading(self.network_config_)
             net.load_state_dict(weights)
             net.eval()
             self.network_ = net

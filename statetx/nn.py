@@ -663,6 +663,14 @@ class StateTransitionNetwork(nn.Module):
                                             c.decoder_dropout, c.residual_decoder)
         self.confidence_token = ConfidenceToken(h, c.dropout) if c.confidence_token else None
 
+    @classmethod
+    def for_loading(cls, config: NetworkConfig) -> StateTransitionNetwork:
+        """A network to load weights into: its throw-away initialisation does not advance the
+        global (CPU) random generator, so loading a model leaves the caller's random state as
+        it was."""
+        with torch.random.fork_rng(devices=[]):
+            return cls(config)
+
     # ----------------------------------------------------------------------------------------
     def forward(self, basal: Tensor, pert: Tensor, batch_index: Tensor | None = None,
                 valid_mask: Tensor | None = None, *, detach_decoder: bool = False,

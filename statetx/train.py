@@ -905,8 +905,25 @@ class Trainer:
                 warnings.warn(f"resuming {path} with changed settings: {'; '.join(changed)}. "
                               "The steps so far were trained with the earlier ones (the run's "
                               "record now shows the new ones).", UserWarning, stacklevel=4)
+        self._warn_rescheduled(path, (ckpt.get("train_config") or {}).get("max_steps"))
         self._resume = (str(path), ckpt)
         return ckpt
+
+    def _warn_rescheduled(self, path: str | Path, before: int | None) -> None:
+        """A new ``max_steps`` moves what is laid out over it (the cosine decay, the averaging
+        window): the resumed run is then neither the first run continued nor one straight run."""
+        c = self.cfg
+        moves = [what for what, used in (
+            ("the cosine learning-rate decay", c.lr_schedule == "cosine"),
+            ("the start of weight averaging (averaging_start x max_steps)",
+             c.weight_averaging != "none" and c.averaging_start > 0)) if used]
+        if before is None or int(before) == c.max_steps or not moves or not _is_main():
+            return
+        warnings.warn(f"resuming {path} with max_steps {before} -> {c.max_steps}: "
+                      f"{' and '.join(moves)} follow(s) the new max_steps from here on, so the "
+                      f"result differs from one uninterrupted run of {c.max_steps} steps (exact "
+                      "with a constant schedule and averaging_start=0).", UserWarning,
+                      stacklevel=5)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimiser, loop position and RNG state from a checkpoint."""

@@ -186,6 +186,12 @@ def test_predict_duplicate_gene_names(model, adata):
         model.predict(adata)
 
 
+def test_loading_a_run_folder_as_a_saved_model_points_to_load_run(base):
+    with pytest.raises(DataError, match=r"model\.safetensors not found.*training run's folder: "
+                                        r"load it with StateTransitionModel\.load_run"):
+        StateTransitionModel.load(base[2])
+
+
 def test_no_x_and_a_layer_named_as_embedding_are_explained(model, adata):
     """AnnData with its matrix in a layer only: fit and predict say so (not a TypeError), and
     embed_key naming a layer says how to use it."""

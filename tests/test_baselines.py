@@ -169,6 +169,19 @@ def test_basal_draws_match_the_st_model(synth, batch_col):
             bl.predict(ad.AnnData(data.X, obs=data.obs.drop(columns="batch"), var=data.var))
 
 
+def test_two_datasets_sharing_a_cell_type_name_are_told_apart(synth):
+    """predict_split marks each cell's dataset, and warns that a cell-type name shared by two
+    datasets would pool them wherever cells are grouped by cell type alone."""
+    spec = ('[training]\na = "train"\nb = "train"\n[zeroshot]\n"a.CT2" = "test"\n'
+            '"b.CT2" = "test"\n')
+    m = ControlMeanBaseline(**SYN).fit({"a": synth, "b": synth[::2].copy()}, spec)
+    with pytest.warns(UserWarning, match=r"'CT2' in a, b.*obs\['dataset'\]"):
+        pred, real = m.predict_split("test")
+    n_a = int((synth.obs["cell_type"] == "CT2").sum())
+    assert (pred.obs["dataset"] == "a").sum() == n_a
+    assert (real.obs["dataset"] == "b").sum() == len(pred) - n_a
+
+
 def test_context_mean_and_cell_mean_constants(synth):
     ctx = ContextMeanBaseline("control_mean", **SYN).fit(synth, SPEC)
     x, obs = np.asarray(synth.X, dtype=np.float64), synth.obs

@@ -246,6 +246,12 @@ def test_control_label_not_given_and_not_detectable():
                        r".*DMSO_TF.*non-targeting"):
         resolve_control([from_anndata(make_adata(perts=("P1", "non-targeting", "DMSO_TF")), "d",
                                       "gene", "cell_type", None)], None, "gene")
+    # detected in one dataset, absent from another: named, not taken for a perturbation there
+    files = [from_anndata(b, "x", "gene", "cell_type", None),
+             from_anndata(make_adata(perts=("P1", "control")), "y", "gene", "cell_type", None)]
+    with pytest.raises(DataError, match=r"'non-targeting' is not a value .* \(dataset 'y'\)\. "
+                                        r"Values that look like controls: control\..*relabel"):
+        resolve_control(files, None, "gene")
 
 
 def test_tahoe_control_rule(capsys):
@@ -326,16 +332,39 @@ def test_files_disagree_on_width(tmp_path):
     write(make_adata(genes=5), tmp_path / "d" / "k562.h5ad")
     write(make_adata(genes=4), tmp_path / "d" / "rpe1.h5ad")
     path = toml(tmp_path, '[datasets]\nd = "d"\n[training]\nd = "train"\n')
-    with pytest.raises(DataError, match=r"k562\.h5ad has X of width 5, rpe1\.h5ad of width 4"):
+    with pytest.raises(DataError, match=r"k562\.h5ad \(dataset 'd'\) has 5, rpe1\.h5ad "
+                                        r"\(dataset 'd'\) has 4, 4 of them shared\. Every file"):
         prepare(None, path, COLS)
 
 
 def test_files_disagree_on_gene_names():
     data = {"a": make_adata(), "b": make_adata(var_prefix="h")}
     spec = {"training": {"a": "train", "b": "train"}}
-    with pytest.raises(DataError, match=r"gene names: <AnnData 'a'> has 'g0' at column 0, "
-                                        r"<AnnData 'b'> has 'h0'"):
+    with pytest.raises(DataError, match=r"genes in X: <AnnData 'a'> \(dataset 'a'\) has 5, "
+                                        r"<AnnData 'b'> \(dataset 'b'\) has 5, 0 of them shared"):
         prepare(data, spec, COLS)
+    b = make_adata()
+    data = {"a": make_adata(), "b": b[:, b.var_names[::-1]].copy()}
+    with pytest.raises(DataError, match=r"order of the input genes in X: .* has 'g0' at column "
+                                        r"0, .* has 'g4' \(same genes, other order\)"):
+        prepare(data, spec, COLS)
+
+
+def test_one_file_in_two_datasets_and_mixed_scales_are_refused(tmp_path):
+    """A file matched by two datasets' patterns would have its cells assigned twice (held-out
+    cells training); datasets on different scales (counts next to log1p) would be one input."""
+    write(make_adata(), tmp_path / "d" / "a.h5ad")
+    write(make_adata(), tmp_path / "d" / "b.h5ad")
+    spec = ('[datasets]\nx = "d/a.h5ad"\ny = "d/*.h5ad"\n[training]\nx = "train"\n'
+            'y = "train"\n[zeroshot]\n"y.A" = "test"\n')
+    with pytest.raises(SplitConfigError, match=r"a\.h5ad belongs to two datasets, 'x' and 'y'"):
+        prepare(None, toml(tmp_path, spec), COLS)
+    logged = make_adata()
+    counts = make_adata()
+    counts.X = np.round(np.asarray(counts.X) * 40 + 20).astype(np.float32)
+    with pytest.raises(DataError, match=r"different scales: .*'a'\): log1p values; .*'b'\): "
+                                        r"raw counts"):
+        prepare({"a": logged, "b": counts}, {"training": {"a": "train", "b": "train"}}, COLS)
 
 
 def test_csc_matrix_in_memory_is_read_on_disk_rejected(tmp_path):

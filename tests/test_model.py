@@ -130,12 +130,39 @@ def test_predict_split_same_cells_in_pred_and_real(fitted):
         model.predict_split("val")
 
 
-def test_pickle_roundtrip_identical_predictions(fitted):
+def test_pickle_roundtrip_identical_predictions(fitted, tmp_path):
     model, adata = fitted
     clone_ = pickle.loads(pickle.dumps(model))
     a = model.predict(adata).X
     b = clone_.predict(adata).X
     np.testing.assert_array_equal(a, b)
+    # loading leaves the caller's random state alone (the throw-away init is not drawn from it)
+    path, blob = model.save(tmp_path / "m"), pickle.dumps(model)
+    for load in (lambda: pickle.loads(blob), lambda: StateTransitionModel.load(path)):
+        torch.manual_seed(7)
+        load()
+        after = torch.rand(3)
+        torch.manual_seed(7)
+        assert torch.equal(after, torch.rand(3))
+
+
+def test_saved_model_keeps_feature_vectors_given_as_a_dict(fitted, tmp_path):
+    """pert_features passed as a dict survive save/load as the parameter (rebuilt from the
+    stored vocabulary), so a clone of the loaded model trains on the same features."""
+    from sklearn.base import clone
+
+    _, adata = fitted
+    rng = np.random.default_rng(0)
+    feats = {p: rng.normal(size=6).astype(np.float32) for p in ("P0", "P1", "P2", "ctrl")}
+    model = small_model(max_steps=2, pert_features=feats).fit(adata, SPEC)
+    loaded = StateTransitionModel.load(model.save(tmp_path / "m"))
+    assert set(loaded.pert_features) == set(feats)
+    for name, vec in feats.items():
+        np.testing.assert_array_equal(loaded.pert_features[name], vec)
+    again = clone(loaded).fit(adata, SPEC)
+    assert again.network_config_.pert_dim == 6
+    a, b = model.network_.state_dict(), again.network_.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("reload", ["pickle", "save"])

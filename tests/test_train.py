@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,21 @@ def test_weight_averaging_resume_is_bit_identical(synth, tmp_path):
                           weight_averaging="uniform")
     wa, wb = weights(full), weights(part)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_with_a_new_max_steps_warns_when_the_schedule_moves(synth, tmp_path):
+    """Extending a run is exact with a constant schedule; a cosine decay (or a late averaging
+    start) is laid out over max_steps, so a resumed longer run says it differs."""
+    for schedule in ("constant", "cosine"):
+        out = tmp_path / schedule
+        small_model(max_steps=3, lr_schedule=schedule).fit(synth, FEWSHOT, output_dir=out)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            small_model(max_steps=5, lr_schedule=schedule).fit(
+                synth, FEWSHOT, output_dir=out, resume_from=out / "checkpoints" / "last.ckpt")
+        moved = [w for w in caught if "max_steps 3 -> 5: the cosine learning-rate decay"
+                 in str(w.message)]
+        assert len(moved) == (schedule == "cosine")
 
 
 def test_early_stopping(synth, tmp_path):
