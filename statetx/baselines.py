@@ -202,9 +202,10 @@ class _Baseline(BaseEstimator):
         return self.columns_.embed_key in (None, "X_hvg")
 
     def _pool_mode(self, basal_pool: str | None, batch_col: str | None = None) -> str:
-        """``basal_pool`` checked; by default ``batch`` with a batch column (ST's default)."""
+        """``basal_pool`` checked; by default ``batch`` when the baseline has a batch column (ST's
+        default pairing, fixed at fit); ``batch_col`` names the input's column only."""
         has_batch = bool(batch_col or self.columns_.batch_col)
-        mode = basal_pool or ("batch" if has_batch else "cell_type")
+        mode = basal_pool or ("batch" if self.columns_.batch_col else "cell_type")
         if mode not in ("cell_type", "batch"):
             raise ConfigError(f"basal_pool={mode!r} is invalid; expected 'cell_type' or 'batch'.")
         if mode == "batch" and not has_batch:

@@ -325,7 +325,7 @@ def _agree(files: list[DataFile], source: str | None, what: str) -> list[str]:
         this = f"{f.label} (dataset '{f.dataset}')"
         fix = ("Every file must have the same genes in the same order: subset and order them "
                "alike, e.g. adata = adata[:, genes].copy() with one shared gene list.")
-        if set(other) == set(ref):
+        if len(other) == len(ref) and set(other) == set(ref):
             diff = next(i for i, (a, b) in enumerate(zip(ref, other)) if a != b)
             raise DataError(f"files disagree on the order of the {what} genes in {where}: "
                             f"{first} has '{ref[diff]}' at column {diff}, {this} has "
@@ -342,7 +342,8 @@ def _common_scale(files: list[DataFile], source: str | None) -> bool:
     scales = [looks_log1p(_sample_matrix(f, source)) for f in files]
     if len(set(scales)) > 1:
         where = "X" if source is None else f"obsm['{source}']"
-        kind = {True: "log1p values", False: "raw counts (integers or values of 15 and more)"}
+        kind = {True: "log1p values", False: "not log1p (raw counts: integers or values of 15 "
+                "and more; or negative, scaled values)"}
         listing = "; ".join(f"{f.label} (dataset '{f.dataset}'): {kind[s]}"
                             for f, s in zip(files, scales))
         raise DataError(f"the datasets' {where} are on different scales: {listing}. Bring them to "

@@ -83,7 +83,7 @@ TRAINING_DEFAULTS: dict[str, dict] = {
 
 
 # fitted attributes (without their trailing "_") that save/load keep besides the network
-_FIT_RECORD = ("preset", "train_settings", "best_step", "training_time", "arc_import")
+FIT_RECORD = ("preset", "train_settings", "best_step", "training_time", "arc_import")
 
 
 class StateTransitionModel(BaseEstimator):
@@ -709,6 +709,10 @@ class StateTransitionModel(BaseEstimator):
         self.best_step_ = trainer.state.best_step
         if out is not None:
             self.run_dir_ = out
+            if rank == 0:  # the fit record, for load_run (the CLI adds its own timing)
+                from statetx.run import finish_run
+
+                finish_run(out, self, self.training_time_)
         return self
 
     def _check_target_sum(self, adata: ad.AnnData) -> None:
@@ -1272,7 +1276,8 @@ class StateTransitionModel(BaseEstimator):
 
         Same cells in the same order in both; obs has the perturbation, cell type and batch
         columns plus ``pert_cell_barcode`` / ``ctrl_cell_barcode`` (and the ``additional_obs``
-        columns of the fitted model); both are clipped to [0, 14]
+        columns of the fitted model, and ``dataset`` when the spec has several); both are
+        clipped to [0, 14]
         for log1p expression outputs (at 0 for count-scale ones). ``controls="predicted"``
         (reference ``tx predict``) runs the control cells as control sets too;
         ``controls="real"`` copies the real control cells into the prediction (the VCC
@@ -1314,6 +1319,9 @@ class StateTransitionModel(BaseEstimator):
                                 group_key(split, *g.key)))
         order = np.asarray(order)
         self._warn_untrained(d.pert[order], f"{split} split")
+        v, c = self.vocab_, self.columns_
+        datasets = split_datasets(prepared, d, order,
+                                  np.asarray(v.cell_types, dtype=object)[d.cell_type[order]])
         run = partial(run_groups, self.network_, d.X, groups, self.vocab_.pert_matrix(),
                       len(order), set_len=self.cell_set_len_, seed=seed, window_mode=windows,
                       device=next(self.network_.parameters()).device,
@@ -1327,7 +1335,6 @@ class StateTransitionModel(BaseEstimator):
                 a.uns["statetx"] = dict(info)
             return pair
         res = run()
-        v, c = self.vocab_, self.columns_
         obs = pd.DataFrame({
             c.pert_col: pd.Categorical(np.asarray(v.perturbations, dtype=object)[d.pert[order]]),
             c.cell_type_key: pd.Categorical(
@@ -1337,7 +1344,6 @@ class StateTransitionModel(BaseEstimator):
             "pert_cell_barcode": d.barcodes[order],
             "ctrl_cell_barcode": d.barcodes[res["basal_row"]],
         }, index=pd.Index([f"cell{i}" for i in range(len(order))]))
-        datasets = split_datasets(prepared, d, order, obs[c.cell_type_key].to_numpy())
         if datasets is not None and "dataset" not in obs:
             obs["dataset"] = pd.Categorical(datasets)
         extra = self._additional_obs()
@@ -1476,7 +1482,7 @@ class StateTransitionModel(BaseEstimator):
             # (NaN as null: model.json stays strict JSON)
             meta["history"] = {k: [None if isinstance(v, float) and v != v else v for v in vals]
                                for k, vals in self.history_.to_dict(orient="list").items()}
-        meta["fit"] = {k: getattr(self, k + "_") for k in _FIT_RECORD if hasattr(self, k + "_")}
+        meta["fit"] = {k: getattr(self, k + "_") for k in FIT_RECORD if hasattr(self, k + "_")}
         if hasattr(self, "split_summary_"):
             meta["split_summary"] = self.split_summary_.to_dict(orient="split")
         if getattr(self, "split_config_", None) is not None:
@@ -1524,7 +1530,7 @@ class StateTransitionModel(BaseEstimator):
         if "history" in meta:
             model.history_ = history_frame(meta["history"])
         for k, v in meta.get("fit", {}).items():
-            if k in _FIT_RECORD:
+            if k in FIT_RECORD:
                 setattr(model, k + "_", v)
         if "split_summary" in meta:
             model.split_summary_ = pd.DataFrame(**meta["split_summary"])

@@ -50,6 +50,8 @@ def _celltype_col(pred: ad.AnnData, real: ad.AnnData, celltype_col: str | bool |
     else the one statetx recorded when both inputs have it, else None (pooled)."""
     if celltype_col is False:
         return None
+    if celltype_col is True:
+        raise ConfigError("celltype_col takes a column name, None (as recorded) or False.")
     if celltype_col is not None:
         return celltype_col
     col = _recorded(pred).get("celltype_col")

@@ -19,6 +19,7 @@ errors must be fast); torch, anndata and the model are imported inside the funct
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
@@ -1104,9 +1105,31 @@ def finish_run(run_dir: Path, model: StateTransitionModel, seconds: float) -> No
     final = Path(run_dir) / CHECKPOINT_DIR / "final.ckpt"
     if step is None and final.is_file():
         step = _checkpoint_step(final)
+    from statetx.model import FIT_RECORD
+
     info.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_seconds": seconds,
-                 "final_step": step, "best_step": getattr(model, "best_step_", None)})
+                 "final_step": step, "best_step": getattr(model, "best_step_", None),
+                 "fit": {k: getattr(model, k + "_") for k in FIT_RECORD
+                         if hasattr(model, k + "_")}})
     write_run_info(run_dir, info)
+
+
+def _restore_fit_record(model: StateTransitionModel, run: Path) -> None:
+    """What a finished run recorded about its fit (preset, settings, best step, time), its split
+    spec and summary, as :meth:`StateTransitionModel.load` restores them from a saved model."""
+    from statetx.config import SplitConfig
+    from statetx.model import FIT_RECORD
+
+    for k, v in (read_run_info(run).get("fit") or {}).items():
+        if k in FIT_RECORD:
+            setattr(model, k + "_", v)
+    if (run / "split_summary.csv").is_file():
+        import pandas as pd
+
+        model.split_summary_ = pd.read_csv(run / "split_summary.csv")
+    if (run / "split.toml").is_file():
+        with contextlib.suppress(SplitConfigError):  # (attach_data says so when it is needed)
+            model.split_config_ = SplitConfig.from_toml(run / "split.toml")
 
 
 def input_differences(run: Path, toml: Any) -> list[str]:
@@ -1291,6 +1314,7 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *,
     model.run_dir_ = run
     model.checkpoint_path_ = path
     model.step_ = (ckpt.get("train_state") or {}).get("step")
+    _restore_fit_record(model, run)
     if str(device) != "cpu":
         model.to(device)
     return model

@@ -150,6 +150,9 @@ def test_basal_draws_match_the_st_model(synth, batch_col):
     assert (data.obs["cell_type"][b].to_numpy() == data.obs["cell_type"][pert].to_numpy()).all()
     assert same[~orphan].all() if batch_col else same.mean() < 0.6
     assert bl_out.uns["statetx"]["basal_pool"] == ("batch" if batch_col else "cell_type")
+    # the default pairing is fixed at fit (as ST's): naming the input's batch column keeps it
+    assert bl.predict(data, seed=5, batch_col="batch").uns["statetx"]["basal_pool"] == \
+        bl_out.uns["statetx"]["basal_pool"]
     st_pred, _ = st.predict_split("test", seed=5)
     bl_pred, _ = bl.predict_split("test", seed=5)
     assert (st_pred.obs["pert_cell_barcode"] == bl_pred.obs["pert_cell_barcode"]).all()

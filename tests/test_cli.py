@@ -122,6 +122,12 @@ def test_load_run_matches_in_memory_model(data, tmp_path, capsys):
     again = StateTransitionModel.load_run(tmp_path / "run", checkpoint="last.ckpt")
     np.testing.assert_array_equal(model.predict(adata).X, again.predict(adata).X)
     assert loaded.get_params() == model.get_params()
+    # the fit record, split spec and summary, as a saved model keeps them
+    for attr in ("preset_", "train_settings_", "best_step_", "training_time_"):
+        assert getattr(loaded, attr) == pytest.approx(getattr(model, attr)), attr
+    pd.testing.assert_frame_equal(loaded.split_summary_, model.split_summary_,
+                                  check_dtype=False)
+    assert loaded.split_config_.zeroshot == model.split_config_.zeroshot
     # a Python-API run gets a config.yaml that the CLI can train from
     assert main(["tx", "train", "--config", str(tmp_path / "run" / "config.yaml"),
                  "--print-config"]) == 0

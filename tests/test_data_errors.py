@@ -343,6 +343,10 @@ def test_files_disagree_on_gene_names():
     with pytest.raises(DataError, match=r"genes in X: <AnnData 'a'> \(dataset 'a'\) has 5, "
                                         r"<AnnData 'b'> \(dataset 'b'\) has 5, 0 of them shared"):
         prepare(data, spec, COLS)
+    extra = make_adata(genes=6)
+    extra.var_names = [*extra.var_names[:5], "g0"]  # a repeated name, one gene more
+    with pytest.raises(DataError, match=r"has 5, <AnnData 'b'> \(dataset 'b'\) has 6"):
+        prepare({"a": make_adata(), "b": extra}, spec, COLS)
     b = make_adata()
     data = {"a": make_adata(), "b": b[:, b.var_names[::-1]].copy()}
     with pytest.raises(DataError, match=r"order of the input genes in X: .* has 'g0' at column "
@@ -363,7 +367,7 @@ def test_one_file_in_two_datasets_and_mixed_scales_are_refused(tmp_path):
     counts = make_adata()
     counts.X = np.round(np.asarray(counts.X) * 40 + 20).astype(np.float32)
     with pytest.raises(DataError, match=r"different scales: .*'a'\): log1p values; .*'b'\): "
-                                        r"raw counts"):
+                                        r"not log1p \(raw counts"):
         prepare({"a": logged, "b": counts}, {"training": {"a": "train", "b": "train"}}, COLS)
 
 

@@ -130,6 +130,32 @@ def test_predict_split_same_cells_in_pred_and_real(fitted):
         model.predict_split("val")
 
 
+def test_basal_groups_keys_pools_and_order():
+    """The grouping every prediction path shares (its keys seed the basal draws): sorted
+    (context, perturbation[, batch]) groups, pools by mode, fallbacks, and the seed keys."""
+    from statetx.predict import basal_groups, group_key
+
+    ctx = np.array(["B", "A", "A", "A", "A", "B", "C"], dtype=object)
+    pert = np.array(["p", "ctrl", "p", "ctrl", "p", "ctrl", "p"], dtype=object)
+    batch = np.array(["1", "1", "2", "2", "3", "1", "1"], dtype=object)
+    rows, ctrl = np.array([0, 2, 4, 6]), np.array([1, 3, 5])
+    got = basal_groups(ctx, pert, batch, rows, ctrl, ctx, batch, "batch",
+                       fallback="all_controls")
+    assert [g.key for g in got] == [("A", "p", "2"), ("A", "p", "3"), ("B", "p", "1"),
+                                    ("C", "p", "1")]
+    assert [list(g.rows) for g in got] == [[2], [4], [0], [6]]
+    # same batch where the context has controls there, else the context's; C has none: all
+    assert [list(g.pool) for g in got] == [[3], [1, 3], [5], [1, 3, 5]]
+    assert [list(g.ctx_pool) for g in got] == [[1, 3], [1, 3], [5], [1, 3, 5]]
+    assert group_key(*got[0].key) == "A\x00p\x002"
+    assert group_key("test", 3, 7) == "test\x003\x007"
+    flat = basal_groups(ctx, pert, None, rows[:3], ctrl, ctx, None, "cell_type")
+    assert [g.key for g in flat] == [("A", "p"), ("B", "p")]
+    assert [list(g.rows) for g in flat] == [[2, 4], [0]]
+    with pytest.raises(DataError, match="context 'C' has no control cells"):
+        basal_groups(ctx, pert, None, rows, ctrl, ctx, None, "cell_type")
+
+
 def test_pickle_roundtrip_identical_predictions(fitted, tmp_path):
     model, adata = fitted
     clone_ = pickle.loads(pickle.dumps(model))
