@@ -425,7 +425,7 @@ def split_datasets(prepared: PreparedData, split: SplitData, rows: np.ndarray,
                    cell_types: np.ndarray) -> np.ndarray | None:
     """The dataset of each of the split's ``rows`` when the spec has several datasets (None
     otherwise); warns when datasets share a cell-type name there, since whatever groups these
-    cells by cell type alone (evaluation per cell type, pseudobulks) pools them."""
+    cells by cell type alone (evaluation per cell type) pools them."""
     if len({f.dataset for f in prepared.files}) < 2:
         return None
     names = np.asarray([f.dataset for f in prepared.files], dtype=object)[split.file_index[rows]]
@@ -435,8 +435,9 @@ def split_datasets(prepared: PreparedData, split: SplitData, rows: np.ndarray,
     if len(shared):
         listing = "; ".join(f"'{ct}' in {', '.join(ds)}" for ct, ds in shared.items())
         warnings.warn(f"datasets share cell-type names in these cells ({listing}): grouping by "
-                      "cell type alone (evaluate's celltype_col, pseudobulks) pools them; "
-                      "obs['dataset'] tells them apart.", UserWarning, stacklevel=3)
+                      "cell type alone (evaluate's celltype_col, tx predict's per-cell-type "
+                      "files) pools them; obs['dataset'] tells them apart.", UserWarning,
+                      stacklevel=3)
     return names
 
 

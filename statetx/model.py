@@ -1285,8 +1285,9 @@ class StateTransitionModel(BaseEstimator):
         the same real controls. ``matmul_precision``: as in :meth:`predict`.
 
         ``pseudobulk=True`` (``tx predict --pseudobulk``) returns one row per (cell type,
-        perturbation) instead: the mean of the same cells' (clipped) predictions and real
-        values, accumulated while predicting: no per-cell prediction or real matrix is built
+        perturbation) instead (per dataset too, ``obs["dataset"]``, when the spec has several):
+        the mean of the same cells' (clipped) predictions and real values, accumulated while
+        predicting: no per-cell prediction or real matrix is built
         (the split's input cells are in memory already); obs has the perturbation and cell type
         columns and ``n_cells`` (not the ``additional_obs`` columns). Metrics computed from
         pseudobulks (``pearson_delta``, ``mse``, ``mae``, the discrimination scores, …) are the
@@ -1330,7 +1331,7 @@ class StateTransitionModel(BaseEstimator):
                 "control_pert": self.vocab_.control_pert,
                 "celltype_col": self.columns_.cell_type_key, "scale": self._output_scale}
         if pseudobulk:
-            pair = self._split_pseudobulks(d, order, run, clip, controls)
+            pair = self._split_pseudobulks(d, order, run, clip, controls, datasets)
             for a in pair:
                 a.uns["statetx"] = dict(info)
             return pair
@@ -1371,12 +1372,17 @@ class StateTransitionModel(BaseEstimator):
         return pred, real
 
     def _split_pseudobulks(self, d: Any, order: np.ndarray, run: Callable, clip: Any,
-                           controls: str) -> tuple[ad.AnnData, ad.AnnData]:
-        """``predict_split(pseudobulk=True)``: per (cell type, perturbation) means of the
-        predictions (accumulated by ``run``) and of the real cells (read a block at a time)."""
+                           controls: str, datasets: np.ndarray | None = None
+                           ) -> tuple[ad.AnnData, ad.AnnData]:
+        """``predict_split(pseudobulk=True)``: per (cell type, perturbation) means — per
+        dataset too when ``datasets`` names each row's — of the predictions (accumulated by
+        ``run``) and of the real cells (read a block at a time)."""
         v, c = self.vocab_, self.columns_
-        n_p = len(v.perturbations)
-        uniq, row_group = np.unique(d.cell_type[order] * n_p + d.pert[order], return_inverse=True)
+        n_p, n_ct = len(v.perturbations), len(v.cell_types)
+        ds_code, ds_names = (np.zeros(len(order), dtype=np.int64), None) if datasets is None \
+            else pd.factorize(datasets, sort=True)
+        key = (ds_code * n_ct + d.cell_type[order]) * n_p + d.pert[order]
+        uniq, row_group = np.unique(key, return_inverse=True)
         row_group = row_group.reshape(-1)
         rng = clip_range(clip, self._expression_output, self.is_log1p_)
         means = GroupMeans(row_group, len(uniq), rng)
@@ -1384,13 +1390,16 @@ class StateTransitionModel(BaseEstimator):
         decodes = "counts" in means.sums
         real_src = d.counts if d.counts is not None and decodes else d.X
         real = _group_means(real_src, order, row_group, means.n_cells, rng)
-        cts, perts = np.divmod(uniq, n_p)
+        ds_ct, perts = np.divmod(uniq, n_p)
+        ds, cts = np.divmod(ds_ct, n_ct)
         names = np.asarray(v.perturbations, dtype=object)[perts]
         obs = pd.DataFrame({
             c.pert_col: pd.Categorical(names),
             c.cell_type_key: pd.Categorical(np.asarray(v.cell_types, dtype=object)[cts]),
             "n_cells": means.n_cells,
         }, index=pd.Index([f"pseudobulk{i}" for i in range(len(uniq))]))
+        if ds_names is not None:
+            obs["dataset"] = pd.Categorical(np.asarray(ds_names, dtype=object)[ds])
         pred = self._output({"pred": means.means("pred"), "counts": means.means("counts")},
                             obs.copy(), None)
         if controls == "real":

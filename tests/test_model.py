@@ -130,6 +130,25 @@ def test_predict_split_same_cells_in_pred_and_real(fitted):
         model.predict_split("val")
 
 
+def test_split_of_two_datasets_sharing_a_cell_type_name(fitted):
+    """predict_split marks each cell's dataset and keeps the datasets apart in pseudobulks
+    (one row per dataset, cell type and perturbation), warning about the shared name."""
+    _, adata = fitted
+    spec = ('[training]\na = "train"\nb = "train"\n[zeroshot]\n"a.CT2" = "test"\n'
+            '"b.CT2" = "test"\n')
+    b = adata[::2].copy()
+    model = small_model(max_steps=2).fit({"a": adata, "b": b}, spec)
+    with pytest.warns(UserWarning, match=r"'CT2' in a, b"):
+        pred, _ = model.predict_split("test")
+    counts = pred.obs.groupby(["dataset", "gene"], observed=True).size()
+    with pytest.warns(UserWarning, match=r"'CT2' in a, b"):
+        bulk, real = model.predict_split("test", pseudobulk=True)
+    assert len(bulk) == len(counts) and set(bulk.obs["dataset"]) == {"a", "b"}
+    got = bulk.obs.set_index(["dataset", "gene"])["n_cells"]
+    assert all(got[k] == n for k, n in counts.items())
+    assert (real.obs["dataset"] == bulk.obs["dataset"]).all()
+
+
 def test_basal_groups_keys_pools_and_order():
     """The grouping every prediction path shares (its keys seed the basal draws): sorted
     (context, perturbation[, batch]) groups, pools by mode, fallbacks, and the seed keys."""
