@@ -37,7 +37,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
-from statetx._utils import did_you_mean, preview
+from statetx._utils import preview
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import DataInput, PreparedData, prepare, split_datasets
 from statetx.errors import ConfigError, DataError
@@ -53,6 +53,7 @@ from statetx.predict import (
     group_key,
     group_rng,
     output_scale,
+    pairing_batches,
 )
 from statetx.vocab import feature_table, load_pert_features
 
@@ -299,14 +300,7 @@ class _Baseline(BaseEstimator):
             check_scale(x, self.is_log1p_)
         pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
         ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
-        by_batch = pool_mode == "batch"
-        if by_batch and batch_col not in adata.obs.columns:
-            raise DataError(
-                f"the input has no obs column '{batch_col}': basal cells are paired with controls"
-                f" of the same batch.{did_you_mean(batch_col, map(str, adata.obs.columns))} Pass "
-                "batch_col=<column>, or basal_pool='cell_type' to pair within the cell type.")
-        batch = (obs_labels(adata.obs, batch_col, "the input", "batch_col") if by_batch
-                 else np.full(adata.n_obs, "0", dtype=object))
+        batch = pairing_batches(adata, batch_col, pool_mode == "batch")
         is_ctrl = pert == control
         if not is_ctrl.any():
             raise DataError(f"the input has no control cells (obs['{pert_col}'] == '{control}'); "

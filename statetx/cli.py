@@ -617,17 +617,14 @@ def _dry_run(plan: Any) -> int:
 
 
 def _prepare_split(toml: Path, columns: Any, model: Any = None) -> Any:
-    from statetx.data import prepare
+    from statetx.stream import preparer
 
     kw: dict[str, Any] = {}
+    stream = model is not None and model.data_loading == "stream"  # (the training split's labels)
     if model is not None:
         kw = dict(pert_features=model.pert_features, **model._data_options())
-        if model.data_loading == "stream":  # (the training split's labels only)
-            from statetx.stream import prepare_stream
-
-            kw["chunk_size"] = model.stream_chunk_size
-            prepare = prepare_stream
-    prepared = prepare(None, Path(toml), columns, **kw)
+    prepared = preparer(model.stream_chunk_size if stream else None)(
+        None, Path(toml), columns, **kw)
     _print_summary(prepared)
     return prepared
 

@@ -118,8 +118,9 @@ class SplitConfig(BaseModel):
         """Serialise back to TOML text (round-trips through :meth:`from_toml` from any folder:
         dataset paths relative to the spec's folder, ``base_dir``, are written absolute)."""
         lines: list[str] = []
+        spec = self.absolute() if self.base_dir else self
         for section in ("datasets", "training", "zeroshot"):
-            table = getattr(self.absolute() if self.base_dir else self, section)
+            table = getattr(spec, section)
             if table:
                 lines.append(f"[{section}]")
                 lines += [f"{_q(k)} = {_tv(v)}" for k, v in table.items()]

@@ -34,7 +34,7 @@ from statetx._utils import (
     umask_mode,
 )
 from statetx.config import ColumnMap, SplitConfig
-from statetx.data import PreparedData, counts_source, prepare, split_datasets, split_obs
+from statetx.data import PreparedData, counts_source, split_datasets, split_obs
 from statetx.errors import ConfigError, DataError
 from statetx.io import gene_names, obs_labels, recorded_target_sum
 from statetx.losses import get_loss, split_loss_kwargs
@@ -55,12 +55,13 @@ from statetx.predict import (
     group_key,
     hvg_names,
     output_scale,
+    pairing_batches,
     resize_groups,
     run_groups,
 )
 from statetx.presets import build_network_config, describe, resolve_architecture
 from statetx.sets import ReadDepthThinning, check_read_depth, check_sampler_options
-from statetx.stream import make_sampler, prepare_stream, stream_settings
+from statetx.stream import make_sampler, preparer, stream_settings
 from statetx.train import TrainConfig, Trainer, check_flag, resolve_device
 from statetx.vocab import Vocab
 
@@ -561,8 +562,7 @@ class StateTransitionModel(BaseEstimator):
         columns = self._columns()
         stream = stream_settings(self.data_loading, self.stream_chunk_size,
                                  self.stream_buffer_chunks, self.stream_max_controls)
-        prepared = (prepare if stream is None else partial(
-            prepare_stream, chunk_size=stream.chunk_size))(
+        prepared = preparer(None if stream is None else stream.chunk_size)(
             adata, split_config, columns, dataset_name=dataset_name,
             pert_features=self.pert_features,
             **self._data_options(),
@@ -987,14 +987,8 @@ class StateTransitionModel(BaseEstimator):
             )
         needs_batch = self.network_config_.batch_encoder or basal_pool == "batch" or (
             basal_pool is None and self._pairing() == "batch")
-        if needs_batch and batch_col and batch_col not in adata.obs.columns \
-                and not self.network_config_.batch_encoder:
-            raise DataError(
-                f"the input has no obs column '{batch_col}': the model pairs cells with controls "
-                f"of the same batch.{did_you_mean(batch_col, map(str, adata.obs.columns))} Pass "
-                "batch_col=<column>, or basal_pool='cell_type' to pair within the cell type.")
-        batch = (obs_labels(adata.obs, batch_col, "the input", "batch_col")
-                 if needs_batch and batch_col else np.full(adata.n_obs, "0", dtype=object))
+        batch = pairing_batches(adata, batch_col, needs_batch)
+        ctx_all, batch_all = ctx, batch  # every input cell's (ctx, batch: of the output rows)
         pool_mode = basal_pool or ("batch" if self._pairing() == "batch"
                                    else "cell_type")
         if pool_mode not in ("cell_type", "batch", "all"):
@@ -1047,10 +1041,6 @@ class StateTransitionModel(BaseEstimator):
         if self.network_config_.batch_encoder:
             bcode[~as_is] = encode_batches(batch[~as_is], self.vocab_, unknown_batch)
         ctrl_rows = np.flatnonzero(is_ctrl)
-        ctx_all = np.asarray(obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
-                             if ct_col in adata.obs else np.full(adata.n_obs, "all", dtype=object))
-        batch_all = (obs_labels(adata.obs, batch_col, "the input", "batch_col")
-                     if needs_batch and batch_col else np.full(adata.n_obs, "0", dtype=object))
         run_rows = np.flatnonzero(~as_is)
         if len(run_rows) == 0:
             raise DataError("the input holds control cells only and predict_controls=False: "
@@ -1538,14 +1528,19 @@ class StateTransitionModel(BaseEstimator):
         model = cls._from_metadata(meta, state, source=path / "model.json")
         if "history" in meta:
             model.history_ = history_frame(meta["history"])
-        for k, v in meta.get("fit", {}).items():
-            if k in FIT_RECORD:
-                setattr(model, k + "_", v)
+        model._restore_fit_record(meta.get("fit") or {})
         if "split_summary" in meta:
             model.split_summary_ = pd.DataFrame(**meta["split_summary"])
         if "split_config" in meta:
             model.split_config_ = SplitConfig.from_toml(meta["split_config"])
         return model.to(target)
+
+    def _restore_fit_record(self, fit: Mapping) -> None:
+        """The recorded ``preset_``, ``train_settings_``, ``best_step_``, ... (:data:`FIT_RECORD`)
+        of a saved model or a finished run."""
+        for k, v in fit.items():
+            if k in FIT_RECORD:
+                setattr(self, k + "_", v)
 
     @classmethod
     def _from_metadata(cls, meta: dict, state: dict[str, torch.Tensor],

@@ -31,7 +31,7 @@ from statetx._utils import (
     sample_rows,
 )
 from statetx.errors import ConfigError, DataError
-from statetx.io import gene_names, hvg_names, layer_hint
+from statetx.io import gene_names, hvg_names, layer_hint, obs_labels
 from statetx.nn import STOutput
 from statetx.vocab import Vocab
 
@@ -61,6 +61,19 @@ def windows(n: int, set_len: int, mode: str = "balanced") -> list[np.ndarray]:
 def group_rng(seed: int, key: str) -> np.random.Generator:
     """Generator for one group: depends on the seed and the group's labels only."""
     return np.random.default_rng([int(seed), zlib.crc32(key.encode())])
+
+
+def pairing_batches(adata: ad.AnnData, batch_col: str | None, needed: bool) -> np.ndarray:
+    """Each input cell's batch label where they are needed (pairing within batches, a batch
+    encoder), else one batch for all; a missing column is an error naming both ways out."""
+    if not (needed and batch_col):
+        return np.full(adata.n_obs, "0", dtype=object)
+    if batch_col not in adata.obs.columns:
+        raise DataError(
+            f"the input has no obs column '{batch_col}': basal cells are paired with controls of "
+            f"the same batch.{did_you_mean(batch_col, map(str, adata.obs.columns))} Pass "
+            "batch_col=<column>, or basal_pool='cell_type' to pair within the cell type.")
+    return obs_labels(adata.obs, batch_col, "the input", "batch_col")
 
 
 def control_pool(ctrl_rows: np.ndarray, context: np.ndarray, ctx: object,

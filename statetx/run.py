@@ -1118,11 +1118,8 @@ def _restore_fit_record(model: StateTransitionModel, run: Path) -> None:
     """What a finished run recorded about its fit (preset, settings, best step, time), its split
     spec and summary, as :meth:`StateTransitionModel.load` restores them from a saved model."""
     from statetx.config import SplitConfig
-    from statetx.model import FIT_RECORD
 
-    for k, v in (read_run_info(run).get("fit") or {}).items():
-        if k in FIT_RECORD:
-            setattr(model, k + "_", v)
+    model._restore_fit_record(read_run_info(run).get("fit") or {})
     if (run / "split_summary.csv").is_file():
         import pandas as pd
 
@@ -1352,7 +1349,6 @@ def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, 
     it into memory, for ``predict_split("train")``.
     """
     from statetx.config import SplitConfig
-    from statetx.data import prepare
 
     run = Path(run_dir) if run_dir is not None else getattr(model, "run_dir_", None)
     if toml is not None:
@@ -1386,11 +1382,10 @@ def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, 
                                 "file (toml=..., --toml FILE).") from None
     if stream is None:
         stream = getattr(model, "data_loading", "memory") == "stream"
-    if adata is None and stream:
-        from statetx.stream import prepare_stream  # the training split stays on disk
+    from statetx.stream import preparer
 
-        prepare = functools.partial(prepare_stream, chunk_size=model.stream_chunk_size)
-    prepared = prepare(adata, cfg, model.columns_, vocab=model.vocab_,
+    prepared = preparer(model.stream_chunk_size if adata is None and stream else None)(
+        adata, cfg, model.columns_, vocab=model.vocab_,
                        **model._data_options())
     if list(prepared.feature_names) != list(model.var_names_):
         raise DataError(f"the data of {src} have different features than the model was trained "

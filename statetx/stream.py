@@ -38,9 +38,10 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -113,7 +114,8 @@ class BlockReader:
 
     An ``.h5ad`` file is kept open and read with one slice per block (dense dataset, or the
     ``indptr``/``data``/``indices`` spans of a CSR group); an in-memory AnnData is sliced.
-    Every block is checked for NaN/Inf. ``max_block_rows`` and ``rows_read`` record what was read.
+    :meth:`check` tests blocks for NaN/Inf (the split's reads and the pre-training pass call it).
+    ``max_block_rows`` and ``rows_read`` record what was read.
     """
 
     def __init__(self, files: list[DataFile], source: str | None, dtype=np.float32) -> None:
@@ -807,6 +809,12 @@ class StreamingCellSetSampler:
         self.reader.close()
         if self.counts_reader is not None:
             self.counts_reader.close()
+
+
+def preparer(chunk_size: int | None) -> Callable[..., PreparedData]:
+    """:func:`statetx.data.prepare`, or :func:`prepare_stream` (the training split stays on
+    disk) in chunks of ``chunk_size`` cells when one is given."""
+    return prepare if chunk_size is None else partial(prepare_stream, chunk_size=chunk_size)
 
 
 def make_sampler(split: SplitData | StreamSplit, vocab: Vocab, cell_set_len: int,

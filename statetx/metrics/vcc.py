@@ -37,15 +37,17 @@ def cell_mean_baseline(
     control_pert: str = "non-targeting",
     n_cells: Mapping[str, int] | pd.Series | None = None,
     controls: ad.AnnData | None = None,
+    allow_discrete: bool = False,
 ) -> ad.AnnData:
     """The VCC cell-mean baseline: b = unweighted mean of all group pseudobulks of ``adata``
     (control group included); every perturbation gets ``n_cells[p]`` identical rows b (default: its
     cell count in ``adata``), followed by the control cells of ``controls`` (default ``adata``).
-    Integer (raw count) inputs are first normalised and log1p-transformed, as cell-eval does."""
+    Integer (raw count) inputs are first normalised and log1p-transformed, as cell-eval does
+    (``allow_discrete=True`` keeps them as they are, as :func:`statetx.evaluate` does)."""
     check_obs_col(adata, pert_col, "baseline input", "perturbation")
-    adata = check_scale(adata, "baseline input")  # raw counts -> log1p, as cell-eval does
+    adata = check_scale(adata, "baseline input", allow_discrete)  # counts -> log1p, as cell-eval
     if controls is not None:
-        controls = check_scale(controls, "baseline controls")
+        controls = check_scale(controls, "baseline controls", allow_discrete)
     labels = adata.obs[pert_col].astype(str).to_numpy()
     groups = sorted(set(labels))
     if control_pert not in groups:
@@ -124,12 +126,14 @@ def vcc_score(
     writes ``user/``, ``baseline/`` evaluation folders and ``score.csv``."""
     from statetx.metrics.evaluate import evaluate
 
-    real = check_scale(load(adata_real, "real"), "real", evaluate_kwargs.get("allow_discrete",
-                                                                             False))
+    discrete = bool(evaluate_kwargs.get("allow_discrete", False))
+    real = check_scale(load(adata_real, "real"), "real", discrete)
     src = real if train is None else check_scale(load(train, "train"), "train", False)
     counts = real.obs[pert_col].astype(str).value_counts()
     n_cells = {p: int(n) for p, n in counts.items() if p != control_pert}
-    base = cell_mean_baseline(src, pert_col, control_pert, n_cells=n_cells, controls=real)
+    # (already on the evaluated scale: the baseline keeps it)
+    base = cell_mean_baseline(src, pert_col, control_pert, n_cells=n_cells, controls=real,
+                              allow_discrete=discrete)
     out = Path(outdir) if outdir is not None else None
     _, u_agg = evaluate(adata_pred, real, pert_col, control_pert, profile=profile,
                         outdir=out / "user" if out else None, **evaluate_kwargs)
