@@ -9,6 +9,7 @@ these arrays: nothing is read from disk in the training hot path.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,10 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
             owner[path] = name
             files.append(open_file(path, name, c.pert_col, c.cell_type_key, c.batch_col,
                                    drop_missing, c.gene_name_col))
+    named = Counter(f.label for f in files)
+    for f in files:  # same-named files in different folders: labelled by their whole path
+        if named[f.label] > 1 and f.path is not None:
+            f.label = str(f.path)
     return files
 
 
@@ -212,6 +217,9 @@ def prepare(
     splits: tuple[str, ...] = SPLITS,
 ) -> PreparedData:
     """Validate inputs against the split spec and build the per-split matrices."""
+    np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
+    if np_dtype is None:
+        raise ConfigError(f"dtype={dtype!r} is invalid; expected 'float32' or 'float16'.")
     given = SplitConfig.from_toml(split_config if split_config is not None else {})
     config = given.model_copy(deep=True)  # load_files may fill [training]; keep the caller's
     files = load_files(data, config, columns, dataset_name, drop_missing_labels)
@@ -246,32 +254,35 @@ def prepare(
             np.concatenate([f.batch[k] for f, k in zip(files, kept)]),
             control, features=feats, on_missing_features=on_missing_features,
         )
-    np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
-    if np_dtype is None:
-        raise ConfigError(f"dtype={dtype!r} is invalid; expected 'float32' or 'float16'.")
     built = {}
     for split in splits:
         sd = _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_dtype)
         if sd is not None:
             built[split] = sd
-    no_training = "" if config.training else (
+    if "train" in splits:
+        check_training_split(built.get("train"), config, yield_controls)
+    return PreparedData(vocab, built, columns, files, assignments, summarize(assignments),
+                        names, gene_names, is_log1p, config=given)
+
+
+def check_training_split(train, config: SplitConfig, yield_controls: bool) -> None:
+    """A training split (in memory or streamed; None = no cells) must hold perturbed cells."""
+    no_training = "" if config.training or not config.referenced_datasets() else (
         " The split spec has no [training] section, so only the held-out cell types' controls "
         "train: list the datasets that train, e.g. [training] " + ", ".join(
             f'{n} = "train"' for n in config.referenced_datasets()) + ".")
-    if "train" in splits and "train" not in built:
+    if train is None:
         raise DataError(
             "the training split is empty (every cell type is held out"
             + ("" if yield_controls else " and yield_controls is false")
             + "). Add a [training] entry or hold out fewer cell types." + no_training
         )
-    if "train" in splits and built["train"].is_control.all():
+    if train.is_control.all():
         raise DataError(
             "the training split has control cells only: every perturbed cell is held out (in "
             "[zeroshot] or [fewshot]), so no perturbation could be learned. Hold out fewer "
             "cell types or perturbations." + no_training
         )
-    return PreparedData(vocab, built, columns, files, assignments, summarize(assignments),
-                        names, gene_names, is_log1p, config=given)
 
 
 def counts_source(output_space: str, counts_key: str | None) -> str | None:

@@ -15,7 +15,8 @@ How it works (see :class:`statetx.train.Trainer` for the loop):
   destroyed at interpreter exit.
   Without these variables (or with a world size of 1) nothing here runs: the single-process path
   has no distributed code in it.
-* **Device.** ``device="auto"``/``"cuda"`` → ``cuda:LOCAL_RANK``; ``"cpu"`` → CPU with gloo.
+* **Device.** ``device="auto"``/``"cuda"`` → ``cuda:LOCAL_RANK`` (modulo the node's GPU count;
+  an explicit ``"cuda:N"`` is kept); ``"cpu"`` → CPU with gloo.
 * **Data.** Every rank loads the data; the training sets of each epoch are sharded across ranks
   without overlap (``CellSetSampler(rank=, world_size=)``): batch ``k`` of rank ``r`` holds sets
   ``k·B·W + r, k·B·W + r + W, …`` of the single-process order, so one step on ``W`` ranks with
@@ -53,8 +54,8 @@ import torch.distributed as dist
 
 from statetx.errors import ConfigError
 
-__all__ = ["DistInfo", "all_gather_objects", "all_reduce_sum", "barrier", "init_distributed",
-           "rank_seed", "world"]
+__all__ = ["DistInfo", "all_gather_objects", "all_reduce_sum", "barrier", "env_local_rank",
+           "init_distributed", "rank_seed", "resolve_device", "world"]
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,7 @@ class DistInfo:
 
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
-    owns_group: bool  # True: ``init_distributed`` created the group (destroyed at exit)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def world() -> tuple[int, int]:
@@ -86,17 +81,31 @@ def _env_world_size() -> int:
         raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer.") from exc
 
 
-def _device(device: str | torch.device, local_rank: int) -> torch.device:
+def env_local_rank() -> int | None:
+    """This process's ``LOCAL_RANK`` when torchrun started several, else None."""
+    if _env_world_size() > 1 and "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"])
+    return None
+
+
+def resolve_device(device: str | torch.device, local_rank: int | None = None) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU. A GPU without an index is ``cuda:LOCAL_RANK``
+    (modulo the node's GPU count) under torchrun (``local_rank``), else the current one."""
+    if isinstance(device, torch.dtype):
+        raise ConfigError(f"{device} is a dtype, not a device: statetx models keep float32 "
+                          "weights (predict(matmul_precision=...) lowers the product precision).")
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device='cuda' was requested but CUDA is not available; use "
-                              "device='cpu' or 'auto'.")
-        if dev.index is None:  # one GPU per process on each node
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(dev)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or "
+                          "'cuda:N'.") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={str(device)!r} was requested but CUDA is not available; use "
+                          "device='cpu' or 'auto'.")
+    if dev.type == "cuda" and dev.index is None and local_rank is not None:
+        dev = torch.device("cuda", local_rank % torch.cuda.device_count())  # one GPU per process
     return dev
 
 
@@ -112,8 +121,9 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo | None:
         return None
     if not dist.is_available():
         raise ConfigError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed.")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _device(device, local_rank)
+    dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     owns = False
     if not initialised:
         missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -132,8 +142,7 @@ def init_distributed(device: str | torch.device = "auto") -> DistInfo | None:
     if dev.type == "cpu" and dist.get_backend() == "nccl":
         raise ConfigError("the initialised process group uses NCCL, which needs CUDA tensors, "
                           "but device='cpu'; use device='cuda'/'auto' or a gloo group.")
-    return DistInfo(rank=rank, world_size=size, local_rank=local_rank, device=dev,
-                    owns_group=owns)
+    return DistInfo(rank=rank, world_size=size, device=dev)
 
 
 def _destroy() -> None:

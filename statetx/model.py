@@ -35,6 +35,7 @@ from statetx._utils import (
 )
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import PreparedData, counts_source, split_datasets, split_obs
+from statetx.distributed import env_local_rank, init_distributed, resolve_device
 from statetx.errors import ConfigError, DataError
 from statetx.io import gene_names, obs_labels, recorded_target_sum
 from statetx.losses import get_loss, split_loss_kwargs
@@ -62,7 +63,7 @@ from statetx.predict import (
 from statetx.presets import build_network_config, describe, resolve_architecture
 from statetx.sets import ReadDepthThinning, check_read_depth, check_sampler_options
 from statetx.stream import make_sampler, preparer, stream_settings
-from statetx.train import TrainConfig, Trainer, check_flag, resolve_device
+from statetx.train import TrainConfig, Trainer, check_flag
 from statetx.vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -489,6 +490,19 @@ class StateTransitionModel(BaseEstimator):
                           "gene-space targets when the input is an obsm matrix (embed_key) and "
                           "the output space is 'all', or an embedding other than X_hvg with "
                           "output 'gene'.", UserWarning, stacklevel=4)
+        # architecture errors (preset name, model_kwargs, pairing) before reading data; "auto"
+        # picks its preset from the data: an error here is one that every candidate would raise
+        candidates = ("small", "state_sm") if self.preset == "auto" else (self.preset,)
+        errors = []
+        with warnings.catch_warnings():  # fit gives the warnings once, for the preset it uses
+            warnings.simplefilter("ignore")
+            for preset in candidates:
+                try:
+                    self._architecture(preset)
+                except ConfigError as exc:
+                    errors.append(exc)
+        if len(errors) == len(candidates):
+            raise errors[0]
         cfg = self._train_config({"max_steps": 1, "lr": 0.0, "weight_averaging": averaging})
         get_loss(cfg.loss, **cfg.loss_options)  # loss option errors before reading data
         if self.lr is not None:
@@ -519,15 +533,13 @@ class StateTransitionModel(BaseEstimator):
                              force_resume=force_resume)
 
     def _cuda_devices(self) -> list[int]:
-        """The CUDA device a fit trains on (its random state is restored afterwards): this
-        process's under torchrun (LOCAL_RANK), else the one ``device`` names; none on CPU."""
-        if not torch.cuda.is_available() or str(self.device) == "cpu":
+        """The CUDA device a fit trains on (its random state is restored afterwards); none on
+        the CPU."""
+        if not torch.cuda.is_available():
             return []
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
-            return [int(os.environ["LOCAL_RANK"])]
         try:
-            dev = torch.device("cuda" if str(self.device) == "auto" else self.device)
-        except (RuntimeError, TypeError):
+            dev = resolve_device(self.device, env_local_rank())
+        except ConfigError:
             return []  # (the device error comes from the parameter checks)
         if dev.type != "cuda":
             return []
@@ -578,7 +590,6 @@ class StateTransitionModel(BaseEstimator):
         train_cfg = self._train_config(settings)
         # torchrun: join/create the process group (None = one process, nothing distributed);
         # train sets are sharded across ranks, validation batches are dealt by the Trainer
-        from statetx.distributed import init_distributed
 
         ddp = init_distributed(self.device)
         rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
@@ -1129,6 +1140,10 @@ class StateTransitionModel(BaseEstimator):
         the input's cells followed by the virtual ones (named ``<context>_<perturbation>_<i>``),
         with the input's ``var`` columns and ``uns``.
         """
+        if n_cells is not None and (tsv is not None or isinstance(perturbations, Mapping)):
+            raise ConfigError("n_cells is given twice: by the cell counts of the "
+                              + ("tsv" if tsv is not None else "perturbations mapping")
+                              + " and by n_cells=; give one.")
         if tsv is not None:
             if perturbations is not None:
                 raise ConfigError("pass perturbations or tsv, not both.")

@@ -50,7 +50,15 @@ import scipy.sparse as sp
 import torch
 
 from statetx.config import SPLITS, ColumnMap, SplitConfig
-from statetx.data import DataInput, PreparedData, SplitData, _sources, prepare, split_labels
+from statetx.data import (
+    DataInput,
+    PreparedData,
+    SplitData,
+    _sources,
+    check_training_split,
+    prepare,
+    split_labels,
+)
 from statetx.errors import ConfigError, DataError
 from statetx.io import DataFile
 from statetx.sets import (
@@ -380,12 +388,7 @@ def prepare_stream(
     src, counts_src, _, _ = _sources(prepared.files, prepared.columns, counts_key)
     train = _stream_split("train", prepared, src, counts_src, yield_controls, _DTYPES[dtype],
                           int(chunk_size))
-    if train is None:
-        raise DataError(
-            "the training split is empty (every cell type is held out"
-            + ("" if yield_controls else " and yield_controls is false")
-            + "). Add a [training] entry or hold out fewer cell types."
-        )
+    check_training_split(train, prepared.config, yield_controls)
     return dataclasses.replace(prepared, splits={"train": train, **prepared.splits})
 
 

@@ -44,7 +44,14 @@ from statetx._utils import (
     matmul_precision_scope,
     same_run,
 )
-from statetx.distributed import all_gather_objects, all_reduce_sum, barrier, rank_seed, world
+from statetx.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    rank_seed,
+    resolve_device,
+    world,
+)
 from statetx.errors import ConfigError, DataError, StatetxError
 from statetx.losses import full_fp32_matmul, get_loss, nanmean
 from statetx.sets import CellSetBatch, CellSetSampler
@@ -155,24 +162,6 @@ def check_flag(name: str, value: object) -> None:
     if not (isinstance(value, (bool, np.bool_))
             or (isinstance(value, (int, np.integer)) and value in (0, 1))):
         raise ConfigError(f"{name}={value!r} must be True or False.")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(device, torch.dtype):
-        raise ConfigError(f"{device} is a dtype, not a device: statetx models keep float32 "
-                          "weights (predict(matmul_precision=...) lowers the product precision).")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or "
-                          "'cuda:N'.") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={str(device)!r} was requested but CUDA is not available; use "
-                          "device='cpu' or 'auto'.")
-    return dev
 
 
 class Trainer:

@@ -18,6 +18,7 @@ from statetx.errors import ConfigError, DataError, SplitConfigError
 from statetx.io import from_anndata, resolve_control
 from statetx.sets import CellSetSampler
 from statetx.splits import assign
+from statetx.stream import prepare_stream
 from statetx.vocab import load_pert_features
 
 COLS = ColumnMap.build(pert_col="gene", cell_type_key="cell_type", batch_col="gem_group",
@@ -289,6 +290,16 @@ def test_empty_train_split():
         prepare(make_adata(), spec, COLS)
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_control_only_train_split_is_refused_in_memory_and_streamed(tmp_path, streamed):
+    write(make_adata(), tmp_path / "d.h5ad")
+    spec = toml(tmp_path, '[datasets]\nd = "d.h5ad"\n[zeroshot]\n"d.A" = "test"\n'
+                          '"d.B" = "val"\n')
+    build = prepare_stream if streamed else prepare
+    with pytest.raises(DataError, match="control cells only: .* no \\[training\\] section"):
+        build(None, spec, COLS)
+
+
 @pytest.mark.parametrize("col", ["gene", "cell_type", "gem_group"])
 def test_nan_labels(col):
     a = make_adata()
@@ -369,6 +380,14 @@ def test_one_file_in_two_datasets_and_mixed_scales_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"different scales: .*'a'\): log1p values; .*'b'\): "
                                         r"not log1p \(raw counts"):
         prepare({"a": logged, "b": counts}, {"training": {"a": "train", "b": "train"}}, COLS)
+
+
+def test_same_named_files_in_two_folders_are_told_apart(tmp_path):
+    write(make_adata(), tmp_path / "k562" / "data.h5ad")
+    write(make_adata(), tmp_path / "rpe1" / "data.h5ad")
+    spec = '[datasets]\nd = "*/data.h5ad"\n[training]\nd = "train"\n'
+    files = set(prepare(None, toml(tmp_path, spec), COLS).summary["file"])
+    assert files == {str(tmp_path / "k562" / "data.h5ad"), str(tmp_path / "rpe1" / "data.h5ad")}
 
 
 def test_csc_matrix_in_memory_is_read_on_disk_rejected(tmp_path):

@@ -13,6 +13,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 from statetx import StateTransitionModel
+from statetx.distributed import resolve_device
 from statetx.errors import ConfigError, DataError
 
 SMALL = {"hidden_dim": 32, "n_heads": 2, "head_dim": 16, "n_kv_heads": 2,
@@ -62,7 +63,12 @@ def test_fit_restores_the_random_state_of_its_own_gpu_only(monkeypatch):
     assert small_model(device="auto")._cuda_devices() == [0]
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert small_model(device="auto")._cuda_devices() == [3]
+    assert small_model(device="cuda:1")._cuda_devices() == [1]  # an explicit GPU stays
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # 4 processes on 2 GPUs
+    assert small_model(device="cuda")._cuda_devices() == [1]
+    assert resolve_device("cuda", 3) == torch.device("cuda", 1)  # the rule init_distributed uses
 
 
 def test_flags_take_0_and_1(synth):
@@ -562,6 +568,10 @@ def test_simulate_virtual_experiments(fitted):
         "ctrl": controls.n_obs, "P0": 2 * n_ctx, "P2": n_ctx}
     with pytest.raises(DataError, match="not in the model's vocabulary.*P9"):
         model.simulate(controls, ["P9"])
+    with pytest.raises(ConfigError, match="n_cells is given twice: .*perturbations mapping"):
+        model.simulate(controls, {"P0": 2}, n_cells=5)
+    with pytest.raises(ConfigError, match="n_cells is given twice: .*tsv"):
+        model.simulate(controls, tsv=table, n_cells=5)
     # table rows of one perturbation add up; a count of 0 is allowed
     dup = pd.DataFrame({"perturbation": ["P0", "P0", "P2"], "num_cells": [1, 2, 0]})
     assert model.simulate(controls, tsv=dup).obs["gene"].value_counts().to_dict() == {

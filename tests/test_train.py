@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_model import SMALL, SPEC, small_model
 
+from statetx import StateTransitionModel
 from statetx.errors import ConfigError, DataError
 from statetx.train import (
     TrainConfig,
@@ -371,6 +372,16 @@ def test_loss_kwargs_unknown_option_is_named(synth):
     small_model(loss_kwargs={"mmd_num_chunks": np.int64(2)}, max_steps=1).fit(synth)
     with pytest.raises(ConfigError, match="mmd_num_chunks=1000 is more than the 32 output"):
         small_model(loss_kwargs={"mmd_num_chunks": 1000}, max_steps=1).fit(synth)
+
+
+def test_architecture_errors_come_before_any_data_is_read():
+    nowhere = "[datasets]\nx = 'nowhere.h5ad'\n[training]\nx = 'train'\n"
+    for params, match in (({"preset": "state_smm"}, "state_smm.*Did you mean: 'state_sm'"),
+                          ({"model_kwargs": {"hiden_dim": 8}}, "hiden_dim"),
+                          ({"basal_mapping_strategy": "batch"}, "needs batch_col"),
+                          ({"basal_mapping_strategy": "nearest"}, "is invalid")):
+        with pytest.raises(ConfigError, match=match):
+            StateTransitionModel(pert_col="gene", **params).fit(None, nowhere)
 
 
 def test_loss_options_without_effect_are_said(synth):
