@@ -636,7 +636,6 @@ class LinearBaseline(_Baseline):
             a = np.linalg.solve(g.T @ g + lam * np.eye(k), g.T @ (y - self.bias_[:, None]))
             pp = p_mat.T @ p_mat + lam * np.eye(p_mat.shape[1])
             self.coef_ = np.linalg.lstsq(pp, (a @ p_mat).T, rcond=None)[0].T  # W [k, d]
-        self.fitted_columns_ = cols
 
     def _vector(self, pert: str) -> np.ndarray | None:
         if self.embedding_source_ == "genes":

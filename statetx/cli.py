@@ -593,7 +593,7 @@ def _dry_run(plan: Any) -> int:
     import numpy as np
 
     from statetx.model import StateTransitionModel
-    from statetx.presets import build_network_config, describe
+    from statetx.presets import describe, network_config_for
 
     model = StateTransitionModel(**plan.params)
     arch = model._architecture(model.preset)
@@ -605,12 +605,7 @@ def _dry_run(plan: Any) -> int:
             if reader is not None:
                 train.check_values(reader, rows)
                 reader.close()
-    net = build_network_config(
-        arch, input_dim=prepared.input_dim, output_dim=prepared.input_dim,
-        pert_dim=prepared.vocab.pert_dim,
-        batch_dim=len(prepared.vocab.batches) if arch["batch_encoder"] else 0,
-        gene_dim=prepared.gene_dim, output_space=prepared.columns.output_space,
-        embed_key=prepared.columns.embed_key)
+    net = network_config_for(arch, prepared)
     print(describe(net))
     _say("dry run: the split file and the data are valid; nothing was trained.")
     return EXIT_OK
@@ -1238,7 +1233,7 @@ def cmd_import_arc(a: argparse.Namespace) -> int:
     if prov:
         import json
 
-        from statetx.run import atomic_write_text
+        from statetx._utils import atomic_write_text
 
         atomic_write_text(Path(a.out) / "arc_import.json",
                           json.dumps(prov, indent=1, default=str))

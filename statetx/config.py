@@ -23,12 +23,15 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from statetx._utils import did_you_mean
 from statetx.errors import ConfigError, SplitConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -140,7 +143,7 @@ class SplitConfig(BaseModel):
 
     def summarize(self, data: Any = None, columns: ColumnMap | dict | None = None, *,
                   dataset_name: str | None = None, drop_missing_labels: bool = False,
-                  val_subsample_fraction: float = 1.0, **options: Any) -> Any:
+                  val_subsample_fraction: float = 1.0, **options: Any) -> pd.DataFrame:
         """The split summary without training: cells per (dataset, file, cell type, split) with
         #perturbations, #perturbed cells and #controls (a DataFrame; ``tx split`` prints it).
 

@@ -80,7 +80,6 @@ class DataFile:
     adata: ad.AnnData | None = None
     path: Path | None = None
     obsm_keys: list[str] = field(default_factory=list)
-    uns_log1p: bool = False
     gene_name_col: str | None = None  # var column the gene names (var_names above) came from
     dropped: np.ndarray | None = None  # rows left out for a missing label (drop_missing_labels)
     file_rows: np.ndarray | None = None  # a backed view's rows in its file (None = the same)
@@ -257,7 +256,6 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
         var_names=gene_names(adata, gene_name_col, label),
         adata=adata,
         obsm_keys=list(adata.obsm.keys()),
-        uns_log1p="log1p" in adata.uns,
         gene_name_col=gene_name_col,
         file_rows=view_rows,
         file_cols=view_cols,

@@ -60,7 +60,7 @@ from statetx.predict import (
     resize_groups,
     run_groups,
 )
-from statetx.presets import build_network_config, describe, resolve_architecture
+from statetx.presets import describe, network_config_for, resolve_architecture
 from statetx.sets import ReadDepthThinning, check_read_depth, check_sampler_options
 from statetx.stream import make_sampler, preparer, stream_settings
 from statetx.train import TrainConfig, Trainer, check_flag
@@ -608,13 +608,7 @@ class StateTransitionModel(BaseEstimator):
                   + (f", at most {self.downsample_cells:,} per group used"
                      if self.downsample_cells is not None else "") + ")")
         vocab = prepared.vocab
-        net_cfg = build_network_config(
-            {k: v for k, v in arch.items()}, input_dim=prepared.input_dim,
-            output_dim=prepared.input_dim, pert_dim=vocab.pert_dim,
-            batch_dim=len(vocab.batches) if arch["batch_encoder"] else 0,
-            gene_dim=prepared.gene_dim, output_space=columns.output_space,
-            embed_key=columns.embed_key,
-        )
+        net_cfg = network_config_for(arch, prepared)
         torch.default_generator.manual_seed(int(self.seed))  # (built on the CPU)
         network = StateTransitionNetwork(net_cfg)
         if verbose:
@@ -830,8 +824,6 @@ class StateTransitionModel(BaseEstimator):
         arr = np.asarray(perturbation)
         if arr.dtype.kind in "USO":
             names = np.atleast_1d(arr).astype(str)
-            if single and names.ndim == 1 and names.size == 1:
-                names = names.reshape(1)
             codes = self.vocab_.encode("pert", names.reshape(-1)).reshape(names.shape)
             mat = torch.from_numpy(self.vocab_.pert_matrix())
             vec = mat[torch.from_numpy(codes)]
@@ -1496,7 +1488,7 @@ class StateTransitionModel(BaseEstimator):
             # (NaN as null: model.json stays strict JSON)
             meta["history"] = {k: [None if isinstance(v, float) and v != v else v for v in vals]
                                for k, vals in self.history_.to_dict(orient="list").items()}
-        meta["fit"] = {k: getattr(self, k + "_") for k in FIT_RECORD if hasattr(self, k + "_")}
+        meta["fit"] = self._fit_record()
         if hasattr(self, "split_summary_"):
             meta["split_summary"] = self.split_summary_.to_dict(orient="split")
         if getattr(self, "split_config_", None) is not None:
@@ -1549,6 +1541,10 @@ class StateTransitionModel(BaseEstimator):
         if "split_config" in meta:
             model.split_config_ = SplitConfig.from_toml(meta["split_config"])
         return model.to(target)
+
+    def _fit_record(self) -> dict:
+        """``preset_``, ``train_settings_``, ... (:data:`FIT_RECORD`), as far as they are set."""
+        return {k: getattr(self, k + "_") for k in FIT_RECORD if hasattr(self, k + "_")}
 
     def _restore_fit_record(self, fit: Mapping) -> None:
         """The recorded ``preset_``, ``train_settings_``, ``best_step_``, ... (:data:`FIT_RECORD`)

@@ -43,16 +43,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statetx._utils import did_you_mean, unknown_option_message
+from statetx._utils import ARCH_CHOICES, did_you_mean, unknown_option_message
 from statetx.errors import ConfigError, DataError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
-BACKBONES = ("llama", "gpt2")
-ATTENTION_MODES = ("bidirectional", "causal")
-OUTPUT_SPACES = ("gene", "all", "embedding")
-OUTPUT_ACTIVATIONS = ("relu", "none")
-RESIDUAL_SPACES = ("hidden", "input")
-PERT_SKIPS = ("none", "shift", "mean_affine")
+BACKBONES = ARCH_CHOICES["backbone"]
+ATTENTION_MODES = ARCH_CHOICES["attention"]
+OUTPUT_SPACES = ARCH_CHOICES["output_space"]
+OUTPUT_ACTIVATIONS = ARCH_CHOICES["output_activation"]
+RESIDUAL_SPACES = ARCH_CHOICES["residual_space"]
+PERT_SKIPS = ARCH_CHOICES["pert_skip"]
+assert tuple(ACTIVATIONS) == ARCH_CHOICES["activation"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +63,7 @@ PERT_SKIPS = ("none", "shift", "mean_affine")
 
 @dataclass
 class NetworkConfig:
-    """Every architecture option of the network, all explicit (no defaults)."""
+    """Every architecture option of the network (all explicit but ``pert_skip``)."""
 
     input_dim: int  # D_in: width of a basal cell vector
     output_dim: int  # D_out: width of a predicted cell vector

@@ -1,11 +1,11 @@
 """Applying a fitted network to cells: windows, basal draws, batched forward passes.
 
-Both prediction paths — new data (:func:`predict_anndata`) and the held-out split
-(:func:`predict_split_data`) — reduce to a list of :class:`Group` objects (cells that share a
-context and a perturbation, plus the control pool they draw basal cells from) and call
-:func:`run_groups`. Sets never mix contexts or perturbations, windows are balanced (sizes differ
-by at most one), nothing is zero-padded: windows of different lengths share a forward pass through
-the network's ``valid_mask``.
+Both prediction paths — new data (``StateTransitionModel.predict``) and the held-out split
+(``predict_split``) — group their cells with :func:`basal_groups` (cells that share a context and
+a perturbation, plus the control pool they draw basal cells from) and run the resulting
+:class:`Group` list through :func:`run_groups`. Sets never mix contexts or perturbations, windows
+are balanced (sizes differ by at most one), nothing is zero-padded: windows of different lengths
+share a forward pass through the network's ``valid_mask``.
 """
 
 from __future__ import annotations
@@ -109,7 +109,8 @@ def basal_groups(ctx: np.ndarray, pert: np.ndarray, batch: np.ndarray | None, ro
     cell, ``ctrl_ctx`` / ``ctrl_batch`` by control row. A context without controls is an error,
     or draws from every control with ``fallback="all_controls"``; groups of the ``copied``
     perturbation (controls returned as they are) need no controls. Every prediction path (ST and
-    the baselines, new data and splits) groups cells here, so equal seeds draw equal cells."""
+    the baselines, new data and splits) groups cells here, so ST and a baseline predicting the
+    same cells with the same seed draw the same basal cells."""
     by_batch = mode == "batch"
     frame = pd.DataFrame({"ctx": ctx[rows], "pert": pert[rows],
                           "batch": batch[rows] if by_batch else 0})

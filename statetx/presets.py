@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 import torch
 
@@ -225,6 +226,17 @@ def _validate(arch: dict) -> None:
 def default_output_activation(embed_key: str | None) -> str:
     """statetx rule: relu for expression outputs (embed_key None / X_hvg), none for embeddings."""
     return "relu" if embed_key in (None, "X_hvg") else "none"
+
+
+def network_config_for(arch: dict, prepared: Any) -> NetworkConfig:
+    """:func:`build_network_config` with the widths of prepared training data
+    (:class:`statetx.data.PreparedData`: input and gene widths, vocabulary, output space)."""
+    vocab = prepared.vocab
+    return build_network_config(
+        arch, input_dim=prepared.input_dim, output_dim=prepared.input_dim,
+        pert_dim=vocab.pert_dim, batch_dim=len(vocab.batches) if arch["batch_encoder"] else 0,
+        gene_dim=prepared.gene_dim, output_space=prepared.columns.output_space,
+        embed_key=prepared.columns.embed_key)
 
 
 def build_network_config(arch: dict, *, input_dim: int, output_dim: int, pert_dim: int,

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from statetx._utils import ARCH_CHOICES
 from statetx.errors import ConfigError, DataError
 from statetx.losses import energy_distance
 from statetx.predict import align_genes
@@ -26,7 +27,7 @@ from statetx.predict import align_genes
 if TYPE_CHECKING:
     from statetx.model import StateTransitionModel
 
-MODES = ("bidirectional", "causal")
+MODES = ARCH_CHOICES["attention"]
 
 
 def probe_attention(model_or_run: StateTransitionModel | str | Path, adata: ad.AnnData, *,

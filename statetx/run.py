@@ -38,10 +38,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from statetx._utils import (
+    ARCH_CHOICES,
     COMPILE_MODES,
     SET_LOSS_OPTIONS,
     TRAINING_LOSS_OPTIONS,
-    atomic_write,
+    atomic_write_text,
     history_frame,
     json_default,
     same_run,
@@ -139,19 +140,20 @@ class Key:
 ARCH_TYPES: dict[str, tuple[str, tuple, bool]] = {
     "cell_set_len": ("int", (), False), "hidden_dim": ("int", (), False),
     "n_encoder_layers": ("int", (), False), "n_decoder_layers": ("int", (), False),
-    "dropout": ("float", (), False), "activation": ("str", ("gelu", "relu", "silu"), False),
-    "use_basal_projection": ("bool", (), False), "backbone": ("str", ("llama", "gpt2"), False),
+    "dropout": ("float", (), False), "activation": ("str", ARCH_CHOICES["activation"], False),
+    "use_basal_projection": ("bool", (), False),
+    "backbone": ("str", ARCH_CHOICES["backbone"], False),
     "n_layers": ("int", (), False), "n_heads": ("int", (), False),
     "head_dim": ("int", (), False), "n_kv_heads": ("int", (), False),
     "intermediate_size": ("int", (), False),
-    "attention": ("str", ("bidirectional", "causal"), False), "rope": ("float", (), True),
+    "attention": ("str", ARCH_CHOICES["attention"], False), "rope": ("float", (), True),
     "norm_eps": ("float", (), False), "predict_residual": ("bool", (), False),
-    "residual_space": ("str", ("hidden", "input"), False),
-    "output_activation": ("str", ("auto", "relu", "none"), True),
+    "residual_space": ("str", ARCH_CHOICES["residual_space"], False),
+    "output_activation": ("str", ("auto", *ARCH_CHOICES["output_activation"]), True),
     "batch_encoder": ("bool", (), False), "gene_decoder_bool": ("bool", (), False),
     "decoder_hidden_dims": ("intlist", (), False), "decoder_dropout": ("float", (), False),
     "residual_decoder": ("bool", (), False), "confidence_token": ("bool", (), False),
-    "pert_skip": ("str", ("none", "shift", "mean_affine"), False),
+    "pert_skip": ("str", ARCH_CHOICES["pert_skip"], False),
 }
 ARCH_KEYS = tuple(ARCH_TYPES)
 
@@ -929,12 +931,7 @@ def read_config(path: str | Path) -> dict:
     return data
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def absolute_split(split_config: Any) -> Any:
+def absolute_split(split_config: Any) -> SplitConfig | None:
     """The split spec with every dataset path made absolute (so the copy in the run directory
     still finds the data); None when there is no spec."""
     from statetx.config import SplitConfig
@@ -1105,12 +1102,9 @@ def finish_run(run_dir: Path, model: StateTransitionModel, seconds: float) -> No
     final = Path(run_dir) / CHECKPOINT_DIR / "final.ckpt"
     if step is None and final.is_file():
         step = _checkpoint_step(final)
-    from statetx.model import FIT_RECORD
-
     info.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_seconds": seconds,
                  "final_step": step, "best_step": getattr(model, "best_step_", None),
-                 "fit": {k: getattr(model, k + "_") for k in FIT_RECORD
-                         if hasattr(model, k + "_")}})
+                 "fit": model._fit_record()})
     write_run_info(run_dir, info)
 
 

@@ -25,9 +25,9 @@ from conftest import make_synthetic
 from test_model import SMALL, TINY_CLI
 
 from statetx import StateTransitionModel
-from statetx._utils import atomic_write
+from statetx._utils import atomic_write, atomic_write_text
 from statetx.cli import main
-from statetx.run import atomic_write_text, load_run
+from statetx.run import load_run
 from statetx.train import Trainer, TrainingError, atomic_torch_save, load_checkpoint_file
 
 TINY = TINY_CLI

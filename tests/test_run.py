@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from statetx import run as R
+from statetx._utils import atomic_write_text
 from statetx.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,7 +244,7 @@ def test_plan_backbone_kwargs(tmp_path):
 def test_config_dump_read_roundtrip(tmp_path):
     res = R.resolve(["training.lr=1e-4", "wandb.tags=[a,b]", "model=tiny"])
     cfg = res.nested()
-    path = R.atomic_write_text(tmp_path / "config.yaml", R.dump_config(cfg))
+    path = atomic_write_text(tmp_path / "config.yaml", R.dump_config(cfg))
     back = R.read_config(path)
     assert back == cfg
     again = R.resolve([], config_file=path)

@@ -4,15 +4,13 @@ atomic CSV writing in cell-eval's layout (metrics.md §8)."""
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from statetx._utils import umask_mode
+from statetx._utils import atomic_write, atomic_write_text
 
 AGG_STATS = ["count", "null_count", "mean", "std", "min", "25%", "50%", "75%", "max"]
 
@@ -107,32 +105,6 @@ def _csv(header: list[str], rows: list[list[str]]) -> str:
     lines = [",".join(_quote(str(h)) for h in header)]
     lines += [",".join(_quote(str(v)) for v in r) for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def atomic_write(path: str | Path, writer: Callable[[str], None]) -> None:
-    """Call ``writer(tmp_path)`` and move the result onto ``path`` only when it succeeded."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer(tmp)
-        umask_mode(tmp)  # mkstemp's 0600 would hide results on shared systems
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-
-    def w(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-
-    atomic_write(path, w)
 
 
 def write_de_csv(df: pd.DataFrame, path: str | Path) -> None:

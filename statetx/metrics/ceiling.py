@@ -17,9 +17,9 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from statetx._utils import atomic_write
 from statetx.errors import ConfigError
 from statetx.metrics._inputs import check_obs_col, load
-from statetx.metrics._table import atomic_write
 
 # metrics whose value is a correlation, to which Spearman–Brown applies
 RELIABILITY_METRICS = ("pearson_delta", "de_spearman_sig", "de_spearman_lfc_sig",

@@ -11,7 +11,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from statetx._utils import available_cpus, did_you_mean, preview
+from statetx._utils import atomic_write_text, available_cpus, did_you_mean, preview
 from statetx.errors import ConfigError, DataError
 from statetx.metrics import expression as ex
 from statetx.metrics._inputs import (
@@ -22,7 +22,7 @@ from statetx.metrics._inputs import (
     is_count_scale,
     load,
 )
-from statetx.metrics._table import MetricTable, atomic_write_text, write_agg, write_de_csv
+from statetx.metrics._table import MetricTable, write_agg, write_de_csv
 from statetx.metrics.de import DE_MODES, group_means, wilcoxon_de
 from statetx.metrics.de_metrics import check_de_table, de_metrics
 

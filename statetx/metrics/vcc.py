@@ -21,10 +21,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from statetx._utils import did_you_mean, file_sha256, preview
+from statetx._utils import atomic_write, atomic_write_text, did_you_mean, file_sha256, preview
 from statetx.errors import ConfigError, DataError
 from statetx.metrics._inputs import check_obs_col, check_scale, load
-from statetx.metrics._table import atomic_write, atomic_write_text
 from statetx.metrics.de import group_means
 
 BEST_ZERO = ("mse", "mae", "mse_delta", "mae_delta")
