@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -55,8 +56,14 @@ def matmul_precision_scope(value: str) -> Iterator[None]:
 
 
 def did_you_mean(name: str, options: Iterable[str], n: int = 3) -> str:
-    """Return ' Did you mean: a, b?' for close matches of ``name`` in ``options`` (or '')."""
-    matches = difflib.get_close_matches(str(name), [str(o) for o in options], n=n, cutoff=0.6)
+    """Return ' Did you mean: a, b?' for close matches of ``name`` in ``options`` (or ''):
+    options of which ``name`` is a whole word first (``gene`` → ``target_gene``), then
+    spelling neighbours."""
+    opts = [str(o) for o in options]
+    word = str(name).lower()
+    worded = [o for o in opts if o != name and word in re.split(r"[^0-9a-z]+", o.lower())]
+    close = difflib.get_close_matches(str(name), opts, n=n, cutoff=0.6)
+    matches = list(dict.fromkeys(worded + close))[:n]
     return f" Did you mean: {', '.join(repr(m) for m in matches)}?" if matches else ""
 
 

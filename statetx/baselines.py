@@ -41,17 +41,16 @@ from statetx._utils import preview
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import DataInput, PreparedData, prepare, split_datasets
 from statetx.errors import ConfigError, DataError
-from statetx.io import obs_labels
 from statetx.model import StateTransitionModel
 from statetx.predict import (
-    align_genes,
     basal_groups,
     check_scale,
-    check_unique_cells,
     clip_range,
     encode_perturbations,
     group_key,
     group_rng,
+    input_labels,
+    input_matrix,
     output_scale,
     pairing_batches,
 )
@@ -292,19 +291,12 @@ class _Baseline(BaseEstimator):
                               "or 'all_controls'.")
         pool_mode = self._pool_mode(basal_pool, batch_col)
         batch_col = batch_col or c.batch_col
-        if adata.n_obs == 0:
-            raise DataError("the input AnnData has no cells (n_obs = 0).")
-        check_unique_cells(adata)
-        x = align_genes(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
+        x = input_matrix(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
         if self._expression_output:
             check_scale(x, self.is_log1p_)
-        pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
-        ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
+        pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
+                                          self.vocab_.cell_types, cell_type_col is not None)
         batch = pairing_batches(adata, batch_col, pool_mode == "batch")
-        is_ctrl = pert == control
-        if not is_ctrl.any():
-            raise DataError(f"the input has no control cells (obs['{pert_col}'] == '{control}'); "
-                            "basal states are drawn from controls. Include control cells.")
         model_pert = pert.copy()  # the label each cell is predicted as
         encode_perturbations(pert[~is_ctrl], self.vocab_, unknown_perturbation)  # checks labels
         if unknown_perturbation == "control":

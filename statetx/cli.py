@@ -312,8 +312,10 @@ def _add_evaluate(sp: Any) -> None:
     _flag(r, "-ar", "--adata-real", required=True)
     _flag(r, "-dp", "--de-pred")
     _flag(r, "-dr", "--de-real")
-    _flag(r, "--control-pert", default="non-targeting")
-    _flag(r, "--pert-col", default="target_gene")
+    _flag(r, "--control-pert", default=None, help="control label (default: the one statetx "
+          "recorded in the prediction, else non-targeting)")
+    _flag(r, "--pert-col", default=None, help="perturbation column (default: the one statetx "
+          "recorded in the prediction, else target_gene)")
     _flag(r, "--celltype-col")
     _flag(r, "--embed-key")
     _flag(r, "-o", "--outdir", default="./cell-eval-outdir")
@@ -1110,6 +1112,12 @@ def cmd_evaluate_run(a: argparse.Namespace) -> int:
     skip = [s.strip() for s in (a.skip_metrics or "").split(",") if s.strip()]
     if a.celltype_col is None:
         _pooling_notice(a.adata_real)
+    if a.pert_col is None or a.control_pert is None:  # those the prediction recorded (uns)
+        from statetx.metrics._inputs import recorded_labels
+
+        backed = _read(a.adata_pred, backed=True)
+        a.pert_col, a.control_pert = recorded_labels(backed, a.pert_col, a.control_pert)
+        backed.file.close()
     _say(f"evaluate {a.adata_pred} against {a.adata_real}: pert_col={a.pert_col!r}, "
          f"control={a.control_pert!r}, "
          + (f"per cell type of obs['{a.celltype_col}']" if a.celltype_col else

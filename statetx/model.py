@@ -48,13 +48,14 @@ from statetx.predict import (
     check_count,
     check_matmul_precision,
     check_scale,
-    check_unique_cells,
     clip_range,
     encode_batches,
     encode_perturbations,
     first_positions,
     group_key,
     hvg_names,
+    input_labels,
+    input_matrix,
     output_scale,
     pairing_batches,
     resize_groups,
@@ -959,35 +960,13 @@ class StateTransitionModel(BaseEstimator):
         pert_col, batch_col = pert_col or c.pert_col, batch_col or c.batch_col
         control = c.control_pert if control_pert is None else str(control_pert)  # as in fit
         ct_col = cell_type_col or c.cell_type_key
-        if adata.n_obs == 0:
-            raise DataError("the input AnnData has no cells (n_obs = 0).")
-        check_unique_cells(adata)
-        x_in = align_genes(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
-        bad = ~np.isfinite(x_in).all(axis=1)
-        if bad.any():
-            raise DataError(
-                f"{int(bad.sum())} input cells have NaN or Inf values in the model's input "
-                f"features ({c.embed_key or 'X'}), e.g. {preview(adata.obs_names[bad], 5)}. "
-                "Remove or repair them before predicting."
-            )
+        x_in = input_matrix(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
         if c.embed_key in (None, "X_hvg"):
             src = c.embed_key if c.embed_key in adata.obsm else "X"  # (X_hvg falls back to X)
             check_scale(x_in, self.is_log1p_, f"input ({src})")
             self._check_target_sum(adata)
-        pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
-        if ct_col in adata.obs:
-            ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
-        elif cell_type_col is None and len(self.vocab_.cell_types) == 1:
-            print(f"statetx: no obs column '{ct_col}': all cells form one context (the model "
-                  "was trained on one).")
-            ctx = np.full(adata.n_obs, "all", dtype=object)
-        else:
-            raise DataError(
-                f"the input has no obs column '{ct_col}' (the context in which each cell is "
-                f"paired with control cells).{did_you_mean(ct_col, map(str, adata.obs.columns))}"
-                " Pass cell_type_col=<column>; to treat all cells as one context, add a constant"
-                f" column (adata.obs['{ct_col}'] = 'all')."
-            )
+        pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
+                                          self.vocab_.cell_types, cell_type_col is not None)
         needs_batch = self.network_config_.batch_encoder or basal_pool == "batch" or (
             basal_pool is None and self._pairing() == "batch")
         batch = pairing_batches(adata, batch_col, needs_batch)
@@ -999,12 +978,6 @@ class StateTransitionModel(BaseEstimator):
                               "'batch' or 'all'.")
         if pool_mode == "batch" and not batch_col:
             raise ConfigError("basal_pool='batch' needs a batch column (batch_col=<column>).")
-        is_ctrl = pert == control
-        if not is_ctrl.any():
-            raise DataError(f"the input has no control cells (obs['{pert_col}'] == '{control}'); "
-                            "basal states are drawn from controls. Include control cells, or "
-                            "name the control label with control_pert=<label>."
-                            f"{did_you_mean(str(control), map(str, np.unique(pert)))}")
         input_control = control  # (named in the output's uns, as in its obs)
         if control != c.control_pert:  # the input's own control label: the model's control
             pert = np.where(is_ctrl, c.control_pert, pert).astype(object)

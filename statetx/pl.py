@@ -14,7 +14,7 @@ import pandas as pd
 
 from statetx._utils import did_you_mean, history_frame, preview, to_dense_f32
 from statetx.errors import ConfigError, DataError
-from statetx.metrics._inputs import align_pair, check_obs_col
+from statetx.metrics._inputs import align_pair, check_obs_col, recorded, recorded_labels
 from statetx.metrics.de import group_means
 
 if TYPE_CHECKING:
@@ -26,22 +26,8 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
         return ax
     import matplotlib.pyplot as plt
 
-    _, ax = plt.subplots(figsize=figsize)
+    _, ax = plt.subplots(figsize=figsize, layout="constrained")  # saved figures keep labels
     return ax
-
-
-def _labels(pred: ad.AnnData, pert_col: str | None, control_pert: str | None
-            ) -> tuple[str, str]:
-    """The perturbation column and control label: as given, else those statetx recorded in
-    ``pred.uns["statetx"]`` (predict, predict_split), else cell-eval's defaults."""
-    info = _recorded(pred)
-    return (pert_col or str(info.get("pert_col") or "target_gene"),
-            control_pert or str(info.get("control_pert") or "non-targeting"))
-
-
-def _recorded(a: ad.AnnData) -> Mapping:
-    info = a.uns.get("statetx")
-    return info if isinstance(info, Mapping) else {}
 
 
 def _celltype_col(pred: ad.AnnData, real: ad.AnnData, celltype_col: str | bool | None
@@ -54,7 +40,7 @@ def _celltype_col(pred: ad.AnnData, real: ad.AnnData, celltype_col: str | bool |
         raise ConfigError("celltype_col takes a column name, None (as recorded) or False.")
     if celltype_col is not None:
         return celltype_col
-    col = _recorded(pred).get("celltype_col")
+    col = recorded(pred).get("celltype_col")
     return str(col) if col and col in pred.obs and col in real.obs else None
 
 
@@ -115,7 +101,7 @@ def delta_scatter(
     (``uns["statetx"]``), else cell-eval's ``target_gene`` / ``non-targeting`` and no cell-type
     column (Δ against all controls pooled; ``celltype_col=False`` pools them whatever was
     recorded). Returns the Axes."""
-    pert_col, control_pert = _labels(adata_pred, pert_col, control_pert)
+    pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
     ct_col = _celltype_col(adata_pred, adata_real, celltype_col)
     pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
                             celltype_col=ct_col, shared_only=True)
@@ -314,7 +300,7 @@ def top_genes(
     cell types shows the mean of its per-cell-type deltas, or those of ``cell_type``. Returns the
     Axes.
     """
-    pert_col, control_pert = _labels(adata_pred, pert_col, control_pert)
+    pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
     if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)) or n_genes < 1:
         raise ConfigError(f"n_genes must be a positive integer, got {n_genes!r}")
     ct_col = _celltype_col(adata_pred, adata_real, celltype_col)
@@ -351,8 +337,8 @@ def top_genes(
     ax.set_xlabel("Δ (mean log1p − control)")
     where = (f" in {series[0][0]}" if len(series) == 1 and series[0][0]
              else f", mean of {len(series)} cell types" if len(series) > 1 else "")
-    ax.set_title(f"{perturbation}{where}: top {top.size} genes by |real Δ| "
-                 f"(r={r:.2f}, all genes)")
+    ax.set_title(f"{perturbation}{where}: top {top.size} genes by |real Δ|\n"
+                 f"(r={r:.2f} over all genes)", fontsize="medium")
     ax.legend(frameon=False, fontsize="small")
     return ax
 
@@ -392,7 +378,7 @@ def embedding(
     ``control_pert``. Each source is subsampled to ``max_cells`` cells (seeded by ``seed``) before
     the PCA is fitted. ``pert_col`` and ``control_pert`` as in :func:`delta_scatter`. Returns the
     Axes."""
-    pert_col, control_pert = _labels(adata_pred, pert_col, control_pert)
+    pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
     if basis not in ("pca", "umap"):
         raise ConfigError(f"basis {basis!r} is not supported; use 'pca' (the real cells' PCA, "
                           "into which the predicted cells are projected) or 'umap'")

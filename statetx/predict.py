@@ -386,6 +386,54 @@ def resize_groups(ctx: np.ndarray, pert: np.ndarray, control: str, min_cells: in
     return np.concatenate([np.sort(np.concatenate(kept)), *clones]).astype(np.int64)
 
 
+def input_matrix(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
+                 missing_genes: str = "error", gene_name_col: str | None = None) -> np.ndarray:
+    """The model's input features of every cell of ``adata`` (see :func:`align_genes`), checked:
+    the input has cells, unique cell names and finite values."""
+    if adata.n_obs == 0:
+        raise DataError("the input AnnData has no cells (n_obs = 0).")
+    check_unique_cells(adata)
+    x = align_genes(adata, genes, embed_key, missing_genes, gene_name_col)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise DataError(
+            f"{int(bad.sum())} input cells have NaN or Inf values in the model's input "
+            f"features ({embed_key or 'X'}), e.g. {preview(adata.obs_names[bad], 5)}. "
+            "Remove or repair them before predicting."
+        )
+    return x
+
+
+def input_labels(adata: ad.AnnData, pert_col: str, ct_col: str, control: str,
+                 trained_contexts: Sequence[str], ct_col_given: bool
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The input's perturbation and context labels and its control mask. Without the
+    (default) cell-type column, a model trained on one context treats every cell as that
+    context; an input without control cells is an error."""
+    pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
+    if ct_col in adata.obs:
+        ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
+    elif not ct_col_given and len(trained_contexts) == 1:
+        only = str(trained_contexts[0])
+        print(f"statetx: no obs column '{ct_col}': all cells form one context, the model's "
+              f"only one ('{only}').")
+        ctx = np.full(adata.n_obs, only, dtype=object)
+    else:
+        raise DataError(
+            f"the input has no obs column '{ct_col}' (the context in which each cell is "
+            f"paired with control cells).{did_you_mean(ct_col, map(str, adata.obs.columns))}"
+            " Pass cell_type_col=<column>; to treat all cells as one context, add a constant"
+            f" column (adata.obs['{ct_col}'] = 'all')."
+        )
+    is_ctrl = pert == control
+    if not is_ctrl.any():
+        raise DataError(f"the input has no control cells (obs['{pert_col}'] == '{control}'); "
+                        "basal states are drawn from controls. Include control cells, or "
+                        "name the control label with control_pert=<label>."
+                        f"{did_you_mean(str(control), map(str, np.unique(pert)))}")
+    return pert, ctx, is_ctrl
+
+
 def check_unique_cells(adata: ad.AnnData) -> None:
     """Predictions name each cell's basal control by its obs name: they must be unique."""
     names = pd.Index(adata.obs_names)

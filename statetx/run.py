@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from statetx._utils import (
     ARCH_CHOICES,
     COMPILE_MODES,
+    RESUMABLE_PARAMS,
     SET_LOSS_OPTIONS,
     TRAINING_LOSS_OPTIONS,
     atomic_write_text,
@@ -409,17 +410,18 @@ PARAM_PATHS: dict[str, str] = {
     "train_pert_skip": "model.kwargs.train_pert_skip",
 }
 
+# keys that may differ when a run is resumed: the estimator's resumable parameters, and the
+# command line's own settings
+RESUME_FREE = (*(PARAM_PATHS[p] for p in RESUMABLE_PARAMS if p in PARAM_PATHS),
+               "use_wandb", "overwrite", "resume", "dry_run", "output_dir", "name",
+               "data.kwargs.num_workers", "data.kwargs.pin_memory")
+
 # arc-state's configs say weight_decay 5e-4 but never apply it (spec model.md §11)
 REFERENCE_WEIGHT_DECAY = 5e-4
 
 # model.kwargs keys that are loss options (StateTransitionModel(loss_kwargs=...))
 LOSS_KEYS = SET_LOSS_OPTIONS + TRAINING_LOSS_OPTIONS
 
-# keys that may differ when a run is resumed
-RESUME_FREE = ("training.max_steps", "training.log_every_n_steps", "training.device",
-               "training.compile", "training.compile_mode", "training.data_on_device",
-               "use_wandb", "overwrite", "resume", "dry_run", "output_dir", "name",
-               "data.kwargs.num_workers", "data.kwargs.pin_memory")
 
 
 # ---------------------------------------------------------------------------------------------

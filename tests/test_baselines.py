@@ -266,10 +266,29 @@ def test_bad_input_errors_name_the_problem(synth):
     basal = np.asarray(synth[zero.obs["statetx_ctrl_barcode"][rows]].X)
     np.testing.assert_allclose(zero.X[rows], basal)  # unseen perturbation: zero shift
     assert "zero shift" in zero.uns["statetx"]["notes"]
-    with pytest.raises(DataError, match="no control cells"):
-        m.predict(synth[synth.obs["gene"] != "ctrl"].copy())
+    with pytest.raises(DataError, match="no control cells.*Did you mean: 'ctrl'"):
+        m.predict(synth, control_pert="ctr")
+    nan = synth.copy()
+    nan.X[3, 0] = np.nan
+    with pytest.raises(DataError, match="1 input cells have NaN or Inf values"):
+        m.predict(nan)
     with pytest.raises(DataError, match="no 'val' split"):
         m.predict_split("val")
+
+
+def test_a_one_context_model_needs_no_cell_type_column(synth, capsys):
+    """Without the cell-type column, a baseline or ST fitted on one cell type predicts every
+    input cell in that cell type (as with the column)."""
+    from test_model import small_model
+
+    one = synth[synth.obs["cell_type"] == "CT0"].copy()
+    bare = one.copy()
+    del bare.obs["cell_type"]
+    for model in (ContextMeanBaseline(**SYN).fit(one), small_model(max_steps=2).fit(one)):
+        np.testing.assert_allclose(model.predict(bare).X, model.predict(one).X)
+        assert "the model's only one ('CT0')" in capsys.readouterr().out
+        with pytest.raises(DataError, match="no obs column 'celltype'"):
+            model.predict(bare, cell_type_col="celltype")
 
 
 @pytest.mark.filterwarnings("ignore:the .* split has negative expression values")

@@ -296,6 +296,12 @@ def test_evaluate_commands(run, tmp_path):
     assert (out / "results.csv").is_file() and (out / "agg_results.csv").is_file()
     assert (out / "ceiling_results.csv").is_file()
     assert (out / "agg_ceiling_results.csv").is_file()
+    # without the label flags: those the prediction recorded (uns['statetx']), not cell-eval's
+    assert main(["evaluate", "run", "-ap", str(ev / "adata_pred.h5ad"), "-ar",
+                 str(ev / "adata_real.h5ad"), "-o", str(tmp_path / "ev2"), "--profile",
+                 "minimal"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "ev2" / "results.csv"),
+                                  pd.read_csv(out / "results.csv"))
     assert main(["evaluate", "score", "-i", str(out / "agg_results.csv"), "-I",
                  str(out / "agg_results.csv"), "-o", str(tmp_path / "score.csv")]) == 0
     assert main(["evaluate", "baseline", "-a", str(ev / "adata_real.h5ad"), "--pert-col",

@@ -136,6 +136,13 @@ def test_unknown_section_with_did_you_mean():
         SplitConfig.from_toml('[zeroshoot]\n"a.b" = "test"\n')
 
 
+def test_a_missing_column_suggests_the_column_it_is_a_word_of():
+    a = make_adata()
+    a.obs = a.obs.rename(columns={"gene": "target_gene"}).assign(gender="f")
+    with pytest.raises(DataError, match=r"'gene'.*Did you mean: 'target_gene', 'gender'\?"):
+        prepare(a, TRAIN, COLS)
+
+
 def test_toml_syntax_error_reports_line_and_column(tmp_path):
     text = '[datasets]\nkang = "k.h5ad"\n[training]\nkang = train\n'
     with pytest.raises(SplitConfigError, match=r"invalid TOML: .*line 4, column 8"):

@@ -150,6 +150,13 @@ def test_top_genes_bars_are_the_top_real_deltas(pair):
     np.testing.assert_allclose(w_pred, dp[top], atol=1e-5)
     assert np.all(np.diff(np.abs(w_real)) <= 1e-6)  # ordered by |real delta|
     assert [t.get_text() for t in ax.get_yticklabels()] == list(real.var_names[top])
+    # a saved figure (savefig, no tight bounding box) keeps its gene labels and title
+    pred, real = pred.copy(), real.copy()
+    pred.var_names = real.var_names = [f"ENSG00000{i:06d}_LONGNAME" for i in range(real.n_vars)]
+    ax = pl.top_genes(pred, real, "G001", n_genes=20)
+    ax.figure.canvas.draw()
+    drawn = ax.get_tightbbox(ax.figure.canvas.get_renderer())  # (display units, as fig.bbox)
+    assert drawn.x0 >= 0 and drawn.x1 <= ax.figure.bbox.x1
     y = [p.get_y() + p.get_height() / 2 for p in real_bars]
     assert ax.get_ylim()[0] > ax.get_ylim()[1] and y == sorted(y)  # first gene at the top
     r = np.corrcoef(dr, dp)[0, 1]

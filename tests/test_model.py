@@ -908,3 +908,5 @@ def test_evaluate_knows_pseudobulk_outputs(fitted, capsys):
     res, _ = evaluate(pb, rb, pert_col="gene", control_pert="ctrl", profile="full")
     assert "pearson_delta" in res.columns and "overlap_at_N" not in res.columns
     assert "metrics that need the cells are skipped" in capsys.readouterr().out
+    # the columns and control label statetx recorded are the defaults (not cell-eval's)
+    pd.testing.assert_frame_equal(evaluate(pb, rb, profile="full")[0], res)

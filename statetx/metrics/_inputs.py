@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import anndata as ad
@@ -13,6 +14,22 @@ from statetx._utils import did_you_mean, preview
 from statetx.errors import DataError
 
 _ROW_CHUNK = 4096
+
+
+def recorded(adata: ad.AnnData) -> Mapping:
+    """What statetx recorded about ``adata`` in ``uns["statetx"]`` (columns, control, scale)."""
+    info = adata.uns.get("statetx")
+    return info if isinstance(info, Mapping) else {}
+
+
+def recorded_labels(pred: ad.AnnData, pert_col: str | None, control_pert: object
+                    ) -> tuple[str, str]:
+    """The perturbation column and control label: as given, else those statetx recorded in
+    ``pred.uns["statetx"]`` (predict, predict_split), else cell-eval's defaults."""
+    info = recorded(pred)
+    return (pert_col or str(info.get("pert_col") or "target_gene"),
+            str(control_pert if control_pert is not None
+                else info.get("control_pert") or "non-targeting"))
 
 
 def load(obj: ad.AnnData | str | Path, which: str) -> ad.AnnData:

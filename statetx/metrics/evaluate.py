@@ -21,6 +21,7 @@ from statetx.metrics._inputs import (
     has_fraction,
     is_count_scale,
     load,
+    recorded_labels,
 )
 from statetx.metrics._table import MetricTable, write_agg, write_de_csv
 from statetx.metrics.de import DE_MODES, group_means, wilcoxon_de
@@ -216,8 +217,8 @@ def _warn_other_cell_types(p: ad.AnnData, r: ad.AnnData) -> None:
 def evaluate(
     adata_pred: ad.AnnData | str | Path | None = None,
     adata_real: ad.AnnData | str | Path | None = None,
-    pert_col: str = "target_gene",
-    control_pert: str = "non-targeting",
+    pert_col: str | None = None,
+    control_pert: str | None = None,
     celltype_col: str | None = None,
     *,
     profile: str = "full",
@@ -244,7 +245,10 @@ def evaluate(
     both NaN in the frames; the CSVs written to ``outdir`` keep them apart (empty field vs ``NaN``).
     ``num_threads=None`` uses every CPU available to the process (its affinity) for DE.
     ``batch_size`` is accepted for compatibility and does not change results.
-    ``pred``/``real`` are aliases of ``adata_pred``/``adata_real``.
+    ``pred``/``real`` are aliases of ``adata_pred``/``adata_real``. ``pert_col`` and
+    ``control_pert`` default to those statetx recorded in the prediction's ``uns["statetx"]``
+    (``predict``, ``predict_split``, the baselines), else to cell-eval's ``target_gene`` and
+    ``non-targeting``.
     """
     adata_pred = adata_pred if adata_pred is not None else pred
     adata_real = adata_real if adata_real is not None else real
@@ -253,10 +257,11 @@ def evaluate(
     if de_mode not in DE_MODES:
         raise ConfigError(f"de_mode {de_mode!r} is not supported; use one of {list(DE_MODES)}")
     metrics = _metric_list(profile, skip_metrics)
-    control_pert = str(control_pert)  # labels are compared as text (an integer label: its str)
     if num_threads is None:
         num_threads = available_cpus()
     p, r = load(adata_pred, "pred"), load(adata_real, "real")
+    # (labels are compared as text: an integer control label is its str)
+    pert_col, control_pert = recorded_labels(p, pert_col, control_pert)
     if is_count_scale(p) and not allow_discrete:
         if not (is_count_scale(r) or not has_fraction(r)):
             raise DataError("pred holds count-scale predictions (uns['statetx']['scale'] is "
