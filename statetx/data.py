@@ -232,7 +232,7 @@ def prepare(
     )
     if val_subsample_fraction != 1.0:
         subsample_validation(assignments, val_subsample_fraction)
-    src, counts_src, names, gene_names = _sources(files, columns, counts_key)
+    src, counts_src, names, gene_names = input_sources(files, columns, counts_key)
     # the scale (log1p or counts) of the expression the model reads or predicts
     expr = src if src in (None, "X_hvg") else counts_src
     is_log1p = True if expr is False else _common_scale(files, expr)
@@ -293,7 +293,7 @@ def counts_source(output_space: str, counts_key: str | None) -> str | None:
     return None if counts_key == "X" else (counts_key or "X_hvg")
 
 
-def _sources(files: list[DataFile], c: ColumnMap, counts_key: str | None):
+def input_sources(files: list[DataFile], c: ColumnMap, counts_key: str | None):
     """Input source, gene-space target source, and their column names (checked across files)."""
     src = c.embed_key
     if c.output_space == "embedding" and src is None:

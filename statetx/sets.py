@@ -13,6 +13,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -156,6 +157,18 @@ class CellSetBatch:
         if self.counts is not None:
             flat["pert_cell_counts"] = self.counts.reshape(b * s, -1)
         return flat
+
+
+class BatchSource(Protocol):
+    """What :class:`statetx.train.Trainer` reads from a sampler (:class:`CellSetSampler`, or
+    :class:`statetx.stream.StreamingCellSetSampler`): batches of ``B`` sets of ``S`` cells."""
+
+    B: int
+    S: int
+
+    def __len__(self) -> int: ...
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[CellSetBatch]: ...
 
 
 class CellSetSampler:

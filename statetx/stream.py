@@ -54,8 +54,8 @@ from statetx.data import (
     DataInput,
     PreparedData,
     SplitData,
-    _sources,
     check_training_split,
+    input_sources,
     prepare,
     split_labels,
 )
@@ -385,7 +385,7 @@ def prepare_stream(
                        splits=tuple(s for s in splits if s != "train"), **options)
     if "train" not in splits:
         return prepared
-    src, counts_src, _, _ = _sources(prepared.files, prepared.columns, counts_key)
+    src, counts_src, _, _ = input_sources(prepared.files, prepared.columns, counts_key)
     train = _stream_split("train", prepared, src, counts_src, yield_controls, _DTYPES[dtype],
                           int(chunk_size))
     check_training_split(train, prepared.config, yield_controls)

@@ -54,7 +54,7 @@ from statetx.distributed import (
 )
 from statetx.errors import ConfigError, DataError, StatetxError
 from statetx.losses import full_fp32_matmul, get_loss, nanmean
-from statetx.sets import CellSetBatch, CellSetSampler
+from statetx.sets import BatchSource, CellSetBatch, CellSetSampler
 
 MAX_EMPTY_EPOCHS = 10  # a training split whose epochs stay empty this long is an error
 
@@ -165,7 +165,7 @@ def check_flag(name: str, value: object) -> None:
 
 
 class Trainer:
-    """Trains a network on cell-set batches from a :class:`CellSetSampler`.
+    """Trains a network on cell-set batches from a sampler (:class:`~statetx.sets.BatchSource`).
 
     ``compile=True``: under bf16 autocast the network's matmuls are bf16 whatever the fp32 matmul
     precision, so training runs at "highest" and the forward pass *and* the loss are compiled as
@@ -173,8 +173,8 @@ class Trainer:
     network is compiled.
     """
 
-    def __init__(self, network: torch.nn.Module, train: CellSetSampler,
-                 val: CellSetSampler | None, config: TrainConfig, *,
+    def __init__(self, network: torch.nn.Module, train: BatchSource,
+                 val: BatchSource | None, config: TrainConfig, *,
                  device: torch.device | str = "cpu", output_dir: str | Path | None = None,
                  checkpoint_extra: dict | None = None) -> None:
         self.net, self.train_sampler, self.val_sampler, self.cfg = network, train, val, config
@@ -329,27 +329,40 @@ class Trainer:
             loss = loss + self.cfg.regularization * nanmean(parts["regularization"])
         return loss
 
-    def _train_step(self, batches: list[CellSetBatch]) -> dict[str, torch.Tensor]:
-        """One optimiser step; the logged values stay tensors (no host sync on CUDA)."""
-        if self._ddp is not None:
-            return self._train_step_ddp(batches)
+    def _train_step(self, batches: list[CellSetBatch]) -> dict[str, torch.Tensor | float]:
+        """One optimiser step over the micro-batches ``batches``. One process: the logged values
+        stay tensors (no host sync on CUDA). Data parallel: DDP averages the gradients
+        (synchronised on the last micro-batch only); the logged values are the mean over
+        ranks, checked for finiteness on every rank."""
+        ddp, n = self._ddp, len(batches)
         self.net.train()
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.state.step)
         self.opt.zero_grad(set_to_none=True)
         logs: dict[str, torch.Tensor] = {}
-        for batch in batches:
+        for i, batch in enumerate(batches):
             self._mark_graph_step()
-            parts = self._losses(batch.to(self.device, non_blocking=True), module=self._forward,
-                                 training=True)
-            loss = self.total(parts) / len(batches)
-            self._note_finite(loss)
-            loss.backward()
+            sync = ddp.no_sync() if ddp is not None and i < n - 1 else contextlib.nullcontext()
+            with sync:
+                parts = self._losses(batch.to(self.device, non_blocking=True), training=True,
+                                     module=self._forward if ddp is None else self._ddp_forward)
+                loss = self.total(parts) / n
+                if ddp is None:
+                    self._note_finite(loss)
+                loss.backward()
             for k, v in parts.items():
-                logs[k] = logs.get(k, 0.0) + nanmean(v.detach()) / len(batches)
-            logs["train_loss"] = logs.get("train_loss", 0.0) + loss.detach()
+                logs[k] = logs.get(k, 0.0) + nanmean(v.detach()).float() / n
+            logs["train_loss"] = logs.get("train_loss", 0.0) + loss.detach().float()
         params = [p for p in self.net.parameters() if p.grad is not None]
-        logs["grad_norm"] = clip_and_step(self.opt, params, self.cfg.gradient_clip_val)
+        if ddp is None:
+            logs["grad_norm"] = clip_and_step(self.opt, params, self.cfg.gradient_clip_val)
+        else:
+            means = all_reduce_sum(torch.stack(list(logs.values()))) / self.world_size
+            logs = dict(zip(logs, means.tolist()))
+            if not math.isfinite(logs["train_loss"]):
+                self._raise_nonfinite(logs["train_loss"], self.state.step + 1)
+            logs["grad_norm"] = float(clip_and_step(self.opt, params,
+                                                    self.cfg.gradient_clip_val))
         self._update_average()
         return logs
 
@@ -378,37 +391,6 @@ class Trainer:
             + (" The last complete checkpoint is kept." if kept else "")
             + " Lower the learning rate or check the input for extreme values."
         )
-
-    def _train_step_ddp(self, batches: list[CellSetBatch]) -> dict[str, float]:
-        """One data-parallel step: DDP averages gradients (synchronised on the last micro-batch
-        only); the logged losses are the mean over ranks, checked for finiteness on every rank."""
-        self.net.train()
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(self.state.step)
-        self.opt.zero_grad(set_to_none=True)
-        n = len(batches)
-        keys: list[str] = []
-        sums: list[torch.Tensor] = []
-        for i, batch in enumerate(batches):
-            sync = contextlib.nullcontext() if i == n - 1 else self._ddp.no_sync()
-            self._mark_graph_step()
-            with sync:
-                parts = self._losses(batch.to(self.device, non_blocking=True),
-                                     module=self._ddp_forward, training=True)
-                loss = self.total(parts) / n
-                loss.backward()
-            vals = [loss.detach().float()] + [nanmean(v.detach()).float() / n
-                                              for v in parts.values()]
-            keys = keys or ["train_loss", *parts]
-            sums = [a + b for a, b in zip(sums, vals)] if sums else vals
-        stats = (all_reduce_sum(torch.stack(sums)) / self.world_size).tolist()
-        if not math.isfinite(stats[0]):
-            self._raise_nonfinite(stats[0], self.state.step + 1)
-        logs = dict(zip(keys, stats))
-        params = [p for p in self.net.parameters() if p.grad is not None]
-        logs["grad_norm"] = float(clip_and_step(self.opt, params, self.cfg.gradient_clip_val))
-        self._update_average()
-        return logs
 
     # ------------------------------------------------------------------ weight averaging
     @torch.no_grad()
@@ -481,7 +463,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
-    def evaluate(self, sampler: CellSetSampler, epoch: int = 0,
+    def evaluate(self, sampler: BatchSource, epoch: int = 0,
                  max_batches: int | None = None) -> float:
         """Mean per-set main loss in evaluation mode over fixed sets (``epoch`` seeds them)."""
         self.net.eval()
@@ -494,7 +476,7 @@ class Trainer:
             per_set.append(self.losses(batch.to(self.device))["main_loss"].float().cpu())
         return float(nanmean(torch.cat(per_set))) if per_set else math.nan
 
-    def _evaluate_ddp(self, sampler: CellSetSampler, epoch: int,
+    def _evaluate_ddp(self, sampler: BatchSource, epoch: int,
                       max_batches: int | None) -> float:
         """:meth:`evaluate` over ranks: an unsharded sampler's batches are dealt round-robin,
         a sharded one's are each rank's own; per-set sums and counts are all-reduced."""
