@@ -592,7 +592,6 @@ def _list_keys() -> None:
 
 
 def _dry_run(plan: Any) -> int:
-    import numpy as np
 
     from statetx.model import StateTransitionModel
     from statetx.presets import describe, network_config_for
@@ -602,11 +601,7 @@ def _dry_run(plan: Any) -> int:
     prepared = _prepare_split(plan.toml, model._columns(), model)
     train = prepared.splits.get("train")
     if model.data_loading == "stream" and train is not None:  # its values: one streamed pass
-        rows = np.flatnonzero(train.is_target | train.is_control)
-        for reader in train.readers():
-            if reader is not None:
-                train.check_values(reader, rows)
-                reader.close()
+        train.check_all_values()
     net = network_config_for(arch, prepared)
     print(describe(net))
     _say("dry run: the split file and the data are valid; nothing was trained.")

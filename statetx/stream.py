@@ -235,6 +235,8 @@ class StreamSplit:
     counts_source: str | None | bool  # gene-space target source; False = none
     dtype: type = np.float32
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    # matrices (sources) whose every split row has been read and checked for NaN/Inf
+    checked: set = dataclasses.field(default_factory=set)
 
     def __post_init__(self) -> None:
         key = self.file_index * (int(self.file_row.max(initial=0)) // self.chunk_size + 1) \
@@ -295,6 +297,20 @@ class StreamSplit:
         for _ in self.iter_blocks(reader, rows):
             pass
 
+    def check_all_values(self, rows: np.ndarray | None = None) -> None:
+        """:meth:`check_values` for each matrix the split reads (the input, the gene-space
+        target) that no full pass has checked yet; ``rows`` (sorted) limits the pass, default
+        every row (the matrices are then recorded in ``checked``)."""
+        for reader in self.readers():
+            if reader is None or reader.source in self.checked:
+                continue
+            try:
+                self.check_values(reader, np.arange(self.n_obs) if rows is None else rows)
+            finally:
+                reader.close()
+            if rows is None:
+                self.checked.add(reader.source)
+
     def read_rows(self, reader: BlockReader, rows: np.ndarray, out: np.ndarray,
                   check: bool = True) -> np.ndarray:
         """Fill ``out`` ``[len(rows), width]`` with the sorted split ``rows``, one contiguous
@@ -332,7 +348,7 @@ class StreamSplit:
         reader, _ = self.readers()
         reader.dtype = np.float32
         p_sum = c_sum = None
-        rows = np.flatnonzero(perturbed | self.is_control)
+        rows = np.flatnonzero(perturbed | self.is_control)  # every row of the split
         try:
             for pos, block in self.iter_blocks(reader, rows):
                 if p_sum is None:
@@ -347,6 +363,7 @@ class StreamSplit:
                                        x[torch.from_numpy(mask)])
         finally:
             reader.close()
+        self.checked.add(self.source)  # (the sampler need not read them again to check them)
         out: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         if p_sum is None:
             return out
@@ -476,10 +493,7 @@ class StreamingCellSetSampler:
         # bad values stop the run before it trains (as in memory): one pass over its cells per
         # matrix read, shared out between the processes under torchrun (a process that finds
         # one fails, and torchrun stops the others)
-        share = np.array_split(self.target_rows, self.world_size)[self.rank]
-        for reader in (self.reader, self.counts_reader):
-            if reader is not None:
-                data.check_values(reader, share)
+        data.check_all_values(np.array_split(self.target_rows, self.world_size)[self.rank])
         self._plans: OrderedDict[int, _Plan] = OrderedDict()
         self.peak_rows_held = 0      # most window rows held at once (reservoir excluded)
         self.windows_read = 0

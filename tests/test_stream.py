@@ -194,6 +194,20 @@ def test_streamed_context_means_match_memory_and_shift_init_trains(h5):
     assert m.network_.pert_bias.weight.abs().sum() > 0
 
 
+def test_the_mean_response_pass_checks_the_values_once(h5, monkeypatch):
+    """A skip started at the mean response reads every training cell before training: that
+    pass checks them for NaN/Inf, and the sampler does not read them again to do so."""
+    checked = []
+    check = StreamSplit.check_values
+    monkeypatch.setattr(StreamSplit, "check_values", lambda self, reader, rows: (
+        checked.append(reader.source), check(self, reader, rows))[1])
+    kw = {**SMALL, "pert_skip": "shift", "residual_space": "input", "predict_residual": True}
+    model(max_steps=1, model_kwargs=kw).fit(None, _spec(h5))
+    assert checked == []
+    model(max_steps=1).fit(None, _spec(h5))
+    assert checked == [None]  # no mean-response pass: the sampler checks X
+
+
 def test_reservoir_cap_batch_pairing_and_float16(h5):
     s = sampler(h5, max_controls=5)
     d = s.data
