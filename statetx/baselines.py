@@ -129,6 +129,10 @@ class _Baseline(BaseEstimator):
     def _validate_params(self) -> None:
         """Check option values (before any data are read)."""
 
+    def _data_options(self) -> dict:
+        """How the split data are built (:func:`statetx.run.attach_data`): the defaults."""
+        return {}
+
     def _fit_prepared(self, prepared: PreparedData) -> _Baseline:
         self._validate_params()
         v, d = prepared.vocab, prepared.splits["train"]
@@ -156,6 +160,7 @@ class _Baseline(BaseEstimator):
         self.deltas_ = {(ct, p): m - self.control_means_[ct] for (ct, p), m in means.items()
                         if p != control and ct in self.control_means_}
         self.perturbed_cell_types_ = sorted({ct for ct, p in means if p != control})
+        self.split_config_ = prepared.config
         self._prepared = prepared
         self._fit_baseline()
         return self
@@ -333,8 +338,9 @@ class _Baseline(BaseEstimator):
         self._check_fitted()
         prepared = getattr(self, "_prepared", None)
         if prepared is None:
-            raise NotFittedError("predict_split needs the training data, which is not kept when a "
-                                 "baseline is pickled; refit, or use predict(adata).")
+            raise NotFittedError("predict_split needs the split data, which are not kept when a "
+                                 "baseline is pickled: statetx.run.attach_data(model, adata=...) "
+                                 "rebuilds them (or use predict(adata)).")
         if split not in prepared.splits:
             raise DataError(f"the fitted split spec has no '{split}' split (available: "
                             f"{', '.join(prepared.splits)}).")

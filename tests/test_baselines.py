@@ -22,6 +22,7 @@ from statetx.baselines import (
     fit_all_baselines,
 )
 from statetx.errors import ConfigError, DataError
+from statetx.run import attach_data
 
 SPEC = '[training]\ndata = "train"\n[zeroshot]\n"data.CT2" = "test"\n'
 SYN = dict(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl", seed=0)
@@ -296,8 +297,12 @@ def test_pickle_embedding_space_and_fit_all(synth):
     m = ContextMeanBaseline(**SYN).fit(synth, SPEC)
     back = pickle.loads(pickle.dumps(m))
     np.testing.assert_array_equal(back.predict(synth).X, m.predict(synth).X)
-    with pytest.raises(NotFittedError, match="refit"):
+    with pytest.raises(NotFittedError, match="attach_data"):
         back.predict_split("test")
+    attach_data(back, adata=synth)  # the split spec it was fitted with, the data again
+    for got, want in zip(back.predict_split("test"), m.predict_split("test")):
+        np.testing.assert_array_equal(got.X, want.X)
+        pd.testing.assert_frame_equal(got.obs, want.obs)
     a = synth.copy()
     a.obsm["X_emb"] = np.asarray(a.X)[:, :5] - 1.0  # negative values: never clipped
     e = PerturbMeanBaseline(**SYN, embed_key="X_emb").fit(a, SPEC)
