@@ -102,6 +102,8 @@ def _cli_names(message: str, ns: argparse.Namespace) -> str:
     for name in names:
         if name in flags and flags[name] not in message:
             hints.append(flags[name])
+    if "statetx.pp.preprocess_train" in message:  # the command that does the same
+        hints.append("statetx tx preprocess_train --adata IN --output OUT")
     return f"{message} [command line: {', '.join(hints)}]" if hints else message
 
 
@@ -230,16 +232,28 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _flag(inf, "--min-cells", type=int, help="clone cells up to this many per group")
     _flag(inf, "--max-cells", type=int, help="subsample groups down to this many cells")
     inf.add_argument("--quiet", action="store_true")
-    inf.add_argument("--windows", default="balanced", choices=["balanced", "reference"])
-    _flag(inf, "--basal-pool", choices=["cell_type", "batch", "all"])
-    _flag(inf, "--basal-fallback", default="error", choices=["error", "all_controls"])
-    _flag(inf, "--unknown-perturbation", default="error", choices=["error", "control", "zeros"])
-    _flag(inf, "--unknown-batch", default="error", choices=["error", "first", "mean"])
-    _flag(inf, "--missing-genes", default="error", choices=["error", "zero"])
+    inf.add_argument("--windows", default="balanced", choices=["balanced", "reference"],
+                     help="how a group is cut into sets: sets of nearly equal size (default), or "
+                     "chunks of the set length and a remainder, as arc-state")
+    _flag(inf, "--basal-pool", choices=["cell_type", "batch", "all"],
+          help="where basal control cells are drawn from (default: as the model trained)")
+    _flag(inf, "--basal-fallback", default="error", choices=["error", "all_controls"],
+          help="a cell type without control cells: an error (default), or draw from every "
+          "control")
+    _flag(inf, "--unknown-perturbation", default="error", choices=["error", "control", "zeros"],
+          help="perturbations the model was not trained on: an error listing them (default), "
+          "predicted as the control, or as a perturbation vector of zeros")
+    _flag(inf, "--unknown-batch", default="error", choices=["error", "first", "mean"],
+          help="batches unknown to a model with a batch encoder: an error (default), the first "
+          "training batch, or the mean batch embedding")
+    _flag(inf, "--missing-genes", default="error", choices=["error", "zero"],
+          help="model genes absent from the input: an error listing them (default), or zeros")
     _flag(inf, "--no-predict-controls", action="store_true",
           help="copy the control cells into the output instead of predicting them")
     inf.add_argument("--clip", default="auto", help="auto | none | LO,HI")
-    inf.add_argument("--layout", default="statetx", choices=["statetx", "arc"])
+    inf.add_argument("--layout", default="statetx", choices=["statetx", "arc"],
+                     help="statetx: a new AnnData of the predictions (default); arc: a copy of "
+                     "the input with the predictions where arc-state's tx infer writes them")
     inf.add_argument("--attention", choices=["bidirectional", "causal"],
                      help="attention mode of an ambiguous arc-state checkpoint")
     _matmul_flag(inf)
@@ -430,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             bad = " ".join(extra)
             print(f"statetx: error: unrecognized arguments: {bad}", file=sys.stderr)
             return EXIT_USAGE
-    ns.argv = ["statetx", *args_in]
+    prog = "state" if argv is None and Path(sys.argv[0]).name == "state" else "statetx"
+    ns.argv = [prog, *args_in]  # (the command as typed, for the run record)
     seen: set[str] = set()
 
     def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
@@ -449,6 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("statetx: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # the reader of the output went away (| head): stop quietly
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_FAILURE
         except (UsageError, ConfigError, SplitConfigError, DataError) as exc:
             if debug:
                 import traceback
@@ -830,6 +849,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
                          ".h5ad (--output x.h5ad), or drop --layout for a .npy.")
     import numpy as np
 
+    from statetx._utils import did_you_mean, preview
     from statetx.predict import check_matmul_precision
 
     check_matmul_precision(a.matmul_precision)
@@ -843,11 +863,12 @@ def cmd_infer(a: argparse.Namespace) -> int:
         pert_col = a.pert_col or c.pert_col
         if pert_col not in adata.obs:
             raise DataError(f"perturbation column '{pert_col}' is not in {src} (obs columns: "
-                            f"{', '.join(map(str, adata.obs.columns))}); pass --pert-col.")
+                            f"{', '.join(map(str, adata.obs.columns))}); pass --pert-col."
+                            + did_you_mean(pert_col, map(str, adata.obs.columns)))
         ct_col = _pick_column(adata, a.celltype_col, c.cell_type_key, CELLTYPE_COLS,
                               "cell-type", "--celltype-col")
         needs_batch = bool(model.network_config_.batch_encoder) or (
-            a.basal_pool or ("batch" if model.basal_mapping_strategy == "batch" else "")) == "batch"
+            a.basal_pool or model._pairing()) == "batch"  # (as model.predict decides)
         batch_col = (_pick_column(adata, a.batch_col, c.batch_col, BATCH_COLS, "batch",
                                   "--batch-col") if needs_batch else None)
         control = a.control_pert or c.control_pert
@@ -858,7 +879,9 @@ def cmd_infer(a: argparse.Namespace) -> int:
             labels = adata.obs[ct_col].astype(str)
             unknown = sorted(set(wanted) - set(labels))
             if unknown:
-                raise DataError(f"--celltypes: {', '.join(unknown)} not found in obs['{ct_col}'].")
+                raise DataError(f"--celltypes: {', '.join(unknown)} not found in obs['{ct_col}'] "
+                                f"(it holds {preview(sorted(set(labels)), 12)})."
+                                + did_you_mean(unknown[0], set(labels)))
             adata = adata[labels.isin(wanted).to_numpy()].copy()
         if a.embed_key and a.embed_key not in ("X",) and a.embed_key != c.embed_key:
             adata = _remap_embedding(adata, a.embed_key, c.embed_key)
@@ -874,7 +897,9 @@ def cmd_infer(a: argparse.Namespace) -> int:
         if source == "X_hvg" and "X_hvg" not in adata.obsm:  # the genes are matched in X
             source = "X_hvg (no obsm['X_hvg'] in the input: its genes are read from X by name)"
         _say(f"model {a.model_dir}: input {source}, {model.n_features_in_} features; "
-             f"pert_col={pert_col!r}, cell type column={ct_col!r}, batch column={batch_col!r}, "
+             f"pert_col={pert_col!r}, cell type column={ct_col!r}, batch column={batch_col!r}"
+             + (" (unused: controls are paired within the cell type)" if batch_col is None
+                else "") + ", "
              f"control={control!r}; attention {model.network_config_.attention}; fp32, "
              f"matmul precision {a.matmul_precision}")
         pred = model.predict(
@@ -998,9 +1023,20 @@ def _read(path: str | Path, backed: bool = False) -> Any:
                         f"{type(exc).__name__}: {exc}") from None
 
 
+def _check_output(a: argparse.Namespace) -> None:
+    """``--output`` of a preprocessing command: a new .h5ad file, not the input."""
+    out = Path(a.output)
+    if out.suffix != ".h5ad":
+        raise UsageError(f"--output {out}: the result is an AnnData; use a .h5ad file name.")
+    if out.exists() and Path(a.adata).exists() and out.resolve() == Path(a.adata).resolve():
+        raise UsageError(f"--output {out} is the input file: give another name (the input is "
+                         "kept as it is).")
+
+
 def cmd_preprocess_train(a: argparse.Namespace) -> int:
     from statetx.pp import preprocess_train
 
+    _check_output(a)
     adata = _read(a.adata)
     _say(f"preprocess_train {a.adata}: {adata.n_obs} cells x {adata.n_vars} genes, "
          f"{a.num_hvgs} HVGs, flavor {a.flavor}, "
@@ -1017,6 +1053,7 @@ def cmd_preprocess_train(a: argparse.Namespace) -> int:
 def cmd_preprocess_infer(a: argparse.Namespace) -> int:
     from statetx.pp import make_control_template
 
+    _check_output(a)
     adata = _read(a.adata)
     cols = list(map(str, adata.obs.columns))
     ct = a.celltype_col
@@ -1217,6 +1254,13 @@ def cmd_import_arc(a: argparse.Namespace) -> int:
     run = Path(a.run_dir)
     if not run.exists():
         raise UsageError(f"{run}: not found.")
+    from statetx.run import looks_like_run
+
+    own = run if run.is_dir() else run.parent.parent
+    if looks_like_run(own) or (run.is_dir() and (run / "model.safetensors").is_file()):
+        raise UsageError(f"{run} is a statetx {'run' if looks_like_run(own) else 'model'}, not an "
+                         "arc-state run: nothing to import. Use it as it is (tx infer --model_dir, "
+                         "tx predict --output_dir, StateTransitionModel.load_run / load).")
     out = Path(a.out)
     ours = {"model.json", "model.safetensors", "arc_import.json"}  # an earlier import: replaced
     names = set(p.name for p in out.iterdir()) if out.is_dir() else set()

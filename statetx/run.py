@@ -462,7 +462,8 @@ def canonical(path: str) -> str:
 
 def _suggest(path: str) -> str:
     names = list(KEYS) + list(ALIASES)
-    close = difflib.get_close_matches(path, names, n=3, cutoff=0.6)
+    same_letters = [n for n in names if n.lower() == path.lower()]  # TRAINING.LR
+    close = same_letters or difflib.get_close_matches(path, names, n=3, cutoff=0.6)
     if not close:  # compare the last component, within the same section when possible
         leaf = path.rsplit(".", 1)[-1]
         by_leaf = {n.rsplit(".", 1)[-1]: n for n in names}
@@ -471,7 +472,7 @@ def _suggest(path: str) -> str:
     section = path.split(".")[0]
     valid = sorted({n.split(".")[0] for n in KEYS})
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    if section not in valid and "." in path:
+    if section not in valid and "." in path and not same_letters:
         hint += f" Known sections: {', '.join(valid)}."
     return hint + " (`statetx tx train --list-keys` lists every key.)"
 
@@ -671,10 +672,10 @@ def _check_values(res: Resolved) -> None:
                           f"{', '.join(PRESET_NAMES)} (optionally with @0.11.1)."
                           f"{_close(name, PRESET_NAMES)}")
     if v["use_wandb"]:
-        raise ConfigError("use_wandb=true: Weights & Biases logging is not implemented in "
-                          "statetx; metrics are written to <run>/metrics.csv (and to "
-                          "<run>/tensorboard/ when tensorboard is installed). Leave "
-                          "use_wandb=false.")
+        raise ConfigError("use_wandb=true (or training.wandb_track=true): Weights & Biases "
+                          "logging is not implemented in statetx; metrics are written to "
+                          "<run>/metrics.csv (and to <run>/tensorboard/ when tensorboard is "
+                          "installed). Leave both false.")
     if "data.kwargs.random_seed" in res.given and "training.train_seed" not in res.given:
         v["training.train_seed"] = v["data.kwargs.random_seed"]
     elif ("data.kwargs.random_seed" in res.given

@@ -691,7 +691,7 @@ class Trainer:
         if self.out is not None and self.on_first_checkpoint is None:
             self._checkpoint("last.ckpt")
             if self.cfg.progress:
-                print(f"statetx: wrote checkpoints/last.ckpt at step {self.state.step}; resume "
+                print(f"\nstatetx: wrote checkpoints/last.ckpt at step {self.state.step}; resume "
                       "to continue from it exactly (fit(..., resume_from=...), or the same tx "
                       "train command).", file=sys.stderr, flush=True)
         self._raise_for(self._stop_signal)

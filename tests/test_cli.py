@@ -264,6 +264,19 @@ def test_infer_both_spellings_and_npy(run, data, tmp_path):
     assert m.n_obs == 3 * 3 * 10 + 3 * 30 and m.obs_names.is_unique  # + the copied controls
     assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output",
                  str(tmp_path / "bad.csv")]) == 2
+    # a model that pairs controls by batch (batch_col set, basal_mapping_strategy "auto"): an
+    # input whose batch column has another name gets it found, and the same controls drawn
+    from test_model import small_model
+
+    small_model(max_steps=1, batch_col="batch").fit(ad.read_h5ad(src)).save(tmp_path / "bm")
+    renamed = ad.read_h5ad(src)
+    renamed.obs = renamed.obs.rename(columns={"batch": "gem_group"})
+    renamed.write_h5ad(tmp_path / "renamed.h5ad")
+    for name, inp in (("b", src), ("r", tmp_path / "renamed.h5ad")):
+        assert main(["tx", "infer", "--model_dir", str(tmp_path / "bm"), "--adata", str(inp),
+                     "--output", str(tmp_path / f"{name}.h5ad")]) == 0
+    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "r.h5ad").X,
+                                  ad.read_h5ad(tmp_path / "b.h5ad").X)
 
 
 def test_infer_matmul_precision(run, data, tmp_path, capsys):
@@ -557,8 +570,17 @@ def test_preprocess_and_knockdown_filter(tmp_path, capsys):
     assert main(["tx", "preprocess_infer", "--adata", str(pp), "--output", str(tpl),
                  "--control_condition", "non-targeting", "--pert_col", "gene"]) == 0
     assert "template_ctrl_barcode" in ad.read_h5ad(tpl).obs
-    assert main(["tx", "preprocess_train", "--adata", str(pp), "--output", str(tmp_path / "x"),
-                 "--num-hvgs", "8"]) == 2  # already normalised -> refused
+    capsys.readouterr()
+    assert main(["tx", "preprocess_train", "--adata", str(pp), "--output",
+                 str(tmp_path / "x.h5ad"), "--num-hvgs", "8"]) == 2  # already normalised
+    assert "normali" in capsys.readouterr().err
+    before = pp.read_bytes()
+    for inp, out, says in ((raw, tmp_path / "x.txt", "use a .h5ad file name"),
+                           (pp, pp, "is the input file")):
+        assert main(["tx", "preprocess_train", "--adata", str(inp), "--output", str(out),
+                     "--num-hvgs", "8"]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "x.txt").exists() and pp.read_bytes() == before
 
 
 def test_info(run, capsys):
@@ -616,6 +638,10 @@ def test_arc_state_run_infer_import_info(tmp_path, capsys):
     assert main(["import-arc", str(run), "--out", str(saved)]) == 2
     assert (saved / "model.json").read_text() == "{}"
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["config.yaml"]
+    capsys.readouterr()  # a statetx model is not imported again
+    assert main(["import-arc", str(tmp_path / "m"), "--out", str(tmp_path / "m2")]) == 2
+    assert "is a statetx model, not an arc-state run" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()
 
 
 @pytest.mark.slow
