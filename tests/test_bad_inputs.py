@@ -598,7 +598,7 @@ def test_evaluate_bad_inputs(model, adata, tmp_path, capsys):
     with pytest.raises(DataError, match="pred X contains NaN or infinite values"):
         evaluate(bad, real, pert_col="gene", control_pert="ctrl", outdir=tmp_path / "ev")
     with pytest.raises(DataError, match=r"column 'target_gene' not found in pred obs"):
-        evaluate(pred, real, control_pert="ctrl", outdir=tmp_path / "ev")
+        evaluate(pred, real, pert_col="target_gene", control_pert="ctrl", outdir=tmp_path / "ev")
     assert not (tmp_path / "ev").exists()
     bad.write_h5ad(tmp_path / "bad.h5ad")
     real.write_h5ad(tmp_path / "real.h5ad")
