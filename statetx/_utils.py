@@ -6,6 +6,7 @@ import difflib
 import hashlib
 import os
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -131,12 +132,12 @@ def available_cpus() -> int:
 
 
 def atomic_write(path: str | os.PathLike, writer: Any, suffix: str = "") -> Path:
-    """Call ``writer(tmp)`` on ``.<name>.tmp<pid><suffix>`` next to ``path`` (a ``suffix`` for
-    writers that need one, e.g. ``np.save``), then rename it over ``path``; the temporary file
-    never outlives the call."""
+    """Call ``writer(tmp)`` on ``.<name>.tmp<pid>-<thread><suffix>`` next to ``path`` (a
+    ``suffix`` for writers that need one, e.g. ``np.save``), then rename it over ``path``; the
+    temporary file never outlives the call."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}{suffix}")
     try:
         writer(tmp)
         os.replace(tmp, path)
@@ -153,6 +154,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             fh.write(text)
 
     return atomic_write(path, write)
+
+
+def deepcopy_sharing(obj: Any, memo: dict, shared: tuple[str, ...] = ("_prepared",)) -> Any:
+    """``copy.deepcopy`` of an estimator whose ``shared`` attributes (the attached split data,
+    read-only and possibly large) the copy refers to instead of copying."""
+    import copy
+
+    new = obj.__class__.__new__(obj.__class__)
+    memo[id(obj)] = new
+    for k, v in obj.__dict__.items():
+        setattr(new, k, v if k in shared else copy.deepcopy(v, memo))
+    return new
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from statetx._utils import file_sha256, preview
+from statetx._utils import ARCH_CHOICES, file_sha256, preview
 from statetx.errors import ConfigError, DataError
 from statetx.nn import NetworkConfig, StateTransitionNetwork
 
@@ -388,7 +388,7 @@ def load_arc_run(
     if output_space is None:
         raise DataError(f"{ckpt_path}: the output space is recorded neither in the checkpoint nor "
                         "in config.yaml (data.kwargs.output_space); put config.yaml next to it.")
-    if output_space not in ("gene", "all", "embedding"):
+    if output_space not in ARCH_CHOICES["output_space"]:
         raise DataError(f"unknown output_space {output_space!r} in the checkpoint.")
     check.same("final_down_then_up present", has_all_block,
                output_space == "all" and predict_residual, "output_space/predict_residual")
@@ -646,7 +646,7 @@ def _resolve_attention(backbone: str, kw: dict, attention: str | None,
                        rope: float | None | EllipsisType, notes: list[str]
                        ) -> tuple[str, float | None]:
     """Attention mode and rotary base per arc-checkpoints.md §7 (never a silent guess)."""
-    if attention is not None and attention not in ("bidirectional", "causal"):
+    if attention is not None and attention not in ARCH_CHOICES["attention"]:
         raise ConfigError(f"attention must be 'bidirectional' or 'causal', got {attention!r}.")
     flag = kw.get("bidirectional_attention") if backbone == "llama" else None
     theta = float(kw.get("rope_theta", 10000.0))

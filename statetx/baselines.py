@@ -37,7 +37,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
-from statetx._utils import preview
+from statetx._utils import deepcopy_sharing, preview
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import DataInput, PreparedData, prepare, split_datasets
 from statetx.errors import ConfigError, DataError
@@ -274,9 +274,10 @@ class _Baseline(BaseEstimator):
                 clip: Any = "auto", missing_genes: str = "error") -> ad.AnnData:
         """Predict the perturbed state of the cells of ``adata`` (options as ST's ``predict``).
 
-        Every cell needs a perturbation label and a cell type; basal cells are drawn (``seed``,
-        default the estimator's) from the input's controls of the same cell type, and of the
-        same batch (where it has controls) when the baseline has a ``batch_col``
+        Every cell needs a perturbation label and a cell type (a baseline fitted on one cell
+        type takes every cell as that one when the column is absent); basal cells are drawn
+        (``seed``, default the estimator's) from the input's controls of the same cell type,
+        and of the same batch (where it has controls) when the baseline has a ``batch_col``
         (``basal_pool``: ``"cell_type"`` or ``"batch"`` to choose; ``batch_col`` names the
         input's column if it differs; ``basal_fallback='all_controls'`` uses every control
         when a cell type has none).
@@ -319,8 +320,8 @@ class _Baseline(BaseEstimator):
         out = self._output(pred, obs, clip)
         out.uns["statetx"] = {"baseline": self.name, "seed": seed, "basal_pool": pool_mode,
                               "control_pert": control, "pert_col": pert_col,
-                              "celltype_col": ct_col, "scale": self._scale,
-                              "notes": "\n".join(notes)}
+                              **({"celltype_col": ct_col} if ct_col in out.obs else {}),
+                              "scale": self._scale, "notes": "\n".join(notes)}
         return out
 
     def predict_split(self, split: str = "test", *, seed: int | None = None,
@@ -393,6 +394,9 @@ class _Baseline(BaseEstimator):
         state = self.__dict__.copy()
         state.pop("_prepared", None)
         return state
+
+    def __deepcopy__(self, memo: dict) -> _Baseline:
+        return deepcopy_sharing(self, memo)  # (the copy can predict_split: same data)
 
 
 class ControlMeanBaseline(_Baseline):

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from statetx._utils import ARCH_CHOICES
 from statetx.errors import ConfigError, DataError, SplitConfigError, StatetxError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -254,7 +255,7 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     inf.add_argument("--layout", default="statetx", choices=["statetx", "arc"],
                      help="statetx: a new AnnData of the predictions (default); arc: a copy of "
                      "the input with the predictions where arc-state's tx infer writes them")
-    inf.add_argument("--attention", choices=["bidirectional", "causal"],
+    inf.add_argument("--attention", choices=ARCH_CHOICES["attention"],
                      help="attention mode of an ambiguous arc-state checkpoint")
     _matmul_flag(inf)
     inf.set_defaults(func=cmd_infer)
@@ -291,7 +292,7 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _flag(s, "--control-pert", default=None, help="control label (default: 'non-targeting' "
           "or 'DMSO_TF', when exactly one of them is present)")
     _flag(s, "--embed-key", default=None)
-    _flag(s, "--output-space", default="all", choices=["gene", "all", "embedding"])
+    _flag(s, "--output-space", default="all", choices=ARCH_CHOICES["output_space"])
     s.set_defaults(func=cmd_split)
 
 
@@ -390,7 +391,7 @@ def _add_import_arc(sp: Any) -> None:
               "directory")
     ia.add_argument("run_dir", metavar="RUN_DIR")
     ia.add_argument("--checkpoint", default=None, help="default final.ckpt, else last.ckpt")
-    ia.add_argument("--attention", choices=["bidirectional", "causal"])
+    ia.add_argument("--attention", choices=ARCH_CHOICES["attention"])
     ia.add_argument("--rope", help="none or a rotary base (e.g. 10000)")
     _flag(ia, "--trust-pickle", action="store_true",
           help="allow arbitrary pickled objects (only for files you trust)")
@@ -417,6 +418,23 @@ def _add_demo(sp: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (``| head``); if so it is
+    pointed at /dev/null, so that the interpreter's final flush does not fail again."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        closed = any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() here: assume it was stdout
+        closed = True
+    if closed:
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return closed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -464,10 +482,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("statetx: interrupted", file=sys.stderr)
             return 130
-        except BrokenPipeError:  # the reader of the output went away (| head): stop quietly
-            with contextlib.suppress(OSError, ValueError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return EXIT_FAILURE
         except (UsageError, ConfigError, SplitConfigError, DataError) as exc:
             if debug:
                 import traceback
@@ -476,6 +490,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"statetx: error: {_cli_names(str(exc), ns)}", file=sys.stderr)
             return EXIT_USAGE
         except Exception as exc:  # noqa: BLE001 - one clear message, traceback with --debug
+            if isinstance(exc, BrokenPipeError) and _stdout_closed():
+                return EXIT_FAILURE  # the reader of the output went away (| head): quietly
             if debug:
                 import traceback
 
@@ -611,7 +627,6 @@ def _list_keys() -> None:
 
 
 def _dry_run(plan: Any) -> int:
-
     from statetx.model import StateTransitionModel
     from statetx.presets import describe, network_config_for
 
@@ -881,7 +896,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
             if unknown:
                 raise DataError(f"--celltypes: {', '.join(unknown)} not found in obs['{ct_col}'] "
                                 f"(it holds {preview(sorted(set(labels)), 12)})."
-                                + did_you_mean(unknown[0], set(labels)))
+                                + did_you_mean(unknown[0], sorted(set(labels))))
             adata = adata[labels.isin(wanted).to_numpy()].copy()
         if a.embed_key and a.embed_key not in ("X",) and a.embed_key != c.embed_key:
             adata = _remap_embedding(adata, a.embed_key, c.embed_key)
@@ -898,8 +913,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
             source = "X_hvg (no obsm['X_hvg'] in the input: its genes are read from X by name)"
         _say(f"model {a.model_dir}: input {source}, {model.n_features_in_} features; "
              f"pert_col={pert_col!r}, cell type column={ct_col!r}, batch column={batch_col!r}"
-             + (" (unused: controls are paired within the cell type)" if batch_col is None
-                else "") + ", "
+             + ("" if needs_batch else " (not used: controls are not paired by batch)") + ", "
              f"control={control!r}; attention {model.network_config_.attention}; fp32, "
              f"matmul precision {a.matmul_precision}")
         pred = model.predict(
@@ -1023,12 +1037,12 @@ def _read(path: str | Path, backed: bool = False) -> Any:
                         f"{type(exc).__name__}: {exc}") from None
 
 
-def _check_output(a: argparse.Namespace) -> None:
-    """``--output`` of a preprocessing command: a new .h5ad file, not the input."""
-    out = Path(a.output)
+def _check_output(output: str, source: str) -> None:
+    """``--output`` of a command that writes an AnnData: a .h5ad file, not its input."""
+    out = Path(output)
     if out.suffix != ".h5ad":
         raise UsageError(f"--output {out}: the result is an AnnData; use a .h5ad file name.")
-    if out.exists() and Path(a.adata).exists() and out.resolve() == Path(a.adata).resolve():
+    if out.exists() and Path(source).exists() and out.resolve() == Path(source).resolve():
         raise UsageError(f"--output {out} is the input file: give another name (the input is "
                          "kept as it is).")
 
@@ -1036,7 +1050,7 @@ def _check_output(a: argparse.Namespace) -> None:
 def cmd_preprocess_train(a: argparse.Namespace) -> int:
     from statetx.pp import preprocess_train
 
-    _check_output(a)
+    _check_output(a.output, a.adata)
     adata = _read(a.adata)
     _say(f"preprocess_train {a.adata}: {adata.n_obs} cells x {adata.n_vars} genes, "
          f"{a.num_hvgs} HVGs, flavor {a.flavor}, "
@@ -1053,7 +1067,7 @@ def cmd_preprocess_train(a: argparse.Namespace) -> int:
 def cmd_preprocess_infer(a: argparse.Namespace) -> int:
     from statetx.pp import make_control_template
 
-    _check_output(a)
+    _check_output(a.output, a.adata)
     adata = _read(a.adata)
     cols = list(map(str, adata.obs.columns))
     ct = a.celltype_col
@@ -1080,6 +1094,7 @@ def cmd_filter(a: argparse.Namespace) -> int:
 
     from statetx.pp import filter_on_target_knockdown
 
+    _check_output(a.output, a.input)
     adata = _read(a.input)
     var_col = a.var_gene_name
     if var_col and var_col not in adata.var.columns:
@@ -1256,9 +1271,9 @@ def cmd_import_arc(a: argparse.Namespace) -> int:
         raise UsageError(f"{run}: not found.")
     from statetx.run import looks_like_run
 
-    own = run if run.is_dir() else run.parent.parent
-    if looks_like_run(own) or (run.is_dir() and (run / "model.safetensors").is_file()):
-        raise UsageError(f"{run} is a statetx {'run' if looks_like_run(own) else 'model'}, not an "
+    is_run = looks_like_run(run if run.is_dir() else run.parent.parent)
+    if is_run or (run.is_dir() and (run / "model.safetensors").is_file()):
+        raise UsageError(f"{run} is a statetx {'run' if is_run else 'model'}, not an "
                          "arc-state run: nothing to import. Use it as it is (tx infer --model_dir, "
                          "tx predict --output_dir, StateTransitionModel.load_run / load).")
     out = Path(a.out)

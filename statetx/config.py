@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from statetx._utils import did_you_mean
+from statetx._utils import ARCH_CHOICES, did_you_mean
 from statetx.errors import ConfigError, SplitConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,7 +40,7 @@ else:  # pragma: no cover
 
 SECTIONS = ("datasets", "training", "zeroshot", "fewshot")
 SPLITS = ("train", "val", "test")
-OUTPUT_SPACES = ("gene", "all", "embedding")
+OUTPUT_SPACES = ARCH_CHOICES["output_space"]
 DATA_SUFFIXES = (".h5", ".h5ad")
 
 

@@ -216,7 +216,20 @@ def prepare(
     dtype: str = "float32",
     splits: tuple[str, ...] = SPLITS,
 ) -> PreparedData:
-    """Validate inputs against the split spec and build the per-split matrices."""
+    """Validate the data against the split spec and build the per-split matrices.
+
+    ``data``: an AnnData (the dataset the spec names, or ``dataset_name``), a dict of them by
+    dataset name, or None to read the spec's ``[datasets]`` files. ``split_config``: a
+    :class:`~statetx.config.SplitConfig`, dict, TOML path or string (None: every cell trains).
+    ``columns``: a :class:`~statetx.config.ColumnMap` (obs columns, control label, input and
+    output space). ``vocab``: reuse a fitted vocabulary (label codes as in training);
+    ``pert_features`` (a file or a name → vector mapping) replaces the one-hot perturbation
+    vectors, ``on_missing_features`` says what a perturbation without one gets. The other
+    options are the estimator's parameters of the same names (``allow_counts``: accept count
+    data with ``output_space='all'``; ``splits``: build only these). Returns a
+    :class:`PreparedData`: vocabulary, one :class:`SplitData` per non-empty split, the split
+    summary and the feature names.
+    """
     np_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
     if np_dtype is None:
         raise ConfigError(f"dtype={dtype!r} is invalid; expected 'float32' or 'float16'.")
@@ -265,8 +278,10 @@ def prepare(
                         names, gene_names, is_log1p, config=given)
 
 
-def check_training_split(train, config: SplitConfig, yield_controls: bool) -> None:
-    """A training split (in memory or streamed; None = no cells) must hold perturbed cells."""
+def check_training_split(train: SplitData | None, config: SplitConfig,
+                         yield_controls: bool) -> None:
+    """A training split (in memory, or a streamed ``StreamSplit``: only ``is_control`` is read;
+    None = no cells) must hold perturbed cells."""
     no_training = "" if config.training or not config.referenced_datasets() else (
         " The split spec has no [training] section, so only the held-out cell types' controls "
         "train: list the datasets that train, e.g. [training] " + ", ".join(
@@ -293,7 +308,8 @@ def counts_source(output_space: str, counts_key: str | None) -> str | None:
     return None if counts_key == "X" else (counts_key or "X_hvg")
 
 
-def input_sources(files: list[DataFile], c: ColumnMap, counts_key: str | None):
+def input_sources(files: list[DataFile], c: ColumnMap, counts_key: str | None
+                  ) -> tuple[str | None, str | None | bool, list[str], list[str] | None]:
     """Input source, gene-space target source, and their column names (checked across files)."""
     src = c.embed_key
     if c.output_space == "embedding" and src is None:
@@ -455,7 +471,9 @@ def split_datasets(prepared: PreparedData, split: SplitData, rows: np.ndarray,
 def _check_finite(x: np.ndarray, split: str, expression: bool) -> None:
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
-        raise DataError(f"{int(bad.sum())} cells of the {split} split have NaN or Inf expression "
+        n = int(bad.sum())
+        raise DataError(f"{n} cell{'s' if n > 1 else ''} of the {split} split "
+                        f"{'have' if n > 1 else 'has'} NaN or Inf expression "
                         "values. Remove or repair them before training.")
     if expression and (x < 0).any():  # embeddings (PCA, scVI, ...) may well be negative
         warnings.warn(f"the {split} split has negative expression values; ST expects "

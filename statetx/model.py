@@ -25,6 +25,7 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
 from statetx._utils import (
+    deepcopy_sharing,
     did_you_mean,
     history_frame,
     json_default,
@@ -64,13 +65,14 @@ from statetx.predict import (
 from statetx.presets import describe, network_config_for, resolve_architecture
 from statetx.sets import ReadDepthThinning, check_read_depth, check_sampler_options
 from statetx.stream import make_sampler, preparer, stream_settings
-from statetx.train import TrainConfig, Trainer, check_flag
+from statetx.train import TrainConfig, Trainer, check_flag, start_at_mean_response
 from statetx.vocab import Vocab
 
 FORMAT_VERSION = 1
 
 #: ``preset="auto"`` picks ``small`` below this many training cells, else ``state_sm``.
 AUTO_SMALL_MAX_CELLS = 100_000
+AUTO_PRESETS = ("small", "state_sm")
 
 #: Training settings used when ``batch_size`` / ``max_steps`` / ``lr`` are left as None and
 #: ``weight_averaging`` as ``"auto"``. Named reference presets keep the reference's values (batch
@@ -361,7 +363,7 @@ class StateTransitionModel(BaseEstimator):
         ``state_sm``."""
         if self.preset != "auto":
             return self.preset
-        return "small" if n_train_cells < AUTO_SMALL_MAX_CELLS else "state_sm"
+        return AUTO_PRESETS[0] if n_train_cells < AUTO_SMALL_MAX_CELLS else AUTO_PRESETS[1]
 
     def _training_defaults(self, preset: str, n_train_cells: int, set_len: int) -> dict:
         """Values for the training settings left as None (see :data:`TRAINING_DEFAULTS`)."""
@@ -493,7 +495,7 @@ class StateTransitionModel(BaseEstimator):
                           "output 'gene'.", UserWarning, stacklevel=4)
         # architecture errors (preset name, model_kwargs, pairing) before reading data; "auto"
         # picks its preset from the data: an error here is one that every candidate would raise
-        candidates = ("small", "state_sm") if self.preset == "auto" else (self.preset,)
+        candidates = AUTO_PRESETS if self.preset == "auto" else (self.preset,)
         errors = []
         with warnings.catch_warnings():  # fit gives the warnings once, for the preset it uses
             warnings.simplefilter("ignore")
@@ -591,7 +593,6 @@ class StateTransitionModel(BaseEstimator):
         train_cfg = self._train_config(settings)
         # torchrun: join/create the process group (None = one process, nothing distributed);
         # train sets are sharded across ranks, validation batches are dealt by the Trainer
-
         ddp = init_distributed(self.device)
         rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
         verbose = self.progress and rank == 0
@@ -633,7 +634,7 @@ class StateTransitionModel(BaseEstimator):
                 f"{columns.output_space!r}).", UserWarning, stacklevel=3)
         _warn_unused_loss_options(self.loss, self.loss_kwargs, network.gene_decoder is not None)
         if network.pert_bias is not None:
-            _start_at_mean_response(network, prepared.splits["train"], vocab)
+            start_at_mean_response(network, prepared.splits["train"], vocab)
             if not self.train_pert_skip:  # keep the mean-response skip fixed during training
                 for layer in (network.pert_bias, network.pert_mean_scale):
                     if layer is not None:
@@ -853,10 +854,11 @@ class StateTransitionModel(BaseEstimator):
 
     def predict(self, adata: ad.AnnData, *, pert_col: str | None = None,
                 cell_type_col: str | None = None, batch_col: str | None = None,
-                control_pert: str | None = None, seed: int = 42, set_len: int | None = None,
-                windows: str = "balanced", basal_pool: str | None = None,
-                basal_fallback: str = "error", unknown_perturbation: str = "error",
-                unknown_batch: str = "error", predict_controls: bool = True,
+                control_pert: str | None = None, seed: int | None = None,
+                set_len: int | None = None, windows: str = "balanced",
+                basal_pool: str | None = None, basal_fallback: str = "error",
+                unknown_perturbation: str = "error", unknown_batch: str = "error",
+                predict_controls: bool = True,
                 all_perts: bool = False,
                 n_cells_per_pert: int | Mapping[str, int] | None = None,
                 perturbations: Sequence[str] | None = None,
@@ -903,7 +905,8 @@ class StateTransitionModel(BaseEstimator):
             The input's control label (default: the model's); another label is read as the
             model's control.
         seed
-            Seeds the basal draws (and clones), per (context, perturbation) group. The draws
+            Seeds the basal draws (and clones), per (context, perturbation) group (default: the
+            estimator's ``seed``, as the baselines do). The draws
             follow the cells' order within a group: the same cells in another order get other
             controls and sets (the same distribution; single cells differ, and group means by
             the sampling noise of the controls).
@@ -931,6 +934,7 @@ class StateTransitionModel(BaseEstimator):
         check_count("sets_per_pass", sets_per_pass, optional=False)
         if layout not in ("statetx", "arc"):
             raise ConfigError(f"layout={layout!r} is invalid; expected 'statetx' or 'arc'.")
+        seed = int(self.seed) if seed is None else seed
         check_count("seed", seed, 0, optional=False)
         check_count("set_len", set_len)
         counts = n_cells_per_pert if isinstance(n_cells_per_pert, Mapping) else None
@@ -1092,7 +1096,7 @@ class StateTransitionModel(BaseEstimator):
     def simulate(self, controls: ad.AnnData,
                  perturbations: Sequence[str] | Mapping[str, int] | None = None,
                  n_cells: int | None = None, *, tsv: str | Path | pd.DataFrame | None = None,
-                 seed: int = 42, **predict_options: Any) -> ad.AnnData:
+                 seed: int | None = None, **predict_options: Any) -> ad.AnnData:
         """A virtual experiment: every perturbation applied to clones of control cells.
 
         ``perturbations``: None = every perturbation the model knows (reference
@@ -1238,7 +1242,7 @@ class StateTransitionModel(BaseEstimator):
             place(counts, self.gene_names_, key, "X_pred" if key is None else f"{key}_pred")
         return out
 
-    def predict_split(self, split: str = "test", *, seed: int = 42, clip: Any = "auto",
+    def predict_split(self, split: str = "test", *, seed: int | None = None, clip: Any = "auto",
                       windows: str = "balanced", controls: str = "predicted",
                       matmul_precision: str = "highest",
                       pseudobulk: bool = False) -> tuple[ad.AnnData, ad.AnnData]:
@@ -1266,6 +1270,8 @@ class StateTransitionModel(BaseEstimator):
         ``seed``, ``clip`` and ``windows`` as in :meth:`predict`.
         """
         check_matmul_precision(matmul_precision)
+        seed = int(self.seed) if seed is None else seed
+        check_count("seed", seed, 0, optional=False)
         if controls not in ("predicted", "real"):
             raise ConfigError(f"controls={controls!r} is invalid; expected 'predicted' or 'real'.")
         self._check_fitted()
@@ -1402,13 +1408,14 @@ class StateTransitionModel(BaseEstimator):
         c = self.columns_
         if pred.n_vars != x_real.shape[1]:
             raise DataError("score() needs the prediction and the input in the same space.")
-        pert_col = predict_options.get("pert_col") or c.pert_col
-        ct_col = predict_options.get("cell_type_col") or c.cell_type_key
-        control = predict_options.get("control_pert") or c.control_pert
-        pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
-        ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
-        pred_pert = pred.obs[pert_col].astype(str).to_numpy()
-        pred_ctx = pred.obs[ct_col].astype(str).to_numpy()
+        given_ct = predict_options.get("cell_type_col")
+        control = predict_options.get("control_pert")
+        control = c.control_pert if control is None else str(control)
+        pert, ctx, _ = input_labels(adata, predict_options.get("pert_col") or c.pert_col,
+                                    given_ct or c.cell_type_key, control, self.vocab_.cell_types,
+                                    given_ct is not None)
+        rows = pd.Index(adata.obs_names).get_indexer(pred.obs_names)  # (cell names are unique)
+        pred_pert, pred_ctx = pert[rows], ctx[rows]
         scores = []
         for cx in np.unique(ctx):
             ctrl_mean = x_real[(ctx == cx) & (pert == control)].mean(0)
@@ -1662,6 +1669,9 @@ class StateTransitionModel(BaseEstimator):
         state.pop("device_", None)
         return state
 
+    def __deepcopy__(self, memo: dict) -> StateTransitionModel:
+        return deepcopy_sharing(self, memo)  # (the copy can predict_split: same data)
+
     def __setstate__(self, state: dict) -> None:
         weights = state.pop("_network_state", None)
         self.__dict__.update(state)
@@ -1728,39 +1738,3 @@ def _group_means(src: torch.Tensor, rows: np.ndarray, group: np.ndarray, n_cells
         runs = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])  # a group's rows come in runs
         np.add.at(sums, g[runs], np.add.reduceat(x, runs, axis=0, dtype=np.float64))
     return (sums / np.maximum(n_cells, 1)[:, None]).astype(np.float32)
-
-
-def _start_at_mean_response(network: StateTransitionNetwork, train, vocab: Vocab) -> None:
-    """Start the ``pert_skip`` parameters at the training contexts' mean response.
-
-    ``shift``: b_p = the mean over contexts of (perturbed mean − control mean), the perturb-mean
-    baseline. ``mean_affine``: one scalar k_p per perturbation from the least-squares fit, pooled
-    over genes, of the contexts' perturbed means on their control means (both centred over the
-    contexts); a_p = k_p − 1 (clipped to [−1, 0.5]; 0 with fewer than 2 contexts) and b_p = the
-    mean shift − a_p · the mean control, so a context whose controls sit at the mean gets the
-    mean shift and one off the mean keeps the fraction k_p of its deviation. Both go through the
-    perturbation vectors by least squares (exact for one-hot features).
-    """
-    n = len(vocab.perturbations)
-    dim = network.config.output_dim
-    shift, scale = np.zeros((n, dim)), np.zeros((n, 1))
-    observed = np.zeros(n, dtype=bool)
-    observed[np.unique(train.pert[train.is_control])] = True  # controls: no change
-    for p, pairs in train.context_means().items():
-        ctrl = np.stack([c for c, _ in pairs])
-        pert = np.stack([t for _, t in pairs])
-        a = 0.0
-        if network.pert_mean_scale is not None and len(pairs) >= 2:
-            dx, dy = ctrl - ctrl.mean(0), pert - pert.mean(0)
-            denom = float((dx * dx).sum())
-            a = float(np.clip((dx * dy).sum() / denom - 1.0, -1.0, 0.5)) if denom > 0 else 0.0
-        shift[p] = (pert - ctrl).mean(0) - a * ctrl.mean(0)
-        scale[p] = a
-        observed[p] = True
-    feats = vocab.pert_matrix().astype(np.float64)[observed]
-    with torch.no_grad():
-        w = np.linalg.lstsq(feats, shift[observed], rcond=None)[0]  # [P, D]
-        network.pert_bias.weight.copy_(torch.from_numpy(w.T))
-        if network.pert_mean_scale is not None:
-            w = np.linalg.lstsq(feats, scale[observed], rcond=None)[0]  # [P, 1]
-            network.pert_mean_scale.weight.copy_(torch.from_numpy(w.T))

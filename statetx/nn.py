@@ -53,7 +53,6 @@ OUTPUT_SPACES = ARCH_CHOICES["output_space"]
 OUTPUT_ACTIVATIONS = ARCH_CHOICES["output_activation"]
 RESIDUAL_SPACES = ARCH_CHOICES["residual_space"]
 PERT_SKIPS = ARCH_CHOICES["pert_skip"]
-assert tuple(ACTIVATIONS) == ARCH_CHOICES["activation"]
 
 
 # --------------------------------------------------------------------------------------------

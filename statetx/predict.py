@@ -396,8 +396,10 @@ def input_matrix(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
     x = align_genes(adata, genes, embed_key, missing_genes, gene_name_col)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
+        n = int(bad.sum())
         raise DataError(
-            f"{int(bad.sum())} input cells have NaN or Inf values in the model's input "
+            f"{n} input cell{'s' if n > 1 else ''} {'have' if n > 1 else 'has'} NaN or Inf "
+            "values in the model's input "
             f"features ({embed_key or 'X'}), e.g. {preview(adata.obs_names[bad], 5)}. "
             "Remove or repair them before predicting."
         )

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from statetx._utils import did_you_mean, unknown_option_message
 from statetx.errors import ConfigError
 from statetx.nn import NetworkConfig, StateTransitionNetwork
+
+if TYPE_CHECKING:  # pragma: no cover
+    from statetx.data import PreparedData
 
 ARCH_KEYS = (
     "cell_set_len", "hidden_dim", "n_encoder_layers", "n_decoder_layers", "dropout", "activation",
@@ -228,7 +231,7 @@ def default_output_activation(embed_key: str | None) -> str:
     return "relu" if embed_key in (None, "X_hvg") else "none"
 
 
-def network_config_for(arch: dict, prepared: Any) -> NetworkConfig:
+def network_config_for(arch: dict, prepared: PreparedData) -> NetworkConfig:
     """:func:`build_network_config` with the widths of prepared training data
     (:class:`statetx.data.PreparedData`: input and gene widths, vocabulary, output space)."""
     vocab = prepared.vocab

@@ -171,7 +171,7 @@ def _keys() -> dict[str, Key]:
         # data.kwargs
         Key(d + "toml_config_path", None, "str", optional=True),
         Key(d + "embed_key", None, "str", optional=True),
-        Key(d + "output_space", "all", "str", ("gene", "all", "embedding")),
+        Key(d + "output_space", "all", "str", ARCH_CHOICES["output_space"]),
         Key(d + "pert_col", "gene", "str"),
         Key(d + "cell_type_key", "cell_type", "str"),
         Key(d + "batch_col", "gem_group", "str", optional=True),
@@ -1331,11 +1331,12 @@ def _check_same_run(run: Path, path: Path, meta: Mapping) -> None:
                         "be written into the wrong run. Name the checkpoint's own run folder.")
 
 
-def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, *,
+def attach_data(model: Any, run_dir: str | Path | None = None, *,
                 toml: str | Path | dict | SplitConfig | None = None,
                 data_root: str | Path | None = None, adata: Any = None,
                 stream: bool | None = None) -> PreparedData:
-    """Rebuild the split data of a loaded model (needed by ``predict_split``).
+    """Rebuild the split data of a loaded or unpickled model (``StateTransitionModel`` or a
+    baseline), which ``predict_split`` needs.
 
     The split spec is ``toml`` (a path, TOML string, dict or :class:`SplitConfig`), else the
     run's ``split.toml``, else the spec the model was fitted with (kept by pickling and
@@ -1379,6 +1380,9 @@ def attach_data(model: StateTransitionModel, run_dir: str | Path | None = None, 
                                 "file (toml=..., --toml FILE).") from None
     if stream is None:
         stream = getattr(model, "data_loading", "memory") == "stream"
+    if stream and not hasattr(model, "stream_chunk_size"):
+        raise ConfigError(f"{type(model).__name__} reads its split data into memory; leave "
+                          "stream unset.")
     from statetx.stream import preparer
 
     prepared = preparer(model.stream_chunk_size if adata is None and stream else None)(

@@ -170,6 +170,11 @@ class BatchSource(Protocol):
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[CellSetBatch]: ...
 
+    @property
+    def nbytes(self) -> int: ...  # the cells it would move to the accelerator
+
+    def to(self, device: torch.device | str) -> BatchSource: ...
+
 
 class CellSetSampler:
     """Deterministic, epoch-reshuffled cell-set batches over one split.

@@ -236,7 +236,7 @@ class StreamSplit:
     dtype: type = np.float32
     chunk_size: int = DEFAULT_CHUNK_SIZE
     # matrices (sources) whose every split row has been read and checked for NaN/Inf
-    checked: set = dataclasses.field(default_factory=set)
+    checked: set[str | None] = dataclasses.field(default_factory=set)
 
     def __post_init__(self) -> None:
         key = self.file_index * (int(self.file_row.max(initial=0)) // self.chunk_size + 1) \
@@ -363,7 +363,8 @@ class StreamSplit:
                                        x[torch.from_numpy(mask)])
         finally:
             reader.close()
-        self.checked.add(self.source)  # (the sampler need not read them again to check them)
+        if np.dtype(self.dtype) == np.float32:  # (float16 reads can overflow: checked then)
+            self.checked.add(self.source)  # the sampler need not read them again to check them
         out: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         if p_sum is None:
             return out

@@ -29,7 +29,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,6 +55,11 @@ from statetx.distributed import (
 from statetx.errors import ConfigError, DataError, StatetxError
 from statetx.losses import full_fp32_matmul, get_loss, nanmean
 from statetx.sets import BatchSource, CellSetBatch, CellSetSampler
+
+if TYPE_CHECKING:  # pragma: no cover
+    from statetx.data import SplitData
+    from statetx.nn import StateTransitionNetwork
+    from statetx.vocab import Vocab
 
 MAX_EMPTY_EPOCHS = 10  # a training split whose epochs stay empty this long is an error
 
@@ -162,6 +167,45 @@ def check_flag(name: str, value: object) -> None:
     if not (isinstance(value, (bool, np.bool_))
             or (isinstance(value, (int, np.integer)) and value in (0, 1))):
         raise ConfigError(f"{name}={value!r} must be True or False.")
+
+
+def start_at_mean_response(network: StateTransitionNetwork, train: SplitData | Any,
+                           vocab: Vocab) -> None:
+    """Start the ``pert_skip`` parameters of ``network`` at the mean response of the training
+    split ``train`` (in memory or streamed): what ``StateTransitionModel.fit`` does before
+    training a network with a skip (the ``small`` preset); a hand-built network starts at zero.
+
+    ``shift``: b_p = the mean over contexts of (perturbed mean − control mean), the perturb-mean
+    baseline. ``mean_affine``: one scalar k_p per perturbation from the least-squares fit, pooled
+    over genes, of the contexts' perturbed means on their control means (both centred over the
+    contexts); a_p = k_p − 1 (clipped to [−1, 0.5]; 0 with fewer than 2 contexts) and b_p = the
+    mean shift − a_p · the mean control, so a context whose controls sit at the mean gets the
+    mean shift and one off the mean keeps the fraction k_p of its deviation. Both go through the
+    perturbation vectors by least squares (exact for one-hot features).
+    """
+    n = len(vocab.perturbations)
+    dim = network.config.output_dim
+    shift, scale = np.zeros((n, dim)), np.zeros((n, 1))
+    observed = np.zeros(n, dtype=bool)
+    observed[np.unique(train.pert[train.is_control])] = True  # controls: no change
+    for p, pairs in train.context_means().items():
+        ctrl = np.stack([c for c, _ in pairs])
+        pert = np.stack([t for _, t in pairs])
+        a = 0.0
+        if network.pert_mean_scale is not None and len(pairs) >= 2:
+            dx, dy = ctrl - ctrl.mean(0), pert - pert.mean(0)
+            denom = float((dx * dx).sum())
+            a = float(np.clip((dx * dy).sum() / denom - 1.0, -1.0, 0.5)) if denom > 0 else 0.0
+        shift[p] = (pert - ctrl).mean(0) - a * ctrl.mean(0)
+        scale[p] = a
+        observed[p] = True
+    feats = vocab.pert_matrix().astype(np.float64)[observed]
+    with torch.no_grad():
+        w = np.linalg.lstsq(feats, shift[observed], rcond=None)[0]  # [P, D]
+        network.pert_bias.weight.copy_(torch.from_numpy(w.T))
+        if network.pert_mean_scale is not None:
+            w = np.linalg.lstsq(feats, scale[observed], rcond=None)[0]  # [P, 1]
+            network.pert_mean_scale.weight.copy_(torch.from_numpy(w.T))
 
 
 class Trainer:

@@ -136,7 +136,7 @@ def test_predict_control_label_absent_in_one_cell_type(model, adata):
 def test_predict_non_finite_expression(model, adata, value):
     adata.X[7, 3] = value
     name = adata.obs_names[7]
-    with pytest.raises(DataError, match=rf"1 input cells have NaN or Inf values .*e\.g\. {name}"):
+    with pytest.raises(DataError, match=rf"1 input cell has NaN or Inf values .*e\.g\. {name}"):
         model.predict(adata)
 
 
@@ -389,7 +389,7 @@ def _relabel(a, old: str, new: str) -> None:
 @pytest.mark.parametrize("edit,match", [
     (lambda a: a.obs.drop(columns=["gene"], inplace=True),
      r"perturbation column 'gene' is not in .*bad\.h5ad.*pass --pert-col"),
-    (lambda a: a.X.__setitem__((5, 0), np.nan), r"1 input cells have NaN or Inf values"),
+    (lambda a: a.X.__setitem__((5, 0), np.nan), r"1 input cell has NaN or Inf values"),
     (lambda a: a.X.__setitem__(slice(None), np.round(np.expm1(a.X) * 20)),
      r"looks like raw counts"),
     (lambda a: setattr(a, "var_names", [f"X{i}" for i in range(a.n_vars)]),
@@ -468,7 +468,7 @@ def _toml(d: Path, name: str, text: str) -> Path:
 @pytest.mark.parametrize("case,extra,match", [
     ("malformed", [], r"malformed\.toml: invalid TOML: .*line 3, column"),
     ("csc", [], r"'X' in .*csc\.h5ad is stored as 'csc_matrix'.*CSC is not supported"),
-    ("inf", [], r"1 cells of the train split have NaN or Inf expression values"),
+    ("inf", [], r"1 cell of the train split has NaN or Inf expression values"),
     ("empty", ["data.kwargs.should_yield_control_cells=false"],
      r"the training split is empty"),
     ("absent-pert", [], r"\[fewshot\]\.\"data\.CT1\".*P9"),

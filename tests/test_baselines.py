@@ -271,7 +271,7 @@ def test_bad_input_errors_name_the_problem(synth):
         m.predict(synth, control_pert="ctr")
     nan = synth.copy()
     nan.X[3, 0] = np.nan
-    with pytest.raises(DataError, match="1 input cells have NaN or Inf values"):
+    with pytest.raises(DataError, match="1 input cell has NaN or Inf values"):
         m.predict(nan)
     with pytest.raises(DataError, match="no 'val' split"):
         m.predict_split("val")
@@ -287,6 +287,7 @@ def test_a_one_context_model_needs_no_cell_type_column(synth, capsys):
     del bare.obs["cell_type"]
     for model in (ContextMeanBaseline(**SYN).fit(one), small_model(max_steps=2).fit(one)):
         np.testing.assert_allclose(model.predict(bare).X, model.predict(one).X)
+        assert model.score(bare) == pytest.approx(model.score(one))
         assert "the model's only one ('CT0')" in capsys.readouterr().out
         with pytest.raises(DataError, match="no obs column 'celltype'"):
             model.predict(bare, cell_type_col="celltype")

@@ -583,6 +583,13 @@ def test_preprocess_and_knockdown_filter(tmp_path, capsys):
     assert not (tmp_path / "x.txt").exists() and pp.read_bytes() == before
 
 
+def test_output_into_a_closed_pipe_stops_quietly():
+    """`statetx tx train --list-keys | head -1`: no error when the reader goes away."""
+    r = subprocess.run(f'"{sys.executable}" -m statetx tx train --list-keys | true', shell=True,
+                       capture_output=True, text=True, timeout=120)
+    assert "error" not in r.stderr
+
+
 def test_info(run, capsys):
     assert main(["info", str(run)]) == 0
     o = capsys.readouterr().out

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -36,17 +34,21 @@ def test_nullable_strings_written_as_plain_strings(tmp_path, monkeypatch):
 
 
 def test_result_tables_are_readable_like_any_new_file(tmp_path):
-    """Atomic writes go through mkstemp (mode 0600); the final file gets the umask's mode."""
+    """Metric tables are written atomically (a temporary file renamed over the result); the
+    result gets the umask's mode, like any new file, and no temporary file is left."""
     import os
     import stat
 
-    from statetx.metrics._table import atomic_write
+    import pandas as pd
 
-    atomic_write(tmp_path / "agg_results.csv", lambda p: Path(p).write_text("a,b\n"))
+    from statetx.metrics._table import write_de_csv
+
+    write_de_csv(pd.DataFrame({"a": [1.0]}), tmp_path / "de.csv")
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
-    mode = stat.S_IMODE(os.stat(tmp_path / "agg_results.csv").st_mode)
+    mode = stat.S_IMODE(os.stat(tmp_path / "de.csv").st_mode)
     assert mode == stat.S_IMODE(os.stat(plain).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["de.csv", "plain.txt"]
 
 
 def test_saved_model_weights_get_the_umask_mode(tmp_path):

@@ -129,7 +129,7 @@ def test_predict_split_same_cells_in_pred_and_real(fitted):
     assert (pred.obs["pert_cell_barcode"] == real.obs["pert_cell_barcode"]).all()
     assert set(pred.obs["cell_type"]) == {"CT2"}
     for a in (pred, real):  # what the plots and metrics need to pair them
-        assert a.uns["statetx"] == {"split": "test", "seed": 42, "pert_col": "gene",
+        assert a.uns["statetx"] == {"split": "test", "seed": 0, "pert_col": "gene",  # model's
                                     "control_pert": "ctrl", "celltype_col": "cell_type",
                                     "scale": "log1p"}
     with pytest.raises(DataError, match="no 'val' split"):
@@ -195,6 +195,19 @@ def test_pickle_roundtrip_identical_predictions(fitted, tmp_path):
         after = torch.rand(3)
         torch.manual_seed(7)
         assert torch.equal(after, torch.rand(3))
+
+
+def test_deepcopy_is_independent_and_keeps_the_split_data(fitted):
+    import copy
+
+    model, _ = fitted
+    twin = copy.deepcopy(model)
+    assert twin.network_ is not model.network_
+    for got, want in zip(twin.predict_split("test"), model.predict_split("test")):
+        np.testing.assert_array_equal(got.X, want.X)
+    with torch.no_grad():
+        next(twin.network_.parameters()).add_(1.0)  # the original's weights are its own
+    assert not torch.equal(next(twin.network_.parameters()), next(model.network_.parameters()))
 
 
 def test_saved_model_keeps_feature_vectors_given_as_a_dict(fitted, tmp_path):

@@ -529,3 +529,10 @@ def test_cpu_attention_kernel_choice():
         assert not _math_attention_is_faster(q(256, False))
     bf16 = torch.zeros(1, 1, 512, 4, dtype=torch.bfloat16, requires_grad=True)
     assert _math_attention_is_faster(bf16)
+
+
+def test_the_option_table_names_every_activation():
+    from statetx._utils import ARCH_CHOICES
+    from statetx.nn import ACTIVATIONS
+
+    assert tuple(ACTIVATIONS) == ARCH_CHOICES["activation"]

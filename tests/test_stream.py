@@ -280,6 +280,17 @@ def test_non_finite_rows_are_reported_with_the_file(adata, tmp_path):
                                         "values in X"):
         model(max_steps=30).fit(None, _spec(path), output_dir=out)
     assert not out.exists() or not any(out.iterdir())
+    skip = {**SMALL, "pert_skip": "shift", "residual_space": "input", "predict_residual": True}
+    with pytest.raises(DataError, match=rf"cell {name} \(row {row}\) has NaN or Inf"):
+        model(max_steps=30, model_kwargs=skip).fit(None, _spec(path))  # (the mean-response pass)
+    big = adata.copy()  # a value float16 cannot hold becomes Inf when read as float16
+    x = big.X.toarray()
+    x[row, 3] = 7e4
+    big.X = sp.csr_matrix(x)
+    big.write_h5ad(tmp_path / "big.h5ad")
+    with pytest.raises(DataError, match=rf"cell {name} \(row {row}\) has NaN or Inf"):
+        model(max_steps=30, model_kwargs=skip, dtype="float16").fit(
+            None, _spec(tmp_path / "big.h5ad"))
     # under torchrun the check is shared out: the process whose share holds the cell fails
     prepared = prepare_stream(None, _spec(path), COLUMNS, chunk_size=CHUNK)
     split = prepared.splits["train"]

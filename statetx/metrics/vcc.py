@@ -405,7 +405,7 @@ def _write_archive(adata: ad.AnnData, output: Path, stem: str, info: Mapping[str
             ti.mtime = int(now)
             return ti
 
-        def pack(tmp_tar: str) -> None:
+        def pack(tmp_tar: Path) -> None:
             with tarfile.open(tmp_tar, "w") as tar:
                 tar.add(zst, arcname=zst.name, filter=plain)
                 mark = plain(tarfile.TarInfo(WATERMARK_NAME))
