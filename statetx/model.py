@@ -906,10 +906,10 @@ class StateTransitionModel(BaseEstimator):
             model's control.
         seed
             Seeds the basal draws (and clones), per (context, perturbation) group (default: the
-            estimator's ``seed``, as the baselines do). The draws
-            follow the cells' order within a group: the same cells in another order get other
-            controls and sets (the same distribution; single cells differ, and group means by
-            the sampling noise of the controls).
+            estimator's ``seed``, as the baselines do). The draws follow the cells' order within
+            a group: the same cells in another order get other controls and sets (the same
+            distribution; single cells differ, and group means by the sampling noise of the
+            controls).
         set_len, windows
             Cells per set (default: the model's ``cell_set_len``) and how a group is cut into
             sets: ``"balanced"`` (⌈n/S⌉ sets of nearly equal size) or ``"reference"`` (chunks of

@@ -59,6 +59,7 @@ from statetx.sets import BatchSource, CellSetBatch, CellSetSampler
 if TYPE_CHECKING:  # pragma: no cover
     from statetx.data import SplitData
     from statetx.nn import StateTransitionNetwork
+    from statetx.stream import StreamSplit
     from statetx.vocab import Vocab
 
 MAX_EMPTY_EPOCHS = 10  # a training split whose epochs stay empty this long is an error
@@ -169,7 +170,7 @@ def check_flag(name: str, value: object) -> None:
         raise ConfigError(f"{name}={value!r} must be True or False.")
 
 
-def start_at_mean_response(network: StateTransitionNetwork, train: SplitData | Any,
+def start_at_mean_response(network: StateTransitionNetwork, train: SplitData | StreamSplit,
                            vocab: Vocab) -> None:
     """Start the ``pert_skip`` parameters of ``network`` at the mean response of the training
     split ``train`` (in memory or streamed): what ``StateTransitionModel.fit`` does before
