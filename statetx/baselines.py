@@ -388,6 +388,7 @@ class _Baseline(BaseEstimator):
 
     # ST's score works unchanged on a baseline (it only uses predict and the fitted columns).
     score = StateTransitionModel.score
+    feature_names_in_ = StateTransitionModel.feature_names_in_
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict:

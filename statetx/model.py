@@ -1681,6 +1681,11 @@ class StateTransitionModel(BaseEstimator):
             net.eval()
             self.network_ = net
 
+    @property
+    def feature_names_in_(self) -> np.ndarray:
+        """The input feature names (scikit-learn's name for ``var_names_``)."""
+        return np.asarray(self.var_names_, dtype=object)
+
     def to(self, device: str | torch.device) -> StateTransitionModel:
         """Move the fitted network to ``device`` (for prediction)."""
         self._check_fitted()

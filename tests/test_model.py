@@ -45,6 +45,7 @@ def fitted():
 
 def test_init_only_stores_params_and_clone():
     m = small_model(lr=3e-4)
+    assert not hasattr(m, "feature_names_in_")
     assert m.get_params()["lr"] == 3e-4
     c = clone(m).set_params(lr=1e-3, max_steps=2)
     assert c.lr == 1e-3 and m.lr == 3e-4
@@ -183,6 +184,7 @@ def test_basal_groups_keys_pools_and_order():
 
 def test_pickle_roundtrip_identical_predictions(fitted, tmp_path):
     model, adata = fitted
+    assert list(model.feature_names_in_) == list(adata.var_names)  # (scikit-learn's name)
     clone_ = pickle.loads(pickle.dumps(model))
     a = model.predict(adata).X
     b = clone_.predict(adata).X
