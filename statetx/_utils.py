@@ -22,18 +22,6 @@ SET_LOSS_OPTIONS = ("blur", "sinkhorn_weight", "energy_weight", "mmd_num_chunks"
 TRAINING_LOSS_OPTIONS = ("decoder_weight", "detach_decoder", "regularization")
 LOSS_OPTION_ALIASES = {"decoder_loss_weight": "decoder_weight"}
 
-# the choices of the network's string options (statetx.nn checks them; the CLI's key table
-# and the attention probe list them without importing torch)
-ARCH_CHOICES = {
-    "activation": ("gelu", "relu", "silu"),
-    "backbone": ("llama", "gpt2"),
-    "attention": ("bidirectional", "causal"),
-    "output_space": ("gene", "all", "embedding"),
-    "output_activation": ("relu", "none"),
-    "residual_space": ("hidden", "input"),
-    "pert_skip": ("none", "shift", "mean_affine"),
-}
-
 # ``torch.compile`` modes accepted by training (here: the CLI's key table must not import torch)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # ``torch.set_float32_matmul_precision`` values ("medium": bf16 products on CPUs with AMX, TF32

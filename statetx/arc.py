@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from statetx._utils import ARCH_CHOICES, file_sha256, preview
+from statetx._options import ARCH_CHOICES
+from statetx._utils import file_sha256, preview
 from statetx.errors import ConfigError, DataError
 from statetx.nn import NetworkConfig, StateTransitionNetwork
 

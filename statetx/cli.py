@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from statetx._utils import ARCH_CHOICES
+from statetx._options import ARCH_CHOICES
 from statetx.errors import ConfigError, DataError, SplitConfigError, StatetxError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from statetx._utils import ARCH_CHOICES, did_you_mean
+from statetx._options import ARCH_CHOICES
+from statetx._utils import did_you_mean
 from statetx.errors import ConfigError, SplitConfigError
 
 if TYPE_CHECKING:  # pragma: no cover

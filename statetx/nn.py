@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from statetx._utils import ARCH_CHOICES, did_you_mean, unknown_option_message
+from statetx._options import ARCH_CHOICES
+from statetx._utils import did_you_mean, unknown_option_message
 from statetx.errors import ConfigError, DataError
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from statetx._utils import ARCH_CHOICES
+from statetx._options import ARCH_CHOICES
 from statetx.errors import ConfigError, DataError
 from statetx.losses import energy_distance
 from statetx.predict import align_genes

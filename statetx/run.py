@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from statetx._options import ARCH_CHOICES
 from statetx._utils import (
-    ARCH_CHOICES,
     COMPILE_MODES,
     RESUMABLE_PARAMS,
     SET_LOSS_OPTIONS,

@@ -532,7 +532,7 @@ def test_cpu_attention_kernel_choice():
 
 
 def test_the_option_table_names_every_activation():
-    from statetx._utils import ARCH_CHOICES
+    from statetx._options import ARCH_CHOICES
     from statetx.nn import ACTIVATIONS
 
     assert tuple(ACTIVATIONS) == ARCH_CHOICES["activation"]

@@ -1,0 +1,13 @@
+"""The choices of the network's string options, in one table (standard library only: the
+command line builds its parser from it without importing NumPy or torch)."""
+
+# statetx.nn checks them; the configuration schema, the CLI and the importers list them
+ARCH_CHOICES = {
+    "activation": ("gelu", "relu", "silu"),
+    "backbone": ("llama", "gpt2"),
+    "attention": ("bidirectional", "causal"),
+    "output_space": ("gene", "all", "embedding"),
+    "output_activation": ("relu", "none"),
+    "residual_space": ("hidden", "input"),
+    "pert_skip": ("none", "shift", "mean_affine"),
+}
