@@ -399,9 +399,8 @@ def input_matrix(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
         n = int(bad.sum())
         raise DataError(
             f"{n} input cell{'s' if n > 1 else ''} {'have' if n > 1 else 'has'} NaN or Inf "
-            "values in the model's input "
-            f"features ({embed_key or 'X'}), e.g. {preview(adata.obs_names[bad], 5)}. "
-            "Remove or repair them before predicting."
+            f"values in the model's input features ({embed_key or 'X'}), e.g. "
+            f"{preview(adata.obs_names[bad], 5)}. Remove or repair them before predicting."
         )
     return x
 
