@@ -202,7 +202,8 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _flag(pr, "--num-threads", type=int, default=None,
           help="DE threads (default: the CPUs available to the process)")
     _flag(pr, "--data-root", metavar="DIR", help="directory that now holds the run's data files")
-    pr.add_argument("--seed", type=int, default=42, help="seed of the control draws")
+    pr.add_argument("--seed", type=int, default=None,
+                    help="seed of the control draws (default: the run's training seed)")
     _matmul_flag(pr)
     pr.set_defaults(func=cmd_predict)
     # infer
@@ -222,7 +223,8 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
                      "or repeated)")
     _flag(inf, "--batch-col", help="batch column (default: the model's, then auto-detect)")
     _flag(inf, "--control-pert", help="control label (default: the model's)")
-    inf.add_argument("--seed", type=int, default=42)
+    inf.add_argument("--seed", type=int, default=None,
+                     help="seed of the control draws (default: the model's training seed)")
     _flag(inf, "--max-set-len", type=int, help="cells per set (default: the model's)")
     _flag(inf, "--batch-size", type=int, help="sets per forward pass (memory only)")
     inf.add_argument("--tsv", help="table (perturbation, num_cells): add that many virtual cells")
@@ -232,7 +234,7 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
           "context with --all-perts (default: the context's number of controls)")
     _flag(inf, "--min-cells", type=int, help="clone cells up to this many per group")
     _flag(inf, "--max-cells", type=int, help="subsample groups down to this many cells")
-    inf.add_argument("--quiet", action="store_true")
+    inf.add_argument("--quiet", action="store_true", help="print nothing but errors")
     inf.add_argument("--windows", default="balanced", choices=["balanced", "reference"],
                      help="how a group is cut into sets: sets of nearly equal size (default), or "
                      "chunks of the set length and a remainder, as arc-state")
@@ -429,8 +431,8 @@ def _stdout_closed() -> bool:
         poll = select.poll()
         poll.register(sys.stdout.fileno(), select.POLLOUT)
         closed = any(events & select.POLLERR for _, events in poll.poll(0))
-    except (AttributeError, OSError, ValueError):  # no poll() here: assume it was stdout
-        closed = True
+    except (AttributeError, OSError, ValueError):  # no poll() here, or no file: unknown
+        closed = False
     if closed:
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -882,8 +884,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
                             + did_you_mean(pert_col, map(str, adata.obs.columns)))
         ct_col = _pick_column(adata, a.celltype_col, c.cell_type_key, CELLTYPE_COLS,
                               "cell-type", "--celltype-col")
-        needs_batch = bool(model.network_config_.batch_encoder) or (
-            a.basal_pool or model._pairing()) == "batch"  # (as model.predict decides)
+        needs_batch = model._needs_batch(a.basal_pool)
         batch_col = (_pick_column(adata, a.batch_col, c.batch_col, BATCH_COLS, "batch",
                                   "--batch-col") if needs_batch else None)
         control = a.control_pert or c.control_pert
@@ -907,7 +908,8 @@ def cmd_infer(a: argparse.Namespace) -> int:
             raise UsageError(f"--min-cells {a.min_cells} is above --max-cells {a.max_cells}.")
         if a.tsv is not None and not Path(a.tsv).is_file():
             raise UsageError(f"--tsv {a.tsv}: file not found.")
-        adata = _expand_cells(adata, pert_col, control, a.tsv, a.seed)
+        seed = model._seed(a.seed)  # (default: the model's training seed)
+        adata = _expand_cells(adata, pert_col, control, a.tsv, seed)
         source = c.embed_key or "X"
         if source == "X_hvg" and "X_hvg" not in adata.obsm:  # the genes are matched in X
             source = "X_hvg (no obsm['X_hvg'] in the input: its genes are read from X by name)"
@@ -918,7 +920,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
              f"matmul precision {a.matmul_precision}")
         pred = model.predict(
             adata, pert_col=pert_col, cell_type_col=ct_col or c.cell_type_key,
-            batch_col=batch_col, control_pert=control, seed=a.seed, set_len=a.max_set_len,
+            batch_col=batch_col, control_pert=control, seed=seed, set_len=a.max_set_len,
             windows=a.windows, basal_pool=a.basal_pool, basal_fallback=a.basal_fallback,
             unknown_perturbation=a.unknown_perturbation, unknown_batch=a.unknown_batch,
             predict_controls=not a.no_predict_controls, all_perts=a.all_perts,

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import numpy as np
@@ -38,6 +39,9 @@ from statetx.splits import (
     summarize,
 )
 from statetx.vocab import Vocab, load_pert_features
+
+if TYPE_CHECKING:  # pragma: no cover
+    from statetx.stream import StreamSplit
 
 DataInput = ad.AnnData | Mapping[str, ad.AnnData] | None
 
@@ -278,10 +282,9 @@ def prepare(
                         names, gene_names, is_log1p, config=given)
 
 
-def check_training_split(train: SplitData | None, config: SplitConfig,
+def check_training_split(train: SplitData | StreamSplit | None, config: SplitConfig,
                          yield_controls: bool) -> None:
-    """A training split (in memory, or a streamed ``StreamSplit``: only ``is_control`` is read;
-    None = no cells) must hold perturbed cells."""
+    """A training split (in memory or streamed; None = no cells) must hold perturbed cells."""
     no_training = "" if config.training or not config.referenced_datasets() else (
         " The split spec has no [training] section, so only the held-out cell types' controls "
         "train: list the datasets that train, e.g. [training] " + ", ".join(

@@ -379,6 +379,18 @@ class StateTransitionModel(BaseEstimator):
                 "weight_averaging": (d["weight_averaging"] if self.weight_averaging == "auto"
                                      else self.weight_averaging)}
 
+    def _seed(self, seed: int | None) -> int:
+        """A prediction's seed: as given, else the estimator's."""
+        seed = int(self.seed) if seed is None else seed
+        check_count("seed", seed, 0, optional=False)
+        return seed
+
+    def _needs_batch(self, basal_pool: str | None) -> bool:
+        """Whether predicting needs the input's batch labels (a batch encoder, or basal cells
+        drawn within the batch: ``basal_pool``, default the training pairing)."""
+        return bool(self.network_config_.batch_encoder) or (
+            basal_pool or self._pairing()) == "batch"
+
     def _pairing(self) -> str:
         """Control pairing: ``auto`` = ``batch`` when ``batch_col`` is set, else ``random``."""
         if self.basal_mapping_strategy == "auto":
@@ -934,8 +946,7 @@ class StateTransitionModel(BaseEstimator):
         check_count("sets_per_pass", sets_per_pass, optional=False)
         if layout not in ("statetx", "arc"):
             raise ConfigError(f"layout={layout!r} is invalid; expected 'statetx' or 'arc'.")
-        seed = int(self.seed) if seed is None else seed
-        check_count("seed", seed, 0, optional=False)
+        seed = self._seed(seed)
         check_count("set_len", set_len)
         counts = n_cells_per_pert if isinstance(n_cells_per_pert, Mapping) else None
         if counts is None:
@@ -971,8 +982,7 @@ class StateTransitionModel(BaseEstimator):
             self._check_target_sum(adata)
         pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
                                           self.vocab_.cell_types, cell_type_col is not None)
-        needs_batch = self.network_config_.batch_encoder or basal_pool == "batch" or (
-            basal_pool is None and self._pairing() == "batch")
+        needs_batch = self._needs_batch(basal_pool)
         batch = pairing_batches(adata, batch_col, needs_batch)
         ctx_all, batch_all = ctx, batch  # every input cell's (ctx, batch: of the output rows)
         pool_mode = basal_pool or ("batch" if self._pairing() == "batch"
@@ -1061,7 +1071,7 @@ class StateTransitionModel(BaseEstimator):
         return out
 
     def finetune_on_controls(self, steps: int, split: str = "test", *, lr: float = 1e-5,
-                             seed: int = 42) -> StateTransitionModel:
+                             seed: int | None = None) -> StateTransitionModel:
         """Test-time fine-tuning (reference ``tx predict --test-time-finetune``): ``steps`` Adam
         steps at ``lr`` on sets of the split's control cells only (control → control), one set
         per step, before predicting that split. Changes the network in place; returns ``self``.
@@ -1071,6 +1081,7 @@ class StateTransitionModel(BaseEstimator):
         from statetx.sets import CellSetSampler
 
         self._check_fitted()
+        seed = self._seed(seed)
         check_count("steps", steps, optional=False)
         data = getattr(self, "_prepared", None)
         if data is None or split not in data.splits:
@@ -1270,8 +1281,7 @@ class StateTransitionModel(BaseEstimator):
         ``seed``, ``clip`` and ``windows`` as in :meth:`predict`.
         """
         check_matmul_precision(matmul_precision)
-        seed = int(self.seed) if seed is None else seed
-        check_count("seed", seed, 0, optional=False)
+        seed = self._seed(seed)
         if controls not in ("predicted", "real"):
             raise ConfigError(f"controls={controls!r} is invalid; expected 'predicted' or 'real'.")
         self._check_fitted()
@@ -1415,6 +1425,9 @@ class StateTransitionModel(BaseEstimator):
                                     given_ct or c.cell_type_key, control, self.vocab_.cell_types,
                                     given_ct is not None)
         rows = pd.Index(adata.obs_names).get_indexer(pred.obs_names)  # (cell names are unique)
+        if (rows < 0).any():
+            raise ConfigError("score() compares the predictions of the input's own cells; leave "
+                              "out the options that add cells (all_perts, min_cells).")
         pred_pert, pred_ctx = pert[rows], ctx[rows]
         scores = []
         for cx in np.unique(ctx):

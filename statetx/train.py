@@ -975,7 +975,8 @@ class Trainer:
                 self._seed(rank_seed(self.cfg.seed, self.rank, self.state.step))
 
     def _remove_stale_temporaries(self) -> None:
-        """Delete half-written checkpoints (``.<name>.tmp<pid>``) left by a killed process."""
+        """Delete half-written checkpoints (``.<name>.tmp<pid>-<thread>``) left by a killed
+        process."""
         folder = None if self.out is None else self.out / "checkpoints"
         if folder is None or not folder.is_dir() or not _is_main():
             return

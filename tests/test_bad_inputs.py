@@ -502,6 +502,7 @@ def test_train_validation_failure_leaves_no_run_directory(train_inputs, tmp_path
                                  r"Did you mean: data\.kwargs\.pert_col"),
     ("model.kwargs.hiden_dim=32", r"'model\.kwargs\.hiden_dim'.*model\.kwargs\.hidden_dim"),
     ("trainin.max_steps=5", r"'trainin\.max_steps'.*Known sections: .*training"),
+    ("TRAINING.LR=1", r"'TRAINING\.LR'\. Did you mean: training\.lr\? \("),
     ("~training.lr", r"deleting keys \(~key\) is not supported"),
 ])
 def test_train_unknown_override_keys(train_inputs, tmp_path, capsys, token, match):

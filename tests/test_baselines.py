@@ -300,7 +300,10 @@ def test_pickle_embedding_space_and_fit_all(synth):
     np.testing.assert_array_equal(back.predict(synth).X, m.predict(synth).X)
     with pytest.raises(NotFittedError, match="attach_data"):
         back.predict_split("test")
+    with pytest.raises(ConfigError, match="reads its split data into memory"):
+        attach_data(back, adata=synth, stream=True)
     attach_data(back, adata=synth)  # the split spec it was fitted with, the data again
+    assert list(back.feature_names_in_) == list(synth.var_names)
     for got, want in zip(back.predict_split("test"), m.predict_split("test")):
         np.testing.assert_array_equal(got.X, want.X)
         pd.testing.assert_frame_equal(got.obs, want.obs)

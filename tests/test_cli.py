@@ -236,7 +236,7 @@ def test_predict_moved_data_needs_data_root(run, data, tmp_path):
 
 
 # ------------------------------------------------------------------------------ infer
-def test_infer_both_spellings_and_npy(run, data, tmp_path):
+def test_infer_both_spellings_and_npy(run, data, tmp_path, capsys):
     import anndata as ad
 
     src = data / "data.h5ad"
@@ -254,6 +254,9 @@ def test_infer_both_spellings_and_npy(run, data, tmp_path):
                  "--celltypes", "CT0,CT1"]) == 0
     sim = ad.read_h5ad(tmp_path / "o" / "data_simulated.h5ad")
     assert sim.n_obs == 2 * 102 + 2 * 3 * 4
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output-dir",
+                 str(tmp_path / "o"), "--celltypes", "CT9"]) == 2
+    assert "(it holds CT0, CT1, CT2)" in capsys.readouterr().err
     (tmp_path / "t.tsv").write_text("perturbation\tnum_cells\nP0\t5\n")
     assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output",
                  str(tmp_path / "t.h5ad"), "--tsv", str(tmp_path / "t.tsv")]) == 0

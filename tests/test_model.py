@@ -456,6 +456,8 @@ def test_score_is_a_correlation(fitted):
     assert -1.0 <= s <= 1.0
     with pytest.raises(ConfigError, match="predict_controls cannot be set"):
         model.score(adata, predict_controls=True)
+    with pytest.raises(ConfigError, match="options that add cells"):  # clones are not scored
+        model.score(adata, min_cells=100)
 
 
 def test_gene_mismatch_lists_missing_genes(fitted):
