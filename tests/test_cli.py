@@ -301,9 +301,17 @@ def test_infer_matmul_precision(run, data, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ evaluate
 def test_evaluate_commands(run, tmp_path):
+    import anndata as ad
+
+    from statetx.run import load_run
+
     ev = run / "eval_final.ckpt"
     if not (ev / "adata_pred.h5ad").exists():
         assert main(["tx", "predict", "--output-dir", str(run), "--predict-only"]) == 0
+    # controls drawn with the run's training seed unless --seed is given
+    recorded = ad.read_h5ad(ev / "adata_pred.h5ad", backed="r")
+    assert recorded.uns["statetx"]["seed"] == load_run(run, verbose=False).seed
+    recorded.file.close()
     out = tmp_path / "ev"
     assert main(["evaluate", "run", "-ap", str(ev / "adata_pred.h5ad"), "-ar",
                  str(ev / "adata_real.h5ad"), "--control-pert", "ctrl", "--pert_col", "gene",

@@ -207,6 +207,11 @@ def test_deepcopy_is_independent_and_keeps_the_split_data(fitted):
     assert twin.network_ is not model.network_
     for got, want in zip(twin.predict_split("test"), model.predict_split("test")):
         np.testing.assert_array_equal(got.X, want.X)
+    # predictions draw their controls with the estimator's seed unless given one
+    reseeded = twin.set_params(seed=7).predict_split("test")[0]
+    assert reseeded.uns["statetx"]["seed"] == 7
+    np.testing.assert_array_equal(reseeded.X, model.predict_split("test", seed=7)[0].X)
+    assert not np.array_equal(reseeded.X, model.predict_split("test")[0].X)
     with torch.no_grad():
         next(twin.network_.parameters()).add_(1.0)  # the original's weights are its own
     assert not torch.equal(next(twin.network_.parameters()), next(model.network_.parameters()))
