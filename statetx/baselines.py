@@ -53,6 +53,7 @@ from statetx.predict import (
     input_matrix,
     output_scale,
     pairing_batches,
+    resolve_pool,
 )
 from statetx.vocab import feature_table, load_pert_features
 
@@ -209,13 +210,8 @@ class _Baseline(BaseEstimator):
     def _pool_mode(self, basal_pool: str | None, batch_col: str | None = None) -> str:
         """``basal_pool`` checked; by default ``batch`` when the baseline has a batch column (ST's
         default pairing, fixed at fit); ``batch_col`` names the input's column only."""
-        has_batch = bool(batch_col or self.columns_.batch_col)
-        mode = basal_pool or ("batch" if self.columns_.batch_col else "cell_type")
-        if mode not in ("cell_type", "batch"):
-            raise ConfigError(f"basal_pool={mode!r} is invalid; expected 'cell_type' or 'batch'.")
-        if mode == "batch" and not has_batch:
-            raise ConfigError("basal_pool='batch' needs a batch column (batch_col=<column>).")
-        return mode
+        return resolve_pool(basal_pool, "batch" if self.columns_.batch_col else "cell_type",
+                            batch_col or self.columns_.batch_col, ("cell_type", "batch"))
 
     @property
     def _scale(self) -> str:

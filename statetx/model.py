@@ -60,6 +60,7 @@ from statetx.predict import (
     output_scale,
     pairing_batches,
     resize_groups,
+    resolve_pool,
     run_groups,
 )
 from statetx.presets import describe, network_config_for, resolve_architecture
@@ -975,6 +976,8 @@ class StateTransitionModel(BaseEstimator):
         pert_col, batch_col = pert_col or c.pert_col, batch_col or c.batch_col
         control = c.control_pert if control_pert is None else str(control_pert)  # as in fit
         ct_col = cell_type_col or c.cell_type_key
+        pool_mode = resolve_pool(basal_pool, "batch" if self._pairing() == "batch"
+                                 else "cell_type", batch_col)
         x_in = input_matrix(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
         if c.embed_key in (None, "X_hvg"):
             src = c.embed_key if c.embed_key in adata.obsm else "X"  # (X_hvg falls back to X)
@@ -982,16 +985,8 @@ class StateTransitionModel(BaseEstimator):
             self._check_target_sum(adata)
         pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
                                           self.vocab_.cell_types, cell_type_col is not None)
-        needs_batch = self._needs_batch(basal_pool)
-        batch = pairing_batches(adata, batch_col, needs_batch)
+        batch = pairing_batches(adata, batch_col, self._needs_batch(pool_mode))
         ctx_all, batch_all = ctx, batch  # every input cell's (ctx, batch: of the output rows)
-        pool_mode = basal_pool or ("batch" if self._pairing() == "batch"
-                                   else "cell_type")
-        if pool_mode not in ("cell_type", "batch", "all"):
-            raise ConfigError(f"basal_pool={pool_mode!r} is invalid; expected 'cell_type', "
-                              "'batch' or 'all'.")
-        if pool_mode == "batch" and not batch_col:
-            raise ConfigError("basal_pool='batch' needs a batch column (batch_col=<column>).")
         input_control = control  # (named in the output's uns, as in its obs)
         if control != c.control_pert:  # the input's own control label: the model's control
             pert = np.where(is_ctrl, c.control_pert, pert).astype(object)

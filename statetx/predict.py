@@ -63,6 +63,19 @@ def group_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(key.encode())])
 
 
+def resolve_pool(basal_pool: str | None, default: str, batch_col: str | None,
+                 choices: tuple[str, ...] = ("cell_type", "batch", "all")) -> str:
+    """Where basal cells come from: ``basal_pool`` (else ``default``), checked; ``"batch"``
+    needs a batch column."""
+    mode = basal_pool or default
+    if mode not in choices:
+        raise ConfigError(f"basal_pool={mode!r} is invalid; expected "
+                          f"{', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}.")
+    if mode == "batch" and not batch_col:
+        raise ConfigError("basal_pool='batch' needs a batch column (batch_col=<column>).")
+    return mode
+
+
 def pairing_batches(adata: ad.AnnData, batch_col: str | None, needed: bool) -> np.ndarray:
     """Each input cell's batch label where they are needed (pairing within batches, a batch
     encoder), else one batch for all; a missing column is an error naming both ways out."""
