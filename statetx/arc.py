@@ -16,6 +16,7 @@ import io
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import EllipsisType
@@ -27,6 +28,7 @@ import torch
 from statetx._options import ARCH_CHOICES
 from statetx._utils import file_sha256, preview
 from statetx.errors import ConfigError, DataError
+from statetx.losses import LOSS_NAMES
 from statetx.nn import NetworkConfig, StateTransitionNetwork
 
 LICENSE_NOTICE = (
@@ -61,6 +63,7 @@ class ArcImport:
     notes: list[str] = field(default_factory=list)  # human-readable resolution notes
     unused: list[str] = field(default_factory=list)  # modules present but never trained
     hyper_parameters: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)  # loss, loss_kwargs (for fine-tuning)
     provenance: dict = field(default_factory=dict)
 
 
@@ -279,6 +282,11 @@ class _Checker:
         self.notes.append(msg + " (weights trusted, strict=False)")
 
 
+# what the unrecorded settings mean, for the error that asks for them
+CONTROL_PERT = "the control label the model was trained with"
+CELL_SET_LEN = "the cells per set it was trained with"
+
+
 def load_arc_run(
     run_dir: str | Path,
     checkpoint: str | Path = "final.ckpt",
@@ -288,6 +296,9 @@ def load_arc_run(
     n_heads: int | None = None,
     n_kv_heads: int | None = None,
     head_dim: int | None = None,
+    control_pert: str | None = None,
+    embed_key: str | None | EllipsisType = ...,
+    cell_set_len: int | None = None,
     trust_pickle: bool = False,
     strict: bool = True,
     keep_unused_decoder: bool = False,
@@ -299,7 +310,10 @@ def load_arc_run(
     given) override what the checkpoint records. A 0.9.x Llama checkpoint records no attention mode:
     ``attention`` is then required (AmbiguousAttentionError otherwise). GPT-2 checkpoints default to
     causal without positions (as they were trained), with a warning. ``n_heads``/``n_kv_heads``/
-    ``head_dim`` are needed only when the hyper-parameters lack them. A gene decoder that the
+    ``head_dim`` are needed only when the hyper-parameters lack them; likewise ``control_pert``,
+    ``embed_key`` (``...`` = not given; None = X) and ``cell_set_len`` when neither the
+    checkpoint nor config.yaml records them (a value that contradicts the record is an error,
+    and none is ever guessed silently). A gene decoder that the
     reference never trained is dropped unless ``keep_unused_decoder`` (then listed in ``unused``).
     ``verbose`` prints the resolution notes (real checkpoint file, attention, licence, ...).
     """
@@ -381,9 +395,11 @@ def load_arc_run(
                 return src[key]
         return default
 
-    embed_key = hp["embed_key"] if "embed_key" in hp else data_yaml.get("embed_key")
+    recorded = [src["embed_key"] for src in (hp, data_yaml) if "embed_key" in src]
     if "embed_key" in hp and "embed_key" in data_yaml:
         check.same("embed_key", hp["embed_key"], data_yaml["embed_key"], "config.yaml")
+    embed_key = _fill_in("embed_key", recorded[0] if recorded else ..., embed_key, ckpt_path,
+                         "None for X, or an obsm key such as 'X_hvg'")
     output_space = hp.get("output_space", data_yaml.get("output_space"))
     predict_residual = bool(setting("predict_residual", True))
     if output_space is None:
@@ -394,8 +410,12 @@ def load_arc_run(
     check.same("final_down_then_up present", has_all_block,
                output_space == "all" and predict_residual, "output_space/predict_residual")
     activation = str(setting("activation", "gelu")).lower()
-    cell_set_len = hp.get("cell_set_len") or model_yaml.get("cell_set_len") or kw.get(
-        "max_position_embeddings") or kw.get("n_positions")
+    # (GPT-2: n_positions = cell_set_len + extra_tokens, model.md §9)
+    positions = kw.get("n_positions") and kw["n_positions"] - int(setting("extra_tokens", 0) or 0)
+    set_len = (hp.get("cell_set_len") or model_yaml.get("cell_set_len")
+               or kw.get("max_position_embeddings") or positions or ...)
+    set_len = _fill_in("cell_set_len", set_len, cell_set_len or ..., ckpt_path, CELL_SET_LEN,
+                       required=False)
 
     # gene decoder: trained only with gene-space targets (model.md §7)
     gene_dim, dec_dims, dec_residual, dec_dropout = 0, [], False, 0.1
@@ -462,10 +482,12 @@ def load_arc_run(
         "pert_col": data_yaml.get("pert_col"),
         "cell_type_key": data_yaml.get("cell_type_key"),
         "batch_col": data_yaml.get("batch_col"),
-        "control_pert": hp.get("control_pert", data_yaml.get("control_pert")),
+        "control_pert": _fill_in(
+            "control_pert", hp.get("control_pert", data_yaml.get("control_pert", ...)),
+            control_pert or ..., ckpt_path, CONTROL_PERT, required=False),
         "embed_key": embed_key,
         "output_space": output_space,
-        "cell_set_len": int(cell_set_len) if cell_set_len else None,
+        "cell_set_len": None if set_len is None else int(set_len),
         "basal_mapping_strategy": setting("basal_mapping_strategy", "random"),
         "perturbation_features_file": data_yaml.get("perturbation_features_file"),
     }
@@ -475,8 +497,14 @@ def load_arc_run(
             data_kwargs[key] = default
             notes.append(f"{key} not recorded (no config.yaml): using the arc-state default "
                          f"{default!r}")
-    if data_kwargs["cell_set_len"] is None:
-        notes.append("cell_set_len not recorded; set it explicitly before predicting")
+    for key in ("control_pert", "cell_set_len"):
+        if data_kwargs[key] is None:
+            notes.append(f"{key} is not recorded (needed to predict, not to load the weights)")
+    if data_kwargs["control_pert"] not in (None, *perturbations):
+        raise DataError(f"{ckpt_path}: the control label {data_kwargs['control_pert']!r} is not "
+                        f"among the model's perturbations {perturbations[:8]}; pass "
+                        "control_pert=<the label> (import-arc / tx infer: --control-pert).")
+    training = _loss_settings(setting, notes)
 
     provenance = {
         "source": str(ckpt_path),
@@ -500,7 +528,7 @@ def load_arc_run(
         network=network, config=config, perturbations=perturbations, cell_types=cell_types,
         batches=batches, pert_vectors=pert_vectors, var_dims=var_dims, gene_names=gene_names,
         data_kwargs=data_kwargs, notes=notes, unused=unused, hyper_parameters=hp,
-        provenance=provenance,
+        training=training, provenance=provenance,
     )
 
 
@@ -643,6 +671,44 @@ def _infer_gene_decoder(sd: dict) -> tuple[int, list[int], int, bool] | None:
     return None
 
 
+def unrecorded(ckpt_path: str | Path, key: str, what: str) -> DataError:
+    """The error for a setting that neither the checkpoint nor config.yaml records."""
+    flag = "--" + key.replace("_", "-")
+    return DataError(f"{ckpt_path}: {key} is recorded neither in the checkpoint nor in "
+                     f"config.yaml; put the run's config.yaml next to it, or pass {key}=... "
+                     f"({what}; command line: statetx import-arc RUN {flag} VALUE --out DIR, "
+                     "then use DIR).")
+
+
+def _loss_settings(setting: Callable[[str, Any], Any], notes: list[str]) -> dict:
+    """The run's training loss and those of its options that act for it (for fine-tuning)."""
+    loss = str(setting("loss", setting("distributional_loss", "energy"))).lower()
+    if loss not in LOSS_NAMES:
+        notes.append(f"training loss {loss!r} is not one statetx has: fine-tuning uses energy")
+        loss = "energy"
+    acts = {"energy": (), "mse": (), "sinkhorn": ("blur",),
+            "se": ("blur", "sinkhorn_weight", "energy_weight")}[loss]
+    options = {k: setting(k, None) for k in (*acts, "mmd_num_chunks")}
+    options = {k: v for k, v in options.items()
+               if v is not None and not (k == "mmd_num_chunks" and int(v) == 1)}
+    return {"loss": loss, "loss_kwargs": options or None}
+
+
+def _fill_in(key: str, recorded: Any, given: Any, ckpt_path: Path, what: str,
+             required: bool = True) -> Any:
+    """A setting the run records (``...`` when it does not), or the caller's fill-in: never a
+    guess (unrecorded and not given: an error, or None when not ``required`` to build the
+    network), and a fill-in that contradicts the record is an error."""
+    if recorded is ...:
+        if given is ... and required:
+            raise unrecorded(ckpt_path, key, what)
+        return None if given is ... else given
+    if given is not ... and given != recorded:
+        raise ConfigError(f"{key}={given!r} contradicts the run, which records {recorded!r}; "
+                          "leave it out.")
+    return recorded
+
+
 def _resolve_attention(backbone: str, kw: dict, attention: str | None,
                        rope: float | None | EllipsisType, notes: list[str]
                        ) -> tuple[str, float | None]:
@@ -658,9 +724,13 @@ def _resolve_attention(backbone: str, kw: dict, attention: str | None,
         notes.append(f"attention {att}, rope {rp}: "
                      + ("given explicitly" if attention or rope is not ... else
                         f"from bidirectional_attention={flag} in the checkpoint"))
-        if (att, rp) != (flag_att, flag_rope):
-            notes.append(f"note: the checkpoint records bidirectional_attention={flag} "
-                         f"(= {flag_att}, rope {flag_rope}); the explicit values differ")
+        if (att, rp) != (flag_att, flag_rope):  # a network the run never trained: said loudly
+            msg = (f"the checkpoint records bidirectional_attention={flag} (= {flag_att}, rope "
+                   f"{flag_rope}) but attention {att}, rope {rp} were given: the network will "
+                   "not compute what was trained (leave attention / rope out to follow the "
+                   "checkpoint; rope=None means no positions)")
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            notes.append(f"note: {msg}")
         return att, rp
     if backbone == "gpt2":
         att = attention or "causal"

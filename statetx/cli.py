@@ -395,6 +395,11 @@ def _add_import_arc(sp: Any) -> None:
     ia.add_argument("--checkpoint", default=None, help="default final.ckpt, else last.ckpt")
     ia.add_argument("--attention", choices=ARCH_CHOICES["attention"])
     ia.add_argument("--rope", help="none or a rotary base (e.g. 10000)")
+    for flag, what in (("--control-pert", "control label"),
+                       ("--embed-key", "input obsm key, or none for X"),
+                       ("--cell-set-len", "cells per set")):
+        _flag(ia, flag, type=int if flag == "--cell-set-len" else str,
+              help=f"{what} of a run that records it nowhere (checkpoint, config.yaml)")
     _flag(ia, "--trust-pickle", action="store_true",
           help="allow arbitrary pickled objects (only for files you trust)")
     ia.add_argument("--out", required=True, metavar="MODEL_DIR")
@@ -1290,8 +1295,11 @@ def cmd_import_arc(a: argparse.Namespace) -> int:
         ck = "final.ckpt" if (run / "checkpoints" / "final.ckpt").exists() else "last.ckpt"
     from statetx.model import StateTransitionModel
 
+    fill = {"control_pert": a.control_pert, "cell_set_len": a.cell_set_len}
+    if a.embed_key is not None:
+        fill["embed_key"] = None if a.embed_key.lower() == "none" else a.embed_key
     model = StateTransitionModel.from_arc_state(run, ck or "final.ckpt", attention=a.attention,
-                                                rope=rope, trust_pickle=a.trust_pickle)
+                                                rope=rope, trust_pickle=a.trust_pickle, **fill)
     model.save(a.out)
     prov = getattr(model, "arc_import_", None)
     if prov:
@@ -1372,6 +1380,9 @@ def _describe_model(model: Any, kind: str, attention: str | None = None) -> None
         step = arc.get("provenance", {}).get("global_step")
     if step is not None:
         print(f"training step: {step}")
+    for ft in getattr(model, "finetuned_", None) or ():
+        print(f"fine-tuned on controls: {ft['steps']} steps on the {ft['split']!r} split "
+              f"(lr {ft['lr']:g}, seed {ft['seed']})")
     if arc:
         prov = arc.get("provenance", {})
         print(f"licence: {prov.get('license_notice') or prov.get('license') or 'see the run'}")

@@ -89,7 +89,8 @@ TRAINING_DEFAULTS: dict[str, dict] = {
 
 
 # fitted attributes (without their trailing "_") that save/load keep besides the network
-FIT_RECORD = ("preset", "train_settings", "best_step", "training_time", "arc_import")
+FIT_RECORD = ("preset", "train_settings", "best_step", "training_time", "arc_import",
+              "finetuned")
 
 
 class StateTransitionModel(BaseEstimator):
@@ -231,6 +232,31 @@ class StateTransitionModel(BaseEstimator):
         Seeds every random choice: splits into sets, control pairing, initialisation, dropout.
     progress
         Print the start-up summary (preset, network, device) and a progress bar (default True).
+
+    Attributes
+    ----------
+    network_, network_config_
+        The trained :class:`statetx.nn.StateTransitionNetwork` (in eval mode) and its
+        :class:`statetx.nn.NetworkConfig`.
+    vocab_, columns_
+        Perturbation / cell-type / batch vocabularies and the obs columns the model reads.
+    var_names_, gene_names_, n_features_in_, feature_names_in_
+        Input features in training order; the decoded genes (an embedding model with a gene
+        decoder), else None.
+    cell_set_len_, is_log1p_, target_sum_, trained_perturbations_
+        Cells per set; whether the training expression was log1p; its counts per cell (when
+        ``statetx.pp`` recorded one); perturbations with training cells.
+    preset_, train_settings_
+        The preset and the training settings (batch size, steps, lr, averaging) the fit used.
+    history_, best_step_, training_time_
+        One row per logged step (``train_loss``, ``val_loss``, ``lr``, ...); the step of the
+        best validation loss (None without validation); seconds of training.
+    split_config_, split_summary_
+        The validated split spec and the cells / perturbations per split and context.
+    finetuned_
+        The :meth:`finetune_on_controls` calls made since the fit (absent when none).
+    run_dir_
+        The run folder (``output_dir``, or the run a model was loaded from).
     """
 
     def __init__(
@@ -1069,7 +1095,8 @@ class StateTransitionModel(BaseEstimator):
                              seed: int | None = None) -> StateTransitionModel:
         """Test-time fine-tuning (reference ``tx predict --test-time-finetune``): ``steps`` Adam
         steps at ``lr`` on sets of the split's control cells only (control → control), one set
-        per step, before predicting that split. Changes the network in place; returns ``self``.
+        per step, before predicting that split. Changes the network in place and appends the
+        call's settings to ``finetuned_`` (kept by :meth:`save` / :meth:`load`); returns ``self``.
         """
         from dataclasses import replace
 
@@ -1097,6 +1124,8 @@ class StateTransitionModel(BaseEstimator):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             Trainer(self.network_, sampler, None, cfg, device=device).fit()  # own RNG stream
         self.network_.eval()
+        record = {"steps": int(steps), "split": split, "lr": float(lr), "seed": int(seed)}
+        self.finetuned_ = [*getattr(self, "finetuned_", []), record]
         return self
 
     def simulate(self, controls: ad.AnnData,
@@ -1448,6 +1477,8 @@ class StateTransitionModel(BaseEstimator):
         return {
             "format_version": FORMAT_VERSION,
             "params": params,
+            # JSON has no tuples: named here so that get_params() compares equal after load
+            "tuple_params": [k for k, v in self.get_params().items() if isinstance(v, tuple)],
             "network_config": self.network_config_.to_dict(),
             "vocab": self.vocab_.to_dict(),
             "columns": self.columns_.model_dump(),
@@ -1558,6 +1589,8 @@ class StateTransitionModel(BaseEstimator):
     def _build_from_metadata(cls, meta: dict,
                              state: dict[str, torch.Tensor]) -> StateTransitionModel:
         params = dict(meta["params"])
+        for k in meta.get("tuple_params", ()):
+            params[k] = tuple(params[k])
         model = cls(**params)
         cfg = NetworkConfig.from_dict(meta["network_config"])
         net = StateTransitionNetwork.for_loading(cfg)
@@ -1603,26 +1636,29 @@ class StateTransitionModel(BaseEstimator):
         :func:`statetx.arc.load_arc_run`. The resolution notes (attention mode, positions, output
         activation, dropped modules, licence) are printed and kept in ``arc_import_``.
         """
-        from statetx.arc import load_arc_run
+        from statetx.arc import CELL_SET_LEN, CONTROL_PERT, load_arc_run, unrecorded
 
         imp = load_arc_run(run_dir, checkpoint, attention=attention, rope=rope, **options)
+        dk = imp.data_kwargs
+        for key, what in (("control_pert", CONTROL_PERT), ("cell_set_len", CELL_SET_LEN)):
+            if dk[key] is None:
+                raise unrecorded(imp.provenance["source"], key, what)
         if verbose:
             for note in imp.notes:
                 print(f"statetx: {note}")
-        dk = imp.data_kwargs
         cfg = imp.config
         model = cls(pert_col=dk.get("pert_col", "gene"),
                     cell_type_key=dk.get("cell_type_key", "cell_type"),
-                    batch_col=dk.get("batch_col"), control_pert=dk.get("control_pert"),
+                    batch_col=dk.get("batch_col"), control_pert=dk["control_pert"],
                     embed_key=dk.get("embed_key"), output_space=cfg.output_space,
-                    cell_set_len=dk.get("cell_set_len"), device="cpu",
+                    cell_set_len=dk["cell_set_len"], device="cpu", **imp.training,
                     # the run's control pairing (arc-state: "random" = within the cell type)
                     basal_mapping_strategy="batch" if dk.get("basal_mapping_strategy") == "batch"
                     else "random")
         vectors = np.asarray(imp.pert_vectors, dtype=np.float32)
         one_hot = vectors.shape[0] == vectors.shape[1] and np.array_equal(
             vectors, np.eye(len(vectors), dtype=np.float32))
-        control = dk.get("control_pert") or "non-targeting"
+        control = dk["control_pert"]
         model.vocab_ = Vocab(list(imp.perturbations), list(imp.cell_types), list(imp.batches),
                              control, None if one_hot else vectors)
         model.network_ = imp.network.eval()
@@ -1639,7 +1675,7 @@ class StateTransitionModel(BaseEstimator):
             model.gene_names_ = None
             model.var_names_ = (genes if len(genes) == cfg.input_dim else
                                 [f"{model.embed_key or 'X'}_{i}" for i in range(cfg.input_dim)])
-        model.cell_set_len_ = int(dk.get("cell_set_len") or 512)
+        model.cell_set_len_ = int(dk["cell_set_len"])
         model.is_log1p_ = True
         model.n_features_in_ = cfg.input_dim
         model.arc_import_ = {"notes": list(imp.notes), "unused": list(imp.unused),

@@ -80,7 +80,7 @@ class TrainConfig:
     lr_schedule: str = "constant"        # "constant" | "cosine"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0            # cosine floor as a fraction of lr
-    gradient_clip_val: float | None = 10.0
+    gradient_clip_val: float | None = 10.0  # max gradient norm; 0 or None: no clipping
     gradient_accumulation_steps: int = 1
     loss: str = "energy"
     loss_options: dict = field(default_factory=dict)  # blur, sinkhorn/energy weights, chunks
@@ -130,9 +130,11 @@ class TrainConfig:
                                                            self.decoder_weight)):
             raise ConfigError("decoder_weight and regularization must be finite numbers >= 0, "
                               f"got {self.decoder_weight!r} and {self.regularization!r}.")
-        if self.gradient_clip_val is not None and not float(self.gradient_clip_val) > 0:
-            raise ConfigError(f"gradient_clip_val={self.gradient_clip_val!r} must be positive (or "
-                              "None for no clipping).")
+        if self.gradient_clip_val is not None and not float(self.gradient_clip_val) >= 0:
+            raise ConfigError(f"gradient_clip_val={self.gradient_clip_val!r} must be >= 0 (0 or "
+                              "None: no clipping).")
+        if self.gradient_clip_val == 0:  # (Lightning's meaning of 0)
+            self.gradient_clip_val = None
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"weight_decay={self.weight_decay!r} must be a finite number >= 0.")
         for key in ("max_steps", "val_freq", "ckpt_every_n_steps", "gradient_accumulation_steps",

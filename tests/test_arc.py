@@ -49,10 +49,11 @@ def _need_fixtures():
         pytest.skip(f"{ARC} not found: the shared arc-state fixtures (../shared) are absent")
 
 
-def load(name: str, **kw):
+def load(name: str | Path, **kw):
+    """A fixture run by name (or a run folder), its warnings silenced."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return load_arc_run(RUNS[name], **kw)
+        return load_arc_run(RUNS.get(name, name), **kw)
 
 
 def copy_run(name: str, dst: Path) -> Path:
@@ -273,3 +274,60 @@ def test_trained_gene_decoder_is_loaded_and_relu_rule(tmp_path):
     assert c.gene_dim == 128 and c.decoder_hidden_dims == [16, 16] and imp.unused == []
     assert c.output_activation == "none"  # embedding output with a decoder: no ReLU
     assert imp.network.gene_decoder is not None
+
+
+def test_unrecorded_settings_are_asked_for_never_guessed(tmp_path):
+    """control_pert / embed_key / cell_set_len recorded nowhere: an error naming the fill-in
+    (arc-checkpoints.md §4), never 'non-targeting', X or 512 silently."""
+    from statetx import StateTransitionModel
+
+    run = copy_run("model_b_gpt2", tmp_path / "run")
+
+    def drop(ck):
+        for k in ("control_pert", "cell_set_len"):
+            ck["hyper_parameters"].pop(k)
+        ck["hyper_parameters"]["transformer_backbone_kwargs"].pop("max_position_embeddings")
+
+    edit_checkpoint(run, drop)
+    (run / "config.yaml").unlink()
+    imp = load(run)  # the weights alone load (init_from needs no more)
+    assert imp.data_kwargs["control_pert"] is None
+    # GPT-2: n_positions = cell_set_len + extra_tokens (17 = 16 + 1)
+    assert imp.data_kwargs["cell_set_len"] == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataError, match=r"control_pert is recorded neither.*--control-pert"):
+            StateTransitionModel.from_arc_state(run, verbose=False)
+        m = StateTransitionModel.from_arc_state(run, verbose=False, control_pert="non-targeting")
+        assert m.vocab_.control_pert == "non-targeting" and m.cell_set_len_ == 16
+        with pytest.raises(DataError, match="'ctrl' is not among the model's perturbations"):
+            StateTransitionModel.from_arc_state(run, verbose=False, control_pert="ctrl")
+        with pytest.raises(ConfigError, match="cell_set_len=8 contradicts the run"):
+            load_arc_run(run, cell_set_len=8)
+
+    edit_checkpoint(run, lambda ck: ck["hyper_parameters"].pop("embed_key"))
+    with pytest.raises(DataError, match="embed_key is recorded neither"):
+        load(run)
+    assert load(run, embed_key="X_hvg").data_kwargs["embed_key"] == "X_hvg"
+
+
+def test_training_loss_is_carried_for_fine_tuning(tmp_path):
+    from statetx import StateTransitionModel
+
+    run = copy_run("model_a_llama_bidir", tmp_path / "run")
+    default = StateTransitionModel.from_arc_state(run, verbose=False)
+    assert (default.loss, default.loss_kwargs) == ("energy", None)
+
+    def se(ck):
+        ck["hyper_parameters"].update(loss="se", blur=0.1, sinkhorn_weight=0.5)
+
+    edit_checkpoint(run, se)
+    (run / "config.yaml").unlink()
+    m = StateTransitionModel.from_arc_state(run, verbose=False)
+    assert m.loss == "se" and m.loss_kwargs == {"blur": 0.1, "sinkhorn_weight": 0.5}
+
+
+def test_explicit_rope_against_the_checkpoint_flag_warns():
+    with pytest.warns(UserWarning, match="will not compute what was trained"):
+        imp = load_arc_run(RUNS["model_d_llama_causal_rope"], rope=None)
+    assert imp.config.rope is None

@@ -773,3 +773,21 @@ def test_count_scale_model_is_scored_on_one_scale(tmp_path, capsys):
                  str(tmp_path / "ev")]) == 0
     for f in ev.glob("*_agg_results.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "ev" / f.name), pd.read_csv(f))
+
+
+def test_import_arc_fills_in_what_the_run_does_not_record(tmp_path, capsys):
+    from conftest import FIXTURES, need
+    from test_arc import copy_run, edit_checkpoint
+
+    need(FIXTURES / "arc_state" / "runs" / "model_a_llama_bidir")
+    run = copy_run("model_a_llama_bidir", tmp_path / "run")
+    edit_checkpoint(run, lambda ck: ck["hyper_parameters"].pop("control_pert"))
+    (run / "config.yaml").unlink()
+    capsys.readouterr()
+    assert main(["import-arc", str(run), "--out", str(tmp_path / "m")]) == 2
+    assert "statetx import-arc RUN --control-pert VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    assert main(["import-arc", str(run), "--out", str(tmp_path / "m"),
+                 "--control-pert", "non-targeting"]) == 0
+    assert main(["info", str(tmp_path / "m")]) == 0
+    assert "control='non-targeting'" in capsys.readouterr().out

@@ -932,3 +932,26 @@ def test_evaluate_knows_pseudobulk_outputs(fitted, capsys):
     assert "metrics that need the cells are skipped" in capsys.readouterr().out
     # the columns and control label statetx recorded are the defaults (not cell-eval's)
     pd.testing.assert_frame_equal(evaluate(pb, rb, profile="full")[0], res)
+
+
+def test_tuple_params_and_finetuning_survive_save_and_load(synth, tmp_path, capsys):
+    from statetx.cli import main
+
+    # JSON has no tuples; get_params() must still compare equal after a reload, and a
+    # fine-tuned network must not reload looking like the plain fit
+    synth = synth.copy()
+    synth.obs["plate"] = synth.obs["batch"].astype(str) + "p"
+    m = small_model(max_steps=2, additional_obs=("plate",)).fit(synth, SPEC)
+    m.finetune_on_controls(2, lr=1e-4, seed=3)
+    assert m.finetuned_ == [{"steps": 2, "split": "test", "lr": 1e-4, "seed": 3}]
+    m.save(tmp_path / "m")
+    loaded = StateTransitionModel.load(tmp_path / "m")
+    assert loaded.get_params() == m.get_params()
+    assert loaded.additional_obs == ("plate",)
+    assert loaded.finetuned_ == m.finetuned_
+    np.testing.assert_array_equal(loaded.predict(synth).X, m.predict(synth).X)
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "m")]) == 0
+    assert "fine-tuned on controls: 2 steps on the 'test' split" in capsys.readouterr().out
+    # a refit is no longer fine-tuned
+    assert not hasattr(m.fit(synth, SPEC), "finetuned_")

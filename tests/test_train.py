@@ -215,11 +215,16 @@ def test_lr_schedule_warmup_cosine():
 @pytest.mark.parametrize("bad", [{"optimizer": "sgd"}, {"lr_schedule": "linear"},
                                  {"precision": "16"}, {"max_steps": 0},
                                  {"weight_averaging": "ema"}, {"averaging_start": 1.0},
-                                 {"gradient_clip_val": -3.0}, {"gradient_clip_val": 0},
+                                 {"gradient_clip_val": -3.0},
+                                 {"gradient_clip_val": float("nan")},
                                  {"lr": -1.0}, {"regularization": -0.1}])
 def test_train_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         TrainConfig(**bad)
+
+
+def test_gradient_clip_val_zero_means_no_clipping():  # as in Lightning (model.md §11)
+    assert TrainConfig(gradient_clip_val=0).gradient_clip_val is None
 
 
 def test_string_lr_is_parsed():
