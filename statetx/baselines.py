@@ -39,7 +39,7 @@ from sklearn.exceptions import NotFittedError
 
 from statetx._utils import deepcopy_sharing, preview
 from statetx.config import ColumnMap, SplitConfig
-from statetx.data import DataInput, PreparedData, prepare, split_datasets
+from statetx.data import DataInput, PreparedData, group_labels, prepare, split_datasets
 from statetx.errors import ConfigError, DataError
 from statetx.model import StateTransitionModel
 from statetx.predict import (
@@ -354,7 +354,9 @@ class _Baseline(BaseEstimator):
             order.extend(g.rows)
             groups.append(_Group(out_rows, g.rows, g.pool, g.ctx_pool,
                                  str(cts[d.cell_type[g.rows[0]]]), str(perts[g.key[1]]),
-                                 group_key(split, *g.key), bool(d.is_control[g.rows[0]])))
+                                 group_key(*group_labels(prepared, d, g.rows[0],
+                                                         len(g.key) == 3)),
+                                 bool(d.is_control[g.rows[0]])))
         order = np.asarray(order, dtype=np.int64)
         x = d.X.numpy()
         pred, basal_row, set_id, notes = self._run(x, groups, len(order), seed)

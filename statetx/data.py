@@ -451,6 +451,16 @@ def split_obs(prepared: PreparedData, split: SplitData, rows: np.ndarray,
     return out.sort_index().reset_index(drop=True)
 
 
+def group_labels(prepared: PreparedData, split: SplitData, row: int, by_batch: bool) -> tuple:
+    """The labels (split, file, cell type, perturbation[, batch]) of the group of the split's
+    ``row``: what seeds the group's control draws, so that they do not depend on which other
+    groups the split holds (integer context ids do)."""
+    v = prepared.vocab
+    labels = (split.name, prepared.files[split.file_index[row]].label,
+              v.cell_types[split.cell_type[row]], v.perturbations[split.pert[row]])
+    return (*labels, v.batches[split.batch[row]]) if by_batch else labels
+
+
 def split_datasets(prepared: PreparedData, split: SplitData, rows: np.ndarray,
                    cell_types: np.ndarray) -> np.ndarray | None:
     """The dataset of each of the split's ``rows`` when the spec has several datasets (None

@@ -35,7 +35,7 @@ from statetx._utils import (
     umask_mode,
 )
 from statetx.config import ColumnMap, SplitConfig
-from statetx.data import PreparedData, counts_source, split_datasets, split_obs
+from statetx.data import PreparedData, counts_source, group_labels, split_datasets, split_obs
 from statetx.distributed import env_local_rank, init_distributed, resolve_device
 from statetx.errors import ConfigError, DataError
 from statetx.io import gene_names, obs_labels, recorded_target_sum
@@ -1327,7 +1327,7 @@ class StateTransitionModel(BaseEstimator):
             out_rows = np.arange(len(order), len(order) + len(g.rows))
             order.extend(g.rows)
             groups.append(Group(out_rows, g.pool, int(g.key[1]), d.batch[g.rows],
-                                group_key(split, *g.key)))
+                                group_key(*group_labels(prepared, d, g.rows[0], len(g.key) == 3))))
         order = np.asarray(order)
         self._warn_untrained(d.pert[order], f"{split} split")
         v, c = self.vocab_, self.columns_

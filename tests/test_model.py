@@ -955,3 +955,25 @@ def test_tuple_params_and_finetuning_survive_save_and_load(synth, tmp_path, caps
     assert "fine-tuned on controls: 2 steps on the 'test' split" in capsys.readouterr().out
     # a refit is no longer fine-tuned
     assert not hasattr(m.fit(synth, SPEC), "finetuned_")
+
+
+def test_a_groups_control_draws_do_not_depend_on_the_other_groups_of_the_split(synth):
+    """predict_split seeds each group from its labels: re-splitting with a spec that holds only
+    one of the test cell types draws that cell type's controls (and predictions) unchanged."""
+    from statetx.baselines import PerturbMeanBaseline
+    from statetx.run import attach_data
+
+    both = '[training]\ndata = "train"\n[zeroshot]\n"data.CT1" = "test"\n"data.CT2" = "test"\n'
+    only = '[training]\ndata = "train"\n[zeroshot]\n"data.CT2" = "test"\n'
+    cols = dict(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl", seed=0)
+    for model in (small_model(max_steps=2), PerturbMeanBaseline(**cols)):
+        model.fit(synth, both)
+        full = model.predict_split("test")[0]
+        attach_data(model, adata=synth, toml=only)
+        part = model.predict_split("test")[0]
+        ct2 = full[full.obs["cell_type"] == "CT2"]
+        assert part.n_obs == ct2.n_obs and ct2.n_obs > 0
+        part = part[pd.Index(part.obs["pert_cell_barcode"]).get_indexer(
+            ct2.obs["pert_cell_barcode"])]
+        np.testing.assert_array_equal(part.obs["ctrl_cell_barcode"], ct2.obs["ctrl_cell_barcode"])
+        np.testing.assert_allclose(part.X, ct2.X, atol=1e-6)
