@@ -39,7 +39,14 @@ from sklearn.exceptions import NotFittedError
 
 from statetx._utils import deepcopy_sharing, preview
 from statetx.config import ColumnMap, SplitConfig
-from statetx.data import DataInput, PreparedData, group_labels, prepare, split_datasets
+from statetx.data import (
+    DataInput,
+    PreparedData,
+    group_labels,
+    prepare,
+    split_cell_obs,
+    split_datasets,
+)
 from statetx.errors import ConfigError, DataError
 from statetx.model import StateTransitionModel
 from statetx.predict import (
@@ -360,17 +367,8 @@ class _Baseline(BaseEstimator):
         order = np.asarray(order, dtype=np.int64)
         x = d.X.numpy()
         pred, basal_row, set_id, notes = self._run(x, groups, len(order), seed)
-        obs = pd.DataFrame({
-            c.pert_col: pd.Categorical(perts[d.pert[order]]),
-            c.cell_type_key: pd.Categorical(cts[d.cell_type[order]]),
-            (c.batch_col or "batch"): pd.Categorical(
-                np.asarray(v.batches, dtype=object)[d.batch[order]]),
-            "pert_cell_barcode": d.barcodes[order],
-            "ctrl_cell_barcode": d.barcodes[basal_row],
-        }, index=pd.Index([f"cell{i}" for i in range(len(order))]))
-        datasets = split_datasets(prepared, d, order, cts[d.cell_type[order]])
-        if datasets is not None and "dataset" not in obs:
-            obs["dataset"] = pd.Categorical(datasets)
+        obs = split_cell_obs(prepared, d, order, basal_row,
+                             split_datasets(prepared, d, order, cts[d.cell_type[order]]))
         out = self._output(pred, obs.copy(), clip)
         info = {"split": split, "seed": seed, "pert_col": c.pert_col,
                 "control_pert": v.control_pert, "celltype_col": c.cell_type_key,

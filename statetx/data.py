@@ -461,6 +461,28 @@ def group_labels(prepared: PreparedData, split: SplitData, row: int, by_batch: b
     return (*labels, v.batches[split.batch[row]]) if by_batch else labels
 
 
+def split_cell_obs(prepared: PreparedData, split: SplitData, rows: np.ndarray,
+                   basal_rows: np.ndarray, datasets: np.ndarray | None) -> pd.DataFrame:
+    """obs of the predictions for a split's ``rows``: the perturbation, cell type and (with a
+    ``batch_col``) batch labels, ``pert_cell_barcode`` and ``ctrl_cell_barcode`` (the control
+    each cell was predicted from: ``basal_rows``), ``dataset`` when ``datasets`` names each
+    row's; indexed by the cells' own barcodes (made unique across files)."""
+    v, c = prepared.vocab, prepared.columns
+    labels = {c.pert_col: (v.perturbations, split.pert),
+              c.cell_type_key: (v.cell_types, split.cell_type)}
+    if c.batch_col is not None:  # (no invented column, none that replaces the cell type's)
+        labels.setdefault(c.batch_col, (v.batches, split.batch))
+    obs = pd.DataFrame(
+        {col: pd.Categorical(np.asarray(names, dtype=object)[codes[rows]])
+         for col, (names, codes) in labels.items()}
+        | {"pert_cell_barcode": split.barcodes[rows],
+           "ctrl_cell_barcode": split.barcodes[basal_rows]},
+        index=ad.utils.make_index_unique(pd.Index(split.barcodes[rows].astype(str))))
+    if datasets is not None and "dataset" not in obs:
+        obs["dataset"] = pd.Categorical(datasets)
+    return obs
+
+
 def split_datasets(prepared: PreparedData, split: SplitData, rows: np.ndarray,
                    cell_types: np.ndarray) -> np.ndarray | None:
     """The dataset of each of the split's ``rows`` when the spec has several datasets (None

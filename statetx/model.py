@@ -35,7 +35,14 @@ from statetx._utils import (
     umask_mode,
 )
 from statetx.config import ColumnMap, SplitConfig
-from statetx.data import PreparedData, counts_source, group_labels, split_datasets, split_obs
+from statetx.data import (
+    PreparedData,
+    counts_source,
+    group_labels,
+    split_cell_obs,
+    split_datasets,
+    split_obs,
+)
 from statetx.distributed import env_local_rank, init_distributed, resolve_device
 from statetx.errors import ConfigError, DataError
 from statetx.io import gene_names, obs_labels, recorded_target_sum
@@ -1283,8 +1290,9 @@ class StateTransitionModel(BaseEstimator):
                       pseudobulk: bool = False) -> tuple[ad.AnnData, ad.AnnData]:
         """Predict the held-out cells of a split of the fitted spec: ``(adata_pred, adata_real)``.
 
-        Same cells in the same order in both; obs has the perturbation, cell type and batch
-        columns plus ``pert_cell_barcode`` / ``ctrl_cell_barcode`` (and the ``additional_obs``
+        Same cells in the same order in both, named by their own barcodes (made unique across
+        files); obs has the perturbation, cell type and (with ``batch_col``) batch columns plus
+        ``pert_cell_barcode`` / ``ctrl_cell_barcode`` (and the ``additional_obs``
         columns of the fitted model, and ``dataset`` when the spec has several); both are
         clipped to [0, 14]
         for log1p expression outputs (at 0 for count-scale ones). ``controls="predicted"``
@@ -1346,17 +1354,7 @@ class StateTransitionModel(BaseEstimator):
                 a.uns["statetx"] = dict(info)
             return pair
         res = run()
-        obs = pd.DataFrame({
-            c.pert_col: pd.Categorical(np.asarray(v.perturbations, dtype=object)[d.pert[order]]),
-            c.cell_type_key: pd.Categorical(
-                np.asarray(v.cell_types, dtype=object)[d.cell_type[order]]),
-            (c.batch_col or "batch"): pd.Categorical(
-                np.asarray(v.batches, dtype=object)[d.batch[order]]),
-            "pert_cell_barcode": d.barcodes[order],
-            "ctrl_cell_barcode": d.barcodes[res["basal_row"]],
-        }, index=pd.Index([f"cell{i}" for i in range(len(order))]))
-        if datasets is not None and "dataset" not in obs:
-            obs["dataset"] = pd.Categorical(datasets)
+        obs = split_cell_obs(prepared, d, order, res["basal_row"], datasets)
         extra = self._additional_obs()
         if extra and d.file_row is not None:
             for col, values in split_obs(prepared, d, order, extra).items():

@@ -977,3 +977,17 @@ def test_a_groups_control_draws_do_not_depend_on_the_other_groups_of_the_split(s
             ct2.obs["pert_cell_barcode"])]
         np.testing.assert_array_equal(part.obs["ctrl_cell_barcode"], ct2.obs["ctrl_cell_barcode"])
         np.testing.assert_allclose(part.X, ct2.X, atol=1e-6)
+
+
+def test_predict_split_obs_keep_barcodes_and_the_context_column(synth):
+    """The cells keep their own names, and a context column named 'batch' (no batch_col) is
+    neither overwritten nor joined by an invented batch column."""
+    a = synth.copy()
+    a.obs = a.obs.rename(columns={"cell_type": "batch", "batch": "donor"})
+    spec = '[training]\ndata = "train"\n[zeroshot]\n"data.CT2" = "test"\n'
+    m = small_model(max_steps=2, cell_type_key="batch").fit(a, spec)
+    pred, real = m.predict_split("test")
+    assert set(pred.obs["batch"]) == {"CT2"} and "donor" not in pred.obs
+    assert list(pred.obs_names) == list(pred.obs["pert_cell_barcode"])
+    assert list(real.obs_names) == list(pred.obs_names)
+    assert a.obs.loc[pred.obs_names, "gene"].tolist() == pred.obs["gene"].astype(str).tolist()
