@@ -679,6 +679,8 @@ class StateTransitionModel(BaseEstimator):
                 f"X_hvg with 'all'; here embed_key={columns.embed_key!r}, output_space="
                 f"{columns.output_space!r}).", UserWarning, stacklevel=3)
         _warn_unused_loss_options(self.loss, self.loss_kwargs, network.gene_decoder is not None)
+        if rank == 0:
+            _warn_held_out_perturbations(prepared)
         if network.pert_bias is not None:
             start_at_mean_response(network, prepared.splits["train"], vocab)
             if not self.train_pert_skip:  # keep the mean-response skip fixed during training
@@ -811,8 +813,7 @@ class StateTransitionModel(BaseEstimator):
         self.split_config_ = prepared.config
         sums = {f.target_sum for f in prepared.files}
         self.target_sum_ = sums.pop() if len(sums) == 1 else None
-        train = prepared.splits["train"]
-        codes = np.unique(train.pert[train.is_target & ~train.is_control])
+        codes = _perturbed_codes(prepared.splits["train"])
         self.trained_perturbations_ = [vocab.perturbations[i] for i in codes]
         self.n_features_in_ = prepared.input_dim
         self._prepared = prepared
@@ -1733,6 +1734,33 @@ class StateTransitionModel(BaseEstimator):
         self._check_fitted()
         self.network_.to(resolve_device(device))
         return self
+
+
+def _perturbed_codes(split: Any) -> np.ndarray:
+    """Vocabulary codes of the perturbations with perturbed cells in a split's cell sets."""
+    return np.unique(split.pert[split.is_target & ~split.is_control])
+
+
+def _warn_held_out_perturbations(prepared: PreparedData) -> None:
+    """Said when fitting, not first when predicting: held-out perturbations of a one-hot model
+    are unseen, so nothing can be learned about them (nor validated on them)."""
+    if prepared.vocab.pert_features is not None:
+        return
+    trained = set(_perturbed_codes(prepared.splits["train"]).tolist())
+    held = {name: sorted(set(_perturbed_codes(d).tolist()) - trained)
+            for name, d in prepared.splits.items() if name != "train"}
+    held = {name: codes for name, codes in held.items() if codes}
+    if held:
+        names = prepared.vocab.perturbations
+        listing = "; ".join(f"{name}: {len(c)} ({preview([names[i] for i in c])})"
+                            for name, c in held.items())
+        warnings.warn(
+            f"perturbations without training cells in the held-out splits ({listing}): with "
+            "one-hot perturbations the model learns nothing about them, so their predictions "
+            "carry no effect of their own and validating on them measures none. To predict "
+            "unseen perturbations give pert_features=... (e.g. gene embeddings); to test new "
+            "cell types, hold out whole cell types ([zeroshot]) instead.", UserWarning,
+            stacklevel=4)
 
 
 def _warn_unused_loss_options(loss: str, options: Mapping | None, decoder: bool) -> None:

@@ -991,3 +991,14 @@ def test_predict_split_obs_keep_barcodes_and_the_context_column(synth):
     assert list(pred.obs_names) == list(pred.obs["pert_cell_barcode"])
     assert list(real.obs_names) == list(pred.obs_names)
     assert a.obs.loc[pred.obs_names, "gene"].tolist() == pred.obs["gene"].astype(str).tolist()
+
+
+def test_fit_says_when_held_out_perturbations_have_no_training_cells(synth):
+    a = synth[~((synth.obs["gene"] == "P2") & (synth.obs["cell_type"] != "CT1"))].copy()
+    spec = ('[training]\ndata = "train"\n[fewshot]\n[fewshot."data.CT1"]\nval = ["P1"]\n'
+            'test = ["P2"]\n')
+    with pytest.warns(UserWarning, match=r"held-out splits \(test: 1 \(P2\)\): with one-hot"):
+        small_model(max_steps=1).fit(a, spec)
+    with warnings.catch_warnings():  # P1 trains in the other cell types: nothing to say
+        warnings.simplefilter("error")
+        small_model(max_steps=1).fit(a, spec.replace('"P2"', '"P0"'))
