@@ -271,6 +271,7 @@ def prepare(
             np.concatenate([f.batch[k] for f, k in zip(files, kept)]),
             control, features=feats, on_missing_features=on_missing_features,
         )
+        _warn_unassigned_labels(files, columns.pert_col)
     built = {}
     for split in splits:
         sd = _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_dtype)
@@ -280,6 +281,24 @@ def prepare(
         check_training_split(built.get("train"), config, yield_controls)
     return PreparedData(vocab, built, columns, files, assignments, summarize(assignments),
                         names, gene_names, is_log1p, config=given)
+
+
+#: perturbation labels that usually mark cells without an assigned perturbation
+UNASSIGNED_LABELS = frozenset({"unassigned", "multiplet", "multiplets", "doublet", "doublets",
+                               "nan", "none", "na", "n/a", "unknown", "undetermined", ""})
+
+
+def _warn_unassigned_labels(files: list[DataFile], pert_col: str) -> None:
+    """Cells whose perturbation label reads like 'not assigned' would train as a perturbation
+    of their own: said, with the cells counted (a guide screen's 'unassigned' cells)."""
+    labels = pd.Series(np.concatenate([f.pert for f in files]))
+    found = labels[labels.str.strip().str.lower().isin(UNASSIGNED_LABELS)].value_counts()
+    if len(found):
+        listing = ", ".join(f"'{k}' ({v:,} cells)" for k, v in found.items())
+        warnings.warn(f"obs['{pert_col}'] label(s) {listing} look like cells without an "
+                      "assigned perturbation; they train as a perturbation of their own. Drop "
+                      f"them first (adata[~adata.obs['{pert_col}'].isin([...])]) unless they "
+                      "are one.", UserWarning, stacklevel=4)
 
 
 def check_training_split(train: SplitData | StreamSplit | None, config: SplitConfig,

@@ -538,3 +538,17 @@ def test_duplicate_cell_names_are_warned_about_at_fit():
     with pytest.warns(UserWarning, match=r"duplicate cell names \(obs_names\), e\.g\. c0.*"
                       "obs_names_make_unique"):
         prepare(a, TRAIN, COLS)
+
+
+def test_unassigned_like_perturbation_labels_are_said_at_fit():
+    """Papalexi's guide screen keeps 4,537 'unassigned' cells: training them as a perturbation
+    is said, with the count."""
+    from conftest import SHARED, need
+
+    path = need(SHARED / "data" / "papalexi2021_thp1_lowmoi_sceptredata.h5ad")
+    a = ad.read_h5ad(path)
+    a = a[:, :20].copy()
+    cols = ColumnMap(pert_col="target_gene", cell_type_key="cell_type",
+                     control_pert="non-targeting", output_space="gene")
+    with pytest.warns(UserWarning, match=r"'unassigned' \(4,537 cells\) look like cells"):
+        prepare(a, None, cols, allow_counts=True)
