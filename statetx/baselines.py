@@ -42,6 +42,7 @@ from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
     DataInput,
     PreparedData,
+    batch_in_context,
     group_labels,
     prepare,
     split_cell_obs,
@@ -356,7 +357,8 @@ class _Baseline(BaseEstimator):
         ctrl = np.flatnonzero(d.is_control)
         groups, order = [], []
         for g in basal_groups(d.context, d.pert, d.batch, np.flatnonzero(d.is_target), ctrl,
-                              d.context, d.batch, mode):
+                              d.context, d.batch, mode,
+                              describe=batch_in_context(prepared, d)):
             out_rows = np.arange(len(order), len(order) + len(g.rows))
             order.extend(g.rows)
             groups.append(_Group(out_rows, g.rows, g.pool, g.ctx_pool,

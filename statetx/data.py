@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -478,6 +478,13 @@ def group_labels(prepared: PreparedData, split: SplitData, row: int, by_batch: b
     labels = (split.name, prepared.files[split.file_index[row]].label,
               v.cell_types[split.cell_type[row]], v.perturbations[split.pert[row]])
     return (*labels, v.batches[split.batch[row]]) if by_batch else labels
+
+
+def batch_in_context(prepared: PreparedData, split: SplitData) -> Callable[[int, int], str]:
+    """Names a split's (context id, batch code) pair as 'batch in cell type', for messages."""
+    cell_type = dict(zip(split.context.tolist(), split.cell_type.tolist()))
+    v = prepared.vocab
+    return lambda cx, bt: f"{v.batches[bt]} in {v.cell_types[cell_type[cx]]}"
 
 
 def split_cell_obs(prepared: PreparedData, split: SplitData, rows: np.ndarray,

@@ -37,6 +37,7 @@ from statetx._utils import (
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
     PreparedData,
+    batch_in_context,
     counts_source,
     group_labels,
     split_cell_obs,
@@ -1332,7 +1333,8 @@ class StateTransitionModel(BaseEstimator):
         groups, order = [], []
         mode = "batch" if self._pairing() == "batch" else "cell_type"
         for g in basal_groups(d.context, d.pert, d.batch, np.flatnonzero(d.is_target), ctrl,
-                              d.context, d.batch, mode):
+                              d.context, d.batch, mode,
+                              describe=batch_in_context(prepared, d)):
             out_rows = np.arange(len(order), len(order) + len(g.rows))
             order.extend(g.rows)
             groups.append(Group(out_rows, g.pool, int(g.key[1]), d.batch[g.rows],

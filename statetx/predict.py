@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -114,7 +115,9 @@ class BasalGroup:
 
 def basal_groups(ctx: np.ndarray, pert: np.ndarray, batch: np.ndarray | None, rows: np.ndarray,
                  ctrl_rows: np.ndarray, ctrl_ctx: np.ndarray, ctrl_batch: np.ndarray | None,
-                 mode: str, fallback: str = "error", copied: object = None) -> list[BasalGroup]:
+                 mode: str, fallback: str = "error", copied: object = None,
+                 describe: Callable[[Any, Any], str] = "{1} in {0}".format
+                 ) -> list[BasalGroup]:
     """Group the cells ``rows`` by (context, perturbation), and by batch under ``mode="batch"``,
     in sorted order, each with the control rows its basal cells are drawn from: the context's
     (``"cell_type"``), those of its batch where the context has some there, else the context's
@@ -123,15 +126,19 @@ def basal_groups(ctx: np.ndarray, pert: np.ndarray, batch: np.ndarray | None, ro
     or draws from every control with ``fallback="all_controls"``; groups of the ``copied``
     perturbation (controls returned as they are) need no controls. Every prediction path (ST and
     the baselines, new data and splits) groups cells here, so ST and a baseline predicting the
-    same cells with the same seed draw the same basal cells."""
+    same cells with the same seed draw the same basal cells. Cells of a batch without controls
+    of their context draw from the context's, which is said (``describe(context, batch)`` names
+    them)."""
     by_batch = mode == "batch"
     frame = pd.DataFrame({"ctx": ctx[rows], "pert": pert[rows],
                           "batch": batch[rows] if by_batch else 0})
-    out = []
+    out, elsewhere = [], {}  # (context, batch) without controls of its own -> cells
     for (cx, p, bt), idx in sorted(frame.groupby(["ctx", "pert", "batch"]).indices.items()):
         ctx_pool = control_pool(ctrl_rows, ctrl_ctx, cx)
         pool = (ctrl_rows if mode == "all" else
                 control_pool(ctrl_rows, ctrl_ctx, cx, ctrl_batch, bt) if by_batch else ctx_pool)
+        if by_batch and p != copied and len(pool) and not (ctrl_batch[pool] == bt).any():
+            elsewhere[(cx, bt)] = elsewhere.get((cx, bt), 0) + len(idx)
         if len(pool) == 0 and p != copied:
             if fallback != "all_controls":
                 raise DataError(f"context '{cx}' has no control cells in the input, so basal "
@@ -139,6 +146,11 @@ def basal_groups(ctx: np.ndarray, pert: np.ndarray, batch: np.ndarray | None, ro
                                 "basal_fallback='all_controls'.")
             pool = ctx_pool = ctrl_rows
         out.append(BasalGroup((cx, p, bt) if by_batch else (cx, p), rows[idx], pool, ctx_pool))
+    if elsewhere:
+        warnings.warn(
+            f"{sum(elsewhere.values()):,} cells are in batches without control cells of their "
+            f"context ({preview([describe(c, b) for c, b in elsewhere])}): their basal cells "
+            "are drawn from their context's controls of every batch.", UserWarning, stacklevel=3)
     return out
 
 

@@ -1002,3 +1002,16 @@ def test_fit_says_when_held_out_perturbations_have_no_training_cells(synth):
     with warnings.catch_warnings():  # P1 trains in the other cell types: nothing to say
         warnings.simplefilter("error")
         small_model(max_steps=1).fit(a, spec.replace('"P2"', '"P0"'))
+
+
+def test_cells_of_a_batch_without_controls_are_said_to_draw_from_other_batches(synth):
+    m = small_model(max_steps=1, batch_col="batch").fit(synth)
+    a = synth.copy()
+    a.obs["batch"] = a.obs["batch"].astype(str)
+    a.obs.loc[(a.obs["gene"] == "P1") & (a.obs["cell_type"] == "CT0"), "batch"] = "b9"
+    with pytest.warns(UserWarning, match=r"24 cells are in batches without control cells of "
+                                         r"their context \(b9 in CT0\)"):
+        m.predict(a, unknown_batch="mean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.predict(synth)
