@@ -545,9 +545,10 @@ class LinearBaseline(_Baseline):
     feature file (``.pt``/``.npz``/``.csv``/``.safetensors``), or ``"auto"`` (``"genes"`` when
     every training perturbation names a feature, else ``"onehot"``). With a single perturbation
     (or one-hot vectors identical across cell types) the fit degrades to b, the perturb-mean
-    shift. ``on_missing`` for perturbations without a vector: ``"error"`` (listing them),
-    ``"mean"`` (zero vector: ŷ = b, the average training delta) or ``"context_mean"`` (the
-    :class:`ContextMeanBaseline` prediction).
+    shift. ``on_missing`` for perturbations without a vector: ``"error"`` (default, listing
+    them; with the one-hot embedding, whose held-out perturbations never have one, ``"mean"``
+    with a notice), ``"mean"`` (zero vector: ŷ = b, the average training delta) or
+    ``"context_mean"`` (the :class:`ContextMeanBaseline` prediction).
 
     ``cell_mode="basal_shift"`` (default): each basal cell + ŷ_p; ``"constant"``: every cell equals
     the cell type's control mean (input controls) + ŷ_p. Zero-shot cell type: the model is fitted
@@ -651,6 +652,12 @@ class LinearBaseline(_Baseline):
                          and self._vector(p) is None)
         if not missing:
             return []
+        if self.on_missing == "error" and self.embedding_source_ == "onehot":
+            # a one-hot embedding has no vector for a perturbation without training cells by
+            # construction: the average training delta, as perturb_mean's zero shift, said
+            return [f"linear: perturbation(s) without training cells have no one-hot vector: "
+                    f"{preview(missing)}; predicting the average training delta "
+                    "(on_missing='context_mean': the context-mean prediction)."]
         if self.on_missing == "error":
             raise DataError(
                 f"LinearBaseline ({self.embedding_source_} embedding) has no vector for "
