@@ -37,6 +37,7 @@ from statetx._utils import (
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
     PreparedData,
+    SplitData,
     batch_in_context,
     counts_source,
     group_labels,
@@ -60,6 +61,7 @@ from statetx.predict import (
     clip_range,
     encode_batches,
     encode_perturbations,
+    expression_depth,
     first_positions,
     group_key,
     hvg_names,
@@ -251,9 +253,11 @@ class StateTransitionModel(BaseEstimator):
     var_names_, gene_names_, n_features_in_, feature_names_in_
         Input features in training order; the decoded genes (an embedding model with a gene
         decoder), else None.
-    cell_set_len_, is_log1p_, target_sum_, trained_perturbations_
+    cell_set_len_, is_log1p_, target_sum_, expression_depth_, trained_perturbations_
         Cells per set; whether the training expression was log1p; its counts per cell (when
-        ``statetx.pp`` recorded one); perturbations with training cells.
+        ``statetx.pp`` recorded one); the median counts per cell its log1p values stand for over
+        the input genes (checked against ``predict``'s input); perturbations with training
+        cells.
     preset_, train_settings_
         The preset and the training settings (batch size, steps, lr, averaging) the fit used.
     history_, best_step_, training_time_
@@ -771,11 +775,27 @@ class StateTransitionModel(BaseEstimator):
                 finish_run(out, self, self.training_time_)
         return self
 
-    def _check_target_sum(self, adata: ad.AnnData) -> None:
-        """Warn when the input was normalised (statetx.pp record) to other counts per cell than
-        the training data: its log1p values are then shifted against the model's."""
+    def _check_normalisation(self, adata: ad.AnnData, x: np.ndarray) -> None:
+        """Warn when the input was normalised to other counts per cell than the training data
+        (its log1p values are then shifted against the model's): from the statetx.pp records
+        when both have one, else from the values (the median counts per cell over the model's
+        genes, more than 2× off)."""
         mine, theirs = getattr(self, "target_sum_", None), recorded_target_sum(adata)
-        if mine is None or theirs is None or abs(theirs / mine - 1) <= 0.01:
+        if mine is None or theirs is None:
+            trained = getattr(self, "expression_depth_", None)
+            if trained:
+                depth = expression_depth(x)
+                if not 0.5 <= depth / trained <= 2:
+                    warnings.warn(
+                        f"the input's log1p values stand for a median of {depth:,.4g} counts per "
+                        f"cell over the model's {x.shape[1]:,} genes, the training data's for "
+                        f"{trained:,.4g}: it was normalised to another total (its values are "
+                        f"shifted by about {np.log(depth / trained):+.2f}), so the predictions "
+                        "are off. Normalise it as the training data (the same normalize_total "
+                        "target_sum, or statetx.pp.preprocess_train's record).", UserWarning,
+                        stacklevel=3)
+            return
+        if abs(theirs / mine - 1) <= 0.01:
             return
         warnings.warn(
             f"the input was normalised to {theirs:,.6g} counts per cell (uns['statetx_preprocess'])"
@@ -814,6 +834,11 @@ class StateTransitionModel(BaseEstimator):
         self.split_config_ = prepared.config
         sums = {f.target_sum for f in prepared.files}
         self.target_sum_ = sums.pop() if len(sums) == 1 else None
+        train = prepared.splits["train"]
+        self.expression_depth_ = (
+            expression_depth(train.X, np.flatnonzero(train.is_target)) if prepared.is_log1p
+            and prepared.columns.embed_key in (None, "X_hvg") and isinstance(train, SplitData)
+            else None)  # (a streamed split's matrix is not in memory)
         codes = _perturbed_codes(prepared.splits["train"])
         self.trained_perturbations_ = [vocab.perturbations[i] for i in codes]
         self.n_features_in_ = prepared.input_dim
@@ -1017,7 +1042,7 @@ class StateTransitionModel(BaseEstimator):
         if c.embed_key in (None, "X_hvg"):
             src = c.embed_key if c.embed_key in adata.obsm else "X"  # (X_hvg falls back to X)
             check_scale(x_in, self.is_log1p_, f"input ({src})")
-            self._check_target_sum(adata)
+            self._check_normalisation(adata, x_in)
         pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
                                           self.vocab_.cell_types, cell_type_col is not None)
         batch = pairing_batches(adata, batch_col, self._needs_batch(pool_mode))
@@ -1489,6 +1514,7 @@ class StateTransitionModel(BaseEstimator):
             "is_log1p": self.is_log1p_,
             "trained_perturbations": getattr(self, "trained_perturbations_", None),
             "target_sum": getattr(self, "target_sum_", None),
+            "expression_depth": getattr(self, "expression_depth_", None),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -1617,6 +1643,7 @@ class StateTransitionModel(BaseEstimator):
         if meta.get("trained_perturbations") is not None:
             model.trained_perturbations_ = list(meta["trained_perturbations"])
         model.target_sum_ = meta.get("target_sum")
+        model.expression_depth_ = meta.get("expression_depth")
         model.n_features_in_ = len(model.var_names_)
         v = model.vocab_
         if model.pert_features is None and v.pert_features is not None:

@@ -472,6 +472,16 @@ def check_unique_cells(adata: ad.AnnData) -> None:
         )
 
 
+def expression_depth(x: np.ndarray | torch.Tensor, rows: np.ndarray | None = None) -> float:
+    """Median over (up to 2,000 evenly spread) cells — of ``rows`` when given — of the counts
+    per cell that log1p values ``x`` stand for, over its columns (sum of ``expm1``): what
+    normalisation put on them."""
+    if rows is not None:
+        pick = rows[np.linspace(0, len(rows) - 1, min(len(rows), 2000)).astype(np.int64)]
+        x = x[torch.from_numpy(pick) if isinstance(x, torch.Tensor) else pick]
+    return float(np.median(np.expm1(sample_rows(x, 2000)).sum(1)))
+
+
 def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input") -> None:
     """Error when the input scale (counts, scaled or log1p) differs from the training data's."""
     lowest = float(x.min(initial=0))

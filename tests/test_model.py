@@ -1015,3 +1015,28 @@ def test_cells_of_a_batch_without_controls_are_said_to_draw_from_other_batches(s
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m.predict(synth)
+
+
+def test_input_normalised_to_another_total_is_said_from_the_values():
+    """Papalexi's knockouts trained at the data's median depth, predicted after scanpy's
+    normalize_total(1e4): the log1p values are shifted and nothing recorded it in uns."""
+    import anndata as ad
+    import scanpy as sc
+    from conftest import SHARED, need
+
+    a = ad.read_h5ad(need(SHARED / "data" / "papalexi2021_thp1_lowmoi_sceptredata.h5ad"))
+    a = a[a.obs["target_gene"].isin(["non-targeting", "STAT1", "IFNGR1"]), :60].copy()
+    a.X = a.layers["counts"].copy()
+    train = a.copy()
+    sc.pp.normalize_total(train)  # the median total of these 60 genes
+    sc.pp.log1p(train)
+    m = small_model(max_steps=1, pert_col="target_gene", control_pert="non-targeting").fit(train)
+    assert m.expression_depth_ == pytest.approx(np.median(np.asarray(a.X.sum(1))), rel=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.predict(train)
+    other = a.copy()
+    sc.pp.normalize_total(other, target_sum=1e4)
+    sc.pp.log1p(other)
+    with pytest.warns(UserWarning, match="normalised to another total"):
+        m.predict(other)
