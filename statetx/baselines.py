@@ -305,7 +305,8 @@ class _Baseline(BaseEstimator):
         if self._expression_output:
             check_scale(x, self.is_log1p_)
         pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
-                                          self.vocab_.cell_types, cell_type_col is not None)
+                                          self.vocab_.cell_types, cell_type_col is not None,
+                                          pool_mode == "all")
         batch = pairing_batches(adata, batch_col, pool_mode == "batch")
         model_pert = pert.copy()  # the label each cell is predicted as
         encode_perturbations(pert[~is_ctrl], self.vocab_, unknown_perturbation)  # checks labels

@@ -81,7 +81,8 @@ def _sub(sp: Any, name: str, help: str, aliases: Sequence[str] = (), **kw: Any) 
 
 # Python argument names whose command-line flag is spelled differently (its argparse dest)
 _PYTHON_TO_FLAG = {"sets_per_pass": "batch_size", "set_len": "max_set_len",
-                   "n_cells_per_pert": "virtual_cells_per_pert", "steps": "test_time_finetune"}
+                   "n_cells_per_pert": "virtual_cells_per_pert", "steps": "test_time_finetune",
+                   "cell_type_col": "celltype_col"}
 
 
 def _cli_names(message: str, ns: argparse.Namespace) -> str:
@@ -218,7 +219,7 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _flag(inf, "--embed-key", help="obsm key of the input (default: the model's)")
     _flag(inf, "--pert-col", help="perturbation column (default: the model's)")
     _flag(inf, "--celltype-col", "--cell-type-col", help="cell-type column (default: the "
-          "model's, then auto-detect)")
+          "model's, then auto-detect); none: all cells one context (--basal-pool all)")
     inf.add_argument("--celltypes", action="append", help="only these cell types (comma list "
                      "or repeated)")
     _flag(inf, "--batch-col", help="batch column (default: the model's, then auto-detect)")
@@ -889,6 +890,11 @@ def cmd_infer(a: argparse.Namespace) -> int:
                             + did_you_mean(pert_col, map(str, adata.obs.columns)))
         ct_col = _pick_column(adata, a.celltype_col, c.cell_type_key, CELLTYPE_COLS,
                               "cell-type", "--celltype-col")
+        if (a.celltype_col or "").lower() == "none":  # one context: controls of any cell type
+            if a.basal_pool not in (None, "all"):
+                raise UsageError(f"--celltype-col none pools every cell's controls; it cannot "
+                                 f"go with --basal-pool {a.basal_pool}.")
+            a.basal_pool = "all"
         needs_batch = model._needs_batch(a.basal_pool)
         batch_col = (_pick_column(adata, a.batch_col, c.batch_col, BATCH_COLS, "batch",
                                   "--batch-col") if needs_batch else None)

@@ -1044,7 +1044,8 @@ class StateTransitionModel(BaseEstimator):
             check_scale(x_in, self.is_log1p_, f"input ({src})")
             self._check_normalisation(adata, x_in)
         pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
-                                          self.vocab_.cell_types, cell_type_col is not None)
+                                          self.vocab_.cell_types, cell_type_col is not None,
+                                          pool_mode == "all")
         batch = pairing_batches(adata, batch_col, self._needs_batch(pool_mode))
         ctx_all, batch_all = ctx, batch  # every input cell's (ctx, batch: of the output rows)
         input_control = control  # (named in the output's uns, as in its obs)
@@ -1473,7 +1474,8 @@ class StateTransitionModel(BaseEstimator):
         control = c.control_pert if control is None else str(control)
         pert, ctx, _ = input_labels(adata, predict_options.get("pert_col") or c.pert_col,
                                     given_ct or c.cell_type_key, control, self.vocab_.cell_types,
-                                    given_ct is not None)
+                                    given_ct is not None,
+                                    predict_options.get("basal_pool") == "all")
         rows = pd.Index(adata.obs_names).get_indexer(pred.obs_names)  # (cell names are unique)
         if (rows < 0).any():
             raise ConfigError("score() compares the predictions of the input's own cells; leave "

@@ -431,25 +431,27 @@ def input_matrix(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
 
 
 def input_labels(adata: ad.AnnData, pert_col: str, ct_col: str, control: str,
-                 trained_contexts: Sequence[str], ct_col_given: bool
+                 trained_contexts: Sequence[str], ct_col_given: bool, pool_all: bool = False
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The input's perturbation and context labels and its control mask. Without the
     (default) cell-type column, a model trained on one context treats every cell as that
-    context; an input without control cells is an error."""
+    context, and every cell forms one context when controls are pooled across cell types
+    anyway (``pool_all``: ``basal_pool="all"``); an input without control cells is an error."""
     pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
     if ct_col in adata.obs:
         ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
-    elif not ct_col_given and len(trained_contexts) == 1:
-        only = str(trained_contexts[0])
-        print(f"statetx: no obs column '{ct_col}': all cells form one context, the model's "
-              f"only one ('{only}').")
+    elif (not ct_col_given and len(trained_contexts) == 1) or pool_all:
+        only = str(trained_contexts[0]) if len(trained_contexts) == 1 else "all"
+        print(f"statetx: no obs column '{ct_col}': all cells form one context"
+              + (f", the model's only one ('{only}')." if only != "all" else
+                 " (basal_pool='all': every control can be any cell's basal cell)."))
         ctx = np.full(adata.n_obs, only, dtype=object)
     else:
         raise DataError(
             f"the input has no obs column '{ct_col}' (the context in which each cell is "
             f"paired with control cells).{did_you_mean(ct_col, map(str, adata.obs.columns))}"
-            " Pass cell_type_col=<column>; to treat all cells as one context, add a constant"
-            f" column (adata.obs['{ct_col}'] = 'all')."
+            " Pass cell_type_col=<column>; to treat all cells as one context (controls of any"
+            " cell type as basal cells), pass basal_pool='all'."
         )
     is_ctrl = pert == control
     if not is_ctrl.any():

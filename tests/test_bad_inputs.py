@@ -104,13 +104,23 @@ def truncated_ckpt(run, tmp_path):
     (lambda a: None, {"cell_type_col": "celltype"},
      r"no obs column 'celltype'.*Did you mean: 'cell_type'.*Pass cell_type_col"),
     (lambda a: a.obs.rename(columns={"cell_type": "ct"}, inplace=True), {},
-     r"no obs column 'cell_type'.*adata.obs\['cell_type'\] = 'all'"),
+     r"no obs column 'cell_type'.*pass basal_pool='all'"),
 ], ids=["pert-column-renamed", "pert-col-option-wrong", "cell-type-col-option-wrong",
         "cell-type-column-absent"])
 def test_predict_obs_columns(model, adata, edit, opts, match):
     edit(adata)
     with pytest.raises(DataError, match=match):
         model.predict(adata, **opts)
+
+
+def test_predict_without_cell_type_column_pools_every_control_when_asked(model, adata,
+                                                                         capsys):
+    ref = model.predict(adata, basal_pool="all", seed=1)
+    del adata.obs["cell_type"]
+    out = model.predict(adata, basal_pool="all", seed=1)
+    assert "all cells form one context (basal_pool='all'" in capsys.readouterr().out
+    assert set(out.obs["statetx_ctrl_barcode"]) <= set(adata.obs_names[adata.obs["gene"] == "ctrl"])
+    assert out.n_obs == ref.n_obs
 
 
 def test_predict_control_label_absent_everywhere(model, adata):

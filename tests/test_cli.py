@@ -791,3 +791,23 @@ def test_import_arc_fills_in_what_the_run_does_not_record(tmp_path, capsys):
                  "--control-pert", "non-targeting"]) == 0
     assert main(["info", str(tmp_path / "m")]) == 0
     assert "control='non-targeting'" in capsys.readouterr().out
+
+
+def test_infer_without_a_cell_type_column(run, data, tmp_path, capsys):
+    """--celltype-col none: every cell one context (controls of any cell type); without it a
+    multi-context model asks for the column, naming the flag."""
+    import anndata as ad
+
+    src = ad.read_h5ad(data / "data.h5ad")
+    del src.obs["cell_type"]
+    src.write_h5ad(tmp_path / "noct.h5ad")
+    args = ["tx", "infer", "--model-dir", str(run), "--adata", str(tmp_path / "noct.h5ad"),
+            "--output", str(tmp_path / "o.h5ad")]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no obs column 'cell_type'" in err and "--cell-type-col, --basal-pool" in err
+    assert main([*args, "--celltype-col", "none"]) == 0
+    assert "all cells form one context" in capsys.readouterr().out
+    assert ad.read_h5ad(tmp_path / "o.h5ad").n_obs == src.n_obs
+    assert main([*args, "--celltype-col", "none", "--basal-pool", "cell_type"]) == 2
