@@ -987,14 +987,27 @@ def _pick_column(adata: Any, given: str | None, model_col: str | None, auto: Seq
 
 
 def _remap_embedding(adata: Any, key: str, model_key: str | None) -> Any:
+    """--embed-key: obsm[key] as the model's input. Genes (X, X_hvg) are matched by name, so a
+    gene matrix needs its names (uns['<key>_var_names'])."""
     if key not in adata.obsm:
         raise DataError(f"--embed-key {key}: not in obsm (available: "
                         f"{', '.join(adata.obsm.keys()) or 'none'}).")
     adata = adata.copy()
-    if model_key is None:
+    if model_key in (None, "X_hvg"):
         import anndata as ad
+        import pandas as pd
 
-        adata = ad.AnnData(X=adata.obsm[key], obs=adata.obs)
+        names = adata.uns.get(f"{key}_var_names")
+        if names is None or len(names) != adata.obsm[key].shape[1]:
+            raise DataError(f"--embed-key {key}: this model reads genes ({model_key or 'X'}), "
+                            f"matched by name, and obsm['{key}'] has no gene names "
+                            f"(uns['{key}_var_names']). Add them, or leave --embed-key out.")
+        names = list(map(str, names))
+        if model_key is None:
+            adata = ad.AnnData(X=adata.obsm[key], obs=adata.obs,
+                               var=pd.DataFrame(index=pd.Index(names)))
+        else:
+            adata.obsm["X_hvg"], adata.uns["X_hvg_var_names"] = adata.obsm[key], names
     else:
         adata.obsm[model_key] = adata.obsm[key]
     _say(f"using obsm['{key}'] as the model input ({model_key or 'X'}).")
@@ -1018,10 +1031,16 @@ def _expand_cells(adata: Any, pert_col: str, control: str, tsv: str | None, seed
     if not {"perturbation", "num_cells"} <= set(table.columns):
         raise DataError(f"--tsv {tsv}: needs columns 'perturbation' and 'num_cells' (tab "
                         f"separated); found {', '.join(map(str, table.columns))}.")
+    counts = pd.to_numeric(table["num_cells"], errors="coerce")
+    bad = table[~(counts.notna() & (counts >= 0) & (counts == counts.round()))]
+    if len(bad):
+        raise DataError(f"--tsv {tsv}: num_cells must be whole numbers >= 0; row(s) "
+                        + ", ".join(f"{r.perturbation}: {r.num_cells!r}"
+                                    for r in bad.head(5).itertuples()) + ".")
     ctrl = np.flatnonzero(labels == control)
     if not len(ctrl):
         raise DataError(f"--tsv needs control cells (obs['{pert_col}'] == '{control}').")
-    for p, n in zip(table["perturbation"].astype(str), table["num_cells"].astype(int)):
+    for p, n in zip(table["perturbation"].astype(str), counts.astype(int)):
         rows.append(ctrl[rng.integers(len(ctrl), size=n)])
         new_labels.append(np.full(n, p, dtype=object))
     idx = np.concatenate(rows)

@@ -949,7 +949,8 @@ class StateTransitionModel(BaseEstimator):
         ``obsm['<embed_key>_pred']``), and the model's gene names as var. ``all_perts=True``
         also simulates every known perturbation (or those of ``perturbations``) in every context
         from ``n_cells_per_pert`` control clones (a number, or one per perturbation; default: as
-        many as the context has controls); see also :meth:`simulate`. ``min_cells`` /
+        many as the context has controls) and keeps the input's ``uns``; see also
+        :meth:`simulate`. ``min_cells`` /
         ``max_cells``: every (context, perturbation) group but the control's is cloned up to /
         subsampled down to that many cells (seeded; clones follow the input's cells).
         ``predict_controls=False`` copies the control cells into the output instead of
@@ -1124,6 +1125,8 @@ class StateTransitionModel(BaseEstimator):
                               **({"celltype_col": ct_col} if ct_col in out.obs else {}),
                               "scale": self._output_scale,
                               **({"model": str(source)} if source is not None else {})}
+        if all_perts and layout != "arc":  # a virtual experiment keeps the input's uns (§3.4)
+            out.uns = {**adata.uns, "statetx": out.uns["statetx"]}
         return out
 
     def finetune_on_controls(self, steps: int, split: str = "test", *, lr: float = 1e-5,
@@ -1205,9 +1208,8 @@ class StateTransitionModel(BaseEstimator):
             perturbations = [perturbations]
         out = self.predict(controls, all_perts=True, perturbations=perturbations,
                            n_cells_per_pert=n_cells, seed=seed, **predict_options)
-        if out.var_names.isin(controls.var_names).all():  # var and uns kept (spec §3.4)
+        if out.var_names.isin(controls.var_names).all():  # var kept (spec §3.4), and uns
             out.var = controls.var.loc[out.var_names].copy()
-        out.uns = {**controls.uns, "statetx": out.uns["statetx"]}
         return out
 
     def _virtual_cells(self, adata, pert, ctx, batch, is_ctrl, control, n_cells, seed, pert_col,

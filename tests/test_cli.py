@@ -811,3 +811,29 @@ def test_infer_without_a_cell_type_column(run, data, tmp_path, capsys):
     assert "all cells form one context" in capsys.readouterr().out
     assert ad.read_h5ad(tmp_path / "o.h5ad").n_obs == src.n_obs
     assert main([*args, "--celltype-col", "none", "--basal-pool", "cell_type"]) == 2
+
+
+def test_infer_checks_the_tsv_and_an_embed_key_without_gene_names(run, data, tmp_path, capsys):
+    import anndata as ad
+
+    src = data / "data.h5ad"
+    args = ["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output",
+            str(tmp_path / "o.h5ad")]
+    (tmp_path / "t.tsv").write_text("perturbation\tnum_cells\nP0\t-5\nP1\t2.5\nP2\t3\n")
+    capsys.readouterr()
+    assert main([*args, "--tsv", str(tmp_path / "t.tsv")]) == 2
+    assert "num_cells must be whole numbers >= 0; row(s) P0: -5.0, P1: 2.5" in \
+        capsys.readouterr().err
+    # a gene matrix in obsm for a model that reads X: matched by name only with its names
+    a = ad.read_h5ad(src)
+    a.obsm["X_alt"] = np.asarray(a.X)[:, ::-1].copy()
+    a.write_h5ad(tmp_path / "alt.h5ad")
+    alt = [*args[:5], str(tmp_path / "alt.h5ad"), *args[6:], "--embed-key", "X_alt"]
+    assert main(alt) == 2
+    assert "obsm['X_alt'] has no gene names" in capsys.readouterr().err
+    a.uns["X_alt_var_names"] = np.asarray(a.var_names)[::-1]
+    a.write_h5ad(tmp_path / "alt.h5ad")
+    assert main([*alt, "--seed", "3"]) == 0
+    assert main([*args, "--seed", "3", "--output", str(tmp_path / "ref.h5ad")]) == 0
+    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "o.h5ad").X,
+                               ad.read_h5ad(tmp_path / "ref.h5ad").X, atol=1e-5)

@@ -498,10 +498,12 @@ def test_unknown_perturbation_is_an_error(fitted):
 def test_all_perts_simulates_every_perturbation(fitted):
     model, adata = fitted
     ctrl = adata[adata.obs["gene"] == "ctrl"].copy()
+    ctrl.uns["log1p"] = {"base": None}  # a virtual experiment keeps the input's uns
     out = model.predict(ctrl, all_perts=True, n_cells_per_pert=5)
     n_ct = ctrl.obs["cell_type"].nunique()
     assert out.n_obs == ctrl.n_obs + n_ct * 3 * 5
     assert set(out.obs["gene"]) == {"ctrl", "P0", "P1", "P2"}
+    assert out.uns["log1p"] == {"base": None} and "statetx" in out.uns
 
 
 def test_training_reduces_loss_on_synthetic():
