@@ -351,7 +351,7 @@ class _Baseline(BaseEstimator):
             raise DataError(f"the fitted split spec has no '{split}' split (available: "
                             f"{', '.join(prepared.splits)}).")
         seed = int(self.seed if seed is None else seed)
-        d, v, c = prepared.splits[split], self.vocab_, self.columns_
+        d, v, c = prepared.splits[split], prepared.vocab, self.columns_
         perts = np.asarray(v.perturbations, dtype=object)
         cts = np.asarray(v.cell_types, dtype=object)
         mode = self._pool_mode(basal_pool)

@@ -219,6 +219,7 @@ def prepare(
     allow_counts: bool = False,
     dtype: str = "float32",
     splits: tuple[str, ...] = SPLITS,
+    new_labels: tuple[str, ...] = (),
 ) -> PreparedData:
     """Validate the data against the split spec and build the per-split matrices.
 
@@ -230,7 +231,9 @@ def prepare(
     ``pert_features`` (a file or a name → vector mapping) replaces the one-hot perturbation
     vectors, ``on_missing_features`` says what a perturbation without one gets. The other
     options are the estimator's parameters of the same names (``allow_counts``: accept count
-    data with ``output_space='all'``; ``splits``: build only these). Returns a
+    data with ``output_space='all'``; ``splits``: build only these; ``new_labels``: the label
+    kinds, ``cell_type`` / ``batch``, whose labels unknown to a given ``vocab`` are added to
+    it, said, rather than refused). Returns a
     :class:`PreparedData`: vocabulary, one :class:`SplitData` per non-empty split, the split
     summary and the feature names.
     """
@@ -272,6 +275,15 @@ def prepare(
             control, features=feats, on_missing_features=on_missing_features,
         )
         _warn_unassigned_labels(files, columns.pert_col)
+    for kind in new_labels:
+        grown = vocab.extended(kind, np.concatenate(
+            [f.cell_type if kind == "cell_type" else f.batch for f in files]))
+        if grown is not vocab:
+            field_name = "cell_types" if kind == "cell_type" else "batches"
+            added = getattr(grown, field_name)[len(getattr(vocab, field_name)):]
+            print(f"statetx: {kind.replace('_', ' ')} label(s) the model did not train on: "
+                  f"{preview(added)} (their cells are predicted as any held-out cells).")
+            vocab = grown
     built = {}
     for split in splits:
         sd = _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_dtype)

@@ -1369,7 +1369,7 @@ class StateTransitionModel(BaseEstimator):
                                 group_key(*group_labels(prepared, d, g.rows[0], len(g.key) == 3))))
         order = np.asarray(order)
         self._warn_untrained(d.pert[order], f"{split} split")
-        v, c = self.vocab_, self.columns_
+        v, c = prepared.vocab, self.columns_  # (cell types and batches may be new to the model)
         datasets = split_datasets(prepared, d, order,
                                   np.asarray(v.cell_types, dtype=object)[d.cell_type[order]])
         run = partial(run_groups, self.network_, d.X, groups, self.vocab_.pert_matrix(),
@@ -1416,7 +1416,7 @@ class StateTransitionModel(BaseEstimator):
         """``predict_split(pseudobulk=True)``: per (cell type, perturbation) means — per
         dataset too when ``datasets`` names each row's — of the predictions (accumulated by
         ``run``) and of the real cells (read a block at a time)."""
-        v, c = self.vocab_, self.columns_
+        v, c = self._prepared.vocab, self.columns_
         n_p, n_ct = len(v.perturbations), len(v.cell_types)
         ds_code, ds_names = (np.zeros(len(order), dtype=np.int64), None) if datasets is None \
             else pd.factorize(datasets, sort=True)

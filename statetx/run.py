@@ -1331,6 +1331,13 @@ def _check_same_run(run: Path, path: Path, meta: Mapping) -> None:
                         "be written into the wrong run. Name the checkpoint's own run folder.")
 
 
+def _free_labels(model: Any) -> tuple[str, ...]:
+    """Label kinds the model's network does not read, so that a new split spec may bring labels
+    it never trained on: cell types always, batches without a batch encoder."""
+    cfg = getattr(model, "network_config_", None)
+    return ("cell_type",) if cfg is not None and cfg.batch_encoder else ("cell_type", "batch")
+
+
 def attach_data(model: Any, run_dir: str | Path | None = None, *,
                 toml: str | Path | dict | SplitConfig | None = None,
                 data_root: str | Path | None = None, adata: Any = None,
@@ -1386,8 +1393,8 @@ def attach_data(model: Any, run_dir: str | Path | None = None, *,
     from statetx.stream import preparer
 
     prepared = preparer(model.stream_chunk_size if adata is None and stream else None)(
-        adata, cfg, model.columns_, vocab=model.vocab_,
-                       **model._data_options())
+        adata, cfg, model.columns_, vocab=model.vocab_, new_labels=_free_labels(model),
+        **model._data_options())
     if list(prepared.feature_names) != list(model.var_names_):
         raise DataError(f"the data of {src} have different features than the model was trained "
                         f"on ({prepared.input_dim} vs {len(model.var_names_)} columns).")

@@ -7,6 +7,7 @@ file (e.g. ESM2 gene embeddings), in which case the file's order is kept.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,14 @@ class Vocab:
                 f"{preview(unknown)}.{did_you_mean(unknown[0], names)}"
             )
         return codes[inv].reshape(-1)
+
+    def extended(self, kind: str, labels: Iterable[str]) -> Vocab:
+        """A copy with the unseen ``labels`` of ``kind`` (``cell_type`` or ``batch``: labels the
+        network does not read) appended in sorted order; known labels keep their codes."""
+        field_name = {"cell_type": "cell_types", "batch": "batches"}[kind]
+        known = getattr(self, field_name)
+        new = sorted(set(map(str, labels)) - set(known))
+        return dataclasses.replace(self, **{field_name: [*known, *new]}) if new else self
 
     def to_dict(self) -> dict:
         return {"perturbations": list(self.perturbations), "cell_types": list(self.cell_types),

@@ -1042,3 +1042,25 @@ def test_input_normalised_to_another_total_is_said_from_the_values():
     sc.pp.log1p(other)
     with pytest.warns(UserWarning, match="normalised to another total"):
         m.predict(other)
+
+
+def test_a_new_split_spec_may_hold_cell_types_and_batches_never_trained(synth, capsys):
+    """Re-splitting (attach_data / tx predict --toml) with a cell type and a batch the model
+    never saw: neither is a network input (no batch encoder), so the cells are predicted."""
+    from statetx.baselines import PerturbMeanBaseline
+    from statetx.run import attach_data
+
+    new = synth.copy()
+    new.obs["cell_type"] = new.obs["cell_type"].astype(str).replace({"CT2": "CT7"})
+    new.obs["batch"] = new.obs["batch"].astype(str).replace({"b0": "b9"})
+    spec = '[training]\ndata = "train"\n[zeroshot]\n"data.CT7" = "test"\n'
+    cols = dict(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl", seed=0)
+    for model in (small_model(max_steps=2, batch_col="batch"),
+                  PerturbMeanBaseline(batch_col="batch", **cols)):
+        model.fit(synth, SPEC)
+        attach_data(model, adata=new, toml=spec)
+        assert "cell type label(s) the model did not train on: CT7" in capsys.readouterr().out
+        pred, real = model.predict_split("test")
+        assert set(pred.obs["cell_type"]) == {"CT7"} and "b9" in set(pred.obs["batch"])
+        assert pred.n_obs == (new.obs["cell_type"] == "CT7").sum()
+        assert "CT7" not in model.vocab_.cell_types  # the fitted vocabulary is unchanged
