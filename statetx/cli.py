@@ -258,8 +258,7 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     inf.add_argument("--layout", default="statetx", choices=["statetx", "arc"],
                      help="statetx: a new AnnData of the predictions (default); arc: a copy of "
                      "the input with the predictions where arc-state's tx infer writes them")
-    inf.add_argument("--attention", choices=ARCH_CHOICES["attention"],
-                     help="attention mode of an ambiguous arc-state checkpoint")
+    _arc_flags(inf)
     _matmul_flag(inf)
     inf.set_defaults(func=cmd_infer)
     # preprocess_train
@@ -389,20 +388,37 @@ def _add_evaluate(sp: Any) -> None:
     pp.set_defaults(func=cmd_evaluate_prep)
 
 
+def _arc_flags(p: argparse.ArgumentParser) -> None:
+    """How an arc-state checkpoint is read (import-arc, and tx infer on an arc-state run)."""
+    p.add_argument("--attention", choices=ARCH_CHOICES["attention"],
+                   help="attention mode (needed for a 0.9.x Llama checkpoint, which does not "
+                   "record it)")
+    p.add_argument("--rope", help="none or a rotary base (e.g. 10000)")
+    _flag(p, "--trust-pickle", action="store_true",
+          help="allow arbitrary pickled objects (only for files you trust)")
+
+
+def _rope(a: argparse.Namespace) -> Any:
+    """--rope as load_arc_run's ``rope`` (``...`` = not given)."""
+    if a.rope is None:
+        return ...
+    try:
+        return None if a.rope.lower() == "none" else float(a.rope)
+    except ValueError:
+        raise UsageError(f"--rope {a.rope}: use none or a number such as 10000.") from None
+
+
 def _add_import_arc(sp: Any) -> None:
     ia = _sub(sp, "import-arc", "convert an arc-state run/checkpoint into a statetx model "
               "directory")
     ia.add_argument("run_dir", metavar="RUN_DIR")
     ia.add_argument("--checkpoint", default=None, help="default final.ckpt, else last.ckpt")
-    ia.add_argument("--attention", choices=ARCH_CHOICES["attention"])
-    ia.add_argument("--rope", help="none or a rotary base (e.g. 10000)")
+    _arc_flags(ia)
     for flag, what in (("--control-pert", "control label"),
                        ("--embed-key", "input obsm key, or none for X"),
                        ("--cell-set-len", "cells per set")):
         _flag(ia, flag, type=int if flag == "--cell-set-len" else str,
               help=f"{what} of a run that records it nowhere (checkpoint, config.yaml)")
-    _flag(ia, "--trust-pickle", action="store_true",
-          help="allow arbitrary pickled objects (only for files you trust)")
     ia.add_argument("--out", required=True, metavar="MODEL_DIR")
     ia.set_defaults(func=cmd_import_arc)
 
@@ -839,8 +855,9 @@ def _print_agg(agg: Any) -> None:
 
 
 def load_any_model(model_dir: str | Path, checkpoint: str | None = None,
-                   attention: str | None = None, verbose: bool = True) -> Any:
-    """A statetx run / model directory / checkpoint, or an arc-state run directory."""
+                   attention: str | None = None, verbose: bool = True, **arc: Any) -> Any:
+    """A statetx run / model directory / checkpoint, or an arc-state run directory (``arc``:
+    more of :func:`statetx.arc.load_arc_run`'s options, ``rope``, ``trust_pickle``)."""
     from statetx.run import CHECKPOINT_DIR, is_arc_run, load_run, model_from_arc
 
     path = Path(model_dir)
@@ -851,7 +868,7 @@ def load_any_model(model_dir: str | Path, checkpoint: str | None = None,
             ck = path / CHECKPOINT_DIR
             checkpoint = "final.ckpt" if (ck / "final.ckpt").exists() else (
                 "last.ckpt" if (ck / "last.ckpt").exists() else None)
-        return model_from_arc(path, checkpoint, attention=attention, verbose=verbose)
+        return model_from_arc(path, checkpoint, attention=attention, verbose=verbose, **arc)
     return load_run(path, checkpoint, verbose=verbose)
 
 
@@ -880,7 +897,8 @@ def cmd_infer(a: argparse.Namespace) -> int:
     quiet = contextlib.redirect_stdout(open(os.devnull, "w")) if a.quiet else (  # noqa: SIM115
         contextlib.nullcontext())
     with quiet:
-        model = load_any_model(a.model_dir, a.checkpoint, attention=a.attention)
+        model = load_any_model(a.model_dir, a.checkpoint, attention=a.attention, rope=_rope(a),
+                               trust_pickle=a.trust_pickle)
         c = model.columns_
         adata = _read(src)
         pert_col = a.pert_col or c.pert_col
@@ -1292,12 +1310,7 @@ def cmd_evaluate_prep(a: argparse.Namespace) -> int:
 
 
 def cmd_import_arc(a: argparse.Namespace) -> int:
-    rope: Any = ...
-    if a.rope is not None:
-        try:
-            rope = None if a.rope.lower() == "none" else float(a.rope)
-        except ValueError:
-            raise UsageError(f"--rope {a.rope}: use none or a number such as 10000.") from None
+    rope = _rope(a)
     run = Path(a.run_dir)
     if not run.exists():
         raise UsageError(f"{run}: not found.")

@@ -946,35 +946,17 @@ class StateTransitionModel(BaseEstimator):
         model was trained with batch pairing). Returns a **new** AnnData with the input's obs
         (plus ``statetx_ctrl_barcode`` and ``statetx_set``), predictions in X (decoded genes
         when the model has a gene decoder; the latent output then in
-        ``obsm['<embed_key>_pred']``), and the model's gene names as var. ``all_perts=True``
-        also simulates every known perturbation (or those of ``perturbations``) in every context
-        from ``n_cells_per_pert`` control clones (a number, or one per perturbation; default: as
-        many as the context has controls) and keeps the input's ``uns``; see also
-        :meth:`simulate`. ``min_cells`` /
-        ``max_cells``: every (context, perturbation) group but the control's is cloned up to /
-        subsampled down to that many cells (seeded; clones follow the input's cells).
-        ``predict_controls=False`` copies the control cells into the output instead of
-        predicting them (with a gene decoder: from the input's matrix of the decoder's genes;
-        left out, with a warning, when the input lacks them); they get ``statetx_set`` -1.
-
-        The network runs in full fp32 (``matmul_precision="highest"``, as the reference
-        predicts) whatever the global setting; ``"medium"`` lets CPUs with AMX run its products in
-        bf16 (``state_sm``: ~1.6x the cells/s on 2 cores, outputs within ~0.5 % RMS) and GPUs in
-        TF32 (``"high"`` too). ``sets_per_pass``: sets per forward pass (memory and speed; the
-        outputs change only by float rounding, ~1e-7, as with other cells in the same input).
-
-        ``layout="arc"`` returns a copy of the input (its var, layers, obsm, uns) with the
-        predictions where arc-state 0.11.1's ``tx infer`` writes them: the direct output in X
-        (``embed_key`` None) or ``obsm[embed_key]``, or in ``obsm['X_state_pred']`` /
-        ``obsm['<embed_key>_pred']`` when the width differs; decoded genes in
-        ``obsm['X_hvg']`` (output space gene) or X (all). ``keep_input=True`` (default layout)
-        carries the input's obsm and layers over when the output has the input's genes.
+        ``obsm['<embed_key>_pred']``), and the model's gene names as var.
 
         Parameters
         ----------
+        adata
+            Cells on the training scale (log1p expression, or the training ``embed_key``),
+            controls included; genes are matched by name.
         pert_col, cell_type_col, batch_col
             The input's obs columns (default: the training ones). Without a cell-type column,
-            a model trained on one context treats all cells as that context.
+            a model trained on one context treats all cells as that context, and
+            ``basal_pool="all"`` makes all cells one context.
         control_pert
             The input's control label (default: the model's); another label is read as the
             model's control.
@@ -990,18 +972,45 @@ class StateTransitionModel(BaseEstimator):
             S and a remainder, as arc-state).
         basal_pool, basal_fallback
             Where basal cells come from: ``"cell_type"``, ``"batch"`` (same cell type and
-            batch, else the cell type; every cell then needs a label in ``batch_col``) or
+            batch, else the cell type, said; every cell then needs a label in ``batch_col``) or
             ``"all"`` (default: as in training); and, for a context without control cells,
             ``"error"`` (default) or ``"all_controls"``.
         unknown_perturbation, unknown_batch
             Labels outside the training vocabulary: ``"error"`` (default, listing them),
             ``"control"`` / ``"zeros"`` for perturbations; ``"first"`` / ``"mean"`` (the mean
             batch embedding) for batches of a model with a batch encoder.
+        predict_controls
+            False copies the control cells into the output instead of predicting them (with a
+            gene decoder: from the input's matrix of the decoder's genes; left out, with a
+            warning, when the input lacks them); they get ``statetx_set`` -1.
+        all_perts, n_cells_per_pert, perturbations
+            ``all_perts=True`` also simulates every known perturbation (or those of
+            ``perturbations``) in every context from ``n_cells_per_pert`` control clones (a
+            number, or one per perturbation; default: as many as the context has controls),
+            and keeps the input's ``uns``; see also :meth:`simulate`.
+        min_cells, max_cells
+            Every (context, perturbation) group but the control's is cloned up to / subsampled
+            down to that many cells (seeded; clones follow the input's cells).
         clip
             ``"auto"`` (default: [0, 14] for log1p expression, ≥ 0 for count-scale outputs,
             nothing for embeddings), None, or a ``(low, high)`` pair.
         missing_genes
             Model genes absent from the input: ``"error"`` (default, listing them) or ``"zero"``.
+        matmul_precision
+            The network runs in full fp32 (``"highest"``, default, as the reference predicts)
+            whatever the global setting; ``"medium"`` lets CPUs with AMX run its products in
+            bf16 (``state_sm``: ~1.6x the cells/s on 2 cores, outputs within ~0.5 % RMS) and
+            GPUs in TF32 (``"high"`` too).
+        sets_per_pass
+            Sets per forward pass (memory and speed; the outputs change only by float rounding,
+            ~1e-7, as with other cells in the same input).
+        layout, keep_input
+            ``"arc"`` returns a copy of the input (its var, layers, obsm, uns) with the
+            predictions where arc-state 0.11.1's ``tx infer`` writes them: the direct output in
+            X (``embed_key`` None) or ``obsm[embed_key]``, or in ``obsm['X_state_pred']`` /
+            ``obsm['<embed_key>_pred']`` when the width differs; decoded genes in
+            ``obsm['X_hvg']`` (output space gene) or X (all). ``keep_input=True`` (default
+            layout) carries the input's obsm and layers over when the output has its genes.
         """
         self._check_fitted()
         check_matmul_precision(matmul_precision)

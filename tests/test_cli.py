@@ -837,3 +837,20 @@ def test_infer_checks_the_tsv_and_an_embed_key_without_gene_names(run, data, tmp
     assert main([*args, "--seed", "3", "--output", str(tmp_path / "ref.h5ad")]) == 0
     np.testing.assert_allclose(ad.read_h5ad(tmp_path / "o.h5ad").X,
                                ad.read_h5ad(tmp_path / "ref.h5ad").X, atol=1e-5)
+
+
+def test_infer_on_an_arc_state_run_takes_rope_and_trust_pickle(tmp_path, capsys):
+    from conftest import FIXTURES, need
+
+    run = need(FIXTURES / "arc_state" / "runs" / "model_d_llama_causal_rope")
+    inp = need(FIXTURES / "arc_state" / "infer" / "infer_input.h5ad")
+    args = ["tx", "infer", "--model-dir", str(run), "--adata", str(inp)]
+    assert main([*args, "--output", str(tmp_path / "a.npy")]) == 0
+    assert main([*args, "--output", str(tmp_path / "b.npy"), "--rope", "10000",
+                 "--trust-pickle"]) == 0  # what the checkpoint records anyway
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    capsys.readouterr()
+    assert main([*args, "--output", str(tmp_path / "c.npy"), "--rope", "none"]) == 0
+    assert "will not compute what was trained" in "".join(capsys.readouterr())
+    assert not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "c.npy"))
+    assert main([*args, "--output", str(tmp_path / "d.npy"), "--rope", "ten"]) == 2
