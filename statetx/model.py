@@ -459,10 +459,11 @@ class StateTransitionModel(BaseEstimator):
         if self.cell_set_len is not None:
             arch["cell_set_len"] = int(self.cell_set_len)
         if arch["batch_encoder"] and self.batch_col is None:
-            raise ConfigError("model_kwargs batch_encoder=True needs batch_col (the obs column "
-                              "holding the batch).")
+            raise ConfigError("model_kwargs batch_encoder=True needs batch_col=<the obs column "
+                              "holding the batch>.")
         if self.basal_mapping_strategy == "batch" and self.batch_col is None:
-            raise ConfigError("basal_mapping_strategy='batch' needs batch_col.")
+            raise ConfigError("basal_mapping_strategy='batch' needs batch_col=<the obs column "
+                              "holding the batch>.")
         if self.basal_mapping_strategy not in ("auto", "random", "batch"):
             raise ConfigError(f"basal_mapping_strategy={self.basal_mapping_strategy!r} is invalid; "
                               "expected 'auto', 'random' or 'batch'.")
