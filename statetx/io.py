@@ -491,6 +491,17 @@ def hvg_names(adata: ad.AnnData, gene_name_col: str | None = None,
     ``gene_name_col`` when given."""
     if "X_hvg_var_names" in adata.uns:
         names = [str(x) for x in np.asarray(adata.uns["X_hvg_var_names"])]
+        if "highly_variable" in adata.var.columns:  # the selection changed after X_hvg was made?
+            flagged = set(map(str, adata.var_names[adata.var["highly_variable"].to_numpy(bool)]))
+            added, dropped = sorted(flagged - set(names)), sorted(set(names) - flagged)
+            if added or dropped:
+                warnings.warn(
+                    f"obsm['X_hvg'] of {where} holds the {len(names):,} genes of "
+                    f"uns['X_hvg_var_names'], but var['highly_variable'] flags {len(flagged):,}"
+                    + (f" (also {preview(added)})" if added else "")
+                    + (f" (not {preview(dropped)})" if dropped else "")
+                    + ": X_hvg is read as it is. If the selection changed, rebuild X_hvg (e.g. "
+                    "statetx.pp.preprocess_train).", UserWarning, stacklevel=3)
         if gene_name_col is None:
             return names
         pos = adata.var_names.get_indexer(names)

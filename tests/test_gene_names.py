@@ -121,3 +121,25 @@ def test_baselines_name_genes_like_the_model(zhao_log):
     models = fit_all_baselines(zhao_log, SPEC, gene_name_col="symbol", dataset_name="zhao",
                                **cols)
     assert all(m.var_names_ == named.var_names_ for m in models.values())
+
+
+def test_x_hvg_older_than_the_highly_variable_flags_is_said():
+    """A user flags STAT1 after preprocess_train made X_hvg: X_hvg (uns names) is what is read,
+    and the disagreement is said rather than silently training without STAT1."""
+    import warnings
+
+    from conftest import make_synthetic
+
+    from statetx.io import hvg_names
+
+    a = make_synthetic()
+    hvg = list(a.var_names[:10])
+    a.var["highly_variable"] = a.var_names.isin(hvg)
+    a.obsm["X_hvg"] = a[:, hvg].X.copy()
+    a.uns["X_hvg_var_names"] = np.asarray(hvg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hvg_names(a) == hvg
+    a.var.loc["G20", "highly_variable"] = True
+    with pytest.warns(UserWarning, match=r"flags 11 \(also G20\): X_hvg is read as it is"):
+        assert hvg_names(a) == hvg
