@@ -270,6 +270,7 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     pt.add_argument("--flavor", default="seurat", choices=["seurat", "cell_ranger", "seurat_v3"])
     pt.add_argument("--layer", help="take counts from this layer")
     _flag(pt, "--already-normalized", action="store_true", help="X is log1p already: HVGs only")
+    _flag(pt, "--include-genes", help="comma-separated genes always added to the HVGs")
     pt.set_defaults(func=cmd_preprocess_train)
     # preprocess_infer
     pi = _sub(sp, "preprocess_infer", "build a control template (perturbed labels on control "
@@ -1106,8 +1107,10 @@ def cmd_preprocess_train(a: argparse.Namespace) -> int:
          f"{a.num_hvgs} HVGs, flavor {a.flavor}, "
          + ("X taken as already normalised" if a.already_normalized else
             f"target_sum {a.target_sum if a.target_sum else 'median'}"))
+    include = [g.strip() for g in (a.include_genes or "").split(",") if g.strip()]
     preprocess_train(adata, a.num_hvgs, target_sum=a.target_sum, flavor=a.flavor,
-                     layer=a.layer, already_normalized=a.already_normalized)
+                     layer=a.layer, already_normalized=a.already_normalized,
+                     include_genes=include or None)
     _write_h5ad(adata, Path(a.output))
     _say(f"wrote {a.output} (X {'as given' if a.already_normalized else 'log1p-normalised'}, "
          f"obsm['X_hvg'] {adata.obsm['X_hvg'].shape[1]} HVGs)")

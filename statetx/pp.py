@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -173,6 +174,7 @@ def preprocess_train(
     already_normalized: bool = False,
     counts_layer: str | None = None,
     n_bins: int = 20,
+    include_genes: Sequence[str] | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Normalise, log1p and select highly variable genes, as ``state tx preprocess_train``.
@@ -202,6 +204,9 @@ def preprocess_train(
         Keep a copy of the raw counts in ``layers[counts_layer]`` before X is overwritten.
     n_bins
         Number of mean-expression bins of the dispersion-based flavors.
+    include_genes
+        Genes selected whether or not they are among the ``n_top_genes`` most variable (e.g.
+        the perturbation targets or the readouts of interest); they are added to the HVGs.
     copy
         Return a modified copy instead of changing ``adata`` in place (the default, as scanpy).
 
@@ -217,6 +222,11 @@ def preprocess_train(
         raise ConfigError(
             f"flavor={flavor!r} is invalid; expected one of {', '.join(_HVG_FLAVORS)}."
         )
+    include = [str(g) for g in (include_genes or [])]
+    absent = sorted(set(include) - set(map(str, adata.var_names)))
+    if absent:
+        raise DataError(f"include_genes: {preview(absent)} are not var names of the input "
+                        f"({adata.n_vars:,} genes).{did_you_mean(absent[0], adata.var_names)}")
     adata = _writable(adata, copy)
 
     src, src_name = _source(adata, layer)
@@ -253,6 +263,9 @@ def preprocess_train(
         logx, used_target = normalize_log1p(src, target_sum)
 
     hvg = _select_hvgs(logx, counts, adata.var_names, n_top_genes, flavor, n_bins)
+    if include:
+        hvg["highly_variable"] = hvg["highly_variable"].to_numpy(bool) | adata.var_names.isin(
+            include)
     mask = hvg["highly_variable"].to_numpy(dtype=bool)
 
     if counts_layer is not None and not already_normalized and counts_layer != layer:
@@ -270,6 +283,7 @@ def preprocess_train(
         "target_sum": float("nan") if used_target is None else used_target,
         "n_top_genes": int(n_top_genes),
         "n_hvg": int(mask.sum()),
+        **({"include_genes": np.asarray(include, dtype=str)} if include else {}),
         "flavor": flavor,
         "source": src_name if not already_normalized else "X (already normalised)",
     }

@@ -340,3 +340,29 @@ def test_template_seed_default_matches_the_command_line():
                                     "b.h5ad", "--control-condition", "ctrl", "--pert-col", "g"])
     default = inspect.signature(pp.make_control_template).parameters["seed"].default
     assert ns.seed == default == 42
+
+
+def test_include_genes_are_added_to_the_hvgs(tmp_path):
+    """Papalexi: keep the knocked-out targets and their readout (STAT1) whatever their rank."""
+    from conftest import SHARED, need
+
+    from statetx.cli import main
+
+    path = need(SHARED / "data" / "papalexi2021_thp1_lowmoi_sceptredata.h5ad")
+    a = ad.read_h5ad(path)
+    a = a[:2000].copy()
+    a.X = a.layers["counts"].copy()
+    plain = pp.preprocess_train(a, 20, copy=True)
+    wanted = [g for g in ("STAT1", "JAK2", "IFNGR2") if g not in plain.uns["X_hvg_var_names"]]
+    assert wanted  # (otherwise the test shows nothing)
+    out = pp.preprocess_train(a, 20, include_genes=wanted, copy=True)
+    names = list(out.uns["X_hvg_var_names"])
+    assert set(wanted) <= set(names) and set(plain.uns["X_hvg_var_names"]) <= set(names)
+    assert out.obsm["X_hvg"].shape[1] == len(names) == int(out.var["highly_variable"].sum())
+    with pytest.raises(DataError, match="include_genes: STAT9 are not var names.*STAT1"):
+        pp.preprocess_train(a, 20, include_genes=["STAT9"], copy=True)
+    a.write_h5ad(tmp_path / "in.h5ad")
+    assert main(["tx", "preprocess_train", "--adata", str(tmp_path / "in.h5ad"), "--output",
+                 str(tmp_path / "out.h5ad"), "--num-hvgs", "20", "--include-genes",
+                 ",".join(wanted)]) == 0
+    assert set(wanted) <= set(ad.read_h5ad(tmp_path / "out.h5ad").uns["X_hvg_var_names"])
