@@ -803,9 +803,13 @@ def cmd_predict(a: argparse.Namespace) -> int:
         _say("--pseudobulk with a count-scale model: the metrics are computed on the log1p "
              "of mean counts, not on the mean of per-cell log1p values, and differ from the "
              "cell-level evaluation's")
+    # decoded genes in X: the l2/cosine discrimination scores use the latents (the reference
+    # does so whenever embed_key is not X_hvg)
+    latent = c.embed_key if c.embed_key not in (None, "X_hvg") and c.embed_key in pred.obsm \
+        else None
     _, agg = evaluate(pred, real, pert_col=c.pert_col, control_pert=c.control_pert,
                       celltype_col=c.cell_type_key, profile=a.profile, outdir=out,
-                      skip_metrics=skip, num_threads=a.num_threads)
+                      skip_metrics=skip, num_threads=a.num_threads, embed_key=latent)
     _print_agg(agg)
     _say(f"metrics written to {out} (<cell type>_results.csv, <cell type>_agg_results.csv)")
     return EXIT_OK

@@ -1339,7 +1339,10 @@ class StateTransitionModel(BaseEstimator):
         (reference ``tx predict``) runs the control cells as control sets too;
         ``controls="real"`` copies the real control cells into the prediction (the VCC
         convention, and what the baselines do), so that every model's deltas are measured from
-        the same real controls. ``matmul_precision``: as in :meth:`predict`.
+        the same real controls. ``matmul_precision``: as in :meth:`predict`. A model that
+        decodes genes (an embedding input, gene outputs) has the decoded genes in X and the
+        latent predictions and the real latents in ``obsm[embed_key]`` of both, as the
+        reference writes them.
 
         ``pseudobulk=True`` (``tx predict --pseudobulk``) returns one row per (cell type,
         perturbation) instead (per dataset too, ``obs["dataset"]``, when the spec has several):
@@ -1409,12 +1412,13 @@ class StateTransitionModel(BaseEstimator):
         if rng is not None:
             real_x = np.clip(real_x, *rng)
         real = ad.AnnData(X=real_x, obs=obs.copy(), var=pred.var.copy())
+        if res["counts"] is not None:  # the latents next to the decoded genes, as the reference
+            _split_latents(pred, real, c.embed_key, d.X[torch.from_numpy(order)].float().numpy())
         if controls == "real":
             is_ctrl = d.is_control[order]
             pred.X[is_ctrl] = real_x[is_ctrl]
             if res["counts"] is not None:  # the latent output: the control cells' own
-                key = f"{c.embed_key}_pred"
-                pred.obsm[key][is_ctrl] = d.X[torch.from_numpy(order[is_ctrl])].float().numpy()
+                pred.obsm[c.embed_key][is_ctrl] = real.obsm[c.embed_key][is_ctrl]
             pred.obs.loc[is_ctrl, "ctrl_cell_barcode"] = pred.obs.loc[is_ctrl, "pert_cell_barcode"]
         for a in (pred, real):
             a.uns["statetx"] = dict(info)
@@ -1451,14 +1455,15 @@ class StateTransitionModel(BaseEstimator):
             obs["dataset"] = pd.Categorical(np.asarray(ds_names, dtype=object)[ds])
         pred = self._output({"pred": means.means("pred"), "counts": means.means("counts")},
                             obs.copy(), None)
+        real = ad.AnnData(X=real, obs=obs, var=pred.var.copy())
+        if decodes:
+            _split_latents(pred, real, c.embed_key,
+                           _group_means(d.X, order, row_group, means.n_cells, None))
         if controls == "real":
             is_ctrl = names == v.control_pert
-            pred.X[is_ctrl] = real[is_ctrl]
+            pred.X[is_ctrl] = real.X[is_ctrl]
             if decodes:  # the latent output: the control cells' own, averaged
-                rows = np.isin(row_group, np.flatnonzero(is_ctrl))
-                latent = _group_means(d.X, order[rows], row_group[rows], means.n_cells, None)
-                pred.obsm[f"{c.embed_key}_pred"][is_ctrl] = latent[is_ctrl]
-        real = ad.AnnData(X=real, obs=obs, var=pred.var.copy())
+                pred.obsm[c.embed_key][is_ctrl] = real.obsm[c.embed_key][is_ctrl]
         for a in (pred, real):  # statetx.evaluate then skips the metrics that need cells
             a.uns["statetx_pseudobulk"] = True
         return pred, real
@@ -1817,6 +1822,14 @@ def _warn_unused_loss_options(loss: str, options: Mapping | None, decoder: bool)
                       f"{'a' if decoder else 'no'} gene decoder): blur acts with the sinkhorn "
                       "and se losses, the weights with se, the decoder options with a gene "
                       "decoder.", UserWarning, stacklevel=4)
+
+
+def _split_latents(pred: ad.AnnData, real: ad.AnnData, key: str, real_latent: np.ndarray) -> None:
+    """predict_split of a model that decodes genes: the latent predictions and the real latents
+    in ``obsm[embed_key]`` of ``adata_pred`` / ``adata_real``, where the reference writes them
+    (``predict`` keeps the input's key and writes ``<embed_key>_pred``)."""
+    pred.obsm[key] = pred.obsm.pop(f"{key}_pred")
+    real.obsm[key] = np.asarray(real_latent, dtype=np.float32)
 
 
 def _carry_var(adata: ad.AnnData, out: ad.AnnData, gene_name_col: str | None) -> None:

@@ -776,8 +776,10 @@ def test_predict_split_pseudobulk_equals_cell_means(fitted, synth_embedding, dec
             mean, count = means[(p, ct)]
             assert n == count
             np.testing.assert_allclose(pb.X[i], mean, rtol=1e-5, atol=1e-5)
-    if decoder:
-        key = f"{c.embed_key}_pred"
+    if decoder:  # the latents where the reference writes them, real ones too
+        key = c.embed_key
+        assert real.obsm[key].shape == pred.obsm[key].shape and pb_real.obsm[key].shape[0] == \
+            pb_real.n_obs
         latent = _cell_means(pred, c, key)
         for i, (p, ct) in enumerate(pb_pred.obs[[c.pert_col, c.cell_type_key]].values):
             np.testing.assert_allclose(pb_pred.obsm[key][i], latent[(p, ct)][0], rtol=1e-5,
@@ -790,7 +792,7 @@ def test_predict_split_pseudobulk_equals_cell_means(fitted, synth_embedding, dec
     ctrl = (pb_pred.obs[c.pert_col] == c.control_pert).to_numpy()
     np.testing.assert_array_equal(pb_pred.X[ctrl], pb_real.X[ctrl])
     if decoder:
-        key = f"{c.embed_key}_pred"
+        key = c.embed_key
         test = synth_embedding[cells.obs["pert_cell_barcode"].to_numpy()[is_ctrl]]
         np.testing.assert_allclose(cells.obsm[key][is_ctrl], test.obsm["X_pca"], atol=1e-6)
         np.testing.assert_allclose(pb_pred.obsm[key][ctrl][0], test.obsm["X_pca"].mean(0),
