@@ -59,9 +59,9 @@ from statetx.predict import (
     check_matmul_precision,
     check_scale,
     clip_range,
+    control_depths,
     encode_batches,
     encode_perturbations,
-    expression_depth,
     first_positions,
     group_key,
     hvg_names,
@@ -255,9 +255,9 @@ class StateTransitionModel(BaseEstimator):
         decoder), else None.
     cell_set_len_, is_log1p_, target_sum_, expression_depth_, trained_perturbations_
         Cells per set; whether the training expression was log1p; its counts per cell (when
-        ``statetx.pp`` recorded one); the median counts per cell its log1p values stand for over
-        the input genes (checked against ``predict``'s input); perturbations with training
-        cells.
+        ``statetx.pp`` recorded one); per cell type, the median counts per cell its control
+        cells' log1p values stand for over the input genes (checked against ``predict``'s
+        input); perturbations with training cells.
     preset_, train_settings_
         The preset and the training settings (batch size, steps, lr, averaging) the fit used.
     history_, best_step_, training_time_
@@ -488,7 +488,7 @@ class StateTransitionModel(BaseEstimator):
                               + (f" (write [{cols!r}])." if isinstance(cols, str) else "."))
         cols = list(cols)
         dup = sorted({c for c in cols if cols.count(c) > 1})
-        reserved = {self.pert_col, self.cell_type_key, self.batch_col or "batch",
+        reserved = {self.pert_col, self.cell_type_key, self.batch_col,
                     "pert_cell_barcode", "ctrl_cell_barcode", "n_cells"} & set(cols)
         if dup or reserved:
             raise ConfigError(f"additional_obs={cols!r}: "
@@ -776,25 +776,30 @@ class StateTransitionModel(BaseEstimator):
                 finish_run(out, self, self.training_time_)
         return self
 
-    def _check_normalisation(self, adata: ad.AnnData, x: np.ndarray) -> None:
+    def _check_normalisation(self, adata: ad.AnnData, x: np.ndarray, ctx: np.ndarray,
+                             is_ctrl: np.ndarray) -> None:
         """Warn when the input was normalised to other counts per cell than the training data
         (its log1p values are then shifted against the model's): from the statetx.pp records
-        when both have one, else from the values (the median counts per cell over the model's
-        genes, more than 2× off)."""
+        when both have one, else from the values — the control cells of each cell type the
+        model trained on, more than 2× off in the median counts per cell their values stand
+        for over the model's genes (``expression_depth_``)."""
         mine, theirs = getattr(self, "target_sum_", None), recorded_target_sum(adata)
         if mine is None or theirs is None:
             trained = getattr(self, "expression_depth_", None)
-            if trained:
-                depth = expression_depth(x)
-                if not 0.5 <= depth / trained <= 2:
-                    warnings.warn(
-                        f"the input's log1p values stand for a median of {depth:,.4g} counts per "
-                        f"cell over the model's {x.shape[1]:,} genes, the training data's for "
-                        f"{trained:,.4g}: it was normalised to another total (its values are "
-                        f"shifted by about {np.log(depth / trained):+.2f}), so the predictions "
-                        "are off. Normalise it as the training data (the same normalize_total "
-                        "target_sum, or statetx.pp.preprocess_train's record).", UserWarning,
-                        stacklevel=3)
+            trained = trained if isinstance(trained, dict) else {}
+            depths = control_depths(x, ctx, is_ctrl & np.isin(ctx, list(trained)))
+            off = {ct: d / trained[ct] for ct, d in depths.items()
+                   if not 0.5 <= d / max(trained[ct], 1e-12) <= 2}
+            if off:
+                ratio = float(np.median(list(off.values())))
+                warnings.warn(
+                    f"the input's control cells of {preview(sorted(off))} stand for {ratio:.3g}x "
+                    "the counts per cell of the training data's, over the model's "
+                    f"{x.shape[1]:,} genes: the input looks normalised to another total (its "
+                    f"values shifted by about {np.log(ratio):+.2f}), or many of the model's "
+                    "genes are missing from it, so the predictions are off. Normalise it as the "
+                    "training data (the same normalize_total target_sum, or "
+                    "statetx.pp.preprocess_train's record).", UserWarning, stacklevel=3)
             return
         if abs(theirs / mine - 1) <= 0.01:
             return
@@ -837,7 +842,8 @@ class StateTransitionModel(BaseEstimator):
         self.target_sum_ = sums.pop() if len(sums) == 1 else None
         train = prepared.splits["train"]
         self.expression_depth_ = (
-            expression_depth(train.X, np.flatnonzero(train.is_target)) if prepared.is_log1p
+            control_depths(train.X, np.asarray(vocab.cell_types, dtype=object)[train.cell_type],
+                           train.is_control) if prepared.is_log1p
             and prepared.columns.embed_key in (None, "X_hvg") and isinstance(train, SplitData)
             else None)  # (a streamed split's matrix is not in memory)
         codes = _perturbed_codes(prepared.splits["train"])
@@ -1053,10 +1059,11 @@ class StateTransitionModel(BaseEstimator):
         if c.embed_key in (None, "X_hvg"):
             src = c.embed_key if c.embed_key in adata.obsm else "X"  # (X_hvg falls back to X)
             check_scale(x_in, self.is_log1p_, f"input ({src})")
-            self._check_normalisation(adata, x_in)
         pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
                                           self.vocab_.cell_types, cell_type_col is not None,
                                           pool_mode == "all")
+        if c.embed_key in (None, "X_hvg"):
+            self._check_normalisation(adata, x_in, ctx, is_ctrl)
         batch = pairing_batches(adata, batch_col, self._needs_batch(pool_mode))
         ctx_all, batch_all = ctx, batch  # every input cell's (ctx, batch: of the output rows)
         input_control = control  # (named in the output's uns, as in its obs)
@@ -1161,7 +1168,8 @@ class StateTransitionModel(BaseEstimator):
         if not split_data.is_control.any():
             raise DataError(f"the {split!r} split has no control cells to fine-tune on.")
         controls = replace(split_data, is_target=split_data.is_control.copy())
-        sampler = CellSetSampler(controls, self.vocab_, self.cell_set_len_, 1, seed=seed,
+        # (the split's vocabulary: a re-split may have added cell types and batches)
+        sampler = CellSetSampler(controls, data.vocab, self.cell_set_len_, 1, seed=seed,
                                  pairing=self._pairing())
         device = next(self.network_.parameters()).device
         cfg = TrainConfig(max_steps=int(steps), lr=float(lr), loss=self.loss,

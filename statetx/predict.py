@@ -474,14 +474,21 @@ def check_unique_cells(adata: ad.AnnData) -> None:
         )
 
 
-def expression_depth(x: np.ndarray | torch.Tensor, rows: np.ndarray | None = None) -> float:
-    """Median over (up to 2,000 evenly spread) cells — of ``rows`` when given — of the counts
-    per cell that log1p values ``x`` stand for, over its columns (sum of ``expm1``): what
-    normalisation put on them."""
-    if rows is not None:
-        pick = rows[np.linspace(0, len(rows) - 1, min(len(rows), 2000)).astype(np.int64)]
-        x = x[torch.from_numpy(pick) if isinstance(x, torch.Tensor) else pick]
-    return float(np.median(np.expm1(sample_rows(x, 2000)).sum(1)))
+def control_depths(x: np.ndarray | torch.Tensor, cell_types: np.ndarray,
+                   is_control: np.ndarray, min_cells: int = 20) -> dict[str, float]:
+    """Per cell type with ``min_cells`` control cells or more: the median over (up to 1,000
+    evenly spread) of its control cells of the counts per cell their log1p values ``x`` stand
+    for over its columns (sum of ``expm1``). Controls of one cell type differ between datasets
+    only by what normalisation put on them (the cell types, and perturbations, differ by
+    themselves over a gene subset)."""
+    out = {}
+    for ct in np.unique(cell_types[is_control]):
+        rows = np.flatnonzero(is_control & (cell_types == ct))
+        if len(rows) >= min_cells:
+            pick = rows[np.linspace(0, len(rows) - 1, min(len(rows), 1000)).astype(np.int64)]
+            sub = x[torch.from_numpy(pick) if isinstance(x, torch.Tensor) else pick]
+            out[str(ct)] = float(np.median(np.expm1(sample_rows(sub, 1000)).sum(1)))
+    return out
 
 
 def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input") -> None:
