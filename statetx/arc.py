@@ -410,10 +410,15 @@ def load_arc_run(
     check.same("final_down_then_up present", has_all_block,
                output_space == "all" and predict_residual, "output_space/predict_residual")
     activation = str(setting("activation", "gelu")).lower()
-    # (GPT-2: n_positions = cell_set_len + extra_tokens, model.md §9)
-    positions = kw.get("n_positions") and kw["n_positions"] - int(setting("extra_tokens", 0) or 0)
     set_len = (hp.get("cell_set_len") or model_yaml.get("cell_set_len")
-               or kw.get("max_position_embeddings") or positions or ...)
+               or kw.get("max_position_embeddings") or ...)
+    extra = setting("extra_tokens", None)
+    if set_len is ... and kw.get("n_positions") and (extra is not None or cell_set_len is None):
+        # GPT-2: n_positions = cell_set_len + extra_tokens (model.md §9)
+        set_len = kw["n_positions"] - int(extra or 0)
+        if extra is None:
+            notes.append(f"cell_set_len {set_len} from n_positions (extra_tokens is not "
+                         "recorded: taken as 0); pass cell_set_len=... if it differs")
     set_len = _fill_in("cell_set_len", set_len, cell_set_len or ..., ckpt_path, CELL_SET_LEN,
                        required=False)
 

@@ -59,6 +59,7 @@ from statetx.predict import (
     group_rng,
     input_labels,
     input_matrix,
+    no_cell_types,
     output_scale,
     pairing_batches,
     resolve_pool,
@@ -219,7 +220,7 @@ class _Baseline(BaseEstimator):
         """``basal_pool`` checked; by default ``batch`` when the baseline has a batch column (ST's
         default pairing, fixed at fit); ``batch_col`` names the input's column only."""
         return resolve_pool(basal_pool, "batch" if self.columns_.batch_col else "cell_type",
-                            batch_col or self.columns_.batch_col, ("cell_type", "batch"))
+                            batch_col or self.columns_.batch_col)
 
     @property
     def _scale(self) -> str:
@@ -271,7 +272,7 @@ class _Baseline(BaseEstimator):
 
     # ------------------------------------------------------------------ predict
     def predict(self, adata: ad.AnnData, *, pert_col: str | None = None,
-                cell_type_col: str | None = None, control_pert: str | None = None,
+                cell_type_col: str | bool | None = None, control_pert: str | None = None,
                 batch_col: str | None = None, basal_pool: str | None = None,
                 seed: int | None = None, basal_fallback: str = "error",
                 unknown_perturbation: str = "error", predict_controls: bool = True,
@@ -294,7 +295,8 @@ class _Baseline(BaseEstimator):
         c = self.columns_
         pert_col = pert_col or c.pert_col
         control = c.control_pert if control_pert is None else str(control_pert)  # as in fit
-        ct_col = cell_type_col or c.cell_type_key
+        basal_pool = no_cell_types(cell_type_col, basal_pool)
+        ct_col = None if cell_type_col is False else (cell_type_col or c.cell_type_key)
         seed = int(self.seed if seed is None else seed)
         if basal_fallback not in ("error", "all_controls"):
             raise ConfigError(f"basal_fallback={basal_fallback!r} is invalid; expected 'error' "
@@ -335,7 +337,8 @@ class _Baseline(BaseEstimator):
         """Predict the cells of a split of the fitted spec: ``(adata_pred, adata_real)``.
 
         Same cells in the same order in both, obs as in ST's ``predict_split`` (perturbation,
-        cell type and batch columns, ``pert_cell_barcode`` / ``ctrl_cell_barcode``); basal cells
+        cell type and, with ``batch_col``, batch columns, ``pert_cell_barcode`` /
+        ``ctrl_cell_barcode``); basal cells
         are drawn from the split's controls of the same context with ST's keys, within the batch
         when the baseline has a ``batch_col`` (``basal_pool``: ``"cell_type"`` or ``"batch"`` to
         choose, e.g. ``"cell_type"`` to match an ST model with

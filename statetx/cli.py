@@ -219,7 +219,8 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _flag(inf, "--embed-key", help="obsm key of the input (default: the model's)")
     _flag(inf, "--pert-col", help="perturbation column (default: the model's)")
     _flag(inf, "--celltype-col", "--cell-type-col", help="cell-type column (default: the "
-          "model's, then auto-detect); none: all cells one context (--basal-pool all)")
+          "model's, then auto-detect); none: all cells one context (controls of any cell "
+          "type)")
     inf.add_argument("--celltypes", action="append", help="only these cell types (comma list "
                      "or repeated)")
     _flag(inf, "--batch-col", help="batch column (default: the model's, then auto-detect)")
@@ -904,6 +905,9 @@ def cmd_infer(a: argparse.Namespace) -> int:
     with quiet:
         model = load_any_model(a.model_dir, a.checkpoint, attention=a.attention, rope=_rope(a),
                                trust_pickle=a.trust_pickle)
+        if not hasattr(model, "arc_import_") and (a.attention or a.rope or a.trust_pickle):
+            _say("--attention / --rope / --trust-pickle read arc-state checkpoints: ignored for "
+                 "this statetx model.")
         c = model.columns_
         adata = _read(src)
         pert_col = a.pert_col or c.pert_col
@@ -913,12 +917,8 @@ def cmd_infer(a: argparse.Namespace) -> int:
                             + did_you_mean(pert_col, map(str, adata.obs.columns)))
         ct_col = _pick_column(adata, a.celltype_col, c.cell_type_key, CELLTYPE_COLS,
                               "cell-type", "--celltype-col")
-        if (a.celltype_col or "").lower() == "none":  # one context: controls of any cell type
-            if a.basal_pool not in (None, "all"):
-                raise UsageError(f"--celltype-col none pools every cell's controls; it cannot "
-                                 f"go with --basal-pool {a.basal_pool}.")
-            a.basal_pool = "all"
-        needs_batch = model._needs_batch(a.basal_pool)
+        no_ct = (a.celltype_col or "").lower() == "none"  # all cells one context
+        needs_batch = model._needs_batch("all" if no_ct else a.basal_pool)
         batch_col = (_pick_column(adata, a.batch_col, c.batch_col, BATCH_COLS, "batch",
                                   "--batch-col") if needs_batch else None)
         control = a.control_pert or c.control_pert
@@ -934,7 +934,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
                                 + did_you_mean(unknown[0], sorted(set(labels))))
             adata = adata[labels.isin(wanted).to_numpy()].copy()
         if a.embed_key and a.embed_key not in ("X",) and a.embed_key != c.embed_key:
-            adata = _remap_embedding(adata, a.embed_key, c.embed_key)
+            adata = _remap_embedding(adata, a.embed_key, c.embed_key, model.var_names_)
         for flag, value in (("--min-cells", a.min_cells), ("--max-cells", a.max_cells)):
             if value is not None and value < 1:
                 raise UsageError(f"{flag} {value}: give a number of cells >= 1.")
@@ -953,7 +953,8 @@ def cmd_infer(a: argparse.Namespace) -> int:
              f"control={control!r}; attention {model.network_config_.attention}; fp32, "
              f"matmul precision {a.matmul_precision}")
         pred = model.predict(
-            adata, pert_col=pert_col, cell_type_col=ct_col or c.cell_type_key,
+            adata, pert_col=pert_col,
+            cell_type_col=False if no_ct else ct_col or c.cell_type_key,
             batch_col=batch_col, control_pert=control, seed=seed, set_len=a.max_set_len,
             windows=a.windows, basal_pool=a.basal_pool, basal_fallback=a.basal_fallback,
             unknown_perturbation=a.unknown_perturbation, unknown_batch=a.unknown_batch,
@@ -1009,14 +1010,17 @@ def _pick_column(adata: Any, given: str | None, model_col: str | None, auto: Seq
     return None
 
 
-def _remap_embedding(adata: Any, key: str, model_key: str | None) -> Any:
+def _remap_embedding(adata: Any, key: str, model_key: str | None,
+                     features: Sequence[str]) -> Any:
     """--embed-key: obsm[key] as the model's input. Genes (X, X_hvg) are matched by name, so a
-    gene matrix needs its names (uns['<key>_var_names'])."""
+    gene matrix needs its names (uns['<key>_var_names']), unless the model's ``features`` are
+    positions (``X_hvg_0``, ...: an imported model without gene names)."""
     if key not in adata.obsm:
         raise DataError(f"--embed-key {key}: not in obsm (available: "
                         f"{', '.join(adata.obsm.keys()) or 'none'}).")
     adata = adata.copy()
-    if model_key in (None, "X_hvg"):
+    positional = list(features) == [f"{model_key}_{i}" for i in range(len(features))]
+    if model_key in (None, "X_hvg") and not positional:
         import anndata as ad
         import pandas as pd
 

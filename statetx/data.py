@@ -274,10 +274,11 @@ def prepare(
             np.concatenate([f.batch[k] for f, k in zip(files, kept)]),
             control, features=feats, on_missing_features=on_missing_features,
         )
-        _warn_unassigned_labels(files, columns.pert_col)
-    for kind in new_labels:
+        _warn_unassigned_labels(files, columns.pert_col, control)
+    for kind in new_labels:  # (rows dropped for a missing label add nothing)
         grown = vocab.extended(kind, np.concatenate(
-            [f.cell_type if kind == "cell_type" else f.batch for f in files]))
+            [(f.cell_type if kind == "cell_type" else f.batch)[
+                slice(None) if f.dropped is None else ~f.dropped] for f in files]))
         if grown is not vocab:
             field_name = "cell_types" if kind == "cell_type" else "batches"
             added = getattr(grown, field_name)[len(getattr(vocab, field_name)):]
@@ -300,10 +301,11 @@ UNASSIGNED_LABELS = frozenset({"unassigned", "multiplet", "multiplets", "doublet
                                "nan", "none", "na", "n/a", "unknown", "undetermined", ""})
 
 
-def _warn_unassigned_labels(files: list[DataFile], pert_col: str) -> None:
+def _warn_unassigned_labels(files: list[DataFile], pert_col: str, control: str) -> None:
     """Cells whose perturbation label reads like 'not assigned' would train as a perturbation
     of their own: said, with the cells counted (a guide screen's 'unassigned' cells)."""
     labels = pd.Series(np.concatenate([f.pert for f in files]))
+    labels = labels[labels != control]
     found = labels[labels.str.strip().str.lower().isin(UNASSIGNED_LABELS)].value_counts()
     if len(found):
         listing = ", ".join(f"'{k}' ({v:,} cells)" for k, v in found.items())

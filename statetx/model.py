@@ -67,6 +67,7 @@ from statetx.predict import (
     hvg_names,
     input_labels,
     input_matrix,
+    no_cell_types,
     output_scale,
     pairing_batches,
     resize_groups,
@@ -933,7 +934,7 @@ class StateTransitionModel(BaseEstimator):
         return t.reshape(b, s)
 
     def predict(self, adata: ad.AnnData, *, pert_col: str | None = None,
-                cell_type_col: str | None = None, batch_col: str | None = None,
+                cell_type_col: str | bool | None = None, batch_col: str | None = None,
                 control_pert: str | None = None, seed: int | None = None,
                 set_len: int | None = None, windows: str = "balanced",
                 basal_pool: str | None = None, basal_fallback: str = "error",
@@ -963,7 +964,8 @@ class StateTransitionModel(BaseEstimator):
         pert_col, cell_type_col, batch_col
             The input's obs columns (default: the training ones). Without a cell-type column,
             a model trained on one context treats all cells as that context, and
-            ``basal_pool="all"`` makes all cells one context.
+            ``basal_pool="all"`` makes all cells one context; ``cell_type_col=False`` does so
+            whatever the input holds (controls of any cell type as basal cells).
         control_pert
             The input's control label (default: the model's); another label is read as the
             model's control.
@@ -1052,7 +1054,8 @@ class StateTransitionModel(BaseEstimator):
         c = self.columns_
         pert_col, batch_col = pert_col or c.pert_col, batch_col or c.batch_col
         control = c.control_pert if control_pert is None else str(control_pert)  # as in fit
-        ct_col = cell_type_col or c.cell_type_key
+        basal_pool = no_cell_types(cell_type_col, basal_pool)
+        ct_col = None if cell_type_col is False else (cell_type_col or c.cell_type_key)
         pool_mode = resolve_pool(basal_pool, "batch" if self._pairing() == "batch"
                                  else "cell_type", batch_col)
         x_in = input_matrix(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
@@ -1498,9 +1501,10 @@ class StateTransitionModel(BaseEstimator):
         control = predict_options.get("control_pert")
         control = c.control_pert if control is None else str(control)
         pert, ctx, _ = input_labels(adata, predict_options.get("pert_col") or c.pert_col,
-                                    given_ct or c.cell_type_key, control, self.vocab_.cell_types,
-                                    given_ct is not None,
-                                    predict_options.get("basal_pool") == "all")
+                                    None if given_ct is False else given_ct or c.cell_type_key,
+                                    control, self.vocab_.cell_types, given_ct is not None,
+                                    no_cell_types(given_ct,
+                                                  predict_options.get("basal_pool")) == "all")
         rows = pd.Index(adata.obs_names).get_indexer(pred.obs_names)  # (cell names are unique)
         if (rows < 0).any():
             raise ConfigError("score() compares the predictions of the input's own cells; leave "

@@ -64,6 +64,17 @@ def group_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(key.encode())])
 
 
+def no_cell_types(cell_type_col: str | bool | None, basal_pool: str | None) -> str | None:
+    """``cell_type_col=False`` (all cells one context) pools every control: ``basal_pool``
+    becomes ``"all"``, and another explicit pool is an error."""
+    if cell_type_col is not False:
+        return basal_pool
+    if basal_pool not in (None, "all"):
+        raise ConfigError(f"cell_type_col=False makes all cells one context, which pools every "
+                          f"control; it cannot go with basal_pool={basal_pool!r}.")
+    return "all"
+
+
 def resolve_pool(basal_pool: str | None, default: str, batch_col: str | None,
                  choices: tuple[str, ...] = ("cell_type", "batch", "all")) -> str:
     """Where basal cells come from: ``basal_pool`` (else ``default``), checked; ``"batch"``
@@ -430,19 +441,21 @@ def input_matrix(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
     return x
 
 
-def input_labels(adata: ad.AnnData, pert_col: str, ct_col: str, control: str,
+def input_labels(adata: ad.AnnData, pert_col: str, ct_col: str | None, control: str,
                  trained_contexts: Sequence[str], ct_col_given: bool, pool_all: bool = False
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The input's perturbation and context labels and its control mask. Without the
-    (default) cell-type column, a model trained on one context treats every cell as that
-    context, and every cell forms one context when controls are pooled across cell types
-    anyway (``pool_all``: ``basal_pool="all"``); an input without control cells is an error."""
+    (default) cell-type column, or with none (``ct_col`` None), a model trained on one context
+    treats every cell as that context, and every cell forms one context when controls are
+    pooled across cell types anyway (``pool_all``: ``basal_pool="all"``); an input without
+    control cells is an error."""
     pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
-    if ct_col in adata.obs:
+    if ct_col is not None and ct_col in adata.obs:
         ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
     elif (not ct_col_given and len(trained_contexts) == 1) or pool_all:
         only = str(trained_contexts[0]) if len(trained_contexts) == 1 else "all"
-        print(f"statetx: no obs column '{ct_col}': all cells form one context"
+        print("statetx: " + ("cell_type_col=False" if ct_col is None else
+                             f"no obs column '{ct_col}'") + ": all cells form one context"
               + (f", the model's only one ('{only}')." if only != "all" else
                  " (basal_pool='all': every control can be any cell's basal cell)."))
         ctx = np.full(adata.n_obs, only, dtype=object)

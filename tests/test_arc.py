@@ -331,3 +331,21 @@ def test_explicit_rope_against_the_checkpoint_flag_warns():
     with pytest.warns(UserWarning, match="will not compute what was trained"):
         imp = load_arc_run(RUNS["model_d_llama_causal_rope"], rope=None)
     assert imp.config.rope is None
+
+
+def test_gpt2_set_length_from_n_positions_without_extra_tokens_is_a_default(tmp_path):
+    """n_positions = cell_set_len + extra_tokens: with extra_tokens recorded nowhere the set
+    length derived from n_positions is said, and a given cell_set_len is taken, not refused."""
+    run = copy_run("model_b_gpt2", tmp_path / "run")
+
+    def drop(ck):
+        for k in ("cell_set_len", "extra_tokens"):
+            ck["hyper_parameters"].pop(k, None)
+        ck["hyper_parameters"]["transformer_backbone_kwargs"].pop("max_position_embeddings")
+
+    edit_checkpoint(run, drop)
+    (run / "config.yaml").unlink()
+    imp = load(run)
+    assert imp.data_kwargs["cell_set_len"] == 17
+    assert any("extra_tokens is not recorded" in n for n in imp.notes)
+    assert load(run, cell_set_len=16).data_kwargs["cell_set_len"] == 16

@@ -115,12 +115,18 @@ def test_predict_obs_columns(model, adata, edit, opts, match):
 
 def test_predict_without_cell_type_column_pools_every_control_when_asked(model, adata,
                                                                          capsys):
-    ref = model.predict(adata, basal_pool="all", seed=1)
+    ct = adata.obs["cell_type"].astype(str)
+    one = model.predict(adata, cell_type_col=False, seed=1)  # the column is there: not read
+    assert "cell_type_col=False: all cells form one context" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="cannot go with basal_pool='cell_type'"):
+        model.predict(adata, cell_type_col=False, basal_pool="cell_type")
     del adata.obs["cell_type"]
     out = model.predict(adata, basal_pool="all", seed=1)
     assert "all cells form one context (basal_pool='all'" in capsys.readouterr().out
-    assert set(out.obs["statetx_ctrl_barcode"]) <= set(adata.obs_names[adata.obs["gene"] == "ctrl"])
-    assert out.n_obs == ref.n_obs
+    np.testing.assert_array_equal(out.X, one.X)  # the same single context
+    basal = out.obs["statetx_ctrl_barcode"].astype(str)
+    assert set(basal) <= set(adata.obs_names[adata.obs["gene"] == "ctrl"])
+    assert (ct[basal].to_numpy() != ct[out.obs_names].to_numpy()).any()  # across cell types
 
 
 def test_predict_control_label_absent_everywhere(model, adata):

@@ -811,6 +811,12 @@ def test_infer_without_a_cell_type_column(run, data, tmp_path, capsys):
     assert "all cells form one context" in capsys.readouterr().out
     assert ad.read_h5ad(tmp_path / "o.h5ad").n_obs == src.n_obs
     assert main([*args, "--celltype-col", "none", "--basal-pool", "cell_type"]) == 2
+    # the column there but not read: the same single context
+    full = ["tx", "infer", "--model-dir", str(run), "--adata", str(data / "data.h5ad"),
+            "--output", str(tmp_path / "f.h5ad"), "--celltype-col", "none"]
+    assert main(full) == 0
+    np.testing.assert_array_equal(ad.read_h5ad(tmp_path / "f.h5ad").X,
+                                  ad.read_h5ad(tmp_path / "o.h5ad").X)
 
 
 def test_infer_checks_the_tsv_and_an_embed_key_without_gene_names(run, data, tmp_path, capsys):
@@ -854,3 +860,18 @@ def test_infer_on_an_arc_state_run_takes_rope_and_trust_pickle(tmp_path, capsys)
     assert "will not compute what was trained" in "".join(capsys.readouterr())
     assert not np.allclose(np.load(tmp_path / "a.npy"), np.load(tmp_path / "c.npy"))
     assert main([*args, "--output", str(tmp_path / "d.npy"), "--rope", "ten"]) == 2
+
+
+def test_embed_key_for_a_model_that_reads_x_hvg_by_position():
+    """An imported model without gene names reads X_hvg by position: no names needed."""
+    import anndata as ad
+
+    from statetx.cli import _remap_embedding
+    from statetx.errors import DataError
+
+    a = ad.AnnData(np.zeros((3, 2), dtype=np.float32))
+    a.obsm["X_other"] = np.ones((3, 4), dtype=np.float32)
+    out = _remap_embedding(a, "X_other", "X_hvg", [f"X_hvg_{i}" for i in range(4)])
+    np.testing.assert_array_equal(out.obsm["X_hvg"], a.obsm["X_other"])
+    with pytest.raises(DataError, match="has no gene names"):
+        _remap_embedding(a, "X_other", "X_hvg", ["G1", "G2", "G3", "G4"])
