@@ -42,8 +42,6 @@ from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
     DataInput,
     PreparedData,
-    batch_in_context,
-    group_labels,
     prepare,
     split_cell_obs,
     split_datasets,
@@ -63,6 +61,7 @@ from statetx.predict import (
     output_scale,
     pairing_batches,
     resolve_pool,
+    split_groups,
 )
 from statetx.vocab import feature_table, load_pert_features
 
@@ -357,20 +356,10 @@ class _Baseline(BaseEstimator):
         d, v, c = prepared.splits[split], prepared.vocab, self.columns_
         perts = np.asarray(v.perturbations, dtype=object)
         cts = np.asarray(v.cell_types, dtype=object)
-        mode = self._pool_mode(basal_pool)
-        ctrl = np.flatnonzero(d.is_control)
-        groups, order = [], []
-        for g in basal_groups(d.context, d.pert, d.batch, np.flatnonzero(d.is_target), ctrl,
-                              d.context, d.batch, mode,
-                              describe=batch_in_context(prepared, d)):
-            out_rows = np.arange(len(order), len(order) + len(g.rows))
-            order.extend(g.rows)
-            groups.append(_Group(out_rows, g.rows, g.pool, g.ctx_pool,
-                                 str(cts[d.cell_type[g.rows[0]]]), str(perts[g.key[1]]),
-                                 group_key(*group_labels(prepared, d, g.rows[0],
-                                                         len(g.key) == 3)),
-                                 bool(d.is_control[g.rows[0]])))
-        order = np.asarray(order, dtype=np.int64)
+        cells, order = split_groups(prepared, d, self._pool_mode(basal_pool))
+        groups = [_Group(rows, g.rows, g.pool, g.ctx_pool, str(cts[d.cell_type[g.rows[0]]]),
+                         str(perts[g.key[1]]), key, bool(d.is_control[g.rows[0]]))
+                  for rows, g, key in cells]
         x = d.X.numpy()
         pred, basal_row, set_id, notes = self._run(x, groups, len(order), seed)
         obs = split_cell_obs(prepared, d, order, basal_row,

@@ -38,9 +38,7 @@ from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
     PreparedData,
     SplitData,
-    batch_in_context,
     counts_source,
-    group_labels,
     split_cell_obs,
     split_datasets,
     split_obs,
@@ -73,6 +71,7 @@ from statetx.predict import (
     resize_groups,
     resolve_pool,
     run_groups,
+    split_groups,
 )
 from statetx.presets import describe, network_config_for, resolve_architecture
 from statetx.sets import ReadDepthThinning, check_read_depth, check_sampler_options
@@ -1381,17 +1380,10 @@ class StateTransitionModel(BaseEstimator):
             raise DataError(f"the fitted split spec has no '{split}' split (available: "
                             f"{', '.join(prepared.splits)}).")
         d = prepared.splits[split]
-        ctrl = np.flatnonzero(d.is_control)
-        groups, order = [], []
-        mode = "batch" if self._pairing() == "batch" else "cell_type"
-        for g in basal_groups(d.context, d.pert, d.batch, np.flatnonzero(d.is_target), ctrl,
-                              d.context, d.batch, mode,
-                              describe=batch_in_context(prepared, d)):
-            out_rows = np.arange(len(order), len(order) + len(g.rows))
-            order.extend(g.rows)
-            groups.append(Group(out_rows, g.pool, int(g.key[1]), d.batch[g.rows],
-                                group_key(*group_labels(prepared, d, g.rows[0], len(g.key) == 3))))
-        order = np.asarray(order)
+        cells, order = split_groups(prepared, d,
+                                    "batch" if self._pairing() == "batch" else "cell_type")
+        groups = [Group(rows, g.pool, int(g.key[1]), d.batch[g.rows], key)
+                  for rows, g, key in cells]
         self._warn_untrained(d.pert[order], f"{split} split")
         v, c = prepared.vocab, self.columns_  # (cell types and batches may be new to the model)
         datasets = split_datasets(prepared, d, order,

@@ -31,6 +31,7 @@ from statetx._utils import (
     preview,
     sample_rows,
 )
+from statetx.data import PreparedData, SplitData, batch_in_context, group_labels
 from statetx.errors import ConfigError, DataError
 from statetx.io import gene_names, hvg_names, layer_hint, obs_labels
 from statetx.nn import STOutput
@@ -163,6 +164,23 @@ def basal_groups(ctx: np.ndarray, pert: np.ndarray, batch: np.ndarray | None, ro
             f"context ({preview([describe(c, b) for c, b in elsewhere])}): their basal cells "
             "are drawn from their context's controls of every batch.", UserWarning, stacklevel=3)
     return out
+
+
+def split_groups(prepared: PreparedData, split: SplitData, mode: str
+                 ) -> tuple[list[tuple[np.ndarray, BasalGroup, str]], np.ndarray]:
+    """A split's cells grouped for prediction (:func:`basal_groups` over its set cells, controls
+    from the split's own): each group with its output rows (groups one after another) and the
+    key that seeds its draws (its labels); and ``order``, the split row of each output row."""
+    out, start = [], 0
+    for g in basal_groups(split.context, split.pert, split.batch,
+                          np.flatnonzero(split.is_target), np.flatnonzero(split.is_control),
+                          split.context, split.batch, mode,
+                          describe=batch_in_context(prepared, split)):
+        key = group_key(*group_labels(prepared, split, g.rows[0], len(g.key) == 3))
+        out.append((np.arange(start, start + len(g.rows)), g, key))
+        start += len(g.rows)
+    order = np.concatenate([g.rows for _, g, _ in out]) if out else np.zeros(0, np.int64)
+    return out, order.astype(np.int64)
 
 
 def group_key(*labels: object) -> str:
