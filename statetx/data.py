@@ -485,11 +485,12 @@ def split_obs(prepared: PreparedData, split: SplitData, rows: np.ndarray,
 
 
 def group_labels(prepared: PreparedData, split: SplitData, row: int, by_batch: bool) -> tuple:
-    """The labels (split, file, cell type, perturbation[, batch]) of the group of the split's
-    ``row``: what seeds the group's control draws, so that they do not depend on which other
-    groups the split holds (integer context ids do)."""
+    """The labels (split, dataset, cell type, perturbation[, batch]) of the group of the
+    split's ``row``: what seeds the group's control draws, so that they do not depend on which
+    other groups the split holds (integer context ids do), nor on whether the data were given
+    in memory or read from the spec's files (file labels do)."""
     v = prepared.vocab
-    labels = (split.name, prepared.files[split.file_index[row]].label,
+    labels = (split.name, prepared.files[split.file_index[row]].dataset,
               v.cell_types[split.cell_type[row]], v.perturbations[split.pert[row]])
     return (*labels, v.batches[split.batch[row]]) if by_batch else labels
 

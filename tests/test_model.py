@@ -1088,3 +1088,14 @@ def test_held_out_cell_types_are_not_taken_for_another_normalisation():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m.predict(a[a.obs["cell_type"].isin(["CD14+ Monocytes", "CD4 T cells"])].copy())
+
+
+def test_split_draws_are_the_same_from_memory_and_from_the_spec_files(synth, tmp_path):
+    """fit(adata, spec) (a notebook) and fit(None, spec with the file) (the CLI) draw the same
+    controls for the same split cells."""
+    synth.write_h5ad(tmp_path / "data.h5ad")
+    spec = f'[datasets]\ndata = "{tmp_path / "data.h5ad"}"\n' + SPEC
+    a = small_model(max_steps=1).fit(synth, spec).predict_split("test")[0]
+    b = small_model(max_steps=1).fit(None, spec).predict_split("test")[0]
+    assert list(a.obs_names) == list(b.obs_names)
+    np.testing.assert_array_equal(a.obs["ctrl_cell_barcode"], b.obs["ctrl_cell_barcode"])
