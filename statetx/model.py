@@ -1162,8 +1162,8 @@ class StateTransitionModel(BaseEstimator):
         self._check_fitted()
         seed = self._seed(seed)
         check_count("steps", steps, optional=False)
-        data = getattr(self, "_prepared", None)
-        if data is None or split not in data.splits:
+        data = self._split_data("finetune_on_controls")
+        if split not in data.splits:
             raise ConfigError(f"finetune_on_controls needs the {split!r} split of the fitted "
                               "spec (fit, or load_run + attach_data, first).")
         split_data = data.splits[split]
@@ -1370,12 +1370,7 @@ class StateTransitionModel(BaseEstimator):
         if controls not in ("predicted", "real"):
             raise ConfigError(f"controls={controls!r} is invalid; expected 'predicted' or 'real'.")
         self._check_fitted()
-        prepared = getattr(self, "_prepared", None)
-        if prepared is None:
-            raise NotFittedError("predict_split needs the training data, which is not kept when a "
-                                 "model is pickled or saved: attach it with "
-                                 "statetx.run.attach_data(model, adata=...) (a run folder's own "
-                                 "files are found from its split.toml), or use predict(adata).")
+        prepared = self._split_data("predict_split")
         if split not in prepared.splits:
             raise DataError(f"the fitted split spec has no '{split}' split (available: "
                             f"{', '.join(prepared.splits)}).")
@@ -1426,6 +1421,27 @@ class StateTransitionModel(BaseEstimator):
         for a in (pred, real):
             a.uns["statetx"] = dict(info)
         return pred, real
+
+    def _split_data(self, what: str) -> PreparedData:
+        """The fitted spec's split data; for a model loaded from a run folder whose split.toml
+        names files that are there, read again from them (said)."""
+        prepared = getattr(self, "_prepared", None)
+        if prepared is not None:
+            return prepared
+        run = getattr(self, "run_dir_", None)
+        why = ""
+        if run is not None and (Path(run) / "split.toml").is_file():
+            from statetx.run import attach_data
+
+            print(f"statetx: {what}: reading the split data from {run}/split.toml's files")
+            try:
+                return attach_data(self)
+            except (DataError, ConfigError, OSError) as err:
+                why = f" (reading the run's split.toml files failed: {err})"
+        raise NotFittedError(f"{what} needs the training data, which is not kept when a model "
+                             "is pickled or saved: attach it with statetx.run.attach_data(model, "
+                             "adata=...) (a run folder's own files are found from its "
+                             f"split.toml: attach_data(model)), or use predict(adata).{why}")
 
     def _split_pseudobulks(self, d: Any, order: np.ndarray, run: Callable, clip: Any,
                            controls: str, datasets: np.ndarray | None = None

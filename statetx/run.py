@@ -844,9 +844,13 @@ def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
 
 
 def config_from_params(params: Mapping[str, Any], arch: Mapping[str, Any] | None = None,
-                       split_path: str | Path | None = None) -> dict:
-    """The run configuration equivalent to estimator parameters (for Python-API runs)."""
+                       split_path: str | Path | None = None,
+                       run_dir: str | Path | None = None) -> dict:
+    """The run configuration equivalent to estimator parameters (for Python-API runs);
+    ``run_dir``: the run folder (its ``output_dir`` and ``name``)."""
     v = default_values()
+    if run_dir is not None:  # as a CLI run's config.yaml: where the run is
+        v["output_dir"], v["name"] = str(Path(run_dir).resolve().parent), Path(run_dir).name
     for p, path in PARAM_PATHS.items():
         if p in params and not (p == "pert_features" and not isinstance(params[p], (str, Path))):
             v[path] = str(params[p]) if isinstance(params[p], Path) else params[p]
@@ -982,7 +986,7 @@ def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedDa
             arch = resolve_architecture(params["preset"], model.model_kwargs)
         arch["cell_set_len"] = model.cell_set_len_
         cfg = config_from_params(params, arch, (out / "split.toml").resolve()
-                                 if split is not None else None)
+                                 if split is not None else None, run_dir=out)
     atomic_write_text(out / CONFIG_FILE, dump_config(cfg))
     info = read_run_info(out)
     info.setdefault("statetx_version", _version())

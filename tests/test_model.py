@@ -1099,3 +1099,26 @@ def test_split_draws_are_the_same_from_memory_and_from_the_spec_files(synth, tmp
     b = small_model(max_steps=1).fit(None, spec).predict_split("test")[0]
     assert list(a.obs_names) == list(b.obs_names)
     np.testing.assert_array_equal(a.obs["ctrl_cell_barcode"], b.obs["ctrl_cell_barcode"])
+
+
+def test_a_python_runs_config_names_its_own_folder(synth, tmp_path):
+    from statetx.run import read_config
+
+    small_model(max_steps=1).fit(synth, SPEC, output_dir=tmp_path / "runs" / "mine")
+    cfg = read_config(tmp_path / "runs" / "mine" / "config.yaml")
+    assert (cfg["output_dir"], cfg["name"]) == (str((tmp_path / "runs").resolve()), "mine")
+
+
+def test_a_run_loaded_from_its_folder_reads_its_split_files_when_asked(synth, tmp_path, capsys):
+    """load_run(run).predict_split() works when the run's split.toml names files that exist."""
+    synth.write_h5ad(tmp_path / "data.h5ad")
+    spec = f'[datasets]\ndata = "{tmp_path / "data.h5ad"}"\n' + SPEC
+    fitted = small_model(max_steps=1).fit(None, spec, output_dir=tmp_path / "run")
+    loaded = StateTransitionModel.load_run(tmp_path / "run", verbose=False)
+    pred = loaded.predict_split("test")[0]
+    assert "reading the split data from" in capsys.readouterr().out
+    np.testing.assert_array_equal(pred.X, fitted.predict_split("test")[0].X)
+    (tmp_path / "data.h5ad").unlink()
+    gone = StateTransitionModel.load_run(tmp_path / "run", verbose=False)
+    with pytest.raises(NotFittedError, match="reading the run's split.toml files failed"):
+        gone.predict_split("test")
