@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,9 +96,18 @@ def feature_table(features: dict[str, np.ndarray], observed: Sequence[str], cont
     if on_missing not in ("zeros", "error"):
         raise ConfigError(f"on_missing_features={on_missing!r} is invalid; expected 'zeros' or "
                           "'error'.")
+    if not isinstance(features, Mapping):
+        raise DataError(f"perturbation features must map perturbation names to vectors (a dict, "
+                        f"or a .pt / .npz / .csv / .safetensors file), not a "
+                        f"{type(features).__name__}.")
     names = list(features)
     if not names:
         raise DataError("the perturbation feature table is empty (no name -> vector entries).")
+    shaped = [n for n, v in features.items() if np.ndim(v) > 1 and max(np.shape(v)) !=
+              int(np.prod(np.shape(v)))]
+    if shaped:
+        raise DataError(f"perturbation feature vectors must be 1-D; {preview(shaped)} have shape "
+                        f"{np.shape(features[shaped[0]])}.")
     width: dict[int, str] = {}  # length -> first perturbation with that length
     for n, v in features.items():
         width.setdefault(np.asarray(v).reshape(-1).shape[0], n)
@@ -113,10 +122,12 @@ def feature_table(features: dict[str, np.ndarray], observed: Sequence[str], cont
     missing_pert = [n for n in missing if n != control]
     if missing_pert:
         msg = (f"{len(missing_pert)} perturbation(s) have no feature vector: "
-               f"{preview(missing_pert)}")
+               f"{preview(missing_pert)}.{did_you_mean(missing_pert[0], names)}")
         if on_missing == "error":
-            raise DataError(msg + ". Add them to the file or pass on_missing_features='zeros'.")
-        warnings.warn(msg + "; they get zero vectors.", stacklevel=3)
+            raise DataError(msg + " Add them to the file or pass on_missing_features='zeros'.")
+        warnings.warn(msg + " They get zero vectors (like the control, if it has none): the "
+                      "model cannot tell them apart. Check the names (e.g. 'A+B' vs 'A_B').",
+                      stacklevel=3)
     table = np.zeros((len(names) + len(missing), p), dtype=np.float32)
     for i, n in enumerate(names):
         table[i] = np.asarray(features[n], dtype=np.float32).reshape(-1)

@@ -552,3 +552,15 @@ def test_unassigned_like_perturbation_labels_are_said_at_fit():
                      control_pert="non-targeting", output_space="gene")
     with pytest.warns(UserWarning, match=r"'unassigned' \(4,537 cells\) look like cells"):
         prepare(a, None, cols, allow_counts=True)
+
+
+def test_feature_tables_of_the_wrong_kind_or_names_are_said():
+    from statetx.vocab import feature_table
+
+    with pytest.raises(DataError, match="must map perturbation names to vectors.*not a ndarray"):
+        feature_table(np.zeros((3, 4)), ["A"], "ctrl")
+    with pytest.raises(DataError, match=r"must be 1-D; A have shape \(2, 2\)"):
+        feature_table({"A": np.zeros((2, 2))}, ["A"], "ctrl")
+    with pytest.warns(UserWarning, match=r"no feature vector: A\+B\. Did you mean: 'A_B'.*"
+                                         r"cannot tell them apart"):
+        feature_table({"A_B": np.ones(3), "C": np.ones(3)}, ["A+B", "C"], "ctrl")
