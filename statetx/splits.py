@@ -28,7 +28,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from statetx._utils import preview
+from statetx._utils import did_you_mean, preview
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.errors import ConfigError, DataError
 from statetx.io import MISSING_LABEL, DataFile, from_anndata, resolve_control
@@ -218,7 +218,7 @@ def _check_heldout_names(files, config, control_pert, pert_col, cell_type_key, o
                     continue
                 msg = (f"{config.where('fewshot', f'{ds}.{ct}', part)} lists {len(absent)} "
                        f"perturbation(s) that no {ct} cell carries in obs['{pert_col}']: "
-                       f"{preview(absent)}.")
+                       f"{preview(absent)}.{did_you_mean(absent[0], sorted(map(str, present)))}")
                 if on_missing == "error":
                     raise DataError(msg + " Fix the names or pass on_missing_perturbation='warn' "
                                     "(tx train: data.kwargs.on_missing_perturbation=warn).")
