@@ -282,7 +282,7 @@ def prepare(
         if grown is not vocab:
             field_name = "cell_types" if kind == "cell_type" else "batches"
             added = getattr(grown, field_name)[len(getattr(vocab, field_name)):]
-            print(f"statetx: {kind.replace('_', ' ')} label(s) the model did not train on: "
+            print(f"statetx: {kind.replace('_', ' ')} label(s) not in the model's data: "
                   f"{preview(added)} (their cells are predicted as any held-out cells).")
             vocab = grown
     built = {}

@@ -1066,6 +1066,7 @@ class StateTransitionModel(BaseEstimator):
                                           pool_mode == "all")
         if c.embed_key in (None, "X_hvg"):
             self._check_normalisation(adata, x_in, ctx, is_ctrl)
+        _say_new_contexts(ctx, self.vocab_.cell_types)
         batch = pairing_batches(adata, batch_col, self._needs_batch(pool_mode))
         ctx_all, batch_all = ctx, batch  # every input cell's (ctx, batch: of the output rows)
         input_control = control  # (named in the output's uns, as in its obs)
@@ -1802,6 +1803,25 @@ class StateTransitionModel(BaseEstimator):
         self._check_fitted()
         self.network_.to(resolve_device(device))
         return self
+
+
+def _say_new_contexts(ctx: np.ndarray, trained: Sequence[str]) -> None:
+    """Cell types that were not in the model's data are predicted zero-shot (said); one that
+    differs from a known one only in case is likely a typo (a warning)."""
+    new = sorted(set(map(str, np.unique(ctx))) - set(trained) - {"all"})
+    if not new:
+        return
+    folded = {t.casefold(): t for t in trained}
+    typos = {n: folded[n.casefold()] for n in new if n.casefold() in folded}
+    if typos:
+        warnings.warn("cell type(s) " + ", ".join(f"'{n}' (trained: '{t}')" for n, t in
+                                                  typos.items())
+                      + " differ from the model's only in case: they are predicted as new cell "
+                      "types. Fix the labels if they are the same.", UserWarning,
+                      stacklevel=3)
+    if set(new) - set(typos):
+        print(f"statetx: cell type(s) not in the model's data: "
+              f"{preview(sorted(set(new) - set(typos)))} (predicted zero-shot).")
 
 
 def _perturbed_codes(split: Any) -> np.ndarray:

@@ -1062,7 +1062,7 @@ def test_a_new_split_spec_may_hold_cell_types_and_batches_never_trained(synth, c
                   PerturbMeanBaseline(batch_col="batch", **cols)):
         model.fit(synth, SPEC)
         attach_data(model, adata=new, toml=spec)
-        assert "cell type label(s) the model did not train on: CT7" in capsys.readouterr().out
+        assert "cell type label(s) not in the model's data: CT7" in capsys.readouterr().out
         pred, real = model.predict_split("test")
         assert set(pred.obs["cell_type"]) == {"CT7"} and "b9" in set(pred.obs["batch"])
         assert pred.n_obs == (new.obs["cell_type"] == "CT7").sum()
@@ -1122,3 +1122,14 @@ def test_a_run_loaded_from_its_folder_reads_its_split_files_when_asked(synth, tm
     gone = StateTransitionModel.load_run(tmp_path / "run", verbose=False)
     with pytest.raises(NotFittedError, match="reading the run's split.toml files failed"):
         gone.predict_split("test")
+
+
+def test_predict_says_which_cell_types_it_never_trained_on(fitted, capsys):
+    model, adata = fitted
+    a = adata.copy()
+    a.obs["cell_type"] = a.obs["cell_type"].astype(str).replace({"CT0": "ct0", "CT2": "CT9"})
+    with pytest.warns(UserWarning, match=r"'ct0' \(trained: 'CT0'\) differ from the model's "
+                                         "only in case"):
+        model.predict(a)
+    assert "cell type(s) not in the model's data: CT9 (predicted zero-shot)" in \
+        capsys.readouterr().out
