@@ -276,15 +276,12 @@ def prepare(
         )
         _warn_unassigned_labels(files, columns.pert_col, control)
     for kind in new_labels:  # (rows dropped for a missing label add nothing)
-        grown = vocab.extended(kind, np.concatenate(
+        vocab, added = vocab.extended(kind, np.concatenate(
             [(f.cell_type if kind == "cell_type" else f.batch)[
                 slice(None) if f.dropped is None else ~f.dropped] for f in files]))
-        if grown is not vocab:
-            field_name = "cell_types" if kind == "cell_type" else "batches"
-            added = getattr(grown, field_name)[len(getattr(vocab, field_name)):]
+        if added:
             print(f"statetx: {kind.replace('_', ' ')} label(s) not in the model's data: "
                   f"{preview(added)} (their cells are predicted as any held-out cells).")
-            vocab = grown
     built = {}
     for split in splits:
         sd = _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_dtype)

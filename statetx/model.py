@@ -785,8 +785,7 @@ class StateTransitionModel(BaseEstimator):
         for over the model's genes (``expression_depth_``)."""
         mine, theirs = getattr(self, "target_sum_", None), recorded_target_sum(adata)
         if mine is None or theirs is None:
-            trained = getattr(self, "expression_depth_", None)
-            trained = trained if isinstance(trained, dict) else {}
+            trained = getattr(self, "expression_depth_", None) or {}
             depths = control_depths(x, ctx, is_ctrl & np.isin(ctx, list(trained)))
             off = {ct: d / trained[ct] for ct, d in depths.items()
                    if not 0.5 <= d / max(trained[ct], 1e-12) <= 2}
@@ -1058,13 +1057,14 @@ class StateTransitionModel(BaseEstimator):
         pool_mode = resolve_pool(basal_pool, "batch" if self._pairing() == "batch"
                                  else "cell_type", batch_col)
         x_in = input_matrix(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
-        if c.embed_key in (None, "X_hvg"):
+        expression_in = c.embed_key in (None, "X_hvg")
+        if expression_in:
             src = c.embed_key if c.embed_key in adata.obsm else "X"  # (X_hvg falls back to X)
             check_scale(x_in, self.is_log1p_, f"input ({src})")
         pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
                                           self.vocab_.cell_types, cell_type_col is not None,
                                           pool_mode == "all")
-        if c.embed_key in (None, "X_hvg"):
+        if expression_in:
             self._check_normalisation(adata, x_in, ctx, is_ctrl)
         _say_new_contexts(ctx, self.vocab_.cell_types)
         batch = pairing_batches(adata, batch_col, self._needs_batch(pool_mode))

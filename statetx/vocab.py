@@ -68,13 +68,14 @@ class Vocab:
             )
         return codes[inv].reshape(-1)
 
-    def extended(self, kind: str, labels: Iterable[str]) -> Vocab:
-        """A copy with the unseen ``labels`` of ``kind`` (``cell_type`` or ``batch``: labels the
-        network does not read) appended in sorted order; known labels keep their codes."""
+    def extended(self, kind: str, labels: Iterable[str]) -> tuple[Vocab, list[str]]:
+        """This vocabulary with the unseen ``labels`` of ``kind`` (``cell_type`` or ``batch``:
+        labels the network does not read) appended in sorted order (known labels keep their
+        codes), and those labels; itself when there are none."""
         field_name = {"cell_type": "cell_types", "batch": "batches"}[kind]
         known = getattr(self, field_name)
         new = sorted(set(map(str, labels)) - set(known))
-        return dataclasses.replace(self, **{field_name: [*known, *new]}) if new else self
+        return (dataclasses.replace(self, **{field_name: [*known, *new]}) if new else self), new
 
     def to_dict(self) -> dict:
         return {"perturbations": list(self.perturbations), "cell_types": list(self.cell_types),
