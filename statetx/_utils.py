@@ -64,6 +64,11 @@ def unknown_option_message(what: str, key: str, valid: Iterable[str],
     return f"unknown {what} {key!r}.{hints} Valid options: {', '.join(valid)}."
 
 
+def names_list(names: str | Iterable[object]) -> list[str]:
+    """A list of names from one name or several (a bare string is one name, not its letters)."""
+    return [names] if isinstance(names, str) else [str(n) for n in names]
+
+
 def preview(values: Iterable[object], limit: int = 20) -> str:
     """Comma-joined preview of at most ``limit`` values, with a count of the rest."""
     vals = [str(v) for v in values]
@@ -119,13 +124,19 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def temporary_name(path: Path, suffix: str = "") -> Path:
+    """``.<name>.tmp<pid>-<thread><suffix>`` next to ``path``: this writer's own (processes
+    writing the same file, e.g. every rank of a torchrun job, do not share temporaries)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}{suffix}")
+
+
 def atomic_write(path: str | os.PathLike, writer: Any, suffix: str = "") -> Path:
     """Call ``writer(tmp)`` on ``.<name>.tmp<pid>-<thread><suffix>`` next to ``path`` (a
     ``suffix`` for writers that need one, e.g. ``np.save``), then rename it over ``path``; the
     temporary file never outlives the call."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}{suffix}")
+    tmp = temporary_name(path, suffix)
     try:
         writer(tmp)
         os.replace(tmp, path)

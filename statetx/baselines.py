@@ -34,9 +34,9 @@ from typing import Any, ClassVar
 import anndata as ad
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
+from statetx._params import Estimator
 from statetx._utils import deepcopy_sharing, preview
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
@@ -45,11 +45,13 @@ from statetx.data import (
     prepare,
     split_cell_obs,
     split_datasets,
+    warn_training_scale,
 )
 from statetx.errors import ConfigError, DataError
 from statetx.model import StateTransitionModel
 from statetx.predict import (
     basal_groups,
+    check_count,
     check_scale,
     clip_range,
     encode_perturbations,
@@ -90,7 +92,7 @@ class _Group:
     control: bool         # control cells are returned unchanged
 
 
-class _Baseline(BaseEstimator):
+class _Baseline(Estimator):
     """Shared fit / predict / predict_split machinery; subclasses define ``_predict_group``.
 
     The column parameters (``pert_col``, ``cell_type_key``, ``batch_col``, ``control_pert``,
@@ -132,8 +134,9 @@ class _Baseline(BaseEstimator):
         refers to (or ``dataset_name``).
         """
         self._validate_params()
-        return self._fit_prepared(prepare(adata, split_config, self._columns(),
-                                          dataset_name=dataset_name))
+        prepared = prepare(adata, split_config, self._columns(), dataset_name=dataset_name)
+        warn_training_scale(prepared, f"the {self.name} baseline")
+        return self._fit_prepared(prepared)
 
     def _validate_params(self) -> None:
         """Check option values (before any data are read)."""
@@ -574,9 +577,10 @@ class LinearBaseline(_Baseline):
         if self.on_missing not in ("error", "mean", "context_mean"):
             raise ConfigError(f"on_missing={self.on_missing!r} is invalid; expected 'error', "
                               "'mean' or 'context_mean'.")
-        if int(self.n_components) < 1 or float(self.ridge) < 0:
-            raise ConfigError(f"n_components={self.n_components!r} must be >= 1 and "
-                              f"ridge={self.ridge!r} >= 0.")
+        check_count("n_components", self.n_components, optional=False)
+        if (isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float, np.number))
+                or not self.ridge >= 0):
+            raise ConfigError(f"ridge={self.ridge!r} is invalid; expected a number >= 0.")
         e = self.pert_embedding
         if isinstance(e, str) and e in ("auto", "genes", "onehot"):
             return
@@ -724,4 +728,5 @@ def fit_all_baselines(adata: DataInput = None,
         m._validate_params()
     prepared = prepare(adata, split_config, next(iter(models.values()))._columns(),
                        dataset_name=dataset_name)
+    warn_training_scale(prepared, "each baseline")
     return {n: m._fit_prepared(prepared) for n, m in models.items()}

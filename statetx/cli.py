@@ -248,6 +248,10 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _flag(inf, "--unknown-perturbation", default="error", choices=["error", "control", "zeros"],
           help="perturbations the model was not trained on: an error listing them (default), "
           "predicted as the control, or as a perturbation vector of zeros")
+    _flag(inf, "--pert-features", metavar="FILE",
+          help="models trained with perturbation features: vectors for perturbations without "
+          "training cells (e.g. unseen genes), as a .pt / .safetensors / .npz / .csv table "
+          "name -> vector")
     _flag(inf, "--unknown-batch", default="error", choices=["error", "first", "mean"],
           help="batches unknown to a model with a batch encoder: an error (default), the first "
           "training batch, or the mean batch embedding")
@@ -958,6 +962,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
             batch_col=batch_col, control_pert=control, seed=seed, set_len=a.max_set_len,
             windows=a.windows, basal_pool=a.basal_pool, basal_fallback=a.basal_fallback,
             unknown_perturbation=a.unknown_perturbation, unknown_batch=a.unknown_batch,
+            pert_features=a.pert_features,
             predict_controls=not a.no_predict_controls, all_perts=a.all_perts,
             n_cells_per_pert=a.virtual_cells_per_pert, min_cells=a.min_cells,
             max_cells=a.max_cells, clip=clip,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from statetx._options import ARCH_CHOICES
-from statetx._utils import did_you_mean
+from statetx._utils import did_you_mean, unknown_option_message
 from statetx.errors import ConfigError, SplitConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -270,8 +270,17 @@ class ColumnMap(BaseModel):
         control = kwargs.get("control_pert")
         if control is not None and not isinstance(control, str):  # e.g. an integer label
             kwargs["control_pert"] = str(control)  # labels are compared as their str()
+        valid = list(cls.model_fields)
+        unknown = [k for k in kwargs if k not in valid]
+        if unknown:
+            raise ConfigError(unknown_option_message("column option", unknown[0], valid))
         kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("batch_col",)}
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ConfigError(f"{'.'.join(map(str, err['loc']))}={err.get('input')!r}: "
+                              f"{err['msg']}.") from None
 
 
 # ---------------------------------------------------------------------- raw checks

@@ -79,9 +79,11 @@ class SplitData:
                 continue
             base = x[torch.from_numpy(ctrl)].double().mean(0).numpy()
             rows = np.flatnonzero(perturbed & (self.context == c))
-            for p in np.unique(self.pert[rows]):
-                sel = torch.from_numpy(rows[self.pert[rows] == p])
-                out.setdefault(int(p), []).append((base, x[sel].double().mean(0).numpy()))
+            rows = rows[np.argsort(self.pert[rows], kind="stable")]  # one run per perturbation
+            perts, starts = np.unique(self.pert[rows], return_index=True)
+            for p, sel in zip(perts, np.split(rows, starts[1:])):
+                out.setdefault(int(p), []).append(
+                    (base, x[torch.from_numpy(sel)].double().mean(0).numpy()))
         return out
 
 
@@ -168,7 +170,8 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
         if name not in config.datasets:
             section, key = next((s, k) for s in ("training", "zeroshot", "fewshot")
                                 for k in getattr(config, s) if k.split(".")[0] == name)
-            hint = f'Add a line such as: {name} = "/path/to/{name}/"'
+            hint = (did_you_mean(name, list(config.datasets)).strip()
+                    or f'Add a line such as: {name} = "/path/to/{name}/"')
             if isinstance(data, ad.AnnData) and dataset_name is None:
                 others = [n for n in names if n != name and n not in config.datasets]
                 hint = (f"One AnnData was given, and the spec uses {len(others) + 1} dataset "
@@ -296,6 +299,20 @@ def prepare(
 #: perturbation labels that usually mark cells without an assigned perturbation
 UNASSIGNED_LABELS = frozenset({"unassigned", "multiplet", "multiplets", "doublet", "doublets",
                                "nan", "none", "na", "n/a", "unknown", "undetermined", ""})
+
+
+def warn_training_scale(prepared: PreparedData, model: str = "the model") -> None:
+    """Warn when expression input does not look log1p-normalised (it is used as given)."""
+    embed_key = prepared.columns.embed_key
+    if prepared.is_log1p or embed_key not in (None, "X_hvg"):
+        return
+    where = "X" if embed_key is None else "obsm['X_hvg']"
+    warnings.warn(
+        f"{where} of {prepared.files[0].label} does not look log1p-normalised (integers, "
+        f"negative values, or values of 15 and more): {model} trains on it as given and "
+        "predicts on that scale. ST and its baselines are usually compared on log1p-normalised "
+        "expression (statetx.pp.preprocess_train, or scanpy normalize_total + log1p).",
+        UserWarning, stacklevel=3)
 
 
 def _warn_unassigned_labels(files: list[DataFile], pert_col: str, control: str) -> None:

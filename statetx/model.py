@@ -21,17 +21,19 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
+from statetx._params import Estimator
 from statetx._utils import (
     deepcopy_sharing,
     did_you_mean,
     history_frame,
     json_default,
     matmul_precision_scope,
+    names_list,
     preview,
     sigterm_unwinds,
+    temporary_name,
     umask_mode,
 )
 from statetx.config import ColumnMap, SplitConfig
@@ -42,6 +44,7 @@ from statetx.data import (
     split_cell_obs,
     split_datasets,
     split_obs,
+    warn_training_scale,
 )
 from statetx.distributed import env_local_rank, init_distributed, resolve_device
 from statetx.errors import ConfigError, DataError
@@ -77,9 +80,16 @@ from statetx.presets import describe, network_config_for, resolve_architecture
 from statetx.sets import ReadDepthThinning, check_read_depth, check_sampler_options
 from statetx.stream import make_sampler, preparer, stream_settings
 from statetx.train import TrainConfig, Trainer, check_flag, start_at_mean_response
-from statetx.vocab import Vocab
+from statetx.vocab import (
+    FEATURES_FILE,
+    Vocab,
+    features_entry,
+    load_pert_features,
+    read_features,
+    write_features,
+)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: perturbation feature vectors in pert_features.safetensors
 
 #: ``preset="auto"`` picks ``small`` below this many training cells, else ``state_sm``.
 AUTO_SMALL_MAX_CELLS = 100_000
@@ -103,7 +113,7 @@ FIT_RECORD = ("preset", "train_settings", "best_step", "training_time", "arc_imp
               "finetuned")
 
 
-class StateTransitionModel(BaseEstimator):
+class StateTransitionModel(Estimator):
     """State Transition model: predicts perturbed cell sets from control cell sets.
 
     Parameters
@@ -648,14 +658,8 @@ class StateTransitionModel(BaseEstimator):
         ddp = init_distributed(self.device)
         rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
         verbose = self.progress and rank == 0
-        if not prepared.is_log1p and columns.embed_key in (None, "X_hvg") and rank == 0:
-            where = "X" if columns.embed_key is None else "obsm['X_hvg']"
-            warnings.warn(
-                f"{where} of {prepared.files[0].label} does not look log1p-normalised "
-                "(integers, negative values, or values of 15 and more): the model trains on it "
-                "as given and predicts on that scale. ST is usually trained on log1p-normalised "
-                "expression (statetx.pp.preprocess_train, or scanpy normalize_total + log1p).",
-                UserWarning, stacklevel=3)
+        if rank == 0:
+            warn_training_scale(prepared)
         if verbose:
             print(f"statetx: preset {preset!r}, batch_size {settings['batch_size']}, max_steps "
                   f"{settings['max_steps']}, lr {settings['lr']:g} ({n_train:,} training cells"
@@ -717,6 +721,8 @@ class StateTransitionModel(BaseEstimator):
                   + (", and there is none" if self.val_from_test else "") + ").")
         if stream is not None and verbose:
             print(f"statetx: {samplers['train'].describe()}")
+        elif self._pairing() == "batch" and rank == 0:
+            _warn_small_batch_groups(samplers["train"], self.basal_mapping_strategy)
         previous = {k: v for k, v in vars(self).items() if k.endswith("_") or k == "_prepared"}
         # a fresh run (not resumed; the CLI prepares its own folder) starts in an empty folder;
         # an earlier run there is set aside until this one has written a checkpoint
@@ -737,6 +743,7 @@ class StateTransitionModel(BaseEstimator):
                               device=ddp.device if ddp is not None
                               else resolve_device(self.device), output_dir=out,
                               checkpoint_extra={"statetx_model": self._metadata(),
+                                                **features_entry(vocab),
                                                 "training_data": prepared.fingerprint()})
             if resume_from is not None:  # a refused resume writes nothing into the run
                 trainer.check_resume(resume_from, force=bool(force_resume))
@@ -809,6 +816,22 @@ class StateTransitionModel(BaseEstimator):
             f"{np.log(theirs / mine):+.2f}). Normalise it to the training data's total: "
             f"statetx.pp.preprocess_train(adata, target_sum={mine:g}) (tx preprocess_train "
             f"--target-sum {mine:g}).", UserWarning, stacklevel=3)
+
+    def _vocab_with(self, pert_features: Any) -> Vocab:
+        """The vocabulary extended by ``predict(pert_features=...)``'s new vectors (said)."""
+        if pert_features is None:
+            return self.vocab_
+        feats = (load_pert_features(pert_features) if isinstance(pert_features, (str, Path))
+                 else pert_features)
+        trained = getattr(self, "trained_perturbations_", None)
+        if trained is None:  # (an imported model: only vectors left at zeros may be given)
+            v = self.vocab_
+            trained = [n for n, row in zip(v.perturbations, v.pert_features) if row.any()]
+        vocab, given = self.vocab_.with_vectors(feats, fixed=[*trained, self.vocab_.control_pert])
+        if given:
+            print(f"statetx: vectors from pert_features= for {len(given)} perturbation(s) "
+                  f"without training cells: {preview(given)}")
+        return vocab
 
     def _warn_untrained(self, codes: np.ndarray, where: str) -> None:
         """Warn about perturbations (vocabulary codes) that had no training cells: with one-hot
@@ -943,6 +966,7 @@ class StateTransitionModel(BaseEstimator):
                 perturbations: Sequence[str] | None = None,
                 min_cells: int | None = None, max_cells: int | None = None,
                 clip: Any = "auto", missing_genes: str = "error",
+                pert_features: str | Path | Mapping[str, Any] | None = None,
                 matmul_precision: str = "highest", sets_per_pass: int = 64,
                 layout: str = "statetx", keep_input: bool = False) -> ad.AnnData:
         """Predict the perturbed state of the cells of ``adata``.
@@ -1003,6 +1027,12 @@ class StateTransitionModel(BaseEstimator):
             nothing for embeddings), None, or a ``(low, high)`` pair.
         missing_genes
             Model genes absent from the input: ``"error"`` (default, listing them) or ``"zero"``.
+        pert_features
+            Models trained with perturbation features: vectors (a name → vector mapping, or a
+            feature file) for perturbations without training cells, e.g. the embeddings of
+            genes outside the training feature table (or given zeros there); with
+            ``all_perts``, they are simulated too. Perturbations with training cells keep their
+            vectors (giving another is an error).
         matmul_precision
             The network runs in full fp32 (``"highest"``, default, as the reference predicts)
             whatever the global setting; ``"medium"`` lets CPUs with AMX run its products in
@@ -1049,6 +1079,7 @@ class StateTransitionModel(BaseEstimator):
             if value not in choices:
                 raise ConfigError(f"{name}={value!r} is invalid; expected one of "
                                   f"{', '.join(map(repr, choices))}.")
+        vocab = self._vocab_with(pert_features)
         c = self.columns_
         pert_col, batch_col = pert_col or c.pert_col, batch_col or c.batch_col
         control = c.control_pert if control_pert is None else str(control_pert)  # as in fit
@@ -1079,7 +1110,7 @@ class StateTransitionModel(BaseEstimator):
         if all_perts:
             obs, src_rows, pert, ctx, batch = self._virtual_cells(
                 adata, pert, ctx, batch, is_ctrl, control, n_cells_per_pert, seed, pert_col,
-                perturbations)
+                vocab.perturbations, perturbations)
         if min_cells is not None or max_cells is not None:
             rows = resize_groups(ctx, pert, control, min_cells, max_cells, seed)
             obs, src_rows, pert, ctx, batch = (obs.iloc[rows], src_rows[rows], pert[rows],
@@ -1103,7 +1134,7 @@ class StateTransitionModel(BaseEstimator):
                 as_is = as_is[~as_is]
         pcode = np.full(len(pert), -1, dtype=np.int64)  # (copied controls need no codes)
         bcode = np.zeros(len(pert), dtype=np.int64)
-        pcode[~as_is] = encode_perturbations(pert[~as_is], self.vocab_, unknown_perturbation)
+        pcode[~as_is] = encode_perturbations(pert[~as_is], vocab, unknown_perturbation)
         self._warn_untrained(pcode, "input")
         if self.network_config_.batch_encoder:
             bcode[~as_is] = encode_batches(batch[~as_is], self.vocab_, unknown_batch)
@@ -1115,7 +1146,7 @@ class StateTransitionModel(BaseEstimator):
         groups = [Group(g.rows, g.pool, int(pcode[g.rows[0]]), bcode[g.rows], group_key(*g.key))
                   for g in basal_groups(ctx, pert, batch, run_rows, ctrl_rows, ctx_all,
                                         batch_all, pool_mode, basal_fallback)]
-        res = run_groups(self.network_, x_in, groups, self.vocab_.pert_matrix(), len(pert),
+        res = run_groups(self.network_, x_in, groups, vocab.pert_matrix(), len(pert),
                          set_len=int(set_len or self.cell_set_len_), seed=seed,
                          window_mode=windows, device=next(self.network_.parameters()).device,
                          matmul_precision=matmul_precision, sets_per_pass=sets_per_pass)
@@ -1223,10 +1254,11 @@ class StateTransitionModel(BaseEstimator):
             # rows for the same perturbation add up (as tx infer --tsv)
             perturbations = {str(k): int(v) for k, v in
                              n.groupby(table["perturbation"].astype(str), sort=False).sum().items()}
+        check_count("n_cells", n_cells)
         if isinstance(perturbations, Mapping):
             n_cells, perturbations = dict(perturbations), list(perturbations)
-        elif isinstance(perturbations, str):
-            perturbations = [perturbations]
+        elif perturbations is not None:
+            perturbations = names_list(perturbations)
         out = self.predict(controls, all_perts=True, perturbations=perturbations,
                            n_cells_per_pert=n_cells, seed=seed, **predict_options)
         if out.var_names.isin(controls.var_names).all():  # var kept (spec §3.4), and uns
@@ -1234,13 +1266,15 @@ class StateTransitionModel(BaseEstimator):
         return out
 
     def _virtual_cells(self, adata, pert, ctx, batch, is_ctrl, control, n_cells, seed, pert_col,
-                       chosen=None):
+                       known, chosen=None):
         rng = np.random.default_rng([int(seed), 7])
-        perts = [p for p in self.vocab_.perturbations if p != control]
-        per_pert = n_cells if isinstance(n_cells, Mapping) else {}
+        perts = [p for p in known if p != control]
+        per_pert = ({str(k): v for k, v in n_cells.items()} if isinstance(n_cells, Mapping)
+                    else {})
         if chosen is None and per_pert:
             chosen = list(per_pert)
         if chosen is not None:
+            chosen = names_list(chosen)  # (labels are compared as text, as in fit)
             unknown = [p for p in chosen if p not in perts]
             if unknown:
                 raise DataError(
@@ -1254,6 +1288,8 @@ class StateTransitionModel(BaseEstimator):
             pool = np.flatnonzero(is_ctrl & (ctx == context))
             for p in perts:
                 n = int(per_pert.get(p, 0) if per_pert else (n_cells or len(pool)))
+                if n == 0:
+                    continue
                 pick = pool[rng.integers(len(pool), size=n)]
                 o = adata.obs.iloc[pick].copy()
                 o[pert_col] = p
@@ -1583,16 +1619,23 @@ class StateTransitionModel(BaseEstimator):
         state = {k: v.detach().cpu().contiguous() for k, v in self.network_.state_dict().items()}
         created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
-        tmp_w, tmp_j = path / ".model.safetensors.tmp", path / ".model.json.tmp"
-        try:  # both files complete in temporaries first; a failure leaves no partial model
+        tmp_w, tmp_j, tmp_f = (temporary_name(path / name) for name in (
+            "model.safetensors", "model.json", FEATURES_FILE))
+        try:  # all files complete in temporaries first; a failure leaves no partial model
             save_file(state, str(tmp_w))
             umask_mode(tmp_w)  # safetensors writes 0600
+            if self.vocab_.pert_features is not None:
+                write_features(self.vocab_, tmp_f)
             tmp_j.write_text(text)
             tmp_w.replace(path / "model.safetensors")
+            if self.vocab_.pert_features is not None:
+                tmp_f.replace(path / FEATURES_FILE)
+            else:  # (a model saved here before may have left its table)
+                (path / FEATURES_FILE).unlink(missing_ok=True)
             tmp_j.replace(path / "model.json")
         except BaseException:
-            tmp_w.unlink(missing_ok=True)
-            tmp_j.unlink(missing_ok=True)
+            for tmp in (tmp_w, tmp_j, tmp_f):
+                tmp.unlink(missing_ok=True)
             if created and not any(path.iterdir()):
                 path.rmdir()
             raise
@@ -1616,9 +1659,10 @@ class StateTransitionModel(BaseEstimator):
         try:
             meta = json.loads((path / "model.json").read_text())
             state = load_file(str(path / "model.safetensors"), device="cpu")
+            features = read_features(path / FEATURES_FILE)
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"could not read the saved model in {path}: {exc}") from exc
-        model = cls._from_metadata(meta, state, source=path / "model.json")
+        model = cls._from_metadata(meta, state, source=path / "model.json", features=features)
         if "history" in meta:
             model.history_ = history_frame(meta["history"])
         model._restore_fit_record(meta.get("fit") or {})
@@ -1641,9 +1685,12 @@ class StateTransitionModel(BaseEstimator):
 
     @classmethod
     def _from_metadata(cls, meta: dict, state: dict[str, torch.Tensor],
-                       source: str | Path | None = None) -> StateTransitionModel:
+                       source: str | Path | None = None,
+                       features: Any = None) -> StateTransitionModel:
+        """The model ``meta`` describes with the weights ``state`` (and the perturbation feature
+        table, for models trained with one)."""
         try:
-            return cls._build_from_metadata(meta, state)
+            return cls._build_from_metadata(meta, state, features, source)
         except DataError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -1653,8 +1700,15 @@ class StateTransitionModel(BaseEstimator):
                             "by an incompatible statetx version.") from None
 
     @classmethod
-    def _build_from_metadata(cls, meta: dict,
-                             state: dict[str, torch.Tensor]) -> StateTransitionModel:
+    def _build_from_metadata(cls, meta: dict, state: dict[str, torch.Tensor], features: Any,
+                             source: str | Path | None) -> StateTransitionModel:
+        version = meta.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            from statetx import __version__
+
+            raise DataError(f"{source or 'the saved model'} is in model format {version!r}, "
+                            f"newer than this statetx ({__version__}) reads (up to "
+                            f"{FORMAT_VERSION}): upgrade statetx to load it.")
         params = dict(meta["params"])
         for k in meta.get("tuple_params", ()):
             params[k] = tuple(params[k])
@@ -1674,7 +1728,9 @@ class StateTransitionModel(BaseEstimator):
         net.eval()
         model.network_ = net
         model.network_config_ = cfg
-        model.vocab_ = Vocab.from_dict(meta["vocab"])
+        model.vocab_ = Vocab.from_dict(meta["vocab"], None if features is None
+                                       else np.asarray(features, dtype=np.float32),
+                                       str(source or "the saved model"))
         model.columns_ = ColumnMap(**meta["columns"])
         model.var_names_ = list(meta["var_names"])
         model.gene_names_ = meta["gene_names"]
@@ -1803,6 +1859,23 @@ class StateTransitionModel(BaseEstimator):
         self._check_fitted()
         self.network_.to(resolve_device(device))
         return self
+
+
+def _warn_small_batch_groups(sampler: Any, strategy: str) -> None:
+    """Batch pairing builds sets per (cell type, batch, perturbation): with many batches (e.g.
+    gem groups) those groups can be a few cells, and their sets mostly resampled copies."""
+    pad = sampler.padding_fraction()
+    if pad <= 0.5:
+        return
+    sizes = np.array([len(g) for g in sampler.groups])
+    warnings.warn(
+        f"{100 * pad:.0f}% of the training set positions are padding (cells drawn again): with "
+        f"batch pairing ({'the default with a batch_col' if strategy == 'auto' else strategy!r})"
+        f" sets are built per (cell type, batch, perturbation), and these {len(sizes):,} groups "
+        f"hold a median of {np.median(sizes):g} cells for sets of {sampler.S}. "
+        "basal_mapping_strategy='random' builds sets per (cell type, perturbation) (controls "
+        "from the whole cell type); a smaller cell_set_len also helps.", UserWarning,
+        stacklevel=3)
 
 
 def _say_new_contexts(ctx: np.ndarray, trained: Sequence[str]) -> None:

@@ -12,7 +12,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from statetx._utils import did_you_mean, history_frame, preview, to_dense_f32
+from statetx._utils import did_you_mean, history_frame, names_list, preview, to_dense_f32
 from statetx.errors import ConfigError, DataError
 from statetx.metrics._inputs import align_pair, check_obs_col, recorded, recorded_labels
 from statetx.metrics.de import group_means
@@ -106,8 +106,7 @@ def delta_scatter(
     pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
                             celltype_col=ct_col, shared_only=True)
     avail = sorted(set(real.obs[pert_col].astype(str)) - {control_pert})
-    if perts is None:
-        perts = avail[:max_perts]
+    perts = avail[:max_perts] if perts is None else names_list(perts)
     missing = [p for p in perts if p not in avail]
     if missing:
         raise DataError(f"perturbation(s) {missing} not found in obs[{pert_col!r}] of both files; "
@@ -135,24 +134,30 @@ def delta_scatter(
     return ax
 
 
+def _means(df: pd.DataFrame) -> pd.Series:
+    """Metric -> value of one model's table: a results table (per-perturbation rows averaged),
+    an agg table (its ``mean`` row) or a score table (``metric``, ``from_baseline``)."""
+    if {"metric", "from_baseline"} <= set(df.columns):  # score_agg / vcc_score
+        return pd.Series(pd.to_numeric(df["from_baseline"], errors="coerce").to_numpy(),
+                         index=df["metric"].astype(str)).groupby(level=0, sort=False).mean()
+    if "statistic" in df.columns:
+        df = df[df["statistic"] == "mean"].drop(columns="statistic")
+    return df.drop(columns=["perturbation", "celltype"], errors="ignore").mean(numeric_only=True)
+
+
 def _long(tables: Mapping[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFrame:
-    """Long table with columns model, metric, value, from either input form."""
+    """Long table with columns model, metric, value, from any accepted input form."""
     if isinstance(tables, pd.DataFrame):
-        need = {"model", "metric", "value"}
-        if not need <= set(tables.columns):
-            raise DataError(f"a long table needs columns {sorted(need)}, got "
-                            f"{list(tables.columns)};"
-                            " or pass a dict {model: results or agg table}")
-        return tables[["model", "metric", "value"]]
+        if {"model", "metric", "value"} <= set(tables.columns):
+            return tables[["model", "metric", "value"]]
+        if "model" in tables.columns:  # tables of several models, concatenated
+            tables = {str(m): part.drop(columns="model")
+                      for m, part in tables.groupby("model", sort=False)}
+        else:  # one model's table
+            tables = {"model": tables}
     parts = []
     for model, df in tables.items():
-        if "statistic" in df.columns:  # an agg table: use its mean row
-            row = df[df["statistic"] == "mean"].drop(columns=["statistic", "celltype"],
-                                                     errors="ignore")
-            vals = row.mean(numeric_only=True)
-        else:
-            vals = df.drop(columns=["perturbation", "celltype"], errors="ignore").mean(
-                numeric_only=True)
+        vals = _means(df)
         parts.append(pd.DataFrame({"model": model, "metric": vals.index, "value": vals.values}))
     if not parts:
         raise DataError("metric_bars needs at least one table")
@@ -166,10 +171,12 @@ def metric_bars(
 ) -> Axes:
     """Grouped bars of the mean of each metric, one bar per model.
 
-    ``tables``: ``{model: results or agg_results frame}`` (per-perturbation rows are averaged, agg
-    tables contribute their ``mean`` row) or a long frame with columns model, metric, value."""
+    ``tables``: ``{model: table}``, the tables concatenated with a ``model`` column, one table, or
+    a long frame with columns model, metric, value. A table is a results frame (per-perturbation
+    rows are averaged), an agg frame (its ``mean`` row) or a score frame (:func:`~statetx.
+    metrics.score_agg`, :func:`~statetx.metrics.vcc_score`: ``from_baseline`` per metric)."""
     long = _long(tables)
-    metrics = list(metrics)
+    metrics = names_list(metrics)
     absent = [m for m in metrics if m not in set(long["metric"])]
     if absent:
         raise ConfigError(f"metric(s) {absent} not found in the tables; available: "
@@ -246,9 +253,7 @@ def history(
         if not keys:
             raise DataError(f"the training history has none of {list(_DEFAULT_CURVES)}; pass keys= "
                             f"from the available columns: {preview(available)}")
-    elif isinstance(keys, str):
-        keys = [keys]
-    keys = list(keys)
+    keys = names_list(keys)
     absent = [k for k in keys if k not in frame.columns]
     if absent:
         hint = did_you_mean(absent[0], available)
@@ -404,7 +409,7 @@ def embedding(
     labels = {w: a.obs[pert_col].astype(str).to_numpy()
               for w, a in (("pred", adata_pred), ("real", adata_real))}
     if perts is not None:
-        perts = [str(p) for p in ([perts] if isinstance(perts, str) else perts)]
+        perts = names_list(perts)
         avail = sorted(set(labels["real"]) | set(labels["pred"]))
         missing = [p for p in perts if p not in avail]
         if missing:

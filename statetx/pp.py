@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._utils import did_you_mean, looks_log1p, preview, sample_rows, to_dense_f32
+from ._utils import did_you_mean, looks_log1p, names_list, preview, sample_rows, to_dense_f32
 from .errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -45,19 +45,36 @@ _HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3")
 # shared helpers
 
 
-def _source(adata: AnnData, layer: str | None) -> tuple[Matrix, str]:
-    """The matrix ``layers[layer]`` (or X) and a printable name for it."""
+def _check_cells(adata: AnnData) -> None:
+    """The data are in memory and hold cells."""
+    if adata.isbacked:
+        raise DataError(f"{adata.filename} is opened in backed mode; preprocessing needs the data "
+                        "in memory: adata = adata.to_memory() (or read_h5ad without backed=).")
+    if adata.n_obs == 0:
+        raise DataError("the AnnData has no cells (n_obs = 0).")
+
+
+def _source(adata: AnnData, layer: str | None, check: bool = True) -> tuple[Matrix, str]:
+    """The matrix ``layers[layer]`` (or X) and a printable name for it, checked (unless
+    ``check=False``): in memory, cells present, finite values."""
+    _check_cells(adata)
     if layer is None:
         if adata.X is None:
             raise DataError("adata.X is empty. Pass layer=... naming the layer that holds counts.")
-        return adata.X, "X"
-    if layer not in adata.layers:
+        m, name = adata.X, "X"
+    elif layer not in adata.layers:
         raise DataError(
             f"layer '{layer}' not found "
             f"(available layers: {preview(adata.layers.keys()) or 'none'})."
             f"{did_you_mean(layer, adata.layers.keys())} Pass layer=None to use X."
         )
-    return adata.layers[layer], f"layers['{layer}']"
+    else:
+        m, name = adata.layers[layer], f"layers['{layer}']"
+    bad = ~np.isfinite(_row_totals(m)) if check else np.zeros(0, dtype=bool)
+    if bad.any():
+        raise DataError(f"{int(bad.sum())} cell(s) have NaN or Inf values in {name}, e.g. "
+                        f"{preview(adata.obs_names[bad], 5)}. Remove or repair them first.")
+    return m, name
 
 
 def _obs_labels(adata: AnnData, col: str, what: str) -> np.ndarray:
@@ -112,6 +129,9 @@ def normalize_log1p(m: Matrix, target_sum: float | None = None) -> tuple[Matrix,
                         "statetx.pp.preprocess_train (normalise, log1p and HVGs) or "
                         "scanpy.pp.normalize_total + scanpy.pp.log1p.")
     totals = _row_totals(m)
+    if not np.isfinite(totals).all():
+        raise DataError(f"{int((~np.isfinite(totals)).sum())} row(s) of the matrix have NaN or "
+                        "Inf values; remove or repair them before normalising.")
     if target_sum is None:
         pos = totals[totals > 0]
         target_sum = float(np.median(pos)) if pos.size else 1.0
@@ -146,9 +166,7 @@ def _count_problem(m: Matrix) -> str | None:
 def _writable(adata: AnnData, copy: bool) -> AnnData:
     """The AnnData to modify: a copy with ``copy=True``; else ``adata`` itself, a view first made
     its own object (as scanpy does: anndata would write a view's new X into its parent)."""
-    if adata.isbacked:
-        raise DataError(f"{adata.filename} is opened in backed mode; preprocessing needs the data "
-                        "in memory: adata = adata.to_memory() (or read_h5ad without backed=).")
+    _check_cells(adata)
     if copy:
         return adata.copy()
     if adata.is_view:
@@ -222,14 +240,15 @@ def preprocess_train(
         raise ConfigError(
             f"flavor={flavor!r} is invalid; expected one of {', '.join(_HVG_FLAVORS)}."
         )
-    include = [str(g) for g in (include_genes or [])]
+    include = names_list(include_genes or [])
     absent = sorted(set(include) - set(map(str, adata.var_names)))
     if absent:
         raise DataError(f"include_genes: {preview(absent)} are not var names of the input "
                         f"({adata.n_vars:,} genes).{did_you_mean(absent[0], adata.var_names)}")
+    _source(adata, layer)  # (checked before a view is made its own object)
     adata = _writable(adata, copy)
 
-    src, src_name = _source(adata, layer)
+    src, src_name = _source(adata, layer, check=False)
     counts: Matrix | None = None
     if already_normalized:
         if layer is not None:
@@ -712,7 +731,7 @@ def filter_on_target_knockdown(
     out.var.index.name = None
 
     if preprocess:
-        fm, fname = _source(out, layer)
+        fm, fname = _source(out, layer, check=False)
         problem = _count_problem(fm)
         if problem is not None:
             raise DataError(

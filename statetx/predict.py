@@ -102,19 +102,6 @@ def pairing_batches(adata: ad.AnnData, batch_col: str | None, needed: bool) -> n
     return obs_labels(adata.obs, batch_col, "the input", "batch_col")
 
 
-def control_pool(ctrl_rows: np.ndarray, context: np.ndarray, ctx: object,
-                 batch: np.ndarray | None = None, batch_value: object = None) -> np.ndarray:
-    """Rows a group of context ``ctx`` draws its basal cells from: the context's controls
-    (``context`` is indexed by row), narrowed to those of ``batch_value`` when ``batch`` is
-    given and that batch has controls in the context."""
-    pool = ctrl_rows[context[ctrl_rows] == ctx]
-    if batch is not None:
-        same = pool[batch[pool] == batch_value]
-        if len(same):
-            pool = same
-    return pool
-
-
 @dataclass
 class BasalGroup:
     """Cells of one (context, perturbation[, batch]) group and the controls they start from."""
@@ -144,13 +131,22 @@ def basal_groups(ctx: np.ndarray, pert: np.ndarray, batch: np.ndarray | None, ro
     by_batch = mode == "batch"
     frame = pd.DataFrame({"ctx": ctx[rows], "pert": pert[rows],
                           "batch": batch[rows] if by_batch else 0})
+    # the control rows of each context, and of each (context, batch): computed once, shared by
+    # the groups (no copy per group)
+    no_rows = np.zeros(0, dtype=ctrl_rows.dtype)
+    ctx_pools = {k: ctrl_rows[v] for k, v in pd.Series(ctrl_ctx[ctrl_rows]).groupby(
+        ctrl_ctx[ctrl_rows], sort=False).indices.items()} if len(ctrl_rows) else {}
+    batch_pools = ({k: ctrl_rows[v] for k, v in pd.DataFrame(
+        {"c": ctrl_ctx[ctrl_rows], "b": ctrl_batch[ctrl_rows]}).groupby(
+        ["c", "b"], sort=False).indices.items()} if by_batch and len(ctrl_rows) else {})
     out, elsewhere = [], {}  # (context, batch) without controls of its own -> cells
     for (cx, p, bt), idx in sorted(frame.groupby(["ctx", "pert", "batch"]).indices.items()):
-        ctx_pool = control_pool(ctrl_rows, ctrl_ctx, cx)
-        pool = (ctrl_rows if mode == "all" else
-                control_pool(ctrl_rows, ctrl_ctx, cx, ctrl_batch, bt) if by_batch else ctx_pool)
-        if by_batch and p != copied and len(pool) and not (ctrl_batch[pool] == bt).any():
-            elsewhere[(cx, bt)] = elsewhere.get((cx, bt), 0) + len(idx)
+        ctx_pool = ctx_pools.get(cx, no_rows)
+        pool = ctrl_rows if mode == "all" else ctx_pool
+        if by_batch:
+            pool = batch_pools.get((cx, bt), ctx_pool)
+            if p != copied and len(pool) and (cx, bt) not in batch_pools:
+                elsewhere[(cx, bt)] = elsewhere.get((cx, bt), 0) + len(idx)
         if len(pool) == 0 and p != copied:
             if fallback != "all_controls":
                 raise DataError(f"context '{cx}' has no control cells in the input, so basal "
@@ -444,6 +440,9 @@ def input_matrix(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
                  missing_genes: str = "error", gene_name_col: str | None = None) -> np.ndarray:
     """The model's input features of every cell of ``adata`` (see :func:`align_genes`), checked:
     the input has cells, unique cell names and finite values."""
+    if not isinstance(adata, ad.AnnData):
+        raise DataError(f"the input must be an AnnData (cells × genes, labels in obs), not "
+                        f"{type(adata).__name__}; e.g. anndata.read_h5ad(path).")
     if adata.n_obs == 0:
         raise DataError("the input AnnData has no cells (n_obs = 0).")
     check_unique_cells(adata)
@@ -563,8 +562,11 @@ def encode_perturbations(labels: np.ndarray, vocab: Vocab, unknown: str) -> np.n
         if unknown == "error":
             raise DataError(
                 f"{len(counts)} perturbation label(s) are not in the model's vocabulary: {listing}."
-                f"{did_you_mean(counts.index[0], vocab.perturbations)} Pass "
-                "unknown_perturbation='control' or 'zeros' to predict them anyway."
+                f"{did_you_mean(counts.index[0], vocab.perturbations)} "
+                + ("The model reads perturbation features: give their vectors with "
+                   "pert_features={label: vector}, or pass " if vocab.pert_features is not None
+                   else "Pass ")
+                + "unknown_perturbation='control' or 'zeros' to predict them anyway."
             )
         if unknown == "control":
             codes[bad] = vocab.perturbations.index(vocab.control_pert)

@@ -43,12 +43,14 @@ from statetx._utils import (
     RESUMABLE_PARAMS,
     SET_LOSS_OPTIONS,
     TRAINING_LOSS_OPTIONS,
+    atomic_write,
     atomic_write_text,
     history_frame,
     json_default,
     same_run,
 )
 from statetx.errors import ConfigError, DataError, SplitConfigError
+from statetx.vocab import FEATURES_FILE, write_features
 
 if TYPE_CHECKING:  # pragma: no cover
     from statetx.config import SplitConfig
@@ -955,6 +957,8 @@ def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedDa
     out.mkdir(parents=True, exist_ok=True)
     v = model.vocab_
     atomic_write_text(out / "vocab.json", json.dumps(v.to_dict(), indent=1))
+    if v.pert_features is not None:  # (inference needs no external file, data.md §8)
+        atomic_write(out / FEATURES_FILE, lambda tmp: write_features(v, tmp))
     from statetx.io import feature_names
 
     first = prepared.files[0]  # the reference's meaning (data.md §8): genes in X, X_hvg's width
@@ -1306,7 +1310,8 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *,
                         "evaluate its test split, statetx import-arc RUN --out DIR, then tx "
                         "predict --output-dir DIR --toml <the run's split TOML>.")
     _check_same_run(run, path, meta)
-    model = StateTransitionModel._from_metadata(meta, ckpt["state_dict"], source=path)
+    model = StateTransitionModel._from_metadata(meta, ckpt["state_dict"], source=path,
+                                                features=ckpt.get("pert_features"))
     if ckpt.get("history"):
         model.history_ = history_frame(list(ckpt["history"]))
     model.run_dir_ = run

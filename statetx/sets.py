@@ -292,6 +292,13 @@ class CellSetSampler:
         total = int(n.sum())
         return -(-total // self.world_size) if self.world_size > 1 else total
 
+    def padding_fraction(self) -> float:
+        """Share of an epoch's set positions filled by drawing a short group's cells again."""
+        sizes = np.array([len(g) for g in self.groups])
+        n_sets = (sizes // self.S) if self.drop_last else -(-sizes // self.S)
+        positions = int(n_sets.sum()) * self.S
+        return 0.0 if self.drop_last or not positions else 1 - int(sizes.sum()) / positions
+
     def __len__(self) -> int:
         """Batches per epoch (per rank)."""
         n = self._n_sets()

@@ -59,6 +59,7 @@ from statetx.data import (
     prepare,
     split_labels,
 )
+from statetx.distributed import raise_together
 from statetx.errors import ConfigError, DataError
 from statetx.io import DataFile
 from statetx.sets import (
@@ -492,9 +493,14 @@ class StreamingCellSetSampler:
         self._groups()
         self._reservoir()
         # bad values stop the run before it trains (as in memory): one pass over its cells per
-        # matrix read, shared out between the processes under torchrun (a process that finds
-        # one fails, and torchrun stops the others)
-        data.check_all_values(np.array_split(self.target_rows, self.world_size)[self.rank])
+        # matrix read, shared out between the processes under torchrun (all raise what one
+        # finds)
+        found = None
+        try:
+            data.check_all_values(np.array_split(self.target_rows, self.world_size)[self.rank])
+        except DataError as err:
+            found = err
+        raise_together(found)
         self._plans: OrderedDict[int, _Plan] = OrderedDict()
         self.peak_rows_held = 0      # most window rows held at once (reservoir excluded)
         self.windows_read = 0

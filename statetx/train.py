@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import inspect
 import json
 import math
 import shutil
@@ -202,13 +203,16 @@ def start_at_mean_response(network: StateTransitionNetwork, train: SplitData | S
         shift[p] = (pert - ctrl).mean(0) - a * ctrl.mean(0)
         scale[p] = a
         observed[p] = True
-    feats = vocab.pert_matrix().astype(np.float64)[observed]
+    def solve(target: np.ndarray) -> np.ndarray:  # [P, ·] weights giving ``target`` rows
+        if vocab.pert_features is None:  # one-hot: the rows themselves (lstsq's min-norm answer)
+            return np.where(observed[:, None], target, 0.0)
+        feats = vocab.pert_matrix().astype(np.float64)[observed]
+        return np.linalg.lstsq(feats, target[observed], rcond=None)[0]
+
     with torch.no_grad():
-        w = np.linalg.lstsq(feats, shift[observed], rcond=None)[0]  # [P, D]
-        network.pert_bias.weight.copy_(torch.from_numpy(w.T))
+        network.pert_bias.weight.copy_(torch.from_numpy(solve(shift).T))  # [D, P]
         if network.pert_mean_scale is not None:
-            w = np.linalg.lstsq(feats, scale[observed], rcond=None)[0]  # [P, 1]
-            network.pert_mean_scale.weight.copy_(torch.from_numpy(w.T))
+            network.pert_mean_scale.weight.copy_(torch.from_numpy(solve(scale).T))
 
 
 class Trainer:
@@ -494,11 +498,14 @@ class Trainer:
         for p in self._frozen:
             p.requires_grad_(False)
         cuda = self.device.type == "cuda"
+        # (buffers are synced at every forward only if there are any; newer PyTorch renames
+        # the option and warns on the old name)
+        sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+            DistributedDataParallel).parameters else "broadcast_buffers")
         self._ddp = DistributedDataParallel(
             self.net, device_ids=[self.device.index] if cuda else None,
             output_device=self.device.index if cuda else None,
-            broadcast_buffers=any(True for _ in self.net.buffers()),
-            gradient_as_bucket_view=True,
+            gradient_as_bucket_view=True, **{sync: any(True for _ in self.net.buffers())},
         )
         self._ddp_forward = self._ddp if self._compile_loss else self._compiled(self._ddp)
 
@@ -846,7 +853,8 @@ class Trainer:
             weights = used
         state = {
             "state_dict": weights,
-            "train_state": {k: v for k, v in asdict(st).items() if k != "history"},
+            "train_state": {**{k: v for k, v in asdict(st).items() if k != "history"},
+                            "world_size": self.world_size},
             "history": [{k: int(v) if k in ("step", "epoch") else float(v) if isinstance(
                 v, (int, float, np.floating)) else v for k, v in h.items()} for h in st.history],
             "train_config": asdict(self.cfg),
@@ -960,14 +968,18 @@ class Trainer:
         # (histories written before the wide metrics.csv call the training loss "loss")
         history = [{("train_loss" if k == "loss" else k): int(v) if k in ("step", "epoch")
                     else v for k, v in h.items()} for h in ckpt.get("history", [])]
-        self.state = TrainState(**ckpt["train_state"], history=history)
+        saved = dict(ckpt["train_state"])
+        ranks = ckpt["rng"].get("ranks")  # (checkpoints before world_size was recorded)
+        before = int(saved.pop("world_size", 0) or (len(ranks) if ranks else 1))
+        self.state = TrainState(**saved, history=history)
+        if before != self.world_size:
+            self._rescale_position(path, before)
         if self.out is not None and _is_main():  # rows logged after the checkpoint go
             self._write_metrics()
         torch.set_rng_state(ckpt["rng"]["torch"])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         if self.world_size > 1:
-            ranks = ckpt["rng"].get("ranks")
             if ranks is not None and len(ranks) == self.world_size:
                 mine = ranks[self.rank]
                 torch.set_rng_state(mine["torch"])
@@ -975,6 +987,26 @@ class Trainer:
                     torch.cuda.set_rng_state(mine["cuda"], self.device)
             elif self.rank > 0:  # saved by another world size: a fresh stream per rank
                 self._seed(rank_seed(self.cfg.seed, self.rank, self.state.step))
+
+    def _rescale_position(self, path: str | Path, before: int) -> None:
+        """Resuming with another number of processes: the epoch goes on at the point the
+        ``before`` processes had reached (in memory, after exactly the sets they trained on:
+        each rank's sets are every world-size-th of the epoch's order), and the step's batch
+        changes size, said."""
+        st, now = self.state, self.world_size
+        done = st.batch_in_epoch * before  # global batches of B sets trained in this epoch
+        st.batch_in_epoch = done // now
+        again = done - st.batch_in_epoch * now
+        if _is_main():
+            b = getattr(self.train_sampler, "B", None)
+            size = f" ({b * before} -> {b * now} sets)" if b else ""
+            warnings.warn(
+                f"resuming {path}, trained by {before} process(es), with {now}: batch_size is "
+                f"per process, so each step now trains on {now}/{before} of the earlier batch"
+                f"{size} (scale lr, or batch_size, to keep the run's recipe); the epoch "
+                f"continues where it was"
+                + (f" ({again} batch(es) of it are trained again)" if again else "") + ".",
+                UserWarning, stacklevel=4)
 
     def _remove_stale_temporaries(self) -> None:
         """Delete half-written checkpoints (``.<name>.tmp<pid>-<thread>``) left by a killed

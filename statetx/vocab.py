@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from statetx._utils import did_you_mean, preview
+from statetx._utils import did_you_mean, preview, umask_mode
 from statetx.errors import ConfigError, DataError
 
 
@@ -77,18 +77,113 @@ class Vocab:
         new = sorted(set(map(str, labels)) - set(known))
         return (dataclasses.replace(self, **{field_name: [*known, *new]}) if new else self), new
 
+    def with_vectors(self, features: Mapping[str, np.ndarray],
+                     fixed: Iterable[str] | None = None) -> tuple[Vocab, list[str]]:
+        """This vocabulary (one with a feature table) with the vectors of ``features``: new
+        names appended, known ones outside ``fixed`` replaced (default: all known names are
+        fixed, i.e. must come with their own vectors or be left out); and the names given new
+        vectors."""
+        if self.pert_features is None:
+            raise ConfigError("pert_features= gives vectors for new perturbations, but this "
+                              "model encodes perturbations one-hot (it was trained without a "
+                              "feature table): it has no input for vectors. Train with "
+                              "pert_features=... to predict unseen perturbations.")
+        p = self.pert_features.shape[1]
+        _, table = feature_table(features, [], self.control_pert)
+        if table.shape[1] != p:
+            raise DataError(f"pert_features= has vectors of length {table.shape[1]}; the model's "
+                            f"perturbation features have length {p}.")
+        index = {n: i for i, n in enumerate(self.perturbations)}
+        fixed = set(index) if fixed is None else set(map(str, fixed))
+        rows = {str(n): table[k] for k, n in enumerate(features)}
+        changed = [n for n, v in rows.items() if n in index and not np.allclose(
+            v, self.pert_features[index[n]], rtol=1e-5, atol=1e-6)]
+        refused = [n for n in changed if n in fixed]
+        if refused:
+            raise DataError(f"pert_features= gives {len(refused)} perturbation(s) the model "
+                            f"trained on another vector than they had in training: "
+                            f"{preview(refused)}. Pass vectors only for other perturbations.")
+        added = [n for n in rows if n not in index]
+        if not changed and not added:
+            return self, []
+        vectors = self.pert_features.copy()
+        for n in changed:
+            vectors[index[n]] = rows[n]
+        return dataclasses.replace(
+            self, perturbations=[*self.perturbations, *added],
+            pert_features=np.vstack([vectors, *(rows[n][None] for n in added)])), changed + added
+
     def to_dict(self) -> dict:
-        return {"perturbations": list(self.perturbations), "cell_types": list(self.cell_types),
-                "batches": list(self.batches), "control_pert": self.control_pert,
-                "pert_features": None if self.pert_features is None
-                else self.pert_features.tolist()}
+        """Labels as JSON; a feature table is named by its shape and digest only (its vectors
+        travel as a tensor: ``pert_features.safetensors``, or inside a checkpoint)."""
+        d = {"perturbations": list(self.perturbations), "cell_types": list(self.cell_types),
+             "batches": list(self.batches), "control_pert": self.control_pert,
+             "pert_features": None}
+        if self.pert_features is not None:
+            d["pert_features"] = {"shape": list(self.pert_features.shape),
+                                  "sha256": features_digest(self.pert_features)}
+        return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> Vocab:
-        feats = d.get("pert_features")
+    def from_dict(cls, d: dict, features: np.ndarray | None = None,
+                  source: str = "the saved model") -> Vocab:
+        """Inverse of :meth:`to_dict`; ``features``: the table it names (checked against its
+        shape and digest). Older records holding the vectors as lists load as they are."""
+        record = d.get("pert_features")
+        if isinstance(record, list):
+            features = np.asarray(record, dtype=np.float32)
+        elif record is not None:
+            if features is None:
+                raise DataError(f"{source} was trained with perturbation feature vectors, but "
+                                f"they are missing ({FEATURES_FILE} next to model.json, or the "
+                                "checkpoint's 'pert_features'); copy the whole folder.")
+            features = np.asarray(features, dtype=np.float32)
+            if (list(features.shape) != list(record["shape"])
+                    or features_digest(features) != record["sha256"]):
+                raise DataError(f"the perturbation feature vectors of {source} are not the ones "
+                                "it was trained with (shape or digest differ): the file was "
+                                "replaced or damaged.")
         return cls(list(d["perturbations"]), list(d["cell_types"]), list(d["batches"]),
-                   d["control_pert"],
-                   None if feats is None else np.asarray(feats, dtype=np.float32))
+                   d["control_pert"], features)
+
+
+FEATURES_FILE = "pert_features.safetensors"
+
+
+def write_features(vocab: Vocab, path: str | Path) -> None:
+    """The vocabulary's feature table as ``{"pert_features": [n_pert, P]}`` safetensors (rows in
+    ``vocab.perturbations`` order)."""
+    from safetensors.numpy import save_file
+
+    save_file({"pert_features": np.ascontiguousarray(vocab.pert_features, dtype=np.float32)},
+              str(path))
+    umask_mode(path)  # safetensors writes 0600
+
+
+def read_features(path: str | Path) -> np.ndarray | None:
+    """The table :func:`write_features` wrote, or None when there is no such file."""
+    if not Path(path).is_file():
+        return None
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))["pert_features"]
+
+
+def features_entry(vocab: Vocab) -> dict:
+    """The checkpoint entry carrying the feature table (a tensor: weights-only loadable)."""
+    if vocab.pert_features is None:
+        return {}
+    import torch
+
+    return {"pert_features": torch.from_numpy(np.ascontiguousarray(vocab.pert_features))}
+
+
+def features_digest(table: np.ndarray) -> str:
+    """SHA-256 of a feature table's float32 values (and shape)."""
+    import hashlib
+
+    a = np.ascontiguousarray(table, dtype=np.float32)
+    return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()
 
 
 def feature_table(features: dict[str, np.ndarray], observed: Sequence[str], control: str,

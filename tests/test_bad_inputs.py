@@ -15,6 +15,7 @@ import pickle
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -350,7 +351,7 @@ def test_failed_save_leaves_no_half_written_model(model, adata, tmp_path, monkey
     (lambda d: _edit_json(d, lambda m: m.pop("vocab")),
      r"metadata in .*model\.json is incomplete or invalid \(KeyError: 'vocab'\)"),
     (lambda d: _edit_json(d, lambda m: m["params"].__setitem__("bogus", 1)),
-     r"metadata in .*model\.json is incomplete or invalid \(TypeError: .*bogus"),
+     r"metadata in .*model\.json is incomplete or invalid \(ParameterError: .*bogus"),
     (lambda d: (d / "model.json").write_text("[1, 2]"),
      r"metadata in .*model\.json is incomplete or invalid"),
     (lambda d: _edit_json(d, lambda m: m["network_config"].__setitem__("hidden_dim", 64)),
@@ -929,3 +930,128 @@ def test_predict_reads_x_when_the_inputs_hvgs_differ(model, adata):
     hvg.X = np.round(np.expm1(np.asarray(hvg.X)))  # X as counts, X_hvg log1p: not read from X
     with pytest.raises(DataError, match=r"X has them all, but not on the scale of obsm"):
         align_genes(hvg, list(model.var_names_), "X_hvg")
+
+
+# =============================================================================================
+# scikit-learn parameters, and the helpers users call around the estimator
+
+
+def test_misspelled_parameters_name_the_closest_one():
+    from sklearn.base import clone
+
+    from statetx.baselines import LinearBaseline, PerturbMeanBaseline, fit_all_baselines
+
+    with pytest.raises(TypeError, match=r"no parameter 'max_step'.*Did you mean.*'max_steps'"):
+        StateTransitionModel(max_step=5)
+    with pytest.raises(ConfigError, match=r"PerturbMeanBaseline has no parameter 'pert_colz'.*"
+                                          r"'pert_col'"):
+        PerturbMeanBaseline(pert_colz="gene")
+    with pytest.raises(ConfigError, match="'ridge'"):
+        fit_all_baselines(make_synthetic(), baselines={"linear": {"ridg": 1.0}},
+                          pert_col="gene", control_pert="ctrl")
+    m = StateTransitionModel("tiny", model_kwargs={"hidden_dim": 32})
+    with pytest.raises(ConfigError, match="'max_steps'"):
+        m.set_params(max_step=1)
+    # one entry of a dict parameter; the estimator's own dict is not shared with its clone
+    m.set_params(model_kwargs__n_layers=2, lr=1e-3)
+    assert m.model_kwargs == {"hidden_dim": 32, "n_layers": 2} and m.lr == 1e-3
+    c = clone(m).set_params(model_kwargs__n_layers=3)
+    assert m.model_kwargs["n_layers"] == 2 and c.model_kwargs["n_layers"] == 3
+    with pytest.raises(ConfigError, match="n_components"):
+        LinearBaseline(n_components="10", pert_col="gene", control_pert="ctrl").fit(
+            make_synthetic())
+
+
+def test_column_option_typo_is_a_config_error():
+    from statetx.splits import assign
+
+    with pytest.raises(ConfigError, match=r"'pert_colum'.*Did you mean.*'pert_col'"):
+        assign(make_synthetic(), None, {"pert_colum": "gene", "control_pert": "ctrl"})
+
+
+def test_dataset_name_typo_suggests_the_datasets_entry(tmp_path, adata):
+    adata.write_h5ad(tmp_path / "kang.h5ad")
+    spec = f'[datasets]\nkang = "{tmp_path / "kang.h5ad"}"\n[training]\nkagn = "train"\n'
+    with pytest.raises(Exception, match=r"'kagn'.*Did you mean.*'kang'"):
+        small_model().fit(None, spec)
+
+
+def test_predict_and_simulate_inputs(model, adata):
+    with pytest.raises(DataError, match="must be an AnnData.*DataFrame"):
+        model.predict(adata.to_df())
+    controls = adata[adata.obs["gene"] == "ctrl"].copy()
+    with pytest.raises(ConfigError, match=r"^n_cells=0"):
+        model.simulate(controls, ["P0"], n_cells=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # (pandas: concat of empty frames)
+        out = model.simulate(controls, {"P0": 0, "P1": 2})
+    assert (out.obs["gene"] == "P1").sum() == 2 * controls.obs["cell_type"].nunique()
+    assert (out.obs["gene"] == "P0").sum() == 0
+
+
+def test_integer_perturbation_labels_simulate_by_value():
+    a = make_synthetic(n_cell_types=1, n_perts=2)
+    a.obs["code"] = a.obs["gene"].map({"ctrl": 0, "P0": 1, "P1": 2}).astype(int)
+    m = small_model(pert_col="code", control_pert=0, max_steps=1).fit(a)
+    out = m.simulate(a[a.obs["code"] == 0].copy(), [1], n_cells=3)
+    assert (out.obs["code"].astype(str) == "1").sum() == 3
+
+
+def test_newer_model_format_is_refused(model, tmp_path):
+    path = model.save(tmp_path / "m")
+    meta = json.loads((path / "model.json").read_text())
+    meta["format_version"] = 99
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="format 99.*upgrade statetx"):
+        StateTransitionModel.load(path)
+
+
+def test_baselines_warn_on_raw_counts(adata):
+    from statetx.baselines import PerturbMeanBaseline
+
+    counts = adata.copy()
+    counts.X = np.round(np.expm1(counts.X) * 40).astype(np.float32)
+    with pytest.warns(UserWarning, match="PerturbMean baseline trains on it as given|"
+                                         "baseline trains on it as given"):
+        PerturbMeanBaseline(pert_col="gene", control_pert="ctrl").fit(counts)
+
+
+def test_preprocessing_refuses_nan_backed_and_empty_input(papalexi, tmp_path):
+    from statetx import pp
+
+    raw = papalexi[:400].copy()
+    raw.X = np.asarray(raw.layers["counts"].todense(), dtype=np.float32)
+    raw.X[3, 5] = np.nan
+    view = raw[raw.obs["target_gene"] != "unassigned"]
+    with pytest.raises(DataError, match=r"1 cell\(s\) have NaN or Inf values in X"):
+        pp.preprocess_train(view, 50)
+    assert view.is_view  # refused before the view was made its own object
+    with pytest.raises(DataError, match="NaN or Inf"):
+        pp.normalize_log1p(raw.X)
+    with pytest.raises(DataError, match="no cells"):
+        pp.preprocess_train(raw[:0], 50)
+    raw.X[3, 5] = 0
+    raw.write_h5ad(tmp_path / "p.h5ad")
+    backed = ad.read_h5ad(tmp_path / "p.h5ad", backed="r")
+    with pytest.raises(DataError, match="backed mode.*to_memory"):
+        pp.filter_on_target_knockdown(backed, "target_gene", "non-targeting")
+    with pytest.raises(DataError, match="include_genes: NOPE"):
+        pp.preprocess_train(raw, 50, include_genes="NOPE")
+
+
+def test_metrics_read_recorded_labels_and_refuse_empty_input():
+    from statetx.metrics import ceiling, evaluate, vcc_score
+    from statetx.metrics._synthetic import synthetic_log1p
+
+    real, eff = synthetic_log1p(3, 20, 30, 30, seed=1)
+    pred, _ = synthetic_log1p(3, 20, 30, 30, seed=2, effects=eff)
+    for a in (pred, real):  # labelled as a statetx prediction with its own columns
+        a.obs = a.obs.rename(columns={"target_gene": "gene"})
+        a.obs["gene"] = a.obs["gene"].astype(str).replace({"non-targeting": "ctrl"})
+        a.uns["statetx"] = {"pert_col": "gene", "control_pert": "ctrl"}
+    score = vcc_score(pred, real, profile="minimal")
+    assert len(score) > 0
+    _, agg = ceiling(real, profile="minimal")
+    assert len(agg) == 1
+    with pytest.raises(DataError, match="pred AnnData has no cells"):
+        evaluate(pred[:0], real)

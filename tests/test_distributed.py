@@ -233,3 +233,18 @@ def test_torchrun_command_line_run_folder_is_rank_0s(synth, tmp_path):
     assert stream.returncode == 0, stream.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "s" / "statetx_run.json").read_text()
                       )["final_step"] == 4
+    # a NaN that only the last rank's share of the streamed cells holds: every rank raises it
+    # (not rank 0 a broken connection), and no run folder is left
+    bad = synth.copy()
+    last = np.flatnonzero((bad.obs["cell_type"] == "CT0").to_numpy())[-1]
+    bad.X[last, 0] = np.nan
+    bad.write_h5ad(tmp_path / "bad.h5ad")
+    (tmp_path / "bad.toml").write_text(f'[datasets]\ndata = "{tmp_path / "bad.h5ad"}"\n'
+                                       + FEWSHOT)
+    nan = _torchrun_cli([*args[:2], f"data.kwargs.toml_config_path={tmp_path / 'bad.toml'}",
+                         *args[3:-1], "name=nan", "data.kwargs.data_loading=stream",
+                         "data.kwargs.stream_chunk_size=8"], tmp_path)
+    assert nan.returncode != 0
+    assert nan.stderr.count("NaN or Inf") == W, nan.stderr[-3000:]
+    assert "Connection closed" not in nan.stderr
+    assert not (tmp_path / "out" / "nan").exists()

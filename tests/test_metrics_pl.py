@@ -47,6 +47,33 @@ def test_metric_bars():
     plt.close("all")
 
 
+def test_metric_bars_takes_the_tables_users_build(pair):
+    """Results / agg tables concatenated with a ``model`` column (pd.concat), one table alone,
+    and score tables (score_agg) plot as their dict form does; a bare metric name is one name."""
+    from statetx.metrics import evaluate, score_agg
+
+    pred, real = pair
+    res, agg = evaluate(pred, real, "target_gene", "non-targeting", profile="minimal")
+    res_b, agg_b = evaluate(real, real, "target_gene", "non-targeting", profile="minimal")
+
+    def heights(ax):
+        return [round(p.get_height(), 9) for p in ax.patches]
+
+    metrics = ["pearson_delta", "mae"]
+    want = heights(pl.metric_bars({"st": res, "real": res_b}, metrics=metrics))
+    both = pd.concat([res.assign(model="st"), res_b.assign(model="real")])
+    assert heights(pl.metric_bars(both, metrics=metrics)) == want
+    aggs = pd.concat([agg.assign(model="st"), agg_b.assign(model="real")])
+    assert heights(pl.metric_bars(aggs, metrics=metrics)) == want
+    assert heights(pl.metric_bars(res, metrics="pearson_delta")) == [round(
+        res["pearson_delta"].mean(), 9)]
+    score = score_agg(agg, agg_b)
+    m = score["metric"].iloc[0]
+    ax = pl.metric_bars({"st": score}, metrics=m)
+    assert heights(ax) == [round(float(score["from_baseline"].iloc[0]), 9)]
+    plt.close("all")
+
+
 # ---------------------------------------------------------------------------------------------
 # history
 # ---------------------------------------------------------------------------------------------

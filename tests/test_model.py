@@ -173,6 +173,7 @@ def test_basal_groups_keys_pools_and_order():
     # same batch where the context has controls there, else the context's; C has none: all
     assert [list(g.pool) for g in got] == [[3], [1, 3], [5], [1, 3, 5]]
     assert [list(g.ctx_pool) for g in got] == [[1, 3], [1, 3], [5], [1, 3, 5]]
+    assert got[0].ctx_pool is got[1].ctx_pool  # one array per context, shared by its groups
     assert group_key(*got[0].key) == "A\x00p\x002"
     assert group_key("test", 3, 7) == "test\x003\x007"
     flat = basal_groups(ctx, pert, None, rows[:3], ctrl, ctx, None, "cell_type")
@@ -1133,3 +1134,92 @@ def test_predict_says_which_cell_types_it_never_trained_on(fitted, capsys):
         model.predict(a)
     assert "cell type(s) not in the model's data: CT9 (predicted zero-shot)" in \
         capsys.readouterr().out
+
+
+# ----------------------------------------------------------------- perturbation feature vectors
+def _pair_features(perts, genes):
+    """Norman-style combinatorial features: one dimension per target gene, a pair 'A+B' = e_A +
+    e_B."""
+    out = {}
+    for p in perts:
+        v = np.zeros(len(genes), dtype=np.float32)
+        for g in p.split("+"):
+            v[genes.index(g)] = 1.0
+        out[p] = v
+    return out
+
+
+def test_predict_unseen_perturbations_from_their_feature_vectors(perturbench, tmp_path):
+    """perturbench K562 (Norman 2019): a model trained with gene-wise features predicts pairs
+    outside its feature table from vectors given to predict (inference.md §3.2 step 8); the
+    vectors reach the network (same output as predict_sets with them), survive save/load in
+    pert_features.safetensors (not in model.json), and cannot replace a trained one."""
+    import json
+
+    k562 = perturbench[perturbench.obs["cell_type"] == "k562"].copy()
+    held = ["KLF1+TGFBR2", "MAPK1+TGFBR2"]
+    labels = k562.obs["target_gene"].astype(str)
+    genes = sorted({g for p in labels.unique() if p != "control" for g in p.split("+")})
+    train = k562[~labels.isin(held).to_numpy()].copy()
+    feats = _pair_features([p for p in train.obs["target_gene"].unique() if p != "control"],
+                           genes)
+    model = StateTransitionModel(
+        "tiny", pert_col="target_gene", cell_type_key="cell_type", control_pert="control",
+        pert_features=feats, model_kwargs=SMALL, cell_set_len=16, batch_size=4, max_steps=4,
+        progress=False, seed=0, device="cpu").fit(train)
+    test = k562[labels.isin([*held, "control"]).to_numpy()].copy()
+    with pytest.raises(DataError, match="pert_features="):
+        model.predict(test)
+    given = _pair_features(held, genes)
+    pred = model.predict(test, pert_features=given)
+    # the given vectors are what the network read: re-run one set of each pair by hand
+    x = np.asarray(test.X.todense())
+    rows = {b: i for i, b in enumerate(test.obs_names)}
+    for p in held:
+        cells = pred.obs[pred.obs["target_gene"] == p]
+        first = cells[cells["statetx_set"] == cells["statetx_set"].iloc[0]]
+        basal = x[[rows[b] for b in first["statetx_ctrl_barcode"]]]
+        by_hand = model.predict_sets(basal, given[p][None, :])
+        np.testing.assert_allclose(pred[first.index].X, np.clip(by_hand, 0, 14), atol=1e-5)
+    zero = model.predict(test, unknown_perturbation="zeros")
+    assert not np.allclose(zero.X, pred.X)
+    # persistence: the table is a tensor file, model.json names it by shape and digest only
+    path = model.save(tmp_path / "m")
+    meta = json.loads((path / "model.json").read_text())
+    assert meta["vocab"]["pert_features"]["shape"] == list(model.vocab_.pert_features.shape)
+    assert (path / "pert_features.safetensors").stat().st_size > 0
+    loaded = StateTransitionModel.load(path)
+    np.testing.assert_array_equal(loaded.vocab_.pert_features, model.vocab_.pert_features)
+    np.testing.assert_array_equal(loaded.predict(test, pert_features=given).X, pred.X)
+    # a trained perturbation keeps its vector; a one-hot model takes none
+    with pytest.raises(DataError, match="KLF1"):
+        model.predict(test, pert_features={"KLF1": np.ones(len(genes), np.float32)})
+    with pytest.raises(DataError, match="length"):
+        model.predict(test, pert_features={held[0]: np.ones(3, np.float32)})
+    (path / "pert_features.safetensors").unlink()
+    with pytest.raises(DataError, match="pert_features.safetensors"):
+        StateTransitionModel.load(path)
+    onehot = StateTransitionModel(
+        "tiny", pert_col="target_gene", cell_type_key="cell_type", control_pert="control",
+        model_kwargs=SMALL, cell_set_len=16, batch_size=4, max_steps=1, progress=False,
+        device="cpu").fit(train)
+    with pytest.raises(ConfigError, match="one-hot"):
+        onehot.predict(test, pert_features=given)
+
+
+def test_run_folder_and_checkpoints_carry_the_feature_table(synth, tmp_path):
+    """A run with feature vectors writes pert_features.safetensors (not JSON lists) and its
+    checkpoints carry the table as a tensor: load_run gives the same vectors back."""
+    import json
+
+    rng = np.random.default_rng(1)
+    feats = {p: rng.normal(size=5).astype(np.float32) for p in ("P0", "P1", "P2")}
+    model = small_model(max_steps=2, pert_features=feats).fit(synth, SPEC,
+                                                              output_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "pert_features.safetensors").is_file()
+    vocab = json.loads((tmp_path / "run" / "vocab.json").read_text())
+    assert set(vocab["pert_features"]) == {"shape", "sha256"}
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "final.ckpt", weights_only=True)
+    assert isinstance(ckpt["pert_features"], torch.Tensor)
+    again = StateTransitionModel.load_run(tmp_path / "run")
+    np.testing.assert_array_equal(again.vocab_.pert_features, model.vocab_.pert_features)

@@ -479,3 +479,26 @@ def test_read_depth_thinning_on_kang(kang_raw, kang_prep):
     for bad in (0, -1.0, float("nan"), "half", True):
         with pytest.raises(ConfigError, match="downsample=.*must be a number > 0"):
             check_read_depth(bad)
+
+
+def test_batch_pairing_with_many_small_batches_warns_about_padding():
+    """Many batches (gem groups) split the (cell type, perturbation) groups into a few cells
+    each under batch pairing, and sets become mostly redrawn copies: fit says so, and that
+    random pairing builds sets per (cell type, perturbation)."""
+    import warnings
+
+    from conftest import make_synthetic
+    from test_model import small_model
+
+    a = make_synthetic(n_cell_types=1, n_perts=2, n_cells=40, n_controls=60, batches=20)
+    with pytest.warns(UserWarning, match=r"padding .* batch pairing .*median of 2 cells for "
+                                         r"sets of 8.*basal_mapping_strategy='random'"):
+        small_model(batch_col="batch", max_steps=1).fit(a)
+    prepared = prepare(a, None, ColumnMap.build(pert_col="gene", control_pert="ctrl",
+                                                batch_col="batch"))
+    random = CellSetSampler(prepared.splits["train"], prepared.vocab, 8, 4)
+    by_batch = CellSetSampler(prepared.splits["train"], prepared.vocab, 8, 4, pairing="batch")
+    assert random.padding_fraction() < 0.2 < 0.5 < by_batch.padding_fraction()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small_model(batch_col="batch", basal_mapping_strategy="random", max_steps=1).fit(a)

@@ -683,3 +683,21 @@ def test_interrupt_in_the_last_step_lets_the_run_finish(synth, tmp_path, monkeyp
     assert m.history_["step"].max() == 4
     assert load_checkpoint_file(tmp_path / "checkpoints" / "final.ckpt")["train_state"][
         "step"] == 4
+
+
+def test_resume_with_another_number_of_processes_keeps_the_epoch_position(synth, tmp_path):
+    """A checkpoint records how many processes trained it; resuming with another number goes
+    on after the sets already trained (each rank's sets are every W-th of the epoch's order, so
+    W ranks at batch k have trained the first k·W batches) and says that the batch changed."""
+    full = small_model(max_steps=6).fit(synth, FEWSHOT, output_dir=tmp_path / "a")
+    small_model(max_steps=2).fit(synth, FEWSHOT, output_dir=tmp_path / "b")
+    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint_file(last)
+    assert ckpt["train_state"]["world_size"] == 1 and ckpt["train_state"]["batch_in_epoch"] == 2
+    ckpt["train_state"].update(world_size=2, batch_in_epoch=1)  # 2 ranks x 1 batch = 2 batches
+    torch.save(ckpt, last)
+    with pytest.warns(UserWarning, match=r"trained by 2 process\(es\), with 1.*8 -> 4 sets"):
+        part = small_model(max_steps=6).fit(synth, FEWSHOT, output_dir=tmp_path / "b",
+                                            resume_from=last)
+    wa, wb = weights(full), weights(part)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -45,6 +45,8 @@ def load(obj: ad.AnnData | str | Path, which: str) -> ad.AnnData:
         obj = obj.to_memory()
     if obj.X is None:
         raise DataError(f"{which} AnnData has no X matrix; store the log1p expression in .X")
+    if obj.n_obs == 0:
+        raise DataError(f"{which} AnnData has no cells (n_obs = 0)")
     if obj.X.dtype == np.float16:
         obj = obj.copy()
         obj.X = obj.X.astype(np.float32)

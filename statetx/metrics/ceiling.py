@@ -19,7 +19,7 @@ import pandas as pd
 
 from statetx._utils import atomic_write
 from statetx.errors import ConfigError
-from statetx.metrics._inputs import check_obs_col, load
+from statetx.metrics._inputs import check_obs_col, load, recorded_labels
 
 # metrics whose value is a correlation, to which Spearman–Brown applies
 RELIABILITY_METRICS = ("pearson_delta", "de_spearman_sig", "de_spearman_lfc_sig",
@@ -45,8 +45,8 @@ def split_halves(real: ad.AnnData, pert_col: str, celltype_col: str | None = Non
     return real[a].copy(), real[b].copy()
 
 
-def ceiling(adata_real: ad.AnnData | str | Path, pert_col: str = "target_gene",
-            control_pert: str = "non-targeting", celltype_col: str | None = None, *,
+def ceiling(adata_real: ad.AnnData | str | Path, pert_col: str | None = None,
+            control_pert: str | None = None, celltype_col: str | None = None, *,
             seed: int = 0, outdir: str | Path | None = None,
             **evaluate_options: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The metrics of real cells against real cells: ``(results, agg)``.
@@ -55,11 +55,14 @@ def ceiling(adata_real: ad.AnnData | str | Path, pert_col: str = "target_gene",
     ``agg``: one row (per cell type) with the Spearman–Brown-corrected mean of each
     correlation-type metric and NaN for the others. ``outdir`` receives
     ``ceiling_results.csv`` and ``agg_ceiling_results.csv``; ``evaluate_options`` go to
-    :func:`~statetx.metrics.evaluate` (profile, skip_metrics, ...).
+    :func:`~statetx.metrics.evaluate` (profile, skip_metrics, ...). ``pert_col`` /
+    ``control_pert`` default to those statetx recorded in the data (``predict_split``'s real
+    cells), else ``target_gene`` / ``non-targeting``.
     """
     from statetx.metrics.evaluate import evaluate
 
     real = load(adata_real, "real data")
+    pert_col, control_pert = recorded_labels(real, pert_col, control_pert)
     a, b = split_halves(real, pert_col, celltype_col, seed)
     results, _ = evaluate(a, b, pert_col=pert_col, control_pert=control_pert,
                           celltype_col=celltype_col, **evaluate_options)

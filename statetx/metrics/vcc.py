@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from statetx._utils import atomic_write, atomic_write_text, did_you_mean, file_sha256, preview
 from statetx.errors import ConfigError, DataError
-from statetx.metrics._inputs import check_obs_col, check_scale, load
+from statetx.metrics._inputs import check_obs_col, check_scale, load, recorded_labels
 from statetx.metrics.de import group_means
 
 BEST_ZERO = ("mse", "mae", "mse_delta", "mae_delta")
@@ -111,8 +111,8 @@ def score_agg(user_agg: pd.DataFrame | str | Path, base_agg: pd.DataFrame | str 
 def vcc_score(
     adata_pred: ad.AnnData | str | Path,
     adata_real: ad.AnnData | str | Path,
-    pert_col: str = "target_gene",
-    control_pert: str = "non-targeting",
+    pert_col: str | None = None,
+    control_pert: str | None = None,
     *,
     train: ad.AnnData | str | Path | None = None,
     profile: str = "vcc",
@@ -122,9 +122,13 @@ def vcc_score(
     """VCC score of a prediction: evaluate it and the cell-mean baseline (built from ``train``, or
     from the real data when absent, with the real cell counts and control cells), then normalise
     with :func:`score_agg`. Returns the score table (``metric``, ``from_baseline``); with ``outdir``
-    writes ``user/``, ``baseline/`` evaluation folders and ``score.csv``."""
+    writes ``user/``, ``baseline/`` evaluation folders and ``score.csv``. ``pert_col`` /
+    ``control_pert``: as in :func:`~statetx.metrics.evaluate` (default: those recorded by
+    statetx in the prediction, else ``target_gene`` / ``non-targeting``)."""
     from statetx.metrics.evaluate import evaluate
 
+    adata_pred = load(adata_pred, "pred")
+    pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
     discrete = bool(evaluate_kwargs.get("allow_discrete", False))
     real = check_scale(load(adata_real, "real"), "real", discrete)
     src = real if train is None else check_scale(load(train, "train"), "train", False)

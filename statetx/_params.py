@@ -1,0 +1,60 @@
+"""scikit-learn parameter handling with helpful errors (shared by the estimators)."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+from sklearn.base import BaseEstimator
+
+from statetx._utils import did_you_mean
+from statetx.errors import ConfigError
+
+
+class ParameterError(ConfigError, TypeError):
+    """An unknown keyword argument of an estimator (a TypeError, as Python's own)."""
+
+
+def _unknown(cls_name: str, keys: list[str], valid: list[str]) -> str:
+    listing = (f"Parameters: {', '.join(valid)}." if len(valid) <= 15
+               else f"help({cls_name}) lists its {len(valid)} parameters.")
+    return (f"{cls_name} has no parameter {', '.join(map(repr, keys))}."
+            f"{did_you_mean(keys[0], valid)} {listing}")
+
+
+class Estimator(BaseEstimator):
+    """``BaseEstimator`` whose constructor and ``set_params`` name a misspelled parameter with
+    a did-you-mean, and whose ``set_params`` sets one entry of a dict parameter with
+    ``name__key=value`` (e.g. ``model_kwargs__hidden_dim=64``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        names = [p for p in inspect.signature(init).parameters if p != "self"]
+
+        @functools.wraps(init)  # (the signature get_params reads stays the original's)
+        def checked(self, *args: Any, **params: Any) -> None:
+            unknown = [k for k in params if k not in names]
+            if unknown:
+                raise ParameterError(_unknown(type(self).__name__, unknown, names))
+            init(self, *args, **params)
+
+        cls.__init__ = checked
+
+    def set_params(self, **params: Any) -> Estimator:
+        valid = list(self.get_params(deep=False))
+        unknown = [k for k in params if k.split("__", 1)[0] not in valid]
+        if unknown:
+            raise ConfigError(_unknown(type(self).__name__, unknown, valid))
+        plain = {}
+        for key, value in params.items():
+            name, _, sub = key.partition("__")
+            current = getattr(self, name)
+            if sub and (current is None or isinstance(current, dict)):
+                setattr(self, name, {**(current or {}), sub: value})
+            else:
+                plain[key] = value
+        return super().set_params(**plain) if plain else self
