@@ -212,7 +212,8 @@ RESUMABLE_PARAMS = ("max_steps", "device", "compile", "compile_mode", "data_on_d
 # estimator parameters added after runs were first written, with their defaults (a record
 # without one was written with the default)
 LATER_PARAMS = {"drop_last": False, "exclude_self": False, "downsample_cells": None,
-                "gene_name_col": None, "counts_key": None, "downsample": None,
+                "gene_name_col": None, "counts_key": None, "allow_counts": False,
+                "downsample": None,
                 "pad_from": "group", "val_from_test": False, "additional_obs": None}
 
 

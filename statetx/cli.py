@@ -630,7 +630,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     if not main_rank:
         return EXIT_OK
-    R.finish_run(plan.run_dir, model, seconds)
+    R.finish_run(plan.run_dir, model, model.training_time_)  # (earlier segments included)
     hist = model.history_
     last = hist.iloc[-1].to_dict() if len(hist) else {}
     loss = {k: f"{v:.4g}" for k, v in last.items()

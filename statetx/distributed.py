@@ -173,7 +173,7 @@ def raise_together(error: Exception | None) -> None:
     """Data parallel, after a check each rank made of its own share: the error of the first
     rank that found one is raised by every rank (not by one, leaving the others to fail at
     their next collective); one process: ``error`` itself, if any."""
-    rank, size = world()
+    _, size = world()
     if size > 1:
         error = next((e for e in all_gather_objects(error) if e is not None), None)
     if error is not None:

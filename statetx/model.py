@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -137,6 +137,9 @@ class StateTransitionModel(Estimator):
         Where the gene-space target of a gene decoder comes from when the input is an
         embedding: an obsm key, or ``"X"`` (default None: ``obsm['X_hvg']`` for output space
         ``gene``, ``X`` for ``all``; arc-state hard-codes ``X_hvg``).
+    allow_counts
+        Output space ``all`` expects log1p-normalised X and refuses integer counts; True trains
+        on counts anyway (predictions are then on that scale).
     cell_set_len
         Cells per set (default: the preset's).
     batch_size, max_steps, lr
@@ -293,6 +296,7 @@ class StateTransitionModel(Estimator):
         output_space: str = "gene",
         gene_name_col: str | None = None,
         counts_key: str | None = None,
+        allow_counts: bool = False,
         model_kwargs: dict | None = None,
         cell_set_len: int | None = None,
         batch_size: int | None = None,
@@ -351,6 +355,7 @@ class StateTransitionModel(Estimator):
         self.output_space = output_space
         self.gene_name_col = gene_name_col
         self.counts_key = counts_key
+        self.allow_counts = allow_counts
         self.model_kwargs = model_kwargs
         self.cell_set_len = cell_set_len
         self.batch_size = batch_size
@@ -482,7 +487,7 @@ class StateTransitionModel(Estimator):
     def _data_options(self) -> dict[str, Any]:
         """How the split data are built (the same for fit, attach_data and tx split)."""
         return dict(heldout_controls_in_train=self.heldout_controls_in_train,
-                    counts_key=self.counts_key,
+                    counts_key=self.counts_key, allow_counts=bool(self.allow_counts),
                     on_missing_perturbation=self.on_missing_perturbation,
                     val_subsample_fraction=self.val_subsample_fraction,
                     drop_missing_labels=bool(self.drop_missing_labels),
@@ -533,7 +538,7 @@ class StateTransitionModel(Estimator):
         check_sampler_options("random", 1, 1, pad_from=self.pad_from)
         self._additional_obs()
         for name in ("drop_last", "exclude_self", "val_from_test", "yield_controls",
-                     "heldout_controls_in_train", "train_pert_skip", "progress"):
+                     "heldout_controls_in_train", "train_pert_skip", "progress", "allow_counts"):
             check_flag(name, getattr(self, name))
         # an embedding input reads X only as the gene-space targets of output 'all' (or of
         # 'gene' with counts_key='X')
@@ -757,7 +762,6 @@ class StateTransitionModel(Estimator):
                 print(f"statetx: training on {trainer.device}, " + (
                     "bf16 autocast (precision bf16-mixed)" if trainer.amp else
                     f"fp32 (matmul_precision {train_cfg.matmul_precision})"))
-            t0 = time.perf_counter()
             history = trainer.fit(resume_from=resume_from)
         except BaseException:
             for k in [k for k in vars(self) if k.endswith("_") or k == "_prepared"]:
@@ -771,7 +775,7 @@ class StateTransitionModel(Estimator):
                 restore_sigterm()
         if fresh:
             settle_aside(out, aside, True, existed)
-        self.training_time_ = time.perf_counter() - t0
+        self.training_time_ = trainer.elapsed()  # (a resumed run's earlier steps included)
         self.history_ = history_frame(history)
         self.device_ = trainer.device
         self.best_step_ = trainer.state.best_step
@@ -1835,6 +1839,11 @@ class StateTransitionModel(Estimator):
             net = state.pop("network_")
             state["_network_state"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         state.pop("device_", None)
+        feats, vocab = state.get("pert_features"), state.get("vocab_")
+        if (isinstance(feats, Mapping) and vocab is not None and vocab.pert_features is not None
+                and set(map(str, feats)) <= set(vocab.perturbations)):
+            # the vectors are rows of the vocabulary's table: pickled once, with their names
+            state["pert_features"] = _FeatureRows([str(n) for n in feats])
         return state
 
     def __deepcopy__(self, memo: dict) -> StateTransitionModel:
@@ -1843,6 +1852,10 @@ class StateTransitionModel(Estimator):
     def __setstate__(self, state: dict) -> None:
         weights = state.pop("_network_state", None)
         self.__dict__.update(state)
+        if isinstance(self.pert_features, _FeatureRows):
+            row = {n: i for i, n in enumerate(self.vocab_.perturbations)}
+            self.pert_features = {n: self.vocab_.pert_features[row[n]]
+                                  for n in self.pert_features.names}
         if weights is not None:
             net = StateTransitionNetwork.for_loading(self.network_config_)
             net.load_state_dict(weights)
@@ -1859,6 +1872,13 @@ class StateTransitionModel(Estimator):
         self._check_fitted()
         self.network_.to(resolve_device(device))
         return self
+
+
+@dataclass
+class _FeatureRows:
+    """A pickled model's ``pert_features`` dict: the names of its rows in ``vocab_``."""
+
+    names: list[str]
 
 
 def _warn_small_batch_groups(sampler: Any, strategy: str) -> None:

@@ -260,6 +260,8 @@ class Trainer:
         self.rank, self.world_size = world()
         self.on_first_checkpoint: Callable[[], None] | None = None  # e.g. drop a replaced run
         self._resume: tuple[str, dict] | None = None  # a checked checkpoint (check_resume)
+        # training seconds: those of the run before a resume, and this process's start
+        self._earlier, self._started = 0.0, time.perf_counter()
         self._ddp: torch.nn.Module | None = None  # the DDP wrapper, only while fit() runs
         self._ddp_forward: torch.nn.Module | None = None  # the same, compiled when asked
         self._frozen: list[torch.nn.Parameter] = []
@@ -567,6 +569,7 @@ class Trainer:
             "highest" if self._compile_loss else c.matmul_precision))
         if self.device.type == "cpu" and isinstance(self.train_sampler, CellSetSampler):
             scope.enter_context(retained_heap())  # in-memory data: no page faults per step
+        self._started = time.perf_counter()
         try:
             self._remove_stale_temporaries()
             if resume_from is not None:
@@ -854,7 +857,7 @@ class Trainer:
         state = {
             "state_dict": weights,
             "train_state": {**{k: v for k, v in asdict(st).items() if k != "history"},
-                            "world_size": self.world_size},
+                            "world_size": self.world_size, "seconds": self.elapsed()},
             "history": [{k: int(v) if k in ("step", "epoch") else float(v) if isinstance(
                 v, (int, float, np.floating)) else v for k, v in h.items()} for h in st.history],
             "train_config": asdict(self.cfg),
@@ -971,6 +974,7 @@ class Trainer:
         saved = dict(ckpt["train_state"])
         ranks = ckpt["rng"].get("ranks")  # (checkpoints before world_size was recorded)
         before = int(saved.pop("world_size", 0) or (len(ranks) if ranks else 1))
+        self._earlier = float(saved.pop("seconds", 0.0))
         self.state = TrainState(**saved, history=history)
         if before != self.world_size:
             self._rescale_position(path, before)
@@ -987,6 +991,10 @@ class Trainer:
                     torch.cuda.set_rng_state(mine["cuda"], self.device)
             elif self.rank > 0:  # saved by another world size: a fresh stream per rank
                 self._seed(rank_seed(self.cfg.seed, self.rank, self.state.step))
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, those before a resume included."""
+        return self._earlier + time.perf_counter() - self._started
 
     def _rescale_position(self, path: str | Path, before: int) -> None:
         """Resuming with another number of processes: the epoch goes on at the point the

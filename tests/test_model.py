@@ -228,9 +228,12 @@ def test_saved_model_keeps_feature_vectors_given_as_a_dict(fitted, tmp_path):
     feats = {p: rng.normal(size=6).astype(np.float32) for p in ("P0", "P1", "P2", "ctrl")}
     model = small_model(max_steps=2, pert_features=feats).fit(adata, SPEC)
     loaded = StateTransitionModel.load(model.save(tmp_path / "m"))
-    assert set(loaded.pert_features) == set(feats)
-    for name, vec in feats.items():
-        np.testing.assert_array_equal(loaded.pert_features[name], vec)
+    # (pickled, the dict is stored once, as names of the vocabulary's rows)
+    unpickled = pickle.loads(pickle.dumps(model))
+    for again in (loaded, unpickled):
+        assert set(again.pert_features) == set(feats)
+        for name, vec in feats.items():
+            np.testing.assert_array_equal(again.pert_features[name], vec)
     again = clone(loaded).fit(adata, SPEC)
     assert again.network_config_.pert_dim == 6
     a, b = model.network_.state_dict(), again.network_.state_dict()
@@ -391,8 +394,10 @@ def test_embedding_input_with_log1p_gene_output(synth_embedding):
     assert model.is_log1p_
     raw = synth_embedding.copy()
     raw.X = np.round(np.expm1(raw.X) * 40)
-    with pytest.raises(DataError, match=r"expects log1p-normalised X, but X of"):
+    with pytest.raises(DataError, match=r"expects log1p-normalised X, but X of.*allow_counts"):
         small_model(embed_key="X_pca", output_space="all", max_steps=2).fit(raw, SPEC)
+    counts = small_model(embed_key="X_pca", output_space="all", max_steps=2, allow_counts=True)
+    assert not counts.fit(raw, SPEC).is_log1p_  # (the override, data.md §2)
 
 
 def test_perturbations_without_training_cells_are_flagged(synth, tmp_path):

@@ -72,6 +72,9 @@ def test_resume_is_bit_identical(synth, tmp_path):
                           log_every_n_steps=2)
     wa, wb = weights(full), weights(part)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the training time counts the steps before the resume too (as the checkpoint records it)
+    before = load_checkpoint_file(tmp_path / "b" / "checkpoints" / "step=5.ckpt")
+    assert part.training_time_ > before["train_state"]["seconds"] > 0
     # metrics.csv: one column per value, and the resumed run's file is the full run's
     a, b = (pd.read_csv(tmp_path / r / "metrics.csv") for r in ("a", "b"))
     assert {"step", "epoch", "train_loss", "val_loss", "grad_norm", "lr"} <= set(a.columns)
