@@ -181,6 +181,11 @@ class _Baseline(Estimator):
         """Subclass hook: derive the baseline's parameters from ``means_`` / ``deltas_``."""
 
     # ------------------------------------------------------------------ predict hooks
+    def _knows(self, pert: str) -> bool:
+        """Whether a label without training cells has its own prediction rule (not a
+        fallback)."""
+        return False
+
     def _predict_group(self, cell_type: str, pert: str, basal: np.ndarray,
                        ctrl_mean: np.ndarray) -> np.ndarray:
         """Prediction ``[n, D]`` (or ``[D]``, broadcast) for the perturbed cells of one group."""
@@ -313,9 +318,13 @@ class _Baseline(Estimator):
                                           pool_mode == "all")
         batch = pairing_batches(adata, batch_col, pool_mode == "batch")
         model_pert = pert.copy()  # the label each cell is predicted as
-        encode_perturbations(pert[~is_ctrl], self.vocab_, unknown_perturbation)  # checks labels
+        # labels outside the training data that the baseline still has a rule for (a linear
+        # baseline's embedding table) are known; the others are checked
+        known = np.isin(pert, [*self.vocab_.perturbations, *filter(
+            self._knows, set(pert[~is_ctrl]) - set(self.vocab_.perturbations))])
+        encode_perturbations(pert[~is_ctrl & ~known], self.vocab_, unknown_perturbation)
         if unknown_perturbation == "control":
-            model_pert[~is_ctrl & ~np.isin(pert, self.vocab_.perturbations)] = c.control_pert
+            model_pert[~is_ctrl & ~known] = c.control_pert
         rows = np.arange(adata.n_obs)  # controls are copied either way (predict_controls)
         ctrl_rows = np.flatnonzero(is_ctrl)
         groups = [_Group(g.rows, g.rows, g.pool, g.ctx_pool, g.key[0],
@@ -643,6 +652,9 @@ class LinearBaseline(_Baseline):
             except ValueError:
                 return None
         return self.pert_vectors_.get(pert)
+
+    def _knows(self, pert: str) -> bool:
+        return self._vector(pert) is not None
 
     def _check_perturbations(self, perts: set[str]) -> list[str]:
         missing = sorted(p for p in perts if p != self.vocab_.control_pert

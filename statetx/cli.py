@@ -61,6 +61,13 @@ def _flag(p: argparse.ArgumentParser, *names: str, **kw: Any) -> argparse.Action
     return p.add_argument(*spellings, **kw)
 
 
+def _pert_features_flag(p: argparse.ArgumentParser) -> None:
+    _flag(p, "--pert-features", metavar="FILE",
+          help="models trained with perturbation features: vectors for perturbations without "
+          "training cells (e.g. unseen genes), as a .pt / .safetensors / .npz / .csv table "
+          "name -> vector")
+
+
 def _matmul_flag(p: argparse.ArgumentParser) -> None:
     _flag(p, "--matmul-precision", default="highest", metavar="{highest,high,medium}",
           help="fp32 matrix products of the network: highest (default, full fp32), high, medium "
@@ -203,6 +210,7 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _flag(pr, "--num-threads", type=int, default=None,
           help="DE threads (default: the CPUs available to the process)")
     _flag(pr, "--data-root", metavar="DIR", help="directory that now holds the run's data files")
+    _pert_features_flag(pr)
     pr.add_argument("--seed", type=int, default=None,
                     help="seed of the control draws (default: the run's training seed)")
     _matmul_flag(pr)
@@ -248,10 +256,7 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _flag(inf, "--unknown-perturbation", default="error", choices=["error", "control", "zeros"],
           help="perturbations the model was not trained on: an error listing them (default), "
           "predicted as the control, or as a perturbation vector of zeros")
-    _flag(inf, "--pert-features", metavar="FILE",
-          help="models trained with perturbation features: vectors for perturbations without "
-          "training cells (e.g. unseen genes), as a .pt / .safetensors / .npz / .csv table "
-          "name -> vector")
+    _pert_features_flag(inf)
     _flag(inf, "--unknown-batch", default="error", choices=["error", "first", "mean"],
           help="batches unknown to a model with a batch encoder: an error (default), the first "
           "training batch, or the mean batch embedding")
@@ -758,7 +763,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
              "control cells (Adam, lr 1e-5)")
         model.finetune_on_controls(a.test_time_finetune, split, seed=a.seed)
     pred, real = model.predict_split(split, seed=a.seed, matmul_precision=a.matmul_precision,
-                                     pseudobulk=a.pseudobulk)
+                                     pseudobulk=a.pseudobulk, pert_features=a.pert_features)
     if a.shared_only:
         pred, real = _shared_only(model, prepared, split, pred, real)
     ck = getattr(model, "checkpoint_path_", None)

@@ -833,25 +833,35 @@ class StateTransitionModel(Estimator):
             trained = [n for n, row in zip(v.perturbations, v.pert_features) if row.any()]
         vocab, given = self.vocab_.with_vectors(feats, fixed=[*trained, self.vocab_.control_pert])
         if given:
-            print(f"statetx: vectors from pert_features= for {len(given)} perturbation(s) "
-                  f"without training cells: {preview(given)}")
+            print(f"statetx: feature vectors given for {len(given)} perturbation(s) without "
+                  f"training cells: {preview(given)}")
         return vocab
 
-    def _warn_untrained(self, codes: np.ndarray, where: str) -> None:
-        """Warn about perturbations (vocabulary codes) that had no training cells: with one-hot
-        perturbations their embedding was never trained."""
+    def _warn_untrained(self, codes: np.ndarray, where: str, vocab: Vocab | None = None) -> None:
+        """Warn about perturbations (codes of ``vocab``, default the model's) that had no
+        training cells: with one-hot perturbations their embedding was never trained; with
+        features, those whose vector is zeros (none given) are predicted as the control."""
         trained = getattr(self, "trained_perturbations_", None)
-        if trained is None or self.vocab_.pert_features is not None:
+        v = vocab or self.vocab_
+        if trained is None:
             return
-        names = np.asarray(self.vocab_.perturbations, dtype=object)[np.unique(codes[codes >= 0])]
-        new = sorted(set(names) - set(trained) - {self.vocab_.control_pert})
-        if new:
-            warnings.warn(
-                f"{len(new)} perturbation(s) of the {where} had no training cells: "
-                f"{preview(new)}. Their one-hot embedding was never trained, so their predictions "
-                "carry no effect learned for them. Perturbation features (pert_features=..., "
-                "e.g. gene embeddings) let a model predict unseen perturbations.",
-                UserWarning, stacklevel=3)
+        seen = np.unique(codes[codes >= 0])
+        names = np.asarray(v.perturbations, dtype=object)[seen]
+        if v.pert_features is not None:  # (zero vectors: what a missing feature vector gets)
+            names = names[~v.pert_features[seen].any(axis=1)]
+        new = sorted(set(names) - set(trained) - {v.control_pert})
+        if not new:
+            return
+        if v.pert_features is None:
+            why = ("Their one-hot embedding was never trained, so their predictions carry no "
+                   "effect learned for them. Perturbation features (pert_features=..., e.g. gene "
+                   "embeddings) let a model predict unseen perturbations.")
+        else:
+            why = ("They have no feature vector (zeros, as the control's), so they are "
+                   "predicted as the control. Give their vectors with pert_features=... "
+                   "(tx predict / tx infer --pert-features).")
+        warnings.warn(f"{len(new)} perturbation(s) of the {where} had no training cells: "
+                      f"{preview(new)}. {why}", UserWarning, stacklevel=3)
 
     def _set_fitted(self, network, net_cfg, vocab, prepared: PreparedData, set_len: int) -> None:
         self.network_ = network
@@ -1139,7 +1149,7 @@ class StateTransitionModel(Estimator):
         pcode = np.full(len(pert), -1, dtype=np.int64)  # (copied controls need no codes)
         bcode = np.zeros(len(pert), dtype=np.int64)
         pcode[~as_is] = encode_perturbations(pert[~as_is], vocab, unknown_perturbation)
-        self._warn_untrained(pcode, "input")
+        self._warn_untrained(pcode, "input", vocab)
         if self.network_config_.batch_encoder:
             bcode[~as_is] = encode_batches(batch[~as_is], self.vocab_, unknown_batch)
         ctrl_rows = np.flatnonzero(is_ctrl)
@@ -1377,8 +1387,9 @@ class StateTransitionModel(Estimator):
 
     def predict_split(self, split: str = "test", *, seed: int | None = None, clip: Any = "auto",
                       windows: str = "balanced", controls: str = "predicted",
-                      matmul_precision: str = "highest",
-                      pseudobulk: bool = False) -> tuple[ad.AnnData, ad.AnnData]:
+                      matmul_precision: str = "highest", pseudobulk: bool = False,
+                      pert_features: str | Path | Mapping[str, Any] | None = None,
+                      ) -> tuple[ad.AnnData, ad.AnnData]:
         """Predict the held-out cells of a split of the fitted spec: ``(adata_pred, adata_real)``.
 
         Same cells in the same order in both, named by their own barcodes (made unique across
@@ -1404,7 +1415,9 @@ class StateTransitionModel(Estimator):
         pseudobulks (``pearson_delta``, ``mse``, ``mae``, the discrimination scores, …) are the
         same on these rows as on the cells of a log1p model; DE needs the cells.
 
-        ``seed``, ``clip`` and ``windows`` as in :meth:`predict`.
+        ``seed``, ``clip``, ``windows`` and ``pert_features`` (vectors for the split's
+        perturbations without training cells, e.g. held out with no row in the training
+        feature table) as in :meth:`predict`.
         """
         check_matmul_precision(matmul_precision)
         seed = self._seed(seed)
@@ -1420,11 +1433,12 @@ class StateTransitionModel(Estimator):
                                     "batch" if self._pairing() == "batch" else "cell_type")
         groups = [Group(rows, g.pool, int(g.key[1]), d.batch[g.rows], key)
                   for rows, g, key in cells]
-        self._warn_untrained(d.pert[order], f"{split} split")
+        vocab = self._vocab_with(pert_features)  # (new names are appended: codes unchanged)
+        self._warn_untrained(d.pert[order], f"{split} split", vocab)
         v, c = prepared.vocab, self.columns_  # (cell types and batches may be new to the model)
         datasets = split_datasets(prepared, d, order,
                                   np.asarray(v.cell_types, dtype=object)[d.cell_type[order]])
-        run = partial(run_groups, self.network_, d.X, groups, self.vocab_.pert_matrix(),
+        run = partial(run_groups, self.network_, d.X, groups, vocab.pert_matrix(),
                       len(order), set_len=self.cell_set_len_, seed=seed, window_mode=windows,
                       device=next(self.network_.parameters()).device,
                       matmul_precision=matmul_precision)
@@ -1579,6 +1593,8 @@ class StateTransitionModel(Estimator):
         # the weights-only unpickler, which refuses NumPy scalars
         if not isinstance(params.get("pert_features"), (str, Path, type(None))):
             params["pert_features"] = None  # vectors are stored in the vocabulary
+        elif params.get("pert_features") is not None:  # (a clone of a loaded model finds it)
+            params["pert_features"] = str(Path(params["pert_features"]).absolute())
         params = json.loads(json.dumps(params, default=json_default))
         return {
             "format_version": FORMAT_VERSION,

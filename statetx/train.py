@@ -207,7 +207,9 @@ def start_at_mean_response(network: StateTransitionNetwork, train: SplitData | S
         if vocab.pert_features is None:  # one-hot: the rows themselves (lstsq's min-norm answer)
             return np.where(observed[:, None], target, 0.0)
         feats = vocab.pert_matrix().astype(np.float64)[observed]
-        return np.linalg.lstsq(feats, target[observed], rcond=None)[0]
+        # truncated at 1e-6 of the largest singular value: an ill-conditioned table (e.g. more
+        # feature dimensions than trained perturbations) would otherwise give huge weights
+        return np.linalg.lstsq(feats, target[observed], rcond=1e-6)[0]
 
     with torch.no_grad():
         network.pert_bias.weight.copy_(torch.from_numpy(solve(shift).T))  # [D, P]

@@ -215,9 +215,13 @@ def test_linear_gene_embedding_predicts_unseen_gene_perturbations():
     assert m.embedding_source_ == "genes" and m.gene_embedding_.shape[0] == a.n_vars
     sub = a[a.obs["cell_type"] == "CT2"].copy()
     sub.obs["gene"] = sub.obs["gene"].replace({"G3": "G5"})  # G5 was never perturbed
-    pred = m.predict(sub, unknown_perturbation="zeros")
+    pred = m.predict(sub)  # G5 has a vector (its gene's row): no unknown_perturbation needed
     rows = (sub.obs["gene"] == "G5").to_numpy()
-    assert np.isfinite(pred.X[rows]).all()
+    basal = np.asarray(sub[pred.obs["statetx_ctrl_barcode"][rows]].X)
+    np.testing.assert_allclose(pred.X[rows], np.clip(basal + m.delta("G5"), 0, 14), atol=1e-5)
+    with pytest.raises(DataError, match="NOPE"):  # a label without any vector still is checked
+        m.predict(sub.obs.assign(gene=sub.obs["gene"].replace({"G5": "NOPE"})).pipe(
+            lambda o: ad.AnnData(sub.X, obs=o, var=sub.var)))
     # one-hot vectors never cover an unseen perturbation: the average delta, said (as
     # on_missing="mean"), not an error that stops a loop over the baselines
     onehot = LinearBaseline(pert_embedding="onehot", **SYN).fit(a, SPEC)
