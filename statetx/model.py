@@ -676,6 +676,14 @@ class StateTransitionModel(Estimator):
         network = StateTransitionNetwork(net_cfg)
         if verbose:
             print(describe(net_cfg, network))
+        n_params = network.num_parameters()
+        if n_params > 1000 * n_train and preset not in ("tiny", "small") and rank == 0:
+            warnings.warn(
+                f"the {preset!r} network has {n_params / 1e6:.1f}M parameters for {n_train:,} "
+                f"training cells: on data this size it trains slowly and tends to do no better "
+                "than the baselines. preset='small' (model=small), what preset='auto' picks "
+                f"below {AUTO_SMALL_MAX_CELLS:,} training cells, is made for it.", UserWarning,
+                stacklevel=3)
         if prepared.gene_dim and network.gene_decoder is None and rank == 0:
             warnings.warn(
                 f"output_space={columns.output_space!r} asks for gene-space predictions, but "
@@ -726,8 +734,8 @@ class StateTransitionModel(Estimator):
                   + (", and there is none" if self.val_from_test else "") + ").")
         if stream is not None and verbose:
             print(f"statetx: {samplers['train'].describe()}")
-        elif self._pairing() == "batch" and rank == 0:
-            _warn_small_batch_groups(samplers["train"], self.basal_mapping_strategy)
+        elif rank == 0:
+            _warn_padding(samplers["train"], self._pairing(), self.basal_mapping_strategy)
         previous = {k: v for k, v in vars(self).items() if k.endswith("_") or k == "_prepared"}
         # a fresh run (not resumed; the CLI prepares its own folder) starts in an empty folder;
         # an earlier run there is set aside until this one has written a checkpoint
@@ -1897,21 +1905,27 @@ class _FeatureRows:
     names: list[str]
 
 
-def _warn_small_batch_groups(sampler: Any, strategy: str) -> None:
-    """Batch pairing builds sets per (cell type, batch, perturbation): with many batches (e.g.
-    gem groups) those groups can be a few cells, and their sets mostly resampled copies."""
+def _warn_padding(sampler: Any, pairing: str, strategy: str) -> None:
+    """Most set positions padding: the groups are small for the set length (a large preset on
+    small data, or batch pairing splitting the groups by batch, e.g. gem groups)."""
     pad = sampler.padding_fraction()
     if pad <= 0.5:
         return
     sizes = np.array([len(g) for g in sampler.groups])
+    what = ("(cell type, batch, perturbation)" if pairing == "batch"
+            else "(cell type, perturbation)")
+    advice = ("a smaller cell_set_len (model.kwargs.cell_set_len), or a preset made for data "
+              "this size (preset='small' / model=small)")
+    if pairing == "batch":
+        advice = (f"basal_mapping_strategy='random' (batch pairing is "
+                  f"{'the default with a batch_col' if strategy == 'auto' else 'chosen'}; "
+                  "random builds sets per (cell type, perturbation), with controls from the "
+                  "whole cell type), or " + advice)
     warnings.warn(
-        f"{100 * pad:.0f}% of the training set positions are padding (cells drawn again): with "
-        f"batch pairing ({'the default with a batch_col' if strategy == 'auto' else strategy!r})"
-        f" sets are built per (cell type, batch, perturbation), and these {len(sizes):,} groups "
-        f"hold a median of {np.median(sizes):g} cells for sets of {sampler.S}. "
-        "basal_mapping_strategy='random' builds sets per (cell type, perturbation) (controls "
-        "from the whole cell type); a smaller cell_set_len also helps.", UserWarning,
-        stacklevel=3)
+        f"{100 * pad:.0f}% of the training set positions are padding (cells drawn again): "
+        f"sets are built per {what} group, and the {len(sizes):,} groups hold a median of "
+        f"{np.median(sizes):g} cells for sets of {sampler.S}. Consider {advice}.",
+        UserWarning, stacklevel=3)
 
 
 def _say_new_contexts(ctx: np.ndarray, trained: Sequence[str]) -> None:

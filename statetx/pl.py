@@ -289,7 +289,7 @@ def history(
 def top_genes(
     adata_pred: ad.AnnData,
     adata_real: ad.AnnData,
-    perturbation: str,
+    perturbation: str | None = None,
     pert_col: str | None = None,
     control_pert: str | None = None,
     n_genes: int = 20,
@@ -297,13 +297,16 @@ def top_genes(
     *,
     celltype_col: str | bool | None = None,
     cell_type: str | None = None,
+    gene_symbols: str | None = None,
 ) -> Axes:
     """Paired horizontal bars of the real and predicted pseudobulk delta (mean log1p − own control
     mean) of one perturbation, for the ``n_genes`` genes with the largest |real delta| (largest
     at the top); the title gives the Pearson r of the two deltas over all genes. ``pert_col``,
     ``control_pert`` and ``celltype_col`` as in :func:`delta_scatter`; a perturbation in several
-    cell types shows the mean of its per-cell-type deltas, or those of ``cell_type``. Returns the
-    Axes.
+    cell types shows the mean of its per-cell-type deltas, or those of ``cell_type``.
+    ``perturbation`` may be left out when the data hold one. ``gene_symbols``: a var column of
+    ``adata_real`` to label the genes by (e.g. symbols next to Ensembl IDs), as in scanpy.
+    Returns the Axes.
     """
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
     if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)) or n_genes < 1:
@@ -314,7 +317,14 @@ def top_genes(
     pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
                             celltype_col=ct_col, shared_only=True)
     avail = sorted(set(real.obs[pert_col].astype(str)) - {control_pert})
-    perturbation = str(perturbation)
+    if perturbation is None and len(avail) != 1:
+        raise ConfigError(f"the data hold {len(avail)} perturbations: name one "
+                          f"(perturbation=...). Available: {preview(avail)}")
+    perturbation = avail[0] if perturbation is None else str(perturbation)
+    if gene_symbols is not None and gene_symbols not in real.var.columns:
+        raise DataError(f"gene_symbols={gene_symbols!r} is not a var column of the real data "
+                        f"(columns: {preview(real.var.columns)})."
+                        f"{did_you_mean(gene_symbols, real.var.columns)}")
     if perturbation not in avail:
         raise DataError(f"perturbation {perturbation!r} not found in obs[{pert_col!r}] of both "
                         f"files.{did_you_mean(perturbation, avail)} Available: {preview(avail)}")
@@ -329,7 +339,8 @@ def top_genes(
     dr = _deltas(real, pert_col, control_pert, series, ct_col, "real").mean(0)
     r = np.corrcoef(dr, dp)[0, 1] if dr.std() > 0 and dp.std() > 0 else np.nan
     top = np.argsort(-np.abs(dr), kind="stable")[:int(n_genes)]
-    genes = real.var_names.astype(str).to_numpy()[top]
+    names = real.var_names if gene_symbols is None else real.var[gene_symbols]
+    genes = names.astype(str).to_numpy()[top]
     y = np.arange(top.size)
     h = 0.4
     ax = _axes(ax, (5.0, max(2.5, 0.28 * top.size + 1.0)))

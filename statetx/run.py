@@ -675,6 +675,14 @@ def _check_values(res: Resolved) -> None:
         raise ConfigError(f"model={name} is not a known preset; available: "
                           f"{', '.join(PRESET_NAMES)} (optionally with @0.11.1)."
                           f"{_close(name, PRESET_NAMES)}")
+    recipe = ("training.lr", "training.batch_size", "training.max_steps")
+    if base_name in ("small", "tiny") and not any(k in res.given for k in recipe):
+        res.notices.append(
+            f"model={base_name} trains with the command line's recipe (lr "
+            f"{v['training.lr']:g}, batch {v['training.batch_size']}, "
+            f"{v['training.max_steps']:,} steps); Python's preset='{base_name}' uses lr 1e-3, "
+            "batch 8 and ~100 passes over the training cells (300-3,000 steps): add "
+            "training.lr=1e-3 training.batch_size=8 training.max_steps=N to train as it does.")
     if v["use_wandb"]:
         raise ConfigError("use_wandb=true (or training.wandb_track=true): Weights & Biases "
                           "logging is not implemented in statetx; metrics are written to "

@@ -485,6 +485,15 @@ def test_dry_run_and_split(data, tmp_path, capsys):
     # a dry run checks the options the real run would refuse
     assert main(train_args(data, tmp_path, "dry", "dry_run=true", "training.batch_size=0")) == 2
     assert "batch_size=0" in capsys.readouterr().err
+    # statetx's small preset on the command line keeps the command line's recipe: said, unless
+    # the recipe is given
+    small = [a for a in train_args(data, tmp_path, "dry", "dry_run=true", "model=small")
+             if a not in ("model=state_sm", "training.max_steps=4", "training.batch_size=4")]
+    assert main(small) == 0
+    assert "model=small trains with the command line's recipe (lr 0.0001, batch 16, " \
+        "40,000 steps)" in capsys.readouterr().out
+    assert main([*small, "training.lr=1e-3"]) == 0
+    assert "recipe" not in capsys.readouterr().out
     assert main(["tx", "split", "--toml", str(data / "split.toml"), "--control-pert", "ctrl"]) == 0
     assert "test" in capsys.readouterr().out
     assert main(["split", "--toml", str(data / "nope.toml")]) == 2

@@ -193,6 +193,16 @@ def test_top_genes_bars_are_the_top_real_deltas(pair):
         pl.top_genes(pred, real, "G0001")
     with pytest.raises(ConfigError, match="n_genes"):
         pl.top_genes(pred, real, "G001", n_genes=0)
+    # genes labelled by a var column (symbols next to Ensembl IDs); one perturbation: implied
+    real.var["symbol"] = [f"SYM{i}" for i in range(real.n_vars)]
+    ax = pl.top_genes(pred, real, "G001", n_genes=8, gene_symbols="symbol")
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"SYM{i}" for i in top]
+    with pytest.raises(DataError, match="gene_symbols='sym'.*Did you mean.*symbol"):
+        pl.top_genes(pred, real, "G001", gene_symbols="sym")
+    with pytest.raises(ConfigError, match="name one"):
+        pl.top_genes(pred, real)
+    one = [a[a.obs["target_gene"].isin(["G001", "non-targeting"])].copy() for a in (pred, real)]
+    assert "G001" in pl.top_genes(*one).get_title()
     plt.close("all")
 
 

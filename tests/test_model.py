@@ -1264,3 +1264,21 @@ def test_held_out_perturbations_get_their_vectors_in_predict_split(perturbench):
     rows = zero.obs["target_gene"].isin(held).to_numpy()
     assert not np.allclose(zero.X[rows], given.X[rows])
     np.testing.assert_array_equal(zero.X[~rows], given.X[~rows])  # the others are unchanged
+
+
+def test_a_network_far_too_large_for_the_data_is_flagged(zhao_raw):
+    """Zhao (5,000 cells) with the reference's state_sm preset: 32M parameters, warned about
+    (the tutorial's command line picks such presets); the small preset is not."""
+    import scanpy as sc
+
+    a = zhao_raw.copy()
+    sc.pp.normalize_total(a)
+    sc.pp.log1p(a)
+    opts = dict(pert_col="target_gene", cell_type_key="cell_type", control_pert="DMSO",
+                max_steps=1, batch_size=2, cell_set_len=16, progress=False, device="cpu")
+    with pytest.warns(UserWarning, match=r"'state_sm' network has 3\d\.\dM parameters for "
+                                         r"5,000 training cells.*preset='small'"):
+        StateTransitionModel("state_sm", **opts).fit(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        StateTransitionModel("small", **opts).fit(a)

@@ -491,7 +491,7 @@ def test_batch_pairing_with_many_small_batches_warns_about_padding():
     from test_model import small_model
 
     a = make_synthetic(n_cell_types=1, n_perts=2, n_cells=40, n_controls=60, batches=20)
-    with pytest.warns(UserWarning, match=r"padding .* batch pairing .*median of 2 cells for "
+    with pytest.warns(UserWarning, match=r"padding .*median of 2 cells for "
                                          r"sets of 8.*basal_mapping_strategy='random'"):
         small_model(batch_col="batch", max_steps=1).fit(a)
     prepared = prepare(a, None, ColumnMap.build(pert_col="gene", control_pert="ctrl",
