@@ -93,14 +93,14 @@ def temporaries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp" in p.name)
 
 
-# =============================================================================================
-# atomic writes
-
-
-
 def loop_state(ckpt: dict) -> dict:
     """A checkpoint's training position (its wall-clock seconds left out)."""
     return {k: v for k, v in ckpt["train_state"].items() if k != "seconds"}
+
+
+# =============================================================================================
+# atomic writes
+
 
 def test_atomic_torch_save_failure_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
