@@ -33,7 +33,10 @@ class Estimator(BaseEstimator):
         init = cls.__dict__.get("__init__")
         if init is None:
             return
-        names = [p for p in inspect.signature(init).parameters if p != "self"]
+        params = inspect.signature(init).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return  # (**kwargs passed on: the parent's constructor checks them)
+        names = [p for p in params if p != "self"]
 
         @functools.wraps(init)  # (the signature get_params reads stays the original's)
         def checked(self, *args: Any, **params: Any) -> None:
@@ -49,12 +52,17 @@ class Estimator(BaseEstimator):
         unknown = [k for k in params if k.split("__", 1)[0] not in valid]
         if unknown:
             raise ConfigError(_unknown(type(self).__name__, unknown, valid))
-        plain = {}
+        plain = {k: v for k, v in params.items() if "__" not in k}
+        if plain:  # (whole values first, then single entries on top, as scikit-learn)
+            super().set_params(**plain)
         for key, value in params.items():
-            name, _, sub = key.partition("__")
+            name, _, entry = key.partition("__")
+            if not entry:
+                continue
             current = getattr(self, name)
-            if sub and (current is None or isinstance(current, dict)):
-                setattr(self, name, {**(current or {}), sub: value})
-            else:
-                plain[key] = value
-        return super().set_params(**plain) if plain else self
+            if not (isinstance(current, dict) or (current is None and name.endswith("kwargs"))):
+                raise ConfigError(f"{key}=...: name__key sets one entry of a dict parameter "
+                                  f"(e.g. model_kwargs__hidden_dim=64); {name} is "
+                                  f"{type(current).__name__}, not a dict.")
+            setattr(self, name, {**(current or {}), entry: value})
+        return self

@@ -217,11 +217,31 @@ LATER_PARAMS = {"drop_last": False, "exclude_self": False, "downsample_cells": N
                 "pad_from": "group", "val_from_test": False, "additional_obs": None}
 
 
+def features_digest(table: np.ndarray) -> str:
+    """SHA-256 of a perturbation feature table's float32 values (and shape)."""
+    a = np.ascontiguousarray(table, dtype=np.float32)
+    return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+def comparable(meta: dict) -> dict:
+    """A model metadata record as resumes compare it: its parameters with the later-added
+    ones filled in and a feature file's path made absolute, and a feature table named by shape
+    and digest (records before statetx format 2 hold the vectors as lists)."""
+    params = {**LATER_PARAMS, **(meta.get("params") or {})}
+    if isinstance(params.get("pert_features"), str):
+        params["pert_features"] = str(Path(params["pert_features"]).absolute())
+    vocab = meta.get("vocab")
+    if isinstance(vocab, dict) and isinstance(vocab.get("pert_features"), list):
+        table = np.asarray(vocab["pert_features"], dtype=np.float32)
+        vocab = {**vocab, "pert_features": {"shape": list(table.shape),
+                                            "sha256": features_digest(table)}}
+    return {**meta, "params": params, "vocab": vocab}
+
+
 def changed_params(before: dict, after: dict) -> list[str]:
     """``name: old -> new`` for the estimator settings that differ between two model metadata
     records (those a resume may change freely left out)."""
-    a = {**LATER_PARAMS, **(before.get("params") or {})}
-    b = {**LATER_PARAMS, **(after.get("params") or {})}
+    a, b = comparable(before)["params"], comparable(after)["params"]
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if k not in RESUMABLE_PARAMS and a.get(k) != b.get(k)]
 
@@ -253,8 +273,8 @@ def same_run(mine: dict, theirs: dict) -> bool:
     describe the same run: settings (those a resume may change aside), network, vocabulary
     and genes."""
     def key(m: dict) -> list:
-        params = {**LATER_PARAMS, **(m.get("params") or {})}
-        params = {k: v for k, v in params.items() if k not in RESUMABLE_PARAMS}
+        m = comparable(m)
+        params = {k: v for k, v in m["params"].items() if k not in RESUMABLE_PARAMS}
         return [params, m.get("network_config"), m.get("vocab"), m.get("var_names")]
 
     return key(mine) == key(theirs)

@@ -302,7 +302,8 @@ UNASSIGNED_LABELS = frozenset({"unassigned", "multiplet", "multiplets", "doublet
                                "nan", "none", "na", "n/a", "unknown", "undetermined", ""})
 
 
-def warn_training_scale(prepared: PreparedData, model: str = "the model") -> None:
+def warn_training_scale(prepared: PreparedData, model: str = "the model",
+                        stacklevel: int = 3) -> None:
     """Warn when expression input does not look log1p-normalised (it is used as given)."""
     embed_key = prepared.columns.embed_key
     if prepared.is_log1p or embed_key not in (None, "X_hvg"):
@@ -313,7 +314,7 @@ def warn_training_scale(prepared: PreparedData, model: str = "the model") -> Non
         f"negative values, or values of 15 and more): {model} trains on it as given and "
         "predicts on that scale. ST and its baselines are usually compared on log1p-normalised "
         "expression (statetx.pp.preprocess_train, or scanpy normalize_total + log1p).",
-        UserWarning, stacklevel=3)
+        UserWarning, stacklevel=stacklevel)
 
 
 def _warn_unassigned_labels(files: list[DataFile], pert_col: str, control: str) -> None:

@@ -284,6 +284,8 @@ class StateTransitionModel(Estimator):
         The run folder (``output_dir``, or the run a model was loaded from).
     """
 
+    _fine_tunes = False  # (a subclass starting from trained weights: no size advice)
+
     def __init__(
         self,
         preset: str = "auto",
@@ -664,7 +666,7 @@ class StateTransitionModel(Estimator):
         rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
         verbose = self.progress and rank == 0
         if rank == 0:
-            warn_training_scale(prepared)
+            warn_training_scale(prepared, stacklevel=4)
         if verbose:
             print(f"statetx: preset {preset!r}, batch_size {settings['batch_size']}, max_steps "
                   f"{settings['max_steps']}, lr {settings['lr']:g} ({n_train:,} training cells"
@@ -677,7 +679,8 @@ class StateTransitionModel(Estimator):
         if verbose:
             print(describe(net_cfg, network))
         n_params = network.num_parameters()
-        if n_params > 1000 * n_train and preset not in ("tiny", "small") and rank == 0:
+        if (n_params > 1000 * n_train and preset.split("@")[0] not in ("tiny", "small")
+                and not self._fine_tunes and rank == 0):
             warnings.warn(
                 f"the {preset!r} network has {n_params / 1e6:.1f}M parameters for {n_train:,} "
                 f"training cells: on data this size it trains slowly and tends to do no better "
@@ -732,8 +735,9 @@ class StateTransitionModel(Estimator):
             print("statetx: no validation split: validation is skipped and no best checkpoint is "
                   "written (the test split is never used for validation"
                   + (", and there is none" if self.val_from_test else "") + ").")
-        if stream is not None and verbose:
-            print(f"statetx: {samplers['train'].describe()}")
+        if stream is not None:  # (the streaming sampler warns about its own padding)
+            if verbose:
+                print(f"statetx: {samplers['train'].describe()}")
         elif rank == 0:
             _warn_padding(samplers["train"], self._pairing(), self.basal_mapping_strategy)
         previous = {k: v for k, v in vars(self).items() if k.endswith("_") or k == "_prepared"}
@@ -865,8 +869,8 @@ class StateTransitionModel(Estimator):
                    "effect learned for them. Perturbation features (pert_features=..., e.g. gene "
                    "embeddings) let a model predict unseen perturbations.")
         else:
-            why = ("They have no feature vector (zeros, as the control's), so they are "
-                   "predicted as the control. Give their vectors with pert_features=... "
+            why = ("They have no feature vector (zero vectors), so the network sees no "
+                   "perturbation for them. Give their vectors with pert_features=... "
                    "(tx predict / tx infer --pert-features).")
         warnings.warn(f"{len(new)} perturbation(s) of the {where} had no training cells: "
                       f"{preview(new)}. {why}", UserWarning, stacklevel=3)
@@ -1864,10 +1868,13 @@ class StateTransitionModel(Estimator):
             state["_network_state"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         state.pop("device_", None)
         feats, vocab = state.get("pert_features"), state.get("vocab_")
-        if (isinstance(feats, Mapping) and vocab is not None and vocab.pert_features is not None
-                and set(map(str, feats)) <= set(vocab.perturbations)):
-            # the vectors are rows of the vocabulary's table: pickled once, with their names
-            state["pert_features"] = _FeatureRows([str(n) for n in feats])
+        if isinstance(feats, Mapping) and vocab is not None and vocab.pert_features is not None:
+            row = {n: i for i, n in enumerate(vocab.perturbations)}
+            if all(str(n) in row and np.array_equal(
+                    np.asarray(v, dtype=np.float32).reshape(-1),
+                    vocab.pert_features[row[str(n)]]) for n, v in feats.items()):
+                # the vectors are rows of the vocabulary's table: pickled once, by name
+                state["pert_features"] = _FeatureRows([str(n) for n in feats])
         return state
 
     def __deepcopy__(self, memo: dict) -> StateTransitionModel:

@@ -114,7 +114,7 @@ def _row_totals(m: Matrix) -> np.ndarray:
     """Per-row sums in float64 (same result for dense and sparse input)."""
     if sp.issparse(m):
         return np.asarray(m.sum(axis=1, dtype=np.float64)).ravel()
-    return np.asarray(m, dtype=np.float64).sum(axis=1)
+    return np.asarray(m).sum(axis=1, dtype=np.float64)  # (no float64 copy of the matrix)
 
 
 def normalize_log1p(m: Matrix, target_sum: float | None = None) -> tuple[Matrix, float]:

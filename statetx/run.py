@@ -676,7 +676,7 @@ def _check_values(res: Resolved) -> None:
                           f"{', '.join(PRESET_NAMES)} (optionally with @0.11.1)."
                           f"{_close(name, PRESET_NAMES)}")
     recipe = ("training.lr", "training.batch_size", "training.max_steps")
-    if base_name in ("small", "tiny") and not any(k in res.given for k in recipe):
+    if base_name == "small" and not any(k in res.given for k in recipe):
         res.notices.append(
             f"model={base_name} trains with the command line's recipe (lr "
             f"{v['training.lr']:g}, batch {v['training.batch_size']}, "
@@ -1446,6 +1446,8 @@ def _estimator_class(init_from: str | None, freeze_backbone: bool,
         return StateTransitionModel
 
     class FineTunedModel(StateTransitionModel):
+        _fine_tunes = init_from is not None
+
         def _set_fitted(self, network, *args, **kwargs):  # type: ignore[override]
             if init_from is not None:
                 partial_load(network, init_from, attention=attention)

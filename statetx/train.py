@@ -41,6 +41,7 @@ from statetx._utils import (
     MATMUL_PRECISIONS,
     atomic_write,
     changed_params,
+    comparable,
     data_differences,
     matmul_precision_scope,
     same_run,
@@ -910,7 +911,8 @@ class Trainer:
                 "run from these weights (tx train model.kwargs.init_from=<checkpoint>).")
         mine, theirs = self.extra.get("statetx_model"), ckpt.get("statetx_model")
         if mine is not None and theirs is not None:
-            mine = json.loads(json.dumps(mine, default=str))
+            mine = comparable(json.loads(json.dumps(mine, default=str)))
+            theirs = comparable(theirs)
             # a run's own last.ckpt may continue with changed settings (e.g. a lower lr; the
             # CLI asks for resume=force); a checkpoint from elsewhere must be of the same run
             own = self.out is None or Path(path).resolve().parent == (
@@ -1005,7 +1007,9 @@ class Trainer:
         changes size, said."""
         st, now = self.state, self.world_size
         done = st.batch_in_epoch * before  # global batches of B sets trained in this epoch
-        st.batch_in_epoch = done // now
+        interleaved = isinstance(self.train_sampler, CellSetSampler)
+        # (a streamed epoch deals contiguous slices to the processes: no common position)
+        st.batch_in_epoch = done // now if interleaved else 0
         again = done - st.batch_in_epoch * now
         if _is_main():
             b = getattr(self.train_sampler, "B", None)
@@ -1013,8 +1017,9 @@ class Trainer:
             warnings.warn(
                 f"resuming {path}, trained by {before} process(es), with {now}: batch_size is "
                 f"per process, so each step now trains on {now}/{before} of the earlier batch"
-                f"{size} (scale lr, or batch_size, to keep the run's recipe); the epoch "
-                f"continues where it was"
+                f"{size} (scale lr, or batch_size, to keep the run's recipe); "
+                + ("the epoch continues where it was" if interleaved else
+                   "the streamed epoch starts again (its slices per process change)")
                 + (f" ({again} batch(es) of it are trained again)" if again else "") + ".",
                 UserWarning, stacklevel=4)
 

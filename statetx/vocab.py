@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from statetx._utils import did_you_mean, preview, umask_mode
+from statetx._utils import did_you_mean, features_digest, preview, umask_mode
 from statetx.errors import ConfigError, DataError
 
 
@@ -176,14 +176,6 @@ def features_entry(vocab: Vocab) -> dict:
     import torch
 
     return {"pert_features": torch.from_numpy(np.ascontiguousarray(vocab.pert_features))}
-
-
-def features_digest(table: np.ndarray) -> str:
-    """SHA-256 of a feature table's float32 values (and shape)."""
-    import hashlib
-
-    a = np.ascontiguousarray(table, dtype=np.float32)
-    return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()
 
 
 def feature_table(features: dict[str, np.ndarray], observed: Sequence[str], control: str,

@@ -1011,8 +1011,7 @@ def test_baselines_warn_on_raw_counts(adata):
 
     counts = adata.copy()
     counts.X = np.round(np.expm1(counts.X) * 40).astype(np.float32)
-    with pytest.warns(UserWarning, match="PerturbMean baseline trains on it as given|"
-                                         "baseline trains on it as given"):
+    with pytest.warns(UserWarning, match="the perturb_mean baseline trains on it as given"):
         PerturbMeanBaseline(pert_col="gene", control_pert="ctrl").fit(counts)
 
 

@@ -1282,3 +1282,49 @@ def test_a_network_far_too_large_for_the_data_is_flagged(zhao_raw):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         StateTransitionModel("small", **opts).fit(a)
+
+
+def test_feature_runs_checkpointed_before_format_2_resume(synth, tmp_path):
+    """A feature model's checkpoint written by the previous statetx (vectors as JSON lists in
+    the metadata, no world_size/seconds in the training state) still resumes."""
+    from statetx.train import load_checkpoint_file
+
+    rng = np.random.default_rng(2)
+    feats = {p: rng.normal(size=5).astype(np.float32) for p in ("P0", "P1", "P2")}
+    small_model(max_steps=2, pert_features=feats).fit(synth, SPEC, output_dir=tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint_file(last)
+    meta = ckpt["statetx_model"]
+    meta["vocab"]["pert_features"] = ckpt.pop("pert_features").tolist()
+    meta["format_version"] = 1
+    for key in ("world_size", "seconds"):
+        ckpt["train_state"].pop(key)
+    torch.save(ckpt, last)
+    resumed = small_model(max_steps=4, pert_features=feats).fit(synth, SPEC, output_dir=tmp_path,
+                                                                resume_from=last)
+    assert resumed.history_["step"].max() == 4
+
+
+def test_set_params_entries_and_pickled_feature_dicts(synth):
+    """name__key entries go on top of whole values given in the same call, only into dict
+    parameters; subclasses taking **kwargs pass them on; a feature dict changed after fit
+    survives pickling (it is stored by name only while it equals the fitted table)."""
+    m = small_model().set_params(model_kwargs={"n_layers": 1}, model_kwargs__hidden_dim=16)
+    assert m.model_kwargs == {"n_layers": 1, "hidden_dim": 16}
+    with pytest.raises(ConfigError, match="counts_key is NoneType, not a dict"):
+        m.set_params(counts_key__x=1)
+
+    class Custom(StateTransitionModel):
+        def __init__(self, extra: int = 0, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.extra = extra
+
+    assert Custom(extra=1, lr=1e-3).lr == 1e-3
+    with pytest.raises(TypeError, match="'lr_x'"):
+        Custom(lr_x=1)
+    rng = np.random.default_rng(3)
+    feats = {p: rng.normal(size=4).astype(np.float32) for p in ("P0", "P1", "P2")}
+    fitted = small_model(max_steps=1, pert_features=feats).fit(synth, SPEC)
+    other = {p: v + 1 for p, v in feats.items()}
+    again = pickle.loads(pickle.dumps(fitted.set_params(pert_features=other)))
+    np.testing.assert_array_equal(again.pert_features["P0"], other["P0"])

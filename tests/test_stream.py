@@ -354,3 +354,11 @@ def test_streaming_options_without_streaming_are_said_to_have_no_effect():
     with pytest.warns(UserWarning, match=r"stream_buffer_chunks=3, stream_max_controls=10 has "
                       "no effect with data_loading='memory'"):
         assert stream_settings("memory", buffer_chunks=3, max_controls=10) is None
+
+
+def test_streamed_fit_with_mostly_padded_sets_warns_once(h5):
+    """Sets far longer than the groups: the streaming sampler says so itself (the in-memory
+    padding check is not applied to it; it once crashed on the streamed sampler)."""
+    with pytest.warns(UserWarning, match="padding") as said:
+        model(cell_set_len=64, max_steps=1, progress=False).fit(None, _spec(h5))
+    assert sum("padding" in str(w.message) for w in said) == 1
