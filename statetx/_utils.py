@@ -130,6 +130,21 @@ def temporary_name(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}{suffix}")
 
 
+def remove_dead_temporaries(folder: Path) -> None:
+    """Delete the :func:`temporary_name` files in ``folder`` of processes that no longer run
+    (a killed writer's leftovers; a live writer's, e.g. another torchrun rank's, stay)."""
+    for tmp in folder.glob(".*.tmp*-*"):
+        pid = re.search(r"\.tmp(\d+)-\d+", tmp.name)
+        if pid is None or int(pid.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid.group(1)), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # (alive, another user's)
+            pass
+
+
 def atomic_write(path: str | os.PathLike, writer: Any, suffix: str = "") -> Path:
     """Call ``writer(tmp)`` on ``.<name>.tmp<pid>-<thread><suffix>`` next to ``path`` (a
     ``suffix`` for writers that need one, e.g. ``np.save``), then rename it over ``path``; the

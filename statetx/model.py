@@ -32,6 +32,7 @@ from statetx._utils import (
     matmul_precision_scope,
     names_list,
     preview,
+    remove_dead_temporaries,
     sigterm_unwinds,
     temporary_name,
     umask_mode,
@@ -1651,6 +1652,7 @@ class StateTransitionModel(Estimator):
         state = {k: v.detach().cpu().contiguous() for k, v in self.network_.state_dict().items()}
         created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(path)
         tmp_w, tmp_j, tmp_f = (temporary_name(path / name) for name in (
             "model.safetensors", "model.json", FEATURES_FILE))
         try:  # all files complete in temporaries first; a failure leaves no partial model

@@ -477,11 +477,14 @@ def embedding(
         handles = []
         for j, cat in enumerate(cats):
             c = cmap(j % cmap.N)
+            # real cells as a faint cloud, predictions drawn over them as crosses
             for which, marker in (("real", "o"), ("pred", "x")):
                 m = values[which] == cat
                 if m.any():
-                    ax.scatter(*coords[which][m].T, s=s, alpha=0.6, color=c, marker=marker,
-                               linewidths=0 if marker == "o" else 0.8)
+                    ax.scatter(*coords[which][m].T, s=s if marker == "o" else 2 * s,
+                               alpha=0.3 if marker == "o" else 0.85, color=c, marker=marker,
+                               linewidths=0 if marker == "o" else 0.9,
+                               zorder=2 if marker == "o" else 3)
             handles.append(Line2D([], [], ls="", marker="s", color=c, label=cat))
         handles += [Line2D([], [], ls="", marker=mk, color="grey", label=names[w])
                     for w, mk in (("real", "o"), ("pred", "x"))]

@@ -102,6 +102,28 @@ def loop_state(ckpt: dict) -> dict:
 # atomic writes
 
 
+def test_save_clears_a_killed_saves_temporaries_only(tmp_path):
+    """A save killed mid-way leaves its per-process temporaries; the next save removes those
+    of processes that are gone, not a live writer's (another torchrun rank saving there)."""
+    from test_model import small_model
+
+    model = small_model(max_steps=1).fit(make_synthetic())
+    folder = model.save(tmp_path / "m")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead_tmp = folder / f".model.json.tmp{gone.pid}-1"
+        live_tmp = folder / f".model.safetensors.tmp{live.pid}-1"
+        dead_tmp.write_text("{")
+        live_tmp.write_text("partial")
+        model.save(folder)
+        assert not dead_tmp.exists() and live_tmp.exists()
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_atomic_torch_save_failure_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1, "w": torch.ones(3)}, path)
