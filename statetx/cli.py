@@ -695,9 +695,13 @@ def _plural(n: int, word: str) -> str:
 
 
 def _vocab_counts(v: Any) -> str:
-    """'33 perturbations + the control, 4 cell types, 1 batch'."""
-    return (f"{_plural(len(v.perturbations) - 1, 'perturbation')} + the control, "
-            f"{_plural(len(v.cell_types), 'cell type')}, {_plural(len(v.batches), 'batch')}")
+    """'33 perturbations + the control, 4 cell types, 1 batch' (and how perturbations are
+    encoded: one-hot, or a feature table)."""
+    feats = v.pert_features
+    return (f"{_plural(len(v.perturbations) - 1, 'perturbation')} + the control ("
+            + ("one-hot" if feats is None else f"feature vectors of {feats.shape[1]} values")
+            + f"), {_plural(len(v.cell_types), 'cell type')}, "
+            f"{_plural(len(v.batches), 'batch')}")
 
 
 def _print_summary(prepared: Any) -> None:

@@ -1212,7 +1212,7 @@ def test_predict_unseen_perturbations_from_their_feature_vectors(perturbench, tm
         onehot.predict(test, pert_features=given)
 
 
-def test_run_folder_and_checkpoints_carry_the_feature_table(synth, tmp_path):
+def test_run_folder_and_checkpoints_carry_the_feature_table(synth, tmp_path, capsys):
     """A run with feature vectors writes pert_features.safetensors (not JSON lists) and its
     checkpoints carry the table as a tensor: load_run gives the same vectors back."""
     import json
@@ -1228,6 +1228,10 @@ def test_run_folder_and_checkpoints_carry_the_feature_table(synth, tmp_path):
     assert isinstance(ckpt["pert_features"], torch.Tensor)
     again = StateTransitionModel.load_run(tmp_path / "run")
     np.testing.assert_array_equal(again.vocab_.pert_features, model.vocab_.pert_features)
+    from statetx.cli import main
+
+    assert main(["info", str(tmp_path / "run")]) == 0
+    assert "+ the control (feature vectors of 5 values)" in capsys.readouterr().out
 
 
 def test_held_out_perturbations_get_their_vectors_in_predict_split(perturbench):
