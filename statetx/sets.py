@@ -294,10 +294,11 @@ class CellSetSampler:
 
     def padding_fraction(self) -> float:
         """Share of an epoch's set positions filled by drawing a short group's cells again."""
+        if self.drop_last:  # (short sets are dropped, not padded)
+            return 0.0
         sizes = np.array([len(g) for g in self.groups])
-        n_sets = (sizes // self.S) if self.drop_last else -(-sizes // self.S)
-        positions = int(n_sets.sum()) * self.S
-        return 0.0 if self.drop_last or not positions else 1 - int(sizes.sum()) / positions
+        positions = int((-(-sizes // self.S)).sum()) * self.S
+        return 1 - int(sizes.sum()) / positions if positions else 0.0
 
     def __len__(self) -> int:
         """Batches per epoch (per rank)."""

@@ -204,6 +204,7 @@ def start_at_mean_response(network: StateTransitionNetwork, train: SplitData | S
         shift[p] = (pert - ctrl).mean(0) - a * ctrl.mean(0)
         scale[p] = a
         observed[p] = True
+
     def solve(target: np.ndarray) -> np.ndarray:  # [P, ·] weights giving ``target`` rows
         if vocab.pert_features is None:  # one-hot: the rows themselves (lstsq's min-norm answer)
             return np.where(observed[:, None], target, 0.0)
