@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -327,27 +328,46 @@ def test_compiled_bf16_training_compiles_network_and_loss_together(synth):
 
 
 def test_retained_heap_reuses_freed_memory(monkeypatch):
-    import resource
+    """Freed blocks stay in the heap while retained_heap is active (no page faults when they
+    are allocated again) and go back to the kernel after it. Measured in a fresh process: how
+    a test run's earlier allocations left the heap decides whether a freed block lies at its
+    top (and is trimmed) in this one."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
 
-    from statetx._heap import retained_heap
+    code = textwrap.dedent("""
+        import json, resource, torch
+        from statetx._heap import retained_heap
 
-    def faults_of_big_allocations() -> int:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(4):
-            torch.empty(48 << 20, dtype=torch.uint8).fill_(1)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        def faults_of_big_allocations():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for _ in range(4):
+                torch.empty(48 << 20, dtype=torch.uint8).fill_(1)
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    with retained_heap() as active:
-        if not active:
-            pytest.skip("malloc tuning needs Linux with glibc")
-        for _ in range(4):  # the heap grows (glibc settles after a few rounds)
-            faults_of_big_allocations()
-        inside = faults_of_big_allocations()
-    after = faults_of_big_allocations()  # thresholds back to 32 / 64 MiB: handed back each time
-    assert inside < 2000  # 4 x 12,288 pages when each block is handed back
+        with retained_heap() as active:
+            for _ in range(4):  # the heap grows (glibc settles after a few rounds)
+                faults_of_big_allocations()
+            inside = faults_of_big_allocations()
+        after = faults_of_big_allocations()  # thresholds back to 32 / 64 MiB: handed back
+        print(json.dumps({"active": active, "inside": inside, "after": after}))
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("STATETX_MALLOC_TUNING", None)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    if not got["active"]:
+        pytest.skip("malloc tuning needs Linux with glibc")
+    assert got["inside"] < 2000  # 4 x 12,288 pages when each block is handed back
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not (thp.exists() and "[always]" in thp.read_text()):  # 2 MiB pages: few faults anyway
-        assert after > 4 * inside + 10_000
+        assert got["after"] > 4 * got["inside"] + 10_000
+    from statetx._heap import retained_heap
+
     monkeypatch.setenv("STATETX_MALLOC_TUNING", "0")
     with retained_heap() as active:
         assert not active
