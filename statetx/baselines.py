@@ -293,7 +293,8 @@ class _Baseline(Estimator):
         (``basal_pool``: ``"cell_type"`` or ``"batch"`` to choose; ``batch_col`` names the
         input's column if it differs; ``basal_fallback='all_controls'`` uses every control
         when a cell type has none).
-        Labels not in the fitted vocabulary raise, or are predicted as the control
+        Labels not in the fitted vocabulary raise (except those a :class:`LinearBaseline`'s
+        ``pert_embedding`` has a vector for: predicted from it), or are predicted as the control
         (``unknown_perturbation='control'``: the basal cell itself) or as a perturbation without
         training cells (``'zeros'``). Control cells are copied into the output as they are,
         whatever ``predict_controls``.

@@ -184,7 +184,10 @@ class StateTransitionModel(Estimator):
         falling back to the cell type) or ``auto`` (default: ``batch`` when ``batch_col`` is
         given, else ``random``). Prediction draws basal cells the same way.
     pert_features
-        Optional perturbation feature file (``.pt``/``.npz``/``.csv``/``.safetensors``) or dict.
+        Optional perturbation feature file (``.pt``/``.npz``/``.csv``/``.safetensors``) or dict
+        name → vector, instead of one-hot perturbations: every name of the table is known to
+        the model, and ``predict(pert_features=...)`` adds vectors for others (saved with the
+        model as ``pert_features.safetensors``).
     heldout_controls_in_train, yield_controls
         Whether the control cells of held-out (zero-shot) cell types train (default True, as
         the reference), and whether control cells are also targets, control sets mapping to
@@ -276,7 +279,8 @@ class StateTransitionModel(Estimator):
         The preset and the training settings (batch size, steps, lr, averaging) the fit used.
     history_, best_step_, training_time_
         One row per logged step (``train_loss``, ``val_loss``, ``lr``, ...); the step of the
-        best validation loss (None without validation); seconds of training.
+        best validation loss (None without validation); seconds of training (a resumed run's
+        earlier segments included).
     split_config_, split_summary_
         The validated split spec and the cells / perturbations per split and context.
     finetuned_
@@ -1627,7 +1631,9 @@ class StateTransitionModel(Estimator):
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write ``model.json`` and ``model.safetensors`` into the directory ``path``."""
+        """Write ``model.json`` and ``model.safetensors`` into the directory ``path`` (and, for a
+        model trained with perturbation features, ``pert_features.safetensors``, which
+        ``model.json`` names by shape and digest)."""
         from safetensors.torch import save_file
 
         self._check_fitted()
