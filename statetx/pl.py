@@ -14,7 +14,13 @@ import pandas as pd
 
 from statetx._utils import did_you_mean, history_frame, names_list, preview, to_dense_f32
 from statetx.errors import ConfigError, DataError
-from statetx.metrics._inputs import align_pair, check_obs_col, recorded, recorded_labels
+from statetx.metrics._inputs import (
+    align_pair,
+    check_obs_col,
+    check_scale,
+    recorded,
+    recorded_labels,
+)
 from statetx.metrics.de import group_means
 
 if TYPE_CHECKING:
@@ -80,6 +86,15 @@ def _deltas(a: ad.AnnData, pert_col: str, control: str, series: list[tuple[str, 
     return np.stack([m[i] - ctrl[c] for i, (c, _) in enumerate(series)]).astype(np.float64)
 
 
+def _log1p_pair(adata_pred: ad.AnnData, adata_real: ad.AnnData, pert_col: str,
+                control_pert: str, ct_col: str | None) -> tuple[ad.AnnData, ad.AnnData]:
+    """The pair on shared genes and labels, on the log1p scale deltas are drawn on: raw
+    counts are converted with a warning, other scales refused (as :func:`statetx.evaluate`)."""
+    pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
+                            celltype_col=ct_col, shared_only=True)
+    return check_scale(pred, "pred"), check_scale(real, "real")
+
+
 def delta_scatter(
     adata_pred: ad.AnnData,
     adata_real: ad.AnnData,
@@ -103,8 +118,7 @@ def delta_scatter(
     recorded). Returns the Axes."""
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
     ct_col = _celltype_col(adata_pred, adata_real, celltype_col)
-    pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
-                            celltype_col=ct_col, shared_only=True)
+    pred, real = _log1p_pair(adata_pred, adata_real, pert_col, control_pert, ct_col)
     avail = sorted(set(real.obs[pert_col].astype(str)) - {control_pert})
     perts = avail[:max_perts] if perts is None else names_list(perts)
     missing = [p for p in perts if p not in avail]
@@ -314,8 +328,7 @@ def top_genes(
     ct_col = _celltype_col(adata_pred, adata_real, celltype_col)
     if cell_type is not None and ct_col is None:
         raise ConfigError("cell_type= needs a cell-type column: pass celltype_col=<column>.")
-    pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
-                            celltype_col=ct_col, shared_only=True)
+    pred, real = _log1p_pair(adata_pred, adata_real, pert_col, control_pert, ct_col)
     avail = sorted(set(real.obs[pert_col].astype(str)) - {control_pert})
     if perturbation is None and len(avail) != 1:
         raise ConfigError(f"the data hold {len(avail)} perturbations: name one "

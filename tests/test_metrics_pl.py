@@ -47,6 +47,21 @@ def test_metric_bars():
     plt.close("all")
 
 
+def test_delta_plots_put_both_objects_on_the_log1p_scale(pair):
+    """Raw counts on one side are converted as evaluate converts them (with its warning), not
+    plotted against log1p values; scaled values are refused."""
+    pred, real = pair
+    counts = real.copy()
+    counts.X = np.round(np.expm1(np.asarray(real.X)) * 10)
+    with pytest.warns(UserWarning, match="real X holds integer values only"):
+        pl.delta_scatter(pred, counts, perts=["G000"])
+    scaled = real.copy()
+    scaled.X = np.asarray(real.X) - 1.0
+    with pytest.raises(DataError, match="real"):
+        pl.top_genes(pred, scaled, "G000")
+    plt.close("all")
+
+
 def test_metric_bars_takes_the_tables_users_build(pair):
     """Results / agg tables concatenated with a ``model`` column (pd.concat), one table alone,
     and score tables (score_agg) plot as their dict form does; a bare metric name is one name."""
