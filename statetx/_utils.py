@@ -228,6 +228,7 @@ RESUMABLE_PARAMS = ("max_steps", "device", "compile", "compile_mode", "data_on_d
 # without one was written with the default)
 LATER_PARAMS = {"drop_last": False, "exclude_self": False, "downsample_cells": None,
                 "gene_name_col": None, "counts_key": None, "allow_counts": False,
+                "cache_control_pairs": False,
                 "downsample": None,
                 "pad_from": "group", "val_from_test": False, "additional_obs": None}
 

@@ -208,6 +208,11 @@ class StateTransitionModel(Estimator):
     exclude_self
         Never pair a control target cell with itself as its basal cell (default False: the
         reference may).
+    cache_control_pairs
+        Give every training and validation cell one control for the whole run, drawn without
+        replacement within its group's pool (reference ``cache_perturbation_control_pairs``;
+        a group with more cells than its pool is an error); default False: fresh draws every
+        epoch. In-memory data only.
     downsample_cells
         Train and validate on at most this many cells of each (context, perturbation) group
         (and batch, with the ``batch`` pairing, the default when ``batch_col`` is given): a
@@ -339,6 +344,7 @@ class StateTransitionModel(Estimator):
         yield_controls: bool = True,
         drop_last: bool = False,
         exclude_self: bool = False,
+        cache_control_pairs: bool = False,
         downsample_cells: int | None = None,
         downsample: float | None = None,
         pad_from: str = "group",
@@ -398,6 +404,7 @@ class StateTransitionModel(Estimator):
         self.yield_controls = yield_controls
         self.drop_last = drop_last
         self.exclude_self = exclude_self
+        self.cache_control_pairs = cache_control_pairs
         self.downsample_cells = downsample_cells
         self.downsample = downsample
         self.pad_from = pad_from
@@ -545,8 +552,13 @@ class StateTransitionModel(Estimator):
         check_sampler_options("random", 1, 1, pad_from=self.pad_from)
         self._additional_obs()
         for name in ("drop_last", "exclude_self", "val_from_test", "yield_controls",
-                     "heldout_controls_in_train", "train_pert_skip", "progress", "allow_counts"):
+                     "heldout_controls_in_train", "train_pert_skip", "progress", "allow_counts",
+                     "cache_control_pairs"):
             check_flag(name, getattr(self, name))
+        if self.cache_control_pairs and self.data_loading == "stream":
+            raise ConfigError("cache_control_pairs=True needs the cells in memory "
+                              "(data_loading='memory'): a streamed epoch reads its controls "
+                              "from a reservoir.")
         # an embedding input reads X only as the gene-space targets of output 'all' (or of
         # 'gene' with counts_key='X')
         reads_x = self.embed_key is None or (
@@ -725,6 +737,7 @@ class StateTransitionModel(Estimator):
             role: make_sampler(split, vocab, set_len, settings["batch_size"], stream=stream,
                                seed=int(self.seed) + i, pairing=self._pairing(),
                                exclude_self=bool(self.exclude_self),
+                               **({"fixed_pairs": True} if self.cache_control_pairs else {}),
                                downsample_cells=self.downsample_cells, pad_from=self.pad_from,
                                thinning=thinning,
                                # validation uses every set (drop_last shapes training batches)

@@ -207,13 +207,17 @@ class CellSetSampler:
         Read-depth downsampling of every batch (:class:`ReadDepthThinning`), or None.
     rank, world_size
         Shard the sets of each epoch across distributed ranks without overlap.
+    fixed_pairs
+        One basal control per target cell for the whole run (drawn once, without replacement
+        within the group's pool; a pool smaller than its group is an error) instead of fresh
+        draws every epoch (reference ``cache_perturbation_control_pairs``).
     """
 
     def __init__(self, data: SplitData, vocab: Vocab, cell_set_len: int, batch_size: int, *,
                  seed: int = 42, pairing: str = "random", drop_last: bool = False,
                  exclude_self: bool = False, downsample_cells: int | None = None,
                  pad_from: str = "group", thinning: ReadDepthThinning | None = None,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, fixed_pairs: bool = False) -> None:
         check_sampler_options(pairing, cell_set_len, batch_size, downsample_cells, pad_from)
         self.data, self.vocab = data, vocab
         self.S, self.B, self.seed = int(cell_set_len), int(batch_size), int(seed)
@@ -223,6 +227,7 @@ class CellSetSampler:
         self.pert_matrix = torch.from_numpy(vocab.pert_matrix())
         self.groups, self.group_pool = self._groups()
         self.pools = self._pools()
+        self.fixed_basal = self._fixed_pairs() if fixed_pairs else None
         self.device = torch.device("cpu")
         self._X, self._counts = data.X, data.counts
 
@@ -286,6 +291,26 @@ class CellSetSampler:
             pools[key] = pool
         return pools
 
+    def _fixed_pairs(self) -> np.ndarray:
+        """Row -> its control for the run: each group's cells get distinct controls of its
+        pool, drawn once (seeded)."""
+        d = self.data
+        rng = np.random.default_rng([self.seed, 11])
+        fixed = np.full(len(d.is_target), -1, dtype=np.int64)
+        for g, key in zip(self.groups, self.group_pool):
+            pool = self.pools[int(key)]
+            if len(pool) < len(g):
+                v = self.vocab
+                raise DataError(
+                    f"cache_control_pairs: the group of perturbation "
+                    f"'{v.perturbations[int(d.pert[g[0]])]}' in cell type "
+                    f"'{v.cell_types[int(d.cell_type[g[0]])]}' (split {d.name}) has {len(g)} "
+                    f"cells but its control pool only {len(pool)}: pairs without replacement "
+                    f"need as many controls. Pass downsample_cells={len(pool)} (or less), or "
+                    "leave cache_control_pairs off.")
+            fixed[g] = rng.choice(pool, size=len(g), replace=False)
+        return fixed
+
     def _n_sets(self) -> int:
         sizes = np.array([len(g) for g in self.groups])
         n = (sizes // self.S) if self.drop_last else -(-sizes // self.S)
@@ -335,7 +360,9 @@ class CellSetSampler:
         targets = np.concatenate(sets)
         pool_keys = np.asarray(pool_keys)
         basal = np.empty_like(targets)
-        for key in np.unique(pool_keys):
+        if self.fixed_basal is not None:  # (the run's pairs: no draws)
+            basal[:] = self.fixed_basal[targets]
+        for key in np.unique(pool_keys) if self.fixed_basal is None else ():
             sel = np.flatnonzero(pool_keys == key)
             pool = self.pools[int(key)]
             basal[sel] = pool[rng.integers(len(pool), size=(len(sel), S))]

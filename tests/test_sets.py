@@ -15,7 +15,7 @@ import torch
 
 from statetx.config import ColumnMap
 from statetx.data import PreparedData, prepare
-from statetx.errors import ConfigError
+from statetx.errors import ConfigError, DataError
 from statetx.sets import CellSetBatch, CellSetSampler, ReadDepthThinning, check_read_depth
 
 SYN_COLS = ColumnMap.build(pert_col="gene", cell_type_key="cell_type", batch_col="batch",
@@ -502,3 +502,34 @@ def test_batch_pairing_with_many_small_batches_warns_about_padding():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         small_model(batch_col="batch", basal_mapping_strategy="random", max_steps=1).fit(a)
+
+
+def test_fixed_pairs_keep_each_cells_control_for_the_run():
+    """cache_control_pairs (reference cache_perturbation_control_pairs): every target cell has
+    one control for the whole run, distinct within its group, from its own cell type; sets
+    still change between epochs. A group larger than its pool is an error naming it."""
+    from conftest import make_synthetic
+    from test_model import small_model
+
+    a = make_synthetic(n_cells=20, n_controls=40)
+    prepared = prepare(a, None, ColumnMap.build(pert_col="gene", control_pert="ctrl"))
+    d = prepared.splits["train"]
+    s = CellSetSampler(d, prepared.vocab, 8, 4, fixed_pairs=True)
+    pairs = []
+    for epoch in (0, 1):
+        targets, basal = s.epoch_sets(epoch)
+        pairs.append(dict(zip(targets.ravel().tolist(), basal.ravel().tolist())))
+    assert pairs[0] == pairs[1]
+    assert not np.array_equal(s.epoch_sets(0)[0], s.epoch_sets(1)[0])  # sets reshuffled
+    for g in s.groups:
+        controls = s.fixed_basal[g]
+        assert len(set(controls.tolist())) == len(g)
+        assert (d.context[controls] == d.context[g[0]]).all() and d.is_control[controls].all()
+    free = CellSetSampler(d, prepared.vocab, 8, 4)  # default: fresh draws every epoch
+    assert not np.array_equal(free.epoch_sets(0)[1], free.epoch_sets(1)[1])
+    few = make_synthetic(n_cells=20, n_controls=10)
+    with pytest.raises(DataError, match=r"has \d+ cells but its control pool only \d+"):
+        small_model(cache_control_pairs=True, max_steps=1).fit(few)
+    small_model(cache_control_pairs=True, max_steps=2).fit(a)
+    with pytest.raises(ConfigError, match="in memory"):
+        small_model(cache_control_pairs=True, data_loading="stream").fit(a)
