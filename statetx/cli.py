@@ -512,17 +512,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.filterwarnings("default", category=UserWarning)
         warnings.showwarning = show
+        # (under torchrun every process reports its own failure: the others say which they are)
+        who = "statetx" if _main_rank() else f"statetx [rank {os.environ.get('RANK')}]"
         try:
             return int(ns.func(ns) or 0)
         except KeyboardInterrupt:
-            print("statetx: interrupted", file=sys.stderr)
+            print(f"{who}: interrupted", file=sys.stderr)
             return 130
         except (UsageError, ConfigError, SplitConfigError, DataError) as exc:
             if debug:
                 import traceback
 
                 traceback.print_exc()
-            print(f"statetx: error: {_cli_names(str(exc), ns)}", file=sys.stderr)
+            print(f"{who}: error: {_cli_names(str(exc), ns)}", file=sys.stderr)
             return EXIT_USAGE
         except Exception as exc:  # noqa: BLE001 - one clear message, traceback with --debug
             if isinstance(exc, BrokenPipeError) and _stdout_closed():
@@ -532,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 traceback.print_exc()
             name = "" if isinstance(exc, StatetxError) else f"{type(exc).__name__}: "
-            print(f"statetx: error: {name}{exc}" + ("" if debug else
+            print(f"{who}: error: {name}{exc}" + ("" if debug else
                   " (run with --debug for the traceback)"), file=sys.stderr)
             return EXIT_FAILURE
 

@@ -246,5 +246,6 @@ def test_torchrun_command_line_run_folder_is_rank_0s(synth, tmp_path):
                          "data.kwargs.stream_chunk_size=8"], tmp_path)
     assert nan.returncode != 0
     assert nan.stderr.count("NaN or Inf") == W, nan.stderr[-3000:]
+    assert nan.stderr.count("statetx: error:") == 1 and "statetx [rank 1]: error:" in nan.stderr
     assert "Connection closed" not in nan.stderr
     assert not (tmp_path / "out" / "nan").exists()
