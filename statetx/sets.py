@@ -309,6 +309,10 @@ class CellSetSampler:
                     f"need as many controls. Pass downsample_cells={len(pool)} (or less), or "
                     "leave cache_control_pairs off.")
             fixed[g] = rng.choice(pool, size=len(g), replace=False)
+            for _ in range(100 if self.exclude_self and len(pool) > 1 else 0):
+                if not (fixed[g] == g).any():  # (exclude_self: no control paired with itself)
+                    break
+                fixed[g] = rng.choice(pool, size=len(g), replace=False)
         return fixed
 
     def _n_sets(self) -> int:

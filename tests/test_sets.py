@@ -525,6 +525,9 @@ def test_fixed_pairs_keep_each_cells_control_for_the_run():
         controls = s.fixed_basal[g]
         assert len(set(controls.tolist())) == len(g)
         assert (d.context[controls] == d.context[g[0]]).all() and d.is_control[controls].all()
+    own = CellSetSampler(d, prepared.vocab, 8, 4, fixed_pairs=True, exclude_self=True)
+    ctrl = np.flatnonzero(d.is_target & d.is_control)
+    assert len(ctrl) and not (own.fixed_basal[ctrl] == ctrl).any()  # no control with itself
     free = CellSetSampler(d, prepared.vocab, 8, 4)  # default: fresh draws every epoch
     assert not np.array_equal(free.epoch_sets(0)[1], free.epoch_sets(1)[1])
     few = make_synthetic(n_cells=20, n_controls=10)
