@@ -1798,7 +1798,7 @@ class StateTransitionModel(Estimator):
         if model.pert_features is None and v.pert_features is not None:
             # vectors given as a dict are stored in the vocabulary only: the parameter again,
             # so that clone(model).fit(...) trains on the same features
-            model.pert_features = dict(zip(v.perturbations, v.pert_features))
+            model.pert_features = v.vectors()
         return model
 
     @classmethod
@@ -1889,11 +1889,11 @@ class StateTransitionModel(Estimator):
             state["_network_state"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
         state.pop("device_", None)
         feats, vocab = state.get("pert_features"), state.get("vocab_")
-        if isinstance(feats, Mapping) and vocab is not None and vocab.pert_features is not None:
-            row = {n: i for i, n in enumerate(vocab.perturbations)}
-            if all(str(n) in row and np.array_equal(
-                    np.asarray(v, dtype=np.float32).reshape(-1),
-                    vocab.pert_features[row[str(n)]]) for n, v in feats.items()):
+        if (isinstance(feats, Mapping) and vocab is not None and vocab.pert_features is not None
+                and set(map(str, feats)) <= set(vocab.perturbations)):
+            rows = vocab.vectors(feats)
+            if all(np.array_equal(np.asarray(v, dtype=np.float32).reshape(-1), rows[str(n)])
+                   for n, v in feats.items()):
                 # the vectors are rows of the vocabulary's table: pickled once, by name
                 state["pert_features"] = _FeatureRows([str(n) for n in feats])
         return state
@@ -1905,9 +1905,7 @@ class StateTransitionModel(Estimator):
         weights = state.pop("_network_state", None)
         self.__dict__.update(state)
         if isinstance(self.pert_features, _FeatureRows):
-            row = {n: i for i, n in enumerate(self.vocab_.perturbations)}
-            self.pert_features = {n: self.vocab_.pert_features[row[n]]
-                                  for n in self.pert_features.names}
+            self.pert_features = self.vocab_.vectors(self.pert_features.names)
         if weights is not None:
             net = StateTransitionNetwork.for_loading(self.network_config_)
             net.load_state_dict(weights)

@@ -47,6 +47,13 @@ class Vocab:
         feats = self.pert_features
         return len(self.perturbations) if feats is None else feats.shape[1]
 
+    def vectors(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Name -> feature vector (rows of the table, not copies) of ``names`` (default: all);
+        a name the table lacks raises ``KeyError``."""
+        row = {n: i for i, n in enumerate(self.perturbations)}
+        return {n: self.pert_features[row[n]]
+                for n in (self.perturbations if names is None else map(str, names))}
+
     def pert_matrix(self) -> np.ndarray:
         """``[n_pert, P]`` float32: identity (one-hot) or the feature table."""
         if self.pert_features is None:
