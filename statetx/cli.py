@@ -68,6 +68,13 @@ def _pert_features_flag(p: argparse.ArgumentParser) -> None:
           "name -> vector")
 
 
+def _untrained_flag(p: argparse.ArgumentParser) -> None:
+    _flag(p, "--untrained-perturbation", default="control", choices=["control", "as_is"],
+          help="one-hot perturbations of the model that had no training cells (e.g. held out): "
+          "predicted as the control (default; their never-trained embedding would add a random "
+          "effect), or with that embedding, as arc-state does")
+
+
 def _matmul_flag(p: argparse.ArgumentParser) -> None:
     _flag(p, "--matmul-precision", default="highest", metavar="{highest,high,medium}",
           help="fp32 matrix products of the network: highest (default, full fp32), high, medium "
@@ -211,6 +218,7 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
           help="DE threads (default: the CPUs available to the process)")
     _flag(pr, "--data-root", metavar="DIR", help="directory that now holds the run's data files")
     _pert_features_flag(pr)
+    _untrained_flag(pr)
     pr.add_argument("--seed", type=int, default=None,
                     help="seed of the control draws (default: the run's training seed)")
     _matmul_flag(pr)
@@ -254,8 +262,9 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
           help="a cell type without control cells: an error (default), or draw from every "
           "control")
     _flag(inf, "--unknown-perturbation", default="error", choices=["error", "control", "zeros"],
-          help="perturbations the model was not trained on: an error listing them (default), "
-          "predicted as the control, or as a perturbation vector of zeros")
+          help="perturbation labels outside the model's vocabulary: an error listing them "
+          "(default), predicted as the control, or as a perturbation vector of zeros")
+    _untrained_flag(inf)
     _pert_features_flag(inf)
     _flag(inf, "--unknown-batch", default="error", choices=["error", "first", "mean"],
           help="batches unknown to a model with a batch encoder: an error (default), the first "
@@ -769,7 +778,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
              "control cells (Adam, lr 1e-5)")
         model.finetune_on_controls(a.test_time_finetune, split, seed=a.seed)
     pred, real = model.predict_split(split, seed=a.seed, matmul_precision=a.matmul_precision,
-                                     pseudobulk=a.pseudobulk, pert_features=a.pert_features)
+                                     pseudobulk=a.pseudobulk, pert_features=a.pert_features,
+                                     untrained_perturbation=a.untrained_perturbation)
     if a.shared_only:
         pred, real = _shared_only(model, prepared, split, pred, real)
     ck = getattr(model, "checkpoint_path_", None)
@@ -973,7 +983,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
             batch_col=batch_col, control_pert=control, seed=seed, set_len=a.max_set_len,
             windows=a.windows, basal_pool=a.basal_pool, basal_fallback=a.basal_fallback,
             unknown_perturbation=a.unknown_perturbation, unknown_batch=a.unknown_batch,
-            pert_features=a.pert_features,
+            untrained_perturbation=a.untrained_perturbation, pert_features=a.pert_features,
             predict_controls=not a.no_predict_controls, all_perts=a.all_perts,
             n_cells_per_pert=a.virtual_cells_per_pert, min_cells=a.min_cells,
             max_cells=a.max_cells, clip=clip,

@@ -78,7 +78,13 @@ from statetx.predict import (
     split_groups,
 )
 from statetx.presets import describe, network_config_for, resolve_architecture
-from statetx.sets import ReadDepthThinning, check_read_depth, check_sampler_options
+from statetx.sets import (
+    ReadDepthThinning,
+    check_read_depth,
+    check_sampler_options,
+    pert_inputs,
+    pert_table,
+)
 from statetx.stream import make_sampler, preparer, stream_settings
 from statetx.train import TrainConfig, Trainer, check_flag, start_at_mean_response
 from statetx.vocab import (
@@ -95,6 +101,8 @@ FORMAT_VERSION = 2  # 2: perturbation feature vectors in pert_features.safetenso
 #: ``preset="auto"`` picks ``small`` below this many training cells, else ``state_sm``.
 AUTO_SMALL_MAX_CELLS = 100_000
 AUTO_PRESETS = ("small", "state_sm")
+# what predict does with one-hot perturbations that had no training cells
+UNTRAINED_MODES = ("control", "as_is")
 
 #: Training settings used when ``batch_size`` / ``max_steps`` / ``lr`` are left as None and
 #: ``weight_averaging`` as ``"auto"``. Named reference presets keep the reference's values (batch
@@ -867,31 +875,49 @@ class StateTransitionModel(Estimator):
                   f"training cells: {preview(given)}")
         return vocab
 
-    def _warn_untrained(self, codes: np.ndarray, where: str, vocab: Vocab | None = None) -> None:
-        """Warn about perturbations (codes of ``vocab``, default the model's) that had no
-        training cells: with one-hot perturbations their embedding was never trained; with
-        features, those whose vector is zeros (none given) are predicted as the control."""
+    def _route_untrained(self, codes: np.ndarray, where: str, vocab: Vocab | None = None,
+                         mode: str = "control") -> np.ndarray:
+        """``codes`` (of ``vocab``, default the model's) with the perturbations that had no
+        training cells warned about. One-hot ones are routed to the control's code (``mode``
+        "control": their never-trained embedding would add a random effect) or kept ("as_is",
+        the reference); with features, those whose vector is zeros are predicted as the
+        control by the network itself."""
+        if mode not in UNTRAINED_MODES:
+            raise ConfigError(f"untrained_perturbation={mode!r} is invalid; expected one of "
+                              f"{', '.join(map(repr, UNTRAINED_MODES))}.")
         trained = getattr(self, "trained_perturbations_", None)
         v = vocab or self.vocab_
         if trained is None:
-            return
+            return codes
         seen = np.unique(codes[codes >= 0])
         names = np.asarray(v.perturbations, dtype=object)[seen]
         if v.pert_features is not None:  # (zero vectors: what a missing feature vector gets)
             names = names[~v.pert_features[seen].any(axis=1)]
         new = sorted(set(names) - set(trained) - {v.control_pert})
         if not new:
-            return
-        if v.pert_features is None:
-            why = ("Their one-hot embedding was never trained, so their predictions carry no "
-                   "effect learned for them. Perturbation features (pert_features=..., e.g. gene "
-                   "embeddings) let a model predict unseen perturbations.")
-        else:
+            return codes
+        if v.pert_features is not None:
             why = ("They have no feature vector (zero vectors), so the network sees no "
                    "perturbation for them. Give their vectors with pert_features=... "
                    "(tx predict / tx infer --pert-features).")
+        elif mode == "control":
+            why = ("Their one-hot embedding was never trained, so they are predicted as the "
+                   "control (no effect; untrained_perturbation='as_is' keeps the untrained "
+                   "embedding, as arc-state does).")
+        else:
+            why = ("Their one-hot embedding was never trained (its random start), so their "
+                   "predicted effects are not learned from data.")
+        if v.pert_features is None:
+            why += (" Perturbation features (pert_features=..., e.g. gene embeddings) let a "
+                    "model predict unseen perturbations.")
         warnings.warn(f"{len(new)} perturbation(s) of the {where} had no training cells: "
                       f"{preview(new)}. {why}", UserWarning, stacklevel=3)
+        if v.pert_features is not None or mode == "as_is":
+            return codes
+        index = {n: i for i, n in enumerate(v.perturbations)}
+        out = codes.copy()
+        out[np.isin(codes, [index[n] for n in new])] = index[v.control_pert]
+        return out
 
     def _set_fitted(self, network, net_cfg, vocab, prepared: PreparedData, set_len: int) -> None:
         self.network_ = network
@@ -972,17 +998,16 @@ class StateTransitionModel(Estimator):
         arr = np.asarray(perturbation)
         if arr.dtype.kind in "USO":
             names = np.atleast_1d(arr).astype(str)
-            codes = self.vocab_.encode("pert", names.reshape(-1)).reshape(names.shape)
-            mat = torch.from_numpy(self.vocab_.pert_matrix())
-            vec = mat[torch.from_numpy(codes)]
-            if vec.ndim == 2:  # one per set
-                vec = vec[:, None, :].expand(b, s, -1) if vec.shape[0] == b else vec[None]
-            return vec.reshape(b, s, -1).float()
+            codes = torch.from_numpy(self.vocab_.encode("pert", names.reshape(-1)))
+            table = pert_table(self.vocab_)
+            if names.ndim == 1 and len(codes) == b:  # one per set
+                return pert_inputs(table, codes)
+            vec = table[codes] if table is not None else torch.nn.functional.one_hot(
+                codes, len(self.vocab_.perturbations)).float()
+            return vec.reshape(b, s, -1)
         vec = torch.as_tensor(arr, dtype=torch.float32)
-        if single and vec.ndim == 1:
-            vec = vec[None]
-        if vec.ndim == 2:
-            vec = vec[:, None, :].expand(b, s, -1)
+        if single and (vec.ndim == 1 or (vec.ndim == 2 and len(vec) == s > 1)):
+            vec = vec[None]  # one set: one vector [P], or one per cell [S, P]
         return vec
 
     def _batch_tensor(self, batch, b: int, s: int, single: bool) -> torch.Tensor:
@@ -1004,7 +1029,7 @@ class StateTransitionModel(Estimator):
                 set_len: int | None = None, windows: str = "balanced",
                 basal_pool: str | None = None, basal_fallback: str = "error",
                 unknown_perturbation: str = "error", unknown_batch: str = "error",
-                predict_controls: bool = True,
+                untrained_perturbation: str = "control", predict_controls: bool = True,
                 all_perts: bool = False,
                 n_cells_per_pert: int | Mapping[str, int] | None = None,
                 perturbations: Sequence[str] | None = None,
@@ -1054,6 +1079,11 @@ class StateTransitionModel(Estimator):
             Labels outside the training vocabulary: ``"error"`` (default, listing them),
             ``"control"`` / ``"zeros"`` for perturbations; ``"first"`` / ``"mean"`` (the mean
             batch embedding) for batches of a model with a batch encoder.
+        untrained_perturbation
+            Known perturbations that had no training cells (e.g. held out), with one-hot
+            perturbations: ``"control"`` (default) predicts them as the control, since their
+            never-trained embedding would add a random effect; ``"as_is"`` uses that embedding
+            (arc-state's behaviour). Warned either way.
         predict_controls
             False copies the control cells into the output instead of predicting them (with a
             gene decoder: from the input's matrix of the decoder's genes; left out, with a
@@ -1119,7 +1149,8 @@ class StateTransitionModel(Estimator):
         for name, value, choices in (
                 ("basal_fallback", basal_fallback, ("error", "all_controls")),
                 ("unknown_perturbation", unknown_perturbation, ("error", "control", "zeros")),
-                ("unknown_batch", unknown_batch, ("error", "first", "mean"))):
+                ("unknown_batch", unknown_batch, ("error", "first", "mean")),
+                ("untrained_perturbation", untrained_perturbation, UNTRAINED_MODES)):
             if value not in choices:
                 raise ConfigError(f"{name}={value!r} is invalid; expected one of "
                                   f"{', '.join(map(repr, choices))}.")
@@ -1179,7 +1210,7 @@ class StateTransitionModel(Estimator):
         pcode = np.full(len(pert), -1, dtype=np.int64)  # (copied controls need no codes)
         bcode = np.zeros(len(pert), dtype=np.int64)
         pcode[~as_is] = encode_perturbations(pert[~as_is], vocab, unknown_perturbation)
-        self._warn_untrained(pcode, "input", vocab)
+        pcode = self._route_untrained(pcode, "input", vocab, untrained_perturbation)
         if self.network_config_.batch_encoder:
             bcode[~as_is] = encode_batches(batch[~as_is], self.vocab_, unknown_batch)
         ctrl_rows = np.flatnonzero(is_ctrl)
@@ -1190,7 +1221,7 @@ class StateTransitionModel(Estimator):
         groups = [Group(g.rows, g.pool, int(pcode[g.rows[0]]), bcode[g.rows], group_key(*g.key))
                   for g in basal_groups(ctx, pert, batch, run_rows, ctrl_rows, ctx_all,
                                         batch_all, pool_mode, basal_fallback)]
-        res = run_groups(self.network_, x_in, groups, vocab.pert_matrix(), len(pert),
+        res = run_groups(self.network_, x_in, groups, pert_table(vocab), len(pert),
                          set_len=int(set_len or self.cell_set_len_), seed=seed,
                          window_mode=windows, device=next(self.network_.parameters()).device,
                          matmul_precision=matmul_precision, sets_per_pass=sets_per_pass)
@@ -1419,6 +1450,7 @@ class StateTransitionModel(Estimator):
                       windows: str = "balanced", controls: str = "predicted",
                       matmul_precision: str = "highest", pseudobulk: bool = False,
                       pert_features: str | Path | Mapping[str, Any] | None = None,
+                      untrained_perturbation: str = "control",
                       ) -> tuple[ad.AnnData, ad.AnnData]:
         """Predict the held-out cells of a split of the fitted spec: ``(adata_pred, adata_real)``.
 
@@ -1445,9 +1477,9 @@ class StateTransitionModel(Estimator):
         pseudobulks (``pearson_delta``, ``mse``, ``mae``, the discrimination scores, …) are the
         same on these rows as on the cells of a log1p model; DE needs the cells.
 
-        ``seed``, ``clip``, ``windows`` and ``pert_features`` (vectors for the split's
+        ``seed``, ``clip``, ``windows``, ``pert_features`` (vectors for the split's
         perturbations without training cells, e.g. held out with no row in the training
-        feature table) as in :meth:`predict`.
+        feature table) and ``untrained_perturbation`` as in :meth:`predict`.
         """
         check_matmul_precision(matmul_precision)
         seed = self._seed(seed)
@@ -1461,14 +1493,15 @@ class StateTransitionModel(Estimator):
         d = prepared.splits[split]
         cells, order = split_groups(prepared, d,
                                     "batch" if self._pairing() == "batch" else "cell_type")
-        groups = [Group(rows, g.pool, int(g.key[1]), d.batch[g.rows], key)
-                  for rows, g, key in cells]
         vocab = self._vocab_with(pert_features)  # (new names are appended: codes unchanged)
-        self._warn_untrained(d.pert[order], f"{split} split", vocab)
+        codes = self._route_untrained(np.array([g.key[1] for _, g, _ in cells], dtype=np.int64),
+                                      f"{split} split", vocab, untrained_perturbation)
+        groups = [Group(rows, g.pool, int(code), d.batch[g.rows], key)
+                  for (rows, g, key), code in zip(cells, codes)]
         v, c = prepared.vocab, self.columns_  # (cell types and batches may be new to the model)
         datasets = split_datasets(prepared, d, order,
                                   np.asarray(v.cell_types, dtype=object)[d.cell_type[order]])
-        run = partial(run_groups, self.network_, d.X, groups, vocab.pert_matrix(),
+        run = partial(run_groups, self.network_, d.X, groups, pert_table(vocab),
                       len(order), set_len=self.cell_set_len_, seed=seed, window_mode=windows,
                       device=next(self.network_.parameters()).device,
                       matmul_precision=matmul_precision)
@@ -1993,8 +2026,8 @@ def _warn_held_out_perturbations(prepared: PreparedData) -> None:
                             for name, c in held.items())
         warnings.warn(
             f"perturbations without training cells in the held-out splits ({listing}): with "
-            "one-hot perturbations the model learns nothing about them, so their predictions "
-            "carry no effect of their own and validating on them measures none. To predict "
+            "one-hot perturbations the model learns nothing about them, so predict gives them "
+            "the control's (no effect) and validating on them measures nothing. To predict "
             "unseen perturbations give pert_features=... (e.g. gene embeddings); to test new "
             "cell types, hold out whole cell types ([zeroshot]) instead.", UserWarning,
             stacklevel=4)

@@ -601,6 +601,21 @@ class ConfidenceToken(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+def pert_linear(layer: nn.Linear, pert: Tensor) -> Tensor:
+    """``layer`` applied to perturbation vectors, or to one-hot vectors given as int64 positions
+    (-1 = the zero vector): a column lookup instead of a P-wide product."""
+    if pert.dtype.is_floating_point:
+        return layer(pert)
+    rows = layer.weight.index_select(1, pert.clamp(min=0)).t()  # [B, out]
+    rows = rows.masked_fill((pert < 0).unsqueeze(-1), 0.0)
+    return rows if layer.bias is None else rows + layer.bias
+
+
+def _per_cell(x: Tensor, pert: Tensor) -> Tensor:
+    """Per-set rows [B,·] of a per-set ``pert`` as [B,1,·] (they broadcast over the set)."""
+    return x if pert.dim() == 3 else x.unsqueeze(1)
+
+
 def _set_mean(x: Tensor, valid_mask: Tensor | None) -> Tensor:
     """Mean over each set's (real) cells, [B, 1, D]."""
     if valid_mask is None:
@@ -678,8 +693,10 @@ class StateTransitionNetwork(nn.Module):
                 decoder_input: Tensor | None = None) -> STOutput:
         """Predict perturbed cells for B sets of S cells.
 
-        basal [B,S,D_in] float, pert [B,S,P] float, batch_index [B,S] int64 (needed with a batch
-        encoder, ignored otherwise; -1 in evaluation mode = the mean of the batch embeddings),
+        basal [B,S,D_in] float, pert [B,S,P] float (one vector per cell, the reference's
+        layout), [B,P] float (one per set) or [B] int64 (one-hot positions, -1 = none),
+        batch_index [B,S] int64 (needed with a batch encoder, ignored otherwise; -1 in
+        evaluation mode = the mean of the batch embeddings),
         valid_mask [B,S] bool (True = real cell; masked positions are not attended to and their
         outputs are zero). With a gene decoder: ``detach_decoder`` decodes the prediction
         without passing gradients back into the network; ``decoder_input`` [B,S,D_out] is
@@ -692,7 +709,7 @@ class StateTransitionNetwork(nn.Module):
             valid_mask = None
 
         e_b = self.basal_encoder(basal)
-        x = self.pert_encoder(pert) + e_b
+        x = self._encode_pert(pert, s) + e_b
         if self.batch_encoder is not None and self.training:
             x = x + self.batch_encoder(batch_index)
         elif self.batch_encoder is not None:  # index -1: the mean embedding (an unseen batch)
@@ -716,9 +733,10 @@ class StateTransitionNetwork(nn.Module):
         elif c.residual_space == "input":  # statetx option: the head predicts the change
             pred = basal + self.project_out(r)
             if self.pert_bias is not None:
-                pred = pred + self.pert_bias(pert)
+                pred = pred + _per_cell(pert_linear(self.pert_bias, pert), pert)
             if self.pert_mean_scale is not None:
-                pred = pred + self.pert_mean_scale(pert) * _set_mean(basal, valid_mask)
+                scale = _per_cell(pert_linear(self.pert_mean_scale, pert), pert)
+                pred = pred + scale * _set_mean(basal, valid_mask)
         else:
             pred = self.project_out(r + e_b)
         if c.output_activation == "relu":
@@ -731,6 +749,24 @@ class StateTransitionNetwork(nn.Module):
                 decoder_input = pred.detach() if detach_decoder else pred
             counts = self.gene_decoder(decoder_input)
         return STOutput(pred=pred, counts=counts, confidence=confidence)
+
+    def _encode_pert(self, pert: Tensor, s: int) -> Tensor:
+        """Encoded perturbations [B,S,h] (or [B,1,h], broadcast over the set).
+
+        A per-set input ([B,P] vectors or [B] one-hot positions) goes through the encoder once
+        per set instead of once per cell; while training, only up to its first active dropout,
+        which then draws independently for every cell, as with per-cell inputs.
+        """
+        layers = list(self.pert_encoder)
+        x = pert_linear(layers[0], pert)
+        per_set = pert.dim() < 3
+        if per_set:
+            x = x.unsqueeze(1)
+        for layer in layers[1:]:
+            if per_set and isinstance(layer, nn.Dropout) and layer.training and layer.p > 0:
+                x, per_set = x.expand(-1, s, -1), False
+            x = layer(x)
+        return x
 
     def _attention_inputs(self, x: Tensor, valid_mask: Tensor | None
                           ) -> tuple[Tensor | None, bool, tuple[Tensor, Tensor] | None]:
@@ -761,17 +797,30 @@ class StateTransitionNetwork(nn.Module):
     def _check_inputs(self, basal: Tensor, pert: Tensor, batch_index: Tensor | None,
                       valid_mask: Tensor | None) -> None:
         c = self.config
-        if basal.dim() != 3 or pert.dim() != 3 or basal.shape[:2] != pert.shape[:2]:
+        b, s = basal.shape[:2] if basal.dim() == 3 else (None, None)
+        if pert.dtype.is_floating_point:
+            ok = (pert.dim() == 3 and pert.shape[:2] == (b, s)) or (pert.dim() == 2
+                                                                    and pert.shape[0] == b)
+        else:
+            ok = pert.dim() == 1 and pert.shape[0] == b and pert.dtype == torch.int64
+        if basal.dim() != 3 or not ok:
             raise DataError(
-                f"basal and pert must be [B, S, ·] tensors with the same B and S, got "
-                f"{tuple(basal.shape)} and {tuple(pert.shape)} (use forward_flat for [N, ·])."
+                f"basal must be a [B, S, ·] tensor and pert [B, S, P] or [B, P] float or [B] "
+                f"int64 (one-hot positions) with the same B (and S), got basal "
+                f"{tuple(basal.shape)} and pert {pert.dtype} {tuple(pert.shape)} (use "
+                f"forward_flat for [N, ·])."
             )
         if basal.shape[-1] != c.input_dim:
             raise DataError(f"basal has width {basal.shape[-1]}, the network expects "
                             f"input_dim={c.input_dim}.")
-        if pert.shape[-1] != c.pert_dim:
+        if pert.dtype.is_floating_point and pert.shape[-1] != c.pert_dim:
             raise DataError(f"pert has width {pert.shape[-1]}, the network expects "
                             f"pert_dim={c.pert_dim}.")
+        if (pert.device.type == "cpu" and not pert.dtype.is_floating_point and len(pert)
+                and not torch.compiler.is_compiling()
+                and (int(pert.min()) < -1 or int(pert.max()) >= c.pert_dim)):
+            raise DataError(f"one-hot pert positions must lie in [-1, {c.pert_dim}) (-1 = no "
+                            f"perturbation), got {int(pert.min())}..{int(pert.max())}.")
         if self.batch_encoder is not None:
             if batch_index is None:
                 raise DataError("this network has a batch encoder: pass batch_index [B, S].")

@@ -35,6 +35,7 @@ from statetx.data import PreparedData, SplitData, batch_in_context, group_labels
 from statetx.errors import ConfigError, DataError
 from statetx.io import gene_names, hvg_names, layer_hint, obs_labels
 from statetx.nn import STOutput
+from statetx.sets import pert_inputs
 from statetx.vocab import Vocab
 
 EXPRESSION_CLIP = (0.0, 14.0)
@@ -217,19 +218,19 @@ class GroupMeans:
 
 @torch.no_grad()
 def run_groups(network: torch.nn.Module, basal_source: np.ndarray | torch.Tensor,
-               groups: Sequence[Group], pert_matrix: np.ndarray, n_out: int, *, set_len: int,
+               groups: Sequence[Group], pert_table: torch.Tensor | None, n_out: int, *,
+               set_len: int,
                seed: int = 42, window_mode: str = "balanced", sets_per_pass: int = 64,
                device: torch.device | str = "cpu", matmul_precision: str = "highest",
                means: GroupMeans | None = None) -> dict[str, np.ndarray | None]:
     """Predict every group; returns ``pred`` [n_out, D_out], optional ``counts`` [n_out, G],
     ``basal_row`` [n_out] (row of basal_source used) and ``set_id`` [n_out]. The network runs
-    at ``matmul_precision`` (validated by the caller, see :func:`check_matmul_precision`).
+    at ``matmul_precision`` (validated by the caller, see :func:`check_matmul_precision`);
+    ``pert_table`` is the vocabulary's (:func:`statetx.sets.pert_table`).
     With ``means`` the outputs go into it instead (``pred`` and ``counts`` are None)."""
     network.eval()
     src = basal_source if isinstance(basal_source, torch.Tensor) else torch.from_numpy(
         np.ascontiguousarray(basal_source, dtype=np.float32))
-    pmat = torch.from_numpy(np.vstack([pert_matrix, np.zeros((1, pert_matrix.shape[1]),
-                                                              dtype=np.float32)]))
     basal_row = np.full(n_out, -1, dtype=np.int64)
     set_id = np.full(n_out, -1, dtype=np.int64)
     sets = []  # (out rows, basal rows, pert index, batch indices)
@@ -255,7 +256,7 @@ def run_groups(network: torch.nn.Module, basal_source: np.ndarray | torch.Tensor
     with heap, matmul_precision_scope(matmul_precision):
         for lo in range(0, len(order), sets_per_pass):
             chunk = [sets[i] for i in order[lo:lo + sets_per_pass]]
-            out = _forward_chunk(network, src, pmat, chunk, device)
+            out = _forward_chunk(network, src, pert_table, chunk, device)
             p = out.pred.float().cpu().numpy()
             c = out.counts.float().cpu().numpy() if decodes else None
             for j, (rows, *_rest) in enumerate(chunk):
@@ -289,7 +290,7 @@ def check_count(name: str, value: object, minimum: int = 1, optional: bool = Tru
                           + (" or None." if optional else "."))
 
 
-def _forward_chunk(network: torch.nn.Module, src: torch.Tensor, pmat: torch.Tensor,
+def _forward_chunk(network: torch.nn.Module, src: torch.Tensor, pert_table: torch.Tensor | None,
                    chunk: list[tuple], device: torch.device | str) -> STOutput:
     """One padded [B, S] pass over a chunk of sets (rows, basal rows, pert index, batches)."""
     s = max(len(c[0]) for c in chunk)
@@ -303,7 +304,7 @@ def _forward_chunk(network: torch.nn.Module, src: torch.Tensor, pmat: torch.Tens
         bidx[j, :len(rows)] = bi
         mask[j, :len(rows)] = True
     basal = src.index_select(0, torch.from_numpy(idx.reshape(-1))).view(b, s, -1).float()
-    pert = pmat[torch.from_numpy(pidx)][:, None, :].expand(b, s, -1)
+    pert = pert_inputs(pert_table, torch.from_numpy(pidx))
     return network(basal.to(device), pert.to(device),
                    batch_index=torch.from_numpy(bidx).to(device),
                    valid_mask=None if mask.all() else torch.from_numpy(mask).to(device))

@@ -109,13 +109,30 @@ class ReadDepthThinning:
         return replace(batch, **new)
 
 
+def pert_table(vocab: Vocab) -> torch.Tensor | None:
+    """The vocabulary's feature table as a float32 tensor, None for one-hot perturbations (see
+    :func:`pert_inputs`)."""
+    feats = vocab.pert_features
+    return None if feats is None else torch.from_numpy(np.asarray(feats, dtype=np.float32))
+
+
+def pert_inputs(table: torch.Tensor | None, codes: torch.Tensor) -> torch.Tensor:
+    """The network's per-set perturbation input for codes ``[B]`` (-1 = no perturbation): the
+    codes themselves for one-hot perturbations (the network looks their columns up, no P x P
+    identity), else the rows of the feature ``table`` ``[B, P]`` (zeros for -1)."""
+    if table is None:
+        return codes
+    rows = table.index_select(0, codes.clamp(min=0))
+    return rows.masked_fill((codes < 0).unsqueeze(-1), 0.0)
+
+
 @dataclass
 class CellSetBatch:
     """One training batch of ``B`` sets of ``S`` cells; tensors are ``[B, S, ·]``."""
 
     basal: torch.Tensor            # [B,S,D] paired control cells (model input)
     target: torch.Tensor           # [B,S,D] real cells of the group (loss target)
-    pert: torch.Tensor             # [B,S,P] perturbation vectors
+    pert: torch.Tensor             # per set: [B] one-hot positions or [B,P] feature vectors
     pert_index: torch.Tensor       # [B,S] int64
     batch_index: torch.Tensor      # [B,S] int64
     cell_type_index: torch.Tensor  # [B,S] int64
@@ -139,13 +156,19 @@ class CellSetBatch:
                 v, torch.Tensor) else v
         return CellSetBatch(**moved)
 
+    def _pert_vectors(self, n_perts: int) -> torch.Tensor:
+        """``pert`` as the reference's per-cell vectors ``[B, S, P]``."""
+        vec = self.pert if self.pert.dtype.is_floating_point else torch.nn.functional.one_hot(
+            self.pert, n_perts).float()
+        return vec[:, None, :].expand(-1, self.pert_index.shape[1], -1)
+
     def to_reference_dict(self, vocab: Vocab) -> dict:
         """The reference's flat layout ([N, ·] rows, one-hot ``batch``), for parity tests."""
         b, s = self.target.shape[:2]
         flat = {
             "pert_cell_emb": self.target.reshape(b * s, -1),
             "ctrl_cell_emb": self.basal.reshape(b * s, -1),
-            "pert_emb": self.pert.reshape(b * s, -1),
+            "pert_emb": self._pert_vectors(len(vocab.perturbations)).reshape(b * s, -1),
             "pert_name": [vocab.perturbations[i] for i in self.pert_index.reshape(-1).tolist()],
             "cell_type": [vocab.cell_types[i] for i in self.cell_type_index.reshape(-1).tolist()],
             "cell_type_onehot": torch.nn.functional.one_hot(
@@ -224,7 +247,7 @@ class CellSetSampler:
         self.pairing, self.drop_last, self.exclude_self = pairing, drop_last, exclude_self
         self.downsample_cells, self.pad_from, self.thinning = downsample_cells, pad_from, thinning
         self.rank, self.world_size = rank, world_size
-        self.pert_matrix = torch.from_numpy(vocab.pert_matrix())
+        self.pert_table = pert_table(vocab)
         self.groups, self.group_pool = self._groups()
         self.pools = self._pools()
         self.fixed_basal = self._fixed_pairs() if fixed_pairs else None
@@ -238,7 +261,8 @@ class CellSetSampler:
         d = self.data
         self._X = d.X.to(self.device)
         self._counts = None if d.counts is None else d.counts.to(self.device)
-        self.pert_matrix = self.pert_matrix.to(self.device)
+        if self.pert_table is not None:
+            self.pert_table = self.pert_table.to(self.device)
         return self
 
     @property
@@ -427,7 +451,7 @@ class CellSetSampler:
         return CellSetBatch(
             basal=self._X.index_select(0, c_idx).view(b, s, -1).float(),
             target=self._X.index_select(0, t_idx).view(b, s, -1).float(),
-            pert=self.pert_matrix[pert_index],
+            pert=pert_inputs(self.pert_table, pert_index[:, 0]),
             pert_index=pert_index,
             batch_index=ints[3],
             cell_type_index=ints[4],

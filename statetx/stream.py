@@ -68,6 +68,8 @@ from statetx.sets import (
     ReadDepthThinning,
     cap_group_cells,
     check_sampler_options,
+    pert_inputs,
+    pert_table,
 )
 from statetx.vocab import Vocab
 
@@ -486,7 +488,7 @@ class StreamingCellSetSampler:
         self.downsample_cells, self.pad_from, self.thinning = downsample_cells, pad_from, thinning
         self.rank, self.world_size = int(rank), int(world_size)
         self.buffer_chunks, self.max_controls = int(buffer_chunks), max_controls
-        self.pert_matrix = torch.from_numpy(vocab.pert_matrix())
+        self.pert_table = pert_table(vocab)
         self.device = torch.device("cpu")
         self.reader, self.counts_reader = data.readers()
         self._width: dict[str | None, int] = {}
@@ -588,7 +590,8 @@ class StreamingCellSetSampler:
         read (only the ``[B, S]`` indices travel per step). Returns ``self``."""
         self.device = torch.device(device)
         self.reservoir_x = self.reservoir_x.to(self.device)
-        self.pert_matrix = self.pert_matrix.to(self.device)
+        if self.pert_table is not None:
+            self.pert_table = self.pert_table.to(self.device)
         return self
 
     @property
@@ -814,7 +817,7 @@ class StreamingCellSetSampler:
         return CellSetBatch(
             basal=self.reservoir_x.index_select(0, ints[0].reshape(-1)).view(b, s, -1).float(),
             target=self._gather(held, targets, window, "x").float(),
-            pert=self.pert_matrix[pert_index],
+            pert=pert_inputs(self.pert_table, pert_index[:, 0]),
             pert_index=pert_index,
             batch_index=ints[2],
             cell_type_index=ints[3],

@@ -208,7 +208,7 @@ def start_at_mean_response(network: StateTransitionNetwork, train: SplitData | S
     def solve(target: np.ndarray) -> np.ndarray:  # [P, ·] weights giving ``target`` rows
         if vocab.pert_features is None:  # one-hot: the rows themselves (lstsq's min-norm answer)
             return np.where(observed[:, None], target, 0.0)
-        feats = vocab.pert_matrix().astype(np.float64)[observed]
+        feats = vocab.pert_features.astype(np.float64)[observed]
         # truncated at 1e-6 of the largest singular value: an ill-conditioned table (e.g. more
         # feature dimensions than trained perturbations) would otherwise give huge weights
         return np.linalg.lstsq(feats, target[observed], rcond=1e-6)[0]

@@ -54,12 +54,6 @@ class Vocab:
         return {n: self.pert_features[row[n]]
                 for n in (self.perturbations if names is None else map(str, names))}
 
-    def pert_matrix(self) -> np.ndarray:
-        """``[n_pert, P]`` float32: identity (one-hot) or the feature table."""
-        if self.pert_features is None:
-            return np.eye(len(self.perturbations), dtype=np.float32)
-        return self.pert_features.astype(np.float32)
-
     def encode(self, kind: str, labels: Sequence[str], on_unknown: str = "error") -> np.ndarray:
         """Labels to int64 indices; unknown ones raise (or give -1 with on_unknown='ignore')."""
         names = {"pert": self.perturbations, "cell_type": self.cell_types,

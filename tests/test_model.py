@@ -119,8 +119,13 @@ def test_predict_sets_shapes_and_consistency(fitted):
     assert one.shape == (5, adata.n_vars)
     alone = model.predict_sets(x[1], "P1")
     np.testing.assert_allclose(alone, out[1], atol=1e-5)
-    vec = model.vocab_.pert_matrix()[[0, 1, 2]]
-    np.testing.assert_allclose(model.predict_sets(x, vec), out, atol=1e-6)
+    onehot = np.eye(len(model.vocab_.perturbations), dtype=np.float32)
+    assert model.vocab_.perturbations[:3] == ["P0", "P1", "P2"]
+    np.testing.assert_allclose(model.predict_sets(x, onehot[[0, 1, 2]]), out, atol=1e-6)
+    # one vector or name per cell
+    np.testing.assert_allclose(model.predict_sets(x[1], onehot[[1] * 8]), out[1], atol=1e-5)
+    np.testing.assert_allclose(model.predict_sets(x, [["P0"] * 8, ["P1"] * 8, ["P2"] * 8]), out,
+                               atol=1e-5)
 
 
 def test_predict_split_same_cells_in_pred_and_real(fitted):
@@ -413,11 +418,28 @@ def test_perturbations_without_training_cells_are_flagged(synth, tmp_path):
         model.predict_split("test")
     loaded = StateTransitionModel.load(model.save(tmp_path / "m"))
     assert loaded.trained_perturbations_ == ["P1", "P2"]
-    with pytest.warns(UserWarning, match="of the input had no training cells: P0"):
-        loaded.predict(synth)
+    with pytest.warns(UserWarning, match="of the input had no training cells: P0.*predicted "
+                                         "as the control"):
+        pred = loaded.predict(synth)
+    with pytest.warns(UserWarning, match="of the input had no training cells: P0.*not learned"):
+        as_is = loaded.predict(synth, untrained_perturbation="as_is")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loaded.predict(synth[synth.obs["gene"] != "P0"].copy())
+    # P0's cells ran as control sets (its embedding is the random start); the rest as before
+    p0 = (synth.obs["gene"] == "P0").to_numpy()
+    np.testing.assert_array_equal(pred.X[~p0], as_is.X[~p0])
+    assert not np.array_equal(pred.X[p0], as_is.X[p0])
+    sets = pred.obs["statetx_set"].to_numpy()
+    for sid in np.unique(sets[p0]):
+        rows = np.flatnonzero(sets == sid)
+        basal = synth[pred.obs["statetx_ctrl_barcode"].to_numpy()[rows]].X
+        expect = np.clip(loaded.predict_sets(basal, "ctrl"), 0, 14)
+        np.testing.assert_allclose(pred.X[rows], expect, atol=1e-5)
+    with pytest.raises(ConfigError, match="untrained_perturbation='zero'.*'as_is'"):
+        loaded.predict(synth, untrained_perturbation="zero")
+    with pytest.raises(ConfigError, match="untrained_perturbation='zero'.*'as_is'"):
+        model.predict_split("test", untrained_perturbation="zero")
 
 
 def test_prediction_keeps_the_input_gene_annotations(fitted):
@@ -1332,3 +1354,36 @@ def test_set_params_entries_and_pickled_feature_dicts(synth):
     other = {p: v + 1 for p, v in feats.items()}
     again = pickle.loads(pickle.dumps(fitted.set_params(pert_features=other)))
     np.testing.assert_array_equal(again.pert_features["P0"], other["P0"])
+
+
+def test_held_out_knockout_is_predicted_as_control_not_a_random_effect(papalexi):
+    """Papalexi THP-1: JAK2 knockout held out of training (one-hot perturbations). Its
+    embedding never trained, so by default it is predicted as the control (no shift), where its
+    random start would add an effect unrelated to the real one (STAT1 falls in the knockout)."""
+    import scanpy as sc
+
+    keep = ["non-targeting", "IFNGR1", "IFNGR2", "JAK2", "STAT1", "IRF1"]
+    a = papalexi[papalexi.obs["target_gene"].isin(keep)].copy()
+    a.X = a.layers["counts"].copy()
+    sc.pp.normalize_total(a)
+    sc.pp.log1p(a)
+    spec = {"training": {"papalexi": "train"},
+            "fewshot": {"papalexi.THP-1": {"test": ["JAK2"]}}}
+    m = StateTransitionModel("small", pert_col="target_gene", cell_type_key="cell_type",
+                             control_pert="non-targeting", cell_set_len=32, batch_size=8,
+                             max_steps=40, progress=False, seed=0,
+                             device="cpu").fit(a, spec, dataset_name="papalexi")
+    stat1 = list(a.var_names).index("STAT1")
+    preds = {}
+    for mode in ("control", "as_is"):
+        with pytest.warns(UserWarning, match="no training cells: JAK2"):
+            preds[mode], real = m.predict_split("test", untrained_perturbation=mode)
+    jak2 = (real.obs["target_gene"] == "JAK2").to_numpy()
+    real_delta = np.asarray(real.X[jak2].mean(0) - real.X[~jak2].mean(0)).ravel()
+    assert real_delta[stat1] < -0.5  # the knockout's known effect
+    pred = preds["control"].X
+    delta = np.asarray(pred[jak2].mean(0) - pred[~jak2].mean(0)).ravel()
+    assert abs(delta[stat1]) < 0.1 * abs(real_delta[stat1])  # no shift (controls drawn alike)
+    # the same basal draws: only the knockout's cells change with the mode
+    np.testing.assert_array_equal(preds["as_is"].X[~jak2], pred[~jak2])
+    assert not np.allclose(preds["as_is"].X[jak2], pred[jak2], atol=1e-4)

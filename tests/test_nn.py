@@ -403,6 +403,46 @@ def test_pert_skip_shift_and_mean_affine_math():
     torch.testing.assert_close(net(basal[:, perm], pert[:, perm]).pred, expect[:, perm])
 
 
+@pytest.mark.parametrize("kw", [{}, {"residual_space": "input", "pert_skip": "mean_affine",
+                                      "output_activation": "none"}])
+def test_per_set_perturbation_inputs_equal_per_cell_vectors(kw):
+    """[B] one-hot positions and [B,P] vectors give what [B,S,P] per-cell vectors give: in
+    evaluation, and in training with the same dropout draws (one per cell) and gradients."""
+    net = make(n_encoder_layers=3, **kw)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # pert_skip starts at zero
+    basal = inputs(b=3, s=5)[0]
+    codes = torch.tensor([1, 4, -1])  # -1: no perturbation (the zero vector)
+    per_cell = torch.zeros(3, 5, 5)
+    per_cell[0, :, 1] = per_cell[1, :, 4] = 1.0
+    vectors = torch.randn(3, 5)
+    for train in (False, True):
+        net.train(train)
+        outs = {}
+        forms = [("cells", per_cell), ("codes", codes), ("vectors", vectors),
+                 ("vector cells", vectors[:, None].expand(3, 5, 5))]
+        for name, pert in forms:
+            net.zero_grad()
+            torch.manual_seed(3)
+            pred = net(basal, pert).pred
+            pred.square().sum().backward()
+            outs[name] = (pred, [p.grad.clone() for p in net.parameters()])
+        for a, b in [("cells", "codes"), ("vector cells", "vectors")]:
+            torch.testing.assert_close(outs[a][0], outs[b][0], rtol=1e-5, atol=1e-6)
+            for ga, gb in zip(outs[a][1], outs[b][1]):
+                torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+        if train:  # dropout draws differ per cell of a set
+            enc = net._encode_pert(codes, 5)
+            assert enc.shape == (3, 5, 32) and not torch.equal(enc[0, 0], enc[0, 1])
+        else:
+            assert net._encode_pert(codes, 5).shape == (3, 1, 32)  # once per set
+    with pytest.raises(DataError, match=r"one-hot pert positions must lie in \[-1, 5\)"):
+        net(basal, torch.tensor([0, 5, 1]))
+    with pytest.raises(DataError, match="int64"):
+        net(basal, codes[:2])
+
+
 def test_pert_skip_needs_input_residual_and_a_known_value():
     with pytest.raises(ConfigError, match="pert_skip 'shift'.*residual_space 'input'"):
         make(pert_skip="shift")

@@ -91,20 +91,20 @@ def test_batch_shapes_and_contents(syn):
     b = next(iter(s.batches(0)))
     assert isinstance(b, CellSetBatch)
     assert b.basal.shape == b.target.shape == (3, 4, D)
-    assert b.pert.shape == (3, 4, P)
+    assert b.pert.shape == (3,) and b.pert.dtype == torch.int64  # one-hot positions, per set
     for t in (b.pert_index, b.batch_index, b.cell_type_index):
         assert t.shape == (3, 4) and t.dtype == torch.int64
     assert b.target_rows.shape == b.basal_rows.shape == (3, 4)
-    assert b.basal.dtype == b.target.dtype == b.pert.dtype == torch.float32
+    assert b.basal.dtype == b.target.dtype == torch.float32
     assert b.n_cells == 12 and b.counts is None
     # tensors are the rows the indices name
     torch.testing.assert_close(b.target, d.X[torch.from_numpy(b.target_rows)])
     torch.testing.assert_close(b.basal, d.X[torch.from_numpy(b.basal_rows)])
     np.testing.assert_array_equal(b.pert_index.numpy(), d.pert[b.target_rows])
     np.testing.assert_array_equal(b.batch_index.numpy(), d.batch[b.target_rows])
-    # one-hot perturbation vectors
-    assert (b.pert.sum(-1) == 1).all()
-    np.testing.assert_array_equal(b.pert.argmax(-1).numpy(), b.pert_index.numpy())
+    # every set is one perturbation: its one-hot position is each cell's perturbation index
+    np.testing.assert_array_equal(b.pert[:, None].expand(3, 4).numpy(), b.pert_index.numpy())
+    assert int(b.pert.max()) < P
     assert b.pert_name == [syn.vocab.perturbations[i] for i in b.pert_index[:, 0].tolist()]
     assert b.cell_type == [syn.vocab.cell_types[i] for i in b.cell_type_index[:, 0].tolist()]
 
