@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from statetx.errors import ConfigError
+
 # loss options (spec model.md §10): the set loss's own, and those of the whole training loss
 SET_LOSS_OPTIONS = ("blur", "sinkhorn_weight", "energy_weight", "mmd_num_chunks",
                     "randomize_mmd_chunks")
@@ -62,6 +64,19 @@ def unknown_option_message(what: str, key: str, valid: Iterable[str],
     valid = list(valid)
     hints = did_you_mean(key, list(suggest_from) if suggest_from is not None else valid)
     return f"unknown {what} {key!r}.{hints} Valid options: {', '.join(valid)}."
+
+
+def as_count(name: str, value: object, minimum: int = 1, optional: bool = False) -> int | None:
+    """An integer option (steps, a seed, a cell count) of at least ``minimum`` as an int (a
+    float only when integral, e.g. ``1e5``); None passes when ``optional``."""
+    if value is None and optional:
+        return None
+    integral = isinstance(value, (int, np.integer)) or (
+        isinstance(value, (float, np.floating)) and float(value).is_integer())
+    if isinstance(value, bool) or not integral or value < minimum:
+        raise ConfigError(f"{name}={value!r} is invalid; expected an integer >= {minimum}"
+                          + (" or None." if optional else "."))
+    return int(value)
 
 
 def names_list(names: str | Iterable[object]) -> list[str]:

@@ -37,7 +37,7 @@ import pandas as pd
 from sklearn.exceptions import NotFittedError
 
 from statetx._params import Estimator
-from statetx._utils import deepcopy_sharing, preview
+from statetx._utils import as_count, deepcopy_sharing, preview
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
     DataInput,
@@ -305,7 +305,7 @@ class _Baseline(Estimator):
         control = c.control_pert if control_pert is None else str(control_pert)  # as in fit
         basal_pool = no_cell_types(cell_type_col, basal_pool)
         ct_col = None if cell_type_col is False else (cell_type_col or c.cell_type_key)
-        seed = int(self.seed if seed is None else seed)
+        seed = as_count("seed", self.seed if seed is None else seed, 0)
         if basal_fallback not in ("error", "all_controls"):
             raise ConfigError(f"basal_fallback={basal_fallback!r} is invalid; expected 'error' "
                               "or 'all_controls'.")
@@ -365,7 +365,7 @@ class _Baseline(Estimator):
         if split not in prepared.splits:
             raise DataError(f"the fitted split spec has no '{split}' split (available: "
                             f"{', '.join(prepared.splits)}).")
-        seed = int(self.seed if seed is None else seed)
+        seed = as_count("seed", self.seed if seed is None else seed, 0)
         d, v, c = prepared.splits[split], prepared.vocab, self.columns_
         perts = np.asarray(v.perturbations, dtype=object)
         cts = np.asarray(v.cell_types, dtype=object)

@@ -475,6 +475,8 @@ def _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_
     counts = None if counts_src is False else np.concatenate(
         [a.file.read_rows(rows, counts_src, np_dtype) for a, rows in files])
     _check_finite(x, split, expression=src in (None, "X_hvg"))
+    if counts is not None:
+        _check_finite(counts, split, expression=True, what="gene-space target")
     is_target = ~cat["is_control"] | bool(yield_controls)
     if not is_target.any():
         return None
@@ -560,13 +562,14 @@ def split_datasets(prepared: PreparedData, split: SplitData, rows: np.ndarray,
     return names
 
 
-def _check_finite(x: np.ndarray, split: str, expression: bool) -> None:
+def _check_finite(x: np.ndarray, split: str, expression: bool, what: str | None = None) -> None:
+    what = what or ("expression" if expression else "input")
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         n = int(bad.sum())
         raise DataError(f"{n} cell{'s' if n > 1 else ''} of the {split} split "
-                        f"{'have' if n > 1 else 'has'} NaN or Inf expression "
-                        "values. Remove or repair them before training.")
+                        f"{'have' if n > 1 else 'has'} NaN or Inf {what} values. Remove or "
+                        "repair them before training.")
     if expression and (x < 0).any():  # embeddings (PCA, scVI, ...) may well be negative
-        warnings.warn(f"the {split} split has negative expression values; ST expects "
-                      "non-negative log1p expression unless an embedding is used.", stacklevel=3)
+        warnings.warn(f"the {split} split has negative {what} values; ST expects non-negative "
+                      "log1p expression unless an embedding is used.", stacklevel=3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +29,11 @@ _CONTROL_HINT = re.compile(
     r"non.?targeting|control|ctrl|dmso|pbs|vehicle|(^|[^a-z])nt([^a-z]|$)", re.I
 )
 READ_BLOCK_ROWS = 4096
+
+
+def control_like(labels: Iterable[object]) -> list[str]:
+    """The labels that look like controls (non-targeting, control, DMSO, NT, ...), sorted."""
+    return sorted(str(x) for x in set(labels) if _CONTROL_HINT.search(str(x)))
 
 
 def _plain_strings(df: pd.DataFrame) -> pd.DataFrame:
@@ -374,7 +379,7 @@ def resolve_control(files: Sequence[DataFile], control_pert: str | None, pert_co
         found = [c for c in CONTROL_DEFAULTS if c in labels]
         if pert_col == TAHOE_PERT_COL and TAHOE_CONTROL in labels:
             found = [TAHOE_CONTROL]  # the Tahoe rule (as arc-state's training command)
-        hint = sorted(x for x in labels if _CONTROL_HINT.search(x))
+        hint = control_like(labels)
         if len(found) == 1:
             print(f"statetx: using control_pert={found[0]!r} (found in obs['{pert_col}']).")
             control_pert = found[0]  # (every file must have it: checked below)
@@ -390,7 +395,7 @@ def resolve_control(files: Sequence[DataFile], control_pert: str | None, pert_co
     datasets = {f.dataset for f in files}
     for f in files:
         if control_pert not in set(f.pert):
-            hint = sorted(x for x in set(f.pert) if _CONTROL_HINT.search(x))
+            hint = control_like(f.pert)
             raise DataError(
                 f"control_pert '{control_pert}' is not a value of obs['{pert_col}'] in {f.label}"
                 + (f" (dataset '{f.dataset}')." if len(datasets) > 1 else ".")

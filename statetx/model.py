@@ -25,6 +25,7 @@ from sklearn.exceptions import NotFittedError
 
 from statetx._params import Estimator
 from statetx._utils import (
+    as_count,
     deepcopy_sharing,
     did_you_mean,
     history_frame,
@@ -457,9 +458,7 @@ class StateTransitionModel(Estimator):
 
     def _seed(self, seed: int | None) -> int:
         """A prediction's seed: as given, else the estimator's."""
-        seed = int(self.seed) if seed is None else seed
-        check_count("seed", seed, 0, optional=False)
-        return seed
+        return as_count("seed", self.seed if seed is None else seed, 0)
 
     def _needs_batch(self, basal_pool: str | None) -> bool:
         """Whether predicting needs the input's batch labels (a batch encoder, or basal cells
@@ -479,11 +478,11 @@ class StateTransitionModel(Estimator):
             weight_decay=float(self.weight_decay), lr_schedule=self.lr_schedule,
             weight_averaging=settings.get("weight_averaging", "none"),
             averaging_start=self.averaging_start,
-            warmup_steps=int(self.warmup_steps), gradient_clip_val=self.gradient_clip_val,
-            gradient_accumulation_steps=int(self.gradient_accumulation_steps), loss=self.loss,
+            warmup_steps=self.warmup_steps, gradient_clip_val=self.gradient_clip_val,
+            gradient_accumulation_steps=self.gradient_accumulation_steps, loss=self.loss,
             **split_loss_kwargs(self.loss_kwargs),
-            val_freq=int(self.val_freq), ckpt_every_n_steps=int(self.ckpt_every_n_steps),
-            log_every_n_steps=int(self.log_every_n_steps),
+            val_freq=self.val_freq, ckpt_every_n_steps=self.ckpt_every_n_steps,
+            log_every_n_steps=self.log_every_n_steps,
             keep_last_n=self.keep_last_n, early_stopping_patience=self.early_stopping_patience,
             precision=self.precision, matmul_precision=self.matmul_precision,
             compile=bool(self.compile), compile_mode=self.compile_mode,

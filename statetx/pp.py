@@ -20,6 +20,7 @@ import scipy.sparse as sp
 
 from ._utils import did_you_mean, looks_log1p, names_list, preview, sample_rows, to_dense_f32
 from .errors import ConfigError, DataError
+from .io import control_like
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -35,9 +36,6 @@ __all__ = [
 logger = logging.getLogger("statetx.pp")
 
 Matrix = np.ndarray | sp.spmatrix
-_CONTROL_HINTS = (
-    "non-targeting", "nontargeting", "control", "ctrl", "nt", "dmso", "pbs", "vehicle",
-)
 _HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3")
 
 
@@ -97,9 +95,9 @@ def _check_control(labels: np.ndarray, col: str, control: str) -> np.ndarray:
     is_ctrl = labels == str(control)
     if not is_ctrl.any():
         uniq = pd.unique(labels)
-        hints = [u for u in uniq if any(h in str(u).lower() for h in _CONTROL_HINTS)]
+        hints = control_like(uniq)
         hint = (
-            f" Values that look like controls: {', '.join(repr(h) for h in hints[:5])}."
+            f" Values that look like controls: {preview(hints, 5)}."
             if hints
             else did_you_mean(control, uniq)
         )

@@ -25,6 +25,7 @@ import torch
 from statetx._heap import retained_heap
 from statetx._utils import (
     MATMUL_PRECISIONS,
+    as_count,
     did_you_mean,
     looks_log1p,
     matmul_precision_scope,
@@ -283,11 +284,7 @@ def check_matmul_precision(value: object) -> str:
 
 def check_count(name: str, value: object, minimum: int = 1, optional: bool = True) -> None:
     """An integer option (a seed, a set length, a cell count) of at least ``minimum``."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name}={value!r} is invalid; expected an integer >= {minimum}"
-                          + (" or None." if optional else "."))
+    as_count(name, value, minimum, optional)
 
 
 def _forward_chunk(network: torch.nn.Module, src: torch.Tensor, pert_table: torch.Tensor | None,

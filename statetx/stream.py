@@ -129,9 +129,12 @@ class BlockReader:
     ``max_block_rows`` and ``rows_read`` record what was read.
     """
 
-    def __init__(self, files: list[DataFile], source: str | None, dtype=np.float32) -> None:
+    def __init__(self, files: list[DataFile], source: str | None, dtype=np.float32,
+                 expression: bool | None = None) -> None:
         self.files, self.source, self.dtype = files, source, dtype
         self.key = "X" if source is None else f"obsm/{source}"
+        # negative values are warned about in expression only (embeddings may well be negative)
+        self.expression = source in (None, "X_hvg") if expression is None else expression
         self._h5: dict[int, tuple[h5py.File, object]] = {}
         self.rows_read = 0
         self.max_block_rows = 0
@@ -180,7 +183,8 @@ class BlockReader:
                             + (f" ({int(bad.sum())} such cells among {len(rows)} read together)"
                                if bad.sum() > 1 else "")
                             + ". Remove or repair those cells.")
-        if not self._warned_negative and values.size and values.min() < 0:
+        if (self.expression and not self._warned_negative and values.size
+                and values.min() < 0):
             self._warned_negative = True
             i = rows[int(np.flatnonzero((values < 0).any(axis=1))[0])]
             warnings.warn(f"{split.files[int(split.file_index[i])].label} has negative values in "
@@ -276,7 +280,7 @@ class StreamSplit:
 
     def readers(self) -> tuple[BlockReader, BlockReader | None]:
         """Readers of the input representation and of the gene-space target (or None)."""
-        counts = (BlockReader(self.files, self.counts_source, self.dtype)
+        counts = (BlockReader(self.files, self.counts_source, self.dtype, expression=True)
                   if self.has_counts else None)
         return BlockReader(self.files, self.source, self.dtype), counts
 

@@ -39,6 +39,7 @@ from statetx._heap import retained_heap
 from statetx._utils import (
     COMPILE_MODES,
     MATMUL_PRECISIONS,
+    as_count,
     atomic_write,
     changed_params,
     comparable,
@@ -139,16 +140,12 @@ class TrainConfig:
             self.gradient_clip_val = None
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"weight_decay={self.weight_decay!r} must be a finite number >= 0.")
-        for key in ("max_steps", "val_freq", "ckpt_every_n_steps", "gradient_accumulation_steps",
-                    "log_every_n_steps"):
-            if int(getattr(self, key)) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)!r} must be a positive integer.")
-        for key, low in (("keep_last_n", 0), ("early_stopping_patience", 1),
-                         ("warmup_steps", 0)):
-            value = getattr(self, key)
-            if value is not None and int(value) < low:
-                raise ConfigError(f"{key}={value!r} must be an integer >= {low}"
-                                  + (" (or None)." if key != "warmup_steps" else "."))
+        for key, low, optional in (
+                ("max_steps", 1, False), ("val_freq", 1, False), ("ckpt_every_n_steps", 1, False),
+                ("gradient_accumulation_steps", 1, False), ("log_every_n_steps", 1, False),
+                ("warmup_steps", 0, False), ("keep_last_n", 0, True),
+                ("early_stopping_patience", 1, True)):
+            setattr(self, key, as_count(key, getattr(self, key), low, optional))
         for key in ("progress", "compile", "detach_decoder"):
             check_flag(key, getattr(self, key))
 

@@ -26,7 +26,7 @@ import scipy.sparse as sp
 import torch
 from conftest import make_synthetic
 from sklearn.exceptions import NotFittedError
-from test_model import SMALL, TINY_CLI
+from test_model import SMALL, SPEC, TINY_CLI
 
 from statetx import StateTransitionModel
 from statetx.cli import main
@@ -600,7 +600,7 @@ def test_pp_functions_bad_inputs(adata):
     with pytest.raises(DataError, match=r"layer 'counts' not found"):
         preprocess_train(adata, 10, layer="counts")
     with pytest.raises(DataError, match=r"control label 'DMSO' is not a value of obs\['gene'\].*"
-                                        "'ctrl'"):
+                                        "look like controls: ctrl"):
         make_control_template(adata, "gene", "DMSO", "cell_type")
     with pytest.raises(DataError, match=r"obs column 'target'"):
         filter_on_target_knockdown(adata, "target", "ctrl")
@@ -651,9 +651,13 @@ def test_python_m_statetx_bad_split_file(tmp_path):
     ({"loss_kwargs": {"blurr": 0.1}}, r"unknown option 'blurr'"),
     ({"yield_controls": "no"}, r"yield_controls='no' must be True or False"),
     ({"progress": "yes"}, r"progress='yes' must be True or False"),
-    ({"keep_last_n": -1}, r"keep_last_n=-1 must be an integer >= 0"),
-    ({"early_stopping_patience": 0}, r"early_stopping_patience=0 must be an integer >= 1"),
-    ({"warmup_steps": -3}, r"warmup_steps=-3 must be an integer >= 0"),
+    ({"keep_last_n": -1}, r"keep_last_n=-1 is invalid; expected an integer >= 0 or None"),
+    ({"early_stopping_patience": 0}, r"early_stopping_patience=0 is invalid; expected an integer "
+                                     r">= 1 or None"),
+    ({"warmup_steps": -3}, r"warmup_steps=-3 is invalid; expected an integer >= 0\."),
+    ({"max_steps": 2.5}, r"max_steps=2.5 is invalid; expected an integer >= 1"),
+    ({"val_freq": True}, r"val_freq=True is invalid"),
+    ({"warmup_steps": "3"}, r"warmup_steps='3' is invalid"),
     ({"weight_decay": -1}, r"weight_decay=-1.0 must be a finite number >= 0"),
 ])
 def test_failed_refit_keeps_the_fitted_model_and_writes_nothing(model, adata, tmp_path, bad,
@@ -733,10 +737,23 @@ def test_fit_integer_options_are_checked_before_loading(adata, tmp_path, bad, ma
     ({"basal_fallback": "nearest"}, r"basal_fallback='nearest' is invalid"),
     ({"unknown_batch": "last"}, r"unknown_batch='last' is invalid.*'mean'"),
     ({"unknown_perturbation": "drop"}, r"unknown_perturbation='drop' is invalid"),
+    ({"untrained_perturbation": "zeros"}, r"untrained_perturbation='zeros' is invalid.*'as_is'"),
 ])
 def test_predict_options_are_checked_up_front(model, adata, opts, match):
     with pytest.raises(ConfigError, match=match):
         model.predict(adata, **opts)
+
+
+def test_baseline_seed_is_checked(adata):
+    from statetx.baselines import ContextMeanBaseline
+
+    b = ContextMeanBaseline(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl")
+    b.fit(adata, SPEC)
+    for seed in (-1, 1.5, "7"):
+        with pytest.raises(ConfigError, match=f"seed={seed!r} is invalid; expected an integer"):
+            b.predict(adata, seed=seed)
+    with pytest.raises(ConfigError, match="seed=-2 is invalid"):
+        b.set_params(seed=-2).predict_split("test")
 
 
 def test_unknown_batch_mean_uses_the_mean_batch_embedding(adata):

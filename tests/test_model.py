@@ -405,6 +405,23 @@ def test_embedding_input_with_log1p_gene_output(synth_embedding):
     assert not counts.fit(raw, SPEC).is_log1p_  # (the override, data.md §2)
 
 
+@pytest.mark.parametrize("loading", ["memory", "stream"])
+def test_bad_gene_space_targets_and_negative_embeddings(synth_embedding, loading):
+    """The gene-space target (X, with an embedding input) is checked for NaN in memory as when
+    streamed; an embedding's negative values are not warned about either way."""
+    opts = dict(embed_key="X_pca", output_space="all", max_steps=1, data_loading=loading,
+                model_kwargs={**SMALL, "gene_decoder_bool": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*padding")
+        small_model(**opts).fit(synth_embedding, SPEC)
+    bad = synth_embedding.copy()
+    row = int(np.flatnonzero((bad.obs["cell_type"] != "CT2").to_numpy())[0])
+    bad.X[row, 3] = np.nan
+    with pytest.raises(DataError, match=r"NaN or Inf (gene-space target )?values"):
+        small_model(**opts).fit(bad, SPEC)
+
+
 def test_perturbations_without_training_cells_are_flagged(synth, tmp_path):
     """A perturbation held out in every cell type was never trained: predict, predict_split and
     a reloaded model say so; trained ones do not warn."""

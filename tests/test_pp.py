@@ -92,8 +92,14 @@ def test_knockdown_options_and_errors():
         pp.filter_on_target_knockdown(a, "gene", "ctrl", var_gene_name=None)
     with pytest.raises(DataError, match="symbol"):
         pp.filter_on_target_knockdown(a, "gene", "ctrl", var_gene_name="symbol")
-    with pytest.raises(DataError, match="'control'.*Values that look like controls: 'ctrl'"):
+    with pytest.raises(DataError, match="'control'.*Values that look like controls: ctrl\\."):
         pp.filter_on_target_knockdown(a, "gene", "control", var_gene_name="gene_name")
+    # gene symbols holding "nt" are not control-like (token match, as the training loader's)
+    b = a.copy()
+    b.obs["gene"] = b.obs["gene"].astype(str).replace({"ctrl": "NT"})
+    b.obs.loc[b.obs_names[:2], "gene"] = ["NTRK1", "ANTXR1"]
+    with pytest.raises(DataError, match=r"Values that look like controls: NT\.$"):
+        pp.filter_on_target_knockdown(b, "gene", "control", var_gene_name="gene_name")
     with pytest.raises(DataError, match="layer 'counts'"):
         pp.filter_on_target_knockdown(a, "gene", "ctrl", layer="counts")
     # layer option: filter on the layer, X untouched
