@@ -315,6 +315,8 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
           "or 'DMSO_TF', when exactly one of them is present)")
     _flag(s, "--embed-key", default=None)
     _flag(s, "--output-space", default="all", choices=ARCH_CHOICES["output_space"])
+    _flag(s, "--allow-counts", action="store_true", help="accept count-scale expression with "
+          "output space 'all' (as data.kwargs.allow_counts=true for tx train)")
     s.set_defaults(func=cmd_split)
 
 
@@ -688,10 +690,9 @@ def _dry_run(plan: Any) -> int:
     return EXIT_OK
 
 
-def _prepare_split(toml: Path, columns: Any, model: Any = None) -> Any:
+def _prepare_split(toml: Path, columns: Any, model: Any = None, **kw: Any) -> Any:
     from statetx.stream import preparer
 
-    kw: dict[str, Any] = {}
     stream = model is not None and model.data_loading == "stream"  # (the training split's labels)
     if model is not None:
         kw = dict(pert_features=model.pert_features, **model._data_options())
@@ -736,7 +737,7 @@ def cmd_split(a: argparse.Namespace) -> int:
     cols = ColumnMap.build(pert_col=a.pert_col, cell_type_key=a.cell_type_key,
                            batch_col=a.batch_col, control_pert=a.control_pert,
                            embed_key=a.embed_key, output_space=a.output_space)
-    _prepare_split(toml, cols)
+    _prepare_split(toml, cols, allow_counts=a.allow_counts)
     return EXIT_OK
 
 

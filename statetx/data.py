@@ -265,7 +265,8 @@ def prepare(
             f"output_space='all' expects log1p-normalised {where}, but {where} of "
             f"{files[0].label} does not look like it (integers, or values of 15 and more). Run "
             "statetx.pp.preprocess_train (or scanpy normalize_total + log1p) first, or pass "
-            "allow_counts=True (data.kwargs.allow_counts=true) to train on counts."
+            "allow_counts=True (data.kwargs.allow_counts=true; tx split --allow-counts) to "
+            "train on counts."
         )
     if vocab is None:
         feats = pert_features

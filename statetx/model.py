@@ -1165,7 +1165,7 @@ class StateTransitionModel(Estimator):
         expression_in = c.embed_key in (None, "X_hvg")
         if expression_in:
             src = c.embed_key if c.embed_key in adata.obsm else "X"  # (X_hvg falls back to X)
-            check_scale(x_in, self.is_log1p_, f"input ({src})")
+            check_scale(x_in, self.is_log1p_, f"input ({src})", getattr(self, "target_sum_", None))
         pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
                                           self.vocab_.cell_types, cell_type_col is not None,
                                           pool_mode == "all")

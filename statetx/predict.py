@@ -519,8 +519,10 @@ def control_depths(x: np.ndarray | torch.Tensor, cell_types: np.ndarray,
     return out
 
 
-def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input") -> None:
-    """Error when the input scale (counts, scaled or log1p) differs from the training data's."""
+def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input",
+                target_sum: float | None = None) -> None:
+    """Error when the input scale (counts, scaled or log1p) differs from the training data's
+    (``target_sum``: the training data's normalisation total, named in the advice)."""
     lowest = float(x.min(initial=0))
     if lowest < 0 and trained_log1p:
         raise DataError(f"the {where} has negative values (down to {lowest:.4g}): it looks scaled "
@@ -534,9 +536,13 @@ def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input") -> Non
     top = float(s.max(initial=0))
     integers = bool(np.all(np.abs(s - np.round(s)) < 1e-6))
     if trained_log1p and integers and top > 0:
+        how = ("statetx.pp.preprocess_train or scanpy normalize_total + log1p" if not target_sum
+               else f"statetx.pp.preprocess_train(adata, target_sum={target_sum:g}), tx "
+               f"preprocess_train --target-sum {target_sum:g}, or scanpy normalize_total("
+               f"target_sum={target_sum:g}) + log1p: the training data's total")
         raise DataError(f"the {where} looks like raw counts (integers, max {top:.0f}); the "
-                        "model was trained on log1p-normalised values. Normalise it first (e.g. "
-                        "statetx.pp.preprocess_train or scanpy normalize_total + log1p).")
+                        f"model was trained on log1p-normalised values. Normalise it first "
+                        f"({how}).")
     if trained_log1p and top > 15:
         raise DataError(f"the {where} has values up to {top:.4g}, far above log1p scale; "
                         "the model was trained on log1p-normalised values. If it is normalised "
@@ -561,10 +567,13 @@ def encode_perturbations(labels: np.ndarray, vocab: Vocab, unknown: str) -> np.n
             raise DataError(
                 f"{len(counts)} perturbation label(s) are not in the model's vocabulary: {listing}."
                 f"{did_you_mean(counts.index[0], vocab.perturbations)} "
+                + "Cells without a real perturbation (e.g. 'unassigned' guides) should be "
+                "dropped first. "
                 + ("The model reads perturbation features: give their vectors with "
                    "pert_features={label: vector}, or pass " if vocab.pert_features is not None
                    else "Pass ")
-                + "unknown_perturbation='control' or 'zeros' to predict them anyway."
+                + "unknown_perturbation='control' or 'zeros' (tx infer --unknown-perturbation) "
+                "to predict them anyway."
             )
         if unknown == "control":
             codes[bad] = vocab.perturbations.index(vocab.control_pert)

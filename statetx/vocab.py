@@ -8,6 +8,7 @@ file (e.g. ESM2 gene embeddings), in which case the file's order is kept.
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -211,7 +212,7 @@ def feature_table(features: dict[str, np.ndarray], observed: Sequence[str], cont
     missing_pert = [n for n in missing if n != control]
     if missing_pert:
         msg = (f"{len(missing_pert)} perturbation(s) have no feature vector: "
-               f"{preview(missing_pert)}.{did_you_mean(missing_pert[0], names)}")
+               f"{preview(missing_pert)}.{_spelling_variants(missing_pert, names)}")
         if on_missing == "error":
             raise DataError(msg + " Add them to the file or pass on_missing_features='zeros'.")
         warnings.warn(msg + " They get zero vectors (like the control, if it has none): the "
@@ -224,6 +225,17 @@ def feature_table(features: dict[str, np.ndarray], observed: Sequence[str], cont
         bad = [n for i, n in enumerate(names) if not np.isfinite(table[i]).all()]
         raise DataError(f"perturbation feature vectors contain NaN/Inf for: {preview(bad)}.")
     return names + missing, table
+
+
+def _spelling_variants(missing: Sequence[str], names: Sequence[str]) -> str:
+    """`` Did you mean …?`` for table names spelled like missing ones but for case and
+    separators ('A+B' / 'a_b'); near-misses between gene symbols (IFNGR1 / IFNGR2) are no hint."""
+    def key(n: str) -> str:
+        return re.sub(r"[\W_]+", "", n).lower()
+
+    by_key = {key(n): n for n in names}
+    found = [f"'{by_key[key(m)]}' for '{m}'" for m in missing if key(m) in by_key][:3]
+    return f" Did you mean: {', '.join(found)}?" if found else ""
 
 
 def load_pert_features(path: str | Path) -> dict[str, np.ndarray]:

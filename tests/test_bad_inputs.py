@@ -185,6 +185,11 @@ def test_predict_scale_mismatch_both_ways(model, adata):
     low.X = np.minimum(low.X, 10)
     with pytest.raises(DataError, match=r"looks like raw counts \(integers, max 10\)"):
         model.predict(low)
+    normalised = pickle.loads(pickle.dumps(model))
+    normalised.target_sum_ = 188.0  # the total preprocess_train normalised the training data to
+    with pytest.raises(DataError, match=r"preprocess_train\(adata, target_sum=188\), tx "
+                                        r"preprocess_train --target-sum 188"):
+        normalised.predict(counts)
     counts_model = pickle.loads(pickle.dumps(model))
     counts_model.is_log1p_ = False  # what a model trained on raw counts records
     with pytest.raises(DataError, match="looks log1p-normalised but the model was trained on raw"):

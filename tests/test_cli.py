@@ -497,6 +497,16 @@ def test_dry_run_and_split(data, tmp_path, capsys):
     assert main(["tx", "split", "--toml", str(data / "split.toml"), "--control-pert", "ctrl"]) == 0
     assert "test" in capsys.readouterr().out
     assert main(["split", "--toml", str(data / "nope.toml")]) == 2
+    # counts with output space 'all': refused with the flag that accepts them, which does
+    counts = _synthetic()
+    counts.X = np.round(np.expm1(counts.X) * 20).astype(np.float32)
+    counts.write_h5ad(tmp_path / "data.h5ad")
+    (tmp_path / "split.toml").write_text(SPLIT)
+    split = ["tx", "split", "--toml", str(tmp_path / "split.toml"), "--control-pert", "ctrl"]
+    capsys.readouterr()
+    assert main(split) != 0
+    assert "tx split --allow-counts" in capsys.readouterr().err
+    assert main([*split, "--allow-counts"]) == 0
 
 
 # ------------------------------------------------------------------------------ tutorial

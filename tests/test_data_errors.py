@@ -501,8 +501,11 @@ def test_pert_feature_non_finite_and_missing_file(tmp_path):
         prepare(make_adata(), TRAIN, COLS, pert_features=feats)
     with pytest.raises(DataError, match=r"feature file .*esm2\.pt does not exist"):
         load_pert_features(tmp_path / "esm2.pt")
-    with pytest.raises(DataError, match=r"1 perturbation\(s\) have no feature vector: P2"):
+    with pytest.raises(DataError, match=r"1 perturbation\(s\) have no feature vector: P2\. Add"):
         prepare(make_adata(), TRAIN, COLS, pert_features={"P1": np.ones(3)},
+                on_missing_features="error")  # (P1 is another gene: no "did you mean")
+    with pytest.raises(DataError, match=r"no feature vector: P2\. Did you mean: 'p_2' for 'P2'"):
+        prepare(make_adata(), TRAIN, COLS, pert_features={"P1": np.ones(3), "p_2": np.ones(3)},
                 on_missing_features="error")
 
 

@@ -91,6 +91,9 @@ def test_missing_control_and_column(real, pred):
         evaluate(p, real[0], profile="pds")
     with pytest.raises(DataError, match="'gene' not found in pred.*target_gene"):
         evaluate(pred, real[0], pert_col="gene", profile="pds")
+    with pytest.raises(DataError, match=r"'NT' not found in pred.*look like controls: "
+                                        r"non-targeting\."):
+        evaluate(pred, real[0], control_pert="NT", profile="pds")
     r = real[0].copy()
     labels = r.obs["target_gene"].astype(object)
     labels.iloc[:3] = np.nan  # a missing label is an error, not a perturbation called "nan"

@@ -535,7 +535,8 @@ def test_unknown_perturbation_is_an_error(fitted):
     sub = adata.copy()
     sub.obs["gene"] = sub.obs["gene"].astype(str)
     sub.obs.iloc[-1, sub.obs.columns.get_loc("gene")] = "NOVEL"
-    with pytest.raises(DataError, match="NOVEL"):
+    with pytest.raises(DataError, match=r"NOVEL \(1 cells\).*'unassigned' guides\) should be "
+                                        r"dropped first.*unknown_perturbation='control'"):
         model.predict(sub)
     assert model.predict(sub, unknown_perturbation="control").n_obs == sub.n_obs
 

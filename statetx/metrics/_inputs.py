@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 from statetx._utils import did_you_mean, preview
 from statetx.errors import DataError
+from statetx.io import control_like
 
 _ROW_CHUNK = 4096
 
@@ -197,7 +198,10 @@ def align_pair(
         if control_pert not in labels:
             raise DataError(
                 f"control label {control_pert!r} not found in {which} obs[{pert_col!r}]."
-                f"{did_you_mean(control_pert, labels)} Name the label of the control cells "
+                f"{did_you_mean(control_pert, labels)}"
+                + (f" Labels that look like controls: {preview(hint)}."
+                   if (hint := control_like(labels)) else "")
+                + " Name the label of the control cells "
                 "(control_pert= in Python, --control-pert on the command line); the prediction "
                 "must contain control cells too."
             )
