@@ -98,7 +98,7 @@ def to_dense_f32(x: np.ndarray | sp.spmatrix) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
 
 
-def sample_rows(x: np.ndarray | sp.spmatrix, max_rows: int = 1000, seed: int = 0) -> np.ndarray:
+def sample_rows(x: np.ndarray | sp.spmatrix, max_rows: int = 1000) -> np.ndarray:
     """A dense float64 sample of at most ``max_rows`` rows (evenly spread, deterministic)."""
     n = x.shape[0]
     if n > max_rows:

@@ -814,10 +814,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
         _write_h5ad(real, out / "adata_real.h5ad")
     if a.predict_only:
         return EXIT_OK
-    evaluate = _evaluate_fn()
-    if evaluate is None:
-        _say("statetx.metrics is not available: metrics skipped (predictions written).")
-        return EXIT_OK
+    from statetx.metrics import evaluate
+
     if a.pseudobulk:
         _say("--pseudobulk: metrics that need the cells (DE, pearson_edistance, "
              "clustering_agreement) are skipped")
@@ -860,14 +858,6 @@ def _shared_only(model: Any, prepared: Any, split: str, pred: Any, real: Any) ->
     _say(f"--shared-only: {len(dropped)} perturbations of the {split} split are not in the "
          f"training split and are left out" + (f": {', '.join(dropped[:10])}" if dropped else ""))
     return pred[keep].copy(), real[keep].copy()
-
-
-def _evaluate_fn() -> Any:
-    try:
-        from statetx.metrics import evaluate
-    except ImportError:
-        return None
-    return evaluate
 
 
 def _print_agg(agg: Any) -> None:
@@ -1232,9 +1222,6 @@ def _pooling_notice(path: str) -> None:
 
 
 def cmd_evaluate_run(a: argparse.Namespace) -> int:
-    evaluate = _evaluate_fn()
-    if evaluate is None:
-        raise StatetxError("statetx.metrics is not available in this installation.")
     if a.cpm_filter:
         raise ConfigError("--cpm-filter is not supported by statetx yet; leave it out.")
     if a.ceiling_seed is not None and not a.ceiling:
@@ -1257,6 +1244,8 @@ def cmd_evaluate_run(a: argparse.Namespace) -> int:
          f"control={a.control_pert!r}, "
          + (f"per cell type of obs['{a.celltype_col}']" if a.celltype_col else
             "cell types pooled") + f", profile {a.profile}")
+    from statetx.metrics import evaluate
+
     _, agg = evaluate(a.adata_pred, a.adata_real, pert_col=a.pert_col,
                       control_pert=a.control_pert, celltype_col=a.celltype_col,
                       profile=a.profile, outdir=a.outdir, embed_key=a.embed_key,
@@ -1472,23 +1461,6 @@ def _describe_model(model: Any, kind: str, attention: str | None = None) -> None
 # ---------------------------------------------------------------------------------------------
 
 
-def _perturb_mean(train: Any, real: Any, pert_col: str, control: str) -> Any:
-    """Inline reference (used when statetx.baselines is missing): every perturbed cell = the
-    training mean of its perturbation."""
-    import numpy as np
-
-    x = _dense(train.X)
-    labels = train.obs[pert_col].astype(str).to_numpy()
-    out = real.copy()
-    rl = out.obs[pert_col].astype(str).to_numpy()
-    px = _dense(out.X).copy()
-    for p in np.unique(rl[rl != control]):
-        if (labels == p).any():
-            px[rl == p] = x[labels == p].mean(0)
-    out.X = px
-    return out
-
-
 # Baselines compared with ST in `statetx demo`: names of statetx.baselines.BASELINES, with their
 # options. Adding a baseline is one entry here.
 DEMO_BASELINES: dict[str, dict] = {
@@ -1500,22 +1472,10 @@ DEMO_BASELINES: dict[str, dict] = {
 }
 
 
-def _dense(x: Any) -> Any:
-    import numpy as np
-
-    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
-
-
 def _demo_baselines(adata: Any, toml: Path, dataset: str, cols: dict) -> dict[str, tuple]:
     """{name: (adata_pred, adata_real)} of the test split for every demo baseline."""
-    try:
-        from statetx.baselines import fit_all_baselines
-    except ImportError:
-        _say("statetx.baselines is not available: ST is compared with an inline perturb-mean "
-             "reference only.")
-        train = adata[~adata.obs["cell_type"].astype(str).isin(cols.pop("heldout")).to_numpy()]
-        return {"perturb-mean (inline)": None, "_train": train}
-    cols.pop("heldout")
+    from statetx.baselines import fit_all_baselines
+
     out: dict[str, tuple] = {}
     for name, opts in DEMO_BASELINES.items():
         try:
@@ -1532,12 +1492,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     from statetx.config import SplitConfig
     from statetx.datasets import example_toml, load_zhao2021
+    from statetx.metrics import evaluate
     from statetx.model import StateTransitionModel
     from statetx.pp import preprocess_train
 
     if a.steps < 1:
         raise UsageError("--steps must be at least 1.")
-    evaluate = _evaluate_fn()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -1560,16 +1520,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     model.fit(adata, toml, dataset_name=dataset, output_dir=out / "run")
     pred, real = model.predict_split("test", controls="real")  # same controls as the baselines
     pairs: dict[str, tuple] = {"ST (statetx)": (pred, real)}
-    base = _demo_baselines(adata, toml, dataset, dict(
-        pert_col=pert_col, cell_type_key=ct_col, control_pert=control, seed=a.seed,
-        heldout=set(held)))
-    train = base.pop("_train", None)
-    for name, pr in base.items():
-        pairs[name] = pr if pr is not None else (
-            _perturb_mean(train, real, pert_col, control), real)
-    if evaluate is None:
-        _say("statetx.metrics is not available: no evaluation table.")
-        return EXIT_OK
+    pairs.update(_demo_baselines(adata, toml, dataset, dict(
+        pert_col=pert_col, cell_type_key=ct_col, control_pert=control, seed=a.seed)))
     rows = {}
     for name, (p, r) in pairs.items():
         res, _ = evaluate(p, r, pert_col=pert_col, control_pert=control, profile="minimal",

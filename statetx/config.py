@@ -274,7 +274,7 @@ class ColumnMap(BaseModel):
         unknown = [k for k in kwargs if k not in valid]
         if unknown:
             raise ConfigError(unknown_option_message("column option", unknown[0], valid))
-        kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("batch_col",)}
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         try:
             return cls(**kwargs)
         except ValidationError as exc:

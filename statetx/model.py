@@ -80,6 +80,7 @@ from statetx.predict import (
 )
 from statetx.presets import describe, network_config_for, resolve_architecture
 from statetx.sets import (
+    CellSetSampler,
     ReadDepthThinning,
     check_read_depth,
     check_sampler_options,
@@ -1262,8 +1263,6 @@ class StateTransitionModel(Estimator):
         call's settings to ``finetuned_`` (kept by :meth:`save` / :meth:`load`); returns ``self``.
         """
         from dataclasses import replace
-
-        from statetx.sets import CellSetSampler
 
         self._check_fitted()
         seed = self._seed(seed)

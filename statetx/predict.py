@@ -572,7 +572,7 @@ def encode_perturbations(labels: np.ndarray, vocab: Vocab, unknown: str) -> np.n
                 + ("The model reads perturbation features: give their vectors with "
                    "pert_features={label: vector}, or pass " if vocab.pert_features is not None
                    else "Pass ")
-                + "unknown_perturbation='control' or 'zeros' (tx infer --unknown-perturbation) "
+                + "unknown_perturbation='control' or 'zeros' "
                 "to predict them anyway."
             )
         if unknown == "control":

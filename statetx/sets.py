@@ -3,9 +3,9 @@
 A cell set is ``S`` cells of one (context, perturbation) group — context = (file, cell type), plus
 batch with ``pairing="batch"`` — each paired with a *basal* control cell drawn from the control
 pool of its context. Every epoch ``e`` re-shuffles cells within groups, re-chunks them into sets,
-pads short sets by drawing from the whole group, shuffles the set order and draws basal cells, all
-from one generator seeded with ``(seed, e)``. A batch therefore depends only on
-``(seed, epoch, position)``: not on worker count, process, or rank.
+pads short sets by drawing from the whole group (or from the short chunk, ``pad_from``), shuffles
+the set order and draws basal cells, all from one generator seeded with ``(seed, e)``. A batch
+therefore depends only on ``(seed, epoch, position)``: not on worker count, process, or rank.
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def pert_inputs(table: torch.Tensor | None, codes: torch.Tensor) -> torch.Tensor
 
 @dataclass
 class CellSetBatch:
-    """One training batch of ``B`` sets of ``S`` cells; tensors are ``[B, S, ·]``."""
+    """One training batch of ``B`` sets of ``S`` cells; tensors are ``[B, S, ·]`` (``pert`` one
+    per set)."""
 
     basal: torch.Tensor            # [B,S,D] paired control cells (model input)
     target: torch.Tensor           # [B,S,D] real cells of the group (loss target)
@@ -141,7 +142,6 @@ class CellSetBatch:
     basal_rows: np.ndarray         # [B,S]
     pert_name: list[str]           # per set
     cell_type: list[str]           # per set
-    valid_mask: torch.Tensor | None = None  # [B,S] bool, None = every position real
 
     @property
     def n_cells(self) -> int:
@@ -207,7 +207,7 @@ class CellSetSampler:
     data
         The split's arrays (:class:`statetx.data.SplitData`).
     vocab
-        Vocabulary whose perturbation matrix gives the ``pert`` vectors.
+        Vocabulary (its feature table, if any, gives the ``pert`` vectors; else one-hot codes).
     cell_set_len, batch_size
         ``S`` cells per set and ``B`` sets per batch.
     seed

@@ -358,8 +358,7 @@ class Trainer:
                 options["decoder_input"] = batch.target
         with self._autocast():
             net = self.net if module is None else module
-            out = net(batch.basal, batch.pert, batch_index=batch.batch_index,
-                      valid_mask=batch.valid_mask, **options)
+            out = net(batch.basal, batch.pert, batch_index=batch.batch_index, **options)
         pred = out.pred.float()
         main = self.loss_fn(pred, batch.target, training=training)
         result = {"main_loss": main}

@@ -112,7 +112,7 @@ def test_batches_resume_and_match_the_in_memory_layout(h5):
     for name in ("basal", "target", "pert", "pert_index", "batch_index", "cell_type_index"):
         assert getattr(got, name).dtype == getattr(ref, name).dtype, name
         assert getattr(got, name).shape == getattr(ref, name).shape, name
-    assert got.counts is None and got.valid_mask is None
+    assert got.counts is None
     # values are the file's rows; sets are one group; basal cells are controls of that context
     d, x = s.data, mem.splits["train"].X  # both order the split's rows by file row
     for batch in full:
