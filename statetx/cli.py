@@ -25,13 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from statetx._options import ARCH_CHOICES
+from statetx._options import ARCH_CHOICES, BATCH_COLS
 from statetx.errors import ConfigError, DataError, SplitConfigError, StatetxError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 CELLTYPE_COLS = ("cell_type", "celltype", "cellType", "ctype", "celltype_col")
-BATCH_COLS = ("gem_group", "gemgroup", "batch", "donor", "plate", "experiment", "lane",
-              "batch_id")
 
 
 class UsageError(StatetxError):

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from statetx._options import ARCH_CHOICES
+from statetx._options import ARCH_CHOICES, BATCH_COLS
 from statetx._utils import (
     COMPILE_MODES,
     RESUMABLE_PARAMS,
@@ -832,11 +832,14 @@ def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
                           "checkpoint, run or model folder, or an arc-state run).")
     if check_data and "data.kwargs.batch_col" not in res.given and v["data.kwargs.batch_col"]:
         col = v["data.kwargs.batch_col"]
-        missing = _files_without_column(toml_path, col)
+        missing, present = _files_without_column(toml_path, col)
         if missing:
+            other = [c for c in BATCH_COLS if c in present]
             notices.append(f"data.kwargs.batch_col: the default column '{col}' is not in "
                            f"{missing}; the data are treated as one batch (set "
-                           "data.kwargs.batch_col=<column> to use batches).")
+                           "data.kwargs.batch_col=<column> to use batches"
+                           + (f"; obs has {', '.join(map(repr, other))}" if other else "")
+                           + ").")
             v["data.kwargs.batch_col"] = None
     params = {p: v[path] for p, path in PARAM_PATHS.items()}
     params["model_kwargs"] = dict(overrides) or None
@@ -884,8 +887,9 @@ def config_from_params(params: Mapping[str, Any], arch: Mapping[str, Any] | None
     return unflatten(v)
 
 
-def _files_without_column(toml: Path, col: str) -> str:
-    """Data files of the split file whose obs lacks ``col`` (comma-joined; '' when none)."""
+def _files_without_column(toml: Path, col: str) -> tuple[str, set[str]]:
+    """Data files of the split file whose obs lacks ``col`` (comma-joined; '' when none), and
+    the obs columns all of those files have."""
     from statetx.config import SplitConfig
 
     try:
@@ -893,9 +897,11 @@ def _files_without_column(toml: Path, col: str) -> str:
         files = [f for name in cfg.referenced_datasets() if name in cfg.datasets
                  for f in cfg.resolve_paths(name)]
     except (SplitConfigError, ConfigError):
-        return ""  # the data layer reports the real problem
-    missing = [f.name for f in files if col not in _obs_columns(f)]
-    return ", ".join(missing)
+        return "", set()  # the data layer reports the real problem
+    columns = {f: _obs_columns(f) for f in files}
+    missing = [f for f in files if col not in columns[f]]
+    present = set.intersection(*(columns[f] for f in missing)) if missing else set()
+    return ", ".join(f.name for f in missing), present
 
 
 def _obs_columns(path: Path) -> set[str]:

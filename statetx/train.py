@@ -1130,4 +1130,7 @@ def _progress(enabled: bool, start: int, total: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
+    # redirected to a log file (a batch job): an update every 30 s, not ten per second
+    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+    return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True,
+                mininterval=0.1 if interactive else 30.0)

@@ -494,6 +494,13 @@ def test_dry_run_and_split(data, tmp_path, capsys):
         "40,000 steps)" in capsys.readouterr().out
     assert main([*small, "training.lr=1e-3"]) == 0
     assert "recipe" not in capsys.readouterr().out
+    # arc-state's default batch column is absent: said, naming the batch-like column there is
+    no_batch = [a for a in train_args(data, tmp_path, "dry", "dry_run=true")
+                if not a.startswith("data.kwargs.batch_col")]
+    assert main(no_batch) == 0
+    assert ("the default column 'gem_group' is not in data.h5ad; the data are treated as one "
+            "batch (set data.kwargs.batch_col=<column> to use batches; obs has 'batch')"
+            in capsys.readouterr().out)
     assert main(["tx", "split", "--toml", str(data / "split.toml"), "--control-pert", "ctrl"]) == 0
     assert "test" in capsys.readouterr().out
     assert main(["split", "--toml", str(data / "nope.toml")]) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -724,3 +725,19 @@ def test_resume_with_another_number_of_processes_keeps_the_epoch_position(synth,
                                             resume_from=last)
     wa, wb = weights(full), weights(part)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_progress_bar_updates_rarely_when_logged_to_a_file(monkeypatch):
+    """A batch job's log gets a progress update every 30 s, a terminal ten a second."""
+    from statetx.train import _progress
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    bar = _progress(True, 0, 10)
+    assert bar.mininterval == 30.0
+    bar.close()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = _progress(True, 0, 10)
+    assert bar.mininterval == 0.1
+    bar.close()
+    assert _progress(False, 0, 10) is None
