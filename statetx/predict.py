@@ -220,8 +220,7 @@ class GroupMeans:
 @torch.no_grad()
 def run_groups(network: torch.nn.Module, basal_source: np.ndarray | torch.Tensor,
                groups: Sequence[Group], pert_table: torch.Tensor | None, n_out: int, *,
-               set_len: int,
-               seed: int = 42, window_mode: str = "balanced", sets_per_pass: int = 64,
+               set_len: int, seed: int = 42, window_mode: str = "balanced", sets_per_pass: int = 64,
                device: torch.device | str = "cpu", matmul_precision: str = "highest",
                means: GroupMeans | None = None) -> dict[str, np.ndarray | None]:
     """Predict every group; returns ``pred`` [n_out, D_out], optional ``counts`` [n_out, G],
@@ -572,8 +571,7 @@ def encode_perturbations(labels: np.ndarray, vocab: Vocab, unknown: str) -> np.n
                 + ("The model reads perturbation features: give their vectors with "
                    "pert_features={label: vector}, or pass " if vocab.pert_features is not None
                    else "Pass ")
-                + "unknown_perturbation='control' or 'zeros' "
-                "to predict them anyway."
+                + "unknown_perturbation='control' or 'zeros' to predict them anyway."
             )
         if unknown == "control":
             codes[bad] = vocab.perturbations.index(vocab.control_pert)
