@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -263,3 +265,18 @@ def test_a_count_mark_is_dropped_once_the_data_are_log_transformed(real):
     assert is_count_scale(a)
     a.uns["log1p"] = {"base": None}  # what scanpy.pp.log1p leaves
     assert not is_count_scale(a)
+
+
+def test_few_perturbations_make_discrimination_scores_coarse(real):
+    """With fewer than five perturbations the rank-based scores are said to be coarse; with six,
+    nothing is said."""
+    a = real[0]
+    labels = a.obs["target_gene"].astype(str)
+    keep = labels.isin(["non-targeting", *sorted(set(labels) - {"non-targeting"})[:2]])
+    few = a[keep.to_numpy()].copy()
+    with pytest.warns(UserWarning, match=r"discrimination_score_l1 rank each prediction among "
+                                         r"the real deltas of only 2 perturbation\(s\)"):
+        evaluate(few, few.copy(), profile="pds")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(a, a.copy(), profile="pds")

@@ -42,6 +42,8 @@ ANNDATA_METRICS = [
 CELL_LEVEL_METRICS = [*DE_METRICS, "pearson_edistance", "clustering_agreement"]
 # uns flag of the outputs of predict_split(pseudobulk=True): rows are group means, not cells
 PSEUDOBULK_FLAG = "statetx_pseudobulk"
+# below this many perturbations the discrimination scores (ranks among them) are said to be coarse
+FEW_PERTURBATIONS = 5
 # statetx extras (not in cell-eval, metrics.md §12): only in the "extended" profile
 EXTRA_METRICS = ["pearson_delta_centroid", "centroid_accuracy"]
 PROFILES: dict[str, list[str]] = {
@@ -111,6 +113,12 @@ def _evaluate_one(
     mr = group_means(Xr, rc, len(order))
     table = MetricTable(perts)
     skipped: dict[str, str] = {}
+    ranked = [m for m in metrics if m.startswith("discrimination_score_")]
+    if ranked and len(perts) < FEW_PERTURBATIONS:
+        warnings.warn(f"{', '.join(ranked)} rank each prediction among the real deltas of only "
+                      f"{len(perts)} perturbation(s): the scores move in steps of "
+                      f"1/{len(perts)} and tell models apart poorly (even a constant prediction "
+                      "can score 1).", UserWarning, stacklevel=3)
     needs_de = any(m in DE_METRICS for m in metrics)
     real_de, pred_de = de_real, de_pred
     if needs_de:
