@@ -159,6 +159,44 @@ def _dense(m, rows: np.ndarray, dtype) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- h5 reading
+class H5Matrix:
+    """A dense dataset or a CSR group of an open .h5ad file, read in blocks of rows."""
+
+    def __init__(self, f: h5py.File, key: str, path: object) -> None:
+        if key not in f:
+            raise DataError(f"'{key}' not found in {path}.")
+        node = f[key]
+        if isinstance(node, h5py.Dataset):
+            self.dense: h5py.Dataset | None = node
+            self.width = int(node.shape[1])
+            return
+        enc = node.attrs.get("encoding-type", "")
+        enc = enc.decode() if isinstance(enc, bytes) else enc
+        if enc != "csr_matrix":
+            raise DataError(
+                f"'{key}' in {path} is stored as '{enc or 'unknown'}'; statetx reads dense or CSR "
+                "matrices (CSC is not supported). Rewrite the file with a CSR matrix, e.g. "
+                "adata.X = adata.X.tocsr(); adata.write_h5ad(...)."
+            )
+        self.dense = None
+        self.data, self.indices, self.indptr = node["data"], node["indices"], node["indptr"]
+        self.width = int(node.attrs["shape"][1])
+
+    def rows(self, lo: int, hi: int, dtype=np.float32, out: np.ndarray | None = None
+             ) -> np.ndarray:
+        """Rows ``lo``..``hi-1`` as a dense array (``out`` itself when it could be filled in
+        place: C-contiguous, of the stored values' dtype)."""
+        if self.dense is not None:
+            return np.asarray(self.dense[lo:hi]).astype(dtype, copy=False)
+        ptr = np.asarray(self.indptr[lo:hi + 1], dtype=np.int64)
+        vals = np.asarray(self.data[ptr[0]:ptr[-1]])
+        m = sp.csr_matrix((vals, np.asarray(self.indices[ptr[0]:ptr[-1]]), ptr - ptr[0]),
+                          shape=(hi - lo, self.width))
+        if out is not None and out.dtype == vals.dtype:
+            return m.toarray(out=out)  # no intermediate dense copy
+        return m.toarray().astype(dtype, copy=False)
+
+
 def read_h5_rows(path: Path, key: str, rows: np.ndarray, dtype=np.float32) -> np.ndarray:
     """Read ``rows`` of a dense dataset or a CSR group in an h5ad file, in contiguous blocks.
 
@@ -168,54 +206,16 @@ def read_h5_rows(path: Path, key: str, rows: np.ndarray, dtype=np.float32) -> np
     order = np.argsort(rows, kind="stable")
     srows = rows[order]
     with h5py.File(path, "r") as f:
-        if key not in f:
-            raise DataError(f"'{key}' not found in {path}.")
-        node = f[key]
-        if isinstance(node, h5py.Dataset):
-            width = node.shape[1]
-            reader = _dense_block_reader(node)
-        else:
-            enc = node.attrs.get("encoding-type", "")
-            enc = enc.decode() if isinstance(enc, bytes) else enc
-            if enc != "csr_matrix":
-                raise DataError(
-                    f"'{key}' in {path} is stored as '{enc or 'unknown'}'; statetx reads dense or "
-                    "CSR matrices (CSC is not supported). Rewrite the file with a CSR matrix, e.g. "
-                    "adata.X = adata.X.tocsr(); adata.write_h5ad(...)."
-                )
-            width = int(node.attrs["shape"][1])
-            reader = _csr_block_reader(node, width)
-        out = np.empty((len(rows), width), dtype=dtype)
+        m = H5Matrix(f, key, path)
+        out = np.empty((len(rows), m.width), dtype=dtype)
         i = 0
         while i < len(srows):
             lo = srows[i]
             j = int(np.searchsorted(srows, lo + READ_BLOCK_ROWS, side="left"))
-            block = reader(lo, int(srows[j - 1]) + 1)
+            block = m.rows(int(lo), int(srows[j - 1]) + 1, dtype)
             out[order[i:j]] = block[srows[i:j] - lo]
             i = j
     return out
-
-
-def _dense_block_reader(ds: h5py.Dataset):
-    def read(lo: int, hi: int) -> np.ndarray:
-        return np.asarray(ds[lo:hi])
-
-    return read
-
-
-def _csr_block_reader(group: h5py.Group, width: int):
-    indptr = np.asarray(group["indptr"][:], dtype=np.int64)
-    data, indices = group["data"], group["indices"]
-
-    def read(lo: int, hi: int) -> np.ndarray:
-        a, b = indptr[lo], indptr[hi]
-        block = sp.csr_matrix(
-            (np.asarray(data[a:b]), np.asarray(indices[a:b]), indptr[lo : hi + 1] - a),
-            shape=(hi - lo, width),
-        )
-        return block.toarray()
-
-    return read
 
 
 # ---------------------------------------------------------------------- opening inputs

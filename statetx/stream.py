@@ -46,7 +46,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from statetx.config import SPLITS, ColumnMap, SplitConfig
@@ -61,7 +60,7 @@ from statetx.data import (
 )
 from statetx.distributed import raise_together
 from statetx.errors import ConfigError, DataError
-from statetx.io import DataFile
+from statetx.io import DataFile, H5Matrix
 from statetx.sets import (
     CellSetBatch,
     CellSetSampler,
@@ -135,7 +134,7 @@ class BlockReader:
         self.key = "X" if source is None else f"obsm/{source}"
         # negative values are warned about in expression only (embeddings may well be negative)
         self.expression = source in (None, "X_hvg") if expression is None else expression
-        self._h5: dict[int, tuple[h5py.File, object]] = {}
+        self._h5: dict[int, tuple[h5py.File, H5Matrix]] = {}
         self.rows_read = 0
         self.max_block_rows = 0
         self._warned_negative = False
@@ -158,18 +157,14 @@ class BlockReader:
     def _read_h5(self, fi: int, lo: int, hi: int, out: np.ndarray | None) -> np.ndarray:
         """The dense block (``out`` itself when it could be filled in place)."""
         if fi not in self._h5:
-            self._h5[fi] = self._open(self.files[fi].path)
-        _, node = self._h5[fi]
-        if isinstance(node, h5py.Dataset):
-            return np.asarray(node[lo:hi]).astype(self.dtype, copy=False)
-        data, indices, indptr, width = node
-        ptr = np.asarray(indptr[lo:hi + 1], dtype=np.int64)
-        vals = np.asarray(data[ptr[0]:ptr[-1]])
-        m = sp.csr_matrix((vals, np.asarray(indices[ptr[0]:ptr[-1]]), ptr - ptr[0]),
-                          shape=(hi - lo, width))
-        if out is not None and out.dtype == vals.dtype:
-            return m.toarray(out=out)  # no intermediate dense copy
-        return m.toarray().astype(self.dtype, copy=False)
+            path = self.files[fi].path
+            h = h5py.File(path, "r")
+            try:
+                self._h5[fi] = (h, H5Matrix(h, self.key, path))
+            except DataError:
+                h.close()
+                raise
+        return self._h5[fi][1].rows(lo, hi, self.dtype, out)
 
     def check(self, values: np.ndarray, split: StreamSplit, rows: np.ndarray) -> None:
         """NaN/Inf in the dense ``values`` of split ``rows``: an error naming the first such
@@ -190,24 +185,6 @@ class BlockReader:
             warnings.warn(f"{split.files[int(split.file_index[i])].label} has negative values in "
                           f"{self.key}; ST expects non-negative log1p expression unless an "
                           "embedding is used.", stacklevel=4)
-
-    def _open(self, path: Path) -> tuple[h5py.File, object]:
-        h = h5py.File(path, "r")
-        if self.key not in h:
-            h.close()
-            raise DataError(f"'{self.key}' not found in {path}.")
-        node = h[self.key]
-        if isinstance(node, h5py.Dataset):
-            return h, node
-        enc = node.attrs.get("encoding-type", "")
-        enc = enc.decode() if isinstance(enc, bytes) else enc
-        if enc != "csr_matrix":
-            h.close()
-            raise DataError(f"'{self.key}' in {path} is stored as '{enc or 'unknown'}'; streaming "
-                            "reads dense or CSR matrices (CSC is not supported). Rewrite the file "
-                            "with a CSR matrix, e.g. adata.X = adata.X.tocsr(); "
-                            "adata.write_h5ad(...).")
-        return h, (node["data"], node["indices"], node["indptr"], int(node.attrs["shape"][1]))
 
     def close(self) -> None:
         """Close the open files (they reopen on the next read)."""
