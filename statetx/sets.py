@@ -126,6 +126,21 @@ def pert_inputs(table: torch.Tensor | None, codes: torch.Tensor) -> torch.Tensor
     return rows.masked_fill((codes < 0).unsqueeze(-1), 0.0)
 
 
+def cut_group(rng: np.random.Generator, cells: np.ndarray, S: int, drop_last: bool,
+              pad_from: str) -> np.ndarray:
+    """One group's cells shuffled and cut into ``[n, S]`` sets. A short last set is dropped
+    (``drop_last``) or padded with cells drawn again from the group (``pad_from="group"``) or
+    from the short set itself (``"chunk"``)."""
+    perm = rng.permutation(cells)
+    n_full = len(perm) // S
+    sets = [perm[: n_full * S].reshape(n_full, S)]
+    rest = perm[n_full * S:]
+    if len(rest) and not drop_last:
+        pad = rng.choice(cells if pad_from == "group" else rest, size=S - len(rest), replace=True)
+        sets.append(np.concatenate([rest, pad])[None])
+    return np.concatenate(sets)
+
+
 @dataclass
 class CellSetBatch:
     """One training batch of ``B`` sets of ``S`` cells; tensors are ``[B, S, ·]`` (``pert`` one
@@ -369,23 +384,15 @@ class CellSetSampler:
         S = self.S
         sets, pool_keys = [], []
         for g, key in zip(self.groups, self.group_pool):
-            perm = rng.permutation(g)
-            n_full = len(perm) // S
-            if n_full:
-                sets.append(perm[: n_full * S].reshape(n_full, S))
-                pool_keys += [key] * n_full
-            rest = perm[n_full * S:]
-            if len(rest) and not self.drop_last:
-                pad = rng.choice(g if self.pad_from == "group" else rest, size=S - len(rest),
-                                 replace=True)
-                sets.append(np.concatenate([rest, pad])[None])
-                pool_keys.append(key)
-        if not sets:
+            cut = cut_group(rng, g, S, self.drop_last, self.pad_from)
+            sets.append(cut)
+            pool_keys += [key] * len(cut)
+        targets = np.concatenate(sets)
+        if not len(targets):
             raise DataError(f"the {self.data.name} split yields no cell set of {S} cells "
                             "(drop_last=True and every group is smaller)."
                             + (f" Raise downsample_cells (now {self.downsample_cells} cells "
                                "per group)." if self.downsample_cells is not None else ""))
-        targets = np.concatenate(sets)
         pool_keys = np.asarray(pool_keys)
         basal = np.empty_like(targets)
         if self.fixed_basal is not None:  # (the run's pairs: no draws)

@@ -67,6 +67,7 @@ from statetx.sets import (
     ReadDepthThinning,
     cap_group_cells,
     check_sampler_options,
+    cut_group,
     pert_inputs,
     pert_table,
 )
@@ -656,16 +657,8 @@ class StreamingCellSetSampler:
             sets, basal = [], []
             for a, b in zip(cuts[:-1], cuts[1:]):
                 rows = self.target_rows[idx[a:b]]
-                perm = rng.permutation(rows)
-                n_full = len(perm) // S
-                mine = [perm[: n_full * S].reshape(n_full, S)]
-                rest = perm[n_full * S:]
-                if len(rest) and not self.drop_last:
-                    pad = rng.choice(rows if self.pad_from == "group" else rest,
-                                     size=S - len(rest), replace=True)
-                    mine.append(np.concatenate([rest, pad])[None])
-                    padded += S - len(rest)
-                g_sets = np.concatenate(mine)
+                g_sets = cut_group(rng, rows, S, self.drop_last, self.pad_from)
+                padded += max(g_sets.size - len(rows), 0)
                 if not len(g_sets):
                     continue
                 pool = self.group_pool[int(grp[a])]
