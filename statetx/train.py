@@ -45,6 +45,7 @@ from statetx._utils import (
     comparable,
     data_differences,
     matmul_precision_scope,
+    remove_dead_temporaries,
     same_run,
 )
 from statetx.distributed import (
@@ -1024,10 +1025,8 @@ class Trainer:
         """Delete half-written checkpoints (``.<name>.tmp<pid>-<thread>``) left by a killed
         process."""
         folder = None if self.out is None else self.out / "checkpoints"
-        if folder is None or not folder.is_dir() or not _is_main():
-            return
-        for tmp in folder.glob(".*.ckpt.tmp*"):
-            tmp.unlink(missing_ok=True)
+        if folder is not None and folder.is_dir() and _is_main():
+            remove_dead_temporaries(folder)  # (a live writer's, e.g. another process's, stay)
 
     def _prune(self) -> None:
         n = self.cfg.keep_last_n

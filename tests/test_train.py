@@ -106,14 +106,23 @@ def test_only_last_checkpoint_holds_the_training_state(synth, tmp_path):
 
 
 def test_stale_temporary_checkpoints_are_removed(synth, tmp_path):
-    """A process killed in torch.save leaves ``.last.ckpt.tmp<pid>``; resuming deletes it."""
+    """A process killed in torch.save leaves ``.last.ckpt.tmp<pid>-<thread>``; resuming deletes
+    it, and leaves a live process's temporary alone."""
+    import subprocess
+
     small_model(max_steps=2).fit(synth, output_dir=tmp_path)
     ck = tmp_path / "checkpoints"
-    stale = ck / ".last.ckpt.tmp12345"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = ck / f".last.ckpt.tmp{gone.pid}-0"
     stale.write_bytes(b"half a checkpoint")
-    small_model(max_steps=3).fit(synth, output_dir=tmp_path, resume_from=ck / "last.ckpt")
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+        writing = ck / f".step=9.ckpt.tmp{live.pid}-0"
+        writing.write_bytes(b"being written")
+        small_model(max_steps=3).fit(synth, output_dir=tmp_path, resume_from=ck / "last.ckpt")
+        live.kill()
     assert not stale.exists() and (ck / "final.ckpt").is_file()
-    assert not list(ck.glob(".*"))
+    assert [p.name for p in ck.glob(".*")] == [writing.name]
 
 
 def test_same_seed_same_weights(synth):
