@@ -345,19 +345,24 @@ def _add_evaluate(sp: Any) -> None:
     evs = ev.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND")
     ev.set_defaults(func=lambda a: _missing_subcommand(ev))
     r = _sub(evs, "run", "evaluate a prediction against real data")
-    _flag(r, "-ap", "--adata-pred", required=True)
-    _flag(r, "-ar", "--adata-real", required=True)
-    _flag(r, "-dp", "--de-pred")
-    _flag(r, "-dr", "--de-real")
+    _flag(r, "-ap", "--adata-pred", required=True, help="predicted cells (.h5ad)")
+    _flag(r, "-ar", "--adata-real", required=True, help="real cells (.h5ad)")
+    _flag(r, "-dp", "--de-pred", help="DE table of the prediction (cell-eval's CSV layout) "
+          "instead of computing it; it must cover the evaluated perturbations")
+    _flag(r, "-dr", "--de-real", help="DE table of the real cells, likewise")
     _flag(r, "--control-pert", default=None, help="control label (default: the one statetx "
           "recorded in the prediction, else non-targeting)")
     _flag(r, "--pert-col", default=None, help="perturbation column (default: the one statetx "
           "recorded in the prediction, else target_gene)")
-    _flag(r, "--celltype-col")
-    _flag(r, "--embed-key")
+    _flag(r, "--celltype-col", help="score each value of this obs column (cell type) separately "
+          "(default: all cells pooled)")
+    _flag(r, "--embed-key", help="obsm key of an embedding for the discrimination scores (l2, "
+          "cosine)")
     _flag(r, "-o", "--outdir", default="./cell-eval-outdir")
-    _flag(r, "--num-threads", type=int, default=None)
-    _flag(r, "--allow-discrete", action="store_true")
+    _flag(r, "--num-threads", type=int, default=None, help="DE threads (default: the CPUs "
+          "available to the process)")
+    _flag(r, "--allow-discrete", action="store_true", help="use integer (count) or >= 15 values "
+          "as they are (default: integer X is normalised and log1p-transformed)")
     r.add_argument("--profile", default="full",
                    choices=["full", "minimal", "vcc", "de", "anndata", "pds", "extended"])
     _flag(r, "--skip-metrics", help="comma-separated metric names")
@@ -365,11 +370,15 @@ def _add_evaluate(sp: Any) -> None:
                    help="also score real against real (random halves of each perturbation): "
                    "ceiling_results.csv, agg_ceiling_results.csv and the model's fraction of it")
     _flag(r, "--ceiling-seed", type=int, default=None, help="seed of the halves (default 0)")
-    _flag(r, "--cpm-filter", type=float, default=None, help="(not supported yet)")
-    r.add_argument("--epsilon", type=float, default=0.0)
+    _flag(r, "--cpm-filter", type=float, default=None, help="cell-eval's option; not supported "
+          "yet (refused when given)")
+    r.add_argument("--epsilon", type=float, default=0.0, help="pseudocount of the DE fold "
+                   "changes (cell-eval's, default 0)")
     _flag(r, "--batch-size", type=int, default=None, help="accepted; memory only")
-    _flag(r, "--align-genes", action="store_true")
-    _flag(r, "--shared-only", action="store_true")
+    _flag(r, "--align-genes", action="store_true", help="reorder the prediction's genes to the "
+          "real order (same genes in another order)")
+    _flag(r, "--shared-only", action="store_true", help="evaluate only the perturbations in "
+          "both files (the others are listed)")
     _flag(r, "--de-mode", default="pdex-0.3", choices=["pdex-0.3", "vcc-2025"],
           help="DE semantics: cell-eval 0.8.2 (default) or 2025's (global BH, clipped fold "
           "change), to reproduce Virtual Cell Challenge numbers")

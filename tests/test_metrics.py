@@ -280,3 +280,77 @@ def test_few_perturbations_make_discrimination_scores_coarse(real):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         evaluate(a, a.copy(), profile="pds")
+
+
+# ------------------------------------------------------------------ predictions of other models
+def test_counts_prediction_is_brought_to_the_real_cells_scale(kang_raw, kang_log):
+    """Kang 2018: a prediction given as raw counts against log1p(1e4) real cells is normalised to
+    the total the real cells stand for (1e4), not to its own median: the real counts score as a
+    perfect prediction. Both sides as counts share the real median."""
+    real = kang_log.copy()
+    pred = kang_raw.copy()
+    pred.X = np.asarray(pred.layers["counts"].toarray(), dtype=np.float32)
+    kw = dict(pert_col="target_gene", control_pert="control", celltype_col="cell_type",
+              profile="minimal", skip_metrics=["overlap_at_N", "precision_at_N",
+                                               "de_nsig_counts", "discrimination_score_l1"])
+    with pytest.warns(UserWarning, match=r"pred X holds integer values only .*target_sum=10000\)\)"
+                                         r", the counts per cell the other file's log1p values"):
+        res, _ = evaluate(pred, real, **kw)
+    assert np.allclose(res["mae"], 0, atol=1e-4) and np.allclose(res["pearson_delta"], 1)
+    both = real.copy()
+    both.X = pred.X.copy()
+    with pytest.warns(UserWarning, match="integer values only"):
+        res2, _ = evaluate(pred, both, **kw)
+    assert np.allclose(res2["mae"], 0, atol=1e-6)
+
+
+def test_shared_only_per_cell_type_and_said(perturbench):
+    """perturbench: a prediction lacking PLK4 in T98G only: shared_only drops it there (said),
+    and keeps it in the other cell lines."""
+    real = perturbench
+    shared = real.obs.groupby("target_gene", observed=True)["cell_type"].nunique()
+    keep = real.obs["target_gene"].isin(shared[shared == 4].index).to_numpy()
+    real = real[keep].copy()
+    drop = ((real.obs["cell_type"] == "T98G") & (real.obs["target_gene"] == "PLK4")).to_numpy()
+    pred = real[~drop].copy()
+    kw = dict(pert_col="target_gene", control_pert="control", celltype_col="cell_type",
+              profile="pds")
+    with pytest.raises(DataError, match=r"cell type 'T98G'.*only in real: \[PLK4\]"):
+        evaluate(pred, real, **kw)
+    with pytest.warns(UserWarning, match=r"shared_only: 1 perturbation\(s\) are not in both "
+                                         r"files.*only in real: \[PLK4\]"):
+        res, _ = evaluate(pred, real, **kw, shared_only=True)
+    per_ct = res.groupby("celltype")["perturbation"].apply(set)
+    assert "PLK4" not in per_ct["T98G"] and all("PLK4" in per_ct[c] for c in per_ct.index
+                                                   if c != "T98G")
+
+
+def test_mismatched_inputs_say_how_to_fix_them(perturbench, tmp_path):
+    """Errors for a prediction of another model: a column named otherwise, another control label,
+    no control cells, labels differing in case, DE tables of other data."""
+    real = perturbench[perturbench.obs["cell_type"] == "k562"].copy()
+    kw = dict(pert_col="target_gene", control_pert="control", profile="pds")
+    renamed = real.copy()
+    renamed.obs = renamed.obs.rename(columns={"target_gene": "perturbation"})
+    with pytest.raises(DataError, match=r"'target_gene' not found in pred obs.*named alike in "
+                                        r"both files and real has it: rename pred's"):
+        evaluate(renamed, real, **kw)
+    ctrl = real.copy()
+    ctrl.obs["target_gene"] = ctrl.obs["target_gene"].astype(str).replace({"control": "ctrl"})
+    with pytest.raises(DataError, match=r"relabel pred's, e.g. pred.obs\['target_gene'\] = .*"
+                                        r"replace\(\{'ctrl': 'control'\}\)"):
+        evaluate(ctrl, real, **kw)
+    no_ctrl = real[real.obs["target_gene"] != "control"].copy()
+    with pytest.raises(DataError, match="pred needs control cells too: copy the real control"):
+        evaluate(no_ctrl, real, **kw)
+    lower = real.copy()
+    lower.obs["target_gene"] = lower.obs["target_gene"].astype(str).replace({"PLK4": "plk4"})
+    with pytest.raises(DataError, match=r"1 differ only in case \(e.g. pred 'plk4' vs real "
+                                        r"'PLK4'\)"):
+        evaluate(lower, real, **kw)
+    de = pd.DataFrame({"target": ["P1"], "feature": ["G1"], "log2_fold_change": [1.0],
+                       "p_value": [0.01], "fdr": [0.01]})
+    with pytest.raises(DataError, match=r"supplied real DE table \(de_real\) has no rows for 33 "
+                                        r"of the 33 evaluated perturbation"):
+        evaluate(real, real.copy(), pert_col="target_gene", control_pert="control",
+                 profile="minimal", de_real=de)

@@ -273,3 +273,44 @@ def test_vcc_score_end_to_end(tmp_path):
     np.testing.assert_allclose(s["from_baseline"], ref["from_baseline"], atol=1e-12)
     assert (tmp_path / "score.csv").exists()
     assert (tmp_path / "user" / "agg_results.csv").exists()
+
+
+def test_vcc_score_with_train_matches_the_command_line_flow(tmp_path):
+    """vcc_score(train=...) builds the baseline as `statetx evaluate baseline` (cell-eval's
+    `baseline`) does, with the training file's controls: the same score both ways. A training
+    file of raw counts is normalised to the total the real log1p cells stand for; per cell type
+    scoring is refused up front."""
+    import anndata as ad
+
+    from statetx.cli import main
+    from statetx.errors import ConfigError
+    from statetx.metrics import vcc_score
+
+    d = _case_dir("case_vcc")
+    real = ad.read_h5ad(d / "real.h5ad")
+    train = real.copy()  # a training set: the real cells with other control cells
+    ctrl = (train.obs["target_gene"] == "non-targeting").to_numpy()
+    rng = np.random.default_rng(0)
+    train = train[np.r_[np.flatnonzero(~ctrl), rng.choice(np.flatnonzero(ctrl), ctrl.sum() // 2,
+                                                          replace=False)]].copy()
+    train.write_h5ad(tmp_path / "train.h5ad")
+    counts = real.obs["target_gene"].astype(str).value_counts().rename_axis("target_gene")
+    counts.rename("n_cells").reset_index().to_csv(tmp_path / "n.csv", index=False)
+    assert main(["evaluate", "baseline", "-a", str(tmp_path / "train.h5ad"), "-c",
+                 str(tmp_path / "n.csv"), "-o", str(tmp_path / "base.h5ad"),
+                 "--control-pert", "non-targeting"]) == 0
+    kw = dict(pert_col="target_gene", control_pert="non-targeting", profile="vcc",
+              num_threads=1)
+    _, u = evaluate(d / "pred.h5ad", real, **kw)
+    _, b = evaluate(tmp_path / "base.h5ad", real, **kw)
+    cli = score_agg(u, b)
+    py = vcc_score(d / "pred.h5ad", real, train=train, **kw)
+    np.testing.assert_allclose(py["from_baseline"], cli["from_baseline"], atol=1e-12)
+    raw = train.copy()  # the same training cells as counts, sequenced 3x deeper
+    raw.X = np.round(3 * np.expm1(np.asarray(raw.X.toarray() if hasattr(raw.X, "toarray")
+                                             else raw.X, dtype=np.float64)))
+    with pytest.warns(UserWarning, match="train X holds integer values only"):
+        from_raw = vcc_score(d / "pred.h5ad", real, train=raw, **kw)
+    np.testing.assert_allclose(from_raw["from_baseline"], py["from_baseline"], atol=0.02)
+    with pytest.raises(ConfigError, match="celltype_col is not supported"):
+        vcc_score(d / "pred.h5ad", real, train=train, celltype_col="cell_type", **kw)

@@ -10,7 +10,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from statetx._utils import did_you_mean, preview
+from statetx._utils import did_you_mean, preview, sample_rows
 from statetx.errors import DataError
 from statetx.io import control_like
 
@@ -68,12 +68,14 @@ def has_fraction(adata: ad.AnnData) -> bool:
     return any(bool(np.any(np.abs(c - np.round(c)) > 1e-3)) for c in _chunks(adata.X))
 
 
-def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False) -> ad.AnnData:
+def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False,
+                target: float | None = None) -> ad.AnnData:
     """Apply the reference scale rule; return ``adata`` or a log1p-converted copy.
 
-    No entry with a fractional part > 1e-3 means integer counts: they are normalised (target =
-    median cell total) and log1p-transformed with a printed notice, unless ``allow_discrete``.
-    Otherwise a negative minimum, or a maximum ≥ 15 (unless ``allow_discrete``), is an error."""
+    No entry with a fractional part > 1e-3 means integer counts: they are normalised (to
+    ``target`` counts per cell, default the median cell total, as cell-eval) and log1p-transformed
+    with a warning, unless ``allow_discrete``. Otherwise a negative minimum, or a maximum ≥ 15
+    (unless ``allow_discrete``), is an error."""
     has_frac = False
     lo, hi = np.inf, -np.inf
     for c in _chunks(adata.X):
@@ -90,17 +92,21 @@ def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False) -> 
     if not has_frac:
         if allow_discrete:
             return adata
+        total = target if target is not None else median_total(adata.X)
         warnings.warn(
             f"{which} X holds integer values only (max {hi:g}): treating it as raw counts and "
-            "converting it to log1p(normalize_total(median total)) as cell-eval does. Pass "
-            "log1p-normalised data, or allow_discrete=True to use the values as they are.",
+            f"converting it to log1p(normalize_total(target_sum={total:g})), "
+            + ("the counts per cell the other file's log1p values stand for. "
+               if target is not None else "its median cell total, as cell-eval does. ")
+            + "Pass log1p-normalised data, or allow_discrete=True to use the values as they are.",
             UserWarning, stacklevel=3,
         )
-        return _normalised_log1p(adata, adata.X.astype(np.float32))
+        return _normalised_log1p(adata, adata.X.astype(np.float32), total)
     if lo < 0:
         raise DataError(
             f"{which} X has negative values (min {lo:g}); expected log1p-normalised expression "
-            "(non-negative). Pass the log1p matrix, not scaled/centred data"
+            "(non-negative). Pass the log1p matrix, not scaled/centred data; a model's small "
+            "negative outputs can be clipped first: adata.X = np.clip(adata.X, 0, None)"
         )
     if hi >= 15 and not allow_discrete:
         raise DataError(
@@ -109,6 +115,33 @@ def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False) -> 
             "Apply sc.pp.log1p first, or pass allow_discrete=True to evaluate it as is"
         )
     return adata
+
+
+def median_total(x: np.ndarray | sp.spmatrix) -> float:
+    """The median of the non-zero cell totals (1 when every cell is empty)."""
+    totals = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+    return float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
+
+
+def log1p_total(adata: ad.AnnData) -> float:
+    """The counts per cell that log1p-normalised X stands for: the median over (up to 1,000
+    evenly spread) cells of the sum of expm1(x)."""
+    return float(np.median(np.expm1(sample_rows(adata.X, 1000)).sum(axis=1)))
+
+
+def count_targets(pred: ad.AnnData, real: ad.AnnData, allow_discrete: bool
+                  ) -> tuple[float | None, float | None]:
+    """Normalisation totals for integer-count inputs (see :func:`check_scale`): a count side
+    paired with a log1p side is brought to the total the log1p side stands for, two count sides
+    both to the real cells' median total (each file to its own median, cell-eval's rule, puts
+    them on different scales)."""
+    if allow_discrete:
+        return None, None
+    counts_p, counts_r = not has_fraction(pred), not has_fraction(real)
+    if counts_p and counts_r:
+        t = median_total(real.X)
+        return t, t
+    return (log1p_total(real) if counts_p else None), (log1p_total(pred) if counts_r else None)
 
 
 def is_count_scale(adata: ad.AnnData) -> bool:
@@ -123,8 +156,7 @@ def counts_to_log1p(pred: ad.AnnData, real: ad.AnnData) -> tuple[ad.AnnData, ad.
     """Count-scale predictions and real cells, both normalised to the real cells' median total
     and log1p-transformed: the scale the metrics expect, by the same transform on both sides
     (the reference rule would convert the integer real cells alone)."""
-    totals = np.asarray(real.X.sum(axis=1)).ravel()
-    target = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
+    target = median_total(real.X)
     print(f"statetx.evaluate: count-scale prediction: predictions and real cells are normalised "
           f"to {target:g} counts per cell and log1p-transformed for the metrics")
     out = []
@@ -150,13 +182,18 @@ def _normalised_log1p(adata: ad.AnnData, x: np.ndarray | sp.spmatrix,
     return adata
 
 
-def check_obs_col(adata: ad.AnnData, col: str, which: str, what: str) -> None:
-    """Error unless ``col`` is an obs column of ``adata`` with a label for every cell."""
+def check_obs_col(adata: ad.AnnData, col: str, which: str, what: str,
+                  other: str | None = None) -> None:
+    """Error unless ``col`` is an obs column of ``adata`` with a label for every cell (``other``:
+    the name of the paired file, which has the column)."""
     if col not in adata.obs.columns:
+        fix = (f" The column is named alike in both files and {other} has it: rename {which}'s, "
+               f"e.g. {which}.obs[{col!r}] = {which}.obs['<its column>']." if other
+               else " Pass the right column name")
         raise DataError(
             f"{what} column {col!r} not found in {which} obs "
             f"(columns: {preview(adata.obs.columns)})."
-            f"{did_you_mean(col, adata.obs.columns)} Pass the right column name"
+            f"{did_you_mean(col, adata.obs.columns)}{fix}"
         )
     missing = adata.obs[col].isna().to_numpy()
     if missing.any():
@@ -179,10 +216,10 @@ def align_pair(
     shared_only: bool = False,
 ) -> tuple[ad.AnnData, ad.AnnData]:
     """Pair checks of metrics.md §2.3 (genes, labels, control, cell types); may reorder/subset."""
-    for a, which in ((pred, "pred"), (real, "real")):
-        check_obs_col(a, pert_col, which, "perturbation")
-        if celltype_col is not None:
-            check_obs_col(a, celltype_col, which, "cell-type")
+    for a, b, which, name in ((pred, real, "pred", "real"), (real, pred, "real", "pred")):
+        for col, what in ((pert_col, "perturbation"), (celltype_col, "cell-type")):
+            if col is not None:
+                check_obs_col(a, col, which, what, name if col in b.obs.columns else None)
         if embed_key is not None and embed_key not in a.obsm:
             raise DataError(f"embedding {embed_key!r} not found in {which} obsm "
                             f"(keys: {preview(a.obsm.keys())}); pass an existing embed_key")
@@ -194,27 +231,42 @@ def align_pair(
             raise DataError(_gene_mismatch(pg, rg, align_genes))
     pl = set(pred.obs[pert_col].astype(str))
     rl = set(real.obs[pert_col].astype(str))
-    for labels, which in ((pl, "pred"), (rl, "real")):
+    for labels, other, which in ((pl, rl, "pred"), (rl, pl, "real")):
         if control_pert not in labels:
+            hint = control_like(labels)
+            if control_pert in other and hint:  # named otherwise on this side
+                fix = (f" control_pert names the controls of both files: relabel {which}'s, e.g. "
+                       f"{which}.obs[{pert_col!r}] = {which}.obs[{pert_col!r}].astype(str)"
+                       f".replace({{{hint[0]!r}: {control_pert!r}}}).")
+            elif control_pert in other:  # a prediction without control cells
+                fix = (f" {which} needs control cells too: copy the real control cells into it "
+                       "(what predict_split(controls='real') and the baselines do).")
+            else:
+                fix = (" Name the label of the control cells (control_pert= in Python, "
+                       "--control-pert on the command line).")
             raise DataError(
                 f"control label {control_pert!r} not found in {which} obs[{pert_col!r}]."
                 f"{did_you_mean(control_pert, labels)}"
-                + (f" Labels that look like controls: {preview(hint)}."
-                   if (hint := control_like(labels)) else "")
-                + " Name the label of the control cells "
-                "(control_pert= in Python, --control-pert on the command line); the prediction "
-                "must contain control cells too."
+                + (f" Labels that look like controls: {preview(hint)}." if hint else "") + fix
             )
     if pl != rl:
         if shared_only:
             keep = pl & rl
             pred = pred[pred.obs[pert_col].astype(str).isin(keep).to_numpy()]
             real = real[real.obs[pert_col].astype(str).isin(keep).to_numpy()]
+            warnings.warn(
+                f"shared_only: {len(pl | rl) - len(keep)} perturbation(s) are not in both files "
+                f"and are left out of the evaluation: only in pred: [{preview(sorted(pl - rl))}];"
+                f" only in real: [{preview(sorted(rl - pl))}].", UserWarning, stacklevel=3)
         else:
+            lower = {str(x).lower(): x for x in pl - rl}
+            case = [(lower[x.lower()], x) for x in sorted(rl - pl) if x.lower() in lower]
             raise DataError(
                 f"perturbation labels differ between pred and real (column {pert_col!r}): only in "
                 f"pred: [{preview(sorted(pl - rl))}]; only in real: [{preview(sorted(rl - pl))}]. "
-                "Predict every perturbation, or pass shared_only=True to evaluate the shared ones"
+                + (f"{len(case)} differ only in case (e.g. pred {case[0][0]!r} vs real "
+                   f"{case[0][1]!r}): relabel one side. " if case else "")
+                + "Predict every perturbation, or pass shared_only=True to evaluate the shared ones"
             )
     if celltype_col is not None:
         pc = set(pred.obs[celltype_col].astype(str))

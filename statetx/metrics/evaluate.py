@@ -17,6 +17,7 @@ from statetx.metrics import expression as ex
 from statetx.metrics._inputs import (
     align_pair,
     check_scale,
+    count_targets,
     counts_to_log1p,
     has_fraction,
     is_count_scale,
@@ -113,12 +114,6 @@ def _evaluate_one(
     mr = group_means(Xr, rc, len(order))
     table = MetricTable(perts)
     skipped: dict[str, str] = {}
-    ranked = [m for m in metrics if m.startswith("discrimination_score_")]
-    if ranked and len(perts) < FEW_PERTURBATIONS:
-        warnings.warn(f"{', '.join(ranked)} rank each prediction among the real deltas of only "
-                      f"{len(perts)} perturbation(s): the scores move in steps of "
-                      f"1/{len(perts)} and tell models apart poorly (even a constant prediction "
-                      "can score 1).", UserWarning, stacklevel=3)
     needs_de = any(m in DE_METRICS for m in metrics)
     real_de, pred_de = de_real, de_pred
     if needs_de:
@@ -199,6 +194,34 @@ def _read_de(obj: pd.DataFrame | str | Path | None, which: str) -> pd.DataFrame 
     return check_de_table(obj, which)
 
 
+def _warn_few_perturbations(metrics: Sequence[str], n: int, per_cell_type: bool) -> None:
+    """The discrimination scores rank a prediction among ``n`` real deltas: coarse for small n."""
+    ranked = [m for m in metrics if m.startswith("discrimination_score_")]
+    if ranked and n < FEW_PERTURBATIONS:
+        where = " (in a cell type)" if per_cell_type else ""
+        warnings.warn(f"{', '.join(ranked)} rank each prediction among the real deltas of only "
+                      f"{n} perturbation(s){where}: the scores move in steps of 1/{max(n, 1)} "
+                      "and tell models apart poorly (even a constant prediction can score 1).",
+                      UserWarning, stacklevel=3)
+
+
+def _check_de_matches(de: pd.DataFrame, which: str, perts: set[str], genes: set[str]) -> None:
+    """A supplied DE table must cover the evaluated perturbations and name the data's genes."""
+    targets = set(de["target"].astype(str))
+    missing = sorted(perts - targets)
+    if missing:
+        raise DataError(f"the supplied {which} DE table (de_{which}) has no rows for "
+                        f"{len(missing)} of the {len(perts)} evaluated perturbation(s): "
+                        f"{preview(missing, 10)} (its targets: {preview(sorted(targets), 10)}). "
+                        f"Compute it on the same data, or leave de_{which} out to compute DE "
+                        "here.")
+    if not genes & set(de["feature"].astype(str)):
+        raise DataError(f"the features of the supplied {which} DE table (de_{which}), e.g. "
+                        f"{preview(de['feature'].astype(str).unique()[:3])}, are none of the "
+                        f"data's genes (e.g. {preview(sorted(genes)[:3])}). Compute it on the "
+                        f"same data, or leave de_{which} out.")
+
+
 def _prefix(ct: str | None) -> str:
     return "" if ct is None else str(ct).replace("/", "-") + "_"
 
@@ -277,8 +300,9 @@ def evaluate(
                             "scale: pass the real counts, or allow_discrete=True to compare the "
                             "values as they are.")
         p, r = counts_to_log1p(p, r)
-    p = check_scale(p, "pred", allow_discrete)
-    r = check_scale(r, "real", allow_discrete)
+    tp, tr = count_targets(p, r, allow_discrete)
+    p = check_scale(p, "pred", allow_discrete, tp)
+    r = check_scale(r, "real", allow_discrete, tr)
     if any(a.uns.get(PSEUDOBULK_FLAG, False) for a in (p, r)):  # one row per group
         cell_level = [m for m in metrics if m in CELL_LEVEL_METRICS]
         if cell_level:
@@ -294,6 +318,10 @@ def evaluate(
     if celltype_col is None:
         _warn_other_cell_types(p, r)
     dp, dr = _read_de(de_pred, "pred"), _read_de(de_real, "real")
+    perts = set(r.obs[pert_col].astype(str)) - {control_pert}
+    for de, which in ((dp, "pred"), (dr, "real")):
+        if de is not None:
+            _check_de_matches(de, which, perts, set(r.var_names.astype(str)))
     if dp is not None and dr is not None:
         tp, tr = set(dp["target"].astype(str)), set(dr["target"].astype(str))
         if tp != tr:
@@ -303,15 +331,20 @@ def evaluate(
               de_pred=dp, de_real=dr, num_threads=num_threads, epsilon=epsilon,
               de_mode=de_mode)
     outputs: list[tuple[str | None, EvalOutput]] = []
+    rl = r.obs[pert_col].astype(str).to_numpy()
+    rct = None if celltype_col is None else r.obs[celltype_col].astype(str).to_numpy()
+    n_perts = [len(perts)] if rct is None else [
+        len(set(rl[rct == ct]) - {control_pert}) for ct in set(rct)]
+    _warn_few_perturbations(metrics, min(n_perts), rct is not None)
     if celltype_col is None:
         outputs.append((None, _evaluate_one(p, r, **kw)))
     else:
         pct = p.obs[celltype_col].astype(str).to_numpy()
-        rct = r.obs[celltype_col].astype(str).to_numpy()
         for ct in sorted(set(rct)):
             sub_p, sub_r = p[pct == ct], r[rct == ct]
             try:
-                _ = align_pair(sub_p, sub_r, pert_col=pert_col, control_pert=control_pert)
+                sub_p, sub_r = align_pair(sub_p, sub_r, pert_col=pert_col,
+                                          control_pert=control_pert, shared_only=shared_only)
             except DataError as err:
                 raise DataError(f"cell type {ct!r}: {err}") from None
             outputs.append((ct, _evaluate_one(sub_p, sub_r, **kw)))

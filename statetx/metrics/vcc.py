@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from statetx._utils import atomic_write, atomic_write_text, did_you_mean, file_sha256, preview
 from statetx.errors import ConfigError, DataError
-from statetx.metrics._inputs import check_obs_col, check_scale, load, recorded_labels
+from statetx.metrics._inputs import check_obs_col, check_scale, load, log1p_total, recorded_labels
 from statetx.metrics.de import group_means
 
 BEST_ZERO = ("mse", "mae", "mse_delta", "mae_delta")
@@ -119,8 +119,9 @@ def vcc_score(
     outdir: str | Path | None = None,
     **evaluate_kwargs,
 ) -> pd.DataFrame:
-    """VCC score of a prediction: evaluate it and the cell-mean baseline (built from ``train``, or
-    from the real data when absent, with the real cell counts and control cells), then normalise
+    """VCC score of a prediction: evaluate it and the cell-mean baseline (built from ``train``
+    with its control cells, as ``statetx evaluate baseline`` / cell-eval's ``baseline``, or from
+    the real data when absent; with the real cell counts per perturbation), then normalise
     with :func:`score_agg`. Returns the score table (``metric``, ``from_baseline``); with ``outdir``
     writes ``user/``, ``baseline/`` evaluation folders and ``score.csv``. ``pert_col`` /
     ``control_pert``: as in :func:`~statetx.metrics.evaluate` (default: those recorded by
@@ -129,14 +130,20 @@ def vcc_score(
 
     adata_pred = load(adata_pred, "pred")
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
+    if evaluate_kwargs.get("celltype_col") is not None:
+        raise ConfigError("vcc_score scores a prediction as a whole (the VCC score is defined "
+                          "over all its perturbations); celltype_col is not supported: score each "
+                          "cell type's subset of pred and real separately.")
     discrete = bool(evaluate_kwargs.get("allow_discrete", False))
     real = check_scale(load(adata_real, "real"), "real", discrete)
-    src = real if train is None else check_scale(load(train, "train"), "train", False)
+    src = real if train is None else check_scale(load(train, "train"), "train", False,
+                                                 log1p_total(real))
     counts = real.obs[pert_col].astype(str).value_counts()
     n_cells = {p: int(n) for p, n in counts.items() if p != control_pert}
-    # (already on the evaluated scale: the baseline keeps it)
-    base = cell_mean_baseline(src, pert_col, control_pert, n_cells=n_cells, controls=real,
-                              allow_discrete=discrete)
+    # (already on the evaluated scale: the baseline keeps it); with train, its own controls, as
+    # cell-eval's `baseline` command (and statetx evaluate baseline) build it
+    base = cell_mean_baseline(src, pert_col, control_pert, n_cells=n_cells,
+                              controls=real if train is None else None, allow_discrete=discrete)
     out = Path(outdir) if outdir is not None else None
     _, u_agg = evaluate(adata_pred, real, pert_col, control_pert, profile=profile,
                         outdir=out / "user" if out else None, **evaluate_kwargs)
