@@ -48,13 +48,18 @@ def matmul_precision_scope(value: str) -> Iterator[None]:
 
 def did_you_mean(name: str, options: Iterable[str], n: int = 3) -> str:
     """Return ' Did you mean: a, b?' for close matches of ``name`` in ``options`` (or ''):
-    options of which ``name`` is a whole word first (``gene`` → ``target_gene``), then
-    spelling neighbours."""
+    the same combination in another order first (``B+A`` → ``A+B``), then options of which
+    ``name`` is a whole word (``gene`` → ``target_gene``), then spelling neighbours."""
     opts = [str(o) for o in options]
     word = str(name).lower()
+
+    def parts(label: str) -> list[str]:
+        return sorted(re.split(r"[^0-9a-z]+", label.lower()))
+
+    reordered = [o for o in opts if o != name and "+" in o and parts(o) == parts(str(name))]
     worded = [o for o in opts if o != name and word in re.split(r"[^0-9a-z]+", o.lower())]
     close = difflib.get_close_matches(str(name), opts, n=n, cutoff=0.6)
-    matches = list(dict.fromkeys(worded + close))[:n]
+    matches = list(dict.fromkeys(reordered + worded + close))[:n]
     return f" Did you mean: {', '.join(repr(m) for m in matches)}?" if matches else ""
 
 

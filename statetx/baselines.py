@@ -667,7 +667,7 @@ class LinearBaseline(_Baseline):
             # construction: the average training delta, as perturb_mean's zero shift, said
             return [f"linear: perturbation(s) without training cells have no one-hot vector: "
                     f"{preview(missing)}; predicting the average training delta "
-                    "(on_missing='context_mean': the context-mean prediction)."]
+                    "(pass on_missing='context_mean' for the context-mean prediction instead)."]
         if self.on_missing == "error":
             raise DataError(
                 f"LinearBaseline ({self.embedding_source_} embedding) has no vector for "

@@ -344,7 +344,8 @@ def obs_labels(obs: pd.DataFrame, col: str, where: str, option: str,
     if col not in obs.columns:
         raise DataError(
             f"obs column '{col}' not found in {where} (available: {preview(obs.columns, 12)})."
-            f"{did_you_mean(col, obs.columns)} Set {option}=<column>."
+            f"{did_you_mean(col, obs.columns)} Set {option}=<column> (one name for every "
+            "dataset: where files name it differently, rename the column in the odd one out)."
         )
     s = obs[col]
     isna = s.isna().to_numpy()

@@ -1353,7 +1353,10 @@ class StateTransitionModel(Estimator):
                 raise DataError(
                     f"{len(unknown)} perturbation(s) to simulate are not in the model's "
                     f"vocabulary (or are the control): {preview(unknown)}."
-                    f"{did_you_mean(str(unknown[0]), perts)}")
+                    f"{did_you_mean(str(unknown[0]), perts)}"
+                    + (" The model reads perturbation features: give their vectors with "
+                       "pert_features={label: vector} to simulate them."
+                       if self.vocab_.pert_features is not None else ""))
             perts = list(dict.fromkeys(chosen))
         obs_parts, rows, p_parts, c_parts, b_parts = [adata.obs], [np.arange(adata.n_obs)], \
             [pert], [ctx], [batch]
@@ -2026,7 +2029,8 @@ def _warn_held_out_perturbations(prepared: PreparedData) -> None:
             f"perturbations without training cells in the held-out splits ({listing}): with "
             "one-hot perturbations the model learns nothing about them, so predict gives them "
             "the control's (no effect) and validating on them measures nothing. To predict "
-            "unseen perturbations give pert_features=... (e.g. gene embeddings); to test new "
+            "unseen perturbations give pert_features=... (e.g. gene embeddings; "
+            "data.kwargs.perturbation_features_file on the command line); to test new "
             "cell types, hold out whole cell types ([zeroshot]) instead.", UserWarning,
             stacklevel=4)
 

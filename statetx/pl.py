@@ -154,8 +154,16 @@ def _means(df: pd.DataFrame) -> pd.Series:
     if {"metric", "from_baseline"} <= set(df.columns):  # score_agg / vcc_score
         return pd.Series(pd.to_numeric(df["from_baseline"], errors="coerce").to_numpy(),
                          index=df["metric"].astype(str)).groupby(level=0, sort=False).mean()
-    if "statistic" in df.columns:
-        df = df[df["statistic"] == "mean"].drop(columns="statistic")
+    if "statistic" in df.columns:  # per cell type (celltype_col): means weighted by counts
+        def rows(stat: str) -> pd.DataFrame:
+            part = df[df["statistic"] == stat].drop(columns=["statistic", "celltype"],
+                                                    errors="ignore")
+            return part.apply(pd.to_numeric, errors="coerce").reset_index(drop=True)
+
+        mean, count = rows("mean"), rows("count")
+        if len(mean) > 1 and len(count) == len(mean):
+            return (mean * count).sum() / count.sum()
+        return mean.mean()
     return df.drop(columns=["perturbation", "celltype"], errors="ignore").mean(numeric_only=True)
 
 
@@ -187,8 +195,10 @@ def metric_bars(
 
     ``tables``: ``{model: table}``, the tables concatenated with a ``model`` column, one table, or
     a long frame with columns model, metric, value. A table is a results frame (per-perturbation
-    rows are averaged), an agg frame (its ``mean`` row) or a score frame (:func:`~statetx.
-    metrics.score_agg`, :func:`~statetx.metrics.vcc_score`: ``from_baseline`` per metric)."""
+    rows are averaged), an agg frame (its ``mean`` row; per cell type, the means weighted by
+    their perturbation counts: the mean over all perturbations) or a score frame
+    (:func:`~statetx.metrics.score_agg`, :func:`~statetx.metrics.vcc_score`: ``from_baseline``
+    per metric)."""
     long = _long(tables)
     metrics = names_list(metrics)
     absent = [m for m in metrics if m not in set(long["metric"])]

@@ -21,7 +21,7 @@ cells creates nothing. Controls are shared between splits, so membership is one 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import anndata as ad
@@ -31,7 +31,7 @@ import pandas as pd
 from statetx._utils import did_you_mean, preview
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.errors import ConfigError, DataError
-from statetx.io import MISSING_LABEL, DataFile, from_anndata, resolve_control
+from statetx.io import MISSING_LABEL, DataFile, resolve_control
 
 
 @dataclass
@@ -95,32 +95,62 @@ def assign_files(
                 m &= ~f.dropped
         _check_control_pools(f, is_ctrl, masks, cell_type_key)
         out.append(Assignment(f, is_ctrl, masks["train"], masks["val"], masks["test"]))
+    _say_unassigned(out)
     return out
 
 
+def _say_unassigned(assignments: Sequence[Assignment]) -> None:
+    """Print the (dataset, cell type) groups whose cells fall in no split (e.g. the other cell
+    types of a dataset used only in [zeroshot] / [fewshot]): left out, as documented, but said."""
+    counts: dict[str, int] = {}
+    for a in assignments:
+        f = a.file
+        none = ~(a.train | a.val | a.test)
+        if f.dropped is not None:
+            none &= ~f.dropped  # (said where they are dropped)
+        for ct, n in zip(*np.unique(f.cell_type[none], return_counts=True)):
+            key = f"{f.dataset}.{ct}"
+            counts[key] = counts.get(key, 0) + int(n)
+    if counts:
+        print("statetx: cells in no split, left out: "
+              + ", ".join(f"{k} ({n:,} cells)" for k, n in sorted(counts.items()))
+              + ". A dataset's cell types train only when the dataset is in [training].")
+
+
 def assign(
-    adata: ad.AnnData,
+    adata: ad.AnnData | Mapping[str, ad.AnnData] | None,
     config: SplitConfig | dict | str | None,
     columns: ColumnMap | dict | None = None,
     dataset: str | None = None,
     **options,
 ) -> pd.DataFrame:
-    """Split membership of each cell of an in-memory AnnData, as a DataFrame indexed like obs.
+    """Split membership of each cell, as a DataFrame, without training.
 
     Columns: ``train``, ``val``, ``test`` (bool), ``split`` (e.g. ``"train"``, ``"train+test"`` for
-    controls shared by two splits, ``""`` for ignored cells), ``is_control``. ``dataset`` names the
-    AnnData in the split spec; by default the single dataset the spec refers to.
+    controls shared by two splits, ``""`` for ignored cells), ``is_control``. ``adata``: one
+    AnnData (rows indexed like its obs; ``dataset`` names it in the spec, by default the single
+    dataset the spec refers to), a dict name → AnnData, or None for the spec's [datasets] files;
+    with several datasets, one row per cell of each with ``dataset`` and ``file`` columns. The
+    data are read as :meth:`~statetx.StateTransitionModel.fit` reads them.
     """
-    config = SplitConfig.from_toml(config if config is not None else {})
+    from statetx.data import load_files  # (fit's loader: in-memory data and [datasets] files)
+
+    config = SplitConfig.from_toml(config if config is not None else {}).model_copy(deep=True)
     cols = columns if isinstance(columns, ColumnMap) else ColumnMap.build(**(columns or {}))
-    dataset = dataset or default_dataset_name(config)
-    if not config.referenced_datasets():  # an empty spec trains on every cell, as in fit
-        config = config.model_copy(update={"training": {dataset: "train"}})
-    f = from_anndata(adata, dataset, cols.pert_col, cols.cell_type_key, cols.batch_col)
-    control = resolve_control([f], cols.control_pert, cols.pert_col)
-    (a,) = assign_files([f], config, control, pert_col=cols.pert_col,
+    single = isinstance(adata, ad.AnnData)
+    if single:
+        dataset = dataset or default_dataset_name(config)
+        if not config.referenced_datasets():  # an empty spec trains on every cell, as in fit
+            config.training[dataset] = "train"
+    files = load_files(adata, config, cols, dataset if single else None)
+    control = resolve_control(files, cols.control_pert, cols.pert_col)
+    done = assign_files(files, config, control, pert_col=cols.pert_col,
                         cell_type_key=cols.cell_type_key, **options)
-    return membership_frame(a, index=adata.obs_names)
+    if single:
+        (mine,) = [a for a in done if a.file.dataset == dataset and a.file.path is None]
+        return membership_frame(mine, index=adata.obs_names)
+    return pd.concat([membership_frame(a).assign(dataset=a.file.dataset, file=a.file.label)
+                      for a in done])
 
 
 def subsample_validation(assignments: Sequence[Assignment], fraction: float) -> None:

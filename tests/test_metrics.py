@@ -354,3 +354,15 @@ def test_mismatched_inputs_say_how_to_fix_them(perturbench, tmp_path):
                                         r"of the 33 evaluated perturbation"):
         evaluate(real, real.copy(), pert_col="target_gene", control_pert="control",
                  profile="minimal", de_real=de)
+
+
+def test_no_real_de_gene_is_said(perturbench):
+    """perturbench U87MG (CRISPRi, weak effects): no perturbation has a significant real DE gene,
+    so the DE overlap is 0 whatever the prediction; evaluate says so."""
+    u87 = perturbench[perturbench.obs["cell_type"] == "U87MG"].copy()
+    with pytest.warns(UserWarning, match=r"none of the 9 perturbation\(s\) has a significant "
+                                         r"real DE gene"):
+        res, _ = evaluate(u87, u87.copy(), "target_gene", "control", profile="minimal",
+                          skip_metrics=["discrimination_score_l1"])
+    assert (res["de_nsig_counts_real"] == 0).all() and (res["overlap_at_N"] == 0).all()
+    assert np.allclose(res["pearson_delta"], 1)

@@ -89,6 +89,28 @@ def test_metric_bars_takes_the_tables_users_build(pair):
     plt.close("all")
 
 
+def test_metric_bars_per_cell_type_agg_is_the_mean_over_all_perturbations(perturbench):
+    """perturbench: evaluate(..., celltype_col=) agg tables of cell types with 9 and 33
+    perturbations plot the mean over all 42, as the results table does (not the mean of the two
+    cell types' means)."""
+    from statetx.metrics import evaluate
+
+    real = perturbench[perturbench.obs["cell_type"].isin(["k562", "U87MG"])].copy()
+    rng = np.random.default_rng(0)
+    pred = real.copy()
+    pred.X = np.clip(np.asarray(pred.X.toarray() if hasattr(pred.X, "toarray") else pred.X)
+                     + rng.normal(0, 0.3, pred.shape), 0, None).astype(np.float32)
+    res, agg = evaluate(pred, real, "target_gene", "control", celltype_col="cell_type",
+                        profile="minimal", skip_metrics=["overlap_at_N", "precision_at_N",
+                                                         "de_nsig_counts"])
+    m = "pearson_delta"
+    assert res.groupby("celltype")[m].count().to_dict() == {"U87MG": 9, "k562": 33}
+    height = pl.metric_bars(agg, metrics=m).patches[0].get_height()
+    assert height == pytest.approx(res[m].mean())
+    assert height != pytest.approx(res.groupby("celltype")[m].mean().mean())
+    plt.close("all")
+
+
 # ---------------------------------------------------------------------------------------------
 # history
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from conftest import PERTURBENCH, need
 
 from statetx.config import ColumnMap, FewshotEntry, SplitConfig
 from statetx.data import load_files, prepare
-from statetx.errors import ConfigError, DataError
+from statetx.errors import ConfigError, DataError, SplitConfigError
 from statetx.io import from_anndata, resolve_control
 from statetx.splits import Assignment, assign, assign_files, membership_frame, summarize
 
@@ -208,7 +208,7 @@ def test_kang_b_cells_zeroshot_in_memory(kang_raw):
     assert not df["val"].any()
 
 
-def test_kang_dataset_name_is_configurable(kang_raw):
+def test_kang_dataset_name_is_configurable(kang_raw, capsys):
     spec = {"training": {"pbmc": "train"}, "zeroshot": {"pbmc.CD8 T cells": "val"}}
     df = assign(kang_raw, spec, KANG_COLS)  # the only dataset of the spec
     assert df["val"].sum() == (kang_raw.obs["cell_type"] == "CD8 T cells").sum()
@@ -216,8 +216,13 @@ def test_kang_dataset_name_is_configurable(kang_raw):
     df2 = assign(kang_raw, {"zeroshot": {"pbmc.CD8 T cells": "val"}}, KANG_COLS, dataset="pbmc")
     np.testing.assert_array_equal(df2["val"].to_numpy(), df["val"].to_numpy())
     assert set(df2["split"][kang_raw.obs["cell_type"] != "CD8 T cells"]) == {""}
+    b_cells = (kang_raw.obs["cell_type"] == "B cells").sum()
+    assert (f"cells in no split, left out: pbmc.B cells ({b_cells:,} cells), "
+            in capsys.readouterr().out)
     # a spec naming a second dataset that was not given is an error naming it
-    with pytest.raises(DataError, match="dataset 'x' is referenced"):
+    with pytest.raises(SplitConfigError, match=r"dataset 'x' is used in \[training\] \"x\" but "
+                                               r"has no entry in \[datasets\] and was not passed "
+                                               r"in memory"):
         assign(kang_raw, {"zeroshot": {"pbmc.CD8 T cells": "val"}, "training": {"x": "train"}},
                KANG_COLS, dataset="pbmc")
 
@@ -418,3 +423,38 @@ def test_val_subsample_fraction_keeps_the_first_parts():
     np.testing.assert_array_equal(half.splits["train"].X.numpy(), full.splits["train"].X.numpy())
     with pytest.raises(ConfigError, match="val_subsample_fraction=1.5"):
         prepare(adata, spec, cols, allow_counts=True, val_subsample_fraction=1.5)
+
+
+def test_assign_several_datasets_in_memory_and_from_files(perturbench, tmp_path):
+    """perturbench as two labs' files (K562; the glioblastoma lines): assign takes a dict of
+    AnnData or, with [datasets] paths, None, like fit; one row per cell with its dataset."""
+    k562 = perturbench[perturbench.obs["cell_type"] == "k562"].copy()
+    gbm = perturbench[perturbench.obs["cell_type"] != "k562"].copy()
+    spec = ('[training]\nnorman = "train"\nmcfaline = "train"\n'
+            '[zeroshot]\n"mcfaline.U87MG" = "test"\n'
+            '[fewshot."norman.k562"]\ntest = ["MAPK1+TGFBR2"]\n')
+    cols = {"pert_col": "target_gene", "cell_type_key": "cell_type", "control_pert": "control"}
+    m = assign({"norman": k562, "mcfaline": gbm}, spec, cols)
+    assert len(m) == perturbench.n_obs and set(m["dataset"]) == {"norman", "mcfaline"}
+    test = m[m["test"] & ~m["is_control"]]
+    u87 = (gbm.obs["cell_type"] == "U87MG") & (gbm.obs["target_gene"] != "control")
+    pair = (k562.obs["target_gene"] == "MAPK1+TGFBR2").sum()
+    assert len(test) == u87.sum() + pair
+    k562.write_h5ad(tmp_path / "k562.h5ad")
+    gbm.write_h5ad(tmp_path / "gbm.h5ad")
+    files = (f'[datasets]\nnorman = "{tmp_path / "k562.h5ad"}"\n'
+             f'mcfaline = "{tmp_path / "gbm.h5ad"}"\n' + spec)
+    on_disk = assign(None, files, cols)
+    assert set(on_disk["file"]) == {"k562.h5ad", "gbm.h5ad"}
+    pd.testing.assert_frame_equal(on_disk.drop(columns="file").sort_index(),
+                                  m.drop(columns="file").sort_index())
+
+
+def test_a_pair_named_in_the_other_order_is_suggested(perturbench):
+    """perturbench K562: a few-shot pair written B+A is not silently empty; the error suggests
+    the data's A+B first."""
+    k562 = perturbench[perturbench.obs["cell_type"] == "k562"].copy()
+    spec = '[training]\nnorman = "train"\n[fewshot."norman.k562"]\ntest = ["TGFBR2+MAPK1"]\n'
+    cols = {"pert_col": "target_gene", "cell_type_key": "cell_type", "control_pert": "control"}
+    with pytest.raises(DataError, match=r"TGFBR2\+MAPK1.*Did you mean: 'MAPK1\+TGFBR2'"):
+        assign(k562, spec, cols, dataset="norman")

@@ -124,6 +124,12 @@ def _evaluate_one(
             pred_de = wilcoxon_de(Xp, pl, control_pert, genes, epsilon=epsilon,
                                   num_threads=num_threads, means=mp, mode=de_mode)
         de_vals = de_metrics(real_de, pred_de, perts)
+        n_sig = np.asarray(de_vals["de_nsig_counts_real"], dtype=float)
+        if len(n_sig) and not np.any(n_sig > 0):
+            warnings.warn(f"none of the {len(perts)} perturbation(s) has a significant real DE "
+                          "gene (FDR < 0.05): overlap_at_N and precision_at_N are 0 for any "
+                          "prediction here; compare pearson_delta and mse (or gather more cells "
+                          "per perturbation).", UserWarning, stacklevel=3)
         for m in metrics:
             if m == "de_nsig_counts":
                 table.add("de_nsig_counts_real", de_vals["de_nsig_counts_real"])
