@@ -335,19 +335,21 @@ def test_mismatched_inputs_say_how_to_fix_them(perturbench, tmp_path):
     with pytest.raises(DataError, match=r"'target_gene' not found in pred obs.*named alike in "
                                         r"both files and real has it: rename pred's"):
         evaluate(renamed, real, **kw)
-    ctrl = real.copy()
-    ctrl.obs["target_gene"] = ctrl.obs["target_gene"].astype(str).replace({"control": "ctrl"})
+
+    def relabelled(mapping: dict):
+        a = real.copy()
+        a.obs["target_gene"] = a.obs["target_gene"].astype(str).replace(mapping)
+        return a
+
     with pytest.raises(DataError, match=r"relabel pred's, e.g. pred.obs\['target_gene'\] = .*"
                                         r"replace\(\{'ctrl': 'control'\}\)"):
-        evaluate(ctrl, real, **kw)
+        evaluate(relabelled({"control": "ctrl"}), real, **kw)
     no_ctrl = real[real.obs["target_gene"] != "control"].copy()
     with pytest.raises(DataError, match="pred needs control cells too: copy the real control"):
         evaluate(no_ctrl, real, **kw)
-    lower = real.copy()
-    lower.obs["target_gene"] = lower.obs["target_gene"].astype(str).replace({"PLK4": "plk4"})
     with pytest.raises(DataError, match=r"1 differ only in case \(e.g. pred 'plk4' vs real "
                                         r"'PLK4'\)"):
-        evaluate(lower, real, **kw)
+        evaluate(relabelled({"PLK4": "plk4"}), real, **kw)
     de = pd.DataFrame({"target": ["P1"], "feature": ["G1"], "log2_fold_change": [1.0],
                        "p_value": [0.01], "fdr": [0.01]})
     with pytest.raises(DataError, match=r"supplied real DE table \(de_real\) has no rows for 33 "
