@@ -702,7 +702,7 @@ def _prepare_split(toml: Path, columns: Any, model: Any = None, **kw: Any) -> An
 
     stream = model is not None and model.data_loading == "stream"  # (the training split's labels)
     if model is not None:
-        kw = dict(pert_features=model.pert_features, **model._data_options())
+        kw = dict(pert_features=model.pert_features, **model._data_options(), **kw)
     prepared = preparer(model.stream_chunk_size if stream else None)(
         None, Path(toml), columns, **kw)
     _print_summary(prepared)

@@ -201,7 +201,8 @@ class StateTransitionModel(Estimator):
     heldout_controls_in_train, yield_controls
         Whether the control cells of held-out (zero-shot) cell types train (default True, as
         the reference), and whether control cells are also targets, control sets mapping to
-        control sets (default True).
+        control sets (default True; with False the control's one-hot embedding does not train
+        either, and held-out perturbations are no longer predicted as the control).
     on_missing_perturbation
         A ``[fewshot]`` entry naming a perturbation no cell of that cell type carries:
         ``error`` (default) or ``warn`` (and ignore it).
@@ -879,9 +880,10 @@ class StateTransitionModel(Estimator):
                          mode: str = "control") -> np.ndarray:
         """``codes`` (of ``vocab``, default the model's) with the perturbations that had no
         training cells warned about. One-hot ones are routed to the control's code (``mode``
-        "control": their never-trained embedding would add a random effect) or kept ("as_is",
-        the reference); with features, those whose vector is zeros are predicted as the
-        control by the network itself."""
+        "control": their never-trained embedding would add a random effect; not when the
+        control's did not train either, ``yield_controls=False``) or kept ("as_is", the
+        reference); with features, those whose vector is zeros are predicted as the control by
+        the network itself."""
         if mode not in UNTRAINED_MODES:
             raise ConfigError(f"untrained_perturbation={mode!r} is invalid; expected one of "
                               f"{', '.join(map(repr, UNTRAINED_MODES))}.")
@@ -900,19 +902,21 @@ class StateTransitionModel(Estimator):
             why = ("They have no feature vector (zero vectors), so the network sees no "
                    "perturbation for them. Give their vectors with pert_features=... "
                    "(tx predict / tx infer --pert-features).")
-        elif mode == "control":
+        elif mode == "control" and self.yield_controls:
             why = ("Their one-hot embedding was never trained, so they are predicted as the "
                    "control (no effect; untrained_perturbation='as_is' keeps the untrained "
                    "embedding, as arc-state does).")
         else:
-            why = ("Their one-hot embedding was never trained (its random start), so their "
-                   "predicted effects are not learned from data.")
+            why = ("Their one-hot embedding was never trained (its random start)"
+                   + ("" if self.yield_controls else ", nor was the control's (yield_controls="
+                      "False: control cells were no training targets)")
+                   + ", so their predicted effects are not learned from data.")
         if v.pert_features is None:
             why += (" Perturbation features (pert_features=..., e.g. gene embeddings) let a "
                     "model predict unseen perturbations.")
         warnings.warn(f"{len(new)} perturbation(s) of the {where} had no training cells: "
                       f"{preview(new)}. {why}", UserWarning, stacklevel=3)
-        if v.pert_features is not None or mode == "as_is":
+        if v.pert_features is not None or mode == "as_is" or not self.yield_controls:
             return codes
         index = {n: i for i, n in enumerate(v.perturbations)}
         out = codes.copy()

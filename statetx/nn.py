@@ -608,7 +608,11 @@ def pert_linear(layer: nn.Linear, pert: Tensor) -> Tensor:
         return layer(pert)
     rows = layer.weight.index_select(1, pert.clamp(min=0)).t()  # [B, out]
     rows = rows.masked_fill((pert < 0).unsqueeze(-1), 0.0)
-    return rows if layer.bias is None else rows + layer.bias
+    rows = rows if layer.bias is None else rows + layer.bias
+    device = pert.device.type
+    if torch.is_autocast_enabled(device):  # as the Linear's output would be under autocast
+        rows = rows.to(torch.get_autocast_dtype(device))
+    return rows
 
 
 def _per_cell(x: Tensor, pert: Tensor) -> Tensor:

@@ -140,8 +140,15 @@ def assign(
     single = isinstance(adata, ad.AnnData)
     if single:
         dataset = dataset or default_dataset_name(config)
-        if not config.referenced_datasets():  # an empty spec trains on every cell, as in fit
+        used = config.referenced_datasets()
+        if not used:  # an empty spec trains on every cell, as in fit
             config.training[dataset] = "train"
+        elif dataset not in used:
+            raise DataError(f"dataset={dataset!r} names the AnnData, but the spec does not use "
+                            f"that dataset (it uses {', '.join(map(repr, used))}).")
+    elif dataset is not None:
+        raise ConfigError("dataset= names a single AnnData; a dict's keys (or the spec's "
+                          "[datasets]) name several.")
     files = load_files(adata, config, cols, dataset if single else None)
     control = resolve_control(files, cols.control_pert, cols.pert_col)
     done = assign_files(files, config, control, pert_col=cols.pert_col,

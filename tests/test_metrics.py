@@ -332,8 +332,8 @@ def test_mismatched_inputs_say_how_to_fix_them(perturbench, tmp_path):
     kw = dict(pert_col="target_gene", control_pert="control", profile="pds")
     renamed = real.copy()
     renamed.obs = renamed.obs.rename(columns={"target_gene": "perturbation"})
-    with pytest.raises(DataError, match=r"'target_gene' not found in pred obs.*named alike in "
-                                        r"both files and real has it: rename pred's"):
+    with pytest.raises(DataError, match=r"'target_gene' not found in pred obs.*one column name "
+                                        r"from both files and real has it: rename pred's"):
         evaluate(renamed, real, **kw)
 
     def relabelled(mapping: dict):

@@ -455,6 +455,11 @@ def test_perturbations_without_training_cells_are_flagged(synth, tmp_path):
         np.testing.assert_allclose(pred.X[rows], expect, atol=1e-5)
     with pytest.raises(ConfigError, match="untrained_perturbation='zero'.*'as_is'"):
         loaded.predict(synth, untrained_perturbation="zero")
+    # without control targets the control's embedding did not train either: nothing to route to
+    no_ctrl = small_model(max_steps=2, yield_controls=False).fit(synth, spec)
+    with pytest.warns(UserWarning, match=r"nor was the control's \(yield_controls=False"):
+        kept = no_ctrl.predict(synth)
+    np.testing.assert_array_equal(kept.X, no_ctrl.predict(synth, untrained_perturbation="as_is").X)
     with pytest.raises(ConfigError, match="untrained_perturbation='zero'.*'as_is'"):
         model.predict_split("test", untrained_perturbation="zero")
 

@@ -443,6 +443,18 @@ def test_per_set_perturbation_inputs_equal_per_cell_vectors(kw):
         net(basal, codes[:2])
 
 
+def test_per_set_one_hot_positions_follow_autocast():
+    """Under bf16 autocast the looked-up encoding has the dtype a Linear would give, so a
+    one-layer pert encoder keeps the residual stream in bf16, as per-cell one-hot input does."""
+    net = make(n_encoder_layers=1).train()
+    codes = torch.tensor([1, 4, -1])
+    per_cell = torch.nn.functional.one_hot(codes.clamp(min=0), 5).float()[:, None].expand(3, 7, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net._encode_pert(codes, 7).dtype == net._encode_pert(per_cell, 7).dtype
+        assert net._encode_pert(codes, 7).dtype == torch.bfloat16
+    assert net._encode_pert(codes, 7).dtype == torch.float32
+
+
 def test_pert_skip_needs_input_residual_and_a_known_value():
     with pytest.raises(ConfigError, match="pert_skip 'shift'.*residual_space 'input'"):
         make(pert_skip="shift")

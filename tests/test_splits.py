@@ -444,6 +444,11 @@ def test_assign_several_datasets_in_memory_and_from_files(perturbench, tmp_path)
     gbm.write_h5ad(tmp_path / "gbm.h5ad")
     files = (f'[datasets]\nnorman = "{tmp_path / "k562.h5ad"}"\n'
              f'mcfaline = "{tmp_path / "gbm.h5ad"}"\n' + spec)
+    with pytest.raises(DataError, match=r"dataset='mine' names the AnnData, but the spec does "
+                                        r"not use that dataset \(it uses 'mcfaline', 'norman'\)"):
+        assign(k562, spec, cols, dataset="mine")
+    with pytest.raises(ConfigError, match="dataset= names a single AnnData"):
+        assign({"norman": k562, "mcfaline": gbm}, spec, cols, dataset="norman")
     on_disk = assign(None, files, cols)
     assert set(on_disk["file"]) == {"k562.h5ad", "gbm.h5ad"}
     pd.testing.assert_frame_equal(on_disk.drop(columns="file").sort_index(),

@@ -187,8 +187,8 @@ def check_obs_col(adata: ad.AnnData, col: str, which: str, what: str,
     """Error unless ``col`` is an obs column of ``adata`` with a label for every cell (``other``:
     the name of the paired file, which has the column)."""
     if col not in adata.obs.columns:
-        fix = (f" The column is named alike in both files and {other} has it: rename {which}'s, "
-               f"e.g. {which}.obs[{col!r}] = {which}.obs['<its column>']." if other
+        fix = (f" evaluate reads one column name from both files and {other} has it: rename "
+               f"{which}'s, e.g. {which}.obs[{col!r}] = {which}.obs['<its column>']." if other
                else " Pass the right column name")
         raise DataError(
             f"{what} column {col!r} not found in {which} obs "

@@ -136,8 +136,8 @@ def vcc_score(
                           "cell type's subset of pred and real separately.")
     discrete = bool(evaluate_kwargs.get("allow_discrete", False))
     real = check_scale(load(adata_real, "real"), "real", discrete)
-    src = real if train is None else check_scale(load(train, "train"), "train", False,
-                                                 log1p_total(real))
+    src = real if train is None else check_scale(load(train, "train"), "train", discrete,
+                                                 None if discrete else log1p_total(real))
     counts = real.obs[pert_col].astype(str).value_counts()
     n_cells = {p: int(n) for p, n in counts.items() if p != control_pert}
     # (already on the evaluated scale: the baseline keeps it); with train, its own controls, as
