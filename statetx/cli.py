@@ -1431,7 +1431,12 @@ def _describe_model(model: Any, kind: str, attention: str | None = None) -> None
     from statetx.presets import describe
 
     c, v, cols = model.network_config_, model.vocab_, model.columns_
-    print(f"{kind}: preset {model.preset}")
+    resolved = getattr(model, "preset_", None) or model.preset
+    print(f"{kind}: preset {resolved}"
+          + (f" (chosen by preset={model.preset!r})" if resolved != model.preset else ""))
+    settings = getattr(model, "train_settings_", None)
+    if settings:
+        print("training: " + ", ".join(f"{k} {v}" for k, v in settings.items()))
     print(describe(c).replace(f"attention {c.attention}", "attention ?") if attention else
           describe(c))
     print(f"attention {attention or c.attention}, positions "

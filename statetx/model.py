@@ -450,7 +450,8 @@ class StateTransitionModel(Estimator):
         batch = int(self.batch_size if self.batch_size is not None else d["batch_size"])
         steps = d["max_steps"]
         if steps == "epochs":  # a fixed number of passes over the training cells
-            passes = d["passes"] * n_train_cells / (batch * set_len)
+            accum = as_count("gradient_accumulation_steps", self.gradient_accumulation_steps)
+            passes = d["passes"] * n_train_cells / (batch * accum * set_len)
             steps = int(min(d["max_steps_cap"], max(d["min_steps"], round(passes))))
         return {"batch_size": batch,
                 "max_steps": int(self.max_steps if self.max_steps is not None else steps),
@@ -762,6 +763,8 @@ class StateTransitionModel(Estimator):
             print("statetx: no validation split: validation is skipped and no best checkpoint is "
                   "written (the test split is never used for validation"
                   + (", and there is none" if self.val_from_test else "") + ").")
+        if rank == 0:
+            _warn_idle_options(train_cfg, val_name is not None)
         if stream is not None:  # (the streaming sampler warns about its own padding)
             if verbose:
                 print(f"statetx: {samplers['train'].describe()}")
@@ -1274,7 +1277,8 @@ class StateTransitionModel(Estimator):
         data = self._split_data("finetune_on_controls")
         if split not in data.splits:
             raise ConfigError(f"finetune_on_controls needs the {split!r} split of the fitted "
-                              "spec (fit, or load_run + attach_data, first).")
+                              f"spec, which has {', '.join(map(repr, data.splits))}."
+                              f"{did_you_mean(str(split), list(data.splits))}")
         split_data = data.splits[split]
         if not split_data.is_control.any():
             raise DataError(f"the {split!r} split has no control cells to fine-tune on.")
@@ -1967,6 +1971,30 @@ class _FeatureRows:
     """A pickled model's ``pert_features`` dict: the names of its rows in ``vocab_``."""
 
     names: list[str]
+
+
+def _warn_idle_options(cfg: TrainConfig, validates: bool) -> None:
+    """Training options that this run's other settings keep from acting are said, not ignored."""
+    idle = []
+    if cfg.early_stopping_patience is not None and not validates:
+        idle.append(f"early_stopping_patience={cfg.early_stopping_patience}: the split spec has "
+                    "no validation part (add one, e.g. a zero-shot '= \"val\"' cell type)")
+    elif cfg.early_stopping_patience is not None:
+        runs = cfg.max_steps // cfg.val_freq + bool(cfg.max_steps % cfg.val_freq)
+        if runs <= cfg.early_stopping_patience:
+            idle.append(f"early_stopping_patience={cfg.early_stopping_patience}: with val_freq="
+                        f"{cfg.val_freq} and max_steps={cfg.max_steps} validation runs {runs} "
+                        f"time(s), and stopping needs {cfg.early_stopping_patience + 1} (lower "
+                        "val_freq)")
+    if cfg.warmup_steps > cfg.max_steps:
+        idle.append(f"warmup_steps={cfg.warmup_steps} > max_steps={cfg.max_steps}: the learning "
+                    f"rate never reaches lr={cfg.lr:g}")
+    if cfg.averaging_start > 0 and cfg.weight_averaging == "none":
+        idle.append(f"averaging_start={cfg.averaging_start}: weight averaging is off "
+                    "(weight_averaging='uniform' turns it on)")
+    if idle:
+        warnings.warn("training options without effect in this run: " + "; ".join(idle) + ".",
+                      UserWarning, stacklevel=4)
 
 
 def _warn_padding(sampler: Any, pairing: str, strategy: str) -> None:

@@ -635,6 +635,11 @@ class Trainer:
         empty = 0  # epochs in a row without a batch
         p = c.early_stopping_patience  # (a resumed run that had stopped early stays stopped)
         stopped = p is not None and st.bad_validations >= p
+        if _is_main() and (stopped or st.step >= c.max_steps) and st.step > 0:
+            print(f"statetx: nothing to train: the resumed run is at step {st.step}, "
+                  + (f"where it stopped early (early_stopping_patience={p}; raise it, or pass "
+                     "None, to train on)." if stopped else
+                     f"max_steps={c.max_steps} (raise max_steps to train on)."), flush=True)
         signals = contextlib.ExitStack()
         try:
             signals.enter_context(self._stop_signals())
@@ -774,6 +779,13 @@ class Trainer:
                 st.bad_validations += 1
                 p = c.early_stopping_patience
                 stop = p is not None and st.bad_validations >= p
+                if stop and _is_main():
+                    best = ("is checkpoints/best.ckpt (StateTransitionModel.load_run(run_dir, "
+                            "'best.ckpt'))" if self.out is not None else
+                            "is not kept without an output_dir")
+                    print(f"statetx: stopped early at step {st.step}: no better val_loss in {p} "
+                          f"validations. The model keeps this step's weights; the best, step "
+                          f"{st.best_step} (val_loss {st.best_val:.4g}), {best}.", flush=True)
         if self.out is not None:
             if st.step % c.ckpt_every_n_steps == 0:
                 self._checkpoint(f"step={st.step}.ckpt")

@@ -901,3 +901,16 @@ def test_embed_key_for_a_model_that_reads_x_hvg_by_position():
     np.testing.assert_array_equal(out.obsm["X_hvg"], a.obsm["X_other"])
     with pytest.raises(DataError, match="has no gene names"):
         _remap_embedding(a, "X_other", "X_hvg", ["G1", "G2", "G3", "G4"])
+
+
+def test_info_shows_the_preset_auto_chose_and_the_recipe(tmp_path, capsys):
+    from statetx import StateTransitionModel
+
+    m = StateTransitionModel(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl",
+                             max_steps=2, progress=False, device="cpu").fit(_synthetic())
+    m.save(tmp_path / "m")
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "statetx model directory: preset small (chosen by preset='auto')" in out
+    assert "training: batch_size 8, max_steps 2, lr 0.001, weight_averaging uniform" in out

@@ -184,15 +184,20 @@ def test_resume_with_a_new_max_steps_warns_when_the_schedule_moves(synth, tmp_pa
         assert len(moved) == (schedule == "cosine")
 
 
-def test_early_stopping(synth, tmp_path):
+def test_early_stopping(synth, tmp_path, capsys):
     kw = dict(max_steps=200, val_freq=1, early_stopping_patience=2, lr=0.5)
     m = small_model(**kw).fit(synth, FEWSHOT, output_dir=tmp_path)
     stop = m.history_["step"].max()
     assert stop < 200
-    # resuming the stopped run stays stopped (a larger patience would continue it)
+    # said, with where the best weights are (the model keeps the last step's)
+    assert (f"stopped early at step {stop}: no better val_loss in 2 validations. The model "
+            f"keeps this step's weights; the best, step {m.best_step_}" in capsys.readouterr().out)
+    # resuming the stopped run stays stopped, and says so (a larger patience continues it)
     last = tmp_path / "checkpoints" / "last.ckpt"
     again = small_model(**kw).fit(synth, FEWSHOT, output_dir=tmp_path, resume_from=last)
     assert again.history_["step"].max() == stop
+    assert (f"nothing to train: the resumed run is at step {stop}, where it stopped early"
+            in capsys.readouterr().out)
     more = small_model(**{**kw, "early_stopping_patience": 50, "max_steps": stop + 2})
     with pytest.warns(UserWarning, match="early_stopping_patience: 2 -> 50"):
         more.fit(synth, FEWSHOT, output_dir=tmp_path, resume_from=last)
@@ -750,3 +755,17 @@ def test_progress_bar_updates_rarely_when_logged_to_a_file(monkeypatch):
     assert bar.mininterval == 0.1
     bar.close()
     assert _progress(False, 0, 10) is None
+
+
+def test_options_without_effect_are_said(synth):
+    """Early stopping without validation, a warmup longer than the run and an averaging start
+    without averaging would be silently ignored: they are warned about."""
+    with pytest.warns(UserWarning, match=r"without effect in this run: early_stopping_patience=2:"
+                                         r" the split spec has no validation part.*warmup_steps="
+                                         r"50 > max_steps=3.*averaging_start=0.5: weight "
+                                         r"averaging is off"):
+        small_model(max_steps=3, early_stopping_patience=2, warmup_steps=50,
+                    averaging_start=0.5, weight_averaging="none").fit(synth)
+    with pytest.warns(UserWarning, match=r"validation runs 2 time\(s\), and stopping needs 3 "
+                                         r"\(lower val_freq\)"):
+        small_model(max_steps=4, val_freq=3, early_stopping_patience=2).fit(synth, FEWSHOT)
