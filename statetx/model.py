@@ -681,11 +681,18 @@ class StateTransitionModel(Estimator):
         extra_obs = self._additional_obs()
         for f in prepared.files if extra_obs else ():  # a missing column: an error now
             f.obs_columns(extra_obs)
-        n_train = int(prepared.splits["train"].is_target.sum())
+        train = prepared.splits["train"]
+        n_train = int(train.is_target.sum())
+        n_used = n_train  # (downsample_cells: at most that many cells of a group train)
+        if self.downsample_cells is not None:
+            key = train.context[train.is_target] * (int(train.pert.max()) + 1) + train.pert[
+                train.is_target]
+            n_used = int(np.minimum(np.unique(key, return_counts=True)[1],
+                                    self.downsample_cells).sum())
         preset = self._resolve_preset(n_train)
         arch = self._architecture(preset)
         set_len = int(arch["cell_set_len"])
-        settings = self._training_defaults(preset, n_train, set_len)
+        settings = self._training_defaults(preset, n_used, set_len)
         train_cfg = self._train_config(settings)
         # torchrun: join/create the process group (None = one process, nothing distributed);
         # train sets are sharded across ranks, validation batches are dealt by the Trainer
@@ -697,7 +704,7 @@ class StateTransitionModel(Estimator):
         if verbose:
             print(f"statetx: preset {preset!r}, batch_size {settings['batch_size']}, max_steps "
                   f"{settings['max_steps']}, lr {settings['lr']:g} ({n_train:,} training cells"
-                  + (f", at most {self.downsample_cells:,} per group used"
+                  + (f", {n_used:,} used: at most {self.downsample_cells:,} per group"
                      if self.downsample_cells is not None else "") + ")")
         vocab = prepared.vocab
         net_cfg = network_config_for(arch, prepared)

@@ -1410,3 +1410,31 @@ def test_held_out_knockout_is_predicted_as_control_not_a_random_effect(papalexi)
     # the same basal draws: only the knockout's cells change with the mode
     np.testing.assert_array_equal(preds["as_is"].X[~jak2], pred[~jak2])
     assert not np.allclose(preds["as_is"].X[jak2], pred[jak2], atol=1e-4)
+
+
+def test_small_recipe_counts_the_cells_that_train(capsys):
+    """The small preset's 100 passes are over the cells that train: with downsample_cells, the
+    groups' capped sizes; with gradient accumulation, k batches make one step."""
+    from conftest import make_synthetic
+
+    a = make_synthetic(n_cells=200)
+    kw = dict(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl", device="cpu",
+              cell_set_len=8)
+    StateTransitionModel("small", downsample_cells=20, max_steps=1, progress=True,
+                         **kw).fit(a, SPEC)
+    from statetx.splits import assign
+
+    train = a.obs[assign(a, SPEC, {k: kw[k] for k in ("pert_col", "cell_type_key",
+                                                       "control_pert")})["train"]]
+    n_train = len(train)  # (the held-out cell type's controls train too)
+    used = int(np.minimum(train.groupby(["cell_type", "gene"], observed=True).size(), 20).sum())
+    assert f"({n_train:,} training cells, {used:,} used: at most 20 per group)" in (
+        capsys.readouterr().out)
+
+    def steps(n_cells: int, **opts) -> int:
+        return StateTransitionModel("small", **kw, **opts)._training_defaults(
+            "small", n_cells, 8)["max_steps"]
+
+    assert steps(n_train) == round(100 * n_train / (8 * 8))  # (within the 300-3,000 bounds)
+    assert steps(used) == 300 < steps(n_train)
+    assert steps(n_train, gradient_accumulation_steps=2) == round(100 * n_train / (2 * 8 * 8))
