@@ -1211,23 +1211,6 @@ def cmd_filter(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _pooling_notice(path: str) -> None:
-    """Without --celltype-col every cell is one group: say so when obs has a cell-type column
-    with several values (tx predict scores each cell type)."""
-    import anndata as ad
-
-    real = ad.read_h5ad(path, backed="r")
-    try:
-        for col in ("cell_type", "celltype", "cell_line", "cell_type_key"):
-            if col in real.obs.columns and real.obs[col].nunique() > 1:
-                _say(f"no --celltype-col: the {real.obs[col].nunique()} values of obs['{col}'] "
-                     f"are pooled into one group; pass --celltype-col {col} to score each (as "
-                     "tx predict does).")
-                return
-    finally:
-        real.file.close()
-
-
 def cmd_evaluate_run(a: argparse.Namespace) -> int:
     if a.cpm_filter:
         raise ConfigError("--cpm-filter is not supported by statetx yet; leave it out.")
@@ -1239,8 +1222,6 @@ def cmd_evaluate_run(a: argparse.Namespace) -> int:
         if not Path(f).is_file():
             raise UsageError(f"{f}: file not found.")
     skip = [s.strip() for s in (a.skip_metrics or "").split(",") if s.strip()]
-    if a.celltype_col is None:
-        _pooling_notice(a.adata_real)
     if a.pert_col is None or a.control_pert is None:  # those the prediction recorded (uns)
         from statetx.metrics._inputs import recorded_labels
 

@@ -336,12 +336,21 @@ def test_evaluate_commands(run, tmp_path):
 
 
 def test_evaluate_without_celltype_col_says_cell_types_are_pooled(tmp_path, capsys):
-    from statetx.cli import _pooling_notice
+    """In Python as on the command line (evaluate run)."""
+    from statetx.metrics import evaluate
 
-    _synthetic().write_h5ad(tmp_path / "real.h5ad")
-    _pooling_notice(str(tmp_path / "real.h5ad"))
-    assert ("the 3 values of obs['cell_type'] are pooled into one group; pass --celltype-col "
-            "cell_type") in capsys.readouterr().out
+    a = _synthetic()
+    a.write_h5ad(tmp_path / "real.h5ad")
+    evaluate(a, a.copy(), "gene", "ctrl", profile="pds")
+    said = ("the 3 values of obs['cell_type'] are pooled into one group; pass "
+            "celltype_col='cell_type' (--celltype-col cell_type) to score each")
+    assert said in capsys.readouterr().out
+    assert main(["evaluate", "run", "-ap", str(tmp_path / "real.h5ad"), "-ar",
+                 str(tmp_path / "real.h5ad"), "--pert-col", "gene", "--control-pert", "ctrl",
+                 "--profile", "pds", "-o", str(tmp_path / "ev")]) == 0
+    assert said in capsys.readouterr().out
+    evaluate(a, a.copy(), "gene", "ctrl", "cell_type", profile="pds")
+    assert "pooled" not in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------ errors

@@ -200,6 +200,16 @@ def _read_de(obj: pd.DataFrame | str | Path | None, which: str) -> pd.DataFrame 
     return check_de_table(obj, which)
 
 
+def _say_pooled(real: ad.AnnData) -> None:
+    """Without ``celltype_col`` every cell is one group: said when obs has a cell-type column with
+    several values."""
+    for col in ("cell_type", "celltype", "cell_line", "cell_type_key"):
+        if col in real.obs.columns and (n := real.obs[col].nunique()) > 1:
+            print(f"statetx.evaluate: the {n} values of obs['{col}'] are pooled into one group; "
+                  f"pass celltype_col='{col}' (--celltype-col {col}) to score each.")
+            return
+
+
 def _warn_few_perturbations(metrics: Sequence[str], n: int, per_cell_type: bool) -> None:
     """The discrimination scores rank a prediction among ``n`` real deltas: coarse for small n."""
     ranked = [m for m in metrics if m.startswith("discrimination_score_")]
@@ -323,6 +333,7 @@ def evaluate(
                       align_genes=align_genes, shared_only=shared_only)
     if celltype_col is None:
         _warn_other_cell_types(p, r)
+        _say_pooled(r)
     dp, dr = _read_de(de_pred, "pred"), _read_de(de_real, "real")
     perts = set(r.obs[pert_col].astype(str)) - {control_pert}
     for de, which in ((dp, "pred"), (dr, "real")):
