@@ -51,7 +51,6 @@ from statetx.errors import ConfigError, DataError
 from statetx.model import StateTransitionModel
 from statetx.predict import (
     basal_groups,
-    check_count,
     check_scale,
     clip_range,
     encode_perturbations,
@@ -587,7 +586,7 @@ class LinearBaseline(_Baseline):
         if self.on_missing not in ("error", "mean", "context_mean"):
             raise ConfigError(f"on_missing={self.on_missing!r} is invalid; expected 'error', "
                               "'mean' or 'context_mean'.")
-        check_count("n_components", self.n_components, optional=False)
+        as_count("n_components", self.n_components)
         if (isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float, np.number))
                 or not self.ridge >= 0):
             raise ConfigError(f"ridge={self.ridge!r} is invalid; expected a number >= 0.")

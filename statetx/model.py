@@ -58,7 +58,6 @@ from statetx.predict import (
     GroupMeans,
     align_genes,
     basal_groups,
-    check_count,
     check_matmul_precision,
     check_scale,
     clip_range,
@@ -552,13 +551,13 @@ class StateTransitionModel(Estimator):
             raise ConfigError(f"weight_averaging={self.weight_averaging!r} is invalid; expected "
                               "'auto', 'none' or 'uniform'.")
         averaging = "none" if self.weight_averaging == "auto" else self.weight_averaging
-        check_count("seed", self.seed, 0, optional=False)
+        as_count("seed", self.seed, 0)
         if not 0.0 < float(self.val_subsample_fraction) <= 1.0:
             raise ConfigError(f"val_subsample_fraction={self.val_subsample_fraction!r} must be "
                               "in (0, 1].")
         for name in ("batch_size", "cell_set_len", "max_steps"):
-            check_count(name, getattr(self, name))
-        check_count("downsample_cells", self.downsample_cells)
+            as_count(name, getattr(self, name), optional=True)
+        as_count("downsample_cells", self.downsample_cells, optional=True)
         check_sampler_options("random", 1, 1, pad_from=self.pad_from)
         self._additional_obs()
         for name in ("drop_last", "exclude_self", "val_from_test", "yield_controls",
@@ -1139,20 +1138,20 @@ class StateTransitionModel(Estimator):
         """
         self._check_fitted()
         check_matmul_precision(matmul_precision)
-        check_count("sets_per_pass", sets_per_pass, optional=False)
+        as_count("sets_per_pass", sets_per_pass)
         if layout not in ("statetx", "arc"):
             raise ConfigError(f"layout={layout!r} is invalid; expected 'statetx' or 'arc'.")
         seed = self._seed(seed)
-        check_count("set_len", set_len)
+        as_count("set_len", set_len, optional=True)
         counts = n_cells_per_pert if isinstance(n_cells_per_pert, Mapping) else None
         if counts is None:
-            check_count("n_cells_per_pert", n_cells_per_pert)
-        check_count("min_cells", min_cells)
-        check_count("max_cells", max_cells)
+            as_count("n_cells_per_pert", n_cells_per_pert, optional=True)
+        as_count("min_cells", min_cells, optional=True)
+        as_count("max_cells", max_cells, optional=True)
         if min_cells is not None and max_cells is not None and min_cells > max_cells:
             raise ConfigError(f"min_cells={min_cells} is above max_cells={max_cells}.")
         for k, v in (counts or {}).items():
-            check_count(f"n_cells_per_pert[{k!r}]", v, 0, optional=False)
+            as_count(f"n_cells_per_pert[{k!r}]", v, 0)
         if counts is not None and perturbations is not None and set(counts) != set(
                 map(str, perturbations)):
             raise ConfigError("n_cells_per_pert (a mapping) must give a count for each of the "
@@ -1280,7 +1279,7 @@ class StateTransitionModel(Estimator):
 
         self._check_fitted()
         seed = self._seed(seed)
-        check_count("steps", steps, optional=False)
+        as_count("steps", steps)
         data = self._split_data("finetune_on_controls")
         if split not in data.splits:
             raise ConfigError(f"finetune_on_controls needs the {split!r} split of the fitted "
@@ -1342,7 +1341,7 @@ class StateTransitionModel(Estimator):
             # rows for the same perturbation add up (as tx infer --tsv)
             perturbations = {str(k): int(v) for k, v in
                              n.groupby(table["perturbation"].astype(str), sort=False).sum().items()}
-        check_count("n_cells", n_cells)
+        as_count("n_cells", n_cells, optional=True)
         if isinstance(perturbations, Mapping):
             n_cells, perturbations = dict(perturbations), list(perturbations)
         elif perturbations is not None:

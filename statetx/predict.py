@@ -25,7 +25,6 @@ import torch
 from statetx._heap import retained_heap
 from statetx._utils import (
     MATMUL_PRECISIONS,
-    as_count,
     did_you_mean,
     looks_log1p,
     matmul_precision_scope,
@@ -279,11 +278,6 @@ def check_matmul_precision(value: object) -> str:
         raise ConfigError(f"matmul_precision={value!r} is invalid; expected one of "
                           f"{', '.join(map(repr, MATMUL_PRECISIONS))} (\"highest\" = full fp32).")
     return str(value)
-
-
-def check_count(name: str, value: object, minimum: int = 1, optional: bool = True) -> None:
-    """An integer option (a seed, a set length, a cell count) of at least ``minimum``."""
-    as_count(name, value, minimum, optional)
 
 
 def _forward_chunk(network: torch.nn.Module, src: torch.Tensor, pert_table: torch.Tensor | None,
