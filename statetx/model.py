@@ -1965,6 +1965,17 @@ class StateTransitionModel(Estimator):
         """The input feature names (scikit-learn's name for ``var_names_``)."""
         return np.asarray(self.var_names_, dtype=object)
 
+    @property
+    def pert_feature_table_(self) -> dict[str, np.ndarray] | None:
+        """The perturbation feature vectors the model knows, name → vector (a copy); None for
+        one-hot perturbations. With :func:`statetx.tl.combination_features` it gives new
+        combined labels their vectors."""
+        self._check_fitted()
+        v = self.vocab_
+        if v.pert_features is None:
+            return None
+        return {n: row.copy() for n, row in zip(v.perturbations, v.pert_features)}
+
     def to(self, device: str | torch.device) -> StateTransitionModel:
         """Move the fitted network to ``device`` (for prediction)."""
         self._check_fitted()

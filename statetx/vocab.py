@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -272,3 +273,45 @@ def load_pert_features(path: str | Path) -> dict[str, np.ndarray]:
         return {str(k): row.to_numpy(np.float32) for k, row in df.iterrows()}
     raise DataError(f"{path}: unsupported perturbation feature format '{suffix}' (use .pt, "
                     ".safetensors, .npz or .csv).")
+
+
+def combination_features(labels: Iterable[str], features: Mapping[str, Any] | None = None, *,
+                         sep: str = "+", control: str | None = None) -> dict[str, np.ndarray]:
+    """Feature vectors of combined perturbations (``"A+B"``) from their parts'.
+
+    Without ``features``: multi-hot vectors over the single perturbations the labels name (sorted;
+    ``control`` and empty parts are no perturbation, so the control gets zeros), e.g. for
+    ``pert_features=`` of a model that should predict held-out pairs of trained singles. With
+    ``features`` (a name → vector table, e.g. ``model.pert_feature_table_`` or gene embeddings):
+    a label keeps its own vector when the table has one, else gets the sum of its parts' vectors
+    (zeros for the control), e.g. to predict new pairs with ``predict(pert_features=...)``.
+    """
+    if not isinstance(sep, str) or not sep:
+        raise ConfigError(f"sep={sep!r} is invalid; expected the non-empty string that joins "
+                          "the parts of a combined label, e.g. '+'.")
+    names = sorted({str(n) for n in labels})
+    parts = {n: [q for q in (t.strip() for t in n.split(sep)) if q and q != control]
+             for n in names}
+    if features is None:
+        singles = sorted({q for ps in parts.values() for q in ps})
+        index = {q: i for i, q in enumerate(singles)}
+        out = {}
+        for n, ps in parts.items():
+            v = np.zeros(len(singles), dtype=np.float32)
+            for q in ps:
+                v[index[q]] += 1.0
+            out[n] = v
+        return out
+    if not isinstance(features, Mapping) or not features:
+        raise DataError("features= must be a non-empty name -> vector table (a dict).")
+    table = {str(k): np.asarray(v, dtype=np.float32).reshape(-1) for k, v in features.items()}
+    width = next(iter(table.values())).shape[0]
+    missing = sorted({q for n, ps in parts.items() if n not in table for q in ps
+                      if q not in table})
+    if missing:
+        raise DataError(f"{len(missing)} part(s) of combined labels have no vector in features=: "
+                        f"{preview(missing)}{_spelling_variants(missing, list(table))}. Add "
+                        "them, or leave the labels that use them out.")
+    return {n: table[n] if n in table else np.sum(
+        [table[q] for q in parts[n]] or [np.zeros(width, np.float32)], axis=0, dtype=np.float32)
+        for n in names}
