@@ -388,8 +388,10 @@ def _add_evaluate(sp: Any) -> None:
     b.add_argument("-c", "--counts", help="CSV of perturbation,n_cells")
     b.add_argument("-o", "--output", default="baseline.h5ad")
     b.add_argument("-O", "--output-de", "--output_de", dest="output_de", help="baseline DE CSV")
-    _flag(b, "--pert-col", default="target_gene")
-    _flag(b, "--control-pert", default="non-targeting")
+    _flag(b, "--pert-col", default=None, help="perturbation column (default: the one statetx "
+          "recorded in the input, else target_gene)")
+    _flag(b, "--control-pert", default=None, help="control label (default: the one statetx "
+          "recorded in the input, else non-targeting)")
     _flag(b, "-t", "--num-threads", type=int, default=None)  # (-t: cell-eval's baseline)
     b.set_defaults(func=cmd_evaluate_baseline)
     sc = _sub(evs, "score", "normalise metrics by the baseline's (VCC score)")
@@ -404,10 +406,10 @@ def _add_evaluate(sp: Any) -> None:
                     help="gene list: one name per line (a header line is detected); the "
                     "prediction's genes are put in this order and must be the same set")
     pp.add_argument("-o", "--output", help="the .vcc archive (default: <input>.prep.vcc)")
-    _flag(pp, "--pert-col", default="target_gene",
-          help="obs column of the perturbation labels (default target_gene)")
-    _flag(pp, "--ntc-name", default="non-targeting",
-          help="control label, which must be present (default non-targeting)")
+    _flag(pp, "--pert-col", default=None, help="obs column of the perturbation labels "
+          "(default: the one statetx recorded in the input, else target_gene)")
+    _flag(pp, "--ntc-name", default=None, help="control label, which must be present "
+          "(default: the one statetx recorded in the input, else non-targeting)")
     pp.add_argument("-e", "--encoding", type=int, default=32, choices=[32, 16],
                     help="32: float32 values (default); 16: rounded to float16 precision")
     _flag(pp, "--expected-gene-dim", type=int, default=18080,
@@ -1222,12 +1224,7 @@ def cmd_evaluate_run(a: argparse.Namespace) -> int:
         if not Path(f).is_file():
             raise UsageError(f"{f}: file not found.")
     skip = [s.strip() for s in (a.skip_metrics or "").split(",") if s.strip()]
-    if a.pert_col is None or a.control_pert is None:  # those the prediction recorded (uns)
-        from statetx.metrics._inputs import recorded_labels
-
-        backed = _read(a.adata_pred, backed=True)
-        a.pert_col, a.control_pert = recorded_labels(backed, a.pert_col, a.control_pert)
-        backed.file.close()
+    a.pert_col, a.control_pert = _recorded_labels(a.adata_pred, a.pert_col, a.control_pert)
     _say(f"evaluate {a.adata_pred} against {a.adata_real}: pert_col={a.pert_col!r}, "
          f"control={a.control_pert!r}, "
          + (f"per cell type of obs['{a.celltype_col}']" if a.celltype_col else
@@ -1258,12 +1255,28 @@ def cmd_evaluate_run(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _recorded_labels(path: str, pert_col: str | None, control: str | None) -> tuple[str, str]:
+    """The perturbation column and control label: as given, else those statetx recorded in the
+    file (``uns["statetx"]``), else cell-eval's defaults."""
+    if pert_col is not None and control is not None:
+        return pert_col, control
+    from statetx.metrics._inputs import recorded_labels
+
+    backed = _read(path, backed=True)
+    try:
+        return recorded_labels(backed, pert_col, control)
+    finally:
+        backed.file.close()
+
+
 def cmd_evaluate_baseline(a: argparse.Namespace) -> int:
     import pandas as pd
 
     from statetx.metrics import cell_mean_baseline, wilcoxon_de
+    from statetx.metrics._inputs import recorded_labels
 
     adata = _read(a.adata)
+    a.pert_col, a.control_pert = recorded_labels(adata, a.pert_col, a.control_pert)
     n_cells = None
     if a.counts:
         t = pd.read_csv(a.counts)
@@ -1309,6 +1322,7 @@ def cmd_evaluate_prep(a: argparse.Namespace) -> int:
     head = _read(a.input, backed=True)  # obs and var only: prep_vcc checks the options first
     shape = head.shape
     head.file.close()
+    a.pert_col, a.ntc_name = _recorded_labels(a.input, a.pert_col, a.ntc_name)
     _say(f"prep {a.input}: pert_col={a.pert_col!r}, control={a.ntc_name!r}, gene list "
          f"{a.genes}, encoding {a.encoding}")
     out = prep_vcc(a.input, a.genes, a.output or prep_output_path(a.input),

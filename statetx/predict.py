@@ -33,7 +33,7 @@ from statetx._utils import (
 )
 from statetx.data import PreparedData, SplitData, batch_in_context, group_labels
 from statetx.errors import ConfigError, DataError
-from statetx.io import gene_names, hvg_names, layer_hint, obs_labels
+from statetx.io import control_like, gene_names, hvg_names, layer_hint, obs_labels
 from statetx.nn import STOutput
 from statetx.sets import pert_inputs
 from statetx.vocab import Vocab
@@ -476,10 +476,14 @@ def input_labels(adata: ad.AnnData, pert_col: str, ct_col: str | None, control: 
         )
     is_ctrl = pert == control
     if not is_ctrl.any():
+        labels = list(map(str, np.unique(pert)))
+        hint = did_you_mean(str(control), labels) or (
+            f" Values that look like controls: {preview(looks)}." if (looks := control_like(
+                labels)) else "")
         raise DataError(f"the input has no control cells (obs['{pert_col}'] == '{control}'); "
                         "basal states are drawn from controls. Include control cells, or "
-                        "name the control label with control_pert=<label>."
-                        f"{did_you_mean(str(control), map(str, np.unique(pert)))}")
+                        "name the control label with control_pert=<label> (--control-pert on "
+                        f"the command line).{hint}")
     return pert, ctx, is_ctrl
 
 

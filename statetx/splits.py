@@ -137,19 +137,19 @@ def assign(
 
     config = SplitConfig.from_toml(config if config is not None else {}).model_copy(deep=True)
     cols = columns if isinstance(columns, ColumnMap) else ColumnMap.build(**(columns or {}))
-    single = isinstance(adata, ad.AnnData)
+    single, given = isinstance(adata, ad.AnnData), dataset
     if single:
         dataset = dataset or default_dataset_name(config)
         used = config.referenced_datasets()
         if not used:  # an empty spec trains on every cell, as in fit
             config.training[dataset] = "train"
-        elif dataset not in used:
+        elif dataset not in used and given is not None:  # (else fit's loader says what is wrong)
             raise DataError(f"dataset={dataset!r} names the AnnData, but the spec does not use "
                             f"that dataset (it uses {', '.join(map(repr, used))}).")
     elif dataset is not None:
         raise ConfigError("dataset= names a single AnnData; a dict's keys (or the spec's "
                           "[datasets]) name several.")
-    files = load_files(adata, config, cols, dataset if single else None)
+    files = load_files(adata, config, cols, given if single else None)
     control = resolve_control(files, cols.control_pert, cols.pert_col)
     done = assign_files(files, config, control, pert_col=cols.pert_col,
                         cell_type_key=cols.cell_type_key, **options)

@@ -332,6 +332,15 @@ def test_evaluate_commands(run, tmp_path):
                  "gene", "--control-pert", "ctrl", "-o", str(tmp_path / "b.h5ad"),
                  "-t", "2"]) == 0  # (-t: the thread flag of cell-eval's baseline command)
     assert (tmp_path / "b.h5ad").is_file()
+    # without the label flags: those recorded in the input (statetx's prediction), and the
+    # baseline records them in turn, so evaluate run needs no flags for it either
+    assert main(["evaluate", "baseline", "-a", str(ev / "adata_pred.h5ad"), "-o",
+                 str(tmp_path / "b2.h5ad")]) == 0
+    base = ad.read_h5ad(tmp_path / "b2.h5ad")
+    assert "gene" in base.obs and base.uns["statetx"]["control_pert"] == "ctrl"
+    assert main(["evaluate", "run", "-ap", str(tmp_path / "b2.h5ad"), "-ar",
+                 str(ev / "adata_real.h5ad"), "-o", str(tmp_path / "ev3"), "--profile",
+                 "minimal"]) == 0
     assert main(["evaluate", "run", "-ap", "x.h5ad", "-ar", "y.h5ad", "--ceiling-seed", "1"]) == 2
 
 

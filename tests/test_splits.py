@@ -447,6 +447,10 @@ def test_assign_several_datasets_in_memory_and_from_files(perturbench, tmp_path)
     with pytest.raises(DataError, match=r"dataset='mine' names the AnnData, but the spec does "
                                         r"not use that dataset \(it uses 'mcfaline', 'norman'\)"):
         assign(k562, spec, cols, dataset="mine")
+    # a misspelt dataset: the typo hint fit gives
+    typo = '[training]\nnorman = "train"\n[fewshot."normann.k562"]\ntest = ["MAPK1+TGFBR2"]\n'
+    with pytest.raises(SplitConfigError, match=r"\(norman, normann\): a typo\? Did you mean"):
+        assign(k562, typo, cols)
     with pytest.raises(ConfigError, match="dataset= names a single AnnData"):
         assign({"norman": k562, "mcfaline": gbm}, spec, cols, dataset="norman")
     on_disk = assign(None, files, cols)

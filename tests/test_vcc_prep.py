@@ -335,6 +335,14 @@ def test_cli_prep(small, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "120 cells x 60 genes" in printed and "MB" in printed
     assert list(_unpack(out, tmp_path)[1].var_names) == genes
+    # the column and control statetx recorded in the prediction are the defaults
+    recorded = small.copy()
+    recorded.obs = recorded.obs.rename(columns={"target_gene": "gene"})
+    recorded.uns["statetx"] = {"pert_col": "gene", "control_pert": "control"}
+    recorded.write_h5ad(tmp_path / "rec.h5ad")
+    assert main(["evaluate", "prep", "-i", str(tmp_path / "rec.h5ad"), "-g", str(gfile),
+                 "--expected-gene-dim", "60"]) == 0
+    assert "pert_col='gene', control='control'" in capsys.readouterr().out
     # errors: exit status 2, one line naming the flag; nothing written
     assert main(["evaluate", "prep", "-i", str(src), "-g", str(gfile), "-o",
                  str(tmp_path / "bad.vcc"), "--max-cell-dim", "10",

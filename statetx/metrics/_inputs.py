@@ -189,7 +189,9 @@ def check_obs_col(adata: ad.AnnData, col: str, which: str, what: str,
     if col not in adata.obs.columns:
         fix = (f" evaluate reads one column name from both files and {other} has it: rename "
                f"{which}'s, e.g. {which}.obs[{col!r}] = {which}.obs['<its column>']." if other
-               else " Pass the right column name")
+               else " Pass the right column name ({}= in Python, --{} on the command line).".format(
+                   *{"perturbation": ("pert_col", "pert-col")}.get(
+                       what, ("celltype_col", "celltype-col"))))
         raise DataError(
             f"{what} column {col!r} not found in {which} obs "
             f"(columns: {preview(adata.obs.columns)})."

@@ -70,7 +70,10 @@ def cell_mean_baseline(
     lab = [p for p in perts for _ in range(n_cells[p])] + [control_pert] * ctrl.n_obs
     obs = pd.DataFrame({pert_col: pd.Categorical(lab)},
                        index=[f"baseline_{i}" for i in range(len(lab))])
-    return ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=adata.var_names.copy()))
+    out = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=adata.var_names.copy()))
+    out.uns["statetx"] = {"baseline": "cell_mean", "pert_col": pert_col,
+                          "control_pert": str(control_pert), "scale": "log1p"}
+    return out
 
 
 def _means(agg: pd.DataFrame | str | Path) -> pd.Series:
