@@ -58,6 +58,7 @@ from statetx.predict import (
     group_rng,
     input_labels,
     input_matrix,
+    mark_scale,
     no_cell_types,
     output_scale,
     pairing_batches,
@@ -243,7 +244,8 @@ class _Baseline(Estimator):
             pred = np.clip(pred, *rng)
         names = self.var_names_ if self._expression_output else [
             f"emb_{i}" for i in range(pred.shape[1])]
-        return ad.AnnData(X=pred, obs=obs, var=pd.DataFrame(index=pd.Index(names, dtype=str)))
+        return mark_scale(ad.AnnData(X=pred, obs=obs, var=pd.DataFrame(
+            index=pd.Index(names, dtype=str))), self._scale)
 
     def _run(self, x: np.ndarray, groups: Sequence[_Group], n_out: int,
              seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -387,7 +389,7 @@ class _Baseline(Estimator):
         real_x = np.asarray(x[order], dtype=np.float32)
         if rng is not None:
             real_x = np.clip(real_x, *rng)
-        real = ad.AnnData(X=real_x, obs=obs.copy(), var=out.var.copy())
+        real = mark_scale(ad.AnnData(X=real_x, obs=obs.copy(), var=out.var.copy()), self._scale)
         real.uns["statetx"] = info
         return out, real
 

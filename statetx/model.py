@@ -69,6 +69,7 @@ from statetx.predict import (
     hvg_names,
     input_labels,
     input_matrix,
+    mark_scale,
     no_cell_types,
     output_scale,
     pairing_batches,
@@ -913,8 +914,9 @@ class StateTransitionModel(Estimator):
                    "(tx predict / tx infer --pert-features).")
         elif mode == "control" and self.yield_controls:
             why = ("Their one-hot embedding was never trained, so they are predicted as the "
-                   "control (no effect; untrained_perturbation='as_is' keeps the untrained "
-                   "embedding, as arc-state does).")
+                   "control (no effect; untrained_perturbation='as_is', --untrained-perturbation "
+                   "as_is on the command line, keeps the untrained embedding, as arc-state "
+                   "does).")
         else:
             why = ("Their one-hot embedding was never trained (its random start)"
                    + ("" if self.yield_controls else ", nor was the control's (yield_controls="
@@ -1394,7 +1396,9 @@ class StateTransitionModel(Estimator):
             obs.index = ad.utils.make_index_unique(obs.index.astype(str))
         # the input's cells keep their own labels (its control label, if it differs)
         own = obs_labels(adata.obs, pert_col, "the input", "pert_col")
-        obs[pert_col] = np.concatenate([own, *p_parts[1:]])
+        labels = np.concatenate([own, *p_parts[1:]])
+        categorical = isinstance(adata.obs[pert_col].dtype, pd.CategoricalDtype)
+        obs[pert_col] = pd.Categorical(labels) if categorical else labels  # (as the input's)
         return (obs, np.concatenate(rows), np.concatenate(p_parts), np.concatenate(c_parts),
                 np.concatenate(b_parts))
 
@@ -1412,7 +1416,7 @@ class StateTransitionModel(Estimator):
         out = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(names, dtype=str)))
         if res["counts"] is not None:
             out.obsm[f"{c.embed_key}_pred"] = res["pred"]
-        return out
+        return mark_scale(out, self._output_scale)
 
     def _counts_source(self) -> str | None:
         """Where a gene decoder's genes live in an input AnnData: None = X, else an obsm key."""
@@ -1423,7 +1427,8 @@ class StateTransitionModel(Estimator):
         """A copy of the input rows with the predictions placed as arc-state's tx infer does."""
         c = self.columns_
         rng = clip_range(clip, self._expression_output, self.is_log1p_)
-        out = adata[src_rows].copy()
+        # (a backed file, or a view of one, is read into memory: its rows repeat here)
+        out = (adata.to_memory() if adata.isbacked else adata)[src_rows].copy()
         out.obs = obs
 
         def place(x: np.ndarray, names: list[str] | None, key: str | None,
@@ -1542,7 +1547,8 @@ class StateTransitionModel(Estimator):
         rng = clip_range(clip, self._expression_output, self.is_log1p_)
         if rng is not None:
             real_x = np.clip(real_x, *rng)
-        real = ad.AnnData(X=real_x, obs=obs.copy(), var=pred.var.copy())
+        real = mark_scale(ad.AnnData(X=real_x, obs=obs.copy(), var=pred.var.copy()),
+                          self._output_scale)
         if res["counts"] is not None:  # the latents next to the decoded genes, as the reference
             _split_latents(pred, real, c.embed_key, d.X[torch.from_numpy(order)].float().numpy())
         if controls == "real":

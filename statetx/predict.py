@@ -191,6 +191,14 @@ def output_scale(expression: bool, log1p: bool) -> str:
     return "embedding" if not expression else ("log1p" if log1p else "counts")
 
 
+def mark_scale(adata: ad.AnnData, scale: str) -> ad.AnnData:
+    """Say a log1p output is log1p where scanpy looks (``uns["log1p"]``, natural log), so a
+    second ``sc.pp.log1p`` warns."""
+    if scale == "log1p":
+        adata.uns["log1p"] = {"base": None}
+    return adata
+
+
 class GroupMeans:
     """Running per-group means of the network outputs (``pseudobulk`` prediction): no
     per-cell output matrix is held. ``row_group`` [n_out] maps output rows to ``n_groups``
@@ -320,6 +328,28 @@ def clip_range(clip, expression: bool, log1p: bool = True) -> tuple[float, float
 
 
 # ---------------------------------------------------------------------- new data
+def check_hvg_order(hvg: Any, x: Any, cols: np.ndarray, max_rows: int = 200) -> None:
+    """Refuse an ``obsm['X_hvg']`` whose columns hold X's highly variable genes in another order
+    than ``var['highly_variable']`` names them (``cols``: their X columns), as after reordering
+    var (obsm does not follow var): read as it is, every gene would get another's values. Other
+    values (another scale, other genes) are not judged here."""
+    if (cols < 0).any() or len(cols) != np.shape(hvg)[1] or len(cols) < 2:
+        return
+    a, b = sample_rows(hvg, max_rows), sample_rows(x, max_rows)[:, cols]
+    if np.array_equal(a, b):
+        return
+    where = {col.tobytes(): j for j, col in enumerate(b.T)}
+    found = np.array([where.get(col.tobytes(), -1) for col in a.T])
+    moved = (found >= 0) & (found != np.arange(len(found)))
+    if (found >= 0).all() and moved.any():
+        raise DataError(f"obsm['X_hvg'] holds X's highly variable genes in another order than "
+                        f"var['highly_variable'] names them ({int(moved.sum())} of {len(found)} "
+                        "columns moved; was var reordered after X_hvg was made? obsm does not "
+                        "follow var): its genes would be read under other genes' names. Rebuild "
+                        "it (adata.obsm['X_hvg'] = adata[:, adata.var['highly_variable']].X), or "
+                        "set uns['X_hvg_var_names'] to its column names.")
+
+
 def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
                 missing_genes: str = "error", gene_name_col: str | None = None) -> np.ndarray:
     """The model-input matrix of ``adata``, columns in the model's order.
@@ -358,6 +388,8 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
                             "statetx.pp.preprocess_train, or set uns['X_hvg_var_names'] to its "
                             "column names.")
     index, x_index = pd.Index(names), pd.Index(x_names)
+    if where != "X" and "X_hvg_var_names" not in adata.uns and adata.X is not None:
+        check_hvg_order(matrix, adata.X, x_index.get_indexer(names))
     in_x = ""  # why the model's genes were not read from X although X has them all
     if (where != "X" and adata.X is not None and not index.has_duplicates
             and not x_index.has_duplicates and (index.get_indexer(list(genes)) < 0).any()
@@ -533,7 +565,10 @@ def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input",
     top = float(s.max(initial=0))
     integers = bool(np.all(np.abs(s - np.round(s)) < 1e-6))
     if trained_log1p and integers and top > 0:
-        how = ("statetx.pp.preprocess_train or scanpy normalize_total + log1p" if not target_sum
+        how = ("normalize_total + log1p with the training data's target_sum, e.g. scanpy's "
+               "normalize_total(adata, target_sum=1e4) if the training data were normalised to "
+               "1e4; the model did not record it, so predict compares the depth after" if not
+               target_sum
                else f"statetx.pp.preprocess_train(adata, target_sum={target_sum:g}), tx "
                f"preprocess_train --target-sum {target_sum:g}, or scanpy normalize_total("
                f"target_sum={target_sum:g}) + log1p: the training data's total")

@@ -299,9 +299,17 @@ def test_counts_prediction_is_brought_to_the_real_cells_scale(kang_raw, kang_log
     assert np.allclose(res["mae"], 0, atol=1e-4) and np.allclose(res["pearson_delta"], 1)
     both = real.copy()
     both.X = pred.X.copy()
-    with pytest.warns(UserWarning, match="integer values only"):
+    with pytest.warns(UserWarning, match="the real cells' median total \\(both files hold"):
         res2, _ = evaluate(pred, both, **kw)
     assert np.allclose(res2["mae"], 0, atol=1e-6)
+    # real values far above log1p scale are refused before the counts are brought to them
+    # (no overflow in the total they would stand for, no normalisation warning)
+    wrong = real.copy()
+    wrong.X = np.expm1(np.asarray(real.X.toarray() if hasattr(real.X, "toarray") else real.X))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DataError, match="real X has a maximum of"):
+            evaluate(pred, wrong, **kw)
 
 
 def test_shared_only_per_cell_type_and_said(perturbench):

@@ -1438,3 +1438,52 @@ def test_small_recipe_counts_the_cells_that_train(capsys):
     assert steps(n_train) == round(100 * n_train / (8 * 8))  # (within the 300-3,000 bounds)
     assert steps(used) == 300 < steps(n_train)
     assert steps(n_train, gradient_accumulation_steps=2) == round(100 * n_train / (2 * 8 * 8))
+
+
+def test_outputs_for_scanpy_backed_arc_layout_log1p_and_categories(fitted, tmp_path):
+    """A backed file (or a view of one) predicts in arc-state's layout too; log1p outputs say so
+    in uns['log1p'] (scanpy then warns on a second log1p); a virtual experiment keeps the
+    input's categorical perturbation column categorical."""
+    import anndata as ad
+
+    model, adata = fitted
+    a = adata.copy()
+    a.obs["gene"] = a.obs["gene"].astype("category")
+    a.write_h5ad(tmp_path / "in.h5ad")
+    backed = ad.read_h5ad(tmp_path / "in.h5ad", backed="r")
+    want = model.predict(a, layout="arc", seed=1)
+    np.testing.assert_array_equal(want.X, model.predict(a, seed=1).X)
+    for src in (backed, backed[(backed.obs["cell_type"] != "CT0").to_numpy()]):
+        got = model.predict(src, layout="arc", seed=1)
+        rows = want.obs_names.get_indexer(got.obs_names)
+        np.testing.assert_array_equal(got.X, want.X[rows])  # (the predictions, in X here)
+    backed.file.close()
+    pred = model.predict(a)
+    assert pred.uns["log1p"] == {"base": None} and pred.uns["statetx"]["scale"] == "log1p"
+    for out in model.predict_split("test"):
+        assert out.uns["log1p"] == {"base": None}
+    sim = model.predict(a, all_perts=True, n_cells_per_pert=2)
+    assert isinstance(sim.obs["gene"].dtype, pd.CategoricalDtype)
+    assert set(sim.obs["gene"].cat.categories) == set(a.obs["gene"].cat.categories)
+
+
+def test_x_hvg_columns_out_of_var_order_are_refused():
+    """obsm does not follow a reordering of var: X_hvg named by var['highly_variable'] would
+    give genes each other's values. Caught by comparing with X; other scales pass as before."""
+    from conftest import make_synthetic
+
+    adata = make_synthetic()
+    adata.var["highly_variable"] = np.arange(adata.n_vars) < 10
+    adata.obsm["X_hvg"] = np.asarray(adata.X[:, :10], dtype=np.float32)
+    model = small_model(embed_key="X_hvg", output_space="gene", max_steps=2).fit(adata, SPEC)
+    want = model.predict(adata, seed=1).X
+    perm = np.random.default_rng(0).permutation(adata.n_vars)
+    moved = adata[:, perm].copy()  # the same data, var reordered; X_hvg is not
+    with pytest.raises(DataError, match=r"obsm\['X_hvg'\] holds X's highly variable genes in "
+                                        r"another order .*columns moved"):
+        model.predict(moved)
+    moved.obsm["X_hvg"] = np.asarray(moved[:, moved.var["highly_variable"]].X)  # rebuilt
+    np.testing.assert_allclose(model.predict(moved, seed=1).X, want, atol=1e-6)
+    counts = adata.copy()  # X on another scale than X_hvg: not compared
+    counts.X = np.round(np.expm1(np.asarray(counts.X)) * 10)
+    np.testing.assert_allclose(model.predict(counts, seed=1).X, want, atol=1e-6)

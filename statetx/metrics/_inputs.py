@@ -69,7 +69,9 @@ def has_fraction(adata: ad.AnnData) -> bool:
 
 
 def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False,
-                target: float | None = None) -> ad.AnnData:
+                target: float | None = None,
+                target_is: str = "the counts per cell the other file's log1p values stand for"
+                ) -> ad.AnnData:
     """Apply the reference scale rule; return ``adata`` or a log1p-converted copy.
 
     No entry with a fractional part > 1e-3 means integer counts: they are normalised (to
@@ -96,8 +98,8 @@ def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False,
         warnings.warn(
             f"{which} X holds integer values only (max {hi:g}): treating it as raw counts and "
             f"converting it to log1p(normalize_total(target_sum={total:g})), "
-            + ("the counts per cell the other file's log1p values stand for. "
-               if target is not None else "its median cell total, as cell-eval does. ")
+            + (f"{target_is}. " if target is not None
+               else "its median cell total, as cell-eval does. ")
             + "Pass log1p-normalised data, or allow_discrete=True to use the values as they are.",
             UserWarning, stacklevel=3,
         )
@@ -126,7 +128,8 @@ def median_total(x: np.ndarray | sp.spmatrix) -> float:
 def log1p_total(adata: ad.AnnData) -> float:
     """The counts per cell that log1p-normalised X stands for: the median over (up to 1,000
     evenly spread) cells of the sum of expm1(x)."""
-    return float(np.median(np.expm1(sample_rows(adata.X, 1000)).sum(axis=1)))
+    with np.errstate(over="ignore"):  # (values far above log1p scale are refused elsewhere)
+        return float(np.median(np.expm1(sample_rows(adata.X, 1000)).sum(axis=1)))
 
 
 def count_targets(pred: ad.AnnData, real: ad.AnnData, allow_discrete: bool

@@ -317,8 +317,12 @@ def evaluate(
                             "values as they are.")
         p, r = counts_to_log1p(p, r)
     tp, tr = count_targets(p, r, allow_discrete)
-    p = check_scale(p, "pred", allow_discrete, tp)
-    r = check_scale(r, "real", allow_discrete, tr)
+    note = ({"target_is": "the real cells' median total (both files hold counts)"}
+            if tp is not None and tr is not None else {})
+    done = {}  # a log1p side is checked before a count side is brought to its total
+    for which, a, t in sorted([("pred", p, tp), ("real", r, tr)], key=lambda c: c[2] is not None):
+        done[which] = check_scale(a, which, allow_discrete, t, **note)
+    p, r = done["pred"], done["real"]
     if any(a.uns.get(PSEUDOBULK_FLAG, False) for a in (p, r)):  # one row per group
         cell_level = [m for m in metrics if m in CELL_LEVEL_METRICS]
         if cell_level:
