@@ -13,9 +13,12 @@ Model Non-Commercial License); statetx never downloads or bundles them.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import re
 import warnings
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,11 +109,34 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load the global {module}.{name}")
 
 
+_GLOBAL_RE = re.compile(r"GLOBAL\s+([A-Za-z_][\w.]*[\w])|refusing to load the global "
+                        r"([A-Za-z_][\w.]*[\w])")
+# sentences of torch's message that give advice (weights_only=False, allow-listing): never quoted
+_ADVICE_RE = re.compile(r"weights_only|safe_globals|trust|documentation of torch\.load|"
+                        r"file an issue|two options|Weights only load failed", re.IGNORECASE)
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _loader_detail(err: Exception, limit: int = 300) -> str:
+    """The informative part of a loader error: the refused global named first (so no cut can
+    lose it), torch's advice (re-run with weights_only=False, allow-list the global) left out."""
+    text = _ANSI_RE.sub("", str(err))
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", text) if s.strip()]
+    kept = " ".join(s for s in sentences if not _ADVICE_RE.search(s))
+    m = _GLOBAL_RE.search(text)
+    name = (m.group(1) or m.group(2)) if m else None
+    head = f"refused global {name}" if name and name not in kept[:limit] else ""
+    detail = "; ".join(x for x in (head, kept[:limit]) if x)
+    return f"{type(err).__name__}: {detail or 'no detail'}"
+
+
 def _needs_trust(path: Path, err: Exception) -> DataError:
     return DataError(
-        f"{path} cannot be read with the restricted loader ({type(err).__name__}: "
-        f"{str(err).splitlines()[0][:300]}). Reading it needs full unpickling, which executes code "
-        "stored in the file; do this only if you trust its source, by passing trust_pickle=True."
+        f"{path} cannot be read with the restricted loader ({_loader_detail(err)}). Reading it "
+        "needs full unpickling, which executes code stored in the file; do this only if you "
+        "trust its source, by passing trust_pickle=True."
     )
 
 
@@ -124,9 +150,24 @@ def _refused_global(err: Exception) -> bool:
 
 
 def _damaged(path: Path, err: Exception) -> DataError:
-    return DataError(f"could not read {path} ({type(err).__name__}: "
-                     f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'}): the file "
+    return DataError(f"could not read {path} ({_loader_detail(err, 200)}): the file "
                      "looks damaged or truncated. Copy it again from the run that wrote it.")
+
+
+def _check_zip(path: Path) -> None:
+    """Verify the CRC-32 of every entry of a zip container (torch's own reader does not), so
+    damaged weights are reported instead of loaded: one sequential read of the file."""
+    if not zipfile.is_zipfile(path):
+        return  # a legacy (non-zip) torch file, or one torch will report as damaged
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as err:
+        raise _damaged(path, err) from err
+    if bad is not None:
+        raise DataError(f"could not read {path}: its entry {bad!r} fails the zip CRC check, so "
+                        "the file is damaged (its data differ from what was written). Copy it "
+                        "again from the run that wrote it.")
 
 
 def load_pickle(path: str | Path, trust_pickle: bool = False) -> Any:
@@ -154,6 +195,7 @@ def load_torch(path: str | Path, trust_pickle: bool = False) -> Any:
                           (mc.scalar, "numpy.core.multiarray.scalar"),
                           (mc._reconstruct, "numpy.core.multiarray._reconstruct"),
                           *_np_dtype_classes()]
+    _check_zip(path)
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, weights_only=True, map_location="cpu")
@@ -215,8 +257,20 @@ def _coerce(obj: Any) -> Any:
 def _read_yaml(path: Path) -> dict:
     import yaml
 
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        ctx, ctx_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if ctx and ctx_mark is not None and ctx_mark is not mark:
+            problem += f"; {ctx} that starts at line {ctx_mark.line + 1}"
+        raise DataError(f"{path} is not valid YAML{where} ({problem}); fix the file, or "
+                        "remove it to take the settings from the checkpoint.") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not a UTF-8 text file ({err}); it looks damaged.") from None
     if not isinstance(data, dict):
         raise DataError(f"{path} does not hold a YAML mapping.")
     return _coerce(data)
@@ -282,6 +336,149 @@ class _Checker:
         self.notes.append(msg + " (weights trusted, strict=False)")
 
 
+# hyper-parameter keys arc-state 0.9.12 / 0.11.1 write (arc-checkpoints.md §4; anything else is
+# unknown to this importer and said, since it may change the model in a way statetx cannot see)
+_IGNORED_KEYS = frozenset({
+    "softplus", "loss_fn", "weight_decay", "transformer_decoder", "use_effect_gating_token",
+    "mask_attn", "decoder_loss_weight", "layer_norm_eps", "hidden_dropout", "rotary_dim",
+    "use_rotary_embeddings", "wandb_track", "use_mfu", "mfu_kwargs",
+    "cumulative_flops_use_backward", "devices", "strategy", "val_freq", "ckpt_every_n_steps",
+    "max_steps", "train_seed", "batch_size",
+})
+_KNOWN_HP_KEYS = _IGNORED_KEYS | {
+    "input_dim", "output_dim", "pert_dim", "batch_dim", "hidden_dim", "gene_dim", "hvg_dim",
+    "gene_names", "embed_key", "output_space", "control_pert", "cell_set_len", "extra_tokens",
+    "n_encoder_layers", "n_decoder_layers", "use_basal_projection", "predict_residual",
+    "activation", "dropout", "batch_encoder", "gene_decoder_bool", "decoder_cfg",
+    "decoder_hidden_dims", "decoder_dropout", "decoder_weight", "loss", "distributional_loss",
+    "blur", "sinkhorn_weight", "energy_weight", "mmd_num_chunks", "randomize_mmd_chunks",
+    "regularization", "transformer_backbone_key", "transformer_backbone_kwargs",
+    "confidence_token", "confidence_head", "basal_mapping_strategy", "use_batch_token", "lora",
+    "init_from", "freeze_pert_backbone", "freeze_pert", "residual_decoder",
+    "finetune_vci_decoder", "nb_decoder", "llm_name", "lr", "log_every_n_steps",
+    "val_subsample_fraction",
+}
+_KNOWN_BACKBONE_KEYS = frozenset({
+    # Llama
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
+    "initializer_range", "rms_norm_eps", "use_cache", "pad_token_id", "bos_token_id",
+    "eos_token_id", "pretraining_tp", "tie_word_embeddings", "rope_theta", "rope_scaling",
+    "rope_parameters", "attention_bias", "attention_dropout", "mlp_bias",
+    "bidirectional_attention",
+    # arc-state extras without effect
+    "hidden_dropout", "layer_norm_eps", "rotary_dim", "use_rotary_embeddings",
+    # GPT-2
+    "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+    "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention",
+    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+    "summary_first_dropout",
+    # generic transformers config entries
+    "torch_dtype", "dtype", "attn_implementation", "_attn_implementation", "model_type",
+    "architectures", "transformers_version", "output_attentions", "output_hidden_states",
+    "return_dict", "is_decoder",
+})
+_KNOWN_LIGHTNING_MAJOR = "2"  # arc-state 0.9.12 / 0.11.1 write Lightning 2.x checkpoints
+
+
+def _unknown_format(hp: dict, kw: dict, lightning: Any, ckpt_path: Path,
+                    notes: list[str]) -> list[str]:
+    """Warn about what this importer does not know (a newer Lightning or arc-state writing keys
+    statetx may not rebuild); returns the items named, for the provenance."""
+    items = [f"hyper_parameters['{k}']" for k in hp
+             if k not in _KNOWN_HP_KEYS and not str(k).startswith("gradient_")]
+    items += [f"transformer_backbone_kwargs['{k}']" for k in kw if k not in _KNOWN_BACKBONE_KEYS]
+    if lightning is None:
+        notes.append("the checkpoint records no pytorch-lightning_version")
+    elif str(lightning).split(".")[0] != _KNOWN_LIGHTNING_MAJOR:
+        items.insert(0, f"pytorch-lightning_version {lightning}")
+    if items:
+        msg = (f"{ckpt_path} was written by a version this importer does not know ("
+               f"{preview(items, 12)}; known: Lightning 2.x checkpoints of arc-state 0.9.12 / "
+               "0.11.1): the import proceeds, but check the imported model's predictions "
+               "against the source, since settings statetx does not read may change them")
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        notes.append(f"note: {msg}")
+    return items
+
+
+# config.yaml entries that may differ from the checkpoint's hyper-parameters: no effect on the
+# model (arc-checkpoints.md §4), n_positions (arc-state adds extra_tokens to it when it builds a
+# GPT-2 backbone), training-only options and generic transformers entries
+_MAY_DIFFER = _IGNORED_KEYS | {
+    "n_positions", "init_from", "freeze_pert_backbone", "freeze_pert", "llm_name",
+    "log_every_n_steps", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id",
+    "vocab_size", "tie_word_embeddings", "attention_dropout", "resid_pdrop", "embd_pdrop",
+    "attn_pdrop", "torch_dtype", "dtype", "attn_implementation", "_attn_implementation",
+}
+
+
+def _norm(v: Any) -> Any:
+    """A value as compared between config.yaml and the hyper-parameters."""
+    if isinstance(v, str) and _NUM_RE.match(v.strip()):
+        return float(v)
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    return v
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    a, b = _norm(a), _norm(b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return all(_same_value(a[k], b[k]) for k in a.keys() & b.keys())
+    return a == b
+
+
+def _config_disagreements(hp: dict, section: dict, prefix: str) -> list[tuple[str, Any, Any]]:
+    """(key path, checkpoint value, config.yaml value) for every model-defining key both carry
+    with different values (nested mappings such as transformer_backbone_kwargs compared key by
+    key)."""
+    out: list[tuple[str, Any, Any]] = []
+    for key, yv in section.items():
+        if key not in hp or key in _MAY_DIFFER:
+            continue
+        hv = hp[key]
+        if isinstance(hv, dict) and isinstance(yv, dict):
+            out += _config_disagreements(hv, yv, f"{prefix}{key}.")
+        elif key == "transformer_backbone_key" and isinstance(hv, str) and isinstance(yv, str):
+            if hv.lower() != yv.lower():
+                out.append((prefix + key, hv, yv))
+        elif not _same_value(hv, yv):
+            out.append((prefix + key, hv, yv))
+    return out
+
+
+def _check_config_yaml(hp: dict, cfg_yaml: dict, yaml_path: Path, ckpt_path: Path,
+                       strict: bool, notes: list[str]) -> None:
+    """config.yaml must describe the same model as the checkpoint's hyper-parameters
+    (arc-checkpoints.md §6); the hyper-parameters win (they are what the weights were built
+    with), config.yaml only fills in what they lack."""
+    diffs: list[tuple[str, Any, Any]] = []
+    for section in ("model", "data"):
+        kwargs = (cfg_yaml.get(section) or {}).get("kwargs") or {}
+        if isinstance(kwargs, dict):
+            diffs += _config_disagreements(hp, kwargs, f"{section}.kwargs.")
+    if not diffs:
+        return
+    listed = "; ".join(f"{key}: {yv!r} in config.yaml, {hv!r} in the checkpoint"
+                       for key, hv, yv in diffs[:8])
+    if len(diffs) > 8:
+        listed += f"; and {len(diffs) - 8} more"
+    msg = (f"{yaml_path} contradicts the hyper-parameters saved in {ckpt_path} ({listed})")
+    if strict:
+        raise DataError(msg + ". The checkpoint's hyper-parameters are what the weights were "
+                        "trained with, so this config.yaml probably belongs to another run: put "
+                        "the run's own config.yaml next to the checkpoint or remove it (the "
+                        "settings then come from the checkpoint), or pass strict=False to use the "
+                        "checkpoint's values.")
+    notes.append(msg + " (the checkpoint's values used, strict=False)")
+
+
 # what the unrecorded settings mean, for the error that asks for them
 CONTROL_PERT = "the control label the model was trained with"
 CELL_SET_LEN = "the cells per set it was trained with"
@@ -328,11 +525,14 @@ def load_arc_run(
         sd = {k[len("model."):]: v for k, v in sd.items()}
     _reject_unsupported(sd, hp, ckpt_path)
 
-    cfg_yaml = _read_yaml(run / "config.yaml") if (run / "config.yaml").exists() else {}
+    yaml_path = run / "config.yaml"
+    cfg_yaml = _read_yaml(yaml_path) if yaml_path.exists() else {}
     data_yaml = dict((cfg_yaml.get("data") or {}).get("kwargs") or {})
     model_yaml = dict((cfg_yaml.get("model") or {}).get("kwargs") or {})
     if not cfg_yaml:
         notes.append("config.yaml not found: settings taken from the checkpoint's hyper-parameters")
+    else:
+        _check_config_yaml(hp, cfg_yaml, yaml_path, ckpt_path, strict, notes)
     check = _Checker(strict, notes)
 
     var_dims_path = run / "var_dims.pkl"
@@ -361,8 +561,10 @@ def load_arc_run(
         raise DataError(f"{ckpt_path}: no project_out weights found.")
     n_dec, d_out = len(proj_w), proj_w[-1].shape[0]
     has_all_block = "final_down_then_up.0.weight" in sd
-    kw = dict(hp.get("transformer_backbone_kwargs") or model_yaml.get(
-        "transformer_backbone_kwargs") or {})
+    # the checkpoint's backbone settings win; config.yaml fills in only what they lack
+    kw = {**dict(model_yaml.get("transformer_backbone_kwargs") or {}),
+          **dict(hp.get("transformer_backbone_kwargs") or {})}
+    unknown = _unknown_format(hp, kw, ckpt.get("pytorch-lightning_version"), ckpt_path, notes)
     backbone, n_layers, heads, kv_heads, hd, inter, eps = _infer_backbone(
         sd, kw, h, n_heads, n_kv_heads, head_dim, ckpt_path)
     check.same("backbone", backbone,
@@ -394,6 +596,16 @@ def load_arc_run(
             if key in src:
                 return src[key]
         return default
+
+    # tokens statetx rejects when their weights are present: declared without weights, the
+    # hyper-parameters and the weights do not belong together
+    for key, prefix in (("confidence_token", "confidence_token."),
+                        ("use_batch_token", "batch_token")):
+        declared = setting(key, None)
+        if declared is not None:
+            check.same(f"{key} ({prefix}* weights present)",
+                       any(k.startswith(prefix) for k in sd), bool(declared),
+                       f"hyper_parameters['{key}']" if key in hp else "config.yaml")
 
     recorded = [src["embed_key"] for src in (hp, data_yaml) if "embed_key" in src]
     if "embed_key" in hp and "embed_key" in data_yaml:
@@ -520,6 +732,7 @@ def load_arc_run(
         "epoch": _plain(ckpt.get("epoch")),
         "lightning_version": ckpt.get("pytorch-lightning_version"),
         "arc_state_version": _guess_version(hp, kw, run),
+        "unknown_to_importer": unknown,
         "attention": att,
         "rope": rp,
         "license": _license(run),
@@ -798,7 +1011,13 @@ def _optional_map(run: Path, stem: str, trust_pickle: bool, notes: list[str]) ->
         p = run / f"{stem}{ext}"
         if p.exists():
             return _read_map(p, trust_pickle)[0]
-    notes.append(f"{stem} not found: vocabulary unknown")
+    if stem == "cell_type_onehot_map":
+        notes.append(f"{stem} not found: the run's cell types are unknown, so at prediction "
+                     "every cell type is reported as not in the model's data; this changes no "
+                     "prediction (the network takes no cell-type input; controls are paired by "
+                     "the input's own cell-type column)")
+    else:
+        notes.append(f"{stem} not found: vocabulary unknown")
     return []
 
 

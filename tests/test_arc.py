@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -349,3 +350,210 @@ def test_gpt2_set_length_from_n_positions_without_extra_tokens_is_a_default(tmp_
     assert imp.data_kwargs["cell_set_len"] == 17
     assert any("extra_tokens is not recorded" in n for n in imp.notes)
     assert load(run, cell_set_len=16).data_kwargs["cell_set_len"] == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged files, contradicting config.yaml, unknown versions (audit findings)
+
+
+def _entry_data_offset(path: Path, name: str) -> tuple[int, int]:
+    """(offset of the stored bytes, size) of a zip entry (torch archives are uncompressed)."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(name)
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        header = fh.read(30)
+    n_name, n_extra = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + n_name + n_extra, info.compress_size
+
+
+def _flip_bytes(path: Path, name: str, n: int = 16) -> None:
+    start, size = _entry_data_offset(path, name)
+    data = bytearray(path.read_bytes())
+    mid = start + size // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_weights_fail_the_crc_check(tmp_path):
+    """Flipped bytes inside a weight tensor load silently with torch's reader (outputs off by
+    ~46); the zip CRC check reports the file and the entry instead."""
+    run = copy_run("model_a_llama_bidir", tmp_path / "run")
+    ckpt = run / "checkpoints" / "final.ckpt"
+    _flip_bytes(ckpt, "final/data/14")
+    with pytest.raises(DataError, match=r"final\.ckpt: its entry 'final/data/14' fails the zip "
+                                        r"CRC check.*damaged.*Copy it again"):
+        load_arc_run(run)
+    with pytest.raises(DataError, match="'final/data/14' fails the zip CRC check"):
+        load_torch(ckpt)
+
+
+def test_damaged_map_fails_the_crc_check(tmp_path):
+    run = copy_run("model_a_llama_bidir", tmp_path / "run")
+    _flip_bytes(run / "pert_onehot_map.pt", "pert_onehot_map/data.pkl", n=4)
+    with pytest.raises(DataError, match=r"pert_onehot_map\.pt: its entry "
+                                        r"'pert_onehot_map/data\.pkl' fails the zip CRC check"):
+        load_arc_run(run)
+
+
+def _edit_config(run: Path, edit) -> None:
+    import yaml
+
+    path = run / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    edit(cfg)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def _tb(cfg: dict) -> dict:
+    return cfg["model"]["kwargs"]["transformer_backbone_kwargs"]
+
+
+@pytest.mark.parametrize("name,edit,key,yaml_value,ckpt_value", [
+    ("model_a_llama_bidir", lambda c: _tb(c).__setitem__("bidirectional_attention", False),
+     "model.kwargs.transformer_backbone_kwargs.bidirectional_attention", "False", "True"),
+    ("model_a_llama_bidir", lambda c: _tb(c).__setitem__("num_attention_heads", 8),
+     "model.kwargs.transformer_backbone_kwargs.num_attention_heads", "8", "4"),
+    ("model_a_llama_bidir", lambda c: c["model"]["kwargs"].__setitem__("cell_set_len", 32),
+     "model.kwargs.cell_set_len", "32", "16"),
+    ("model_a_llama_bidir", lambda c: c["data"]["kwargs"].__setitem__("control_pert", "ctrl"),
+     "data.kwargs.control_pert", "'ctrl'", "'non-targeting'"),
+    ("model_a_llama_bidir", lambda c: c["model"]["kwargs"].__setitem__("n_encoder_layers", 3),
+     "model.kwargs.n_encoder_layers", "3", "2"),
+    ("model_b_gpt2", lambda c: _tb(c).__setitem__("n_head", 8),
+     "model.kwargs.transformer_backbone_kwargs.n_head", "8", "4"),
+    ("model_a_llama_bidir", lambda c: c["model"]["kwargs"].__setitem__("use_batch_token", True),
+     "model.kwargs.use_batch_token", "True", "False"),
+], ids=["bidirectional", "heads", "cell_set_len", "control_pert", "n_encoder_layers",
+        "gpt2_n_head", "use_batch_token"])
+def test_config_yaml_contradicting_the_checkpoint_is_an_error(tmp_path, name, edit, key,
+                                                              yaml_value, ckpt_value):
+    run = copy_run(name, tmp_path / "run")
+    _edit_config(run, edit)
+    with pytest.raises(DataError) as info:
+        load(run)
+    msg = str(info.value)
+    assert f"{key}: {yaml_value} in config.yaml, {ckpt_value} in the checkpoint" in msg
+    assert str(run / "config.yaml") in msg and "final.ckpt" in msg
+    assert "belongs to another run" in msg and "strict=False" in msg
+    imp = load(run, strict=False)  # the checkpoint's values win, with a note
+    assert any(key in n and "checkpoint's values used" in n for n in imp.notes)
+    assert imp.config == load(name).config
+    assert imp.data_kwargs == load(name).data_kwargs
+
+
+def test_config_yaml_may_differ_where_arc_state_itself_differs(tmp_path):
+    """n_positions (arc-state adds extra_tokens) and keys without effect may differ; config.yaml
+    fills in backbone settings the checkpoint lacks."""
+    run = copy_run("model_a_llama_bidir", tmp_path / "run")
+
+    def edit(c):
+        _tb(c)["n_positions"] = 99
+        c["model"]["kwargs"]["softplus"] = False
+
+    _edit_config(run, edit)
+    edit_checkpoint(run, lambda ck: ck["hyper_parameters"]["transformer_backbone_kwargs"].pop(
+        "num_attention_heads"))
+    imp = load(run)
+    assert imp.config.n_heads == 4
+
+
+@pytest.mark.parametrize("key,prefix", [("use_batch_token", "batch_token"),
+                                        ("confidence_token", "confidence_token.")])
+def test_token_flags_without_token_weights_are_errors(tmp_path, key, prefix):
+    run = copy_run("model_a_llama_bidir", tmp_path / "run")
+    edit_checkpoint(run, lambda ck: ck["hyper_parameters"].__setitem__(key, True))
+    (run / "config.yaml").unlink()
+    with pytest.raises(DataError, match=rf"{key} \({re.escape(prefix)}\* weights present\): the "
+                                        rf"weights say False but hyper_parameters\['{key}'\] "
+                                        "says True"):
+        load(run)
+    imp = load(run, strict=False)
+    assert any(key in n for n in imp.notes)
+
+
+def test_unknown_versions_and_keys_are_said(tmp_path):
+    run = copy_run("model_a_llama_bidir", tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the known fixture: no such warning
+        assert load_arc_run(run).provenance["unknown_to_importer"] == []
+
+    def edit(ck):
+        ck["pytorch-lightning_version"] = "3.1.0"
+        ck["hyper_parameters"]["fancy_new_head"] = True
+        ck["hyper_parameters"]["transformer_backbone_kwargs"]["fancy_kwarg"] = 1
+
+    edit_checkpoint(run, edit)
+    with pytest.warns(UserWarning, match=r"does not know \(pytorch-lightning_version 3\.1\.0, "
+                                         r"hyper_parameters\['fancy_new_head'\], "
+                                         r"transformer_backbone_kwargs\['fancy_kwarg'\]"):
+        imp = load_arc_run(run)
+    assert imp.provenance["unknown_to_importer"] == [
+        "pytorch-lightning_version 3.1.0", "hyper_parameters['fancy_new_head']",
+        "transformer_backbone_kwargs['fancy_kwarg']"]
+    assert any("does not know" in n for n in imp.notes)
+
+
+class _System:
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+def test_refused_global_is_named_without_weights_only_advice(tmp_path):
+    run = copy_run("model_a_llama_bidir", tmp_path / "run")
+    marker = tmp_path / "pwned"
+    torch.save({"P0": _System(str(marker))}, run / "pert_onehot_map.pt")
+    with pytest.raises(DataError, match="trust_pickle=True") as info:
+        load_arc_run(run)
+    msg = str(info.value)
+    assert f"{os.system.__module__}.system" in msg and "weights_only" not in msg
+    assert "safe_globals" not in msg
+    assert not marker.exists()
+
+
+def test_damaged_pickle_inside_a_valid_zip_gives_no_weights_only_advice(tmp_path):
+    """data.pkl rewritten with a correct CRC but broken opcodes: reported as damaged, without
+    torch's advice to re-run with weights_only=False."""
+    import zipfile
+
+    run = copy_run("model_a_llama_bidir", tmp_path / "run")
+    path = run / "pert_onehot_map.pt"
+    with zipfile.ZipFile(path) as zf:
+        entries = [(i.filename, zf.read(i)) for i in zf.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in entries:
+            if name.endswith("data.pkl"):
+                data = data[:2] + b"\0" * 8 + data[10:]
+            zf.writestr(name, data)
+    with pytest.raises(DataError, match=r"pert_onehot_map\.pt .*damaged or truncated") as info:
+        load_arc_run(run)
+    assert "weights_only" not in str(info.value) and "trust" not in str(info.value)
+
+
+def test_invalid_config_yaml_is_a_data_error_naming_the_line(tmp_path, capsys):
+    from statetx.cli import main
+
+    run = copy_run("model_a_llama_bidir", tmp_path / "run")
+    lines = (run / "config.yaml").read_text().splitlines()
+    lines[4] = "    output_space: [gene"  # line 5: an unclosed flow sequence
+    (run / "config.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"config\.yaml is not valid YAML at line 6, column 17 "
+                                        r"\(.*flow sequence that starts at line 5\)"):
+        load_arc_run(run)
+    assert main(["import-arc", str(run), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml is not valid YAML at line" in err and "Traceback" not in err
+
+
+def test_missing_cell_type_map_is_explained(tmp_path):
+    run = copy_run("model_a_llama_bidir", tmp_path / "run")
+    (run / "cell_type_onehot_map.torch").unlink()
+    imp = load(run)
+    assert imp.cell_types == []
+    assert any("cell types are unknown" in n and "changes no prediction" in n for n in imp.notes)
