@@ -331,8 +331,8 @@ class _Checker:
             return
         msg = (f"{what}: the weights say {from_shapes!r} but {source} says {declared!r}")
         if self.strict:
-            raise DataError(msg + "; the files do not belong together (pass strict=False to "
-                            "trust the weights).")
+            raise DataError(msg + "; the files do not belong together (pass strict=False, "
+                            "--no-strict on the command line, to trust the weights).")
         self.notes.append(msg + " (weights trusted, strict=False)")
 
 
@@ -474,8 +474,8 @@ def _check_config_yaml(hp: dict, cfg_yaml: dict, yaml_path: Path, ckpt_path: Pat
         raise DataError(msg + ". The checkpoint's hyper-parameters are what the weights were "
                         "trained with, so this config.yaml probably belongs to another run: put "
                         "the run's own config.yaml next to the checkpoint or remove it (the "
-                        "settings then come from the checkpoint), or pass strict=False to use the "
-                        "checkpoint's values.")
+                        "settings then come from the checkpoint), or pass strict=False "
+                        "(--no-strict) to use the checkpoint's values.")
     notes.append(msg + " (the checkpoint's values used, strict=False)")
 
 
@@ -826,8 +826,9 @@ def _infer_backbone(sd: dict, kw: dict, h: int, n_heads: int | None, n_kv_heads:
             match = _matching_presets(h, q_rows, inter, "llama")
             raise ConfigError(
                 f"{path}: the number of attention heads is not recorded and cannot be read from "
-                f"the shapes (q_proj has {q_rows} rows = heads x head_dim). Pass n_heads= (and "
-                f"head_dim= if heads x head_dim differs from hidden_dim). Candidates: "
+                f"the shapes (q_proj has {q_rows} rows = heads x head_dim). Pass n_heads= "
+                f"(--n-heads; and head_dim= if heads x head_dim differs from hidden_dim). "
+                f"Candidates: "
                 f"{preview(cands, 30)}."
                 + (f" Presets with these dimensions: {', '.join(match)}." if match else "")
             )
@@ -858,8 +859,8 @@ def _infer_backbone(sd: dict, kw: dict, h: int, n_heads: int | None, n_kv_heads:
             cands = [n for n in range(1, h + 1) if h % n == 0]
             match = _matching_presets(h, h, inter, "gpt2")
             raise ConfigError(
-                f"{path}: the number of attention heads (n_head) is not recorded; pass n_heads=. "
-                f"Candidates dividing {h}: {preview(cands, 30)}."
+                f"{path}: the number of attention heads (n_head) is not recorded; pass n_heads= "
+                f"(--n-heads). Candidates dividing {h}: {preview(cands, 30)}."
                 + (f" Presets with these dimensions: {', '.join(match)}." if match else ""))
         heads = int(heads)
         if h % heads or (head_dim is not None and head_dim * heads != h):

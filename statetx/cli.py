@@ -427,6 +427,21 @@ def _arc_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rope", help="none or a rotary base (e.g. 10000)")
     _flag(p, "--trust-pickle", action="store_true",
           help="allow arbitrary pickled objects (only for files you trust)")
+    _flag(p, "--n-heads", type=int, help="attention heads, for a checkpoint that does not "
+          "record them (the error lists the candidates)")
+    _flag(p, "--n-kv-heads", type=int, help="key/value heads (default: --n-heads)")
+    _flag(p, "--head-dim", type=int, help="width of a head (default: hidden size / heads)")
+    _flag(p, "--no-strict", dest="strict", action="store_false", help="import although the "
+          "run's files disagree (config.yaml vs checkpoint, maps vs weights): the checkpoint's "
+          "values are used and each disagreement is printed")
+
+
+def _arc_options(a: argparse.Namespace) -> dict[str, Any]:
+    """The arc-state reading flags as :func:`statetx.arc.load_arc_run`'s options (those given)."""
+    given = {k: getattr(a, k) for k in ("n_heads", "n_kv_heads", "head_dim")
+             if getattr(a, k) is not None}
+    return {"rope": _rope(a), "trust_pickle": a.trust_pickle, **given,
+            **({} if a.strict else {"strict": False})}
 
 
 def _rope(a: argparse.Namespace) -> Any:
@@ -928,11 +943,12 @@ def cmd_infer(a: argparse.Namespace) -> int:
     quiet = contextlib.redirect_stdout(open(os.devnull, "w")) if a.quiet else (  # noqa: SIM115
         contextlib.nullcontext())
     with quiet:
-        model = load_any_model(a.model_dir, a.checkpoint, attention=a.attention, rope=_rope(a),
-                               trust_pickle=a.trust_pickle)
-        if not hasattr(model, "arc_import_") and (a.attention or a.rope or a.trust_pickle):
-            _say("--attention / --rope / --trust-pickle read arc-state checkpoints: ignored for "
-                 "this statetx model.")
+        arc = _arc_options(a)
+        model = load_any_model(a.model_dir, a.checkpoint, attention=a.attention, **arc)
+        if not hasattr(model, "arc_import_") and (a.attention or a.rope or len(arc) > 2
+                                                  or a.trust_pickle):
+            _say("--attention / --rope / --trust-pickle / --n-heads / --n-kv-heads / --head-dim "
+                 "/ --no-strict read arc-state checkpoints: ignored for this statetx model.")
         c = model.columns_
         adata = _read(src)
         pert_col = a.pert_col or c.pert_col
@@ -1339,7 +1355,7 @@ def cmd_evaluate_prep(a: argparse.Namespace) -> int:
 
 
 def cmd_import_arc(a: argparse.Namespace) -> int:
-    rope = _rope(a)
+    arc = _arc_options(a)
     run = Path(a.run_dir)
     if not run.exists():
         raise UsageError(f"{run}: not found.")
@@ -1366,7 +1382,7 @@ def cmd_import_arc(a: argparse.Namespace) -> int:
     if a.embed_key is not None:
         fill["embed_key"] = None if a.embed_key.lower() == "none" else a.embed_key
     model = StateTransitionModel.from_arc_state(run, ck or "final.ckpt", attention=a.attention,
-                                                rope=rope, trust_pickle=a.trust_pickle, **fill)
+                                                **arc, **fill)
     model.save(a.out)
     prov = getattr(model, "arc_import_", None)
     if prov:

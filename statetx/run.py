@@ -1544,13 +1544,14 @@ def is_arc_run(path: str | Path) -> bool:
 
 
 def model_from_arc(run_dir: str | Path, checkpoint: str | Path | None = None, *,
-                   attention: str | None = None, rope: Any = ..., trust_pickle: bool = False,
-                   verbose: bool = True) -> StateTransitionModel:
-    """A fitted ``StateTransitionModel`` from an arc-state run directory (via the importer)."""
+                   attention: str | None = None, rope: Any = ..., verbose: bool = True,
+                   **options: Any) -> StateTransitionModel:
+    """A fitted ``StateTransitionModel`` from an arc-state run directory (via the importer;
+    ``options``: more of :func:`statetx.arc.load_arc_run`'s, e.g. ``trust_pickle``)."""
     from statetx.model import StateTransitionModel
 
     model = StateTransitionModel.from_arc_state(run_dir, checkpoint or "final.ckpt",
-                                                attention=attention, rope=rope,
-                                                trust_pickle=trust_pickle, verbose=verbose)
+                                                attention=attention, rope=rope, verbose=verbose,
+                                                **options)
     model.run_dir_ = Path(run_dir)
     return model

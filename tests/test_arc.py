@@ -239,6 +239,22 @@ def test_missing_heads_need_user_values(tmp_path):
     assert (imp.config.n_heads, imp.config.head_dim, imp.config.n_kv_heads) == (4, 8, 4)
     assert any("config.yaml not found" in n for n in imp.notes)
     assert imp.data_kwargs["pert_col"] == "gene"  # reference default, with a note
+    # the same from the command line: the error names the flag, which then imports it
+    from statetx.cli import main
+
+    assert main(["import-arc", str(run), "--out", str(tmp_path / "m")]) == 2
+    assert main(["import-arc", str(run), "--out", str(tmp_path / "m"), "--n-heads", "4"]) == 0
+    from statetx import StateTransitionModel
+
+    assert StateTransitionModel.load(tmp_path / "m").network_config_.n_heads == 4
+    vd = load_pickle(run / "var_dims.pkl")  # files that disagree: --no-strict trusts the weights
+    vd["pert_dim"] = 9
+    (run / "var_dims.pkl").write_bytes(pickle.dumps(vd))
+    out = tmp_path / "infer.h5ad"
+    args = ["tx", "infer", "--model_dir", str(run), "--adata",
+            str(ARC / "infer" / "infer_input.h5ad"), "--output", str(out), "--n-heads", "4"]
+    assert main(args) == 2 and not out.exists()
+    assert main([*args, "--no-strict"]) == 0 and out.exists()
 
 
 def test_inconsistent_files_are_errors(tmp_path):
