@@ -77,6 +77,7 @@ from statetx.predict import (
     resolve_pool,
     run_groups,
     split_groups,
+    weights_digest,
 )
 from statetx.presets import describe, network_config_for, resolve_architecture
 from statetx.sets import (
@@ -1256,7 +1257,8 @@ class StateTransitionModel(Estimator):
         from statetx import __version__
 
         source = getattr(self, "checkpoint_path_", None) or getattr(self, "run_dir_", None)
-        out.uns["statetx"] = {"version": __version__, "seed": int(seed), "windows": windows,
+        out.uns["statetx"] = {"version": __version__, "model_id": weights_digest(self.network_),
+                              "seed": int(seed), "windows": windows,
                               "basal_pool": pool_mode,
                               "attention": self.network_config_.attention,
                               "rope": "none" if self.network_config_.rope is None
@@ -1265,7 +1267,8 @@ class StateTransitionModel(Estimator):
                               "control_pert": input_control, "pert_col": pert_col,
                               **({"celltype_col": ct_col} if ct_col in out.obs else {}),
                               "scale": self._output_scale,
-                              **({"model": str(source)} if source is not None else {})}
+                              **({"model": str(Path(source).absolute())}
+                                 if source is not None else {})}
         if all_perts and layout != "arc":  # a virtual experiment keeps the input's uns (§3.4)
             out.uns = {**adata.uns, "statetx": out.uns["statetx"]}
         return out
@@ -1525,7 +1528,8 @@ class StateTransitionModel(Estimator):
                       len(order), set_len=self.cell_set_len_, seed=seed, window_mode=windows,
                       device=next(self.network_.parameters()).device,
                       matmul_precision=matmul_precision)
-        info = {"split": split, "seed": int(seed), "pert_col": self.columns_.pert_col,
+        info = {"split": split, "model_id": weights_digest(self.network_), "seed": int(seed),
+                "pert_col": self.columns_.pert_col,
                 "control_pert": self.vocab_.control_pert,
                 "celltype_col": self.columns_.cell_type_key, "scale": self._output_scale}
         if pseudobulk:

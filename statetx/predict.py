@@ -11,6 +11,7 @@ share a forward pass through the network's ``valid_mask``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -189,6 +190,25 @@ def output_scale(expression: bool, log1p: bool) -> str:
     """What a prediction's X holds, as recorded in ``uns["statetx"]["scale"]`` (read by
     :func:`statetx.evaluate`): ``log1p`` or ``counts`` expression, or an ``embedding``."""
     return "embedding" if not expression else ("log1p" if log1p else "counts")
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short hash of a network's weights (names, shapes, dtypes, values): the model id in
+    predictions' provenance. Cached on the module until a parameter changes in place (torch
+    counts in-place changes per tensor)."""
+    state = module.state_dict(keep_vars=True)
+    key = tuple((n, t.data_ptr(), t._version) for n, t in state.items())
+    cached = getattr(module, "_statetx_digest", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    digest = h.hexdigest()
+    module._statetx_digest = (key, digest)
+    return digest
 
 
 def mark_scale(adata: ad.AnnData, scale: str) -> ad.AnnData:

@@ -1487,3 +1487,21 @@ def test_x_hvg_columns_out_of_var_order_are_refused():
     counts = adata.copy()  # X on another scale than X_hvg: not compared
     counts.X = np.round(np.expm1(np.asarray(counts.X)) * 10)
     np.testing.assert_allclose(model.predict(counts, seed=1).X, want, atol=1e-6)
+
+
+def test_predictions_name_the_model_that_made_them(fitted, tmp_path):
+    """uns['statetx']['model_id']: a hash of the weights, the same after pickling, saving and
+    loading, different once the weights change; a run's model names its folder absolutely."""
+    model, adata = fitted
+    mid = model.predict(adata).uns["statetx"]["model_id"]
+    assert len(mid) == 16 and model.predict_split("test")[0].uns["statetx"]["model_id"] == mid
+    back = pickle.loads(pickle.dumps(model))
+    model.save(tmp_path / "m")
+    loaded = StateTransitionModel.load(tmp_path / "m")
+    assert back.predict(adata).uns["statetx"]["model_id"] == mid
+    assert loaded.predict(adata).uns["statetx"]["model_id"] == mid
+    with torch.no_grad():
+        next(back.network_.parameters()).add_(1e-3)  # (in place: the cached id is dropped)
+    assert back.predict(adata).uns["statetx"]["model_id"] != mid
+    run = small_model(max_steps=1).fit(adata, SPEC, output_dir=tmp_path / "run")
+    assert run.predict(adata).uns["statetx"]["model"] == str((tmp_path / "run").absolute())
