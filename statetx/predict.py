@@ -438,6 +438,12 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
             f"{where}: {preview(missing)}.{in_x} Provide them, or pass missing_genes='zero' to "
             "fill them with 0."
         )
+    if missing and len(missing) == len(genes):
+        raise DataError(
+            f"none of the model's {len(genes)} genes is in the input's {where} (model: "
+            f"{preview(list(genes))}; input: {preview(list(index))}), so filling the missing "
+            "genes with 0 would predict from empty cells. Are the genes named differently "
+            "(symbols vs Ensembl IDs: gene_name_col=), or is this data of another panel?")
     if missing:
         warnings.warn(f"{len(missing)} of {len(genes)} model genes are missing from the input "
                       f"and are filled with 0: {preview(missing)}.", UserWarning, stacklevel=3)

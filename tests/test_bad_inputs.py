@@ -244,6 +244,11 @@ def test_predict_genes_do_not_match_training(base, adata, tmp_path):
         loaded.predict(adata)
     with pytest.raises(DataError, match=r"32 of the model's 32 genes are missing"):
         loaded.predict(adata[:, :0].copy())  # zero genes
+    other = adata.copy()  # another panel: no gene in common, not even with missing_genes='zero'
+    other.var_names = [f"other{i}" for i in range(other.n_vars)]
+    with pytest.raises(DataError, match=r"none of the model's 32 genes is in the input's X.*"
+                                        r"other0"):
+        loaded.predict(other, missing_genes="zero")
 
 
 def test_predict_zero_cells_and_unfitted(model, adata):
