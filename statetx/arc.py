@@ -1013,8 +1013,7 @@ def _optional_map(run: Path, stem: str, trust_pickle: bool, notes: list[str]) ->
         if p.exists():
             return _read_map(p, trust_pickle)[0]
     if stem == "cell_type_onehot_map":
-        notes.append(f"{stem} not found: the run's cell types are unknown, so at prediction "
-                     "every cell type is reported as not in the model's data; this changes no "
+        notes.append(f"{stem} not found: the run's cell types are unknown; this changes no "
                      "prediction (the network takes no cell-type input; controls are paired by "
                      "the input's own cell-type column)")
     else:

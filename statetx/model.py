@@ -2049,9 +2049,10 @@ def _warn_padding(sampler: Any, pairing: str, strategy: str) -> None:
 
 def _say_new_contexts(ctx: np.ndarray, trained: Sequence[str]) -> None:
     """Cell types that were not in the model's data are predicted zero-shot (said); one that
-    differs from a known one only in case is likely a typo (a warning)."""
+    differs from a known one only in case is likely a typo (a warning). Nothing is said when
+    the model knows no cell types (the import notes say why)."""
     new = sorted(set(map(str, np.unique(ctx))) - set(trained) - {"all"})
-    if not new:
+    if not new or not trained:  # (an imported run without its cell-type map knows none)
         return
     folded = {t.casefold(): t for t in trained}
     typos = {n: folded[n.casefold()] for n in new if n.casefold() in folded}

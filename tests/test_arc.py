@@ -567,9 +567,19 @@ def test_invalid_config_yaml_is_a_data_error_naming_the_line(tmp_path, capsys):
     assert "config.yaml is not valid YAML at line" in err and "Traceback" not in err
 
 
-def test_missing_cell_type_map_is_explained(tmp_path):
+def test_missing_cell_type_map_is_explained(tmp_path, capsys):
     run = copy_run("model_a_llama_bidir", tmp_path / "run")
     (run / "cell_type_onehot_map.torch").unlink()
     imp = load(run)
     assert imp.cell_types == []
     assert any("cell types are unknown" in n and "changes no prediction" in n for n in imp.notes)
+    import anndata as ad
+
+    from statetx import StateTransitionModel
+
+    model = StateTransitionModel.from_arc_state(run, verbose=False)
+    inp = ad.read_h5ad(ARC / "infer" / "infer_input.h5ad")
+    full = StateTransitionModel.from_arc_state(copy_run("model_a_llama_bidir", tmp_path / "r2"),
+                                               verbose=False)
+    np.testing.assert_array_equal(model.predict(inp, seed=0).X, full.predict(inp, seed=0).X)
+    assert "not in the model's data" not in capsys.readouterr().out  # (nothing to compare with)
