@@ -277,6 +277,11 @@ def test_few_perturbations_make_discrimination_scores_coarse(real):
     with pytest.warns(UserWarning, match=r"discrimination_score_l1 rank each prediction among "
                                          r"the real deltas of only 2 perturbation\(s\)"):
         evaluate(few, few.copy(), profile="pds")
+    with pytest.warns(UserWarning, match=r"pearson_edistance and clustering_agreement compare "
+                                         r"the perturbations with each other, and there are "
+                                         r"only 2"):
+        evaluate(few, few.copy(), profile="full", skip_metrics=[
+            m for m in PROFILES["full"] if m not in ("pearson_edistance", "clustering_agreement")])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         evaluate(a, a.copy(), profile="pds")

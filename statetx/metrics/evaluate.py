@@ -211,14 +211,24 @@ def _say_pooled(real: ad.AnnData) -> None:
 
 
 def _warn_few_perturbations(metrics: Sequence[str], n: int, per_cell_type: bool) -> None:
-    """The discrimination scores rank a prediction among ``n`` real deltas: coarse for small n."""
+    """The discrimination scores rank a prediction among ``n`` real deltas, and
+    pearson_edistance / clustering_agreement compare perturbations with each other: coarse or
+    undefined for small n."""
+    if n >= FEW_PERTURBATIONS:
+        return
+    where = " (in a cell type)" if per_cell_type else ""
     ranked = [m for m in metrics if m.startswith("discrimination_score_")]
-    if ranked and n < FEW_PERTURBATIONS:
-        where = " (in a cell type)" if per_cell_type else ""
+    if ranked:
         warnings.warn(f"{', '.join(ranked)} rank each prediction among the real deltas of only "
                       f"{n} perturbation(s){where}: the scores move in steps of 1/{max(n, 1)} "
                       "and tell models apart poorly (even a constant prediction can score 1).",
                       UserWarning, stacklevel=3)
+    across = [m for m in ("pearson_edistance", "clustering_agreement") if m in metrics]
+    if across and n < 3:
+        warnings.warn(f"{' and '.join(across)} compare the perturbations with each other, and "
+                      f"there are only {n}{where}: pearson_edistance is a correlation over them "
+                      "(NaN for one, ±1 for two), clustering_agreement clusters them (NaN below "
+                      "three). Do not read these values.", UserWarning, stacklevel=3)
 
 
 def _check_de_matches(de: pd.DataFrame, which: str, perts: set[str], genes: set[str]) -> None:
