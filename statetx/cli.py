@@ -195,8 +195,8 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _flag(pr, "--output-dir", required=True, metavar="RUN_DIR", help="the run directory")
     pr.add_argument("--checkpoint", help="file name in checkpoints/ or a path (default "
                     "final.ckpt, else last.ckpt)")
-    pr.add_argument("--profile", default="full",
-                    choices=["full", "minimal", "vcc", "de", "anndata", "pds", "extended"])
+    pr.add_argument("--profile", default="full", choices=list(PROFILE_HELP),
+                    help=PROFILE_HELP_TEXT)
     _flag(pr, "--predict-only", action="store_true", help="write AnnData outputs, skip metrics")
     _flag(pr, "--test-time-finetune", type=int, default=0, metavar="STEPS",
           help="before predicting, fine-tune this many steps (Adam, lr 1e-5) on sets of the "
@@ -322,13 +322,20 @@ def _add_filter(sp: Any) -> None:
     f = _sub(sp, "filter_on_target_knockdown", "keep CRISPRi perturbations/cells whose target "
              "is knocked down (cell-load compatible)", aliases=["filter-knockdown"])
     f.add_argument("input", metavar="INPUT", help="input .h5ad")
-    f.add_argument("-o", "--output", required=True)
-    _flag(f, "--perturbation-column", default="gene")
-    _flag(f, "--control-label", default="non-targeting")
-    _flag(f, "--residual-expression", type=float, default=0.30)
-    _flag(f, "--cell-residual-expression", type=float, default=0.50)
-    _flag(f, "--min-cells", type=int, default=30)
-    f.add_argument("--layer")
+    f.add_argument("-o", "--output", required=True, help="filtered .h5ad to write")
+    _flag(f, "--perturbation-column", default="gene",
+          help="obs column of the perturbation labels (default gene)")
+    _flag(f, "--control-label", default="non-targeting",
+          help="control label in that column (default non-targeting)")
+    _flag(f, "--residual-expression", type=float, default=0.30,
+          help="keep a perturbation whose target's mean expression is below this fraction "
+          "of the controls' mean (default 0.30)")
+    _flag(f, "--cell-residual-expression", type=float, default=0.50,
+          help="then keep a cell whose target expression is below this fraction of the "
+          "controls' mean (default 0.50)")
+    _flag(f, "--min-cells", type=int, default=30,
+          help="then drop perturbations with fewer cells left (default 30)")
+    f.add_argument("--layer", help="layer to read expression from (default X)")
     _flag(f, "--var-gene-name", default="gene_name",
           help="var column with gene names (var_names when the column is absent)")
     f.add_argument("--verbose", action="store_true")
@@ -363,8 +370,8 @@ def _add_evaluate(sp: Any) -> None:
           "available to the process)")
     _flag(r, "--allow-discrete", action="store_true", help="use integer (count) or >= 15 values "
           "as they are (default: integer X is normalised and log1p-transformed)")
-    r.add_argument("--profile", default="full",
-                   choices=["full", "minimal", "vcc", "de", "anndata", "pds", "extended"])
+    r.add_argument("--profile", default="full", choices=list(PROFILE_HELP),
+                   help=PROFILE_HELP_TEXT)
     _flag(r, "--skip-metrics", help="comma-separated metric names")
     r.add_argument("--ceiling", action="store_true",
                    help="also score real against real (random halves of each perturbation): "
@@ -417,6 +424,20 @@ def _add_evaluate(sp: Any) -> None:
     _flag(pp, "--max-cell-dim", type=int, default=200000,
           help="most cells allowed (default 200000, the VCC's; -1: no check)")
     pp.set_defaults(func=cmd_evaluate_prep)
+
+
+# the metric sets of --profile (cell-eval 0.8.2's, and statetx's extended; tests check the names)
+PROFILE_HELP = {
+    "full": "every cell-eval metric (default)",
+    "minimal": "overlap_at_N, precision_at_N, de_nsig_counts, pearson_delta, mse, mae, "
+               "discrimination_score_l1",
+    "vcc": "overlap_at_N, mae, discrimination_score_l1 (the Virtual Cell Challenge's)",
+    "de": "the DE metrics",
+    "anndata": "the expression metrics (no DE)",
+    "pds": "discrimination_score_l1",
+    "extended": "full + pearson_delta_centroid, centroid_accuracy",
+}
+PROFILE_HELP_TEXT = "metric set: " + "; ".join(f"{k}: {v}" for k, v in PROFILE_HELP.items())
 
 
 def _arc_flags(p: argparse.ArgumentParser) -> None:
@@ -479,9 +500,10 @@ def _add_demo(sp: Any) -> None:
     d = _sub(sp, "demo", "offline demo on the bundled Zhao 2021 data: train a small ST with one "
              "patient held out, predict its drug response, compare with baselines")
     d.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    d.add_argument("--out", default="statetx_demo", help="output folder")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="cpu")
+    d.add_argument("--out", default="statetx_demo",
+                   help="output folder (default statetx_demo)")
+    d.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    d.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
     d.set_defaults(func=cmd_demo)
 
 

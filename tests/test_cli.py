@@ -932,3 +932,13 @@ def test_info_shows_the_preset_auto_chose_and_the_recipe(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "statetx model directory: preset small (chosen by preset='auto')" in out
     assert "training: batch_size 8, max_steps 2, lr 0.001, weight_averaging uniform" in out
+
+
+def test_profile_help_names_every_metric_set(capsys):
+    from statetx.cli import PROFILE_HELP
+    from statetx.metrics import PROFILES
+
+    assert set(PROFILE_HELP) == set(PROFILES)
+    assert main(["evaluate", "run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "vcc: overlap_at_N, mae, discrimination_score_l1" in " ".join(out.split())
