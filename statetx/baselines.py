@@ -37,7 +37,7 @@ import pandas as pd
 from sklearn.exceptions import NotFittedError
 
 from statetx._params import Estimator
-from statetx._utils import as_count, deepcopy_sharing, preview
+from statetx._utils import as_count, deepcopy_sharing, did_you_mean, preview
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
     DataInput,
@@ -193,8 +193,9 @@ class _Baseline(Estimator):
         """Prediction ``[n, D]`` (or ``[D]``, broadcast) for the perturbed cells of one group."""
         raise NotImplementedError
 
-    def _check_perturbations(self, perts: set[str]) -> list[str]:
-        """Validate the perturbations to predict; return notes (e.g. fallbacks) to report."""
+    def _check_perturbations(self, groups: set[tuple[str, str]]) -> list[str]:
+        """Validate the (cell type, perturbation) groups to predict; return notes (e.g.
+        fallbacks) to report."""
         return []
 
     def _zeroshot_rule(self) -> str:
@@ -250,7 +251,8 @@ class _Baseline(Estimator):
     def _run(self, x: np.ndarray, groups: Sequence[_Group], n_out: int,
              seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
         """Predictions, basal rows and set ids of every output row, plus notes."""
-        notes = self._check_perturbations({g.pert for g in groups if not g.control})
+        notes = self._check_perturbations({(g.cell_type, g.pert) for g in groups
+                                           if not g.control})
         pred = np.zeros((n_out, x.shape[1]), dtype=np.float32)
         basal_row = np.full(n_out, -1, dtype=np.int64)
         set_id = np.full(n_out, -1, dtype=np.int64)
@@ -504,9 +506,9 @@ class PerturbMeanBaseline(_Baseline):
             by_pert.setdefault(p, []).append(dlt)
         self.shifts_ = {p: np.mean(np.stack(v), 0) for p, v in sorted(by_pert.items())}
 
-    def _check_perturbations(self, perts: set[str]) -> list[str]:
-        unseen = sorted(p for p in perts if p not in self.shifts_
-                        and p != self.vocab_.control_pert)
+    def _check_perturbations(self, groups: set[tuple[str, str]]) -> list[str]:
+        unseen = sorted({p for _, p in groups if p not in self.shifts_
+                         and p != self.vocab_.control_pert})
         return [f"{self.name}: perturbation(s) without perturbed training cells get a zero shift "
                 f"(basal control cells): {preview(unseen)}."] if unseen else []
 
@@ -522,13 +524,14 @@ class AdditiveBaseline(PerturbMeanBaseline):
     """The additive model of combinatorial perturbations: ``A+B`` = basal + δ_A + δ_B.
 
     A label is split into its parts at ``sep`` (the control label and empty parts count as no
-    perturbation); every label, single or combined, seen in training or not, is predicted as its
-    basal control cell plus the sum of its parts' shifts. A part's shift in cell type c is its
-    mean shift there when it has training cells in c, else its mean shift over the training cell
-    types (perturb_mean's δ). So single perturbations are predicted as by ``perturb_mean`` unless
-    they trained in the very cell type predicted; a held-out pair is the sum of its singles, the
-    reference that combinatorial models must beat (Norman et al. 2019; Ahlmann-Eltze, Huber &
-    Anders 2025). Parts without training cells add nothing (reported in the notes).
+    perturbation, so GEARS' ``A+ctrl`` is the single ``A``); every label, single or combined,
+    seen in training or not, is predicted as its basal control cell plus the sum of its parts'
+    shifts. A part's shift in cell type c is its mean shift there when it has training cells in
+    c, else its mean shift over the training cell types that have them (perturb_mean's δ; said in
+    the notes). So single perturbations are predicted as by ``perturb_mean`` unless they trained
+    in the very cell type predicted; a held-out pair is the sum of its singles, the reference that
+    combinatorial models must beat (Norman et al. 2019; Ahlmann-Eltze, Huber & Anders 2025).
+    Parts without training cells add nothing (said in the notes).
     """
 
     name = "additive"
@@ -549,9 +552,13 @@ class AdditiveBaseline(PerturbMeanBaseline):
 
     def _fit_baseline(self) -> None:
         super()._fit_baseline()
-        # the parts' shifts: of single perturbations only (a combined label is not a part)
-        self.part_shifts_ = {p: s for p, s in self.shifts_.items() if self.sep not in p}
-        self.part_deltas_ = {k: d for k, d in self.deltas_.items() if k[1] in self.part_shifts_}
+        # the parts' shifts: of labels naming one perturbation ("A", or GEARS' "A+ctrl"; the
+        # plain label wins where both exist)
+        single = {p: ps[0] for p in self.shifts_ if len(ps := self._parts(p)) == 1}
+        plain_last = sorted(single, key=lambda p: p == single[p])
+        self.part_shifts_ = {single[p]: self.shifts_[p] for p in plain_last}
+        self.part_deltas_ = {(ct, single[p]): self.deltas_[(ct, p)] for p in plain_last
+                             for ct in self.perturbed_cell_types_ if (ct, p) in self.deltas_}
 
     def _parts(self, pert: str) -> list[str]:
         control = self.vocab_.control_pert
@@ -561,11 +568,31 @@ class AdditiveBaseline(PerturbMeanBaseline):
         parts = self._parts(pert)
         return bool(parts) and all(q in self.part_shifts_ for q in parts)
 
-    def _check_perturbations(self, perts: set[str]) -> list[str]:
-        unseen = sorted({q for p in perts if p != self.vocab_.control_pert
-                         for q in self._parts(p) if q not in self.part_shifts_})
-        return [f"{self.name}: part(s) without single-perturbation training cells add no shift: "
-                f"{preview(unseen)}."] if unseen else []
+    def _check_perturbations(self, groups: set[tuple[str, str]]) -> list[str]:
+        parts = {(ct, q) for ct, p in groups for q in self._parts(p)}
+        notes = []
+        unseen = sorted({q for _, q in parts if q not in self.part_shifts_})
+        if unseen:
+            hint = did_you_mean(unseen[0], self.part_shifts_)
+            joined = [c for c in ("+", "_", "|", ";", "/", "-") if c != self.sep
+                      and any(c in q for q in unseen)]
+            if joined and not any(self.sep in p for p in self.shifts_):
+                hint += (f" No training label contains sep={self.sep!r}; if the labels are "
+                         f"joined by {joined[0]!r}, pass sep={joined[0]!r}.")
+            notes.append(f"{self.name}: part(s) without single-perturbation training cells add "
+                         f"no shift: {preview(unseen)}.{hint}")
+        borrowed: dict[str, set[str]] = {}
+        for ct, q in parts:
+            if q in self.part_shifts_ and (ct, q) not in self.part_deltas_:
+                borrowed.setdefault(q, set()).add(ct)
+        if borrowed:
+            said = [f"{q} in {', '.join(sorted(cts))} (from "
+                    f"{', '.join(c for c, q2 in self.part_deltas_ if q2 == q)})"
+                    for q, cts in sorted(borrowed.items())]
+            notes.append(f"{self.name}: part(s) without single-perturbation training cells in "
+                         f"the cell type predicted take their mean shift over the cell types that "
+                         f"have them: {preview(said)}.")
+        return notes
 
     def _predict_group(self, cell_type, pert, basal, ctrl_mean):
         shift = 0.0
@@ -721,9 +748,9 @@ class LinearBaseline(_Baseline):
     def _knows(self, pert: str) -> bool:
         return self._vector(pert) is not None
 
-    def _check_perturbations(self, perts: set[str]) -> list[str]:
-        missing = sorted(p for p in perts if p != self.vocab_.control_pert
-                         and self._vector(p) is None)
+    def _check_perturbations(self, groups: set[tuple[str, str]]) -> list[str]:
+        missing = sorted({p for _, p in groups if p != self.vocab_.control_pert
+                          and self._vector(p) is None})
         if not missing:
             return []
         if self.on_missing == "error" and self.embedding_source_ == "onehot":

@@ -1528,14 +1528,14 @@ class StateTransitionModel(Estimator):
                       len(order), set_len=self.cell_set_len_, seed=seed, window_mode=windows,
                       device=next(self.network_.parameters()).device,
                       matmul_precision=matmul_precision)
-        info = {"split": split, "model_id": weights_digest(self.network_), "seed": int(seed),
-                "pert_col": self.columns_.pert_col,
+        info = {"split": split, "seed": int(seed), "pert_col": self.columns_.pert_col,
                 "control_pert": self.vocab_.control_pert,
                 "celltype_col": self.columns_.cell_type_key, "scale": self._output_scale}
         if pseudobulk:
             pair = self._split_pseudobulks(d, order, run, clip, controls, datasets)
             for a in pair:
                 a.uns["statetx"] = dict(info)
+            pair[0].uns["statetx"]["model_id"] = weights_digest(self.network_)
             return pair
         res = run()
         obs = split_cell_obs(prepared, d, order, res["basal_row"], datasets)
@@ -1563,6 +1563,7 @@ class StateTransitionModel(Estimator):
             pred.obs.loc[is_ctrl, "ctrl_cell_barcode"] = pred.obs.loc[is_ctrl, "pert_cell_barcode"]
         for a in (pred, real):
             a.uns["statetx"] = dict(info)
+        pred.uns["statetx"]["model_id"] = weights_digest(self.network_)  # (what made pred)
         return pred, real
 
     def _split_data(self, what: str) -> PreparedData:

@@ -19,6 +19,7 @@ import numpy as np
 
 from statetx._utils import did_you_mean, features_digest, preview, umask_mode
 from statetx.errors import ConfigError, DataError
+from statetx.io import control_like
 
 
 @dataclass
@@ -280,18 +281,30 @@ def combination_features(labels: Iterable[str], features: Mapping[str, Any] | No
     """Feature vectors of combined perturbations (``"A+B"``) from their parts'.
 
     Without ``features``: multi-hot vectors over the single perturbations the labels name (sorted;
-    ``control`` and empty parts are no perturbation, so the control gets zeros), e.g. for
-    ``pert_features=`` of a model that should predict held-out pairs of trained singles. With
-    ``features`` (a name → vector table, e.g. ``model.pert_feature_table_`` or gene embeddings):
-    a label keeps its own vector when the table has one, else gets the sum of its parts' vectors
-    (zeros for the control), e.g. to predict new pairs with ``predict(pert_features=...)``.
+    ``control`` and empty parts are no perturbation, so the control gets zeros and GEARS'
+    ``A+ctrl`` equals ``A``), e.g. for ``pert_features=`` of a model that should predict held-out
+    pairs of trained singles. With ``features`` (a name → vector table, e.g.
+    ``model.pert_feature_table_`` or gene embeddings): a label keeps its own vector when the
+    table has one, else gets the sum of its parts' vectors (zeros for the control), e.g. to
+    predict new pairs with ``predict(pert_features=...)``.
     """
     if not isinstance(sep, str) or not sep:
         raise ConfigError(f"sep={sep!r} is invalid; expected the non-empty string that joins "
                           "the parts of a combined label, e.g. '+'.")
-    names = sorted({str(n) for n in labels})
+    if isinstance(labels, str):
+        raise ConfigError(f"labels must be a list (or column) of labels, not one string "
+                          f"({labels!r}); pass [{labels!r}].")
+    values = list(labels)
+    if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in values):
+        raise DataError("labels contain missing values (None/NaN); drop those cells or label "
+                        "them first.")
+    names = sorted({str(n) for n in values})
     parts = {n: [q for q in (t.strip() for t in n.split(sep)) if q and q != control]
              for n in names}
+    if control is None and (looks := control_like({q for ps in parts.values() for q in ps})):
+        warnings.warn(f"{preview(looks)} look(s) like a control label but got a feature column "
+                      f"like a perturbation: pass control={looks[0]!r}.", UserWarning,
+                      stacklevel=2)
     if features is None:
         singles = sorted({q for ps in parts.values() for q in ps})
         index = {q: i for i, q in enumerate(singles)}
@@ -305,13 +318,17 @@ def combination_features(labels: Iterable[str], features: Mapping[str, Any] | No
     if not isinstance(features, Mapping) or not features:
         raise DataError("features= must be a non-empty name -> vector table (a dict).")
     table = {str(k): np.asarray(v, dtype=np.float32).reshape(-1) for k, v in features.items()}
-    width = next(iter(table.values())).shape[0]
-    missing = sorted({q for n, ps in parts.items() if n not in table for q in ps
-                      if q not in table})
+    widths = {v.shape[0] for v in table.values()}
+    if len(widths) > 1:
+        raise DataError(f"the vectors of features= differ in length ({sorted(widths)}); all "
+                        "must have the same length.")
+    missing = {q: n for n, ps in parts.items() if n not in table for q in ps if q not in table}
     if missing:
+        listed = preview([f"{q} (in {n!r})" for q, n in sorted(missing.items())])
         raise DataError(f"{len(missing)} part(s) of combined labels have no vector in features=: "
-                        f"{preview(missing)}{_spelling_variants(missing, list(table))}. Add "
-                        "them, or leave the labels that use them out.")
+                        f"{listed}.{_spelling_variants(sorted(missing), list(table))} Add them, "
+                        "or leave the labels that use them out.")
+    width = widths.pop()
     return {n: table[n] if n in table else np.sum(
         [table[q] for q in parts[n]] or [np.zeros(width, np.float32)], axis=0, dtype=np.float32)
         for n in names}

@@ -42,6 +42,24 @@ def test_summed_vectors_keep_given_ones_and_name_missing_parts():
         combination_features(["A"], sep="")
 
 
+def test_gears_labels_and_input_errors():
+    f = combination_features(["ctrl", "A+ctrl", "ctrl+B", "A+B"], control="ctrl")
+    np.testing.assert_array_equal(f["A+ctrl"], [1, 0])  # GEARS' single A
+    np.testing.assert_array_equal(f["ctrl+B"], [0, 1])
+    np.testing.assert_array_equal(f["ctrl"], [0, 0])
+    with pytest.warns(UserWarning, match="ctrl look\\(s\\) like a control label.*"
+                                         "control='ctrl'"):
+        combination_features(["ctrl", "A+ctrl", "A+B"])
+    with pytest.raises(ConfigError, match="not one string"):
+        combination_features("A+B")
+    with pytest.raises(DataError, match="missing values"):
+        combination_features(["A", np.nan])
+    with pytest.raises(DataError, match=r"a \(in 'a\+b'\).*Did you mean: 'A' for 'a'"):
+        combination_features(["a+b"], {"A": np.ones(2), "B": np.ones(2)})
+    with pytest.raises(DataError, match="differ in length"):
+        combination_features(["A+B"], {"A": np.ones(2), "B": np.ones(3)})
+
+
 @pytest.fixture(scope="module")
 def k562():
     a = load_perturbench_devel()

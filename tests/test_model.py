@@ -135,9 +135,10 @@ def test_predict_split_same_cells_in_pred_and_real(fitted):
     assert (pred.obs["pert_cell_barcode"] == real.obs["pert_cell_barcode"]).all()
     assert set(pred.obs["cell_type"]) == {"CT2"}
     for a in (pred, real):  # what the plots and metrics need to pair them
-        assert a.uns["statetx"] == {"split": "test", "seed": 0, "pert_col": "gene",  # model's
-                                    "control_pert": "ctrl", "celltype_col": "cell_type",
-                                    "scale": "log1p"}
+        info = {k: v for k, v in a.uns["statetx"].items() if k != "model_id"}
+        assert info == {"split": "test", "seed": 0, "pert_col": "gene",  # the model's
+                        "control_pert": "ctrl", "celltype_col": "cell_type", "scale": "log1p"}
+    assert "model_id" in pred.uns["statetx"] and "model_id" not in real.uns["statetx"]
     with pytest.raises(DataError, match="no 'val' split"):
         model.predict_split("val")
 
