@@ -316,6 +316,19 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _flag(s, "--allow-counts", action="store_true", help="accept count-scale expression with "
           "output space 'all' (as data.kwargs.allow_counts=true for tx train)")
     s.set_defaults(func=cmd_split)
+    # combination features
+    cf = _sub(sp, "combination_features", "perturbation features for combined labels (A+B): "
+              "multi-hot over the singles, or sums of a model's vectors" + tag)
+    cf.add_argument("--adata", required=True, help="h5ad whose perturbation labels get vectors")
+    cf.add_argument("--output", "-o", required=True,
+                    help="the table to write: .pt, .safetensors, .npz or .csv (for "
+                    "data.kwargs.perturbation_features_file= or --pert-features)")
+    _flag(cf, "--pert-col", default="gene", help="obs column of the labels (default gene)")
+    _flag(cf, "--control-pert", help="the control label (zeros; in A+ctrl no perturbation)")
+    cf.add_argument("--sep", default="+", help="what joins the parts of a label (default +)")
+    _flag(cf, "--model-dir", help="a statetx run or model trained with perturbation features: "
+          "labels get the sum of its vectors of their parts (new pairs for tx infer)")
+    cf.set_defaults(func=cmd_combination_features)
 
 
 def _add_filter(sp: Any) -> None:
@@ -1186,6 +1199,36 @@ def cmd_preprocess_train(a: argparse.Namespace) -> int:
     _write_h5ad(adata, Path(a.output))
     _say(f"wrote {a.output} (X {'as given' if a.already_normalized else 'log1p-normalised'}, "
          f"obsm['X_hvg'] {adata.obsm['X_hvg'].shape[1]} HVGs)")
+    return EXIT_OK
+
+
+def cmd_combination_features(a: argparse.Namespace) -> int:
+    from statetx.io import obs_labels
+    from statetx.vocab import combination_features, save_pert_features
+
+    if Path(a.output).suffix.lower() not in (".pt", ".pth", ".torch", ".safetensors", ".npz",
+                                             ".csv"):
+        raise UsageError(f"--output {a.output}: write the table as .pt, .safetensors, .npz or "
+                         ".csv.")
+    adata = _read(a.adata, backed=True)  # (obs only)
+    try:
+        labels = obs_labels(adata.obs, a.pert_col, a.adata, "--pert-col")
+    finally:
+        adata.file.close()
+    table = None
+    if a.model_dir is not None:
+        model = load_any_model(a.model_dir, verbose=False)
+        table = model.pert_feature_table_
+        if table is None:
+            raise UsageError(f"--model-dir {a.model_dir}: the model encodes perturbations "
+                             "one-hot (no feature table to sum); train it with "
+                             "data.kwargs.perturbation_features_file=... to predict new pairs.")
+    out = combination_features(labels, table, sep=a.sep, control=a.control_pert)
+    _atomic(Path(a.output), lambda tmp: save_pert_features(out, tmp))
+    width = len(next(iter(out.values())))
+    _say(f"wrote {a.output}: {len(out)} labels x {width} "
+         + ("(the model's vectors, summed over parts)" if table is not None else
+            "(multi-hot over the singles)"))
     return EXIT_OK
 
 

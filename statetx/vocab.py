@@ -276,6 +276,34 @@ def load_pert_features(path: str | Path) -> dict[str, np.ndarray]:
                     ".safetensors, .npz or .csv).")
 
 
+def save_pert_features(table: Mapping[str, np.ndarray], path: str | Path) -> None:
+    """Write a name → vector table in a format :func:`load_pert_features` reads, chosen by the
+    suffix: ``.pt`` (torch dict), ``.safetensors``, ``.npz`` or ``.csv``."""
+    path = Path(path)
+    arrays = {str(k): np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
+              for k, v in table.items()}
+    suffix = path.suffix.lower()
+    if suffix in (".pt", ".pth", ".torch"):
+        import torch
+
+        torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
+    elif suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        save_file(arrays, str(path))
+        umask_mode(path)  # safetensors writes 0600
+    elif suffix == ".npz":
+        with open(path, "wb") as fh:  # (np.savez would append .npz to a temporary name)
+            np.savez(fh, **arrays)
+    elif suffix == ".csv":
+        import pandas as pd
+
+        pd.DataFrame.from_dict(arrays, orient="index").to_csv(path)
+    else:
+        raise ConfigError(f"{path}: write perturbation features as .pt, .safetensors, .npz or "
+                          ".csv.")
+
+
 def combination_features(labels: Iterable[str], features: Mapping[str, Any] | None = None, *,
                          sep: str = "+", control: str | None = None) -> dict[str, np.ndarray]:
     """Feature vectors of combined perturbations (``"A+B"``) from their parts'.

@@ -102,3 +102,42 @@ def test_new_pair_at_prediction_from_the_models_table(pair_model, k562):
     one_hot = StateTransitionModel(**COLS, max_steps=2, progress=False).fit(
         k562[k562.obs["target_gene"].isin(["control", "KLF1"]).to_numpy()].copy())
     assert one_hot.pert_feature_table_ is None
+
+
+def test_combination_features_on_the_command_line(k562, tmp_path, capsys):
+    """A CLI user trains on a multi-hot table and predicts a pair the data never had, with
+    vectors summed from the run's own table (no Python)."""
+    import anndata as ad
+
+    from statetx.cli import main
+
+    train = k562[(k562.obs["target_gene"] != UNSEEN).to_numpy()].copy()
+    train.write_h5ad(tmp_path / "k562.h5ad")
+    (tmp_path / "split.toml").write_text('[datasets]\npb = "k562.h5ad"\n[training]\n'
+                                         'pb = "train"\n')
+    base = ["--pert-col", "target_gene", "--control-pert", "control"]
+    assert main(["tx", "combination_features", "--adata", str(tmp_path / "k562.h5ad"), *base,
+                 "-o", str(tmp_path / "feats.pt")]) == 0
+    assert main(["tx", "train", f"data.kwargs.toml_config_path={tmp_path / 'split.toml'}",
+                 f"data.kwargs.perturbation_features_file={tmp_path / 'feats.pt'}",
+                 "data.kwargs.pert_col=target_gene", "data.kwargs.control_pert=control",
+                 "model=small", "training.max_steps=60", f"output_dir={tmp_path}",
+                 "name=run"]) == 0
+    new = k562[k562.obs["target_gene"].isin(["control", UNSEEN]).to_numpy()].copy()
+    new.write_h5ad(tmp_path / "new.h5ad")
+    assert main(["combination_features", "--adata", str(tmp_path / "new.h5ad"), *base,
+                 "--model-dir", str(tmp_path / "run"), "-o", str(tmp_path / "pair.pt")]) == 0
+    out = tmp_path / "pred.h5ad"
+    assert main(["tx", "infer", "--model_dir", str(tmp_path / "run"), "--adata",
+                 str(tmp_path / "new.h5ad"), "--pert-features", str(tmp_path / "pair.pt"),
+                 "--output", str(out)]) == 0
+    pred = ad.read_h5ad(out)
+    g = pred.obs["target_gene"].astype(str).to_numpy()
+    x_real, x_pred = new.to_df().to_numpy(), np.asarray(pred.X)
+    real_shift = x_real[g == UNSEEN].mean(0) - x_real[g == "control"].mean(0)
+    pred_shift = x_pred[g == UNSEEN].mean(0) - x_pred[g == "control"].mean(0)
+    assert np.corrcoef(real_shift, pred_shift)[0, 1] > 0.7
+    capsys.readouterr()
+    assert main(["combination_features", "--adata", str(tmp_path / "new.h5ad"), "-o",
+                 str(tmp_path / "x.h5ad")]) == 2
+    assert ".pt, .safetensors, .npz or .csv" in capsys.readouterr().err
