@@ -112,7 +112,12 @@ class SplitConfig(BaseModel):
 
         def fix(p: str) -> str:
             q = Path(p).expanduser()
-            return os.path.normpath(str(q) if q.is_absolute() else os.path.join(str(base), p))
+            if q.is_absolute():
+                return os.path.normpath(str(q))
+            # where resolve_paths finds it: the TOML's folder, else (said there) the current one
+            root = base if _resolve_one(p, base) or not _resolve_one(p, Path.cwd()) else (
+                Path.cwd())
+            return os.path.normpath(os.path.join(str(root), p))
 
         ds = {k: fix(v) if isinstance(v, str) else [fix(x) for x in v]
               for k, v in self.datasets.items()}
@@ -398,14 +403,24 @@ def _resolve_one(pattern: str, base: Path) -> list[Path]:
 
     if _PATTERN_CHARS & set(pattern):
         found: list[Path] = []
+        empty = []  # {a,b} alternatives that match nothing (a typo drops its files silently)
         for p in expand_braces(pattern):
             full = str(anchored(p))
+            hits: list[Path] = []
             if full.endswith(DATA_SUFFIXES):
-                found += sorted(Path(x) for x in glob.glob(full))
+                hits += sorted(Path(x) for x in glob.glob(full))
             else:
                 for suffix in DATA_SUFFIXES:
-                    found += sorted(Path(x) for x in glob.glob(f"{full}/*{suffix}"))
-        return [f for f in found if f.is_file()]
+                    hits += sorted(Path(x) for x in glob.glob(f"{full}/*{suffix}"))
+            hits = [f for f in hits if f.is_file()]
+            found += hits
+            if not hits:
+                empty.append(p)
+        if found and empty:
+            raise SplitConfigError(
+                f'"{pattern}": its alternative(s) {", ".join(map(repr, empty))} match no .h5 or '
+                f".h5ad files (searched relative to {base}). Fix them or leave them out.")
+        return found
     path = anchored(pattern)
     if path.is_file():
         return [path]

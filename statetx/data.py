@@ -201,7 +201,22 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
     for f in files:  # same-named files in different folders: labelled by their whole path
         if named[f.label] > 1 and f.path is not None:
             f.label = str(f.path)
+    _warn_copies(files)
     return files
+
+
+def _warn_copies(files: Sequence[DataFile]) -> None:
+    """Say when two inputs hold the same cells (obs names, same order): a copy of a file would
+    make its cells count twice. (Barcodes merely shared across files are common and not said.)"""
+    seen: dict[tuple[int, int], DataFile] = {}
+    for f in files:
+        key = (len(f.barcodes), hash(tuple(map(str, f.barcodes[:1000]))))
+        first = seen.setdefault(key, f)
+        if first is not f and np.array_equal(first.barcodes.astype(str), f.barcodes.astype(str)):
+            warnings.warn(f"{f.label} holds the same cells as {first.label} (all "
+                          f"{len(f.barcodes):,} obs names, in the same order): a copy? Its cells "
+                          "are used twice. Leave one of them out of [datasets].", UserWarning,
+                          stacklevel=3)
 
 
 def prepare(
@@ -475,9 +490,13 @@ def _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_
     x = np.concatenate([a.file.read_rows(rows, src, np_dtype) for a, rows in files])
     counts = None if counts_src is False else np.concatenate(
         [a.file.read_rows(rows, counts_src, np_dtype) for a, rows in files])
-    _check_finite(x, split, expression=src in (None, "X_hvg"))
+    def cell(i: int) -> str:
+        f = assignments[int(cat["file_index"][i])].file
+        return f"cell {cat['barcodes'][i]} (row {cat['file_row'][i]}) of {f.label}"
+
+    _check_finite(x, split, expression=src in (None, "X_hvg"), cell=cell)
     if counts is not None:
-        _check_finite(counts, split, expression=True, what="gene-space target")
+        _check_finite(counts, split, expression=True, what="gene-space target", cell=cell)
     is_target = ~cat["is_control"] | bool(yield_controls)
     if not is_target.any():
         return None
@@ -563,14 +582,17 @@ def split_datasets(prepared: PreparedData, split: SplitData, rows: np.ndarray,
     return names
 
 
-def _check_finite(x: np.ndarray, split: str, expression: bool, what: str | None = None) -> None:
+def _check_finite(x: np.ndarray, split: str, expression: bool, what: str | None = None,
+                  cell: Callable[[int], str] | None = None) -> None:
+    """Refuse NaN/Inf rows (``cell(i)`` names row i, e.g. its file and barcode)."""
     what = what or ("expression" if expression else "input")
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         n = int(bad.sum())
+        first = f" (e.g. {cell(int(np.argmax(bad)))})" if cell is not None else ""
         raise DataError(f"{n} cell{'s' if n > 1 else ''} of the {split} split "
-                        f"{'have' if n > 1 else 'has'} NaN or Inf {what} values. Remove or "
-                        "repair them before training.")
+                        f"{'have' if n > 1 else 'has'} NaN or Inf {what} values{first}. Remove "
+                        "or repair them before training.")
     if expression and (x < 0).any():  # embeddings (PCA, scVI, ...) may well be negative
         warnings.warn(f"the {split} split has negative {what} values; ST expects non-negative "
                       "log1p expression unless an embedding is used.", stacklevel=3)

@@ -165,6 +165,7 @@ class H5Matrix:
     def __init__(self, f: h5py.File, key: str, path: object) -> None:
         if key not in f:
             raise DataError(f"'{key}' not found in {path}.")
+        self.key, self.path = key, path
         node = f[key]
         if isinstance(node, h5py.Dataset):
             self.dense: h5py.Dataset | None = node
@@ -186,6 +187,14 @@ class H5Matrix:
              ) -> np.ndarray:
         """Rows ``lo``..``hi-1`` as a dense array (``out`` itself when it could be filled in
         place: C-contiguous, of the stored values' dtype)."""
+        try:
+            return self._rows(lo, hi, dtype, out)
+        except OSError as exc:  # a damaged compressed chunk, a file truncated after opening
+            raise DataError(f"could not read rows {lo}-{hi - 1} of '{self.key}' in "
+                            f"{Path(str(self.path)).absolute()} ({exc}): the file looks damaged. "
+                            "Copy or write it again.") from None
+
+    def _rows(self, lo: int, hi: int, dtype, out: np.ndarray | None) -> np.ndarray:
         if self.dense is not None:
             return np.asarray(self.dense[lo:hi]).astype(dtype, copy=False)
         ptr = np.asarray(self.indptr[lo:hi + 1], dtype=np.int64)

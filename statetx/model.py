@@ -296,7 +296,7 @@ class StateTransitionModel(Estimator):
         The preset and the training settings (batch size, steps, lr, averaging) the fit used.
     history_, best_step_, training_time_
         One row per logged step (``train_loss``, ``val_loss``, ``lr``, ...); the step of the
-        best validation loss (None without validation); seconds of training (a resumed run's
+        best validation loss (-1 without validation); seconds of training (a resumed run's
         earlier segments included).
     split_config_, split_summary_
         The validated split spec and the cells / perturbations per split and context.

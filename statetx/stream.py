@@ -48,6 +48,7 @@ import h5py
 import numpy as np
 import torch
 
+from statetx._utils import preview
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.data import (
     DataInput,
@@ -246,8 +247,8 @@ class StreamSplit:
 
     @property
     def X(self) -> torch.Tensor:  # noqa: N802 - mirrors SplitData.X
-        raise DataError(f"the {self.name} split was streamed from disk (data_loading='stream'), "
-                        "so its expression matrix is not in memory. Predict it with "
+        raise DataError(f"the {self.name} split was streamed (data_loading='stream'), so its "
+                        "expression matrix is not held as a whole. Predict it with "
                         "predict(adata) on the cells you need, or read it into memory (if it "
                         "fits) with statetx.run.attach_data(model, stream=False) (tx predict "
                         "--eval_train_data does).")
@@ -388,6 +389,12 @@ def prepare_stream(
                        splits=tuple(s for s in splits if s != "train"), **options)
     if "train" not in splits:
         return prepared
+    in_memory = [f.label for f in prepared.files
+                 if f.path is None and f.adata is not None and not f.adata.isbacked]
+    if in_memory:
+        print(f"statetx: data_loading='stream' on AnnData already in memory "
+              f"({preview(in_memory)}) saves no memory: give file paths in [datasets], or "
+              "backed AnnData (anndata.read_h5ad(path, backed='r')), to train out of core.")
     src, counts_src, _, _ = input_sources(prepared.files, prepared.columns, counts_key)
     train = _stream_split("train", prepared, src, counts_src, yield_controls, _DTYPES[dtype],
                           int(chunk_size))

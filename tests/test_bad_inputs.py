@@ -497,7 +497,8 @@ def _toml(d: Path, name: str, text: str) -> Path:
 @pytest.mark.parametrize("case,extra,match", [
     ("malformed", [], r"malformed\.toml: invalid TOML: .*line 3, column"),
     ("csc", [], r"'X' in .*csc\.h5ad is stored as 'csc_matrix'.*CSC is not supported"),
-    ("inf", [], r"1 cell of the train split has NaN or Inf expression values"),
+    ("inf", [], r"1 cell of the train split has NaN or Inf expression values \(e\.g\. cell \S+ "
+             r"\(row \d+\) of inf\.h5ad\)"),
     ("empty", ["data.kwargs.should_yield_control_cells=false"],
      r"the training split is empty"),
     ("absent-pert", [], r"\[fewshot\]\.\"data\.CT1\".*P9"),

@@ -218,6 +218,9 @@ def test_resolve_braces(tmp_path):
     got = cfg_with({"d": "d/{a,c}/*.h5ad"}, tmp_path).resolve_paths("d")
     assert [p.relative_to(tmp_path.resolve()).as_posix() for p in got] == ["d/a/x.h5ad",
                                                                            "d/c/y.h5ad"]
+    # an alternative that matches nothing is an error (its files would be left out silently)
+    with pytest.raises(SplitConfigError, match=r"alternative\(s\) 'd/z' match no \.h5"):
+        cfg_with({"d": "d/{a,z}"}, tmp_path).resolve_paths("d")
 
 
 def test_relative_to_toml_folder_not_cwd(tmp_path, monkeypatch):
@@ -247,6 +250,9 @@ def test_relative_falls_back_to_cwd_with_warning(tmp_path, monkeypatch):
         got = SplitConfig.from_toml(toml).resolve_paths("d")
     assert got == [only_here.resolve()]
     assert str(cfgdir.resolve()) in str(rec[0].message)
+    # the absolute spec a run writes (split.toml) names the file actually used
+    written = SplitConfig.from_toml(toml).absolute()
+    assert written.datasets["d"] == str(only_here.resolve())
 
 
 def test_same_file_reached_twice_is_used_once(tmp_path):

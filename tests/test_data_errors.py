@@ -4,6 +4,7 @@ offending key, file or value. Everything here is synthetic; nothing needs ../sha
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -567,3 +568,41 @@ def test_feature_tables_of_the_wrong_kind_or_names_are_said():
     with pytest.warns(UserWarning, match=r"no feature vector: A\+B\. Did you mean: 'A_B'.*"
                                          r"cannot tell them apart"):
         feature_table({"A_B": np.ones(3), "C": np.ones(3)}, ["A+B", "C"], "ctrl")
+
+
+def test_damaged_compressed_chunk_names_the_file(tmp_path):
+    """A gzip chunk of X damaged on disk: a DataError naming the file and rows, in memory and
+    streaming (it was h5py's bare OSError)."""
+    import h5py
+
+    a = make_adata(n=40, genes=50)
+    path = tmp_path / "data" / "d.h5ad"
+    path.parent.mkdir()
+    a.write_h5ad(path, compression="gzip")
+    with h5py.File(path, "r") as f:
+        info = f["X"].id.get_chunk_info(0)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(b"\xff" * 64)
+    spec = toml(tmp_path, '[datasets]\nd = "data/d.h5ad"\n[training]\nd = "train"\n')
+    for load in (lambda: prepare(None, spec, COLS),
+                 lambda: prepare_stream(None, spec, COLS, chunk_size=8)):
+        with pytest.raises(DataError, match=r"could not read rows 0-\d+ of 'X' in .*d\.h5ad.*"
+                                            "looks damaged"):
+            load()
+
+
+def test_a_copy_of_a_file_is_said(tmp_path):
+    """Two files holding the same cells (a copy in the dataset's folder) count them twice: said.
+    Files that merely share some barcodes (10x lanes) are not."""
+    a = make_adata()
+    write(a, tmp_path / "data" / "d.h5ad")
+    write(a, tmp_path / "data" / "d_copy.h5ad")
+    spec = toml(tmp_path, '[datasets]\nd = "data"\n[training]\nd = "train"\n')
+    with pytest.warns(UserWarning, match=r"d_copy\.h5ad holds the same cells as d\.h5ad"):
+        prepare(None, spec, COLS)
+    other = make_adata(seed=1)[1:].copy()  # most barcodes shared, not the same cells
+    write(other, tmp_path / "data" / "d_copy.h5ad")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        prepare(None, spec, COLS)

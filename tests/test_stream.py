@@ -71,7 +71,8 @@ def test_streamed_fit_trains_and_predicts(h5, adata):
     assert pred.shape == real.shape and pred.n_obs > 0 and np.isfinite(pred.X).all()
     out = m.predict(adata[:50].copy())
     assert out.shape == (50, adata.n_vars)
-    with pytest.raises(DataError, match=r"streamed from disk.*attach_data\(model, stream=False"):
+    with pytest.raises(DataError, match=r"streamed \(data_loading=.stream.\).*"
+                                        r"attach_data\(model, stream=False"):
         m.predict_split("train")
     from statetx.run import attach_data
 
@@ -362,3 +363,10 @@ def test_streamed_fit_with_mostly_padded_sets_warns_once(h5):
     with pytest.warns(UserWarning, match="padding") as said:
         model(cell_set_len=64, max_steps=1, progress=False).fit(None, _spec(h5))
     assert sum("padding" in str(w.message) for w in said) == 1
+
+
+def test_streaming_an_in_memory_anndata_says_it_saves_nothing(adata, capsys):
+    m = model(max_steps=1)
+    m.fit(adata, '[training]\ndata = "train"\n')
+    assert "saves no memory: give file paths in [datasets], or backed AnnData" in \
+        capsys.readouterr().out
