@@ -686,9 +686,10 @@ def cmd_train(a: argparse.Namespace) -> int:
         try:
             model.fit(None, plan.toml, output_dir=plan.run_dir, resume_from=resume,
                       force_resume=cfg["resume"] == "force")
-        except (ConfigError, SplitConfigError, DataError):
-            # the split file or the data failed validation before training started: do not
-            # leave a run directory without checkpoints behind (one that existed before is kept)
+        except Exception:
+            # the split file or the data failed (validation, an unreadable file) before a
+            # checkpoint was written: do not leave a run directory without checkpoints behind
+            # (one that existed before is kept)
             if not main_rank:
                 raise
             if created and not (plan.run_dir / R.CHECKPOINT_DIR).exists():

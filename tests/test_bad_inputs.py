@@ -527,6 +527,24 @@ def test_train_validation_failure_leaves_no_run_directory(train_inputs, tmp_path
     assert not (out / case).exists()
 
 
+def test_train_failing_otherwise_before_a_checkpoint_leaves_no_run_directory(
+        train_inputs, tmp_path, monkeypatch, capsys):
+    """Any failure before the first checkpoint (here an unreadable file's OSError) removes the
+    run folder the command created, as validation errors do."""
+    from statetx.model import StateTransitionModel
+
+    def broken(*args, **kwargs):
+        raise OSError("Can't synchronously read data (filter returned failure during read)")
+
+    monkeypatch.setattr(StateTransitionModel, "fit", broken)
+    toml = _toml(train_inputs["dir"], "plain2",
+                 f'[datasets]\ndata = "{train_inputs["ok"]}"\n[training]\ndata = "train"\n')
+    out = tmp_path / "out"
+    assert main(["tx", "train", f"data.kwargs.toml_config_path={toml}", f"output_dir={out}",
+                 "name=broken", *TINY]) == 1
+    assert "OSError" in capsys.readouterr().err and not (out / "broken").exists()
+
+
 @pytest.mark.parametrize("token,match", [
     ("data.kwargs.pertcol=gene", r"unknown configuration key 'data\.kwargs\.pertcol'.*"
                                  r"Did you mean: data\.kwargs\.pert_col"),
