@@ -65,7 +65,7 @@ from statetx.predict import (
     resolve_pool,
     split_groups,
 )
-from statetx.vocab import feature_table, load_pert_features
+from statetx.vocab import check_sep, feature_table, load_pert_features
 
 __all__ = [
     "BASELINES",
@@ -546,9 +546,7 @@ class AdditiveBaseline(PerturbMeanBaseline):
         self.sep = sep
 
     def _validate_params(self) -> None:
-        if not isinstance(self.sep, str) or not self.sep:
-            raise ConfigError(f"sep={self.sep!r} is invalid; expected the non-empty string that "
-                              "joins the parts of a combined label, e.g. '+'.")
+        check_sep(self.sep)
 
     def _fit_baseline(self) -> None:
         super()._fit_baseline()

@@ -304,6 +304,13 @@ def save_pert_features(table: Mapping[str, np.ndarray], path: str | Path) -> Non
                           ".csv.")
 
 
+def check_sep(sep: object) -> None:
+    """The separator of combined labels (``"A+B"``) must be a non-empty string."""
+    if not isinstance(sep, str) or not sep:
+        raise ConfigError(f"sep={sep!r} is invalid; expected the non-empty string that joins "
+                          "the parts of a combined label, e.g. '+'.")
+
+
 def combination_features(labels: Iterable[str], features: Mapping[str, Any] | None = None, *,
                          sep: str = "+", control: str | None = None) -> dict[str, np.ndarray]:
     """Feature vectors of combined perturbations (``"A+B"``) from their parts'.
@@ -316,9 +323,7 @@ def combination_features(labels: Iterable[str], features: Mapping[str, Any] | No
     table has one, else gets the sum of its parts' vectors (zeros for the control), e.g. to
     predict new pairs with ``predict(pert_features=...)``.
     """
-    if not isinstance(sep, str) or not sep:
-        raise ConfigError(f"sep={sep!r} is invalid; expected the non-empty string that joins "
-                          "the parts of a combined label, e.g. '+'.")
+    check_sep(sep)
     if isinstance(labels, str):
         raise ConfigError(f"labels must be a list (or column) of labels, not one string "
                           f"({labels!r}); pass [{labels!r}].")
