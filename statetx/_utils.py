@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -44,6 +45,28 @@ def matmul_precision_scope(value: str) -> Iterator[None]:
     finally:
         if prev != value:
             torch.set_float32_matmul_precision(prev)
+
+
+class _Say(logging.Handler):
+    """Print a notice as ``<who>: message`` on the current ``sys.stdout`` (looked up when
+    printed, so notebooks and captured output get it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{getattr(record, 'who', 'statetx')}: {record.getMessage()}", flush=True)
+
+
+LOG = logging.getLogger("statetx")
+if not LOG.handlers:
+    LOG.addHandler(_Say())
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+
+
+def say(msg: str, who: str = "statetx") -> None:
+    """A notice for the user (what was chosen, assumed or left out), printed as
+    ``statetx: msg``. Silence them with ``logging.getLogger("statetx").setLevel("WARNING")``;
+    warnings and errors are not affected."""
+    LOG.info(msg, extra={"who": who})
 
 
 def did_you_mean(name: str, options: Iterable[str], n: int = 3) -> str:

@@ -154,10 +154,16 @@ def _damaged(path: Path, err: Exception) -> DataError:
                      "looks damaged or truncated. Copy it again from the run that wrote it.")
 
 
+_ZIPS_CHECKED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of files found intact
+
+
 def _check_zip(path: Path) -> None:
     """Verify the CRC-32 of every entry of a zip container (torch's own reader does not), so
-    damaged weights are reported instead of loaded: one sequential read of the file."""
-    if not zipfile.is_zipfile(path):
+    damaged weights are reported instead of loaded: one sequential read of the file, once per
+    file version in a process."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key in _ZIPS_CHECKED or not zipfile.is_zipfile(path):
         return  # a legacy (non-zip) torch file, or one torch will report as damaged
     try:
         with zipfile.ZipFile(path) as zf:
@@ -168,6 +174,7 @@ def _check_zip(path: Path) -> None:
         raise DataError(f"could not read {path}: its entry {bad!r} fails the zip CRC check, so "
                         "the file is damaged (its data differ from what was written). Copy it "
                         "again from the run that wrote it.")
+    _ZIPS_CHECKED.add(key)
 
 
 def load_pickle(path: str | Path, trust_pickle: bool = False) -> Any:

@@ -37,7 +37,7 @@ import pandas as pd
 from sklearn.exceptions import NotFittedError
 
 from statetx._params import Estimator
-from statetx._utils import as_count, deepcopy_sharing, did_you_mean, preview
+from statetx._utils import as_count, deepcopy_sharing, did_you_mean, preview, say
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
     DataInput,
@@ -65,7 +65,7 @@ from statetx.predict import (
     resolve_pool,
     split_groups,
 )
-from statetx.vocab import check_sep, feature_table, load_pert_features
+from statetx.vocab import check_sep, feature_table, label_parts, load_pert_features
 
 __all__ = [
     "BASELINES",
@@ -274,12 +274,12 @@ class _Baseline(Estimator):
             if g.cell_type not in self.perturbed_cell_types_:
                 zeroshot.add(g.cell_type)
         for n in notes:
-            print(f"statetx: {n}")
+            say(n)
         if zeroshot:
             notes.append(f"{self.name}: cell type(s) without perturbed training cells "
                          f"(zero-shot): {preview(sorted(zeroshot))}; {self._zeroshot_rule()}.")
             if self._zeroshot_is_fallback:
-                print(f"statetx: {notes[-1]}")
+                say(notes[-1])
         return pred, basal_row, set_id, notes
 
     # ------------------------------------------------------------------ predict
@@ -559,8 +559,7 @@ class AdditiveBaseline(PerturbMeanBaseline):
                              for ct in self.perturbed_cell_types_ if (ct, p) in self.deltas_}
 
     def _parts(self, pert: str) -> list[str]:
-        control = self.vocab_.control_pert
-        return [q for q in (t.strip() for t in str(pert).split(self.sep)) if q and q != control]
+        return label_parts(pert, self.sep, self.vocab_.control_pert)
 
     def _knows(self, pert: str) -> bool:
         parts = self._parts(pert)
@@ -718,8 +717,8 @@ class LinearBaseline(_Baseline):
                             f"{preview(dropped)}. Add them, or pass on_missing='mean' / "
                             "'context_mean' to fit without them.")
         if dropped:
-            print(f"statetx: linear: fitting without {len(dropped)} training perturbation(s) "
-                  f"that have no embedding: {preview(dropped)}.")
+            say(f"linear: fitting without {len(dropped)} training perturbation(s) "
+                f"that have no embedding: {preview(dropped)}.")
         y = np.stack([self.deltas_[k] for k in cols], 1)  # [D, N]
         self.bias_ = y.mean(1)
         u, s, _ = np.linalg.svd(y - self.bias_[:, None], full_matrices=False)
@@ -797,8 +796,9 @@ BASELINES: dict[str, type[_Baseline]] = {
     "linear": LinearBaseline,
     "additive": AdditiveBaseline,
 }
-#: what :func:`fit_all_baselines` fits by default: ``additive`` equals ``perturb_mean`` on
-#: single perturbations, so it is fitted when asked for (data with combined labels)
+#: what :func:`fit_all_baselines` fits by default: ``additive`` predicts held-out single
+#: perturbations as ``perturb_mean`` does (it differs only in cell types where the single
+#: trained), so it is fitted when asked for (data with combined labels)
 DEFAULT_BASELINES = ("control_mean", "context_mean", "perturb_mean", "cell_mean", "linear")
 
 
@@ -811,8 +811,8 @@ def fit_all_baselines(adata: DataInput = None,
 
     ``columns`` are the shared constructor parameters (``pert_col``, ``cell_type_key``,
     ``batch_col``, ``control_pert``, ``embed_key``, ``seed``); ``baselines`` selects names of
-    :data:`BASELINES` (default :data:`DEFAULT_BASELINES`: all but ``additive``, which is
-    ``perturb_mean`` on single perturbations), or maps names to extra parameters, e.g.
+    :data:`BASELINES` (default :data:`DEFAULT_BASELINES`: all but ``additive``, which predicts
+    held-out single perturbations as ``perturb_mean``), or maps names to extra parameters, e.g.
     ``{"linear": {"ridge": 1.0}, "context_mean": {}}``.
     """
     allowed = {"pert_col", "cell_type_key", "batch_col", "control_pert", "embed_key",

@@ -323,8 +323,9 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     cf.add_argument("--output", "-o", required=True,
                     help="the table to write: .pt, .safetensors, .npz or .csv (for "
                     "data.kwargs.perturbation_features_file= or --pert-features)")
-    _flag(cf, "--pert-col", default="gene", help="obs column of the labels (default gene)")
-    _flag(cf, "--control-pert", help="the control label (zeros; in A+ctrl no perturbation)")
+    _flag(cf, "--pert-col", help="obs column of the labels (default: the model's, else gene)")
+    _flag(cf, "--control-pert", help="the control label: zeros, and no perturbation in A+ctrl "
+          "(default: the model's)")
     cf.add_argument("--sep", default="+", help="what joins the parts of a label (default +)")
     _flag(cf, "--model-dir", help="a statetx run or model trained with perturbation features: "
           "labels get the sum of its vectors of their parts (new pairs for tx infer)")
@@ -687,12 +688,14 @@ def cmd_train(a: argparse.Namespace) -> int:
             model.fit(None, plan.toml, output_dir=plan.run_dir, resume_from=resume,
                       force_resume=cfg["resume"] == "force")
         except Exception:
-            # the split file or the data failed (validation, an unreadable file) before a
-            # checkpoint was written: do not leave a run directory without checkpoints behind
-            # (one that existed before is kept)
+            # the split file or the data failed (validation, an unreadable file) before
+            # training logged anything: do not leave a run directory without checkpoints or
+            # metrics behind (one that existed before is kept; a run that trained a while keeps
+            # its metrics.csv to look at)
             if not main_rank:
                 raise
-            if created and not (plan.run_dir / R.CHECKPOINT_DIR).exists():
+            if created and not any((plan.run_dir / n).exists()
+                                   for n in (R.CHECKPOINT_DIR, "metrics.csv")):
                 import shutil
 
                 shutil.rmtree(plan.run_dir, ignore_errors=True)
@@ -981,8 +984,9 @@ def cmd_infer(a: argparse.Namespace) -> int:
     with quiet:
         arc = _arc_options(a)
         model = load_any_model(a.model_dir, a.checkpoint, attention=a.attention, **arc)
-        if not hasattr(model, "arc_import_") and (a.attention or a.rope or len(arc) > 2
-                                                  or a.trust_pickle):
+        given = [a.attention, a.rope, a.trust_pickle, a.n_heads, a.n_kv_heads, a.head_dim,
+                 not a.strict]
+        if not hasattr(model, "arc_import_") and any(v not in (None, False) for v in given):
             _say("--attention / --rope / --trust-pickle / --n-heads / --n-kv-heads / --head-dim "
                  "/ --no-strict read arc-state checkpoints: ignored for this statetx model.")
         c = model.columns_
@@ -1211,20 +1215,22 @@ def cmd_combination_features(a: argparse.Namespace) -> int:
                                              ".csv"):
         raise UsageError(f"--output {a.output}: write the table as .pt, .safetensors, .npz or "
                          ".csv.")
-    adata = _read(a.adata, backed=True)  # (obs only)
-    try:
-        labels = obs_labels(adata.obs, a.pert_col, a.adata, "--pert-col")
-    finally:
-        adata.file.close()
-    table = None
-    if a.model_dir is not None:
+    table, pert_col, control = None, a.pert_col, a.control_pert
+    if a.model_dir is not None:  # (its columns are the defaults)
         model = load_any_model(a.model_dir, verbose=False)
         table = model.pert_feature_table_
         if table is None:
             raise UsageError(f"--model-dir {a.model_dir}: the model encodes perturbations "
                              "one-hot (no feature table to sum); train it with "
                              "data.kwargs.perturbation_features_file=... to predict new pairs.")
-    out = combination_features(labels, table, sep=a.sep, control=a.control_pert)
+        pert_col = pert_col or model.columns_.pert_col
+        control = control or model.vocab_.control_pert
+    adata = _read(a.adata, backed=True)  # (obs only)
+    try:
+        labels = obs_labels(adata.obs, pert_col or "gene", a.adata, "--pert-col")
+    finally:
+        adata.file.close()
+    out = combination_features(labels, table, sep=a.sep, control_pert=control)
     _atomic(Path(a.output), lambda tmp: save_pert_features(out, tmp))
     width = len(next(iter(out.values())))
     _say(f"wrote {a.output}: {len(out)} labels x {width} "
@@ -1401,10 +1407,14 @@ def cmd_evaluate_prep(a: argparse.Namespace) -> int:
     for path in (a.input, a.genes):
         if not Path(path).is_file():
             raise UsageError(f"{path}: file not found.")
+    from statetx.metrics._inputs import recorded_labels
+
     head = _read(a.input, backed=True)  # obs and var only: prep_vcc checks the options first
-    shape = head.shape
-    head.file.close()
-    a.pert_col, a.ntc_name = _recorded_labels(a.input, a.pert_col, a.ntc_name)
+    try:
+        shape = head.shape
+        a.pert_col, a.ntc_name = recorded_labels(head, a.pert_col, a.ntc_name)
+    finally:
+        head.file.close()
     _say(f"prep {a.input}: pert_col={a.pert_col!r}, control={a.ntc_name!r}, gene list "
          f"{a.genes}, encoding {a.encoding}")
     out = prep_vcc(a.input, a.genes, a.output or prep_output_path(a.input),

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from statetx._utils import did_you_mean, looks_log1p, preview
+from statetx._utils import did_you_mean, looks_log1p, preview, say
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.errors import ConfigError, DataError, SplitConfigError
 from statetx.io import (
@@ -157,7 +157,7 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
         names = sorted(memory)
     unused = sorted(set(config.datasets) - set(names))
     if unused:
-        print(f"statetx: datasets listed only in [datasets] are not used: {', '.join(unused)}")
+        say(f"datasets listed only in [datasets] are not used: {', '.join(unused)}")
     files: list[DataFile] = []
     owner: dict[Path, str] = {}  # resolved file -> its dataset
     c = columns
@@ -206,13 +206,18 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
 
 
 def _warn_copies(files: Sequence[DataFile]) -> None:
-    """Say when two inputs hold the same cells (obs names, same order): a copy of a file would
-    make its cells count twice. (Barcodes merely shared across files are common and not said.)"""
+    """Say when two inputs hold the same cells (obs names, perturbation and cell-type labels,
+    in the same order): a copy of a file would make its cells count twice. (Barcodes merely
+    shared across files are common and not said.)"""
+    def same(a: np.ndarray, b: np.ndarray) -> bool:
+        return np.array_equal(np.asarray(a, dtype=str), np.asarray(b, dtype=str))
+
     seen: dict[tuple[int, int], DataFile] = {}
     for f in files:
         key = (len(f.barcodes), hash(tuple(map(str, f.barcodes[:1000]))))
         first = seen.setdefault(key, f)
-        if first is not f and np.array_equal(first.barcodes.astype(str), f.barcodes.astype(str)):
+        if first is not f and all(same(getattr(first, k), getattr(f, k))
+                                  for k in ("barcodes", "pert", "cell_type")):
             warnings.warn(f"{f.label} holds the same cells as {first.label} (all "
                           f"{len(f.barcodes):,} obs names, in the same order): a copy? Its cells "
                           "are used twice. Leave one of them out of [datasets].", UserWarning,
@@ -300,8 +305,8 @@ def prepare(
             [(f.cell_type if kind == "cell_type" else f.batch)[
                 slice(None) if f.dropped is None else ~f.dropped] for f in files]))
         if added:
-            print(f"statetx: {kind.replace('_', ' ')} label(s) not in the model's data: "
-                  f"{preview(added)} (their cells are predicted as any held-out cells).")
+            say(f"{kind.replace('_', ' ')} label(s) not in the model's data: "
+                f"{preview(added)} (their cells are predicted as any held-out cells).")
     built = {}
     for split in splits:
         sd = _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_dtype)

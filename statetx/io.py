@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from statetx._utils import did_you_mean, preview
+from statetx._utils import did_you_mean, preview, say
 from statetx.errors import ConfigError, DataError
 
 CONTROL_DEFAULTS = ("non-targeting", "DMSO_TF")
@@ -249,8 +249,8 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
         dropped = np.logical_or.reduce([*missing.values(), np.zeros(adata.n_obs, bool)])
         if dropped.any():
             parts = ", ".join(f"obs['{c}']: {int(m.sum())}" for c, m in missing.items() if m.any())
-            print(f"statetx: {label}: {int(dropped.sum())} cells with a missing label are left "
-                  f"out ({parts}).")
+            say(f"{label}: {int(dropped.sum())} cells with a missing label are left "
+                f"out ({parts}).")
     labels = [obs_labels(obs, c, label, opt, keep=dropped, droppable=True) for c, opt in cols]
     if not adata.obs_names.is_unique:
         dups = preview(adata.obs_names[adata.obs_names.duplicated()].unique(), 5)
@@ -391,7 +391,7 @@ def resolve_control(files: Sequence[DataFile], control_pert: str | None, pert_co
             found = [TAHOE_CONTROL]  # the Tahoe rule (as arc-state's training command)
         hint = control_like(labels)
         if len(found) == 1:
-            print(f"statetx: using control_pert={found[0]!r} (found in obs['{pert_col}']).")
+            say(f"using control_pert={found[0]!r} (found in obs['{pert_col}']).")
             control_pert = found[0]  # (every file must have it: checked below)
         else:
             raise ConfigError(

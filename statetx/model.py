@@ -34,6 +34,7 @@ from statetx._utils import (
     names_list,
     preview,
     remove_dead_temporaries,
+    say,
     sigterm_unwinds,
     temporary_name,
     umask_mode,
@@ -703,9 +704,9 @@ class StateTransitionModel(Estimator):
         if rank == 0:
             warn_training_scale(prepared, stacklevel=4)
         if verbose:
-            print(f"statetx: preset {preset!r}, batch_size {settings['batch_size']}, max_steps "
-                  f"{settings['max_steps']}, lr {settings['lr']:g} ({n_train:,} training cells"
-                  + (f", {n_used:,} used: at most {self.downsample_cells:,} per group"
+            say(f"preset {preset!r}, batch_size {settings['batch_size']}, max_steps "
+                f"{settings['max_steps']}, lr {settings['lr']:g} ({n_train:,} training cells"
+                + (f", {n_used:,} used: at most {self.downsample_cells:,} per group"
                      if self.downsample_cells is not None else "") + ")")
         vocab = prepared.vocab
         net_cfg = network_config_for(arch, prepared)
@@ -765,17 +766,17 @@ class StateTransitionModel(Estimator):
             for role in [{"train": "train", val_name: "val"}.get(name)] if role is not None
         }
         if verbose and val_name == "test":
-            print("statetx: no validation split: validating on the test split (val_from_test=True;"
-                  " the best checkpoint is then chosen on test data).")
+            say("no validation split: validating on the test split (val_from_test=True;"
+                " the best checkpoint is then chosen on test data).")
         elif verbose and val_name is None:
-            print("statetx: no validation split: validation is skipped and no best checkpoint is "
-                  "written (the test split is never used for validation"
-                  + (", and there is none" if self.val_from_test else "") + ").")
+            say("no validation split: validation is skipped and no best checkpoint is "
+                "written (the test split is never used for validation"
+                + (", and there is none" if self.val_from_test else "") + ").")
         if rank == 0:
             _warn_idle_options(train_cfg, val_name is not None)
         if stream is not None:  # (the streaming sampler warns about its own padding)
             if verbose:
-                print(f"statetx: {samplers['train'].describe()}")
+                say(samplers['train'].describe())
         elif rank == 0:
             _warn_padding(samplers["train"], self._pairing(), self.basal_mapping_strategy)
         previous = {k: v for k, v in vars(self).items() if k.endswith("_") or k == "_prepared"}
@@ -809,7 +810,7 @@ class StateTransitionModel(Estimator):
             if out is not None and rank == 0:
                 self._write_run_files(out, prepared, split_config)
             if verbose:
-                print(f"statetx: training on {trainer.device}, " + (
+                say(f"training on {trainer.device}, " + (
                     "bf16 autocast (precision bf16-mixed)" if trainer.amp else
                     f"fp32 (matmul_precision {train_cfg.matmul_precision})"))
             history = trainer.fit(resume_from=resume_from)
@@ -883,8 +884,8 @@ class StateTransitionModel(Estimator):
             trained = [n for n, row in zip(v.perturbations, v.pert_features) if row.any()]
         vocab, given = self.vocab_.with_vectors(feats, fixed=[*trained, self.vocab_.control_pert])
         if given:
-            print(f"statetx: feature vectors given for {len(given)} perturbation(s) without "
-                  f"training cells: {preview(given)}")
+            say(f"feature vectors given for {len(given)} perturbation(s) without "
+                f"training cells: {preview(given)}")
         return vocab
 
     def _route_untrained(self, codes: np.ndarray, where: str, vocab: Vocab | None = None,
@@ -1270,7 +1271,7 @@ class StateTransitionModel(Estimator):
                               **({"model": str(Path(source).absolute())}
                                  if source is not None else {})}
         if all_perts and layout != "arc":  # a virtual experiment keeps the input's uns (§3.4)
-            out.uns = {**adata.uns, "statetx": out.uns["statetx"]}
+            out.uns = {**adata.uns, **out.uns}
         return out
 
     def finetune_on_controls(self, steps: int, split: str = "test", *, lr: float = 1e-5,
@@ -1430,8 +1431,13 @@ class StateTransitionModel(Estimator):
         """A copy of the input rows with the predictions placed as arc-state's tx infer does."""
         c = self.columns_
         rng = clip_range(clip, self._expression_output, self.is_log1p_)
-        # (a backed file, or a view of one, is read into memory: its rows repeat here)
-        out = (adata.to_memory() if adata.isbacked else adata)[src_rows].copy()
+        if adata.isbacked and not adata.is_view:  # only the rows used are read, once each
+            uniq, again = np.unique(src_rows, return_inverse=True)
+            out = adata[uniq].to_memory()[again].copy()
+        elif adata.isbacked:  # (a view of a backed file cannot be subset again: read it)
+            out = adata.to_memory()[src_rows].copy()
+        else:
+            out = adata[src_rows].copy()
         out.obs = obs
 
         def place(x: np.ndarray, names: list[str] | None, key: str | None,
@@ -1577,7 +1583,7 @@ class StateTransitionModel(Estimator):
         if run is not None and (Path(run) / "split.toml").is_file():
             from statetx.run import attach_data
 
-            print(f"statetx: {what}: reading the split data from {run}/split.toml's files")
+            say(f"{what}: reading the split data from {run}/split.toml's files")
             try:
                 return attach_data(self)
             except (DataError, ConfigError, OSError) as err:
@@ -1881,7 +1887,7 @@ class StateTransitionModel(Estimator):
                 raise unrecorded(imp.provenance["source"], key, what)
         if verbose:
             for note in imp.notes:
-                print(f"statetx: {note}")
+                say(note)
         cfg = imp.config
         model = cls(pert_col=dk.get("pert_col", "gene"),
                     cell_type_key=dk.get("cell_type_key", "cell_type"),
@@ -1982,10 +1988,9 @@ class StateTransitionModel(Estimator):
         one-hot perturbations. With :func:`statetx.tl.combination_features` it gives new
         combined labels their vectors."""
         self._check_fitted()
-        v = self.vocab_
-        if v.pert_features is None:
+        if self.vocab_.pert_features is None:
             return None
-        return {n: row.copy() for n, row in zip(v.perturbations, v.pert_features)}
+        return {n: row.copy() for n, row in self.vocab_.vectors().items()}
 
     def to(self, device: str | torch.device) -> StateTransitionModel:
         """Move the fitted network to ``device`` (for prediction)."""
@@ -2064,8 +2069,8 @@ def _say_new_contexts(ctx: np.ndarray, trained: Sequence[str]) -> None:
                       "types. Fix the labels if they are the same.", UserWarning,
                       stacklevel=3)
     if set(new) - set(typos):
-        print(f"statetx: cell type(s) not in the model's data: "
-              f"{preview(sorted(set(new) - set(typos)))} (predicted zero-shot).")
+        say(f"cell type(s) not in the model's data: "
+            f"{preview(sorted(set(new) - set(typos)))} (predicted zero-shot).")
 
 
 def _perturbed_codes(split: Any) -> np.ndarray:

@@ -9,7 +9,6 @@ a new AnnData.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,7 +17,15 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._utils import did_you_mean, looks_log1p, names_list, preview, sample_rows, to_dense_f32
+from ._utils import (
+    did_you_mean,
+    looks_log1p,
+    names_list,
+    preview,
+    sample_rows,
+    say,
+    to_dense_f32,
+)
 from .errors import ConfigError, DataError
 from .io import control_like
 
@@ -33,7 +40,6 @@ __all__ = [
     "normalize_log1p",
 ]
 
-logger = logging.getLogger("statetx.pp")
 
 Matrix = np.ndarray | sp.spmatrix
 _HVG_FLAVORS = ("seurat", "cell_ranger", "seurat_v3")
@@ -250,7 +256,7 @@ def preprocess_train(
     counts: Matrix | None = None
     if already_normalized:
         if layer is not None:
-            logger.info("already_normalized=True: HVGs are computed on X, not on %r", layer)
+            say(f"already_normalized=True: HVGs are computed on X, not on {layer!r}")
         logx = adata.X
         if _count_problem(logx) is None and "log1p" not in adata.uns:
             warnings.warn(
@@ -304,10 +310,8 @@ def preprocess_train(
         "flavor": flavor,
         "source": src_name if not already_normalized else "X (already normalised)",
     }
-    logger.info(
-        "preprocess_train: %d cells, %d genes, %d HVGs (flavor=%s, target_sum=%s)",
-        adata.n_obs, adata.n_vars, int(mask.sum()), flavor, used_target,
-    )
+    say(f"preprocess_train: {adata.n_obs} cells, {adata.n_vars} genes, {int(mask.sum())} HVGs "
+        f"(flavor={flavor}, target_sum={used_target})")
     return adata if copy else None
 
 
@@ -449,10 +453,8 @@ def make_control_template(
         "replaced": np.asarray(replaced, dtype=str),
         "n_replaced_cells": int((~is_ctrl).sum()),
     }
-    logger.info(
-        "control template: %d perturbed cells got control expression in %s",
-        int((~is_ctrl).sum()), ", ".join(replaced),
-    )
+    say(f"control template: {int((~is_ctrl).sum())} perturbed cells got control expression in "
+        f"{', '.join(replaced)}")
     return adata if copy else None
 
 
@@ -811,7 +813,5 @@ def _log_summary(
     unmatched = report.loc[report["stage_removed"] == 0, "perturbation"]
     if len(unmatched):
         lines.append(f"  unmatched labels dropped: {preview(unmatched)}")
-    msg = "\n".join(lines)
-    logger.info(msg)
     if verbose:
-        print(msg)
+        say("\n".join(lines))

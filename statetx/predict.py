@@ -21,6 +21,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from statetx._heap import retained_heap
@@ -31,6 +32,7 @@ from statetx._utils import (
     matmul_precision_scope,
     preview,
     sample_rows,
+    say,
 )
 from statetx.data import PreparedData, SplitData, batch_in_context, group_labels
 from statetx.errors import ConfigError, DataError
@@ -195,7 +197,7 @@ def output_scale(expression: bool, log1p: bool) -> str:
 def weights_digest(module: torch.nn.Module) -> str:
     """A short hash of a network's weights (names, shapes, dtypes, values): the model id in
     predictions' provenance. Cached on the module until a parameter changes in place (torch
-    counts in-place changes per tensor)."""
+    counts in-place changes per tensor; changes through ``param.data`` are not counted)."""
     state = module.state_dict(keep_vars=True)
     key = tuple((n, t.data_ptr(), t._version) for n, t in state.items())
     cached = getattr(module, "_statetx_digest", None)
@@ -355,19 +357,24 @@ def check_hvg_order(hvg: Any, x: Any, cols: np.ndarray, max_rows: int = 200) -> 
     values (another scale, other genes) are not judged here."""
     if (cols < 0).any() or len(cols) != np.shape(hvg)[1] or len(cols) < 2:
         return
-    a, b = sample_rows(hvg, max_rows), sample_rows(x, max_rows)[:, cols]
+    n = np.shape(x)[0]
+    rows = np.linspace(0, n - 1, min(n, max_rows)).astype(np.int64)
+    sub = x[rows]  # (in memory, or a backed dense / sparse dataset)
+    sub = sub[:, cols] if sp.issparse(sub) else np.asarray(sub)[:, cols]
+    # (float32: X_hvg is often a float32 copy of a float64 X)
+    a = np.asarray(sample_rows(hvg, max_rows), dtype=np.float32)
+    b = np.asarray(sub.toarray() if sp.issparse(sub) else sub, dtype=np.float32)
     if np.array_equal(a, b):
         return
     where = {col.tobytes(): j for j, col in enumerate(b.T)}
     found = np.array([where.get(col.tobytes(), -1) for col in a.T])
-    moved = (found >= 0) & (found != np.arange(len(found)))
-    if (found >= 0).all() and moved.any():
-        raise DataError(f"obsm['X_hvg'] holds X's highly variable genes in another order than "
-                        f"var['highly_variable'] names them ({int(moved.sum())} of {len(found)} "
-                        "columns moved; was var reordered after X_hvg was made? obsm does not "
-                        "follow var): its genes would be read under other genes' names. Rebuild "
-                        "it (adata.obsm['X_hvg'] = adata[:, adata.var['highly_variable']].X), or "
-                        "set uns['X_hvg_var_names'] to its column names.")
+    if (found >= 0).all():  # the same columns, in another order
+        raise DataError("obsm['X_hvg'] holds X's highly variable genes in another order than "
+                        "var['highly_variable'] names them (was var reordered after X_hvg was "
+                        "made? obsm does not follow var): its genes would be read under other "
+                        "genes' names. Rebuild it (adata.obsm['X_hvg'] = adata[:, "
+                        "adata.var['highly_variable']].X), or set uns['X_hvg_var_names'] to its "
+                        "column names.")
 
 
 def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
@@ -408,7 +415,8 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
                             "statetx.pp.preprocess_train, or set uns['X_hvg_var_names'] to its "
                             "column names.")
     index, x_index = pd.Index(names), pd.Index(x_names)
-    if where != "X" and "X_hvg_var_names" not in adata.uns and adata.X is not None:
+    if (where != "X" and "X_hvg_var_names" not in adata.uns and adata.X is not None
+            and not x_index.has_duplicates and not index.has_duplicates):
         check_hvg_order(matrix, adata.X, x_index.get_indexer(names))
     in_x = ""  # why the model's genes were not read from X although X has them all
     if (where != "X" and adata.X is not None and not index.has_duplicates
@@ -450,8 +458,6 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
     if matrix is None:
         raise DataError("the input has no X (adata.X is None). Put the expression matrix in X, "
                         "e.g. adata.X = adata.layers['counts'].")
-    import scipy.sparse as sp
-
     sub = matrix[:, np.where(pos >= 0, pos, 0)]
     out = np.asarray(sub.toarray() if sp.issparse(sub) else sub, dtype=np.float32)
     out[:, pos < 0] = 0.0
@@ -520,10 +526,10 @@ def input_labels(adata: ad.AnnData, pert_col: str, ct_col: str | None, control: 
         ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
     elif (not ct_col_given and len(trained_contexts) == 1) or pool_all:
         only = str(trained_contexts[0]) if len(trained_contexts) == 1 else "all"
-        print("statetx: " + ("cell_type_col=False" if ct_col is None else
-                             f"no obs column '{ct_col}'") + ": all cells form one context"
-              + (f", the model's only one ('{only}')." if only != "all" else
-                 " (basal_pool='all': every control can be any cell's basal cell)."))
+        say(("cell_type_col=False" if ct_col is None else f"no obs column '{ct_col}'")
+            + ": all cells form one context"
+            + (f", the model's only one ('{only}')." if only != "all" else
+               " (basal_pool='all': every control can be any cell's basal cell)."))
         ctx = np.full(adata.n_obs, only, dtype=object)
     else:
         raise DataError(
@@ -593,8 +599,8 @@ def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input",
     if trained_log1p and integers and top > 0:
         how = ("normalize_total + log1p with the training data's target_sum, e.g. scanpy's "
                "normalize_total(adata, target_sum=1e4) if the training data were normalised to "
-               "1e4; the model did not record it, so predict compares the depth after" if not
-               target_sum
+               "1e4; the model did not record it, and predict then checks the depth against "
+               "the training data's" if not target_sum
                else f"statetx.pp.preprocess_train(adata, target_sum={target_sum:g}), tx "
                f"preprocess_train --target-sum {target_sum:g}, or scanpy normalize_total("
                f"target_sum={target_sum:g}) + log1p: the training data's total")

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from statetx._options import ARCH_CHOICES
+from statetx._utils import say
 from statetx.errors import ConfigError, DataError
 from statetx.losses import energy_distance
 from statetx.predict import align_genes
@@ -55,8 +56,8 @@ def probe_attention(model_or_run: StateTransitionModel | str | Path, adata: ad.A
         rows.append({"mode": mode, "energy": float(np.mean(energies)),
                      "n_groups": len(energies)})
     table = pd.DataFrame(rows).sort_values("energy", kind="stable").reset_index(drop=True)
-    print("statetx: probe_attention (energy distance of predicted to real cells, lower fits "
-          "better; a report, not a choice):")
+    say("probe_attention (energy distance of predicted to real cells, lower fits "
+        "better; a report, not a choice):")
     print(table.to_string(index=False))
     return table
 

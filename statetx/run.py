@@ -48,6 +48,7 @@ from statetx._utils import (
     history_frame,
     json_default,
     same_run,
+    say,
 )
 from statetx.errors import ConfigError, DataError, SplitConfigError
 from statetx.vocab import FEATURES_FILE, write_features
@@ -756,8 +757,8 @@ def set_aside(folder: Path) -> Path | None:
         aside.rmdir()
         raise ConfigError(f"{folder} holds an earlier run that cannot be set aside ({err}); "
                           "give a subfolder (e.g. of a mounted volume) or resume it.") from None
-    print(f"statetx: the earlier run in {folder} is kept at {aside} until this run writes its "
-          "first checkpoint (it comes back if this run fails before).")
+    say(f"the earlier run in {folder} is kept at {aside} until this run writes its "
+        "first checkpoint (it comes back if this run fails before).")
     return aside
 
 
@@ -778,8 +779,8 @@ def settle_aside(folder: Path, aside: Path | None, started: bool, existed: bool)
     shutil.rmtree(folder, ignore_errors=True)
     if aside is not None and aside.exists():
         aside.rename(folder)
-        print(f"statetx: the new run stopped before writing a checkpoint; {folder} is as it "
-              "was.")
+        say(f"the new run stopped before writing a checkpoint; {folder} is as it "
+            "was.")
     elif existed:
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -1098,8 +1099,8 @@ def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
                         "again, or resume=force to continue anyway.")
             resume_from = last
             step = _check_complete(plan, last)
-            print(f"statetx: resuming {run} from {last} (step {step}); "
-                  "pass overwrite=true to start again.")
+            say(f"resuming {run} from {last} (step {step}); "
+                "pass overwrite=true to start again.")
         elif any(run.iterdir()) and not looks_like_run(run):
             raise ConfigError(f"{run} exists and holds files that are not a statetx run; choose "
                               "another output_dir/name (nothing was written).")
@@ -1108,8 +1109,8 @@ def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
                               "checkpoints/last.ckpt to resume from; pass overwrite=true to "
                               "replace that run, or choose another name.")
         else:
-            print(f"statetx: {run} exists but has no checkpoints/last.ckpt: training starts in "
-                  "place (its files are replaced).")
+            say(f"{run} exists but has no checkpoints/last.ckpt: training starts in "
+                "place (its files are replaced).")
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run / CONFIG_FILE, dump_config(cfg))
     info = read_run_info(run) if resume_from is not None else {}
@@ -1270,7 +1271,7 @@ def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None
         for name in ("final.ckpt", "last.ckpt"):
             if (ckdir / name).is_file():
                 if verbose:
-                    print(f"statetx: using checkpoint {ckdir / name}")
+                    say(f"using checkpoint {ckdir / name}")
                 return ckdir / name
         left = leftover_asides(run)
         raise DataError(f"{run} has no checkpoints/final.ckpt or checkpoints/last.ckpt"
@@ -1283,7 +1284,7 @@ def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None
     for c in candidates:
         if c.is_file():
             if verbose:
-                print(f"statetx: using checkpoint {c}")
+                say(f"using checkpoint {c}")
             return c
     raise DataError(f"checkpoint '{checkpoint}' not found in {ckdir}" + _available(ckdir) + ".")
 
@@ -1460,7 +1461,7 @@ def _estimator_class(init_from: str | None, freeze_backbone: bool,
             if freeze_backbone:
                 for p in network.transformer_backbone.parameters():
                     p.requires_grad_(False)
-                print("statetx: freeze_pert_backbone=true: the transformer backbone is frozen.")
+                say("freeze_pert_backbone=true: the transformer backbone is frozen.")
             return super()._set_fitted(network, *args, **kwargs)
 
         def __reduce__(self):  # a class made here: pickled as how to make it again
@@ -1492,10 +1493,10 @@ def partial_load(network: Any, source: str | Path, attention: str | None = None
     reinit = sorted(set(own) - set(use))
     dropped = sorted(set(state) - set(use))
     network.load_state_dict(use, strict=False)
-    print(f"statetx: init_from {source}: loaded {len(use)} tensors"
-          + (f"; re-initialised {len(reinit)}: {', '.join(reinit[:12])}"
+    say(f"init_from {source}: loaded {len(use)} tensors"
+        + (f"; re-initialised {len(reinit)}: {', '.join(reinit[:12])}"
              + (" ..." if len(reinit) > 12 else "") if reinit else "")
-          + (f"; dropped {len(dropped)}: {', '.join(dropped[:12])}"
+        + (f"; dropped {len(dropped)}: {', '.join(dropped[:12])}"
              + (" ..." if len(dropped) > 12 else "") if dropped else ""))
     if not use:
         raise ConfigError(f"model.kwargs.init_from={source}: no tensor of the checkpoint fits the "

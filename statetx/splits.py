@@ -28,7 +28,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from statetx._utils import did_you_mean, preview
+from statetx._utils import did_you_mean, preview, say
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.errors import ConfigError, DataError
 from statetx.io import MISSING_LABEL, DataFile, resolve_control
@@ -112,9 +112,9 @@ def _say_unassigned(assignments: Sequence[Assignment]) -> None:
             key = f"{f.dataset}.{ct}"
             counts[key] = counts.get(key, 0) + int(n)
     if counts:
-        print("statetx: cells in no split, left out: "
-              + ", ".join(f"{k} ({n:,} cells)" for k, n in sorted(counts.items()))
-              + ". A dataset's cell types train only when the dataset is in [training].")
+        say("cells in no split, left out: "
+            + ", ".join(f"{k} ({n:,} cells)" for k, n in sorted(counts.items()))
+            + ". A dataset's cell types train only when the dataset is in [training].")
 
 
 def assign(

@@ -48,7 +48,7 @@ import h5py
 import numpy as np
 import torch
 
-from statetx._utils import preview
+from statetx._utils import preview, say
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.data import (
     DataInput,
@@ -392,9 +392,9 @@ def prepare_stream(
     in_memory = [f.label for f in prepared.files
                  if f.path is None and f.adata is not None and not f.adata.isbacked]
     if in_memory:
-        print(f"statetx: data_loading='stream' on AnnData already in memory "
-              f"({preview(in_memory)}) saves no memory: give file paths in [datasets], or "
-              "backed AnnData (anndata.read_h5ad(path, backed='r')), to train out of core.")
+        say(f"data_loading='stream' on AnnData already in memory "
+            f"({preview(in_memory)}) saves no memory: give file paths in [datasets], or "
+            "backed AnnData (anndata.read_h5ad(path, backed='r')), to train out of core.")
     src, counts_src, _, _ = input_sources(prepared.files, prepared.columns, counts_key)
     train = _stream_split("train", prepared, src, counts_src, yield_controls, _DTYPES[dtype],
                           int(chunk_size))

@@ -47,6 +47,7 @@ from statetx._utils import (
     matmul_precision_scope,
     remove_dead_temporaries,
     same_run,
+    say,
 )
 from statetx.distributed import (
     all_gather_objects,
@@ -610,8 +611,8 @@ class Trainer:
         for p in old:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         if old and self.cfg.progress:
-            print(f"statetx: {self.out} held an earlier run: its checkpoints and metrics were "
-                  "removed (this run starts afresh; resume from its last.ckpt to continue one).")
+            say(f"{self.out} held an earlier run: its checkpoints and metrics were "
+                "removed (this run starts afresh; resume from its last.ckpt to continue one).")
 
     def _progress_fields(self, logs: dict[str, float]) -> dict[str, str]:
         """The progress line: train loss, last validation loss, gradient norm, cells/s."""
@@ -636,10 +637,10 @@ class Trainer:
         p = c.early_stopping_patience  # (a resumed run that had stopped early stays stopped)
         stopped = p is not None and st.bad_validations >= p
         if _is_main() and (stopped or st.step >= c.max_steps) and st.step > 0:
-            print(f"statetx: nothing to train: the resumed run is at step {st.step}, "
-                  + (f"where it stopped early (early_stopping_patience={p}; raise it, or pass "
+            say(f"nothing to train: the resumed run is at step {st.step}, "
+                + (f"where it stopped early (early_stopping_patience={p}; raise it, or pass "
                      "None, to train on)." if stopped else
-                     f"max_steps={c.max_steps} (raise max_steps to train on)."), flush=True)
+                     f"max_steps={c.max_steps} (raise max_steps to train on)."))
         signals = contextlib.ExitStack()
         try:
             signals.enter_context(self._stop_signals())
@@ -783,9 +784,9 @@ class Trainer:
                     best = ("is checkpoints/best.ckpt (StateTransitionModel.load_run(run_dir, "
                             "'best.ckpt'))" if self.out is not None else
                             "is not kept without an output_dir")
-                    print(f"statetx: stopped early at step {st.step}: no better val_loss in {p} "
-                          f"validations. The model keeps this step's weights; the best, step "
-                          f"{st.best_step} (val_loss {st.best_val:.4g}), {best}.", flush=True)
+                    say(f"stopped early at step {st.step}: no better val_loss in {p} "
+                        f"validations. The model keeps this step's weights; the best, step "
+                        f"{st.best_step} (val_loss {st.best_val:.4g}), {best}.")
         if self.out is not None:
             if st.step % c.ckpt_every_n_steps == 0:
                 self._checkpoint(f"step={st.step}.ckpt")

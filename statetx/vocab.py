@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from statetx._utils import did_you_mean, features_digest, preview, umask_mode
 from statetx.errors import ConfigError, DataError
@@ -268,8 +269,6 @@ def load_pert_features(path: str | Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k].astype(np.float32).reshape(-1) for k in z.files}
     if suffix in (".csv", ".tsv"):
-        import pandas as pd
-
         df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", index_col=0)
         return {str(k): row.to_numpy(np.float32) for k, row in df.iterrows()}
     raise DataError(f"{path}: unsupported perturbation feature format '{suffix}' (use .pt, "
@@ -296,12 +295,20 @@ def save_pert_features(table: Mapping[str, np.ndarray], path: str | Path) -> Non
         with open(path, "wb") as fh:  # (np.savez would append .npz to a temporary name)
             np.savez(fh, **arrays)
     elif suffix == ".csv":
-        import pandas as pd
-
         pd.DataFrame.from_dict(arrays, orient="index").to_csv(path)
     else:
         raise ConfigError(f"{path}: write perturbation features as .pt, .safetensors, .npz or "
                           ".csv.")
+
+
+def label_parts(label: str, sep: str, control: str | None) -> list[str]:
+    """The single perturbations a label names: split at ``sep``, the control label and empty
+    parts left out (so GEARS' ``A+ctrl`` is ``A``, and the control itself is none, even when
+    its name contains ``sep``)."""
+    label = str(label)
+    if label == control:
+        return []
+    return [q for q in (t.strip() for t in label.split(sep)) if q and q != control]
 
 
 def check_sep(sep: object) -> None:
@@ -312,11 +319,12 @@ def check_sep(sep: object) -> None:
 
 
 def combination_features(labels: Iterable[str], features: Mapping[str, Any] | None = None, *,
-                         sep: str = "+", control: str | None = None) -> dict[str, np.ndarray]:
+                         sep: str = "+", control_pert: str | None = None
+                         ) -> dict[str, np.ndarray]:
     """Feature vectors of combined perturbations (``"A+B"``) from their parts'.
 
     Without ``features``: multi-hot vectors over the single perturbations the labels name (sorted;
-    ``control`` and empty parts are no perturbation, so the control gets zeros and GEARS'
+    ``control_pert`` and empty parts are no perturbation, so the control gets zeros and GEARS'
     ``A+ctrl`` equals ``A``), e.g. for ``pert_features=`` of a model that should predict held-out
     pairs of trained singles. With ``features`` (a name → vector table, e.g.
     ``model.pert_feature_table_`` or gene embeddings): a label keeps its own vector when the
@@ -328,15 +336,14 @@ def combination_features(labels: Iterable[str], features: Mapping[str, Any] | No
         raise ConfigError(f"labels must be a list (or column) of labels, not one string "
                           f"({labels!r}); pass [{labels!r}].")
     values = list(labels)
-    if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in values):
+    if any(v is None or (not isinstance(v, str) and bool(np.all(pd.isna(v)))) for v in values):
         raise DataError("labels contain missing values (None/NaN); drop those cells or label "
                         "them first.")
     names = sorted({str(n) for n in values})
-    parts = {n: [q for q in (t.strip() for t in n.split(sep)) if q and q != control]
-             for n in names}
-    if control is None and (looks := control_like({q for ps in parts.values() for q in ps})):
+    parts = {n: label_parts(n, sep, control_pert) for n in names}
+    if control_pert is None and (looks := control_like({q for ps in parts.values() for q in ps})):
         warnings.warn(f"{preview(looks)} look(s) like a control label but got a feature column "
-                      f"like a perturbation: pass control={looks[0]!r}.", UserWarning,
+                      f"like a perturbation: pass control_pert={looks[0]!r}.", UserWarning,
                       stacklevel=2)
     if features is None:
         singles = sorted({q for ps in parts.values() for q in ps})

@@ -529,8 +529,8 @@ def test_train_validation_failure_leaves_no_run_directory(train_inputs, tmp_path
 
 def test_train_failing_otherwise_before_a_checkpoint_leaves_no_run_directory(
         train_inputs, tmp_path, monkeypatch, capsys):
-    """Any failure before the first checkpoint (here an unreadable file's OSError) removes the
-    run folder the command created, as validation errors do."""
+    """Any failure before training logs anything (here an unreadable file's OSError) removes the
+    run folder the command created, as validation errors do; a run that logged keeps it."""
     from statetx.model import StateTransitionModel
 
     def broken(*args, **kwargs):
@@ -543,6 +543,15 @@ def test_train_failing_otherwise_before_a_checkpoint_leaves_no_run_directory(
     assert main(["tx", "train", f"data.kwargs.toml_config_path={toml}", f"output_dir={out}",
                  "name=broken", *TINY]) == 1
     assert "OSError" in capsys.readouterr().err and not (out / "broken").exists()
+
+    def failing_later(self, *args, output_dir=None, **kwargs):  # after logging some steps
+        (Path(output_dir) / "metrics.csv").write_text("step,train_loss\n50,0.5\n")
+        raise RuntimeError("non-finite loss")
+
+    monkeypatch.setattr(StateTransitionModel, "fit", failing_later)
+    assert main(["tx", "train", f"data.kwargs.toml_config_path={toml}", f"output_dir={out}",
+                 "name=later", *TINY]) == 1
+    assert (out / "later" / "metrics.csv").is_file()  # kept to look at
 
 
 @pytest.mark.parametrize("token,match", [

@@ -4,6 +4,7 @@ of the Norman 2019 K562 screen (the bundled perturbench subset)."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from statetx import StateTransitionModel
@@ -19,7 +20,8 @@ COLS = dict(pert_col="target_gene", cell_type_key="cell_type", control_pert="con
 
 
 def test_multi_hot_vectors():
-    f = combination_features(["B+A", "A", "control", "C + control", "A+A", "B"], control="control")
+    f = combination_features(["B+A", "A", "control", "C + control", "A+A", "B"],
+                             control_pert="control")
     assert set(f) == {"B+A", "A", "control", "C + control", "A+A", "B"}
     np.testing.assert_array_equal(f["B+A"], [1, 1, 0])  # columns: the singles, sorted
     np.testing.assert_array_equal(f["A"], [1, 0, 0])
@@ -32,8 +34,8 @@ def test_multi_hot_vectors():
 def test_summed_vectors_keep_given_ones_and_name_missing_parts():
     table = {"A": np.array([1.0, 2.0]), "B": np.array([10.0, 20.0]), "A+B": np.array([5.0, 5.0])}
     with pytest.raises(DataError, match="A_x"):
-        combination_features(["A+B", "B+A", "A_x"], table, control="control")
-    f = combination_features(["A+B", "B+A", "control+B", "control"], table, control="control")
+        combination_features(["A+B", "B+A", "A_x"], table, control_pert="control")
+    f = combination_features(["A+B", "B+A", "control+B", "control"], table, control_pert="control")
     np.testing.assert_array_equal(f["A+B"], [5, 5])  # its own vector
     np.testing.assert_array_equal(f["B+A"], [11, 22])  # the sum of its parts'
     np.testing.assert_array_equal(f["control+B"], [10, 20])
@@ -43,17 +45,23 @@ def test_summed_vectors_keep_given_ones_and_name_missing_parts():
 
 
 def test_gears_labels_and_input_errors():
-    f = combination_features(["ctrl", "A+ctrl", "ctrl+B", "A+B"], control="ctrl")
+    f = combination_features(["ctrl", "A+ctrl", "ctrl+B", "A+B"], control_pert="ctrl")
     np.testing.assert_array_equal(f["A+ctrl"], [1, 0])  # GEARS' single A
     np.testing.assert_array_equal(f["ctrl+B"], [0, 1])
     np.testing.assert_array_equal(f["ctrl"], [0, 0])
     with pytest.warns(UserWarning, match="ctrl look\\(s\\) like a control label.*"
-                                         "control='ctrl'"):
+                                         "control_pert='ctrl'"):
         combination_features(["ctrl", "A+ctrl", "A+B"])
     with pytest.raises(ConfigError, match="not one string"):
         combination_features("A+B")
-    with pytest.raises(DataError, match="missing values"):
-        combination_features(["A", np.nan])
+    for missing in (np.nan, None, pd.NA):
+        with pytest.raises(DataError, match="missing values"):
+            combination_features(["A", missing])
+    # a control label that contains the separator is still the control (zeros, no columns)
+    f = combination_features(["non_targeting", "A", "B", "A_B"], sep="_",
+                             control_pert="non_targeting")
+    np.testing.assert_array_equal(f["non_targeting"], [0, 0])
+    np.testing.assert_array_equal(f["A_B"], [1, 1])
     with pytest.raises(DataError, match=r"a \(in 'a\+b'\).*Did you mean: 'A' for 'a'"):
         combination_features(["a+b"], {"A": np.ones(2), "B": np.ones(2)})
     with pytest.raises(DataError, match="differ in length"):
@@ -70,7 +78,7 @@ def k562():
 def pair_model(k562):
     train = k562[(k562.obs["target_gene"] != UNSEEN).to_numpy()].copy()
     spec = {"training": {"pb": "train"}, "fewshot": {"pb.k562": {"test": PAIRS}}}
-    feats = combination_features(train.obs["target_gene"], control="control")
+    feats = combination_features(train.obs["target_gene"], control_pert="control")
     return StateTransitionModel(**COLS, pert_features=feats, max_steps=100, progress=False,
                                 seed=0).fit(train, spec, dataset_name="pb")
 
@@ -92,7 +100,7 @@ def test_new_pair_at_prediction_from_the_models_table(pair_model, k562):
     with pytest.raises(DataError, match=UNSEEN.replace("+", r"\+")):
         pair_model.predict(new)
     table = pair_model.pert_feature_table_
-    feats = combination_features([UNSEEN], table, control="control")
+    feats = combination_features([UNSEEN], table, control_pert="control")
     pred = pair_model.predict(new, pert_features=feats)
     g = new.obs["target_gene"].to_numpy()
     x_real, x_pred = new.to_df().to_numpy(), np.asarray(pred.X)

@@ -1464,6 +1464,7 @@ def test_outputs_for_scanpy_backed_arc_layout_log1p_and_categories(fitted, tmp_p
     for out in model.predict_split("test"):
         assert out.uns["log1p"] == {"base": None}
     sim = model.predict(a, all_perts=True, n_cells_per_pert=2)
+    assert sim.uns["log1p"] == {"base": None}  # (kept next to the input's uns)
     assert isinstance(sim.obs["gene"].dtype, pd.CategoricalDtype)
     assert set(sim.obs["gene"].cat.categories) == set(a.obs["gene"].cat.categories)
 
@@ -1481,10 +1482,17 @@ def test_x_hvg_columns_out_of_var_order_are_refused():
     perm = np.random.default_rng(0).permutation(adata.n_vars)
     moved = adata[:, perm].copy()  # the same data, var reordered; X_hvg is not
     with pytest.raises(DataError, match=r"obsm\['X_hvg'\] holds X's highly variable genes in "
-                                        r"another order .*columns moved"):
+                                        r"another order"):
         model.predict(moved)
+    as64 = moved.copy()  # X in float64, X_hvg its float32 copy: still compared
+    as64.X = np.asarray(as64.X, dtype=np.float64)
+    with pytest.raises(DataError, match="another order"):
+        model.predict(as64)
     moved.obsm["X_hvg"] = np.asarray(moved[:, moved.var["highly_variable"]].X)  # rebuilt
     np.testing.assert_allclose(model.predict(moved, seed=1).X, want, atol=1e-6)
+    twice = adata.copy()  # a gene name used twice in var: not compared (it was a crash)
+    twice.var_names = [*twice.var_names[:-1], twice.var_names[-2]]
+    np.testing.assert_allclose(model.predict(twice, seed=1).X, want, atol=1e-6)
     counts = adata.copy()  # X on another scale than X_hvg: not compared
     counts.X = np.round(np.expm1(np.asarray(counts.X)) * 10)
     np.testing.assert_allclose(model.predict(counts, seed=1).X, want, atol=1e-6)
@@ -1506,3 +1514,23 @@ def test_predictions_name_the_model_that_made_them(fitted, tmp_path):
     assert back.predict(adata).uns["statetx"]["model_id"] != mid
     run = small_model(max_steps=1).fit(adata, SPEC, output_dir=tmp_path / "run")
     assert run.predict(adata).uns["statetx"]["model"] == str((tmp_path / "run").absolute())
+
+
+def test_notices_can_be_silenced_with_logging(fitted, capsys):
+    """The 'statetx: ...' notices go through the 'statetx' logger: printed by default,
+    silenced by raising its level (warnings are not affected)."""
+    import logging
+
+    model, adata = fitted
+    new_ct = adata.copy()
+    new_ct.obs["cell_type"] = new_ct.obs["cell_type"].astype(str) + "_new"  # said: zero-shot
+    model.predict(new_ct)
+    assert "statetx: cell type(s) not in the model's data" in capsys.readouterr().out
+    log = logging.getLogger("statetx")
+    level = log.level
+    try:
+        log.setLevel(logging.WARNING)
+        model.predict(new_ct)
+        assert "statetx:" not in capsys.readouterr().out
+    finally:
+        log.setLevel(level)

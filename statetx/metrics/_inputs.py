@@ -10,7 +10,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from statetx._utils import did_you_mean, preview, sample_rows
+from statetx._utils import did_you_mean, preview, sample_rows, say
 from statetx.errors import DataError
 from statetx.io import control_like
 
@@ -160,8 +160,9 @@ def counts_to_log1p(pred: ad.AnnData, real: ad.AnnData) -> tuple[ad.AnnData, ad.
     and log1p-transformed: the scale the metrics expect, by the same transform on both sides
     (the reference rule would convert the integer real cells alone)."""
     target = median_total(real.X)
-    print(f"statetx.evaluate: count-scale prediction: predictions and real cells are normalised "
-          f"to {target:g} counts per cell and log1p-transformed for the metrics")
+    say(f"count-scale prediction: predictions and real cells are normalised "
+        f"to {target:g} counts per cell and log1p-transformed for the metrics",
+        who="statetx.evaluate")
     out = []
     for a in (pred, real):
         x = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)

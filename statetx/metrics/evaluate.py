@@ -11,7 +11,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from statetx._utils import atomic_write_text, available_cpus, did_you_mean, preview
+from statetx._utils import atomic_write_text, available_cpus, did_you_mean, preview, say
 from statetx.errors import ConfigError, DataError
 from statetx.metrics import expression as ex
 from statetx.metrics._inputs import (
@@ -205,8 +205,9 @@ def _say_pooled(real: ad.AnnData) -> None:
     several values."""
     for col in ("cell_type", "celltype", "cell_line", "cell_type_key"):
         if col in real.obs.columns and (n := real.obs[col].nunique()) > 1:
-            print(f"statetx.evaluate: the {n} values of obs['{col}'] are pooled into one group; "
-                  f"pass celltype_col='{col}' (--celltype-col {col}) to score each.")
+            say(f"the {n} values of obs['{col}'] are pooled into one group; "
+                f"pass celltype_col='{col}' (--celltype-col {col}) to score each.",
+                who="statetx.evaluate")
             return
 
 
@@ -336,8 +337,8 @@ def evaluate(
     if any(a.uns.get(PSEUDOBULK_FLAG, False) for a in (p, r)):  # one row per group
         cell_level = [m for m in metrics if m in CELL_LEVEL_METRICS]
         if cell_level:
-            print("statetx.evaluate: pseudobulk inputs (one row per group): metrics that need "
-                  f"the cells are skipped: {', '.join(cell_level)}")
+            say("pseudobulk inputs (one row per group): metrics that need "
+                f"the cells are skipped: {', '.join(cell_level)}", who="statetx.evaluate")
         metrics = [m for m in metrics if m not in CELL_LEVEL_METRICS]
         if not metrics:
             raise ConfigError(f"profile {profile!r} has only metrics that need the cells, and the "
@@ -394,8 +395,8 @@ def evaluate(
         agg_parts.append(agg)
     skipped = {m: why for _, o in outputs for m, why in o.skipped.items()}
     if skipped:
-        print("statetx.evaluate: metrics omitted: "
-              + "; ".join(f"{m} ({why})" for m, why in skipped.items()))
+        say("metrics omitted: "
+            + "; ".join(f"{m} ({why})" for m, why in skipped.items()), who="statetx.evaluate")
     results = pd.concat(res_parts, ignore_index=True)
     agg = pd.concat(agg_parts, ignore_index=True)
     results.attrs["skipped_metrics"] = skipped

@@ -72,7 +72,9 @@ def cell_mean_baseline(
                        index=[f"baseline_{i}" for i in range(len(lab))])
     out = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=adata.var_names.copy()))
     out.uns["statetx"] = {"baseline": "cell_mean", "pert_col": pert_col,
-                          "control_pert": str(control_pert), "scale": "log1p"}
+                          "control_pert": str(control_pert),
+                          # (count input is log1p-transformed above unless allow_discrete)
+                          **({} if allow_discrete else {"scale": "log1p"})}
     return out
 
 
