@@ -28,9 +28,11 @@ _LAZY = {
     "PerturbMeanBaseline": "statetx.baselines",
     "CellMeanBaseline": "statetx.baselines",
     "LinearBaseline": "statetx.baselines",
+    "AdditiveBaseline": "statetx.baselines",
     "probe_attention": "statetx.probe",
 }
-_SUBMODULES = ("pp", "tl", "pl", "datasets", "metrics", "baselines", "presets", "splits")
+_SUBMODULES = ("pp", "tl", "pl", "datasets", "metrics", "baselines", "presets", "splits", "arc",
+               "run")
 
 __all__ = sorted([*_LAZY, *_SUBMODULES, "__version__"])
 

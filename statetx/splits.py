@@ -131,11 +131,17 @@ def assign(
     AnnData (rows indexed like its obs; ``dataset`` names it in the spec, by default the single
     dataset the spec refers to), a dict name → AnnData, or None for the spec's [datasets] files;
     with several datasets, one row per cell of each with ``dataset`` and ``file`` columns. The
-    data are read as :meth:`~statetx.StateTransitionModel.fit` reads them.
+    data are read as :meth:`~statetx.StateTransitionModel.fit` reads them. The columns
+    (``pert_col``, ``cell_type_key``, ``control_pert``, ...) come as ``columns`` or as keywords;
+    other ``options`` are ``heldout_controls_in_train`` and ``on_missing_perturbation``.
     """
     from statetx.data import load_files  # (fit's loader: in-memory data and [datasets] files)
 
     config = SplitConfig.from_toml(config if config is not None else {}).model_copy(deep=True)
+    named = {k: options.pop(k) for k in list(options) if k in ColumnMap.model_fields}
+    if named:  # (columns given as keywords, as fit_all_baselines takes them)
+        given = columns.model_dump() if isinstance(columns, ColumnMap) else dict(columns or {})
+        columns = {**given, **named}
     cols = columns if isinstance(columns, ColumnMap) else ColumnMap.build(**(columns or {}))
     single, given = isinstance(adata, ad.AnnData), dataset
     if single:

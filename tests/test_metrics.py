@@ -381,3 +381,19 @@ def test_no_real_de_gene_is_said(perturbench):
                           skip_metrics=["discrimination_score_l1"])
     assert (res["de_nsig_counts_real"] == 0).all() and (res["overlap_at_N"] == 0).all()
     assert np.allclose(res["pearson_delta"], 1)
+
+
+def test_recorded_labels_are_the_defaults_and_aliases_are_not_doubled(real):
+    """cell_mean_baseline reads the column and control statetx recorded (as evaluate does);
+    evaluate refuses a prediction given twice (adata_pred and its alias pred)."""
+    from statetx.metrics import cell_mean_baseline
+
+    a = real[0].copy()
+    a.obs = a.obs.rename(columns={"target_gene": "gene"})
+    a.obs["gene"] = a.obs["gene"].astype(str).replace({"non-targeting": "ctrl"})
+    a.uns["statetx"] = {"pert_col": "gene", "control_pert": "ctrl"}
+    base = cell_mean_baseline(a)
+    assert base.uns["statetx"]["pert_col"] == "gene"
+    assert (base.obs["gene"] == "ctrl").sum() == (a.obs["gene"] == "ctrl").sum()
+    with pytest.raises(ConfigError, match="adata_pred and its alias pred were both given"):
+        evaluate(a, a, pred=a)

@@ -447,6 +447,8 @@ def test_assign_several_datasets_in_memory_and_from_files(perturbench, tmp_path)
     with pytest.raises(DataError, match=r"dataset='mine' names the AnnData, but the spec does "
                                         r"not use that dataset \(it uses 'mcfaline', 'norman'\)"):
         assign(k562, spec, cols, dataset="mine")
+    # the columns as keywords, as fit_all_baselines takes them
+    pd.testing.assert_frame_equal(assign({"norman": k562, "mcfaline": gbm}, spec, **cols), m)
     # a misspelt dataset: the typo hint fit gives
     typo = '[training]\nnorman = "train"\n[fewshot."normann.k562"]\ntest = ["MAPK1+TGFBR2"]\n'
     with pytest.raises(SplitConfigError, match=r"\(norman, normann\): a typo\? Did you mean"):

@@ -308,6 +308,9 @@ def evaluate(
     (``predict``, ``predict_split``, the baselines), else to cell-eval's ``target_gene`` and
     ``non-targeting``.
     """
+    for name, a, alias in (("adata_pred", adata_pred, pred), ("adata_real", adata_real, real)):
+        if a is not None and alias is not None:
+            raise ConfigError(f"{name} and its alias {name[6:]} were both given; pass one.")
     adata_pred = adata_pred if adata_pred is not None else pred
     adata_real = adata_real if adata_real is not None else real
     if adata_pred is None or adata_real is None:

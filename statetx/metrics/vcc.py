@@ -32,8 +32,8 @@ NO_BEST = ("de_nsig_counts_real", "de_nsig_counts_pred")
 
 def cell_mean_baseline(
     adata: ad.AnnData,
-    pert_col: str = "target_gene",
-    control_pert: str = "non-targeting",
+    pert_col: str | None = None,
+    control_pert: str | None = None,
     n_cells: Mapping[str, int] | pd.Series | None = None,
     controls: ad.AnnData | None = None,
     allow_discrete: bool = False,
@@ -42,7 +42,10 @@ def cell_mean_baseline(
     (control group included); every perturbation gets ``n_cells[p]`` identical rows b (default: its
     cell count in ``adata``), followed by the control cells of ``controls`` (default ``adata``).
     Integer (raw count) inputs are first normalised and log1p-transformed, as cell-eval does
-    (``allow_discrete=True`` keeps them as they are, as :func:`statetx.evaluate` does)."""
+    (``allow_discrete=True`` keeps them as they are, as :func:`statetx.evaluate` does).
+    ``pert_col`` / ``control_pert`` default to those statetx recorded in ``adata.uns``, else to
+    cell-eval's ``target_gene`` / ``non-targeting``."""
+    pert_col, control_pert = recorded_labels(adata, pert_col, control_pert)
     check_obs_col(adata, pert_col, "baseline input", "perturbation")
     adata = check_scale(adata, "baseline input", allow_discrete)  # counts -> log1p, as cell-eval
     if controls is not None:
@@ -179,15 +182,17 @@ def prep_vcc(
     gene_names: str | Path | Sequence[str],
     output: str | Path | None = None,
     *,
-    pert_col: str = "target_gene",
-    control_pert: str = "non-targeting",
+    pert_col: str | None = None,
+    control_pert: str | None = None,
     encoding: int = 32,
     expected_gene_dim: int = VCC_GENE_DIM,
     max_cell_dim: int = VCC_MAX_CELLS,
 ) -> Path:
     """Package a prediction for the Virtual Cell Challenge (``cell-eval prep``); return the path.
 
-    Checks the perturbation column ``pert_col`` and that ``control_pert`` is among its values,
+    Checks the perturbation column ``pert_col`` and that ``control_pert`` is among its values
+    (both default to those statetx recorded in the prediction, else ``target_gene`` /
+    ``non-targeting``),
     reorders the genes to ``gene_names`` (a CSV/text file with one name per line, an optional
     header line, or a sequence of names; the gene sets must be equal), requires exactly
     ``expected_gene_dim`` genes and at most ``max_cell_dim`` cells (``-1`` disables either
@@ -221,6 +226,7 @@ def prep_vcc(
                           f"(e.g. {str(output / 'prediction.prep.vcc')!r})")
     compressor, compress = _zstd_compressor()  # fail before reading the data
     adata = load(adata_or_path, "prediction")
+    pert_col, control_pert = recorded_labels(adata, pert_col, control_pert)
     labels = _pert_labels(adata, pert_col, control_pert)
     if max_cell_dim != -1 and adata.n_obs > max_cell_dim:
         raise DataError(f"the prediction has {adata.n_obs} cells, more than max_cell_dim="
