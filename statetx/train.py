@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import inspect
 import json
 import math
@@ -493,6 +494,34 @@ class Trainer:
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         return [p for p, g in zip(params, grads) if g is None]
 
+    def _check_ranks_agree(self) -> None:
+        """Data parallel: every rank must train the same settings on the same data (else a rank
+        waits at a collective the others never reach, or the ranks drift apart silently)."""
+        shapes = ";".join(f"{n}{tuple(p.shape)}" for n, p in self.net.named_parameters())
+        mine = {"settings": {k: v for k, v in asdict(self.cfg).items() if k != "progress"},
+                "batches per epoch": len(self.train_sampler),
+                "training groups": getattr(self.train_sampler, "n_groups", None),
+                "validation batches": (None if self.val_sampler is None
+                                       else len(self.val_sampler)),
+                "network": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
+        every = all_gather_objects(mine)
+        said = []
+        for key, ours in mine.items():
+            ranks = [r for r, other in enumerate(every) if other[key] != every[0][key]]
+            if not ranks:
+                continue
+            theirs, ours = every[ranks[0]][key], every[0][key]
+            if key == "settings":  # only the settings that differ
+                theirs = {k: v for k, v in theirs.items() if ours.get(k) != v}
+                ours = {k: ours.get(k) for k in theirs}
+            said.append(f"{key} on rank(s) {', '.join(map(str, ranks))}: {theirs} (rank 0: "
+                        f"{ours})")
+        if said:
+            raise ConfigError(f"the data-parallel ranks differ from rank 0: {'; '.join(said)}. "
+                              "Every process must get the same settings and the same data (a "
+                              "shared config and files); otherwise they wait on each other "
+                              "forever or train out of step.")
+
     def _wrap(self) -> None:
         """Wrap the network in DDP; unused parameters are frozen meanwhile (no unused-parameter
         search on every step; as in one process they get no gradient and no update)."""
@@ -584,6 +613,7 @@ class Trainer:
                     self.evaluate(self.val_sampler, max_batches=1)
                 self._clear_previous_run()
             if self.world_size > 1:
+                self._check_ranks_agree()
                 self._wrap()
             self._loop()
             self._use_average()
@@ -784,8 +814,10 @@ class Trainer:
                     best = ("is checkpoints/best.ckpt (StateTransitionModel.load_run(run_dir, "
                             "'best.ckpt'))" if self.out is not None else
                             "is not kept without an output_dir")
+                    kept = ("the running average of the weights up to this step" if
+                            self._avg is not None and st.n_averaged > 0 else "this step's weights")
                     say(f"stopped early at step {st.step}: no better val_loss in {p} "
-                        f"validations. The model keeps this step's weights; the best, step "
+                        f"validations. The model keeps {kept}; the best, step "
                         f"{st.best_step} (val_loss {st.best_val:.4g}), {best}.")
         if self.out is not None:
             if st.step % c.ckpt_every_n_steps == 0:

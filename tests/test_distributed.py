@@ -72,6 +72,14 @@ WORKER = textwrap.dedent('''
         "requires_grad": all(p.requires_grad for p in m.network_.parameters()),
     }
     torch.save({k: v.clone() for k, v in wf.items()}, out / f"dropout{rank}.pt")
+
+    # 3. ranks given different settings: refused on every rank before training (a rank that
+    # stopped earlier would leave the other waiting at a collective forever)
+    try:
+        small_model(batch_size=%(B)d, max_steps=3 + rank, device="cpu").fit(adata, spec)
+        res["mismatch"] = ""
+    except Exception as exc:
+        res["mismatch"] = f"{type(exc).__name__}: {exc}"
     (out / f"result{rank}.json").write_text(json.dumps(res, default=float))
 ''') % {"B": B, "STEPS": STEPS}
 
@@ -171,6 +179,10 @@ def test_torchrun_two_ranks_match_one_process_with_double_batch(synth, tmp_path)
     d = [torch.load(tmp_path / f"dropout{r}.pt") for r in range(W)]
     assert all(torch.equal(d[0][k], d[1][k]) for k in d[0])
     assert results[0]["pred_shape"] == [8, synth.n_vars] and results[0]["requires_grad"]
+    for r in results:
+        assert r["mismatch"].startswith("ConfigError: the data-parallel ranks differ from rank "
+                                        "0: settings on rank(s) 1: {'max_steps': 4} (rank 0: "
+                                        "{'max_steps': 3})"), r["mismatch"]
 
     # rank 0 alone wrote the run: one metrics file with each step logged once
     run = tmp_path / "run"

@@ -192,6 +192,10 @@ def test_early_stopping(synth, tmp_path, capsys):
     # said, with where the best weights are (the model keeps the last step's)
     assert (f"stopped early at step {stop}: no better val_loss in 2 validations. The model "
             f"keeps this step's weights; the best, step {m.best_step_}" in capsys.readouterr().out)
+    # with weight averaging the model keeps the average, and the message says so
+    small_model(**kw, weight_averaging="uniform").fit(synth, FEWSHOT)
+    assert "The model keeps the running average of the weights up to this step" in \
+        capsys.readouterr().out
     # resuming the stopped run stays stopped, and says so (a larger patience continues it)
     last = tmp_path / "checkpoints" / "last.ckpt"
     again = small_model(**kw).fit(synth, FEWSHOT, output_dir=tmp_path, resume_from=last)
