@@ -814,8 +814,8 @@ class StateTransitionModel(Estimator):
                     "bf16 autocast (precision bf16-mixed)" if trainer.amp else
                     f"fp32 (matmul_precision {train_cfg.matmul_precision})")
                     + (f"; data parallel over {world} processes: {world} x batch_size "
-                       f"{train_cfg.batch_size} = {world * train_cfg.batch_size} sets per step"
-                       if world > 1 else ""))
+                       f"{settings['batch_size']} = {world * settings['batch_size']} sets per "
+                       "step" if world > 1 else ""))
             history = trainer.fit(resume_from=resume_from)
         except BaseException:
             for k in [k for k in vars(self) if k.endswith("_") or k == "_prepared"]:

@@ -233,8 +233,9 @@ def test_torchrun_command_line_run_folder_is_rank_0s(synth, tmp_path):
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["r"]  # nothing hidden left
     done = _torchrun_cli([*args, "overwrite=true", "training.max_steps=3"], tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[:3000]
     assert done.stdout.count("training done") == 1 and done.stdout.count("run directory") == 1
+    assert "data parallel over 2 processes: 2 x batch_size 4 = 8 sets per step" in done.stdout
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["r"]
     info = json.loads((run / "statetx_run.json").read_text())
     assert info["final_step"] == 3
