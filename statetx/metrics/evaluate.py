@@ -295,18 +295,56 @@ def evaluate(
     pred: ad.AnnData | str | Path | None = None,
     real: ad.AnnData | str | Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Evaluate a prediction against real data like ``cell-eval run`` (metrics.md).
+    """Evaluate a prediction against real data like ``cell-eval run`` (0.8.2).
 
-    Returns ``(results, agg)``: one row per non-control perturbation (first column
-    ``perturbation``) and the ``describe()`` table (first column ``statistic``); with
-    ``celltype_col`` both get a leading ``celltype`` column. Nulls (undefined values) and NaN are
-    both NaN in the frames; the CSVs written to ``outdir`` keep them apart (empty field vs ``NaN``).
-    ``num_threads=None`` uses every CPU available to the process (its affinity) for DE.
-    ``batch_size`` is accepted for compatibility and does not change results.
-    ``pred``/``real`` are aliases of ``adata_pred``/``adata_real``. ``pert_col`` and
-    ``control_pert`` default to those statetx recorded in the prediction's ``uns["statetx"]``
-    (``predict``, ``predict_split``, the baselines), else to cell-eval's ``target_gene`` and
-    ``non-targeting``.
+    Parameters
+    ----------
+    adata_pred, adata_real
+        The prediction and the real cells: AnnData or ``.h5ad`` paths with the same genes (in
+        the same order unless ``align_genes``) and the same perturbation labels (unless
+        ``shared_only``), each with its own control cells. ``pred`` / ``real`` are aliases.
+    pert_col, control_pert
+        The perturbation column and the control label; default: those statetx recorded in the
+        prediction's ``uns["statetx"]`` (``predict``, ``predict_split``, the baselines), else
+        cell-eval's ``target_gene`` and ``non-targeting``.
+    celltype_col
+        Score each value of this obs column separately (default: all cells pooled, said when
+        obs has a cell-type-like column with several values).
+    profile
+        The metric set: ``full`` (every cell-eval metric), ``minimal``, ``vcc``, ``de``,
+        ``anndata``, ``pds`` or ``extended`` (``full`` + statetx's centroid metrics); see
+        ``statetx.metrics.PROFILES``. ``skip_metrics`` leaves some out.
+    outdir
+        Write cell-eval's files there: ``results.csv``, ``agg_results.csv``, ``real_de.csv``,
+        ``pred_de.csv`` (prefixed ``<celltype>_`` with ``celltype_col``).
+    embed_key
+        An obsm key whose embedding the discrimination scores (l2, cosine) use.
+    de_pred, de_real
+        DE tables (cell-eval's layout, DataFrame or CSV) to use instead of computing them; they
+        must cover the evaluated perturbations.
+    num_threads
+        DE threads (default: every CPU available to the process).
+    allow_discrete
+        Use integer (count) values, and values ≥ 15, as they are (by default integer X is
+        normalised and log1p-transformed, with a warning).
+    epsilon
+        Pseudocount of the DE fold changes (cell-eval's, default 0).
+    de_mode
+        ``"pdex-0.3"`` (cell-eval 0.8.2) or ``"vcc-2025"`` (global BH, clipped fold change).
+    align_genes
+        Reorder the prediction's genes to the real order when the sets are equal.
+    shared_only
+        Evaluate only the perturbations both files have (the others are listed).
+    batch_size
+        Accepted for compatibility; it does not change results.
+
+    Returns
+    -------
+    results, agg
+        One row per non-control perturbation (first column ``perturbation``) and the
+        ``describe()`` table (first column ``statistic``); with ``celltype_col`` both get a
+        leading ``celltype`` column. Nulls (undefined values) and NaN are both NaN in the frames;
+        the CSVs written to ``outdir`` keep them apart (empty field vs ``NaN``).
     """
     for name, a, alias in (("adata_pred", adata_pred, pred), ("adata_real", adata_real, real)):
         if a is not None and alias is not None:
