@@ -245,7 +245,27 @@ def split_key(key: str) -> tuple[str, str]:
 
 
 class ColumnMap(BaseModel):
-    """Which obs columns and matrices hold the labels and the cell representation."""
+    """Which obs columns and matrices hold the labels and the cell representation.
+
+    Attributes
+    ----------
+    pert_col
+        obs column of the perturbation labels (arc-state's default ``gene``).
+    cell_type_key
+        obs column of the context (cell type or line) in which cells are paired with controls.
+    batch_col
+        obs column of the batch (e.g. gem group) for batch pairing and the batch input, or None.
+    control_pert
+        The control label in ``pert_col``; None: detected (``non-targeting`` / ``DMSO_TF``).
+    embed_key
+        The input representation: None for X, ``X_hvg`` for the highly variable genes
+        (``obsm["X_hvg"]``), or an obsm key of an embedding.
+    output_space
+        What the network predicts: ``gene`` (the input genes), ``all`` (every gene of X) or
+        ``embedding`` (the input embedding).
+    gene_name_col
+        var column naming the genes (e.g. symbols next to Ensembl IDs); None: var_names.
+    """
 
     model_config = ConfigDict(extra="forbid")
     pert_col: str = "gene"

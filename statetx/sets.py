@@ -354,10 +354,14 @@ class CellSetSampler:
                 fixed[g] = rng.choice(pool, size=len(g), replace=False)
         return fixed
 
-    def _n_sets(self) -> int:
+    @property
+    def total_sets(self) -> int:
+        """Sets per epoch over all ranks."""
         sizes = np.array([len(g) for g in self.groups])
-        n = (sizes // self.S) if self.drop_last else -(-sizes // self.S)
-        total = int(n.sum())
+        return int(((sizes // self.S) if self.drop_last else -(-sizes // self.S)).sum())
+
+    def _n_sets(self) -> int:
+        total = self.total_sets
         return -(-total // self.world_size) if self.world_size > 1 else total
 
     def padding_fraction(self) -> float:

@@ -505,6 +505,12 @@ class Trainer:
                                        else len(self.val_sampler)),
                 "network": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
         every = all_gather_objects(mine)
+        total = getattr(self.train_sampler, "total_sets", None)
+        if total is not None and total < self.world_size and _is_main():
+            warnings.warn(f"an epoch has {total} training set(s) for {self.world_size} "
+                          "processes: some processes train the same sets (wrapped round), so "
+                          "the extra processes add no data. Use fewer processes or a smaller "
+                          "cell_set_len.", UserWarning, stacklevel=2)
         said = []
         for key, ours in mine.items():
             ranks = [r for r, other in enumerate(every) if other[key] != every[0][key]]

@@ -111,6 +111,10 @@ def test_sharded_batches_union_equals_single_process_batch(synth):
         for r in range(W):
             np.testing.assert_array_equal(ranks[r][k].target_rows, ref[r::W])
             np.testing.assert_array_equal(ranks[r][k].basal_rows, single[k].basal_rows[r::W])
+    # every rank knows the epoch's sets over all ranks (a warning compares them with W)
+    one = _sampler(synth, W * B)
+    total = sum(b.target.shape[0] for b in one.batches(0))
+    assert one.total_sets == total == _sampler(synth, B, 1, W).total_sets
 
 
 def test_single_process_is_not_distributed(monkeypatch):
