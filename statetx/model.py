@@ -619,14 +619,32 @@ class StateTransitionModel(Estimator):
             force_resume: bool = False) -> StateTransitionModel:
         """Train on ``adata`` (or the split spec's files when None) and return ``self``.
 
-        ``split_config`` assigns cells to train/val/test (a :class:`SplitConfig`, a dict, a TOML
-        path or string); without it every cell trains. A single AnnData is the dataset the spec
-        refers to (or ``dataset_name``). ``output_dir`` receives checkpoints, metrics and the
-        vocabularies; ``resume_from`` continues a run from its ``last.ckpt`` exactly (with the
-        same data and split spec; ``force_resume=True`` continues across a change). A fit that
-        fails or is interrupted leaves the estimator as it was (the checkpoints written so far
-        stay in ``output_dir``). Randomness comes from ``seed`` alone; torch's global random
-        state (the CPU's, and that of the GPU it trains on) is left as it was.
+        Parameters
+        ----------
+        adata
+            One AnnData (the dataset the spec refers to, or ``dataset_name``), a dict name →
+            AnnData, or None to read the spec's ``[datasets]`` files.
+        split_config
+            Assigns cells to train/val/test: a :class:`SplitConfig`, a dict, a TOML path or
+            string; without it every cell trains.
+        dataset_name
+            The spec's name for a single ``adata`` when the spec uses several.
+        output_dir
+            Receives checkpoints, ``metrics.csv``, the vocabularies and the run files (a run
+            folder :meth:`load_run` reads); None writes nothing.
+        resume_from
+            A run's ``last.ckpt``: training continues exactly where it stopped (same data and
+            split spec).
+        force_resume
+            Continue even though the data or settings changed since the checkpoint.
+
+        Returns
+        -------
+        StateTransitionModel
+            ``self``, fitted. A fit that fails or is interrupted leaves the estimator as it was
+            (the checkpoints written so far stay in ``output_dir``). Randomness comes from
+            ``seed`` alone; torch's global random state (the CPU's, and that of the GPU it
+            trains on) is left as it was.
         """
         with torch.random.fork_rng(devices=self._cuda_devices()):
             return self._fit(adata, split_config, dataset_name=dataset_name,
@@ -1320,15 +1338,28 @@ class StateTransitionModel(Estimator):
                  seed: int | None = None, **predict_options: Any) -> ad.AnnData:
         """A virtual experiment: every perturbation applied to clones of control cells.
 
-        ``perturbations``: None = every perturbation the model knows (reference
-        ``--all-perts``), a list of names, or a mapping name → cells. ``n_cells``: clones per
-        perturbation and context (default: the context's number of controls). ``tsv``: a table
-        (tab-separated file or DataFrame) with columns ``perturbation`` and ``num_cells``
-        instead (counts per context; ``tx infer --tsv``, as the reference, clones from all
-        controls). Clones are drawn with replacement from the context's control cells and
-        predicted as in :meth:`predict` (which takes ``predict_options``); the output holds
-        the input's cells followed by the virtual ones (named ``<context>_<perturbation>_<i>``),
-        with the input's ``var`` columns and ``uns``.
+        Parameters
+        ----------
+        controls
+            Control cells (with their cell type, and batch column for batch pairing).
+        perturbations
+            None = every perturbation the model knows (reference ``--all-perts``), a list of
+            names, or a mapping name → cells.
+        n_cells
+            Clones per perturbation and context (default: the context's number of controls).
+        tsv
+            A table (tab-separated file or DataFrame) with columns ``perturbation`` and
+            ``num_cells`` instead (counts per context; ``tx infer --tsv``, as the reference,
+            clones from all controls).
+        seed, predict_options
+            As in :meth:`predict`; clones are drawn with replacement from the context's control
+            cells and predicted as there.
+
+        Returns
+        -------
+        AnnData
+            The input's cells followed by the virtual ones (named
+            ``<context>_<perturbation>_<i>``), with the input's ``var`` columns and ``uns``.
         """
         if n_cells is not None and (tsv is not None or isinstance(perturbations, Mapping)):
             raise ConfigError("n_cells is given twice: by the cell counts of the "
@@ -1486,32 +1517,40 @@ class StateTransitionModel(Estimator):
                       ) -> tuple[ad.AnnData, ad.AnnData]:
         """Predict the held-out cells of a split of the fitted spec: ``(adata_pred, adata_real)``.
 
-        Same cells in the same order in both, named by their own barcodes (made unique across
-        files); obs has the perturbation, cell type and (with ``batch_col``) batch columns plus
-        ``pert_cell_barcode`` / ``ctrl_cell_barcode`` (and the ``additional_obs``
-        columns of the fitted model, and ``dataset`` when the spec has several); both are
-        clipped to [0, 14]
-        for log1p expression outputs (at 0 for count-scale ones). ``controls="predicted"``
-        (reference ``tx predict``) runs the control cells as control sets too;
-        ``controls="real"`` copies the real control cells into the prediction (the VCC
-        convention, and what the baselines do), so that every model's deltas are measured from
-        the same real controls. ``matmul_precision``: as in :meth:`predict`. A model that
-        decodes genes (an embedding input, gene outputs) has the decoded genes in X and the
-        latent predictions and the real latents in ``obsm[embed_key]`` of both, as the
-        reference writes them.
+        Parameters
+        ----------
+        split
+            ``"test"`` (default), ``"val"`` or ``"train"``.
+        controls
+            ``"predicted"`` (reference ``tx predict``) runs the control cells as control sets
+            too; ``"real"`` copies the real control cells into the prediction (the VCC
+            convention, and what the baselines do), so that every model's deltas are measured
+            from the same real controls.
+        pseudobulk
+            ``True`` (``tx predict --pseudobulk``): one row per (cell type, perturbation)
+            instead (per dataset too, ``obs["dataset"]``, when the spec has several), the mean
+            of the same cells' (clipped) predictions and real values, accumulated while
+            predicting: no per-cell matrix is built; obs has the perturbation and cell type
+            columns and ``n_cells``. Metrics computed from pseudobulks (``pearson_delta``,
+            ``mse``, ``mae``, the discrimination scores, …) are the same on these rows as on the
+            cells of a log1p model; DE needs the cells.
+        pert_features
+            Vectors for the split's perturbations without training cells (e.g. held out with
+            no row in the training feature table).
+        seed, clip, windows, matmul_precision, untrained_perturbation
+            As in :meth:`predict`.
 
-        ``pseudobulk=True`` (``tx predict --pseudobulk``) returns one row per (cell type,
-        perturbation) instead (per dataset too, ``obs["dataset"]``, when the spec has several):
-        the mean of the same cells' (clipped) predictions and real values, accumulated while
-        predicting: no per-cell prediction or real matrix is built
-        (the split's input cells are in memory already); obs has the perturbation and cell type
-        columns and ``n_cells`` (not the ``additional_obs`` columns). Metrics computed from
-        pseudobulks (``pearson_delta``, ``mse``, ``mae``, the discrimination scores, …) are the
-        same on these rows as on the cells of a log1p model; DE needs the cells.
-
-        ``seed``, ``clip``, ``windows``, ``pert_features`` (vectors for the split's
-        perturbations without training cells, e.g. held out with no row in the training
-        feature table) and ``untrained_perturbation`` as in :meth:`predict`.
+        Returns
+        -------
+        adata_pred, adata_real
+            The same cells in the same order in both, named by their own barcodes (made unique
+            across files); obs has the perturbation, cell type and (with ``batch_col``) batch
+            columns plus ``pert_cell_barcode`` / ``ctrl_cell_barcode`` (and the
+            ``additional_obs`` columns of the fitted model, and ``dataset`` when the spec has
+            several); both are clipped to [0, 14] for log1p expression outputs (at 0 for
+            count-scale ones). A model that decodes genes (an embedding input, gene outputs) has
+            the decoded genes in X and the latent predictions and the real latents in
+            ``obsm[embed_key]`` of both, as the reference writes them.
         """
         check_matmul_precision(matmul_precision)
         seed = self._seed(seed)

@@ -111,11 +111,26 @@ def delta_scatter(
     perturbation (per cell type and perturbation when there are several cell types), with the
     identity line and each series' Pearson r in the legend.
 
-    ``perts`` defaults to the first ``max_perts`` sorted perturbations; ``pert_col``,
-    ``control_pert`` and ``celltype_col`` default to those recorded by statetx's prediction
-    (``uns["statetx"]``), else cell-eval's ``target_gene`` / ``non-targeting`` and no cell-type
-    column (Δ against all controls pooled; ``celltype_col=False`` pools them whatever was
-    recorded). Returns the Axes."""
+    Parameters
+    ----------
+    adata_pred, adata_real
+        The prediction and the real cells (e.g. ``predict_split``'s pair), each with its own
+        control cells.
+    pert_col, control_pert, celltype_col
+        Default to those recorded by statetx's prediction (``uns["statetx"]``), else cell-eval's
+        ``target_gene`` / ``non-targeting`` and no cell-type column (Δ against all controls
+        pooled; ``celltype_col=False`` pools them whatever was recorded).
+    perts
+        The perturbations to plot (default: the first ``max_perts`` sorted ones).
+    ax
+        Axes to draw in (default: a new figure).
+    s
+        Marker size.
+
+    Returns
+    -------
+    Axes
+    """
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
     ct_col = _celltype_col(adata_pred, adata_real, celltype_col)
     pred, real = _log1p_pair(adata_pred, adata_real, pert_col, control_pert, ct_col)
@@ -325,12 +340,28 @@ def top_genes(
 ) -> Axes:
     """Paired horizontal bars of the real and predicted pseudobulk delta (mean log1p − own control
     mean) of one perturbation, for the ``n_genes`` genes with the largest |real delta| (largest
-    at the top); the title gives the Pearson r of the two deltas over all genes. ``pert_col``,
-    ``control_pert`` and ``celltype_col`` as in :func:`delta_scatter`; a perturbation in several
-    cell types shows the mean of its per-cell-type deltas, or those of ``cell_type``.
-    ``perturbation`` may be left out when the data hold one. ``gene_symbols``: a var column of
-    ``adata_real`` to label the genes by (e.g. symbols next to Ensembl IDs), as in scanpy.
-    Returns the Axes.
+    at the top); the title gives the Pearson r of the two deltas over all genes.
+
+    Parameters
+    ----------
+    adata_pred, adata_real
+        The prediction and the real cells, each with its own control cells.
+    perturbation
+        The perturbation to show (may be left out when the data hold one).
+    pert_col, control_pert, celltype_col
+        As in :func:`delta_scatter`; a perturbation in several cell types shows the mean of its
+        per-cell-type deltas, or those of ``cell_type``.
+    n_genes
+        How many genes (largest |real delta| first).
+    ax
+        Axes to draw in (default: a new figure).
+    gene_symbols
+        A var column of ``adata_real`` to label the genes by (e.g. symbols next to Ensembl
+        IDs), as in scanpy.
+
+    Returns
+    -------
+    Axes
     """
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
     if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)) or n_genes < 1:
@@ -409,14 +440,33 @@ def embedding(
 ) -> Axes:
     """Predicted and real cells in one PCA fitted on the real cells only (on the genes both share,
     up to 50 components, the first two shown); predicted cells are projected into it.
-    ``basis="umap"``: a UMAP (umap-learn, installed with scanpy) fitted on the real cells' PCA
-    scores, the predicted cells placed with its ``transform``.
 
-    ``color``: ``"source"`` (real / predicted) or an obs column of both objects (e.g. ``pert_col``;
-    real cells as dots, predicted as crosses). ``perts`` keeps those perturbations plus
-    ``control_pert``. Each source is subsampled to ``max_cells`` cells (seeded by ``seed``) before
-    the PCA is fitted. ``pert_col`` and ``control_pert`` as in :func:`delta_scatter`. Returns the
-    Axes."""
+    Parameters
+    ----------
+    adata_pred, adata_real
+        The prediction and the real cells.
+    pert_col, control_pert
+        As in :func:`delta_scatter`.
+    color
+        ``"source"`` (real / predicted) or an obs column of both objects (e.g. ``pert_col``;
+        real cells as dots, predicted as crosses).
+    perts
+        Keep those perturbations (plus ``control_pert``).
+    basis
+        ``"pca"``, or ``"umap"``: a UMAP (umap-learn, installed with scanpy) fitted on the real
+        cells' PCA scores, the predicted cells placed with its ``transform``.
+    ax
+        Axes to draw in (default: a new figure).
+    max_cells, seed
+        Each source is subsampled to ``max_cells`` cells (seeded by ``seed``) before the PCA
+        is fitted.
+    s
+        Marker size.
+
+    Returns
+    -------
+    Axes
+    """
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
     if basis not in ("pca", "umap"):
         raise ConfigError(f"basis {basis!r} is not supported; use 'pca' (the real cells' PCA, "
