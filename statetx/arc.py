@@ -389,6 +389,12 @@ _KNOWN_BACKBONE_KEYS = frozenset({
 _KNOWN_LIGHTNING_MAJOR = "2"  # arc-state 0.9.12 / 0.11.1 write Lightning 2.x checkpoints
 
 
+def _warn_noted(msg: str, notes: list[str], label: str = "note: ") -> None:
+    """A warning for the caller of :func:`load_arc_run` that the import notes keep too."""
+    warnings.warn(msg, UserWarning, stacklevel=4)
+    notes.append(label + msg)
+
+
 def _unknown_format(hp: dict, kw: dict, lightning: Any, ckpt_path: Path,
                     notes: list[str]) -> list[str]:
     """Warn about what this importer does not know (a newer Lightning or arc-state writing keys
@@ -405,8 +411,7 @@ def _unknown_format(hp: dict, kw: dict, lightning: Any, ckpt_path: Path,
                f"{preview(items, 12)}; known: Lightning 2.x checkpoints of arc-state 0.9.12 / "
                "0.11.1): the import proceeds, but check the imported model's predictions "
                "against the source, since settings statetx does not read may change them")
-        warnings.warn(msg, UserWarning, stacklevel=3)
-        notes.append(f"note: {msg}")
+        _warn_noted(msg, notes)
     return items
 
 
@@ -955,8 +960,7 @@ def _resolve_attention(backbone: str, kw: dict, attention: str | None,
                    f"{flag_rope}) but attention {att}, rope {rp} were given: the network will "
                    "not compute what was trained (leave attention / rope out to follow the "
                    "checkpoint; rope=None means no positions)")
-            warnings.warn(msg, UserWarning, stacklevel=3)
-            notes.append(f"note: {msg}")
+            _warn_noted(msg, notes)
         return att, rp
     if backbone == "gpt2":
         att = attention or "causal"
@@ -965,8 +969,7 @@ def _resolve_attention(backbone: str, kw: dict, attention: str | None,
             msg = ("GPT-2 (pertsets) checkpoint: using attention='causal', rope=None, the way "
                    "arc-state trained such models (its default attention kernel is causal); pass "
                    "attention='bidirectional' if it was trained with the eager kernel")
-            warnings.warn(msg, UserWarning, stacklevel=3)
-            notes.append(msg)
+            _warn_noted(msg, notes, label="")
         else:
             notes.append(f"attention {att}, rope {rp}: given explicitly")
         return att, rp
