@@ -107,6 +107,17 @@ def as_count(name: str, value: object, minimum: int = 1, optional: bool = False)
     return int(value)
 
 
+def cell_type_option(name: str, value: Any, cell_type_key: Any) -> Any:
+    """The cell-type column given as ``name`` or as ``cell_type_key`` (the estimators' name for
+    it, accepted everywhere); two different columns are an error."""
+    if cell_type_key is None:
+        return value
+    if value is not None and value != cell_type_key:
+        raise ConfigError(f"{name}={value!r} and cell_type_key={cell_type_key!r} both name the "
+                          "cell-type column; pass one of them.")
+    return cell_type_key
+
+
 def names_list(names: str | Iterable[object]) -> list[str]:
     """A list of names from one name or several (a bare string is one name, not its letters)."""
     return [names] if isinstance(names, str) else [str(n) for n in names]

@@ -37,7 +37,7 @@ import pandas as pd
 from sklearn.exceptions import NotFittedError
 
 from statetx._params import Estimator
-from statetx._utils import as_count, deepcopy_sharing, did_you_mean, preview, say
+from statetx._utils import as_count, cell_type_option, deepcopy_sharing, did_you_mean, preview, say
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
     DataInput,
@@ -285,6 +285,7 @@ class _Baseline(Estimator):
     # ------------------------------------------------------------------ predict
     def predict(self, adata: ad.AnnData, *, pert_col: str | None = None,
                 cell_type_col: str | bool | None = None, control_pert: str | None = None,
+                cell_type_key: str | bool | None = None,
                 batch_col: str | None = None, basal_pool: str | None = None,
                 seed: int | None = None, basal_fallback: str = "error",
                 unknown_perturbation: str = "error", predict_controls: bool = True,
@@ -308,6 +309,7 @@ class _Baseline(Estimator):
         c = self.columns_
         pert_col = pert_col or c.pert_col
         control = c.control_pert if control_pert is None else str(control_pert)  # as in fit
+        cell_type_col = cell_type_option("cell_type_col", cell_type_col, cell_type_key)
         basal_pool = no_cell_types(cell_type_col, basal_pool)
         ct_col = None if cell_type_col is False else (cell_type_col or c.cell_type_key)
         seed = as_count("seed", self.seed if seed is None else seed, 0)

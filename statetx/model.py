@@ -26,6 +26,7 @@ from sklearn.exceptions import NotFittedError
 from statetx._params import Estimator
 from statetx._utils import (
     as_count,
+    cell_type_option,
     deepcopy_sharing,
     did_you_mean,
     history_frame,
@@ -1064,6 +1065,7 @@ class StateTransitionModel(Estimator):
     def predict(self, adata: ad.AnnData, *, pert_col: str | None = None,
                 cell_type_col: str | bool | None = None, batch_col: str | None = None,
                 control_pert: str | None = None, seed: int | None = None,
+                cell_type_key: str | bool | None = None,
                 set_len: int | None = None, windows: str = "balanced",
                 basal_pool: str | None = None, basal_fallback: str = "error",
                 unknown_perturbation: str = "error", unknown_batch: str = "error",
@@ -1095,6 +1097,8 @@ class StateTransitionModel(Estimator):
             a model trained on one context treats all cells as that context, and
             ``basal_pool="all"`` makes all cells one context; ``cell_type_col=False`` does so
             whatever the input holds (controls of any cell type as basal cells).
+        cell_type_key
+            Another name for ``cell_type_col`` (the one the estimator takes).
         control_pert
             The input's control label (default: the model's); another label is read as the
             model's control.
@@ -1196,6 +1200,7 @@ class StateTransitionModel(Estimator):
         c = self.columns_
         pert_col, batch_col = pert_col or c.pert_col, batch_col or c.batch_col
         control = c.control_pert if control_pert is None else str(control_pert)  # as in fit
+        cell_type_col = cell_type_option("cell_type_col", cell_type_col, cell_type_key)
         basal_pool = no_cell_types(cell_type_col, basal_pool)
         ct_col = None if cell_type_col is False else (cell_type_col or c.cell_type_key)
         pool_mode = resolve_pool(basal_pool, "batch" if self._pairing() == "batch"
@@ -1697,7 +1702,8 @@ class StateTransitionModel(Estimator):
         c = self.columns_
         if pred.n_vars != x_real.shape[1]:
             raise DataError("score() needs the prediction and the input in the same space.")
-        given_ct = predict_options.get("cell_type_col")
+        given_ct = cell_type_option("cell_type_col", predict_options.get("cell_type_col"),
+                                    predict_options.get("cell_type_key"))
         control = predict_options.get("control_pert")
         control = c.control_pert if control is None else str(control)
         pert, ctx, _ = input_labels(adata, predict_options.get("pert_col") or c.pert_col,

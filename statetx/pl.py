@@ -12,7 +12,14 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from statetx._utils import did_you_mean, history_frame, names_list, preview, to_dense_f32
+from statetx._utils import (
+    cell_type_option,
+    did_you_mean,
+    history_frame,
+    names_list,
+    preview,
+    to_dense_f32,
+)
 from statetx.errors import ConfigError, DataError
 from statetx.metrics._inputs import (
     align_pair,
@@ -106,6 +113,7 @@ def delta_scatter(
     celltype_col: str | bool | None = None,
     max_perts: int = 10,
     s: float = 6.0,
+    cell_type_key: str | bool | None = None,
 ) -> Axes:
     """Scatter predicted vs real pseudobulk deltas (mean log1p − own control mean), one colour per
     perturbation (per cell type and perturbation when there are several cell types), with the
@@ -119,7 +127,8 @@ def delta_scatter(
     pert_col, control_pert, celltype_col
         Default to those recorded by statetx's prediction (``uns["statetx"]``), else cell-eval's
         ``target_gene`` / ``non-targeting`` and no cell-type column (Δ against all controls
-        pooled; ``celltype_col=False`` pools them whatever was recorded).
+        pooled; ``celltype_col=False`` pools them whatever was recorded). ``cell_type_key`` is
+        an alias of ``celltype_col``.
     perts
         The perturbations to plot (default: the first ``max_perts`` sorted ones).
     ax
@@ -132,7 +141,8 @@ def delta_scatter(
     Axes
     """
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
-    ct_col = _celltype_col(adata_pred, adata_real, celltype_col)
+    ct_col = _celltype_col(adata_pred, adata_real,
+                           cell_type_option("celltype_col", celltype_col, cell_type_key))
     pred, real = _log1p_pair(adata_pred, adata_real, pert_col, control_pert, ct_col)
     avail = sorted(set(real.obs[pert_col].astype(str)) - {control_pert})
     perts = avail[:max_perts] if perts is None else names_list(perts)
@@ -337,6 +347,7 @@ def top_genes(
     celltype_col: str | bool | None = None,
     cell_type: str | None = None,
     gene_symbols: str | None = None,
+    cell_type_key: str | bool | None = None,
 ) -> Axes:
     """Paired horizontal bars of the real and predicted pseudobulk delta (mean log1p − own control
     mean) of one perturbation, for the ``n_genes`` genes with the largest |real delta| (largest
@@ -366,7 +377,8 @@ def top_genes(
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
     if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)) or n_genes < 1:
         raise ConfigError(f"n_genes must be a positive integer, got {n_genes!r}")
-    ct_col = _celltype_col(adata_pred, adata_real, celltype_col)
+    ct_col = _celltype_col(adata_pred, adata_real,
+                           cell_type_option("celltype_col", celltype_col, cell_type_key))
     if cell_type is not None and ct_col is None:
         raise ConfigError("cell_type= needs a cell-type column: pass celltype_col=<column>.")
     pred, real = _log1p_pair(adata_pred, adata_real, pert_col, control_pert, ct_col)

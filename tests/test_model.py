@@ -1534,3 +1534,44 @@ def test_notices_can_be_silenced_with_logging(fitted, capsys):
         assert "statetx:" not in capsys.readouterr().out
     finally:
         log.setLevel(level)
+
+
+def test_cell_type_key_names_the_cell_type_column_everywhere(fitted):
+    """The estimators' ``cell_type_key`` is accepted by predict, score, the baselines,
+    evaluate, ceiling and the plots (which also take their own names for it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from statetx import pl
+    from statetx.baselines import PerturbMeanBaseline
+    from statetx.metrics import evaluate
+    from statetx.metrics.ceiling import ceiling
+
+    model, adata = fitted
+    other = adata.copy()
+    other.obs = other.obs.rename(columns={"cell_type": "ct"})
+    a = model.predict(other, cell_type_key="ct")
+    b = model.predict(other, cell_type_col="ct")
+    np.testing.assert_array_equal(a.X, b.X)
+    with pytest.raises(ConfigError, match="cell_type_col='cell_type' and cell_type_key='ct'"):
+        model.predict(other, cell_type_col="cell_type", cell_type_key="ct")
+    with pytest.raises(DataError, match="no obs column 'cell_type'.*columns: gene, ct, batch"):
+        model.predict(other)  # the training column is missing: the key is not ignored
+    assert model.score(other, cell_type_key="ct") == model.score(other, cell_type_col="ct")
+    base = PerturbMeanBaseline(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl")
+    base.fit(adata, SPEC)
+    np.testing.assert_array_equal(base.predict(other, cell_type_key="ct", seed=1).X,
+                                  base.predict(other, cell_type_col="ct", seed=1).X)
+    pred = b.copy()
+    res_key, _ = evaluate(pred, other, cell_type_key="ct", profile="minimal")
+    res_col, _ = evaluate(pred, other, celltype_col="ct", profile="minimal")
+    assert sorted(res_key["celltype"].unique()) == ["CT0", "CT1", "CT2"]
+    pd.testing.assert_frame_equal(res_key, res_col)
+    with pytest.raises(ConfigError, match="pass one"):
+        evaluate(pred, other, celltype_col="gene", cell_type_key="ct")
+    _, agg = ceiling(other, "gene", "ctrl", cell_type_key="ct", profile="minimal")
+    assert list(agg["celltype"]) == ["CT0", "CT1", "CT2"]
+    ax = pl.delta_scatter(pred, other, cell_type_key="ct", perts=["P0"])
+    assert len(ax.collections) == 3  # one series per cell type
+    pl.top_genes(pred, other, "P0", cell_type_key="ct", cell_type="CT1")
+    matplotlib.pyplot.close("all")

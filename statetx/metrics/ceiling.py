@@ -17,7 +17,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from statetx._utils import atomic_write
+from statetx._utils import atomic_write, cell_type_option
 from statetx.errors import ConfigError
 from statetx.metrics._inputs import check_obs_col, load, recorded_labels
 
@@ -47,7 +47,7 @@ def split_halves(real: ad.AnnData, pert_col: str, celltype_col: str | None = Non
 
 def ceiling(adata_real: ad.AnnData | str | Path, pert_col: str | None = None,
             control_pert: str | None = None, celltype_col: str | None = None, *,
-            seed: int = 0, outdir: str | Path | None = None,
+            seed: int = 0, outdir: str | Path | None = None, cell_type_key: str | None = None,
             **evaluate_options: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The metrics of real cells against real cells: ``(results, agg)``.
 
@@ -57,10 +57,12 @@ def ceiling(adata_real: ad.AnnData | str | Path, pert_col: str | None = None,
     ``ceiling_results.csv`` and ``agg_ceiling_results.csv``; ``evaluate_options`` go to
     :func:`~statetx.metrics.evaluate` (profile, skip_metrics, ...). ``pert_col`` /
     ``control_pert`` default to those statetx recorded in the data (``predict_split``'s real
-    cells), else ``target_gene`` / ``non-targeting``.
+    cells), else ``target_gene`` / ``non-targeting``. ``cell_type_key`` is an alias of
+    ``celltype_col``.
     """
     from statetx.metrics.evaluate import evaluate
 
+    celltype_col = cell_type_option("celltype_col", celltype_col, cell_type_key)
     real = load(adata_real, "real data")
     pert_col, control_pert = recorded_labels(real, pert_col, control_pert)
     a, b = split_halves(real, pert_col, celltype_col, seed)

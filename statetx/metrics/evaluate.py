@@ -11,7 +11,14 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from statetx._utils import atomic_write_text, available_cpus, did_you_mean, preview, say
+from statetx._utils import (
+    atomic_write_text,
+    available_cpus,
+    cell_type_option,
+    did_you_mean,
+    preview,
+    say,
+)
 from statetx.errors import ConfigError, DataError
 from statetx.metrics import expression as ex
 from statetx.metrics._inputs import (
@@ -294,6 +301,7 @@ def evaluate(
     batch_size: int | None = None,
     pred: ad.AnnData | str | Path | None = None,
     real: ad.AnnData | str | Path | None = None,
+    cell_type_key: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Evaluate a prediction against real data like ``cell-eval run`` (0.8.2).
 
@@ -309,7 +317,8 @@ def evaluate(
         cell-eval's ``target_gene`` and ``non-targeting``.
     celltype_col
         Score each value of this obs column separately (default: all cells pooled, said when
-        obs has a cell-type-like column with several values).
+        obs has a cell-type-like column with several values). ``cell_type_key`` (the
+        estimators' name) is an alias.
     profile
         The metric set: ``full`` (every cell-eval metric), ``minimal``, ``vcc``, ``de``,
         ``anndata``, ``pds`` or ``extended`` (``full`` + statetx's centroid metrics); see
@@ -351,6 +360,7 @@ def evaluate(
             raise ConfigError(f"{name} and its alias {name[6:]} were both given; pass one.")
     adata_pred = adata_pred if adata_pred is not None else pred
     adata_real = adata_real if adata_real is not None else real
+    celltype_col = cell_type_option("celltype_col", celltype_col, cell_type_key)
     if adata_pred is None or adata_real is None:
         raise ConfigError("evaluate needs a prediction (adata_pred) and real data (adata_real)")
     if de_mode not in DE_MODES:
