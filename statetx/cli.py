@@ -256,6 +256,10 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
                      "chunks of the set length and a remainder, as arc-state")
     _flag(inf, "--basal-pool", choices=["cell_type", "batch", "all"],
           help="where basal control cells are drawn from (default: as the model trained)")
+    _flag(inf, "--basal", default="sampled", choices=["sampled", "self"],
+          help="each cell's basal state: drawn from the controls (default, as arc-state), or "
+          "the cell itself ('these cells, perturbed': relabel control cells; no controls "
+          "needed; virtual cells start from the control they clone)")
     _flag(inf, "--basal-fallback", default="error", choices=["error", "all_controls"],
           help="a cell type without control cells: an error (default), or draw from every "
           "control")
@@ -999,7 +1003,8 @@ def cmd_infer(a: argparse.Namespace) -> int:
         ct_col = _pick_column(adata, a.celltype_col, c.cell_type_key, CELLTYPE_COLS,
                               "cell-type", "--celltype-col")
         no_ct = (a.celltype_col or "").lower() == "none"  # all cells one context
-        needs_batch = model._needs_batch("all" if no_ct else a.basal_pool)
+        needs_batch = model._needs_batch("all" if no_ct else "cell_type" if a.basal == "self"
+                                         else a.basal_pool)
         batch_col = (_pick_column(adata, a.batch_col, c.batch_col, BATCH_COLS, "batch",
                                   "--batch-col") if needs_batch else None)
         control = a.control_pert or c.control_pert
@@ -1038,6 +1043,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
             cell_type_col=False if no_ct else ct_col or c.cell_type_key,
             batch_col=batch_col, control_pert=control, seed=seed, set_len=a.max_set_len,
             windows=a.windows, basal_pool=a.basal_pool, basal_fallback=a.basal_fallback,
+            basal=a.basal,
             unknown_perturbation=a.unknown_perturbation, unknown_batch=a.unknown_batch,
             untrained_perturbation=a.untrained_perturbation, pert_features=a.pert_features,
             predict_controls=not a.no_predict_controls, all_perts=a.all_perts,

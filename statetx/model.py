@@ -1068,6 +1068,7 @@ class StateTransitionModel(Estimator):
                 cell_type_key: str | bool | None = None,
                 set_len: int | None = None, windows: str = "balanced",
                 basal_pool: str | None = None, basal_fallback: str = "error",
+                basal: str = "sampled",
                 unknown_perturbation: str = "error", unknown_batch: str = "error",
                 untrained_perturbation: str = "control", predict_controls: bool = True,
                 all_perts: bool = False,
@@ -1117,6 +1118,12 @@ class StateTransitionModel(Estimator):
             batch, else the cell type, said; every cell then needs a label in ``batch_col``) or
             ``"all"`` (default: as in training); and, for a context without control cells,
             ``"error"`` (default) or ``"all_controls"``.
+        basal
+            ``"sampled"`` (default, the reference) draws each cell's basal state from the
+            controls as above; ``"self"`` predicts every cell from its own expression ("these
+            cells, perturbed": relabel control cells with the perturbation to apply) and needs
+            no control cells; virtual cells (``all_perts``) start from the control they clone,
+            every control once per perturbation unless ``n_cells_per_pert`` says otherwise.
         unknown_perturbation, unknown_batch
             Labels outside the training vocabulary: ``"error"`` (default, listing them),
             ``"control"`` / ``"zeros"`` for perturbations; ``"first"`` / ``"mean"`` (the mean
@@ -1190,6 +1197,7 @@ class StateTransitionModel(Estimator):
                               "simulates; pass all_perts=True (or use simulate()).")
         for name, value, choices in (
                 ("basal_fallback", basal_fallback, ("error", "all_controls")),
+                ("basal", basal, ("sampled", "self")),
                 ("unknown_perturbation", unknown_perturbation, ("error", "control", "zeros")),
                 ("unknown_batch", unknown_batch, ("error", "first", "mean")),
                 ("untrained_perturbation", untrained_perturbation, UNTRAINED_MODES)):
@@ -1201,10 +1209,14 @@ class StateTransitionModel(Estimator):
         pert_col, batch_col = pert_col or c.pert_col, batch_col or c.batch_col
         control = c.control_pert if control_pert is None else str(control_pert)  # as in fit
         cell_type_col = cell_type_option("cell_type_col", cell_type_col, cell_type_key)
+        own_basal = basal == "self"
+        if own_basal and basal_pool is not None:
+            raise ConfigError("basal_pool chooses the controls basal cells are drawn from; "
+                              "basal='self' draws none: leave basal_pool out.")
         basal_pool = no_cell_types(cell_type_col, basal_pool)
         ct_col = None if cell_type_col is False else (cell_type_col or c.cell_type_key)
         pool_mode = resolve_pool(basal_pool, "batch" if self._pairing() == "batch"
-                                 else "cell_type", batch_col)
+                                 and not own_basal else "cell_type", batch_col)
         x_in = input_matrix(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
         expression_in = c.embed_key in (None, "X_hvg")
         if expression_in:
@@ -1212,7 +1224,7 @@ class StateTransitionModel(Estimator):
             check_scale(x_in, self.is_log1p_, f"input ({src})", getattr(self, "target_sum_", None))
         pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
                                           self.vocab_.cell_types, cell_type_col is not None,
-                                          pool_mode == "all")
+                                          pool_mode == "all", need_controls=not own_basal)
         if expression_in:
             self._check_normalisation(adata, x_in, ctx, is_ctrl)
         _say_new_contexts(ctx, self.vocab_.cell_types)
@@ -1228,7 +1240,7 @@ class StateTransitionModel(Estimator):
         if all_perts:
             obs, src_rows, pert, ctx, batch = self._virtual_cells(
                 adata, pert, ctx, batch, is_ctrl, control, n_cells_per_pert, seed, pert_col,
-                vocab.perturbations, perturbations)
+                vocab.perturbations, perturbations, every_control=own_basal)
         if min_cells is not None or max_cells is not None:
             rows = resize_groups(ctx, pert, control, min_cells, max_cells, seed)
             obs, src_rows, pert, ctx, batch = (obs.iloc[rows], src_rows[rows], pert[rows],
@@ -1261,9 +1273,11 @@ class StateTransitionModel(Estimator):
         if len(run_rows) == 0:
             raise DataError("the input holds control cells only and predict_controls=False: "
                             "nothing to predict.")
-        groups = [Group(g.rows, g.pool, int(pcode[g.rows[0]]), bcode[g.rows], group_key(*g.key))
+        groups = [Group(g.rows, g.pool, int(pcode[g.rows[0]]), bcode[g.rows], group_key(*g.key),
+                        src_rows[g.rows] if own_basal else None)
                   for g in basal_groups(ctx, pert, batch, run_rows, ctrl_rows, ctx_all,
-                                        batch_all, pool_mode, basal_fallback)]
+                                        batch_all, pool_mode,
+                                        "all_controls" if own_basal else basal_fallback)]
         res = run_groups(self.network_, x_in, groups, pert_table(vocab), len(pert),
                          set_len=int(set_len or self.cell_set_len_), seed=seed,
                          window_mode=windows, device=next(self.network_.parameters()).device,
@@ -1285,8 +1299,8 @@ class StateTransitionModel(Estimator):
 
         source = getattr(self, "checkpoint_path_", None) or getattr(self, "run_dir_", None)
         out.uns["statetx"] = {"version": __version__, "model_id": weights_digest(self.network_),
-                              "seed": int(seed), "windows": windows,
-                              "basal_pool": pool_mode,
+                              "seed": int(seed), "windows": windows, "basal": basal,
+                              **({} if own_basal else {"basal_pool": pool_mode}),
                               "attention": self.network_config_.attention,
                               "rope": "none" if self.network_config_.rope is None
                               else float(self.network_config_.rope),
@@ -1358,7 +1372,8 @@ class StateTransitionModel(Estimator):
             clones from all controls).
         seed, predict_options
             As in :meth:`predict`; clones are drawn with replacement from the context's control
-            cells and predicted as there.
+            cells and predicted as there. With ``basal="self"`` each clone starts from the
+            control it copies (without ``n_cells``: every control once per perturbation).
 
         Returns
         -------
@@ -1398,7 +1413,7 @@ class StateTransitionModel(Estimator):
         return out
 
     def _virtual_cells(self, adata, pert, ctx, batch, is_ctrl, control, n_cells, seed, pert_col,
-                       known, chosen=None):
+                       known, chosen=None, every_control=False):
         rng = np.random.default_rng([int(seed), 7])
         perts = [p for p in known if p != control]
         per_pert = ({str(k): v for k, v in n_cells.items()} if isinstance(n_cells, Mapping)
@@ -1425,7 +1440,8 @@ class StateTransitionModel(Estimator):
                 n = int(per_pert.get(p, 0) if per_pert else (n_cells or len(pool)))
                 if n == 0:
                     continue
-                pick = pool[rng.integers(len(pool), size=n)]
+                pick = (pool if every_control and not (per_pert or n_cells) else
+                        pool[rng.integers(len(pool), size=n)])
                 o = adata.obs.iloc[pick].copy()
                 o[pert_col] = p
                 o.index = [f"{context}_{p}_{i}" for i in range(n)]
@@ -1696,6 +1712,10 @@ class StateTransitionModel(Estimator):
         if "predict_controls" in predict_options:
             raise ConfigError("score() compares the predicted perturbed cells with the real "
                               "controls, so predict_controls cannot be set; leave it out.")
+        if predict_options.get("basal", "sampled") != "sampled":
+            raise ConfigError("score() predicts the perturbed cells from control cells; "
+                              "basal='self' would start them from their own, already perturbed "
+                              "state. Leave basal out.")
         pred = self.predict(adata, predict_controls=False, **predict_options)
         x_real = align_genes(adata, self.var_names_, self.columns_.embed_key,
                              gene_name_col=self.columns_.gene_name_col)

@@ -46,13 +46,15 @@ EXPRESSION_CLIP = (0.0, 14.0)
 
 @dataclass
 class Group:
-    """Output rows of one (context, perturbation) group and the pool its basal cells come from."""
+    """Output rows of one (context, perturbation) group and the pool its basal cells come from
+    (or, with ``basal``, each row's own basal cell: no draws)."""
 
     out_rows: np.ndarray    # positions in the output
     pool: np.ndarray        # row indices into the basal source matrix
     pert_index: int         # vocabulary index (-1 = zero vector)
     batch_index: np.ndarray  # per out row (int64), 0 when the model has no batch encoder
     key: str                # seeds the group's basal draws
+    basal: np.ndarray | None = None  # fixed basal rows, one per out row
 
 
 def windows(n: int, set_len: int, mode: str = "balanced") -> list[np.ndarray]:
@@ -264,8 +266,8 @@ def run_groups(network: torch.nn.Module, basal_source: np.ndarray | torch.Tensor
     set_id = np.full(n_out, -1, dtype=np.int64)
     sets = []  # (out rows, basal rows, pert index, batch indices)
     for g in groups:
-        rng = group_rng(seed, g.key)
-        draws = g.pool[rng.integers(len(g.pool), size=len(g.out_rows))]
+        draws = g.basal if g.basal is not None else g.pool[
+            group_rng(seed, g.key).integers(len(g.pool), size=len(g.out_rows))]
         for w in windows(len(g.out_rows), set_len, window_mode):
             rows = g.out_rows[w]
             basal_row[rows] = draws[w]
@@ -514,13 +516,13 @@ def input_matrix(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
 
 
 def input_labels(adata: ad.AnnData, pert_col: str, ct_col: str | None, control: str,
-                 trained_contexts: Sequence[str], ct_col_given: bool, pool_all: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 trained_contexts: Sequence[str], ct_col_given: bool, pool_all: bool = False,
+                 need_controls: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The input's perturbation and context labels and its control mask. Without the
     (default) cell-type column, or with none (``ct_col`` None), a model trained on one context
     treats every cell as that context, and every cell forms one context when controls are
     pooled across cell types anyway (``pool_all``: ``basal_pool="all"``); an input without
-    control cells is an error."""
+    control cells is an error when basal cells are drawn from them (``need_controls``)."""
     pert = obs_labels(adata.obs, pert_col, "the input", "pert_col")
     if ct_col is not None and ct_col in adata.obs:
         ctx = obs_labels(adata.obs, ct_col, "the input", "cell_type_col")
@@ -540,7 +542,7 @@ def input_labels(adata: ad.AnnData, pert_col: str, ct_col: str | None, control: 
             " cell type as basal cells), pass basal_pool='all'."
         )
     is_ctrl = pert == control
-    if not is_ctrl.any():
+    if need_controls and not is_ctrl.any():
         labels = list(map(str, np.unique(pert)))
         hint = did_you_mean(str(control), labels) or (
             f" Values that look like controls: {preview(looks)}." if (looks := control_like(
@@ -548,7 +550,8 @@ def input_labels(adata: ad.AnnData, pert_col: str, ct_col: str | None, control: 
         raise DataError(f"the input has no control cells (obs['{pert_col}'] == '{control}'); "
                         "basal states are drawn from controls. Include control cells, or "
                         "name the control label with control_pert=<label> (--control-pert on "
-                        f"the command line).{hint}")
+                        "the command line); basal='self' predicts each cell from itself "
+                        f"instead.{hint}")
     return pert, ctx, is_ctrl
 
 

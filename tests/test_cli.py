@@ -299,6 +299,24 @@ def test_infer_matmul_precision(run, data, tmp_path, capsys):
     assert not (tmp_path / "c.h5ad").exists()
 
 
+def test_infer_basal_self_on_relabelled_controls(run, data, tmp_path):
+    """--basal self: control cells relabelled with a perturbation are predicted from
+    themselves; the input needs no control cells."""
+    import anndata as ad
+
+    ctrl = ad.read_h5ad(data / "data.h5ad")
+    ctrl = ctrl[ctrl.obs["gene"] == "ctrl"].copy()
+    ctrl.obs["gene"] = "P2"
+    ctrl.write_h5ad(tmp_path / "in.h5ad")
+    base = ["tx", "infer", "--model-dir", str(run), "--adata", str(tmp_path / "in.h5ad")]
+    assert main([*base, "--output", str(tmp_path / "p.h5ad")]) == 2  # sampled: no controls
+    assert not (tmp_path / "p.h5ad").exists()
+    assert main([*base, "--output", str(tmp_path / "p.h5ad"), "--basal", "self"]) == 0
+    pred = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert list(pred.obs["statetx_ctrl_barcode"]) == list(ctrl.obs_names)
+    assert pred.uns["statetx"]["basal"] == "self"
+
+
 # ------------------------------------------------------------------------------ evaluate
 def test_evaluate_commands(run, tmp_path):
     import anndata as ad

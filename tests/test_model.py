@@ -1575,3 +1575,47 @@ def test_cell_type_key_names_the_cell_type_column_everywhere(fitted):
     assert len(ax.collections) == 3  # one series per cell type
     pl.top_genes(pred, other, "P0", cell_type_key="ct", cell_type="CT1")
     matplotlib.pyplot.close("all")
+
+
+def test_basal_self_predicts_each_cell_from_its_own_expression(fitted):
+    """basal='self': "these cells, perturbed" (spec inference §3.4) — no control draws, the
+    output's ctrl barcode is the cell itself, and no controls are needed."""
+    model, adata = fitted
+    ctrl = adata[adata.obs["gene"] == "ctrl"].copy()
+    relabelled = ctrl.copy()
+    relabelled.obs["gene"] = "P1"  # every control, with P1 applied
+    out = model.predict(relabelled, basal="self")
+    assert (out.obs["statetx_ctrl_barcode"] == out.obs_names).all()
+    assert out.uns["statetx"]["basal"] == "self" and "basal_pool" not in out.uns["statetx"]
+    # the same as running the network on each cell's own set of cells
+    one_ct = relabelled[relabelled.obs["cell_type"] == "CT0"]
+    sets = out[one_ct.obs_names]
+    for s in np.unique(sets.obs["statetx_set"]):
+        cells = sets.obs_names[sets.obs["statetx_set"] == s]
+        direct = model.predict_sets(np.asarray(one_ct[cells].X)[None], "P1")[0]
+        np.testing.assert_allclose(sets[cells].X, np.clip(direct, 0, 14), atol=1e-5)
+    # seeds do not matter (nothing is drawn); sampled basal cells do depend on them
+    np.testing.assert_array_equal(model.predict(relabelled, basal="self", seed=3).X, out.X)
+    mixed = adata.copy()
+    a = model.predict(mixed, seed=1, predict_controls=False)
+    b = model.predict(mixed, seed=2, predict_controls=False)
+    assert not np.allclose(a.X, b.X)
+    # simulate: every control once per perturbation, each clone from the control it copies
+    sim = model.simulate(ctrl, ["P0", "P2"], basal="self")
+    virtual = sim[sim.obs["gene"] != "ctrl"]
+    assert virtual.n_obs == 2 * ctrl.n_obs
+    assert sorted(virtual.obs["statetx_ctrl_barcode"]) == sorted(2 * list(ctrl.obs_names))
+    as_p0 = ctrl.copy()
+    as_p0.obs["gene"] = "P0"
+    direct = model.predict(as_p0, basal="self")
+    sim_p0 = virtual[virtual.obs["gene"] == "P0"]
+    np.testing.assert_allclose(sim_p0.X, direct[sim_p0.obs["statetx_ctrl_barcode"]].X,
+                               atol=1e-6)
+    with pytest.raises(ConfigError, match="basal='self' draws none"):
+        model.predict(relabelled, basal="self", basal_pool="all")
+    with pytest.raises(ConfigError, match="basal='self'"):
+        model.score(adata, basal="self")
+    with pytest.raises(ConfigError, match="basal='bogus' is invalid"):
+        model.predict(relabelled, basal="bogus")
+    with pytest.raises(DataError, match="basal='self' predicts each cell from itself"):
+        model.predict(relabelled)  # sampled basal cells need controls
