@@ -397,3 +397,69 @@ def test_recorded_labels_are_the_defaults_and_aliases_are_not_doubled(real):
     assert (base.obs["gene"] == "ctrl").sum() == (a.obs["gene"] == "ctrl").sum()
     with pytest.raises(ConfigError, match="adata_pred and its alias pred were both given"):
         evaluate(a, a, pred=a)
+
+
+def test_duplicated_gene_names_are_refused(real, pred):
+    """The DE lists compare genes by name: repeated names would count once (a perfect
+    prediction scored overlap 0.5)."""
+    r = real[0].copy()
+    r.var_names = ["G000"] * 3 + list(r.var_names[3:])
+    with pytest.raises(DataError, match=r"real var_names hold duplicated genes: \[G000\] \(2 "
+                                        r"extra.*var_names_make_unique"):
+        evaluate(real[0], r, profile="minimal", align_genes=True)
+    # the discrimination score leaves out every column named like the perturbation
+    from statetx.metrics.expression import discrimination_score
+
+    d_real = np.array([[5.0, 5, 0, 0], [0, 0, 1, 1]])
+    d_pred = np.array([[0.0, 0, 0, 0], [0, 0, 1, 1]])
+    np.testing.assert_array_equal(
+        discrimination_score(d_real, d_pred, ["D", "B"], ["D", "D", "x", "y"], "l1"), [1.0, 1.0])
+
+
+def test_skip_one_column_of_de_nsig_counts(real, pred):
+    res, _ = evaluate(pred, real[0], profile="minimal", num_threads=1,
+                      skip_metrics=["de_nsig_counts_real"])
+    assert "de_nsig_counts_real" not in res.columns
+    assert list(res.columns[:4]) == ["perturbation", "overlap_at_N", "precision_at_N",
+                                     "de_nsig_counts_pred"]
+    nsig = ["de_nsig_counts_real", "de_nsig_counts_pred"]
+    both, _ = evaluate(pred, real[0], profile="minimal", num_threads=1, skip_metrics=nsig)
+    assert not set(nsig) & set(both.columns)
+    ext, _ = evaluate(pred, real[0], profile="extended", num_threads=1,
+                      skip_metrics=["clustering_agreement", "centroid_accuracy"])
+    assert "centroid_accuracy" not in ext.columns and "pearson_delta_centroid" in ext.columns
+
+
+def test_de_tables_written_in_every_profile_but_pds(real, pred, tmp_path):
+    for prof in ("anndata", "pds"):
+        out = tmp_path / prof
+        evaluate(pred, real[0], profile=prof, outdir=out, num_threads=1,
+                 skip_metrics=["clustering_agreement"] if prof == "anndata" else ())
+        assert (out / "real_de.csv").is_file() == (prof != "pds")
+        assert (out / "pred_de.csv").is_file() == (prof != "pds")
+    de = pd.read_csv(tmp_path / "anndata" / "real_de.csv")
+    assert set(de["target"]) == set(real[0].obs["target_gene"]) - {"non-targeting"}
+
+
+def test_one_perturbation_omits_pearson_edistance(real, tmp_path):
+    r = real[0][real[0].obs["target_gene"].isin(["non-targeting", "G000"])].copy()
+    with pytest.warns(RuntimeWarning, match="pearson_edistance could not be computed"):
+        res, _ = evaluate(r, r.copy(), profile="anndata", outdir=tmp_path, num_threads=1,
+                          skip_metrics=["clustering_agreement"])
+    assert "pearson_edistance" not in res.columns
+    assert "pearson_edistance" in (tmp_path / "skipped_metrics.txt").read_text()
+
+
+def test_real_data_without_controls_is_not_told_to_copy_them(real, pred):
+    r = real[0][real[0].obs["target_gene"] != "non-targeting"].copy()
+    with pytest.raises(DataError, match="not found in real.*real data need their own control"):
+        evaluate(pred, r, profile="pds")
+
+
+def test_clustering_agreement_is_never_below_zero():
+    from statetx.metrics.clustering import clustering_agreement
+
+    rng = np.random.default_rng(0)
+    vals = [clustering_agreement(rng.normal(size=(12, 5)), rng.normal(size=(12, 5)))
+            for _ in range(30)]
+    assert min(vals) >= 0.0 and max(vals) > 0.0

@@ -33,12 +33,24 @@ def test_halves_are_disjoint_balanced_and_seeded(kang):
     again, _ = split_halves(kang, "target_gene", "cell_type", seed=0)
     other, _ = split_halves(kang, "target_gene", "cell_type", seed=1)
     assert list(again.obs_names) == list(a.obs_names) != list(other.obs_names)
+    # a group of one cell cannot be halved: said, not dropped silently
+    one = kang[(kang.obs["target_gene"] == "control") | (kang.obs_names == kang.obs_names[
+        (kang.obs["target_gene"] != "control").to_numpy()][0])].copy()
+    with pytest.warns(UserWarning, match="1 group.*single cell.*IFNB"):
+        split_halves(one, "target_gene", "cell_type", seed=0)
 
 
 def test_ceiling_is_spearman_brown_of_half_against_half(kang, tmp_path):
     results, agg = ceiling(kang, **OPTS, profile="minimal", num_threads=2, outdir=tmp_path)
-    assert (tmp_path / "ceiling_results.csv").is_file()
-    assert (tmp_path / "agg_ceiling_results.csv").is_file()
+    # per cell type, one pair of files prefixed as evaluate's, NaN written as NaN (not null)
+    assert not (tmp_path / "ceiling_results.csv").exists()
+    for ct in agg["celltype"]:
+        pre = str(ct).replace("/", "-") + "_"
+        res_ct = pd.read_csv(tmp_path / f"{pre}ceiling_results.csv")
+        assert list(res_ct["perturbation"]) == list(
+            results.loc[results["celltype"] == ct, "perturbation"])
+        text = (tmp_path / f"{pre}agg_ceiling_results.csv").read_text().splitlines()
+        assert text[0].split(",")[0] == "overlap_at_N" and ",NaN," in text[1]
     for _, row in agg.iterrows():
         r = results.loc[results["celltype"] == row["celltype"], "pearson_delta"].mean()
         assert row["pearson_delta"] == pytest.approx(2 * r / (1 + r))

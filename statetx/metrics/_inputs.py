@@ -230,6 +230,15 @@ def align_pair(
             raise DataError(f"embedding {embed_key!r} not found in {which} obsm "
                             f"(keys: {preview(a.obsm.keys())}); pass an existing embed_key")
     pg, rg = pred.var_names.astype(str), real.var_names.astype(str)
+    for names, which in ((pg, "pred"), (rg, "real")):
+        if names.has_duplicates:  # DE lists and gene exclusions compare genes by name
+            dup = names[names.duplicated()].unique()
+            raise DataError(
+                f"{which} var_names hold duplicated genes: [{preview(dup, 10)}] "
+                f"({int(names.duplicated().sum())} extra column(s)); the DE metrics compare "
+                "genes by name, so repeated names would be counted once. Give every gene one "
+                f"name: {which}.var_names_make_unique() (on both files alike), or drop the "
+                "duplicates.")
     if not (len(pg) == len(rg) and np.array_equal(pg.to_numpy(), rg.to_numpy())):
         if align_genes and set(pg) == set(rg) and len(pg) == len(rg) and pg.is_unique:
             pred = pred[:, list(rg)]
@@ -244,9 +253,12 @@ def align_pair(
                 fix = (f" control_pert names the controls of both files: relabel {which}'s, e.g. "
                        f"{which}.obs[{pert_col!r}] = {which}.obs[{pert_col!r}].astype(str)"
                        f".replace({{{hint[0]!r}: {control_pert!r}}}).")
-            elif control_pert in other:  # a prediction without control cells
-                fix = (f" {which} needs control cells too: copy the real control cells into it "
+            elif control_pert in other and which == "pred":  # a prediction without controls
+                fix = (" pred needs control cells too: copy the real control cells into it "
                        "(what predict_split(controls='real') and the baselines do).")
+            elif control_pert in other:
+                fix = (" The real data need their own control cells: each file's deltas are "
+                       "taken against its controls. Evaluate against data that hold them.")
             else:
                 fix = (" Name the label of the control cells (control_pert= in Python, "
                        "--control-pert on the command line).")

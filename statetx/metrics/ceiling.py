@@ -10,6 +10,7 @@ otherwise), since each half has half the cells; NaN for the other metrics.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from statetx._utils import atomic_write, cell_type_option
+from statetx._utils import atomic_write, cell_type_option, preview
 from statetx.errors import ConfigError
 from statetx.metrics._inputs import check_obs_col, load, recorded_labels
 
@@ -35,12 +36,19 @@ def split_halves(real: ad.AnnData, pert_col: str, celltype_col: str | None = Non
         check_obs_col(real, celltype_col, "real data", "cell type")
         keys = real.obs[celltype_col].astype(str) + "\x00" + keys
     rng = np.random.default_rng(int(seed))
-    first, second = [], []
-    for _, rows in sorted(pd.Series(np.arange(real.n_obs)).groupby(keys.to_numpy()).groups.items()):
+    first, second, single = [], [], []
+    groups = pd.Series(np.arange(real.n_obs)).groupby(keys.to_numpy()).groups
+    for key, rows in sorted(groups.items()):
+        if len(rows) < 2:
+            single.append(str(key).replace("\x00", " / "))
         rows = rng.permutation(np.asarray(rows))
         half = len(rows) // 2
         first.append(rows[:half])
         second.append(rows[half:2 * half])
+    if single:
+        warnings.warn(f"ceiling: {len(single)} group(s) have a single cell and cannot be split "
+                      f"in halves; they are left out of the ceiling: {preview(single)}.",
+                      UserWarning, stacklevel=2)
     a, b = np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
     return real[a].copy(), real[b].copy()
 
@@ -60,7 +68,7 @@ def ceiling(adata_real: ad.AnnData | str | Path, pert_col: str | None = None,
     cells), else ``target_gene`` / ``non-targeting``. ``cell_type_key`` is an alias of
     ``celltype_col``.
     """
-    from statetx.metrics.evaluate import evaluate
+    from statetx.metrics.evaluate import evaluate, file_prefix
 
     celltype_col = cell_type_option("celltype_col", celltype_col, cell_type_key)
     real = load(adata_real, "real data")
@@ -69,10 +77,16 @@ def ceiling(adata_real: ad.AnnData | str | Path, pert_col: str | None = None,
     results, _ = evaluate(a, b, pert_col=pert_col, control_pert=control_pert,
                           celltype_col=celltype_col, **evaluate_options)
     agg = _spearman_brown(results, celltype_col is not None)
-    if outdir is not None:
+    if outdir is not None:  # one pair of files per cell type, prefixed as evaluate's
         out = Path(outdir)
-        atomic_write(out / "ceiling_results.csv", lambda p: results.to_csv(p, index=False))
-        atomic_write(out / "agg_ceiling_results.csv", lambda p: agg.to_csv(p, index=False))
+        parts = ([(None, results, agg)] if celltype_col is None else
+                 [(ct, results[results["celltype"] == ct].drop(columns="celltype"),
+                   agg[agg["celltype"] == ct].drop(columns="celltype"))
+                  for ct in agg["celltype"]])
+        for ct, res, ag in parts:
+            for name, frame in (("ceiling_results.csv", res), ("agg_ceiling_results.csv", ag)):
+                atomic_write(out / f"{file_prefix(ct)}{name}",
+                             lambda p, f=frame: f.to_csv(p, index=False, na_rep="NaN"))
     return results, agg
 
 

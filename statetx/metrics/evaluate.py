@@ -46,8 +46,10 @@ ANNDATA_METRICS = [
     "discrimination_score_l2", "discrimination_score_cosine", "pearson_edistance",
     "clustering_agreement",
 ]
+# de_nsig_counts' two columns, which skip_metrics may name one by one
+NSIG_PARTS = ["de_nsig_counts_real", "de_nsig_counts_pred"]
 # metrics that need the cells, not only the (cell type, perturbation) pseudobulks
-CELL_LEVEL_METRICS = [*DE_METRICS, "pearson_edistance", "clustering_agreement"]
+CELL_LEVEL_METRICS = [*DE_METRICS, *NSIG_PARTS, "pearson_edistance", "clustering_agreement"]
 # uns flag of the outputs of predict_split(pseudobulk=True): rows are group means, not cells
 PSEUDOBULK_FLAG = "statetx_pseudobulk"
 # below this many perturbations the discrimination scores (ranks among them) are said to be coarse
@@ -81,11 +83,17 @@ def _metric_list(profile: str, skip: Iterable[str]) -> list[str]:
         raise ConfigError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}."
                           f"{did_you_mean(profile, PROFILES)}")
     skip = list(skip)
-    known = set(PROFILES["full"]) | {"de_nsig_counts_real", "de_nsig_counts_pred"}
+    known = set(PROFILES["extended"]) | set(NSIG_PARTS)
     for s in skip:
         if s not in known:
             raise ConfigError(f"skip_metrics: unknown metric {s!r}.{did_you_mean(s, known)}")
-    return [m for m in PROFILES[profile] if m not in skip]
+    out = []
+    for m in PROFILES[profile]:
+        if m == "de_nsig_counts" and m not in skip and set(NSIG_PARTS) & set(skip):
+            out += [p for p in NSIG_PARTS if p not in skip]  # one of its columns skipped
+        elif m not in skip:
+            out.append(m)
+    return out
 
 
 def _codes(labels: np.ndarray, order: list[str]) -> np.ndarray:
@@ -106,6 +114,7 @@ def _evaluate_one(
     num_threads: int | None,
     epsilon: float,
     de_mode: str = "pdex-0.3",
+    de_tables: bool = False,
 ) -> EvalOutput:
     pl = pred.obs[pert_col].astype(str).to_numpy()
     rl = real.obs[pert_col].astype(str).to_numpy()
@@ -121,15 +130,16 @@ def _evaluate_one(
     mr = group_means(Xr, rc, len(order))
     table = MetricTable(perts)
     skipped: dict[str, str] = {}
-    needs_de = any(m in DE_METRICS for m in metrics)
+    needs_de = any(m in DE_METRICS or m in NSIG_PARTS for m in metrics)
     real_de, pred_de = de_real, de_pred
-    if needs_de:
+    if needs_de or de_tables:
         if real_de is None:
             real_de = wilcoxon_de(Xr, rl, control_pert, genes, epsilon=epsilon,
                                   num_threads=num_threads, means=mr, mode=de_mode)
         if pred_de is None:
             pred_de = wilcoxon_de(Xp, pl, control_pert, genes, epsilon=epsilon,
                                   num_threads=num_threads, means=mp, mode=de_mode)
+    if needs_de:
         de_vals = de_metrics(real_de, pred_de, perts)
         n_sig = np.asarray(de_vals["de_nsig_counts_real"], dtype=float)
         if len(n_sig) and not np.any(n_sig > 0):
@@ -154,7 +164,7 @@ def _evaluate_one(
         er = group_means(np.asarray(real.obsm[embed_key]), rc, len(order), float64=True)
         emb = (er[1:] - er[0], ep[1:] - ep[0])
     for m in metrics:
-        if m in DE_METRICS:
+        if m in DE_METRICS or m in NSIG_PARTS:
             continue
         try:
             if m == "pearson_delta":
@@ -178,6 +188,8 @@ def _evaluate_one(
                 else:
                     v = ex.discrimination_score(dr, dp, perts, genes, kind)
             elif m == "pearson_edistance":
+                if len(perts) < 2:  # (cell-eval's Pearson raises: the column is omitted)
+                    raise ValueError("a correlation over perturbations needs at least two")
                 er_ = ex.energy_distances(Xr, rc, len(order))
                 ep_ = ex.energy_distances(Xp, pc, len(order))
                 v = ex._pearson(er_, ep_)
@@ -256,7 +268,7 @@ def _check_de_matches(de: pd.DataFrame, which: str, perts: set[str], genes: set[
                         f"same data, or leave de_{which} out.")
 
 
-def _prefix(ct: str | None) -> str:
+def file_prefix(ct: str | None) -> str:
     return "" if ct is None else str(ct).replace("/", "-") + "_"
 
 
@@ -385,7 +397,8 @@ def evaluate(
     for which, a, t in sorted([("pred", p, tp), ("real", r, tr)], key=lambda c: c[2] is not None):
         done[which] = check_scale(a, which, allow_discrete, t, **note)
     p, r = done["pred"], done["real"]
-    if any(a.uns.get(PSEUDOBULK_FLAG, False) for a in (p, r)):  # one row per group
+    pseudobulk = any(a.uns.get(PSEUDOBULK_FLAG, False) for a in (p, r))  # one row per group
+    if pseudobulk:
         cell_level = [m for m in metrics if m in CELL_LEVEL_METRICS]
         if cell_level:
             say("pseudobulk inputs (one row per group): metrics that need "
@@ -412,7 +425,8 @@ def evaluate(
                             f"{sorted(tp - tr)[:10]}, only in real {sorted(tr - tp)[:10]}")
     kw = dict(pert_col=pert_col, control_pert=control_pert, metrics=metrics, embed_key=embed_key,
               de_pred=dp, de_real=dr, num_threads=num_threads, epsilon=epsilon,
-              de_mode=de_mode)
+              de_mode=de_mode,  # cell-eval writes the DE tables in every profile but pds
+              de_tables=outdir is not None and profile != "pds" and not pseudobulk)
     outputs: list[tuple[str | None, EvalOutput]] = []
     rl = r.obs[pert_col].astype(str).to_numpy()
     rct = None if celltype_col is None else r.obs[celltype_col].astype(str).to_numpy()
@@ -459,7 +473,7 @@ def _write(outdir: Path, outputs: list[tuple[str | None, EvalOutput]]) -> None:
     """Write every file of every cell type; each file is replaced atomically."""
     outdir.mkdir(parents=True, exist_ok=True)
     for ct, out in outputs:
-        pre = _prefix(ct)
+        pre = file_prefix(ct)
         out.table.write(outdir / f"{pre}results.csv")
         agg, nulls = out.table.describe()
         write_agg(agg, nulls, outdir / f"{pre}agg_results.csv")

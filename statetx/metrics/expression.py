@@ -82,14 +82,12 @@ def discrimination_score(
     r_all = np.asarray(d_real, dtype=np.float64)
     q_all = np.asarray(d_pred, dtype=np.float64)
     n = r_all.shape[0]
-    gene_pos = {str(g): i for i, g in enumerate(genes)} if genes is not None else {}
+    names = np.asarray(genes, dtype=str) if genes is not None else None
     out = np.empty(n)
     for i, p in enumerate(perturbations):
         r, q = r_all, q_all[i]
-        j = gene_pos.get(str(p))
-        if j is not None:
-            keep = np.ones(r_all.shape[1], dtype=bool)
-            keep[j] = False
+        keep = None if names is None else names != str(p)  # (every column of that name)
+        if keep is not None and not keep.all():
             r, q = r[:, keep], q[keep]
         d = _dist(r, q, metric)
         rank = int(np.sum(d < d[i]) + np.sum(d[:i] == d[i]))
