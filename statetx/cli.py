@@ -354,8 +354,9 @@ def _add_filter(sp: Any) -> None:
     _flag(f, "--min-cells", type=int, default=30,
           help="then drop perturbations with fewer cells left (default 30)")
     f.add_argument("--layer", help="layer to read expression from (default X)")
-    _flag(f, "--var-gene-name", default="gene_name",
-          help="var column with gene names (var_names when the column is absent)")
+    _flag(f, "--var-gene-name",
+          help="var column with gene names (default: 'gene_name' when var has it, else "
+          "var_names; a column given here must exist)")
     f.add_argument("--verbose", action="store_true")
     f.add_argument("--preprocess", action="store_true",
                    help="normalize_total(1e4) + log1p after filtering")
@@ -1277,10 +1278,12 @@ def cmd_filter(a: argparse.Namespace) -> int:
 
     _check_output(a.output, a.input)
     adata = _read(a.input)
-    var_col = a.var_gene_name
-    if var_col and var_col not in adata.var.columns:
-        _say(f"var has no column '{var_col}': matching perturbation labels against var_names.")
-        var_col = None
+    var_col = a.var_gene_name  # (None: cell-load's default "gene_name" when var has it)
+    if var_col is None:
+        var_col = "gene_name" if "gene_name" in adata.var.columns else None
+        if var_col is None:
+            _say("var has no column 'gene_name': matching perturbation labels against "
+                 "var_names (--var-gene-name names another column).")
     out, report = filter_on_target_knockdown(
         adata, a.perturbation_column, a.control_label, a.residual_expression,
         a.cell_residual_expression, a.min_cells, a.layer, var_col,

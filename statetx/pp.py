@@ -244,6 +244,11 @@ def preprocess_train(
         raise ConfigError(
             f"flavor={flavor!r} is invalid; expected one of {', '.join(_HVG_FLAVORS)}."
         )
+    if not adata.var_names.is_unique:  # training would refuse the result
+        dup = adata.var_names[adata.var_names.duplicated()].unique()
+        raise DataError(f"the input has duplicate gene names (var_names): {preview(dup)}; "
+                        "models match genes by name. Call adata.var_names_make_unique() first "
+                        "(or keep one column per gene).")
     include = names_list(include_genes or [])
     absent = sorted(set(include) - set(map(str, adata.var_names)))
     if absent:
@@ -259,12 +264,11 @@ def preprocess_train(
             say(f"already_normalized=True: HVGs are computed on X, not on {layer!r}")
         logx = adata.X
         if _count_problem(logx) is None and "log1p" not in adata.uns:
-            warnings.warn(
-                "already_normalized=True but X holds integer values that look like raw counts; "
-                "HVGs are selected on them as they are.",
-                UserWarning,
-                stacklevel=2,
-            )
+            raise DataError(
+                "already_normalized=True, but X holds integer values that look like raw counts "
+                "(not log1p-normalised expression): pass already_normalized=False to normalise "
+                "and log-transform them"
+                + (", or layer='counts'" if "counts" in adata.layers else "") + ".")
         used_target = None
         if flavor == "seurat_v3":
             counts = adata.layers[layer] if layer is not None else None
@@ -285,7 +289,8 @@ def preprocess_train(
         counts = src
         logx, used_target = normalize_log1p(src, target_sum)
 
-    hvg = _select_hvgs(logx, counts, adata.var_names, n_top_genes, flavor, n_bins)
+    base = (adata.uns.get("log1p") or {}).get("base") if already_normalized else None
+    hvg = _select_hvgs(logx, counts, adata.var_names, n_top_genes, flavor, n_bins, base)
     if include:
         hvg["highly_variable"] = hvg["highly_variable"].to_numpy(bool) | adata.var_names.isin(
             include)
@@ -322,8 +327,10 @@ def _select_hvgs(
     n_top_genes: int,
     flavor: str,
     n_bins: int,
+    log_base: float | None = None,
 ) -> pd.DataFrame:
-    """HVG table (scanpy's columns) computed on a canonical CSR copy, so dense == sparse."""
+    """HVG table (scanpy's columns) computed on a canonical CSR copy, so dense == sparse
+    (``log_base``: that of ``logx``, None = natural, as scanpy's ``uns['log1p']``)."""
     import anndata as ad
     import scanpy as sc
 
@@ -346,7 +353,7 @@ def _select_hvgs(
     else:
         x = sp.csr_matrix(logx, dtype=np.float32)
     tmp = ad.AnnData(X=x, var=pd.DataFrame(index=pd.Index(np.arange(n_vars).astype(str))))
-    _set_log1p(tmp)
+    tmp.uns["log1p"] = {"base": log_base}  # (scanpy reads the base of the log)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         try:
@@ -526,8 +533,13 @@ def filter_on_target_knockdown(
     preprocess: bool = False,
     verbose: bool = False,
     return_report: bool = False,
+    perturbation_column: str | None = None,
+    control_label: str | None = None,
 ) -> AnnData | tuple[AnnData, pd.DataFrame]:
     """Keep perturbations (and cells) whose target gene is knocked down, as cell-load's filter.
+
+    ``perturbation_column`` / ``control_label`` (cell-load's names) are accepted for
+    ``pert_col`` / ``control_pert``.
 
     A perturbation's target is its label, matched exactly against ``var[var_gene_name]`` (or
     ``var_names`` when ``var_gene_name=None``; duplicated names resolve to their first
@@ -554,6 +566,16 @@ def filter_on_target_knockdown(
     """
     import anndata as ad
 
+    for mine, default, theirs, value in (("pert_col", "gene", "perturbation_column",
+                                          perturbation_column),
+                                         ("control_pert", "non-targeting", "control_label",
+                                          control_label)):
+        given = pert_col if mine == "pert_col" else control_pert
+        if value is not None and given not in (default, value):
+            raise ConfigError(f"{mine}={given!r} and {theirs}={value!r} name the same option; "
+                              "pass one of them.")
+    pert_col = perturbation_column or pert_col
+    control_pert = control_label or control_pert
     if on_unmatched not in ("drop", "keep", "error"):
         raise ConfigError(
             f"on_unmatched={on_unmatched!r} is invalid; expected 'drop', 'keep' or 'error'."

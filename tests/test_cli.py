@@ -633,6 +633,9 @@ def test_preprocess_and_knockdown_filter(tmp_path, capsys):
     rep.unlink()
     assert main([*args, "--output", str(tmp_path), str(raw)]) == 2  # a folder: nothing written
     assert not rep.exists()
+    capsys.readouterr()  # a var column given by name must exist (no silent var_names)
+    assert main([*args, "--output", str(filt), "--var-gene-name", "gene_nam", str(raw)]) == 2
+    assert "Did you mean: 'gene_name'" in capsys.readouterr().err
     pp = tmp_path / "pp.h5ad"
     assert main(["tx", "preprocess_train", "--adata", str(raw), "--output", str(pp),
                  "--num_hvgs", "8"]) == 0

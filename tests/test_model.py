@@ -490,9 +490,12 @@ def test_input_normalised_to_another_total_is_flagged(synth, tmp_path):
     with pytest.warns(UserWarning, match=r"normalised to 500 counts per cell .* training data to "
                                          r"1,000.*log\(0.5\) = -0.69.*target_sum=1000"):
         loaded.predict(b)
+    c = a.copy()  # preprocessed apart with the default (median) total: a few % off is fine
+    c.uns["statetx_preprocess"] = {"target_sum": 1030.0}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         loaded.predict(a)
+        loaded.predict(c)
         model.predict(synth)  # nothing recorded: nothing to compare
 
 

@@ -372,3 +372,35 @@ def test_include_genes_are_added_to_the_hvgs(tmp_path):
                  str(tmp_path / "out.h5ad"), "--num-hvgs", "20", "--include-genes",
                  ",".join(wanted)]) == 0
     assert set(wanted) <= set(ad.read_h5ad(tmp_path / "out.h5ad").uns["X_hvg_var_names"])
+
+
+def test_already_normalized_counts_duplicates_and_the_log_base(kang_raw):
+    """already_normalized=True on raw counts is refused (it crashed in the HVG step, or marked
+    counts as log1p); a base-2 log selects scanpy's genes; duplicated genes are refused first."""
+    import scanpy as sc
+
+    with pytest.raises(DataError, match="look like raw counts.*already_normalized=False"):
+        pp.preprocess_train(kang_raw, 100, already_normalized=True, copy=True)
+    assert "log1p" not in kang_raw.uns
+    log2 = kang_raw.copy()
+    sc.pp.normalize_total(log2)
+    sc.pp.log1p(log2, base=2)
+    ref = log2.copy()
+    sc.pp.highly_variable_genes(ref, n_top_genes=200)
+    ours = pp.preprocess_train(log2, 200, already_normalized=True, copy=True)
+    np.testing.assert_array_equal(ours.var["highly_variable"], ref.var["highly_variable"])
+    dup = kang_raw.copy()
+    dup.var_names = [dup.var_names[1], *dup.var_names[1:]]
+    with pytest.raises(DataError, match=f"duplicate gene names.*{dup.var_names[1]}.*"
+                                        "var_names_make_unique"):
+        pp.preprocess_train(dup, 100, copy=True)
+
+
+def test_knockdown_takes_cell_loads_keyword_names():
+    a = _toy()
+    ours = pp.filter_on_target_knockdown(a, "gene", "ctrl", var_gene_name="gene_name")
+    theirs = pp.filter_on_target_knockdown(a, perturbation_column="gene", control_label="ctrl",
+                                           var_gene_name="gene_name")
+    assert list(ours.obs_names) == list(theirs.obs_names)
+    with pytest.raises(ConfigError, match="pert_col='x' and perturbation_column='gene'"):
+        pp.filter_on_target_knockdown(a, "x", perturbation_column="gene")
