@@ -71,9 +71,11 @@ class SplitConfig(BaseModel):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_toml(cls, obj: str | Path | dict | SplitConfig) -> SplitConfig:
-        """Load and validate a split spec from a TOML path, TOML string, dict or SplitConfig."""
+        """Load and validate a split spec from a TOML path, TOML string, dict or SplitConfig
+        (one built directly, ``SplitConfig(training=...)``, gets the same checks here)."""
         if isinstance(obj, SplitConfig):
-            return obj
+            return cls._from_raw(obj.model_dump(include=set(SECTIONS)),
+                                 source=obj.source or "<dict>", base_dir=obj.base_dir)
         if isinstance(obj, dict):
             return cls._from_raw(dict(obj), source="<dict>", base_dir=obj.get("base_dir"))
         text, source, base_dir = _read_toml_text(obj)

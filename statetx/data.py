@@ -62,6 +62,7 @@ class SplitData:
     barcodes: np.ndarray            # [n] str
     counts: torch.Tensor | None = None  # [n, G] gene-space target for a gene decoder
     file_row: np.ndarray | None = None  # [n] int64: the row in its file
+    datasets: tuple[str, ...] = ()  # the dataset name of each file (by file_index)
 
     @property
     def n_obs(self) -> int:
@@ -158,6 +159,16 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
     unused = sorted(set(config.datasets) - set(names))
     if unused:
         say(f"datasets listed only in [datasets] are not used: {', '.join(unused)}")
+    idle = sorted(set(memory) - set(names))
+    if idle:  # (a dict of AnnData: each one the spec does not name is left out)
+        warnings.warn(f"in-memory dataset(s) {', '.join(map(repr, idle))} are not used by the "
+                      f"split spec (it uses {', '.join(map(repr, names))}): their cells are "
+                      "left out. Name them in [training], [zeroshot] or [fewshot].",
+                      UserWarning, stacklevel=3)
+    shadowed = sorted(set(memory) & set(names) & set(config.datasets))
+    if shadowed:
+        say("the AnnData given in memory is used instead of the [datasets] path for "
+            + ", ".join(f"'{n}' ({config.datasets[n]})" for n in shadowed))
     files: list[DataFile] = []
     owner: dict[Path, str] = {}  # resolved file -> its dataset
     c = columns
@@ -510,6 +521,7 @@ def _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_
         batch=cat["batch"], is_control=cat["is_control"], is_target=is_target,
         context=cat["context"], file_index=cat["file_index"], barcodes=cat["barcodes"],
         counts=None if counts is None else torch.from_numpy(counts), file_row=cat["file_row"],
+        datasets=tuple(a.file.dataset for a in assignments),
     )
 
 

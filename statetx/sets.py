@@ -157,6 +157,9 @@ class CellSetBatch:
     basal_rows: np.ndarray         # [B,S]
     pert_name: list[str]           # per set
     cell_type: list[str]           # per set
+    dataset_name: list[str]        # per set: its [datasets] name
+    target_barcode: np.ndarray     # [B,S] obs names of the target cells
+    basal_barcode: np.ndarray      # [B,S] obs names of their basal cells
 
     @property
     def n_cells(self) -> int:
@@ -192,6 +195,9 @@ class CellSetBatch:
                                                  max(1, len(vocab.batches))).float(),
             "batch_name": [vocab.batches[i] for i in self.batch_index.reshape(-1).tolist()],
         }
+        flat["dataset_name"] = [n for n in self.dataset_name for _ in range(s)]
+        flat["pert_cell_barcode"] = self.target_barcode.reshape(-1).tolist()
+        flat["ctrl_cell_barcode"] = self.basal_barcode.reshape(-1).tolist()
         if self.counts is not None:
             flat["pert_cell_counts"] = self.counts.reshape(b * s, -1)
         return flat
@@ -472,4 +478,7 @@ class CellSetSampler:
             basal_rows=basal_rows,
             pert_name=[self.vocab.perturbations[i] for i in d.pert[first]],
             cell_type=[self.vocab.cell_types[i] for i in d.cell_type[first]],
+            dataset_name=[d.datasets[i] for i in d.file_index[first]],
+            target_barcode=d.barcodes[target_rows],
+            basal_barcode=d.barcodes[basal_rows],
         )

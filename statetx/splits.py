@@ -176,10 +176,16 @@ def subsample_validation(assignments: Sequence[Assignment], fraction: float) -> 
         ((a.file.dataset, str(a.file.path or a.file.label), str(ct)), i)
         for i, a in enumerate(assignments) for ct in np.unique(a.file.cell_type[a.val]))
     keep = {key for key, _ in parts[:max(1, math.ceil(len(parts) * fraction))]} if parts else set()
+    dropped = []
     for key, i in parts:
         if key not in keep:
             a = assignments[i]
-            a.val &= a.file.cell_type != key[2]
+            gone = a.val & (a.file.cell_type == key[2])
+            a.val &= ~gone
+            dropped.append(f"{key[0]}.{key[2]} ({int(gone.sum()):,} cells)")
+    if dropped:  # (cells of val only are then in no split)
+        say(f"val_subsample_fraction={fraction:g}: {len(parts) - len(dropped)} of {len(parts)} "
+            f"validation part(s) kept; left out of validation: {preview(dropped, 10)}")
 
 
 def default_dataset_name(config: SplitConfig) -> str:

@@ -807,6 +807,9 @@ class StreamingCellSetSampler:
             basal_rows=self.reservoir_rows[basal],
             pert_name=[self.vocab.perturbations[i] for i in d.pert[first]],
             cell_type=[self.vocab.cell_types[i] for i in d.cell_type[first]],
+            dataset_name=[d.files[i].dataset for i in d.file_index[first]],
+            target_barcode=d.barcodes[targets],
+            basal_barcode=d.barcodes[self.reservoir_rows[basal]],
         )
 
     def close(self) -> None:

@@ -269,10 +269,24 @@ def load_pert_features(path: str | Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k].astype(np.float32).reshape(-1) for k in z.files}
     if suffix in (".csv", ".tsv"):
-        df = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", index_col=0)
-        return {str(k): row.to_numpy(np.float32) for k, row in df.iterrows()}
+        return _read_feature_table(path, "\t" if suffix == ".tsv" else ",")
     raise DataError(f"{path}: unsupported perturbation feature format '{suffix}' (use .pt, "
                     ".safetensors, .npz or .csv).")
+
+
+def _read_feature_table(path: Path, sep: str) -> dict[str, np.ndarray]:
+    """A name-per-row table, with a header row (e.g. ``,0,1,...`` as written here) or without
+    one: a first row of numbers other than the column positions is a perturbation's vector."""
+    df = pd.read_csv(path, sep=sep, index_col=0)
+    head = pd.to_numeric(pd.Series(df.columns, dtype=object), errors="coerce")
+    if len(df.columns) and head.notna().all() and not np.array_equal(head, np.arange(len(head))):
+        df = pd.read_csv(path, sep=sep, index_col=0, header=None)
+    bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        raise DataError(f"{path}: column {bad[0]!r} is not numeric (e.g. "
+                        f"{df[bad[0]].iloc[0]!r}); a feature table holds the perturbation name "
+                        "in its first column and numbers in the others.")
+    return {str(k): row.to_numpy(np.float32) for k, row in df.iterrows()}
 
 
 def save_pert_features(table: Mapping[str, np.ndarray], path: str | Path) -> None:

@@ -104,7 +104,14 @@ def test_from_toml_string_and_dict():
     check_spec(cfg2)
     assert cfg2.source == "<dict>"
     # a SplitConfig passes through unchanged
-    assert SplitConfig.from_toml(cfg2) is cfg2
+    assert SplitConfig.from_toml(cfg2) == cfg2
+    # one built directly gets the same checks when it is used
+    for kw, msg in ((dict(training={"kang": "train"}, zeroshot={"kang.B": "test"},
+                          fewshot={"kang.B": {"val": ["IFNB"]}}), "both \\[zeroshot\\] and"),
+                    (dict(fewshot={"kang.B": {"val": ["X"], "test": ["X"]}}), "both val and test"),
+                    (dict(training={"ka.ng": "train"}), "contains a dot")):
+        with pytest.raises(SplitConfigError, match=msg):
+            SplitConfig.from_toml(SplitConfig(**kw))
     # dict with a base_dir
     cfg3 = SplitConfig.from_toml({**raw, "base_dir": "/some/where"})
     assert cfg3.base_dir == Path("/some/where")

@@ -510,6 +510,21 @@ def test_pert_feature_non_finite_and_missing_file(tmp_path):
                 on_missing_features="error")
 
 
+def test_feature_tables_with_or_without_a_header(tmp_path):
+    from statetx.vocab import save_pert_features
+
+    (tmp_path / "plain.csv").write_text("MAPK1,0.1,0.2\nPLK4,0.3,0.4\n")  # no header row
+    assert list(load_pert_features(tmp_path / "plain.csv")) == ["MAPK1", "PLK4"]
+    (tmp_path / "named.tsv").write_text("gene\tesm_0\tesm_1\nMAPK1\t0.1\t0.2\n")
+    np.testing.assert_allclose(load_pert_features(tmp_path / "named.tsv")["MAPK1"], [0.1, 0.2])
+    save_pert_features({"A": np.array([1.0, 2.0]), "B": np.array([3.0, 4.0])},
+                       tmp_path / "ours.csv")  # header ",0,1": read as a header
+    assert list(load_pert_features(tmp_path / "ours.csv")) == ["A", "B"]
+    (tmp_path / "text.csv").write_text("gene,model,v\nMAPK1,esm,0.2\n")
+    with pytest.raises(DataError, match="text.csv: column 'model' is not numeric"):
+        load_pert_features(tmp_path / "text.csv")
+
+
 def test_counts_for_output_space_all():
     a = make_adata()
     a.X = np.round(a.X * 10)

@@ -337,7 +337,7 @@ def test_distributed_sets_are_disjoint_with_even_count(syn):
 # reference flat dict
 
 
-def test_reference_dict(kang_prep):
+def test_reference_dict(kang_prep, kang_log):
     v = kang_prep.vocab
     s = sampler(kang_prep, S=8, B=2, pairing="batch", seed=0)
     b = next(iter(s.batches(0)))
@@ -357,6 +357,15 @@ def test_reference_dict(kang_prep):
     assert flat["batch_name"] == [v.batches[i] for i in d.batch[rows]]
     assert set(flat["pert_name"]) <= {"IFNB", "control"}
     assert all(isinstance(x, str) for x in flat["pert_name"] + flat["batch_name"])
+    # per set: its dataset; per cell: the target's and its basal control's obs names
+    assert b.dataset_name == ["kang", "kang"] and flat["dataset_name"] == ["kang"] * n
+    file_row = kang_prep.splits["train"].file_row  # rows of the AnnData given
+    names = np.asarray(kang_log.obs_names)
+    assert flat["pert_cell_barcode"] == list(names[file_row[b.target_rows.reshape(-1)]])
+    assert flat["ctrl_cell_barcode"] == list(names[file_row[b.basal_rows.reshape(-1)]])
+    ctrl = set(kang_prep.splits["train"].barcodes[kang_prep.splits["train"].is_control])
+    assert set(flat["ctrl_cell_barcode"]) <= ctrl
+
 
 
 # ---------------------------------------------------------------------------------------------

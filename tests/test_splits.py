@@ -398,7 +398,7 @@ def test_split_config_summarize_matches_the_training_summary():
     assert table.loc[table["split"] == "test", "n_perturbed_cells"].sum() == 500
 
 
-def test_val_subsample_fraction_keeps_the_first_parts():
+def test_val_subsample_fraction_keeps_the_first_parts(capsys):
     """Reference semantics: validation parts (dataset, file, cell type) sorted, the first
     max(1, ceil(n * fraction)) kept, deterministically."""
     from statetx.datasets import example_toml, load_zhao2021
@@ -411,7 +411,11 @@ def test_val_subsample_fraction_keeps_the_first_parts():
         zs[ct] = "val"
     adata = load_zhao2021()
     full = prepare(adata, spec, cols, allow_counts=True)
+    capsys.readouterr()
     half = prepare(adata, spec, cols, allow_counts=True, val_subsample_fraction=0.5)
+    left_out = sorted(set(full.summary.loc[full.summary["split"] == "val", "cell_type"]))[-1]
+    assert (f"val_subsample_fraction=0.5: 2 of 3 validation part(s) kept; left out of "
+            f"validation: zhao.{left_out} (") in capsys.readouterr().out  # said, not silent
     val_cts = lambda p: sorted(p.summary.loc[p.summary["split"] == "val", "cell_type"])  # noqa: E731
     assert len(val_cts(full)) == 3
     assert val_cts(half) == val_cts(full)[:2]  # ceil(3 * 0.5) = 2, in sorted order
@@ -469,3 +473,18 @@ def test_a_pair_named_in_the_other_order_is_suggested(perturbench):
     cols = {"pert_col": "target_gene", "cell_type_key": "cell_type", "control_pert": "control"}
     with pytest.raises(DataError, match=r"TGFBR2\+MAPK1.*Did you mean: 'MAPK1\+TGFBR2'"):
         assign(k562, spec, cols, dataset="norman")
+
+
+def test_in_memory_datasets_the_spec_does_not_use_are_said(kang_raw, capsys):
+    cols = ColumnMap.build(pert_col="target_gene", cell_type_key="cell_type",
+                           control_pert="control")
+    a, b = kang_raw[:800].copy(), kang_raw[800:].copy()
+    with pytest.warns(UserWarning, match="in-memory dataset\\(s\\) 'b' are not used.*left out"):
+        files = load_files({"a": a, "b": b}, SplitConfig.from_toml({"training": {"a": "train"}}),
+                           cols)
+    assert [f.dataset for f in files] == ["a"]
+    capsys.readouterr()
+    spec = SplitConfig.from_toml({"datasets": {"a": "elsewhere.h5ad"}, "training": {"a": "train"}})
+    load_files({"a": a}, spec, cols)
+    assert "used instead of the [datasets] path for 'a' (elsewhere.h5ad)" in (
+        capsys.readouterr().out)
