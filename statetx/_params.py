@@ -47,6 +47,22 @@ class Estimator(BaseEstimator):
 
         cls.__init__ = checked
 
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        """scikit-learn's list, plus, for a subclass whose ``__init__`` passes ``**kwargs`` on,
+        its parents' parameters (else ``clone``, ``save`` and ``get_params`` lose them)."""
+        names = set(super()._get_param_names())
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or klass is object:
+                continue
+            params = inspect.signature(init).parameters.values()
+            names |= {p.name for p in params if p.name != "self" and p.kind not in (
+                inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                break  # (a constructor that takes no **kwargs ends the chain)
+        return sorted(names)
+
     def set_params(self, **params: Any) -> Estimator:
         valid = list(self.get_params(deep=False))
         unknown = [k for k in params if k.split("__", 1)[0] not in valid]
@@ -56,9 +72,12 @@ class Estimator(BaseEstimator):
         if plain:  # (whole values first, then single entries on top, as scikit-learn)
             super().set_params(**plain)
         for key, value in params.items():
-            name, _, entry = key.partition("__")
-            if not entry:
+            name, sep, entry = key.partition("__")
+            if not sep:
                 continue
+            if not entry:
+                raise ConfigError(f"{key}=...: name the entry after '__' (e.g. "
+                                  f"{name}__hidden_dim=64).")
             current = getattr(self, name)
             if not (isinstance(current, dict) or (current is None and name.endswith("kwargs"))):
                 raise ConfigError(f"{key}=...: name__key sets one entry of a dict parameter "

@@ -149,6 +149,17 @@ class _Baseline(Estimator):
 
     def _fit_prepared(self, prepared: PreparedData) -> _Baseline:
         self._validate_params()
+        learned = [k for k in vars(self) if k.endswith("_") or k == "_prepared"]
+        before = {k: getattr(self, k) for k in learned}
+        try:
+            return self._learn(prepared)
+        except BaseException:  # a failed refit leaves the fitted baseline as it was
+            for k in [k for k in vars(self) if k.endswith("_") or k == "_prepared"]:
+                delattr(self, k)
+            vars(self).update(before)
+            raise
+
+    def _learn(self, prepared: PreparedData) -> _Baseline:
         v, d = prepared.vocab, prepared.splits["train"]
         control = v.control_pert
         x = d.X.numpy()
@@ -218,9 +229,12 @@ class _Baseline(Estimator):
 
     # ------------------------------------------------------------------ fitted state
     def _check_fitted(self) -> None:
+        """Fitted, and its options (read again when predicting; set_params may have changed
+        them) valid."""
         if not hasattr(self, "means_"):
             raise NotFittedError(f"This {type(self).__name__} is not fitted yet. Call fit(...) "
                                  "first.")
+        self._validate_params()
 
     @property
     def _expression_output(self) -> bool:

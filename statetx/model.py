@@ -460,7 +460,8 @@ class StateTransitionModel(Estimator):
                 "max_steps": int(self.max_steps if self.max_steps is not None else steps),
                 "lr": float(self.lr if self.lr is not None else d["lr"]),
                 "weight_averaging": (d["weight_averaging"] if self.weight_averaging == "auto"
-                                     else self.weight_averaging)}
+                                     else self.weight_averaging),
+                "pairing": self._param_pairing(), "yield_controls": bool(self.yield_controls)}
 
     def _seed(self, seed: int | None) -> int:
         """A prediction's seed: as given, else the estimator's."""
@@ -473,7 +474,13 @@ class StateTransitionModel(Estimator):
             basal_pool or self._pairing()) == "batch"
 
     def _pairing(self) -> str:
-        """Control pairing: ``auto`` = ``batch`` when ``batch_col`` is set, else ``random``."""
+        """The control pairing the model trained with (predictions pair as in training, whatever
+        ``set_params`` changed since); models saved before it was recorded: the parameters'."""
+        return getattr(self, "train_settings_", {}).get("pairing") or self._param_pairing()
+
+    def _param_pairing(self) -> str:
+        """Control pairing of the parameters: ``auto`` = ``batch`` when ``batch_col`` is set,
+        else ``random``."""
         if self.basal_mapping_strategy == "auto":
             return "batch" if self.batch_col else "random"
         return self.basal_mapping_strategy
@@ -773,7 +780,7 @@ class StateTransitionModel(Estimator):
         thinning = self._thinning(prepared)
         samplers = {
             role: make_sampler(split, vocab, set_len, settings["batch_size"], stream=stream,
-                               seed=int(self.seed) + i, pairing=self._pairing(),
+                               seed=int(self.seed) + i, pairing=settings["pairing"],
                                exclude_self=bool(self.exclude_self),
                                **({"fixed_pairs": True} if self.cache_control_pairs else {}),
                                downsample_cells=self.downsample_cells, pad_from=self.pad_from,
@@ -797,7 +804,7 @@ class StateTransitionModel(Estimator):
             if verbose:
                 say(samplers['train'].describe())
         elif rank == 0:
-            _warn_padding(samplers["train"], self._pairing(), self.basal_mapping_strategy)
+            _warn_padding(samplers["train"], settings["pairing"], self.basal_mapping_strategy)
         previous = {k: v for k, v in vars(self).items() if k.endswith("_") or k == "_prepared"}
         # a fresh run (not resumed; the CLI prepares its own folder) starts in an empty folder;
         # an earlier run there is set aside until this one has written a checkpoint
@@ -922,6 +929,8 @@ class StateTransitionModel(Estimator):
             raise ConfigError(f"untrained_perturbation={mode!r} is invalid; expected one of "
                               f"{', '.join(map(repr, UNTRAINED_MODES))}.")
         trained = getattr(self, "trained_perturbations_", None)
+        ctrl_trained = getattr(self, "train_settings_", {}).get("yield_controls",
+                                                                self.yield_controls)
         v = vocab or self.vocab_
         if trained is None:
             return codes
@@ -936,14 +945,14 @@ class StateTransitionModel(Estimator):
             why = ("They have no feature vector (zero vectors), so the network sees no "
                    "perturbation for them. Give their vectors with pert_features=... "
                    "(tx predict / tx infer --pert-features).")
-        elif mode == "control" and self.yield_controls:
+        elif mode == "control" and ctrl_trained:
             why = ("Their one-hot embedding was never trained, so they are predicted as the "
                    "control (no effect; untrained_perturbation='as_is', --untrained-perturbation "
                    "as_is on the command line, keeps the untrained embedding, as arc-state "
                    "does).")
         else:
             why = ("Their one-hot embedding was never trained (its random start)"
-                   + ("" if self.yield_controls else ", nor was the control's (yield_controls="
+                   + ("" if ctrl_trained else ", nor was the control's (yield_controls="
                       "False: control cells were no training targets)")
                    + ", so their predicted effects are not learned from data.")
         if v.pert_features is None:
@@ -951,7 +960,7 @@ class StateTransitionModel(Estimator):
                     "model predict unseen perturbations.")
         warnings.warn(f"{len(new)} perturbation(s) of the {where} had no training cells: "
                       f"{preview(new)}. {why}", UserWarning, stacklevel=3)
-        if v.pert_features is not None or mode == "as_is" or not self.yield_controls:
+        if v.pert_features is not None or mode == "as_is" or not ctrl_trained:
             return codes
         index = {n: i for i, n in enumerate(v.perturbations)}
         out = codes.copy()

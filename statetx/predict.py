@@ -199,7 +199,8 @@ def output_scale(expression: bool, log1p: bool) -> str:
 def weights_digest(module: torch.nn.Module) -> str:
     """A short hash of a network's weights (names, shapes, dtypes, values): the model id in
     predictions' provenance. Cached on the module until a parameter changes in place (torch
-    counts in-place changes per tensor; changes through ``param.data`` are not counted)."""
+    counts in-place changes per tensor; changes through ``param.data`` or fused optimisers are
+    not counted: statetx's trainer drops the cache after training)."""
     state = module.state_dict(keep_vars=True)
     key = tuple((n, t.data_ptr(), t._version) for n, t in state.items())
     cached = getattr(module, "_statetx_digest", None)

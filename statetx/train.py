@@ -626,6 +626,9 @@ class Trainer:
         finally:
             self._unwrap()
             scope.close()
+            # fused Adam updates weights without bumping their version counters: the cached
+            # weights hash (predictions' model_id) would not see the change
+            self.net.__dict__.pop("_statetx_digest", None)
         return self.state.history  # not `st`: a resume replaced self.state
 
     def _seed(self, seed: int) -> None:

@@ -507,3 +507,21 @@ def test_additive_gears_labels_borrowed_shifts_and_separator_hint(capsys):
         "pb.k562": {"test": [p.replace("+", "_") for p in PAIRS]}}}, dataset_name="pb")
     u.predict_split("test")
     assert "pass sep='_'" in capsys.readouterr().out
+
+
+def test_a_failed_refit_keeps_the_fitted_baseline_and_options_are_checked_at_predict(synth):
+    a = synth.copy()
+    a.obs["gene"] = a.obs["gene"].replace({"P0": "G1", "P1": "G2", "P2": "G3"})
+    lb = LinearBaseline(pert_col="gene", cell_type_key="cell_type", control_pert="ctrl",
+                        pert_embedding="genes").fit(a, SPEC)
+    before = lb.predict(a, seed=0).X
+    b = make_synthetic(n_genes=20, seed=1)
+    b.var_names = [f"H{i}" for i in range(20)]
+    with pytest.raises(DataError):
+        lb.fit(b, SPEC)  # its perturbations are not among the genes
+    assert lb.n_features_in_ == 32
+    np.testing.assert_array_equal(lb.predict(a, seed=0).X, before)
+    c = ControlMeanBaseline(**SYN).fit(synth, SPEC)
+    c.set_params(mode="bogus")
+    with pytest.raises(ConfigError, match="bogus"):
+        c.predict(synth)

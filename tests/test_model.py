@@ -602,7 +602,8 @@ def test_auto_preset_and_training_defaults(synth):
     m.fit(synth)
     assert m.preset_ == "small"
     assert m.train_settings_ == {"batch_size": 8, "max_steps": 2, "lr": 1e-3,
-                                 "weight_averaging": "uniform"}
+                                 "weight_averaging": "uniform", "pairing": "random",
+                                 "yield_controls": True}
     assert m.network_config_.residual_space == "input" and m.network_config_.dropout == 0.0
     auto = StateTransitionModel()
     assert auto._resolve_preset(50_000) == "small" and auto._resolve_preset(10**6) == "state_sm"
@@ -610,7 +611,8 @@ def test_auto_preset_and_training_defaults(synth):
     assert steps == round(100 * 10_000 / (8 * 64))
     assert auto._training_defaults("small", 100, 64)["max_steps"] == 300
     assert auto._training_defaults("state_sm", 10**6, 128) == {
-        "batch_size": 16, "max_steps": 40_000, "lr": 1e-4, "weight_averaging": "none"}
+        "batch_size": 16, "max_steps": 40_000, "lr": 1e-4, "weight_averaging": "none",
+        "pairing": "random", "yield_controls": True}
 
 
 def test_sets_per_pass_changes_memory_not_results(fitted):
@@ -1622,3 +1624,33 @@ def test_basal_self_predicts_each_cell_from_its_own_expression(fitted):
         model.predict(relabelled, basal="bogus")
     with pytest.raises(DataError, match="basal='self' predicts each cell from itself"):
         model.predict(relabelled)  # sampled basal cells need controls
+
+
+def test_predictions_pair_and_hash_as_the_fitted_model(synth):
+    """Changing parameters after fit does not change how the fitted model pairs controls; a
+    fine-tune (fused Adam: no version bump) gives a new model_id."""
+    m = small_model(batch_col="batch", max_steps=2).fit(synth, SPEC)
+    before = m.predict(synth, seed=3)
+    m.set_params(basal_mapping_strategy="random", batch_col=None)
+    after = m.predict(synth, seed=3)
+    assert after.uns["statetx"]["basal_pool"] == "batch"
+    np.testing.assert_array_equal(after.X, before.X)
+    m.finetune_on_controls(2, lr=1e-2)
+    tuned = m.predict(synth, seed=3)
+    assert not np.allclose(tuned.X, before.X)
+    assert tuned.uns["statetx"]["model_id"] != before.uns["statetx"]["model_id"]
+
+
+def test_subclass_with_kwargs_keeps_the_parents_parameters(tmp_path):
+    class Custom(StateTransitionModel):
+        def __init__(self, extra=0, **kwargs):
+            super().__init__(**kwargs)
+            self.extra = extra
+
+    c = Custom(extra=1, lr=3e-3, seed=7)
+    params = c.get_params()
+    assert (params["extra"], params["lr"], params["seed"]) == (1, 3e-3, 7)
+    d = clone(c)
+    assert (d.extra, d.lr, d.seed) == (1, 3e-3, 7)
+    with pytest.raises(ConfigError, match="name the entry after '__'"):
+        StateTransitionModel().set_params(model_kwargs__=5)
