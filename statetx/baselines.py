@@ -428,9 +428,45 @@ class _Baseline(Estimator):
 class ControlMeanBaseline(_Baseline):
     """The "no effect" floor: a perturbed cell is predicted as its control state.
 
-    ``mode="copy"`` (default, the identity model): its own sampled basal control cell;
-    ``mode="mean"``: the mean of the input's control cells of its cell type (one constant per
-    group). Uses no perturbed cells, so a zero-shot cell type is predicted exactly the same way.
+    Uses no perturbed cells, so a zero-shot cell type is predicted exactly the same way.
+
+    Parameters
+    ----------
+    mode
+        ``"copy"`` (default, the identity model): its own sampled basal control cell;
+        ``"mean"``: the mean of the input's control cells of its cell type (one constant per
+        group).
+    pert_col, cell_type_key, batch_col, control_pert
+        obs columns holding the perturbation, the context (cell type) and (optionally) the
+        batch; the control label (auto-detected among ``non-targeting`` / ``DMSO_TF`` when
+        None). With ``batch_col``, basal cells are drawn from the controls of the same batch
+        where it has some (ST's default pairing).
+    embed_key
+        Cell representation: None = X; else an obsm key, ``X_hvg`` (genes) or an embedding
+        (outputs named ``emb_0``, ``emb_1``, ...).
+    gene_name_col
+        var column holding the gene names (e.g. symbols when ``var_names`` are Ensembl IDs);
+        genes are matched and outputs named by it. None = ``var_names``.
+    seed
+        Seeds the basal draws: the default ``seed`` of :meth:`predict` and
+        :meth:`predict_split`.
+
+    Attributes
+    ----------
+    means_, groups_
+        The mean (float64) of each (cell type, perturbation) group of the training split, keyed
+        by that pair, and a table of the groups (``cell_type``, ``perturbation``, ``n_cells``,
+        ``is_control``).
+    control_means_, deltas_
+        Each cell type's control mean, and each perturbed group's mean minus it.
+    perturbed_cell_types_
+        Cell types with perturbed training cells (the others are zero-shot).
+    vocab_, columns_
+        Perturbation / cell-type / batch vocabularies and the obs columns the baseline reads.
+    var_names_, n_features_in_, is_log1p_
+        Input features in training order, and whether the training expression was log1p.
+    split_config_, split_summary_
+        The validated split spec and the cells / perturbations per split and context.
     """
 
     name = "control_mean"
@@ -459,10 +495,49 @@ class ContextMeanBaseline(_Baseline):
     """Every perturbed cell of cell type c = the mean of all perturbed training cells of c.
 
     Cells are weighted equally (perturbations pooled); controls are returned unchanged.
-    Zero-shot cell type (no perturbed training cells): ``zeroshot_fallback="train_mean"``
-    (default) predicts the unweighted mean over the training cell types of their perturbed-cell
-    means (Systema's "train mean"); ``"control_mean"`` (arc-state 0.11.1, metrics.md §13)
-    predicts the mean of the input's control cells of c, i.e. no change at all.
+
+    Parameters
+    ----------
+    zeroshot_fallback
+        The prediction for a zero-shot cell type (no perturbed training cells):
+        ``"train_mean"`` (default) the unweighted mean over the training cell types of their
+        perturbed-cell means (Systema's "train mean"; the control mean when no training cell
+        type has perturbed cells); ``"control_mean"`` (arc-state 0.11.1, metrics.md §13) the
+        mean of the input's control cells of c, i.e. no change at all.
+    pert_col, cell_type_key, batch_col, control_pert
+        obs columns holding the perturbation, the context (cell type) and (optionally) the
+        batch; the control label (auto-detected among ``non-targeting`` / ``DMSO_TF`` when
+        None). With ``batch_col``, basal cells are drawn from the controls of the same batch
+        where it has some (ST's default pairing).
+    embed_key
+        Cell representation: None = X; else an obsm key, ``X_hvg`` (genes) or an embedding
+        (outputs named ``emb_0``, ``emb_1``, ...).
+    gene_name_col
+        var column holding the gene names (e.g. symbols when ``var_names`` are Ensembl IDs);
+        genes are matched and outputs named by it. None = ``var_names``.
+    seed
+        Seeds the basal draws: the default ``seed`` of :meth:`predict` and
+        :meth:`predict_split`.
+
+    Attributes
+    ----------
+    context_means_, train_mean_
+        The mean of the perturbed training cells of each cell type that has some, and the
+        unweighted mean of those means (None when there are none).
+    means_, groups_
+        The mean (float64) of each (cell type, perturbation) group of the training split, keyed
+        by that pair, and a table of the groups (``cell_type``, ``perturbation``, ``n_cells``,
+        ``is_control``).
+    control_means_, deltas_
+        Each cell type's control mean, and each perturbed group's mean minus it.
+    perturbed_cell_types_
+        Cell types with perturbed training cells (the others are zero-shot).
+    vocab_, columns_
+        Perturbation / cell-type / batch vocabularies and the obs columns the baseline reads.
+    var_names_, n_features_in_, is_log1p_
+        Input features in training order, and whether the training expression was log1p.
+    split_config_, split_summary_
+        The validated split spec and the cells / perturbations per split and context.
     """
 
     name = "context_mean"
@@ -512,6 +587,42 @@ class PerturbMeanBaseline(_Baseline):
     shifted by the same δ_p. A perturbation without perturbed training cells (in the vocabulary
     but only in held-out data, or mapped by ``unknown_perturbation='zeros'``) gets δ = 0, i.e. its
     basal cell (reported in the notes).
+
+    Parameters
+    ----------
+    pert_col, cell_type_key, batch_col, control_pert
+        obs columns holding the perturbation, the context (cell type) and (optionally) the
+        batch; the control label (auto-detected among ``non-targeting`` / ``DMSO_TF`` when
+        None). With ``batch_col``, basal cells are drawn from the controls of the same batch
+        where it has some (ST's default pairing).
+    embed_key
+        Cell representation: None = X; else an obsm key, ``X_hvg`` (genes) or an embedding
+        (outputs named ``emb_0``, ``emb_1``, ...).
+    gene_name_col
+        var column holding the gene names (e.g. symbols when ``var_names`` are Ensembl IDs);
+        genes are matched and outputs named by it. None = ``var_names``.
+    seed
+        Seeds the basal draws: the default ``seed`` of :meth:`predict` and
+        :meth:`predict_split`.
+
+    Attributes
+    ----------
+    shifts_
+        δ_p of every perturbation with perturbed training cells.
+    means_, groups_
+        The mean (float64) of each (cell type, perturbation) group of the training split, keyed
+        by that pair, and a table of the groups (``cell_type``, ``perturbation``, ``n_cells``,
+        ``is_control``).
+    control_means_, deltas_
+        Each cell type's control mean, and each perturbed group's mean minus it.
+    perturbed_cell_types_
+        Cell types with perturbed training cells (the others are zero-shot).
+    vocab_, columns_
+        Perturbation / cell-type / batch vocabularies and the obs columns the baseline reads.
+    var_names_, n_features_in_, is_log1p_
+        Input features in training order, and whether the training expression was log1p.
+    split_config_, split_summary_
+        The validated split spec and the cells / perturbations per split and context.
     """
 
     name = "perturb_mean"
@@ -539,15 +650,57 @@ class PerturbMeanBaseline(_Baseline):
 class AdditiveBaseline(PerturbMeanBaseline):
     """The additive model of combinatorial perturbations: ``A+B`` = basal + δ_A + δ_B.
 
-    A label is split into its parts at ``sep`` (the control label and empty parts count as no
-    perturbation, so GEARS' ``A+ctrl`` is the single ``A``); every label, single or combined,
-    seen in training or not, is predicted as its basal control cell plus the sum of its parts'
-    shifts. A part's shift in cell type c is its mean shift there when it has training cells in
-    c, else its mean shift over the training cell types that have them (perturb_mean's δ; said in
-    the notes). So single perturbations are predicted as by ``perturb_mean`` unless they trained
-    in the very cell type predicted; a held-out pair is the sum of its singles, the reference that
-    combinatorial models must beat (Norman et al. 2019; Ahlmann-Eltze, Huber & Anders 2025).
-    Parts without training cells add nothing (said in the notes).
+    Every label, single or combined, seen in training or not, is predicted as its basal control
+    cell plus the sum of its parts' shifts. A part's shift in cell type c is its mean shift there
+    when it has single-perturbation training cells in c, else its mean shift over the training
+    cell types that have them (perturb_mean's δ; said in the notes). So single perturbations are
+    predicted as by ``perturb_mean`` unless they trained in the very cell type predicted; a
+    held-out pair is the sum of its singles, the reference that combinatorial models must beat
+    (Norman et al. 2019; Ahlmann-Eltze, Huber & Anders 2025). Parts without single-perturbation
+    training cells add nothing (said in the notes).
+
+    Parameters
+    ----------
+    sep
+        The (non-empty) string a label is split into its parts at. The control label and empty
+        parts count as no perturbation, so GEARS' ``A+ctrl`` is the single ``A``.
+    pert_col, cell_type_key, batch_col, control_pert
+        obs columns holding the perturbation, the context (cell type) and (optionally) the
+        batch; the control label (auto-detected among ``non-targeting`` / ``DMSO_TF`` when
+        None). With ``batch_col``, basal cells are drawn from the controls of the same batch
+        where it has some (ST's default pairing).
+    embed_key
+        Cell representation: None = X; else an obsm key, ``X_hvg`` (genes) or an embedding
+        (outputs named ``emb_0``, ``emb_1``, ...).
+    gene_name_col
+        var column holding the gene names (e.g. symbols when ``var_names`` are Ensembl IDs);
+        genes are matched and outputs named by it. None = ``var_names``.
+    seed
+        Seeds the basal draws: the default ``seed`` of :meth:`predict` and
+        :meth:`predict_split`.
+
+    Attributes
+    ----------
+    part_shifts_, part_deltas_
+        Each part's mean shift over the training cell types, and its shift per cell type
+        (keyed ``(cell type, part)``), from the labels naming it alone (``A``, or GEARS'
+        ``A+ctrl``; the plain label wins where both exist).
+    shifts_
+        The :class:`PerturbMeanBaseline` shift of every label with perturbed training cells.
+    means_, groups_
+        The mean (float64) of each (cell type, perturbation) group of the training split, keyed
+        by that pair, and a table of the groups (``cell_type``, ``perturbation``, ``n_cells``,
+        ``is_control``).
+    control_means_, deltas_
+        Each cell type's control mean, and each perturbed group's mean minus it.
+    perturbed_cell_types_
+        Cell types with perturbed training cells (the others are zero-shot).
+    vocab_, columns_
+        Perturbation / cell-type / batch vocabularies and the obs columns the baseline reads.
+    var_names_, n_features_in_, is_log1p_
+        Input features in training order, and whether the training expression was log1p.
+    split_config_, split_summary_
+        The validated split spec and the cells / perturbations per split and context.
     """
 
     name = "additive"
@@ -626,6 +779,42 @@ class CellMeanBaseline(_Baseline):
     split, **control groups included** (as ``cell-eval baseline``; with one cell type this is the
     VCC definition). Control cells are returned unchanged. b ignores the cell type, so a
     zero-shot cell type also gets b.
+
+    Parameters
+    ----------
+    pert_col, cell_type_key, batch_col, control_pert
+        obs columns holding the perturbation, the context (cell type) and (optionally) the
+        batch; the control label (auto-detected among ``non-targeting`` / ``DMSO_TF`` when
+        None). With ``batch_col``, basal cells are drawn from the controls of the same batch
+        where it has some (ST's default pairing).
+    embed_key
+        Cell representation: None = X; else an obsm key, ``X_hvg`` (genes) or an embedding
+        (outputs named ``emb_0``, ``emb_1``, ...).
+    gene_name_col
+        var column holding the gene names (e.g. symbols when ``var_names`` are Ensembl IDs);
+        genes are matched and outputs named by it. None = ``var_names``.
+    seed
+        Seeds the basal draws: the default ``seed`` of :meth:`predict` and
+        :meth:`predict_split`.
+
+    Attributes
+    ----------
+    cell_mean_
+        b.
+    means_, groups_
+        The mean (float64) of each (cell type, perturbation) group of the training split, keyed
+        by that pair, and a table of the groups (``cell_type``, ``perturbation``, ``n_cells``,
+        ``is_control``).
+    control_means_, deltas_
+        Each cell type's control mean, and each perturbed group's mean minus it.
+    perturbed_cell_types_
+        Cell types with perturbed training cells (the others are zero-shot).
+    vocab_, columns_
+        Perturbation / cell-type / batch vocabularies and the obs columns the baseline reads.
+    var_names_, n_features_in_, is_log1p_
+        Input features in training order, and whether the training expression was log1p.
+    split_config_, split_summary_
+        The validated split spec and the cells / perturbations per split and context.
     """
 
     name = "cell_mean"
@@ -647,23 +836,71 @@ class LinearBaseline(_Baseline):
     cell type's control mean; b = row mean of Y. G = top-``n_components`` principal components
     (gene scores U·S) of Y − b1ᵀ; P (N × d) = the perturbation embedding of each column's
     perturbation; W = (GᵀG + λI)⁻¹ Gᵀ (Y − b1ᵀ) P (PᵀP + λI)⁻¹ with λ = ``ridge``. The predicted
-    delta of perturbation p is ŷ_p = G W p⃗ + b.
+    delta of perturbation p is ŷ_p = G W p⃗ + b. With a single perturbation (or one-hot vectors
+    identical across cell types) the fit degrades to b, the perturb-mean shift.
 
-    ``pert_embedding``: ``"genes"`` (self-trained: p⃗ = the row of G of the gene p targets, for
-    perturbations named after a measured feature), ``"onehot"`` (training perturbations; fitting a
-    ridge-shrunk rank-K version of each perturbation's mean delta), a name → vector mapping or a
-    feature file (``.pt``/``.npz``/``.csv``/``.safetensors``), or ``"auto"`` (``"genes"`` when
-    every training perturbation names a feature, else ``"onehot"``). With a single perturbation
-    (or one-hot vectors identical across cell types) the fit degrades to b, the perturb-mean
-    shift. ``on_missing`` for perturbations without a vector: ``"error"`` (default, listing
-    them; with the one-hot embedding, whose held-out perturbations never have one, ``"mean"``
-    with a notice), ``"mean"`` (zero vector: ŷ = b, the average training delta) or
-    ``"context_mean"`` (the :class:`ContextMeanBaseline` prediction).
+    Zero-shot cell type: the model is fitted on the training cell types' deltas only and ŷ_p
+    does not depend on the cell type, so the held-out cell type gets its basal cells (or its
+    control mean) + ŷ_p.
 
-    ``cell_mode="basal_shift"`` (default): each basal cell + ŷ_p; ``"constant"``: every cell equals
-    the cell type's control mean (input controls) + ŷ_p. Zero-shot cell type: the model is fitted
-    on the training cell types' deltas only and ŷ_p does not depend on the cell type, so the
-    held-out cell type gets its basal cells (or its control mean) + ŷ_p.
+    Parameters
+    ----------
+    n_components, ridge
+        Principal components kept in G (at most the rank of Y − b1ᵀ), and λ ≥ 0, the ridge
+        penalty of both solves.
+    pert_embedding
+        p⃗: ``"genes"`` (self-trained: the row of G of the gene p targets, for perturbations
+        named after a measured feature), ``"onehot"`` (training perturbations; fitting a
+        ridge-shrunk rank-K version of each perturbation's mean delta), a name → vector mapping
+        or a feature file (``.pt``/``.npz``/``.csv``/``.safetensors``), or ``"auto"`` (default:
+        ``"genes"`` when every training perturbation names a measured gene, else ``"onehot"``).
+    cell_mode
+        ``"basal_shift"`` (default): each basal cell + ŷ_p; ``"constant"``: every cell equals
+        the cell type's control mean (input controls) + ŷ_p. Control cells are returned
+        unchanged.
+    on_missing
+        Perturbations without a vector: ``"error"`` (default, listing them; with the one-hot
+        embedding, whose held-out perturbations never have one, ``"mean"`` with a notice),
+        ``"mean"`` (zero vector: ŷ = b, the average training delta) or ``"context_mean"`` (the
+        mean of the cell type's perturbed training cells, as :class:`ContextMeanBaseline`; its
+        control mean for a zero-shot cell type). Training perturbations without a vector in a
+        given embedding are an error, or (``"mean"`` / ``"context_mean"``) left out of the fit.
+    pert_col, cell_type_key, batch_col, control_pert
+        obs columns holding the perturbation, the context (cell type) and (optionally) the
+        batch; the control label (auto-detected among ``non-targeting`` / ``DMSO_TF`` when
+        None). With ``batch_col``, basal cells are drawn from the controls of the same batch
+        where it has some (ST's default pairing).
+    embed_key
+        Cell representation: None = X; else an obsm key, ``X_hvg`` (genes) or an embedding
+        (outputs named ``emb_0``, ``emb_1``, ...).
+    gene_name_col
+        var column holding the gene names (e.g. symbols when ``var_names`` are Ensembl IDs);
+        genes are matched and outputs named by it. None = ``var_names``.
+    seed
+        Seeds the basal draws: the default ``seed`` of :meth:`predict` and
+        :meth:`predict_split`.
+
+    Attributes
+    ----------
+    bias_, gene_embedding_, coef_
+        b, G (features × k, k ≤ ``n_components``) and W (k × d).
+    embedding_source_, pert_vectors_
+        ``"genes"``, ``"onehot"`` or ``"external"`` (a given embedding), and the vectors p⃗ by
+        perturbation (None for ``"genes"``: the rows of G).
+    means_, groups_
+        The mean (float64) of each (cell type, perturbation) group of the training split, keyed
+        by that pair, and a table of the groups (``cell_type``, ``perturbation``, ``n_cells``,
+        ``is_control``).
+    control_means_, deltas_
+        Each cell type's control mean, and each perturbed group's mean minus it.
+    perturbed_cell_types_
+        Cell types with perturbed training cells (the others are zero-shot).
+    vocab_, columns_
+        Perturbation / cell-type / batch vocabularies and the obs columns the baseline reads.
+    var_names_, n_features_in_, is_log1p_
+        Input features in training order, and whether the training expression was log1p.
+    split_config_, split_summary_
+        The validated split spec and the cells / perturbations per split and context.
     """
 
     name = "linear"
@@ -825,11 +1062,24 @@ def fit_all_baselines(adata: DataInput = None,
                       **columns: Any) -> dict[str, _Baseline]:
     """Fit several baselines on one prepared copy of the data; ``{name: fitted estimator}``.
 
-    ``columns`` are the shared constructor parameters (``pert_col``, ``cell_type_key``,
-    ``batch_col``, ``control_pert``, ``embed_key``, ``seed``); ``baselines`` selects names of
-    :data:`BASELINES` (default :data:`DEFAULT_BASELINES`: all but ``additive``, which predicts
-    held-out single perturbations as ``perturb_mean``), or maps names to extra parameters, e.g.
-    ``{"linear": {"ridge": 1.0}, "context_mean": {}}``.
+    Parameters
+    ----------
+    adata, split_config, dataset_name
+        As in :meth:`StateTransitionModel.fit`: one AnnData, a dict name → AnnData, or None for
+        the spec's ``[datasets]`` files; the split spec (without it every cell trains); the
+        spec's name for a single ``adata``. The data are read and checked once for all.
+    baselines
+        Names of :data:`BASELINES` (default :data:`DEFAULT_BASELINES`: all but ``additive``,
+        which predicts held-out single perturbations as ``perturb_mean``), or a mapping of names
+        to extra parameters, e.g. ``{"linear": {"ridge": 1.0}, "context_mean": {}}``.
+    **columns
+        The shared constructor parameters: ``pert_col``, ``cell_type_key``, ``batch_col``,
+        ``control_pert``, ``embed_key``, ``gene_name_col``, ``seed`` (any other is an error).
+
+    Returns
+    -------
+    dict
+        ``{name: fitted estimator}``, in the order of ``baselines``.
     """
     allowed = {"pert_col", "cell_type_key", "batch_col", "control_pert", "embed_key",
                "gene_name_col", "seed"}

@@ -218,12 +218,24 @@ def metric_bars(
 ) -> Axes:
     """Grouped bars of the mean of each metric, one bar per model.
 
-    ``tables``: ``{model: table}``, the tables concatenated with a ``model`` column, one table, or
-    a long frame with columns model, metric, value. A table is a results frame (per-perturbation
-    rows are averaged), an agg frame (its ``mean`` row; per cell type, the means weighted by
-    their perturbation counts: the mean over all perturbations) or a score frame
-    (:func:`~statetx.metrics.score_agg`, :func:`~statetx.metrics.vcc_score`: ``from_baseline``
-    per metric)."""
+    Parameters
+    ----------
+    tables
+        ``{model: table}``, the tables concatenated with a ``model`` column, one table, or a
+        long frame with columns model, metric, value. A table is a results frame
+        (per-perturbation rows are averaged), an agg frame (its ``mean`` row; per cell type,
+        the means weighted by their perturbation counts: the mean over all perturbations) or a
+        score frame (:func:`~statetx.metrics.score_agg`, :func:`~statetx.metrics.vcc_score`:
+        ``from_baseline`` per metric).
+    metrics
+        The metrics drawn, in this order.
+    ax
+        Axes to draw in (default: a new figure).
+
+    Returns
+    -------
+    Axes
+    """
     long = _long(tables)
     metrics = names_list(metrics)
     absent = [m for m in metrics if m not in set(long["metric"])]
@@ -289,12 +301,28 @@ def history(
     *,
     logy: bool = False,
 ) -> Axes:
-    """Training curves against the step, one line per key, NaNs skipped per series (validation
-    rows are sparse); the lowest ``val_loss`` is marked with a star when it is plotted.
+    """Training curves against the step, one line per key.
 
-    ``model_or_history``: a fitted ``StateTransitionModel`` (its ``history_``), a
-    history DataFrame, or a run's ``metrics.csv`` (or the run directory). ``keys`` defaults to
-    those of ``train_loss``, ``train_loss_eval``, ``val_loss`` present. Returns the Axes."""
+    NaNs are skipped per series (validation rows are sparse); the lowest ``val_loss`` is marked
+    with a star when it is plotted.
+
+    Parameters
+    ----------
+    model_or_history
+        A fitted ``StateTransitionModel`` (its ``history_``), a history DataFrame, or a run's
+        ``metrics.csv`` (or the run directory).
+    keys
+        The columns plotted (default: those of ``train_loss``, ``train_loss_eval``,
+        ``val_loss`` present).
+    ax
+        Axes to draw in (default: a new figure).
+    logy
+        Log-scale y axis.
+
+    Returns
+    -------
+    Axes
+    """
     frame = _history(model_or_history)
     available = [c for c in frame.columns if c not in ("step", "epoch")]
     if keys is None:

@@ -390,15 +390,38 @@ def make_control_template(
 
     The fixed ``state tx preprocess_infer`` (0.9.12): perturbation labels stay, expression comes
     from a control cell of the **same cell type** (and the same ``batch_col`` value when given),
-    drawn with replacement from a ``numpy.random.Generator`` seeded with ``seed`` (default 42, as
-    ``tx preprocess_infer``). Control cells are unchanged.
-    The same control row replaces X, every layer and every per-cell ``obsm`` matrix, or only
-    ``embed_key`` (``"X"``, an obsm key or a layer) when given. ``obs["template_ctrl_barcode"]``
-    records the control used (a control's own barcode for control cells).
+    drawn with replacement. Control cells are unchanged. ``obs["template_ctrl_barcode"]``
+    records the control used (a control's own barcode for control cells), and
+    ``uns["statetx_control_template"]`` the settings.
 
-    ``cell_type_key=None`` draws from the global control pool (the reference behaviour).
-    Raises :class:`DataError` naming every cell type (and batch) that has perturbed cells but no
-    controls.
+    Parameters
+    ----------
+    adata
+        The cells (in memory).
+    pert_col, control_pert
+        The obs column of the perturbation labels and the control label.
+    cell_type_key, batch_col
+        obs columns whose values a cell and its control share. ``cell_type_key=None`` (without
+        ``batch_col``) draws from the global control pool (the reference behaviour).
+    seed
+        Seeds the ``numpy.random.Generator`` of the draws (default 42, as
+        ``tx preprocess_infer``).
+    embed_key
+        Replace only this matrix: ``"X"``, an obsm key or a layer. By default the same control
+        row replaces X, every layer and every per-cell ``obsm`` matrix.
+    copy
+        Return a modified copy instead of changing ``adata`` in place (the default, as scanpy).
+
+    Returns
+    -------
+    AnnData or None
+        The modified copy with ``copy=True``, else None.
+
+    Raises
+    ------
+    DataError
+        Some cell type (and batch) has perturbed cells but no controls; the message names every
+        such group.
     """
     adata = _writable(adata, copy)
     labels = _obs_labels(adata, pert_col, "perturbation")
@@ -538,12 +561,9 @@ def filter_on_target_knockdown(
 ) -> AnnData | tuple[AnnData, pd.DataFrame]:
     """Keep perturbations (and cells) whose target gene is knocked down, as cell-load's filter.
 
-    ``perturbation_column`` / ``control_label`` (cell-load's names) are accepted for
-    ``pert_col`` / ``control_pert``.
-
-    A perturbation's target is its label, matched exactly against ``var[var_gene_name]`` (or
-    ``var_names`` when ``var_gene_name=None``; duplicated names resolve to their first
-    occurrence, with a warning). On ``layers[layer]`` or X, on whatever scale it is:
+    A perturbation's target is its label, matched exactly against the gene names (duplicated
+    names resolve to their first occurrence, with a warning). On ``layers[layer]`` or X, on
+    whatever scale it is:
 
     1. ``ctrl_mean`` = mean target expression over control cells; a target with
        ``ctrl_mean ~ 0`` (|x| <= 1e-8) fails;
@@ -553,16 +573,45 @@ def filter_on_target_knockdown(
     4. perturbations with fewer than ``min_cells`` kept cells are removed (exactly
        ``min_cells`` stay).
 
-    Control cells are always kept. Labels matching no gene are dropped (``on_unmatched="drop"``,
-    reported), kept unfiltered (``"keep"``) or an error (``"error"``); no label matching at all
-    is an error. Returns a new AnnData whose var index is the gene names (as str, made unique
-    with ``-1``, ``-2`` suffixes) and whose ``uns["statetx_knockdown_filter"]`` holds the
-    thresholds, the scale, a per-stage summary (``stages``) and a per-perturbation table
-    (``perturbations``: ratio, cell counts, status, reason). ``preprocess=True`` then applies
-    ``normalize_total(target_sum=1e4)`` + ``log1p`` to the filtered counts (written to X, raw
-    counts kept in ``layers["counts"]`` if absent) and sets ``uns["log1p"]`` so that
-    :func:`preprocess_train` does not normalise twice. With ``return_report=True`` the
-    per-perturbation table is returned as well.
+    Control cells are always kept.
+
+    Parameters
+    ----------
+    adata
+        The cells (in memory); left unchanged.
+    pert_col, control_pert
+        The obs column of the perturbation labels and the control label.
+    residual_expression, cell_residual_expression, min_cells
+        The thresholds of steps 2, 3 and 4.
+    layer
+        Filter ``layers[layer]`` (e.g. ``"counts"``) instead of X. Values that look
+        log-transformed are used as they are, with a warning (ratios of log values overstate
+        residual expression).
+    var_gene_name
+        var column holding the gene names the labels are matched against (None: ``var_names``).
+    on_unmatched
+        Labels matching no gene are dropped (``"drop"``, reported), kept unfiltered (``"keep"``)
+        or an error (``"error"``); no label matching at all is an error.
+    preprocess
+        Then apply ``normalize_total(target_sum=1e4)`` + ``log1p`` to the filtered counts
+        (which must be counts; written to X, and without ``layer`` the raw counts kept in
+        ``layers["counts"]`` if absent) and set ``uns["log1p"]`` so that
+        :func:`preprocess_train` does not normalise twice.
+    verbose
+        Print a summary of the cells and perturbations each stage removed.
+    return_report
+        Return the per-perturbation table as well.
+    perturbation_column, control_label
+        cell-load's names for ``pert_col`` / ``control_pert``, accepted instead.
+
+    Returns
+    -------
+    AnnData or tuple
+        A new AnnData whose var index is the gene names (as str, made unique with ``-1``,
+        ``-2`` suffixes) and whose ``uns["statetx_knockdown_filter"]`` holds the thresholds,
+        the scale, a per-stage summary (``stages``) and a per-perturbation table
+        (``perturbations``: ratio, cell counts, status, reason); with ``return_report=True``,
+        ``(adata, table)``.
     """
     import anndata as ad
 

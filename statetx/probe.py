@@ -37,12 +37,29 @@ def probe_attention(model_or_run: StateTransitionModel | str | Path, adata: ad.A
                     **predict_options: Any) -> pd.DataFrame:
     """Energy distance between predicted and real cells under each attention mode.
 
-    ``model_or_run``: an arc-state run directory (imported once per mode, without positions)
-    or a fitted model (copied with its attention switched). ``adata``: real cells with their
-    controls, labelled as the model expects (columns from the model, or ``predict_options``).
-    ``n_groups``: at most this many (cell type, perturbation) groups, a seeded choice.
-    Returns one row per mode (``mode``, ``energy`` = mean over groups, ``n_groups``), lowest
-    energy first, and prints it.
+    Parameters
+    ----------
+    model_or_run
+        An arc-state run directory (imported once per mode, without positions) or a fitted
+        model (copied with its attention switched).
+    adata
+        Real cells with their controls, labelled as the model expects (columns from the model,
+        or ``predict_options``).
+    checkpoint
+        The checkpoint of an arc-state run directory.
+    modes
+        The attention modes compared (default: all, ``bidirectional`` and ``causal``).
+    n_groups, seed
+        At most ``n_groups`` (cell type, perturbation) groups of two or more cells, a seeded
+        choice (None: all); ``seed`` also seeds the basal draws.
+    **predict_options
+        Passed to the model's ``predict`` (``seed`` and ``predict_controls`` are the probe's).
+
+    Returns
+    -------
+    DataFrame
+        One row per mode (``mode``, ``energy`` = mean over groups, ``n_groups``), lowest energy
+        first; it is also printed.
     """
     if n_groups is not None and (isinstance(n_groups, bool) or int(n_groups) < 1):
         raise ConfigError(f"n_groups={n_groups!r} must be a positive number of groups or None.")

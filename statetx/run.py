@@ -193,7 +193,8 @@ def _keys() -> dict[str, Key]:
         Key(d + "val_subsample_fraction", 1.0, "float"),
         Key(d + "additional_obs", [], "list"),
         Key(d + "use_consecutive_loading", False, "bool", status="noeffect",
-            note="the data are read into memory once"),
+            note="the data are read into memory once, or (data_loading=stream) in contiguous "
+            "chunks whatever their order: they need not be sorted by group"),
         Key(d + "cache_perturbation_control_pairs", False, "bool"),
         Key(d + "store_raw_basal", False, "bool", status="default_only"),
         Key(d + "exp_counts", False, "bool", status="default_only"),
@@ -1298,11 +1299,28 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None, *,
              device: str = "cpu", verbose: bool = True) -> StateTransitionModel:
     """A fitted :class:`~statetx.model.StateTransitionModel` from a statetx run directory.
 
-    ``checkpoint``: file name in ``checkpoints/`` or a path; default ``final.ckpt``, else
-    ``last.ckpt`` (the choice is printed when ``verbose``). A checkpoint file path may be given as
-    ``run_dir``; a directory written by ``model.save`` also loads. Checkpoints are read with
-    PyTorch's weights-only loader. The model can ``predict`` at once; call :func:`attach_data`
-    (or ``tx predict``) for ``predict_split``.
+    Checkpoints are read with PyTorch's weights-only loader. The model can ``predict`` at once;
+    call :func:`attach_data` (or ``tx predict``) for ``predict_split``.
+
+    Parameters
+    ----------
+    run_dir
+        The run directory, or a checkpoint file path (its run: the folder above
+        ``checkpoints/``, else the file's folder); a directory written by ``model.save`` also
+        loads.
+    checkpoint
+        File name in ``checkpoints/`` (``best.ckpt``, ``step=2000.ckpt``; ``.ckpt`` may be left
+        out) or a path (of a checkpoint of this run); default ``final.ckpt``, else
+        ``last.ckpt``.
+    device
+        Where the model is moved (default the CPU).
+    verbose
+        Print the checkpoint used.
+
+    Returns
+    -------
+    StateTransitionModel
+        The fitted model, with ``run_dir_`` (and, from a checkpoint, ``checkpoint_path_``).
     """
     from statetx.model import StateTransitionModel
     from statetx.train import load_checkpoint_file
@@ -1368,16 +1386,34 @@ def attach_data(model: Any, run_dir: str | Path | None = None, *,
                 toml: str | Path | dict | SplitConfig | None = None,
                 data_root: str | Path | None = None, adata: Any = None,
                 stream: bool | None = None) -> PreparedData:
-    """Rebuild the split data of a loaded or unpickled model (``StateTransitionModel`` or a
-    baseline), which ``predict_split`` needs.
+    """Rebuild the split data of a loaded or unpickled model, which ``predict_split`` needs.
 
-    The split spec is ``toml`` (a path, TOML string, dict or :class:`SplitConfig`), else the
-    run's ``split.toml``, else the spec the model was fitted with (kept by pickling and
-    :meth:`~statetx.StateTransitionModel.save`); ``data_root`` replaces the directory part of
-    every dataset path (for a run whose data moved); ``adata`` supplies in-memory data. The
-    model's vocabulary is reused, so label codes match training. ``stream``: keep the training
-    split on disk (labels only); default: as the model trained (``data_loading``); False reads
-    it into memory, for ``predict_split("train")``.
+    The model's vocabulary is reused, so label codes match training.
+
+    Parameters
+    ----------
+    model
+        A ``StateTransitionModel`` or a baseline.
+    run_dir
+        The run whose ``split.toml`` is read (default: the model's ``run_dir_``).
+    toml
+        The split spec (a path, TOML string, dict or :class:`SplitConfig`); default: the run's
+        ``split.toml``, else the spec the model was fitted with (kept by pickling and
+        :meth:`~statetx.StateTransitionModel.save`).
+    data_root
+        Replaces the directory part of every dataset path (for a run whose data moved).
+    adata
+        In-memory data, instead of the spec's files.
+    stream
+        Keep the training split on disk (labels only); default: as the model trained
+        (``data_loading``); False reads it into memory, for ``predict_split("train")``.
+        Without effect with ``adata``; a baseline reads it into memory (leave ``stream``
+        unset).
+
+    Returns
+    -------
+    PreparedData
+        The split data, also kept by the model for ``predict_split``.
     """
     from statetx.config import SplitConfig
 

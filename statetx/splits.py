@@ -126,14 +126,31 @@ def assign(
 ) -> pd.DataFrame:
     """Split membership of each cell, as a DataFrame, without training.
 
-    Columns: ``train``, ``val``, ``test`` (bool), ``split`` (e.g. ``"train"``, ``"train+test"`` for
-    controls shared by two splits, ``""`` for ignored cells), ``is_control``. ``adata``: one
-    AnnData (rows indexed like its obs; ``dataset`` names it in the spec, by default the single
-    dataset the spec refers to), a dict name → AnnData, or None for the spec's [datasets] files;
-    with several datasets, one row per cell of each with ``dataset`` and ``file`` columns. The
-    data are read as :meth:`~statetx.StateTransitionModel.fit` reads them. The columns
-    (``pert_col``, ``cell_type_key``, ``control_pert``, ...) come as ``columns`` or as keywords;
-    other ``options`` are ``heldout_controls_in_train`` and ``on_missing_perturbation``.
+    The data are read as :meth:`~statetx.StateTransitionModel.fit` reads them.
+
+    Parameters
+    ----------
+    adata
+        One AnnData (``dataset`` names it in the spec, by default the single dataset the spec
+        refers to), a dict name → AnnData, or None for the spec's [datasets] files.
+    config
+        The split spec: a :class:`~statetx.config.SplitConfig`, a dict, a TOML path or string;
+        None (or an empty spec) trains every cell of the in-memory data, as ``fit``.
+    columns
+        The obs columns (``pert_col``, ``cell_type_key``, ``control_pert``, ...): a
+        :class:`~statetx.config.ColumnMap` or a dict; they may also come as keywords.
+    dataset
+        The spec's name for a single ``adata``.
+    **options
+        Column keywords, ``heldout_controls_in_train`` and ``on_missing_perturbation``.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``train``, ``val``, ``test`` (bool), ``split`` (e.g. ``"train"``,
+        ``"train+test"`` for controls shared by two splits, ``""`` for ignored cells),
+        ``is_control``. One AnnData: rows indexed like its obs; otherwise one row per cell of
+        each dataset, with ``dataset`` and ``file`` columns.
     """
     from statetx.data import load_files  # (fit's loader: in-memory data and [datasets] files)
 

@@ -337,13 +337,27 @@ def combination_features(labels: Iterable[str], features: Mapping[str, Any] | No
                          ) -> dict[str, np.ndarray]:
     """Feature vectors of combined perturbations (``"A+B"``) from their parts'.
 
-    Without ``features``: multi-hot vectors over the single perturbations the labels name (sorted;
-    ``control_pert`` and empty parts are no perturbation, so the control gets zeros and GEARS'
-    ``A+ctrl`` equals ``A``), e.g. for ``pert_features=`` of a model that should predict held-out
-    pairs of trained singles. With ``features`` (a name → vector table, e.g.
-    ``model.pert_feature_table_`` or gene embeddings): a label keeps its own vector when the
-    table has one, else gets the sum of its parts' vectors (zeros for the control), e.g. to
-    predict new pairs with ``predict(pert_features=...)``.
+    Parameters
+    ----------
+    labels
+        The perturbation labels (a list or an obs column, not one string); each distinct label
+        gets a vector.
+    features
+        None (default): multi-hot vectors over the single perturbations the labels name
+        (sorted), e.g. for ``pert_features=`` of a model that should predict held-out pairs of
+        trained singles. A name → vector table (e.g. ``model.pert_feature_table_`` or gene
+        embeddings): a label keeps its own vector when the table has one, else gets the sum of
+        its parts' vectors (zeros for the control), e.g. to predict new pairs with
+        ``predict(pert_features=...)``; a part without a vector is an error.
+    sep, control_pert
+        The separator of a combined label's parts and the control label: ``control_pert`` and
+        empty parts are no perturbation, so the control gets zeros and GEARS' ``A+ctrl``
+        equals ``A``. Without ``control_pert``, parts that look like a control are warned about.
+
+    Returns
+    -------
+    dict
+        Label → float32 vector, for every distinct label.
     """
     check_sep(sep)
     if isinstance(labels, str):

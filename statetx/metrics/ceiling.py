@@ -59,14 +59,34 @@ def ceiling(adata_real: ad.AnnData | str | Path, pert_col: str | None = None,
             **evaluate_options: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The metrics of real cells against real cells: ``(results, agg)``.
 
-    ``results``: per perturbation, as :func:`statetx.metrics.evaluate` (half against half);
-    ``agg``: one row (per cell type) with the Spearman–Brown-corrected mean of each
-    correlation-type metric and NaN for the others. ``outdir`` receives
-    ``ceiling_results.csv`` and ``agg_ceiling_results.csv``; ``evaluate_options`` go to
-    :func:`~statetx.metrics.evaluate` (profile, skip_metrics, ...). ``pert_col`` /
-    ``control_pert`` default to those statetx recorded in the data (``predict_split``'s real
-    cells), else ``target_gene`` / ``non-targeting``. ``cell_type_key`` is an alias of
-    ``celltype_col``.
+    Each perturbation's (and the control's) cells are split at random into two disjoint halves
+    of ⌊n/2⌋ cells (groups of a single cell are left out, with a warning) and evaluated half
+    against half: how well a perfect model could score given the data's own noise.
+
+    Parameters
+    ----------
+    adata_real
+        The real cells: an AnnData or an ``.h5ad`` path.
+    pert_col, control_pert
+        Default to those statetx recorded in the data (``predict_split``'s real cells), else
+        ``target_gene`` / ``non-targeting``.
+    celltype_col
+        Split and score each value of this obs column separately (default: all cells pooled).
+        ``cell_type_key`` is an alias.
+    seed
+        Seeds the split into halves.
+    outdir
+        Receives ``ceiling_results.csv`` and ``agg_ceiling_results.csv`` (prefixed
+        ``<celltype>_``, one pair per cell type, with ``celltype_col``).
+    **evaluate_options
+        Passed to :func:`~statetx.metrics.evaluate` (profile, skip_metrics, ...).
+
+    Returns
+    -------
+    results, agg
+        ``results``: per perturbation, as :func:`statetx.metrics.evaluate` (half against half);
+        ``agg``: one row (per cell type) with the Spearman–Brown-corrected mean r of each
+        correlation-type metric, 2r / (1 + r) (NaN unless r > 0), and NaN for the others.
     """
     from statetx.metrics.evaluate import evaluate, file_prefix
 

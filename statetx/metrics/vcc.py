@@ -38,13 +38,33 @@ def cell_mean_baseline(
     controls: ad.AnnData | None = None,
     allow_discrete: bool = False,
 ) -> ad.AnnData:
-    """The VCC cell-mean baseline: b = unweighted mean of all group pseudobulks of ``adata``
-    (control group included); every perturbation gets ``n_cells[p]`` identical rows b (default: its
-    cell count in ``adata``), followed by the control cells of ``controls`` (default ``adata``).
-    Integer (raw count) inputs are first normalised and log1p-transformed, as cell-eval does
-    (``allow_discrete=True`` keeps them as they are, as :func:`statetx.evaluate` does).
-    ``pert_col`` / ``control_pert`` default to those statetx recorded in ``adata.uns``, else to
-    cell-eval's ``target_gene`` / ``non-targeting``."""
+    """The VCC cell-mean baseline of ``adata``, as an AnnData.
+
+    b = unweighted mean of all group pseudobulks of ``adata`` (control group included); every
+    perturbation gets identical rows b, followed by the control cells.
+
+    Parameters
+    ----------
+    adata
+        The cells b is computed from, control cells included.
+    pert_col, control_pert
+        Default to those statetx recorded in ``adata.uns``, else to cell-eval's ``target_gene``
+        / ``non-targeting``.
+    n_cells
+        Rows per perturbation (``n_cells[p]``; an entry of the control is ignored); default:
+        each perturbation's cell count in ``adata``.
+    controls
+        The AnnData whose control cells follow (default ``adata``).
+    allow_discrete
+        Keep integer (raw count) inputs as they are, as :func:`statetx.evaluate` does (by
+        default they are first normalised and log1p-transformed, as cell-eval does).
+
+    Returns
+    -------
+    AnnData
+        The perturbations' rows (sorted by label), then the control cells; obs holds
+        ``pert_col`` only.
+    """
     pert_col, control_pert = recorded_labels(adata, pert_col, control_pert)
     check_obs_col(adata, pert_col, "baseline input", "perturbation")
     adata = check_scale(adata, "baseline input", allow_discrete)  # counts -> log1p, as cell-eval
@@ -127,13 +147,35 @@ def vcc_score(
     outdir: str | Path | None = None,
     **evaluate_kwargs,
 ) -> pd.DataFrame:
-    """VCC score of a prediction: evaluate it and the cell-mean baseline (built from ``train``
-    with its control cells, as ``statetx evaluate baseline`` / cell-eval's ``baseline``, or from
-    the real data when absent; with the real cell counts per perturbation), then normalise
-    with :func:`score_agg`. Returns the score table (``metric``, ``from_baseline``); with ``outdir``
-    writes ``user/``, ``baseline/`` evaluation folders and ``score.csv``. ``pert_col`` /
-    ``control_pert``: as in :func:`~statetx.metrics.evaluate` (default: those recorded by
-    statetx in the prediction, else ``target_gene`` / ``non-targeting``)."""
+    """VCC score of a prediction: its metrics normalised by those of the cell-mean baseline.
+
+    The prediction and the cell-mean baseline (:func:`cell_mean_baseline`, with the real cell
+    counts per perturbation) are evaluated against ``adata_real``, then normalised with
+    :func:`score_agg`.
+
+    Parameters
+    ----------
+    adata_pred, adata_real
+        The prediction and the real cells: AnnData or ``.h5ad`` paths.
+    pert_col, control_pert
+        As in :func:`~statetx.metrics.evaluate` (default: those recorded by statetx in the
+        prediction, else ``target_gene`` / ``non-targeting``).
+    train
+        The baseline is built from these cells with their control cells, as ``statetx evaluate
+        baseline`` / cell-eval's ``baseline``; default: from the real data.
+    profile
+        The metric set of both evaluations.
+    outdir
+        Receives the ``user/`` and ``baseline/`` evaluation folders and ``score.csv``.
+    **evaluate_kwargs
+        Passed to :func:`~statetx.metrics.evaluate` (both evaluations); ``celltype_col`` is
+        not supported (score each cell type's subset of pred and real separately).
+
+    Returns
+    -------
+    DataFrame
+        The score table (``metric``, ``from_baseline``).
+    """
     from statetx.metrics.evaluate import evaluate
 
     adata_pred = load(adata_pred, "pred")
@@ -190,26 +232,44 @@ def prep_vcc(
 ) -> Path:
     """Package a prediction for the Virtual Cell Challenge (``cell-eval prep``); return the path.
 
-    Checks the perturbation column ``pert_col`` and that ``control_pert`` is among its values
-    (both default to those statetx recorded in the prediction, else ``target_gene`` /
-    ``non-targeting``),
-    reorders the genes to ``gene_names`` (a CSV/text file with one name per line, an optional
-    header line, or a sequence of names; the gene sets must be equal), requires exactly
-    ``expected_gene_dim`` genes and at most ``max_cell_dim`` cells (``-1`` disables either
-    check), applies the evaluation's scale rule (integer counts are converted to
-    log1p(normalize_total), with a warning; see :func:`statetx.evaluate`), stores X as float32
-    CSR and keeps only the perturbation labels, as ``obs['target_gene']``. ``encoding=16``
-    rounds the values to float16 precision (smaller archive); they are still stored as float32,
-    because scipy.sparse and anndata cannot read float16 sparse matrices.
+    The genes are reordered to ``gene_names``, the evaluation's scale rule is applied (integer
+    counts are converted to log1p(normalize_total), with a warning; see
+    :func:`statetx.evaluate`), X is stored as float32 CSR and only the perturbation labels are
+    kept, as ``obs['target_gene']``. The archive is an uncompressed tar holding
+    ``<stem>.h5ad.zst`` (the zstd-compressed h5ad; ``<stem>`` is the output name without
+    ``.vcc`` and ``.prep``) and ``watermark.txt`` (statetx version, cell and gene counts,
+    columns, encoding, the sha256 of the compressed h5ad, UTC creation time). This layout is
+    statetx's reading of the reference; acceptance by the VCC portal has not been verified.
+    Compression uses the ``zstandard`` module when installed (``pip install 'statetx[vcc]'``),
+    else the ``zstd`` program. The archive is written to a temporary file next to ``output``
+    and renamed at the end.
 
-    ``output`` defaults to ``<input stem>.prep.vcc`` next to an input file (it is required for
-    an in-memory AnnData). The archive is an uncompressed tar holding ``<stem>.h5ad.zst`` (the
-    zstd-compressed h5ad; ``<stem>`` is the output name without ``.vcc`` and ``.prep``) and
-    ``watermark.txt`` (statetx version, cell and gene counts, columns, encoding, the sha256 of
-    the compressed h5ad, UTC creation time). This layout is statetx's reading of the reference;
-    acceptance by the VCC portal has not been verified. Compression uses the ``zstandard``
-    module when installed (``pip install 'statetx[vcc]'``), else the ``zstd`` program. The
-    archive is written to a temporary file next to ``output`` and renamed at the end.
+    Parameters
+    ----------
+    adata_or_path
+        The prediction: an AnnData or an ``.h5ad`` path.
+    gene_names
+        The gene order: a CSV/text file with one name per line (an optional header line) or a
+        sequence of names; the gene sets must be equal.
+    output
+        The archive to write; default: ``<input stem>.prep.vcc`` next to an input file
+        (required for an in-memory AnnData).
+    pert_col, control_pert
+        The perturbation column and the control label, which must be among its values; both
+        default to those statetx recorded in the prediction, else ``target_gene`` /
+        ``non-targeting``.
+    encoding
+        32 (float32) or 16: the values rounded to float16 precision (smaller archive); they are
+        still stored as float32, because scipy.sparse and anndata cannot read float16 sparse
+        matrices.
+    expected_gene_dim, max_cell_dim
+        Require exactly ``expected_gene_dim`` genes and at most ``max_cell_dim`` cells (``-1``
+        disables either check).
+
+    Returns
+    -------
+    Path
+        The archive written.
     """
     _check_encoding(encoding)
     _check_limit("expected_gene_dim", expected_gene_dim)
