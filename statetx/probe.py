@@ -103,6 +103,10 @@ def _group_energies(model: StateTransitionModel, adata: ad.AnnData, n_groups: in
     if pert_col in adata.obs and (adata.obs[pert_col].astype(str) == str(control)).all():
         raise DataError("probe_attention needs perturbed cells (two or more per cell type and "
                         "perturbation) with their controls in the input; it has controls only.")
+    taken = sorted({"seed", "predict_controls"} & set(predict_options))
+    if taken:
+        raise ConfigError(f"probe_attention sets {', '.join(taken)} itself (its own seed= "
+                          "argument seeds the basal draws); leave them out of predict_options.")
     pred = model.predict(adata, seed=seed, predict_controls=False, **predict_options)
     key = f"{c.embed_key}_pred"
     latent = np.asarray(pred.obsm.get(key, pred.X), dtype=np.float32)

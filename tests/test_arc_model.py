@@ -9,6 +9,7 @@ import pytest
 from conftest import FIXTURES, need
 
 from statetx import StateTransitionModel
+from statetx.errors import ConfigError
 
 ARC = FIXTURES / "arc_state"
 RUNS = ["model_a_llama_bidir", "model_b_gpt2", "model_c_llama_all", "model_d_llama_causal_rope"]
@@ -121,6 +122,8 @@ def test_probe_attention_reports_both_modes_on_real_cells(capsys):
     np.testing.assert_allclose(again.set_index("mode").loc[table["mode"], "energy"],
                                table["energy"], rtol=1e-5)
     assert model.network_config_.attention == "causal"
+    with pytest.raises(ConfigError, match="sets predict_controls itself"):
+        statetx.probe_attention(model, data, predict_controls=True)
 
 
 def test_arc_layout_places_predictions_where_arc_state_does(model_a):

@@ -312,5 +312,6 @@ def test_vcc_score_with_train_matches_the_command_line_flow(tmp_path):
     with pytest.warns(UserWarning, match="train X holds integer values only"):
         from_raw = vcc_score(d / "pred.h5ad", real, train=raw, **kw)
     np.testing.assert_allclose(from_raw["from_baseline"], py["from_baseline"], atol=0.02)
-    with pytest.raises(ConfigError, match="celltype_col is not supported"):
-        vcc_score(d / "pred.h5ad", real, train=train, celltype_col="cell_type", **kw)
+    for key in ("celltype_col", "cell_type_key"):  # (the alias too: it reached evaluate)
+        with pytest.raises(ConfigError, match="celltype_col is not supported"):
+            vcc_score(d / "pred.h5ad", real, train=train, **{key: "cell_type"}, **kw)

@@ -180,7 +180,7 @@ def vcc_score(
 
     adata_pred = load(adata_pred, "pred")
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
-    if evaluate_kwargs.get("celltype_col") is not None:
+    if any(evaluate_kwargs.get(k) is not None for k in ("celltype_col", "cell_type_key")):
         raise ConfigError("vcc_score scores a prediction as a whole (the VCC score is defined "
                           "over all its perturbations); celltype_col is not supported: score each "
                           "cell type's subset of pred and real separately.")
