@@ -1521,11 +1521,19 @@ def partial_load(network: Any, source: str | Path, attention: str | None = None
 
     ``source``: a statetx checkpoint, a statetx model directory, or an arc-state ``.ckpt`` /
     run directory (via :func:`statetx.arc.load_arc_run`; ``attention`` resolves its mode).
-    Returns (loaded, re-initialised, dropped) tensor names.
+    Returns (loaded, re-initialised, dropped) tensor names. As the reference, the perturbation
+    encoder is rebuilt whole when its input width differs, and the gene decoder when the output
+    space differs from the source's; other tensors load where their shapes fit.
     """
-    state = _state_dict_of(Path(source), attention)
+    state, space = _state_dict_of(Path(source), attention)
     own = network.state_dict()
-    use = {k: t for k, t in state.items() if k in own and tuple(t.shape) == tuple(own[k].shape)}
+    fits = {k for k, t in state.items() if k in own and tuple(t.shape) == tuple(own[k].shape)}
+    rebuilt = []
+    if any(k.startswith("pert_encoder.") and k not in fits for k in own):
+        rebuilt.append("pert_encoder.")  # (another perturbation width: no layer of it is kept)
+    if space is not None and space != network.config.output_space:
+        rebuilt.append("gene_decoder.")
+    use = {k: state[k] for k in fits if not k.startswith(tuple(rebuilt))}
     reinit = sorted(set(own) - set(use))
     dropped = sorted(set(state) - set(use))
     network.load_state_dict(use, strict=False)
@@ -1533,20 +1541,25 @@ def partial_load(network: Any, source: str | Path, attention: str | None = None
         + (f"; re-initialised {len(reinit)}: {', '.join(reinit[:12])}"
              + (" ..." if len(reinit) > 12 else "") if reinit else "")
         + (f"; dropped {len(dropped)}: {', '.join(dropped[:12])}"
-             + (" ..." if len(dropped) > 12 else "") if dropped else ""))
+             + (" ..." if len(dropped) > 12 else "") if dropped else "")
+        + (f" (rebuilt whole: {', '.join(r.rstrip('.') for r in rebuilt)})" if rebuilt else ""))
     if not use:
         raise ConfigError(f"model.kwargs.init_from={source}: no tensor of the checkpoint fits the "
                           "new network (different architecture?).")
     return sorted(use), reinit, dropped
 
 
-def _state_dict_of(path: Path, attention: str | None) -> dict:
+def _state_dict_of(path: Path, attention: str | None) -> tuple[dict, str | None]:
+    """The weights of a checkpoint, model folder or run, and its output space (None: unknown)."""
     if not path.exists():
         raise ConfigError(f"model.kwargs.init_from={path}: file not found.")
     if path.is_dir() and (path / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
-        return load_file(str(path / "model.safetensors"))
+        meta = path / "model.json"
+        space = (json.loads(meta.read_text()).get("network_config", {}).get("output_space")
+                 if meta.is_file() else None)
+        return load_file(str(path / "model.safetensors")), space
     if path.is_dir() and path.name == CHECKPOINT_DIR and looks_like_run(path.parent):
         path = path.parent  # a run's checkpoints folder: the run
     if path.is_dir() and looks_like_run(path):  # a statetx run folder: its default checkpoint
@@ -1559,11 +1572,12 @@ def _state_dict_of(path: Path, attention: str | None) -> dict:
         except Exception:  # noqa: BLE001 - arc-state checkpoints hold pickled objects
             ckpt = None
         if isinstance(ckpt, dict) and "statetx_model" in ckpt:
-            return dict(ckpt["state_dict"])
+            return (dict(ckpt["state_dict"]),
+                    ckpt["statetx_model"].get("network_config", {}).get("output_space"))
     from statetx.arc import load_arc_run
 
     imp = load_arc_run(path, attention=attention)
-    return imp.network.state_dict()
+    return imp.network.state_dict(), imp.network.config.output_space
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,9 +136,15 @@ class TrainConfig:
                                                            self.decoder_weight)):
             raise ConfigError("decoder_weight and regularization must be finite numbers >= 0, "
                               f"got {self.decoder_weight!r} and {self.regularization!r}.")
-        if self.gradient_clip_val is not None and not float(self.gradient_clip_val) >= 0:
-            raise ConfigError(f"gradient_clip_val={self.gradient_clip_val!r} must be >= 0 (0 or "
-                              "None: no clipping).")
+        if self.gradient_clip_val is not None:
+            clip = self.gradient_clip_val
+            try:
+                self.gradient_clip_val = float(clip)  # ("10" from a config, as lr)
+            except (TypeError, ValueError):
+                self.gradient_clip_val = math.nan
+            if not self.gradient_clip_val >= 0:
+                raise ConfigError(f"gradient_clip_val={clip!r} must be a number >= 0 (0 or "
+                                  "None: no clipping).")
         if self.gradient_clip_val == 0:  # (Lightning's meaning of 0)
             self.gradient_clip_val = None
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):

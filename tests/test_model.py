@@ -1654,3 +1654,32 @@ def test_subclass_with_kwargs_keeps_the_parents_parameters(tmp_path):
     assert (d.extra, d.lr, d.seed) == (1, 3e-3, 7)
     with pytest.raises(ConfigError, match="name the entry after '__'"):
         StateTransitionModel().set_params(model_kwargs__=5)
+
+
+def test_init_from_rebuilds_the_pert_encoder_and_decoder_whole(fitted, tmp_path, capsys):
+    """As the reference: another perturbation width rebuilds the whole perturbation encoder
+    (not only its first layer); other tensors load where they fit."""
+    import dataclasses
+
+    from statetx.nn import StateTransitionNetwork
+    from statetx.run import partial_load
+
+    model, _ = fitted
+    src = model.save(tmp_path / "m")
+    c = model.network_config_
+
+    def net(pert_dim: int) -> StateTransitionNetwork:
+        torch.manual_seed(1)
+        return StateTransitionNetwork(dataclasses.replace(c, pert_dim=pert_dim))
+
+    loaded, reinit, _ = partial_load(net(c.pert_dim), src)
+    assert not reinit and any(k.startswith("pert_encoder.") for k in loaded)
+    wider = net(c.pert_dim + 3)
+    fresh = {k: v.clone() for k, v in wider.state_dict().items()}
+    loaded, reinit, _ = partial_load(wider, src)
+    pe = [k for k in fresh if k.startswith("pert_encoder.")]
+    assert len(pe) > 2 and set(pe) <= set(reinit) and not set(pe) & set(loaded)
+    for k in pe:  # left at their fresh initialisation
+        torch.testing.assert_close(wider.state_dict()[k], fresh[k])
+    assert "rebuilt whole: pert_encoder" in capsys.readouterr().out
+    assert any(k.startswith("transformer") for k in loaded)

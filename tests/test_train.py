@@ -252,6 +252,9 @@ def test_gradient_clip_val_zero_means_no_clipping():  # as in Lightning (model.m
 
 def test_string_lr_is_parsed():
     assert TrainConfig(lr="1e-4").lr == 1e-4
+    assert TrainConfig(gradient_clip_val="10").gradient_clip_val == 10.0  # (it crashed at step 1)
+    with pytest.raises(ConfigError, match="gradient_clip_val='ten' must be a number"):
+        TrainConfig(gradient_clip_val="ten")
 
 
 def test_gradient_accumulation_matches_bigger_batch(synth):
