@@ -504,40 +504,17 @@ class ContextMeanBaseline(_Baseline):
         perturbed-cell means (Systema's "train mean"; the control mean when no training cell
         type has perturbed cells); ``"control_mean"`` (arc-state 0.11.1, metrics.md §13) the
         mean of the input's control cells of c, i.e. no change at all.
-    pert_col, cell_type_key, batch_col, control_pert
-        obs columns holding the perturbation, the context (cell type) and (optionally) the
-        batch; the control label (auto-detected among ``non-targeting`` / ``DMSO_TF`` when
-        None). With ``batch_col``, basal cells are drawn from the controls of the same batch
-        where it has some (ST's default pairing).
-    embed_key
-        Cell representation: None = X; else an obsm key, ``X_hvg`` (genes) or an embedding
-        (outputs named ``emb_0``, ``emb_1``, ...).
-    gene_name_col
-        var column holding the gene names (e.g. symbols when ``var_names`` are Ensembl IDs);
-        genes are matched and outputs named by it. None = ``var_names``.
-    seed
-        Seeds the basal draws: the default ``seed`` of :meth:`predict` and
-        :meth:`predict_split`.
+    pert_col, cell_type_key, batch_col, control_pert, embed_key, gene_name_col, seed
+        The data columns, control label, input representation and seed, as in
+        :class:`ControlMeanBaseline`.
 
     Attributes
     ----------
     context_means_, train_mean_
         The mean of the perturbed training cells of each cell type that has some, and the
         unweighted mean of those means (None when there are none).
-    means_, groups_
-        The mean (float64) of each (cell type, perturbation) group of the training split, keyed
-        by that pair, and a table of the groups (``cell_type``, ``perturbation``, ``n_cells``,
-        ``is_control``).
-    control_means_, deltas_
-        Each cell type's control mean, and each perturbed group's mean minus it.
-    perturbed_cell_types_
-        Cell types with perturbed training cells (the others are zero-shot).
-    vocab_, columns_
-        Perturbation / cell-type / batch vocabularies and the obs columns the baseline reads.
-    var_names_, n_features_in_, is_log1p_
-        Input features in training order, and whether the training expression was log1p.
-    split_config_, split_summary_
-        The validated split spec and the cells / perturbations per split and context.
+    means_, control_means_, deltas_, groups_, vocab_, columns_, var_names_
+        The fitted attributes every baseline has (see :class:`ControlMeanBaseline`).
     """
 
     name = "context_mean"
@@ -590,39 +567,16 @@ class PerturbMeanBaseline(_Baseline):
 
     Parameters
     ----------
-    pert_col, cell_type_key, batch_col, control_pert
-        obs columns holding the perturbation, the context (cell type) and (optionally) the
-        batch; the control label (auto-detected among ``non-targeting`` / ``DMSO_TF`` when
-        None). With ``batch_col``, basal cells are drawn from the controls of the same batch
-        where it has some (ST's default pairing).
-    embed_key
-        Cell representation: None = X; else an obsm key, ``X_hvg`` (genes) or an embedding
-        (outputs named ``emb_0``, ``emb_1``, ...).
-    gene_name_col
-        var column holding the gene names (e.g. symbols when ``var_names`` are Ensembl IDs);
-        genes are matched and outputs named by it. None = ``var_names``.
-    seed
-        Seeds the basal draws: the default ``seed`` of :meth:`predict` and
-        :meth:`predict_split`.
+    pert_col, cell_type_key, batch_col, control_pert, embed_key, gene_name_col, seed
+        The data columns, control label, input representation and seed, as in
+        :class:`ControlMeanBaseline`.
 
     Attributes
     ----------
     shifts_
         δ_p of every perturbation with perturbed training cells.
-    means_, groups_
-        The mean (float64) of each (cell type, perturbation) group of the training split, keyed
-        by that pair, and a table of the groups (``cell_type``, ``perturbation``, ``n_cells``,
-        ``is_control``).
-    control_means_, deltas_
-        Each cell type's control mean, and each perturbed group's mean minus it.
-    perturbed_cell_types_
-        Cell types with perturbed training cells (the others are zero-shot).
-    vocab_, columns_
-        Perturbation / cell-type / batch vocabularies and the obs columns the baseline reads.
-    var_names_, n_features_in_, is_log1p_
-        Input features in training order, and whether the training expression was log1p.
-    split_config_, split_summary_
-        The validated split spec and the cells / perturbations per split and context.
+    means_, control_means_, deltas_, groups_, vocab_, columns_, var_names_
+        The fitted attributes every baseline has (see :class:`ControlMeanBaseline`).
     """
 
     name = "perturb_mean"
@@ -664,20 +618,9 @@ class AdditiveBaseline(PerturbMeanBaseline):
     sep
         The (non-empty) string a label is split into its parts at. The control label and empty
         parts count as no perturbation, so GEARS' ``A+ctrl`` is the single ``A``.
-    pert_col, cell_type_key, batch_col, control_pert
-        obs columns holding the perturbation, the context (cell type) and (optionally) the
-        batch; the control label (auto-detected among ``non-targeting`` / ``DMSO_TF`` when
-        None). With ``batch_col``, basal cells are drawn from the controls of the same batch
-        where it has some (ST's default pairing).
-    embed_key
-        Cell representation: None = X; else an obsm key, ``X_hvg`` (genes) or an embedding
-        (outputs named ``emb_0``, ``emb_1``, ...).
-    gene_name_col
-        var column holding the gene names (e.g. symbols when ``var_names`` are Ensembl IDs);
-        genes are matched and outputs named by it. None = ``var_names``.
-    seed
-        Seeds the basal draws: the default ``seed`` of :meth:`predict` and
-        :meth:`predict_split`.
+    pert_col, cell_type_key, batch_col, control_pert, embed_key, gene_name_col, seed
+        The data columns, control label, input representation and seed, as in
+        :class:`ControlMeanBaseline`.
 
     Attributes
     ----------
@@ -687,20 +630,8 @@ class AdditiveBaseline(PerturbMeanBaseline):
         ``A+ctrl``; the plain label wins where both exist).
     shifts_
         The :class:`PerturbMeanBaseline` shift of every label with perturbed training cells.
-    means_, groups_
-        The mean (float64) of each (cell type, perturbation) group of the training split, keyed
-        by that pair, and a table of the groups (``cell_type``, ``perturbation``, ``n_cells``,
-        ``is_control``).
-    control_means_, deltas_
-        Each cell type's control mean, and each perturbed group's mean minus it.
-    perturbed_cell_types_
-        Cell types with perturbed training cells (the others are zero-shot).
-    vocab_, columns_
-        Perturbation / cell-type / batch vocabularies and the obs columns the baseline reads.
-    var_names_, n_features_in_, is_log1p_
-        Input features in training order, and whether the training expression was log1p.
-    split_config_, split_summary_
-        The validated split spec and the cells / perturbations per split and context.
+    means_, control_means_, deltas_, groups_, vocab_, columns_, var_names_
+        The fitted attributes every baseline has (see :class:`ControlMeanBaseline`).
     """
 
     name = "additive"
@@ -782,39 +713,16 @@ class CellMeanBaseline(_Baseline):
 
     Parameters
     ----------
-    pert_col, cell_type_key, batch_col, control_pert
-        obs columns holding the perturbation, the context (cell type) and (optionally) the
-        batch; the control label (auto-detected among ``non-targeting`` / ``DMSO_TF`` when
-        None). With ``batch_col``, basal cells are drawn from the controls of the same batch
-        where it has some (ST's default pairing).
-    embed_key
-        Cell representation: None = X; else an obsm key, ``X_hvg`` (genes) or an embedding
-        (outputs named ``emb_0``, ``emb_1``, ...).
-    gene_name_col
-        var column holding the gene names (e.g. symbols when ``var_names`` are Ensembl IDs);
-        genes are matched and outputs named by it. None = ``var_names``.
-    seed
-        Seeds the basal draws: the default ``seed`` of :meth:`predict` and
-        :meth:`predict_split`.
+    pert_col, cell_type_key, batch_col, control_pert, embed_key, gene_name_col, seed
+        The data columns, control label, input representation and seed, as in
+        :class:`ControlMeanBaseline`.
 
     Attributes
     ----------
     cell_mean_
         b.
-    means_, groups_
-        The mean (float64) of each (cell type, perturbation) group of the training split, keyed
-        by that pair, and a table of the groups (``cell_type``, ``perturbation``, ``n_cells``,
-        ``is_control``).
-    control_means_, deltas_
-        Each cell type's control mean, and each perturbed group's mean minus it.
-    perturbed_cell_types_
-        Cell types with perturbed training cells (the others are zero-shot).
-    vocab_, columns_
-        Perturbation / cell-type / batch vocabularies and the obs columns the baseline reads.
-    var_names_, n_features_in_, is_log1p_
-        Input features in training order, and whether the training expression was log1p.
-    split_config_, split_summary_
-        The validated split spec and the cells / perturbations per split and context.
+    means_, control_means_, deltas_, groups_, vocab_, columns_, var_names_
+        The fitted attributes every baseline has (see :class:`ControlMeanBaseline`).
     """
 
     name = "cell_mean"
@@ -865,20 +773,9 @@ class LinearBaseline(_Baseline):
         mean of the cell type's perturbed training cells, as :class:`ContextMeanBaseline`; its
         control mean for a zero-shot cell type). Training perturbations without a vector in a
         given embedding are an error, or (``"mean"`` / ``"context_mean"``) left out of the fit.
-    pert_col, cell_type_key, batch_col, control_pert
-        obs columns holding the perturbation, the context (cell type) and (optionally) the
-        batch; the control label (auto-detected among ``non-targeting`` / ``DMSO_TF`` when
-        None). With ``batch_col``, basal cells are drawn from the controls of the same batch
-        where it has some (ST's default pairing).
-    embed_key
-        Cell representation: None = X; else an obsm key, ``X_hvg`` (genes) or an embedding
-        (outputs named ``emb_0``, ``emb_1``, ...).
-    gene_name_col
-        var column holding the gene names (e.g. symbols when ``var_names`` are Ensembl IDs);
-        genes are matched and outputs named by it. None = ``var_names``.
-    seed
-        Seeds the basal draws: the default ``seed`` of :meth:`predict` and
-        :meth:`predict_split`.
+    pert_col, cell_type_key, batch_col, control_pert, embed_key, gene_name_col, seed
+        The data columns, control label, input representation and seed, as in
+        :class:`ControlMeanBaseline`.
 
     Attributes
     ----------
@@ -887,20 +784,8 @@ class LinearBaseline(_Baseline):
     embedding_source_, pert_vectors_
         ``"genes"``, ``"onehot"`` or ``"external"`` (a given embedding), and the vectors p⃗ by
         perturbation (None for ``"genes"``: the rows of G).
-    means_, groups_
-        The mean (float64) of each (cell type, perturbation) group of the training split, keyed
-        by that pair, and a table of the groups (``cell_type``, ``perturbation``, ``n_cells``,
-        ``is_control``).
-    control_means_, deltas_
-        Each cell type's control mean, and each perturbed group's mean minus it.
-    perturbed_cell_types_
-        Cell types with perturbed training cells (the others are zero-shot).
-    vocab_, columns_
-        Perturbation / cell-type / batch vocabularies and the obs columns the baseline reads.
-    var_names_, n_features_in_, is_log1p_
-        Input features in training order, and whether the training expression was log1p.
-    split_config_, split_summary_
-        The validated split spec and the cells / perturbations per split and context.
+    means_, control_means_, deltas_, groups_, vocab_, columns_, var_names_
+        The fitted attributes every baseline has (see :class:`ControlMeanBaseline`).
     """
 
     name = "linear"
