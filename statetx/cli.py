@@ -273,6 +273,9 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
           "training batch, or the mean batch embedding")
     _flag(inf, "--missing-genes", default="error", choices=["error", "zero"],
           help="model genes absent from the input: an error listing them (default), or zeros")
+    _flag(inf, "--gene-name-col",
+          help="the input's var column of gene names (e.g. symbols next to Ensembl IDs; "
+          "default: the training one; 'none': var_names)")
     _flag(inf, "--no-predict-controls", action="store_true",
           help="copy the control cells into the output instead of predicting them")
     inf.add_argument("--clip", default="auto", help="auto | none | LO,HI")
@@ -1020,7 +1023,16 @@ def cmd_infer(a: argparse.Namespace) -> int:
                                 f"(it holds {preview(sorted(set(labels)), 12)})."
                                 + did_you_mean(unknown[0], sorted(set(labels))))
             adata = adata[labels.isin(wanted).to_numpy()].copy()
-        if a.embed_key and a.embed_key not in ("X",) and a.embed_key != c.embed_key:
+        if a.embed_key == "X" and c.embed_key is not None:  # genes read from X by name
+            if c.embed_key != "X_hvg":
+                raise UsageError(f"--embed-key X: the model reads an embedding "
+                                 f"(obsm['{c.embed_key}']), not genes; name the input's obsm "
+                                 "key holding it.")
+            if "X_hvg" in adata.obsm:
+                del adata.obsm["X_hvg"]
+                _say("--embed-key X: the model's genes are read from X by name (the input's "
+                     "obsm['X_hvg'] is not used).")
+        elif a.embed_key and a.embed_key != "X" and a.embed_key != c.embed_key:
             adata = _remap_embedding(adata, a.embed_key, c.embed_key, model.var_names_)
         for flag, value in (("--min-cells", a.min_cells), ("--max-cells", a.max_cells)):
             if value is not None and value < 1:
@@ -1051,7 +1063,11 @@ def cmd_infer(a: argparse.Namespace) -> int:
             n_cells_per_pert=a.virtual_cells_per_pert, min_cells=a.min_cells,
             max_cells=a.max_cells, clip=clip,
             missing_genes=a.missing_genes, matmul_precision=a.matmul_precision,
+            gene_name_col=(False if (a.gene_name_col or "").lower() == "none"
+                           else a.gene_name_col),
             sets_per_pass=64 if a.batch_size is None else a.batch_size, layout=a.layout)
+        if a.tsv is not None and a.layout != "arc":  # a virtual experiment keeps uns (§3.4)
+            pred.uns = {**adata.uns, **pred.uns}
         if out.suffix == ".npy":
             x = pred.X.toarray() if hasattr(pred.X, "toarray") else np.asarray(pred.X)
             arr = np.ascontiguousarray(x, dtype=np.float32)

@@ -68,6 +68,7 @@ from statetx.predict import (
     encode_perturbations,
     first_positions,
     group_key,
+    group_rng,
     hvg_names,
     input_labels,
     input_matrix,
@@ -472,6 +473,25 @@ class StateTransitionModel(Estimator):
         drawn within the batch: ``basal_pool``, default the training pairing)."""
         return bool(self.network_config_.batch_encoder) or (
             basal_pool or self._pairing()) == "batch"
+
+    def _input_batches(self, adata: ad.AnnData, batch_col: str | None, pool_mode: str,
+                       unknown_batch: str) -> np.ndarray:
+        """Each input cell's batch label, where pairing or the batch encoder needs one. Without
+        a batch column, a batch-encoder model that does not pair by batch takes the
+        ``unknown_batch`` embedding ('first' / 'mean') for every cell, or says what it needs."""
+        if (self.network_config_.batch_encoder and pool_mode != "batch"
+                and (batch_col is None or batch_col not in adata.obs.columns)):
+            if unknown_batch == "error":
+                raise DataError(
+                    "the model has a batch encoder, which takes each cell's batch, and the input "
+                    + (f"has no obs column '{batch_col}'" if batch_col else "names no batch column")
+                    + f".{did_you_mean(batch_col or 'batch', map(str, adata.obs.columns))} Pass "
+                    "batch_col=<column>, or unknown_batch='mean' (the mean batch embedding) or "
+                    "'first' to predict without batches.")
+            say(f"no batch column in the input: every cell gets the {unknown_batch} batch "
+                "embedding (unknown_batch).")
+            return np.full(adata.n_obs, "\x00", dtype=object)  # (in no vocabulary)
+        return pairing_batches(adata, batch_col, self._needs_batch(pool_mode))
 
     def _pairing(self) -> str:
         """The control pairing the model trained with (predictions pair as in training, whatever
@@ -1085,6 +1105,7 @@ class StateTransitionModel(Estimator):
                 perturbations: Sequence[str] | None = None,
                 min_cells: int | None = None, max_cells: int | None = None,
                 clip: Any = "auto", missing_genes: str = "error",
+                gene_name_col: str | bool | None = None,
                 pert_features: str | Path | Mapping[str, Any] | None = None,
                 matmul_precision: str = "highest", sets_per_pass: int = 64,
                 layout: str = "statetx", keep_input: bool = False) -> ad.AnnData:
@@ -1159,6 +1180,10 @@ class StateTransitionModel(Estimator):
             nothing for embeddings), None, or a ``(low, high)`` pair.
         missing_genes
             Model genes absent from the input: ``"error"`` (default, listing them) or ``"zero"``.
+        gene_name_col
+            The input's var column holding gene names (e.g. symbols next to Ensembl IDs), if it
+            differs from training's (default: the training ``gene_name_col``); False reads the
+            input's ``var_names``.
         pert_features
             Models trained with perturbation features: vectors (a name → vector mapping, or a
             feature file) for perturbations without training cells, e.g. the embeddings of
@@ -1226,7 +1251,9 @@ class StateTransitionModel(Estimator):
         ct_col = None if cell_type_col is False else (cell_type_col or c.cell_type_key)
         pool_mode = resolve_pool(basal_pool, "batch" if self._pairing() == "batch"
                                  and not own_basal else "cell_type", batch_col)
-        x_in = input_matrix(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
+        gene_col = (c.gene_name_col if gene_name_col is None else  # (False: var_names)
+                    gene_name_col or None)
+        x_in = input_matrix(adata, self.var_names_, c.embed_key, missing_genes, gene_col)
         expression_in = c.embed_key in (None, "X_hvg")
         if expression_in:
             src = c.embed_key if c.embed_key in adata.obsm else "X"  # (X_hvg falls back to X)
@@ -1237,7 +1264,7 @@ class StateTransitionModel(Estimator):
         if expression_in:
             self._check_normalisation(adata, x_in, ctx, is_ctrl)
         _say_new_contexts(ctx, self.vocab_.cell_types)
-        batch = pairing_batches(adata, batch_col, self._needs_batch(pool_mode))
+        batch = self._input_batches(adata, batch_col, pool_mode, unknown_batch)
         ctx_all, batch_all = ctx, batch  # every input cell's (ctx, batch: of the output rows)
         input_control = control  # (named in the output's uns, as in its obs)
         if control != c.control_pert:  # the input's own control label: the model's control
@@ -1263,7 +1290,7 @@ class StateTransitionModel(Estimator):
         if as_is.any() and self.network_.gene_decoder is not None:
             try:
                 real_counts = align_genes(adata[src_rows[as_is]], self.gene_names_,
-                                          self._counts_source(), "error", c.gene_name_col)
+                                          self._counts_source(), "error", gene_col)
             except DataError as err:
                 warnings.warn("predict_controls=False: the control cells are left out of the "
                               f"output (they cannot be copied into the decoded genes: {err})",
@@ -1298,10 +1325,10 @@ class StateTransitionModel(Estimator):
         obs["statetx_ctrl_barcode"] = np.asarray(adata.obs_names)[res["basal_row"]]
         obs["statetx_set"] = res["set_id"]
         if layout == "arc":
-            out = self._arc_layout(adata, src_rows, obs, res, clip)
+            out = self._arc_layout(adata, src_rows, obs, res, clip, gene_col)
         else:
             out = self._output(res, obs, clip)
-            _carry_var(adata, out, self.columns_.gene_name_col)
+            _carry_var(adata, out, gene_col)
             if keep_input:
                 _carry_input(adata, src_rows, out)
         from statetx import __version__
@@ -1309,6 +1336,10 @@ class StateTransitionModel(Estimator):
         source = getattr(self, "checkpoint_path_", None) or getattr(self, "run_dir_", None)
         out.uns["statetx"] = {"version": __version__, "model_id": weights_digest(self.network_),
                               "seed": int(seed), "windows": windows, "basal": basal,
+                              "set_len": int(set_len or self.cell_set_len_),
+                              "predict_controls": bool(predict_controls),
+                              "unknown_perturbation": unknown_perturbation,
+                              "missing_genes": missing_genes, "clip": str(clip),
                               **({} if own_basal else {"basal_pool": pool_mode}),
                               "attention": self.network_config_.attention,
                               "rope": "none" if self.network_config_.rope is None
@@ -1423,7 +1454,6 @@ class StateTransitionModel(Estimator):
 
     def _virtual_cells(self, adata, pert, ctx, batch, is_ctrl, control, n_cells, seed, pert_col,
                        known, chosen=None, every_control=False):
-        rng = np.random.default_rng([int(seed), 7])
         perts = [p for p in known if p != control]
         per_pert = ({str(k): v for k, v in n_cells.items()} if isinstance(n_cells, Mapping)
                     else {})
@@ -1441,6 +1471,11 @@ class StateTransitionModel(Estimator):
                        "pert_features={label: vector} to simulate them."
                        if self.vocab_.pert_features is not None else ""))
             perts = list(dict.fromkeys(chosen))
+        if not is_ctrl.any():  # (basal='self' needs no controls, but clones are of controls)
+            raise DataError(f"virtual cells are clones of the input's control cells "
+                            f"(obs['{pert_col}'] == '{control}'), and it has none; include "
+                            "them, or relabel the cells to perturb and predict them with "
+                            "basal='self' (without all_perts).")
         obs_parts, rows, p_parts, c_parts, b_parts = [adata.obs], [np.arange(adata.n_obs)], \
             [pert], [ctx], [batch]
         for context in sorted(np.unique(ctx[is_ctrl])):
@@ -1449,6 +1484,8 @@ class StateTransitionModel(Estimator):
                 n = int(per_pert.get(p, 0) if per_pert else (n_cells or len(pool)))
                 if n == 0:
                     continue
+                # (a generator per group: other groups do not change its clones)
+                rng = group_rng(seed, group_key(context, p, "clone"))
                 pick = (pool if every_control and not (per_pert or n_cells) else
                         pool[rng.integers(len(pool), size=n)])
                 o = adata.obs.iloc[pick].copy()
@@ -1491,7 +1528,7 @@ class StateTransitionModel(Estimator):
         return counts_source(self.columns_.output_space, self.counts_key)
 
     def _arc_layout(self, adata: ad.AnnData, src_rows: np.ndarray, obs: pd.DataFrame,
-                    res: dict, clip) -> ad.AnnData:
+                    res: dict, clip, gene_col: str | None) -> ad.AnnData:
         """A copy of the input rows with the predictions placed as arc-state's tx infer does."""
         c = self.columns_
         rng = clip_range(clip, self._expression_output, self.is_log1p_)
@@ -1509,10 +1546,10 @@ class StateTransitionModel(Estimator):
             """Into X (key None) or obsm[key] when it has x's width, columns matched by gene
             name where both sides have names (else by position); otherwise obsm[fallback]."""
             if key is None:
-                width, dest = out.n_vars, list(map(str, gene_names(out, c.gene_name_col)))
+                width, dest = out.n_vars, list(map(str, gene_names(out, gene_col)))
             elif key in out.obsm:
                 width = np.shape(out.obsm[key])[1]
-                dest = hvg_names(out, c.gene_name_col) if key == "X_hvg" else None
+                dest = hvg_names(out, gene_col) if key == "X_hvg" else None
             else:  # a new obsm entry
                 width, dest = x.shape[1], None
             if width == x.shape[1] and names is not None and dest is not None:

@@ -443,18 +443,26 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
                         "drop the extra copies.")
     pos = first_positions(index, genes)
     missing = [g for g, p in zip(genes, pos) if p < 0]
+    if missing and len(missing) == len(genes):
+        wanted = set(map(str, genes))
+        cols = [str(k) for k, col in adata.var.items() if col.dtype == object or isinstance(
+            col.dtype, pd.CategoricalDtype)]
+        found = [k for k in cols if len(wanted & set(adata.var[k].astype(str))) > len(genes) / 2]
+        hint = (f" var[{found[0]!r}] holds them: pass gene_name_col={found[0]!r} "
+                f"(--gene-name-col {found[0]})." if found else
+                " Are the genes named differently (symbols vs Ensembl IDs: gene_name_col=<var "
+                "column>), or is this data of another panel?")
+        raise DataError(
+            f"none of the model's {len(genes)} genes is in the input's {where} (model: "
+            f"{preview(list(genes))}; input: {preview(list(index))})" + (
+                ", so filling the missing genes with 0 would predict from empty cells."
+                if missing_genes == "zero" else ".") + hint)
     if missing and missing_genes == "error":
         raise DataError(
             f"{len(missing)} of the model's {len(genes)} genes are missing from the input's "
             f"{where}: {preview(missing)}.{in_x} Provide them, or pass missing_genes='zero' to "
             "fill them with 0."
         )
-    if missing and len(missing) == len(genes):
-        raise DataError(
-            f"none of the model's {len(genes)} genes is in the input's {where} (model: "
-            f"{preview(list(genes))}; input: {preview(list(index))}), so filling the missing "
-            "genes with 0 would predict from empty cells. Are the genes named differently "
-            "(symbols vs Ensembl IDs: gene_name_col=), or is this data of another panel?")
     if missing:
         warnings.warn(f"{len(missing)} of {len(genes)} model genes are missing from the input "
                       f"and are filled with 0: {preview(missing)}.", UserWarning, stacklevel=3)
@@ -478,14 +486,15 @@ def resize_groups(ctx: np.ndarray, pert: np.ndarray, control: str, min_cells: in
                   max_cells: int | None, seed: int) -> np.ndarray:
     """Rows to predict when every (context, perturbation) group other than the control has at
     least ``min_cells`` (clones drawn with replacement) and at most ``max_cells`` (a seeded
-    subsample): the kept rows in their order, then the clones."""
-    rng = np.random.default_rng([int(seed), 11])
+    subsample): the kept rows in their order, then the clones. Each group draws from its own
+    generator (seed and labels), so other groups in the input do not change its cells."""
     kept, clones = [], []
     frame = pd.DataFrame({"c": np.asarray(ctx, dtype=str), "p": np.asarray(pert, dtype=str)})
-    for (_, p), pos in sorted(frame.groupby(["c", "p"]).indices.items()):
+    for (c, p), pos in sorted(frame.groupby(["c", "p"]).indices.items()):
         if p == str(control):
             kept.append(pos)
             continue
+        rng = group_rng(seed, group_key(c, p, "resize"))
         if max_cells is not None and len(pos) > max_cells:
             pos = rng.choice(pos, size=max_cells, replace=False)
         if min_cells is not None and len(pos) < min_cells:

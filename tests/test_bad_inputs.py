@@ -242,13 +242,22 @@ def test_predict_genes_do_not_match_training(base, adata, tmp_path):
     with pytest.raises(DataError, match=r"16 of the model's 32 genes are missing from the "
                                         r"input's X: G1, G3, G5.*missing_genes='zero'"):
         loaded.predict(adata)
-    with pytest.raises(DataError, match=r"32 of the model's 32 genes are missing"):
+    with pytest.raises(DataError, match=r"none of the model's 32 genes is in the input's X"):
         loaded.predict(adata[:, :0].copy())  # zero genes
     other = adata.copy()  # another panel: no gene in common, not even with missing_genes='zero'
     other.var_names = [f"other{i}" for i in range(other.n_vars)]
     with pytest.raises(DataError, match=r"none of the model's 32 genes is in the input's X.*"
-                                        r"other0"):
+                                        r"other0.*symbols vs Ensembl"):
         loaded.predict(other, missing_genes="zero")
+    # Ensembl IDs as var_names, the model's symbols in a var column: named, and read with it
+    ens = base[1].copy()
+    ens.var["symbol"] = ens.var_names.astype(str)
+    ens.var_names = [f"ENSG{i:05d}" for i in range(ens.n_vars)]
+    with pytest.raises(DataError, match=r"var\['symbol'\] holds them: pass "
+                                        r"gene_name_col='symbol' \(--gene-name-col symbol\)"):
+        loaded.predict(ens)
+    by_symbol = loaded.predict(ens, gene_name_col="symbol", seed=0)
+    np.testing.assert_array_equal(by_symbol.X, loaded.predict(base[1], seed=0).X)
 
 
 def test_predict_zero_cells_and_unfitted(model, adata):

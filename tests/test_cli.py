@@ -258,9 +258,13 @@ def test_infer_both_spellings_and_npy(run, data, tmp_path, capsys):
                  str(tmp_path / "o"), "--celltypes", "CT9"]) == 2
     assert "(it holds CT0, CT1, CT2)" in capsys.readouterr().err
     (tmp_path / "t.tsv").write_text("perturbation\tnum_cells\nP0\t5\n")
-    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output",
-                 str(tmp_path / "t.h5ad"), "--tsv", str(tmp_path / "t.tsv")]) == 0
-    assert ad.read_h5ad(tmp_path / "t.h5ad").n_obs == 306 + 5
+    noted = ad.read_h5ad(src)
+    noted.uns["my_note"] = "kept"
+    noted.write_h5ad(tmp_path / "noted.h5ad")
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(tmp_path / "noted.h5ad"),
+                 "--output", str(tmp_path / "t.h5ad"), "--tsv", str(tmp_path / "t.tsv")]) == 0
+    virtual = ad.read_h5ad(tmp_path / "t.h5ad")
+    assert virtual.n_obs == 306 + 5 and virtual.uns["my_note"] == "kept"  # (uns kept, §3.4)
     assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output",
                  str(tmp_path / "m.h5ad"), "--max_cells", "10", "--no-predict-controls"]) == 0
     m = ad.read_h5ad(tmp_path / "m.h5ad")
@@ -297,6 +301,36 @@ def test_infer_matmul_precision(run, data, tmp_path, capsys):
                  "bf16"]) == 2
     assert "matmul_precision='bf16' is invalid" in capsys.readouterr().err
     assert not (tmp_path / "c.h5ad").exists()
+
+
+def test_infer_reads_genes_from_x_or_a_var_column_when_told(run, data, tmp_path):
+    """--embed-key X on an X_hvg model reads the genes from X by name (it was ignored);
+    --gene-name-col names the var column of gene names."""
+    import anndata as ad
+
+    src = ad.read_h5ad(data / "data.h5ad")
+    src.obsm["X_hvg"] = np.asarray(src.X, dtype=np.float32) * 0.5  # another matrix there
+    src.uns["X_hvg_var_names"] = np.asarray(src.var_names, dtype=str)
+    src.write_h5ad(tmp_path / "in.h5ad")
+    plain = ad.read_h5ad(data / "data.h5ad")
+    ens = plain.copy()
+    ens.var["symbol"] = ens.var_names.astype(str)
+    ens.var_names = [f"ENSG{i:05d}" for i in range(ens.n_vars)]
+    if "X_hvg_var_names" in ens.uns:  # (named by var_names, as the data's own)
+        ids = dict(zip(ens.var["symbol"], ens.var_names))
+        ens.uns["X_hvg_var_names"] = np.asarray([ids[g] for g in ens.uns["X_hvg_var_names"]])
+    ens.write_h5ad(tmp_path / "ens.h5ad")
+    base = ["tx", "infer", "--model-dir", str(run)]
+    out = {}
+    for name, inp, extra in (("hvg", "in.h5ad", []), ("x", "in.h5ad", ["--embed-key", "X"]),
+                             ("plain", data / "data.h5ad", []),
+                             ("ens", "ens.h5ad", ["--gene-name-col", "symbol"])):
+        assert main([*base, "--adata", str(tmp_path / inp), "--output",
+                     str(tmp_path / f"{name}.h5ad"), *extra]) == 0
+        out[name] = np.asarray(ad.read_h5ad(tmp_path / f"{name}.h5ad").X)
+    assert not np.allclose(out["hvg"], out["plain"])  # obsm['X_hvg'] is the default input
+    np.testing.assert_array_equal(out["x"], out["plain"])
+    np.testing.assert_array_equal(out["ens"], out["plain"])
 
 
 def test_infer_basal_self_on_relabelled_controls(run, data, tmp_path):

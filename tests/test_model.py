@@ -1683,3 +1683,37 @@ def test_init_from_rebuilds_the_pert_encoder_and_decoder_whole(fitted, tmp_path,
         torch.testing.assert_close(wider.state_dict()[k], fresh[k])
     assert "rebuilt whole: pert_encoder" in capsys.readouterr().out
     assert any(k.startswith("transformer") for k in loaded)
+
+
+def test_batch_encoder_without_a_batch_column_and_group_independent_clones(synth):
+    m = small_model(model_kwargs={**SMALL, "batch_encoder": True}, batch_col="batch",
+                    basal_mapping_strategy="random", max_steps=2).fit(synth, SPEC)
+    bare = synth.copy()
+    del bare.obs["batch"]
+    with pytest.raises(DataError, match="batch encoder, which takes each cell's batch.*"
+                                        "unknown_batch='mean'"):
+        m.predict(bare)
+    mean = m.predict(bare, unknown_batch="mean", seed=0)
+    assert np.isfinite(mean.X).all()
+    assert not np.allclose(mean.X, m.predict(bare, unknown_batch="first", seed=0).X)
+    # a group's clones / subsample do not depend on the other groups in the input
+    model = small_model(max_steps=2).fit(synth, SPEC)
+    ct2 = synth[synth.obs["cell_type"] == "CT2"].copy()
+    for opts in ({"max_cells": 10}, {"min_cells": 40}):
+        every = model.predict(synth, seed=1, **opts)
+        alone = model.predict(ct2, seed=1, **opts)
+        sub = every[every.obs["cell_type"] == "CT2"]
+        assert list(sub.obs["statetx_ctrl_barcode"]) == list(alone.obs["statetx_ctrl_barcode"])
+        np.testing.assert_allclose(sub.X, alone.X, atol=1e-6)
+        assert every.uns["statetx"]["set_len"] == model.cell_set_len_
+    ctrl = synth[synth.obs["gene"] == "ctrl"].copy()
+    one = model.simulate(ctrl, ["P1"], n_cells=5)
+    two = model.simulate(ctrl, ["P0", "P1"], n_cells=5)
+    names = one.obs_names[one.obs["gene"] == "P1"]
+    np.testing.assert_array_equal(one[names].obs["statetx_ctrl_barcode"],
+                                  two[names].obs["statetx_ctrl_barcode"])
+    # basal='self' clones control cells: an input without any is an error, not an empty result
+    relabelled = ctrl.copy()
+    relabelled.obs["gene"] = "P1"
+    with pytest.raises(DataError, match="virtual cells are clones of the input's control cells"):
+        model.simulate(relabelled, ["P0"], n_cells=5, basal="self")
