@@ -58,7 +58,8 @@ class _Say(logging.Handler):
 LOG = logging.getLogger("statetx")
 if not LOG.handlers:
     LOG.addHandler(_Say())
-    LOG.setLevel(logging.INFO)
+    if LOG.level == logging.NOTSET:  # (a level the user set before this import stays)
+        LOG.setLevel(logging.INFO)
     LOG.propagate = False
 
 

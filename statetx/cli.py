@@ -170,6 +170,7 @@ def build_parser() -> _Parser:
     _add_import_arc(sp)
     _add_info(sp)
     _add_demo(sp)
+    _add_emb(sp)
     return p
 
 
@@ -527,6 +528,22 @@ def _add_demo(sp: Any) -> None:
     d.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     d.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
     d.set_defaults(func=cmd_demo)
+
+
+def _add_emb(sp: Any) -> None:
+    e = _sub(sp, "emb", "arc-state's State Embedding commands: not part of statetx (says what "
+             "to do instead)")
+    e.add_argument("rest", nargs=argparse.REMAINDER)
+    e.set_defaults(func=cmd_emb)
+
+
+def cmd_emb(a: argparse.Namespace) -> int:
+    raise UsageError(
+        "statetx implements the State Transition model (tx ...), not the State Embedding model "
+        "of arc-state's `state emb fit/transform`. Compute embeddings with arc-state in its own "
+        "environment (its `state` command clashes with this one), e.g. `state emb transform "
+        "... --output cells_emb.h5ad`, then train on them: data.kwargs.embed_key=X_state (or "
+        "StateTransitionModel(embed_key='X_state')).")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -998,3 +998,11 @@ def test_profile_help_names_every_metric_set(capsys):
     assert main(["evaluate", "run", "--help"]) == 0
     out = capsys.readouterr().out
     assert "vcc: overlap_at_N, mae, discrimination_score_l1" in " ".join(out.split())
+
+
+def test_state_emb_says_what_to_do_instead(capsys):
+    """arc-state users type `state emb ...` (the State Embedding model): not a bare argparse
+    error, but where embeddings come from and how to train on them."""
+    assert main(["emb", "transform", "--model-folder", "SE-600M", "--input", "x.h5ad"]) == 2
+    err = capsys.readouterr().err
+    assert "not the State Embedding model" in err and "embed_key=X_state" in err

@@ -1539,6 +1539,14 @@ def test_notices_can_be_silenced_with_logging(fitted, capsys):
         assert "statetx:" not in capsys.readouterr().out
     finally:
         log.setLevel(level)
+    # set before statetx's submodules are imported (the usual order): the level stays
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.getLogger('statetx').setLevel('WARNING'); "
+            "import statetx; from statetx._utils import say; say('hello')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "hello" not in out.stdout
 
 
 def test_cell_type_key_names_the_cell_type_column_everywhere(fitted):
