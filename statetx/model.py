@@ -1108,7 +1108,8 @@ class StateTransitionModel(Estimator):
                 gene_name_col: str | bool | None = None,
                 pert_features: str | Path | Mapping[str, Any] | None = None,
                 matmul_precision: str = "highest", sets_per_pass: int = 64,
-                layout: str = "statetx", keep_input: bool = False) -> ad.AnnData:
+                layout: str = "statetx", keep_input: bool = False,
+                inplace: bool = False) -> ad.AnnData | None:
         """Predict the perturbed state of the cells of ``adata``.
 
         Each cell carries a perturbation label and a context (cell type); its basal state is a
@@ -1205,8 +1206,22 @@ class StateTransitionModel(Estimator):
             ``obsm['<embed_key>_pred']`` when the width differs; decoded genes in
             ``obsm['X_hvg']`` (output space gene) or X (all). ``keep_input=True`` (default
             layout) carries the input's obsm and layers over when the output has its genes.
+        inplace
+            Write into ``adata`` itself where ``layout="arc"`` writes into its copy (its X or
+            obsm, plus the obs columns and ``uns['statetx']``) and return None, as scanpy's
+            ``inplace``; for predictions of the input's own cells (not with ``all_perts``,
+            ``min_cells``, ``max_cells``) of an in-memory AnnData.
         """
         self._check_fitted()
+        if inplace:
+            if all_perts or min_cells is not None or max_cells is not None:
+                raise ConfigError("inplace=True writes one prediction per input cell into the "
+                                  "input; all_perts / min_cells / max_cells add or drop cells: "
+                                  "leave inplace out (a new AnnData is returned).")
+            if adata.isbacked:
+                raise ConfigError("inplace=True cannot write into a backed AnnData; load it "
+                                  "with adata.to_memory() first, or leave inplace out.")
+            layout = "arc"
         check_matmul_precision(matmul_precision)
         as_count("sets_per_pass", sets_per_pass)
         if layout not in ("statetx", "arc"):
@@ -1324,8 +1339,12 @@ class StateTransitionModel(Estimator):
             res["counts"][as_is] = real_counts
         obs["statetx_ctrl_barcode"] = np.asarray(adata.obs_names)[res["basal_row"]]
         obs["statetx_set"] = res["set_id"]
+        if inplace and not np.array_equal(src_rows, np.arange(adata.n_obs)):
+            raise DataError("inplace=True: the prediction does not hold every input cell (the "
+                            "control cells could not be copied, see the warning); leave "
+                            "inplace out.")
         if layout == "arc":
-            out = self._arc_layout(adata, src_rows, obs, res, clip, gene_col)
+            out = self._arc_layout(adata, src_rows, obs, res, clip, gene_col, inplace)
         else:
             out = self._output(res, obs, clip)
             _carry_var(adata, out, gene_col)
@@ -1352,7 +1371,7 @@ class StateTransitionModel(Estimator):
                                  if source is not None else {})}
         if all_perts and layout != "arc":  # a virtual experiment keeps the input's uns (§3.4)
             out.uns = {**adata.uns, **out.uns}
-        return out
+        return None if inplace else out
 
     def finetune_on_controls(self, steps: int, split: str = "test", *, lr: float = 1e-5,
                              seed: int | None = None) -> StateTransitionModel:
@@ -1528,11 +1547,14 @@ class StateTransitionModel(Estimator):
         return counts_source(self.columns_.output_space, self.counts_key)
 
     def _arc_layout(self, adata: ad.AnnData, src_rows: np.ndarray, obs: pd.DataFrame,
-                    res: dict, clip, gene_col: str | None) -> ad.AnnData:
-        """A copy of the input rows with the predictions placed as arc-state's tx infer does."""
+                    res: dict, clip, gene_col: str | None, inplace: bool = False) -> ad.AnnData:
+        """A copy of the input rows (``inplace``: the input itself) with the predictions placed
+        as arc-state's tx infer does."""
         c = self.columns_
         rng = clip_range(clip, self._expression_output, self.is_log1p_)
-        if adata.isbacked and not adata.is_view:  # only the rows used are read, once each
+        if inplace:
+            out = adata
+        elif adata.isbacked and not adata.is_view:  # only the rows used are read, once each
             uniq, again = np.unique(src_rows, return_inverse=True)
             out = adata[uniq].to_memory()[again].copy()
         elif adata.isbacked:  # (a view of a backed file cannot be subset again: read it)

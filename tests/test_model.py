@@ -1725,3 +1725,19 @@ def test_batch_encoder_without_a_batch_column_and_group_independent_clones(synth
     relabelled.obs["gene"] = "P1"
     with pytest.raises(DataError, match="virtual cells are clones of the input's control cells"):
         model.simulate(relabelled, ["P0"], n_cells=5, basal="self")
+
+
+def test_predict_inplace_writes_the_arc_layout_into_the_input(fitted):
+    model, adata = fitted
+    copy = model.predict(adata, layout="arc", seed=2)
+    target = adata.copy()
+    assert model.predict(target, inplace=True, seed=2) is None
+    assert not np.allclose(np.asarray(target.X), np.asarray(adata.X))  # (the prediction is in X)
+    np.testing.assert_array_equal(np.asarray(target.X), np.asarray(copy.X))
+    assert set(target.obsm) == set(copy.obsm)
+    for k in copy.obsm:
+        np.testing.assert_array_equal(np.asarray(target.obsm[k]), np.asarray(copy.obsm[k]))
+    pd.testing.assert_frame_equal(target.obs, copy.obs)
+    assert target.uns["statetx"]["model_id"] == copy.uns["statetx"]["model_id"]
+    with pytest.raises(ConfigError, match="inplace=True writes one prediction per input cell"):
+        model.predict(adata.copy(), inplace=True, all_perts=True)
