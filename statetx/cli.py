@@ -168,6 +168,7 @@ def build_parser() -> _Parser:
     _add_filter(sp)
     _add_evaluate(sp)
     _add_import_arc(sp)
+    _add_export_arc(sp)
     _add_info(sp)
     _add_demo(sp)
     _add_emb(sp)
@@ -511,6 +512,28 @@ def _add_import_arc(sp: Any) -> None:
               help=f"{what} of a run that records it nowhere (checkpoint, config.yaml)")
     ia.add_argument("--out", required=True, metavar="MODEL_DIR")
     ia.set_defaults(func=cmd_import_arc)
+
+
+def _add_export_arc(sp: Any) -> None:
+    ex = _sub(sp, "export-arc", "write a statetx run or model directory as an arc-state 0.11.1 "
+              "run directory (for `state tx infer --model-dir`)")
+    ex.add_argument("model_dir", metavar="MODEL", help="a statetx run or model directory")
+    ex.add_argument("--checkpoint", default=None, help="of a run: final, last, best or a file "
+                    "(default final.ckpt, else last.ckpt)")
+    ex.add_argument("--out", required=True, metavar="RUN_DIR")
+    ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    ex.set_defaults(func=cmd_export_arc)
+
+
+def cmd_export_arc(a: argparse.Namespace) -> int:
+    from statetx.arc_export import export_arc
+
+    model = load_any_model(a.model_dir, a.checkpoint)
+    out = export_arc(model, a.out, overwrite=a.overwrite)
+    _say(f"wrote {out} (arc-state run directory: config.yaml, var_dims.pkl, maps, "
+         "checkpoints/final.ckpt); use it with `state tx infer --model-dir "
+         f"{out} --checkpoint {out}/checkpoints/final.ckpt`.")
+    return 0
 
 
 def _add_info(sp: Any) -> None:

@@ -1844,6 +1844,15 @@ class StateTransitionModel(Estimator):
             "expression_depth": getattr(self, "expression_depth_", None),
         }
 
+    def to_arc_state(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model as an arc-state 0.11.1 run directory that ``state tx infer
+        --model-dir PATH`` (and :meth:`from_arc_state`) reads; see
+        :func:`statetx.arc_export.export_arc` for which networks can be written (the reference
+        presets can; ``small``'s per-perturbation skip cannot). Returns ``path``."""
+        from statetx.arc_export import export_arc
+
+        return export_arc(self, path, overwrite=overwrite)
+
     def save(self, path: str | Path) -> Path:
         """Write ``model.json`` and ``model.safetensors`` into the directory ``path`` (and, for a
         model trained with perturbation features, ``pert_features.safetensors``, which

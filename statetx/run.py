@@ -968,6 +968,26 @@ def absolute_split(split_config: Any) -> SplitConfig | None:
     return SplitConfig.from_toml(split_config).absolute()
 
 
+def config_of_model(model: StateTransitionModel, run_dir: Path,
+                    split_path: Path | None = None) -> dict:
+    """The run configuration (``config.yaml``) of a fitted estimator: its parameters with the
+    resolved values of its "auto"/None settings, so that the command line can rerun it (a model
+    that no preset describes, e.g. an imported one: its network's settings)."""
+    from statetx.presets import resolve_architecture
+
+    params = {**model.get_params(), "preset": getattr(model, "preset_", model.preset),
+              **getattr(model, "train_settings_", {}),
+              "basal_mapping_strategy": model._pairing()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arch = resolve_architecture(params["preset"], model.model_kwargs)
+    except ConfigError:
+        arch = {k: v for k, v in model.network_config_.to_dict().items() if k in ARCH_KEYS}
+    arch["cell_set_len"] = model.cell_set_len_
+    return config_from_params(params, arch, split_path, run_dir=run_dir)
+
+
 def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedData,
                     split_config: Any) -> None:
     """Write the run directory's description files (called by ``fit`` before training)."""
@@ -997,18 +1017,8 @@ def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedDa
                       json.dumps(model._metadata(), indent=1, default=json_default))
     cfg = getattr(model, "_run_config", None)
     if cfg is None:
-        from statetx.presets import resolve_architecture
-
-        # the resolved values of "auto"/None settings, so that the CLI can rerun the config
-        params = {**model.get_params(), "preset": getattr(model, "preset_", model.preset),
-                  **getattr(model, "train_settings_", {}),
-                  "basal_mapping_strategy": model._pairing()}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arch = resolve_architecture(params["preset"], model.model_kwargs)
-        arch["cell_set_len"] = model.cell_set_len_
-        cfg = config_from_params(params, arch, (out / "split.toml").resolve()
-                                 if split is not None else None, run_dir=out)
+        cfg = config_of_model(model, out, (out / "split.toml").resolve()
+                              if split is not None else None)
     atomic_write_text(out / CONFIG_FILE, dump_config(cfg))
     info = read_run_info(out)
     info.setdefault("statetx_version", _version())

@@ -1,0 +1,217 @@
+"""Export a fitted model as an arc-state 0.11.1 run directory (the inverse of :mod:`statetx.arc`).
+
+``export_arc(model, out)`` writes what arc-state's ``state tx infer --model-dir`` reads
+(spec arc-checkpoints.md §1, §3–§5): ``checkpoints/final.ckpt`` (a Lightning-style dict with
+``state_dict`` under arc-state's key names and ``hyper_parameters``), ``config.yaml``,
+``var_dims.pkl``, ``pert_onehot_map.pt`` and the cell-type and batch maps. Only networks that
+arc-state can rebuild are exported: the reference presets' layout (Llama with bidirectional
+attention and no positions, or causal with rotary positions θ = 10000; GPT-2 causal without
+positions), no statetx-only parts (the ``small`` preset's per-perturbation skip, the input-space
+residual), and the reference's output-activation rule.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from statetx._utils import atomic_write, atomic_write_text
+from statetx.arc import _CONV1D_RE
+from statetx.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from statetx.model import StateTransitionModel
+
+ROPE_THETA = 10000.0  # the rotary base of arc-state's causal Llama backbone
+TOKEN_ROWS = 8  # the (zero, frozen) token table arc-state's backbones carry: its row count
+
+
+def export_arc(model: StateTransitionModel, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``model`` as an arc-state run directory ``out`` and return its path.
+
+    Parameters
+    ----------
+    model
+        A fitted :class:`~statetx.StateTransitionModel` whose network arc-state can rebuild
+        (see the module docstring); others are refused with the reason.
+    out
+        The run directory to create; an existing non-empty one is refused unless ``overwrite``.
+
+    Returns
+    -------
+    Path
+        ``out``: ``state tx infer --model-dir OUT`` (arc-state 0.11.1) and
+        :meth:`StateTransitionModel.from_arc_state` read it.
+    """
+    from statetx.run import config_of_model, dump_config
+
+    model._check_fitted()
+    c = model.network_config_
+    problems = unexportable(model)
+    if problems:
+        raise ConfigError("this model cannot be written as an arc-state run: "
+                          + "; ".join(problems) + ".")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} exists and is not empty; choose a new folder or pass "
+                          "overwrite=True (--overwrite).")
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    v = model.vocab_
+    hp = hyper_parameters(model)
+    ckpt = {"state_dict": arc_state_dict(model.network_, gpt2_positions(model)),
+            "hyper_parameters": hp, "hparams_name": "kwargs",
+            "pytorch-lightning_version": "2.5.0", "epoch": 0, "global_step": hp["max_steps"],
+            "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}
+    atomic_write(out / "checkpoints" / "final.ckpt", lambda p: torch.save(ckpt, p))
+    onehot = np.eye(len(v.perturbations), dtype=np.float32)
+    vectors = v.pert_features if v.pert_features is not None else onehot
+    atomic_write(out / "pert_onehot_map.pt", lambda p: torch.save(
+        {str(k): torch.from_numpy(np.array(vectors[i], dtype=np.float32))
+         for i, k in enumerate(v.perturbations)}, p))
+    for stem, labels in (("cell_type_onehot_map", v.cell_types), ("batch_onehot_map", v.batches)):
+        eye = torch.eye(max(1, len(labels)))
+        atomic_write(out / f"{stem}.torch",
+                     lambda p, lab=labels, e=eye: torch.save(
+                         {str(k): e[i].clone() for i, k in enumerate(lab)}, p))
+    genes = output_genes(model)
+    var_dims = {"input_dim": c.input_dim, "output_dim": c.output_dim,
+                "gene_dim": len(genes) if genes else c.output_dim,
+                "hvg_dim": c.input_dim if model.columns_.embed_key == "X_hvg" else 0,
+                "pert_dim": c.pert_dim, "batch_dim": len(v.batches), "gene_names": genes,
+                "pert_names": [str(p) for p in v.perturbations]}
+    atomic_write(out / "var_dims.pkl", lambda p: Path(p).write_bytes(pickle.dumps(var_dims)))
+    cfg = config_of_model(model, out)
+    kwargs = cfg.setdefault("model", {}).setdefault("kwargs", {})
+    kwargs.update({k: hp[k] for k in list(kwargs) if k in hp})  # (the importer cross-checks)
+    kwargs["transformer_backbone_key"] = hp["transformer_backbone_key"]
+    kwargs["transformer_backbone_kwargs"] = hp["transformer_backbone_kwargs"]
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    return out
+
+
+def unexportable(model: StateTransitionModel) -> list[str]:
+    """Why arc-state could not rebuild this model's network (empty when it can)."""
+    c = model.network_config_
+    why = []
+    if c.pert_skip != "none":
+        why.append(f"it has statetx's per-perturbation skip (pert_skip={c.pert_skip!r}, the "
+                   "'small' preset's); train a reference preset such as state_sm to export")
+    if c.residual_space != "hidden":
+        why.append(f"its residual is taken in the {c.residual_space} space (arc-state adds it "
+                   "in the hidden space)")
+    if c.confidence_token:
+        why.append("it has a confidence token")
+    if c.backbone == "llama" and not (
+            (c.attention == "bidirectional" and c.rope is None)
+            or (c.attention == "causal" and c.rope == ROPE_THETA)):
+        why.append(f"arc-state's Llama backbone is bidirectional without positions or causal "
+                   f"with rotary positions (theta {ROPE_THETA:g}), not {c.attention} with "
+                   + ("no positions" if c.rope is None else f"rope {c.rope:g}"))
+    if c.backbone == "gpt2" and (c.attention != "causal" or c.rope is not None):
+        why.append("arc-state's GPT-2 backbone is causal without rotary positions")
+    embed_key = model.columns_.embed_key
+    reference = "relu" if (embed_key in (None, "X_hvg") or c.gene_dim == 0) else "none"
+    if c.output_activation != reference:
+        why.append(f"its output activation ({c.output_activation}) differs from the one "
+                   f"arc-state applies to this model ({reference})")
+    return why
+
+
+def output_genes(model: StateTransitionModel) -> list[str]:
+    """The genes of the model's gene-space output (decoded genes, else the direct output's
+    genes for an expression model; none for an embedding without a decoder)."""
+    if model.network_config_.gene_dim and getattr(model, "gene_names_", None):
+        return [str(g) for g in model.gene_names_]
+    if model.columns_.embed_key in (None, "X_hvg"):
+        return [str(g) for g in model.var_names_]
+    return []
+
+
+def gpt2_positions(model: StateTransitionModel) -> int:
+    """Rows of a GPT-2 backbone's (zero) position table: the set length and one more, as in
+    arc-state's runs."""
+    return int(model.cell_set_len_) + 1
+
+
+def arc_state_dict(network: torch.nn.Module, positions: int) -> dict[str, torch.Tensor]:
+    """The network's weights under arc-state's names: GPT-2 projections transposed back to
+    Conv1D layout, and the backbone's zero token (and ``positions`` position) tables added."""
+    c = network.config
+    sd = {k: (v.t() if _CONV1D_RE.match(k) else v).detach().cpu().contiguous().clone()
+          for k, v in network.state_dict().items()}
+    if c.backbone == "llama":
+        sd["transformer_backbone.embed_tokens.weight"] = torch.zeros(TOKEN_ROWS, c.hidden_dim)
+    else:
+        sd["transformer_backbone.wte.weight"] = torch.zeros(TOKEN_ROWS, c.hidden_dim)
+        sd["transformer_backbone.wpe.weight"] = torch.zeros(positions, c.hidden_dim)
+    return sd
+
+
+def hyper_parameters(model: StateTransitionModel) -> dict[str, Any]:
+    """The ``hyper_parameters`` arc-state 0.11.1 writes for this network and its data (the keys
+    of arc-checkpoints.md §4; training-only keys with the values of this fit)."""
+    c, cols, v = model.network_config_, model.columns_, model.vocab_
+    s = int(model.cell_set_len_)
+    settings = getattr(model, "train_settings_", {}) or {}
+    if c.backbone == "llama":
+        key = "llama"
+        kwargs: dict[str, Any] = {
+            "bidirectional_attention": c.attention == "bidirectional",
+            "max_position_embeddings": s, "hidden_size": c.hidden_dim,
+            "intermediate_size": c.intermediate_size, "num_hidden_layers": c.n_layers,
+            "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+            "head_dim": c.head_dim, "rms_norm_eps": c.norm_eps, "use_cache": False,
+            "attention_dropout": 0.0, "hidden_dropout": 0.0, "pad_token_id": 0,
+            "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+            "vocab_size": TOKEN_ROWS, "n_positions": s}
+    else:
+        key = "GPT2"
+        kwargs = {"max_position_embeddings": s, "n_positions": gpt2_positions(model),
+                  "hidden_size": c.hidden_dim,
+                  "n_embd": c.hidden_dim, "n_layer": c.n_layers, "n_head": c.n_heads,
+                  "n_inner": c.intermediate_size, "layer_norm_epsilon": c.norm_eps,
+                  "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "use_cache": False,
+                  "vocab_size": TOKEN_ROWS}
+    genes = output_genes(model)
+    decoder = c.gene_dim > 0
+    gene_dim = c.gene_dim if decoder else c.output_dim
+    return {
+        "input_dim": c.input_dim, "output_dim": c.output_dim, "pert_dim": c.pert_dim,
+        "batch_dim": len(v.batches), "hidden_dim": c.hidden_dim, "gene_dim": gene_dim,
+        "hvg_dim": c.input_dim if cols.embed_key == "X_hvg" else gene_dim, "gene_names": genes,
+        "embed_key": cols.embed_key, "output_space": c.output_space,
+        "control_pert": v.control_pert, "cell_set_len": s,
+        "n_encoder_layers": c.n_encoder_layers, "n_decoder_layers": c.n_decoder_layers,
+        "use_basal_projection": c.use_basal_projection, "predict_residual": c.predict_residual,
+        "activation": c.activation, "dropout": c.dropout, "batch_encoder": c.batch_encoder,
+        "gene_decoder_bool": decoder,
+        "decoder_cfg": {"latent_dim": c.output_dim, "gene_dim": gene_dim,
+                        "hidden_dims": list(c.decoder_hidden_dims) or [1024, 1024, 512],
+                        "dropout": c.decoder_dropout, "residual_decoder": c.residual_decoder},
+        "decoder_hidden_dims": list(c.decoder_hidden_dims) or [1024, 1024, 512],
+        "residual_decoder": c.residual_decoder,
+        "transformer_backbone_key": key, "transformer_backbone_kwargs": kwargs,
+        "confidence_token": False, "use_batch_token": False,
+        "basal_mapping_strategy": model._pairing(),
+        "loss": model.loss, "distributional_loss": model.loss,
+        "blur": float((model.loss_kwargs or {}).get("blur", 0.05)),
+        "mmd_num_chunks": int((model.loss_kwargs or {}).get("mmd_num_chunks", 1)),
+        "randomize_mmd_chunks": bool((model.loss_kwargs or {}).get("randomize_mmd_chunks",
+                                                                    False)),
+        "lr": float(settings.get("lr", model.lr or 1e-4)),
+        "max_steps": int(settings.get("max_steps", model.max_steps or 0)),
+        "batch_size": int(settings.get("batch_size", model.batch_size or 16)),
+        "train_seed": int(model.seed), "weight_decay": float(model.weight_decay),
+        "gradient_clip_val": (None if model.gradient_clip_val is None
+                              else float(model.gradient_clip_val)),
+        "gradient_accumulation_steps": int(model.gradient_accumulation_steps),
+        "val_freq": int(model.val_freq), "ckpt_every_n_steps": int(model.ckpt_every_n_steps),
+        "init_from": None, "freeze_pert_backbone": False, "finetune_vci_decoder": False,
+        "lora": {"enable": False}, "transformer_decoder": False, "mask_attn": False,
+        "use_effect_gating_token": False, "softplus": True, "loss_fn": "mse",
+        "devices": 1, "strategy": "auto", "wandb_track": False, "use_mfu": False,
+    }

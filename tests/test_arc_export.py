@@ -1,0 +1,98 @@
+"""Export to arc-state run directories (statetx.arc_export): what arc-state writes, read back.
+
+Parity with arc-state itself (its `state tx infer` on an export) was measured outside CI (it
+needs arc-state installed): see docs/arc-import.md.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+from conftest import FIXTURES, make_synthetic, need
+from test_model import SMALL, SPEC, small_model
+
+from statetx import StateTransitionModel
+from statetx.cli import main
+from statetx.errors import ConfigError
+
+ARC = FIXTURES / "arc_state"
+RUNS = ["model_a_llama_bidir", "model_b_gpt2", "model_c_llama_all", "model_d_llama_causal_rope"]
+# hyper-parameters that describe the network and its data: the export writes arc-state's values
+NETWORK_KEYS = ["input_dim", "output_dim", "pert_dim", "hidden_dim", "cell_set_len",
+                "n_encoder_layers", "n_decoder_layers", "use_basal_projection",
+                "predict_residual", "batch_encoder", "batch_dim", "embed_key",
+                "output_space", "control_pert", "transformer_backbone_key", "gene_names"]
+
+
+def _torch(path):
+    return torch.load(path, map_location="cpu", weights_only=False)  # (our own fixtures)
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_an_imported_run_exported_again_is_the_same_run(name, tmp_path):
+    run = need(ARC / "runs" / name)
+    model = StateTransitionModel.from_arc_state(run, verbose=False)
+    out = model.to_arc_state(tmp_path / "again")
+    theirs, ours = _torch(run / "checkpoints" / "final.ckpt"), _torch(
+        out / "checkpoints" / "final.ckpt")
+    hp, mine = theirs["hyper_parameters"], ours["hyper_parameters"]
+    for key in (k for k in NETWORK_KEYS if k in hp):
+        assert np.array_equal(np.asarray(mine[key], dtype=object),
+                              np.asarray(hp[key], dtype=object)), key
+    kw, my_kw = hp["transformer_backbone_kwargs"], mine["transformer_backbone_kwargs"]
+    for key in ("bidirectional_attention", "hidden_size", "intermediate_size",
+                "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "n_embd", "n_layer", "n_head", "n_positions"):
+        if key in kw:
+            assert my_kw[key] == kw[key], key
+    # the weights under arc-state's names (GPT-2 in Conv1D layout), token tables included
+    for k in set(theirs["state_dict"]) & set(ours["state_dict"]):
+        if "embed_tokens" in k or k.endswith(("wte.weight", "wpe.weight")):
+            continue
+        torch.testing.assert_close(ours["state_dict"][k], theirs["state_dict"][k].float(),
+                                   msg=k)
+    assert {k for k in ours["state_dict"] if "gene_decoder" not in k} == {
+        k for k in theirs["state_dict"] if "gene_decoder" not in k}
+    vd, my_vd = (pickle.loads((d / "var_dims.pkl").read_bytes()) for d in (run, out))
+    assert my_vd["pert_names"] == [str(p) for p in vd["pert_names"]]
+    assert my_vd["gene_names"] == list(vd["gene_names"])
+    back = StateTransitionModel.from_arc_state(out, verbose=False)
+    inp = ad.read_h5ad(need(ARC / "infer" / "infer_input.h5ad"))
+    np.testing.assert_array_equal(back.predict(inp, seed=3).X, model.predict(inp, seed=3).X)
+
+
+def test_a_trained_model_and_a_run_on_the_command_line(tmp_path, capsys):
+    adata = make_synthetic()
+    model = small_model(max_steps=3, model_kwargs={**SMALL, "attention": "causal",
+                                                   "rope": 10000.0},
+                        batch_col="batch").fit(adata, SPEC, output_dir=tmp_path / "run")
+    back = StateTransitionModel.from_arc_state(model.to_arc_state(tmp_path / "arc"),
+                                               verbose=False)
+    assert (back.network_config_.attention, back.network_config_.rope) == ("causal", 10000.0)
+    np.testing.assert_array_equal(back.predict(adata, seed=1).X, model.predict(adata, seed=1).X)
+    assert main(["export-arc", str(tmp_path / "run"), "--out", str(tmp_path / "cli")]) == 0
+    assert "state tx infer --model-dir" in capsys.readouterr().out
+    cli = StateTransitionModel.from_arc_state(tmp_path / "cli", verbose=False)
+    np.testing.assert_array_equal(cli.predict(adata, seed=1).X, model.predict(adata, seed=1).X)
+    assert main(["export-arc", str(tmp_path / "run"), "--out", str(tmp_path / "cli")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_networks_arc_state_cannot_rebuild_are_refused(tmp_path):
+    adata = make_synthetic()
+    small = StateTransitionModel("small", pert_col="gene", cell_type_key="cell_type",
+                                 control_pert="ctrl", max_steps=2, progress=False,
+                                 model_kwargs={"hidden_dim": 32, "n_heads": 2, "head_dim": 16,
+                                               "n_kv_heads": 2, "intermediate_size": 64,
+                                               "n_layers": 1}).fit(adata, SPEC)
+    with pytest.raises(ConfigError, match="pert_skip.*reference preset"):
+        small.to_arc_state(tmp_path / "x")
+    assert not (tmp_path / "x").exists()  # nothing half-written
+    causal = small_model(max_steps=2, model_kwargs={**SMALL, "attention": "causal"}).fit(
+        adata, SPEC)
+    with pytest.raises(ConfigError, match="causal with no positions"):
+        causal.to_arc_state(tmp_path / "y")
