@@ -456,7 +456,7 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
             f"none of the model's {len(genes)} genes is in the input's {where} (model: "
             f"{preview(list(genes))}; input: {preview(list(index))})" + (
                 ", so filling the missing genes with 0 would predict from empty cells."
-                if missing_genes == "zero" else ".") + hint)
+                if missing_genes == "zero" else ".") + in_x + hint)
     if missing and missing_genes == "error":
         raise DataError(
             f"{len(missing)} of the model's {len(genes)} genes are missing from the input's "

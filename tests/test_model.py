@@ -946,7 +946,7 @@ def test_x_hvg_inputs_without_matching_names_are_clear_errors(synth):
     with pytest.warns(UserWarning, match="read from X by name"):  # the genes are in X
         np.testing.assert_array_equal(model.predict(unnamed).X, model.predict(a).X)
     unnamed.var_names = [f"other{i}" for i in range(unnamed.n_vars)]
-    with pytest.raises(DataError, match=r"10 of the model's 10 genes are missing"):
+    with pytest.raises(DataError, match=r"none of the model's 10 genes is in the input's"):
         model.predict(unnamed)
     wrong = unnamed.copy()
     wrong.var["highly_variable"] = np.arange(wrong.n_vars) < 12  # 12 flags for 10 columns
