@@ -56,13 +56,15 @@ def export_arc(model: StateTransitionModel, out: str | Path, *, overwrite: bool 
         raise ConfigError("this model cannot be written as an arc-state run: "
                           + "; ".join(problems) + ".")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; give the folder to write the run directory to.")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; choose a new folder or pass "
                           "overwrite=True (--overwrite).")
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     v = model.vocab_
     hp = hyper_parameters(model)
-    ckpt = {"state_dict": arc_state_dict(model.network_, gpt2_positions(model)),
+    ckpt = {"state_dict": arc_state_dict(model.network_, int(model.cell_set_len_)),
             "hyper_parameters": hp, "hparams_name": "kwargs",
             "pytorch-lightning_version": "2.5.0", "epoch": 0, "global_step": hp["max_steps"],
             "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}
@@ -77,11 +79,10 @@ def export_arc(model: StateTransitionModel, out: str | Path, *, overwrite: bool 
         atomic_write(out / f"{stem}.torch",
                      lambda p, lab=labels, e=eye: torch.save(
                          {str(k): e[i].clone() for i, k in enumerate(lab)}, p))
-    genes = output_genes(model)
+    genes = hp["gene_names"]
     var_dims = {"input_dim": c.input_dim, "output_dim": c.output_dim,
-                "gene_dim": len(genes) if genes else c.output_dim,
-                "hvg_dim": c.input_dim if model.columns_.embed_key == "X_hvg" else 0,
-                "pert_dim": c.pert_dim, "batch_dim": len(v.batches), "gene_names": genes,
+                "gene_dim": hp["gene_dim"], "hvg_dim": hp["hvg_dim"], "pert_dim": c.pert_dim,
+                "batch_dim": len(v.batches), "gene_names": genes,
                 "pert_names": [str(p) for p in v.perturbations]}
     atomic_write(out / "var_dims.pkl", lambda p: Path(p).write_bytes(pickle.dumps(var_dims)))
     cfg = config_of_model(model, out)
@@ -105,6 +106,9 @@ def unexportable(model: StateTransitionModel) -> list[str]:
                    "in the hidden space)")
     if c.confidence_token:
         why.append("it has a confidence token")
+    if c.output_space == "all" and not c.predict_residual:
+        why.append("arc-state builds the output space 'all' with its residual block "
+                   "(final_down_then_up), which this model (predict_residual=False) lacks")
     if c.backbone == "llama" and not (
             (c.attention == "bidirectional" and c.rope is None)
             or (c.attention == "causal" and c.rope == ROPE_THETA)):
@@ -117,7 +121,9 @@ def unexportable(model: StateTransitionModel) -> list[str]:
     reference = "relu" if (embed_key in (None, "X_hvg") or c.gene_dim == 0) else "none"
     if c.output_activation != reference:
         why.append(f"its output activation ({c.output_activation}) differs from the one "
-                   f"arc-state applies to this model ({reference})")
+                   f"arc-state applies to this model ({reference}: ReLU unless the input is an "
+                   "embedding and a gene decoder follows); train it with model_kwargs="
+                   f"{{'output_activation': '{reference}'}} to export")
     return why
 
 
@@ -131,15 +137,10 @@ def output_genes(model: StateTransitionModel) -> list[str]:
     return []
 
 
-def gpt2_positions(model: StateTransitionModel) -> int:
-    """Rows of a GPT-2 backbone's (zero) position table: the set length and one more, as in
-    arc-state's runs."""
-    return int(model.cell_set_len_) + 1
-
-
 def arc_state_dict(network: torch.nn.Module, positions: int) -> dict[str, torch.Tensor]:
     """The network's weights under arc-state's names: GPT-2 projections transposed back to
-    Conv1D layout, and the backbone's zero token (and ``positions`` position) tables added."""
+    Conv1D layout, and the backbone's zero token table (and, GPT-2, its ``positions``-row
+    position table: arc-state sizes it by the set length) added."""
     c = network.config
     sd = {k: (v.t() if _CONV1D_RE.match(k) else v).detach().cpu().contiguous().clone()
           for k, v in network.state_dict().items()}
@@ -170,7 +171,7 @@ def hyper_parameters(model: StateTransitionModel) -> dict[str, Any]:
             "vocab_size": TOKEN_ROWS, "n_positions": s}
     else:
         key = "GPT2"
-        kwargs = {"max_position_embeddings": s, "n_positions": gpt2_positions(model),
+        kwargs = {"max_position_embeddings": s, "n_positions": s + 1,  # (as arc-state's runs)
                   "hidden_size": c.hidden_dim,
                   "n_embd": c.hidden_dim, "n_layer": c.n_layers, "n_head": c.n_heads,
                   "n_inner": c.intermediate_size, "layer_norm_epsilon": c.norm_eps,
@@ -179,6 +180,8 @@ def hyper_parameters(model: StateTransitionModel) -> dict[str, Any]:
     genes = output_genes(model)
     decoder = c.gene_dim > 0
     gene_dim = c.gene_dim if decoder else c.output_dim
+    loss_kwargs = model.loss_kwargs or {}
+    dims = list(c.decoder_hidden_dims) or [1024, 1024, 512]  # (arc-state's default widths)
     return {
         "input_dim": c.input_dim, "output_dim": c.output_dim, "pert_dim": c.pert_dim,
         "batch_dim": len(v.batches), "hidden_dim": c.hidden_dim, "gene_dim": gene_dim,
@@ -189,19 +192,17 @@ def hyper_parameters(model: StateTransitionModel) -> dict[str, Any]:
         "use_basal_projection": c.use_basal_projection, "predict_residual": c.predict_residual,
         "activation": c.activation, "dropout": c.dropout, "batch_encoder": c.batch_encoder,
         "gene_decoder_bool": decoder,
-        "decoder_cfg": {"latent_dim": c.output_dim, "gene_dim": gene_dim,
-                        "hidden_dims": list(c.decoder_hidden_dims) or [1024, 1024, 512],
+        "decoder_cfg": {"latent_dim": c.output_dim, "gene_dim": gene_dim, "hidden_dims": dims,
                         "dropout": c.decoder_dropout, "residual_decoder": c.residual_decoder},
-        "decoder_hidden_dims": list(c.decoder_hidden_dims) or [1024, 1024, 512],
+        "decoder_hidden_dims": dims,
         "residual_decoder": c.residual_decoder,
         "transformer_backbone_key": key, "transformer_backbone_kwargs": kwargs,
         "confidence_token": False, "use_batch_token": False,
         "basal_mapping_strategy": model._pairing(),
         "loss": model.loss, "distributional_loss": model.loss,
-        "blur": float((model.loss_kwargs or {}).get("blur", 0.05)),
-        "mmd_num_chunks": int((model.loss_kwargs or {}).get("mmd_num_chunks", 1)),
-        "randomize_mmd_chunks": bool((model.loss_kwargs or {}).get("randomize_mmd_chunks",
-                                                                    False)),
+        "blur": float(loss_kwargs.get("blur", 0.05)),
+        "mmd_num_chunks": int(loss_kwargs.get("mmd_num_chunks", 1)),
+        "randomize_mmd_chunks": bool(loss_kwargs.get("randomize_mmd_chunks", False)),
         "lr": float(settings.get("lr", model.lr or 1e-4)),
         "max_steps": int(settings.get("max_steps", model.max_steps or 0)),
         "batch_size": int(settings.get("batch_size", model.batch_size or 16)),

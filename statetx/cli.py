@@ -530,9 +530,11 @@ def cmd_export_arc(a: argparse.Namespace) -> int:
 
     model = load_any_model(a.model_dir, a.checkpoint)
     out = export_arc(model, a.out, overwrite=a.overwrite)
+    c = model.columns_
     _say(f"wrote {out} (arc-state run directory: config.yaml, var_dims.pkl, maps, "
-         "checkpoints/final.ckpt); use it with `state tx infer --model-dir "
-         f"{out} --checkpoint {out}/checkpoints/final.ckpt`.")
+         f"checkpoints/final.ckpt); use it with `state tx infer --model-dir {out} --checkpoint "
+         f"{out}/checkpoints/final.ckpt --adata IN.h5ad --pert-col {c.pert_col}"
+         + (f" --embed-key {c.embed_key}" if c.embed_key else "") + "`.")
     return 0
 
 

@@ -493,6 +493,10 @@ class StateTransitionModel(Estimator):
             return np.full(adata.n_obs, "\x00", dtype=object)  # (in no vocabulary)
         return pairing_batches(adata, batch_col, self._needs_batch(pool_mode))
 
+    def _gene_col(self, gene_name_col: str | bool | None) -> str | None:
+        """The input's gene-name column: as given (False: var_names), else the training one."""
+        return self.columns_.gene_name_col if gene_name_col is None else gene_name_col or None
+
     def _pairing(self) -> str:
         """The control pairing the model trained with (predictions pair as in training, whatever
         ``set_params`` changed since); models saved before it was recorded: the parameters'."""
@@ -1209,8 +1213,9 @@ class StateTransitionModel(Estimator):
         inplace
             Write into ``adata`` itself where ``layout="arc"`` writes into its copy (its X or
             obsm, plus the obs columns and ``uns['statetx']``) and return None, as scanpy's
-            ``inplace``; for predictions of the input's own cells (not with ``all_perts``,
-            ``min_cells``, ``max_cells``) of an in-memory AnnData.
+            ``inplace`` (``layout`` and ``keep_input`` do not apply); for predictions of the
+            input's own cells (not with ``all_perts``, ``min_cells``, ``max_cells``) of an
+            in-memory AnnData (a view becomes its own object, as anndata does on writes).
         """
         self._check_fitted()
         if inplace:
@@ -1266,8 +1271,7 @@ class StateTransitionModel(Estimator):
         ct_col = None if cell_type_col is False else (cell_type_col or c.cell_type_key)
         pool_mode = resolve_pool(basal_pool, "batch" if self._pairing() == "batch"
                                  and not own_basal else "cell_type", batch_col)
-        gene_col = (c.gene_name_col if gene_name_col is None else  # (False: var_names)
-                    gene_name_col or None)
+        gene_col = self._gene_col(gene_name_col)
         x_in = input_matrix(adata, self.var_names_, c.embed_key, missing_genes, gene_col)
         expression_in = c.embed_key in (None, "X_hvg")
         if expression_in:
@@ -1313,6 +1317,10 @@ class StateTransitionModel(Estimator):
                 obs, src_rows, pert, ctx, batch = (v[~as_is] for v in (obs, src_rows, pert,
                                                                        ctx, batch))
                 as_is = as_is[~as_is]
+        if inplace and not np.array_equal(src_rows, np.arange(adata.n_obs)):
+            raise DataError("inplace=True: the prediction does not hold every input cell (the "
+                            "control cells could not be copied, see the warning); leave "
+                            "inplace out.")
         pcode = np.full(len(pert), -1, dtype=np.int64)  # (copied controls need no codes)
         bcode = np.zeros(len(pert), dtype=np.int64)
         pcode[~as_is] = encode_perturbations(pert[~as_is], vocab, unknown_perturbation)
@@ -1339,10 +1347,6 @@ class StateTransitionModel(Estimator):
             res["counts"][as_is] = real_counts
         obs["statetx_ctrl_barcode"] = np.asarray(adata.obs_names)[res["basal_row"]]
         obs["statetx_set"] = res["set_id"]
-        if inplace and not np.array_equal(src_rows, np.arange(adata.n_obs)):
-            raise DataError("inplace=True: the prediction does not hold every input cell (the "
-                            "control cells could not be copied, see the warning); leave "
-                            "inplace out.")
         if layout == "arc":
             out = self._arc_layout(adata, src_rows, obs, res, clip, gene_col, inplace)
         else:
@@ -1780,13 +1784,14 @@ class StateTransitionModel(Estimator):
         if "predict_controls" in predict_options:
             raise ConfigError("score() compares the predicted perturbed cells with the real "
                               "controls, so predict_controls cannot be set; leave it out.")
-        if predict_options.get("basal", "sampled") != "sampled":
+        if predict_options.get("basal") == "self":
             raise ConfigError("score() predicts the perturbed cells from control cells; "
                               "basal='self' would start them from their own, already perturbed "
                               "state. Leave basal out.")
         pred = self.predict(adata, predict_controls=False, **predict_options)
         x_real = align_genes(adata, self.var_names_, self.columns_.embed_key,
-                             gene_name_col=self.columns_.gene_name_col)
+                             predict_options.get("missing_genes", "error"),
+                             self._gene_col(predict_options.get("gene_name_col")))
         c = self.columns_
         if pred.n_vars != x_real.shape[1]:
             raise DataError("score() needs the prediction and the input in the same space.")

@@ -277,17 +277,21 @@ def load_pert_features(path: str | Path) -> dict[str, np.ndarray]:
 def _read_feature_table(path: Path, sep: str) -> dict[str, np.ndarray]:
     """A name-per-row table, with a header row (e.g. ``,0,1,...`` as written here) or without
     one: a first row of numbers other than the column positions is a perturbation's vector."""
-    df = pd.read_csv(path, sep=sep, index_col=0)
-    head = pd.to_numeric(pd.Series(df.columns, dtype=object), errors="coerce")
-    if len(df.columns) and head.notna().all() and not np.array_equal(head, np.arange(len(head))):
-        df = pd.read_csv(path, sep=sep, index_col=0, header=None)
-    bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
-    if bad:
-        raise DataError(f"{path}: column {bad[0]!r} is not numeric (e.g. "
-                        f"{df[bad[0]].iloc[0]!r}); a feature table holds the perturbation name "
+    raw = pd.read_csv(path, sep=sep, header=None, index_col=0, dtype=str,
+                      keep_default_na=False)
+    head = pd.to_numeric(raw.iloc[0], errors="coerce") if len(raw) else pd.Series([])
+    numbers = bool(len(head)) and head.notna().all() and not np.array_equal(
+        head.to_numpy(), np.arange(len(head)))
+    body = raw if numbers else raw.iloc[1:]
+    names = list(range(raw.shape[1])) if numbers else list(raw.iloc[0])
+    values = body.apply(lambda col: pd.to_numeric(col.replace("", np.nan), errors="coerce"))
+    bad = (values.isna() & (body != "")).to_numpy()
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raise DataError(f"{path}: column {names[col]!r} is not numeric (e.g. "
+                        f"{body.iloc[row, col]!r}); a feature table holds the perturbation name "
                         "in its first column and numbers in the others.")
-    return {str(k): row.to_numpy(np.float32) for k, row in df.iterrows()}
-
+    return {str(k): row.to_numpy(np.float32) for k, row in values.iterrows()}
 
 def save_pert_features(table: Mapping[str, np.ndarray], path: str | Path) -> None:
     """Write a name → vector table in a format :func:`load_pert_features` reads, chosen by the

@@ -258,6 +258,7 @@ def test_predict_genes_do_not_match_training(base, adata, tmp_path):
         loaded.predict(ens)
     by_symbol = loaded.predict(ens, gene_name_col="symbol", seed=0)
     np.testing.assert_array_equal(by_symbol.X, loaded.predict(base[1], seed=0).X)
+    assert loaded.score(ens, gene_name_col="symbol") == loaded.score(base[1])
 
 
 def test_predict_zero_cells_and_unfitted(model, adata):

@@ -515,6 +515,10 @@ def test_feature_tables_with_or_without_a_header(tmp_path):
 
     (tmp_path / "plain.csv").write_text("MAPK1,0.1,0.2\nPLK4,0.3,0.4\n")  # no header row
     assert list(load_pert_features(tmp_path / "plain.csv")) == ["MAPK1", "PLK4"]
+    (tmp_path / "onehot.csv").write_text("A,1.0,0.0,0.0\nB,0.0,1.0,0.0\nC,0.0,0.0,1.0\n")
+    hot = load_pert_features(tmp_path / "onehot.csv")  # (repeated values in the first row)
+    assert list(hot) == ["A", "B", "C"]
+    np.testing.assert_array_equal(hot["A"], [1, 0, 0])
     (tmp_path / "named.tsv").write_text("gene\tesm_0\tesm_1\nMAPK1\t0.1\t0.2\n")
     np.testing.assert_allclose(load_pert_features(tmp_path / "named.tsv")["MAPK1"], [0.1, 0.2])
     save_pert_features({"A": np.array([1.0, 2.0]), "B": np.array([3.0, 4.0])},
