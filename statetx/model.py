@@ -128,6 +128,11 @@ FIT_RECORD = ("preset", "train_settings", "best_step", "training_time", "arc_imp
               "finetuned")
 
 
+def input_gene_col(columns: ColumnMap, given: str | bool | None) -> str | None:
+    """The input's gene-name column: as given (False: var_names), else the training one."""
+    return columns.gene_name_col if given is None else given or None
+
+
 class StateTransitionModel(Estimator):
     """State Transition model: predicts perturbed cell sets from control cell sets.
 
@@ -492,10 +497,6 @@ class StateTransitionModel(Estimator):
                 "embedding (unknown_batch).")
             return np.full(adata.n_obs, "\x00", dtype=object)  # (in no vocabulary)
         return pairing_batches(adata, batch_col, self._needs_batch(pool_mode))
-
-    def _gene_col(self, gene_name_col: str | bool | None) -> str | None:
-        """The input's gene-name column: as given (False: var_names), else the training one."""
-        return self.columns_.gene_name_col if gene_name_col is None else gene_name_col or None
 
     def _pairing(self) -> str:
         """The control pairing the model trained with (predictions pair as in training, whatever
@@ -1271,7 +1272,7 @@ class StateTransitionModel(Estimator):
         ct_col = None if cell_type_col is False else (cell_type_col or c.cell_type_key)
         pool_mode = resolve_pool(basal_pool, "batch" if self._pairing() == "batch"
                                  and not own_basal else "cell_type", batch_col)
-        gene_col = self._gene_col(gene_name_col)
+        gene_col = input_gene_col(self.columns_, gene_name_col)
         x_in = input_matrix(adata, self.var_names_, c.embed_key, missing_genes, gene_col)
         expression_in = c.embed_key in (None, "X_hvg")
         if expression_in:
@@ -1791,7 +1792,7 @@ class StateTransitionModel(Estimator):
         pred = self.predict(adata, predict_controls=False, **predict_options)
         x_real = align_genes(adata, self.var_names_, self.columns_.embed_key,
                              predict_options.get("missing_genes", "error"),
-                             self._gene_col(predict_options.get("gene_name_col")))
+                             input_gene_col(self.columns_, predict_options.get("gene_name_col")))
         c = self.columns_
         if pred.n_vars != x_real.shape[1]:
             raise DataError("score() needs the prediction and the input in the same space.")
