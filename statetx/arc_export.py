@@ -83,7 +83,9 @@ def export_arc(model: StateTransitionModel, out: str | Path, *, overwrite: bool 
     var_dims = {"input_dim": c.input_dim, "output_dim": c.output_dim,
                 "gene_dim": hp["gene_dim"], "hvg_dim": hp["hvg_dim"], "pert_dim": c.pert_dim,
                 "batch_dim": len(v.batches), "gene_names": genes,
-                "pert_names": [str(p) for p in v.perturbations]}
+                "pert_names": [str(p) for p in v.perturbations],
+                # (not arc-state's: the input features' names, for statetx to read them back)
+                "statetx_input_names": [str(g) for g in model.var_names_]}
     atomic_write(out / "var_dims.pkl", lambda p: Path(p).write_bytes(pickle.dumps(var_dims)))
     cfg = config_of_model(model, out)
     kwargs = cfg.setdefault("model", {}).setdefault("kwargs", {})

@@ -2061,9 +2061,11 @@ class StateTransitionModel(Estimator):
             batch_col=model.batch_col, control_pert=control, embed_key=model.embed_key,
             output_space=cfg.output_space)
         genes = [str(g) for g in imp.gene_names]
+        inputs = [str(g) for g in imp.var_dims.get("statetx_input_names") or []]  # (exports)
         if cfg.gene_dim:
             model.gene_names_ = genes if len(genes) == cfg.gene_dim else None
-            model.var_names_ = [f"{model.embed_key}_{i}" for i in range(cfg.input_dim)]
+            model.var_names_ = (inputs if len(inputs) == cfg.input_dim else
+                                [f"{model.embed_key}_{i}" for i in range(cfg.input_dim)])
         else:
             model.gene_names_ = None
             model.var_names_ = (genes if len(genes) == cfg.input_dim else

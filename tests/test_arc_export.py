@@ -97,3 +97,16 @@ def test_networks_arc_state_cannot_rebuild_are_refused(tmp_path):
         adata, SPEC)
     with pytest.raises(ConfigError, match="causal with no positions"):
         causal.to_arc_state(tmp_path / "y")
+
+
+def test_an_x_hvg_model_with_all_genes_out_reads_back(tmp_path):
+    """Input genes (obsm['X_hvg']) other than the output genes: their names travel with the
+    export (var_dims' statetx_input_names), so the model reads its input back by name."""
+    adata = make_synthetic()
+    adata.obsm["X_hvg"] = np.asarray(adata.X[:, :10], dtype=np.float32)
+    adata.uns["X_hvg_var_names"] = np.asarray(adata.var_names[:10])
+    model = small_model(embed_key="X_hvg", output_space="all", max_steps=2).fit(adata, SPEC)
+    back = StateTransitionModel.from_arc_state(model.to_arc_state(tmp_path / "arc"),
+                                               verbose=False)
+    assert back.var_names_ == model.var_names_ == list(adata.var_names[:10])
+    np.testing.assert_array_equal(back.predict(adata, seed=0).X, model.predict(adata, seed=0).X)
