@@ -709,7 +709,9 @@ class CellMeanBaseline(_Baseline):
     b = unweighted mean of the pseudobulks of all (cell type, perturbation) groups of the training
     split, **control groups included** (as ``cell-eval baseline``; with one cell type this is the
     VCC definition). Control cells are returned unchanged. b ignores the cell type, so a
-    zero-shot cell type also gets b.
+    zero-shot cell type also gets b. The training split holds the held-out cell types' control
+    cells too (by default, ``heldout_controls_in_train``), so their control groups are among
+    the groups b averages.
 
     Parameters
     ----------
