@@ -463,6 +463,11 @@ def canonical(path: str) -> str:
         return p
     if p in ALIASES:
         return ALIASES[p]
+    parts = p.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # an entry of a dict key that has no effect
+        head = ".".join(parts[:i])
+        if head in KEYS and KEYS[head].status == "noeffect" and KEYS[head].kind == "any":
+            return head
     raise ConfigError(f"unknown configuration key '{p}'.{_suggest(p)}")
 
 

@@ -86,6 +86,11 @@ def test_unknown_key_suggests_close_match():
         R.resolve(["model.kwargs.hiden_dim=3"])
     with pytest.raises(ConfigError, match="Known sections"):
         R.resolve(["trainer.max_steps=3"])
+    # an entry of a dict key that has no effect (arc-state's training.mfu_kwargs.*): warned
+    with pytest.warns(UserWarning, match="training.mfu_kwargs has no effect"):
+        R.resolve(["training.mfu_kwargs.available_flops=1e15"])
+    with pytest.raises(ConfigError, match="unknown configuration key 'training.max_steps.x'"):
+        R.resolve(["training.max_steps.x=3"])  # (not for keys that have an effect)
 
 
 def test_no_effect_keys_warn_and_unsupported_values_fail():
