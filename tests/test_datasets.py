@@ -109,3 +109,29 @@ def test_example_tomls_parse_with_splitconfig():
 def test_unknown_name():
     with pytest.raises(ConfigError, match="zhao2021"):
         datasets.example_toml("zhao2012")
+
+
+def test_make_synthetic_is_a_seeded_screen_the_tools_accept():
+    from statetx import pp
+    from statetx.baselines import PerturbMeanBaseline
+    from statetx.datasets import make_synthetic
+
+    a = make_synthetic(n_cell_types=3, n_perts=4, n_cells=30, n_controls=40, n_genes=50)
+    assert a.shape == (3 * (40 + 4 * 30), 50) and "log1p" in a.uns
+    np.testing.assert_array_equal(a.X, make_synthetic(n_cell_types=3, n_perts=4, n_cells=30,
+                                                      n_controls=40, n_genes=50).X)
+    assert not np.array_equal(a.X, make_synthetic(n_cell_types=3, n_perts=4, n_cells=30,
+                                                  n_controls=40, n_genes=50, seed=1).X)
+    ctrl = a[a.obs["target_gene"] == "non-targeting"]
+    g1 = a[a.obs["target_gene"] == "G001"]
+    assert g1[:, "G001"].X.mean() < 0.5 * ctrl[:, "G001"].X.mean()  # its own gene knocked down
+    counts = make_synthetic(n_genes=50, n_perts=4, counts=True)
+    assert np.array_equal(counts.X, np.round(counts.X)) and "log1p" not in counts.uns
+    kept = pp.filter_on_target_knockdown(counts, "target_gene", "non-targeting", min_cells=10)
+    assert set(kept.obs["target_gene"]) == {"non-targeting", "G000", "G001", "G002", "G003"}
+    spec = {"training": {"data": "train"}, "zeroshot": {"data.CT2": "test"}}
+    pred, real = PerturbMeanBaseline(pert_col="target_gene", cell_type_key="cell_type",
+                                     control_pert="non-targeting").fit(a, spec).predict_split()
+    assert set(real.obs["cell_type"]) == {"CT2"} and pred.shape == real.shape
+    with pytest.raises(ConfigError, match="n_perts=60 exceeds n_genes=50"):
+        make_synthetic(n_perts=60, n_genes=50)
