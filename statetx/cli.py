@@ -799,6 +799,7 @@ def _dry_run(plan: Any) -> int:
         train.check_all_values()
     net = network_config_for(arch, prepared)
     print(describe(net))
+    model._warn_decoder_settings(prepared, net, model.preset)  # (as fit says them)
     _say("dry run: the split file and the data are valid; nothing was trained.")
     return EXIT_OK
 

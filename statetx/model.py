@@ -498,6 +498,29 @@ class StateTransitionModel(Estimator):
             return np.full(adata.n_obs, "\x00", dtype=object)  # (in no vocabulary)
         return pairing_batches(adata, batch_col, self._needs_batch(pool_mode))
 
+    def _warn_decoder_settings(self, prepared: PreparedData, net_cfg: NetworkConfig,
+                               preset: str) -> None:
+        """Gene-space targets without a gene decoder, and decoder settings that have no effect
+        (said by ``fit`` and by the command line's dry run)."""
+        columns = prepared.columns
+        if prepared.gene_dim and not net_cfg.gene_dim:
+            warnings.warn(
+                f"output_space={columns.output_space!r} asks for gene-space predictions, but "
+                f"the {preset!r} architecture has no gene decoder (gene_decoder_bool=False): "
+                f"predictions stay in the space of obsm['{columns.embed_key}']. For genes, use "
+                "model_kwargs={'gene_decoder_bool': True} (or a preset with a decoder, e.g. "
+                "'state'); for embeddings only, output_space='embedding'.", UserWarning,
+                stacklevel=4)
+        idle = [k for k in ("gene_decoder_bool", "decoder_hidden_dims", "decoder_dropout")
+                if k in (self.model_kwargs or {})]
+        if idle and not prepared.gene_dim:
+            warnings.warn(
+                f"model_kwargs {', '.join(idle)} have no effect here: a gene decoder is built only "
+                "when the data have gene-space targets besides the network's own output (an "
+                "input embedding other than X_hvg with output_space 'gene' or 'all', or "
+                f"X_hvg with 'all'; here embed_key={columns.embed_key!r}, output_space="
+                f"{columns.output_space!r}).", UserWarning, stacklevel=4)
+
     def _pairing(self) -> str:
         """The control pairing the model trained with (predictions pair as in training, whatever
         ``set_params`` changed since); models saved before it was recorded: the parameters'."""
@@ -774,23 +797,8 @@ class StateTransitionModel(Estimator):
                 "than the baselines. preset='small' (model=small), what preset='auto' picks "
                 f"below {AUTO_SMALL_MAX_CELLS:,} training cells, is made for it.", UserWarning,
                 stacklevel=3)
-        if prepared.gene_dim and network.gene_decoder is None and rank == 0:
-            warnings.warn(
-                f"output_space={columns.output_space!r} asks for gene-space predictions, but "
-                f"the {preset!r} architecture has no gene decoder (gene_decoder_bool=False): "
-                f"predictions stay in the space of obsm['{columns.embed_key}']. For genes, use "
-                "model_kwargs={'gene_decoder_bool': True} (or a preset with a decoder, e.g. "
-                "'state'); for embeddings only, output_space='embedding'.", UserWarning,
-                stacklevel=3)
-        idle = [k for k in ("gene_decoder_bool", "decoder_hidden_dims", "decoder_dropout")
-                if k in (self.model_kwargs or {})]
-        if idle and not prepared.gene_dim and rank == 0:
-            warnings.warn(
-                f"model_kwargs {', '.join(idle)} have no effect here: a gene decoder is built only "
-                "when the data have gene-space targets besides the network's own output (an "
-                "input embedding other than X_hvg with output_space 'gene' or 'all', or "
-                f"X_hvg with 'all'; here embed_key={columns.embed_key!r}, output_space="
-                f"{columns.output_space!r}).", UserWarning, stacklevel=3)
+        if rank == 0:
+            self._warn_decoder_settings(prepared, net_cfg, preset)
         _warn_unused_loss_options(self.loss, self.loss_kwargs, network.gene_decoder is not None)
         if rank == 0:
             _warn_held_out_perturbations(prepared)

@@ -555,6 +555,10 @@ def test_dry_run_and_split(data, tmp_path, capsys):
     # a dry run checks the options the real run would refuse
     assert main(train_args(data, tmp_path, "dry", "dry_run=true", "training.batch_size=0")) == 2
     assert "batch_size=0" in capsys.readouterr().err
+    # and says what fit would say of the network: decoder settings without gene-space targets
+    assert main(train_args(data, tmp_path, "dry", "dry_run=true",
+                           "model.kwargs.gene_decoder_bool=true")) == 0
+    assert "gene_decoder_bool have no effect here" in capsys.readouterr().err
     # statetx's small preset on the command line keeps the command line's recipe: said, unless
     # the recipe is given
     small = [a for a in train_args(data, tmp_path, "dry", "dry_run=true", "model=small")
