@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Protocol
 
 import numpy as np
@@ -158,8 +158,18 @@ class CellSetBatch:
     pert_name: list[str]           # per set
     cell_type: list[str]           # per set
     dataset_name: list[str]        # per set: its [datasets] name
-    target_barcode: np.ndarray     # [B,S] obs names of the target cells
-    basal_barcode: np.ndarray      # [B,S] obs names of their basal cells
+    # the split's obs names, shared (not copied, not per set): indexed by the rows on demand
+    barcodes: np.ndarray = field(metadata={"shared": True})
+
+    @property
+    def target_barcode(self) -> np.ndarray:
+        """``[B, S]`` obs names of the target cells."""
+        return self.barcodes[self.target_rows]
+
+    @property
+    def basal_barcode(self) -> np.ndarray:
+        """``[B, S]`` obs names of their basal cells."""
+        return self.barcodes[self.basal_rows]
 
     @property
     def n_cells(self) -> int:
@@ -479,6 +489,5 @@ class CellSetSampler:
             pert_name=[self.vocab.perturbations[i] for i in d.pert[first]],
             cell_type=[self.vocab.cell_types[i] for i in d.cell_type[first]],
             dataset_name=[d.datasets[i] for i in d.file_index[first]],
-            target_barcode=d.barcodes[target_rows],
-            basal_barcode=d.barcodes[basal_rows],
+            barcodes=d.barcodes,
         )

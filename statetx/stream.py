@@ -795,7 +795,6 @@ class StreamingCellSetSampler:
         pert_index = ints[1]
         first = targets[:, 0]
         has_counts = next(iter(held.values())).counts is not None
-        basal_rows = self.reservoir_rows[basal]
         return CellSetBatch(
             basal=self.reservoir_x.index_select(0, ints[0].reshape(-1)).view(b, s, -1).float(),
             target=self._gather(held, targets, window, "x").float(),
@@ -805,12 +804,11 @@ class StreamingCellSetSampler:
             cell_type_index=ints[3],
             counts=self._gather(held, targets, window, "counts").float() if has_counts else None,
             target_rows=targets,
-            basal_rows=basal_rows,
+            basal_rows=self.reservoir_rows[basal],
             pert_name=[self.vocab.perturbations[i] for i in d.pert[first]],
             cell_type=[self.vocab.cell_types[i] for i in d.cell_type[first]],
             dataset_name=[d.files[i].dataset for i in d.file_index[first]],
-            target_barcode=d.barcodes[targets],
-            basal_barcode=d.barcodes[basal_rows],
+            barcodes=d.barcodes,
         )
 
     def close(self) -> None:

@@ -489,9 +489,11 @@ class Trainer:
     def _unused_parameters(self) -> list[torch.nn.Parameter]:
         """Trainable parameters the training loss does not reach (one set, evaluation mode)."""
         batch = next(iter(self.train_sampler.batches(self.state.epoch)))
-        one = CellSetBatch(**{f.name: getattr(batch, f.name)[:1]
-                              if getattr(batch, f.name) is not None else None
-                              for f in fields(batch)})
+        def first_set(f: Any) -> Any:  # (shared fields, e.g. the split's barcodes, stay whole)
+            v = getattr(batch, f.name)
+            return v if v is None or f.metadata.get("shared") else v[:1]
+
+        one = CellSetBatch(**{f.name: first_set(f) for f in fields(batch)})
         params = [p for p in self.net.parameters() if p.requires_grad]
         devices = [self.device] if self.device.type == "cuda" else []
         self.net.eval()
