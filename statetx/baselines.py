@@ -500,10 +500,11 @@ class ContextMeanBaseline(_Baseline):
     ----------
     zeroshot_fallback
         The prediction for a zero-shot cell type (no perturbed training cells):
-        ``"train_mean"`` (default) the unweighted mean over the training cell types of their
+        ``"control_mean"`` (default, as arc-state 0.11.1; metrics.md §13) the mean of the
+        input's control cells of c, i.e. no change at all, said in the prediction's notes;
+        ``"train_mean"`` the unweighted mean over the training cell types of their
         perturbed-cell means (Systema's "train mean"; the control mean when no training cell
-        type has perturbed cells); ``"control_mean"`` (arc-state 0.11.1, metrics.md §13) the
-        mean of the input's control cells of c, i.e. no change at all.
+        type has perturbed cells).
     pert_col, cell_type_key, batch_col, control_pert, embed_key, gene_name_col, seed
         The data columns, control label, input representation and seed, as in
         :class:`ControlMeanBaseline`.
@@ -520,7 +521,7 @@ class ContextMeanBaseline(_Baseline):
     name = "context_mean"
     _zeroshot_is_fallback = True
 
-    def __init__(self, zeroshot_fallback: str = "train_mean", *, pert_col: str = "gene",
+    def __init__(self, zeroshot_fallback: str = "control_mean", *, pert_col: str = "gene",
                  cell_type_key: str = "cell_type", batch_col: str | None = None,
                  control_pert: str | None = None, embed_key: str | None = None,
                  gene_name_col: str | None = None, seed: int = 42) -> None:

@@ -337,7 +337,7 @@ def test_pickle_embedding_space_and_fit_all(synth):
 def kang_fitted(kang_log):
     models = fit_all_baselines(kang_log, KANG_SPEC, **KANG)
     models["control_mean@mean"] = ControlMeanBaseline("mean", **KANG).fit(kang_log, KANG_SPEC)
-    models["context_mean@control_mean"] = ContextMeanBaseline("control_mean", **KANG).fit(
+    models["context_mean@train_mean"] = ContextMeanBaseline("train_mean", **KANG).fit(
         kang_log, KANG_SPEC)
     return models, {n: m.predict_split("test") for n, m in models.items()}
 
@@ -349,16 +349,16 @@ def test_kang_heldout_b_cells_mean_shift(kang_fitted, kang_log):
     np.testing.assert_allclose(preds["linear"][0].X, preds["perturb_mean"][0].X, atol=1e-4)
     assert res["control_mean"][1] < 0.3  # the identity model predicts (almost) no shift
     assert abs(res["control_mean"][0]) < 0.3
-    for name in ("control_mean@mean", "context_mean@control_mean"):  # no shift: r undefined
+    for name in ("control_mean@mean", "context_mean"):  # no shift: r undefined
         assert np.isnan(res[name][0]) and res[name][1] < 1e-3
-    assert 0.3 < res["context_mean"][0] < res["perturb_mean"][0]
+    assert 0.3 < res["context_mean@train_mean"][0] < res["perturb_mean"][0]
     assert 0.2 < res["cell_mean"][0] < res["perturb_mean"][0]
 
 
 def test_kang_context_mean_zero_shot_fallbacks(kang_fitted, kang_log):
     models, preds = kang_fitted
     obs, x = kang_log.obs, np.asarray(kang_log.X, dtype=np.float64)
-    pred, _ = preds["context_mean@control_mean"]
+    pred, _ = preds["context_mean"]  # default: arc-state's control-mean fallback
     ifnb = (pred.obs["target_gene"] == "IFNB").to_numpy()
     b_ctrl = ((obs["cell_type"] == "B cells") & (obs["target_gene"] == "control")).to_numpy()
     np.testing.assert_allclose(pred.X[ifnb], np.tile(x[b_ctrl].mean(0), (ifnb.sum(), 1)),
@@ -366,7 +366,7 @@ def test_kang_context_mean_zero_shot_fallbacks(kang_fitted, kang_log):
     assert "B cells" in pred.uns["statetx"]["notes"]
     train_means = [x[((obs["cell_type"] == ct) & (obs["target_gene"] == "IFNB")).to_numpy()]
                    .mean(0) for ct in sorted(set(obs["cell_type"]) - {"B cells"})]
-    tm, _ = preds["context_mean"]
+    tm, _ = preds["context_mean@train_mean"]
     np.testing.assert_allclose(tm.X[ifnb][0], np.mean(train_means, 0), atol=1e-5)
     trained = sorted(set(obs["cell_type"]) - {"B cells"})
     assert models["context_mean"].perturbed_cell_types_ == trained
