@@ -9,8 +9,7 @@ Submodules and names are imported on first use, so ``import statetx`` (and the c
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from statetx._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -34,16 +33,4 @@ _LAZY = {
 _SUBMODULES = ("pp", "tl", "pl", "datasets", "metrics", "baselines", "presets", "splits", "arc",
                "run")
 
-__all__ = sorted([*_LAZY, *_SUBMODULES, "__version__"])
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in _SUBMODULES:
-        return importlib.import_module(f"statetx.{name}")
-    raise AttributeError(f"module 'statetx' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_attributes(__name__, _LAZY, _SUBMODULES, ("__version__",))

@@ -1,4 +1,4 @@
-"""Small helpers shared across modules (no statetx imports here)."""
+"""Small helpers shared across modules (they import nothing of statetx but its errors)."""
 
 from __future__ import annotations
 

@@ -1030,9 +1030,10 @@ def cmd_infer(a: argparse.Namespace) -> int:
 
     check_matmul_precision(a.matmul_precision)
     clip = _parse_clip(a.clip)
-    quiet = contextlib.redirect_stdout(open(os.devnull, "w")) if a.quiet else (  # noqa: SIM115
-        contextlib.nullcontext())
-    with quiet:
+    with contextlib.ExitStack() as quiet:
+        if a.quiet:
+            quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(
+                open(os.devnull, "w"))))
         arc = _arc_options(a)
         model = load_any_model(a.model_dir, a.checkpoint, attention=a.attention, **arc)
         given = [a.attention, a.rope, a.trust_pickle, a.n_heads, a.n_kv_heads, a.head_dim,

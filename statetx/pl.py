@@ -33,6 +33,8 @@ from statetx.metrics.de import group_means
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
+__all__ = ["delta_scatter", "embedding", "history", "metric_bars", "top_genes"]
+
 
 def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
     if ax is not None:

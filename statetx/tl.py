@@ -1,19 +1,24 @@
 """Tools in scanpy style: evaluation, the baselines every ST result is compared with, and
-perturbation feature tables."""
+perturbation feature tables. Names are imported on first use (``import statetx.tl`` is fast)."""
 
 from __future__ import annotations
 
-from statetx.baselines import (
-    AdditiveBaseline,
-    CellMeanBaseline,
-    ContextMeanBaseline,
-    ControlMeanBaseline,
-    LinearBaseline,
-    PerturbMeanBaseline,
-    fit_all_baselines,
-)
-from statetx.metrics import evaluate, vcc_score
-from statetx.vocab import combination_features
+from typing import TYPE_CHECKING
+
+from statetx._lazy import lazy_attributes
+
+if TYPE_CHECKING:
+    from statetx.baselines import (
+        AdditiveBaseline,
+        CellMeanBaseline,
+        ContextMeanBaseline,
+        ControlMeanBaseline,
+        LinearBaseline,
+        PerturbMeanBaseline,
+        fit_all_baselines,
+    )
+    from statetx.metrics import evaluate, vcc_score
+    from statetx.vocab import combination_features
 
 __all__ = [
     "AdditiveBaseline",
@@ -27,3 +32,7 @@ __all__ = [
     "fit_all_baselines",
     "vcc_score",
 ]
+_HOME = {"evaluate": "statetx.metrics", "vcc_score": "statetx.metrics",
+         "combination_features": "statetx.vocab"}
+__getattr__, __dir__, _ = lazy_attributes(
+    __name__, {n: _HOME.get(n, "statetx.baselines") for n in __all__})

@@ -720,6 +720,11 @@ def test_arc_state_run_infer_import_info(tmp_path, capsys):
     assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(inp), "--output",
                  str(tmp_path / "o.npy")]) == 0
     assert np.load(tmp_path / "o.npy").shape == (100, 128)
+    assert "arc-state" in capsys.readouterr().out  # the import's notices
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(inp), "--output",
+                 str(tmp_path / "q.npy"), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    np.testing.assert_array_equal(np.load(tmp_path / "q.npy"), np.load(tmp_path / "o.npy"))
     # --layout arc: the input with the predictions where arc-state writes them
     assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(inp), "--output",
                  str(tmp_path / "arc.h5ad"), "--layout", "arc"]) == 0

@@ -463,3 +463,16 @@ def test_clustering_agreement_is_never_below_zero():
     vals = [clustering_agreement(rng.normal(size=(12, 5)), rng.normal(size=(12, 5)))
             for _ in range(30)]
     assert min(vals) >= 0.0 and max(vals) > 0.0
+
+
+def test_ranks_match_scipy_with_ties_and_nan():
+    st = pytest.importorskip("scipy.stats")
+    from statetx.metrics.de_metrics import rankdata, roc_auc
+
+    rng = np.random.default_rng(3)
+    for x in (rng.integers(0, 4, 200), rng.normal(size=300).round(1), np.array([2.5]),
+              np.array([], dtype=float), np.array([1.0, np.nan, 1.0]), np.array(["b", "a", "b"])):
+        np.testing.assert_array_equal(rankdata(x), st.rankdata(x))
+    y, s = rng.random(500) < 0.3, rng.integers(0, 6, 500)
+    fpr_tpr = st.mannwhitneyu(s[y], s[~y]).statistic / (y.sum() * (~y).sum())
+    assert roc_auc(y, s) == pytest.approx(fpr_tpr, rel=1e-12)

@@ -320,6 +320,26 @@ def test_cli_help_does_not_import_heavy_packages():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=REPO)
 
 
+def test_namespaces_import_torch_only_when_a_name_needs_it():
+    code = textwrap.dedent("""
+        import sys
+        import statetx, statetx.tl, statetx.metrics, statetx.pl, statetx.pp
+        heavy = [m for m in ("torch", "sklearn", "scipy.stats") if m in sys.modules]
+        assert not heavy, heavy
+        assert sorted(dir(statetx.tl)) == sorted(statetx.tl.__all__)
+        from statetx.tl import evaluate, LinearBaseline
+        assert evaluate is statetx.metrics.evaluate is statetx.evaluate and callable(evaluate)
+        assert LinearBaseline is statetx.baselines.LinearBaseline and "torch" in sys.modules
+        try:
+            statetx.tl.nope
+        except AttributeError as e:
+            assert "statetx.tl" in str(e) and "nope" in str(e)
+        else:
+            raise AssertionError("no error")
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=REPO)
+
+
 def test_cli_architecture_keys_match_the_presets():
     """run.py types every architecture key; a key added to the presets must be added there too."""
     from statetx.presets import ARCH_KEYS

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 from statetx.errors import DataError
 
@@ -60,6 +59,20 @@ def _overlap(real: np.ndarray, pred: np.ndarray, k: int) -> float:
     if k <= 0:
         return 0.0
     return len(set(real[:k]) & set(pred[:k])) / k
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank; all NaN if ``x`` holds a NaN (as
+    ``scipy.stats.rankdata``, whose import costs more than a second)."""
+    x = np.asarray(x).ravel()
+    if x.dtype.kind in "fc" and np.isnan(x).any():
+        return np.full(x.size, np.nan)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    bounds = np.r_[np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]]), x.size]
+    ranks = np.empty(x.size)
+    ranks[order] = np.repeat((bounds[:-1] + bounds[1:] + 1) / 2.0, np.diff(bounds))
+    return ranks
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
