@@ -1304,7 +1304,8 @@ class StateTransitionModel(Estimator):
         if all_perts:
             obs, src_rows, pert, ctx, batch = self._virtual_cells(
                 adata, pert, ctx, batch, is_ctrl, control, n_cells_per_pert, seed, pert_col,
-                vocab.perturbations, perturbations, every_control=own_basal)
+                vocab.perturbations, perturbations, every_control=own_basal,
+                keep=(ct_col, batch_col))
         if min_cells is not None or max_cells is not None:
             rows = resize_groups(ctx, pert, control, min_cells, max_cells, seed)
             obs, src_rows, pert, ctx, batch = (obs.iloc[rows], src_rows[rows], pert[rows],
@@ -1452,6 +1453,9 @@ class StateTransitionModel(Estimator):
         AnnData
             The input's cells followed by the virtual ones (named
             ``<context>_<perturbation>_<i>``), with the input's ``var`` columns and ``uns``.
+            A virtual cell's obs holds its perturbation, cell type and batch; the input's other
+            obs columns are left empty for it (the cloned control's values describe a control),
+            and ``statetx_ctrl_barcode`` names the control it was cloned from.
         """
         if n_cells is not None and (tsv is not None or isinstance(perturbations, Mapping)):
             raise ConfigError("n_cells is given twice: by the cell counts of the "
@@ -1485,7 +1489,7 @@ class StateTransitionModel(Estimator):
         return out
 
     def _virtual_cells(self, adata, pert, ctx, batch, is_ctrl, control, n_cells, seed, pert_col,
-                       known, chosen=None, every_control=False):
+                       known, chosen=None, every_control=False, keep=()):
         perts = [p for p in known if p != control]
         per_pert = ({str(k): v for k, v in n_cells.items()} if isinstance(n_cells, Mapping)
                     else {})
@@ -1508,6 +1512,10 @@ class StateTransitionModel(Estimator):
                             f"(obs['{pert_col}'] == '{control}'), and it has none; include "
                             "them, or relabel the cells to perturb and predict them with "
                             "basal='self' (without all_perts).")
+        # a clone takes its context's columns; the control's other annotations (is_control,
+        # condition, sample, QC) describe a control cell: left empty, said once
+        keep = [col for col in dict.fromkeys(keep) if col is not None and col in adata.obs
+                and col != pert_col]
         obs_parts, rows, p_parts, c_parts, b_parts = [adata.obs], [np.arange(adata.n_obs)], \
             [pert], [ctx], [batch]
         for context in sorted(np.unique(ctx[is_ctrl])):
@@ -1520,15 +1528,19 @@ class StateTransitionModel(Estimator):
                 rng = group_rng(seed, group_key(context, p, "clone"))
                 pick = (pool if every_control and not (per_pert or n_cells) else
                         pool[rng.integers(len(pool), size=n)])
-                o = adata.obs.iloc[pick].copy()
-                o[pert_col] = p
+                o = adata.obs.iloc[pick][keep].copy()
                 o.index = [f"{context}_{p}_{i}" for i in range(n)]
                 obs_parts.append(o)
                 rows.append(pick)
                 p_parts.append(np.full(n, p, dtype=object))
                 c_parts.append(ctx[pick])
                 b_parts.append(batch[pick])
-        obs = pd.concat(obs_parts)
+        obs = _with_dtypes(pd.concat(obs_parts), adata.obs)
+        empty = [str(col) for col in adata.obs.columns if col not in (pert_col, *keep)]
+        if empty and len(obs_parts) > 1:
+            say(f"virtual cells: obs columns {preview(empty)} are left empty (the cloned control "
+                "cells' values describe controls); statetx_ctrl_barcode names each clone's "
+                "control cell.")
         if obs.index.has_duplicates:  # a virtual name equal to an input name (or another's)
             obs.index = ad.utils.make_index_unique(obs.index.astype(str))
         # the input's cells keep their own labels (its control label, if it differs)
@@ -2212,6 +2224,23 @@ def _warn_padding(sampler: Any, pairing: str, strategy: str) -> None:
         f"sets are built per {what} group, and the {len(sizes):,} groups hold a median of "
         f"{np.median(sizes):g} cells for sets of {sampler.S}. Consider {advice}.",
         UserWarning, stacklevel=3)
+
+
+def _with_dtypes(obs: pd.DataFrame, like: pd.DataFrame) -> pd.DataFrame:
+    """``obs`` with the column types of ``like`` where rows left empty changed them: booleans
+    and integers become pandas' nullable types, categories keep their categories."""
+    for col in like.columns:
+        if col not in obs or not obs[col].isna().any():
+            continue
+        dtype = like[col].dtype
+        if isinstance(dtype, pd.CategoricalDtype):
+            obs[col] = pd.Categorical(obs[col], categories=dtype.categories,
+                                      ordered=dtype.ordered)
+        elif pd.api.types.is_bool_dtype(dtype):
+            obs[col] = obs[col].astype("boolean")
+        elif pd.api.types.is_integer_dtype(dtype):
+            obs[col] = obs[col].astype("Int64")
+    return obs
 
 
 def _say_new_contexts(ctx: np.ndarray, trained: Sequence[str]) -> None:

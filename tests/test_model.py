@@ -621,7 +621,7 @@ def test_sets_per_pass_changes_memory_not_results(fitted):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_simulate_virtual_experiments(fitted):
+def test_simulate_virtual_experiments(fitted, tmp_path):
     model, adata = fitted
     controls = adata[adata.obs["gene"] == "ctrl"].copy()
     n_ctx = controls.obs["cell_type"].nunique()
@@ -647,6 +647,20 @@ def test_simulate_virtual_experiments(fitted):
     by_table = model.simulate(controls, tsv=table)
     assert by_table.obs["gene"].value_counts().to_dict() == {
         "ctrl": controls.n_obs, "P0": 2 * n_ctx, "P2": n_ctx}
+    # a clone keeps its context's columns; the control's own annotations are left empty
+    # (not copied: a virtual P1 cell is no control), with their types, and it writes
+    controls.obs["is_control"] = True
+    controls.obs["condition"] = pd.Categorical(["ctrl"] * controls.n_obs)
+    controls.obs["n_genes"] = np.arange(controls.n_obs)
+    sim = model.simulate(controls, ["P1"], n_cells=2)
+    virtual = sim.obs.iloc[controls.n_obs:]
+    assert virtual[["is_control", "condition", "n_genes"]].isna().all().all()
+    assert sim.obs["is_control"].dtype == "boolean" and sim.obs["n_genes"].dtype == "Int64"
+    assert list(sim.obs["condition"].cat.categories) == ["ctrl"]
+    assert (sim.obs["is_control"].iloc[:controls.n_obs] == True).all()  # noqa: E712
+    assert (virtual["cell_type"].to_numpy() == controls[virtual["statetx_ctrl_barcode"]]
+            .obs["cell_type"].to_numpy()).all() and set(virtual["gene"]) == {"P1"}
+    sim.write_h5ad(tmp_path / "sim.h5ad")
     with pytest.raises(DataError, match="not in the model's vocabulary.*P9"):
         model.simulate(controls, ["P9"])
     with pytest.raises(ConfigError, match="n_cells is given twice: .*perturbations mapping"):
