@@ -46,6 +46,7 @@ from statetx.data import (
     split_cell_obs,
     split_datasets,
     warn_training_scale,
+    with_training_var,
 )
 from statetx.errors import ConfigError, DataError
 from statetx.model import StateTransitionModel
@@ -371,7 +372,7 @@ class _Baseline(Estimator):
 
         Same cells in the same order in both, obs as in ST's ``predict_split`` (perturbation,
         cell type and, with ``batch_col``, batch columns, ``pert_cell_barcode`` /
-        ``ctrl_cell_barcode``); basal cells
+        ``ctrl_cell_barcode``), var the training data's gene annotations; basal cells
         are drawn from the split's controls of the same context with ST's keys, within the batch
         when the baseline has a ``batch_col`` (``basal_pool``: ``"cell_type"`` or ``"batch"`` to
         choose, e.g. ``"cell_type"`` to match an ST model with
@@ -398,7 +399,7 @@ class _Baseline(Estimator):
         pred, basal_row, set_id, notes = self._run(x, groups, len(order), seed)
         obs = split_cell_obs(prepared, d, order, basal_row,
                              split_datasets(prepared, d, order, cts[d.cell_type[order]]))
-        out = self._output(pred, obs.copy(), clip)
+        out = with_training_var(self._output(pred, obs.copy(), clip), prepared)
         info = {"split": split, "seed": seed, "pert_col": c.pert_col,
                 "control_pert": v.control_pert, "celltype_col": c.cell_type_key,
                 "scale": self._scale}

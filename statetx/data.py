@@ -539,6 +539,15 @@ def split_obs(prepared: PreparedData, split: SplitData, rows: np.ndarray,
     return out.sort_index().reset_index(drop=True)
 
 
+def with_training_var(pred: ad.AnnData, prepared: PreparedData) -> ad.AnnData:
+    """``pred`` with the training data's gene annotations (its first file's var), when that
+    file holds every gene of ``pred``."""
+    var = prepared.files[0].var_frame()
+    if var.index.is_unique and pred.var_names.isin(var.index).all():
+        pred.var = var.loc[list(pred.var_names)]
+    return pred
+
+
 def group_labels(prepared: PreparedData, split: SplitData, row: int, by_batch: bool) -> tuple:
     """The labels (split, dataset, cell type, perturbation[, batch]) of the group of the
     split's ``row``: what seeds the group's control draws, so that they do not depend on which

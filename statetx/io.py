@@ -126,6 +126,21 @@ class DataFile:
                             f"{did_you_mean(missing[0], obs.columns)}")
         return obs[list(columns)].reset_index(drop=True)
 
+    def var_frame(self) -> pd.DataFrame:
+        """The file's var annotations, indexed by the gene names it was read with."""
+        if self.adata is not None:
+            var = self.adata.var
+        else:
+            backed = ad.read_h5ad(self.path, backed="r")
+            try:
+                var = backed.var
+            finally:
+                backed.file.close()
+        var = var.copy()
+        var.index = pd.Index(self.var_names, dtype=str,
+                             name=None if self.gene_name_col else var.index.name)
+        return var
+
     def read_rows(self, rows: np.ndarray, source: str | None, dtype=np.float32) -> np.ndarray:
         """Dense ``[len(rows), width]`` array of the given rows of X (None) or ``obsm[source]``."""
         rows = np.asarray(rows, dtype=np.int64)

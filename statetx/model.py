@@ -49,6 +49,7 @@ from statetx.data import (
     split_datasets,
     split_obs,
     warn_training_scale,
+    with_training_var,
 )
 from statetx.distributed import env_local_rank, init_distributed, resolve_device
 from statetx.errors import ConfigError, DataError
@@ -575,24 +576,27 @@ class StateTransitionModel(Estimator):
                     drop_missing_labels=bool(self.drop_missing_labels),
                     yield_controls=self.yield_controls, dtype=self.dtype)
 
-    def _additional_obs(self) -> list[str]:
-        """The ``additional_obs`` column names, checked (a list of distinct, unreserved names)."""
-        cols = self.additional_obs
-        if cols is None:
-            return []
-        if isinstance(cols, str) or not all(isinstance(c, str) for c in cols):
-            raise ConfigError(f"additional_obs={cols!r} must be a list of obs column names"
-                              + (f" (write [{cols!r}])." if isinstance(cols, str) else "."))
-        cols = list(cols)
-        dup = sorted({c for c in cols if cols.count(c) > 1})
-        reserved = {self.pert_col, self.cell_type_key, self.batch_col,
-                    "pert_cell_barcode", "ctrl_cell_barcode", "n_cells"} & set(cols)
-        if dup or reserved:
-            raise ConfigError(f"additional_obs={cols!r}: "
-                              + (f"{', '.join(map(repr, dup))} listed twice" if dup else
-                                 f"{', '.join(map(repr, sorted(reserved)))} is written to the "
-                                 "outputs already (a label or barcode column)") + ".")
-        return cols
+    def _additional_obs(self, more: Sequence[str] | None = None) -> list[str]:
+        """The ``additional_obs`` column names, then ``more`` (a call's own) not among them,
+        checked (lists of distinct, unreserved names)."""
+        out: list[str] = []
+        for cols in (self.additional_obs, more):
+            if cols is None:
+                continue
+            if isinstance(cols, str) or not all(isinstance(c, str) for c in cols):
+                raise ConfigError(f"additional_obs={cols!r} must be a list of obs column names"
+                                  + (f" (write [{cols!r}])." if isinstance(cols, str) else "."))
+            cols = list(cols)
+            dup = sorted({c for c in cols if cols.count(c) > 1})
+            reserved = {self.pert_col, self.cell_type_key, self.batch_col,
+                        "pert_cell_barcode", "ctrl_cell_barcode", "n_cells"} & set(cols)
+            if dup or reserved:
+                raise ConfigError(f"additional_obs={cols!r}: "
+                                  + (f"{', '.join(map(repr, dup))} listed twice" if dup else
+                                     f"{', '.join(map(repr, sorted(reserved)))} is written to "
+                                     "the outputs already (a label or barcode column)") + ".")
+            out += [c for c in cols if c not in out]
+        return out
 
     def _thinning(self, prepared: PreparedData) -> ReadDepthThinning | None:
         """The read-depth downsampling of training batches (``downsample``), or None."""
@@ -1628,6 +1632,7 @@ class StateTransitionModel(Estimator):
                       matmul_precision: str = "highest", pseudobulk: bool = False,
                       pert_features: str | Path | Mapping[str, Any] | None = None,
                       untrained_perturbation: str = "control",
+                      additional_obs: Sequence[str] | None = None,
                       ) -> tuple[ad.AnnData, ad.AnnData]:
         """Predict the held-out cells of a split of the fitted spec: ``(adata_pred, adata_real)``.
 
@@ -1651,6 +1656,9 @@ class StateTransitionModel(Estimator):
         pert_features
             Vectors for the split's perturbations without training cells (e.g. held out with
             no row in the training feature table).
+        additional_obs
+            More obs columns of the data to copy into both (beside the fitted model's
+            ``additional_obs``), e.g. ``["donor", "n_counts"]``.
         seed, clip, windows, matmul_precision, untrained_perturbation
             As in :meth:`predict`.
 
@@ -1661,7 +1669,8 @@ class StateTransitionModel(Estimator):
             across files); obs has the perturbation, cell type and (with ``batch_col``) batch
             columns plus ``pert_cell_barcode`` / ``ctrl_cell_barcode`` (and the
             ``additional_obs`` columns of the fitted model, and ``dataset`` when the spec has
-            several); both are clipped to [0, 14] for log1p expression outputs (at 0 for
+            several); var holds the training data's gene annotations (of its first file);
+            both are clipped to [0, 14] for log1p expression outputs (at 0 for
             count-scale ones). A model that decodes genes (an embedding input, gene outputs) has
             the decoded genes in X and the latent predictions and the real latents in
             ``obsm[embed_key]`` of both, as the reference writes them.
@@ -1701,11 +1710,11 @@ class StateTransitionModel(Estimator):
             return pair
         res = run()
         obs = split_cell_obs(prepared, d, order, res["basal_row"], datasets)
-        extra = self._additional_obs()
+        extra = self._additional_obs(additional_obs)
         if extra and d.file_row is not None:
             for col, values in split_obs(prepared, d, order, extra).items():
                 obs[col] = values.array  # (its dtype kept: categorical, nullable, ...)
-        pred = self._output(res, obs.copy(), clip)
+        pred = with_training_var(self._output(res, obs.copy(), clip), prepared)
         # the real cells in the prediction's space: decoded genes only when the model decodes
         real_src = d.counts if d.counts is not None and res["counts"] is not None else d.X
         real_x = real_src[torch.from_numpy(order)].float()
@@ -1778,8 +1787,9 @@ class StateTransitionModel(Estimator):
         }, index=pd.Index([f"pseudobulk{i}" for i in range(len(uniq))]))
         if ds_names is not None:
             obs["dataset"] = pd.Categorical(np.asarray(ds_names, dtype=object)[ds])
-        pred = self._output({"pred": means.means("pred"), "counts": means.means("counts")},
-                            obs.copy(), None)
+        pred = with_training_var(self._output({"pred": means.means("pred"),
+                                       "counts": means.means("counts")}, obs.copy(), None),
+                         self._prepared)
         real = ad.AnnData(X=real, obs=obs, var=pred.var.copy())
         if decodes:
             _split_latents(pred, real, c.embed_key,

@@ -378,6 +378,8 @@ def test_kang_predict_split_aligned(kang_fitted, kang_log):
     b = kang_log.obs["cell_type"] == "B cells"
     assert pred.n_obs == real.n_obs == b.sum()
     pd.testing.assert_frame_equal(pred.obs, real.obs)
+    pd.testing.assert_frame_equal(pred.var, kang_log.var)  # the gene annotations (ENSEMBL, ...)
+    pd.testing.assert_frame_equal(real.var, kang_log.var)
     assert list(pred.var_names) == list(kang_log.var_names)
     np.testing.assert_array_equal(real.X, np.asarray(kang_log[pred.obs["pert_cell_barcode"]].X))
     ctrl_barcodes = set(kang_log.obs_names[b & (kang_log.obs["target_gene"] == "control")])

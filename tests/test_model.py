@@ -768,9 +768,23 @@ def test_additional_obs_reach_predict_split(synth, tmp_path):
     synth.obs["plate"] = pd.Categorical([f"p{i % 3}" for i in range(synth.n_obs)])
     synth.obs["flag"] = pd.array([None if i % 7 == 0 else i % 2 == 0
                                   for i in range(synth.n_obs)], dtype="boolean")
+    synth.var["symbol"] = [f"SYM{i}" for i in range(synth.n_vars)]
     m = small_model(max_steps=2, additional_obs=["dose", "plate", "flag"]).fit(synth, SPEC)
     pred, real = m.predict_split("test")
     src = synth.obs.loc[pred.obs["pert_cell_barcode"]]
+    for a in (pred, real):  # the training data's gene annotations
+        assert list(a.var["symbol"]) == list(synth.var.loc[a.var_names, "symbol"])
+    bulk, _ = m.predict_split("test", pseudobulk=True)
+    assert list(bulk.var["symbol"]) == list(pred.var["symbol"])
+    # more columns for one call (a model's own column named again is kept once)
+    synth.obs["obs_only"] = np.arange(synth.n_obs)
+    m2 = small_model(max_steps=2, additional_obs=["dose"]).fit(synth, SPEC)
+    p2, r2 = m2.predict_split("test", additional_obs=["obs_only", "dose"])
+    assert list(p2.obs.columns[-2:]) == ["dose", "obs_only"]
+    np.testing.assert_array_equal(r2.obs["obs_only"].to_numpy(), synth.obs.loc[
+        r2.obs["pert_cell_barcode"], "obs_only"].to_numpy())
+    with pytest.raises(ConfigError, match="'gene' is written to the outputs already"):
+        m2.predict_split("test", additional_obs=["gene"])
     np.testing.assert_array_equal(pred.obs["dose"].to_numpy(), src["dose"].to_numpy())
     np.testing.assert_array_equal(real.obs["plate"].to_numpy(), src["plate"].to_numpy())
     assert isinstance(pred.obs["plate"].dtype, pd.CategoricalDtype)  # dtypes kept
