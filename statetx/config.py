@@ -162,8 +162,7 @@ class SplitConfig(BaseModel):
         ``on_missing_perturbation``); ``drop_missing_labels`` and ``val_subsample_fraction`` as
         in the estimator.
         """
-        from statetx.data import load_files
-        from statetx.io import resolve_control
+        from statetx.io import load_files, resolve_control
         from statetx.splits import assign_files, subsample_validation, summarize
 
         cols = columns if isinstance(columns, ColumnMap) else ColumnMap.build(**(columns or {}))

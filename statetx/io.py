@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import h5py
@@ -20,7 +22,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from statetx._utils import did_you_mean, preview, say
-from statetx.errors import ConfigError, DataError
+from statetx.errors import ConfigError, DataError, SplitConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from statetx.config import ColumnMap, SplitConfig
 
 CONTROL_DEFAULTS = ("non-targeting", "DMSO_TF")
 # Tahoe-100M convention: drug-dose labels in obs['drugname_drugconc'], DMSO as this tuple string
@@ -29,6 +34,7 @@ _CONTROL_HINT = re.compile(
     r"non.?targeting|control|ctrl|dmso|pbs|vehicle|(^|[^a-z])nt([^a-z]|$)", re.I
 )
 READ_BLOCK_ROWS = 4096
+DataInput = ad.AnnData | Mapping[str, ad.AnnData] | None
 
 
 def control_like(labels: Iterable[object]) -> list[str]:
@@ -544,3 +550,107 @@ def hvg_names(adata: ad.AnnData, gene_name_col: str | None = None,
         flags = adata.var["highly_variable"].to_numpy(bool)
         return [str(x) for x in gene_names(adata, gene_name_col, where)[flags]]
     return None
+
+
+def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
+               dataset_name: str | None = None, drop_missing: bool = False) -> list[DataFile]:
+    """Open every file (or in-memory AnnData) of the datasets the spec refers to, sorted."""
+    memory: dict[str, ad.AnnData] = {}
+    if isinstance(data, ad.AnnData):
+        memory[dataset_name or default_dataset_name(config)] = data
+    elif isinstance(data, Mapping):
+        memory = dict(data)
+    elif data is not None:
+        raise ConfigError(f"data must be an AnnData, a dict of AnnData or None, got "
+                          f"{type(data).__name__}.")
+    names = config.referenced_datasets()
+    if not names:  # nothing referenced: every in-memory dataset trains
+        if not memory:
+            raise DataError("the split spec references no dataset and no AnnData was given.")
+        config.training.update({n: "train" for n in memory})
+        names = sorted(memory)
+    unused = sorted(set(config.datasets) - set(names))
+    if unused:
+        say(f"datasets listed only in [datasets] are not used: {', '.join(unused)}")
+    idle = sorted(set(memory) - set(names))
+    if idle:  # (a dict of AnnData: each one the spec does not name is left out)
+        warnings.warn(f"in-memory dataset(s) {', '.join(map(repr, idle))} are not used by the "
+                      f"split spec (it uses {', '.join(map(repr, names))}): their cells are "
+                      "left out. Name them in [training], [zeroshot] or [fewshot].",
+                      UserWarning, stacklevel=3)
+    shadowed = sorted(set(memory) & set(names) & set(config.datasets))
+    if shadowed:
+        say("the AnnData given in memory is used instead of the [datasets] path for "
+            + ", ".join(f"'{n}' ({config.datasets[n]})" for n in shadowed))
+    files: list[DataFile] = []
+    owner: dict[Path, str] = {}  # resolved file -> its dataset
+    c = columns
+    for name in names:
+        if name in memory:
+            files.append(from_anndata(memory[name], name, c.pert_col, c.cell_type_key,
+                                      c.batch_col, drop_missing=drop_missing,
+                                      gene_name_col=c.gene_name_col))
+            continue
+        if name not in config.datasets:
+            section, key = next((s, k) for s in ("training", "zeroshot", "fewshot")
+                                for k in getattr(config, s) if k.split(".")[0] == name)
+            hint = (did_you_mean(name, list(config.datasets)).strip()
+                    or f'Add a line such as: {name} = "/path/to/{name}/"')
+            if isinstance(data, ad.AnnData) and dataset_name is None:
+                others = [n for n in names if n != name and n not in config.datasets]
+                hint = (f"One AnnData was given, and the spec uses {len(others) + 1} dataset "
+                        f"names without a [datasets] path ({', '.join(sorted([name, *others]))})"
+                        f": a typo?{did_you_mean(name, others)} Use one name, or pass "
+                        "dataset_name= (or a dict of AnnData).")
+            elif memory:
+                given = ", ".join(f"'{n}'" for n in sorted(memory) if n not in names)
+                if given:
+                    hint = (f"The AnnData given in memory is named {given} (dataset_name or the "
+                            f"dict's keys), which the spec does not use: name it '{name}'"
+                            + (" (dataset_name=...)." if isinstance(data, ad.AnnData) else "."))
+            raise SplitConfigError(
+                f'dataset \'{name}\' is used in [{section}] "{key}" but has no entry in [datasets] '
+                f"and was not passed in memory. {hint}"
+            )
+        for path in config.resolve_paths(name):
+            if path in owner:  # its cells would be in both datasets' splits (e.g. train and test)
+                raise SplitConfigError(
+                    f"{path} belongs to two datasets, '{owner[path]}' and '{name}' (their "
+                    "[datasets] patterns both match it), so its cells would be assigned twice "
+                    "and held-out cells could train. Make the patterns disjoint.")
+            owner[path] = name
+            files.append(open_file(path, name, c.pert_col, c.cell_type_key, c.batch_col,
+                                   drop_missing, c.gene_name_col))
+    named = Counter(f.label for f in files)
+    for f in files:  # same-named files in different folders: labelled by their whole path
+        if named[f.label] > 1 and f.path is not None:
+            f.label = str(f.path)
+    _warn_copies(files)
+    return files
+
+
+def _warn_copies(files: Sequence[DataFile]) -> None:
+    """Say when two inputs hold the same cells (obs names, perturbation and cell-type labels,
+    in the same order): a copy of a file would make its cells count twice. (Barcodes merely
+    shared across files are common and not said.)"""
+    def same(a: np.ndarray, b: np.ndarray) -> bool:
+        return np.array_equal(np.asarray(a, dtype=str), np.asarray(b, dtype=str))
+
+    seen: dict[tuple[int, int], DataFile] = {}
+    for f in files:
+        key = (len(f.barcodes), hash(tuple(map(str, f.barcodes[:1000]))))
+        first = seen.setdefault(key, f)
+        if first is not f and all(same(getattr(first, k), getattr(f, k))
+                                  for k in ("barcodes", "pert", "cell_type")):
+            warnings.warn(f"{f.label} holds the same cells as {first.label} (all "
+                          f"{len(f.barcodes):,} obs names, in the same order): a copy? Its cells "
+                          "are used twice. Leave one of them out of [datasets].", UserWarning,
+                          stacklevel=3)
+
+
+def default_dataset_name(config: SplitConfig) -> str:
+    """The dataset name an in-memory AnnData takes: the only one the spec uses, else the only
+    one it uses without a [datasets] path, else ``"data"``."""
+    names = config.referenced_datasets()
+    unlisted = [n for n in names if n not in config.datasets]
+    return names[0] if len(names) == 1 else unlisted[0] if len(unlisted) == 1 else "data"

@@ -31,7 +31,13 @@ import pandas as pd
 from statetx._utils import did_you_mean, preview, say
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.errors import ConfigError, DataError
-from statetx.io import MISSING_LABEL, DataFile, resolve_control
+from statetx.io import (
+    MISSING_LABEL,
+    DataFile,
+    default_dataset_name,
+    load_files,
+    resolve_control,
+)
 
 
 @dataclass
@@ -152,8 +158,6 @@ def assign(
         ``is_control``. One AnnData: rows indexed like its obs; otherwise one row per cell of
         each dataset, with ``dataset`` and ``file`` columns.
     """
-    from statetx.data import load_files  # (fit's loader: in-memory data and [datasets] files)
-
     config = SplitConfig.from_toml(config if config is not None else {}).model_copy(deep=True)
     named = {k: options.pop(k) for k in list(options) if k in ColumnMap.model_fields}
     if named:  # (columns given as keywords, as fit_all_baselines takes them)
@@ -203,14 +207,6 @@ def subsample_validation(assignments: Sequence[Assignment], fraction: float) -> 
     if dropped:  # (cells of val only are then in no split)
         say(f"val_subsample_fraction={fraction:g}: {len(parts) - len(dropped)} of {len(parts)} "
             f"validation part(s) kept; left out of validation: {preview(dropped, 10)}")
-
-
-def default_dataset_name(config: SplitConfig) -> str:
-    """The dataset name an in-memory AnnData takes: the only one the spec uses, else the only
-    one it uses without a [datasets] path, else ``"data"``."""
-    names = config.referenced_datasets()
-    unlisted = [n for n in names if n not in config.datasets]
-    return names[0] if len(names) == 1 else unlisted[0] if len(unlisted) == 1 else "data"
 
 
 def membership_frame(a: Assignment, index=None) -> pd.DataFrame:
