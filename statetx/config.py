@@ -162,18 +162,11 @@ class SplitConfig(BaseModel):
         ``on_missing_perturbation``); ``drop_missing_labels`` and ``val_subsample_fraction`` as
         in the estimator.
         """
-        from statetx.io import load_files, resolve_control
-        from statetx.splits import assign_files, subsample_validation, summarize
+        from statetx.splits import summarize_config
 
-        cols = columns if isinstance(columns, ColumnMap) else ColumnMap.build(**(columns or {}))
-        config = self.model_copy(deep=True)  # load_files may fill [training]
-        files = load_files(data, config, cols, dataset_name, drop_missing_labels)
-        control = resolve_control(files, cols.control_pert, cols.pert_col)
-        assignments = assign_files(files, config, control, pert_col=cols.pert_col,
-                                   cell_type_key=cols.cell_type_key, **options)
-        if val_subsample_fraction != 1.0:
-            subsample_validation(assignments, val_subsample_fraction)
-        return summarize(assignments)
+        return summarize_config(self, data, columns, dataset_name=dataset_name,
+                                drop_missing_labels=drop_missing_labels,
+                                val_subsample_fraction=val_subsample_fraction, **options)
 
     def referenced_datasets(self) -> list[str]:
         """Datasets that are loaded: [training] keys and the datasets of held-out keys, sorted."""

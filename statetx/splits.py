@@ -245,6 +245,31 @@ def summarize(assignments: Sequence[Assignment]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+def summarize_config(config: SplitConfig, data: ad.AnnData | Mapping[str, ad.AnnData] | None = None,
+                     columns: ColumnMap | dict | None = None, *, dataset_name: str | None = None,
+                     drop_missing_labels: bool = False, val_subsample_fraction: float = 1.0,
+                     **options) -> pd.DataFrame:
+    """The split summary of ``config`` without training: cells per (dataset, file, cell type,
+    split) with #perturbations, #perturbed cells and #controls (a DataFrame; ``tx split`` prints
+    it).
+
+    ``data``: an AnnData (or a dict name → AnnData) for in-memory datasets, None for the
+    [datasets] files (only their labels are read); ``columns``: a :class:`ColumnMap` or
+    its fields (``pert_col``, ``cell_type_key``, ``control_pert``, ...); ``options`` as
+    :func:`assign_files` (``heldout_controls_in_train``, ``on_missing_perturbation``);
+    ``drop_missing_labels`` and ``val_subsample_fraction`` as in the estimator.
+    """
+    cols = columns if isinstance(columns, ColumnMap) else ColumnMap.build(**(columns or {}))
+    config = config.model_copy(deep=True)  # load_files may fill [training]
+    files = load_files(data, config, cols, dataset_name, drop_missing_labels)
+    control = resolve_control(files, cols.control_pert, cols.pert_col)
+    assignments = assign_files(files, config, control, pert_col=cols.pert_col,
+                               cell_type_key=cols.cell_type_key, **options)
+    if val_subsample_fraction != 1.0:
+        subsample_validation(assignments, val_subsample_fraction)
+    return summarize(assignments)
+
+
 # ---------------------------------------------------------------------- checks
 def _check_heldout_names(files, config, control_pert, pert_col, cell_type_key, on_missing):
     by_ds: dict[str, list[DataFile]] = {}
