@@ -22,6 +22,7 @@ import torch
 from statetx._utils import atomic_write, atomic_write_text
 from statetx.arc import _CONV1D_RE
 from statetx.errors import ConfigError
+from statetx.runconfig import config_of_model, dump_config
 
 if TYPE_CHECKING:  # pragma: no cover
     from statetx.model import StateTransitionModel
@@ -47,8 +48,6 @@ def export_arc(model: StateTransitionModel, out: str | Path, *, overwrite: bool 
         ``out``: ``state tx infer --model-dir OUT`` (arc-state 0.11.1) and
         :meth:`StateTransitionModel.from_arc_state` read it.
     """
-    from statetx.run import config_of_model, dump_config
-
     model._check_fitted()
     c = model.network_config_
     problems = unexportable(model)

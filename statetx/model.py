@@ -84,6 +84,16 @@ from statetx.predict import (
     weights_digest,
 )
 from statetx.presets import describe, network_config_for, resolve_architecture
+from statetx.rundir import (
+    attach_data,
+    finish_run,
+    has_checkpoints,
+    load_model,
+    looks_like_run,
+    set_aside,
+    settle_aside,
+    write_run_files,
+)
 from statetx.sets import (
     CellSetSampler,
     ReadDepthThinning,
@@ -731,8 +741,6 @@ class StateTransitionModel(Estimator):
         self._check_params()
         out = Path(output_dir) if output_dir is not None else None
         if out is not None:
-            from statetx.run import looks_like_run
-
             if out.exists() and not out.is_dir():
                 raise ConfigError(f"output_dir {out} is a file; give a folder.")
             # (rank 0 only under torchrun: it alone writes, and may already be writing there)
@@ -741,8 +749,6 @@ class StateTransitionModel(Estimator):
                 raise ConfigError(f"output_dir {out} holds files that are not a statetx run; "
                                   "choose an empty or new folder (nothing was written).")
             if resume_from is not None:
-                from statetx.run import has_checkpoints
-
                 ckpts = Path(resume_from).resolve().parent
                 if ckpts != (out / "checkpoints").resolve() and has_checkpoints(out):
                     raise ConfigError(
@@ -848,8 +854,6 @@ class StateTransitionModel(Estimator):
         fresh = (out is not None and resume_from is None and rank == 0
                  and getattr(self, "_run_config", None) is None)
         if fresh:
-            from statetx.run import has_checkpoints, set_aside, settle_aside
-
             existed, aside = out.is_dir(), set_aside(out)
         # a job scheduler's SIGTERM unwinds like Ctrl-C, so that the earlier run comes back
         restore_sigterm = sigterm_unwinds() if fresh and aside is not None else None
@@ -899,8 +903,6 @@ class StateTransitionModel(Estimator):
         if out is not None:
             self.run_dir_ = out
             if rank == 0:  # the fit record, for load_run (the CLI adds its own timing)
-                from statetx.run import finish_run
-
                 finish_run(out, self, self.training_time_)
         return self
 
@@ -1746,8 +1748,6 @@ class StateTransitionModel(Estimator):
         run = getattr(self, "run_dir_", None)
         why = ""
         if run is not None and (Path(run) / "split.toml").is_file():
-            from statetx.run import attach_data
-
             say(f"{what}: reading the split data from {run}/split.toml's files")
             try:
                 return attach_data(self)
@@ -2112,8 +2112,6 @@ class StateTransitionModel(Estimator):
     def _write_run_files(self, out: Path, prepared: PreparedData, split_config) -> None:
         """Write the run directory's files (config.yaml, statetx_run.json, split.toml with
         absolute dataset paths, split_summary.csv, vocab.json, var_dims.json, model.json)."""
-        from statetx.run import write_run_files
-
         write_run_files(self, out, prepared, split_config)
 
     @classmethod
@@ -2124,9 +2122,8 @@ class StateTransitionModel(Estimator):
         ``checkpoint``: a file name in ``checkpoints/`` or a path; default ``final.ckpt``, else
         ``last.ckpt`` (printed). Weights-only loading. See :func:`statetx.run.load_run`.
         """
-        from statetx.run import load_run
-
-        return load_run(run_dir, checkpoint, device=device, verbose=verbose)
+        return load_model(StateTransitionModel, run_dir, checkpoint, device=device,
+                          verbose=verbose)
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict:
