@@ -23,16 +23,13 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from statetx._options import ARCH_CHOICES
 from statetx._utils import did_you_mean, unknown_option_message
 from statetx.errors import ConfigError, SplitConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -148,25 +145,6 @@ class SplitConfig(BaseModel):
         """Human-readable location of a key (and a field of its table), for error messages."""
         loc = f"[{section}]" + (f'."{key}"' if key else "") + (f".{field}" if field else "")
         return f"{loc} in {self.source}" if self.source and self.source != "<dict>" else loc
-
-    def summarize(self, data: Any = None, columns: ColumnMap | dict | None = None, *,
-                  dataset_name: str | None = None, drop_missing_labels: bool = False,
-                  val_subsample_fraction: float = 1.0, **options: Any) -> pd.DataFrame:
-        """The split summary without training: cells per (dataset, file, cell type, split) with
-        #perturbations, #perturbed cells and #controls (a DataFrame; ``tx split`` prints it).
-
-        ``data``: an AnnData (or a dict name → AnnData) for in-memory datasets, None for the
-        [datasets] files (only their labels are read); ``columns``: a :class:`ColumnMap` or
-        its fields (``pert_col``, ``cell_type_key``, ``control_pert``, ...); ``options`` as
-        :func:`statetx.splits.assign_files` (``heldout_controls_in_train``,
-        ``on_missing_perturbation``); ``drop_missing_labels`` and ``val_subsample_fraction`` as
-        in the estimator.
-        """
-        from statetx.splits import summarize_config
-
-        return summarize_config(self, data, columns, dataset_name=dataset_name,
-                                drop_missing_labels=drop_missing_labels,
-                                val_subsample_fraction=val_subsample_fraction, **options)
 
     def referenced_datasets(self) -> list[str]:
         """Datasets that are loaded: [training] keys and the datasets of held-out keys, sorted."""

@@ -20,7 +20,14 @@ from statetx.config import ColumnMap, FewshotEntry, SplitConfig
 from statetx.data import load_files, prepare
 from statetx.errors import ConfigError, DataError, SplitConfigError
 from statetx.io import from_anndata, resolve_control
-from statetx.splits import Assignment, assign, assign_files, membership_frame, summarize
+from statetx.splits import (
+    Assignment,
+    assign,
+    assign_files,
+    membership_frame,
+    summarize,
+    summarize_config,
+)
 
 PB_COLS = ColumnMap.build(pert_col="condition", cell_type_key="cell_type", batch_col="batch",
                           control_pert="control")
@@ -385,12 +392,12 @@ def test_in_memory_without_references_trains_everything_and_keeps_config():
 
 
 def test_split_config_summarize_matches_the_training_summary():
-    """SplitConfig.summarize prints without training what fit writes to split_summary.csv."""
+    """summarize_config prints without training what fit writes to split_summary.csv."""
     from statetx.datasets import example_toml
 
     cols = {"pert_col": "target_gene", "cell_type_key": "cell_type", "control_pert": "DMSO"}
     spec = SplitConfig.from_toml(example_toml("zhao2021"))
-    table = spec.summarize(columns=cols)
+    table = summarize_config(spec, columns=cols)
     ref = prepare(None, example_toml("zhao2021"), ColumnMap.build(**cols), allow_counts=True,
                   splits=("train",)).summary
     pd.testing.assert_frame_equal(table, ref)
@@ -419,7 +426,7 @@ def test_val_subsample_fraction_keeps_the_first_parts(capsys):
     val_cts = lambda p: sorted(p.summary.loc[p.summary["split"] == "val", "cell_type"])  # noqa: E731
     assert len(val_cts(full)) == 3
     assert val_cts(half) == val_cts(full)[:2]  # ceil(3 * 0.5) = 2, in sorted order
-    summary = SplitConfig.from_toml(spec).summarize(adata, cols, val_subsample_fraction=0.5)
+    summary = summarize_config(SplitConfig.from_toml(spec), adata, cols, val_subsample_fraction=0.5)
     pd.testing.assert_frame_equal(summary, half.summary)  # tx split shows what fit will use
     assert val_cts(prepare(adata, spec, cols, allow_counts=True,
                            val_subsample_fraction=0.01)) == val_cts(full)[:1]
