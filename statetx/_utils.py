@@ -365,3 +365,9 @@ def sigterm_unwinds() -> Callable[[], None] | None:
 
     previous = signal.signal(signal.SIGTERM, stop)
     return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one existing file (links and relative paths resolved)."""
+    a, b = Path(a), Path(b)
+    return a.exists() and b.exists() and a.resolve() == b.resolve()

@@ -32,7 +32,7 @@ from statetx._options import ARCH_CHOICES
 from statetx._utils import file_sha256, preview
 from statetx.errors import ConfigError, DataError
 from statetx.losses import LOSS_NAMES
-from statetx.nn import NetworkConfig, StateTransitionNetwork
+from statetx.nn import NetworkConfig, StateTransitionNetwork, check_finite_weights
 
 LICENSE_NOTICE = (
     "imported weights keep their original licence (arc-state code: CC BY-NC-SA 4.0; Arc's released "
@@ -241,6 +241,10 @@ def _read_map(path: Path, trust_pickle: bool) -> tuple[list[str], np.ndarray]:
                        dtype=np.float32).reshape(-1) for v in m.values()]
     if len({r.shape for r in rows}) != 1:
         raise DataError(f"{path}: vectors have different lengths.")
+    bad = [lab for lab, r in zip(labels, rows) if not np.isfinite(r).all()]
+    if bad:
+        raise DataError(f"{path}: the vectors of {preview(bad)} hold NaN or Inf; their cells "
+                        "would be predicted as NaN. Repair the map (or the run it came from).")
     return labels, np.stack(rows)
 
 
@@ -999,6 +1003,7 @@ def _load_weights(net: StateTransitionNetwork, sd: dict, drop_decoder: bool) -> 
         if _SKIP_RE.match(k) or (drop_decoder and k.startswith("gene_decoder.")):
             continue
         mapped[k] = (v.t() if _CONV1D_RE.match(k) else v).float().contiguous()
+    check_finite_weights(mapped, "the checkpoint")
     own = net.state_dict()
     missing = [k for k in own if k not in mapped]
     extra = [k for k in mapped if k not in own]

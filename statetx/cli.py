@@ -1020,6 +1020,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
            Path(a.output_dir or src.parent) / f"{src.stem}_simulated.h5ad")
     if out.suffix not in (".h5ad", ".npy"):
         raise UsageError(f"--output {out}: use a .h5ad or .npy file name.")
+    _not_the_input(out, src)
     if out.suffix == ".npy" and a.layout == "arc":
         raise UsageError("--layout arc places predictions inside a copy of the input: write an "
                          ".h5ad (--output x.h5ad), or drop --layout for a .npy.")
@@ -1250,9 +1251,16 @@ def _check_output(output: str, source: str) -> None:
     out = Path(output)
     if out.suffix != ".h5ad":
         raise UsageError(f"--output {out}: the result is an AnnData; use a .h5ad file name.")
-    if out.exists() and Path(source).exists() and out.resolve() == Path(source).resolve():
-        raise UsageError(f"--output {out} is the input file: give another name (the input is "
-                         "kept as it is).")
+    _not_the_input(out, source)
+
+
+def _not_the_input(output: str | Path, *sources: str | Path) -> None:
+    """Refuse an output file that is one of the command's input files."""
+    from statetx._utils import same_file
+
+    if any(same_file(output, s) for s in sources):
+        raise UsageError(f"--output {output} is an input file: give another name (the input "
+                         "is kept as it is).")
 
 
 def cmd_preprocess_train(a: argparse.Namespace) -> int:
@@ -1432,6 +1440,9 @@ def cmd_evaluate_baseline(a: argparse.Namespace) -> int:
     from statetx.metrics import cell_mean_baseline, wilcoxon_de
     from statetx.metrics._inputs import recorded_labels
 
+    _check_output(a.output, a.adata)
+    if a.output_de:
+        _not_the_input(a.output_de, a.adata, a.output)
     adata = _read(a.adata)
     a.pert_col, a.control_pert = recorded_labels(adata, a.pert_col, a.control_pert)
     n_cells = None

@@ -55,7 +55,7 @@ from statetx.distributed import env_local_rank, init_distributed, resolve_device
 from statetx.errors import ConfigError, DataError
 from statetx.io import gene_names, obs_labels, recorded_target_sum
 from statetx.losses import get_loss, split_loss_kwargs
-from statetx.nn import NetworkConfig, StateTransitionNetwork
+from statetx.nn import NetworkConfig, StateTransitionNetwork, check_finite_weights
 from statetx.predict import (
     Group,
     GroupMeans,
@@ -2019,6 +2019,9 @@ class StateTransitionModel(Estimator):
                             "residual (the 'small' preset) with output_space='all' went through "
                             "a bottleneck and skipped the per-perturbation skip; that network is "
                             "no longer built. Retrain the model.")
+        check_finite_weights(state, str(  # (a model folder's weights: its safetensors file)
+            Path(source).with_name("model.safetensors") if source is not None
+            and Path(source).name == "model.json" else source or "the saved model"))
         try:
             net.load_state_dict(state)
         except RuntimeError as exc:
@@ -2153,6 +2156,7 @@ class StateTransitionModel(Estimator):
             self.pert_features = self.vocab_.vectors(self.pert_features.names)
         if weights is not None:
             net = StateTransitionNetwork.for_loading(self.network_config_)
+            check_finite_weights(weights, "the pickled model")
             net.load_state_dict(weights)
             net.eval()
             self.network_ = net

@@ -870,3 +870,14 @@ class StateTransitionNetwork(nn.Module):
     def backbone_parameters(self) -> int:
         """Number of parameters of the transformer backbone."""
         return sum(p.numel() for p in self.transformer_backbone.parameters())
+
+
+def check_finite_weights(state: dict[str, Tensor], source: str) -> None:
+    """DataError naming ``source`` and the tensors that hold NaN or Inf: such weights make every
+    prediction NaN (a diverged training saved, or a damaged file)."""
+    bad = [k for k, v in state.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"{source}: weights hold NaN or Inf values ({shown}); every prediction "
+                        "would be NaN. Load another checkpoint, or retrain.")

@@ -176,6 +176,8 @@ def partial_load(network: Any, source: str | Path, attention: str | None = None
     encoder is rebuilt whole when its input width differs, and the gene decoder when the output
     space differs from the source's; other tensors load where their shapes fit.
     """
+    from statetx.nn import check_finite_weights
+
     state, space = _state_dict_of(Path(source), attention)
     own = network.state_dict()
     fits = {k for k, t in state.items() if k in own and tuple(t.shape) == tuple(own[k].shape)}
@@ -187,6 +189,7 @@ def partial_load(network: Any, source: str | Path, attention: str | None = None
     use = {k: state[k] for k in fits if not k.startswith(tuple(rebuilt))}
     reinit = sorted(set(own) - set(use))
     dropped = sorted(set(state) - set(use))
+    check_finite_weights(use, f"init_from {source}")
     network.load_state_dict(use, strict=False)
     say(f"init_from {source}: loaded {len(use)} tensors"
         + (f"; re-initialised {len(reinit)}: {', '.join(reinit[:12])}"

@@ -25,6 +25,16 @@ def need(path: Path) -> Path:
     return path
 
 
+def writable_copy(src: Path, dst: Path) -> Path:
+    """A copy of a (read-only) fixture folder whose files and folders can be changed."""
+    import shutil
+
+    shutil.copytree(need(src), dst, copy_function=shutil.copyfile)
+    for p in [dst, *dst.rglob("*")]:
+        p.chmod(p.stat().st_mode | 0o200)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def kang_raw():
     import anndata as ad

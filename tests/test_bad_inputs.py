@@ -1122,3 +1122,44 @@ def test_metrics_read_recorded_labels_and_refuse_empty_input():
     assert len(agg) == 1
     with pytest.raises(DataError, match="pred AnnData has no cells"):
         evaluate(pred[:0], real)
+
+
+def test_non_finite_weights_are_refused_where_they_are_loaded(model, tmp_path):
+    """A damaged file (or a diverged run saved) would make every prediction NaN, silently."""
+    from safetensors.torch import load_file, save_file
+
+    model.save(tmp_path / "m")
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name][0] = float("nan")
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(DataError, match=rf"model.safetensors: weights hold NaN or Inf.*{name}"):
+        StateTransitionModel.load(tmp_path / "m")
+    blob = pickle.dumps(model)
+    twin = pickle.loads(blob)
+    with torch.no_grad():
+        next(twin.network_.parameters()).fill_(float("inf"))
+    with pytest.raises(DataError, match="the pickled model: weights hold NaN or Inf"):
+        pickle.loads(pickle.dumps(twin))
+
+
+def test_arc_runs_with_non_finite_weights_or_vectors_are_refused(tmp_path):
+    from conftest import FIXTURES, writable_copy
+
+    src = FIXTURES / "arc_state" / "runs" / "model_a_llama_bidir"
+    run = writable_copy(src, tmp_path / "run")
+    maps = torch.load(run / "pert_onehot_map.pt", weights_only=False)  # (a fixture: trusted)
+    first = next(iter(maps))
+    maps[first] = maps[first].float().clone()
+    maps[first][0] = float("nan")
+    torch.save(maps, run / "pert_onehot_map.pt")
+    with pytest.raises(DataError, match=rf"pert_onehot_map.pt: the vectors of {first} hold NaN"):
+        StateTransitionModel.from_arc_state(run, verbose=False)
+    (run / "pert_onehot_map.pt").write_bytes((src / "pert_onehot_map.pt").read_bytes())
+    ckpt_path = run / "checkpoints" / "final.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    key = next(k for k in ckpt["state_dict"] if k.startswith("pert_encoder."))
+    ckpt["state_dict"][key].view(-1)[0] = float("nan")
+    torch.save(ckpt, ckpt_path)
+    with pytest.raises(DataError, match="the checkpoint: weights hold NaN or Inf"):
+        StateTransitionModel.from_arc_state(run, verbose=False)

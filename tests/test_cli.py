@@ -3,6 +3,7 @@ tutorial's commands, both flag spellings, exit codes, run-directory reload."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -394,6 +395,17 @@ def test_evaluate_commands(run, tmp_path):
                  str(ev / "adata_real.h5ad"), "-o", str(tmp_path / "ev3"), "--profile",
                  "minimal"]) == 0
     assert main(["evaluate", "run", "-ap", "x.h5ad", "-ar", "y.h5ad", "--ceiling-seed", "1"]) == 2
+    # an output that is the input is refused before anything is written (it was overwritten)
+    src = tmp_path / "real_copy.h5ad"
+    shutil.copy(ev / "adata_real.h5ad", src)
+    before = src.read_bytes()
+    assert main(["evaluate", "baseline", "-a", str(src), "-o", str(src)]) == 2
+    genes = tmp_path / "genes.txt"
+    genes.write_text("\n".join(ad.read_h5ad(src, backed="r").var_names))
+    for out in (src, tmp_path / "other.h5ad"):
+        assert main(["evaluate", "prep", "-i", str(src), "-g", str(genes), "-o", str(out),
+                     "--expected-gene-dim", "-1"]) == 2
+    assert src.read_bytes() == before and not (tmp_path / "other.h5ad").exists()
 
 
 def test_evaluate_without_celltype_col_says_cell_types_are_pooled(tmp_path, capsys):
@@ -721,6 +733,12 @@ def test_arc_state_run_infer_import_info(tmp_path, capsys):
                  str(tmp_path / "o.npy")]) == 0
     assert np.load(tmp_path / "o.npy").shape == (100, 128)
     assert "arc-state" in capsys.readouterr().out  # the import's notices
+    copy = tmp_path / "in.h5ad"
+    shutil.copy(inp, copy)
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(copy), "--output",
+                 str(copy)]) == 2
+    assert "is an input file" in capsys.readouterr().err
+    assert copy.read_bytes() == Path(inp).read_bytes()
     assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(inp), "--output",
                  str(tmp_path / "q.npy"), "--quiet"]) == 0
     assert capsys.readouterr().out == ""

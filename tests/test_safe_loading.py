@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, make_synthetic, need
+from conftest import FIXTURES, make_synthetic, need, writable_copy
 from test_model import SMALL
 
 from statetx import StateTransitionModel
@@ -91,11 +90,7 @@ def trained(tmp_path_factory):
     return {"model": model, "run": d / "run", "saved": d / "saved", "adata": adata, "dir": d}
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, copy_function=shutil.copyfile)
-    for p in [dst, *dst.rglob("*")]:
-        p.chmod(p.stat().st_mode | 0o200)
-    return dst
+_copy = writable_copy
 
 
 @pytest.mark.parametrize("name,writer", [

@@ -21,7 +21,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from statetx._utils import atomic_write, atomic_write_text, did_you_mean, file_sha256, preview
+from statetx._utils import (
+    atomic_write,
+    atomic_write_text,
+    did_you_mean,
+    file_sha256,
+    preview,
+    same_file,
+)
 from statetx.errors import ConfigError, DataError
 from statetx.metrics._inputs import check_obs_col, check_scale, load, log1p_total, recorded_labels
 from statetx.metrics.de import group_means
@@ -284,6 +291,12 @@ def prep_vcc(
     if output.is_dir():
         raise ConfigError(f"output {str(output)!r} is a folder; give the .vcc file to write "
                           f"(e.g. {str(output / 'prediction.prep.vcc')!r})")
+    if output.suffix.lower() in (".h5ad", ".h5", ".zst") or (
+            src is not None and same_file(output, src)):
+        raise ConfigError(f"output {str(output)!r} would be overwritten with a .vcc archive"
+                          + (", and it is the input" if src is not None and same_file(output, src)
+                             else "") + "; name the archive, e.g. "
+                          f"{str(output.with_name(output.stem + '.prep.vcc'))!r}")
     compressor, compress = _zstd_compressor()  # fail before reading the data
     adata = load(adata_or_path, "prediction")
     pert_col, control_pert = recorded_labels(adata, pert_col, control_pert)
