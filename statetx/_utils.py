@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -212,6 +213,26 @@ def atomic_write(path: str | os.PathLike, writer: Any, suffix: str = "") -> Path
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_folder(path: str | os.PathLike, writer: Any) -> Path:
+    """Call ``writer(tmp)`` on a new temporary folder next to ``path``, then put it in place of
+    ``path`` (an earlier folder there is removed only then): a failed writer leaves ``path`` as
+    it was and nothing half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = temporary_name(path), temporary_name(path, ".old")
+    try:
+        tmp.mkdir()
+        writer(tmp)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+    finally:
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
     return path
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from statetx._utils import atomic_write, atomic_write_text
+from statetx._utils import atomic_folder
 from statetx.arc import _CONV1D_RE
 from statetx.errors import ConfigError
 from statetx.runconfig import config_of_model, dump_config
@@ -40,7 +40,10 @@ def export_arc(model: StateTransitionModel, out: str | Path, *, overwrite: bool 
         A fitted :class:`~statetx.StateTransitionModel` whose network arc-state can rebuild
         (see the module docstring); others are refused with the reason.
     out
-        The run directory to create; an existing non-empty one is refused unless ``overwrite``.
+        The run directory to create; an existing non-empty one is refused unless ``overwrite``
+        and it is an arc-state run, which is then replaced whole. The files are written to a
+        temporary folder next to ``out`` and put in place when complete: a failure leaves
+        ``out`` as it was.
 
     Returns
     -------
@@ -57,42 +60,51 @@ def export_arc(model: StateTransitionModel, out: str | Path, *, overwrite: bool 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; give the folder to write the run directory to.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"{out} exists and is not empty; choose a new folder or pass "
-                          "overwrite=True (--overwrite).")
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{out} exists and is not empty; choose a new folder or pass "
+                              "overwrite=True (--overwrite).")
+        if not ((out / "config.yaml").is_file() and (out / "checkpoints").is_dir()):
+            raise ConfigError(f"{out} holds files that are not an arc-state run (config.yaml "
+                              "and checkpoints/), and overwrite=True replaces the folder whole; "
+                              "choose a new folder.")
+        if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+            raise ConfigError(f"{out} is (or contains) the current folder; overwrite=True "
+                              "replaces it whole: export to another folder.")
     v = model.vocab_
     hp = hyper_parameters(model)
     ckpt = {"state_dict": arc_state_dict(model.network_, int(model.cell_set_len_)),
             "hyper_parameters": hp, "hparams_name": "kwargs",
             "pytorch-lightning_version": "2.5.0", "epoch": 0, "global_step": hp["max_steps"],
             "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}
-    atomic_write(out / "checkpoints" / "final.ckpt", lambda p: torch.save(ckpt, p))
-    onehot = np.eye(len(v.perturbations), dtype=np.float32)
-    vectors = v.pert_features if v.pert_features is not None else onehot
-    atomic_write(out / "pert_onehot_map.pt", lambda p: torch.save(
-        {str(k): torch.from_numpy(np.array(vectors[i], dtype=np.float32))
-         for i, k in enumerate(v.perturbations)}, p))
+    vectors = (v.pert_features if v.pert_features is not None
+               else np.eye(len(v.perturbations), dtype=np.float32))
+    maps = {"pert_onehot_map.pt": {str(k): torch.from_numpy(np.array(vectors[i], np.float32))
+                                   for i, k in enumerate(v.perturbations)}}
     for stem, labels in (("cell_type_onehot_map", v.cell_types), ("batch_onehot_map", v.batches)):
         eye = torch.eye(max(1, len(labels)))
-        atomic_write(out / f"{stem}.torch",
-                     lambda p, lab=labels, e=eye: torch.save(
-                         {str(k): e[i].clone() for i, k in enumerate(lab)}, p))
-    genes = hp["gene_names"]
+        maps[f"{stem}.torch"] = {str(k): eye[i].clone() for i, k in enumerate(labels)}
     var_dims = {"input_dim": c.input_dim, "output_dim": c.output_dim,
                 "gene_dim": hp["gene_dim"], "hvg_dim": hp["hvg_dim"], "pert_dim": c.pert_dim,
-                "batch_dim": len(v.batches), "gene_names": genes,
+                "batch_dim": len(v.batches), "gene_names": hp["gene_names"],
                 "pert_names": [str(p) for p in v.perturbations],
                 # (not arc-state's: the input features' names, for statetx to read them back)
                 "statetx_input_names": [str(g) for g in model.var_names_]}
-    atomic_write(out / "var_dims.pkl", lambda p: Path(p).write_bytes(pickle.dumps(var_dims)))
     cfg = config_of_model(model, out)
     kwargs = cfg.setdefault("model", {}).setdefault("kwargs", {})
     kwargs.update({k: hp[k] for k in list(kwargs) if k in hp})  # (the importer cross-checks)
     kwargs["transformer_backbone_key"] = hp["transformer_backbone_key"]
     kwargs["transformer_backbone_kwargs"] = hp["transformer_backbone_kwargs"]
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
-    return out
+
+    def write(tmp: Path) -> None:  # (a temporary folder, put in place of ``out`` when complete)
+        (tmp / "checkpoints").mkdir()
+        torch.save(ckpt, tmp / "checkpoints" / "final.ckpt")
+        for name, table in maps.items():
+            torch.save(table, tmp / name)
+        (tmp / "var_dims.pkl").write_bytes(pickle.dumps(var_dims))
+        (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+
+    return atomic_folder(out, write)
 
 
 def unexportable(model: StateTransitionModel) -> list[str]:

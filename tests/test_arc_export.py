@@ -81,6 +81,36 @@ def test_a_trained_model_and_a_run_on_the_command_line(tmp_path, capsys):
     np.testing.assert_array_equal(cli.predict(adata, seed=1).X, model.predict(adata, seed=1).X)
     assert main(["export-arc", str(tmp_path / "run"), "--out", str(tmp_path / "cli")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+    # --overwrite replaces an earlier export whole (no file of it is kept) ...
+    (tmp_path / "cli" / "version_0").mkdir()
+    assert main(["export-arc", str(tmp_path / "run"), "--out", str(tmp_path / "cli"),
+                 "--overwrite"]) == 0
+    assert not (tmp_path / "cli" / "version_0").exists()
+    # ... and only an arc-state run: a folder of other files is not replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["export-arc", str(tmp_path / "run"), "--out", str(tmp_path / "mine"),
+                 "--overwrite"]) == 2
+    assert "not an arc-state run" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_a_failed_export_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import statetx.arc_export as ae
+
+    model = small_model(max_steps=2).fit(make_synthetic(), SPEC)
+    model.to_arc_state(tmp_path / "arc")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ae, "dump_config", full)  # the last file written
+    for out in (tmp_path / "new", tmp_path / "arc"):
+        with pytest.raises(OSError, match="No space"):
+            ae.export_arc(model, out, overwrite=True)
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in tmp_path.iterdir()) == ["arc"]
 
 
 def test_networks_arc_state_cannot_rebuild_are_refused(tmp_path):
