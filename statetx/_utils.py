@@ -216,6 +216,17 @@ def atomic_write(path: str | os.PathLike, writer: Any, suffix: str = "") -> Path
     return path
 
 
+def check_folder(path: Path, what: str) -> None:
+    """ConfigError unless ``path`` is a folder or can be created as one (checked before the
+    work whose results go there, not after it)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is a file; give a folder to write to.")
+    up = next((p for p in path.parents if p.exists()), None)
+    if up is not None and not up.is_dir():
+        raise ConfigError(f"{what} {str(path)!r} is below the file {str(up)!r}; give a folder "
+                          "to write to.")
+
+
 def atomic_folder(path: str | os.PathLike, writer: Any) -> Path:
     """Call ``writer(tmp)`` on a new temporary folder next to ``path``, then put it in place of
     ``path`` (an earlier folder there is removed only then): a failed writer leaves ``path`` as

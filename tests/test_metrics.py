@@ -139,8 +139,8 @@ def test_outdir_files_and_celltypes(tmp_path, real, pred):
     assert list(res.columns[:2]) == ["celltype", "perturbation"]
     assert set(res["celltype"]) == {"a/b", "c"}
     names = sorted(f.name for f in tmp_path.iterdir())
-    assert names == sorted(f"{c}_{f}.csv" for c in ("a-b", "c")
-                           for f in ("results", "agg_results", "real_de", "pred_de"))
+    assert names == sorted([".statetx_evaluate", *(f"{c}_{f}.csv" for c in ("a-b", "c")
+                           for f in ("results", "agg_results", "real_de", "pred_de"))])
     back = pd.read_csv(tmp_path / "c_results.csv")
     assert list(back.columns) == MINIMAL_COLS
     de = pd.read_csv(tmp_path / "c_real_de.csv")
@@ -476,3 +476,35 @@ def test_ranks_match_scipy_with_ties_and_nan():
     y, s = rng.random(500) < 0.3, rng.integers(0, 6, 500)
     fpr_tpr = st.mannwhitneyu(s[y], s[~y]).statistic / (y.sum() * (~y).sum())
     assert roc_auc(y, s) == pytest.approx(fpr_tpr, rel=1e-12)
+
+
+def test_an_outdir_holds_one_evaluation_and_bad_options_fail_first(tmp_path, real, pred):
+    r, p = real[0].copy(), pred.copy()
+    for a in (r, p):
+        a.obs["ct"] = np.where(np.arange(a.n_obs) % 2, "a", "b")
+    evaluate(p, r, celltype_col="ct", profile="minimal", outdir=tmp_path, de_mode="vcc-2025",
+             num_threads=1)
+    (tmp_path / "notes.txt").write_text("mine")
+    evaluate(p, r, profile="minimal", outdir=tmp_path, num_threads=1)
+    # the per-cell-type tables and de_mode.txt of the first evaluation are gone; not notes.txt
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        ".statetx_evaluate", "agg_results.csv", "notes.txt", "pred_de.csv", "real_de.csv",
+        "results.csv"]
+    # cell types whose file names coincide ('/' becomes '-') are refused before any work
+    for a in (r, p):
+        a.obs["ct"] = np.where(np.arange(a.n_obs) % 2, "a/b", "a-b")
+    with pytest.raises(DataError, match=r"cell types .*a-b.*a/b.*same files"):
+        evaluate(p, r, celltype_col="ct", profile="minimal", outdir=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    for bad in (float("nan"), -1.0, float("inf"), "0"):
+        with pytest.raises(ConfigError, match="epsilon="):
+            evaluate(p, r, profile="minimal", epsilon=bad)
+    with pytest.raises(ConfigError, match="num_threads="):
+        evaluate(p, r, profile="minimal", num_threads=-2)
+    for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "sub"):
+        with pytest.raises(ConfigError, match="notes.txt"):
+            evaluate(p, r, profile="minimal", outdir=out)
+    (tmp_path / "bad.h5ad").write_text("not hdf5")
+    with pytest.raises(DataError, match="pred file .*bad.h5ad.* could not be read"):
+        evaluate(tmp_path / "bad.h5ad", r, profile="minimal")
+

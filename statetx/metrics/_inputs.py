@@ -39,7 +39,11 @@ def load(obj: ad.AnnData | str | Path, which: str) -> ad.AnnData:
         path = Path(obj)
         if not path.exists():
             raise DataError(f"{which} file {str(path)!r} does not exist; pass an existing h5ad")
-        obj = ad.read_h5ad(path)
+        try:
+            obj = ad.read_h5ad(path)
+        except Exception as exc:  # (h5py, anndata and OS errors: the file is not readable)
+            raise DataError(f"{which} file {str(path)!r} could not be read as an AnnData "
+                            f"(.h5ad): {exc}") from None
     elif not isinstance(obj, ad.AnnData):
         raise DataError(f"{which} must be an AnnData or a path to an .h5ad file, got {type(obj)!r}")
     elif obj.isbacked:  # a backed (on-disk) X is read once, whole

@@ -6,15 +6,18 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
 from statetx._utils import (
+    as_count,
     atomic_write_text,
     available_cpus,
     cell_type_option,
+    check_folder,
     did_you_mean,
     preview,
     say,
@@ -337,14 +340,16 @@ def evaluate(
         ``statetx.metrics.PROFILES``. ``skip_metrics`` leaves some out.
     outdir
         Write cell-eval's files there: ``results.csv``, ``agg_results.csv``, ``real_de.csv``,
-        ``pred_de.csv`` (prefixed ``<celltype>_`` with ``celltype_col``).
+        ``pred_de.csv`` (prefixed ``<celltype>_`` with ``celltype_col``). An earlier
+        evaluation's files there that this one does not write again are removed (they are
+        listed in ``.statetx_evaluate``); other files are left alone.
     embed_key
         An obsm key whose embedding the discrimination scores (l2, cosine) use.
     de_pred, de_real
         DE tables (cell-eval's layout, DataFrame or CSV) to use instead of computing them; they
         must cover the evaluated perturbations.
     num_threads
-        DE threads (default: every CPU available to the process).
+        DE threads (default, and ``-1``: every CPU available to the process).
     allow_discrete
         Use integer (count) values, and values ≥ 15, as they are (by default integer X is
         normalised and log1p-transformed, with a warning).
@@ -378,8 +383,15 @@ def evaluate(
     if de_mode not in DE_MODES:
         raise ConfigError(f"de_mode {de_mode!r} is not supported; use one of {list(DE_MODES)}")
     metrics = _metric_list(profile, skip_metrics)
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.number)) \
+            or not np.isfinite(epsilon) or epsilon < 0:
+        raise ConfigError(f"epsilon={epsilon!r} is invalid; expected a finite number >= 0 (the "
+                          "pseudocount of the DE fold changes; cell-eval's default is 0).")
     if num_threads is None:
         num_threads = available_cpus()
+    as_count("num_threads", num_threads, -1)
+    if outdir is not None:
+        check_folder(Path(outdir), "outdir")
     p, r = load(adata_pred, "pred"), load(adata_real, "real")
     # (labels are compared as text: an integer control label is its str)
     pert_col, control_pert = recorded_labels(p, pert_col, control_pert)
@@ -436,6 +448,8 @@ def evaluate(
     if celltype_col is None:
         outputs.append((None, _evaluate_one(p, r, **kw)))
     else:
+        if outdir is not None:
+            _check_prefixes(sorted(set(rct)), celltype_col)
         pct = p.obs[celltype_col].astype(str).to_numpy()
         for ct in sorted(set(rct)):
             sub_p, sub_r = p[pct == ct], r[rct == ct]
@@ -446,9 +460,7 @@ def evaluate(
                 raise DataError(f"cell type {ct!r}: {err}") from None
             outputs.append((ct, _evaluate_one(sub_p, sub_r, **kw)))
     if outdir is not None:
-        _write(Path(outdir), outputs)
-        if de_mode != "pdex-0.3":  # numbers of another era: say so next to them
-            atomic_write_text(Path(outdir) / "de_mode.txt", f"{de_mode}\n")
+        _write(Path(outdir), outputs, de_mode)
     res_parts, agg_parts = [], []
     for ct, out in outputs:
         res = out.table.to_frame()
@@ -469,19 +481,55 @@ def evaluate(
     return results, agg
 
 
-def _write(outdir: Path, outputs: list[tuple[str | None, EvalOutput]]) -> None:
-    """Write every file of every cell type; each file is replaced atomically."""
+#: the files an evaluation wrote to its folder, one name per line: a later evaluation into the
+#: same folder removes those it does not write again (a table of other cell types, other DE
+#: settings), so that the folder holds one evaluation's results only
+MANIFEST = ".statetx_evaluate"
+
+
+def _check_prefixes(cell_types: list[str], celltype_col: str) -> None:
+    """Cell types whose file prefixes coincide would overwrite each other's files."""
+    by_prefix: dict[str, list[str]] = {}
+    for ct in cell_types:
+        by_prefix.setdefault(file_prefix(ct), []).append(ct)
+    clash = [names for names in by_prefix.values() if len(names) > 1]
+    if clash:
+        raise DataError(f"cell types {preview(clash[0])} of obs['{celltype_col}'] would write "
+                        f"the same files ({file_prefix(clash[0][0])}results.csv, ...): '/' "
+                        "becomes '-' in file names. Rename one of them, or leave outdir out.")
+
+
+def _write(outdir: Path, outputs: list[tuple[str | None, EvalOutput]], de_mode: str) -> None:
+    """Write every file of every cell type (each replaced atomically), then remove the files of
+    an earlier evaluation into ``outdir`` that this one did not write (see :data:`MANIFEST`)."""
     outdir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def put(name: str, writer: Any, *args: Any) -> None:  # writer(*args, path)
+        writer(*args, outdir / name)
+        written.append(name)
+
+    def text(content: str, path: Path) -> None:
+        atomic_write_text(path, content)
+
     for ct, out in outputs:
         pre = file_prefix(ct)
-        out.table.write(outdir / f"{pre}results.csv")
+        put(f"{pre}results.csv", out.table.write)
         agg, nulls = out.table.describe()
-        write_agg(agg, nulls, outdir / f"{pre}agg_results.csv")
+        put(f"{pre}agg_results.csv", write_agg, agg, nulls)
         if out.real_de is not None:
-            write_de_csv(out.real_de, outdir / f"{pre}real_de.csv")
+            put(f"{pre}real_de.csv", write_de_csv, out.real_de)
         if out.pred_de is not None:
-            write_de_csv(out.pred_de, outdir / f"{pre}pred_de.csv")
+            put(f"{pre}pred_de.csv", write_de_csv, out.pred_de)
         if out.skipped:
-            atomic_write_text(outdir / f"{pre}skipped_metrics.txt",
-                              "".join(f"{m}\t{why}\n" for m, why in out.skipped.items()))
+            put(f"{pre}skipped_metrics.txt", text,
+                "".join(f"{m}\t{why}\n" for m, why in out.skipped.items()))
+    if de_mode != "pdex-0.3":  # numbers of another era: say so next to them
+        put("de_mode.txt", text, f"{de_mode}\n")
+    manifest = outdir / MANIFEST
+    earlier = manifest.read_text().split("\n") if manifest.is_file() else []
+    for name in set(earlier) - set(written):
+        if name and "/" not in name and name not in (".", ".."):
+            (outdir / name).unlink(missing_ok=True)
+    atomic_write_text(manifest, "".join(f"{n}\n" for n in written))
 
