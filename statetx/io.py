@@ -560,6 +560,11 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
         memory[dataset_name or default_dataset_name(config)] = data
     elif isinstance(data, Mapping):
         memory = dict(data)
+    elif isinstance(data, (str, Path)):
+        raise ConfigError(f"data={str(data)!r}: a path is not data. A split file that names "
+                          "its data files ([datasets]) goes second: fit(None, "
+                          f"{str(data)!r}); an .h5ad file is read with anndata.read_h5ad "
+                          "(or backed='r' for a file larger than memory).")
     elif data is not None:
         raise ConfigError(f"data must be an AnnData, a dict of AnnData or None, got "
                           f"{type(data).__name__}.")

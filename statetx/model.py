@@ -1241,6 +1241,11 @@ class StateTransitionModel(Estimator):
             if adata.isbacked:
                 raise ConfigError("inplace=True cannot write into a backed AnnData; load it "
                                   "with adata.to_memory() first, or leave inplace out.")
+            if adata.is_view:
+                warnings.warn("inplace=True on a view (adata[...]): the view becomes a copy "
+                              "holding the predictions, and the AnnData it was taken from is "
+                              "not changed (as anndata does on writes to views).", UserWarning,
+                              stacklevel=2)
             layout = "arc"
         check_matmul_precision(matmul_precision)
         as_count("sets_per_pass", sets_per_pass)

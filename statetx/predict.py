@@ -548,7 +548,7 @@ def input_labels(adata: ad.AnnData, pert_col: str, ct_col: str | None, control: 
             f"the input has no obs column '{ct_col}' (the context in which each cell is "
             f"paired with control cells; its columns: {preview(adata.obs.columns, 12)})."
             f"{did_you_mean(ct_col, map(str, adata.obs.columns))}"
-            " Pass cell_type_col=<column>; to treat all cells as one context (controls of any"
+            " Pass cell_type_key=<column>; to treat all cells as one context (controls of any"
             " cell type as basal cells), pass basal_pool='all'."
         )
     is_ctrl = pert == control

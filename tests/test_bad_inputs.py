@@ -1163,3 +1163,13 @@ def test_arc_runs_with_non_finite_weights_or_vectors_are_refused(tmp_path):
     torch.save(ckpt, ckpt_path)
     with pytest.raises(DataError, match="the checkpoint: weights hold NaN or Inf"):
         StateTransitionModel.from_arc_state(run, verbose=False)
+
+
+def test_a_path_given_as_data_says_where_it_goes(tmp_path):
+    toml = tmp_path / "split.toml"
+    toml.write_text('[datasets]\nd = "x.h5ad"\n[training]\nd = "train"\n')
+    m = StateTransitionModel("tiny", pert_col="gene", control_pert="ctrl", progress=False)
+    with pytest.raises(ConfigError, match=r"a path is not data.*fit\(None, '.*split.toml'\)"):
+        m.fit(toml)
+    with pytest.raises(ConfigError, match="anndata.read_h5ad"):
+        m.fit(str(tmp_path / "cells.h5ad"), toml)

@@ -1769,3 +1769,8 @@ def test_predict_inplace_writes_the_arc_layout_into_the_input(fitted):
     assert target.uns["statetx"]["model_id"] == copy.uns["statetx"]["model_id"]
     with pytest.raises(ConfigError, match="inplace=True writes one prediction per input cell"):
         model.predict(adata.copy(), inplace=True, all_perts=True)
+    parent = adata.copy()
+    view = parent[parent.obs["cell_type"] == parent.obs["cell_type"].iloc[0]]
+    with pytest.warns(UserWarning, match="the AnnData it was taken from is not changed"):
+        model.predict(view, inplace=True, seed=2)
+    np.testing.assert_array_equal(np.asarray(parent.X), np.asarray(adata.X))
