@@ -611,10 +611,11 @@ def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input",
     top = float(s.max(initial=0))
     integers = bool(np.all(np.abs(s - np.round(s)) < 1e-6))
     if trained_log1p and integers and top > 0:
-        how = ("normalize_total + log1p with the training data's target_sum, e.g. scanpy's "
-               "normalize_total(adata, target_sum=1e4) if the training data were normalised to "
-               "1e4; the model did not record it, and predict then checks the depth against "
-               "the training data's" if not target_sum
+        how = ("normalize_total + log1p as the training data were: scanpy's "
+               "normalize_total(adata, target_sum=T) + log1p with the training data's T (the "
+               "model did not record it; without target_sum scanpy uses each dataset's own "
+               "median total, which differs between datasets). predict then compares the "
+               "depth with the training data's" if not target_sum
                else f"statetx.pp.preprocess_train(adata, target_sum={target_sum:g}), tx "
                f"preprocess_train --target-sum {target_sum:g}, or scanpy normalize_total("
                f"target_sum={target_sum:g}) + log1p: the training data's total")
