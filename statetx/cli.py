@@ -42,6 +42,10 @@ class UsageError(StatetxError):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # a shortened flag is an error, not a guess (--num_hvg is not --num-hvgs)
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message: str) -> None:  # one line + usage, exit 2
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -94,7 +98,7 @@ def _sub(sp: Any, name: str, help: str, aliases: Sequence[str] = (), **kw: Any) 
 # Python argument names whose command-line flag is spelled differently (its argparse dest)
 _PYTHON_TO_FLAG = {"sets_per_pass": "batch_size", "set_len": "max_set_len",
                    "n_cells_per_pert": "virtual_cells_per_pert", "steps": "test_time_finetune",
-                   "cell_type_col": "celltype_col"}
+                   "cell_type_col": "celltype_col", "cell_type_key": "celltype_col"}
 
 
 def _cli_names(message: str, ns: argparse.Namespace) -> str:
@@ -708,7 +712,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     if cfg["dry_run"]:
         return _dry_run(plan)
     main_rank = _main_rank()  # torchrun: the other ranks only read the run folder
-    created = not plan.run_dir.exists()
+    # the folders this command creates (the run's, and output_dir's that were not there)
+    created = [d for d in (plan.run_dir, *plan.run_dir.parents) if not d.exists()]
     # the run's record as it was: put back if this attempt fails its checks (e.g. on resume)
     saved = {n: (plan.run_dir / n).read_bytes() for n in (R.CONFIG_FILE, R.RUN_INFO_FILE)
              if (plan.run_dir / n).is_file()}
@@ -749,6 +754,9 @@ def cmd_train(a: argparse.Namespace) -> int:
                 import shutil
 
                 shutil.rmtree(plan.run_dir, ignore_errors=True)
+                for folder in created[1:]:  # (empty: made for this run only)
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
             elif plan.replaced is None:
                 for name, data in saved.items():
                     _atomic(plan.run_dir / name, lambda p, d=data: Path(p).write_bytes(d))
@@ -1561,6 +1569,9 @@ def cmd_info(a: argparse.Namespace) -> int:
         raise UsageError(f"{path}: not found.")
     if path.is_dir() and path.name == "checkpoints" and not is_arc_run(path.parent):
         path = path.parent  # a run's checkpoints folder: describe the run
+    if path.is_file() and path.suffix.lower() not in (".ckpt", ".pt", ".pth"):
+        raise UsageError(f"{path} is not a run, model or checkpoint: info describes a run "
+                         "folder, a model folder (model.json) or a checkpoint file (.ckpt).")
     attention = None
     if is_arc_run(path):
         from statetx.arc import AmbiguousAttentionError

@@ -128,7 +128,7 @@ class DataFile:
         missing = [c for c in columns if c not in obs.columns]
         if missing:
             raise DataError(f"additional_obs: obs column(s) {', '.join(map(repr, missing))} not "
-                            f"found in {self.label} (available: {preview(obs.columns, 12)})."
+                            f"found in {self.label} (available: {preview(obs.columns, 50)})."
                             f"{did_you_mean(missing[0], obs.columns)}")
         return obs[list(columns)].reset_index(drop=True)
 
@@ -373,7 +373,7 @@ def obs_labels(obs: pd.DataFrame, col: str, where: str, option: str,
     """
     if col not in obs.columns:
         raise DataError(
-            f"obs column '{col}' not found in {where} (available: {preview(obs.columns, 12)})."
+            f"obs column '{col}' not found in {where} (available: {preview(obs.columns, 50)})."
             f"{did_you_mean(col, obs.columns)} Set {option}=<column> (one name for every "
             "dataset: where files name it differently, rename the column in the odd one out)."
         )
@@ -503,7 +503,7 @@ def gene_names(adata: ad.AnnData, gene_name_col: str | None = None,
     var = adata.var
     if gene_name_col not in var.columns:
         raise DataError(f"var column '{gene_name_col}' (gene_name_col) not found in {where} "
-                        f"(available: {preview(var.columns, 12) or 'none'})."
+                        f"(available: {preview(var.columns, 50) or 'none'})."
                         f"{did_you_mean(gene_name_col, var.columns)} Genes are matched by this "
                         f"column; when var_names already hold these names, add it: "
                         f"adata.var['{gene_name_col}'] = adata.var_names.")

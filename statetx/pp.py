@@ -9,6 +9,7 @@ a new AnnData.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -244,6 +245,10 @@ def preprocess_train(
         raise ConfigError(
             f"flavor={flavor!r} is invalid; expected one of {', '.join(_HVG_FLAVORS)}."
         )
+    if flavor == "seurat_v3" and importlib.util.find_spec("skmisc") is None:
+        raise ConfigError("flavor='seurat_v3' needs the scikit-misc package (scanpy's LOESS "
+                          "fit): pip install scikit-misc, or use flavor='seurat' (default) or "
+                          "'cell_ranger'.")
     if not adata.var_names.is_unique:  # training would refuse the result
         dup = adata.var_names[adata.var_names.duplicated()].unique()
         raise DataError(f"the input has duplicate gene names (var_names): {preview(dup)}; "

@@ -546,7 +546,7 @@ def input_labels(adata: ad.AnnData, pert_col: str, ct_col: str | None, control: 
     else:
         raise DataError(
             f"the input has no obs column '{ct_col}' (the context in which each cell is "
-            f"paired with control cells; its columns: {preview(adata.obs.columns, 12)})."
+            f"paired with control cells; its columns: {preview(adata.obs.columns, 50)})."
             f"{did_you_mean(ct_col, map(str, adata.obs.columns))}"
             " Pass cell_type_key=<column>; to treat all cells as one context (controls of any"
             " cell type as basal cells), pass basal_pool='all'."

@@ -606,6 +606,8 @@ def resolve(tokens: Iterable[str], config_file: str | Path | None = None,
         if canon in seen and seen[canon][0] != key and seen[canon][1] != value:
             raise ConfigError(f"{key}={raw} contradicts {seen[canon][0]}={seen[canon][1]!r} "
                               f"(both set {canon}); give one.")
+        if canon in seen and seen[canon][1] != value:  # (later wins, as OmegaConf's dotlist)
+            res.notices.append(f"{key} is given twice: {raw} replaces {seen[canon][1]!r}.")
         seen[canon] = (key, value)
         res.values[canon] = value
         res.given.add(canon)

@@ -327,8 +327,8 @@ def test_infer_reads_genes_from_x_or_a_var_column_when_told(run, data, tmp_path)
                              ("plain", data / "data.h5ad", []),
                              ("ens", "ens.h5ad", ["--gene-name-col", "symbol"])):
         assert main([*base, "--adata", str(tmp_path / inp), "--output",
-                     str(tmp_path / f"{name}.h5ad"), *extra]) == 0
-        out[name] = np.asarray(ad.read_h5ad(tmp_path / f"{name}.h5ad").X)
+                     str(tmp_path / f"{name}_pred.h5ad"), *extra]) == 0
+        out[name] = np.asarray(ad.read_h5ad(tmp_path / f"{name}_pred.h5ad").X)
     assert not np.allclose(out["hvg"], out["plain"])  # obsm['X_hvg'] is the default input
     np.testing.assert_array_equal(out["x"], out["plain"])
     np.testing.assert_array_equal(out["ens"], out["plain"])
@@ -440,6 +440,11 @@ def test_exit_codes_and_messages(run, data, tmp_path, capsys):
     assert main(["tx", "infer", "--model-dir", str(run), "--adata", "nope.h5ad"]) == 2
     assert main(["tx", "train", "training.lr=abc"]) == 2
     assert main([]) == 2
+    # a run that fails on its data leaves no folder behind, output_dir's new parents included
+    deep = tmp_path / "new" / "deeper"
+    args = [t.replace('pert_col="gene"', "pert_col=nope") for t in train_args(data, deep, "r")]
+    assert main(args) == 2 and "'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
     # a runtime failure (corrupt checkpoint) -> 1, one line; --debug adds the traceback
     (run / "checkpoints" / "corrupt.ckpt").write_bytes(b"not a checkpoint")
     args = ["tx", "infer", "--model-dir", str(run), "--checkpoint", "corrupt.ckpt",
@@ -702,7 +707,7 @@ def test_preprocess_and_knockdown_filter(tmp_path, capsys):
     assert "normali" in capsys.readouterr().err
     before = pp.read_bytes()
     for inp, out, says in ((raw, tmp_path / "x.txt", "use a .h5ad file name"),
-                           (pp, pp, "is the input file")):
+                           (pp, pp, "is an input file")):
         assert main(["tx", "preprocess_train", "--adata", str(inp), "--output", str(out),
                      "--num-hvgs", "8"]) == 2
         assert says in capsys.readouterr().err
@@ -721,6 +726,9 @@ def test_info(run, capsys):
     o = capsys.readouterr().out
     assert "state_sm" in o and "attention bidirectional" in o and "checkpoints:" in o
     assert main(["info", str(run / "checkpoints" / "final.ckpt")]) == 0
+    capsys.readouterr()
+    assert main(["info", str(run / "split.toml")]) == 2
+    assert "is not a run, model or checkpoint" in capsys.readouterr().err
 
 
 def test_arc_state_run_infer_import_info(tmp_path, capsys):

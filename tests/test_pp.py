@@ -234,6 +234,11 @@ def test_preprocess_train_options():
         pp.preprocess_train(a, n_top_genes=0)
     with pytest.raises(ConfigError, match="flavor"):
         pp.preprocess_train(a, n_top_genes=5, flavor="seurat_v2")
+    import importlib.util
+
+    if importlib.util.find_spec("skmisc") is None:  # said up front, not scanpy's ImportError
+        with pytest.raises(ConfigError, match="pip install scikit-misc"):
+            pp.preprocess_train(a.copy(), n_top_genes=5, flavor="seurat_v3")
     b = pp.preprocess_train(a, n_top_genes=5, target_sum=100, counts_layer="counts", copy=True)
     np.testing.assert_array_equal(b.layers["counts"], a.X)
     np.testing.assert_allclose(np.expm1(b.X).sum(1), 100, rtol=1e-5)

@@ -152,6 +152,11 @@ def test_aliases_and_contradictions():
     with pytest.raises(ConfigError, match="contradicts"):
         R.resolve(["model.kwargs.hidden_dim=32",
                    "model.kwargs.transformer_backbone_kwargs.hidden_size=64"])
+    # one key given twice: the later value, said (it won silently)
+    twice = R.resolve(["data.kwargs.pert_col=target_gene", "data.kwargs.pert_col=gene"])
+    assert twice.values["data.kwargs.pert_col"] == "gene"
+    assert "data.kwargs.pert_col is given twice: gene replaces 'target_gene'." in twice.notices
+    assert not R.resolve(["training.lr=0.01", "training.lr=1e-2"]).notices
 
 
 def test_schema_matches_presets():
