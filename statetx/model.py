@@ -522,8 +522,12 @@ class StateTransitionModel(Estimator):
                 "model_kwargs={'gene_decoder_bool': True} (or a preset with a decoder, e.g. "
                 "'state'); for embeddings only, output_space='embedding'.", UserWarning,
                 stacklevel=4)
+        # (keys given at the preset's own values, e.g. by a run's config.yaml, change nothing)
+        own = resolve_architecture(preset)
+        given = self.model_kwargs or {}
         idle = [k for k in ("gene_decoder_bool", "decoder_hidden_dims", "decoder_dropout")
-                if k in (self.model_kwargs or {})]
+                if k in given and json.dumps(given[k], default=str)
+                != json.dumps(own.get(k), default=str)]  # (lists and tuples alike)
         if idle and not prepared.gene_dim:
             warnings.warn(
                 f"model_kwargs {', '.join(idle)} have no effect here: a gene decoder is built only "

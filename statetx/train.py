@@ -993,7 +993,9 @@ class Trainer:
                     + "; ".join(data) + "). Resume with the data and split spec the run started "
                     "with, or start afresh (fit(..., force_resume=True), or tx train "
                     "resume=force, continues anyway).")
-            changed = changed_params(theirs, mine)
+            # (the network is the same: model_kwargs spelled out, e.g. by a run's config.yaml
+            # given again, change nothing)
+            changed = [c for c in changed_params(theirs, mine) if not c.startswith("model_kwargs:")]
             if changed and _is_main():
                 warnings.warn(f"resuming {path} with changed settings: {'; '.join(changed)}. "
                               "The steps so far were trained with the earlier ones (the run's "

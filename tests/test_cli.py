@@ -466,6 +466,19 @@ def test_python_m_statetx_exit_status():
 
 
 # ------------------------------------------------------------------------------ run dirs
+def test_a_runs_own_config_resumes_it_as_it_is(data, tmp_path, capsys):
+    """--config with the run's config.yaml (every model.kwargs value spelled out) is the same
+    run: no 'changed settings', no decoder keys 'without effect'."""
+    out = tmp_path / "out"
+    assert main(train_args(data, out, "r", "training.max_steps=2")) == 0
+    capsys.readouterr()
+    assert main(["tx", "train", "--config", str(out / "r" / "config.yaml"),
+                 "training.max_steps=3"]) == 0
+    said = capsys.readouterr()
+    assert "at step 3" in said.out
+    assert "changed settings" not in said.err and "no effect" not in said.err
+
+
 def test_resume_overwrite_and_config_check(data, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(train_args(data, out, "r", "training.max_steps=2")) == 0
