@@ -21,7 +21,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -921,50 +921,76 @@ def cmd_predict(a: argparse.Namespace) -> int:
                         + (" after --shared-only" if a.shared_only else "")
                         + "; nothing was written (pass --predict-only to write the predictions "
                         "anyway).")
-    out.mkdir(parents=True, exist_ok=True)
-    stale = sorted({f for pattern in EVAL_OUTPUTS for f in out.glob(pattern)})
-    for f in stale:  # an earlier tx predict's files: not mixed with this one's
-        f.unlink(missing_ok=True)
-    if stale:
-        _say(f"removed {len(stale)} files of an earlier evaluation in {out}")
     cells = int(pred.obs["n_cells"].sum()) if a.pseudobulk else pred.n_obs
     n_perts = len(set(pred.obs[c.pert_col].astype(str)) - {c.control_pert})
     _say(f"{split} split: {cells} cells, {_plural(n_perts, 'perturbation')} and the control"
          + (f" ({pred.n_obs} pseudobulks)" if a.pseudobulk else "") + f"; writing to {out}")
-    if not a.skip_adatas:
-        _write_h5ad(pred, out / "adata_pred.h5ad")
-        _write_h5ad(real, out / "adata_real.h5ad")
-    if a.predict_only:
-        return EXIT_OK
     from statetx.metrics import evaluate
 
-    if a.pseudobulk:
-        _say("--pseudobulk: metrics that need the cells (DE, pearson_edistance, "
-             "clustering_agreement) are skipped")
-    if set(cts) - perturbed:
-        _say(f"cell types with control cells only are not evaluated: "
-             f"{', '.join(sorted(set(cts) - perturbed))}")
+    agg = None
+
+    def write(dest: Path) -> None:  # (a new folder: put in place of out's files at the end)
+        nonlocal agg
+        if not a.skip_adatas:
+            _write_h5ad(pred, dest / "adata_pred.h5ad")
+            _write_h5ad(real, dest / "adata_real.h5ad")
+        if a.predict_only:
+            return
+        if a.pseudobulk:
+            _say("--pseudobulk: metrics that need the cells (DE, pearson_edistance, "
+                 "clustering_agreement) are skipped")
+        if set(cts) - perturbed:
+            _say(f"cell types with control cells only are not evaluated: "
+                 f"{', '.join(sorted(set(cts) - perturbed))}")
         keep = np.isin(cts, sorted(perturbed))
-        pred, real = pred[keep].copy(), real[keep].copy()
-    if model._output_scale == "counts" and a.pseudobulk:  # (evaluate log1p's both sides)
-        _say("--pseudobulk with a count-scale model: the metrics are computed on the log1p "
-             "of mean counts, not on the mean of per-cell log1p values, and differ from the "
-             "cell-level evaluation's")
-    # decoded genes in X: the l2/cosine discrimination scores use the latents (the reference
-    # does so whenever embed_key is not X_hvg)
-    latent = c.embed_key if c.embed_key not in (None, "X_hvg") and c.embed_key in pred.obsm \
-        else None
-    _, agg = evaluate(pred, real, pert_col=c.pert_col, control_pert=c.control_pert,
-                      celltype_col=c.cell_type_key, profile=a.profile, outdir=out,
-                      skip_metrics=skip, num_threads=a.num_threads, embed_key=latent)
+        p, r = (pred, real) if keep.all() else (pred[keep].copy(), real[keep].copy())
+        if model._output_scale == "counts" and a.pseudobulk:  # (evaluate log1p's both sides)
+            _say("--pseudobulk with a count-scale model: the metrics are computed on the log1p "
+                 "of mean counts, not on the mean of per-cell log1p values, and differ from the "
+                 "cell-level evaluation's")
+        # decoded genes in X: the l2/cosine discrimination scores use the latents (the reference
+        # does so whenever embed_key is not X_hvg)
+        latent = c.embed_key if c.embed_key not in (None, "X_hvg") and c.embed_key in p.obsm \
+            else None
+        _, agg = evaluate(p, r, pert_col=c.pert_col, control_pert=c.control_pert,
+                          celltype_col=c.cell_type_key, profile=a.profile, outdir=dest,
+                          skip_metrics=skip, num_threads=a.num_threads, embed_key=latent)
+
+    _replace_files(out, EVAL_OUTPUTS, write)
+    if a.predict_only:
+        return EXIT_OK
     _print_agg(agg)
     _say(f"metrics written to {out} (<cell type>_results.csv, <cell type>_agg_results.csv)")
     return EXIT_OK
 
 
-# the files tx predict writes into eval_<checkpoint>/ (removed there before a new evaluation)
+# the files tx predict writes into eval_<checkpoint>/ (an earlier evaluation's are replaced)
 EVAL_OUTPUTS = ("adata_pred.h5ad", "adata_real.h5ad", "*_results.csv", "*_real_de.csv",
-                "*_pred_de.csv", "*skipped_metrics.txt", "de_mode.txt")
+                "*_pred_de.csv", "*skipped_metrics.txt", "de_mode.txt", ".statetx_evaluate")
+
+
+def _replace_files(out: Path, patterns: Sequence[str], write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a new folder next to ``out``; when it succeeded, the files of ``out``
+    matching ``patterns`` (an earlier run's) are replaced by what it wrote. A failure leaves
+    ``out`` as it was."""
+    import shutil
+
+    from statetx._utils import temporary_name
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(out)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        stale = sorted({f for pattern in patterns for f in out.glob(pattern)})
+        for f in stale:  # an earlier evaluation's files: not mixed with this one's
+            f.unlink(missing_ok=True)
+        if stale:
+            _say(f"replaced {len(stale)} files of an earlier evaluation in {out}")
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _shared_only(model: Any, prepared: Any, split: str, pred: Any, real: Any) -> tuple:
