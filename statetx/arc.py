@@ -788,6 +788,9 @@ def _resolve_paths(run_dir: Path, checkpoint: str | Path, notes: list[str]) -> t
             if found:
                 notes.append("final.ckpt not found: using last.ckpt")
         if not found:
+            odd = [p for p in candidates if p.exists()]  # (a folder named like a checkpoint)
+            if odd:
+                raise DataError(f"{odd[0]} is a folder, not a checkpoint file.")
             avail = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) if (
                 run / "checkpoints").is_dir() else []
             raise DataError(f"checkpoint {str(checkpoint)!r} not found in {run}/checkpoints "

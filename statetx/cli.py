@@ -1055,6 +1055,9 @@ def cmd_infer(a: argparse.Namespace) -> int:
     if out.suffix not in (".h5ad", ".npy"):
         raise UsageError(f"--output {out}: use a .h5ad or .npy file name.")
     _not_the_input(out, src)
+    from statetx._utils import check_folder
+
+    check_folder(out.parent, "--output's folder")
     if out.suffix == ".npy" and a.layout == "arc":
         raise UsageError("--layout arc places predictions inside a copy of the input: write an "
                          ".h5ad (--output x.h5ad), or drop --layout for a .npy.")

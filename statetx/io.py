@@ -261,6 +261,9 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
     label = label or f"<AnnData '{dataset}'>"
     if adata.n_obs == 0:
         raise DataError(f"{label} has no cells (n_obs = 0).")
+    if adata.n_vars == 0:
+        raise DataError(f"{label} has no genes (n_vars = 0); give the expression matrix it was "
+                        "subset from.")
     obs = adata.obs
     cols = [(pert_col, "pert_col"), (cell_type_key, "cell_type_key")] + (
         [(batch_col, "batch_col")] if batch_col else [])

@@ -27,6 +27,7 @@ from statetx._params import Estimator
 from statetx._utils import (
     as_count,
     cell_type_option,
+    check_folder,
     deepcopy_sharing,
     did_you_mean,
     history_frame,
@@ -1906,9 +1907,7 @@ class StateTransitionModel(Estimator):
 
         self._check_fitted()
         path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"cannot save the model to {path}: it exists and is not a "
-                              "directory. Pass a directory path.")
+        check_folder(path, "save: the model folder")
         if (path / "statetx_run.json").exists() or (path / "checkpoints").exists():
             raise ConfigError(f"cannot save the model to {path}: it is a training run's folder "
                               "(its model.json describes the run). Save into another folder.")

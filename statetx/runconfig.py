@@ -705,11 +705,28 @@ class TrainPlan:
     replaced: Path | None = None  # overwrite=true: the earlier run, set aside by start_run
 
 
+def _check_run_folder(output_dir: Path, name: str) -> None:
+    """``name`` is one folder name and ``output_dir`` a folder (or one that can be made):
+    checked before the data are read."""
+    parts = Path(name).parts
+    if not name.strip() or Path(name).is_absolute() or not parts or any(
+            p in (".", "..") for p in parts):
+        raise ConfigError(f"name={name!r} is invalid: the run folder's name (a path inside "
+                          "output_dir, e.g. name=exp1), not empty, absolute, '.' or '..'.")
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"output_dir={str(output_dir)!r}: {str(folder)!r} is a file; "
+                                  "give a folder to write the run to.")
+            break
+
+
 def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
     """Resolve the preset and the data-dependent defaults; build the estimator parameters."""
     from statetx.presets import resolve_architecture
 
     v = dict(res.values)
+    _check_run_folder(Path(str(v["output_dir"])), str(v["name"]))
     notices = list(res.notices)
     given_arch = {k.split(".", 2)[2]: v[k] for k in res.given
                   if k.startswith("model.kwargs.") and k.split(".", 2)[2] in ARCH_TYPES}

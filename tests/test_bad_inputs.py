@@ -1173,3 +1173,30 @@ def test_a_path_given_as_data_says_where_it_goes(tmp_path):
         m.fit(toml)
     with pytest.raises(ConfigError, match="anndata.read_h5ad"):
         m.fit(str(tmp_path / "cells.h5ad"), toml)
+
+
+def test_fit_on_data_without_genes_says_so(adata):
+    with pytest.raises(DataError, match=r"has no genes \(n_vars = 0\)"):
+        small_model(max_steps=1).fit(adata[:, :0].copy(), SPEC)
+
+
+def test_output_paths_below_a_file_are_refused_before_any_work(model, run, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="below the file"):
+        model.save(tmp_path / "afile" / "model")
+    with pytest.raises(ConfigError, match="is a file"):
+        model.save(tmp_path / "afile")
+    src = tmp_path / "in.h5ad"
+    model_input = make_synthetic()
+    model_input.write_h5ad(src)
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output",
+                 str(tmp_path / "afile" / "out.h5ad")]) == 2
+    assert "afile' is a file" in capsys.readouterr().err
+    # a folder named like the checkpoint is said to be one (not "not found ... available")
+    from conftest import FIXTURES, writable_copy
+
+    arc = writable_copy(FIXTURES / "arc_state" / "runs" / "model_a_llama_bidir", tmp_path / "r")
+    (arc / "checkpoints" / "final.ckpt").unlink()
+    (arc / "checkpoints" / "final.ckpt").mkdir()
+    with pytest.raises(DataError, match="final.ckpt is a folder, not a checkpoint file"):
+        StateTransitionModel.from_arc_state(arc, verbose=False)

@@ -457,6 +457,11 @@ def test_exit_codes_and_messages(run, data, tmp_path, capsys):
     args = [t.replace('pert_col="gene"', "pert_col=nope") for t in train_args(data, deep, "r")]
     assert main(args) == 2 and "'nope'" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+    (tmp_path / "afile").write_text("x")  # output_dir and name: checked before the data
+    for bad, said in ((f"output_dir={tmp_path / 'afile' / 'sub'}", "is a file"),
+                      ("name=", "name='' is invalid"), ("name=../up", "is invalid")):
+        assert main([*train_args(data, tmp_path, "r"), bad]) == 2
+        assert said in capsys.readouterr().err
     # a runtime failure (corrupt checkpoint) -> 1, one line; --debug adds the traceback
     (run / "checkpoints" / "corrupt.ckpt").write_bytes(b"not a checkpoint")
     args = ["tx", "infer", "--model-dir", str(run), "--checkpoint", "corrupt.ckpt",
