@@ -53,7 +53,7 @@ from statetx.data import (
     with_training_var,
 )
 from statetx.distributed import env_local_rank, init_distributed, resolve_device
-from statetx.errors import ConfigError, DataError
+from statetx.errors import ConfigError, DataError, StatetxError
 from statetx.io import gene_names, obs_labels, recorded_target_sum
 from statetx.losses import get_loss, split_loss_kwargs
 from statetx.nn import NetworkConfig, StateTransitionNetwork, check_finite_weights
@@ -1970,13 +1970,18 @@ class StateTransitionModel(Estimator):
         except Exception as exc:  # noqa: BLE001
             raise DataError(f"could not read the saved model in {path}: {exc}") from exc
         model = cls._from_metadata(meta, state, source=path / "model.json", features=features)
-        if "history" in meta:
-            model.history_ = history_frame(meta["history"])
-        model._restore_fit_record(meta.get("fit") or {})
-        if "split_summary" in meta:
-            model.split_summary_ = pd.DataFrame(**meta["split_summary"])
-        if "split_config" in meta:
-            model.split_config_ = SplitConfig.from_toml(meta["split_config"])
+        try:  # (the optional records: a damaged one is named, not a pandas or pydantic error)
+            if "history" in meta:
+                model.history_ = history_frame(meta["history"])
+            model._restore_fit_record(meta.get("fit") or {})
+            if "split_summary" in meta:
+                model.split_summary_ = pd.DataFrame(**meta["split_summary"])
+            if "split_config" in meta:
+                model.split_config_ = SplitConfig.from_toml(meta["split_config"])
+        except (KeyError, TypeError, ValueError, AttributeError, StatetxError) as exc:
+            raise DataError(f"the saved model's record in {path / 'model.json'} is damaged "
+                            f"({type(exc).__name__}: {exc}); save the model again from its "
+                            "source, or load its run folder.") from None
         return model.to(target)
 
     def _fit_record(self) -> dict:
@@ -1986,6 +1991,8 @@ class StateTransitionModel(Estimator):
     def _restore_fit_record(self, fit: Mapping) -> None:
         """The recorded ``preset_``, ``train_settings_``, ``best_step_``, ... (:data:`FIT_RECORD`)
         of a saved model or a finished run."""
+        if not isinstance(fit, Mapping):
+            raise DataError(f"the fit record is a {type(fit).__name__}, not a mapping.")
         for k, v in fit.items():
             if k in FIT_RECORD:
                 setattr(self, k + "_", v)

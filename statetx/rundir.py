@@ -182,13 +182,16 @@ def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedDa
 
 
 def read_run_info(run_dir: Path) -> dict:
+    """The run's record (statetx_run.json); empty when it is missing or unreadable (the run
+    is then described by its checkpoints alone)."""
     p = Path(run_dir) / RUN_INFO_FILE
     if not p.is_file():
         return {}
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
+        info = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
+    return info if isinstance(info, dict) else {}
 
 
 def write_run_info(run_dir: Path, info: Mapping) -> None:

@@ -1200,3 +1200,26 @@ def test_output_paths_below_a_file_are_refused_before_any_work(model, run, tmp_p
     (arc / "checkpoints" / "final.ckpt").mkdir()
     with pytest.raises(DataError, match="final.ckpt is a folder, not a checkpoint file"):
         StateTransitionModel.from_arc_state(arc, verbose=False)
+
+
+@pytest.mark.parametrize("section,value", [("history", {"a": 1}), ("split_summary", {"x": 1}),
+                                           ("fit", [1])])
+def test_a_damaged_optional_record_in_model_json_is_named(model, tmp_path, section, value):
+    model.save(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    meta[section] = value
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"model.json is damaged"):
+        StateTransitionModel.load(tmp_path / "m")
+
+
+def test_a_run_record_that_is_not_a_mapping_is_ignored(run, tmp_path):
+    from conftest import writable_copy
+
+    from statetx.run import load_run
+
+    copy = writable_copy(run, tmp_path / "run")
+    (copy / "statetx_run.json").write_text("[1]")
+    damaged, whole = load_run(copy, verbose=False), load_run(run, verbose=False)
+    for a, b in zip(damaged.network_.parameters(), whole.network_.parameters()):
+        assert torch.equal(a, b)
