@@ -8,8 +8,9 @@ from typing import Any
 
 from sklearn.base import BaseEstimator
 
+from statetx import __version__
 from statetx._utils import did_you_mean
-from statetx.errors import ConfigError
+from statetx.errors import ConfigError, DataError
 
 
 class ParameterError(ConfigError, TypeError):
@@ -46,6 +47,30 @@ class Estimator(BaseEstimator):
             init(self, *args, **params)
 
         cls.__init__ = checked
+
+    #: fitted attributes that a pickle of a fitted estimator must hold
+    _PICKLED_FIT: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_prepared", None)  # (the training data: not part of a model)
+        state["_statetx_version"] = __version__
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        version = state.pop("_statetx_version", None)
+        missing = [p for p in self._get_param_names() if p not in state]
+        if any(k.endswith("_") and not k.startswith("_") for k in state):  # fitted
+            missing += [a for a in self._PICKLED_FIT if a not in state]
+        if missing:
+            raise DataError(
+                f"this pickle of a {type(self).__name__} (made by "
+                + (f"statetx {version}" if version else "an earlier statetx")
+                + f") lacks {', '.join(missing)}, which statetx {__version__} needs. Pickles "
+                "do not move between versions: load it with the statetx that made it and "
+                "move the model with save() / load().")
+        self.__dict__.update(state)
 
     @classmethod
     def _get_param_names(cls) -> list[str]:

@@ -104,6 +104,7 @@ class _Baseline(Estimator):
     """
 
     name: ClassVar[str] = "baseline"
+    _PICKLED_FIT = ("columns_", "vocab_", "var_names_", "means_")
     #: whether the zero-shot rule is a fallback worth printing (it is always recorded in uns)
     _zeroshot_is_fallback: ClassVar[bool] = False
 
@@ -417,11 +418,6 @@ class _Baseline(Estimator):
     feature_names_in_ = StateTransitionModel.feature_names_in_
 
     # ------------------------------------------------------------------ pickling
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("_prepared", None)
-        return state
-
     def __deepcopy__(self, memo: dict) -> _Baseline:
         return deepcopy_sharing(self, memo)  # (the copy can predict_split: same data)
 

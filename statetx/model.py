@@ -327,6 +327,8 @@ class StateTransitionModel(Estimator):
     """
 
     _fine_tunes = False  # (a subclass starting from trained weights: no size advice)
+    _PICKLED_FIT = ("network_config_", "vocab_", "columns_", "var_names_", "cell_set_len_",
+                    "is_log1p_")
 
     def __init__(
         self,
@@ -2145,8 +2147,7 @@ class StateTransitionModel(Estimator):
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("_prepared", None)
+        state = super().__getstate__()
         if "network_" in state:
             net = state.pop("network_")
             state["_network_state"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
@@ -2165,14 +2166,20 @@ class StateTransitionModel(Estimator):
         return deepcopy_sharing(self, memo)  # (the copy can predict_split: same data)
 
     def __setstate__(self, state: dict) -> None:
+        state = dict(state)
         weights = state.pop("_network_state", None)
-        self.__dict__.update(state)
+        super().__setstate__(state)
         if isinstance(self.pert_features, _FeatureRows):
             self.pert_features = self.vocab_.vectors(self.pert_features.names)
         if weights is not None:
             net = StateTransitionNetwork.for_loading(self.network_config_)
             check_finite_weights(weights, "the pickled model")
-            net.load_state_dict(weights)
+            try:
+                net.load_state_dict(weights)
+            except RuntimeError as exc:
+                raise DataError(f"the pickled weights do not fit the pickled network "
+                                f"configuration (a pickle of another statetx version?): {exc}"
+                                ) from None
             net.eval()
             self.network_ = net
 

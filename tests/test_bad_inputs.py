@@ -1223,3 +1223,25 @@ def test_a_run_record_that_is_not_a_mapping_is_ignored(run, tmp_path):
     damaged, whole = load_run(copy, verbose=False), load_run(run, verbose=False)
     for a, b in zip(damaged.network_.parameters(), whole.network_.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_pickle_from_another_version_is_named(model):
+    from statetx.baselines import PerturbMeanBaseline
+
+    state = pickle.loads(pickle.dumps(model)).__getstate__()
+    assert state["_statetx_version"]
+    for drop in ("seed", "columns_"):
+        broken = {k: v for k, v in state.items() if k != drop}
+        twin = StateTransitionModel.__new__(StateTransitionModel)
+        with pytest.raises(DataError, match=rf"lacks {drop}, which statetx .* needs"):
+            twin.__setstate__(broken)
+    weights = dict(state["_network_state"])
+    weights.pop(next(iter(weights)))
+    twin = StateTransitionModel.__new__(StateTransitionModel)
+    with pytest.raises(DataError, match="pickled weights do not fit"):
+        twin.__setstate__({**state, "_network_state": weights})
+    base = PerturbMeanBaseline(pert_col="gene", control_pert="ctrl")
+    bstate = base.__getstate__()
+    bstate.pop("pert_col")
+    with pytest.raises(DataError, match="PerturbMeanBaseline .*lacks pert_col"):
+        PerturbMeanBaseline.__new__(PerturbMeanBaseline).__setstate__(bstate)
