@@ -443,9 +443,15 @@ def test_de_tables_written_in_every_profile_but_pds(real, pred, tmp_path):
 
 def test_one_perturbation_omits_pearson_edistance(real, tmp_path):
     r = real[0][real[0].obs["target_gene"].isin(["non-targeting", "G000"])].copy()
-    with pytest.warns(RuntimeWarning, match="pearson_edistance could not be computed"):
+    with pytest.warns(UserWarning, match="metrics omitted .*pearson_edistance") as said:
         res, _ = evaluate(r, r.copy(), profile="anndata", outdir=tmp_path, num_threads=1,
                           skip_metrics=["clustering_agreement"])
+    assert sum("omitted" in str(w.message) for w in said) == 1  # once, however many tables
+    r.obs["ct"] = np.where(np.arange(r.n_obs) % 2, "a", "b")
+    with pytest.warns(UserWarning) as said:
+        evaluate(r, r.copy(), profile="anndata", celltype_col="ct", num_threads=1,
+                 skip_metrics=["clustering_agreement"])
+    assert sum("omitted" in str(w.message) for w in said) == 1
     assert "pearson_edistance" not in res.columns
     assert "pearson_edistance" in (tmp_path / "skipped_metrics.txt").read_text()
 

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from conftest import KANG, need
 
+from statetx.errors import ConfigError
 from statetx.metrics import ceiling, evaluate, fraction_of_ceiling
 from statetx.metrics.ceiling import RELIABILITY_METRICS, split_halves
 
@@ -69,3 +70,6 @@ def test_fraction_of_ceiling(kang):
     frac = fraction_of_ceiling(agg, ceil).set_index("celltype")["pearson_delta"]
     mean = agg[agg["statistic"] == "mean"].set_index("celltype")["pearson_delta"]
     np.testing.assert_allclose(frac.loc[mean.index], (1 + mean) / 2, rtol=1e-9)  # r / SB(r)
+    no_corr = agg.drop(columns="pearson_delta")  # nothing left to divide: said, not empty
+    with pytest.raises(ConfigError, match="no metric has both a score and a ceiling"):
+        fraction_of_ceiling(no_corr, ceil)

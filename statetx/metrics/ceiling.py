@@ -132,6 +132,12 @@ def fraction_of_ceiling(agg: pd.DataFrame, ceiling_agg: pd.DataFrame) -> pd.Data
                           "per cell type (celltype_col=...) or both pooled.")
     key = ["celltype"] if "celltype" in means.columns else []
     cols = [m for m in RELIABILITY_METRICS if m in means.columns and m in ceiling_agg.columns]
+    if not cols:
+        raise ConfigError(
+            "fraction_of_ceiling: no metric has both a score and a ceiling; the ceiling exists "
+            f"for {', '.join(RELIABILITY_METRICS)} (the model's table has "
+            f"{preview(means.columns.drop(key, errors='ignore'), 8)}). Evaluate with a profile "
+            "that computes them, e.g. profile='full' or 'anndata'.")
     if key:
         merged = means[key + cols].merge(ceiling_agg[key + cols], on=key, suffixes=("", "_c"))
     else:

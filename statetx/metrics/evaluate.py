@@ -206,9 +206,7 @@ def _evaluate_one(
         except (ConfigError, DataError):
             raise
         except Exception as err:  # noqa: BLE001 - a failing metric is reported and omitted
-            skipped[m] = f"{type(err).__name__}: {err}"
-            warnings.warn(f"metric {m} could not be computed and is omitted: {err}",
-                          RuntimeWarning, stacklevel=2)
+            skipped[m] = f"{type(err).__name__}: {err}"  # (said once, by evaluate)
     return EvalOutput(table, real_de, pred_de, skipped)
 
 
@@ -246,12 +244,14 @@ def _warn_few_perturbations(metrics: Sequence[str], n: int, per_cell_type: bool)
                       f"{n} perturbation(s){where}: the scores move in steps of 1/{max(n, 1)} "
                       "and tell models apart poorly (even a constant prediction can score 1).",
                       UserWarning, stacklevel=3)
-    across = [m for m in ("pearson_edistance", "clustering_agreement") if m in metrics]
+    # (with one perturbation pearson_edistance cannot be computed: said as omitted)
+    across = [m for m in ("pearson_edistance", "clustering_agreement") if m in metrics
+              and not (m == "pearson_edistance" and n < 2)]
     if across and n < 3:
         warnings.warn(f"{' and '.join(across)} compare the perturbations with each other, and "
                       f"there are only {n}{where}: pearson_edistance is a correlation over them "
-                      "(NaN for one, ±1 for two), clustering_agreement clusters them (NaN below "
-                      "three). Do not read these values.", UserWarning, stacklevel=3)
+                      "(±1 for two), clustering_agreement clusters them (NaN below three). Do "
+                      "not read these values.", UserWarning, stacklevel=3)
 
 
 def _check_de_matches(de: pd.DataFrame, which: str, perts: set[str], genes: set[str]) -> None:
@@ -471,9 +471,10 @@ def evaluate(
         res_parts.append(res)
         agg_parts.append(agg)
     skipped = {m: why for _, o in outputs for m, why in o.skipped.items()}
-    if skipped:
-        say("metrics omitted: "
-            + "; ".join(f"{m} ({why})" for m, why in skipped.items()), who="statetx.evaluate")
+    if skipped:  # (once per call, however many cell types)
+        warnings.warn("metrics omitted (they could not be computed): "
+                      + "; ".join(f"{m} ({why})" for m, why in skipped.items()), UserWarning,
+                      stacklevel=2)
     results = pd.concat(res_parts, ignore_index=True)
     agg = pd.concat(agg_parts, ignore_index=True)
     results.attrs["skipped_metrics"] = skipped
