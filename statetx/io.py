@@ -581,7 +581,9 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
     if unused:
         say(f"datasets listed only in [datasets] are not used: {', '.join(unused)}")
     idle = sorted(set(memory) - set(names))
-    if idle:  # (a dict of AnnData: each one the spec does not name is left out)
+    unresolved = [n for n in names if n not in memory and n not in config.datasets]
+    if idle and not unresolved:  # (a dict of AnnData: each one not named is left out; with a
+        # name that has no data, the error below names both)
         warnings.warn(f"in-memory dataset(s) {', '.join(map(repr, idle))} are not used by the "
                       f"split spec (it uses {', '.join(map(repr, names))}): their cells are "
                       "left out. Name them in [training], [zeroshot] or [fewshot].",

@@ -86,9 +86,11 @@ def test_dataset_referenced_but_not_declared(tmp_path, section, body):
 
 def test_one_anndata_and_a_misspelt_dataset_name():
     spec = {"training": {"d": "train"}, "zeroshot": {"dd.A": "test"}}
-    with pytest.raises(SplitConfigError, match=r"One AnnData was given, and the spec uses 2 "
-                       r"dataset names.*\(d, dd\): a typo\?.*dataset_name="):
-        prepare(make_adata(), spec, COLS)
+    with warnings.catch_warnings():  # (the error is the message: no warning of a dataset
+        warnings.simplefilter("error")  # 'data' the user never named before it)
+        with pytest.raises(SplitConfigError, match=r"One AnnData was given, and the spec uses 2 "
+                           r"dataset names.*\(d, dd\): a typo\?.*dataset_name="):
+            prepare(make_adata(), spec, COLS)
 
 
 def test_anndata_named_otherwise_than_the_spec():
