@@ -251,7 +251,10 @@ def metric_bars(
     width = 0.8 / max(len(models), 1)
     x = np.arange(len(metrics))
     for j, m in enumerate(models):
-        ax.bar(x + (j - (len(models) - 1) / 2) * width, piv[m].to_numpy(float), width, label=m)
+        pos, heights = x + (j - (len(models) - 1) / 2) * width, piv[m].to_numpy(float)
+        ax.bar(pos, heights, width, label=m)
+        for p in pos[np.isnan(heights)]:  # (an undefined value: marked, not an empty slot)
+            ax.text(p, 0, "n/a", ha="center", va="bottom", rotation=90, fontsize="x-small")
     ax.set_xticks(x)
     ax.set_xticklabels(metrics, rotation=30, ha="right")
     ax.set_ylabel("mean over perturbations")

@@ -44,6 +44,11 @@ def test_metric_bars():
     assert len(pl.metric_bars(long, metrics=["mae"]).patches) == 2
     with pytest.raises(ConfigError, match="pds"):
         pl.metric_bars(long, metrics=["pds"])
+    # an undefined mean (e.g. pearson_delta of a prediction with no shift) is marked "n/a"
+    nan = pd.DataFrame({"model": ["m1", "m2"], "metric": ["pearson_delta"] * 2,
+                        "value": [0.4, np.nan]})
+    ax = pl.metric_bars(nan, metrics=["pearson_delta"])
+    assert [t.get_text() for t in ax.texts] == ["n/a"]
     plt.close("all")
 
 
