@@ -19,7 +19,8 @@ import re
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import EllipsisType
@@ -228,6 +229,16 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return obj
+
+
+def _mapping(value: Any, path: Path, what: str) -> dict:
+    """``value`` as a dict (None: empty); anything else is a DataError naming the file."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise DataError(f"{path}: {what} should be a mapping (key: value), not a "
+                        f"{type(value).__name__}; the file is not an arc-state run's.")
+    return dict(value)
 
 
 def _read_map(path: Path, trust_pickle: bool) -> tuple[list[str], np.ndarray]:
@@ -535,16 +546,17 @@ def load_arc_run(
     ckpt = load_torch(ckpt_path, trust_pickle)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise DataError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict' entry).")
-    hp = _plain(dict(ckpt.get("hyper_parameters") or {}))
-    sd = {k: v for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+    hp = _plain(_mapping(ckpt.get("hyper_parameters"), ckpt_path, "its 'hyper_parameters'"))
+    sd = {k: v for k, v in _mapping(ckpt["state_dict"], ckpt_path, "its 'state_dict'").items()
+          if isinstance(v, torch.Tensor)}
     if sd and all(k.startswith("model.") for k in sd):
         sd = {k[len("model."):]: v for k, v in sd.items()}
     _reject_unsupported(sd, hp, ckpt_path)
 
     yaml_path = run / "config.yaml"
     cfg_yaml = _read_yaml(yaml_path) if yaml_path.exists() else {}
-    data_yaml = dict((cfg_yaml.get("data") or {}).get("kwargs") or {})
-    model_yaml = dict((cfg_yaml.get("model") or {}).get("kwargs") or {})
+    data_yaml, model_yaml = (_mapping(_mapping(cfg_yaml.get(part), yaml_path, part).get(
+        "kwargs"), yaml_path, f"{part}.kwargs") for part in ("data", "model"))
     if not cfg_yaml:
         notes.append("config.yaml not found: settings taken from the checkpoint's hyper-parameters")
     else:
@@ -552,7 +564,8 @@ def load_arc_run(
     check = _Checker(strict, notes)
 
     var_dims_path = run / "var_dims.pkl"
-    var_dims = _plain(load_pickle(var_dims_path, trust_pickle)) if var_dims_path.exists() else {}
+    var_dims = _plain(_mapping(load_pickle(var_dims_path, trust_pickle), var_dims_path,
+                               "the file")) if var_dims_path.exists() else {}
     if not var_dims:
         notes.append("var_dims.pkl not found: dimensions and gene names from the checkpoint")
 
@@ -707,6 +720,16 @@ def load_arc_run(
         check.same("number of batches", batch_n, len(batches), "batch_onehot_map")
 
     gene_names = [str(g) for g in (var_dims.get("gene_names") or hp.get("gene_names") or [])]
+    repeated = sorted(g for g, n in Counter(gene_names).items() if n > 1)
+    if repeated:  # (predictions are matched to the input's genes by name)
+        raise DataError(f"the run's gene names (var_dims.pkl, or the checkpoint) repeat "
+                        f"{preview(repeated)}: genes could not be matched by name. Repair "
+                        "var_dims.pkl['gene_names'].")
+    twins = len(pert_vectors) - len(np.unique(pert_vectors, axis=0))
+    if twins:
+        warnings.warn(f"pert_onehot_map.pt gives {twins} perturbation(s) the vector of another: "
+                      "the model cannot tell those apart (a damaged map?).", UserWarning,
+                      stacklevel=2)
     gene_width = gene_dim if (gene_dim and "gene_decoder" not in unused) else d_out
     if gene_names and output_space != "embedding" and len(gene_names) != gene_width:
         check.same("number of gene names", gene_width, len(gene_names), "var_dims.pkl")

@@ -1245,3 +1245,30 @@ def test_a_pickle_from_another_version_is_named(model):
     bstate.pop("pert_col")
     with pytest.raises(DataError, match="PerturbMeanBaseline .*lacks pert_col"):
         PerturbMeanBaseline.__new__(PerturbMeanBaseline).__setstate__(bstate)
+
+
+def test_arc_runs_with_malformed_files_are_named(tmp_path):
+    from conftest import FIXTURES, need, writable_copy
+
+    src = FIXTURES / "arc_state" / "runs" / "model_a_llama_bidir"
+    dims = pickle.loads(need(src / "var_dims.pkl").read_bytes())  # (our own fixture)
+    cases = {
+        "var_dims": lambda r: (r / "var_dims.pkl").write_bytes(pickle.dumps([1, 2, 3])),
+        "yaml": lambda r: (r / "config.yaml").write_text("data:\n  kwargs: hello\n"),
+        "genes": lambda r: (r / "var_dims.pkl").write_bytes(pickle.dumps(
+            {**dims, "gene_names": ["G1"] * len(dims["gene_names"])})),
+    }
+    said = {"var_dims": "var_dims.pkl: the file should be a mapping",
+            "yaml": r"config.yaml: data.kwargs should be a mapping",
+            "genes": "gene names .* repeat G1"}
+    for name, damage in cases.items():
+        run = writable_copy(src, tmp_path / name)
+        damage(run)
+        with pytest.raises(DataError, match=said[name]):
+            StateTransitionModel.from_arc_state(run, verbose=False, trust_pickle=True)
+    run = writable_copy(src, tmp_path / "ckpt")
+    ckpt = torch.load(run / "checkpoints" / "final.ckpt", weights_only=False)
+    ckpt["hyper_parameters"] = "junk"
+    torch.save(ckpt, run / "checkpoints" / "final.ckpt")
+    with pytest.raises(DataError, match="'hyper_parameters' should be a mapping"):
+        StateTransitionModel.from_arc_state(run, verbose=False)
