@@ -1188,12 +1188,40 @@ def _is_main() -> bool:
                 and torch.distributed.get_rank() != 0)
 
 
+class _LineProgress:
+    """The progress of a run whose output goes to a log file (a batch job): one line per
+    logged step (log_every_n_steps, validations, the last step), where a terminal gets a bar."""
+
+    def __init__(self, start: int, total: int) -> None:
+        self.n, self.start, self.total = start, start, total
+        self.t0 = time.perf_counter()
+        self.fields: dict[str, str] | None = None
+
+    def set_postfix(self, fields: dict[str, str], refresh: bool = False) -> None:
+        self.fields = fields
+
+    def update(self, k: int) -> None:
+        self.n += k
+        if self.fields is None:
+            return
+        rate = (self.n - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+        eta = (self.total - self.n) / max(rate, 1e-9)
+        print(f"training: step {self.n}/{self.total}, "
+              + ", ".join(f"{k} {v}" for k, v in self.fields.items())
+              + f", ETA {eta // 3600:.0f}:{eta % 3600 // 60:02.0f}:{eta % 60:02.0f}",
+              file=sys.stderr, flush=True)
+        self.fields = None
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(enabled: bool, start: int, total: int):
     if not enabled:
         return None
+    if not (sys.stderr.isatty() or "ipykernel" in sys.modules):
+        return _LineProgress(start, total)
     from tqdm.auto import tqdm
 
-    # redirected to a log file (a batch job): an update every 30 s, not ten per second
-    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
     return tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True,
-                mininterval=0.1 if interactive else 30.0)
+                mininterval=0.1)

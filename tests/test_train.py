@@ -748,15 +748,18 @@ def test_resume_with_another_number_of_processes_keeps_the_epoch_position(synth,
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_progress_bar_updates_rarely_when_logged_to_a_file(monkeypatch):
-    """A batch job's log gets a progress update every 30 s, a terminal ten a second."""
+def test_a_log_file_gets_one_progress_line_per_logged_step(synth, monkeypatch, capsys):
+    """A batch job's log (stderr not a terminal) gets one line per log_every_n_steps (spec
+    cli.md §2.3 step 4) with the step, losses, speed and ETA; a terminal gets the bar."""
     from statetx.train import _progress
 
     monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
-    bar = _progress(True, 0, 10)
-    assert bar.mininterval == 30.0
-    bar.close()
+    small_model(max_steps=6, log_every_n_steps=2, val_freq=4, progress=True).fit(synth, FEWSHOT)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("training:")]
+    assert [ln.split(",")[0] for ln in lines] == [f"training: step {n}/6" for n in (2, 4, 6)]
+    assert "loss" in lines[0] and "cells/s" in lines[0] and "ETA" in lines[0]
+    assert "val" in lines[1]  # (the validation at step 4 is on its line)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     bar = _progress(True, 0, 10)
     assert bar.mininterval == 0.1
