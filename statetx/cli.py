@@ -859,6 +859,19 @@ def cmd_split(a: argparse.Namespace) -> int:
     cols = ColumnMap.build(pert_col=a.pert_col, cell_type_key=a.cell_type_key,
                            batch_col=a.batch_col, control_pert=a.control_pert,
                            embed_key=a.embed_key, output_space=a.output_space)
+    _say(f"columns: pert_col={cols.pert_col!r}, cell_type_key={cols.cell_type_key!r}, "
+         f"batch_col={cols.batch_col!r}, control_pert="
+         + (repr(cols.control_pert) if cols.control_pert else "auto-detect")
+         + f"; input {cols.embed_key or 'X'}, output_space={cols.output_space!r}")
+    if a.batch_col is None:  # (tx train's default is gem_group: say what the files hold)
+        from statetx._options import BATCH_COLS
+        from statetx.runconfig import files_obs_columns
+
+        columns = list(files_obs_columns(toml).values())
+        found = [c for c in BATCH_COLS if columns and all(c in have for have in columns)]
+        if found:
+            _say(f"no --batch-col: the data are one batch here (obs has '{found[0]}': "
+                 f"--batch-col {found[0]}, as tx train's data.kwargs.batch_col)")
     _prepare_split(toml, cols, allow_counts=a.allow_counts)
     return EXIT_OK
 

@@ -820,9 +820,9 @@ def config_from_params(params: Mapping[str, Any], arch: Mapping[str, Any] | None
     return unflatten(v)
 
 
-def _files_without_column(toml: Path, col: str) -> tuple[str, set[str]]:
-    """Data files of the split file whose obs lacks ``col`` (comma-joined; '' when none), and
-    the obs columns all of those files have."""
+def files_obs_columns(toml: Path) -> dict[Path, set[str]]:
+    """The obs column names of every data file the split file names (read from the files'
+    HDF5 headers; empty when the split file is invalid: the data layer reports that)."""
     from statetx.config import SplitConfig
 
     try:
@@ -830,8 +830,15 @@ def _files_without_column(toml: Path, col: str) -> tuple[str, set[str]]:
         files = [f for name in cfg.referenced_datasets() if name in cfg.datasets
                  for f in cfg.resolve_paths(name)]
     except (SplitConfigError, ConfigError):
-        return "", set()  # the data layer reports the real problem
-    columns = {f: _obs_columns(f) for f in files}
+        return {}
+    return {f: _obs_columns(f) for f in files}
+
+
+def _files_without_column(toml: Path, col: str) -> tuple[str, set[str]]:
+    """Data files of the split file whose obs lacks ``col`` (comma-joined; '' when none), and
+    the obs columns all of those files have."""
+    columns = files_obs_columns(toml)
+    files = list(columns)
     missing = [f for f in files if col not in columns[f]]
     present = set.intersection(*(columns[f] for f in missing)) if missing else set()
     return ", ".join(f.name for f in missing), present

@@ -623,7 +623,9 @@ def test_dry_run_and_split(data, tmp_path, capsys):
             "batch (set data.kwargs.batch_col=<column> to use batches; obs has 'batch')"
             in capsys.readouterr().out)
     assert main(["tx", "split", "--toml", str(data / "split.toml"), "--control-pert", "ctrl"]) == 0
-    assert "test" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "test" in said and "columns: pert_col='gene', cell_type_key='cell_type'" in said
+    assert "no --batch-col: the data are one batch here (obs has 'batch'" in said
     assert main(["split", "--toml", str(data / "nope.toml")]) == 2
     # counts with output space 'all': refused with the flag that accepts them, which does
     counts = _synthetic()
