@@ -132,6 +132,12 @@ def preview(values: Iterable[object], limit: int = 20) -> str:
     return head + (f", … ({len(vals) - limit} more)" if len(vals) > limit else "")
 
 
+def repeated(names: Iterable[object]) -> list[str]:
+    """The names that occur more than once, each once, in order of first occurrence."""
+    counts = Counter(map(str, names))
+    return [n for n, k in counts.items() if k > 1]
+
+
 def to_dense_f32(x: np.ndarray | sp.spmatrix) -> np.ndarray:
     """Dense, C-contiguous float32 copy-if-needed of a dense or sparse matrix."""
     if sp.issparse(x):

@@ -19,7 +19,6 @@ import re
 import warnings
 import zipfile
 import zlib
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from statetx._options import ARCH_CHOICES
-from statetx._utils import file_sha256, preview
+from statetx._utils import file_sha256, preview, repeated
 from statetx.errors import ConfigError, DataError
 from statetx.losses import LOSS_NAMES
 from statetx.nn import NetworkConfig, StateTransitionNetwork, check_finite_weights
@@ -720,10 +719,10 @@ def load_arc_run(
         check.same("number of batches", batch_n, len(batches), "batch_onehot_map")
 
     gene_names = [str(g) for g in (var_dims.get("gene_names") or hp.get("gene_names") or [])]
-    repeated = sorted(g for g, n in Counter(gene_names).items() if n > 1)
-    if repeated:  # (predictions are matched to the input's genes by name)
+    twice = repeated(gene_names)
+    if twice:  # (predictions are matched to the input's genes by name)
         raise DataError(f"the run's gene names (var_dims.pkl, or the checkpoint) repeat "
-                        f"{preview(repeated)}: genes could not be matched by name. Repair "
+                        f"{preview(twice)}: genes could not be matched by name. Repair "
                         "var_dims.pkl['gene_names'].")
     twins = len(pert_vectors) - len(np.unique(pert_vectors, axis=0))
     if twins:

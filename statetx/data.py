@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from statetx._utils import looks_log1p, preview, say
+from statetx._utils import looks_log1p, preview, repeated, say
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.errors import ConfigError, DataError
 from statetx.io import (
@@ -325,7 +325,7 @@ def _agree(files: list[DataFile], source: str | None, what: str) -> list[str]:
     dup = pd.Index(ref)
     if dup.has_duplicates:  # predictions could not be matched to genes by name later
         raise DataError(f"{files[0].label} has duplicate gene names in {where}: "
-                        f"{preview(dup[dup.duplicated()].unique())}. Make them unique "
+                        f"{preview(repeated(dup))}. Make them unique "
                         "(adata.var_names_make_unique()) or choose unique names with "
                         "gene_name_col.")
     for f in files[1:]:

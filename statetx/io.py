@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from statetx._utils import did_you_mean, preview, say
+from statetx._utils import did_you_mean, preview, repeated, say
 from statetx.errors import ConfigError, DataError, SplitConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -277,7 +277,7 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
                 f"out ({parts}).")
     labels = [obs_labels(obs, c, label, opt, keep=dropped, droppable=True) for c, opt in cols]
     if not adata.obs_names.is_unique:
-        dups = preview(adata.obs_names[adata.obs_names.duplicated()].unique(), 5)
+        dups = preview(repeated(adata.obs_names), 5)
         warnings.warn(f"{label} has duplicate cell names (obs_names), e.g. {dups}: the barcodes "
                       "in predict_split's outputs (pert_cell_barcode, ctrl_cell_barcode) cannot "
                       "tell those cells apart. Make them unique first "
@@ -518,7 +518,7 @@ def gene_names(adata: ad.AnnData, gene_name_col: str | None = None,
     names = pd.Index(col.astype(str))
     if unique and names.has_duplicates:
         raise DataError(f"var['{gene_name_col}'] of {where} names several genes alike: "
-                        f"{preview(names[names.duplicated()].unique())}. Make them unique, or "
+                        f"{preview(repeated(names))}. Make them unique, or "
                         "leave gene_name_col unset to use var_names.")
     return np.asarray(names, dtype=object)
 

@@ -18,17 +18,18 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ._utils import (
+from statetx._utils import (
     did_you_mean,
     looks_log1p,
     names_list,
     preview,
+    repeated,
     sample_rows,
     say,
     to_dense_f32,
 )
-from .errors import ConfigError, DataError
-from .io import control_like
+from statetx.errors import ConfigError, DataError
+from statetx.io import control_like
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -250,7 +251,7 @@ def preprocess_train(
                           "fit): pip install scikit-misc, or use flavor='seurat' (default) or "
                           "'cell_ranger'.")
     if not adata.var_names.is_unique:  # training would refuse the result
-        dup = adata.var_names[adata.var_names.duplicated()].unique()
+        dup = repeated(adata.var_names)
         raise DataError(f"the input has duplicate gene names (var_names): {preview(dup)}; "
                         "models match genes by name. Call adata.var_names_make_unique() first "
                         "(or keep one column per gene).")
@@ -690,7 +691,7 @@ def filter_on_target_knockdown(
     report = pd.DataFrame(rows, columns=["perturbation", "target_gene", "gene_index", "n_cells"])
     matched = report["gene_index"].to_numpy() >= 0 if len(report) else np.zeros(0, bool)
 
-    dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
+    dup = repeated(genes)
     dup_targets = sorted(set(dup) & set(report["target_gene"][matched]))
     if dup_targets:
         warnings.warn(

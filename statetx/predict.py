@@ -31,6 +31,7 @@ from statetx._utils import (
     looks_log1p,
     matmul_precision_scope,
     preview,
+    repeated,
     sample_rows,
     say,
 )
@@ -571,7 +572,7 @@ def check_unique_cells(adata: ad.AnnData) -> None:
     if names.has_duplicates:
         raise DataError(
             f"the input has duplicate cell names (obs_names): "
-            f"{preview(names[names.duplicated()].unique(), 5)}; the output refers to control "
+            f"{preview(repeated(names), 5)}; the output refers to control "
             "cells by name (statetx_ctrl_barcode). Make them unique first "
             "(adata.obs_names_make_unique())."
         )

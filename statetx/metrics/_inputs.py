@@ -10,7 +10,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from statetx._utils import did_you_mean, preview, sample_rows, say
+from statetx._utils import did_you_mean, preview, repeated, sample_rows, say
 from statetx.errors import DataError
 from statetx.io import control_like
 
@@ -236,7 +236,7 @@ def align_pair(
     pg, rg = pred.var_names.astype(str), real.var_names.astype(str)
     for names, which in ((pg, "pred"), (rg, "real")):
         if names.has_duplicates:  # DE lists and gene exclusions compare genes by name
-            dup = names[names.duplicated()].unique()
+            dup = repeated(names)
             raise DataError(
                 f"{which} var_names hold duplicated genes: [{preview(dup, 10)}] "
                 f"({int(names.duplicated().sum())} extra column(s)); the DE metrics compare "

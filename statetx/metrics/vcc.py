@@ -27,6 +27,7 @@ from statetx._utils import (
     did_you_mean,
     file_sha256,
     preview,
+    repeated,
     same_file,
 )
 from statetx.errors import ConfigError, DataError
@@ -375,7 +376,7 @@ def _gene_list(gene_names: str | Path | Sequence[str], var_names: pd.Index
     """The target gene order and a description of where it came from; checks that the list and
     the prediction hold the same genes, each once."""
     pred = [str(g) for g in var_names]
-    dup = pd.Index(pred)[pd.Index(pred).duplicated()].unique()
+    dup = repeated(pred)
     if len(dup):
         raise DataError(f"the prediction's var_names hold duplicated genes: [{preview(dup, 10)}]; "
                         "give every gene one column (drop or merge the duplicates)")
@@ -388,7 +389,7 @@ def _gene_list(gene_names: str | Path | Sequence[str], var_names: pd.Index
         genes = [str(g) for g in gene_names]
     if not genes:
         raise DataError(f"{where} is empty; pass the challenge's gene names, one per line")
-    dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
+    dup = repeated(genes)
     if len(dup):
         raise DataError(f"{where} names some genes more than once: [{preview(dup, 10)}]; "
                         "pass each gene once")
