@@ -37,7 +37,7 @@ import pandas as pd
 from sklearn.exceptions import NotFittedError
 
 from statetx._params import Estimator
-from statetx._utils import as_count, cell_type_option, deepcopy_sharing, did_you_mean, preview, say
+from statetx._utils import as_count, deepcopy_sharing, did_you_mean, preview, say
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
     DataInput,
@@ -57,10 +57,10 @@ from statetx.predict import (
     encode_perturbations,
     group_key,
     group_rng,
+    input_columns,
     input_labels,
     input_matrix,
     mark_scale,
-    no_cell_types,
     output_scale,
     pairing_batches,
     resolve_pool,
@@ -323,22 +323,19 @@ class _Baseline(Estimator):
         """
         self._check_fitted()
         c = self.columns_
-        pert_col = pert_col or c.pert_col
-        control = c.control_pert if control_pert is None else str(control_pert)  # as in fit
-        cell_type_col = cell_type_option("cell_type_col", cell_type_col, cell_type_key)
-        basal_pool = no_cell_types(cell_type_col, basal_pool)
-        ct_col = None if cell_type_col is False else (cell_type_col or c.cell_type_key)
+        cols = input_columns(c, pert_col, cell_type_col, cell_type_key, control_pert, basal_pool)
+        pert_col, control, ct_col = cols.pert_col, cols.control, cols.cell_type_col
         seed = as_count("seed", self.seed if seed is None else seed, 0)
         if basal_fallback not in ("error", "all_controls"):
             raise ConfigError(f"basal_fallback={basal_fallback!r} is invalid; expected 'error' "
                               "or 'all_controls'.")
-        pool_mode = self._pool_mode(basal_pool, batch_col)
+        pool_mode = self._pool_mode(cols.basal_pool, batch_col)
         batch_col = batch_col or c.batch_col
         x = input_matrix(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
         if self._expression_output:
             check_scale(x, self.is_log1p_)
         pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
-                                          self.vocab_.cell_types, cell_type_col is not None,
+                                          self.vocab_.cell_types, cols.cell_type_given,
                                           pool_mode == "all")
         batch = pairing_batches(adata, batch_col, pool_mode == "batch")
         model_pert = pert.copy()  # the label each cell is predicted as

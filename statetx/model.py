@@ -26,7 +26,6 @@ from sklearn.exceptions import NotFittedError
 from statetx._params import Estimator
 from statetx._utils import (
     as_count,
-    cell_type_option,
     check_folder,
     deepcopy_sharing,
     did_you_mean,
@@ -72,10 +71,10 @@ from statetx.predict import (
     group_key,
     group_rng,
     hvg_names,
+    input_columns,
     input_labels,
     input_matrix,
     mark_scale,
-    no_cell_types,
     output_scale,
     pairing_batches,
     resize_groups,
@@ -1287,16 +1286,14 @@ class StateTransitionModel(Estimator):
                                   f"{', '.join(map(repr, choices))}.")
         vocab = self._vocab_with(pert_features)
         c = self.columns_
-        pert_col, batch_col = pert_col or c.pert_col, batch_col or c.batch_col
-        control = c.control_pert if control_pert is None else str(control_pert)  # as in fit
-        cell_type_col = cell_type_option("cell_type_col", cell_type_col, cell_type_key)
         own_basal = basal == "self"
         if own_basal and basal_pool is not None:
             raise ConfigError("basal_pool chooses the controls basal cells are drawn from; "
                               "basal='self' draws none: leave basal_pool out.")
-        basal_pool = no_cell_types(cell_type_col, basal_pool)
-        ct_col = None if cell_type_col is False else (cell_type_col or c.cell_type_key)
-        pool_mode = resolve_pool(basal_pool, "batch" if self._pairing() == "batch"
+        cols = input_columns(c, pert_col, cell_type_col, cell_type_key, control_pert, basal_pool)
+        pert_col, control, ct_col = cols.pert_col, cols.control, cols.cell_type_col
+        batch_col = batch_col or c.batch_col
+        pool_mode = resolve_pool(cols.basal_pool, "batch" if self._pairing() == "batch"
                                  and not own_basal else "cell_type", batch_col)
         gene_col = input_gene_col(self.columns_, gene_name_col)
         x_in = input_matrix(adata, self.var_names_, c.embed_key, missing_genes, gene_col)
@@ -1305,7 +1302,7 @@ class StateTransitionModel(Estimator):
             src = c.embed_key if c.embed_key in adata.obsm else "X"  # (X_hvg falls back to X)
             check_scale(x_in, self.is_log1p_, f"input ({src})", getattr(self, "target_sum_", None))
         pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
-                                          self.vocab_.cell_types, cell_type_col is not None,
+                                          self.vocab_.cell_types, cols.cell_type_given,
                                           pool_mode == "all", need_controls=not own_basal)
         if expression_in:
             self._check_normalisation(adata, x_in, ctx, is_ctrl)
@@ -1838,15 +1835,12 @@ class StateTransitionModel(Estimator):
         c = self.columns_
         if pred.n_vars != x_real.shape[1]:
             raise DataError("score() needs the prediction and the input in the same space.")
-        given_ct = cell_type_option("cell_type_col", predict_options.get("cell_type_col"),
-                                    predict_options.get("cell_type_key"))
-        control = predict_options.get("control_pert")
-        control = c.control_pert if control is None else str(control)
-        pert, ctx, _ = input_labels(adata, predict_options.get("pert_col") or c.pert_col,
-                                    None if given_ct is False else given_ct or c.cell_type_key,
-                                    control, self.vocab_.cell_types, given_ct is not None,
-                                    no_cell_types(given_ct,
-                                                  predict_options.get("basal_pool")) == "all")
+        cols = input_columns(c, *(predict_options.get(k) for k in (
+            "pert_col", "cell_type_col", "cell_type_key", "control_pert", "basal_pool")))
+        control = cols.control
+        pert, ctx, _ = input_labels(adata, cols.pert_col, cols.cell_type_col, control,
+                                    self.vocab_.cell_types, cols.cell_type_given,
+                                    cols.basal_pool == "all")
         rows = pd.Index(adata.obs_names).get_indexer(pred.obs_names)  # (cell names are unique)
         if (rows < 0).any():
             raise ConfigError("score() compares the predictions of the input's own cells; leave "

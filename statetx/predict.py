@@ -27,6 +27,7 @@ import torch
 from statetx._heap import retained_heap
 from statetx._utils import (
     MATMUL_PRECISIONS,
+    cell_type_option,
     did_you_mean,
     looks_log1p,
     matmul_precision_scope,
@@ -35,6 +36,7 @@ from statetx._utils import (
     sample_rows,
     say,
 )
+from statetx.config import ColumnMap
 from statetx.data import PreparedData, SplitData, batch_in_context, group_labels
 from statetx.errors import ConfigError, DataError
 from statetx.io import control_like, gene_names, hvg_names, layer_hint, obs_labels
@@ -81,6 +83,31 @@ def no_cell_types(cell_type_col: str | bool | None, basal_pool: str | None) -> s
         raise ConfigError(f"cell_type_col=False makes all cells one context, which pools every "
                           f"control; it cannot go with basal_pool={basal_pool!r}.")
     return "all"
+
+
+@dataclass(frozen=True)
+class InputColumns:
+    """What a prediction reads from its input: a call's options over the model's columns."""
+
+    pert_col: str
+    control: str
+    cell_type_col: str | None  # None: all cells form one context (cell_type_col=False)
+    cell_type_given: bool  # a cell-type column (or False) was passed: its absence is an error
+    basal_pool: str | None
+
+
+def input_columns(columns: ColumnMap, pert_col: str | None, cell_type_col: str | bool | None,
+                  cell_type_key: str | bool | None, control_pert: str | None,
+                  basal_pool: str | None) -> InputColumns:
+    """The columns and control label of a ``predict`` (``score``, a baseline's ``predict``)
+    call: the call's, else the model's (``cell_type_key`` is ``cell_type_col``'s other name)."""
+    given = cell_type_option("cell_type_col", cell_type_col, cell_type_key)
+    return InputColumns(
+        pert_col=pert_col or columns.pert_col,
+        control=columns.control_pert if control_pert is None else str(control_pert),  # as fit
+        cell_type_col=None if given is False else (given or columns.cell_type_key),
+        cell_type_given=given is not None,
+        basal_pool=no_cell_types(given, basal_pool))
 
 
 def resolve_pool(basal_pool: str | None, default: str, batch_col: str | None,

@@ -103,7 +103,7 @@ def truncated_ckpt(run, tmp_path):
      r"obs column 'target_gene' not found in the input \(available: gene, cell_type, batch\)"),
     # pooling every context's controls silently would pair cells across cell types
     (lambda a: None, {"cell_type_col": "celltype"},
-     r"no obs column 'celltype'.*Did you mean: 'cell_type'.*Pass cell_type_col"),
+     r"no obs column 'celltype'.*Did you mean: 'cell_type'.*Pass cell_type_key"),
     (lambda a: a.obs.rename(columns={"cell_type": "ct"}, inplace=True), {},
      r"no obs column 'cell_type'.*pass basal_pool='all'"),
 ], ids=["pert-column-renamed", "pert-col-option-wrong", "cell-type-col-option-wrong",
