@@ -235,9 +235,9 @@ def check_folder(path: Path, what: str) -> None:
 
 def atomic_folder(path: str | os.PathLike, writer: Any) -> Path:
     """Call ``writer(tmp)`` on a new temporary folder next to ``path``, then put it in place of
-    ``path`` (an earlier folder there is removed only then): a failed writer leaves ``path`` as
-    it was and nothing half-written."""
-    path = Path(path)
+    ``path`` (an earlier folder there is removed only then; a symbolic link's target is the
+    folder replaced): a failed writer leaves ``path`` as it was and nothing half-written."""
+    path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = temporary_name(path), temporary_name(path, ".old")
     try:
@@ -245,10 +245,17 @@ def atomic_folder(path: str | os.PathLike, writer: Any) -> Path:
         writer(tmp)
         if path.exists():
             path.rename(old)
-        tmp.rename(path)
+        try:
+            tmp.rename(path)
+        except OSError:
+            if old.exists() and not path.exists():
+                old.rename(path)  # (the earlier folder back)
+            raise
     finally:
         for leftover in (tmp, old):
-            if leftover.exists():
+            if leftover.is_symlink():
+                leftover.unlink()
+            elif leftover.exists():
                 shutil.rmtree(leftover)
     return path
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from statetx._utils import atomic_folder
+from statetx._utils import atomic_folder, check_folder
 from statetx.arc import _CONV1D_RE
 from statetx.errors import ConfigError
 from statetx.runconfig import config_of_model, dump_config
@@ -58,19 +58,27 @@ def export_arc(model: StateTransitionModel, out: str | Path, *, overwrite: bool 
         raise ConfigError("this model cannot be written as an arc-state run: "
                           + "; ".join(problems) + ".")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file; give the folder to write the run directory to.")
+    check_folder(out, "the export folder")
+    if out.exists():
+        real = out.resolve()
+        if real in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+            raise ConfigError(f"{out} is (or contains) the current folder, which the export "
+                              "replaces: export to another folder.")
+        source = getattr(model, "run_dir_", None)
+        if source is not None and Path(source).exists() and Path(source).resolve() == real:
+            raise ConfigError(f"{out} is the model's own run folder; export to another folder.")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"{out} exists and is not empty; choose a new folder or pass "
                               "overwrite=True (--overwrite).")
-        if not ((out / "config.yaml").is_file() and (out / "checkpoints").is_dir()):
-            raise ConfigError(f"{out} holds files that are not an arc-state run (config.yaml "
-                              "and checkpoints/), and overwrite=True replaces the folder whole; "
-                              "choose a new folder.")
-        if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
-            raise ConfigError(f"{out} is (or contains) the current folder; overwrite=True "
-                              "replaces it whole: export to another folder.")
+        statetx_files = [n for n in ("statetx_run.json", "model.json") if (out / n).exists()]
+        if statetx_files or not ((out / "config.yaml").is_file()
+                                 and (out / "checkpoints").is_dir()):
+            raise ConfigError(f"{out} holds files that are not an arc-state run"
+                              + (f" ({', '.join(statetx_files)}: a statetx run or model)"
+                                 if statetx_files else " (config.yaml and checkpoints/)")
+                              + ", and overwrite=True replaces the folder whole; choose a new "
+                              "folder.")
     v = model.vocab_
     hp = hyper_parameters(model)
     ckpt = {"state_dict": arc_state_dict(model.network_, int(model.cell_set_len_)),

@@ -993,9 +993,11 @@ class Trainer:
                     + "; ".join(data) + "). Resume with the data and split spec the run started "
                     "with, or start afresh (fit(..., force_resume=True), or tx train "
                     "resume=force, continues anyway).")
-            # (the network is the same: model_kwargs spelled out, e.g. by a run's config.yaml
-            # given again, change nothing)
-            changed = [c for c in changed_params(theirs, mine) if not c.startswith("model_kwargs:")]
+            # model_kwargs that build the same network and sets (e.g. a run's config.yaml given
+            # again, every key spelled out at the preset's value) change nothing
+            same_net = mine.get("cell_set_len") == theirs.get("cell_set_len")
+            changed = [c for c in changed_params(theirs, mine)
+                       if not (same_net and c.startswith("model_kwargs:"))]
             if changed and _is_main():
                 warnings.warn(f"resuming {path} with changed settings: {'; '.join(changed)}. "
                               "The steps so far were trained with the earlier ones (the run's "

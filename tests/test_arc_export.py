@@ -7,6 +7,7 @@ needs arc-state installed): see docs/arc-import.md.
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import anndata as ad
 import numpy as np
@@ -93,6 +94,21 @@ def test_a_trained_model_and_a_run_on_the_command_line(tmp_path, capsys):
                  "--overwrite"]) == 2
     assert "not an arc-state run" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    # a statetx run (here the model's own) is never replaced by an export
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert main(["export-arc", str(tmp_path / "run"), "--out", str(tmp_path / "run"),
+                 "--overwrite"]) == 2
+    assert "model's own run folder" in capsys.readouterr().err
+    shutil.copytree(tmp_path / "run", tmp_path / "copy_of_run")
+    with pytest.raises(ConfigError, match="statetx_run.json.*a statetx run"):
+        model.to_arc_state(tmp_path / "copy_of_run", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    # a symbolic link to an earlier export: its folder is replaced, the link kept
+    (tmp_path / "link").symlink_to(tmp_path / "cli", target_is_directory=True)
+    assert main(["export-arc", str(tmp_path / "run"), "--out", str(tmp_path / "link"),
+                 "--overwrite"]) == 0
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link" / "config.yaml").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
 def test_a_failed_export_leaves_nothing_half_written(tmp_path, monkeypatch):

@@ -61,3 +61,25 @@ def test_saved_model_weights_get_the_umask_mode(tmp_path):
     small_model(max_steps=1).fit(make_synthetic()).save(tmp_path / "m")
     modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in (tmp_path / "m").iterdir()}
     assert modes["model.safetensors"] == modes["model.json"]
+
+
+def test_atomic_folder_puts_the_earlier_folder_back_when_the_swap_fails(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from statetx._utils import atomic_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("earlier")
+    rename = Path.rename
+
+    def failing(self, target):
+        if ".tmp" in self.name and ".old" not in self.name:  # the new folder into place
+            raise OSError("cross-device link")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="cross-device"):
+        atomic_folder(out, lambda tmp: (tmp / "new.txt").write_text("new"))
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporaries left

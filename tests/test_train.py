@@ -567,6 +567,10 @@ def test_resume_with_changed_settings_says_which(synth, tmp_path):
                       r"pad_from: 'group' -> 'chunk'\. The steps so far"):
         small_model(max_steps=3, downsample_cells=30, pad_from="chunk").fit(
             synth, output_dir=run, resume_from=run / "checkpoints" / "last.ckpt")
+    # model_kwargs: a set length is a change (said); the preset's own values spelled out are not
+    with pytest.warns(UserWarning, match="changed settings: .*model_kwargs: .*'cell_set_len': 4"):
+        small_model(max_steps=4, cell_set_len=None, model_kwargs={**SMALL, "cell_set_len": 4}
+                    ).fit(synth, output_dir=run, resume_from=run / "checkpoints" / "last.ckpt")
 
 
 def test_refitting_into_the_current_folder_is_refused(synth, tmp_path, monkeypatch):
