@@ -332,8 +332,7 @@ def test_fit_resume_from_truncated_checkpoint(truncated_ckpt, tmp_path):
 def test_save_onto_a_file_is_refused(model, tmp_path):
     target = tmp_path / "model"
     target.write_text("not a directory")
-    with pytest.raises(ConfigError, match=rf"cannot save the model to {target}: it exists and is "
-                                          "not a directory"):
+    with pytest.raises(ConfigError, match=rf"the model folder '{target}' is a file"):
         model.save(target)
     assert target.read_text() == "not a directory"
 
