@@ -1469,8 +1469,8 @@ class StateTransitionModel(Estimator):
             The input's cells followed by the virtual ones (named
             ``<context>_<perturbation>_<i>``), with the input's ``var`` columns and ``uns``.
             A virtual cell's obs holds its perturbation, cell type and batch; the input's other
-            obs columns are left empty for it (the cloned control's values describe a control),
-            and ``statetx_ctrl_barcode`` names the control it was cloned from.
+            obs columns are left empty for it (a control's values describe a control), and
+            ``statetx_ctrl_barcode`` names the control cell it was predicted from.
         """
         if n_cells is not None and (tsv is not None or isinstance(perturbations, Mapping)):
             raise ConfigError("n_cells is given twice: by the cell counts of the "
@@ -1531,7 +1531,9 @@ class StateTransitionModel(Estimator):
         # condition, sample, QC) describe a control cell: left empty, said once
         keep = [col for col in dict.fromkeys(keep) if col is not None and col in adata.obs
                 and col != pert_col]
-        obs_parts, rows, p_parts, c_parts, b_parts = [adata.obs], [np.arange(adata.n_obs)], \
+        empty = [col for col in adata.obs.columns if col not in (pert_col, *keep)]
+        base = _nullable(adata.obs, empty)
+        obs_parts, rows, p_parts, c_parts, b_parts = [base], [np.arange(adata.n_obs)], \
             [pert], [ctx], [batch]
         for context in sorted(np.unique(ctx[is_ctrl])):
             pool = np.flatnonzero(is_ctrl & (ctx == context))
@@ -1545,17 +1547,18 @@ class StateTransitionModel(Estimator):
                         pool[rng.integers(len(pool), size=n)])
                 o = adata.obs.iloc[pick][keep].copy()
                 o.index = [f"{context}_{p}_{i}" for i in range(n)]
+                for col in empty:  # (missing, in the column's own type)
+                    o[col] = pd.Series(None, index=o.index, dtype=base[col].dtype)
                 obs_parts.append(o)
                 rows.append(pick)
                 p_parts.append(np.full(n, p, dtype=object))
                 c_parts.append(ctx[pick])
                 b_parts.append(batch[pick])
-        obs = _with_dtypes(pd.concat(obs_parts), adata.obs)
-        empty = [str(col) for col in adata.obs.columns if col not in (pert_col, *keep)]
+        obs = pd.concat(obs_parts)[adata.obs.columns]
         if empty and len(obs_parts) > 1:
-            say(f"virtual cells: obs columns {preview(empty)} are left empty (the cloned control "
-                "cells' values describe controls); statetx_ctrl_barcode names each clone's "
-                "control cell.")
+            say(f"virtual cells: obs columns {preview(empty)} are left empty (the control cells' "
+                "values describe controls); statetx_ctrl_barcode names the control each was "
+                "predicted from.")
         if obs.index.has_duplicates:  # a virtual name equal to an input name (or another's)
             obs.index = ad.utils.make_index_unique(obs.index.astype(str))
         # the input's cells keep their own labels (its control label, if it differs)
@@ -2253,20 +2256,15 @@ def _warn_padding(sampler: Any, pairing: str, strategy: str) -> None:
         UserWarning, stacklevel=3)
 
 
-def _with_dtypes(obs: pd.DataFrame, like: pd.DataFrame) -> pd.DataFrame:
-    """``obs`` with the column types of ``like`` where rows left empty changed them: booleans
-    and integers become pandas' nullable types, categories keep their categories."""
-    for col in like.columns:
-        if col not in obs or not obs[col].isna().any():
-            continue
-        dtype = like[col].dtype
-        if isinstance(dtype, pd.CategoricalDtype):
-            obs[col] = pd.Categorical(obs[col], categories=dtype.categories,
-                                      ordered=dtype.ordered)
-        elif pd.api.types.is_bool_dtype(dtype):
-            obs[col] = obs[col].astype("boolean")
-        elif pd.api.types.is_integer_dtype(dtype):
-            obs[col] = obs[col].astype("Int64")
+def _nullable(obs: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """``obs`` with its integer and boolean ``columns`` in pandas' nullable types (Int64,
+    UInt8, boolean, ...: exact values, and room for missing ones)."""
+    obs = obs.copy()
+    for col in columns:
+        dtype = obs[col].dtype
+        if pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_integer_dtype(dtype):
+            obs[col] = obs[col].convert_dtypes(infer_objects=False, convert_string=False,
+                                               convert_floating=False)
     return obs
 
 

@@ -651,11 +651,13 @@ def test_simulate_virtual_experiments(fitted, tmp_path):
     # (not copied: a virtual P1 cell is no control), with their types, and it writes
     controls.obs["is_control"] = True
     controls.obs["condition"] = pd.Categorical(["ctrl"] * controls.n_obs)
-    controls.obs["n_genes"] = np.arange(controls.n_obs)
+    controls.obs["n_genes"] = 2**60 + np.arange(controls.n_obs)  # (exact: no float detour)
     sim = model.simulate(controls, ["P1"], n_cells=2)
     virtual = sim.obs.iloc[controls.n_obs:]
     assert virtual[["is_control", "condition", "n_genes"]].isna().all().all()
     assert sim.obs["is_control"].dtype == "boolean" and sim.obs["n_genes"].dtype == "Int64"
+    assert (sim.obs["n_genes"].iloc[:controls.n_obs].to_numpy()
+            == controls.obs["n_genes"].to_numpy()).all()
     assert list(sim.obs["condition"].cat.categories) == ["ctrl"]
     assert (sim.obs["is_control"].iloc[:controls.n_obs] == True).all()  # noqa: E712
     assert (virtual["cell_type"].to_numpy() == controls[virtual["statetx_ctrl_barcode"]]
