@@ -50,6 +50,8 @@ class Estimator(BaseEstimator):
 
     #: fitted attributes that a pickle of a fitted estimator must hold
     _PICKLED_FIT: tuple[str, ...] = ()
+    #: how to move a fitted estimator between statetx versions (said when a pickle cannot)
+    _MOVE_HINT = "refit it with this version"
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -64,12 +66,12 @@ class Estimator(BaseEstimator):
         if any(k.endswith("_") and not k.startswith("_") for k in state):  # fitted
             missing += [a for a in self._PICKLED_FIT if a not in state]
         if missing:
-            raise DataError(
-                f"this pickle of a {type(self).__name__} (made by "
-                + (f"statetx {version}" if version else "an earlier statetx")
-                + f") lacks {', '.join(missing)}, which statetx {__version__} needs. Pickles "
-                "do not move between versions: load it with the statetx that made it and "
-                "move the model with save() / load().")
+            made = (f"made by statetx {version}" if version and version != __version__ else
+                    "made by an earlier statetx" if not version else "damaged, or made by "
+                    "another development state of this version")
+            raise DataError(f"this pickle of a {type(self).__name__} ({made}) lacks "
+                            f"{', '.join(missing)}, which statetx {__version__} needs: pickles "
+                            f"do not move between versions; {self._MOVE_HINT}.")
         self.__dict__.update(state)
 
     @classmethod

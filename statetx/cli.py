@@ -983,25 +983,33 @@ EVAL_OUTPUTS = ("adata_pred.h5ad", "adata_real.h5ad", "*_results.csv", "*_real_d
 
 
 def _replace_files(out: Path, patterns: Sequence[str], write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` into a new folder next to ``out``; when it succeeded, the files of ``out``
-    matching ``patterns`` (an earlier run's) are replaced by what it wrote. A failure leaves
-    ``out`` as it was."""
+    """``write(tmp)`` into a new folder inside ``out``; when it succeeded, its files replace
+    ``out``'s and the files of ``out`` matching ``patterns`` that it did not write (an earlier
+    run's) are removed. A failure leaves ``out`` as it was (or absent, if it was)."""
     import shutil
 
     from statetx._utils import temporary_name
 
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(out)
+    tmp = temporary_name(out / "new")  # (inside out: one file system for the moves)
     tmp.mkdir()
     try:
         write(tmp)
-        stale = sorted({f for pattern in patterns for f in out.glob(pattern)})
+        new = {f.name for f in tmp.iterdir()}
+        stale = sorted({f for pattern in patterns for f in out.glob(pattern)
+                        if f.name not in new})
+        for name in new:
+            os.replace(tmp / name, out / name)
         for f in stale:  # an earlier evaluation's files: not mixed with this one's
             f.unlink(missing_ok=True)
         if stale:
-            _say(f"replaced {len(stale)} files of an earlier evaluation in {out}")
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
+            _say(f"removed {_plural(len(stale), 'file')} of an earlier evaluation in {out} "
+                 "that this one does not write")
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -1304,12 +1312,12 @@ def _check_output(output: str, source: str) -> None:
     _not_the_input(out, source)
 
 
-def _not_the_input(output: str | Path, *sources: str | Path) -> None:
+def _not_the_input(output: str | Path, *sources: str | Path, flag: str = "--output") -> None:
     """Refuse an output file that is one of the command's input files."""
     from statetx._utils import same_file
 
     if any(same_file(output, s) for s in sources):
-        raise UsageError(f"--output {output} is an input file: give another name (the input "
+        raise UsageError(f"{flag} {output} is an input file: give another name (the input "
                          "is kept as it is).")
 
 
@@ -1492,7 +1500,9 @@ def cmd_evaluate_baseline(a: argparse.Namespace) -> int:
 
     _check_output(a.output, a.adata)
     if a.output_de:
-        _not_the_input(a.output_de, a.adata, a.output)
+        _not_the_input(a.output_de, a.adata, flag="--output-de")
+        if Path(a.output_de).resolve() == Path(a.output).resolve():
+            raise UsageError("--output-de and --output name one file; give two names.")
     adata = _read(a.adata)
     a.pert_col, a.control_pert = recorded_labels(adata, a.pert_col, a.control_pert)
     n_cells = None

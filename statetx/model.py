@@ -328,6 +328,8 @@ class StateTransitionModel(Estimator):
     _fine_tunes = False  # (a subclass starting from trained weights: no size advice)
     _PICKLED_FIT = ("network_config_", "vocab_", "columns_", "var_names_", "cell_set_len_",
                     "is_log1p_")
+    _MOVE_HINT = ("load it with the statetx that made it and move the model with save() / "
+                  "load()")
 
     def __init__(
         self,
@@ -1717,6 +1719,9 @@ class StateTransitionModel(Estimator):
                 "control_pert": self.vocab_.control_pert,
                 "celltype_col": self.columns_.cell_type_key, "scale": self._output_scale}
         if pseudobulk:
+            if additional_obs:
+                raise ConfigError("additional_obs= copies per-cell obs columns; pseudobulk rows "
+                                  "are groups of cells: leave one of them out.")
             pair = self._split_pseudobulks(d, order, run, clip, controls, datasets)
             for a in pair:
                 a.uns["statetx"] = dict(info)

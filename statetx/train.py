@@ -1207,10 +1207,10 @@ class _LineProgress:
         if self.fields is None:
             return
         rate = (self.n - self.start) / max(time.perf_counter() - self.t0, 1e-9)
-        eta = (self.total - self.n) / max(rate, 1e-9)
+        minutes, seconds = divmod(round((self.total - self.n) / max(rate, 1e-9)), 60)
         print(f"training: step {self.n}/{self.total}, "
               + ", ".join(f"{k} {v}" for k, v in self.fields.items())
-              + f", ETA {eta // 3600:.0f}:{eta % 3600 // 60:02.0f}:{eta % 60:02.0f}",
+              + f", ETA {minutes // 60}:{minutes % 60:02d}:{seconds:02d}",
               file=sys.stderr, flush=True)
         self.fields = None
 

@@ -165,7 +165,7 @@ def test_predict_pseudobulk_gives_the_cell_level_metrics(run, capsys):
     (out / "notes.txt").write_text("the user's own file\n")
     assert main(args) == 0  # a new evaluation replaces every file of the earlier one
     assert not (out / "CT9_results.csv").exists() and (out / "notes.txt").is_file()
-    assert "replaced 8 files of an earlier evaluation" in capsys.readouterr().out
+    assert "removed 1 file of an earlier evaluation" in capsys.readouterr().out
     # a new evaluation that fails leaves the earlier one as it was (it was deleted first)
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     import statetx.metrics

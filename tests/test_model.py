@@ -787,6 +787,8 @@ def test_additional_obs_reach_predict_split(synth, tmp_path):
         r2.obs["pert_cell_barcode"], "obs_only"].to_numpy())
     with pytest.raises(ConfigError, match="'gene' is written to the outputs already"):
         m2.predict_split("test", additional_obs=["gene"])
+    with pytest.raises(ConfigError, match="pseudobulk rows are groups of cells"):
+        m2.predict_split("test", additional_obs=["obs_only"], pseudobulk=True)
     np.testing.assert_array_equal(pred.obs["dose"].to_numpy(), src["dose"].to_numpy())
     np.testing.assert_array_equal(real.obs["plate"].to_numpy(), src["plate"].to_numpy())
     assert isinstance(pred.obs["plate"].dtype, pd.CategoricalDtype)  # dtypes kept

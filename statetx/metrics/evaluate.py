@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -482,7 +483,7 @@ def evaluate(
     return results, agg
 
 
-#: the files an evaluation wrote to its folder, one name per line: a later evaluation into the
+#: the files an evaluation wrote to its folder (a JSON list of names): a later evaluation into the
 #: same folder removes those it does not write again (a table of other cell types, other DE
 #: settings), so that the folder holds one evaluation's results only
 MANIFEST = ".statetx_evaluate"
@@ -528,9 +529,17 @@ def _write(outdir: Path, outputs: list[tuple[str | None, EvalOutput]], de_mode: 
     if de_mode != "pdex-0.3":  # numbers of another era: say so next to them
         put("de_mode.txt", text, f"{de_mode}\n")
     manifest = outdir / MANIFEST
-    earlier = manifest.read_text().split("\n") if manifest.is_file() else []
-    for name in set(earlier) - set(written):
-        if name and "/" not in name and name not in (".", ".."):
-            (outdir / name).unlink(missing_ok=True)
-    atomic_write_text(manifest, "".join(f"{n}\n" for n in written))
+    try:
+        earlier = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else []
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        earlier = []  # (not ours, or damaged: nothing is removed)
+    gone = sorted(n for n in set(earlier if isinstance(earlier, list) else []) - set(written)
+                  if isinstance(n, str) and (outdir / n).parent == outdir
+                  and (outdir / n).is_file())
+    for name in gone:
+        (outdir / name).unlink()
+    if gone:
+        say(f"removed {len(gone)} result file(s) of an earlier evaluation in {outdir}: "
+            f"{preview(gone, 6)}", who="statetx.evaluate")
+    atomic_write_text(manifest, json.dumps(written))
 
