@@ -4,6 +4,7 @@ importing a namespace does not import torch, scipy or scanpy before they are nee
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,7 +24,7 @@ def lazy_attributes(package: str, names: Mapping[str, str], submodules: tuple[st
             return importlib.import_module(f"{package}.{name}")
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
-    def __dir__() -> list[str]:
-        return public
+    def __dir__() -> list[str]:  # (the module's own names too: __doc__, __file__, ...)
+        return sorted({*vars(sys.modules[package]), *public})
 
     return __getattr__, __dir__, public

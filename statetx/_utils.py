@@ -414,5 +414,4 @@ def sigterm_unwinds() -> Callable[[], None] | None:
 
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether two paths name one existing file (links and relative paths resolved)."""
-    a, b = Path(a), Path(b)
-    return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)

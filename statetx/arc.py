@@ -719,7 +719,7 @@ def load_arc_run(
         check.same("number of batches", batch_n, len(batches), "batch_onehot_map")
 
     gene_names = [str(g) for g in (var_dims.get("gene_names") or hp.get("gene_names") or [])]
-    twice = repeated(gene_names)
+    twice = repeated(gene_names) if output_space != "embedding" else []
     if twice:  # (predictions are matched to the input's genes by name)
         raise DataError(f"the run's gene names (var_dims.pkl, or the checkpoint) repeat "
                         f"{preview(twice)}: genes could not be matched by name. Repair "

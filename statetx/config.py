@@ -146,6 +146,11 @@ class SplitConfig(BaseModel):
         loc = f"[{section}]" + (f'."{key}"' if key else "") + (f".{field}" if field else "")
         return f"{loc} in {self.source}" if self.source and self.source != "<dict>" else loc
 
+    def summarize(self, *args: object, **kwargs: object) -> None:
+        """Moved to :func:`statetx.splits.summarize_config` (a schema reads no data)."""
+        raise AttributeError("SplitConfig.summarize(data, columns) is now "
+                             "statetx.splits.summarize_config(config, data, columns).")
+
     def referenced_datasets(self) -> list[str]:
         """Datasets that are loaded: [training] keys and the datasets of held-out keys, sorted."""
         names = set(self.training)

@@ -2144,8 +2144,7 @@ class StateTransitionModel(Estimator):
         ``checkpoint``: a file name in ``checkpoints/`` or a path; default ``final.ckpt``, else
         ``last.ckpt`` (printed). Weights-only loading. See :func:`statetx.run.load_run`.
         """
-        return load_model(StateTransitionModel, run_dir, checkpoint, device=device,
-                          verbose=verbose)
+        return load_model(cls, run_dir, checkpoint, device=device, verbose=verbose)
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict:

@@ -34,5 +34,5 @@ __all__ = [
 ]
 _HOME = {"evaluate": "statetx.metrics", "vcc_score": "statetx.metrics",
          "combination_features": "statetx.vocab"}
-__getattr__, __dir__, _ = lazy_attributes(
-    __name__, {n: _HOME.get(n, "statetx.baselines") for n in __all__})
+__getattr__, __dir__ = lazy_attributes(
+    __name__, {n: _HOME.get(n, "statetx.baselines") for n in __all__})[:2]

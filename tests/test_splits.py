@@ -495,3 +495,10 @@ def test_in_memory_datasets_the_spec_does_not_use_are_said(kang_raw, capsys):
     load_files({"a": a}, spec, cols)
     assert "used instead of the [datasets] path for 'a' (elsewhere.h5ad)" in (
         capsys.readouterr().out)
+
+
+def test_the_moved_summarize_says_where_it_went():
+    from statetx.config import SplitConfig
+
+    with pytest.raises(AttributeError, match=r"statetx.splits.summarize_config\(config, data"):
+        SplitConfig.from_toml({"training": {"d": "train"}}).summarize(None)

@@ -41,7 +41,7 @@ def load(obj: ad.AnnData | str | Path, which: str) -> ad.AnnData:
             raise DataError(f"{which} file {str(path)!r} does not exist; pass an existing h5ad")
         try:
             obj = ad.read_h5ad(path)
-        except Exception as exc:  # (h5py, anndata and OS errors: the file is not readable)
+        except (OSError, KeyError, ValueError, TypeError) as exc:  # (h5py's are OSErrors)
             raise DataError(f"{which} file {str(path)!r} could not be read as an AnnData "
                             f"(.h5ad): {exc}") from None
     elif not isinstance(obj, ad.AnnData):
