@@ -53,6 +53,17 @@ class Estimator(BaseEstimator):
     #: how to move a fitted estimator between statetx versions (said when a pickle cannot)
     _MOVE_HINT = "refit it with this version"
 
+    def _learned_state(self) -> dict[str, Any]:
+        """What a fit learned (attributes ending in ``_``, and the prepared training data)."""
+        return {k: v for k, v in vars(self).items() if k.endswith("_") or k == "_prepared"}
+
+    def _restore_learned(self, state: dict[str, Any]) -> None:
+        """Put back what :meth:`_learned_state` took: a failed refit leaves the estimator as it
+        was (fitted or not)."""
+        for k in self._learned_state():
+            delattr(self, k)
+        vars(self).update(state)
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("_prepared", None)  # (the training data: not part of a model)

@@ -151,14 +151,11 @@ class _Baseline(Estimator):
 
     def _fit_prepared(self, prepared: PreparedData) -> _Baseline:
         self._validate_params()
-        learned = [k for k in vars(self) if k.endswith("_") or k == "_prepared"]
-        before = {k: getattr(self, k) for k in learned}
+        before = self._learned_state()
         try:
             return self._learn(prepared)
         except BaseException:  # a failed refit leaves the fitted baseline as it was
-            for k in [k for k in vars(self) if k.endswith("_") or k == "_prepared"]:
-                delattr(self, k)
-            vars(self).update(before)
+            self._restore_learned(before)
             raise
 
     def _learn(self, prepared: PreparedData) -> _Baseline:

@@ -856,7 +856,7 @@ class StateTransitionModel(Estimator):
                 say(samplers['train'].describe())
         elif rank == 0:
             _warn_padding(samplers["train"], settings["pairing"], self.basal_mapping_strategy)
-        previous = {k: v for k, v in vars(self).items() if k.endswith("_") or k == "_prepared"}
+        previous = self._learned_state()
         # a fresh run (not resumed; the CLI prepares its own folder) starts in an empty folder;
         # an earlier run there is set aside until this one has written a checkpoint
         fresh = (out is not None and resume_from is None and rank == 0
@@ -893,9 +893,7 @@ class StateTransitionModel(Estimator):
                        "step" if world > 1 else ""))
             history = trainer.fit(resume_from=resume_from)
         except BaseException:
-            for k in [k for k in vars(self) if k.endswith("_") or k == "_prepared"]:
-                delattr(self, k)
-            vars(self).update(previous)
+            self._restore_learned(previous)
             if fresh:
                 settle_aside(out, aside, has_checkpoints(out), existed)
             raise
