@@ -114,17 +114,20 @@ class DataFile:
                 return int(node.shape[1])
             return int(node.attrs["shape"][1])
 
+    def _annotations(self, which: str) -> pd.DataFrame:
+        """``obs`` or ``var`` (an in-memory object's own; a file's read from it)."""
+        if self.adata is not None:
+            return getattr(self.adata, which)
+        backed = ad.read_h5ad(self.path, backed="r")
+        try:
+            return getattr(backed, which)
+        finally:
+            backed.file.close()
+
     def obs_columns(self, columns: Sequence[str]) -> pd.DataFrame:
         """The given obs columns of every cell (in file order); DataError naming the file and
         the missing column(s)."""
-        if self.adata is not None:
-            obs = self.adata.obs
-        else:
-            backed = ad.read_h5ad(self.path, backed="r")
-            try:
-                obs = backed.obs
-            finally:
-                backed.file.close()
+        obs = self._annotations("obs")
         missing = [c for c in columns if c not in obs.columns]
         if missing:
             raise DataError(f"additional_obs: obs column(s) {', '.join(map(repr, missing))} not "
@@ -134,15 +137,7 @@ class DataFile:
 
     def var_frame(self) -> pd.DataFrame:
         """The file's var annotations, indexed by the gene names it was read with."""
-        if self.adata is not None:
-            var = self.adata.var
-        else:
-            backed = ad.read_h5ad(self.path, backed="r")
-            try:
-                var = backed.var
-            finally:
-                backed.file.close()
-        var = var.copy()
+        var = self._annotations("var").copy()
         var.index = pd.Index(self.var_names, dtype=str,
                              name=None if self.gene_name_col else var.index.name)
         return var
