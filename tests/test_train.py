@@ -783,3 +783,18 @@ def test_options_without_effect_are_said(synth):
     with pytest.warns(UserWarning, match=r"validation runs 2 time\(s\), and stopping needs 3 "
                                          r"\(lower val_freq\)"):
         small_model(max_steps=4, val_freq=3, early_stopping_patience=2).fit(synth, FEWSHOT)
+
+
+def test_a_run_resumed_to_more_steps_validates_and_stops_as_one_that_never_stopped(synth,
+                                                                                    tmp_path):
+    """The extra validation at a run's last step (off the val_freq schedule) is logged only:
+    best checkpoint and early stopping are those of the uninterrupted run."""
+    opts = dict(val_freq=3, ckpt_every_n_steps=3, lr=3e-2, early_stopping_patience=2)
+    whole = small_model(max_steps=20, **opts).fit(synth, FEWSHOT, output_dir=tmp_path / "a")
+    small_model(max_steps=8, **opts).fit(synth, FEWSHOT, output_dir=tmp_path / "b")
+    resumed = small_model(max_steps=20, **opts).fit(
+        synth, FEWSHOT, output_dir=tmp_path / "b",
+        resume_from=tmp_path / "b" / "checkpoints" / "last.ckpt")
+    assert resumed.best_step_ == whole.best_step_ and resumed.best_step_ % 3 == 0
+    wa, wb = weights(whole), weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
