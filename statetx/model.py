@@ -9,7 +9,6 @@ unpickles on a CPU-only machine) and save to a directory that loads without exec
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,7 +50,12 @@ from statetx.data import (
     warn_training_scale,
     with_training_var,
 )
-from statetx.distributed import env_local_rank, init_distributed, resolve_device
+from statetx.distributed import (
+    env_local_rank,
+    init_distributed,
+    raise_together,
+    resolve_device,
+)
 from statetx.errors import ConfigError, DataError, StatetxError
 from statetx.io import gene_names, obs_labels, recorded_target_sum
 from statetx.losses import get_loss, split_loss_kwargs
@@ -747,15 +751,21 @@ class StateTransitionModel(Estimator):
              output_dir: str | Path | None, resume_from: str | Path | None,
              force_resume: bool) -> StateTransitionModel:
         self._check_params()
+        # torchrun: join/create the process group (None = one process, nothing distributed);
+        # train sets are sharded across ranks, validation batches are dealt by the Trainer
+        ddp = init_distributed(self.device)
+        rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
         out = Path(output_dir) if output_dir is not None else None
         if out is not None:
             if out.exists() and not out.is_dir():
                 raise ConfigError(f"output_dir {out} is a file; give a folder.")
-            # (rank 0 only under torchrun: it alone writes, and may already be writing there)
-            if (os.environ.get("RANK", "0") == "0" and out.is_dir() and any(out.iterdir())
-                    and not looks_like_run(out)):
-                raise ConfigError(f"output_dir {out} holds files that are not a statetx run; "
-                                  "choose an empty or new folder (nothing was written).")
+            # (rank 0 looks: it alone writes, and may already be writing there; every rank
+            # raises its finding, or the others would wait for it at a collective)
+            foreign = (rank == 0 and out.is_dir() and any(out.iterdir())
+                       and not looks_like_run(out))
+            raise_together(ConfigError(f"output_dir {out} holds files that are not a statetx "
+                                       "run; choose an empty or new folder (nothing was "
+                                       "written).") if foreign else None)
             if resume_from is not None:
                 ckpts = Path(resume_from).resolve().parent
                 if ckpts != (out / "checkpoints").resolve() and has_checkpoints(out):
@@ -788,10 +798,6 @@ class StateTransitionModel(Estimator):
         set_len = int(arch["cell_set_len"])
         settings = self._training_defaults(preset, n_used, set_len)
         train_cfg = self._train_config(settings)
-        # torchrun: join/create the process group (None = one process, nothing distributed);
-        # train sets are sharded across ranks, validation batches are dealt by the Trainer
-        ddp = init_distributed(self.device)
-        rank, world = (ddp.rank, ddp.world_size) if ddp is not None else (0, 1)
         verbose = self.progress and rank == 0
         if rank == 0:
             warn_training_scale(prepared, stacklevel=4)

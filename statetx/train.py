@@ -511,7 +511,8 @@ class Trainer:
                 "training groups": getattr(self.train_sampler, "n_groups", None),
                 "validation batches": (None if self.val_sampler is None
                                        else len(self.val_sampler)),
-                "network": hashlib.sha256(shapes.encode()).hexdigest()[:16]}
+                "network": hashlib.sha256(shapes.encode()).hexdigest()[:16],
+                "training data": self.extra.get("training_data")}
         every = all_gather_objects(mine)
         total = getattr(self.train_sampler, "total_sets", None)
         if total is not None and total < self.world_size and _is_main():
@@ -528,6 +529,10 @@ class Trainer:
             if key == "settings":  # only the settings that differ
                 theirs = {k: v for k, v in theirs.items() if ours.get(k) != v}
                 ours = {k: ours.get(k) for k in theirs}
+            if key == "training data":  # (what differs, not two fingerprints)
+                said.append(f"training data on rank(s) {', '.join(map(str, ranks))}: "
+                            + "; ".join(data_differences(ours, theirs) or ["other cells"]))
+                continue
             said.append(f"{key} on rank(s) {', '.join(map(str, ranks))}: {theirs} (rank 0: "
                         f"{ours})")
         if said:

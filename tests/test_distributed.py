@@ -80,6 +80,25 @@ WORKER = textwrap.dedent('''
         res["mismatch"] = ""
     except Exception as exc:
         res["mismatch"] = f"{type(exc).__name__}: {exc}"
+    # 4. ranks given different data (rank 1's values scaled): refused on every rank too
+    other = adata.copy()
+    if rank == 1:
+        other.X = other.X * 3
+    try:
+        small_model(batch_size=%(B)d, max_steps=2, device="cpu").fit(other, spec)
+        res["data_mismatch"] = ""
+    except Exception as exc:
+        res["data_mismatch"] = f"{type(exc).__name__}: {exc}"
+    # 5. an output_dir only rank 0 checks (a folder of other files): every rank raises
+    foreign = out / "foreign"
+    foreign.mkdir(exist_ok=True)
+    (foreign / "notes.txt").write_text("mine")
+    try:
+        small_model(batch_size=%(B)d, max_steps=2, device="cpu").fit(adata, spec,
+                                                                     output_dir=foreign)
+        res["foreign"] = ""
+    except Exception as exc:
+        res["foreign"] = f"{type(exc).__name__}: {exc}"
     (out / f"result{rank}.json").write_text(json.dumps(res, default=float))
 ''') % {"B": B, "STEPS": STEPS}
 
@@ -187,6 +206,9 @@ def test_torchrun_two_ranks_match_one_process_with_double_batch(synth, tmp_path)
         assert r["mismatch"].startswith("ConfigError: the data-parallel ranks differ from rank "
                                         "0: settings on rank(s) 1: {'max_steps': 4} (rank 0: "
                                         "{'max_steps': 3})"), r["mismatch"]
+        assert "training data on rank(s) 1: the expression values" in r["data_mismatch"], (
+            r["data_mismatch"])
+        assert "holds files that are not a statetx run" in r["foreign"], r["foreign"]
 
     # rank 0 alone wrote the run: one metrics file with each step logged once
     run = tmp_path / "run"
