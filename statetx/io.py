@@ -112,6 +112,12 @@ class DataFile:
             node = f["X"] if source is None else f["obsm"][source]
             if isinstance(node, h5py.Dataset):
                 return int(node.shape[1])
+            if "shape" not in node.attrs:  # (a data frame, or another group)
+                kind = node.attrs.get("encoding-type", "group")
+                raise DataError(f"{'X' if source is None else f'obsm[{source!r}]'} of "
+                                f"{self.path} is stored as a {kind}, not a matrix; store it as "
+                                "an array (adata.obsm[key] = df.to_numpy()) or a sparse "
+                                "matrix.")
             return int(node.attrs["shape"][1])
 
     def _annotations(self, which: str) -> pd.DataFrame:

@@ -627,3 +627,14 @@ def test_a_copy_of_a_file_is_said(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         prepare(None, spec, COLS)
+
+
+def test_a_data_frame_in_a_files_obsm_is_named(tmp_path):
+    a = make_adata()
+    a.obsm["X_df"] = pd.DataFrame(np.asarray(a.X)[:, :3], index=a.obs_names,
+                                  columns=["c0", "c1", "c2"])
+    a.write_h5ad(tmp_path / "d.h5ad")
+    spec = {"datasets": {"d": str(tmp_path / "d.h5ad")}, "training": {"d": "train"}}
+    with pytest.raises(DataError, match=r"obsm\['X_df'\] of .*d.h5ad is stored as a dataframe"):
+        prepare(None, spec, ColumnMap.build(**{**COLS.model_dump(), "embed_key": "X_df",
+                                               "output_space": "embedding"}))
