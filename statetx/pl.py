@@ -13,11 +13,13 @@ import numpy as np
 import pandas as pd
 
 from statetx._utils import (
+    as_count,
     cell_type_option,
     did_you_mean,
     history_frame,
     names_list,
     preview,
+    say,
     to_dense_f32,
 )
 from statetx.errors import ConfigError, DataError
@@ -34,6 +36,19 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 __all__ = ["delta_scatter", "embedding", "history", "metric_bars", "top_genes"]
+
+_MAX_COLOURS = 20  # series told apart by colour (matplotlib's tab20)
+
+
+def _colours(n: int) -> list | None:
+    """``n`` distinct colours: matplotlib's default cycle up to 10, else tab20's dark ten
+    followed by its light ten."""
+    if n <= 10:
+        return None
+    from matplotlib import colormaps
+
+    tab20 = list(colormaps["tab20"].colors)
+    return (tab20[::2] + tab20[1::2])[:n]
 
 
 def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
@@ -132,7 +147,11 @@ def delta_scatter(
         pooled; ``celltype_col=False`` pools them whatever was recorded). ``cell_type_key`` is
         an alias of ``celltype_col``.
     perts
-        The perturbations to plot (default: the first ``max_perts`` sorted ones).
+        The perturbations to plot (default: the ``max_perts`` whose real shift is largest, said
+        when some are left out).
+    max_perts
+        At most this many series (perturbation, or perturbation and cell type) are drawn, each
+        in its own colour (up to 20).
     ax
         Axes to draw in (default: a new figure).
     s
@@ -146,21 +165,34 @@ def delta_scatter(
     ct_col = _celltype_col(adata_pred, adata_real,
                            cell_type_option("celltype_col", celltype_col, cell_type_key))
     pred, real = _log1p_pair(adata_pred, adata_real, pert_col, control_pert, ct_col)
+    max_perts = as_count("max_perts", max_perts)
+    if max_perts > _MAX_COLOURS:
+        raise ConfigError(f"max_perts={max_perts}: at most {_MAX_COLOURS} series can be told "
+                          "apart by colour; plot several panels instead.")
     avail = sorted(set(real.obs[pert_col].astype(str)) - {control_pert})
-    perts = avail[:max_perts] if perts is None else names_list(perts)
-    missing = [p for p in perts if p not in avail]
+    chosen = avail if perts is None else names_list(perts)
+    if not chosen:
+        raise ConfigError("perts is empty: name at least one perturbation (or leave it out).")
+    missing = [p for p in chosen if p not in avail]
     if missing:
         raise DataError(f"perturbation(s) {missing} not found in obs[{pert_col!r}] of both files; "
                         f"available: {avail[:20]}")
-    series = _series(real, pert_col, ct_col, list(perts))
-    dp = _deltas(pred, pert_col, control_pert, series, ct_col, "pred")
+    series = _series(real, pert_col, ct_col, list(chosen))
     dr = _deltas(real, pert_col, control_pert, series, ct_col, "real")
+    if len(series) > max_perts:  # the strongest real responses, in their sorted order
+        keep = np.sort(np.argsort(-np.linalg.norm(dr, axis=1), kind="stable")[:max_perts])
+        say(f"delta_scatter: {max_perts} of {len(series)} series drawn, those with the largest "
+            "real shift (perts= and max_perts= choose)")
+        series, dr = [series[i] for i in keep], dr[keep]
+    dp = _deltas(pred, pert_col, control_pert, series, ct_col, "pred")
     several = len({c for c, _ in series}) > 1
     ax = _axes(ax, (5.0, 5.0))
+    colours = _colours(len(series))
     for i, (c, p) in enumerate(series):
         r = np.corrcoef(dr[i], dp[i])[0, 1] if dr[i].std() > 0 and dp[i].std() > 0 else np.nan
         name = f"{p} · {c}" if several else p
-        ax.scatter(dr[i], dp[i], s=s, alpha=0.6, label=f"{name} (r={r:.2f})")
+        ax.scatter(dr[i], dp[i], s=s, alpha=0.6, label=f"{name} (r={r:.2f})",
+                   color=None if colours is None else colours[i])
     lim = float(np.nanmax(np.abs(np.concatenate([dr.ravel(), dp.ravel()])))) if dr.size else 1.0
     lim = lim * 1.05 if lim > 0 else 1.0
     ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--")
@@ -171,7 +203,8 @@ def delta_scatter(
     ax.set_xlabel("real Δ (mean log1p − control)")
     ax.set_ylabel("predicted Δ")
     ax.set_title("Pseudobulk deltas: predicted vs real")
-    ax.legend(fontsize="small", markerscale=2, frameon=False)
+    outside = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if len(series) > 6 else {}
+    ax.legend(fontsize="small", markerscale=2, frameon=False, **outside)
     return ax
 
 
@@ -408,8 +441,13 @@ def top_genes(
     Axes
     """
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
-    if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)) or n_genes < 1:
-        raise ConfigError(f"n_genes must be a positive integer, got {n_genes!r}")
+    if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)) or not (
+            1 <= n_genes <= 100):
+        raise ConfigError(f"n_genes must be an integer from 1 to 100 (one bar pair per gene), "
+                          f"got {n_genes!r}")
+    if perturbation is not None and not isinstance(perturbation, str):
+        raise ConfigError(f"top_genes draws one perturbation, got {perturbation!r}; "
+                          "delta_scatter(perts=[...]) compares several.")
     ct_col = _celltype_col(adata_pred, adata_real,
                            cell_type_option("celltype_col", celltype_col, cell_type_key))
     if cell_type is not None and ct_col is None:
@@ -424,6 +462,9 @@ def top_genes(
         raise DataError(f"gene_symbols={gene_symbols!r} is not a var column of the real data "
                         f"(columns: {preview(real.var.columns)})."
                         f"{did_you_mean(gene_symbols, real.var.columns)}")
+    if perturbation == control_pert:
+        raise ConfigError(f"{perturbation!r} is the control label: its shift from itself is 0. "
+                          f"Name a perturbation: {preview(avail)}")
     if perturbation not in avail:
         raise DataError(f"perturbation {perturbation!r} not found in obs[{pert_col!r}] of both "
                         f"files.{did_you_mean(perturbation, avail)} Available: {preview(avail)}")
@@ -452,8 +493,8 @@ def top_genes(
     ax.set_xlabel("Δ (mean log1p − control)")
     where = (f" in {series[0][0]}" if len(series) == 1 and series[0][0]
              else f", mean of {len(series)} cell types" if len(series) > 1 else "")
-    ax.set_title(f"{perturbation}{where}: top {top.size} genes by |real Δ|\n"
-                 f"(r={r:.2f} over all genes)", fontsize="medium")
+    ax.set_title(f"{perturbation}{where}\ntop {top.size} genes by |real Δ| "
+                 f"(r={r:.2f} over all genes)", fontsize="medium", wrap=True)
     ax.legend(frameon=False, fontsize="small")
     return ax
 
@@ -518,6 +559,14 @@ def embedding(
                           "into which the predicted cells are projected) or 'umap'")
     if isinstance(max_cells, bool) or not isinstance(max_cells, (int, np.integer)) or max_cells < 2:
         raise ConfigError(f"max_cells must be an integer >= 2, got {max_cells!r}")
+    if perts is not None and not names_list(perts):
+        raise ConfigError("perts is empty: name at least one perturbation (or leave it out).")
+    for a, which in ((adata_pred, "pred"), (adata_real, "real")):
+        if a.uns.get("statetx_pseudobulk", False):
+            raise DataError(f"{which} holds pseudobulks (one row per group): an embedding of "
+                            "cells needs the cells (predict_split without pseudobulk=True).")
+    # (on the log1p scale, as the other plots: counts converted with a warning, scaled refused)
+    adata_pred, adata_real = check_scale(adata_pred, "pred"), check_scale(adata_real, "real")
     for a, which in ((adata_pred, "pred"), (adata_real, "real")):
         check_obs_col(a, pert_col, which, "perturbation")
         if color != "source" and color not in a.obs.columns:

@@ -31,6 +31,26 @@ def test_delta_scatter(pair):
     assert pl.delta_scatter(*pair, ax=ax2) is ax2
     with pytest.raises(DataError, match="nope"):
         pl.delta_scatter(*pair, perts=["nope"])
+    with pytest.raises(ConfigError, match="perts is empty"):
+        pl.delta_scatter(*pair, perts=[])
+    plt.close("all")
+
+
+def test_delta_scatter_draws_the_strongest_responses_in_distinct_colours(capsys):
+    real, eff = synthetic_log1p(24, 20, 30, 30, seed=1)
+    pred, _ = synthetic_log1p(24, 15, 30, 30, seed=2, effects=eff)
+    ax = pl.delta_scatter(pred, real, max_perts=12)
+    assert "12 of 24 series drawn, those with the largest real shift" in capsys.readouterr().out
+    drawn = [t.get_text().split(" ")[0] for t in ax.get_legend().get_texts()]
+    deltas = {p: np.linalg.norm(np.asarray(real[real.obs["target_gene"] == p].X).mean(0)
+                                - np.asarray(real[real.obs["target_gene"] == "non-targeting"]
+                                             .X).mean(0)) for p in sorted(set(
+                                                 real.obs["target_gene"]) - {"non-targeting"})}
+    assert set(drawn) == set(sorted(deltas, key=deltas.get)[-12:])
+    colours = {tuple(c.get_facecolor()[0]) for c in ax.collections}
+    assert len(colours) == 12  # (the default cycle has 10)
+    with pytest.raises(ConfigError, match="at most 20 series"):
+        pl.delta_scatter(pred, real, max_perts=21)
     plt.close("all")
 
 
@@ -230,11 +250,17 @@ def test_top_genes_bars_are_the_top_real_deltas(pair):
     assert ax.get_ylim()[0] > ax.get_ylim()[1] and y == sorted(y)  # first gene at the top
     r = np.corrcoef(dr, dp)[0, 1]
     assert f"r={r:.2f}" in ax.get_title()
-    assert len(pl.top_genes(pred, real, "G001", n_genes=500).containers[0]) == real.n_vars
+    assert len(pl.top_genes(pred, real, "G001", n_genes=100).containers[0]) == min(
+        100, real.n_vars)
     with pytest.raises(DataError, match=r"G0001.*Did you mean.*Available: G000, G001"):
         pl.top_genes(pred, real, "G0001")
-    with pytest.raises(ConfigError, match="n_genes"):
-        pl.top_genes(pred, real, "G001", n_genes=0)
+    for bad in (0, 500):  # (one bar pair per gene: 500 would be a 140-inch figure)
+        with pytest.raises(ConfigError, match="n_genes"):
+            pl.top_genes(pred, real, "G001", n_genes=bad)
+    with pytest.raises(ConfigError, match="draws one perturbation.*delta_scatter"):
+        pl.top_genes(pred, real, ["G000", "G001"])
+    with pytest.raises(ConfigError, match="is the control label"):
+        pl.top_genes(pred, real, "non-targeting")
     # genes labelled by a var column (symbols next to Ensembl IDs); one perturbation: implied
     real.var["symbol"] = [f"SYM{i}" for i in range(real.n_vars)]
     ax = pl.top_genes(pred, real, "G001", n_genes=8, gene_symbols="symbol")
@@ -290,6 +316,18 @@ def test_embedding_shared_genes_perts_and_colour(pair):
         pl.embedding(pred, real, perts=["G999"])
     with pytest.raises(ConfigError, match="basis 'tsne'"):
         pl.embedding(pred, real, basis="tsne")
+    with pytest.raises(ConfigError, match="perts is empty"):
+        pl.embedding(pred, real, perts=[])
+    # the same scale rule as the other plots: counts on one side are converted (said), and
+    # pseudobulk rows are no cells
+    counts = real.copy()
+    counts.X = np.round(np.expm1(np.asarray(real.X)) * 10)
+    with pytest.warns(UserWarning, match="real X holds integer values only"):
+        pl.embedding(pred, counts)
+    bulk = real.copy()
+    bulk.uns["statetx_pseudobulk"] = True
+    with pytest.raises(DataError, match="real holds pseudobulks"):
+        pl.embedding(pred, bulk)
     plt.close("all")
 
 

@@ -143,8 +143,9 @@ def load_perturbench_devel() -> AnnData:
     5,961 cells × 500 HVGs. ``obs``: ``target_gene`` (33 perturbations incl. ``A+B`` pairs,
     control ``"control"``), ``is_control``, ``cell_type`` (k562, A172, T98G, U87MG), ``batch``
     (source study) and the source's columns (``perturbation_type``, ``ncounts``, …).
-    ``X`` = log1p(normalize_total to 1e4) as in the source (CSR float64, ``uns["log1p"]``);
-    ``layers["counts"]`` = integer counts (CSR float32).
+    ``X`` = log1p(normalize_total to 1e4) as in the source (CSR float64, ``uns["log1p"]``),
+    normalised over all genes before the 500 were selected (so a cell's ``expm1(X)`` sums to
+    less than 1e4: a median of ~180); ``layers["counts"]`` = integer counts (CSR float32).
 
     Source: altoslabs/perturbench ``devel.h5ad``, BSD-3-Clause. Natural task: held-out cell line
     (``example_toml("perturbench_devel")``, U87MG as test). Each call reads a fresh copy.
