@@ -60,6 +60,17 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
     return ax
 
 
+def _finish(ax: Axes, show: bool | None, save: str | Path | None) -> Axes:
+    """scanpy's ``show`` / ``save`` for a drawn plot."""
+    if save is not None:
+        ax.figure.savefig(save, bbox_inches="tight")
+    if show:
+        import matplotlib.pyplot as plt
+
+        plt.show()
+    return ax
+
+
 def _celltype_col(pred: ad.AnnData, real: ad.AnnData, celltype_col: str | bool | None
                   ) -> str | None:
     """The cell-type column: as given (align_pair checks it; False = none, all cells pooled),
@@ -131,6 +142,8 @@ def delta_scatter(
     max_perts: int = 10,
     s: float = 6.0,
     cell_type_key: str | bool | None = None,
+    show: bool | None = None,
+    save: str | Path | None = None,
 ) -> Axes:
     """Scatter predicted vs real pseudobulk deltas (mean log1p − own control mean), one colour per
     perturbation (per cell type and perturbation when there are several cell types), with the
@@ -157,6 +170,9 @@ def delta_scatter(
     s
         Marker size.
 
+    show, save
+        As in scanpy: ``show=True`` calls ``plt.show()``; ``save`` writes the figure to that
+        file (format from its suffix). The Axes is returned either way.
     Returns
     -------
     Axes
@@ -205,7 +221,7 @@ def delta_scatter(
     ax.set_title("Pseudobulk deltas: predicted vs real")
     outside = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if len(series) > 6 else {}
     ax.legend(fontsize="small", markerscale=2, frameon=False, **outside)
-    return ax
+    return _finish(ax, show, save)
 
 
 def _means(df: pd.DataFrame) -> pd.Series:
@@ -250,6 +266,9 @@ def metric_bars(
     tables: Mapping[str, pd.DataFrame] | pd.DataFrame,
     metrics: Sequence[str] = ("pearson_delta", "discrimination_score_l1", "overlap_at_N", "mae"),
     ax: Axes | None = None,
+    *,
+    show: bool | None = None,
+    save: str | Path | None = None,
 ) -> Axes:
     """Grouped bars of the mean of each metric, one bar per model.
 
@@ -267,6 +286,9 @@ def metric_bars(
     ax
         Axes to draw in (default: a new figure).
 
+    show, save
+        As in scanpy: ``show=True`` calls ``plt.show()``; ``save`` writes the figure to that
+        file (format from its suffix). The Axes is returned either way.
     Returns
     -------
     Axes
@@ -293,7 +315,7 @@ def metric_bars(
     ax.set_ylabel("mean over perturbations")
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(frameon=False, fontsize="small")
-    return ax
+    return _finish(ax, show, save)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,6 +360,8 @@ def history(
     ax: Axes | None = None,
     *,
     logy: bool = False,
+    show: bool | None = None,
+    save: str | Path | None = None,
 ) -> Axes:
     """Training curves against the step, one line per key.
 
@@ -357,6 +381,9 @@ def history(
     logy
         Log-scale y axis.
 
+    show, save
+        As in scanpy: ``show=True`` calls ``plt.show()``; ``save`` writes the figure to that
+        file (format from its suffix). The Axes is returned either way.
     Returns
     -------
     Axes
@@ -393,7 +420,7 @@ def history(
     ax.set_ylabel(keys[0] if len(keys) == 1 else "value")
     ax.set_title("Training history")
     ax.legend(frameon=False, fontsize="small")
-    return ax
+    return _finish(ax, show, save)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,6 +441,8 @@ def top_genes(
     cell_type: str | None = None,
     gene_symbols: str | None = None,
     cell_type_key: str | bool | None = None,
+    show: bool | None = None,
+    save: str | Path | None = None,
 ) -> Axes:
     """Paired horizontal bars of the real and predicted pseudobulk delta (mean log1p − own control
     mean) of one perturbation, for the ``n_genes`` genes with the largest |real delta| (largest
@@ -436,6 +465,9 @@ def top_genes(
         A var column of ``adata_real`` to label the genes by (e.g. symbols next to Ensembl
         IDs), as in scanpy.
 
+    show, save
+        As in scanpy: ``show=True`` calls ``plt.show()``; ``save`` writes the figure to that
+        file (format from its suffix). The Axes is returned either way.
     Returns
     -------
     Axes
@@ -496,7 +528,7 @@ def top_genes(
     ax.set_title(f"{perturbation}{where}\ntop {top.size} genes by |real Δ| "
                  f"(r={r:.2f} over all genes)", fontsize="medium", wrap=True)
     ax.legend(frameon=False, fontsize="small")
-    return ax
+    return _finish(ax, show, save)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,6 +555,8 @@ def embedding(
     max_cells: int = 5000,
     seed: int = 0,
     s: float = 6.0,
+    show: bool | None = None,
+    save: str | Path | None = None,
 ) -> Axes:
     """Predicted and real cells in one PCA fitted on the real cells only (on the genes both share,
     up to 50 components, the first two shown); predicted cells are projected into it.
@@ -549,6 +583,9 @@ def embedding(
     s
         Marker size.
 
+    show, save
+        As in scanpy: ``show=True`` calls ``plt.show()``; ``save`` writes the figure to that
+        file (format from its suffix). The Axes is returned either way.
     Returns
     -------
     Axes
@@ -668,4 +705,4 @@ def embedding(
         ax.set_xlabel(f"PC1 ({evr[0]:.1%})")
         ax.set_ylabel(f"PC2 ({evr[1]:.1%})")
     ax.set_title(f"Real cells' {basis.upper()}; predicted cells projected")
-    return ax
+    return _finish(ax, show, save)

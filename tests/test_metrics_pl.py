@@ -442,3 +442,21 @@ def test_history_reads_the_long_metrics_csv_of_earlier_runs(tmp_path):
     assert list(lines["train_loss"].get_ydata()) == [5.0, 4.0, 3.0]
     assert list(lines["val_loss"].get_xdata()) == [4, 6]
     plt.close("all")
+
+
+def test_every_plot_saves_and_shows_as_scanpy(pair, tmp_path, monkeypatch):
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda: shown.append(1))
+    pred, real = pair
+    table = pd.DataFrame({"perturbation": ["x"], "pearson_delta": [0.5]})
+    history = pd.DataFrame({"step": [1, 2], "train_loss": [1.0, 0.5]})
+    for name, draw in (("ds", lambda **kw: pl.delta_scatter(pred, real, **kw)),
+                       ("tg", lambda **kw: pl.top_genes(pred, real, "G000", **kw)),
+                       ("mb", lambda **kw: pl.metric_bars(table, metrics=["pearson_delta"],
+                                                          **kw)),
+                       ("hi", lambda **kw: pl.history(history, **kw)),
+                       ("em", lambda **kw: pl.embedding(pred, real, **kw))):
+        ax = draw(save=tmp_path / f"{name}.png", show=True)
+        assert ax is not None and (tmp_path / f"{name}.png").stat().st_size > 1000
+    assert len(shown) == 5
+    plt.close("all")
