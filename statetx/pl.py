@@ -31,6 +31,7 @@ from statetx.metrics._inputs import (
     recorded_labels,
 )
 from statetx.metrics.de import group_means
+from statetx.metrics.evaluate import LOWER_IS_BETTER, UNRANKED
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -311,8 +312,9 @@ def metric_bars(
         for p in pos[np.isnan(heights)]:  # (an undefined value: marked, not an empty slot)
             ax.text(p, 0, "n/a", ha="center", va="bottom", rotation=90, fontsize="x-small")
     ax.set_xticks(x)
-    ax.set_xticklabels(metrics, rotation=30, ha="right")
-    ax.set_ylabel("mean over perturbations")
+    ax.set_xticklabels([m + ("" if m in UNRANKED else " ↓" if m in LOWER_IS_BETTER else " ↑")
+                        for m in metrics], rotation=30, ha="right")
+    ax.set_ylabel("mean over perturbations (↑ / ↓: higher / lower is better)", fontsize="small")
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(frameon=False, fontsize="small")
     return _finish(ax, show, save)

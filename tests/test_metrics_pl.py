@@ -58,6 +58,7 @@ def test_metric_bars():
     a = pd.DataFrame({"perturbation": ["x", "y"], "pearson_delta": [0.5, 0.7], "mae": [0.1, 0.2]})
     b = pd.DataFrame({"statistic": ["count", "mean"], "pearson_delta": [2, 0.2], "mae": [2, 0.3]})
     ax = pl.metric_bars({"st": a, "baseline": b}, metrics=["pearson_delta", "mae"])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["pearson_delta ↑", "mae ↓"]
     heights = sorted(round(p.get_height(), 6) for p in ax.patches)
     assert heights == [0.15, 0.2, 0.3, 0.6]
     long = pd.DataFrame({"model": ["m1", "m2"], "metric": ["mae", "mae"], "value": [1.0, 2.0]})
