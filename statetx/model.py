@@ -2224,7 +2224,8 @@ def _warn_idle_options(cfg: TrainConfig, validates: bool) -> None:
         idle.append(f"early_stopping_patience={cfg.early_stopping_patience}: the split spec has "
                     "no validation part (add one, e.g. a zero-shot '= \"val\"' cell type)")
     elif cfg.early_stopping_patience is not None:
-        runs = cfg.max_steps // cfg.val_freq + bool(cfg.max_steps % cfg.val_freq)
+        runs = max(cfg.max_steps // cfg.val_freq, 1)  # (the last step's counts only without
+        # a validation on the schedule)
         if runs <= cfg.early_stopping_patience:
             idle.append(f"early_stopping_patience={cfg.early_stopping_patience}: with val_freq="
                         f"{cfg.val_freq} and max_steps={cfg.max_steps} validation runs {runs} "

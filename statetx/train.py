@@ -823,10 +823,12 @@ class Trainer:
         if st.step % c.val_freq == 0 or st.step == c.max_steps:
             logs = self._validate()
             self._log(logs)
-            # the last step's extra validation (off the val_freq schedule) is logged only: a run
-            # resumed to more steps validates on the schedule, as one that never stopped, and
-            # neither its best checkpoint nor its early stopping may depend on where it stopped
-            val = logs.get("val_loss", math.nan) if st.step % c.val_freq == 0 else math.nan
+            # the last step's extra validation (off the val_freq schedule) is logged only, unless
+            # the run is shorter than the schedule: a run resumed to more steps validates as one
+            # that never stopped, and its best checkpoint and early stopping do not depend on
+            # where it stopped
+            scheduled = st.step % c.val_freq == 0 or st.step < c.val_freq
+            val = logs.get("val_loss", math.nan) if scheduled else math.nan
             if math.isfinite(val) and val < st.best_val:
                 st.best_val, st.best_step, st.bad_validations = val, st.step, 0
                 if self.out is not None:

@@ -780,7 +780,8 @@ def test_options_without_effect_are_said(synth):
                                          r"averaging is off"):
         small_model(max_steps=3, early_stopping_patience=2, warmup_steps=50,
                     averaging_start=0.5, weight_averaging="none").fit(synth)
-    with pytest.warns(UserWarning, match=r"validation runs 2 time\(s\), and stopping needs 3 "
+    # (the last step's validation, off the schedule, does not count towards stopping)
+    with pytest.warns(UserWarning, match=r"validation runs 1 time\(s\), and stopping needs 3 "
                                          r"\(lower val_freq\)"):
         small_model(max_steps=4, val_freq=3, early_stopping_patience=2).fit(synth, FEWSHOT)
 
@@ -798,3 +799,6 @@ def test_a_run_resumed_to_more_steps_validates_and_stops_as_one_that_never_stopp
     assert resumed.best_step_ == whole.best_step_ and resumed.best_step_ % 3 == 0
     wa, wb = weights(whole), weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # a run shorter than the schedule: its last validation is its best (a best.ckpt exists)
+    short = small_model(max_steps=4, val_freq=10).fit(synth, FEWSHOT, output_dir=tmp_path / "c")
+    assert short.best_step_ == 4 and (tmp_path / "c" / "checkpoints" / "best.ckpt").is_file()
