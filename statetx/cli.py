@@ -1788,7 +1788,7 @@ def _demo_plot(table: Any, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from statetx.metrics.evaluate import LOWER_IS_BETTER as lower
+    from statetx.metrics.vcc import BEST_ZERO as lower
 
     wanted = ["pearson_delta", "mse", "mae", "overlap_at_N", "precision_at_N"]
     cols = [c for c in wanted if c in table.columns] or list(table.columns)

@@ -31,7 +31,7 @@ from statetx.metrics._inputs import (
     recorded_labels,
 )
 from statetx.metrics.de import group_means
-from statetx.metrics.evaluate import LOWER_IS_BETTER, UNRANKED
+from statetx.metrics.vcc import BEST_ZERO, NO_BEST
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -62,8 +62,14 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
 
 
 def _finish(ax: Axes, show: bool | None, save: str | Path | None) -> Axes:
-    """scanpy's ``show`` / ``save`` for a drawn plot."""
+    """``show`` / ``save`` for a drawn plot."""
     if save is not None:
+        if isinstance(save, bool) or not isinstance(save, (str, Path)):
+            raise ConfigError(f"save={save!r}: give the file to write the figure to (e.g. "
+                              "'figures/deltas.png'; the format follows its suffix).")
+        if not Path(save).parent.is_dir():
+            raise ConfigError(f"save={str(save)!r}: the folder {str(Path(save).parent)!r} does "
+                              "not exist; create it first.")
         ax.figure.savefig(save, bbox_inches="tight")
     if show:
         import matplotlib.pyplot as plt
@@ -172,8 +178,9 @@ def delta_scatter(
         Marker size.
 
     show, save
-        As in scanpy: ``show=True`` calls ``plt.show()``; ``save`` writes the figure to that
-        file (format from its suffix). The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
+        (format from its suffix). The Axes is returned either way.
+
     Returns
     -------
     Axes
@@ -244,6 +251,12 @@ def _means(df: pd.DataFrame) -> pd.Series:
     return df.drop(columns=["perturbation", "celltype"], errors="ignore").mean(numeric_only=True)
 
 
+def _is_score(tables: Mapping[str, pd.DataFrame] | pd.DataFrame) -> bool:
+    """Whether the tables are scores against a baseline (score_agg / vcc_score)."""
+    frames = tables.values() if isinstance(tables, Mapping) else [tables]
+    return all({"metric", "from_baseline"} <= set(df.columns) for df in frames)
+
+
 def _long(tables: Mapping[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFrame:
     """Long table with columns model, metric, value, from any accepted input form."""
     if isinstance(tables, pd.DataFrame):
@@ -288,8 +301,9 @@ def metric_bars(
         Axes to draw in (default: a new figure).
 
     show, save
-        As in scanpy: ``show=True`` calls ``plt.show()``; ``save`` writes the figure to that
-        file (format from its suffix). The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
+        (format from its suffix). The Axes is returned either way.
+
     Returns
     -------
     Axes
@@ -312,9 +326,11 @@ def metric_bars(
         for p in pos[np.isnan(heights)]:  # (an undefined value: marked, not an empty slot)
             ax.text(p, 0, "n/a", ha="center", va="bottom", rotation=90, fontsize="x-small")
     ax.set_xticks(x)
-    ax.set_xticklabels([m + ("" if m in UNRANKED else " ↓" if m in LOWER_IS_BETTER else " ↑")
-                        for m in metrics], rotation=30, ha="right")
-    ax.set_ylabel("mean over perturbations (↑ / ↓: higher / lower is better)", fontsize="small")
+    scores = _is_score(tables)  # (scores against a baseline: higher is better for all)
+    ax.set_xticklabels([m + ("" if m in NO_BEST else " ↓" if m in BEST_ZERO and not scores
+                             else " ↑") for m in metrics], rotation=30, ha="right")
+    ax.set_ylabel("score vs the baseline (↑: higher is better)" if scores else
+                  "mean over perturbations (↑ / ↓: higher / lower is better)", fontsize="small")
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(frameon=False, fontsize="small")
     return _finish(ax, show, save)
@@ -384,8 +400,9 @@ def history(
         Log-scale y axis.
 
     show, save
-        As in scanpy: ``show=True`` calls ``plt.show()``; ``save`` writes the figure to that
-        file (format from its suffix). The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
+        (format from its suffix). The Axes is returned either way.
+
     Returns
     -------
     Axes
@@ -460,7 +477,7 @@ def top_genes(
         As in :func:`delta_scatter`; a perturbation in several cell types shows the mean of its
         per-cell-type deltas, or those of ``cell_type``.
     n_genes
-        How many genes (largest |real delta| first).
+        How many genes (largest |real delta| first), 1 to 100.
     ax
         Axes to draw in (default: a new figure).
     gene_symbols
@@ -468,8 +485,9 @@ def top_genes(
         IDs), as in scanpy.
 
     show, save
-        As in scanpy: ``show=True`` calls ``plt.show()``; ``save`` writes the figure to that
-        file (format from its suffix). The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
+        (format from its suffix). The Axes is returned either way.
+
     Returns
     -------
     Axes
@@ -479,7 +497,7 @@ def top_genes(
             1 <= n_genes <= 100):
         raise ConfigError(f"n_genes must be an integer from 1 to 100 (one bar pair per gene), "
                           f"got {n_genes!r}")
-    if perturbation is not None and not isinstance(perturbation, str):
+    if isinstance(perturbation, (list, tuple, set, np.ndarray, pd.Index, pd.Series)):
         raise ConfigError(f"top_genes draws one perturbation, got {perturbation!r}; "
                           "delta_scatter(perts=[...]) compares several.")
     ct_col = _celltype_col(adata_pred, adata_real,
@@ -586,8 +604,9 @@ def embedding(
         Marker size.
 
     show, save
-        As in scanpy: ``show=True`` calls ``plt.show()``; ``save`` writes the figure to that
-        file (format from its suffix). The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
+        (format from its suffix). The Axes is returned either way.
+
     Returns
     -------
     Axes
@@ -604,8 +623,10 @@ def embedding(
         if a.uns.get("statetx_pseudobulk", False):
             raise DataError(f"{which} holds pseudobulks (one row per group): an embedding of "
                             "cells needs the cells (predict_split without pseudobulk=True).")
-    # (on the log1p scale, as the other plots: counts converted with a warning, scaled refused)
-    adata_pred, adata_real = check_scale(adata_pred, "pred"), check_scale(adata_real, "real")
+    # (expression on the log1p scale, as the other plots: counts converted with a warning,
+    # scaled values refused; a model's embedding outputs are drawn as they are)
+    if "embedding" not in (recorded(adata_pred).get("scale"), recorded(adata_real).get("scale")):
+        adata_pred, adata_real = check_scale(adata_pred, "pred"), check_scale(adata_real, "real")
     for a, which in ((adata_pred, "pred"), (adata_real, "real")):
         check_obs_col(a, pert_col, which, "perturbation")
         if color != "source" and color not in a.obs.columns:

@@ -112,6 +112,10 @@ def test_metric_bars_takes_the_tables_users_build(pair):
     m = score["metric"].iloc[0]
     ax = pl.metric_bars({"st": score}, metrics=m)
     assert heights(ax) == [round(float(score["from_baseline"].iloc[0]), 9)]
+    # scores against a baseline: higher is better for every metric, mae included
+    ax = pl.metric_bars({"st": score}, metrics=["mae"])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["mae ↑"]
+    assert "score vs the baseline" in ax.get_ylabel()
     plt.close("all")
 
 
@@ -325,6 +329,11 @@ def test_embedding_shared_genes_perts_and_colour(pair):
     counts.X = np.round(np.expm1(np.asarray(real.X)) * 10)
     with pytest.warns(UserWarning, match="real X holds integer values only"):
         pl.embedding(pred, counts)
+    emb_pred, emb_real = pred.copy(), real[:, pred.var_names].copy()  # a model's embedding
+    for a in (emb_pred, emb_real):                                      # outputs: any sign
+        a.X = np.asarray(a.X) - 1.0
+        a.uns["statetx"] = {"scale": "embedding"}
+    assert len(pl.embedding(emb_pred, emb_real).collections) == 2
     bulk = real.copy()
     bulk.uns["statetx_pseudobulk"] = True
     with pytest.raises(DataError, match="real holds pseudobulks"):
@@ -460,4 +469,7 @@ def test_every_plot_saves_and_shows_as_scanpy(pair, tmp_path, monkeypatch):
         ax = draw(save=tmp_path / f"{name}.png", show=True)
         assert ax is not None and (tmp_path / f"{name}.png").stat().st_size > 1000
     assert len(shown) == 5
+    for bad, said in ((True, "give the file"), (tmp_path / "nope" / "x.png", "does not exist")):
+        with pytest.raises(ConfigError, match=said):
+            pl.history(history, save=bad)
     plt.close("all")

@@ -41,7 +41,9 @@ def load(obj: ad.AnnData | str | Path, which: str) -> ad.AnnData:
             raise DataError(f"{which} file {str(path)!r} does not exist; pass an existing h5ad")
         try:
             obj = ad.read_h5ad(path)
-        except (OSError, KeyError, ValueError, TypeError) as exc:  # (h5py's are OSErrors)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - h5py, anndata (IORegistryError), OS errors
             raise DataError(f"{which} file {str(path)!r} could not be read as an AnnData "
                             f"(.h5ad): {exc}") from None
     elif not isinstance(obj, ad.AnnData):

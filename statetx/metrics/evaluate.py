@@ -56,10 +56,6 @@ NSIG_PARTS = ["de_nsig_counts_real", "de_nsig_counts_pred"]
 CELL_LEVEL_METRICS = [*DE_METRICS, *NSIG_PARTS, "pearson_edistance", "clustering_agreement"]
 # uns flag of the outputs of predict_split(pseudobulk=True): rows are group means, not cells
 PSEUDOBULK_FLAG = "statetx_pseudobulk"
-#: metrics where lower is better (errors), and counts that rank nothing; higher is better for
-#: the others
-LOWER_IS_BETTER = ("mse", "mae", "mse_delta", "mae_delta")
-UNRANKED = ("de_nsig_counts_real", "de_nsig_counts_pred")
 # below this many perturbations the discrimination scores (ranks among them) are said to be coarse
 FEW_PERTURBATIONS = 5
 # statetx extras (not in cell-eval, metrics.md §12): only in the "extended" profile

@@ -34,6 +34,8 @@ from statetx.errors import ConfigError, DataError
 from statetx.metrics._inputs import check_obs_col, check_scale, load, log1p_total, recorded_labels
 from statetx.metrics.de import group_means
 
+#: metrics whose best value is 0 (errors: lower is better), and counts that rank nothing;
+#: higher is better for the others
 BEST_ZERO = ("mse", "mae", "mse_delta", "mae_delta")
 NO_BEST = ("de_nsig_counts_real", "de_nsig_counts_pred")
 
