@@ -245,18 +245,15 @@ def atomic_folder(path: str | os.PathLike, writer: Any) -> Path:
         writer(tmp)
         if path.exists():
             path.rename(old)
-        try:
-            tmp.rename(path)
-        except OSError:
-            if old.exists() and not path.exists():
-                old.rename(path)  # (the earlier folder back)
-            raise
+        tmp.rename(path)
+    except BaseException:  # (Ctrl-C included) the earlier folder back, if it was moved
+        if old.exists() and not path.exists():
+            old.rename(path)
+        raise
     finally:
-        for leftover in (tmp, old):
-            if leftover.is_symlink():
-                leftover.unlink()
-            elif leftover.exists():
-                shutil.rmtree(leftover)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if path.exists():  # (the earlier folder, once the new one is in place)
+            shutil.rmtree(old, ignore_errors=True)
     return path
 
 
@@ -362,9 +359,11 @@ def changed_params(before: dict, after: dict) -> list[str]:
             if k not in RESUMABLE_PARAMS and a.get(k) != b.get(k)]
 
 
-def data_differences(before: dict | None, after: dict | None) -> list[str]:
+def data_differences(before: dict | None, after: dict | None,
+                     names: tuple[str, str] = ("only before", "now")) -> list[str]:
     """What differs between two training-data fingerprints (``PreparedData.fingerprint``; a
-    checkpoint written before they were recorded has none: nothing to compare)."""
+    checkpoint written before they were recorded has none: nothing to compare); ``names``
+    label the cells only one side has."""
     if not before or not after or before.get("version") != after.get("version"):
         return []  # (none recorded, or recorded another way: nothing to compare)
     out = []
@@ -375,9 +374,9 @@ def data_differences(before: dict | None, after: dict | None) -> list[str]:
 
         gone, added = old - new, new - old
         out.append("cells per dataset, cell type and split: "
-                   + (f"only before: {rows(gone)}" if gone else "")
+                   + (f"{names[0]}: {rows(gone)}" if gone else "")
                    + ("; " if gone and added else "")
-                   + (f"now: {rows(added)}" if added else ""))
+                   + (f"{names[1]}: {rows(added)}" if added else ""))
     a, b = before.get("values", {}), after.get("values", {})
     out += [f"the expression values of the {k} split" for k in sorted(set(a) & set(b))
             if a[k] != b[k]]

@@ -64,8 +64,11 @@ def export_arc(model: StateTransitionModel, out: str | Path, *, overwrite: bool 
         if real in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
             raise ConfigError(f"{out} is (or contains) the current folder, which the export "
                               "replaces: export to another folder.")
-        source = getattr(model, "run_dir_", None)
-        if source is not None and Path(source).exists() and Path(source).resolve() == real:
+        sources = [getattr(model, "run_dir_", None),  # (its training run, or the arc-state run
+                   (getattr(model, "arc_import_", None) or {}).get("provenance", {}).get(
+                       "run_dir")]  # it was imported from)
+        if any(s is not None and Path(s).exists() and Path(s).resolve() == real
+               for s in sources):
             raise ConfigError(f"{out} is the model's own run folder; export to another folder.")
     if out.exists() and any(out.iterdir()):
         if not overwrite:

@@ -1560,7 +1560,7 @@ class StateTransitionModel(Estimator):
                 p_parts.append(np.full(n, p, dtype=object))
                 c_parts.append(ctx[pick])
                 b_parts.append(batch[pick])
-        obs = pd.concat(obs_parts)[adata.obs.columns]
+        obs = pd.concat(obs_parts)[adata.obs.columns] if len(obs_parts) > 1 else adata.obs.copy()
         if empty and len(obs_parts) > 1:
             say(f"virtual cells: obs columns {preview(empty)} are left empty (the control cells' "
                 "values describe controls); statetx_ctrl_barcode names the control each was "

@@ -202,12 +202,15 @@ def delta_scatter(
         raise DataError(f"perturbation(s) {missing} not found in obs[{pert_col!r}] of both files; "
                         f"available: {avail[:20]}")
     series = _series(real, pert_col, ct_col, list(chosen))
-    dr = _deltas(real, pert_col, control_pert, series, ct_col, "real")
     if len(series) > max_perts:  # the strongest real responses, in their sorted order
-        keep = np.sort(np.argsort(-np.linalg.norm(dr, axis=1), kind="stable")[:max_perts])
+        norms = np.concatenate([  # (in blocks: a genome-wide screen's deltas need not fit)
+            np.linalg.norm(_deltas(real, pert_col, control_pert, series[i:i + 256], ct_col,
+                                   "real"), axis=1) for i in range(0, len(series), 256)])
+        keep = np.sort(np.argsort(-norms, kind="stable")[:max_perts])
         say(f"delta_scatter: {max_perts} of {len(series)} series drawn, those with the largest "
             "real shift (perts= and max_perts= choose)")
-        series, dr = [series[i] for i in keep], dr[keep]
+        series = [series[i] for i in keep]
+    dr = _deltas(real, pert_col, control_pert, series, ct_col, "real")
     dp = _deltas(pred, pert_col, control_pert, series, ct_col, "pred")
     several = len({c for c, _ in series}) > 1
     ax = _axes(ax, (5.0, 5.0))

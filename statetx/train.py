@@ -530,8 +530,9 @@ class Trainer:
                 theirs = {k: v for k, v in theirs.items() if ours.get(k) != v}
                 ours = {k: ours.get(k) for k in theirs}
             if key == "training data":  # (what differs, not two fingerprints)
-                said.append(f"training data on rank(s) {', '.join(map(str, ranks))}: "
-                            + "; ".join(data_differences(ours, theirs) or ["other cells"]))
+                said.append(f"training data on rank(s) {', '.join(map(str, ranks))}: " + "; ".join(
+                    data_differences(ours, theirs, ("only on rank 0", f"on rank {ranks[0]}"))
+                    or ["another fingerprint (other cells, or another statetx version)"]))
                 continue
             said.append(f"{key} on rank(s) {', '.join(map(str, ranks))}: {theirs} (rank 0: "
                         f"{ours})")

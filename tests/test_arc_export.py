@@ -111,6 +111,17 @@ def test_a_trained_model_and_a_run_on_the_command_line(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
+def test_an_imported_model_is_not_exported_over_the_run_it_came_from(tmp_path):
+    from conftest import writable_copy
+
+    run = writable_copy(ARC / "runs" / RUNS[0], tmp_path / "run")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    model = StateTransitionModel.from_arc_state(run, verbose=False)
+    with pytest.raises(ConfigError, match="the model's own run folder"):
+        model.to_arc_state(run, overwrite=True)
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
 def test_a_failed_export_leaves_nothing_half_written(tmp_path, monkeypatch):
     import statetx.arc_export as ae
 
