@@ -114,7 +114,7 @@ def _cli_names(message: str, ns: argparse.Namespace) -> str:
     flags = {a.dest: max(a.option_strings, key=lambda o: ("-" in o[2:], len(o)))
              for a in (parser._actions if parser is not None else []) if a.option_strings}
     if getattr(ns, "func", None) is cmd_train:
-        from statetx.run import PARAM_PATHS
+        from statetx.runconfig import PARAM_PATHS
 
         flags = {k: f"{v}=<value>" for k, v in PARAM_PATHS.items()}
     for name in names:
@@ -680,16 +680,20 @@ def _main_rank() -> bool:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from statetx import run as R
+    from statetx import runconfig
 
     if a.list_keys:
         _list_keys()
         return EXIT_OK
-    res = R.resolve(a.overrides, a.config)
-    plan = R.plan_training(res, check_data=not a.print_config)
+    # (the configuration is checked before the data and model code is imported: a mistyped
+    # key is said at once)
+    res = runconfig.resolve(a.overrides, a.config)
+    plan = runconfig.plan_training(res, check_data=not a.print_config)
     if a.print_config:
-        sys.stdout.write(R.dump_config(plan.config))
+        sys.stdout.write(runconfig.dump_config(plan.config))
         return EXIT_OK
+    from statetx import run as R
+
     for note in plan.notices:
         _say(note)
     cfg, p = plan.config, plan.params
@@ -782,7 +786,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def _list_keys() -> None:
-    from statetx.run import ALIASES, KEYS, PRESET
+    from statetx.runconfig import ALIASES, KEYS, PRESET
 
     for path, k in KEYS.items():
         default = "from the preset" if k.default == PRESET else repr(k.default)

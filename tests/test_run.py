@@ -321,6 +321,12 @@ def test_cli_help_does_not_import_heavy_packages():
             assert statetx.cli.main(["evaluate", "run", "--help"]) == 0
         heavy = [m for m in ("torch", "anndata", "scanpy", "numpy", "pandas") if m in sys.modules]
         assert not heavy, heavy
+        # a mistyped configuration key is said before the data and model code is imported
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            assert statetx.cli.main(["tx", "train", "data.kwarg.pert_col=x"]) == 2
+        assert "Did you mean: data.kwargs.pert_col" in err.getvalue()
+        heavy = [m for m in ("torch", "anndata", "scanpy") if m in sys.modules]
+        assert not heavy, heavy
     """)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=REPO)
 
