@@ -121,14 +121,16 @@ class DataFile:
             return int(node.attrs["shape"][1])
 
     def _annotations(self, which: str) -> pd.DataFrame:
-        """``obs`` or ``var`` (an in-memory object's own; a file's read from it)."""
+        """``obs`` or ``var`` (an in-memory object's own; a file's read from it: that group
+        only, not the whole file's annotations)."""
         if self.adata is not None:
             return getattr(self.adata, which)
-        backed = ad.read_h5ad(self.path, backed="r")
         try:
-            return getattr(backed, which)
-        finally:
-            backed.file.close()
+            from anndata.io import read_elem
+        except ImportError:  # (anndata < 0.11)
+            from anndata.experimental import read_elem
+        with h5py.File(self.path, "r") as f:
+            return read_elem(f[which])
 
     def obs_columns(self, columns: Sequence[str]) -> pd.DataFrame:
         """The given obs columns of every cell (in file order); DataError naming the file and

@@ -78,6 +78,16 @@ def _finish(ax: Axes, show: bool | None, save: str | Path | None) -> Axes:
     return ax
 
 
+def _named_perts(perts: Sequence[str] | None) -> list[str] | None:
+    """The perturbations a plot is asked for (None: all); an empty selection is an error."""
+    if perts is None:
+        return None
+    named = names_list(perts)
+    if not named:
+        raise ConfigError("perts is empty: name at least one perturbation (or leave it out).")
+    return named
+
+
 def _celltype_col(pred: ad.AnnData, real: ad.AnnData, celltype_col: str | bool | None
                   ) -> str | None:
     """The cell-type column: as given (align_pair checks it; False = none, all cells pooled),
@@ -176,7 +186,6 @@ def delta_scatter(
         Axes to draw in (default: a new figure).
     s
         Marker size.
-
     show, save
         ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
         (format from its suffix). The Axes is returned either way.
@@ -194,9 +203,7 @@ def delta_scatter(
         raise ConfigError(f"max_perts={max_perts}: at most {_MAX_COLOURS} series can be told "
                           "apart by colour; plot several panels instead.")
     avail = sorted(set(real.obs[pert_col].astype(str)) - {control_pert})
-    chosen = avail if perts is None else names_list(perts)
-    if not chosen:
-        raise ConfigError("perts is empty: name at least one perturbation (or leave it out).")
+    chosen = _named_perts(perts) or avail
     missing = [p for p in chosen if p not in avail]
     if missing:
         raise DataError(f"perturbation(s) {missing} not found in obs[{pert_col!r}] of both files; "
@@ -302,7 +309,6 @@ def metric_bars(
         The metrics drawn, in this order.
     ax
         Axes to draw in (default: a new figure).
-
     show, save
         ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
         (format from its suffix). The Axes is returned either way.
@@ -401,7 +407,6 @@ def history(
         Axes to draw in (default: a new figure).
     logy
         Log-scale y axis.
-
     show, save
         ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
         (format from its suffix). The Axes is returned either way.
@@ -486,7 +491,6 @@ def top_genes(
     gene_symbols
         A var column of ``adata_real`` to label the genes by (e.g. symbols next to Ensembl
         IDs), as in scanpy.
-
     show, save
         ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
         (format from its suffix). The Axes is returned either way.
@@ -605,7 +609,6 @@ def embedding(
         is fitted.
     s
         Marker size.
-
     show, save
         ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
         (format from its suffix). The Axes is returned either way.
@@ -620,8 +623,7 @@ def embedding(
                           "into which the predicted cells are projected) or 'umap'")
     if isinstance(max_cells, bool) or not isinstance(max_cells, (int, np.integer)) or max_cells < 2:
         raise ConfigError(f"max_cells must be an integer >= 2, got {max_cells!r}")
-    if perts is not None and not names_list(perts):
-        raise ConfigError("perts is empty: name at least one perturbation (or leave it out).")
+    perts = _named_perts(perts)
     for a, which in ((adata_pred, "pred"), (adata_real, "real")):
         if a.uns.get("statetx_pseudobulk", False):
             raise DataError(f"{which} holds pseudobulks (one row per group): an embedding of "
@@ -650,7 +652,6 @@ def embedding(
     labels = {w: a.obs[pert_col].astype(str).to_numpy()
               for w, a in (("pred", adata_pred), ("real", adata_real))}
     if perts is not None:
-        perts = names_list(perts)
         avail = sorted(set(labels["real"]) | set(labels["pred"]))
         missing = [p for p in perts if p not in avail]
         if missing:
