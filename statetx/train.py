@@ -168,6 +168,7 @@ class TrainState:
     batch_in_epoch: int = 0
     best_val: float = math.inf
     best_step: int = -1
+    stop_val: float = math.inf  # early stopping's reference: the best on the val_freq schedule
     bad_validations: int = 0
     n_averaged: int = 0  # optimiser steps in the weight average
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -824,17 +825,18 @@ class Trainer:
         if st.step % c.val_freq == 0 or st.step == c.max_steps:
             logs = self._validate()
             self._log(logs)
-            # the last step's extra validation (off the val_freq schedule) is logged only, unless
-            # the run is shorter than the schedule: a run resumed to more steps validates as one
-            # that never stopped, and its best checkpoint and early stopping do not depend on
-            # where it stopped
-            scheduled = st.step % c.val_freq == 0 or st.step < c.val_freq
-            val = logs.get("val_loss", math.nan) if scheduled else math.nan
+            val = logs.get("val_loss", math.nan)
             if math.isfinite(val) and val < st.best_val:
-                st.best_val, st.best_step, st.bad_validations = val, st.step, 0
+                st.best_val, st.best_step = val, st.step
                 if self.out is not None:
                     self._checkpoint("best.ckpt")
-            elif math.isfinite(val):
+            # the last step's extra validation (off the val_freq schedule) can make the best
+            # checkpoint but is not one of early stopping's: a run resumed to more steps stops
+            # as one that never stopped
+            scheduled = st.step % c.val_freq == 0 or st.step < c.val_freq
+            if math.isfinite(val) and scheduled and val < st.stop_val:
+                st.stop_val, st.bad_validations = val, 0
+            elif math.isfinite(val) and scheduled:
                 st.bad_validations += 1
                 p = c.early_stopping_patience
                 stop = p is not None and st.bad_validations >= p
@@ -1054,6 +1056,7 @@ class Trainer:
         ranks = ckpt["rng"].get("ranks")  # (checkpoints before world_size was recorded)
         before = int(saved.pop("world_size", 0) or (len(ranks) if ranks else 1))
         self._earlier = float(saved.pop("seconds", 0.0))
+        saved.setdefault("stop_val", saved.get("best_val", math.inf))  # (earlier checkpoints)
         self.state = TrainState(**saved, history=history)
         if before != self.world_size:
             self._rescale_position(path, before)

@@ -788,17 +788,30 @@ def test_options_without_effect_are_said(synth):
 
 def test_a_run_resumed_to_more_steps_validates_and_stops_as_one_that_never_stopped(synth,
                                                                                     tmp_path):
-    """The extra validation at a run's last step (off the val_freq schedule) is logged only:
-    best checkpoint and early stopping are those of the uninterrupted run."""
+    """The extra validation at a run's last step (off the val_freq schedule) does not count
+    towards early stopping: a resumed run stops and keeps its best as the uninterrupted run."""
     opts = dict(val_freq=3, ckpt_every_n_steps=3, lr=3e-2, early_stopping_patience=2)
     whole = small_model(max_steps=20, **opts).fit(synth, FEWSHOT, output_dir=tmp_path / "a")
     small_model(max_steps=8, **opts).fit(synth, FEWSHOT, output_dir=tmp_path / "b")
     resumed = small_model(max_steps=20, **opts).fit(
         synth, FEWSHOT, output_dir=tmp_path / "b",
         resume_from=tmp_path / "b" / "checkpoints" / "last.ckpt")
-    assert resumed.best_step_ == whole.best_step_ and resumed.best_step_ % 3 == 0
+    assert resumed.history_["step"].max() == whole.history_["step"].max()  # (stopped alike)
     wa, wb = weights(whole), weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # a run shorter than the schedule: its last validation is its best (a best.ckpt exists)
     short = small_model(max_steps=4, val_freq=10).fit(synth, FEWSHOT, output_dir=tmp_path / "c")
     assert short.best_step_ == 4 and (tmp_path / "c" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_the_last_steps_validation_can_be_the_best(synth, tmp_path):
+    """best.ckpt holds the lowest val_loss the run logged, the extra validation after the last
+    step (off the val_freq schedule) included."""
+    for steps in (7, 8):
+        m = small_model(max_steps=steps, val_freq=3, lr=3e-2).fit(
+            synth, FEWSHOT, output_dir=tmp_path / str(steps))
+        val = m.history_.dropna(subset=["val_loss"]).set_index("step")["val_loss"]
+        assert list(val.index) == [3, 6, steps]
+        assert m.best_step_ == val.idxmin()
+        best = load_checkpoint_file(tmp_path / str(steps) / "checkpoints" / "best.ckpt")
+        assert best["train_state"]["step"] == val.idxmin()
