@@ -599,6 +599,12 @@ def load_arc_run(
                {"llama": "llama", "gpt2": "gpt2"}.get(str(hp.get("transformer_backbone_key",
                                                                  "")).lower()),
                "hyper_parameters['transformer_backbone_key']")
+    # the backbone's own settings against the shapes (a block missing, another FFN width)
+    keys = ("num_hidden_layers", "intermediate_size", "hidden_size") if backbone == "llama" \
+        else ("n_layer", "n_inner", "n_embd")
+    for what, key, value in zip(("n_layers", "intermediate_size", "hidden_dim"), keys,
+                                (n_layers, inter, h)):
+        check.same(what, value, kw.get(key), f"transformer_backbone_kwargs['{key}']")
     batch_n = sd["batch_encoder.weight"].shape[0] if "batch_encoder.weight" in sd else 0
 
     dec = _infer_gene_decoder(sd)

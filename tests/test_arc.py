@@ -268,6 +268,26 @@ def test_inconsistent_files_are_errors(tmp_path):
     assert any("pert_dim" in n for n in imp.notes)
 
 
+@pytest.mark.parametrize("name, edit, match", [
+    ("model_a_llama_bidir", lambda c: [c["state_dict"].pop(k) for k in list(c["state_dict"])
+                                       if ".layers.1." in k],
+     r"n_layers: the weights say 1 but .*\['num_hidden_layers'\] says 2"),
+    ("model_a_llama_bidir", lambda c: c["hyper_parameters"]["transformer_backbone_kwargs"]
+     .update(intermediate_size=99), r"intermediate_size: .*says 99"),
+    ("model_b_gpt2", lambda c: c["hyper_parameters"]["transformer_backbone_kwargs"]
+     .update(n_embd=48), r"hidden_dim: .*\['n_embd'\] says 48"),
+])
+def test_backbone_settings_must_fit_the_weights(tmp_path, name, edit, match):
+    """A truncated checkpoint (a transformer block missing) or backbone settings that do not fit
+    the shapes are refused, not loaded as another network; strict=False trusts the weights."""
+    run = copy_run(name, tmp_path / "run")
+    edit_checkpoint(run, edit)
+    (run / "config.yaml").unlink()  # (only the checkpoint's settings)
+    with pytest.raises(DataError, match=match):
+        load(run)
+    assert any(re.search(match, n) for n in load(run, strict=False).notes)
+
+
 def test_checkpoint_resolution(tmp_path):
     run = copy_run("model_a_llama_bidir", tmp_path / "run")
     ck = run / "checkpoints"
