@@ -17,11 +17,12 @@ class ParameterError(ConfigError, TypeError):
     """An unknown keyword argument of an estimator (a TypeError, as Python's own)."""
 
 
-def _unknown(cls_name: str, keys: list[str], valid: list[str]) -> str:
+def _unknown(cls: type, keys: list[str], valid: list[str]) -> str:
     listing = (f"Parameters: {', '.join(valid)}." if len(valid) <= 15
-               else f"help({cls_name}) lists its {len(valid)} parameters.")
-    return (f"{cls_name} has no parameter {', '.join(map(repr, keys))}."
-            f"{did_you_mean(keys[0], valid)} {listing}")
+               else f"help({cls.__name__}) lists its {len(valid)} parameters.")
+    hint = cls._name_hint(keys[0])
+    return (f"{cls.__name__} has no parameter {', '.join(map(repr, keys))}."
+            f"{f' {hint}' if hint else did_you_mean(keys[0], valid)} {listing}")
 
 
 class Estimator(BaseEstimator):
@@ -43,10 +44,15 @@ class Estimator(BaseEstimator):
         def checked(self, *args: Any, **params: Any) -> None:
             unknown = [k for k in params if k not in names]
             if unknown:
-                raise ParameterError(_unknown(type(self).__name__, unknown, names))
+                raise ParameterError(_unknown(type(self), unknown, names))
             init(self, *args, **params)
 
         cls.__init__ = checked
+
+    @staticmethod
+    def _name_hint(name: str) -> str:
+        """What an unknown parameter name is called here (e.g. another tool's name), or ''."""
+        return ""
 
     #: fitted attributes that a pickle of a fitted estimator must hold
     _PICKLED_FIT: tuple[str, ...] = ()
@@ -105,7 +111,7 @@ class Estimator(BaseEstimator):
         valid = list(self.get_params(deep=False))
         unknown = [k for k in params if k.split("__", 1)[0] not in valid]
         if unknown:
-            raise ConfigError(_unknown(type(self).__name__, unknown, valid))
+            raise ConfigError(_unknown(type(self), unknown, valid))
         plain = {k: v for k, v in params.items() if "__" not in k}
         if plain:  # (whole values first, then single entries on top, as scikit-learn)
             super().set_params(**plain)

@@ -88,6 +88,7 @@ from statetx.predict import (
     weights_digest,
 )
 from statetx.presets import describe, network_config_for, resolve_architecture
+from statetx.runconfig import reference_name_hint
 from statetx.rundir import (
     attach_data,
     finish_run,
@@ -334,6 +335,7 @@ class StateTransitionModel(Estimator):
                     "is_log1p_")
     _MOVE_HINT = ("load it with the statetx that made it and move the model with save() / "
                   "load()")
+    _name_hint = staticmethod(reference_name_hint)  # (arc-state's option names)
 
     def __init__(
         self,

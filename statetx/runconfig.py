@@ -391,6 +391,26 @@ PARAM_PATHS: dict[str, str] = {
     "train_pert_skip": "model.kwargs.train_pert_skip",
 }
 
+
+
+def reference_name_hint(name: str) -> str:
+    """What an arc-state option name given to the estimator is called there, or why it has no
+    effect ('' for names that are not arc-state options)."""
+    params = {path: param for param, path in PARAM_PATHS.items()}
+    for key in KEYS.values():
+        if key.path.rsplit(".", 1)[-1] != name:
+            continue
+        if key.path in params:
+            return f"{name!r} is arc-state's {key.path}: here it is {params[key.path]!r}."
+        if key.status == "noeffect":
+            why = f" ({key.note})" if key.note else ""
+            return f"{name!r} is arc-state's {key.path}, which {_NO_EFFECT}{why}: leave it out."
+        if key.path.startswith("model.kwargs.") and name in ARCH_TYPES:
+            return (f"{name!r} is a setting of the network: pass model_kwargs={{{name!r}: ...}}"
+                    " (it overrides the preset's).")
+    return ""
+
+
 # keys that may differ when a run is resumed: the estimator's resumable parameters, and the
 # command line's own settings
 RESUME_FREE = (*(PARAM_PATHS[p] for p in RESUMABLE_PARAMS if p in PARAM_PATHS),

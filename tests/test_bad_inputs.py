@@ -1019,6 +1019,15 @@ def test_misspelled_parameters_name_the_closest_one():
     m = StateTransitionModel("tiny", model_kwargs={"hidden_dim": 32})
     with pytest.raises(ConfigError, match="'max_steps'"):
         m.set_params(max_step=1)
+    # arc-state's option names (what users copy from its configs) say what they are here
+    for name, said in (("should_yield_control_cells", "here it is 'yield_controls'"),
+                       ("train_seed", "here it is 'seed'"),
+                       ("n_basal_samples", "has no effect in statetx .*leave it out"),
+                       ("hidden_dim", r"model_kwargs=\{'hidden_dim': ...\}")):
+        with pytest.raises(TypeError, match=f"no parameter '{name}'. '{name}' .*{said}"):
+            StateTransitionModel(**{name: 1})
+        with pytest.raises(ConfigError, match=said):
+            m.set_params(**{name: 1})
     # one entry of a dict parameter; the estimator's own dict is not shared with its clone
     m.set_params(model_kwargs__n_layers=2, lr=1e-3)
     assert m.model_kwargs == {"hidden_dim": 32, "n_layers": 2} and m.lr == 1e-3
