@@ -231,6 +231,9 @@ class StateTransitionModel(Estimator):
     on_missing_perturbation
         A ``[fewshot]`` entry naming a perturbation no cell of that cell type carries:
         ``error`` (default) or ``warn`` (and ignore it).
+    on_missing_features
+        A perturbation of the data without a vector in ``pert_features``: ``zeros`` (default,
+        the reference: a zero vector, with a warning listing them) or ``error``.
     drop_missing_labels
         Leave out cells whose perturbation, cell type or batch label is missing (NaN), with a
         notice (default False: an error naming the column).
@@ -380,6 +383,7 @@ class StateTransitionModel(Estimator):
         pert_features: Any = None,
         heldout_controls_in_train: bool = True,
         on_missing_perturbation: str = "error",
+        on_missing_features: str = "zeros",
         val_subsample_fraction: float = 1.0,
         drop_missing_labels: bool = False,
         yield_controls: bool = True,
@@ -440,6 +444,7 @@ class StateTransitionModel(Estimator):
         self.pert_features = pert_features
         self.heldout_controls_in_train = heldout_controls_in_train
         self.on_missing_perturbation = on_missing_perturbation
+        self.on_missing_features = on_missing_features
         self.val_subsample_fraction = val_subsample_fraction
         self.drop_missing_labels = drop_missing_labels
         self.yield_controls = yield_controls
@@ -596,6 +601,7 @@ class StateTransitionModel(Estimator):
         return dict(heldout_controls_in_train=self.heldout_controls_in_train,
                     counts_key=self.counts_key, allow_counts=bool(self.allow_counts),
                     on_missing_perturbation=self.on_missing_perturbation,
+                    on_missing_features=self.on_missing_features,
                     val_subsample_fraction=self.val_subsample_fraction,
                     drop_missing_labels=bool(self.drop_missing_labels),
                     yield_controls=self.yield_controls, dtype=self.dtype)
@@ -639,6 +645,9 @@ class StateTransitionModel(Estimator):
                               "'auto', 'none' or 'uniform'.")
         averaging = "none" if self.weight_averaging == "auto" else self.weight_averaging
         as_count("seed", self.seed, 0)
+        if self.on_missing_features not in ("zeros", "error"):
+            raise ConfigError(f"on_missing_features={self.on_missing_features!r} is invalid; "
+                              "expected 'zeros' or 'error'.")
         if not 0.0 < float(self.val_subsample_fraction) <= 1.0:
             raise ConfigError(f"val_subsample_fraction={self.val_subsample_fraction!r} must be "
                               "in (0, 1].")

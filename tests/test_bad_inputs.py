@@ -1280,3 +1280,31 @@ def test_arc_runs_with_malformed_files_are_named(tmp_path):
     torch.save(ckpt, run / "checkpoints" / "final.ckpt")
     with pytest.raises(DataError, match="'hyper_parameters' should be a mapping"):
         StateTransitionModel.from_arc_state(run, verbose=False)
+
+
+def test_missing_feature_vectors_follow_on_missing_features(tmp_path, capsys):
+    """A perturbation without a vector in pert_features: a zero vector with a warning
+    (default, the reference), or an error with on_missing_features='error' (estimator and
+    tx train's data.kwargs.on_missing_features)."""
+    a = make_synthetic()
+    feats = {"P0": np.ones(4), "P1": np.full(4, 2.0)}  # (P2 has none)
+    with pytest.raises(ConfigError, match=r"on_missing_features='skip' is invalid"):
+        small_model(pert_features=feats, on_missing_features="skip").fit(a, SPEC)
+    with pytest.raises(DataError, match=r"1 perturbation\(s\) have no feature vector: P2"):
+        small_model(pert_features=feats, on_missing_features="error").fit(a, SPEC)
+    with pytest.warns(UserWarning, match="P2"):
+        m = small_model(pert_features=feats, max_steps=1).fit(a, SPEC)
+    np.testing.assert_array_equal(m.pert_feature_table_["P2"], np.zeros(4))
+    path = tmp_path / "a.h5ad"
+    a.write_h5ad(path)
+    toml = tmp_path / "split.toml"
+    toml.write_text(f'[datasets]\ndata = "{path}"\n{SPEC}')
+    from statetx.vocab import save_pert_features
+
+    save_pert_features(feats, tmp_path / "f.csv")
+    args = ["tx", "train", *TINY_CLI, "training.max_steps=1", f"output_dir={tmp_path}",
+            "name=run", f"data.kwargs.toml_config_path={toml}", "data.kwargs.pert_col=gene",
+            f"data.kwargs.perturbation_features_file={tmp_path / 'f.csv'}",
+            "data.kwargs.on_missing_features=error"]
+    assert main(args) == 2 and not (tmp_path / "run").exists()
+    assert "no feature vector: P2" in capsys.readouterr().err
