@@ -605,24 +605,29 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
                                       gene_name_col=c.gene_name_col))
             continue
         if name not in config.datasets:
-            section, key = next((s, k) for s in ("training", "zeroshot", "fewshot")
-                                for k in getattr(config, s) if k.split(".")[0] == name)
+            used = [(s, k) for s in ("training", "zeroshot", "fewshot") for k in getattr(config, s)]
+            first = {n: next(f'[{s}] "{k}"' for s, k in used if k.split(".")[0] == n)
+                     for n in unresolved}
+            if isinstance(data, ad.AnnData) and dataset_name is None and len(unresolved) > 1:
+                uses = Counter(k.split(".")[0] for _, k in used)
+                rare = sorted(unresolved, key=lambda n: (uses[n], n))
+                typo = ("" if uses[rare[0]] == uses[rare[1]] else f" '{rare[0]}' is used "
+                        f"least:{did_you_mean(rare[0], rare[1:])}")
+                raise SplitConfigError(
+                    f"one AnnData was given, but the split spec uses {len(rare)} dataset names "
+                    "without a [datasets] path: " + ", ".join(f"'{n}' ({first[n]})" for n in rare)
+                    + f". A typo?{typo} Use one name for it, or pass dataset_name= (or a dict "
+                    "of AnnData).")
             hint = (did_you_mean(name, list(config.datasets)).strip()
                     or f'Add a line such as: {name} = "/path/to/{name}/"')
-            if isinstance(data, ad.AnnData) and dataset_name is None:
-                others = [n for n in names if n != name and n not in config.datasets]
-                hint = (f"One AnnData was given, and the spec uses {len(others) + 1} dataset "
-                        f"names without a [datasets] path ({', '.join(sorted([name, *others]))})"
-                        f": a typo?{did_you_mean(name, others)} Use one name, or pass "
-                        "dataset_name= (or a dict of AnnData).")
-            elif memory:
+            if memory:
                 given = ", ".join(f"'{n}'" for n in sorted(memory) if n not in names)
                 if given:
                     hint = (f"The AnnData given in memory is named {given} (dataset_name or the "
                             f"dict's keys), which the spec does not use: name it '{name}'"
                             + (" (dataset_name=...)." if isinstance(data, ad.AnnData) else "."))
             raise SplitConfigError(
-                f'dataset \'{name}\' is used in [{section}] "{key}" but has no entry in [datasets] '
+                f"dataset '{name}' is used in {first[name]} but has no entry in [datasets] "
                 f"and was not passed in memory. {hint}"
             )
         for path in config.resolve_paths(name):

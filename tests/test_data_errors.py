@@ -88,8 +88,9 @@ def test_one_anndata_and_a_misspelt_dataset_name():
     spec = {"training": {"d": "train"}, "zeroshot": {"dd.A": "test"}}
     with warnings.catch_warnings():  # (the error is the message: no warning of a dataset
         warnings.simplefilter("error")  # 'data' the user never named before it)
-        with pytest.raises(SplitConfigError, match=r"One AnnData was given, and the spec uses 2 "
-                           r"dataset names.*\(d, dd\): a typo\?.*dataset_name="):
+        with pytest.raises(SplitConfigError, match=r"one AnnData was given, but the split spec "
+                           r"uses 2 dataset names.*'d' \(\[training\] \"d\"\), 'dd' "
+                           r"\(\[zeroshot\] \"dd.A\"\)\. A typo\?.*dataset_name="):
             prepare(make_adata(), spec, COLS)
 
 

@@ -232,6 +232,16 @@ def test_kang_dataset_name_is_configurable(kang_raw, capsys):
                                                r"in memory"):
         assign(kang_raw, {"zeroshot": {"pbmc.CD8 T cells": "val"}, "training": {"x": "train"}},
                KANG_COLS, dataset="pbmc")
+    # one AnnData and two unknown names: both named with where they are used, and the name
+    # used least is the likely typo
+    spec = {"training": {"kang": "train"}, "zeroshot": {"knag.B cells": "test"}}
+    with pytest.raises(SplitConfigError, match=r"2 dataset names without a \[datasets\] path: "
+                                               r"'kang' \(\[training\] \"kang\"\), 'knag' "
+                                               r"\(\[zeroshot\] \"knag.B cells\"\)\. A typo\? Use"):
+        assign(kang_raw, spec, KANG_COLS)
+    spec["fewshot"] = {"kang.CD8 T cells": {"val": ["STIM"]}}
+    with pytest.raises(SplitConfigError, match=r"'knag' is used least: Did you mean: 'kang'"):
+        assign(kang_raw, spec, KANG_COLS)
 
 
 @pytest.mark.parametrize("spec", [{}, None, ""], ids=["dict", "none", "string"])
@@ -462,7 +472,8 @@ def test_assign_several_datasets_in_memory_and_from_files(perturbench, tmp_path)
     pd.testing.assert_frame_equal(assign({"norman": k562, "mcfaline": gbm}, spec, **cols), m)
     # a misspelt dataset: the typo hint fit gives
     typo = '[training]\nnorman = "train"\n[fewshot."normann.k562"]\ntest = ["MAPK1+TGFBR2"]\n'
-    with pytest.raises(SplitConfigError, match=r"\(norman, normann\): a typo\? Did you mean"):
+    with pytest.raises(SplitConfigError, match=r"'norman' \(\[training\] \"norman\"\), 'normann' "
+                                               r"\(\[fewshot\] \"normann.k562\"\)\. A typo\?"):
         assign(k562, typo, cols)
     with pytest.raises(ConfigError, match="dataset= names a single AnnData"):
         assign({"norman": k562, "mcfaline": gbm}, spec, cols, dataset="norman")
