@@ -1408,15 +1408,9 @@ def cmd_filter(a: argparse.Namespace) -> int:
 
     _check_output(a.output, a.input)
     adata = _read(a.input)
-    var_col = a.var_gene_name  # (None: cell-load's default "gene_name" when var has it)
-    if var_col is None:
-        var_col = "gene_name" if "gene_name" in adata.var.columns else None
-        if var_col is None:
-            _say("var has no column 'gene_name': matching perturbation labels against "
-                 "var_names (--var-gene-name names another column).")
     out, report = filter_on_target_knockdown(
         adata, a.perturbation_column, a.control_label, a.residual_expression,
-        a.cell_residual_expression, a.min_cells, a.layer, var_col,
+        a.cell_residual_expression, a.min_cells, a.layer, a.var_gene_name or "auto",
         on_unmatched=a.on_unmatched, preprocess=a.preprocess, verbose=a.verbose,
         return_report=True)
     _say(f"kept {out.n_obs} of {adata.n_obs} cells")

@@ -29,7 +29,7 @@ from statetx._utils import (
     to_dense_f32,
 )
 from statetx.errors import ConfigError, DataError
-from statetx.io import control_like
+from statetx.io import control_like, recorded_target_sum
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -275,7 +275,7 @@ def preprocess_train(
                 "(not log1p-normalised expression): pass already_normalized=False to normalise "
                 "and log-transform them"
                 + (", or layer='counts'" if "counts" in adata.layers else "") + ".")
-        used_target = None
+        used_target = recorded_target_sum(adata)  # (e.g. the knock-down filter's 1e4)
         if flavor == "seurat_v3":
             counts = adata.layers[layer] if layer is not None else None
     else:
@@ -556,7 +556,7 @@ def filter_on_target_knockdown(
     cell_residual_expression: float = 0.50,
     min_cells: int = 30,
     layer: str | None = None,
-    var_gene_name: str | None = None,
+    var_gene_name: str | None = "auto",
     *,
     on_unmatched: Literal["drop", "keep", "error"] = "drop",
     preprocess: bool = False,
@@ -594,7 +594,9 @@ def filter_on_target_knockdown(
         log-transformed are used as they are, with a warning (ratios of log values overstate
         residual expression).
     var_gene_name
-        var column holding the gene names the labels are matched against (None: ``var_names``).
+        var column holding the gene names the labels are matched against; None: ``var_names``;
+        ``"auto"`` (default): ``var["gene_name"]`` when var has it (the reference's default),
+        else ``var_names`` (said).
     on_unmatched
         Labels matching no gene are dropped (``"drop"``, reported), kept unfiltered (``"keep"``)
         or an error (``"error"``); no label matching at all is an error.
@@ -658,6 +660,11 @@ def filter_on_target_knockdown(
     is_ctrl = _check_control(labels, pert_col, control_pert)
 
     # gene names and first-occurrence lookup (D12)
+    if var_gene_name == "auto":
+        var_gene_name = "gene_name" if "gene_name" in adata.var.columns else None
+        if var_gene_name is None:
+            say("var has no column 'gene_name': matching perturbation labels against var_names "
+                "(var_gene_name names another column).")
     if var_gene_name is None:
         genes = np.asarray(adata.var_names, dtype=str)
         gene_src = "var_names"
@@ -817,8 +824,10 @@ def filter_on_target_knockdown(
             )
         if layer is None and "counts" not in out.layers:
             out.layers["counts"] = fm.copy()
-        out.X, _ = normalize_log1p(fm, 1e4)
+        out.X, target = normalize_log1p(fm, 1e4)
         _set_log1p(out)
+        out.uns["statetx_preprocess"] = {"target_sum": target,
+                                         "source": "filter_on_target_knockdown(preprocess=True)"}
 
     out.uns["statetx_knockdown_filter"] = {
         "pert_col": pert_col,

@@ -136,6 +136,10 @@ def test_knockdown_preprocess_marks_log1p_and_blocks_double_normalisation():
     np.testing.assert_allclose(tot, 1e4, rtol=1e-4)
     with pytest.raises(DataError, match="normalising twice|Normalising twice"):
         pp.preprocess_train(out, n_top_genes=3)
+    # the filter's total is recorded and kept by the HVG step: a model trained on it knows it
+    assert out.uns["statetx_preprocess"]["target_sum"] == 1e4
+    done = pp.preprocess_train(out, n_top_genes=3, already_normalized=True, copy=True)
+    assert done.uns["statetx_preprocess"]["target_sum"] == 1e4
     with pytest.warns(UserWarning, match="log"):
         pp.filter_on_target_knockdown(out, "gene", "ctrl")
 
@@ -409,3 +413,18 @@ def test_knockdown_takes_cell_loads_keyword_names():
     assert list(ours.obs_names) == list(theirs.obs_names)
     with pytest.raises(ConfigError, match="pert_col='x' and perturbation_column='gene'"):
         pp.filter_on_target_knockdown(a, "x", perturbation_column="gene")
+
+
+def test_knockdown_matches_var_gene_name_by_default_as_the_reference(capsys):
+    """The default matches labels against var['gene_name'] when var has it (the reference's
+    default; here var_names are Ensembl ids), else against var_names, said."""
+    a = _toy()
+    out = pp.filter_on_target_knockdown(a, "gene", "ctrl")
+    ref = pp.filter_on_target_knockdown(a, "gene", "ctrl", var_gene_name="gene_name")
+    assert list(out.obs_names) == list(ref.obs_names) and (out.obs["gene"] == "G0").sum() == 35
+    a.var_names = a.var["gene_name"].to_numpy()
+    del a.var["gene_name"]
+    capsys.readouterr()
+    assert list(pp.filter_on_target_knockdown(a, "gene", "ctrl").obs_names) == list(ref.obs_names)
+    assert "var has no column 'gene_name': matching perturbation labels against var_names" in (
+        capsys.readouterr().out)
