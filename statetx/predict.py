@@ -639,17 +639,18 @@ def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input",
     top = float(s.max(initial=0))
     integers = bool(np.all(np.abs(s - np.round(s)) < 1e-6))
     if trained_log1p and integers and top > 0:
-        how = ("normalize_total + log1p as the training data were: scanpy's "
-               "normalize_total(adata, target_sum=T) + log1p with the training data's T (the "
-               "model did not record it; without target_sum scanpy uses each dataset's own "
-               "median total, which differs between datasets). predict then compares the "
-               "depth with the training data's" if not target_sum
-               else f"statetx.pp.preprocess_train(adata, target_sum={target_sum:g}), tx "
-               f"preprocess_train --target-sum {target_sum:g}, or scanpy normalize_total("
-               f"target_sum={target_sum:g}) + log1p: the training data's total")
+        how = ("as the training data were: sc.pp.normalize_total(adata, target_sum=T) and "
+               "sc.pp.log1p(adata), with T the total the training data were normalised to. "
+               "The model records no T (its data were not normalised by statetx.pp), and "
+               "scanpy's default T, each dataset's own median, differs between datasets; "
+               "predict warns when the depths differ" if not target_sum
+               else f"to the training data's total: statetx.pp.preprocess_train(adata, "
+               f"target_sum={target_sum:g}), tx preprocess_train --target-sum "
+               f"{target_sum:g}, or sc.pp.normalize_total(adata, target_sum={target_sum:g}) "
+               "and sc.pp.log1p(adata)")
         raise DataError(f"the {where} looks like raw counts (integers, max {top:.0f}); the "
-                        f"model was trained on log1p-normalised values. Normalise it first "
-                        f"({how}).")
+                        f"model was trained on log1p-normalised values. Normalise it first, "
+                        f"{how}.")
     if trained_log1p and top > 15:
         raise DataError(f"the {where} has values up to {top:.4g}, far above log1p scale; "
                         "the model was trained on log1p-normalised values. If it is normalised "

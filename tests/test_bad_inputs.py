@@ -180,8 +180,9 @@ def test_predict_scaled_input_is_refused(model, adata):
 def test_predict_scale_mismatch_both_ways(model, adata):
     counts = adata.copy()
     counts.X = np.round(np.expm1(counts.X) * 20).astype(np.float32)
-    with pytest.raises(DataError, match=r"looks like raw counts .*trained on log1p.*with the "
-                                        r"training data's T"):  # (not recorded here)
+    with pytest.raises(DataError, match=r"looks like raw counts .*trained on log1p.*with T the "
+                                        r"total the training data were normalised to\. The "
+                                        r"model records no T"):  # (not recorded here)
         model.predict(counts)
     low = counts.copy()  # shallow data or a small panel: counts that never exceed 15
     low.X = np.minimum(low.X, 10)
