@@ -394,7 +394,6 @@ PARAM_PATHS: dict[str, str] = {
 }
 
 
-
 def reference_name_hint(name: str) -> str:
     """What an arc-state option name given to the estimator is called there, or why it has no
     effect ('' for names that are not arc-state options)."""
