@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -514,3 +515,203 @@ def test_an_outdir_holds_one_evaluation_and_bad_options_fail_first(tmp_path, rea
     with pytest.raises(DataError, match="pred file .*bad.h5ad.* could not be read"):
         evaluate(tmp_path / "bad.h5ad", r, profile="minimal")
 
+
+
+def _constant(pred, perts, label="non-targeting"):
+    """``pred`` with the cells of ``perts`` all set to the mean of the ``label`` cells (what
+    ControlMeanBaseline(mode="mean") predicts)."""
+    out = pred.copy()
+    lab = out.obs["target_gene"].astype(str).to_numpy()
+    row = np.asarray(out.X[lab == label]).mean(axis=0)
+    for p in perts:
+        out.X[lab == p] = row
+    return out
+
+
+def _identical_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if "all identical" in str(w.message)]
+
+
+def test_a_prediction_without_spread_is_said_and_scored_as_cell_eval(real, pred, monkeypatch):
+    """Identical predicted cells (a mean repeated) make the Wilcoxon DE of the prediction call
+    many genes significant: one warning names them; the values stay cell-eval's."""
+    import sys
+
+    import scipy.sparse as sp
+
+    ev = sys.modules["statetx.metrics.evaluate"]  # (the module: the package names the function)
+    const = _constant(pred, ["G000", "G001", "G002"])
+    for x in (const, ad_sparse(const)):
+        with pytest.warns(UserWarning) as rec:
+            res, _ = evaluate(x, real[0], profile="minimal", num_threads=1)
+        said = _identical_warnings(rec)
+        assert len(said) == 1
+        assert re.search(r"3 of the 6 perturbation\(s\) are all identical .*G000, G001, G002\. "
+                         r"The DE-based metrics \(overlap_at_N, precision_at_N, de_nsig_counts\)"
+                         r" are not meaningful", said[0]), said[0]
+        assert (res.loc[:2, "de_nsig_counts_pred"]
+                > res.loc[3:, "de_nsig_counts_pred"].max()).all()
+        # the values are those computed without the check
+        with monkeypatch.context() as mp, warnings.catch_warnings():
+            mp.setattr(ev, "constant_groups", lambda *a, **k: np.array([], dtype=np.int64))
+            warnings.simplefilter("ignore")
+            plain, _ = evaluate(x, real[0], profile="minimal", num_threads=1)
+        pd.testing.assert_frame_equal(res, plain)
+    assert sp.issparse(ad_sparse(const).X)
+
+
+def ad_sparse(a):
+    import scipy.sparse as sp
+
+    out = a.copy()
+    out.X = sp.csr_matrix(out.X)
+    return out
+
+
+def test_no_spread_warning_for_normal_pseudobulk_or_non_de_inputs(real, pred):
+    for kw in (dict(adata_pred=pred), dict(adata_pred=_constant(pred, ["G000"]), profile="pds"),
+               dict(adata_pred=_constant(pred, ["G000"]), de_pred=evaluate_de(pred, real))):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            evaluate(real=real[0], num_threads=1, **{"profile": "minimal", **kw})
+        assert not _identical_warnings(rec), kw
+    # one row per group (a pseudobulk without the flag): no group of two cells to judge
+    lab = pred.obs["target_gene"].astype(str).to_numpy()
+    first = pd.Series(np.arange(len(lab))).groupby(lab).first().to_numpy()
+    one = pred[np.sort(first)].copy()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        evaluate(one, real[0], profile="minimal", num_threads=1)
+    assert not _identical_warnings(rec)
+
+
+def evaluate_de(pred, real):
+    from statetx.metrics import wilcoxon_de
+
+    return wilcoxon_de(pred.X, pred.obs["target_gene"].astype(str).to_numpy(), "non-targeting",
+                       pred.var_names.astype(str), num_threads=1)
+
+
+def test_constant_controls_and_cell_types_are_named(real, pred):
+    ct = pred.copy()
+    ct.obs["cell_type"] = np.where(np.arange(ct.n_obs) % 2 == 0, "A", "B")
+    rl = real[0].copy()
+    rl.obs["cell_type"] = np.where(np.arange(rl.n_obs) % 2 == 0, "A", "B")
+    is_a = (ct.obs["cell_type"] == "A").to_numpy()
+    lab = ct.obs["target_gene"].astype(str).to_numpy()
+    ct.X[is_a & (lab == "G004")] = ct.X[is_a & (lab == "G004")][0]
+    ct.X[is_a & (lab == "non-targeting")] = ct.X[is_a & (lab == "non-targeting")][0]
+    with pytest.warns(UserWarning) as rec:
+        evaluate(ct, rl, profile="de", celltype_col="cell_type", num_threads=1)
+    said = _identical_warnings(rec)
+    assert len(said) == 1
+    assert "1 of the 12 perturbation(s)" in said[0] and "G004 (A)" in said[0]
+    assert "control cells 'non-targeting' of cell type(s) A are all identical" in said[0]
+
+
+def test_constant_groups_compares_every_row_with_its_groups_first():
+    import scipy.sparse as sp
+
+    from statetx.metrics.evaluate import constant_groups
+
+    rng = np.random.default_rng(0)
+    x = rng.poisson(0.5, (50, 30)).astype(np.float32)
+    codes = np.repeat(np.arange(5), 10)
+    codes[[5, 17]] = -1  # ignored rows
+    x[codes == 2] = x[np.flatnonzero(codes == 2)[0]]
+    x[codes == 4] = 0
+    x[np.flatnonzero(codes == 3)[-1], 7] += 1  # one cell of group 3 differs, in one gene
+    for m in (x, sp.csr_matrix(x), sp.csc_matrix(x)):
+        for chunk in (1, 1 << 22):
+            assert list(constant_groups(m, codes, 6, chunk_elems=chunk)) == [2, 4]
+
+
+def test_evaluate_ceiling_is_the_command_lines(tmp_path, real, pred):
+    """ceiling=True: ceiling() with the same options, its files listed with the results', and
+    the ceiling and the fraction of it in agg.attrs."""
+    from statetx.metrics import ceiling, fraction_of_ceiling
+
+    res, agg = evaluate(pred, real[0], profile="minimal", num_threads=1, ceiling=True,
+                        ceiling_seed=3, outdir=tmp_path)
+    c_res, c_agg = ceiling(real[0], profile="minimal", num_threads=1, seed=3)
+    got = pd.read_csv(tmp_path / "ceiling_results.csv")
+    pd.testing.assert_frame_equal(got, c_res, check_dtype=False)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "agg_ceiling_results.csv"), c_agg,
+                                  check_dtype=False)
+    pd.testing.assert_frame_equal(pd.DataFrame(agg.attrs["ceiling"]), c_agg)
+    frac = pd.DataFrame(agg.attrs["fraction_of_ceiling"])
+    pd.testing.assert_frame_equal(frac, fraction_of_ceiling(agg, c_agg))
+    assert 0 < frac["pearson_delta"].iloc[0] < 1.5
+    manifest = (tmp_path / ".statetx_evaluate").read_text()
+    assert "ceiling_results.csv" in manifest and "agg_ceiling_results.csv" in manifest
+    other, _ = ceiling(real[0], profile="minimal", num_threads=1, seed=4)
+    assert not np.allclose(other["pearson_delta"], c_res["pearson_delta"])
+    pd.concat([agg, agg])  # (the attrs are lists, which pd.concat can compare)
+    # without ceiling=True: none, and an earlier ceiling's files in outdir are removed
+    _, agg2 = evaluate(pred, real[0], profile="minimal", num_threads=1, outdir=tmp_path)
+    assert "ceiling" not in agg2.attrs and not (tmp_path / "ceiling_results.csv").exists()
+    # per cell type: one pair of files per cell type; a profile without correlations: no fraction
+    ct_p, ct_r = pred.copy(), real[0].copy()
+    for a in (ct_p, ct_r):
+        a.obs["cell_type"] = np.where(np.arange(a.n_obs) % 2 == 0, "A", "B")
+    _, agg3 = evaluate(ct_p, ct_r, profile="vcc", num_threads=1, ceiling=True,
+                       celltype_col="cell_type", outdir=tmp_path / "ct")
+    assert {"A_ceiling_results.csv", "B_agg_ceiling_results.csv"} <= {
+        p.name for p in (tmp_path / "ct").iterdir()}
+    assert agg3.attrs["ceiling"]["celltype"] == ["A", "B"]
+    assert "fraction_of_ceiling" not in agg3.attrs
+
+
+def test_evaluate_ceiling_options_are_checked(real, pred):
+    from statetx.metrics import ceiling
+
+    for kw, msg in ((dict(ceiling_seed=2), "needs ceiling=True"),
+                    (dict(ceiling=True, ceiling_seed=-1), "integer >= 0"),
+                    (dict(ceiling=True, ceiling_seed=1.5), "integer >= 0"),
+                    (dict(ceiling="yes"), "True or False")):
+        with pytest.raises(ConfigError, match=msg):
+            evaluate(pred, real[0], **kw)
+    with pytest.raises(ConfigError, match="no ceiling= option"):
+        ceiling(real[0], ceiling=True)
+
+
+def test_counts_target_own_median_is_cell_evals_rule(real, pred):
+    """counts_target="own_median": each count file normalised to its own median total, then
+    log1p (cell-eval: sc.pp.normalize_total without a target), unlike the shared default."""
+    import scanpy as sc
+
+    rng = np.random.default_rng(0)
+
+    def counts(a, depth):
+        out = a.copy()
+        out.X = rng.poisson(np.expm1(np.asarray(a.X)) / 1e4 * depth).astype(np.float32)
+        return out
+
+    def reference(a):
+        a = a.copy()
+        sc.pp.normalize_total(a)
+        sc.pp.log1p(a)
+        return a
+
+    rc, pc = counts(real[0], 300), counts(pred, 900)  # the prediction sequenced deeper
+    kw = dict(profile="full", skip_metrics=["clustering_agreement"], num_threads=1)
+    with pytest.warns(UserWarning, match="its median cell total, as cell-eval does"):
+        own, _ = evaluate(pc, rc, counts_target="own_median", **kw)
+    want, _ = evaluate(reference(pc), reference(rc), **kw)
+    pd.testing.assert_frame_equal(own, want, atol=1e-6)
+    with pytest.warns(UserWarning, match="the real cells' median total"):
+        shared, _ = evaluate(pc, rc, **kw)
+    assert own["mae"].mean() > 2 * shared["mae"].mean()
+    with pytest.raises(ConfigError, match="counts_target='own'.*own_median"):
+        evaluate(pc, rc, counts_target="own")
+
+
+def test_vcc_score_does_not_warn_about_its_own_constant_baseline(real, pred):
+    from statetx.metrics import vcc_score
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        vcc_score(pred, real[0], num_threads=1)
+    assert not _identical_warnings(rec)
+    with pytest.warns(UserWarning, match=r"1 of the 6 perturbation\(s\) are all identical"):
+        vcc_score(_constant(pred, ["G003"]), real[0], num_threads=1)

@@ -161,18 +161,21 @@ def is_count_scale(adata: ad.AnnData) -> bool:
     return isinstance(info, dict) and info.get("scale") == "counts" and "log1p" not in adata.uns
 
 
-def counts_to_log1p(pred: ad.AnnData, real: ad.AnnData) -> tuple[ad.AnnData, ad.AnnData]:
+def counts_to_log1p(pred: ad.AnnData, real: ad.AnnData, own_median: bool = False
+                    ) -> tuple[ad.AnnData, ad.AnnData]:
     """Count-scale predictions and real cells, both normalised to the real cells' median total
-    and log1p-transformed: the scale the metrics expect, by the same transform on both sides
-    (the reference rule would convert the integer real cells alone)."""
-    target = median_total(real.X)
-    say(f"count-scale prediction: predictions and real cells are normalised "
-        f"to {target:g} counts per cell and log1p-transformed for the metrics",
-        who="statetx.evaluate")
+    (``own_median``: each to its own median total) and log1p-transformed: the scale the metrics
+    expect, by the same transform on both sides (the reference rule would convert the integer
+    real cells alone)."""
+    target = None if own_median else median_total(real.X)
+    say("count-scale prediction: predictions and real cells are normalised to "
+        + ("their own median totals" if own_median else f"{target:g} counts per cell")
+        + " and log1p-transformed for the metrics", who="statetx.evaluate")
     out = []
     for a in (pred, real):
         x = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
-        a = _normalised_log1p(a, np.clip(x.astype(np.float32), 0.0, None), target)
+        x = np.clip(x.astype(np.float32), 0.0, None)
+        a = _normalised_log1p(a, x, median_total(x) if own_median else target)
         a.uns["statetx"] = {**a.uns.get("statetx", {}), "scale": "log1p"}
         out.append(a)
     return out[0], out[1]

@@ -88,8 +88,12 @@ def ceiling(adata_real: ad.AnnData | str | Path, pert_col: str | None = None,
         ``agg``: one row (per cell type) with the Spearman–Brown-corrected mean r of each
         correlation-type metric, 2r / (1 + r) (NaN unless r > 0), and NaN for the others.
     """
-    from statetx.metrics.evaluate import evaluate, file_prefix
+    from statetx.metrics.evaluate import evaluate
 
+    for opt in ("ceiling", "ceiling_seed"):
+        if opt in evaluate_options:
+            raise ConfigError(f"ceiling() takes no {opt}= option (it is evaluate's, which calls "
+                              "ceiling); pass the seed of the halves as seed=.")
     celltype_col = cell_type_option("celltype_col", celltype_col, cell_type_key)
     real = load(adata_real, "real data")
     pert_col, control_pert = recorded_labels(real, pert_col, control_pert)
@@ -97,17 +101,28 @@ def ceiling(adata_real: ad.AnnData | str | Path, pert_col: str | None = None,
     results, _ = evaluate(a, b, pert_col=pert_col, control_pert=control_pert,
                           celltype_col=celltype_col, **evaluate_options)
     agg = _spearman_brown(results, celltype_col is not None)
-    if outdir is not None:  # one pair of files per cell type, prefixed as evaluate's
-        out = Path(outdir)
-        parts = ([(None, results, agg)] if celltype_col is None else
-                 [(ct, results[results["celltype"] == ct].drop(columns="celltype"),
-                   agg[agg["celltype"] == ct].drop(columns="celltype"))
-                  for ct in agg["celltype"]])
-        for ct, res, ag in parts:
-            for name, frame in (("ceiling_results.csv", res), ("agg_ceiling_results.csv", ag)):
-                atomic_write(out / f"{file_prefix(ct)}{name}",
-                             lambda p, f=frame: f.to_csv(p, index=False, na_rep="NaN"))
+    if outdir is not None:
+        for name, frame in ceiling_files(results, agg, celltype_col is not None):
+            write_ceiling_csv(frame, Path(outdir) / name)
     return results, agg
+
+
+def ceiling_files(results: pd.DataFrame, agg: pd.DataFrame, by_celltype: bool
+                  ) -> list[tuple[str, pd.DataFrame]]:
+    """``(file name, table)`` of ``ceiling_results.csv`` and ``agg_ceiling_results.csv``: one
+    pair per cell type (prefixed as evaluate's files) when ``by_celltype``."""
+    from statetx.metrics.evaluate import file_prefix
+
+    parts = ([(None, results, agg)] if not by_celltype else
+             [(ct, results[results["celltype"] == ct].drop(columns="celltype"),
+               agg[agg["celltype"] == ct].drop(columns="celltype"))
+              for ct in agg["celltype"]])
+    return [(f"{file_prefix(ct)}{name}", frame) for ct, res, ag in parts
+            for name, frame in (("ceiling_results.csv", res), ("agg_ceiling_results.csv", ag))]
+
+
+def write_ceiling_csv(frame: pd.DataFrame, path: Path) -> None:
+    atomic_write(path, lambda p: frame.to_csv(p, index=False, na_rep="NaN"))
 
 
 def _spearman_brown(results: pd.DataFrame, by_celltype: bool) -> pd.DataFrame:

@@ -12,6 +12,7 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from statetx._utils import (
     as_count,
@@ -58,6 +59,10 @@ CELL_LEVEL_METRICS = [*DE_METRICS, *NSIG_PARTS, "pearson_edistance", "clustering
 PSEUDOBULK_FLAG = "statetx_pseudobulk"
 # below this many perturbations the discrimination scores (ranks among them) are said to be coarse
 FEW_PERTURBATIONS = 5
+# how integer counts are normalised before log1p: "shared" brings a count file to the scale of the
+# other (a log1p file's counts per cell, or, two count files, the real cells' median total);
+# "own_median" normalises each count file to its own median cell total (cell-eval's rule)
+COUNTS_TARGETS = ("shared", "own_median")
 # statetx extras (not in cell-eval, metrics.md §12): only in the "extended" profile
 EXTRA_METRICS = ["pearson_delta_centroid", "centroid_accuracy"]
 PROFILES: dict[str, list[str]] = {
@@ -80,6 +85,8 @@ class EvalOutput:
     real_de: pd.DataFrame | None
     pred_de: pd.DataFrame | None
     skipped: dict[str, str] = field(default_factory=dict)
+    # groups (control included) whose predicted cells are all one row, when pred DE was computed
+    constant: list[str] = field(default_factory=list)
 
 
 def _metric_list(profile: str, skip: Iterable[str]) -> list[str]:
@@ -103,6 +110,42 @@ def _metric_list(profile: str, skip: Iterable[str]) -> list[str]:
 def _codes(labels: np.ndarray, order: list[str]) -> np.ndarray:
     """Position of each label in ``order`` (-1 for labels not in it)."""
     return pd.Index(order).get_indexer(labels).astype(np.int64)
+
+
+def constant_groups(x: np.ndarray | sp.spmatrix, codes: np.ndarray, n_groups: int,
+                    chunk_elems: int = 1 << 22) -> np.ndarray:
+    """The codes of the groups of at least two rows whose rows are all identical (no spread).
+
+    Each row is compared with its group's first row, ``chunk_elems`` values at a time (sparse X
+    stays sparse). The second rows of all groups are compared first, so a group that varies is
+    settled after one row and a prediction with spread costs about one row per group."""
+    codes = np.asarray(codes, dtype=np.int64)
+    valid = np.flatnonzero(codes >= 0)
+    counts = np.bincount(codes[valid], minlength=n_groups)
+    order = valid[np.argsort(codes[valid], kind="stable")]  # rows grouped, in row order
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(order.size) - starts[codes[order]]  # position of a row in its group
+    first = np.zeros(n_groups, dtype=np.int64)
+    first[counts > 0] = order[starts[counts > 0]]
+    rows = order[rank > 0][np.argsort(rank[rank > 0], kind="stable")]  # 2nd rows, 3rd rows, ...
+    varying = counts < 2
+    step = max(1, chunk_elems // max(1, x.shape[1]))
+    for pos in range(0, rows.size, step):
+        if varying.all():
+            break
+        r = rows[pos:pos + step]
+        r = r[~varying[codes[r]]]
+        if not r.size:
+            continue
+        g = codes[r]
+        if sp.issparse(x):
+            d = sp.csr_matrix(x[r] - x[first[g]])
+            d.eliminate_zeros()
+            differs = d.getnnz(axis=1) > 0
+        else:
+            differs = np.any(np.asarray(x[r]) != np.asarray(x[first[g]]), axis=1)
+        varying[g[differs]] = True
+    return np.flatnonzero(~varying)
 
 
 def _evaluate_one(
@@ -136,6 +179,9 @@ def _evaluate_one(
     skipped: dict[str, str] = {}
     needs_de = any(m in DE_METRICS or m in NSIG_PARTS for m in metrics)
     real_de, pred_de = de_real, de_pred
+    constant = []  # a prediction without spread: its DE metrics are said to be meaningless
+    if needs_de and de_pred is None:
+        constant = [order[g] for g in constant_groups(Xp, pc, len(order))]
     if needs_de or de_tables:
         if real_de is None:
             real_de = wilcoxon_de(Xr, rl, control_pert, genes, epsilon=epsilon,
@@ -208,7 +254,7 @@ def _evaluate_one(
             raise
         except Exception as err:  # noqa: BLE001 - a failing metric is reported and omitted
             skipped[m] = f"{type(err).__name__}: {err}"  # (said once, by evaluate)
-    return EvalOutput(table, real_de, pred_de, skipped)
+    return EvalOutput(table, real_de, pred_de, skipped, constant)
 
 
 def _read_de(obj: pd.DataFrame | str | Path | None, which: str) -> pd.DataFrame | None:
@@ -253,6 +299,37 @@ def _warn_few_perturbations(metrics: Sequence[str], n: int, per_cell_type: bool)
                       f"there are only {n}{where}: pearson_edistance is a correlation over them "
                       "(±1 for two), clustering_agreement clusters them (NaN below three). Do "
                       "not read these values.", UserWarning, stacklevel=3)
+
+
+def _warn_constant(outputs: list[tuple[str | None, EvalOutput]], metrics: Sequence[str],
+                   control_pert: str) -> None:
+    """One warning for the predicted groups whose cells are all identical (a mean, or any one row,
+    repeated): the DE metrics test them against varying cells, which is not meaningful."""
+    where = [(n, ct) for ct, o in outputs for n in o.constant]
+    if not where:
+        return
+    n_all = sum(len(o.table.index) for _, o in outputs)
+    perts = [n if ct is None else f"{n} ({ct})" for n, ct in where if n != control_pert]
+    ctrl = [ct for n, ct in where if n == control_pert]
+    de = sorted((m for m in metrics if m in DE_METRICS or m in NSIG_PARTS),
+                key=lambda m: m not in PROFILES["minimal"])  # (the best known first)
+    what = []
+    if perts:
+        what.append(f"the predicted cells of {len(perts)} of the {n_all} perturbation(s) are all "
+                    f"identical (one row repeated, no spread across cells): {preview(perts, 5)}")
+    if ctrl:
+        what.append(f"the predicted control cells {control_pert!r}"
+                    + ("" if ctrl == [None] else f" of cell type(s) {preview(ctrl, 5)}")
+                    + " are all identical, and every perturbation's DE is taken against them")
+    warnings.warn(
+        "; ".join(what) + f". The DE-based metrics ({preview(de, 4)}) are not meaningful for "
+        "them: the Wilcoxon test of a group without variance against varying cells calls a gene "
+        "significant wherever the repeated value sits away from the other group's median, however "
+        "small the shift, so a repeated control mean can score an overlap_at_N close to a trained "
+        "model's. The values are cell-eval's, kept as they are; compare such predictions on "
+        "pearson_delta, mse and mae, or predict cells with their spread (e.g. "
+        "ControlMeanBaseline(mode='copy')).",
+        UserWarning, stacklevel=3)
 
 
 def _check_de_matches(de: pd.DataFrame, which: str, perts: set[str], genes: set[str]) -> None:
@@ -310,8 +387,11 @@ def evaluate(
     de_real: pd.DataFrame | str | Path | None = None,
     num_threads: int | None = None,
     allow_discrete: bool = False,
+    counts_target: str = "shared",
     epsilon: float = 0.0,
     de_mode: str = "pdex-0.3",
+    ceiling: bool = False,
+    ceiling_seed: int = 0,
     align_genes: bool = False,
     shared_only: bool = False,
     batch_size: int | None = None,
@@ -354,10 +434,30 @@ def evaluate(
     allow_discrete
         Use integer (count) values, and values ≥ 15, as they are (by default integer X is
         normalised and log1p-transformed, with a warning).
+    counts_target
+        The total integer counts are normalised to before log1p: ``"shared"`` (default) brings
+        both files to one scale (a count file paired with a log1p file to the counts per cell the
+        log1p values stand for; two count files, and count-scale predictions with their real
+        cells, to the real cells' median total); ``"own_median"`` normalises each count file to
+        its own median cell total, cell-eval's rule (``sc.pp.normalize_total`` without a target),
+        for numbers comparable with ``cell-eval run``: a file with other sequencing depth then
+        sits on another scale.
     epsilon
         Pseudocount of the DE fold changes (cell-eval's, default 0).
     de_mode
         ``"pdex-0.3"`` (cell-eval 0.8.2) or ``"vcc-2025"`` (global BH, clipped fold change).
+    ceiling, ceiling_seed
+        Also score the real cells against themselves (cell-eval's ``--ceiling``, CLI
+        ``--ceiling [--ceiling-seed]``): :func:`~statetx.metrics.ceiling` with the same options
+        splits each (cell type,) perturbation's real cells into two random halves (seeded by
+        ``ceiling_seed``) and evaluates one half against the other. ``outdir`` then also receives
+        ``ceiling_results.csv`` and ``agg_ceiling_results.csv``; the ceiling (one row per cell
+        type: Spearman–Brown-corrected mean r of the correlation metrics, NaN for the others)
+        and the model's scores as a fraction of it (:func:`~statetx.metrics.fraction_of_ceiling`)
+        are printed and returned in ``agg.attrs["ceiling"]`` and
+        ``agg.attrs["fraction_of_ceiling"]`` (columns as lists: ``pd.DataFrame(agg.attrs[
+        "ceiling"])``). The per-perturbation values of the halves are the files' only, or call
+        ``ceiling()`` itself.
     align_genes
         Reorder the prediction's genes to the real order when the sets are equal.
     shared_only
@@ -384,6 +484,15 @@ def evaluate(
     if de_mode not in DE_MODES:
         raise ConfigError(f"de_mode {de_mode!r} is not supported; use one of {list(DE_MODES)}")
     metrics = _metric_list(profile, skip_metrics)
+    if not isinstance(ceiling, (bool, np.bool_)):
+        raise ConfigError(f"ceiling={ceiling!r}: pass True or False.")
+    if isinstance(ceiling_seed, (bool, np.bool_)) or not isinstance(
+            ceiling_seed, (int, np.integer)) or ceiling_seed < 0:
+        raise ConfigError(f"ceiling_seed={ceiling_seed!r}: give an integer >= 0 (the seed of the "
+                          "ceiling's random halves).")
+    if ceiling_seed != 0 and not ceiling:
+        raise ConfigError(f"ceiling_seed={ceiling_seed} needs ceiling=True (it seeds the halves of "
+                          "the data ceiling).")
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.number)) \
             or not np.isfinite(epsilon) or epsilon < 0:
         raise ConfigError(f"epsilon={epsilon!r} is invalid; expected a finite number >= 0 (the "
@@ -391,9 +500,17 @@ def evaluate(
     if num_threads is None:
         num_threads = available_cpus()
     as_count("num_threads", num_threads, -1)
+    if counts_target not in COUNTS_TARGETS:
+        raise ConfigError(f"counts_target={counts_target!r}: use one of {list(COUNTS_TARGETS)} "
+                          "('own_median' normalises each count file to its own median total, "
+                          "as cell-eval).")
     if outdir is not None:
         check_folder(Path(outdir), "outdir")
     p, r = load(adata_pred, "pred"), load(adata_real, "real")
+    real_in = r  # (the ceiling halves the real cells as given)
+    if ceiling and r.uns.get(PSEUDOBULK_FLAG, False):
+        raise ConfigError("ceiling=True halves the real cells of each perturbation, and the real "
+                          "data are pseudobulks (one row per group); pass the real cells.")
     # (labels are compared as text: an integer control label is its str)
     pert_col, control_pert = recorded_labels(p, pert_col, control_pert)
     if is_count_scale(p) and not allow_discrete:
@@ -402,8 +519,9 @@ def evaluate(
                             "'counts': a model trained on counts), but real is not on the count "
                             "scale: pass the real counts, or allow_discrete=True to compare the "
                             "values as they are.")
-        p, r = counts_to_log1p(p, r)
-    tp, tr = count_targets(p, r, allow_discrete)
+        p, r = counts_to_log1p(p, r, own_median=counts_target == "own_median")
+    tp, tr = (count_targets(p, r, allow_discrete) if counts_target == "shared"
+              else (None, None))  # (None: each count file to its own median total)
     note = ({"target_is": "the real cells' median total (both files hold counts)"}
             if tp is not None and tr is not None else {})
     done = {}  # a log1p side is checked before a count side is brought to its total
@@ -460,8 +578,18 @@ def evaluate(
             except DataError as err:
                 raise DataError(f"cell type {ct!r}: {err}") from None
             outputs.append((ct, _evaluate_one(sub_p, sub_r, **kw)))
+    ceil = None
+    if ceiling:  # (before the files are written: they are listed with the results')
+        from statetx.metrics.ceiling import ceiling as data_ceiling
+
+        ceil = data_ceiling(real_in, pert_col=pert_col, control_pert=control_pert,
+                            celltype_col=celltype_col, seed=int(ceiling_seed), profile=profile,
+                            embed_key=embed_key, skip_metrics=skip_metrics,
+                            num_threads=num_threads, allow_discrete=allow_discrete,
+                            counts_target=counts_target, epsilon=epsilon, de_mode=de_mode,
+                            shared_only=shared_only)
     if outdir is not None:
-        _write(Path(outdir), outputs, de_mode)
+        _write(Path(outdir), outputs, de_mode, ceil, celltype_col is not None)
     res_parts, agg_parts = [], []
     for ct, out in outputs:
         res = out.table.to_frame()
@@ -471,6 +599,7 @@ def evaluate(
             agg.insert(0, "celltype", ct)
         res_parts.append(res)
         agg_parts.append(agg)
+    _warn_constant(outputs, metrics, control_pert)
     skipped = {m: why for _, o in outputs for m, why in o.skipped.items()}
     if skipped:  # (once per call, however many cell types)
         warnings.warn("metrics omitted (they could not be computed): "
@@ -480,7 +609,25 @@ def evaluate(
     agg = pd.concat(agg_parts, ignore_index=True)
     results.attrs["skipped_metrics"] = skipped
     results.attrs["de_mode"] = agg.attrs["de_mode"] = de_mode
+    if ceil is not None:
+        _attach_ceiling(agg, ceil[1])
     return results, agg
+
+
+def _attach_ceiling(agg: pd.DataFrame, ceil_agg: pd.DataFrame) -> None:
+    """The ceiling and the model's fraction of it, in ``agg.attrs`` (as lists: DataFrames there
+    would break ``pd.concat`` of such tables) and said."""
+    from statetx.metrics.ceiling import RELIABILITY_METRICS, fraction_of_ceiling
+
+    agg.attrs["ceiling"] = ceil_agg.to_dict(orient="list")
+    if not any(m in agg.columns and m in ceil_agg.columns for m in RELIABILITY_METRICS):
+        say(f"no correlation metric ({', '.join(RELIABILITY_METRICS)}) was computed, so no score "
+            "is given as a fraction of the ceiling", who="statetx.evaluate")
+        return
+    frac = fraction_of_ceiling(agg, ceil_agg)
+    agg.attrs["fraction_of_ceiling"] = frac.to_dict(orient="list")
+    say("fraction of the data ceiling (correlation metrics):\n" + frac.to_string(index=False),
+        who="statetx.evaluate")
 
 
 #: the files an evaluation wrote to its folder (a JSON list of names): a later evaluation into the
@@ -501,7 +648,9 @@ def _check_prefixes(cell_types: list[str], celltype_col: str) -> None:
                         "becomes '-' in file names. Rename one of them, or leave outdir out.")
 
 
-def _write(outdir: Path, outputs: list[tuple[str | None, EvalOutput]], de_mode: str) -> None:
+def _write(outdir: Path, outputs: list[tuple[str | None, EvalOutput]], de_mode: str,
+           ceil: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+           by_celltype: bool = False) -> None:
     """Write every file of every cell type (each replaced atomically), then remove the files of
     an earlier evaluation into ``outdir`` that this one did not write (see :data:`MANIFEST`)."""
     outdir.mkdir(parents=True, exist_ok=True)
@@ -528,6 +677,11 @@ def _write(outdir: Path, outputs: list[tuple[str | None, EvalOutput]], de_mode: 
                 "".join(f"{m}\t{why}\n" for m, why in out.skipped.items()))
     if de_mode != "pdex-0.3":  # numbers of another era: say so next to them
         put("de_mode.txt", text, f"{de_mode}\n")
+    if ceil is not None:
+        from statetx.metrics.ceiling import ceiling_files, write_ceiling_csv
+
+        for name, frame in ceiling_files(*ceil, by_celltype):
+            put(name, write_ceiling_csv, frame)
     manifest = outdir / MANIFEST
     try:
         earlier = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else []
