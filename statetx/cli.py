@@ -108,15 +108,21 @@ def _cli_names(message: str, ns: argparse.Namespace) -> str:
 
     # (a dotted name, training.max_steps=, is a configuration key already)
     names = dict.fromkeys(re.findall(r"(?<![\w.])([a-z][a-z0-9_]*)=", message))
-    names = dict.fromkeys(_PYTHON_TO_FLAG.get(n, n) for n in names)
-    hints: list[str] = []
-    parser = getattr(ns, "parser_", None)
-    flags = {a.dest: max(a.option_strings, key=lambda o: ("-" in o[2:], len(o)))
-             for a in (parser._actions if parser is not None else []) if a.option_strings}
-    if getattr(ns, "func", None) is cmd_train:
+    if getattr(ns, "func", None) is cmd_train:  # the estimator's parameters: their keys
         from statetx.runconfig import PARAM_PATHS
 
         flags = {k: f"{v}=<value>" for k, v in PARAM_PATHS.items()}
+        # (also named without '=': "control_pert 'x' is not a value", "leave embed_key unset";
+        # only names with an underscore, not words such as loss or seed)
+        names.update(dict.fromkeys(n for n in re.findall(
+            r"(?<![\w.\[\'\"])([a-z][a-z0-9]*_[a-z0-9_]*)\b(?![\'\"\]])", message)
+            if n in flags))
+    else:
+        names = dict.fromkeys(_PYTHON_TO_FLAG.get(n, n) for n in names)
+        parser = getattr(ns, "parser_", None)
+        flags = {a.dest: max(a.option_strings, key=lambda o: ("-" in o[2:], len(o)))
+                 for a in (parser._actions if parser is not None else []) if a.option_strings}
+    hints: list[str] = []
     for name in names:
         if name in flags and flags[name] not in message:
             hints.append(flags[name])
@@ -801,17 +807,29 @@ def _list_keys() -> None:
 
 def _dry_run(plan: Any) -> int:
     from statetx.model import StateTransitionModel
-    from statetx.presets import describe, network_config_for
+    from statetx.presets import count_parameters, describe, network_config_for
 
     model = StateTransitionModel(**plan.params)
-    arch = model._architecture(model.preset)
     prepared = _prepare_split(plan.toml, model._columns(), model)
     train = prepared.splits.get("train")
     if model.data_loading == "stream" and train is not None:  # its values: one streamed pass
         train.check_all_values()
-    net = network_config_for(arch, prepared)
+    n_train = int(train.is_target.sum()) if train is not None else 0
+    preset = model._resolve_preset(n_train)
+    net = network_config_for(model._architecture(preset), prepared)
     print(describe(net))
-    model._warn_decoder_settings(prepared, net, model.preset)  # (as fit says them)
+    n_params = count_parameters(net)[0]  # (fit's size advice, as a real run gives it)
+    if (train is not None and n_params > 1000 * n_train and not plan.init_from
+            and preset.split("@")[0] not in ("tiny", "small")):
+        from statetx.model import AUTO_SMALL_MAX_CELLS
+
+        warnings.warn(
+            f"the {preset!r} network has {n_params / 1e6:.1f}M parameters for {n_train:,} "
+            f"training cells: on data this size it trains slowly and tends to do no better "
+            "than the baselines. preset='small' (model=small), what preset='auto' picks "
+            f"below {AUTO_SMALL_MAX_CELLS:,} training cells, is made for it.", UserWarning,
+            stacklevel=2)
+    model._warn_decoder_settings(prepared, net, preset)  # (as fit says them)
     _say("dry run: the split file and the data are valid; nothing was trained.")
     return EXIT_OK
 
@@ -1110,7 +1128,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
         if pert_col not in adata.obs:
             raise DataError(f"perturbation column '{pert_col}' is not in {src} (obs columns: "
                             f"{', '.join(map(str, adata.obs.columns))}); pass --pert-col."
-                            + did_you_mean(pert_col, map(str, adata.obs.columns)))
+                            + _pert_col_hint(adata, pert_col, model))
         ct_col = _pick_column(adata, a.celltype_col, c.cell_type_key, CELLTYPE_COLS,
                               "cell-type", "--celltype-col")
         no_ct = (a.celltype_col or "").lower() == "none"  # all cells one context
@@ -1202,6 +1220,36 @@ def _parse_clip(text: str) -> Any:
     except ValueError:
         raise UsageError(f"--clip {text}: use auto, none or LO,HI (e.g. 0,14).") from None
     return (lo, hi)
+
+
+def _pert_col_hint(adata: Any, pert_col: str, model: Any) -> str:
+    """Which obs columns to name for a missing perturbation column: those holding the model's
+    perturbation labels (most of them first; arc-state's default name ``gene`` on a tie), else
+    the names spelled like ``pert_col``."""
+    import pandas as pd
+
+    from statetx._utils import did_you_mean, preview
+
+    vocab = getattr(model, "vocab_", None)
+    labels = set(map(str, getattr(vocab, "perturbations", None) or ()))
+    found: list[tuple[int, float, bool, str, list[str]]] = []
+    for col in map(str, adata.obs.columns) if labels else ():
+        values = adata.obs[col]
+        if not (values.dtype == object or isinstance(values.dtype, pd.CategoricalDtype)
+                or pd.api.types.is_string_dtype(values.dtype)):
+            continue  # (numbers and flags: not perturbation labels)
+        have = set(map(str, pd.unique(values.dropna().astype(str))))
+        shared = sorted(have & labels)
+        if shared:
+            found.append((len(shared), len(shared) / len(have), col == "gene", col, shared))
+    if not found:
+        return did_you_mean(pert_col, map(str, adata.obs.columns))
+    found.sort(key=lambda f: f[:3], reverse=True)
+    hits, _, _, best, shared = found[0]
+    others = [f[3] for f in found[1:3]]
+    return (f" obs['{best}'] holds {hits} of the model's {len(labels)} perturbation labels "
+            f"({preview(shared, 3)}): --pert-col {best}"
+            + (f" (fewer in {', '.join(map(repr, others))})." if others else "."))
 
 
 def _pick_column(adata: Any, given: str | None, model_col: str | None, auto: Sequence[str],

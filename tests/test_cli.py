@@ -3,6 +3,7 @@ tutorial's commands, both flag spellings, exit codes, run-directory reload."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -1072,3 +1073,86 @@ def test_state_emb_says_what_to_do_instead(capsys):
     assert main(["emb", "transform", "--model-folder", "SE-600M", "--input", "x.h5ad"]) == 2
     err = capsys.readouterr().err
     assert "not the State Embedding model" in err and "embed_key=X_state" in err
+
+
+def test_infer_names_the_column_holding_the_model_perturbations(run, data, tmp_path, capsys):
+    """The perturbation column renamed in the input: the error names the column that holds the
+    model's labels (not a column spelled like the model's one, 'genes' for 'gene')."""
+    src = ad.read_h5ad(data / "data.h5ad")
+    src.obs = src.obs.rename(columns={"gene": "perturbation"})
+    src.obs["genes"] = "x"  # spelled like 'gene', holds none of the labels
+    src.obs["treat"] = src.obs["perturbation"].astype(str).replace({"ctrl": "DMSO"})  # some
+    src.obs["score"] = 1.0
+    src.write_h5ad(tmp_path / "renamed.h5ad")
+    capsys.readouterr()
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(tmp_path / "renamed.h5ad"),
+                 "--output", str(tmp_path / "o.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert "perturbation column 'gene' is not in" in err
+    assert "obs['perturbation'] holds 4 of the model's 4 perturbation labels" in err
+    assert "--pert-col perturbation (fewer in 'treat')" in err and "'genes'" not in err
+    # no column with the labels: the spelling neighbours, as before
+    del src.obs["perturbation"], src.obs["treat"]
+    src.write_h5ad(tmp_path / "none.h5ad")
+    assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(tmp_path / "none.h5ad"),
+                 "--output", str(tmp_path / "o.h5ad")]) == 2
+    assert "Did you mean: 'genes'?" in capsys.readouterr().err
+
+
+def test_dry_run_says_the_parameters_per_training_cell(data, tmp_path, capsys):
+    """The command line's default model=state on small data: the dry run gives fit's advice."""
+    args = [a for a in train_args(data, tmp_path, "dry", "dry_run=true")
+            if not a.startswith(("model", "training.batch_size"))]
+    capsys.readouterr()
+    assert main(args) == 0  # (model=state, the default)
+    err = capsys.readouterr().err
+    assert re.search(r"the 'state' network has 6\d\.\dM parameters for 162 training cells", err)
+    assert "preset='small' (model=small)" in err
+    assert main([*args, "model=small"]) == 0
+    assert "parameters for" not in capsys.readouterr().err
+
+
+def test_train_data_errors_name_the_configuration_key(data, tmp_path, capsys):
+    """tx train's data errors that name an estimator option add its data.kwargs key (the
+    cell-type column included, which the other commands set with --celltype-col)."""
+    capsys.readouterr()
+    assert main(train_args(data, tmp_path, "e", "dry_run=true",
+                           "data.kwargs.cell_type_key=celltype")) == 2
+    err = capsys.readouterr().err
+    assert "Set cell_type_key=<column>" in err
+    assert "[command line: data.kwargs.cell_type_key=<value>]" in err
+    assert main(train_args(data, tmp_path, "e", "dry_run=true",
+                           "data.kwargs.control_pert=control")) == 2
+    err = capsys.readouterr().err
+    assert "control_pert 'control' is not a value" in err
+    assert "[command line: data.kwargs.control_pert=<value>]" in err
+    assert not (tmp_path / "e").exists()
+    # tx split keeps its flags
+    assert main(["tx", "split", "--toml", str(data / "split.toml"), "--control-pert", "ctrl",
+                 "--celltype-col", "celltype"]) == 2
+    assert "data.kwargs" not in capsys.readouterr().err
+
+
+def test_docs_placeholders_say_how_to_see_the_content():
+    """docs/cli.md's generated sections tell a reader of the source which command prints them;
+    the mkdocs hook replaces that note with the generated text."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "statetx_docs_hook", repo / "docs" / "_hooks" / "statetx_docs.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    source = (repo / "docs" / "cli.md").read_text()
+    for name, command in (("train-keys", "`statetx tx train --list-keys`"),
+                          ("cli-help", "`statetx tx train --help`")):
+        block = source.split(f"<!-- statetx:{name} -->")[1].split(f"<!-- /statetx:{name} -->")[0]
+        assert command in block
+    page = type("Page", (), {"file": type("File", (), {"src_path": "cli.md"})()})()
+    built = hook.on_page_markdown(source, page, None, None)
+    assert "Reading this file in the repository" not in built and "<!-- " not in built.split(
+        "### Configuration keys")[1]
+    assert "| `data.kwargs.toml_config_path` |" in built and "### `statetx tx train`" in built
+    # a marker without a closing one is replaced alone
+    assert hook.on_page_markdown("a\n<!-- statetx:presets -->\nb\n", page, None, None).startswith(
+        "a\n| preset |")
