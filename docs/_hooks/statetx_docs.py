@@ -8,6 +8,10 @@ Markers replaced in the Markdown sources:
   allowed values and how statetx treats it, from :data:`statetx.run.KEYS` (plus the aliases);
 * ``<!-- statetx:presets -->``: the architecture presets, from :data:`statetx.presets.PRESETS`.
 
+A marker may close a block, ``<!-- statetx:NAME -->`` … ``<!-- /statetx:NAME -->``: what lies
+between is for readers of the Markdown source (e.g. on GitHub: how to print the same content),
+and the built page shows the generated text in its place.
+
 A marker that cannot be rendered (e.g. the CLI fails to import) is logged as a warning, so
 ``mkdocs build --strict`` fails with a message that names it.
 """
@@ -19,6 +23,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 
 log = logging.getLogger("mkdocs.plugins.statetx_docs")
 
@@ -145,6 +150,12 @@ _MARKERS = {
 }
 
 
+def _block(marker: str) -> re.Pattern:
+    """``marker``, and up to its closing ``<!-- /statetx:NAME -->`` when it opens a block."""
+    close = marker.replace("<!-- statetx:", "<!-- /statetx:")
+    return re.compile(re.escape(marker) + "(?:.*?" + re.escape(close) + ")?", re.S)
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ANN001
     for marker, render in _MARKERS.items():
         if marker not in markdown:
@@ -155,5 +166,5 @@ def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ANN001
             log.warning("%s: could not render %s: %s: %s", page.file.src_path, marker,
                         type(exc).__name__, exc)
             text = f"!!! warning\n    This section could not be generated: `{exc}`\n"
-        markdown = markdown.replace(marker, text)
+        markdown = _block(marker).sub(lambda _, t=text: t, markdown)
     return markdown
