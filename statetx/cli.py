@@ -818,17 +818,8 @@ def _dry_run(plan: Any) -> int:
     preset = model._resolve_preset(n_train)
     net = network_config_for(model._architecture(preset), prepared)
     print(describe(net))
-    n_params = count_parameters(net)[0]  # (fit's size advice, as a real run gives it)
-    if (train is not None and n_params > 1000 * n_train and not plan.init_from
-            and preset.split("@")[0] not in ("tiny", "small")):
-        from statetx.model import AUTO_SMALL_MAX_CELLS
-
-        warnings.warn(
-            f"the {preset!r} network has {n_params / 1e6:.1f}M parameters for {n_train:,} "
-            f"training cells: on data this size it trains slowly and tends to do no better "
-            "than the baselines. preset='small' (model=small), what preset='auto' picks "
-            f"below {AUTO_SMALL_MAX_CELLS:,} training cells, is made for it.", UserWarning,
-            stacklevel=2)
+    if train is not None and not plan.init_from:  # (fit's size advice, as a real run gives it)
+        model._warn_size(preset, count_parameters(net)[0], n_train)
     model._warn_decoder_settings(prepared, net, preset)  # (as fit says them)
     _say("dry run: the split file and the data are valid; nothing was trained.")
     return EXIT_OK

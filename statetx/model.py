@@ -524,6 +524,18 @@ class StateTransitionModel(Estimator):
             return np.full(adata.n_obs, "\x00", dtype=object)  # (in no vocabulary)
         return pairing_batches(adata, batch_col, self._needs_batch(pool_mode))
 
+    def _warn_size(self, preset: str, n_params: int, n_train: int, stacklevel: int = 3) -> None:
+        """Fit's advice when the network is large for the training cells (not for the small
+        presets, nor when fine-tuning)."""
+        if (n_params > 1000 * n_train and preset.split("@")[0] not in ("tiny", "small")
+                and not self._fine_tunes):
+            warnings.warn(
+                f"the {preset!r} network has {n_params / 1e6:.1f}M parameters for {n_train:,} "
+                f"training cells: on data this size it trains slowly and tends to do no better "
+                "than the baselines. preset='small' (model=small), what preset='auto' picks "
+                f"below {AUTO_SMALL_MAX_CELLS:,} training cells, is made for it.", UserWarning,
+                stacklevel=stacklevel)
+
     def _warn_decoder_settings(self, prepared: PreparedData, net_cfg: NetworkConfig,
                                preset: str) -> None:
         """Gene-space targets without a gene decoder, and decoder settings that have no effect
@@ -823,15 +835,8 @@ class StateTransitionModel(Estimator):
         network = StateTransitionNetwork(net_cfg)
         if verbose:
             print(describe(net_cfg, network))
-        n_params = network.num_parameters()
-        if (n_params > 1000 * n_train and preset.split("@")[0] not in ("tiny", "small")
-                and not self._fine_tunes and rank == 0):
-            warnings.warn(
-                f"the {preset!r} network has {n_params / 1e6:.1f}M parameters for {n_train:,} "
-                f"training cells: on data this size it trains slowly and tends to do no better "
-                "than the baselines. preset='small' (model=small), what preset='auto' picks "
-                f"below {AUTO_SMALL_MAX_CELLS:,} training cells, is made for it.", UserWarning,
-                stacklevel=3)
+        if rank == 0:
+            self._warn_size(preset, network.num_parameters(), n_train, stacklevel=4)
         if rank == 0:
             self._warn_decoder_settings(prepared, net_cfg, preset)
         _warn_unused_loss_options(self.loss, self.loss_kwargs, network.gene_decoder is not None)
