@@ -1497,20 +1497,9 @@ def cmd_evaluate_run(a: argparse.Namespace) -> int:
                       skip_metrics=skip, de_pred=a.de_pred, de_real=a.de_real,
                       num_threads=a.num_threads, allow_discrete=a.allow_discrete,
                       epsilon=a.epsilon, de_mode=a.de_mode, align_genes=a.align_genes,
-                      shared_only=a.shared_only, batch_size=a.batch_size)
+                      shared_only=a.shared_only, batch_size=a.batch_size,
+                      ceiling=a.ceiling, ceiling_seed=a.ceiling_seed or 0)
     _print_agg(agg)
-    if a.ceiling:
-        from statetx.metrics import ceiling, fraction_of_ceiling
-
-        _, ceil = ceiling(a.adata_real, pert_col=a.pert_col, control_pert=a.control_pert,
-                          celltype_col=a.celltype_col, seed=a.ceiling_seed or 0, outdir=a.outdir,
-                          profile=a.profile, embed_key=a.embed_key, skip_metrics=skip,
-                          num_threads=a.num_threads, allow_discrete=a.allow_discrete,
-                          epsilon=a.epsilon, de_mode=a.de_mode, shared_only=a.shared_only)
-        frac = fraction_of_ceiling(agg, ceil)
-        if len(frac.columns):
-            _say("fraction of the data ceiling (correlation metrics):\n"
-                 + frac.to_string(index=False))
     _say(f"results written to {a.outdir}")
     return EXIT_OK
 
