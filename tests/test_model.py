@@ -1589,8 +1589,7 @@ def test_cell_type_key_names_the_cell_type_column_everywhere(fitted):
     matplotlib.use("Agg")
     from statetx import pl
     from statetx.baselines import PerturbMeanBaseline
-    from statetx.metrics import evaluate
-    from statetx.metrics.ceiling import ceiling
+    from statetx.metrics import ceiling, evaluate
 
     model, adata = fitted
     other = adata.copy()

@@ -110,3 +110,8 @@ def _csv(header: list[str], rows: list[list[str]]) -> str:
 def write_de_csv(df: pd.DataFrame, path: str | Path) -> None:
     """Write a DE table (``inf``/``-inf`` for infinities, ``NaN`` for NaN), atomically."""
     atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, na_rep="NaN"))
+
+
+def file_prefix(ct: str | None) -> str:
+    """The prefix of a cell type's result files (``<celltype>_``; none when pooled)."""
+    return "" if ct is None else str(ct).replace("/", "-") + "_"

@@ -6,6 +6,9 @@ score given the data's own noise. ``ceiling_results.csv`` holds the per-perturba
 ``agg_ceiling_results.csv`` one row (per cell type): for the correlation-type (reliability)
 metrics, the mean over perturbations r mapped by Spearman–Brown 2r / (1 + r) (r > 0; NaN
 otherwise), since each half has half the cells; NaN for the other metrics.
+
+This module holds the parts (halves, Spearman–Brown, files, fraction of the ceiling);
+:func:`statetx.metrics.ceiling`, which evaluates the halves, lives with ``evaluate``.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from statetx._utils import atomic_write, cell_type_option, preview
+from statetx._utils import atomic_write, preview
 from statetx.errors import ConfigError
-from statetx.metrics._inputs import check_obs_col, load, recorded_labels
+from statetx.metrics._inputs import check_obs_col
+from statetx.metrics._table import file_prefix
 
 # metrics whose value is a correlation, to which Spearman–Brown applies
 RELIABILITY_METRICS = ("pearson_delta", "de_spearman_sig", "de_spearman_lfc_sig",
@@ -53,66 +57,10 @@ def split_halves(real: ad.AnnData, pert_col: str, celltype_col: str | None = Non
     return real[a].copy(), real[b].copy()
 
 
-def ceiling(adata_real: ad.AnnData | str | Path, pert_col: str | None = None,
-            control_pert: str | None = None, celltype_col: str | None = None, *,
-            seed: int = 0, outdir: str | Path | None = None, cell_type_key: str | None = None,
-            **evaluate_options: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The metrics of real cells against real cells: ``(results, agg)``.
-
-    Each perturbation's (and the control's) cells are split at random into two disjoint halves
-    of ⌊n/2⌋ cells (groups of a single cell are left out, with a warning) and evaluated half
-    against half: how well a perfect model could score given the data's own noise.
-
-    Parameters
-    ----------
-    adata_real
-        The real cells: an AnnData or an ``.h5ad`` path.
-    pert_col, control_pert
-        Default to those statetx recorded in the data (``predict_split``'s real cells), else
-        ``target_gene`` / ``non-targeting``.
-    celltype_col
-        Split and score each value of this obs column separately (default: all cells pooled).
-        ``cell_type_key`` is an alias.
-    seed
-        Seeds the split into halves.
-    outdir
-        Receives ``ceiling_results.csv`` and ``agg_ceiling_results.csv`` (prefixed
-        ``<celltype>_``, one pair per cell type, with ``celltype_col``).
-    **evaluate_options
-        Passed to :func:`~statetx.metrics.evaluate` (profile, skip_metrics, ...).
-
-    Returns
-    -------
-    results, agg
-        ``results``: per perturbation, as :func:`statetx.metrics.evaluate` (half against half);
-        ``agg``: one row (per cell type) with the Spearman–Brown-corrected mean r of each
-        correlation-type metric, 2r / (1 + r) (NaN unless r > 0), and NaN for the others.
-    """
-    from statetx.metrics.evaluate import evaluate
-
-    for opt in ("ceiling", "ceiling_seed"):
-        if opt in evaluate_options:
-            raise ConfigError(f"ceiling() takes no {opt}= option (it is evaluate's, which calls "
-                              "ceiling); pass the seed of the halves as seed=.")
-    celltype_col = cell_type_option("celltype_col", celltype_col, cell_type_key)
-    real = load(adata_real, "real data")
-    pert_col, control_pert = recorded_labels(real, pert_col, control_pert)
-    a, b = split_halves(real, pert_col, celltype_col, seed)
-    results, _ = evaluate(a, b, pert_col=pert_col, control_pert=control_pert,
-                          celltype_col=celltype_col, **evaluate_options)
-    agg = _spearman_brown(results, celltype_col is not None)
-    if outdir is not None:
-        for name, frame in ceiling_files(results, agg, celltype_col is not None):
-            write_ceiling_csv(frame, Path(outdir) / name)
-    return results, agg
-
-
 def ceiling_files(results: pd.DataFrame, agg: pd.DataFrame, by_celltype: bool
                   ) -> list[tuple[str, pd.DataFrame]]:
     """``(file name, table)`` of ``ceiling_results.csv`` and ``agg_ceiling_results.csv``: one
     pair per cell type (prefixed as evaluate's files) when ``by_celltype``."""
-    from statetx.metrics.evaluate import file_prefix
-
     parts = ([(None, results, agg)] if not by_celltype else
              [(ct, results[results["celltype"] == ct].drop(columns="celltype"),
                agg[agg["celltype"] == ct].drop(columns="celltype"))
@@ -125,7 +73,7 @@ def write_ceiling_csv(frame: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda p: frame.to_csv(p, index=False, na_rep="NaN"))
 
 
-def _spearman_brown(results: pd.DataFrame, by_celltype: bool) -> pd.DataFrame:
+def spearman_brown(results: pd.DataFrame, by_celltype: bool) -> pd.DataFrame:
     metrics = [c for c in results.columns if c not in ("celltype", "perturbation")]
     groups = results.groupby("celltype", sort=True) if by_celltype else [(None, results)]
     rows = []

@@ -36,7 +36,15 @@ from statetx.metrics._inputs import (
     load,
     recorded_labels,
 )
-from statetx.metrics._table import MetricTable, write_agg, write_de_csv
+from statetx.metrics._table import MetricTable, file_prefix, write_agg, write_de_csv
+from statetx.metrics.ceiling import (
+    RELIABILITY_METRICS,
+    ceiling_files,
+    fraction_of_ceiling,
+    spearman_brown,
+    split_halves,
+    write_ceiling_csv,
+)
 from statetx.metrics.de import DE_MODES, group_means, wilcoxon_de
 from statetx.metrics.de_metrics import check_de_table, de_metrics
 
@@ -349,10 +357,6 @@ def _check_de_matches(de: pd.DataFrame, which: str, perts: set[str], genes: set[
                         f"same data, or leave de_{which} out.")
 
 
-def file_prefix(ct: str | None) -> str:
-    return "" if ct is None else str(ct).replace("/", "-") + "_"
-
-
 def _warn_other_cell_types(p: ad.AnnData, r: ad.AnnData) -> None:
     """Warn when a cell-type-like obs column of both inputs holds different values: the cells
     of the other cell types would be pooled into the comparison."""
@@ -580,9 +584,7 @@ def evaluate(
             outputs.append((ct, _evaluate_one(sub_p, sub_r, **kw)))
     ceil = None
     if ceiling:  # (before the files are written: they are listed with the results')
-        from statetx.metrics.ceiling import ceiling as data_ceiling
-
-        ceil = data_ceiling(real_in, pert_col=pert_col, control_pert=control_pert,
+        ceil = _data_ceiling(real_in, pert_col=pert_col, control_pert=control_pert,
                             celltype_col=celltype_col, seed=int(ceiling_seed), profile=profile,
                             embed_key=embed_key, skip_metrics=skip_metrics,
                             num_threads=num_threads, allow_discrete=allow_discrete,
@@ -614,11 +616,64 @@ def evaluate(
     return results, agg
 
 
+def ceiling(adata_real: ad.AnnData | str | Path, pert_col: str | None = None,
+            control_pert: str | None = None, celltype_col: str | None = None, *,
+            seed: int = 0, outdir: str | Path | None = None, cell_type_key: str | None = None,
+            **evaluate_options: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The metrics of real cells against real cells: ``(results, agg)``.
+
+    Each perturbation's (and the control's) cells are split at random into two disjoint halves
+    of ⌊n/2⌋ cells (groups of a single cell are left out, with a warning) and evaluated half
+    against half: how well a perfect model could score given the data's own noise.
+
+    Parameters
+    ----------
+    adata_real
+        The real cells: an AnnData or an ``.h5ad`` path.
+    pert_col, control_pert
+        Default to those statetx recorded in the data (``predict_split``'s real cells), else
+        ``target_gene`` / ``non-targeting``.
+    celltype_col
+        Split and score each value of this obs column separately (default: all cells pooled).
+        ``cell_type_key`` is an alias.
+    seed
+        Seeds the split into halves.
+    outdir
+        Receives ``ceiling_results.csv`` and ``agg_ceiling_results.csv`` (prefixed
+        ``<celltype>_``, one pair per cell type, with ``celltype_col``).
+    **evaluate_options
+        Passed to :func:`~statetx.metrics.evaluate` (profile, skip_metrics, ...).
+
+    Returns
+    -------
+    results, agg
+        ``results``: per perturbation, as :func:`statetx.metrics.evaluate` (half against half);
+        ``agg``: one row (per cell type) with the Spearman–Brown-corrected mean r of each
+        correlation-type metric, 2r / (1 + r) (NaN unless r > 0), and NaN for the others.
+    """
+    for opt in ("ceiling", "ceiling_seed"):
+        if opt in evaluate_options:
+            raise ConfigError(f"ceiling() takes no {opt}= option (it is evaluate's, which calls "
+                              "ceiling); pass the seed of the halves as seed=.")
+    celltype_col = cell_type_option("celltype_col", celltype_col, cell_type_key)
+    real = load(adata_real, "real data")
+    pert_col, control_pert = recorded_labels(real, pert_col, control_pert)
+    a, b = split_halves(real, pert_col, celltype_col, seed)
+    results, _ = evaluate(a, b, pert_col=pert_col, control_pert=control_pert,
+                          celltype_col=celltype_col, **evaluate_options)
+    agg = spearman_brown(results, celltype_col is not None)
+    if outdir is not None:
+        for name, frame in ceiling_files(results, agg, celltype_col is not None):
+            write_ceiling_csv(frame, Path(outdir) / name)
+    return results, agg
+
+
+_data_ceiling = ceiling  # (evaluate's parameter ``ceiling`` hides the function's name)
+
+
 def _attach_ceiling(agg: pd.DataFrame, ceil_agg: pd.DataFrame) -> None:
     """The ceiling and the model's fraction of it, in ``agg.attrs`` (as lists: DataFrames there
     would break ``pd.concat`` of such tables) and said."""
-    from statetx.metrics.ceiling import RELIABILITY_METRICS, fraction_of_ceiling
-
     agg.attrs["ceiling"] = ceil_agg.to_dict(orient="list")
     if not any(m in agg.columns and m in ceil_agg.columns for m in RELIABILITY_METRICS):
         say(f"no correlation metric ({', '.join(RELIABILITY_METRICS)}) was computed, so no score "
@@ -678,8 +733,6 @@ def _write(outdir: Path, outputs: list[tuple[str | None, EvalOutput]], de_mode: 
     if de_mode != "pdex-0.3":  # numbers of another era: say so next to them
         put("de_mode.txt", text, f"{de_mode}\n")
     if ceil is not None:
-        from statetx.metrics.ceiling import ceiling_files, write_ceiling_csv
-
         for name, frame in ceiling_files(*ceil, by_celltype):
             put(name, write_ceiling_csv, frame)
     manifest = outdir / MANIFEST
