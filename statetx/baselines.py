@@ -137,20 +137,25 @@ class _Baseline(Estimator):
         train/val/test (without it every cell trains); a single AnnData is the dataset the spec
         refers to (or ``dataset_name``).
         """
-        self._validate_params()
+        self._check_params()
         prepared = prepare(adata, split_config, self._columns(), dataset_name=dataset_name)
         warn_training_scale(prepared, f"the {self.name} baseline")
         return self._fit_prepared(prepared)
 
+    def _check_params(self) -> None:
+        """Check the parameters (before any data are read): the seed, then the baseline's own."""
+        as_count("seed", self.seed, 0)
+        self._validate_params()
+
     def _validate_params(self) -> None:
-        """Check option values (before any data are read)."""
+        """Check the baseline's own option values."""
 
     def _data_options(self) -> dict:
         """How the split data are built (:func:`statetx.run.attach_data`): the defaults."""
         return {}
 
     def _fit_prepared(self, prepared: PreparedData) -> _Baseline:
-        self._validate_params()
+        self._check_params()
         before = self._learned_state()
         try:
             return self._learn(prepared)
@@ -977,7 +982,7 @@ def fit_all_baselines(adata: DataInput = None,
     if not models:
         return {}
     for m in models.values():
-        m._validate_params()
+        m._check_params()
     prepared = prepare(adata, split_config, next(iter(models.values()))._columns(),
                        dataset_name=dataset_name)
     warn_training_scale(prepared, "each baseline")

@@ -8,6 +8,7 @@ unpickles on a CPU-only machine) and save to a directory that loads without exec
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -1421,7 +1422,7 @@ class StateTransitionModel(Estimator):
                               **({"model": str(Path(source).absolute())}
                                  if source is not None else {})}
         if all_perts and layout != "arc":  # a virtual experiment keeps the input's uns (§3.4)
-            out.uns = {**adata.uns, **out.uns}
+            out.uns = {**copy.deepcopy(dict(adata.uns)), **out.uns}  # (a copy: not shared)
         return None if inplace else out
 
     def finetune_on_controls(self, steps: int, split: str = "test", *, lr: float = 1e-5,

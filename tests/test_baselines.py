@@ -82,7 +82,9 @@ def test_bad_options_are_config_errors(synth):
                     (LinearBaseline(cell_mode="x", **SYN), "cell_mode"),
                     (LinearBaseline(on_missing="x", **SYN), "on_missing"),
                     (LinearBaseline(pert_embedding=3, **SYN), "pert_embedding"),
-                    (AdditiveBaseline("", **SYN), "sep")]:
+                    (AdditiveBaseline("", **SYN), "sep"),
+                    (PerturbMeanBaseline(**{**SYN, "seed": -1}), "seed=-1"),
+                    (CellMeanBaseline(**{**SYN, "seed": "abc"}), "seed='abc'")]:
         with pytest.raises(ConfigError, match=word):
             m.fit(synth, SPEC)
 

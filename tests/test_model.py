@@ -637,6 +637,10 @@ def test_simulate_virtual_experiments(fitted, tmp_path):
     kept = model.simulate(controls, ["P1"], n_cells=1)
     assert list(kept.var["note"]) == list(controls.var.loc[kept.var_names, "note"])
     assert kept.uns["study"] == "synthetic" and "statetx" in kept.uns
+    controls.uns["pca"] = {"variance": np.arange(3.0)}  # (the output's uns is its own copy)
+    own = model.simulate(controls, ["P1"], n_cells=1)
+    own.uns["pca"]["variance"][0] = 99.0
+    assert controls.uns["pca"]["variance"][0] == 0.0
     some = model.simulate(controls, ["P1"], n_cells=5, seed=3)
     assert some.obs["gene"].value_counts().to_dict() == {"ctrl": controls.n_obs, "P1": 5 * n_ctx}
     # the same cells as predict(all_perts=True) with the same options
