@@ -113,18 +113,26 @@ class PreparedData:
 
     def fingerprint(self) -> dict:
         """What a resumed run must train on again: the cells of every split (per dataset and
-        cell type, whichever files or in-memory objects hold them) and, for in-memory splits,
-        checksums of evenly spaced expression rows (rounded to float16, the coarsest storage
-        ``dtype``, so that a changed dtype alone is not a change of data)."""
+        cell type, whichever files or in-memory objects hold them) and checksums of evenly
+        spaced input rows (rounded to float16, the coarsest storage ``dtype``, so that a changed
+        dtype alone is not a change of data; a streamed split's rows are read from its files)."""
         values = {}
         for name, d in self.splits.items():
-            x = d.X if isinstance(d, SplitData) else None  # (streamed splits hold no values)
-            if isinstance(x, torch.Tensor) and len(x):
-                pick = np.linspace(0, len(x) - 1, min(len(x), 2048)).astype(np.int64)
-                rows = x.index_select(0, torch.from_numpy(pick).to(x.device)).cpu()
-                rows = rows.half().double()
-                values[name] = [len(x), f"{float(rows.sum()):.10g}",
-                                f"{float(rows.square().sum()):.10g}"]
+            if not d.n_obs:
+                continue
+            pick = np.linspace(0, d.n_obs - 1, min(d.n_obs, 2048)).astype(np.int64)
+            if isinstance(d, SplitData):
+                rows = d.X.index_select(0, torch.from_numpy(pick).to(d.X.device)).cpu()
+            else:  # (streamed: those rows only, one short read each)
+                reader, _ = d.readers()
+                out = np.empty((len(pick), d.files[0].width(d.source)), dtype=d.dtype)
+                try:
+                    rows = torch.from_numpy(d.read_rows(reader, pick, out, check=False))
+                finally:
+                    reader.close()
+            rows = rows.half().double()
+            values[name] = [d.n_obs, f"{float(rows.sum()):.10g}",
+                            f"{float(rows.square().sum()):.10g}"]
         keys = ["dataset", "cell_type", "split"]
         cells = self.summary.groupby(keys, sort=True)[["n_perturbed_cells", "n_controls"]].sum()
         return {"version": FINGERPRINT_VERSION, "values": values,

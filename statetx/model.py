@@ -923,6 +923,9 @@ class StateTransitionModel(Estimator):
         finally:
             if restore_sigterm is not None:
                 restore_sigterm()
+            for sampler in samplers.values():  # (streamed: its reader thread and open files)
+                if hasattr(sampler, "close"):
+                    sampler.close()
         if fresh:
             settle_aside(out, aside, True, existed)
         self.training_time_ = trainer.elapsed()  # (a resumed run's earlier steps included)

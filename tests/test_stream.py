@@ -97,6 +97,30 @@ def test_same_seed_same_weights_and_resume_is_exact(h5, tmp_path):
     assert not all(torch.equal(wa[k], v) for k, v in weights(other).items())
 
 
+def test_a_streamed_resume_refuses_changed_values(adata, tmp_path):
+    """The values of a streamed split are checked on resume too (rows read from the file), as
+    in memory: a changed training value is refused."""
+    from statetx.train import TrainingError
+
+    path = tmp_path / "d.h5ad"
+    adata.write_h5ad(path)
+    model(max_steps=4, val_freq=4).fit(None, _spec(path), output_dir=tmp_path / "run")
+    changed = adata.copy()
+    train = np.flatnonzero(changed.obs["cell_type"].to_numpy() != "CT2")
+    changed.X = changed.X.toarray()
+    changed.X[train] = changed.X[train] * 2 + 1  # (every train row: whichever rows are sampled)
+    changed.X = sp.csr_matrix(changed.X)
+    changed.write_h5ad(path)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(TrainingError, match="the expression values of the train split"):
+        model(max_steps=8, val_freq=4).fit(None, _spec(path), output_dir=tmp_path / "run",
+                                           resume_from=last)
+    adata.write_h5ad(path)  # the same values again: the resume goes on
+    m = model(max_steps=8, val_freq=4).fit(None, _spec(path), output_dir=tmp_path / "run",
+                                           resume_from=last)
+    assert m.history_["step"].max() == 8
+
+
 def test_batches_resume_and_match_the_in_memory_layout(h5):
     s = sampler(h5)
     full = list(s.batches(2))
