@@ -241,6 +241,9 @@ def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
     run = plan.run_dir
     cfg = plan.config
     resume_from = None
+    for left in leftover_asides(run):  # (a killed overwrite: its earlier run is still there)
+        say(f"an earlier run of {run} was set aside by a process that stopped before its first "
+            f"checkpoint: {left} (move it back to restore it, or delete it).")
     if run.exists():
         if not run.is_dir():
             raise ConfigError(f"run directory {run} exists and is not a directory.")

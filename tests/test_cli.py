@@ -535,6 +535,12 @@ def test_resume_overwrite_and_config_check(data, tmp_path, capsys):
                            f'model.kwargs.init_from="{out}/r/checkpoints/final.ckpt"')) == 0
     assert "init_from" in capsys.readouterr().out
     assert [p.name for p in out.iterdir()] == ["r"]
+    # a killed overwrite leaves the earlier run set aside: the next command says where it is
+    (out / ".r.replaced-abc123").mkdir()
+    assert main(train_args(data, out, "r", "training.max_steps=2", "overwrite=true")) == 0
+    assert f"an earlier run of {out / 'r'} was set aside by a process that stopped before its " \
+           f"first checkpoint: {out / '.r.replaced-abc123'}" in capsys.readouterr().out
+    (out / ".r.replaced-abc123").rmdir()
     # checkpoints without last.ckpt: nothing to resume, and they are not silently replaced
     (out / "r" / "checkpoints" / "last.ckpt").unlink()
     kept = sorted(p.name for p in (out / "r" / "checkpoints").iterdir())
