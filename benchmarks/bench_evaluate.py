@@ -1,7 +1,8 @@
 """Benchmark ``statetx.metrics.evaluate(profile="minimal")`` (DE included) on seeded synthetic data.
 
 Default size (metrics.md §12): 100 perturbations × 900 cells + 10,000 controls × 2,000 genes, for
-both the real and the predicted file. Prints wall time per phase and peak RSS.
+both the real and the predicted file. Prints the data-generation time, the total wall time of one
+``evaluate`` call (DE included; not split by phase) and peak RSS.
 
     python benchmarks/bench_evaluate.py [--perts 100] [--cells 900] [--ctrl 10000] [--genes 2000]
 """
