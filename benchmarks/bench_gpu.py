@@ -41,6 +41,10 @@ def matmul_peak(n: int = 8192, reps: int = 20) -> float:
     return 2 * n**3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
 
 
+LOG_WINDOW = 50  # the loop's default log_every_n_steps: one cells_per_s per window
+MIN_STEPS = LOG_WINDOW + 1  # the first window is dropped; at least one more must remain
+
+
 def fit_rate(adata, args, *, compile: bool, data_on_device: str, steps: int,
              mode: str = "default", device: str = "cuda") -> dict:
     """Steady-state cells/s of the full loop (median of the 50-step log windows after the
@@ -160,13 +164,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--cells", type=int, default=60000)
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--steps", type=int, default=250,
+                   help=f"training steps per loop variant, at least {MIN_STEPS}: the first "
+                        f"{LOG_WINDOW}-step log window (start-up, compilation) is dropped")
     p.add_argument("--modes", default="default,reduce-overhead",
                    help="torch.compile modes to measure (comma-separated; 'none' for none)")
     p.add_argument("--profile", action="store_true",
                    help="CUDA kernel tables of the eager and compiled bare steps")
     p.add_argument("--quick", action="store_true", help="only the eager loop and bare step")
     args = p.parse_args(argv)
+    if args.steps < MIN_STEPS:
+        p.error(f"--steps must be at least {MIN_STEPS} (the first {LOG_WINDOW}-step log window "
+                f"is dropped; {2 * LOG_WINDOW}+ gives a whole window to measure), got {args.steps}")
     if not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU.")
     modes = [] if args.quick or args.modes == "none" else args.modes.split(",")
