@@ -169,6 +169,9 @@ def jobs(configs: list[str], seeds: list[int], device: str, kinds: list[str],
 
 def select(table: pd.DataFrame) -> pd.DataFrame:
     """Per dataset, outer fold and config: the mean validation score over its four pair fits."""
+    cols = ["dataset", "outer_fold", "config", "n_val", "val_pearson", "val_mse"]
+    if table.empty:  # e.g. the deadline passed before any job finished
+        return pd.DataFrame(columns=cols)
     inner = table[table["kind"] == "inner"]
     rows = []
     for (name, config), df in inner.groupby(["dataset", "config"]):
@@ -177,7 +180,7 @@ def select(table: pd.DataFrame) -> pd.DataFrame:
             rows.append({"dataset": name, "outer_fold": c, "config": config,
                          "n_val": len(v), "val_pearson": v["pearson_delta"].mean(),
                          "val_mse": v["mse"].mean()})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=cols)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,12 +207,14 @@ def main(argv: list[str] | None = None) -> None:
     ctx = mp.get_context("spawn")
     with ctx.Pool(args.workers, maxtasksperchild=20) as pool:
         pending = [pool.apply_async(run_job, (j,)) for j in todo]
-        for j, r in zip(todo, pending):
+        for i, (j, r) in enumerate(zip(todo, pending)):
             left = args.deadline - (time.perf_counter() - t0)
             try:
                 got = r.get(timeout=max(left, 1.0))
-            except mp.TimeoutError:
-                print(f"deadline: {len(todo) - len(rows) // 2} jobs not finished", flush=True)
+            except mp.TimeoutError:  # jobs are collected in order: job i and those after it
+                unfinished = sum(not q.ready() for q in pending[i:])
+                print(f"deadline: {len(todo) - i} of {len(todo)} jobs not collected "
+                      f"({unfinished} not finished), their results dropped", flush=True)
                 pool.terminate()
                 break
             except Exception as exc:  # noqa: BLE001 - report and go on
@@ -217,9 +222,14 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             rows += got
             pd.DataFrame(rows).to_csv(args.out / "tune.csv", index=False)
+            st = [r for r in got if r["config"] != "perturb_mean"]
+            pm = [r for r in got if r["config"] == "perturb_mean"]
             print(f"{time.perf_counter() - t0:6.0f}s {j[0]} {j[1]} {'+'.join(j[2]):45s} "
                   f"{j[3]:16s} " + " ".join(f"{r['context'][:10]}={r['pearson_delta']:.3f}"
-                                            for r in got), flush=True)
+                                            for r in st)
+                  + (" | perturb_mean: " + " ".join(
+                      f"{r['context'][:10]}={r['pearson_delta']:.3f}" for r in pm) if pm else ""),
+                  flush=True)
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "tune.csv", index=False)
     sel = select(table)
