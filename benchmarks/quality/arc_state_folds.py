@@ -71,7 +71,7 @@ def score(pred_file: Path, adata, held: str, control: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     from bench_vs_arc_state import ensure_venv
-    from run import load
+    from run import check_folds, load
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="zhao", choices=["kang", "zhao"])
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                       "/tmp/arcbench_venv")))
     p.add_argument("--workdir", type=Path, default=Path("/tmp/arc_quality"))
     args = p.parse_args(argv)
+    check_folds(p, [args.dataset], args.folds.split(",") if args.folds else None)
     adata, cols = load(args.dataset)
     control = cols["control_pert"]
     state = ensure_venv(args.venv, "2.13.0", "0.11.1")

@@ -31,6 +31,27 @@ import pandas as pd
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 METRICS = ["pearson_delta", "mse", "mae", "discrimination_score_l1", "overlap_at_N", "vcc_score"]
 GBM = ["A172", "T98G", "U87MG"]
+#: each dataset's folds (held-out contexts), as ``load`` finds them in the shared files; used to
+#: check ``--datasets`` / ``--folds`` before anything is loaded
+CONTEXTS = {"kang": ["B cells", "CD14+ Monocytes", "CD4 T cells", "CD8 T cells",
+                     "FCGR3A+ Monocytes"],
+            "zhao": [f"glioblastoma_PW0{p}" for p in (30, 32, 34, 36, 40)],
+            "perturbench": GBM}
+
+
+def check_folds(parser: argparse.ArgumentParser, datasets: list[str],
+                folds: list[str] | None) -> None:
+    """``parser.error`` naming the valid choices for an unknown dataset or fold."""
+    unknown = [d for d in datasets if d not in CONTEXTS]
+    if unknown:
+        parser.error(f"unknown dataset(s) {', '.join(map(repr, unknown))}; "
+                     f"choose from {', '.join(CONTEXTS)}")
+    valid = [c for d in datasets for c in CONTEXTS[d]]
+    unknown = [f for f in folds or [] if f not in valid]
+    if unknown:
+        parser.error(f"unknown fold(s) {', '.join(map(repr, unknown))} for "
+                     f"{', '.join(datasets)}; choose from "
+                     + "; ".join(f"{d}: {', '.join(map(repr, CONTEXTS[d]))}" for d in datasets))
 
 
 def load(name: str) -> tuple[ad.AnnData, dict]:
@@ -171,11 +192,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("quality_out"))
     args = p.parse_args(argv)
+    datasets = args.datasets.split(",")
+    folds = args.folds.split(",") if args.folds else None
+    check_folds(p, datasets, folds)
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} not found: this protocol needs the shared datasets next to the repo.")
     t0 = time.perf_counter()
-    table = run(args.datasets.split(","), args.folds.split(",") if args.folds else None,
-                args.seed, args.out)
+    table = run(datasets, folds, args.seed, args.out)
     print(summarize(table, args.out))
     print(f"\ntotal wall time {time.perf_counter() - t0:.0f} s")
 
