@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.long <= args.short:
         p.error("--long must exceed --short")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
 
     toml = write_dataset(args.workdir, args.cells, args.genes, args.perts, args.cell_types)
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
