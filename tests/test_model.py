@@ -1396,7 +1396,7 @@ def test_feature_runs_checkpointed_before_format_2_resume(synth, tmp_path):
     assert resumed.history_["step"].max() == 4
 
 
-def test_set_params_entries_and_pickled_feature_dicts(synth):
+def test_set_params_entries_and_pickled_feature_dicts(synth, tmp_path):
     """name__key entries go on top of whole values given in the same call, only into dict
     parameters; subclasses taking **kwargs pass them on; a feature dict changed after fit
     survives pickling (it is stored by name only while it equals the fitted table)."""
@@ -1419,6 +1419,12 @@ def test_set_params_entries_and_pickled_feature_dicts(synth):
     other = {p: v + 1 for p, v in feats.items()}
     again = pickle.loads(pickle.dumps(fitted.set_params(pert_features=other)))
     np.testing.assert_array_equal(again.pert_features["P0"], other["P0"])
+    # saved and loaded: the parameter holds the names given (not the control's zero row too)
+    saved = small_model(max_steps=1, pert_features=feats).fit(synth, SPEC)
+    loaded = StateTransitionModel.load(saved.save(tmp_path / "m"))
+    assert list(loaded.pert_features) == ["P0", "P1", "P2"]
+    assert "ctrl" in loaded.vocab_.perturbations
+    np.testing.assert_array_equal(loaded.pert_features["P1"], feats["P1"])
 
 
 def test_held_out_knockout_is_predicted_as_control_not_a_random_effect(papalexi):
