@@ -327,7 +327,8 @@ LATER_PARAMS = {"drop_last": False, "exclude_self": False, "downsample_cells": N
                 "gene_name_col": None, "counts_key": None, "allow_counts": False,
                 "cache_control_pairs": False,
                 "downsample": None,
-                "pad_from": "group", "val_from_test": False, "additional_obs": None}
+                "pad_from": "group", "val_from_test": False, "additional_obs": None,
+                "on_missing_features": "zeros"}
 
 
 def features_digest(table: np.ndarray) -> str:

@@ -938,12 +938,15 @@ def config_of_model(model: StateTransitionModel, run_dir: Path,
 
 
 def config_differences(saved: Mapping, current: Mapping) -> list[str]:
-    """``key: saved -> current`` for every setting that differs (resume-free keys excluded)."""
+    """``key: saved -> current`` for every setting that differs (resume-free keys excluded; a
+    key the saved configuration lacks, added to statetx after it was written, has its default)."""
     a, b = flatten(saved), flatten(current)
     out = []
     for k in sorted(set(a) | set(b)):
         if k in RESUME_FREE or k.startswith("wandb."):
             continue
+        if k not in a and k in KEYS:
+            a[k] = KEYS[k].default
         if _norm(a.get(k)) != _norm(b.get(k)):
             out.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
     return out

@@ -496,6 +496,32 @@ def test_a_runs_own_config_resumes_it_as_it_is(data, tmp_path, capsys):
     assert "changed settings" not in said.err and "no effect" not in said.err
 
 
+def test_a_run_written_before_a_new_key_still_resumes(data, tmp_path, capsys):
+    """A run whose config.yaml and checkpoint lack a key statetx added later (here
+    on_missing_features) resumes as one with that key's default."""
+    import warnings
+
+    import torch
+
+    from statetx.runconfig import dump_config, read_config
+
+    out = tmp_path / "out"
+    assert main(train_args(data, out, "r", "training.max_steps=2")) == 0
+    cfg_path = out / "r" / "config.yaml"
+    cfg = read_config(cfg_path)
+    del cfg["data"]["kwargs"]["on_missing_features"]
+    cfg_path.write_text(dump_config(cfg))
+    last = out / "r" / "checkpoints" / "last.ckpt"
+    ckpt = load_checkpoint_file(last)
+    del ckpt["statetx_model"]["params"]["on_missing_features"]
+    torch.save(ckpt, last)
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # (no "changed settings" warning)
+        assert main(train_args(data, out, "r", "training.max_steps=3")) == 0
+    assert "resuming" in capsys.readouterr().out
+
+
 def test_resume_overwrite_and_config_check(data, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(train_args(data, out, "r", "training.max_steps=2")) == 0
