@@ -662,6 +662,30 @@ def test_evaluate_ceiling_is_the_command_lines(tmp_path, real, pred):
     assert "fraction_of_ceiling" not in agg3.attrs
 
 
+def test_the_ceiling_halves_what_was_evaluated_and_its_failure_keeps_the_results(real, pred,
+                                                                                   tmp_path):
+    """With shared_only the ceiling covers the perturbations evaluated (a like-for-like
+    fraction); a ceiling that cannot be computed is warned about, the results are kept."""
+    lab = pred.obs["target_gene"].astype(str)
+    part = pred[(lab != "G005").to_numpy()].copy()
+    with pytest.warns(UserWarning, match="G005"):
+        res, agg = evaluate(part, real[0], profile="minimal", num_threads=1, ceiling=True,
+                            shared_only=True, outdir=tmp_path)
+    halves = pd.read_csv(tmp_path / "ceiling_results.csv")
+    assert set(halves["perturbation"]) == set(res["perturbation"]) and "G005" not in set(
+        halves["perturbation"])
+    one = real[0].copy()  # one cell per perturbation: nothing to halve
+    rl = one.obs["target_gene"].astype(str).to_numpy()
+    first = pd.Series(np.arange(len(rl))).groupby(rl).first()
+    keep = np.zeros(len(rl), bool)
+    keep[first.to_numpy()] = True
+    keep |= rl == "non-targeting"
+    one = one[keep].copy()
+    with pytest.warns(UserWarning, match="the data ceiling could not be computed"):
+        res, agg = evaluate(pred, one, profile="minimal", num_threads=1, ceiling=True)
+    assert len(res) and "ceiling" not in agg.attrs
+
+
 def test_evaluate_ceiling_options_are_checked(real, pred):
     from statetx.metrics import ceiling
 

@@ -70,10 +70,13 @@ def ceiling_files(results: pd.DataFrame, agg: pd.DataFrame, by_celltype: bool
 
 
 def write_ceiling_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Write one ceiling table as cell-eval does (NaN spelled out), atomically."""
     atomic_write(path, lambda p: frame.to_csv(p, index=False, na_rep="NaN"))
 
 
 def spearman_brown(results: pd.DataFrame, by_celltype: bool) -> pd.DataFrame:
+    """The ceiling's agg table: per (cell type,) correlation metric, the mean r over the
+    perturbations of the halves mapped to the whole data by 2r / (1 + r) (NaN unless r > 0)."""
     metrics = [c for c in results.columns if c not in ("celltype", "perturbation")]
     groups = results.groupby("celltype", sort=True) if by_celltype else [(None, results)]
     rows = []

@@ -584,12 +584,20 @@ def evaluate(
             outputs.append((ct, _evaluate_one(sub_p, sub_r, **kw)))
     ceil = None
     if ceiling:  # (before the files are written: they are listed with the results')
-        ceil = _data_ceiling(real_in, pert_col=pert_col, control_pert=control_pert,
-                            celltype_col=celltype_col, seed=int(ceiling_seed), profile=profile,
-                            embed_key=embed_key, skip_metrics=skip_metrics,
-                            num_threads=num_threads, allow_discrete=allow_discrete,
-                            counts_target=counts_target, epsilon=epsilon, de_mode=de_mode,
-                            shared_only=shared_only)
+        # the perturbations evaluated (shared_only may have left some out), halved
+        scored = {n for _, o in outputs for n in o.table.index} | {str(control_pert)}
+        keep = real_in.obs[pert_col].astype(str).isin(scored).to_numpy()
+        try:
+            ceil = _data_ceiling(real_in if keep.all() else real_in[keep],
+                                 pert_col=pert_col, control_pert=control_pert,
+                                 celltype_col=celltype_col, seed=int(ceiling_seed),
+                                 profile=profile, embed_key=embed_key, skip_metrics=skip_metrics,
+                                 num_threads=num_threads, allow_discrete=allow_discrete,
+                                 counts_target=counts_target, epsilon=epsilon, de_mode=de_mode,
+                                 shared_only=shared_only)
+        except DataError as err:  # (e.g. groups too small to halve: the results stand)
+            warnings.warn(f"the data ceiling could not be computed, so the results come without "
+                          f"it: {err}", UserWarning, stacklevel=2)
     if outdir is not None:
         _write(Path(outdir), outputs, de_mode, ceil, celltype_col is not None)
     res_parts, agg_parts = [], []
