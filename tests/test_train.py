@@ -789,7 +789,8 @@ def test_options_without_effect_are_said(synth):
 def test_a_run_resumed_to_more_steps_validates_and_stops_as_one_that_never_stopped(synth,
                                                                                     tmp_path):
     """The extra validation at a run's last step (off the val_freq schedule) does not count
-    towards early stopping: a resumed run stops and keeps its best as the uninterrupted run."""
+    towards early stopping: a resumed run trains and stops as the uninterrupted run (its best
+    checkpoint may differ: that validation can be its best)."""
     opts = dict(val_freq=3, ckpt_every_n_steps=3, lr=3e-2, early_stopping_patience=2)
     whole = small_model(max_steps=20, **opts).fit(synth, FEWSHOT, output_dir=tmp_path / "a")
     small_model(max_steps=8, **opts).fit(synth, FEWSHOT, output_dir=tmp_path / "b")
