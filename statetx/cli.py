@@ -404,6 +404,9 @@ def _add_evaluate(sp: Any) -> None:
           "available to the process)")
     _flag(r, "--allow-discrete", action="store_true", help="use integer (count) or >= 15 values "
           "as they are (default: integer X is normalised and log1p-transformed)")
+    _flag(r, "--counts-target", default="shared", choices=["shared", "own_median"],
+          help="the total integer counts are normalised to: shared (default: both files on one "
+          "scale) or own_median (each file to its own median total, as cell-eval)")
     r.add_argument("--profile", default="full", choices=list(PROFILE_HELP),
                    help=PROFILE_HELP_TEXT)
     _flag(r, "--skip-metrics", help="comma-separated metric names")
@@ -1496,6 +1499,7 @@ def cmd_evaluate_run(a: argparse.Namespace) -> int:
                       profile=a.profile, outdir=a.outdir, embed_key=a.embed_key,
                       skip_metrics=skip, de_pred=a.de_pred, de_real=a.de_real,
                       num_threads=a.num_threads, allow_discrete=a.allow_discrete,
+                      counts_target=a.counts_target,
                       epsilon=a.epsilon, de_mode=a.de_mode, align_genes=a.align_genes,
                       shared_only=a.shared_only, batch_size=a.batch_size,
                       ceiling=a.ceiling, ceiling_seed=a.ceiling_seed or 0)

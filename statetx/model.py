@@ -1916,9 +1916,11 @@ class StateTransitionModel(Estimator):
             "trained_perturbations": getattr(self, "trained_perturbations_", None),
             "target_sum": getattr(self, "target_sum_", None),
             "expression_depth": getattr(self, "expression_depth_", None),
-            # the names of a pert_features dict (its vectors are rows of the vocabulary)
-            "pert_feature_names": (list(map(str, self.pert_features))
-                                   if isinstance(self.pert_features, Mapping) else None),
+            # rows of the vocabulary a pert_features dict did not give (the control's, those
+            # without a vector): left out of the parameter again on load
+            "pert_features_added": ([n for n in self.vocab_.perturbations
+                                     if n not in self.pert_features]
+                                    if isinstance(self.pert_features, Mapping) else None),
         }
 
     def to_arc_state(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -2093,9 +2095,8 @@ class StateTransitionModel(Estimator):
         if model.pert_features is None and v.pert_features is not None:
             # vectors given as a dict are stored in the vocabulary only: the parameter again,
             # so that clone(model).fit(...) trains on the same features
-            names, known = meta.get("pert_feature_names"), set(v.perturbations)
-            model.pert_features = v.vectors(None if names is None else
-                                            [n for n in names if n in known])
+            added = set(meta.get("pert_features_added") or ())
+            model.pert_features = v.vectors([n for n in v.perturbations if n not in added])
         return model
 
     @classmethod

@@ -664,7 +664,7 @@ def filter_on_target_knockdown(
         var_gene_name = "gene_name" if "gene_name" in adata.var.columns else None
         if var_gene_name is None:
             say("var has no column 'gene_name': matching perturbation labels against var_names "
-                "(var_gene_name names another column).")
+                "(var_gene_name, --var-gene-name on the command line, names another column).")
     if var_gene_name is None:
         genes = np.asarray(adata.var_names, dtype=str)
         gene_src = "var_names"

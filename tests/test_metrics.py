@@ -699,7 +699,7 @@ def test_evaluate_ceiling_options_are_checked(real, pred):
         ceiling(real[0], ceiling=True)
 
 
-def test_counts_target_own_median_is_cell_evals_rule(real, pred):
+def test_counts_target_own_median_is_cell_evals_rule(real, pred, tmp_path):
     """counts_target="own_median": each count file normalised to its own median total, then
     log1p (cell-eval: sc.pp.normalize_total without a target), unlike the shared default."""
     import scanpy as sc
@@ -728,6 +728,16 @@ def test_counts_target_own_median_is_cell_evals_rule(real, pred):
     assert own["mae"].mean() > 2 * shared["mae"].mean()
     with pytest.raises(ConfigError, match="counts_target='own'.*own_median"):
         evaluate(pc, rc, counts_target="own")
+    # the command line's --counts-target
+    from statetx.cli import main
+
+    pc.write_h5ad(tmp_path / "p.h5ad")
+    rc.write_h5ad(tmp_path / "r.h5ad")
+    assert main(["evaluate", "run", "-ap", str(tmp_path / "p.h5ad"), "-ar",
+                 str(tmp_path / "r.h5ad"), "-o", str(tmp_path / "ev"), "--profile", "minimal",
+                 "--num-threads", "1", "--counts-target", "own_median"]) == 0
+    cli = pd.read_csv(tmp_path / "ev" / "results.csv")
+    np.testing.assert_allclose(cli["mae"], own["mae"], atol=1e-6)
 
 
 def test_vcc_score_does_not_warn_about_its_own_constant_baseline(real, pred):
