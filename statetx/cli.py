@@ -809,8 +809,11 @@ def _list_keys() -> None:
 
 
 def _dry_run(plan: Any) -> int:
+    import torch
+
     from statetx.model import StateTransitionModel
-    from statetx.presets import count_parameters, describe, network_config_for
+    from statetx.nn import StateTransitionNetwork
+    from statetx.presets import describe, network_config_for
 
     model = StateTransitionModel(**plan.params)
     prepared = _prepare_split(plan.toml, model._columns(), model)
@@ -820,9 +823,11 @@ def _dry_run(plan: Any) -> int:
     n_train = int(train.is_target.sum()) if train is not None else 0
     preset = model._resolve_preset(n_train)
     net = network_config_for(model._architecture(preset), prepared)
-    print(describe(net))
+    with torch.device("meta"):  # (its parameter count, without weights)
+        network = StateTransitionNetwork(net)
+    print(describe(net, network))
     if train is not None and not plan.init_from:  # (fit's size advice, as a real run gives it)
-        model._warn_size(preset, count_parameters(net)[0], n_train)
+        model._warn_size(preset, network.num_parameters(), n_train)
     model._warn_decoder_settings(prepared, net, preset)  # (as fit says them)
     _say("dry run: the split file and the data are valid; nothing was trained.")
     return EXIT_OK

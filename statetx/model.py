@@ -838,7 +838,6 @@ class StateTransitionModel(Estimator):
             print(describe(net_cfg, network))
         if rank == 0:
             self._warn_size(preset, network.num_parameters(), n_train, stacklevel=4)
-        if rank == 0:
             self._warn_decoder_settings(prepared, net_cfg, preset)
         _warn_unused_loss_options(self.loss, self.loss_kwargs, network.gene_decoder is not None)
         if rank == 0:

@@ -516,7 +516,6 @@ def test_an_outdir_holds_one_evaluation_and_bad_options_fail_first(tmp_path, rea
         evaluate(tmp_path / "bad.h5ad", r, profile="minimal")
 
 
-
 def _constant(pred, perts, label="non-targeting"):
     """``pred`` with the cells of ``perts`` all set to the mean of the ``label`` cells (what
     ControlMeanBaseline(mode="mean") predicts)."""
