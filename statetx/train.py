@@ -990,15 +990,20 @@ class Trainer:
             # CLI asks for resume=force); a checkpoint from elsewhere must be of the same run
             own = self.out is None or Path(path).resolve().parent == (
                 self.out / "checkpoints").resolve()
-            network = ("network_config", "vocab", "var_names")
-            if any(mine.get(k) != theirs.get(k) for k in network) or not (
-                    own or same_run(mine, theirs)):
+            differs = [what for k, what in (("network_config", "another network"),
+                                            ("vocab", "another vocabulary"),
+                                            ("var_names", "other genes"))
+                       if mine.get(k) != theirs.get(k)]
+            if differs or not (own or same_run(mine, theirs)):
+                settings = [] if own else changed_params(theirs, mine)
+                if settings:
+                    differs.append(f"other settings ({'; '.join(settings[:6])})")
                 raise TrainingError(
                     f"cannot resume from {path}: it was trained with "
-                    + ("another network, vocabulary or genes" if own else "other settings, "
-                       "another network, vocabulary or genes (a checkpoint of another run?)")
-                    + " than this run asks for. Resume with the run's own settings and "
-                    "checkpoints/last.ckpt, or start afresh.")
+                    + (", ".join(differs) or "other settings")
+                    + " than this run asks for" + ("" if own else " (a checkpoint of another "
+                                                   "run?)") + ". Resume with the run's own "
+                    "settings and checkpoints/last.ckpt, or start afresh.")
             data = data_differences(ckpt.get("training_data"), self.extra.get("training_data"))
             if data and not force:
                 raise TrainingError(

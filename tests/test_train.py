@@ -555,9 +555,16 @@ def test_resume_from_another_runs_checkpoint_is_refused(synth, tmp_path):
     from conftest import make_synthetic
 
     small_model(max_steps=2).fit(make_synthetic(n_perts=2), output_dir=tmp_path / "other")
-    with pytest.raises(TrainingError, match="cannot resume from .*another network, vocabulary"):
+    with pytest.raises(TrainingError, match="cannot resume from .*another vocabulary"):
         small_model(max_steps=3).fit(synth, output_dir=tmp_path / "mine",
                                      resume_from=tmp_path / "other" / "checkpoints" / "last.ckpt")
+    # the same network and data, other settings: they are named
+    small_model(max_steps=2).fit(synth, output_dir=tmp_path / "same")
+    with pytest.raises(TrainingError, match=r"with other settings \(lr: .* -> 0\.001\) than this "
+                                            r"run asks for \(a checkpoint of another run\?\)"):
+        small_model(max_steps=3, lr=1e-3).fit(
+            synth, output_dir=tmp_path / "mine2",
+            resume_from=tmp_path / "same" / "checkpoints" / "last.ckpt")
 
 
 def test_resume_with_changed_settings_says_which(synth, tmp_path):
