@@ -197,9 +197,15 @@ class H5Matrix:
             return
         enc = node.attrs.get("encoding-type", "")
         enc = enc.decode() if isinstance(enc, bytes) else enc
+        if not enc:
+            raise DataError(
+                f"'{key}' in {path} is a group without anndata's encoding-type attribute (a file "
+                "written by an old anndata, or by another tool): statetx reads it only through "
+                "the current format. Read and write it again with anndata "
+                "(anndata.read_h5ad(path).write_h5ad(path)).")
         if enc != "csr_matrix":
             raise DataError(
-                f"'{key}' in {path} is stored as '{enc or 'unknown'}'; statetx reads dense or CSR "
+                f"'{key}' in {path} is stored as '{enc}'; statetx reads dense or CSR "
                 "matrices (CSC is not supported). Rewrite the file with a CSR matrix, e.g. "
                 "adata.X = adata.X.tocsr(); adata.write_h5ad(...)."
             )

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -410,6 +411,13 @@ def test_csc_matrix_in_memory_is_read_on_disk_rejected(tmp_path):
     write(a, tmp_path / "d" / "x.h5ad")  # on disk: row reads of CSC would read every column
     path = toml(tmp_path, '[datasets]\nd = "d"\n[training]\nd = "train"\n')
     with pytest.raises(DataError, match=r"'X' in .*x\.h5ad is stored as 'csc_matrix'"):
+        prepare(None, path, COLS)
+    a.X = sp.csr_matrix(a.X)  # a CSR group without anndata's encoding attributes (old files)
+    write(a, tmp_path / "d" / "x.h5ad")
+    with h5py.File(tmp_path / "d" / "x.h5ad", "r+") as f:
+        del f["X"].attrs["encoding-type"]
+    with pytest.raises(DataError, match=r"'X' in .*x\.h5ad is a group without anndata's "
+                                        r"encoding-type attribute .*write_h5ad"):
         prepare(None, path, COLS)
 
 
