@@ -133,9 +133,14 @@ class _Baseline(Estimator):
             dataset_name: str | None = None) -> _Baseline:
         """Compute the baseline's statistics on the training split and return ``self``.
 
-        Arguments as in :meth:`StateTransitionModel.fit`: ``split_config`` assigns cells to
-        train/val/test (without it every cell trains); a single AnnData is the dataset the spec
-        refers to (or ``dataset_name``).
+        Parameters
+        ----------
+        adata
+            The training data, as in :meth:`StateTransitionModel.fit`.
+        split_config
+            The split spec assigning cells to train/val/test (default: every cell trains).
+        dataset_name
+            The spec's dataset a single AnnData stands for.
         """
         self._check_params()
         prepared = prepare(adata, split_config, self._columns(), dataset_name=dataset_name)
@@ -322,6 +327,25 @@ class _Baseline(Estimator):
         (``unknown_perturbation='control'``: the basal cell itself) or as a perturbation without
         training cells (``'zeros'``). Control cells are copied into the output as they are,
         whatever ``predict_controls``.
+
+        Parameters
+        ----------
+        adata
+            Cells on the training scale, controls included; genes are matched by name.
+        pert_col, cell_type_col, control_pert
+            The input's obs columns and control label (default: the fitted ones);
+            ``cell_type_col=False`` takes every cell as one context.
+        cell_type_key
+            Another name for ``cell_type_col``.
+        batch_col, basal_pool, basal_fallback, seed
+            How basal cells are drawn, as above.
+        unknown_perturbation, predict_controls
+            Labels outside the fitted vocabulary, and control cells, as above.
+        clip
+            ``"auto"`` (default), None or a ``(low, high)`` pair, as in
+            :meth:`StateTransitionModel.predict`.
+        missing_genes
+            Fitted genes absent from the input: ``"error"`` (default) or ``"zero"``.
         """
         self._check_fitted()
         c = self.columns_
@@ -377,6 +401,18 @@ class _Baseline(Estimator):
         when the baseline has a ``batch_col`` (``basal_pool``: ``"cell_type"`` or ``"batch"`` to
         choose, e.g. ``"cell_type"`` to match an ST model with
         ``basal_mapping_strategy="random"``); both matrices are clipped alike.
+
+        Parameters
+        ----------
+        split
+            The split of the fitted spec (default ``"test"``).
+        seed
+            Seeds the basal draws (default: the estimator's ``seed``).
+        basal_pool
+            ``"cell_type"`` or ``"batch"``, as above (default: ``"batch"`` with a ``batch_col``).
+        clip
+            ``"auto"`` (default), None or a ``(low, high)`` pair, applied to both matrices (as in
+            :meth:`StateTransitionModel.predict`).
         """
         self._check_fitted()
         prepared = getattr(self, "_prepared", None)
@@ -904,7 +940,8 @@ class LinearBaseline(_Baseline):
         return [f"linear: no embedding vector for {preview(missing)}; predicting {rule}."]
 
     def delta(self, pert: str) -> np.ndarray:
-        """Predicted mean shift ŷ_p (G W p⃗ + b) of a perturbation; zero vector → b."""
+        """Predicted mean shift ŷ_p (G W p⃗ + b) of the perturbation label ``pert``; a label
+        without an embedding vector, or with a zero one, gives b."""
         self._check_fitted()
         vec = self._vector(pert)
         if vec is None:

@@ -158,8 +158,7 @@ class StateTransitionModel(Estimator):
     preset
         Architecture preset: ``auto`` (default: ``small`` for up to ~100k training cells, else
         ``state_sm``), ``small``, ``tiny``, ``state_sm``, ``state``, ``state@0.11.1``,
-        ``state_lg``, ``tahoe_best``, ``pertsets``; ``model_kwargs`` overrides any of its fields
-        (e.g. ``{"hidden_dim": 256, "dropout": 0.0, "attention": "causal"}``).
+        ``state_lg``, ``tahoe_best``, ``pertsets``; ``model_kwargs`` overrides any of its fields.
     pert_col, cell_type_key, batch_col, control_pert
         obs columns holding the perturbation, the context and (optionally) the batch; the control
         label (auto-detected among ``non-targeting`` / ``DMSO_TF`` when None).
@@ -170,6 +169,9 @@ class StateTransitionModel(Estimator):
         var column holding the gene names (e.g. symbols when ``var_names`` are Ensembl IDs);
         genes are matched and outputs named by it, in training and prediction alike (every
         input then needs the column). None (default) = ``var_names``.
+    model_kwargs
+        Overrides of the preset's architecture fields (:class:`statetx.nn.NetworkConfig`), e.g.
+        ``{"hidden_dim": 256, "dropout": 0.0, "attention": "causal"}``; None (default) = none.
     counts_key
         Where the gene-space target of a gene decoder comes from when the input is an
         embedding: an obsm key, or ``"X"`` (default None: ``obsm['X_hvg']`` for output space
@@ -1433,6 +1435,8 @@ class StateTransitionModel(Estimator):
         steps at ``lr`` on sets of the split's control cells only (control → control), one set
         per step, before predicting that split. Changes the network in place and appends the
         call's settings to ``finetuned_`` (kept by :meth:`save` / :meth:`load`); returns ``self``.
+        ``seed`` seeds the sets, their control pairing and the training (default: the
+        estimator's ``seed``).
         """
         from dataclasses import replace
 
@@ -1926,7 +1930,9 @@ class StateTransitionModel(Estimator):
         """Write the model as an arc-state 0.11.1 run directory that ``state tx infer
         --model-dir PATH`` (and :meth:`from_arc_state`) reads; see
         :func:`statetx.arc_export.export_arc` for which networks can be written (the reference
-        presets can; ``small``'s per-perturbation skip cannot). Returns ``path``."""
+        presets can; ``small``'s per-perturbation skip cannot). An existing non-empty ``path``
+        is refused unless ``overwrite`` (and it is an arc-state run, then replaced whole).
+        Returns ``path``."""
         from statetx.arc_export import export_arc
 
         return export_arc(self, path, overwrite=overwrite)
@@ -1982,7 +1988,8 @@ class StateTransitionModel(Estimator):
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> StateTransitionModel:
-        """Load a model written by :meth:`save` (no pickled code is executed)."""
+        """Load a model written by :meth:`save` from the folder ``path`` onto ``device``
+        (default ``"cpu"``; ``"auto"``, ``"cuda"``, ...). No pickled code is executed."""
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -2108,7 +2115,10 @@ class StateTransitionModel(Estimator):
         what the checkpoint records (required for 0.9.x Llama checkpoints, which do not record
         whether they ran bidirectional or causal). Other ``options`` go to
         :func:`statetx.arc.load_arc_run`. The resolution notes (attention mode, positions, output
-        activation, dropped modules, licence) are printed and kept in ``arc_import_``.
+        activation, dropped modules, licence) are printed (unless ``verbose=False``) and kept in
+        ``arc_import_``. ``run_dir`` is the arc-state run directory (or a checkpoint file in
+        one); ``checkpoint`` a file name in its ``checkpoints/`` or a path (default
+        ``final.ckpt``, else ``last.ckpt``).
         """
         from statetx.arc import CELL_SET_LEN, CONTROL_PERT, load_arc_run, unrecorded
 
@@ -2171,7 +2181,8 @@ class StateTransitionModel(Estimator):
         """Load a fitted model from a training run directory (``output_dir/name``).
 
         ``checkpoint``: a file name in ``checkpoints/`` or a path; default ``final.ckpt``, else
-        ``last.ckpt`` (printed). Weights-only loading. See :func:`statetx.run.load_run`.
+        ``last.ckpt`` (printed unless ``verbose=False``); ``device``: where the model is moved
+        (default ``"cpu"``). Weights-only loading. See :func:`statetx.run.load_run`.
         """
         return load_model(cls, run_dir, checkpoint, device=device, verbose=verbose)
 

@@ -483,7 +483,8 @@ def top_genes(
         The perturbation to show (may be left out when the data hold one).
     pert_col, control_pert, celltype_col
         As in :func:`delta_scatter`; a perturbation in several cell types shows the mean of its
-        per-cell-type deltas, or those of ``cell_type``.
+        per-cell-type deltas, or those of ``cell_type``. ``cell_type_key`` is an alias of
+        ``celltype_col``.
     n_genes
         How many genes (largest |real delta| first), 1 to 100.
     ax

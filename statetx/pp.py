@@ -203,9 +203,9 @@ def preprocess_train(
 ) -> AnnData | None:
     """Normalise, log1p and select highly variable genes, as ``state tx preprocess_train``.
 
-    Steps: scale each cell to ``target_sum`` (default: the median of the per-cell totals),
-    natural ``log1p``, HVGs (scanpy, ``flavor="seurat"`` by default, ``n_top_genes``), then
-    ``obsm["X_hvg"]`` = dense float32 HVG columns of X in var order. Writes
+    Steps: scale each cell to ``target_sum`` (default: the median of the non-zero per-cell
+    totals), natural ``log1p``, HVGs (scanpy, ``flavor="seurat"`` by default,
+    ``n_top_genes``), then ``obsm["X_hvg"]`` = dense float32 HVG columns of X in var order. Writes
     ``var["highly_variable"]`` (+ scanpy's HVG statistics), ``uns["log1p"]``, ``uns["hvg"]``,
     ``uns["X_hvg_var_names"]`` (HVG names in ``X_hvg`` column order) and
     ``uns["statetx_preprocess"]``. All genes are kept. Dense and sparse X are accepted.

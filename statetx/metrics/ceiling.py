@@ -91,7 +91,8 @@ def spearman_brown(results: pd.DataFrame, by_celltype: bool) -> pd.DataFrame:
 
 def fraction_of_ceiling(agg: pd.DataFrame, ceiling_agg: pd.DataFrame) -> pd.DataFrame:
     """A model's mean scores (its ``agg`` table from :func:`~statetx.metrics.evaluate`) as a
-    fraction of the ceiling, for the correlation-type metrics (per cell type when both have one)."""
+    fraction of the ceiling ``ceiling_agg`` (the agg table of :func:`~statetx.metrics.ceiling`),
+    for the correlation-type metrics (per cell type when both have one)."""
     means = agg[agg["statistic"] == "mean"].drop(columns="statistic")
     if ("celltype" in means.columns) != ("celltype" in ceiling_agg.columns):
         raise ConfigError("fraction_of_ceiling: the model's results and the ceiling must both be "

@@ -369,6 +369,10 @@ def wilcoxon_de(
     metrics.md §11): SciPy's ``method="auto"`` (exact p-values when a group has at most 8
     cells and the gene no ties), Benjamini–Hochberg over all (perturbation, gene) rows at
     once, and fold changes clipped (reference mean 0 → 20, target mean 0 → 1/20, both 0 → 1).
+    ``epsilon`` is the pseudocount of the fold changes (default 0, cell-eval's).
+    ``num_threads``: threads over blocks of genes; None (default) or 0 means 1 thread here
+    (while :func:`~statetx.metrics.evaluate` with ``num_threads=None`` uses every CPU), -1 every
+    CPU available to the process.
     """
     if mode not in DE_MODES:
         raise ConfigError(f"de_mode {mode!r} is not supported; use one of {list(DE_MODES)}")

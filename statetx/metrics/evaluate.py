@@ -422,7 +422,10 @@ def evaluate(
     profile
         The metric set: ``full`` (every cell-eval metric), ``minimal``, ``vcc``, ``de``,
         ``anndata``, ``pds`` or ``extended`` (``full`` + statetx's centroid metrics); see
-        ``statetx.metrics.PROFILES``. ``skip_metrics`` leaves some out.
+        ``statetx.metrics.PROFILES``.
+    skip_metrics
+        Names of metrics of the profile to leave out (an unknown name is an error); the
+        ``de_nsig_counts`` columns can be skipped one by one.
     outdir
         Write cell-eval's files there: ``results.csv``, ``agg_results.csv``, ``real_de.csv``,
         ``pred_de.csv`` (prefixed ``<celltype>_`` with ``celltype_col``). An earlier
@@ -434,7 +437,8 @@ def evaluate(
         DE tables (cell-eval's layout, DataFrame or CSV) to use instead of computing them; they
         must cover the evaluated perturbations.
     num_threads
-        DE threads (default, and ``-1``: every CPU available to the process).
+        DE threads (default None, and ``-1``: every CPU available to the process; unlike
+        :func:`~statetx.metrics.wilcoxon_de`, where None means 1).
     allow_discrete
         Use integer (count) values, and values ≥ 15, as they are (by default integer X is
         normalised and log1p-transformed, with a warning).

@@ -125,7 +125,8 @@ def _means(agg: pd.DataFrame | str | Path) -> pd.Series:
 
 def score_agg(user_agg: pd.DataFrame | str | Path, base_agg: pd.DataFrame | str | Path
               ) -> pd.DataFrame:
-    """``cell-eval score``: normalise the user's mean metrics by the baseline's.
+    """``cell-eval score``: normalise the user's mean metrics (``user_agg``) by the baseline's
+    (``base_agg``); both are agg tables of :func:`~statetx.metrics.evaluate` or their CSVs.
 
     best 0: 1 − u/b; best 1: (u − b)/(1 − b); NaN → 0; clipped below at 0; then ``avg_score``."""
     u, b = _means(user_agg), _means(base_agg)
