@@ -853,19 +853,6 @@ class StateTransitionModel(Estimator):
         val_name = "val" if "val" in prepared.splits else (
             "test" if self.val_from_test and "test" in prepared.splits else None)
         thinning = self._thinning(prepared)
-        samplers = {
-            role: make_sampler(split, vocab, set_len, settings["batch_size"], stream=stream,
-                               seed=int(self.seed) + i, pairing=settings["pairing"],
-                               exclude_self=bool(self.exclude_self),
-                               **({"fixed_pairs": True} if self.cache_control_pairs else {}),
-                               downsample_cells=self.downsample_cells, pad_from=self.pad_from,
-                               thinning=thinning,
-                               # validation uses every set (drop_last shapes training batches)
-                               **({"rank": rank, "world_size": world,
-                                   "drop_last": bool(self.drop_last)} if role == "train" else {}))
-            for i, (name, split) in enumerate(prepared.splits.items())
-            for role in [{"train": "train", val_name: "val"}.get(name)] if role is not None
-        }
         if verbose and val_name == "test":
             say("no validation split: validating on the test split (val_from_test=True;"
                 " the best checkpoint is then chosen on test data).")
@@ -875,11 +862,6 @@ class StateTransitionModel(Estimator):
                 + (", and there is none" if self.val_from_test else "") + ").")
         if rank == 0:
             _warn_idle_options(train_cfg, val_name is not None)
-        if stream is not None:  # (the streaming sampler warns about its own padding)
-            if verbose:
-                say(samplers['train'].describe())
-        elif rank == 0:
-            _warn_padding(samplers["train"], settings["pairing"], self.basal_mapping_strategy)
         previous = self._learned_state()
         # a fresh run (not resumed; the CLI prepares its own folder) starts in an empty folder;
         # an earlier run there is set aside until this one has written a checkpoint
@@ -889,7 +871,27 @@ class StateTransitionModel(Estimator):
             existed, aside = out.is_dir(), set_aside(out)
         # a job scheduler's SIGTERM unwinds like Ctrl-C, so that the earlier run comes back
         restore_sigterm = sigterm_unwinds() if fresh and aside is not None else None
+        samplers: dict[str, Any] = {}  # (closed whatever happens: streamed ones hold files)
         try:  # a failed fit leaves the estimator as it was (fitted or not)
+            samplers.update({
+                role: make_sampler(split, vocab, set_len, settings["batch_size"], stream=stream,
+                                   seed=int(self.seed) + i, pairing=settings["pairing"],
+                                   exclude_self=bool(self.exclude_self),
+                                   **({"fixed_pairs": True} if self.cache_control_pairs else {}),
+                                   downsample_cells=self.downsample_cells, pad_from=self.pad_from,
+                                   thinning=thinning,
+                                   # validation uses every set (drop_last shapes training batches)
+                                   **({"rank": rank, "world_size": world,
+                                       "drop_last": bool(self.drop_last)}
+                                      if role == "train" else {}))
+                for i, (name, split) in enumerate(prepared.splits.items())
+                for role in [{"train": "train", val_name: "val"}.get(name)] if role is not None
+            })
+            if stream is not None:  # (the streaming sampler warns about its own padding)
+                if verbose:
+                    say(samplers['train'].describe())
+            elif rank == 0:
+                _warn_padding(samplers["train"], settings["pairing"], self.basal_mapping_strategy)
             for k in previous:  # nothing of an earlier fit (or loaded run) survives a refit
                 delattr(self, k)
             self._set_fitted(network, net_cfg, vocab, prepared, set_len)
