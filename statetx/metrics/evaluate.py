@@ -309,6 +309,10 @@ def _warn_few_perturbations(metrics: Sequence[str], n: int, per_cell_type: bool)
                       "not read these values.", UserWarning, stacklevel=3)
 
 
+class NoSpreadWarning(UserWarning):
+    """Predicted cells of a group are all one row: the DE-based metrics mean little for it."""
+
+
 def _warn_constant(outputs: list[tuple[str | None, EvalOutput]], metrics: Sequence[str],
                    control_pert: str) -> None:
     """One warning for the predicted groups whose cells are all identical (a mean, or any one row,
@@ -337,7 +341,7 @@ def _warn_constant(outputs: list[tuple[str | None, EvalOutput]], metrics: Sequen
         "model's. The values are cell-eval's, kept as they are; compare such predictions on "
         "pearson_delta, mse and mae, or predict cells with their spread (e.g. "
         "ControlMeanBaseline(mode='copy')).",
-        UserWarning, stacklevel=3)
+        NoSpreadWarning, stacklevel=3)
 
 
 def _check_de_matches(de: pd.DataFrame, which: str, perts: set[str], genes: set[str]) -> None:

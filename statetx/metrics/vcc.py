@@ -187,7 +187,7 @@ def vcc_score(
     DataFrame
         The score table (``metric``, ``from_baseline``).
     """
-    from statetx.metrics.evaluate import evaluate
+    from statetx.metrics.evaluate import NoSpreadWarning, evaluate
 
     adata_pred = load(adata_pred, "pred")
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
@@ -209,7 +209,7 @@ def vcc_score(
     _, u_agg = evaluate(adata_pred, real, pert_col, control_pert, profile=profile,
                         outdir=out / "user" if out else None, **evaluate_kwargs)
     with warnings.catch_warnings():  # (the baseline repeats one row by design: not said)
-        warnings.filterwarnings("ignore", message=r"the predicted cells of .* are all identical")
+        warnings.simplefilter("ignore", NoSpreadWarning)
         _, b_agg = evaluate(base, real, pert_col, control_pert, profile=profile,
                             outdir=out / "baseline" if out else None, **evaluate_kwargs)
     score = score_agg(u_agg, b_agg)
