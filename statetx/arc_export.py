@@ -234,7 +234,9 @@ def hyper_parameters(model: StateTransitionModel) -> dict[str, Any]:
         "gradient_clip_val": (None if model.gradient_clip_val is None
                               else float(model.gradient_clip_val)),
         "gradient_accumulation_steps": int(model.gradient_accumulation_steps),
-        "val_freq": int(model.val_freq), "ckpt_every_n_steps": int(model.ckpt_every_n_steps),
+        "val_freq": int(settings.get("val_freq", model.val_freq or 2000)),
+        "ckpt_every_n_steps": int(settings.get("ckpt_every_n_steps",
+                                               model.ckpt_every_n_steps or 2000)),
         "init_from": None, "freeze_pert_backbone": False, "finetune_vci_decoder": False,
         "lora": {"enable": False}, "transformer_decoder": False, "mask_attn": False,
         "use_effect_gating_token": False, "softplus": True, "loss_fn": "mse",

@@ -133,6 +133,8 @@ UNTRAINED_MODES = ("control", "as_is")
 #: data of up to ~100k cells) trains for a fixed number of passes over the training cells and
 #: returns the running mean of its weights, both tuned on held-out validation folds
 #: (benchmarks/quality/README.md).
+#: ``val_freq`` / ``ckpt_every_n_steps`` left as None: a tenth of ``max_steps``, at most this.
+AUTO_VAL_FREQ = 2000
 TRAINING_DEFAULTS: dict[str, dict] = {
     "*": {"batch_size": 16, "max_steps": 40_000, "lr": 1e-4, "weight_averaging": "none"},
     "small": {"batch_size": 8, "max_steps": "epochs", "passes": 100, "min_steps": 300,
@@ -192,9 +194,14 @@ class StateTransitionModel(Estimator):
         stochastic weight averaging; it removes the step-to-step noise of a constant learning
         rate); ``none``: the last weights; ``auto`` (default): ``uniform`` for the ``small``
         preset, ``none`` for the reference presets.
+    val_freq, ckpt_every_n_steps
+        Validate (when there is a ``val`` split; ``best.ckpt``, early stopping) and write the
+        periodic checkpoints every this many steps; None (default) = a tenth of ``max_steps``,
+        at most 2,000 (the reference's 2,000 at its 40,000 steps; the ``small`` preset's
+        300–3,000 steps validate 10 times, not only at the end).
     optimizer, weight_decay, lr_schedule, warmup_steps, gradient_clip_val,
-    gradient_accumulation_steps, loss, val_freq, ckpt_every_n_steps, log_every_n_steps,
-    keep_last_n, early_stopping_patience, precision, matmul_precision
+    gradient_accumulation_steps, loss, log_every_n_steps, keep_last_n,
+    early_stopping_patience, precision, matmul_precision
         Training settings (see :class:`statetx.train.TrainConfig`).
     loss_kwargs
         Loss options (spec model.md §10): ``blur`` (Sinkhorn, 0.05), ``sinkhorn_weight`` /
@@ -371,8 +378,8 @@ class StateTransitionModel(Estimator):
         gradient_accumulation_steps: int = 1,
         loss: str = "energy",
         loss_kwargs: dict | None = None,
-        val_freq: int = 2000,
-        ckpt_every_n_steps: int = 2000,
+        val_freq: int | None = None,
+        ckpt_every_n_steps: int | None = None,
         log_every_n_steps: int = 50,
         keep_last_n: int | None = None,
         early_stopping_patience: int | None = None,
@@ -491,8 +498,12 @@ class StateTransitionModel(Estimator):
             accum = as_count("gradient_accumulation_steps", self.gradient_accumulation_steps)
             passes = d["passes"] * n_train_cells / (batch * accum * set_len)
             steps = int(min(d["max_steps_cap"], max(d["min_steps"], round(passes))))
-        return {"batch_size": batch,
-                "max_steps": int(self.max_steps if self.max_steps is not None else steps),
+        steps = int(self.max_steps if self.max_steps is not None else steps)
+        every = min(AUTO_VAL_FREQ, max(steps // 10, 1))
+        return {"batch_size": batch, "max_steps": steps,
+                "val_freq": int(self.val_freq if self.val_freq is not None else every),
+                "ckpt_every_n_steps": int(self.ckpt_every_n_steps
+                                          if self.ckpt_every_n_steps is not None else every),
                 "lr": float(self.lr if self.lr is not None else d["lr"]),
                 "weight_averaging": (d["weight_averaging"] if self.weight_averaging == "auto"
                                      else self.weight_averaging),
@@ -587,7 +598,7 @@ class StateTransitionModel(Estimator):
             warmup_steps=self.warmup_steps, gradient_clip_val=self.gradient_clip_val,
             gradient_accumulation_steps=self.gradient_accumulation_steps, loss=self.loss,
             **split_loss_kwargs(self.loss_kwargs),
-            val_freq=self.val_freq, ckpt_every_n_steps=self.ckpt_every_n_steps,
+            val_freq=settings["val_freq"], ckpt_every_n_steps=settings["ckpt_every_n_steps"],
             log_every_n_steps=self.log_every_n_steps,
             keep_last_n=self.keep_last_n, early_stopping_patience=self.early_stopping_patience,
             precision=self.precision, matmul_precision=self.matmul_precision,
@@ -666,7 +677,7 @@ class StateTransitionModel(Estimator):
         if not 0.0 < float(self.val_subsample_fraction) <= 1.0:
             raise ConfigError(f"val_subsample_fraction={self.val_subsample_fraction!r} must be "
                               "in (0, 1].")
-        for name in ("batch_size", "cell_set_len", "max_steps"):
+        for name in ("batch_size", "cell_set_len", "max_steps", "val_freq", "ckpt_every_n_steps"):
             as_count(name, getattr(self, name), optional=True)
         as_count("downsample_cells", self.downsample_cells, optional=True)
         check_sampler_options("random", 1, 1, pad_from=self.pad_from)
@@ -712,10 +723,12 @@ class StateTransitionModel(Estimator):
                     errors.append(exc)
         if len(errors) == len(candidates):
             raise errors[0]
-        cfg = self._train_config({"max_steps": 1, "lr": 0.0, "weight_averaging": averaging})
+        probe = {"max_steps": 1, "lr": 0.0, "weight_averaging": averaging, "val_freq": 1,
+                 "ckpt_every_n_steps": 1}
+        cfg = self._train_config(probe)
         get_loss(cfg.loss, **cfg.loss_options)  # loss option errors before reading data
         if self.lr is not None:
-            self._train_config({"max_steps": 1, "lr": self.lr, "weight_averaging": averaging})
+            self._train_config({**probe, "lr": self.lr})
         if check_device:
             resolve_device(self.device)
 

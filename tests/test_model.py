@@ -602,6 +602,7 @@ def test_auto_preset_and_training_defaults(synth):
     m.fit(synth)
     assert m.preset_ == "small"
     assert m.train_settings_ == {"batch_size": 8, "max_steps": 2, "lr": 1e-3,
+                                 "val_freq": 1, "ckpt_every_n_steps": 1,
                                  "weight_averaging": "uniform", "pairing": "random",
                                  "yield_controls": True}
     assert m.network_config_.residual_space == "input" and m.network_config_.dropout == 0.0
@@ -609,10 +610,28 @@ def test_auto_preset_and_training_defaults(synth):
     assert auto._resolve_preset(50_000) == "small" and auto._resolve_preset(10**6) == "state_sm"
     steps = auto._training_defaults("small", 10_000, 64)["max_steps"]
     assert steps == round(100 * 10_000 / (8 * 64))
-    assert auto._training_defaults("small", 100, 64)["max_steps"] == 300
+    small = auto._training_defaults("small", 100, 64)
+    assert (small["max_steps"], small["val_freq"], small["ckpt_every_n_steps"]) == (300, 30, 30)
     assert auto._training_defaults("state_sm", 10**6, 128) == {
-        "batch_size": 16, "max_steps": 40_000, "lr": 1e-4, "weight_averaging": "none",
+        "batch_size": 16, "max_steps": 40_000, "lr": 1e-4, "val_freq": 2000,
+        "ckpt_every_n_steps": 2000, "weight_averaging": "none",
         "pairing": "random", "yield_controls": True}
+    given = StateTransitionModel(max_steps=100, val_freq=7)._training_defaults("small", 100, 64)
+    assert (given["val_freq"], given["ckpt_every_n_steps"]) == (7, 10)
+
+
+def test_default_val_freq_validates_a_short_run_several_times(synth, tmp_path):
+    """Left unset, val_freq is a tenth of max_steps (the reference's 2,000 would validate a
+    300-3,000-step ``small`` run only at its end: best.ckpt = the last weights)."""
+    m = StateTransitionModel("tiny", pert_col="gene", cell_type_key="cell_type",
+                             control_pert="ctrl", model_kwargs=SMALL, cell_set_len=8,
+                             batch_size=4, max_steps=20, progress=False, seed=0)
+    spec = '[training]\ndata = "train"\n[zeroshot]\n"data.CT1" = "val"\n"data.CT2" = "test"\n'
+    m.fit(synth, spec, output_dir=tmp_path / "run")
+    assert m.train_settings_["val_freq"] == m.train_settings_["ckpt_every_n_steps"] == 2
+    val = m.history_.dropna(subset=["val_loss"])
+    assert list(val["step"]) == list(range(2, 21, 2))
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()
 
 
 def test_sets_per_pass_changes_memory_not_results(fitted):
