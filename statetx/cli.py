@@ -208,7 +208,8 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     pr.add_argument("--checkpoint", help="file name in checkpoints/ or a path (default "
                     "final.ckpt, else last.ckpt)")
     pr.add_argument("--profile", default="full", choices=list(PROFILE_HELP),
-                    help=PROFILE_HELP_TEXT)
+                    help=PROFILE_HELP_TEXT + " (tx predict always leaves out "
+                    "pearson_edistance and clustering_agreement, as arc-state's does)")
     _flag(pr, "--predict-only", action="store_true", help="write AnnData outputs, skip metrics")
     _flag(pr, "--test-time-finetune", type=int, default=0, metavar="STEPS",
           help="before predicting, fine-tune this many steps (Adam, lr 1e-5) on sets of the "
