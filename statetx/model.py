@@ -1576,6 +1576,8 @@ class StateTransitionModel(Estimator):
         keep = [col for col in dict.fromkeys(keep) if col is not None and col in adata.obs
                 and col != pert_col]
         empty = [col for col in adata.obs.columns if col not in (pert_col, *keep)]
+        flags = _control_flags(adata.obs, empty, is_ctrl)  # (e.g. is_control: False for clones)
+        empty = [col for col in empty if col not in flags]
         base = _nullable(adata.obs, empty)
         obs_parts, rows, p_parts, c_parts, b_parts = [base], [np.arange(adata.n_obs)], \
             [pert], [ctx], [batch]
@@ -1593,6 +1595,8 @@ class StateTransitionModel(Estimator):
                 o.index = [f"{context}_{p}_{i}" for i in range(n)]
                 for col in empty:  # (missing, in the column's own type)
                     o[col] = pd.Series(None, index=o.index, dtype=base[col].dtype)
+                for col, value in flags.items():
+                    o[col] = value
                 obs_parts.append(o)
                 rows.append(pick)
                 p_parts.append(np.full(n, p, dtype=object))
@@ -1649,6 +1653,7 @@ class StateTransitionModel(Estimator):
         else:
             out = adata[src_rows].copy()
         out.obs = obs
+        into_x = []
 
         def place(x: np.ndarray, names: list[str] | None, key: str | None,
                   fallback: str) -> None:
@@ -1671,6 +1676,7 @@ class StateTransitionModel(Estimator):
                 out.obsm[fallback] = x
             elif key is None:
                 out.X = x
+                into_x.append(True)
             else:
                 out.obsm[key] = x
 
@@ -1683,6 +1689,16 @@ class StateTransitionModel(Estimator):
             counts = res["counts"] if rng is None else np.clip(res["counts"], *rng)
             key = self._counts_source()
             place(counts, self.gene_names_, key, "X_pred" if key is None else f"{key}_pred")
+        if into_x and out.raw is not None:  # the measured cells: scanpy's tools read .raw first
+            if inplace:
+                warnings.warn("predict(inplace=True): X holds the predictions now, but .raw "
+                              "still holds the measured values, which scanpy's tools (e.g. "
+                              "sc.tl.rank_genes_groups) use by default: pass use_raw=False, "
+                              "or set adata.raw = None.", UserWarning, stacklevel=3)
+            else:
+                out.raw = None
+                say("predict(layout='arc'): the output's X holds predictions; the input's .raw "
+                    "(measured values, which scanpy's tools would read instead) is left out.")
         return out
 
     def predict_split(self, split: str = "test", *, seed: int | None = None, clip: Any = "auto",
@@ -2328,6 +2344,24 @@ def _nullable(obs: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     return obs
 
 
+def _control_flags(obs: pd.DataFrame, columns: Sequence[str],
+                   is_ctrl: np.ndarray) -> dict[str, bool]:
+    """Boolean ``columns`` that mark exactly the control cells (or exactly the others), with
+    their value for a perturbed cell. With controls only (a constant column says nothing), only
+    columns named for controls (``is_control``, ``ctrl``, ...) count."""
+    mixed = bool(is_ctrl.any() and not is_ctrl.all())
+    out = {}
+    for col in columns:
+        values = obs[col]
+        named = any(word in str(col).lower() for word in ("control", "ctrl"))
+        if ((mixed or named) and pd.api.types.is_bool_dtype(values.dtype)
+                and not values.isna().any()):
+            flags = values.to_numpy(dtype=bool)
+            if np.array_equal(flags, is_ctrl) or np.array_equal(flags, ~is_ctrl):
+                out[col] = not bool(np.array_equal(flags, is_ctrl))
+    return out
+
+
 def _say_new_contexts(ctx: np.ndarray, trained: Sequence[str]) -> None:
     """Cell types that were not in the model's data are predicted zero-shot (said); one that
     differs from a known one only in case is likely a typo (a warning). Nothing is said when
@@ -2398,15 +2432,16 @@ def _split_latents(pred: ad.AnnData, real: ad.AnnData, key: str, real_latent: np
 
 
 def _carry_var(adata: ad.AnnData, out: ad.AnnData, gene_name_col: str | None) -> None:
-    """The input's gene annotations (var columns: IDs, symbols, ...) on the output genes, when
-    every output gene is an input gene (matched by name)."""
+    """The input's gene annotations (var columns: IDs, symbols, ...) on the output genes
+    (matched by name; missing for output genes the input lacks)."""
     if adata.var.shape[1] == 0:
         return
     names = pd.Index(list(map(str, gene_names(adata, gene_name_col, unique=False))))
     pos = first_positions(names, out.var_names.astype(str))  # (output genes: unique in input)
-    if (pos < 0).any():
+    if (pos < 0).all():
         return
-    var = adata.var.iloc[pos].copy()
+    # (genes the input lacks, e.g. missing_genes="zero": missing values in their columns)
+    var = adata.var.reset_index(drop=True).reindex(pos)
     var.index = out.var_names
     out.var = var
 

@@ -522,11 +522,14 @@ def test_score_is_a_correlation(fitted):
 def test_gene_mismatch_lists_missing_genes(fitted):
     model, adata = fitted
     sub = adata[:, 3:].copy()
+    sub.var["symbol"] = [f"S{name}" for name in sub.var_names]
     with pytest.raises(DataError, match="3 of the model's 32 genes are missing.*G0, G1, G2"):
         model.predict(sub)
     with pytest.warns(UserWarning, match="3 of 32 model genes are missing.*filled with 0: G0"):
         filled = model.predict(sub, missing_genes="zero")
-    assert filled.n_vars == 32
+    assert filled.n_vars == 32  # (the input's gene annotations kept; missing for the 3)
+    assert filled.var["symbol"].isna().sum() == 3
+    assert filled.var.loc["G5", "symbol"] == "SG5"
     reordered = adata[:, ::-1].copy()  # order fixed by name
     np.testing.assert_allclose(model.predict(reordered).X, model.predict(adata).X, atol=1e-6)
 
@@ -671,14 +674,22 @@ def test_simulate_virtual_experiments(fitted, tmp_path):
     assert by_table.obs["gene"].value_counts().to_dict() == {
         "ctrl": controls.n_obs, "P0": 2 * n_ctx, "P2": n_ctx}
     # a clone keeps its context's columns; the control's own annotations are left empty
-    # (not copied: a virtual P1 cell is no control), with their types, and it writes
+    # (not copied: a virtual P1 cell is no control), with their types, and it writes; a flag
+    # of the control cells says False (a constant flag of another name says nothing)
     controls.obs["is_control"] = True
+    controls.obs["passed_qc"] = True
     controls.obs["condition"] = pd.Categorical(["ctrl"] * controls.n_obs)
     controls.obs["n_genes"] = 2**60 + np.arange(controls.n_obs)  # (exact: no float detour)
     sim = model.simulate(controls, ["P1"], n_cells=2)
     virtual = sim.obs.iloc[controls.n_obs:]
-    assert virtual[["is_control", "condition", "n_genes"]].isna().all().all()
-    assert sim.obs["is_control"].dtype == "boolean" and sim.obs["n_genes"].dtype == "Int64"
+    assert virtual[["passed_qc", "condition", "n_genes"]].isna().all().all()
+    assert sim.obs["passed_qc"].dtype == "boolean" and sim.obs["n_genes"].dtype == "Int64"
+    assert sim.obs["is_control"].dtype == bool and not virtual["is_control"].any()
+    assert len(sim[~sim.obs["is_control"]]) == len(virtual)
+    mixed = adata.copy()  # (controls and perturbed cells: any flag of the controls counts)
+    mixed.obs["perturbed"] = (mixed.obs["gene"] != "ctrl").to_numpy()
+    out = model.simulate(mixed, ["P1"], n_cells=1)
+    assert out.obs["perturbed"].dtype == bool and out.obs["perturbed"].iloc[mixed.n_obs:].all()
     assert (sim.obs["n_genes"].iloc[:controls.n_obs].to_numpy()
             == controls.obs["n_genes"].to_numpy()).all()
     assert list(sim.obs["condition"].cat.categories) == ["ctrl"]
@@ -1801,6 +1812,14 @@ def test_predict_inplace_writes_the_arc_layout_into_the_input(fitted):
     assert target.uns["statetx"]["model_id"] == copy.uns["statetx"]["model_id"]
     with pytest.raises(ConfigError, match="inplace=True writes one prediction per input cell"):
         model.predict(adata.copy(), inplace=True, all_perts=True)
+    # .raw holds the measured cells, which scanpy's tools read first: left out of a new AnnData
+    # (X predicted), kept with a warning in the input itself
+    with_raw = adata.copy()
+    with_raw.raw = with_raw
+    assert model.predict(with_raw, layout="arc", seed=2).raw is None
+    with pytest.warns(UserWarning, match=r"\.raw still holds the measured values"):
+        model.predict(with_raw, inplace=True, seed=2)
+    assert with_raw.raw is not None
     parent = adata.copy()
     view = parent[parent.obs["cell_type"] == parent.obs["cell_type"].iloc[0]]
     with pytest.warns(UserWarning, match="the AnnData it was taken from is not changed"):
