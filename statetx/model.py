@@ -1437,7 +1437,7 @@ class StateTransitionModel(Estimator):
                               "matmul_precision": matmul_precision,
                               "control_pert": input_control, "pert_col": pert_col,
                               **({"celltype_col": ct_col} if ct_col in out.obs else {}),
-                              "scale": self._output_scale,
+                              "scale": self._output_scale, **self._depth_record(),
                               **({"model": str(Path(source).absolute())}
                                  if source is not None else {})}
         if all_perts and layout != "arc":  # a virtual experiment keeps the input's uns (§3.4)
@@ -1633,6 +1633,16 @@ class StateTransitionModel(Estimator):
             out.obsm[f"{c.embed_key}_pred"] = res["pred"]
         return mark_scale(out, self._output_scale)
 
+    def _depth_record(self) -> dict:
+        """``training_depth`` for a prediction's ``uns['statetx']``: the counts per cell the
+        training data's log1p values stood for over the output genes (median over cell types),
+        which evaluate normalises real counts to."""
+        depths = getattr(self, "expression_depth_", None)
+        if not depths or self.gene_names_ is not None or self._output_scale != "log1p":
+            return {}
+        return {"training_depth": {"counts_per_cell": float(np.median(list(depths.values()))),
+                                   "n_genes": len(self.var_names_)}}
+
     def _counts_source(self) -> str | None:
         """Where a gene decoder's genes live in an input AnnData: None = X, else an obsm key."""
         return counts_source(self.columns_.output_space, self.counts_key)
@@ -1775,7 +1785,8 @@ class StateTransitionModel(Estimator):
                       matmul_precision=matmul_precision)
         info = {"split": split, "seed": int(seed), "pert_col": self.columns_.pert_col,
                 "control_pert": self.vocab_.control_pert,
-                "celltype_col": self.columns_.cell_type_key, "scale": self._output_scale}
+                "celltype_col": self.columns_.cell_type_key, "scale": self._output_scale,
+                **self._depth_record()}
         if pseudobulk:
             if additional_obs:
                 raise ConfigError("additional_obs= copies per-cell obs columns; pseudobulk rows "

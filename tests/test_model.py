@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from anndata import read_h5ad
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
@@ -1825,3 +1826,18 @@ def test_predict_inplace_writes_the_arc_layout_into_the_input(fitted):
     with pytest.warns(UserWarning, match="the AnnData it was taken from is not changed"):
         model.predict(view, inplace=True, seed=2)
     np.testing.assert_array_equal(np.asarray(parent.X), np.asarray(adata.X))
+
+
+def test_predictions_record_the_training_depth_for_evaluate(fitted, tmp_path):
+    """uns['statetx']['training_depth']: the counts per cell the training data's log1p values
+    stood for over the model's genes (evaluate normalises real counts to it); it survives h5ad."""
+    model, adata = fitted
+    assert model.expression_depth_
+    pred = model.predict(adata)
+    record = pred.uns["statetx"]["training_depth"]
+    assert record == {"counts_per_cell": float(np.median(list(model.expression_depth_.values()))),
+                      "n_genes": adata.n_vars}
+    pred.write_h5ad(tmp_path / "p.h5ad")
+    back = read_h5ad(tmp_path / "p.h5ad").uns["statetx"]["training_depth"]
+    assert back["counts_per_cell"] == record["counts_per_cell"]
+    assert model.predict_split("test")[0].uns["statetx"]["training_depth"] == record
