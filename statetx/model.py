@@ -12,7 +12,6 @@ import copy
 import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,22 +22,18 @@ import pandas as pd
 import torch
 from sklearn.exceptions import NotFittedError
 
+from statetx import persist
 from statetx._params import Estimator
 from statetx._utils import (
     as_count,
-    check_folder,
     deepcopy_sharing,
     did_you_mean,
     history_frame,
-    json_default,
     matmul_precision_scope,
     names_list,
     preview,
-    remove_dead_temporaries,
     say,
     sigterm_unwinds,
-    temporary_name,
-    umask_mode,
 )
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
@@ -57,10 +52,11 @@ from statetx.distributed import (
     raise_together,
     resolve_device,
 )
-from statetx.errors import ConfigError, DataError, StatetxError
+from statetx.errors import ConfigError, DataError
 from statetx.io import gene_names, obs_labels, recorded_target_sum
 from statetx.losses import get_loss, split_loss_kwargs
-from statetx.nn import NetworkConfig, StateTransitionNetwork, check_finite_weights
+from statetx.nn import NetworkConfig, StateTransitionNetwork
+from statetx.persist import FIT_RECORD, FORMAT_VERSION, _FeatureRows  # noqa: F401 (re-exported)
 from statetx.predict import (
     Group,
     GroupMeans,
@@ -111,15 +107,13 @@ from statetx.sets import (
 from statetx.stream import make_sampler, preparer, stream_settings
 from statetx.train import TrainConfig, Trainer, check_flag, start_at_mean_response
 from statetx.vocab import (
-    FEATURES_FILE,
     Vocab,
     features_entry,
     load_pert_features,
-    read_features,
-    write_features,
 )
 
-FORMAT_VERSION = 2  # 2: perturbation feature vectors in pert_features.safetensors
+# pickles name _FeatureRows here, where it was defined (as before the move to statetx.persist)
+_FeatureRows.__module__ = __name__
 
 #: ``preset="auto"`` picks ``small`` below this many training cells, else ``state_sm``.
 AUTO_SMALL_MAX_CELLS = 100_000
@@ -140,11 +134,6 @@ TRAINING_DEFAULTS: dict[str, dict] = {
     "small": {"batch_size": 8, "max_steps": "epochs", "passes": 100, "min_steps": 300,
               "max_steps_cap": 3000, "lr": 1e-3, "weight_averaging": "uniform"},
 }
-
-
-# fitted attributes (without their trailing "_") that save/load keep besides the network
-FIT_RECORD = ("preset", "train_settings", "best_step", "training_time", "arc_import",
-              "finetuned")
 
 
 def input_gene_col(columns: ColumnMap, given: str | bool | None) -> str | None:
@@ -1935,38 +1924,10 @@ class StateTransitionModel(Estimator):
         return float(np.nanmean(scores))
 
     # ------------------------------------------------------------------ persistence
+    # (the logic is in statetx.persist; these keep the estimator's API)
     def _metadata(self) -> dict:
         """Everything but the weights, JSON-able (also stored inside checkpoints)."""
-        params = {k: v for k, v in self.get_params().items()
-                  if not isinstance(v, dict) or k in ("model_kwargs", "loss_kwargs")}
-        # plain JSON values (paths as text, NumPy numbers as Python ones): checkpoints load with
-        # the weights-only unpickler, which refuses NumPy scalars
-        if not isinstance(params.get("pert_features"), (str, Path, type(None))):
-            params["pert_features"] = None  # vectors are stored in the vocabulary
-        elif params.get("pert_features") is not None:  # (a clone of a loaded model finds it)
-            params["pert_features"] = str(Path(params["pert_features"]).absolute())
-        params = json.loads(json.dumps(params, default=json_default))
-        return {
-            "format_version": FORMAT_VERSION,
-            "params": params,
-            # JSON has no tuples: named here so that get_params() compares equal after load
-            "tuple_params": [k for k, v in self.get_params().items() if isinstance(v, tuple)],
-            "network_config": self.network_config_.to_dict(),
-            "vocab": self.vocab_.to_dict(),
-            "columns": self.columns_.model_dump(),
-            "var_names": list(self.var_names_),
-            "gene_names": self.gene_names_,
-            "cell_set_len": self.cell_set_len_,
-            "is_log1p": self.is_log1p_,
-            "trained_perturbations": getattr(self, "trained_perturbations_", None),
-            "target_sum": getattr(self, "target_sum_", None),
-            "expression_depth": getattr(self, "expression_depth_", None),
-            # rows of the vocabulary a pert_features dict did not give (the control's, those
-            # without a vector): left out of the parameter again on load
-            "pert_features_added": ([n for n in self.vocab_.perturbations
-                                     if n not in self.pert_features]
-                                    if isinstance(self.pert_features, Mapping) else None),
-        }
+        return persist.metadata(self)
 
     def to_arc_state(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the model as an arc-state 0.11.1 run directory that ``state tx infer
@@ -1983,100 +1944,22 @@ class StateTransitionModel(Estimator):
         """Write ``model.json`` and ``model.safetensors`` into the directory ``path`` (and, for a
         model trained with perturbation features, ``pert_features.safetensors``, which
         ``model.json`` names by shape and digest)."""
-        from safetensors.torch import save_file
-
-        self._check_fitted()
-        path = Path(path)
-        check_folder(path, "save: the model folder")
-        if (path / "statetx_run.json").exists() or (path / "checkpoints").exists():
-            raise ConfigError(f"cannot save the model to {path}: it is a training run's folder "
-                              "(its model.json describes the run). Save into another folder.")
-        meta = self._metadata()
-        if hasattr(self, "history_"):
-            # (NaN as null: model.json stays strict JSON)
-            meta["history"] = {k: [None if isinstance(v, float) and v != v else v for v in vals]
-                               for k, vals in self.history_.to_dict(orient="list").items()}
-        meta["fit"] = self._fit_record()
-        if hasattr(self, "split_summary_"):
-            meta["split_summary"] = self.split_summary_.to_dict(orient="split")
-        if getattr(self, "split_config_", None) is not None:
-            meta["split_config"] = self.split_config_.model_dump(mode="json", exclude={"source"})
-        text = json.dumps(meta, indent=1, default=json_default)  # fails before any write
-        state = {k: v.detach().cpu().contiguous() for k, v in self.network_.state_dict().items()}
-        created = not path.exists()
-        path.mkdir(parents=True, exist_ok=True)
-        remove_dead_temporaries(path)
-        tmp_w, tmp_j, tmp_f = (temporary_name(path / name) for name in (
-            "model.safetensors", "model.json", FEATURES_FILE))
-        try:  # all files complete in temporaries first; a failure leaves no partial model
-            save_file(state, str(tmp_w))
-            umask_mode(tmp_w)  # safetensors writes 0600
-            if self.vocab_.pert_features is not None:
-                write_features(self.vocab_, tmp_f)
-            tmp_j.write_text(text)
-            tmp_w.replace(path / "model.safetensors")
-            if self.vocab_.pert_features is not None:
-                tmp_f.replace(path / FEATURES_FILE)
-            else:  # (a model saved here before may have left its table)
-                (path / FEATURES_FILE).unlink(missing_ok=True)
-            tmp_j.replace(path / "model.json")
-        except BaseException:
-            for tmp in (tmp_w, tmp_j, tmp_f):
-                tmp.unlink(missing_ok=True)
-            if created and not any(path.iterdir()):
-                path.rmdir()
-            raise
-        return path
+        return persist.save(self, path)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> StateTransitionModel:
         """Load a model written by :meth:`save` from the folder ``path`` onto ``device``
         (default ``"cpu"``; ``"auto"``, ``"cuda"``, ...). No pickled code is executed."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        target = resolve_device(device)  # a device that is not there: say so before reading
-        for name in ("model.json", "model.safetensors"):
-            if not (path / name).is_file():
-                run = (path / "checkpoints").is_dir() or (path / "statetx_run.json").is_file()
-                raise DataError(f"{path / name} not found: {path} is not a saved statetx model "
-                                "(expected model.json and model.safetensors)."
-                                + (" It is a training run's folder: load it with "
-                                   "StateTransitionModel.load_run(path) (from_arc_state "
-                                   "for an arc-state run)." if run else ""))
-        try:
-            meta = json.loads((path / "model.json").read_text())
-            state = load_file(str(path / "model.safetensors"), device="cpu")
-            features = read_features(path / FEATURES_FILE)
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"could not read the saved model in {path}: {exc}") from exc
-        model = cls._from_metadata(meta, state, source=path / "model.json", features=features)
-        try:  # (the optional records: a damaged one is named, not a pandas or pydantic error)
-            if "history" in meta:
-                model.history_ = history_frame(meta["history"])
-            model._restore_fit_record(meta.get("fit") or {})
-            if "split_summary" in meta:
-                model.split_summary_ = pd.DataFrame(**meta["split_summary"])
-            if "split_config" in meta:
-                model.split_config_ = SplitConfig.from_toml(meta["split_config"])
-        except (KeyError, TypeError, ValueError, AttributeError, StatetxError) as exc:
-            raise DataError(f"the saved model's record in {path / 'model.json'} is damaged "
-                            f"({type(exc).__name__}: {exc}); save the model again from its "
-                            "source, or load its run folder.") from None
-        return model.to(target)
+        return persist.load(cls, path, device)
 
     def _fit_record(self) -> dict:
         """``preset_``, ``train_settings_``, ... (:data:`FIT_RECORD`), as far as they are set."""
-        return {k: getattr(self, k + "_") for k in FIT_RECORD if hasattr(self, k + "_")}
+        return persist.fit_record(self)
 
     def _restore_fit_record(self, fit: Mapping) -> None:
         """The recorded ``preset_``, ``train_settings_``, ``best_step_``, ... (:data:`FIT_RECORD`)
         of a saved model or a finished run."""
-        if not isinstance(fit, Mapping):
-            raise DataError(f"the fit record is a {type(fit).__name__}, not a mapping.")
-        for k, v in fit.items():
-            if k in FIT_RECORD:
-                setattr(self, k + "_", v)
+        persist.restore_fit_record(self, fit)
 
     @classmethod
     def _from_metadata(cls, meta: dict, state: dict[str, torch.Tensor],
@@ -2084,68 +1967,7 @@ class StateTransitionModel(Estimator):
                        features: Any = None) -> StateTransitionModel:
         """The model ``meta`` describes with the weights ``state`` (and the perturbation feature
         table, for models trained with one)."""
-        try:
-            return cls._build_from_metadata(meta, state, features, source)
-        except DataError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            where = f" in {source}" if source is not None else ""
-            raise DataError(f"the saved model metadata{where} is incomplete or invalid "
-                            f"({type(exc).__name__}: {exc}); it was edited, damaged or written "
-                            "by an incompatible statetx version.") from None
-
-    @classmethod
-    def _build_from_metadata(cls, meta: dict, state: dict[str, torch.Tensor], features: Any,
-                             source: str | Path | None) -> StateTransitionModel:
-        version = meta.get("format_version", 1)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            from statetx import __version__
-
-            raise DataError(f"{source or 'the saved model'} is in model format {version!r}, "
-                            f"newer than this statetx ({__version__}) reads (up to "
-                            f"{FORMAT_VERSION}): upgrade statetx to load it.")
-        params = dict(meta["params"])
-        for k in meta.get("tuple_params", ()):
-            params[k] = tuple(params[k])
-        model = cls(**params)
-        cfg = NetworkConfig.from_dict(meta["network_config"])
-        net = StateTransitionNetwork.for_loading(cfg)
-        if "final_down_then_up.0.weight" in state and net.final_down_then_up is None:
-            raise DataError("this model was saved by an earlier statetx whose input-space "
-                            "residual (the 'small' preset) with output_space='all' went through "
-                            "a bottleneck and skipped the per-perturbation skip; that network is "
-                            "no longer built. Retrain the model.")
-        check_finite_weights(state, str(  # (a model folder's weights: its safetensors file)
-            Path(source).with_name("model.safetensors") if source is not None
-            and Path(source).name == "model.json" else source or "the saved model"))
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as exc:
-            raise DataError(f"saved weights do not fit the saved network configuration: {exc}") \
-                from None
-        net.eval()
-        model.network_ = net
-        model.network_config_ = cfg
-        model.vocab_ = Vocab.from_dict(meta["vocab"], None if features is None
-                                       else np.asarray(features, dtype=np.float32),
-                                       str(source or "the saved model"))
-        model.columns_ = ColumnMap(**meta["columns"])
-        model.var_names_ = list(meta["var_names"])
-        model.gene_names_ = meta["gene_names"]
-        model.cell_set_len_ = int(meta["cell_set_len"])
-        model.is_log1p_ = bool(meta["is_log1p"])
-        if meta.get("trained_perturbations") is not None:
-            model.trained_perturbations_ = list(meta["trained_perturbations"])
-        model.target_sum_ = meta.get("target_sum")
-        model.expression_depth_ = meta.get("expression_depth")
-        model.n_features_in_ = len(model.var_names_)
-        v = model.vocab_
-        if model.pert_features is None and v.pert_features is not None:
-            # vectors given as a dict are stored in the vocabulary only: the parameter again,
-            # so that clone(model).fit(...) trains on the same features
-            added = set(meta.get("pert_features_added") or ())
-            model.pert_features = v.vectors([n for n in v.perturbations if n not in added])
-        return model
+        return persist.from_metadata(cls, meta, state, source=source, features=features)
 
     @classmethod
     def from_arc_state(cls, run_dir: str | Path, checkpoint: str | Path = "final.ckpt", *,
@@ -2162,53 +1984,8 @@ class StateTransitionModel(Estimator):
         one); ``checkpoint`` a file name in its ``checkpoints/`` or a path (default
         ``final.ckpt``, else ``last.ckpt``).
         """
-        from statetx.arc import CELL_SET_LEN, CONTROL_PERT, load_arc_run, unrecorded
-
-        imp = load_arc_run(run_dir, checkpoint, attention=attention, rope=rope, **options)
-        dk = imp.data_kwargs
-        for key, what in (("control_pert", CONTROL_PERT), ("cell_set_len", CELL_SET_LEN)):
-            if dk[key] is None:
-                raise unrecorded(imp.provenance["source"], key, what)
-        if verbose:
-            for note in imp.notes:
-                say(note)
-        cfg = imp.config
-        model = cls(pert_col=dk.get("pert_col", "gene"),
-                    cell_type_key=dk.get("cell_type_key", "cell_type"),
-                    batch_col=dk.get("batch_col"), control_pert=dk["control_pert"],
-                    embed_key=dk.get("embed_key"), output_space=cfg.output_space,
-                    cell_set_len=dk["cell_set_len"], device="cpu", **imp.training,
-                    # the run's control pairing (arc-state: "random" = within the cell type)
-                    basal_mapping_strategy="batch" if dk.get("basal_mapping_strategy") == "batch"
-                    else "random")
-        vectors = np.asarray(imp.pert_vectors, dtype=np.float32)
-        one_hot = vectors.shape[0] == vectors.shape[1] and np.array_equal(
-            vectors, np.eye(len(vectors), dtype=np.float32))
-        control = dk["control_pert"]
-        model.vocab_ = Vocab(list(imp.perturbations), list(imp.cell_types), list(imp.batches),
-                             control, None if one_hot else vectors)
-        model.network_ = imp.network.eval()
-        model.network_config_ = cfg
-        model.columns_ = ColumnMap(
-            pert_col=model.pert_col, cell_type_key=model.cell_type_key,
-            batch_col=model.batch_col, control_pert=control, embed_key=model.embed_key,
-            output_space=cfg.output_space)
-        genes = [str(g) for g in imp.gene_names]
-        inputs = [str(g) for g in imp.var_dims.get("statetx_input_names") or []]  # (exports)
-        if cfg.gene_dim:
-            model.gene_names_ = genes if len(genes) == cfg.gene_dim else None
-            model.var_names_ = (inputs if len(inputs) == cfg.input_dim else
-                                [f"{model.embed_key}_{i}" for i in range(cfg.input_dim)])
-        else:
-            model.gene_names_ = None
-            model.var_names_ = (genes if len(genes) == cfg.input_dim else
-                                [f"{model.embed_key or 'X'}_{i}" for i in range(cfg.input_dim)])
-        model.cell_set_len_ = int(dk["cell_set_len"])
-        model.is_log1p_ = True
-        model.n_features_in_ = cfg.input_dim
-        model.arc_import_ = {"notes": list(imp.notes), "unused": list(imp.unused),
-                             "provenance": dict(imp.provenance)}
-        return model
+        return persist.from_arc_state(cls, run_dir, checkpoint, attention=attention, rope=rope,
+                                      verbose=verbose, **options)
 
     from_arc_run = from_arc_state  # the name in the spec (arc-checkpoints.md)
 
@@ -2230,41 +2007,13 @@ class StateTransitionModel(Estimator):
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        if "network_" in state:
-            net = state.pop("network_")
-            state["_network_state"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        state.pop("device_", None)
-        feats, vocab = state.get("pert_features"), state.get("vocab_")
-        if (isinstance(feats, Mapping) and vocab is not None and vocab.pert_features is not None
-                and set(map(str, feats)) <= set(vocab.perturbations)):
-            rows = vocab.vectors(feats)
-            if all(np.array_equal(np.asarray(v, dtype=np.float32).reshape(-1), rows[str(n)])
-                   for n, v in feats.items()):
-                # the vectors are rows of the vocabulary's table: pickled once, by name
-                state["pert_features"] = _FeatureRows([str(n) for n in feats])
-        return state
+        return persist.pickled_state(self, super().__getstate__())
 
     def __deepcopy__(self, memo: dict) -> StateTransitionModel:
         return deepcopy_sharing(self, memo)  # (the copy can predict_split: same data)
 
     def __setstate__(self, state: dict) -> None:
-        state = dict(state)
-        weights = state.pop("_network_state", None)
-        super().__setstate__(state)
-        if isinstance(self.pert_features, _FeatureRows):
-            self.pert_features = self.vocab_.vectors(self.pert_features.names)
-        if weights is not None:
-            net = StateTransitionNetwork.for_loading(self.network_config_)
-            check_finite_weights(weights, "the pickled model")
-            try:
-                net.load_state_dict(weights)
-            except RuntimeError as exc:
-                raise DataError(f"the pickled weights do not fit the pickled network "
-                                f"configuration (a pickle of another statetx version?): {exc}"
-                                ) from None
-            net.eval()
-            self.network_ = net
+        persist.restore_pickled(self, state, super().__setstate__)
 
     @property
     def feature_names_in_(self) -> np.ndarray:
@@ -2286,13 +2035,6 @@ class StateTransitionModel(Estimator):
         self._check_fitted()
         self.network_.to(resolve_device(device))
         return self
-
-
-@dataclass
-class _FeatureRows:
-    """A pickled model's ``pert_features`` dict: the names of its rows in ``vocab_``."""
-
-    names: list[str]
 
 
 def _warn_idle_options(cfg: TrainConfig, validates: bool) -> None:
