@@ -56,7 +56,7 @@ from statetx.errors import ConfigError, DataError
 from statetx.io import gene_names, obs_labels, recorded_target_sum
 from statetx.losses import get_loss, split_loss_kwargs
 from statetx.nn import NetworkConfig, StateTransitionNetwork
-from statetx.persist import FIT_RECORD, FORMAT_VERSION, _FeatureRows  # noqa: F401 (re-exported)
+from statetx.persist import _FeatureRows  # noqa: F401 (named by pickles made before it moved)
 from statetx.predict import (
     Group,
     GroupMeans,
@@ -111,9 +111,6 @@ from statetx.vocab import (
     features_entry,
     load_pert_features,
 )
-
-# pickles name _FeatureRows here, where it was defined (as before the move to statetx.persist)
-_FeatureRows.__module__ = __name__
 
 #: ``preset="auto"`` picks ``small`` below this many training cells, else ``state_sm``.
 AUTO_SMALL_MAX_CELLS = 100_000
@@ -1953,12 +1950,13 @@ class StateTransitionModel(Estimator):
         return persist.load(cls, path, device)
 
     def _fit_record(self) -> dict:
-        """``preset_``, ``train_settings_``, ... (:data:`FIT_RECORD`), as far as they are set."""
+        """``preset_``, ``train_settings_``, ... (``statetx.persist.FIT_RECORD``), as far as they
+        are set."""
         return persist.fit_record(self)
 
     def _restore_fit_record(self, fit: Mapping) -> None:
-        """The recorded ``preset_``, ``train_settings_``, ``best_step_``, ... (:data:`FIT_RECORD`)
-        of a saved model or a finished run."""
+        """The recorded ``preset_``, ``train_settings_``, ``best_step_``, ...
+        (``statetx.persist.FIT_RECORD``) of a saved model or a finished run."""
         persist.restore_fit_record(self, fit)
 
     @classmethod
