@@ -63,41 +63,75 @@ PERT_SKIPS = ARCH_CHOICES["pert_skip"]
 
 @dataclass
 class NetworkConfig:
-    """Every architecture option of the network (all explicit but ``pert_skip``)."""
+    """Every architecture option of the network (all explicit but ``pert_skip``); a preset is a
+    complete set of them (:mod:`statetx.presets`), ``model_kwargs`` overrides fields.
 
-    input_dim: int  # D_in: width of a basal cell vector
-    output_dim: int  # D_out: width of a predicted cell vector
-    pert_dim: int  # P: width of the perturbation vector
-    hidden_dim: int  # h: model width
-    n_encoder_layers: int  # Linear layers in pert (and MLP basal) encoder
-    n_decoder_layers: int  # Linear layers in project_out
-    dropout: float  # dropout inside encoder/decoder MLPs
-    activation: str  # "gelu" | "relu" | "silu"
-    use_basal_projection: bool  # True: MLP basal encoder; False: bare Linear
-    backbone: str  # "llama" | "gpt2"
-    n_layers: int  # transformer blocks
-    n_heads: int  # H
-    head_dim: int  # d
-    n_kv_heads: int  # K (grouped-query attention when K < H; Llama only)
-    intermediate_size: int  # I: FFN width
-    attention: str  # "bidirectional" | "causal"
-    rope: float | None  # None: no positions; float: rotary embedding base theta
-    norm_eps: float  # RMSNorm (Llama, 1e-6) / LayerNorm (GPT-2, 1e-5) epsilon
-    predict_residual: bool  # residual output head
-    residual_space: str  # "hidden": project_out(r + e_b) (reference); "input": basal + delta
-    output_space: str  # "gene" | "all" | "embedding"
-    output_activation: str  # "relu" | "none"
-    batch_encoder: bool  # learned batch embedding added to the input
-    batch_dim: int  # number of batch labels (0 without batch encoder)
-    gene_dim: int  # G: gene decoder output width (0 = no gene decoder)
-    decoder_hidden_dims: list[int]  # gene decoder widths
-    decoder_dropout: float  # gene decoder dropout
-    residual_decoder: bool  # residual gene decoder variant
-    confidence_token: bool  # append a learned confidence token to each set
-    # input-space skip per perturbation (residual_space "input"): "shift" adds a learned shift
-    # b_p to every cell; "mean_affine" adds b_p + a_p * mean(basal set), a learned scalar a_p per
-    # perturbation (how much of a context's deviation survives the perturbation); saved models
-    # from before the option load with "none"
+    Parameters
+    ----------
+    input_dim, output_dim, pert_dim
+        Widths of a basal cell vector (D_in), a predicted cell vector (D_out) and a
+        perturbation vector (P).
+    hidden_dim
+        Model width h.
+    n_encoder_layers, n_decoder_layers, dropout, activation
+        Linear layers of the perturbation (and MLP basal) encoder and of the output head
+        (``project_out``); their dropout and activation (``"gelu"``, ``"relu"``, ``"silu"``).
+    use_basal_projection
+        True: an MLP basal encoder; False: one Linear layer.
+    backbone, n_layers, n_heads, head_dim, n_kv_heads, intermediate_size
+        Transformer: ``"llama"`` or ``"gpt2"``; blocks; heads H of width d; key/value heads K
+        (grouped-query attention when K < H, Llama only); FFN width.
+    attention, rope
+        ``"bidirectional"`` or ``"causal"``; None (no positions) or a rotary embedding base.
+    norm_eps
+        RMSNorm (Llama, 1e-6) / LayerNorm (GPT-2, 1e-5) epsilon.
+    predict_residual, residual_space
+        A residual output head; ``"hidden"``: ``project_out(r + e_b)`` (the reference),
+        ``"input"``: basal + delta in input space.
+    output_space, output_activation
+        ``"gene"``, ``"all"`` or ``"embedding"``; ``"relu"`` or ``"none"`` on the output.
+    batch_encoder, batch_dim
+        A learned batch embedding added to the input; number of batch labels (0 without).
+    gene_dim, decoder_hidden_dims, decoder_dropout, residual_decoder
+        Gene decoder: output width G (0: none), hidden widths, dropout, residual variant.
+    confidence_token
+        Append a learned confidence token to each set.
+    pert_skip
+        Input-space skip per perturbation (``residual_space="input"``): ``"shift"`` adds a
+        learned shift b_p to every cell; ``"mean_affine"`` adds b_p + a_p × mean(basal set), a
+        learned scalar a_p per perturbation (how much of a context's deviation survives the
+        perturbation); ``"none"`` (saved models from before the option load with it).
+    """
+
+    input_dim: int
+    output_dim: int
+    pert_dim: int
+    hidden_dim: int
+    n_encoder_layers: int
+    n_decoder_layers: int
+    dropout: float
+    activation: str
+    use_basal_projection: bool
+    backbone: str
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    n_kv_heads: int
+    intermediate_size: int
+    attention: str
+    rope: float | None
+    norm_eps: float
+    predict_residual: bool
+    residual_space: str
+    output_space: str
+    output_activation: str
+    batch_encoder: bool
+    batch_dim: int
+    gene_dim: int
+    decoder_hidden_dims: list[int]
+    decoder_dropout: float
+    residual_decoder: bool
+    confidence_token: bool
     pert_skip: str = "none"
 
     def __post_init__(self) -> None:

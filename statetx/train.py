@@ -77,37 +77,83 @@ class TrainingError(StatetxError, RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping settings (defaults follow the reference, see model.md §11)."""
+    """Optimisation and bookkeeping settings (defaults follow the reference, see model.md §11).
+
+    Parameters
+    ----------
+    max_steps, lr
+        Optimiser steps and learning rate.
+    optimizer, weight_decay
+        ``"adam"`` or ``"adamw"``; weight decay, applied when non-zero (the reference ignored
+        it).
+    lr_schedule, warmup_steps, min_lr_ratio
+        ``"constant"`` or ``"cosine"`` (decaying to ``min_lr_ratio`` × ``lr``), after a linear
+        warm-up of ``warmup_steps``.
+    gradient_clip_val
+        Largest gradient norm; 0 or None: no clipping.
+    gradient_accumulation_steps
+        Batches whose gradients are summed into one optimiser step.
+    loss, loss_options
+        Training loss (``"energy"``, ``"sinkhorn"``, ``"mse"``, ``"se"``; see
+        :func:`statetx.losses.get_loss`) and its options (blur, weights, chunks).
+    decoder_weight, detach_decoder
+        Weight of the gene decoder's loss; ``detach_decoder``: that loss trains the decoder
+        only.
+    regularization
+        Weight of the mean ``|pred - basal|`` term (input and output of the same width).
+    val_freq, ckpt_every_n_steps, log_every_n_steps
+        Validate (and keep ``best.ckpt``), write the periodic checkpoints, and log the metrics
+        every this many steps.
+    keep_last_n
+        Periodic ``step=N`` checkpoints kept (None: all).
+    early_stopping_patience
+        Stop after this many validations without improvement (None: never).
+    precision, matmul_precision
+        ``"auto"`` (bf16-mixed on CUDA, 32 on the CPU), ``"32"`` or ``"bf16-mixed"``; the
+        ``torch.set_float32_matmul_precision`` setting while training (restored after).
+    seed, progress
+        Seed of the initialisation and dropout; a progress bar.
+    n_train_eval_batches
+        Training batches for the eval-mode train loss computed at each validation.
+    compile, compile_mode
+        ``torch.compile`` the step's forward, with this mode (e.g. ``"reduce-overhead"``: CUDA
+        graphs); see :class:`Trainer`.
+    data_on_device
+        Keep the cells on the GPU: ``"auto"`` (CUDA, when they fit), ``"always"``, ``"never"``.
+    weight_averaging, averaging_start
+        ``"uniform"``: train and validate the running mean of the weights after the fraction
+        ``averaging_start`` of ``max_steps``; ``"none"``: the last weights.
+    """
 
     max_steps: int = 40_000
     lr: float = 1e-4
-    optimizer: str = "adam"              # "adam" | "adamw"
-    weight_decay: float = 0.0            # applied when non-zero (the reference ignored it)
-    lr_schedule: str = "constant"        # "constant" | "cosine"
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.0            # cosine floor as a fraction of lr
-    gradient_clip_val: float | None = 10.0  # max gradient norm; 0 or None: no clipping
+    min_lr_ratio: float = 0.0
+    gradient_clip_val: float | None = 10.0
     gradient_accumulation_steps: int = 1
     loss: str = "energy"
-    loss_options: dict = field(default_factory=dict)  # blur, sinkhorn/energy weights, chunks
+    loss_options: dict = field(default_factory=dict)
     decoder_weight: float = 1.0
-    detach_decoder: bool = False         # the decoder loss trains the decoder only
-    regularization: float = 0.0          # weight of mean |pred - basal| (D_in = D_out)
+    detach_decoder: bool = False
+    regularization: float = 0.0
     val_freq: int = 2000
     ckpt_every_n_steps: int = 2000
-    keep_last_n: int | None = None       # periodic step=N checkpoints kept (None = all)
-    early_stopping_patience: int | None = None  # validations without improvement
+    keep_last_n: int | None = None
+    early_stopping_patience: int | None = None
     log_every_n_steps: int = 50
-    precision: str = "auto"              # "auto" (CUDA: bf16-mixed, CPU: 32) | "32" | "bf16-mixed"
-    matmul_precision: str = "medium"     # set during training only, then restored
+    precision: str = "auto"
+    matmul_precision: str = "medium"
     seed: int = 42
     progress: bool = True
-    n_train_eval_batches: int = 2        # batches for the eval-mode train loss at validation
-    compile: bool = False                # torch.compile the step's forward (see Trainer)
-    compile_mode: str = "default"        # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
-    data_on_device: str = "auto"         # "auto" (CUDA, when the cells fit) | "always" | "never"
-    weight_averaging: str = "none"       # "none" | "uniform" (running mean of the weights)
-    averaging_start: float = 0.0         # fraction of max_steps after which averaging starts
+    n_train_eval_batches: int = 2
+    compile: bool = False
+    compile_mode: str = "default"
+    data_on_device: str = "auto"
+    weight_averaging: str = "none"
+    averaging_start: float = 0.0
 
     def __post_init__(self) -> None:
         checks = {
