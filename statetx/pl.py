@@ -4,6 +4,7 @@ embedding."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from statetx._utils import (
     history_frame,
     names_list,
     preview,
+    repeated,
     say,
     to_dense_f32,
 )
@@ -52,29 +54,66 @@ def _colours(n: int) -> list | None:
     return (tab20[::2] + tab20[1::2])[:n]
 
 
-def _axes(ax: Axes | None, figsize: tuple[float, float]) -> Axes:
+def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Axes, bool]:
+    """The Axes to draw in, and whether it is on a figure made here (closed after saving)."""
     if ax is not None:
-        return ax
+        return ax, False
     import matplotlib.pyplot as plt
 
     _, ax = plt.subplots(figsize=figsize, layout="constrained")  # saved figures keep labels
-    return ax
+    return ax, True
 
 
-def _finish(ax: Axes, show: bool | None, save: str | Path | None) -> Axes:
-    """``show`` / ``save`` for a drawn plot."""
+def _save_path(save: str | os.PathLike | None) -> Path | None:
+    """``save`` checked before anything is drawn (a bad value leaves no figure open): a file in
+    an existing folder, its format from the suffix (none: matplotlib's default, png, appended)."""
+    if save is None:
+        return None
+    if isinstance(save, bool) or not isinstance(save, (str, os.PathLike)):
+        raise ConfigError(f"save={save!r}: give the file to write the figure to (e.g. "
+                          "'figures/deltas.png'; the format follows its suffix).")
+    path = Path(save)
+    name = path.name
+    if not name or (name.startswith(".") and "." not in name[1:]):
+        what = "only a suffix" if name else "no file name"
+        raise ConfigError(f"save={str(save)!r} holds {what}: give the file to write, e.g. "
+                          "save='figures/deltas.png' (the format follows its suffix; a bare "
+                          "suffix such as '.png' is not completed to a file name).")
+    if path.is_dir():
+        raise ConfigError(f"save={str(save)!r} is a folder; give a file in it, e.g. "
+                          f"{str(path / 'deltas.png')!r}.")
+    if not path.parent.is_dir():
+        raise ConfigError(f"save={str(save)!r}: the folder {str(path.parent)!r} does "
+                          "not exist; create it first.")
+    fmt = path.suffix[1:].lower()
+    if fmt:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if fmt not in formats:
+            raise ConfigError(f"save={str(save)!r}: matplotlib cannot write {fmt!r} files; use "
+                              f"one of the suffixes {', '.join(sorted(formats))}.")
+    return path
+
+
+def _finish(ax: Axes, own: bool, show: bool | None, save: Path | None) -> Axes:
+    """``show`` / ``save`` for a drawn plot (``save`` checked by :func:`_save_path`). A figure
+    made here (``own``) is closed once saved unless shown, as scanpy does, so plots written in
+    a loop do not pile up; the Axes is returned either way."""
+    import matplotlib.pyplot as plt
+
+    fig = ax.figure
     if save is not None:
-        if isinstance(save, bool) or not isinstance(save, (str, Path)):
-            raise ConfigError(f"save={save!r}: give the file to write the figure to (e.g. "
-                              "'figures/deltas.png'; the format follows its suffix).")
-        if not Path(save).parent.is_dir():
-            raise ConfigError(f"save={str(save)!r}: the folder {str(Path(save).parent)!r} does "
-                              "not exist; create it first.")
-        ax.figure.savefig(save, bbox_inches="tight")
+        try:
+            fig.savefig(save, bbox_inches="tight")
+        except BaseException:  # (e.g. a read-only folder: the figure is not left behind)
+            if own:
+                plt.close(fig)
+            raise
     if show:
-        import matplotlib.pyplot as plt
-
         plt.show()
+    elif own and save is not None:
+        plt.close(fig)
     return ax
 
 
@@ -138,12 +177,50 @@ def _deltas(a: ad.AnnData, pert_col: str, control: str, series: list[tuple[str, 
     return np.stack([m[i] - ctrl[c] for i, (c, _) in enumerate(series)]).astype(np.float64)
 
 
+def _shared_genes(pred: ad.AnnData, real: ad.AnnData, who: str) -> pd.Index:
+    """The gene names pred and real share, in pred's order (a model's genes, e.g. HVGs, against
+    real cells with all genes); the genes left out are said once, and no shared gene is an
+    error."""
+    pg, rg = pred.var_names.astype(str), real.var_names.astype(str)
+    for names, which in ((pg, "pred"), (rg, "real")):
+        if names.has_duplicates:
+            raise DataError(f"{which} var_names hold duplicated genes: "
+                            f"[{preview(repeated(names), 10)}]; {who} pairs pred's and real's "
+                            f"genes by name, so each name must be one gene: "
+                            f"{which}.var_names_make_unique() (on both objects alike), or drop "
+                            "the duplicates.")
+    shared = pg[pg.isin(rg)]
+    if shared.empty:
+        raise DataError(f"pred and real share no gene name: pred has {len(pg)} genes (e.g. "
+                        f"{preview(pg, 3)}), real has {len(rg)} (e.g. {preview(rg, 3)}). {who} "
+                        "pairs genes by name: give both the same kind of names (e.g. both "
+                        "Ensembl IDs, or symbols: adata.var_names = adata.var['<symbol column>']"
+                        ").")
+    left = [f"{n} only in {w}" for n, w in ((len(pg) - len(shared), "pred"),
+                                            (len(rg) - len(shared), "real")) if n]
+    if left:
+        say(f"{who}: drawn on the {len(shared)} genes pred and real share (by name); left out: "
+            f"{', '.join(left)}")
+    return shared
+
+
 def _log1p_pair(adata_pred: ad.AnnData, adata_real: ad.AnnData, pert_col: str,
-                control_pert: str, ct_col: str | None) -> tuple[ad.AnnData, ad.AnnData]:
-    """The pair on shared genes and labels, on the log1p scale deltas are drawn on: raw
-    counts are converted with a warning, other scales refused (as :func:`statetx.evaluate`)."""
+                control_pert: str, ct_col: str | None, who: str
+                ) -> tuple[ad.AnnData, ad.AnnData]:
+    """The pair on the genes both share (by name, in pred's order) and shared labels, on the
+    log1p scale deltas are drawn on: raw counts are converted with a warning, other scales
+    refused (as :func:`statetx.evaluate`)."""
+    genes = _shared_genes(adata_pred, adata_real, who)
+
+    def on_genes(a: ad.AnnData) -> ad.AnnData:
+        names = a.var_names.astype(str)
+        same = len(names) == len(genes) and np.array_equal(names, genes)
+        return a if same else a[:, names.get_indexer(genes)]
+
+    adata_pred, adata_real = on_genes(adata_pred), on_genes(adata_real)
     pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
-                            celltype_col=ct_col, shared_only=True)
+                            celltype_col=ct_col, shared_only=True,
+                            gene_fix="Subset real to pred's genes: real[:, pred.var_names].")
     return check_scale(pred, "pred"), check_scale(real, "real")
 
 
@@ -160,7 +237,7 @@ def delta_scatter(
     s: float = 6.0,
     cell_type_key: str | bool | None = None,
     show: bool | None = None,
-    save: str | Path | None = None,
+    save: str | os.PathLike | None = None,
 ) -> Axes:
     """Scatter predicted vs real pseudobulk deltas (mean log1p − own control mean), one colour per
     perturbation (per cell type and perturbation when there are several cell types), with the
@@ -170,12 +247,15 @@ def delta_scatter(
     ----------
     adata_pred, adata_real
         The prediction and the real cells (e.g. ``predict_split``'s pair), each with its own
-        control cells.
+        control cells. Genes are paired by name: the deltas are drawn on the genes both share,
+        in pred's order (e.g. a model's HVGs against real cells with all genes; the genes left
+        out are said), and no shared gene is an error.
     pert_col, control_pert, celltype_col
         Default to those recorded by statetx's prediction (``uns["statetx"]``), else cell-eval's
         ``target_gene`` / ``non-targeting`` and no cell-type column (Δ against all controls
-        pooled; ``celltype_col=False`` pools them whatever was recorded). ``cell_type_key`` is
-        an alias of ``celltype_col``.
+        pooled; ``celltype_col=False`` pools them whatever was recorded).
+    cell_type_key
+        An alias of ``celltype_col`` (the estimator's name); give one of the two.
     perts
         The perturbations to plot (default: the ``max_perts`` whose real shift is largest, said
         when some are left out).
@@ -187,17 +267,23 @@ def delta_scatter(
     s
         Marker size.
     show, save
-        ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
-        (format from its suffix). The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save`` is the file the figure is written to, in
+        an existing folder, its format from the suffix (``.png``, ``.pdf``, ``.svg``, …; no
+        suffix: matplotlib's default, png, is added). ``save`` is checked before anything is
+        drawn: ``True``, a bare suffix such as ``".png"`` or an unknown format is an error.
+        A figure made here (no ``ax``) is closed once saved unless ``show=True``, as in
+        scanpy, so plots saved in a loop do not pile up. The Axes is returned either way.
 
     Returns
     -------
     Axes
     """
+    save = _save_path(save)
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
     ct_col = _celltype_col(adata_pred, adata_real,
                            cell_type_option("celltype_col", celltype_col, cell_type_key))
-    pred, real = _log1p_pair(adata_pred, adata_real, pert_col, control_pert, ct_col)
+    pred, real = _log1p_pair(adata_pred, adata_real, pert_col, control_pert, ct_col,
+                             "delta_scatter")
     max_perts = as_count("max_perts", max_perts)
     if max_perts > _MAX_COLOURS:
         raise ConfigError(f"max_perts={max_perts}: at most {_MAX_COLOURS} series can be told "
@@ -220,7 +306,7 @@ def delta_scatter(
     dr = _deltas(real, pert_col, control_pert, series, ct_col, "real")
     dp = _deltas(pred, pert_col, control_pert, series, ct_col, "pred")
     several = len({c for c, _ in series}) > 1
-    ax = _axes(ax, (5.0, 5.0))
+    ax, own = _axes(ax, (5.0, 5.0))
     colours = _colours(len(series))
     for i, (c, p) in enumerate(series):
         r = np.corrcoef(dr[i], dp[i])[0, 1] if dr[i].std() > 0 and dp[i].std() > 0 else np.nan
@@ -239,7 +325,7 @@ def delta_scatter(
     ax.set_title("Pseudobulk deltas: predicted vs real")
     outside = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if len(series) > 6 else {}
     ax.legend(fontsize="small", markerscale=2, frameon=False, **outside)
-    return _finish(ax, show, save)
+    return _finish(ax, own, show, save)
 
 
 def _means(df: pd.DataFrame) -> pd.Series:
@@ -289,10 +375,10 @@ def _long(tables: Mapping[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFrame:
 def metric_bars(
     tables: Mapping[str, pd.DataFrame] | pd.DataFrame,
     metrics: Sequence[str] = ("pearson_delta", "discrimination_score_l1", "overlap_at_N", "mae"),
-    ax: Axes | None = None,
     *,
+    ax: Axes | None = None,
     show: bool | None = None,
-    save: str | Path | None = None,
+    save: str | os.PathLike | None = None,
 ) -> Axes:
     """Grouped bars of the mean of each metric, one bar per model.
 
@@ -310,13 +396,18 @@ def metric_bars(
     ax
         Axes to draw in (default: a new figure).
     show, save
-        ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
-        (format from its suffix). The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save`` is the file the figure is written to, in
+        an existing folder, its format from the suffix (``.png``, ``.pdf``, ``.svg``, …; no
+        suffix: matplotlib's default, png, is added). ``save`` is checked before anything is
+        drawn: ``True``, a bare suffix such as ``".png"`` or an unknown format is an error.
+        A figure made here (no ``ax``) is closed once saved unless ``show=True``, as in
+        scanpy, so plots saved in a loop do not pile up. The Axes is returned either way.
 
     Returns
     -------
     Axes
     """
+    save = _save_path(save)
     long = _long(tables)
     metrics = names_list(metrics)
     absent = [m for m in metrics if m not in set(long["metric"])]
@@ -326,7 +417,7 @@ def metric_bars(
     models = list(dict.fromkeys(long["model"]))
     piv = long.pivot_table(index="metric", columns="model", values="value", aggfunc="mean",
                            dropna=False).reindex(index=metrics, columns=models)
-    ax = _axes(ax, (max(4.0, 1.2 * len(metrics) * max(1, len(models)) / 2), 4.0))
+    ax, own = _axes(ax, (max(4.0, 1.2 * len(metrics) * max(1, len(models)) / 2), 4.0))
     width = 0.8 / max(len(models), 1)
     x = np.arange(len(metrics))
     for j, m in enumerate(models):
@@ -342,7 +433,7 @@ def metric_bars(
                   "mean over perturbations (↑ / ↓: higher / lower is better)", fontsize="small")
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(frameon=False, fontsize="small")
-    return _finish(ax, show, save)
+    return _finish(ax, own, show, save)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,11 +475,11 @@ def _history(obj: Any) -> pd.DataFrame:
 def history(
     model_or_history: Any,
     keys: Sequence[str] | None = None,
-    ax: Axes | None = None,
     *,
+    ax: Axes | None = None,
     logy: bool = False,
     show: bool | None = None,
-    save: str | Path | None = None,
+    save: str | os.PathLike | None = None,
 ) -> Axes:
     """Training curves against the step, one line per key.
 
@@ -408,13 +499,18 @@ def history(
     logy
         Log-scale y axis.
     show, save
-        ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
-        (format from its suffix). The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save`` is the file the figure is written to, in
+        an existing folder, its format from the suffix (``.png``, ``.pdf``, ``.svg``, …; no
+        suffix: matplotlib's default, png, is added). ``save`` is checked before anything is
+        drawn: ``True``, a bare suffix such as ``".png"`` or an unknown format is an error.
+        A figure made here (no ``ax``) is closed once saved unless ``show=True``, as in
+        scanpy, so plots saved in a loop do not pile up. The Axes is returned either way.
 
     Returns
     -------
     Axes
     """
+    save = _save_path(save)
     frame = _history(model_or_history)
     available = [c for c in frame.columns if c not in ("step", "epoch")]
     if keys is None:
@@ -428,13 +524,14 @@ def history(
         hint = did_you_mean(absent[0], available)
         raise ConfigError(f"key(s) {absent} not found in the training history.{hint} Available "
                           f"columns: {preview(available)}")
-    ax = _axes(ax, (6.0, 4.0))
-    for k in keys:
-        values = pd.to_numeric(frame[k], errors="coerce")
-        ok = values.notna().to_numpy()
-        if not ok.any():
+    curves = [(k, pd.to_numeric(frame[k], errors="coerce")) for k in keys]
+    for k, values in curves:  # (checked before a figure is made)
+        if not values.notna().any():
             raise DataError(f"history column {k!r} has no numeric values; choose keys from "
                             f"{preview(c for c in available if frame[c].notna().any())}")
+    ax, own = _axes(ax, (6.0, 4.0))
+    for k, values in curves:
+        ok = values.notna().to_numpy()
         x, y = frame["step"].to_numpy()[ok], values.to_numpy(float)[ok]
         ax.plot(x, y, label=k, marker="o" if ok.sum() <= 30 else None, ms=3)
         if k == "val_loss":
@@ -447,12 +544,35 @@ def history(
     ax.set_ylabel(keys[0] if len(keys) == 1 else "value")
     ax.set_title("Training history")
     ax.legend(frameon=False, fontsize="small")
-    return _finish(ax, show, save)
+    return _finish(ax, own, show, save)
 
 
 # ---------------------------------------------------------------------------------------------
 # top genes of one perturbation
 # ---------------------------------------------------------------------------------------------
+
+
+def _not_a_column(pred: ad.AnnData, real: ad.AnnData, perturbation: str, pert_col: str,
+                  given_col: str | None, control_pert: str) -> None:
+    """Error when the perturbation asked for is an obs column name and no label of
+    ``pert_col``: the arguments of ``delta_scatter(pred, real, pert_col, control_pert)`` given
+    to ``top_genes(pred, real, perturbation, pert_col, control_pert)``."""
+    owner = next((a for a in (real, pred) if perturbation in a.obs.columns), None)
+    if owner is None or any(perturbation in set(a.obs[pert_col].astype(str))
+                            for a in (real, pred) if pert_col in a.obs.columns):
+        return
+    labels = sorted(set(owner.obs[perturbation].astype(str)))
+    # (a control label given fourth, as delta_scatter's control_pert, lands in pert_col)
+    ctrl = given_col if given_col is not None and given_col in labels else None
+    example = next((x for x in labels if x not in (ctrl, control_pert)), "<perturbation>")
+    call = (f"top_genes(pred, real, {example!r}, pert_col={perturbation!r}"
+            + (f", control_pert={ctrl!r})" if ctrl is not None else ")"))
+    raise ConfigError(
+        f"perturbation={perturbation!r} is an obs column, not a perturbation label: top_genes "
+        "takes the perturbation to draw third, top_genes(pred, real, perturbation, pert_col, "
+        "control_pert), where delta_scatter and embedding take pert_col. Pass the column as "
+        f"pert_col= and one of its labels, e.g. {call}. Labels of obs[{perturbation!r}]: "
+        f"{preview(labels, 10)}")
 
 
 def top_genes(
@@ -469,22 +589,29 @@ def top_genes(
     gene_symbols: str | None = None,
     cell_type_key: str | bool | None = None,
     show: bool | None = None,
-    save: str | Path | None = None,
+    save: str | os.PathLike | None = None,
 ) -> Axes:
     """Paired horizontal bars of the real and predicted pseudobulk delta (mean log1p − own control
     mean) of one perturbation, for the ``n_genes`` genes with the largest |real delta| (largest
-    at the top); the title gives the Pearson r of the two deltas over all genes.
+    at the top); the title gives the Pearson r of the two deltas over all (shared) genes.
 
     Parameters
     ----------
     adata_pred, adata_real
-        The prediction and the real cells, each with its own control cells.
+        The prediction and the real cells, each with its own control cells; genes are paired
+        by name as in :func:`delta_scatter` (the genes both share, in pred's order).
     perturbation
-        The perturbation to show (may be left out when the data hold one).
+        The perturbation label to show (may be left out when the data hold one). Note the
+        order: the perturbation comes third, before ``pert_col`` (which is third in
+        :func:`delta_scatter` and :func:`embedding`); a column name given here is an error
+        that says so.
     pert_col, control_pert, celltype_col
         As in :func:`delta_scatter`; a perturbation in several cell types shows the mean of its
-        per-cell-type deltas, or those of ``cell_type``. ``cell_type_key`` is an alias of
-        ``celltype_col``.
+        per-cell-type deltas, or those of ``cell_type``.
+    cell_type
+        Show the deltas of this cell type only (a value of the cell-type column).
+    cell_type_key
+        An alias of ``celltype_col`` (the estimator's name); give one of the two.
     n_genes
         How many genes (largest |real delta| first), 1 to 100.
     ax
@@ -493,13 +620,19 @@ def top_genes(
         A var column of ``adata_real`` to label the genes by (e.g. symbols next to Ensembl
         IDs), as in scanpy.
     show, save
-        ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
-        (format from its suffix). The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save`` is the file the figure is written to, in
+        an existing folder, its format from the suffix (``.png``, ``.pdf``, ``.svg``, …; no
+        suffix: matplotlib's default, png, is added). ``save`` is checked before anything is
+        drawn: ``True``, a bare suffix such as ``".png"`` or an unknown format is an error.
+        A figure made here (no ``ax``) is closed once saved unless ``show=True``, as in
+        scanpy, so plots saved in a loop do not pile up. The Axes is returned either way.
 
     Returns
     -------
     Axes
     """
+    save = _save_path(save)
+    given_col = pert_col
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
     if isinstance(n_genes, bool) or not isinstance(n_genes, (int, np.integer)) or not (
             1 <= n_genes <= 100):
@@ -508,11 +641,15 @@ def top_genes(
     if isinstance(perturbation, (list, tuple, set, np.ndarray, pd.Index, pd.Series)):
         raise ConfigError(f"top_genes draws one perturbation, got {perturbation!r}; "
                           "delta_scatter(perts=[...]) compares several.")
+    if perturbation is not None:
+        _not_a_column(adata_pred, adata_real, str(perturbation), pert_col, given_col,
+                      control_pert)
     ct_col = _celltype_col(adata_pred, adata_real,
                            cell_type_option("celltype_col", celltype_col, cell_type_key))
     if cell_type is not None and ct_col is None:
         raise ConfigError("cell_type= needs a cell-type column: pass celltype_col=<column>.")
-    pred, real = _log1p_pair(adata_pred, adata_real, pert_col, control_pert, ct_col)
+    pred, real = _log1p_pair(adata_pred, adata_real, pert_col, control_pert, ct_col,
+                             "top_genes")
     avail = sorted(set(real.obs[pert_col].astype(str)) - {control_pert})
     if perturbation is None and len(avail) != 1:
         raise ConfigError(f"the data hold {len(avail)} perturbations: name one "
@@ -543,7 +680,7 @@ def top_genes(
     genes = names.astype(str).to_numpy()[top]
     y = np.arange(top.size)
     h = 0.4
-    ax = _axes(ax, (5.0, max(2.5, 0.28 * top.size + 1.0)))
+    ax, own = _axes(ax, (5.0, max(2.5, 0.28 * top.size + 1.0)))
     ax.barh(y - h / 2, dr[top], h, label="real", color="tab:blue")
     ax.barh(y + h / 2, dp[top], h, label="predicted", color="tab:orange")
     ax.set_yticks(y)
@@ -554,9 +691,9 @@ def top_genes(
     where = (f" in {series[0][0]}" if len(series) == 1 and series[0][0]
              else f", mean of {len(series)} cell types" if len(series) > 1 else "")
     ax.set_title(f"{perturbation}{where}\ntop {top.size} genes by |real Δ| "
-                 f"(r={r:.2f} over all genes)", fontsize="medium", wrap=True)
+                 f"(r={r:.2f} over all {dr.size} genes)", fontsize="medium", wrap=True)
     ax.legend(frameon=False, fontsize="small")
-    return _finish(ax, show, save)
+    return _finish(ax, own, show, save)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,13 +707,31 @@ def _subsample(n: int, max_cells: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n, size=max_cells, replace=False))
 
 
+def _one_color(color: str | Sequence[str]) -> str:
+    """``color`` as one name: scanpy's list form of one column is taken, several are refused
+    (one embedding is drawn per call)."""
+    if isinstance(color, str):
+        return color
+    if not isinstance(color, (list, tuple, pd.Index, pd.Series, np.ndarray)):
+        raise ConfigError(f"color={color!r}: give 'source' (real / predicted) or an obs column "
+                          "name of both objects.")
+    names = names_list(color)
+    if len(names) != 1:
+        loop = (f" Draw one panel per column: fig, axes = plt.subplots(1, {len(names)}), then "
+                "embedding(pred, real, color=c, ax=a) for each column c and Axes a."
+                if names else "")
+        raise ConfigError(f"color={names!r}: embedding colours by one column per call "
+                          f"('source' or an obs column).{loop}")
+    return names[0]
+
+
 def embedding(
     adata_pred: ad.AnnData,
     adata_real: ad.AnnData,
     pert_col: str | None = None,
     control_pert: str | None = None,
     *,
-    color: str = "source",
+    color: str | Sequence[str] = "source",
     perts: Sequence[str] | None = None,
     basis: str = "pca",
     ax: Axes | None = None,
@@ -584,7 +739,7 @@ def embedding(
     seed: int = 0,
     s: float = 6.0,
     show: bool | None = None,
-    save: str | Path | None = None,
+    save: str | os.PathLike | None = None,
 ) -> Axes:
     """Predicted and real cells in one PCA fitted on the real cells only (on the genes both share,
     up to 50 components, the first two shown); predicted cells are projected into it.
@@ -592,12 +747,14 @@ def embedding(
     Parameters
     ----------
     adata_pred, adata_real
-        The prediction and the real cells.
+        The prediction and the real cells, on the genes both share (by name; the genes left
+        out are said).
     pert_col, control_pert
         As in :func:`delta_scatter`.
     color
         ``"source"`` (real / predicted) or an obs column of both objects (e.g. ``pert_col``;
-        real cells as dots, predicted as crosses).
+        real cells as dots, predicted as crosses). A one-element list (scanpy's form) is taken
+        as its element; one column is drawn per call.
     perts
         Keep those perturbations (plus ``control_pert``).
     basis
@@ -611,13 +768,19 @@ def embedding(
     s
         Marker size.
     show, save
-        ``show=True`` calls ``plt.show()``; ``save`` is a file path the figure is written to
-        (format from its suffix). The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save`` is the file the figure is written to, in
+        an existing folder, its format from the suffix (``.png``, ``.pdf``, ``.svg``, …; no
+        suffix: matplotlib's default, png, is added). ``save`` is checked before anything is
+        drawn: ``True``, a bare suffix such as ``".png"`` or an unknown format is an error.
+        A figure made here (no ``ax``) is closed once saved unless ``show=True``, as in
+        scanpy, so plots saved in a loop do not pile up. The Axes is returned either way.
 
     Returns
     -------
     Axes
     """
+    save = _save_path(save)
+    color = _one_color(color)
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
     if basis not in ("pca", "umap"):
         raise ConfigError(f"basis {basis!r} is not supported; use 'pca' (the real cells' PCA, "
@@ -642,10 +805,8 @@ def embedding(
                             f"both objects: {preview(common)}")
     pred_genes = adata_pred.var_names.astype(str)
     real_genes = adata_real.var_names.astype(str)
-    if not (pred_genes.is_unique and real_genes.is_unique):
-        raise DataError("gene names (var_names) must be unique in pred and real to pair them; "
-                        "call .var_names_make_unique() first")
-    genes = real_genes[real_genes.isin(pred_genes)]
+    shared = _shared_genes(adata_pred, adata_real, "embedding")
+    genes = real_genes[real_genes.isin(shared)]  # (the PCA's columns in real's order)
     if len(genes) < 2:
         raise DataError(f"pred and real share {len(genes)} gene name(s); the embedding needs at "
                         f"least 2 (real genes: {preview(real_genes, 5)}; pred genes: "
@@ -690,7 +851,7 @@ def embedding(
                            else np.empty((0, 2)))}
     else:
         coords = {k: v[:, :2] for k, v in scores.items()}
-    ax = _axes(ax, (5.5, 5.0))
+    ax, own = _axes(ax, (5.5, 5.0))
     names = {"real": "real", "pred": "predicted"}
     if color == "source":
         for which, c in (("real", "tab:blue"), ("pred", "tab:orange")):
@@ -733,4 +894,4 @@ def embedding(
         ax.set_xlabel(f"PC1 ({evr[0]:.1%})")
         ax.set_ylabel(f"PC2 ({evr[1]:.1%})")
     ax.set_title(f"Real cells' {basis.upper()}; predicted cells projected")
-    return _finish(ax, show, save)
+    return _finish(ax, own, show, save)

@@ -1,0 +1,316 @@
+"""statetx.pl conventions shared with scanpy: genes paired by name, figures closed once saved,
+``save`` checked before drawing, list-valued ``color``, argument-order mistakes named, and
+every parameter documented."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import inspect  # noqa: E402
+import warnings  # noqa: E402
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from statetx import pl  # noqa: E402
+from statetx.errors import ConfigError, DataError  # noqa: E402
+from statetx.metrics._synthetic import synthetic_log1p  # noqa: E402
+
+CTRL = "non-targeting"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    real, eff = synthetic_log1p(4, 20, 30, 30, seed=1)
+    pred, _ = synthetic_log1p(4, 15, 30, 30, seed=2, effects=eff)
+    return pred, real
+
+
+@pytest.fixture(autouse=True)
+def _no_open_figures():
+    plt.close("all")
+    yield
+    plt.close("all")
+
+
+def _delta(a, pert, genes):
+    """Hand-computed pseudobulk Δ of ``pert`` on ``genes`` (by name, in that order)."""
+    x = np.asarray(a[:, list(genes)].X, dtype=np.float64)
+    lab = a.obs["target_gene"].astype(str).to_numpy()
+    return x[lab == pert].mean(0) - x[lab == CTRL].mean(0)
+
+
+def _mismatched(pair):
+    """pred on 20 of real's genes, shuffled, plus 2 genes real lacks; real in reverse order."""
+    pred, real = pair
+    rng = np.random.default_rng(0)
+    pick = rng.permutation(real.n_vars)[:22]
+    pred = pred[:, pick].copy()
+    pred.var_names = list(pred.var_names[:20]) + ["PRED_ONLY_1", "PRED_ONLY_2"]
+    real = real[:, ::-1].copy()
+    return pred, real, list(pred.var_names[:20])
+
+
+# ---------------------------------------------------------------------------------------------
+# genes paired by name
+# ---------------------------------------------------------------------------------------------
+
+
+def test_delta_scatter_draws_the_shared_genes_in_preds_order(pair, capsys):
+    pred, real, shared = _mismatched(pair)
+    ax = pl.delta_scatter(pred, real, perts=["G001", "G002"])
+    out = capsys.readouterr().out
+    assert out.count("genes pred and real share") == 1  # said once
+    assert "drawn on the 20 genes pred and real share (by name); left out: 2 only in pred, " \
+           "10 only in real" in out
+    for coll, p in zip(ax.collections, ("G001", "G002")):
+        xy = coll.get_offsets()
+        np.testing.assert_allclose(xy[:, 0], _delta(real, p, shared), atol=1e-5)
+        np.testing.assert_allclose(xy[:, 1], _delta(pred, p, shared), atol=1e-5)
+    # the same as the pair subset by hand
+    ref = pl.delta_scatter(pred[:, shared].copy(), real[:, shared].copy(), perts=["G001", "G002"])
+    for a, b in zip(ax.collections, ref.collections):
+        np.testing.assert_allclose(a.get_offsets(), b.get_offsets(), atol=1e-6)
+    assert "share" not in capsys.readouterr().out  # nothing left out: nothing said
+
+
+def test_same_genes_in_another_order_are_paired_silently(pair, capsys):
+    pred, real = pair
+    shuffled = real[:, np.random.default_rng(1).permutation(real.n_vars)].copy()
+    ref = pl.delta_scatter(pred, real, perts=["G000"])
+    got = pl.delta_scatter(pred, shuffled, perts=["G000"])
+    np.testing.assert_allclose(got.collections[0].get_offsets(),
+                               ref.collections[0].get_offsets(), atol=1e-6)
+    bars = pl.top_genes(pred, shuffled, "G000", n_genes=5)
+    assert [t.get_text() for t in bars.get_yticklabels()] == [
+        t.get_text() for t in pl.top_genes(pred, real, "G000", n_genes=5).get_yticklabels()]
+    assert "share" not in capsys.readouterr().out
+
+
+def test_top_genes_pairs_genes_by_name(pair, capsys):
+    pred, real, shared = _mismatched(pair)
+    real.var["symbol"] = [f"SYM_{g}" for g in real.var_names]
+    ax = pl.top_genes(pred, real, "G001", n_genes=6, gene_symbols="symbol")
+    assert capsys.readouterr().out.count("genes pred and real share") == 1
+    dr, dp = _delta(real, "G001", shared), _delta(pred, "G001", shared)
+    top = np.argsort(-np.abs(dr), kind="stable")[:6]
+    real_bars, pred_bars = ax.containers
+    np.testing.assert_allclose([b.get_width() for b in real_bars], dr[top], atol=1e-5)
+    np.testing.assert_allclose([b.get_width() for b in pred_bars], dp[top], atol=1e-5)
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"SYM_{shared[i]}" for i in top]
+    assert f"r={np.corrcoef(dr, dp)[0, 1]:.2f}" in ax.get_title()  # over the shared genes
+
+
+def test_no_shared_gene_is_an_error_naming_both_counts(pair):
+    pred, real = pair
+    other = real[:, :25].copy()
+    other.var_names = [f"ENSG{i:05d}" for i in range(other.n_vars)]
+    for draw in (lambda: pl.delta_scatter(pred, other), lambda: pl.top_genes(pred, other, "G000"),
+                 lambda: pl.embedding(pred, other)):
+        with pytest.raises(DataError, match=r"share no gene name: pred has 30 genes .*real has "
+                                            r"25 \(e\.g\. ENSG00000") as err:
+            draw()
+        assert "align_genes" not in str(err.value)
+    dup = real.copy()
+    dup.var_names = ["g0"] * 2 + list(real.var_names[2:])
+    with pytest.raises(DataError, match=r"real var_names hold duplicated genes: \[g0\]"):
+        pl.delta_scatter(pred, dup)
+    assert plt.get_fignums() == []
+
+
+def test_gene_mismatch_hint_names_the_callers_own_remedy(pair):
+    """align_pair's gene error ends with the caller's remedy (gene_fix=); evaluate's default,
+    which names its align_genes=True, is unchanged."""
+    from statetx.metrics import evaluate
+    from statetx.metrics._inputs import align_pair
+
+    pred, real = pair
+    rev = real[:, ::-1].copy()
+    kw = dict(pert_col="target_gene", control_pert=CTRL)
+    with pytest.raises(DataError, match="different order") as err:
+        align_pair(pred, rev, **kw, gene_fix="Subset real to pred's genes.")
+    assert str(err.value).endswith("Subset real to pred's genes.")
+    assert "align_genes" not in str(err.value)
+    with pytest.raises(DataError, match=r"genes differ.*Use the genes of pred\.$"):
+        align_pair(pred, real[:, :20].copy(), **kw, gene_fix="Use the genes of pred.")
+    with pytest.raises(DataError, match=r"different order.*Pass align_genes=True"):
+        evaluate(pred, rev, profile="minimal")
+    with pytest.raises(DataError, match=r"genes differ.*Subset both files to the same genes$"):
+        evaluate(pred, real[:, :20].copy(), profile="minimal")
+
+
+def test_embedding_says_the_genes_it_leaves_out(pair, capsys):
+    pred, real, _ = _mismatched(pair)
+    pl.embedding(pred, real)
+    assert capsys.readouterr().out.count(
+        "embedding: drawn on the 20 genes pred and real share (by name); left out: 2 only in "
+        "pred, 10 only in real") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# figures: closed once saved, save= checked first
+# ---------------------------------------------------------------------------------------------
+
+
+def _draws(pair):
+    pred, real = pair
+    table = pd.DataFrame({"perturbation": ["x"], "pearson_delta": [0.5]})
+    history = pd.DataFrame({"step": [1, 2], "train_loss": [1.0, 0.5]})
+    return {"delta_scatter": lambda **kw: pl.delta_scatter(pred, real, perts=["G000"], **kw),
+            "top_genes": lambda **kw: pl.top_genes(pred, real, "G000", **kw),
+            "metric_bars": lambda **kw: pl.metric_bars(table, metrics=["pearson_delta"], **kw),
+            "history": lambda **kw: pl.history(history, **kw),
+            "embedding": lambda **kw: pl.embedding(pred, real, max_cells=50, **kw)}
+
+
+def test_saved_figures_are_closed_so_a_loop_leaves_none_open(pair, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # matplotlib's "More than 20 figures"
+        for i in range(25):
+            ax = pl.delta_scatter(*pair, perts=["G000"], save=tmp_path / f"d{i}.png")
+            assert ax.collections  # the Axes is still returned, with what was drawn
+    assert plt.get_fignums() == []
+    assert len(list(tmp_path.glob("d*.png"))) == 25
+    for name, draw in _draws(pair).items():
+        draw(save=tmp_path / f"{name}.pdf")
+        assert plt.get_fignums() == [], name
+        assert (tmp_path / f"{name}.pdf").stat().st_size > 1000
+
+
+def test_figures_stay_open_when_not_saved_shown_or_not_their_own(pair, tmp_path, monkeypatch):
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda: shown.append(plt.get_fignums()))
+    for name, draw in _draws(pair).items():
+        ax = draw()  # not saved: left open (a notebook shows it)
+        assert plt.get_fignums() == [ax.figure.number], name
+        plt.close("all")
+        ax = draw(save=tmp_path / f"{name}.png", show=True)  # shown: open while shown
+        assert shown[-1] == [ax.figure.number] and plt.get_fignums() == [ax.figure.number]
+        plt.close("all")
+        fig, mine = plt.subplots()  # the caller's figure: never closed
+        assert draw(ax=mine, save=tmp_path / f"{name}_mine.png") is mine
+        assert plt.get_fignums() == [fig.number], name
+        plt.close("all")
+
+
+def test_bad_save_values_are_refused_before_drawing(pair, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    bad = {True: "give the file", ".png": "only a suffix", "figs/.pdf": "only a suffix",
+           "": "no file name", "adir": "is a folder", "nope/x.png": "does not exist",
+           "x.docx": "cannot write 'docx'"}
+    for name, draw in _draws(pair).items():
+        for save, said in bad.items():
+            with pytest.raises(ConfigError, match=said):
+                draw(save=save)
+            assert plt.get_fignums() == [], (name, save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"]  # no .png.png
+    # a name without a suffix: matplotlib's default format is added (documented)
+    _draws(pair)["history"](save="curves")
+    assert (tmp_path / "curves.png").is_file() and plt.get_fignums() == []
+
+
+def test_a_failed_save_or_draw_leaves_no_figure(pair, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def fail(self, *a, **k):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(Figure, "savefig", fail)
+        with pytest.raises(OSError, match="disk full"):
+            pl.delta_scatter(*pair, save=tmp_path / "x.png")
+    assert plt.get_fignums() == []
+    text = pd.DataFrame({"step": [1, 2], "train_loss": [1.0, 0.5], "note": ["a", "b"]})
+    with pytest.raises(DataError, match="no numeric values"):
+        pl.history(text, keys=["train_loss", "note"])
+    assert plt.get_fignums() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding(color=[...])
+# ---------------------------------------------------------------------------------------------
+
+
+def test_embedding_takes_a_one_element_color_list(pair):
+    pred, real = pair
+    ref = pl.embedding(pred, real, color="target_gene", perts=["G002"])
+    for color in (["target_gene"], ("target_gene",), pd.Index(["target_gene"])):
+        got = pl.embedding(pred, real, color=color, perts=["G002"])
+        assert [t.get_text() for t in got.get_legend().get_texts()] == [
+            t.get_text() for t in ref.get_legend().get_texts()]
+        assert got.get_legend().get_title().get_text() == "target_gene"
+        for a, b in zip(got.collections, ref.collections):
+            np.testing.assert_allclose(a.get_offsets(), b.get_offsets())
+    plt.close("all")
+    with pytest.raises(ConfigError, match=r"one column per call.*plt.subplots\(1, 2\)"):
+        pl.embedding(pred, real, color=["target_gene", "source"])
+    with pytest.raises(ConfigError, match=r"color=\[\]: embedding colours by one column"):
+        pl.embedding(pred, real, color=[])
+    with pytest.raises(ConfigError, match="color=3"):
+        pl.embedding(pred, real, color=3)
+    assert plt.get_fignums() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# argument order
+# ---------------------------------------------------------------------------------------------
+
+
+def test_top_genes_says_when_the_perturbation_is_a_column_name(pair):
+    pred, real = pair
+    with pytest.raises(ConfigError, match=r"perturbation='target_gene' is an obs column, not a "
+                                          r"perturbation label.*pert_col=.*e\.g\. top_genes\("
+                                          r"pred, real, 'G000', pert_col='target_gene'\)"):
+        pl.top_genes(pred, real, "target_gene")
+    # delta_scatter's order (pert_col, control_pert) given to top_genes
+    with pytest.raises(ConfigError, match=r"top_genes\(pred, real, 'G000', pert_col="
+                                          r"'target_gene', control_pert='non-targeting'\)"):
+        pl.top_genes(pred, real, "target_gene", CTRL)
+    # the example label is a perturbation, never the control (here sorting first)
+    relabel = [a.copy() for a in (pred, real)]
+    for a in relabel:
+        a.obs["target_gene"] = a.obs["target_gene"].astype(str).replace(CTRL, "A_ctrl")
+    with pytest.raises(ConfigError, match=r"e\.g\. top_genes\(pred, real, 'G000', pert_col="
+                                          r"'target_gene'\)"):
+        pl.top_genes(*relabel, "target_gene", control_pert="A_ctrl")
+    assert plt.get_fignums() == []
+    # the documented positional order keeps working, and a label that is also a column name
+    # is a label
+    ref = pl.top_genes(pred, real, "G001", "target_gene", CTRL, n_genes=5)
+    real2 = real.copy()
+    real2.obs["G001"] = 1
+    got = pl.top_genes(pred, real2, "G001", n_genes=5)
+    np.testing.assert_allclose([b.get_width() for b in got.containers[0]],
+                               [b.get_width() for b in ref.containers[0]])
+
+
+def test_options_after_the_documented_positional_ones_are_keyword_only():
+    positional = {"delta_scatter": ["adata_pred", "adata_real", "pert_col", "control_pert"],
+                  "top_genes": ["adata_pred", "adata_real", "perturbation", "pert_col",
+                                "control_pert"],
+                  "embedding": ["adata_pred", "adata_real", "pert_col", "control_pert"],
+                  "history": ["model_or_history", "keys"],
+                  "metric_bars": ["tables", "metrics"]}
+    for name, first in positional.items():
+        params = inspect.signature(getattr(pl, name)).parameters.values()
+        assert [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD] == first, name
+        assert {"ax", "show", "save"} <= {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    h = pd.DataFrame({"step": [1, 2], "train_loss": [1.0, 0.5]})
+    fig, ax = plt.subplots()
+    with pytest.raises(TypeError):
+        pl.history(h, None, ax)
+
+
+def test_every_parameter_is_documented():
+    for name in pl.__all__:
+        func = getattr(pl, name)
+        doc = inspect.getdoc(func)
+        section = doc.split("Parameters\n----------\n")[1].split("\n\nReturns")[0]
+        documented = {n.strip() for line in section.splitlines()
+                      if line and not line.startswith(" ") for n in line.split(",")}
+        assert documented == set(inspect.signature(func).parameters), name
