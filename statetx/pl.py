@@ -219,8 +219,7 @@ def _log1p_pair(adata_pred: ad.AnnData, adata_real: ad.AnnData, pert_col: str,
 
     adata_pred, adata_real = on_genes(adata_pred), on_genes(adata_real)
     pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
-                            celltype_col=ct_col, shared_only=True,
-                            gene_fix="Subset real to pred's genes: real[:, pred.var_names].")
+                            celltype_col=ct_col, shared_only=True)  # (genes matched above)
     return check_scale(pred, "pred"), check_scale(real, "real")
 
 

@@ -122,27 +122,6 @@ def test_no_shared_gene_is_an_error_naming_both_counts(pair):
     assert plt.get_fignums() == []
 
 
-def test_gene_mismatch_hint_names_the_callers_own_remedy(pair):
-    """align_pair's gene error ends with the caller's remedy (gene_fix=); evaluate's default,
-    which names its align_genes=True, is unchanged."""
-    from statetx.metrics import evaluate
-    from statetx.metrics._inputs import align_pair
-
-    pred, real = pair
-    rev = real[:, ::-1].copy()
-    kw = dict(pert_col="target_gene", control_pert=CTRL)
-    with pytest.raises(DataError, match="different order") as err:
-        align_pair(pred, rev, **kw, gene_fix="Subset real to pred's genes.")
-    assert str(err.value).endswith("Subset real to pred's genes.")
-    assert "align_genes" not in str(err.value)
-    with pytest.raises(DataError, match=r"genes differ.*Use the genes of pred\.$"):
-        align_pair(pred, real[:, :20].copy(), **kw, gene_fix="Use the genes of pred.")
-    with pytest.raises(DataError, match=r"different order.*Pass align_genes=True"):
-        evaluate(pred, rev, profile="minimal")
-    with pytest.raises(DataError, match=r"genes differ.*Subset both files to the same genes$"):
-        evaluate(pred, real[:, :20].copy(), profile="minimal")
-
-
 def test_embedding_says_the_genes_it_leaves_out(pair, capsys):
     pred, real, _ = _mismatched(pair)
     pl.embedding(pred, real)

@@ -251,12 +251,8 @@ def align_pair(
     embed_key: str | None = None,
     align_genes: bool = False,
     shared_only: bool = False,
-    gene_fix: str | None = None,
 ) -> tuple[ad.AnnData, ad.AnnData]:
-    """Pair checks of metrics.md §2.3 (genes, labels, control, cell types); may reorder/subset.
-
-    ``gene_fix``: the remedy a gene mismatch's error ends with, for callers whose options differ
-    from :func:`statetx.evaluate`'s (default: evaluate's, which names ``align_genes=True``)."""
+    """Pair checks of metrics.md §2.3 (genes, labels, control, cell types); may reorder/subset."""
     for a, b, which, name in ((pred, real, "pred", "real"), (real, pred, "real", "pred")):
         for col, what in ((pert_col, "perturbation"), (celltype_col, "cell-type")):
             if col is not None:
@@ -278,7 +274,7 @@ def align_pair(
         if align_genes and set(pg) == set(rg) and len(pg) == len(rg) and pg.is_unique:
             pred = pred[:, list(rg)]
         else:
-            raise DataError(_gene_mismatch(pg, rg, align_genes, gene_fix))
+            raise DataError(_gene_mismatch(pg, rg, align_genes))
     pl = set(pred.obs[pert_col].astype(str))
     rl = set(real.obs[pert_col].astype(str))
     for labels, other, which in ((pl, rl, "pred"), (rl, pl, "real")):
@@ -332,17 +328,15 @@ def align_pair(
     return pred, real
 
 
-def _gene_mismatch(pg, rg, align_genes: bool, fix: str | None = None) -> str:
-    """The error for pred / real genes that differ (in set or order), ending with ``fix`` when
-    given (a caller's own remedy: only options that caller takes), else evaluate's."""
+def _gene_mismatch(pg, rg, align_genes: bool) -> str:
     if len(pg) != len(rg) or set(pg) != set(rg):
         only_p = sorted(set(pg) - set(rg))
         only_r = sorted(set(rg) - set(pg))
         return (f"genes differ between pred ({len(pg)} genes) and real ({len(rg)} genes): only in "
                 f"pred: [{preview(only_p, 10)}]; only in real: [{preview(only_r, 10)}]. "
-                + (fix if fix is not None else "Subset both files to the same genes"))
+                "Subset both "
+                "files to the same genes")
     diff = np.flatnonzero(pg.to_numpy() != rg.to_numpy())[:5]
     pos = "; ".join(f"position {i}: pred {pg[i]!r} vs real {rg[i]!r}" for i in diff)
-    hint = (f" {fix}" if fix is not None else "" if align_genes
-            else " Pass align_genes=True to reorder pred to the real gene order")
+    hint = "" if align_genes else " Pass align_genes=True to reorder pred to the real gene order"
     return f"pred and real have the same genes in a different order ({pos}).{hint}"
