@@ -1,6 +1,14 @@
 """Plots for training and evaluation: loss curves, predicted vs real pseudobulk deltas (all genes or
 the top genes of one perturbation), metric bars per model, and predicted and real cells in one
-embedding."""
+embedding.
+
+Every plot takes ``ax=`` (default: a new figure), ``show=`` and ``save=``. ``save`` is the file
+the figure is written to, in an existing folder, its format from the suffix (``.png``, ``.pdf``,
+``.svg``, …; no suffix: matplotlib's default, png, is added); it is checked before anything is
+drawn (``True``, a bare suffix such as ``".png"`` or an unknown format is an error). A figure made
+by the plot (no ``ax``) is closed once saved unless ``show=True``, as in scanpy, so plots saved in
+a loop do not pile up.
+"""
 
 from __future__ import annotations
 
@@ -266,12 +274,8 @@ def delta_scatter(
     s
         Marker size.
     show, save
-        ``show=True`` calls ``plt.show()``; ``save`` is the file the figure is written to, in
-        an existing folder, its format from the suffix (``.png``, ``.pdf``, ``.svg``, …; no
-        suffix: matplotlib's default, png, is added). ``save`` is checked before anything is
-        drawn: ``True``, a bare suffix such as ``".png"`` or an unknown format is an error.
-        A figure made here (no ``ax``) is closed once saved unless ``show=True``, as in
-        scanpy, so plots saved in a loop do not pile up. The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save``: the file to write the figure to (rules in
+        the module docstring). The Axes is returned either way.
 
     Returns
     -------
@@ -395,12 +399,8 @@ def metric_bars(
     ax
         Axes to draw in (default: a new figure).
     show, save
-        ``show=True`` calls ``plt.show()``; ``save`` is the file the figure is written to, in
-        an existing folder, its format from the suffix (``.png``, ``.pdf``, ``.svg``, …; no
-        suffix: matplotlib's default, png, is added). ``save`` is checked before anything is
-        drawn: ``True``, a bare suffix such as ``".png"`` or an unknown format is an error.
-        A figure made here (no ``ax``) is closed once saved unless ``show=True``, as in
-        scanpy, so plots saved in a loop do not pile up. The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save``: the file to write the figure to (rules in
+        the module docstring). The Axes is returned either way.
 
     Returns
     -------
@@ -498,12 +498,8 @@ def history(
     logy
         Log-scale y axis.
     show, save
-        ``show=True`` calls ``plt.show()``; ``save`` is the file the figure is written to, in
-        an existing folder, its format from the suffix (``.png``, ``.pdf``, ``.svg``, …; no
-        suffix: matplotlib's default, png, is added). ``save`` is checked before anything is
-        drawn: ``True``, a bare suffix such as ``".png"`` or an unknown format is an error.
-        A figure made here (no ``ax``) is closed once saved unless ``show=True``, as in
-        scanpy, so plots saved in a loop do not pile up. The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save``: the file to write the figure to (rules in
+        the module docstring). The Axes is returned either way.
 
     Returns
     -------
@@ -619,12 +615,8 @@ def top_genes(
         A var column of ``adata_real`` to label the genes by (e.g. symbols next to Ensembl
         IDs), as in scanpy.
     show, save
-        ``show=True`` calls ``plt.show()``; ``save`` is the file the figure is written to, in
-        an existing folder, its format from the suffix (``.png``, ``.pdf``, ``.svg``, …; no
-        suffix: matplotlib's default, png, is added). ``save`` is checked before anything is
-        drawn: ``True``, a bare suffix such as ``".png"`` or an unknown format is an error.
-        A figure made here (no ``ax``) is closed once saved unless ``show=True``, as in
-        scanpy, so plots saved in a loop do not pile up. The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save``: the file to write the figure to (rules in
+        the module docstring). The Axes is returned either way.
 
     Returns
     -------
@@ -767,12 +759,8 @@ def embedding(
     s
         Marker size.
     show, save
-        ``show=True`` calls ``plt.show()``; ``save`` is the file the figure is written to, in
-        an existing folder, its format from the suffix (``.png``, ``.pdf``, ``.svg``, …; no
-        suffix: matplotlib's default, png, is added). ``save`` is checked before anything is
-        drawn: ``True``, a bare suffix such as ``".png"`` or an unknown format is an error.
-        A figure made here (no ``ax``) is closed once saved unless ``show=True``, as in
-        scanpy, so plots saved in a loop do not pile up. The Axes is returned either way.
+        ``show=True`` calls ``plt.show()``; ``save``: the file to write the figure to (rules in
+        the module docstring). The Axes is returned either way.
 
     Returns
     -------
