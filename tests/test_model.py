@@ -136,7 +136,9 @@ def test_predict_split_same_cells_in_pred_and_real(fitted):
     assert (pred.obs["pert_cell_barcode"] == real.obs["pert_cell_barcode"]).all()
     assert set(pred.obs["cell_type"]) == {"CT2"}
     for a in (pred, real):  # what the plots and metrics need to pair them
-        info = {k: v for k, v in a.uns["statetx"].items() if k != "model_id"}
+        info = {k: v for k, v in a.uns["statetx"].items()
+                if k not in ("model_id", "training_depth")}
+        assert a.uns["statetx"]["training_depth"]["n_genes"] == a.n_vars
         assert info == {"split": "test", "seed": 0, "pert_col": "gene",  # the model's
                         "control_pert": "ctrl", "celltype_col": "cell_type", "scale": "log1p"}
     assert "model_id" in pred.uns["statetx"] and "model_id" not in real.uns["statetx"]
@@ -474,8 +476,10 @@ def test_prediction_keeps_the_input_gene_annotations(fitted):
     out = model.predict(a)
     assert list(out.var_names) == list(model.var_names_)
     pd.testing.assert_frame_equal(out.var, a.var.loc[model.var_names_], check_names=False)
-    b = a[:, 1:].copy()  # a gene filled with zeros: no annotation to take
-    assert out.var.shape[1] == 2 and model.predict(b, missing_genes="zero").var.shape[1] == 0
+    b = a[:, 1:].copy()  # a gene filled with zeros: no annotation to take (missing values)
+    filled = model.predict(b, missing_genes="zero").var
+    assert list(filled.columns) == ["gene_id", "highly_variable"]
+    assert filled.loc[a.var_names[0]].isna().all() and filled.iloc[:, 0].notna().sum() == b.n_vars
 
 
 def test_input_normalised_to_another_total_is_flagged(synth, tmp_path):
