@@ -21,6 +21,8 @@ cells creates nothing. Controls are shared between splits, so membership is one 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -297,8 +299,11 @@ def _check_heldout_names(files, config, control_pert, pert_col, cell_type_key, o
                         f"in obs['{cell_type_key}'] of any file of dataset '{ds}'. Available: "
                         f"{preview(cts)} (matching is case-sensitive).{extra}"
                     )
+        _warn_spelling_variants(ds, ds_files, config, cts, cell_type_key)
         for ct, entry in fs.items():
             present = set().union(*(set(f.pert[f.cell_type == ct]) for f in ds_files))
+            _warn_pert_spelling_variants(ds, ct, entry, present - {control_pert}, ds_files,
+                                         config, pert_col)
             for part in ("val", "test"):
                 absent = [p for p in getattr(entry, part) if p not in present]
                 if not absent:
@@ -309,8 +314,6 @@ def _check_heldout_names(files, config, control_pert, pert_col, cell_type_key, o
                 if on_missing == "error":
                     raise DataError(msg + " Fix the names or pass on_missing_perturbation='warn' "
                                     "(tx train: data.kwargs.on_missing_perturbation=warn).")
-                import warnings
-
                 warnings.warn(msg, stacklevel=3)
             listed = [p for part in ("val", "test") for p in getattr(entry, part)]
             if control_pert in listed:
@@ -318,6 +321,108 @@ def _check_heldout_names(files, config, control_pert, pert_col, cell_type_key, o
                     f"{config.where('fewshot', f'{ds}.{ct}')} lists the control label "
                     f"'{control_pert}'; controls cannot be held out as a perturbation."
                 )
+
+
+def spelling_key(label: object) -> str:
+    """``label`` compared loosely: case, and runs of whitespace, ``_`` and ``-``, ignored."""
+    return re.sub(r"[\s_-]+", " ", str(label).casefold()).strip()
+
+
+def _spellings(labels) -> dict[str, list[str]]:
+    """Unique ``labels`` by :func:`spelling_key` (built once: a lookup per held-out name)."""
+    out: dict[str, list[str]] = {}
+    for lab in sorted(set(labels)):
+        out.setdefault(spelling_key(lab), []).append(lab)
+    return out
+
+
+def _variants(spellings: Mapping[str, list[str]], wanted: str) -> list[str]:
+    """The other labels that equal ``wanted`` but for :func:`spelling_key`."""
+    return [lab for lab in spellings.get(spelling_key(wanted), ()) if lab != wanted]
+
+
+def _cells_of(files: Sequence[DataFile], column: str, label: str,
+              within: str | None = None) -> str:
+    """'N cells' of ``label`` in a files' ``column`` (``pert`` or ``cell_type``; ``within``:
+    cells of that cell type only), with the files holding them when there are several."""
+    counts = {}
+    for f in files:
+        hit = getattr(f, column) == label
+        if within is not None:
+            hit &= f.cell_type == within
+        if hit.any():
+            counts[f.label] = int(hit.sum())
+    where = ("" if len(files) < 2 or not counts else f" in {next(iter(counts))}"
+             if len(counts) == 1 else ": " + preview([f"{n:,} in {k}" for k, n in
+                                                      counts.items()], 5))
+    return f"{sum(counts.values()):,} cells{where}"
+
+
+def _replace_hint(column: str, variants: Mapping[str, str]) -> str:
+    mapping = ", ".join(f"{k!r}: {v!r}" for k, v in variants.items())
+    return (f"harmonise the labels before splitting, e.g. adata.obs[{column!r}] = "
+            f"adata.obs[{column!r}].replace({{{mapping}}}) (in every file of the dataset)")
+
+
+def _warn_spelling_variants(ds: str, files: Sequence[DataFile], config: SplitConfig,
+                            cell_types: Sequence[str], cell_type_key: str) -> None:
+    """A held-out cell type ([zeroshot] / [fewshot]) spelled differently elsewhere in its dataset
+    (another donor or file annotated in lower case, with '_' for spaces, ...): those cells are
+    assigned by their own label, so held-out cells would train (or be left out) unsaid. Only
+    the unique labels are compared; cells are counted for the variants found."""
+    zs, fs = config.heldout(ds)
+
+    def split_of(ct: str) -> str:
+        if ct in zs:
+            return f"split {zs[ct]}"
+        if ct in fs:
+            return "[fewshot]: split train but for its val/test perturbations"
+        return "split train" if ds in config.training else "no split (left out)"
+
+    found, fix, spellings = [], {}, _spellings(cell_types)
+    for section, table in (("zeroshot", zs), ("fewshot", fs)):
+        for ct in table:
+            others = [v for v in _variants(spellings, ct) if split_of(v) != split_of(ct)]
+            if not others:
+                continue
+            found.append(f"'{ct}' ({config.where(section, f'{ds}.{ct}')}; "
+                         f"{_cells_of(files, 'cell_type', ct)}, {split_of(ct)}) vs "
+                         + ", ".join(f"{v!r} ({_cells_of(files, 'cell_type', v)}, "
+                                     f"{split_of(v)})" for v in others))
+            fix.update({v: ct for v in others})
+    if found:
+        warnings.warn(
+            f"obs['{cell_type_key}'] of dataset '{ds}' spells held-out cell type(s) in other "
+            f"ways too (equal but for case, spaces, '_' or '-'): {'; '.join(found)}. Each label "
+            "is assigned by its exact spelling, so cells of a held-out cell type train (or are "
+            f"left out) under the other spelling. If they are one cell type, "
+            f"{_replace_hint(cell_type_key, fix)}; if not, rename one so they differ clearly.",
+            UserWarning, stacklevel=4)
+
+
+def _warn_pert_spelling_variants(ds: str, ct: str, entry, present: set[str],
+                                 files: Sequence[DataFile], config: SplitConfig,
+                                 pert_col: str) -> None:
+    """A [fewshot] val/test perturbation spelled differently among the cell type's other
+    perturbations: those cells train (they are not listed), unsaid otherwise."""
+    listed = {p: part for part in ("val", "test") for p in getattr(entry, part)}
+    found, fix, spellings = [], {}, _spellings(present)
+    for p, part in listed.items():
+        others = [v for v in _variants(spellings, p) if listed.get(v) != part]
+        if not others:
+            continue
+        found.append(f"{part} '{p}' ({_cells_of(files, 'pert', p, ct)}) vs "
+                     + ", ".join(f"{v!r} ({_cells_of(files, 'pert', v, ct)}, split "
+                                 f"{listed.get(v, 'train')})" for v in others))
+        fix.update({v: p for v in others})
+    if found:
+        warnings.warn(
+            f"{config.where('fewshot', f'{ds}.{ct}')} holds out perturbation(s) that other "
+            f"labels of obs['{pert_col}'] in cell type '{ct}' spell in other ways (equal but "
+            f"for case, spaces, '_' or '-'): {'; '.join(found)}. Each label is assigned by its "
+            "exact spelling, so cells of a held-out perturbation train under the other "
+            f"spelling. If they are one perturbation, {_replace_hint(pert_col, fix)}; if not, "
+            "rename one so they differ clearly.", UserWarning, stacklevel=4)
 
 
 def _check_control_pools(f: DataFile, is_ctrl, masks, cell_type_key) -> None:

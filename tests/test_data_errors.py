@@ -394,6 +394,25 @@ def test_one_file_in_two_datasets_and_mixed_scales_are_refused(tmp_path):
         prepare({"a": logged, "b": counts}, {"training": {"a": "train", "b": "train"}}, COLS)
 
 
+def test_heldout_cell_type_spelled_otherwise_in_another_file_is_warned(tmp_path):
+    """A file annotated with another spelling of a held-out cell type ('a', ' A', 'A-') would
+    have its cells train silently: said, naming both labels, their files, cells and splits."""
+    write(make_adata(), tmp_path / "d" / "d1.h5ad")
+    write(make_adata(cell_types=("a", "B")), tmp_path / "d" / "d2.h5ad")
+    spec = '[datasets]\nd = "d"\n[training]\nd = "train"\n[zeroshot]\n"d.A" = "val"\n'
+    with pytest.warns(UserWarning, match=(
+            r"held-out cell type\(s\) in other ways .*'A' \(\[zeroshot\]\.\"d\.A\" in "
+            r".*split\.toml; 9 cells in d1\.h5ad, split val\) vs 'a' \(9 cells in d2\.h5ad, "
+            r"split train\)\..*replace\(\{'a': 'A'\}\)")):
+        prep = prepare(None, toml(tmp_path, spec), COLS)
+    trained = prep.summary.query("split == 'train' and n_perturbed_cells > 0")
+    assert set(trained["cell_type"]) == {"a", "B"}  # (said, not changed)
+    with warnings.catch_warnings():  # distinct labels are not said
+        warnings.simplefilter("error")
+        assign(make_adata(cell_types=("A", "AB", "A B C")), {**TRAIN, "zeroshot": {"d.A": "test"}},
+               COLS)
+
+
 def test_same_named_files_in_two_folders_are_told_apart(tmp_path):
     write(make_adata(), tmp_path / "k562" / "data.h5ad")
     write(make_adata(), tmp_path / "rpe1" / "data.h5ad")

@@ -215,6 +215,43 @@ def test_kang_b_cells_zeroshot_in_memory(kang_raw):
     assert not df["val"].any()
 
 
+def test_kang_heldout_cell_type_spelled_otherwise_is_warned(kang_raw, recwarn):
+    """One donor's B cells annotated in lower case form another cell type that trains: the
+    held-out 'B cells' leak unless the spelling variant is said (labels, cells, splits, fix)."""
+    a = kang_raw.copy()
+    ct = a.obs["cell_type"].astype(str)
+    a.obs["cell_type"] = ct.where(a.obs["batch"] == "donor101", ct.str.lower())
+    lower = int((a.obs["cell_type"] == "b cells").sum())
+    upper = int((a.obs["cell_type"] == "B cells").sum())
+    with pytest.warns(UserWarning, match=(
+            rf"obs\['cell_type'\] of dataset 'kang' spells held-out cell type\(s\) in other "
+            rf"ways.*'B cells' \(\[zeroshot\]\.\"kang\.B cells\"; {upper} cells, split test\) "
+            rf"vs 'b cells' \({lower} cells, split train\).*adata\.obs\['cell_type'\] = "
+            r"adata\.obs\['cell_type'\]\.replace\(\{'b cells': 'B cells'\}\)")):
+        df = assign(a, KANG_SPEC, KANG_COLS)
+    assert df["train"][a.obs["cell_type"] == "b cells"].all()  # (warned, not changed)
+    # '_', '-' and spaces count as one separator; labels held out alike are not said
+    a.obs["cell_type"] = ct.where(a.obs["batch"] == "donor101", ct.str.replace(" ", "_"))
+    with pytest.warns(UserWarning, match=r"'B cells' .* vs 'B_cells' \(\d+ cells, split train"):
+        assign(a, KANG_SPEC, KANG_COLS)
+    recwarn.clear()
+    both = {**KANG_SPEC, "zeroshot": {"kang.B cells": "test", "kang.B_cells": "test"}}
+    assign(a, both, KANG_COLS)
+    assert not [w for w in recwarn if "spells" in str(w.message)]
+    # a [fewshot] perturbation spelled otherwise in some cells of its cell type trains there
+    a = kang_raw.copy()
+    pert = a.obs["target_gene"].astype(str)
+    a.obs["target_gene"] = pert.where((a.obs["batch"] == "donor101") | (pert != "IFNB"), "ifnb")
+    spec = {"training": {"kang": "train"}, "fewshot": {"kang.B cells": {"test": ["IFNB"]}}}
+    b = (a.obs["cell_type"] == "B cells").to_numpy()
+    n_lower = int((b & (a.obs["target_gene"] == "ifnb").to_numpy()).sum())
+    with pytest.warns(UserWarning, match=(
+            rf"\[fewshot\]\.\"kang\.B cells\" holds out perturbation\(s\) that other labels "
+            rf"of obs\['target_gene'\] in cell type 'B cells' spell.*test 'IFNB' \(\d+ cells\) "
+            rf"vs 'ifnb' \({n_lower} cells, split train\).*replace\(\{{'ifnb': 'IFNB'\}}\)")):
+        assign(a, spec, KANG_COLS)
+
+
 def test_kang_dataset_name_is_configurable(kang_raw, capsys):
     spec = {"training": {"pbmc": "train"}, "zeroshot": {"pbmc.CD8 T cells": "val"}}
     df = assign(kang_raw, spec, KANG_COLS)  # the only dataset of the spec
