@@ -39,6 +39,7 @@ from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
     PreparedData,
     SplitData,
+    batch_in_context,
     counts_source,
     split_cell_obs,
     split_datasets,
@@ -62,6 +63,7 @@ from statetx.predict import (
     GroupMeans,
     align_genes,
     basal_groups,
+    batches_without_controls,
     check_matmul_precision,
     check_scale,
     clip_range,
@@ -82,6 +84,7 @@ from statetx.predict import (
     resolve_pool,
     run_groups,
     split_groups,
+    warn_batch_fallback,
     weights_digest,
 )
 from statetx.presets import describe, network_config_for, resolve_architecture
@@ -891,6 +894,8 @@ class StateTransitionModel(Estimator):
                     say(samplers['train'].describe())
             elif rank == 0:
                 _warn_padding(samplers["train"], settings["pairing"], self.basal_mapping_strategy)
+            if rank == 0 and settings["pairing"] == "batch":
+                _warn_unpaired_batches(prepared, self.basal_mapping_strategy)
             for k in previous:  # nothing of an earlier fit (or loaded run) survives a refit
                 delattr(self, k)
             self._set_fitted(network, net_cfg, vocab, prepared, set_len)
@@ -2081,6 +2086,29 @@ def _warn_padding(sampler: Any, pairing: str, strategy: str) -> None:
         f"sets are built per {what} group, and the {len(sizes):,} groups hold a median of "
         f"{np.median(sizes):g} cells for sets of {sampler.S}. Consider {advice}.",
         UserWarning, stacklevel=3)
+
+
+def _warn_unpaired_batches(prepared: PreparedData, strategy: str) -> None:
+    """Batch pairing: perturbed training cells of a (cell type, batch) without controls draw
+    their basal cells from the cell type's controls of every batch (as predict says). When no
+    perturbed cell has controls in its batch, the batch column follows the perturbation (a
+    sample column, one sample per condition) and batch pairing pairs nothing."""
+    split = prepared.splits["train"]
+    perturbed = np.flatnonzero(split.is_target & ~split.is_control)
+    ctrl = np.flatnonzero(split.is_control)
+    elsewhere = batches_without_controls(split.context, split.batch, perturbed, ctrl,
+                                         split.context, split.batch)
+    more = ""
+    if elsewhere and sum(elsewhere.values()) == len(perturbed):
+        more = (f" No perturbed training cell has controls in its batch: obs['"
+                f"{prepared.columns.batch_col}'] looks confounded with the perturbation (e.g. "
+                "a sample column with one sample per condition), so batch pairing pairs "
+                "nothing. Pass basal_mapping_strategy='random' (batch pairing is "
+                f"{'the default with a batch_col' if strategy == 'auto' else 'chosen'}), or a "
+                "batch_col whose batches hold both control and perturbed cells (e.g. a donor, "
+                "plate or gem group).")
+    warn_batch_fallback(elsewhere, batch_in_context(prepared, split),
+                        "perturbed training cells", more, stacklevel=4)
 
 
 def _nullable(obs: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:

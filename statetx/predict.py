@@ -173,14 +173,12 @@ def basal_groups(ctx: np.ndarray, pert: np.ndarray, batch: np.ndarray | None, ro
     batch_pools = ({k: ctrl_rows[v] for k, v in pd.DataFrame(
         {"c": ctrl_ctx[ctrl_rows], "b": ctrl_batch[ctrl_rows]}).groupby(
         ["c", "b"], sort=False).indices.items()} if by_batch and len(ctrl_rows) else {})
-    out, elsewhere = [], {}  # (context, batch) without controls of its own -> cells
+    out = []
     for (cx, p, bt), idx in sorted(frame.groupby(["ctx", "pert", "batch"]).indices.items()):
         ctx_pool = ctx_pools.get(cx, no_rows)
         pool = ctrl_rows if mode == "all" else ctx_pool
         if by_batch:
             pool = batch_pools.get((cx, bt), ctx_pool)
-            if p != copied and len(pool) and (cx, bt) not in batch_pools:
-                elsewhere[(cx, bt)] = elsewhere.get((cx, bt), 0) + len(idx)
         if len(pool) == 0 and p != copied:
             if fallback != "all_controls":
                 raise DataError(f"context '{cx}' has no control cells in the input, so basal "
@@ -188,12 +186,40 @@ def basal_groups(ctx: np.ndarray, pert: np.ndarray, batch: np.ndarray | None, ro
                                 "basal_fallback='all_controls'.")
             pool = ctx_pool = ctrl_rows
         out.append(BasalGroup((cx, p, bt) if by_batch else (cx, p), rows[idx], pool, ctx_pool))
+    if by_batch:
+        drawn = rows if copied is None else rows[pert[rows] != copied]
+        warn_batch_fallback(batches_without_controls(ctx, batch, drawn, ctrl_rows, ctrl_ctx,
+                                                     ctrl_batch), describe, stacklevel=4)
+    return out
+
+
+def batches_without_controls(ctx: np.ndarray, batch: np.ndarray, rows: np.ndarray,
+                             ctrl_rows: np.ndarray, ctrl_ctx: np.ndarray, ctrl_batch: np.ndarray
+                             ) -> dict[tuple[Any, Any], int]:
+    """Batch pairing's fallback: the (context, batch) pairs of the cells ``rows`` whose context
+    has control rows (``ctrl_rows``) but none in that batch, with their numbers of cells, in
+    sorted order; their basal cells are drawn from the context's controls of every batch.
+    ``ctx`` / ``batch`` are indexed by cell, ``ctrl_ctx`` / ``ctrl_batch`` by control row."""
+    if not len(rows) or not len(ctrl_rows):
+        return {}
+    have = set(zip(ctrl_ctx[ctrl_rows].tolist(), ctrl_batch[ctrl_rows].tolist()))
+    has_controls = set(ctrl_ctx[ctrl_rows].tolist())
+    pairs = pd.DataFrame({"c": ctx[rows], "b": batch[rows]}).value_counts(sort=False)
+    return {(c, b): int(n) for (c, b), n in sorted(pairs.items())
+            if c in has_controls and (c, b) not in have}
+
+
+def warn_batch_fallback(elsewhere: dict[tuple[Any, Any], int],
+                        describe: Callable[[Any, Any], str], what: str = "cells",
+                        more: str = "", stacklevel: int = 3) -> None:
+    """Say the cells of :func:`batches_without_controls` (``describe(context, batch)`` names a
+    pair; ``what`` the cells, ``more`` is added to the message)."""
     if elsewhere:
         warnings.warn(
-            f"{sum(elsewhere.values()):,} cells are in batches without control cells of their "
+            f"{sum(elsewhere.values()):,} {what} are in batches without control cells of their "
             f"context ({preview([describe(c, b) for c, b in elsewhere])}): their basal cells "
-            "are drawn from their context's controls of every batch.", UserWarning, stacklevel=3)
-    return out
+            f"are drawn from their context's controls of every batch.{more}", UserWarning,
+            stacklevel=stacklevel)
 
 
 def split_groups(prepared: PreparedData, split: SplitData, mode: str

@@ -1149,6 +1149,33 @@ def test_cells_of_a_batch_without_controls_are_said_to_draw_from_other_batches(s
         m.predict(synth)
 
 
+@pytest.mark.parametrize("loading", ["memory", "stream"])
+def test_fit_says_when_batch_pairing_falls_back_to_the_cell_types_controls(synth, loading):
+    """Perturbed training cells in a batch without controls of their cell type are paired with
+    the cell type's controls of every batch: fit says so (as predict does); a batch column
+    confounded with the perturbation (no control in any perturbed cell's batch) is named."""
+    a = synth.copy()
+    a.obs["batch"] = a.obs["batch"].astype(str)
+    a.obs.loc[(a.obs["gene"] == "P1") & (a.obs["cell_type"] == "CT0"), "batch"] = "b9"
+    opts = dict(max_steps=1, batch_col="batch", data_loading=loading)
+    with pytest.warns(UserWarning, match=r"^24 perturbed training cells are in batches without "
+                                         r"control cells of their context \(b9 in CT0\): their "
+                                         r"basal cells are drawn .* every batch\.$"):
+        small_model(**opts).fit(a)
+    a.obs["batch"] = np.where(a.obs["gene"] == "ctrl", "sample_ctrl", "sample_stim")
+    n = int((a.obs["gene"] != "ctrl").sum())
+    with pytest.warns(UserWarning, match=(
+            rf"{n} perturbed training cells are in batches without control cells.*sample_stim in "
+            r"CT0.*obs\['batch'\] looks confounded with the perturbation .*Pass "
+            r"basal_mapping_strategy='random' \(batch pairing is the default with a "
+            r"batch_col\), or a batch_col whose batches hold both")):
+        small_model(**opts).fit(a)
+    with warnings.catch_warnings():  # random pairing does not look at batches
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*padding")
+        small_model(**opts, basal_mapping_strategy="random").fit(a)
+
+
 def test_input_normalised_to_another_total_is_said_from_the_values():
     """Papalexi's knockouts trained at the data's median depth, predicted after scanpy's
     normalize_total(1e4): the log1p values are shifted and nothing recorded it in uns."""
