@@ -329,6 +329,27 @@ def test_nan_labels(col):
     pd.testing.assert_frame_equal(kept.summary, ref.summary)
 
 
+@pytest.mark.parametrize("col,kind", [("cell_type", "cell type"), ("gem_group", "batch")])
+def test_nan_written_as_text_in_cell_type_or_batch_is_said(col, kind):
+    """NaN / None through .astype(str) become 'nan' / 'None': a cell type (batch) of their own
+    that mixes cells of every one; said as for an 'unassigned' perturbation, and what to do."""
+    a = make_adata()
+    values = a.obs[col].astype(object).to_numpy().copy()
+    values[[1, 6]], values[[7]] = np.nan, None  # ('nan' has a control: it is a context)
+    a.obs[col] = pd.Series(values, index=a.obs_names).astype(str)
+    with pytest.warns(UserWarning, match=(
+            rf"obs\['{col}'\] label\(s\) 'nan' \(2 cells\), 'None' \(1 cells\) look like "
+            rf"missing values written as text .*one {kind} of their own.*"
+            rf"replace\(\{{'nan': None, 'None': None\}}\)\) and pass drop_missing_labels=True")):
+        prep = prepare(a, TRAIN, COLS)
+    assert "nan" in (prep.vocab.cell_types if col == "cell_type" else prep.vocab.batches)
+    # the advice works: missing again, then dropped
+    a.obs[col] = a.obs[col].astype(object).replace({"nan": None, "None": None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert prepare(a, TRAIN, COLS, drop_missing_labels=True).splits["train"].n_obs == 15
+
+
 def test_nan_labels_dropped_from_a_file(tmp_path, capsys):
     a = make_adata()
     values = a.obs["gene"].astype(object).to_numpy().copy()
