@@ -1101,6 +1101,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
     from statetx._utils import check_folder
 
     check_folder(out.parent, "--output's folder")
+    _check_writable(out)  # (before the model is loaded and the prediction made)
     if out.suffix == ".npy" and a.layout == "arc":
         raise UsageError("--layout arc places predictions inside a copy of the input: write an "
                          ".h5ad (--output x.h5ad), or drop --layout for a .npy.")
@@ -1362,6 +1363,28 @@ def _check_output(output: str, source: str) -> None:
     if out.suffix != ".h5ad":
         raise UsageError(f"--output {out}: the result is an AnnData; use a .h5ad file name.")
     _not_the_input(out, source)
+    _check_writable(out)
+
+
+def _check_writable(output: str | Path, flag: str = "--output") -> None:
+    """Refuse an output location where no file can be created (a read-only folder, /proc, a
+    full disk ...) before the work: a temporary file is created and removed in its folder, or
+    in the nearest existing folder above it (where the missing ones would be created)."""
+    from statetx._utils import temporary_name
+
+    out = Path(output)
+    folder = next((p for p in (out.parent, *out.parent.parents) if p.exists()), None)
+    if folder is None or not folder.is_dir():  # (check_folder says what is wrong)
+        return
+    probe = temporary_name(folder / out.name, ".probe")
+    try:
+        with open(probe, "xb"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag} {output}: cannot write there ({exc.strerror or exc}"
+                         + (f", in {folder}" if folder != out.parent else "") + ").") from None
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _not_the_input(output: str | Path, *sources: str | Path, flag: str = "--output") -> None:

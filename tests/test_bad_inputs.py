@@ -1211,6 +1211,32 @@ def test_output_paths_below_a_file_are_refused_before_any_work(model, run, tmp_p
         StateTransitionModel.from_arc_state(arc, verbose=False)
 
 
+def test_output_where_nothing_can_be_written_is_refused_before_any_work(run, tmp_path, capsys,
+                                                                        monkeypatch):
+    """A location where no file can be created (/proc here: root may write anywhere else) is
+    said at once, naming --output, not after the prediction with an HDF5 temporary file."""
+    import statetx.cli
+
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc (a folder where no file can be created, even as root)")
+    src = tmp_path / "in.h5ad"
+    make_synthetic().write_h5ad(src)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(statetx.cli, "load_any_model", no_model)
+    for out in ("/proc/statetx_out.h5ad", "/proc/statetx_missing/out.h5ad"):
+        assert main(["tx", "infer", "--model-dir", str(run), "--adata", str(src), "--output",
+                     out]) == 2
+        assert re.search(rf"--output {out}: cannot write there \(No such file or directory",
+                         last_error(capsys))
+    assert main(["tx", "preprocess_train", "--adata", str(src), "--num-hvgs", "10", "--output",
+                 "/proc/statetx_pp.h5ad"]) == 2
+    assert "--output /proc/statetx_pp.h5ad: cannot write there" in last_error(capsys)
+    assert not list(Path("/proc").glob(".statetx_*"))
+
+
 @pytest.mark.parametrize("section,value", [("history", {"a": 1}), ("split_summary", {"x": 1}),
                                            ("fit", [1])])
 def test_a_damaged_optional_record_in_model_json_is_named(model, tmp_path, section, value):
