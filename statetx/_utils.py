@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -69,6 +70,15 @@ def say(msg: str, who: str = "statetx") -> None:
     ``statetx: msg``. Silence them with ``logging.getLogger("statetx").setLevel("WARNING")``;
     warnings and errors are not affected."""
     LOG.info(msg, extra={"who": who})
+
+
+def warn_view_becomes_copy(what: str, holding: str, advice: str = "",
+                           stacklevel: int = 3) -> None:
+    """Writing into a view (``adata[...]``) in place: the view becomes a copy and its parent is
+    not changed (anndata's rule), said in the same words wherever statetx writes in place."""
+    warnings.warn(f"{what} on a view (adata[...]): the view becomes a copy holding the "
+                  f"{holding}, and the AnnData it was taken from is not changed (as anndata "
+                  f"does on writes to views).{advice}", UserWarning, stacklevel=stacklevel)
 
 
 def did_you_mean(name: str, options: Iterable[str], n: int = 3) -> str:

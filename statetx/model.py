@@ -34,6 +34,7 @@ from statetx._utils import (
     preview,
     say,
     sigterm_unwinds,
+    warn_view_becomes_copy,
 )
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
@@ -1281,10 +1282,7 @@ class StateTransitionModel(Estimator):
                 raise ConfigError("inplace=True cannot write into a backed AnnData; load it "
                                   "with adata.to_memory() first, or leave inplace out.")
             if adata.is_view:
-                warnings.warn("inplace=True on a view (adata[...]): the view becomes a copy "
-                              "holding the predictions, and the AnnData it was taken from is "
-                              "not changed (as anndata does on writes to views).", UserWarning,
-                              stacklevel=2)
+                warn_view_becomes_copy("inplace=True", "predictions")
             layout = "arc"
         check_matmul_precision(matmul_precision)
         as_count("sets_per_pass", sets_per_pass)

@@ -27,6 +27,7 @@ from statetx._utils import (
     sample_rows,
     say,
     to_dense_f32,
+    warn_view_becomes_copy,
 )
 from statetx.errors import ConfigError, DataError
 from statetx.io import control_like, recorded_target_sum
@@ -169,13 +170,18 @@ def _count_problem(m: Matrix) -> str | None:
     return None
 
 
-def _writable(adata: AnnData, copy: bool) -> AnnData:
+def _writable(adata: AnnData, copy: bool, what: str) -> AnnData:
     """The AnnData to modify: a copy with ``copy=True``; else ``adata`` itself, a view first made
-    its own object (as scanpy does: anndata would write a view's new X into its parent)."""
+    its own object (as scanpy does: anndata would write a view's new X into its parent), which
+    is said as predict(inplace=True) says it (``what``: the function)."""
     _check_cells(adata)
     if copy:
         return adata.copy()
     if adata.is_view:
+        warn_view_becomes_copy(
+            f"{what} (in place, copy=False)", "result",
+            " Keep the subset in a variable of its own first (sub = adata[...].copy()) and pass "
+            "that, or pass copy=True and keep the AnnData returned.", stacklevel=4)
         adata._init_as_actual(adata.copy())
     return adata
 
@@ -261,7 +267,7 @@ def preprocess_train(
         raise DataError(f"include_genes: {preview(absent)} are not var names of the input "
                         f"({adata.n_vars:,} genes).{did_you_mean(absent[0], adata.var_names)}")
     _source(adata, layer)  # (checked before a view is made its own object)
-    adata = _writable(adata, copy)
+    adata = _writable(adata, copy, "preprocess_train")
 
     src, src_name = _source(adata, layer, check=False)
     counts: Matrix | None = None
@@ -429,7 +435,7 @@ def make_control_template(
         Some cell type (and batch) has perturbed cells but no controls; the message names every
         such group.
     """
-    adata = _writable(adata, copy)
+    adata = _writable(adata, copy, "make_control_template")
     labels = _obs_labels(adata, pert_col, "perturbation")
     is_ctrl = _check_control(labels, pert_col, control_pert)
     n = adata.n_obs

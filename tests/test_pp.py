@@ -258,16 +258,27 @@ def test_preprocess_train_options():
 
 def test_in_place_functions_on_a_view_leave_its_parent_alone(kang_raw):
     """As in scanpy, in-place preprocessing of a view (adata[mask]) turns the view into its own
-    AnnData; the parent keeps its counts (anndata would write a view's new X into it)."""
+    AnnData; the parent keeps its counts (anndata would write a view's new X into it). That is
+    said, in predict(inplace=True)'s words; copy=True on a view changes nothing and is not."""
+    import warnings
+
     parent = kang_raw.copy()
     before = parent.X.copy()
     keep = parent.obs["cell_type"].isin(["B cells", "CD4 T cells"]).to_numpy()
     view = parent[keep]
-    pp.preprocess_train(view, n_top_genes=100)
+    said = (r"{} \(in place, copy=False\) on a view \(adata\[\.\.\.\]\): the view becomes a copy "
+            r"holding the result, and the AnnData it was taken from is not changed .*copy=True")
+    with pytest.warns(UserWarning, match=said.format("preprocess_train")) as caught:
+        pp.preprocess_train(view, n_top_genes=100)
+    assert [w.filename for w in caught if "on a view" in str(w.message)] == [__file__]
     assert not view.is_view and "log1p" in view.uns and view.n_obs == keep.sum()
     tmpl = parent[keep]
-    pp.make_control_template(tmpl, "target_gene", "control", "cell_type", seed=0)
+    with pytest.warns(UserWarning, match=said.format("make_control_template")):
+        pp.make_control_template(tmpl, "target_gene", "control", "cell_type", seed=0)
     assert not tmpl.is_view and "template_ctrl_barcode" in tmpl.obs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pp.make_control_template(parent[keep], "target_gene", "control", "cell_type", copy=True)
     assert (before != parent.X).nnz == 0  # the parent's counts are untouched
     assert "log1p" not in parent.uns and "template_ctrl_barcode" not in parent.obs
     ref = kang_raw[keep].copy()
