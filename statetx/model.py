@@ -2175,7 +2175,7 @@ def _warn_held_out_perturbations(prepared: PreparedData) -> None:
     held = {name: codes for name, codes in held.items() if codes}
     if held:
         names = prepared.vocab.perturbations
-        listing = "; ".join(f"{name}: {len(c)} ({preview([names[i] for i in c])})"
+        listing = "; ".join(f"{name}: {len(c)} ({preview([repr(names[i]) for i in c])})"
                             for name, c in held.items())
         warnings.warn(
             f"perturbations without training cells in the held-out splits ({listing}): with "

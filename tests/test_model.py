@@ -1129,8 +1129,13 @@ def test_fit_says_when_held_out_perturbations_have_no_training_cells(synth):
     a = synth[~((synth.obs["gene"] == "P2") & (synth.obs["cell_type"] != "CT1"))].copy()
     spec = ('[training]\ndata = "train"\n[fewshot]\n[fewshot."data.CT1"]\nval = ["P1"]\n'
             'test = ["P2"]\n')
-    with pytest.warns(UserWarning, match=r"held-out splits \(test: 1 \(P2\)\): with one-hot"):
+    with pytest.warns(UserWarning, match=r"held-out splits \(test: 1 \('P2'\)\): with one-hot"):
         small_model(max_steps=1).fit(a, spec)
+    # labels are quoted: an empty one is seen
+    b = a.copy()
+    b.obs["gene"] = b.obs["gene"].astype(str).replace({"P2": ""})
+    with pytest.warns(UserWarning, match=r"held-out splits \(test: 1 \(''\)\)"):
+        small_model(max_steps=1).fit(b, spec.replace('"P2"', '""'))
     with warnings.catch_warnings():  # P1 trains in the other cell types: nothing to say
         warnings.simplefilter("error")
         small_model(max_steps=1).fit(a, spec.replace('"P2"', '"P0"'))
