@@ -448,7 +448,8 @@ def _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_
         f = assignments[int(cat["file_index"][i])].file
         return f"cell {cat['barcodes'][i]} (row {cat['file_row'][i]}) of {f.label}"
 
-    _check_finite(x, split, expression=src in (None, "X_hvg"), cell=cell)
+    _check_finite(x, split, expression=src in (None, "X_hvg"), cell=cell,
+                  refuse_negative="X" if src is None else f"obsm['{src}']")
     if counts is not None:
         _check_finite(counts, split, expression=True, what="gene-space target", cell=cell)
     is_target = ~cat["is_control"] | bool(yield_controls)
@@ -546,9 +547,30 @@ def split_datasets(prepared: PreparedData, split: SplitData, rows: np.ndarray,
     return names
 
 
+def negative_values_message(where: str, lowest: float, but: str, example: str = "") -> str:
+    """Negative expression values (scaled or centred data): the error fit and predict give."""
+    return (f"{where} has negative values (down to {lowest:.4g}"
+            + (f", e.g. {example}" if example else "") + "): it looks scaled or centred (e.g. "
+            f"by scanpy.pp.scale), but {but}. Pass the log1p values from before scaling (e.g. "
+            "adata.raw, or a layer saved before sc.pp.scale).")
+
+
+def negative_training_input(where: str, lowest: float, example: str) -> DataError:
+    """The error for negative values in the expression a model trains on (fit refuses what
+    predict would refuse); an embedding may be negative and is given as embed_key."""
+    return DataError(negative_values_message(
+        where, lowest, "ST trains on non-negative expression (log1p-normalised values, or "
+        "counts), and predict refuses negative input", example)
+        + " An embedding, whose values may well be negative (e.g. obsm['X_pca']), is given as "
+        "embed_key.")
+
+
 def _check_finite(x: np.ndarray, split: str, expression: bool, what: str | None = None,
-                  cell: Callable[[int], str] | None = None) -> None:
-    """Refuse NaN/Inf rows (``cell(i)`` names row i, e.g. its file and barcode)."""
+                  cell: Callable[[int], str] | None = None,
+                  refuse_negative: str | None = None) -> None:
+    """Refuse NaN/Inf rows (``cell(i)`` names row i, e.g. its file and barcode). Negative
+    expression values are refused when ``refuse_negative`` names the matrix (the model's
+    input: predict would refuse them), else warned about."""
     what = what or ("expression" if expression else "input")
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
@@ -558,5 +580,9 @@ def _check_finite(x: np.ndarray, split: str, expression: bool, what: str | None 
                         f"{'have' if n > 1 else 'has'} NaN or Inf {what} values{first}. Remove "
                         "or repair them before training.")
     if expression and (x < 0).any():  # embeddings (PCA, scVI, ...) may well be negative
+        if refuse_negative is not None:
+            row = int(np.argmax((x < 0).any(axis=1)))
+            raise negative_training_input(refuse_negative, float(x.min()),
+                                          cell(row) if cell is not None else "")
         warnings.warn(f"the {split} split has negative {what} values; ST expects non-negative "
                       "log1p expression unless an embedding is used.", stacklevel=3)

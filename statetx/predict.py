@@ -37,7 +37,13 @@ from statetx._utils import (
     say,
 )
 from statetx.config import ColumnMap
-from statetx.data import PreparedData, SplitData, batch_in_context, group_labels
+from statetx.data import (
+    PreparedData,
+    SplitData,
+    batch_in_context,
+    group_labels,
+    negative_values_message,
+)
 from statetx.errors import ConfigError, DataError
 from statetx.io import control_like, gene_names, hvg_names, layer_hint, obs_labels
 from statetx.nn import STOutput
@@ -654,10 +660,8 @@ def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input",
     (``target_sum``: the training data's normalisation total, named in the advice)."""
     lowest = float(x.min(initial=0))
     if lowest < 0 and trained_log1p:
-        raise DataError(f"the {where} has negative values (down to {lowest:.4g}): it looks scaled "
-                        "or centred (e.g. by scanpy.pp.scale), but the model was trained on "
-                        "log1p-normalised values. Pass the log1p values from before scaling "
-                        "(e.g. adata.raw, or a layer saved before sc.pp.scale).")
+        raise DataError(negative_values_message(
+            f"the {where}", lowest, "the model was trained on log1p-normalised values"))
     if lowest < 0:
         warnings.warn(f"the {where} has negative expression values (down to {lowest:.4g}); the "
                       "model was trained on non-negative values.", UserWarning, stacklevel=3)

@@ -56,6 +56,7 @@ from statetx.data import (
     SplitData,
     check_training_split,
     input_sources,
+    negative_training_input,
     prepare,
     split_labels,
 )
@@ -131,11 +132,13 @@ class BlockReader:
     """
 
     def __init__(self, files: list[DataFile], source: str | None, dtype=np.float32,
-                 expression: bool | None = None) -> None:
+                 expression: bool | None = None, target: bool = False) -> None:
         self.files, self.source, self.dtype = files, source, dtype
         self.key = "X" if source is None else f"obsm/{source}"
-        # negative values are warned about in expression only (embeddings may well be negative)
+        # negative values matter in expression only (embeddings may well be negative): refused
+        # in the model's input (predict refuses them), warned about in a gene-space ``target``
         self.expression = source in (None, "X_hvg") if expression is None else expression
+        self.target = target
         self._h5: dict[int, tuple[h5py.File, H5Matrix]] = {}
         self.rows_read = 0
         self.max_block_rows = 0
@@ -170,7 +173,8 @@ class BlockReader:
 
     def check(self, values: np.ndarray, split: StreamSplit, rows: np.ndarray) -> None:
         """NaN/Inf in the dense ``values`` of split ``rows``: an error naming the first such
-        cell; negative values: one warning per reader."""
+        cell; negative expression values: an error in the input, one warning per target
+        reader."""
         bad = ~np.isfinite(values).all(axis=1)
         if bad.any():
             i = rows[int(np.flatnonzero(bad)[0])]
@@ -182,11 +186,16 @@ class BlockReader:
                             + ". Remove or repair those cells.")
         if (self.expression and not self._warned_negative and values.size
                 and values.min() < 0):
-            self._warned_negative = True
             i = rows[int(np.flatnonzero((values < 0).any(axis=1))[0])]
-            warnings.warn(f"{split.files[int(split.file_index[i])].label} has negative values in "
-                          f"{self.key}; ST expects non-negative log1p expression unless an "
-                          "embedding is used.", stacklevel=4)
+            label = split.files[int(split.file_index[i])].label
+            if not self.target:  # the model's input: refused (predict would refuse it)
+                where = "X" if self.source is None else f"obsm['{self.source}']"
+                raise negative_training_input(where, float(values.min()),
+                                              f"cell {split.barcodes[i]} (row "
+                                              f"{split.file_row[i]}) of {label}")
+            self._warned_negative = True
+            warnings.warn(f"{label} has negative values in {self.key}; ST expects non-negative "
+                          "log1p expression unless an embedding is used.", stacklevel=4)
 
     def close(self) -> None:
         """Close the open files (they reopen on the next read)."""
@@ -259,7 +268,8 @@ class StreamSplit:
 
     def readers(self) -> tuple[BlockReader, BlockReader | None]:
         """Readers of the input representation and of the gene-space target (or None)."""
-        counts = (BlockReader(self.files, self.counts_source, self.dtype, expression=True)
+        counts = (BlockReader(self.files, self.counts_source, self.dtype, expression=True,
+                              target=True)
                   if self.has_counts else None)
         return BlockReader(self.files, self.source, self.dtype), counts
 

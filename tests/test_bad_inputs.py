@@ -316,6 +316,35 @@ def test_fit_validation_failure_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("loading", ["memory", "stream"])
+def test_fit_refuses_scaled_expression_as_predict_does(model, adata, tmp_path, loading):
+    """Negative expression (sc.pp.scale, or one stray value) used to be warned about at fit
+    only, while predict refuses it: a model could not predict on its own training data. fit
+    refuses it with predict's advice and writes nothing; an embedding may be negative."""
+    import scanpy as sc
+
+    scaled = adata.copy()
+    sc.pp.scale(scaled)
+    advice = (r"it looks scaled or centred \(e\.g\. by scanpy\.pp\.scale\), but .* Pass the "
+              r"log1p values from before scaling \(e\.g\. adata\.raw, or a layer saved before "
+              r"sc\.pp\.scale\)")
+    out = tmp_path / "run"
+    with pytest.raises(DataError, match=r"^X has negative values \(down to -[\d.]+, e\.g\. cell "
+                                        rf"\S+ \(row \d+\) of <AnnData 'data'>\): {advice}\. An "
+                                        r"embedding, .* is given as embed_key\.$"):
+        small_model(data_loading=loading).fit(scaled, output_dir=out)
+    assert not out.exists()
+    with pytest.raises(DataError, match=advice):
+        model.predict(scaled)
+    one = adata.copy()
+    one.X[5, 3] = -0.5
+    with pytest.raises(DataError, match=r"down to -0\.5, e\.g\. cell cell5 \(row 5\)"):
+        small_model(data_loading=loading).fit(one)
+    one.obsm["X_emb"] = np.asarray(scaled.X)[:, :6]  # an embedding: negative values are normal
+    small_model(data_loading=loading, embed_key="X_emb", output_space="embedding",
+                max_steps=1).fit(one)
+
+
 def test_fit_resume_from_truncated_checkpoint(truncated_ckpt, tmp_path):
     adata = make_synthetic()
     with pytest.raises(TrainingError, match=rf"could not load checkpoint {truncated_ckpt}: it is "
