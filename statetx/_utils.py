@@ -164,6 +164,14 @@ def sample_rows(x: np.ndarray | sp.spmatrix, max_rows: int = 1000) -> np.ndarray
     return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
 
 
+def log1p_depth(x: np.ndarray | sp.spmatrix, max_rows: int = 1000) -> float:
+    """The counts per cell log1p-normalised values ``x`` stand for: the median over (up to
+    ``max_rows`` evenly spread) rows of the sum of ``expm1`` (what a prediction records as its
+    training data's depth, and what evaluate compares with it)."""
+    with np.errstate(over="ignore"):  # (values far above log1p scale are refused elsewhere)
+        return float(np.median(np.expm1(sample_rows(x, max_rows)).sum(axis=1)))
+
+
 def looks_log1p(x: np.ndarray | sp.spmatrix, max_rows: int = 1000) -> bool:
     """True when ``x`` looks log1p-normalised: non-negative, some non-integer value, max < 15.
 

@@ -29,6 +29,7 @@ from statetx._utils import (
     MATMUL_PRECISIONS,
     cell_type_option,
     did_you_mean,
+    log1p_depth,
     looks_log1p,
     matmul_precision_scope,
     preview,
@@ -650,7 +651,7 @@ def control_depths(x: np.ndarray | torch.Tensor, cell_types: np.ndarray,
         if len(rows) >= min_cells:
             pick = rows[np.linspace(0, len(rows) - 1, min(len(rows), 1000)).astype(np.int64)]
             sub = x[torch.from_numpy(pick) if isinstance(x, torch.Tensor) else pick]
-            out[str(ct)] = float(np.median(np.expm1(sample_rows(sub, 1000)).sum(1)))
+            out[str(ct)] = log1p_depth(sub)
     return out
 
 

@@ -887,12 +887,10 @@ def _obs_columns(path: Path) -> set[str]:
 
 
 def dump_config(cfg: Mapping) -> str:
-    """YAML text of a configuration (JSON text when PyYAML is not installed)."""
+    """YAML text of a configuration."""
+    import yaml
+
     plain = json.loads(json.dumps(cfg, default=json_default))
-    try:
-        import yaml
-    except ImportError:  # pragma: no cover - PyYAML comes with scanpy's dependencies
-        return json.dumps(plain, indent=2) + "\n"
     return yaml.safe_dump(plain, sort_keys=False, default_flow_style=False)
 
 
@@ -901,13 +899,11 @@ def read_config(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"configuration file {p} not found.")
+    import yaml
+
     text = p.read_text()
     try:
-        import yaml
-
         data = yaml.safe_load(text)
-    except ImportError:  # pragma: no cover
-        data = json.loads(text)
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"{p} is not valid YAML: {exc}") from None
     if data is None:

@@ -10,7 +10,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from statetx._utils import did_you_mean, preview, repeated, sample_rows, say
+from statetx._utils import did_you_mean, log1p_depth, preview, repeated, say
 from statetx.errors import DataError
 from statetx.io import control_like
 
@@ -134,8 +134,7 @@ def median_total(x: np.ndarray | sp.spmatrix) -> float:
 def log1p_total(adata: ad.AnnData) -> float:
     """The counts per cell that log1p-normalised X stands for: the median over (up to 1,000
     evenly spread) cells of the sum of expm1(x)."""
-    with np.errstate(over="ignore"):  # (values far above log1p scale are refused elsewhere)
-        return float(np.median(np.expm1(sample_rows(adata.X, 1000)).sum(axis=1)))
+    return log1p_depth(adata.X)
 
 
 def count_targets(pred: ad.AnnData, real: ad.AnnData, allow_discrete: bool
