@@ -1027,13 +1027,19 @@ def _resolve_attention(backbone: str, kw: dict, attention: str | None,
     return attention, rp
 
 
+def conv1d_layout(key: str, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` transposed when ``key`` is a GPT-2 projection (Hugging Face's Conv1D stores
+    them [in, out]; a Linear [out, in]): the same swap both ways, import and export."""
+    return weight.t() if _CONV1D_RE.match(key) else weight
+
+
 def _load_weights(net: StateTransitionNetwork, sd: dict, drop_decoder: bool) -> None:
     """Map arc keys onto the network and load strictly; any key problem is an error naming it."""
     mapped: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if _SKIP_RE.match(k) or (drop_decoder and k.startswith("gene_decoder.")):
             continue
-        mapped[k] = (v.t() if _CONV1D_RE.match(k) else v).float().contiguous()
+        mapped[k] = conv1d_layout(k, v).float().contiguous()
     check_finite_weights(mapped, "the checkpoint")
     own = net.state_dict()
     missing = [k for k in own if k not in mapped]

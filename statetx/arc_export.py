@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from statetx._utils import atomic_folder, check_folder
-from statetx.arc import _CONV1D_RE
+from statetx.arc import conv1d_layout
 from statetx.errors import ConfigError
 from statetx.runconfig import config_of_model, dump_config
 
@@ -166,7 +166,7 @@ def arc_state_dict(network: torch.nn.Module, positions: int) -> dict[str, torch.
     Conv1D layout, and the backbone's zero token table (and, GPT-2, its ``positions``-row
     position table: arc-state sizes it by the set length) added."""
     c = network.config
-    sd = {k: (v.t() if _CONV1D_RE.match(k) else v).detach().cpu().contiguous().clone()
+    sd = {k: conv1d_layout(k, v).detach().cpu().contiguous().clone()
           for k, v in network.state_dict().items()}
     if c.backbone == "llama":
         sd["transformer_backbone.embed_tokens.weight"] = torch.zeros(TOKEN_ROWS, c.hidden_dim)
