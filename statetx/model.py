@@ -2008,7 +2008,7 @@ class StateTransitionModel(Estimator):
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict:
-        return persist.pickled_state(self, super().__getstate__())
+        return persist.pickled_state(super().__getstate__())
 
     def __deepcopy__(self, memo: dict) -> StateTransitionModel:
         return deepcopy_sharing(self, memo)  # (the copy can predict_split: same data)

@@ -311,7 +311,7 @@ def from_arc_state(cls: type[StateTransitionModel], run_dir: str | Path,
     return model
 
 
-def pickled_state(model: StateTransitionModel, state: dict) -> dict:
+def pickled_state(state: dict) -> dict:
     """``state`` (the estimator's ``__getstate__`` dict) made ready to pickle: the network as
     CPU tensors, no device, and a ``pert_features`` dict that equals the vocabulary's rows
     stored by name only."""
