@@ -166,8 +166,8 @@ def sample_rows(x: np.ndarray | sp.spmatrix, max_rows: int = 1000) -> np.ndarray
 
 def log1p_depth(x: np.ndarray | sp.spmatrix, max_rows: int = 1000) -> float:
     """The counts per cell log1p-normalised values ``x`` stand for: the median over (up to
-    ``max_rows`` evenly spread) rows of the sum of ``expm1`` (what a prediction records as its
-    training data's depth, and what evaluate compares with it)."""
+    ``max_rows`` evenly spread) rows of the sum of ``expm1`` (a model's training depth per cell
+    type; the total evaluate brings count files to)."""
     with np.errstate(over="ignore"):  # (values far above log1p scale are refused elsewhere)
         return float(np.median(np.expm1(sample_rows(x, max_rows)).sum(axis=1)))
 
@@ -336,7 +336,7 @@ def history_frame(history: Iterable[dict] | Any) -> Any:
 
 # estimator parameters a resumed run may change (a checkpoint from before still belongs to it)
 RESUMABLE_PARAMS = ("max_steps", "device", "compile", "compile_mode", "data_on_device",
-                    "progress", "log_every_n_steps")
+                    "progress", "log_every_n_steps", "val_freq")
 
 
 # estimator parameters added after runs were first written, with their defaults (a record

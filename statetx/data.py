@@ -560,7 +560,7 @@ def negative_training_input(where: str, lowest: float, example: str) -> DataErro
     predict would refuse); an embedding may be negative and is given as embed_key."""
     return DataError(negative_values_message(
         where, lowest, "ST trains on non-negative expression (log1p-normalised values, or "
-        "counts), and predict refuses negative input", example)
+        "counts), and a scaled input shifts its predictions", example)
         + " An embedding, whose values may well be negative (e.g. obsm['X_pca']), is given as "
         "embed_key.")
 

@@ -128,7 +128,7 @@ UNTRAINED_MODES = ("control", "as_is")
 #: data of up to ~100k cells) trains for a fixed number of passes over the training cells and
 #: returns the running mean of its weights, both tuned on held-out validation folds
 #: (benchmarks/quality/README.md).
-#: ``val_freq`` / ``ckpt_every_n_steps`` left as None: a tenth of ``max_steps``, at most this.
+#: ``val_freq`` left as None: a tenth of ``max_steps``, at most this.
 AUTO_VAL_FREQ = 2000
 TRAINING_DEFAULTS: dict[str, dict] = {
     "*": {"batch_size": 16, "max_steps": 40_000, "lr": 1e-4, "weight_averaging": "none"},
@@ -184,13 +184,13 @@ class StateTransitionModel(Estimator):
         stochastic weight averaging; it removes the step-to-step noise of a constant learning
         rate); ``none``: the last weights; ``auto`` (default): ``uniform`` for the ``small``
         preset, ``none`` for the reference presets.
-    val_freq, ckpt_every_n_steps
-        Validate (when there is a ``val`` split; ``best.ckpt``, early stopping) and write the
-        periodic checkpoints every this many steps; None (default) = a tenth of ``max_steps``,
+    val_freq
+        Validate (when there is a ``val`` split: ``best.ckpt``, early stopping; ``last.ckpt``
+        is written then too) every this many steps; None (default) = a tenth of ``max_steps``,
         at most 2,000 (the reference's 2,000 at its 40,000 steps; the ``small`` preset's
         300–3,000 steps validate 10 times, not only at the end).
     optimizer, weight_decay, lr_schedule, warmup_steps, gradient_clip_val,
-    gradient_accumulation_steps, loss, log_every_n_steps, keep_last_n,
+    gradient_accumulation_steps, loss, ckpt_every_n_steps, log_every_n_steps, keep_last_n,
     early_stopping_patience, precision, matmul_precision
         Training settings (see :class:`statetx.train.TrainConfig`).
     loss_kwargs
@@ -369,7 +369,7 @@ class StateTransitionModel(Estimator):
         loss: str = "energy",
         loss_kwargs: dict | None = None,
         val_freq: int | None = None,
-        ckpt_every_n_steps: int | None = None,
+        ckpt_every_n_steps: int = 2000,
         log_every_n_steps: int = 50,
         keep_last_n: int | None = None,
         early_stopping_patience: int | None = None,
@@ -492,8 +492,6 @@ class StateTransitionModel(Estimator):
         every = min(AUTO_VAL_FREQ, max(steps // 10, 1))
         return {"batch_size": batch, "max_steps": steps,
                 "val_freq": int(self.val_freq if self.val_freq is not None else every),
-                "ckpt_every_n_steps": int(self.ckpt_every_n_steps
-                                          if self.ckpt_every_n_steps is not None else every),
                 "lr": float(self.lr if self.lr is not None else d["lr"]),
                 "weight_averaging": (d["weight_averaging"] if self.weight_averaging == "auto"
                                      else self.weight_averaging),
@@ -588,7 +586,7 @@ class StateTransitionModel(Estimator):
             warmup_steps=self.warmup_steps, gradient_clip_val=self.gradient_clip_val,
             gradient_accumulation_steps=self.gradient_accumulation_steps, loss=self.loss,
             **split_loss_kwargs(self.loss_kwargs),
-            val_freq=settings["val_freq"], ckpt_every_n_steps=settings["ckpt_every_n_steps"],
+            val_freq=settings["val_freq"], ckpt_every_n_steps=self.ckpt_every_n_steps,
             log_every_n_steps=self.log_every_n_steps,
             keep_last_n=self.keep_last_n, early_stopping_patience=self.early_stopping_patience,
             precision=self.precision, matmul_precision=self.matmul_precision,
@@ -667,7 +665,7 @@ class StateTransitionModel(Estimator):
         if not 0.0 < float(self.val_subsample_fraction) <= 1.0:
             raise ConfigError(f"val_subsample_fraction={self.val_subsample_fraction!r} must be "
                               "in (0, 1].")
-        for name in ("batch_size", "cell_set_len", "max_steps", "val_freq", "ckpt_every_n_steps"):
+        for name in ("batch_size", "cell_set_len", "max_steps", "val_freq"):
             as_count(name, getattr(self, name), optional=True)
         as_count("downsample_cells", self.downsample_cells, optional=True)
         check_sampler_options("random", 1, 1, pad_from=self.pad_from)
@@ -713,8 +711,7 @@ class StateTransitionModel(Estimator):
                     errors.append(exc)
         if len(errors) == len(candidates):
             raise errors[0]
-        probe = {"max_steps": 1, "lr": 0.0, "weight_averaging": averaging, "val_freq": 1,
-                 "ckpt_every_n_steps": 1}
+        probe = {"max_steps": 1, "lr": 0.0, "weight_averaging": averaging, "val_freq": 1}
         cfg = self._train_config(probe)
         get_loss(cfg.loss, **cfg.loss_options)  # loss option errors before reading data
         if self.lr is not None:
@@ -1426,7 +1423,7 @@ class StateTransitionModel(Estimator):
                               "matmul_precision": matmul_precision,
                               "control_pert": input_control, "pert_col": pert_col,
                               **({"celltype_col": ct_col} if ct_col in out.obs else {}),
-                              "scale": self._output_scale, **self._depth_record(),
+                              "scale": self._output_scale,
                               **({"model": str(Path(source).absolute())}
                                  if source is not None else {})}
         if all_perts and layout != "arc":  # a virtual experiment keeps the input's uns (§3.4)
@@ -1622,16 +1619,6 @@ class StateTransitionModel(Estimator):
             out.obsm[f"{c.embed_key}_pred"] = res["pred"]
         return mark_scale(out, self._output_scale)
 
-    def _depth_record(self) -> dict:
-        """``training_depth`` for a prediction's ``uns['statetx']``: the counts per cell the
-        training data's log1p values stood for over the output genes (median over cell types),
-        which evaluate normalises real counts to."""
-        depths = getattr(self, "expression_depth_", None)
-        if not depths or self.gene_names_ is not None or self._output_scale != "log1p":
-            return {}
-        return {"training_depth": {"counts_per_cell": float(np.median(list(depths.values()))),
-                                   "n_genes": len(self.var_names_)}}
-
     def _counts_source(self) -> str | None:
         """Where a gene decoder's genes live in an input AnnData: None = X, else an obsm key."""
         return counts_source(self.columns_.output_space, self.counts_key)
@@ -1774,8 +1761,7 @@ class StateTransitionModel(Estimator):
                       matmul_precision=matmul_precision)
         info = {"split": split, "seed": int(seed), "pert_col": self.columns_.pert_col,
                 "control_pert": self.vocab_.control_pert,
-                "celltype_col": self.columns_.cell_type_key, "scale": self._output_scale,
-                **self._depth_record()}
+                "celltype_col": self.columns_.cell_type_key, "scale": self._output_scale}
         if pseudobulk:
             if additional_obs:
                 raise ConfigError("additional_obs= copies per-cell obs columns; pseudobulk rows "
@@ -2097,7 +2083,8 @@ def _warn_unpaired_batches(prepared: PreparedData, strategy: str) -> None:
     elsewhere = batches_without_controls(split.context, split.batch, perturbed, ctrl,
                                          split.context, split.batch)
     more = ""
-    if elsewhere and sum(elsewhere.values()) == len(perturbed):
+    paired = np.isin(split.context[perturbed], split.context[ctrl]).sum()  # (context has any)
+    if elsewhere and sum(elsewhere.values()) == paired:
         more = (f" No perturbed training cell has controls in its batch: obs['"
                 f"{prepared.columns.batch_col}'] looks confounded with the perturbation (e.g. "
                 "a sample column with one sample per condition), so batch pairing pairs "
@@ -2217,8 +2204,9 @@ def _carry_var(adata: ad.AnnData, out: ad.AnnData, gene_name_col: str | None) ->
     pos = first_positions(names, out.var_names.astype(str))  # (output genes: unique in input)
     if (pos < 0).all():
         return
-    # (genes the input lacks, e.g. missing_genes="zero": missing values in their columns)
     var = adata.var.reset_index(drop=True).reindex(pos)
+    if (pos < 0).any():  # (genes the input lacks, missing_genes="zero": missing values, in
+        var = var.convert_dtypes()  # types that hold them and write: boolean, Int64, string)
     var.index = out.var_names
     out.var = var
 

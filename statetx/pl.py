@@ -7,7 +7,7 @@ the figure is written to, in an existing folder, its format from the suffix (``.
 ``.svg``, …; no suffix: matplotlib's default, png, is added); it is checked before anything is
 drawn (``True``, a bare suffix such as ``".png"`` or an unknown format is an error). A figure made
 by the plot (no ``ax``) is closed once saved unless ``show=True``, as in scanpy, so plots saved in
-a loop do not pile up.
+a loop do not pile up (in a notebook, with ``show`` left as None, it is shown first).
 """
 
 from __future__ import annotations
@@ -121,6 +121,8 @@ def _finish(ax: Axes, own: bool, show: bool | None, save: Path | None) -> Axes:
     if show:
         plt.show()
     elif own and save is not None:
+        if show is None and "inline" in plt.get_backend():  # a notebook: shown, then closed
+            plt.show()
         plt.close(fig)
     return ax
 
@@ -378,8 +380,8 @@ def _long(tables: Mapping[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFrame:
 def metric_bars(
     tables: Mapping[str, pd.DataFrame] | pd.DataFrame,
     metrics: Sequence[str] = ("pearson_delta", "discrimination_score_l1", "overlap_at_N", "mae"),
-    *,
     ax: Axes | None = None,
+    *,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
 ) -> Axes:
@@ -474,8 +476,8 @@ def _history(obj: Any) -> pd.DataFrame:
 def history(
     model_or_history: Any,
     keys: Sequence[str] | None = None,
-    *,
     ax: Axes | None = None,
+    *,
     logy: bool = False,
     show: bool | None = None,
     save: str | os.PathLike | None = None,

@@ -136,7 +136,7 @@ class BlockReader:
         self.files, self.source, self.dtype = files, source, dtype
         self.key = "X" if source is None else f"obsm/{source}"
         # negative values matter in expression only (embeddings may well be negative): refused
-        # in the model's input (predict refuses them), warned about in a gene-space ``target``
+        # in the model's input, warned about in a gene-space ``target``
         self.expression = source in (None, "X_hvg") if expression is None else expression
         self.target = target
         self._h5: dict[int, tuple[h5py.File, H5Matrix]] = {}

@@ -1085,7 +1085,7 @@ def test_info_shows_the_preset_auto_chose_and_the_recipe(tmp_path, capsys):
     assert main(["info", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
     assert "statetx model directory: preset small (chosen by preset='auto')" in out
-    assert ("training: batch_size 8, max_steps 2, val_freq 1, ckpt_every_n_steps 1, lr 0.001, "
+    assert ("training: batch_size 8, max_steps 2, val_freq 1, lr 0.001, "
             "weight_averaging uniform, pairing random, yield_controls True") in out
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from anndata import read_h5ad
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
@@ -136,9 +135,7 @@ def test_predict_split_same_cells_in_pred_and_real(fitted):
     assert (pred.obs["pert_cell_barcode"] == real.obs["pert_cell_barcode"]).all()
     assert set(pred.obs["cell_type"]) == {"CT2"}
     for a in (pred, real):  # what the plots and metrics need to pair them
-        info = {k: v for k, v in a.uns["statetx"].items()
-                if k not in ("model_id", "training_depth")}
-        assert a.uns["statetx"]["training_depth"]["n_genes"] == a.n_vars
+        info = {k: v for k, v in a.uns["statetx"].items() if k != "model_id"}
         assert info == {"split": "test", "seed": 0, "pert_col": "gene",  # the model's
                         "control_pert": "ctrl", "celltype_col": "cell_type", "scale": "log1p"}
     assert "model_id" in pred.uns["statetx"] and "model_id" not in real.uns["statetx"]
@@ -524,7 +521,7 @@ def test_score_is_a_correlation(fitted):
         model.score(adata, min_cells=100)
 
 
-def test_gene_mismatch_lists_missing_genes(fitted):
+def test_gene_mismatch_lists_missing_genes(fitted, tmp_path):
     model, adata = fitted
     sub = adata[:, 3:].copy()
     sub.var["symbol"] = [f"S{name}" for name in sub.var_names]
@@ -535,6 +532,11 @@ def test_gene_mismatch_lists_missing_genes(fitted):
     assert filled.n_vars == 32  # (the input's gene annotations kept; missing for the 3)
     assert filled.var["symbol"].isna().sum() == 3
     assert filled.var.loc["G5", "symbol"] == "SG5"
+    sub.var["highly_variable"] = True  # (a bool column with missing values still writes)
+    with pytest.warns(UserWarning, match="3 of 32 model genes are missing"):
+        zero = model.predict(sub, missing_genes="zero")
+    assert zero.var["highly_variable"].isna().sum() == 3
+    zero.write_h5ad(tmp_path / "zero.h5ad")
     reordered = adata[:, ::-1].copy()  # order fixed by name
     np.testing.assert_allclose(model.predict(reordered).X, model.predict(adata).X, atol=1e-6)
 
@@ -610,7 +612,7 @@ def test_auto_preset_and_training_defaults(synth):
     m.fit(synth)
     assert m.preset_ == "small"
     assert m.train_settings_ == {"batch_size": 8, "max_steps": 2, "lr": 1e-3,
-                                 "val_freq": 1, "ckpt_every_n_steps": 1,
+                                 "val_freq": 1,
                                  "weight_averaging": "uniform", "pairing": "random",
                                  "yield_controls": True}
     assert m.network_config_.residual_space == "input" and m.network_config_.dropout == 0.0
@@ -619,27 +621,37 @@ def test_auto_preset_and_training_defaults(synth):
     steps = auto._training_defaults("small", 10_000, 64)["max_steps"]
     assert steps == round(100 * 10_000 / (8 * 64))
     small = auto._training_defaults("small", 100, 64)
-    assert (small["max_steps"], small["val_freq"], small["ckpt_every_n_steps"]) == (300, 30, 30)
+    assert (small["max_steps"], small["val_freq"]) == (300, 30)
     assert auto._training_defaults("state_sm", 10**6, 128) == {
         "batch_size": 16, "max_steps": 40_000, "lr": 1e-4, "val_freq": 2000,
-        "ckpt_every_n_steps": 2000, "weight_averaging": "none",
+        "weight_averaging": "none",
         "pairing": "random", "yield_controls": True}
     given = StateTransitionModel(max_steps=100, val_freq=7)._training_defaults("small", 100, 64)
-    assert (given["val_freq"], given["ckpt_every_n_steps"]) == (7, 10)
+    assert given["val_freq"] == 7
 
 
-def test_default_val_freq_validates_a_short_run_several_times(synth, tmp_path):
+def test_a_checkpoint_from_before_the_val_freq_default_still_resumes():
+    """Runs written when val_freq defaulted to 2,000 record it; the new default (None) is no
+    change a resume refuses or warns about (val_freq only schedules validation)."""
+    from statetx._utils import changed_params
+
+    before = {"params": {"val_freq": 2000, "lr": 1e-3}}
+    assert changed_params(before, {"params": {"val_freq": None, "lr": 1e-3}}) == []
+    assert changed_params(before, {"params": {"val_freq": None, "lr": 1e-4}}) == [
+        "lr: 0.001 -> 0.0001"]
+
+
+def test_default_val_freq_validates_a_short_run_several_times(synth):
     """Left unset, val_freq is a tenth of max_steps (the reference's 2,000 would validate a
     300-3,000-step ``small`` run only at its end: best.ckpt = the last weights)."""
     m = StateTransitionModel("tiny", pert_col="gene", cell_type_key="cell_type",
                              control_pert="ctrl", model_kwargs=SMALL, cell_set_len=8,
                              batch_size=4, max_steps=20, progress=False, seed=0)
     spec = '[training]\ndata = "train"\n[zeroshot]\n"data.CT1" = "val"\n"data.CT2" = "test"\n'
-    m.fit(synth, spec, output_dir=tmp_path / "run")
-    assert m.train_settings_["val_freq"] == m.train_settings_["ckpt_every_n_steps"] == 2
+    m.fit(synth, spec)
+    assert m.train_settings_["val_freq"] == 2
     val = m.history_.dropna(subset=["val_loss"])
     assert list(val["step"]) == list(range(2, 21, 2))
-    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").exists()
 
 
 def test_sets_per_pass_changes_memory_not_results(fitted):
@@ -1862,18 +1874,3 @@ def test_predict_inplace_writes_the_arc_layout_into_the_input(fitted):
     with pytest.warns(UserWarning, match="the AnnData it was taken from is not changed"):
         model.predict(view, inplace=True, seed=2)
     np.testing.assert_array_equal(np.asarray(parent.X), np.asarray(adata.X))
-
-
-def test_predictions_record_the_training_depth_for_evaluate(fitted, tmp_path):
-    """uns['statetx']['training_depth']: the counts per cell the training data's log1p values
-    stood for over the model's genes (evaluate normalises real counts to it); it survives h5ad."""
-    model, adata = fitted
-    assert model.expression_depth_
-    pred = model.predict(adata)
-    record = pred.uns["statetx"]["training_depth"]
-    assert record == {"counts_per_cell": float(np.median(list(model.expression_depth_.values()))),
-                      "n_genes": adata.n_vars}
-    pred.write_h5ad(tmp_path / "p.h5ad")
-    back = read_h5ad(tmp_path / "p.h5ad").uns["statetx"]["training_depth"]
-    assert back["counts_per_cell"] == record["counts_per_cell"]
-    assert model.predict_split("test")[0].uns["statetx"]["training_depth"] == record

@@ -174,6 +174,13 @@ def test_figures_stay_open_when_not_saved_shown_or_not_their_own(pair, tmp_path,
         assert draw(ax=mine, save=tmp_path / f"{name}_mine.png") is mine
         assert plt.get_fignums() == [fig.number], name
         plt.close("all")
+    # in a notebook (inline backend), a figure saved with show left as None is shown, then closed
+    monkeypatch.setattr(plt, "get_backend", lambda: "module://matplotlib_inline.backend_inline")
+    shown.clear()
+    ax = pl.delta_scatter(*pair, perts=["G000"], save=tmp_path / "inline.png")
+    assert shown == [[ax.figure.number]] and plt.get_fignums() == []
+    pl.delta_scatter(*pair, perts=["G000"], save=tmp_path / "quiet.png", show=False)
+    assert len(shown) == 1 and plt.get_fignums() == []
 
 
 def test_bad_save_values_are_refused_before_drawing(pair, tmp_path, monkeypatch):
@@ -273,16 +280,17 @@ def test_options_after_the_documented_positional_ones_are_keyword_only():
                   "top_genes": ["adata_pred", "adata_real", "perturbation", "pert_col",
                                 "control_pert"],
                   "embedding": ["adata_pred", "adata_real", "pert_col", "control_pert"],
-                  "history": ["model_or_history", "keys"],
-                  "metric_bars": ["tables", "metrics"]}
+                  "history": ["model_or_history", "keys", "ax"],  # (ax third, as released)
+                  "metric_bars": ["tables", "metrics", "ax"]}
     for name, first in positional.items():
         params = inspect.signature(getattr(pl, name)).parameters.values()
         assert [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD] == first, name
-        assert {"ax", "show", "save"} <= {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+        keyword = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+        assert {"show", "save"} <= keyword and ("ax" in keyword) != ("ax" in first), name
     h = pd.DataFrame({"step": [1, 2], "train_loss": [1.0, 0.5]})
     fig, ax = plt.subplots()
-    with pytest.raises(TypeError):
-        pl.history(h, None, ax)
+    assert pl.history(h, None, ax) is ax
+    plt.close(fig)
 
 
 def test_every_parameter_is_documented():

@@ -106,6 +106,9 @@ def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False,
             f"converting it to log1p(normalize_total(target_sum={total:g})), "
             + (f"{target_is}. " if target is not None
                else "its median cell total, as cell-eval does. ")
+            + ("The truth then takes its scale from pred: a prediction on another scale would "
+               "not show in the metrics. " if which == "real" and target is not None
+               and "both files" not in target_is else "")
             + "Pass log1p-normalised data, or allow_discrete=True to use the values as they are.",
             UserWarning, stacklevel=3,
         )
@@ -138,40 +141,18 @@ def log1p_total(adata: ad.AnnData) -> float:
 
 
 def count_targets(pred: ad.AnnData, real: ad.AnnData, allow_discrete: bool
-                  ) -> tuple[float | None, float | None, str | None]:
-    """Normalisation totals for integer-count inputs (see :func:`check_scale`), and what the
-    total is: a count side paired with a log1p side is brought to the total the log1p side
-    stands for, two count sides both to the real cells' median total (each file to its own
-    median, cell-eval's rule, puts them on different scales). Real counts paired with a statetx
-    prediction go to the counts per cell of the model's training data over these genes
-    (``uns['statetx']['training_depth']``, when pred has all the model's genes), not the
-    prediction's own: a prediction on another scale would otherwise take its truth along
-    (warned)."""
+                  ) -> tuple[float | None, float | None]:
+    """Normalisation totals for integer-count inputs (see :func:`check_scale`): a count side
+    paired with a log1p side is brought to the total the log1p side stands for, two count sides
+    both to the real cells' median total (each file to its own median, cell-eval's rule, puts
+    them on different scales)."""
     if allow_discrete:
-        return None, None, None
+        return None, None
     counts_p, counts_r = not has_fraction(pred), not has_fraction(real)
     if counts_p and counts_r:
         t = median_total(real.X)
-        return t, t, "the real cells' median total (both files hold counts)"
-    if counts_p:
-        return log1p_total(real), None, None
-    if not counts_r:
-        return None, None, None
-    implied = log1p_total(pred)
-    info = pred.uns.get("statetx")
-    record = info.get("training_depth") if isinstance(info, Mapping) else None
-    depth = (float(record["counts_per_cell"]) if isinstance(record, Mapping)
-             and record.get("n_genes") == pred.n_vars else None)  # (not for a gene subset)
-    if depth is None or not np.isfinite(depth) or depth <= 0:
-        return None, implied, None
-    if not 0.5 <= implied / depth <= 2:
-        warnings.warn(
-            f"pred's log1p values stand for {implied:,.4g} counts per cell over these genes, the "
-            f"model's training data for {depth:,.4g} (uns['statetx']['training_depth']): the "
-            "predictions are on another scale than the data the model learnt (clipped, "
-            "transformed or from another model?). The real counts are normalised to the "
-            "training data's total.", UserWarning, stacklevel=3)
-    return None, float(depth), "the counts per cell of the model's training data"
+        return t, t
+    return (log1p_total(real) if counts_p else None), (log1p_total(pred) if counts_r else None)
 
 
 def is_count_scale(adata: ad.AnnData) -> bool:

@@ -532,9 +532,10 @@ def evaluate(
                             "scale: pass the real counts, or allow_discrete=True to compare the "
                             "values as they are.")
         p, r = counts_to_log1p(p, r, own_median=counts_target == "own_median")
-    tp, tr, target_is = (count_targets(p, r, allow_discrete) if counts_target == "shared"
-                         else (None, None, None))  # (None: each count file to its own median)
-    note = {"target_is": target_is} if target_is else {}
+    tp, tr = (count_targets(p, r, allow_discrete) if counts_target == "shared"
+              else (None, None))  # (None: each count file to its own median total)
+    note = ({"target_is": "the real cells' median total (both files hold counts)"}
+            if tp is not None and tr is not None else {})
     done = {}  # a log1p side is checked before a count side is brought to its total
     for which, a, t in sorted([("pred", p, tp), ("real", r, tr)], key=lambda c: c[2] is not None):
         done[which] = check_scale(a, which, allow_discrete, t, **note)
