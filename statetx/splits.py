@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import anndata as ad
@@ -328,17 +328,23 @@ def spelling_key(label: object) -> str:
     return re.sub(r"[\s_-]+", " ", str(label).casefold()).strip()
 
 
-def _spellings(labels) -> dict[str, list[str]]:
-    """Unique ``labels`` by :func:`spelling_key` (built once: a lookup per held-out name)."""
-    out: dict[str, list[str]] = {}
+def _clashes(wanted: Mapping[str, str], labels: Iterable[str], split_of: Callable[[str], str],
+             cells: Callable[[str], str]) -> tuple[list[str], dict[str, str]]:
+    """Labels spelled like a ``wanted`` one (label → its description) but for
+    :func:`spelling_key`, and assigned to another split: one line per wanted label, and the
+    ``replace()`` mapping that harmonises them. Only unique labels are compared."""
+    groups: dict[str, list[str]] = {}
     for lab in sorted(set(labels)):
-        out.setdefault(spelling_key(lab), []).append(lab)
-    return out
-
-
-def _variants(spellings: Mapping[str, list[str]], wanted: str) -> list[str]:
-    """The other labels that equal ``wanted`` but for :func:`spelling_key`."""
-    return [lab for lab in spellings.get(spelling_key(wanted), ()) if lab != wanted]
+        groups.setdefault(spelling_key(lab), []).append(lab)
+    found, fix = [], {}
+    for label, described in wanted.items():
+        others = [v for v in groups.get(spelling_key(label), ())
+                  if v != label and split_of(v) != split_of(label)]
+        if others:
+            found.append(f"{described} vs " + ", ".join(f"{v!r} ({cells(v)}, {split_of(v)})"
+                                                        for v in others))
+            fix.update({v: label for v in others})
+    return found, fix
 
 
 def _cells_of(files: Sequence[DataFile], column: str, label: str,
@@ -358,18 +364,23 @@ def _cells_of(files: Sequence[DataFile], column: str, label: str,
     return f"{sum(counts.values()):,} cells{where}"
 
 
-def _replace_hint(column: str, variants: Mapping[str, str]) -> str:
-    mapping = ", ".join(f"{k!r}: {v!r}" for k, v in variants.items())
-    return (f"harmonise the labels before splitting, e.g. adata.obs[{column!r}] = "
-            f"adata.obs[{column!r}].replace({{{mapping}}}) (in every file of the dataset)")
+def _spelling_warning(what: str, kind: str, found: list[str], column: str,
+                      fix: Mapping[str, str]) -> None:
+    mapping = ", ".join(f"{k!r}: {v!r}" for k, v in fix.items())
+    warnings.warn(
+        f"{what}: {'; '.join(found)}. Each label is assigned by its exact spelling, so cells of a "
+        f"held-out {kind} train (or are left out) under the other spelling. If they are one "
+        f"{kind}, harmonise the labels before splitting, "
+        f"e.g. adata.obs[{column!r}] = adata.obs[{column!r}].replace({{{mapping}}}) (in every "
+        "file of the dataset); if not, rename one so they differ clearly.",
+        UserWarning, stacklevel=5)
 
 
 def _warn_spelling_variants(ds: str, files: Sequence[DataFile], config: SplitConfig,
                             cell_types: Sequence[str], cell_type_key: str) -> None:
     """A held-out cell type ([zeroshot] / [fewshot]) spelled differently elsewhere in its dataset
     (another donor or file annotated in lower case, with '_' for spaces, ...): those cells are
-    assigned by their own label, so held-out cells would train (or be left out) unsaid. Only
-    the unique labels are compared; cells are counted for the variants found."""
+    assigned by their own label, so held-out cells would train (or be left out) unsaid."""
     zs, fs = config.heldout(ds)
 
     def split_of(ct: str) -> str:
@@ -379,25 +390,16 @@ def _warn_spelling_variants(ds: str, files: Sequence[DataFile], config: SplitCon
             return "[fewshot]: split train but for its val/test perturbations"
         return "split train" if ds in config.training else "no split (left out)"
 
-    found, fix, spellings = [], {}, _spellings(cell_types)
-    for section, table in (("zeroshot", zs), ("fewshot", fs)):
-        for ct in table:
-            others = [v for v in _variants(spellings, ct) if split_of(v) != split_of(ct)]
-            if not others:
-                continue
-            found.append(f"'{ct}' ({config.where(section, f'{ds}.{ct}')}; "
-                         f"{_cells_of(files, 'cell_type', ct)}, {split_of(ct)}) vs "
-                         + ", ".join(f"{v!r} ({_cells_of(files, 'cell_type', v)}, "
-                                     f"{split_of(v)})" for v in others))
-            fix.update({v: ct for v in others})
+    def cells(ct: str) -> str:
+        return _cells_of(files, "cell_type", ct)
+
+    wanted = {ct: f"'{ct}' ({config.where(section, f'{ds}.{ct}')}; {cells(ct)}, {split_of(ct)})"
+              for section, table in (("zeroshot", zs), ("fewshot", fs)) for ct in table}
+    found, fix = _clashes(wanted, cell_types, split_of, cells)
     if found:
-        warnings.warn(
-            f"obs['{cell_type_key}'] of dataset '{ds}' spells held-out cell type(s) in other "
-            f"ways too (equal but for case, spaces, '_' or '-'): {'; '.join(found)}. Each label "
-            "is assigned by its exact spelling, so cells of a held-out cell type train (or are "
-            f"left out) under the other spelling. If they are one cell type, "
-            f"{_replace_hint(cell_type_key, fix)}; if not, rename one so they differ clearly.",
-            UserWarning, stacklevel=4)
+        _spelling_warning(f"obs['{cell_type_key}'] of dataset '{ds}' spells held-out cell "
+                          "type(s) in other ways too (equal but for case, spaces, '_' or '-')",
+                          "cell type", found, cell_type_key, fix)
 
 
 def _warn_pert_spelling_variants(ds: str, ct: str, entry, present: set[str],
@@ -406,23 +408,17 @@ def _warn_pert_spelling_variants(ds: str, ct: str, entry, present: set[str],
     """A [fewshot] val/test perturbation spelled differently among the cell type's other
     perturbations: those cells train (they are not listed), unsaid otherwise."""
     listed = {p: part for part in ("val", "test") for p in getattr(entry, part)}
-    found, fix, spellings = [], {}, _spellings(present)
-    for p, part in listed.items():
-        others = [v for v in _variants(spellings, p) if listed.get(v) != part]
-        if not others:
-            continue
-        found.append(f"{part} '{p}' ({_cells_of(files, 'pert', p, ct)}) vs "
-                     + ", ".join(f"{v!r} ({_cells_of(files, 'pert', v, ct)}, split "
-                                 f"{listed.get(v, 'train')})" for v in others))
-        fix.update({v: p for v in others})
+
+    def cells(p: str) -> str:
+        return _cells_of(files, "pert", p, ct)
+
+    wanted = {p: f"{part} '{p}' ({cells(p)})" for p, part in listed.items()}
+    found, fix = _clashes(wanted, present, lambda p: f"split {listed.get(p, 'train')}", cells)
     if found:
-        warnings.warn(
-            f"{config.where('fewshot', f'{ds}.{ct}')} holds out perturbation(s) that other "
-            f"labels of obs['{pert_col}'] in cell type '{ct}' spell in other ways (equal but "
-            f"for case, spaces, '_' or '-'): {'; '.join(found)}. Each label is assigned by its "
-            "exact spelling, so cells of a held-out perturbation train under the other "
-            f"spelling. If they are one perturbation, {_replace_hint(pert_col, fix)}; if not, "
-            "rename one so they differ clearly.", UserWarning, stacklevel=4)
+        _spelling_warning(f"{config.where('fewshot', f'{ds}.{ct}')} holds out perturbation(s) "
+                          f"that other labels of obs['{pert_col}'] in cell type '{ct}' spell in "
+                          "other ways (equal but for case, spaces, '_' or '-')",
+                          "perturbation", found, pert_col, fix)
 
 
 def _check_control_pools(f: DataFile, is_ctrl, masks, cell_type_key) -> None:
