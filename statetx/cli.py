@@ -814,36 +814,22 @@ def _dry_run(plan: Any) -> int:
 
     from statetx.model import StateTransitionModel
     from statetx.nn import StateTransitionNetwork
-    from statetx.presets import describe, network_config_for
+    from statetx.presets import describe
 
     model = StateTransitionModel(**plan.params)
-    prepared = _prepare_split(plan.toml, model._columns(), model)
-    train = prepared.splits.get("train")
-    if model.data_loading == "stream" and train is not None:  # its values: one streamed pass
-        train.check_all_values()
-    n_train = int(train.is_target.sum()) if train is not None else 0
-    preset = model._resolve_preset(n_train)
-    net = network_config_for(model._architecture(preset), prepared)
+    prepared = model._prepare(None, plan.toml, model._columns())  # (as fit reads it)
+    _print_summary(prepared)
+    if model.data_loading == "stream":  # the training values: one streamed pass
+        prepared.splits["train"].check_all_values()
+    fit_plan = model._plan(prepared)  # (fit's preset, architecture and network)
     with torch.device("meta"):  # (its parameter count, without weights)
-        network = StateTransitionNetwork(net)
-    print(describe(net, network))
-    if train is not None and not plan.init_from:  # (fit's size advice, as a real run gives it)
-        model._warn_size(preset, network.num_parameters(), n_train)
-    model._warn_decoder_settings(prepared, net, preset)  # (as fit says them)
+        network = StateTransitionNetwork(fit_plan.net_cfg)
+    print(describe(fit_plan.net_cfg, network))
+    if not plan.init_from:  # (fit's size advice, as a real run gives it)
+        model._warn_size(fit_plan.preset, network.num_parameters(), fit_plan.n_train)
+    model._warn_decoder_settings(prepared, fit_plan.net_cfg, fit_plan.preset)  # (as fit says them)
     _say("dry run: the split file and the data are valid; nothing was trained.")
     return EXIT_OK
-
-
-def _prepare_split(toml: Path, columns: Any, model: Any = None, **kw: Any) -> Any:
-    from statetx.stream import preparer
-
-    stream = model is not None and model.data_loading == "stream"  # (the training split's labels)
-    if model is not None:
-        kw = dict(pert_features=model.pert_features, **model._data_options(), **kw)
-    prepared = preparer(model.stream_chunk_size if stream else None)(
-        None, Path(toml), columns, **kw)
-    _print_summary(prepared)
-    return prepared
 
 
 def _plural(n: int, word: str) -> str:
@@ -894,7 +880,9 @@ def cmd_split(a: argparse.Namespace) -> int:
         if found:
             _say(f"no --batch-col: the data are one batch here (obs has '{found[0]}': "
                  f"--batch-col {found[0]}, as tx train's data.kwargs.batch_col)")
-    _prepare_split(toml, cols, allow_counts=a.allow_counts)
+    from statetx.data import prepare
+
+    _print_summary(prepare(None, toml, cols, allow_counts=a.allow_counts))
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ import copy
 import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,23 @@ TRAINING_DEFAULTS: dict[str, dict] = {
 def input_gene_col(columns: ColumnMap, given: str | bool | None) -> str | None:
     """The input's gene-name column: as given (False: var_names), else the training one."""
     return columns.gene_name_col if given is None else given or None
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """What a fit trains, resolved from its prepared data (:meth:`StateTransitionModel._plan`,
+    shared by ``fit`` and the command line's dry run)."""
+
+    n_train: int  #: training cells (targets of the training split)
+    n_used: int  #: of those, the cells that train (``downsample_cells``: at most that many a group)
+    preset: str  #: the preset (``"auto"`` resolved from ``n_train``)
+    arch: dict  #: its architecture, ``model_kwargs`` and ``cell_set_len`` applied
+    settings: dict  #: the training settings, defaults resolved (:meth:`_training_defaults`)
+    net_cfg: NetworkConfig  #: the network, with the data's widths
+
+    @property
+    def set_len(self) -> int:
+        return int(self.arch["cell_set_len"])
 
 
 class StateTransitionModel(Estimator):
@@ -759,6 +777,37 @@ class StateTransitionModel(Estimator):
                              output_dir=output_dir, resume_from=resume_from,
                              force_resume=force_resume)
 
+    def _prepare(self, adata: ad.AnnData | dict[str, ad.AnnData] | None,
+                 split_config: SplitConfig | dict | str | Path | None, columns: ColumnMap,
+                 dataset_name: str | None = None) -> PreparedData:
+        """The split data a fit trains on (``columns``: :meth:`_columns`; the training split
+        streamed with ``data_loading="stream"``); the command line's dry run reads them alike."""
+        stream = self.data_loading == "stream"
+        return preparer(self.stream_chunk_size if stream else None)(
+            adata, split_config, columns, dataset_name=dataset_name,
+            pert_features=self.pert_features,
+            **self._data_options(),
+        )
+
+    def _plan(self, prepared: PreparedData) -> FitPlan:
+        """What ``fit`` trains on ``prepared`` (:meth:`_prepare`): the preset, architecture,
+        training settings and network configuration. Used by ``fit`` and by the command line's
+        dry run, so that the two plan a run alike; it reads no more data and writes nothing
+        (the architecture may warn, as ``model_kwargs`` are applied)."""
+        train = prepared.splits["train"]
+        n_train = int(train.is_target.sum())
+        n_used = n_train  # (downsample_cells: at most that many cells of a group train)
+        if self.downsample_cells is not None:
+            key = train.context[train.is_target] * (int(train.pert.max()) + 1) + train.pert[
+                train.is_target]
+            n_used = int(np.minimum(np.unique(key, return_counts=True)[1],
+                                    self.downsample_cells).sum())
+        preset = self._resolve_preset(n_train)
+        arch = self._architecture(preset)
+        settings = self._training_defaults(preset, n_used, int(arch["cell_set_len"]))
+        return FitPlan(n_train=n_train, n_used=n_used, preset=preset, arch=arch,
+                       settings=settings, net_cfg=network_config_for(arch, prepared))
+
     def _cuda_devices(self) -> list[int]:
         """The CUDA device a fit trains on (its random state is restored afterwards); none on
         the CPU."""
@@ -803,43 +852,28 @@ class StateTransitionModel(Estimator):
         columns = self._columns()
         stream = stream_settings(self.data_loading, self.stream_chunk_size,
                                  self.stream_buffer_chunks, self.stream_max_controls)
-        prepared = preparer(None if stream is None else stream.chunk_size)(
-            adata, split_config, columns, dataset_name=dataset_name,
-            pert_features=self.pert_features,
-            **self._data_options(),
-        )
+        prepared = self._prepare(adata, split_config, columns, dataset_name)
         extra_obs = self._additional_obs()
         for f in prepared.files if extra_obs else ():  # a missing column: an error now
             f.obs_columns(extra_obs)
-        train = prepared.splits["train"]
-        n_train = int(train.is_target.sum())
-        n_used = n_train  # (downsample_cells: at most that many cells of a group train)
-        if self.downsample_cells is not None:
-            key = train.context[train.is_target] * (int(train.pert.max()) + 1) + train.pert[
-                train.is_target]
-            n_used = int(np.minimum(np.unique(key, return_counts=True)[1],
-                                    self.downsample_cells).sum())
-        preset = self._resolve_preset(n_train)
-        arch = self._architecture(preset)
-        set_len = int(arch["cell_set_len"])
-        settings = self._training_defaults(preset, n_used, set_len)
+        plan = self._plan(prepared)
+        preset, settings, set_len, net_cfg = plan.preset, plan.settings, plan.set_len, plan.net_cfg
         train_cfg = self._train_config(settings)
         verbose = self.progress and rank == 0
         if rank == 0:
             warn_training_scale(prepared, stacklevel=4)
         if verbose:
             say(f"preset {preset!r}, batch_size {settings['batch_size']}, max_steps "
-                f"{settings['max_steps']}, lr {settings['lr']:g} ({n_train:,} training cells"
-                + (f", {n_used:,} used: at most {self.downsample_cells:,} per group"
+                f"{settings['max_steps']}, lr {settings['lr']:g} ({plan.n_train:,} training cells"
+                + (f", {plan.n_used:,} used: at most {self.downsample_cells:,} per group"
                      if self.downsample_cells is not None else "") + ")")
         vocab = prepared.vocab
-        net_cfg = network_config_for(arch, prepared)
         torch.default_generator.manual_seed(int(self.seed))  # (built on the CPU)
         network = StateTransitionNetwork(net_cfg)
         if verbose:
             print(describe(net_cfg, network))
         if rank == 0:
-            self._warn_size(preset, network.num_parameters(), n_train, stacklevel=4)
+            self._warn_size(preset, network.num_parameters(), plan.n_train, stacklevel=4)
             self._warn_decoder_settings(prepared, net_cfg, preset)
         _warn_unused_loss_options(self.loss, self.loss_kwargs, network.gene_decoder is not None)
         if rank == 0:
