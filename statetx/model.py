@@ -783,11 +783,15 @@ class StateTransitionModel(Estimator):
         """The split data a fit trains on (``columns``: :meth:`_columns`; the training split
         streamed with ``data_loading="stream"``); the command line's dry run reads them alike."""
         stream = self.data_loading == "stream"
-        return preparer(self.stream_chunk_size if stream else None)(
+        prepared = preparer(self.stream_chunk_size if stream else None)(
             adata, split_config, columns, dataset_name=dataset_name,
             pert_features=self.pert_features,
             **self._data_options(),
         )
+        extra_obs = self._additional_obs()
+        for f in prepared.files if extra_obs else ():  # a missing column: an error now
+            f.obs_columns(extra_obs)
+        return prepared
 
     def _plan(self, prepared: PreparedData) -> FitPlan:
         """What ``fit`` trains on ``prepared`` (:meth:`_prepare`): the preset, architecture,
@@ -853,9 +857,6 @@ class StateTransitionModel(Estimator):
         stream = stream_settings(self.data_loading, self.stream_chunk_size,
                                  self.stream_buffer_chunks, self.stream_max_controls)
         prepared = self._prepare(adata, split_config, columns, dataset_name)
-        extra_obs = self._additional_obs()
-        for f in prepared.files if extra_obs else ():  # a missing column: an error now
-            f.obs_columns(extra_obs)
         plan = self._plan(prepared)
         preset, settings, set_len, net_cfg = plan.preset, plan.settings, plan.set_len, plan.net_cfg
         train_cfg = self._train_config(settings)

@@ -634,6 +634,11 @@ def test_dry_run_and_split(data, tmp_path, capsys):
     # a dry run checks the options the real run would refuse
     assert main(train_args(data, tmp_path, "dry", "dry_run=true", "training.batch_size=0")) == 2
     assert "batch_size=0" in capsys.readouterr().err
+    # an additional_obs column the files lack, as fit refuses it
+    assert main(train_args(data, tmp_path, "dry", "dry_run=true",
+                           "data.kwargs.additional_obs=[no_such_column]")) == 2
+    assert "no_such_column" in capsys.readouterr().err
+    assert not (tmp_path / "dry").exists()
     # and says what fit would say of the network: decoder settings without gene-space targets
     assert main(train_args(data, tmp_path, "dry", "dry_run=true",
                            "model.kwargs.gene_decoder_bool=true")) == 0
