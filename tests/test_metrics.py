@@ -292,7 +292,8 @@ def test_few_perturbations_make_discrimination_scores_coarse(real):
 def test_counts_prediction_is_brought_to_the_real_cells_scale(kang_raw, kang_log):
     """Kang 2018: a prediction given as raw counts against log1p(1e4) real cells is normalised to
     the total the real cells stand for (1e4), not to its own median: the real counts score as a
-    perfect prediction. Both sides as counts share the real median."""
+    perfect prediction (and alike the other way round). Both sides as counts share the real
+    median."""
     real = kang_log.copy()
     pred = kang_raw.copy()
     pred.X = np.asarray(pred.layers["counts"].toarray(), dtype=np.float32)
@@ -303,6 +304,11 @@ def test_counts_prediction_is_brought_to_the_real_cells_scale(kang_raw, kang_log
                                          r", the counts per cell the other file's log1p values"):
         res, _ = evaluate(pred, real, **kw)
     assert np.allclose(res["mae"], 0, atol=1e-4) and np.allclose(res["pearson_delta"], 1)
+    # the mirror case: real counts take the total the log1p prediction stands for, said
+    with pytest.warns(UserWarning, match=r"real X holds integer values only .*target_sum=10000\)"
+                                         r"\).* The truth then takes its scale from pred"):
+        mirror, _ = evaluate(real, pred, **kw)
+    assert np.allclose(mirror["mae"], 0, atol=1e-4)
     both = real.copy()
     both.X = pred.X.copy()
     with pytest.warns(UserWarning, match="the real cells' median total \\(both files hold"):
@@ -696,22 +702,6 @@ def test_evaluate_ceiling_options_are_checked(real, pred):
             evaluate(pred, real[0], **kw)
     with pytest.raises(ConfigError, match="no ceiling= option"):
         ceiling(real[0], ceiling=True)
-
-
-def test_real_counts_against_a_log1p_prediction_say_where_their_scale_comes_from(kang_raw,
-                                                                                 kang_log):
-    """Real raw counts against a log1p prediction are normalised to the total the prediction
-    stands for (the only log1p reference there is), and the warning says the truth takes its
-    scale from pred."""
-    real = kang_raw.copy()
-    real.X = np.asarray(real.layers["counts"].toarray(), dtype=np.float32)
-    kw = dict(pert_col="target_gene", control_pert="control", celltype_col="cell_type",
-              profile="minimal", skip_metrics=["overlap_at_N", "precision_at_N",
-                                               "de_nsig_counts", "discrimination_score_l1"])
-    with pytest.warns(UserWarning, match=r"real X holds integer values only .*target_sum=10000\)"
-                                         r"\).* The truth then takes its scale from pred"):
-        res, _ = evaluate(kang_log, real, **kw)
-    assert np.allclose(res["mae"], 0, atol=1e-4)
 
 
 def test_counts_target_own_median_is_cell_evals_rule(real, pred, tmp_path):
