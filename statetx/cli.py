@@ -812,13 +812,18 @@ def _list_keys() -> None:
 def _dry_run(plan: Any) -> int:
     import torch
 
+    from statetx.data import warn_training_scale
     from statetx.model import StateTransitionModel
     from statetx.nn import StateTransitionNetwork
     from statetx.presets import describe
+    from statetx.stream import stream_settings
 
     model = StateTransitionModel(**plan.params)
+    stream_settings(model.data_loading, model.stream_chunk_size, model.stream_buffer_chunks,
+                    model.stream_max_controls)  # (its checks and notices, as fit)
     prepared = model._prepare(None, plan.toml, model._columns())  # (as fit reads it)
     _print_summary(prepared)
+    warn_training_scale(prepared)  # (as fit says it)
     if model.data_loading == "stream":  # the training values: one streamed pass
         prepared.splits["train"].check_all_values()
     fit_plan = model._plan(prepared)  # (fit's preset, architecture and network)

@@ -634,6 +634,10 @@ def test_dry_run_and_split(data, tmp_path, capsys):
     # a dry run checks the options the real run would refuse
     assert main(train_args(data, tmp_path, "dry", "dry_run=true", "training.batch_size=0")) == 2
     assert "batch_size=0" in capsys.readouterr().err
+    # fit's notices on the options: a streaming option without streaming
+    assert main(train_args(data, tmp_path, "dry", "dry_run=true",
+                           "data.kwargs.stream_chunk_size=100")) == 0
+    assert "has no effect with data_loading='memory'" in capsys.readouterr().err
     # an additional_obs column the files lack, as fit refuses it
     assert main(train_args(data, tmp_path, "dry", "dry_run=true",
                            "data.kwargs.additional_obs=[no_such_column]")) == 2

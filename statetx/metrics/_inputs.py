@@ -318,5 +318,6 @@ def _gene_mismatch(pg, rg, align_genes: bool) -> str:
                 "files to the same genes")
     diff = np.flatnonzero(pg.to_numpy() != rg.to_numpy())[:5]
     pos = "; ".join(f"position {i}: pred {pg[i]!r} vs real {rg[i]!r}" for i in diff)
-    hint = "" if align_genes else " Pass align_genes=True to reorder pred to the real gene order"
+    hint = "" if align_genes else (" Pass align_genes=True (statetx evaluate run: "
+                                   "--align-genes) to reorder pred to the real gene order")
     return f"pred and real have the same genes in a different order ({pos}).{hint}"
