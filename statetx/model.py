@@ -35,7 +35,6 @@ from statetx._utils import (
     preview,
     say,
     sigterm_unwinds,
-    warn_view_becomes_copy,
 )
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
@@ -61,12 +60,14 @@ from statetx.losses import get_loss, split_loss_kwargs
 from statetx.nn import NetworkConfig, StateTransitionNetwork
 from statetx.persist import _FeatureRows  # noqa: F401 (named by pickles made before it moved)
 from statetx.predict import (
+    UNTRAINED_MODES,
     Group,
     GroupMeans,
     align_genes,
     basal_groups,
     batches_without_controls,
     check_matmul_precision,
+    check_predict_options,
     check_scale,
     clip_range,
     control_depths,
@@ -120,8 +121,6 @@ from statetx.vocab import (
 #: ``preset="auto"`` picks ``small`` below this many training cells, else ``state_sm``.
 AUTO_SMALL_MAX_CELLS = 100_000
 AUTO_PRESETS = ("small", "state_sm")
-# what predict does with one-hot perturbations that had no training cells
-UNTRAINED_MODES = ("control", "as_is")
 
 #: Training settings used when ``batch_size`` / ``max_steps`` / ``lr`` are left as None and
 #: ``weight_averaging`` as ``"auto"``. Named reference presets keep the reference's values (batch
@@ -1305,48 +1304,15 @@ class StateTransitionModel(Estimator):
             in-memory AnnData (a view becomes its own object, as anndata does on writes).
         """
         self._check_fitted()
-        if inplace:
-            if all_perts or min_cells is not None or max_cells is not None:
-                raise ConfigError("inplace=True writes one prediction per input cell into the "
-                                  "input; all_perts / min_cells / max_cells add or drop cells: "
-                                  "leave inplace out (a new AnnData is returned).")
-            if adata.isbacked:
-                raise ConfigError("inplace=True cannot write into a backed AnnData; load it "
-                                  "with adata.to_memory() first, or leave inplace out.")
-            if adata.is_view:
-                warn_view_becomes_copy("inplace=True", "predictions")
-            layout = "arc"
-        check_matmul_precision(matmul_precision)
-        as_count("sets_per_pass", sets_per_pass)
-        if layout not in ("statetx", "arc"):
-            raise ConfigError(f"layout={layout!r} is invalid; expected 'statetx' or 'arc'.")
+        layout = check_predict_options(
+            adata, inplace=inplace, layout=layout, all_perts=all_perts, min_cells=min_cells,
+            max_cells=max_cells, n_cells_per_pert=n_cells_per_pert, perturbations=perturbations,
+            set_len=set_len, sets_per_pass=sets_per_pass, matmul_precision=matmul_precision,
+            choices={"basal_fallback": basal_fallback, "basal": basal,
+                     "unknown_perturbation": unknown_perturbation,
+                     "unknown_batch": unknown_batch,
+                     "untrained_perturbation": untrained_perturbation})
         seed = self._seed(seed)
-        as_count("set_len", set_len, optional=True)
-        counts = n_cells_per_pert if isinstance(n_cells_per_pert, Mapping) else None
-        if counts is None:
-            as_count("n_cells_per_pert", n_cells_per_pert, optional=True)
-        as_count("min_cells", min_cells, optional=True)
-        as_count("max_cells", max_cells, optional=True)
-        if min_cells is not None and max_cells is not None and min_cells > max_cells:
-            raise ConfigError(f"min_cells={min_cells} is above max_cells={max_cells}.")
-        for k, v in (counts or {}).items():
-            as_count(f"n_cells_per_pert[{k!r}]", v, 0)
-        if counts is not None and perturbations is not None and set(counts) != set(
-                map(str, perturbations)):
-            raise ConfigError("n_cells_per_pert (a mapping) must give a count for each of the "
-                              "perturbations, and for no other; or leave perturbations out.")
-        if (perturbations is not None or n_cells_per_pert is not None) and not all_perts:
-            raise ConfigError("perturbations= and n_cells_per_pert= choose what all_perts=True "
-                              "simulates; pass all_perts=True (or use simulate()).")
-        for name, value, choices in (
-                ("basal_fallback", basal_fallback, ("error", "all_controls")),
-                ("basal", basal, ("sampled", "self")),
-                ("unknown_perturbation", unknown_perturbation, ("error", "control", "zeros")),
-                ("unknown_batch", unknown_batch, ("error", "first", "mean")),
-                ("untrained_perturbation", untrained_perturbation, UNTRAINED_MODES)):
-            if value not in choices:
-                raise ConfigError(f"{name}={value!r} is invalid; expected one of "
-                                  f"{', '.join(map(repr, choices))}.")
         vocab = self._vocab_with(pert_features)
         c = self.columns_
         own_basal = basal == "self"

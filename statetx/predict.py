@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 from statetx._heap import retained_heap
 from statetx._utils import (
     MATMUL_PRECISIONS,
+    as_count,
     cell_type_option,
     did_you_mean,
     log1p_depth,
@@ -36,6 +37,7 @@ from statetx._utils import (
     repeated,
     sample_rows,
     say,
+    warn_view_becomes_copy,
 )
 from statetx.config import ColumnMap
 from statetx.data import (
@@ -362,6 +364,63 @@ def run_groups(network: torch.nn.Module, basal_source: np.ndarray | torch.Tensor
                 if c is not None:
                     counts[rows] = c[j, :len(rows)]
     return {"pred": preds, "counts": counts, "basal_row": basal_row, "set_id": set_id}
+
+
+#: ``untrained_perturbation=``: what predict does with one-hot perturbations that had no
+#: training cells
+UNTRAINED_MODES = ("control", "as_is")
+#: the choices of predict's string options
+PREDICT_CHOICES = {"basal_fallback": ("error", "all_controls"), "basal": ("sampled", "self"),
+                   "unknown_perturbation": ("error", "control", "zeros"),
+                   "unknown_batch": ("error", "first", "mean"),
+                   "untrained_perturbation": UNTRAINED_MODES}
+
+
+def check_predict_options(adata: Any, *, inplace: bool, layout: str, all_perts: bool,
+                          min_cells: int | None, max_cells: int | None,
+                          n_cells_per_pert: Any, perturbations: Any, set_len: int | None,
+                          sets_per_pass: int, matmul_precision: str,
+                          choices: Mapping[str, str]) -> str:
+    """``StateTransitionModel.predict``'s options checked before any data are read; the layout
+    to write (``inplace`` writes arc-state's, into ``adata``: a view is said to become a
+    copy)."""
+    if inplace:
+        if all_perts or min_cells is not None or max_cells is not None:
+            raise ConfigError("inplace=True writes one prediction per input cell into the "
+                              "input; all_perts / min_cells / max_cells add or drop cells: "
+                              "leave inplace out (a new AnnData is returned).")
+        if adata.isbacked:
+            raise ConfigError("inplace=True cannot write into a backed AnnData; load it "
+                              "with adata.to_memory() first, or leave inplace out.")
+        if adata.is_view:
+            warn_view_becomes_copy("inplace=True", "predictions", stacklevel=4)
+        layout = "arc"
+    check_matmul_precision(matmul_precision)
+    as_count("sets_per_pass", sets_per_pass)
+    if layout not in ("statetx", "arc"):
+        raise ConfigError(f"layout={layout!r} is invalid; expected 'statetx' or 'arc'.")
+    as_count("set_len", set_len, optional=True)
+    counts = n_cells_per_pert if isinstance(n_cells_per_pert, Mapping) else None
+    if counts is None:
+        as_count("n_cells_per_pert", n_cells_per_pert, optional=True)
+    as_count("min_cells", min_cells, optional=True)
+    as_count("max_cells", max_cells, optional=True)
+    if min_cells is not None and max_cells is not None and min_cells > max_cells:
+        raise ConfigError(f"min_cells={min_cells} is above max_cells={max_cells}.")
+    for k, v in (counts or {}).items():
+        as_count(f"n_cells_per_pert[{k!r}]", v, 0)
+    if counts is not None and perturbations is not None and set(counts) != set(
+            map(str, perturbations)):
+        raise ConfigError("n_cells_per_pert (a mapping) must give a count for each of the "
+                          "perturbations, and for no other; or leave perturbations out.")
+    if (perturbations is not None or n_cells_per_pert is not None) and not all_perts:
+        raise ConfigError("perturbations= and n_cells_per_pert= choose what all_perts=True "
+                          "simulates; pass all_perts=True (or use simulate()).")
+    for name, value in choices.items():
+        if value not in PREDICT_CHOICES[name]:
+            raise ConfigError(f"{name}={value!r} is invalid; expected one of "
+                              f"{', '.join(map(repr, PREDICT_CHOICES[name]))}.")
+    return layout
 
 
 def check_matmul_precision(value: object) -> str:
