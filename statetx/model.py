@@ -935,7 +935,7 @@ class StateTransitionModel(Estimator):
             trainer = Trainer(network, samplers["train"], samplers.get("val"), train_cfg,
                               device=ddp.device if ddp is not None
                               else resolve_device(self.device), output_dir=out,
-                              checkpoint_extra={"statetx_model": self._metadata(),
+                              checkpoint_extra={"statetx_model": persist.metadata(self),
                                                 **features_entry(vocab),
                                                 "training_data": prepared.fingerprint()})
             if resume_from is not None:  # a refused resume writes nothing into the run
@@ -1640,12 +1640,11 @@ class StateTransitionModel(Estimator):
         else:
             out = adata[src_rows].copy()
         out.obs = obs
-        into_x = []
-
         def place(x: np.ndarray, names: list[str] | None, key: str | None,
-                  fallback: str) -> None:
+                  fallback: str) -> bool:
             """Into X (key None) or obsm[key] when it has x's width, columns matched by gene
-            name where both sides have names (else by position); otherwise obsm[fallback]."""
+            name where both sides have names (else by position); otherwise obsm[fallback].
+            True when X was written."""
             if key is None:
                 width, dest = out.n_vars, list(map(str, gene_names(out, gene_col)))
             elif key in out.obsm:
@@ -1663,19 +1662,21 @@ class StateTransitionModel(Estimator):
                 out.obsm[fallback] = x
             elif key is None:
                 out.X = x
-                into_x.append(True)
+                return True
             else:
                 out.obsm[key] = x
+            return False
 
         pred = res["pred"]
         if res["counts"] is None and rng is not None:
             pred = np.clip(pred, *rng)
-        place(pred, list(self.var_names_) if self._expression_output else None, c.embed_key,
-              f"{c.embed_key}_pred" if c.embed_key else "X_state_pred")
+        into_x = place(pred, list(self.var_names_) if self._expression_output else None,
+                       c.embed_key, f"{c.embed_key}_pred" if c.embed_key else "X_state_pred")
         if res["counts"] is not None:
             counts = res["counts"] if rng is None else np.clip(res["counts"], *rng)
             key = self._counts_source()
-            place(counts, self.gene_names_, key, "X_pred" if key is None else f"{key}_pred")
+            into_x |= place(counts, self.gene_names_, key,
+                            "X_pred" if key is None else f"{key}_pred")
         if into_x and out.raw is not None:  # the measured cells: scanpy's tools read .raw first
             if inplace:
                 warnings.warn("predict(inplace=True): X holds the predictions now, but .raw "
@@ -1912,10 +1913,6 @@ class StateTransitionModel(Estimator):
 
     # ------------------------------------------------------------------ persistence
     # (the logic is in statetx.persist; these keep the estimator's API)
-    def _metadata(self) -> dict:
-        """Everything but the weights, JSON-able (also stored inside checkpoints)."""
-        return persist.metadata(self)
-
     def to_arc_state(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the model as an arc-state 0.11.1 run directory that ``state tx infer
         --model-dir PATH`` (and :meth:`from_arc_state`) reads; see
@@ -1938,24 +1935,6 @@ class StateTransitionModel(Estimator):
         """Load a model written by :meth:`save` from the folder ``path`` onto ``device``
         (default ``"cpu"``; ``"auto"``, ``"cuda"``, ...). No pickled code is executed."""
         return persist.load(cls, path, device)
-
-    def _fit_record(self) -> dict:
-        """``preset_``, ``train_settings_``, ... (``statetx.persist.FIT_RECORD``), as far as they
-        are set."""
-        return persist.fit_record(self)
-
-    def _restore_fit_record(self, fit: Mapping) -> None:
-        """The recorded ``preset_``, ``train_settings_``, ``best_step_``, ...
-        (``statetx.persist.FIT_RECORD``) of a saved model or a finished run."""
-        persist.restore_fit_record(self, fit)
-
-    @classmethod
-    def _from_metadata(cls, meta: dict, state: dict[str, torch.Tensor],
-                       source: str | Path | None = None,
-                       features: Any = None) -> StateTransitionModel:
-        """The model ``meta`` describes with the weights ``state`` (and the perturbation feature
-        table, for models trained with one)."""
-        return persist.from_metadata(cls, meta, state, source=source, features=features)
 
     @classmethod
     def from_arc_state(cls, run_dir: str | Path, checkpoint: str | Path = "final.ckpt", *,

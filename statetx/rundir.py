@@ -163,8 +163,10 @@ def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedDa
     if split is not None:
         atomic_write_text(out / "split.toml", split.to_toml())
     atomic_write_text(out / "split_summary.csv", prepared.summary.to_csv(index=False))
+    from statetx.persist import metadata
+
     atomic_write_text(out / "model.json",
-                      json.dumps(model._metadata(), indent=1, default=json_default))
+                      json.dumps(metadata(model), indent=1, default=json_default))
     cfg = getattr(model, "_run_config", None)
     if cfg is None:
         cfg = config_of_model(model, out, (out / "split.toml").resolve()
@@ -291,6 +293,8 @@ def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
 
 def finish_run(run_dir: Path, model: StateTransitionModel, seconds: float) -> None:
     """Record timings and the final step in ``statetx_run.json``."""
+    from statetx.persist import fit_record
+
     info = read_run_info(run_dir)
     hist = getattr(model, "history_", None)
     step = int(hist["step"].max()) if hist is not None and len(hist) else None
@@ -299,7 +303,7 @@ def finish_run(run_dir: Path, model: StateTransitionModel, seconds: float) -> No
         step = _checkpoint_step(final)
     info.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_seconds": seconds,
                  "final_step": step, "best_step": getattr(model, "best_step_", None),
-                 "fit": model._fit_record()})
+                 "fit": fit_record(model)})
     write_run_info(run_dir, info)
 
 
@@ -307,8 +311,9 @@ def _restore_fit_record(model: StateTransitionModel, run: Path) -> None:
     """What a finished run recorded about its fit (preset, settings, best step, time), its split
     spec and summary, as :meth:`StateTransitionModel.load` restores them from a saved model."""
     from statetx.config import SplitConfig
+    from statetx.persist import restore_fit_record
 
-    model._restore_fit_record(read_run_info(run).get("fit") or {})
+    restore_fit_record(model, read_run_info(run).get("fit") or {})
     if (run / "split_summary.csv").is_file():
         import pandas as pd
 
@@ -445,6 +450,7 @@ def load_model(estimator: type, run_dir: str | Path, checkpoint: str | Path | No
                device: str = "cpu", verbose: bool = True) -> StateTransitionModel:
     """A fitted ``estimator`` (:class:`~statetx.model.StateTransitionModel`) from a statetx run
     directory; the work of :func:`statetx.run.load_run`, whose docstring says what is read."""
+    from statetx.persist import from_metadata
     from statetx.train import load_checkpoint_file
 
     run = Path(run_dir)
@@ -467,8 +473,8 @@ def load_model(estimator: type, run_dir: str | Path, checkpoint: str | Path | No
                         "evaluate its test split, statetx import-arc RUN --out DIR, then tx "
                         "predict --output-dir DIR --toml <the run's split TOML>.")
     _check_same_run(run, path, meta)
-    model = estimator._from_metadata(meta, ckpt["state_dict"], source=path,
-                                                features=ckpt.get("pert_features"))
+    model = from_metadata(estimator, meta, ckpt["state_dict"], source=path,
+                          features=ckpt.get("pert_features"))
     if ckpt.get("history"):
         model.history_ = history_frame(list(ckpt["history"]))
     model.run_dir_ = run

@@ -134,12 +134,6 @@ def median_total(x: np.ndarray | sp.spmatrix) -> float:
     return float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
 
 
-def log1p_total(adata: ad.AnnData) -> float:
-    """The counts per cell that log1p-normalised X stands for: the median over (up to 1,000
-    evenly spread) cells of the sum of expm1(x)."""
-    return log1p_depth(adata.X)
-
-
 def count_targets(pred: ad.AnnData, real: ad.AnnData, allow_discrete: bool
                   ) -> tuple[float | None, float | None]:
     """Normalisation totals for integer-count inputs (see :func:`check_scale`): a count side
@@ -152,7 +146,7 @@ def count_targets(pred: ad.AnnData, real: ad.AnnData, allow_discrete: bool
     if counts_p and counts_r:
         t = median_total(real.X)
         return t, t
-    return (log1p_total(real) if counts_p else None), (log1p_total(pred) if counts_r else None)
+    return (log1p_depth(real.X) if counts_p else None), (log1p_depth(pred.X) if counts_r else None)
 
 
 def is_count_scale(adata: ad.AnnData) -> bool:

@@ -26,12 +26,13 @@ from statetx._utils import (
     atomic_write_text,
     did_you_mean,
     file_sha256,
+    log1p_depth,
     preview,
     repeated,
     same_file,
 )
 from statetx.errors import ConfigError, DataError
-from statetx.metrics._inputs import check_obs_col, check_scale, load, log1p_total, recorded_labels
+from statetx.metrics._inputs import check_obs_col, check_scale, load, recorded_labels
 from statetx.metrics.de import group_means
 
 #: metrics whose best value is 0 (errors: lower is better), and counts that rank nothing;
@@ -198,7 +199,7 @@ def vcc_score(
     discrete = bool(evaluate_kwargs.get("allow_discrete", False))
     real = check_scale(load(adata_real, "real"), "real", discrete)
     src = real if train is None else check_scale(load(train, "train"), "train", discrete,
-                                                 None if discrete else log1p_total(real))
+                                                 None if discrete else log1p_depth(real.X))
     counts = real.obs[pert_col].astype(str).value_counts()
     n_cells = {p: int(n) for p, n in counts.items() if p != control_pert}
     # (already on the evaluated scale: the baseline keeps it); with train, its own controls, as
