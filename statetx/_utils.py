@@ -172,11 +172,24 @@ def log1p_depth(x: np.ndarray | sp.spmatrix, max_rows: int = 1000) -> float:
         return float(np.median(np.expm1(sample_rows(x, max_rows)).sum(axis=1)))
 
 
+#: values within this of an integer count as integers: a matrix without a larger fractional part
+#: holds counts (cell-eval's rule, used for every scale decision in statetx)
+INTEGER_TOLERANCE = 1e-3
+#: log1p-normalised expression stays below this; 15 and more is counts or linear normalised values
+LOG1P_MAX = 15.0
+
+
+def all_integers(values: np.ndarray) -> bool:
+    """Whether no value of ``values`` has a fractional part above :data:`INTEGER_TOLERANCE`."""
+    return not bool(np.any(np.abs(values - np.round(values)) > INTEGER_TOLERANCE))
+
+
 def looks_log1p(x: np.ndarray | sp.spmatrix, max_rows: int = 1000) -> bool:
     """True when ``x`` looks log1p-normalised: non-negative, some non-integer value, max < 15.
 
-    Raw counts (all integers) or values >= 15 are reported as not log1p. Only ``max_rows`` rows
-    are inspected, so this is cheap on large matrices.
+    Raw counts (all integers, see :func:`all_integers`) or values of :data:`LOG1P_MAX` and more
+    are reported as not log1p. Only ``max_rows`` rows are inspected, so this is cheap on large
+    matrices.
     """
     s = sample_rows(x, max_rows)
     if s.size == 0:
@@ -184,8 +197,8 @@ def looks_log1p(x: np.ndarray | sp.spmatrix, max_rows: int = 1000) -> bool:
     finite = s[np.isfinite(s)]
     if finite.size == 0:
         return False
-    non_integer = bool(np.any(np.abs(finite - np.round(finite)) > 1e-6))
-    return non_integer and float(finite.max()) < 15.0 and float(finite.min()) >= 0.0
+    return (not all_integers(finite) and float(finite.max()) < LOG1P_MAX
+            and float(finite.min()) >= 0.0)
 
 
 def umask_mode(path: str | os.PathLike) -> None:

@@ -52,7 +52,7 @@ from statetx.errors import ConfigError, DataError
 from statetx.model import StateTransitionModel
 from statetx.predict import (
     basal_groups,
-    check_scale,
+    check_input_scale,
     clip_range,
     encode_perturbations,
     group_key,
@@ -359,7 +359,7 @@ class _Baseline(Estimator):
         batch_col = batch_col or c.batch_col
         x = input_matrix(adata, self.var_names_, c.embed_key, missing_genes, c.gene_name_col)
         if self._expression_output:
-            check_scale(x, self.is_log1p_)
+            check_input_scale(x, self.is_log1p_)
         pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
                                           self.vocab_.cell_types, cols.cell_type_given,
                                           pool_mode == "all")

@@ -66,9 +66,9 @@ from statetx.predict import (
     align_genes,
     basal_groups,
     batches_without_controls,
+    check_input_scale,
     check_matmul_precision,
     check_predict_options,
-    check_scale,
     clip_range,
     control_depths,
     encode_batches,
@@ -1329,7 +1329,8 @@ class StateTransitionModel(Estimator):
         expression_in = c.embed_key in (None, "X_hvg")
         if expression_in:
             src = c.embed_key if c.embed_key in adata.obsm else "X"  # (X_hvg falls back to X)
-            check_scale(x_in, self.is_log1p_, f"input ({src})", getattr(self, "target_sum_", None))
+            check_input_scale(x_in, self.is_log1p_, f"input ({src})",
+                              getattr(self, "target_sum_", None))
         pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
                                           self.vocab_.cell_types, cols.cell_type_given,
                                           pool_mode == "all", need_controls=not own_basal)

@@ -19,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from statetx._utils import (
+    all_integers,
     did_you_mean,
     looks_log1p,
     names_list,
@@ -165,7 +166,7 @@ def _count_problem(m: Matrix) -> str | None:
         return "it contains negative values (scaled or centred data?)"
     if looks_log1p(m):
         return "it looks log1p-transformed (non-integer values, maximum below 15)"
-    if np.any(np.abs(finite - np.round(finite)) > 1e-6):
+    if not all_integers(finite):
         return "it contains non-integer values (already normalised?)"
     return None
 

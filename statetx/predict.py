@@ -26,7 +26,9 @@ import torch
 
 from statetx._heap import retained_heap
 from statetx._utils import (
+    LOG1P_MAX,
     MATMUL_PRECISIONS,
+    all_integers,
     as_count,
     cell_type_option,
     did_you_mean,
@@ -714,7 +716,7 @@ def control_depths(x: np.ndarray | torch.Tensor, cell_types: np.ndarray,
     return out
 
 
-def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input",
+def check_input_scale(x: np.ndarray, trained_log1p: bool, where: str = "input",
                 target_sum: float | None = None) -> None:
     """Error when the input scale (counts, scaled or log1p) differs from the training data's
     (``target_sum``: the training data's normalisation total, named in the advice)."""
@@ -727,7 +729,7 @@ def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input",
                       "model was trained on non-negative values.", UserWarning, stacklevel=3)
     s = sample_rows(x, 1000)
     top = float(s.max(initial=0))
-    integers = bool(np.all(np.abs(s - np.round(s)) < 1e-6))
+    integers = all_integers(s)
     if trained_log1p and integers and top > 0:
         how = ("as the training data were: sc.pp.normalize_total(adata, target_sum=T) and "
                "sc.pp.log1p(adata), with T the total the training data were normalised to. "
@@ -741,7 +743,7 @@ def check_scale(x: np.ndarray, trained_log1p: bool, where: str = "input",
         raise DataError(f"the {where} looks like raw counts (integers, max {top:.0f}); the "
                         f"model was trained on log1p-normalised values. Normalise it first, "
                         f"{how}.")
-    if trained_log1p and top > 15:
+    if trained_log1p and top >= LOG1P_MAX:
         raise DataError(f"the {where} has values up to {top:.4g}, far above log1p scale; "
                         "the model was trained on log1p-normalised values. If it is normalised "
                         "but not log-transformed, apply scanpy.pp.log1p (or "

@@ -199,6 +199,32 @@ def test_predict_scale_mismatch_both_ways(model, adata):
         counts_model.predict(adata)
 
 
+def test_scale_is_judged_by_one_rule_everywhere(model, adata):
+    """Counts carrying float noise (fractional parts up to 1e-3, e.g. written through float16 or
+    a correction step) are counts for fit, pp, predict and evaluate alike (cell-eval's rule),
+    and a maximum of exactly 15 is off log1p scale for predict as for evaluate."""
+    from statetx._utils import looks_log1p
+    from statetx.metrics._inputs import check_scale, has_fraction
+    from statetx.pp import _count_problem
+
+    rng = np.random.default_rng(0)
+    counts = np.minimum(np.round(np.expm1(adata.X) * 3), 10).astype(np.float32)
+    assert 0 < counts.max() < 15  # small counts: the range alone does not tell them from log1p
+    noisy = adata.copy()
+    noisy.X = counts + rng.uniform(-4e-4, 4e-4, counts.shape).astype(np.float32) * (counts > 0)
+    assert not looks_log1p(noisy.X) and not has_fraction(noisy)
+    assert _count_problem(noisy.X) is None
+    with pytest.raises(DataError, match=r"looks like raw counts"):
+        model.predict(noisy)
+    high = adata.copy()
+    high.X = adata.X.copy()
+    high.X[0, 0] = 15.0
+    with pytest.raises(DataError, match="far above log1p scale"):
+        model.predict(high)
+    with pytest.raises(DataError, match=r"maximum of 15 \(>= 15\)"):
+        check_scale(high, "pred")
+
+
 def test_predict_duplicate_gene_names(model, adata):
     """A name used twice is ambiguous only for the model's genes; extra genes may repeat."""
     want = model.predict(adata, seed=2)

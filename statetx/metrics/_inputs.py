@@ -10,7 +10,15 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from statetx._utils import did_you_mean, log1p_depth, preview, repeated, say
+from statetx._utils import (
+    LOG1P_MAX,
+    all_integers,
+    did_you_mean,
+    log1p_depth,
+    preview,
+    repeated,
+    say,
+)
 from statetx.errors import DataError
 from statetx.io import control_like
 
@@ -71,7 +79,7 @@ def _chunks(x: np.ndarray | sp.spmatrix):
 
 def has_fraction(adata: ad.AnnData) -> bool:
     """Whether some entry of X has a fractional part > 1e-3 (else X holds integer counts)."""
-    return any(bool(np.any(np.abs(c - np.round(c)) > 1e-3)) for c in _chunks(adata.X))
+    return any(not all_integers(c) for c in _chunks(adata.X))
 
 
 def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False,
@@ -94,7 +102,7 @@ def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False,
         lo = min(lo, float(c.min()))
         hi = max(hi, float(c.max()))
         if not has_frac:
-            has_frac = bool(np.any(np.abs(c - np.round(c)) > 1e-3))
+            has_frac = not all_integers(c)
     if sp.issparse(adata.X) and adata.X.nnz < np.prod(adata.X.shape):
         lo, hi = min(lo, 0.0), max(hi, 0.0)
     if not has_frac:
@@ -119,7 +127,7 @@ def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False,
             "(non-negative). Pass the log1p matrix, not scaled/centred data; a model's small "
             "negative outputs can be clipped first: adata.X = np.clip(adata.X, 0, None)"
         )
-    if hi >= 15 and not allow_discrete:
+    if hi >= LOG1P_MAX and not allow_discrete:
         raise DataError(
             f"{which} X has a maximum of {hi:g} (>= 15): it looks like normalised counts, not "
             "log1p. "
