@@ -702,7 +702,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.print_config:
         sys.stdout.write(runconfig.dump_config(plan.config))
         return EXIT_OK
-    from statetx import run as R
+    from statetx import rundir as R
+    from statetx.run import estimator_class
 
     for note in plan.notices:
         _say(note)
@@ -746,7 +747,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     restore_sigterm = sigterm_unwinds() if plan.replaced is not None else None
     try:
-        cls = R.estimator_class(None if resume else plan.init_from, plan.freeze_backbone,
+        cls = estimator_class(None if resume else plan.init_from, plan.freeze_backbone,
                                 attention=plan.init_attention)
         model = cls(**p)
         model._run_config = cfg
@@ -1064,7 +1065,8 @@ def load_any_model(model_dir: str | Path, checkpoint: str | None = None,
                    attention: str | None = None, verbose: bool = True, **arc: Any) -> Any:
     """A statetx run / model directory / checkpoint, or an arc-state run directory (``arc``:
     more of :func:`statetx.arc.load_arc_run`'s options, ``rope``, ``trust_pickle``)."""
-    from statetx.run import CHECKPOINT_DIR, is_arc_run, load_run, model_from_arc
+    from statetx.run import is_arc_run, load_run, model_from_arc
+    from statetx.rundir import CHECKPOINT_DIR
 
     path = Path(model_dir)
     if not path.exists():
@@ -1627,7 +1629,7 @@ def cmd_import_arc(a: argparse.Namespace) -> int:
     run = Path(a.run_dir)
     if not run.exists():
         raise UsageError(f"{run}: not found.")
-    from statetx.run import looks_like_run
+    from statetx.rundir import looks_like_run
 
     is_run = looks_like_run(run if run.is_dir() else run.parent.parent)
     if is_run or (run.is_dir() and (run / "model.safetensors").is_file()):
@@ -1666,7 +1668,8 @@ def cmd_import_arc(a: argparse.Namespace) -> int:
 
 
 def cmd_info(a: argparse.Namespace) -> int:
-    from statetx.run import CONFIG_FILE, is_arc_run, load_run, read_run_info
+    from statetx.run import is_arc_run, load_run
+    from statetx.rundir import CONFIG_FILE, read_run_info
 
     path = Path(a.path)
     if not path.exists():

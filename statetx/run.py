@@ -2,8 +2,9 @@
 
 The run configuration (the ``key=value`` language of ``statetx tx train``) lives in
 :mod:`statetx.runconfig` and the run-folder lifecycle (creating, replacing, resuming, the files
-of a run directory) in :mod:`statetx.rundir`; both are re-exported here. This module adds what
-needs the estimator class: :func:`load_run` turns a run directory back into a fitted
+of a run directory) in :mod:`statetx.rundir`; their public helpers (``read_config``,
+``read_run_info``, ``attach_data``, ``resolve_checkpoint``) are re-exported here. This module
+adds what needs the estimator class: :func:`load_run` turns a run directory back into a fitted
 :class:`~statetx.model.StateTransitionModel` (weights-only loading), :func:`estimator_class`
 builds the fine-tuning estimator, :func:`model_from_arc` reads an arc-state run.
 
@@ -20,60 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 from statetx._utils import say
 from statetx.errors import ConfigError
-
-# the run configuration and the run folders: re-exported, statetx.run.<name> as before
-from statetx.runconfig import (  # noqa: F401
-    ALIASES,
-    ARCH_KEYS,
-    ARCH_TYPES,
-    KEYS,
-    LOSS_KEYS,
-    PARAM_PATHS,
-    PRESET,
-    PRESET_NAMES,
-    PRESET_VERSIONS,
-    REFERENCE_WEIGHT_DECAY,
-    RESUME_FREE,
-    Key,
-    Resolved,
-    TrainPlan,
-    canonical,
-    coerce,
-    config_differences,
-    config_from_params,
-    config_of_model,
-    default_values,
-    dump_config,
-    flatten,
-    parse_token,
-    parse_value,
-    plan_training,
-    read_config,
-    resolve,
-    unflatten,
-)
-from statetx.rundir import (  # noqa: F401
+from statetx.runconfig import read_config  # noqa: F401 (public here, as documented)
+from statetx.rundir import (  # noqa: F401 (attach_data, read_run_info: public here)
     CHECKPOINT_DIR,
-    CONFIG_FILE,
     RUN_INFO_FILE,
-    RunComplete,
-    absolute_split,
     attach_data,
-    finish_replacement,
-    finish_run,
-    has_checkpoints,
-    input_differences,
-    leftover_asides,
     load_model,
     looks_like_run,
     read_run_info,
     resolve_checkpoint,
-    resume_point,
-    set_aside,
-    settle_aside,
-    start_run,
-    write_run_files,
-    write_run_info,
 )
 
 if TYPE_CHECKING:  # pragma: no cover

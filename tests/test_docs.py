@@ -106,7 +106,7 @@ def test_toml_examples_are_valid_split_specs():
 
 
 def test_cli_examples_parse():
-    from statetx import run as R
+    from statetx import runconfig as R
     from statetx.cli import build_parser, cmd_train
 
     parser = build_parser()

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from statetx import run as R
+from statetx import runconfig as R
 from statetx._utils import atomic_write_text
 from statetx.errors import ConfigError, DataError
+from statetx.rundir import absolute_split, resolve_checkpoint, start_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -279,22 +280,22 @@ def test_resolve_checkpoint(tmp_path, capsys):
     ck = tmp_path / "checkpoints"
     ck.mkdir()
     with pytest.raises(DataError, match="no checkpoints"):
-        R.resolve_checkpoint(tmp_path)
+        resolve_checkpoint(tmp_path)
     (ck / "last.ckpt").write_bytes(b"x")
-    assert R.resolve_checkpoint(tmp_path).name == "last.ckpt"
+    assert resolve_checkpoint(tmp_path).name == "last.ckpt"
     (ck / "final.ckpt").write_bytes(b"x")
-    assert R.resolve_checkpoint(tmp_path).name == "final.ckpt"
+    assert resolve_checkpoint(tmp_path).name == "final.ckpt"
     assert "using checkpoint" in capsys.readouterr().out
-    assert R.resolve_checkpoint(tmp_path, "last").name == "last.ckpt"
+    assert resolve_checkpoint(tmp_path, "last").name == "last.ckpt"
     with pytest.raises(DataError, match=r"available: final.ckpt, last.ckpt"):
-        R.resolve_checkpoint(tmp_path, "best.ckpt")
+        resolve_checkpoint(tmp_path, "best.ckpt")
 
 
 def test_absolute_split(tmp_path):
     toml = _toml(tmp_path)
-    cfg = R.absolute_split(toml)
+    cfg = absolute_split(toml)
     assert cfg.datasets["d"] == str(tmp_path.resolve() / "d.h5ad")
-    assert R.absolute_split(None) is None
+    assert absolute_split(None) is None
 
 
 def test_start_run_refuses_to_delete_foreign_directory(tmp_path):
@@ -306,7 +307,7 @@ def test_start_run_refuses_to_delete_foreign_directory(tmp_path):
                                       f"output_dir={tmp_path / 'out'}", "name=r",
                                       "overwrite=true"]))
     with pytest.raises(ConfigError, match="does not look like a statetx run"):
-        R.start_run(plan)
+        start_run(plan)
     assert (other / "precious.txt").exists()
 
 
@@ -354,6 +355,6 @@ def test_namespaces_import_torch_only_when_a_name_needs_it():
 def test_cli_architecture_keys_match_the_presets():
     """run.py types every architecture key; a key added to the presets must be added there too."""
     from statetx.presets import ARCH_KEYS
-    from statetx.run import ARCH_TYPES
+    from statetx.runconfig import ARCH_TYPES
 
     assert set(ARCH_TYPES) == set(ARCH_KEYS)

@@ -5,7 +5,7 @@ Markers replaced in the Markdown sources:
 * ``<!-- statetx:cli-help -->``: the ``--help`` text of every ``statetx`` command, rendered from
   :func:`statetx.cli.build_parser` (no command is run);
 * ``<!-- statetx:train-keys -->``: every ``statetx tx train`` configuration key with its default,
-  allowed values and how statetx treats it, from :data:`statetx.run.KEYS` (plus the aliases);
+  allowed values and how statetx treats it, from :data:`statetx.runconfig.KEYS` (plus the aliases);
 * ``<!-- statetx:presets -->``: the architecture presets, from :data:`statetx.presets.PRESETS`.
 
 A marker may close a block, ``<!-- statetx:NAME -->`` … ``<!-- /statetx:NAME -->``: what lies
@@ -101,7 +101,7 @@ _STATUS = {
 
 
 def train_keys() -> str:
-    from statetx.run import ALIASES, KEYS, PRESET
+    from statetx.runconfig import ALIASES, KEYS, PRESET
 
     sections: dict[str, list] = {}
     for path, key in KEYS.items():
