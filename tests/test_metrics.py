@@ -754,3 +754,32 @@ def test_vcc_score_does_not_warn_about_its_own_constant_baseline(real, pred):
     assert not _identical_warnings(rec)
     with pytest.warns(UserWarning, match=r"1 of the 6 perturbation\(s\) are all identical"):
         vcc_score(_constant(pred, ["G003"]), real[0], num_threads=1)
+
+
+def test_clustering_agreement_tells_unrelated_predictions_apart():
+    """Leiden-style communities: a second iteration starts from the first's communities and never
+    lowers the modularity; blobs are found; an unrelated prediction scores near 0, not 1."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from statetx.metrics.clustering import clustering_agreement, knn_graph, leiden_like
+
+    def modularity(w: np.ndarray, lab: np.ndarray, gamma: float) -> float:
+        k = w.sum(1)
+        return float(((w - gamma * np.outer(k, k) / k.sum()) * (lab[:, None] == lab)).sum()
+                     / k.sum())
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n = int(rng.integers(20, 60))
+        centres = rng.normal(size=(int(rng.integers(2, 7)), 10)) * 3
+        x = centres[rng.integers(0, len(centres), n)] + rng.normal(size=(n, 10))
+        g = knn_graph(x, min(15, n - 1))
+        w = g.toarray()
+        for gamma in (0.2, 1.0, 2.0):
+            once, twice = leiden_like(g, gamma, 1), leiden_like(g, gamma, 2)
+            assert modularity(w, twice, gamma) >= modularity(w, once, gamma) - 1e-12
+    truth = np.repeat(np.arange(6), 12)
+    blobs = rng.normal(size=(6, 10))[truth] * 4 + rng.normal(size=(72, 10))
+    assert adjusted_rand_score(truth, leiden_like(knn_graph(blobs, 15), 1.0)) == 1.0
+    assert clustering_agreement(blobs, blobs + rng.normal(size=blobs.shape) * 0.3) == 1.0
+    assert clustering_agreement(blobs, rng.normal(size=blobs.shape) * 4) < 0.2

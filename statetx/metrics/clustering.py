@@ -2,7 +2,8 @@
 
 The reference uses scanpy's UMAP neighbour graph and igraph's Leiden. Here the graph comes from
 scanpy as well, and communities come from a small deterministic modularity optimiser (local moving
-plus aggregation, repeated twice), so values are close to, not identical with, the reference.
+plus aggregation; the second iteration starts from the first's communities), so values are close
+to, not identical with, the reference.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ def knn_graph(centroids: np.ndarray, n_neighbors: int) -> sp.csr_matrix:
     return sp.csr_matrix(w + w.T - w * w.T)
 
 
-def _local_moving(w: np.ndarray, labels: np.ndarray, gamma: float) -> tuple[np.ndarray, bool]:
+def _local_moving(w: np.ndarray, labels: np.ndarray, gamma: float) -> np.ndarray:
+    """Move nodes one at a time to the neighbouring community of largest modularity gain until
+    no move gains; ``labels`` is the start (and is updated)."""
     k = w.sum(axis=1)
     m2 = k.sum()
     tot = np.bincount(labels, k, minlength=w.shape[0]).astype(float)
-    moved_any = False
     improved = True
     while improved:
         improved = False
@@ -72,14 +74,17 @@ def _local_moving(w: np.ndarray, labels: np.ndarray, gamma: float) -> tuple[np.n
             best = cand[np.argmax(gain[cand])]
             if gain[best] > gain[ci] + 1e-12:
                 labels[i] = best
-                improved = moved_any = True
+                improved = True
             tot[labels[i]] += k[i]
-    return labels, moved_any
+    return labels
 
 
 def leiden_like(adj: sp.spmatrix | np.ndarray, resolution: float = 1.0, n_iterations: int = 2
                 ) -> np.ndarray:
-    """Modularity communities (resolution γ) by local moving + aggregation; labels 0..c-1."""
+    """Modularity communities (resolution γ) by local moving + aggregation; labels 0..c-1.
+
+    Each iteration starts from the previous one's communities (the first from singletons), as
+    igraph's Leiden does, so a further iteration never lowers the modularity."""
     w = adj.toarray() if sp.issparse(adj) else np.asarray(adj, dtype=float)
     w = (w + w.T) / 2.0
     n = w.shape[0]
@@ -87,17 +92,16 @@ def leiden_like(adj: sp.spmatrix | np.ndarray, resolution: float = 1.0, n_iterat
     if n == 0 or w.sum() == 0:
         return labels
     for _ in range(n_iterations):
-        node_of = labels.copy()
-        cur_w = w
+        node_of, cur_w, start = np.arange(n), w, labels.copy()
         while True:
-            part, moved = _local_moving(cur_w, np.arange(cur_w.shape[0]), resolution)
-            _, part = np.unique(part, return_inverse=True)
+            _, part = np.unique(_local_moving(cur_w, start, resolution), return_inverse=True)
             node_of = part[node_of]
-            if not moved or part.max() + 1 == cur_w.shape[0]:
+            n_comm = part.max() + 1
+            if n_comm == cur_w.shape[0]:  # every node its own community: nothing to merge
                 break
-            agg = np.zeros((part.max() + 1, part.max() + 1))
+            agg = np.zeros((n_comm, n_comm))
             np.add.at(agg, (part[:, None], part[None, :]), cur_w)
-            cur_w = agg
+            cur_w, start = agg, np.arange(n_comm)
         labels = node_of
     return np.unique(labels, return_inverse=True)[1]
 
