@@ -1501,8 +1501,9 @@ def cmd_filter(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_run(a: argparse.Namespace) -> int:
-    if a.cpm_filter:
-        raise ConfigError("--cpm-filter is not supported by statetx yet; leave it out.")
+    if a.cpm_filter is not None:
+        raise ConfigError(f"--cpm-filter {a.cpm_filter:g} is not supported by statetx yet (no "
+                          "CPM filter is applied); leave it out.")
     if a.ceiling_seed is not None and not a.ceiling:
         raise UsageError("--ceiling-seed needs --ceiling.")
     if a.ceiling_seed is not None and a.ceiling_seed < 0:

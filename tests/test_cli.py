@@ -1197,3 +1197,11 @@ def test_docs_placeholders_say_how_to_see_the_content():
     # a marker without a closing one is replaced alone
     assert hook.on_page_markdown("a\n<!-- statetx:presets -->\nb\n", page, None, None).startswith(
         "a\n| preset |")
+
+
+@pytest.mark.parametrize("value", ["0", "10"])
+def test_evaluate_cpm_filter_is_refused_whatever_its_value(value, capsys, tmp_path):
+    """cell-eval's --cpm-filter is not implemented: refused (not silently ignored at 0)."""
+    assert main(["evaluate", "run", "-ap", str(tmp_path / "p.h5ad"), "-ar",
+                 str(tmp_path / "r.h5ad"), "--cpm-filter", value]) == 2
+    assert f"--cpm-filter {value} is not supported" in capsys.readouterr().err
