@@ -679,14 +679,28 @@ def _check_values(res: Resolved) -> None:
         raise ConfigError(f"model={name} is not a known preset; available: "
                           f"{', '.join(PRESET_NAMES)} (optionally with @0.11.1)."
                           f"{_close(name, PRESET_NAMES)}")
-    recipe = ("training.lr", "training.batch_size", "training.max_steps")
-    if base_name == "small" and not any(k in res.given for k in recipe):
+    recipe = {"training.lr": "1e-3", "training.batch_size": "8", "training.max_steps": "N"}
+    if v["data.kwargs.batch_col"]:
+        recipe["data.kwargs.basal_mapping_strategy"] = "batch"
+    missing = [k for k in recipe if k not in res.given]
+    if base_name == "small" and missing:
         res.notices.append(
             f"model={base_name} trains with the command line's recipe (lr "
             f"{v['training.lr']:g}, batch {v['training.batch_size']}, "
-            f"{v['training.max_steps']:,} steps); Python's preset='{base_name}' uses lr 1e-3, "
-            "batch 8 and ~100 passes over the training cells (300-3,000 steps): add "
-            "training.lr=1e-3 training.batch_size=8 training.max_steps=N to train as it does.")
+            f"{v['training.max_steps']:,} steps, "
+            f"{v['data.kwargs.basal_mapping_strategy']} control pairing) where it is not "
+            f"given; Python's preset='{base_name}' uses lr 1e-3, batch 8, ~100 passes over the "
+            "training cells (N = 300-3,000 steps)"
+            + (" and pairs controls by batch" if v["data.kwargs.batch_col"] else "")
+            + ": add " + " ".join(f"{k}={recipe[k]}" for k in missing)
+            + " to train as it does.")
+    steps, every = v["training.max_steps"], v["training.val_freq"]
+    if every >= steps and "training.val_freq" not in res.given:
+        res.notices.append(
+            f"training.val_freq={every:,} is not below training.max_steps={steps:,}: the run "
+            "validates once, at its end, so best.ckpt holds the final weights and early "
+            f"stopping cannot act; add training.val_freq={max(steps // 10, 1)} to validate "
+            "every tenth of the run.")
     if v["use_wandb"]:
         raise ConfigError("use_wandb=true (or training.wandb_track=true): Weights & Biases "
                           "logging is not implemented in statetx; metrics are written to "

@@ -650,12 +650,24 @@ def test_dry_run_and_split(data, tmp_path, capsys):
     # statetx's small preset on the command line keeps the command line's recipe: said, unless
     # the recipe is given
     small = [a for a in train_args(data, tmp_path, "dry", "dry_run=true", "model=small")
-             if a not in ("model=state_sm", "training.max_steps=4", "training.batch_size=4")]
+             if a not in ("model=state_sm", "training.max_steps=4", "training.batch_size=4",
+                          "training.val_freq=2")]
     assert main(small) == 0
+    said = capsys.readouterr().out
     assert "model=small trains with the command line's recipe (lr 0.0001, batch 16, " \
-        "40,000 steps)" in capsys.readouterr().out
-    assert main([*small, "training.lr=1e-3"]) == 0
-    assert "recipe" not in capsys.readouterr().out
+        "40,000 steps, random control pairing) where it is not given" in said
+    assert ("add training.lr=1e-3 training.batch_size=8 training.max_steps=N "
+            "data.kwargs.basal_mapping_strategy=batch to train as it does") in said
+    assert main([*small, "training.lr=1e-3", "training.max_steps=200"]) == 0
+    said = capsys.readouterr().out  # only what is still missing is named
+    assert "add training.batch_size=8 data.kwargs.basal_mapping_strategy=batch to" in said
+    # fewer steps than the validation interval: validation only at the end, said
+    assert ("training.val_freq=2,000 is not below training.max_steps=200: the run validates "
+            "once, at its end") in said and "add training.val_freq=20 " in said
+    assert main([*small, "training.lr=1e-3", "training.max_steps=200", "training.batch_size=8",
+                 "data.kwargs.basal_mapping_strategy=batch", "training.val_freq=20"]) == 0
+    said = capsys.readouterr().out
+    assert "recipe" not in said and "val_freq" not in said
     # arc-state's default batch column is absent: said, naming the batch-like column there is
     no_batch = [a for a in train_args(data, tmp_path, "dry", "dry_run=true")
                 if not a.startswith("data.kwargs.batch_col")]
