@@ -1770,7 +1770,7 @@ DEMO_BASELINES: dict[str, dict] = {
 }
 
 
-def _demo_baselines(adata: Any, toml: Path, dataset: str, cols: dict) -> dict[str, tuple]:
+def _demo_baselines(adata: Any, toml: Any, dataset: str, cols: dict) -> dict[str, tuple]:
     """{name: (adata_pred, adata_real)} of the test split for every demo baseline."""
     from statetx.baselines import fit_all_baselines
 
@@ -1801,9 +1801,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     adata = load_zhao2021()
     preprocess_train(adata, n_top_genes=min(2000, adata.n_vars))
-    toml = example_toml("zhao2021")
-    split = SplitConfig.from_toml(toml)
+    split = SplitConfig.from_toml(example_toml("zhao2021"))
     dataset = split.referenced_datasets()[0]
+    toml = split.model_copy(update={"datasets": {}})  # the data: the AnnData loaded above
     held = {k.split(".", 1)[1]: v for k, v in split.zeroshot.items()}
     test_ct = next(k for k, v in held.items() if v == "test")
     pert_col, control, ct_col = "target_gene", "DMSO", "cell_type"
@@ -1843,6 +1843,7 @@ def _demo_plot(table: Any, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     from statetx.metrics.vcc import BEST_ZERO as lower
 
@@ -1853,7 +1854,12 @@ def _demo_plot(table: Any, path: Path, title: str) -> None:
     fig, axes = plt.subplots(nrow, ncol, figsize=(3.4 * ncol, 3.0 * nrow), squeeze=False)
     colors = ["#1f77b4"] + ["#bbbbbb"] * (len(table) - 1)
     for ax, col in zip(axes.flat, cols):
-        ax.bar(range(len(table)), table[col].to_numpy(), color=colors)
+        heights = table[col].to_numpy(float)
+        ax.bar(range(len(table)), heights, color=colors)
+        for p in np.flatnonzero(np.isnan(heights)):  # (undefined, e.g. a constant prediction)
+            ax.text(p, 0.03, "n/a", transform=ax.get_xaxis_transform(), ha="center",
+                    va="bottom", fontsize="small")
+        ax.set_xlim(-0.6, len(table) - 0.4)
         ax.set_xticks(range(len(table)))
         ax.set_xticklabels(table.index, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"{col} ({'lower' if col in lower else 'higher'} is better)", fontsize=9)

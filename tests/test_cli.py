@@ -882,8 +882,11 @@ def test_arc_state_run_infer_import_info(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo(tmp_path):
+def test_demo(tmp_path, capsys):
     assert main(["demo", "--steps", "3", "--out", str(tmp_path / "demo")]) == 0
+    said = capsys.readouterr()
+    assert "ST (statetx)" in said.out  # (the table)
+    assert "instead of the [datasets] path" not in said.out + said.err  # (once per model)
     assert (tmp_path / "demo" / "demo_results.csv").is_file()
     assert (tmp_path / "demo" / "demo_metrics.png").is_file()
 
@@ -1217,3 +1220,20 @@ def test_evaluate_cpm_filter_is_refused_whatever_its_value(value, capsys, tmp_pa
     assert main(["evaluate", "run", "-ap", str(tmp_path / "p.h5ad"), "-ar",
                  str(tmp_path / "r.h5ad"), "--cpm-filter", value]) == 2
     assert f"--cpm-filter {value} is not supported" in capsys.readouterr().err
+
+
+def test_demo_plot_marks_undefined_metrics(tmp_path, monkeypatch):
+    """A NaN mean (e.g. context_mean's pearson_delta) is written as n/a, not left blank."""
+    import matplotlib.pyplot as plt
+
+    from statetx.cli import _demo_plot
+
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    table = pd.DataFrame({"pearson_delta": [0.5, np.nan], "mse": [0.1, 0.2]},
+                         index=["ST (statetx)", "context_mean"])
+    _demo_plot(table, tmp_path / "p.png", "PW034")
+    first = closed[0].axes[0]
+    assert [t.get_text() for t in first.texts] == ["n/a"]
+    assert first.texts[0].get_position()[0] == 1 and first.get_xlim()[1] > 1
+    assert not closed[0].axes[1].texts and (tmp_path / "p.png").is_file()
