@@ -783,3 +783,25 @@ def test_clustering_agreement_tells_unrelated_predictions_apart():
     assert adjusted_rand_score(truth, leiden_like(knn_graph(blobs, 15), 1.0)) == 1.0
     assert clustering_agreement(blobs, blobs + rng.normal(size=blobs.shape) * 0.3) == 1.0
     assert clustering_agreement(blobs, rng.normal(size=blobs.shape) * 4) < 0.2
+
+
+# ------------------------------------------------------------------ audit fixes (evaluation)
+def test_a_non_finite_embedding_is_refused(real, pred):
+    """NaN distances compare False: a NaN embedding ranked first everywhere (a perfect
+    discrimination score). It is refused as non-finite X is, naming file, key and cells."""
+    w = np.random.default_rng(0).normal(size=(real[0].n_vars, 4))
+    p, r = pred.copy(), real[0].copy()
+    p.obsm["X_e"], r.obsm["X_e"] = np.asarray(p.X) @ w, np.asarray(r.X) @ w
+    kw = dict(profile="anndata", embed_key="X_e", skip_metrics=["clustering_agreement"],
+              num_threads=1)
+    res, _ = evaluate(p, r, **kw)
+    assert res["discrimination_score_l2"].mean() > 0.5
+    p.obsm["X_e"][[0, 5, 9]] = np.nan
+    p.obsm["X_e"][5, 1] = np.inf
+    with pytest.raises(DataError, match=rf"pred obsm\['X_e'\] contains NaN or infinite values "
+                                        rf"in 3 of {p.n_obs} cell\(s\)"):
+        evaluate(p, r, **kw)
+    p.obsm["X_e"][:] = 0.0
+    r.obsm["X_e"][2, 0] = -np.inf
+    with pytest.raises(DataError, match=r"real obsm\['X_e'\] contains NaN .* in 1 of"):
+        evaluate(p, r, **kw)

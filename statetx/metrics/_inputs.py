@@ -223,6 +223,20 @@ def check_obs_col(adata: ad.AnnData, col: str, which: str, what: str,
         )
 
 
+def nonfinite_cells(emb: object, which: str, key: str) -> int:
+    """The number of cells (rows) of the embedding ``emb`` with a NaN or infinite value."""
+    try:
+        if sp.issparse(emb):
+            m = sp.csr_matrix(emb)
+            rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+            return int(np.unique(rows[~np.isfinite(m.data.astype(np.float64))]).size)
+        x = np.asarray(emb, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{which} obsm[{key!r}] is not a numeric embedding; pass the key of "
+                        "one (cells × dimensions numbers)") from None
+    return int((~np.isfinite(x.reshape(x.shape[0], -1))).any(axis=1).sum()) if x.size else 0
+
+
 def align_pair(
     pred: ad.AnnData,
     real: ad.AnnData,
@@ -242,6 +256,11 @@ def align_pair(
         if embed_key is not None and embed_key not in a.obsm:
             raise DataError(f"embedding {embed_key!r} not found in {which} obsm "
                             f"(keys: {preview(a.obsm.keys())}); pass an existing embed_key")
+        if embed_key is not None and (bad := nonfinite_cells(a.obsm[embed_key], which,
+                                                             embed_key)):
+            # (a NaN distance compares False: it would rank as a perfect discrimination score)
+            raise DataError(f"{which} obsm[{embed_key!r}] contains NaN or infinite values in "
+                            f"{bad} of {a.n_obs} cell(s); remove or impute them")
     pg, rg = pred.var_names.astype(str), real.var_names.astype(str)
     for names, which in ((pg, "pred"), (rg, "real")):
         if names.has_duplicates:  # DE lists and gene exclusions compare genes by name
