@@ -114,3 +114,35 @@ def test_vcc_2025_mode_matches_scipy_auto_and_global_bh():
     np.testing.assert_allclose(clipped["log2_fold_change"], [np.log2(20), -np.log2(20), 0.0])
     with pytest.raises(Exception, match="de_mode 'vcc-2024' is not supported"):
         wilcoxon_de(zero, np.array(["c", "c", "t", "t"]), "c", mode="vcc-2024")
+
+
+def test_fold_changes_of_means_whose_expm1_overflows_float32():
+    """Counts scored as they are (allow_discrete): expm1 of a mean above ~88.7 overflows float32
+    (and above ~709.8 float64). Those fold changes come from the logs, in float64, and follow the
+    usual rules (x/0 → +inf, 0/x → -inf; clipped in vcc-2025); the others are unchanged."""
+    rng = np.random.default_rng(0)
+    x = rng.poisson(5, size=(40, 6)).astype(np.float32)
+    x[:20, 0], x[20:, 0] = rng.poisson(100, 20), rng.poisson(140, 20)  # both sides overflow
+    x[:20, 1], x[20:, 1] = rng.poisson(3, 20), rng.poisson(120, 20)  # the target side only
+    x[:, 2] = rng.poisson(900, 40)  # beyond float64's expm1 too
+    x[:20, 3], x[20:, 3] = 0.0, rng.poisson(120, 20)  # x/0
+    x[:20, 4], x[20:, 4] = rng.poisson(120, 20), 0.0  # 0/x
+    lab = np.array(["c"] * 20 + ["A"] * 20)
+    mt, mr = x[20:].mean(0).astype(np.float64), x[:20].mean(0).astype(np.float64)  # (as DE's)
+    de = wilcoxon_de(x, lab, "c")
+    lfc, pc = de["log2_fold_change"].to_numpy(), de["percent_change"].to_numpy()
+    assert not np.isnan(lfc).any() and not np.isnan(pc).any()
+    with np.errstate(all="ignore"):
+        t, r = np.expm1(mt), np.expm1(mr)
+        np.testing.assert_allclose(lfc[:2], np.log2(t / r)[:2], atol=1e-9)
+        np.testing.assert_allclose(pc[:2], ((t - r) / r)[:2], rtol=1e-9)
+    np.testing.assert_allclose(lfc[2], (mt[2] - mr[2]) / np.log(2), atol=1e-4)  # (≈ for big m)
+    np.testing.assert_allclose(de["target_mean"][:2], t[:2], rtol=1e-6)
+    assert (lfc[3], lfc[4], pc[3], pc[4]) == (np.inf, -np.inf, np.inf, -1.0)
+    np.testing.assert_array_equal(lfc[5], np.float64(np.log2(
+        np.float64(np.float32(t[5])) / np.float64(np.float32(r[5])))))  # (float32 means as ever)
+    vcc = wilcoxon_de(x, lab, "c", mode="vcc-2025")["log2_fold_change"].to_numpy()
+    np.testing.assert_allclose(vcc[[0, 1, 3, 4]], [lfc[0], lfc[1], np.log2(20), -np.log2(20)],
+                               atol=1e-5)
+    eps = wilcoxon_de(x, lab, "c", epsilon=1e-9)["log2_fold_change"].to_numpy()
+    np.testing.assert_allclose(eps[3], np.log2(t[3] / 1e-9), rtol=1e-9)

@@ -349,6 +349,30 @@ def group_means(
     return out
 
 
+def _log_expm1(m: np.ndarray) -> np.ndarray:
+    """log(expm1(m)) without overflow for large means m (-inf at 0, NaN below)."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return np.where(m > 0, m + np.log(-np.expm1(-np.maximum(m, 1e-300))),
+                        np.log(np.expm1(m)))
+
+
+def _log_fold_changes(mt: np.ndarray, mr: np.ndarray, epsilon: float, mode: str
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """log2 fold change and percent change of expm1(mt) against expm1(mr) (pseudocount
+    ``epsilon``) computed from the logs in float64: finite where expm1 of a mean overflows
+    float32 (or float64). Broadcasts ``mt`` (targets × genes) against ``mr`` (1 × genes)."""
+    lt, lr = _log_expm1(mt), _log_expm1(mr)
+    le = np.log(epsilon) if epsilon > 0 else -np.inf
+    lt_e, lr_e = np.logaddexp(lt, le), np.logaddexp(lr, le)
+    with np.errstate(over="ignore", invalid="ignore"):
+        lfc = (lt_e - lr_e) / np.log(2.0)
+        pc = np.exp(lt - lr_e) - np.where(np.isneginf(lr), 0.0, np.exp(lr - lr_e))
+    if mode == "vcc-2025":  # clipped: a zero mean on one side counts as 20x
+        lfc = np.where(np.isneginf(lr), np.log2(20.0),
+                       np.where(np.isneginf(lt), -np.log2(20.0), (lt - lr) / np.log(2.0)))
+    return lfc, pc
+
+
 def wilcoxon_de(
     X: np.ndarray | sp.spmatrix,
     labels: Sequence[str] | np.ndarray,
@@ -399,7 +423,10 @@ def wilcoxon_de(
         fdr = bh_fdr(pvals)
     if means is None:
         means = group_means(X, codes, len(order))
-    expm = np.expm1(np.asarray(means, dtype=np.float64)).astype(np.float32)
+    m64 = np.asarray(means, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        e64 = np.expm1(m64)
+        expm = e64.astype(np.float32)
     tm = expm[1:]
     rm = np.broadcast_to(expm[:1], tm.shape)
     t64 = tm.astype(np.float64)
@@ -407,13 +434,20 @@ def wilcoxon_de(
     with np.errstate(divide="ignore", invalid="ignore"):
         lfc = np.log2((t64 + epsilon) / (r64 + epsilon))
         pc = (t64 - r64) / (r64 + epsilon)
-    lfc = np.where((t64 + epsilon == 0) & (r64 + epsilon == 0), 0.0, lfc)
-    pc = np.where((t64 - r64 == 0) & (r64 + epsilon == 0), 0.0, pc)
+        lfc = np.where((t64 + epsilon == 0) & (r64 + epsilon == 0), 0.0, lfc)
+        pc = np.where((t64 - r64 == 0) & (r64 + epsilon == 0), 0.0, pc)
     if mode == "vcc-2025":  # the clipped fold change of cell-eval <= 0.6.7
         with np.errstate(divide="ignore", invalid="ignore"):
             fc = np.where(r64 == 0, np.where(t64 == 0, 1.0, 20.0),
                           np.where(t64 == 0, 1.0 / 20.0, t64 / r64))
             lfc = np.nan_to_num(np.log2(fc), nan=0.0)
+    over = np.isinf(expm) & np.isfinite(m64)  # expm1 of a mean above ~88.7 overflows float32
+    if over.any():  # (counts scored with allow_discrete): those genes in float64, via logs
+        hit = over[1:] | over[:1]
+        lfc_o, pc_o = _log_fold_changes(m64[1:], m64[:1], epsilon, mode)
+        lfc, pc = np.where(hit, lfc_o, lfc), np.where(hit, pc_o, pc)
+        tm = np.where(over[1:], e64[1:], t64)
+        rm = np.broadcast_to(np.where(over[:1], e64[:1], r64[:1]), tm.shape)
     n_t = len(targets)
     return pd.DataFrame({
         "target": np.repeat(np.asarray(targets, dtype=object), n_genes),
