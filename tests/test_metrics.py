@@ -833,3 +833,25 @@ def test_counts_with_allow_discrete_keep_finite_fold_changes(kang_raw, tmp_path)
         np.testing.assert_allclose(de.loc[g, "percent_change"], (t - r_) / r_, rtol=1e-4)
         np.testing.assert_allclose(de.loc[g, ["target_mean", "ref_mean"]].to_numpy(float),
                                    [t, r_], rtol=1e-5)
+
+
+def test_a_cell_type_with_controls_only_is_left_out_and_said(real, pred):
+    r, p = real[0].copy(), pred.copy()
+    for a in (r, p):
+        ctrl = np.flatnonzero(a.obs["target_gene"].astype(str) == "non-targeting")
+        ct = np.full(a.n_obs, "A", dtype=object)
+        ct[ctrl[:12]] = "B"
+        a.obs["ct"] = ct
+    with pytest.warns(UserWarning, match=r"1 cell type\(s\) of obs\['ct'\] hold only control "
+                                         r"cells .*'B' \(12 pred / 12 real cells\)\. They are "
+                                         r"left out"):
+        res, agg = evaluate(p, r, celltype_col="ct", profile="minimal", num_threads=1)
+    assert set(res["celltype"]) == set(agg["celltype"]) == {"A"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        alone, _ = evaluate(p[p.obs["ct"] == "A"], r[r.obs["ct"] == "A"], profile="minimal",
+                            num_threads=1)
+    pd.testing.assert_frame_equal(res.drop(columns="celltype"), alone)
+    b_p, b_r = p[p.obs["ct"] == "B"], r[r.obs["ct"] == "B"]
+    with pytest.raises(DataError, match=r"hold only control cells .*'B'.* no cell type is left"):
+        evaluate(b_p, b_r, celltype_col="ct", profile="minimal", num_threads=1)

@@ -275,6 +275,22 @@ def _read_de(obj: pd.DataFrame | str | Path | None, which: str) -> pd.DataFrame 
     return check_de_table(obj, which)
 
 
+def _say_control_only(cell_types: list[tuple[str, int, int]], celltype_col: str, pert_col: str,
+                      control_pert: str, others: bool) -> None:
+    """The cell types holding control cells only (``(name, pred cells, real cells)``) are left
+    out with a warning; an error when no ``others`` are left to evaluate."""
+    if not cell_types:
+        return
+    named = preview([f"{ct!r} ({n_p} pred / {n_r} real cells)" for ct, n_p, n_r in cell_types],
+                    10)
+    what = (f"{len(cell_types)} cell type(s) of obs[{celltype_col!r}] hold only control cells "
+            f"({control_pert!r} in obs[{pert_col!r}]), no perturbation to evaluate: {named}")
+    if not others:
+        raise DataError(f"{what}; no cell type is left to evaluate. Check pert_col, "
+                        "control_pert and celltype_col.")
+    warnings.warn(f"{what}. They are left out of the results.", UserWarning, stacklevel=3)
+
+
 def _say_pooled(real: ad.AnnData) -> None:
     """Without ``celltype_col`` every cell is one group: said when obs has a cell-type column with
     several values."""
@@ -574,14 +590,16 @@ def evaluate(
     rl = r.obs[pert_col].astype(str).to_numpy()
     rct = None if celltype_col is None else r.obs[celltype_col].astype(str).to_numpy()
     n_perts = [len(perts)] if rct is None else [
-        len(set(rl[rct == ct]) - {control_pert}) for ct in set(rct)]
-    _warn_few_perturbations(metrics, min(n_perts), rct is not None)
+        n for ct in set(rct) if (n := len(set(rl[rct == ct]) - {control_pert}))]
+    if n_perts:  # (cell types with control cells only are left out, said below)
+        _warn_few_perturbations(metrics, min(n_perts), rct is not None)
     if celltype_col is None:
         outputs.append((None, _evaluate_one(p, r, **kw)))
     else:
         if outdir is not None:
             _check_prefixes(sorted(set(rct)), celltype_col)
         pct = p.obs[celltype_col].astype(str).to_numpy()
+        ctrl_only = []  # (cell type, pred cells, real cells): nothing to evaluate there
         for ct in sorted(set(rct)):
             sub_p, sub_r = p[pct == ct], r[rct == ct]
             try:
@@ -589,7 +607,11 @@ def evaluate(
                                           control_pert=control_pert, shared_only=shared_only)
             except DataError as err:
                 raise DataError(f"cell type {ct!r}: {err}") from None
+            if set(sub_r.obs[pert_col].astype(str)) <= {control_pert}:
+                ctrl_only.append((ct, sub_p.n_obs, sub_r.n_obs))
+                continue
             outputs.append((ct, _evaluate_one(sub_p, sub_r, **kw)))
+        _say_control_only(ctrl_only, celltype_col, pert_col, control_pert, bool(outputs))
     ceil = None
     if ceiling:  # (before the files are written: they are listed with the results')
         # the perturbations evaluated (shared_only may have left some out), halved
