@@ -855,3 +855,43 @@ def test_a_cell_type_with_controls_only_is_left_out_and_said(real, pred):
     b_p, b_r = p[p.obs["ct"] == "B"], r[r.obs["ct"] == "B"]
     with pytest.raises(DataError, match=r"hold only control cells .*'B'.* no cell type is left"):
         evaluate(b_p, b_r, celltype_col="ct", profile="minimal", num_threads=1)
+
+
+def _few(a, n_by: dict[str, int]):
+    """``a`` with only the first ``n`` cells of each perturbation in ``n_by``."""
+    lab = a.obs["target_gene"].astype(str).to_numpy()
+    keep = np.concatenate([np.flatnonzero(lab == t)[:n_by.get(t, lab.size)]
+                           for t in np.unique(lab)])
+    return a[np.sort(keep)].copy()
+
+
+def test_de_groups_of_fewer_than_three_cells_are_said_once(real, pred):
+    """Groups of one or two cells get unreliable asymptotic DE p-values (kept, cell-eval's):
+    one warning lists them with their cells, real and pred apart; a two-cell predicted group
+    of identical cells is named there and not again as a group without spread."""
+    from statetx.metrics.evaluate import FewCellsWarning, NoSpreadWarning
+
+    r = _few(real[0], {"G000": 1, "G001": 2})
+    p = _few(pred, {"G000": 1, "G001": 2, "G002": 2})
+    lab = p.obs["target_gene"].astype(str).to_numpy()
+    p.X[lab == "G001"] = p.X[lab == "G001"][0]  # no spread, and too few cells
+    p.X[lab == "G003"] = p.X[lab == "G003"][0]  # no spread only
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        evaluate(p, r, profile="minimal", num_threads=1)
+    few = [str(w.message) for w in rec if w.category is FewCellsWarning]
+    assert len(few) == 1, few
+    assert ("real: G000 (1 cell), G001 (2 cells); pred: G000 (1 cell), G001 (2 cells), G002 "
+            "(2 cells). Their DE p-values are unreliable") in few[0]
+    assert issubclass(FewCellsWarning, NoSpreadWarning)
+    spread = _identical_warnings(rec)
+    assert len(spread) == 1 and "G003" in spread[0] and "G001" not in spread[0]
+    # no warning for groups of three cells, without DE, or with both DE tables supplied
+    for kw in (dict(adata_pred=_few(pred, {"G000": 3}), adata_real=_few(real[0], {"G000": 3})),
+               dict(adata_pred=p, adata_real=r, profile="pds"),
+               dict(adata_pred=p, adata_real=r, de_pred=evaluate_de(p, (r,)),
+                    de_real=evaluate_de(r, (r,)))):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            evaluate(**{"profile": "minimal", "num_threads": 1, **kw})
+        assert not [w for w in rec if w.category is FewCellsWarning], kw

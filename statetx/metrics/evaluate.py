@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,8 @@ CELL_LEVEL_METRICS = [*DE_METRICS, *NSIG_PARTS, "pearson_edistance", "clustering
 PSEUDOBULK_FLAG = "statetx_pseudobulk"
 # below this many perturbations the discrimination scores (ranks among them) are said to be coarse
 FEW_PERTURBATIONS = 5
+# DE groups of fewer cells get unreliable p-values (said; the values are cell-eval's)
+FEW_CELLS = 3
 # how integer counts are normalised before log1p: "shared" brings a count file to the scale of the
 # other (a log1p file's counts per cell, or, two count files, the real cells' median total);
 # "own_median" normalises each count file to its own median cell total (cell-eval's rule)
@@ -95,6 +97,9 @@ class EvalOutput:
     skipped: dict[str, str] = field(default_factory=dict)
     # groups (control included) whose predicted cells are all one row, when pred DE was computed
     constant: list[str] = field(default_factory=list)
+    # per side ("real", "pred") whose DE was computed here: (group, cells) of the groups of
+    # fewer than FEW_CELLS cells (control included)
+    few_cells: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
 
 
 def _metric_list(profile: str, skip: Iterable[str]) -> list[str]:
@@ -190,13 +195,16 @@ def _evaluate_one(
     constant = []  # a prediction without spread: its DE metrics are said to be meaningless
     if needs_de and de_pred is None:
         constant = [order[g] for g in constant_groups(Xp, pc, len(order))]
+    few: dict[str, list[tuple[str, int]]] = {}
     if needs_de or de_tables:
         if real_de is None:
             real_de = wilcoxon_de(Xr, rl, control_pert, genes, epsilon=epsilon,
                                   num_threads=num_threads, means=mr, mode=de_mode)
+            few["real"] = _few_cells(rc, order)
         if pred_de is None:
             pred_de = wilcoxon_de(Xp, pl, control_pert, genes, epsilon=epsilon,
                                   num_threads=num_threads, means=mp, mode=de_mode)
+            few["pred"] = _few_cells(pc, order)
     if needs_de:
         de_vals = de_metrics(real_de, pred_de, perts)
         n_sig = np.asarray(de_vals["de_nsig_counts_real"], dtype=float)
@@ -262,7 +270,13 @@ def _evaluate_one(
             raise
         except Exception as err:  # noqa: BLE001 - a failing metric is reported and omitted
             skipped[m] = f"{type(err).__name__}: {err}"  # (said once, by evaluate)
-    return EvalOutput(table, real_de, pred_de, skipped, constant)
+    return EvalOutput(table, real_de, pred_de, skipped, constant, few)
+
+
+def _few_cells(codes: np.ndarray, order: list[str]) -> list[tuple[str, int]]:
+    """(group, cells) of the groups of ``order`` with fewer than :data:`FEW_CELLS` cells."""
+    n = np.bincount(codes[codes >= 0], minlength=len(order))
+    return [(order[g], int(n[g])) for g in np.flatnonzero((n > 0) & (n < FEW_CELLS))]
 
 
 def _read_de(obj: pd.DataFrame | str | Path | None, which: str) -> pd.DataFrame | None:
@@ -326,21 +340,56 @@ def _warn_few_perturbations(metrics: Sequence[str], n: int, per_cell_type: bool)
 
 
 class NoSpreadWarning(UserWarning):
-    """Predicted cells of a group are all one row: the DE-based metrics mean little for it."""
+    """Predicted cells of a group are all one row (or, :class:`FewCellsWarning`, a group has
+    too few cells): the DE-based metrics mean little for it."""
+
+
+class FewCellsWarning(NoSpreadWarning):
+    """A group of the DE test has fewer than :data:`FEW_CELLS` cells: its p-values are
+    unreliable."""
+
+
+def _de_metric_names(metrics: Sequence[str]) -> list[str]:
+    """The DE metrics among ``metrics``, those of the minimal profile first."""
+    return sorted((m for m in metrics if m in DE_METRICS or m in NSIG_PARTS),
+                  key=lambda m: m not in PROFILES["minimal"])
+
+
+def _warn_few_cells(outputs: list[tuple[str | None, EvalOutput]], metrics: Sequence[str]
+                    ) -> set[tuple[str, str | None]]:
+    """One warning for the groups of fewer than :data:`FEW_CELLS` cells whose DE was computed
+    here, real and pred listed apart; returns the (group, cell type) pairs of pred it names."""
+    sides = {}
+    for side in ("real", "pred"):
+        sides[side] = [(g, ct, n) for ct, o in outputs for g, n in o.few_cells.get(side, [])]
+    if not any(sides.values()):
+        return set()
+    parts = [f"{side}: " + preview([f"{g}{'' if ct is None else f' in {ct}'} ({n} cell"
+                                    f"{'s' if n > 1 else ''})" for g, ct, n in groups], 5)
+             for side, groups in sides.items() if groups]
+    de = _de_metric_names(metrics)
+    warnings.warn(
+        f"DE groups of fewer than {FEW_CELLS} cells: {'; '.join(parts)}. Their DE p-values are "
+        "unreliable: the Mann–Whitney test's normal approximation (cell-eval's, kept as it is) "
+        "can call genes significant on one or two cells"
+        + (f", so the DE metrics ({preview(de, 4)}) of these perturbations mean little" if de
+           else "") + ". Gather more cells per perturbation, or judge these on pearson_delta, "
+        "mse and mae.", FewCellsWarning, stacklevel=3)
+    return {(g, ct) for g, ct, _ in sides["pred"]}
 
 
 def _warn_constant(outputs: list[tuple[str | None, EvalOutput]], metrics: Sequence[str],
-                   control_pert: str) -> None:
+                   control_pert: str, said: Collection[tuple[str, str | None]] = ()) -> None:
     """One warning for the predicted groups whose cells are all identical (a mean, or any one row,
-    repeated): the DE metrics test them against varying cells, which is not meaningful."""
-    where = [(n, ct) for ct, o in outputs for n in o.constant]
+    repeated): the DE metrics test them against varying cells, which is not meaningful. Groups in
+    ``said`` (named already as too small) are left out."""
+    where = [(n, ct) for ct, o in outputs for n in o.constant if (n, ct) not in said]
     if not where:
         return
     n_all = sum(len(o.table.index) for _, o in outputs)
     perts = [n if ct is None else f"{n} ({ct})" for n, ct in where if n != control_pert]
     ctrl = [ct for n, ct in where if n == control_pert]
-    de = sorted((m for m in metrics if m in DE_METRICS or m in NSIG_PARTS),
-                key=lambda m: m not in PROFILES["minimal"])  # (the best known first)
+    de = _de_metric_names(metrics)  # (the best known first)
     what = []
     if perts:
         what.append(f"the predicted cells of {len(perts)} of the {n_all} perturbation(s) are all "
@@ -639,7 +688,7 @@ def evaluate(
             agg.insert(0, "celltype", ct)
         res_parts.append(res)
         agg_parts.append(agg)
-    _warn_constant(outputs, metrics, control_pert)
+    _warn_constant(outputs, metrics, control_pert, _warn_few_cells(outputs, metrics))
     skipped = {m: why for _, o in outputs for m, why in o.skipped.items()}
     if skipped:  # (once per call, however many cell types)
         warnings.warn("metrics omitted (they could not be computed): "
