@@ -895,3 +895,18 @@ def test_de_groups_of_fewer_than_three_cells_are_said_once(real, pred):
             warnings.simplefilter("always")
             evaluate(**{"profile": "minimal", "num_threads": 1, **kw})
         assert not [w for w in rec if w.category is FewCellsWarning], kw
+
+
+def test_supplied_de_csv_keeps_labels_pandas_reads_as_missing(real, pred, tmp_path):
+    """A perturbation called "NA" and genes called "None" / "nan" stay text when statetx's own
+    DE CSVs are read back (pandas' default turns them into NaN)."""
+    r, p = real[0].copy(), pred.copy()
+    names = {"G001": "NA", "G004": "None"}
+    for a in (r, p):
+        a.obs["target_gene"] = a.obs["target_gene"].astype(str).replace({"G002": "NA"})
+        a.var_names = [names.get(g, "nan" if g == "G007" else g) for g in a.var_names]
+    res, _ = evaluate(p, r, profile="de", outdir=tmp_path, num_threads=1)
+    assert "NA" in set(res["perturbation"])
+    back, _ = evaluate(p, r, profile="de", de_pred=tmp_path / "pred_de.csv",
+                       de_real=tmp_path / "real_de.csv", num_threads=1)
+    pd.testing.assert_frame_equal(res, back)

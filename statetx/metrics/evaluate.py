@@ -285,7 +285,8 @@ def _read_de(obj: pd.DataFrame | str | Path | None, which: str) -> pd.DataFrame 
     if not isinstance(obj, pd.DataFrame):
         if not Path(obj).exists():
             raise DataError(f"{which} DE table {str(obj)!r} does not exist")
-        obj = pd.read_csv(obj)
+        # labels as text: a perturbation or gene called "NA", "None" or "nan" is no missing value
+        obj = pd.read_csv(obj, converters={"target": str, "feature": str})
     return check_de_table(obj, which)
 
 
