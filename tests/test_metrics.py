@@ -160,6 +160,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, real, pred, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", boom)
+    monkeypatch.setattr(tb, "_write_csv_fast", boom)  # (the DE tables' own writer)
     with pytest.raises(OSError):
         evaluate(pred, real[0], profile="minimal", outdir=tmp_path, num_threads=1)
     assert not any(f.name.endswith("_de.csv") or ".tmp" in f.name for f in tmp_path.iterdir())
@@ -910,3 +911,38 @@ def test_supplied_de_csv_keeps_labels_pandas_reads_as_missing(real, pred, tmp_pa
     back, _ = evaluate(p, r, profile="de", de_pred=tmp_path / "pred_de.csv",
                        de_real=tmp_path / "real_de.csv", num_threads=1)
     pd.testing.assert_frame_equal(res, back)
+
+
+def test_de_csv_bytes_are_pandas_to_csv(papalexi, tmp_path):
+    """The DE tables' writer gives the bytes of ``to_csv(index=False, na_rep="NaN")``: on a real
+    DE table (Papalexi 2021: 26 perturbations × 299 genes, log1p counts), and on every awkward
+    value (NaN, ±inf, -0.0, subnormals, float32 and float64 bit patterns, labels to quote)."""
+    from statetx.metrics import wilcoxon_de
+    from statetx.metrics._table import _fast_csv_ok, write_de_csv
+
+    x = papalexi.X
+    x = np.log1p(x.toarray() if hasattr(x, "toarray") else np.asarray(x)).astype(np.float32)
+    de = wilcoxon_de(x, papalexi.obs["target_gene"].astype(str).to_numpy(), "non-targeting",
+                     papalexi.var_names, num_threads=1)
+    rng = np.random.default_rng(0)
+    n = 3000
+    odd = ["NA", "a,b", 'q"uote', "new\nline", "cr\rx", " lead", "", "日本", "None", "nan"]
+    f64 = rng.integers(0, 2**64, n, dtype=np.uint64).view(np.float64)
+    f32 = rng.integers(0, 2**31, n).astype(np.int32).view(np.float32)
+    special = [np.nan, np.inf, -np.inf, -0.0, 0.0, 5e-324, 1e16, 9.999999999999998e15, 1e-5,
+               0.0001, 1.5]
+    f64[:len(special)], f32[:len(special)] = special, np.array(special, dtype=np.float32)
+    torture = pd.DataFrame({"target": rng.choice(odd, n).astype(object),
+                            "feature": np.array([f"g{i % 7}" for i in range(n)], dtype=object),
+                            "f32": f32, "f64": f64, "i": rng.integers(-5, 5, n),
+                            "u": rng.integers(0, 9, n).astype(np.uint16)})
+    for name, df in (("papalexi", de), ("torture", torture)):
+        assert _fast_csv_ok(df), name
+        write_de_csv(df, tmp_path / f"{name}.csv")
+        df.to_csv(tmp_path / f"{name}_pandas.csv", index=False, na_rep="NaN")
+        assert (tmp_path / f"{name}.csv").read_bytes() == \
+            (tmp_path / f"{name}_pandas.csv").read_bytes(), name
+    # frames the fast path does not take go to pandas (same bytes by construction)
+    for other in (torture.assign(b=True), torture.assign(target=[None] + odd * 299 + odd[:9]),
+                  torture[["f64"]], torture.iloc[:0]):
+        assert not _fast_csv_ok(other)

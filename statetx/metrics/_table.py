@@ -3,9 +3,13 @@ atomic CSV writing in cell-eval's layout (metrics.md §8)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -107,9 +111,78 @@ def _csv(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# rows of a DE table formatted and written at a time (bounds the memory of the strings)
+_CSV_CHUNK_ROWS = 1 << 18
+
+
 def write_de_csv(df: pd.DataFrame, path: str | Path) -> None:
-    """Write a DE table (``inf``/``-inf`` for infinities, ``NaN`` for NaN), atomically."""
-    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, na_rep="NaN"))
+    """Write a DE table (``inf``/``-inf`` for infinities, ``NaN`` for NaN), atomically.
+
+    The bytes are those of ``df.to_csv(path, index=False, na_rep="NaN")``; for the usual columns
+    (str, float32/64, integers) each distinct value of a chunk of rows is formatted once, several
+    times faster than pandas, which formats every float on its own. Other frames go to pandas."""
+    if _fast_csv_ok(df):
+        atomic_write(path, lambda tmp: _write_csv_fast(df, tmp))
+    else:
+        atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, na_rep="NaN"))
+
+
+def _fast_csv_ok(df: pd.DataFrame) -> bool:
+    """Whether :func:`_write_csv_fast` writes ``df`` as pandas would: plain str column names,
+    at least one row and two columns (a lone empty field is quoted), and every column float32,
+    float64, a numpy integer, or str values without missing ones."""
+    if len(df) == 0 or df.shape[1] < 2 or isinstance(df.columns, pd.MultiIndex) or not all(
+            type(c) is str for c in df.columns):
+        return False
+    for j in range(df.shape[1]):
+        col = df.iloc[:, j]
+        kind = col.dtype.kind if isinstance(col.dtype, np.dtype) else ""
+        if kind in ("i", "u") or kind == "f" and col.dtype.itemsize in (4, 8):
+            continue
+        if not (kind == "O" or isinstance(col.dtype, pd.StringDtype)) or col.hasnans or \
+                pd.api.types.infer_dtype(col, skipna=False) != "string":
+            return False
+    return True
+
+
+def _csv_strings(x: np.ndarray, quote: Any, buf: io.StringIO) -> np.ndarray:
+    """The CSV fields (an object array) of the entries of ``x``, each distinct value formatted once:
+    floats as pandas writes them (float64 as ``repr``, float32 as NumPy's shortest text, ``NaN``
+    for NaN; compared by bits, so ``-0.0`` stays apart from ``0.0``), integers as ``str``, text
+    quoted by ``quote`` (a ``csv.writer`` on ``buf`` with pandas' settings)."""
+    if x.dtype.kind == "f":
+        codes, uniq = pd.factorize(x.view(np.int32 if x.dtype.itemsize == 4 else np.int64))
+        u = np.asarray(uniq).view(x.dtype)
+        text = np.array(list(map(repr, u.tolist())) if x.dtype.itemsize == 8
+                        else u.astype(str).tolist(), dtype=object)
+        text[np.isnan(u)] = "NaN"
+    elif x.dtype.kind in "iu":
+        codes, uniq = pd.factorize(x)
+        text = np.array([str(v) for v in uniq.tolist()], dtype=object)
+    else:
+        codes, uniq = pd.factorize(x)
+        text = np.empty(len(uniq), dtype=object)
+        for i, v in enumerate(uniq):  # the writer's own quoting (a row [v, "x"], cut after v)
+            buf.seek(0)
+            buf.truncate()
+            quote.writerow([v, "x"])
+            text[i] = buf.getvalue()[:-2 - len(os.linesep)]
+    return text[codes]
+
+
+def _write_csv_fast(df: pd.DataFrame, path: str | Path) -> None:
+    """``df.to_csv(path, index=False, na_rep="NaN")`` for a frame :func:`_fast_csv_ok` accepts."""
+    opts = dict(lineterminator=os.linesep, quoting=csv.QUOTE_MINIMAL)  # (pandas' defaults)
+    buf = io.StringIO()
+    quote = csv.writer(buf, **opts)
+    cols = [df.iloc[:, j].to_numpy(dtype=object if df.iloc[:, j].dtype.kind not in "fiu"
+                                   else None) for j in range(df.shape[1])]
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        csv.writer(fh, **opts).writerow(list(df.columns))
+        for start in range(0, len(df), _CSV_CHUNK_ROWS):
+            part = [_csv_strings(c[start:start + _CSV_CHUNK_ROWS], quote, buf) for c in cols]
+            fh.write(os.linesep.join(map(",".join, zip(*part))))
+            fh.write(os.linesep)
 
 
 def file_prefix(ct: str | None) -> str:
