@@ -628,8 +628,63 @@ def filter_on_target_knockdown(
         (``perturbations``: ratio, cell counts, status, reason); with ``return_report=True``,
         ``(adata, table)``.
     """
-    import anndata as ad
+    pert_col, control_pert = _knockdown_options(
+        pert_col, control_pert, perturbation_column, control_label, on_unmatched,
+        residual_expression, cell_residual_expression, min_cells)
+    m, src_name = _source(adata, layer)
+    scale = "log1p" if (looks_log1p(m) or (layer is None and "log1p" in adata.uns)) else "linear"
+    if scale == "log1p":
+        warnings.warn(
+            f"{src_name} looks log-transformed: knock-down ratios are computed on log values, "
+            "which overstates residual expression. Filter on raw counts (layer='counts') if "
+            "available.",
+            UserWarning,
+            stacklevel=2,
+        )
+    labels = _obs_labels(adata, pert_col, "perturbation")
+    is_ctrl = _check_control(labels, pert_col, control_pert)
 
+    genes, gene_src, var_gene_name, first = _gene_names(adata, var_gene_name)
+    report, matched, pert_cells = _match_targets(labels, control_pert, first)
+    _check_matches(report, matched, genes, gene_src, pert_col, on_unmatched)
+    values, ctrl_mean_of = _target_expression(m, report, matched, pert_cells, is_ctrl)
+    keep = _judge_perturbations(report, matched, pert_cells, values, ctrl_mean_of, is_ctrl,
+                                on_unmatched, residual_expression, cell_residual_expression,
+                                min_cells)
+
+    stages = _stage_summary(report)
+    out = _knockdown_output(adata, keep, genes, layer, preprocess)
+    out.uns["statetx_knockdown_filter"] = {
+        "pert_col": pert_col,
+        "control_pert": str(control_pert),
+        "residual_expression": float(residual_expression),
+        "cell_residual_expression": float(cell_residual_expression),
+        "min_cells": int(min_cells),
+        "layer": layer or "X",
+        "var_gene_name": var_gene_name or "var_names",
+        "scale": scale,
+        "on_unmatched": on_unmatched,
+        "preprocessed": bool(preprocess),
+        "n_cells_in": int(adata.n_obs),
+        "n_cells_out": int(out.n_obs),
+        "stages": stages,
+        "perturbations": report,
+    }
+    _log_summary(report, stages, adata.n_obs, out.n_obs, verbose)
+    return (out, report) if return_report else out
+
+
+def _knockdown_options(
+    pert_col: str,
+    control_pert: str,
+    perturbation_column: str | None,
+    control_label: str | None,
+    on_unmatched: str,
+    residual_expression: float,
+    cell_residual_expression: float,
+    min_cells: int,
+) -> tuple[str, str]:
+    """``(pert_col, control_pert)`` with cell-load's names taken in; errors for invalid options."""
     for mine, default, theirs, value in (("pert_col", "gene", "perturbation_column",
                                           perturbation_column),
                                          ("control_pert", "non-targeting", "control_label",
@@ -652,21 +707,14 @@ def filter_on_target_knockdown(
             raise ConfigError(f"{name}={val!r} is invalid; use a positive fraction such as 0.3.")
     if int(min_cells) != min_cells or min_cells < 0:
         raise ConfigError(f"min_cells={min_cells!r} is invalid; use a non-negative integer.")
+    return pert_col, control_pert
 
-    m, src_name = _source(adata, layer)
-    scale = "log1p" if (looks_log1p(m) or (layer is None and "log1p" in adata.uns)) else "linear"
-    if scale == "log1p":
-        warnings.warn(
-            f"{src_name} looks log-transformed: knock-down ratios are computed on log values, "
-            "which overstates residual expression. Filter on raw counts (layer='counts') if "
-            "available.",
-            UserWarning,
-            stacklevel=2,
-        )
-    labels = _obs_labels(adata, pert_col, "perturbation")
-    is_ctrl = _check_control(labels, pert_col, control_pert)
 
-    # gene names and first-occurrence lookup (D12)
+def _gene_names(
+    adata: AnnData, var_gene_name: str | None
+) -> tuple[np.ndarray, str, str | None, dict[str, int]]:
+    """The gene names targets are matched against (D12): ``(names, printable source, the var
+    column used or None, name -> first column holding it)``; ``"auto"`` resolved (said)."""
     if var_gene_name == "auto":
         var_gene_name = "gene_name" if "gene_name" in adata.var.columns else None
         if var_gene_name is None:
@@ -688,7 +736,14 @@ def filter_on_target_knockdown(
     first: dict[str, int] = {}
     for j, g in enumerate(genes):
         first.setdefault(g, j)
+    return genes, gene_src, var_gene_name, first
 
+
+def _match_targets(
+    labels: np.ndarray, control_pert: str, first: dict[str, int]
+) -> tuple[pd.DataFrame, np.ndarray, list[np.ndarray]]:
+    """The per-perturbation table (label, target gene, its column or -1, cells; controls left
+    out), which of its rows matched a gene, and the cells of each row."""
     perts, pert_codes = np.unique(labels, return_inverse=True)
     pert_codes = pert_codes.ravel()
     counts_per = np.bincount(pert_codes, minlength=len(perts))
@@ -705,6 +760,24 @@ def filter_on_target_knockdown(
     report = pd.DataFrame(rows, columns=["perturbation", "target_gene", "gene_index", "n_cells"])
     matched = report["gene_index"].to_numpy() >= 0 if len(report) else np.zeros(0, bool)
 
+    order = np.argsort(pert_codes, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts_per)])
+    pert_index = {p: k for k, p in enumerate(perts)}
+    cells_of = [order[starts[k] : starts[k + 1]] for k in range(len(perts))]
+    pert_cells = [cells_of[pert_index[p]] for p in report["perturbation"]]
+    return report, matched, pert_cells
+
+
+def _check_matches(
+    report: pd.DataFrame,
+    matched: np.ndarray,
+    genes: np.ndarray,
+    gene_src: str,
+    pert_col: str,
+    on_unmatched: str,
+) -> None:
+    """Warn of targets with duplicated names and of dropped labels; no label matching a gene
+    (or, with ``on_unmatched="error"``, any label matching none) is an error."""
     dup = repeated(genes)
     dup_targets = sorted(set(dup) & set(report["target_gene"][matched]))
     if dup_targets:
@@ -712,7 +785,7 @@ def filter_on_target_knockdown(
             f"{gene_src} has duplicated names; these targets resolve to their first occurrence: "
             f"{preview(dup_targets)}.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     unmatched = report.loc[~matched, ["perturbation", "n_cells"]]
     if not matched.any():
@@ -730,7 +803,7 @@ def filter_on_target_knockdown(
             f"match no gene in {gene_src} and are dropped: {preview(desc)}. Pass "
             "on_unmatched='keep' (command line: --on-unmatched keep) to keep them unfiltered.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     if len(unmatched) and on_unmatched == "error":
         raise DataError(
@@ -739,17 +812,21 @@ def filter_on_target_knockdown(
             "them or 'keep' to keep them unfiltered."
         )
 
-    # target expression: one value per cell of a matched perturbation, control means per target
-    order = np.argsort(pert_codes, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(counts_per)])
-    pert_index = {p: k for k, p in enumerate(perts)}
-    cells_of = [order[starts[k] : starts[k + 1]] for k in range(len(perts))]
+
+def _target_expression(
+    m: Matrix,
+    report: pd.DataFrame,
+    matched: np.ndarray,
+    pert_cells: list[np.ndarray],
+    is_ctrl: np.ndarray,
+) -> tuple[np.ndarray, dict[int, float]]:
+    """The target's expression in each cell of a matched perturbation (NaN elsewhere) and the
+    control mean of each target column."""
     gene_idx = report["gene_index"].to_numpy(dtype=np.int64)
-    pert_cells = [cells_of[pert_index[p]] for p in report["perturbation"]]
     hit = np.flatnonzero(matched)
     sel_rows = np.concatenate([pert_cells[i] for i in hit])
     sel_cols = np.concatenate([np.full(pert_cells[i].size, gene_idx[i]) for i in hit])
-    values = np.full(adata.n_obs, np.nan)
+    values = np.full(m.shape[0], np.nan)
     values[sel_rows] = _elements(m, sel_rows, sel_cols)
     ucols = np.unique(gene_idx[matched])
     ctrl_rows = np.flatnonzero(is_ctrl)
@@ -758,8 +835,24 @@ def filter_on_target_knockdown(
         cmeans = np.asarray(csub.mean(axis=0, dtype=np.float64)).ravel()
     else:
         cmeans = np.asarray(m)[np.ix_(ctrl_rows, ucols)].mean(axis=0, dtype=np.float64)
-    ctrl_mean_of = dict(zip(ucols.tolist(), cmeans.tolist()))
+    return values, dict(zip(ucols.tolist(), cmeans.tolist()))
 
+
+def _judge_perturbations(
+    report: pd.DataFrame,
+    matched: np.ndarray,
+    pert_cells: list[np.ndarray],
+    values: np.ndarray,
+    ctrl_mean_of: dict[int, float],
+    is_ctrl: np.ndarray,
+    on_unmatched: str,
+    residual_expression: float,
+    cell_residual_expression: float,
+    min_cells: int,
+) -> np.ndarray:
+    """Stages 0-4 for each perturbation: adds the report's verdict columns (``ctrl_mean`` ...
+    ``reason``) in place and returns the mask of the cells kept (controls always)."""
+    gene_idx = report["gene_index"].to_numpy(dtype=np.int64)
     keep = is_ctrl.copy()
     ctrl_mean = np.full(len(report), np.nan)
     mean_expr = np.full(len(report), np.nan)
@@ -812,8 +905,16 @@ def filter_on_target_knockdown(
     report["stage_removed"] = stage
     report["status"] = status.astype(str) if len(report) else []
     report["reason"] = reason.astype(str) if len(report) else []
+    return keep
 
-    stages = _stage_summary(report)
+
+def _knockdown_output(
+    adata: AnnData, keep: np.ndarray, genes: np.ndarray, layer: str | None, preprocess: bool
+) -> AnnData:
+    """The cells kept, as a new AnnData indexed by the gene names (unused categories dropped);
+    with ``preprocess``, normalised + log1p (the counts kept in ``layers["counts"]``)."""
+    import anndata as ad
+
     out = adata[keep].copy()
     for c in out.obs.columns:
         if isinstance(out.obs[c].dtype, pd.CategoricalDtype):
@@ -835,25 +936,7 @@ def filter_on_target_knockdown(
         _set_log1p(out)
         out.uns["statetx_preprocess"] = {"target_sum": target,
                                          "source": "filter_on_target_knockdown(preprocess=True)"}
-
-    out.uns["statetx_knockdown_filter"] = {
-        "pert_col": pert_col,
-        "control_pert": str(control_pert),
-        "residual_expression": float(residual_expression),
-        "cell_residual_expression": float(cell_residual_expression),
-        "min_cells": int(min_cells),
-        "layer": layer or "X",
-        "var_gene_name": var_gene_name or "var_names",
-        "scale": scale,
-        "on_unmatched": on_unmatched,
-        "preprocessed": bool(preprocess),
-        "n_cells_in": int(adata.n_obs),
-        "n_cells_out": int(out.n_obs),
-        "stages": stages,
-        "perturbations": report,
-    }
-    _log_summary(report, stages, adata.n_obs, out.n_obs, verbose)
-    return (out, report) if return_report else out
+    return out
 
 
 def _elements(m: Matrix, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
