@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import EllipsisType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -404,7 +404,8 @@ _KNOWN_LIGHTNING_MAJOR = "2"  # arc-state 0.9.12 / 0.11.1 write Lightning 2.x ch
 
 
 def _warn_noted(msg: str, notes: list[str], label: str = "note: ") -> None:
-    """A warning for the caller of :func:`load_arc_run` that the import notes keep too."""
+    """A warning for the caller of :func:`load_arc_run` that the import notes keep too (from a
+    helper that load_arc_run calls itself: stacklevel 4 is load_arc_run's caller)."""
     warnings.warn(msg, UserWarning, stacklevel=4)
     notes.append(label + msg)
 
@@ -542,6 +543,85 @@ def load_arc_run(
     """
     notes: list[str] = []
     run, ckpt_path = _resolve_paths(Path(run_dir), checkpoint, notes)
+    ckpt, hp, sd = _read_checkpoint(ckpt_path, trust_pickle)
+    data_yaml, model_yaml = _read_config_yaml(run, hp, ckpt_path, strict, notes)
+    check = _Checker(strict, notes)
+    var_dims = _read_var_dims(run, trust_pickle, notes)
+
+    # ---- shapes -> architecture (arc-checkpoints.md §6) ------------------------------------
+    enc = _encoder_shapes(sd, ckpt_path)
+    # the checkpoint's backbone settings win; config.yaml fills in only what they lack
+    kw = {**dict(model_yaml.get("transformer_backbone_kwargs") or {}),
+          **dict(hp.get("transformer_backbone_kwargs") or {})}
+    unknown = _unknown_format(hp, kw, ckpt.get("pytorch-lightning_version"), ckpt_path, notes)
+    bb = _backbone_shapes(sd, kw, hp, enc.hidden_dim, n_heads, n_kv_heads, head_dim, ckpt_path,
+                          check)
+    dec = _infer_gene_decoder(sd)
+    _cross_check_shapes(enc, hp, var_dims, check)
+
+    # ---- settings shapes cannot tell ----------------------------------------------------------
+    setting = _setting_lookup(hp, model_yaml, data_yaml)
+    _check_token_flags(setting, hp, sd, check)
+    embed_key = _embed_key(hp, data_yaml, embed_key, ckpt_path, check)
+    output_space, predict_residual = _output_space(hp, data_yaml, setting, enc.has_all_block,
+                                                   ckpt_path, check)
+    activation = str(setting("activation", "gelu")).lower()
+    set_len = _cell_set_len(hp, model_yaml, kw, setting, cell_set_len, ckpt_path, notes)
+    gene_dim, dec_dims, dec_residual, dec_dropout, unused = _gene_decoder_settings(
+        dec, enc.output_dim, embed_key, output_space, keep_unused_decoder, hp, setting, check,
+        notes)
+    # reference ReLU rule for imported models
+    out_act = "relu" if (embed_key in (None, "X_hvg") or dec is None) else "none"
+    notes.append(f"output activation {out_act} (arc-state rule: ReLU iff embed_key is None/X_hvg "
+                 "or there is no gene decoder)")
+
+    att, rp = _resolve_attention(bb.backbone, kw, attention, rope, notes)
+
+    config = NetworkConfig(
+        input_dim=enc.input_dim, output_dim=enc.output_dim, pert_dim=enc.pert_dim,
+        hidden_dim=enc.hidden_dim, n_encoder_layers=enc.n_encoder_layers,
+        n_decoder_layers=enc.n_decoder_layers, dropout=float(setting("dropout", 0.1)),
+        activation=activation, use_basal_projection=enc.use_basal_projection,
+        backbone=bb.backbone, n_layers=bb.n_layers, n_heads=bb.n_heads, head_dim=bb.head_dim,
+        n_kv_heads=bb.n_kv_heads, intermediate_size=bb.intermediate_size,
+        attention=att, rope=rp, norm_eps=bb.norm_eps, predict_residual=predict_residual,
+        residual_space="hidden",
+        output_space=output_space, output_activation=out_act, batch_encoder=enc.batch_dim > 0,
+        batch_dim=enc.batch_dim, gene_dim=gene_dim, decoder_hidden_dims=dec_dims,
+        decoder_dropout=dec_dropout, residual_decoder=dec_residual, confidence_token=False,
+    )
+    network = StateTransitionNetwork.for_loading(config)
+    _load_weights(network, sd, drop_decoder=dec is not None and gene_dim == 0)
+    network.eval()
+
+    # ---- vocabularies, genes, data settings --------------------------------------------------
+    gene_width = gene_dim if (gene_dim and "gene_decoder" not in unused) else enc.output_dim
+    perturbations, pert_vectors, cell_types, batches, gene_names = _vocabularies(
+        run, var_dims, hp, enc, output_space, gene_width, trust_pickle, check, notes)
+    data_kwargs = _data_kwargs(data_yaml, hp, setting, control_pert, embed_key, output_space,
+                               set_len, perturbations, ckpt_path, notes)
+    training = _loss_settings(setting, notes)
+    provenance = _provenance(ckpt, ckpt_path, run, hp, kw, unknown, att, rp)
+    notes.append(LICENSE_NOTICE)
+    if verbose:
+        for note in notes:
+            print(f"[arc import] {note}")
+    return ArcImport(
+        network=network, config=config, perturbations=perturbations, cell_types=cell_types,
+        batches=batches, pert_vectors=pert_vectors, var_dims=var_dims, gene_names=gene_names,
+        data_kwargs=data_kwargs, notes=notes, unused=unused, hyper_parameters=hp,
+        training=training, provenance=provenance,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# helpers of load_arc_run
+# --------------------------------------------------------------------------------------------
+
+
+def _read_checkpoint(ckpt_path: Path, trust_pickle: bool) -> tuple[dict, dict, dict]:
+    """The Lightning checkpoint, its hyper-parameters (plain values) and its tensors (the
+    ``model.`` prefix removed); modules statetx cannot rebuild are refused."""
     ckpt = load_torch(ckpt_path, trust_pickle)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise DataError(f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict' entry).")
@@ -551,7 +631,13 @@ def load_arc_run(
     if sd and all(k.startswith("model.") for k in sd):
         sd = {k[len("model."):]: v for k, v in sd.items()}
     _reject_unsupported(sd, hp, ckpt_path)
+    return ckpt, hp, sd
 
+
+def _read_config_yaml(run: Path, hp: dict, ckpt_path: Path, strict: bool,
+                      notes: list[str]) -> tuple[dict, dict]:
+    """config.yaml's ``(data.kwargs, model.kwargs)`` (empty without the file), checked against
+    the hyper-parameters."""
     yaml_path = run / "config.yaml"
     cfg_yaml = _read_yaml(yaml_path) if yaml_path.exists() else {}
     data_yaml, model_yaml = (_mapping(_mapping(cfg_yaml.get(part), yaml_path, part).get(
@@ -560,15 +646,47 @@ def load_arc_run(
         notes.append("config.yaml not found: settings taken from the checkpoint's hyper-parameters")
     else:
         _check_config_yaml(hp, cfg_yaml, yaml_path, ckpt_path, strict, notes)
-    check = _Checker(strict, notes)
+    return data_yaml, model_yaml
 
+
+def _read_var_dims(run: Path, trust_pickle: bool, notes: list[str]) -> dict:
+    """var_dims.pkl as plain values (empty without the file)."""
     var_dims_path = run / "var_dims.pkl"
     var_dims = _plain(_mapping(load_pickle(var_dims_path, trust_pickle), var_dims_path,
                                "the file")) if var_dims_path.exists() else {}
     if not var_dims:
         notes.append("var_dims.pkl not found: dimensions and gene names from the checkpoint")
+    return var_dims
 
-    # ---- shapes -> architecture (arc-checkpoints.md §6) ------------------------------------
+
+class _Encoders(NamedTuple):
+    """Widths and depths read off the weights around the backbone."""
+
+    hidden_dim: int
+    pert_dim: int
+    input_dim: int
+    output_dim: int
+    n_encoder_layers: int
+    n_decoder_layers: int
+    use_basal_projection: bool
+    has_all_block: bool  # final_down_then_up (output_space "all" with predict_residual)
+    batch_dim: int  # 0: no batch encoder
+
+
+class _Backbone(NamedTuple):
+    """The transformer backbone as inferred by :func:`_infer_backbone`."""
+
+    backbone: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+
+
+def _encoder_shapes(sd: dict, ckpt_path: Path) -> _Encoders:
+    """The pert / basal encoders, project_out and the batch encoder, from their weights."""
     pert_w = _mlp_layers(sd, "pert_encoder")
     if not pert_w:
         raise DataError(f"{ckpt_path}: no pert_encoder weights; not an arc-state ST checkpoint.")
@@ -588,51 +706,66 @@ def load_arc_run(
     if not proj_w:
         raise DataError(f"{ckpt_path}: no project_out weights found.")
     n_dec, d_out = len(proj_w), proj_w[-1].shape[0]
-    has_all_block = "final_down_then_up.0.weight" in sd
-    # the checkpoint's backbone settings win; config.yaml fills in only what they lack
-    kw = {**dict(model_yaml.get("transformer_backbone_kwargs") or {}),
-          **dict(hp.get("transformer_backbone_kwargs") or {})}
-    unknown = _unknown_format(hp, kw, ckpt.get("pytorch-lightning_version"), ckpt_path, notes)
-    backbone, n_layers, heads, kv_heads, hd, inter, eps = _infer_backbone(
-        sd, kw, h, n_heads, n_kv_heads, head_dim, ckpt_path)
-    check.same("backbone", backbone,
+    batch_n = sd["batch_encoder.weight"].shape[0] if "batch_encoder.weight" in sd else 0
+    return _Encoders(h, p_dim, d_in, d_out, n_enc, n_dec, use_basal_projection,
+                     "final_down_then_up.0.weight" in sd, batch_n)
+
+
+def _backbone_shapes(sd: dict, kw: dict, hp: dict, h: int, n_heads: int | None,
+                     n_kv_heads: int | None, head_dim: int | None, ckpt_path: Path,
+                     check: _Checker) -> _Backbone:
+    """The backbone inferred from the shapes, checked against the backbone settings recorded."""
+    bb = _Backbone(*_infer_backbone(sd, kw, h, n_heads, n_kv_heads, head_dim, ckpt_path))
+    check.same("backbone", bb.backbone,
                {"llama": "llama", "gpt2": "gpt2"}.get(str(hp.get("transformer_backbone_key",
                                                                  "")).lower()),
                "hyper_parameters['transformer_backbone_key']")
     # the backbone's own settings against the shapes (a block missing, another FFN width)
-    keys = ("num_hidden_layers", "intermediate_size", "hidden_size") if backbone == "llama" \
+    keys = ("num_hidden_layers", "intermediate_size", "hidden_size") if bb.backbone == "llama" \
         else ("n_layer", "n_inner", "n_embd")
     for what, key, value in zip(("n_layers", "intermediate_size", "hidden_dim"), keys,
-                                (n_layers, inter, h)):
+                                (bb.n_layers, bb.intermediate_size, h)):
         check.same(what, value, kw.get(key), f"transformer_backbone_kwargs['{key}']")
-    batch_n = sd["batch_encoder.weight"].shape[0] if "batch_encoder.weight" in sd else 0
+    return bb
 
-    dec = _infer_gene_decoder(sd)
 
-    # ---- cross-checks with hyper-parameters / var_dims -------------------------------------
-    for name, value in (("hidden_dim", h), ("pert_dim", p_dim), ("input_dim", d_in),
-                        ("output_dim", d_out), ("n_encoder_layers", n_enc),
-                        ("n_decoder_layers", n_dec)):
+def _cross_check_shapes(enc: _Encoders, hp: dict, var_dims: dict, check: _Checker) -> None:
+    """The shapes against the hyper-parameters and var_dims.pkl."""
+    for name, value in (("hidden_dim", enc.hidden_dim), ("pert_dim", enc.pert_dim),
+                        ("input_dim", enc.input_dim), ("output_dim", enc.output_dim),
+                        ("n_encoder_layers", enc.n_encoder_layers),
+                        ("n_decoder_layers", enc.n_decoder_layers)):
         check.same(name, value, hp.get(name), f"hyper_parameters['{name}']")
-    for name, value in (("pert_dim", p_dim), ("input_dim", d_in), ("output_dim", d_out)):
+    for name, value in (("pert_dim", enc.pert_dim), ("input_dim", enc.input_dim),
+                        ("output_dim", enc.output_dim)):
         check.same(name, value, var_dims.get(name), f"var_dims.pkl['{name}']")
-    check.same("use_basal_projection", use_basal_projection, hp.get("use_basal_projection"),
+    check.same("use_basal_projection", enc.use_basal_projection, hp.get("use_basal_projection"),
                "hyper_parameters['use_basal_projection']")
     if "batch_encoder" in hp:
-        check.same("batch_encoder", batch_n > 0, bool(hp["batch_encoder"]),
+        check.same("batch_encoder", enc.batch_dim > 0, bool(hp["batch_encoder"]),
                    "hyper_parameters['batch_encoder']")
-    if batch_n:
-        check.same("batch_dim", batch_n, hp.get("batch_dim"), "hyper_parameters['batch_dim']")
+    if enc.batch_dim:
+        check.same("batch_dim", enc.batch_dim, hp.get("batch_dim"),
+                   "hyper_parameters['batch_dim']")
 
-    # ---- settings shapes cannot tell ----------------------------------------------------------
+
+def _setting_lookup(hp: dict, model_yaml: dict, data_yaml: dict) -> Callable[[str, Any], Any]:
+    """``setting(key, default)``: the hyper-parameters' value, else config.yaml's (model, then
+    data kwargs), else ``default``."""
+
     def setting(key: str, default: Any) -> Any:
         for src in (hp, model_yaml, data_yaml):
             if key in src:
                 return src[key]
         return default
 
-    # tokens statetx rejects when their weights are present: declared without weights, the
-    # hyper-parameters and the weights do not belong together
+    return setting
+
+
+def _check_token_flags(setting: Callable[[str, Any], Any], hp: dict, sd: dict,
+                       check: _Checker) -> None:
+    """Tokens statetx rejects when their weights are present: declared without weights, the
+    hyper-parameters and the weights do not belong together."""
     for key, prefix in (("confidence_token", "confidence_token."),
                         ("use_batch_token", "batch_token")):
         declared = setting(key, None)
@@ -641,11 +774,20 @@ def load_arc_run(
                        any(k.startswith(prefix) for k in sd), bool(declared),
                        f"hyper_parameters['{key}']" if key in hp else "config.yaml")
 
+
+def _embed_key(hp: dict, data_yaml: dict, given: str | None | EllipsisType, ckpt_path: Path,
+               check: _Checker) -> str | None:
+    """The input embedding the run records, or the caller's (``...``: not given)."""
     recorded = [src["embed_key"] for src in (hp, data_yaml) if "embed_key" in src]
     if "embed_key" in hp and "embed_key" in data_yaml:
         check.same("embed_key", hp["embed_key"], data_yaml["embed_key"], "config.yaml")
-    embed_key = _fill_in("embed_key", recorded[0] if recorded else ..., embed_key, ckpt_path,
-                         "None for X, or an obsm key such as 'X_hvg'")
+    return _fill_in("embed_key", recorded[0] if recorded else ..., given, ckpt_path,
+                    "None for X, or an obsm key such as 'X_hvg'")
+
+
+def _output_space(hp: dict, data_yaml: dict, setting: Callable[[str, Any], Any],
+                  has_all_block: bool, ckpt_path: Path, check: _Checker) -> tuple[str, bool]:
+    """``(output_space, predict_residual)``; the output space must be recorded."""
     output_space = hp.get("output_space", data_yaml.get("output_space"))
     predict_residual = bool(setting("predict_residual", True))
     if output_space is None:
@@ -655,7 +797,12 @@ def load_arc_run(
         raise DataError(f"unknown output_space {output_space!r} in the checkpoint.")
     check.same("final_down_then_up present", has_all_block,
                output_space == "all" and predict_residual, "output_space/predict_residual")
-    activation = str(setting("activation", "gelu")).lower()
+    return output_space, predict_residual
+
+
+def _cell_set_len(hp: dict, model_yaml: dict, kw: dict, setting: Callable[[str, Any], Any],
+                  cell_set_len: int | None, ckpt_path: Path, notes: list[str]) -> int | None:
+    """The cells per set the run records (GPT-2: from n_positions), or the caller's."""
     set_len = (hp.get("cell_set_len") or model_yaml.get("cell_set_len")
                or kw.get("max_position_embeddings") or ...)
     extra = setting("extra_tokens", None)
@@ -665,10 +812,17 @@ def load_arc_run(
         if extra is None:
             notes.append(f"cell_set_len {set_len} from n_positions (extra_tokens is not "
                          "recorded: taken as 0); pass cell_set_len=... if it differs")
-    set_len = _fill_in("cell_set_len", set_len, cell_set_len or ..., ckpt_path, CELL_SET_LEN,
-                       required=False)
+    return _fill_in("cell_set_len", set_len, cell_set_len or ..., ckpt_path, CELL_SET_LEN,
+                    required=False)
 
-    # gene decoder: trained only with gene-space targets (model.md §7)
+
+def _gene_decoder_settings(
+    dec: tuple[int, list[int], int, bool] | None, d_out: int, embed_key: str | None,
+    output_space: str, keep_unused_decoder: bool, hp: dict,
+    setting: Callable[[str, Any], Any], check: _Checker, notes: list[str],
+) -> tuple[int, list[int], bool, float, list[str]]:
+    """``(gene_dim, hidden widths, residual, dropout, unused)`` of the gene decoder to build:
+    trained only with gene-space targets (model.md §7), else dropped (or kept, marked unused)."""
     gene_dim, dec_dims, dec_residual, dec_dropout = 0, [], False, 0.1
     unused: list[str] = []
     if dec is not None:
@@ -687,42 +841,29 @@ def load_arc_run(
                 f"trained (embed_key={embed_key!r}, output_space={output_space!r}): "
                 + ("loaded, marked unused" if keep_unused_decoder else "not loaded")
             )
-    # reference ReLU rule for imported models
-    out_act = "relu" if (embed_key in (None, "X_hvg") or dec is None) else "none"
-    notes.append(f"output activation {out_act} (arc-state rule: ReLU iff embed_key is None/X_hvg "
-                 "or there is no gene decoder)")
+    return gene_dim, dec_dims, dec_residual, dec_dropout, unused
 
-    att, rp = _resolve_attention(backbone, kw, attention, rope, notes)
 
-    config = NetworkConfig(
-        input_dim=d_in, output_dim=d_out, pert_dim=p_dim, hidden_dim=h, n_encoder_layers=n_enc,
-        n_decoder_layers=n_dec, dropout=float(setting("dropout", 0.1)), activation=activation,
-        use_basal_projection=use_basal_projection, backbone=backbone, n_layers=n_layers,
-        n_heads=heads, head_dim=hd, n_kv_heads=kv_heads, intermediate_size=inter,
-        attention=att, rope=rp, norm_eps=eps, predict_residual=predict_residual,
-        residual_space="hidden",
-        output_space=output_space, output_activation=out_act, batch_encoder=batch_n > 0,
-        batch_dim=batch_n, gene_dim=gene_dim, decoder_hidden_dims=dec_dims,
-        decoder_dropout=dec_dropout, residual_decoder=dec_residual, confidence_token=False,
-    )
-    network = StateTransitionNetwork.for_loading(config)
-    _load_weights(network, sd, drop_decoder=dec is not None and gene_dim == 0)
-    network.eval()
-
-    # ---- vocabularies, genes, data settings --------------------------------------------------
+def _vocabularies(
+    run: Path, var_dims: dict, hp: dict, enc: _Encoders, output_space: str, gene_width: int,
+    trust_pickle: bool, check: _Checker, notes: list[str],
+) -> tuple[list[str], np.ndarray, list[str], list[str], list[str]]:
+    """``(perturbations, pert_vectors, cell_types, batches, gene_names)`` of the run, checked
+    against the network (``gene_width``: its gene-space output width)."""
     pert_map = run / "pert_onehot_map.pt"
     if not pert_map.exists():
         raise DataError(f"{pert_map} not found: the perturbation vocabulary is needed to use the "
                         "model (copy pert_onehot_map.pt next to the checkpoint).")
     perturbations, pert_vectors = _read_map(pert_map, trust_pickle)
-    check.same("pert_dim", p_dim, pert_vectors.shape[1], "pert_onehot_map.pt (vector length)")
+    check.same("pert_dim", enc.pert_dim, pert_vectors.shape[1],
+               "pert_onehot_map.pt (vector length)")
     cell_types = _optional_map(run, "cell_type_onehot_map", trust_pickle, notes)
     batches = _optional_map(run, "batch_onehot_map", trust_pickle, notes)
-    if batch_n:
+    if enc.batch_dim:
         if not batches:
             raise DataError("the checkpoint has a batch encoder but batch_onehot_map.{torch,pkl} "
                             f"is missing from {run}; it is needed to map batch labels.")
-        check.same("number of batches", batch_n, len(batches), "batch_onehot_map")
+        check.same("number of batches", enc.batch_dim, len(batches), "batch_onehot_map")
 
     gene_names = [str(g) for g in (var_dims.get("gene_names") or hp.get("gene_names") or [])]
     twice = repeated(gene_names) if output_space != "embedding" else []
@@ -734,11 +875,19 @@ def load_arc_run(
     if twins:
         warnings.warn(f"pert_onehot_map.pt gives {twins} perturbation(s) the vector of another: "
                       "the model cannot tell those apart (a damaged map?).", UserWarning,
-                      stacklevel=2)
-    gene_width = gene_dim if (gene_dim and "gene_decoder" not in unused) else d_out
+                      stacklevel=3)
     if gene_names and output_space != "embedding" and len(gene_names) != gene_width:
         check.same("number of gene names", gene_width, len(gene_names), "var_dims.pkl")
+    return perturbations, pert_vectors, cell_types, batches, gene_names
 
+
+def _data_kwargs(
+    data_yaml: dict, hp: dict, setting: Callable[[str, Any], Any], control_pert: str | None,
+    embed_key: str | None, output_space: str, set_len: int | None, perturbations: list[str],
+    ckpt_path: Path, notes: list[str],
+) -> dict:
+    """The data settings the model was trained with (arc-state defaults for the obs columns a
+    run without config.yaml does not record, said)."""
     data_kwargs = {
         "pert_col": data_yaml.get("pert_col"),
         "cell_type_key": data_yaml.get("cell_type_key"),
@@ -765,9 +914,13 @@ def load_arc_run(
         raise DataError(f"{ckpt_path}: the control label {data_kwargs['control_pert']!r} is not "
                         f"among the model's perturbations {perturbations[:8]}; pass "
                         "control_pert=<the label> (import-arc / tx infer: --control-pert).")
-    training = _loss_settings(setting, notes)
+    return data_kwargs
 
-    provenance = {
+
+def _provenance(ckpt: dict, ckpt_path: Path, run: Path, hp: dict, kw: dict, unknown: list[str],
+                att: str, rp: float | None) -> dict:
+    """Where the imported weights come from (file, hash, versions, attention, licence)."""
+    return {
         "source": str(ckpt_path),
         "run_dir": str(run),
         "checkpoint_file": ckpt_path.name,
@@ -782,21 +935,6 @@ def load_arc_run(
         "license": _license(run),
         "license_notice": LICENSE_NOTICE,
     }
-    notes.append(LICENSE_NOTICE)
-    if verbose:
-        for note in notes:
-            print(f"[arc import] {note}")
-    return ArcImport(
-        network=network, config=config, perturbations=perturbations, cell_types=cell_types,
-        batches=batches, pert_vectors=pert_vectors, var_dims=var_dims, gene_names=gene_names,
-        data_kwargs=data_kwargs, notes=notes, unused=unused, hyper_parameters=hp,
-        training=training, provenance=provenance,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# helpers of load_arc_run
-# --------------------------------------------------------------------------------------------
 
 
 def _resolve_paths(run_dir: Path, checkpoint: str | Path, notes: list[str]) -> tuple[Path, Path]:
