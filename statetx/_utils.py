@@ -409,9 +409,15 @@ def data_differences(before: dict | None, after: dict | None,
                    + (f"{names[0]}: {rows(gone)}" if gone else "")
                    + ("; " if gone and added else "")
                    + (f"{names[1]}: {rows(added)}" if added else ""))
-    a, b = before.get("values", {}), after.get("values", {})
-    out += [f"the expression values of the {k} split" for k in sorted(set(a) & set(b))
-            if a[k] != b[k]]
+    # (labels and positions are compared where both records have them: older runs lack them)
+    changed = {key: [k for k in sorted(set(a) & set(b)) if a[k] != b[k]] for key in
+               ("labels", "values", "positions")
+               for a, b in [(before.get(key, {}), after.get(key, {}))]}
+    out += [f"the labels, barcodes or order of the cells of the {k} split"
+            for k in changed["labels"]]
+    out += [f"the expression values of the {k} split" for k in changed["values"]]
+    out += [f"the order of the expression rows of the {k} split" for k in changed["positions"]
+            if k not in changed["labels"] + changed["values"]]  # (said once per split)
     return out
 
 

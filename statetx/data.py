@@ -8,6 +8,7 @@ these arrays: nothing is read from disk in the training hot path.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,13 +114,16 @@ class PreparedData:
 
     def fingerprint(self) -> dict:
         """What a resumed run must train on again: the cells of every split (per dataset and
-        cell type, whichever files or in-memory objects hold them) and checksums of evenly
-        spaced input rows (rounded to float16, the coarsest storage ``dtype``, so that a changed
-        dtype alone is not a change of data; a streamed split's rows are read from its files)."""
-        values = {}
+        cell type, whichever files or in-memory objects hold them), a digest of every row's
+        labels and barcode in row order (sets are cut in row order), and checksums of evenly
+        spaced input rows, plain and weighted by position (rounded to float16, the coarsest
+        storage ``dtype``, so that a changed dtype alone is not a change of data; a streamed
+        split's rows are read from its files)."""
+        values, labels, positions = {}, {}, {}
         for name, d in self.splits.items():
             if not d.n_obs:
                 continue
+            labels[name] = _row_digest(d)
             pick = np.linspace(0, d.n_obs - 1, min(d.n_obs, 2048)).astype(np.int64)
             if isinstance(d, SplitData):
                 rows = d.X.index_select(0, torch.from_numpy(pick).to(d.X.device)).cpu()
@@ -133,10 +137,12 @@ class PreparedData:
             rows = rows.half().double()
             values[name] = [d.n_obs, f"{float(rows.sum()):.10g}",
                             f"{float(rows.square().sum()):.10g}"]
+            weight = torch.arange(1, len(pick) + 1, dtype=torch.float64)
+            positions[name] = f"{float(weight @ rows.sum(1)):.10g}"
         keys = ["dataset", "cell_type", "split"]
         cells = self.summary.groupby(keys, sort=True)[["n_perturbed_cells", "n_controls"]].sum()
-        return {"version": FINGERPRINT_VERSION, "values": values,
-                "cells": cells.reset_index().astype(str).values.tolist()}
+        return {"version": FINGERPRINT_VERSION, "values": values, "labels": labels,
+                "positions": positions, "cells": cells.reset_index().astype(str).values.tolist()}
 
     def x_is_log1p(self) -> bool:
         """Whether X (sampled rows of every file, which must agree) looks log1p-normalised."""
@@ -244,6 +250,16 @@ UNASSIGNED_LABELS = frozenset({"unassigned", "multiplet", "multiplets", "doublet
 #: cell-type and batch labels that usually are a missing value written as text (NaN or None
 #: through .astype(str), an empty field of a CSV)
 MISSING_LIKE_LABELS = frozenset({"nan", "none", "na", "n/a", "<na>", "null", ""})
+
+
+def _row_digest(d: SplitData | StreamSplit) -> str:
+    """A digest of a split's rows in order: perturbation, cell type, batch, control flag,
+    context and barcode of each (a relabelled, moved or reordered cell changes it)."""
+    h = hashlib.blake2b(digest_size=12)
+    for codes in (d.pert, d.cell_type, d.batch, d.is_control, d.context):
+        h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
+    h.update("\0".join(map(str, d.barcodes)).encode())
+    return h.hexdigest()
 
 
 def warn_training_scale(prepared: PreparedData, model: str = "the model",

@@ -318,8 +318,16 @@ def test_resume_refuses_other_data_or_another_runs_folder(synth, tmp_path):
     before = last.read_bytes()
     scaled = synth.copy()
     scaled.X = scaled.X * 1.5
+    shuffled = synth[np.random.default_rng(0).permutation(synth.n_obs)].copy()  # same cells
+    relabelled = synth.copy()  # two cells of one context swap perturbations: same counts
+    obs = relabelled.obs
+    ct = obs["cell_type"] == obs["cell_type"].iloc[0]
+    a, b = (np.flatnonzero(ct & (obs["gene"] == g))[0] for g in obs["gene"][ct].unique()[:2])
+    obs.iloc[[a, b], obs.columns.get_loc("gene")] = obs["gene"].iloc[[b, a]].to_numpy()
     cases = [(scaled, SPEC, "expression values of the test split"),
-             (synth, SPEC.replace("CT2", "CT1"), r"only before: .*CT2 test \(72 perturbed")]
+             (synth, SPEC.replace("CT2", "CT1"), r"only before: .*CT2 test \(72 perturbed"),
+             *((changed, SPEC, "labels, barcodes or order of the cells of the train split")
+               for changed in (shuffled, relabelled))]
     for data, spec, match in cases:
         with pytest.raises(TrainingError, match="training data differ from the run's.*" + match):
             small_model(**{**kw, "max_steps": 6}).fit(data, spec, output_dir=tmp_path / "a",
