@@ -1302,6 +1302,13 @@ class StateTransitionModel(Estimator):
             ``inplace`` (``layout`` and ``keep_input`` do not apply); for predictions of the
             input's own cells (not with ``all_perts``, ``min_cells``, ``max_cells``) of an
             in-memory AnnData (a view becomes its own object, as anndata does on writes).
+            When X receives the predictions, the input's expression kept beside it (every
+            layer, e.g. ``counts``, and ``obsm['X_hvg']`` unless predicted into) is renamed
+            ``<name>_input``, so that e.g. ``sc.pp.normalize_total(layer="counts")`` or an
+            ``X_hvg`` model cannot take it for the prediction; a warning names it, and
+            ``.raw`` / ``obsm['X_pca']``, which keep the measured values. Predictions written
+            to obsm only (e.g. ``obsm['X_hvg']``) leave X and the layers the input's, as
+            arc-state's layout does.
         """
         self._check_fitted()
         layout = check_predict_options(
@@ -1642,10 +1649,10 @@ class StateTransitionModel(Estimator):
             out = adata[src_rows].copy()
         out.obs = obs
         def place(x: np.ndarray, names: list[str] | None, key: str | None,
-                  fallback: str) -> bool:
+                  fallback: str) -> str:
             """Into X (key None) or obsm[key] when it has x's width, columns matched by gene
             name where both sides have names (else by position); otherwise obsm[fallback].
-            True when X was written."""
+            Returns where it was written: ``"X"`` or the obsm key."""
             if key is None:
                 width, dest = out.n_vars, list(map(str, gene_names(out, gene_col)))
             elif key in out.obsm:
@@ -1661,33 +1668,29 @@ class StateTransitionModel(Estimator):
                     width = -1  # other genes: never write them under the wrong names
             if width != x.shape[1]:
                 out.obsm[fallback] = x
-            elif key is None:
+                return fallback
+            if key is None:
                 out.X = x
-                return True
-            else:
-                out.obsm[key] = x
-            return False
+                return "X"
+            out.obsm[key] = x
+            return key
 
         pred = res["pred"]
         if res["counts"] is None and rng is not None:
             pred = np.clip(pred, *rng)
-        into_x = place(pred, list(self.var_names_) if self._expression_output else None,
-                       c.embed_key, f"{c.embed_key}_pred" if c.embed_key else "X_state_pred")
+        written = {place(pred, list(self.var_names_) if self._expression_output else None,
+                         c.embed_key, f"{c.embed_key}_pred" if c.embed_key else "X_state_pred")}
         if res["counts"] is not None:
             counts = res["counts"] if rng is None else np.clip(res["counts"], *rng)
             key = self._counts_source()
-            into_x |= place(counts, self.gene_names_, key,
-                            "X_pred" if key is None else f"{key}_pred")
-        if into_x and out.raw is not None:  # the measured cells: scanpy's tools read .raw first
-            if inplace:
-                warnings.warn("predict(inplace=True): X holds the predictions now, but .raw "
-                              "still holds the measured values, which scanpy's tools (e.g. "
-                              "sc.tl.rank_genes_groups) use by default: pass use_raw=False, "
-                              "or set adata.raw = None.", UserWarning, stacklevel=3)
-            else:
-                out.raw = None
-                say("predict(layout='arc'): the output's X holds predictions; the input's .raw "
-                    "(measured values, which scanpy's tools would read instead) is left out.")
+            written.add(place(counts, self.gene_names_, key,
+                              "X_pred" if key is None else f"{key}_pred"))
+        if "X" in written and inplace:
+            _set_aside_input(out, written)
+        elif "X" in written and out.raw is not None:  # scanpy's tools read .raw first
+            out.raw = None
+            say("predict(layout='arc'): the output's X holds predictions; the input's .raw "
+                "(measured values, which scanpy's tools would read instead) is left out.")
         return out
 
     def predict_split(self, split: str = "test", *, seed: int | None = None, clip: Any = "auto",
@@ -2200,6 +2203,38 @@ def _carry_input(adata: ad.AnnData, src_rows: np.ndarray, out: ad.AnnData) -> No
     if list(map(str, adata.var_names)) == list(map(str, out.var_names)):
         for key, value in adata.layers.items():
             out.layers[key] = value[src_rows]
+
+
+def _set_aside_input(adata: ad.AnnData, written: set[str]) -> None:
+    """``predict(inplace=True)`` wrote X: the input's own expression kept under the names that
+    scanpy and statetx read by default — every layer (e.g. ``counts``) and ``obsm['X_hvg']``
+    (unless predicted into) — is renamed ``<name>_input`` (names already ending so stay), so
+    that nothing takes it for the prediction. One warning names them, and what still holds
+    measured values (``.raw``, ``obsm['X_pca']``)."""
+    moved = []
+    for where, entries in (("layers", adata.layers), ("obsm", adata.obsm)):
+        stale = list(entries) if where == "layers" else [
+            k for k in ("X_hvg",) if k in entries and k not in written]
+        for key in [k for k in stale if not str(k).endswith("_input")]:
+            new = f"{key}_input"
+            while new in entries:
+                new += "_input"
+            entries[new] = entries.pop(key)
+            moved.append(f"{where}['{key}'] -> {where}['{new}']")
+    kept = [what for what, held in (
+        (".raw still holds the measured values, which scanpy's tools (e.g. "
+         "sc.tl.rank_genes_groups) use by default: pass use_raw=False, or set adata.raw = None",
+         adata.raw is not None),
+        ("obsm['X_pca'] still holds the input's principal components, which sc.pp.neighbors "
+         "uses by default: run sc.pp.pca again", "X_pca" in adata.obsm
+         and "X_pca" not in written)) if held]
+    if moved or kept:
+        warnings.warn("predict(inplace=True): X holds the predictions now"
+                      + (f"; the input's own expression beside it is renamed, so that nothing "
+                         f"reads it as the prediction (e.g. sc.pp.normalize_total(layer="
+                         f"'counts'), a model trained on X_hvg): {', '.join(moved)}"
+                         if moved else "")
+                      + "".join(f"; {k}" for k in kept) + ".", UserWarning, stacklevel=4)
 
 
 def _group_means(src: torch.Tensor, rows: np.ndarray, group: np.ndarray, n_cells: np.ndarray,

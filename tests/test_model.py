@@ -1882,3 +1882,21 @@ def test_predict_inplace_writes_the_arc_layout_into_the_input(fitted):
     with pytest.warns(UserWarning, match="the AnnData it was taken from is not changed"):
         model.predict(view, inplace=True, seed=2)
     np.testing.assert_array_equal(np.asarray(parent.X), np.asarray(adata.X))
+
+
+def test_predict_inplace_into_obsm_leaves_x_and_layers_the_inputs(synth):
+    """An X_hvg model predicts into obsm['X_hvg'] (where arc-state writes): X and the layers
+    still hold the input, as in arc-state's layout; nothing is renamed."""
+    a = synth.copy()
+    a.obsm["X_hvg"] = np.asarray(a.X[:, :16], dtype=np.float32)
+    a.uns["X_hvg_var_names"] = np.asarray(a.var_names[:16])
+    a.layers["counts"] = np.expm1(a.X)
+    m = small_model(embed_key="X_hvg", max_steps=1).fit(a, SPEC)
+    target = a.copy()
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert m.predict(target, inplace=True, seed=1) is None
+    assert not [w for w in said if "inplace" in str(w.message)]
+    assert list(target.layers) == ["counts"] and set(target.obsm) == {"X_hvg"}
+    np.testing.assert_array_equal(target.X, a.X)
+    assert not np.allclose(target.obsm["X_hvg"], a.obsm["X_hvg"])

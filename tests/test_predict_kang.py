@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,35 @@ def test_matmul_precision_scoped_to_prediction(kang_model, kang_log):
         _delta_corr(exact_split, real_split), abs=0.005)
     with pytest.raises(ConfigError, match="matmul_precision='bf16'.*'highest', 'high', 'medium'"):
         kang_model.predict(b, matmul_precision="bf16")
+
+
+def test_inplace_prediction_renames_the_measured_expression_kept_beside_x(kang_raw, kang_log):
+    """predict(inplace=True) puts the predictions in X; the input's measured counts
+    (layers['counts']) and HVG expression (obsm['X_hvg']) are renamed ``<name>_input``, so
+    that e.g. normalize_total(layer='counts') cannot read the real cells as the prediction."""
+    import scanpy as sc
+
+    m = StateTransitionModel(
+        "tiny", pert_col="target_gene", cell_type_key="cell_type", control_pert="control",
+        max_steps=2, batch_size=4, cell_set_len=32, progress=False, seed=0).fit(kang_log, SPEC)
+    b = kang_log[kang_log.obs["cell_type"] == "B cells"].copy()
+    counts = kang_raw[b.obs_names].X.copy()
+    b.layers["counts"] = counts
+    b.obsm["X_hvg"] = np.asarray(b.X[:, :50], dtype=np.float32)
+    hvg = b.obsm["X_hvg"].copy()
+    expect = m.predict(b, layout="arc", seed=3).X
+    with pytest.warns(UserWarning, match=r"X holds the predictions now; the input's own "
+                      r"expression.*layers\['counts'\] -> layers\['counts_input'\], "
+                      r"obsm\['X_hvg'\] -> obsm\['X_hvg_input'\]\.$"):
+        assert m.predict(b, inplace=True, seed=3) is None
+    np.testing.assert_array_equal(b.X, expect)
+    assert list(b.layers) == ["counts_input"] and list(b.obsm) == ["X_hvg_input"]
+    assert (b.layers["counts_input"] != counts).nnz == 0
+    np.testing.assert_array_equal(b.obsm["X_hvg_input"], hvg)
+    with pytest.raises(KeyError, match="counts"):  # not silently the measured counts
+        sc.pp.normalize_total(b, layer="counts")
+    with warnings.catch_warnings(record=True) as said:  # again: nothing more to set aside
+        warnings.simplefilter("always")
+        m.predict(b, inplace=True, seed=3)
+    assert not [w for w in said if "inplace" in str(w.message)]
+    assert list(b.layers) == ["counts_input"] and list(b.obsm) == ["X_hvg_input"]
