@@ -339,9 +339,9 @@ class StateTransitionModel(Estimator):
     preset_, train_settings_
         The preset and the training settings (batch size, steps, lr, averaging) the fit used.
     history_, best_step_, training_time_
-        One row per logged step (``train_loss``, ``val_loss``, ``lr``, ...); the step of the
-        best validation loss (-1 without validation); seconds of training (a resumed run's
-        earlier segments included).
+        One row per logged step (``train_loss``: the mean over the steps since the previous
+        log, ``val_loss``, ``lr``, ...); the step of the best validation loss (-1 without
+        validation); seconds of training (a resumed run's earlier segments included).
     split_config_, split_summary_
         The validated split spec and the cells / perturbations per split and context.
     finetuned_

@@ -103,7 +103,8 @@ class TrainConfig:
         Weight of the mean ``|pred - basal|`` term (input and output of the same width).
     val_freq, ckpt_every_n_steps, log_every_n_steps
         Validate (and keep ``best.ckpt``), write the periodic checkpoints, and log the metrics
-        every this many steps.
+        every this many steps (the training losses and ``grad_norm``: their means over the
+        steps since the previous log).
     keep_last_n
         Periodic ``step=N`` checkpoints kept (None: all).
     early_stopping_patience
@@ -329,6 +330,9 @@ class Trainer:
         self._losses = self._compiled(self.losses) if self._compile_loss else self.losses
         # CUDA: checked lazily (no host sync per step), see _check_finite
         self._first_bad_step: torch.Tensor | None = None
+        # the training values summed since the last log_every_n_steps multiple, and their
+        # steps (a value absent from some steps, e.g. decoder_loss, is averaged over the rest)
+        self._window: dict[str, tuple[torch.Tensor | float, int]] = {}
         # weight averaging: the running mean of every parameter (None = off)
         self._avg: list[torch.Tensor] | None = (
             [p.detach().clone() for p in self.net.parameters()]
@@ -714,24 +718,42 @@ class Trainer:
             say(f"{self.out} held an earlier run: its checkpoints and metrics were "
                 "removed (this run starts afresh; resume from its last.ckpt to continue one).")
 
-    def _progress_fields(self, logs: dict[str, float]) -> dict[str, str]:
-        """The progress line: train loss, last validation loss, gradient norm, cells/s."""
+    def _progress_fields(self, logs: dict[str, float] | None) -> dict[str, str]:
+        """The progress line: train loss (the logged mean), last validation loss, gradient
+        norm, cells/s; ``logs`` None (a validation between logged steps): the validation loss
+        alone, no earlier train loss shown again."""
         val = next((h["val_loss"] for h in reversed(self.state.history)
                     if not math.isnan(h.get("val_loss", math.nan))), None)
-        fields = {"loss": f"{logs['train_loss']:.4f}"}
+        fields = {} if logs is None else {"loss": f"{logs['train_loss']:.4f}"}
         if val is not None:
             fields["val"] = f"{val:.4f}"
-        if "grad_norm" in logs:
+        if logs is not None and "grad_norm" in logs:
             fields["gnorm"] = f"{logs['grad_norm']:.3g}"
-        fields["cells/s"] = f"{logs['cells_per_s']:,.0f}"
+        if logs is not None:
+            fields["cells/s"] = f"{logs['cells_per_s']:,.0f}"
         return fields
+
+    def _add_to_window(self, logs: dict[str, torch.Tensor | float]) -> None:
+        """Add a step's training values to the logging window (on their device: no host sync;
+        in float64, so that a resumed window sums as the uninterrupted one)."""
+        for k, v in logs.items():
+            total, n = self._window.get(k, (0.0, 0))
+            self._window[k] = (total + torch.as_tensor(v, dtype=torch.float64), n + 1)
+
+    def _window_means(self, reset: bool) -> dict[str, float]:
+        """Each training value's mean over the steps since the last ``log_every_n_steps``
+        multiple; ``reset`` starts the next window (not at a last step off that schedule, so
+        that a run resumed from there logs as the uninterrupted one)."""
+        means = {k: float(total) / n for k, (total, n) in self._window.items()}
+        if reset:
+            self._window = {}
+        return means
 
     def _loop(self) -> None:
         c, st = self.cfg, self.state
         bar = _progress(c.progress and _is_main(), st.step, c.max_steps)
         accum, window_cells, t0 = c.gradient_accumulation_steps, 0, time.perf_counter()
         window_steps = 0
-        shown: dict[str, float] | None = None  # the last logged values (progress line)
         pending: list[CellSetBatch] = []
         empty = 0  # epochs in a row without a batch
         p = c.early_stopping_patience  # (a resumed run that had stopped early stays stopped)
@@ -751,26 +773,26 @@ class Trainer:
                     pending.append(batch)
                     if len(pending) < accum:
                         continue
-                    step_logs = self._train_step(pending)
+                    self._add_to_window(self._train_step(pending))
                     window_cells += sum(b.n_cells for b in pending)
                     window_steps += 1
                     pending = []
                     st.step += 1
+                    logs = None  # (this step's logged values, if it logs)
                     if st.step % c.log_every_n_steps == 0 or st.step == c.max_steps:
                         self._check_finite()  # the one host sync of the window
-                        logs = {k: float(v) for k, v in step_logs.items()}
+                        logs = self._window_means(reset=st.step % c.log_every_n_steps == 0)
                         dt = max(time.perf_counter() - t0, 1e-9)
                         logs.update(cells_per_s=window_cells * self.world_size / dt,
                                     steps_per_s=window_steps / dt, lr=self.lr_at(st.step - 1))
                         self._log(logs)
                         window_cells, window_steps, t0 = 0, 0, time.perf_counter()
-                        shown = logs
                     stop = self._after_step()  # (validation first: the line shows its loss)
                     if bar is not None:
-                        if shown is not None and (st.step % c.log_every_n_steps == 0
-                                                  or st.step % c.val_freq == 0
-                                                  or st.step == c.max_steps):
-                            bar.set_postfix(self._progress_fields(shown), refresh=False)
+                        fields = (self._progress_fields(logs)
+                                  if logs is not None or st.step % c.val_freq == 0 else None)
+                        if fields:
+                            bar.set_postfix(fields, refresh=False)
                         bar.update(1)
                     if stop or st.step >= c.max_steps:
                         break  # (a stop asked for in this step: the run ends as it would have)
@@ -979,7 +1001,9 @@ class Trainer:
         state = {
             "state_dict": weights,
             "train_state": {**{k: v for k, v in asdict(st).items() if k != "history"},
-                            "world_size": self.world_size, "seconds": self.elapsed()},
+                            "world_size": self.world_size, "seconds": self.elapsed(),
+                            "log_window": {k: [float(total), n] for k, (total, n)
+                                           in self._window.items()}},
             "history": [{k: int(v) if k in ("step", "epoch") else float(v) if isinstance(
                 v, (int, float, np.floating)) else v for k, v in h.items()} for h in st.history],
             "train_config": asdict(self.cfg),
@@ -1108,6 +1132,8 @@ class Trainer:
         before = int(saved.pop("world_size", 0) or (len(ranks) if ranks else 1))
         self._earlier = float(saved.pop("seconds", 0.0))
         saved.setdefault("stop_val", saved.get("best_val", math.inf))  # (earlier checkpoints)
+        self._window = {k: (torch.tensor(total, dtype=torch.float64), int(n))
+                        for k, (total, n) in saved.pop("log_window", {}).items()}
         self.state = TrainState(**saved, history=history)
         if before != self.world_size:
             self._rescale_position(path, before)

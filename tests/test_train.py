@@ -551,6 +551,45 @@ def test_logging_interval_and_throughput_columns(synth):
     np.testing.assert_allclose(logged["cells_per_s"] / logged["steps_per_s"], 4 * 8, rtol=1e-6)
 
 
+def test_logged_training_values_are_means_over_the_logging_window(synth, tmp_path):
+    """train_loss, its parts and grad_norm in history_ / metrics.csv are means over the steps
+    since the previous log (a single batch's value draws false spikes in pl.history); a last
+    step off the schedule reports its window so far, and a run resumed from there logs as the
+    uninterrupted one."""
+    every = small_model(max_steps=7, log_every_n_steps=1, val_freq=100).fit(synth)
+    per_step = every.history_.set_index("step")
+    m = small_model(max_steps=7, log_every_n_steps=3, val_freq=100).fit(
+        synth, output_dir=tmp_path / "a")
+    logged = m.history_.set_index("step")
+    assert list(logged.index) == [3, 6, 7]
+    for key in ("train_loss", "main_loss", "grad_norm"):
+        want = [per_step.loc[1:3, key].mean(), per_step.loc[4:6, key].mean(),
+                per_step.loc[7, key]]
+        np.testing.assert_allclose(logged[key], want, rtol=1e-6)
+    assert not np.allclose(logged.loc[[3, 6], "train_loss"], per_step.loc[[3, 6], "train_loss"])
+    csv = pd.read_csv(tmp_path / "a" / "metrics.csv").set_index("step")
+    np.testing.assert_allclose(csv["train_loss"], logged["train_loss"], rtol=1e-6)
+    small_model(max_steps=7, log_every_n_steps=3, val_freq=100).fit(
+        synth, output_dir=tmp_path / "b")
+    more = small_model(max_steps=9, log_every_n_steps=3, val_freq=100).fit(
+        synth, output_dir=tmp_path / "b", resume_from=tmp_path / "b" / "checkpoints" / "last.ckpt")
+    np.testing.assert_allclose(more.history_.set_index("step").loc[9, "train_loss"],
+                               small_model(max_steps=9, log_every_n_steps=3, val_freq=100)
+                               .fit(synth).history_.set_index("step").loc[9, "train_loss"])
+
+
+def test_a_validation_between_logged_steps_does_not_show_an_old_train_loss(synth, monkeypatch,
+                                                                            capsys):
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    small_model(max_steps=6, log_every_n_steps=2, val_freq=3, progress=True).fit(synth, FEWSHOT)
+    lines = {int(ln.split(",")[0].split()[-1].split("/")[0]): ln
+             for ln in capsys.readouterr().err.splitlines() if ln.startswith("training:")}
+    assert sorted(lines) == [2, 3, 4, 6]
+    assert ", val " in lines[3] and "loss" not in lines[3] and "cells/s" not in lines[3]
+    assert all("loss" in lines[n] and "cells/s" in lines[n] for n in (2, 4, 6))
+
+
 def test_resume_from_another_runs_checkpoint_is_refused(synth, tmp_path):
     from conftest import make_synthetic
 
