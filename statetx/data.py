@@ -36,6 +36,7 @@ from statetx.splits import (
     assign_files,
     subsample_validation,
     summarize,
+    warn_unassigned_labels,
 )
 from statetx.vocab import Vocab, load_pert_features
 
@@ -194,7 +195,7 @@ def prepare(
     control = resolve_control(files, columns.control_pert, columns.pert_col)
     columns = columns.model_copy(update={"control_pert": control})
     if vocab is None:  # (before the split checks, whose errors such labels may explain)
-        _warn_unassigned_labels(files, columns, control)
+        warn_unassigned_labels(files, columns, control)
     assignments = assign_files(
         files, config, control, pert_col=columns.pert_col, cell_type_key=columns.cell_type_key,
         heldout_controls_in_train=heldout_controls_in_train,
@@ -244,14 +245,6 @@ def prepare(
                         names, gene_names, is_log1p, config=given)
 
 
-#: perturbation labels that usually mark cells without an assigned perturbation
-UNASSIGNED_LABELS = frozenset({"unassigned", "multiplet", "multiplets", "doublet", "doublets",
-                               "nan", "none", "na", "n/a", "unknown", "undetermined", ""})
-#: cell-type and batch labels that usually are a missing value written as text (NaN or None
-#: through .astype(str), an empty field of a CSV)
-MISSING_LIKE_LABELS = frozenset({"nan", "none", "na", "n/a", "<na>", "null", ""})
-
-
 def _row_digest(d: SplitData | StreamSplit) -> str:
     """A digest of a split's rows in order: perturbation, cell type, batch, control flag,
     context and barcode of each (a relabelled, moved or reordered cell changes it)."""
@@ -275,46 +268,6 @@ def warn_training_scale(prepared: PreparedData, model: str = "the model",
         "predicts on that scale. ST and its baselines are usually compared on log1p-normalised "
         "expression (statetx.pp.preprocess_train, or scanpy normalize_total + log1p).",
         UserWarning, stacklevel=stacklevel)
-
-
-def _labels_like(files: list[DataFile], attr: str, like: frozenset[str],
-                 skip: str | None = None) -> pd.Series:
-    """The labels (``attr`` of the files: ``pert``, ``cell_type``, ``batch``) that read as one of
-    ``like`` (stripped, lower case) and their numbers of cells; only unique labels are
-    compared."""
-    counts = pd.Series(np.concatenate([getattr(f, attr) for f in files])).value_counts()
-    return counts[counts.index.str.strip().str.lower().isin(like) & (counts.index != skip)]
-
-
-def _listing(found: pd.Series) -> str:
-    return ", ".join(f"{k!r} ({v:,} cells)" for k, v in found.items())
-
-
-def _warn_unassigned_labels(files: list[DataFile], columns: ColumnMap, control: str) -> None:
-    """Cells whose perturbation label reads like 'not assigned' would train as a perturbation
-    of their own: said, with the cells counted (a guide screen's 'unassigned' cells). Cell-type
-    and batch labels that read like a missing value ('nan', 'None', '') are said alike: those
-    cells form one context of their own, mixing cells of every cell type (batch)."""
-    pert_col = columns.pert_col
-    found = _labels_like(files, "pert", UNASSIGNED_LABELS, skip=control)
-    if len(found):
-        warnings.warn(f"obs['{pert_col}'] label(s) {_listing(found)} look like cells without an "
-                      "assigned perturbation; they train as a perturbation of their own. Drop "
-                      f"them first (adata[~adata.obs['{pert_col}'].isin([...])]) unless they "
-                      "are one.", UserWarning, stacklevel=4)
-    for kind, col, attr in (("cell type", columns.cell_type_key, "cell_type"),
-                            ("batch", columns.batch_col, "batch")):
-        found = _labels_like(files, attr, MISSING_LIKE_LABELS) if col else ()
-        if len(found):
-            missing = "{" + ", ".join(f"{k!r}: None" for k in found.index) + "}"
-            warnings.warn(
-                f"obs['{col}'] label(s) {_listing(found)} look like missing values written as "
-                f"text (NaN or None through .astype(str)); those cells form one {kind} of their "
-                f"own, mixing cells (and controls) of different {kind}s. Drop them first "
-                f"(adata[~adata.obs['{col}'].isin([...])]), or make them missing again "
-                f"(adata.obs['{col}'] = adata.obs['{col}'].astype(object).replace({missing})) "
-                "and pass drop_missing_labels=True, unless they are one.", UserWarning,
-                stacklevel=4)
 
 
 def check_training_split(train: SplitData | StreamSplit | None, config: SplitConfig,

@@ -125,6 +125,56 @@ def _say_unassigned(assignments: Sequence[Assignment]) -> None:
             + ". A dataset's cell types train only when the dataset is in [training].")
 
 
+#: perturbation labels that usually mark cells without an assigned perturbation
+UNASSIGNED_LABELS = frozenset({"unassigned", "multiplet", "multiplets", "doublet", "doublets",
+                               "nan", "none", "na", "n/a", "unknown", "undetermined", ""})
+#: cell-type and batch labels that usually are a missing value written as text (NaN or None
+#: through .astype(str), an empty field of a CSV)
+MISSING_LIKE_LABELS = frozenset({"nan", "none", "na", "n/a", "<na>", "null", ""})
+
+
+def _labels_like(files: Sequence[DataFile], attr: str, like: frozenset[str],
+                 skip: str | None = None) -> pd.Series:
+    """The labels (``attr`` of the files: ``pert``, ``cell_type``, ``batch``) that read as one of
+    ``like`` (stripped, lower case) and their numbers of cells; only unique labels are
+    compared."""
+    counts = pd.Series(np.concatenate([getattr(f, attr) for f in files])).value_counts()
+    return counts[counts.index.str.strip().str.lower().isin(like) & (counts.index != skip)]
+
+
+def _listing(found: pd.Series) -> str:
+    return ", ".join(f"{k!r} ({v:,} cells)" for k, v in found.items())
+
+
+def warn_unassigned_labels(files: Sequence[DataFile], columns: ColumnMap, control: str,
+                           stacklevel: int = 4) -> None:
+    """Cells whose perturbation label reads like 'not assigned' would train as a perturbation
+    of their own: said, with the cells counted (a guide screen's 'unassigned' cells). Cell-type
+    and batch labels that read like a missing value ('nan', 'None', '') are said alike: those
+    cells form one context of their own, mixing cells of every cell type (batch). Said by
+    ``fit`` (``prepare``) and :func:`assign`; ``stacklevel`` points at their caller."""
+    pert_col = columns.pert_col
+    found = _labels_like(files, "pert", UNASSIGNED_LABELS, skip=control)
+    if len(found):
+        warnings.warn(f"obs['{pert_col}'] label(s) {_listing(found)} look like cells without an "
+                      "assigned perturbation; they train as a perturbation of their own. Drop "
+                      f"them first (adata[~adata.obs['{pert_col}'].isin([...])]) unless they "
+                      "are one.", UserWarning, stacklevel=stacklevel)
+    for kind, col, attr in (("cell type", columns.cell_type_key, "cell_type"),
+                            ("batch", columns.batch_col, "batch")):
+        found = _labels_like(files, attr, MISSING_LIKE_LABELS) if col else ()
+        if len(found):
+            missing = "{" + ", ".join(f"{k!r}: None" for k in found.index) + "}"
+            warnings.warn(
+                f"obs['{col}'] label(s) {_listing(found)} look like missing values written as "
+                f"text (NaN or None through .astype(str)); those cells form one {kind} of their "
+                f"own, mixing cells (and controls) of different {kind}s. Drop them first "
+                f"(adata[~adata.obs['{col}'].isin([...])]), or make them missing again "
+                f"(adata.obs['{col}'] = adata.obs['{col}'].astype(object).replace({missing})) "
+                "and pass drop_missing_labels=True, unless they are one.", UserWarning,
+                stacklevel=stacklevel)
+
+
 def assign(
     adata: ad.AnnData | Mapping[str, ad.AnnData] | None,
     config: SplitConfig | dict | str | None,
@@ -134,7 +184,9 @@ def assign(
 ) -> pd.DataFrame:
     """Split membership of each cell, as a DataFrame, without training.
 
-    The data are read as :meth:`~statetx.StateTransitionModel.fit` reads them.
+    The data are read as :meth:`~statetx.StateTransitionModel.fit` reads them, with its
+    warnings on labels that read like unassigned cells ('unassigned', 'doublet', ...) or
+    missing values.
 
     Parameters
     ----------
@@ -180,6 +232,7 @@ def assign(
                           "[datasets]) name several.")
     files = load_files(adata, config, cols, given if single else None)
     control = resolve_control(files, cols.control_pert, cols.pert_col)
+    warn_unassigned_labels(files, cols, control, stacklevel=3)  # (as fit says them)
     done = assign_files(files, config, control, pert_col=cols.pert_col,
                         cell_type_key=cols.cell_type_key, **options)
     if single:

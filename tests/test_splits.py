@@ -8,13 +8,14 @@ perturbed cells of the groups the spec refers to.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import PERTURBENCH, need
+from conftest import PAPALEXI, PERTURBENCH, need
 
 from statetx.config import ColumnMap, FewshotEntry, SplitConfig
 from statetx.data import load_files, prepare
@@ -279,6 +280,27 @@ def test_kang_dataset_name_is_configurable(kang_raw, capsys):
     spec["fewshot"] = {"kang.CD8 T cells": {"val": ["STIM"]}}
     with pytest.raises(SplitConfigError, match=r"'knag' is used least: Did you mean: 'kang'"):
         assign(kang_raw, spec, KANG_COLS)
+
+
+def test_assign_warns_about_unassigned_like_labels_as_fit_does():
+    """Papalexi keeps 4,537 'unassigned' cells: inspecting a split with assign (what the docs
+    recommend before fit) says so, in fit's words and pointing at the caller."""
+    a = ad.read_h5ad(need(PAPALEXI))
+    spec = ('[training]\npapalexi = "train"\n[fewshot."papalexi.THP-1"]\nval = ["IRF7"]\n'
+            'test = ["IFNGR2", "JAK2"]\n')
+    cols = {"pert_col": "target_gene", "cell_type_key": "cell_type",
+            "control_pert": "non-targeting"}
+    said = (r"obs\['target_gene'\] label\(s\) 'unassigned' \(4,537 cells\) look like cells "
+            r"without an assigned perturbation; they train as a perturbation of their own")
+    with pytest.warns(UserWarning, match=said) as caught:
+        df = assign(a, spec, cols)
+    assert [w.filename for w in caught if "unassigned" in str(w.message)] == [__file__]
+    assert df["train"][(a.obs["target_gene"] == "unassigned").to_numpy()].all()  # (said only)
+    with pytest.warns(UserWarning, match=said):  # (the same words as fit's)
+        prepare(a, spec, ColumnMap.build(**cols, output_space="gene"), allow_counts=True)
+    with warnings.catch_warnings():  # dropped first: nothing to say
+        warnings.simplefilter("error")
+        assign(a[a.obs["target_gene"] != "unassigned"].copy(), spec, cols)
 
 
 @pytest.mark.parametrize("spec", [{}, None, ""], ids=["dict", "none", "string"])
