@@ -203,7 +203,8 @@ class StateTransitionModel(Estimator):
         preset, ``none`` for the reference presets.
     val_freq
         Validate (when there is a ``val`` split: ``best.ckpt``, early stopping; ``last.ckpt``
-        is written then too) every this many steps; None (default) = a tenth of ``max_steps``,
+        is written then too; not on a split of perturbations without training cells only,
+        one-hot, said) every this many steps; None (default) = a tenth of ``max_steps``,
         at most 2,000 (the reference's 2,000 at its 40,000 steps; the ``small`` preset's
         300–3,000 steps validate 10 times, not only at the end).
     optimizer, weight_decay, lr_schedule, warmup_steps, gradient_clip_val,
@@ -876,26 +877,31 @@ class StateTransitionModel(Estimator):
             self._warn_size(preset, network.num_parameters(), plan.n_train, stacklevel=4)
             self._warn_decoder_settings(prepared, net_cfg, preset)
         _warn_unused_loss_options(self.loss, self.loss_kwargs, network.gene_decoder is not None)
+        val_name = "val" if "val" in prepared.splits else (
+            "test" if self.val_from_test and "test" in prepared.splits else None)
+        # a validation split of untrained perturbations only (one-hot) would choose best.ckpt
+        # and stop early on a loss that training cannot move: not validated on
+        blind = val_name is not None and _untrained_only(prepared, val_name)
         if rank == 0:
-            _warn_held_out_perturbations(prepared)
+            _warn_held_out_perturbations(prepared, val_name if blind else None)
+        if blind:
+            val_name = None
         if network.pert_bias is not None:
             start_at_mean_response(network, prepared.splits["train"], vocab)
             if not self.train_pert_skip:  # keep the mean-response skip fixed during training
                 for layer in (network.pert_bias, network.pert_mean_scale):
                     if layer is not None:
                         layer.weight.requires_grad_(False)
-        val_name = "val" if "val" in prepared.splits else (
-            "test" if self.val_from_test and "test" in prepared.splits else None)
         thinning = self._thinning(prepared)
         if verbose and val_name == "test":
             say("no validation split: validating on the test split (val_from_test=True;"
                 " the best checkpoint is then chosen on test data).")
-        elif verbose and val_name is None:
+        elif verbose and val_name is None and not blind:
             say("no validation split: validation is skipped and no best checkpoint is "
                 "written (the test split is never used for validation"
                 + (", and there is none" if self.val_from_test else "") + ").")
         if rank == 0:
-            _warn_idle_options(train_cfg, val_name is not None)
+            _warn_idle_options(train_cfg, val_name is not None, blind)
         previous = self._learned_state()
         # a fresh run (not resumed; the CLI prepares its own folder) starts in an empty folder;
         # an earlier run there is set aside until this one has written a checkpoint
@@ -2008,10 +2014,14 @@ class StateTransitionModel(Estimator):
         return self
 
 
-def _warn_idle_options(cfg: TrainConfig, validates: bool) -> None:
-    """Training options that this run's other settings keep from acting are said, not ignored."""
+def _warn_idle_options(cfg: TrainConfig, validates: bool, blind: bool = False) -> None:
+    """Training options that this run's other settings keep from acting are said, not ignored
+    (``blind``: the validation split is skipped, its perturbations being untrained)."""
     idle = []
-    if cfg.early_stopping_patience is not None and not validates:
+    if cfg.early_stopping_patience is not None and blind:
+        idle.append(f"early_stopping_patience={cfg.early_stopping_patience}: validation is "
+                    "skipped (its perturbations have no training cells, see the warning above)")
+    elif cfg.early_stopping_patience is not None and not validates:
         idle.append(f"early_stopping_patience={cfg.early_stopping_patience}: the split spec has "
                     "no validation part (add one, e.g. a zero-shot '= \"val\"' cell type)")
     elif cfg.early_stopping_patience is not None:
@@ -2135,9 +2145,20 @@ def _perturbed_codes(split: Any) -> np.ndarray:
     return np.unique(split.pert[split.is_target & ~split.is_control])
 
 
-def _warn_held_out_perturbations(prepared: PreparedData) -> None:
+def _untrained_only(prepared: PreparedData, split: str) -> bool:
+    """Whether every perturbation of ``split``'s perturbed cells lacks training cells, with
+    one-hot perturbations (nothing about them is learned: a validation on them measures
+    nothing)."""
+    if prepared.vocab.pert_features is not None:
+        return False
+    perts = _perturbed_codes(prepared.splits[split])
+    return len(perts) > 0 and not np.isin(perts, _perturbed_codes(prepared.splits["train"])).any()
+
+
+def _warn_held_out_perturbations(prepared: PreparedData, skipped: str | None = None) -> None:
     """Said when fitting, not first when predicting: held-out perturbations of a one-hot model
-    are unseen, so nothing can be learned about them (nor validated on them)."""
+    are unseen, so nothing can be learned about them (nor validated on them). ``skipped``:
+    the validation split, of such perturbations only, that fit does not validate on."""
     if prepared.vocab.pert_features is not None:
         return
     trained = set(_perturbed_codes(prepared.splits["train"]).tolist())
@@ -2151,7 +2172,11 @@ def _warn_held_out_perturbations(prepared: PreparedData) -> None:
         warnings.warn(
             f"perturbations without training cells in the held-out splits ({listing}): with "
             "one-hot perturbations the model learns nothing about them, so predict gives them "
-            "the control's (no effect) and validating on them measures nothing. To predict "
+            "the control's (no effect) and validating on them measures nothing"
+            + ("" if skipped is None else
+               f": the {skipped} split holds only such perturbations, so fit does not validate "
+               "(no best.ckpt, no early stopping: the fitted model is the run's final one)")
+            + ". To predict "
             "unseen perturbations give pert_features=... (e.g. gene embeddings; "
             "data.kwargs.perturbation_features_file on the command line); to test new "
             "cell types, hold out whole cell types ([zeroshot]) instead.", UserWarning,

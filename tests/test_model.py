@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 
 import numpy as np
@@ -1159,6 +1160,57 @@ def test_fit_says_when_held_out_perturbations_have_no_training_cells(synth):
     with warnings.catch_warnings():  # P1 trains in the other cell types: nothing to say
         warnings.simplefilter("error")
         small_model(max_steps=1).fit(a, spec.replace('"P2"', '"P0"'))
+
+
+def test_validation_on_untrained_perturbations_only_is_skipped(synth, tmp_path, capsys):
+    """Papalexi (one cell type) with IRF7 as the few-shot val perturbation: with one-hot
+    perturbations nothing about IRF7 is learned, so its val_loss cannot guide best.ckpt or
+    early stopping. fit and tx train do not validate then (said in the held-out warning): no
+    best.ckpt, the final model. A val split that also holds trained perturbations is kept."""
+    import anndata as ad
+    import scanpy as sc
+    from conftest import PAPALEXI, need
+
+    from statetx.cli import main
+
+    a = ad.read_h5ad(need(PAPALEXI))
+    a = a[a.obs["target_gene"] != "unassigned"].copy()
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    spec = ('[training]\npapalexi = "train"\n[fewshot."papalexi.THP-1"]\nval = ["IRF7"]\n'
+            'test = ["IFNGR2", "JAK2"]\n')
+    said = (r"held-out splits \(val: 1 \('IRF7'\); test: 2 .*measures nothing: the val split "
+            r"holds only such perturbations, so fit does not validate \(no best\.ckpt")
+    idle = r"early_stopping_patience=1: validation is skipped \(its perturbations have no"
+    with pytest.warns(UserWarning, match=said), pytest.warns(UserWarning, match=idle):
+        m = small_model(pert_col="target_gene", control_pert="non-targeting", max_steps=4,
+                        val_freq=2, early_stopping_patience=1).fit(
+            a, spec, output_dir=tmp_path / "api")
+    assert m.best_step_ == -1 and m.history_["step"].max() == 4
+    assert "val_loss" not in m.history_ and m.history_["train_loss_eval"].notna().sum() == 2
+    assert not (tmp_path / "api" / "checkpoints" / "best.ckpt").exists()
+    # the command line trains through the same fit
+    data = tmp_path / "data"
+    data.mkdir()
+    a.write_h5ad(data / "papalexi.h5ad")
+    (data / "split.toml").write_text(f'[datasets]\npapalexi = "{data}"\n{spec}')
+    capsys.readouterr()
+    assert main(["tx", "train", f"data.kwargs.toml_config_path={data / 'split.toml'}",
+                 "data.kwargs.pert_col=target_gene", *TINY_CLI[:-2],
+                 "data.kwargs.control_pert=non-targeting", "training.max_steps=4",
+                 "training.val_freq=2", f"output_dir={tmp_path}", "name=cli"]) == 0
+    assert re.search(said, capsys.readouterr().err)  # (the command line prints warnings)
+    ck = tmp_path / "cli" / "checkpoints"
+    assert (ck / "final.ckpt").exists() and not (ck / "best.ckpt").exists()
+    assert "val_loss" not in pd.read_csv(tmp_path / "cli" / "metrics.csv")
+    # P0 (val) trains in the other cell types, P2 (val) nowhere: validated on, still warned
+    b = synth[~((synth.obs["gene"] == "P2") & (synth.obs["cell_type"] != "CT1"))].copy()
+    mixed = '[training]\ndata = "train"\n[fewshot."data.CT1"]\nval = ["P0", "P2"]\n'
+    with pytest.warns(UserWarning, match=r"held-out splits \(val: 1 \('P2'\)\).*measures "
+                                         r"nothing\. To predict"):
+        m = small_model(max_steps=4, val_freq=2).fit(b, mixed, output_dir=tmp_path / "mixed")
+    assert m.history_["val_loss"].notna().sum() == 2
+    assert (tmp_path / "mixed" / "checkpoints" / "best.ckpt").exists()
 
 
 def test_cells_of_a_batch_without_controls_are_said_to_draw_from_other_batches(synth):
