@@ -119,6 +119,14 @@ def as_count(name: str, value: object, minimum: int = 1, optional: bool = False)
     return int(value)
 
 
+def as_seed(value: object) -> int:
+    """A seed option: an integer in [0, 2**63) (what torch's generators take)."""
+    seed = as_count("seed", value, 0)
+    if seed >= 2**63:
+        raise ConfigError(f"seed={value!r} is too large; use an integer below 2**63.")
+    return seed
+
+
 def cell_type_option(name: str, value: Any, cell_type_key: Any) -> Any:
     """The cell-type column given as ``name`` or as ``cell_type_key`` (the estimators' name for
     it, accepted everywhere); two different columns are an error."""

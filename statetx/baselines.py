@@ -37,7 +37,7 @@ import pandas as pd
 from sklearn.exceptions import NotFittedError
 
 from statetx._params import Estimator
-from statetx._utils import as_count, deepcopy_sharing, did_you_mean, preview, say
+from statetx._utils import as_count, as_seed, deepcopy_sharing, did_you_mean, preview, say
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
     DataInput,
@@ -149,7 +149,7 @@ class _Baseline(Estimator):
 
     def _check_params(self) -> None:
         """Check the parameters (before any data are read): the seed, then the baseline's own."""
-        as_count("seed", self.seed, 0)
+        as_seed(self.seed)
         self._validate_params()
 
     def _validate_params(self) -> None:
@@ -351,7 +351,7 @@ class _Baseline(Estimator):
         c = self.columns_
         cols = input_columns(c, pert_col, cell_type_col, cell_type_key, control_pert, basal_pool)
         pert_col, control, ct_col = cols.pert_col, cols.control, cols.cell_type_col
-        seed = as_count("seed", self.seed if seed is None else seed, 0)
+        seed = as_seed(self.seed if seed is None else seed)
         if basal_fallback not in ("error", "all_controls"):
             raise ConfigError(f"basal_fallback={basal_fallback!r} is invalid; expected 'error' "
                               "or 'all_controls'.")
@@ -423,7 +423,7 @@ class _Baseline(Estimator):
         if split not in prepared.splits:
             raise DataError(f"the fitted split spec has no '{split}' split (available: "
                             f"{', '.join(prepared.splits)}).")
-        seed = as_count("seed", self.seed if seed is None else seed, 0)
+        seed = as_seed(self.seed if seed is None else seed)
         d, v, c = prepared.splits[split], prepared.vocab, self.columns_
         perts = np.asarray(v.perturbations, dtype=object)
         cts = np.asarray(v.cell_types, dtype=object)

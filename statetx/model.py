@@ -27,6 +27,7 @@ from statetx import persist
 from statetx._params import Estimator
 from statetx._utils import (
     as_count,
+    as_seed,
     deepcopy_sharing,
     did_you_mean,
     history_frame,
@@ -517,7 +518,7 @@ class StateTransitionModel(Estimator):
 
     def _seed(self, seed: int | None) -> int:
         """A prediction's seed: as given, else the estimator's."""
-        return as_count("seed", self.seed if seed is None else seed, 0)
+        return as_seed(self.seed if seed is None else seed)
 
     def _needs_batch(self, basal_pool: str | None) -> bool:
         """Whether predicting needs the input's batch labels (a batch encoder, or basal cells
@@ -676,7 +677,7 @@ class StateTransitionModel(Estimator):
             raise ConfigError(f"weight_averaging={self.weight_averaging!r} is invalid; expected "
                               "'auto', 'none' or 'uniform'.")
         averaging = "none" if self.weight_averaging == "auto" else self.weight_averaging
-        as_count("seed", self.seed, 0)
+        as_seed(self.seed)
         if self.on_missing_features not in ("zeros", "error"):
             raise ConfigError(f"on_missing_features={self.on_missing_features!r} is invalid; "
                               "expected 'zeros' or 'error'.")

@@ -677,9 +677,10 @@ class Trainer:
             if resume_from is not None:
                 self.load_checkpoint(resume_from)
             else:
-                self._seed(c.seed)
-                if self.rank > 0:  # dropout: a stream of its own on each rank
-                    self._seed(rank_seed(c.seed, self.rank))
+                # dropout: a stream of its own on each rank, none replaying the draws that
+                # initialised the weights (an estimator builds its network after seeding with
+                # the seed itself)
+                self._seed(rank_seed(c.seed, self.rank))
                 if self.val_sampler is not None:  # fail fast on a broken validation set
                     self.evaluate(self.val_sampler, max_batches=1)
                 self._clear_previous_run()

@@ -827,6 +827,7 @@ def test_clip_must_be_a_pair_of_numbers(model, adata):
     ({"batch_size": 0}, r"batch_size=0 is invalid; expected an integer >= 1"),
     ({"cell_set_len": 0}, r"cell_set_len=0 is invalid"),
     ({"seed": None}, r"seed=None is invalid; expected an integer >= 0\."),
+    ({"seed": 2**64}, r"seed=18446744073709551616 is too large; use an integer below 2\*\*63"),
     ({"max_steps": 2.5}, r"max_steps=2.5 is invalid"),
 ])
 def test_fit_integer_options_are_checked_before_loading(adata, tmp_path, bad, match):
@@ -837,6 +838,7 @@ def test_fit_integer_options_are_checked_before_loading(adata, tmp_path, bad, ma
 
 @pytest.mark.parametrize("opts,match", [
     ({"seed": -1}, r"seed=-1 is invalid"),
+    ({"seed": 2**63}, r"seed=9223372036854775808 is too large"),
     ({"set_len": 0}, r"set_len=0 is invalid"),
     ({"all_perts": True, "n_cells_per_pert": 0}, r"n_cells_per_pert=0 is invalid"),
     ({"basal_fallback": "nearest"}, r"basal_fallback='nearest' is invalid"),

@@ -1952,3 +1952,20 @@ def test_predict_inplace_into_obsm_leaves_x_and_layers_the_inputs(synth):
     assert list(target.layers) == ["counts"] and set(target.obsm) == {"X_hvg"}
     np.testing.assert_array_equal(target.X, a.X)
     assert not np.allclose(target.obsm["X_hvg"], a.obsm["X_hvg"])
+
+
+def test_training_draws_do_not_replay_the_initialisation(synth, monkeypatch):
+    """The network is built right after seeding the CPU generator with ``seed``; training
+    (dropout) draws from a stream derived from it, not from ``seed`` again (the first dropout
+    masks would be cut from the very words that initialised the weights)."""
+    from statetx.train import Trainer
+
+    seeds = []
+    original = Trainer._seed
+    monkeypatch.setattr(Trainer, "_seed", lambda self, s: (seeds.append(s), original(self, s)))
+    small_model(max_steps=2, seed=5).fit(synth, SPEC)
+    assert seeds and 5 not in seeds
+    again = []
+    monkeypatch.setattr(Trainer, "_seed", lambda self, s: (again.append(s), original(self, s)))
+    small_model(max_steps=2, seed=5).fit(synth, SPEC)
+    assert again == seeds  # (derived, still from the seed alone)
