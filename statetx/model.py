@@ -1035,13 +1035,13 @@ class StateTransitionModel(Estimator):
         return vocab
 
     def _route_untrained(self, codes: np.ndarray, where: str, vocab: Vocab | None = None,
-                         mode: str = "control") -> np.ndarray:
+                         mode: str = "control") -> tuple[np.ndarray, list[str]]:
         """``codes`` (of ``vocab``, default the model's) with the perturbations that had no
-        training cells warned about. One-hot ones are routed to the control's code (``mode``
-        "control": their never-trained embedding would add a random effect; not when the
-        control's did not train either, ``yield_controls=False``) or kept ("as_is", the
-        reference); with features, those whose vector is zeros are predicted as the control by
-        the network itself."""
+        training cells warned about, and those perturbations' names. One-hot ones are routed
+        to the control's code (``mode`` "control": their never-trained embedding would add a
+        random effect; not when the control's did not train either, ``yield_controls=False``)
+        or kept ("as_is", the reference); with features, those whose vector is zeros are
+        predicted as the control by the network itself."""
         if mode not in UNTRAINED_MODES:
             raise ConfigError(f"untrained_perturbation={mode!r} is invalid; expected one of "
                               f"{', '.join(map(repr, UNTRAINED_MODES))}.")
@@ -1050,14 +1050,14 @@ class StateTransitionModel(Estimator):
                                                                 self.yield_controls)
         v = vocab or self.vocab_
         if trained is None:
-            return codes
+            return codes, []
         seen = np.unique(codes[codes >= 0])
         names = np.asarray(v.perturbations, dtype=object)[seen]
         if v.pert_features is not None:  # (zero vectors: what a missing feature vector gets)
             names = names[~v.pert_features[seen].any(axis=1)]
         new = sorted(set(names) - set(trained) - {v.control_pert})
         if not new:
-            return codes
+            return codes, []
         if v.pert_features is not None:
             why = ("They have no feature vector (zero vectors), so the network sees no "
                    "perturbation for them. Give their vectors with pert_features=... "
@@ -1078,11 +1078,11 @@ class StateTransitionModel(Estimator):
         warnings.warn(f"{len(new)} perturbation(s) of the {where} had no training cells: "
                       f"{preview(new)}. {why}", UserWarning, stacklevel=3)
         if v.pert_features is not None or mode == "as_is" or not ctrl_trained:
-            return codes
+            return codes, new
         index = {n: i for i, n in enumerate(v.perturbations)}
         out = codes.copy()
         out[np.isin(codes, [index[n] for n in new])] = index[v.control_pert]
-        return out
+        return out, new
 
     def _set_fitted(self, network, net_cfg, vocab, prepared: PreparedData, set_len: int) -> None:
         self.network_ = network
@@ -1393,7 +1393,7 @@ class StateTransitionModel(Estimator):
         pcode = np.full(len(pert), -1, dtype=np.int64)  # (copied controls need no codes)
         bcode = np.zeros(len(pert), dtype=np.int64)
         pcode[~as_is] = encode_perturbations(pert[~as_is], vocab, unknown_perturbation)
-        pcode = self._route_untrained(pcode, "input", vocab, untrained_perturbation)
+        pcode, untrained = self._route_untrained(pcode, "input", vocab, untrained_perturbation)
         if self.network_config_.batch_encoder:
             bcode[~as_is] = encode_batches(batch[~as_is], self.vocab_, unknown_batch)
         ctrl_rows = np.flatnonzero(is_ctrl)
@@ -1439,7 +1439,7 @@ class StateTransitionModel(Estimator):
                               "matmul_precision": matmul_precision,
                               "control_pert": input_control, "pert_col": pert_col,
                               **({"celltype_col": ct_col} if ct_col in out.obs else {}),
-                              "scale": self._output_scale,
+                              "scale": self._output_scale, **_untrained_record(untrained),
                               **({"model": str(Path(source).absolute())}
                                  if source is not None else {})}
         if all_perts and layout != "arc":  # a virtual experiment keeps the input's uns (§3.4)
@@ -1761,8 +1761,9 @@ class StateTransitionModel(Estimator):
         cells, order = split_groups(prepared, d,
                                     "batch" if self._pairing() == "batch" else "cell_type")
         vocab = self._vocab_with(pert_features)  # (new names are appended: codes unchanged)
-        codes = self._route_untrained(np.array([g.key[1] for _, g, _ in cells], dtype=np.int64),
-                                      f"{split} split", vocab, untrained_perturbation)
+        codes, untrained = self._route_untrained(
+            np.array([g.key[1] for _, g, _ in cells], dtype=np.int64), f"{split} split", vocab,
+            untrained_perturbation)
         groups = [Group(rows, g.pool, int(code), d.batch[g.rows], key)
                   for (rows, g, key), code in zip(cells, codes)]
         v, c = prepared.vocab, self.columns_  # (cell types and batches may be new to the model)
@@ -1774,7 +1775,8 @@ class StateTransitionModel(Estimator):
                       matmul_precision=matmul_precision)
         info = {"split": split, "seed": int(seed), "pert_col": self.columns_.pert_col,
                 "control_pert": self.vocab_.control_pert,
-                "celltype_col": self.columns_.cell_type_key, "scale": self._output_scale}
+                "celltype_col": self.columns_.cell_type_key, "scale": self._output_scale,
+                **_untrained_record(untrained)}
         if pseudobulk:
             if additional_obs:
                 raise ConfigError("additional_obs= copies per-cell obs columns; pseudobulk rows "
@@ -2144,6 +2146,12 @@ def _say_new_contexts(ctx: np.ndarray, trained: Sequence[str]) -> None:
 def _perturbed_codes(split: Any) -> np.ndarray:
     """Vocabulary codes of the perturbations with perturbed cells in a split's cell sets."""
     return np.unique(split.pert[split.is_target & ~split.is_control])
+
+
+def _untrained_record(names: list[str]) -> dict:
+    """``uns["statetx"]`` entry naming the perturbations predicted without training cells
+    (evaluate warns that their metrics measure no learned effect); none: no entry."""
+    return {"untrained_perturbations": list(names)} if names else {}
 
 
 def _untrained_only(prepared: PreparedData, split: str) -> bool:

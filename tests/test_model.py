@@ -435,6 +435,8 @@ def test_bad_gene_space_targets_and_negative_embeddings(synth_embedding, loading
 def test_perturbations_without_training_cells_are_flagged(synth, tmp_path):
     """A perturbation held out in every cell type was never trained: predict, predict_split and
     a reloaded model say so; trained ones do not warn."""
+    from statetx.metrics import evaluate
+
     held = {"test": ["P0"]}
     spec = {"training": {"data": "train"},
             "fewshot": {f"data.CT{i}": held for i in range(3)}}
@@ -442,7 +444,15 @@ def test_perturbations_without_training_cells_are_flagged(synth, tmp_path):
     assert model.trained_perturbations_ == ["P1", "P2"]
     with pytest.warns(UserWarning, match=r"1 perturbation\(s\) of the test split had no "
                                          "training cells: P0"):
-        model.predict_split("test")
+        split_pred, split_real = model.predict_split("test")
+    # recorded with the prediction (in the file too): evaluate says P0's metrics are no model's
+    assert list(split_pred.uns["statetx"]["untrained_perturbations"]) == ["P0"]
+    split_pred.write_h5ad(tmp_path / "pred.h5ad")
+    with pytest.warns(UserWarning, match=r"pred records 1 perturbation\(s\) predicted without "
+                                         r"training cells: P0\. .*context_mean"):
+        evaluate(tmp_path / "pred.h5ad", split_real, profile="minimal")
+    trained = model.predict(synth[synth.obs["gene"] != "P0"].copy())
+    assert "untrained_perturbations" not in trained.uns["statetx"]
     loaded = StateTransitionModel.load(model.save(tmp_path / "m"))
     assert loaded.trained_perturbations_ == ["P1", "P2"]
     with pytest.warns(UserWarning, match="of the input had no training cells: P0.*predicted "

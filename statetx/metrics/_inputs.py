@@ -41,6 +41,19 @@ def recorded_labels(pred: ad.AnnData, pert_col: str | None, control_pert: object
                 else info.get("control_pert") or "non-targeting"))
 
 
+def warn_untrained(pred: ad.AnnData) -> None:
+    """Say which perturbations statetx predicted without training cells
+    (``uns["statetx"]["untrained_perturbations"]``): their metrics measure no learned effect."""
+    names = [str(n) for n in np.atleast_1d(recorded(pred).get("untrained_perturbations", []))]
+    if names:
+        warnings.warn(
+            f"pred records {len(names)} perturbation(s) predicted without training cells: "
+            f"{preview(names)}. Their effects are not learned from data (one-hot: predicted as "
+            "the control, or from an untrained embedding; features: from a zero vector), so "
+            "their metrics measure no model; compare them with the context_mean baseline, or "
+            "train with perturbation features (pert_features=).", UserWarning, stacklevel=3)
+
+
 def load(obj: ad.AnnData | str | Path, which: str) -> ad.AnnData:
     """Return an AnnData for ``obj`` (an AnnData or an h5ad path); float16 X becomes float32."""
     if isinstance(obj, (str, Path)):

@@ -35,6 +35,7 @@ from statetx.metrics._inputs import (
     is_count_scale,
     load,
     recorded_labels,
+    warn_untrained,
 )
 from statetx.metrics._table import MetricTable, file_prefix, write_agg, write_de_csv
 from statetx.metrics.ceiling import (
@@ -591,6 +592,7 @@ def evaluate(
                           "data are pseudobulks (one row per group); pass the real cells.")
     # (labels are compared as text: an integer control label is its str)
     pert_col, control_pert = recorded_labels(p, pert_col, control_pert)
+    warn_untrained(p)
     if is_count_scale(p) and not allow_discrete:
         if not (is_count_scale(r) or not has_fraction(r)):
             raise DataError("pred holds count-scale predictions (uns['statetx']['scale'] is "
