@@ -284,6 +284,14 @@ def test_few_perturbations_make_discrimination_scores_coarse(real):
                                          r"only 2"):
         evaluate(few, few.copy(), profile="full", skip_metrics=[
             m for m in PROFILES["full"] if m not in ("pearson_edistance", "clustering_agreement")])
+    one = a[labels.isin(["non-targeting", sorted(set(labels) - {"non-targeting"})[0]])
+            .to_numpy()].copy()  # (pearson_edistance is omitted with one: not named)
+    with pytest.warns(UserWarning) as said:
+        evaluate(one, one.copy(), profile="full", skip_metrics=[
+            m for m in PROFILES["full"] if m not in ("pearson_edistance", "clustering_agreement")])
+    across = [str(w.message) for w in said if "with each other" in str(w.message)]
+    assert len(across) == 1 and across[0].startswith("clustering_agreement compares the")
+    assert "pearson_edistance" not in across[0] and "Do not read this value." in across[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         evaluate(a, a.copy(), profile="pds")

@@ -335,10 +335,13 @@ def _warn_few_perturbations(metrics: Sequence[str], n: int, per_cell_type: bool)
     across = [m for m in ("pearson_edistance", "clustering_agreement") if m in metrics
               and not (m == "pearson_edistance" and n < 2)]
     if across and n < 3:
-        warnings.warn(f"{' and '.join(across)} compare the perturbations with each other, and "
-                      f"there are only {n}{where}: pearson_edistance is a correlation over them "
-                      "(±1 for two), clustering_agreement clusters them (NaN below three). Do "
-                      "not read these values.", UserWarning, stacklevel=3)
+        how = {"pearson_edistance": "pearson_edistance is a correlation over them (±1 for two)",
+               "clustering_agreement": "clustering_agreement clusters them (NaN below three)"}
+        warnings.warn(f"{' and '.join(across)} compare"
+                      f"{'s' if len(across) == 1 else ''} the perturbations with each other, and "
+                      f"there are only {n}{where}: {', '.join(how[m] for m in across)}. Do not "
+                      f"read {'this value' if len(across) == 1 else 'these values'}.",
+                      UserWarning, stacklevel=3)
 
 
 class NoSpreadWarning(UserWarning):
