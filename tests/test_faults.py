@@ -250,7 +250,7 @@ def test_api_resume_from_last_complete_checkpoint_is_bit_identical(killed, refer
     """fit(resume_from=last.ckpt) — the newest complete training state — finishes identically, and
     history_ holds the steps before the resume too (Trainer.fit used to return the history of
     the state that the resume had replaced, i.e. nothing)."""
-    from statetx import run as R
+    from statetx import runconfig as R
 
     tokens = killed["args"]("api")[2:]
     plan = R.plan_training(R.resolve(tokens))
