@@ -750,13 +750,12 @@ def cmd_train(a: argparse.Namespace) -> int:
         cls = estimator_class(None if resume else plan.init_from, plan.freeze_backbone,
                                 attention=plan.init_attention)
         model = cls(**p)
-        model._run_config = cfg
-        if plan.replaced is not None:
-            model._on_first_checkpoint = lambda: R.finish_replacement(plan, True)
+        run = R.ManagedRun(cfg, None if plan.replaced is None
+                           else lambda: R.finish_replacement(plan, True))
         t0 = time.perf_counter()
         try:
-            model.fit(None, plan.toml, output_dir=plan.run_dir, resume_from=resume,
-                      force_resume=cfg["resume"] == "force")
+            model._fit_run(run, None, plan.toml, dataset_name=None, output_dir=plan.run_dir,
+                           resume_from=resume, force_resume=cfg["resume"] == "force")
         except Exception:
             # the split file or the data failed (validation, an unreadable file) before
             # training logged anything: do not leave a run directory without checkpoints or

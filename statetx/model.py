@@ -94,6 +94,7 @@ from statetx.predict import (
 from statetx.presets import describe, network_config_for, resolve_architecture
 from statetx.runconfig import reference_name_hint
 from statetx.rundir import (
+    ManagedRun,
     attach_data,
     finish_run,
     has_checkpoints,
@@ -773,10 +774,15 @@ class StateTransitionModel(Estimator):
             ``seed`` alone; torch's global random state (the CPU's, and that of the GPU it
             trains on) is left as it was.
         """
-        with torch.random.fork_rng(devices=self._cuda_devices()):
-            return self._fit(adata, split_config, dataset_name=dataset_name,
+        return self._fit_run(None, adata, split_config, dataset_name=dataset_name,
                              output_dir=output_dir, resume_from=resume_from,
                              force_resume=force_resume)
+
+    def _fit_run(self, run: ManagedRun | None, *args: Any, **kwargs: Any
+                 ) -> StateTransitionModel:
+        """``fit`` into a run folder ``tx train`` prepared (``run``; None: ``fit`` itself)."""
+        with torch.random.fork_rng(devices=self._cuda_devices()):
+            return self._fit(*args, run=run, **kwargs)
 
     def _prepare(self, adata: ad.AnnData | dict[str, ad.AnnData] | None,
                  split_config: SplitConfig | dict | str | Path | None, columns: ColumnMap,
@@ -829,7 +835,7 @@ class StateTransitionModel(Estimator):
     def _fit(self, adata: ad.AnnData | dict[str, ad.AnnData] | None,
              split_config: SplitConfig | dict | str | Path | None, *, dataset_name: str | None,
              output_dir: str | Path | None, resume_from: str | Path | None,
-             force_resume: bool) -> StateTransitionModel:
+             force_resume: bool, run: ManagedRun | None) -> StateTransitionModel:
         self._check_params()
         # torchrun: join/create the process group (None = one process, nothing distributed);
         # train sets are sharded across ranks, validation batches are dealt by the Trainer
@@ -906,8 +912,7 @@ class StateTransitionModel(Estimator):
         previous = self._learned_state()
         # a fresh run (not resumed; the CLI prepares its own folder) starts in an empty folder;
         # an earlier run there is set aside until this one has written a checkpoint
-        fresh = (out is not None and resume_from is None and rank == 0
-                 and getattr(self, "_run_config", None) is None)
+        fresh = out is not None and resume_from is None and rank == 0 and run is None
         if fresh:
             existed, aside = out.is_dir(), set_aside(out)
         # a job scheduler's SIGTERM unwinds like Ctrl-C, so that the earlier run comes back
@@ -950,9 +955,9 @@ class StateTransitionModel(Estimator):
             if fresh and aside is not None:  # the earlier run goes once this one has a checkpoint
                 trainer.on_first_checkpoint = lambda: settle_aside(out, aside, True, existed)
             else:  # the CLI's overwrite=true does the same with the run it set aside
-                trainer.on_first_checkpoint = getattr(self, "_on_first_checkpoint", None)
+                trainer.on_first_checkpoint = run and run.on_first_checkpoint
             if out is not None and rank == 0:
-                self._write_run_files(out, prepared, split_config)
+                write_run_files(self, out, prepared, split_config, run and run.config)
             if verbose:
                 say(f"training on {trainer.device}, " + (
                     "bf16 autocast (precision bf16-mixed)" if trainer.amp else
@@ -1968,11 +1973,6 @@ class StateTransitionModel(Estimator):
                                       verbose=verbose, **options)
 
     from_arc_run = from_arc_state  # the name in the spec (arc-checkpoints.md)
-
-    def _write_run_files(self, out: Path, prepared: PreparedData, split_config) -> None:
-        """Write the run directory's files (config.yaml, statetx_run.json, split.toml with
-        absolute dataset paths, split_summary.csv, vocab.json, var_dims.json, model.json)."""
-        write_run_files(self, out, prepared, split_config)
 
     @classmethod
     def load_run(cls, run_dir: str | Path, checkpoint: str | Path | None = None, *,

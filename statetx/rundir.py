@@ -19,7 +19,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,16 @@ CHECKPOINT_DIR = "checkpoints"
 # ---------------------------------------------------------------------------------------------
 # Replacing a run folder
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ManagedRun:
+    """A run folder prepared by ``tx train`` (not by ``fit``): the resolved configuration its
+    config.yaml records, and what to do once the new run has written a checkpoint (the earlier
+    run that ``overwrite=true`` set aside goes)."""
+
+    config: dict
+    on_first_checkpoint: Callable[[], None] | None = None
 
 
 def finish_replacement(plan: TrainPlan, started: bool) -> None:
@@ -139,8 +150,9 @@ def absolute_split(split_config: Any) -> SplitConfig | None:
 
 
 def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedData,
-                    split_config: Any) -> None:
-    """Write the run directory's description files (called by ``fit`` before training)."""
+                    split_config: Any, config: dict | None = None) -> None:
+    """Write the run directory's description files (called by ``fit`` before training);
+    ``config``: the command line's resolved configuration (else one made from the model)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     v = model.vocab_
@@ -167,10 +179,8 @@ def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedDa
 
     atomic_write_text(out / "model.json",
                       json.dumps(metadata(model), indent=1, default=json_default))
-    cfg = getattr(model, "_run_config", None)
-    if cfg is None:
-        cfg = config_of_model(model, out, (out / "split.toml").resolve()
-                              if split is not None else None)
+    cfg = config if config is not None else config_of_model(
+        model, out, (out / "split.toml").resolve() if split is not None else None)
     atomic_write_text(out / CONFIG_FILE, dump_config(cfg))
     info = read_run_info(out)
     info.setdefault("statetx_version", _version())
