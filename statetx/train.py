@@ -330,9 +330,9 @@ class Trainer:
         self._losses = self._compiled(self.losses) if self._compile_loss else self.losses
         # CUDA: checked lazily (no host sync per step), see _check_finite
         self._first_bad_step: torch.Tensor | None = None
-        # the training values summed since the last log_every_n_steps multiple, and their
-        # steps (a value absent from some steps, e.g. decoder_loss, is averaged over the rest)
-        self._window: dict[str, tuple[torch.Tensor | float, int]] = {}
+        # the training values summed since the last log_every_n_steps multiple, per set of
+        # names (one vector each), and their steps
+        self._window: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
         # weight averaging: the running mean of every parameter (None = off)
         self._avg: list[torch.Tensor] | None = (
             [p.detach().clone() for p in self.net.parameters()]
@@ -735,20 +735,26 @@ class Trainer:
         return fields
 
     def _add_to_window(self, logs: dict[str, torch.Tensor | float]) -> None:
-        """Add a step's training values to the logging window (on their device: no host sync;
-        in float64, so that a resumed window sums as the uninterrupted one)."""
-        for k, v in logs.items():
-            total, n = self._window.get(k, (0.0, 0))
-            self._window[k] = (total + torch.as_tensor(v, dtype=torch.float64), n + 1)
+        """Add a step's training values to the logging window: one float32 vector on their
+        device (no host sync; data parallel: numbers on the CPU)."""
+        keys, values = tuple(logs), list(logs.values())
+        row = (torch.stack(values).float() if all(isinstance(v, torch.Tensor) for v in values)
+               else torch.tensor([float(v) for v in values]))
+        total, n = self._window.get(keys, (0.0, 0))
+        self._window[keys] = (total + row, n + 1)
 
     def _window_means(self, reset: bool) -> dict[str, float]:
         """Each training value's mean over the steps since the last ``log_every_n_steps``
         multiple; ``reset`` starts the next window (not at a last step off that schedule, so
         that a run resumed from there logs as the uninterrupted one)."""
-        means = {k: float(total) / n for k, (total, n) in self._window.items()}
+        sums: dict[str, float] = {}
+        steps: dict[str, int] = {}
+        for keys, (total, n) in self._window.items():
+            for k, v in zip(keys, total.tolist()):
+                sums[k], steps[k] = sums.get(k, 0.0) + v, steps.get(k, 0) + n
         if reset:
             self._window = {}
-        return means
+        return {k: sums[k] / steps[k] for k in sums}
 
     def _loop(self) -> None:
         c, st = self.cfg, self.state
@@ -1003,8 +1009,8 @@ class Trainer:
             "state_dict": weights,
             "train_state": {**{k: v for k, v in asdict(st).items() if k != "history"},
                             "world_size": self.world_size, "seconds": self.elapsed(),
-                            "log_window": {k: [float(total), n] for k, (total, n)
-                                           in self._window.items()}},
+                            "log_window": [[list(keys), total.tolist(), n] for keys,
+                                           (total, n) in self._window.items()]},
             "history": [{k: int(v) if k in ("step", "epoch") else float(v) if isinstance(
                 v, (int, float, np.floating)) else v for k, v in h.items()} for h in st.history],
             "train_config": asdict(self.cfg),
@@ -1133,8 +1139,10 @@ class Trainer:
         before = int(saved.pop("world_size", 0) or (len(ranks) if ranks else 1))
         self._earlier = float(saved.pop("seconds", 0.0))
         saved.setdefault("stop_val", saved.get("best_val", math.inf))  # (earlier checkpoints)
-        self._window = {k: (torch.tensor(total, dtype=torch.float64), int(n))
-                        for k, (total, n) in saved.pop("log_window", {}).items()}
+        window = saved.pop("log_window", [])
+        where = "cpu" if self.world_size > 1 else self.device  # (as _add_to_window's rows)
+        self._window = {tuple(keys): (torch.tensor(total, device=where), int(n))
+                        for keys, total, n in window}
         self.state = TrainState(**saved, history=history)
         if before != self.world_size:
             self._rescale_position(path, before)

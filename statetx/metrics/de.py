@@ -442,12 +442,11 @@ def wilcoxon_de(
                           np.where(t64 == 0, 1.0 / 20.0, t64 / r64))
             lfc = np.nan_to_num(np.log2(fc), nan=0.0)
     over = np.isinf(expm) & np.isfinite(m64)  # expm1 of a mean above ~88.7 overflows float32
-    if over.any():  # (counts scored with allow_discrete): those genes in float64, via logs
+    if over.any():  # (counts scored with allow_discrete): their fold changes via logs (the
+        # means stay float32, inf where they overflow, as the reference writes them)
         hit = over[1:] | over[:1]
         lfc_o, pc_o = _log_fold_changes(m64[1:], m64[:1], epsilon, mode)
         lfc, pc = np.where(hit, lfc_o, lfc), np.where(hit, pc_o, pc)
-        tm = np.where(over[1:], e64[1:], t64)
-        rm = np.broadcast_to(np.where(over[:1], e64[:1], r64[:1]), tm.shape)
     n_t = len(targets)
     return pd.DataFrame({
         "target": np.repeat(np.asarray(targets, dtype=object), n_genes),
