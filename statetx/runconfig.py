@@ -679,28 +679,6 @@ def _check_values(res: Resolved) -> None:
         raise ConfigError(f"model={name} is not a known preset; available: "
                           f"{', '.join(PRESET_NAMES)} (optionally with @0.11.1)."
                           f"{_close(name, PRESET_NAMES)}")
-    recipe = {"training.lr": "1e-3", "training.batch_size": "8", "training.max_steps": "N"}
-    if v["data.kwargs.batch_col"]:
-        recipe["data.kwargs.basal_mapping_strategy"] = "batch"
-    missing = [k for k in recipe if k not in res.given]
-    if base_name == "small" and missing:
-        res.notices.append(
-            f"model={base_name} trains with the command line's recipe (lr "
-            f"{v['training.lr']:g}, batch {v['training.batch_size']}, "
-            f"{v['training.max_steps']:,} steps, "
-            f"{v['data.kwargs.basal_mapping_strategy']} control pairing) where it is not "
-            f"given; Python's preset='{base_name}' uses lr 1e-3, batch 8, ~100 passes over the "
-            "training cells (N = 300-3,000 steps)"
-            + (" and pairs controls by batch" if v["data.kwargs.batch_col"] else "")
-            + ": add " + " ".join(f"{k}={recipe[k]}" for k in missing)
-            + " to train as it does.")
-    steps, every = v["training.max_steps"], v["training.val_freq"]
-    if every >= steps and "training.val_freq" not in res.given:
-        res.notices.append(
-            f"training.val_freq={every:,} is not below training.max_steps={steps:,}: the run "
-            "validates once, at its end, so best.ckpt holds the final weights and early "
-            f"stopping cannot act; add training.val_freq={max(steps // 10, 1)} to validate "
-            "every tenth of the run.")
     if v["use_wandb"]:
         raise ConfigError("use_wandb=true (or training.wandb_track=true): Weights & Biases "
                           "logging is not implemented in statetx; metrics are written to "
@@ -809,6 +787,8 @@ def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
                            + (f"; obs has {', '.join(map(repr, other))}" if other else "")
                            + ").")
             v["data.kwargs.batch_col"] = None
+    if check_data:
+        notices += _schedule_notices(res, v, toml_path)
     params = {p: v[path] for p, path in PARAM_PATHS.items()}
     params["model_kwargs"] = dict(overrides) or None
     params["loss_kwargs"] = {k: v[f"model.kwargs.{k}"] for k in LOSS_KEYS
@@ -824,6 +804,46 @@ def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
                      notices=notices,
                      init_attention=v["model.kwargs.attention"]
                      if "model.kwargs.attention" in res.given else None)
+
+
+def _schedule_notices(res: Resolved, v: dict[str, Any], toml: Path) -> list[str]:
+    """What a short or ``model=small`` run should know about its schedule (``v``: the resolved
+    values, the batch column checked against the data): the settings of Python's ``small``
+    recipe not given, and a validation interval that leaves one validation, at the end."""
+    out = []
+    recipe = {"training.lr": "1e-3", "training.batch_size": "8", "training.max_steps": "N"}
+    if v["data.kwargs.batch_col"]:
+        recipe["data.kwargs.basal_mapping_strategy"] = "batch"
+    missing = [k for k in recipe if k not in res.given]
+    if v["model.name"].partition("@")[0] == "small" and missing:
+        out.append(
+            f"model=small trains with the command line's recipe (lr {v['training.lr']:g}, "
+            f"batch {v['training.batch_size']}, {v['training.max_steps']:,} steps, "
+            f"{v['data.kwargs.basal_mapping_strategy']} control pairing) where it is not "
+            "given; Python's preset='small' uses lr 1e-3, batch 8, ~100 passes over the "
+            "training cells (N = 300-3,000 steps)"
+            + (" and pairs controls by batch" if v["data.kwargs.batch_col"] else "")
+            + ": add " + " ".join(f"{k}={recipe[k]}" for k in missing) + " to train as it does.")
+    steps, every = v["training.max_steps"], v["training.val_freq"]
+    if every >= steps and "training.val_freq" not in res.given and _has_val(toml):
+        out.append(
+            f"training.val_freq={every:,} is not below training.max_steps={steps:,}: the run "
+            "validates once, at its end, so best.ckpt holds the final weights and early "
+            f"stopping cannot act; add training.val_freq={max(steps // 10, 1)} to validate "
+            "every tenth of the run" + (" (every step here)." if steps < 20 else "."))
+    return out
+
+
+def _has_val(toml: Path) -> bool:
+    """Whether the split file holds a validation part (an unreadable one: as if not; fit says
+    why)."""
+    from statetx.config import SplitConfig
+
+    try:
+        cfg = SplitConfig.from_toml(toml)
+    except Exception:  # noqa: BLE001 - the data checks report it
+        return False
+    return "val" in cfg.zeroshot.values() or any(e.val for e in cfg.fewshot.values())
 
 
 def config_from_params(params: Mapping[str, Any], arch: Mapping[str, Any] | None = None,

@@ -668,6 +668,16 @@ def test_dry_run_and_split(data, tmp_path, capsys):
                  "data.kwargs.basal_mapping_strategy=batch", "training.val_freq=20"]) == 0
     said = capsys.readouterr().out
     assert "recipe" not in said and "val_freq" not in said
+    # no batch column in the data (arc-state's default gem_group absent): no batch pairing
+    # advised; no validation part in the spec: no validation interval advised
+    no_val = data / "no_val.toml"  # (beside the data its [datasets] path names)
+    no_val.write_text((data / "split.toml").read_text().replace('"data.CT1" = "val"\n', ""))
+    bare = [a.replace(str(data / "split.toml"), str(no_val)) for a in small
+            if not a.startswith("data.kwargs.batch_col")]
+    assert main([*bare, "training.max_steps=200"]) == 0
+    said = capsys.readouterr().out
+    assert "training.lr=1e-3 training.batch_size=8 to train as it does" in said
+    assert "pairs controls by batch" not in said and "val_freq" not in said
     # arc-state's default batch column is absent: said, naming the batch-like column there is
     no_batch = [a for a in train_args(data, tmp_path, "dry", "dry_run=true")
                 if not a.startswith("data.kwargs.batch_col")]
