@@ -8,8 +8,9 @@ adds what needs the estimator class: :func:`load_run` turns a run directory back
 :class:`~statetx.model.StateTransitionModel` (weights-only loading), :func:`estimator_class`
 builds the fine-tuning estimator, :func:`model_from_arc` reads an arc-state run.
 
-This module imports only the standard library at import time (the CLI's ``--help`` and argument
-errors must be fast); torch, anndata and the model are imported inside the functions that need them.
+At import time this module loads numpy (through :mod:`statetx._utils`) but neither torch nor
+pandas nor anndata (the CLI's argument errors must be fast); those and the model are imported
+inside the functions that need them.
 """
 
 from __future__ import annotations

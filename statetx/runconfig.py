@@ -7,8 +7,9 @@ defaults: sections ``data.kwargs``, ``training``, ``model`` (``name`` = preset, 
 ``resume``, ``dry_run``. Every key is honoured, rejected, or warned about as having no effect
 (D7); an unknown key is an error with the closest valid keys.
 
-This module imports only the standard library at import time (the CLI's ``--help`` and argument
-errors must be fast); the presets and losses are imported inside the functions that need them.
+At import time this module loads numpy (through :mod:`statetx._utils`) but neither torch nor
+pandas (the CLI's argument errors must be fast); the presets and losses are imported inside the
+functions that need them.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ YAML via PyYAML when installed, else JSON text, which YAML parsers read too), ``
 ``var_dims.json``, ``model.json``, ``metrics.csv`` and ``checkpoints/``.
 
 This module never imports the estimator (:mod:`statetx.model` imports it); a function that needs
-the estimator class takes it as an argument. Only the standard library is imported at import
-time; torch, anndata and the data layer are imported inside the functions that need them.
+the estimator class takes it as an argument. At import time only numpy is loaded (through
+:mod:`statetx._utils`); torch, anndata and the data layer are imported inside the functions
+that need them.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from statetx.runconfig import (
     dump_config,
     read_config,
 )
-from statetx.vocab import FEATURES_FILE, write_features
 
 if TYPE_CHECKING:  # pragma: no cover
     from statetx.config import SplitConfig
@@ -158,6 +158,8 @@ def write_run_files(model: StateTransitionModel, out: Path, prepared: PreparedDa
     v = model.vocab_
     atomic_write_text(out / "vocab.json", json.dumps(v.to_dict(), indent=1))
     if v.pert_features is not None:  # (inference needs no external file, data.md §8)
+        from statetx.vocab import FEATURES_FILE, write_features  # (anndata: not at import)
+
         atomic_write(out / FEATURES_FILE, lambda tmp: write_features(v, tmp))
     from statetx.io import feature_names
 

@@ -328,6 +328,9 @@ def test_cli_help_does_not_import_heavy_packages():
         assert "Did you mean: data.kwargs.pert_col" in err.getvalue()
         heavy = [m for m in ("torch", "anndata", "scanpy") if m in sys.modules]
         assert not heavy, heavy
+        import statetx.run, statetx.rundir  # (what tx train imports before training)
+        heavy = [m for m in ("torch", "anndata", "scanpy", "pandas") if m in sys.modules]
+        assert not heavy, heavy
     """)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=REPO)
 
