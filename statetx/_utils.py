@@ -417,10 +417,11 @@ def data_differences(before: dict | None, after: dict | None,
                    + (f"{names[0]}: {rows(gone)}" if gone else "")
                    + ("; " if gone and added else "")
                    + (f"{names[1]}: {rows(added)}" if added else ""))
-    # (labels and positions are compared where both records have them: older runs lack them)
-    changed = {key: [k for k in sorted(set(a) & set(b)) if a[k] != b[k]] for key in
-               ("labels", "values", "positions")
-               for a, b in [(before.get(key, {}), after.get(key, {}))]}
+    def changed(key: str) -> list[str]:  # (labels, positions: older runs lack them)
+        a, b = before.get(key, {}), after.get(key, {})
+        return [k for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+
+    changed = {key: changed(key) for key in ("labels", "values", "positions")}
     out += [f"the labels, barcodes or order of the cells of the {k} split"
             for k in changed["labels"]]
     out += [f"the expression values of the {k} split" for k in changed["values"]]

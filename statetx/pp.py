@@ -19,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from statetx._utils import (
+    LOG1P_MAX,
     all_integers,
     did_you_mean,
     looks_log1p,
@@ -165,7 +166,7 @@ def _count_problem(m: Matrix) -> str | None:
     if finite.min() < 0:
         return "it contains negative values (scaled or centred data?)"
     if looks_log1p(m):
-        return "it looks log1p-transformed (non-integer values, maximum below 15)"
+        return f"it looks log1p-transformed (non-integer values, maximum below {LOG1P_MAX:g})"
     if not all_integers(finite):
         return "it contains non-integer values (already normalised?)"
     return None

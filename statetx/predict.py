@@ -748,7 +748,7 @@ def check_input_scale(x: np.ndarray, trained_log1p: bool, where: str = "input",
                         "the model was trained on log1p-normalised values. If it is normalised "
                         "but not log-transformed, apply scanpy.pp.log1p (or "
                         "statetx.pp.preprocess_train) first.")
-    if not trained_log1p and looks_log1p(s) and not integers:
+    if not trained_log1p and looks_log1p(s):
         raise DataError(f"the {where} looks log1p-normalised but the model was trained on raw "
                         "counts; pass data on the training scale.")
 

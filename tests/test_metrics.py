@@ -880,7 +880,7 @@ def test_de_groups_of_fewer_than_three_cells_are_said_once(real, pred):
     """Groups of one or two cells get unreliable asymptotic DE p-values (kept, cell-eval's):
     one warning lists them with their cells, real and pred apart; a two-cell predicted group
     of identical cells is named there and not again as a group without spread."""
-    from statetx.metrics.evaluate import FewCellsWarning, NoSpreadWarning
+    from statetx.metrics import FewCellsWarning, NoSpreadWarning  # (public names)
 
     r = _few(real[0], {"G000": 1, "G001": 2})
     p = _few(pred, {"G000": 1, "G001": 2, "G002": 2})

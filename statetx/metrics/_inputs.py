@@ -142,9 +142,9 @@ def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False,
         )
     if hi >= LOG1P_MAX and not allow_discrete:
         raise DataError(
-            f"{which} X has a maximum of {hi:g} (>= 15): it looks like normalised counts, not "
-            "log1p. "
-            "Apply sc.pp.log1p first, or pass allow_discrete=True to evaluate it as is"
+            f"{which} X has a maximum of {hi:g} (>= {LOG1P_MAX:g}): it looks like normalised "
+            "counts, not log1p. Apply sc.pp.log1p first, or pass allow_discrete=True to "
+            "evaluate it as is"
         )
     return adata
 
