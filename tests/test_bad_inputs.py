@@ -601,7 +601,7 @@ def test_train_failing_otherwise_before_a_checkpoint_leaves_no_run_directory(
     def broken(*args, **kwargs):
         raise OSError("Can't synchronously read data (filter returned failure during read)")
 
-    monkeypatch.setattr(StateTransitionModel, "fit", broken)
+    monkeypatch.setattr(StateTransitionModel, "_fit_run", broken)  # (what tx train calls)
     toml = _toml(train_inputs["dir"], "plain2",
                  f'[datasets]\ndata = "{train_inputs["ok"]}"\n[training]\ndata = "train"\n')
     out = tmp_path / "out"
@@ -609,11 +609,11 @@ def test_train_failing_otherwise_before_a_checkpoint_leaves_no_run_directory(
                  "name=broken", *TINY]) == 1
     assert "OSError" in capsys.readouterr().err and not (out / "broken").exists()
 
-    def failing_later(self, *args, output_dir=None, **kwargs):  # after logging some steps
+    def failing_later(self, run, *args, output_dir=None, **kwargs):  # after logging steps
         (Path(output_dir) / "metrics.csv").write_text("step,train_loss\n50,0.5\n")
         raise RuntimeError("non-finite loss")
 
-    monkeypatch.setattr(StateTransitionModel, "fit", failing_later)
+    monkeypatch.setattr(StateTransitionModel, "_fit_run", failing_later)
     assert main(["tx", "train", f"data.kwargs.toml_config_path={toml}", f"output_dir={out}",
                  "name=later", *TINY]) == 1
     assert (out / "later" / "metrics.csv").is_file()  # kept to look at
