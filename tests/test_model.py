@@ -1965,17 +1965,23 @@ def test_predict_inplace_into_obsm_leaves_x_and_layers_the_inputs(synth):
 
 
 def test_training_draws_do_not_replay_the_initialisation(synth, monkeypatch):
-    """The network is built right after seeding the CPU generator with ``seed``; training
-    (dropout) draws from a stream derived from it, not from ``seed`` again (the first dropout
+    """The network is built right after seeding the CPU generator with ``seed``; the first
+    training step (dropout) draws from a stream derived from it, not from ``seed`` again (its
     masks would be cut from the very words that initialised the weights)."""
     from statetx.train import Trainer
 
-    seeds = []
-    original = Trainer._seed
-    monkeypatch.setattr(Trainer, "_seed", lambda self, s: (seeds.append(s), original(self, s)))
+    states = []
+    original = Trainer._train_step
+
+    def recording(self, batches):
+        states.append(torch.default_generator.get_state())
+        return original(self, batches)
+
+    monkeypatch.setattr(Trainer, "_train_step", recording)
     small_model(max_steps=2, seed=5).fit(synth, SPEC)
-    assert seeds and 5 not in seeds
-    again = []
-    monkeypatch.setattr(Trainer, "_seed", lambda self, s: (again.append(s), original(self, s)))
+    fresh = torch.Generator().manual_seed(5).get_state()  # (what initialised the weights)
+    assert not torch.equal(states[0], fresh)
+    first = list(states)
+    states.clear()
     small_model(max_steps=2, seed=5).fit(synth, SPEC)
-    assert again == seeds  # (derived, still from the seed alone)
+    assert all(torch.equal(a, b) for a, b in zip(first, states))  # (from the seed alone)
