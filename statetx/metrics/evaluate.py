@@ -555,6 +555,81 @@ def evaluate(
         leading ``celltype`` column. Nulls (undefined values) and NaN are both NaN in the frames;
         the CSVs written to ``outdir`` keep them apart (empty field vs ``NaN``).
     """
+    # Whatever may warn is called from here, not from within a phase helper: its warnings carry
+    # stacklevel=3, the line that called evaluate (warn_untrained, check_scale and align_pair of
+    # _inputs; _evaluate_one, _evaluated_ceiling and the _warn_* / _say_* helpers).
+    adata_pred, adata_real, celltype_col = _resolve_aliases(adata_pred, adata_real, pred, real,
+                                                            celltype_col, cell_type_key)
+    metrics, num_threads = _check_options(
+        profile=profile, skip_metrics=skip_metrics, de_mode=de_mode, ceiling=ceiling,
+        ceiling_seed=ceiling_seed, epsilon=epsilon, num_threads=num_threads,
+        counts_target=counts_target, outdir=outdir)
+    p, r = _load_pair(adata_pred, adata_real, ceiling)
+    real_in = r  # (the ceiling halves the real cells as given)
+    # (labels are compared as text: an integer control label is its str)
+    pert_col, control_pert = recorded_labels(p, pert_col, control_pert)
+    warn_untrained(p)
+    checks, note = _scale_plan(p, r, allow_discrete, counts_target)
+    done = {}
+    for which, a, target in checks:
+        done[which] = check_scale(a, which, allow_discrete, target, **note)
+    p, r = done["pred"], done["real"]
+    metrics, pseudobulk = _drop_cell_level_metrics(metrics, profile, p, r)
+    p, r = align_pair(p, r, pert_col=pert_col, control_pert=control_pert,
+                      celltype_col=celltype_col, embed_key=embed_key,
+                      align_genes=align_genes, shared_only=shared_only)
+    if celltype_col is None:
+        _warn_other_cell_types(p, r)
+        _say_pooled(r)
+    dp, dr = _supplied_de(de_pred, de_real, r, pert_col, control_pert)
+    kw = dict(pert_col=pert_col, control_pert=control_pert, metrics=metrics, embed_key=embed_key,
+              de_pred=dp, de_real=dr, num_threads=num_threads, epsilon=epsilon,
+              de_mode=de_mode,  # cell-eval writes the DE tables in every profile but pds
+              de_tables=outdir is not None and profile != "pds" and not pseudobulk)
+    fewest = _fewest_perturbations(r, pert_col, control_pert, celltype_col)
+    if fewest is not None:  # (cell types with control cells only are left out, said below)
+        _warn_few_perturbations(metrics, fewest, celltype_col is not None)
+    outputs: list[tuple[str | None, EvalOutput]] = []
+    if celltype_col is None:
+        outputs.append((None, _evaluate_one(p, r, **kw)))
+    else:
+        rct = r.obs[celltype_col].astype(str).to_numpy()
+        if outdir is not None:
+            _check_prefixes(sorted(set(rct)), celltype_col)
+        pct = p.obs[celltype_col].astype(str).to_numpy()
+        ctrl_only = []  # (cell type, pred cells, real cells): nothing to evaluate there
+        for ct in sorted(set(rct)):
+            sub_p, sub_r = p[pct == ct], r[rct == ct]
+            try:
+                sub_p, sub_r = align_pair(sub_p, sub_r, pert_col=pert_col,
+                                          control_pert=control_pert, shared_only=shared_only)
+            except DataError as err:
+                raise DataError(f"cell type {ct!r}: {err}") from None
+            if set(sub_r.obs[pert_col].astype(str)) <= {control_pert}:
+                ctrl_only.append((ct, sub_p.n_obs, sub_r.n_obs))
+                continue
+            outputs.append((ct, _evaluate_one(sub_p, sub_r, **kw)))
+        _say_control_only(ctrl_only, celltype_col, pert_col, control_pert, bool(outputs))
+    ceil = None
+    if ceiling:  # (before the files are written: they are listed with the results')
+        ceil = _evaluated_ceiling(
+            real_in, outputs, pert_col=pert_col, control_pert=control_pert,
+            celltype_col=celltype_col, seed=int(ceiling_seed), profile=profile,
+            embed_key=embed_key, skip_metrics=skip_metrics, num_threads=num_threads,
+            allow_discrete=allow_discrete, counts_target=counts_target, epsilon=epsilon,
+            de_mode=de_mode, shared_only=shared_only)
+    if outdir is not None:
+        _write(Path(outdir), outputs, de_mode, ceil, celltype_col is not None)
+    _warn_constant(outputs, metrics, control_pert, _warn_few_cells(outputs, metrics))
+    skipped = _warn_skipped(outputs)
+    return _result_frames(outputs, skipped, de_mode, ceil)
+
+
+def _resolve_aliases(adata_pred: Any, adata_real: Any, pred: Any, real: Any,
+                     celltype_col: str | None, cell_type_key: str | None
+                     ) -> tuple[Any, Any, str | None]:
+    """``(adata_pred, adata_real, celltype_col)`` as given or by their aliases (``pred``,
+    ``real``, ``cell_type_key``); an error when one is given twice or an input is missing."""
     for name, a, alias in (("adata_pred", adata_pred, pred), ("adata_real", adata_real, real)):
         if a is not None and alias is not None:
             raise ConfigError(f"{name} and its alias {name[6:]} were both given; pass one.")
@@ -563,6 +638,14 @@ def evaluate(
     celltype_col = cell_type_option("celltype_col", celltype_col, cell_type_key)
     if adata_pred is None or adata_real is None:
         raise ConfigError("evaluate needs a prediction (adata_pred) and real data (adata_real)")
+    return adata_pred, adata_real, celltype_col
+
+
+def _check_options(*, profile: str, skip_metrics: Sequence[str], de_mode: str, ceiling: Any,
+                   ceiling_seed: Any, epsilon: Any, num_threads: int | None, counts_target: str,
+                   outdir: str | Path | None) -> tuple[list[str], int]:
+    """Check evaluate's options before any work; returns ``(metrics, num_threads)``: the
+    profile's metrics less those skipped, and the DE threads (None: every CPU available)."""
     if de_mode not in DE_MODES:
         raise ConfigError(f"de_mode {de_mode!r} is not supported; use one of {list(DE_MODES)}")
     metrics = _metric_list(profile, skip_metrics)
@@ -588,14 +671,25 @@ def evaluate(
                           "as cell-eval).")
     if outdir is not None:
         check_folder(Path(outdir), "outdir")
+    return metrics, num_threads
+
+
+def _load_pair(adata_pred: ad.AnnData | str | Path, adata_real: ad.AnnData | str | Path,
+               ceiling: bool) -> tuple[ad.AnnData, ad.AnnData]:
+    """pred and real as AnnData (read when paths); the ceiling needs real cells, not
+    pseudobulks."""
     p, r = load(adata_pred, "pred"), load(adata_real, "real")
-    real_in = r  # (the ceiling halves the real cells as given)
     if ceiling and r.uns.get(PSEUDOBULK_FLAG, False):
         raise ConfigError("ceiling=True halves the real cells of each perturbation, and the real "
                           "data are pseudobulks (one row per group); pass the real cells.")
-    # (labels are compared as text: an integer control label is its str)
-    pert_col, control_pert = recorded_labels(p, pert_col, control_pert)
-    warn_untrained(p)
+    return p, r
+
+
+def _scale_plan(p: ad.AnnData, r: ad.AnnData, allow_discrete: bool, counts_target: str
+                ) -> tuple[list[tuple[str, ad.AnnData, float | None]], dict[str, str]]:
+    """What :func:`check_scale` is to check: ``([(which, adata, target)], note)``, a log1p side
+    before a count side is brought to its ``target`` total (``note``: what that total is).
+    Count-scale predictions and their real cells are converted to log1p first."""
     if is_count_scale(p) and not allow_discrete:
         if not (is_count_scale(r) or not has_fraction(r)):
             raise DataError("pred holds count-scale predictions (uns['statetx']['scale'] is "
@@ -607,10 +701,14 @@ def evaluate(
               else (None, None))  # (None: each count file to its own median total)
     note = ({"target_is": "the real cells' median total (both files hold counts)"}
             if tp is not None and tr is not None else {})
-    done = {}  # a log1p side is checked before a count side is brought to its total
-    for which, a, t in sorted([("pred", p, tp), ("real", r, tr)], key=lambda c: c[2] is not None):
-        done[which] = check_scale(a, which, allow_discrete, t, **note)
-    p, r = done["pred"], done["real"]
+    checks = sorted([("pred", p, tp), ("real", r, tr)], key=lambda c: c[2] is not None)
+    return checks, note
+
+
+def _drop_cell_level_metrics(metrics: list[str], profile: str, p: ad.AnnData, r: ad.AnnData
+                             ) -> tuple[list[str], bool]:
+    """``(metrics, pseudobulk)``: pseudobulk inputs (one row per group) leave out, said, the
+    metrics that need the cells (an error when none is left)."""
     pseudobulk = any(a.uns.get(PSEUDOBULK_FLAG, False) for a in (p, r))  # one row per group
     if pseudobulk:
         cell_level = [m for m in metrics if m in CELL_LEVEL_METRICS]
@@ -621,12 +719,14 @@ def evaluate(
         if not metrics:
             raise ConfigError(f"profile {profile!r} has only metrics that need the cells, and the "
                               "inputs are pseudobulks; use profile 'anndata', 'pds' or 'full'.")
-    p, r = align_pair(p, r, pert_col=pert_col, control_pert=control_pert,
-                      celltype_col=celltype_col, embed_key=embed_key,
-                      align_genes=align_genes, shared_only=shared_only)
-    if celltype_col is None:
-        _warn_other_cell_types(p, r)
-        _say_pooled(r)
+    return metrics, pseudobulk
+
+
+def _supplied_de(de_pred: pd.DataFrame | str | Path | None,
+                 de_real: pd.DataFrame | str | Path | None, r: ad.AnnData, pert_col: str,
+                 control_pert: str) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """The DE tables given instead of computed here (None where not), read and checked against
+    the real data and each other."""
     dp, dr = _read_de(de_pred, "pred"), _read_de(de_real, "real")
     perts = set(r.obs[pert_col].astype(str)) - {control_pert}
     for de, which in ((dp, "pred"), (dr, "real")):
@@ -637,54 +737,53 @@ def evaluate(
         if tp != tr:
             raise DataError(f"supplied DE tables have different targets: only in pred "
                             f"{sorted(tp - tr)[:10]}, only in real {sorted(tr - tp)[:10]}")
-    kw = dict(pert_col=pert_col, control_pert=control_pert, metrics=metrics, embed_key=embed_key,
-              de_pred=dp, de_real=dr, num_threads=num_threads, epsilon=epsilon,
-              de_mode=de_mode,  # cell-eval writes the DE tables in every profile but pds
-              de_tables=outdir is not None and profile != "pds" and not pseudobulk)
-    outputs: list[tuple[str | None, EvalOutput]] = []
+    return dp, dr
+
+
+def _fewest_perturbations(r: ad.AnnData, pert_col: str, control_pert: str,
+                          celltype_col: str | None) -> int | None:
+    """The fewest perturbations (control aside) of an evaluated group: all cells pooled, else
+    the cell types that hold one (None when none does)."""
     rl = r.obs[pert_col].astype(str).to_numpy()
-    rct = None if celltype_col is None else r.obs[celltype_col].astype(str).to_numpy()
-    n_perts = [len(perts)] if rct is None else [
-        n for ct in set(rct) if (n := len(set(rl[rct == ct]) - {control_pert}))]
-    if n_perts:  # (cell types with control cells only are left out, said below)
-        _warn_few_perturbations(metrics, min(n_perts), rct is not None)
     if celltype_col is None:
-        outputs.append((None, _evaluate_one(p, r, **kw)))
-    else:
-        if outdir is not None:
-            _check_prefixes(sorted(set(rct)), celltype_col)
-        pct = p.obs[celltype_col].astype(str).to_numpy()
-        ctrl_only = []  # (cell type, pred cells, real cells): nothing to evaluate there
-        for ct in sorted(set(rct)):
-            sub_p, sub_r = p[pct == ct], r[rct == ct]
-            try:
-                sub_p, sub_r = align_pair(sub_p, sub_r, pert_col=pert_col,
-                                          control_pert=control_pert, shared_only=shared_only)
-            except DataError as err:
-                raise DataError(f"cell type {ct!r}: {err}") from None
-            if set(sub_r.obs[pert_col].astype(str)) <= {control_pert}:
-                ctrl_only.append((ct, sub_p.n_obs, sub_r.n_obs))
-                continue
-            outputs.append((ct, _evaluate_one(sub_p, sub_r, **kw)))
-        _say_control_only(ctrl_only, celltype_col, pert_col, control_pert, bool(outputs))
-    ceil = None
-    if ceiling:  # (before the files are written: they are listed with the results')
-        # the perturbations evaluated (shared_only may have left some out), halved
-        scored = {n for _, o in outputs for n in o.table.index} | {str(control_pert)}
-        keep = real_in.obs[pert_col].astype(str).isin(scored).to_numpy()
-        try:
-            ceil = _data_ceiling(real_in if keep.all() else real_in[keep],
-                                 pert_col=pert_col, control_pert=control_pert,
-                                 celltype_col=celltype_col, seed=int(ceiling_seed),
-                                 profile=profile, embed_key=embed_key, skip_metrics=skip_metrics,
-                                 num_threads=num_threads, allow_discrete=allow_discrete,
-                                 counts_target=counts_target, epsilon=epsilon, de_mode=de_mode,
-                                 shared_only=shared_only)
-        except DataError as err:  # (e.g. groups too small to halve: the results stand)
-            warnings.warn(f"the data ceiling could not be computed, so the results come without "
-                          f"it: {err}", UserWarning, stacklevel=2)
-    if outdir is not None:
-        _write(Path(outdir), outputs, de_mode, ceil, celltype_col is not None)
+        return len(set(rl) - {control_pert})
+    rct = r.obs[celltype_col].astype(str).to_numpy()
+    n_perts = [n for ct in set(rct) if (n := len(set(rl[rct == ct]) - {control_pert}))]
+    return min(n_perts) if n_perts else None
+
+
+def _evaluated_ceiling(real: ad.AnnData, outputs: list[tuple[str | None, EvalOutput]], *,
+                       pert_col: str, control_pert: str, **options: Any
+                       ) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    """:func:`ceiling` (with ``options``) of the real cells of the perturbations evaluated
+    (shared_only may have left some out); None, with a warning, when it cannot be computed."""
+    scored = {n for _, o in outputs for n in o.table.index} | {str(control_pert)}
+    keep = real.obs[pert_col].astype(str).isin(scored).to_numpy()
+    try:
+        return _data_ceiling(real if keep.all() else real[keep], pert_col=pert_col,
+                             control_pert=control_pert, **options)
+    except DataError as err:  # (e.g. groups too small to halve: the results stand)
+        warnings.warn(f"the data ceiling could not be computed, so the results come without "
+                      f"it: {err}", UserWarning, stacklevel=3)
+        return None
+
+
+def _warn_skipped(outputs: list[tuple[str | None, EvalOutput]]) -> dict[str, str]:
+    """The metrics that could not be computed (``{metric: why}``), said once per call however
+    many cell types."""
+    skipped = {m: why for _, o in outputs for m, why in o.skipped.items()}
+    if skipped:
+        warnings.warn("metrics omitted (they could not be computed): "
+                      + "; ".join(f"{m} ({why})" for m, why in skipped.items()), UserWarning,
+                      stacklevel=3)
+    return skipped
+
+
+def _result_frames(outputs: list[tuple[str | None, EvalOutput]], skipped: dict[str, str],
+                   de_mode: str, ceil: tuple[pd.DataFrame, pd.DataFrame] | None
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """evaluate's ``(results, agg)``: every cell type's tables (with a leading ``celltype``
+    column when split), the omitted metrics, DE mode and ceiling in their ``attrs``."""
     res_parts, agg_parts = [], []
     for ct, out in outputs:
         res = out.table.to_frame()
@@ -694,12 +793,6 @@ def evaluate(
             agg.insert(0, "celltype", ct)
         res_parts.append(res)
         agg_parts.append(agg)
-    _warn_constant(outputs, metrics, control_pert, _warn_few_cells(outputs, metrics))
-    skipped = {m: why for _, o in outputs for m, why in o.skipped.items()}
-    if skipped:  # (once per call, however many cell types)
-        warnings.warn("metrics omitted (they could not be computed): "
-                      + "; ".join(f"{m} ({why})" for m, why in skipped.items()), UserWarning,
-                      stacklevel=2)
     results = pd.concat(res_parts, ignore_index=True)
     agg = pd.concat(agg_parts, ignore_index=True)
     results.attrs["skipped_metrics"] = skipped
