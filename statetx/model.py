@@ -1331,26 +1331,25 @@ class StateTransitionModel(Estimator):
                      "unknown_perturbation": unknown_perturbation,
                      "unknown_batch": unknown_batch,
                      "untrained_perturbation": untrained_perturbation})
+        # (the calls that can warn are made here, not in the helpers: their fixed stacklevels
+        # point at predict's caller)
         seed = self._seed(seed)
         vocab = self._vocab_with(pert_features)
         c = self.columns_
         own_basal = basal == "self"
-        if own_basal and basal_pool is not None:
-            raise ConfigError("basal_pool chooses the controls basal cells are drawn from; "
-                              "basal='self' draws none: leave basal_pool out.")
-        cols = input_columns(c, pert_col, cell_type_col, cell_type_key, control_pert, basal_pool)
-        pert_col, control, ct_col = cols.pert_col, cols.control, cols.cell_type_col
-        batch_col = batch_col or c.batch_col
-        pool_mode = resolve_pool(cols.basal_pool, "batch" if self._pairing() == "batch"
-                                 and not own_basal else "cell_type", batch_col)
-        gene_col = input_gene_col(self.columns_, gene_name_col)
+        cols, batch_col, pool_mode, gene_col = self._predict_columns(
+            pert_col, cell_type_col, cell_type_key, control_pert, batch_col, basal_pool,
+            gene_name_col, own_basal)
+        pert_col, ct_col = cols.pert_col, cols.cell_type_col
+
+        # the input: features on the training scale, labels, batches
         x_in = input_matrix(adata, self.var_names_, c.embed_key, missing_genes, gene_col)
         expression_in = c.embed_key in (None, "X_hvg")
         if expression_in:
             src = c.embed_key if c.embed_key in adata.obsm else "X"  # (X_hvg falls back to X)
             check_input_scale(x_in, self.is_log1p_, f"input ({src})",
                               getattr(self, "target_sum_", None))
-        pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, control,
+        pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, cols.control,
                                           self.vocab_.cell_types, cols.cell_type_given,
                                           pool_mode == "all", need_controls=not own_basal)
         if expression_in:
@@ -1358,24 +1357,16 @@ class StateTransitionModel(Estimator):
         _say_new_contexts(ctx, self.vocab_.cell_types)
         batch = self._input_batches(adata, batch_col, pool_mode, unknown_batch)
         ctx_all, batch_all = ctx, batch  # every input cell's (ctx, batch: of the output rows)
-        input_control = control  # (named in the output's uns, as in its obs)
-        if control != c.control_pert:  # the input's own control label: the model's control
-            pert = np.where(is_ctrl, c.control_pert, pert).astype(object)
-            control = c.control_pert
+        control = c.control_pert  # the input's own control label reads as the model's
+        if cols.control != control:
+            pert = np.where(is_ctrl, control, pert).astype(object)
 
-        obs = adata.obs.copy()
-        src_rows = np.arange(adata.n_obs)
-        if all_perts:
-            obs, src_rows, pert, ctx, batch = self._virtual_cells(
-                adata, pert, ctx, batch, is_ctrl, control, n_cells_per_pert, seed, pert_col,
-                vocab.perturbations, perturbations, every_control=own_basal,
-                keep=(ct_col, batch_col))
-        if min_cells is not None or max_cells is not None:
-            rows = resize_groups(ctx, pert, control, min_cells, max_cells, seed)
-            obs, src_rows, pert, ctx, batch = (obs.iloc[rows], src_rows[rows], pert[rows],
-                                               ctx[rows], batch[rows])
-            if obs.index.has_duplicates:  # clones: the cell's name with a suffix
-                obs.index = ad.utils.make_index_unique(obs.index.astype(str))
+        # the output rows: the input's cells, virtual cells (all_perts), resized groups
+        obs, src_rows, pert, ctx, batch = self._predict_rows(
+            adata, pert, ctx, batch, is_ctrl, control, seed, pert_col, vocab, all_perts=all_perts,
+            n_cells_per_pert=n_cells_per_pert, perturbations=perturbations,
+            min_cells=min_cells, max_cells=max_cells, own_basal=own_basal,
+            keep=(ct_col, batch_col))
         # predict_controls=False: control cells are copied, not predicted (decoded outputs: from
         # the input's matrix of the decoder's genes; left out when the input lacks it)
         as_is = np.zeros(len(pert), dtype=bool) if predict_controls else pert == control
@@ -1395,61 +1386,144 @@ class StateTransitionModel(Estimator):
             raise DataError("inplace=True: the prediction does not hold every input cell (the "
                             "control cells could not be copied, see the warning); leave "
                             "inplace out.")
+
+        # the network's inputs: perturbation and batch codes, basal groups
         pcode = np.full(len(pert), -1, dtype=np.int64)  # (copied controls need no codes)
-        bcode = np.zeros(len(pert), dtype=np.int64)
         pcode[~as_is] = encode_perturbations(pert[~as_is], vocab, unknown_perturbation)
         pcode, untrained = self._route_untrained(pcode, "input", vocab, untrained_perturbation)
+        bcode = np.zeros(len(pert), dtype=np.int64)
         if self.network_config_.batch_encoder:
             bcode[~as_is] = encode_batches(batch[~as_is], self.vocab_, unknown_batch)
-        ctrl_rows = np.flatnonzero(is_ctrl)
         run_rows = np.flatnonzero(~as_is)
         if len(run_rows) == 0:
             raise DataError("the input holds control cells only and predict_controls=False: "
                             "nothing to predict.")
-        groups = [Group(g.rows, g.pool, int(pcode[g.rows[0]]), bcode[g.rows], group_key(*g.key),
-                        src_rows[g.rows] if own_basal else None)
-                  for g in basal_groups(ctx, pert, batch, run_rows, ctrl_rows, ctx_all,
-                                        batch_all, pool_mode,
-                                        "all_controls" if own_basal else basal_fallback)]
-        res = run_groups(self.network_, x_in, groups, pert_table(vocab), len(pert),
-                         set_len=int(set_len or self.cell_set_len_), seed=seed,
-                         window_mode=windows, device=next(self.network_.parameters()).device,
-                         matmul_precision=matmul_precision, sets_per_pass=sets_per_pass)
-        res["pred"][as_is] = x_in[src_rows[as_is]]
-        res["basal_row"][as_is] = src_rows[as_is]
-        if real_counts is not None:
-            res["counts"][as_is] = real_counts
+        found = basal_groups(ctx, pert, batch, run_rows, np.flatnonzero(is_ctrl), ctx_all,
+                             batch_all, pool_mode, "all_controls" if own_basal else basal_fallback)
+        set_len = int(set_len or self.cell_set_len_)
+        res = self._run_predict_groups(
+            x_in, found, pcode, bcode, src_rows, vocab, as_is, real_counts, own_basal=own_basal,
+            set_len=set_len, seed=seed, windows=windows, matmul_precision=matmul_precision,
+            sets_per_pass=sets_per_pass)
+
+        # the output AnnData, with the call's record
         obs["statetx_ctrl_barcode"] = np.asarray(adata.obs_names)[res["basal_row"]]
         obs["statetx_set"] = res["set_id"]
         if layout == "arc":
             out = self._arc_layout(adata, src_rows, obs, res, clip, gene_col, inplace)
         else:
-            out = self._output(res, obs, clip)
-            _carry_var(adata, out, gene_col)
-            if keep_input:
-                _carry_input(adata, src_rows, out)
-        from statetx import __version__
-
-        source = getattr(self, "checkpoint_path_", None) or getattr(self, "run_dir_", None)
-        out.uns["statetx"] = {"version": __version__, "model_id": weights_digest(self.network_),
-                              "seed": int(seed), "windows": windows, "basal": basal,
-                              "set_len": int(set_len or self.cell_set_len_),
-                              "predict_controls": bool(predict_controls),
-                              "unknown_perturbation": unknown_perturbation,
-                              "missing_genes": missing_genes, "clip": str(clip),
-                              **({} if own_basal else {"basal_pool": pool_mode}),
-                              "attention": self.network_config_.attention,
-                              "rope": "none" if self.network_config_.rope is None
-                              else float(self.network_config_.rope),
-                              "matmul_precision": matmul_precision,
-                              "control_pert": input_control, "pert_col": pert_col,
-                              **({"celltype_col": ct_col} if ct_col in out.obs else {}),
-                              "scale": self._output_scale, **_untrained_record(untrained),
-                              **({"model": str(Path(source).absolute())}
-                                 if source is not None else {})}
+            out = self._statetx_layout(adata, src_rows, obs, res, clip, gene_col, keep_input)
+        out.uns["statetx"] = self._predict_record(
+            out, seed=seed, windows=windows, basal=basal, set_len=set_len,
+            predict_controls=predict_controls, unknown_perturbation=unknown_perturbation,
+            missing_genes=missing_genes, clip=clip, basal_pool=None if own_basal else pool_mode,
+            matmul_precision=matmul_precision, control_pert=cols.control, pert_col=pert_col,
+            cell_type_col=ct_col, untrained=untrained)
         if all_perts and layout != "arc":  # a virtual experiment keeps the input's uns (§3.4)
             out.uns = {**copy.deepcopy(dict(adata.uns)), **out.uns}  # (a copy: not shared)
         return None if inplace else out
+
+    def _predict_columns(self, pert_col: str | None, cell_type_col: str | bool | None,
+                         cell_type_key: str | bool | None, control_pert: str | None,
+                         batch_col: str | None, basal_pool: str | None,
+                         gene_name_col: str | bool | None, own_basal: bool
+                         ) -> tuple[Any, str | None, str, str | None]:
+        """What :meth:`predict` reads from its input, its options over the model's: the
+        columns and control label (:func:`statetx.predict.input_columns`), the batch column,
+        where basal cells come from (``basal_pool`` checked) and the var column of gene
+        names."""
+        c = self.columns_
+        if own_basal and basal_pool is not None:
+            raise ConfigError("basal_pool chooses the controls basal cells are drawn from; "
+                              "basal='self' draws none: leave basal_pool out.")
+        cols = input_columns(c, pert_col, cell_type_col, cell_type_key, control_pert, basal_pool)
+        batch_col = batch_col or c.batch_col
+        pool_mode = resolve_pool(cols.basal_pool, "batch" if self._pairing() == "batch"
+                                 and not own_basal else "cell_type", batch_col)
+        return cols, batch_col, pool_mode, input_gene_col(c, gene_name_col)
+
+    def _predict_rows(self, adata: ad.AnnData, pert: np.ndarray, ctx: np.ndarray,
+                      batch: np.ndarray, is_ctrl: np.ndarray, control: str, seed: int,
+                      pert_col: str, vocab: Vocab, *, all_perts: bool,
+                      n_cells_per_pert: int | Mapping[str, int] | None,
+                      perturbations: Sequence[str] | None, min_cells: int | None,
+                      max_cells: int | None, own_basal: bool, keep: tuple[str | None, ...]
+                      ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The rows :meth:`predict` outputs: the input's cells, then (``all_perts``) virtual
+        cells cloned from its controls, with every group but the control's resized to
+        ``min_cells`` / ``max_cells``. Returns their obs, input row, perturbation, context
+        and batch."""
+        obs = adata.obs.copy()
+        src_rows = np.arange(adata.n_obs)
+        if all_perts:
+            obs, src_rows, pert, ctx, batch = self._virtual_cells(
+                adata, pert, ctx, batch, is_ctrl, control, n_cells_per_pert, seed, pert_col,
+                vocab.perturbations, perturbations, every_control=own_basal, keep=keep)
+        if min_cells is not None or max_cells is not None:
+            rows = resize_groups(ctx, pert, control, min_cells, max_cells, seed)
+            obs, src_rows, pert, ctx, batch = (obs.iloc[rows], src_rows[rows], pert[rows],
+                                               ctx[rows], batch[rows])
+            if obs.index.has_duplicates:  # clones: the cell's name with a suffix
+                obs.index = ad.utils.make_index_unique(obs.index.astype(str))
+        return obs, src_rows, pert, ctx, batch
+
+    def _run_predict_groups(self, x_in: np.ndarray, found: Sequence[Any], pcode: np.ndarray,
+                            bcode: np.ndarray, src_rows: np.ndarray, vocab: Vocab,
+                            as_is: np.ndarray, real_counts: np.ndarray | None, *,
+                            own_basal: bool, set_len: int, seed: int, windows: str,
+                            matmul_precision: str, sets_per_pass: int) -> dict:
+        """:meth:`predict`'s outputs of every row (:func:`statetx.predict.run_groups`' dict):
+        the network over the groups ``found`` (:func:`basal_groups`), each with its rows'
+        perturbation and batch codes, starting from drawn controls or (``own_basal``) the
+        rows' own input cells; the rows ``as_is`` (copied controls) get their input values
+        (and ``real_counts``)."""
+        groups = [Group(g.rows, g.pool, int(pcode[g.rows[0]]), bcode[g.rows], group_key(*g.key),
+                        src_rows[g.rows] if own_basal else None) for g in found]
+        res = run_groups(self.network_, x_in, groups, pert_table(vocab), len(pcode),
+                         set_len=set_len, seed=seed, window_mode=windows,
+                         device=next(self.network_.parameters()).device,
+                         matmul_precision=matmul_precision, sets_per_pass=sets_per_pass)
+        res["pred"][as_is] = x_in[src_rows[as_is]]
+        res["basal_row"][as_is] = src_rows[as_is]
+        if real_counts is not None:
+            res["counts"][as_is] = real_counts
+        return res
+
+    def _statetx_layout(self, adata: ad.AnnData, src_rows: np.ndarray, obs: pd.DataFrame,
+                        res: dict, clip: Any, gene_col: str | None, keep_input: bool
+                        ) -> ad.AnnData:
+        """:meth:`predict`'s default layout: a new AnnData of the predictions (:meth:`_output`)
+        with the input's gene annotations, and (``keep_input``) its obsm and layers."""
+        out = self._output(res, obs, clip)
+        _carry_var(adata, out, gene_col)
+        if keep_input:
+            _carry_input(adata, src_rows, out)
+        return out
+
+    def _predict_record(self, out: ad.AnnData, *, seed: int, windows: str, basal: str,
+                        set_len: int, predict_controls: bool, unknown_perturbation: str,
+                        missing_genes: str, clip: Any, basal_pool: str | None,
+                        matmul_precision: str, control_pert: str, pert_col: str,
+                        cell_type_col: str | None, untrained: list[str]) -> dict:
+        """``uns["statetx"]`` of a :meth:`predict` output: the package version, the model's id
+        (and file), the call's settings (``basal_pool`` None: not recorded) and what X holds."""
+        from statetx import __version__
+
+        net = self.network_config_
+        source = getattr(self, "checkpoint_path_", None) or getattr(self, "run_dir_", None)
+        return {"version": __version__, "model_id": weights_digest(self.network_),
+                "seed": int(seed), "windows": windows, "basal": basal, "set_len": set_len,
+                "predict_controls": bool(predict_controls),
+                "unknown_perturbation": unknown_perturbation,
+                "missing_genes": missing_genes, "clip": str(clip),
+                **({} if basal_pool is None else {"basal_pool": basal_pool}),
+                "attention": net.attention,
+                "rope": "none" if net.rope is None else float(net.rope),
+                "matmul_precision": matmul_precision,
+                "control_pert": control_pert, "pert_col": pert_col,
+                **({"celltype_col": cell_type_col} if cell_type_col in out.obs else {}),
+                "scale": self._output_scale, **_untrained_record(untrained),
+                **({"model": str(Path(source).absolute())} if source is not None else {})}
 
     def finetune_on_controls(self, steps: int, split: str = "test", *, lr: float = 1e-5,
                              seed: int | None = None) -> StateTransitionModel:
