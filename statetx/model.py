@@ -774,13 +774,14 @@ class StateTransitionModel(Estimator):
             ``seed`` alone; torch's global random state (the CPU's, and that of the GPU it
             trains on) is left as it was.
         """
-        return self._fit_run(None, adata, split_config, dataset_name=dataset_name,
+        with torch.random.fork_rng(devices=self._cuda_devices()):
+            return self._fit(adata, split_config, dataset_name=dataset_name,
                              output_dir=output_dir, resume_from=resume_from,
-                             force_resume=force_resume)
+                             force_resume=force_resume, run=None)
 
-    def _fit_run(self, run: ManagedRun | None, *args: Any, **kwargs: Any
-                 ) -> StateTransitionModel:
-        """``fit`` into a run folder ``tx train`` prepared (``run``; None: ``fit`` itself)."""
+    def _fit_run(self, run: ManagedRun, *args: Any, **kwargs: Any) -> StateTransitionModel:
+        """``fit`` into the run folder ``tx train`` prepared (``run``). Called in place of
+        ``fit``, with as many frames below the caller: the warnings' stacklevels hold."""
         with torch.random.fork_rng(devices=self._cuda_devices()):
             return self._fit(*args, run=run, **kwargs)
 

@@ -1985,3 +1985,23 @@ def test_training_draws_do_not_replay_the_initialisation(synth, monkeypatch):
     states.clear()
     small_model(max_steps=2, seed=5).fit(synth, SPEC)
     assert all(torch.equal(a, b) for a, b in zip(first, states))  # (from the seed alone)
+
+
+def test_fit_warnings_point_at_the_callers_line(synth):
+    """Every warning fit gives (here: a perturbation without training cells, a validation on
+    it skipped, an idle early-stopping option) names the line that called fit, not statetx's."""
+    from pathlib import Path
+
+    import statetx
+
+    held = {"val": ["P0"]}
+    spec = {"training": {"data": "train"},
+            "fewshot": {f"data.CT{i}": held for i in range(3)}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small_model(max_steps=2, early_stopping_patience=2).fit(synth, spec)
+    ours = [w for w in caught if issubclass(w.category, UserWarning)]
+    assert any("without training cells" in str(w.message) for w in ours)
+    inside = Path(statetx.__file__).parent
+    assert not [(w.filename, w.lineno, str(w.message)[:60]) for w in ours
+                if Path(w.filename).is_relative_to(inside)]
