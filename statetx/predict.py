@@ -503,8 +503,10 @@ def check_hvg_order(hvg: Any, x: Any, cols: np.ndarray, max_rows: int = 200) -> 
 
 
 def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
-                missing_genes: str = "error", gene_name_col: str | None = None) -> np.ndarray:
-    """The model-input matrix of ``adata``, columns in the model's order.
+                missing_genes: str = "error", gene_name_col: str | None = None,
+                stacklevel: int = 3) -> np.ndarray:
+    """The model-input matrix of ``adata``, columns in the model's order (``stacklevel``: of
+    its warnings, 3 = the line that called its caller).
 
     ``embed_key`` other than ``X_hvg``: ``obsm[embed_key]`` (width checked). Otherwise genes are
     matched by name: ``obsm['X_hvg']`` when it carries names (``uns['X_hvg_var_names']`` or
@@ -550,7 +552,8 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
         if looks_log1p(adata.X) == looks_log1p(matrix):
             warnings.warn("some of the model's genes are not among the input's obsm['X_hvg'] "
                           "columns (its highly variable genes were chosen on other data); all "
-                          "of them are read from X by name instead.", UserWarning, stacklevel=3)
+                          "of them are read from X by name instead.", UserWarning,
+                          stacklevel=stacklevel)
             index, matrix, where = x_index, adata.X, "X"
         else:
             in_x = (" X has them all, but not on the scale of obsm['X_hvg'] (raw counts next "
@@ -587,7 +590,8 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
         )
     if missing:
         warnings.warn(f"{len(missing)} of {len(genes)} model genes are missing from the input "
-                      f"and are filled with 0: {preview(missing)}.", UserWarning, stacklevel=3)
+                      f"and are filled with 0: {preview(missing)}.", UserWarning,
+                      stacklevel=stacklevel)
     if matrix is None:
         raise DataError("the input has no X (adata.X is None). Put the expression matrix in X, "
                         "e.g. adata.X = adata.layers['counts'].")
@@ -635,7 +639,7 @@ def input_matrix(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
     if adata.n_obs == 0:
         raise DataError("the input AnnData has no cells (n_obs = 0).")
     check_unique_cells(adata)
-    x = align_genes(adata, genes, embed_key, missing_genes, gene_name_col)
+    x = align_genes(adata, genes, embed_key, missing_genes, gene_name_col, stacklevel=4)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         n = int(bad.sum())

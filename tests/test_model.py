@@ -546,8 +546,10 @@ def test_gene_mismatch_lists_missing_genes(fitted, tmp_path):
     sub.var["symbol"] = [f"S{name}" for name in sub.var_names]
     with pytest.raises(DataError, match="3 of the model's 32 genes are missing.*G0, G1, G2"):
         model.predict(sub)
-    with pytest.warns(UserWarning, match="3 of 32 model genes are missing.*filled with 0: G0"):
+    with pytest.warns(UserWarning, match="3 of 32 model genes are missing.*filled with 0: "
+                                         "G0") as said:
         filled = model.predict(sub, missing_genes="zero")
+    assert [w.filename for w in said if "filled with 0" in str(w.message)] == [__file__]
     assert filled.n_vars == 32  # (the input's gene annotations kept; missing for the 3)
     assert filled.var["symbol"].isna().sum() == 3
     assert filled.var.loc["G5", "symbol"] == "SG5"
