@@ -417,11 +417,12 @@ def data_differences(before: dict | None, after: dict | None,
                    + (f"{names[0]}: {rows(gone)}" if gone else "")
                    + ("; " if gone and added else "")
                    + (f"{names[1]}: {rows(added)}" if added else ""))
-    def changed(key: str) -> list[str]:  # (labels, positions: older runs lack them)
+
+    def differing(key: str) -> list[str]:  # (labels, positions: older runs lack them)
         a, b = before.get(key, {}), after.get(key, {})
         return [k for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
 
-    changed = {key: changed(key) for key in ("labels", "values", "positions")}
+    changed = {key: differing(key) for key in ("labels", "values", "positions")}
     out += [f"the labels, barcodes or order of the cells of the {k} split"
             for k in changed["labels"]]
     out += [f"the expression values of the {k} split" for k in changed["values"]]

@@ -1769,14 +1769,14 @@ DEMO_BASELINES: dict[str, dict] = {
 }
 
 
-def _demo_baselines(adata: Any, toml: Any, dataset: str, cols: dict) -> dict[str, tuple]:
+def _demo_baselines(adata: Any, spec: Any, dataset: str, cols: dict) -> dict[str, tuple]:
     """{name: (adata_pred, adata_real)} of the test split for every demo baseline."""
     from statetx.baselines import fit_all_baselines
 
     out: dict[str, tuple] = {}
     for name, opts in DEMO_BASELINES.items():
         try:
-            fitted = fit_all_baselines(adata, toml, dataset_name=dataset,
+            fitted = fit_all_baselines(adata, spec, dataset_name=dataset,
                                        baselines={name: opts}, **cols)
             out[name] = fitted[name].predict_split("test")
         except Exception as exc:  # noqa: BLE001 - one failing baseline must not stop the demo
@@ -1802,7 +1802,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     preprocess_train(adata, n_top_genes=min(2000, adata.n_vars))
     split = SplitConfig.from_toml(example_toml("zhao2021"))
     dataset = split.referenced_datasets()[0]
-    toml = split.model_copy(update={"datasets": {}})  # the data: the AnnData loaded above
+    spec = split.model_copy(update={"datasets": {}})  # the data: the AnnData loaded above
     held = {k.split(".", 1)[1]: v for k, v in split.zeroshot.items()}
     test_ct = next(k for k, v in held.items() if v == "test")
     pert_col, control, ct_col = "target_gene", "DMSO", "cell_type"
@@ -1814,10 +1814,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
         pert_col=pert_col, cell_type_key=ct_col, batch_col="batch", control_pert=control,
         max_steps=a.steps, val_freq=max(a.steps // 3, 1), ckpt_every_n_steps=max(a.steps, 1),
         seed=a.seed, device=a.device, progress=True)
-    model.fit(adata, toml, dataset_name=dataset, output_dir=out / "run")
+    model.fit(adata, spec, dataset_name=dataset, output_dir=out / "run")
     pred, real = model.predict_split("test", controls="real")  # same controls as the baselines
     pairs: dict[str, tuple] = {"ST (statetx)": (pred, real)}
-    pairs.update(_demo_baselines(adata, toml, dataset, dict(
+    pairs.update(_demo_baselines(adata, spec, dataset, dict(
         pert_col=pert_col, cell_type_key=ct_col, control_pert=control, seed=a.seed)))
     rows = {}
     for name, (p, r) in pairs.items():

@@ -836,15 +836,21 @@ def _schedule_notices(res: Resolved, v: dict[str, Any], toml: Path) -> list[str]
 
 
 def _has_val(toml: Path) -> bool:
-    """Whether the split file holds a validation part (an unreadable one: as if not; fit says
-    why)."""
+    """Whether the split file holds a validation part (an invalid one: as if not)."""
+    cfg = _split_or_none(toml)
+    return cfg is not None and ("val" in cfg.zeroshot.values()
+                                or any(e.val for e in cfg.fewshot.values()))
+
+
+def _split_or_none(toml: Path) -> Any:
+    """The split file's :class:`~statetx.config.SplitConfig`, or None when it is invalid (the
+    data layer reports why)."""
     from statetx.config import SplitConfig
 
     try:
-        cfg = SplitConfig.from_toml(toml)
-    except Exception:  # noqa: BLE001 - the data checks report it
-        return False
-    return "val" in cfg.zeroshot.values() or any(e.val for e in cfg.fewshot.values())
+        return SplitConfig.from_toml(toml)
+    except (SplitConfigError, ConfigError):
+        return None
 
 
 def config_from_params(params: Mapping[str, Any], arch: Mapping[str, Any] | None = None,
@@ -879,12 +885,10 @@ def config_from_params(params: Mapping[str, Any], arch: Mapping[str, Any] | None
 def files_obs_columns(toml: Path) -> dict[Path, set[str]]:
     """The obs column names of every data file the split file names (read from the files'
     HDF5 headers; empty when the split file is invalid: the data layer reports that)."""
-    from statetx.config import SplitConfig
-
+    cfg = _split_or_none(toml)
     try:
-        cfg = SplitConfig.from_toml(toml)
-        files = [f for name in cfg.referenced_datasets() if name in cfg.datasets
-                 for f in cfg.resolve_paths(name)]
+        files = [] if cfg is None else [f for name in cfg.referenced_datasets()
+                                        if name in cfg.datasets for f in cfg.resolve_paths(name)]
     except (SplitConfigError, ConfigError):
         return {}
     return {f: _obs_columns(f) for f in files}
