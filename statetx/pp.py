@@ -129,8 +129,18 @@ def _row_totals(m: Matrix) -> np.ndarray:
 def normalize_log1p(m: Matrix, target_sum: float | None = None) -> tuple[Matrix, float]:
     """Scale each row to ``target_sum`` (default: median of the non-zero row totals), then log1p.
 
-    Returns a new float32 matrix of the same kind (CSR for sparse input) and the target used.
-    Rows with zero total stay zero. Dense and sparse input give identical values.
+    Parameters
+    ----------
+    m
+        Counts, cells × genes: a numpy array or a scipy sparse matrix (not an AnnData; for
+        an AnnData use :func:`preprocess_train`).
+    target_sum
+        Per-row target total; ``None`` = median of the non-zero row totals.
+
+    Returns
+    -------
+    A new float32 matrix of the same kind (CSR for sparse input) and the target used. Rows with
+    zero total stay zero. Dense and sparse input give identical values.
     """
     if hasattr(m, "obs") and hasattr(m, "X"):  # an AnnData
         raise TypeError("normalize_log1p takes a matrix (e.g. adata.X or adata.layers['counts'])"
@@ -194,6 +204,22 @@ def _set_log1p(adata: AnnData) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # preprocess_train (spec §5, D11)
+
+
+def _var_column_hint(adata: ad.AnnData, absent: list[str]) -> str:
+    """Where names that are not var names are: a var column that holds them (e.g. gene symbols
+    beside Ensembl ids) and the var names to pass instead, else close var names."""
+    for col in adata.var.columns:
+        values = adata.var[col]
+        if not (values.dtype == object or isinstance(values.dtype, pd.CategoricalDtype)):
+            continue
+        hit = values.astype(str).isin(absent).to_numpy()
+        if hit.any():
+            ids = adata.var_names[hit]
+            return (f" var['{col}'] holds {preview(sorted(set(values[hit].astype(str))))}: "
+                    f"pass their var names ({preview(ids)}), e.g. "
+                    f"list(adata.var_names[adata.var['{col}'].isin([...])]).")
+    return did_you_mean(absent[0], adata.var_names)
 
 
 def preprocess_train(
@@ -267,7 +293,7 @@ def preprocess_train(
     absent = sorted(set(include) - set(map(str, adata.var_names)))
     if absent:
         raise DataError(f"include_genes: {preview(absent)} are not var names of the input "
-                        f"({adata.n_vars:,} genes).{did_you_mean(absent[0], adata.var_names)}")
+                        f"({adata.n_vars:,} genes).{_var_column_hint(adata, absent)}")
     _source(adata, layer)  # (checked before a view is made its own object)
     adata = _writable(adata, copy, "preprocess_train")
 

@@ -1,5 +1,8 @@
 """Tools in scanpy style: evaluation, the baselines every ST result is compared with, and
-perturbation feature tables. Names are imported on first use (``import statetx.tl`` is fast)."""
+perturbation feature tables. Names are imported on first use (``import statetx.tl`` is fast).
+
+Unlike ``scanpy.tl``, nothing here annotates the AnnData it is given (no ``key_added``): the
+estimators return new AnnData objects of predictions and ``evaluate`` returns tables."""
 
 from __future__ import annotations
 

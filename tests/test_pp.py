@@ -368,6 +368,21 @@ def test_template_seed_default_matches_the_command_line():
     assert ns.seed == default == 42
 
 
+def test_include_genes_given_as_symbols_names_the_var_column_and_ids():
+    """Zhao's var names are Ensembl ids, the symbols are in var['symbol']: the error says so
+    and names the ids to pass."""
+    from statetx.datasets import load_zhao2021
+
+    a = load_zhao2021()[:300].copy()
+    assert "MT1X" not in a.var_names and "MT1X" in set(a.var["symbol"])
+    ident = a.var_names[a.var["symbol"] == "MT1X"][0]
+    with pytest.raises(DataError, match=r"var\['symbol'\] holds MT1X: pass their var names "
+                       rf"\({ident}\)"):
+        pp.preprocess_train(a, 20, include_genes=["MT1X"], copy=True)
+    out = pp.preprocess_train(a, 20, include_genes=[ident], copy=True)
+    assert ident in list(out.uns["X_hvg_var_names"])
+
+
 def test_include_genes_are_added_to_the_hvgs(tmp_path):
     """Papalexi: keep the knocked-out targets and their readout (STAT1) whatever their rank."""
     from conftest import SHARED, need

@@ -9,7 +9,7 @@ from statetx.pp import preprocess_train
 MAX_STEPS = None  # None: the preset's default (~800 steps here, a few minutes on a CPU)
 
 adata = load_zhao2021()                   # raw counts: 5,000 cells x 300 genes
-preprocess_train(adata, n_top_genes=300)  # normalise + log1p, in place
+preprocess_train(adata, n_top_genes=300, target_sum=1e4)  # normalise + log1p, in place
 spec = example_toml("zhao2021")           # PW034 = test, PW040 = validation
 cols = dict(pert_col="target_gene", cell_type_key="cell_type", control_pert="DMSO")
 
