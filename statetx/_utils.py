@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import warnings
 from collections import Counter
@@ -72,13 +73,42 @@ def say(msg: str, who: str = "statetx") -> None:
     LOG.info(msg, extra={"who": who})
 
 
-def warn_view_becomes_copy(what: str, holding: str, advice: str = "",
-                           stacklevel: int = 3) -> None:
+# this package's folder, as the raw and the resolved path (frames name their files either way)
+_PACKAGE_DIRS = tuple({os.path.dirname(os.path.abspath(__file__)) + os.sep,
+                       os.path.dirname(os.path.realpath(__file__)) + os.sep})
+
+
+def _in_package(filename: str) -> bool:
+    return filename.startswith(_PACKAGE_DIRS)
+
+
+def _importlib_frame(frame: Any) -> bool:
+    """A frame that ``warnings.warn`` does not count in ``stacklevel`` (its own rule)."""
+    name = frame.f_code.co_filename
+    return "importlib" in name and "_bootstrap" in name
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn(message, category)`` attributed to the first frame outside statetx (the
+    user's line), however deep inside statetx it is called from; the outermost frame if every
+    frame is statetx's. importlib's frames are skipped as ``warnings.warn`` skips them."""
+    frame, level = sys._getframe(1), 2
+    while _in_package(frame.f_code.co_filename):
+        outer = frame.f_back
+        while outer is not None and _importlib_frame(outer):
+            outer = outer.f_back
+        if outer is None:
+            break
+        frame, level = outer, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def warn_view_becomes_copy(what: str, holding: str, advice: str = "") -> None:
     """Writing into a view (``adata[...]``) in place: the view becomes a copy and its parent is
     not changed (anndata's rule), said in the same words wherever statetx writes in place."""
-    warnings.warn(f"{what} on a view (adata[...]): the view becomes a copy holding the "
-                  f"{holding}, and the AnnData it was taken from is not changed (as anndata "
-                  f"does on writes to views).{advice}", UserWarning, stacklevel=stacklevel)
+    warn(f"{what} on a view (adata[...]): the view becomes a copy holding the "
+         f"{holding}, and the AnnData it was taken from is not changed (as anndata "
+         f"does on writes to views).{advice}", UserWarning)
 
 
 def did_you_mean(name: str, options: Iterable[str], n: int = 3) -> str:

@@ -16,7 +16,6 @@ import io
 import math
 import pickle
 import re
-import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from statetx._options import ARCH_CHOICES
-from statetx._utils import file_sha256, preview, repeated
+from statetx._utils import file_sha256, preview, repeated, warn
 from statetx.errors import ConfigError, DataError
 from statetx.losses import LOSS_NAMES
 from statetx.nn import NetworkConfig, StateTransitionNetwork, check_finite_weights
@@ -188,7 +187,7 @@ def load_pickle(path: str | Path, trust_pickle: bool = False) -> Any:
             raise _damaged(path, err) from err
         if not trust_pickle:
             raise _needs_trust(path, err) from err
-        warnings.warn(f"fully unpickling {path} (trust_pickle=True)", UserWarning, stacklevel=2)
+        warn(f"fully unpickling {path} (trust_pickle=True)", UserWarning)
         return pickle.loads(data)  # noqa: S301 - explicitly trusted by the caller
 
 
@@ -213,7 +212,7 @@ def load_torch(path: str | Path, trust_pickle: bool = False) -> Any:
             raise _damaged(path, err) from err
         if not trust_pickle:
             raise _needs_trust(path, err) from err
-        warnings.warn(f"fully unpickling {path} (trust_pickle=True)", UserWarning, stacklevel=2)
+        warn(f"fully unpickling {path} (trust_pickle=True)", UserWarning)
         return torch.load(path, weights_only=False, map_location="cpu")
 
 
@@ -404,9 +403,8 @@ _KNOWN_LIGHTNING_MAJOR = "2"  # arc-state 0.9.12 / 0.11.1 write Lightning 2.x ch
 
 
 def _warn_noted(msg: str, notes: list[str], label: str = "note: ") -> None:
-    """A warning for the caller of :func:`load_arc_run` that the import notes keep too (from a
-    helper that load_arc_run calls itself: stacklevel 4 is load_arc_run's caller)."""
-    warnings.warn(msg, UserWarning, stacklevel=4)
+    """A warning for the caller of :func:`load_arc_run` that the import notes keep too."""
+    warn(msg, UserWarning)
     notes.append(label + msg)
 
 
@@ -873,9 +871,8 @@ def _vocabularies(
                         "var_dims.pkl['gene_names'].")
     twins = len(pert_vectors) - len(np.unique(pert_vectors, axis=0))
     if twins:
-        warnings.warn(f"pert_onehot_map.pt gives {twins} perturbation(s) the vector of another: "
-                      "the model cannot tell those apart (a damaged map?).", UserWarning,
-                      stacklevel=3)
+        warn(f"pert_onehot_map.pt gives {twins} perturbation(s) the vector of another: "
+             "the model cannot tell those apart (a damaged map?).", UserWarning)
     if gene_names and output_space != "embedding" and len(gene_names) != gene_width:
         check.same("number of gene names", gene_width, len(gene_names), "var_dims.pkl")
     return perturbations, pert_vectors, cell_types, batches, gene_names

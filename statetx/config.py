@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from statetx._options import ARCH_CHOICES
-from statetx._utils import did_you_mean, unknown_option_message
+from statetx._utils import did_you_mean, unknown_option_message, warn
 from statetx.errors import ConfigError, SplitConfigError
 
 if sys.version_info >= (3, 11):
@@ -180,13 +180,10 @@ class SplitConfig(BaseModel):
             if not found and not Path(pattern).is_absolute() and base != Path.cwd():
                 found = _resolve_one(pattern, Path.cwd())
                 if found:
-                    import warnings
-
-                    warnings.warn(
+                    warn(
                         f'[datasets].{dataset} = "{pattern}" was not found relative to {base} '
                         f"(the TOML's folder) but exists relative to the current directory "
                         f"{Path.cwd()}; using that.",
-                        stacklevel=2,
                     )
             if not found:
                 raise SplitConfigError(

@@ -9,7 +9,6 @@ these arrays: nothing is read from disk in the training hot path.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from statetx._utils import looks_log1p, preview, repeated, say
+from statetx._utils import looks_log1p, preview, repeated, say, warn
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.errors import ConfigError, DataError
 from statetx.io import (
@@ -255,19 +254,17 @@ def _row_digest(d: SplitData | StreamSplit) -> str:
     return h.hexdigest()
 
 
-def warn_training_scale(prepared: PreparedData, model: str = "the model",
-                        stacklevel: int = 3) -> None:
+def warn_training_scale(prepared: PreparedData, model: str = "the model") -> None:
     """Warn when expression input does not look log1p-normalised (it is used as given)."""
     embed_key = prepared.columns.embed_key
     if prepared.is_log1p or embed_key not in (None, "X_hvg"):
         return
     where = "X" if embed_key is None else "obsm['X_hvg']"
-    warnings.warn(
+    warn(
         f"{where} of {prepared.files[0].label} does not look log1p-normalised (integers, "
         f"negative values, or values of 15 and more): {model} trains on it as given and "
         "predicts on that scale. ST and its baselines are usually compared on log1p-normalised "
-        "expression (statetx.pp.preprocess_train, or scanpy normalize_total + log1p).",
-        UserWarning, stacklevel=stacklevel)
+        "expression (statetx.pp.preprocess_train, or scanpy normalize_total + log1p).", UserWarning)
 
 
 def check_training_split(train: SplitData | StreamSplit | None, config: SplitConfig,
@@ -509,10 +506,9 @@ def split_datasets(prepared: PreparedData, split: SplitData, rows: np.ndarray,
     shared = shared[shared.map(len) > 1]
     if len(shared):
         listing = "; ".join(f"'{ct}' in {', '.join(ds)}" for ct, ds in shared.items())
-        warnings.warn(f"datasets share cell-type names in these cells ({listing}): grouping by "
-                      "cell type alone (evaluate's celltype_col, tx predict's per-cell-type "
-                      "files) pools them; obs['dataset'] tells them apart.", UserWarning,
-                      stacklevel=3)
+        warn(f"datasets share cell-type names in these cells ({listing}): grouping by "
+             "cell type alone (evaluate's celltype_col, tx predict's per-cell-type "
+             "files) pools them; obs['dataset'] tells them apart.", UserWarning)
     return names
 
 
@@ -553,5 +549,5 @@ def _check_finite(x: np.ndarray, split: str, expression: bool, what: str | None 
             row = int(np.argmax((x < 0).any(axis=1)))
             raise negative_training_input(refuse_negative, float(x.min()),
                                           cell(row) if cell is not None else "")
-        warnings.warn(f"the {split} split has negative {what} values; ST expects non-negative "
-                      "log1p expression unless an embedding is used.", stacklevel=3)
+        warn(f"the {split} split has negative {what} values; ST expects non-negative "
+             "log1p expression unless an embedding is used.")

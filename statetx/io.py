@@ -8,7 +8,6 @@ row by row, never with an unbounded cache), so only the rows a split needs are h
 from __future__ import annotations
 
 import re
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from statetx._utils import did_you_mean, preview, repeated, say
+from statetx._utils import did_you_mean, preview, repeated, say, warn
 from statetx.errors import ConfigError, DataError, SplitConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -287,10 +286,10 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
     labels = [obs_labels(obs, c, label, opt, keep=dropped, droppable=True) for c, opt in cols]
     if not adata.obs_names.is_unique:
         dups = preview(repeated(adata.obs_names), 5)
-        warnings.warn(f"{label} has duplicate cell names (obs_names), e.g. {dups}: the barcodes "
-                      "in predict_split's outputs (pert_cell_barcode, ctrl_cell_barcode) cannot "
-                      "tell those cells apart. Make them unique first "
-                      "(adata.obs_names_make_unique()).", UserWarning, stacklevel=4)
+        warn(f"{label} has duplicate cell names (obs_names), e.g. {dups}: the barcodes "
+             "in predict_split's outputs (pert_cell_barcode, ctrl_cell_barcode) cannot "
+             "tell those cells apart. Make them unique first "
+             "(adata.obs_names_make_unique()).", UserWarning)
     view_rows, view_cols = backed_view_index(adata, label)
     return DataFile(
         dataset=dataset,
@@ -543,13 +542,13 @@ def hvg_names(adata: ad.AnnData, gene_name_col: str | None = None,
             flagged = set(map(str, adata.var_names[adata.var["highly_variable"].to_numpy(bool)]))
             added, dropped = sorted(flagged - set(names)), sorted(set(names) - flagged)
             if added or dropped:
-                warnings.warn(
+                warn(
                     f"obsm['X_hvg'] of {where} holds the {len(names):,} genes of "
                     f"uns['X_hvg_var_names'], but var['highly_variable'] flags {len(flagged):,}"
                     + (f" (also {preview(added)})" if added else "")
                     + (f" (not {preview(dropped)})" if dropped else "")
                     + ": X_hvg is read as it is. If the selection changed, rebuild X_hvg (e.g. "
-                    "statetx.pp.preprocess_train).", UserWarning, stacklevel=3)
+                    "statetx.pp.preprocess_train).", UserWarning)
         if gene_name_col is None:
             return names
         pos = adata.var_names.get_indexer(names)
@@ -593,10 +592,9 @@ def load_files(data: DataInput, config: SplitConfig, columns: ColumnMap,
     unresolved = [n for n in names if n not in memory and n not in config.datasets]
     if idle and not unresolved:  # (a dict of AnnData: each one not named is left out; with a
         # name that has no data, the error below names both)
-        warnings.warn(f"in-memory dataset(s) {', '.join(map(repr, idle))} are not used by the "
-                      f"split spec (it uses {', '.join(map(repr, names))}): their cells are "
-                      "left out. Name them in [training], [zeroshot] or [fewshot].",
-                      UserWarning, stacklevel=3)
+        warn(f"in-memory dataset(s) {', '.join(map(repr, idle))} are not used by the "
+             f"split spec (it uses {', '.join(map(repr, names))}): their cells are "
+             "left out. Name them in [training], [zeroshot] or [fewshot].", UserWarning)
     shadowed = sorted(set(memory) & set(names) & set(config.datasets))
     if shadowed:
         say("the AnnData given in memory is used instead of the [datasets] path for "
@@ -666,10 +664,9 @@ def _warn_copies(files: Sequence[DataFile]) -> None:
         first = seen.setdefault(key, f)
         if first is not f and all(same(getattr(first, k), getattr(f, k))
                                   for k in ("barcodes", "pert", "cell_type")):
-            warnings.warn(f"{f.label} holds the same cells as {first.label} (all "
-                          f"{len(f.barcodes):,} obs names, in the same order): a copy? Its cells "
-                          "are used twice. Leave one of them out of [datasets].", UserWarning,
-                          stacklevel=3)
+            warn(f"{f.label} holds the same cells as {first.label} (all "
+                 f"{len(f.barcodes):,} obs names, in the same order): a copy? Its cells "
+                 "are used twice. Leave one of them out of [datasets].", UserWarning)
 
 
 def default_dataset_name(config: SplitConfig) -> str:

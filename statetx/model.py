@@ -36,6 +36,7 @@ from statetx._utils import (
     preview,
     say,
     sigterm_unwinds,
+    warn,
 )
 from statetx.config import ColumnMap, SplitConfig
 from statetx.data import (
@@ -546,17 +547,16 @@ class StateTransitionModel(Estimator):
             return np.full(adata.n_obs, "\x00", dtype=object)  # (in no vocabulary)
         return pairing_batches(adata, batch_col, self._needs_batch(pool_mode))
 
-    def _warn_size(self, preset: str, n_params: int, n_train: int, stacklevel: int = 3) -> None:
+    def _warn_size(self, preset: str, n_params: int, n_train: int) -> None:
         """Fit's advice when the network is large for the training cells (not for the small
         presets, nor when fine-tuning)."""
         if (n_params > 1000 * n_train and preset.split("@")[0] not in ("tiny", "small")
                 and not self._fine_tunes):
-            warnings.warn(
+            warn(
                 f"the {preset!r} network has {n_params / 1e6:.1f}M parameters for {n_train:,} "
                 f"training cells: on data this size it trains slowly and tends to do no better "
                 "than the baselines. preset='small' (model=small), what preset='auto' picks "
-                f"below {AUTO_SMALL_MAX_CELLS:,} training cells, is made for it.", UserWarning,
-                stacklevel=stacklevel)
+                f"below {AUTO_SMALL_MAX_CELLS:,} training cells, is made for it.", UserWarning)
 
     def _warn_decoder_settings(self, prepared: PreparedData, net_cfg: NetworkConfig,
                                preset: str) -> None:
@@ -564,13 +564,12 @@ class StateTransitionModel(Estimator):
         (said by ``fit`` and by the command line's dry run)."""
         columns = prepared.columns
         if prepared.gene_dim and not net_cfg.gene_dim:
-            warnings.warn(
+            warn(
                 f"output_space={columns.output_space!r} asks for gene-space predictions, but "
                 f"the {preset!r} architecture has no gene decoder (gene_decoder_bool=False): "
                 f"predictions stay in the space of obsm['{columns.embed_key}']. For genes, use "
                 "model_kwargs={'gene_decoder_bool': True} (or a preset with a decoder, e.g. "
-                "'state'); for embeddings only, output_space='embedding'.", UserWarning,
-                stacklevel=4)
+                "'state'); for embeddings only, output_space='embedding'.", UserWarning)
         # (keys given at the preset's own values, e.g. by a run's config.yaml, change nothing)
         own = resolve_architecture(preset)
         given = self.model_kwargs or {}
@@ -578,12 +577,12 @@ class StateTransitionModel(Estimator):
                 if k in given and json.dumps(given[k], default=str)
                 != json.dumps(own.get(k), default=str)]  # (lists and tuples alike)
         if idle and not prepared.gene_dim:
-            warnings.warn(
+            warn(
                 f"model_kwargs {', '.join(idle)} have no effect here: a gene decoder is built only "
                 "when the data have gene-space targets besides the network's own output (an "
                 "input embedding other than X_hvg with output_space 'gene' or 'all', or "
                 f"X_hvg with 'all'; here embed_key={columns.embed_key!r}, output_space="
-                f"{columns.output_space!r}).", UserWarning, stacklevel=4)
+                f"{columns.output_space!r}).", UserWarning)
 
     def _pairing(self) -> str:
         """The control pairing the model trained with (predictions pair as in training, whatever
@@ -714,10 +713,10 @@ class StateTransitionModel(Estimator):
         idle = self.embed_key is None or self.output_space == "embedding" or (
             self.embed_key == "X_hvg" and self.output_space == "gene")
         if self.counts_key is not None and idle:
-            warnings.warn(f"counts_key={self.counts_key!r} has no effect: it chooses the "
-                          "gene-space targets when the input is an obsm matrix (embed_key) and "
-                          "the output space is 'all', or an embedding other than X_hvg with "
-                          "output 'gene'.", UserWarning, stacklevel=4)
+            warn(f"counts_key={self.counts_key!r} has no effect: it chooses the "
+                 "gene-space targets when the input is an obsm matrix (embed_key) and "
+                 "the output space is 'all', or an embedding other than X_hvg with "
+                 "output 'gene'.", UserWarning)
         # architecture errors (preset name, model_kwargs, pairing) before reading data; "auto"
         # picks its preset from the data: an error here is one that every candidate would raise
         candidates = AUTO_PRESETS if self.preset == "auto" else (self.preset,)
@@ -780,8 +779,7 @@ class StateTransitionModel(Estimator):
                              force_resume=force_resume, run=None)
 
     def _fit_run(self, run: ManagedRun, *args: Any, **kwargs: Any) -> StateTransitionModel:
-        """``fit`` into the run folder ``tx train`` prepared (``run``). Called in place of
-        ``fit``, with as many frames below the caller: the warnings' stacklevels hold."""
+        """``fit`` into the run folder ``tx train`` prepared (``run``)."""
         with torch.random.fork_rng(devices=self._cuda_devices()):
             return self._fit(*args, run=run, **kwargs)
 
@@ -870,7 +868,7 @@ class StateTransitionModel(Estimator):
         train_cfg = self._train_config(settings)
         verbose = self.progress and rank == 0
         if rank == 0:
-            warn_training_scale(prepared, stacklevel=4)
+            warn_training_scale(prepared)
         if verbose:
             say(f"preset {preset!r}, batch_size {settings['batch_size']}, max_steps "
                 f"{settings['max_steps']}, lr {settings['lr']:g} ({plan.n_train:,} training cells"
@@ -882,7 +880,7 @@ class StateTransitionModel(Estimator):
         if verbose:
             print(describe(net_cfg, network))
         if rank == 0:
-            self._warn_size(preset, network.num_parameters(), plan.n_train, stacklevel=4)
+            self._warn_size(preset, network.num_parameters(), plan.n_train)
             self._warn_decoder_settings(prepared, net_cfg, preset)
         _warn_unused_loss_options(self.loss, self.loss_kwargs, network.gene_decoder is not None)
         val_name = "val" if "val" in prepared.splits else (
@@ -1005,24 +1003,24 @@ class StateTransitionModel(Estimator):
                    if not 0.5 <= d / max(trained[ct], 1e-12) <= 2}
             if off:
                 ratio = float(np.median(list(off.values())))
-                warnings.warn(
+                warn(
                     f"the input's control cells of {preview(sorted(off))} stand for {ratio:.3g}x "
                     "the counts per cell of the training data's, over the model's "
                     f"{x.shape[1]:,} genes: the input looks normalised to another total (its "
                     f"values shifted by about {np.log(ratio):+.2f}), or many of the model's "
                     "genes are missing from it, so the predictions are off. Normalise it as the "
                     "training data (the same normalize_total target_sum, or "
-                    "statetx.pp.preprocess_train's record).", UserWarning, stacklevel=3)
+                    "statetx.pp.preprocess_train's record).", UserWarning)
             return
         if abs(np.log(theirs / mine)) <= 0.1:  # (two files' median totals differ by a few %)
             return
-        warnings.warn(
+        warn(
             f"the input was normalised to {theirs:,.6g} counts per cell (uns['statetx_preprocess'])"
             f" and the training data to {mine:,.6g}: its log1p values are on another scale "
             f"(expressed genes shifted by about log({theirs / mine:.3g}) = "
             f"{np.log(theirs / mine):+.2f}). Normalise it to the training data's total: "
             f"statetx.pp.preprocess_train(adata, target_sum={mine:g}) (tx preprocess_train "
-            f"--target-sum {mine:g}).", UserWarning, stacklevel=3)
+            f"--target-sum {mine:g}).", UserWarning)
 
     def _vocab_with(self, pert_features: Any) -> Vocab:
         """The vocabulary extended by ``predict(pert_features=...)``'s new vectors (said)."""
@@ -1081,8 +1079,8 @@ class StateTransitionModel(Estimator):
         if v.pert_features is None:
             why += (" Perturbation features (pert_features=..., e.g. gene embeddings) let a "
                     "model predict unseen perturbations.")
-        warnings.warn(f"{len(new)} perturbation(s) of the {where} had no training cells: "
-                      f"{preview(new)}. {why}", UserWarning, stacklevel=3)
+        warn(f"{len(new)} perturbation(s) of the {where} had no training cells: "
+             f"{preview(new)}. {why}", UserWarning)
         if v.pert_features is not None or mode == "as_is" or not ctrl_trained:
             return codes, new
         index = {n: i for i, n in enumerate(v.perturbations)}
@@ -1332,8 +1330,6 @@ class StateTransitionModel(Estimator):
                      "unknown_perturbation": unknown_perturbation,
                      "unknown_batch": unknown_batch,
                      "untrained_perturbation": untrained_perturbation})
-        # (the calls that can warn are made here, not in the helpers: their fixed stacklevels
-        # point at predict's caller)
         seed = self._seed(seed)
         vocab = self._vocab_with(pert_features)
         c = self.columns_
@@ -1377,9 +1373,8 @@ class StateTransitionModel(Estimator):
                 real_counts = align_genes(adata[src_rows[as_is]], self.gene_names_,
                                           self._counts_source(), "error", gene_col)
             except DataError as err:
-                warnings.warn("predict_controls=False: the control cells are left out of the "
-                              f"output (they cannot be copied into the decoded genes: {err})",
-                              UserWarning, stacklevel=2)
+                warn("predict_controls=False: the control cells are left out of the "
+                     f"output (they cannot be copied into the decoded genes: {err})", UserWarning)
                 obs, src_rows, pert, ctx, batch = (v[~as_is] for v in (obs, src_rows, pert,
                                                                        ctx, batch))
                 as_is = as_is[~as_is]
@@ -2117,8 +2112,7 @@ def _warn_idle_options(cfg: TrainConfig, validates: bool, blind: bool = False) -
         idle.append(f"averaging_start={cfg.averaging_start}: weight averaging is off "
                     "(weight_averaging='uniform' turns it on)")
     if idle:
-        warnings.warn("training options without effect in this run: " + "; ".join(idle) + ".",
-                      UserWarning, stacklevel=4)
+        warn("training options without effect in this run: " + "; ".join(idle) + ".", UserWarning)
 
 
 def _warn_padding(sampler: Any, pairing: str, strategy: str) -> None:
@@ -2137,11 +2131,10 @@ def _warn_padding(sampler: Any, pairing: str, strategy: str) -> None:
                   f"{'the default with a batch_col' if strategy == 'auto' else 'chosen'}; "
                   "random builds sets per (cell type, perturbation), with controls from the "
                   "whole cell type), or " + advice)
-    warnings.warn(
+    warn(
         f"{100 * pad:.0f}% of the training set positions are padding (cells drawn again): "
         f"sets are built per {what} group, and the {len(sizes):,} groups hold a median of "
-        f"{np.median(sizes):g} cells for sets of {sampler.S}. Consider {advice}.",
-        UserWarning, stacklevel=3)
+        f"{np.median(sizes):g} cells for sets of {sampler.S}. Consider {advice}.", UserWarning)
 
 
 def _warn_unpaired_batches(prepared: PreparedData, strategy: str) -> None:
@@ -2165,7 +2158,7 @@ def _warn_unpaired_batches(prepared: PreparedData, strategy: str) -> None:
                 "batch_col whose batches hold both control and perturbed cells (e.g. a donor, "
                 "plate or gem group).")
     warn_batch_fallback(elsewhere, batch_in_context(prepared, split),
-                        "perturbed training cells", more, stacklevel=4)
+                        "perturbed training cells", more)
 
 
 def _nullable(obs: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
@@ -2208,11 +2201,10 @@ def _say_new_contexts(ctx: np.ndarray, trained: Sequence[str]) -> None:
     folded = {t.casefold(): t for t in trained}
     typos = {n: folded[n.casefold()] for n in new if n.casefold() in folded}
     if typos:
-        warnings.warn("cell type(s) " + ", ".join(f"'{n}' (trained: '{t}')" for n, t in
-                                                  typos.items())
-                      + " differ from the model's only in case: they are predicted as new cell "
-                      "types. Fix the labels if they are the same.", UserWarning,
-                      stacklevel=3)
+        warn("cell type(s) " + ", ".join(f"'{n}' (trained: '{t}')" for n, t in
+                                         typos.items())
+             + " differ from the model's only in case: they are predicted as new cell "
+             "types. Fix the labels if they are the same.", UserWarning)
     if set(new) - set(typos):
         say(f"cell type(s) not in the model's data: "
             f"{preview(sorted(set(new) - set(typos)))} (predicted zero-shot).")
@@ -2253,7 +2245,7 @@ def _warn_held_out_perturbations(prepared: PreparedData, skipped: str | None = N
         names = prepared.vocab.perturbations
         listing = "; ".join(f"{name}: {len(c)} ({preview([repr(names[i]) for i in c])})"
                             for name, c in held.items())
-        warnings.warn(
+        warn(
             f"perturbations without training cells in the held-out splits ({listing}): with "
             "one-hot perturbations the model learns nothing about them, so predict gives them "
             "the control's (no effect) and validating on them measures nothing"
@@ -2263,8 +2255,7 @@ def _warn_held_out_perturbations(prepared: PreparedData, skipped: str | None = N
             + ". To predict "
             "unseen perturbations give pert_features=... (e.g. gene embeddings; "
             "data.kwargs.perturbation_features_file on the command line); to test new "
-            "cell types, hold out whole cell types ([zeroshot]) instead.", UserWarning,
-            stacklevel=4)
+            "cell types, hold out whole cell types ([zeroshot]) instead.", UserWarning)
 
 
 def _warn_unused_loss_options(loss: str, options: Mapping | None, decoder: bool) -> None:
@@ -2274,10 +2265,10 @@ def _warn_unused_loss_options(loss: str, options: Mapping | None, decoder: bool)
             "decoder_loss_weight": decoder, "detach_decoder": decoder}
     idle = [k for k in (options or {}) if not acts.get(k, True)]
     if idle:
-        warnings.warn(f"loss option(s) {', '.join(idle)} have no effect here (loss {loss!r}, "
-                      f"{'a' if decoder else 'no'} gene decoder): blur acts with the sinkhorn "
-                      "and se losses, the weights with se, the decoder options with a gene "
-                      "decoder.", UserWarning, stacklevel=4)
+        warn(f"loss option(s) {', '.join(idle)} have no effect here (loss {loss!r}, "
+             f"{'a' if decoder else 'no'} gene decoder): blur acts with the sinkhorn "
+             "and se losses, the weights with se, the decoder options with a gene "
+             "decoder.", UserWarning)
 
 
 def _split_latents(pred: ad.AnnData, real: ad.AnnData, key: str, real_latent: np.ndarray) -> None:
@@ -2338,12 +2329,12 @@ def _set_aside_input(adata: ad.AnnData, written: set[str]) -> None:
          "uses by default: run sc.pp.pca again", "X_pca" in adata.obsm
          and "X_pca" not in written)) if held]
     if moved or kept:
-        warnings.warn("predict(inplace=True): X holds the predictions now"
-                      + (f"; the input's own expression beside it is renamed, so that nothing "
-                         f"reads it as the prediction (e.g. sc.pp.normalize_total(layer="
-                         f"'counts'), a model trained on X_hvg): {', '.join(moved)}"
-                         if moved else "")
-                      + "".join(f"; {k}" for k in kept) + ".", UserWarning, stacklevel=4)
+        warn("predict(inplace=True): X holds the predictions now"
+             + (f"; the input's own expression beside it is renamed, so that nothing "
+                f"reads it as the prediction (e.g. sc.pp.normalize_total(layer="
+                f"'counts'), a model trained on X_hvg): {', '.join(moved)}"
+                if moved else "")
+             + "".join(f"; {k}" for k in kept) + ".", UserWarning)
 
 
 def _group_means(src: torch.Tensor, rows: np.ndarray, group: np.ndarray, n_cells: np.ndarray,

@@ -29,6 +29,7 @@ from statetx._utils import (
     sample_rows,
     say,
     to_dense_f32,
+    warn,
     warn_view_becomes_copy,
 )
 from statetx.errors import ConfigError, DataError
@@ -193,7 +194,7 @@ def _writable(adata: AnnData, copy: bool, what: str) -> AnnData:
         warn_view_becomes_copy(
             f"{what} (in place, copy=False)", "result",
             " Keep the subset in a variable of its own first (sub = adata[...].copy()) and pass "
-            "that, or pass copy=True and keep the AnnData returned.", stacklevel=4)
+            "that, or pass copy=True and keep the AnnData returned.")
         adata._init_as_actual(adata.copy())
     return adata
 
@@ -376,11 +377,10 @@ def _select_hvgs(
 
     n_vars = len(var_names)
     if n_top_genes > n_vars:
-        warnings.warn(
+        warn(
             f"n_top_genes={n_top_genes} exceeds the number of genes ({n_vars}); all genes are "
             "highly variable.",
             UserWarning,
-            stacklevel=3,
         )
         n_top_genes = n_vars
     if flavor == "seurat_v3":
@@ -507,11 +507,10 @@ def make_control_template(
 
     replaced = _apply_rows(adata, src, embed_key)
     if not adata.obs_names.is_unique:
-        warnings.warn(
+        warn(
             "obs_names are not unique, so obs['template_ctrl_barcode'] is ambiguous; call "
             "adata.obs_names_make_unique() first.",
             UserWarning,
-            stacklevel=2,
         )
     adata.obs["template_ctrl_barcode"] = np.asarray(adata.obs_names)[src]
     adata.uns["statetx_control_template"] = {
@@ -661,12 +660,11 @@ def filter_on_target_knockdown(
     m, src_name = _source(adata, layer)
     scale = "log1p" if (looks_log1p(m) or (layer is None and "log1p" in adata.uns)) else "linear"
     if scale == "log1p":
-        warnings.warn(
+        warn(
             f"{src_name} looks log-transformed: knock-down ratios are computed on log values, "
             "which overstates residual expression. Filter on raw counts (layer='counts') if "
             "available.",
             UserWarning,
-            stacklevel=2,
         )
     labels = _obs_labels(adata, pert_col, "perturbation")
     is_ctrl = _check_control(labels, pert_col, control_pert)
@@ -808,11 +806,10 @@ def _check_matches(
     dup = repeated(genes)
     dup_targets = sorted(set(dup) & set(report["target_gene"][matched]))
     if dup_targets:
-        warnings.warn(
+        warn(
             f"{gene_src} has duplicated names; these targets resolve to their first occurrence: "
             f"{preview(dup_targets)}.",
             UserWarning,
-            stacklevel=3,
         )
     unmatched = report.loc[~matched, ["perturbation", "n_cells"]]
     if not matched.any():
@@ -825,12 +822,11 @@ def _check_matches(
         )
     if len(unmatched) and on_unmatched == "drop":
         desc = [f"{r.perturbation} ({r.n_cells})" for r in unmatched.itertuples()]
-        warnings.warn(
+        warn(
             f"{len(unmatched)} perturbation labels ({int(unmatched['n_cells'].sum())} cells) "
             f"match no gene in {gene_src} and are dropped: {preview(desc)}. Pass "
             "on_unmatched='keep' (command line: --on-unmatched keep) to keep them unfiltered.",
             UserWarning,
-            stacklevel=3,
         )
     if len(unmatched) and on_unmatched == "error":
         raise DataError(

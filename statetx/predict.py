@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from statetx._utils import (
     repeated,
     sample_rows,
     say,
+    warn,
     warn_view_becomes_copy,
 )
 from statetx.config import ColumnMap
@@ -200,7 +200,7 @@ def basal_groups(ctx: np.ndarray, pert: np.ndarray, batch: np.ndarray | None, ro
     if by_batch:
         drawn = rows if copied is None else rows[pert[rows] != copied]
         warn_batch_fallback(batches_without_controls(ctx, batch, drawn, ctrl_rows, ctrl_ctx,
-                                                     ctrl_batch), describe, stacklevel=4)
+                                                     ctrl_batch), describe)
     return out
 
 
@@ -222,15 +222,14 @@ def batches_without_controls(ctx: np.ndarray, batch: np.ndarray, rows: np.ndarra
 
 def warn_batch_fallback(elsewhere: dict[tuple[Any, Any], int],
                         describe: Callable[[Any, Any], str], what: str = "cells",
-                        more: str = "", stacklevel: int = 3) -> None:
+                        more: str = "") -> None:
     """Say the cells of :func:`batches_without_controls` (``describe(context, batch)`` names a
     pair; ``what`` the cells, ``more`` is added to the message)."""
     if elsewhere:
-        warnings.warn(
+        warn(
             f"{sum(elsewhere.values()):,} {what} are in batches without control cells of their "
             f"context ({preview([describe(c, b) for c, b in elsewhere])}): their basal cells "
-            f"are drawn from their context's controls of every batch.{more}", UserWarning,
-            stacklevel=stacklevel)
+            f"are drawn from their context's controls of every batch.{more}", UserWarning)
 
 
 def split_groups(prepared: PreparedData, split: SplitData, mode: str
@@ -395,7 +394,7 @@ def check_predict_options(adata: Any, *, inplace: bool, layout: str, all_perts: 
             raise ConfigError("inplace=True cannot write into a backed AnnData; load it "
                               "with adata.to_memory() first, or leave inplace out.")
         if adata.is_view:
-            warn_view_becomes_copy("inplace=True", "predictions", stacklevel=4)
+            warn_view_becomes_copy("inplace=True", "predictions")
         layout = "arc"
     check_matmul_precision(matmul_precision)
     as_count("sets_per_pass", sets_per_pass)
@@ -503,10 +502,8 @@ def check_hvg_order(hvg: Any, x: Any, cols: np.ndarray, max_rows: int = 200) -> 
 
 
 def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
-                missing_genes: str = "error", gene_name_col: str | None = None,
-                stacklevel: int = 3) -> np.ndarray:
-    """The model-input matrix of ``adata``, columns in the model's order (``stacklevel``: of
-    its warnings, 3 = the line that called its caller).
+                missing_genes: str = "error", gene_name_col: str | None = None) -> np.ndarray:
+    """The model-input matrix of ``adata``, columns in the model's order.
 
     ``embed_key`` other than ``X_hvg``: ``obsm[embed_key]`` (width checked). Otherwise genes are
     matched by name: ``obsm['X_hvg']`` when it carries names (``uns['X_hvg_var_names']`` or
@@ -550,10 +547,9 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
             and not x_index.has_duplicates and (index.get_indexer(list(genes)) < 0).any()
             and (x_index.get_indexer(list(genes)) >= 0).all()):
         if looks_log1p(adata.X) == looks_log1p(matrix):
-            warnings.warn("some of the model's genes are not among the input's obsm['X_hvg'] "
-                          "columns (its highly variable genes were chosen on other data); all "
-                          "of them are read from X by name instead.", UserWarning,
-                          stacklevel=stacklevel)
+            warn("some of the model's genes are not among the input's obsm['X_hvg'] "
+                 "columns (its highly variable genes were chosen on other data); all "
+                 "of them are read from X by name instead.", UserWarning)
             index, matrix, where = x_index, adata.X, "X"
         else:
             in_x = (" X has them all, but not on the scale of obsm['X_hvg'] (raw counts next "
@@ -589,9 +585,8 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
             "fill them with 0."
         )
     if missing:
-        warnings.warn(f"{len(missing)} of {len(genes)} model genes are missing from the input "
-                      f"and are filled with 0: {preview(missing)}.", UserWarning,
-                      stacklevel=stacklevel)
+        warn(f"{len(missing)} of {len(genes)} model genes are missing from the input "
+             f"and are filled with 0: {preview(missing)}.", UserWarning)
     if matrix is None:
         raise DataError("the input has no X (adata.X is None). Put the expression matrix in X, "
                         "e.g. adata.X = adata.layers['counts'].")
@@ -639,7 +634,7 @@ def input_matrix(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
     if adata.n_obs == 0:
         raise DataError("the input AnnData has no cells (n_obs = 0).")
     check_unique_cells(adata)
-    x = align_genes(adata, genes, embed_key, missing_genes, gene_name_col, stacklevel=4)
+    x = align_genes(adata, genes, embed_key, missing_genes, gene_name_col)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         n = int(bad.sum())
@@ -729,8 +724,8 @@ def check_input_scale(x: np.ndarray, trained_log1p: bool, where: str = "input",
         raise DataError(negative_values_message(
             f"the {where}", lowest, "the model was trained on log1p-normalised values"))
     if lowest < 0:
-        warnings.warn(f"the {where} has negative expression values (down to {lowest:.4g}); the "
-                      "model was trained on non-negative values.", UserWarning, stacklevel=3)
+        warn(f"the {where} has negative expression values (down to {lowest:.4g}); the "
+             "model was trained on non-negative values.", UserWarning)
     s = sample_rows(x, 1000)
     top = float(s.max(initial=0))
     integers = all_integers(s)

@@ -16,12 +16,11 @@ built only if the caller passes ``gene_dim > 0`` (i.e. gene-space targets exist)
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import TYPE_CHECKING
 
 import torch
 
-from statetx._utils import did_you_mean, unknown_option_message
+from statetx._utils import did_you_mean, unknown_option_message, warn
 from statetx.errors import ConfigError
 from statetx.nn import NetworkConfig, StateTransitionNetwork
 
@@ -198,14 +197,13 @@ def resolve_architecture(preset: str, overrides: dict | None = None) -> dict:
             ratio_new = arch["intermediate_size"] / h if isinstance(h, int) and h > 0 else 0
             chosen = {"n_heads", "head_dim", "intermediate_size"} <= set(ov)
             if not chosen and (attn_width != h or abs(ratio_old - ratio_new) > 1e-9):
-                warnings.warn(
+                warn(
                     f"hidden_dim={h} overrides preset {preset!r} (hidden_dim "
                     f"{base['hidden_dim']}) but keeps n_heads={arch['n_heads']}, "
                     f"head_dim={arch['head_dim']} (attention width {attn_width}) and "
                     f"intermediate_size={arch['intermediate_size']} (ratio {ratio_new:.3g} instead "
                     f"of {ratio_old:.3g}); set n_heads/head_dim/intermediate_size to change them.",
                     UserWarning,
-                    stacklevel=2,
                 )
     _validate(arch)
     return arch

@@ -32,6 +32,7 @@ from statetx._utils import (
     SET_LOSS_OPTIONS,
     TRAINING_LOSS_OPTIONS,
     json_default,
+    warn,
 )
 from statetx.errors import ConfigError, SplitConfigError
 
@@ -645,9 +646,8 @@ def _check_values(res: Resolved) -> None:
         val = v[path]
         shown = res.sources.get(path, path)
         if key.status == "noeffect":
-            warnings.warn(f"{shown}: {path} {_NO_EFFECT}"
-                          + (f" ({key.note})." if key.note else ".") + " It is ignored.",
-                          UserWarning, stacklevel=3)
+            warn(f"{shown}: {path} {_NO_EFFECT}"
+                 + (f" ({key.note})." if key.note else ".") + " It is ignored.", UserWarning)
         elif key.status == "default_only" and val != key.default:
             raise ConfigError(f"{shown}: {path} {_NOT_YET} with a value other than "
                               f"{key.default!r}; remove the key or set it to that value.")
@@ -689,10 +689,9 @@ def _check_values(res: Resolved) -> None:
         v["training.train_seed"] = v["data.kwargs.random_seed"]
     elif ("data.kwargs.random_seed" in res.given
           and v["data.kwargs.random_seed"] != v["training.train_seed"]):
-        warnings.warn(f"data.kwargs.random_seed={v['data.kwargs.random_seed']} and "
-                      f"training.train_seed={v['training.train_seed']} differ; statetx uses one "
-                      "seed for sets, control pairing and initialisation: training.train_seed.",
-                      UserWarning, stacklevel=3)
+        warn(f"data.kwargs.random_seed={v['data.kwargs.random_seed']} and "
+             f"training.train_seed={v['training.train_seed']} differ; statetx uses one "
+             "seed for sets, control pairing and initialisation: training.train_seed.", UserWarning)
     for path in ("data.kwargs.toml_config_path", "data.kwargs.perturbation_features_file",
                  "model.kwargs.init_from"):
         if isinstance(v[path], str) and v[path]:

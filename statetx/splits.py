@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from statetx._utils import did_you_mean, preview, say
+from statetx._utils import did_you_mean, preview, say, warn
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.errors import ConfigError, DataError
 from statetx.io import (
@@ -146,33 +145,31 @@ def _listing(found: pd.Series) -> str:
     return ", ".join(f"{k!r} ({v:,} cells)" for k, v in found.items())
 
 
-def warn_unassigned_labels(files: Sequence[DataFile], columns: ColumnMap, control: str,
-                           stacklevel: int = 4) -> None:
+def warn_unassigned_labels(files: Sequence[DataFile], columns: ColumnMap, control: str) -> None:
     """Cells whose perturbation label reads like 'not assigned' would train as a perturbation
     of their own: said, with the cells counted (a guide screen's 'unassigned' cells). Cell-type
     and batch labels that read like a missing value ('nan', 'None', '') are said alike: those
     cells form one context of their own, mixing cells of every cell type (batch). Said by
-    ``fit`` (``prepare``) and :func:`assign`; ``stacklevel`` points at their caller."""
+    ``fit`` (``prepare``) and :func:`assign`."""
     pert_col = columns.pert_col
     found = _labels_like(files, "pert", UNASSIGNED_LABELS, skip=control)
     if len(found):
-        warnings.warn(f"obs['{pert_col}'] label(s) {_listing(found)} look like cells without an "
-                      "assigned perturbation; they train as a perturbation of their own. Drop "
-                      f"them first (adata[~adata.obs['{pert_col}'].isin([...])]) unless they "
-                      "are one.", UserWarning, stacklevel=stacklevel)
+        warn(f"obs['{pert_col}'] label(s) {_listing(found)} look like cells without an "
+             "assigned perturbation; they train as a perturbation of their own. Drop "
+             f"them first (adata[~adata.obs['{pert_col}'].isin([...])]) unless they "
+             "are one.", UserWarning)
     for kind, col, attr in (("cell type", columns.cell_type_key, "cell_type"),
                             ("batch", columns.batch_col, "batch")):
         found = _labels_like(files, attr, MISSING_LIKE_LABELS) if col else ()
         if len(found):
             missing = "{" + ", ".join(f"{k!r}: None" for k in found.index) + "}"
-            warnings.warn(
+            warn(
                 f"obs['{col}'] label(s) {_listing(found)} look like missing values written as "
                 f"text (NaN or None through .astype(str)); those cells form one {kind} of their "
                 f"own, mixing cells (and controls) of different {kind}s. Drop them first "
                 f"(adata[~adata.obs['{col}'].isin([...])]), or make them missing again "
                 f"(adata.obs['{col}'] = adata.obs['{col}'].astype(object).replace({missing})) "
-                "and pass drop_missing_labels=True, unless they are one.", UserWarning,
-                stacklevel=stacklevel)
+                "and pass drop_missing_labels=True, unless they are one.", UserWarning)
 
 
 def assign(
@@ -232,7 +229,7 @@ def assign(
                           "[datasets]) name several.")
     files = load_files(adata, config, cols, given if single else None)
     control = resolve_control(files, cols.control_pert, cols.pert_col)
-    warn_unassigned_labels(files, cols, control, stacklevel=3)  # (as fit says them)
+    warn_unassigned_labels(files, cols, control)  # (as fit says them)
     done = assign_files(files, config, control, pert_col=cols.pert_col,
                         cell_type_key=cols.cell_type_key, **options)
     if single:
@@ -367,7 +364,7 @@ def _check_heldout_names(files, config, control_pert, pert_col, cell_type_key, o
                 if on_missing == "error":
                     raise DataError(msg + " Fix the names or pass on_missing_perturbation='warn' "
                                     "(tx train: data.kwargs.on_missing_perturbation=warn).")
-                warnings.warn(msg, stacklevel=3)
+                warn(msg)
             listed = [p for part in ("val", "test") for p in getattr(entry, part)]
             if control_pert in listed:
                 raise DataError(
@@ -420,13 +417,12 @@ def _cells_of(files: Sequence[DataFile], column: str, label: str,
 def _spelling_warning(what: str, kind: str, found: list[str], column: str,
                       fix: Mapping[str, str]) -> None:
     mapping = ", ".join(f"{k!r}: {v!r}" for k, v in fix.items())
-    warnings.warn(
+    warn(
         f"{what}: {'; '.join(found)}. Each label is assigned by its exact spelling, so cells of a "
         f"held-out {kind} train (or are left out) under the other spelling. If they are one "
         f"{kind}, harmonise the labels before splitting, "
         f"e.g. adata.obs[{column!r}] = adata.obs[{column!r}].replace({{{mapping}}}) (in every "
-        "file of the dataset); if not, rename one so they differ clearly.",
-        UserWarning, stacklevel=5)
+        "file of the dataset); if not, rename one so they differ clearly.", UserWarning)
 
 
 def _warn_spelling_variants(ds: str, files: Sequence[DataFile], config: SplitConfig,

@@ -36,7 +36,6 @@ rebuilt from the labels, and only the windows from ``start`` on are read).
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,7 +47,7 @@ import h5py
 import numpy as np
 import torch
 
-from statetx._utils import preview, say
+from statetx._utils import preview, say, warn
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.data import (
     DataInput,
@@ -113,9 +112,8 @@ def stream_settings(data_loading: str, chunk_size: int = DEFAULT_CHUNK_SIZE,
             ("stream_buffer_chunks", buffer_chunks, DEFAULT_BUFFER_CHUNKS),
             ("stream_max_controls", max_controls, None)) if v != d]
         if idle:
-            warnings.warn(f"{', '.join(idle)} has no effect with data_loading='memory' (the "
-                          "streaming options act with data_loading='stream').", UserWarning,
-                          stacklevel=3)
+            warn(f"{', '.join(idle)} has no effect with data_loading='memory' (the "
+                 "streaming options act with data_loading='stream').", UserWarning)
         return None
     return StreamSettings(int(chunk_size), int(buffer_chunks),
                           None if max_controls is None else int(max_controls))
@@ -194,8 +192,8 @@ class BlockReader:
                                               f"cell {split.barcodes[i]} (row "
                                               f"{split.file_row[i]}) of {label}")
             self._warned_negative = True
-            warnings.warn(f"{label} has negative values in {self.key}; ST expects non-negative "
-                          "log1p expression unless an embedding is used.", stacklevel=4)
+            warn(f"{label} has negative values in {self.key}; ST expects non-negative "
+                 "log1p expression unless an embedding is used.")
 
     def close(self) -> None:
         """Close the open files (they reopen on the next read)."""
@@ -509,11 +507,11 @@ class StreamingCellSetSampler:
         self._pool: ThreadPoolExecutor | None = None
         pad = self.padding_fraction(0)
         if pad > PADDING_WARN:
-            warnings.warn(
+            warn(
                 f"{100 * pad:.0f}% of the cell-set positions of a streamed epoch are padding: a "
                 f"window ({self.buffer_chunks} chunks of {data.chunk_size} rows) holds few cells "
                 f"of each group (context, perturbation) for sets of {self.S}. Raise "
-                "stream_buffer_chunks, or store the file sorted by perturbation.", stacklevel=2)
+                "stream_buffer_chunks, or store the file sorted by perturbation.")
 
     # ------------------------------------------------------------------ structure
     def _groups(self) -> None:

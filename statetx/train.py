@@ -27,7 +27,6 @@ import math
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -49,6 +48,7 @@ from statetx._utils import (
     remove_dead_temporaries,
     same_run,
     say,
+    warn,
 )
 from statetx.distributed import (
     all_gather_objects,
@@ -567,10 +567,10 @@ class Trainer:
         every = all_gather_objects(mine)
         total = getattr(self.train_sampler, "total_sets", None)
         if total is not None and total < self.world_size and _is_main():
-            warnings.warn(f"an epoch has {total} training set(s) for {self.world_size} "
-                          "processes: some processes train the same sets (wrapped round), so "
-                          "the extra processes add no data. Use fewer processes or a smaller "
-                          "cell_set_len.", UserWarning, stacklevel=2)
+            warn(f"an epoch has {total} training set(s) for {self.world_size} "
+                 "processes: some processes train the same sets (wrapped round), so "
+                 "the extra processes add no data. Use fewer processes or a smaller "
+                 "cell_set_len.", UserWarning)
         said = []
         for key, ours in mine.items():
             ranks = [r for r, other in enumerate(every) if other[key] != every[0][key]]
@@ -1094,9 +1094,9 @@ class Trainer:
             changed = [c for c in changed_params(theirs, mine)
                        if not (same_net and c.startswith("model_kwargs:"))]
             if changed and _is_main():
-                warnings.warn(f"resuming {path} with changed settings: {'; '.join(changed)}. "
-                              "The steps so far were trained with the earlier ones (the run's "
-                              "record now shows the new ones).", UserWarning, stacklevel=4)
+                warn(f"resuming {path} with changed settings: {'; '.join(changed)}. "
+                     "The steps so far were trained with the earlier ones (the run's "
+                     "record now shows the new ones).", UserWarning)
         self._warn_rescheduled(path, (ckpt.get("train_config") or {}).get("max_steps"))
         self._resume = (str(path), ckpt)
         return ckpt
@@ -1111,11 +1111,10 @@ class Trainer:
              c.weight_averaging != "none" and c.averaging_start > 0)) if used]
         if before is None or int(before) == c.max_steps or not moves or not _is_main():
             return
-        warnings.warn(f"resuming {path} with max_steps {before} -> {c.max_steps}: "
-                      f"{' and '.join(moves)} follow(s) the new max_steps from here on, so the "
-                      f"result differs from one uninterrupted run of {c.max_steps} steps (exact "
-                      "with a constant schedule and averaging_start=0).", UserWarning,
-                      stacklevel=5)
+        warn(f"resuming {path} with max_steps {before} -> {c.max_steps}: "
+             f"{' and '.join(moves)} follow(s) the new max_steps from here on, so the "
+             f"result differs from one uninterrupted run of {c.max_steps} steps (exact "
+             "with a constant schedule and averaging_start=0).", UserWarning)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, optimiser, loop position and RNG state from a checkpoint."""
@@ -1178,14 +1177,14 @@ class Trainer:
         if _is_main():
             b = getattr(self.train_sampler, "B", None)
             size = f" ({b * before} -> {b * now} sets)" if b else ""
-            warnings.warn(
+            warn(
                 f"resuming {path}, trained by {before} process(es), with {now}: batch_size is "
                 f"per process, so each step now trains on {now}/{before} of the earlier batch"
                 f"{size} (scale lr, or batch_size, to keep the run's recipe); "
                 + ("the epoch continues where it was" if interleaved else
                    "the streamed epoch starts again (its slices per process change)")
                 + (f" ({again} batch(es) of it are trained again)" if again else "") + ".",
-                UserWarning, stacklevel=4)
+                UserWarning)
 
     def _remove_stale_temporaries(self) -> None:
         """Delete half-written checkpoints (``.<name>.tmp<pid>-<thread>``) left by a killed

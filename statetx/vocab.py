@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from statetx._utils import did_you_mean, features_digest, preview, umask_mode
+from statetx._utils import did_you_mean, features_digest, preview, umask_mode, warn
 from statetx.errors import ConfigError, DataError
 from statetx.io import control_like
 
@@ -218,9 +217,8 @@ def feature_table(features: dict[str, np.ndarray], observed: Sequence[str], cont
                f"{preview(missing_pert)}.{_spelling_variants(missing_pert, names)}")
         if on_missing == "error":
             raise DataError(msg + " Add them to the file or pass on_missing_features='zeros'.")
-        warnings.warn(msg + " They get zero vectors (like the control, if it has none): the "
-                      "model cannot tell them apart. Check the names (e.g. 'A+B' vs 'A_B').",
-                      stacklevel=3)
+        warn(msg + " They get zero vectors (like the control, if it has none): the "
+             "model cannot tell them apart. Check the names (e.g. 'A+B' vs 'A_B').")
     table = np.zeros((len(names) + len(missing), p), dtype=np.float32)
     for i, n in enumerate(names):
         table[i] = np.asarray(features[n], dtype=np.float32).reshape(-1)
@@ -374,9 +372,8 @@ def combination_features(labels: Iterable[str], features: Mapping[str, Any] | No
     names = sorted({str(n) for n in values})
     parts = {n: label_parts(n, sep, control_pert) for n in names}
     if control_pert is None and (looks := control_like({q for ps in parts.values() for q in ps})):
-        warnings.warn(f"{preview(looks)} look(s) like a control label but got a feature column "
-                      f"like a perturbation: pass control_pert={looks[0]!r}.", UserWarning,
-                      stacklevel=2)
+        warn(f"{preview(looks)} look(s) like a control label but got a feature column "
+             f"like a perturbation: pass control_pert={looks[0]!r}.", UserWarning)
     if features is None:
         singles = sorted({q for ps in parts.values() for q in ps})
         index = {q: i for i, q in enumerate(singles)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from statetx._utils import (
     preview,
     repeated,
     say,
+    warn,
 )
 from statetx.errors import DataError
 from statetx.io import control_like
@@ -46,12 +46,12 @@ def warn_untrained(pred: ad.AnnData) -> None:
     (``uns["statetx"]["untrained_perturbations"]``): their metrics measure no learned effect."""
     names = [str(n) for n in np.atleast_1d(recorded(pred).get("untrained_perturbations", []))]
     if names:
-        warnings.warn(
+        warn(
             f"pred records {len(names)} perturbation(s) predicted without training cells: "
             f"{preview(names)}. Their effects are not learned from data (one-hot: predicted as "
             "the control, or from an untrained embedding; features: from a zero vector), so "
             "their metrics measure no model; compare them with the context_mean baseline, or "
-            "train with perturbation features (pert_features=).", UserWarning, stacklevel=3)
+            "train with perturbation features (pert_features=).", UserWarning)
 
 
 def load(obj: ad.AnnData | str | Path, which: str) -> ad.AnnData:
@@ -122,7 +122,7 @@ def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False,
         if allow_discrete:
             return adata
         total = target if target is not None else median_total(adata.X)
-        warnings.warn(
+        warn(
             f"{which} X holds integer values only (max {hi:g}): treating it as raw counts and "
             f"converting it to log1p(normalize_total(target_sum={total:g})), "
             + (f"{target_is}. " if target is not None
@@ -131,7 +131,7 @@ def check_scale(adata: ad.AnnData, which: str, allow_discrete: bool = False,
                "not show in the metrics. " if which == "real" and target is not None
                and "both files" not in target_is else "")
             + "Pass log1p-normalised data, or allow_discrete=True to use the values as they are.",
-            UserWarning, stacklevel=3,
+            UserWarning,
         )
         return _normalised_log1p(adata, adata.X.astype(np.float32), total)
     if lo < 0:
@@ -317,10 +317,10 @@ def align_pair(
             keep = pl & rl
             pred = pred[pred.obs[pert_col].astype(str).isin(keep).to_numpy()]
             real = real[real.obs[pert_col].astype(str).isin(keep).to_numpy()]
-            warnings.warn(
+            warn(
                 f"shared_only: {len(pl | rl) - len(keep)} perturbation(s) are not in both files "
                 f"and are left out of the evaluation: only in pred: [{preview(sorted(pl - rl))}];"
-                f" only in real: [{preview(sorted(rl - pl))}].", UserWarning, stacklevel=3)
+                f" only in real: [{preview(sorted(rl - pl))}].", UserWarning)
         else:
             lower = {str(x).lower(): x for x in pl - rl}
             case = [(lower[x.lower()], x) for x in sorted(rl - pl) if x.lower() in lower]

@@ -13,7 +13,6 @@ This module holds the parts (halves, Spearman–Brown, files, fraction of the ce
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from statetx._utils import atomic_write, preview
+from statetx._utils import atomic_write, preview, warn
 from statetx.errors import ConfigError
 from statetx.metrics._inputs import check_obs_col
 from statetx.metrics._table import file_prefix
@@ -50,9 +49,8 @@ def split_halves(real: ad.AnnData, pert_col: str, celltype_col: str | None = Non
         first.append(rows[:half])
         second.append(rows[half:2 * half])
     if single:
-        warnings.warn(f"ceiling: {len(single)} group(s) have a single cell and cannot be split "
-                      f"in halves; they are left out of the ceiling: {preview(single)}.",
-                      UserWarning, stacklevel=2)
+        warn(f"ceiling: {len(single)} group(s) have a single cell and cannot be split "
+             f"in halves; they are left out of the ceiling: {preview(single)}.", UserWarning)
     a, b = np.sort(np.concatenate(first)), np.sort(np.concatenate(second))
     return real[a].copy(), real[b].copy()
 

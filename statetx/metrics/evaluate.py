@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from statetx._utils import (
     did_you_mean,
     preview,
     say,
+    warn,
 )
 from statetx.errors import ConfigError, DataError
 from statetx.metrics import expression as ex
@@ -210,10 +210,10 @@ def _evaluate_one(
         de_vals = de_metrics(real_de, pred_de, perts)
         n_sig = np.asarray(de_vals["de_nsig_counts_real"], dtype=float)
         if len(n_sig) and not np.any(n_sig > 0):
-            warnings.warn(f"none of the {len(perts)} perturbation(s) has a significant real DE "
-                          "gene (FDR < 0.05): overlap_at_N and precision_at_N are 0 for any "
-                          "prediction here; compare pearson_delta and mse (or gather more cells "
-                          "per perturbation).", UserWarning, stacklevel=3)
+            warn(f"none of the {len(perts)} perturbation(s) has a significant real DE "
+                 "gene (FDR < 0.05): overlap_at_N and precision_at_N are 0 for any "
+                 "prediction here; compare pearson_delta and mse (or gather more cells "
+                 "per perturbation).", UserWarning)
         for m in metrics:
             if m == "de_nsig_counts":
                 table.add("de_nsig_counts_real", de_vals["de_nsig_counts_real"])
@@ -304,7 +304,7 @@ def _say_control_only(cell_types: list[tuple[str, int, int]], celltype_col: str,
     if not others:
         raise DataError(f"{what}; no cell type is left to evaluate. Check pert_col, "
                         "control_pert and celltype_col.")
-    warnings.warn(f"{what}. They are left out of the results.", UserWarning, stacklevel=3)
+    warn(f"{what}. They are left out of the results.", UserWarning)
 
 
 def _say_pooled(real: ad.AnnData) -> None:
@@ -327,21 +327,19 @@ def _warn_few_perturbations(metrics: Sequence[str], n: int, per_cell_type: bool)
     where = " (in a cell type)" if per_cell_type else ""
     ranked = [m for m in metrics if m.startswith("discrimination_score_")]
     if ranked:
-        warnings.warn(f"{', '.join(ranked)} rank each prediction among the real deltas of only "
-                      f"{n} perturbation(s){where}: the scores move in steps of 1/{max(n, 1)} "
-                      "and tell models apart poorly (even a constant prediction can score 1).",
-                      UserWarning, stacklevel=3)
+        warn(f"{', '.join(ranked)} rank each prediction among the real deltas of only "
+             f"{n} perturbation(s){where}: the scores move in steps of 1/{max(n, 1)} "
+             "and tell models apart poorly (even a constant prediction can score 1).", UserWarning)
     # (with one perturbation pearson_edistance cannot be computed: said as omitted)
     across = [m for m in ("pearson_edistance", "clustering_agreement") if m in metrics
               and not (m == "pearson_edistance" and n < 2)]
     if across and n < 3:
         how = {"pearson_edistance": "pearson_edistance is a correlation over them (±1 for two)",
                "clustering_agreement": "clustering_agreement clusters them (NaN below three)"}
-        warnings.warn(f"{' and '.join(across)} compare"
-                      f"{'s' if len(across) == 1 else ''} the perturbations with each other, and "
-                      f"there are only {n}{where}: {', '.join(how[m] for m in across)}. Do not "
-                      f"read {'this value' if len(across) == 1 else 'these values'}.",
-                      UserWarning, stacklevel=3)
+        warn(f"{' and '.join(across)} compare"
+             f"{'s' if len(across) == 1 else ''} the perturbations with each other, and "
+             f"there are only {n}{where}: {', '.join(how[m] for m in across)}. Do not "
+             f"read {'this value' if len(across) == 1 else 'these values'}.", UserWarning)
 
 
 class NoSpreadWarning(UserWarning):
@@ -373,13 +371,13 @@ def _warn_few_cells(outputs: list[tuple[str | None, EvalOutput]], metrics: Seque
                                     f"{'s' if n > 1 else ''})" for g, ct, n in groups], 5)
              for side, groups in sides.items() if groups]
     de = _de_metric_names(metrics)
-    warnings.warn(
+    warn(
         f"DE groups of fewer than {FEW_CELLS} cells: {'; '.join(parts)}. Their DE p-values are "
         "unreliable: the Mann–Whitney test's normal approximation (cell-eval's, kept as it is) "
         "can call genes significant on one or two cells"
         + (f", so the DE metrics ({preview(de, 4)}) of these perturbations mean little" if de
            else "") + ". Gather more cells per perturbation, or judge these on pearson_delta, "
-        "mse and mae.", FewCellsWarning, stacklevel=3)
+        "mse and mae.", FewCellsWarning)
     return {(g, ct) for g, ct, _ in sides["pred"]}
 
 
@@ -403,7 +401,7 @@ def _warn_constant(outputs: list[tuple[str | None, EvalOutput]], metrics: Sequen
         what.append(f"the predicted control cells {control_pert!r}"
                     + ("" if ctrl == [None] else f" of cell type(s) {preview(ctrl, 5)}")
                     + " are all identical, and every perturbation's DE is taken against them")
-    warnings.warn(
+    warn(
         "; ".join(what) + f". The DE-based metrics ({preview(de, 4)}) are not meaningful for "
         "them: the Wilcoxon test of a group without variance against varying cells calls a gene "
         "significant wherever the repeated value sits away from the other group's median, however "
@@ -411,7 +409,7 @@ def _warn_constant(outputs: list[tuple[str | None, EvalOutput]], metrics: Sequen
         "model's. The values are cell-eval's, kept as they are; compare such predictions on "
         "pearson_delta, mse and mae, or predict cells with their spread (e.g. "
         "ControlMeanBaseline(mode='copy')).",
-        NoSpreadWarning, stacklevel=3)
+        NoSpreadWarning)
 
 
 def _check_de_matches(de: pd.DataFrame, which: str, perts: set[str], genes: set[str]) -> None:
@@ -442,12 +440,11 @@ def _warn_other_cell_types(p: ad.AnnData, r: ad.AnnData) -> None:
         if vp != vr:
             extra = sorted(vr - vp) or sorted(vp - vr)
             side = "real" if vr - vp else "pred"
-            warnings.warn(
+            warn(
                 f"obs['{col}'] holds other values in pred ({preview(sorted(vp), 4)}) than in real "
                 f"({preview(sorted(vr), 4)}): the {side} cells of {preview(extra, 4)} are pooled "
                 "into the comparison. Subset both to the same cell types, or pass "
-                f"celltype_col='{col}' to score each cell type separately.",
-                UserWarning, stacklevel=3)
+                f"celltype_col='{col}' to score each cell type separately.", UserWarning)
 
 
 def evaluate(
@@ -555,9 +552,6 @@ def evaluate(
         leading ``celltype`` column. Nulls (undefined values) and NaN are both NaN in the frames;
         the CSVs written to ``outdir`` keep them apart (empty field vs ``NaN``).
     """
-    # Whatever may warn is called from here, not from within a phase helper: its warnings carry
-    # stacklevel=3, the line that called evaluate (warn_untrained, check_scale and align_pair of
-    # _inputs; _evaluate_one, _evaluated_ceiling and the _warn_* / _say_* helpers).
     adata_pred, adata_real, celltype_col = _resolve_aliases(adata_pred, adata_real, pred, real,
                                                             celltype_col, cell_type_key)
     metrics, num_threads = _check_options(
@@ -763,8 +757,8 @@ def _evaluated_ceiling(real: ad.AnnData, outputs: list[tuple[str | None, EvalOut
         return _data_ceiling(real if keep.all() else real[keep], pert_col=pert_col,
                              control_pert=control_pert, **options)
     except DataError as err:  # (e.g. groups too small to halve: the results stand)
-        warnings.warn(f"the data ceiling could not be computed, so the results come without "
-                      f"it: {err}", UserWarning, stacklevel=3)
+        warn(f"the data ceiling could not be computed, so the results come without "
+             f"it: {err}", UserWarning)
         return None
 
 
@@ -773,9 +767,8 @@ def _warn_skipped(outputs: list[tuple[str | None, EvalOutput]]) -> dict[str, str
     many cell types."""
     skipped = {m: why for _, o in outputs for m, why in o.skipped.items()}
     if skipped:
-        warnings.warn("metrics omitted (they could not be computed): "
-                      + "; ".join(f"{m} ({why})" for m, why in skipped.items()), UserWarning,
-                      stacklevel=3)
+        warn("metrics omitted (they could not be computed): "
+             + "; ".join(f"{m} ({why})" for m, why in skipped.items()), UserWarning)
     return skipped
 
 

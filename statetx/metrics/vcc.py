@@ -30,6 +30,7 @@ from statetx._utils import (
     preview,
     repeated,
     same_file,
+    warn,
 )
 from statetx.errors import ConfigError, DataError
 from statetx.metrics._inputs import check_obs_col, check_scale, load, recorded_labels
@@ -426,9 +427,8 @@ def _read_gene_file(path: Path, pred_genes: set[str]) -> list[str]:
             names.extend(fields)
     if len(names) > 1 and names[0] not in pred_genes and all(n in pred_genes
                                                               for n in names[1:]):
-        warnings.warn(f"gene list {str(path)!r}: the first line {names[0]!r} is not a gene of the "
-                      "prediction, unlike every other line; treating it as a header",
-                      UserWarning, stacklevel=4)
+        warn(f"gene list {str(path)!r}: the first line {names[0]!r} is not a gene of the "
+             "prediction, unlike every other line; treating it as a header", UserWarning)
         names = names[1:]
     return names
 
