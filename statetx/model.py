@@ -997,10 +997,12 @@ class StateTransitionModel(Estimator):
         for over the model's genes (``expression_depth_``)."""
         mine, theirs = getattr(self, "target_sum_", None), recorded_target_sum(adata)
         if mine is None or theirs is None:
-            trained = getattr(self, "expression_depth_", None) or {}
+            # (a depth of 0, recorded by older versions, has nothing to compare with)
+            trained = {ct: d for ct, d in (getattr(self, "expression_depth_", None)
+                                           or {}).items() if d > 0}
             depths = control_depths(x, ctx, is_ctrl & np.isin(ctx, list(trained)))
-            off = {ct: d / trained[ct] for ct, d in depths.items()
-                   if not 0.5 <= d / max(trained[ct], 1e-12) <= 2}
+            ratios = {ct: d / trained[ct] for ct, d in depths.items()}
+            off = {ct: r for ct, r in ratios.items() if not 0.5 <= r <= 2}
             if off:
                 ratio = float(np.median(list(off.values())))
                 warn(

@@ -704,14 +704,17 @@ def control_depths(x: np.ndarray | torch.Tensor, cell_types: np.ndarray,
     evenly spread) of its control cells of the counts per cell their log1p values ``x`` stand
     for over its columns (sum of ``expm1``). Controls of one cell type differ between datasets
     only by what normalisation put on them (the cell types, and perturbations, differ by
-    themselves over a gene subset)."""
+    themselves over a gene subset). A cell type whose median is 0 (most of its controls
+    express none of the columns, e.g. a few genes) is left out: it has no depth to compare."""
     out = {}
     for ct in np.unique(cell_types[is_control]):
         rows = np.flatnonzero(is_control & (cell_types == ct))
         if len(rows) >= min_cells:
             pick = rows[np.linspace(0, len(rows) - 1, min(len(rows), 1000)).astype(np.int64)]
             sub = x[torch.from_numpy(pick) if isinstance(x, torch.Tensor) else pick]
-            out[str(ct)] = log1p_depth(sub)
+            depth = log1p_depth(sub)
+            if depth > 0:
+                out[str(ct)] = depth
     return out
 
 

@@ -1291,6 +1291,23 @@ def test_input_normalised_to_another_total_is_said_from_the_values():
         m.predict(other)
 
 
+def test_cell_types_whose_controls_express_none_of_the_genes_are_not_compared(synth, tmp_path):
+    """A depth of 0 (most controls of a cell type express none of the model's genes) has
+    nothing to compare: no division by zero, no log(0) (was a ZeroDivisionError in predict)."""
+    a = synth.copy()
+    ctrl = (a.obs["gene"] == "ctrl").to_numpy()
+    a.X[ctrl & (a.obs["cell_type"] == "CT0").to_numpy()] = 0
+    m = small_model(max_steps=1).fit(a)
+    assert set(m.expression_depth_) == {"CT1", "CT2"}
+    m.expression_depth_["CT0"] = 0.0  # (as earlier versions recorded it)
+    b = a.copy()
+    b.X[ctrl & (b.obs["cell_type"] == "CT1").to_numpy()] = 0  # input controls of none either
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.predict(a)
+        m.predict(b)
+
+
 def test_a_new_split_spec_may_hold_cell_types_and_batches_never_trained(synth, capsys):
     """Re-splitting (attach_data / tx predict --toml) with a cell type and a batch the model
     never saw: neither is a network input (no batch encoder), so the cells are predicted."""
