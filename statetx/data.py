@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from statetx._utils import looks_log1p, preview, repeated, say, warn
+from statetx._utils import all_integers, looks_log1p, preview, repeated, say, warn
 from statetx.config import SPLITS, ColumnMap, SplitConfig
 from statetx.errors import ConfigError, DataError
 from statetx.io import (
@@ -147,6 +147,14 @@ class PreparedData:
     def x_is_log1p(self) -> bool:
         """Whether X (sampled rows of every file, which must agree) looks log1p-normalised."""
         return _common_scale(self.files, None)
+
+    def expression_integers(self) -> bool | None:
+        """Whether the expression the model reads (X or ``obsm['X_hvg']``) holds integers only
+        (raw counts) in sampled rows of every file; None for an embedding input."""
+        source = self.columns.embed_key
+        if source not in (None, "X_hvg"):
+            return None
+        return all(all_integers(_sample_matrix(f, source)) for f in self.files)
 
 
 def prepare(

@@ -335,11 +335,14 @@ class StateTransitionModel(Estimator):
     var_names_, gene_names_, n_features_in_, feature_names_in_
         Input features in training order; the decoded genes (an embedding model with a gene
         decoder), else None.
-    cell_set_len_, is_log1p_, target_sum_, expression_depth_, trained_perturbations_
-        Cells per set; whether the training expression was log1p; its counts per cell (when
-        ``statetx.pp`` recorded one); per cell type, the median counts per cell its control
-        cells' log1p values stand for over the input genes (checked against ``predict``'s
-        input); perturbations with training cells.
+    cell_set_len_, is_log1p_, is_counts_, target_sum_, expression_depth_, trained_perturbations_
+        Cells per set; whether the training expression was log1p; whether expression not on
+        log1p scale held integers only (raw counts; False: normalised values, so that
+        ``predict`` refuses raw counts; None for log1p or embedding inputs and models saved
+        before it was recorded); its counts per cell (when ``statetx.pp`` recorded one); per
+        cell type, the median counts per cell its control cells' log1p values stand for over
+        the input genes (checked against ``predict``'s input); perturbations with training
+        cells.
     preset_, train_settings_
         The preset and the training settings (batch size, steps, lr, averaging) the fit used.
     history_, best_step_, training_time_
@@ -1099,6 +1102,7 @@ class StateTransitionModel(Estimator):
         self.gene_names_ = None if prepared.gene_names is None else list(prepared.gene_names)
         self.cell_set_len_ = set_len
         self.is_log1p_ = bool(prepared.is_log1p)
+        self.is_counts_ = None if prepared.is_log1p else prepared.expression_integers()
         self.split_summary_ = prepared.summary
         self.split_config_ = prepared.config
         sums = {f.target_sum for f in prepared.files}
@@ -1347,7 +1351,8 @@ class StateTransitionModel(Estimator):
         if expression_in:
             src = c.embed_key if c.embed_key in adata.obsm else "X"  # (X_hvg falls back to X)
             check_input_scale(x_in, self.is_log1p_, f"input ({src})",
-                              getattr(self, "target_sum_", None))
+                              getattr(self, "target_sum_", None),
+                              getattr(self, "is_counts_", None))
         pert, ctx, is_ctrl = input_labels(adata, pert_col, ct_col, cols.control,
                                           self.vocab_.cell_types, cols.cell_type_given,
                                           pool_mode == "all", need_controls=not own_basal)

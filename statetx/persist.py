@@ -74,6 +74,7 @@ def metadata(model: StateTransitionModel) -> dict:
         "gene_names": model.gene_names_,
         "cell_set_len": model.cell_set_len_,
         "is_log1p": model.is_log1p_,
+        "is_counts": getattr(model, "is_counts_", None),
         "trained_perturbations": getattr(model, "trained_perturbations_", None),
         "target_sum": getattr(model, "target_sum_", None),
         "expression_depth": getattr(model, "expression_depth_", None),
@@ -242,6 +243,8 @@ def _build(cls: type[StateTransitionModel], meta: dict, state: dict[str, torch.T
     model.gene_names_ = meta["gene_names"]
     model.cell_set_len_ = int(meta["cell_set_len"])
     model.is_log1p_ = bool(meta["is_log1p"])
+    counts = meta.get("is_counts")  # (absent: saved before it was recorded, not checked)
+    model.is_counts_ = None if counts is None else bool(counts)
     if meta.get("trained_perturbations") is not None:
         model.trained_perturbations_ = list(meta["trained_perturbations"])
     model.target_sum_ = meta.get("target_sum")

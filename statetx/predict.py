@@ -719,9 +719,12 @@ def control_depths(x: np.ndarray | torch.Tensor, cell_types: np.ndarray,
 
 
 def check_input_scale(x: np.ndarray, trained_log1p: bool, where: str = "input",
-                target_sum: float | None = None) -> None:
+                      target_sum: float | None = None,
+                      trained_counts: bool | None = None) -> None:
     """Error when the input scale (counts, scaled or log1p) differs from the training data's
-    (``target_sum``: the training data's normalisation total, named in the advice)."""
+    (``target_sum``: the training data's normalisation total, named in the advice;
+    ``trained_counts``: whether training data not on log1p scale held integers only, False
+    refusing raw counts as a log1p model does, None not known)."""
     lowest = float(x.min(initial=0))
     if lowest < 0 and trained_log1p:
         raise DataError(negative_values_message(
@@ -750,9 +753,18 @@ def check_input_scale(x: np.ndarray, trained_log1p: bool, where: str = "input",
                         "the model was trained on log1p-normalised values. If it is normalised "
                         "but not log-transformed, apply scanpy.pp.log1p (or "
                         "statetx.pp.preprocess_train) first.")
+    if not trained_log1p and trained_counts is False and integers and top > 0:
+        total = ("T, the total the training data were normalised to" if not target_sum
+                 else f"T={target_sum:g}, the training data's total")
+        raise DataError(f"the {where} looks like raw counts (integers, max {top:.0f}); the "
+                        "model was trained on normalised values (not integers, not log1p). "
+                        "Normalise it as the training data were, e.g. "
+                        f"sc.pp.normalize_total(adata, target_sum=T) with {total}, or train "
+                        "the model on raw counts.")
     if not trained_log1p and looks_log1p(s):
-        raise DataError(f"the {where} looks log1p-normalised but the model was trained on raw "
-                        "counts; pass data on the training scale.")
+        scale = "normalised values (not log1p)" if trained_counts is False else "raw counts"
+        raise DataError(f"the {where} looks log1p-normalised but the model was trained on "
+                        f"{scale}; pass data on the training scale.")
 
 
 def encode_perturbations(labels: np.ndarray, vocab: Vocab, unknown: str) -> np.ndarray:

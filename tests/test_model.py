@@ -1308,6 +1308,28 @@ def test_cell_types_whose_controls_express_none_of_the_genes_are_not_compared(sy
         m.predict(b)
 
 
+def test_a_model_trained_on_normalised_values_refuses_raw_counts(synth, tmp_path):
+    """Linear-normalised training data (not integers, not log1p): raw counts at predict are
+    refused as a log1p model refuses them (were predicted silently); a counts model is not
+    checked."""
+    counts = synth.copy()
+    counts.X = np.round(np.expm1(counts.X) * 3).astype(np.float32)
+    linear = counts.copy()
+    linear.X = (linear.X / linear.X.sum(1, keepdims=True) * 1e4).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (not log1p: said)
+        m = small_model(max_steps=1).fit(linear)
+        on_counts = small_model(max_steps=1).fit(counts)
+    assert m.is_counts_ is False and on_counts.is_counts_ is True
+    loaded = StateTransitionModel.load(m.save(tmp_path / "m"))
+    for model in (m, loaded, pickle.loads(pickle.dumps(m))):
+        with pytest.raises(DataError, match=r"looks like raw counts .*trained on normalised "
+                                            r"values .*sc\.pp\.normalize_total"):
+            model.predict(counts)
+        model.predict(linear)
+    on_counts.predict(counts)
+
+
 def test_a_new_split_spec_may_hold_cell_types_and_batches_never_trained(synth, capsys):
     """Re-splitting (attach_data / tx predict --toml) with a cell type and a batch the model
     never saw: neither is a network input (no batch encoder), so the cells are predicted."""
