@@ -2022,7 +2022,9 @@ class StateTransitionModel(Estimator):
     def save(self, path: str | Path) -> Path:
         """Write ``model.json`` and ``model.safetensors`` into the directory ``path`` (and, for a
         model trained with perturbation features, ``pert_features.safetensors``, which
-        ``model.json`` names by shape and digest)."""
+        ``model.json`` names by shape and digest). ``model.json`` records the weights' SHA-256
+        too: :meth:`load` refuses a folder whose files come from different saves (a save over
+        an earlier model interrupted between its renames)."""
         return persist.save(self, path)
 
     @classmethod

@@ -21,6 +21,7 @@ import torch
 
 from statetx._utils import (
     check_folder,
+    file_sha256,
     history_frame,
     json_default,
     remove_dead_temporaries,
@@ -107,7 +108,7 @@ def save(model: StateTransitionModel, path: str | Path) -> Path:
         meta["split_summary"] = model.split_summary_.to_dict(orient="split")
     if getattr(model, "split_config_", None) is not None:
         meta["split_config"] = model.split_config_.model_dump(mode="json", exclude={"source"})
-    text = json.dumps(meta, indent=1, default=json_default)  # fails before any write
+    json.dumps(meta, default=json_default)  # (fails before any write)
     state = {k: v.detach().cpu().contiguous() for k, v in model.network_.state_dict().items()}
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
@@ -119,7 +120,11 @@ def save(model: StateTransitionModel, path: str | Path) -> Path:
         umask_mode(tmp_w)  # safetensors writes 0600
         if model.vocab_.pert_features is not None:
             write_features(model.vocab_, tmp_f)
-        tmp_j.write_text(text)
+        # the files are renamed into place one by one: the weights' digest in model.json (and
+        # the feature table's, in its vocabulary record) lets load tell an interrupted save
+        # (new weights next to an earlier model.json) from a whole one
+        meta["weights_sha256"] = file_sha256(tmp_w)
+        tmp_j.write_text(json.dumps(meta, indent=1, default=json_default))
         tmp_w.replace(path / "model.safetensors")
         if model.vocab_.pert_features is not None:
             tmp_f.replace(path / FEATURES_FILE)
@@ -154,7 +159,15 @@ def load(cls: type[StateTransitionModel], path: str | Path,
     try:
         meta = json.loads((path / "model.json").read_text())
         state = load_file(str(path / "model.safetensors"), device="cpu")
+        digest = meta.get("weights_sha256") if isinstance(meta, dict) else None
+        if digest is not None and file_sha256(path / "model.safetensors") != digest:
+            raise DataError(f"{path}: model.json and model.safetensors are from different "
+                            "saves (a save into this folder was interrupted, or one file was "
+                            "replaced); the weights do not match the digest model.json "
+                            "records. Save the model again.")
         features = read_features(path / FEATURES_FILE)
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001
         raise DataError(f"could not read the saved model in {path}: {exc}") from exc
     model = from_metadata(cls, meta, state, source=path / "model.json", features=features)

@@ -124,6 +124,45 @@ def test_save_clears_a_killed_saves_temporaries_only(tmp_path):
         live.wait()
 
 
+def test_a_save_interrupted_between_its_renames_is_refused_by_load(tmp_path, monkeypatch):
+    """save renames its files into place one by one: interrupted after the weights, the folder
+    holds new weights next to the earlier model.json, which load refused to take for a model
+    only when the shapes differed. The weights' digest in model.json names the mix-up; a folder
+    saved before the digest was recorded still loads."""
+    import copy
+    import json
+
+    from test_model import small_model
+
+    from statetx.errors import DataError
+
+    model = small_model(max_steps=1).fit(make_synthetic())
+    folder = model.save(tmp_path / "m")
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.network_.parameters()).add_(1.0)
+    real_replace = Path.replace
+
+    def interrupted(self, target):
+        if Path(target).name == "model.json":
+            raise KeyboardInterrupt
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        other.save(folder)
+    monkeypatch.setattr(Path, "replace", real_replace)
+    assert temporaries(folder) == []
+    with pytest.raises(DataError, match=r"model\.json and model\.safetensors are from different "
+                                        r"saves .*Save the model again"):
+        StateTransitionModel.load(folder)
+    model.save(folder)
+    meta = json.loads((folder / "model.json").read_text())
+    del meta["weights_sha256"]  # (as saved by earlier versions)
+    (folder / "model.json").write_text(json.dumps(meta))
+    StateTransitionModel.load(folder)
+
+
 def test_atomic_torch_save_failure_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1, "w": torch.ones(3)}, path)
