@@ -218,6 +218,25 @@ def split_key(key: str) -> tuple[str, str]:
     return dataset, cell_type
 
 
+def check_distinct_columns(pert_col: Any, cell_type_col: Any, batch_col: Any,
+                           cell_type_name: str = "cell_type_key") -> None:
+    """ConfigError when the perturbation column is also the cell-type or batch column (every
+    cell type would be one perturbation: no controls), or ``batch_col`` is empty (not None)."""
+    if isinstance(batch_col, str) and not batch_col.strip():
+        raise ConfigError(f"batch_col={batch_col!r} names no column; pass batch_col=None (no "
+                          "batches: controls are paired within the cell type) or the obs column "
+                          "holding the batch.")
+    for name, col in ((cell_type_name, cell_type_col), ("batch_col", batch_col)):
+        if pert_col is not None and col is not None and col == pert_col:
+            raise ConfigError(
+                f"pert_col and {name} both name the obs column {pert_col!r}: the perturbation "
+                f"and the {'cell type (context)' if name != 'batch_col' else 'batch'} must be "
+                "different columns"
+                + (" (for data from one context, add a constant column, e.g. "
+                   "adata.obs['cell_type'] = 'K562', and pass cell_type_key='cell_type')."
+                   if name != "batch_col" else "; pass batch_col=None without batches."))
+
+
 class ColumnMap(BaseModel):
     """Which obs columns and matrices hold the labels and the cell representation.
 
@@ -266,6 +285,8 @@ class ColumnMap(BaseModel):
                     "each cell" + (" (for data from one context, add a constant column, e.g. "
                                    "adata.obs['cell_type'] = 'K562')."
                                    if key == "cell_type_key" else "."))
+        check_distinct_columns(*(kwargs.get(k, cls.model_fields[k].default)
+                                 for k in ("pert_col", "cell_type_key", "batch_col")))
         control = kwargs.get("control_pert")
         if control is not None and not isinstance(control, str):  # e.g. an integer label
             kwargs["control_pert"] = str(control)  # labels are compared as their str()

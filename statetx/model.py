@@ -28,6 +28,7 @@ from statetx._params import Estimator
 from statetx._utils import (
     as_count,
     as_seed,
+    check_number,
     deepcopy_sharing,
     did_you_mean,
     history_frame,
@@ -681,6 +682,16 @@ class StateTransitionModel(Estimator):
                               "'auto', 'none' or 'uniform'.")
         averaging = "none" if self.weight_averaging == "auto" else self.weight_averaging
         as_seed(self.seed)
+        for name, example in (("model_kwargs", "{'hidden_dim': 8}"),
+                              ("loss_kwargs", "{'blur': 0.05}")):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Mapping):
+                raise ConfigError(f"{name}={value!r} is invalid; it must be a dict (e.g. "
+                                  f"{name}={example}) or None.")
+        for name in ("lr", "weight_decay", "gradient_clip_val", "averaging_start",
+                     "val_subsample_fraction"):
+            check_number(name, getattr(self, name), optional=name in ("lr", "gradient_clip_val"))
+        self._columns()  # (the column options: e.g. two naming the same column)
         if self.on_missing_features not in ("zeros", "error"):
             raise ConfigError(f"on_missing_features={self.on_missing_features!r} is invalid; "
                               "expected 'zeros' or 'error'.")

@@ -41,7 +41,7 @@ from statetx._utils import (
     warn,
     warn_view_becomes_copy,
 )
-from statetx.config import ColumnMap
+from statetx.config import ColumnMap, check_distinct_columns
 from statetx.data import (
     PreparedData,
     SplitData,
@@ -113,6 +113,9 @@ def input_columns(columns: ColumnMap, pert_col: str | None, cell_type_col: str |
     """The columns and control label of a ``predict`` (``score``, a baseline's ``predict``)
     call: the call's, else the model's (``cell_type_key`` is ``cell_type_col``'s other name)."""
     given = cell_type_option("cell_type_col", cell_type_col, cell_type_key)
+    check_distinct_columns(pert_col or columns.pert_col,
+                           None if given is False else (given or columns.cell_type_key), None,
+                           "cell_type_col")
     return InputColumns(
         pert_col=pert_col or columns.pert_col,
         control=columns.control_pert if control_pert is None else str(control_pert),  # as fit

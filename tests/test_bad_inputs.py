@@ -836,6 +836,34 @@ def test_fit_integer_options_are_checked_before_loading(adata, tmp_path, bad, ma
     assert leftovers(tmp_path / "run") == []
 
 
+@pytest.mark.parametrize("bad,match", [
+    # (were a ValueError, TypeError or AttributeError from inside fit)
+    ({"model_kwargs": "hidden_dim=8"}, r"model_kwargs='hidden_dim=8' is invalid; it must be a "
+                                       r"dict \(e\.g\. model_kwargs=\{'hidden_dim': 8\}\)"),
+    ({"model_kwargs": 64}, r"model_kwargs=64 is invalid; it must be a dict"),
+    ({"loss_kwargs": "blur"}, r"loss_kwargs='blur' is invalid; it must be a dict"),
+    # (the same column: fit said later that a cell type had no control cells)
+    ({"cell_type_key": "gene"}, r"pert_col and cell_type_key both name the obs column 'gene'"),
+    ({"batch_col": "gene"}, r"pert_col and batch_col both name the obs column 'gene'"),
+    # (were accepted: '' paired at random, as None; '1e-3' kept as text in get_params)
+    ({"batch_col": ""}, r"batch_col='' names no column; pass batch_col=None"),
+    ({"lr": "1e-3"}, r"lr='1e-3' is invalid; expected a number \(e\.g\. lr=1e-3\)"),
+    ({"weight_decay": "0"}, r"weight_decay='0' is invalid; expected a number"),
+    ({"gradient_clip_val": True}, r"gradient_clip_val=True is invalid; expected a number"),
+])
+def test_fit_dict_number_and_column_options_are_checked_before_loading(adata, tmp_path, bad,
+                                                                         match):
+    with pytest.raises(ConfigError, match=match):
+        small_model(**bad).fit(adata, output_dir=tmp_path / "run")
+    assert leftovers(tmp_path / "run") == []
+
+
+def test_predict_refuses_one_column_for_perturbation_and_cell_type(model, adata):
+    with pytest.raises(ConfigError, match=r"pert_col and cell_type_col both name the obs column "
+                                          r"'gene'"):
+        model.predict(adata, cell_type_col="gene")
+
+
 @pytest.mark.parametrize("opts,match", [
     ({"seed": -1}, r"seed=-1 is invalid"),
     ({"seed": 2**63}, r"seed=9223372036854775808 is too large"),
