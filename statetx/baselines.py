@@ -417,7 +417,7 @@ class _Baseline(Estimator):
         self._check_fitted()
         prepared = getattr(self, "_prepared", None)
         if prepared is None:
-            raise NotFittedError("predict_split needs the split data, which are not kept when a "
+            raise DataError("predict_split needs the split data, which are not kept when a "
                                  "baseline is pickled: statetx.run.attach_data(model, adata=...) "
                                  "rebuilds them (or use predict(adata)).")
         if split not in prepared.splits:

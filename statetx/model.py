@@ -1922,7 +1922,7 @@ class StateTransitionModel(Estimator):
                 return attach_data(self)
             except (DataError, ConfigError, OSError) as err:
                 why = f" (reading the run's split.toml files failed: {err})"
-        raise NotFittedError(f"{what} needs the training data, which is not kept when a model "
+        raise DataError(f"{what} needs the training data, which is not kept when a model "
                              "is pickled or saved: attach it with statetx.run.attach_data(model, "
                              "adata=...) (a run folder's own files are found from its "
                              f"split.toml: attach_data(model)), or use predict(adata).{why}")

@@ -972,7 +972,7 @@ def test_checkpoint_of_another_run_is_refused(run, tmp_path, capsys):
 def test_finetune_on_controls_needs_the_split(model, tmp_path):
     model.save(tmp_path / "m")
     loaded = StateTransitionModel.load(tmp_path / "m")
-    with pytest.raises(NotFittedError, match="finetune_on_controls needs the training data"):
+    with pytest.raises(DataError, match="finetune_on_controls needs the training data"):
         loaded.finetune_on_controls(2)
     with pytest.raises(ConfigError, match="steps=0 is invalid"):
         loaded.finetune_on_controls(0)

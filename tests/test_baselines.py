@@ -311,7 +311,7 @@ def test_pickle_embedding_space_and_fit_all(synth):
     m = ContextMeanBaseline(**SYN).fit(synth, SPEC)
     back = pickle.loads(pickle.dumps(m))
     np.testing.assert_array_equal(back.predict(synth).X, m.predict(synth).X)
-    with pytest.raises(NotFittedError, match="attach_data"):
+    with pytest.raises(DataError, match="attach_data"):  # (fitted: not NotFittedError)
         back.predict_split("test")
     with pytest.raises(ConfigError, match="reads its split data into memory"):
         attach_data(back, adata=synth, stream=True)
