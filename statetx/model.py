@@ -354,6 +354,9 @@ class StateTransitionModel(Estimator):
         The validated split spec and the cells / perturbations per split and context.
     finetuned_
         The :meth:`finetune_on_controls` calls made since the fit (absent when none).
+    device_
+        The device the network is on (where fit trained it; :meth:`to`, :meth:`load` and
+        unpickling, onto the CPU, move it).
     run_dir_
         The run folder (``output_dir``, or the run a model was loaded from).
     """
@@ -994,7 +997,6 @@ class StateTransitionModel(Estimator):
             settle_aside(out, aside, True, existed)
         self.training_time_ = trainer.elapsed()  # (a resumed run's earlier steps included)
         self.history_ = history_frame(history)
-        self.device_ = trainer.device
         self.best_step_ = trainer.state.best_step
         if out is not None:
             self.run_dir_ = out
@@ -2089,6 +2091,14 @@ class StateTransitionModel(Estimator):
     def feature_names_in_(self) -> np.ndarray:
         """The input feature names (scikit-learn's name for ``var_names_``)."""
         return np.asarray(self.var_names_, dtype=object)
+
+    @property
+    def device_(self) -> torch.device:
+        """The device the fitted network is on: where fit trained it, or where :meth:`to`,
+        :meth:`load` (``device=``) or unpickling (the CPU) put it."""
+        self._check_fitted()
+        weight = next(self.network_.parameters(), None)
+        return torch.device("cpu") if weight is None else weight.device
 
     @property
     def pert_feature_table_(self) -> dict[str, np.ndarray] | None:

@@ -329,12 +329,11 @@ def from_arc_state(cls: type[StateTransitionModel], run_dir: str | Path,
 
 def pickled_state(state: dict) -> dict:
     """``state`` (the estimator's ``__getstate__`` dict) made ready to pickle: the network as
-    CPU tensors, no device, and a ``pert_features`` dict that equals the vocabulary's rows
+    CPU tensors, and a ``pert_features`` dict that equals the vocabulary's rows
     stored by name only."""
     if "network_" in state:
         net = state.pop("network_")
         state["_network_state"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    state.pop("device_", None)
     feats, vocab = state.get("pert_features"), state.get("vocab_")
     if (isinstance(feats, Mapping) and vocab is not None and vocab.pert_features is not None
             and set(map(str, feats)) <= set(vocab.perturbations)):

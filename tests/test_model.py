@@ -367,6 +367,21 @@ def test_resume_accepts_the_same_cells_from_a_file_or_in_memory_and_another_dtyp
     assert m.history_["step"].max() == 10
 
 
+def test_device_is_where_the_network_is(fitted, tmp_path):
+    """device_ was set by fit only: dropped by pickling, absent after load, and left as it was
+    by to(); it is now read from the network."""
+    model, _ = fitted
+    cpu = torch.device("cpu")
+    assert model.device_ == cpu and model.to("cpu").device_ == cpu
+    for other in (pickle.loads(pickle.dumps(model)),
+                  StateTransitionModel.load(model.save(tmp_path / "m"))):
+        assert other.device_ == cpu
+    moved = pickle.loads(pickle.dumps(model))
+    moved.network_.to("meta")  # (a device without data: the CPU alone tells nothing)
+    assert moved.device_ == torch.device("meta")
+    assert not hasattr(small_model(), "device_")
+
+
 def test_save_load_roundtrip(fitted, tmp_path):
     model, adata = fitted
     model.save(tmp_path / "m")
