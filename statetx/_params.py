@@ -17,10 +17,16 @@ class ParameterError(ConfigError, TypeError):
     """An unknown keyword argument of an estimator (a TypeError, as Python's own)."""
 
 
+#: scikit-learn's names for what statetx's estimators call otherwise
+SKLEARN_NAMES = {"random_state": "seed"}
+
+
 def _unknown(cls: type, keys: list[str], valid: list[str]) -> str:
     listing = (f"Parameters: {', '.join(valid)}." if len(valid) <= 15
                else f"help({cls.__name__}) lists its {len(valid)} parameters.")
-    hint = cls._name_hint(keys[0])
+    ours = SKLEARN_NAMES.get(keys[0])
+    hint = (f"{keys[0]!r} is scikit-learn's name: here it is {ours!r} (an integer)."
+            if ours in valid else cls._name_hint(keys[0]))
     return (f"{cls.__name__} has no parameter {', '.join(map(repr, keys))}."
             f"{f' {hint}' if hint else did_you_mean(keys[0], valid)} {listing}")
 

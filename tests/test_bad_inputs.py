@@ -1099,14 +1099,18 @@ def test_misspelled_parameters_name_the_closest_one():
     with pytest.raises(ConfigError, match=r"PerturbMeanBaseline has no parameter 'pert_colz'.*"
                                           r"'pert_col'"):
         PerturbMeanBaseline(pert_colz="gene")
+    with pytest.raises(ConfigError, match=r"'random_state'.*here it is 'seed'"):
+        PerturbMeanBaseline().set_params(random_state=0)
     with pytest.raises(ConfigError, match="'ridge'"):
         fit_all_baselines(make_synthetic(), baselines={"linear": {"ridg": 1.0}},
                           pert_col="gene", control_pert="ctrl")
     m = StateTransitionModel("tiny", model_kwargs={"hidden_dim": 32})
     with pytest.raises(ConfigError, match="'max_steps'"):
         m.set_params(max_step=1)
-    # arc-state's option names (what users copy from its configs) say what they are here
-    for name, said in (("should_yield_control_cells", "here it is 'yield_controls'"),
+    # arc-state's option names (what users copy from its configs) and scikit-learn's say what
+    # they are here
+    for name, said in (("random_state", "scikit-learn's name: here it is 'seed'"),
+                       ("should_yield_control_cells", "here it is 'yield_controls'"),
                        ("train_seed", "here it is 'seed'"),
                        ("n_basal_samples", "has no effect in statetx .*leave it out"),
                        ("hidden_dim", r"model_kwargs=\{'hidden_dim': ...\}")):
