@@ -522,7 +522,8 @@ def align_genes(adata: ad.AnnData, genes: Sequence[str], embed_key: str | None,
             raise DataError(f"obsm['{embed_key}'] not found in the input (available: "
                             f"{preview(adata.obsm.keys()) or 'none'})."
                             + layer_hint(embed_key, list(adata.layers.keys())))
-        m = np.asarray(adata.obsm[embed_key], dtype=np.float32)
+        m = adata.obsm[embed_key]  # sparse obsm: densified as fit reads it (io._dense)
+        m = np.asarray(m.toarray() if sp.issparse(m) else m, dtype=np.float32)
         if m.shape[1] != len(genes):
             raise DataError(f"obsm['{embed_key}'] has {m.shape[1]} columns but the model expects "
                             f"{len(genes)}.")

@@ -311,6 +311,18 @@ def test_predict_csc_matrix_is_accepted(model, adata):
     np.testing.assert_array_equal(model.predict(adata).X, dense.X)
 
 
+def test_sparse_obsm_embedding_is_read_by_predict_as_by_fit(adata):
+    """fit densifies a sparse obsm embedding; predict read it with np.asarray and failed with
+    NumPy's "setting an array element with a sequence"."""
+    adata.obsm["X_emb"] = sp.csr_matrix(np.abs(adata.X[:, :8]))
+    dense = adata.copy()
+    dense.obsm["X_emb"] = adata.obsm["X_emb"].toarray()
+    m = small_model(embed_key="X_emb", output_space="embedding").fit(adata)
+    sub = adata[:50].copy()
+    np.testing.assert_array_equal(m.predict(sub, seed=0).X, m.predict(dense[:50].copy(),
+                                                                      seed=0).X)
+
+
 def test_predict_split_unknown_split(model):
     with pytest.raises(DataError, match=r"has no 'val' split \(available: train\)"):
         model.predict_split("val")
