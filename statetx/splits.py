@@ -379,22 +379,29 @@ def spelling_key(label: object) -> str:
 
 
 def _clashes(wanted: Mapping[str, str], labels: Iterable[str], split_of: Callable[[str], str],
-             cells: Callable[[str], str]) -> tuple[list[str], dict[str, str]]:
+             cells: Callable[[str], str]
+             ) -> tuple[list[str], dict[str, str], dict[str, list[str]]]:
     """Labels spelled like a ``wanted`` one (label → its description) but for
-    :func:`spelling_key`, and assigned to another split: one line per wanted label, and the
-    ``replace()`` mapping that harmonises them. Only unique labels are compared."""
+    :func:`spelling_key`, and assigned to another split: one line per wanted label, the
+    ``replace()`` mapping that harmonises the data's labels, and the wanted labels that no cell
+    carries (label → the data's spellings): for those the split spec is what to fix, not the
+    data. Only unique labels are compared."""
     groups: dict[str, list[str]] = {}
-    for lab in sorted(set(labels)):
+    present = set(labels)
+    for lab in sorted(present):
         groups.setdefault(spelling_key(lab), []).append(lab)
-    found, fix = [], {}
+    found, fix, respell = [], {}, {}
     for label, described in wanted.items():
         others = [v for v in groups.get(spelling_key(label), ())
                   if v != label and split_of(v) != split_of(label)]
         if others:
             found.append(f"{described} vs " + ", ".join(f"{v!r} ({cells(v)}, {split_of(v)})"
                                                         for v in others))
-            fix.update({v: label for v in others})
-    return found, fix
+            if label in present:
+                fix.update({v: label for v in others})
+            else:  # renaming the data's cells to the spec's typo would be the wrong way round
+                respell[label] = others
+    return found, fix, respell
 
 
 def _cells_of(files: Sequence[DataFile], column: str, label: str,
@@ -415,14 +422,28 @@ def _cells_of(files: Sequence[DataFile], column: str, label: str,
 
 
 def _spelling_warning(what: str, kind: str, found: list[str], column: str,
-                      fix: Mapping[str, str]) -> None:
-    mapping = ", ".join(f"{k!r}: {v!r}" for k, v in fix.items())
+                      fix: Mapping[str, str], respell: Mapping[str, list[str]]) -> None:
+    """Warn of ``found`` clashes; advice: harmonise the data's labels (``fix``), or, for split-spec
+    labels that no cell carries (``respell``: label → the data's spellings), fix the spec."""
+    advice = []
+    if respell:
+        advice.append("; ".join(
+            f"no cell is labelled {label!r}: if it means "
+            + " or ".join(map(repr, others)) + ", write "
+            + " or ".join(map(repr, others)) + f" instead of {label!r} in the split spec"
+            for label, others in respell.items()))
+    if fix:
+        mapping = ", ".join(f"{k!r}: {v!r}" for k, v in fix.items())
+        advice.append(
+            f"if they are one {kind}, harmonise the labels before splitting, "
+            f"e.g. adata.obs[{column!r}] = adata.obs[{column!r}].replace({{{mapping}}}) (in "
+            "every file of the dataset); if not, rename one so they differ clearly")
+    advice[0] = advice[0][0].upper() + advice[0][1:]
     warn(
         f"{what}: {'; '.join(found)}. Each label is assigned by its exact spelling, so cells of a "
-        f"held-out {kind} train (or are left out) under the other spelling. If they are one "
-        f"{kind}, harmonise the labels before splitting, "
-        f"e.g. adata.obs[{column!r}] = adata.obs[{column!r}].replace({{{mapping}}}) (in every "
-        "file of the dataset); if not, rename one so they differ clearly.", UserWarning)
+        f"held-out {kind} train (or are left out) under the other spelling. "
+        + ". ".join(advice) + ".",
+        UserWarning)
 
 
 def _warn_spelling_variants(ds: str, files: Sequence[DataFile], config: SplitConfig,
@@ -444,11 +465,11 @@ def _warn_spelling_variants(ds: str, files: Sequence[DataFile], config: SplitCon
 
     wanted = {ct: f"'{ct}' ({config.where(section, f'{ds}.{ct}')}; {cells(ct)}, {split_of(ct)})"
               for section, table in (("zeroshot", zs), ("fewshot", fs)) for ct in table}
-    found, fix = _clashes(wanted, cell_types, split_of, cells)
+    found, fix, respell = _clashes(wanted, cell_types, split_of, cells)
     if found:
         _spelling_warning(f"obs['{cell_type_key}'] of dataset '{ds}' spells held-out cell "
                           "type(s) in other ways too (equal but for case, spaces, '_' or '-')",
-                          "cell type", found, cell_type_key, fix)
+                          "cell type", found, cell_type_key, fix, respell)
 
 
 def _warn_pert_spelling_variants(ds: str, ct: str, entry, present: set[str],
@@ -462,12 +483,13 @@ def _warn_pert_spelling_variants(ds: str, ct: str, entry, present: set[str],
         return _cells_of(files, "pert", p, ct)
 
     wanted = {p: f"{part} '{p}' ({cells(p)})" for p, part in listed.items()}
-    found, fix = _clashes(wanted, present, lambda p: f"split {listed.get(p, 'train')}", cells)
+    found, fix, respell = _clashes(wanted, present, lambda p: f"split {listed.get(p, 'train')}",
+                                   cells)
     if found:
         _spelling_warning(f"{config.where('fewshot', f'{ds}.{ct}')} holds out perturbation(s) "
                           f"that other labels of obs['{pert_col}'] in cell type '{ct}' spell in "
                           "other ways (equal but for case, spaces, '_' or '-')",
-                          "perturbation", found, pert_col, fix)
+                          "perturbation", found, pert_col, fix, respell)
 
 
 def _check_control_pools(f: DataFile, is_ctrl, masks, cell_type_key) -> None:

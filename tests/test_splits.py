@@ -8,6 +8,7 @@ perturbed cells of the groups the spec refers to.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -251,6 +252,21 @@ def test_kang_heldout_cell_type_spelled_otherwise_is_warned(kang_raw, recwarn):
             rf"of obs\['target_gene'\] in cell type 'B cells' spell.*test 'IFNB' \(\d+ cells\) "
             rf"vs 'ifnb' \({n_lower} cells, split train\).*replace\(\{{'ifnb': 'IFNB'\}}\)")):
         assign(a, spec, KANG_COLS)
+
+
+def test_kang_fewshot_typo_in_the_spec_is_fixed_in_the_spec_not_the_data(kang_raw):
+    """A [fewshot] label that no cell carries ('IFNb') next to the data's 'IFNB': the advice
+    was .replace({'IFNB': 'IFNb'}), renaming the real cells to the typo. The spec is to fix."""
+    spec = {"training": {"kang": "train"}, "fewshot": {"kang.B cells": {"test": ["IFNb"]}}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assign(kang_raw, spec, KANG_COLS, on_missing_perturbation="warn")
+    said = [str(w.message) for w in caught if "spell" in str(w.message)]
+    assert len(said) == 1, said
+    assert re.search(r"test 'IFNb' \(0 cells\) vs 'IFNB' \(154 cells, split train\)\. .* No cell "
+                     r"is labelled 'IFNb': if it means 'IFNB', write 'IFNB' instead of 'IFNb' "
+                     r"in the split spec\.$", said[0]), said[0]
+    assert ".replace(" not in said[0]
 
 
 def test_kang_dataset_name_is_configurable(kang_raw, capsys):
