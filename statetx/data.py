@@ -176,6 +176,7 @@ def prepare(
     dtype: str = "float32",
     splits: tuple[str, ...] = SPLITS,
     new_labels: tuple[str, ...] = (),
+    keep_row_copies: bool = False,
 ) -> PreparedData:
     """Validate the data against the split spec and build the per-split matrices.
 
@@ -189,7 +190,8 @@ def prepare(
     options are the estimator's parameters of the same names (``allow_counts``: accept count
     data with ``output_space='all'``; ``splits``: build only these; ``new_labels``: the label
     kinds, ``cell_type`` / ``batch``, whose labels unknown to a given ``vocab`` are added to
-    it, said, rather than refused). Returns a
+    it, said, rather than refused; ``keep_row_copies``: keep the CSR copies of in-memory CSC
+    matrices, made once for row reads, for reads after this, as a streamed split's). Returns a
     :class:`PreparedData`: vocabulary, one :class:`SplitData` per non-empty split, the split
     summary and the feature names.
     """
@@ -246,6 +248,9 @@ def prepare(
         sd = _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_dtype)
         if sd is not None:
             built[split] = sd
+    if not keep_row_copies:  # (every row read of the in-memory splits is done)
+        for f in files:
+            f.release_row_copies()
     if "train" in splits:
         check_training_split(built.get("train"), config, yield_controls)
     return PreparedData(vocab, built, columns, files, assignments, summarize(assignments),

@@ -95,6 +95,8 @@ class DataFile:
     file_rows: np.ndarray | None = None  # a backed view's rows in its file (None = the same)
     file_cols: np.ndarray | None = None  # a backed view's genes in its file (None = all of X)
     target_sum: float | None = None  # counts per cell X was normalised to (statetx.pp record)
+    # in-memory sparse matrices other than CSR (CSC), converted once for row reads, by source
+    row_copies: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_obs(self) -> int:
@@ -153,13 +155,37 @@ class DataFile:
         """Dense ``[len(rows), width]`` array of the given rows of X (None) or ``obsm[source]``."""
         rows = np.asarray(rows, dtype=np.int64)
         if self.adata is not None and not (source is None and self.adata.isbacked):
-            return _dense(_matrix(self, source), rows, dtype)
+            return _dense(self._row_matrix(source), rows, dtype)
         if self.adata is not None:  # backed AnnData: read its X from the file, in blocks
             if self.file_rows is not None:
                 rows = self.file_rows[rows]
             x = read_h5_rows(Path(self.adata.filename), "X", rows, dtype)
             return x if self.file_cols is None else x[:, self.file_cols]
         return read_h5_rows(self.path, "X" if source is None else f"obsm/{source}", rows, dtype)
+
+
+    def _row_matrix(self, source: str | None):
+        """The in-memory X / ``obsm[source]``, in a form whose rows are read cheaply: a sparse
+        matrix other than CSR (CSC, COO, ...) is converted to CSR once, said, and the copy kept
+        (``row_copies``) until :meth:`release_row_copies`, so its reads (the scale check, each
+        split, each streamed block) do not convert the whole matrix again every time."""
+        m = _matrix(self, source)
+        if not sp.issparse(m) or m.format == "csr":
+            return m
+        if source not in self.row_copies:
+            csr = m.tocsr()
+            size = csr.data.nbytes + csr.indices.nbytes + csr.indptr.nbytes
+            where = "X" if source is None else f"obsm[{source!r}]"
+            say(f"{where} of {self.label} is a {m.format.upper()} matrix, whose rows are slow to "
+                f"read: they are read from a CSR copy of it, made once ({size / 2**20:,.1f} MiB "
+                f"more memory). To skip the copy, store it as CSR first (adata.{where} = "
+                f"adata.{where}.tocsr()).")
+            self.row_copies[source] = csr
+        return self.row_copies[source]
+
+    def release_row_copies(self) -> None:
+        """Free the CSR copies :meth:`read_rows` made (the matrices themselves are not changed)."""
+        self.row_copies.clear()
 
 
 def _matrix(f: DataFile, source: str | None):

@@ -394,7 +394,8 @@ def prepare_stream(
     stream_settings("stream", chunk_size)
     prepared = prepare(data, split_config, columns, counts_key=counts_key, dtype=dtype,
                        yield_controls=yield_controls,
-                       splits=tuple(s for s in splits if s != "train"), **options)
+                       splits=tuple(s for s in splits if s != "train"), keep_row_copies=True,
+                       **options)
     if "train" not in splits:
         return prepared
     in_memory = [f.label for f in prepared.files

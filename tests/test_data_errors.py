@@ -4,6 +4,7 @@ offending key, file or value. Everything here is synthetic; nothing needs ../sha
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from statetx.errors import ConfigError, DataError, SplitConfigError
 from statetx.io import from_anndata, resolve_control
 from statetx.sets import CellSetSampler
 from statetx.splits import assign
-from statetx.stream import prepare_stream
+from statetx.stream import BlockReader, prepare_stream
 from statetx.vocab import load_pert_features
 
 COLS = ColumnMap.build(pert_col="gene", cell_type_key="cell_type", batch_col="gem_group",
@@ -459,6 +460,40 @@ def test_csc_matrix_in_memory_is_read_on_disk_rejected(tmp_path):
     with pytest.raises(DataError, match=r"'X' in .*x\.h5ad is a group without anndata's "
                                         r"encoding-type attribute .*write_h5ad"):
         prepare(None, path, COLS)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_csc_matrix_in_memory_is_converted_once_and_said(monkeypatch, capsys, streamed):
+    """Every row read (the scale check, each split, each streamed block) converted the whole
+    CSC matrix to CSR again, unsaid: now one copy per prepare, said with its size and the fix."""
+    a = make_adata(n=40)
+    dense = np.asarray(a.X).copy()
+    a.X = sp.csc_matrix(a.X)
+    calls = []
+    tocsr = sp.csc_matrix.tocsr
+    monkeypatch.setattr(sp.csc_matrix, "tocsr", lambda m, *k, **kw: calls.append(1) or
+                        tocsr(m, *k, **kw))
+    spec = {**TRAIN, "fewshot": {"d.A": {"val": ["P1"], "test": ["P2"]}}}
+    if streamed:
+        prep = prepare_stream(a, spec, COLS, chunk_size=8)
+        train = prep.splits["train"]
+        got = np.concatenate([train.read_rows(BlockReader(prep.files, None), rows,
+                                              np.empty((len(rows), dense.shape[1]), np.float32))
+                              for rows in np.array_split(np.arange(train.n_obs), 5)])
+        np.testing.assert_array_equal(got, dense[train.file_row])
+    else:
+        prep = prepare(a, spec, COLS)
+    assert set(prep.splits) == {"train", "val", "test"}
+    for split in ("val", "test") + (() if streamed else ("train",)):
+        d = prep.splits[split]
+        np.testing.assert_array_equal(d.X.numpy(), dense[d.file_row])
+    assert len(calls) == 1
+    out = capsys.readouterr().out
+    assert out.count("is a CSC matrix") == 1
+    assert re.search(r"X of <AnnData 'd'> is a CSC matrix.* CSR copy of it, made once "
+                     r"\(\d[\d.,]* MiB more memory\).*adata\.X = adata\.X\.tocsr\(\)", out), out
+    # kept for the streamed reads; freed once the in-memory splits are built
+    assert bool(prep.files[0].row_copies) == streamed
 
 
 def test_backed_anndata_reads_x_from_its_file(tmp_path):
