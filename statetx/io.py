@@ -283,6 +283,20 @@ def read_h5_rows(path: Path, key: str, rows: np.ndarray, dtype=np.float32) -> np
 
 
 # ---------------------------------------------------------------------- opening inputs
+def _warn_duplicate_cells(adata: ad.AnnData, label: str, dataset: str) -> None:
+    """Cell names used twice within one input: predict_split's barcodes cannot tell those cells
+    apart (only a warning: the labels, not the names, decide the splits; names shared across
+    files are common and fine, the outputs carry each cell's dataset)."""
+    names = repeated(adata.obs_names)
+    cells = int(adata.obs_names.duplicated(keep=False).sum())
+    rewrite = ", then write the file again" if adata.isbacked else ""
+    where = label if label == f"<AnnData '{dataset}'>" else f"{label} (dataset '{dataset}')"
+    warn(f"{where} has {len(names):,} duplicate cell name(s) (obs_names), on {cells:,} cells: "
+         f"{preview(names, 5)}. The barcodes in predict_split's outputs (pert_cell_barcode, "
+         "ctrl_cell_barcode) cannot tell those cells apart (predict refuses such input). Make "
+         f"them unique first (adata.obs_names_make_unique(){rewrite}).", UserWarning)
+
+
 MISSING_LABEL = "\x00missing"  # the label of a dropped cell (never a real label)
 
 
@@ -311,11 +325,7 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
                 f"out ({parts}).")
     labels = [obs_labels(obs, c, label, opt, keep=dropped, droppable=True) for c, opt in cols]
     if not adata.obs_names.is_unique:
-        dups = preview(repeated(adata.obs_names), 5)
-        warn(f"{label} has duplicate cell names (obs_names), e.g. {dups}: the barcodes "
-             "in predict_split's outputs (pert_cell_barcode, ctrl_cell_barcode) cannot "
-             "tell those cells apart. Make them unique first "
-             "(adata.obs_names_make_unique()).", UserWarning)
+        _warn_duplicate_cells(adata, label, dataset)
     view_rows, view_cols = backed_view_index(adata, label)
     return DataFile(
         dataset=dataset,

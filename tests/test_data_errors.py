@@ -641,12 +641,26 @@ def test_invalid_option_values():
         prepare(make_adata(), TRAIN, COLS.model_copy(update={"output_space": "embedding"}))
 
 
-def test_duplicate_cell_names_are_warned_about_at_fit():
+@pytest.mark.filterwarnings("ignore:Observation names are not unique")  # (anndata)
+def test_duplicate_cell_names_are_warned_about_at_fit(tmp_path):
+    """Names repeated within one input: said with the dataset, the count and the fix (the file
+    is to be written again); names shared across files are common and not said."""
     a = make_adata()
-    a.obs_names = ["c0", "c0", *a.obs_names[2:]]
-    with pytest.warns(UserWarning, match=r"duplicate cell names \(obs_names\), e\.g\. c0.*"
-                      "obs_names_make_unique"):
+    a.obs_names = ["c0", "c0", "c0", "c1", "c1", *a.obs_names[5:]]
+    with pytest.warns(UserWarning, match=r"^<AnnData 'd'> has 2 duplicate cell name\(s\) "
+                      r"\(obs_names\), on 5 cells: c0, c1\. .*pert_cell_barcode.*"
+                      r"\(adata\.obs_names_make_unique\(\)\)\.$"):
         prepare(a, TRAIN, COLS)
+    write(a, tmp_path / "d" / "x.h5ad")
+    spec = toml(tmp_path, '[datasets]\nd = "d"\n[training]\nd = "train"\n')
+    with pytest.warns(UserWarning, match=r"^x\.h5ad \(dataset 'd'\) has 2 duplicate cell "
+                      r"name\(s\).*obs_names_make_unique\(\), then write the file again\)"):
+        prepare(None, spec, COLS)
+    write(make_adata(), tmp_path / "d" / "x.h5ad")  # the same names in two files: not said
+    write(make_adata(perts=("P2", "P1", "ctrl")), tmp_path / "d" / "y.h5ad")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*duplicate cell name")
+        prepare(None, spec, COLS)
 
 
 def test_unassigned_like_perturbation_labels_are_said_at_fit():
