@@ -252,7 +252,7 @@ def prepare(
         for f in files:
             f.release_row_copies()
     if "train" in splits:
-        check_training_split(built.get("train"), config, yield_controls)
+        check_training_split(built.get("train"), config, yield_controls, assignments, columns)
     return PreparedData(vocab, built, columns, files, assignments, summarize(assignments),
                         names, gene_names, is_log1p, config=given)
 
@@ -281,12 +281,24 @@ def warn_training_scale(prepared: PreparedData, model: str = "the model") -> Non
 
 
 def check_training_split(train: SplitData | StreamSplit | None, config: SplitConfig,
-                         yield_controls: bool) -> None:
-    """A training split (in memory or streamed; None = no cells) must hold perturbed cells."""
+                         yield_controls: bool, assignments: Sequence[Assignment] = (),
+                         columns: ColumnMap | None = None) -> None:
+    """A training split (in memory or streamed; None = no cells) must hold perturbed cells.
+    ``assignments`` and ``columns`` (the resolved control label): to tell data without any
+    perturbed cell (a wrong pert_col or control_pert) from perturbed cells all held out."""
     no_training = "" if config.training or not config.referenced_datasets() else (
         " The split spec has no [training] section, so only the held-out cell types' controls "
         "train: list the datasets that train, e.g. [training] " + ", ".join(
             f'{n} = "train"' for n in config.referenced_datasets()) + ".")
+    if assignments and columns is not None and not any(
+            (~a.is_control if a.file.dropped is None else ~a.is_control & ~a.file.dropped).any()
+            for a in assignments):
+        n = sum(int(a.is_control.sum()) for a in assignments)
+        raise DataError(
+            f"the data hold no perturbed cells: all {n:,} cells are controls (obs"
+            f"['{columns.pert_col}'] == {columns.control_pert!r}), so no perturbation could be "
+            "learned. Check pert_col (the obs column naming each cell's perturbation) and "
+            "control_pert (the control label), or give data with perturbed cells.")
     if train is None:
         raise DataError(
             "the training split is empty (every cell type is held out"

@@ -407,7 +407,8 @@ def prepare_stream(
     src, counts_src, _, _ = input_sources(prepared.files, prepared.columns, counts_key)
     train = _stream_split("train", prepared, src, counts_src, yield_controls, _DTYPES[dtype],
                           int(chunk_size))
-    check_training_split(train, prepared.config, yield_controls)
+    check_training_split(train, prepared.config, yield_controls, prepared.assignments,
+                         prepared.columns)
     return dataclasses.replace(prepared, splits={"train": train, **prepared.splits})
 
 

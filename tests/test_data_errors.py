@@ -313,6 +313,23 @@ def test_control_only_train_split_is_refused_in_memory_and_streamed(tmp_path, st
         build(None, spec, COLS)
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_data_without_perturbed_cells_are_said_so_not_held_out(tmp_path, streamed):
+    """Nothing was held out: the error said "every perturbed cell is held out (in [zeroshot]
+    or [fewshot])". It says the data hold no perturbed cell and points at pert_col /
+    control_pert."""
+    a = make_adata(perts=("ctrl",))
+    build = prepare_stream if streamed else prepare
+    for spec in (TRAIN, None):
+        with pytest.raises(DataError, match=r"^the data hold no perturbed cells: all 6 cells are "
+                                            r"controls \(obs\['gene'\] == 'ctrl'\).*Check "
+                                            r"pert_col .* and control_pert") as err:
+            build(a, spec, COLS)
+        assert "held out" not in str(err.value)
+    with pytest.raises(DataError, match="no perturbed cells"):  # (also without controls to train)
+        prepare(a, TRAIN, COLS, yield_controls=False)
+
+
 @pytest.mark.parametrize("col", ["gene", "cell_type", "gem_group"])
 def test_nan_labels(col):
     a = make_adata()
