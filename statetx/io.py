@@ -323,7 +323,8 @@ def from_anndata(adata: ad.AnnData, dataset: str, pert_col: str, cell_type_key: 
             parts = ", ".join(f"obs['{c}']: {int(m.sum())}" for c, m in missing.items() if m.any())
             say(f"{label}: {int(dropped.sum())} cells with a missing label are left "
                 f"out ({parts}).")
-    labels = [obs_labels(obs, c, label, opt, keep=dropped, droppable=True) for c, opt in cols]
+    labels = [obs_labels(obs, c, label, opt, keep=dropped, droppable=True, training=True)
+              for c, opt in cols]
     if not adata.obs_names.is_unique:
         _warn_duplicate_cells(adata, label, dataset)
     view_rows, view_cols = backed_view_index(adata, label)
@@ -412,17 +413,21 @@ def open_file(path: Path, dataset: str, pert_col: str, cell_type_key: str,
 
 
 def obs_labels(obs: pd.DataFrame, col: str, where: str, option: str,
-               keep: np.ndarray | None = None, droppable: bool = False) -> np.ndarray:
+               keep: np.ndarray | None = None, droppable: bool = False,
+               training: bool = False) -> np.ndarray:
     """A column of obs as an object array of strings; errors for a missing column or NaNs.
 
     ``keep`` (drop_missing_labels): rows flagged there may be NaN; they get
     :data:`MISSING_LABEL`. ``droppable``: the NaN error mentions ``drop_missing_labels``.
+    ``training``: one input of training data, which may span several files (the missing-column
+    error says that one name serves them all).
     """
     if col not in obs.columns:
         raise DataError(
             f"obs column '{col}' not found in {where} (available: {preview(obs.columns, 50)})."
-            f"{did_you_mean(col, obs.columns)} Set {option}=<column> (one name for every "
-            "dataset: where files name it differently, rename the column in the odd one out)."
+            f"{did_you_mean(col, obs.columns)} Set {option}=<column>" + (
+                " (one name for every dataset: where files name it differently, rename the "
+                "column in the odd one out)." if training else ".")
         )
     s = obs[col]
     isna = s.isna().to_numpy()

@@ -114,6 +114,18 @@ def test_predict_obs_columns(model, adata, edit, opts, match):
         model.predict(adata, **opts)
 
 
+def test_predict_missing_column_gets_no_advice_meant_for_several_training_files(model, adata):
+    """The message is shared with training, where 'rename the column in the odd one out' (of
+    several files) applies; predict reads one input."""
+    with pytest.raises(DataError) as err:
+        model.predict(adata, pert_col="target_gene")
+    assert str(err.value).endswith("Set pert_col=<column>."), err.value
+    with pytest.raises(DataError, match=r"obs column 'target_gene' not found.*Set "
+                                        r"pert_col=<column> \(one name for every dataset: .*"
+                                        r"odd one out\)"):
+        small_model(pert_col="target_gene").fit(adata)
+
+
 def test_predict_without_cell_type_column_pools_every_control_when_asked(model, adata,
                                                                          capsys):
     ct = adata.obs["cell_type"].astype(str)
