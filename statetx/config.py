@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -187,8 +188,8 @@ class SplitConfig(BaseModel):
                     )
             if not found:
                 raise SplitConfigError(
-                    f'[datasets].{dataset} = "{pattern}" matched no .h5 or .h5ad files (searched '
-                    f"relative to {base}). Directories are not searched recursively."
+                    f'[datasets].{dataset} = "{pattern}" matched no .h5 or .h5ad files'
+                    f"{_searched(pattern, base)}. Directories are not searched recursively."
                 )
             files += found
         seen: dict[Path, None] = {}
@@ -411,6 +412,25 @@ def expand_braces(pattern: str) -> list[str]:
     return out
 
 
+def _searched(patterns: str | Sequence[str], base: Path) -> str:
+    """Where patterns that matched nothing were looked for, for the error: relative ones under
+    ``base``; absolute ones only where they are (the first folder, or file, of each that does
+    not exist)."""
+    patterns = [q for p in ([patterns] if isinstance(patterns, str) else patterns)
+                for q in expand_braces(p)]
+    if any(not Path(p).expanduser().is_absolute() for p in patterns):
+        return f" (searched relative to {base})"
+    missing = []
+    for p in patterns:
+        fixed = Path(p).expanduser()
+        while _PATTERN_CHARS & set(str(fixed)):  # (the part before any wildcard)
+            fixed = fixed.parent
+        first = next((q for q in (*reversed(fixed.parents), fixed) if not q.exists()), None)
+        if first is not None and str(first) not in missing:
+            missing.append(str(first))
+    return f" (not found: {', '.join(missing)})" if missing else ""
+
+
 def _resolve_one(pattern: str, base: Path) -> list[Path]:
     def anchored(p: str) -> Path:
         q = Path(p).expanduser()
@@ -434,7 +454,7 @@ def _resolve_one(pattern: str, base: Path) -> list[Path]:
         if found and empty:
             raise SplitConfigError(
                 f'"{pattern}": its alternative(s) {", ".join(map(repr, empty))} match no .h5 or '
-                f".h5ad files (searched relative to {base}). Fix them or leave them out.")
+                f".h5ad files{_searched(empty, base)}. Fix them or leave them out.")
         return found
     path = anchored(pattern)
     if path.is_file():

@@ -74,6 +74,20 @@ def test_empty_glob(tmp_path):
         SplitConfig.from_toml(path).resolve_paths("replogle")
 
 
+def test_absolute_pattern_matching_nothing_is_not_said_relative_to_a_folder(tmp_path):
+    """An absolute pattern was said to be "searched relative to <cwd>": it is looked for where
+    it is, and the first folder (or file) of it that does not exist is named."""
+    (tmp_path / "raw").mkdir()
+    for pattern, said in [(f"{tmp_path}/nonexist/*.h5ad", f" (not found: {tmp_path}/nonexist)."),
+                          (f"{tmp_path}/raw/*.h5ad", " files. Directories"),
+                          (f"{{{tmp_path}/raw,{tmp_path}/gone}}/x.h5ad",
+                           f" (not found: {tmp_path}/raw/x.h5ad, {tmp_path}/gone).")]:
+        spec = SplitConfig.from_toml({"datasets": {"d": pattern}, "training": {"d": "train"}})
+        with pytest.raises(SplitConfigError) as err:
+            spec.resolve_paths("d")
+        assert said in str(err.value) and "relative to" not in str(err.value), err.value
+
+
 @pytest.mark.parametrize("section,body", [
     ("zeroshot", '[zeroshot]\n"replogle.hepg2" = "test"\n'),
     ("fewshot", '[fewshot."replogle.hepg2"]\ntest = ["MYC"]\n'),
