@@ -816,6 +816,23 @@ def test_a_non_finite_embedding_is_refused(real, pred):
         evaluate(p, r, **kw)
 
 
+def test_a_sparse_embedding_scores_as_its_dense_copy(real, pred):
+    """A sparse obsm embedding (as fit and predict accept) is read, not turned into a 0-d
+    object array."""
+    import scipy.sparse as sp
+
+    w = np.abs(np.random.default_rng(1).normal(size=(real[0].n_vars, 4)))
+    p, r = pred.copy(), real[0].copy()
+    p.obsm["X_e"], r.obsm["X_e"] = np.asarray(p.X) @ w, np.asarray(r.X) @ w
+    kw = dict(profile="anndata", embed_key="X_e", skip_metrics=["clustering_agreement"],
+              num_threads=1)
+    dense, _ = evaluate(p, r, **kw)
+    p.obsm["X_e"], r.obsm["X_e"] = sp.csr_matrix(p.obsm["X_e"]), sp.csr_matrix(r.obsm["X_e"])
+    sparse, _ = evaluate(p, r, **kw)
+    for m in ("discrimination_score_l2", "discrimination_score_cosine"):
+        np.testing.assert_allclose(sparse[m], dense[m])
+
+
 def test_counts_with_allow_discrete_keep_finite_fold_changes(kang_raw, tmp_path):
     """Kang 2018 counts scored as they are (allow_discrete): expm1 of the mean counts of FTH1
     (~144) and MALAT1 (~93) overflows float32; their fold changes stay finite (float64, from

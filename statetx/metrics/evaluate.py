@@ -227,8 +227,8 @@ def _evaluate_one(
     emb = None
     if embed_key is not None and any(m in metrics for m in ("discrimination_score_l2",
                                                             "discrimination_score_cosine")):
-        ep = group_means(np.asarray(pred.obsm[embed_key]), pc, len(order), float64=True)
-        er = group_means(np.asarray(real.obsm[embed_key]), rc, len(order), float64=True)
+        ep = group_means(_embedding(pred, embed_key), pc, len(order), float64=True)
+        er = group_means(_embedding(real, embed_key), rc, len(order), float64=True)
         emb = (er[1:] - er[0], ep[1:] - ep[0])
     for m in metrics:
         if m in DE_METRICS or m in NSIG_PARTS:
@@ -677,6 +677,12 @@ def _load_pair(adata_pred: ad.AnnData | str | Path, adata_real: ad.AnnData | str
         raise ConfigError("ceiling=True halves the real cells of each perturbation, and the real "
                           "data are pseudobulks (one row per group); pass the real cells.")
     return p, r
+
+
+def _embedding(a: ad.AnnData, key: str) -> np.ndarray | sp.spmatrix:
+    """``obsm[key]`` as :func:`group_means` takes it: sparse kept sparse, else an array."""
+    e = a.obsm[key]
+    return e if sp.issparse(e) else np.asarray(e)
 
 
 def _scale_plan(p: ad.AnnData, r: ad.AnnData, allow_discrete: bool, counts_target: str
