@@ -686,6 +686,9 @@ class StateTransitionNetwork(nn.Module):
         else:
             self.basal_encoder = nn.Linear(c.input_dim, h)
         self.batch_encoder = nn.Embedding(c.batch_dim, h) if c.batch_encoder else None
+        # int64 [n]: the rows of the batches that had training cells, whose mean index -1 takes
+        # (None = every row); not saved with the weights: the estimator sets it
+        self.register_buffer("trained_batches", None, persistent=False)
         if c.backbone == "llama":
             self.transformer_backbone: nn.Module = LlamaBackbone(c)
         else:
@@ -734,7 +737,8 @@ class StateTransitionNetwork(nn.Module):
         basal [B,S,D_in] float, pert [B,S,P] float (one vector per cell, the reference's
         layout), [B,P] float (one per set) or [B] int64 (one-hot positions, -1 = none),
         batch_index [B,S] int64 (needed with a batch encoder, ignored otherwise; -1 in
-        evaluation mode = the mean of the batch embeddings),
+        evaluation mode = the mean of the batch embeddings, of the ``trained_batches`` rows
+        when that mask is set),
         valid_mask [B,S] bool (True = real cell; masked positions are not attended to and their
         outputs are zero). With a gene decoder: ``detach_decoder`` decodes the prediction
         without passing gradients back into the network; ``decoder_input`` [B,S,D_out] is
@@ -750,9 +754,10 @@ class StateTransitionNetwork(nn.Module):
         x = self._encode_pert(pert, s) + e_b
         if self.batch_encoder is not None and self.training:
             x = x + self.batch_encoder(batch_index)
-        elif self.batch_encoder is not None:  # index -1: the mean embedding (an unseen batch)
+        elif self.batch_encoder is not None:  # index -1: the mean embedding of trained batches
             table = self.batch_encoder.weight
-            table = torch.cat([table, table.mean(0, keepdim=True)])
+            trained = table if self.trained_batches is None else table[self.trained_batches]
+            table = torch.cat([table, trained.mean(0, keepdim=True)])
             x = x + F.embedding(batch_index.where(batch_index >= 0, len(table) - 1), table)
         if self.confidence_token is not None:
             x = torch.cat([x, self.confidence_token.confidence_token.expand(b, 1, -1)], dim=1)

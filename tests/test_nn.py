@@ -130,6 +130,28 @@ def test_batch_encoder():
         net(basal, pert)
 
 
+def test_batch_mean_row_averages_the_trained_batches_only():
+    net = make(batch_encoder=True, batch_dim=3)
+    basal, pert = inputs()
+    mean, row = torch.full((2, 7), -1), torch.zeros(2, 7, dtype=torch.long)
+    keys = set(net.state_dict())
+    net.trained_batches = torch.tensor([0, 2])  # (row 1: a batch without training cells)
+    assert set(net.state_dict()) == keys  # not a weight: checkpoints are unchanged
+    ref = make(batch_encoder=True, batch_dim=3)
+    with torch.no_grad():
+        ref.batch_encoder.weight[0] = net.batch_encoder.weight[[0, 2]].mean(0)
+    torch.testing.assert_close(net(basal, pert, batch_index=mean).pred,
+                               ref(basal, pert, batch_index=row).pred)
+    every = ref.batch_encoder.weight.clone()
+    with torch.no_grad():  # None: the mean of every row (the old behaviour)
+        ref.batch_encoder.weight[0] = net.batch_encoder.weight.mean(0)
+    net.trained_batches = None
+    torch.testing.assert_close(net(basal, pert, batch_index=mean).pred,
+                               ref(basal, pert, batch_index=row).pred)
+    assert not torch.allclose(every, ref.batch_encoder.weight)
+    ref.load_state_dict(net.state_dict())  # (strict: the same keys)
+
+
 def test_bad_input_widths():
     net = make()
     basal, pert = inputs()
