@@ -282,8 +282,9 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     _untrained_flag(inf)
     _pert_features_flag(inf)
     _flag(inf, "--unknown-batch", default="error", choices=["error", "first", "mean"],
-          help="batches unknown to a model with a batch encoder: an error (default), the first "
-          "training batch, or the mean batch embedding")
+          help="batches unknown to a model with a batch encoder, or without training cells "
+          "(held out): an error (default), the first trained batch, or the mean embedding of "
+          "the trained batches")
     _flag(inf, "--missing-genes", default="error", choices=["error", "zero"],
           help="model genes absent from the input: an error listing them (default), or zeros")
     _flag(inf, "--gene-name-col",

@@ -344,6 +344,11 @@ class StateTransitionModel(Estimator):
         cell type, the median counts per cell its control cells' log1p values stand for over
         the input genes (checked against ``predict``'s input); perturbations with training
         cells.
+    trained_batches_
+        With a batch encoder, the batches with training cells: the others' embedding rows
+        never trained, so their cells are predicted as unknown batches (``unknown_batch``);
+        None without a batch encoder (or for a model that does not record them: every batch
+        counts as trained).
     preset_, train_settings_
         The preset and the training settings (batch size, steps, lr, averaging) the fit used.
     history_, best_step_, training_time_
@@ -547,8 +552,8 @@ class StateTransitionModel(Estimator):
                     "the model has a batch encoder, which takes each cell's batch, and the input "
                     + (f"has no obs column '{batch_col}'" if batch_col else "names no batch column")
                     + f".{did_you_mean(batch_col or 'batch', map(str, adata.obs.columns))} Pass "
-                    "batch_col=<column>, or unknown_batch='mean' (the mean batch embedding) or "
-                    "'first' to predict without batches.")
+                    "batch_col=<column>, or unknown_batch='mean' (the mean embedding of the "
+                    "trained batches) or 'first' to predict without batches.")
             say(f"no batch column in the input: every cell gets the {unknown_batch} batch "
                 "embedding (unknown_batch).")
             return np.full(adata.n_obs, "\x00", dtype=object)  # (in no vocabulary)
@@ -1106,6 +1111,23 @@ class StateTransitionModel(Estimator):
         out[np.isin(codes, [index[n] for n in new])] = index[v.control_pert]
         return out, new
 
+    def _held_out_batches(self, codes: np.ndarray, where: str) -> np.ndarray:
+        """``codes`` (the model's batch codes of a split's cells) with those of the batches
+        without training cells set to -1, the mean embedding of the trained batches, warned
+        (their own embedding rows are still their random start)."""
+        trained = getattr(self, "trained_batches_", None)
+        if not self.network_config_.batch_encoder or trained is None:
+            return codes
+        held = ~np.isin(codes, self.vocab_.encode("batch", trained))
+        if not held.any():
+            return codes
+        names = np.unique(np.asarray(self.vocab_.batches, dtype=object)[codes[held]])
+        warnings.warn(f"{len(names)} batch(es) of the {where} had no training cells: "
+                      f"{preview(names)}. Their batch embedding never trained (its random "
+                      "start), so their cells are predicted with the mean embedding of the "
+                      "trained batches.", UserWarning, stacklevel=3)
+        return np.where(held, -1, codes)
+
     def _set_fitted(self, network, net_cfg, vocab, prepared: PreparedData, set_len: int) -> None:
         self.network_ = network
         self.network_config_ = net_cfg
@@ -1128,6 +1150,10 @@ class StateTransitionModel(Estimator):
             else None)  # (a streamed split's matrix is not in memory)
         codes = _perturbed_codes(prepared.splits["train"])
         self.trained_perturbations_ = [vocab.perturbations[i] for i in codes]
+        batches = np.unique(train.batch[train.is_target])  # (the embedding rows that train)
+        self.trained_batches_ = ([vocab.batches[i] for i in batches] if net_cfg.batch_encoder
+                                 else None)
+        persist.mark_trained_batches(self)
         self.n_features_in_ = prepared.input_dim
         self._prepared = prepared
 
@@ -1277,8 +1303,10 @@ class StateTransitionModel(Estimator):
             every control once per perturbation unless ``n_cells_per_pert`` says otherwise.
         unknown_perturbation, unknown_batch
             Labels outside the training vocabulary: ``"error"`` (default, listing them),
-            ``"control"`` / ``"zeros"`` for perturbations; ``"first"`` / ``"mean"`` (the mean
-            batch embedding) for batches of a model with a batch encoder.
+            ``"control"`` / ``"zeros"`` for perturbations; ``"first"`` (the first trained
+            batch) / ``"mean"`` (the mean embedding of the trained batches) for batches of a
+            model with a batch encoder. Batches in the vocabulary without training cells (e.g.
+            held out as val / test) count as unknown: their embedding rows never trained.
         untrained_perturbation
             Known perturbations that had no training cells (e.g. held out), with one-hot
             perturbations: ``"control"`` (default) predicts them as the control, since their
@@ -1409,7 +1437,8 @@ class StateTransitionModel(Estimator):
         pcode, untrained = self._route_untrained(pcode, "input", vocab, untrained_perturbation)
         bcode = np.zeros(len(pert), dtype=np.int64)
         if self.network_config_.batch_encoder:
-            bcode[~as_is] = encode_batches(batch[~as_is], self.vocab_, unknown_batch)
+            bcode[~as_is] = encode_batches(batch[~as_is], self.vocab_, unknown_batch,
+                                           getattr(self, "trained_batches_", None))
         run_rows = np.flatnonzero(~as_is)
         if len(run_rows) == 0:
             raise DataError("the input holds control cells only and predict_controls=False: "
@@ -1804,6 +1833,10 @@ class StateTransitionModel(Estimator):
                       ) -> tuple[ad.AnnData, ad.AnnData]:
         """Predict the held-out cells of a split of the fitted spec: ``(adata_pred, adata_real)``.
 
+        With a batch encoder, the cells of batches without training cells (a held-out batch or
+        donor), whose embedding rows never trained, get the mean embedding of the trained
+        batches (warned, naming them), as ``predict(unknown_batch="mean")`` does.
+
         Parameters
         ----------
         split
@@ -1859,7 +1892,8 @@ class StateTransitionModel(Estimator):
         codes, untrained = self._route_untrained(
             np.array([g.key[1] for _, g, _ in cells], dtype=np.int64), f"{split} split", vocab,
             untrained_perturbation)
-        groups = [Group(rows, g.pool, int(code), d.batch[g.rows], key)
+        batch = self._held_out_batches(d.batch, f"{split} split")
+        groups = [Group(rows, g.pool, int(code), batch[g.rows], key)
                   for (rows, g, key), code in zip(cells, codes)]
         v, c = prepared.vocab, self.columns_  # (cell types and batches may be new to the model)
         datasets = split_datasets(prepared, d, order,

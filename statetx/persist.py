@@ -77,6 +77,7 @@ def metadata(model: StateTransitionModel) -> dict:
         "is_log1p": model.is_log1p_,
         "is_counts": getattr(model, "is_counts_", None),
         "trained_perturbations": getattr(model, "trained_perturbations_", None),
+        "trained_batches": getattr(model, "trained_batches_", None),
         "target_sum": getattr(model, "target_sum_", None),
         "expression_depth": getattr(model, "expression_depth_", None),
         # rows of the vocabulary a pert_features dict did not give (the control's, those
@@ -260,9 +261,12 @@ def _build(cls: type[StateTransitionModel], meta: dict, state: dict[str, torch.T
     model.is_counts_ = None if counts is None else bool(counts)
     if meta.get("trained_perturbations") is not None:
         model.trained_perturbations_ = list(meta["trained_perturbations"])
+    if meta.get("trained_batches") is not None:
+        model.trained_batches_ = list(meta["trained_batches"])
     model.target_sum_ = meta.get("target_sum")
     model.expression_depth_ = meta.get("expression_depth")
     model.n_features_in_ = len(model.var_names_)
+    mark_trained_batches(model)
     v = model.vocab_
     if model.pert_features is None and v.pert_features is not None:
         # vectors given as a dict are stored in the vocabulary only: the parameter again,
@@ -365,3 +369,16 @@ def restore_pickled(model: StateTransitionModel, state: dict,
                             ) from None
         net.eval()
         model.network_ = net
+        mark_trained_batches(model)
+
+
+def mark_trained_batches(model: StateTransitionModel) -> None:
+    """Give a batch-encoder network the rows of the batches with training cells
+    (``trained_batches_``; not recorded: every row), whose mean embedding the batches without
+    training cells and unknown ones get (``unknown_batch="mean"``). The network does not save
+    them with its weights: fit, load and unpickling call this."""
+    net, names = model.network_, getattr(model, "trained_batches_", None)
+    if net.batch_encoder is None:
+        return
+    net.trained_batches = None if names is None else torch.as_tensor(
+        model.vocab_.encode("batch", names), device=net.batch_encoder.weight.device)

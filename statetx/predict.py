@@ -797,17 +797,29 @@ def encode_perturbations(labels: np.ndarray, vocab: Vocab, unknown: str) -> np.n
     return codes
 
 
-def encode_batches(labels: np.ndarray, vocab: Vocab, unknown: str) -> np.ndarray:
-    """Batch indices for a batch-encoder model; unknown labels → error, index 0 ("first") or -1
-    ("mean": the network uses the mean of its batch embeddings); ``unknown`` is checked by
+def encode_batches(labels: np.ndarray, vocab: Vocab, unknown: str,
+                   trained: Sequence[str] | None = None) -> np.ndarray:
+    """Batch indices for a batch-encoder model. Labels outside the vocabulary, and those of
+    batches outside ``trained`` (the batches with training cells, default all: the others'
+    embedding rows never trained) → an error, the first trained batch ("first") or -1 ("mean":
+    the network uses the mean embedding of the trained batches); ``unknown`` is checked by
     :meth:`StateTransitionModel.predict`."""
     codes = vocab.encode("batch", labels, on_unknown="ignore")
-    bad = codes < 0
-    if bad.any():
-        if unknown == "error":
-            raise DataError("batch label(s) not seen in training: "
-                            f"{preview(np.unique(labels[bad]))}. Known: {preview(vocab.batches)}. "
-                            "Pass unknown_batch='mean' (the mean batch embedding) or 'first' to "
-                            "predict them anyway.")
-        codes[bad] = 0 if unknown == "first" else -1
+    known = np.arange(len(vocab.batches)) if trained is None else vocab.encode("batch", trained)
+    new, untrained = codes < 0, (codes >= 0) & ~np.isin(codes, known)
+    if unknown == "error" and (new.any() or untrained.any()):
+        raise DataError(
+            (f"batch label(s) not seen in training: {preview(np.unique(labels[new]))}. Known: "
+             f"{preview(vocab.batches)}. " if new.any() else "")
+            + (f"batch(es) {preview(np.unique(labels[untrained]))} had no training cells (e.g. "
+               "held out as val/test): their embedding rows never trained. "
+               if untrained.any() else "")
+            + "Pass unknown_batch='mean' (the mean embedding of the trained batches) or 'first' "
+            "(the first trained batch) to predict them anyway.")
+    if untrained.any():
+        say(f"batch(es) without training cells: {preview(np.unique(labels[untrained]))}; their "
+            "cells get " + ("the mean embedding of the trained batches" if unknown == "mean"
+                            else "the first trained batch's embedding")
+            + f" (unknown_batch={unknown!r}).")
+    codes[new | untrained] = int(known[0]) if unknown == "first" else -1
     return codes

@@ -1941,6 +1941,123 @@ def test_init_from_rebuilds_the_pert_encoder_and_decoder_whole(fitted, tmp_path,
     assert any(k.startswith("transformer") for k in loaded)
 
 
+@pytest.fixture(scope="module")
+def held_out_batch(tmp_path_factory):
+    """A batch-encoder model whose test cell type (CT2) is a batch of its own, "a_held" (first
+    in the vocabulary), with its controls out of training too: no training cells, so its
+    embedding row never trained."""
+    from conftest import make_synthetic
+
+    adata = make_synthetic()
+    adata.obs["batch"] = np.where(adata.obs["cell_type"] == "CT2", "a_held", adata.obs["batch"])
+    run = tmp_path_factory.mktemp("held") / "run"
+    m = small_model(batch_col="batch", model_kwargs={**SMALL, "batch_encoder": True},
+                    heldout_controls_in_train=False).fit(adata, SPEC, output_dir=run)
+    return m, adata
+
+
+def _with_batch_row(model, name: str, row: torch.Tensor):
+    """A copy of ``model`` whose embedding of batch ``name`` is ``row`` and whose every batch
+    counts as trained (the old behaviour: that row is used as it is)."""
+    import copy
+
+    from statetx import persist
+
+    ref = copy.deepcopy(model)
+    ref.trained_batches_ = None
+    persist.mark_trained_batches(ref)
+    with torch.no_grad():
+        ref.network_.batch_encoder.weight[ref.vocab_.batches.index(name)] = row
+    return ref
+
+
+def test_a_batch_without_training_cells_is_not_predicted_from_its_untrained_row(held_out_batch):
+    m, adata = held_out_batch
+    assert m.vocab_.batches == ["a_held", "b0", "b1"]
+    assert m.trained_batches_ == ["b0", "b1"]
+    table = m.network_.batch_encoder.weight.detach().clone()
+    # its row never received a gradient: the same after 1 training step as after 6
+    one = m.__class__(**{**m.get_params(), "max_steps": 1}).fit(adata, SPEC)
+    torch.testing.assert_close(one.network_.batch_encoder.weight[0], table[0], rtol=0, atol=0)
+    assert not torch.allclose(one.network_.batch_encoder.weight[1:], table[1:])
+    mean = _with_batch_row(m, "a_held", table[1:].mean(0))
+
+    # predict_split (held-out evaluation): the mean embedding of the trained batches, warned
+    with pytest.warns(UserWarning, match=r"1 batch\(es\) of the test split had no training "
+                                         r"cells: a_held\..*mean embedding of the trained") as w:
+        pred, _ = m.predict_split("test")
+    assert w[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(pred.X, mean.predict_split("test")[0].X)
+
+    # predict: an error naming the batch, else the chosen policy over the trained batches
+    test = adata[adata.obs["cell_type"] == "CT2"].copy()
+    with pytest.raises(DataError, match=r"batch\(es\) a_held had no training cells \(e\.g\. "
+                                        r"held out.*unknown_batch='mean'.*'first'"):
+        m.predict(test)
+    got = m.predict(test, unknown_batch="mean", seed=1).X
+    np.testing.assert_allclose(got, mean.predict(test, seed=1).X, rtol=1e-5, atol=1e-6)
+    every = _with_batch_row(m, "a_held", table.mean(0))  # (the untrained row in the mean)
+    assert not np.allclose(got, every.predict(test, seed=1).X, atol=1e-3)
+    first = _with_batch_row(m, "a_held", table[1])  # "first": the first *trained* batch, b0
+    np.testing.assert_allclose(m.predict(test, unknown_batch="first", seed=1).X,
+                               first.predict(test, seed=1).X, rtol=1e-5, atol=1e-6)
+    # (simulate and score go through predict)
+    with pytest.raises(DataError, match="a_held had no training cells"):
+        m.simulate(test, ["P1"], n_cells=2)
+    with pytest.raises(DataError, match="a_held had no training cells"):
+        m.score(test)
+    assert np.isfinite(m.score(test, unknown_batch="mean"))
+
+
+@pytest.mark.parametrize("reload", ["pickle", "save", "run"])
+def test_reloaded_model_keeps_its_trained_batches(held_out_batch, tmp_path, reload):
+    m, adata = held_out_batch
+    if reload == "pickle":
+        other = pickle.loads(pickle.dumps(m))
+    elif reload == "save":
+        other = StateTransitionModel.load(m.save(tmp_path / "m"))
+    else:
+        other = StateTransitionModel.load_run(m.run_dir_, verbose=False)
+    assert other.trained_batches_ == ["b0", "b1"]
+    assert other.network_.trained_batches.tolist() == [1, 2]
+    test = adata[adata.obs["cell_type"] == "CT2"].copy()
+    with pytest.raises(DataError, match="a_held had no training cells"):
+        other.predict(test)
+    np.testing.assert_array_equal(other.predict(test, unknown_batch="mean", seed=2).X,
+                                  m.predict(test, unknown_batch="mean", seed=2).X)
+
+
+def test_a_model_without_the_record_counts_every_batch_as_trained(held_out_batch):
+    """Models saved before trained_batches_ (and imported ones) keep the old behaviour."""
+    import copy
+
+    from statetx import persist
+
+    m, adata = held_out_batch
+    old = copy.deepcopy(m)
+    del old.trained_batches_
+    persist.mark_trained_batches(old)
+    assert old.network_.trained_batches is None
+    test = adata[adata.obs["cell_type"] == "CT2"].copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        old.predict(test)
+        old.predict_split("test")
+
+
+def test_a_model_without_batch_encoder_ignores_held_out_batches(held_out_batch):
+    _, adata = held_out_batch
+    m = small_model(batch_col="batch", max_steps=1, heldout_controls_in_train=False).fit(
+        adata, SPEC)
+    assert m.trained_batches_ is None and m.network_.batch_encoder is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.predict_split("test")
+        m.predict(adata[adata.obs["cell_type"] == "CT2"].copy())
+
+
 def test_batch_encoder_without_a_batch_column_and_group_independent_clones(synth):
     m = small_model(model_kwargs={**SMALL, "batch_encoder": True}, batch_col="batch",
                     basal_mapping_strategy="random", max_steps=2).fit(synth, SPEC)
