@@ -1122,10 +1122,9 @@ class StateTransitionModel(Estimator):
         if not held.any():
             return codes
         names = np.unique(np.asarray(self.vocab_.batches, dtype=object)[codes[held]])
-        warnings.warn(f"{len(names)} batch(es) of the {where} had no training cells: "
-                      f"{preview(names)}. Their batch embedding never trained (its random "
-                      "start), so their cells are predicted with the mean embedding of the "
-                      "trained batches.", UserWarning, stacklevel=3)
+        warn(f"{len(names)} batch(es) of the {where} had no training cells: {preview(names)}. "
+             "Their batch embedding never trained (its random start), so their cells are "
+             "predicted with the mean embedding of the trained batches.", UserWarning)
         return np.where(held, -1, codes)
 
     def _set_fitted(self, network, net_cfg, vocab, prepared: PreparedData, set_len: int) -> None:
