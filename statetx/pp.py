@@ -207,7 +207,7 @@ def _set_log1p(adata: AnnData) -> None:
 # preprocess_train (spec §5, D11)
 
 
-def _var_column_hint(adata: ad.AnnData, absent: list[str]) -> str:
+def _var_column_hint(adata: AnnData, absent: list[str]) -> str:
     """Where names that are not var names are: a var column that holds them (e.g. gene symbols
     beside Ensembl ids) and the var names to pass instead, else close var names."""
     for col in adata.var.columns:
