@@ -738,7 +738,7 @@ class StateTransitionNetwork(nn.Module):
         layout), [B,P] float (one per set) or [B] int64 (one-hot positions, -1 = none),
         batch_index [B,S] int64 (needed with a batch encoder, ignored otherwise; -1 in
         evaluation mode = the mean of the batch embeddings, of the ``trained_batches`` rows
-        when that mask is set),
+        when those are set, and then the other rows are read as -1 too),
         valid_mask [B,S] bool (True = real cell; masked positions are not attended to and their
         outputs are zero). With a gene decoder: ``detach_decoder`` decodes the prediction
         without passing gradients back into the network; ``decoder_input`` [B,S,D_out] is
@@ -755,8 +755,10 @@ class StateTransitionNetwork(nn.Module):
         if self.batch_encoder is not None and self.training:
             x = x + self.batch_encoder(batch_index)
         elif self.batch_encoder is not None:  # index -1: the mean embedding of trained batches
-            table = self.batch_encoder.weight
-            trained = table if self.trained_batches is None else table[self.trained_batches]
+            table, trained = self.batch_encoder.weight, self.trained_batches
+            if trained is not None:  # (rows that never trained, e.g. val-only batches: -1 too)
+                batch_index = batch_index.where(torch.isin(batch_index, trained), -1)
+            trained = table if trained is None else table[trained]
             table = torch.cat([table, trained.mean(0, keepdim=True)])
             x = x + F.embedding(batch_index.where(batch_index >= 0, len(table) - 1), table)
         if self.confidence_token is not None:

@@ -142,6 +142,9 @@ def test_batch_mean_row_averages_the_trained_batches_only():
         ref.batch_encoder.weight[0] = net.batch_encoder.weight[[0, 2]].mean(0)
     torch.testing.assert_close(net(basal, pert, batch_index=mean).pred,
                                ref(basal, pert, batch_index=row).pred)
+    # evaluation (validation in fit included) reads an untrained row as the trained mean
+    torch.testing.assert_close(net(basal, pert, batch_index=torch.ones_like(row)).pred,
+                               ref(basal, pert, batch_index=row).pred)
     every = ref.batch_encoder.weight.clone()
     with torch.no_grad():  # None: the mean of every row (the old behaviour)
         ref.batch_encoder.weight[0] = net.batch_encoder.weight.mean(0)
