@@ -8,6 +8,12 @@ the figure is written to, in an existing folder, its format from the suffix (``.
 drawn (``True``, a bare suffix such as ``".png"`` or an unknown format is an error). A figure made
 by the plot (no ``ax``) is closed once saved unless ``show=True``, as in scanpy, so plots saved in
 a loop do not pile up (in a notebook, with ``show`` left as None, it is shown first).
+
+The expression plots (:func:`delta_scatter`, :func:`top_genes`, :func:`embedding`) put pred and
+real on the log1p scale by the rule :func:`statetx.evaluate` applies, with the same warnings: a
+side holding raw counts is normalised to the counts per cell the other side's log1p values stand
+for (both holding counts: to the real cells' median total), so that the plots show what the
+metrics measure.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from statetx.errors import ConfigError, DataError
 from statetx.metrics._inputs import (
     align_pair,
     check_obs_col,
-    check_scale,
+    on_log1p_scale,
     recorded,
     recorded_labels,
 )
@@ -218,19 +224,39 @@ def _log1p_pair(adata_pred: ad.AnnData, adata_real: ad.AnnData, pert_col: str,
                 control_pert: str, ct_col: str | None, who: str
                 ) -> tuple[ad.AnnData, ad.AnnData]:
     """The pair on the genes both share (by name, in pred's order) and shared labels, on the
-    log1p scale deltas are drawn on: raw counts are converted with a warning, other scales
-    refused (as :func:`statetx.evaluate`)."""
+    log1p scale deltas are drawn on, by :func:`statetx.evaluate`'s rule (:func:`_on_log1p`)."""
+    adata_pred, adata_real = _on_shared_genes(adata_pred, adata_real, who, "pred")
+    adata_pred, adata_real = _on_log1p(adata_pred, adata_real)
+    return align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
+                      celltype_col=ct_col, shared_only=True)  # (genes matched above)
+
+
+def _on_shared_genes(adata_pred: ad.AnnData, adata_real: ad.AnnData, who: str, order: str
+                     ) -> tuple[ad.AnnData, ad.AnnData]:
+    """Both objects on the genes they share (by name; the genes left out are said), in the
+    gene order of ``order`` ("pred" or "real")."""
     genes = _shared_genes(adata_pred, adata_real, who)
+    if order == "real":
+        rg = adata_real.var_names.astype(str)
+        genes = rg[rg.isin(genes)]
 
     def on_genes(a: ad.AnnData) -> ad.AnnData:
         names = a.var_names.astype(str)
         same = len(names) == len(genes) and np.array_equal(names, genes)
         return a if same else a[:, names.get_indexer(genes)]
 
-    adata_pred, adata_real = on_genes(adata_pred), on_genes(adata_real)
-    pred, real = align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
-                            celltype_col=ct_col, shared_only=True)  # (genes matched above)
-    return check_scale(pred, "pred"), check_scale(real, "real")
+    return on_genes(adata_pred), on_genes(adata_real)
+
+
+def _on_log1p(adata_pred: ad.AnnData, adata_real: ad.AnnData
+              ) -> tuple[ad.AnnData, ad.AnnData]:
+    """The pair on the log1p scale by the rule :func:`statetx.evaluate` applies (one function,
+    :func:`~statetx.metrics._inputs.on_log1p_scale`): a count side paired with a log1p side is
+    normalised to the counts per cell the log1p side stands for, two count sides to the real
+    cells' median total, count-scale predictions with their real cells alike; each conversion
+    is warned of, and other scales are refused. Taken on the genes drawn (a
+    model's HVGs: the counts those genes stand for)."""
+    return on_log1p_scale(adata_pred, adata_real, plots=True)
 
 
 def delta_scatter(
@@ -781,10 +807,6 @@ def embedding(
         if a.uns.get("statetx_pseudobulk", False):
             raise DataError(f"{which} holds pseudobulks (one row per group): an embedding of "
                             "cells needs the cells (predict_split without pseudobulk=True).")
-    # (expression on the log1p scale, as the other plots: counts converted with a warning,
-    # scaled values refused; a model's embedding outputs are drawn as they are)
-    if "embedding" not in (recorded(adata_pred).get("scale"), recorded(adata_real).get("scale")):
-        adata_pred, adata_real = check_scale(adata_pred, "pred"), check_scale(adata_real, "real")
     for a, which in ((adata_pred, "pred"), (adata_real, "real")):
         check_obs_col(a, pert_col, which, "perturbation")
         if color != "source" and color not in a.obs.columns:
@@ -792,14 +814,17 @@ def embedding(
             raise DataError(f"color column {color!r} not found in {which} obs."
                             f"{did_you_mean(color, common)} Use color='source' or a column of "
                             f"both objects: {preview(common)}")
-    pred_genes = adata_pred.var_names.astype(str)
-    real_genes = adata_real.var_names.astype(str)
-    shared = _shared_genes(adata_pred, adata_real, "embedding")
-    genes = real_genes[real_genes.isin(shared)]  # (the PCA's columns in real's order)
-    if len(genes) < 2:
-        raise DataError(f"pred and real share {len(genes)} gene name(s); the embedding needs at "
-                        f"least 2 (real genes: {preview(real_genes, 5)}; pred genes: "
-                        f"{preview(pred_genes, 5)})")
+    given = adata_pred, adata_real
+    # the PCA's columns: the genes both share, in real's order
+    adata_pred, adata_real = _on_shared_genes(adata_pred, adata_real, "embedding", "real")
+    if adata_real.n_vars < 2:
+        raise DataError(f"pred and real share {adata_real.n_vars} gene name(s); the embedding "
+                        f"needs at least 2 (real genes: {preview(given[1].var_names, 5)}; pred "
+                        f"genes: {preview(given[0].var_names, 5)})")
+    # (expression on the log1p scale by evaluate's rule, as the other plots: counts converted
+    # with a warning, scaled values refused; a model's embedding outputs are drawn as they are)
+    if "embedding" not in (recorded(adata_pred).get("scale"), recorded(adata_real).get("scale")):
+        adata_pred, adata_real = _on_log1p(adata_pred, adata_real)
     labels = {w: a.obs[pert_col].astype(str).to_numpy()
               for w, a in (("pred", adata_pred), ("real", adata_real))}
     if perts is not None:
@@ -825,10 +850,11 @@ def embedding(
                         "perturbations (perts=) or cells")
     from sklearn.decomposition import PCA
 
-    x_real = to_dense_f32(adata_real[cells["real"], genes].X)
-    pca = PCA(n_components=min(50, x_real.shape[0], len(genes)), random_state=seed).fit(x_real)
+    x_real = to_dense_f32(adata_real[cells["real"]].X)
+    pca = PCA(n_components=min(50, x_real.shape[0], adata_real.n_vars),
+              random_state=seed).fit(x_real)
     scores = {"real": pca.transform(x_real),
-              "pred": (pca.transform(to_dense_f32(adata_pred[cells["pred"], genes].X))
+              "pred": (pca.transform(to_dense_f32(adata_pred[cells["pred"]].X))
                        if cells["pred"].size else np.empty((0, pca.n_components_)))}
     if basis == "umap":
         import umap

@@ -301,3 +301,117 @@ def test_every_parameter_is_documented():
         documented = {n.strip() for line in section.splitlines()
                       if line and not line.startswith(" ") for n in line.split(",")}
         assert documented == set(inspect.signature(func).parameters), name
+
+
+# ---------------------------------------------------------------------------------------------
+# the scale rule of evaluate
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_counts(a, scale, seed):
+    """Integer counts of the log1p ``a`` at about ``scale`` × its depth (cell totals varying)."""
+    rng = np.random.default_rng(seed)
+    out = a.copy()
+    lib = rng.lognormal(0.0, 0.4, (a.n_obs, 1))
+    out.X = rng.poisson(np.expm1(np.asarray(a.X, dtype=np.float64)) * scale * lib).astype(
+        np.float32)
+    return out
+
+
+def _log1p_to(x, target):
+    """log1p(normalize_total(x, target)) by hand."""
+    x = np.asarray(x, dtype=np.float64)
+    tot = x.sum(1, keepdims=True)
+    return np.log1p(x / np.where(tot > 0, tot, 1.0) * target)
+
+
+def test_counts_are_brought_to_the_other_sides_scale_as_evaluate_does(pair):
+    """A log1p prediction against real counts: the counts are normalised to the total the
+    prediction's log1p values stand for (evaluate's pair-aware rule), not to their own median
+    total, so the deltas drawn are those evaluate measures."""
+    from statetx._utils import log1p_depth
+    from statetx.metrics import evaluate
+
+    pred, real = pair
+    counts = _as_counts(real, 0.03, seed=5)  # ~300 counts per cell; pred stands for 1e4
+    target = log1p_depth(pred.X)
+    own = float(np.median(np.asarray(counts.X).sum(1)))
+    assert target > 10 * own  # (each side on its own median would differ visibly)
+    conv = counts.copy()
+    conv.X = _log1p_to(counts.X, target)
+    with pytest.warns(UserWarning, match="real X holds integer values only") as caught:
+        ax = pl.delta_scatter(pred, counts, perts=["G000", "G001"])
+    assert {w.filename for w in caught if "integer values only" in str(w.message)} == {__file__}
+    for coll, p in zip(ax.collections, ("G000", "G001")):
+        np.testing.assert_allclose(coll.get_offsets()[:, 0], _delta(conv, p, conv.var_names),
+                                   atol=1e-4)
+        np.testing.assert_allclose(coll.get_offsets()[:, 1], _delta(pred, p, pred.var_names),
+                                   atol=1e-5)
+    with pytest.warns(UserWarning, match="real X holds integer values only") as caught:
+        bars = pl.top_genes(pred, counts, "G001", n_genes=30)
+    assert {w.filename for w in caught if "integer values only" in str(w.message)} == {__file__}
+    dr = _delta(conv, "G001", conv.var_names)
+    top = np.argsort(-np.abs(dr), kind="stable")
+    np.testing.assert_allclose([b.get_width() for b in bars.containers[0]], dr[top], atol=1e-4)
+    # the title's r is evaluate's pearson_delta of the perturbation on the same inputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res, _ = evaluate(pred, counts, "target_gene", CTRL, profile="minimal")
+    r = res.set_index("perturbation").loc["G001", "pearson_delta"]
+    assert f"r={r:.2f} " in bars.get_title()
+    # the embedding fits its PCA on the same converted values
+    from sklearn.decomposition import PCA
+
+    with pytest.warns(UserWarning, match="real X holds integer values only") as caught:
+        emb = pl.embedding(pred, counts)
+    assert {w.filename for w in caught if "integer values only" in str(w.message)} == {__file__}
+    pca = PCA(n_components=30, random_state=0).fit(conv.X.astype(np.float32))
+    np.testing.assert_allclose(np.abs(emb.collections[0].get_offsets()),
+                               np.abs(pca.transform(conv.X.astype(np.float32))[:, :2]),
+                               atol=1e-3)
+    plt.close("all")
+
+
+def test_two_count_sides_and_count_scale_predictions_share_one_total(pair, capsys):
+    """Both sides counts: both to the real cells' median total; a count-scale prediction
+    (uns['statetx']['scale'] == 'counts', fractional values) with real counts: both normalised
+    to the real median total, as evaluate (the plots refused it before)."""
+    pred, real = pair
+    cr, cp = _as_counts(real, 0.03, seed=5), _as_counts(pred, 0.3, seed=6)
+    total = float(np.median(np.asarray(cr.X).sum(1)))
+    with pytest.warns(UserWarning, match="integer values only"):
+        ax = pl.delta_scatter(cp, cr, perts=["G002"])
+    xy = ax.collections[0].get_offsets()
+    for a, col in ((cr, 0), (cp, 1)):
+        conv = a.copy()
+        conv.X = _log1p_to(a.X, total)
+        np.testing.assert_allclose(xy[:, col], _delta(conv, "G002", conv.var_names), atol=1e-4)
+    model = cp.copy()
+    model.X = np.asarray(cp.X) * 1.37 + 0.25  # a model's count-scale output: fractional
+    model.uns["statetx"] = {"scale": "counts"}
+    ax = pl.delta_scatter(model, cr, perts=["G002"])
+    assert ("statetx.pl: count-scale prediction: predictions and real cells are normalised to "
+            f"{total:g} counts per cell and log1p-transformed for the plot"
+            ) in capsys.readouterr().out
+    xy = ax.collections[0].get_offsets()
+    for a, col in ((cr, 0), (model, 1)):
+        conv = a.copy()
+        conv.X = _log1p_to(a.X, total)
+        np.testing.assert_allclose(xy[:, col], _delta(conv, "G002", conv.var_names), atol=1e-4)
+    with pytest.raises(DataError, match=r"real is not on the count scale: pass the real "
+                                        r"counts\.$"):
+        pl.top_genes(model, real, "G002")
+    plt.close("all")
+
+
+def test_evaluates_count_warning_still_names_the_callers_line(pair):
+    from statetx.metrics import evaluate
+
+    pred, real = pair
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        evaluate(pred, _as_counts(real, 0.03, seed=5), "target_gene", CTRL, profile="minimal",
+                 skip_metrics=["discrimination_score_l1"])
+    said = [w for w in caught if "integer values only" in str(w.message)]
+    assert [w.filename for w in said] == [__file__]
+    assert "counts per cell the other file's log1p values stand for" in str(said[0].message)

@@ -178,16 +178,17 @@ def is_count_scale(adata: ad.AnnData) -> bool:
     return isinstance(info, dict) and info.get("scale") == "counts" and "log1p" not in adata.uns
 
 
-def counts_to_log1p(pred: ad.AnnData, real: ad.AnnData, own_median: bool = False
-                    ) -> tuple[ad.AnnData, ad.AnnData]:
+def counts_to_log1p(pred: ad.AnnData, real: ad.AnnData, own_median: bool = False,
+                    plots: bool = False) -> tuple[ad.AnnData, ad.AnnData]:
     """Count-scale predictions and real cells, both normalised to the real cells' median total
     (``own_median``: each to its own median total) and log1p-transformed: the scale the metrics
     expect, by the same transform on both sides (the reference rule would convert the integer
-    real cells alone)."""
+    real cells alone). ``plots``: said for :mod:`statetx.pl`, not evaluate."""
     target = None if own_median else median_total(real.X)
     say("count-scale prediction: predictions and real cells are normalised to "
         + ("their own median totals" if own_median else f"{target:g} counts per cell")
-        + " and log1p-transformed for the metrics", who="statetx.evaluate")
+        + " and log1p-transformed for the " + ("plot" if plots else "metrics"),
+        who="statetx.pl" if plots else "statetx.evaluate")
     out = []
     for a in (pred, real):
         x = a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
@@ -196,6 +197,42 @@ def counts_to_log1p(pred: ad.AnnData, real: ad.AnnData, own_median: bool = False
         a.uns["statetx"] = {**a.uns.get("statetx", {}), "scale": "log1p"}
         out.append(a)
     return out[0], out[1]
+
+
+def scale_plan(p: ad.AnnData, r: ad.AnnData, allow_discrete: bool, counts_target: str, *,
+               plots: bool = False
+               ) -> tuple[list[tuple[str, ad.AnnData, float | None]], dict[str, str]]:
+    """What :func:`check_scale` is to check: ``([(which, adata, target)], note)``, a log1p side
+    before a count side is brought to its ``target`` total (``note``: what that total is).
+    Count-scale predictions and their real cells are converted to log1p first. The one rule of
+    :func:`statetx.evaluate` and the plots of :mod:`statetx.pl` (``plots``: said as theirs;
+    they take no ``allow_discrete``)."""
+    if is_count_scale(p) and not allow_discrete:
+        if not (is_count_scale(r) or not has_fraction(r)):
+            raise DataError("pred holds count-scale predictions (uns['statetx']['scale'] is "
+                            "'counts': a model trained on counts), but real is not on the count "
+                            "scale: pass the real counts"
+                            + ("." if plots else ", or allow_discrete=True to compare the "
+                               "values as they are."))
+        p, r = counts_to_log1p(p, r, own_median=counts_target == "own_median", plots=plots)
+    tp, tr = (count_targets(p, r, allow_discrete) if counts_target == "shared"
+              else (None, None))  # (None: each count file to its own median total)
+    note = ({"target_is": "the real cells' median total (both files hold counts)"}
+            if tp is not None and tr is not None else {})
+    checks = sorted([("pred", p, tp), ("real", r, tr)], key=lambda c: c[2] is not None)
+    return checks, note
+
+
+def on_log1p_scale(p: ad.AnnData, r: ad.AnnData, *, allow_discrete: bool = False,
+                   counts_target: str = "shared", plots: bool = False
+                   ) -> tuple[ad.AnnData, ad.AnnData]:
+    """``(pred, real)`` on the log1p scale by :func:`scale_plan`'s rule (each checked by
+    :func:`check_scale`, a count side converted with a warning)."""
+    checks, note = scale_plan(p, r, allow_discrete, counts_target, plots=plots)
+    done = {}
+    for which, a, target in checks:
+        done[which] = check_scale(a, which, allow_discrete, target, **note)
+    return done["pred"], done["real"]
 
 
 def _normalised_log1p(adata: ad.AnnData, x: np.ndarray | sp.spmatrix,

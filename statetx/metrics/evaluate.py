@@ -28,12 +28,8 @@ from statetx.errors import ConfigError, DataError
 from statetx.metrics import expression as ex
 from statetx.metrics._inputs import (
     align_pair,
-    check_scale,
-    count_targets,
-    counts_to_log1p,
-    has_fraction,
-    is_count_scale,
     load,
+    on_log1p_scale,
     recorded_labels,
     warn_untrained,
 )
@@ -563,11 +559,7 @@ def evaluate(
     # (labels are compared as text: an integer control label is its str)
     pert_col, control_pert = recorded_labels(p, pert_col, control_pert)
     warn_untrained(p)
-    checks, note = _scale_plan(p, r, allow_discrete, counts_target)
-    done = {}
-    for which, a, target in checks:
-        done[which] = check_scale(a, which, allow_discrete, target, **note)
-    p, r = done["pred"], done["real"]
+    p, r = on_log1p_scale(p, r, allow_discrete=allow_discrete, counts_target=counts_target)
     metrics, pseudobulk = _drop_cell_level_metrics(metrics, profile, p, r)
     p, r = align_pair(p, r, pert_col=pert_col, control_pert=control_pert,
                       celltype_col=celltype_col, embed_key=embed_key,
@@ -683,26 +675,6 @@ def _embedding(a: ad.AnnData, key: str) -> np.ndarray | sp.spmatrix:
     """``obsm[key]`` as :func:`group_means` takes it: sparse kept sparse, else an array."""
     e = a.obsm[key]
     return e if sp.issparse(e) else np.asarray(e)
-
-
-def _scale_plan(p: ad.AnnData, r: ad.AnnData, allow_discrete: bool, counts_target: str
-                ) -> tuple[list[tuple[str, ad.AnnData, float | None]], dict[str, str]]:
-    """What :func:`check_scale` is to check: ``([(which, adata, target)], note)``, a log1p side
-    before a count side is brought to its ``target`` total (``note``: what that total is).
-    Count-scale predictions and their real cells are converted to log1p first."""
-    if is_count_scale(p) and not allow_discrete:
-        if not (is_count_scale(r) or not has_fraction(r)):
-            raise DataError("pred holds count-scale predictions (uns['statetx']['scale'] is "
-                            "'counts': a model trained on counts), but real is not on the count "
-                            "scale: pass the real counts, or allow_discrete=True to compare the "
-                            "values as they are.")
-        p, r = counts_to_log1p(p, r, own_median=counts_target == "own_median")
-    tp, tr = (count_targets(p, r, allow_discrete) if counts_target == "shared"
-              else (None, None))  # (None: each count file to its own median total)
-    note = ({"target_is": "the real cells' median total (both files hold counts)"}
-            if tp is not None and tr is not None else {})
-    checks = sorted([("pred", p, tp), ("real", r, tr)], key=lambda c: c[2] is not None)
-    return checks, note
 
 
 def _drop_cell_level_metrics(metrics: list[str], profile: str, p: ad.AnnData, r: ad.AnnData
