@@ -9,6 +9,9 @@ drawn (``True``, a bare suffix such as ``".png"`` or an unknown format is an err
 by the plot (no ``ax``) is closed once saved unless ``show=True``, as in scanpy, so plots saved in
 a loop do not pile up (in a notebook, with ``show`` left as None, it is shown first).
 
+As scanpy's plots, each returns its Axes, to be adjusted further, or None when the figure was
+shown: with ``show=True``, or a figure of its own saved in a notebook with ``show`` left as None.
+
 The expression plots (:func:`delta_scatter`, :func:`top_genes`, :func:`embedding`) put pred and
 real on the log1p scale by the rule :func:`statetx.evaluate` applies, with the same warnings: a
 side holding raw counts is normalised to the counts per cell the other side's log1p values stand
@@ -110,13 +113,16 @@ def _save_path(save: str | os.PathLike | None) -> Path | None:
     return path
 
 
-def _finish(ax: Axes, own: bool, show: bool | None, save: Path | None) -> Axes:
+def _finish(ax: Axes | np.ndarray, own: bool, show: bool | None, save: Path | None
+            ) -> Axes | np.ndarray | None:
     """``show`` / ``save`` for a drawn plot (``save`` checked by :func:`_save_path`). A figure
     made here (``own``) is closed once saved unless shown, as scanpy does, so plots written in
-    a loop do not pile up; the Axes is returned either way."""
+    a loop do not pile up. Returns ``ax`` (an Axes, or an array of them), or None when the
+    figure was shown (``show=True``; ``show=None`` with a saved figure of its own in a
+    notebook), as scanpy's plots do."""
     import matplotlib.pyplot as plt
 
-    fig = ax.figure
+    fig = (ax.flat[0] if isinstance(ax, np.ndarray) else ax).figure
     if save is not None:
         try:
             fig.savefig(save, bbox_inches="tight")
@@ -124,13 +130,15 @@ def _finish(ax: Axes, own: bool, show: bool | None, save: Path | None) -> Axes:
             if own:
                 plt.close(fig)
             raise
+    shown = bool(show)
     if show:
         plt.show()
     elif own and save is not None:
         if show is None and "inline" in plt.get_backend():  # a notebook: shown, then closed
             plt.show()
+            shown = True
         plt.close(fig)
-    return ax
+    return None if shown else ax
 
 
 def _named_perts(perts: Sequence[str] | None) -> list[str] | None:
@@ -273,7 +281,7 @@ def delta_scatter(
     cell_type_key: str | bool | None = None,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
-) -> Axes:
+) -> Axes | None:
     """Scatter predicted vs real pseudobulk deltas (mean log1p − own control mean), one colour per
     perturbation (per cell type and perturbation when there are several cell types), with the
     identity line and each series' Pearson r in the legend.
@@ -303,11 +311,12 @@ def delta_scatter(
         Marker size.
     show, save
         ``show=True`` calls ``plt.show()``; ``save``: the file to write the figure to (rules in
-        the module docstring). The Axes is returned either way.
+        the module docstring).
 
     Returns
     -------
-    Axes
+    Axes or None
+        The Axes drawn in; None when the figure was shown (as scanpy's plots).
     """
     save = _save_path(save)
     pert_col, control_pert = recorded_labels(adata_pred, pert_col, control_pert)
@@ -410,7 +419,7 @@ def metric_bars(
     *,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
-) -> Axes:
+) -> Axes | None:
     """Grouped bars of the mean of each metric, one bar per model.
 
     Parameters
@@ -428,11 +437,12 @@ def metric_bars(
         Axes to draw in (default: a new figure).
     show, save
         ``show=True`` calls ``plt.show()``; ``save``: the file to write the figure to (rules in
-        the module docstring). The Axes is returned either way.
+        the module docstring).
 
     Returns
     -------
-    Axes
+    Axes or None
+        The Axes drawn in; None when the figure was shown (as scanpy's plots).
     """
     save = _save_path(save)
     long = _long(tables)
@@ -507,7 +517,7 @@ def history(
     logy: bool = False,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
-) -> Axes:
+) -> Axes | None:
     """Training curves against the step, one line per key.
 
     NaNs are skipped per series (validation rows are sparse); the lowest ``val_loss`` is marked
@@ -527,11 +537,12 @@ def history(
         Log-scale y axis.
     show, save
         ``show=True`` calls ``plt.show()``; ``save``: the file to write the figure to (rules in
-        the module docstring). The Axes is returned either way.
+        the module docstring).
 
     Returns
     -------
-    Axes
+    Axes or None
+        The Axes drawn in; None when the figure was shown (as scanpy's plots).
     """
     save = _save_path(save)
     frame = _history(model_or_history)
@@ -613,7 +624,7 @@ def top_genes(
     cell_type_key: str | bool | None = None,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
-) -> Axes:
+) -> Axes | None:
     """Paired horizontal bars of the real and predicted pseudobulk delta (mean log1p − own control
     mean) of one perturbation, for the ``n_genes`` genes with the largest |real delta| (largest
     at the top); the title gives the Pearson r of the two deltas over all (shared) genes.
@@ -644,11 +655,12 @@ def top_genes(
         IDs), as in scanpy.
     show, save
         ``show=True`` calls ``plt.show()``; ``save``: the file to write the figure to (rules in
-        the module docstring). The Axes is returned either way.
+        the module docstring).
 
     Returns
     -------
-    Axes
+    Axes or None
+        The Axes drawn in; None when the figure was shown (as scanpy's plots).
     """
     save = _save_path(save)
     given_col = pert_col
@@ -759,7 +771,7 @@ def embedding(
     s: float = 6.0,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
-) -> Axes:
+) -> Axes | None:
     """Predicted and real cells in one PCA fitted on the real cells only (on the genes both share,
     up to 50 components, the first two shown); predicted cells are projected into it.
 
@@ -788,11 +800,12 @@ def embedding(
         Marker size.
     show, save
         ``show=True`` calls ``plt.show()``; ``save``: the file to write the figure to (rules in
-        the module docstring). The Axes is returned either way.
+        the module docstring).
 
     Returns
     -------
-    Axes
+    Axes or None
+        The Axes drawn in; None when the figure was shown (as scanpy's plots).
     """
     save = _save_path(save)
     color = _one_color(color)

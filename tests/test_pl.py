@@ -167,8 +167,15 @@ def test_figures_stay_open_when_not_saved_shown_or_not_their_own(pair, tmp_path,
         ax = draw()  # not saved: left open (a notebook shows it)
         assert plt.get_fignums() == [ax.figure.number], name
         plt.close("all")
-        ax = draw(save=tmp_path / f"{name}.png", show=True)  # shown: open while shown
-        assert shown[-1] == [ax.figure.number] and plt.get_fignums() == [ax.figure.number]
+        # shown: open while shown, and None is returned (scanpy's convention: no
+        # "<Axes: ...>" printed under the figure in a notebook)
+        assert draw(save=tmp_path / f"{name}.png", show=True) is None, name
+        assert len(shown[-1]) == 1 and plt.get_fignums() == shown[-1]
+        plt.close("all")
+        assert draw(show=True) is None and len(shown[-1]) == 1, name  # shown, not saved
+        plt.close("all")
+        ax = draw(show=False)
+        assert plt.get_fignums() == [ax.figure.number], name
         plt.close("all")
         fig, mine = plt.subplots()  # the caller's figure: never closed
         assert draw(ax=mine, save=tmp_path / f"{name}_mine.png") is mine
@@ -177,10 +184,12 @@ def test_figures_stay_open_when_not_saved_shown_or_not_their_own(pair, tmp_path,
     # in a notebook (inline backend), a figure saved with show left as None is shown, then closed
     monkeypatch.setattr(plt, "get_backend", lambda: "module://matplotlib_inline.backend_inline")
     shown.clear()
-    ax = pl.delta_scatter(*pair, perts=["G000"], save=tmp_path / "inline.png")
-    assert shown == [[ax.figure.number]] and plt.get_fignums() == []
-    pl.delta_scatter(*pair, perts=["G000"], save=tmp_path / "quiet.png", show=False)
-    assert len(shown) == 1 and plt.get_fignums() == []
+    assert pl.delta_scatter(*pair, perts=["G000"], save=tmp_path / "inline.png") is None
+    assert len(shown) == 1 and len(shown[0]) == 1 and plt.get_fignums() == []
+    ax = pl.delta_scatter(*pair, perts=["G000"], save=tmp_path / "quiet.png", show=False)
+    assert len(shown) == 1 and plt.get_fignums() == [] and ax.collections  # not shown: the Axes
+    ax = pl.delta_scatter(*pair, perts=["G000"])  # not saved: left for the notebook to show
+    assert len(shown) == 1 and plt.get_fignums() == [ax.figure.number]
 
 
 def test_bad_save_values_are_refused_before_drawing(pair, tmp_path, monkeypatch):
