@@ -57,18 +57,59 @@ if TYPE_CHECKING:
 
 __all__ = ["delta_scatter", "embedding", "history", "metric_bars", "top_genes"]
 
-_MAX_COLOURS = 20  # series told apart by colour (matplotlib's tab20)
+_MAX_COLOURS = 20  # delta_scatter's series told apart by colour (matplotlib's tab20)
+_MAX_LISTED = 30  # embedding's legend lists the categories of `color` up to this many
 
 
 def _colours(n: int) -> list | None:
-    """``n`` distinct colours: matplotlib's default cycle up to 10, else tab20's dark ten
-    followed by its light ten."""
-    if n <= 10:
-        return None
+    """``n`` distinct colours: None (matplotlib's default cycle) up to 10, else
+    :func:`_palette`'s."""
+    return None if n <= 10 else _palette(n)
+
+
+def _palette(n: int) -> list:
+    """``n`` distinct colours for any ``n``: tab10 up to 10; tab20's dark ten, then its light ten
+    (neighbours differ in hue, not only in shade) up to 20; then the shades of tab20b and tab20c
+    taken a hue group at a time (60 in all); beyond, hues spaced by the golden angle at three
+    lightnesses, so no two colours repeat."""
+    import colorsys
+
     from matplotlib import colormaps
 
+    if n <= 10:
+        return list(colormaps["tab10"].colors)[:n]
     tab20 = list(colormaps["tab20"].colors)
-    return (tab20[::2] + tab20[1::2])[:n]
+    out = tab20[::2] + tab20[1::2]
+    for shade in (0, 2, 1, 3):  # (each map: 5 hue groups of 4 shades, dark to light)
+        for name in ("tab20b", "tab20c"):
+            out += list(colormaps[name].colors)[shade::4]
+    for i in range(max(0, n - len(out))):
+        hue = (i * 0.6180339887498949) % 1.0
+        out.append(colorsys.hls_to_rgb(hue, (0.45, 0.65, 0.3)[i % 3], 0.7))
+    return out[:n]
+
+
+def _uns_colours(adatas: Sequence[ad.AnnData], col: str, cats: Sequence[str]) -> list | None:
+    """The colours scanpy keeps for the categories of ``obs[col]`` (``uns[f"{col}_colors"]``,
+    one per category of a categorical column, as ``sc.pl`` plots set them) for ``cats``, from
+    the first object that has them for a category; None unless every category of ``cats`` has
+    one (the plot's own palette is used then)."""
+    from matplotlib.colors import is_color_like, to_rgba
+
+    found: dict[str, Any] = {}
+    for a in adatas:
+        colors = a.uns.get(f"{col}_colors")
+        values = a.obs[col] if col in a.obs.columns else None
+        if colors is None or values is None or not isinstance(values.dtype, pd.CategoricalDtype):
+            continue
+        colors = list(np.asarray(colors, dtype=object).ravel())
+        categories = values.cat.categories.astype(str)
+        if len(colors) != len(categories) or not all(
+                isinstance(c, str) and is_color_like(c) for c in colors):
+            continue  # (not one colour per category: stale, as scanpy would redraw them)
+        for cat, c in zip(categories, colors):
+            found.setdefault(cat, to_rgba(c))
+    return [found[c] for c in cats] if all(c in found for c in cats) else None
 
 
 def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Axes, bool]:
@@ -304,7 +345,10 @@ def delta_scatter(
         when some are left out).
     max_perts
         At most this many series (perturbation, or perturbation and cell type) are drawn, each
-        in its own colour (up to 20).
+        in its own colour (up to 20): scanpy's colours of the perturbations
+        (``uns[f"{pert_col}_colors"]`` of real or pred, one per category of a categorical
+        ``pert_col``, as ``sc.pl`` plots set them) when there is one cell type, so that a
+        perturbation keeps its colour from plot to plot; else colours in the order drawn.
     ax
         Axes to draw in (default: a new figure).
     s
@@ -347,7 +391,10 @@ def delta_scatter(
     dp = _deltas(pred, pert_col, control_pert, series, ct_col, "pred")
     several = len({c for c, _ in series}) > 1
     ax, own = _axes(ax, (5.0, 5.0))
-    colours = _colours(len(series))
+    colours = None if several else _uns_colours((adata_real, adata_pred), pert_col,
+                                                [p for _, p in series])
+    if colours is None:
+        colours = _colours(len(series))
     for i, (c, p) in enumerate(series):
         r = np.corrcoef(dr[i], dp[i])[0, 1] if dr[i].std() > 0 and dp[i].std() > 0 else np.nan
         name = f"{p} · {c}" if several else p
@@ -420,7 +467,8 @@ def metric_bars(
     show: bool | None = None,
     save: str | os.PathLike | None = None,
 ) -> Axes | None:
-    """Grouped bars of the mean of each metric, one bar per model.
+    """Grouped bars of the mean of each metric, one bar per model (each model in its own
+    colour).
 
     Parameters
     ----------
@@ -457,9 +505,10 @@ def metric_bars(
     ax, own = _axes(ax, (max(4.0, 1.2 * len(metrics) * max(1, len(models)) / 2), 4.0))
     width = 0.8 / max(len(models), 1)
     x = np.arange(len(metrics))
+    colours = _colours(len(models))
     for j, m in enumerate(models):
         pos, heights = x + (j - (len(models) - 1) / 2) * width, piv[m].to_numpy(float)
-        ax.bar(pos, heights, width, label=m)
+        ax.bar(pos, heights, width, label=m, color=None if colours is None else colours[j])
         for p in pos[np.isnan(heights)]:  # (an undefined value: marked, not an empty slot)
             ax.text(p, 0, "n/a", ha="center", va="bottom", rotation=90, fontsize="x-small")
     ax.set_xticks(x)
@@ -785,7 +834,11 @@ def embedding(
     color
         ``"source"`` (real / predicted) or an obs column of both objects (e.g. ``pert_col``;
         real cells as dots, predicted as crosses). A one-element list (scanpy's form) is taken
-        as its element; one column is drawn per call.
+        as its element; one column is drawn per call. Each category has its own colour:
+        scanpy's (``uns[f"{color}_colors"]``, one per category of the categorical column, as
+        ``sc.pl`` plots set them; real's first) when they cover every category drawn, else
+        distinct colours for any number of categories. The legend lists up to 30 categories;
+        above, it says how many.
     perts
         Keep those perturbations (plus ``control_pert``).
     basis
@@ -827,7 +880,7 @@ def embedding(
             raise DataError(f"color column {color!r} not found in {which} obs."
                             f"{did_you_mean(color, common)} Use color='source' or a column of "
                             f"both objects: {preview(common)}")
-    given = adata_pred, adata_real
+    given = adata_pred, adata_real  # (their uns may hold scanpy's colours of `color`)
     # the PCA's columns: the genes both share, in real's order
     adata_pred, adata_real = _on_shared_genes(adata_pred, adata_real, "embedding", "real")
     if adata_real.n_vars < 2:
@@ -879,9 +932,9 @@ def embedding(
                            else np.empty((0, 2)))}
     else:
         coords = {k: v[:, :2] for k, v in scores.items()}
-    ax, own = _axes(ax, (5.5, 5.0))
     names = {"real": "real", "pred": "predicted"}
     if color == "source":
+        ax, own = _axes(ax, (5.5, 5.0))
         for which, c in (("real", "tab:blue"), ("pred", "tab:orange")):
             ax.scatter(*coords[which].T, s=s, alpha=0.5, color=c, linewidths=0,
                        label=f"{names[which]} ({coords[which].shape[0]})")
@@ -892,12 +945,12 @@ def embedding(
         values = {"real": adata_real.obs[color].astype(str).to_numpy()[cells["real"]],
                   "pred": adata_pred.obs[color].astype(str).to_numpy()[cells["pred"]]}
         cats = sorted(set(values["real"]) | set(values["pred"]))
-        import matplotlib.pyplot as plt
-
-        cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+        colours = _uns_colours(given[::-1], color, cats) or _palette(len(cats))
+        listed = len(cats) <= _MAX_LISTED
+        outside = listed and len(cats) > 6  # (as delta_scatter: a long legend beside the axes)
+        ax, own = _axes(ax, (8.0 if len(cats) > 15 else 7.0, 5.0) if outside else (5.5, 5.0))
         handles = []
-        for j, cat in enumerate(cats):
-            c = cmap(j % cmap.N)
+        for cat, c in zip(cats, colours):
             # real cells as a faint cloud, predictions drawn over them as crosses
             for which, marker in (("real", "o"), ("pred", "x")):
                 m = values[which] == cat
@@ -909,11 +962,14 @@ def embedding(
             handles.append(Line2D([], [], ls="", marker="s", color=c, label=cat))
         handles += [Line2D([], [], ls="", marker=mk, color="grey", label=names[w])
                     for w, mk in (("real", "o"), ("pred", "x"))]
-        if len(cats) <= 20:
-            ax.legend(handles=handles, frameon=False, fontsize="small", title=color)
-        else:
+        if listed:
+            ax.legend(handles=handles, frameon=False, fontsize="small", title=color,
+                      ncols=2 if len(cats) > 15 else 1,
+                      **({"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if outside
+                         else {}))
+        else:  # (too many to list: the markers, and how many colours there are)
             ax.legend(handles=handles[-2:], frameon=False, fontsize="small",
-                      title=f"{color} ({len(cats)} values)")
+                      title=f"{color}: {len(cats)} values,\neach in its own colour")
     if basis == "umap":
         ax.set_xlabel("UMAP1")
         ax.set_ylabel("UMAP2")

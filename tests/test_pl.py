@@ -424,3 +424,101 @@ def test_evaluates_count_warning_still_names_the_callers_line(pair):
     said = [w for w in caught if "integer values only" in str(w.message)]
     assert [w.filename for w in said] == [__file__]
     assert "counts per cell the other file's log1p values stand for" in str(said[0].message)
+
+
+# ---------------------------------------------------------------------------------------------
+# colours
+# ---------------------------------------------------------------------------------------------
+
+
+def _rgb(c):
+    from matplotlib.colors import to_rgb
+
+    return tuple(round(v, 6) for v in to_rgb(c))
+
+
+def test_the_palette_gives_distinct_colours_for_any_number():
+    for n in (1, 10, 11, 20, 21, 34, 60, 61, 150, 400):
+        cols = pl._palette(n)
+        assert len(cols) == n and len({_rgb(c) for c in cols}) == n, n
+    assert pl._palette(20) == pl._colours(20)  # tab20's dark ten, then its light ten
+    assert pl._palette(34)[:20] == pl._colours(20)
+    assert pl._colours(10) is None  # (the default cycle)
+
+
+@pytest.fixture(scope="module")
+def many():
+    """33 perturbations and the controls: 34 categories."""
+    real, eff = synthetic_log1p(33, 6, 20, 30, seed=1)
+    pred, _ = synthetic_log1p(33, 5, 20, 30, seed=2, effects=eff)
+    return pred, real
+
+
+def _category_colours(ax):
+    """Legend label -> colour of the category handles (the markers' squares)."""
+    leg = ax.get_legend()
+    return {t.get_text(): _rgb(h.get_color()) for t, h in zip(leg.get_texts(), leg.legend_handles)
+            if h.get_marker() == "s"}
+
+
+def test_embedding_colours_many_categories_apart(many):
+    pred, real = many
+    ax = pl.embedding(pred, real, color="target_gene")
+    colours = {_rgb(c.get_facecolor()[0][:3]) for c in ax.collections}
+    assert len(colours) == 34  # one per category (tab20 with j % 20 repeated 14)
+    leg = ax.get_legend()
+    assert "34 values" in leg.get_title().get_text()
+    assert "own colour" in leg.get_title().get_text()
+    # 12 categories: _colours' order (tab20's dark ten first), listed beside the axes
+    keep = ["non-targeting"] + [f"G{i:03d}" for i in range(11)]
+    sub = [a[a.obs["target_gene"].isin(keep)].copy() for a in (pred, real)]
+    ax = pl.embedding(*sub, color="target_gene")
+    got = _category_colours(ax)
+    assert list(got) == sorted(keep)
+    assert list(got.values()) == [_rgb(c) for c in pl._colours(12)]
+    leg = ax.get_legend()
+    ax.figure.canvas.draw()
+    assert leg.get_window_extent().x0 >= ax.get_window_extent().x1  # (beside, not over, the data)
+    plt.close("all")
+
+
+def test_embedding_takes_scanpys_colours_from_uns(pair):
+    pred, real = pair
+    real = real.copy()
+    cats = list(real.obs["target_gene"].cat.categories)
+    mine = ["#112233", "#445566", "#778899", "#aabbcc", "#ddeeff"]
+    real.uns["target_gene_colors"] = np.array(mine, dtype=object)
+    ax = pl.embedding(pred, real, color="target_gene")
+    assert _category_colours(ax) == {c: _rgb(m) for c, m in zip(cats, mine)}
+    real.uns["target_gene_colors"] = mine[:3]  # stale (not one per category): not used
+    assert list(_category_colours(pl.embedding(pred, real, color="target_gene")).values()) == [
+        _rgb(c) for c in pl._palette(5)]
+    plt.close("all")
+
+
+def test_delta_scatter_keeps_a_perturbations_uns_colour(pair):
+    pred, real = pair
+    real = real.copy()
+    cats = list(real.obs["target_gene"].cat.categories)
+    mine = dict(zip(cats, ["#112233", "#445566", "#778899", "#aabbcc", "#ddeeff"]))
+    real.uns["target_gene_colors"] = list(mine.values())
+
+    def drawn(ax):
+        return {t.get_text().split(" ")[0]: _rgb(c.get_facecolor()[0][:3])
+                for t, c in zip(ax.get_legend().get_texts(), ax.collections)}
+
+    a = drawn(pl.delta_scatter(pred, real, perts=["G001", "G003"]))
+    b = drawn(pl.delta_scatter(pred, real, perts=["G003"]))
+    assert a == {p: _rgb(mine[p]) for p in ("G001", "G003")} and b["G003"] == a["G003"]
+    del real.uns["target_gene_colors"]  # none: colours in the order drawn, as before
+    assert drawn(pl.delta_scatter(pred, real, perts=["G003"]))["G003"] == _rgb("C0")
+    plt.close("all")
+
+
+def test_metric_bars_colours_every_model_apart():
+    models = [f"model{i}" for i in range(14)]
+    long = pd.DataFrame({"model": models, "metric": "pearson_delta",
+                         "value": np.linspace(0.1, 0.9, 14)})
+    ax = pl.metric_bars(long, metrics=["pearson_delta"])
+    assert len({_rgb(p.get_facecolor()) for p in ax.patches}) == 14
+    plt.close("all")
