@@ -9,8 +9,9 @@ drawn (``True``, a bare suffix such as ``".png"`` or an unknown format is an err
 by the plot (no ``ax``) is closed once saved unless ``show=True``, as in scanpy, so plots saved in
 a loop do not pile up (in a notebook, with ``show`` left as None, it is shown first).
 
-As scanpy's plots, each returns its Axes, to be adjusted further, or None when the figure was
-shown: with ``show=True``, or a figure of its own saved in a notebook with ``show`` left as None.
+As scanpy's plots, each returns its Axes (:func:`metric_bars` with one panel per metric: an array
+of them) to be adjusted further, or None when the figure was shown: with ``show=True``, or a
+figure of its own saved in a notebook with ``show`` left as None.
 
 The expression plots (:func:`delta_scatter`, :func:`top_genes`, :func:`embedding`) put pred and
 real on the log1p scale by the rule :func:`statetx.evaluate` applies, with the same warnings: a
@@ -22,6 +23,7 @@ metrics measure.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -390,7 +392,8 @@ def delta_scatter(
     dr = _deltas(real, pert_col, control_pert, series, ct_col, "real")
     dp = _deltas(pred, pert_col, control_pert, series, ct_col, "pred")
     several = len({c for c, _ in series}) > 1
-    ax, own = _axes(ax, (5.0, 5.0))
+    outside = len(series) > 6  # (the legend beside the axes: a wider figure keeps them square)
+    ax, own = _axes(ax, (7.5, 5.0) if outside else (5.0, 5.0))
     colours = None if several else _uns_colours((adata_real, adata_pred), pert_col,
                                                 [p for _, p in series])
     if colours is None:
@@ -407,11 +410,12 @@ def delta_scatter(
     ax.axvline(0, color="lightgrey", lw=0.5)
     ax.set_xlim(-lim, lim)
     ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal", adjustable="box")  # (the identity line at 45°, legend or not)
     ax.set_xlabel("real Δ (mean log1p − control)")
     ax.set_ylabel("predicted Δ")
     ax.set_title("Pseudobulk deltas: predicted vs real")
-    outside = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if len(series) > 6 else {}
-    ax.legend(fontsize="small", markerscale=2, frameon=False, **outside)
+    ax.legend(fontsize="small", markerscale=2, frameon=False,
+              **({"loc": "upper left", "bbox_to_anchor": (1.02, 1.0)} if outside else {}))
     return _finish(ax, own, show, save)
 
 
@@ -459,6 +463,25 @@ def _long(tables: Mapping[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+#: metrics whose largest |mean| differ by more than this factor get one panel each
+_SCALE_RATIO = 10.0
+
+
+def _magnitudes_differ(piv: pd.DataFrame) -> float:
+    """The ratio of the largest to the smallest metric magnitude (largest finite |value| over
+    the models; metrics at 0 or undefined count as any scale), 1 for fewer than two."""
+    mag = piv.abs().max(axis=1, skipna=True).to_numpy(float)
+    mag = mag[np.isfinite(mag) & (mag > 0)]
+    return float(mag.max() / mag.min()) if mag.size > 1 else 1.0
+
+
+def _bars(ax: Axes, pos: np.ndarray, heights: np.ndarray, width: float, **kw: Any) -> None:
+    """Bars, an undefined (NaN) value marked "n/a" rather than left as an empty slot."""
+    ax.bar(pos, heights, width, **kw)
+    for p in pos[np.isnan(heights)]:
+        ax.text(p, 0, "n/a", ha="center", va="bottom", rotation=90, fontsize="x-small")
+
+
 def metric_bars(
     tables: Mapping[str, pd.DataFrame] | pd.DataFrame,
     metrics: Sequence[str] = ("pearson_delta", "discrimination_score_l1", "overlap_at_N", "mae"),
@@ -466,9 +489,13 @@ def metric_bars(
     *,
     show: bool | None = None,
     save: str | os.PathLike | None = None,
-) -> Axes | None:
+) -> Axes | np.ndarray | None:
     """Grouped bars of the mean of each metric, one bar per model (each model in its own
     colour).
+
+    Metrics on a like scale share one y axis. When their magnitudes differ by more than 10×
+    (e.g. ``de_nsig_counts_pred`` in the hundreds next to ``mse`` at 0.01, which would be
+    flattened), each metric gets a small panel with its own y axis, in one figure.
 
     Parameters
     ----------
@@ -482,15 +509,18 @@ def metric_bars(
     metrics
         The metrics drawn, in this order.
     ax
-        Axes to draw in (default: a new figure).
+        Axes to draw in (default: a new figure). Metrics of different scales given an ``ax``
+        are drawn on it, on one y axis, with a warning (leave ``ax`` out for one panel per
+        metric, or draw them in several calls).
     show, save
         ``show=True`` calls ``plt.show()``; ``save``: the file to write the figure to (rules in
         the module docstring).
 
     Returns
     -------
-    Axes or None
-        The Axes drawn in; None when the figure was shown (as scanpy's plots).
+    Axes, array of Axes or None
+        The Axes; with one panel per metric, a 1-d array of the panels' Axes, in the order of
+        ``metrics``; None when the figure was shown (as scanpy's plots).
     """
     save = _save_path(save)
     long = _long(tables)
@@ -502,24 +532,67 @@ def metric_bars(
     models = list(dict.fromkeys(long["model"]))
     piv = long.pivot_table(index="metric", columns="model", values="value", aggfunc="mean",
                            dropna=False).reindex(index=metrics, columns=models)
+    scores = _is_score(tables)  # (scores against a baseline: higher is better for all)
+    names = [m + ("" if m in NO_BEST else " ↓" if m in BEST_ZERO and not scores else " ↑")
+             for m in metrics]
+    ylabel = ("score vs the baseline\n(↑: higher is better)" if scores else
+              "mean over perturbations\n(↑ / ↓: higher / lower is better)")
+    colours = _colours(len(models))
+    ratio = _magnitudes_differ(piv)
+    if ratio > _SCALE_RATIO and ax is None:
+        return _finish(*_metric_panels(piv, names, models, colours, ylabel), show, save)
+    if ratio > _SCALE_RATIO:
+        warnings.warn(f"metric_bars: the metrics' magnitudes differ {ratio:.0f}-fold, and on the "
+                      "one Axes given (ax=) the small ones are flattened; leave ax out for one "
+                      "panel per metric, or draw metrics of one scale per call.", UserWarning,
+                      stacklevel=2)
     ax, own = _axes(ax, (max(4.0, 1.2 * len(metrics) * max(1, len(models)) / 2), 4.0))
     width = 0.8 / max(len(models), 1)
     x = np.arange(len(metrics))
-    colours = _colours(len(models))
     for j, m in enumerate(models):
-        pos, heights = x + (j - (len(models) - 1) / 2) * width, piv[m].to_numpy(float)
-        ax.bar(pos, heights, width, label=m, color=None if colours is None else colours[j])
-        for p in pos[np.isnan(heights)]:  # (an undefined value: marked, not an empty slot)
-            ax.text(p, 0, "n/a", ha="center", va="bottom", rotation=90, fontsize="x-small")
+        _bars(ax, x + (j - (len(models) - 1) / 2) * width, piv[m].to_numpy(float), width,
+              label=m, color=None if colours is None else colours[j])
     ax.set_xticks(x)
-    scores = _is_score(tables)  # (scores against a baseline: higher is better for all)
-    ax.set_xticklabels([m + ("" if m in NO_BEST else " ↓" if m in BEST_ZERO and not scores
-                             else " ↑") for m in metrics], rotation=30, ha="right")
-    ax.set_ylabel("score vs the baseline (↑: higher is better)" if scores else
-                  "mean over perturbations (↑ / ↓: higher / lower is better)", fontsize="small")
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylabel(ylabel, fontsize="small")
     ax.axhline(0, color="grey", lw=0.5)
     ax.legend(frameon=False, fontsize="small")
     return _finish(ax, own, show, save)
+
+
+def _metric_panels(piv: pd.DataFrame, names: list[str], models: list[str],
+                   colours: list | None, ylabel: str) -> tuple[np.ndarray, bool]:
+    """One small panel per metric (at most 4 a row), each model's bar in its colour and one legend
+    for the figure; returns ``(axes, True)``: the panels in the order of the metrics, on a
+    figure made here."""
+    import matplotlib.pyplot as plt
+
+    n = len(names)
+    nrows = -(-n // 4)
+    ncols = -(-n // nrows)  # (rows filled evenly: 5 metrics are 3 + 2, not 4 + 1)
+    width = max(1.8, 0.3 * len(models) + 0.8)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(width * ncols + 1.5, 2.8 * nrows + 0.4),
+                             layout="constrained", squeeze=False)
+    for extra in grid.flat[n:]:
+        extra.remove()
+    axes = grid.ravel()[:n]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    x = np.arange(len(models))
+    for a, name, metric in zip(axes, names, piv.index):
+        _bars(a, x, piv.loc[metric].to_numpy(float), 0.8,
+              color=[(cycle[j % len(cycle)] if colours is None else colours[j])
+                     for j in range(len(models))])
+        a.set_xticks([])
+        a.set_xlim(-0.7, len(models) - 0.3)
+        a.set_title(name, fontsize="medium")
+        a.axhline(0, color="grey", lw=0.5)
+    fig.supylabel(ylabel, fontsize="small")
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=(cycle[j % len(cycle)] if colours is None else colours[j]), label=m)
+               for j, m in enumerate(models)]
+    fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize="small")
+    return axes, True
 
 
 # ---------------------------------------------------------------------------------------------

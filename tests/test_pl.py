@@ -522,3 +522,66 @@ def test_metric_bars_colours_every_model_apart():
     ax = pl.metric_bars(long, metrics=["pearson_delta"])
     assert len({_rgb(p.get_facecolor()) for p in ax.patches}) == 14
     plt.close("all")
+
+
+# ---------------------------------------------------------------------------------------------
+# layout
+# ---------------------------------------------------------------------------------------------
+
+
+def _inside(artist, fig):
+    box = artist.get_window_extent(fig.canvas.get_renderer())
+    return (box.x0 >= -1 and box.y0 >= -1 and box.x1 <= fig.bbox.x1 + 1
+            and box.y1 <= fig.bbox.y1 + 1)
+
+
+def test_metric_bars_draws_metrics_of_other_scales_in_panels(tmp_path):
+    table = pd.DataFrame({"model": ["st"] * 3 + ["baseline"] * 3,
+                          "metric": ["mse", "pearson_delta", "de_nsig_counts_pred"] * 2,
+                          "value": [0.01, 0.6, 390.0, 0.02, 0.3, 120.0]})
+    metrics = ["mse", "pearson_delta", "de_nsig_counts_pred"]
+    axes = pl.metric_bars(table, metrics=metrics)
+    assert isinstance(axes, np.ndarray) and axes.shape == (3,)
+    assert len({a.figure for a in axes}) == 1 and len(axes[0].figure.axes) == 3
+    for a, m, want in zip(axes, metrics, ([0.01, 0.02], [0.6, 0.3], [390.0, 120.0])):
+        assert a.get_title().startswith(m)
+        np.testing.assert_allclose([p.get_height() for p in a.patches], want)
+        assert a.get_ylim()[1] < 2 * max(want)  # its own y axis: not flattened
+    assert axes[0].figure.legends  # one legend of the models for the figure
+    assert pl.metric_bars(table, metrics=metrics, show=False) is not None
+    # metrics of one scale: one Axes, as before
+    like = pd.DataFrame({"model": ["st", "st"], "metric": ["mae", "pearson_delta"],
+                         "value": [0.08, 0.6]})
+    ax = pl.metric_bars(like, metrics=["mae", "pearson_delta"])
+    assert not isinstance(ax, np.ndarray) and len(ax.patches) == 2
+    # the caller's Axes: drawn on it, with a warning that the small metrics are flattened
+    fig, mine = plt.subplots()
+    with pytest.warns(UserWarning, match="differ 19500-fold.*leave ax out") as caught:
+        assert pl.metric_bars(table, metrics=metrics, ax=mine) is mine
+    assert caught[0].filename == __file__
+    assert len(mine.patches) == 6
+    plt.close("all")
+    # saved with a plain savefig (no tight bounding box), the y label is whole
+    default = pd.DataFrame({"model": "st", "metric": ["pearson_delta", "discrimination_score_l1"],
+                            "value": [0.6, 0.9]})
+    for draw in (lambda: pl.metric_bars(default, metrics=["pearson_delta",
+                                                          "discrimination_score_l1"]),
+                 lambda: pl.metric_bars(table, metrics=metrics)[0]):
+        ax = draw()
+        fig = ax.figure
+        fig.savefig(tmp_path / "bars.png")
+        label = fig._supylabel if fig._supylabel is not None else ax.yaxis.label
+        assert label.get_text().startswith("mean over perturbations") and _inside(label, fig)
+        plt.close("all")
+
+
+def test_delta_scatter_keeps_its_axes_square_beside_a_long_legend():
+    real, eff = synthetic_log1p(9, 10, 20, 30, seed=1)
+    pred, _ = synthetic_log1p(9, 10, 20, 30, seed=2, effects=eff)
+    for perts in (["G000"], None):  # legend inside; 9 series: legend outside
+        ax = pl.delta_scatter(pred, real, perts=perts)
+        ax.figure.canvas.draw()
+        box = ax.get_window_extent()
+        assert box.width == pytest.approx(box.height, rel=0.01)  # the identity line at 45°
+        assert _inside(ax.get_legend(), ax.figure)
+        plt.close("all")
