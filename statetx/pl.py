@@ -23,7 +23,6 @@ metrics measure.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +41,7 @@ from statetx._utils import (
     repeated,
     say,
     to_dense_f32,
+    warn,
 )
 from statetx.errors import ConfigError, DataError
 from statetx.metrics._inputs import (
@@ -542,10 +542,9 @@ def metric_bars(
     if ratio > _SCALE_RATIO and ax is None:
         return _finish(*_metric_panels(piv, names, models, colours, ylabel), show, save)
     if ratio > _SCALE_RATIO:
-        warnings.warn(f"metric_bars: the metrics' magnitudes differ {ratio:.0f}-fold, and on the "
-                      "one Axes given (ax=) the small ones are flattened; leave ax out for one "
-                      "panel per metric, or draw metrics of one scale per call.", UserWarning,
-                      stacklevel=2)
+        warn(f"metric_bars: the metrics' magnitudes differ {ratio:.0f}-fold, and on the one Axes "
+             "given (ax=) the small ones are flattened; leave ax out for one panel per metric, or "
+             "draw metrics of one scale per call.", UserWarning)
     ax, own = _axes(ax, (max(4.0, 1.2 * len(metrics) * max(1, len(models)) / 2), 4.0))
     width = 0.8 / max(len(models), 1)
     x = np.arange(len(metrics))
