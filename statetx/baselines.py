@@ -418,8 +418,8 @@ class _Baseline(Estimator):
         prepared = getattr(self, "_prepared", None)
         if prepared is None:
             raise DataError("predict_split needs the split data, which are not kept when a "
-                                 "baseline is pickled: statetx.run.attach_data(model, adata=...) "
-                                 "rebuilds them (or use predict(adata)).")
+                            "baseline is pickled: statetx.run.attach_data(model, adata=...) "
+                            "rebuilds them (or use predict(adata)).")
         if split not in prepared.splits:
             raise DataError(f"the fitted split spec has no '{split}' split (available: "
                             f"{', '.join(prepared.splits)}).")

@@ -1958,9 +1958,9 @@ class StateTransitionModel(Estimator):
             except (DataError, ConfigError, OSError) as err:
                 why = f" (reading the run's split.toml files failed: {err})"
         raise DataError(f"{what} needs the training data, which is not kept when a model "
-                             "is pickled or saved: attach it with statetx.run.attach_data(model, "
-                             "adata=...) (a run folder's own files are found from its "
-                             f"split.toml: attach_data(model)), or use predict(adata).{why}")
+                        "is pickled or saved: attach it with statetx.run.attach_data(model, "
+                        "adata=...) (a run folder's own files are found from its "
+                        f"split.toml: attach_data(model)), or use predict(adata).{why}")
 
     def _split_pseudobulks(self, d: Any, order: np.ndarray, run: Callable, clip: Any,
                            controls: str, datasets: np.ndarray | None = None

@@ -163,9 +163,9 @@ def load(cls: type[StateTransitionModel], path: str | Path,
         digest = meta.get("weights_sha256") if isinstance(meta, dict) else None
         if digest is not None and file_sha256(path / "model.safetensors") != digest:
             raise DataError(f"{path}: model.json and model.safetensors are from different "
-                            "saves (a save into this folder was interrupted, or one file was "
-                            "replaced); the weights do not match the digest model.json "
-                            "records. Save the model again.")
+                            "saves (a save into this folder was interrupted, or a file was "
+                            "replaced or damaged since); the weights do not match the digest "
+                            "model.json records. Save the model again.")
         features = read_features(path / FEATURES_FILE)
     except DataError:
         raise
@@ -333,8 +333,8 @@ def from_arc_state(cls: type[StateTransitionModel], run_dir: str | Path,
 
 def pickled_state(state: dict) -> dict:
     """``state`` (the estimator's ``__getstate__`` dict) made ready to pickle: the network as
-    CPU tensors, and a ``pert_features`` dict that equals the vocabulary's rows
-    stored by name only."""
+    CPU tensors, and a ``pert_features`` dict that equals the vocabulary's rows stored by name
+    only."""
     if "network_" in state:
         net = state.pop("network_")
         state["_network_state"] = {k: v.detach().cpu() for k, v in net.state_dict().items()}

@@ -1247,14 +1247,15 @@ def test_metrics_read_recorded_labels_and_refuse_empty_input():
 
 
 def test_non_finite_weights_are_refused_where_they_are_loaded(model, tmp_path):
-    """A damaged file (or a diverged run saved) would make every prediction NaN, silently."""
-    from safetensors.torch import load_file, save_file
+    """A diverged run saved (or a damaged file) would make every prediction NaN, silently.
+    (A file changed after the save is refused before, by the digest model.json records.)"""
+    import copy
 
-    model.save(tmp_path / "m")
-    state = load_file(str(tmp_path / "m" / "model.safetensors"))
-    name = next(k for k, v in state.items() if v.is_floating_point())
-    state[name][0] = float("nan")
-    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    diverged = copy.deepcopy(model)
+    name, weight = next((k, v) for k, v in diverged.network_.state_dict().items()
+                        if v.is_floating_point())
+    weight.view(-1)[0] = float("nan")
+    diverged.save(tmp_path / "m")
     with pytest.raises(DataError, match=rf"model.safetensors: weights hold NaN or Inf.*{name}"):
         StateTransitionModel.load(tmp_path / "m")
     blob = pickle.dumps(model)
