@@ -2351,9 +2351,13 @@ def _carry_var(adata: ad.AnnData, out: ad.AnnData, gene_name_col: str | None) ->
     pos = first_positions(names, out.var_names.astype(str))  # (output genes: unique in input)
     if (pos < 0).all():
         return
-    var = adata.var.reset_index(drop=True).reindex(pos)
-    if (pos < 0).any():  # (genes the input lacks, missing_genes="zero": missing values, in
-        var = var.convert_dtypes()  # types that hold them and write: boolean, Int64, string)
+    var = adata.var.reset_index(drop=True)
+    if (pos < 0).any():  # (genes the input lacks, missing_genes="zero": missing values. Only
+        # integer and boolean columns change type, to Int64 / boolean; float columns keep
+        # float64 with NaN, text stays object with NaN: all types anndata writes, unlike the
+        # Float64 / string that DataFrame.convert_dtypes makes)
+        var = _nullable(var, list(var.columns))
+    var = var.reindex(pos)
     var.index = out.var_names
     out.var = var
 

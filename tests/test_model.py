@@ -6,6 +6,7 @@ import pickle
 import re
 import warnings
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -513,6 +514,28 @@ def test_prediction_keeps_the_input_gene_annotations(fitted):
     filled = model.predict(b, missing_genes="zero").var
     assert list(filled.columns) == ["gene_id", "highly_variable"]
     assert filled.loc[a.var_names[0]].isna().all() and filled.iloc[:, 0].notna().sum() == b.n_vars
+
+
+def test_prediction_with_filled_genes_writes_and_reads_back(fitted, tmp_path):
+    """missing_genes='zero' keeps var columns in types anndata writes: float columns with NaN
+    (preprocess_train / scanpy HVG output) once became pandas' Float64, which it cannot write."""
+    model, adata = fitted
+    a = adata[:, 1:].copy()
+    a.var["means"] = np.linspace(0.0, 1.0, a.n_vars)
+    a.var["dispersions_norm"] = np.where(np.arange(a.n_vars) % 3 == 0, np.nan, 1.0)
+    a.var["n_cells"] = np.arange(a.n_vars)
+    a.var["highly_variable"] = np.arange(a.n_vars) % 2 == 0
+    a.var["symbol"] = [f"S{i}" for i in range(a.n_vars)]
+    out = model.predict(a, missing_genes="zero")
+    assert out.var["means"].dtype == np.float64 and out.var["dispersions_norm"].dtype == np.float64
+    out.write_h5ad(tmp_path / "pred.h5ad")
+    back = ad.read_h5ad(tmp_path / "pred.h5ad")
+    missing = adata.var_names[0]
+    assert back.var.loc[missing].isna().all()
+    np.testing.assert_allclose(back.var.loc[a.var_names, "means"], a.var["means"])
+    assert back.var.loc[a.var_names, "n_cells"].tolist() == list(range(a.n_vars))
+    assert (back.var.loc[a.var_names, "highly_variable"].tolist()
+            == a.var["highly_variable"].tolist())
 
 
 def test_input_normalised_to_another_total_is_flagged(synth, tmp_path):
