@@ -15,12 +15,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from statetx.errors import ConfigError
+
+if TYPE_CHECKING:  # (scipy is imported where used: the CLI's argument errors stay fast)
+    import scipy.sparse as sp
 
 # loss options (spec model.md §10): the set loss's own, and those of the whole training loss
 SET_LOSS_OPTIONS = ("blur", "sinkhorn_weight", "energy_weight", "mmd_num_chunks",
@@ -201,6 +203,8 @@ def repeated(names: Iterable[object]) -> list[str]:
 
 def to_dense_f32(x: np.ndarray | sp.spmatrix) -> np.ndarray:
     """Dense, C-contiguous float32 copy-if-needed of a dense or sparse matrix."""
+    import scipy.sparse as sp
+
     if sp.issparse(x):
         x = x.toarray()
     return np.ascontiguousarray(np.asarray(x), dtype=np.float32)
@@ -208,6 +212,8 @@ def to_dense_f32(x: np.ndarray | sp.spmatrix) -> np.ndarray:
 
 def sample_rows(x: np.ndarray | sp.spmatrix, max_rows: int = 1000) -> np.ndarray:
     """A dense float64 sample of at most ``max_rows`` rows (evenly spread, deterministic)."""
+    import scipy.sparse as sp
+
     n = x.shape[0]
     if n > max_rows:
         idx = np.linspace(0, n - 1, max_rows).astype(np.int64)

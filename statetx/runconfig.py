@@ -736,10 +736,24 @@ def _check_run_folder(output_dir: Path, name: str) -> None:
 
 def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
     """Resolve the preset and the data-dependent defaults; build the estimator parameters."""
-    from statetx.presets import resolve_architecture
-
     v = dict(res.values)
     _check_run_folder(Path(str(v["output_dir"])), str(v["name"]))
+    # the split file and init_from are checked before the presets (which import torch, ~5 s)
+    toml = v["data.kwargs.toml_config_path"]
+    if not toml and check_data:
+        raise ConfigError("data.kwargs.toml_config_path is required: the TOML split file that "
+                          "lists the datasets and held-out cell types (e.g. "
+                          "data.kwargs.toml_config_path=config.toml).")
+    if check_data and not Path(toml).is_file():
+        raise ConfigError(f"data.kwargs.toml_config_path={toml}: "
+                          + ("a folder, not a file." if Path(toml).is_dir() else
+                             "file not found."))
+    init_from = v["model.kwargs.init_from"]
+    if check_data and init_from and not Path(init_from).exists():
+        raise ConfigError(f"model.kwargs.init_from={init_from}: not found (give a statetx "
+                          "checkpoint, run or model folder, or an arc-state run).")
+    from statetx.presets import resolve_architecture
+
     notices = list(res.notices)
     given_arch = {k.split(".", 2)[2]: v[k] for k in res.given
                   if k.startswith("model.kwargs.") and k.split(".", 2)[2] in ARCH_TYPES}
@@ -759,23 +773,12 @@ def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
                 "model.kwargs.cell_set_len only: set that instead (or drop this key).")
     for name in ARCH_KEYS:
         v[f"model.kwargs.{name}"] = arch[name]
-    toml = v["data.kwargs.toml_config_path"]
-    if not toml and not check_data:
+    if not toml:  # (--print-config without a split file)
         return TrainPlan(config=unflatten(v), params={}, run_dir=Path(v["output_dir"]) /
                          str(v["name"]), toml=None, init_from=v["model.kwargs.init_from"],
                          freeze_backbone=bool(v["model.kwargs.freeze_pert_backbone"]),
                          notices=notices)
-    if not toml:
-        raise ConfigError("data.kwargs.toml_config_path is required: the TOML split file that "
-                          "lists the datasets and held-out cell types (e.g. "
-                          "data.kwargs.toml_config_path=config.toml).")
     toml_path = Path(toml)
-    if check_data and not toml_path.is_file():
-        raise ConfigError(f"data.kwargs.toml_config_path={toml}: file not found.")
-    init_from = v["model.kwargs.init_from"]
-    if check_data and init_from and not Path(init_from).exists():
-        raise ConfigError(f"model.kwargs.init_from={init_from}: not found (give a statetx "
-                          "checkpoint, run or model folder, or an arc-state run).")
     if check_data and "data.kwargs.batch_col" not in res.given and v["data.kwargs.batch_col"]:
         col = v["data.kwargs.batch_col"]
         missing, present = _files_without_column(toml_path, col)

@@ -335,6 +335,25 @@ def test_cli_help_does_not_import_heavy_packages():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=REPO)
 
 
+def test_train_split_file_errors_do_not_import_torch(tmp_path):
+    """A missing or absent split file is said before the presets (torch, ~5 s) are imported."""
+    code = textwrap.dedent(f"""
+        import sys, io, contextlib
+        import statetx.cli
+        for args in (["training.max_steps=10"],
+                     ["data.kwargs.toml_config_path={tmp_path / 'nothere.toml'}"],
+                     ["model=pertsets", "model.kwargs.init_from={tmp_path / 'no.ckpt'}",
+                      "data.kwargs.toml_config_path={__file__}"]):
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                assert statetx.cli.main(["tx", "train", *args]) == 2
+            assert ("toml_config_path" in err.getvalue() or "init_from" in err.getvalue()), \
+                err.getvalue()
+            heavy = [m for m in ("torch", "scipy", "pandas", "anndata") if m in sys.modules]
+            assert not heavy, (args, heavy)
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=REPO)
+
+
 def test_namespaces_import_torch_only_when_a_name_needs_it():
     code = textwrap.dedent("""
         import sys
