@@ -140,6 +140,8 @@ ARCH_KEYS = tuple(ARCH_TYPES)
 
 _NO_EFFECT = "has no effect in statetx"
 _NOT_YET = "is not supported by statetx yet"
+_NO_WANDB = ("statetx does not log to Weights & Biases; metrics are written to "
+             "<run>/metrics.csv, and to <run>/tensorboard/ when tensorboard is installed")
 
 
 def _keys() -> dict[str, Key]:
@@ -278,12 +280,12 @@ def _keys() -> dict[str, Key]:
         Key(b + "embd_pdrop", 0.0, "float", status="default_only"),
         Key(b + "attn_pdrop", 0.0, "float", status="default_only"),
         # wandb and top level
-        Key("wandb.project", None, "str", optional=True),
-        Key("wandb.entity", None, "str", optional=True),
-        Key("wandb.tags", [], "list"),
-        Key("wandb.group", None, "str", optional=True),
-        Key("wandb.notes", None, "str", optional=True),
-        Key("wandb.dir", None, "str", optional=True),
+        Key("wandb.project", None, "str", optional=True, status="noeffect", note=_NO_WANDB),
+        Key("wandb.entity", None, "str", optional=True, status="noeffect", note=_NO_WANDB),
+        Key("wandb.tags", [], "list", status="noeffect", note=_NO_WANDB),
+        Key("wandb.group", None, "str", optional=True, status="noeffect", note=_NO_WANDB),
+        Key("wandb.notes", None, "str", optional=True, status="noeffect", note=_NO_WANDB),
+        Key("wandb.dir", None, "str", optional=True, status="noeffect", note=_NO_WANDB),
         Key("use_wandb", False, "bool"),
         Key("output_dir", "./debugging", "str"),
         Key("name", "debug", "str"),
@@ -641,11 +643,15 @@ def resolve(tokens: Iterable[str], config_file: str | Path | None = None,
 
 def _check_values(res: Resolved) -> None:
     v = res.values
+    wandb = [res.sources.get(p, p) for p in sorted(res.given) if p.startswith("wandb.")]
+    if wandb:  # (one warning for all of them)
+        warn(f"{', '.join(wandb)}: wandb.* keys have no effect in statetx ({_NO_WANDB}). "
+             f"{'They are' if len(wandb) > 1 else 'It is'} ignored.", UserWarning)
     for path in sorted(res.given):
         key = KEYS[path]
         val = v[path]
         shown = res.sources.get(path, path)
-        if key.status == "noeffect":
+        if key.status == "noeffect" and not path.startswith("wandb."):
             warn(f"{shown}: {path} {_NO_EFFECT}"
                  + (f" ({key.note})." if key.note else ".") + " It is ignored.", UserWarning)
         elif key.status == "default_only" and val != key.default:

@@ -94,6 +94,32 @@ def test_unknown_key_suggests_close_match():
         R.resolve(["training.max_steps.x=3"])  # (not for keys that have an effect)
 
 
+def test_wandb_keys_warn_once_that_they_have_no_effect(capsys):
+    """W&B logging never happens (use_wandb=true is an error): its keys are accepted with one
+    warning for all of them, and --list-keys tags them."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = R.resolve(["wandb.tags=[a]", "wandb.project=p", "model=tiny"])
+    said = [str(w.message) for w in caught if "wandb" in str(w.message)]
+    assert len(said) == 1, said
+    assert ("wandb.tags=[a], wandb.project=p" in said[0] or
+            "wandb.project=p, wandb.tags=[a]" in said[0])
+    assert "keys have no effect in statetx" in said[0] and "metrics.csv" in said[0]
+    assert res.values["wandb.tags"] == ["a"]  # (kept in config.yaml, as arc-state's)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        R.resolve(["model=tiny"])  # (nothing said when no wandb key is given)
+    from statetx.cli import main
+
+    assert main(["tx", "train", "--list-keys"]) == 0
+    keys = {line.split(" ", 1)[0]: line for line in capsys.readouterr().out.splitlines()}
+    for k in ("wandb.project", "wandb.entity", "wandb.tags", "wandb.group", "wandb.notes",
+              "wandb.dir"):
+        assert keys[k].endswith("[accepted, no effect]"), keys[k]
+
+
 def test_no_effect_keys_warn_and_unsupported_values_fail():
     with pytest.warns(UserWarning, match="num_workers has no effect"):
         R.resolve(["data.kwargs.num_workers=4"])
