@@ -146,7 +146,9 @@ def resolve_architecture(preset: str, overrides: dict | None = None) -> dict:
     Overriding ``hidden_dim`` on a Llama preset keeps its heads, head width and FFN width (as the
     reference does) and warns when H*d != h or the FFN/h ratio changes; on a GPT-2 preset the head
     width becomes h / n_heads and the FFN width 4h unless given. Overriding ``n_heads`` alone keeps
-    n_kv_heads = n_heads (no grouped-query attention). ``bidirectional_attention``
+    n_kv_heads = n_heads (no grouped-query attention), and on GPT-2 (whose own configuration
+    derives the head width, n_embd / n_head) sets head_dim = h / n_heads: an error when n_heads
+    does not divide h. ``bidirectional_attention``
     (0.11.1 flag) maps to attention/rope: true -> bidirectional, no rope; false -> causal, rope
     10000. ``use_batch_token: true`` is rejected (not supported).
     """
@@ -184,11 +186,20 @@ def resolve_architecture(preset: str, overrides: dict | None = None) -> dict:
     if "n_heads" in ov and "n_kv_heads" not in ov and base["n_kv_heads"] == base["n_heads"]:
         arch["n_kv_heads"] = arch["n_heads"]  # presets have K = H; keep it so
 
-    if "hidden_dim" in ov and ov["hidden_dim"] != base["hidden_dim"]:
-        h = arch["hidden_dim"]
+    h, n_heads = arch["hidden_dim"], arch["n_heads"]
+    new_width = "hidden_dim" in ov and ov["hidden_dim"] != base["hidden_dim"]
+    if (arch["backbone"] == "gpt2" and "head_dim" not in ov and (new_width or "n_heads" in ov)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                    for x in (h, n_heads))):
+        if h % n_heads:
+            fits = [k for k in range(1, min(h, 64) + 1) if h % k == 0]
+            raise ConfigError(
+                f"n_heads={n_heads} does not divide hidden_dim={h}: the gpt2 backbone's heads "
+                f"are hidden_dim / n_heads wide (GPT-2's n_embd / n_head); choose n_heads among "
+                f"{', '.join(map(str, fits))} (or change hidden_dim).")
+        arch["head_dim"] = h // n_heads
+    if new_width:
         if arch["backbone"] == "gpt2":
-            if "head_dim" not in ov and isinstance(h, int) and h % arch["n_heads"] == 0:
-                arch["head_dim"] = h // arch["n_heads"]
             if "intermediate_size" not in ov and isinstance(h, int):
                 arch["intermediate_size"] = 4 * h
         else:

@@ -107,6 +107,24 @@ def test_hidden_dim_override_keeps_heads_and_warns():
     assert (g["head_dim"], g["intermediate_size"], g["n_heads"]) == (8, 128, 4)
 
 
+def test_gpt2_n_heads_override_derives_head_width():
+    """GPT-2 derives its head width (n_embd / n_head): overriding only n_heads on pertsets (328
+    wide, 8 x 41) keeps the width and splits it, instead of keeping Llama's head width."""
+    g = resolve_architecture("pertsets", {"n_head": 4})
+    assert (g["hidden_dim"], g["n_heads"], g["head_dim"], g["n_kv_heads"]) == (328, 4, 82, 4)
+    assert g["intermediate_size"] == PRESETS["pertsets"]["intermediate_size"]
+    assert resolve_architecture("pertsets", {"num_attention_heads": 2})["head_dim"] == 164
+    with pytest.raises(ConfigError, match=r"n_heads=3 does not divide hidden_dim=328.*"
+                                          r"1, 2, 4, 8, 41"):
+        resolve_architecture("pertsets", {"n_head": 3})
+    # an explicit head_dim is kept (and checked by the network)
+    with pytest.raises(ConfigError, match="n_heads \\* head_dim == hidden_dim"):
+        resolve_architecture("pertsets", {"n_head": 4, "head_dim": 41})
+    # Llama presets keep their head width (attention width H*d may differ from h)
+    a = resolve_architecture("tiny", {"n_heads": 8})
+    assert (a["n_heads"], a["head_dim"]) == (8, 32)
+
+
 def test_bidirectional_flag_and_aliases():
     a = resolve_architecture("tiny", {"bidirectional_attention": False})
     assert a["attention"] == "causal" and a["rope"] == 10000.0
