@@ -272,7 +272,8 @@ def start_run(plan: TrainPlan, argv: list[str] | None = None) -> Path | None:
             last = run / CHECKPOINT_DIR / "last.ckpt"
             if cfg["resume"] != "force" and (run / CONFIG_FILE).is_file():
                 diffs = config_differences(read_config(run / CONFIG_FILE), cfg)
-                diffs += input_differences(run, plan.toml)
+                changes = input_differences(run, plan.toml)
+                diffs = _split_file_moved(run, diffs, changes) + changes
                 if diffs:
                     raise ConfigError(
                         f"{run} already holds a run with a different configuration: "
@@ -371,6 +372,22 @@ def input_differences(run: Path, toml: Any) -> list[str]:
                        + (f"{old.get('bytes')} -> {new.get('bytes')} bytes)"
                           if old.get("bytes") != new.get("bytes") else "same size)"))
     return out
+
+
+def _split_file_moved(run: Path, diffs: list[str], changes: list[str]) -> list[str]:
+    """``diffs`` without the split file's path when only the path changed: the run's
+    ``split.toml`` holds the same split as the file given now (``changes``, from
+    :func:`input_differences`, names no ``split [...]`` section; the data files are checked
+    there too), so a copy of the file, or the same file reached by another path, resumes,
+    with a notice."""
+    key = "data.kwargs.toml_config_path: "
+    moved = [d for d in diffs if d.startswith(key)]
+    if (not moved or not (Path(run) / "split.toml").is_file()
+            or any(c.startswith("split [") for c in changes)):
+        return diffs
+    say(f"the split file's path changed ({moved[0][len(key):]}) but it holds the same split "
+        f"as the run's {Path(run) / 'split.toml'}: resuming with it.")
+    return [d for d in diffs if d not in moved]
 
 
 def _norm_section(section: Any) -> Any:

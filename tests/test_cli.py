@@ -609,6 +609,31 @@ def test_resume_refuses_a_changed_split_or_data_file(data, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
 
 
+def test_resume_accepts_the_same_split_at_another_path(data, tmp_path, capsys):
+    """An identical copy of the split file (or the same file by another path) resumes, with a
+    notice naming both paths; a copy whose split differs is still refused."""
+    import shutil
+
+    mine = tmp_path / "data"
+    shutil.copytree(data, mine)
+    out = tmp_path / "out"
+    assert main(train_args(mine, out, "r", "training.max_steps=2")) == 0
+    shutil.copy(mine / "split.toml", mine / "split_copy.toml")
+    args = train_args(mine, out, "r", "training.max_steps=3")
+    args[2] = f'data.kwargs.toml_config_path="{mine / "split_copy.toml"}"'
+    capsys.readouterr()
+    assert main(args) == 0, capsys.readouterr().err
+    o = capsys.readouterr().out
+    assert "split file's path changed" in o and "split_copy.toml" in o and "resuming" in o
+    spec = (mine / "split.toml").read_text()
+    swapped = spec.replace("CT2", "CTx").replace("CT1", "CT2").replace("CTx", "CT1")
+    (mine / "split_copy.toml").write_text(swapped)
+    args[args.index("training.max_steps=3")] = "training.max_steps=4"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "split [zeroshot]" in err, err  # (config.yaml now names the copy)
+
+
 def test_early_stopped_run_is_left_as_it_is(data, tmp_path, capsys):
     args = train_args(data, tmp_path, "es", "training.max_steps=40", "training.val_freq=1",
                       "training.early_stopping_patience=1", "training.lr=0.05",
