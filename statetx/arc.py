@@ -37,7 +37,24 @@ LICENSE_NOTICE = (
     "imported weights keep their original licence (arc-state code: CC BY-NC-SA 4.0; Arc's released "
     "weights: Arc Research Institute State Model Non-Commercial License)"
 )
+STATETX_ORIGIN_KEY = "statetx_origin"  # (checkpoint entry written by statetx.arc_export)
 _NP_CORE = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+
+
+def license_notice(origin: Any = None) -> str:
+    """The licence line of imported weights: :data:`LICENSE_NOTICE`, unless the checkpoint's
+    ``statetx_origin`` entry (a run that :func:`statetx.arc_export.export_arc` wrote) says that
+    statetx trained them (then the training data's licence, and an ``init_from`` checkpoint's
+    when they started from one)."""
+    if not isinstance(origin, dict) or origin.get("trained_by") != "statetx":
+        return LICENSE_NOTICE
+    start = origin.get("init_from")
+    if start:
+        return (f"trained with statetx (MIT code), starting from the weights of {start} "
+                "(model.kwargs.init_from): those weights' licence applies (Arc's released "
+                "weights: Arc Research Institute State Model Non-Commercial License)")
+    return ("trained with statetx (MIT code) and exported as an arc-state run; the weights "
+            "follow the licence of the training data")
 
 
 class AmbiguousAttentionError(ConfigError):
@@ -600,7 +617,7 @@ def load_arc_run(
                                set_len, perturbations, ckpt_path, notes)
     training = _loss_settings(setting, notes)
     provenance = _provenance(ckpt, ckpt_path, run, hp, kw, unknown, att, rp)
-    notes.append(LICENSE_NOTICE)
+    notes.append(provenance["license_notice"])
     if verbose:
         for note in notes:
             print(f"[arc import] {note}")
@@ -916,7 +933,11 @@ def _data_kwargs(
 
 def _provenance(ckpt: dict, ckpt_path: Path, run: Path, hp: dict, kw: dict, unknown: list[str],
                 att: str, rp: float | None) -> dict:
-    """Where the imported weights come from (file, hash, versions, attention, licence)."""
+    """Where the imported weights come from (file, hash, versions, attention, licence; who
+    trained them when statetx exported the run)."""
+    origin = _plain(ckpt.get(STATETX_ORIGIN_KEY))
+    if not isinstance(origin, dict):
+        origin = None
     return {
         "source": str(ckpt_path),
         "run_dir": str(run),
@@ -930,7 +951,9 @@ def _provenance(ckpt: dict, ckpt_path: Path, run: Path, hp: dict, kw: dict, unkn
         "attention": att,
         "rope": rp,
         "license": _license(run),
-        "license_notice": LICENSE_NOTICE,
+        "license_notice": license_notice(origin),
+        **({"trained_by": origin.get("trained_by"), STATETX_ORIGIN_KEY: origin} if origin
+           else {}),
     }
 
 

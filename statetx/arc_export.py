@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from statetx._utils import atomic_folder, check_folder
-from statetx.arc import conv1d_layout
+from statetx.arc import STATETX_ORIGIN_KEY, conv1d_layout
 from statetx.errors import ConfigError
-from statetx.runconfig import config_of_model, dump_config
+from statetx.runconfig import config_of_model, dump_config, read_config
 
 if TYPE_CHECKING:  # pragma: no cover
     from statetx.model import StateTransitionModel
@@ -88,6 +88,9 @@ def export_arc(model: StateTransitionModel, out: str | Path, *, overwrite: bool 
             "hyper_parameters": hp, "hparams_name": "kwargs",
             "pytorch-lightning_version": "2.5.0", "epoch": 0, "global_step": hp["max_steps"],
             "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}
+    origin = statetx_origin(model)
+    if origin is not None:  # (an entry Lightning and arc-state ignore; statetx's importer
+        ckpt[STATETX_ORIGIN_KEY] = origin  # reads it for the licence line)
     vectors = (v.pert_features if v.pert_features is not None
                else np.eye(len(v.perturbations), dtype=np.float32))
     maps = {"pert_onehot_map.pt": {str(k): torch.from_numpy(np.array(vectors[i], np.float32))
@@ -116,6 +119,29 @@ def export_arc(model: StateTransitionModel, out: str | Path, *, overwrite: bool 
         (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
 
     return atomic_folder(out, write)
+
+
+def statetx_origin(model: StateTransitionModel) -> dict[str, Any] | None:
+    """Who trained the exported weights, for the importer's licence line: statetx (its
+    version, and the ``model.kwargs.init_from`` checkpoint its run started from, when its run
+    folder records one), or for a model imported from an arc-state run, that run's own record
+    (None: arc-state trained them, and their licence stays)."""
+    arc = getattr(model, "arc_import_", None)
+    if arc:
+        origin = (arc.get("provenance") or {}).get(STATETX_ORIGIN_KEY)
+        return dict(origin) if isinstance(origin, dict) else None
+    from statetx import __version__
+
+    init_from = None
+    run = getattr(model, "run_dir_", None)
+    if run is not None and (Path(run) / "config.yaml").is_file():
+        try:
+            kwargs = (read_config(Path(run) / "config.yaml").get("model") or {}).get("kwargs")
+            init_from = (kwargs or {}).get("init_from")
+        except (ConfigError, OSError, AttributeError):
+            pass
+    return {"trained_by": "statetx", "statetx_version": __version__,
+            "init_from": str(init_from) if init_from else None}
 
 
 def unexportable(model: StateTransitionModel) -> list[str]:

@@ -111,6 +111,39 @@ def test_a_trained_model_and_a_run_on_the_command_line(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
+def test_an_export_of_a_statetx_trained_model_does_not_claim_arcs_licence(tmp_path, capsys):
+    """export-arc records that statetx trained the weights; import-arc, info and the importer's
+    notes then say so instead of the arc-state / Arc weights licence line. An arc-state run
+    exported again keeps that line."""
+    from statetx.arc import LICENSE_NOTICE
+
+    adata = make_synthetic()
+    small_model(max_steps=1, model_kwargs=SMALL).fit(adata, SPEC, output_dir=tmp_path / "run")
+    assert main(["export-arc", str(tmp_path / "run"), "--out", str(tmp_path / "arc")]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "arc")]) == 0
+    out = capsys.readouterr().out
+    assert "licence: trained with statetx" in out and "Non-Commercial" not in out
+    assert main(["import-arc", str(tmp_path / "arc"), "--out", str(tmp_path / "imp")]) == 0
+    out = capsys.readouterr().out
+    assert "trained with statetx" in out and LICENSE_NOTICE not in out
+    assert main(["info", str(tmp_path / "imp")]) == 0
+    assert "licence: trained with statetx" in capsys.readouterr().out
+    back = StateTransitionModel.from_arc_state(tmp_path / "arc", verbose=False)
+    prov = back.arc_import_["provenance"]
+    assert prov["trained_by"] == "statetx" and LICENSE_NOTICE not in back.arc_import_["notes"]
+    # exported again, it stays statetx's
+    again = StateTransitionModel.from_arc_state(back.to_arc_state(tmp_path / "arc2"),
+                                                verbose=False)
+    assert again.arc_import_["provenance"]["trained_by"] == "statetx"
+    # arc-state's own run, re-exported by statetx: its licence line stays
+    theirs = StateTransitionModel.from_arc_state(need(ARC / "runs" / RUNS[0]), verbose=False)
+    re = StateTransitionModel.from_arc_state(theirs.to_arc_state(tmp_path / "arc3"),
+                                             verbose=False)
+    assert re.arc_import_["provenance"]["license_notice"] == LICENSE_NOTICE
+    assert "trained_by" not in re.arc_import_["provenance"]
+
+
 def test_an_imported_model_is_not_exported_over_the_run_it_came_from(tmp_path):
     from conftest import writable_copy
 
