@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from statetx._context import command_line
 from statetx._options import ARCH_CHOICES, BATCH_COLS
 from statetx.errors import ConfigError, DataError, SplitConfigError, StatetxError
 
@@ -650,8 +651,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = show
         # (under torchrun every process reports its own failure: the others say which they are)
         who = "statetx" if _main_rank() else f"statetx [rank {os.environ.get('RANK')}]"
-        try:
-            return int(ns.func(ns) or 0)
+        parser = getattr(ns, "parser_", None)  # (the command, e.g. "tx train": its messages
+        command = " ".join(parser.prog.split()[1:]) if parser is not None else prog  # say
+        try:  # the command line's form of their advice, see statetx._utils.on_command_line)
+            with command_line(command or prog):
+                return int(ns.func(ns) or 0)
         except KeyboardInterrupt:
             print(f"{who}: interrupted", file=sys.stderr)
             return 130
@@ -1163,7 +1167,10 @@ def cmd_infer(a: argparse.Namespace) -> int:
         if a.tsv is not None and not Path(a.tsv).is_file():
             raise UsageError(f"--tsv {a.tsv}: file not found.")
         seed = model._seed(a.seed)  # (default: the model's training seed)
-        adata = _expand_cells(adata, pert_col, control, a.tsv, seed)
+        adata = _expand_cells(adata, pert_col, control, a.tsv, seed,
+                              # (labels the model lacks: said as the TSV's, unless asked for)
+                              vocab=model.vocab_ if a.unknown_perturbation == "error"
+                              and a.pert_features is None else None)
         source = c.embed_key or "X"
         if source == "X_hvg" and "X_hvg" not in adata.obsm:  # the genes are matched in X
             source = "X_hvg (no obsm['X_hvg'] in the input: its genes are read from X by name)"
@@ -1297,14 +1304,18 @@ def _remap_embedding(adata: Any, key: str, model_key: str | None,
     return adata
 
 
-def _expand_cells(adata: Any, pert_col: str, control: str, tsv: str | None, seed: int) -> Any:
+def _expand_cells(adata: Any, pert_col: str, control: str, tsv: str | None, seed: int,
+                  vocab: Any = None) -> Any:
     """Apply --tsv: that many virtual cells per listed perturbation, cloned from random control
-    cells (of any context, as the reference)."""
+    cells (of any context, as the reference). With the model's ``vocab``, a listed
+    perturbation it does not know is an error naming the TSV."""
     if tsv is None:
         return adata
     import anndata as ad
     import numpy as np
     import pandas as pd
+
+    from statetx._utils import did_you_mean, preview
 
     rng = np.random.default_rng([int(seed), 11])
     labels = adata.obs[pert_col].astype(str).to_numpy()
@@ -1320,6 +1331,18 @@ def _expand_cells(adata: Any, pert_col: str, control: str, tsv: str | None, seed
         raise DataError(f"--tsv {tsv}: num_cells must be whole numbers >= 0; row(s) "
                         + ", ".join(f"{r.perturbation}: {r.num_cells!r}"
                                     for r in bad.head(5).itertuples()) + ".")
+    listed = table["perturbation"].astype(str).to_numpy()
+    if vocab is not None:
+        unknown = list(dict.fromkeys(listed[vocab.encode("pert", listed, on_unknown="ignore")
+                                            < 0]))
+        if unknown:
+            raise DataError(
+                f"--tsv {tsv}: {len(unknown)} perturbation(s) are not in the model's "
+                f"vocabulary: {preview(unknown)}.{did_you_mean(unknown[0], vocab.perturbations)}"
+                " Correct them in the TSV (its 'perturbation' column names the perturbations "
+                "to simulate), or pass --unknown-perturbation control / zeros to predict them "
+                "anyway" + (", or --pert-features FILE with their vectors"
+                            if vocab.pert_features is not None else "") + ".")
     ctrl = np.flatnonzero(labels == control)
     if not len(ctrl):
         raise DataError(f"--tsv needs control cells (obs['{pert_col}'] == '{control}').")

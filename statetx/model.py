@@ -24,6 +24,7 @@ import torch
 from sklearn.exceptions import NotFittedError
 
 from statetx import persist
+from statetx._context import on_command_line
 from statetx._params import Estimator
 from statetx._utils import (
     as_count,
@@ -575,13 +576,17 @@ class StateTransitionModel(Estimator):
         """Gene-space targets without a gene decoder, and decoder settings that have no effect
         (said by ``fit`` and by the command line's dry run)."""
         columns = prepared.columns
+        cli = on_command_line() is not None  # (tx train: its keys, not Python's arguments)
         if prepared.gene_dim and not net_cfg.gene_dim:
             warn(
                 f"output_space={columns.output_space!r} asks for gene-space predictions, but "
                 f"the {preset!r} architecture has no gene decoder (gene_decoder_bool=False): "
                 f"predictions stay in the space of obsm['{columns.embed_key}']. For genes, use "
-                "model_kwargs={'gene_decoder_bool': True} (or a preset with a decoder, e.g. "
-                "'state'); for embeddings only, output_space='embedding'.", UserWarning)
+                + ("model.kwargs.gene_decoder_bool=true (or a preset with a decoder, e.g. "
+                   "model=state); for embeddings only, data.kwargs.output_space=embedding."
+                   if cli else
+                   "model_kwargs={'gene_decoder_bool': True} (or a preset with a decoder, e.g. "
+                   "'state'); for embeddings only, output_space='embedding'."), UserWarning)
         # (keys given at the preset's own values, e.g. by a run's config.yaml, change nothing)
         own = resolve_architecture(preset)
         given = self.model_kwargs or {}
@@ -589,8 +594,10 @@ class StateTransitionModel(Estimator):
                 if k in given and json.dumps(given[k], default=str)
                 != json.dumps(own.get(k), default=str)]  # (lists and tuples alike)
         if idle and not prepared.gene_dim:
+            named = (", ".join(f"model.kwargs.{k}" for k in idle) if cli
+                     else f"model_kwargs {', '.join(idle)}")
             warn(
-                f"model_kwargs {', '.join(idle)} have no effect here: a gene decoder is built only "
+                f"{named} have no effect here: a gene decoder is built only "
                 "when the data have gene-space targets besides the network's own output (an "
                 "input embedding other than X_hvg with output_space 'gene' or 'all', or "
                 f"X_hvg with 'all'; here embed_key={columns.embed_key!r}, output_space="

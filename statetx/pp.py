@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from statetx._context import on_command_line
 from statetx._utils import (
     LOG1P_MAX,
     all_integers,
@@ -754,7 +755,9 @@ def _gene_names(
                 f"var column '{var_gene_name}' (var_gene_name) not found (available: "
                 f"{preview(adata.var.columns) or 'none'})."
                 f"{did_you_mean(var_gene_name, adata.var.columns)}"
-                " Pass var_gene_name=None to match against var_names."
+                + (" Omit --var-gene-name to match against var_names (or var['gene_name'] "
+                   "when var has that column)." if on_command_line() else
+                   " Pass var_gene_name=None to match against var_names.")
             )
         genes = adata.var[var_gene_name].astype(str).to_numpy()
         gene_src = f"var['{var_gene_name}']"

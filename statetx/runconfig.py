@@ -790,6 +790,18 @@ def plan_training(res: Resolved, *, check_data: bool = True) -> TrainPlan:
         missing, present = _files_without_column(toml_path, col)
         if missing:
             other = [c for c in BATCH_COLS if c in present]
+            needs = [k for k, on in (
+                ("data.kwargs.basal_mapping_strategy=batch",
+                 v["data.kwargs.basal_mapping_strategy"] == "batch"),
+                ("model.kwargs.batch_encoder=true", v["model.kwargs.batch_encoder"] is True))
+                if on]
+            if needs:
+                raise ConfigError(
+                    f"{' and '.join(needs)} {'need' if len(needs) > 1 else 'needs'} a batch "
+                    "column, but data.kwargs.batch_col "
+                    f"was not given and its default, '{col}', is not in {missing}: set "
+                    "data.kwargs.batch_col=<the obs column holding the batch>"
+                    + (f" (obs has {', '.join(map(repr, other))})" if other else "") + ".")
             notices.append(f"data.kwargs.batch_col: the default column '{col}' is not in "
                            f"{missing}; the data are treated as one batch (set "
                            "data.kwargs.batch_col=<column> to use batches"

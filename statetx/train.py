@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from statetx._context import on_command_line
 from statetx._heap import retained_heap
 from statetx._utils import (
     COMPILE_MODES,
@@ -884,9 +885,11 @@ class Trainer:
         if self.out is not None and self.on_first_checkpoint is None:
             self._checkpoint("last.ckpt")
             if self.cfg.progress:
-                print(f"\nstatetx: wrote checkpoints/last.ckpt at step {self.state.step}; resume "
-                      "to continue from it exactly (fit(..., resume_from=...), or the same tx "
-                      "train command).", file=sys.stderr, flush=True)
+                command = on_command_line()
+                how = (f"run the same {command} command again" if command else
+                       f"fit(..., resume_from='{self.out / 'checkpoints' / 'last.ckpt'}')")
+                print(f"\nstatetx: wrote checkpoints/last.ckpt at step {self.state.step}; {how} "
+                      "to continue from it exactly.", file=sys.stderr, flush=True)
         self._raise_for(self._stop_signal)
 
     def _after_step(self) -> bool:

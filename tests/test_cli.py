@@ -609,6 +609,34 @@ def test_resume_refuses_a_changed_split_or_data_file(data, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
 
 
+def test_gene_decoder_advice_is_in_the_command_lines_terms(data, tmp_path, capsys):
+    """Gene-space targets without a gene decoder: tx train's warning names its key
+    (model.kwargs.gene_decoder_bool=true), not Python's model_kwargs={...}."""
+    args = train_args(data, tmp_path, "gd", "data.kwargs.output_space=all", "dry_run=true")
+    assert main(args) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model.kwargs.gene_decoder_bool=true" in err and "model=state)" in err
+    assert "model_kwargs" not in err and "data.kwargs.output_space=embedding" in err
+
+
+def test_batch_pairing_without_the_default_batch_column_says_which_key_to_set(
+        data, tmp_path, capsys):
+    """basal_mapping_strategy=batch (or batch_encoder=true) with batch_col left at its default,
+    gem_group, which the data lack: the error says so and names data.kwargs.batch_col (not
+    Python's batch_col=)."""
+    args = [a for a in train_args(data, tmp_path, "b", "dry_run=true")
+            if not a.startswith("data.kwargs.batch_col")]
+    assert main([*args, "data.kwargs.basal_mapping_strategy=batch"]) == 2
+    err = capsys.readouterr().err
+    assert ("data.kwargs.basal_mapping_strategy=batch needs a batch column, but "
+            "data.kwargs.batch_col was not given and its default, 'gem_group', is not in") in err
+    assert "set data.kwargs.batch_col=<the obs column holding the batch> (obs has 'batch')" in err
+    assert main([*args, "model.kwargs.batch_encoder=true"]) == 2
+    assert "model.kwargs.batch_encoder=true needs a batch column" in capsys.readouterr().err
+    assert main(args) == 0  # (random pairing: one batch, with a notice)
+    assert "the default column 'gem_group' is not in" in capsys.readouterr().out
+
+
 def test_resume_accepts_the_same_split_at_another_path(data, tmp_path, capsys):
     """An identical copy of the split file (or the same file by another path) resumes, with a
     notice naming both paths; a copy whose split differs is still refused."""
@@ -810,7 +838,14 @@ def test_preprocess_and_knockdown_filter(tmp_path, capsys):
     assert not rep.exists()
     capsys.readouterr()  # a var column given by name must exist (no silent var_names)
     assert main([*args, "--output", str(filt), "--var-gene-name", "gene_nam", str(raw)]) == 2
-    assert "Did you mean: 'gene_name'" in capsys.readouterr().err
+    err = capsys.readouterr().err  # (the command line's advice, not Python's)
+    assert "Did you mean: 'gene_name'" in err and "Omit --var-gene-name" in err
+    assert "var_gene_name=None" not in err
+    from statetx.errors import DataError
+    from statetx.pp import filter_on_target_knockdown
+
+    with pytest.raises(DataError, match="Pass var_gene_name=None to match against var_names"):
+        filter_on_target_knockdown(a, "gene", "non-targeting", var_gene_name="gene_nam")
     pp = tmp_path / "pp.h5ad"
     assert main(["tx", "preprocess_train", "--adata", str(raw), "--output", str(pp),
                  "--num_hvgs", "8"]) == 0
@@ -1087,6 +1122,14 @@ def test_infer_checks_the_tsv_and_an_embed_key_without_gene_names(run, data, tmp
     assert main([*args, "--tsv", str(tmp_path / "t.tsv")]) == 2
     assert "num_cells must be whole numbers >= 0; row(s) P0: -5.0, P1: 2.5" in \
         capsys.readouterr().err
+    # a label the model does not know came from the TSV: said so (not "drop 'unassigned' cells")
+    (tmp_path / "t.tsv").write_text("perturbation\tnum_cells\nP0\t2\nPX\t3\n")
+    assert main([*args, "--tsv", str(tmp_path / "t.tsv")]) == 2
+    err = capsys.readouterr().err
+    assert f"--tsv {tmp_path / 't.tsv'}: 1 perturbation(s) are not in the model's vocabulary: PX" \
+        in err and "Correct them in the TSV" in err and "unassigned" not in err
+    assert main([*args, "--tsv", str(tmp_path / "t.tsv"), "--unknown-perturbation",
+                 "control"]) == 0
     # a gene matrix in obsm for a model that reads X: matched by name only with its names
     a = ad.read_h5ad(src)
     a.obsm["X_alt"] = np.asarray(a.X)[:, ::-1].copy()

@@ -759,6 +759,27 @@ def _signal_at(monkeypatch, at_step: int) -> None:
     monkeypatch.setattr(Trainer, "_train_step", send_once)
 
 
+def test_interrupt_says_how_to_resume_in_the_callers_terms(synth, tmp_path, monkeypatch,
+                                                           capsys):
+    """After Ctrl-C, Python is told fit(..., resume_from=<its last.ckpt>); the command line
+    only its own command (tx train has no resume_from)."""
+    from statetx._context import command_line
+
+    kw = dict(max_steps=6, ckpt_every_n_steps=100, val_freq=100, progress=True)
+    _signal_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        small_model(**kw).fit(synth, SPEC, output_dir=tmp_path / "py")
+    err = capsys.readouterr().err
+    last = tmp_path / "py" / "checkpoints" / "last.ckpt"
+    assert f"fit(..., resume_from='{last}') to continue from it exactly" in err
+    monkeypatch.undo()
+    _signal_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt), command_line("tx train"):
+        small_model(**kw).fit(synth, SPEC, output_dir=tmp_path / "cli")
+    err = capsys.readouterr().err
+    assert "run the same tx train command again to continue" in err and "fit(" not in err
+
+
 def test_interrupt_before_a_replacing_runs_first_checkpoint_keeps_the_earlier_run(
         synth, tmp_path, monkeypatch):
     small_model(max_steps=4, ckpt_every_n_steps=2, val_freq=2).fit(synth, SPEC,
