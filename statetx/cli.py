@@ -225,7 +225,9 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
                     "per-cell prediction or real matrix is built (the split's input cells are "
                     "still read); the AnnData outputs hold one row per group and only metrics "
                     "defined on pseudobulks are computed (no DE)")
-    pr.add_argument("--split", default="test", choices=["test", "val", "train"])
+    pr.add_argument("--split", default="test", choices=["test", "val", "train"],
+                    help="which part of the split to predict and evaluate (default test; "
+                    "--eval-train-data is --split train)")
     _flag(pr, "--num-threads", type=int, default=None,
           help="DE threads (default: the CPUs available to the process)")
     _flag(pr, "--data-root", metavar="DIR", help="directory that now holds the run's data files")
@@ -302,11 +304,16 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     inf.set_defaults(func=cmd_infer)
     # preprocess_train
     pt = _sub(sp, "preprocess_train", "normalise, log1p and select HVGs (writes X_hvg)" + tag)
-    pt.add_argument("--adata", required=True)
-    pt.add_argument("--output", required=True)
-    _flag(pt, "--num-hvgs", type=int, required=True)
+    pt.add_argument("--adata", required=True, help="input .h5ad (raw counts in X, or in "
+                    "--layer)")
+    pt.add_argument("--output", required=True, help=".h5ad to write: X normalised and "
+                    "log1p-transformed, obsm['X_hvg'] the HVG columns")
+    _flag(pt, "--num-hvgs", type=int, required=True,
+          help="number of highly variable genes to select (the width of X_hvg)")
     _flag(pt, "--target-sum", type=float, help="default: median of the cell totals")
-    pt.add_argument("--flavor", default="seurat", choices=["seurat", "cell_ranger", "seurat_v3"])
+    pt.add_argument("--flavor", default="seurat", choices=["seurat", "cell_ranger", "seurat_v3"],
+                    help="scanpy's HVG method (default seurat; seurat_v3 works on the counts "
+                    "and needs scikit-misc)")
     pt.add_argument("--layer", help="take counts from this layer")
     _flag(pt, "--already-normalized", action="store_true", help="X is log1p already: HVGs only")
     _flag(pt, "--include-genes", help="comma-separated genes always added to the HVGs")
@@ -314,11 +321,11 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     # preprocess_infer
     pi = _sub(sp, "preprocess_infer", "build a control template (perturbed labels on control "
               "expression)" + tag)
-    pi.add_argument("--adata", required=True)
-    pi.add_argument("--output", required=True)
-    _flag(pi, "--control-condition", required=True)
-    _flag(pi, "--pert-col", required=True)
-    pi.add_argument("--seed", type=int, default=42)
+    pi.add_argument("--adata", required=True, help="input .h5ad (perturbed and control cells)")
+    pi.add_argument("--output", required=True, help="the control template .h5ad to write")
+    _flag(pi, "--control-condition", required=True, help="control label in --pert-col")
+    _flag(pi, "--pert-col", required=True, help="obs column of the perturbation labels")
+    pi.add_argument("--seed", type=int, default=42, help="seed of the control draws (default 42)")
     _flag(pi, "--embed-key", help="replace only this representation (X, obsm key or layer)")
     _flag(pi, "--celltype-col", help="draw controls within this column's groups (default: "
           "auto-detect; 'none' = global pool)")
@@ -327,14 +334,18 @@ def _add_tx_commands(sp: Any, shortcut: bool) -> None:
     pi.set_defaults(func=cmd_preprocess_infer)
     # split
     s = _sub(sp, "split", "validate a split file against its data and print the summary" + tag)
-    s.add_argument("--toml", required=True)
-    _flag(s, "--pert-col", default="gene")
-    _flag(s, "--cell-type-key", default="cell_type")
-    _flag(s, "--batch-col", default=None)
+    s.add_argument("--toml", required=True, help="the split file (TOML) to check")
+    _flag(s, "--pert-col", default="gene", help="obs column of the perturbation labels "
+          "(default gene)")
+    _flag(s, "--cell-type-key", default="cell_type", help="obs column of the cell types "
+          "(default cell_type)")
+    _flag(s, "--batch-col", default=None, help="obs column of the batches (default: none, one "
+          "batch)")
     _flag(s, "--control-pert", default=None, help="control label (default: 'non-targeting' "
           "or 'DMSO_TF', when exactly one of them is present)")
-    _flag(s, "--embed-key", default=None)
-    _flag(s, "--output-space", default="all", choices=ARCH_CHOICES["output_space"])
+    _flag(s, "--embed-key", default=None, help="obsm key of the input (default: X)")
+    _flag(s, "--output-space", default="all", choices=ARCH_CHOICES["output_space"],
+          help="what the model would predict: gene, all or embedding (default all)")
     _flag(s, "--allow-counts", action="store_true", help="accept count-scale expression with "
           "output space 'all' (as data.kwargs.allow_counts=true for tx train)")
     s.set_defaults(func=cmd_split)
@@ -375,10 +386,13 @@ def _add_filter(sp: Any) -> None:
     _flag(f, "--var-gene-name",
           help="var column with gene names (default: 'gene_name' when var has it, else "
           "var_names; a column given here must exist)")
-    f.add_argument("--verbose", action="store_true")
+    f.add_argument("--verbose", action="store_true",
+                   help="print the cells and perturbations each stage removed")
     f.add_argument("--preprocess", action="store_true",
                    help="normalize_total(1e4) + log1p after filtering")
-    _flag(f, "--on-unmatched", default="drop", choices=["drop", "keep", "error"])
+    _flag(f, "--on-unmatched", default="drop", choices=["drop", "keep", "error"],
+          help="perturbation labels that match no gene: dropped (default, reported), kept "
+          "unfiltered, or an error")
     f.add_argument("--report", help="write the per-perturbation report (CSV; the per-stage "
                    "summary goes next to it, <name>_stages.csv)")
     f.set_defaults(func=cmd_filter)
@@ -402,7 +416,9 @@ def _add_evaluate(sp: Any) -> None:
           "(default: all cells pooled)")
     _flag(r, "--embed-key", help="obsm key of an embedding for the discrimination scores (l2, "
           "cosine)")
-    _flag(r, "-o", "--outdir", default="./cell-eval-outdir")
+    _flag(r, "-o", "--outdir", default="./cell-eval-outdir",
+          help="folder for the results: results.csv, agg_results.csv, DE tables "
+          "(default ./cell-eval-outdir)")
     _flag(r, "--num-threads", type=int, default=None, help="DE threads (default: the CPUs "
           "available to the process)")
     _flag(r, "--allow-discrete", action="store_true", help="use integer (count) or >= 15 values "
@@ -431,20 +447,28 @@ def _add_evaluate(sp: Any) -> None:
           "change), to reproduce Virtual Cell Challenge numbers")
     r.set_defaults(func=cmd_evaluate_run)
     b = _sub(evs, "baseline", "the cell-mean baseline (VCC)")
-    b.add_argument("-a", "--adata", required=True)
+    b.add_argument("-a", "--adata", required=True,
+                   help="real cells (.h5ad, control cells included) whose mean makes the "
+                   "baseline")
     b.add_argument("-c", "--counts", help="CSV of perturbation,n_cells")
-    b.add_argument("-o", "--output", default="baseline.h5ad")
+    b.add_argument("-o", "--output", default="baseline.h5ad",
+                   help="baseline .h5ad to write (default baseline.h5ad)")
     b.add_argument("-O", "--output-de", "--output_de", dest="output_de", help="baseline DE CSV")
     _flag(b, "--pert-col", default=None, help="perturbation column (default: the one statetx "
           "recorded in the input, else target_gene)")
     _flag(b, "--control-pert", default=None, help="control label (default: the one statetx "
           "recorded in the input, else non-targeting)")
-    _flag(b, "-t", "--num-threads", type=int, default=None)  # (-t: cell-eval's baseline)
+    _flag(b, "-t", "--num-threads", type=int, default=None,  # (-t: cell-eval's baseline)
+          help="DE threads for --output-de (default: the CPUs available to the process)")
     b.set_defaults(func=cmd_evaluate_baseline)
     sc = _sub(evs, "score", "normalise metrics by the baseline's (VCC score)")
-    sc.add_argument("-i", "--user-input", "--user_input", dest="user_input", required=True)
-    sc.add_argument("-I", "--base-input", "--base_input", dest="base_input", required=True)
-    sc.add_argument("-o", "--output", default="score.csv")
+    sc.add_argument("-i", "--user-input", "--user_input", dest="user_input", required=True,
+                    help="the model's agg_results.csv (evaluate run)")
+    sc.add_argument("-I", "--base-input", "--base_input", dest="base_input", required=True,
+                    help="the baseline's agg_results.csv (evaluate run on evaluate baseline's "
+                    "output)")
+    sc.add_argument("-o", "--output", default="score.csv",
+                    help="CSV of the normalised scores to write (default score.csv)")
     sc.set_defaults(func=cmd_evaluate_score)
     pp = _sub(evs, "prep", "package a prediction for the Virtual Cell Challenge (a .vcc "
               "archive: zstd-compressed h5ad and a watermark)")
@@ -526,7 +550,8 @@ def _add_import_arc(sp: Any) -> None:
                        ("--cell-set-len", "cells per set")):
         _flag(ia, flag, type=int if flag == "--cell-set-len" else str,
               help=f"{what} of a run that records it nowhere (checkpoint, config.yaml)")
-    ia.add_argument("--out", required=True, metavar="MODEL_DIR")
+    ia.add_argument("--out", required=True, metavar="MODEL_DIR",
+                    help="statetx model directory to write (new or an earlier import)")
     ia.set_defaults(func=cmd_import_arc)
 
 
@@ -536,7 +561,8 @@ def _add_export_arc(sp: Any) -> None:
     ex.add_argument("model_dir", metavar="MODEL", help="a statetx run or model directory")
     ex.add_argument("--checkpoint", default=None, help="of a run: final, last, best or a file "
                     "(default final.ckpt, else last.ckpt)")
-    ex.add_argument("--out", required=True, metavar="RUN_DIR")
+    ex.add_argument("--out", required=True, metavar="RUN_DIR",
+                    help="arc-state run directory to write")
     ex.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     ex.set_defaults(func=cmd_export_arc)
 

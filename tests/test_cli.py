@@ -1191,6 +1191,31 @@ def test_info_shows_the_preset_auto_chose_and_the_recipe(tmp_path, capsys):
             "weight_averaging uniform, pairing random, yield_controls True") in out
 
 
+def test_every_option_has_help(capsys):
+    """Every flag of every command says what it is (tx predict --split, evaluate run -o,
+    evaluate baseline -a/-o, tx preprocess_train --adata/--output/--num-hvgs had none)."""
+    import argparse
+
+    from statetx.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif action.option_strings and action.dest != "help" and not action.help:
+                missing.append(f"{' '.join(path)} {action.option_strings[0]}")
+
+    walk(build_parser(), ["statetx"])
+    assert not missing, missing
+    assert main(["evaluate", "run", "--help"]) == 0
+    assert "(default ./cell-eval-outdir)" in " ".join(capsys.readouterr().out.split())
+    assert main(["tx", "predict", "--help"]) == 0
+    assert "which part of the split to predict" in " ".join(capsys.readouterr().out.split())
+
+
 def test_profile_help_names_every_metric_set(capsys):
     from statetx.cli import PROFILE_HELP
     from statetx.metrics import PROFILES
