@@ -955,6 +955,18 @@ def cmd_predict(a: argparse.Namespace) -> int:
     split = "train" if a.eval_train_data else a.split
     prepared = attach_data(model, run, toml=a.toml, data_root=a.data_root,
                            stream=None if split != "train" else False)
+    if a.toml:  # another split file: its held-out part may hold the run's training cells
+        from statetx._utils import preview, warn
+        from statetx.rundir import trained_in_run
+
+        seen = trained_in_run(run, prepared, split)
+        if seen:
+            warn(f"--toml {a.toml}: its {split} split holds perturbed cells that this run "
+                 f"trained on (the run's split.toml puts them in training), in "
+                 f"{len(seen)} context(s): {preview(seen, 8)}. Their scores measure how well "
+                 "the model reproduces cells it was trained on, not predictions for unseen "
+                 "ones; evaluate them with the run's own split (no --toml) or a split file "
+                 f"whose {split} part the run did not train on.", UserWarning)
     if a.test_time_finetune:
         _say(f"test-time fine-tuning: {a.test_time_finetune} steps on the {split} split's "
              "control cells (Adam, lr 1e-5)")

@@ -30,6 +30,7 @@ from statetx._utils import (
     atomic_write_text,
     history_frame,
     json_default,
+    preview,
     same_run,
     say,
 )
@@ -620,3 +621,52 @@ def attach_data(model: Any, run_dir: str | Path | None = None, *,
     model._prepared = prepared
     model.split_summary_ = prepared.summary
     return prepared
+
+
+def trained_in_run(run: str | Path, prepared: PreparedData, split: str) -> list[str]:
+    """``dataset.cell type: perturbations`` of the perturbed cells that ``prepared`` (data
+    attached with another split file, ``tx predict --toml``) puts in ``split`` but that the
+    run's own ``split.toml`` put in training: their scores measure memorisation. Files are
+    matched to the run's datasets by path (else by file name, else dataset name); only labels
+    are compared, no data are read. Empty without the run's ``split.toml``."""
+    import numpy as np
+
+    from statetx.config import SplitConfig
+
+    saved_file = Path(run) / "split.toml"
+    if split == "train" or not saved_file.is_file():
+        return []
+    try:
+        saved = SplitConfig.from_toml(saved_file)
+    except (SplitConfigError, ConfigError):
+        return []
+    by_path: dict[Path, str] = {}
+    by_file: dict[str, str] = {}
+    for name in saved.referenced_datasets():
+        with contextlib.suppress(SplitConfigError):
+            for p in saved.resolve_paths(name):
+                by_path.setdefault(p.resolve(), name)
+                by_file.setdefault(p.name, name)
+    found: dict[str, list[str]] = {}
+    for asg in prepared.assignments:
+        f = asg.file
+        rows = asg.mask(split) & ~asg.is_control
+        if not rows.any():
+            continue
+        ds = (by_path.get(f.path.resolve()) or by_file.get(f.path.name)) if f.path else None
+        ds = ds or (f.dataset if f.dataset in saved.datasets else None)
+        if ds is None:
+            continue
+        zs, fs = saved.heldout(ds)
+        for ct in np.unique(f.cell_type[rows]):
+            perts = [str(p) for p in np.unique(f.pert[rows & (f.cell_type == ct)])]
+            if ct in zs:
+                trained = perts if zs[ct] == "train" else []
+            elif ct in fs:
+                trained = [p for p in perts if p not in fs[ct].val and p not in fs[ct].test]
+            else:
+                trained = perts if ds in saved.training else []
+            if trained:
+                have = found.setdefault(f"{f.dataset}.{ct}", [])
+                have += [p for p in trained if p not in have]
+    return [f"{k} ({preview(v, 5)})" for k, v in found.items()]

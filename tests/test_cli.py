@@ -205,6 +205,36 @@ def test_predict_with_another_split_file_keeps_the_runs_own_evaluation(run, tmp_
     assert (run / "eval_final.ckpt_other_split" / "adata_pred.h5ad").is_file()
 
 
+def test_predict_warns_when_another_split_files_test_part_was_trained_on(run, tmp_path,
+                                                                         capsys):
+    """tx predict --toml OTHER: test cells that the run trained on (its split.toml) score
+    memorisation: a warning names their contexts and perturbations; none for held-out cells."""
+    from statetx.config import SplitConfig
+
+    args = ["tx", "predict", "--output-dir", str(run), "--profile", "minimal", "--predict-only"]
+    data_file = SplitConfig.from_toml(run / "split.toml").datasets["data"]
+    leak = tmp_path / "leak.toml"
+    leak.write_text(f'[datasets]\ndata = "{data_file}"\n[training]\ndata = "train"\n'
+                    '[zeroshot]\n"data.CT0" = "test"\n"data.CT2" = "val"\n')
+    capsys.readouterr()
+    assert main([*args, "--toml", str(leak)]) == 0
+    err = capsys.readouterr().err
+    assert (f"--toml {leak}: its test split holds perturbed cells that this run trained on"
+            in err and "1 context(s): data.CT0 (P0, P1, P2)" in err), err
+    # the run's held-out cell type as test under another name of the file: nothing said
+    same = tmp_path / "same.toml"
+    same.write_text(f'[datasets]\nmine = "{data_file}"\n[training]\nmine = "train"\n'
+                    '[zeroshot]\n"mine.CT2" = "test"\n')
+    assert main([*args, "--toml", str(same)]) == 0
+    assert "trained on" not in capsys.readouterr().err
+    # a fewshot test part: only its listed perturbations are named
+    few = tmp_path / "few.toml"
+    few.write_text(f'[datasets]\ndata = "{data_file}"\n[training]\ndata = "train"\n'
+                   '[fewshot."data.CT0"]\ntest = ["P1"]\n')
+    assert main([*args, "--toml", str(few)]) == 0
+    assert "1 context(s): data.CT0 (P1)." in capsys.readouterr().err
+
+
 def test_predict_eval_train_data_skips_control_only_cell_types(run, capsys):
     import pandas as pd
 
