@@ -18,14 +18,13 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING
 
-import torch
-
 from statetx._utils import did_you_mean, unknown_option_message, warn
 from statetx.errors import ConfigError
-from statetx.nn import NetworkConfig, StateTransitionNetwork
+from statetx.netconfig import NetworkConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from statetx.data import PreparedData
+    from statetx.nn import StateTransitionNetwork
 
 ARCH_KEYS = (
     "cell_set_len", "hidden_dim", "n_encoder_layers", "n_decoder_layers", "dropout", "activation",
@@ -287,6 +286,10 @@ def build_network_config(arch: dict, *, input_dim: int, output_dim: int, pert_di
 
 def count_parameters(config: NetworkConfig) -> tuple[int, int]:
     """(trainable parameters, backbone parameters), computed without allocating weights."""
+    import torch
+
+    from statetx.nn import StateTransitionNetwork
+
     with torch.device("meta"):
         net = StateTransitionNetwork(config)
     return net.num_parameters(), net.backbone_parameters()

@@ -380,6 +380,28 @@ def test_train_split_file_errors_do_not_import_torch(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=REPO)
 
 
+def test_train_architecture_errors_do_not_import_torch():
+    """model.kwargs errors come from statetx.netconfig (no torch): said in well under a second."""
+    toml = REPO / "statetx" / "datasets" / "data" / "zhao2021.toml"
+    code = textwrap.dedent(f"""
+        import sys, io, contextlib
+        import statetx.cli
+        base = ["data.kwargs.toml_config_path={toml}", "data.kwargs.pert_col=target_gene"]
+        for args, said in ((["model.kwargs.hidden_dim=-3"], "hidden_dim must be an integer"),
+                           (["model.kwargs.activation=tanh"], "activation"),
+                           (["model=pertsets", "model.kwargs.transformer_backbone_kwargs.n_head=5"],
+                            "does not divide hidden_dim")):
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                assert statetx.cli.main(["tx", "train", *base, *args]) == 2
+            assert said in err.getvalue(), err.getvalue()
+            assert "torch" not in sys.modules, args
+        from statetx.nn import NetworkConfig
+        from statetx.netconfig import NetworkConfig as plain
+        assert NetworkConfig is plain
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=REPO)
+
+
 def test_namespaces_import_torch_only_when_a_name_needs_it():
     code = textwrap.dedent("""
         import sys
