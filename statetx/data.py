@@ -101,6 +101,9 @@ class PreparedData:
     feature_names: list[str]       # names of the X columns (input = output space)
     gene_names: list[str] | None   # names of the gene-space target (decoder), if any
     is_log1p: bool
+    # the expression read (X or obsm['X_hvg']) not log1p: integers only (raw counts)? None for
+    # log1p or embedding inputs
+    is_counts: bool | None = None
     notes: list[str] = field(default_factory=list)
     config: SplitConfig | None = None  # the split spec as the caller gave it
 
@@ -147,14 +150,6 @@ class PreparedData:
     def x_is_log1p(self) -> bool:
         """Whether X (sampled rows of every file, which must agree) looks log1p-normalised."""
         return _common_scale(self.files, None)
-
-    def expression_integers(self) -> bool | None:
-        """Whether the expression the model reads (X or ``obsm['X_hvg']``) holds integers only
-        (raw counts) in sampled rows of every file; None for an embedding input."""
-        source = self.columns.embed_key
-        if source not in (None, "X_hvg"):
-            return None
-        return all(all_integers(_sample_matrix(f, source)) for f in self.files)
 
 
 def prepare(
@@ -248,13 +243,16 @@ def prepare(
         sd = _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_dtype)
         if sd is not None:
             built[split] = sd
+    # (raw counts, as opposed to other normalised values: what predict checks its input against)
+    is_counts = (None if is_log1p or columns.embed_key not in (None, "X_hvg") else
+                 all(all_integers(_sample_matrix(f, columns.embed_key)) for f in files))
     if not keep_row_copies:  # (every row read of the in-memory splits is done)
         for f in files:
             f.release_row_copies()
     if "train" in splits:
         check_training_split(built.get("train"), config, yield_controls, assignments, columns)
     return PreparedData(vocab, built, columns, files, assignments, summarize(assignments),
-                        names, gene_names, is_log1p, config=given)
+                        names, gene_names, is_log1p, is_counts, config=given)
 
 
 def _row_digest(d: SplitData | StreamSplit) -> str:

@@ -1143,7 +1143,7 @@ class StateTransitionModel(Estimator):
         self.gene_names_ = None if prepared.gene_names is None else list(prepared.gene_names)
         self.cell_set_len_ = set_len
         self.is_log1p_ = bool(prepared.is_log1p)
-        self.is_counts_ = None if prepared.is_log1p else prepared.expression_integers()
+        self.is_counts_ = prepared.is_counts
         self.split_summary_ = prepared.summary
         self.split_config_ = prepared.config
         sums = {f.target_sum for f in prepared.files}

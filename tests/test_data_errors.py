@@ -527,6 +527,21 @@ def test_csc_matrix_in_memory_is_converted_once_and_said(monkeypatch, capsys, st
     assert bool(prep.files[0].row_copies) == streamed
 
 
+def test_csc_counts_are_converted_once_with_the_counts_check(monkeypatch, capsys):
+    """Whether the input holds raw counts (what predict checks its input against) is decided
+    inside prepare, on its one CSR copy, which is then freed: not by a second conversion after."""
+    a = make_adata(n=40)
+    a.X = sp.csc_matrix(np.round(np.expm1(np.asarray(a.X))).astype(np.float32))
+    calls = []
+    tocsr = sp.csc_matrix.tocsr
+    monkeypatch.setattr(sp.csc_matrix, "tocsr", lambda m, *k, **kw: calls.append(1) or
+                        tocsr(m, *k, **kw))
+    prep = prepare(a, TRAIN, COLS)
+    assert prep.is_counts is True and not prep.is_log1p
+    assert len(calls) == 1 and not prep.files[0].row_copies
+    assert capsys.readouterr().out.count("is a CSC matrix") == 1
+
+
 def test_backed_anndata_reads_x_from_its_file(tmp_path):
     a = make_adata()
     a.X = sp.csr_matrix(a.X)
