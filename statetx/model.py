@@ -1583,7 +1583,8 @@ class StateTransitionModel(Estimator):
         per step, before predicting that split. Changes the network in place and appends the
         call's settings to ``finetuned_`` (kept by :meth:`save` / :meth:`load`); returns ``self``.
         ``seed`` seeds the sets, their control pairing and the training (default: the
-        estimator's ``seed``).
+        estimator's ``seed``). With a batch encoder, the split's batches without training cells
+        start from the trained batches' mean embedding and count as trained afterwards.
         """
         from dataclasses import replace
 
@@ -1602,6 +1603,8 @@ class StateTransitionModel(Estimator):
         # (the split's vocabulary: a re-split may have added cell types and batches)
         sampler = CellSetSampler(controls, data.vocab, self.cell_set_len_, 1, seed=seed,
                                  pairing=self._pairing())
+        self._tune_batches(np.asarray(data.vocab.batches, dtype=object)[
+            np.unique(controls.batch[controls.is_target])])
         device = next(self.network_.parameters()).device
         cfg = TrainConfig(max_steps=int(steps), lr=float(lr), loss=self.loss,
                           **split_loss_kwargs(self.loss_kwargs),
@@ -1614,6 +1617,24 @@ class StateTransitionModel(Estimator):
         record = {"steps": int(steps), "split": split, "lr": float(lr), "seed": int(seed)}
         self.finetuned_ = [*getattr(self, "finetuned_", []), record]
         return self
+
+    def _tune_batches(self, names: np.ndarray) -> None:
+        """Batches ``names`` are about to be fine-tuned: those without training cells start
+        from the trained batches' mean embedding (not their random start) and count as trained
+        from now on (their tuned rows are then read, not the mean)."""
+        trained = getattr(self, "trained_batches_", None)
+        if self.network_.batch_encoder is None or trained is None:
+            return
+        known = [n for n in names if n in self.vocab_.batches]
+        new = [n for n in known if n not in trained]
+        if new:
+            table = self.network_.batch_encoder.weight
+            with torch.no_grad():
+                table[self.vocab_.encode("batch", new)] = table[
+                    self.vocab_.encode("batch", trained)].mean(0)
+        tuned = set(trained) | set(known)
+        self.trained_batches_ = [b for b in self.vocab_.batches if b in tuned]
+        persist.mark_trained_batches(self)
 
     def simulate(self, controls: ad.AnnData,
                  perturbations: Sequence[str] | Mapping[str, int] | None = None,

@@ -2034,6 +2034,28 @@ def test_a_batch_without_training_cells_is_not_predicted_from_its_untrained_row(
     assert np.isfinite(m.score(test, unknown_batch="mean"))
 
 
+def test_finetuning_a_held_out_batch_starts_it_at_the_mean_and_uses_its_row(held_out_batch):
+    """Test-time fine-tuning on the held-out batch's controls: its row starts at the trained
+    batches' mean (not its random start), then counts as trained, so predictions read the tuned
+    row (the network's evaluation path would otherwise discard the fine-tuning of that row)."""
+    import copy
+
+    m, _ = held_out_batch
+    tuned = copy.deepcopy(m)
+    table = m.network_.batch_encoder.weight.detach().clone()
+    # zero steps at lr 0 would be refused; one step at a tiny lr leaves the start visible
+    tuned.finetune_on_controls(1, "test", lr=1e-12)
+    assert tuned.trained_batches_ == ["a_held", "b0", "b1"]
+    assert tuned.network_.trained_batches.tolist() == [0, 1, 2]
+    torch.testing.assert_close(tuned.network_.batch_encoder.weight[0], table[1:].mean(0))
+    with torch.no_grad():  # the row is read now: moving it moves the predictions
+        tuned.network_.batch_encoder.weight[0] += 100.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no held-out-batch warning any more)
+        moved = tuned.predict_split("test")[0].X
+    assert not np.allclose(moved, m.predict_split("test")[0].X, atol=1e-3)
+
+
 @pytest.mark.parametrize("reload", ["pickle", "save", "run"])
 def test_reloaded_model_keeps_its_trained_batches(held_out_batch, tmp_path, reload):
     m, adata = held_out_batch
