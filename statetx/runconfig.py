@@ -493,6 +493,8 @@ def coerce(path: str, value: Any, raw: str | None = None) -> Any:
     shown = raw if raw is not None else repr(value)
     if isinstance(value, str) and key.kind not in ("str", "any", "list") and raw is None:
         value = parse_value(value)  # values read from a file (YAML keeps "1e-4" a string)
+    if key.optional and key.kind == "str" and isinstance(value, str) and not value.strip():
+        value = None  # (an empty value, e.g. data.kwargs.batch_col=, unsets an optional key)
     if value is None:
         if key.optional or key.kind == "any":
             return None

@@ -94,6 +94,17 @@ def test_unknown_key_suggests_close_match():
         R.resolve(["training.max_steps.x=3"])  # (not for keys that have an effect)
 
 
+def test_an_empty_value_unsets_an_optional_key():
+    """data.kwargs.batch_col= (Hydra's empty value) means no batch column, as null does; the
+    estimator refuses batch_col='' from Python, so the command line must not pass it on."""
+    for given in ("data.kwargs.batch_col=", "data.kwargs.batch_col=''",
+                  "data.kwargs.batch_col=null"):
+        assert R.resolve([given]).values["data.kwargs.batch_col"] is None, given
+    assert R.resolve(["data.kwargs.control_pert= "]).values["data.kwargs.control_pert"] is None
+    with pytest.raises(ConfigError, match="training.max_steps"):
+        R.resolve(["training.max_steps="])  # (not optional: still an error)
+
+
 def test_wandb_keys_warn_once_that_they_have_no_effect(capsys):
     """W&B logging never happens (use_wandb=true is an error): its keys are accepted with one
     warning for all of them, and --list-keys tags them."""
