@@ -677,9 +677,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = show
         # (under torchrun every process reports its own failure: the others say which they are)
         who = "statetx" if _main_rank() else f"statetx [rank {os.environ.get('RANK')}]"
-        parser = getattr(ns, "parser_", None)  # (the command, e.g. "tx train": its messages
-        command = " ".join(parser.prog.split()[1:]) if parser is not None else prog  # say
-        try:  # the command line's form of their advice, see statetx._utils.on_command_line)
+        # the command (e.g. "tx train"): its messages give the command line's form of their
+        # advice (statetx._context.on_command_line)
+        parser = getattr(ns, "parser_", None)
+        command = " ".join(parser.prog.split()[1:]) if parser is not None else prog
+        try:
             with command_line(command or prog):
                 return int(ns.func(ns) or 0)
         except KeyboardInterrupt:

@@ -234,7 +234,7 @@ def check_distinct_columns(pert_col: Any, cell_type_col: Any, batch_col: Any,
                 f"and the {'cell type (context)' if name != 'batch_col' else 'batch'} must be "
                 "different columns"
                 + (" (for data from one context, add a constant column, e.g. "
-                   "adata.obs['cell_type'] = 'K562', and pass cell_type_key='cell_type')."
+                   f"adata.obs['cell_type'] = 'K562', and pass {name}='cell_type')."
                    if name != "batch_col" else "; pass batch_col=None without batches."))
 
 
