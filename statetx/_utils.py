@@ -151,15 +151,13 @@ def as_count(name: str, value: object, minimum: int = 1, optional: bool = False)
     return int(value)
 
 
-def check_number(name: str, value: object, optional: bool = False) -> None:
+def check_number(name: str, value: object, example: str, optional: bool = False) -> None:
     """ConfigError unless ``value`` is a real number (not text, not a bool; None passes when
-    ``optional``): its range is checked where it is used."""
+    ``optional``), naming ``example`` as a valid value: its range is checked where it is used."""
     if value is None and optional:
         return
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
                                                                       np.floating)):
-        example = {"lr": "1e-3", "weight_decay": "1e-4", "gradient_clip_val": "10"}.get(
-            name, "0.5")
         raise ConfigError(f"{name}={value!r} is invalid; expected a number (e.g. "
                           f"{name}={example})" + (" or None." if optional else "."))
 

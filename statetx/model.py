@@ -703,9 +703,11 @@ class StateTransitionModel(Estimator):
             if value is not None and not isinstance(value, Mapping):
                 raise ConfigError(f"{name}={value!r} is invalid; it must be a dict (e.g. "
                                   f"{name}={example}) or None.")
-        for name in ("lr", "weight_decay", "gradient_clip_val", "averaging_start",
-                     "val_subsample_fraction"):
-            check_number(name, getattr(self, name), optional=name in ("lr", "gradient_clip_val"))
+        for name, example in (("lr", "1e-3"), ("weight_decay", "1e-4"),
+                              ("gradient_clip_val", "10"), ("averaging_start", "0.5"),
+                              ("val_subsample_fraction", "0.5")):
+            check_number(name, getattr(self, name), example,
+                         optional=name in ("lr", "gradient_clip_val"))
         self._columns()  # (the column options: e.g. two naming the same column)
         if self.on_missing_features not in ("zeros", "error"):
             raise ConfigError(f"on_missing_features={self.on_missing_features!r} is invalid; "
