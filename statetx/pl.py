@@ -275,9 +275,12 @@ def _log1p_pair(adata_pred: ad.AnnData, adata_real: ad.AnnData, pert_col: str,
                 control_pert: str, ct_col: str | None, who: str
                 ) -> tuple[ad.AnnData, ad.AnnData]:
     """The pair on the genes both share (by name, in pred's order) and shared labels, on the
-    log1p scale deltas are drawn on, by :func:`statetx.evaluate`'s rule (:func:`_on_log1p`)."""
+    log1p scale deltas are drawn on, by :func:`statetx.evaluate`'s rule: a count side paired
+    with a log1p side is normalised to the counts per cell the log1p side stands for, two count
+    sides to the real cells' median total (taken on the genes drawn), each conversion warned of;
+    other scales are refused."""
     adata_pred, adata_real = _on_shared_genes(adata_pred, adata_real, who, "pred")
-    adata_pred, adata_real = _on_log1p(adata_pred, adata_real)
+    adata_pred, adata_real = on_log1p_scale(adata_pred, adata_real, plots=True)
     return align_pair(adata_pred, adata_real, pert_col=pert_col, control_pert=control_pert,
                       celltype_col=ct_col, shared_only=True)  # (genes matched above)
 
@@ -298,16 +301,6 @@ def _on_shared_genes(adata_pred: ad.AnnData, adata_real: ad.AnnData, who: str, o
 
     return on_genes(adata_pred), on_genes(adata_real)
 
-
-def _on_log1p(adata_pred: ad.AnnData, adata_real: ad.AnnData
-              ) -> tuple[ad.AnnData, ad.AnnData]:
-    """The pair on the log1p scale by the rule :func:`statetx.evaluate` applies (one function,
-    :func:`~statetx.metrics._inputs.on_log1p_scale`): a count side paired with a log1p side is
-    normalised to the counts per cell the log1p side stands for, two count sides to the real
-    cells' median total, count-scale predictions with their real cells alike; each conversion
-    is warned of, and other scales are refused. Taken on the genes drawn (a
-    model's HVGs: the counts those genes stand for)."""
-    return on_log1p_scale(adata_pred, adata_real, plots=True)
 
 
 def delta_scatter(
@@ -962,7 +955,7 @@ def embedding(
     # (expression on the log1p scale by evaluate's rule, as the other plots: counts converted
     # with a warning, scaled values refused; a model's embedding outputs are drawn as they are)
     if "embedding" not in (recorded(adata_pred).get("scale"), recorded(adata_real).get("scale")):
-        adata_pred, adata_real = _on_log1p(adata_pred, adata_real)
+        adata_pred, adata_real = on_log1p_scale(adata_pred, adata_real, plots=True)
     labels = {w: a.obs[pert_col].astype(str).to_numpy()
               for w, a in (("pred", adata_pred), ("real", adata_real))}
     if perts is not None:
