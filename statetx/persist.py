@@ -160,12 +160,7 @@ def load(cls: type[StateTransitionModel], path: str | Path,
     try:
         meta = json.loads((path / "model.json").read_text())
         state = load_file(str(path / "model.safetensors"), device="cpu")
-        digest = meta.get("weights_sha256") if isinstance(meta, dict) else None
-        if digest is not None and file_sha256(path / "model.safetensors") != digest:
-            raise DataError(f"{path}: model.json and model.safetensors are from different "
-                            "saves (a save into this folder was interrupted, or a file was "
-                            "replaced or damaged since); the weights do not match the digest "
-                            "model.json records. Save the model again.")
+        check_weights_digest(path, meta)
         features = read_features(path / FEATURES_FILE)
     except DataError:
         raise
@@ -329,6 +324,17 @@ def from_arc_state(cls: type[StateTransitionModel], run_dir: str | Path,
     model.arc_import_ = {"notes": list(imp.notes), "unused": list(imp.unused),
                          "provenance": dict(imp.provenance)}
     return model
+
+
+def check_weights_digest(path: Path, meta: object) -> None:
+    """DataError when the model folder's weights are not those its ``model.json`` recorded
+    (``weights_sha256``; folders saved before it was recorded pass)."""
+    digest = meta.get("weights_sha256") if isinstance(meta, dict) else None
+    if digest is not None and file_sha256(path / "model.safetensors") != digest:
+        raise DataError(f"{path}: model.json and model.safetensors are from different saves (a "
+                        "save into this folder was interrupted, or a file was replaced or "
+                        "damaged since); the weights do not match the digest model.json "
+                        "records. Save the model again.")
 
 
 def pickled_state(state: dict) -> dict:

@@ -167,9 +167,12 @@ def _state_dict_of(path: Path, attention: str | None) -> tuple[dict, str | None]
     if path.is_dir() and (path / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
-        meta = path / "model.json"
-        space = (json.loads(meta.read_text()).get("network_config", {}).get("output_space")
-                 if meta.is_file() else None)
+        from statetx.persist import check_weights_digest
+
+        meta = json.loads((path / "model.json").read_text()) if (
+            path / "model.json").is_file() else {}
+        check_weights_digest(path, meta)  # (as load does)
+        space = meta.get("network_config", {}).get("output_space")
         return load_file(str(path / "model.safetensors")), space
     if path.is_dir() and path.name == CHECKPOINT_DIR and looks_like_run(path.parent):
         path = path.parent  # a run's checkpoints folder: the run

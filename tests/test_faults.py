@@ -156,6 +156,10 @@ def test_a_save_interrupted_between_its_renames_is_refused_by_load(tmp_path, mon
     with pytest.raises(DataError, match=r"model\.json and model\.safetensors are from different "
                                         r"saves .*Save the model again"):
         StateTransitionModel.load(folder)
+    from statetx.run import _state_dict_of  # (init_from=<model folder> reads it as load does)
+
+    with pytest.raises(DataError, match="are from different saves"):
+        _state_dict_of(folder, None)
     model.save(folder)
     meta = json.loads((folder / "model.json").read_text())
     del meta["weights_sha256"]  # (as saved by earlier versions)
