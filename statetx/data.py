@@ -279,8 +279,8 @@ def warn_training_scale(prepared: PreparedData, model: str = "the model") -> Non
 
 
 def check_training_split(train: SplitData | StreamSplit | None, config: SplitConfig,
-                         yield_controls: bool, assignments: Sequence[Assignment] = (),
-                         columns: ColumnMap | None = None) -> None:
+                         yield_controls: bool, assignments: Sequence[Assignment],
+                         columns: ColumnMap) -> None:
     """A training split (in memory or streamed; None = no cells) must hold perturbed cells.
     ``assignments`` and ``columns`` (the resolved control label): to tell data without any
     perturbed cell (a wrong pert_col or control_pert) from perturbed cells all held out."""
@@ -288,7 +288,7 @@ def check_training_split(train: SplitData | StreamSplit | None, config: SplitCon
         " The split spec has no [training] section, so only the held-out cell types' controls "
         "train: list the datasets that train, e.g. [training] " + ", ".join(
             f'{n} = "train"' for n in config.referenced_datasets()) + ".")
-    if assignments and columns is not None and not any(
+    if assignments and not any(
             (~a.is_control if a.file.dropped is None else ~a.is_control & ~a.file.dropped).any()
             for a in assignments):
         n = sum(int(a.is_control.sum()) for a in assignments)
