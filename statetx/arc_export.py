@@ -140,8 +140,10 @@ def statetx_origin(model: StateTransitionModel) -> dict[str, Any] | None:
             init_from = (kwargs or {}).get("init_from")
         except (ConfigError, OSError, AttributeError):
             pass
+    batches = getattr(model, "trained_batches_", None)  # (read back by from_arc_state)
     return {"trained_by": "statetx", "statetx_version": __version__,
-            "init_from": str(init_from) if init_from else None}
+            "init_from": str(init_from) if init_from else None,
+            **({"trained_batches": list(batches)} if batches is not None else {})}
 
 
 def unexportable(model: StateTransitionModel) -> list[str]:

@@ -277,7 +277,13 @@ def from_arc_state(cls: type[StateTransitionModel], run_dir: str | Path,
                    **options: Any) -> StateTransitionModel:
     """A fitted ``cls`` model from an arc-state run directory and checkpoint (see
     ``StateTransitionModel.from_arc_state``), read by :func:`statetx.arc.load_arc_run`."""
-    from statetx.arc import CELL_SET_LEN, CONTROL_PERT, load_arc_run, unrecorded
+    from statetx.arc import (
+        CELL_SET_LEN,
+        CONTROL_PERT,
+        STATETX_ORIGIN_KEY,
+        load_arc_run,
+        unrecorded,
+    )
 
     imp = load_arc_run(run_dir, checkpoint, attention=attention, rope=rope, **options)
     dk = imp.data_kwargs
@@ -323,6 +329,10 @@ def from_arc_state(cls: type[StateTransitionModel], run_dir: str | Path,
     model.n_features_in_ = cfg.input_dim
     model.arc_import_ = {"notes": list(imp.notes), "unused": list(imp.unused),
                          "provenance": dict(imp.provenance)}
+    origin = imp.provenance.get(STATETX_ORIGIN_KEY) or {}
+    if cfg.batch_encoder and origin.get("trained_batches") is not None:  # (statetx's export)
+        model.trained_batches_ = [b for b in origin["trained_batches"] if b in imp.batches]
+        mark_trained_batches(model)
     return model
 
 

@@ -2056,13 +2056,16 @@ def test_finetuning_a_held_out_batch_starts_it_at_the_mean_and_uses_its_row(held
     assert not np.allclose(moved, m.predict_split("test")[0].X, atol=1e-3)
 
 
-@pytest.mark.parametrize("reload", ["pickle", "save", "run"])
+@pytest.mark.parametrize("reload", ["pickle", "save", "run", "arc"])
 def test_reloaded_model_keeps_its_trained_batches(held_out_batch, tmp_path, reload):
     m, adata = held_out_batch
     if reload == "pickle":
         other = pickle.loads(pickle.dumps(m))
     elif reload == "save":
         other = StateTransitionModel.load(m.save(tmp_path / "m"))
+    elif reload == "arc":  # (export-arc records them beside who trained the weights)
+        other = StateTransitionModel.from_arc_state(m.to_arc_state(tmp_path / "arc"),
+                                                    verbose=False)
     else:
         other = StateTransitionModel.load_run(m.run_dir_, verbose=False)
     assert other.trained_batches_ == ["b0", "b1"]
