@@ -1496,6 +1496,9 @@ def cmd_combination_features(a: argparse.Namespace) -> int:
         labels = obs_labels(adata.obs, pert_col or "gene", a.adata, "--pert-col")
     finally:
         adata.file.close()
+    _say(f"combination features of obs['{pert_col or 'gene'}'] in {a.adata}: parts split at "
+         f"{a.sep!r}, control {control!r}"
+         + (f", vectors of {a.model_dir}" if table is not None else ", multi-hot"))
     out = combination_features(labels, table, sep=a.sep, control_pert=control)
     _atomic(Path(a.output), lambda tmp: save_pert_features(out, tmp))
     width = len(next(iter(out.values())))
@@ -1537,6 +1540,10 @@ def cmd_filter(a: argparse.Namespace) -> int:
 
     _check_output(a.output, a.input)
     adata = _read(a.input)
+    _say(f"knock-down filter of {a.input}: pert_col={a.perturbation_column!r}, control="
+         f"{a.control_label!r}, target expression below {a.residual_expression:g} (mean) and "
+         f"{a.cell_residual_expression:g} (per cell) of the controls' mean, at least "
+         f"{a.min_cells} cells left, expression from {a.layer or 'X'}")
     out, report = filter_on_target_knockdown(
         adata, a.perturbation_column, a.control_label, a.residual_expression,
         a.cell_residual_expression, a.min_cells, a.layer, a.var_gene_name or "auto",
@@ -1636,6 +1643,9 @@ def cmd_evaluate_baseline(a: argparse.Namespace) -> int:
         if counts.isna().any() or (counts < 0).any() or (counts % 1 != 0).any():
             raise DataError(f"{a.counts}: column 'n_cells' must hold whole numbers >= 0.")
         n_cells = dict(zip(t[label].astype(str), counts.astype(int)))
+    _say(f"cell-mean baseline of {a.adata}: pert_col={a.pert_col!r}, control="
+         f"{a.control_pert!r}, cells per perturbation "
+         + (f"from {a.counts}" if a.counts else "as in the input"))
     base = cell_mean_baseline(adata, a.pert_col, a.control_pert, n_cells=n_cells)
     _write_h5ad(base, Path(a.output))
     _say(f"wrote the cell-mean baseline ({base.n_obs} cells) to {a.output}")
@@ -1653,6 +1663,7 @@ def cmd_evaluate_score(a: argparse.Namespace) -> int:
     for f in (a.user_input, a.base_input):
         if not Path(f).is_file():
             raise UsageError(f"{f}: file not found.")
+    _say(f"score {a.user_input} against the baseline {a.base_input}")
     score = score_agg(a.user_input, a.base_input)
     _atomic(Path(a.output), lambda tmp: score.to_csv(tmp, index=False))
     print(score.to_string(index=False))

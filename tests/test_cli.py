@@ -395,7 +395,7 @@ def test_infer_basal_self_on_relabelled_controls(run, data, tmp_path):
 
 
 # ------------------------------------------------------------------------------ evaluate
-def test_evaluate_commands(run, tmp_path):
+def test_evaluate_commands(run, tmp_path, capsys):
     import anndata as ad
 
     from statetx.run import load_run
@@ -421,11 +421,15 @@ def test_evaluate_commands(run, tmp_path):
                  "minimal"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "ev2" / "results.csv"),
                                   pd.read_csv(out / "results.csv"))
+    capsys.readouterr()
     assert main(["evaluate", "score", "-i", str(out / "agg_results.csv"), "-I",
                  str(out / "agg_results.csv"), "-o", str(tmp_path / "score.csv")]) == 0
     assert main(["evaluate", "baseline", "-a", str(ev / "adata_real.h5ad"), "--pert-col",
                  "gene", "--control-pert", "ctrl", "-o", str(tmp_path / "b.h5ad"),
                  "-t", "2"]) == 0  # (-t: the thread flag of cell-eval's baseline command)
+    said = capsys.readouterr().out  # (the resolved inputs, before the work)
+    assert f"score {out / 'agg_results.csv'} against the baseline" in said
+    assert "cell-mean baseline of" in said and "pert_col='gene', control='ctrl'" in said
     assert (tmp_path / "b.h5ad").is_file()
     # without the label flags: those recorded in the input (statetx's prediction), and the
     # baseline records them in turn, so evaluate run needs no flags for it either
@@ -852,6 +856,7 @@ def test_preprocess_and_knockdown_filter(tmp_path, capsys):
     assert main(["filter_on_target_knockdown", "--perturbation-column", "gene",
                  "--control-label", "non-targeting", "--min_cells", "5", "--output", str(filt),
                  str(raw)]) == 0
+    assert "knock-down filter of" in capsys.readouterr().out  # (its resolved inputs)
     kept = ad.read_h5ad(filt)
     assert set(kept.obs["gene"]) == {"non-targeting", "G1"}
     # the report: one row per perturbation, and the per-stage summary next to it

@@ -133,8 +133,11 @@ def test_combination_features_on_the_command_line(k562, tmp_path, capsys):
                  "name=run"]) == 0
     new = k562[k562.obs["target_gene"].isin(["control", UNSEEN]).to_numpy()].copy()
     new.write_h5ad(tmp_path / "new.h5ad")
+    capsys.readouterr()
     assert main(["combination_features", "--adata", str(tmp_path / "new.h5ad"), *base,
                  "--model-dir", str(tmp_path / "run"), "-o", str(tmp_path / "pair.pt")]) == 0
+    said = capsys.readouterr().out  # (its resolved inputs, before the table is written)
+    assert "combination features of obs['target_gene']" in said and "vectors of" in said
     out = tmp_path / "pred.h5ad"
     assert main(["tx", "infer", "--model_dir", str(tmp_path / "run"), "--adata",
                  str(tmp_path / "new.h5ad"), "--pert-features", str(tmp_path / "pair.pt"),
