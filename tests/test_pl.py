@@ -465,7 +465,7 @@ def test_embedding_colours_many_categories_apart(many):
     pred, real = many
     ax = pl.embedding(pred, real, color="target_gene")
     colours = {_rgb(c.get_facecolor()[0][:3]) for c in ax.collections}
-    assert len(colours) == 34  # one per category (tab20 with j % 20 repeated 14)
+    assert len(colours) == 34  # one per category (the old j % 20 colouring repeated 14)
     leg = ax.get_legend()
     assert "34 values" in leg.get_title().get_text()
     assert "own colour" in leg.get_title().get_text()
