@@ -210,7 +210,12 @@ def prepare(
     src, counts_src, names, gene_names = input_sources(files, columns, counts_key)
     # the scale (log1p or counts) of the expression the model reads or predicts
     expr = src if src in (None, "X_hvg") else counts_src
-    is_log1p = True if expr is False else _common_scale(files, expr)
+    samples = None if expr is False else [_sample_matrix(f, expr) for f in files]
+    is_log1p = True if samples is None else _common_scale(files, expr, samples)
+    # (raw counts, as opposed to other normalised values: what predict checks its input against)
+    is_counts = (None if is_log1p or columns.embed_key not in (None, "X_hvg") else
+                 all(all_integers(x) for x in samples))  # (expr is embed_key here)
+    del samples
     if columns.output_space == "all" and not (is_log1p or allow_counts):
         where = "X" if expr is None else f"obsm['{expr}']"
         raise DataError(
@@ -243,9 +248,6 @@ def prepare(
         sd = _build_split(split, assignments, vocab, src, counts_src, yield_controls, np_dtype)
         if sd is not None:
             built[split] = sd
-    # (raw counts, as opposed to other normalised values: what predict checks its input against)
-    is_counts = (None if is_log1p or columns.embed_key not in (None, "X_hvg") else
-                 all(all_integers(_sample_matrix(f, columns.embed_key)) for f in files))
     if not keep_row_copies:  # (every row read of the in-memory splits is done)
         for f in files:
             f.release_row_copies()
@@ -374,10 +376,14 @@ def _agree(files: list[DataFile], source: str | None, what: str) -> list[str]:
     return ref
 
 
-def _common_scale(files: list[DataFile], source: str | None) -> bool:
-    """Whether the files' expression (X or ``obsm[source]``) is log1p; every file must agree
-    (raw counts next to log1p values would be one model's inputs on two scales)."""
-    scales = [looks_log1p(_sample_matrix(f, source)) for f in files]
+def _common_scale(files: list[DataFile], source: str | None,
+                  samples: list[np.ndarray] | None = None) -> bool:
+    """Whether the files' expression (X or ``obsm[source]``; ``samples``: rows of it already
+    read by :func:`_sample_matrix`) is log1p; every file must agree (raw counts next to log1p
+    values would be one model's inputs on two scales)."""
+    if samples is None:
+        samples = [_sample_matrix(f, source) for f in files]
+    scales = [looks_log1p(x) for x in samples]
     if len(set(scales)) > 1:
         where = "X" if source is None else f"obsm['{source}']"
         kind = {True: "log1p values", False: "not log1p (raw counts: integers or values of 15 "

@@ -1120,21 +1120,19 @@ class StateTransitionModel(Estimator):
         out[np.isin(codes, [index[n] for n in new])] = index[v.control_pert]
         return out, new
 
-    def _held_out_batches(self, codes: np.ndarray, where: str) -> np.ndarray:
-        """``codes`` (the model's batch codes of a split's cells) with those of the batches
-        without training cells set to -1, the mean embedding of the trained batches, warned
-        (their own embedding rows are still their random start)."""
+    def _warn_held_out_batches(self, codes: np.ndarray, where: str) -> None:
+        """Warn of the batches of ``codes`` (a split's cells) without training cells: the
+        network reads their never-trained embedding rows as the trained batches' mean."""
         trained = getattr(self, "trained_batches_", None)
         if not self.network_config_.batch_encoder or trained is None:
-            return codes
+            return
         held = ~np.isin(codes, self.vocab_.encode("batch", trained))
         if not held.any():
-            return codes
+            return
         names = np.unique(np.asarray(self.vocab_.batches, dtype=object)[codes[held]])
         warn(f"{len(names)} batch(es) of the {where} had no training cells: {preview(names)}. "
              "Their batch embedding never trained (its random start), so their cells are "
              "predicted with the mean embedding of the trained batches.", UserWarning)
-        return np.where(held, -1, codes)
 
     def _set_fitted(self, network, net_cfg, vocab, prepared: PreparedData, set_len: int) -> None:
         self.network_ = network
@@ -1921,8 +1919,8 @@ class StateTransitionModel(Estimator):
         codes, untrained = self._route_untrained(
             np.array([g.key[1] for _, g, _ in cells], dtype=np.int64), f"{split} split", vocab,
             untrained_perturbation)
-        batch = self._held_out_batches(d.batch, f"{split} split")
-        groups = [Group(rows, g.pool, int(code), batch[g.rows], key)
+        self._warn_held_out_batches(d.batch, f"{split} split")  # (the network reads them)
+        groups = [Group(rows, g.pool, int(code), d.batch[g.rows], key)
                   for (rows, g, key), code in zip(cells, codes)]
         v, c = prepared.vocab, self.columns_  # (cell types and batches may be new to the model)
         datasets = split_datasets(prepared, d, order,

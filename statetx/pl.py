@@ -460,7 +460,7 @@ def _long(tables: Mapping[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFrame:
 _SCALE_RATIO = 10.0
 
 
-def _magnitudes_differ(piv: pd.DataFrame) -> float:
+def _magnitude_ratio(piv: pd.DataFrame) -> float:
     """The ratio of the largest to the smallest metric magnitude (largest finite |value| over
     the models; metrics at 0 or undefined count as any scale), 1 for fewer than two."""
     mag = piv.abs().max(axis=1, skipna=True).to_numpy(float)
@@ -531,9 +531,9 @@ def metric_bars(
     ylabel = ("score vs the baseline\n(↑: higher is better)" if scores else
               "mean over perturbations\n(↑ / ↓: higher / lower is better)")
     colours = _colours(len(models))
-    ratio = _magnitudes_differ(piv)
+    ratio = _magnitude_ratio(piv)
     if ratio > _SCALE_RATIO and ax is None:
-        return _finish(*_metric_panels(piv, names, models, colours, ylabel), show, save)
+        return _finish(_metric_panels(piv, names, models, colours, ylabel), True, show, save)
     if ratio > _SCALE_RATIO:
         warn(f"metric_bars: the metrics' magnitudes differ {ratio:.0f}-fold, and on the one Axes "
              "given (ax=) the small ones are flattened; leave ax out for one panel per metric, or "
@@ -553,10 +553,9 @@ def metric_bars(
 
 
 def _metric_panels(piv: pd.DataFrame, names: list[str], models: list[str],
-                   colours: list | None, ylabel: str) -> tuple[np.ndarray, bool]:
+                   colours: list | None, ylabel: str) -> np.ndarray:
     """One small panel per metric (at most 4 a row), each model's bar in its colour and one legend
-    for the figure; returns ``(axes, True)``: the panels in the order of the metrics, on a
-    figure made here."""
+    for the figure, on a figure made here; returns the panels in the order of the metrics."""
     import matplotlib.pyplot as plt
 
     n = len(names)
@@ -568,12 +567,12 @@ def _metric_panels(piv: pd.DataFrame, names: list[str], models: list[str],
     for extra in grid.flat[n:]:
         extra.remove()
     axes = grid.ravel()[:n]
-    cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    if colours is None:  # (matplotlib's default cycle, as the single-axis bars)
+        cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+        colours = [cycle[j % len(cycle)] for j in range(len(models))]
     x = np.arange(len(models))
     for a, name, metric in zip(axes, names, piv.index):
-        _bars(a, x, piv.loc[metric].to_numpy(float), 0.8,
-              color=[(cycle[j % len(cycle)] if colours is None else colours[j])
-                     for j in range(len(models))])
+        _bars(a, x, piv.loc[metric].to_numpy(float), 0.8, color=colours)
         a.set_xticks([])
         a.set_xlim(-0.7, len(models) - 0.3)
         a.set_title(name, fontsize="medium")
@@ -581,10 +580,9 @@ def _metric_panels(piv: pd.DataFrame, names: list[str], models: list[str],
     fig.supylabel(ylabel, fontsize="small")
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=(cycle[j % len(cycle)] if colours is None else colours[j]), label=m)
-               for j, m in enumerate(models)]
+    handles = [Patch(color=colours[j], label=m) for j, m in enumerate(models)]
     fig.legend(handles=handles, loc="outside right upper", frameon=False, fontsize="small")
-    return axes, True
+    return axes
 
 
 # ---------------------------------------------------------------------------------------------
